@@ -1,1 +1,474 @@
-//! placeholder
+//! mqlb's configuration: one TOML file, validated before anything binds.
+//!
+//! # Layout
+//! * [`file`]: the raw serde schema as written by operators. Unknown keys are
+//!   errors (`deny_unknown_fields`), so a typo never passes silently.
+//! * [`duration`]: `"250ms"`, `"10s"`, `"2m"` parsing.
+//! * This module: the validated [`Config`], whose fields are already typed
+//!   (socket addresses, durations, non-empty backend list), and [`ConfigError`],
+//!   which names the key and the line.
+//!
+//! Validation reports every problem at once (linkerd's `parse_config` habit),
+//! so an operator fixes a file in one pass.
+//!
+//! Dependencies: `serde` and `toml` (the de-facto TOML parser; its `Spanned`
+//! wrapper gives us line numbers for semantic errors, not just syntax ones).
+
+#![forbid(unsafe_code)]
+
+pub mod duration;
+pub mod file;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use toml::Spanned;
+
+/// Default time a client has to send its whole CONNECT.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default largest CONNECT accepted, in bytes.
+pub const DEFAULT_MAX_CONNECT_SIZE: usize = 64 * 1024;
+/// Default time to establish a TCP connection to a backend.
+pub const DEFAULT_BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default limit of concurrent client connections per balancer.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+/// Default backend weight.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Largest accepted weight: keeps weighted scores well inside f64 precision.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// A validated balancer configuration. Every field is already usable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where clients connect. Never empty.
+    pub listeners: Vec<Listener>,
+    /// Brokers behind the balancer. Never empty; names are unique.
+    pub backends: Vec<Backend>,
+    /// Client CONNECT handling and backend connection settings.
+    pub balancer: BalancerSettings,
+}
+
+/// A listening socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// Label used in logs and metrics.
+    pub name: String,
+    /// Bind address.
+    pub address: SocketAddr,
+}
+
+/// A backend broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Stable identity: placement hashes the name, so changing an address
+    /// keeps clients in place while renaming moves them.
+    pub name: String,
+    /// `host:port`; host names are resolved at connect time.
+    pub address: String,
+    /// Relative share of clients; 0 takes no new clients.
+    pub weight: u32,
+}
+
+/// What to hash when a client sends an empty client ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EmptyClientId {
+    /// Hash the source IP: the same device keeps its backend (default).
+    #[default]
+    SourceIp,
+    /// Hash source IP and port: spreads NATed devices, no stickiness.
+    SourceAddress,
+}
+
+/// Client-facing and backend-facing connection settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalancerSettings {
+    /// Time a client has to deliver its whole CONNECT.
+    pub connect_timeout: Duration,
+    /// Largest CONNECT accepted, in bytes.
+    pub max_connect_size: usize,
+    /// Time to establish TCP to one backend before trying the next.
+    pub backend_connect_timeout: Duration,
+    /// Concurrent client connections; further clients wait in the accept queue.
+    pub max_connections: usize,
+    /// Placement key for clients with an empty client ID.
+    pub empty_client_id: EmptyClientId,
+}
+
+impl Default for BalancerSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_connect_size: DEFAULT_MAX_CONNECT_SIZE,
+            backend_connect_timeout: DEFAULT_BACKEND_CONNECT_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            empty_client_id: EmptyClientId::SourceIp,
+        }
+    }
+}
+
+/// One problem in a configuration, located by key and line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, for example `backend[1].address`.
+    pub key: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+/// Every problem found in a configuration source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file name, or a label such as `<flags>`.
+    pub source_name: String,
+    /// All problems, in file order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            match p.line {
+                Some(line) => write!(f, "{}:{}: {}: {}", self.source_name, line, p.key, p.message)?,
+                None => write!(f, "{}: {}: {}", self.source_name, p.key, p.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Collects problems with their lines while validating.
+struct Collector<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Collector<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+    }
+
+    fn at<T>(&mut self, key: impl Into<String>, spanned: &Spanned<T>, message: impl Into<String>) {
+        let line = Some(self.line_of(spanned.span().start));
+        self.problems.push(Problem {
+            key: key.into(),
+            line,
+            message: message.into(),
+        });
+    }
+
+    fn nowhere(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            line: None,
+            message: message.into(),
+        });
+    }
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![Problem {
+                key: "(file)".into(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Config::parse(&name, &text)
+    }
+
+    /// Parses and validates TOML text; `source_name` labels errors.
+    pub fn parse(source_name: &str, text: &str) -> Result<Config, ConfigError> {
+        let raw: file::File = toml::from_str(text).map_err(|e| ConfigError {
+            source_name: source_name.to_string(),
+            problems: vec![file::syntax_problem(text, &e)],
+        })?;
+        let mut c = Collector {
+            text,
+            problems: Vec::new(),
+        };
+        let config = validate(raw, &mut c);
+        if c.problems.is_empty() {
+            if let Some(config) = config {
+                return Ok(config);
+            }
+        }
+        c.problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+        Err(ConfigError {
+            source_name: source_name.to_string(),
+            problems: c.problems,
+        })
+    }
+
+    /// Builds a configuration from command-line values, with the same checks
+    /// as a file. A backend is `ADDR` or `NAME=ADDR`; without a name the
+    /// address is the name, so replicas given the same flags agree.
+    pub fn from_flags(listen: &[String], backends: &[String]) -> Result<Config, ConfigError> {
+        let mut text = String::new();
+        for l in listen {
+            text.push_str(&format!("[[listener]]\naddress = {}\n", toml_str(l)));
+        }
+        for b in backends {
+            let (name, addr) = b.split_once('=').unwrap_or((b, b));
+            text.push_str(&format!(
+                "[[backend]]\nname = {}\naddress = {}\n",
+                toml_str(name),
+                toml_str(addr)
+            ));
+        }
+        Config::parse("<flags>", &text).map_err(|mut e| {
+            for p in &mut e.problems {
+                p.line = None;
+            }
+            e
+        })
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// Checks that `host:port` has a non-empty host and a valid non-zero port.
+fn check_host_port(s: &str) -> Result<(), String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("\"{s}\" is not host:port"))?;
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("\"{s}\" has no valid host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("\"{s}\" has no valid port (1-65535)")),
+    }
+}
+
+fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
+    let mut listeners = Vec::new();
+    if raw.listener.is_empty() {
+        c.nowhere("listener", "at least one [[listener]] is required");
+    }
+    for (i, l) in raw.listener.iter().enumerate() {
+        match l.address.get_ref().parse::<SocketAddr>() {
+            Ok(address) => listeners.push(Listener {
+                name: l.name.clone().unwrap_or_else(|| format!("listener{i}")),
+                address,
+            }),
+            Err(_) => c.at(
+                format!("listener[{i}].address"),
+                &l.address,
+                format!("\"{}\" is not an IP:port socket address", l.address.get_ref()),
+            ),
+        }
+    }
+
+    let mut backends = Vec::new();
+    let mut names = HashSet::new();
+    if raw.backend.is_empty() {
+        c.nowhere("backend", "at least one [[backend]] is required");
+    }
+    for (i, b) in raw.backend.iter().enumerate() {
+        let name = b.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            c.at(format!("backend[{i}].name"), &b.name, "must not be empty");
+        } else if !names.insert(name.clone()) {
+            c.at(
+                format!("backend[{i}].name"),
+                &b.name,
+                format!("\"{name}\" is used by another backend; names must be unique"),
+            );
+        }
+        if let Err(m) = check_host_port(b.address.get_ref()) {
+            c.at(format!("backend[{i}].address"), &b.address, m);
+        }
+        let weight = match &b.weight {
+            Some(w) if *w.get_ref() > MAX_WEIGHT => {
+                c.at(
+                    format!("backend[{i}].weight"),
+                    w,
+                    format!("{} is above the maximum of {MAX_WEIGHT}", w.get_ref()),
+                );
+                DEFAULT_WEIGHT
+            }
+            Some(w) => *w.get_ref(),
+            None => DEFAULT_WEIGHT,
+        };
+        backends.push(Backend {
+            name,
+            address: b.address.get_ref().clone(),
+            weight,
+        });
+    }
+    if !raw.backend.is_empty() && backends.iter().all(|b| b.weight == 0) {
+        c.nowhere("backend", "every backend has weight 0; no client could be placed");
+    }
+
+    let mut balancer = BalancerSettings::default();
+    if let Some(s) = &raw.balancer {
+        let mut dur = |key: &str, v: &Option<Spanned<String>>, out: &mut Duration| {
+            if let Some(v) = v {
+                match duration::parse(v.get_ref()) {
+                    Ok(d) if !d.is_zero() => *out = d,
+                    Ok(_) => c.at(format!("balancer.{key}"), v, "must be greater than 0"),
+                    Err(m) => c.at(format!("balancer.{key}"), v, m),
+                }
+            }
+        };
+        dur("connect_timeout", &s.connect_timeout, &mut balancer.connect_timeout);
+        dur(
+            "backend_connect_timeout",
+            &s.backend_connect_timeout,
+            &mut balancer.backend_connect_timeout,
+        );
+        if let Some(v) = &s.max_connect_size {
+            match usize::try_from(*v.get_ref()) {
+                Ok(n) if (64..=(256 << 20)).contains(&n) => balancer.max_connect_size = n,
+                _ => c.at(
+                    "balancer.max_connect_size",
+                    v,
+                    "must be between 64 bytes and 256 MiB",
+                ),
+            }
+        }
+        if let Some(v) = &s.max_connections {
+            match usize::try_from(*v.get_ref()) {
+                Ok(n) if n > 0 => balancer.max_connections = n,
+                _ => c.at("balancer.max_connections", v, "must be at least 1"),
+            }
+        }
+        if let Some(v) = &s.empty_client_id {
+            match v.get_ref().as_str() {
+                "source-ip" => balancer.empty_client_id = EmptyClientId::SourceIp,
+                "source-address" => balancer.empty_client_id = EmptyClientId::SourceAddress,
+                other => c.at(
+                    "balancer.empty_client_id",
+                    v,
+                    format!("\"{other}\" is not one of \"source-ip\", \"source-address\""),
+                ),
+            }
+        }
+    }
+
+    Some(Config {
+        listeners,
+        backends,
+        balancer,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[listener]]
+name = "mqtt"
+address = "127.0.0.1:1883"
+
+[[backend]]
+name = "b1"
+address = "127.0.0.1:1884"
+
+[[backend]]
+name = "b2"
+address = "broker-2.internal:1883"
+weight = 3
+
+[balancer]
+connect_timeout = "5s"
+max_connect_size = 4096
+backend_connect_timeout = "500ms"
+empty_client_id = "source-address"
+"#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let c = Config::parse("good.toml", GOOD).unwrap();
+        assert_eq!(c.listeners[0].address, "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(c.backends[1].weight, 3);
+        assert_eq!(c.backends[0].weight, 1);
+        assert_eq!(c.balancer.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.balancer.backend_connect_timeout, Duration::from_millis(500));
+        assert_eq!(c.balancer.max_connect_size, 4096);
+        assert_eq!(c.balancer.empty_client_id, EmptyClientId::SourceAddress);
+        assert_eq!(c.balancer.max_connections, DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn reports_every_problem_with_key_and_line() {
+        let bad = r#"[[listener]]
+address = "nope"
+
+[[backend]]
+name = "b1"
+address = "127.0.0.1"
+
+[[backend]]
+name = "b1"
+address = "127.0.0.1:1885"
+weight = 20000
+
+[balancer]
+connect_timeout = "10 parsecs"
+"#;
+        let e = Config::parse("bad.toml", bad).unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.problems.len(), 5, "{text}");
+        assert!(text.contains("bad.toml:2: listener[0].address"), "{text}");
+        assert!(text.contains("bad.toml:6: backend[0].address"), "{text}");
+        assert!(text.contains("bad.toml:9: backend[1].name"), "{text}");
+        assert!(text.contains("bad.toml:11: backend[1].weight"), "{text}");
+        assert!(text.contains("bad.toml:14: balancer.connect_timeout"), "{text}");
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = Config::parse("typo.toml", "[[listener]]\naddress = \"127.0.0.1:1\"\n\n[[backend]]\nname = \"a\"\nadress = \"x:1\"\n")
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("typo.toml:6"), "{text}");
+        assert!(text.contains("adress"), "{text}");
+    }
+
+    #[test]
+    fn type_error_names_key_and_line() {
+        let e = Config::parse("t.toml", "[[listener]]\naddress = \"127.0.0.1:1\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\nweight = \"heavy\"\n").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("t.toml:6: backend.weight"), "{text}");
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let e = Config::parse("s.toml", "[[listener]\naddress = 1\n").unwrap_err();
+        assert!(e.to_string().starts_with("s.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn from_flags_names_backends_by_address_or_name() {
+        let c = Config::from_flags(
+            &["127.0.0.1:1883".into()],
+            &["127.0.0.1:1".into(), "east=127.0.0.1:2".into()],
+        )
+        .unwrap();
+        assert_eq!(c.backends[0].name, "127.0.0.1:1");
+        assert_eq!(c.backends[1].name, "east");
+        assert_eq!(c.backends[1].address, "127.0.0.1:2");
+        let e = Config::from_flags(&["x".into()], &[]).unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
+        assert!(e.to_string().starts_with("<flags>: "), "{e}");
+    }
+}

@@ -1,0 +1,93 @@
+//! The raw schema, exactly as operators write it. Fields that need semantic
+//! checks are `Spanned`, so their errors carry a line.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::Problem;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// `[[listener]]` tables.
+    #[serde(default)]
+    pub listener: Vec<ListenerFile>,
+    /// `[[backend]]` tables.
+    #[serde(default)]
+    pub backend: Vec<BackendFile>,
+    /// The `[balancer]` table.
+    pub balancer: Option<BalancerFile>,
+}
+
+/// `[[listener]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    /// Optional label (default `listenerN`).
+    pub name: Option<String>,
+    /// `IP:port` to bind.
+    pub address: Spanned<String>,
+}
+
+/// `[[backend]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendFile {
+    /// Unique, stable name (the placement identity).
+    pub name: Spanned<String>,
+    /// `host:port`.
+    pub address: Spanned<String>,
+    /// Default 1.
+    pub weight: Option<Spanned<u32>>,
+}
+
+/// `[balancer]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalancerFile {
+    /// Default "10s".
+    pub connect_timeout: Option<Spanned<String>>,
+    /// Default 65536.
+    pub max_connect_size: Option<Spanned<i64>>,
+    /// Default "3s".
+    pub backend_connect_timeout: Option<Spanned<String>>,
+    /// Default 100000.
+    pub max_connections: Option<Spanned<i64>>,
+    /// "source-ip" (default) or "source-address".
+    pub empty_client_id: Option<Spanned<String>>,
+}
+
+/// Turns a TOML/serde error into a problem with a line and, where the line
+/// assigns a key, the key path (`table.key`).
+pub(crate) fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let key = line
+        .and_then(|l| key_at_line(text, l))
+        .unwrap_or_else(|| "(syntax)".to_string());
+    Problem {
+        key,
+        line,
+        message: e.message().trim().to_string(),
+    }
+}
+
+/// The `table.key` assigned on 1-based line `line`, if that line is `key = ...`.
+fn key_at_line(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let this = lines.get(line.checked_sub(1)?)?.trim();
+    let (key, _) = this.split_once('=')?;
+    let key = key.trim();
+    let table = lines[..line - 1]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_string(),
+    })
+}
