@@ -1,1 +1,5 @@
-fn main(){}
+//! The `mqlb` binary: a thin shell over [`mqlb_balancer::cli`].
+
+fn main() -> std::process::ExitCode {
+    mqlb_balancer::cli::main()
+}

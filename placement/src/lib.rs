@@ -65,6 +65,15 @@ pub trait Node {
     fn weight(&self) -> u32;
 }
 
+impl<T: Node + ?Sized> Node for std::sync::Arc<T> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn weight(&self) -> u32 {
+        (**self).weight()
+    }
+}
+
 /// A node's score for one key.
 #[derive(Debug, Clone, Copy)]
 struct Score {

@@ -1,0 +1,207 @@
+//! Reading the client's CONNECT: deadline, size cap, strict parse.
+//!
+//! Nothing is forwarded and no backend is contacted until this returns a
+//! valid CONNECT. The deadline covers the whole CONNECT, not each read, so a
+//! client sending one byte a second (slowloris) is cut off on time.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use mqlb_protocol::{sniff_connect, ProtocolVersion, Rejection, Sniff};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{timeout_at, Instant};
+
+use crate::metrics::RejectReason;
+
+/// A valid CONNECT and everything read with it.
+#[derive(Debug)]
+pub struct Handshake {
+    /// All bytes read from the client so far: the CONNECT first, then
+    /// whatever the client pipelined after it. Forwarded verbatim.
+    pub buf: BytesMut,
+    /// Length of the CONNECT frame at the start of `buf`.
+    pub connect_len: usize,
+    /// The client's protocol version.
+    pub version: ProtocolVersion,
+    /// The client ID (may be empty).
+    pub client_id: String,
+    /// Whether a Mosquitto-style bridge connected.
+    pub bridge: bool,
+}
+
+/// Why no valid CONNECT arrived, with the bytes to answer (if any).
+#[derive(Debug)]
+pub struct Refused {
+    /// Metric label.
+    pub reason: RejectReason,
+    /// Detail for logs.
+    pub detail: String,
+    /// CONNACK to send before closing; `None` means close silently.
+    pub reply: Option<&'static [u8]>,
+}
+
+/// Reads until a whole, valid CONNECT of at most `max_size` bytes is buffered,
+/// or `timeout` passes.
+pub async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    timeout: Duration,
+    max_size: usize,
+) -> Result<Handshake, Refused> {
+    let deadline = Instant::now() + timeout;
+    // Most CONNECTs are under 256 bytes; grow only as the header demands.
+    let mut buf = BytesMut::with_capacity(512);
+    loop {
+        match sniff_connect(&buf, max_size) {
+            Sniff::Connect { connect, frame_len } => {
+                let client_id = connect.client_id.to_string();
+                let version = connect.version;
+                let bridge = connect.bridge;
+                return Ok(Handshake {
+                    buf,
+                    connect_len: frame_len,
+                    version,
+                    client_id,
+                    bridge,
+                });
+            }
+            Sniff::Reject(r) => return Err(refusal(&buf, r)),
+            Sniff::NeedMore => {}
+        }
+        // Never read past the size cap, whatever the client sends.
+        let room = max_size.saturating_sub(buf.len()).max(1);
+        buf.reserve(room.min(4096));
+        let read = {
+            let mut limited = (&mut *stream).take(room as u64);
+            timeout_at(deadline, limited.read_buf(&mut buf)).await
+        };
+        match read {
+            Err(_) => {
+                return Err(Refused {
+                    reason: RejectReason::Timeout,
+                    detail: format!("no complete CONNECT within {timeout:?} ({} bytes read)", buf.len()),
+                    reply: None,
+                })
+            }
+            Ok(Ok(0)) => {
+                return Err(Refused {
+                    reason: RejectReason::ClosedEarly,
+                    detail: format!("closed after {} bytes, before a complete CONNECT", buf.len()),
+                    reply: None,
+                })
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(Refused {
+                    reason: RejectReason::ClosedEarly,
+                    detail: format!("read error before a complete CONNECT: {e}"),
+                    reply: None,
+                })
+            }
+        }
+    }
+}
+
+fn refusal(buf: &[u8], r: Rejection) -> Refused {
+    let reason = if buf.first() != Some(&0x10) {
+        RejectReason::NotConnect
+    } else {
+        RejectReason::from_decode(&r.error)
+    };
+    Refused {
+        reason,
+        detail: r.error.to_string(),
+        reply: r.connack(),
+    }
+}
+
+/// Sends a refusal CONNACK, bounded in time so a client that does not read
+/// cannot hold the task. Errors are irrelevant: the connection closes anyway.
+pub async fn send_reply<S: AsyncWrite + Unpin>(stream: &mut S, reply: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(reply).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// The CONNACK for "no backend could take you": v5 reason 0x88 Server
+/// unavailable, 3.x return code 3.
+pub fn server_unavailable(version: ProtocolVersion) -> &'static [u8] {
+    if version.is_v5() {
+        &[0x20, 0x03, 0x00, 0x88, 0x00]
+    } else {
+        &[0x20, 0x02, 0x00, 0x03]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONNECT: &[u8] = &[
+        0x10, 0x0F, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 3, b'a', b'b', b'c',
+    ];
+
+    #[tokio::test]
+    async fn one_byte_writes_are_assembled() {
+        let mut b = tokio_test_io(CONNECT.iter().map(|b| vec![*b]).collect());
+        let hs = read_connect(&mut b, Duration::from_secs(5), 1024).await.unwrap();
+        assert_eq!(hs.client_id, "abc");
+        assert_eq!(hs.connect_len, CONNECT.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slowloris_times_out() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(&CONNECT[..5]).await.unwrap();
+        let r = read_connect(&mut server, Duration::from_secs(10), 1024).await.unwrap_err();
+        assert_eq!(r.reason, RejectReason::Timeout);
+    }
+
+    #[tokio::test]
+    async fn oversize_is_refused_without_reading_the_body() {
+        // Announces a 2 KB CONNECT against a 100-byte cap.
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(&[0x10, 0xD0, 0x0F, 0, 4, b'M', b'Q', b'T', b'T', 5]).await.unwrap();
+        let r = read_connect(&mut server, Duration::from_secs(5), 100).await.unwrap_err();
+        assert_eq!(r.reason, RejectReason::TooLarge);
+        assert_eq!(r.reply, Some(&[0x20, 0x03, 0x00, 0x95, 0x00][..]));
+    }
+
+    #[tokio::test]
+    async fn http_is_not_connect() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let r = read_connect(&mut server, Duration::from_secs(5), 100).await.unwrap_err();
+        assert_eq!(r.reason, RejectReason::NotConnect);
+        assert_eq!(r.reply, None);
+    }
+
+    #[tokio::test]
+    async fn eof_mid_connect_is_closed_early() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(&CONNECT[..7]).await.unwrap();
+        drop(client);
+        let r = read_connect(&mut server, Duration::from_secs(5), 100).await.unwrap_err();
+        assert_eq!(r.reason, RejectReason::ClosedEarly);
+    }
+
+    /// A reader that yields the given chunks one read at a time.
+    fn tokio_test_io(chunks: Vec<Vec<u8>>) -> impl AsyncRead + Unpin {
+        struct Chunks(std::collections::VecDeque<Vec<u8>>);
+        impl AsyncRead for Chunks {
+            fn poll_read(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                if let Some(c) = self.0.pop_front() {
+                    buf.put_slice(&c);
+                }
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        Chunks(chunks.into())
+    }
+}

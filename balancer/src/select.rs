@@ -1,0 +1,158 @@
+//! The backend set and placement by client ID.
+//!
+//! The set is an `ArcSwap` snapshot: the data path loads it without a lock,
+//! and a reload or a health change publishes a new one. Ranking is
+//! [`mqlb_placement`]'s rendezvous hash; whether a backend is usable is a
+//! filter applied afterwards, so the hash itself never depends on health.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use mqlb_config::EmptyClientId;
+
+/// One backend broker as the data path sees it.
+#[derive(Debug)]
+pub struct Backend {
+    /// Placement identity.
+    pub name: String,
+    /// `host:port`.
+    pub address: String,
+    /// Relative share.
+    pub weight: u32,
+    /// False while the backend must not receive new clients.
+    usable: AtomicBool,
+    /// Client connections forwarded to it now.
+    pub active: AtomicU64,
+    /// Client connections forwarded to it in total.
+    pub forwarded: AtomicU64,
+    /// TCP connects to it that failed or timed out.
+    pub connect_failures: AtomicU64,
+}
+
+impl Backend {
+    /// A usable backend with zeroed counters.
+    pub fn new(spec: &mqlb_config::Backend) -> Self {
+        Self {
+            name: spec.name.clone(),
+            address: spec.address.clone(),
+            weight: spec.weight,
+            usable: AtomicBool::new(true),
+            active: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether new clients may be placed here.
+    pub fn is_usable(&self) -> bool {
+        self.usable.load(Ordering::Acquire)
+    }
+
+    /// Marks the backend usable or not for new placements.
+    pub fn set_usable(&self, usable: bool) {
+        self.usable.store(usable, Ordering::Release);
+    }
+}
+
+impl mqlb_placement::Node for Backend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+}
+
+/// The current backends, swappable without blocking readers.
+#[derive(Debug)]
+pub struct Backends {
+    current: ArcSwap<Vec<Arc<Backend>>>,
+}
+
+impl Backends {
+    /// Builds the set from configuration.
+    pub fn new(specs: &[mqlb_config::Backend]) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(specs.iter().map(|b| Arc::new(Backend::new(b))).collect()),
+        }
+    }
+
+    /// A snapshot of the set.
+    pub fn snapshot(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.current.load_full()
+    }
+
+    /// Usable backends for `key`, best first. The caller tries them in
+    /// order, so a refused connect falls through to the client's next choice
+    /// (which is also where it lands when its first choice is removed).
+    pub fn candidates(&self, key: &[u8]) -> Vec<Arc<Backend>> {
+        let set = self.current.load();
+        mqlb_placement::rank(key, &set)
+            .into_iter()
+            .filter(|b| b.is_usable())
+            .cloned()
+            .collect()
+    }
+
+    /// Looks a backend up by name.
+    pub fn get(&self, name: &str) -> Option<Arc<Backend>> {
+        self.current.load().iter().find(|b| b.name == name).cloned()
+    }
+}
+
+/// The placement key: the client ID, or for an empty ID the source address
+/// as configured (the same device then keeps its backend).
+pub fn placement_key(client_id: &str, peer: std::net::SocketAddr, empty: EmptyClientId) -> Vec<u8> {
+    if !client_id.is_empty() {
+        return client_id.as_bytes().to_vec();
+    }
+    let ip: IpAddr = match peer.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    match empty {
+        EmptyClientId::SourceIp => format!("\0ip:{ip}").into_bytes(),
+        EmptyClientId::SourceAddress => format!("\0addr:{ip}:{}", peer.port()).into_bytes(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set() -> Backends {
+        let spec = |n: &str| mqlb_config::Backend {
+            name: n.into(),
+            address: format!("{n}:1883"),
+            weight: 1,
+        };
+        Backends::new(&[spec("b1"), spec("b2"), spec("b3")])
+    }
+
+    #[test]
+    fn unusable_backends_are_skipped_in_order() {
+        let b = set();
+        let all = b.candidates(b"dev-42");
+        assert_eq!(all.len(), 3);
+        all[0].set_usable(false);
+        let rest = b.candidates(b"dev-42");
+        assert_eq!(rest.len(), 2);
+        assert_eq!(rest[0].name, all[1].name);
+    }
+
+    #[test]
+    fn empty_ids_key_by_source() {
+        let a: std::net::SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let b: std::net::SocketAddr = "10.0.0.1:2000".parse().unwrap();
+        let ip = EmptyClientId::SourceIp;
+        assert_eq!(placement_key("", a, ip), placement_key("", b, ip));
+        let addr = EmptyClientId::SourceAddress;
+        assert_ne!(placement_key("", a, addr), placement_key("", b, addr));
+        assert_eq!(placement_key("x", a, ip), b"x");
+        // A NUL-prefixed key cannot collide with a real client ID (U+0000 is
+        // not allowed in MQTT strings).
+        assert!(placement_key("", a, ip).starts_with(b"\0"));
+    }
+}
