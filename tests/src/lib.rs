@@ -1,1 +1,283 @@
-//! placeholder
+//! Fixtures for end-to-end tests: real brokers, real balancers, real clients,
+//! all on loopback, all stopped when dropped.
+//!
+//! * [`Mosquitto`]: a Debian `mosquitto` process on a free port whose log
+//!   tells which client IDs connected to it.
+//! * [`RunningBalancer`]: an in-process balancer bound to port 0.
+//! * [`CountingBackend`]: a TCP listener that only counts connections, to
+//!   prove the balancer opened none.
+//! * [`raw`]: byte-level MQTT client helpers, so tests assert on wire bytes
+//!   and do not depend on our own codec to judge our own codec.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mqlb_balancer::server::Shared;
+use mqlb_config::Config;
+use tokio_util::sync::CancellationToken;
+
+pub mod raw;
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A fresh scratch directory, removed by the fixture that owns it.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "mqlb-test-{}-{}-{}",
+        std::process::id(),
+        tag,
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Mosquitto started as root drops to the `mosquitto` user, which must
+    // still be able to write its log here.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    dir
+}
+
+/// Blocks until something accepts TCP on `addr`, at most `within`.
+pub fn wait_listening(addr: &str, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A Mosquitto broker process.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Mosquitto {
+    /// Starts `mosquitto` on a free loopback port with anonymous access and
+    /// TCP_NODELAY, logging connections to a file.
+    pub fn start() -> Mosquitto {
+        Self::start_with("")
+    }
+
+    /// Like [`Mosquitto::start`] with extra configuration lines.
+    pub fn start_with(extra: &str) -> Mosquitto {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = scratch_dir("mosquitto");
+            let conf = dir.join("mosquitto.conf");
+            let log = dir.join("mosquitto.log");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n\
+                     log_dest file {}\nlog_type all\nconnection_messages true\n{extra}\n",
+                    log.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("mosquitto")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("mosquitto not installed: run .ci/run or apt-get install mosquitto");
+            let mut m = Mosquitto {
+                port,
+                child: Some(child),
+                dir,
+                log,
+            };
+            if wait_listening(&m.addr(), Duration::from_secs(5)) {
+                return m;
+            }
+            m.kill();
+        }
+        panic!("mosquitto did not start");
+    }
+
+    /// `127.0.0.1:port`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Client IDs that connected so far, in order.
+    pub fn clients(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| {
+                let rest = l.split(" connected from ").nth(1)?;
+                let id = rest.split(" as ").nth(1)?;
+                Some(id.rsplit_once(" (")?.0.to_string())
+            })
+            .collect()
+    }
+
+    /// Waits until `id` has connected here, at most `within`.
+    pub fn saw_client(&self, id: &str, within: Duration) -> bool {
+        let end = Instant::now() + within;
+        loop {
+            if self.clients().iter().any(|c| c == id) {
+                return true;
+            }
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal (for example SIGSTOP / SIGCONT) to the process.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Builds a validated config: one listener on 127.0.0.1:0 and the given
+/// `(name, address)` backends, plus extra `[balancer]` lines.
+pub fn config(backends: &[(&str, String)], balancer_toml: &str) -> Config {
+    let mut text = String::from("[[listener]]\naddress = \"127.0.0.1:0\"\n");
+    for (name, addr) in backends {
+        text.push_str(&format!("[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n"));
+    }
+    text.push_str("[balancer]\nbackend_connect_timeout = \"1s\"\n");
+    text.push_str(balancer_toml);
+    Config::parse("<test>", &text).unwrap()
+}
+
+/// A balancer running in this process.
+pub struct RunningBalancer {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningBalancer {
+    /// Binds and serves `config` on the current runtime.
+    pub async fn start(config: Config) -> RunningBalancer {
+        let b = mqlb_balancer::Balancer::bind(config).await.unwrap();
+        let addr = b.local_addrs()[0];
+        let shared = b.shared();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(b.serve(shutdown.clone(), Duration::from_secs(1)));
+        RunningBalancer {
+            addr,
+            shared,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Stops serving and waits for the tasks to end.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+
+    /// Which backend `client_id` is placed on first, by the balancer's own rule.
+    pub fn first_choice(&self, client_id: &str) -> String {
+        self.shared.backends.candidates(client_id.as_bytes())[0].name.clone()
+    }
+}
+
+impl Drop for RunningBalancer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A TCP listener that counts connections and holds them open.
+pub struct CountingBackend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingBackend {
+    pub async fn start() -> CountingBackend {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        CountingBackend { addr, accepted, task }
+    }
+
+    pub fn count(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A Python 3 interpreter that can import paho-mqtt (Debian's
+/// python3-paho-mqtt installs for /usr/bin/python3).
+pub fn python_with_paho() -> Option<PathBuf> {
+    for p in ["/usr/bin/python3", "python3"] {
+        let ok = Command::new(p)
+            .args(["-c", "import paho.mqtt.client"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Some(PathBuf::from(p));
+        }
+    }
+    None
+}
+
+/// Client IDs (with `prefix`) that the balancer places first on `backend`.
+pub fn ids_on(b: &RunningBalancer, backend: &str, prefix: &str, n: usize) -> Vec<String> {
+    (0..100_000)
+        .map(|i| format!("{prefix}-{i}"))
+        .filter(|id| b.first_choice(id) == backend)
+        .take(n)
+        .collect()
+}

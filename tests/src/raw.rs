@@ -1,0 +1,90 @@
+//! Byte-level MQTT for tests: hand-built packets and exact reads.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Encodes a remaining length.
+fn varint(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// A clean-session CONNECT with keep-alive 60 for the given level (3, 4 or 5,
+/// optionally with the 0x80 bridge bit).
+pub fn connect(client_id: &str, level: u8) -> Vec<u8> {
+    let name: &[u8] = if level & 0x7F == 3 { b"MQIsdp" } else { b"MQTT" };
+    let mut body = Vec::new();
+    body.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    body.extend_from_slice(name);
+    body.push(level);
+    body.push(0x02);
+    body.extend_from_slice(&60u16.to_be_bytes());
+    if level == 5 {
+        body.push(0);
+    }
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    frame(0x10, &body)
+}
+
+/// A frame from a first byte and body.
+pub fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    varint(body.len(), &mut out);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Reads exactly `n` bytes within `within`, or returns what arrived before
+/// EOF or the deadline.
+pub async fn read_n(s: &mut TcpStream, n: usize, within: Duration) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    let mut got = 0;
+    let _ = tokio::time::timeout(within, async {
+        while got < n {
+            match s.read(&mut out[got..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => got += k,
+            }
+        }
+    })
+    .await;
+    out.truncate(got);
+    out
+}
+
+/// True if the peer closed (EOF or reset) within `within`.
+pub async fn closed(s: &mut TcpStream, within: Duration) -> bool {
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// Connects, sends a CONNECT for `id` at `level`, and returns the stream and
+/// the CONNACK bytes read (4 for 3.x; v5 CONNACKs are read by length).
+pub async fn connect_and_ack(addr: &str, id: &str, level: u8) -> (TcpStream, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(&connect(id, level)).await.unwrap();
+    let head = read_n(&mut s, 2, Duration::from_secs(5)).await;
+    if head.len() < 2 {
+        return (s, head);
+    }
+    let rest = read_n(&mut s, usize::from(head[1]), Duration::from_secs(5)).await;
+    let mut ack = head;
+    ack.extend(rest);
+    (s, ack)
+}

@@ -1,0 +1,540 @@
+//! The balancer end to end: real Mosquitto and rumqttd backends, real
+//! clients (rumqttc, mosquitto_pub/sub, paho-mqtt), real sockets on loopback.
+//! Every test is bounded by a timeout and a fixed number of connections.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use mqlb_balancer::metrics::RejectReason;
+use mqlb_tests::raw::{self, closed, connect_and_ack, read_n};
+use mqlb_tests::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(5);
+
+async fn three_mosquittos() -> (Vec<Mosquitto>, RunningBalancer) {
+    let ms: Vec<Mosquitto> = (0..3).map(|_| Mosquitto::start()).collect();
+    let backends: Vec<(&str, String)> = ["b1", "b2", "b3"]
+        .iter()
+        .zip(&ms)
+        .map(|(n, m)| (*n, m.addr()))
+        .collect();
+    let lb = RunningBalancer::start(config(&backends, "")).await;
+    (ms, lb)
+}
+
+fn index(name: &str) -> usize {
+    name[1..].parse::<usize>().unwrap() - 1
+}
+
+/// mosquitto_sub and mosquitto_pub, MQTT 3.1 / 3.1.1 / 5.0, through the
+/// balancer; the two IDs are chosen to share a backend (these Mosquittos are
+/// not clustered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_pubsub_all_versions() {
+    let (ms, lb) = three_mosquittos().await;
+    let port = lb.addr.port().to_string();
+    for (i, v) in ["mqttv31", "mqttv311", "mqttv5"].iter().enumerate() {
+        let ids = ids_on(&lb, "b2", &format!("mosq-{v}"), 2);
+        let mut sub = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", v, "-i", &ids[0]])
+            .args(["-t", &format!("e2e/{i}"), "-C", "1", "-W", "10", "-q", "1"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(ms[1].saw_client(&ids[0], T), "subscriber not on b2");
+        // The SUBSCRIBE follows the CONNACK; publish until the subscriber
+        // has its message and exits (at most 20 tries).
+        for attempt in 0..20 {
+            let st = Command::new("mosquitto_pub")
+                .args(["-h", "127.0.0.1", "-p", &port, "-V", v, "-i", &ids[1]])
+                .args(["-t", &format!("e2e/{i}"), "-m", &format!("hello-{v}"), "-q", "1"])
+                .status()
+                .unwrap();
+            assert!(st.success(), "mosquitto_pub {v} failed on attempt {attempt}");
+            std::thread::sleep(Duration::from_millis(100));
+            if sub.try_wait().unwrap().is_some() {
+                break;
+            }
+        }
+        let out = sub.wait_with_output().unwrap();
+        assert!(out.status.success(), "mosquitto_sub {v}: {:?}", out);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("hello-{v}"));
+        assert!(ms[1].saw_client(&ids[1], T));
+    }
+    lb.stop().await;
+}
+
+/// paho-mqtt (Python) with MQTT 3.1, 3.1.1 and 5.0: one client subscribes
+/// and publishes to itself through the balancer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_python_all_versions() {
+    let Some(python) = python_with_paho() else {
+        panic!("paho-mqtt missing: run .ci/run or apt-get install python3-paho-mqtt");
+    };
+    let (ms, lb) = three_mosquittos().await;
+    let script = r#"
+import sys, threading, paho.mqtt.client as mqtt
+port, proto, cid = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+version = {"31": mqtt.MQTTv31, "311": mqtt.MQTTv311, "5": mqtt.MQTTv5}[proto]
+got = threading.Event()
+c = mqtt.Client(client_id=cid, protocol=version)
+def on_connect(c, u, f, rc, props=None):
+    c.subscribe("paho/" + proto, qos=1)
+def on_subscribe(c, u, mid, granted, props=None):
+    c.publish("paho/" + proto, "hi-" + proto, qos=1)
+def on_message(c, u, msg):
+    print(msg.payload.decode()); got.set()
+c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
+c.connect("127.0.0.1", port, 30)
+c.loop_start()
+ok = got.wait(10)
+c.disconnect(); c.loop_stop()
+sys.exit(0 if ok else 1)
+"#;
+    for proto in ["31", "311", "5"] {
+        let id = format!("paho-{proto}");
+        let backend = lb.first_choice(&id);
+        let out = tokio::task::spawn_blocking({
+            let python = python.clone();
+            let port = lb.addr.port().to_string();
+            let id = id.clone();
+            move || {
+                Command::new(python)
+                    .args(["-c", script, &port, proto, &id])
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "paho {proto}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("hi-{proto}"));
+        assert!(ms[index(&backend)].saw_client(&id, T), "paho {proto} not on {backend}");
+    }
+    lb.stop().await;
+}
+
+/// rumqttc v4 and v5 through the balancer, against Mosquitto.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rumqttc_v4_and_v5() {
+    let (ms, lb) = three_mosquittos().await;
+    // v4
+    {
+        let mut opts = rumqttc::MqttOptions::new("rumqttc-v4", "127.0.0.1", lb.addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+        client.subscribe("rc/v4", rumqttc::QoS::AtLeastOnce).await.unwrap();
+        client
+            .publish("rc/v4", rumqttc::QoS::AtLeastOnce, false, "v4-payload")
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(T, async {
+            loop {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = events.poll().await.unwrap() {
+                    return p.payload;
+                }
+            }
+        })
+        .await
+        .expect("v4 message");
+        assert_eq!(&got[..], b"v4-payload");
+        let backend = lb.first_choice("rumqttc-v4");
+        assert!(ms[index(&backend)].saw_client("rumqttc-v4", T));
+    }
+    // v5
+    {
+        use rumqttc::v5::{mqttbytes::QoS, AsyncClient, Event, MqttOptions};
+        let mut opts = MqttOptions::new("rumqttc-v5", "127.0.0.1", lb.addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut events) = AsyncClient::new(opts, 10);
+        client.subscribe("rc/v5", QoS::AtLeastOnce).await.unwrap();
+        client.publish("rc/v5", QoS::AtLeastOnce, false, "v5-payload").await.unwrap();
+        let got = tokio::time::timeout(T, async {
+            loop {
+                if let Event::Incoming(rumqttc::v5::Incoming::Publish(p)) = events.poll().await.unwrap() {
+                    return p.payload;
+                }
+            }
+        })
+        .await
+        .expect("v5 message");
+        assert_eq!(&got[..], b"v5-payload");
+        let backend = lb.first_choice("rumqttc-v5");
+        assert!(ms[index(&backend)].saw_client("rumqttc-v5", T));
+    }
+    lb.stop().await;
+}
+
+/// rumqttd, embedded, as a second broker implementation behind the balancer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rumqttd_backend_with_rumqttc() {
+    let port = free_port();
+    let conf = format!(
+        r#"
+id = 0
+[router]
+max_connections = 100
+max_outgoing_packet_count = 200
+max_segment_size = 1048576
+max_segment_count = 10
+[v4.1]
+name = "v4"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 0
+[v4.1.connections]
+connection_timeout_ms = 5000
+max_payload_size = 20480
+max_inflight_count = 100
+"#
+    );
+    let conf: rumqttd::Config = toml::from_str(&conf).unwrap();
+    std::thread::spawn(move || {
+        let mut broker = rumqttd::Broker::new(conf);
+        let _ = broker.start();
+    });
+    assert!(wait_listening(&format!("127.0.0.1:{port}"), T));
+    let lb = RunningBalancer::start(config(&[("rumqttd", format!("127.0.0.1:{port}"))], "")).await;
+
+    let mut opts = rumqttc::MqttOptions::new("via-lb", "127.0.0.1", lb.addr.port());
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+    client.subscribe("rd/t", rumqttc::QoS::AtLeastOnce).await.unwrap();
+    for i in 0..10u8 {
+        client.publish("rd/t", rumqttc::QoS::AtLeastOnce, false, vec![i; 100]).await.unwrap();
+    }
+    let mut seen = 0;
+    tokio::time::timeout(T, async {
+        while seen < 10 {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = events.poll().await.unwrap() {
+                assert_eq!(p.payload.len(), 100);
+                seen += 1;
+            }
+        }
+    })
+    .await
+    .expect("10 messages via rumqttd");
+    assert_eq!(lb.shared.backends.get("rumqttd").unwrap().forwarded.load(std::sync::atomic::Ordering::Relaxed), 1);
+    lb.stop().await;
+}
+
+/// The same client ID lands on the same backend across reconnects and across
+/// two independent balancer processes given the same backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_backend_across_reconnects_and_processes() {
+    let ms: Vec<Mosquitto> = (0..3).map(|_| Mosquitto::start()).collect();
+    let mut procs = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..2 {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqlb-e2e"));
+        cmd.args(["balance", "--listen", &format!("127.0.0.1:{port}")]);
+        for (i, m) in ms.iter().enumerate() {
+            cmd.args(["--backend", &format!("b{}={}", i + 1, m.addr())]);
+        }
+        procs.push(ChildGuard(cmd.stderr(std::process::Stdio::null()).spawn().unwrap()));
+        assert!(wait_listening(&format!("127.0.0.1:{port}"), T));
+        ports.push(port);
+    }
+    for i in 0..30 {
+        let id = format!("sticky-{i}");
+        let mut seen_on = Vec::new();
+        for round in 0..4 {
+            let port = ports[round % 2];
+            let (mut s, ack) = connect_and_ack(&format!("127.0.0.1:{port}"), &id, 4).await;
+            assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "{id} round {round}");
+            s.write_all(&[0xE0, 0x00]).await.unwrap();
+            assert!(closed(&mut s, T).await);
+            // Exactly one broker has seen this ID, as many times as we connected.
+            let counts: Vec<usize> = ms
+                .iter()
+                .map(|m| m.clients().iter().filter(|c| **c == id).count())
+                .collect();
+            let owner = counts.iter().position(|&c| c > 0).unwrap();
+            assert_eq!(counts.iter().filter(|&&c| c > 0).count(), 1, "{id}: {counts:?}");
+            seen_on.push(owner);
+        }
+        assert!(seen_on.windows(2).all(|w| w[0] == w[1]), "{id}: {seen_on:?}");
+    }
+}
+
+struct ChildGuard(std::process::Child);
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// 10,000 client IDs through a balancer with backends b1..b3, then through a
+/// balancer with b2 removed: only b2's clients move, and each goes to its
+/// second choice. Placement is observed from the brokers' own logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_backend_moves_only_its_clients() {
+    const N: usize = 10_000;
+    let ms: Vec<Mosquitto> = (0..3).map(|_| Mosquitto::start_with("max_connections -1")).collect();
+    let all: Vec<(&str, String)> = vec![("b1", ms[0].addr()), ("b2", ms[1].addr()), ("b3", ms[2].addr())];
+    let lb3 = RunningBalancer::start(config(&all, "")).await;
+    let lb2 = RunningBalancer::start(config(&[all[0].clone(), all[2].clone()], "")).await;
+
+    async fn connect_all(addr: std::net::SocketAddr, prefix: &str) {
+        let ids: Vec<String> = (0..N).map(|i| format!("{prefix}{i}")).collect();
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+        let mut tasks = Vec::new();
+        for id in ids {
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let (mut s, ack) = connect_and_ack(&addr.to_string(), &id, 4).await;
+                assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "{id}");
+                let _ = s.write_all(&[0xE0, 0x00]).await;
+                drop(permit);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(120), async {
+        connect_all(lb3.addr, "move-").await;
+        // Same IDs again, placement from the 2-backend balancer. Tell the
+        // rounds apart by waiting for the first round's log lines.
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while ms.iter().map(|m| m.clients().len()).sum::<usize>() < N && std::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("first round within 120 s");
+    let first: Vec<Vec<String>> = ms.iter().map(|m| m.clients()).collect();
+    assert_eq!(first.iter().map(Vec::len).sum::<usize>(), N);
+    tokio::time::timeout(Duration::from_secs(120), connect_all(lb2.addr, "move-"))
+        .await
+        .expect("second round within 120 s");
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while ms.iter().map(|m| m.clients().len()).sum::<usize>() < 2 * N && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut owner_before = std::collections::HashMap::new();
+    for (b, ids) in first.iter().enumerate() {
+        for id in ids {
+            owner_before.insert(id.clone(), b);
+        }
+    }
+    let mut moved = 0;
+    let mut b2_clients = 0;
+    for (b, m) in ms.iter().enumerate() {
+        let all_ids = m.clients();
+        for id in &all_ids[first[b].len()..] {
+            let before = owner_before[id];
+            assert_ne!(b, 1, "b2 was removed but received {id}");
+            if before != b {
+                assert_eq!(before, 1, "{id} moved from b{} to b{} although b{} stayed", before + 1, b + 1, before + 1);
+                let second = &lb3.shared.backends.candidates(id.as_bytes())[1].name;
+                assert_eq!(second, &format!("b{}", b + 1), "{id} did not go to its second choice");
+                moved += 1;
+            }
+        }
+    }
+    b2_clients += first[1].len();
+    assert_eq!(moved, b2_clients, "every b2 client moved, nothing else");
+    assert!(b2_clients > N / 5, "b2 owned only {b2_clients} of {N}");
+    lb3.stop().await;
+    lb2.stop().await;
+}
+
+/// With a backend killed, a reconnecting client lands on its next backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backend_client_reconnects_to_next() {
+    let (mut ms, lb) = three_mosquittos().await;
+    let id = ids_on(&lb, "b1", "failover", 1).remove(0);
+    let (mut s, ack) = connect_and_ack(&lb.addr.to_string(), &id, 4).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    assert!(ms[0].saw_client(&id, T));
+    ms[0].kill();
+    // The balancer passes the backend's close through to the client.
+    assert!(closed(&mut s, T).await, "client not closed after its backend died");
+    let second = lb.shared.backends.candidates(id.as_bytes())[1].name.clone();
+    let (_s, ack) = connect_and_ack(&lb.addr.to_string(), &id, 4).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    assert!(ms[index(&second)].saw_client(&id, T), "{id} not on {second}");
+    let failures = lb.shared.backends.get("b1").unwrap().connect_failures.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(failures, 1);
+    lb.stop().await;
+}
+
+/// With no backend reachable: v5 gets CONNACK 0x88, 3.1.1 gets return code 3.
+#[tokio::test]
+async fn no_backend_gives_server_unavailable() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let lb = RunningBalancer::start(config(&[("gone", dead)], "")).await;
+    let (_, ack5) = connect_and_ack(&lb.addr.to_string(), "x", 5).await;
+    assert_eq!(ack5, [0x20, 0x03, 0x00, 0x88, 0x00]);
+    let (_, ack4) = connect_and_ack(&lb.addr.to_string(), "x", 4).await;
+    assert_eq!(ack4, [0x20, 0x02, 0x00, 0x03]);
+    assert_eq!(lb.shared.metrics.rejected(RejectReason::NoBackend), 2);
+    lb.stop().await;
+}
+
+/// Bad input opens no backend connection, is counted, and gets the answer a
+/// strict broker would give.
+#[tokio::test]
+async fn bad_input_opens_no_backend_connection() {
+    let counting = CountingBackend::start().await;
+    let lb = RunningBalancer::start(config(
+        &[("counting", counting.addr.to_string())],
+        "connect_timeout = \"1s\"\nmax_connect_size = 1024\n",
+    ))
+    .await;
+    let addr = lb.addr.to_string();
+    let m = &lb.shared.metrics;
+
+    // Garbage / HTTP: closed without a reply.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert!(closed(&mut s, T).await);
+    // A non-CONNECT first packet (PINGREQ, then a PUBLISH).
+    for first in [&[0xC0u8, 0x00][..], &[0x30, 0x03, 0x00, 0x01, b't']] {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(first).await.unwrap();
+        assert!(closed(&mut s, T).await);
+    }
+    // Oversized v5 CONNECT: CONNACK 0x95 from the header alone.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    let mut big = raw::connect(&"x".repeat(2000), 5);
+    s.write_all(&big[..20]).await.unwrap();
+    assert_eq!(read_n(&mut s, 5, T).await, [0x20, 0x03, 0x00, 0x95, 0x00]);
+    assert!(closed(&mut s, T).await);
+    // Oversized 3.1.1 CONNECT: closed (3.x has no code for it).
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    big = raw::connect(&"x".repeat(2000), 4);
+    let _ = s.write_all(&big).await;
+    assert!(closed(&mut s, T).await);
+    // Slowloris: half a CONNECT, then silence past the 1 s timeout.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&raw::connect("slow", 4)[..6]).await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(closed(&mut s, T).await);
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed before the timeout");
+    // Malformed v5 CONNECT (reserved flag): 0x81. Malformed 3.1.1: closed.
+    let mut bad5 = raw::connect("m", 5);
+    bad5[9] |= 0x01;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&bad5).await.unwrap();
+    assert_eq!(read_n(&mut s, 5, T).await, [0x20, 0x03, 0x00, 0x81, 0x00]);
+    // Unsupported protocol level 2: return code 1, as Mosquitto answers.
+    let mut l2 = raw::connect("m", 4);
+    l2[8] = 2;
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&l2).await.unwrap();
+    assert_eq!(read_n(&mut s, 4, T).await, [0x20, 0x02, 0x00, 0x01]);
+    // Close before completing.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&raw::connect("early", 4)[..4]).await.unwrap();
+    drop(s);
+
+    let end = std::time::Instant::now() + T;
+    while m.rejected_total() < 10 && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(m.rejected(RejectReason::NotConnect), 3);
+    assert_eq!(m.rejected(RejectReason::TooLarge), 2);
+    assert_eq!(m.rejected(RejectReason::Timeout), 1);
+    assert_eq!(m.rejected(RejectReason::Malformed), 1);
+    assert_eq!(m.rejected(RejectReason::UnsupportedProtocol), 1);
+    assert_eq!(m.rejected(RejectReason::ClosedEarly), 1);
+    assert_eq!(counting.count(), 0, "a backend connection was opened for bad input");
+    // A valid CONNECT does reach the counting backend: the check can fail.
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&raw::connect("good", 4)).await.unwrap();
+    let end = std::time::Instant::now() + T;
+    while counting.count() == 0 && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(counting.count(), 1);
+    assert_eq!(m.active.load(std::sync::atomic::Ordering::Relaxed), 1, "refused connections leaked");
+    lb.stop().await;
+}
+
+/// A CONNECT written one byte per segment is accepted and forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_in_one_byte_writes() {
+    let (ms, lb) = three_mosquittos().await;
+    for level in [3u8, 4, 5] {
+        let id = format!("drip-{level}");
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        for b in raw::connect(&id, level) {
+            s.write_all(&[b]).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let ack = read_n(&mut s, 4, T).await;
+        assert_eq!(&ack[..2], if level == 5 { &[0x20, 0x09][..] } else { &[0x20, 0x02][..] }, "level {level}");
+        let backend = lb.first_choice(&id);
+        assert!(ms[index(&backend)].saw_client(&id, T), "{id} {backend} {:?}", ms.iter().map(|m| m.clients()).collect::<Vec<_>>());
+    }
+    lb.stop().await;
+}
+
+/// Bridge CONNECTs (level 0x83 / 0x84) are placed and forwarded; HAProxy
+/// 2.6's `mqtt_is_valid` rejects them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_connects_are_forwarded() {
+    let (ms, lb) = three_mosquittos().await;
+    for level in [0x83u8, 0x84] {
+        let id = format!("bridge-{level:x}");
+        let (_s, ack) = connect_and_ack(&lb.addr.to_string(), &id, level).await;
+        assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "level {level:#x}");
+        let backend = lb.first_choice(&id);
+        assert!(ms[index(&backend)].saw_client(&id, T));
+    }
+    lb.stop().await;
+}
+
+/// What the balancer answers to an unsupported protocol level is what the
+/// broker itself answers on a direct connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_level_answer_matches_direct_mosquitto() {
+    let (ms, lb) = three_mosquittos().await;
+    for level in [1u8, 2] {
+        let mut pkt = raw::connect("lvl", 4);
+        pkt[8] = level;
+        let mut via = TcpStream::connect(lb.addr).await.unwrap();
+        via.write_all(&pkt).await.unwrap();
+        let mut direct = TcpStream::connect(ms[0].addr()).await.unwrap();
+        direct.write_all(&pkt).await.unwrap();
+        assert_eq!(read_n(&mut via, 4, T).await, read_n(&mut direct, 4, T).await, "level {level}");
+    }
+    lb.stop().await;
+}
+
+/// Half-close: the client shuts down its write side, and still receives
+/// what the backend sends afterwards.
+#[tokio::test]
+async fn half_close_keeps_the_other_direction() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = l.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap(); // until the client's FIN arrives
+        s.write_all(&[0x20, 0x02, 0x00, 0x00, 0xD0, 0x00]).await.unwrap();
+        got
+    });
+    let lb = RunningBalancer::start(config(&[("half", backend_addr.to_string())], "")).await;
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    let connect = raw::connect("half", 4);
+    s.write_all(&connect).await.unwrap();
+    s.write_all(&[0xC0, 0x00]).await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(read_n(&mut s, 6, T).await, [0x20, 0x02, 0x00, 0x00, 0xD0, 0x00]);
+    assert!(closed(&mut s, T).await);
+    let mut expected = connect.clone();
+    expected.extend_from_slice(&[0xC0, 0x00]);
+    assert_eq!(tokio::time::timeout(T, server).await.unwrap().unwrap(), expected);
+    lb.stop().await;
+}
