@@ -78,14 +78,20 @@ pub async fn read_connect<S: AsyncRead + Unpin>(
             Err(_) => {
                 return Err(Refused {
                     reason: RejectReason::Timeout,
-                    detail: format!("no complete CONNECT within {timeout:?} ({} bytes read)", buf.len()),
+                    detail: format!(
+                        "no complete CONNECT within {timeout:?} ({} bytes read)",
+                        buf.len()
+                    ),
                     reply: None,
                 })
             }
             Ok(Ok(0)) => {
                 return Err(Refused {
                     reason: RejectReason::ClosedEarly,
-                    detail: format!("closed after {} bytes, before a complete CONNECT", buf.len()),
+                    detail: format!(
+                        "closed after {} bytes, before a complete CONNECT",
+                        buf.len()
+                    ),
                     reply: None,
                 })
             }
@@ -146,7 +152,9 @@ mod tests {
     #[tokio::test]
     async fn one_byte_writes_are_assembled() {
         let mut b = tokio_test_io(CONNECT.iter().map(|b| vec![*b]).collect());
-        let hs = read_connect(&mut b, Duration::from_secs(5), 1024).await.unwrap();
+        let hs = read_connect(&mut b, Duration::from_secs(5), 1024)
+            .await
+            .unwrap();
         assert_eq!(hs.client_id, "abc");
         assert_eq!(hs.connect_len, CONNECT.len());
     }
@@ -155,7 +163,9 @@ mod tests {
     async fn slowloris_times_out() {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(&CONNECT[..5]).await.unwrap();
-        let r = read_connect(&mut server, Duration::from_secs(10), 1024).await.unwrap_err();
+        let r = read_connect(&mut server, Duration::from_secs(10), 1024)
+            .await
+            .unwrap_err();
         assert_eq!(r.reason, RejectReason::Timeout);
     }
 
@@ -163,8 +173,13 @@ mod tests {
     async fn oversize_is_refused_without_reading_the_body() {
         // Announces a 2 KB CONNECT against a 100-byte cap.
         let (mut client, mut server) = tokio::io::duplex(64);
-        client.write_all(&[0x10, 0xD0, 0x0F, 0, 4, b'M', b'Q', b'T', b'T', 5]).await.unwrap();
-        let r = read_connect(&mut server, Duration::from_secs(5), 100).await.unwrap_err();
+        client
+            .write_all(&[0x10, 0xD0, 0x0F, 0, 4, b'M', b'Q', b'T', b'T', 5])
+            .await
+            .unwrap();
+        let r = read_connect(&mut server, Duration::from_secs(5), 100)
+            .await
+            .unwrap_err();
         assert_eq!(r.reason, RejectReason::TooLarge);
         assert_eq!(r.reply, Some(&[0x20, 0x03, 0x00, 0x95, 0x00][..]));
     }
@@ -173,7 +188,9 @@ mod tests {
     async fn http_is_not_connect() {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        let r = read_connect(&mut server, Duration::from_secs(5), 100).await.unwrap_err();
+        let r = read_connect(&mut server, Duration::from_secs(5), 100)
+            .await
+            .unwrap_err();
         assert_eq!(r.reason, RejectReason::NotConnect);
         assert_eq!(r.reply, None);
     }
@@ -183,7 +200,9 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(&CONNECT[..7]).await.unwrap();
         drop(client);
-        let r = read_connect(&mut server, Duration::from_secs(5), 100).await.unwrap_err();
+        let r = read_connect(&mut server, Duration::from_secs(5), 100)
+            .await
+            .unwrap_err();
         assert_eq!(r.reason, RejectReason::ClosedEarly);
     }
 

@@ -75,7 +75,9 @@ impl Backends {
     /// Builds the set from configuration.
     pub fn new(specs: &[mqlb_config::Backend]) -> Self {
         Self {
-            current: ArcSwap::from_pointee(specs.iter().map(|b| Arc::new(Backend::new(b))).collect()),
+            current: ArcSwap::from_pointee(
+                specs.iter().map(|b| Arc::new(Backend::new(b))).collect(),
+            ),
         }
     }
 
@@ -109,7 +111,10 @@ pub fn placement_key(client_id: &str, peer: std::net::SocketAddr, empty: EmptyCl
         return client_id.as_bytes().to_vec();
     }
     let ip: IpAddr = match peer.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
     match empty {

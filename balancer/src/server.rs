@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{field, Instrument};
 
+use crate::forward;
 use crate::handshake::{self, read_connect};
 use crate::metrics::{GaugeGuard, Metrics, RejectReason};
 use crate::select::{placement_key, Backends};
-use crate::forward;
 
 /// State every connection task shares.
 #[derive(Debug)]
@@ -44,9 +44,12 @@ impl Balancer {
     pub async fn bind(config: Config) -> io::Result<Balancer> {
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let listener = TcpListener::bind(l.address)
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("listener {} on {}: {e}", l.name, l.address)))?;
+            let listener = TcpListener::bind(l.address).await.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("listener {} on {}: {e}", l.name, l.address),
+                )
+            })?;
             listeners.push((l.name.clone(), listener));
         }
         let shared = Arc::new(Shared {
@@ -80,12 +83,17 @@ impl Balancer {
             let shutdown = shutdown.clone();
             let permits = permits.clone();
             let conns = tracker.clone();
-            tracker.spawn(accept_loop(name, listener, shared, permits, conns, shutdown));
+            tracker.spawn(accept_loop(
+                name, listener, shared, permits, conns, shutdown,
+            ));
         }
         shutdown.cancelled().await;
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::info!(open = tracker.len(), "grace period over; closing remaining connections");
+            tracing::info!(
+                open = tracker.len(),
+                "grace period over; closing remaining connections"
+            );
         }
     }
 }
@@ -122,7 +130,8 @@ async fn accept_loop(
             },
             _ = shutdown.cancelled() => return,
         };
-        let span = tracing::info_span!("conn", %peer, client_id = field::Empty, backend = field::Empty);
+        let span =
+            tracing::info_span!("conn", %peer, client_id = field::Empty, backend = field::Empty);
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         conns.spawn(
@@ -146,7 +155,13 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) {
     let _ = client.set_nodelay(true);
     let settings = &shared.config.balancer;
 
-    let hs = match read_connect(&mut client, settings.connect_timeout, settings.max_connect_size).await {
+    let hs = match read_connect(
+        &mut client,
+        settings.connect_timeout,
+        settings.max_connect_size,
+    )
+    .await
+    {
         Ok(hs) => hs,
         Err(refused) => {
             m.reject(refused.reason);
@@ -174,7 +189,11 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) {
     m.forwarded.fetch_add(1, Ordering::Relaxed);
     backend.forwarded.fetch_add(1, Ordering::Relaxed);
     let _on_backend = GaugeGuard::new(&backend.active);
-    tracing::debug!(version = hs.version.label(), bridge = hs.bridge, "forwarding");
+    tracing::debug!(
+        version = hs.version.label(),
+        bridge = hs.bridge,
+        "forwarding"
+    );
 
     match forward::splice(client, backend_stream, &hs.buf).await {
         Ok(s) => tracing::debug!(to_backend = s.to_backend, to_client = s.to_client, "closed"),

@@ -18,7 +18,11 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("\"{s}\" has unknown unit \"{unit}\"; use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "\"{s}\" has unknown unit \"{unit}\"; use ms, s, m or h"
+            ))
+        }
     };
     Ok(d)
 }

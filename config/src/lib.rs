@@ -152,7 +152,10 @@ struct Collector<'a> {
 
 impl Collector<'_> {
     fn line_of(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
     }
 
     fn at<T>(&mut self, key: impl Into<String>, spanned: &Spanned<T>, message: impl Into<String>) {
@@ -271,7 +274,10 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
             Err(_) => c.at(
                 format!("listener[{i}].address"),
                 &l.address,
-                format!("\"{}\" is not an IP:port socket address", l.address.get_ref()),
+                format!(
+                    "\"{}\" is not an IP:port socket address",
+                    l.address.get_ref()
+                ),
             ),
         }
     }
@@ -314,7 +320,10 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         });
     }
     if !raw.backend.is_empty() && backends.iter().all(|b| b.weight == 0) {
-        c.nowhere("backend", "every backend has weight 0; no client could be placed");
+        c.nowhere(
+            "backend",
+            "every backend has weight 0; no client could be placed",
+        );
     }
 
     let mut balancer = BalancerSettings::default();
@@ -328,7 +337,11 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                 }
             }
         };
-        dur("connect_timeout", &s.connect_timeout, &mut balancer.connect_timeout);
+        dur(
+            "connect_timeout",
+            &s.connect_timeout,
+            &mut balancer.connect_timeout,
+        );
         dur(
             "backend_connect_timeout",
             &s.backend_connect_timeout,
@@ -402,7 +415,10 @@ empty_client_id = "source-address"
         assert_eq!(c.backends[1].weight, 3);
         assert_eq!(c.backends[0].weight, 1);
         assert_eq!(c.balancer.connect_timeout, Duration::from_secs(5));
-        assert_eq!(c.balancer.backend_connect_timeout, Duration::from_millis(500));
+        assert_eq!(
+            c.balancer.backend_connect_timeout,
+            Duration::from_millis(500)
+        );
         assert_eq!(c.balancer.max_connect_size, 4096);
         assert_eq!(c.balancer.empty_client_id, EmptyClientId::SourceAddress);
         assert_eq!(c.balancer.max_connections, DEFAULT_MAX_CONNECTIONS);
@@ -432,7 +448,10 @@ connect_timeout = "10 parsecs"
         assert!(text.contains("bad.toml:6: backend[0].address"), "{text}");
         assert!(text.contains("bad.toml:9: backend[1].name"), "{text}");
         assert!(text.contains("bad.toml:11: backend[1].weight"), "{text}");
-        assert!(text.contains("bad.toml:14: balancer.connect_timeout"), "{text}");
+        assert!(
+            text.contains("bad.toml:14: balancer.connect_timeout"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -199,7 +199,10 @@ mod tests {
         let nodes = vec![N("a", 1), N("b", 3), N("c", 2), N("d", 1)];
         for i in 0..2000 {
             let key = format!("client-{i}");
-            assert_eq!(rank(key.as_bytes(), &nodes)[0], pick(key.as_bytes(), &nodes, |_| true).unwrap());
+            assert_eq!(
+                rank(key.as_bytes(), &nodes)[0],
+                pick(key.as_bytes(), &nodes, |_| true).unwrap()
+            );
         }
     }
 
@@ -224,7 +227,10 @@ mod tests {
             }
         }
         assert_eq!(moved, owned_by_b2);
-        assert!((2_900..=3_800).contains(&owned_by_b2), "b2 owned {owned_by_b2}");
+        assert!(
+            (2_900..=3_800).contains(&owned_by_b2),
+            "b2 owned {owned_by_b2}"
+        );
     }
 
     #[test]

@@ -95,7 +95,9 @@ impl<'a> ConnectView<'a> {
         let will_qos = QoS::from_bits((f >> flags::WILL_QOS_SHIFT) & 0x03)?;
         let will_retain = f & flags::WILL_RETAIN != 0;
         if !will_flag && (will_qos != QoS::AtMostOnce || will_retain) {
-            return Err(DecodeError::Malformed("will QoS or retain set without will flag"));
+            return Err(DecodeError::Malformed(
+                "will QoS or retain set without will flag",
+            ));
         }
         let has_username = f & flags::USERNAME != 0;
         let has_password = f & flags::PASSWORD != 0;
@@ -228,12 +230,7 @@ pub fn sniff_connect(buf: &[u8], max_frame: usize) -> Sniff<'_> {
     match buf.first() {
         None => return Sniff::NeedMore,
         Some(&0x10) => {}
-        Some(_) => {
-            return reject(
-                DecodeError::Protocol("first packet is not CONNECT"),
-                None,
-            )
-        }
+        Some(_) => return reject(DecodeError::Protocol("first packet is not CONNECT"), None),
     }
     let header = match framing::check(buf, max_frame) {
         Ok(Some(h)) => h,
@@ -246,7 +243,10 @@ pub fn sniff_connect(buf: &[u8], max_frame: usize) -> Sniff<'_> {
             connect,
             frame_len: header.frame_len(),
         },
-        Err(error) => reject(error, read_version(&mut Reader::new(body)).ok().map(|v| v.0)),
+        Err(error) => reject(
+            error,
+            read_version(&mut Reader::new(body)).ok().map(|v| v.0),
+        ),
     }
 }
 
@@ -254,7 +254,9 @@ pub fn sniff_connect(buf: &[u8], max_frame: usize) -> Sniff<'_> {
 /// buffered, so an oversized v5 CONNECT can still be answered with 0x95.
 fn peek_version(buf: &[u8]) -> Option<ProtocolVersion> {
     let (_, used) = framing::decode_varint(buf.get(1..)?).ok()??;
-    read_version(&mut Reader::new(buf.get(1 + used..)?)).ok().map(|v| v.0)
+    read_version(&mut Reader::new(buf.get(1 + used..)?))
+        .ok()
+        .map(|v| v.0)
 }
 
 /// An owned CONNECT.
@@ -296,16 +298,13 @@ impl Connect {
             keep_alive: v.keep_alive,
             properties: props(v.properties),
             client_id: s(v.client_id),
-            will: match v.will {
-                Some(w) => Some(Will {
-                    qos: w.qos,
-                    retain: w.retain,
-                    properties: props(w.properties),
-                    topic: s(w.topic),
-                    payload: frame.slice_ref(w.payload),
-                }),
-                None => None,
-            },
+            will: v.will.map(|w| Will {
+                qos: w.qos,
+                retain: w.retain,
+                properties: props(w.properties),
+                topic: s(w.topic),
+                payload: frame.slice_ref(w.payload),
+            }),
             username: v.username.map(s),
             password: v.password.map(|p| frame.slice_ref(p)),
         })

@@ -119,7 +119,9 @@ pub fn decode_varint(buf: &[u8]) -> Result<Option<(u32, usize)>, DecodeError> {
             return Ok(Some((value, i + 1)));
         }
     }
-    Err(DecodeError::Malformed("variable byte integer longer than 4 bytes"))
+    Err(DecodeError::Malformed(
+        "variable byte integer longer than 4 bytes",
+    ))
 }
 
 /// Number of bytes `value` takes as a variable byte integer.
@@ -334,7 +336,10 @@ mod tests {
         assert!(check(&[0x00, 0x00], 10).is_err());
         assert!(check(&[0xC1, 0x00], 10).is_err(), "PINGREQ flags");
         assert!(check(&[0x60, 0x02, 0, 1], 10).is_err(), "PUBREL needs 0010");
-        assert!(check(&[0x80, 0x02, 0, 1], 10).is_err(), "SUBSCRIBE needs 0010");
+        assert!(
+            check(&[0x80, 0x02, 0, 1], 10).is_err(),
+            "SUBSCRIBE needs 0010"
+        );
         assert!(check(&[0x62, 0x02, 0, 1], 10).unwrap().is_some());
     }
 

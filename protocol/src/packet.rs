@@ -12,7 +12,9 @@ use crate::encode::{field_len, put_binary, put_header};
 use crate::framing::{self, FrameHeader, PacketType};
 use crate::properties::PropertyContext;
 use crate::reader::Reader;
-use crate::{DecodeError, EncodeError, MqttStr, PacketId, Properties, ProtocolVersion, QoS, ReasonCode};
+use crate::{
+    DecodeError, EncodeError, MqttStr, PacketId, Properties, ProtocolVersion, QoS, ReasonCode,
+};
 
 /// One MQTT control packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,13 +256,17 @@ impl Packet {
                 };
                 let properties = props(&mut r, PropertyContext::Publish)?;
                 if topic.is_empty() && properties.topic_alias.is_none() {
-                    return Err(DecodeError::Protocol("empty topic name without topic alias"));
+                    return Err(DecodeError::Protocol(
+                        "empty topic name without topic alias",
+                    ));
                 }
                 let payload = body.slice_ref(r.rest());
                 if properties.payload_format_indicator == Some(1)
                     && std::str::from_utf8(&payload).is_err()
                 {
-                    return Err(DecodeError::Protocol("payload is not UTF-8 as its format says"));
+                    return Err(DecodeError::Protocol(
+                        "payload is not UTF-8 as its format says",
+                    ));
                 }
                 Packet::Publish(Publish {
                     dup,
@@ -272,7 +278,10 @@ impl Packet {
                     payload,
                 })
             }
-            t @ (PacketType::Puback | PacketType::Pubrec | PacketType::Pubrel | PacketType::Pubcomp) => {
+            t @ (PacketType::Puback
+            | PacketType::Pubrec
+            | PacketType::Pubrel
+            | PacketType::Pubcomp) => {
                 let packet_id = packet_id(&mut r)?;
                 let mut ack = Ack::new(packet_id);
                 if v5 {
@@ -301,7 +310,9 @@ impl Packet {
                     let o = r.u8("subscription options")?;
                     let options = if v5 {
                         if o & 0xC0 != 0 {
-                            return Err(DecodeError::Malformed("reserved subscription option bits"));
+                            return Err(DecodeError::Malformed(
+                                "reserved subscription option bits",
+                            ));
                         }
                         let retain_handling = match (o >> 4) & 0b11 {
                             0 => RetainHandling::SendAtSubscribe,
@@ -321,7 +332,9 @@ impl Packet {
                         }
                     } else {
                         if o & 0xFC != 0 {
-                            return Err(DecodeError::Malformed("reserved subscription option bits"));
+                            return Err(DecodeError::Malformed(
+                                "reserved subscription option bits",
+                            ));
                         }
                         SubscriptionOptions {
                             qos: QoS::from_bits(o)?,
@@ -449,26 +462,32 @@ impl Packet {
         let v5 = version.is_v5();
         let first = |t: PacketType| (t as u8) << 4 | t.required_flags().unwrap_or(0);
         let props_len = |p: &Properties| if v5 { p.encoded_len() } else { 0 };
-        let put_props = |buf: &mut BytesMut, p: &Properties| if v5 { p.encode(buf) } else { Ok(()) };
+        let put_props =
+            |buf: &mut BytesMut, p: &Properties| if v5 { p.encode(buf) } else { Ok(()) };
         match self {
             Packet::Connect(c) => c.encode(buf),
             Packet::Connack(c) => {
                 let code = if v5 {
                     c.reason.0
                 } else {
-                    c.reason
-                        .to_v3_connack()
-                        .ok_or(EncodeError::InvalidValue("CONNACK code has no 3.x equivalent"))?
-                        as u8
+                    c.reason.to_v3_connack().ok_or(EncodeError::InvalidValue(
+                        "CONNACK code has no 3.x equivalent",
+                    ))? as u8
                 };
-                put_header(buf, first(PacketType::Connack), 2 + props_len(&c.properties))?;
+                put_header(
+                    buf,
+                    first(PacketType::Connack),
+                    2 + props_len(&c.properties),
+                )?;
                 buf.put_u8(u8::from(c.session_present));
                 buf.put_u8(code);
                 put_props(buf, &c.properties)
             }
             Packet::Publish(p) => {
                 if (p.qos == QoS::AtMostOnce) != p.packet_id.is_none() {
-                    return Err(EncodeError::InvalidValue("PUBLISH packet id must match QoS"));
+                    return Err(EncodeError::InvalidValue(
+                        "PUBLISH packet id must match QoS",
+                    ));
                 }
                 let mut f = (PacketType::Publish as u8) << 4 | (p.qos as u8) << 1;
                 if p.dup {
@@ -518,7 +537,10 @@ impl Packet {
             Packet::Subscribe(s) => {
                 let len = 2
                     + props_len(&s.properties)
-                    + s.filters.iter().map(|(f, _)| field_len(f.as_bytes()) + 1).sum::<usize>();
+                    + s.filters
+                        .iter()
+                        .map(|(f, _)| field_len(f.as_bytes()) + 1)
+                        .sum::<usize>();
                 put_header(buf, first(PacketType::Subscribe), len)?;
                 buf.put_u16(s.packet_id.get());
                 put_props(buf, &s.properties)?;
@@ -535,7 +557,11 @@ impl Packet {
                 Ok(())
             }
             Packet::Suback(s) => {
-                put_header(buf, first(PacketType::Suback), 2 + props_len(&s.properties) + s.reasons.len())?;
+                put_header(
+                    buf,
+                    first(PacketType::Suback),
+                    2 + props_len(&s.properties) + s.reasons.len(),
+                )?;
                 buf.put_u16(s.packet_id.get());
                 put_props(buf, &s.properties)?;
                 buf.extend(s.reasons.iter().map(|r| r.0));
@@ -544,7 +570,10 @@ impl Packet {
             Packet::Unsubscribe(u) => {
                 let len = 2
                     + props_len(&u.properties)
-                    + u.filters.iter().map(|f| field_len(f.as_bytes())).sum::<usize>();
+                    + u.filters
+                        .iter()
+                        .map(|f| field_len(f.as_bytes()))
+                        .sum::<usize>();
                 put_header(buf, first(PacketType::Unsubscribe), len)?;
                 buf.put_u16(u.packet_id.get());
                 put_props(buf, &u.properties)?;
@@ -555,7 +584,11 @@ impl Packet {
             }
             Packet::Unsuback(u) => {
                 let reasons = if v5 { u.reasons.len() } else { 0 };
-                put_header(buf, first(PacketType::Unsuback), 2 + props_len(&u.properties) + reasons)?;
+                put_header(
+                    buf,
+                    first(PacketType::Unsuback),
+                    2 + props_len(&u.properties) + reasons,
+                )?;
                 buf.put_u16(u.packet_id.get());
                 put_props(buf, &u.properties)?;
                 if v5 {
@@ -569,13 +602,20 @@ impl Packet {
                 if !v5 {
                     return put_header(buf, first(PacketType::Disconnect), 0);
                 }
-                reason_and_props(buf, first(PacketType::Disconnect), d.reason, &d.properties)
+                reason_and_props(
+                    buf,
+                    first(PacketType::Disconnect),
+                    d.reason,
+                    &d.properties,
+                    true,
+                )
             }
             Packet::Auth(a) => {
                 if !v5 {
                     return Err(EncodeError::NotInVersion("AUTH"));
                 }
-                reason_and_props(buf, first(PacketType::Auth), a.reason, &a.properties)
+                // AUTH has no reason-only form (3.15.2.2.1): a reason needs a property length.
+                reason_and_props(buf, first(PacketType::Auth), a.reason, &a.properties, false)
             }
         }
     }
@@ -588,17 +628,24 @@ impl Packet {
     }
 }
 
-/// DISCONNECT and AUTH: omit what is default (2.4: a success with no
-/// properties is a zero-length body).
+/// DISCONNECT and AUTH: omit what is default (a success with no properties
+/// is a zero-length body; DISCONNECT may also stop after the reason code).
 fn reason_and_props(
     buf: &mut BytesMut,
     first: u8,
     reason: ReasonCode,
     props: &Properties,
+    reason_only: bool,
 ) -> Result<(), EncodeError> {
     if props.is_empty() {
         if reason == ReasonCode::SUCCESS {
             return put_header(buf, first, 0);
+        }
+        if !reason_only {
+            put_header(buf, first, 2)?;
+            buf.put_u8(reason.0);
+            buf.put_u8(0);
+            return Ok(());
         }
         put_header(buf, first, 1)?;
         buf.put_u8(reason.0);

@@ -82,10 +82,7 @@ fn allowed(id: u8, ctx: PropertyContext) -> bool {
         0x17 | 0x19 => ctx == Connect,
         0x18 => ctx == Will,
         0x1C => matches!(ctx, Connack | Disconnect),
-        0x1F => matches!(
-            ctx,
-            Connack | Ack | Suback | Unsuback | Disconnect | Auth
-        ),
+        0x1F => matches!(ctx, Connack | Ack | Suback | Unsuback | Disconnect | Auth),
         0x21 | 0x22 | 0x27 => matches!(ctx, Connect | Connack),
         0x23 => ctx == Publish,
         0x26 => true,
@@ -115,7 +112,9 @@ pub(crate) fn walk<'a>(
     while !p.is_empty() {
         let (id, prop) = parse_one(&mut p)?;
         if !allowed(id, ctx) {
-            return Err(DecodeError::Malformed("property not allowed in this packet"));
+            return Err(DecodeError::Malformed(
+                "property not allowed in this packet",
+            ));
         }
         let repeatable = id == 0x26 || (id == 0x0B && ctx == PropertyContext::Publish);
         if !repeatable && seen & (1u64 << id) != 0 {
@@ -196,9 +195,17 @@ fn parse_one<'a>(p: &mut Reader<'a>) -> Result<(u8, Property<'a>), DecodeError> 
             }
             Property::MaximumPacketSize(v)
         }
-        0x28 => Property::WildcardSubscriptionAvailable(bool_byte(p, "wildcard subscription available")?),
-        0x29 => Property::SubscriptionIdentifierAvailable(bool_byte(p, "subscription identifier available")?),
-        0x2A => Property::SharedSubscriptionAvailable(bool_byte(p, "shared subscription available")?),
+        0x28 => Property::WildcardSubscriptionAvailable(bool_byte(
+            p,
+            "wildcard subscription available",
+        )?),
+        0x29 => Property::SubscriptionIdentifierAvailable(bool_byte(
+            p,
+            "subscription identifier available",
+        )?),
+        0x2A => {
+            Property::SharedSubscriptionAvailable(bool_byte(p, "shared subscription available")?)
+        }
         _ => return Err(DecodeError::Malformed("unknown property")),
     };
     Ok((id, prop))
@@ -298,13 +305,17 @@ impl Properties {
                 Property::CorrelationData(v) => out.correlation_data = Some(b(v)),
                 Property::SubscriptionIdentifier(v) => out.subscription_identifiers.push(v),
                 Property::SessionExpiryInterval(v) => out.session_expiry_interval = Some(v),
-                Property::AssignedClientIdentifier(v) => out.assigned_client_identifier = Some(s(v)),
+                Property::AssignedClientIdentifier(v) => {
+                    out.assigned_client_identifier = Some(s(v))
+                }
                 Property::ServerKeepAlive(v) => out.server_keep_alive = Some(v),
                 Property::AuthenticationMethod(v) => out.authentication_method = Some(s(v)),
                 Property::AuthenticationData(v) => out.authentication_data = Some(b(v)),
                 Property::RequestProblemInformation(v) => out.request_problem_information = Some(v),
                 Property::WillDelayInterval(v) => out.will_delay_interval = Some(v),
-                Property::RequestResponseInformation(v) => out.request_response_information = Some(v),
+                Property::RequestResponseInformation(v) => {
+                    out.request_response_information = Some(v)
+                }
                 Property::ResponseInformation(v) => out.response_information = Some(s(v)),
                 Property::ServerReference(v) => out.server_reference = Some(s(v)),
                 Property::ReasonString(v) => out.reason_string = Some(s(v)),
@@ -315,9 +326,15 @@ impl Properties {
                 Property::RetainAvailable(v) => out.retain_available = Some(v),
                 Property::UserProperty(k, v) => out.user_properties.push((s(k), s(v))),
                 Property::MaximumPacketSize(v) => out.maximum_packet_size = Some(v),
-                Property::WildcardSubscriptionAvailable(v) => out.wildcard_subscription_available = Some(v),
-                Property::SubscriptionIdentifierAvailable(v) => out.subscription_identifier_available = Some(v),
-                Property::SharedSubscriptionAvailable(v) => out.shared_subscription_available = Some(v),
+                Property::WildcardSubscriptionAvailable(v) => {
+                    out.wildcard_subscription_available = Some(v)
+                }
+                Property::SubscriptionIdentifierAvailable(v) => {
+                    out.subscription_identifier_available = Some(v)
+                }
+                Property::SharedSubscriptionAvailable(v) => {
+                    out.shared_subscription_available = Some(v)
+                }
             }
         }
         out
@@ -399,13 +416,14 @@ impl Properties {
                 buf.put_u32(v);
             }
         };
-        let string = |buf: &mut dyn BufMut, id: u8, v: &Option<MqttStr>| -> Result<(), EncodeError> {
-            if let Some(v) = v {
-                buf.put_u8(id);
-                crate::encode::put_binary(buf, v.as_bytes(), "property")?;
-            }
-            Ok(())
-        };
+        let string =
+            |buf: &mut dyn BufMut, id: u8, v: &Option<MqttStr>| -> Result<(), EncodeError> {
+                if let Some(v) = v {
+                    buf.put_u8(id);
+                    crate::encode::put_binary(buf, v.as_bytes(), "property")?;
+                }
+                Ok(())
+            };
         let binary = |buf: &mut dyn BufMut, id: u8, v: &Option<Bytes>| -> Result<(), EncodeError> {
             if let Some(v) = v {
                 buf.put_u8(id);

@@ -193,10 +193,30 @@ mod tests {
 
     #[test]
     fn filters() {
-        for ok in ["a", "#", "+", "a/+/b", "a/#", "+/+", "/", "$share/g/a/#", "$SYS/#"] {
+        for ok in [
+            "a",
+            "#",
+            "+",
+            "a/+/b",
+            "a/#",
+            "+/+",
+            "/",
+            "$share/g/a/#",
+            "$SYS/#",
+        ] {
             assert!(check_topic_filter(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "a#", "#/a", "a/b#", "a+", "+a/b", "$share/g", "$share//a", "$share/g+/a"] {
+        for bad in [
+            "",
+            "a#",
+            "#/a",
+            "a/b#",
+            "a+",
+            "+a/b",
+            "$share/g",
+            "$share//a",
+            "$share/g+/a",
+        ] {
             assert!(check_topic_filter(bad).is_err(), "{bad}");
         }
     }

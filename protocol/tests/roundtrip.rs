@@ -1,6 +1,8 @@
 //! Property tests: encode → decode is the identity for every packet type and
 //! version, and decoding arbitrary bytes never panics.
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::{Bytes, BytesMut};
 use mqlb_protocol::*;
 use proptest::prelude::*;
@@ -30,7 +32,11 @@ fn pid() -> impl Strategy<Value = PacketId> {
 }
 
 fn qos() -> impl Strategy<Value = QoS> {
-    prop_oneof![Just(QoS::AtMostOnce), Just(QoS::AtLeastOnce), Just(QoS::ExactlyOnce)]
+    prop_oneof![
+        Just(QoS::AtMostOnce),
+        Just(QoS::AtLeastOnce),
+        Just(QoS::ExactlyOnce)
+    ]
 }
 
 fn bin() -> impl Strategy<Value = Bytes> {
@@ -84,9 +90,12 @@ fn props(v5: bool, ctx: PropertyContext) -> BoxedStrategy<Properties> {
                     p.response_topic = t;
                     p.correlation_data = b;
                     p.content_type = reason;
-                    p.subscription_identifiers = n32.map(|v| vec![v % 1000 + 1, 7]).unwrap_or_default();
+                    p.subscription_identifiers =
+                        n32.map(|v| vec![v % 1000 + 1, 7]).unwrap_or_default();
                 }
-                Subscribe => p.subscription_identifiers = n16.map(|v| vec![u32::from(v)]).unwrap_or_default(),
+                Subscribe => {
+                    p.subscription_identifiers = n16.map(|v| vec![u32::from(v)]).unwrap_or_default()
+                }
                 Disconnect => {
                     p.reason_string = reason;
                     p.server_reference = t;
@@ -162,15 +171,25 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
             .prop_map(|c| ConnackReturnCode::from_u8(c).unwrap().to_reason_code())
             .boxed()
     };
-    let connack = (any::<bool>(), connack_reason, props(v5, C::Connack)).prop_map(|(sp, reason, properties)| {
-        Packet::Connack(Connack {
-            session_present: sp && reason.is_success(),
-            reason,
-            properties,
-        })
-    });
-    let publish = (any::<bool>(), qos(), any::<bool>(), topic(), pid(), props(v5, C::Publish), bin()).prop_map(
-        |(dup, qos, retain, topic, id, properties, payload)| {
+    let connack = (any::<bool>(), connack_reason, props(v5, C::Connack)).prop_map(
+        |(sp, reason, properties)| {
+            Packet::Connack(Connack {
+                session_present: sp && reason.is_success(),
+                reason,
+                properties,
+            })
+        },
+    );
+    let publish = (
+        any::<bool>(),
+        qos(),
+        any::<bool>(),
+        topic(),
+        pid(),
+        props(v5, C::Publish),
+        bin(),
+    )
+        .prop_map(|(dup, qos, retain, topic, id, properties, payload)| {
             Packet::Publish(Publish {
                 dup: dup && qos != QoS::AtMostOnce,
                 qos,
@@ -180,41 +199,47 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
                 properties,
                 payload,
             })
+        });
+    let ack = (0u8..4, pid(), reason(v5), props(v5, C::Ack)).prop_map(
+        |(k, packet_id, reason, properties)| {
+            let a = Ack {
+                packet_id,
+                reason,
+                properties,
+            };
+            match k {
+                0 => Packet::Puback(a),
+                1 => Packet::Pubrec(a),
+                2 => Packet::Pubrel(a),
+                _ => Packet::Pubcomp(a),
+            }
         },
     );
-    let ack = (0u8..4, pid(), reason(v5), props(v5, C::Ack)).prop_map(|(k, packet_id, reason, properties)| {
-        let a = Ack {
-            packet_id,
-            reason,
-            properties,
-        };
-        match k {
-            0 => Packet::Puback(a),
-            1 => Packet::Pubrec(a),
-            2 => Packet::Pubrel(a),
-            _ => Packet::Pubcomp(a),
-        }
-    });
-    let sub_opts = (qos(), any::<bool>(), any::<bool>(), 0u8..3).prop_map(move |(qos, nl, rap, rh)| {
-        if v5 {
-            SubscriptionOptions {
-                qos,
-                no_local: nl,
-                retain_as_published: rap,
-                retain_handling: [
-                    RetainHandling::SendAtSubscribe,
-                    RetainHandling::SendIfNew,
-                    RetainHandling::DoNotSend,
-                ][rh as usize],
+    let sub_opts =
+        (qos(), any::<bool>(), any::<bool>(), 0u8..3).prop_map(move |(qos, nl, rap, rh)| {
+            if v5 {
+                SubscriptionOptions {
+                    qos,
+                    no_local: nl,
+                    retain_as_published: rap,
+                    retain_handling: [
+                        RetainHandling::SendAtSubscribe,
+                        RetainHandling::SendIfNew,
+                        RetainHandling::DoNotSend,
+                    ][rh as usize],
+                }
+            } else {
+                SubscriptionOptions {
+                    qos,
+                    ..Default::default()
+                }
             }
-        } else {
-            SubscriptionOptions {
-                qos,
-                ..Default::default()
-            }
-        }
-    });
-    let subscribe = (pid(), props(v5, C::Subscribe), proptest::collection::vec((filter(), sub_opts), 1..4))
+        });
+    let subscribe = (
+        pid(),
+        props(v5, C::Subscribe),
+        proptest::collection::vec((filter(), sub_opts), 1..4),
+    )
         .prop_map(|(packet_id, properties, filters)| {
             Packet::Subscribe(Subscribe {
                 packet_id,
@@ -225,37 +250,46 @@ fn packet(v: ProtocolVersion) -> BoxedStrategy<Packet> {
     let suback_codes = if v5 {
         proptest::collection::vec(any::<u8>().prop_map(ReasonCode), 1..4).boxed()
     } else {
-        proptest::collection::vec(prop_oneof![Just(0u8), Just(1), Just(2), Just(0x80)].prop_map(ReasonCode), 1..4)
-            .boxed()
+        proptest::collection::vec(
+            prop_oneof![Just(0u8), Just(1), Just(2), Just(0x80)].prop_map(ReasonCode),
+            1..4,
+        )
+        .boxed()
     };
-    let suback = (pid(), props(v5, C::Suback), suback_codes).prop_map(|(packet_id, properties, reasons)| {
-        Packet::Suback(Suback {
-            packet_id,
-            properties,
-            reasons,
-        })
-    });
-    let unsubscribe = (pid(), props(v5, C::Unsubscribe), proptest::collection::vec(filter(), 1..4)).prop_map(
-        |(packet_id, properties, filters)| {
+    let suback =
+        (pid(), props(v5, C::Suback), suback_codes).prop_map(|(packet_id, properties, reasons)| {
+            Packet::Suback(Suback {
+                packet_id,
+                properties,
+                reasons,
+            })
+        });
+    let unsubscribe = (
+        pid(),
+        props(v5, C::Unsubscribe),
+        proptest::collection::vec(filter(), 1..4),
+    )
+        .prop_map(|(packet_id, properties, filters)| {
             Packet::Unsubscribe(Unsubscribe {
                 packet_id,
                 properties,
                 filters,
             })
-        },
-    );
+        });
     let unsuback_codes = if v5 {
         proptest::collection::vec(any::<u8>().prop_map(ReasonCode), 1..4).boxed()
     } else {
         Just(Vec::new()).boxed()
     };
-    let unsuback = (pid(), props(v5, C::Unsuback), unsuback_codes).prop_map(|(packet_id, properties, reasons)| {
-        Packet::Unsuback(Unsuback {
-            packet_id,
-            properties,
-            reasons,
-        })
-    });
+    let unsuback = (pid(), props(v5, C::Unsuback), unsuback_codes).prop_map(
+        |(packet_id, properties, reasons)| {
+            Packet::Unsuback(Unsuback {
+                packet_id,
+                properties,
+                reasons,
+            })
+        },
+    );
     let disconnect = (reason(v5), props(v5, C::Disconnect))
         .prop_map(|(reason, properties)| Packet::Disconnect(Disconnect { reason, properties }));
     let mut options = vec![

@@ -1,6 +1,8 @@
 //! Golden bytes and the strictness list: every malformed case other codecs let
 //! through, rejected here with the reason code a server must send.
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::{Bytes, BytesMut};
 use mqlb_protocol::*;
 
@@ -73,8 +75,7 @@ fn golden_v5_packets_round_trip() {
         // CONNECT v5 with session expiry and a will with delay, user+password.
         &[
             0x10, 0x27, 0, 4, b'M', b'Q', b'T', b'T', 5, 0xEE, 0, 10, 5, 0x11, 0, 0, 0, 30, 0, 1,
-            b'c', 5, 0x18, 0, 0, 0, 5, 0, 1, b'w', 0, 2, b'h', b'i', 0, 1, b'u', 0, 2, b'p',
-            b'w',
+            b'c', 5, 0x18, 0, 0, 0, 5, 0, 1, b'w', 0, 2, b'h', b'i', 0, 1, b'u', 0, 2, b'p', b'w',
         ][..],
         // CONNACK with assigned client id.
         &[0x20, 0x08, 0x00, 0x00, 0x05, 0x12, 0x00, 0x02, b'i', b'd'],
@@ -170,34 +171,161 @@ fn partial_frames_consume_nothing() {
 fn strictness_list() {
     let cases: Vec<(&str, Vec<u8>, ProtocolVersion, u8)> = vec![
         ("reserved flags on PINGREQ", vec![0xC2, 0x00], V3_1_1, 0x81),
-        ("reserved flags on SUBSCRIBE", vec![0x80, 0x06, 0, 1, 0, 1, b'a', 0], V3_1_1, 0x81),
-        ("non-minimal remaining length", vec![0xC0, 0x80, 0x00], V3_1_1, 0x81),
-        ("5-byte remaining length", vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01], V3_1_1, 0x81),
-        ("invalid UTF-8 in topic", vec![0x30, 0x04, 0, 2, 0xC3, 0x28], V3_1_1, 0x81),
-        ("U+0000 in topic", vec![0x30, 0x05, 0, 3, b'a', 0, b'b'], V3_1_1, 0x81),
-        ("wildcard # in PUBLISH topic", vec![0x30, 0x03, 0, 1, b'#'], V3_1_1, 0x81),
-        ("wildcard + in PUBLISH topic", vec![0x30, 0x05, 0, 3, b'a', b'/', b'+'], V5, 0x81),
-        ("packet id 0 with QoS 1", vec![0x32, 0x05, 0, 1, b't', 0, 0], V3_1_1, 0x81),
-        ("packet id 0 in PUBACK", vec![0x40, 0x02, 0, 0], V3_1_1, 0x81),
-        ("QoS 3 PUBLISH", vec![0x36, 0x05, 0, 1, b't', 0, 1], V3_1_1, 0x81),
-        ("QoS 3 subscription", vec![0x82, 0x06, 0, 1, 0, 1, b'a', 3], V3_1_1, 0x81),
+        (
+            "reserved flags on SUBSCRIBE",
+            vec![0x80, 0x06, 0, 1, 0, 1, b'a', 0],
+            V3_1_1,
+            0x81,
+        ),
+        (
+            "non-minimal remaining length",
+            vec![0xC0, 0x80, 0x00],
+            V3_1_1,
+            0x81,
+        ),
+        (
+            "5-byte remaining length",
+            vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01],
+            V3_1_1,
+            0x81,
+        ),
+        (
+            "invalid UTF-8 in topic",
+            vec![0x30, 0x04, 0, 2, 0xC3, 0x28],
+            V3_1_1,
+            0x81,
+        ),
+        (
+            "U+0000 in topic",
+            vec![0x30, 0x05, 0, 3, b'a', 0, b'b'],
+            V3_1_1,
+            0x81,
+        ),
+        (
+            "wildcard # in PUBLISH topic",
+            vec![0x30, 0x03, 0, 1, b'#'],
+            V3_1_1,
+            0x81,
+        ),
+        (
+            "wildcard + in PUBLISH topic",
+            vec![0x30, 0x05, 0, 3, b'a', b'/', b'+'],
+            V5,
+            0x81,
+        ),
+        (
+            "packet id 0 with QoS 1",
+            vec![0x32, 0x05, 0, 1, b't', 0, 0],
+            V3_1_1,
+            0x81,
+        ),
+        (
+            "packet id 0 in PUBACK",
+            vec![0x40, 0x02, 0, 0],
+            V3_1_1,
+            0x81,
+        ),
+        (
+            "QoS 3 PUBLISH",
+            vec![0x36, 0x05, 0, 1, b't', 0, 1],
+            V3_1_1,
+            0x81,
+        ),
+        (
+            "QoS 3 subscription",
+            vec![0x82, 0x06, 0, 1, 0, 1, b'a', 3],
+            V3_1_1,
+            0x81,
+        ),
         ("DUP on QoS 0", vec![0x38, 0x03, 0, 1, b't'], V3_1_1, 0x81),
-        ("topic alias 0", vec![0x30, 0x07, 0, 1, b't', 3, 0x23, 0, 0], V5, 0x82),
-        ("property not allowed in PUBLISH", vec![0x30, 0x09, 0, 1, b't', 5, 0x11, 0, 0, 0, 1], V5, 0x81),
-        ("duplicated property", vec![0x30, 0x08, 0, 1, b't', 4, 0x01, 0, 0x01, 0], V5, 0x82),
+        (
+            "topic alias 0",
+            vec![0x30, 0x07, 0, 1, b't', 3, 0x23, 0, 0],
+            V5,
+            0x82,
+        ),
+        (
+            "property not allowed in PUBLISH",
+            vec![0x30, 0x09, 0, 1, b't', 5, 0x11, 0, 0, 0, 1],
+            V5,
+            0x81,
+        ),
+        (
+            "duplicated property",
+            vec![0x30, 0x08, 0, 1, b't', 4, 0x01, 0, 0x01, 0],
+            V5,
+            0x82,
+        ),
         ("PINGREQ with a body", vec![0xC0, 0x01, 0x00], V3_1_1, 0x81),
-        ("SUBSCRIBE without filters", vec![0x82, 0x02, 0, 1], V3_1_1, 0x82),
-        ("empty topic without alias", vec![0x30, 0x03, 0, 0, 0], V5, 0x82),
+        (
+            "SUBSCRIBE without filters",
+            vec![0x82, 0x02, 0, 1],
+            V3_1_1,
+            0x82,
+        ),
+        (
+            "empty topic without alias",
+            vec![0x30, 0x03, 0, 0, 0],
+            V5,
+            0x82,
+        ),
         ("AUTH in 3.1.1", vec![0xF0, 0x00], V3_1_1, 0x81),
-        ("v3 DISCONNECT with a body", vec![0xE0, 0x01, 0x00], V3_1_1, 0x81),
-        ("retain handling 3", vec![0x82, 0x07, 0, 1, 0, 0, 1, b'a', 0x30], V5, 0x82),
-        ("no local on shared subscription", vec![0x82, 0x0E, 0, 1, 0, 0, 9, b'$', b's', b'h', b'a', b'r', b'e', b'/', b'g', b'/', 4], V5, 0x82),
-        ("invalid filter a#", vec![0x82, 0x07, 0, 1, 0, 2, b'a', b'#', 0], V3_1_1, 0x81),
-        ("receive maximum 0", vec![0x20, 0x06, 0, 0, 3, 0x21, 0, 0], V5, 0x82),
-        ("session present with refusal", vec![0x20, 0x02, 0x01, 0x05], V3_1_1, 0x82),
-        ("reserved connack return code", vec![0x20, 0x02, 0x00, 0x06], V3_1_1, 0x81),
-        ("subscription identifier 0", vec![0x82, 0x09, 0, 1, 2, 0x0B, 0, 0, 1, b'a', 0], V5, 0x82),
-        ("trailing bytes after PUBACK (v3)", vec![0x40, 0x03, 0, 1, 0], V3_1_1, 0x81),
+        (
+            "v3 DISCONNECT with a body",
+            vec![0xE0, 0x01, 0x00],
+            V3_1_1,
+            0x81,
+        ),
+        (
+            "retain handling 3",
+            vec![0x82, 0x07, 0, 1, 0, 0, 1, b'a', 0x30],
+            V5,
+            0x82,
+        ),
+        (
+            "no local on shared subscription",
+            vec![
+                0x82, 0x0E, 0, 1, 0, 0, 9, b'$', b's', b'h', b'a', b'r', b'e', b'/', b'g', b'/', 4,
+            ],
+            V5,
+            0x82,
+        ),
+        (
+            "invalid filter a#",
+            vec![0x82, 0x07, 0, 1, 0, 2, b'a', b'#', 0],
+            V3_1_1,
+            0x81,
+        ),
+        (
+            "receive maximum 0",
+            vec![0x20, 0x06, 0, 0, 3, 0x21, 0, 0],
+            V5,
+            0x82,
+        ),
+        (
+            "session present with refusal",
+            vec![0x20, 0x02, 0x01, 0x05],
+            V3_1_1,
+            0x82,
+        ),
+        (
+            "reserved connack return code",
+            vec![0x20, 0x02, 0x00, 0x06],
+            V3_1_1,
+            0x81,
+        ),
+        (
+            "subscription identifier 0",
+            vec![0x82, 0x09, 0, 1, 2, 0x0B, 0, 0, 1, b'a', 0],
+            V5,
+            0x82,
+        ),
+        (
+            "trailing bytes after PUBACK (v3)",
+            vec![0x40, 0x03, 0, 1, 0],
+            V3_1_1,
+            0x81,
+        ),
     ];
     for (name, bytes, v, code) in cases {
         let e = rejects(&bytes, v);
@@ -208,20 +336,76 @@ fn strictness_list() {
 #[test]
 fn connect_strictness() {
     let cases: Vec<(&str, Vec<u8>, u8)> = vec![
-        ("protocol level 9", connect_body(b"MQTT", 9, 2, b"\x00\x01a"), 0x84),
-        ("protocol level 5 with MQIsdp", connect_body(b"MQIsdp", 5, 2, b"\x00\x01a"), 0x84),
-        ("bridge bit on v5", connect_body(b"MQTT", 0x85, 2, b"\x00\x01a"), 0x84),
-        ("bad protocol name", connect_body(b"MQTX", 4, 2, b"\x00\x01a"), 0x81),
-        ("reserved connect flag", connect_body(b"MQTT", 4, 3, b"\x00\x01a"), 0x81),
-        ("will QoS without will flag", connect_body(b"MQTT", 4, 0x0A, b"\x00\x01a"), 0x81),
-        ("will retain without will flag", connect_body(b"MQTT", 4, 0x22, b"\x00\x01a"), 0x81),
-        ("will QoS 3", connect_body(b"MQTT", 4, 0x1E, b"\x00\x01a\x00\x01t\x00\x00"), 0x81),
-        ("password without user name (3.1.1)", connect_body(b"MQTT", 4, 0x42, b"\x00\x01a\x00\x01p"), 0x81),
-        ("trailing bytes after CONNECT", connect_body(b"MQTT", 4, 2, b"\x00\x01a\x00"), 0x81),
-        ("wildcard in will topic", connect_body(b"MQTT", 4, 0x06, b"\x00\x01a\x00\x01#\x00\x00"), 0x81),
-        ("U+0000 in client id", connect_body(b"MQTT", 4, 2, b"\x00\x02a\x00"), 0x81),
-        ("request problem information 2", connect_body(b"MQTT", 5, 2, b"\x02\x17\x02\x00\x01a"), 0x82),
-        ("will property in CONNECT properties", connect_body(b"MQTT", 5, 2, b"\x05\x18\x00\x00\x00\x01\x00\x01a"), 0x81),
+        (
+            "protocol level 9",
+            connect_body(b"MQTT", 9, 2, b"\x00\x01a"),
+            0x84,
+        ),
+        (
+            "protocol level 5 with MQIsdp",
+            connect_body(b"MQIsdp", 5, 2, b"\x00\x01a"),
+            0x84,
+        ),
+        (
+            "bridge bit on v5",
+            connect_body(b"MQTT", 0x85, 2, b"\x00\x01a"),
+            0x84,
+        ),
+        (
+            "bad protocol name",
+            connect_body(b"MQTX", 4, 2, b"\x00\x01a"),
+            0x81,
+        ),
+        (
+            "reserved connect flag",
+            connect_body(b"MQTT", 4, 3, b"\x00\x01a"),
+            0x81,
+        ),
+        (
+            "will QoS without will flag",
+            connect_body(b"MQTT", 4, 0x0A, b"\x00\x01a"),
+            0x81,
+        ),
+        (
+            "will retain without will flag",
+            connect_body(b"MQTT", 4, 0x22, b"\x00\x01a"),
+            0x81,
+        ),
+        (
+            "will QoS 3",
+            connect_body(b"MQTT", 4, 0x1E, b"\x00\x01a\x00\x01t\x00\x00"),
+            0x81,
+        ),
+        (
+            "password without user name (3.1.1)",
+            connect_body(b"MQTT", 4, 0x42, b"\x00\x01a\x00\x01p"),
+            0x81,
+        ),
+        (
+            "trailing bytes after CONNECT",
+            connect_body(b"MQTT", 4, 2, b"\x00\x01a\x00"),
+            0x81,
+        ),
+        (
+            "wildcard in will topic",
+            connect_body(b"MQTT", 4, 0x06, b"\x00\x01a\x00\x01#\x00\x00"),
+            0x81,
+        ),
+        (
+            "U+0000 in client id",
+            connect_body(b"MQTT", 4, 2, b"\x00\x02a\x00"),
+            0x81,
+        ),
+        (
+            "request problem information 2",
+            connect_body(b"MQTT", 5, 2, b"\x02\x17\x02\x00\x01a"),
+            0x82,
+        ),
+        (
+            "will property in CONNECT properties",
+            connect_body(b"MQTT", 5, 2, b"\x05\x18\x00\x00\x00\x01\x00\x01a"),
+            0x81,
+        ),
     ];
     for (name, body, code) in cases {
         let bytes = frame(0x10, &body);
@@ -234,7 +418,10 @@ fn connect_strictness() {
         }
     }
     // v5 allows a password without a user name.
-    let ok = frame(0x10, &connect_body(b"MQTT", 5, 0x42, b"\x00\x00\x01a\x00\x01p"));
+    let ok = frame(
+        0x10,
+        &connect_body(b"MQTT", 5, 0x42, b"\x00\x00\x01a\x00\x01p"),
+    );
     assert!(dec(&ok, V5).unwrap().is_some());
 }
 
@@ -249,10 +436,19 @@ fn too_large_is_095() {
 fn sniffer_every_split_point() {
     let bytes = frame(
         0x10,
-        &connect_body(b"MQTT", 5, 0xC2, b"\x05\x11\x00\x00\x00\x1e\x00\x04dev1\x00\x01u\x00\x01p"),
+        &connect_body(
+            b"MQTT",
+            5,
+            0xC2,
+            b"\x05\x11\x00\x00\x00\x1e\x00\x04dev1\x00\x01u\x00\x01p",
+        ),
     );
     for cut in 0..bytes.len() {
-        assert_eq!(sniff_connect(&bytes[..cut], MAX), Sniff::NeedMore, "cut {cut}");
+        assert_eq!(
+            sniff_connect(&bytes[..cut], MAX),
+            Sniff::NeedMore,
+            "cut {cut}"
+        );
     }
     let mut with_extra = bytes.clone();
     with_extra.extend_from_slice(&[0xC0, 0x00]);
@@ -269,7 +465,12 @@ fn sniffer_every_split_point() {
 
 #[test]
 fn sniffer_rejects_non_mqtt_at_first_byte() {
-    for junk in [&b"GET / HTTP/1.1\r\n"[..], &[0x16, 0x03, 0x01], &[0x30], &[0xC0, 0x00]] {
+    for junk in [
+        &b"GET / HTTP/1.1\r\n"[..],
+        &[0x16, 0x03, 0x01],
+        &[0x30],
+        &[0xC0, 0x00],
+    ] {
         let Sniff::Reject(r) = sniff_connect(junk, MAX) else {
             panic!("{junk:02x?}")
         };
@@ -290,14 +491,20 @@ fn sniffer_rejection_replies() {
     assert_eq!(reply(&l9, MAX), Some(&[0x20, 0x03, 0x00, 0x84, 0x00][..]));
     // Oversized v5 CONNECT: answered 0x95 from the partial header alone.
     let big = frame(0x10, &connect_body(b"MQTT", 5, 2, &[b'x'; 200]));
-    assert_eq!(reply(&big[..12], 100), Some(&[0x20, 0x03, 0x00, 0x95, 0x00][..]));
+    assert_eq!(
+        reply(&big[..12], 100),
+        Some(&[0x20, 0x03, 0x00, 0x95, 0x00][..])
+    );
     // Oversized 3.1.1: closed, as 3.x has no code.
     let big3 = frame(0x10, &connect_body(b"MQTT", 4, 2, &[b'x'; 200]));
     assert_eq!(reply(&big3[..12], 100), None);
     // Malformed v5: 0x81. Protocol error v5: 0x82.
     let bad5 = frame(0x10, &connect_body(b"MQTT", 5, 3, b"\x00\x00\x01a"));
     assert_eq!(reply(&bad5, MAX), Some(&[0x20, 0x03, 0x00, 0x81, 0x00][..]));
-    let dup5 = frame(0x10, &connect_body(b"MQTT", 5, 2, b"\x04\x17\x01\x17\x01\x00\x01a"));
+    let dup5 = frame(
+        0x10,
+        &connect_body(b"MQTT", 5, 2, b"\x04\x17\x01\x17\x01\x00\x01a"),
+    );
     assert_eq!(reply(&dup5, MAX), Some(&[0x20, 0x03, 0x00, 0x82, 0x00][..]));
 }
 

@@ -24,9 +24,30 @@ use tokio_util::sync::CancellationToken;
 
 pub mod raw;
 
+/// The `mqlb` binary built by this `cargo test` run. Cargo builds it for
+/// `balancer/tests/cli.rs`; it sits in the target directory next to `deps/`.
+pub fn mqlb_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("mqlb");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the workspace tests (cargo test), which build it",
+        bin.display()
+    );
+    bin
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A fresh scratch directory, removed by the fixture that owns it.
@@ -152,7 +173,10 @@ impl Mosquitto {
     /// Sends a signal (for example SIGSTOP / SIGCONT) to the process.
     pub fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status();
         }
     }
 }
@@ -170,7 +194,9 @@ impl Drop for Mosquitto {
 pub fn config(backends: &[(&str, String)], balancer_toml: &str) -> Config {
     let mut text = String::from("[[listener]]\naddress = \"127.0.0.1:0\"\n");
     for (name, addr) in backends {
-        text.push_str(&format!("[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n"));
+        text.push_str(&format!(
+            "[[backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
+        ));
     }
     text.push_str("[balancer]\nbackend_connect_timeout = \"1s\"\n");
     text.push_str(balancer_toml);
@@ -211,7 +237,9 @@ impl RunningBalancer {
 
     /// Which backend `client_id` is placed on first, by the balancer's own rule.
     pub fn first_choice(&self, client_id: &str) -> String {
-        self.shared.backends.candidates(client_id.as_bytes())[0].name.clone()
+        self.shared.backends.candidates(client_id.as_bytes())[0]
+            .name
+            .clone()
     }
 }
 
@@ -241,7 +269,11 @@ impl CountingBackend {
                 held.push(s);
             }
         });
-        CountingBackend { addr, accepted, task }
+        CountingBackend {
+            addr,
+            accepted,
+            task,
+        }
     }
 
     pub fn count(&self) -> usize {

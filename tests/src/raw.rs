@@ -23,7 +23,11 @@ fn varint(mut n: usize, out: &mut Vec<u8>) {
 /// A clean-session CONNECT with keep-alive 60 for the given level (3, 4 or 5,
 /// optionally with the 0x80 bridge bit).
 pub fn connect(client_id: &str, level: u8) -> Vec<u8> {
-    let name: &[u8] = if level & 0x7F == 3 { b"MQIsdp" } else { b"MQTT" };
+    let name: &[u8] = if level & 0x7F == 3 {
+        b"MQIsdp"
+    } else {
+        b"MQTT"
+    };
     let mut body = Vec::new();
     body.extend_from_slice(&(name.len() as u16).to_be_bytes());
     body.extend_from_slice(name);

@@ -51,10 +51,20 @@ async fn mosquitto_clients_pubsub_all_versions() {
         for attempt in 0..20 {
             let st = Command::new("mosquitto_pub")
                 .args(["-h", "127.0.0.1", "-p", &port, "-V", v, "-i", &ids[1]])
-                .args(["-t", &format!("e2e/{i}"), "-m", &format!("hello-{v}"), "-q", "1"])
+                .args([
+                    "-t",
+                    &format!("e2e/{i}"),
+                    "-m",
+                    &format!("hello-{v}"),
+                    "-q",
+                    "1",
+                ])
                 .status()
                 .unwrap();
-            assert!(st.success(), "mosquitto_pub {v} failed on attempt {attempt}");
+            assert!(
+                st.success(),
+                "mosquitto_pub {v} failed on attempt {attempt}"
+            );
             std::thread::sleep(Duration::from_millis(100));
             if sub.try_wait().unwrap().is_some() {
                 break;
@@ -62,7 +72,10 @@ async fn mosquitto_clients_pubsub_all_versions() {
         }
         let out = sub.wait_with_output().unwrap();
         assert!(out.status.success(), "mosquitto_sub {v}: {:?}", out);
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("hello-{v}"));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("hello-{v}")
+        );
         assert!(ms[1].saw_client(&ids[1], T));
     }
     lb.stop().await;
@@ -112,8 +125,14 @@ sys.exit(0 if ok else 1)
         .await
         .unwrap();
         assert!(out.status.success(), "paho {proto}: {out:?}");
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("hi-{proto}"));
-        assert!(ms[index(&backend)].saw_client(&id, T), "paho {proto} not on {backend}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("hi-{proto}")
+        );
+        assert!(
+            ms[index(&backend)].saw_client(&id, T),
+            "paho {proto} not on {backend}"
+        );
     }
     lb.stop().await;
 }
@@ -127,14 +146,19 @@ async fn rumqttc_v4_and_v5() {
         let mut opts = rumqttc::MqttOptions::new("rumqttc-v4", "127.0.0.1", lb.addr.port());
         opts.set_keep_alive(Duration::from_secs(30));
         let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
-        client.subscribe("rc/v4", rumqttc::QoS::AtLeastOnce).await.unwrap();
+        client
+            .subscribe("rc/v4", rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
         client
             .publish("rc/v4", rumqttc::QoS::AtLeastOnce, false, "v4-payload")
             .await
             .unwrap();
         let got = tokio::time::timeout(T, async {
             loop {
-                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = events.poll().await.unwrap() {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+                    events.poll().await.unwrap()
+                {
                     return p.payload;
                 }
             }
@@ -152,10 +176,15 @@ async fn rumqttc_v4_and_v5() {
         opts.set_keep_alive(Duration::from_secs(30));
         let (client, mut events) = AsyncClient::new(opts, 10);
         client.subscribe("rc/v5", QoS::AtLeastOnce).await.unwrap();
-        client.publish("rc/v5", QoS::AtLeastOnce, false, "v5-payload").await.unwrap();
+        client
+            .publish("rc/v5", QoS::AtLeastOnce, false, "v5-payload")
+            .await
+            .unwrap();
         let got = tokio::time::timeout(T, async {
             loop {
-                if let Event::Incoming(rumqttc::v5::Incoming::Publish(p)) = events.poll().await.unwrap() {
+                if let Event::Incoming(rumqttc::v5::Incoming::Publish(p)) =
+                    events.poll().await.unwrap()
+                {
                     return p.payload;
                 }
             }
@@ -201,15 +230,24 @@ max_inflight_count = 100
 
     let mut opts = rumqttc::MqttOptions::new("via-lb", "127.0.0.1", lb.addr.port());
     opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
-    client.subscribe("rd/t", rumqttc::QoS::AtLeastOnce).await.unwrap();
+    // Room for every request before the event loop is first polled.
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 100);
+    client
+        .subscribe("rd/t", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
     for i in 0..10u8 {
-        client.publish("rd/t", rumqttc::QoS::AtLeastOnce, false, vec![i; 100]).await.unwrap();
+        client
+            .publish("rd/t", rumqttc::QoS::AtLeastOnce, false, vec![i; 100])
+            .await
+            .unwrap();
     }
     let mut seen = 0;
     tokio::time::timeout(T, async {
         while seen < 10 {
-            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = events.poll().await.unwrap() {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) =
+                events.poll().await.unwrap()
+            {
                 assert_eq!(p.payload.len(), 100);
                 seen += 1;
             }
@@ -217,7 +255,15 @@ max_inflight_count = 100
     })
     .await
     .expect("10 messages via rumqttd");
-    assert_eq!(lb.shared.backends.get("rumqttd").unwrap().forwarded.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        lb.shared
+            .backends
+            .get("rumqttd")
+            .unwrap()
+            .forwarded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     lb.stop().await;
 }
 
@@ -230,12 +276,14 @@ async fn same_backend_across_reconnects_and_processes() {
     let mut ports = Vec::new();
     for _ in 0..2 {
         let port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mqlb-e2e"));
+        let mut cmd = Command::new(mqlb_bin());
         cmd.args(["balance", "--listen", &format!("127.0.0.1:{port}")]);
         for (i, m) in ms.iter().enumerate() {
             cmd.args(["--backend", &format!("b{}={}", i + 1, m.addr())]);
         }
-        procs.push(ChildGuard(cmd.stderr(std::process::Stdio::null()).spawn().unwrap()));
+        procs.push(ChildGuard(
+            cmd.stderr(std::process::Stdio::null()).spawn().unwrap(),
+        ));
         assert!(wait_listening(&format!("127.0.0.1:{port}"), T));
         ports.push(port);
     }
@@ -254,10 +302,17 @@ async fn same_backend_across_reconnects_and_processes() {
                 .map(|m| m.clients().iter().filter(|c| **c == id).count())
                 .collect();
             let owner = counts.iter().position(|&c| c > 0).unwrap();
-            assert_eq!(counts.iter().filter(|&&c| c > 0).count(), 1, "{id}: {counts:?}");
+            assert_eq!(
+                counts.iter().filter(|&&c| c > 0).count(),
+                1,
+                "{id}: {counts:?}"
+            );
             seen_on.push(owner);
         }
-        assert!(seen_on.windows(2).all(|w| w[0] == w[1]), "{id}: {seen_on:?}");
+        assert!(
+            seen_on.windows(2).all(|w| w[0] == w[1]),
+            "{id}: {seen_on:?}"
+        );
     }
 }
 
@@ -275,8 +330,14 @@ impl Drop for ChildGuard {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_backend_moves_only_its_clients() {
     const N: usize = 10_000;
-    let ms: Vec<Mosquitto> = (0..3).map(|_| Mosquitto::start_with("max_connections -1")).collect();
-    let all: Vec<(&str, String)> = vec![("b1", ms[0].addr()), ("b2", ms[1].addr()), ("b3", ms[2].addr())];
+    let ms: Vec<Mosquitto> = (0..3)
+        .map(|_| Mosquitto::start_with("max_connections -1"))
+        .collect();
+    let all: Vec<(&str, String)> = vec![
+        ("b1", ms[0].addr()),
+        ("b2", ms[1].addr()),
+        ("b3", ms[2].addr()),
+    ];
     let lb3 = RunningBalancer::start(config(&all, "")).await;
     let lb2 = RunningBalancer::start(config(&[all[0].clone(), all[2].clone()], "")).await;
 
@@ -302,7 +363,9 @@ async fn removing_a_backend_moves_only_its_clients() {
         // Same IDs again, placement from the 2-backend balancer. Tell the
         // rounds apart by waiting for the first round's log lines.
         let end = std::time::Instant::now() + Duration::from_secs(20);
-        while ms.iter().map(|m| m.clients().len()).sum::<usize>() < N && std::time::Instant::now() < end {
+        while ms.iter().map(|m| m.clients().len()).sum::<usize>() < N
+            && std::time::Instant::now() < end
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
@@ -314,7 +377,9 @@ async fn removing_a_backend_moves_only_its_clients() {
         .await
         .expect("second round within 120 s");
     let end = std::time::Instant::now() + Duration::from_secs(20);
-    while ms.iter().map(|m| m.clients().len()).sum::<usize>() < 2 * N && std::time::Instant::now() < end {
+    while ms.iter().map(|m| m.clients().len()).sum::<usize>() < 2 * N
+        && std::time::Instant::now() < end
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut owner_before = std::collections::HashMap::new();
@@ -331,9 +396,20 @@ async fn removing_a_backend_moves_only_its_clients() {
             let before = owner_before[id];
             assert_ne!(b, 1, "b2 was removed but received {id}");
             if before != b {
-                assert_eq!(before, 1, "{id} moved from b{} to b{} although b{} stayed", before + 1, b + 1, before + 1);
+                assert_eq!(
+                    before,
+                    1,
+                    "{id} moved from b{} to b{} although b{} stayed",
+                    before + 1,
+                    b + 1,
+                    before + 1
+                );
                 let second = &lb3.shared.backends.candidates(id.as_bytes())[1].name;
-                assert_eq!(second, &format!("b{}", b + 1), "{id} did not go to its second choice");
+                assert_eq!(
+                    second,
+                    &format!("b{}", b + 1),
+                    "{id} did not go to its second choice"
+                );
                 moved += 1;
             }
         }
@@ -355,12 +431,24 @@ async fn killed_backend_client_reconnects_to_next() {
     assert!(ms[0].saw_client(&id, T));
     ms[0].kill();
     // The balancer passes the backend's close through to the client.
-    assert!(closed(&mut s, T).await, "client not closed after its backend died");
+    assert!(
+        closed(&mut s, T).await,
+        "client not closed after its backend died"
+    );
     let second = lb.shared.backends.candidates(id.as_bytes())[1].name.clone();
     let (_s, ack) = connect_and_ack(&lb.addr.to_string(), &id, 4).await;
     assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
-    assert!(ms[index(&second)].saw_client(&id, T), "{id} not on {second}");
-    let failures = lb.shared.backends.get("b1").unwrap().connect_failures.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        ms[index(&second)].saw_client(&id, T),
+        "{id} not on {second}"
+    );
+    let failures = lb
+        .shared
+        .backends
+        .get("b1")
+        .unwrap()
+        .connect_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(failures, 1);
     lb.stop().await;
 }
@@ -393,7 +481,9 @@ async fn bad_input_opens_no_backend_connection() {
 
     // Garbage / HTTP: closed without a reply.
     let mut s = TcpStream::connect(&addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     assert!(closed(&mut s, T).await);
     // A non-CONNECT first packet (PINGREQ, then a PUBLISH).
     for first in [&[0xC0u8, 0x00][..], &[0x30, 0x03, 0x00, 0x01, b't']] {
@@ -417,7 +507,10 @@ async fn bad_input_opens_no_backend_connection() {
     s.write_all(&raw::connect("slow", 4)[..6]).await.unwrap();
     let started = std::time::Instant::now();
     assert!(closed(&mut s, T).await);
-    assert!(started.elapsed() >= Duration::from_millis(900), "closed before the timeout");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before the timeout"
+    );
     // Malformed v5 CONNECT (reserved flag): 0x81. Malformed 3.1.1: closed.
     let mut bad5 = raw::connect("m", 5);
     bad5[9] |= 0x01;
@@ -445,7 +538,11 @@ async fn bad_input_opens_no_backend_connection() {
     assert_eq!(m.rejected(RejectReason::Malformed), 1);
     assert_eq!(m.rejected(RejectReason::UnsupportedProtocol), 1);
     assert_eq!(m.rejected(RejectReason::ClosedEarly), 1);
-    assert_eq!(counting.count(), 0, "a backend connection was opened for bad input");
+    assert_eq!(
+        counting.count(),
+        0,
+        "a backend connection was opened for bad input"
+    );
     // A valid CONNECT does reach the counting backend: the check can fail.
     let mut s = TcpStream::connect(&addr).await.unwrap();
     s.write_all(&raw::connect("good", 4)).await.unwrap();
@@ -454,7 +551,11 @@ async fn bad_input_opens_no_backend_connection() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(counting.count(), 1);
-    assert_eq!(m.active.load(std::sync::atomic::Ordering::Relaxed), 1, "refused connections leaked");
+    assert_eq!(
+        m.active.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "refused connections leaked"
+    );
     lb.stop().await;
 }
 
@@ -472,9 +573,21 @@ async fn connect_in_one_byte_writes() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let ack = read_n(&mut s, 4, T).await;
-        assert_eq!(&ack[..2], if level == 5 { &[0x20, 0x09][..] } else { &[0x20, 0x02][..] }, "level {level}");
+        assert_eq!(
+            &ack[..2],
+            if level == 5 {
+                &[0x20, 0x09][..]
+            } else {
+                &[0x20, 0x02][..]
+            },
+            "level {level}"
+        );
         let backend = lb.first_choice(&id);
-        assert!(ms[index(&backend)].saw_client(&id, T), "{id} {backend} {:?}", ms.iter().map(|m| m.clients()).collect::<Vec<_>>());
+        assert!(
+            ms[index(&backend)].saw_client(&id, T),
+            "{id} {backend} {:?}",
+            ms.iter().map(|m| m.clients()).collect::<Vec<_>>()
+        );
     }
     lb.stop().await;
 }
@@ -506,7 +619,11 @@ async fn unsupported_level_answer_matches_direct_mosquitto() {
         via.write_all(&pkt).await.unwrap();
         let mut direct = TcpStream::connect(ms[0].addr()).await.unwrap();
         direct.write_all(&pkt).await.unwrap();
-        assert_eq!(read_n(&mut via, 4, T).await, read_n(&mut direct, 4, T).await, "level {level}");
+        assert_eq!(
+            read_n(&mut via, 4, T).await,
+            read_n(&mut direct, 4, T).await,
+            "level {level}"
+        );
     }
     lb.stop().await;
 }
@@ -522,7 +639,9 @@ async fn half_close_keeps_the_other_direction() {
         let (mut s, _) = l.accept().await.unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap(); // until the client's FIN arrives
-        s.write_all(&[0x20, 0x02, 0x00, 0x00, 0xD0, 0x00]).await.unwrap();
+        s.write_all(&[0x20, 0x02, 0x00, 0x00, 0xD0, 0x00])
+            .await
+            .unwrap();
         got
     });
     let lb = RunningBalancer::start(config(&[("half", backend_addr.to_string())], "")).await;
@@ -531,10 +650,16 @@ async fn half_close_keeps_the_other_direction() {
     s.write_all(&connect).await.unwrap();
     s.write_all(&[0xC0, 0x00]).await.unwrap();
     s.shutdown().await.unwrap();
-    assert_eq!(read_n(&mut s, 6, T).await, [0x20, 0x02, 0x00, 0x00, 0xD0, 0x00]);
+    assert_eq!(
+        read_n(&mut s, 6, T).await,
+        [0x20, 0x02, 0x00, 0x00, 0xD0, 0x00]
+    );
     assert!(closed(&mut s, T).await);
     let mut expected = connect.clone();
     expected.extend_from_slice(&[0xC0, 0x00]);
-    assert_eq!(tokio::time::timeout(T, server).await.unwrap().unwrap(), expected);
+    assert_eq!(
+        tokio::time::timeout(T, server).await.unwrap().unwrap(),
+        expected
+    );
     lb.stop().await;
 }
