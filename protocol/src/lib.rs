@@ -40,5 +40,5 @@ pub use packet::{
     SubscriptionOptions, Unsuback, Unsubscribe,
 };
 pub use properties::{Properties, PropertiesView, Property, PropertyContext};
-pub use reason::{ConnackReturnCode, ReasonCode};
+pub use reason::{allowed_codes, ConnackReturnCode, ReasonCode};
 pub use types::{check_topic_filter, check_topic_name, MqttStr, PacketId, ProtocolVersion, QoS};

@@ -187,6 +187,17 @@ pub fn decode(
     Packet::decode_body(header, &frame, version).map(Some)
 }
 
+/// Reads a v5 reason code and checks it is defined for `t`.
+fn reason(r: &mut Reader<'_>, t: PacketType) -> Result<ReasonCode, DecodeError> {
+    let code = ReasonCode(r.u8("reason code")?);
+    if !code.is_valid_for(t) {
+        return Err(DecodeError::Malformed(
+            "reason code not defined for this packet",
+        ));
+    }
+    Ok(code)
+}
+
 fn packet_id(r: &mut Reader<'_>) -> Result<PacketId, DecodeError> {
     PacketId::new(r.u16("packet identifier")?).ok_or(DecodeError::Malformed("packet identifier 0"))
 }
@@ -224,7 +235,13 @@ impl Packet {
                 }
                 let code = r.u8("connack code")?;
                 let reason = if v5 {
-                    ReasonCode(code)
+                    let code = ReasonCode(code);
+                    if !code.is_valid_for(PacketType::Connack) {
+                        return Err(DecodeError::Malformed(
+                            "reason code not defined for CONNACK",
+                        ));
+                    }
+                    code
                 } else {
                     crate::ConnackReturnCode::from_u8(code)
                         .ok_or(DecodeError::Malformed("reserved connack return code"))?
@@ -286,7 +303,7 @@ impl Packet {
                 let mut ack = Ack::new(packet_id);
                 if v5 {
                     if !r.is_empty() {
-                        ack.reason = ReasonCode(r.u8("reason code")?);
+                        ack.reason = reason(&mut r, t)?;
                     }
                     if !r.is_empty() {
                         ack.properties = props(&mut r, PropertyContext::Ack)?;
@@ -356,8 +373,15 @@ impl Packet {
                 let packet_id = packet_id(&mut r)?;
                 let properties = props(&mut r, PropertyContext::Suback)?;
                 let reasons: Vec<ReasonCode> = r.rest().iter().map(|&b| ReasonCode(b)).collect();
-                if !v5 && reasons.iter().any(|c| !matches!(c.0, 0 | 1 | 2 | 0x80)) {
-                    return Err(DecodeError::Malformed("invalid SUBACK return code"));
+                let valid = |c: &ReasonCode| {
+                    if v5 {
+                        c.is_valid_for(PacketType::Suback)
+                    } else {
+                        matches!(c.0, 0 | 1 | 2 | 0x80)
+                    }
+                };
+                if reasons.is_empty() || !reasons.iter().all(valid) {
+                    return Err(DecodeError::Malformed("invalid SUBACK return codes"));
                 }
                 Packet::Suback(Suback {
                     packet_id,
@@ -386,11 +410,17 @@ impl Packet {
             PacketType::Unsuback => {
                 let packet_id = packet_id(&mut r)?;
                 let properties = props(&mut r, PropertyContext::Unsuback)?;
-                let reasons = if v5 {
+                let reasons: Vec<ReasonCode> = if v5 {
                     r.rest().iter().map(|&b| ReasonCode(b)).collect()
                 } else {
                     Vec::new()
                 };
+                if v5
+                    && (reasons.is_empty()
+                        || !reasons.iter().all(|c| c.is_valid_for(PacketType::Unsuback)))
+                {
+                    return Err(DecodeError::Malformed("invalid UNSUBACK reason codes"));
+                }
                 r.finish("trailing bytes after UNSUBACK")?;
                 Packet::Unsuback(Unsuback {
                     packet_id,
@@ -410,7 +440,7 @@ impl Packet {
                 let mut d = Disconnect::default();
                 if v5 {
                     if !r.is_empty() {
-                        d.reason = ReasonCode(r.u8("reason code")?);
+                        d.reason = reason(&mut r, PacketType::Disconnect)?;
                     }
                     if !r.is_empty() {
                         d.properties = props(&mut r, PropertyContext::Disconnect)?;
@@ -425,8 +455,12 @@ impl Packet {
                 }
                 let mut a = Auth::default();
                 if !r.is_empty() {
-                    a.reason = ReasonCode(r.u8("reason code")?);
+                    a.reason = reason(&mut r, PacketType::Auth)?;
                     a.properties = props(&mut r, PropertyContext::Auth)?;
+                    // 3.15.2.2.2: omitting the Authentication Method is a Protocol Error.
+                    if a.properties.authentication_method.is_none() {
+                        return Err(DecodeError::Protocol("AUTH without authentication method"));
+                    }
                 }
                 r.finish("trailing bytes after AUTH")?;
                 Packet::Auth(a)
