@@ -1,0 +1,240 @@
+//! Side-by-side proxy benchmark: one Mosquitto reached directly, through
+//! HAProxy 2.6 (client-ID hashing and an MQTT check, as in the team's
+//! reference config), and through mqlb. Same machine, same run, interleaved
+//! rounds; reports medians and ratios.
+//!
+//! Run: `cargo bench -p mqlb-tests --bench proxy` (needs `mosquitto` and
+//! `haproxy`; `.ci/run` installs both). Env `MQLB_BENCH_SCALE` (default 1)
+//! multiplies the work per round.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mqlb_tests::raw::{self, read_n};
+use mqlb_tests::{config, free_port, scratch_dir, wait_listening, Mosquitto, RunningBalancer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const ROUNDS: usize = 3;
+
+struct Haproxy(Child, std::path::PathBuf);
+
+impl Haproxy {
+    fn start(backend: &str) -> (Haproxy, u16) {
+        let port = free_port();
+        let dir = scratch_dir("haproxy");
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"global
+    maxconn 9000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client  90s
+    timeout server  90s
+    timeout check   3s
+frontend fe_mqtt
+    bind 127.0.0.1:{port}
+    tcp-request inspect-delay 5s
+    tcp-request content reject unless {{ req.payload(0,0),mqtt_is_valid }}
+    tcp-request content set-var(sess.cid) req.payload(0,0),mqtt_field_value(connect,client_identifier)
+    default_backend be_mqtt
+backend be_mqtt
+    balance hash var(sess.cid)
+    hash-type consistent
+    option tcp-check
+    tcp-check connect
+    tcp-check send-binary 100c00044d5154540402003c0000
+    tcp-check expect binary 20020000
+    tcp-check send-binary c000
+    tcp-check expect binary d000
+    tcp-check send-binary e000
+    default-server check inter 2s fall 2 rise 2 on-marked-down shutdown-sessions
+    server b1 {backend}
+"#
+            ),
+        )
+        .unwrap();
+        let child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&cfg)
+            .arg("-db")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy not installed: apt-get install haproxy");
+        assert!(wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(5)));
+        (Haproxy(child, dir), port)
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// CONNECT → CONNACK → DISCONNECT, sequentially. Returns (conn/s, p50, p99).
+async fn connects(addr: &str, n: usize) -> (f64, Duration, Duration) {
+    let mut lat = Vec::with_capacity(n);
+    let start = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        let (mut s, ack) = raw::connect_and_ack(addr, &format!("bench-c{i}"), 4).await;
+        assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+        lat.push(t.elapsed());
+        s.write_all(&[0xE0, 0x00]).await.unwrap();
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    lat.sort();
+    (rate, pct(&lat, 0.5), pct(&lat, 0.99))
+}
+
+fn publish_frame(topic: &str, qos: u8, pid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&pid.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    raw::frame(0x30 | (qos << 1), &body)
+}
+
+async fn subscribe(addr: &str, id: &str, topic: &str) -> TcpStream {
+    let (mut s, ack) = raw::connect_and_ack(addr, id, 4).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    let mut body = vec![0, 1];
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.push(0);
+    s.write_all(&raw::frame(0x82, &body)).await.unwrap();
+    assert_eq!(read_n(&mut s, 5, Duration::from_secs(5)).await, [0x90, 0x03, 0, 1, 0]);
+    s
+}
+
+/// QoS 0 fan-through: one publisher, one subscriber, `n` 64-byte messages.
+/// Returns messages per second as counted by the subscriber.
+async fn qos0_throughput(addr: &str, n: usize) -> f64 {
+    let mut sub = subscribe(addr, "bench-sub", "bench/q0").await;
+    let (mut publ, ack) = raw::connect_and_ack(addr, "bench-pub", 4).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    let frame = publish_frame("bench/q0", 0, 0, &[0x5A; 64]);
+    let frame_len = frame.len();
+    let batch: Vec<u8> = frame.iter().copied().cycle().take(frame_len * 100).collect();
+    let start = Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0usize;
+        let want = n * frame_len;
+        while got < want {
+            match tokio::time::timeout(Duration::from_secs(5), sub.read(&mut buf)).await {
+                Ok(Ok(k)) if k > 0 => got += k,
+                _ => break,
+            }
+        }
+        (got / frame_len, Instant::now())
+    });
+    for _ in 0..n / 100 {
+        publ.write_all(&batch).await.unwrap();
+    }
+    let (received, end) = reader.await.unwrap();
+    assert!(received >= n * 99 / 100, "lost messages: {received} of {n}");
+    received as f64 / (end - start).as_secs_f64()
+}
+
+/// QoS 1 PUBLISH → PUBACK round trips, sequential. Returns (p50, p99).
+async fn qos1_latency(addr: &str, n: usize) -> (Duration, Duration) {
+    let (mut s, ack) = raw::connect_and_ack(addr, "bench-q1", 4).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let pid = (i % 65_000 + 1) as u16;
+        let t = Instant::now();
+        s.write_all(&publish_frame("bench/q1", 1, pid, &[0x5A; 64])).await.unwrap();
+        let ack = read_n(&mut s, 4, Duration::from_secs(5)).await;
+        assert_eq!(ack[..2], [0x40, 0x02]);
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    (pct(&lat, 0.5), pct(&lat, 0.99))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let scale: usize = std::env::var("MQLB_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let mosquitto = Mosquitto::start_with("max_queued_messages 1000000\nmax_inflight_messages 0");
+    let (_haproxy, hport) = Haproxy::start(&mosquitto.addr());
+
+    // mqlb gets its own runtime on its own threads, like a separate process.
+    let lb_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let lb = lb_rt.block_on(RunningBalancer::start(config(&[("b1", mosquitto.addr())], "")));
+    let client_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+
+    let paths = [
+        ("direct", mosquitto.addr()),
+        ("haproxy", format!("127.0.0.1:{hport}")),
+        ("mqlb", lb.addr.to_string()),
+    ];
+    let mut conn_rate = vec![Vec::new(); 3];
+    let mut conn_p50 = vec![Vec::new(); 3];
+    let mut conn_p99 = vec![Vec::new(); 3];
+    let mut q0 = vec![Vec::new(); 3];
+    let mut q1_p50 = vec![Vec::new(); 3];
+    let mut q1_p99 = vec![Vec::new(); 3];
+    client_rt.block_on(async {
+        for round in 0..ROUNDS {
+            for (i, (name, addr)) in paths.iter().enumerate() {
+                let (rate, p50, p99) = connects(addr, 1000 * scale).await;
+                conn_rate[i].push(rate);
+                conn_p50[i].push(p50.as_secs_f64() * 1e6);
+                conn_p99[i].push(p99.as_secs_f64() * 1e6);
+                q0[i].push(qos0_throughput(addr, 100_000 * scale).await);
+                let (a, b) = qos1_latency(addr, 3000 * scale).await;
+                q1_p50[i].push(a.as_secs_f64() * 1e6);
+                q1_p99[i].push(b.as_secs_f64() * 1e6);
+                eprintln!("round {round} {name} done");
+            }
+        }
+    });
+    let rows: [(&str, &Vec<Vec<f64>>, bool); 6] = [
+        ("connects/s (sequential)", &conn_rate, true),
+        ("CONNECT->CONNACK p50 us", &conn_p50, false),
+        ("CONNECT->CONNACK p99 us", &conn_p99, false),
+        ("QoS0 msgs/s (64 B)", &q0, true),
+        ("QoS1 PUBLISH->PUBACK p50 us", &q1_p50, false),
+        ("QoS1 PUBLISH->PUBACK p99 us", &q1_p99, false),
+    ];
+    println!(
+        "\n{:<30} {:>12} {:>12} {:>12} {:>14} {:>14}",
+        "median of 3 rounds", "direct", "haproxy", "mqlb", "mqlb/direct", "mqlb/haproxy"
+    );
+    for (label, data, _higher_is_better) in rows {
+        let m: Vec<f64> = data.iter().map(|v| median(v.clone())).collect();
+        println!(
+            "{:<30} {:>12.1} {:>12.1} {:>12.1} {:>14.2} {:>14.2}",
+            label,
+            m[0],
+            m[1],
+            m[2],
+            m[2] / m[0],
+            m[2] / m[1]
+        );
+    }
+    drop(lb);
+    drop(lb_rt);
+}
