@@ -1,1 +1,1 @@
-//! placeholder
+//! MQTT-level health checks (placeholder, filled in below).

@@ -67,7 +67,10 @@ backend be_mqtt
             .stderr(Stdio::null())
             .spawn()
             .expect("haproxy not installed: apt-get install haproxy");
-        assert!(wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(5)));
+        assert!(wait_listening(
+            &format!("127.0.0.1:{port}"),
+            Duration::from_secs(5)
+        ));
         (Haproxy(child, dir), port)
     }
 }
@@ -119,7 +122,10 @@ async fn subscribe(addr: &str, id: &str, topic: &str) -> TcpStream {
     body.extend_from_slice(topic.as_bytes());
     body.push(0);
     s.write_all(&raw::frame(0x82, &body)).await.unwrap();
-    assert_eq!(read_n(&mut s, 5, Duration::from_secs(5)).await, [0x90, 0x03, 0, 1, 0]);
+    assert_eq!(
+        read_n(&mut s, 5, Duration::from_secs(5)).await,
+        [0x90, 0x03, 0, 1, 0]
+    );
     s
 }
 
@@ -131,7 +137,12 @@ async fn qos0_throughput(addr: &str, n: usize) -> f64 {
     assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
     let frame = publish_frame("bench/q0", 0, 0, &[0x5A; 64]);
     let frame_len = frame.len();
-    let batch: Vec<u8> = frame.iter().copied().cycle().take(frame_len * 100).collect();
+    let batch: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame_len * 100)
+        .collect();
     let start = Instant::now();
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
@@ -161,7 +172,9 @@ async fn qos1_latency(addr: &str, n: usize) -> (Duration, Duration) {
     for i in 0..n {
         let pid = (i % 65_000 + 1) as u16;
         let t = Instant::now();
-        s.write_all(&publish_frame("bench/q1", 1, pid, &[0x5A; 64])).await.unwrap();
+        s.write_all(&publish_frame("bench/q1", 1, pid, &[0x5A; 64]))
+            .await
+            .unwrap();
         let ack = read_n(&mut s, 4, Duration::from_secs(5)).await;
         assert_eq!(ack[..2], [0x40, 0x02]);
         lat.push(t.elapsed());
@@ -176,14 +189,27 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let scale: usize = std::env::var("MQLB_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let scale: usize = std::env::var("MQLB_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let mosquitto = Mosquitto::start_with("max_queued_messages 1000000\nmax_inflight_messages 0");
     let (_haproxy, hport) = Haproxy::start(&mosquitto.addr());
 
     // mqlb gets its own runtime on its own threads, like a separate process.
-    let lb_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let lb = lb_rt.block_on(RunningBalancer::start(config(&[("b1", mosquitto.addr())], "")));
-    let client_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let lb_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lb = lb_rt.block_on(RunningBalancer::start(config(
+        &[("b1", mosquitto.addr())],
+        "",
+    )));
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
 
     let paths = [
         ("direct", mosquitto.addr()),
