@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use mqlb_config::Config;
+use mqlb_healthcheck::{CheckSettings, Outcome, ProbeSpec, Thresholds};
+use mqlb_protocol::ProtocolVersion;
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for a bad configuration or usage (sysexits EX_USAGE).
@@ -28,6 +30,80 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Probe one broker over MQTT once; exit 0 if healthy, 1 if not.
+    Check(CheckArgs),
+    /// Serve GET /health backed by MQTT probes of one broker (a sidecar for
+    /// HTTP-only load balancers and Kubernetes probes).
+    Healthcheck(SidecarArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ProbeArgs {
+    /// Probe with MQTT 5.0 instead of 3.1.1.
+    #[arg(long)]
+    v5: bool,
+    /// Also subscribe, publish, and wait for the message to come back.
+    #[arg(long)]
+    deep: bool,
+    /// Limit for each probe step (connect, CONNACK, PINGRESP, round trip).
+    #[arg(long, default_value = "2s")]
+    timeout: String,
+    /// User name for the probe.
+    #[arg(long)]
+    username: Option<String>,
+    /// Password for the probe.
+    #[arg(long, requires = "username")]
+    password: Option<String>,
+    /// Client ID for the probe (default: empty, the broker assigns one; some
+    /// 3.1.1 brokers need one).
+    #[arg(long, default_value = "")]
+    client_id: String,
+}
+
+impl ProbeArgs {
+    fn spec(&self) -> Result<ProbeSpec, String> {
+        let timeout =
+            mqlb_config::duration::parse(&self.timeout).map_err(|e| format!("--timeout: {e}"))?;
+        if timeout.is_zero() {
+            return Err("--timeout: must be greater than 0".into());
+        }
+        Ok(ProbeSpec {
+            version: if self.v5 {
+                ProtocolVersion::V5
+            } else {
+                ProtocolVersion::V3_1_1
+            },
+            timeout,
+            client_id: self.client_id.clone(),
+            username: self.username.clone(),
+            password: self.password.clone(),
+            deep: self.deep,
+            deep_topic: "mqlb/probe".into(),
+        })
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// Broker address, host:port.
+    addr: String,
+    #[command(flatten)]
+    probe: ProbeArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct SidecarArgs {
+    /// Broker address, host:port.
+    #[arg(long)]
+    target: String,
+    /// HTTP address to serve /health on.
+    #[arg(long)]
+    listen: String,
+    /// Time between probes.
+    #[arg(long, default_value = "1s")]
+    interval: String,
+    #[command(flatten)]
+    probe: ProbeArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -42,6 +118,9 @@ struct BalanceArgs {
     /// address is the placement identity.
     #[arg(long)]
     backend: Vec<String>,
+    /// Serve the admin HTTP API (health, backends, metrics, drain) here.
+    #[arg(long, conflicts_with = "config")]
+    admin: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,7 +157,7 @@ pub fn main() -> ExitCode {
         Command::Balance(args) => {
             let config = match &args.config {
                 Some(path) => Config::load(path),
-                None => Config::from_flags(&args.listen, &args.backend),
+                None => Config::from_flags(&args.listen, &args.backend, args.admin.as_deref()),
             };
             let config = match config {
                 Ok(c) => c,
@@ -88,6 +167,85 @@ pub fn main() -> ExitCode {
                 }
             };
             run(config)
+        }
+        Command::Check(args) => {
+            let spec = match args.probe.spec() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let Some(rt) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            let outcome = rt.block_on(mqlb_healthcheck::probe(&args.addr, &spec));
+            println!("{} {}", args.addr, outcome.summary());
+            if matches!(outcome, Outcome::Up(_)) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Command::Healthcheck(args) => {
+            let spec = match args.probe.spec() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let interval = match mqlb_config::duration::parse(&args.interval) {
+                Ok(d) if !d.is_zero() => d,
+                _ => {
+                    eprintln!("--interval: expected a duration such as \"1s\"");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let Some(rt) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            rt.block_on(async {
+                let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!("--listen {}: {e}", args.listen);
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let settings = CheckSettings {
+                    interval,
+                    jitter: Duration::ZERO,
+                    // The endpoint reports the latest probe as it is.
+                    thresholds: Thresholds {
+                        rise: 1,
+                        fall: 1,
+                        passive_fall: 1,
+                    },
+                    spec,
+                };
+                let shutdown = CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signal.cancel();
+                });
+                crate::sidecar::run(args.target, listener, settings, shutdown).await;
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            None
         }
     }
 }

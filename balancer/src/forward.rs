@@ -1,32 +1,40 @@
 //! Connecting to a backend and splicing bytes both ways.
 //!
-//! Client→backend is a plain copy. Backend→client is a copy that also feeds a
-//! [`BoundaryTracker`], so the balancer always knows whether the client's
-//! stream sits between two packets: that is where a DISCONNECT can be
-//! injected when a backend is drained. Half-close is honoured in both
-//! directions: EOF on one side shuts down writing on the other while the
-//! reverse direction keeps flowing. An error on either side ends both.
+//! Each direction is its own copy loop, so a client that stops reading never
+//! stalls the other direction (the same decoupling a broker gives a direct
+//! client). Both loops feed a [`BoundaryTracker`], so at any moment the
+//! balancer knows whether each stream sits between two packets. That is
+//! where an eviction injects its packets: a v5 DISCONNECT (0x8B, or 0x9C with
+//! a Server Reference) to the client, and a normal DISCONNECT to the backend
+//! so the broker does not publish the will of a client that is only moving.
+//! Half-close is honoured: EOF on one side shuts down writing on the other
+//! while the reverse direction keeps flowing.
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use mqlb_protocol::BoundaryTracker;
+use mqlb_protocol::{
+    framing, BoundaryTracker, ConnackReturnCode, Disconnect, MqttStr, Packet, Properties,
+    ProtocolVersion, ReasonCode,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+use crate::registry::{EvictHandle, Eviction};
 use crate::select::Backend;
 
-/// Read buffer per direction. Large enough to carry a burst of small PUBLISH
-/// frames in one syscall, small enough for 100k idle connections... which is
-/// why it is allocated per read loop, not per connection up front.
+/// Read buffer per direction, allocated when the splice starts.
 const BUF_SIZE: usize = 16 * 1024;
+
+/// Longest we wait to write an injected packet to a peer that may be hung.
+const INJECT_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// Connects to the first candidate that accepts within `timeout`.
 ///
 /// Returns the stream and the backend, or `None` when every candidate failed.
-/// Each failure is counted on its backend.
+/// Each failure is counted on its backend and reported as a passive signal.
 pub async fn connect_first(
     candidates: &[Arc<Backend>],
     timeout: Duration,
@@ -47,70 +55,209 @@ pub async fn connect_first(
         backend
             .connect_failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        backend.passive_failure();
     }
     None
 }
 
-/// Byte counts of a finished splice.
+/// How a splice ended.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Spliced {
     /// Bytes client→backend, the initial CONNECT included.
     pub to_backend: u64,
     /// Bytes backend→client.
     pub to_client: u64,
+    /// Closed by an eviction rather than by a peer.
+    pub evicted: bool,
+    /// A DISCONNECT was injected to the client.
+    pub disconnect_sent: bool,
 }
 
+/// The backend's first packet, if it was a CONNACK, with its latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnackSeen {
+    /// As a v5 reason code (3.x return codes mapped).
+    pub reason: ReasonCode,
+    /// From the CONNECT's write to the CONNACK's arrival.
+    pub latency: Duration,
+}
+
+/// The DISCONNECT a v5 client gets for an eviction.
+fn client_disconnect(e: &Eviction) -> Option<Vec<u8>> {
+    let d = match e {
+        Eviction::ShuttingDown => Disconnect::new(ReasonCode::SERVER_SHUTTING_DOWN),
+        Eviction::UseAnotherServer(r) => Disconnect {
+            reason: ReasonCode::USE_ANOTHER_SERVER,
+            properties: Properties {
+                server_reference: MqttStr::try_from(r.as_str()).ok(),
+                ..Default::default()
+            },
+        },
+    };
+    Packet::Disconnect(d)
+        .to_bytes(ProtocolVersion::V5)
+        .ok()
+        .map(|b| b.to_vec())
+}
+
+/// Normal DISCONNECT, the same two bytes in every version.
+const NORMAL_DISCONNECT: [u8; 2] = [0xE0, 0x00];
+
 /// Writes `prefix` (the buffered CONNECT) to the backend, then forwards both
-/// ways until both directions are closed or one fails.
-pub async fn splice(client: TcpStream, backend: TcpStream, prefix: &[u8]) -> io::Result<Spliced> {
+/// ways until both directions are closed, one fails, or `evict` fires.
+/// `on_connack` is called once if the backend's first packet is a CONNACK.
+pub async fn splice(
+    client: TcpStream,
+    backend: TcpStream,
+    prefix: &[u8],
+    version: ProtocolVersion,
+    evict: &EvictHandle,
+    on_connack: impl FnOnce(ConnackSeen),
+) -> io::Result<Spliced> {
     let (mut cr, mut cw) = client.into_split();
     let (mut br, mut bw) = backend.into_split();
+    let started = Instant::now();
     bw.write_all(prefix).await?;
 
-    let up = async {
-        let n = tokio::io::copy(&mut cr, &mut bw).await?;
-        // Client sent FIN: pass it on, keep reading the backend.
-        bw.shutdown().await?;
-        Ok::<u64, io::Error>(n)
-    };
-    let down = copy_tracking(&mut br, &mut cw);
-
+    let mut connack = ConnackSniffer::new(version, started, on_connack);
+    let up = pump(
+        &mut cr,
+        &mut bw,
+        evict,
+        |_| {},
+        |_| Some(NORMAL_DISCONNECT.to_vec()),
+    );
+    let down = pump(
+        &mut br,
+        &mut cw,
+        evict,
+        |chunk| connack.feed(chunk),
+        |e| {
+            if version.is_v5() {
+                client_disconnect(e)
+            } else {
+                None
+            }
+        },
+    );
+    // An error in either direction ends both (returning drops the other).
     tokio::pin!(up, down);
-    let mut to_backend = None;
-    let mut to_client = None;
-    while to_backend.is_none() || to_client.is_none() {
+    let mut up_done = None;
+    let mut down_done = None;
+    while up_done.is_none() || down_done.is_none() {
         tokio::select! {
-            r = &mut up, if to_backend.is_none() => to_backend = Some(r?),
-            r = &mut down, if to_client.is_none() => to_client = Some(r?),
+            r = &mut up, if up_done.is_none() => up_done = Some(r?),
+            r = &mut down, if down_done.is_none() => down_done = Some(r?),
         }
     }
+    let (to_backend, up_evicted, _) = up_done.unwrap_or_default();
+    let (to_client, down_evicted, disconnect_sent) = down_done.unwrap_or_default();
     Ok(Spliced {
-        to_backend: to_backend.unwrap_or(0) + prefix.len() as u64,
-        to_client: to_client.unwrap_or(0),
+        to_backend: to_backend + prefix.len() as u64,
+        to_client,
+        evicted: up_evicted || down_evicted,
+        disconnect_sent,
     })
 }
 
-/// Copies backend→client, tracking packet boundaries, then shuts down the
-/// client's write side on EOF.
-async fn copy_tracking(from: &mut OwnedReadHalf, to: &mut OwnedWriteHalf) -> io::Result<u64> {
+/// Copies `from` → `to` until EOF, error, or eviction. On eviction, writes
+/// `inject(reason)` if the stream is at a packet boundary, then shuts `to`
+/// down. Returns (bytes copied, evicted, injected).
+async fn pump(
+    from: &mut OwnedReadHalf,
+    to: &mut OwnedWriteHalf,
+    evict: &EvictHandle,
+    mut inspect: impl FnMut(&[u8]),
+    inject: impl FnOnce(&Eviction) -> Option<Vec<u8>>,
+) -> io::Result<(u64, bool, bool)> {
     let mut tracker = BoundaryTracker::default();
-    let mut tracking = true;
+    let mut framed = true;
     let mut buf = vec![0u8; BUF_SIZE];
     let mut total = 0u64;
+    let mut mid_write = false;
     loop {
-        let n = from.read(&mut buf).await?;
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(n) => n,
+                // A reset from one peer ends this direction; the other
+                // direction sees its own EOF or error.
+                Err(e) => { let _ = to.shutdown().await; return Err(e) }
+            },
+            _ = evict.requested() => break,
+        };
         if n == 0 {
-            to.shutdown().await?;
-            return Ok(total);
+            let _ = to.shutdown().await;
+            return Ok((total, false, false));
         }
-        if tracking {
-            if let Err(e) = tracker.feed(&buf[..n]) {
-                // Not MQTT framing: keep forwarding, never inject.
-                tracing::debug!(error = %e, "backend stream is not MQTT-framed; boundary tracking off");
-                tracking = false;
-            }
+        inspect(&buf[..n]);
+        if framed && tracker.feed(&buf[..n]).is_err() {
+            // Not MQTT framing: keep forwarding, never inject.
+            tracing::debug!("stream is not MQTT-framed; boundary tracking off");
+            framed = false;
         }
-        to.write_all(&buf[..n]).await?;
+        tokio::select! {
+            r = to.write_all(&buf[..n]) => r?,
+            _ = evict.requested() => { mid_write = true; break }
+        }
         total += n as u64;
+    }
+    // Evicted.
+    let mut injected = false;
+    if framed && !mid_write && tracker.at_boundary() {
+        if let Some(bytes) = evict.reason().and_then(inject) {
+            injected = tokio::time::timeout(INJECT_TIMEOUT, to.write_all(&bytes))
+                .await
+                .is_ok_and(|r| r.is_ok());
+        }
+    }
+    let _ = tokio::time::timeout(INJECT_TIMEOUT, to.shutdown()).await;
+    Ok((total, true, injected))
+}
+
+/// Watches the first bytes from the backend for its CONNACK.
+struct ConnackSniffer<F: FnOnce(ConnackSeen)> {
+    version: ProtocolVersion,
+    started: Instant,
+    head: Vec<u8>,
+    callback: Option<F>,
+}
+
+impl<F: FnOnce(ConnackSeen)> ConnackSniffer<F> {
+    fn new(version: ProtocolVersion, started: Instant, callback: F) -> Self {
+        Self {
+            version,
+            started,
+            head: Vec::new(),
+            callback: Some(callback),
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
+        if self.callback.is_none() {
+            return;
+        }
+        let want = 8usize.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&chunk[..want.min(chunk.len())]);
+        if self.head.first() != Some(&0x20) {
+            self.callback = None; // not a CONNACK: nothing to report
+            return;
+        }
+        let Ok(Some((_, used))) = framing::decode_varint(&self.head[1..]) else {
+            return; // need more, or garbage (the client will judge)
+        };
+        let Some(&code) = self.head.get(1 + used + 1) else {
+            return;
+        };
+        let reason = if self.version.is_v5() {
+            ReasonCode(code)
+        } else {
+            ConnackReturnCode::from_u8(code).map_or(ReasonCode(code), |c| c.to_reason_code())
+        };
+        if let Some(cb) = self.callback.take() {
+            cb(ConnackSeen {
+                reason,
+                latency: self.started.elapsed(),
+            });
+        }
     }
 }

@@ -9,7 +9,11 @@
 //! * [`select`]: the backend set and placement by client ID.
 //! * [`forward`]: connects to the chosen backend and splices bytes both ways,
 //!   tracking packet boundaries on the backend→client side.
-//! * [`metrics`]: counters the admin API exposes.
+//! * [`metrics`]: counters and histograms the admin API exposes.
+//! * [`registry`]: live connections, by backend and client ID.
+//! * [`evict`]: paced closing of a failed or drained backend's clients.
+//! * [`admin`]: the admin HTTP API (health, backends, clients, metrics, drain).
+//! * [`sidecar`]: `mqlb healthcheck`, an HTTP health endpoint backed by MQTT probes.
 //!
 //! A connection's life: accept → read CONNECT → place → connect backend →
 //! write the buffered CONNECT → forward both ways → close. No backend
@@ -18,15 +22,22 @@
 //! Dependencies: tokio (runtime), tokio-util (`CancellationToken` for
 //! shutdown), tracing, arc-swap (lock-free backend snapshots the data path
 //! reads while health or reload writes), clap (the CLI operators expect,
-//! with `--help`), and our own protocol, placement and config crates.
+//! with `--help`), hyper (admin API: HTTP/1 only, no TLS, small), serde_json
+//! (admin JSON), fastrand (jitter), and our own protocol, placement, config
+//! and healthcheck crates. Metrics are rendered by hand in Prometheus text
+//! format: a dozen families do not justify a metrics framework.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
+pub mod evict;
 pub mod forward;
 pub mod handshake;
 pub mod metrics;
+pub mod registry;
 pub mod select;
 pub mod server;
+pub mod sidecar;
 
 pub use server::Balancer;

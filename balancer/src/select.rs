@@ -7,10 +7,13 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use mqlb_config::EmptyClientId;
+use mqlb_healthcheck::{HealthCell, HealthState};
+
+use crate::metrics::Histogram;
 
 /// One backend broker as the data path sees it.
 #[derive(Debug)]
@@ -21,38 +24,92 @@ pub struct Backend {
     pub address: String,
     /// Relative share.
     pub weight: u32,
-    /// False while the backend must not receive new clients.
-    usable: AtomicBool,
+    /// Set by an operator (admin API): no new clients, existing ones are
+    /// moved at the eviction rate. Kept apart from health, as pingora keeps
+    /// `enabled` apart from `healthy`.
+    draining: AtomicBool,
+    /// Published by the health checker; unset when checks are disabled.
+    health: OnceLock<Arc<HealthCell>>,
     /// Client connections forwarded to it now.
     pub active: AtomicU64,
     /// Client connections forwarded to it in total.
     pub forwarded: AtomicU64,
     /// TCP connects to it that failed or timed out.
     pub connect_failures: AtomicU64,
+    /// Clients closed to move them off this backend.
+    pub evictions: AtomicU64,
+    /// CONNACK codes this backend answered, by wire byte (3.x return codes
+    /// are stored as their v5 equivalents).
+    pub connacks: Box<[AtomicU64; 256]>,
+    /// Time from writing the CONNECT to the CONNACK's arrival.
+    pub connect_latency: Histogram,
+    /// Probe PINGREQ → PINGRESP round-trip times.
+    pub probe_rtt: Histogram,
+    /// Probes by result: up, down, misconfigured.
+    pub probes: [AtomicU64; 3],
+    /// Health transitions by target state (indexed by `HealthState as u8`).
+    pub transitions: [AtomicU64; 4],
 }
 
 impl Backend {
-    /// A usable backend with zeroed counters.
+    /// A backend with zeroed counters, not draining, health unknown.
     pub fn new(spec: &mqlb_config::Backend) -> Self {
         Self {
             name: spec.name.clone(),
             address: spec.address.clone(),
             weight: spec.weight,
-            usable: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            health: OnceLock::new(),
             active: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            connacks: Box::new(std::array::from_fn(|_| AtomicU64::new(0))),
+            connect_latency: Histogram::default(),
+            probe_rtt: Histogram::default(),
+            probes: Default::default(),
+            transitions: Default::default(),
         }
     }
 
-    /// Whether new clients may be placed here.
+    /// Whether new clients may be placed here: not draining, and healthy
+    /// or not yet checked.
     pub fn is_usable(&self) -> bool {
-        self.usable.load(Ordering::Acquire)
+        !self.is_draining() && self.health_state().is_usable()
     }
 
-    /// Marks the backend usable or not for new placements.
-    pub fn set_usable(&self, usable: bool) {
-        self.usable.store(usable, Ordering::Release);
+    /// Whether an operator is draining it.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts or stops draining. Returns the previous value.
+    pub fn set_draining(&self, draining: bool) -> bool {
+        self.draining.swap(draining, Ordering::AcqRel)
+    }
+
+    /// The published health state (`Unknown` when checks are off).
+    pub fn health_state(&self) -> HealthState {
+        self.health
+            .get()
+            .map_or(HealthState::Unknown, |h| h.state())
+    }
+
+    /// The health cell, when checks run.
+    pub fn health(&self) -> Option<&Arc<HealthCell>> {
+        self.health.get()
+    }
+
+    /// Connects the backend to its health checker (once).
+    pub fn attach_health(&self, cell: Arc<HealthCell>) {
+        let _ = self.health.set(cell);
+    }
+
+    /// A data-path failure, counted towards the passive threshold.
+    pub fn passive_failure(&self) {
+        if let Some(h) = self.health.get() {
+            h.passive_failure();
+        }
     }
 }
 
@@ -141,7 +198,7 @@ mod tests {
         let b = set();
         let all = b.candidates(b"dev-42");
         assert_eq!(all.len(), 3);
-        all[0].set_usable(false);
+        all[0].set_draining(true);
         let rest = b.candidates(b"dev-42");
         assert_eq!(rest.len(), 2);
         assert_eq!(rest[0].name, all[1].name);

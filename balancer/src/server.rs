@@ -13,9 +13,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{field, Instrument};
 
+use mqlb_healthcheck::{
+    CheckSettings, Checker, HealthState, Observer, Outcome, ProbeSpec, Target, Thresholds,
+    Transition,
+};
+use mqlb_protocol::ProtocolVersion;
+
+use crate::evict::Evictor;
 use crate::forward;
 use crate::handshake::{self, read_connect};
 use crate::metrics::{GaugeGuard, Metrics, RejectReason};
+use crate::registry::Registry;
 use crate::select::{placement_key, Backends};
 
 /// State every connection task shares.
@@ -23,10 +31,108 @@ use crate::select::{placement_key, Backends};
 pub struct Shared {
     /// Validated configuration in force.
     pub config: Config,
-    /// Backends and their counters.
-    pub backends: Backends,
+    /// Backends, their health and counters.
+    pub backends: Arc<Backends>,
     /// Balancer-wide counters.
     pub metrics: Metrics,
+    /// Live forwarded connections.
+    pub registry: Arc<Registry>,
+    /// Paced session mover.
+    pub evictor: Evictor,
+}
+
+impl Shared {
+    /// Stops new placements on `name` and moves its clients at the paced
+    /// rate. Returns false for an unknown backend.
+    pub fn drain(&self, name: &str) -> bool {
+        let Some(b) = self.backends.get(name) else {
+            return false;
+        };
+        if !b.set_draining(true) {
+            tracing::info!(backend = %name, "draining");
+        }
+        self.evictor.evict_backend(name);
+        true
+    }
+
+    /// Lets `name` take new clients again (existing placements elsewhere stay).
+    pub fn undrain(&self, name: &str) -> bool {
+        let Some(b) = self.backends.get(name) else {
+            return false;
+        };
+        if b.set_draining(false) {
+            tracing::info!(backend = %name, "undrained");
+        }
+        true
+    }
+
+    /// True when at least one backend is up (or unchecked and not draining).
+    pub fn is_ready(&self) -> bool {
+        self.backends.snapshot().iter().any(|b| {
+            !b.is_draining()
+                && match b.health() {
+                    Some(h) => h.state() == HealthState::Up,
+                    None => true,
+                }
+        })
+    }
+}
+
+/// Feeds probe results into metrics, and moves clients off a backend that
+/// goes down.
+struct HealthObserver {
+    backends: Arc<Backends>,
+    evictor: Evictor,
+}
+
+impl Observer for HealthObserver {
+    fn on_probe(&self, target: &str, outcome: &Outcome) {
+        if let Some(b) = self.backends.get(target) {
+            let i = match outcome {
+                Outcome::Up(r) => {
+                    b.probe_rtt.observe(r.ping);
+                    0
+                }
+                Outcome::Down(_) => 1,
+                Outcome::Misconfigured(_) => 2,
+            };
+            b.probes[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_transition(&self, target: &str, t: Transition) {
+        if let Some(b) = self.backends.get(target) {
+            b.transitions[t.to as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        if !t.to.is_usable() {
+            self.evictor.evict_backend(target);
+        }
+    }
+}
+
+/// The probe settings from configuration.
+fn check_settings(h: &mqlb_config::HealthSettings) -> CheckSettings {
+    CheckSettings {
+        interval: h.interval,
+        jitter: h.jitter,
+        thresholds: Thresholds {
+            rise: h.rise,
+            fall: h.fall,
+            passive_fall: h.passive_fall,
+        },
+        spec: ProbeSpec {
+            version: match h.protocol {
+                mqlb_config::ProbeProtocol::V311 => ProtocolVersion::V3_1_1,
+                mqlb_config::ProbeProtocol::V5 => ProtocolVersion::V5,
+            },
+            timeout: h.timeout,
+            client_id: String::new(),
+            username: h.username.clone(),
+            password: h.password.clone(),
+            deep: h.deep,
+            deep_topic: h.deep_topic.clone(),
+        },
+    }
 }
 
 /// A balancer with its listeners bound, ready to serve.
@@ -37,6 +143,9 @@ pub struct Shared {
 pub struct Balancer {
     shared: Arc<Shared>,
     listeners: Vec<(String, TcpListener)>,
+    admin: Option<TcpListener>,
+    /// Stops the checker and evictor when serving ends.
+    background: CancellationToken,
 }
 
 impl Balancer {
@@ -52,12 +161,69 @@ impl Balancer {
             })?;
             listeners.push((l.name.clone(), listener));
         }
+        let admin = match config.admin {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("admin API on {addr}: {e}")))?,
+            ),
+            None => None,
+        };
+        let background = CancellationToken::new();
+        let backends = Arc::new(Backends::new(&config.backends));
+        let registry = Arc::new(Registry::default());
+        let evictor = Evictor::spawn(
+            registry.clone(),
+            backends.clone(),
+            config.eviction.rate,
+            config.eviction.server_reference.clone(),
+            background.clone(),
+        );
+        if config.health.enabled {
+            let targets: Vec<Target> = config
+                .backends
+                .iter()
+                .map(|b| Target {
+                    name: b.name.clone(),
+                    address: b.address.clone(),
+                })
+                .collect();
+            let observer = Arc::new(HealthObserver {
+                backends: backends.clone(),
+                evictor: evictor.clone(),
+            });
+            let instance = format!("{:08x}", fastrand::u32(..));
+            let checker = Checker::spawn(
+                &targets,
+                &check_settings(&config.health),
+                &instance,
+                observer,
+                background.clone(),
+            );
+            for b in backends.snapshot().iter() {
+                if let Some(cell) = checker.cell(&b.name) {
+                    b.attach_health(cell);
+                }
+            }
+        }
         let shared = Arc::new(Shared {
-            backends: Backends::new(&config.backends),
+            backends,
             metrics: Metrics::default(),
+            registry,
+            evictor,
             config,
         });
-        Ok(Balancer { shared, listeners })
+        Ok(Balancer {
+            shared,
+            listeners,
+            admin,
+            background,
+        })
+    }
+
+    /// The admin API's bound address, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound addresses, in configuration order.
@@ -76,7 +242,15 @@ impl Balancer {
     /// Serves until `shutdown` is cancelled, then stops accepting and waits
     /// up to `grace` for open connections to finish.
     pub async fn serve(self, shutdown: CancellationToken, grace: Duration) {
+        let _stop_background = self.background.clone().drop_guard();
         let tracker = TaskTracker::new();
+        if let Some(admin) = self.admin {
+            tracker.spawn(crate::admin::serve(
+                admin,
+                self.shared.clone(),
+                shutdown.clone(),
+            ));
+        }
         let permits = Arc::new(Semaphore::new(self.shared.config.balancer.max_connections));
         for (name, listener) in self.listeners {
             let shared = self.shared.clone();
@@ -189,13 +363,39 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) {
     m.forwarded.fetch_add(1, Ordering::Relaxed);
     backend.forwarded.fetch_add(1, Ordering::Relaxed);
     let _on_backend = GaugeGuard::new(&backend.active);
+    let (_registration, evict) = shared.registry.register(&hs.client_id, backend.clone());
     tracing::debug!(
         version = hs.version.label(),
         bridge = hs.bridge,
         "forwarding"
     );
 
-    match forward::splice(client, backend_stream, &hs.buf).await {
+    let on_connack = |seen: forward::ConnackSeen| {
+        backend.connacks[usize::from(seen.reason.0)].fetch_add(1, Ordering::Relaxed);
+        backend.connect_latency.observe(seen.latency);
+        if matches!(
+            seen.reason,
+            mqlb_protocol::ReasonCode::SERVER_UNAVAILABLE | mqlb_protocol::ReasonCode::SERVER_BUSY
+        ) {
+            backend.passive_failure();
+        }
+    };
+    match forward::splice(
+        client,
+        backend_stream,
+        &hs.buf,
+        hs.version,
+        &evict,
+        on_connack,
+    )
+    .await
+    {
+        Ok(s) if s.evicted => {
+            tracing::info!(
+                disconnect_sent = s.disconnect_sent,
+                "evicted to move the session"
+            )
+        }
         Ok(s) => tracing::debug!(to_backend = s.to_backend, to_client = s.to_client, "closed"),
         Err(e) => tracing::debug!(error = %e, "closed with error"),
     }

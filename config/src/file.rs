@@ -18,6 +18,60 @@ pub struct File {
     pub backend: Vec<BackendFile>,
     /// The `[balancer]` table.
     pub balancer: Option<BalancerFile>,
+    /// The `[health]` table.
+    pub health: Option<HealthFile>,
+    /// The `[eviction]` table.
+    pub eviction: Option<EvictionFile>,
+    /// The `[admin]` table.
+    pub admin: Option<AdminFile>,
+}
+
+/// `[health]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    /// Default true.
+    pub enabled: Option<bool>,
+    /// Default "250ms".
+    pub interval: Option<Spanned<String>>,
+    /// Default "500ms".
+    pub timeout: Option<Spanned<String>>,
+    /// Default 2.
+    pub rise: Option<Spanned<i64>>,
+    /// Default 2.
+    pub fall: Option<Spanned<i64>>,
+    /// Default 3.
+    pub passive_fall: Option<Spanned<i64>>,
+    /// Default "250ms".
+    pub jitter: Option<Spanned<String>>,
+    /// "3.1.1" (default) or "5".
+    pub protocol: Option<Spanned<String>>,
+    /// Optional probe credentials.
+    pub username: Option<String>,
+    /// Optional probe credentials.
+    pub password: Option<String>,
+    /// Default false.
+    pub deep: Option<bool>,
+    /// Default "mqlb/probe".
+    pub deep_topic: Option<Spanned<String>>,
+}
+
+/// `[eviction]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvictionFile {
+    /// Closes per second, default 1000.
+    pub rate: Option<Spanned<i64>>,
+    /// Opt-in: v5 clients get 0x9C Use another server with this reference.
+    pub server_reference: Option<Spanned<String>>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// `IP:port` of the admin HTTP API.
+    pub address: Spanned<String>,
 }
 
 /// `[[listener]]`.

@@ -49,6 +49,97 @@ pub struct Config {
     pub backends: Vec<Backend>,
     /// Client CONNECT handling and backend connection settings.
     pub balancer: BalancerSettings,
+    /// Active and passive health checking.
+    pub health: HealthSettings,
+    /// How sessions are moved off a failed or drained backend.
+    pub eviction: EvictionSettings,
+    /// Admin HTTP API address, if enabled.
+    pub admin: Option<SocketAddr>,
+}
+
+/// Default probe interval: with fall 2 and a 500 ms timeout a dead broker is
+/// out in well under a second.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(250);
+/// Default limit for each probe step.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default client closes per second when moving a backend's sessions.
+pub const DEFAULT_EVICTION_RATE: u32 = 1000;
+
+/// Which MQTT version probes speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProbeProtocol {
+    /// MQTT 3.1.1 (default: every broker speaks it).
+    #[default]
+    V311,
+    /// MQTT 5.0.
+    V5,
+}
+
+/// Health check settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// Off only for backends that must see no probe traffic.
+    pub enabled: bool,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Limit per probe step.
+    pub timeout: Duration,
+    /// Successes to mark a backend up.
+    pub rise: u32,
+    /// Failures to mark it down.
+    pub fall: u32,
+    /// Data-path failures (connect refused, CONNACK unavailable) to mark it down.
+    pub passive_fall: u32,
+    /// Maximum random delay before the first probe.
+    pub jitter: Duration,
+    /// Probe protocol version.
+    pub protocol: ProbeProtocol,
+    /// Probe user name.
+    pub username: Option<String>,
+    /// Probe password.
+    pub password: Option<String>,
+    /// Also run the publish/subscribe round trip.
+    pub deep: bool,
+    /// Topic prefix for the round trip.
+    pub deep_topic: String,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: 2,
+            fall: 2,
+            passive_fall: 3,
+            jitter: DEFAULT_HEALTH_INTERVAL,
+            protocol: ProbeProtocol::V311,
+            username: None,
+            password: None,
+            deep: false,
+            deep_topic: "mqlb/probe".into(),
+        }
+    }
+}
+
+/// Session-move settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvictionSettings {
+    /// Client closes per second, per balancer.
+    pub rate: u32,
+    /// When set, v5 clients get DISCONNECT 0x9C Use another server with this
+    /// Server Reference instead of 0x8B Server shutting down.
+    pub server_reference: Option<String>,
+}
+
+impl Default for EvictionSettings {
+    fn default() -> Self {
+        Self {
+            rate: DEFAULT_EVICTION_RATE,
+            server_reference: None,
+        }
+    }
 }
 
 /// A listening socket.
@@ -217,8 +308,15 @@ impl Config {
     /// Builds a configuration from command-line values, with the same checks
     /// as a file. A backend is `ADDR` or `NAME=ADDR`; without a name the
     /// address is the name, so replicas given the same flags agree.
-    pub fn from_flags(listen: &[String], backends: &[String]) -> Result<Config, ConfigError> {
+    pub fn from_flags(
+        listen: &[String],
+        backends: &[String],
+        admin: Option<&str>,
+    ) -> Result<Config, ConfigError> {
         let mut text = String::new();
+        if let Some(a) = admin {
+            text.push_str(&format!("[admin]\naddress = {}\n", toml_str(a)));
+        }
         for l in listen {
             text.push_str(&format!("[[listener]]\naddress = {}\n", toml_str(l)));
         }
@@ -376,10 +474,124 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         }
     }
 
+    let mut health = HealthSettings::default();
+    if let Some(h) = &raw.health {
+        if let Some(e) = h.enabled {
+            health.enabled = e;
+        }
+        let mut dur = |key: &str, v: &Option<Spanned<String>>, out: &mut Duration| {
+            if let Some(v) = v {
+                match duration::parse(v.get_ref()) {
+                    Ok(d) if !d.is_zero() => *out = d,
+                    Ok(_) => c.at(format!("health.{key}"), v, "must be greater than 0"),
+                    Err(m) => c.at(format!("health.{key}"), v, m),
+                }
+            }
+        };
+        dur("interval", &h.interval, &mut health.interval);
+        dur("timeout", &h.timeout, &mut health.timeout);
+        if let Some(v) = &h.jitter {
+            match duration::parse(v.get_ref()) {
+                Ok(d) => health.jitter = d,
+                Err(m) => c.at("health.jitter", v, m),
+            }
+        } else {
+            health.jitter = health.interval;
+        }
+        let mut count = |key: &str, v: &Option<Spanned<i64>>, out: &mut u32| {
+            if let Some(v) = v {
+                match u32::try_from(*v.get_ref()) {
+                    Ok(n) if (1..=100).contains(&n) => *out = n,
+                    _ => c.at(format!("health.{key}"), v, "must be between 1 and 100"),
+                }
+            }
+        };
+        count("rise", &h.rise, &mut health.rise);
+        count("fall", &h.fall, &mut health.fall);
+        count("passive_fall", &h.passive_fall, &mut health.passive_fall);
+        if let Some(v) = &h.protocol {
+            match v.get_ref().as_str() {
+                "3.1.1" | "4" => health.protocol = ProbeProtocol::V311,
+                "5" | "5.0" => health.protocol = ProbeProtocol::V5,
+                other => c.at(
+                    "health.protocol",
+                    v,
+                    format!("\"{other}\" is not \"3.1.1\" or \"5\""),
+                ),
+            }
+        }
+        health.username = h.username.clone();
+        health.password = h.password.clone();
+        if health.password.is_some()
+            && health.username.is_none()
+            && health.protocol == ProbeProtocol::V311
+        {
+            c.nowhere(
+                "health.password",
+                "MQTT 3.1.1 needs a username with a password",
+            );
+        }
+        health.deep = h.deep.unwrap_or(false);
+        if let Some(v) = &h.deep_topic {
+            let t = v.get_ref();
+            if t.is_empty() || t.contains(['+', '#', '\0']) {
+                c.at(
+                    "health.deep_topic",
+                    v,
+                    "must be a topic name without wildcards",
+                );
+            } else {
+                health.deep_topic = t.clone();
+            }
+        }
+    }
+
+    let mut eviction = EvictionSettings::default();
+    if let Some(e) = &raw.eviction {
+        if let Some(v) = &e.rate {
+            match u32::try_from(*v.get_ref()) {
+                Ok(n) if (1..=1_000_000).contains(&n) => eviction.rate = n,
+                _ => c.at(
+                    "eviction.rate",
+                    v,
+                    "must be between 1 and 1000000 per second",
+                ),
+            }
+        }
+        if let Some(v) = &e.server_reference {
+            if v.get_ref().is_empty() || v.get_ref().contains('\0') {
+                c.at("eviction.server_reference", v, "must be a non-empty string");
+            } else {
+                eviction.server_reference = Some(v.get_ref().clone());
+            }
+        }
+    }
+
+    let admin = match &raw.admin {
+        Some(a) => match a.address.get_ref().parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                c.at(
+                    "admin.address",
+                    &a.address,
+                    format!(
+                        "\"{}\" is not an IP:port socket address",
+                        a.address.get_ref()
+                    ),
+                );
+                None
+            }
+        },
+        None => None,
+    };
+
     Some(Config {
         listeners,
         backends,
         balancer,
+        health,
+        eviction,
+        admin,
     })
 }
 
@@ -422,6 +634,32 @@ empty_client_id = "source-address"
         assert_eq!(c.balancer.max_connect_size, 4096);
         assert_eq!(c.balancer.empty_client_id, EmptyClientId::SourceAddress);
         assert_eq!(c.balancer.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.health, HealthSettings::default());
+        assert_eq!(c.eviction.rate, DEFAULT_EVICTION_RATE);
+        assert_eq!(c.admin, None);
+    }
+
+    #[test]
+    fn health_eviction_admin_sections() {
+        let text = format!(
+            "{GOOD}\n[health]\ninterval = \"100ms\"\nfall = 3\nprotocol = \"5\"\ndeep = true\n\
+             [eviction]\nrate = 500\nserver_reference = \"b.example:1883\"\n[admin]\naddress = \"127.0.0.1:9100\"\n"
+        );
+        let c = Config::parse("h.toml", &text).unwrap();
+        assert_eq!(c.health.interval, Duration::from_millis(100));
+        assert_eq!(c.health.jitter, Duration::from_millis(100));
+        assert_eq!(c.health.fall, 3);
+        assert_eq!(c.health.protocol, ProbeProtocol::V5);
+        assert!(c.health.deep);
+        assert_eq!(c.eviction.rate, 500);
+        assert_eq!(
+            c.eviction.server_reference.as_deref(),
+            Some("b.example:1883")
+        );
+        let bad = format!("{GOOD}\n[health]\nfall = 0\n[eviction]\nrate = -1\n");
+        let e = Config::parse("h.toml", &bad).unwrap_err();
+        assert!(e.to_string().contains("health.fall"), "{e}");
+        assert!(e.to_string().contains("eviction.rate"), "{e}");
     }
 
     #[test]
@@ -481,12 +719,14 @@ connect_timeout = "10 parsecs"
         let c = Config::from_flags(
             &["127.0.0.1:1883".into()],
             &["127.0.0.1:1".into(), "east=127.0.0.1:2".into()],
+            Some("127.0.0.1:9100"),
         )
         .unwrap();
         assert_eq!(c.backends[0].name, "127.0.0.1:1");
         assert_eq!(c.backends[1].name, "east");
         assert_eq!(c.backends[1].address, "127.0.0.1:2");
-        let e = Config::from_flags(&["x".into()], &[]).unwrap_err();
+        assert_eq!(c.admin, Some("127.0.0.1:9100".parse().unwrap()));
+        let e = Config::from_flags(&["x".into()], &[], None).unwrap_err();
         assert_eq!(e.problems.len(), 2, "{e}");
         assert!(e.to_string().starts_with("<flags>: "), "{e}");
     }

@@ -338,8 +338,10 @@ async fn removing_a_backend_moves_only_its_clients() {
         ("b2", ms[1].addr()),
         ("b3", ms[2].addr()),
     ];
-    let lb3 = RunningBalancer::start(config(&all, "")).await;
-    let lb2 = RunningBalancer::start(config(&[all[0].clone(), all[2].clone()], "")).await;
+    // Probes would add their own client IDs to the brokers' logs.
+    let no_probes = "[health]\nenabled = false\n";
+    let lb3 = RunningBalancer::start(config(&all, no_probes)).await;
+    let lb2 = RunningBalancer::start(config(&[all[0].clone(), all[2].clone()], no_probes)).await;
 
     async fn connect_all(addr: std::net::SocketAddr, prefix: &str) {
         let ids: Vec<String> = (0..N).map(|i| format!("{prefix}{i}")).collect();
@@ -473,7 +475,7 @@ async fn bad_input_opens_no_backend_connection() {
     let counting = CountingBackend::start().await;
     let lb = RunningBalancer::start(config(
         &[("counting", counting.addr.to_string())],
-        "connect_timeout = \"1s\"\nmax_connect_size = 1024\n",
+        "connect_timeout = \"1s\"\nmax_connect_size = 1024\n[health]\nenabled = false\n",
     ))
     .await;
     let addr = lb.addr.to_string();
@@ -644,7 +646,11 @@ async fn half_close_keeps_the_other_direction() {
             .unwrap();
         got
     });
-    let lb = RunningBalancer::start(config(&[("half", backend_addr.to_string())], "")).await;
+    let lb = RunningBalancer::start(config(
+        &[("half", backend_addr.to_string())],
+        "[health]\nenabled = false\n",
+    ))
+    .await;
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     let connect = raw::connect("half", 4);
     s.write_all(&connect).await.unwrap();

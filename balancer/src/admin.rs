@@ -1,0 +1,470 @@
+//! The admin HTTP API.
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/healthz` | 200 while the process serves (liveness) |
+//! | GET | `/readyz` | 200 when at least one backend is up, else 503 |
+//! | GET | `/backends` | JSON: name, address, state, draining, last_rtt_ms, last_check, connections, consecutive_failures, last_error |
+//! | GET | `/clients/{client_id}` | JSON: where the client would be placed now, and where it is connected |
+//! | GET | `/metrics` | Prometheus text |
+//! | POST | `/backends/{name}/drain` | stop new placements, move its clients at the eviction rate |
+//! | POST | `/backends/{name}/undrain` | accept new placements again |
+//!
+//! Routing is a pure function ([`route`]) so tests call it without a socket.
+//! Bind the API to loopback or a management network: it can drain backends.
+
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use mqlb_healthcheck::{HealthState, Outcome};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::RejectReason;
+use crate::server::Shared;
+
+/// An admin response before it becomes HTTP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Content type.
+    pub content_type: &'static str,
+    /// Body.
+    pub body: String,
+}
+
+impl Reply {
+    fn json(status: StatusCode, v: serde_json::Value) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            body: v.to_string(),
+        }
+    }
+
+    fn text(status: StatusCode, body: impl Into<String>) -> Reply {
+        Reply {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+}
+
+/// Serves the API until `shutdown`.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    tracing::info!(address = ?listener.local_addr().ok(), "admin API listening");
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let reply = route(req.method(), req.uri().path(), &shared);
+                let resp = Response::builder()
+                    .status(reply.status)
+                    .header("content-type", reply.content_type)
+                    .body(Full::new(Bytes::from(reply.body)))
+                    .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}
+
+/// Answers one request.
+pub fn route(method: &Method, path: &str, shared: &Shared) -> Reply {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => Reply::text(StatusCode::OK, "ok\n"),
+        (&Method::GET, ["readyz"]) => {
+            if shared.is_ready() {
+                Reply::text(StatusCode::OK, "ready\n")
+            } else {
+                Reply::text(StatusCode::SERVICE_UNAVAILABLE, "no backend is up\n")
+            }
+        }
+        (&Method::GET, ["backends"]) => Reply::json(StatusCode::OK, backends_json(shared)),
+        (&Method::GET, ["clients", id]) => {
+            let id = percent_decode(id);
+            let placed = shared
+                .backends
+                .candidates(id.as_bytes())
+                .first()
+                .map(|b| b.name.clone());
+            let connected: Vec<String> = shared
+                .registry
+                .find_client(&id)
+                .iter()
+                .map(|b| b.name.clone())
+                .collect();
+            Reply::json(
+                StatusCode::OK,
+                json!({
+                    "client_id": id,
+                    "placed_on": placed,
+                    "connected": !connected.is_empty(),
+                    "connected_to": connected,
+                }),
+            )
+        }
+        (&Method::GET, ["metrics"]) => Reply {
+            status: StatusCode::OK,
+            content_type: "text/plain; version=0.0.4",
+            body: render_metrics(shared),
+        },
+        (&Method::POST, ["backends", name, action @ ("drain" | "undrain")]) => {
+            let ok = if *action == "drain" {
+                shared.drain(name)
+            } else {
+                shared.undrain(name)
+            };
+            if ok {
+                Reply::json(
+                    StatusCode::OK,
+                    json!({"backend": name, "draining": *action == "drain"}),
+                )
+            } else {
+                Reply::json(
+                    StatusCode::NOT_FOUND,
+                    json!({"error": format!("no backend named {name}")}),
+                )
+            }
+        }
+        (_, ["healthz" | "readyz" | "backends" | "metrics"])
+        | (_, ["clients", _])
+        | (_, ["backends", _, _]) => {
+            Reply::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Decodes `%XX` escapes (client IDs may contain `/` or spaces).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn backends_json(shared: &Shared) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = shared
+        .backends
+        .snapshot()
+        .iter()
+        .map(|b| {
+            let report = b.health().map(|h| h.report());
+            let last_rtt_ms = report.as_ref().and_then(|r| match &r.last_outcome {
+                Some(Outcome::Up(rtt)) => Some(rtt.ping.as_secs_f64() * 1e3),
+                _ => None,
+            });
+            let last_error = report.as_ref().and_then(|r| match &r.last_outcome {
+                Some(o @ (Outcome::Down(_) | Outcome::Misconfigured(_))) => Some(o.summary()),
+                _ => None,
+            });
+            let state = if b.is_draining() {
+                "draining"
+            } else {
+                b.health_state().label()
+            };
+            json!({
+                "name": b.name,
+                "address": b.address,
+                "weight": b.weight,
+                "state": state,
+                "health": b.health_state().label(),
+                "draining": b.is_draining(),
+                "last_rtt_ms": last_rtt_ms,
+                "last_check": report.as_ref().and_then(|r| r.last_check).map(rfc3339),
+                "connections": b.active.load(Ordering::Relaxed),
+                "consecutive_failures": report.as_ref().map_or(0, |r| r.consecutive_failures),
+                "last_error": last_error,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(list)
+}
+
+/// RFC 3339 UTC timestamp with milliseconds (civil-from-days, no date crate).
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Prometheus text exposition of every metric.
+pub fn render_metrics(shared: &Shared) -> String {
+    let m = &shared.metrics;
+    let mut o = String::new();
+    let counter = |o: &mut String, name: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+    };
+    let gauge = |o: &mut String, name: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+    };
+    counter(
+        &mut o,
+        "mqlb_connections_accepted_total",
+        "Client connections accepted.",
+    );
+    let _ = writeln!(
+        o,
+        "mqlb_connections_accepted_total {}",
+        m.accepted.load(Ordering::Relaxed)
+    );
+    gauge(
+        &mut o,
+        "mqlb_connections_active",
+        "Client connections open now.",
+    );
+    let _ = writeln!(
+        o,
+        "mqlb_connections_active {}",
+        m.active.load(Ordering::Relaxed)
+    );
+    counter(
+        &mut o,
+        "mqlb_connections_forwarded_total",
+        "Client connections handed to a backend.",
+    );
+    let _ = writeln!(
+        o,
+        "mqlb_connections_forwarded_total {}",
+        m.forwarded.load(Ordering::Relaxed)
+    );
+    counter(
+        &mut o,
+        "mqlb_connect_rejected_total",
+        "Connections refused before reaching a backend, by reason.",
+    );
+    for r in RejectReason::ALL {
+        let _ = writeln!(
+            o,
+            "mqlb_connect_rejected_total{{reason=\"{}\"}} {}",
+            r.label(),
+            m.rejected(r)
+        );
+    }
+    let backends = shared.backends.snapshot();
+    gauge(
+        &mut o,
+        "mqlb_backend_connections_active",
+        "Client connections forwarded to the backend now.",
+    );
+    for b in backends.iter() {
+        let _ = writeln!(
+            o,
+            "mqlb_backend_connections_active{{backend=\"{}\"}} {}",
+            b.name,
+            b.active.load(Ordering::Relaxed)
+        );
+    }
+    counter(
+        &mut o,
+        "mqlb_backend_connections_total",
+        "Client connections forwarded to the backend.",
+    );
+    for b in backends.iter() {
+        let _ = writeln!(
+            o,
+            "mqlb_backend_connections_total{{backend=\"{}\"}} {}",
+            b.name,
+            b.forwarded.load(Ordering::Relaxed)
+        );
+    }
+    counter(
+        &mut o,
+        "mqlb_backend_connect_failures_total",
+        "TCP connects to the backend that failed or timed out.",
+    );
+    for b in backends.iter() {
+        let _ = writeln!(
+            o,
+            "mqlb_backend_connect_failures_total{{backend=\"{}\"}} {}",
+            b.name,
+            b.connect_failures.load(Ordering::Relaxed)
+        );
+    }
+    counter(
+        &mut o,
+        "mqlb_backend_connack_total",
+        "CONNACKs the backend sent clients, by v5 reason code.",
+    );
+    for b in backends.iter() {
+        for (code, n) in b.connacks.iter().enumerate() {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
+                let rc = mqlb_protocol::ReasonCode(code as u8);
+                let _ = writeln!(o, "mqlb_backend_connack_total{{backend=\"{}\",code=\"0x{code:02X}\",reason=\"{}\"}} {n}", b.name, rc.name());
+            }
+        }
+    }
+    let _ = writeln!(o, "# HELP mqlb_backend_connect_latency_seconds Client CONNECT to backend CONNACK.\n# TYPE mqlb_backend_connect_latency_seconds histogram");
+    for b in backends.iter() {
+        b.connect_latency.render(
+            &mut o,
+            "mqlb_backend_connect_latency_seconds",
+            &format!("backend=\"{}\"", b.name),
+        );
+    }
+    gauge(
+        &mut o,
+        "mqlb_backend_health",
+        "1 for the backend's current health state.",
+    );
+    for b in backends.iter() {
+        let cur = b.health_state();
+        for s in [
+            HealthState::Unknown,
+            HealthState::Up,
+            HealthState::Down,
+            HealthState::Misconfigured,
+        ] {
+            let _ = writeln!(
+                o,
+                "mqlb_backend_health{{backend=\"{}\",state=\"{}\"}} {}",
+                b.name,
+                s.label(),
+                u8::from(s == cur)
+            );
+        }
+    }
+    gauge(
+        &mut o,
+        "mqlb_backend_draining",
+        "1 while an operator drains the backend.",
+    );
+    for b in backends.iter() {
+        let _ = writeln!(
+            o,
+            "mqlb_backend_draining{{backend=\"{}\"}} {}",
+            b.name,
+            u8::from(b.is_draining())
+        );
+    }
+    counter(
+        &mut o,
+        "mqlb_backend_health_transitions_total",
+        "Health state changes, by new state.",
+    );
+    for b in backends.iter() {
+        for s in [
+            HealthState::Up,
+            HealthState::Down,
+            HealthState::Misconfigured,
+        ] {
+            let _ = writeln!(
+                o,
+                "mqlb_backend_health_transitions_total{{backend=\"{}\",to=\"{}\"}} {}",
+                b.name,
+                s.label(),
+                b.transitions[s as usize].load(Ordering::Relaxed)
+            );
+        }
+    }
+    counter(
+        &mut o,
+        "mqlb_backend_probes_total",
+        "Health probes, by result.",
+    );
+    for b in backends.iter() {
+        for (i, r) in ["up", "down", "misconfigured"].iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "mqlb_backend_probes_total{{backend=\"{}\",result=\"{r}\"}} {}",
+                b.name,
+                b.probes[i].load(Ordering::Relaxed)
+            );
+        }
+    }
+    let _ = writeln!(o, "# HELP mqlb_backend_probe_rtt_seconds Probe PINGREQ to PINGRESP.\n# TYPE mqlb_backend_probe_rtt_seconds histogram");
+    for b in backends.iter() {
+        b.probe_rtt.render(
+            &mut o,
+            "mqlb_backend_probe_rtt_seconds",
+            &format!("backend=\"{}\"", b.name),
+        );
+    }
+    counter(
+        &mut o,
+        "mqlb_evictions_total",
+        "Clients closed to move them off a failed or drained backend.",
+    );
+    for b in backends.iter() {
+        let _ = writeln!(
+            o,
+            "mqlb_evictions_total{{backend=\"{}\"}} {}",
+            b.name,
+            b.evictions.load(Ordering::Relaxed)
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + std::time::Duration::from_millis(1_795_672_408_123);
+        assert_eq!(rfc3339(t), "2026-11-26T05:53:28.123Z");
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%2Fb%20c"), "a/b c");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}

@@ -1,0 +1,100 @@
+//! Moving a backend's sessions: paced closes.
+//!
+//! When a backend goes down or is drained, its clients must reconnect
+//! elsewhere, but 10,000 clients reconnecting in the same millisecond is a
+//! storm that can take the next broker down too. One evictor per balancer
+//! closes connections at a configured rate: slot `i` falls at
+//! `i / rate` seconds, plus up to half a slot of random jitter, so the rate is
+//! never exceeded over any window longer than a slot and closes never line
+//! up across balancers.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::{Eviction, Registry};
+use crate::select::Backends;
+
+/// Requests to move a backend's clients.
+#[derive(Debug, Clone)]
+pub struct Evictor {
+    tx: mpsc::UnboundedSender<String>,
+}
+
+impl Evictor {
+    /// Starts the evictor task.
+    pub fn spawn(
+        registry: Arc<Registry>,
+        backends: Arc<Backends>,
+        rate: u32,
+        server_reference: Option<String>,
+        shutdown: CancellationToken,
+    ) -> Evictor {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(
+            registry,
+            backends,
+            rate,
+            server_reference,
+            rx,
+            shutdown,
+        ));
+        Evictor { tx }
+    }
+
+    /// Moves every client currently on `backend`, at the paced rate.
+    pub fn evict_backend(&self, backend: &str) {
+        let _ = self.tx.send(backend.to_string());
+    }
+}
+
+async fn run(
+    registry: Arc<Registry>,
+    backends: Arc<Backends>,
+    rate: u32,
+    server_reference: Option<String>,
+    mut rx: mpsc::UnboundedReceiver<String>,
+    shutdown: CancellationToken,
+) {
+    let slot = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let reason = match server_reference {
+        Some(r) => Eviction::UseAnotherServer(r),
+        None => Eviction::ShuttingDown,
+    };
+    // The next free slot, shared by all jobs so the rate is per balancer.
+    let mut next = Instant::now();
+    loop {
+        let name = tokio::select! {
+            n = rx.recv() => match n { Some(n) => n, None => return },
+            _ = shutdown.cancelled() => return,
+        };
+        let Some(backend) = backends.get(&name) else {
+            continue;
+        };
+        let mut handles = registry.on_backend(&name);
+        fastrand::shuffle(&mut handles);
+        tracing::info!(backend = %name, clients = handles.len(), rate, "moving clients off backend");
+        for h in handles {
+            // Recovered or undrained meanwhile: the rest may stay.
+            if backend.is_usable() {
+                tracing::info!(backend = %name, "backend usable again; eviction stopped");
+                break;
+            }
+            next = next.max(Instant::now());
+            let jitter = slot.mul_f64(fastrand::f64() * 0.5);
+            tokio::select! {
+                _ = tokio::time::sleep_until(next + jitter) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            next += slot;
+            if h.reason().is_none() {
+                h.evict(reason.clone());
+                backend.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}

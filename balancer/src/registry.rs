@@ -1,0 +1,146 @@
+//! Live client connections, so they can be found and moved.
+//!
+//! Every forwarded connection registers here (client ID, backend, eviction
+//! handle) and unregisters when its guard drops. The map is sharded so
+//! connects on different shards never contend; the lock is held only to
+//! insert, remove, or copy out handles, never across an await.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::select::Backend;
+
+const SHARDS: usize = 16;
+
+/// Why a connection is being closed by the balancer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Eviction {
+    /// v5 clients get DISCONNECT 0x8B Server shutting down.
+    ShuttingDown,
+    /// v5 clients get DISCONNECT 0x9C Use another server with this reference.
+    UseAnotherServer(String),
+}
+
+/// One connection's eviction switch, shared by the registry and the splice.
+#[derive(Debug, Default)]
+pub struct EvictHandle {
+    token: CancellationToken,
+    reason: OnceLock<Eviction>,
+}
+
+impl EvictHandle {
+    /// Asks the connection to close; the first reason wins.
+    pub fn evict(&self, reason: Eviction) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// Resolves once eviction is requested.
+    pub async fn requested(&self) {
+        self.token.cancelled().await
+    }
+
+    /// The requested reason, if any.
+    pub fn reason(&self) -> Option<&Eviction> {
+        self.reason.get()
+    }
+}
+
+/// A registered connection.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Client ID from the CONNECT.
+    pub client_id: Arc<str>,
+    /// Where it is forwarded.
+    pub backend: Arc<Backend>,
+    /// Its eviction switch.
+    pub handle: Arc<EvictHandle>,
+}
+
+/// All live forwarded connections.
+#[derive(Debug)]
+pub struct Registry {
+    shards: [Mutex<HashMap<u64, Entry>>; SHARDS],
+    next: AtomicU64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            next: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Removes its connection from the registry when dropped.
+#[derive(Debug)]
+pub struct Registration<'a> {
+    registry: &'a Registry,
+    id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.registry.shard(self.id).remove(&self.id);
+    }
+}
+
+impl Registry {
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        // A poisoned shard only means a panic elsewhere; the map is still valid.
+        self.shards[(id as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a connection; keep the guard for the connection's lifetime.
+    pub fn register(
+        &self,
+        client_id: &str,
+        backend: Arc<Backend>,
+    ) -> (Registration<'_>, Arc<EvictHandle>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(EvictHandle::default());
+        self.shard(id).insert(
+            id,
+            Entry {
+                client_id: Arc::from(client_id),
+                backend,
+                handle: handle.clone(),
+            },
+        );
+        (Registration { registry: self, id }, handle)
+    }
+
+    /// Eviction handles of every connection on `backend`.
+    pub fn on_backend(&self, backend: &str) -> Vec<Arc<EvictHandle>> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(
+                map.values()
+                    .filter(|e| e.backend.name == backend)
+                    .map(|e| e.handle.clone()),
+            );
+        }
+        out
+    }
+
+    /// Backends that `client_id` is connected to now (normally zero or one).
+    pub fn find_client(&self, client_id: &str) -> Vec<Arc<Backend>> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(
+                map.values()
+                    .filter(|e| &*e.client_id == client_id)
+                    .map(|e| e.backend.clone()),
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,234 @@
+//! Probing every target on an interval and publishing the result.
+//!
+//! Each target gets one task. The state it computes reaches readers through
+//! a [`HealthCell`]: an atomic the data path loads on every placement, and an
+//! `ArcSwap` report for the admin API. Passive signals from the data path go
+//! in through a bounded channel with `try_send`, so the data path never waits
+//! on the checker.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::probe::{probe, Outcome, ProbeSpec};
+use crate::state::{HealthState, Thresholds, Tracker, Transition};
+
+/// What and how often to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckSettings {
+    /// Time between probes of one target.
+    pub interval: Duration,
+    /// Random delay before a target's first probe, at most this, so many
+    /// balancers (or targets) do not probe in lockstep.
+    pub jitter: Duration,
+    /// Rise, fall and passive thresholds.
+    pub thresholds: Thresholds,
+    /// The probe itself; its client ID is a prefix, completed per target.
+    pub spec: ProbeSpec,
+}
+
+impl Default for CheckSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(250),
+            jitter: Duration::from_millis(250),
+            thresholds: Thresholds::default(),
+            spec: ProbeSpec {
+                timeout: Duration::from_millis(500),
+                ..ProbeSpec::default()
+            },
+        }
+    }
+}
+
+/// A broker to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Name, for logs and the probe client ID.
+    pub name: String,
+    /// `host:port`.
+    pub address: String,
+}
+
+/// The latest facts about one target, for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Current state.
+    pub state: HealthState,
+    /// The latest probe outcome, if any.
+    pub last_outcome: Option<Outcome>,
+    /// When the latest probe finished.
+    pub last_check: Option<SystemTime>,
+    /// Consecutive failed probes.
+    pub consecutive_failures: u32,
+}
+
+/// Receives probe results and transitions (metrics, evictions, logs).
+pub trait Observer: Send + Sync + 'static {
+    /// After every probe.
+    fn on_probe(&self, target: &str, outcome: &Outcome);
+    /// After a state change.
+    fn on_transition(&self, target: &str, transition: Transition);
+}
+
+/// A target's published health.
+#[derive(Debug)]
+pub struct HealthCell {
+    state: AtomicU8,
+    report: ArcSwap<Report>,
+    passive: mpsc::Sender<()>,
+}
+
+impl HealthCell {
+    /// The state, as the data path reads it: one atomic load.
+    pub fn state(&self) -> HealthState {
+        HealthState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// The latest report.
+    pub fn report(&self) -> Arc<Report> {
+        self.report.load_full()
+    }
+
+    /// Records a data-path failure (connect refused or timed out, CONNACK
+    /// "server unavailable"). Never blocks; if the checker is behind, the
+    /// signal is dropped, which only delays a passive mark-down.
+    pub fn passive_failure(&self) {
+        let _ = self.passive.try_send(());
+    }
+
+    fn publish(&self, report: Report) {
+        self.state.store(report.state as u8, Ordering::Release);
+        self.report.store(Arc::new(report));
+    }
+}
+
+/// The running checks.
+#[derive(Debug)]
+pub struct Checker {
+    cells: Vec<(String, Arc<HealthCell>)>,
+}
+
+impl Checker {
+    /// Starts one task per target, stopped by `shutdown`. `instance` makes
+    /// probe client IDs unique per balancer: `mqlb-probe-{instance}-{target}`.
+    pub fn spawn(
+        targets: &[Target],
+        settings: &CheckSettings,
+        instance: &str,
+        observer: Arc<dyn Observer>,
+        shutdown: CancellationToken,
+    ) -> Checker {
+        let mut cells = Vec::new();
+        for t in targets {
+            let (tx, rx) = mpsc::channel(64);
+            let cell = Arc::new(HealthCell {
+                state: AtomicU8::new(HealthState::Unknown as u8),
+                report: ArcSwap::from_pointee(Report {
+                    state: HealthState::Unknown,
+                    last_outcome: None,
+                    last_check: None,
+                    consecutive_failures: 0,
+                }),
+                passive: tx,
+            });
+            let mut spec = settings.spec.clone();
+            spec.client_id = probe_client_id(instance, &t.name);
+            tokio::spawn(run_target(
+                t.clone(),
+                spec,
+                settings.clone(),
+                cell.clone(),
+                rx,
+                observer.clone(),
+                shutdown.clone(),
+            ));
+            cells.push((t.name.clone(), cell));
+        }
+        Checker { cells }
+    }
+
+    /// The cell for a target name.
+    pub fn cell(&self, name: &str) -> Option<Arc<HealthCell>> {
+        self.cells
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.clone())
+    }
+}
+
+/// `mqlb-probe-{instance}-{target}`, trimmed to MQTT 3.1's 23-character
+/// client-ID limit only when the instance asks for it (empty instance ⇒ an
+/// empty ID, which the broker assigns).
+pub fn probe_client_id(instance: &str, target: &str) -> String {
+    if instance.is_empty() {
+        return String::new();
+    }
+    format!("mqlb-probe-{instance}-{target}")
+}
+
+async fn run_target(
+    target: Target,
+    spec: ProbeSpec,
+    settings: CheckSettings,
+    cell: Arc<HealthCell>,
+    mut passive: mpsc::Receiver<()>,
+    observer: Arc<dyn Observer>,
+    shutdown: CancellationToken,
+) {
+    let jitter_ms = settings.jitter.as_millis() as u64;
+    let first = Duration::from_millis(if jitter_ms > 0 {
+        fastrand::u64(..jitter_ms)
+    } else {
+        0
+    });
+    let mut next = tokio::time::Instant::now() + first;
+    let mut tracker = Tracker::default();
+    let th = settings.thresholds;
+    let transition = |tr: Option<Transition>, tracker: &Tracker, outcome: Option<Outcome>| {
+        let report = Report {
+            state: tracker.state(),
+            last_outcome: outcome.or_else(|| cell.report().last_outcome.clone()),
+            last_check: Some(SystemTime::now()),
+            consecutive_failures: tracker.consecutive_failures(),
+        };
+        cell.publish(report);
+        if let Some(tr) = tr {
+            tracing::info!(backend = %target.name, from = tr.from.label(), to = tr.to.label(), "health changed");
+            observer.on_transition(&target.name, tr);
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(next) => {
+                next += settings.interval;
+                let outcome = tokio::select! {
+                    o = probe(&target.address, &spec) => o,
+                    _ = shutdown.cancelled() => return,
+                };
+                if !matches!(outcome, Outcome::Up(_)) {
+                    tracing::debug!(backend = %target.name, outcome = %outcome.summary(), "probe failed");
+                }
+                observer.on_probe(&target.name, &outcome);
+                let tr = tracker.observe(&outcome, th);
+                transition(tr, &tracker, Some(outcome));
+                // A slow probe must not cause a burst of catch-up probes.
+                let now = tokio::time::Instant::now();
+                if next < now {
+                    next = now + settings.interval;
+                }
+            }
+            Some(()) = passive.recv() => {
+                let tr = tracker.observe_passive(th);
+                if tr.is_some() {
+                    transition(tr, &tracker, None);
+                }
+            }
+        }
+    }
+}
