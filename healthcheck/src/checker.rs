@@ -17,6 +17,10 @@ use tokio_util::sync::CancellationToken;
 use crate::probe::{probe, Outcome, ProbeSpec};
 use crate::state::{HealthState, Thresholds, Tracker, Transition};
 
+/// Probes of one target allowed in flight at once (each is bounded by its
+/// step timeouts, so this only matters for very short intervals).
+const MAX_IN_FLIGHT: usize = 8;
+
 /// What and how often to check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckSettings {
@@ -186,7 +190,7 @@ async fn run_target(
     } else {
         0
     });
-    let mut next = tokio::time::Instant::now() + first;
+    let next = tokio::time::Instant::now() + first;
     let mut tracker = Tracker::default();
     let th = settings.thresholds;
     let transition = |tr: Option<Transition>, tracker: &Tracker, outcome: Option<Outcome>| {
@@ -202,26 +206,37 @@ async fn run_target(
             observer.on_transition(&target.name, tr);
         }
     };
+    // Probes start on a fixed cadence, even while an earlier one is still
+    // waiting out its timeout: a hung broker is then seen by `fall` probes
+    // within interval × fall + timeout, instead of (interval + timeout) × fall.
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut busy = [false; MAX_IN_FLIGHT];
+    let mut ticker = tokio::time::interval_at(next, settings.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(next) => {
-                next += settings.interval;
-                let outcome = tokio::select! {
-                    o = probe(&target.address, &spec) => o,
-                    _ = shutdown.cancelled() => return,
-                };
+            _ = ticker.tick() => {
+                // Overlapping probes get distinct client IDs (slot suffix),
+                // so a slow probe is never taken over by the next one.
+                let Some(slot) = busy.iter().position(|b| !b) else { continue };
+                busy[slot] = true;
+                let address = target.address.clone();
+                let mut spec = spec.clone();
+                if slot > 0 && !spec.client_id.is_empty() {
+                    spec.client_id = format!("{}-{slot}", spec.client_id);
+                }
+                in_flight.spawn(async move { (slot, probe(&address, &spec).await) });
+            }
+            Some(done) = in_flight.join_next() => {
+                let Ok((slot, outcome)) = done else { continue };
+                busy[slot] = false;
                 if !matches!(outcome, Outcome::Up(_)) {
                     tracing::debug!(backend = %target.name, outcome = %outcome.summary(), "probe failed");
                 }
                 observer.on_probe(&target.name, &outcome);
                 let tr = tracker.observe(&outcome, th);
                 transition(tr, &tracker, Some(outcome));
-                // A slow probe must not cause a burst of catch-up probes.
-                let now = tokio::time::Instant::now();
-                if next < now {
-                    next = now + settings.interval;
-                }
             }
             Some(()) = passive.recv() => {
                 let tr = tracker.observe_passive(th);

@@ -206,6 +206,8 @@ pub fn config(backends: &[(&str, String)], balancer_toml: &str) -> Config {
 /// A balancer running in this process.
 pub struct RunningBalancer {
     pub addr: SocketAddr,
+    /// The admin API, when the config enables it.
+    pub admin: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -216,11 +218,13 @@ impl RunningBalancer {
     pub async fn start(config: Config) -> RunningBalancer {
         let b = mqlb_balancer::Balancer::bind(config).await.unwrap();
         let addr = b.local_addrs()[0];
+        let admin = b.admin_addr();
         let shared = b.shared();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(b.serve(shutdown.clone(), Duration::from_secs(1)));
         RunningBalancer {
             addr,
+            admin,
             shared,
             shutdown,
             task: Some(task),
@@ -312,4 +316,43 @@ pub fn ids_on(b: &RunningBalancer, backend: &str, prefix: &str, n: usize) -> Vec
         .filter(|id| b.first_choice(id) == backend)
         .take(n)
         .collect()
+}
+
+/// A minimal HTTP/1.1 request over a fresh connection: returns status and body.
+pub async fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("HTTP response within 5 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Polls `f` every 10 ms until it is true or `within` passes; returns the
+/// time it took, or `None` on timeout.
+pub async fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if f() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
 }

@@ -1,0 +1,431 @@
+//! Health checking, session moves and the admin API, end to end: real
+//! Mosquitto processes killed with SIGKILL or frozen with SIGSTOP, byte-level
+//! v5 clients, and the `mqlb` binary's `check` and `healthcheck` commands.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mqlb_healthcheck::HealthState;
+use mqlb_tests::raw::{closed, connect_and_ack, read_n};
+use mqlb_tests::*;
+use tokio::io::AsyncReadExt;
+
+const T: Duration = Duration::from_secs(5);
+/// interval 250 ms × fall 2 + timeout 500 ms, plus first-probe jitter.
+const FAST_HEALTH: &str =
+    "[health]\ninterval = \"250ms\"\ntimeout = \"500ms\"\nfall = 2\nrise = 2\njitter = \"0ms\"\n";
+const DETECTION_BOUND: Duration = Duration::from_millis(250 * 2 + 500);
+
+async fn cluster(extra: &str) -> (Vec<Mosquitto>, RunningBalancer) {
+    let ms: Vec<Mosquitto> = (0..3).map(|_| Mosquitto::start()).collect();
+    let backends: Vec<(&str, String)> = ["b1", "b2", "b3"]
+        .iter()
+        .zip(&ms)
+        .map(|(n, m)| (*n, m.addr()))
+        .collect();
+    let lb = RunningBalancer::start(config(&backends, &format!("{FAST_HEALTH}{extra}"))).await;
+    // All three are probed up before the test starts.
+    wait_until(T, || {
+        lb.shared
+            .backends
+            .snapshot()
+            .iter()
+            .all(|b| b.health_state() == HealthState::Up)
+    })
+    .await
+    .expect("backends up");
+    (ms, lb)
+}
+
+fn state(lb: &RunningBalancer, name: &str) -> HealthState {
+    lb.shared.backends.get(name).unwrap().health_state()
+}
+
+/// A Mosquitto killed with SIGKILL is marked down within
+/// interval × fall + timeout, and its client reconnects to another backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_broker_is_marked_down_in_time() {
+    let (mut ms, lb) = cluster("").await;
+    let id = ids_on(&lb, "b1", "k9", 1).remove(0);
+    let (mut s, ack) = connect_and_ack(&lb.addr.to_string(), &id, 4).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    // Give the probe loop a moment to be mid-interval, as in production.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ms[0].kill();
+    let took = wait_until(T, || state(&lb, "b1") == HealthState::Down)
+        .await
+        .expect("marked down");
+    eprintln!("SIGKILL detected in {took:?} (bound {DETECTION_BOUND:?})");
+    // Measured from the kill; one interval of slack for scheduling on a busy box.
+    assert!(
+        took <= DETECTION_BOUND + Duration::from_millis(250),
+        "took {took:?}"
+    );
+    assert!(closed(&mut s, T).await);
+    let (_s, ack) = connect_and_ack(&lb.addr.to_string(), &id, 4).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    let second = lb.shared.backends.candidates(id.as_bytes())[0].name.clone();
+    assert_ne!(second, "b1");
+    let i: usize = second[1..].parse::<usize>().unwrap() - 1;
+    assert!(ms[i].saw_client(&id, T));
+    // Placement skipped b1 without even trying to connect to it.
+    let failures = lb
+        .shared
+        .backends
+        .get("b1")
+        .unwrap()
+        .connect_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(failures, 0);
+    lb.stop().await;
+}
+
+/// A SIGSTOPped Mosquitto still completes TCP handshakes, but is marked down,
+/// and its v5 client gets DISCONNECT 0x8B Server shutting down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_broker_is_marked_down_and_v5_client_told() {
+    let (ms, lb) = cluster("").await;
+    let id = ids_on(&lb, "b1", "stop", 1).remove(0);
+    let (mut s, ack) = connect_and_ack(&lb.addr.to_string(), &id, 5).await;
+    assert_eq!(&ack[..4], &[0x20, ack[1], 0x00, 0x00]);
+    ms[0].signal("STOP");
+    let took = wait_until(T, || state(&lb, "b1") == HealthState::Down)
+        .await
+        .expect("marked down");
+    eprintln!("SIGSTOP detected in {took:?} (bound {DETECTION_BOUND:?})");
+    assert!(
+        took <= DETECTION_BOUND + Duration::from_millis(250),
+        "took {took:?}"
+    );
+    // The kernel still accepts TCP for the frozen process: a TCP check says "up".
+    assert!(std::net::TcpStream::connect_timeout(&ms[0].addr().parse().unwrap(), T).is_ok());
+    assert_eq!(read_n(&mut s, 3, T).await, [0xE0, 0x01, 0x8B]);
+    assert!(closed(&mut s, T).await);
+    ms[0].signal("CONT");
+    lb.stop().await;
+}
+
+/// With the opt-in, the DISCONNECT carries 0x9C Use another server and the
+/// configured Server Reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opt_in_server_reference() {
+    let (ms, lb) = cluster("[eviction]\nserver_reference = \"mqtt.example:1883\"\n").await;
+    let id = ids_on(&lb, "b2", "ref", 1).remove(0);
+    let (mut s, _) = connect_and_ack(&lb.addr.to_string(), &id, 5).await;
+    ms[1].signal("STOP");
+    wait_until(T, || state(&lb, "b2") == HealthState::Down)
+        .await
+        .expect("marked down");
+    let reference = b"mqtt.example:1883";
+    let mut expected = vec![
+        0xE0,
+        (2 + 3 + reference.len()) as u8,
+        0x9C,
+        (3 + reference.len()) as u8,
+        0x1C,
+        0x00,
+        reference.len() as u8,
+    ];
+    expected.extend_from_slice(reference);
+    assert_eq!(read_n(&mut s, expected.len(), T).await, expected);
+    ms[1].signal("CONT");
+    lb.stop().await;
+}
+
+/// A 3.1.1 client on a failed backend is closed (3.x has no DISCONNECT from
+/// the server), and a recovered backend does not pull clients back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v3_client_closed_and_recovery_does_not_move_clients_back() {
+    let (ms, lb) = cluster("").await;
+    let id = ids_on(&lb, "b3", "v3", 1).remove(0);
+    let (mut s, _) = connect_and_ack(&lb.addr.to_string(), &id, 4).await;
+    ms[2].signal("STOP");
+    wait_until(T, || state(&lb, "b3") == HealthState::Down)
+        .await
+        .expect("down");
+    let mut b = [0u8; 8];
+    let n = tokio::time::timeout(T, s.read(&mut b))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "3.1.1 client got bytes instead of a close");
+    // It reconnects elsewhere.
+    let (_moved, ack) = connect_and_ack(&lb.addr.to_string(), &id, 4).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    let elsewhere = lb.shared.registry.find_client(&id);
+    assert_eq!(elsewhere.len(), 1);
+    assert_ne!(elsewhere[0].name, "b3");
+    // b3 recovers: the moved client stays where it is; new connections follow the hash.
+    ms[2].signal("CONT");
+    wait_until(T, || state(&lb, "b3") == HealthState::Up)
+        .await
+        .expect("up again");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        lb.shared.registry.find_client(&id)[0].name,
+        elsewhere[0].name
+    );
+    assert_eq!(lb.first_choice(&id), "b3");
+    lb.stop().await;
+}
+
+/// Draining 2,000 clients at 500 per second takes about 4 s, and no second
+/// (nor any 200 ms window) sees more closes than the rate allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_is_paced() {
+    const N: usize = 2000;
+    let (_ms, lb) = cluster("[eviction]\nrate = 500\n[admin]\naddress = \"127.0.0.1:0\"\n").await;
+    let ids = ids_on(&lb, "b1", "drain", N);
+    let addr = lb.addr.to_string();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(50));
+    let mut conns = Vec::new();
+    for id in ids {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        let addr = addr.clone();
+        conns.push(tokio::spawn(async move {
+            let r = connect_and_ack(&addr, &id, 4).await;
+            drop(permit);
+            r
+        }));
+    }
+    let mut streams = Vec::new();
+    for c in conns {
+        let (s, ack) = c.await.unwrap();
+        assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+        streams.push(s);
+    }
+    assert_eq!(
+        lb.shared
+            .backends
+            .get("b1")
+            .unwrap()
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed),
+        N as u64
+    );
+    let watchers: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut b = [0u8; 16];
+                let _ = tokio::time::timeout(Duration::from_secs(30), s.read(&mut b)).await;
+                Instant::now()
+            })
+        })
+        .collect();
+    let admin = lb.admin.unwrap().to_string();
+    let start = Instant::now();
+    let (status, body) = http(&admin, "POST", "/backends/b1/drain").await;
+    assert_eq!(status, 200, "{body}");
+    let mut closes = Vec::new();
+    for w in watchers {
+        closes.push(w.await.unwrap() - start);
+    }
+    closes.sort();
+    let span = *closes.last().unwrap();
+    assert!(
+        span >= Duration::from_millis(3500) && span <= Duration::from_secs(8),
+        "drain took {span:?}"
+    );
+    let max_in = |window: Duration| {
+        let mut max = 0;
+        let mut j = 0;
+        for i in 0..closes.len() {
+            while closes[i] - closes[j] > window {
+                j += 1;
+            }
+            max = max.max(i - j + 1);
+        }
+        max
+    };
+    // One slot of tolerance for the jitter at window edges.
+    assert!(
+        max_in(Duration::from_secs(1)) <= 502,
+        "burst: {} in 1 s",
+        max_in(Duration::from_secs(1))
+    );
+    assert!(
+        max_in(Duration::from_millis(200)) <= 102,
+        "burst: {} in 200 ms",
+        max_in(Duration::from_millis(200))
+    );
+    assert_eq!(
+        lb.shared
+            .backends
+            .get("b1")
+            .unwrap()
+            .evictions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        N as u64
+    );
+    // Drained: new clients of b1 go to their next choice, and metrics show it.
+    let id = ids_on(&lb, "b2", "after-drain", 1).remove(0);
+    assert_eq!(lb.first_choice(&id), "b2");
+    let (_, metrics) = http(&admin, "GET", "/metrics").await;
+    assert!(
+        metrics.contains(&format!("mqlb_evictions_total{{backend=\"b1\"}} {N}")),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mqlb_backend_draining{backend=\"b1\"} 1"));
+    let (status, _) = http(&admin, "POST", "/backends/b1/undrain").await;
+    assert_eq!(status, 200);
+    assert!(lb.shared.backends.get("b1").unwrap().is_usable());
+    eprintln!("drained {N} clients in {span:?}");
+    lb.stop().await;
+}
+
+/// A broker answering CONNACK "not authorized" is reported misconfigured,
+/// not down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_authorized_is_misconfigured() {
+    let locked = Mosquitto::start_with("allow_anonymous false");
+    // start_with appends after "allow_anonymous true"; Mosquitto takes the last.
+    let lb = RunningBalancer::start(config(
+        &[("locked", locked.addr())],
+        &format!("{FAST_HEALTH}[admin]\naddress = \"127.0.0.1:0\"\n"),
+    ))
+    .await;
+    wait_until(T, || state(&lb, "locked") == HealthState::Misconfigured)
+        .await
+        .expect("misconfigured");
+    let (status, body) = http(&lb.admin.unwrap().to_string(), "GET", "/backends").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v[0]["name"], "locked");
+    assert_eq!(v[0]["state"], "misconfigured");
+    assert!(
+        v[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("not_authorized"),
+        "{body}"
+    );
+    let (status, _) = http(&lb.admin.unwrap().to_string(), "GET", "/readyz").await;
+    assert_eq!(status, 503);
+    let out = Command::new(mqlb_bin())
+        .args(["check", &locked.addr()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("misconfigured"));
+    lb.stop().await;
+}
+
+/// The admin API's read endpoints over a real socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_reports_backends_clients_and_metrics() {
+    let (_ms, lb) = cluster("[admin]\naddress = \"127.0.0.1:0\"\n").await;
+    let admin = lb.admin.unwrap().to_string();
+    assert_eq!(http(&admin, "GET", "/healthz").await.0, 200);
+    assert_eq!(http(&admin, "GET", "/readyz").await.0, 200);
+    let (_s, _) = connect_and_ack(&lb.addr.to_string(), "admin/dev 1", 4).await;
+    let (status, body) = http(&admin, "GET", "/clients/admin%2Fdev%201").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["client_id"], "admin/dev 1");
+    assert_eq!(v["connected"], true);
+    assert_eq!(v["placed_on"], v["connected_to"][0]);
+    let (_, body) = http(&admin, "GET", "/backends").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    for b in v.as_array().unwrap() {
+        assert_eq!(b["state"], "up");
+        assert!(b["last_rtt_ms"].as_f64().unwrap() > 0.0);
+        assert!(b["last_check"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(b["consecutive_failures"], 0);
+    }
+    let total: u64 = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["connections"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 1);
+    let (_, m) = http(&admin, "GET", "/metrics").await;
+    for family in [
+        "mqlb_connections_accepted_total 1",
+        "mqlb_connect_rejected_total{reason=\"malformed\"} 0",
+        "mqlb_backend_connack_total{backend=",
+        "code=\"0x00\",reason=\"success\"} 1",
+        "mqlb_backend_connect_latency_seconds_count{backend=",
+        "mqlb_backend_probe_rtt_seconds_bucket{backend=\"b1\",le=\"+Inf\"}",
+        "mqlb_backend_health{backend=\"b1\",state=\"up\"} 1",
+        "mqlb_backend_health_transitions_total{backend=\"b1\",to=\"up\"} 1",
+    ] {
+        assert!(m.contains(family), "missing {family}");
+    }
+    assert_eq!(http(&admin, "POST", "/backends/nope/drain").await.0, 404);
+    assert_eq!(http(&admin, "GET", "/nope").await.0, 404);
+    lb.stop().await;
+}
+
+/// `mqlb check`: 0 against a live broker, 1 against a stopped one and
+/// against a port with no listener.
+#[test]
+fn check_command_exit_codes() {
+    let m = Mosquitto::start();
+    let run = |addr: &str, extra: &[&str]| {
+        Command::new(mqlb_bin())
+            .args(["check", addr, "--timeout", "500ms"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&m.addr(), &[]);
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    let line = String::from_utf8_lossy(&ok.stdout);
+    assert!(line.contains(" up connack_ms="), "{line}");
+    let deep = run(&m.addr(), &["--v5", "--deep"]);
+    assert_eq!(deep.status.code(), Some(0), "{deep:?}");
+    assert!(String::from_utf8_lossy(&deep.stdout).contains("roundtrip_ms="));
+    m.signal("STOP");
+    let stopped = run(&m.addr(), &[]);
+    m.signal("CONT");
+    assert_eq!(stopped.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&stopped.stdout).contains("timeout waiting for connack"));
+    let nobody = run(&format!("127.0.0.1:{}", free_port()), &[]);
+    assert_eq!(nobody.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&nobody.stdout).contains("unreachable"));
+}
+
+/// The sidecar: 200 while the broker serves, 503 once it is stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_follows_the_broker() {
+    let mut m = Mosquitto::start();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(mqlb_bin())
+        .args(["healthcheck", "--target", &m.addr(), "--listen", &listen])
+        .args(["--interval", "200ms", "--timeout", "300ms"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_listening(&listen, T));
+    let mut last = (0, String::new());
+    for _ in 0..50 {
+        last = http(&listen, "GET", "/health").await;
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last.0, 200, "{}", last.1);
+    let v: serde_json::Value = serde_json::from_str(&last.1).unwrap();
+    assert_eq!(v["status"], "up");
+    assert!(v["rtt_ms"].as_f64().is_some());
+    m.kill();
+    let mut after = (0, String::new());
+    for _ in 0..50 {
+        after = http(&listen, "GET", "/health").await;
+        if after.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(after.0, 503, "{}", after.1);
+    assert!(after.1.contains("\"status\":\"down\""), "{}", after.1);
+    let _ = child.kill();
+    let _ = child.wait();
+}
