@@ -60,3 +60,11 @@ fn balance_with_bad_flags_exits_64_before_binding() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("listener[0].address"));
 }
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/mqlb.toml");
+    let out = mqlb().args(["config", "check", path]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 listener(s), 3 backend(s))"));
+}

@@ -429,3 +429,53 @@ async fn sidecar_follows_the_broker() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Passive signals: with probes far apart, data-path connect failures alone
+/// (passive_fall = 3) mark a dead backend down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passive_failures_mark_a_backend_down() {
+    let mut ms: Vec<Mosquitto> = (0..2).map(|_| Mosquitto::start()).collect();
+    let lb = RunningBalancer::start(config(
+        &[("b1", ms[0].addr()), ("b2", ms[1].addr())],
+        "[health]\ninterval = \"1h\"\njitter = \"0ms\"\npassive_fall = 3\n",
+    ))
+    .await;
+    wait_until(T, || state(&lb, "b1") == HealthState::Up)
+        .await
+        .expect("first probe");
+    ms[0].kill();
+    let ids = ids_on(&lb, "b1", "passive", 3);
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            state(&lb, "b1"),
+            HealthState::Up,
+            "down before {i} failures"
+        );
+        // Each client falls through to b2 after its connect to b1 is refused.
+        let (_s, ack) = connect_and_ack(&lb.addr.to_string(), id, 4).await;
+        assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    }
+    wait_until(T, || state(&lb, "b1") == HealthState::Down)
+        .await
+        .expect("passively marked down");
+    let b1 = lb.shared.backends.get("b1").unwrap();
+    assert_eq!(
+        b1.connect_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    // From now on b1 is skipped without a connect attempt.
+    let (_s, _) = connect_and_ack(
+        &lb.addr.to_string(),
+        &ids_on(&lb, "b2", "passive-after", 1)[0],
+        4,
+    )
+    .await;
+    let (_s, _) = connect_and_ack(&lb.addr.to_string(), &ids[0], 4).await;
+    assert_eq!(
+        b1.connect_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    lb.stop().await;
+}
