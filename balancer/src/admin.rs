@@ -13,84 +13,28 @@
 //! Routing is a pure function ([`route`]) so tests call it without a socket.
 //! Bind the API to loopback or a management network: it can drain backends.
 
-use std::convert::Infallible;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, StatusCode};
 use mqlb_healthcheck::{HealthState, Outcome};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::http::Reply;
 use crate::metrics::RejectReason;
 use crate::server::Shared;
-
-/// An admin response before it becomes HTTP.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Content type.
-    pub content_type: &'static str,
-    /// Body.
-    pub body: String,
-}
-
-impl Reply {
-    fn json(status: StatusCode, v: serde_json::Value) -> Reply {
-        Reply {
-            status,
-            content_type: "application/json",
-            body: v.to_string(),
-        }
-    }
-
-    fn text(status: StatusCode, body: impl Into<String>) -> Reply {
-        Reply {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
-        }
-    }
-}
 
 /// Serves the API until `shutdown`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
     tracing::info!(address = ?listener.local_addr().ok(), "admin API listening");
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let reply = route(req.method(), req.uri().path(), &shared);
-                let resp = Response::builder()
-                    .status(reply.status)
-                    .header("content-type", reply.content_type)
-                    .body(Full::new(Bytes::from(reply.body)))
-                    .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
-    }
+    crate::http::serve(listener, shutdown, move |method, path| {
+        route(method, path, &shared)
+    })
+    .await
 }
 
 /// Answers one request.

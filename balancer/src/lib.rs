@@ -34,6 +34,7 @@ pub mod cli;
 pub mod evict;
 pub mod forward;
 pub mod handshake;
+pub mod http;
 pub mod metrics;
 pub mod registry;
 pub mod select;

@@ -8,18 +8,17 @@
 //! serving MQTT and 503 otherwise (including before the first probe), with a
 //! JSON body: `{target, status, detail, rtt_ms, checked_at}`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
+use hyper::StatusCode;
 use mqlb_healthcheck::{
     CheckSettings, Checker, HealthCell, HealthState, Observer, Outcome, Target, Transition,
 };
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::http::Reply;
 
 struct LogObserver;
 
@@ -36,7 +35,7 @@ impl Observer for LogObserver {
 }
 
 /// The `/health` answer for the latest report.
-pub fn health_reply(target: &str, cell: &HealthCell) -> (StatusCode, String) {
+pub fn health_reply(target: &str, cell: &HealthCell) -> Reply {
     let report = cell.report();
     let status = if report.state == HealthState::Up {
         StatusCode::OK
@@ -54,7 +53,7 @@ pub fn health_reply(target: &str, cell: &HealthCell) -> (StatusCode, String) {
         "rtt_ms": rtt_ms,
         "checked_at": report.last_check.map(crate::admin::rfc3339),
     });
-    (status, body.to_string())
+    Reply::json(status, body)
 }
 
 /// Probes `target` on `settings.interval` and serves `/health` on `listener`
@@ -79,40 +78,9 @@ pub async fn run(
         return;
     };
     tracing::info!(address = ?listener.local_addr().ok(), %target, "health endpoint listening");
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let cell = cell.clone();
-        let target = target.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (status, body) = match req.uri().path() {
-                    "/" | "/health" | "/healthz" => health_reply(&target, &cell),
-                    _ => (
-                        StatusCode::NOT_FOUND,
-                        "{\"error\":\"not found\"}".to_string(),
-                    ),
-                };
-                let resp = Response::builder()
-                    .status(status)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body)))
-                    .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())));
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
-    }
+    crate::http::serve(listener, shutdown, move |_method, path| match path {
+        "/" | "/health" | "/healthz" => health_reply(&target, &cell),
+        _ => Reply::json(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+    })
+    .await
 }
