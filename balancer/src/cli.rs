@@ -30,6 +30,12 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Run one node of the bundled MQTT broker (single node for now).
+    Broker {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        listen: std::net::SocketAddr,
+    },
     /// Probe one broker over MQTT once; exit 0 if healthy, 1 if not.
     Check(CheckArgs),
     /// Serve GET /health backed by MQTT probes of one broker (a sidecar for
@@ -167,6 +173,28 @@ pub fn main() -> ExitCode {
                 }
             };
             run(config)
+        }
+        Command::Broker { listen } => {
+            let Some(rt) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            rt.block_on(async {
+                let broker = match mqlb_broker::Broker::bind(listen).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        eprintln!("--listen {listen}: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let shutdown = CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signal.cancel();
+                });
+                broker.serve(shutdown).await;
+                ExitCode::SUCCESS
+            })
         }
         Command::Check(args) => {
             let spec = match args.probe.spec() {

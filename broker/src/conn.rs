@@ -1,0 +1,480 @@
+//! One client connection: CONNECT, the packet loop, keep-alive, and the will.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use mqlb_protocol::{
+    decode, Ack, Connack, Connect, DecodeError, Disconnect, MqttStr, Packet, Properties,
+    ProtocolVersion, QoS, ReasonCode, Suback, Unsuback,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::core::{Core, Message, Outbound, Sub};
+
+/// Largest packet accepted from clients.
+pub const MAX_PACKET: usize = 1 << 20;
+/// Time a new connection has to send its CONNECT.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Receive Maximum we grant v5 publishers; also our QoS 2 bookkeeping bound.
+pub const RECEIVE_MAXIMUM: u16 = 1024;
+
+pub(crate) fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    core.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serves one client until it leaves.
+pub async fn handle(mut stream: TcpStream, core: Arc<Mutex<Core>>) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(4096);
+    // CONNECT: version-independent decode.
+    let connect = match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        read_packet(&mut stream, &mut buf, ProtocolVersion::V5),
+    )
+    .await
+    {
+        Ok(Ok(Some(Packet::Connect(c)))) => *c,
+        Ok(Err(e)) => {
+            // A v5 client may still be told why.
+            if let Some(reply) = connect_error_reply(&buf, &e) {
+                let _ = stream.write_all(&reply).await;
+            }
+            return;
+        }
+        _ => return,
+    };
+    let mut session = match Session::start(connect, &mut stream, &core).await {
+        Some(s) => s,
+        None => return,
+    };
+    let reason = session.run(&mut stream, &mut buf).await;
+    session.finish(&mut stream, reason).await;
+}
+
+fn connect_error_reply(buf: &[u8], e: &DecodeError) -> Option<Vec<u8>> {
+    match mqlb_protocol::sniff_connect(buf, MAX_PACKET) {
+        mqlb_protocol::Sniff::Reject(r) => r.connack().map(<[u8]>::to_vec),
+        _ => {
+            let _ = e;
+            None
+        }
+    }
+}
+
+/// Reads one packet; `Ok(None)` on a clean EOF between packets.
+async fn read_packet(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    v: ProtocolVersion,
+) -> Result<Option<Packet>, DecodeError> {
+    loop {
+        if let Some(p) = decode(buf, v, MAX_PACKET)? {
+            return Ok(Some(p));
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Why a connection ended.
+enum End {
+    /// DISCONNECT: will discarded unless the reason is 0x04.
+    Normal { send_will: bool },
+    /// The client vanished (EOF, error, keep-alive timeout): will sent.
+    Lost,
+    /// Protocol violation: v5 gets DISCONNECT with this code; will sent.
+    Violation(ReasonCode),
+    /// Another connection took the session: v5 gets 0x8E; will sent.
+    TakenOver(ReasonCode),
+}
+
+struct Session {
+    client_id: String,
+    version: ProtocolVersion,
+    conn: u64,
+    keep_alive: Option<Duration>,
+    will: Option<(Message, Duration)>,
+    core: Arc<Mutex<Core>>,
+    rx: mpsc::UnboundedReceiver<Outbound>,
+    /// Inbound topic aliases (v5).
+    aliases: HashMap<u16, MqttStr>,
+}
+
+impl Session {
+    async fn start(c: Connect, stream: &mut TcpStream, core: &Arc<Mutex<Core>>) -> Option<Session> {
+        let v = c.version;
+        let refuse = |code: ReasonCode| {
+            Packet::Connack(Connack {
+                session_present: false,
+                reason: code,
+                properties: Properties::default(),
+            })
+        };
+        let mut assigned = None;
+        let client_id = if c.client_id.is_empty() {
+            if !v.is_v5() && !c.clean_start {
+                // 3.1.1 (3.1.3-8): an empty ID needs a clean session.
+                if let Ok(b) = refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID).to_bytes(v) {
+                    let _ = stream.write_all(&b).await;
+                }
+                return None;
+            }
+            let id = format!("mqlb-{:016x}", next_random());
+            assigned = Some(id.clone());
+            id
+        } else {
+            c.client_id.to_string()
+        };
+        // Session lifetime: v5 Session Expiry Interval (0 = ends with the
+        // connection, 0xFFFFFFFF = never); 3.x clean session 1 = ends, 0 = never.
+        let expiry = if v.is_v5() {
+            match c.properties.session_expiry_interval.unwrap_or(0) {
+                u32::MAX => None,
+                s => Some(Duration::from_secs(u64::from(s))),
+            }
+        } else if c.clean_start {
+            Some(Duration::ZERO)
+        } else {
+            None
+        };
+        let will = c.will.as_ref().map(|w| {
+            (
+                Message {
+                    topic: w.topic.clone(),
+                    payload: w.payload.clone(),
+                    qos: w.qos,
+                    retain: w.retain,
+                    properties: Properties {
+                        will_delay_interval: None,
+                        ..w.properties.clone()
+                    },
+                    origin: Some(Arc::from(client_id.as_str())),
+                },
+                Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))),
+            )
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let receive_maximum = c.properties.receive_maximum.unwrap_or(u16::MAX);
+        let connected =
+            lock(core).connect(&client_id, c.clean_start, expiry, v, receive_maximum, tx);
+        let mut props = Properties::default();
+        if v.is_v5() {
+            props.assigned_client_identifier =
+                assigned.as_deref().and_then(|a| MqttStr::try_from(a).ok());
+            props.receive_maximum = Some(RECEIVE_MAXIMUM);
+            props.topic_alias_maximum = Some(64);
+            props.shared_subscription_available = Some(0);
+            props.retain_available = Some(1);
+        }
+        let ack = Packet::Connack(Connack {
+            session_present: connected.session_present,
+            reason: ReasonCode::SUCCESS,
+            properties: props,
+        });
+        let bytes = ack.to_bytes(v).ok()?;
+        if stream.write_all(&bytes).await.is_err() {
+            lock(core).disconnect(&client_id, connected.conn);
+            return None;
+        }
+        lock(core).resume(&client_id);
+        tracing::debug!(client_id = %client_id, version = v.label(), session_present = connected.session_present, "connected");
+        Some(Session {
+            client_id,
+            version: v,
+            conn: connected.conn,
+            keep_alive: (c.keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
+            will,
+            core: core.clone(),
+            rx,
+            aliases: HashMap::new(),
+        })
+    }
+
+    fn send(&self, out: &mut Vec<u8>, p: Packet) {
+        if let Ok(b) = p.to_bytes(self.version) {
+            out.extend_from_slice(&b);
+        }
+    }
+
+    async fn run(&mut self, stream: &mut TcpStream, buf: &mut BytesMut) -> End {
+        let (mut rd, mut wr) = stream.split();
+        loop {
+            // Packets already buffered first.
+            loop {
+                match decode(buf, self.version, MAX_PACKET) {
+                    Ok(Some(p)) => {
+                        let mut out = Vec::new();
+                        let end = self.on_packet(p, &mut out);
+                        if !out.is_empty() && wr.write_all(&out).await.is_err() {
+                            return End::Lost;
+                        }
+                        if let Some(end) = end {
+                            return end;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return End::Violation(e.reason_code()),
+                }
+            }
+            let deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
+            tokio::select! {
+                r = rd.read_buf(buf) => match r {
+                    Ok(0) | Err(_) => return End::Lost,
+                    Ok(_) => {}
+                },
+                out = self.rx.recv() => match out {
+                    Some(Outbound::Bytes(b)) => {
+                        // Coalesce what is already queued into one write.
+                        let mut batch: Vec<Bytes> = vec![b];
+                        let mut close = None;
+                        while let Ok(o) = self.rx.try_recv() {
+                            match o {
+                                Outbound::Bytes(b) => batch.push(b),
+                                Outbound::Close(c) => { close = Some(c); break }
+                            }
+                        }
+                        let joined: Vec<u8> = batch.concat();
+                        if wr.write_all(&joined).await.is_err() {
+                            return End::Lost;
+                        }
+                        if let Some(c) = close {
+                            return End::TakenOver(c);
+                        }
+                    }
+                    Some(Outbound::Close(c)) => return End::TakenOver(c),
+                    None => return End::Lost,
+                },
+                _ = sleep_until(deadline) => {
+                    tracing::debug!(client_id = %self.client_id, "keep-alive expired");
+                    return End::Violation(ReasonCode::KEEP_ALIVE_TIMEOUT);
+                }
+            }
+        }
+    }
+
+    /// Handles one packet, appending replies to `out`.
+    fn on_packet(&mut self, p: Packet, out: &mut Vec<u8>) -> Option<End> {
+        match p {
+            Packet::Publish(mut p) => {
+                if self.version.is_v5() {
+                    if let Some(alias) = p.properties.topic_alias {
+                        if alias > 64 {
+                            return Some(End::Violation(ReasonCode::TOPIC_ALIAS_INVALID));
+                        }
+                        if p.topic.is_empty() {
+                            match self.aliases.get(&alias) {
+                                Some(t) => p.topic = t.clone(),
+                                None => return Some(End::Violation(ReasonCode::PROTOCOL_ERROR)),
+                            }
+                        } else {
+                            self.aliases.insert(alias, p.topic.clone());
+                        }
+                        p.properties.topic_alias = None;
+                    }
+                }
+                let msg = Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                    qos: p.qos,
+                    retain: p.retain,
+                    properties: p.properties,
+                    origin: Some(Arc::from(self.client_id.as_str())),
+                };
+                match (p.qos, p.packet_id) {
+                    (QoS::AtMostOnce, _) => {
+                        lock(&self.core).route(msg);
+                    }
+                    (QoS::AtLeastOnce, Some(pid)) => {
+                        lock(&self.core).route(msg);
+                        self.send(out, Packet::Puback(Ack::new(pid)));
+                    }
+                    (QoS::ExactlyOnce, Some(pid)) => {
+                        // Exactly once: route on first receipt only, even
+                        // across reconnects (the ids live in the session).
+                        let mut core = lock(&self.core);
+                        match core.qos2_received(&self.client_id, pid, usize::from(RECEIVE_MAXIMUM))
+                        {
+                            Some(true) => {
+                                core.route(msg);
+                            }
+                            Some(false) => {}
+                            None => {
+                                return Some(End::Violation(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED))
+                            }
+                        }
+                        drop(core);
+                        self.send(out, Packet::Pubrec(Ack::new(pid)));
+                    }
+                    _ => return Some(End::Violation(ReasonCode::PROTOCOL_ERROR)),
+                }
+            }
+            Packet::Pubrel(a) => {
+                let mut ack = Ack::new(a.packet_id);
+                if !lock(&self.core).qos2_released(&self.client_id, a.packet_id)
+                    && self.version.is_v5()
+                {
+                    ack.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
+                }
+                self.send(out, Packet::Pubcomp(ack));
+            }
+            Packet::Puback(a) => lock(&self.core).acked(
+                &self.client_id,
+                a.packet_id,
+                mqlb_protocol::PacketType::Puback,
+            ),
+            Packet::Pubrec(a) => lock(&self.core).acked(
+                &self.client_id,
+                a.packet_id,
+                mqlb_protocol::PacketType::Pubrec,
+            ),
+            Packet::Pubcomp(a) => lock(&self.core).acked(
+                &self.client_id,
+                a.packet_id,
+                mqlb_protocol::PacketType::Pubcomp,
+            ),
+            Packet::Subscribe(s) => {
+                let id = s.properties.subscription_identifiers.first().copied();
+                let mut reasons = Vec::with_capacity(s.filters.len());
+                let mut granted = Vec::new();
+                for (filter, options) in &s.filters {
+                    if filter.as_str().starts_with("$share/") {
+                        reasons.push(if self.version.is_v5() {
+                            ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
+                        } else {
+                            ReasonCode(0x80)
+                        });
+                        continue;
+                    }
+                    reasons.push(ReasonCode(options.qos as u8));
+                    granted.push((
+                        filter.clone(),
+                        Sub {
+                            options: *options,
+                            id,
+                        },
+                    ));
+                }
+                // SUBACK first, then the retained messages the subscription triggers.
+                self.send(
+                    out,
+                    Packet::Suback(Suback {
+                        packet_id: s.packet_id,
+                        properties: Properties::default(),
+                        reasons,
+                    }),
+                );
+                let mut core = lock(&self.core);
+                for (filter, sub) in granted {
+                    core.subscribe(&self.client_id, filter.as_str(), sub);
+                }
+            }
+            Packet::Unsubscribe(u) => {
+                let mut core = lock(&self.core);
+                let reasons = u
+                    .filters
+                    .iter()
+                    .map(|f| {
+                        if core.unsubscribe(&self.client_id, f.as_str()) {
+                            ReasonCode::SUCCESS
+                        } else {
+                            ReasonCode::NO_SUBSCRIPTION_EXISTED
+                        }
+                    })
+                    .collect();
+                drop(core);
+                self.send(
+                    out,
+                    Packet::Unsuback(Unsuback {
+                        packet_id: u.packet_id,
+                        properties: Properties::default(),
+                        reasons,
+                    }),
+                );
+            }
+            Packet::Pingreq => self.send(out, Packet::Pingresp),
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.properties.session_expiry_interval {
+                    let e = if e == u32::MAX {
+                        None
+                    } else {
+                        Some(Duration::from_secs(u64::from(e)))
+                    };
+                    lock(&self.core).set_expiry(&self.client_id, e);
+                }
+                return Some(End::Normal {
+                    send_will: d.reason == ReasonCode::DISCONNECT_WITH_WILL,
+                });
+            }
+            Packet::Connect(_) => return Some(End::Violation(ReasonCode::PROTOCOL_ERROR)),
+            Packet::Auth(_) => return Some(End::Violation(ReasonCode::BAD_AUTHENTICATION_METHOD)),
+            // Server-to-client packets from a client.
+            Packet::Connack(_) | Packet::Suback(_) | Packet::Unsuback(_) | Packet::Pingresp => {
+                return Some(End::Violation(ReasonCode::PROTOCOL_ERROR))
+            }
+        }
+        None
+    }
+
+    async fn finish(mut self, stream: &mut TcpStream, end: End) {
+        let (send_will, disconnect) = match end {
+            End::Normal { send_will } => (send_will, None),
+            End::Lost => (true, None),
+            End::Violation(code) | End::TakenOver(code) => (true, Some(code)),
+        };
+        if let (Some(code), true) = (disconnect, self.version.is_v5()) {
+            if let Ok(b) = Packet::Disconnect(Disconnect::new(code)).to_bytes(self.version) {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), stream.write_all(&b)).await;
+            }
+        }
+        let _ = stream.shutdown().await;
+        lock(&self.core).disconnect(&self.client_id, self.conn);
+        if let (true, Some((will, delay))) = (send_will, self.will.take()) {
+            if delay.is_zero() {
+                lock(&self.core).route(will);
+            } else {
+                // Will Delay: publish only if the client has not come back.
+                let core = self.core.clone();
+                let client_id = self.client_id.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let mut c = lock(&core);
+                    if !c.is_connected(&client_id) {
+                        c.route(will);
+                    }
+                });
+            }
+        }
+        tracing::debug!(client_id = %self.client_id, "disconnected");
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A per-process pseudo-random value for assigned client IDs.
+fn next_random() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let n = STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed) ^ seed;
+    // splitmix64 finaliser
+    let mut z = n;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

@@ -1,0 +1,85 @@
+//! The broker's listener and housekeeping.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::conn::{handle, lock};
+use crate::core::Core;
+
+/// A broker node with its listener bound.
+#[derive(Debug)]
+pub struct Broker {
+    listener: TcpListener,
+    core: Arc<Mutex<Core>>,
+}
+
+impl Broker {
+    /// Binds the MQTT listener.
+    pub async fn bind(addr: SocketAddr) -> io::Result<Broker> {
+        Ok(Broker {
+            listener: TcpListener::bind(addr).await?,
+            core: Arc::new(Mutex::new(Core::new())),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Shared state (for tests and the admin side).
+    pub fn core(&self) -> Arc<Mutex<Core>> {
+        self.core.clone()
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        let core = self.core.clone();
+        let sweeper_stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let n = lock(&core).expire_sessions(std::time::Instant::now());
+                        if n > 0 {
+                            tracing::debug!(expired = n, "sessions expired");
+                        }
+                    }
+                    _ = sweeper_stop.cancelled() => return,
+                }
+            }
+        });
+        tracing::info!(address = ?self.listener.local_addr().ok(), "broker listening");
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let core = self.core.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(
+                async move {
+                    tokio::select! {
+                        _ = handle(stream, core) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
+                .instrument(tracing::debug_span!("client", %peer)),
+            );
+        }
+    }
+}
