@@ -22,6 +22,7 @@ use mqlb_balancer::server::Shared;
 use mqlb_config::Config;
 use tokio_util::sync::CancellationToken;
 
+pub mod client;
 pub mod raw;
 
 /// The `mqlb` binary built by this `cargo test` run. Cargo builds it for
@@ -355,4 +356,28 @@ pub async fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> Option
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     None
+}
+
+/// The bundled broker, in this process, on a free port.
+pub struct OurBroker {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl OurBroker {
+    pub async fn start() -> OurBroker {
+        let b = mqlb_broker::Broker::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = b.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(b.serve(shutdown.clone()));
+        OurBroker { addr, shutdown }
+    }
+}
+
+impl Drop for OurBroker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
 }
