@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::core::{Core, Message, Outbound, Sub};
+use crate::core::{ClientLimits, Core, Message, Outbound, Sub};
 
 /// Largest packet accepted from clients.
 pub const MAX_PACKET: usize = 1 << 20;
@@ -21,6 +21,8 @@ pub const MAX_PACKET: usize = 1 << 20;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Receive Maximum we grant v5 publishers; also our QoS 2 bookkeeping bound.
 pub const RECEIVE_MAXIMUM: u16 = 1024;
+/// Inbound topic aliases a v5 client may set.
+pub const TOPIC_ALIAS_MAXIMUM: u16 = 64;
 
 pub(crate) fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
     core.lock().unwrap_or_else(|p| p.into_inner())
@@ -155,21 +157,26 @@ impl Session {
                         ..w.properties.clone()
                     },
                     origin: Some(Arc::from(client_id.as_str())),
+                    received: std::time::Instant::now(),
                 },
                 Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))),
             )
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let receive_maximum = c.properties.receive_maximum.unwrap_or(u16::MAX);
-        let connected =
-            lock(core).connect(&client_id, c.clean_start, expiry, v, receive_maximum, tx);
+        let limits = ClientLimits {
+            version: v,
+            receive_maximum: c.properties.receive_maximum.unwrap_or(u16::MAX),
+            maximum_packet_size: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
+            topic_alias_maximum: c.properties.topic_alias_maximum.unwrap_or(0),
+        };
+        let connected = lock(core).connect(&client_id, c.clean_start, expiry, limits, tx);
         let mut props = Properties::default();
         if v.is_v5() {
             props.assigned_client_identifier =
                 assigned.as_deref().and_then(|a| MqttStr::try_from(a).ok());
             props.receive_maximum = Some(RECEIVE_MAXIMUM);
-            props.topic_alias_maximum = Some(64);
-            props.shared_subscription_available = Some(0);
+            props.topic_alias_maximum = Some(TOPIC_ALIAS_MAXIMUM);
+            props.maximum_packet_size = u32::try_from(MAX_PACKET).ok();
             props.retain_available = Some(1);
         }
         let ack = Packet::Connack(Connack {
@@ -265,7 +272,7 @@ impl Session {
             Packet::Publish(mut p) => {
                 if self.version.is_v5() {
                     if let Some(alias) = p.properties.topic_alias {
-                        if alias > 64 {
+                        if alias > TOPIC_ALIAS_MAXIMUM {
                             return Some(End::Violation(ReasonCode::TOPIC_ALIAS_INVALID));
                         }
                         if p.topic.is_empty() {
@@ -286,6 +293,7 @@ impl Session {
                     retain: p.retain,
                     properties: p.properties,
                     origin: Some(Arc::from(self.client_id.as_str())),
+                    received: std::time::Instant::now(),
                 };
                 match (p.qos, p.packet_id) {
                     (QoS::AtMostOnce, _) => {
@@ -344,14 +352,6 @@ impl Session {
                 let mut reasons = Vec::with_capacity(s.filters.len());
                 let mut granted = Vec::new();
                 for (filter, options) in &s.filters {
-                    if filter.as_str().starts_with("$share/") {
-                        reasons.push(if self.version.is_v5() {
-                            ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
-                        } else {
-                            ReasonCode(0x80)
-                        });
-                        continue;
-                    }
                     reasons.push(ReasonCode(options.qos as u8));
                     granted.push((
                         filter.clone(),
@@ -436,7 +436,8 @@ impl Session {
         }
         let _ = stream.shutdown().await;
         lock(&self.core).disconnect(&self.client_id, self.conn);
-        if let (true, Some((will, delay))) = (send_will, self.will.take()) {
+        if let (true, Some((mut will, delay))) = (send_will, self.will.take()) {
+            will.received = std::time::Instant::now();
             if delay.is_zero() {
                 lock(&self.core).route(will);
             } else {

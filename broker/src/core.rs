@@ -1,12 +1,12 @@
-//! Broker state: sessions, subscriptions, retained messages, and the one
-//! routing function every publish goes through.
+//! Broker state: sessions, subscriptions, shared groups, retained messages,
+//! and the one routing function every publish goes through.
 //!
 //! All of it sits behind one mutex, held only for in-memory work and never
 //! across an await. Sessions are plain data (subscriptions, inflight and
 //! queued messages, packet ids) so that the cluster layer can export and
 //! import them later.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,23 @@ use tokio::sync::mpsc;
 
 use crate::trie::{filter_matches, Trie};
 
-/// Messages queued per offline session before the oldest are dropped.
-pub const DEFAULT_MAX_QUEUED: usize = 1000;
+/// Limits that protect the broker from one client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Messages queued per session; at the limit the oldest is dropped.
+    pub max_queued_messages: usize,
+    /// Payload bytes queued per session; at the limit the oldest is dropped.
+    pub max_queued_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_queued_messages: 1000,
+            max_queued_bytes: 16 << 20,
+        }
+    }
+}
 
 /// A message as routed: what was published, plus who published it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +53,27 @@ pub struct Message {
     pub properties: Properties,
     /// Publisher's client ID, for No Local.
     pub origin: Option<Arc<str>>,
+    /// When the broker received it: Message Expiry counts down from here.
+    pub received: Instant,
+}
+
+impl Message {
+    /// Remaining Message Expiry Interval, `Some(0)`-free: `None` when the
+    /// message never expires, `Err(())` when it has expired.
+    fn remaining_expiry(&self, now: Instant) -> Result<Option<u32>, ()> {
+        match self.properties.message_expiry_interval {
+            None => Ok(None),
+            Some(secs) => {
+                let left =
+                    u64::from(secs).saturating_sub(now.duration_since(self.received).as_secs());
+                if left == 0 {
+                    Err(())
+                } else {
+                    Ok(Some(u32::try_from(left).unwrap_or(u32::MAX)))
+                }
+            }
+        }
+    }
 }
 
 /// What a connection task receives from the core.
@@ -65,18 +101,36 @@ enum AwaitAck {
     Pubcomp,
 }
 
+/// A message owed to a session, not yet sent.
+#[derive(Debug, Clone)]
+struct Pending {
+    msg: Message,
+    qos: QoS,
+    sub_ids: Vec<u32>,
+    retain: bool,
+    /// The shared group it was given to, so it can go to another member.
+    shared: Option<Arc<str>>,
+}
+
 #[derive(Debug, Clone)]
 struct Inflight {
     publish: Publish,
     state: AwaitAck,
+    pending: Pending,
 }
 
+/// The connection a session is attached to, with what it told us.
 #[derive(Debug)]
 struct Attached {
     conn: u64,
     tx: mpsc::UnboundedSender<Outbound>,
     version: ProtocolVersion,
     receive_maximum: u16,
+    /// Client's Maximum Packet Size: larger messages are not sent (3.1.2.11.4).
+    maximum_packet_size: usize,
+    /// Outbound topic aliases: topic → alias, up to the client's maximum.
+    aliases: HashMap<MqttStr, u16>,
+    topic_alias_maximum: u16,
 }
 
 /// One client's session.
@@ -85,10 +139,11 @@ struct Session {
     subs: HashMap<String, Sub>,
     attached: Option<Attached>,
     inflight: BTreeMap<u16, Inflight>,
-    queue: VecDeque<(Message, QoS, Vec<u32>, bool)>,
+    queue: VecDeque<Pending>,
+    queued_bytes: usize,
     /// QoS 2 packet ids received and not yet released: kept with the
     /// session so a resent PUBLISH after a reconnect is not routed twice.
-    qos2_in: std::collections::HashSet<u16>,
+    qos2_in: HashSet<u16>,
     next_pid: u16,
     /// None = never expires (3.x clean session 0).
     expiry: Option<Duration>,
@@ -102,7 +157,8 @@ impl Session {
             attached: None,
             inflight: BTreeMap::new(),
             queue: VecDeque::new(),
-            qos2_in: std::collections::HashSet::new(),
+            queued_bytes: 0,
+            qos2_in: HashSet::new(),
             next_pid: 0,
             expiry,
             disconnected_at: None,
@@ -120,15 +176,28 @@ impl Session {
     }
 }
 
+/// A shared subscription group: `$share/{group}/{filter}`. Keyed by group
+/// *and* filter, so two groups with one name on different filters are
+/// separate (rumqttd keys by name only).
+#[derive(Debug, Default)]
+struct Group {
+    members: Vec<(String, Sub)>,
+    next: usize,
+}
+
 /// Counters for `$SYS` and metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
-    /// PUBLISH packets received.
+    /// PUBLISH packets routed.
     pub messages_in: u64,
     /// PUBLISH packets sent.
     pub messages_out: u64,
-    /// Queued messages dropped at the per-session limit.
+    /// Queued messages dropped at a per-session limit.
     pub dropped_queue_full: u64,
+    /// Messages dropped because their Message Expiry passed while queued.
+    pub dropped_expired: u64,
+    /// Messages not sent because they exceed the client's Maximum Packet Size.
+    pub dropped_too_large: u64,
 }
 
 /// The result of a CONNECT.
@@ -140,22 +209,53 @@ pub struct Connected {
     pub conn: u64,
 }
 
+/// What a client declared in its CONNECT that shapes delivery to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Protocol version.
+    pub version: ProtocolVersion,
+    /// Receive Maximum (inflight QoS 1/2 window).
+    pub receive_maximum: u16,
+    /// Maximum Packet Size.
+    pub maximum_packet_size: u32,
+    /// Topic Alias Maximum.
+    pub topic_alias_maximum: u16,
+}
+
 /// The broker's state.
 #[derive(Debug, Default)]
 pub struct Core {
     sessions: HashMap<String, Session>,
     trie: Trie<Sub>,
+    groups: HashMap<Arc<str>, Group>,
     retained: BTreeMap<String, Message>,
     next_conn: u64,
     stats: Stats,
-    max_queued: usize,
+    limits: Limits,
+}
+
+/// The trie key under which a shared group is stored: `\0{group}\0{filter}`.
+/// U+0000 cannot occur in a client ID, so it never collides with one, and
+/// the part after the first `\0` is the group's key in `Core::groups`.
+fn group_key(group: &str, filter: &str) -> String {
+    format!("\0{group}\0{filter}")
+}
+
+/// Splits `$share/{group}/{filter}`.
+fn parse_shared(filter: &str) -> Option<(&str, &str)> {
+    filter.strip_prefix("$share/")?.split_once('/')
 }
 
 impl Core {
-    /// An empty broker.
+    /// An empty broker with default limits.
     pub fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    /// An empty broker.
+    pub fn with_limits(limits: Limits) -> Self {
         Self {
-            max_queued: DEFAULT_MAX_QUEUED,
+            limits,
             ..Default::default()
         }
     }
@@ -173,15 +273,29 @@ impl Core {
             .count()
     }
 
+    /// Sessions, connected or not.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Retained messages stored.
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Subscriptions (shared group memberships included).
+    pub fn subscriptions(&self) -> usize {
+        self.sessions.values().map(|s| s.subs.len()).sum()
+    }
+
     /// Attaches a connection to `client_id`'s session, taking over any other
-    /// connection with that ID, and resends what the session owes.
+    /// connection with that ID.
     pub fn connect(
         &mut self,
         client_id: &str,
         clean_start: bool,
         expiry: Option<Duration>,
-        version: ProtocolVersion,
-        receive_maximum: u16,
+        limits: ClientLimits,
         tx: mpsc::UnboundedSender<Outbound>,
     ) -> Connected {
         self.next_conn += 1;
@@ -206,8 +320,15 @@ impl Core {
         s.attached = Some(Attached {
             conn,
             tx,
-            version,
-            receive_maximum: receive_maximum.max(1),
+            version: limits.version,
+            receive_maximum: limits.receive_maximum.max(1),
+            maximum_packet_size: usize::try_from(limits.maximum_packet_size).unwrap_or(usize::MAX),
+            aliases: HashMap::new(),
+            topic_alias_maximum: if limits.version.is_v5() {
+                limits.topic_alias_maximum
+            } else {
+                0
+            },
         });
         Connected {
             session_present,
@@ -215,8 +336,8 @@ impl Core {
         }
     }
 
-    /// Resends inflight messages (DUP) and sends queued ones; call after the
-    /// CONNACK is written.
+    /// Resends inflight messages (DUP, or PUBREL where the PUBREC came) and
+    /// sends queued ones; call after the CONNACK is written.
     pub fn resume(&mut self, client_id: &str) {
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
@@ -224,13 +345,12 @@ impl Core {
         let Some(a) = &s.attached else { return };
         let mut sent = 0;
         for inflight in s.inflight.values_mut() {
-            let packet = match inflight.state {
-                AwaitAck::Pubcomp => match inflight.publish.packet_id {
-                    Some(pid) => Packet::Pubrel(mqlb_protocol::Ack::new(pid)),
-                    None => continue,
-                },
+            let packet = match (inflight.state, inflight.publish.packet_id) {
+                (AwaitAck::Pubcomp, Some(pid)) => Packet::Pubrel(mqlb_protocol::Ack::new(pid)),
                 _ => {
                     inflight.publish.dup = true;
+                    // Aliases do not survive the connection: send the topic.
+                    inflight.publish.properties.topic_alias = None;
                     Packet::Publish(inflight.publish.clone())
                 }
             };
@@ -243,7 +363,8 @@ impl Core {
         self.pump(client_id);
     }
 
-    /// Detaches connection `conn`; removes the session if it expires now.
+    /// Detaches connection `conn`. Messages it held for a shared group go to
+    /// another member; the session is removed if it expires now.
     pub fn disconnect(&mut self, client_id: &str, conn: u64) {
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
@@ -252,10 +373,35 @@ impl Core {
             return; // taken over already
         }
         s.attached = None;
+        // Shared-group messages are not kept waiting for this member.
+        let mut handover = Vec::new();
+        s.inflight.retain(|_, i| {
+            if i.pending.shared.is_some() && i.state != AwaitAck::Pubcomp {
+                handover.push(i.pending.clone());
+                false
+            } else {
+                true
+            }
+        });
+        let mut kept = VecDeque::new();
+        for p in s.queue.drain(..) {
+            if p.shared.is_some() {
+                handover.push(p);
+            } else {
+                kept.push_back(p);
+            }
+        }
+        s.queued_bytes = kept.iter().map(|p| p.msg.payload.len()).sum();
+        s.queue = kept;
         if s.expiry == Some(Duration::ZERO) {
             self.drop_session(client_id);
-        } else {
+        } else if let Some(s) = self.sessions.get_mut(client_id) {
             s.disconnected_at = Some(Instant::now());
+        }
+        for p in handover {
+            if let Some(group) = p.shared.clone() {
+                self.deliver_to_group(&group, p.msg, Some(client_id));
+            }
         }
     }
 
@@ -274,6 +420,11 @@ impl Core {
             .is_some_and(|a| a.conn == conn)
     }
 
+    /// Whether a session exists for `client_id`.
+    pub fn has_session(&self, client_id: &str) -> bool {
+        self.sessions.contains_key(client_id)
+    }
+
     /// Updates the session expiry (v5 DISCONNECT may change it).
     pub fn set_expiry(&mut self, client_id: &str, expiry: Option<Duration>) {
         if let Some(s) = self.sessions.get_mut(client_id) {
@@ -284,6 +435,24 @@ impl Core {
     fn drop_session(&mut self, client_id: &str) {
         if let Some(s) = self.sessions.remove(client_id) {
             for filter in s.subs.keys() {
+                self.remove_subscription(client_id, filter);
+            }
+        }
+    }
+
+    fn remove_subscription(&mut self, client_id: &str, filter: &str) {
+        match parse_shared(filter) {
+            Some((group, inner)) => {
+                let key: Arc<str> = Arc::from(format!("{group}\0{inner}"));
+                if let Some(g) = self.groups.get_mut(&key) {
+                    g.members.retain(|(c, _)| c != client_id);
+                    if g.members.is_empty() {
+                        self.groups.remove(&key);
+                        self.trie.remove(inner, &group_key(group, inner));
+                    }
+                }
+            }
+            None => {
                 self.trie.remove(filter, client_id);
             }
         }
@@ -306,21 +475,31 @@ impl Core {
         expired.len()
     }
 
-    /// Adds a subscription; returns whether it existed, and the retained
-    /// messages to send for it per its retain handling.
+    /// Adds a subscription and sends the retained messages its retain
+    /// handling asks for. Returns whether it existed.
     pub fn subscribe(&mut self, client_id: &str, filter: &str, sub: Sub) -> bool {
         let Some(s) = self.sessions.get_mut(client_id) else {
             return false;
         };
         let existed = s.subs.insert(filter.to_string(), sub).is_some();
+        if let Some((group, inner)) = parse_shared(filter) {
+            let key: Arc<str> = Arc::from(format!("{group}\0{inner}"));
+            let g = self.groups.entry(key).or_default();
+            match g.members.iter_mut().find(|(c, _)| c == client_id) {
+                Some(m) => m.1 = sub,
+                None => g.members.push((client_id.to_string(), sub)),
+            }
+            self.trie.insert(inner, &group_key(group, inner), sub);
+            // Shared subscriptions never get retained messages (4.8.2).
+            return existed;
+        }
         self.trie.insert(filter, client_id, sub);
         let send_retained = match sub.options.retain_handling {
             RetainHandling::SendAtSubscribe => true,
             RetainHandling::SendIfNew => !existed,
             RetainHandling::DoNotSend => false,
         };
-        // Shared subscriptions never get retained messages (4.8.2).
-        if send_retained && !filter.starts_with("$share/") {
+        if send_retained {
             let matching: Vec<Message> = self
                 .retained
                 .values()
@@ -329,7 +508,16 @@ impl Core {
                 .collect();
             for m in matching {
                 let qos = m.qos.min(sub.options.qos);
-                self.deliver(client_id, m, qos, sub.id.into_iter().collect(), true);
+                self.deliver(
+                    client_id,
+                    Pending {
+                        msg: m,
+                        qos,
+                        sub_ids: sub.id.into_iter().collect(),
+                        retain: true,
+                        shared: None,
+                    },
+                );
             }
         }
         existed
@@ -341,7 +529,9 @@ impl Core {
             return false;
         };
         let existed = s.subs.remove(filter).is_some();
-        self.trie.remove(filter, client_id);
+        if existed {
+            self.remove_subscription(client_id, filter);
+        }
         existed
     }
 
@@ -361,7 +551,7 @@ impl Core {
     }
 
     /// The routing function: every publish, from any source, goes here.
-    /// Returns the number of sessions it was delivered or queued to.
+    /// Returns the number of sessions and groups it was given to.
     pub fn route(&mut self, m: Message) -> usize {
         self.stats.messages_in += 1;
         if m.retain {
@@ -370,7 +560,12 @@ impl Core {
         // One delivery per client: the highest QoS of its matching
         // subscriptions, with all their identifiers.
         let mut targets: HashMap<&str, (QoS, Vec<u32>, bool)> = HashMap::new();
+        let mut groups: Vec<String> = Vec::new();
         self.trie.matches(m.topic.as_str(), |client, sub| {
+            if let Some(group) = client.strip_prefix('\0') {
+                groups.push(group.to_string());
+                return;
+            }
             if sub.options.no_local && m.origin.as_deref() == Some(client) {
                 return;
             }
@@ -385,54 +580,205 @@ impl Core {
             .into_iter()
             .map(|(c, (q, ids, rap))| (c.to_string(), q, ids, rap))
             .collect();
-        let n = targets.len();
-        for (client, qos, ids, rap) in targets {
+        let n = targets.len() + groups.len();
+        for (client, qos, sub_ids, rap) in targets {
             // Retain As Published keeps the flag; otherwise a routed message
             // is delivered with RETAIN 0 (3.3.1.3).
-            self.deliver(&client, m.clone(), qos, ids, rap && m.retain);
+            self.deliver(
+                &client,
+                Pending {
+                    msg: m.clone(),
+                    qos,
+                    sub_ids,
+                    retain: rap && m.retain,
+                    shared: None,
+                },
+            );
+        }
+        // One member of each matching shared group.
+        for key in groups {
+            let Some((key, _)) = self.groups.get_key_value(key.as_str()) else {
+                continue;
+            };
+            let key = key.clone();
+            self.deliver_to_group(&key, m.clone(), None);
         }
         n
     }
 
+    /// Gives `m` to one member of a shared group, round robin, preferring
+    /// connected members with room in their window; `except` is skipped.
+    fn deliver_to_group(&mut self, key: &Arc<str>, m: Message, except: Option<&str>) {
+        let Some(g) = self.groups.get_mut(key) else {
+            return;
+        };
+        let n = g.members.len();
+        if n == 0 {
+            return;
+        }
+        let start = g.next;
+        let mut chosen = None;
+        let mut fallback = None;
+        for i in 0..n {
+            let (client, sub) = &g.members[(start + i) % n];
+            if Some(client.as_str()) == except {
+                continue;
+            }
+            let Some(s) = self.sessions.get(client) else {
+                continue;
+            };
+            let ready = s
+                .attached
+                .as_ref()
+                .is_some_and(|a| s.inflight.len() < usize::from(a.receive_maximum));
+            if ready {
+                chosen = Some(((start + i) % n, client.clone(), *sub));
+                break;
+            }
+            if fallback.is_none() {
+                fallback = Some(((start + i) % n, client.clone(), *sub));
+            }
+        }
+        let Some((idx, client, sub)) = chosen.or(fallback) else {
+            return;
+        };
+        g.next = idx + 1;
+        let qos = m.qos.min(sub.options.qos);
+        self.deliver(
+            &client,
+            Pending {
+                msg: m,
+                qos,
+                sub_ids: sub.id.into_iter().collect(),
+                retain: false,
+                shared: Some(key.clone()),
+            },
+        );
+    }
+
     /// Sends (or queues) one message to one session.
-    fn deliver(&mut self, client_id: &str, m: Message, qos: QoS, sub_ids: Vec<u32>, retain: bool) {
+    fn deliver(&mut self, client_id: &str, p: Pending) {
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
         };
         let can_send = s.attached.as_ref().is_some_and(|a| {
-            qos == QoS::AtMostOnce || s.inflight.len() < usize::from(a.receive_maximum)
+            p.qos == QoS::AtMostOnce || s.inflight.len() < usize::from(a.receive_maximum)
         });
-        if !can_send {
-            if qos == QoS::AtMostOnce || s.expiry == Some(Duration::ZERO) && s.attached.is_none() {
-                return; // QoS 0 is not queued for offline sessions
-            }
-            if s.queue.len() >= self.max_queued {
-                s.queue.pop_front();
-                self.stats.dropped_queue_full += 1;
-            }
-            s.queue.push_back((m, qos, sub_ids, retain));
+        if can_send {
+            self.send(client_id, p);
             return;
         }
-        if send_now(s, m, qos, sub_ids, retain) {
-            self.stats.messages_out += 1;
+        if p.qos == QoS::AtMostOnce {
+            return; // QoS 0 is not queued for offline sessions
+        }
+        s.queued_bytes += p.msg.payload.len();
+        s.queue.push_back(p);
+        while s.queue.len() > self.limits.max_queued_messages
+            || s.queued_bytes > self.limits.max_queued_bytes
+        {
+            let Some(old) = s.queue.pop_front() else {
+                break;
+            };
+            s.queued_bytes -= old.msg.payload.len();
+            self.stats.dropped_queue_full += 1;
         }
     }
 
     /// Moves queued messages into the inflight window.
     fn pump(&mut self, client_id: &str) {
+        loop {
+            let Some(s) = self.sessions.get_mut(client_id) else {
+                return;
+            };
+            let Some(max) = s.attached.as_ref().map(|a| usize::from(a.receive_maximum)) else {
+                return;
+            };
+            if s.inflight.len() >= max {
+                return;
+            }
+            let Some(p) = s.queue.pop_front() else { return };
+            s.queued_bytes -= p.msg.payload.len();
+            self.send(client_id, p);
+        }
+    }
+
+    /// Encodes and sends one PUBLISH on an attached session, recording it as
+    /// inflight for QoS > 0.
+    fn send(&mut self, client_id: &str, p: Pending) {
+        let now = Instant::now();
         let Some(s) = self.sessions.get_mut(client_id) else {
             return;
         };
-        let Some(max) = s.attached.as_ref().map(|a| usize::from(a.receive_maximum)) else {
+        let expiry = match p.msg.remaining_expiry(now) {
+            Ok(e) => e,
+            Err(()) => {
+                self.stats.dropped_expired += 1;
+                return;
+            }
+        };
+        let packet_id = if p.qos == QoS::AtMostOnce {
+            None
+        } else {
+            match s.alloc_pid() {
+                Some(id) => Some(id),
+                None => return,
+            }
+        };
+        let Some(a) = s.attached.as_mut() else { return };
+        let mut properties = p.msg.properties.clone();
+        properties.subscription_identifiers = p.sub_ids.clone();
+        properties.topic_alias = None;
+        properties.message_expiry_interval = expiry;
+        let mut publish = Publish {
+            dup: false,
+            qos: p.qos,
+            retain: p.retain,
+            topic: p.msg.topic.clone(),
+            packet_id,
+            properties,
+            payload: p.msg.payload.clone(),
+        };
+        let inflight_copy = publish.clone();
+        // Outbound topic alias: first use sends topic + alias, later uses
+        // send an empty topic + alias.
+        if a.topic_alias_maximum > 0 {
+            let next = u16::try_from(a.aliases.len() + 1).unwrap_or(u16::MAX);
+            match a.aliases.get(&publish.topic) {
+                Some(&alias) => {
+                    publish.properties.topic_alias = Some(alias);
+                    publish.topic = MqttStr::default();
+                }
+                None if next <= a.topic_alias_maximum => {
+                    a.aliases.insert(publish.topic.clone(), next);
+                    publish.properties.topic_alias = Some(next);
+                }
+                None => {}
+            }
+        }
+        let Ok(bytes) = Packet::Publish(publish).to_bytes(a.version) else {
             return;
         };
-        while s.inflight.len() < max {
-            let Some((m, qos, ids, retain)) = s.queue.pop_front() else {
-                break;
+        if bytes.len() > a.maximum_packet_size {
+            // 3.1.2.11.4: discard as if delivered.
+            self.stats.dropped_too_large += 1;
+            return;
+        }
+        let _ = a.tx.send(Outbound::Bytes(bytes));
+        self.stats.messages_out += 1;
+        if let Some(pid) = packet_id {
+            let state = if p.qos == QoS::AtLeastOnce {
+                AwaitAck::Puback
+            } else {
+                AwaitAck::Pubrec
             };
-            if send_now(s, m, qos, ids, retain) {
-                self.stats.messages_out += 1;
-            }
+            s.inflight.insert(
+                pid.get(),
+                Inflight {
+                    publish: inflight_copy,
+                    state,
+                    pending: p,
+                },
+            );
         }
     }
 
@@ -481,49 +827,10 @@ impl Core {
                 }
                 return;
             }
-            _ => return, // unknown id: ignore (v5 could answer 0x92)
+            _ => return, // unknown id: ignore
         }
         self.pump(client_id);
     }
-}
-
-/// Encodes and sends one PUBLISH on an attached session, recording it as
-/// inflight for QoS > 0. Returns whether it was sent.
-fn send_now(s: &mut Session, m: Message, qos: QoS, sub_ids: Vec<u32>, retain: bool) -> bool {
-    let packet_id = if qos == QoS::AtMostOnce {
-        None
-    } else {
-        match s.alloc_pid() {
-            Some(p) => Some(p),
-            None => return false,
-        }
-    };
-    let Some(a) = &s.attached else { return false };
-    let mut properties = m.properties;
-    properties.subscription_identifiers = sub_ids;
-    properties.topic_alias = None;
-    let publish = Publish {
-        dup: false,
-        qos,
-        retain,
-        topic: m.topic,
-        packet_id,
-        properties,
-        payload: m.payload,
-    };
-    let Ok(bytes) = Packet::Publish(publish.clone()).to_bytes(a.version) else {
-        return false;
-    };
-    let _ = a.tx.send(Outbound::Bytes(bytes));
-    if let Some(pid) = packet_id {
-        let state = if qos == QoS::AtLeastOnce {
-            AwaitAck::Puback
-        } else {
-            AwaitAck::Pubrec
-        };
-        s.inflight.insert(pid.get(), Inflight { publish, state });
-    }
-    true
 }
 
 #[cfg(test)]
@@ -538,6 +845,16 @@ mod tests {
             retain,
             properties: Properties::default(),
             origin: None,
+            received: Instant::now(),
+        }
+    }
+
+    fn limits(v: ProtocolVersion, receive_maximum: u16) -> ClientLimits {
+        ClientLimits {
+            version: v,
+            receive_maximum,
+            maximum_packet_size: u32::MAX,
+            topic_alias_maximum: 0,
         }
     }
 
@@ -570,8 +887,7 @@ mod tests {
             "s",
             true,
             Some(Duration::ZERO),
-            ProtocolVersion::V3_1_1,
-            10,
+            limits(ProtocolVersion::V3_1_1, 10),
             tx,
         );
         c.subscribe("s", "t", sub(QoS::AtLeastOnce));
@@ -603,11 +919,13 @@ mod tests {
 
     #[test]
     fn offline_queue_is_bounded_and_counted() {
-        let mut c = Core::new();
-        c.max_queued = 3;
+        let mut c = Core::with_limits(Limits {
+            max_queued_messages: 3,
+            ..Limits::default()
+        });
         let (tx, _rx) = mpsc::unbounded_channel();
         let conn = c
-            .connect("p", false, None, ProtocolVersion::V3_1_1, 10, tx)
+            .connect("p", false, None, limits(ProtocolVersion::V3_1_1, 10), tx)
             .conn;
         c.subscribe("p", "q", sub(QoS::AtLeastOnce));
         c.disconnect("p", conn);
@@ -617,7 +935,7 @@ mod tests {
         assert_eq!(c.stats().dropped_queue_full, 2);
         let (tx, mut rx) = mpsc::unbounded_channel();
         assert!(
-            c.connect("p", false, None, ProtocolVersion::V3_1_1, 10, tx)
+            c.connect("p", false, None, limits(ProtocolVersion::V3_1_1, 10), tx)
                 .session_present
         );
         c.resume("p");
@@ -638,7 +956,13 @@ mod tests {
     fn receive_maximum_limits_inflight_and_acks_release_more() {
         let mut c = Core::new();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        c.connect("w", true, Some(Duration::ZERO), ProtocolVersion::V5, 2, tx);
+        c.connect(
+            "w",
+            true,
+            Some(Duration::ZERO),
+            limits(ProtocolVersion::V5, 2),
+            tx,
+        );
         c.subscribe("w", "t", sub(QoS::AtLeastOnce));
         for i in 0..5 {
             c.route(msg("t", QoS::AtLeastOnce, false, &i.to_string()));
@@ -660,8 +984,7 @@ mod tests {
             "old",
             true,
             Some(Duration::ZERO),
-            ProtocolVersion::V3_1_1,
-            10,
+            limits(ProtocolVersion::V3_1_1, 10),
             tx,
         );
         c.subscribe("old", "p", sub(QoS::AtMostOnce));
@@ -685,10 +1008,10 @@ mod tests {
         let mut c = Core::new();
         let (tx1, mut rx1) = mpsc::unbounded_channel();
         let first = c
-            .connect("dup", false, None, ProtocolVersion::V5, 10, tx1)
+            .connect("dup", false, None, limits(ProtocolVersion::V5, 10), tx1)
             .conn;
         let (tx2, _rx2) = mpsc::unbounded_channel();
-        let second = c.connect("dup", false, None, ProtocolVersion::V5, 10, tx2);
+        let second = c.connect("dup", false, None, limits(ProtocolVersion::V5, 10), tx2);
         assert!(second.session_present);
         assert!(matches!(
             rx1.try_recv(),
@@ -697,5 +1020,155 @@ mod tests {
         // The old connection's late disconnect does not detach the new one.
         c.disconnect("dup", first);
         assert!(c.owns("dup", second.conn));
+    }
+
+    fn payloads(rx: &mut mpsc::UnboundedReceiver<Outbound>, v: ProtocolVersion) -> Vec<String> {
+        drain(rx, v)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) => Some(String::from_utf8_lossy(&p.payload).into_owned()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn shared_groups_round_robin_and_are_keyed_by_group_and_filter() {
+        let mut c = Core::new();
+        let v = ProtocolVersion::V5;
+        let (ta, mut ra) = mpsc::unbounded_channel();
+        let (tb, mut rb) = mpsc::unbounded_channel();
+        let (tc, mut rc) = mpsc::unbounded_channel();
+        c.connect("a", true, Some(Duration::ZERO), limits(v, 10), ta);
+        c.connect("b", true, Some(Duration::ZERO), limits(v, 10), tb);
+        c.connect("c", true, Some(Duration::ZERO), limits(v, 10), tc);
+        c.subscribe("a", "$share/g/t/+", sub(QoS::AtLeastOnce));
+        c.subscribe("b", "$share/g/t/+", sub(QoS::AtLeastOnce));
+        // Same group name, other filter: a separate group.
+        c.subscribe("c", "$share/g/t/#", sub(QoS::AtLeastOnce));
+        for i in 0..4 {
+            c.route(msg("t/x", QoS::AtLeastOnce, false, &i.to_string()));
+        }
+        let (a, b) = (payloads(&mut ra, v), payloads(&mut rb, v));
+        assert_eq!(a.len() + b.len(), 4);
+        assert_eq!(a.len(), 2, "round robin: {a:?} {b:?}");
+        assert_eq!(payloads(&mut rc, v).len(), 4, "t/# group gets its own copy");
+    }
+
+    #[test]
+    fn unacked_shared_message_goes_to_another_member_when_its_holder_leaves() {
+        let mut c = Core::new();
+        let v = ProtocolVersion::V3_1_1;
+        let (ta, mut ra) = mpsc::unbounded_channel();
+        let (tb, mut rb) = mpsc::unbounded_channel();
+        let a = c.connect("a", false, None, limits(v, 10), ta).conn;
+        c.connect("b", false, None, limits(v, 10), tb);
+        c.subscribe("a", "$share/g/job", sub(QoS::AtLeastOnce));
+        c.subscribe("b", "$share/g/job", sub(QoS::AtLeastOnce));
+        c.route(msg("job", QoS::AtLeastOnce, false, "task"));
+        let (got_a, got_b) = (payloads(&mut ra, v), payloads(&mut rb, v));
+        let (holder, other, mut other_rx) = if got_a.len() == 1 {
+            ("a", "b", rb)
+        } else {
+            ("b", "a", ra)
+        };
+        assert_eq!(got_a.len() + got_b.len(), 1);
+        let conn = if holder == "a" {
+            a
+        } else {
+            c.sessions[holder].attached.as_ref().unwrap().conn
+        };
+        c.disconnect(holder, conn);
+        assert_eq!(
+            payloads(&mut other_rx, v),
+            ["task"],
+            "{other} did not get the handed-over message"
+        );
+    }
+
+    #[test]
+    fn message_expiry_counts_down_while_queued() {
+        let mut c = Core::new();
+        let v = ProtocolVersion::V5;
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let conn = c.connect("e", false, None, limits(v, 10), tx).conn;
+        c.subscribe("e", "x", sub(QoS::AtLeastOnce));
+        c.disconnect("e", conn);
+        let mut old = msg("x", QoS::AtLeastOnce, false, "stale");
+        old.properties.message_expiry_interval = Some(5);
+        old.received = Instant::now() - Duration::from_secs(10);
+        let mut fresh = msg("x", QoS::AtLeastOnce, false, "fresh");
+        fresh.properties.message_expiry_interval = Some(100);
+        fresh.received = Instant::now() - Duration::from_secs(40);
+        c.route(old);
+        c.route(fresh);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        c.connect("e", false, None, limits(v, 10), tx);
+        c.resume("e");
+        let got = drain(&mut rx, v);
+        assert_eq!(got.len(), 1);
+        let Packet::Publish(p) = &got[0] else {
+            panic!()
+        };
+        assert_eq!(p.payload, Bytes::from_static(b"fresh"));
+        let left = p.properties.message_expiry_interval.unwrap();
+        assert!((59..=60).contains(&left), "expiry forwarded as {left}");
+        assert_eq!(c.stats().dropped_expired, 1);
+    }
+
+    #[test]
+    fn queue_byte_limit_and_maximum_packet_size() {
+        let mut c = Core::with_limits(Limits {
+            max_queued_messages: 100,
+            max_queued_bytes: 10,
+        });
+        let v = ProtocolVersion::V5;
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let conn = c.connect("q", false, None, limits(v, 10), tx).conn;
+        c.subscribe("q", "b", sub(QoS::AtLeastOnce));
+        c.disconnect("q", conn);
+        for p in ["aaaa", "bbbb", "cccc"] {
+            c.route(msg("b", QoS::AtLeastOnce, false, p));
+        }
+        assert_eq!(c.stats().dropped_queue_full, 1);
+        // A client with a 20-byte Maximum Packet Size never gets a bigger packet.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut l = limits(v, 10);
+        l.maximum_packet_size = 20;
+        c.connect("small", true, Some(Duration::ZERO), l, tx);
+        c.subscribe("small", "m", sub(QoS::AtMostOnce));
+        c.route(msg("m", QoS::AtMostOnce, false, "ok"));
+        c.route(msg("m", QoS::AtMostOnce, false, &"x".repeat(50)));
+        assert_eq!(payloads(&mut rx, v), ["ok"]);
+        assert_eq!(c.stats().dropped_too_large, 1);
+    }
+
+    #[test]
+    fn outbound_topic_aliases() {
+        let mut c = Core::new();
+        let v = ProtocolVersion::V5;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut l = limits(v, 10);
+        l.topic_alias_maximum = 1;
+        c.connect("al", true, Some(Duration::ZERO), l, tx);
+        c.subscribe("al", "#", sub(QoS::AtMostOnce));
+        c.route(msg("long/topic/name", QoS::AtMostOnce, false, "1"));
+        c.route(msg("long/topic/name", QoS::AtMostOnce, false, "2"));
+        c.route(msg("other", QoS::AtMostOnce, false, "3"));
+        let got: Vec<(String, Option<u16>)> = drain(&mut rx, v)
+            .into_iter()
+            .map(|p| match p {
+                Packet::Publish(p) => (p.topic.to_string(), p.properties.topic_alias),
+                _ => panic!(),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("long/topic/name".to_string(), Some(1)),
+                (String::new(), Some(1)),
+                ("other".to_string(), None)
+            ]
+        );
     }
 }
