@@ -32,9 +32,18 @@ enum Command {
     },
     /// Run one node of the bundled MQTT broker (single node for now).
     Broker {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:1883")]
-        listen: std::net::SocketAddr,
+        /// Address to listen on (overrides `[broker] listen`).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// TOML file with a `[broker]` section (auth, ACL, limits).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print a password-file line (`user:$7$...`, Mosquitto-compatible) for
+    /// `[broker] password_file`. Reads the password from stdin.
+    Passwd {
+        /// The user name.
+        user: String,
     },
     /// Probe one broker over MQTT once; exit 0 if healthy, 1 if not.
     Check(CheckArgs),
@@ -174,15 +183,46 @@ pub fn main() -> ExitCode {
             };
             run(config)
         }
-        Command::Broker { listen } => {
+        Command::Passwd { user } => {
+            let mut password = String::new();
+            if std::io::stdin().read_line(&mut password).is_err() || password.trim_end().is_empty()
+            {
+                eprintln!("expected the password on stdin");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            match mqlb_broker::auth::hash_line(&user, password.trim_end_matches(['\r', '\n'])) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Broker { listen, config } => {
+            let mut cfg = match &config {
+                Some(path) => match mqlb_config::broker::BrokerConfig::load(path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                },
+                None => mqlb_config::broker::BrokerConfig::default(),
+            };
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
             let Some(rt) = runtime() else {
                 return ExitCode::FAILURE;
             };
             rt.block_on(async {
-                let broker = match mqlb_broker::Broker::bind(listen).await {
+                let broker = match mqlb_broker::Broker::bind_config(&cfg).await {
                     Ok(b) => b,
                     Err(e) => {
-                        eprintln!("--listen {listen}: {e}");
+                        eprintln!("broker on {}: {e}", cfg.listen);
                         return ExitCode::FAILURE;
                     }
                 };

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::auth::{Auth, Verdict};
 use crate::core::{ClientLimits, Core, Message, Outbound, Sub};
 
 /// Largest packet accepted from clients.
@@ -29,7 +30,7 @@ pub(crate) fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
 }
 
 /// Serves one client until it leaves.
-pub async fn handle(mut stream: TcpStream, core: Arc<Mutex<Core>>) {
+pub async fn handle(mut stream: TcpStream, core: Arc<Mutex<Core>>, auth: Arc<Auth>) {
     let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(4096);
     // CONNECT: version-independent decode.
@@ -49,7 +50,7 @@ pub async fn handle(mut stream: TcpStream, core: Arc<Mutex<Core>>) {
         }
         _ => return,
     };
-    let mut session = match Session::start(connect, &mut stream, &core).await {
+    let mut session = match Session::start(connect, &mut stream, &core, auth).await {
         Some(s) => s,
         None => return,
     };
@@ -106,10 +107,18 @@ struct Session {
     rx: mpsc::UnboundedReceiver<Outbound>,
     /// Inbound topic aliases (v5).
     aliases: HashMap<u16, MqttStr>,
+    /// User name from CONNECT, for ACLs.
+    username: Option<String>,
+    auth: Arc<Auth>,
 }
 
 impl Session {
-    async fn start(c: Connect, stream: &mut TcpStream, core: &Arc<Mutex<Core>>) -> Option<Session> {
+    async fn start(
+        c: Connect,
+        stream: &mut TcpStream,
+        core: &Arc<Mutex<Core>>,
+        auth: Arc<Auth>,
+    ) -> Option<Session> {
         let v = c.version;
         let refuse = |code: ReasonCode| {
             Packet::Connack(Connack {
@@ -118,6 +127,19 @@ impl Session {
                 properties: Properties::default(),
             })
         };
+        let username = c.username.as_ref().map(|u| u.to_string());
+        let verdict = auth.connect(username.as_deref(), c.password.as_deref());
+        if verdict != Verdict::Allow {
+            let code = match verdict {
+                Verdict::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                _ => ReasonCode::NOT_AUTHORIZED,
+            };
+            tracing::info!(client_id = %c.client_id, ?verdict, "CONNECT refused");
+            if let Ok(b) = refuse(code).to_bytes(v) {
+                let _ = stream.write_all(&b).await;
+            }
+            return None;
+        }
         let mut assigned = None;
         let client_id = if c.client_id.is_empty() {
             if !v.is_v5() && !c.clean_start {
@@ -201,6 +223,8 @@ impl Session {
             core: core.clone(),
             rx,
             aliases: HashMap::new(),
+            username,
+            auth,
         })
     }
 
@@ -286,6 +310,26 @@ impl Session {
                         p.properties.topic_alias = None;
                     }
                 }
+                if !self.auth.may_publish(
+                    self.username.as_deref(),
+                    &self.client_id,
+                    p.topic.as_str(),
+                ) {
+                    tracing::debug!(client_id = %self.client_id, topic = %p.topic, "publish denied");
+                    let ack = |id| {
+                        let mut a = Ack::new(id);
+                        if self.version.is_v5() {
+                            a.reason = ReasonCode::NOT_AUTHORIZED;
+                        }
+                        a
+                    };
+                    match (p.qos, p.packet_id) {
+                        (QoS::AtLeastOnce, Some(id)) => self.send(out, Packet::Puback(ack(id))),
+                        (QoS::ExactlyOnce, Some(id)) => self.send(out, Packet::Pubrec(ack(id))),
+                        _ => {}
+                    }
+                    return None;
+                }
                 let msg = Message {
                     topic: p.topic,
                     payload: p.payload,
@@ -352,6 +396,18 @@ impl Session {
                 let mut reasons = Vec::with_capacity(s.filters.len());
                 let mut granted = Vec::new();
                 for (filter, options) in &s.filters {
+                    if !self.auth.may_subscribe(
+                        self.username.as_deref(),
+                        &self.client_id,
+                        filter.as_str(),
+                    ) {
+                        reasons.push(if self.version.is_v5() {
+                            ReasonCode::NOT_AUTHORIZED
+                        } else {
+                            ReasonCode(0x80)
+                        });
+                        continue;
+                    }
                     reasons.push(ReasonCode(options.qos as u8));
                     granted.push((
                         filter.clone(),
@@ -436,7 +492,11 @@ impl Session {
         }
         let _ = stream.shutdown().await;
         lock(&self.core).disconnect(&self.client_id, self.conn);
-        if let (true, Some((mut will, delay))) = (send_will, self.will.take()) {
+        let will = self.will.take().filter(|(w, _)| {
+            self.auth
+                .may_publish(self.username.as_deref(), &self.client_id, w.topic.as_str())
+        });
+        if let (true, Some((mut will, delay))) = (send_will, will) {
             will.received = std::time::Instant::now();
             if delay.is_zero() {
                 lock(&self.core).route(will);

@@ -19,3 +19,4 @@ pub mod server;
 pub mod trie;
 
 pub use server::Broker;
+pub mod auth;

@@ -9,22 +9,41 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use mqlb_config::broker::BrokerConfig;
+
+use crate::auth::Auth;
 use crate::conn::{handle, lock};
-use crate::core::Core;
+use crate::core::{Core, Limits};
 
 /// A broker node with its listener bound.
 #[derive(Debug)]
 pub struct Broker {
     listener: TcpListener,
     core: Arc<Mutex<Core>>,
+    auth: Arc<Auth>,
 }
 
 impl Broker {
-    /// Binds the MQTT listener.
+    /// Binds an open broker (anonymous, no ACL) on `addr`.
     pub async fn bind(addr: SocketAddr) -> io::Result<Broker> {
+        Self::bind_config(&BrokerConfig {
+            listen: addr,
+            ..BrokerConfig::default()
+        })
+        .await
+    }
+
+    /// Binds the configured listener, loading the password file first.
+    pub async fn bind_config(config: &BrokerConfig) -> io::Result<Broker> {
+        let auth = Auth::from_config(config)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Ok(Broker {
-            listener: TcpListener::bind(addr).await?,
-            core: Arc::new(Mutex::new(Core::new())),
+            listener: TcpListener::bind(config.listen).await?,
+            core: Arc::new(Mutex::new(Core::with_limits(Limits {
+                max_queued_messages: config.max_queued_messages,
+                max_queued_bytes: config.max_queued_bytes,
+            }))),
+            auth: Arc::new(auth),
         })
     }
 
@@ -70,11 +89,12 @@ impl Broker {
                 _ = shutdown.cancelled() => return,
             };
             let core = self.core.clone();
+            let auth = self.auth.clone();
             let stop = shutdown.clone();
             tokio::spawn(
                 async move {
                     tokio::select! {
-                        _ = handle(stream, core) => {}
+                        _ = handle(stream, core, auth) => {}
                         _ = stop.cancelled() => {}
                     }
                 }

@@ -24,6 +24,41 @@ pub struct File {
     pub eviction: Option<EvictionFile>,
     /// The `[admin]` table.
     pub admin: Option<AdminFile>,
+    /// The `[broker]` table (for `mqlb broker`).
+    pub broker: Option<BrokerFile>,
+}
+
+/// `[broker]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerFile {
+    /// MQTT listener, default "127.0.0.1:1883".
+    pub listen: Option<Spanned<String>>,
+    /// Admin API (metrics, health), off by default.
+    pub admin: Option<Spanned<String>>,
+    /// Default true.
+    pub allow_anonymous: Option<bool>,
+    /// Mosquitto-format password file (`user:$7$...`, from mosquitto_passwd or `mqlb passwd`).
+    pub password_file: Option<Spanned<String>>,
+    /// Default 1000.
+    pub max_queued_messages: Option<Spanned<i64>>,
+    /// Default 16 MiB.
+    pub max_queued_bytes: Option<Spanned<i64>>,
+    /// Topic access rules; none means everything is allowed.
+    #[serde(default)]
+    pub acl: Vec<AclFile>,
+}
+
+/// `[[broker.acl]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclFile {
+    /// User name the rule applies to; "*" for everyone (anonymous included).
+    pub user: Spanned<String>,
+    /// Topic filter; `%u` is the user name, `%c` the client ID.
+    pub topic: Spanned<String>,
+    /// "read", "write" or "readwrite".
+    pub access: Spanned<String>,
 }
 
 /// `[health]`.

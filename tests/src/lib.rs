@@ -366,9 +366,13 @@ pub struct OurBroker {
 
 impl OurBroker {
     pub async fn start() -> OurBroker {
-        let b = mqlb_broker::Broker::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        Self::start_with(mqlb_config::broker::BrokerConfig::default()).await
+    }
+
+    /// With a configuration; its listen address is replaced by a free port.
+    pub async fn start_with(mut config: mqlb_config::broker::BrokerConfig) -> OurBroker {
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let b = mqlb_broker::Broker::bind_config(&config).await.unwrap();
         let addr = b.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         tokio::spawn(b.serve(shutdown.clone()));

@@ -1,0 +1,255 @@
+//! The `[broker]` section, for `mqlb broker --config FILE`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use crate::{file, ConfigError, Problem};
+
+/// Default MQTT listener of a broker node.
+pub const DEFAULT_BROKER_LISTEN: &str = "127.0.0.1:1883";
+
+/// What an ACL rule grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Subscribe and receive.
+    Read,
+    /// Publish.
+    Write,
+    /// Both.
+    ReadWrite,
+}
+
+impl Access {
+    /// Whether this grants reading.
+    pub fn reads(self) -> bool {
+        matches!(self, Access::Read | Access::ReadWrite)
+    }
+    /// Whether this grants writing.
+    pub fn writes(self) -> bool {
+        matches!(self, Access::Write | Access::ReadWrite)
+    }
+}
+
+/// One topic access rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AclRule {
+    /// `None` matches every client, anonymous ones included.
+    pub user: Option<String>,
+    /// Filter pattern with `%u` / `%c` placeholders.
+    pub topic: String,
+    /// What it grants.
+    pub access: Access,
+}
+
+/// A validated broker configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// MQTT listener.
+    pub listen: SocketAddr,
+    /// Admin API address.
+    pub admin: Option<SocketAddr>,
+    /// Whether clients without a user name may connect.
+    pub allow_anonymous: bool,
+    /// Password file, if any.
+    pub password_file: Option<PathBuf>,
+    /// Queued messages per offline session.
+    pub max_queued_messages: usize,
+    /// Queued payload bytes per offline session.
+    pub max_queued_bytes: usize,
+    /// Topic access rules; empty = allow all.
+    pub acl: Vec<AclRule>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_BROKER_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 1883))),
+            admin: None,
+            allow_anonymous: true,
+            password_file: None,
+            max_queued_messages: 1000,
+            max_queued_bytes: 16 << 20,
+            acl: Vec::new(),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Reads the `[broker]` section of a file (other sections are ignored
+    /// but still checked for syntax and unknown keys).
+    pub fn load(path: &Path) -> Result<BrokerConfig, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![Problem {
+                key: "(file)".into(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Self::parse(&name, &text, path.parent())
+    }
+
+    /// Parses text; a relative `password_file` is resolved against `base`.
+    pub fn parse(
+        source_name: &str,
+        text: &str,
+        base: Option<&Path>,
+    ) -> Result<BrokerConfig, ConfigError> {
+        let raw: file::File = toml::from_str(text).map_err(|e| ConfigError {
+            source_name: source_name.to_string(),
+            problems: vec![file::syntax_problem(text, &e)],
+        })?;
+        let mut problems = Vec::new();
+        let line = |span: std::ops::Range<usize>| {
+            Some(text[..span.start.min(text.len())].matches('\n').count() + 1)
+        };
+        let mut at = |key: String, span: std::ops::Range<usize>, message: String| {
+            problems.push(Problem {
+                key,
+                line: line(span),
+                message,
+            })
+        };
+        let mut c = BrokerConfig::default();
+        if let Some(b) = &raw.broker {
+            let mut addr = |key: &str, v: &Spanned<String>| match v.get_ref().parse::<SocketAddr>()
+            {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    at(
+                        format!("broker.{key}"),
+                        v.span(),
+                        format!("\"{}\" is not an IP:port socket address", v.get_ref()),
+                    );
+                    None
+                }
+            };
+            if let Some(v) = &b.listen {
+                if let Some(a) = addr("listen", v) {
+                    c.listen = a;
+                }
+            }
+            if let Some(v) = &b.admin {
+                c.admin = addr("admin", v);
+            }
+            c.allow_anonymous = b.allow_anonymous.unwrap_or(true);
+            if let Some(p) = &b.password_file {
+                let path = PathBuf::from(p.get_ref());
+                c.password_file = Some(match base {
+                    Some(dir) if path.is_relative() => dir.join(path),
+                    _ => path,
+                });
+            }
+            for (key, v, out) in [
+                (
+                    "max_queued_messages",
+                    &b.max_queued_messages,
+                    &mut c.max_queued_messages,
+                ),
+                (
+                    "max_queued_bytes",
+                    &b.max_queued_bytes,
+                    &mut c.max_queued_bytes,
+                ),
+            ] {
+                if let Some(v) = v {
+                    match usize::try_from(*v.get_ref()) {
+                        Ok(n) if n > 0 => *out = n,
+                        _ => at(
+                            format!("broker.{key}"),
+                            v.span(),
+                            "must be at least 1".into(),
+                        ),
+                    }
+                }
+            }
+            for (i, r) in b.acl.iter().enumerate() {
+                let access = match r.access.get_ref().as_str() {
+                    "read" => Access::Read,
+                    "write" => Access::Write,
+                    "readwrite" => Access::ReadWrite,
+                    other => {
+                        at(
+                            format!("broker.acl[{i}].access"),
+                            r.access.span(),
+                            format!("\"{other}\" is not one of \"read\", \"write\", \"readwrite\""),
+                        );
+                        continue;
+                    }
+                };
+                let topic = r.topic.get_ref();
+                let probe = topic.replace("%u", "u").replace("%c", "c");
+                if probe.is_empty() || mqlb_check_filter(&probe).is_err() {
+                    at(
+                        format!("broker.acl[{i}].topic"),
+                        r.topic.span(),
+                        format!("\"{topic}\" is not a valid topic filter"),
+                    );
+                    continue;
+                }
+                let user = r.user.get_ref();
+                c.acl.push(AclRule {
+                    user: (user != "*").then(|| user.clone()),
+                    topic: topic.clone(),
+                    access,
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(c)
+        } else {
+            Err(ConfigError {
+                source_name: source_name.to_string(),
+                problems,
+            })
+        }
+    }
+}
+
+/// Topic filter syntax (kept here so `config` does not depend on the codec).
+fn mqlb_check_filter(f: &str) -> Result<(), ()> {
+    let mut levels = f.split('/').peekable();
+    while let Some(l) = levels.next() {
+        if l.contains('#') && (l != "#" || levels.peek().is_some()) {
+            return Err(());
+        }
+        if l.contains('+') && l != "+" {
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_section() {
+        let text = "[broker]\nlisten = \"127.0.0.1:2883\"\nallow_anonymous = false\npassword_file = \"passwd\"\n\
+                    [[broker.acl]]\nuser = \"*\"\ntopic = \"devices/%c/#\"\naccess = \"readwrite\"\n\
+                    [[broker.acl]]\nuser = \"ops\"\ntopic = \"#\"\naccess = \"read\"\n";
+        let c = BrokerConfig::parse("b.toml", text, Some(Path::new("/etc/mqlb"))).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:2883".parse().unwrap());
+        assert!(!c.allow_anonymous);
+        assert_eq!(c.password_file, Some(PathBuf::from("/etc/mqlb/passwd")));
+        assert_eq!(c.acl.len(), 2);
+        assert_eq!(c.acl[0].user, None);
+        assert_eq!(c.acl[1].access, Access::Read);
+    }
+
+    #[test]
+    fn broker_errors_name_key_and_line() {
+        let text = "[broker]\nlisten = \"nope\"\n[[broker.acl]]\nuser = \"*\"\ntopic = \"a/#/b\"\naccess = \"all\"\n";
+        let e = BrokerConfig::parse("b.toml", text, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("b.toml:2: broker.listen"), "{e}");
+        assert!(e.contains("b.toml:6: broker.acl[0].access"), "{e}");
+    }
+}
