@@ -232,6 +232,35 @@ pub fn main() -> ExitCode {
                     wait_for_signal().await;
                     signal.cancel();
                 });
+                if let Some(admin) = cfg.admin {
+                    let listener = match tokio::net::TcpListener::bind(admin).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            eprintln!("admin API on {admin}: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    };
+                    let core = broker.core();
+                    tokio::spawn(crate::http::serve(
+                        listener,
+                        shutdown.clone(),
+                        move |_, path| {
+                            use crate::http::Reply;
+                            use hyper::StatusCode;
+                            match path {
+                                "/metrics" => Reply {
+                                    status: StatusCode::OK,
+                                    content_type: "text/plain; version=0.0.4",
+                                    body: mqlb_broker::sys::render_metrics(
+                                        &core.lock().unwrap_or_else(|p| p.into_inner()),
+                                    ),
+                                },
+                                "/healthz" | "/readyz" => Reply::text(StatusCode::OK, "ok\n"),
+                                _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
+                            }
+                        },
+                    ));
+                }
                 broker.serve(shutdown).await;
                 ExitCode::SUCCESS
             })

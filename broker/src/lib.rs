@@ -20,3 +20,4 @@ pub mod trie;
 
 pub use server::Broker;
 pub mod auth;
+pub mod sys;

@@ -21,6 +21,7 @@ pub struct Broker {
     listener: TcpListener,
     core: Arc<Mutex<Core>>,
     auth: Arc<Auth>,
+    sys_interval: Duration,
 }
 
 impl Broker {
@@ -44,6 +45,7 @@ impl Broker {
                 max_queued_bytes: config.max_queued_bytes,
             }))),
             auth: Arc::new(auth),
+            sys_interval: config.sys_interval,
         })
     }
 
@@ -72,6 +74,19 @@ impl Broker {
                         }
                     }
                     _ = sweeper_stop.cancelled() => return,
+                }
+            }
+        });
+        let core = self.core.clone();
+        let sys_stop = shutdown.clone();
+        let interval = self.sys_interval;
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => crate::sys::publish(&mut lock(&core), started.elapsed()),
+                    _ = sys_stop.cancelled() => return,
                 }
             }
         });

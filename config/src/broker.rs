@@ -60,6 +60,8 @@ pub struct BrokerConfig {
     pub max_queued_bytes: usize,
     /// Topic access rules; empty = allow all.
     pub acl: Vec<AclRule>,
+    /// How often the `$SYS/broker/...` retained topics are refreshed.
+    pub sys_interval: std::time::Duration,
 }
 
 impl Default for BrokerConfig {
@@ -74,6 +76,7 @@ impl Default for BrokerConfig {
             max_queued_messages: 1000,
             max_queued_bytes: 16 << 20,
             acl: Vec::new(),
+            sys_interval: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -166,6 +169,17 @@ impl BrokerConfig {
                             "must be at least 1".into(),
                         ),
                     }
+                }
+            }
+            if let Some(v) = &b.sys_interval {
+                match crate::duration::parse(v.get_ref()) {
+                    Ok(d) if !d.is_zero() => c.sys_interval = d,
+                    Ok(_) => at(
+                        "broker.sys_interval".into(),
+                        v.span(),
+                        "must be greater than 0".into(),
+                    ),
+                    Err(m) => at("broker.sys_interval".into(), v.span(), m),
                 }
             }
             for (i, r) in b.acl.iter().enumerate() {

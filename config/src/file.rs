@@ -44,6 +44,8 @@ pub struct BrokerFile {
     pub max_queued_messages: Option<Spanned<i64>>,
     /// Default 16 MiB.
     pub max_queued_bytes: Option<Spanned<i64>>,
+    /// How often `$SYS` topics are refreshed, default "10s".
+    pub sys_interval: Option<Spanned<String>>,
     /// Topic access rules; none means everything is allowed.
     #[serde(default)]
     pub acl: Vec<AclFile>,

@@ -385,3 +385,14 @@ impl Drop for OurBroker {
         self.shutdown.cancel();
     }
 }
+
+/// A child process killed (and reaped) when dropped, so a failing test never
+/// leaves it running.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -281,8 +281,11 @@ async fn same_backend_across_reconnects_and_processes() {
         for (i, m) in ms.iter().enumerate() {
             cmd.args(["--backend", &format!("b{}={}", i + 1, m.addr())]);
         }
-        procs.push(ChildGuard(
-            cmd.stderr(std::process::Stdio::null()).spawn().unwrap(),
+        procs.push(KillOnDrop(
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
         ));
         assert!(wait_listening(&format!("127.0.0.1:{port}"), T));
         ports.push(port);
@@ -313,14 +316,6 @@ async fn same_backend_across_reconnects_and_processes() {
             seen_on.windows(2).all(|w| w[0] == w[1]),
             "{id}: {seen_on:?}"
         );
-    }
-}
-
-struct ChildGuard(std::process::Child);
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -728,3 +728,52 @@ async fn authentication_and_acl() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `mqlb broker --config`: `$SYS` topics and Prometheus metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_process_sys_topics_and_metrics() {
+    let dir = scratch_dir("broker-proc");
+    let (port, admin) = (free_port(), free_port());
+    let cfg = dir.join("mqlb.toml");
+    std::fs::write(
+        &cfg,
+        format!("[broker]\nlisten = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{admin}\"\nsys_interval = \"200ms\"\n"),
+    )
+    .unwrap();
+    let _child = KillOnDrop(
+        Command::new(mqlb_bin())
+            .args(["broker", "--config"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    assert!(wait_listening(&addr, T));
+    let (mut c, _) = Client::connect(&addr, connect_packet("sys-reader", V3_1_1, true)).await;
+    c.subscribe("$SYS/broker/clients/connected", qos(QoS::AtMostOnce))
+        .await;
+    // The retained value may predate this client; a refresh follows within 200 ms.
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let m = c.next_publish(T, true).await.expect("$SYS topic");
+        seen.push(m.payload.to_vec());
+        if &m.payload[..] == b"1" {
+            break;
+        }
+    }
+    assert_eq!(seen.last().map(Vec::as_slice), Some(&b"1"[..]), "{seen:?}");
+    // A plain `#` does not match `$SYS` topics (4.7.2).
+    let (mut all, _) = Client::connect(&addr, connect_packet("hash-reader", V3_1_1, true)).await;
+    all.subscribe("#", qos(QoS::AtMostOnce)).await;
+    assert!(all
+        .next_publish(Duration::from_millis(600), true)
+        .await
+        .is_none());
+    let (status, body) = http(&format!("127.0.0.1:{admin}"), "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("mqlb_broker_clients_connected 2"), "{body}");
+    assert!(body.contains("mqlb_broker_subscriptions 2"), "{body}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -396,12 +396,15 @@ async fn sidecar_follows_the_broker() {
     let mut m = Mosquitto::start();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new(mqlb_bin())
-        .args(["healthcheck", "--target", &m.addr(), "--listen", &listen])
-        .args(["--interval", "200ms", "--timeout", "300ms"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let _child = KillOnDrop(
+        Command::new(mqlb_bin())
+            .args(["healthcheck", "--target", &m.addr(), "--listen", &listen])
+            .args(["--interval", "200ms", "--timeout", "300ms"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     assert!(wait_listening(&listen, T));
     let mut last = (0, String::new());
     for _ in 0..50 {
@@ -426,8 +429,6 @@ async fn sidecar_follows_the_broker() {
     }
     assert_eq!(after.0, 503, "{}", after.1);
     assert!(after.1.contains("\"status\":\"down\""), "{}", after.1);
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// Passive signals: with probes far apart, data-path connect failures alone
