@@ -9,8 +9,8 @@ use mqlb_protocol::{
     decode, Ack, Connack, Connect, DecodeError, Disconnect, MqttStr, Packet, Properties,
     ProtocolVersion, QoS, ReasonCode, Suback, Unsuback,
 };
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::auth::{Auth, Verdict};
@@ -30,13 +30,21 @@ pub(crate) fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
 }
 
 /// Serves one client until it leaves.
-pub async fn handle(mut stream: TcpStream, core: Arc<Mutex<Core>>, auth: Arc<Auth>) {
-    let _ = stream.set_nodelay(true);
-    let mut buf = BytesMut::with_capacity(4096);
+///
+/// Generic over the stream so tests and the fuzz target drive it through an
+/// in-memory pipe; the server passes a `TcpStream` with TCP_NODELAY set.
+pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    core: Arc<Mutex<Core>>,
+    auth: Arc<Auth>,
+) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    // Small to start: idle connections dominate memory; reads grow it on demand.
+    let mut buf = BytesMut::with_capacity(256);
     // CONNECT: version-independent decode.
     let connect = match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        read_packet(&mut stream, &mut buf, ProtocolVersion::V5),
+        read_packet(&mut rd, &mut buf, ProtocolVersion::V5),
     )
     .await
     {
@@ -44,18 +52,18 @@ pub async fn handle(mut stream: TcpStream, core: Arc<Mutex<Core>>, auth: Arc<Aut
         Ok(Err(e)) => {
             // A v5 client may still be told why.
             if let Some(reply) = connect_error_reply(&buf, &e) {
-                let _ = stream.write_all(&reply).await;
+                let _ = wr.write_all(&reply).await;
             }
             return;
         }
         _ => return,
     };
-    let mut session = match Session::start(connect, &mut stream, &core, auth).await {
+    let mut session = match Session::start(connect, &mut wr, &core, auth).await {
         Some(s) => s,
         None => return,
     };
-    let reason = session.run(&mut stream, &mut buf).await;
-    session.finish(&mut stream, reason).await;
+    let reason = session.run(&mut rd, &mut wr, &mut buf).await;
+    session.finish(&mut wr, reason).await;
 }
 
 fn connect_error_reply(buf: &[u8], e: &DecodeError) -> Option<Vec<u8>> {
@@ -70,7 +78,7 @@ fn connect_error_reply(buf: &[u8], e: &DecodeError) -> Option<Vec<u8>> {
 
 /// Reads one packet; `Ok(None)` on a clean EOF between packets.
 async fn read_packet(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     v: ProtocolVersion,
 ) -> Result<Option<Packet>, DecodeError> {
@@ -115,7 +123,7 @@ struct Session {
 impl Session {
     async fn start(
         c: Connect,
-        stream: &mut TcpStream,
+        stream: &mut (impl AsyncWrite + Unpin),
         core: &Arc<Mutex<Core>>,
         auth: Arc<Auth>,
     ) -> Option<Session> {
@@ -234,8 +242,12 @@ impl Session {
         }
     }
 
-    async fn run(&mut self, stream: &mut TcpStream, buf: &mut BytesMut) -> End {
-        let (mut rd, mut wr) = stream.split();
+    async fn run<S: AsyncRead + AsyncWrite>(
+        &mut self,
+        rd: &mut ReadHalf<S>,
+        wr: &mut WriteHalf<S>,
+        buf: &mut BytesMut,
+    ) -> End {
         loop {
             // Packets already buffered first.
             loop {
@@ -478,7 +490,7 @@ impl Session {
         None
     }
 
-    async fn finish(mut self, stream: &mut TcpStream, end: End) {
+    async fn finish(mut self, stream: &mut (impl AsyncWrite + Unpin), end: End) {
         let (send_will, disconnect) = match end {
             End::Normal { send_will } => (send_will, None),
             End::Lost => (true, None),

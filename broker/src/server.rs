@@ -103,6 +103,7 @@ impl Broker {
                 },
                 _ = shutdown.cancelled() => return,
             };
+            let _ = stream.set_nodelay(true);
             let core = self.core.clone();
             let auth = self.auth.clone();
             let stop = shutdown.clone();
