@@ -37,6 +37,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     core: Arc<Mutex<Core>>,
     auth: Arc<Auth>,
+    max_keep_alive: Option<u16>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     // Small to start: idle connections dominate memory; reads grow it on demand.
@@ -58,7 +59,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         }
         _ => return,
     };
-    let mut session = match Session::start(connect, &mut wr, &core, auth).await {
+    let mut session = match Session::start(connect, &mut wr, &core, auth, max_keep_alive).await {
         Some(s) => s,
         None => return,
     };
@@ -117,6 +118,8 @@ struct Session {
     aliases: HashMap<u16, MqttStr>,
     /// User name from CONNECT, for ACLs.
     username: Option<String>,
+    /// Bytes the core queued for us and we have not written yet.
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
     auth: Arc<Auth>,
 }
 
@@ -126,6 +129,7 @@ impl Session {
         stream: &mut (impl AsyncWrite + Unpin),
         core: &Arc<Mutex<Core>>,
         auth: Arc<Auth>,
+        max_keep_alive: Option<u16>,
     ) -> Option<Session> {
         let v = c.version;
         let refuse = |code: ReasonCode| {
@@ -200,8 +204,18 @@ impl Session {
             topic_alias_maximum: c.properties.topic_alias_maximum.unwrap_or(0),
         };
         let connected = lock(core).connect(&client_id, c.clean_start, expiry, limits, tx);
+        // Server Keep Alive (v5): cap what the client asked for.
+        let mut keep_alive = c.keep_alive;
+        let mut server_keep_alive = None;
+        if let (true, Some(max)) = (v.is_v5(), max_keep_alive) {
+            if keep_alive == 0 || keep_alive > max {
+                keep_alive = max;
+                server_keep_alive = Some(max);
+            }
+        }
         let mut props = Properties::default();
         if v.is_v5() {
+            props.server_keep_alive = server_keep_alive;
             props.assigned_client_identifier =
                 assigned.as_deref().and_then(|a| MqttStr::try_from(a).ok());
             props.receive_maximum = Some(RECEIVE_MAXIMUM);
@@ -225,13 +239,14 @@ impl Session {
             client_id,
             version: v,
             conn: connected.conn,
-            keep_alive: (c.keep_alive > 0)
-                .then(|| Duration::from_millis(u64::from(c.keep_alive) * 1500)),
+            keep_alive: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             will,
             core: core.clone(),
             rx,
             aliases: HashMap::new(),
             username,
+            backlog: connected.backlog.clone(),
             auth,
         })
     }
@@ -287,6 +302,7 @@ impl Session {
                         if wr.write_all(&joined).await.is_err() {
                             return End::Lost;
                         }
+                        self.backlog.fetch_sub(joined.len(), std::sync::atomic::Ordering::Relaxed);
                         if let Some(c) = close {
                             return End::TakenOver(c);
                         }

@@ -7,6 +7,7 @@
 //! import them later.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,11 +120,19 @@ struct Inflight {
     pending: Pending,
 }
 
+/// Bytes handed to a connection task and not yet written. Above this, QoS 0
+/// messages to that client are dropped (counted): a slow consumer must not
+/// grow the broker's memory without bound. QoS 1/2 are bounded by the
+/// inflight window instead.
+pub const MAX_BACKLOG_BYTES: usize = 8 << 20;
+
 /// The connection a session is attached to, with what it told us.
 #[derive(Debug)]
 struct Attached {
     conn: u64,
     tx: mpsc::UnboundedSender<Outbound>,
+    /// Shared with the connection task, which subtracts what it wrote.
+    backlog: Arc<AtomicUsize>,
     version: ProtocolVersion,
     receive_maximum: u16,
     /// Client's Maximum Packet Size: larger messages are not sent (3.1.2.11.4).
@@ -148,6 +157,14 @@ struct Session {
     /// None = never expires (3.x clean session 0).
     expiry: Option<Duration>,
     disconnected_at: Option<Instant>,
+}
+
+impl Attached {
+    /// Hands encoded bytes to the connection task, accounting the backlog.
+    fn push(&self, b: Bytes) {
+        self.backlog.fetch_add(b.len(), Ordering::Relaxed);
+        let _ = self.tx.send(Outbound::Bytes(b));
+    }
 }
 
 impl Session {
@@ -198,6 +215,8 @@ pub struct Stats {
     pub dropped_expired: u64,
     /// Messages not sent because they exceed the client's Maximum Packet Size.
     pub dropped_too_large: u64,
+    /// QoS 0 messages dropped because the client was not reading.
+    pub dropped_slow_consumer: u64,
 }
 
 /// The result of a CONNECT.
@@ -207,6 +226,8 @@ pub struct Connected {
     pub session_present: bool,
     /// This connection's id, for detaching.
     pub conn: u64,
+    /// Bytes queued for the connection task to write; it subtracts them.
+    pub backlog: Arc<AtomicUsize>,
 }
 
 /// What a client declared in its CONNECT that shapes delivery to it.
@@ -317,9 +338,11 @@ impl Core {
             .or_insert_with(|| Session::new(expiry));
         s.expiry = expiry;
         s.disconnected_at = None;
+        let backlog = Arc::new(AtomicUsize::new(0));
         s.attached = Some(Attached {
             conn,
             tx,
+            backlog: backlog.clone(),
             version: limits.version,
             receive_maximum: limits.receive_maximum.max(1),
             maximum_packet_size: usize::try_from(limits.maximum_packet_size).unwrap_or(usize::MAX),
@@ -333,6 +356,7 @@ impl Core {
         Connected {
             session_present,
             conn,
+            backlog,
         }
     }
 
@@ -355,7 +379,7 @@ impl Core {
                 }
             };
             if let Ok(b) = packet.to_bytes(a.version) {
-                let _ = a.tx.send(Outbound::Bytes(b));
+                a.push(b);
                 sent += 1;
             }
         }
@@ -373,10 +397,18 @@ impl Core {
             return; // taken over already
         }
         s.attached = None;
-        // Shared-group messages are not kept waiting for this member.
+        // Shared-group messages are not kept waiting for this member when
+        // another member can take them; the last member keeps its own.
+        let groups = &self.groups;
+        let has_other = |p: &Pending| {
+            p.shared
+                .as_ref()
+                .and_then(|k| groups.get(k))
+                .is_some_and(|g| g.members.iter().any(|(c, _)| c != client_id))
+        };
         let mut handover = Vec::new();
         s.inflight.retain(|_, i| {
-            if i.pending.shared.is_some() && i.state != AwaitAck::Pubcomp {
+            if i.state != AwaitAck::Pubcomp && has_other(&i.pending) {
                 handover.push(i.pending.clone());
                 false
             } else {
@@ -385,7 +417,7 @@ impl Core {
         });
         let mut kept = VecDeque::new();
         for p in s.queue.drain(..) {
-            if p.shared.is_some() {
+            if has_other(&p) {
                 handover.push(p);
             } else {
                 kept.push_back(p);
@@ -725,6 +757,10 @@ impl Core {
             }
         };
         let Some(a) = s.attached.as_mut() else { return };
+        if p.qos == QoS::AtMostOnce && a.backlog.load(Ordering::Relaxed) > MAX_BACKLOG_BYTES {
+            self.stats.dropped_slow_consumer += 1;
+            return;
+        }
         let mut properties = p.msg.properties.clone();
         properties.subscription_identifiers = p.sub_ids.clone();
         properties.topic_alias = None;
@@ -763,7 +799,7 @@ impl Core {
             self.stats.dropped_too_large += 1;
             return;
         }
-        let _ = a.tx.send(Outbound::Bytes(bytes));
+        a.push(bytes);
         self.stats.messages_out += 1;
         if let Some(pid) = packet_id {
             let state = if p.qos == QoS::AtLeastOnce {
@@ -1170,5 +1206,57 @@ mod tests {
                 ("other".to_string(), None)
             ]
         );
+    }
+
+    #[test]
+    fn slow_qos0_consumer_is_bounded() {
+        let mut c = Core::new();
+        let v = ProtocolVersion::V3_1_1;
+        let (tx, _never_read) = mpsc::unbounded_channel();
+        c.connect("slow", true, Some(Duration::ZERO), limits(v, 10), tx);
+        c.subscribe("slow", "big", sub(QoS::AtMostOnce));
+        let mb = "x".repeat(1 << 20);
+        for _ in 0..12 {
+            c.route(msg("big", QoS::AtMostOnce, false, &mb));
+        }
+        assert!(
+            c.stats().messages_out <= 9,
+            "sent {}",
+            c.stats().messages_out
+        );
+        assert_eq!(c.stats().dropped_slow_consumer + c.stats().messages_out, 12);
+    }
+
+    /// rumqttd regression: the last member of a shared group leaves holding
+    /// an unacked QoS 1 message. Its persistent session keeps it, it gets it
+    /// again on reconnect, and the broker keeps serving.
+    #[test]
+    fn last_shared_member_keeps_its_unacked_message() {
+        let mut c = Core::new();
+        let v = ProtocolVersion::V3_1_1;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let conn = c.connect("only", false, None, limits(v, 10), tx).conn;
+        c.subscribe("only", "$share/g/work", sub(QoS::AtLeastOnce));
+        c.route(msg("work", QoS::AtLeastOnce, false, "job"));
+        assert_eq!(payloads(&mut rx, v), ["job"]);
+        c.disconnect("only", conn);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        assert!(
+            c.connect("only", false, None, limits(v, 10), tx)
+                .session_present
+        );
+        c.resume("only");
+        let again = drain(&mut rx, v);
+        let Packet::Publish(p) = &again[0] else {
+            panic!()
+        };
+        assert!(p.dup);
+        assert_eq!(p.payload, Bytes::from_static(b"job"));
+        // Still serving others.
+        let (tx, mut rx2) = mpsc::unbounded_channel();
+        c.connect("other", true, Some(Duration::ZERO), limits(v, 10), tx);
+        c.subscribe("other", "x", sub(QoS::AtMostOnce));
+        c.route(msg("x", QoS::AtMostOnce, false, "alive"));
+        assert_eq!(payloads(&mut rx2, v), ["alive"]);
     }
 }

@@ -22,6 +22,7 @@ pub struct Broker {
     core: Arc<Mutex<Core>>,
     auth: Arc<Auth>,
     sys_interval: Duration,
+    max_keep_alive: Option<u16>,
 }
 
 impl Broker {
@@ -46,6 +47,7 @@ impl Broker {
             }))),
             auth: Arc::new(auth),
             sys_interval: config.sys_interval,
+            max_keep_alive: config.max_keep_alive,
         })
     }
 
@@ -106,11 +108,12 @@ impl Broker {
             let _ = stream.set_nodelay(true);
             let core = self.core.clone();
             let auth = self.auth.clone();
+            let max_keep_alive = self.max_keep_alive;
             let stop = shutdown.clone();
             tokio::spawn(
                 async move {
                     tokio::select! {
-                        _ = handle(stream, core, auth) => {}
+                        _ = handle(stream, core, auth, max_keep_alive) => {}
                         _ = stop.cancelled() => {}
                     }
                 }

@@ -62,6 +62,9 @@ pub struct BrokerConfig {
     pub acl: Vec<AclRule>,
     /// How often the `$SYS/broker/...` retained topics are refreshed.
     pub sys_interval: std::time::Duration,
+    /// When set, v5 clients asking for a longer keep-alive (or none) get this
+    /// as Server Keep Alive, so dead clients are noticed in bounded time.
+    pub max_keep_alive: Option<u16>,
 }
 
 impl Default for BrokerConfig {
@@ -77,6 +80,7 @@ impl Default for BrokerConfig {
             max_queued_bytes: 16 << 20,
             acl: Vec::new(),
             sys_interval: std::time::Duration::from_secs(10),
+            max_keep_alive: None,
         }
     }
 }
@@ -180,6 +184,19 @@ impl BrokerConfig {
                         "must be greater than 0".into(),
                     ),
                     Err(m) => at("broker.sys_interval".into(), v.span(), m),
+                }
+            }
+            if let Some(v) = &b.max_keep_alive {
+                match crate::duration::parse(v.get_ref()) {
+                    Ok(d) if (1..=65_535).contains(&d.as_secs()) => {
+                        c.max_keep_alive = u16::try_from(d.as_secs()).ok()
+                    }
+                    Ok(_) => at(
+                        "broker.max_keep_alive".into(),
+                        v.span(),
+                        "must be between 1 s and 65535 s".into(),
+                    ),
+                    Err(m) => at("broker.max_keep_alive".into(), v.span(), m),
                 }
             }
             for (i, r) in b.acl.iter().enumerate() {

@@ -46,6 +46,8 @@ pub struct BrokerFile {
     pub max_queued_bytes: Option<Spanned<i64>>,
     /// How often `$SYS` topics are refreshed, default "10s".
     pub sys_interval: Option<Spanned<String>>,
+    /// Longest keep-alive granted to v5 clients (Server Keep Alive), off by default.
+    pub max_keep_alive: Option<Spanned<String>>,
     /// Topic access rules; none means everything is allowed.
     #[serde(default)]
     pub acl: Vec<AclFile>,

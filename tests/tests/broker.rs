@@ -777,3 +777,28 @@ async fn broker_process_sys_topics_and_metrics() {
     assert!(body.contains("mqlb_broker_subscriptions 2"), "{body}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Server Keep Alive: a v5 client asking for no keep-alive is given the
+/// broker's maximum, told so in CONNACK, and held to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_keep_alive_caps_v5_clients() {
+    let b = OurBroker::start_with(mqlb_config::broker::BrokerConfig {
+        max_keep_alive: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let mut c = connect_packet("forever", V5, true);
+    c.keep_alive = 0;
+    let (mut cl, ack) = Client::connect(&b.addr.to_string(), c).await;
+    assert_eq!(ack.properties.server_keep_alive, Some(1));
+    let start = Instant::now();
+    match cl.recv(Duration::from_secs(5)).await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::KEEP_ALIVE_TIMEOUT),
+        other => panic!("expected DISCONNECT 0x8D, got {other:?}"),
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
