@@ -38,6 +38,9 @@ enum Command {
         /// TOML file with a `[broker]` section (auth, ACL, limits).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Serve /metrics and /healthz here (overrides `[broker] admin`).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
     },
     /// Print a password-file line (`user:$7$...`, Mosquitto-compatible) for
     /// `[broker] password_file`. Reads the password from stdin.
@@ -201,7 +204,11 @@ pub fn main() -> ExitCode {
                 }
             }
         }
-        Command::Broker { listen, config } => {
+        Command::Broker {
+            listen,
+            config,
+            admin,
+        } => {
             let mut cfg = match &config {
                 Some(path) => match mqlb_config::broker::BrokerConfig::load(path) {
                     Ok(c) => c,
@@ -214,6 +221,9 @@ pub fn main() -> ExitCode {
             };
             if let Some(l) = listen {
                 cfg.listen = l;
+            }
+            if admin.is_some() {
+                cfg.admin = admin;
             }
             let Some(rt) = runtime() else {
                 return ExitCode::FAILURE;

@@ -20,4 +20,5 @@ pub mod trie;
 
 pub use server::Broker;
 pub mod auth;
+pub mod snapshot;
 pub mod sys;
