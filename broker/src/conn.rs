@@ -4,17 +4,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use mqlb_protocol::{
     decode, Ack, Connack, Connect, DecodeError, Disconnect, MqttStr, Packet, Properties,
     ProtocolVersion, QoS, ReasonCode, Suback, Unsuback,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
 use crate::auth::{Auth, Verdict};
-use crate::core::{ClientLimits, Core, Message, Outbound, Sub};
+use crate::core::{ClientLimits, Core, Message, Outbound, Outbox, Sub};
 
 /// Largest packet accepted from clients.
 pub const MAX_PACKET: usize = 1 << 20;
@@ -49,7 +48,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .await
     {
-        Ok(Ok(Some(Packet::Connect(c)))) => *c,
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
         Ok(Err(e)) => {
             // A v5 client may still be told why.
             if let Some(reply) = connect_error_reply(&buf, &e) {
@@ -111,9 +110,10 @@ struct Session {
     version: ProtocolVersion,
     conn: u64,
     keep_alive: Option<Duration>,
-    will: Option<(Message, Duration)>,
+    /// Boxed: most clients have none, and the connection future stays small.
+    will: Option<Box<(Message, Duration)>>,
     core: Arc<Mutex<Core>>,
-    rx: mpsc::UnboundedReceiver<Outbound>,
+    rx: Arc<Outbox>,
     /// Inbound topic aliases (v5).
     aliases: HashMap<u16, MqttStr>,
     /// User name from CONNECT, for ACLs.
@@ -125,7 +125,7 @@ struct Session {
 
 impl Session {
     async fn start(
-        c: Connect,
+        c: Box<Connect>,
         stream: &mut (impl AsyncWrite + Unpin),
         core: &Arc<Mutex<Core>>,
         auth: Arc<Auth>,
@@ -180,7 +180,7 @@ impl Session {
             None
         };
         let will = c.will.as_ref().map(|w| {
-            (
+            Box::new((
                 Message {
                     topic: w.topic.clone(),
                     payload: w.payload.clone(),
@@ -194,9 +194,10 @@ impl Session {
                     received: std::time::Instant::now(),
                 },
                 Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))),
-            )
+            ))
         });
-        let (tx, rx) = mpsc::unbounded_channel();
+        let rx = Arc::new(Outbox::default());
+        let tx = rx.clone();
         let limits = ClientLimits {
             version: v,
             receive_maximum: c.properties.receive_maximum.unwrap_or(u16::MAX),
@@ -287,29 +288,29 @@ impl Session {
                     Ok(0) | Err(_) => return End::Lost,
                     Ok(_) => {}
                 },
-                out = self.rx.recv() => match out {
-                    Some(Outbound::Bytes(b)) => {
-                        // Coalesce what is already queued into one write.
-                        let mut batch: Vec<Bytes> = vec![b];
-                        let mut close = None;
-                        while let Ok(o) = self.rx.try_recv() {
-                            match o {
-                                Outbound::Bytes(b) => batch.push(b),
-                                Outbound::Close(c) => { close = Some(c); break }
+                _ = self.rx.ready() => {
+                    // Coalesce everything queued into one write.
+                    let mut joined: Vec<u8> = Vec::new();
+                    let mut close = None;
+                    for o in self.rx.take() {
+                        match o {
+                            Outbound::Bytes(b) => joined.extend_from_slice(&b),
+                            Outbound::Close(c) => {
+                                close = Some(c);
+                                break;
                             }
                         }
-                        let joined: Vec<u8> = batch.concat();
+                    }
+                    if !joined.is_empty() {
                         if wr.write_all(&joined).await.is_err() {
                             return End::Lost;
                         }
                         self.backlog.fetch_sub(joined.len(), std::sync::atomic::Ordering::Relaxed);
-                        if let Some(c) = close {
-                            return End::TakenOver(c);
-                        }
                     }
-                    Some(Outbound::Close(c)) => return End::TakenOver(c),
-                    None => return End::Lost,
-                },
+                    if let Some(c) = close {
+                        return End::TakenOver(c);
+                    }
+                }
                 _ = sleep_until(deadline) => {
                     tracing::debug!(client_id = %self.client_id, "keep-alive expired");
                     return End::Violation(ReasonCode::KEEP_ALIVE_TIMEOUT);
@@ -520,11 +521,15 @@ impl Session {
         }
         let _ = stream.shutdown().await;
         lock(&self.core).disconnect(&self.client_id, self.conn);
-        let will = self.will.take().filter(|(w, _)| {
-            self.auth
-                .may_publish(self.username.as_deref(), &self.client_id, w.topic.as_str())
+        let will = self.will.take().filter(|w| {
+            self.auth.may_publish(
+                self.username.as_deref(),
+                &self.client_id,
+                w.0.topic.as_str(),
+            )
         });
-        if let (true, Some((mut will, delay))) = (send_will, will) {
+        if let (true, Some(boxed)) = (send_will, will) {
+            let (mut will, delay) = *boxed;
             will.received = std::time::Instant::now();
             if delay.is_zero() {
                 lock(&self.core).route(will);
@@ -566,4 +571,19 @@ fn next_random() -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every idle connection holds one of these futures: keep it small
+    /// (it was 4.8 KB before the will and the CONNECT were boxed).
+    #[test]
+    fn connection_future_stays_small() {
+        let core = std::sync::Arc::new(std::sync::Mutex::new(crate::core::Core::new()));
+        let auth = std::sync::Arc::new(crate::auth::Auth::open());
+        let (a, _b) = tokio::io::duplex(64);
+        let f = super::handle(a, core, auth, None);
+        let size = std::mem::size_of_val(&f);
+        assert!(size <= 2048, "connection future is {size} bytes");
+    }
 }

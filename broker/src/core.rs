@@ -16,7 +16,6 @@ use mqlb_protocol::{
     MqttStr, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
     RetainHandling, SubscriptionOptions,
 };
-use tokio::sync::mpsc;
 
 use crate::snapshot::{
     message_to_publish, publish_to_message, InflightState, SessionSnapshot, SnapshotMessage,
@@ -80,6 +79,38 @@ impl Message {
     }
 }
 
+/// The mailbox between the core and one connection task.
+///
+/// A queue behind a mutex plus a `Notify`, rather than a channel: tokio's
+/// channels allocate a 32-slot block up front, and most connections are
+/// idle. This allocates nothing until something is sent.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    queue: std::sync::Mutex<VecDeque<Outbound>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Outbox {
+    /// Queues one item and wakes the connection task.
+    pub fn send(&self, o: Outbound) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(o);
+        self.notify.notify_one();
+    }
+
+    /// Takes everything queued (possibly nothing).
+    pub fn take(&self) -> VecDeque<Outbound> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Resolves when something was sent since the last wake-up.
+    pub async fn ready(&self) {
+        self.notify.notified().await
+    }
+}
+
 /// What a connection task receives from the core.
 #[derive(Debug)]
 pub enum Outbound {
@@ -133,7 +164,7 @@ pub const MAX_BACKLOG_BYTES: usize = 8 << 20;
 #[derive(Debug)]
 struct Attached {
     conn: u64,
-    tx: mpsc::UnboundedSender<Outbound>,
+    tx: Arc<Outbox>,
     /// Shared with the connection task, which subtracts what it wrote.
     backlog: Arc<AtomicUsize>,
     version: ProtocolVersion,
@@ -166,7 +197,7 @@ impl Attached {
     /// Hands encoded bytes to the connection task, accounting the backlog.
     fn push(&self, b: Bytes) {
         self.backlog.fetch_add(b.len(), Ordering::Relaxed);
-        let _ = self.tx.send(Outbound::Bytes(b));
+        self.tx.send(Outbound::Bytes(b));
     }
 }
 
@@ -320,7 +351,7 @@ impl Core {
         clean_start: bool,
         expiry: Option<Duration>,
         limits: ClientLimits,
-        tx: mpsc::UnboundedSender<Outbound>,
+        tx: Arc<Outbox>,
     ) -> Connected {
         self.next_conn += 1;
         let conn = self.next_conn;
@@ -329,7 +360,7 @@ impl Core {
             .get_mut(client_id)
             .and_then(|s| s.attached.take())
         {
-            let _ = old.tx.send(Outbound::Close(ReasonCode::SESSION_TAKEN_OVER));
+            old.tx.send(Outbound::Close(ReasonCode::SESSION_TAKEN_OVER));
         }
         if clean_start {
             self.drop_session(client_id);
@@ -992,7 +1023,7 @@ impl Core {
                 if let Some(a) = &s.attached {
                     if let Ok(b) = Packet::Pubrel(mqlb_protocol::Ack::new(pid)).to_bytes(a.version)
                     {
-                        let _ = a.tx.send(Outbound::Bytes(b));
+                        a.tx.send(Outbound::Bytes(b));
                     }
                 }
                 return;
@@ -1038,9 +1069,16 @@ mod tests {
         }
     }
 
-    fn drain(rx: &mut mpsc::UnboundedReceiver<Outbound>, v: ProtocolVersion) -> Vec<Packet> {
+    /// A connection's mailbox, twice: one end for the core, one to read.
+    fn outbox() -> (Arc<Outbox>, Arc<Outbox>) {
+        let o = Arc::new(Outbox::default());
+        (o.clone(), o)
+    }
+
+    fn drain(rx: &Arc<Outbox>, v: ProtocolVersion) -> Vec<Packet> {
         let mut out = Vec::new();
-        while let Ok(Outbound::Bytes(b)) = rx.try_recv() {
+        for o in rx.take() {
+            let Outbound::Bytes(b) = o else { continue };
             let mut buf = bytes::BytesMut::from(&b[..]);
             while let Ok(Some(p)) = mqlb_protocol::decode(&mut buf, v, 1 << 20) {
                 out.push(p);
@@ -1052,7 +1090,7 @@ mod tests {
     #[test]
     fn delivered_qos_is_the_minimum() {
         let mut c = Core::new();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         c.connect(
             "s",
             true,
@@ -1063,7 +1101,7 @@ mod tests {
         c.subscribe("s", "t", sub(QoS::AtLeastOnce));
         c.route(msg("t", QoS::ExactlyOnce, false, "a"));
         c.route(msg("t", QoS::AtMostOnce, false, "b"));
-        let got = drain(&mut rx, ProtocolVersion::V3_1_1);
+        let got = drain(&rx, ProtocolVersion::V3_1_1);
         let qos: Vec<QoS> = got
             .iter()
             .map(|p| match p {
@@ -1093,7 +1131,7 @@ mod tests {
             max_queued_messages: 3,
             ..Limits::default()
         });
-        let (tx, _rx) = mpsc::unbounded_channel();
+        let (tx, _rx) = outbox();
         let conn = c
             .connect("p", false, None, limits(ProtocolVersion::V3_1_1, 10), tx)
             .conn;
@@ -1103,13 +1141,13 @@ mod tests {
             c.route(msg("q", QoS::AtLeastOnce, false, &i.to_string()));
         }
         assert_eq!(c.stats().dropped_queue_full, 2);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         assert!(
             c.connect("p", false, None, limits(ProtocolVersion::V3_1_1, 10), tx)
                 .session_present
         );
         c.resume("p");
-        let payloads: Vec<Bytes> = drain(&mut rx, ProtocolVersion::V3_1_1)
+        let payloads: Vec<Bytes> = drain(&rx, ProtocolVersion::V3_1_1)
             .into_iter()
             .map(|p| match p {
                 Packet::Publish(p) => p.payload,
@@ -1125,7 +1163,7 @@ mod tests {
     #[test]
     fn receive_maximum_limits_inflight_and_acks_release_more() {
         let mut c = Core::new();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         c.connect(
             "w",
             true,
@@ -1137,19 +1175,19 @@ mod tests {
         for i in 0..5 {
             c.route(msg("t", QoS::AtLeastOnce, false, &i.to_string()));
         }
-        let first = drain(&mut rx, ProtocolVersion::V5);
+        let first = drain(&rx, ProtocolVersion::V5);
         assert_eq!(first.len(), 2);
         let Packet::Publish(p) = &first[0] else {
             panic!()
         };
         c.acked("w", p.packet_id.unwrap(), mqlb_protocol::PacketType::Puback);
-        assert_eq!(drain(&mut rx, ProtocolVersion::V5).len(), 1);
+        assert_eq!(drain(&rx, ProtocolVersion::V5).len(), 1);
     }
 
     #[test]
     fn v5_properties_are_dropped_for_v3_subscribers() {
         let mut c = Core::new();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         c.connect(
             "old",
             true,
@@ -1165,7 +1203,7 @@ mod tests {
         ));
         m.properties.content_type = Some(MqttStr::try_from("text/plain").unwrap());
         c.route(m);
-        let got = drain(&mut rx, ProtocolVersion::V3_1_1);
+        let got = drain(&rx, ProtocolVersion::V3_1_1);
         let Packet::Publish(p) = &got[0] else {
             panic!()
         };
@@ -1176,23 +1214,23 @@ mod tests {
     #[test]
     fn takeover_closes_the_old_connection_with_0x8e() {
         let mut c = Core::new();
-        let (tx1, mut rx1) = mpsc::unbounded_channel();
+        let (tx1, rx1) = outbox();
         let first = c
             .connect("dup", false, None, limits(ProtocolVersion::V5, 10), tx1)
             .conn;
-        let (tx2, _rx2) = mpsc::unbounded_channel();
+        let (tx2, _rx2) = outbox();
         let second = c.connect("dup", false, None, limits(ProtocolVersion::V5, 10), tx2);
         assert!(second.session_present);
         assert!(matches!(
-            rx1.try_recv(),
-            Ok(Outbound::Close(ReasonCode::SESSION_TAKEN_OVER))
+            rx1.take().pop_front(),
+            Some(Outbound::Close(ReasonCode::SESSION_TAKEN_OVER))
         ));
         // The old connection's late disconnect does not detach the new one.
         c.disconnect("dup", first);
         assert!(c.owns("dup", second.conn));
     }
 
-    fn payloads(rx: &mut mpsc::UnboundedReceiver<Outbound>, v: ProtocolVersion) -> Vec<String> {
+    fn payloads(rx: &Arc<Outbox>, v: ProtocolVersion) -> Vec<String> {
         drain(rx, v)
             .into_iter()
             .filter_map(|p| match p {
@@ -1206,9 +1244,9 @@ mod tests {
     fn shared_groups_round_robin_and_are_keyed_by_group_and_filter() {
         let mut c = Core::new();
         let v = ProtocolVersion::V5;
-        let (ta, mut ra) = mpsc::unbounded_channel();
-        let (tb, mut rb) = mpsc::unbounded_channel();
-        let (tc, mut rc) = mpsc::unbounded_channel();
+        let (ta, ra) = outbox();
+        let (tb, rb) = outbox();
+        let (tc, rc) = outbox();
         c.connect("a", true, Some(Duration::ZERO), limits(v, 10), ta);
         c.connect("b", true, Some(Duration::ZERO), limits(v, 10), tb);
         c.connect("c", true, Some(Duration::ZERO), limits(v, 10), tc);
@@ -1219,25 +1257,25 @@ mod tests {
         for i in 0..4 {
             c.route(msg("t/x", QoS::AtLeastOnce, false, &i.to_string()));
         }
-        let (a, b) = (payloads(&mut ra, v), payloads(&mut rb, v));
+        let (a, b) = (payloads(&ra, v), payloads(&rb, v));
         assert_eq!(a.len() + b.len(), 4);
         assert_eq!(a.len(), 2, "round robin: {a:?} {b:?}");
-        assert_eq!(payloads(&mut rc, v).len(), 4, "t/# group gets its own copy");
+        assert_eq!(payloads(&rc, v).len(), 4, "t/# group gets its own copy");
     }
 
     #[test]
     fn unacked_shared_message_goes_to_another_member_when_its_holder_leaves() {
         let mut c = Core::new();
         let v = ProtocolVersion::V3_1_1;
-        let (ta, mut ra) = mpsc::unbounded_channel();
-        let (tb, mut rb) = mpsc::unbounded_channel();
+        let (ta, ra) = outbox();
+        let (tb, rb) = outbox();
         let a = c.connect("a", false, None, limits(v, 10), ta).conn;
         c.connect("b", false, None, limits(v, 10), tb);
         c.subscribe("a", "$share/g/job", sub(QoS::AtLeastOnce));
         c.subscribe("b", "$share/g/job", sub(QoS::AtLeastOnce));
         c.route(msg("job", QoS::AtLeastOnce, false, "task"));
-        let (got_a, got_b) = (payloads(&mut ra, v), payloads(&mut rb, v));
-        let (holder, other, mut other_rx) = if got_a.len() == 1 {
+        let (got_a, got_b) = (payloads(&ra, v), payloads(&rb, v));
+        let (holder, other, other_rx) = if got_a.len() == 1 {
             ("a", "b", rb)
         } else {
             ("b", "a", ra)
@@ -1250,7 +1288,7 @@ mod tests {
         };
         c.disconnect(holder, conn);
         assert_eq!(
-            payloads(&mut other_rx, v),
+            payloads(&other_rx, v),
             ["task"],
             "{other} did not get the handed-over message"
         );
@@ -1260,7 +1298,7 @@ mod tests {
     fn message_expiry_counts_down_while_queued() {
         let mut c = Core::new();
         let v = ProtocolVersion::V5;
-        let (tx, _rx) = mpsc::unbounded_channel();
+        let (tx, _rx) = outbox();
         let conn = c.connect("e", false, None, limits(v, 10), tx).conn;
         c.subscribe("e", "x", sub(QoS::AtLeastOnce));
         c.disconnect("e", conn);
@@ -1272,10 +1310,10 @@ mod tests {
         fresh.received = Instant::now() - Duration::from_secs(40);
         c.route(old);
         c.route(fresh);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         c.connect("e", false, None, limits(v, 10), tx);
         c.resume("e");
-        let got = drain(&mut rx, v);
+        let got = drain(&rx, v);
         assert_eq!(got.len(), 1);
         let Packet::Publish(p) = &got[0] else {
             panic!()
@@ -1293,7 +1331,7 @@ mod tests {
             max_queued_bytes: 10,
         });
         let v = ProtocolVersion::V5;
-        let (tx, _rx) = mpsc::unbounded_channel();
+        let (tx, _rx) = outbox();
         let conn = c.connect("q", false, None, limits(v, 10), tx).conn;
         c.subscribe("q", "b", sub(QoS::AtLeastOnce));
         c.disconnect("q", conn);
@@ -1302,14 +1340,14 @@ mod tests {
         }
         assert_eq!(c.stats().dropped_queue_full, 1);
         // A client with a 20-byte Maximum Packet Size never gets a bigger packet.
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         let mut l = limits(v, 10);
         l.maximum_packet_size = 20;
         c.connect("small", true, Some(Duration::ZERO), l, tx);
         c.subscribe("small", "m", sub(QoS::AtMostOnce));
         c.route(msg("m", QoS::AtMostOnce, false, "ok"));
         c.route(msg("m", QoS::AtMostOnce, false, &"x".repeat(50)));
-        assert_eq!(payloads(&mut rx, v), ["ok"]);
+        assert_eq!(payloads(&rx, v), ["ok"]);
         assert_eq!(c.stats().dropped_too_large, 1);
     }
 
@@ -1317,7 +1355,7 @@ mod tests {
     fn outbound_topic_aliases() {
         let mut c = Core::new();
         let v = ProtocolVersion::V5;
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         let mut l = limits(v, 10);
         l.topic_alias_maximum = 1;
         c.connect("al", true, Some(Duration::ZERO), l, tx);
@@ -1325,7 +1363,7 @@ mod tests {
         c.route(msg("long/topic/name", QoS::AtMostOnce, false, "1"));
         c.route(msg("long/topic/name", QoS::AtMostOnce, false, "2"));
         c.route(msg("other", QoS::AtMostOnce, false, "3"));
-        let got: Vec<(String, Option<u16>)> = drain(&mut rx, v)
+        let got: Vec<(String, Option<u16>)> = drain(&rx, v)
             .into_iter()
             .map(|p| match p {
                 Packet::Publish(p) => (p.topic.to_string(), p.properties.topic_alias),
@@ -1346,7 +1384,7 @@ mod tests {
     fn slow_qos0_consumer_is_bounded() {
         let mut c = Core::new();
         let v = ProtocolVersion::V3_1_1;
-        let (tx, _never_read) = mpsc::unbounded_channel();
+        let (tx, _never_read) = outbox();
         c.connect("slow", true, Some(Duration::ZERO), limits(v, 10), tx);
         c.subscribe("slow", "big", sub(QoS::AtMostOnce));
         let mb = "x".repeat(1 << 20);
@@ -1368,30 +1406,30 @@ mod tests {
     fn last_shared_member_keeps_its_unacked_message() {
         let mut c = Core::new();
         let v = ProtocolVersion::V3_1_1;
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         let conn = c.connect("only", false, None, limits(v, 10), tx).conn;
         c.subscribe("only", "$share/g/work", sub(QoS::AtLeastOnce));
         c.route(msg("work", QoS::AtLeastOnce, false, "job"));
-        assert_eq!(payloads(&mut rx, v), ["job"]);
+        assert_eq!(payloads(&rx, v), ["job"]);
         c.disconnect("only", conn);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         assert!(
             c.connect("only", false, None, limits(v, 10), tx)
                 .session_present
         );
         c.resume("only");
-        let again = drain(&mut rx, v);
+        let again = drain(&rx, v);
         let Packet::Publish(p) = &again[0] else {
             panic!()
         };
         assert!(p.dup);
         assert_eq!(p.payload, Bytes::from_static(b"job"));
         // Still serving others.
-        let (tx, mut rx2) = mpsc::unbounded_channel();
+        let (tx, rx2) = outbox();
         c.connect("other", true, Some(Duration::ZERO), limits(v, 10), tx);
         c.subscribe("other", "x", sub(QoS::AtMostOnce));
         c.route(msg("x", QoS::AtMostOnce, false, "alive"));
-        assert_eq!(payloads(&mut rx2, v), ["alive"]);
+        assert_eq!(payloads(&rx2, v), ["alive"]);
     }
 
     /// Export → bytes → import into another broker: the same subscriptions,
@@ -1401,7 +1439,7 @@ mod tests {
     fn session_snapshot_round_trip_moves_a_session() {
         let v = ProtocolVersion::V5;
         let mut a = Core::new();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         let conn = a
             .connect(
                 "dev",
@@ -1431,7 +1469,7 @@ mod tests {
             a.route(m);
         }
         // Two went out (receive maximum 2), two are queued.
-        let sent = drain(&mut rx, v);
+        let sent = drain(&rx, v);
         assert_eq!(sent.len(), 2);
         a.disconnect("dev", conn);
         let snap = a.export_session("dev").unwrap();
@@ -1445,7 +1483,7 @@ mod tests {
         let mut b = Core::new();
         b.import_session("dev", back).unwrap();
         // The imported subscription routes.
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbox();
         let c = b.connect(
             "dev",
             false,
@@ -1455,7 +1493,7 @@ mod tests {
         );
         assert!(c.session_present);
         b.resume("dev");
-        let got: Vec<(bool, Option<u16>, String)> = drain(&mut rx, v)
+        let got: Vec<(bool, Option<u16>, String)> = drain(&rx, v)
             .into_iter()
             .map(|p| match p {
                 Packet::Publish(p) => (
@@ -1478,7 +1516,7 @@ mod tests {
         // The QoS 2 id is still remembered: a resend is not routed twice.
         assert_eq!(b.qos2_received("dev", pid, 10), Some(false));
         b.route(msg("cmd/y", QoS::AtLeastOnce, false, "new"));
-        let new = drain(&mut rx, v);
+        let new = drain(&rx, v);
         let Packet::Publish(p) = &new[0] else {
             panic!()
         };

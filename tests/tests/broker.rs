@@ -809,30 +809,60 @@ async fn subscription_options_and_assigned_ids() {
     both(|peer, addr| async move {
         // An empty v5 client ID is assigned one.
         let (_anon, ack) = Client::connect(&addr, connect_packet("", V5, true)).await;
-        let assigned = ack.properties.assigned_client_identifier.expect("assigned client id");
+        let assigned = ack
+            .properties
+            .assigned_client_identifier
+            .expect("assigned client id");
         assert!(!assigned.is_empty(), "{peer:?}");
         let (mut c, _) = Client::connect(&addr, connect_packet("opts", V5, true)).await;
         // No Local: own publishes are not echoed.
         let mut nl = qos(QoS::AtLeastOnce);
         nl.no_local = true;
         c.subscribe("opt/nl", nl).await;
-        c.publish("opt/nl", b"self", QoS::AtLeastOnce, false, Properties::default()).await;
-        assert!(c.next_publish(QUIET, true).await.is_none(), "{peer:?}: No Local echoed");
+        c.publish(
+            "opt/nl",
+            b"self",
+            QoS::AtLeastOnce,
+            false,
+            Properties::default(),
+        )
+        .await;
+        assert!(
+            c.next_publish(QUIET, true).await.is_none(),
+            "{peer:?}: No Local echoed"
+        );
         // Retain As Published keeps RETAIN on live messages; without it RETAIN is 0.
         let (mut p, _) = Client::connect(&addr, connect_packet("opts-pub", V5, true)).await;
         let mut rap = qos(QoS::AtLeastOnce);
         rap.retain_as_published = true;
         rap.retain_handling = mqlb_protocol::RetainHandling::DoNotSend;
         c.subscribe("opt/rap", rap).await;
-        p.publish("opt/rap", b"r", QoS::AtLeastOnce, true, Properties::default()).await;
+        p.publish(
+            "opt/rap",
+            b"r",
+            QoS::AtLeastOnce,
+            true,
+            Properties::default(),
+        )
+        .await;
         let m = c.next_publish(T, true).await.expect("RAP message");
         assert!(m.retain, "{peer:?}: RAP dropped RETAIN");
         // Retain handling 1: retained messages only for a new subscription.
         let mut rh1 = qos(QoS::AtLeastOnce);
         rh1.retain_handling = mqlb_protocol::RetainHandling::SendIfNew;
         c.subscribe("opt/rap", rh1).await;
-        assert!(c.next_publish(QUIET, true).await.is_none(), "{peer:?}: retain handling 1 resent");
-        p.publish("opt/rap", b"", QoS::AtLeastOnce, true, Properties::default()).await;
+        assert!(
+            c.next_publish(QUIET, true).await.is_none(),
+            "{peer:?}: retain handling 1 resent"
+        );
+        p.publish(
+            "opt/rap",
+            b"",
+            QoS::AtLeastOnce,
+            true,
+            Properties::default(),
+        )
+        .await;
         let _ = c.next_publish(QUIET, true).await;
         // Subscription identifiers come back on matching messages.
         c.send(Packet::Subscribe(mqlb_protocol::Subscribe {
@@ -845,7 +875,14 @@ async fn subscription_options_and_assigned_ids() {
         }))
         .await;
         assert!(matches!(c.recv(T).await, Some(Packet::Suback(_))));
-        p.publish("opt/id/x", b"i", QoS::AtMostOnce, false, Properties::default()).await;
+        p.publish(
+            "opt/id/x",
+            b"i",
+            QoS::AtMostOnce,
+            false,
+            Properties::default(),
+        )
+        .await;
         let m = c.next_publish(T, true).await.expect("identified message");
         assert_eq!(m.properties.subscription_identifiers, [42], "{peer:?}");
     })
