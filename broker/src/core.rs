@@ -29,6 +29,10 @@ pub struct Limits {
     pub max_queued_messages: usize,
     /// Payload bytes queued per session; at the limit the oldest is dropped.
     pub max_queued_bytes: usize,
+    /// Outbound QoS 1/2 window per client, whatever its Receive Maximum
+    /// (3.x clients have none): bounds what one slow client can pin in
+    /// memory beyond its bounded queue.
+    pub max_inflight: u16,
 }
 
 impl Default for Limits {
@@ -36,6 +40,7 @@ impl Default for Limits {
         Self {
             max_queued_messages: 1000,
             max_queued_bytes: 16 << 20,
+            max_inflight: 100,
         }
     }
 }
@@ -378,7 +383,9 @@ impl Core {
             tx,
             backlog: backlog.clone(),
             version: limits.version,
-            receive_maximum: limits.receive_maximum.max(1),
+            receive_maximum: limits
+                .receive_maximum
+                .clamp(1, self.limits.max_inflight.max(1)),
             maximum_packet_size: usize::try_from(limits.maximum_packet_size).unwrap_or(usize::MAX),
             aliases: HashMap::new(),
             topic_alias_maximum: if limits.version.is_v5() {
@@ -1329,6 +1336,7 @@ mod tests {
         let mut c = Core::with_limits(Limits {
             max_queued_messages: 100,
             max_queued_bytes: 10,
+            ..Limits::default()
         });
         let v = ProtocolVersion::V5;
         let (tx, _rx) = outbox();
@@ -1522,5 +1530,21 @@ mod tests {
         };
         assert_eq!(p.properties.subscription_identifiers, [7]);
         assert_eq!(b.subscriptions(), 2);
+    }
+
+    #[test]
+    fn outbound_window_is_capped_for_clients_without_receive_maximum() {
+        let mut c = Core::new();
+        let v = ProtocolVersion::V3_1_1;
+        let (tx, rx) = outbox();
+        c.connect("v3", true, Some(Duration::ZERO), limits(v, u16::MAX), tx);
+        c.subscribe("v3", "w", sub(QoS::AtLeastOnce));
+        for i in 0..250 {
+            c.route(msg("w", QoS::AtLeastOnce, false, &i.to_string()));
+        }
+        assert_eq!(
+            drain(&rx, v).len(),
+            usize::from(Limits::default().max_inflight)
+        );
     }
 }

@@ -44,6 +44,7 @@ impl Broker {
             core: Arc::new(Mutex::new(Core::with_limits(Limits {
                 max_queued_messages: config.max_queued_messages,
                 max_queued_bytes: config.max_queued_bytes,
+                ..Limits::default()
             }))),
             auth: Arc::new(auth),
             sys_interval: config.sys_interval,
