@@ -9,6 +9,7 @@
 //! | GET | `/metrics` | Prometheus text |
 //! | POST | `/backends/{name}/drain` | stop new placements, move its clients at the eviction rate |
 //! | POST | `/backends/{name}/undrain` | accept new placements again |
+//! | POST | `/reload` | re-read the configuration file (as SIGHUP does) |
 //!
 //! Routing is a pure function ([`route`]) so tests call it without a socket.
 //! Bind the API to loopback or a management network: it can drain backends.
@@ -78,6 +79,13 @@ pub fn route(method: &Method, path: &str, shared: &Shared) -> Reply {
             content_type: "text/plain; version=0.0.4",
             body: render_metrics(shared),
         },
+        (&Method::POST, ["reload"]) => match shared.reload_from_file() {
+            Ok(r) => Reply::json(
+                StatusCode::OK,
+                json!({"added": r.added, "removed": r.removed, "needs_restart": r.needs_restart}),
+            ),
+            Err(e) => Reply::json(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": e})),
+        },
         (&Method::POST, ["backends", name, action @ ("drain" | "undrain")]) => {
             let ok = if *action == "drain" {
                 shared.drain(name)
@@ -96,7 +104,7 @@ pub fn route(method: &Method, path: &str, shared: &Shared) -> Reply {
                 )
             }
         }
-        (_, ["healthz" | "readyz" | "backends" | "metrics"])
+        (_, ["healthz" | "readyz" | "backends" | "metrics" | "reload"])
         | (_, ["clients", _])
         | (_, ["backends", _, _]) => {
             Reply::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")

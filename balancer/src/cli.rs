@@ -184,7 +184,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
-            run(config)
+            run(config, args.config)
         }
         Command::Passwd { user } => {
             let mut password = String::new();
@@ -366,7 +366,7 @@ fn init_tracing() {
         .try_init();
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -392,6 +392,23 @@ fn run(config: Config) -> ExitCode {
             tracing::info!("shutting down");
             signal.cancel();
         });
+        if let Some(path) = path {
+            let shared = balancer.shared();
+            shared.set_config_path(path);
+            #[cfg(unix)]
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    match shared.reload_from_file() {
+                        Ok(_) => {}
+                        Err(e) => tracing::error!("reload refused, configuration unchanged:\n{e}"),
+                    }
+                }
+            });
+        }
         balancer.serve(shutdown, Duration::from_secs(5)).await;
         ExitCode::SUCCESS
     })

@@ -155,6 +155,36 @@ impl Backends {
             .collect()
     }
 
+    /// Swaps in a new backend list. A backend whose name, address and weight
+    /// are unchanged is kept as is (health, counters, drain state); others
+    /// are created fresh. Returns (created backends, removed names).
+    pub fn replace(&self, specs: &[mqlb_config::Backend]) -> (Vec<Arc<Backend>>, Vec<String>) {
+        let old = self.current.load_full();
+        let mut added = Vec::new();
+        let next: Vec<Arc<Backend>> = specs
+            .iter()
+            .map(|spec| {
+                match old.iter().find(|b| {
+                    b.name == spec.name && b.address == spec.address && b.weight == spec.weight
+                }) {
+                    Some(b) => b.clone(),
+                    None => {
+                        let b = Arc::new(Backend::new(spec));
+                        added.push(b.clone());
+                        b
+                    }
+                }
+            })
+            .collect();
+        let removed = old
+            .iter()
+            .filter(|b| !specs.iter().any(|s| s.name == b.name))
+            .map(|b| b.name.clone())
+            .collect();
+        self.current.store(Arc::new(next));
+        (added, removed)
+    }
+
     /// Looks a backend up by name.
     pub fn get(&self, name: &str) -> Option<Arc<Backend>> {
         self.current.load().iter().find(|b| b.name == name).cloned()

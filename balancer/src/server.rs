@@ -3,8 +3,10 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use mqlb_config::Config;
 use tokio::net::{TcpListener, TcpStream};
@@ -29,8 +31,13 @@ use crate::select::{placement_key, Backends};
 /// State every connection task shares.
 #[derive(Debug)]
 pub struct Shared {
-    /// Validated configuration in force.
-    pub config: Config,
+    /// Validated configuration in force; swapped whole on reload.
+    config: ArcSwap<Config>,
+    /// The health checker, when checks are enabled; reload adds and removes
+    /// targets. Never touched by the data path.
+    checker: Option<Mutex<Checker>>,
+    /// The file the configuration came from, for SIGHUP and `POST /reload`.
+    config_path: std::sync::OnceLock<std::path::PathBuf>,
     /// Backends, their health and counters.
     pub backends: Arc<Backends>,
     /// Balancer-wide counters.
@@ -41,7 +48,81 @@ pub struct Shared {
     pub evictor: Evictor,
 }
 
+/// What a reload changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Backends added (or replaced because their address or weight changed).
+    pub added: Vec<String>,
+    /// Backends removed; their open connections are left to finish.
+    pub removed: Vec<String>,
+    /// Settings that only take effect after a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
 impl Shared {
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Applies a new configuration without dropping connections: the
+    /// backend set is swapped (unchanged backends keep their health,
+    /// counters and drain state), new backends get health checks, removed
+    /// ones lose theirs, and CONNECT/backend settings apply to new
+    /// connections. Listener and admin addresses need a restart.
+    pub fn reload(&self, new: Config) -> Reloaded {
+        let old = self.config();
+        let mut r = Reloaded::default();
+        if new.listeners != old.listeners {
+            r.needs_restart.push("listener");
+        }
+        if new.admin != old.admin {
+            r.needs_restart.push("admin");
+        }
+        if new.eviction != old.eviction {
+            r.needs_restart.push("eviction");
+        }
+        if new.health != old.health {
+            r.needs_restart
+                .push("health (applies to added backends only)");
+        }
+        let (added, removed) = self.backends.replace(&new.backends);
+        if let Some(checker) = &self.checker {
+            let mut checker = checker.lock().unwrap_or_else(|p| p.into_inner());
+            for name in &removed {
+                checker.remove(name);
+            }
+            for b in &added {
+                checker.remove(&b.name);
+                b.attach_health(checker.add(&Target {
+                    name: b.name.clone(),
+                    address: b.address.clone(),
+                }));
+            }
+        }
+        r.added = added.iter().map(|b| b.name.clone()).collect();
+        r.removed = removed;
+        self.config.store(Arc::new(new));
+        tracing::info!(added = ?r.added, removed = ?r.removed, needs_restart = ?r.needs_restart, "configuration reloaded");
+        r
+    }
+
+    /// Remembers the configuration file, enabling [`Shared::reload_from_file`].
+    pub fn set_config_path(&self, path: std::path::PathBuf) {
+        let _ = self.config_path.set(path);
+    }
+
+    /// Re-reads the configuration file and applies it. A broken file is
+    /// reported and nothing changes.
+    pub fn reload_from_file(&self) -> Result<Reloaded, String> {
+        let path = self
+            .config_path
+            .get()
+            .ok_or("the balancer was started from flags, not a file; nothing to reload")?;
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        Ok(self.reload(config))
+    }
+
     /// Stops new placements on `name` and moves its clients at the paced
     /// rate. Returns false for an unknown backend.
     pub fn drain(&self, name: &str) -> bool {
@@ -179,7 +260,7 @@ impl Balancer {
             config.eviction.server_reference.clone(),
             background.clone(),
         );
-        if config.health.enabled {
+        let checker = if config.health.enabled {
             let targets: Vec<Target> = config
                 .backends
                 .iter()
@@ -193,13 +274,17 @@ impl Balancer {
                 evictor: evictor.clone(),
             });
             let instance = format!("{:08x}", fastrand::u32(..));
-            let checker = Checker::spawn(
+            Some(Checker::spawn(
                 &targets,
                 &check_settings(&config.health),
                 &instance,
                 observer,
                 background.clone(),
-            );
+            ))
+        } else {
+            None
+        };
+        if let Some(checker) = &checker {
             for b in backends.snapshot().iter() {
                 if let Some(cell) = checker.cell(&b.name) {
                     b.attach_health(cell);
@@ -211,7 +296,9 @@ impl Balancer {
             metrics: Metrics::default(),
             registry,
             evictor,
-            config,
+            config: ArcSwap::from_pointee(config),
+            checker: checker.map(Mutex::new),
+            config_path: std::sync::OnceLock::new(),
         });
         Ok(Balancer {
             shared,
@@ -251,7 +338,9 @@ impl Balancer {
                 shutdown.clone(),
             ));
         }
-        let permits = Arc::new(Semaphore::new(self.shared.config.balancer.max_connections));
+        let permits = Arc::new(Semaphore::new(
+            self.shared.config().balancer.max_connections,
+        ));
         for (name, listener) in self.listeners {
             let shared = self.shared.clone();
             let shutdown = shutdown.clone();
@@ -327,7 +416,8 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) {
     m.accepted.fetch_add(1, Ordering::Relaxed);
     let _active = GaugeGuard::new(&m.active);
     let _ = client.set_nodelay(true);
-    let settings = &shared.config.balancer;
+    let config = shared.config();
+    let settings = &config.balancer;
 
     let hs = match read_connect(
         &mut client,

@@ -111,10 +111,22 @@ impl HealthCell {
     }
 }
 
-/// The running checks.
-#[derive(Debug)]
+/// The running checks. Targets can be added and removed while running
+/// (configuration reload); each target's task has its own stop token.
 pub struct Checker {
-    cells: Vec<(String, Arc<HealthCell>)>,
+    cells: Vec<(String, Arc<HealthCell>, CancellationToken)>,
+    settings: CheckSettings,
+    instance: String,
+    observer: Arc<dyn Observer>,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Checker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checker")
+            .field("targets", &self.cells.len())
+            .finish()
+    }
 }
 
 impl Checker {
@@ -127,41 +139,66 @@ impl Checker {
         observer: Arc<dyn Observer>,
         shutdown: CancellationToken,
     ) -> Checker {
-        let mut cells = Vec::new();
+        let mut checker = Checker {
+            cells: Vec::new(),
+            settings: settings.clone(),
+            instance: instance.to_string(),
+            observer,
+            shutdown,
+        };
         for t in targets {
-            let (tx, rx) = mpsc::channel(64);
-            let cell = Arc::new(HealthCell {
-                state: AtomicU8::new(HealthState::Unknown as u8),
-                report: ArcSwap::from_pointee(Report {
-                    state: HealthState::Unknown,
-                    last_outcome: None,
-                    last_check: None,
-                    consecutive_failures: 0,
-                }),
-                passive: tx,
-            });
-            let mut spec = settings.spec.clone();
-            spec.client_id = probe_client_id(instance, &t.name);
-            tokio::spawn(run_target(
-                t.clone(),
-                spec,
-                settings.clone(),
-                cell.clone(),
-                rx,
-                observer.clone(),
-                shutdown.clone(),
-            ));
-            cells.push((t.name.clone(), cell));
+            checker.add(t);
         }
-        Checker { cells }
+        checker
+    }
+
+    /// Starts checking one more target and returns its cell.
+    pub fn add(&mut self, t: &Target) -> Arc<HealthCell> {
+        let (tx, rx) = mpsc::channel(64);
+        let cell = Arc::new(HealthCell {
+            state: AtomicU8::new(HealthState::Unknown as u8),
+            report: ArcSwap::from_pointee(Report {
+                state: HealthState::Unknown,
+                last_outcome: None,
+                last_check: None,
+                consecutive_failures: 0,
+            }),
+            passive: tx,
+        });
+        let mut spec = self.settings.spec.clone();
+        spec.client_id = probe_client_id(&self.instance, &t.name);
+        let stop = self.shutdown.child_token();
+        tokio::spawn(run_target(
+            t.clone(),
+            spec,
+            self.settings.clone(),
+            cell.clone(),
+            rx,
+            self.observer.clone(),
+            stop.clone(),
+        ));
+        self.cells.push((t.name.clone(), cell.clone(), stop));
+        cell
+    }
+
+    /// Stops checking a target.
+    pub fn remove(&mut self, name: &str) {
+        self.cells.retain(|(n, _, stop)| {
+            if n == name {
+                stop.cancel();
+                false
+            } else {
+                true
+            }
+        });
     }
 
     /// The cell for a target name.
     pub fn cell(&self, name: &str) -> Option<Arc<HealthCell>> {
         self.cells
             .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, c)| c.clone())
+            .find(|(n, _, _)| n == name)
+            .map(|(_, c, _)| c.clone())
     }
 }
 

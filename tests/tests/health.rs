@@ -480,3 +480,103 @@ async fn passive_failures_mark_a_backend_down() {
     );
     lb.stop().await;
 }
+
+/// SIGHUP / POST /reload: backends change without dropping connections; a
+/// broken file changes nothing and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_reload_keeps_connections() {
+    let ms: Vec<Mosquitto> = (0..3).map(|_| Mosquitto::start()).collect();
+    let dir = scratch_dir("reload");
+    let file = dir.join("mqlb.toml");
+    let (port, admin) = (free_port(), free_port());
+    let write = |backends: &[usize], extra: &str| {
+        let mut t = format!("[[listener]]\naddress = \"127.0.0.1:{port}\"\n[admin]\naddress = \"127.0.0.1:{admin}\"\n");
+        for &i in backends {
+            t.push_str(&format!(
+                "[[backend]]\nname = \"b{}\"\naddress = \"{}\"\n",
+                i + 1,
+                ms[i].addr()
+            ));
+        }
+        t.push_str(extra);
+        std::fs::write(&file, t).unwrap();
+    };
+    write(&[0], "");
+    let child = KillOnDrop(
+        Command::new(mqlb_bin())
+            .args(["balance", "--config"])
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    let admin = format!("127.0.0.1:{admin}");
+    assert!(wait_listening(&addr, T) && wait_listening(&admin, T));
+    let (mut kept, ack) = connect_and_ack(&addr, "kept", 4).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    assert!(ms[0].saw_client("kept", T));
+
+    // Add b2 and b3 with SIGHUP.
+    write(&[0, 1, 2], "");
+    Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    let mut names = Vec::new();
+    for _ in 0..100 {
+        let (_, body) = http(&admin, "GET", "/backends").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        names = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap().to_string())
+            .collect();
+        if names.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(names, ["b1", "b2", "b3"]);
+    // The old connection still works.
+    use tokio::io::AsyncWriteExt;
+    kept.write_all(&[0xC0, 0x00]).await.unwrap();
+    assert_eq!(read_n(&mut kept, 2, T).await, [0xD0, 0x00]);
+    // New clients follow the hash over three backends, as any replica computes it.
+    let specs: Vec<mqlb_config::Backend> = (0..3)
+        .map(|i| mqlb_config::Backend {
+            name: format!("b{}", i + 1),
+            address: ms[i].addr(),
+            weight: 1,
+        })
+        .collect();
+    let local = mqlb_balancer::select::Backends::new(&specs);
+    let mut on_new = 0;
+    for i in 0..30 {
+        let id = format!("after-reload-{i}");
+        let (_s, ack) = connect_and_ack(&addr, &id, 4).await;
+        assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+        let owner = &local.candidates(id.as_bytes())[0].name;
+        let idx: usize = owner[1..].parse::<usize>().unwrap() - 1;
+        assert!(ms[idx].saw_client(&id, T), "{id} not on {owner}");
+        on_new += usize::from(idx > 0);
+    }
+    assert!(on_new > 0);
+    // A broken file is refused with key and line; nothing changes.
+    std::fs::write(&file, "[[listener]]\naddress = \"nope\"\n").unwrap();
+    let (status, body) = http(&admin, "POST", "/reload").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("mqlb.toml:2: listener[0].address"), "{body}");
+    // Remove b3 through the API.
+    write(&[0, 1], "");
+    let (status, body) = http(&admin, "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["removed"], serde_json::json!(["b3"]));
+    kept.write_all(&[0xC0, 0x00]).await.unwrap();
+    assert_eq!(read_n(&mut kept, 2, T).await, [0xD0, 0x00]);
+    drop(child);
+    let _ = std::fs::remove_dir_all(dir);
+}
