@@ -89,15 +89,7 @@ impl BrokerConfig {
     /// Reads the `[broker]` section of a file (other sections are ignored
     /// but still checked for syntax and unknown keys).
     pub fn load(path: &Path) -> Result<BrokerConfig, ConfigError> {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            source_name: name.clone(),
-            problems: vec![Problem {
-                key: "(file)".into(),
-                line: None,
-                message: format!("cannot read: {e}"),
-            }],
-        })?;
+        let (name, text) = crate::read_file(path)?;
         Self::parse(&name, &text, path.parent())
     }
 

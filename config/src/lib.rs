@@ -271,15 +271,7 @@ impl Collector<'_> {
 impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            source_name: name.clone(),
-            problems: vec![Problem {
-                key: "(file)".into(),
-                line: None,
-                message: format!("cannot read: {e}"),
-            }],
-        })?;
+        let (name, text) = read_file(path)?;
         Config::parse(&name, &text)
     }
 
@@ -336,6 +328,20 @@ impl Config {
             e
         })
     }
+}
+
+/// Reads a configuration file, naming it in errors.
+pub(crate) fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        source_name: name.clone(),
+        problems: vec![Problem {
+            key: "(file)".into(),
+            line: None,
+            message: format!("cannot read: {e}"),
+        }],
+    })?;
+    Ok((name, text))
 }
 
 fn toml_str(s: &str) -> String {

@@ -401,3 +401,47 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// One paho-mqtt (Python) client that subscribes to a topic, publishes to it
+/// at `qos`, and waits for its own message. `proto` is "31", "311" or "5".
+/// Panics unless the message came back within 10 s.
+pub async fn paho_roundtrip(port: u16, proto: &'static str, client_id: &str, qos: u8) {
+    const SCRIPT: &str = r#"
+import sys, threading, paho.mqtt.client as mqtt
+port, proto, cid, qos = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+version = {"31": mqtt.MQTTv31, "311": mqtt.MQTTv311, "5": mqtt.MQTTv5}[proto]
+got = threading.Event()
+c = mqtt.Client(client_id=cid, protocol=version)
+c.on_connect = lambda c, u, f, rc, p=None: c.subscribe("paho/" + cid, qos=qos)
+c.on_subscribe = lambda c, u, mid, g, p=None: c.publish("paho/" + cid, "hi-" + proto, qos=qos)
+def on_message(c, u, m):
+    print(m.payload.decode()); got.set()
+c.on_message = on_message
+c.connect("127.0.0.1", port, 30); c.loop_start()
+ok = got.wait(10); c.disconnect(); c.loop_stop()
+sys.exit(0 if ok else 1)
+"#;
+    let python = python_with_paho()
+        .expect("paho-mqtt missing: run .ci/run or apt-get install python3-paho-mqtt");
+    let id = client_id.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args([
+                "-c",
+                SCRIPT,
+                &port.to_string(),
+                proto,
+                &id,
+                &qos.to_string(),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "paho {proto}: {out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("hi-{proto}")
+    );
+}

@@ -85,50 +85,11 @@ async fn mosquitto_clients_pubsub_all_versions() {
 /// and publishes to itself through the balancer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paho_python_all_versions() {
-    let Some(python) = python_with_paho() else {
-        panic!("paho-mqtt missing: run .ci/run or apt-get install python3-paho-mqtt");
-    };
     let (ms, lb) = three_mosquittos().await;
-    let script = r#"
-import sys, threading, paho.mqtt.client as mqtt
-port, proto, cid = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-version = {"31": mqtt.MQTTv31, "311": mqtt.MQTTv311, "5": mqtt.MQTTv5}[proto]
-got = threading.Event()
-c = mqtt.Client(client_id=cid, protocol=version)
-def on_connect(c, u, f, rc, props=None):
-    c.subscribe("paho/" + proto, qos=1)
-def on_subscribe(c, u, mid, granted, props=None):
-    c.publish("paho/" + proto, "hi-" + proto, qos=1)
-def on_message(c, u, msg):
-    print(msg.payload.decode()); got.set()
-c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
-c.connect("127.0.0.1", port, 30)
-c.loop_start()
-ok = got.wait(10)
-c.disconnect(); c.loop_stop()
-sys.exit(0 if ok else 1)
-"#;
     for proto in ["31", "311", "5"] {
         let id = format!("paho-{proto}");
         let backend = lb.first_choice(&id);
-        let out = tokio::task::spawn_blocking({
-            let python = python.clone();
-            let port = lb.addr.port().to_string();
-            let id = id.clone();
-            move || {
-                Command::new(python)
-                    .args(["-c", script, &port, proto, &id])
-                    .output()
-                    .unwrap()
-            }
-        })
-        .await
-        .unwrap();
-        assert!(out.status.success(), "paho {proto}: {out:?}");
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            format!("hi-{proto}")
-        );
+        paho_roundtrip(lb.addr.port(), proto, &id, 1).await;
         assert!(
             ms[index(&backend)].saw_client(&id, T),
             "paho {proto} not on {backend}"

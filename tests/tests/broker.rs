@@ -378,40 +378,9 @@ async fn real_clients_against_our_broker() {
         .expect("rumqttc v5 message");
         assert_eq!(&p.payload[..], b"five");
     }
-    // paho, all versions
-    let python = python_with_paho().expect("paho-mqtt missing: run .ci/run");
-    let script = r#"
-import sys, threading, paho.mqtt.client as mqtt
-port, proto = int(sys.argv[1]), sys.argv[2]
-version = {"31": mqtt.MQTTv31, "311": mqtt.MQTTv311, "5": mqtt.MQTTv5}[proto]
-got = threading.Event()
-c = mqtt.Client(client_id="paho" + proto, protocol=version)
-c.on_connect = lambda c, u, f, rc, p=None: c.subscribe("paho/" + proto, qos=2)
-c.on_subscribe = lambda c, u, mid, g, p=None: c.publish("paho/" + proto, "hi-" + proto, qos=2)
-def on_message(c, u, m):
-    print(m.payload.decode()); got.set()
-c.on_message = on_message
-c.connect("127.0.0.1", port, 30); c.loop_start()
-ok = got.wait(10); c.disconnect(); c.loop_stop()
-sys.exit(0 if ok else 1)
-"#;
+    // paho, all versions, QoS 2
     for proto in ["31", "311", "5"] {
-        let out = tokio::task::spawn_blocking({
-            let python = python.clone();
-            move || {
-                Command::new(python)
-                    .args(["-c", script, &port.to_string(), proto])
-                    .output()
-                    .unwrap()
-            }
-        })
-        .await
-        .unwrap();
-        assert!(out.status.success(), "paho {proto}: {out:?}");
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            format!("hi-{proto}")
-        );
+        paho_roundtrip(port, proto, &format!("paho{proto}"), 2).await;
     }
     // mosquitto_pub / mosquitto_sub with a retained message (no race).
     let p = port.to_string();
