@@ -6,7 +6,15 @@ use libfuzzer_sys::fuzz_target;
 use mqlb_broker::snapshot::SessionSnapshot;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(s) = SessionSnapshot::from_bytes(bytes::Bytes::copy_from_slice(data)) {
+    // Start past the magic most of the time, so the fuzzer explores the body.
+    let mut input = Vec::with_capacity(data.len() + 6);
+    if data.first().is_some_and(|b| b % 8 != 0) {
+        input.extend_from_slice(b"MQLBS1");
+        input.extend_from_slice(&data[1..]);
+    } else {
+        input.extend_from_slice(data);
+    }
+    if let Ok(s) = SessionSnapshot::from_bytes(bytes::Bytes::from(input)) {
         let again = s.to_bytes().expect("a decoded snapshot encodes");
         assert_eq!(SessionSnapshot::from_bytes(again).expect("re-decodes"), s);
     }
