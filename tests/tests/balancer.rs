@@ -625,3 +625,40 @@ async fn half_close_keeps_the_other_direction() {
     );
     lb.stop().await;
 }
+
+/// `max_connections`: at the limit, new clients wait in the accept backlog
+/// (they are not accepted and starved), and are served when a slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_queues_in_the_backlog() {
+    let m = Mosquitto::start();
+    let lb = RunningBalancer::start(config(
+        &[("b1", m.addr())],
+        "max_connections = 2\n[health]\nenabled = false\n",
+    ))
+    .await;
+    let addr = lb.addr.to_string();
+    let (first, ack1) = connect_and_ack(&addr, "limit-1", 4).await;
+    let (_second, ack2) = connect_and_ack(&addr, "limit-2", 4).await;
+    assert_eq!(
+        (ack1.as_slice(), ack2.as_slice()),
+        (&[0x20, 0x02, 0, 0][..], &[0x20, 0x02, 0, 0][..])
+    );
+    let mut third = TcpStream::connect(&addr).await.unwrap();
+    third.write_all(&raw::connect("limit-3", 4)).await.unwrap();
+    assert!(
+        read_n(&mut third, 4, Duration::from_millis(500))
+            .await
+            .is_empty(),
+        "served above the limit"
+    );
+    assert_eq!(
+        lb.shared
+            .metrics
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    drop(first);
+    assert_eq!(read_n(&mut third, 4, T).await, [0x20, 0x02, 0x00, 0x00]);
+    lb.stop().await;
+}
