@@ -265,22 +265,29 @@ impl Session {
         buf: &mut BytesMut,
     ) -> End {
         loop {
-            // Packets already buffered first.
+            // Packets already buffered first; their replies go out in one write.
+            let mut out = Vec::new();
+            let mut end = None;
             loop {
                 match decode(buf, self.version, MAX_PACKET) {
                     Ok(Some(p)) => {
-                        let mut out = Vec::new();
-                        let end = self.on_packet(p, &mut out);
-                        if !out.is_empty() && wr.write_all(&out).await.is_err() {
-                            return End::Lost;
-                        }
-                        if let Some(end) = end {
-                            return end;
+                        end = self.on_packet(p, &mut out);
+                        if end.is_some() {
+                            break;
                         }
                     }
                     Ok(None) => break,
-                    Err(e) => return End::Violation(e.reason_code()),
+                    Err(e) => {
+                        end = Some(End::Violation(e.reason_code()));
+                        break;
+                    }
                 }
+            }
+            if !out.is_empty() && wr.write_all(&out).await.is_err() {
+                return End::Lost;
+            }
+            if let Some(end) = end {
+                return end;
             }
             let deadline = self.keep_alive.map(|k| tokio::time::Instant::now() + k);
             tokio::select! {
