@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::Reply;
 use crate::metrics::RejectReason;
+use crate::select::Backend;
 use crate::server::Shared;
 
 /// Serves the API until `shutdown`.
@@ -193,49 +194,62 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// Writes a family's HELP and TYPE lines.
+fn family(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A family with one unlabelled sample.
+fn single(o: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    family(o, name, kind, help);
+    let _ = writeln!(o, "{name} {value}");
+}
+
+/// A family with one sample per backend.
+fn per_backend(
+    o: &mut String,
+    backends: &[Arc<Backend>],
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl Fn(&Backend) -> u64,
+) {
+    family(o, name, kind, help);
+    for b in backends {
+        let _ = writeln!(o, "{name}{{backend=\"{}\"}} {}", b.name, value(b));
+    }
+}
+
 /// Prometheus text exposition of every metric.
 pub fn render_metrics(shared: &Shared) -> String {
     let m = &shared.metrics;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut o = String::new();
-    let counter = |o: &mut String, name: &str, help: &str| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
-    };
-    let gauge = |o: &mut String, name: &str, help: &str| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
-    };
-    counter(
+    single(
         &mut o,
         "mqlb_connections_accepted_total",
+        "counter",
         "Client connections accepted.",
+        load(&m.accepted),
     );
-    let _ = writeln!(
-        o,
-        "mqlb_connections_accepted_total {}",
-        m.accepted.load(Ordering::Relaxed)
-    );
-    gauge(
+    single(
         &mut o,
         "mqlb_connections_active",
+        "gauge",
         "Client connections open now.",
+        load(&m.active),
     );
-    let _ = writeln!(
-        o,
-        "mqlb_connections_active {}",
-        m.active.load(Ordering::Relaxed)
-    );
-    counter(
+    single(
         &mut o,
         "mqlb_connections_forwarded_total",
+        "counter",
         "Client connections handed to a backend.",
+        load(&m.forwarded),
     );
-    let _ = writeln!(
-        o,
-        "mqlb_connections_forwarded_total {}",
-        m.forwarded.load(Ordering::Relaxed)
-    );
-    counter(
+    family(
         &mut o,
         "mqlb_connect_rejected_total",
+        "counter",
         "Connections refused before reaching a backend, by reason.",
     );
     for r in RejectReason::ALL {
@@ -247,75 +261,84 @@ pub fn render_metrics(shared: &Shared) -> String {
         );
     }
     let backends = shared.backends.snapshot();
-    gauge(
+    let bs = backends.as_slice();
+    per_backend(
         &mut o,
+        bs,
         "mqlb_backend_connections_active",
+        "gauge",
         "Client connections forwarded to the backend now.",
+        |b| load(&b.active),
     );
-    for b in backends.iter() {
-        let _ = writeln!(
-            o,
-            "mqlb_backend_connections_active{{backend=\"{}\"}} {}",
-            b.name,
-            b.active.load(Ordering::Relaxed)
-        );
-    }
-    counter(
+    per_backend(
         &mut o,
+        bs,
         "mqlb_backend_connections_total",
+        "counter",
         "Client connections forwarded to the backend.",
+        |b| load(&b.forwarded),
     );
-    for b in backends.iter() {
-        let _ = writeln!(
-            o,
-            "mqlb_backend_connections_total{{backend=\"{}\"}} {}",
-            b.name,
-            b.forwarded.load(Ordering::Relaxed)
-        );
-    }
-    counter(
+    per_backend(
         &mut o,
+        bs,
         "mqlb_backend_connect_failures_total",
+        "counter",
         "TCP connects to the backend that failed or timed out.",
+        |b| load(&b.connect_failures),
     );
-    for b in backends.iter() {
-        let _ = writeln!(
-            o,
-            "mqlb_backend_connect_failures_total{{backend=\"{}\"}} {}",
-            b.name,
-            b.connect_failures.load(Ordering::Relaxed)
-        );
-    }
-    counter(
+    per_backend(
+        &mut o,
+        bs,
+        "mqlb_backend_draining",
+        "gauge",
+        "1 while an operator drains the backend.",
+        |b| u64::from(b.is_draining()),
+    );
+    per_backend(
+        &mut o,
+        bs,
+        "mqlb_evictions_total",
+        "counter",
+        "Clients closed to move them off a failed or drained backend.",
+        |b| load(&b.evictions),
+    );
+    family(
         &mut o,
         "mqlb_backend_connack_total",
+        "counter",
         "CONNACKs the backend sent clients, by v5 reason code.",
     );
-    for b in backends.iter() {
+    for b in bs {
         for (code, n) in b.connacks.iter().enumerate() {
-            let n = n.load(Ordering::Relaxed);
+            let n = load(n);
             if n > 0 {
                 let rc = mqlb_protocol::ReasonCode(code as u8);
                 let _ = writeln!(o, "mqlb_backend_connack_total{{backend=\"{}\",code=\"0x{code:02X}\",reason=\"{}\"}} {n}", b.name, rc.name());
             }
         }
     }
-    let _ = writeln!(o, "# HELP mqlb_backend_connect_latency_seconds Client CONNECT to backend CONNACK.\n# TYPE mqlb_backend_connect_latency_seconds histogram");
-    for b in backends.iter() {
+    family(
+        &mut o,
+        "mqlb_backend_connect_latency_seconds",
+        "histogram",
+        "Client CONNECT to backend CONNACK.",
+    );
+    for b in bs {
         b.connect_latency.render(
             &mut o,
             "mqlb_backend_connect_latency_seconds",
             &format!("backend=\"{}\"", b.name),
         );
     }
-    gauge(
+    family(
         &mut o,
         "mqlb_backend_health",
+        "gauge",
         "1 for the backend's current health state.",
     );
-    for b in backends.iter() {
+    for b in bs {
         let cur = b.health_state();
-        for s in [
+        for st in [
             HealthState::Unknown,
             HealthState::Up,
             HealthState::Down,
@@ -325,31 +348,19 @@ pub fn render_metrics(shared: &Shared) -> String {
                 o,
                 "mqlb_backend_health{{backend=\"{}\",state=\"{}\"}} {}",
                 b.name,
-                s.label(),
-                u8::from(s == cur)
+                st.label(),
+                u8::from(st == cur)
             );
         }
     }
-    gauge(
-        &mut o,
-        "mqlb_backend_draining",
-        "1 while an operator drains the backend.",
-    );
-    for b in backends.iter() {
-        let _ = writeln!(
-            o,
-            "mqlb_backend_draining{{backend=\"{}\"}} {}",
-            b.name,
-            u8::from(b.is_draining())
-        );
-    }
-    counter(
+    family(
         &mut o,
         "mqlb_backend_health_transitions_total",
+        "counter",
         "Health state changes, by new state.",
     );
-    for b in backends.iter() {
-        for s in [
+    for b in bs {
+        for st in [
             HealthState::Up,
             HealthState::Down,
             HealthState::Misconfigured,
@@ -358,45 +369,38 @@ pub fn render_metrics(shared: &Shared) -> String {
                 o,
                 "mqlb_backend_health_transitions_total{{backend=\"{}\",to=\"{}\"}} {}",
                 b.name,
-                s.label(),
-                b.transitions[s as usize].load(Ordering::Relaxed)
+                st.label(),
+                load(&b.transitions[st as usize])
             );
         }
     }
-    counter(
+    family(
         &mut o,
         "mqlb_backend_probes_total",
+        "counter",
         "Health probes, by result.",
     );
-    for b in backends.iter() {
+    for b in bs {
         for (i, r) in ["up", "down", "misconfigured"].iter().enumerate() {
             let _ = writeln!(
                 o,
                 "mqlb_backend_probes_total{{backend=\"{}\",result=\"{r}\"}} {}",
                 b.name,
-                b.probes[i].load(Ordering::Relaxed)
+                load(&b.probes[i])
             );
         }
     }
-    let _ = writeln!(o, "# HELP mqlb_backend_probe_rtt_seconds Probe PINGREQ to PINGRESP.\n# TYPE mqlb_backend_probe_rtt_seconds histogram");
-    for b in backends.iter() {
+    family(
+        &mut o,
+        "mqlb_backend_probe_rtt_seconds",
+        "histogram",
+        "Probe PINGREQ to PINGRESP.",
+    );
+    for b in bs {
         b.probe_rtt.render(
             &mut o,
             "mqlb_backend_probe_rtt_seconds",
             &format!("backend=\"{}\"", b.name),
-        );
-    }
-    counter(
-        &mut o,
-        "mqlb_evictions_total",
-        "Clients closed to move them off a failed or drained backend.",
-    );
-    for b in backends.iter() {
-        let _ = writeln!(
-            o,
-            "mqlb_evictions_total{{backend=\"{}\"}} {}",
-            b.name,
-            b.evictions.load(Ordering::Relaxed)
         );
     }
     o
