@@ -107,6 +107,9 @@ enum End {
 
 struct Session {
     client_id: String,
+    /// The client ID as shared by every message it publishes (No Local),
+    /// so routing a publish allocates no string.
+    origin: Arc<str>,
     version: ProtocolVersion,
     conn: u64,
     keep_alive: Option<Duration>,
@@ -237,6 +240,7 @@ impl Session {
         lock(core).resume(&client_id);
         tracing::debug!(client_id = %client_id, version = v.label(), session_present = connected.session_present, "connected");
         Some(Session {
+            origin: Arc::from(client_id.as_str()),
             client_id,
             version: v,
             conn: connected.conn,
@@ -372,7 +376,7 @@ impl Session {
                     qos: p.qos,
                     retain: p.retain,
                     properties: p.properties,
-                    origin: Some(Arc::from(self.client_id.as_str())),
+                    origin: Some(self.origin.clone()),
                     received: std::time::Instant::now(),
                 };
                 match (p.qos, p.packet_id) {

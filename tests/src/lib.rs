@@ -245,6 +245,14 @@ impl RunningBalancer {
         }
     }
 
+    /// TCP connects to backend `name` that failed so far.
+    pub fn connect_failures(&self, name: &str) -> u64 {
+        self.shared
+            .backends
+            .get(name)
+            .map_or(0, |b| b.connect_failures.load(Ordering::Relaxed))
+    }
+
     /// Which backend `client_id` is placed on first, by the balancer's own rule.
     pub fn first_choice(&self, client_id: &str) -> String {
         self.shared.backends.candidates(client_id.as_bytes())[0]
@@ -313,6 +321,14 @@ pub fn python_with_paho() -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// The position of backend `bN` in a list of brokers started in order.
+pub fn backend_index(name: &str) -> usize {
+    name[1..]
+        .parse::<usize>()
+        .expect("backend names are b1, b2, ...")
+        - 1
 }
 
 /// Client IDs (with `prefix`) that the balancer places first on `backend`.

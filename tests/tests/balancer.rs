@@ -26,10 +26,6 @@ async fn three_mosquittos() -> (Vec<Mosquitto>, RunningBalancer) {
     (ms, lb)
 }
 
-fn index(name: &str) -> usize {
-    name[1..].parse::<usize>().unwrap() - 1
-}
-
 /// mosquitto_sub and mosquitto_pub, MQTT 3.1 / 3.1.1 / 5.0, through the
 /// balancer; the two IDs are chosen to share a backend (these Mosquittos are
 /// not clustered).
@@ -91,7 +87,7 @@ async fn paho_python_all_versions() {
         let backend = lb.first_choice(&id);
         paho_roundtrip(lb.addr.port(), proto, &id, 1).await;
         assert!(
-            ms[index(&backend)].saw_client(&id, T),
+            ms[backend_index(&backend)].saw_client(&id, T),
             "paho {proto} not on {backend}"
         );
     }
@@ -128,7 +124,7 @@ async fn rumqttc_v4_and_v5() {
         .expect("v4 message");
         assert_eq!(&got[..], b"v4-payload");
         let backend = lb.first_choice("rumqttc-v4");
-        assert!(ms[index(&backend)].saw_client("rumqttc-v4", T));
+        assert!(ms[backend_index(&backend)].saw_client("rumqttc-v4", T));
     }
     // v5
     {
@@ -154,7 +150,7 @@ async fn rumqttc_v4_and_v5() {
         .expect("v5 message");
         assert_eq!(&got[..], b"v5-payload");
         let backend = lb.first_choice("rumqttc-v5");
-        assert!(ms[index(&backend)].saw_client("rumqttc-v5", T));
+        assert!(ms[backend_index(&backend)].saw_client("rumqttc-v5", T));
     }
     lb.stop().await;
 }
@@ -397,16 +393,10 @@ async fn killed_backend_client_reconnects_to_next() {
     let (_s, ack) = connect_and_ack(&lb.addr.to_string(), &id, 4).await;
     assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
     assert!(
-        ms[index(&second)].saw_client(&id, T),
+        ms[backend_index(&second)].saw_client(&id, T),
         "{id} not on {second}"
     );
-    let failures = lb
-        .shared
-        .backends
-        .get("b1")
-        .unwrap()
-        .connect_failures
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let failures = lb.connect_failures("b1");
     assert_eq!(failures, 1);
     lb.stop().await;
 }
@@ -542,7 +532,7 @@ async fn connect_in_one_byte_writes() {
         );
         let backend = lb.first_choice(&id);
         assert!(
-            ms[index(&backend)].saw_client(&id, T),
+            ms[backend_index(&backend)].saw_client(&id, T),
             "{id} {backend} {:?}",
             ms.iter().map(|m| m.clients()).collect::<Vec<_>>()
         );
@@ -560,7 +550,7 @@ async fn bridge_connects_are_forwarded() {
         let (_s, ack) = connect_and_ack(&lb.addr.to_string(), &id, level).await;
         assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "level {level:#x}");
         let backend = lb.first_choice(&id);
-        assert!(ms[index(&backend)].saw_client(&id, T));
+        assert!(ms[backend_index(&backend)].saw_client(&id, T));
     }
     lb.stop().await;
 }

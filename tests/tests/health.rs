@@ -69,16 +69,10 @@ async fn killed_broker_is_marked_down_in_time() {
     assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
     let second = lb.shared.backends.candidates(id.as_bytes())[0].name.clone();
     assert_ne!(second, "b1");
-    let i: usize = second[1..].parse::<usize>().unwrap() - 1;
+    let i: usize = backend_index(&second);
     assert!(ms[i].saw_client(&id, T));
     // Placement skipped b1 without even trying to connect to it.
-    let failures = lb
-        .shared
-        .backends
-        .get("b1")
-        .unwrap()
-        .connect_failures
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let failures = lb.connect_failures("b1");
     assert_eq!(failures, 0);
     lb.stop().await;
 }
