@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use mqlb_protocol::{
-    decode, Ack, Connack, Connect, DecodeError, Disconnect, MqttStr, Packet, Properties,
+    decode, Ack, Connack, Connect, DecodeError, Disconnect, Limits, MqttStr, Packet, Properties,
     ProtocolVersion, QoS, ReasonCode, Suback, Unsuback,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
@@ -24,6 +24,35 @@ pub const RECEIVE_MAXIMUM: u16 = 1024;
 /// Inbound topic aliases a v5 client may set.
 pub const TOPIC_ALIAS_MAXIMUM: u16 = 64;
 
+/// Per-listener settings a connection needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// When set, v5 clients asking for a longer keep-alive (or none) get this
+    /// as Server Keep Alive.
+    pub max_keep_alive: Option<u16>,
+    /// Most levels in a topic name or filter; deeper ones are refused by
+    /// the codec with 0x90 / 0x8F.
+    pub max_topic_levels: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_keep_alive: None,
+            max_topic_levels: mqlb_protocol::DEFAULT_MAX_TOPIC_LEVELS,
+        }
+    }
+}
+
+impl Settings {
+    fn decode_limits(&self) -> Limits {
+        Limits {
+            max_frame: MAX_PACKET,
+            max_topic_levels: self.max_topic_levels,
+        }
+    }
+}
+
 pub(crate) fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
     core.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -36,7 +65,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     core: Arc<Mutex<Core>>,
     auth: Arc<Auth>,
-    max_keep_alive: Option<u16>,
+    settings: Settings,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     // Small to start: idle connections dominate memory; reads grow it on demand.
@@ -44,7 +73,12 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     // CONNECT: version-independent decode.
     let connect = match tokio::time::timeout(
         CONNECT_TIMEOUT,
-        read_packet(&mut rd, &mut buf, ProtocolVersion::V5),
+        read_packet(
+            &mut rd,
+            &mut buf,
+            ProtocolVersion::V5,
+            settings.decode_limits(),
+        ),
     )
     .await
     {
@@ -58,7 +92,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         }
         _ => return,
     };
-    let mut session = match Session::start(connect, &mut wr, &core, auth, max_keep_alive).await {
+    let mut session = match Session::start(connect, &mut wr, &core, auth, settings).await {
         Some(s) => s,
         None => return,
     };
@@ -81,9 +115,10 @@ async fn read_packet(
     stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     v: ProtocolVersion,
+    limits: Limits,
 ) -> Result<Option<Packet>, DecodeError> {
     loop {
-        if let Some(p) = decode(buf, v, MAX_PACKET)? {
+        if let Some(p) = decode(buf, v, limits)? {
             return Ok(Some(p));
         }
         match stream.read_buf(buf).await {
@@ -111,6 +146,7 @@ struct Session {
     /// so routing a publish allocates no string.
     origin: Arc<str>,
     version: ProtocolVersion,
+    limits: Limits,
     conn: u64,
     keep_alive: Option<Duration>,
     /// Boxed: most clients have none, and the connection future stays small.
@@ -121,8 +157,6 @@ struct Session {
     aliases: HashMap<u16, MqttStr>,
     /// User name from CONNECT, for ACLs.
     username: Option<String>,
-    /// Bytes the core queued for us and we have not written yet.
-    backlog: Arc<std::sync::atomic::AtomicUsize>,
     auth: Arc<Auth>,
 }
 
@@ -132,7 +166,7 @@ impl Session {
         stream: &mut (impl AsyncWrite + Unpin),
         core: &Arc<Mutex<Core>>,
         auth: Arc<Auth>,
-        max_keep_alive: Option<u16>,
+        settings: Settings,
     ) -> Option<Session> {
         let v = c.version;
         let refuse = |code: ReasonCode| {
@@ -211,7 +245,7 @@ impl Session {
         // Server Keep Alive (v5): cap what the client asked for.
         let mut keep_alive = c.keep_alive;
         let mut server_keep_alive = None;
-        if let (true, Some(max)) = (v.is_v5(), max_keep_alive) {
+        if let (true, Some(max)) = (v.is_v5(), settings.max_keep_alive) {
             if keep_alive == 0 || keep_alive > max {
                 keep_alive = max;
                 server_keep_alive = Some(max);
@@ -243,6 +277,7 @@ impl Session {
             origin: Arc::from(client_id.as_str()),
             client_id,
             version: v,
+            limits: settings.decode_limits(),
             conn: connected.conn,
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
@@ -251,7 +286,6 @@ impl Session {
             rx,
             aliases: HashMap::new(),
             username,
-            backlog: connected.backlog.clone(),
             auth,
         })
     }
@@ -273,7 +307,7 @@ impl Session {
             let mut out = Vec::new();
             let mut end = None;
             loop {
-                match decode(buf, self.version, MAX_PACKET) {
+                match decode(buf, self.version, self.limits) {
                     Ok(Some(p)) => {
                         end = self.on_packet(p, &mut out);
                         if end.is_some() {
@@ -312,11 +346,8 @@ impl Session {
                             }
                         }
                     }
-                    if !joined.is_empty() {
-                        if wr.write_all(&joined).await.is_err() {
-                            return End::Lost;
-                        }
-                        self.backlog.fetch_sub(joined.len(), std::sync::atomic::Ordering::Relaxed);
+                    if !joined.is_empty() && wr.write_all(&joined).await.is_err() {
+                        return End::Lost;
                     }
                     if let Some(c) = close {
                         return End::TakenOver(c);
@@ -593,7 +624,7 @@ mod tests {
         let core = std::sync::Arc::new(std::sync::Mutex::new(crate::core::Core::new()));
         let auth = std::sync::Arc::new(crate::auth::Auth::open());
         let (a, _b) = tokio::io::duplex(64);
-        let f = super::handle(a, core, auth, None);
+        let f = super::handle(a, core, auth, super::Settings::default());
         let size = std::mem::size_of_val(&f);
         assert!(size <= 2048, "connection future is {size} bytes");
     }

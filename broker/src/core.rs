@@ -7,7 +7,6 @@
 //! import them later.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,30 +83,60 @@ impl Message {
     }
 }
 
-/// The mailbox between the core and one connection task.
+/// The mailbox between the core and one connection task, and the only way
+/// to queue bytes for a connection.
+///
+/// It counts the bytes it holds under the same lock that queues and takes
+/// them, so the backlog a slow consumer is judged by cannot drift: nothing
+/// can be queued past the count, and the count can never go below zero.
 ///
 /// A queue behind a mutex plus a `Notify`, rather than a channel: tokio's
 /// channels allocate a 32-slot block up front, and most connections are
 /// idle. This allocates nothing until something is sent.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    queue: std::sync::Mutex<VecDeque<Outbound>>,
+    queue: std::sync::Mutex<Queued>,
     notify: tokio::sync::Notify,
 }
 
+#[derive(Debug, Default)]
+struct Queued {
+    items: VecDeque<Outbound>,
+    /// Sum of the `Outbound::Bytes` lengths in `items`.
+    bytes: usize,
+}
+
 impl Outbox {
-    /// Queues one item and wakes the connection task.
-    pub fn send(&self, o: Outbound) {
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(o);
+    fn queued(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues encoded packets and wakes the connection task.
+    pub fn push(&self, b: Bytes) {
+        {
+            let mut q = self.queued();
+            q.bytes += b.len();
+            q.items.push_back(Outbound::Bytes(b));
+        }
         self.notify.notify_one();
+    }
+
+    /// Asks the connection task to close (v5 clients get DISCONNECT `code`).
+    pub fn close(&self, code: ReasonCode) {
+        self.queued().items.push_back(Outbound::Close(code));
+        self.notify.notify_one();
+    }
+
+    /// Bytes queued and not yet taken by the connection task.
+    pub fn backlog(&self) -> usize {
+        self.queued().bytes
     }
 
     /// Takes everything queued (possibly nothing).
     pub fn take(&self) -> VecDeque<Outbound> {
-        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+        let mut q = self.queued();
+        q.bytes = 0;
+        std::mem::take(&mut q.items)
     }
 
     /// Resolves when something was sent since the last wake-up.
@@ -159,9 +188,9 @@ struct Inflight {
     pending: Pending,
 }
 
-/// Bytes handed to a connection task and not yet written. Above this, QoS 0
-/// messages to that client are dropped (counted): a slow consumer must not
-/// grow the broker's memory without bound. QoS 1/2 are bounded by the
+/// Bytes queued for a connection task and not yet taken by it. Above this,
+/// QoS 0 messages to that client are dropped (counted): a slow consumer must
+/// not grow the broker's memory without bound. QoS 1/2 are bounded by the
 /// inflight window instead.
 pub const MAX_BACKLOG_BYTES: usize = 8 << 20;
 
@@ -170,8 +199,6 @@ pub const MAX_BACKLOG_BYTES: usize = 8 << 20;
 struct Attached {
     conn: u64,
     tx: Arc<Outbox>,
-    /// Shared with the connection task, which subtracts what it wrote.
-    backlog: Arc<AtomicUsize>,
     version: ProtocolVersion,
     receive_maximum: u16,
     /// Client's Maximum Packet Size: larger messages are not sent (3.1.2.11.4).
@@ -196,14 +223,6 @@ struct Session {
     /// None = never expires (3.x clean session 0).
     expiry: Option<Duration>,
     disconnected_at: Option<Instant>,
-}
-
-impl Attached {
-    /// Hands encoded bytes to the connection task, accounting the backlog.
-    fn push(&self, b: Bytes) {
-        self.backlog.fetch_add(b.len(), Ordering::Relaxed);
-        self.tx.send(Outbound::Bytes(b));
-    }
 }
 
 impl Session {
@@ -241,6 +260,42 @@ struct Group {
     next: usize,
 }
 
+/// Why the broker dropped a message instead of delivering it. Every reason
+/// is exported (`$SYS/broker/messages/dropped/{label}` and
+/// `mqlb_broker_messages_dropped_total{reason}`) by iterating
+/// [`DropReason::ALL`], so a new reason cannot be forgotten there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// A queued message dropped at a per-session limit (count or bytes).
+    QueueFull,
+    /// Its Message Expiry passed while it was queued.
+    Expired,
+    /// Larger than the client's Maximum Packet Size.
+    TooLarge,
+    /// QoS 0 to a client that was not reading (backlog over the limit).
+    SlowConsumer,
+}
+
+impl DropReason {
+    /// Every reason, for exporters.
+    pub const ALL: [DropReason; 4] = [
+        DropReason::QueueFull,
+        DropReason::Expired,
+        DropReason::TooLarge,
+        DropReason::SlowConsumer,
+    ];
+
+    /// A fixed label for topics and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::Expired => "expired",
+            DropReason::TooLarge => "too_large",
+            DropReason::SlowConsumer => "slow_consumer",
+        }
+    }
+}
+
 /// Counters for `$SYS` and metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
@@ -248,14 +303,23 @@ pub struct Stats {
     pub messages_in: u64,
     /// PUBLISH packets sent.
     pub messages_out: u64,
-    /// Queued messages dropped at a per-session limit.
-    pub dropped_queue_full: u64,
-    /// Messages dropped because their Message Expiry passed while queued.
-    pub dropped_expired: u64,
-    /// Messages not sent because they exceed the client's Maximum Packet Size.
-    pub dropped_too_large: u64,
-    /// QoS 0 messages dropped because the client was not reading.
-    pub dropped_slow_consumer: u64,
+    dropped: [u64; DropReason::ALL.len()],
+}
+
+impl Stats {
+    /// Messages dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize]
+    }
+
+    /// Messages dropped for any reason.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.iter().sum()
+    }
+
+    fn drop_one(&mut self, reason: DropReason) {
+        self.dropped[reason as usize] += 1;
+    }
 }
 
 /// The result of a CONNECT.
@@ -265,8 +329,6 @@ pub struct Connected {
     pub session_present: bool,
     /// This connection's id, for detaching.
     pub conn: u64,
-    /// Bytes queued for the connection task to write; it subtracts them.
-    pub backlog: Arc<AtomicUsize>,
 }
 
 /// What a client declared in its CONNECT that shapes delivery to it.
@@ -365,7 +427,7 @@ impl Core {
             .get_mut(client_id)
             .and_then(|s| s.attached.take())
         {
-            old.tx.send(Outbound::Close(ReasonCode::SESSION_TAKEN_OVER));
+            old.tx.close(ReasonCode::SESSION_TAKEN_OVER);
         }
         if clean_start {
             self.drop_session(client_id);
@@ -377,11 +439,9 @@ impl Core {
             .or_insert_with(|| Session::new(expiry));
         s.expiry = expiry;
         s.disconnected_at = None;
-        let backlog = Arc::new(AtomicUsize::new(0));
         s.attached = Some(Attached {
             conn,
             tx,
-            backlog: backlog.clone(),
             version: limits.version,
             receive_maximum: limits
                 .receive_maximum
@@ -397,7 +457,6 @@ impl Core {
         Connected {
             session_present,
             conn,
-            backlog,
         }
     }
 
@@ -420,7 +479,7 @@ impl Core {
                 }
             };
             if let Ok(b) = packet.to_bytes(a.version) {
-                a.push(b);
+                a.tx.push(b);
                 sent += 1;
             }
         }
@@ -884,7 +943,7 @@ impl Core {
                 break;
             };
             s.queued_bytes -= old.msg.payload.len();
-            self.stats.dropped_queue_full += 1;
+            self.stats.drop_one(DropReason::QueueFull);
         }
     }
 
@@ -916,7 +975,7 @@ impl Core {
         let expiry = match p.msg.remaining_expiry(now) {
             Ok(e) => e,
             Err(()) => {
-                self.stats.dropped_expired += 1;
+                self.stats.drop_one(DropReason::Expired);
                 return;
             }
         };
@@ -929,8 +988,8 @@ impl Core {
             }
         };
         let Some(a) = s.attached.as_mut() else { return };
-        if p.qos == QoS::AtMostOnce && a.backlog.load(Ordering::Relaxed) > MAX_BACKLOG_BYTES {
-            self.stats.dropped_slow_consumer += 1;
+        if p.qos == QoS::AtMostOnce && a.tx.backlog() > MAX_BACKLOG_BYTES {
+            self.stats.drop_one(DropReason::SlowConsumer);
             return;
         }
         let mut properties = p.msg.properties.clone();
@@ -968,10 +1027,10 @@ impl Core {
         };
         if bytes.len() > a.maximum_packet_size {
             // 3.1.2.11.4: discard as if delivered.
-            self.stats.dropped_too_large += 1;
+            self.stats.drop_one(DropReason::TooLarge);
             return;
         }
-        a.push(bytes);
+        a.tx.push(bytes);
         self.stats.messages_out += 1;
         if let Some(pid) = packet_id {
             let state = if p.qos == QoS::AtLeastOnce {
@@ -1030,7 +1089,7 @@ impl Core {
                 if let Some(a) = &s.attached {
                     if let Ok(b) = Packet::Pubrel(mqlb_protocol::Ack::new(pid)).to_bytes(a.version)
                     {
-                        a.tx.send(Outbound::Bytes(b));
+                        a.tx.push(b);
                     }
                 }
                 return;
@@ -1147,7 +1206,7 @@ mod tests {
         for i in 0..5 {
             c.route(msg("q", QoS::AtLeastOnce, false, &i.to_string()));
         }
-        assert_eq!(c.stats().dropped_queue_full, 2);
+        assert_eq!(c.stats().dropped(DropReason::QueueFull), 2);
         let (tx, rx) = outbox();
         assert!(
             c.connect("p", false, None, limits(ProtocolVersion::V3_1_1, 10), tx)
@@ -1328,7 +1387,7 @@ mod tests {
         assert_eq!(p.payload, Bytes::from_static(b"fresh"));
         let left = p.properties.message_expiry_interval.unwrap();
         assert!((59..=60).contains(&left), "expiry forwarded as {left}");
-        assert_eq!(c.stats().dropped_expired, 1);
+        assert_eq!(c.stats().dropped(DropReason::Expired), 1);
     }
 
     #[test]
@@ -1346,7 +1405,7 @@ mod tests {
         for p in ["aaaa", "bbbb", "cccc"] {
             c.route(msg("b", QoS::AtLeastOnce, false, p));
         }
-        assert_eq!(c.stats().dropped_queue_full, 1);
+        assert_eq!(c.stats().dropped(DropReason::QueueFull), 1);
         // A client with a 20-byte Maximum Packet Size never gets a bigger packet.
         let (tx, rx) = outbox();
         let mut l = limits(v, 10);
@@ -1356,7 +1415,7 @@ mod tests {
         c.route(msg("m", QoS::AtMostOnce, false, "ok"));
         c.route(msg("m", QoS::AtMostOnce, false, &"x".repeat(50)));
         assert_eq!(payloads(&rx, v), ["ok"]);
-        assert_eq!(c.stats().dropped_too_large, 1);
+        assert_eq!(c.stats().dropped(DropReason::TooLarge), 1);
     }
 
     #[test]
@@ -1404,7 +1463,10 @@ mod tests {
             "sent {}",
             c.stats().messages_out
         );
-        assert_eq!(c.stats().dropped_slow_consumer + c.stats().messages_out, 12);
+        assert_eq!(
+            c.stats().dropped(DropReason::SlowConsumer) + c.stats().messages_out,
+            12
+        );
     }
 
     /// rumqttd regression: the last member of a shared group leaves holding

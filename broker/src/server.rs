@@ -12,7 +12,7 @@ use tracing::Instrument;
 use mqlb_config::broker::BrokerConfig;
 
 use crate::auth::Auth;
-use crate::conn::{handle, lock};
+use crate::conn::{handle, lock, Settings};
 use crate::core::{Core, Limits};
 
 /// A broker node with its listener bound.
@@ -22,7 +22,7 @@ pub struct Broker {
     core: Arc<Mutex<Core>>,
     auth: Arc<Auth>,
     sys_interval: Duration,
-    max_keep_alive: Option<u16>,
+    settings: Settings,
 }
 
 impl Broker {
@@ -48,7 +48,10 @@ impl Broker {
             }))),
             auth: Arc::new(auth),
             sys_interval: config.sys_interval,
-            max_keep_alive: config.max_keep_alive,
+            settings: Settings {
+                max_keep_alive: config.max_keep_alive,
+                max_topic_levels: config.max_topic_levels,
+            },
         })
     }
 
@@ -109,12 +112,12 @@ impl Broker {
             let _ = stream.set_nodelay(true);
             let core = self.core.clone();
             let auth = self.auth.clone();
-            let max_keep_alive = self.max_keep_alive;
+            let settings = self.settings;
             let stop = shutdown.clone();
             tokio::spawn(
                 async move {
                     tokio::select! {
-                        _ = handle(stream, core, auth, max_keep_alive) => {}
+                        _ = handle(stream, core, auth, settings) => {}
                         _ = stop.cancelled() => {}
                     }
                 }

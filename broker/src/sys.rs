@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mqlb_protocol::{MqttStr, Properties, QoS};
 
-use crate::core::{Core, Message};
+use crate::core::{Core, DropReason, Message};
 
 /// The broker's version string.
 pub const VERSION: &str = concat!("mqlb ", env!("CARGO_PKG_VERSION"));
@@ -17,7 +17,7 @@ pub const VERSION: &str = concat!("mqlb ", env!("CARGO_PKG_VERSION"));
 /// Refreshes the `$SYS` topics through the normal routing path.
 pub fn publish(core: &mut Core, uptime: Duration) {
     let stats = core.stats();
-    let values = [
+    let mut values = vec![
         ("$SYS/broker/version", VERSION.to_string()),
         (
             "$SYS/broker/uptime",
@@ -35,7 +35,7 @@ pub fn publish(core: &mut Core, uptime: Duration) {
         ("$SYS/broker/messages/sent", stats.messages_out.to_string()),
         (
             "$SYS/broker/messages/dropped",
-            (stats.dropped_queue_full + stats.dropped_expired).to_string(),
+            stats.dropped_total().to_string(),
         ),
         (
             "$SYS/broker/subscriptions/count",
@@ -46,6 +46,17 @@ pub fn publish(core: &mut Core, uptime: Duration) {
             core.retained_count().to_string(),
         ),
     ];
+    for reason in DropReason::ALL {
+        values.push((
+            match reason {
+                DropReason::QueueFull => "$SYS/broker/messages/dropped/queue_full",
+                DropReason::Expired => "$SYS/broker/messages/dropped/expired",
+                DropReason::TooLarge => "$SYS/broker/messages/dropped/too_large",
+                DropReason::SlowConsumer => "$SYS/broker/messages/dropped/slow_consumer",
+            },
+            stats.dropped(reason).to_string(),
+        ));
+    }
     for (topic, value) in values {
         let Ok(topic) = MqttStr::try_from(topic) else {
             continue;
@@ -108,23 +119,42 @@ pub fn render_metrics(core: &Core) -> String {
         "PUBLISH packets sent to clients.",
         s.messages_out.to_string(),
     );
-    metric(
-        "mqlb_broker_dropped_queue_full_total",
-        "counter",
-        "Queued messages dropped at a session's limit.",
-        s.dropped_queue_full.to_string(),
+    let _ = writeln!(
+        o,
+        "# HELP mqlb_broker_messages_dropped_total Messages dropped instead of delivered, by reason.\n\
+         # TYPE mqlb_broker_messages_dropped_total counter"
     );
-    metric(
-        "mqlb_broker_dropped_expired_total",
-        "counter",
-        "Messages whose Message Expiry passed while queued.",
-        s.dropped_expired.to_string(),
-    );
-    metric(
-        "mqlb_broker_dropped_too_large_total",
-        "counter",
-        "Messages larger than the client's Maximum Packet Size.",
-        s.dropped_too_large.to_string(),
-    );
+    for reason in DropReason::ALL {
+        let _ = writeln!(
+            o,
+            "mqlb_broker_messages_dropped_total{{reason=\"{}\"}} {}",
+            reason.label(),
+            s.dropped(reason)
+        );
+    }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every drop reason is exported, in metrics and in `$SYS`.
+    #[test]
+    fn every_drop_reason_is_exported() {
+        let mut core = Core::new();
+        let text = render_metrics(&core);
+        for reason in DropReason::ALL {
+            let line = format!(
+                "mqlb_broker_messages_dropped_total{{reason=\"{}\"}} 0",
+                reason.label()
+            );
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
+        publish(&mut core, Duration::from_secs(1));
+        for reason in DropReason::ALL {
+            let topic = format!("$SYS/broker/messages/dropped/{}", reason.label());
+            assert!(core.retained(&topic).is_some(), "missing {topic}");
+        }
+    }
 }

@@ -30,7 +30,23 @@ impl<V> Node<V> {
     }
 }
 
+/// Children are dropped from an explicit stack: the default drop glue would
+/// recurse once per level, and the depth of a trie is set by its filters.
+impl<V> Drop for Node<V> {
+    fn drop(&mut self) {
+        let mut stack: Vec<Node<V>> = self.children.drain().map(|(_, n)| n).collect();
+        while let Some(mut n) = stack.pop() {
+            stack.extend(n.children.drain().map(|(_, c)| c));
+            // `n` drops here with no children: no recursion.
+        }
+    }
+}
+
 /// Filters → subscribers with a value each (their options).
+///
+/// Every walk (insert, remove, match, drop) is a loop with an explicit
+/// stack, never recursion: a filter's depth comes from the network, and a
+/// recursive walk over 65,000 levels overflows a worker's stack.
 #[derive(Debug)]
 pub struct Trie<V> {
     root: Node<V>,
@@ -62,26 +78,36 @@ impl<V> Trie<V> {
     }
 
     /// Removes `client`'s subscription to `filter`; prunes empty nodes.
+    ///
+    /// One walk down finds the subscription and the highest node from which
+    /// the path below would be left empty (the "cut"); a second walk down to
+    /// the cut removes that branch. O(depth), no recursion.
     pub fn remove(&mut self, filter: &str, client: &str) -> Option<V> {
-        fn walk<V>(node: &mut Node<V>, levels: &[&str], client: &str) -> Option<V> {
-            match levels.split_first() {
-                None => node.subscribers.remove(client),
-                Some((first, rest)) => {
-                    let child = node.children.get_mut(*first)?;
-                    let v = walk(child, rest, client);
-                    if child.is_empty() {
-                        node.children.remove(*first);
-                    }
-                    v
+        let levels: Vec<&str> = filter.split('/').collect();
+        // Depth of the node whose child `levels[cut]` goes if the leaf
+        // empties: the deepest node on the path that keeps something else
+        // (subscribers, another child) or is the root.
+        let mut cut = 0;
+        let mut node = &mut self.root;
+        for (depth, level) in levels.iter().enumerate() {
+            if depth == 0 || !node.subscribers.is_empty() || node.children.len() > 1 {
+                cut = depth;
+            }
+            node = node.children.get_mut(*level)?;
+        }
+        let v = node.subscribers.remove(client)?;
+        self.len -= 1;
+        if node.is_empty() {
+            let mut parent = &mut self.root;
+            for level in &levels[..cut] {
+                match parent.children.get_mut(*level) {
+                    Some(next) => parent = next,
+                    None => return Some(v),
                 }
             }
+            parent.children.remove(levels[cut]);
         }
-        let levels: Vec<&str> = filter.split('/').collect();
-        let v = walk(&mut self.root, &levels, client);
-        if v.is_some() {
-            self.len -= 1;
-        }
-        v
+        Some(v)
     }
 
     /// Number of (filter, client) subscriptions.
@@ -99,37 +125,35 @@ impl<V> Trie<V> {
     pub fn matches<'a>(&'a self, topic: &str, mut f: impl FnMut(&'a str, &'a V)) {
         let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
-        fn walk<'a, V>(
-            node: &'a Node<V>,
-            levels: &[&str],
-            first: bool,
-            dollar: bool,
-            f: &mut impl FnMut(&'a str, &'a V),
-        ) {
+        // (node, how many levels it has consumed). A `+` and a literal child
+        // both continue, so the stack holds at most two entries per level.
+        let mut stack: Vec<(&'a Node<V>, usize)> = vec![(&self.root, 0)];
+        while let Some((node, depth)) = stack.pop() {
+            // Per MQTT 4.7.2, a wildcard first level does not match `$` topics.
+            let wild_ok = !(depth == 0 && dollar);
             // `#` matches the parent level too ("a/#" matches "a").
-            if let Some(hash) = node.children.get("#") {
-                if !(first && dollar) {
+            if wild_ok {
+                if let Some(hash) = node.children.get("#") {
                     for (c, v) in &hash.subscribers {
                         f(c, v);
                     }
                 }
             }
-            let Some((level, rest)) = levels.split_first() else {
+            let Some(level) = levels.get(depth) else {
                 for (c, v) in &node.subscribers {
                     f(c, v);
                 }
-                return;
+                continue;
             };
             if let Some(child) = node.children.get(*level) {
-                walk(child, rest, false, dollar, f);
+                stack.push((child, depth + 1));
             }
-            if !(first && dollar) {
+            if wild_ok {
                 if let Some(plus) = node.children.get("+") {
-                    walk(plus, rest, false, dollar, f);
+                    stack.push((plus, depth + 1));
                 }
             }
         }
-        walk(&self.root, &levels, true, dollar, &mut f);
     }
 }
 
@@ -197,6 +221,108 @@ mod tests {
             for topic in topics {
                 let via_trie = !subs_unit(&t, topic).is_empty();
                 assert_eq!(via_trie, filter_matches(f, topic), "{f} vs {topic}");
+            }
+        }
+    }
+
+    /// Regression: a 65,000-level filter overflowed the worker's stack in
+    /// remove, match and drop. The codec now refuses such filters, but the
+    /// trie must not depend on that: every walk is iterative.
+    #[test]
+    fn very_deep_filters_do_not_recurse() {
+        // Run on a small stack so any recursion per level fails loudly.
+        let t = std::thread::Builder::new()
+            .stack_size(64 * 1024)
+            .spawn(|| {
+                let deep = "/".repeat(200_000);
+                let deep_plus = format!("{}#", "+/".repeat(50_000));
+                let mut t = Trie::default();
+                t.insert(&deep, "a", 1u8);
+                t.insert(&deep_plus, "b", 2u8);
+                t.insert("x", "c", 3u8);
+                let mut hits = Vec::new();
+                t.matches(&deep, |c, _| hits.push(c.to_string()));
+                hits.sort();
+                assert_eq!(hits, ["a", "b"]);
+                assert_eq!(t.remove(&deep, "a"), Some(1));
+                assert_eq!(t.remove(&deep, "a"), None);
+                assert_eq!(t.len(), 2);
+                // Pruned: only the `+` chain and `x` remain under the root.
+                assert_eq!(t.root.children.len(), 2);
+                assert_eq!(t.remove(&deep_plus, "b"), Some(2));
+                assert_eq!(t.root.children.len(), 1);
+                // Drop a deep trie too.
+                let mut t2 = Trie::default();
+                t2.insert(&deep, "a", 0u8);
+                drop(t2);
+            })
+            .expect("spawn");
+        t.join().expect("no stack overflow");
+    }
+
+    #[test]
+    fn remove_prunes_only_what_it_emptied() {
+        let mut t = Trie::default();
+        t.insert("a/b/c/d", "x", 0);
+        t.insert("a/b", "y", 0);
+        t.insert("a/e", "z", 0);
+        assert_eq!(t.remove("a/b/c/d", "x"), Some(0));
+        // "a/b" keeps its subscriber and loses its empty "c" branch.
+        let b = &t.root.children["a"].children["b"];
+        assert!(b.children.is_empty());
+        assert_eq!(subs(&t, "a/b"), ["y"]);
+        assert_eq!(t.remove("a/b", "y"), Some(0));
+        assert!(!t.root.children["a"].children.contains_key("b"));
+        assert_eq!(subs(&t, "a/e"), ["z"]);
+        assert_eq!(t.remove("a/e", "z"), Some(0));
+        assert!(t.root.children.is_empty());
+        assert!(t.is_empty());
+        // Removing a filter that was never there changes nothing.
+        assert_eq!(t.remove("q/r", "x"), None);
+    }
+
+    /// The trie and the reference matcher agree on random filters and topics.
+    #[test]
+    fn trie_agrees_with_reference_matcher_on_random_input() {
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let words = ["a", "b", "", "$x"];
+        for _ in 0..300 {
+            let mut t = Trie::default();
+            let mut filters = Vec::new();
+            for i in 0..6 {
+                let n = 1 + next() % 4;
+                let mut levels = Vec::new();
+                for j in 0..n {
+                    let w = match next() % 6 {
+                        0 => "+",
+                        1 if j == n - 1 => "#",
+                        k => words[(k as usize) % words.len()],
+                    };
+                    levels.push(w);
+                }
+                let f = levels.join("/");
+                t.insert(&f, &format!("c{i}"), ());
+                filters.push((f, format!("c{i}")));
+            }
+            for _ in 0..10 {
+                let n = 1 + next() % 4;
+                let topic: Vec<&str> = (0..n).map(|_| words[(next() % 4) as usize]).collect();
+                let topic = topic.join("/");
+                let mut want: Vec<String> = filters
+                    .iter()
+                    .filter(|(f, _)| filter_matches(f, &topic))
+                    .map(|(_, c)| c.clone())
+                    .collect();
+                want.sort();
+                let mut got = subs_unit(&t, &topic);
+                got.sort();
+                assert_eq!(got, want, "topic {topic:?} filters {filters:?}");
             }
         }
     }

@@ -7,6 +7,9 @@ use toml::Spanned;
 
 use crate::{file, ConfigError, Problem};
 
+/// Default topic-level limit (Mosquitto's); the codec has the same value.
+pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 200;
+
 /// Default MQTT listener of a broker node.
 pub const DEFAULT_BROKER_LISTEN: &str = "127.0.0.1:1883";
 
@@ -58,6 +61,11 @@ pub struct BrokerConfig {
     pub max_queued_messages: usize,
     /// Queued payload bytes per offline session.
     pub max_queued_bytes: usize,
+    /// Most levels in a topic name or filter. Deeper ones are refused by the
+    /// codec (v5: DISCONNECT 0x90 Topic Name Invalid / 0x8F Topic Filter
+    /// Invalid; 3.x: the connection is closed, as Mosquitto does), so no
+    /// per-level walk has a depth the network chose.
+    pub max_topic_levels: usize,
     /// Topic access rules; empty = allow all.
     pub acl: Vec<AclRule>,
     /// How often the `$SYS/broker/...` retained topics are refreshed.
@@ -78,6 +86,7 @@ impl Default for BrokerConfig {
             password_file: None,
             max_queued_messages: 1000,
             max_queued_bytes: 16 << 20,
+            max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
             acl: Vec::new(),
             sys_interval: std::time::Duration::from_secs(10),
             max_keep_alive: None,
@@ -154,6 +163,11 @@ impl BrokerConfig {
                     "max_queued_bytes",
                     &b.max_queued_bytes,
                     &mut c.max_queued_bytes,
+                ),
+                (
+                    "max_topic_levels",
+                    &b.max_topic_levels,
+                    &mut c.max_topic_levels,
                 ),
             ] {
                 if let Some(v) = v {
@@ -264,6 +278,13 @@ mod tests {
         assert_eq!(c.acl.len(), 2);
         assert_eq!(c.acl[0].user, None);
         assert_eq!(c.acl[1].access, Access::Read);
+        assert_eq!(c.max_topic_levels, DEFAULT_MAX_TOPIC_LEVELS);
+        let c = BrokerConfig::parse("b.toml", "[broker]\nmax_topic_levels = 16\n", None).unwrap();
+        assert_eq!(c.max_topic_levels, 16);
+        let e = BrokerConfig::parse("b.toml", "[broker]\n\nmax_topic_levels = 0\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("b.toml:3: broker.max_topic_levels"), "{e}");
     }
 
     #[test]

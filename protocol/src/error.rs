@@ -30,6 +30,14 @@ pub enum DecodeError {
     /// The CONNECT protocol name is neither `MQTT` nor `MQIsdp`.
     #[error("invalid protocol name")]
     InvalidProtocolName,
+    /// A well-formed topic filter this receiver refuses, for example one
+    /// deeper than its topic-level limit (reason 0x8F).
+    #[error("topic filter invalid: {0}")]
+    TopicFilterInvalid(&'static str),
+    /// A well-formed topic name this receiver refuses, for example one
+    /// deeper than its topic-level limit (reason 0x90).
+    #[error("topic name invalid: {0}")]
+    TopicNameInvalid(&'static str),
 }
 
 impl DecodeError {
@@ -42,6 +50,8 @@ impl DecodeError {
             DecodeError::Protocol(_) => ReasonCode::PROTOCOL_ERROR,
             DecodeError::TooLarge { .. } => ReasonCode::PACKET_TOO_LARGE,
             DecodeError::UnsupportedProtocolLevel(_) => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+            DecodeError::TopicFilterInvalid(_) => ReasonCode::TOPIC_FILTER_INVALID,
+            DecodeError::TopicNameInvalid(_) => ReasonCode::TOPIC_NAME_INVALID,
         }
     }
 
@@ -53,6 +63,8 @@ impl DecodeError {
             DecodeError::TooLarge { .. } => "too_large",
             DecodeError::UnsupportedProtocolLevel(_) => "unsupported_protocol",
             DecodeError::InvalidProtocolName => "invalid_protocol_name",
+            DecodeError::TopicFilterInvalid(_) => "topic_filter_invalid",
+            DecodeError::TopicNameInvalid(_) => "topic_name_invalid",
         }
     }
 }

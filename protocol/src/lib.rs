@@ -41,4 +41,7 @@ pub use packet::{
 };
 pub use properties::{Properties, PropertiesView, Property, PropertyContext};
 pub use reason::{allowed_codes, ConnackReturnCode, ReasonCode};
-pub use types::{check_topic_filter, check_topic_name, MqttStr, PacketId, ProtocolVersion, QoS};
+pub use types::{
+    check_topic_filter, check_topic_filter_levels, check_topic_name, check_topic_name_levels,
+    topic_levels, Limits, MqttStr, PacketId, ProtocolVersion, QoS, DEFAULT_MAX_TOPIC_LEVELS,
+};

@@ -13,7 +13,8 @@ use crate::framing::{self, FrameHeader, PacketType};
 use crate::properties::PropertyContext;
 use crate::reader::Reader;
 use crate::{
-    DecodeError, EncodeError, MqttStr, PacketId, Properties, ProtocolVersion, QoS, ReasonCode,
+    DecodeError, EncodeError, Limits, MqttStr, PacketId, Properties, ProtocolVersion, QoS,
+    ReasonCode,
 };
 
 /// One MQTT control packet.
@@ -174,17 +175,19 @@ pub struct Auth {
 ///
 /// `Ok(None)` means more bytes are needed and nothing was consumed. On error
 /// the stream is unusable; the error's `reason_code` is what to send.
+/// `limits` is a [`Limits`] or just the largest frame size in bytes.
 pub fn decode(
     buf: &mut BytesMut,
     version: ProtocolVersion,
-    max_frame: usize,
+    limits: impl Into<Limits>,
 ) -> Result<Option<Packet>, DecodeError> {
-    let Some(header) = framing::check(buf, max_frame)? else {
+    let limits = limits.into();
+    let Some(header) = framing::check(buf, limits.max_frame)? else {
         return Ok(None);
     };
     let mut frame = buf.split_to(header.frame_len()).freeze();
     frame.advance(header.header_len);
-    Packet::decode_body(header, &frame, version).map(Some)
+    Packet::decode_body_limited(header, &frame, version, limits.max_topic_levels).map(Some)
 }
 
 /// Reads a v5 reason code and checks it is defined for `t`.
@@ -208,11 +211,22 @@ fn string(frame: &Bytes, s: &str) -> MqttStr {
 
 impl Packet {
     /// Parses a frame body (the bytes after the fixed header) already proven
-    /// complete by `framing::check`.
+    /// complete by `framing::check`, with the default topic-level limit.
     pub fn decode_body(
         header: FrameHeader,
         body: &Bytes,
         version: ProtocolVersion,
+    ) -> Result<Packet, DecodeError> {
+        Self::decode_body_limited(header, body, version, crate::DEFAULT_MAX_TOPIC_LEVELS)
+    }
+
+    /// [`Packet::decode_body`] with a topic-level limit: deeper topic names
+    /// fail with 0x90, deeper filters with 0x8F.
+    pub fn decode_body_limited(
+        header: FrameHeader,
+        body: &Bytes,
+        version: ProtocolVersion,
+        max_topic_levels: usize,
     ) -> Result<Packet, DecodeError> {
         let v5 = version.is_v5();
         let mut r = Reader::new(body);
@@ -226,6 +240,9 @@ impl Packet {
         let packet = match header.packet_type {
             PacketType::Connect => {
                 let c = Connect::decode(body, body)?;
+                if let Some(w) = &c.will {
+                    crate::check_topic_name_levels(w.topic.as_str(), max_topic_levels)?;
+                }
                 return Ok(Packet::Connect(Box::new(c)));
             }
             PacketType::Connack => {
@@ -266,6 +283,7 @@ impl Packet {
                 }
                 let topic = r.string("topic name")?;
                 crate::check_topic_name(topic)?;
+                crate::check_topic_name_levels(topic, max_topic_levels)?;
                 let packet_id = if qos == QoS::AtMostOnce {
                     None
                 } else {
@@ -324,6 +342,7 @@ impl Packet {
                 while !r.is_empty() {
                     let filter = r.string("topic filter")?;
                     crate::check_topic_filter(filter)?;
+                    crate::check_topic_filter_levels(filter, max_topic_levels)?;
                     let o = r.u8("subscription options")?;
                     let options = if v5 {
                         if o & 0xC0 != 0 {
@@ -396,6 +415,7 @@ impl Packet {
                 while !r.is_empty() {
                     let filter = r.string("topic filter")?;
                     crate::check_topic_filter(filter)?;
+                    crate::check_topic_filter_levels(filter, max_topic_levels)?;
                     filters.push(string(body, filter));
                 }
                 if filters.is_empty() {

@@ -148,11 +148,73 @@ impl TryFrom<&str> for MqttStr {
 /// cannot hold it.
 pub type PacketId = std::num::NonZeroU16;
 
+/// Topic levels accepted by default: Mosquitto's limit. Anything that walks
+/// a topic level by level (a trie, a matcher) then has a depth the operator
+/// chose, not one the network chose.
+pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 200;
+
+/// Number of `/`-separated levels in a topic name or filter, counted without
+/// allocating.
+pub fn topic_levels(topic: &str) -> usize {
+    topic.bytes().filter(|&b| b == b'/').count() + 1
+}
+
+/// What a decoder accepts beyond the spec's own rules: bounds an operator
+/// sets so that hostile input cannot make later stages do unbounded work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame (fixed header included), in bytes.
+    pub max_frame: usize,
+    /// Most levels in a topic name or filter (a shared subscription's
+    /// `$share/{group}/` prefix is not counted).
+    pub max_topic_levels: usize,
+}
+
+impl Limits {
+    /// `max_frame` with the default topic-level limit.
+    pub const fn new(max_frame: usize) -> Self {
+        Self {
+            max_frame,
+            max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
+        }
+    }
+}
+
+/// A bare frame size keeps the default topic-level limit, so callers that
+/// only care about size pass a number.
+impl From<usize> for Limits {
+    fn from(max_frame: usize) -> Self {
+        Self::new(max_frame)
+    }
+}
+
 /// Checks a PUBLISH topic name: no wildcards (4.7.3). Emptiness is checked by
 /// the caller, because MQTT 5 allows an empty name with a topic alias.
 pub fn check_topic_name(topic: &str) -> Result<(), DecodeError> {
     if topic.bytes().any(|b| b == b'+' || b == b'#') {
         return Err(DecodeError::Malformed("wildcard in topic name"));
+    }
+    Ok(())
+}
+
+/// Checks a topic name's depth: a well-formed name with more than
+/// `max_levels` levels is refused with 0x90 Topic Name Invalid.
+pub fn check_topic_name_levels(topic: &str, max_levels: usize) -> Result<(), DecodeError> {
+    if topic_levels(topic) > max_levels {
+        return Err(DecodeError::TopicNameInvalid("too many topic levels"));
+    }
+    Ok(())
+}
+
+/// Checks a topic filter's depth: a well-formed filter with more than
+/// `max_levels` levels is refused with 0x8F Topic Filter Invalid.
+pub fn check_topic_filter_levels(filter: &str, max_levels: usize) -> Result<(), DecodeError> {
+    let inner = filter
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or(filter, |(_, f)| f);
+    if topic_levels(inner) > max_levels {
+        return Err(DecodeError::TopicFilterInvalid("too many topic levels"));
     }
     Ok(())
 }
@@ -226,5 +288,31 @@ mod tests {
         assert!(check_topic_name("a/b").is_ok());
         assert!(check_topic_name("a/+").is_err());
         assert!(check_topic_name("#").is_err());
+    }
+
+    #[test]
+    fn topic_levels_are_bounded() {
+        assert_eq!(topic_levels("a"), 1);
+        assert_eq!(topic_levels("a/b/"), 3);
+        assert_eq!(topic_levels("/"), 2);
+        let deep = "/".repeat(DEFAULT_MAX_TOPIC_LEVELS - 1);
+        assert!(check_topic_name_levels(&deep, DEFAULT_MAX_TOPIC_LEVELS).is_ok());
+        assert!(check_topic_filter_levels(&deep, DEFAULT_MAX_TOPIC_LEVELS).is_ok());
+        let deeper = "/".repeat(DEFAULT_MAX_TOPIC_LEVELS);
+        assert_eq!(
+            check_topic_name_levels(&deeper, DEFAULT_MAX_TOPIC_LEVELS)
+                .unwrap_err()
+                .reason_code(),
+            crate::ReasonCode::TOPIC_NAME_INVALID
+        );
+        assert_eq!(
+            check_topic_filter_levels(&deeper, DEFAULT_MAX_TOPIC_LEVELS)
+                .unwrap_err()
+                .reason_code(),
+            crate::ReasonCode::TOPIC_FILTER_INVALID
+        );
+        // The shared prefix does not count.
+        let shared = format!("$share/g/{deep}");
+        assert!(check_topic_filter_levels(&shared, DEFAULT_MAX_TOPIC_LEVELS).is_ok());
     }
 }

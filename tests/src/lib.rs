@@ -407,6 +407,55 @@ impl Drop for OurBroker {
     }
 }
 
+/// `mqlb broker` as its own process on a free port, so that a crash shows as
+/// a dead process instead of taking the test with it.
+pub struct BrokerProcess {
+    pub addr: String,
+    child: KillOnDrop,
+}
+
+impl BrokerProcess {
+    /// Starts `mqlb broker --listen 127.0.0.1:PORT` plus `extra` arguments.
+    pub fn start(extra: &[&str]) -> BrokerProcess {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(mqlb_bin())
+            .args(["broker", "--listen", &addr])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(wait_listening(&addr, Duration::from_secs(10)));
+        BrokerProcess {
+            addr,
+            child: KillOnDrop(child),
+        }
+    }
+
+    /// True while the process has not exited.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.0.try_wait(), Ok(None))
+    }
+
+    /// The process id, for signals.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Waits up to `within` for the process to exit; its status if it did.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.0.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
 /// A child process killed (and reaped) when dropped, so a failing test never
 /// leaves it running.
 pub struct KillOnDrop(pub Child);

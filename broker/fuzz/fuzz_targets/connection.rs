@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
 use mqlb_broker::auth::Auth;
-use mqlb_broker::conn::handle;
+use mqlb_broker::conn::{handle, Settings};
 use mqlb_broker::core::Core;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -29,14 +29,14 @@ fuzz_target!(|data: &[u8]| {
         let auth = Arc::new(Auth::open());
         // A well-behaved subscriber that receives whatever the fuzzer routes.
         let (mut sub, server) = tokio::io::duplex(1 << 16);
-        let listener = tokio::spawn(handle(server, core.clone(), auth.clone(), Some(30)));
+        let listener = tokio::spawn(handle(server, core.clone(), auth.clone(), Settings { max_keep_alive: Some(30), ..Settings::default() }));
         let mut c = CONNECT_311.to_vec();
         c[15] = b's'; // client id "fs"
         sub.write_all(&c).await.ok();
         sub.write_all(SUBSCRIBE_ALL).await.ok();
         // The fuzzed client.
         let (mut client, server) = tokio::io::duplex(1 << 16);
-        let task = tokio::spawn(handle(server, core.clone(), auth, None));
+        let task = tokio::spawn(handle(server, core.clone(), auth, Settings::default()));
         let prefix: &[u8] = match mode % 3 {
             0 => CONNECT_311,
             1 => CONNECT_5,
