@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use mqlb_protocol::{sniff_connect, ProtocolVersion, Rejection, Sniff};
+use mqlb_protocol::{sniff_connect, ProtocolVersion, RefusalStyle, Rejection, Sniff};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
 
@@ -41,11 +41,12 @@ pub struct Refused {
 }
 
 /// Reads until a whole, valid CONNECT of at most `max_size` bytes is buffered,
-/// or `timeout` passes.
+/// or `timeout` passes. A refusal is answered in `style`.
 pub async fn read_connect<S: AsyncRead + Unpin>(
     stream: &mut S,
     timeout: Duration,
     max_size: usize,
+    style: RefusalStyle,
 ) -> Result<Handshake, Refused> {
     let deadline = Instant::now() + timeout;
     // Most CONNECTs are under 256 bytes; grow only as the header demands.
@@ -64,7 +65,7 @@ pub async fn read_connect<S: AsyncRead + Unpin>(
                     bridge,
                 });
             }
-            Sniff::Reject(r) => return Err(refusal(&buf, r)),
+            Sniff::Reject(r) => return Err(refusal(&buf, r, style)),
             Sniff::NeedMore => {}
         }
         // Never read past the size cap, whatever the client sends.
@@ -107,7 +108,7 @@ pub async fn read_connect<S: AsyncRead + Unpin>(
     }
 }
 
-fn refusal(buf: &[u8], r: Rejection) -> Refused {
+fn refusal(buf: &[u8], r: Rejection, style: RefusalStyle) -> Refused {
     let reason = if buf.first() != Some(&0x10) {
         RejectReason::NotConnect
     } else {
@@ -116,7 +117,7 @@ fn refusal(buf: &[u8], r: Rejection) -> Refused {
     Refused {
         reason,
         detail: r.error.to_string(),
-        reply: r.connack(),
+        reply: r.connack(style),
     }
 }
 
@@ -152,7 +153,7 @@ mod tests {
     #[tokio::test]
     async fn one_byte_writes_are_assembled() {
         let mut b = tokio_test_io(CONNECT.iter().map(|b| vec![*b]).collect());
-        let hs = read_connect(&mut b, Duration::from_secs(5), 1024)
+        let hs = read_connect(&mut b, Duration::from_secs(5), 1024, RefusalStyle::Close)
             .await
             .unwrap();
         assert_eq!(hs.client_id, "abc");
@@ -163,9 +164,14 @@ mod tests {
     async fn slowloris_times_out() {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(&CONNECT[..5]).await.unwrap();
-        let r = read_connect(&mut server, Duration::from_secs(10), 1024)
-            .await
-            .unwrap_err();
+        let r = read_connect(
+            &mut server,
+            Duration::from_secs(10),
+            1024,
+            RefusalStyle::Close,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(r.reason, RejectReason::Timeout);
     }
 
@@ -177,9 +183,14 @@ mod tests {
             .write_all(&[0x10, 0xD0, 0x0F, 0, 4, b'M', b'Q', b'T', b'T', 5])
             .await
             .unwrap();
-        let r = read_connect(&mut server, Duration::from_secs(5), 100)
-            .await
-            .unwrap_err();
+        let r = read_connect(
+            &mut server,
+            Duration::from_secs(5),
+            100,
+            RefusalStyle::ReasonCode,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(r.reason, RejectReason::TooLarge);
         assert_eq!(r.reply, Some(&[0x20, 0x03, 0x00, 0x95, 0x00][..]));
     }
@@ -188,9 +199,14 @@ mod tests {
     async fn http_is_not_connect() {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        let r = read_connect(&mut server, Duration::from_secs(5), 100)
-            .await
-            .unwrap_err();
+        let r = read_connect(
+            &mut server,
+            Duration::from_secs(5),
+            100,
+            RefusalStyle::Close,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(r.reason, RejectReason::NotConnect);
         assert_eq!(r.reply, None);
     }
@@ -200,9 +216,14 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(&CONNECT[..7]).await.unwrap();
         drop(client);
-        let r = read_connect(&mut server, Duration::from_secs(5), 100)
-            .await
-            .unwrap_err();
+        let r = read_connect(
+            &mut server,
+            Duration::from_secs(5),
+            100,
+            RefusalStyle::Close,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(r.reason, RejectReason::ClosedEarly);
     }
 

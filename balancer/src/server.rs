@@ -19,7 +19,7 @@ use mqlb_healthcheck::{
     CheckSettings, Checker, HealthState, Observer, Outcome, ProbeSpec, Target, Thresholds,
     Transition,
 };
-use mqlb_protocol::ProtocolVersion;
+use mqlb_protocol::{ProtocolVersion, RefusalStyle};
 
 use crate::evict::Evictor;
 use crate::forward;
@@ -223,7 +223,7 @@ fn check_settings(h: &mqlb_config::HealthSettings) -> CheckSettings {
 #[derive(Debug)]
 pub struct Balancer {
     shared: Arc<Shared>,
-    listeners: Vec<(String, TcpListener)>,
+    listeners: Vec<(mqlb_config::Listener, TcpListener)>,
     admin: Option<TcpListener>,
     /// Stops the checker and evictor when serving ends.
     background: CancellationToken,
@@ -240,7 +240,7 @@ impl Balancer {
                     format!("listener {} on {}: {e}", l.name, l.address),
                 )
             })?;
-            listeners.push((l.name.clone(), listener));
+            listeners.push((l.clone(), listener));
         }
         let admin = match config.admin {
             Some(addr) => Some(
@@ -341,13 +341,13 @@ impl Balancer {
         let permits = Arc::new(Semaphore::new(
             self.shared.config().balancer.max_connections,
         ));
-        for (name, listener) in self.listeners {
+        for (spec, listener) in self.listeners {
             let shared = self.shared.clone();
             let shutdown = shutdown.clone();
             let permits = permits.clone();
             let conns = tracker.clone();
             tracker.spawn(accept_loop(
-                name, listener, shared, permits, conns, shutdown,
+                spec, listener, shared, permits, conns, shutdown,
             ));
         }
         shutdown.cancelled().await;
@@ -362,13 +362,18 @@ impl Balancer {
 }
 
 async fn accept_loop(
-    name: String,
+    spec: mqlb_config::Listener,
     listener: TcpListener,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
     conns: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    let name = spec.name;
+    let style = match spec.connect_refusal {
+        mqlb_config::ConnectRefusal::Close => RefusalStyle::Close,
+        mqlb_config::ConnectRefusal::ReasonCode => RefusalStyle::ReasonCode,
+    };
     let local = listener.local_addr().ok();
     tracing::info!(listener = %name, address = ?local, "listening");
     loop {
@@ -400,7 +405,7 @@ async fn accept_loop(
         conns.spawn(
             async move {
                 tokio::select! {
-                    _ = handle(stream, peer, &shared) => {}
+                    _ = handle(stream, peer, style, &shared) => {}
                     _ = shutdown.cancelled() => tracing::debug!("closed by shutdown"),
                 }
                 drop(permit);
@@ -411,7 +416,7 @@ async fn accept_loop(
 }
 
 /// One client connection, from accept to close.
-async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) {
+async fn handle(mut client: TcpStream, peer: SocketAddr, style: RefusalStyle, shared: &Shared) {
     let m = &shared.metrics;
     m.accepted.fetch_add(1, Ordering::Relaxed);
     let _active = GaugeGuard::new(&m.active);
@@ -423,6 +428,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, shared: &Shared) {
         &mut client,
         settings.connect_timeout,
         settings.max_connect_size,
+        style,
     )
     .await
     {

@@ -83,10 +83,9 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     .await
     {
         Ok(Ok(Some(Packet::Connect(c)))) => c,
-        Ok(Err(e)) => {
-            // A v5 client may still be told why.
-            if let Some(reply) = connect_error_reply(&buf, &e) {
-                let _ = wr.write_all(&reply).await;
+        Ok(Err(_)) => {
+            if let Some(reply) = connect_error_reply(&buf) {
+                let _ = wr.write_all(reply).await;
             }
             return;
         }
@@ -100,13 +99,12 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     session.finish(&mut wr, reason).await;
 }
 
-fn connect_error_reply(buf: &[u8], e: &DecodeError) -> Option<Vec<u8>> {
+/// The answer to a refused CONNECT: the same bytes Mosquitto (and the
+/// balancer, by default) sends, so a client cannot tell the three apart.
+fn connect_error_reply(buf: &[u8]) -> Option<&'static [u8]> {
     match mqlb_protocol::sniff_connect(buf, MAX_PACKET) {
-        mqlb_protocol::Sniff::Reject(r) => r.connack().map(<[u8]>::to_vec),
-        _ => {
-            let _ = e;
-            None
-        }
+        mqlb_protocol::Sniff::Reject(r) => r.connack(mqlb_protocol::RefusalStyle::Close),
+        _ => None,
     }
 }
 

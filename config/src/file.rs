@@ -123,6 +123,8 @@ pub struct ListenerFile {
     pub name: Option<String>,
     /// `IP:port` to bind.
     pub address: Spanned<String>,
+    /// "close" (default, as Mosquitto) or "reason-code" (v5 CONNACK 0x81/0x82/0x95).
+    pub connect_refusal: Option<Spanned<String>>,
 }
 
 /// `[[backend]]`.

@@ -143,6 +143,17 @@ impl Default for EvictionSettings {
     }
 }
 
+/// How a listener answers a malformed, invalid or oversized v5 CONNECT.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConnectRefusal {
+    /// Close without a CONNACK, as Mosquitto does, so the balancer cannot be
+    /// told apart from the broker behind it.
+    #[default]
+    Close,
+    /// Send CONNACK 0x81 / 0x82 / 0x95 first, so the client learns why.
+    ReasonCode,
+}
+
 /// A listening socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listener {
@@ -150,6 +161,8 @@ pub struct Listener {
     pub name: String,
     /// Bind address.
     pub address: SocketAddr,
+    /// How a refused v5 CONNECT is answered.
+    pub connect_refusal: ConnectRefusal,
 }
 
 /// A backend broker.
@@ -371,10 +384,25 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         c.nowhere("listener", "at least one [[listener]] is required");
     }
     for (i, l) in raw.listener.iter().enumerate() {
+        let connect_refusal = match l.connect_refusal.as_ref().map(|v| v.get_ref().as_str()) {
+            None | Some("close") => ConnectRefusal::Close,
+            Some("reason-code") => ConnectRefusal::ReasonCode,
+            Some(other) => {
+                if let Some(v) = &l.connect_refusal {
+                    c.at(
+                        format!("listener[{i}].connect_refusal"),
+                        v,
+                        format!("\"{other}\" is not one of \"close\", \"reason-code\""),
+                    );
+                }
+                ConnectRefusal::Close
+            }
+        };
         match l.address.get_ref().parse::<SocketAddr>() {
             Ok(address) => listeners.push(Listener {
                 name: l.name.clone().unwrap_or_else(|| format!("listener{i}")),
                 address,
+                connect_refusal,
             }),
             Err(_) => c.at(
                 format!("listener[{i}].address"),

@@ -192,24 +192,36 @@ pub struct Rejection {
     pub version: Option<ProtocolVersion>,
 }
 
+/// How a server answers a CONNECT it refuses before understanding it.
+///
+/// MQTT 5 allows both closing silently and sending CONNACK with a reason
+/// code for a malformed or invalid CONNECT (4.13). A balancer must answer
+/// exactly as the broker behind it would, or clients can tell it is there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RefusalStyle {
+    /// Mosquitto's answers, byte for byte: close without a CONNACK, except
+    /// for an unsupported protocol level, which gets 3.1.1 return code 1
+    /// (MQTT-3.1.2-2; a client of unknown version cannot be assumed to read
+    /// the v5 form).
+    #[default]
+    Close,
+    /// As `Close`, but a malformed, invalid or oversized v5 CONNECT gets
+    /// CONNACK 0x81 / 0x82 / 0x95 first, so the client learns why.
+    ReasonCode,
+}
+
 impl Rejection {
-    /// The CONNACK to send before closing, mirroring a strict broker:
-    /// * a bad protocol name: nothing (close), as Mosquitto does;
-    /// * an unsupported level: 3.x return code 1, or v5 reason 0x84 for a
-    ///   level above 5 (a client newer than v5 reads v5 CONNACKs);
-    /// * a malformed, invalid or oversized v5 CONNECT: reason 0x81/0x82/0x95;
-    /// * a malformed 3.x CONNECT: nothing, since 3.x has no code for it.
-    pub fn connack(&self) -> Option<&'static [u8]> {
-        match (self.error, self.version) {
-            (DecodeError::UnsupportedProtocolLevel(level), _) => {
-                if level & !BRIDGE_BIT > 5 {
-                    Some(&[0x20, 0x03, 0x00, 0x84, 0x00])
-                } else {
-                    Some(&[0x20, 0x02, 0x00, 0x01])
-                }
-            }
-            (DecodeError::InvalidProtocolName, _) => None,
-            (e, Some(ProtocolVersion::V5)) => match e.reason_code().0 {
+    /// The CONNACK to send before closing, if any, in the given style:
+    /// * an unsupported level: return code 1 in the 3.1.1 form;
+    /// * a bad protocol name, a 3.x CONNECT, or non-MQTT bytes: nothing;
+    /// * a malformed, invalid or oversized v5 CONNECT: nothing with
+    ///   [`RefusalStyle::Close`], reason 0x81/0x82/0x95 with
+    ///   [`RefusalStyle::ReasonCode`].
+    pub fn connack(&self, style: RefusalStyle) -> Option<&'static [u8]> {
+        match (self.error, self.version, style) {
+            (DecodeError::UnsupportedProtocolLevel(_), _, _) => Some(&[0x20, 0x02, 0x00, 0x01]),
+            (DecodeError::InvalidProtocolName, _, _) => None,
+            (e, Some(ProtocolVersion::V5), RefusalStyle::ReasonCode) => match e.reason_code().0 {
                 0x82 => Some(&[0x20, 0x03, 0x00, 0x82, 0x00]),
                 0x95 => Some(&[0x20, 0x03, 0x00, 0x95, 0x00]),
                 _ => Some(&[0x20, 0x03, 0x00, 0x81, 0x00]),

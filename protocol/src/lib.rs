@@ -32,7 +32,9 @@ mod reader;
 mod reason;
 mod types;
 
-pub use connect::{sniff_connect, Connect, ConnectView, Rejection, Sniff, Will, WillView};
+pub use connect::{
+    sniff_connect, Connect, ConnectView, RefusalStyle, Rejection, Sniff, Will, WillView,
+};
 pub use error::{DecodeError, EncodeError};
 pub use framing::{check, BoundaryTracker, FrameHeader, PacketType};
 pub use packet::{

@@ -230,21 +230,28 @@ fn sniffer_rejects_non_mqtt_at_first_byte() {
         let Sniff::Reject(r) = sniff_connect(junk, MAX) else {
             panic!("{junk:02x?}")
         };
-        assert_eq!(r.connack(), None);
+        assert_eq!(r.connack(RefusalStyle::Close), None);
+        assert_eq!(r.connack(RefusalStyle::ReasonCode), None);
     }
 }
 
 #[test]
 fn sniffer_rejection_replies() {
     let reply = |bytes: &[u8], max| match sniff_connect(bytes, max) {
-        Sniff::Reject(r) => r.connack(),
+        Sniff::Reject(r) => r.connack(RefusalStyle::ReasonCode),
         other => panic!("{other:?}"),
     };
-    // Unsupported levels: 3.x code 1 up to level 5, v5 0x84 above.
-    let l2 = frame(0x10, &connect_body(b"MQTT", 2, 2, b"\x00\x01a"));
-    assert_eq!(reply(&l2, MAX), Some(&[0x20, 0x02, 0x00, 0x01][..]));
-    let l9 = frame(0x10, &connect_body(b"MQTT", 9, 2, b"\x00\x01a"));
-    assert_eq!(reply(&l9, MAX), Some(&[0x20, 0x03, 0x00, 0x84, 0x00][..]));
+    let transparent = |bytes: &[u8], max| match sniff_connect(bytes, max) {
+        Sniff::Reject(r) => r.connack(RefusalStyle::Close),
+        other => panic!("{other:?}"),
+    };
+    // Unsupported levels, 6 and above included: 3.1.1 return code 1, as
+    // Mosquitto answers and MQTT-3.1.2-2 requires, in both styles.
+    for level in [0u8, 2, 6, 9, 255] {
+        let l = frame(0x10, &connect_body(b"MQTT", level, 2, b"\x00\x01a"));
+        assert_eq!(reply(&l, MAX), Some(&[0x20, 0x02, 0x00, 0x01][..]));
+        assert_eq!(transparent(&l, MAX), Some(&[0x20, 0x02, 0x00, 0x01][..]));
+    }
     // Oversized v5 CONNECT: answered 0x95 from the partial header alone.
     let big = frame(0x10, &connect_body(b"MQTT", 5, 2, &[b'x'; 200]));
     assert_eq!(
@@ -262,6 +269,10 @@ fn sniffer_rejection_replies() {
         &connect_body(b"MQTT", 5, 2, b"\x04\x17\x01\x17\x01\x00\x01a"),
     );
     assert_eq!(reply(&dup5, MAX), Some(&[0x20, 0x03, 0x00, 0x82, 0x00][..]));
+    // The default style closes all of these silently, as Mosquitto does.
+    for bytes in [&bad5[..], &dup5[..], &big[..12]] {
+        assert_eq!(transparent(bytes, 100.max(bytes.len())), None);
+    }
 }
 
 #[test]

@@ -212,6 +212,8 @@ pub fn config(backends: &[(&str, String)], balancer_toml: &str) -> Config {
 /// A balancer running in this process.
 pub struct RunningBalancer {
     pub addr: SocketAddr,
+    /// Every listener's address, in configuration order (`addr` is the first).
+    pub addrs: Vec<SocketAddr>,
     /// The admin API, when the config enables it.
     pub admin: Option<SocketAddr>,
     pub shared: Arc<Shared>,
@@ -223,13 +225,15 @@ impl RunningBalancer {
     /// Binds and serves `config` on the current runtime.
     pub async fn start(config: Config) -> RunningBalancer {
         let b = mqlb_balancer::Balancer::bind(config).await.unwrap();
-        let addr = b.local_addrs()[0];
+        let addrs = b.local_addrs();
+        let addr = addrs[0];
         let admin = b.admin_addr();
         let shared = b.shared();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(b.serve(shutdown.clone(), Duration::from_secs(1)));
         RunningBalancer {
             addr,
+            addrs,
             admin,
             shared,
             shutdown,
