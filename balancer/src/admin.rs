@@ -194,6 +194,26 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// A Prometheus label value, escaped as the text format requires (`\\`,
+/// `\"` and `\n`): backend names come from configuration or DNS and may
+/// hold any of them, and one unescaped quote breaks the whole scrape.
+pub struct LabelValue<'a>(pub &'a str);
+
+impl std::fmt::Display for LabelValue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for c in self.0.chars() {
+            match c {
+                '\\' => f.write_str("\\\\")?,
+                '"' => f.write_str("\\\"")?,
+                '\n' => f.write_str("\\n")?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Writes a family's HELP and TYPE lines.
 fn family(o: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -216,7 +236,12 @@ fn per_backend(
 ) {
     family(o, name, kind, help);
     for b in backends {
-        let _ = writeln!(o, "{name}{{backend=\"{}\"}} {}", b.name, value(b));
+        let _ = writeln!(
+            o,
+            "{name}{{backend=\"{}\"}} {}",
+            LabelValue(&b.name),
+            value(b)
+        );
     }
 }
 
@@ -313,7 +338,7 @@ pub fn render_metrics(shared: &Shared) -> String {
             let n = load(n);
             if n > 0 {
                 let rc = mqlb_protocol::ReasonCode(code as u8);
-                let _ = writeln!(o, "mqlb_backend_connack_total{{backend=\"{}\",code=\"0x{code:02X}\",reason=\"{}\"}} {n}", b.name, rc.name());
+                let _ = writeln!(o, "mqlb_backend_connack_total{{backend=\"{}\",code=\"0x{code:02X}\",reason=\"{}\"}} {n}", LabelValue(&b.name), rc.name());
             }
         }
     }
@@ -327,7 +352,7 @@ pub fn render_metrics(shared: &Shared) -> String {
         b.connect_latency.render(
             &mut o,
             "mqlb_backend_connect_latency_seconds",
-            &format!("backend=\"{}\"", b.name),
+            &format!("backend=\"{}\"", LabelValue(&b.name)),
         );
     }
     family(
@@ -347,7 +372,7 @@ pub fn render_metrics(shared: &Shared) -> String {
             let _ = writeln!(
                 o,
                 "mqlb_backend_health{{backend=\"{}\",state=\"{}\"}} {}",
-                b.name,
+                LabelValue(&b.name),
                 st.label(),
                 u8::from(st == cur)
             );
@@ -368,7 +393,7 @@ pub fn render_metrics(shared: &Shared) -> String {
             let _ = writeln!(
                 o,
                 "mqlb_backend_health_transitions_total{{backend=\"{}\",to=\"{}\"}} {}",
-                b.name,
+                LabelValue(&b.name),
                 st.label(),
                 load(&b.transitions[st as usize])
             );
@@ -385,7 +410,7 @@ pub fn render_metrics(shared: &Shared) -> String {
             let _ = writeln!(
                 o,
                 "mqlb_backend_probes_total{{backend=\"{}\",result=\"{r}\"}} {}",
-                b.name,
+                LabelValue(&b.name),
                 load(&b.probes[i])
             );
         }
@@ -400,7 +425,7 @@ pub fn render_metrics(shared: &Shared) -> String {
         b.probe_rtt.render(
             &mut o,
             "mqlb_backend_probe_rtt_seconds",
-            &format!("backend=\"{}\"", b.name),
+            &format!("backend=\"{}\"", LabelValue(&b.name)),
         );
     }
     o
@@ -415,6 +440,12 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let t = UNIX_EPOCH + std::time::Duration::from_millis(1_795_672_408_123);
         assert_eq!(rfc3339(t), "2026-11-26T05:53:28.123Z");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(LabelValue("a\"b\\c\nd").to_string(), "a\\\"b\\\\c\\nd");
+        assert_eq!(LabelValue("plain-b1").to_string(), "plain-b1");
     }
 
     #[test]

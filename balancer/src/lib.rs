@@ -11,6 +11,7 @@
 //!   tracking packet boundaries on the backend→client side.
 //! * [`metrics`]: counters and histograms the admin API exposes.
 //! * [`registry`]: live connections, by backend and client ID.
+//! * [`limit`]: the concurrent-connection cap, resizable on reload.
 //! * [`evict`]: paced closing of a failed or drained backend's clients.
 //! * [`admin`]: the admin HTTP API (health, backends, clients, metrics, drain).
 //! * [`sidecar`]: `mqlb healthcheck`, an HTTP health endpoint backed by MQTT probes.
@@ -35,6 +36,7 @@ pub mod evict;
 pub mod forward;
 pub mod handshake;
 pub mod http;
+pub mod limit;
 pub mod metrics;
 pub mod registry;
 pub mod select;

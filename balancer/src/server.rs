@@ -10,7 +10,6 @@ use arc_swap::ArcSwap;
 
 use mqlb_config::Config;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{field, Instrument};
@@ -24,6 +23,7 @@ use mqlb_protocol::{ProtocolVersion, RefusalStyle};
 use crate::evict::Evictor;
 use crate::forward;
 use crate::handshake::{self, read_connect};
+use crate::limit::ConnectionLimit;
 use crate::metrics::{GaugeGuard, Metrics, RejectReason};
 use crate::registry::Registry;
 use crate::select::{placement_key, Backends};
@@ -46,6 +46,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// Paced session mover.
     pub evictor: Evictor,
+    /// `max_connections`, resized on reload.
+    pub limit: Arc<ConnectionLimit>,
 }
 
 /// What a reload changed.
@@ -85,6 +87,9 @@ impl Shared {
         if new.health != old.health {
             r.needs_restart
                 .push("health (applies to added backends only)");
+        }
+        if new.balancer.max_connections != old.balancer.max_connections {
+            self.limit.resize(new.balancer.max_connections);
         }
         let (added, removed) = self.backends.replace(&new.backends);
         if let Some(checker) = &self.checker {
@@ -291,6 +296,7 @@ impl Balancer {
                 }
             }
         }
+        let limit = ConnectionLimit::new(config.balancer.max_connections);
         let shared = Arc::new(Shared {
             backends,
             metrics: Metrics::default(),
@@ -299,6 +305,7 @@ impl Balancer {
             config: ArcSwap::from_pointee(config),
             checker: checker.map(Mutex::new),
             config_path: std::sync::OnceLock::new(),
+            limit,
         });
         Ok(Balancer {
             shared,
@@ -338,17 +345,11 @@ impl Balancer {
                 shutdown.clone(),
             ));
         }
-        let permits = Arc::new(Semaphore::new(
-            self.shared.config().balancer.max_connections,
-        ));
         for (spec, listener) in self.listeners {
             let shared = self.shared.clone();
             let shutdown = shutdown.clone();
-            let permits = permits.clone();
             let conns = tracker.clone();
-            tracker.spawn(accept_loop(
-                spec, listener, shared, permits, conns, shutdown,
-            ));
+            tracker.spawn(accept_loop(spec, listener, shared, conns, shutdown));
         }
         shutdown.cancelled().await;
         tracker.close();
@@ -365,7 +366,6 @@ async fn accept_loop(
     spec: mqlb_config::Listener,
     listener: TcpListener,
     shared: Arc<Shared>,
-    permits: Arc<Semaphore>,
     conns: TaskTracker,
     shutdown: CancellationToken,
 ) {
@@ -380,9 +380,9 @@ async fn accept_loop(
         // Take the permit before accepting: at the limit, new clients wait in
         // the kernel's backlog instead of being accepted and starved.
         let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
+            p = shared.limit.acquire() => match p {
+                Some(p) => p,
+                None => return,
             },
             _ = shutdown.cancelled() => return,
         };

@@ -650,5 +650,41 @@ async fn connection_limit_queues_in_the_backlog() {
     );
     drop(first);
     assert_eq!(read_n(&mut third, 4, T).await, [0x20, 0x02, 0x00, 0x00]);
+
+    // A reload lowers the cap to 1: the two open clients stay connected,
+    // and a new one waits until both have left.
+    let reload = |max: usize| {
+        lb.shared.reload(config(
+            &[("b1", m.addr())],
+            &format!("max_connections = {max}\n[health]\nenabled = false\n"),
+        ))
+    };
+    let r = reload(1);
+    assert!(r.needs_restart.is_empty(), "{r:?}");
+    let mut second = _second;
+    for s in [&mut second, &mut third] {
+        s.write_all(&[0xC0, 0x00]).await.unwrap();
+        assert_eq!(
+            read_n(s, 2, T).await,
+            [0xD0, 0x00],
+            "kept across the reload"
+        );
+    }
+    let mut fourth = TcpStream::connect(&addr).await.unwrap();
+    fourth.write_all(&raw::connect("limit-4", 4)).await.unwrap();
+    drop(second);
+    assert!(
+        read_n(&mut fourth, 4, Duration::from_millis(500))
+            .await
+            .is_empty(),
+        "served above the lowered limit"
+    );
+    drop(third);
+    assert_eq!(read_n(&mut fourth, 4, T).await, [0x20, 0x02, 0x00, 0x00]);
+    // Raising it takes effect at once.
+    reload(3);
+    let (_fifth, ack5) = connect_and_ack(&addr, "limit-5", 4).await;
+    let (_sixth, ack6) = connect_and_ack(&addr, "limit-6", 4).await;
+    assert_eq!((ack5[3], ack6[3]), (0, 0));
     lb.stop().await;
 }

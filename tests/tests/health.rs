@@ -356,6 +356,66 @@ async fn admin_api_reports_backends_clients_and_metrics() {
     lb.stop().await;
 }
 
+/// Backend names reach Prometheus label values escaped: a `"`, `\` or
+/// newline in a name must not break the scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_escape_label_values() {
+    let m = Mosquitto::start();
+    let name = "we\"ird\\name";
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = '{name}'\naddress = \"{}\"\n{FAST_HEALTH}",
+        m.addr()
+    );
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let admin = lb.admin.unwrap().to_string();
+    let (_s, _) = connect_and_ack(&lb.addr.to_string(), "esc", 4).await;
+    let (_, metrics) = http(&admin, "GET", "/metrics").await;
+    let mut samples = 0;
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        // name{label="value",...} number, with the text format's escapes.
+        let (series, value) = line.rsplit_once(' ').expect(line);
+        assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");
+        let Some((_, labels)) = series.split_once('{') else {
+            continue;
+        };
+        let labels = labels.strip_suffix('}').expect(line);
+        let mut chars = labels.chars();
+        let mut values = Vec::new();
+        loop {
+            let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+            if key.is_empty() {
+                break;
+            }
+            assert_eq!(chars.next(), Some('"'), "{line:?}");
+            let mut v = String::new();
+            loop {
+                match chars.next().expect(line) {
+                    '\\' => match chars.next().expect(line) {
+                        'n' => v.push('\n'),
+                        c @ ('\\' | '"') => v.push(c),
+                        c => panic!("bad escape \\{c} in {line:?}"),
+                    },
+                    '"' => break,
+                    c => v.push(c),
+                }
+            }
+            values.push((key, v));
+            match chars.next() {
+                Some(',') => continue,
+                None => break,
+                Some(c) => panic!("unexpected {c:?} in {line:?}"),
+            }
+        }
+        if let Some((_, v)) = values.iter().find(|(k, _)| k == "backend") {
+            assert_eq!(v, name, "{line:?}");
+            samples += 1;
+        }
+    }
+    assert!(samples > 10, "only {samples} backend samples:\n{metrics}");
+    lb.stop().await;
+}
+
 /// `mqlb check`: 0 against a live broker, 1 against a stopped one and
 /// against a port with no listener.
 #[test]
