@@ -11,6 +11,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -107,21 +109,38 @@ pub enum Verdict {
     NotAuthorized,
 }
 
+/// Password verifications that may run at once. PBKDF2 is CPU work by
+/// design; more in parallel than there are cores only queues them inside
+/// the OS instead of here, and a CONNECT storm must not take every blocking
+/// thread tokio has.
+const MAX_PARALLEL_VERIFICATIONS: usize = 4;
+
 /// Users, passwords and topic rules.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug)]
 pub struct Auth {
     allow_anonymous: bool,
     users: HashMap<String, Hash>,
     acl: Vec<AclRule>,
+    /// Verified against for an unknown user name (or a missing password),
+    /// so that it costs what a wrong password costs and does not reveal
+    /// which user names exist.
+    decoy: Hash,
+    /// Bounds concurrent verifications on the blocking pool.
+    verify_slots: Arc<tokio::sync::Semaphore>,
+    /// Hash computations done, for tests and metrics.
+    verifications: AtomicU64,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self::with_users(false, HashMap::new(), Vec::new())
+    }
 }
 
 impl Auth {
     /// Everything allowed: the default without a configuration.
     pub fn open() -> Auth {
-        Auth {
-            allow_anonymous: true,
-            ..Default::default()
-        }
+        Self::with_users(true, HashMap::new(), Vec::new())
     }
 
     /// From a broker configuration, reading its password file.
@@ -130,30 +149,94 @@ impl Auth {
             Some(p) => load_passwords(p)?,
             None => HashMap::new(),
         };
-        Ok(Auth {
-            allow_anonymous: c.allow_anonymous,
-            users,
-            acl: c.acl.clone(),
-        })
+        Ok(Self::with_users(c.allow_anonymous, users, c.acl.clone()))
     }
 
-    /// Checks CONNECT credentials.
-    pub fn connect(&self, username: Option<&str>, password: Option<&[u8]>) -> Verdict {
-        match username {
-            None => {
-                if self.allow_anonymous {
-                    Verdict::Allow
-                } else {
-                    Verdict::NotAuthorized
-                }
-            }
-            Some(user) => match (self.users.get(user), password) {
-                (Some(h), Some(p)) if h.verify(p) => Verdict::Allow,
-                // With no password file, user names are only labels for ACLs.
-                (None, _) if self.users.is_empty() && self.allow_anonymous => Verdict::Allow,
-                _ => Verdict::BadCredentials,
+    fn with_users(allow_anonymous: bool, users: HashMap<String, Hash>, acl: Vec<AclRule>) -> Auth {
+        // The decoy costs what the file's most expensive hash costs.
+        let iterations = users
+            .values()
+            .map(|h| match h {
+                Hash::Pbkdf2 { iterations, .. } => *iterations,
+                Hash::Sha512 { .. } => 1,
+            })
+            .max()
+            .unwrap_or(DEFAULT_ITERATIONS);
+        Auth {
+            allow_anonymous,
+            users,
+            acl,
+            decoy: Hash::Pbkdf2 {
+                iterations,
+                salt: vec![0; 12],
+                hash: vec![0; 64],
             },
+            verify_slots: Arc::new(tokio::sync::Semaphore::new(MAX_PARALLEL_VERIFICATIONS)),
+            verifications: AtomicU64::new(0),
         }
+    }
+
+    /// Password hashes computed so far.
+    pub fn verifications(&self) -> u64 {
+        self.verifications.load(Ordering::Relaxed)
+    }
+
+    /// Whether checking these credentials computes a password hash (and so
+    /// belongs off the async workers).
+    fn needs_hashing(&self, username: Option<&str>) -> bool {
+        username.is_some() && !self.users.is_empty()
+    }
+
+    /// Checks CONNECT credentials, synchronously. A user name always costs
+    /// exactly one hash when a password file is loaded, whether the user
+    /// exists, the password is missing or wrong.
+    pub fn connect(&self, username: Option<&str>, password: Option<&[u8]>) -> Verdict {
+        let Some(user) = username else {
+            return if self.allow_anonymous {
+                Verdict::Allow
+            } else {
+                Verdict::NotAuthorized
+            };
+        };
+        if self.users.is_empty() {
+            // With no password file, user names are only labels for ACLs.
+            return if self.allow_anonymous {
+                Verdict::Allow
+            } else {
+                Verdict::BadCredentials
+            };
+        }
+        self.verifications.fetch_add(1, Ordering::Relaxed);
+        let (hash, known) = match self.users.get(user) {
+            Some(h) => (h, true),
+            None => (&self.decoy, false),
+        };
+        let ok = hash.verify(password.unwrap_or_default());
+        if ok && known && password.is_some() {
+            Verdict::Allow
+        } else {
+            Verdict::BadCredentials
+        }
+    }
+
+    /// [`Auth::connect`] for async callers: hashing runs on tokio's blocking
+    /// pool, at most [`MAX_PARALLEL_VERIFICATIONS`] at once, so a CONNECT
+    /// with a password never stalls the other connections of its worker.
+    pub async fn check(
+        self: &Arc<Self>,
+        username: Option<String>,
+        password: Option<bytes::Bytes>,
+    ) -> Verdict {
+        if !self.needs_hashing(username.as_deref()) {
+            return self.connect(username.as_deref(), password.as_deref());
+        }
+        let Ok(_slot) = self.verify_slots.clone().acquire_owned().await else {
+            return Verdict::BadCredentials;
+        };
+        let auth = self.clone();
+        tokio::task::spawn_blocking(move || auth.connect(username.as_deref(), password.as_deref()))
+            .await
+            .unwrap_or(Verdict::BadCredentials)
     }
 
     fn granted(
@@ -257,12 +340,114 @@ mod tests {
         assert!(Hash::parse("plaintext").is_err());
     }
 
+    /// An unknown user name, a missing password and a wrong password each
+    /// cost exactly one hash of the file's strength, as a right one does, so
+    /// response time does not reveal which user names exist.
+    #[test]
+    fn unknown_users_cost_what_wrong_passwords_cost() {
+        let (_, alice) = hash_line("alice", "secret")
+            .unwrap()
+            .split_once(':')
+            .map(|(u, h)| (u.to_string(), h.to_string()))
+            .unwrap();
+        let users = HashMap::from([("alice".to_string(), Hash::parse(&alice).unwrap())]);
+        let auth = Auth::with_users(false, users, Vec::new());
+        let Hash::Pbkdf2 { iterations, .. } = auth.decoy else {
+            panic!("decoy is not PBKDF2")
+        };
+        assert_eq!(iterations, DEFAULT_ITERATIONS);
+        for (user, pw, want) in [
+            ("alice", Some(&b"secret"[..]), Verdict::Allow),
+            ("alice", Some(&b"wrong"[..]), Verdict::BadCredentials),
+            ("alice", None, Verdict::BadCredentials),
+            ("mallory", Some(&b"secret"[..]), Verdict::BadCredentials),
+            ("mallory", None, Verdict::BadCredentials),
+        ] {
+            let before = auth.verifications();
+            assert_eq!(auth.connect(Some(user), pw), want, "{user} {pw:?}");
+            assert_eq!(auth.verifications() - before, 1, "{user} {pw:?}");
+        }
+        // Anonymous clients compute nothing.
+        let before = auth.verifications();
+        assert_eq!(auth.connect(None, None), Verdict::NotAuthorized);
+        assert_eq!(auth.verifications(), before);
+    }
+
+    /// Hashing runs off the async worker: on a single-threaded runtime, a
+    /// PINGREQ from a connected client is answered while a slow password
+    /// check is still running. On the worker, the CONNACK would come first.
+    #[test]
+    fn a_password_check_does_not_stall_other_connections() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Slow on purpose: ~1 s of PBKDF2 even in a release build.
+        let mut salt = [0u8; 12];
+        salt[0] = 1;
+        let mut out = [0u8; 64];
+        let iterations = 1_000_000;
+        pbkdf2::pbkdf2_hmac::<Sha512>(b"pw", &salt, 10, &mut out);
+        let slow = Hash::Pbkdf2 {
+            iterations,
+            salt: salt.to_vec(),
+            hash: out.to_vec(),
+        };
+        let auth = Arc::new(Auth::with_users(
+            true,
+            HashMap::from([("slow".to_string(), slow)]),
+            Vec::new(),
+        ));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let core = Arc::new(std::sync::Mutex::new(crate::core::Core::new()));
+            let settings = crate::conn::Settings::default();
+            // A connected bystander.
+            let (mut by, server) = tokio::io::duplex(1024);
+            tokio::spawn(crate::conn::handle(
+                server,
+                core.clone(),
+                auth.clone(),
+                settings,
+            ));
+            by.write_all(&[
+                0x10, 0x0E, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 2, b'b', b'y',
+            ])
+            .await
+            .unwrap();
+            let mut ack = [0u8; 4];
+            by.read_exact(&mut ack).await.unwrap();
+            assert_eq!(ack, [0x20, 2, 0, 0]);
+            // A client with a password for the slow user.
+            let (mut slow, server) = tokio::io::duplex(1024);
+            tokio::spawn(crate::conn::handle(server, core, auth, settings));
+            let mut c = vec![
+                0x10, 0, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60, 0, 1, b's',
+            ];
+            c.extend_from_slice(&[0, 4, b's', b'l', b'o', b'w', 0, 2, b'p', b'x']);
+            c[1] = (c.len() - 2) as u8;
+            slow.write_all(&c).await.unwrap();
+            tokio::task::yield_now().await;
+            // The bystander's ping is answered before the slow CONNACK.
+            by.write_all(&[0xC0, 0]).await.unwrap();
+            let mut pong = [0u8; 2];
+            let first = tokio::select! {
+                r = by.read_exact(&mut pong) => { r.unwrap(); "pingresp" }
+                r = slow.read_exact(&mut ack) => { r.unwrap(); "connack" }
+            };
+            assert_eq!(first, "pingresp");
+            assert_eq!(pong, [0xD0, 0]);
+        });
+        // Do not wait for the hash to finish.
+        rt.shutdown_background();
+    }
+
     #[test]
     fn acl_substitution_and_coverage() {
-        let auth = Auth {
-            allow_anonymous: true,
-            users: HashMap::new(),
-            acl: vec![
+        let auth = Auth::with_users(
+            true,
+            HashMap::new(),
+            vec![
                 AclRule {
                     user: None,
                     topic: "devices/%c/#".into(),
@@ -279,7 +464,7 @@ mod tests {
                     access: Access::Read,
                 },
             ],
-        };
+        );
         assert!(auth.may_publish(None, "d1", "devices/d1/temp"));
         assert!(!auth.may_publish(None, "d1", "devices/d2/temp"));
         assert!(auth.may_subscribe(None, "d1", "devices/d1/+"));

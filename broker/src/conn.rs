@@ -175,7 +175,7 @@ impl Session {
             })
         };
         let username = c.username.as_ref().map(|u| u.to_string());
-        let verdict = auth.connect(username.as_deref(), c.password.as_deref());
+        let verdict = auth.check(username.clone(), c.password.clone()).await;
         if verdict != Verdict::Allow {
             let code = match verdict {
                 Verdict::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
