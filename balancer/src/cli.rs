@@ -389,9 +389,13 @@ fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
         let signal = shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
-            tracing::info!("shutting down");
+            tracing::info!("shutting down gracefully; signal again to stop at once");
             signal.cancel();
+            wait_for_signal().await;
+            tracing::warn!("second signal: stopping at once");
+            std::process::exit(130);
         });
+        let grace = balancer.shared().config().eviction.shutdown_grace;
         if let Some(path) = path {
             let shared = balancer.shared();
             shared.set_config_path(path);
@@ -409,7 +413,7 @@ fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
                 }
             });
         }
-        balancer.serve(shutdown, Duration::from_secs(5)).await;
+        balancer.serve(shutdown, grace).await;
         ExitCode::SUCCESS
     })
 }

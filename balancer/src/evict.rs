@@ -19,10 +19,21 @@ use tokio_util::sync::CancellationToken;
 use crate::registry::{Eviction, Registry};
 use crate::select::Backends;
 
-/// Requests to move a backend's clients.
+/// What to move.
+#[derive(Debug)]
+enum Job {
+    /// Every client on this backend, unless it becomes usable again.
+    Backend(String),
+    /// Every client, for a graceful shutdown: the balancer is going away,
+    /// so a backend's health does not stop it.
+    All,
+}
+
+/// Requests to move clients; one job runs at a time, so all of them share
+/// the balancer's rate.
 #[derive(Debug, Clone)]
 pub struct Evictor {
-    tx: mpsc::UnboundedSender<String>,
+    tx: mpsc::UnboundedSender<Job>,
 }
 
 impl Evictor {
@@ -48,7 +59,13 @@ impl Evictor {
 
     /// Moves every client currently on `backend`, at the paced rate.
     pub fn evict_backend(&self, backend: &str) {
-        let _ = self.tx.send(backend.to_string());
+        let _ = self.tx.send(Job::Backend(backend.to_string()));
+    }
+
+    /// Closes every client at the paced rate, including any that register
+    /// while it runs: the graceful half of a shutdown.
+    pub fn evict_all(&self) {
+        let _ = self.tx.send(Job::All);
     }
 }
 
@@ -57,7 +74,7 @@ async fn run(
     backends: Arc<Backends>,
     rate: u32,
     server_reference: Option<String>,
-    mut rx: mpsc::UnboundedReceiver<String>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
     shutdown: CancellationToken,
 ) {
     let slot = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
@@ -68,33 +85,60 @@ async fn run(
     // The next free slot, shared by all jobs so the rate is per balancer.
     let mut next = Instant::now();
     loop {
-        let name = tokio::select! {
-            n = rx.recv() => match n { Some(n) => n, None => return },
+        let job = tokio::select! {
+            j = rx.recv() => match j { Some(j) => j, None => return },
             _ = shutdown.cancelled() => return,
         };
-        let Some(backend) = backends.get(&name) else {
-            continue;
+        let pace = |next: &mut Instant| {
+            *next = (*next).max(Instant::now());
+            let at = *next + slot.mul_f64(fastrand::f64() * 0.5);
+            *next += slot;
+            at
         };
-        let mut handles = registry.on_backend(&name);
-        fastrand::shuffle(&mut handles);
-        tracing::info!(backend = %name, clients = handles.len(), rate, "moving clients off backend");
-        for h in handles {
-            // Recovered or undrained meanwhile: the rest may stay.
-            if backend.is_usable() {
-                tracing::info!(backend = %name, "backend usable again; eviction stopped");
-                break;
+        match job {
+            Job::Backend(name) => {
+                let Some(backend) = backends.get(&name) else {
+                    continue;
+                };
+                let mut handles = registry.on_backend(&name);
+                fastrand::shuffle(&mut handles);
+                tracing::info!(backend = %name, clients = handles.len(), rate, "moving clients off backend");
+                for h in handles {
+                    // Recovered or undrained meanwhile: the rest may stay.
+                    if backend.is_usable() {
+                        tracing::info!(backend = %name, "backend usable again; eviction stopped");
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(pace(&mut next)) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    if h.reason().is_none() {
+                        h.evict(reason.clone());
+                        backend.evictions.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
-            next = next.max(Instant::now());
-            let jitter = slot.mul_f64(fastrand::f64() * 0.5);
-            tokio::select! {
-                _ = tokio::time::sleep_until(next + jitter) => {}
-                _ = shutdown.cancelled() => return,
-            }
-            next += slot;
-            if h.reason().is_none() {
-                h.evict(reason.clone());
-                backend.evictions.fetch_add(1, Ordering::Relaxed);
-            }
+            Job::All => loop {
+                // Connections that finish their handshake meanwhile are
+                // picked up by the next pass.
+                let mut all = registry.not_evicted();
+                if all.is_empty() {
+                    break;
+                }
+                fastrand::shuffle(&mut all);
+                tracing::info!(clients = all.len(), rate, "closing clients for shutdown");
+                for (h, backend) in all {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(pace(&mut next)) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    if h.reason().is_none() {
+                        h.evict(reason.clone());
+                        backend.evictions.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            },
         }
     }
 }

@@ -160,9 +160,11 @@ pub async fn splice(
     })
 }
 
-/// Copies `from` → `to` until EOF, error, or eviction. On eviction, writes
-/// `inject(reason)` if the stream is at a packet boundary, then shuts `to`
-/// down. Returns (bytes copied, evicted, injected).
+/// Copies `from` → `to` until EOF, error, or eviction. On eviction, the
+/// packet in progress is finished first (bounded by [`INJECT_TIMEOUT`]), so
+/// `to` only ever sees whole packets, then `inject(reason)` is written at
+/// that boundary and `to` is shut down. Returns (bytes copied, evicted,
+/// injected).
 async fn pump(
     from: &mut OwnedReadHalf,
     to: &mut OwnedWriteHalf,
@@ -174,16 +176,20 @@ async fn pump(
     let mut framed = true;
     let mut buf = vec![0u8; BUF_SIZE];
     let mut total = 0u64;
-    let mut mid_write = false;
+    let mut whole = true;
     loop {
+        // Eviction first: once it is requested, a peer's EOF racing it (the
+        // backend closing after the other direction's DISCONNECT) must not
+        // skip the injection.
         let n = tokio::select! {
+            biased;
+            _ = evict.requested() => break,
             r = from.read(&mut buf) => match r {
                 Ok(n) => n,
                 // A reset from one peer ends this direction; the other
                 // direction sees its own EOF or error.
                 Err(e) => { let _ = to.shutdown().await; return Err(e) }
             },
-            _ = evict.requested() => break,
         };
         if n == 0 {
             let _ = to.shutdown().await;
@@ -195,15 +201,45 @@ async fn pump(
             tracing::debug!("stream is not MQTT-framed; boundary tracking off");
             framed = false;
         }
+        let write = to.write_all(&buf[..n]);
+        tokio::pin!(write);
         tokio::select! {
-            r = to.write_all(&buf[..n]) => r?,
-            _ = evict.requested() => { mid_write = true; break }
+            r = &mut write => r?,
+            _ = evict.requested() => {
+                // Finish this chunk if the peer reads at all.
+                whole = matches!(tokio::time::timeout(INJECT_TIMEOUT, write).await, Ok(Ok(())));
+                if whole {
+                    total += n as u64;
+                }
+                break;
+            }
         }
         total += n as u64;
     }
-    // Evicted.
+    // Evicted: complete the packet in progress, reading no further than its
+    // end, then inject at the boundary.
+    let finish = async {
+        while whole && framed && !tracker.at_boundary() {
+            let want = tracker.to_boundary().unwrap_or(1).clamp(1, buf.len());
+            let n = from.read(&mut buf[..want]).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            inspect(&buf[..n]);
+            if tracker.feed(&buf[..n]).is_err() {
+                return Ok(false);
+            }
+            to.write_all(&buf[..n]).await?;
+            total += n as u64;
+        }
+        io::Result::Ok(whole && framed)
+    };
+    let at_boundary = matches!(
+        tokio::time::timeout(INJECT_TIMEOUT, finish).await,
+        Ok(Ok(true))
+    );
     let mut injected = false;
-    if framed && !mid_write && tracker.at_boundary() {
+    if at_boundary {
         if let Some(bytes) = evict.reason().and_then(inject) {
             injected = tokio::time::timeout(INJECT_TIMEOUT, to.write_all(&bytes))
                 .await

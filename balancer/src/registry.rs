@@ -130,6 +130,33 @@ impl Registry {
         out
     }
 
+    /// Every connection not asked to close yet, with its backend.
+    pub fn not_evicted(&self) -> Vec<(Arc<EvictHandle>, Arc<Backend>)> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(
+                map.values()
+                    .filter(|e| e.handle.reason().is_none())
+                    .map(|e| (e.handle.clone(), e.backend.clone())),
+            );
+        }
+        out
+    }
+
+    /// Live forwarded connections.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    /// True with no live forwarded connection.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Backends that `client_id` is connected to now (normally zero or one).
     pub fn find_client(&self, client_id: &str) -> Vec<Arc<Backend>> {
         let mut out = Vec::new();

@@ -48,6 +48,8 @@ pub struct Shared {
     pub evictor: Evictor,
     /// `max_connections`, resized on reload.
     pub limit: Arc<ConnectionLimit>,
+    /// Set once a graceful shutdown has begun: `/readyz` answers 503.
+    pub shutting_down: std::sync::atomic::AtomicBool,
 }
 
 /// What a reload changed.
@@ -152,15 +154,17 @@ impl Shared {
         true
     }
 
-    /// True when at least one backend is up (or unchecked and not draining).
+    /// True when at least one backend is up (or unchecked and not draining)
+    /// and no shutdown has begun.
     pub fn is_ready(&self) -> bool {
-        self.backends.snapshot().iter().any(|b| {
-            !b.is_draining()
-                && match b.health() {
-                    Some(h) => h.state() == HealthState::Up,
-                    None => true,
-                }
-        })
+        !self.shutting_down.load(Ordering::Relaxed)
+            && self.backends.snapshot().iter().any(|b| {
+                !b.is_draining()
+                    && match b.health() {
+                        Some(h) => h.state() == HealthState::Up,
+                        None => true,
+                    }
+            })
     }
 }
 
@@ -306,6 +310,7 @@ impl Balancer {
             checker: checker.map(Mutex::new),
             config_path: std::sync::OnceLock::new(),
             limit,
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         });
         Ok(Balancer {
             shared,
@@ -333,33 +338,82 @@ impl Balancer {
         self.shared.clone()
     }
 
-    /// Serves until `shutdown` is cancelled, then stops accepting and waits
-    /// up to `grace` for open connections to finish.
+    /// Serves until `shutdown` is cancelled, then shuts down gracefully:
+    ///
+    /// 1. stops accepting, and `/readyz` answers 503 so a load balancer in
+    ///    front stops sending;
+    /// 2. closes clients that have not finished their CONNECT (they have no
+    ///    backend session yet);
+    /// 3. closes forwarded clients at the eviction rate, each at a packet
+    ///    boundary, v5 clients with DISCONNECT 0x8B (or 0x9C), so they
+    ///    reconnect to another replica without a storm;
+    /// 4. after `grace`, cuts whoever is left.
+    ///
+    /// The admin API serves until the end.
     pub async fn serve(self, shutdown: CancellationToken, grace: Duration) {
         let _stop_background = self.background.clone().drop_guard();
-        let tracker = TaskTracker::new();
-        if let Some(admin) = self.admin {
-            tracker.spawn(crate::admin::serve(
+        // Cancelled when the grace period is over: the hard stop.
+        let hard = CancellationToken::new();
+        let _stop_hard = hard.clone().drop_guard();
+        let admin = self.admin.map(|admin| {
+            tokio::spawn(crate::admin::serve(
                 admin,
                 self.shared.clone(),
-                shutdown.clone(),
-            ));
-        }
+                hard.clone(),
+            ))
+        });
+        let tracker = TaskTracker::new();
         for (spec, listener) in self.listeners {
             let shared = self.shared.clone();
-            let shutdown = shutdown.clone();
             let conns = tracker.clone();
-            tracker.spawn(accept_loop(spec, listener, shared, conns, shutdown));
+            let stops = Stops {
+                graceful: shutdown.clone(),
+                hard: hard.clone(),
+            };
+            tracker.spawn(accept_loop(spec, listener, shared, conns, stops));
         }
         shutdown.cancelled().await;
+        let open = self.shared.registry.len();
+        let rate = self.shared.config().eviction.rate;
+        self.shared.shutting_down.store(true, Ordering::Relaxed);
+        tracing::info!(
+            open,
+            rate,
+            grace = ?grace,
+            "shutting down: closing clients at the eviction rate"
+        );
+        if open as f64 / f64::from(rate.max(1)) > grace.as_secs_f64() {
+            tracing::warn!(
+                open,
+                rate,
+                grace = ?grace,
+                "the grace period is too short to close every client at the eviction rate; the rest will be cut"
+            );
+        }
+        self.shared.evictor.evict_all();
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::info!(
-                open = tracker.len(),
+                open = self.shared.registry.len(),
                 "grace period over; closing remaining connections"
             );
+            hard.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+        }
+        hard.cancel();
+        if let Some(admin) = admin {
+            let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
         }
     }
+}
+
+/// The two ways serving stops.
+#[derive(Debug, Clone)]
+struct Stops {
+    /// Stop accepting, abandon handshakes, close clients at the paced rate.
+    graceful: CancellationToken,
+    /// Close everything now.
+    hard: CancellationToken,
 }
 
 async fn accept_loop(
@@ -367,8 +421,9 @@ async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     conns: TaskTracker,
-    shutdown: CancellationToken,
+    stops: Stops,
 ) {
+    let shutdown = stops.graceful.clone();
     let name = spec.name;
     let style = match spec.connect_refusal {
         mqlb_config::ConnectRefusal::Close => RefusalStyle::Close,
@@ -401,12 +456,12 @@ async fn accept_loop(
         let span =
             tracing::info_span!("conn", %peer, client_id = field::Empty, backend = field::Empty);
         let shared = shared.clone();
-        let shutdown = shutdown.clone();
+        let stops = stops.clone();
         conns.spawn(
             async move {
                 tokio::select! {
-                    _ = handle(stream, peer, style, &shared) => {}
-                    _ = shutdown.cancelled() => tracing::debug!("closed by shutdown"),
+                    _ = handle(stream, peer, style, &shared, &stops.graceful) => {}
+                    _ = stops.hard.cancelled() => tracing::debug!("cut at the end of the grace period"),
                 }
                 drop(permit);
             }
@@ -416,7 +471,13 @@ async fn accept_loop(
 }
 
 /// One client connection, from accept to close.
-async fn handle(mut client: TcpStream, peer: SocketAddr, style: RefusalStyle, shared: &Shared) {
+async fn handle(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    style: RefusalStyle,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) {
     let m = &shared.metrics;
     m.accepted.fetch_add(1, Ordering::Relaxed);
     let _active = GaugeGuard::new(&m.active);
@@ -424,14 +485,18 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, style: RefusalStyle, sh
     let config = shared.config();
     let settings = &config.balancer;
 
-    let hs = match read_connect(
+    // Until the client is forwarded it has no session on any backend, so a
+    // shutdown simply closes it.
+    let read = read_connect(
         &mut client,
         settings.connect_timeout,
         settings.max_connect_size,
         style,
-    )
-    .await
-    {
+    );
+    let hs = match tokio::select! {
+        r = read => r,
+        _ = shutdown.cancelled() => return,
+    } {
         Ok(hs) => hs,
         Err(refused) => {
             m.reject(refused.reason);
@@ -447,9 +512,11 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, style: RefusalStyle, sh
 
     let key = placement_key(&hs.client_id, peer, settings.empty_client_id);
     let candidates = shared.backends.candidates(&key);
-    let Some((backend_stream, backend)) =
-        forward::connect_first(&candidates, settings.backend_connect_timeout).await
-    else {
+    let connected = tokio::select! {
+        c = forward::connect_first(&candidates, settings.backend_connect_timeout) => c,
+        _ = shutdown.cancelled() => return,
+    };
+    let Some((backend_stream, backend)) = connected else {
         m.reject(RejectReason::NoBackend);
         tracing::warn!(tried = candidates.len(), "no backend reachable");
         handshake::send_reply(&mut client, handshake::server_unavailable(hs.version)).await;
@@ -460,6 +527,11 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, style: RefusalStyle, sh
     backend.forwarded.fetch_add(1, Ordering::Relaxed);
     let _on_backend = GaugeGuard::new(&backend.active);
     let (_registration, evict) = shared.registry.register(&hs.client_id, backend.clone());
+    if shutdown.is_cancelled() {
+        // Forwarded just as the shutdown began, possibly after the evictor's
+        // last pass: close this one at its first packet boundary.
+        evict.evict(crate::registry::Eviction::ShuttingDown);
+    }
     tracing::debug!(
         version = hs.version.label(),
         bridge = hs.bridge,

@@ -105,6 +105,9 @@ pub struct EvictionFile {
     pub rate: Option<Spanned<i64>>,
     /// Opt-in: v5 clients get 0x9C Use another server with this reference.
     pub server_reference: Option<Spanned<String>>,
+    /// On SIGTERM, how long clients are closed at `rate` before the rest
+    /// are cut, default "30s".
+    pub shutdown_grace: Option<Spanned<String>>,
 }
 
 /// `[admin]`.

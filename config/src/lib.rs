@@ -132,13 +132,20 @@ pub struct EvictionSettings {
     /// When set, v5 clients get DISCONNECT 0x9C Use another server with this
     /// Server Reference instead of 0x8B Server shutting down.
     pub server_reference: Option<String>,
+    /// On SIGTERM or Ctrl-C, clients are closed at `rate` for at most this
+    /// long; whoever is left then is cut at once.
+    pub shutdown_grace: Duration,
 }
+
+/// Default time to close clients at the eviction rate on shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 impl Default for EvictionSettings {
     fn default() -> Self {
         Self {
             rate: DEFAULT_EVICTION_RATE,
             server_reference: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
@@ -598,6 +605,12 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                 c.at("eviction.server_reference", v, "must be a non-empty string");
             } else {
                 eviction.server_reference = Some(v.get_ref().clone());
+            }
+        }
+        if let Some(v) = &e.shutdown_grace {
+            match duration::parse(v.get_ref()) {
+                Ok(d) => eviction.shutdown_grace = d,
+                Err(m) => c.at("eviction.shutdown_grace", v, m),
             }
         }
     }

@@ -270,6 +270,17 @@ impl BoundaryTracker {
         matches!(self.state, TrackState::Boundary)
     }
 
+    /// Bytes still to come before the packet in progress ends: 0 at a
+    /// boundary, `None` while the remaining length itself is incomplete
+    /// (at least one more byte is needed to know).
+    pub fn to_boundary(&self) -> Option<usize> {
+        match self.state {
+            TrackState::Boundary => Some(0),
+            TrackState::Length { .. } => None,
+            TrackState::Body(left) => Some(left),
+        }
+    }
+
     /// Number of whole packets seen.
     pub fn packets(&self) -> u64 {
         self.packets
@@ -364,5 +375,17 @@ mod tests {
         assert!(!t.at_boundary());
         t.feed(&full[5..6]).unwrap();
         assert!(t.at_boundary());
+        assert_eq!(t.to_boundary(), Some(0));
+        // Reading exactly `to_boundary` bytes at a time ends on the boundary.
+        let mut t = BoundaryTracker::default();
+        t.feed(&full[..8]).unwrap(); // inside the PUBLISH's remaining length
+        assert_eq!(t.to_boundary(), None);
+        let mut at = 8;
+        while !t.at_boundary() {
+            let n = t.to_boundary().unwrap_or(1);
+            t.feed(&full[at..at + n]).unwrap();
+            at += n;
+        }
+        assert_eq!(at, full.len());
     }
 }

@@ -72,6 +72,14 @@ impl Client {
         self.stream.write_all(&b).await.unwrap();
     }
 
+    /// Sends one packet; false if the connection is gone.
+    pub async fn try_send(&mut self, p: Packet) -> bool {
+        let Ok(b) = p.to_bytes(self.version) else {
+            return false;
+        };
+        self.stream.write_all(&b).await.is_ok()
+    }
+
     /// The next packet within `within`; `None` on timeout or close.
     pub async fn recv(&mut self, within: Duration) -> Option<Packet> {
         let deadline = tokio::time::Instant::now() + within;

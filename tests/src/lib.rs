@@ -224,13 +224,14 @@ pub struct RunningBalancer {
 impl RunningBalancer {
     /// Binds and serves `config` on the current runtime.
     pub async fn start(config: Config) -> RunningBalancer {
+        let grace = config.eviction.shutdown_grace;
         let b = mqlb_balancer::Balancer::bind(config).await.unwrap();
         let addrs = b.local_addrs();
         let addr = addrs[0];
         let admin = b.admin_addr();
         let shared = b.shared();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(b.serve(shutdown.clone(), Duration::from_secs(1)));
+        let task = tokio::spawn(b.serve(shutdown.clone(), grace));
         RunningBalancer {
             addr,
             addrs,
@@ -239,6 +240,23 @@ impl RunningBalancer {
             shutdown,
             task: Some(task),
         }
+    }
+
+    /// Begins a graceful shutdown, as SIGTERM does, without waiting.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits up to `within` for serving to end after a shutdown; true if it did.
+    pub async fn finished(&mut self, within: Duration) -> bool {
+        let Some(t) = self.task.as_mut() else {
+            return true;
+        };
+        let done = tokio::time::timeout(within, t).await.is_ok();
+        if done {
+            self.task = None;
+        }
+        done
     }
 
     /// Stops serving and waits for the tasks to end.

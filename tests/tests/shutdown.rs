@@ -1,0 +1,270 @@
+//! Graceful shutdown under load, for the balancer and for the bundled
+//! broker: SIGTERM (or Ctrl-C) stops accepting, then closes clients at the
+//! eviction rate (v5 clients get DISCONNECT 0x8B), and no message a
+//! publisher got an acknowledgement for is lost.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mqlb_protocol::{Ack, MqttStr, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS};
+use mqlb_tests::client::{connect_packet, qos, Client};
+use mqlb_tests::*;
+
+const SUBS: usize = 120;
+const PUBS: usize = 8;
+
+/// What one subscriber saw.
+#[derive(Debug, Default)]
+struct Seen {
+    payloads: HashSet<String>,
+    disconnect: Option<u8>,
+    closed_at: Option<Instant>,
+}
+
+fn version(i: usize) -> ProtocolVersion {
+    if i % 2 == 0 {
+        ProtocolVersion::V5
+    } else {
+        ProtocolVersion::V3_1_1
+    }
+}
+
+/// A persistent-session CONNECT (v5 with a one-hour Session Expiry).
+fn persistent(id: &str, v: ProtocolVersion) -> mqlb_protocol::Connect {
+    let mut c = connect_packet(id, v, false);
+    if v.is_v5() {
+        c.properties.session_expiry_interval = Some(3600);
+    }
+    c
+}
+
+/// Receives until the connection closes, acknowledging QoS 1.
+async fn subscriber(mut c: Client, seen: Arc<Mutex<Seen>>) {
+    loop {
+        match c.recv(Duration::from_secs(60)).await {
+            Some(Packet::Publish(p)) => {
+                seen.lock()
+                    .unwrap()
+                    .payloads
+                    .insert(String::from_utf8_lossy(&p.payload).to_string());
+                if let Some(id) = p.packet_id {
+                    if !c.try_send(Packet::Puback(Ack::new(id))).await {
+                        break;
+                    }
+                }
+            }
+            Some(Packet::Disconnect(d)) => seen.lock().unwrap().disconnect = Some(d.reason.0),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    seen.lock().unwrap().closed_at = Some(Instant::now());
+}
+
+/// Publishes QoS 1 to its share of the subscribers' topics, one at a time,
+/// recording what was acknowledged, until its connection closes.
+async fn publisher(mut c: Client, k: usize, acked: Arc<Mutex<Vec<(usize, String)>>>) -> Instant {
+    let mut seq = 0u32;
+    loop {
+        let i = (k + PUBS * seq as usize) % SUBS;
+        let payload = format!("{i}:{k}:{seq}");
+        let pid = PacketId::new((seq % 60_000 + 1) as u16).unwrap();
+        let sent = c
+            .try_send(Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: MqttStr::try_from(format!("gs/{i}")).unwrap(),
+                packet_id: Some(pid),
+                properties: Properties::default(),
+                payload: Bytes::from(payload.clone()),
+            }))
+            .await;
+        if !sent {
+            return Instant::now();
+        }
+        loop {
+            match c.recv(Duration::from_secs(60)).await {
+                Some(Packet::Puback(a)) if a.packet_id == pid => {
+                    acked.lock().unwrap().push((i, payload));
+                    break;
+                }
+                Some(_) => {}
+                None => return Instant::now(),
+            }
+        }
+        seq += 1;
+    }
+}
+
+/// The most closes seen in any window of `window`.
+fn max_in(closes: &[Duration], window: Duration) -> usize {
+    let mut max = 0;
+    let mut j = 0;
+    for i in 0..closes.len() {
+        while closes[i] - closes[j] > window {
+            j += 1;
+        }
+        max = max.max(i - j + 1);
+    }
+    max
+}
+
+/// Connects the subscribers and publishers to `addr`, runs traffic, calls
+/// `stop`, and returns (close times since the stop, what each subscriber
+/// saw, what was acknowledged to publishers).
+async fn run_under_load(
+    addr: &str,
+    stop: impl std::future::Future<Output = ()>,
+) -> (Vec<Duration>, Vec<Arc<Mutex<Seen>>>, Vec<(usize, String)>) {
+    let mut seen = Vec::new();
+    let mut subs = Vec::new();
+    for i in 0..SUBS {
+        let (mut c, ack) =
+            Client::connect(addr, persistent(&format!("gs-sub-{i}"), version(i))).await;
+        assert!(ack.reason.is_success());
+        assert_eq!(
+            c.subscribe(&format!("gs/{i}"), qos(QoS::AtLeastOnce)).await,
+            [1]
+        );
+        let s = Arc::new(Mutex::new(Seen::default()));
+        seen.push(s.clone());
+        subs.push(tokio::spawn(subscriber(c, s)));
+    }
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut pubs = Vec::new();
+    for k in 0..PUBS {
+        let (c, _) = Client::connect(
+            addr,
+            connect_packet(&format!("gs-pub-{k}"), version(k + 1), true),
+        )
+        .await;
+        pubs.push(tokio::spawn(publisher(c, k, acked.clone())));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let start = Instant::now();
+    stop.await;
+    let mut closes = Vec::new();
+    for p in pubs {
+        let at = tokio::time::timeout(Duration::from_secs(30), p)
+            .await
+            .expect("publisher closed")
+            .unwrap();
+        closes.push(at - start);
+    }
+    for s in subs {
+        tokio::time::timeout(Duration::from_secs(30), s)
+            .await
+            .expect("subscriber closed")
+            .unwrap();
+    }
+    for s in &seen {
+        closes.push(s.lock().unwrap().closed_at.unwrap() - start);
+    }
+    closes.sort();
+    let acked = acked.lock().unwrap().clone();
+    (closes, seen, acked)
+}
+
+/// Checks pacing against `rate` per second: no 100 ms window holds more
+/// closes than the rate allows (closes are timed where the clients see
+/// them, so a little scheduling noise is tolerated; without pacing all of
+/// them land in one window), and the whole took about clients / rate.
+fn assert_paced(closes: &[Duration], rate: usize) {
+    let per_100ms = max_in(closes, Duration::from_millis(100));
+    let span = *closes.last().unwrap();
+    eprintln!(
+        "{} closes over {span:?}, at most {per_100ms} in any 100 ms (rate {rate}/s)",
+        closes.len()
+    );
+    assert!(
+        per_100ms <= rate / 10 + rate / 40 + 2,
+        "burst: {per_100ms} in 100 ms"
+    );
+    let expected = Duration::from_secs_f64((closes.len() - 1) as f64 / rate as f64);
+    assert!(
+        span >= expected.mul_f64(0.8),
+        "closed in {span:?}, expected about {expected:?}"
+    );
+}
+
+/// Every acknowledged message reached its subscriber, before the shutdown
+/// or from its persistent session afterwards.
+fn assert_nothing_acked_lost(
+    acked: &[(usize, String)],
+    seen: &[Arc<Mutex<Seen>>],
+    after: &HashMap<usize, HashSet<String>>,
+) {
+    let mut lost = Vec::new();
+    for (i, payload) in acked {
+        let before = seen[*i].lock().unwrap().payloads.contains(payload);
+        let later = after.get(i).is_some_and(|s| s.contains(payload));
+        if !before && !later {
+            lost.push(payload.clone());
+        }
+    }
+    eprintln!("{} messages acknowledged, {} lost", acked.len(), lost.len());
+    assert!(acked.len() > 100, "too little traffic: {}", acked.len());
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+}
+
+/// Drains what each persistent session kept, directly from `addr`, all
+/// subscribers at once.
+async fn drain_sessions(addr: &str) -> HashMap<usize, HashSet<String>> {
+    let mut tasks = Vec::new();
+    for i in 0..SUBS {
+        let addr = addr.to_string();
+        tasks.push(tokio::spawn(async move {
+            let (mut c, ack) =
+                Client::connect(&addr, persistent(&format!("gs-sub-{i}"), version(i))).await;
+            assert!(ack.session_present, "gs-sub-{i} lost its session");
+            let mut got = HashSet::new();
+            while let Some(p) = c.next_publish(Duration::from_millis(500), true).await {
+                got.insert(String::from_utf8_lossy(&p.payload).to_string());
+            }
+            (i, got)
+        }));
+    }
+    let mut after = HashMap::new();
+    for t in tasks {
+        let (i, got) = t.await.unwrap();
+        after.insert(i, got);
+    }
+    after
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balancer_shutdown_is_paced_and_loses_no_acknowledged_message() {
+    const RATE: usize = 200;
+    let m = Mosquitto::start();
+    let mut lb = RunningBalancer::start(config(
+        &[("m", m.addr())],
+        &format!(
+            "[health]\nenabled = false\n[eviction]\nrate = {RATE}\nshutdown_grace = \"30s\"\n"
+        ),
+    ))
+    .await;
+    let addr = lb.addr.to_string();
+    let (closes, seen, acked) = run_under_load(&addr, async { lb.begin_shutdown() }).await;
+    assert_paced(&closes, RATE);
+    assert!(
+        lb.finished(Duration::from_secs(10)).await,
+        "serve did not end"
+    );
+    // New connections are refused once shutting down.
+    assert!(tokio::net::TcpStream::connect(&addr).await.is_err());
+    // v5 clients were told why, at a packet boundary.
+    for (i, s) in seen.iter().enumerate() {
+        if version(i).is_v5() {
+            assert_eq!(s.lock().unwrap().disconnect, Some(0x8B), "gs-sub-{i}");
+        }
+    }
+    // The clients reconnect (here straight to the broker, as through another
+    // balancer replica) and get what their sessions kept.
+    let after = drain_sessions(&m.addr()).await;
+    assert_nothing_acked_lost(&acked, &seen, &after);
+}
