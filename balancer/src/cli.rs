@@ -240,7 +240,11 @@ pub fn main() -> ExitCode {
                 let signal = shutdown.clone();
                 tokio::spawn(async move {
                     wait_for_signal().await;
+                    tracing::info!("shutting down gracefully; signal again to stop at once");
                     signal.cancel();
+                    wait_for_signal().await;
+                    tracing::warn!("second signal: stopping at once");
+                    std::process::exit(130);
                 });
                 if let Some(admin) = cfg.admin {
                     let listener = match tokio::net::TcpListener::bind(admin).await {

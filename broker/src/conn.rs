@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::auth::{Auth, Verdict};
-use crate::core::{ClientLimits, Core, Message, Outbound, Outbox, Sub};
+use crate::core::{ClientLimits, Closing, Core, Message, Outbound, Outbox, Sub};
 
 /// Largest packet accepted from clients.
 pub const MAX_PACKET: usize = 1 << 20;
@@ -134,8 +134,8 @@ enum End {
     Lost,
     /// Protocol violation: v5 gets DISCONNECT with this code; will sent.
     Violation(ReasonCode),
-    /// Another connection took the session: v5 gets 0x8E; will sent.
-    TakenOver(ReasonCode),
+    /// The broker closed it (takeover or shutdown); v5 gets the reason.
+    Closed(Closing),
 }
 
 struct Session {
@@ -348,7 +348,7 @@ impl Session {
                         return End::Lost;
                     }
                     if let Some(c) = close {
-                        return End::TakenOver(c);
+                        return End::Closed(c);
                     }
                 }
                 _ = sleep_until(deadline) => {
@@ -551,7 +551,14 @@ impl Session {
         let (send_will, disconnect) = match end {
             End::Normal { send_will } => (send_will, None),
             End::Lost => (true, None),
-            End::Violation(code) | End::TakenOver(code) => (true, Some(code)),
+            End::Violation(code) => (true, Some(code)),
+            End::Closed(Closing::TakenOver) => (true, Some(ReasonCode::SESSION_TAKEN_OVER)),
+            // A session that outlives the shutdown keeps its will for the
+            // client's return; one that ends now publishes it (3.1.2.5).
+            End::Closed(Closing::ShuttingDown) => (
+                lock(&self.core).ends_with_connection(&self.client_id),
+                Some(ReasonCode::SERVER_SHUTTING_DOWN),
+            ),
         };
         if let (Some(code), true) = (disconnect, self.version.is_v5()) {
             if let Ok(b) = Packet::Disconnect(Disconnect::new(code)).to_bytes(self.version) {

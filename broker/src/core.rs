@@ -104,6 +104,8 @@ struct Queued {
     items: VecDeque<Outbound>,
     /// Sum of the `Outbound::Bytes` lengths in `items`.
     bytes: usize,
+    /// A close was queued: the connection is on its way out.
+    closing: bool,
 }
 
 impl Outbox {
@@ -121,10 +123,20 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Asks the connection task to close (v5 clients get DISCONNECT `code`).
-    pub fn close(&self, code: ReasonCode) {
-        self.queued().items.push_back(Outbound::Close(code));
+    /// Asks the connection task to close; bytes queued before this are
+    /// written first.
+    pub fn close(&self, why: Closing) {
+        {
+            let mut q = self.queued();
+            q.closing = true;
+            q.items.push_back(Outbound::Close(why));
+        }
         self.notify.notify_one();
+    }
+
+    /// Whether a close was asked for.
+    pub fn is_closing(&self) -> bool {
+        self.queued().closing
     }
 
     /// Bytes queued and not yet taken by the connection task.
@@ -145,13 +157,35 @@ impl Outbox {
     }
 }
 
+/// Why the broker closes a connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// Another connection took the session (v5: DISCONNECT 0x8E); the will
+    /// is published, as for any connection that ends without DISCONNECT.
+    TakenOver,
+    /// The broker is shutting down (v5: DISCONNECT 0x8B). The session stays
+    /// for the client to resume elsewhere, so its will is kept too, unless
+    /// the session ends with the connection.
+    ShuttingDown,
+}
+
+impl Closing {
+    /// The reason code a v5 client gets.
+    pub fn reason_code(self) -> ReasonCode {
+        match self {
+            Closing::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
+            Closing::ShuttingDown => ReasonCode::SERVER_SHUTTING_DOWN,
+        }
+    }
+}
+
 /// What a connection task receives from the core.
 #[derive(Debug)]
 pub enum Outbound {
     /// Encoded packets to write.
     Bytes(Bytes),
-    /// Close the connection; v5 clients first get DISCONNECT with this code.
-    Close(ReasonCode),
+    /// Close the connection, after what was queued before.
+    Close(Closing),
 }
 
 /// A subscription with its identifier.
@@ -427,7 +461,7 @@ impl Core {
             .get_mut(client_id)
             .and_then(|s| s.attached.take())
         {
-            old.tx.close(ReasonCode::SESSION_TAKEN_OVER);
+            old.tx.close(Closing::TakenOver);
         }
         if clean_start {
             self.drop_session(client_id);
@@ -535,6 +569,25 @@ impl Core {
                 self.deliver_to_group(&group, p.msg, Some(client_id));
             }
         }
+    }
+
+    /// Mailboxes of the connected clients not yet asked to close, for a
+    /// graceful shutdown.
+    pub fn open_connections(&self) -> Vec<Arc<Outbox>> {
+        self.sessions
+            .values()
+            .filter_map(|s| s.attached.as_ref())
+            .filter(|a| !a.tx.is_closing())
+            .map(|a| a.tx.clone())
+            .collect()
+    }
+
+    /// Whether `client_id`'s session ends when its connection does
+    /// (Session Expiry 0, or 3.x clean session).
+    pub fn ends_with_connection(&self, client_id: &str) -> bool {
+        self.sessions
+            .get(client_id)
+            .is_none_or(|s| s.expiry == Some(Duration::ZERO))
     }
 
     /// Whether a connection is attached to `client_id`'s session.
@@ -1289,7 +1342,7 @@ mod tests {
         assert!(second.session_present);
         assert!(matches!(
             rx1.take().pop_front(),
-            Some(Outbound::Close(ReasonCode::SESSION_TAKEN_OVER))
+            Some(Outbound::Close(Closing::TakenOver))
         ));
         // The old connection's late disconnect does not detach the new one.
         c.disconnect("dup", first);

@@ -18,7 +18,7 @@
 //! Dependencies: tokio, tokio-util, tracing, our protocol and config crates;
 //! sha2 + pbkdf2 + base64 (pure-Rust RustCrypto, to verify Mosquitto's
 //! `$6$`/`$7$` password hashes without a C toolchain), getrandom (salts for
-//! `mqlb passwd`), thiserror.
+//! `mqlb passwd`), fastrand (shutdown pacing jitter), thiserror.
 
 #![forbid(unsafe_code)]
 

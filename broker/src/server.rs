@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use mqlb_config::broker::BrokerConfig;
 
 use crate::auth::Auth;
 use crate::conn::{handle, lock, Settings};
-use crate::core::{Core, Limits};
+use crate::core::{Closing, Core, Limits};
 
 /// A broker node with its listener bound.
 #[derive(Debug)]
@@ -23,6 +24,8 @@ pub struct Broker {
     auth: Arc<Auth>,
     sys_interval: Duration,
     settings: Settings,
+    shutdown_rate: u32,
+    shutdown_grace: Duration,
 }
 
 impl Broker {
@@ -52,6 +55,8 @@ impl Broker {
                 max_keep_alive: config.max_keep_alive,
                 max_topic_levels: config.max_topic_levels,
             },
+            shutdown_rate: config.shutdown_rate,
+            shutdown_grace: config.shutdown_grace,
         })
     }
 
@@ -65,10 +70,17 @@ impl Broker {
         self.core.clone()
     }
 
-    /// Serves until `shutdown`.
+    /// Serves until `shutdown`, then shuts down gracefully: stops
+    /// accepting, closes clients at the shutdown rate (v5 clients get
+    /// DISCONNECT 0x8B after everything queued for them), keeps persistent
+    /// sessions and their wills, and after the grace period cuts whoever is
+    /// left.
     pub async fn serve(self, shutdown: CancellationToken) {
+        // Background tasks and the hard stop end with this function.
+        let hard = CancellationToken::new();
+        let _stop = hard.clone().drop_guard();
         let core = self.core.clone();
-        let sweeper_stop = shutdown.clone();
+        let sweeper_stop = hard.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
@@ -84,7 +96,7 @@ impl Broker {
             }
         });
         let core = self.core.clone();
-        let sys_stop = shutdown.clone();
+        let sys_stop = hard.clone();
         let interval = self.sys_interval;
         tokio::spawn(async move {
             let started = std::time::Instant::now();
@@ -97,6 +109,7 @@ impl Broker {
             }
         });
         tracing::info!(address = ?self.listener.local_addr().ok(), "broker listening");
+        let conns = TaskTracker::new();
         loop {
             let (stream, peer) = tokio::select! {
                 r = self.listener.accept() => match r {
@@ -107,14 +120,14 @@ impl Broker {
                         continue;
                     }
                 },
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
             let core = self.core.clone();
             let auth = self.auth.clone();
             let settings = self.settings;
-            let stop = shutdown.clone();
-            tokio::spawn(
+            let stop = hard.clone();
+            conns.spawn(
                 async move {
                     tokio::select! {
                         _ = handle(stream, core, auth, settings) => {}
@@ -123,6 +136,46 @@ impl Broker {
                 }
                 .instrument(tracing::debug_span!("client", %peer)),
             );
+        }
+        drop(self.listener);
+        conns.close();
+        let open = lock(&self.core).connected();
+        tracing::info!(open, rate = self.shutdown_rate, grace = ?self.shutdown_grace, "shutting down: closing clients at the shutdown rate");
+        let closer = close_paced(self.core.clone(), self.shutdown_rate, conns.clone());
+        if tokio::time::timeout(self.shutdown_grace, closer)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = lock(&self.core).connected(),
+                "grace period over; closing remaining connections"
+            );
+        }
+        hard.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
+    }
+}
+
+/// Asks every connected client to close, `rate` per second with up to half
+/// a slot of jitter, until every connection task has ended. Clients that
+/// finish their CONNECT meanwhile are picked up by the next pass.
+async fn close_paced(core: Arc<Mutex<Core>>, rate: u32, conns: TaskTracker) {
+    let slot = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let mut next = tokio::time::Instant::now();
+    loop {
+        let mut open = lock(&core).open_connections();
+        if open.is_empty() {
+            tokio::select! {
+                _ = conns.wait() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => continue,
+            }
+        }
+        fastrand::shuffle(&mut open);
+        for outbox in open {
+            next = next.max(tokio::time::Instant::now());
+            tokio::time::sleep_until(next + slot.mul_f64(fastrand::f64() * 0.5)).await;
+            next += slot;
+            outbox.close(Closing::ShuttingDown);
         }
     }
 }

@@ -73,6 +73,11 @@ pub struct BrokerConfig {
     /// When set, v5 clients asking for a longer keep-alive (or none) get this
     /// as Server Keep Alive, so dead clients are noticed in bounded time.
     pub max_keep_alive: Option<u16>,
+    /// On SIGTERM, clients are closed at this many per second (v5 with
+    /// DISCONNECT 0x8B), so they reconnect elsewhere without a storm.
+    pub shutdown_rate: u32,
+    /// How long the paced close may take; the rest is then cut.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Default for BrokerConfig {
@@ -90,6 +95,8 @@ impl Default for BrokerConfig {
             acl: Vec::new(),
             sys_interval: std::time::Duration::from_secs(10),
             max_keep_alive: None,
+            shutdown_rate: 1000,
+            shutdown_grace: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -203,6 +210,22 @@ impl BrokerConfig {
                         "must be between 1 s and 65535 s".into(),
                     ),
                     Err(m) => at("broker.max_keep_alive".into(), v.span(), m),
+                }
+            }
+            if let Some(v) = &b.shutdown_rate {
+                match u32::try_from(*v.get_ref()) {
+                    Ok(n) if (1..=1_000_000).contains(&n) => c.shutdown_rate = n,
+                    _ => at(
+                        "broker.shutdown_rate".into(),
+                        v.span(),
+                        "must be between 1 and 1000000 per second".into(),
+                    ),
+                }
+            }
+            if let Some(v) = &b.shutdown_grace {
+                match crate::duration::parse(v.get_ref()) {
+                    Ok(d) => c.shutdown_grace = d,
+                    Err(m) => at("broker.shutdown_grace".into(), v.span(), m),
                 }
             }
             for (i, r) in b.acl.iter().enumerate() {

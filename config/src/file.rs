@@ -50,6 +50,10 @@ pub struct BrokerFile {
     pub sys_interval: Option<Spanned<String>>,
     /// Longest keep-alive granted to v5 clients (Server Keep Alive), off by default.
     pub max_keep_alive: Option<Spanned<String>>,
+    /// Closes per second on SIGTERM, default 1000.
+    pub shutdown_rate: Option<Spanned<i64>>,
+    /// How long the paced close on SIGTERM may take, default "30s".
+    pub shutdown_grace: Option<Spanned<String>>,
     /// Topic access rules; none means everything is allowed.
     #[serde(default)]
     pub acl: Vec<AclFile>,

@@ -404,7 +404,10 @@ pub async fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> Option
 /// The bundled broker, in this process, on a free port.
 pub struct OurBroker {
     pub addr: SocketAddr,
+    /// Its state, to look inside sessions after the fact.
+    pub core: Arc<std::sync::Mutex<mqlb_broker::core::Core>>,
     shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl OurBroker {
@@ -417,9 +420,32 @@ impl OurBroker {
         config.listen = "127.0.0.1:0".parse().unwrap();
         let b = mqlb_broker::Broker::bind_config(&config).await.unwrap();
         let addr = b.local_addr().unwrap();
+        let core = b.core();
         let shutdown = CancellationToken::new();
-        tokio::spawn(b.serve(shutdown.clone()));
-        OurBroker { addr, shutdown }
+        let task = tokio::spawn(b.serve(shutdown.clone()));
+        OurBroker {
+            addr,
+            core,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Begins a graceful shutdown, as SIGTERM does, without waiting.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits up to `within` for serving to end; true if it did.
+    pub async fn finished(&mut self, within: Duration) -> bool {
+        let Some(t) = self.task.as_mut() else {
+            return true;
+        };
+        let done = tokio::time::timeout(within, t).await.is_ok();
+        if done {
+            self.task = None;
+        }
+        done
     }
 }
 

@@ -268,3 +268,144 @@ async fn balancer_shutdown_is_paced_and_loses_no_acknowledged_message() {
     let after = drain_sessions(&m.addr()).await;
     assert_nothing_acked_lost(&acked, &seen, &after);
 }
+
+/// Payloads a session holds (inflight or queued), from the broker's state.
+fn held(b: &OurBroker, client_id: &str) -> HashSet<String> {
+    let core = b.core.lock().unwrap();
+    let Some(s) = core.export_session(client_id) else {
+        return HashSet::new();
+    };
+    s.inflight
+        .iter()
+        .map(|(_, m)| m)
+        .chain(s.queued.iter())
+        .map(|m| String::from_utf8_lossy(&m.publish.payload).to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_shutdown_is_paced_and_loses_no_acknowledged_message() {
+    const RATE: u32 = 200;
+    let mut b = OurBroker::start_with(mqlb_config::broker::BrokerConfig {
+        shutdown_rate: RATE,
+        ..Default::default()
+    })
+    .await;
+    let addr = b.addr.to_string();
+    let (closes, seen, acked) = run_under_load(&addr, async { b.begin_shutdown() }).await;
+    assert_paced(&closes, RATE as usize);
+    assert!(
+        b.finished(Duration::from_secs(10)).await,
+        "serve did not end"
+    );
+    assert!(tokio::net::TcpStream::connect(&addr).await.is_err());
+    for (i, s) in seen.iter().enumerate() {
+        if version(i).is_v5() {
+            assert_eq!(s.lock().unwrap().disconnect, Some(0x8B), "gs-sub-{i}");
+        }
+    }
+    // A single node has nowhere to hand sessions to, so what a subscriber
+    // had not received yet must still be in its session at exit (the
+    // cluster replicates exactly this).
+    let after: HashMap<usize, HashSet<String>> = (0..SUBS)
+        .map(|i| (i, held(&b, &format!("gs-sub-{i}"))))
+        .collect();
+    assert_nothing_acked_lost(&acked, &seen, &after);
+}
+
+/// A session that outlives the shutdown keeps its will; one that ends with
+/// the connection publishes it (MQTT 5 3.1.2.5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_shutdown_keeps_the_wills_of_persistent_sessions() {
+    let mut b = OurBroker::start().await;
+    let addr = b.addr.to_string();
+    let (mut watcher, _) =
+        Client::connect(&addr, persistent("will-watcher", ProtocolVersion::V5)).await;
+    watcher.subscribe("will/#", qos(QoS::AtLeastOnce)).await;
+    let mut keeps = persistent("will-keeps", ProtocolVersion::V5);
+    keeps.will = Some(mqlb_tests::client::will("will/keeps", "gone", None));
+    let mut ends = connect_packet("will-ends", ProtocolVersion::V5, true);
+    ends.will = Some(mqlb_tests::client::will("will/ends", "gone", None));
+    let (_k, _) = Client::connect(&addr, keeps).await;
+    let (_e, _) = Client::connect(&addr, ends).await;
+    b.begin_shutdown();
+    let mut got = HashSet::new();
+    while let Some(p) = watcher.next_publish(Duration::from_secs(5), true).await {
+        got.insert(p.topic.to_string());
+    }
+    assert!(b.finished(Duration::from_secs(10)).await);
+    let core = b.core.lock().unwrap();
+    let session = core
+        .export_session("will-watcher")
+        .expect("watcher session kept");
+    for (_, m) in &session.inflight {
+        got.insert(m.publish.topic.to_string());
+    }
+    for m in &session.queued {
+        got.insert(m.publish.topic.to_string());
+    }
+    assert!(got.contains("will/ends"), "{got:?}");
+    assert!(!got.contains("will/keeps"), "{got:?}");
+}
+
+/// `mqlb broker` and `mqlb balance` processes: SIGTERM tells a v5 client
+/// 0x8B and the process exits 0 on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_v5_clients_with_0x8b_and_exits_cleanly() {
+    use tokio::io::AsyncWriteExt;
+    let mut broker = BrokerProcess::start(&[]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut lb = KillOnDrop(
+        std::process::Command::new(mqlb_bin())
+            .args(["balance", "--listen", &addr, "--backend", &broker.addr])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_listening(&addr, Duration::from_secs(10)));
+    // One client through the balancer, one straight to the broker.
+    let (mut via_lb, ack) = raw::connect_and_ack(&addr, "term-lb", 5).await;
+    assert_eq!(ack.get(3), Some(&0));
+    let (mut direct, ack) = raw::connect_and_ack(&broker.addr, "term-direct", 5).await;
+    assert_eq!(ack.get(3), Some(&0));
+    let term = |pid: u32| {
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    term(lb.0.id());
+    assert_eq!(
+        raw::read_n(&mut via_lb, 3, Duration::from_secs(5)).await,
+        [0xE0, 0x01, 0x8B]
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = lb.0.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "balancer exit: {status:?}"
+    );
+    term(broker.pid());
+    assert_eq!(
+        raw::read_n(&mut direct, 3, Duration::from_secs(5)).await,
+        [0xE0, 0x01, 0x8B]
+    );
+    let _ = direct.shutdown().await;
+    let status = broker.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "broker exit: {status:?}"
+    );
+}
