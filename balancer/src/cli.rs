@@ -254,7 +254,7 @@ pub fn main() -> ExitCode {
                             return ExitCode::FAILURE;
                         }
                     };
-                    let core = broker.core();
+                    let state = broker.state();
                     tokio::spawn(crate::http::serve(
                         listener,
                         shutdown.clone(),
@@ -265,9 +265,7 @@ pub fn main() -> ExitCode {
                                 "/metrics" => Reply {
                                     status: StatusCode::OK,
                                     content_type: "text/plain; version=0.0.4",
-                                    body: mqlb_broker::sys::render_metrics(
-                                        &core.lock().unwrap_or_else(|p| p.into_inner()),
-                                    ),
+                                    body: mqlb_broker::sys::render_metrics(&state.core()),
                                 },
                                 "/healthz" | "/readyz" => Reply::text(StatusCode::OK, "ok\n"),
                                 _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),

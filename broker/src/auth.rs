@@ -390,26 +390,24 @@ mod tests {
             salt: salt.to_vec(),
             hash: out.to_vec(),
         };
-        let auth = Arc::new(Auth::with_users(
-            true,
-            HashMap::from([("slow".to_string(), slow)]),
-            Vec::new(),
-        ));
+        let state = crate::state::State::new(
+            crate::core::Core::new(),
+            Auth::with_users(
+                true,
+                HashMap::from([("slow".to_string(), slow)]),
+                Vec::new(),
+            ),
+            Arc::new(crate::effects::LocalLog::default()),
+        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async move {
-            let core = Arc::new(std::sync::Mutex::new(crate::core::Core::new()));
             let settings = crate::conn::Settings::default();
             // A connected bystander.
             let (mut by, server) = tokio::io::duplex(1024);
-            tokio::spawn(crate::conn::handle(
-                server,
-                core.clone(),
-                auth.clone(),
-                settings,
-            ));
+            tokio::spawn(crate::conn::handle(server, state.clone(), settings));
             by.write_all(&[
                 0x10, 0x0E, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 2, b'b', b'y',
             ])
@@ -420,7 +418,7 @@ mod tests {
             assert_eq!(ack, [0x20, 2, 0, 0]);
             // A client with a password for the slow user.
             let (mut slow, server) = tokio::io::duplex(1024);
-            tokio::spawn(crate::conn::handle(server, core, auth, settings));
+            tokio::spawn(crate::conn::handle(server, state, settings));
             let mut c = vec![
                 0x10, 0, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60, 0, 1, b's',
             ];

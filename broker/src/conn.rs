@@ -1,7 +1,7 @@
 //! One client connection: CONNECT, the packet loop, keep-alive, and the will.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -12,8 +12,11 @@ use mqlb_protocol::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::auth::{Auth, Verdict};
-use crate::core::{ClientLimits, Closing, Core, Message, Outbound, Outbox, Sub};
+use crate::auth::Verdict;
+use crate::effects::Committed;
+use crate::message::{Message, Sub};
+use crate::outbox::{Closing, Encoded, Encoder, Outbox};
+use crate::state::State;
 
 /// Largest packet accepted from clients.
 pub const MAX_PACKET: usize = 1 << 20;
@@ -53,18 +56,13 @@ impl Settings {
     }
 }
 
-pub(crate) fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
-    core.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Serves one client until it leaves.
 ///
 /// Generic over the stream so tests and the fuzz target drive it through an
 /// in-memory pipe; the server passes a `TcpStream` with TCP_NODELAY set.
 pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    core: Arc<Mutex<Core>>,
-    auth: Arc<Auth>,
+    state: Arc<State>,
     settings: Settings,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -91,7 +89,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         }
         _ => return,
     };
-    let mut session = match Session::start(connect, &mut wr, &core, auth, settings).await {
+    let mut session = match Session::start(connect, &mut wr, state, settings).await {
         Some(s) => s,
         None => return,
     };
@@ -149,21 +147,26 @@ struct Session {
     keep_alive: Option<Duration>,
     /// Boxed: most clients have none, and the connection future stays small.
     will: Option<Box<(Message, Duration)>>,
-    core: Arc<Mutex<Core>>,
+    state: Arc<State>,
     rx: Arc<Outbox>,
-    /// Inbound topic aliases (v5).
-    aliases: HashMap<u16, MqttStr>,
+    /// Turns what the core queues into this client's bytes (outbound
+    /// aliases, Maximum Packet Size).
+    encoder: Encoder,
+    /// Inbound topic aliases (v5), made on first use.
+    // One pointer in every idle connection instead of a 48-byte map.
+    #[allow(clippy::box_collection)]
+    aliases: Option<Box<HashMap<u16, MqttStr>>>,
     /// User name from CONNECT, for ACLs.
     username: Option<String>,
-    auth: Arc<Auth>,
+    /// Change-log commits that acknowledgements in the current batch wait for.
+    commits: Vec<Committed>,
 }
 
 impl Session {
     async fn start(
         c: Box<Connect>,
         stream: &mut (impl AsyncWrite + Unpin),
-        core: &Arc<Mutex<Core>>,
-        auth: Arc<Auth>,
+        state: Arc<State>,
         settings: Settings,
     ) -> Option<Session> {
         let v = c.version;
@@ -175,7 +178,7 @@ impl Session {
             })
         };
         let username = c.username.as_ref().map(|u| u.to_string());
-        let verdict = auth.check(username.clone(), c.password.clone()).await;
+        let verdict = state.auth.check(username.clone(), c.password.clone()).await;
         if verdict != Verdict::Allow {
             let code = match verdict {
                 Verdict::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
@@ -233,13 +236,15 @@ impl Session {
         });
         let rx = Arc::new(Outbox::default());
         let tx = rx.clone();
-        let limits = ClientLimits {
-            version: v,
-            receive_maximum: c.properties.receive_maximum.unwrap_or(u16::MAX),
-            maximum_packet_size: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
-            topic_alias_maximum: c.properties.topic_alias_maximum.unwrap_or(0),
-        };
-        let connected = lock(core).connect(&client_id, c.clean_start, expiry, limits, tx);
+        let encoder = Encoder::new(
+            v,
+            c.properties.maximum_packet_size.unwrap_or(u32::MAX),
+            c.properties.topic_alias_maximum.unwrap_or(0),
+        );
+        let receive_maximum = c.properties.receive_maximum.unwrap_or(u16::MAX);
+        let (connected, committed) =
+            state.ask(|core| core.connect(&client_id, c.clean_start, expiry, receive_maximum, tx));
+        committed.wait().await;
         // Server Keep Alive (v5): cap what the client asked for.
         let mut keep_alive = c.keep_alive;
         let mut server_keep_alive = None;
@@ -266,10 +271,10 @@ impl Session {
         });
         let bytes = ack.to_bytes(v).ok()?;
         if stream.write_all(&bytes).await.is_err() {
-            lock(core).disconnect(&client_id, connected.conn);
+            let _ = state.act(|core| core.disconnect(&client_id, connected.conn));
             return None;
         }
-        lock(core).resume(&client_id);
+        let _ = state.act(|core| core.resume(&client_id));
         tracing::debug!(client_id = %client_id, version = v.label(), session_present = connected.session_present, "connected");
         Some(Session {
             origin: Arc::from(client_id.as_str()),
@@ -280,12 +285,26 @@ impl Session {
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             will,
-            core: core.clone(),
+            state,
             rx,
-            aliases: HashMap::new(),
+            encoder,
+            aliases: None,
             username,
-            auth,
+            commits: Vec::new(),
         })
+    }
+
+    /// Holds the next write until `c` is committed.
+    fn wait_for(&mut self, c: Committed) {
+        if !c.is_done() {
+            self.commits.push(c);
+        }
+    }
+
+    fn acked(&mut self, pid: mqlb_protocol::PacketId, kind: mqlb_protocol::PacketType) {
+        let id = &self.client_id;
+        let c = self.state.act(|core| core.acked(id, pid, kind));
+        self.wait_for(c);
     }
 
     fn send(&self, out: &mut Vec<u8>, p: Packet) {
@@ -319,6 +338,11 @@ impl Session {
                     }
                 }
             }
+            // Acknowledgements leave only once what they acknowledge is
+            // committed (at once on a single node).
+            for c in self.commits.drain(..) {
+                c.wait().await;
+            }
             if !out.is_empty() && wr.write_all(&out).await.is_err() {
                 return End::Lost;
             }
@@ -332,13 +356,17 @@ impl Session {
                     Ok(_) => {}
                 },
                 _ = self.rx.ready() => {
-                    // Coalesce everything queued into one write.
+                    // Encode everything queued into one write.
                     let mut joined: Vec<u8> = Vec::new();
                     let mut close = None;
                     for o in self.rx.take() {
-                        match o {
-                            Outbound::Bytes(b) => joined.extend_from_slice(&b),
-                            Outbound::Close(c) => {
+                        match self.encoder.encode(o, &mut joined) {
+                            Encoded::Written => {}
+                            Encoded::TooLarge(pid) => {
+                                let id = &self.client_id;
+                                let _ = self.state.act(|core| core.discarded(id, pid));
+                            }
+                            Encoded::Close(c) => {
                                 close = Some(c);
                                 break;
                             }
@@ -369,17 +397,19 @@ impl Session {
                             return Some(End::Violation(ReasonCode::TOPIC_ALIAS_INVALID));
                         }
                         if p.topic.is_empty() {
-                            match self.aliases.get(&alias) {
+                            match self.aliases.as_ref().and_then(|a| a.get(&alias)) {
                                 Some(t) => p.topic = t.clone(),
                                 None => return Some(End::Violation(ReasonCode::PROTOCOL_ERROR)),
                             }
                         } else {
-                            self.aliases.insert(alias, p.topic.clone());
+                            self.aliases
+                                .get_or_insert_with(Box::default)
+                                .insert(alias, p.topic.clone());
                         }
                         p.properties.topic_alias = None;
                     }
                 }
-                if !self.auth.may_publish(
+                if !self.state.auth.may_publish(
                     self.username.as_deref(),
                     &self.client_id,
                     p.topic.as_str(),
@@ -410,27 +440,29 @@ impl Session {
                 };
                 match (p.qos, p.packet_id) {
                     (QoS::AtMostOnce, _) => {
-                        lock(&self.core).route(msg);
+                        let _ = self.state.act(|core| core.route(msg));
                     }
                     (QoS::AtLeastOnce, Some(pid)) => {
-                        lock(&self.core).route(msg);
+                        let c = self.state.act(|core| core.route(msg));
+                        self.wait_for(c);
                         self.send(out, Packet::Puback(Ack::new(pid)));
                     }
                     (QoS::ExactlyOnce, Some(pid)) => {
                         // Exactly once: route on first receipt only, even
                         // across reconnects (the ids live in the session).
-                        let mut core = lock(&self.core);
-                        match core.qos2_received(&self.client_id, pid, usize::from(RECEIVE_MAXIMUM))
-                        {
-                            Some(true) => {
-                                core.route(msg);
+                        let id = &self.client_id;
+                        let (first, c) = self.state.ask(|core| {
+                            let (first, mut fx) =
+                                core.qos2_received(id, pid, usize::from(RECEIVE_MAXIMUM));
+                            if first == Some(true) {
+                                fx.extend(core.route(msg));
                             }
-                            Some(false) => {}
-                            None => {
-                                return Some(End::Violation(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED))
-                            }
+                            (first, fx)
+                        });
+                        if first.is_none() {
+                            return Some(End::Violation(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED));
                         }
-                        drop(core);
+                        self.wait_for(c);
                         self.send(out, Packet::Pubrec(Ack::new(pid)));
                     }
                     _ => return Some(End::Violation(ReasonCode::PROTOCOL_ERROR)),
@@ -438,34 +470,23 @@ impl Session {
             }
             Packet::Pubrel(a) => {
                 let mut ack = Ack::new(a.packet_id);
-                if !lock(&self.core).qos2_released(&self.client_id, a.packet_id)
-                    && self.version.is_v5()
-                {
+                let id = &self.client_id;
+                let (known, c) = self.state.ask(|core| core.qos2_released(id, a.packet_id));
+                if !known && self.version.is_v5() {
                     ack.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
                 }
+                self.wait_for(c);
                 self.send(out, Packet::Pubcomp(ack));
             }
-            Packet::Puback(a) => lock(&self.core).acked(
-                &self.client_id,
-                a.packet_id,
-                mqlb_protocol::PacketType::Puback,
-            ),
-            Packet::Pubrec(a) => lock(&self.core).acked(
-                &self.client_id,
-                a.packet_id,
-                mqlb_protocol::PacketType::Pubrec,
-            ),
-            Packet::Pubcomp(a) => lock(&self.core).acked(
-                &self.client_id,
-                a.packet_id,
-                mqlb_protocol::PacketType::Pubcomp,
-            ),
+            Packet::Puback(a) => self.acked(a.packet_id, mqlb_protocol::PacketType::Puback),
+            Packet::Pubrec(a) => self.acked(a.packet_id, mqlb_protocol::PacketType::Pubrec),
+            Packet::Pubcomp(a) => self.acked(a.packet_id, mqlb_protocol::PacketType::Pubcomp),
             Packet::Subscribe(s) => {
                 let id = s.properties.subscription_identifiers.first().copied();
                 let mut reasons = Vec::with_capacity(s.filters.len());
                 let mut granted = Vec::new();
                 for (filter, options) in &s.filters {
-                    if !self.auth.may_subscribe(
+                    if !self.state.auth.may_subscribe(
                         self.username.as_deref(),
                         &self.client_id,
                         filter.as_str(),
@@ -495,25 +516,36 @@ impl Session {
                         reasons,
                     }),
                 );
-                let mut core = lock(&self.core);
-                for (filter, sub) in granted {
-                    core.subscribe(&self.client_id, filter.as_str(), sub);
-                }
+                let id = &self.client_id;
+                let c = self.state.act(|core| {
+                    let mut fx = crate::effects::Effects::none();
+                    for (filter, sub) in granted {
+                        fx.extend(core.subscribe(id, filter.as_str(), sub).1);
+                    }
+                    fx
+                });
+                self.wait_for(c);
             }
             Packet::Unsubscribe(u) => {
-                let mut core = lock(&self.core);
-                let reasons = u
-                    .filters
-                    .iter()
-                    .map(|f| {
-                        if core.unsubscribe(&self.client_id, f.as_str()) {
-                            ReasonCode::SUCCESS
-                        } else {
-                            ReasonCode::NO_SUBSCRIPTION_EXISTED
-                        }
-                    })
-                    .collect();
-                drop(core);
+                let id = &self.client_id;
+                let (reasons, c) = self.state.ask(|core| {
+                    let mut fx = crate::effects::Effects::none();
+                    let reasons = u
+                        .filters
+                        .iter()
+                        .map(|f| {
+                            let (existed, more) = core.unsubscribe(id, f.as_str());
+                            fx.extend(more);
+                            if existed {
+                                ReasonCode::SUCCESS
+                            } else {
+                                ReasonCode::NO_SUBSCRIPTION_EXISTED
+                            }
+                        })
+                        .collect();
+                    (reasons, fx)
+                });
+                self.wait_for(c);
                 self.send(
                     out,
                     Packet::Unsuback(Unsuback {
@@ -531,7 +563,8 @@ impl Session {
                     } else {
                         Some(Duration::from_secs(u64::from(e)))
                     };
-                    lock(&self.core).set_expiry(&self.client_id, e);
+                    let id = &self.client_id;
+                    let _ = self.state.act(|core| core.set_expiry(id, e));
                 }
                 return Some(End::Normal {
                     send_will: d.reason == ReasonCode::DISCONNECT_WITH_WILL,
@@ -556,7 +589,7 @@ impl Session {
             // A session that outlives the shutdown keeps its will for the
             // client's return; one that ends now publishes it (3.1.2.5).
             End::Closed(Closing::ShuttingDown) => (
-                lock(&self.core).ends_with_connection(&self.client_id),
+                self.state.core().ends_with_connection(&self.client_id),
                 Some(ReasonCode::SERVER_SHUTTING_DOWN),
             ),
         };
@@ -567,9 +600,10 @@ impl Session {
             }
         }
         let _ = stream.shutdown().await;
-        lock(&self.core).disconnect(&self.client_id, self.conn);
+        let (id, conn) = (&self.client_id, self.conn);
+        let _ = self.state.act(|core| core.disconnect(id, conn));
         let will = self.will.take().filter(|w| {
-            self.auth.may_publish(
+            self.state.auth.may_publish(
                 self.username.as_deref(),
                 &self.client_id,
                 w.0.topic.as_str(),
@@ -579,17 +613,20 @@ impl Session {
             let (mut will, delay) = *boxed;
             will.received = std::time::Instant::now();
             if delay.is_zero() {
-                lock(&self.core).route(will);
+                let _ = self.state.act(|core| core.route(will));
             } else {
                 // Will Delay: publish only if the client has not come back.
-                let core = self.core.clone();
+                let state = self.state.clone();
                 let client_id = self.client_id.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    let mut c = lock(&core);
-                    if !c.is_connected(&client_id) {
-                        c.route(will);
-                    }
+                    let _ = state.act(|core| {
+                        if core.is_connected(&client_id) {
+                            crate::effects::Effects::none()
+                        } else {
+                            core.route(will)
+                        }
+                    });
                 });
             }
         }
@@ -626,10 +663,8 @@ mod tests {
     /// (it was 4.8 KB before the will and the CONNECT were boxed).
     #[test]
     fn connection_future_stays_small() {
-        let core = std::sync::Arc::new(std::sync::Mutex::new(crate::core::Core::new()));
-        let auth = std::sync::Arc::new(crate::auth::Auth::open());
         let (a, _b) = tokio::io::duplex(64);
-        let f = super::handle(a, core, auth, super::Settings::default());
+        let f = super::handle(a, crate::state::State::open(), super::Settings::default());
         let size = std::mem::size_of_val(&f);
         assert!(size <= 2048, "connection future is {size} bytes");
     }

@@ -1,19 +1,27 @@
 //! The bundled MQTT broker (one node; the cluster layer builds on it).
 //!
 //! # Layout
-//! * [`trie`]: the subscription trie: a publish costs O(depth + matches).
-//! * [`core`]: sessions, subscriptions, shared groups, retained messages,
-//!   and `route`, the one function every publish goes through.
-//! * [`conn`]: one client connection: CONNECT, the packet loop,
-//!   keep-alive, topic aliases, the will.
+//! * [`core`]: the state machine. Takes an input (a packet's meaning, a
+//!   timer, an import) and returns [`effects::Effects`] instead of doing I/O
+//!   under its lock (the quinn-proto shape).
+//! * [`session`]: one session as data, changed only by typed
+//!   [`session::SessionChange`] records, which the cluster replicates.
+//! * [`router`]: the subscription trie plus shared groups, keyed by
+//!   [`router::Subscriber`].
+//! * [`retained`]: retained messages in their own trie, versioned by a
+//!   hybrid logical clock ([`hlc`]) for last-writer-wins replication.
+//! * [`trie`]: the filter trie; every walk iterative.
+//! * [`effects`]: what the core returns, and the change-log seam.
+//! * [`outbox`]: the per-connection mailbox and encoder.
+//! * [`state`]: the lock around the core; applies effects after it.
+//! * [`conn`]: one client connection, the network side only.
 //! * [`auth`]: Mosquitto-compatible password files and topic ACLs.
 //! * [`snapshot`]: session export/import for replication.
 //! * [`sys`]: `$SYS` topics and Prometheus metrics.
-//! * [`server`]: the listener and housekeeping (session expiry, `$SYS`).
+//! * [`server`]: the listener, housekeeping, graceful shutdown.
 //!
-//! State sits behind one mutex that is never held across an await; it is
-//! the simplest correct design for a single node, and the benchmark against
-//! Mosquitto shows it is not the bottleneck yet.
+//! The core sits behind one mutex, held only for in-memory state changes:
+//! encoding, mailbox pushes and log appends happen after it is released.
 //!
 //! Dependencies: tokio, tokio-util, tracing, our protocol and config crates;
 //! sha2 + pbkdf2 + base64 (pure-Rust RustCrypto, to verify Mosquitto's
@@ -25,8 +33,16 @@
 pub mod auth;
 pub mod conn;
 pub mod core;
+pub mod effects;
+pub mod hlc;
+pub mod message;
+pub mod outbox;
+pub mod retained;
+pub mod router;
 pub mod server;
+pub mod session;
 pub mod snapshot;
+pub mod state;
 pub mod sys;
 pub mod trie;
 

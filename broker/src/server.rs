@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -13,15 +13,17 @@ use tracing::Instrument;
 use mqlb_config::broker::BrokerConfig;
 
 use crate::auth::Auth;
-use crate::conn::{handle, lock, Settings};
-use crate::core::{Closing, Core, Limits};
+use crate::conn::{handle, Settings};
+use crate::core::{Core, Limits};
+use crate::effects::LocalLog;
+use crate::outbox::Closing;
+use crate::state::State;
 
 /// A broker node with its listener bound.
 #[derive(Debug)]
 pub struct Broker {
     listener: TcpListener,
-    core: Arc<Mutex<Core>>,
-    auth: Arc<Auth>,
+    state: Arc<State>,
     sys_interval: Duration,
     settings: Settings,
     shutdown_rate: u32,
@@ -44,12 +46,15 @@ impl Broker {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Ok(Broker {
             listener: TcpListener::bind(config.listen).await?,
-            core: Arc::new(Mutex::new(Core::with_limits(Limits {
-                max_queued_messages: config.max_queued_messages,
-                max_queued_bytes: config.max_queued_bytes,
-                ..Limits::default()
-            }))),
-            auth: Arc::new(auth),
+            state: State::new(
+                Core::with_limits(Limits {
+                    max_queued_messages: config.max_queued_messages,
+                    max_queued_bytes: config.max_queued_bytes,
+                    ..Limits::default()
+                }),
+                auth,
+                Arc::new(LocalLog::default()),
+            ),
             sys_interval: config.sys_interval,
             settings: Settings {
                 max_keep_alive: config.max_keep_alive,
@@ -66,8 +71,8 @@ impl Broker {
     }
 
     /// Shared state (for tests and the admin side).
-    pub fn core(&self) -> Arc<Mutex<Core>> {
-        self.core.clone()
+    pub fn state(&self) -> Arc<State> {
+        self.state.clone()
     }
 
     /// Serves until `shutdown`, then shuts down gracefully: stops
@@ -79,14 +84,14 @@ impl Broker {
         // Background tasks and the hard stop end with this function.
         let hard = CancellationToken::new();
         let _stop = hard.clone().drop_guard();
-        let core = self.core.clone();
+        let state = self.state.clone();
         let sweeper_stop = hard.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        let n = lock(&core).expire_sessions(std::time::Instant::now());
+                        let (n, _) = state.ask(|core| core.expire_sessions(std::time::Instant::now()));
                         if n > 0 {
                             tracing::debug!(expired = n, "sessions expired");
                         }
@@ -95,7 +100,7 @@ impl Broker {
                 }
             }
         });
-        let core = self.core.clone();
+        let state = self.state.clone();
         let sys_stop = hard.clone();
         let interval = self.sys_interval;
         tokio::spawn(async move {
@@ -103,7 +108,9 @@ impl Broker {
             let mut tick = tokio::time::interval(interval);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => crate::sys::publish(&mut lock(&core), started.elapsed()),
+                    _ = tick.tick() => {
+                        let _ = state.act(|core| crate::sys::publish(core, started.elapsed()));
+                    }
                     _ = sys_stop.cancelled() => return,
                 }
             }
@@ -123,14 +130,13 @@ impl Broker {
                 _ = shutdown.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
-            let core = self.core.clone();
-            let auth = self.auth.clone();
+            let state = self.state.clone();
             let settings = self.settings;
             let stop = hard.clone();
             conns.spawn(
                 async move {
                     tokio::select! {
-                        _ = handle(stream, core, auth, settings) => {}
+                        _ = handle(stream, state, settings) => {}
                         _ = stop.cancelled() => {}
                     }
                 }
@@ -139,15 +145,15 @@ impl Broker {
         }
         drop(self.listener);
         conns.close();
-        let open = lock(&self.core).connected();
+        let open = self.state.core().connected();
         tracing::info!(open, rate = self.shutdown_rate, grace = ?self.shutdown_grace, "shutting down: closing clients at the shutdown rate");
-        let closer = close_paced(self.core.clone(), self.shutdown_rate, conns.clone());
+        let closer = close_paced(self.state.clone(), self.shutdown_rate, conns.clone());
         if tokio::time::timeout(self.shutdown_grace, closer)
             .await
             .is_err()
         {
             tracing::warn!(
-                open = lock(&self.core).connected(),
+                open = self.state.core().connected(),
                 "grace period over; closing remaining connections"
             );
         }
@@ -159,11 +165,11 @@ impl Broker {
 /// Asks every connected client to close, `rate` per second with up to half
 /// a slot of jitter, until every connection task has ended. Clients that
 /// finish their CONNECT meanwhile are picked up by the next pass.
-async fn close_paced(core: Arc<Mutex<Core>>, rate: u32, conns: TaskTracker) {
+async fn close_paced(state: Arc<State>, rate: u32, conns: TaskTracker) {
     let slot = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let mut next = tokio::time::Instant::now();
     loop {
-        let mut open = lock(&core).open_connections();
+        let mut open = state.core().open_connections();
         if open.is_empty() {
             tokio::select! {
                 _ = conns.wait() => return,

@@ -2,13 +2,13 @@
 //!
 //! A [`SessionSnapshot`] is everything a session owns: subscriptions,
 //! inflight and queued messages with their packet ids, unreleased inbound
-//! QoS 2 ids, and the expiry. Its byte form reuses the MQTT 5 wire format
+//! QoS 2 ids, the expiry and the epoch. Its byte form reuses the MQTT 5 wire format
 //! for the parts MQTT already defines (each message is a v5 PUBLISH frame,
 //! each subscription a v5 SUBSCRIBE frame), so it is compact, versioned by
 //! the codec we already fuzz, and readable with any MQTT dissector.
 //!
-//! Layout (big-endian): `"MQLBS1"`, expiry u32 (`u32::MAX` = never),
-//! next packet id u16, then counted sections: QoS 2 ids (u16 each),
+//! Layout (big-endian): `"MQLBS2"`, expiry u32 (`u32::MAX` = never),
+//! epoch u64, next packet id u16, then counted sections: QoS 2 ids (u16 each),
 //! subscriptions (SUBSCRIBE frame), inflight (state u8, shared key, origin,
 //! PUBLISH frame), queued (retain u8, shared key, origin, PUBLISH frame).
 //! Strings are u16-length-prefixed UTF-8; an empty string means "none".
@@ -21,20 +21,10 @@ use mqlb_protocol::{
     MqttStr, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS, Subscribe,
 };
 
-use crate::core::{Message, Sub};
+use crate::message::{Message, Sub};
+pub use crate::session::InflightState;
 
-const MAGIC: &[u8; 6] = b"MQLBS1";
-
-/// Where an inflight message stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InflightState {
-    /// Sent at QoS 1, waiting for PUBACK.
-    AwaitPuback,
-    /// Sent at QoS 2, waiting for PUBREC.
-    AwaitPubrec,
-    /// PUBREC received, PUBREL sent, waiting for PUBCOMP.
-    AwaitPubcomp,
-}
+const MAGIC: &[u8; 6] = b"MQLBS2";
 
 /// A message owed to the session. For queued messages the packet id is a
 /// placeholder (ids are assigned when sent).
@@ -54,6 +44,9 @@ pub struct SnapshotMessage {
 pub struct SessionSnapshot {
     /// Session Expiry; `None` = never.
     pub expiry: Option<Duration>,
+    /// The session's epoch: bumped by every attach, so a stale owner's
+    /// writes can be told apart.
+    pub epoch: u64,
     /// Last packet id handed out.
     pub next_pid: u16,
     /// Inbound QoS 2 ids awaiting PUBREL.
@@ -129,6 +122,7 @@ impl SessionSnapshot {
         b.put_u32(self.expiry.map_or(u32::MAX, |d| {
             u32::try_from(d.as_secs()).unwrap_or(u32::MAX - 1)
         }));
+        b.put_u64(self.epoch);
         b.put_u16(self.next_pid);
         put_count(&mut b, self.qos2_in.len())?;
         for id in &self.qos2_in {
@@ -171,7 +165,7 @@ impl SessionSnapshot {
 
     /// Reads the byte form.
     pub fn from_bytes(mut b: Bytes) -> Result<SessionSnapshot, SnapshotError> {
-        if b.remaining() < MAGIC.len() + 6 || &b[..MAGIC.len()] != MAGIC {
+        if b.remaining() < MAGIC.len() + 14 || &b[..MAGIC.len()] != MAGIC {
             return Err(SnapshotError("bad magic"));
         }
         b.advance(MAGIC.len());
@@ -179,9 +173,11 @@ impl SessionSnapshot {
             u32::MAX => None,
             s => Some(Duration::from_secs(u64::from(s))),
         };
+        let epoch = b.get_u64();
         let next_pid = b.get_u16();
         let mut s = SessionSnapshot {
             expiry,
+            epoch,
             next_pid,
             ..Default::default()
         };
@@ -306,6 +302,7 @@ mod tests {
     fn a_large_session_round_trips() {
         let snap = SessionSnapshot {
             expiry: Some(Duration::from_secs(3600)),
+            epoch: 3,
             next_pid: 7,
             qos2_in: (1..=500).collect(),
             subscriptions: Vec::new(),
@@ -326,6 +323,7 @@ mod tests {
     fn truncated_snapshots_are_refused() {
         let snap = SessionSnapshot {
             expiry: None,
+            epoch: 1,
             next_pid: 1,
             qos2_in: vec![3, 4],
             subscriptions: Vec::new(),

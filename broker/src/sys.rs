@@ -9,13 +9,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mqlb_protocol::{MqttStr, Properties, QoS};
 
-use crate::core::{Core, DropReason, Message};
+use crate::core::{Core, DropReason};
+use crate::effects::Effects;
+use crate::message::Message;
 
 /// The broker's version string.
 pub const VERSION: &str = concat!("mqlb ", env!("CARGO_PKG_VERSION"));
 
 /// Refreshes the `$SYS` topics through the normal routing path.
-pub fn publish(core: &mut Core, uptime: Duration) {
+pub fn publish(core: &mut Core, uptime: Duration) -> Effects {
+    let mut fx = Effects::none();
     let stats = core.stats();
     let mut values = vec![
         ("$SYS/broker/version", VERSION.to_string()),
@@ -61,7 +64,7 @@ pub fn publish(core: &mut Core, uptime: Duration) {
         let Ok(topic) = MqttStr::try_from(topic) else {
             continue;
         };
-        core.route(Message {
+        fx.extend(core.route(Message {
             topic,
             payload: Bytes::from(value.into_bytes()),
             qos: QoS::AtMostOnce,
@@ -69,8 +72,9 @@ pub fn publish(core: &mut Core, uptime: Duration) {
             properties: Properties::default(),
             origin: None::<Arc<str>>,
             received: Instant::now(),
-        });
+        }));
     }
+    fx
 }
 
 /// Prometheus text for the broker's counters.
@@ -151,7 +155,8 @@ mod tests {
             );
             assert!(text.contains(&line), "missing {line} in\n{text}");
         }
-        publish(&mut core, Duration::from_secs(1));
+        let _ =
+            publish(&mut core, Duration::from_secs(1)).apply(&crate::effects::LocalLog::default());
         for reason in DropReason::ALL {
             let topic = format!("$SYS/broker/messages/dropped/{}", reason.label());
             assert!(core.retained(&topic).is_some(), "missing {topic}");

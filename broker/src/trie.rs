@@ -6,16 +6,17 @@
 //! wildcard does not match topics starting with `$`.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 
 /// A trie node.
 #[derive(Debug)]
-struct Node<V> {
-    children: HashMap<Box<str>, Node<V>>,
-    /// Subscribers whose filter ends at this node, by client ID.
-    subscribers: HashMap<Box<str>, V>,
+struct Node<K, V> {
+    children: HashMap<Box<str>, Node<K, V>>,
+    /// Subscribers whose filter ends at this node.
+    subscribers: HashMap<K, V>,
 }
 
-impl<V> Default for Node<V> {
+impl<K, V> Default for Node<K, V> {
     fn default() -> Self {
         Self {
             children: HashMap::new(),
@@ -24,7 +25,7 @@ impl<V> Default for Node<V> {
     }
 }
 
-impl<V> Node<V> {
+impl<K, V> Node<K, V> {
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.subscribers.is_empty()
     }
@@ -32,9 +33,9 @@ impl<V> Node<V> {
 
 /// Children are dropped from an explicit stack: the default drop glue would
 /// recurse once per level, and the depth of a trie is set by its filters.
-impl<V> Drop for Node<V> {
+impl<K, V> Drop for Node<K, V> {
     fn drop(&mut self) {
-        let mut stack: Vec<Node<V>> = self.children.drain().map(|(_, n)| n).collect();
+        let mut stack: Vec<Node<K, V>> = self.children.drain().map(|(_, n)| n).collect();
         while let Some(mut n) = stack.pop() {
             stack.extend(n.children.drain().map(|(_, c)| c));
             // `n` drops here with no children: no recursion.
@@ -42,18 +43,18 @@ impl<V> Drop for Node<V> {
     }
 }
 
-/// Filters → subscribers with a value each (their options).
+/// Filters → subscribers (`K`) with a value each (their options).
 ///
 /// Every walk (insert, remove, match, drop) is a loop with an explicit
 /// stack, never recursion: a filter's depth comes from the network, and a
 /// recursive walk over 65,000 levels overflows a worker's stack.
 #[derive(Debug)]
-pub struct Trie<V> {
-    root: Node<V>,
+pub struct Trie<K, V> {
+    root: Node<K, V>,
     len: usize,
 }
 
-impl<V> Default for Trie<V> {
+impl<K, V> Default for Trie<K, V> {
     fn default() -> Self {
         Self {
             root: Node::default(),
@@ -62,15 +63,15 @@ impl<V> Default for Trie<V> {
     }
 }
 
-impl<V> Trie<V> {
+impl<K: Eq + Hash, V> Trie<K, V> {
     /// Adds or replaces `client`'s subscription to `filter`. Returns true if
     /// it replaced an existing one.
-    pub fn insert(&mut self, filter: &str, client: &str, value: V) -> bool {
+    pub fn insert(&mut self, filter: &str, client: K, value: V) -> bool {
         let mut node = &mut self.root;
         for level in filter.split('/') {
             node = node.children.entry(level.into()).or_default();
         }
-        let replaced = node.subscribers.insert(client.into(), value).is_some();
+        let replaced = node.subscribers.insert(client, value).is_some();
         if !replaced {
             self.len += 1;
         }
@@ -82,7 +83,7 @@ impl<V> Trie<V> {
     /// One walk down finds the subscription and the highest node from which
     /// the path below would be left empty (the "cut"); a second walk down to
     /// the cut removes that branch. O(depth), no recursion.
-    pub fn remove(&mut self, filter: &str, client: &str) -> Option<V> {
+    pub fn remove(&mut self, filter: &str, client: &K) -> Option<V> {
         let levels: Vec<&str> = filter.split('/').collect();
         // Depth of the node whose child `levels[cut]` goes if the leaf
         // empties: the deepest node on the path that keeps something else
@@ -122,12 +123,12 @@ impl<V> Trie<V> {
 
     /// Calls `f(client, value)` for every subscription matching `topic`. A
     /// client subscribed through several filters is reported once per filter.
-    pub fn matches<'a>(&'a self, topic: &str, mut f: impl FnMut(&'a str, &'a V)) {
+    pub fn matches<'a>(&'a self, topic: &str, mut f: impl FnMut(&'a K, &'a V)) {
         let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
         // (node, how many levels it has consumed). A `+` and a literal child
         // both continue, so the stack holds at most two entries per level.
-        let mut stack: Vec<(&'a Node<V>, usize)> = vec![(&self.root, 0)];
+        let mut stack: Vec<(&'a Node<K, V>, usize)> = vec![(&self.root, 0)];
         while let Some((node, depth)) = stack.pop() {
             // Per MQTT 4.7.2, a wildcard first level does not match `$` topics.
             let wild_ok = !(depth == 0 && dollar);
@@ -179,7 +180,7 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn subs(t: &Trie<u8>, topic: &str) -> Vec<String> {
+    fn subs(t: &Trie<String, u8>, topic: &str) -> Vec<String> {
         let mut out = Vec::new();
         t.matches(topic, |c, _| out.push(c.to_string()));
         out.sort();
@@ -189,12 +190,12 @@ mod tests {
     #[test]
     fn wildcards_and_dollar_topics() {
         let mut t = Trie::default();
-        t.insert("a/b", "exact", 0);
-        t.insert("a/+", "plus", 0);
-        t.insert("a/#", "hash", 0);
-        t.insert("#", "all", 0);
-        t.insert("+/b", "plusfirst", 0);
-        t.insert("$SYS/#", "sys", 0);
+        t.insert("a/b", "exact".to_string(), 0);
+        t.insert("a/+", "plus".to_string(), 0);
+        t.insert("a/#", "hash".to_string(), 0);
+        t.insert("#", "all".to_string(), 0);
+        t.insert("+/b", "plusfirst".to_string(), 0);
+        t.insert("$SYS/#", "sys".to_string(), 0);
         assert_eq!(
             subs(&t, "a/b"),
             ["all", "exact", "hash", "plus", "plusfirst"]
@@ -204,8 +205,8 @@ mod tests {
         assert_eq!(subs(&t, "$SYS/x"), ["sys"]);
         assert_eq!(subs(&t, "x/b"), ["all", "plusfirst"]);
         assert_eq!(t.len(), 6);
-        assert_eq!(t.remove("a/+", "plus"), Some(0));
-        assert_eq!(t.remove("a/+", "plus"), None);
+        assert_eq!(t.remove("a/+", &"plus".to_string()), Some(0));
+        assert_eq!(t.remove("a/+", &"plus".to_string()), None);
         assert_eq!(subs(&t, "a/c"), ["all", "hash"]);
     }
 
@@ -217,7 +218,7 @@ mod tests {
         let topics = ["a/b", "a", "a/b/c", "$SYS/x", "b", "a//b", "/x", "x/b/y"];
         for f in filters {
             let mut t = Trie::default();
-            t.insert(f, "c", ());
+            t.insert(f, "c".to_string(), ());
             for topic in topics {
                 let via_trie = !subs_unit(&t, topic).is_empty();
                 assert_eq!(via_trie, filter_matches(f, topic), "{f} vs {topic}");
@@ -237,23 +238,23 @@ mod tests {
                 let deep = "/".repeat(200_000);
                 let deep_plus = format!("{}#", "+/".repeat(50_000));
                 let mut t = Trie::default();
-                t.insert(&deep, "a", 1u8);
-                t.insert(&deep_plus, "b", 2u8);
-                t.insert("x", "c", 3u8);
+                t.insert(&deep, "a".to_string(), 1u8);
+                t.insert(&deep_plus, "b".to_string(), 2u8);
+                t.insert("x", "c".to_string(), 3u8);
                 let mut hits = Vec::new();
                 t.matches(&deep, |c, _| hits.push(c.to_string()));
                 hits.sort();
                 assert_eq!(hits, ["a", "b"]);
-                assert_eq!(t.remove(&deep, "a"), Some(1));
-                assert_eq!(t.remove(&deep, "a"), None);
+                assert_eq!(t.remove(&deep, &"a".to_string()), Some(1));
+                assert_eq!(t.remove(&deep, &"a".to_string()), None);
                 assert_eq!(t.len(), 2);
                 // Pruned: only the `+` chain and `x` remain under the root.
                 assert_eq!(t.root.children.len(), 2);
-                assert_eq!(t.remove(&deep_plus, "b"), Some(2));
+                assert_eq!(t.remove(&deep_plus, &"b".to_string()), Some(2));
                 assert_eq!(t.root.children.len(), 1);
                 // Drop a deep trie too.
                 let mut t2 = Trie::default();
-                t2.insert(&deep, "a", 0u8);
+                t2.insert(&deep, "a".to_string(), 0u8);
                 drop(t2);
             })
             .expect("spawn");
@@ -263,22 +264,22 @@ mod tests {
     #[test]
     fn remove_prunes_only_what_it_emptied() {
         let mut t = Trie::default();
-        t.insert("a/b/c/d", "x", 0);
-        t.insert("a/b", "y", 0);
-        t.insert("a/e", "z", 0);
-        assert_eq!(t.remove("a/b/c/d", "x"), Some(0));
+        t.insert("a/b/c/d", "x".to_string(), 0);
+        t.insert("a/b", "y".to_string(), 0);
+        t.insert("a/e", "z".to_string(), 0);
+        assert_eq!(t.remove("a/b/c/d", &"x".to_string()), Some(0));
         // "a/b" keeps its subscriber and loses its empty "c" branch.
         let b = &t.root.children["a"].children["b"];
         assert!(b.children.is_empty());
         assert_eq!(subs(&t, "a/b"), ["y"]);
-        assert_eq!(t.remove("a/b", "y"), Some(0));
+        assert_eq!(t.remove("a/b", &"y".to_string()), Some(0));
         assert!(!t.root.children["a"].children.contains_key("b"));
         assert_eq!(subs(&t, "a/e"), ["z"]);
-        assert_eq!(t.remove("a/e", "z"), Some(0));
+        assert_eq!(t.remove("a/e", &"z".to_string()), Some(0));
         assert!(t.root.children.is_empty());
         assert!(t.is_empty());
         // Removing a filter that was never there changes nothing.
-        assert_eq!(t.remove("q/r", "x"), None);
+        assert_eq!(t.remove("q/r", &"x".to_string()), None);
     }
 
     /// The trie and the reference matcher agree on random filters and topics.
@@ -307,7 +308,7 @@ mod tests {
                     levels.push(w);
                 }
                 let f = levels.join("/");
-                t.insert(&f, &format!("c{i}"), ());
+                t.insert(&f, format!("c{i}"), ());
                 filters.push((f, format!("c{i}")));
             }
             for _ in 0..10 {
@@ -327,7 +328,7 @@ mod tests {
         }
     }
 
-    fn subs_unit(t: &Trie<()>, topic: &str) -> Vec<String> {
+    fn subs_unit(t: &Trie<String, ()>, topic: &str) -> Vec<String> {
         let mut out = Vec::new();
         t.matches(topic, |c, _| out.push(c.to_string()));
         out

@@ -405,7 +405,7 @@ pub async fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> Option
 pub struct OurBroker {
     pub addr: SocketAddr,
     /// Its state, to look inside sessions after the fact.
-    pub core: Arc<std::sync::Mutex<mqlb_broker::core::Core>>,
+    pub state: Arc<mqlb_broker::state::State>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -420,12 +420,12 @@ impl OurBroker {
         config.listen = "127.0.0.1:0".parse().unwrap();
         let b = mqlb_broker::Broker::bind_config(&config).await.unwrap();
         let addr = b.local_addr().unwrap();
-        let core = b.core();
+        let state = b.state();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(b.serve(shutdown.clone()));
         OurBroker {
             addr,
-            core,
+            state,
             shutdown,
             task: Some(task),
         }

@@ -5,12 +5,9 @@
 //! and will-delay timers cost nothing.
 #![no_main]
 
-use std::sync::{Arc, Mutex};
-
 use libfuzzer_sys::fuzz_target;
-use mqlb_broker::auth::Auth;
 use mqlb_broker::conn::{handle, Settings};
-use mqlb_broker::core::Core;
+use mqlb_broker::state::State;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONNECT_311: &[u8] = &[0x10, 0x0E, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 5, 0, 2, b'f', b'z'];
@@ -25,18 +22,17 @@ fuzz_target!(|data: &[u8]| {
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let core = Arc::new(Mutex::new(Core::new()));
-        let auth = Arc::new(Auth::open());
+        let state = State::open();
         // A well-behaved subscriber that receives whatever the fuzzer routes.
         let (mut sub, server) = tokio::io::duplex(1 << 16);
-        let listener = tokio::spawn(handle(server, core.clone(), auth.clone(), Settings { max_keep_alive: Some(30), ..Settings::default() }));
+        let listener = tokio::spawn(handle(server, state.clone(), Settings { max_keep_alive: Some(30), ..Settings::default() }));
         let mut c = CONNECT_311.to_vec();
         c[15] = b's'; // client id "fs"
         sub.write_all(&c).await.ok();
         sub.write_all(SUBSCRIBE_ALL).await.ok();
         // The fuzzed client.
         let (mut client, server) = tokio::io::duplex(1 << 16);
-        let task = tokio::spawn(handle(server, core.clone(), auth, Settings::default()));
+        let task = tokio::spawn(handle(server, state, Settings::default()));
         let prefix: &[u8] = match mode % 3 {
             0 => CONNECT_311,
             1 => CONNECT_5,

@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     // Start past the magic most of the time, so the fuzzer explores the body.
     let mut input = Vec::with_capacity(data.len() + 6);
     if data.first().is_some_and(|b| b % 8 != 0) {
-        input.extend_from_slice(b"MQLBS1");
+        input.extend_from_slice(b"MQLBS2");
         input.extend_from_slice(&data[1..]);
     } else {
         input.extend_from_slice(data);

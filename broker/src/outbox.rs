@@ -1,0 +1,302 @@
+//! Between the core and a connection task: the mailbox, what goes in it,
+//! and the per-connection encoder that turns it into bytes.
+//!
+//! The core decides *what* a client gets; the connection task decides *how*
+//! it is written (protocol version, outbound topic aliases, the client's
+//! Maximum Packet Size) and does the encoding outside the core's lock.
+
+use std::collections::{HashMap, VecDeque};
+
+use mqlb_protocol::{Ack, MqttStr, Packet, PacketId, ProtocolVersion, Publish, ReasonCode};
+
+/// Why the broker closes a connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// Another connection took the session (v5: DISCONNECT 0x8E); the will
+    /// is published, as for any connection that ends without DISCONNECT.
+    TakenOver,
+    /// The broker is shutting down (v5: DISCONNECT 0x8B). The session stays
+    /// for the client to resume elsewhere, so its will is kept too, unless
+    /// the session ends with the connection.
+    ShuttingDown,
+}
+
+impl Closing {
+    /// The reason code a v5 client gets.
+    pub fn reason_code(self) -> ReasonCode {
+        match self {
+            Closing::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
+            Closing::ShuttingDown => ReasonCode::SERVER_SHUTTING_DOWN,
+        }
+    }
+}
+
+/// What a connection task receives from the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    /// A PUBLISH, before topic-alias substitution.
+    Publish(Box<Publish>),
+    /// PUBREL for an outbound QoS 2 message whose PUBREC arrived.
+    Pubrel(PacketId),
+    /// Close the connection, after what was queued before.
+    Close(Closing),
+}
+
+impl Outgoing {
+    /// Bytes this will take on the wire, near enough for backlog limits.
+    fn cost(&self) -> usize {
+        match self {
+            Outgoing::Publish(p) => p.topic.len() + p.payload.len() + 16,
+            Outgoing::Pubrel(_) => 4,
+            Outgoing::Close(_) => 0,
+        }
+    }
+}
+
+/// The mailbox between the core and one connection task, and the only way
+/// to queue anything for a connection.
+///
+/// It counts what it holds under the same lock that queues and takes it,
+/// so the backlog a slow consumer is judged by cannot drift: nothing can be
+/// queued past the count, and the count can never go below zero.
+///
+/// A queue behind a mutex plus a `Notify`, rather than a channel: tokio's
+/// channels allocate a 32-slot block up front, and most connections are
+/// idle. This allocates nothing until something is sent.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    queue: std::sync::Mutex<Queued>,
+    notify: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Queued {
+    items: VecDeque<Outgoing>,
+    /// Sum of the items' costs.
+    bytes: usize,
+    /// A close was queued: the connection is on its way out.
+    closing: bool,
+}
+
+impl Outbox {
+    fn queued(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues one item and wakes the connection task.
+    pub fn push(&self, o: Outgoing) {
+        {
+            let mut q = self.queued();
+            q.bytes += o.cost();
+            q.closing |= matches!(o, Outgoing::Close(_));
+            q.items.push_back(o);
+        }
+        self.notify.notify_one();
+    }
+
+    /// Asks the connection task to close; what was queued before is
+    /// written first.
+    pub fn close(&self, why: Closing) {
+        self.push(Outgoing::Close(why));
+    }
+
+    /// Whether a close was asked for.
+    pub fn is_closing(&self) -> bool {
+        self.queued().closing
+    }
+
+    /// Bytes queued and not yet taken by the connection task.
+    pub fn backlog(&self) -> usize {
+        self.queued().bytes
+    }
+
+    /// Takes everything queued (possibly nothing).
+    pub fn take(&self) -> VecDeque<Outgoing> {
+        let mut q = self.queued();
+        q.bytes = 0;
+        std::mem::take(&mut q.items)
+    }
+
+    /// Resolves when something was sent since the last wake-up.
+    pub async fn ready(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// What became of one outgoing item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoded {
+    /// Appended to the output.
+    Written,
+    /// Larger than the client's Maximum Packet Size: not sent, and per
+    /// MQTT 5 3.1.2.11.4 treated as delivered. The core must forget the
+    /// packet id (for QoS 1/2).
+    TooLarge(Option<PacketId>),
+    /// The connection must close.
+    Close(Closing),
+}
+
+/// Turns outgoing items into one client's bytes: its protocol version, its
+/// outbound topic aliases, its Maximum Packet Size.
+#[derive(Debug)]
+pub struct Encoder {
+    version: ProtocolVersion,
+    maximum_packet_size: usize,
+    alias_maximum: u16,
+    /// Boxed and made on first use: most clients use no aliases, and this
+    /// lives in every idle connection.
+    // One pointer in every idle connection instead of a 48-byte map.
+    #[allow(clippy::box_collection)]
+    aliases: Option<Box<HashMap<MqttStr, u16>>>,
+}
+
+impl Encoder {
+    /// For a client of `version` that accepts packets up to
+    /// `maximum_packet_size` and `alias_maximum` topic aliases (v5).
+    pub fn new(version: ProtocolVersion, maximum_packet_size: u32, alias_maximum: u16) -> Self {
+        Self {
+            version,
+            maximum_packet_size: usize::try_from(maximum_packet_size).unwrap_or(usize::MAX),
+            alias_maximum: if version.is_v5() { alias_maximum } else { 0 },
+            aliases: None,
+        }
+    }
+
+    /// Appends `o`'s bytes to `out`.
+    pub fn encode(&mut self, o: Outgoing, out: &mut Vec<u8>) -> Encoded {
+        let mut publish = match o {
+            Outgoing::Close(c) => return Encoded::Close(c),
+            Outgoing::Pubrel(pid) => {
+                if let Ok(b) = Packet::Pubrel(Ack::new(pid)).to_bytes(self.version) {
+                    out.extend_from_slice(&b);
+                }
+                return Encoded::Written;
+            }
+            Outgoing::Publish(p) => p,
+        };
+        let pid = publish.packet_id;
+        // Outbound topic alias: the first use sends topic + alias, later
+        // uses an empty topic + alias. A new alias counts only once the
+        // packet carrying it is really sent.
+        let mut new_alias = None;
+        if self.alias_maximum > 0 {
+            let aliases = self.aliases.get_or_insert_with(Box::default);
+            match aliases.get(&publish.topic) {
+                Some(&alias) => {
+                    publish.properties.topic_alias = Some(alias);
+                    publish.topic = MqttStr::default();
+                }
+                None => {
+                    let next = u16::try_from(aliases.len() + 1).unwrap_or(u16::MAX);
+                    if next <= self.alias_maximum {
+                        publish.properties.topic_alias = Some(next);
+                        new_alias = Some((publish.topic.clone(), next));
+                    }
+                }
+            }
+        }
+        let Ok(bytes) = Packet::Publish(*publish).to_bytes(self.version) else {
+            return Encoded::TooLarge(pid);
+        };
+        if bytes.len() > self.maximum_packet_size {
+            return Encoded::TooLarge(pid);
+        }
+        if let (Some((topic, alias)), Some(aliases)) = (new_alias, self.aliases.as_mut()) {
+            aliases.insert(topic, alias);
+        }
+        out.extend_from_slice(&bytes);
+        Encoded::Written
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{Bytes, BytesMut};
+    use mqlb_protocol::{Properties, QoS};
+
+    fn publish(topic: &str, payload: &[u8]) -> Outgoing {
+        Outgoing::Publish(Box::new(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: MqttStr::try_from(topic).unwrap_or_default(),
+            packet_id: None,
+            properties: Properties::default(),
+            payload: Bytes::copy_from_slice(payload),
+        }))
+    }
+
+    fn decode_all(v: ProtocolVersion, bytes: &[u8]) -> Vec<Publish> {
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Ok(Some(Packet::Publish(p))) = mqlb_protocol::decode(&mut buf, v, 1 << 20) {
+            out.push(p);
+        }
+        out
+    }
+
+    #[test]
+    fn topic_aliases_and_maximum_packet_size() {
+        let v = ProtocolVersion::V5;
+        let mut e = Encoder::new(v, 60, 1);
+        let mut out = Vec::new();
+        assert_eq!(
+            e.encode(publish("long/topic/name", b"a"), &mut out),
+            Encoded::Written
+        );
+        assert_eq!(
+            e.encode(publish("long/topic/name", b"b"), &mut out),
+            Encoded::Written
+        );
+        assert_eq!(e.encode(publish("other", b"c"), &mut out), Encoded::Written);
+        // Too large for the client: not sent, and its alias is not taken.
+        assert_eq!(
+            e.encode(publish("x", &[0; 100]), &mut out),
+            Encoded::TooLarge(None)
+        );
+        let got: Vec<(String, Option<u16>)> = decode_all(v, &out)
+            .into_iter()
+            .map(|p| (p.topic.to_string(), p.properties.topic_alias))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("long/topic/name".to_string(), Some(1)),
+                (String::new(), Some(1)),
+                ("other".to_string(), None)
+            ]
+        );
+    }
+
+    /// A message too large for the client must not leave an alias behind
+    /// that the client never learnt.
+    #[test]
+    fn a_dropped_packet_does_not_assign_an_alias() {
+        let v = ProtocolVersion::V5;
+        let mut e = Encoder::new(v, 40, 5);
+        let mut out = Vec::new();
+        assert_eq!(
+            e.encode(publish("t", &[0; 100]), &mut out),
+            Encoded::TooLarge(None)
+        );
+        assert_eq!(e.encode(publish("t", b"small"), &mut out), Encoded::Written);
+        let got = decode_all(v, &out);
+        assert_eq!(got[0].topic.as_str(), "t", "alias used before it was sent");
+    }
+
+    #[test]
+    fn backlog_counts_what_is_queued_and_never_underflows() {
+        let o = Outbox::default();
+        o.push(publish("t", &[0; 100]));
+        o.push(Outgoing::Pubrel(PacketId::new(1).unwrap_or(PacketId::MIN)));
+        assert_eq!(o.backlog(), 1 + 100 + 16 + 4);
+        assert_eq!(o.take().len(), 2);
+        assert_eq!(o.backlog(), 0);
+        assert!(o.take().is_empty());
+        assert_eq!(o.backlog(), 0);
+        assert!(!o.is_closing());
+        o.close(Closing::ShuttingDown);
+        assert!(o.is_closing());
+    }
+}

@@ -1,0 +1,57 @@
+//! What every connection of a broker node shares: the core behind its
+//! lock, authentication, and the change log.
+//!
+//! The helpers here are the only way connection code reaches the core: each
+//! takes the lock for one call and applies the resulting effects after
+//! releasing it, so no mailbox push, encoding or log append ever happens
+//! under the lock.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::auth::Auth;
+use crate::core::Core;
+use crate::effects::{ChangeLog, Committed, Effects, LocalLog};
+
+/// One broker node's shared state.
+#[derive(Debug)]
+pub struct State {
+    core: Mutex<Core>,
+    /// Credentials and topic rules.
+    pub auth: Arc<Auth>,
+    /// Where persistent-session changes go.
+    pub log: Arc<dyn ChangeLog>,
+}
+
+impl State {
+    /// A node with these parts.
+    pub fn new(core: Core, auth: Auth, log: Arc<dyn ChangeLog>) -> Arc<State> {
+        Arc::new(State {
+            core: Mutex::new(core),
+            auth: Arc::new(auth),
+            log,
+        })
+    }
+
+    /// An open single node (anonymous, no ACL, local log): for tests.
+    pub fn open() -> Arc<State> {
+        Self::new(Core::new(), Auth::open(), Arc::new(LocalLog::default()))
+    }
+
+    /// The core, locked, for reading. A poisoned lock only means a panic
+    /// elsewhere; the data is still consistent between calls.
+    pub fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs one core call and applies its effects after the lock is gone.
+    pub fn act(&self, f: impl FnOnce(&mut Core) -> Effects) -> Committed {
+        let fx = f(&mut self.core());
+        fx.apply(&*self.log)
+    }
+
+    /// [`State::act`] for calls that also answer something.
+    pub fn ask<T>(&self, f: impl FnOnce(&mut Core) -> (T, Effects)) -> (T, Committed) {
+        let (t, fx) = f(&mut self.core());
+        (t, fx.apply(&*self.log))
+    }
+}
