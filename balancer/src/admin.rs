@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::http::Reply;
 use crate::metrics::RejectReason;
 use crate::select::Backend;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Serves the API until `shutdown`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! * [`cli`]: command-line parsing and the process entry point.
+//! * [`shared`]: the state connections, the admin API and health share.
 //! * [`server`]: binds listeners and runs the accept loop (a permit per
 //!   connection, a tracing span per connection, errors never stop the loop).
 //! * [`handshake`]: reads the client's CONNECT under a deadline and a size
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod registry;
 pub mod select;
 pub mod server;
+pub mod shared;
 pub mod sidecar;
 
 pub use server::Balancer;

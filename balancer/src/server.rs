@@ -15,8 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{field, Instrument};
 
 use mqlb_healthcheck::{
-    CheckSettings, Checker, HealthState, Observer, Outcome, ProbeSpec, Target, Thresholds,
-    Transition,
+    CheckSettings, Checker, Observer, Outcome, ProbeSpec, Target, Thresholds, Transition,
 };
 use mqlb_protocol::{ProtocolVersion, RefusalStyle};
 
@@ -27,146 +26,7 @@ use crate::limit::ConnectionLimit;
 use crate::metrics::{GaugeGuard, Metrics, RejectReason};
 use crate::registry::Registry;
 use crate::select::{placement_key, Backends};
-
-/// State every connection task shares.
-#[derive(Debug)]
-pub struct Shared {
-    /// Validated configuration in force; swapped whole on reload.
-    config: ArcSwap<Config>,
-    /// The health checker, when checks are enabled; reload adds and removes
-    /// targets. Never touched by the data path.
-    checker: Option<Mutex<Checker>>,
-    /// The file the configuration came from, for SIGHUP and `POST /reload`.
-    config_path: std::sync::OnceLock<std::path::PathBuf>,
-    /// Backends, their health and counters.
-    pub backends: Arc<Backends>,
-    /// Balancer-wide counters.
-    pub metrics: Metrics,
-    /// Live forwarded connections.
-    pub registry: Arc<Registry>,
-    /// Paced session mover.
-    pub evictor: Evictor,
-    /// `max_connections`, resized on reload.
-    pub limit: Arc<ConnectionLimit>,
-    /// Set once a graceful shutdown has begun: `/readyz` answers 503.
-    pub shutting_down: std::sync::atomic::AtomicBool,
-}
-
-/// What a reload changed.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Reloaded {
-    /// Backends added (or replaced because their address or weight changed).
-    pub added: Vec<String>,
-    /// Backends removed; their open connections are left to finish.
-    pub removed: Vec<String>,
-    /// Settings that only take effect after a restart.
-    pub needs_restart: Vec<&'static str>,
-}
-
-impl Shared {
-    /// The configuration in force.
-    pub fn config(&self) -> Arc<Config> {
-        self.config.load_full()
-    }
-
-    /// Applies a new configuration without dropping connections: the
-    /// backend set is swapped (unchanged backends keep their health,
-    /// counters and drain state), new backends get health checks, removed
-    /// ones lose theirs, and CONNECT/backend settings apply to new
-    /// connections. Listener and admin addresses need a restart.
-    pub fn reload(&self, new: Config) -> Reloaded {
-        let old = self.config();
-        let mut r = Reloaded::default();
-        if new.listeners != old.listeners {
-            r.needs_restart.push("listener");
-        }
-        if new.admin != old.admin {
-            r.needs_restart.push("admin");
-        }
-        if new.eviction != old.eviction {
-            r.needs_restart.push("eviction");
-        }
-        if new.health != old.health {
-            r.needs_restart
-                .push("health (applies to added backends only)");
-        }
-        if new.balancer.max_connections != old.balancer.max_connections {
-            self.limit.resize(new.balancer.max_connections);
-        }
-        let (added, removed) = self.backends.replace(&new.backends);
-        if let Some(checker) = &self.checker {
-            let mut checker = checker.lock().unwrap_or_else(|p| p.into_inner());
-            for name in &removed {
-                checker.remove(name);
-            }
-            for b in &added {
-                checker.remove(&b.name);
-                b.attach_health(checker.add(&Target {
-                    name: b.name.clone(),
-                    address: b.address.clone(),
-                }));
-            }
-        }
-        r.added = added.iter().map(|b| b.name.clone()).collect();
-        r.removed = removed;
-        self.config.store(Arc::new(new));
-        tracing::info!(added = ?r.added, removed = ?r.removed, needs_restart = ?r.needs_restart, "configuration reloaded");
-        r
-    }
-
-    /// Remembers the configuration file, enabling [`Shared::reload_from_file`].
-    pub fn set_config_path(&self, path: std::path::PathBuf) {
-        let _ = self.config_path.set(path);
-    }
-
-    /// Re-reads the configuration file and applies it. A broken file is
-    /// reported and nothing changes.
-    pub fn reload_from_file(&self) -> Result<Reloaded, String> {
-        let path = self
-            .config_path
-            .get()
-            .ok_or("the balancer was started from flags, not a file; nothing to reload")?;
-        let config = Config::load(path).map_err(|e| e.to_string())?;
-        Ok(self.reload(config))
-    }
-
-    /// Stops new placements on `name` and moves its clients at the paced
-    /// rate. Returns false for an unknown backend.
-    pub fn drain(&self, name: &str) -> bool {
-        let Some(b) = self.backends.get(name) else {
-            return false;
-        };
-        if !b.set_draining(true) {
-            tracing::info!(backend = %name, "draining");
-        }
-        self.evictor.evict_backend(name);
-        true
-    }
-
-    /// Lets `name` take new clients again (existing placements elsewhere stay).
-    pub fn undrain(&self, name: &str) -> bool {
-        let Some(b) = self.backends.get(name) else {
-            return false;
-        };
-        if b.set_draining(false) {
-            tracing::info!(backend = %name, "undrained");
-        }
-        true
-    }
-
-    /// True when at least one backend is up (or unchecked and not draining)
-    /// and no shutdown has begun.
-    pub fn is_ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Relaxed)
-            && self.backends.snapshot().iter().any(|b| {
-                !b.is_draining()
-                    && match b.health() {
-                        Some(h) => h.state() == HealthState::Up,
-                        None => true,
-                    }
-            })
-    }
-}
+use crate::shared::Shared;
 
 /// Feeds probe results into metrics, and moves clients off a backend that
 /// goes down.

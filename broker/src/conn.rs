@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::auth::Verdict;
 use crate::effects::Committed;
 use crate::message::{Message, Sub};
-use crate::outbox::{Closing, Encoded, Encoder, Outbox};
+use crate::outbox::{Closing, Encoder, Outbox};
 use crate::state::State;
 
 /// Largest packet accepted from clients.
@@ -27,6 +27,9 @@ pub const RECEIVE_MAXIMUM: u16 = 1024;
 /// Inbound topic aliases a v5 client may set.
 pub const TOPIC_ALIAS_MAXIMUM: u16 = 64;
 
+/// Default cap on one session's subscriptions.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 10_000;
+
 /// Per-listener settings a connection needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
@@ -36,6 +39,9 @@ pub struct Settings {
     /// Most levels in a topic name or filter; deeper ones are refused by
     /// the codec with 0x90 / 0x8F.
     pub max_topic_levels: usize,
+    /// Most subscriptions one session may hold; more get 0x97 Quota
+    /// exceeded (3.x: 0x80).
+    pub max_subscriptions: usize,
 }
 
 impl Default for Settings {
@@ -43,6 +49,7 @@ impl Default for Settings {
         Self {
             max_keep_alive: None,
             max_topic_levels: mqlb_protocol::DEFAULT_MAX_TOPIC_LEVELS,
+            max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
         }
     }
 }
@@ -149,9 +156,6 @@ struct Session {
     will: Option<Box<(Message, Duration)>>,
     state: Arc<State>,
     rx: Arc<Outbox>,
-    /// Turns what the core queues into this client's bytes (outbound
-    /// aliases, Maximum Packet Size).
-    encoder: Encoder,
     /// Inbound topic aliases (v5), made on first use.
     // One pointer in every idle connection instead of a 48-byte map.
     #[allow(clippy::box_collection)]
@@ -160,6 +164,7 @@ struct Session {
     username: Option<String>,
     /// Change-log commits that acknowledgements in the current batch wait for.
     commits: Vec<Committed>,
+    max_subscriptions: usize,
 }
 
 impl Session {
@@ -234,13 +239,12 @@ impl Session {
                 Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))),
             ))
         });
-        let rx = Arc::new(Outbox::default());
-        let tx = rx.clone();
-        let encoder = Encoder::new(
+        let rx = Arc::new(Outbox::new(Encoder::new(
             v,
             c.properties.maximum_packet_size.unwrap_or(u32::MAX),
             c.properties.topic_alias_maximum.unwrap_or(0),
-        );
+        )));
+        let tx = rx.clone();
         let receive_maximum = c.properties.receive_maximum.unwrap_or(u16::MAX);
         let (connected, committed) =
             state.ask(|core| core.connect(&client_id, c.clean_start, expiry, receive_maximum, tx));
@@ -287,10 +291,10 @@ impl Session {
             will,
             state,
             rx,
-            encoder,
             aliases: None,
             username,
             commits: Vec::new(),
+            max_subscriptions: settings.max_subscriptions,
         })
     }
 
@@ -356,26 +360,16 @@ impl Session {
                     Ok(_) => {}
                 },
                 _ = self.rx.ready() => {
-                    // Encode everything queued into one write.
-                    let mut joined: Vec<u8> = Vec::new();
-                    let mut close = None;
-                    for o in self.rx.take() {
-                        match self.encoder.encode(o, &mut joined) {
-                            Encoded::Written => {}
-                            Encoded::TooLarge(pid) => {
-                                let id = &self.client_id;
-                                let _ = self.state.act(|core| core.discarded(id, pid));
-                            }
-                            Encoded::Close(c) => {
-                                close = Some(c);
-                                break;
-                            }
-                        }
+                    // Everything queued, already encoded, in one write.
+                    let taken = self.rx.take();
+                    for pid in taken.discarded {
+                        let id = &self.client_id;
+                        let _ = self.state.act(|core| core.discarded(id, pid));
                     }
-                    if !joined.is_empty() && wr.write_all(&joined).await.is_err() {
+                    if !taken.bytes.is_empty() && wr.write_all(&taken.bytes).await.is_err() {
                         return End::Lost;
                     }
-                    if let Some(c) = close {
+                    if let Some(c) = taken.close {
                         return End::Closed(c);
                     }
                 }
@@ -482,32 +476,61 @@ impl Session {
             Packet::Pubrec(a) => self.acked(a.packet_id, mqlb_protocol::PacketType::Pubrec),
             Packet::Pubcomp(a) => self.acked(a.packet_id, mqlb_protocol::PacketType::Pubcomp),
             Packet::Subscribe(s) => {
-                let id = s.properties.subscription_identifiers.first().copied();
-                let mut reasons = Vec::with_capacity(s.filters.len());
-                let mut granted = Vec::new();
-                for (filter, options) in &s.filters {
-                    if !self.state.auth.may_subscribe(
-                        self.username.as_deref(),
-                        &self.client_id,
-                        filter.as_str(),
-                    ) {
-                        reasons.push(if self.version.is_v5() {
-                            ReasonCode::NOT_AUTHORIZED
-                        } else {
-                            ReasonCode(0x80)
-                        });
-                        continue;
-                    }
-                    reasons.push(ReasonCode(options.qos as u8));
-                    granted.push((
-                        filter.clone(),
-                        Sub {
-                            options: *options,
-                            id,
-                        },
-                    ));
-                }
-                // SUBACK first, then the retained messages the subscription triggers.
+                let sub_id = s.properties.subscription_identifiers.first().copied();
+                let refused = if self.version.is_v5() {
+                    ReasonCode::NOT_AUTHORIZED
+                } else {
+                    ReasonCode(0x80)
+                };
+                let quota = if self.version.is_v5() {
+                    ReasonCode::QUOTA_EXCEEDED
+                } else {
+                    ReasonCode(0x80)
+                };
+                let allowed: Vec<bool> = s
+                    .filters
+                    .iter()
+                    .map(|(filter, _)| {
+                        self.state.auth.may_subscribe(
+                            self.username.as_deref(),
+                            &self.client_id,
+                            filter.as_str(),
+                        )
+                    })
+                    .collect();
+                let id = &self.client_id;
+                let max = self.max_subscriptions;
+                let (reasons, c) = self.state.ask(|core| {
+                    let mut fx = crate::effects::Effects::none();
+                    let reasons = s
+                        .filters
+                        .iter()
+                        .zip(allowed)
+                        .map(|((filter, options), allowed)| {
+                            if !allowed {
+                                return refused;
+                            }
+                            // A session holds at most `max` subscriptions:
+                            // each costs memory and a trie path.
+                            if core.subscription_count(id) >= max
+                                && !core.has_subscription(id, filter.as_str())
+                            {
+                                return quota;
+                            }
+                            let sub = Sub {
+                                options: *options,
+                                id: sub_id,
+                            };
+                            fx.extend(core.subscribe(id, filter.as_str(), sub).1);
+                            ReasonCode(options.qos as u8)
+                        })
+                        .collect();
+                    (reasons, fx)
+                });
+                self.wait_for(c);
+                // The SUBACK goes out before the retained messages the
+                // subscription triggered: `out` is written before the
+                // mailbox is read again.
                 self.send(
                     out,
                     Packet::Suback(Suback {
@@ -516,15 +539,6 @@ impl Session {
                         reasons,
                     }),
                 );
-                let id = &self.client_id;
-                let c = self.state.act(|core| {
-                    let mut fx = crate::effects::Effects::none();
-                    for (filter, sub) in granted {
-                        fx.extend(core.subscribe(id, filter.as_str(), sub).1);
-                    }
-                    fx
-                });
-                self.wait_for(c);
             }
             Packet::Unsubscribe(u) => {
                 let id = &self.client_id;
@@ -612,23 +626,17 @@ impl Session {
         if let (true, Some(boxed)) = (send_will, will) {
             let (mut will, delay) = *boxed;
             will.received = std::time::Instant::now();
-            if delay.is_zero() {
-                let _ = self.state.act(|core| core.route(will));
-            } else {
-                // Will Delay: publish only if the client has not come back.
-                let state = self.state.clone();
-                let client_id = self.client_id.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = state.act(|core| {
-                        if core.is_connected(&client_id) {
-                            crate::effects::Effects::none()
-                        } else {
-                            core.route(will)
-                        }
-                    });
-                });
-            }
+            let id = &self.client_id;
+            let _ = self.state.act(|core| {
+                if delay.is_zero() {
+                    core.route(will)
+                } else {
+                    // Will Delay: the core publishes it when the delay or the
+                    // session ends, unless the client is back by then.
+                    core.schedule_will(id, will, delay);
+                    core.publish_due_wills(std::time::Instant::now())
+                }
+            });
         }
         tracing::debug!(client_id = %self.client_id, "disconnected");
     }

@@ -171,6 +171,10 @@ fn change(fx: &mut Effects, id: &Arc<str>, s: &mut Session, c: SessionChange) ->
 #[derive(Debug, Default)]
 pub struct Core {
     sessions: HashMap<Arc<str>, Entry>,
+    /// Wills waiting out their Will Delay, at most one per client: a client
+    /// that reconnects and leaves again replaces its pending will instead of
+    /// adding one, so their number is bounded by the sessions.
+    wills: HashMap<Arc<str>, (Instant, Message)>,
     router: Router,
     retained: Retained,
     clock: Clock,
@@ -216,6 +220,20 @@ impl Core {
         self.retained.len()
     }
 
+    /// Subscriptions `client_id`'s session holds.
+    pub fn subscription_count(&self, client_id: &str) -> usize {
+        self.sessions
+            .get(client_id)
+            .map_or(0, |e| e.session.subs.len())
+    }
+
+    /// Whether `client_id`'s session holds a subscription to `filter`.
+    pub fn has_subscription(&self, client_id: &str, filter: &str) -> bool {
+        self.sessions
+            .get(client_id)
+            .is_some_and(|e| e.session.subs.contains_key(filter))
+    }
+
     /// Subscriptions (shared group memberships included).
     pub fn subscriptions(&self) -> usize {
         self.sessions.values().map(|e| e.session.subs.len()).sum()
@@ -242,6 +260,8 @@ impl Core {
                 fx.send(&old.tx, Outgoing::Close(Closing::TakenOver));
             }
         }
+        // Back before its Will Delay ran out: the will is not sent (3.1.3.2.2).
+        self.wills.remove(client_id);
         if clean_start {
             self.drop_session(client_id, &mut fx);
         }
@@ -293,7 +313,7 @@ impl Core {
                     let mut p = inflight.publish.clone();
                     p.dup = true;
                     self.stats.messages_out += 1;
-                    Outgoing::Publish(Box::new(p))
+                    Outgoing::Publish(p)
                 }
             };
             fx.send(&a.tx, o);
@@ -369,6 +389,41 @@ impl Core {
         for p in handover {
             if let Some(group) = p.shared.clone() {
                 self.deliver_to_group(&group, p.msg, Some(client_id), &mut fx);
+            }
+        }
+        fx
+    }
+
+    /// Holds `will` until `delay` has passed, or until the session ends if
+    /// that is sooner; a reconnect cancels it. Replaces an earlier pending
+    /// will of the same client.
+    pub fn schedule_will(&mut self, client_id: &str, will: Message, delay: Duration) {
+        let id = match self.sessions.get(client_id) {
+            Some(e) => e.id.clone(),
+            None => Arc::from(client_id),
+        };
+        self.wills.insert(id, (Instant::now() + delay, will));
+    }
+
+    /// Wills waiting out their delay.
+    pub fn pending_wills(&self) -> usize {
+        self.wills.len()
+    }
+
+    /// Publishes the wills whose delay has passed or whose session has
+    /// ended (MQTT 5 3.1.3.2.2: whichever comes first).
+    pub fn publish_due_wills(&mut self, now: Instant) -> Effects {
+        let mut fx = Effects::none();
+        let sessions = &self.sessions;
+        let due: Vec<Arc<str>> = self
+            .wills
+            .iter()
+            .filter(|(id, (at, _))| *at <= now || !sessions.contains_key(&***id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            if let Some((_, will)) = self.wills.remove(&id) {
+                fx.extend(self.route(will));
             }
         }
         fx
@@ -537,6 +592,15 @@ impl Core {
         let topic = m.topic.clone();
         let message = (!m.payload.is_empty()).then_some(m);
         self.retained.set(topic.as_str(), message, version)
+    }
+
+    /// Forgets retained-message deletions older than `age`: after that, no
+    /// older write can still be in flight from another node.
+    pub fn prune_retained_deletions(&mut self, age: Duration) -> usize {
+        let mut cutoff = self.clock.now();
+        let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        cutoff.wall_ms = cutoff.wall_ms.saturating_sub(age_ms);
+        self.retained.prune_deletions(cutoff)
     }
 
     /// The version of `topic`'s last retained write.
@@ -718,7 +782,7 @@ impl Core {
                 },
             );
         }
-        fx.send(&tx, Outgoing::Publish(Box::new(publish)));
+        fx.send(&tx, Outgoing::Publish(publish));
         self.stats.messages_out += 1;
     }
 
@@ -988,7 +1052,7 @@ impl Core {
 mod tests {
     use super::*;
     use crate::effects::LocalLog;
-    use crate::outbox::{Encoded, Encoder};
+    use crate::outbox::Encoder;
     use bytes::Bytes;
     use mqlb_protocol::{MqttStr, Packet, Properties, ProtocolVersion, SubscriptionOptions};
 
@@ -1035,19 +1099,21 @@ mod tests {
         run2(c.connect(id, clean, expiry, receive_maximum, tx))
     }
 
-    /// A connection's mailbox, twice: one end for the core, one to read.
-    fn outbox() -> (Arc<Outbox>, Arc<Outbox>) {
-        let o = Arc::new(Outbox::default());
+    /// A connection's mailbox for a client of `v`, twice: one end for the
+    /// core, one to read.
+    fn outbox_for(v: ProtocolVersion) -> (Arc<Outbox>, Arc<Outbox>) {
+        let o = Arc::new(Outbox::new(Encoder::new(v, u32::MAX, 0)));
         (o.clone(), o)
     }
 
+    fn outbox() -> (Arc<Outbox>, Arc<Outbox>) {
+        outbox_for(ProtocolVersion::V5)
+    }
+
     fn drain(rx: &Arc<Outbox>, v: ProtocolVersion) -> Vec<Packet> {
-        let mut e = Encoder::new(v, u32::MAX, 0);
-        let mut bytes = Vec::new();
-        for o in rx.take() {
-            assert_ne!(e.encode(o, &mut bytes), Encoded::TooLarge(None));
-        }
-        let mut buf = bytes::BytesMut::from(&bytes[..]);
+        let taken = rx.take();
+        assert!(taken.discarded.is_empty());
+        let mut buf = bytes::BytesMut::from(&taken.bytes[..]);
         let mut out = Vec::new();
         while let Ok(Some(p)) = mqlb_protocol::decode(&mut buf, v, 1 << 20) {
             out.push(p);
@@ -1129,7 +1195,7 @@ mod tests {
             max_queued_messages: 3,
             ..Limits::default()
         });
-        let (tx, _rx) = outbox();
+        let (tx, _rx) = outbox_for(ProtocolVersion::V3_1_1);
         let conn = connect(&mut c, "p", false, None, 10, tx).conn;
         run2(c.subscribe("p", "q", sub(QoS::AtLeastOnce)));
         run(c.disconnect("p", conn));
@@ -1137,7 +1203,7 @@ mod tests {
             run(c.route(msg("q", QoS::AtLeastOnce, false, &i.to_string())));
         }
         assert_eq!(c.stats().dropped(DropReason::QueueFull), 2);
-        let (tx, rx) = outbox();
+        let (tx, rx) = outbox_for(ProtocolVersion::V3_1_1);
         assert!(connect(&mut c, "p", false, None, 10, tx).session_present);
         run(c.resume("p"));
         assert_eq!(payloads(&rx, ProtocolVersion::V3_1_1), ["2", "3", "4"]);
@@ -1164,7 +1230,7 @@ mod tests {
     #[test]
     fn v5_properties_are_dropped_for_v3_subscribers() {
         let mut c = Core::new();
-        let (tx, rx) = outbox();
+        let (tx, rx) = outbox_for(ProtocolVersion::V3_1_1);
         connect(&mut c, "old", true, GONE, 10, tx);
         run2(c.subscribe("old", "p", sub(QoS::AtMostOnce)));
         let mut m = msg("p", QoS::AtMostOnce, false, "x");
@@ -1191,10 +1257,7 @@ mod tests {
         let second = connect(&mut c, "dup", false, None, 10, tx2);
         assert!(second.session_present);
         assert!(second.epoch > first.epoch);
-        assert_eq!(
-            rx1.take().pop_front(),
-            Some(Outgoing::Close(Closing::TakenOver))
-        );
+        assert_eq!(rx1.take().close, Some(Closing::TakenOver));
         // The old connection's late disconnect does not detach the new one.
         run(c.disconnect("dup", first.conn));
         assert!(c.owns("dup", second.conn));
@@ -1232,8 +1295,8 @@ mod tests {
     fn unacked_shared_message_goes_to_another_member_when_its_holder_leaves() {
         let mut c = Core::new();
         let v = ProtocolVersion::V3_1_1;
-        let (ta, ra) = outbox();
-        let (tb, rb) = outbox();
+        let (ta, ra) = outbox_for(ProtocolVersion::V3_1_1);
+        let (tb, rb) = outbox_for(ProtocolVersion::V3_1_1);
         let a = connect(&mut c, "a", false, None, 10, ta).conn;
         let b = connect(&mut c, "b", false, None, 10, tb).conn;
         run2(c.subscribe("a", "$share/g/job", sub(QoS::AtLeastOnce)));
@@ -1298,28 +1361,27 @@ mod tests {
         assert_eq!(c.stats().dropped(DropReason::QueueFull), 1);
     }
 
-    /// A QoS 1 message too large for its client is dropped by the
-    /// connection's encoder; the core frees its packet id and sends the next.
+    /// A QoS 1 message too large for its client is dropped by its mailbox's
+    /// encoder; the core frees its packet id and sends the next.
     #[test]
     fn a_message_too_large_for_the_client_counts_as_delivered() {
         let mut c = Core::new();
         let v = ProtocolVersion::V5;
-        let (tx, rx) = outbox();
-        connect(&mut c, "small", true, GONE, 1, tx);
+        let o = Arc::new(Outbox::new(Encoder::new(v, 30, 0)));
+        connect(&mut c, "small", true, GONE, 1, o.clone());
         run2(c.subscribe("small", "m", sub(QoS::AtLeastOnce)));
         run(c.route(msg("m", QoS::AtLeastOnce, false, &"x".repeat(50))));
         run(c.route(msg("m", QoS::AtLeastOnce, false, "ok")));
-        let mut e = Encoder::new(v, 30, 0);
-        let mut out = Vec::new();
-        let items = rx.take();
-        assert_eq!(items.len(), 1, "window of one");
-        for o in items {
-            if let Encoded::TooLarge(pid) = e.encode(o, &mut out) {
-                run(c.discarded("small", pid));
-            }
+        let taken = o.take();
+        assert!(
+            taken.bytes.is_empty(),
+            "window of one, and that one too large"
+        );
+        assert_eq!(taken.discarded.len(), 1);
+        for pid in taken.discarded {
+            run(c.discarded("small", pid));
         }
-        assert!(out.is_empty());
-        assert_eq!(payloads(&rx, v), ["ok"]);
+        assert_eq!(payloads(&o, v), ["ok"]);
         assert_eq!(c.stats().dropped(DropReason::TooLarge), 1);
     }
 
@@ -1351,13 +1413,13 @@ mod tests {
     fn last_shared_member_keeps_its_unacked_message() {
         let mut c = Core::new();
         let v = ProtocolVersion::V3_1_1;
-        let (tx, rx) = outbox();
+        let (tx, rx) = outbox_for(ProtocolVersion::V3_1_1);
         let conn = connect(&mut c, "only", false, None, 10, tx).conn;
         run2(c.subscribe("only", "$share/g/work", sub(QoS::AtLeastOnce)));
         run(c.route(msg("work", QoS::AtLeastOnce, false, "job")));
         assert_eq!(payloads(&rx, v), ["job"]);
         run(c.disconnect("only", conn));
-        let (tx, rx) = outbox();
+        let (tx, rx) = outbox_for(ProtocolVersion::V3_1_1);
         assert!(connect(&mut c, "only", false, None, 10, tx).session_present);
         run(c.resume("only"));
         let again = drain(&rx, v);
@@ -1367,7 +1429,7 @@ mod tests {
         assert!(p.dup);
         assert_eq!(p.payload, Bytes::from_static(b"job"));
         // Still serving others.
-        let (tx, rx2) = outbox();
+        let (tx, rx2) = outbox_for(ProtocolVersion::V3_1_1);
         connect(&mut c, "other", true, GONE, 10, tx);
         run2(c.subscribe("other", "x", sub(QoS::AtMostOnce)));
         run(c.route(msg("x", QoS::AtMostOnce, false, "alive")));
@@ -1522,11 +1584,61 @@ mod tests {
         run(fx);
     }
 
+    /// Will Delay is bounded state in the core, not a sleeping task per
+    /// disconnect: a client that keeps leaving has one pending will.
+    #[test]
+    fn delayed_wills_are_one_per_client_and_cancelled_by_a_reconnect() {
+        let mut c = Core::new();
+        let v = ProtocolVersion::V5;
+        let (tx, rx) = outbox();
+        connect(&mut c, "watch", true, GONE, 10, tx);
+        run2(c.subscribe("watch", "will/#", sub(QoS::AtMostOnce)));
+        let day = Duration::from_secs(86_400);
+        for _ in 0..1000 {
+            let (tx, _rx) = outbox();
+            let conn = connect(&mut c, "flappy", false, Some(day), 10, tx).conn;
+            run(c.disconnect("flappy", conn));
+            c.schedule_will(
+                "flappy",
+                msg("will/flappy", QoS::AtMostOnce, false, "gone"),
+                day,
+            );
+        }
+        assert_eq!(c.pending_wills(), 1);
+        // Coming back cancels it.
+        let (tx, _rx) = outbox();
+        let conn = connect(&mut c, "flappy", false, Some(day), 10, tx).conn;
+        assert_eq!(c.pending_wills(), 0);
+        run(c.disconnect("flappy", conn));
+        // Due when the delay passes...
+        c.schedule_will(
+            "flappy",
+            msg("will/flappy", QoS::AtMostOnce, false, "late"),
+            Duration::from_secs(5),
+        );
+        run(c.publish_due_wills(Instant::now()));
+        assert!(payloads(&rx, v).is_empty());
+        run(c.publish_due_wills(Instant::now() + Duration::from_secs(6)));
+        assert_eq!(payloads(&rx, v), ["late"]);
+        // ...or at once when the session is gone.
+        let (tx, _rx) = outbox();
+        let conn = connect(&mut c, "brief", true, GONE, 10, tx).conn;
+        run(c.disconnect("brief", conn));
+        c.schedule_will(
+            "brief",
+            msg("will/brief", QoS::AtMostOnce, false, "bye"),
+            day,
+        );
+        run(c.publish_due_wills(Instant::now()));
+        assert_eq!(payloads(&rx, v), ["bye"]);
+        assert_eq!(c.pending_wills(), 0);
+    }
+
     #[test]
     fn outbound_window_is_capped_for_clients_without_receive_maximum() {
         let mut c = Core::new();
         let v = ProtocolVersion::V3_1_1;
-        let (tx, rx) = outbox();
+        let (tx, rx) = outbox_for(ProtocolVersion::V3_1_1);
         connect(&mut c, "v3", true, GONE, u16::MAX, tx);
         run2(c.subscribe("v3", "w", sub(QoS::AtLeastOnce)));
         for i in 0..250 {

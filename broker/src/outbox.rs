@@ -5,8 +5,10 @@
 //! it is written (protocol version, outbound topic aliases, the client's
 //! Maximum Packet Size) and does the encoding outside the core's lock.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::{Bytes, BytesMut};
 use mqlb_protocol::{Ack, MqttStr, Packet, PacketId, ProtocolVersion, Publish, ReasonCode};
 
 /// Why the broker closes a connection itself.
@@ -31,65 +33,106 @@ impl Closing {
     }
 }
 
-/// What a connection task receives from the core.
+/// What the core sends a connection.
+// Moved from the core to the mailbox and encoded at once, never stored:
+// boxing the PUBLISH would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outgoing {
     /// A PUBLISH, before topic-alias substitution.
-    Publish(Box<Publish>),
+    Publish(Publish),
     /// PUBREL for an outbound QoS 2 message whose PUBREC arrived.
     Pubrel(PacketId),
     /// Close the connection, after what was queued before.
     Close(Closing),
 }
 
-impl Outgoing {
-    /// Bytes this will take on the wire, near enough for backlog limits.
-    fn cost(&self) -> usize {
-        match self {
-            Outgoing::Publish(p) => p.topic.len() + p.payload.len() + 16,
-            Outgoing::Pubrel(_) => 4,
-            Outgoing::Close(_) => 0,
-        }
-    }
-}
-
 /// The mailbox between the core and one connection task, and the only way
 /// to queue anything for a connection.
 ///
-/// It counts what it holds under the same lock that queues and takes it,
-/// so the backlog a slow consumer is judged by cannot drift: nothing can be
-/// queued past the count, and the count can never go below zero.
+/// Items are encoded as they are pushed, by the pushing thread after the
+/// core's lock is released, straight into one buffer per connection: no
+/// allocation per message, and the connection task writes whatever has
+/// accumulated in one call. The backlog a slow consumer is judged by is that
+/// buffer's length, counted under the same lock that fills and drains it,
+/// so it cannot drift or go below zero.
 ///
-/// A queue behind a mutex plus a `Notify`, rather than a channel: tokio's
-/// channels allocate a 32-slot block up front, and most connections are
-/// idle. This allocates nothing until something is sent.
-#[derive(Debug, Default)]
+/// A mutex plus a `Notify`, rather than a channel: tokio's channels
+/// allocate a 32-slot block up front, and most connections are idle. This
+/// allocates nothing until something is sent.
+#[derive(Debug)]
 pub struct Outbox {
     queue: std::sync::Mutex<Queued>,
+    /// `Queued::bytes.len()`, readable without the lock.
+    backlog: AtomicUsize,
     notify: tokio::sync::Notify,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Queued {
-    items: VecDeque<Outgoing>,
-    /// Sum of the items' costs.
-    bytes: usize,
-    /// A close was queued: the connection is on its way out.
-    closing: bool,
+    bytes: BytesMut,
+    encoder: Encoder,
+    /// Packet ids of messages too large for the client, for the core to
+    /// forget (MQTT 5 3.1.2.11.4: discarded as if delivered).
+    discarded: Vec<Option<PacketId>>,
+    /// A close was queued: nothing more is accepted.
+    close: Option<Closing>,
+}
+
+/// What a connection task takes from its mailbox.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// Encoded packets to write.
+    pub bytes: Bytes,
+    /// Messages not sent because they exceed the client's Maximum Packet
+    /// Size; tell the core with `Core::discarded`.
+    pub discarded: Vec<Option<PacketId>>,
+    /// Close after writing `bytes`.
+    pub close: Option<Closing>,
+}
+
+impl Default for Outbox {
+    /// A mailbox for an MQTT 5 client without limits.
+    fn default() -> Self {
+        Self::new(Encoder::new(ProtocolVersion::V5, u32::MAX, 0))
+    }
 }
 
 impl Outbox {
+    /// A mailbox that encodes with `encoder` (the client's version and
+    /// limits).
+    pub fn new(encoder: Encoder) -> Self {
+        Self {
+            queue: std::sync::Mutex::new(Queued {
+                bytes: BytesMut::new(),
+                encoder,
+                discarded: Vec::new(),
+                close: None,
+            }),
+            backlog: AtomicUsize::new(0),
+            notify: tokio::sync::Notify::new(),
+        }
+    }
+
     fn queued(&self) -> std::sync::MutexGuard<'_, Queued> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues one item and wakes the connection task.
+    /// Encodes one item into the mailbox and wakes the connection task.
+    /// After a close nothing more is accepted.
     pub fn push(&self, o: Outgoing) {
         {
             let mut q = self.queued();
-            q.bytes += o.cost();
-            q.closing |= matches!(o, Outgoing::Close(_));
-            q.items.push_back(o);
+            if q.close.is_some() {
+                return;
+            }
+            let q = &mut *q;
+            match q.encoder.encode(o, &mut q.bytes) {
+                Encoded::Written => {}
+                Encoded::TooLarge(pid) => q.discarded.push(pid),
+                Encoded::Close(c) => q.close = Some(c),
+            }
+            self.backlog.store(q.bytes.len(), Ordering::Relaxed);
         }
         self.notify.notify_one();
     }
@@ -102,19 +145,23 @@ impl Outbox {
 
     /// Whether a close was asked for.
     pub fn is_closing(&self) -> bool {
-        self.queued().closing
+        self.queued().close.is_some()
     }
 
     /// Bytes queued and not yet taken by the connection task.
     pub fn backlog(&self) -> usize {
-        self.queued().bytes
+        self.backlog.load(Ordering::Relaxed)
     }
 
     /// Takes everything queued (possibly nothing).
-    pub fn take(&self) -> VecDeque<Outgoing> {
+    pub fn take(&self) -> Taken {
         let mut q = self.queued();
-        q.bytes = 0;
-        std::mem::take(&mut q.items)
+        self.backlog.store(0, Ordering::Relaxed);
+        Taken {
+            bytes: q.bytes.split().freeze(),
+            discarded: std::mem::take(&mut q.discarded),
+            close: q.close,
+        }
     }
 
     /// Resolves when something was sent since the last wake-up.
@@ -162,14 +209,12 @@ impl Encoder {
         }
     }
 
-    /// Appends `o`'s bytes to `out`.
-    pub fn encode(&mut self, o: Outgoing, out: &mut Vec<u8>) -> Encoded {
+    /// Appends `o`'s bytes to `out`; on refusal `out` is unchanged.
+    pub fn encode(&mut self, o: Outgoing, out: &mut BytesMut) -> Encoded {
         let mut publish = match o {
             Outgoing::Close(c) => return Encoded::Close(c),
             Outgoing::Pubrel(pid) => {
-                if let Ok(b) = Packet::Pubrel(Ack::new(pid)).to_bytes(self.version) {
-                    out.extend_from_slice(&b);
-                }
+                let _ = Packet::Pubrel(Ack::new(pid)).encode(self.version, out);
                 return Encoded::Written;
             }
             Outgoing::Publish(p) => p,
@@ -195,16 +240,15 @@ impl Encoder {
                 }
             }
         }
-        let Ok(bytes) = Packet::Publish(*publish).to_bytes(self.version) else {
-            return Encoded::TooLarge(pid);
-        };
-        if bytes.len() > self.maximum_packet_size {
+        let start = out.len();
+        let encoded = Packet::Publish(publish).encode(self.version, out);
+        if encoded.is_err() || out.len() - start > self.maximum_packet_size {
+            out.truncate(start);
             return Encoded::TooLarge(pid);
         }
         if let (Some((topic, alias)), Some(aliases)) = (new_alias, self.aliases.as_mut()) {
             aliases.insert(topic, alias);
         }
-        out.extend_from_slice(&bytes);
         Encoded::Written
     }
 }
@@ -212,11 +256,10 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::{Bytes, BytesMut};
     use mqlb_protocol::{Properties, QoS};
 
     fn publish(topic: &str, payload: &[u8]) -> Outgoing {
-        Outgoing::Publish(Box::new(Publish {
+        Outgoing::Publish(Publish {
             dup: false,
             qos: QoS::AtMostOnce,
             retain: false,
@@ -224,7 +267,7 @@ mod tests {
             packet_id: None,
             properties: Properties::default(),
             payload: Bytes::copy_from_slice(payload),
-        }))
+        })
     }
 
     fn decode_all(v: ProtocolVersion, bytes: &[u8]) -> Vec<Publish> {
@@ -240,7 +283,7 @@ mod tests {
     fn topic_aliases_and_maximum_packet_size() {
         let v = ProtocolVersion::V5;
         let mut e = Encoder::new(v, 60, 1);
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         assert_eq!(
             e.encode(publish("long/topic/name", b"a"), &mut out),
             Encoded::Written
@@ -275,7 +318,7 @@ mod tests {
     fn a_dropped_packet_does_not_assign_an_alias() {
         let v = ProtocolVersion::V5;
         let mut e = Encoder::new(v, 40, 5);
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         assert_eq!(
             e.encode(publish("t", &[0; 100]), &mut out),
             Encoded::TooLarge(None)
@@ -287,16 +330,26 @@ mod tests {
 
     #[test]
     fn backlog_counts_what_is_queued_and_never_underflows() {
-        let o = Outbox::default();
+        let o = Outbox::new(Encoder::new(ProtocolVersion::V5, 200, 0));
         o.push(publish("t", &[0; 100]));
-        o.push(Outgoing::Pubrel(PacketId::new(1).unwrap_or(PacketId::MIN)));
-        assert_eq!(o.backlog(), 1 + 100 + 16 + 4);
-        assert_eq!(o.take().len(), 2);
+        o.push(Outgoing::Pubrel(PacketId::MIN));
+        let first = o.backlog();
+        assert_eq!(first, 106 + 4);
+        // Too large: not queued, reported for the core to forget.
+        o.push(publish("t", &[0; 300]));
+        assert_eq!(o.backlog(), first);
+        let t = o.take();
+        assert_eq!(t.bytes.len(), first);
+        assert_eq!(t.discarded, [None]);
         assert_eq!(o.backlog(), 0);
-        assert!(o.take().is_empty());
+        assert!(o.take().bytes.is_empty());
         assert_eq!(o.backlog(), 0);
         assert!(!o.is_closing());
         o.close(Closing::ShuttingDown);
+        o.push(publish("t", b"late"));
         assert!(o.is_closing());
+        let t = o.take();
+        assert_eq!(t.close, Some(Closing::ShuttingDown));
+        assert!(t.bytes.is_empty(), "nothing is accepted after a close");
     }
 }

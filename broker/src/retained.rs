@@ -38,8 +38,13 @@ pub struct Retained {
 
 impl Retained {
     /// Applies a write if it is newer than the topic's last one: `Some`
-    /// stores a message, `None` deletes. Returns whether it applied.
+    /// stores a message, `None` deletes. Returns whether it applied. A
+    /// deletion of a topic never written leaves nothing behind, so empty
+    /// retained publishes to new topics cannot grow memory.
     pub fn set(&mut self, topic: &str, message: Option<Message>, version: Hlc) -> bool {
+        if message.is_none() && self.version(topic).is_none() {
+            return false;
+        }
         let mut node = &mut self.root;
         for level in topic.split('/') {
             node = node.children.entry(level.into()).or_default();
@@ -74,6 +79,60 @@ impl Retained {
             node = node.children.get(level)?;
         }
         node.last.as_ref().map(|(v, _)| *v)
+    }
+
+    /// Forgets deletions older than `before` and prunes the nodes they
+    /// leave empty. Deletion markers only matter while an older write could
+    /// still arrive from another node; after that they are garbage.
+    /// Iterative, like every walk here. Returns how many were forgotten.
+    pub fn prune_deletions(&mut self, before: Hlc) -> usize {
+        let mut paths: Vec<String> = Vec::new();
+        let mut stack: Vec<(&Node, String)> = self
+            .root
+            .children
+            .iter()
+            .map(|(k, n)| (n, k.to_string()))
+            .collect();
+        while let Some((n, path)) = stack.pop() {
+            if matches!(&n.last, Some((v, None)) if *v < before) {
+                paths.push(path.clone());
+            }
+            stack.extend(n.children.iter().map(|(k, c)| (c, format!("{path}/{k}"))));
+        }
+        for p in &paths {
+            self.remove_marker(p);
+        }
+        paths.len()
+    }
+
+    /// Clears `topic`'s deletion marker and removes the branch it leaves
+    /// empty (one walk to find the highest node that keeps something, one
+    /// to cut below it).
+    fn remove_marker(&mut self, topic: &str) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut cut = 0;
+        let mut node = &mut self.root;
+        for (depth, level) in levels.iter().enumerate() {
+            if depth == 0 || node.last.is_some() || node.children.len() > 1 {
+                cut = depth;
+            }
+            match node.children.get_mut(*level) {
+                Some(n) => node = n,
+                None => return,
+            }
+        }
+        node.last = None;
+        if !node.children.is_empty() {
+            return;
+        }
+        let mut parent = &mut self.root;
+        for level in &levels[..cut] {
+            match parent.children.get_mut(*level) {
+                Some(n) => parent = n,
+                None => return,
+            }
+        }
+        parent.children.remove(levels[cut]);
     }
 
     /// Retained messages stored.
@@ -206,6 +265,26 @@ mod tests {
         // The deletion's version still wins over an older set.
         assert!(!r.set("t", Some(msg("t")), v(5)));
         assert_eq!(r.version("t"), Some(v(6)));
+    }
+
+    #[test]
+    fn deletions_leave_nothing_behind_for_long() {
+        let mut r = Retained::default();
+        // Deleting what was never there stores nothing.
+        for i in 0..1000 {
+            assert!(!r.set(&format!("junk/{i}"), None, v(1)));
+        }
+        assert!(r.root.children.is_empty());
+        r.set("a/b/c", Some(msg("a/b/c")), v(2));
+        r.set("a/x", Some(msg("a/x")), v(3));
+        r.set("a/b/c", None, v(4));
+        assert_eq!(r.len(), 1);
+        // Markers newer than the cutoff stay; older ones go with their branch.
+        assert_eq!(r.prune_deletions(v(4)), 0);
+        assert_eq!(r.prune_deletions(v(5)), 1);
+        assert!(!r.root.children["a"].children.contains_key("b"));
+        assert!(r.get("a/x").is_some());
+        assert_eq!(r.version("a/b/c"), None);
     }
 
     #[test]

@@ -19,6 +19,10 @@ use crate::effects::LocalLog;
 use crate::outbox::Closing;
 use crate::state::State;
 
+/// How long a retained-message deletion is remembered, so that an older
+/// write replicated late cannot bring the message back.
+const RETAINED_DELETION_MEMORY: Duration = Duration::from_secs(3600);
+
 /// A broker node with its listener bound.
 #[derive(Debug)]
 pub struct Broker {
@@ -59,6 +63,7 @@ impl Broker {
             settings: Settings {
                 max_keep_alive: config.max_keep_alive,
                 max_topic_levels: config.max_topic_levels,
+                max_subscriptions: config.max_subscriptions,
             },
             shutdown_rate: config.shutdown_rate,
             shutdown_grace: config.shutdown_grace,
@@ -91,7 +96,13 @@ impl Broker {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        let (n, _) = state.ask(|core| core.expire_sessions(std::time::Instant::now()));
+                        let now = std::time::Instant::now();
+                        let (n, _) = state.ask(|core| {
+                            let (n, mut fx) = core.expire_sessions(now);
+                            fx.extend(core.publish_due_wills(now));
+                            core.prune_retained_deletions(RETAINED_DELETION_MEMORY);
+                            (n, fx)
+                        });
                         if n > 0 {
                             tracing::debug!(expired = n, "sessions expired");
                         }

@@ -66,6 +66,10 @@ pub struct BrokerConfig {
     /// Invalid; 3.x: the connection is closed, as Mosquitto does), so no
     /// per-level walk has a depth the network chose.
     pub max_topic_levels: usize,
+    /// Most subscriptions one session may hold (more get 0x97 Quota
+    /// exceeded): each costs memory, and a client must not grow the broker
+    /// without bound.
+    pub max_subscriptions: usize,
     /// Topic access rules; empty = allow all.
     pub acl: Vec<AclRule>,
     /// How often the `$SYS/broker/...` retained topics are refreshed.
@@ -92,6 +96,7 @@ impl Default for BrokerConfig {
             max_queued_messages: 1000,
             max_queued_bytes: 16 << 20,
             max_topic_levels: DEFAULT_MAX_TOPIC_LEVELS,
+            max_subscriptions: 10_000,
             acl: Vec::new(),
             sys_interval: std::time::Duration::from_secs(10),
             max_keep_alive: None,
@@ -175,6 +180,11 @@ impl BrokerConfig {
                     "max_topic_levels",
                     &b.max_topic_levels,
                     &mut c.max_topic_levels,
+                ),
+                (
+                    "max_subscriptions",
+                    &b.max_subscriptions,
+                    &mut c.max_subscriptions,
                 ),
             ] {
                 if let Some(v) = v {

@@ -46,6 +46,8 @@ pub struct BrokerFile {
     pub max_queued_bytes: Option<Spanned<i64>>,
     /// Most levels in a topic name or filter, default 200 (Mosquitto's).
     pub max_topic_levels: Option<Spanned<i64>>,
+    /// Most subscriptions per session, default 10000.
+    pub max_subscriptions: Option<Spanned<i64>>,
     /// How often `$SYS` topics are refreshed, default "10s".
     pub sys_interval: Option<Spanned<String>>,
     /// Longest keep-alive granted to v5 clients (Server Keep Alive), off by default.

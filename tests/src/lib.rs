@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mqlb_balancer::server::Shared;
+use mqlb_balancer::shared::Shared;
 use mqlb_config::Config;
 use tokio_util::sync::CancellationToken;
 

@@ -210,3 +210,39 @@ async fn qos0_still_flows_after_a_qos2_delivery() {
         }
     }
 }
+
+/// A session's subscriptions are capped (`max_subscriptions`): past the
+/// cap, v5 gets 0x97 Quota exceeded and 3.x 0x80 for each extra filter;
+/// replacing an existing subscription is always allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_per_session_are_capped() {
+    let dir = scratch_dir("subcap");
+    let cfg = dir.join("mqlb.toml");
+    std::fs::write(&cfg, "[broker]\nmax_subscriptions = 3\n").unwrap();
+    let b = BrokerProcess::start(&["--config", cfg.to_str().unwrap()]);
+    for (v, over) in [(5u8, 0x97u8), (4, 0x80)] {
+        let (mut s, _) = raw::connect_and_ack(&b.addr, &format!("cap{v}"), v).await;
+        let mut body = vec![0, 7];
+        if v == 5 {
+            body.push(0);
+        }
+        for f in ["a", "b", "c", "d"] {
+            body.extend_from_slice(&[0, 1]);
+            body.extend_from_slice(f.as_bytes());
+            body.push(1);
+        }
+        s.write_all(&raw::frame(0x82, &body)).await.unwrap();
+        let head = if v == 5 { 5 } else { 4 };
+        let suback = raw::read_n(&mut s, head + 4, T).await;
+        assert_eq!(&suback[head..], [1, 1, 1, over], "v{v}: {suback:02x?}");
+        // Re-subscribing to one it holds is not a new subscription.
+        let mut body = vec![0, 8];
+        if v == 5 {
+            body.push(0);
+        }
+        body.extend_from_slice(&[0, 1, b'a', 0]);
+        s.write_all(&raw::frame(0x82, &body)).await.unwrap();
+        let suback = raw::read_n(&mut s, head + 1, T).await;
+        assert_eq!(suback.last(), Some(&0), "v{v}: {suback:02x?}");
+    }
+}
