@@ -691,12 +691,7 @@ impl Core {
         if p.qos == QoS::AtMostOnce {
             return; // QoS 0 is not queued for offline sessions
         }
-        change(
-            fx,
-            &e.id,
-            &mut e.session,
-            SessionChange::Enqueued(Box::new(p)),
-        );
+        change(fx, &e.id, &mut e.session, SessionChange::Enqueued(p));
         while e.session.queue.len() > self.limits.max_queued_messages
             || e.session.queued_bytes > self.limits.max_queued_bytes
         {
@@ -777,8 +772,8 @@ impl Core {
                 &mut e.session,
                 SessionChange::Sent {
                     pid,
-                    publish: Box::new(publish.clone()),
-                    pending: Box::new(p),
+                    publish: publish.clone(),
+                    pending: p,
                 },
             );
         }
@@ -989,8 +984,8 @@ impl Core {
             let Some(pid) = m.publish.packet_id else {
                 continue;
             };
-            let publish = Box::new(m.publish.clone());
-            inflight.push((state, pid, publish, Box::new(pending(m))));
+            let publish = m.publish.clone();
+            inflight.push((state, pid, publish, pending(m)));
         }
         let queued: Vec<Pending> = snap.queued.into_iter().map(pending).collect();
         for (state, pid, publish, pending) in inflight {
@@ -1007,7 +1002,7 @@ impl Core {
             }
         }
         for p in queued {
-            apply(&mut e.session, SessionChange::Enqueued(Box::new(p)));
+            apply(&mut e.session, SessionChange::Enqueued(p));
         }
         apply(&mut e.session, SessionChange::PidCursor(snap.next_pid));
         apply(&mut e.session, SessionChange::Detached);

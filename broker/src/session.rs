@@ -39,6 +39,9 @@ pub struct Inflight {
 
 /// One change to a session. Applied in order, the changes of a session
 /// rebuild it exactly.
+// The message-carrying variants are moved straight into the session; boxing
+// them would cost two allocations per QoS 1/2 message on the hot path.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionChange {
     /// A connection attached (first connect, resume or takeover), starting
@@ -68,7 +71,7 @@ pub enum SessionChange {
         filter: String,
     },
     /// A message joined the back of the queue.
-    Enqueued(Box<Pending>),
+    Enqueued(Pending),
     /// The message at the front of the queue left it (sent, expired or
     /// dropped at a limit).
     Dequeued,
@@ -80,9 +83,9 @@ pub enum SessionChange {
         /// Packet id; also the last id handed out.
         pid: PacketId,
         /// The PUBLISH as sent.
-        publish: Box<Publish>,
+        publish: Publish,
         /// What it was made from.
-        pending: Box<Pending>,
+        pending: Pending,
     },
     /// PUBREC arrived for `pid`; PUBREL was sent.
     Received(PacketId),
@@ -162,7 +165,7 @@ impl Session {
             }
             SessionChange::Enqueued(p) => {
                 self.queued_bytes += p.msg.payload.len();
-                self.queue.push_back(*p);
+                self.queue.push_back(p);
             }
             SessionChange::Dequeued => {
                 let p = self.queue.pop_front()?;
@@ -196,9 +199,9 @@ impl Session {
                 self.inflight.insert(
                     pid.get(),
                     Inflight {
-                        publish: *publish,
+                        publish,
                         state,
-                        pending: *pending,
+                        pending,
                     },
                 );
             }
