@@ -14,6 +14,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use mqlb_protocol::{
     framing, BoundaryTracker, ConnackReturnCode, Disconnect, MqttStr, Packet, Properties,
     ProtocolVersion, ReasonCode,
@@ -22,11 +23,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+use crate::bufpool;
 use crate::registry::{EvictHandle, Eviction};
 use crate::select::Backend;
-
-/// Read buffer per direction, allocated when the splice starts.
-const BUF_SIZE: usize = 16 * 1024;
 
 /// Longest we wait to write an injected packet to a peer that may be hung.
 const INJECT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -103,13 +102,14 @@ fn client_disconnect(e: &Eviction) -> Option<Vec<u8>> {
 /// Normal DISCONNECT, the same two bytes in every version.
 const NORMAL_DISCONNECT: [u8; 2] = [0xE0, 0x00];
 
-/// Writes `prefix` (the buffered CONNECT) to the backend, then forwards both
-/// ways until both directions are closed, one fails, or `evict` fires.
-/// `on_connack` is called once if the backend's first packet is a CONNACK.
+/// Writes `prefix` (the buffered CONNECT) to the backend and frees it, then
+/// forwards both ways until both directions are closed, one fails, or
+/// `evict` fires. `on_connack` is called once if the backend's first packet
+/// is a CONNACK.
 pub async fn splice(
     client: TcpStream,
     backend: TcpStream,
-    prefix: &[u8],
+    prefix: BytesMut,
     version: ProtocolVersion,
     evict: &EvictHandle,
     on_connack: impl FnOnce(ConnackSeen),
@@ -117,7 +117,9 @@ pub async fn splice(
     let (mut cr, mut cw) = client.into_split();
     let (mut br, mut bw) = backend.into_split();
     let started = Instant::now();
-    bw.write_all(prefix).await?;
+    bw.write_all(&prefix).await?;
+    let prefix_len = prefix.len() as u64;
+    drop(prefix);
 
     let mut connack = ConnackSniffer::new(version, started, on_connack);
     let up = pump(
@@ -153,7 +155,7 @@ pub async fn splice(
     let (to_backend, up_evicted, _) = up_done.unwrap_or_default();
     let (to_client, down_evicted, disconnect_sent) = down_done.unwrap_or_default();
     Ok(Spliced {
-        to_backend: to_backend + prefix.len() as u64,
+        to_backend: to_backend + prefix_len,
         to_client,
         evicted: up_evicted || down_evicted,
         disconnect_sent,
@@ -174,22 +176,31 @@ async fn pump(
 ) -> io::Result<(u64, bool, bool)> {
     let mut tracker = BoundaryTracker::default();
     let mut framed = true;
-    let mut buf = vec![0u8; BUF_SIZE];
     let mut total = 0u64;
     let mut whole = true;
     loop {
-        // Eviction first: once it is requested, a peer's EOF racing it (the
-        // backend closing after the other direction's DISCONNECT) must not
-        // skip the injection.
-        let n = tokio::select! {
+        // Wait for data before borrowing a buffer: an idle connection holds
+        // none. Eviction first: once it is requested, a peer's EOF racing it
+        // (the backend closing after the other direction's DISCONNECT) must
+        // not skip the injection.
+        tokio::select! {
             biased;
             _ = evict.requested() => break,
-            r = from.read(&mut buf) => match r {
-                Ok(n) => n,
-                // A reset from one peer ends this direction; the other
-                // direction sees its own EOF or error.
-                Err(e) => { let _ = to.shutdown().await; return Err(e) }
+            r = from.readable() => if let Err(e) = r {
+                let _ = to.shutdown().await;
+                return Err(e);
             },
+        }
+        let mut buf = bufpool::lend();
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            // A reset from one peer ends this direction; the other
+            // direction sees its own EOF or error.
+            Err(e) => {
+                let _ = to.shutdown().await;
+                return Err(e);
+            }
         };
         if n == 0 {
             let _ = to.shutdown().await;
@@ -219,6 +230,7 @@ async fn pump(
     // Evicted: complete the packet in progress, reading no further than its
     // end, then inject at the boundary.
     let finish = async {
+        let mut buf = bufpool::lend();
         while whole && framed && !tracker.at_boundary() {
             let want = tracker.to_boundary().unwrap_or(1).clamp(1, buf.len());
             let n = from.read(&mut buf[..want]).await?;

@@ -8,6 +8,7 @@
 //! * [`handshake`]: reads the client's CONNECT under a deadline and a size
 //!   cap, and answers refusals the way a strict broker would.
 //! * [`select`]: the backend set and placement by client ID.
+//! * [`bufpool`]: read buffers lent only while bytes move.
 //! * [`forward`]: connects to the chosen backend and splices bytes both ways,
 //!   tracking packet boundaries on the backend→client side.
 //! * [`metrics`]: counters and histograms the admin API exposes.
@@ -32,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bufpool;
 pub mod cli;
 pub mod evict;
 pub mod forward;

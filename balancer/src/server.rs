@@ -411,7 +411,7 @@ async fn handle(
     match forward::splice(
         client,
         backend_stream,
-        &hs.buf,
+        hs.buf,
         hs.version,
         &evict,
         on_connack,

@@ -3,9 +3,14 @@
 //! reference config), and through mqlb. Same machine, same run, interleaved
 //! rounds; reports medians and ratios.
 //!
-//! Run: `cargo bench -p mqlb-tests --bench proxy` (needs `mosquitto` and
-//! `haproxy`; `.ci/run` installs both). Env `MQLB_BENCH_SCALE` (default 1)
-//! multiplies the work per round.
+//! mqlb runs as its own process (`mqlb balance`), like HAProxy, so that
+//! its memory and CPU are measured the same way.
+//!
+//! Run: `cargo build --release && cargo bench -p mqlb-tests --bench proxy`
+//! (needs `mosquitto` and `haproxy`; `.ci/run` installs both). Env
+//! `MQLB_BENCH_SCALE` (default 1) multiplies the work per round;
+//! `MQLB_BENCH_IDLE` (default "1000,9000") lists the idle-connection counts
+//! at which RSS per connection is measured.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -13,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mqlb_tests::raw::{self, read_n};
-use mqlb_tests::{config, free_port, scratch_dir, wait_listening, Mosquitto, RunningBalancer};
+use mqlb_tests::{free_port, mqlb_bin, scratch_dir, wait_listening, KillOnDrop, Mosquitto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -30,7 +35,7 @@ impl Haproxy {
             &cfg,
             format!(
                 r#"global
-    maxconn 9000
+    maxconn 9500
 defaults
     mode tcp
     timeout connect 5s
@@ -183,8 +188,91 @@ async fn qos1_latency(addr: &str, n: usize) -> (Duration, Duration) {
     (pct(&lat, 0.5), pct(&lat, 0.99))
 }
 
+/// A fleet reconnecting: `n` clients, `at_once` connecting concurrently,
+/// each CONNECT → CONNACK → DISCONNECT. Returns (conn/s, p50, p99).
+async fn concurrent_connects(addr: &str, n: usize, at_once: usize) -> (f64, Duration, Duration) {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..at_once {
+        let (addr, next) = (addr.to_string(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return lat;
+                }
+                let t = Instant::now();
+                let (mut s, ack) = raw::connect_and_ack(&addr, &format!("storm-{i}"), 4).await;
+                assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+                lat.push(t.elapsed());
+                let _ = s.write_all(&[0xE0, 0x00]).await;
+            }
+        }));
+    }
+    let mut lat = Vec::with_capacity(n);
+    for w in workers {
+        lat.extend(w.await.unwrap());
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    lat.sort();
+    (rate, pct(&lat, 0.5), pct(&lat, 0.99))
+}
+
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ')'.
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+}
+
+/// Opens `n` idle MQTT connections (CONNECT, CONNACK, then nothing) through
+/// `addr`, and returns the proxy process's RSS growth per connection, KiB.
+async fn idle_rss_per_conn(addr: &str, pid: u32, n: usize) -> f64 {
+    let before = rss_kib(pid);
+    let mut held = Vec::with_capacity(n);
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(50));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (addr, sem) = (addr.to_string(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire().await.unwrap();
+            let (s, ack) = raw::connect_and_ack(&addr, &format!("idle-{i}"), 4).await;
+            assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "idle connection {i}");
+            s
+        }));
+    }
+    for t in tasks {
+        held.push(t.await.unwrap());
+    }
+    // Let both sides settle, as an idle fleet does.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid);
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (after - before) / n as f64
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
@@ -193,66 +281,111 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    let mosquitto = Mosquitto::start_with("max_queued_messages 1000000\nmax_inflight_messages 0");
-    let (_haproxy, hport) = Haproxy::start(&mosquitto.addr());
-
-    // mqlb gets its own runtime on its own threads, like a separate process.
-    let lb_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let lb = lb_rt.block_on(RunningBalancer::start(config(
-        &[("b1", mosquitto.addr())],
-        "",
-    )));
-    let client_rt = tokio::runtime::Builder::new_current_thread()
+    let idle_counts: Vec<usize> = std::env::var("MQLB_BENCH_IDLE")
+        .unwrap_or_else(|_| "1000,9000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let mosquitto = Mosquitto::start_with(
+        "max_queued_messages 1000000\nmax_inflight_messages 0\nmax_connections -1",
+    );
+    let (haproxy, hport) = Haproxy::start(&mosquitto.addr());
+    let lport = free_port();
+    let lb = KillOnDrop(
+        Command::new(mqlb_bin())
+            .args([
+                "balance",
+                "--listen",
+                &format!("127.0.0.1:{lport}"),
+                "--backend",
+                &format!("b1={}", mosquitto.addr()),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run `cargo build --release` first"),
+    );
+    assert!(wait_listening(
+        &format!("127.0.0.1:{lport}"),
+        Duration::from_secs(5)
+    ));
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
 
     let paths = [
-        ("direct", mosquitto.addr()),
-        ("haproxy", format!("127.0.0.1:{hport}")),
-        ("mqlb", lb.addr.to_string()),
+        ("direct", mosquitto.addr(), None),
+        (
+            "haproxy",
+            format!("127.0.0.1:{hport}"),
+            Some(haproxy.0.id()),
+        ),
+        ("mqlb", format!("127.0.0.1:{lport}"), Some(lb.0.id())),
     ];
-    let mut conn_rate = vec![Vec::new(); 3];
-    let mut conn_p50 = vec![Vec::new(); 3];
-    let mut conn_p99 = vec![Vec::new(); 3];
-    let mut q0 = vec![Vec::new(); 3];
-    let mut q1_p50 = vec![Vec::new(); 3];
-    let mut q1_p99 = vec![Vec::new(); 3];
+    let mut rows: Vec<(String, Vec<Vec<f64>>)> = [
+        "connects/s (sequential)",
+        "CONNECT->CONNACK p50 us (seq)",
+        "CONNECT->CONNACK p99 us (seq)",
+        "connects/s (50 at once)",
+        "CONNECT->CONNACK p50 us (50)",
+        "CONNECT->CONNACK p99 us (50)",
+        "QoS0 msgs/s (64 B)",
+        "proxy CPU s per 1M QoS0 msgs",
+        "QoS1 PUBLISH->PUBACK p50 us",
+        "QoS1 PUBLISH->PUBACK p99 us",
+    ]
+    .iter()
+    .map(|l| (l.to_string(), vec![Vec::new(); 3]))
+    .collect();
+    for n in &idle_counts {
+        rows.push((format!("RSS KiB per idle conn ({n})"), vec![Vec::new(); 3]));
+    }
     client_rt.block_on(async {
         for round in 0..ROUNDS {
-            for (i, (name, addr)) in paths.iter().enumerate() {
+            for (i, (name, addr, pid)) in paths.iter().enumerate() {
                 let (rate, p50, p99) = connects(addr, 1000 * scale).await;
-                conn_rate[i].push(rate);
-                conn_p50[i].push(p50.as_secs_f64() * 1e6);
-                conn_p99[i].push(p99.as_secs_f64() * 1e6);
-                q0[i].push(qos0_throughput(addr, 100_000 * scale).await);
+                rows[0].1[i].push(rate);
+                rows[1].1[i].push(p50.as_secs_f64() * 1e6);
+                rows[2].1[i].push(p99.as_secs_f64() * 1e6);
+                let (rate, p50, p99) = concurrent_connects(addr, 3000 * scale, 50).await;
+                rows[3].1[i].push(rate);
+                rows[4].1[i].push(p50.as_secs_f64() * 1e6);
+                rows[5].1[i].push(p99.as_secs_f64() * 1e6);
+                let cpu0 = pid.map_or(0.0, cpu_seconds);
+                let n = 100_000 * scale;
+                rows[6].1[i].push(qos0_throughput(addr, n).await);
+                let cpu = pid.map_or(0.0, cpu_seconds) - cpu0;
+                rows[7].1[i].push(cpu * 1e6 / n as f64);
                 let (a, b) = qos1_latency(addr, 3000 * scale).await;
-                q1_p50[i].push(a.as_secs_f64() * 1e6);
-                q1_p99[i].push(b.as_secs_f64() * 1e6);
+                rows[8].1[i].push(a.as_secs_f64() * 1e6);
+                rows[9].1[i].push(b.as_secs_f64() * 1e6);
                 eprintln!("round {round} {name} done");
             }
         }
+        // Idle memory once per count (it does not vary by round).
+        for (k, n) in idle_counts.iter().enumerate() {
+            for (i, (name, addr, pid)) in paths.iter().enumerate() {
+                let v = match pid {
+                    Some(pid) => idle_rss_per_conn(addr, *pid, *n).await,
+                    None => f64::NAN,
+                };
+                for _ in 0..ROUNDS {
+                    rows[10 + k].1[i].push(v);
+                }
+                eprintln!("idle {n} {name}: {v:.2} KiB per connection");
+            }
+        }
     });
-    let rows: [(&str, &Vec<Vec<f64>>, bool); 6] = [
-        ("connects/s (sequential)", &conn_rate, true),
-        ("CONNECT->CONNACK p50 us", &conn_p50, false),
-        ("CONNECT->CONNACK p99 us", &conn_p99, false),
-        ("QoS0 msgs/s (64 B)", &q0, true),
-        ("QoS1 PUBLISH->PUBACK p50 us", &q1_p50, false),
-        ("QoS1 PUBLISH->PUBACK p99 us", &q1_p99, false),
-    ];
     println!(
-        "\n{:<30} {:>12} {:>12} {:>12} {:>14} {:>14}",
+        "\n{:<32} {:>12} {:>12} {:>12} {:>14} {:>14}",
         "median of 3 rounds", "direct", "haproxy", "mqlb", "mqlb/direct", "mqlb/haproxy"
     );
-    for (label, data, _higher_is_better) in rows {
+    for (label, data) in &rows {
         let m: Vec<f64> = data.iter().map(|v| median(v.clone())).collect();
         println!(
-            "{:<30} {:>12.1} {:>12.1} {:>12.1} {:>14.2} {:>14.2}",
+            "{:<32} {:>12.2} {:>12.2} {:>12.2} {:>14.2} {:>14.2}",
             label,
             m[0],
             m[1],
@@ -261,6 +394,4 @@ fn main() {
             m[2] / m[1]
         );
     }
-    drop(lb);
-    drop(lb_rt);
 }
