@@ -42,14 +42,35 @@ impl Reply {
     }
 }
 
+/// Admin and health connections served at once; more wait in the backlog.
+/// An HTTP port is not a data path: this bounds what a misbehaving scraper
+/// or a stranger holding sockets open can cost.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Time for a request's headers to arrive (slowloris).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Longest life of one HTTP connection, keep-alive included.
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Serves `handler` on `listener` until `shutdown`. Accept errors are logged
-/// and the loop goes on.
+/// and the loop goes on. At most [`MAX_CONNECTIONS`] are served at once,
+/// each for at most [`CONNECTION_LIFETIME`], with [`HEADER_TIMEOUT`] for
+/// each request's headers.
 pub async fn serve<F>(listener: TcpListener, shutdown: CancellationToken, handler: F)
 where
     F: Fn(&Method, &str) -> Reply + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.cancelled() => return,
+        };
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -73,9 +94,12 @@ where
                 async move { Ok::<_, Infallible>(resp) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(io, svc);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(permit);
         });
     }
 }

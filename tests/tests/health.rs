@@ -416,6 +416,32 @@ async fn metrics_escape_label_values() {
     lb.stop().await;
 }
 
+/// The admin port is no data path: a client that never finishes its
+/// request headers is cut after the header timeout, and meanwhile other
+/// requests are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_port_cuts_slow_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = Mosquitto::start();
+    let lb = RunningBalancer::start(config(
+        &[("b1", m.addr())],
+        "[health]\nenabled = false\n[admin]\naddress = \"127.0.0.1:0\"\n",
+    ))
+    .await;
+    let admin = lb.admin.unwrap().to_string();
+    let mut slow = tokio::net::TcpStream::connect(&admin).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert_eq!(http(&admin, "GET", "/healthz").await.0, 200);
+    let started = Instant::now();
+    let mut b = [0u8; 256];
+    let r = tokio::time::timeout(Duration::from_secs(20), slow.read(&mut b)).await;
+    assert!(r.is_ok(), "slow admin client never cut");
+    eprintln!("slow admin client cut after {:?}", started.elapsed());
+    lb.stop().await;
+}
+
 /// `mqlb check`: 0 against a live broker, 1 against a stopped one and
 /// against a port with no listener.
 #[test]
