@@ -225,6 +225,10 @@ pub fn main() -> ExitCode {
             if admin.is_some() {
                 cfg.admin = admin;
             }
+            match crate::fdlimit::raise() {
+                Ok(limit) => tracing::info!(limit, "open-file limit"),
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+            }
             let Some(rt) = runtime() else {
                 return ExitCode::FAILURE;
             };
@@ -379,6 +383,16 @@ fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    match crate::fdlimit::raise() {
+        Ok(limit) => {
+            let max = config.balancer.max_connections;
+            match crate::fdlimit::shortfall(limit, max, config.backends.len()) {
+                Some(warning) => tracing::warn!("{warning}"),
+                None => tracing::info!(limit, "open-file limit"),
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
     rt.block_on(async {
         let balancer = match crate::Balancer::bind(config).await {
             Ok(b) => b,

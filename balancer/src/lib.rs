@@ -14,6 +14,7 @@
 //! * [`metrics`]: counters and histograms the admin API exposes.
 //! * [`registry`]: live connections, by backend and client ID.
 //! * [`limit`]: the concurrent-connection cap, resizable on reload.
+//! * [`fdlimit`]: raises the open-file limit and checks it against the config.
 //! * [`evict`]: paced closing of a failed or drained backend's clients.
 //! * [`admin`]: the admin HTTP API (health, backends, clients, metrics, drain).
 //! * [`sidecar`]: `mqlb healthcheck`, an HTTP health endpoint backed by MQTT probes.
@@ -26,7 +27,7 @@
 //! shutdown), tracing, arc-swap (lock-free backend snapshots the data path
 //! reads while health or reload writes), clap (the CLI operators expect,
 //! with `--help`), hyper (admin API: HTTP/1 only, no TLS, small), serde_json
-//! (admin JSON), fastrand (jitter), and our own protocol, placement, config
+//! (admin JSON), fastrand (jitter), rlimit (safe setrlimit), and our own protocol, placement, config
 //! and healthcheck crates. Metrics are rendered by hand in Prometheus text
 //! format: a dozen families do not justify a metrics framework.
 
@@ -36,6 +37,7 @@ pub mod admin;
 pub mod bufpool;
 pub mod cli;
 pub mod evict;
+pub mod fdlimit;
 pub mod forward;
 pub mod handshake;
 pub mod http;

@@ -68,3 +68,67 @@ fn shipped_example_config_is_valid() {
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 listener(s), 3 backend(s))"));
 }
+
+/// At start-up the balancer raises its soft open-file limit to the hard
+/// limit, as HAProxy does, and warns with the numbers when
+/// `max_connections` cannot fit.
+#[test]
+fn balance_raises_the_open_file_limit_and_warns_when_it_is_short() {
+    use std::io::{BufRead, BufReader};
+    let p = write(
+        "fds.toml",
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\nname = \"b1\"\naddress = \"127.0.0.1:1\"\n\
+         [balancer]\nmax_connections = 1000000000000\n[health]\nenabled = false\n",
+    );
+    // Start it with a low soft limit, as most systems do.
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -Sn 256 && exec \"$0\" balance --config \"$1\"",
+            env!("CARGO_BIN_EXE_mqlb"),
+        ])
+        .arg(&p)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut warning = None;
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        if line.contains("file descriptors") {
+            warning = Some(line);
+            break;
+        }
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = warning.expect("no open-file warning");
+    assert!(
+        warning.contains("max_connections = 1000000000000 needs 2000000000065"),
+        "{warning}"
+    );
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>();
+    assert_eq!(open_files.len(), 2, "{limits}");
+    assert_eq!(
+        open_files[0], open_files[1],
+        "soft limit not raised: {limits}"
+    );
+}

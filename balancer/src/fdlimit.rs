@@ -1,0 +1,61 @@
+//! The open-file limit. Every proxied connection costs the balancer two
+//! file descriptors, so the default soft limit (often 1,024) caps a fleet at
+//! about 500 clients. At start-up the soft limit is raised to the hard one,
+//! as HAProxy does, and a configuration whose `max_connections` cannot fit
+//! is reported with the numbers.
+//!
+//! Uses the `rlimit` crate: a small, safe wrapper over getrlimit/setrlimit,
+//! so this crate keeps `unsafe` out.
+
+/// Descriptors kept for listeners, the admin API, health probes, DNS and
+/// log files, beyond the two per proxied connection.
+pub const SLACK: u64 = 64;
+
+/// Descriptors `max_connections` proxied clients need, probes to `backends`
+/// included.
+pub fn needed(max_connections: usize, backends: usize) -> u64 {
+    (max_connections as u64).saturating_mul(2) + backends as u64 + SLACK
+}
+
+/// Raises the soft limit to the hard limit; returns the limit in force.
+pub fn raise() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
+/// A warning when `limit` descriptors cannot hold `max_connections`
+/// clients, naming both numbers and the fix.
+pub fn shortfall(limit: u64, max_connections: usize, backends: usize) -> Option<String> {
+    let need = needed(max_connections, backends);
+    (need > limit).then(|| {
+        let fits = limit.saturating_sub(backends as u64 + SLACK) / 2;
+        format!(
+            "max_connections = {max_connections} needs {need} file descriptors (2 per client + {}), \
+             but the limit is {limit}: about {fits} clients fit. Raise the hard limit \
+             (LimitNOFILE= in systemd, ulimit -Hn) or lower max_connections",
+            backends as u64 + SLACK
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_and_warning() {
+        assert_eq!(needed(9000, 3), 18_000 + 3 + SLACK);
+        assert!(shortfall(20_000, 9000, 3).is_none());
+        let w = shortfall(20_000, 100_000, 3).unwrap_or_default();
+        assert!(w.contains("needs 200067"), "{w}");
+        assert!(w.contains("limit is 20000"), "{w}");
+        assert!(w.contains("about 9966 clients fit"), "{w}");
+    }
+
+    #[test]
+    fn raising_reaches_the_hard_limit() {
+        let limit = raise().unwrap_or(0);
+        let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((0, 0));
+        assert_eq!(soft, limit);
+        assert!(soft <= hard);
+    }
+}
