@@ -11,6 +11,8 @@
 //! while the reverse direction keeps flowing.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +23,7 @@ use mqlb_protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::bufpool;
 use crate::registry::{EvictHandle, Eviction};
@@ -30,16 +32,96 @@ use crate::select::Backend;
 /// Longest we wait to write an injected packet to a peer that may be hung.
 const INJECT_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// Connects to the first candidate that accepts within `timeout`.
+/// Where backend connections come from: local source addresses taken in
+/// turn, or the kernel's choice.
+#[derive(Debug, Default)]
+pub struct Sources {
+    addrs: Vec<IpAddr>,
+    next: AtomicUsize,
+}
+
+impl Sources {
+    /// Sources used in turn; empty lets the kernel choose.
+    pub fn new(addrs: Vec<IpAddr>) -> Self {
+        Self {
+            addrs,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The source for the next connection.
+    fn pick(&self) -> Option<IpAddr> {
+        if self.addrs.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.addrs.get(i % self.addrs.len()).copied()
+    }
+
+    /// Checks that every source is a local address that can be bound.
+    pub fn check(&self) -> io::Result<()> {
+        for ip in &self.addrs {
+            let s = if ip.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            s.bind(SocketAddr::new(*ip, 0)).map_err(|e| {
+                io::Error::new(e.kind(), format!("source address {ip} cannot be used: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens TCP to `addr` from `source`, when given. The source port is left
+/// to `connect` (IP_BIND_ADDRESS_NO_PORT, as HAProxy does), so one source
+/// IP is not limited to one ephemeral port range across all backends.
+async fn connect_from(addr: &str, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let Some(src) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = io::Error::new(
+        io::ErrorKind::AddrNotAvailable,
+        format!("{addr} has no address of the family of source {src}"),
+    );
+    for dst in tokio::net::lookup_host(addr).await? {
+        if dst.is_ipv4() != src.is_ipv4() {
+            continue;
+        }
+        let socket = if dst.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        #[cfg(target_os = "linux")]
+        let _ = nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        );
+        socket.bind(SocketAddr::new(src, 0))?;
+        match socket.connect(dst).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Connects to the first candidate that accepts within `timeout`, from the
+/// next of `sources`.
 ///
 /// Returns the stream and the backend, or `None` when every candidate failed.
 /// Each failure is counted on its backend and reported as a passive signal.
 pub async fn connect_first(
     candidates: &[Arc<Backend>],
     timeout: Duration,
+    sources: &Sources,
 ) -> Option<(TcpStream, Arc<Backend>)> {
     for backend in candidates {
-        match tokio::time::timeout(timeout, TcpStream::connect(backend.address.as_str())).await {
+        let source = sources.pick();
+        match tokio::time::timeout(timeout, connect_from(backend.address.as_str(), source)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 return Some((stream, backend.clone()));

@@ -27,8 +27,10 @@
 //! shutdown), tracing, arc-swap (lock-free backend snapshots the data path
 //! reads while health or reload writes), clap (the CLI operators expect,
 //! with `--help`), hyper (admin API: HTTP/1 only, no TLS, small), serde_json
-//! (admin JSON), fastrand (jitter), rlimit (safe setrlimit), and our own protocol, placement, config
-//! and healthcheck crates. Metrics are rendered by hand in Prometheus text
+//! (admin JSON), fastrand (jitter), rlimit (safe setrlimit), nix (the
+//! IP_BIND_ADDRESS_NO_PORT socket option for source addresses, without
+//! `unsafe` here), and our own protocol, placement, config and healthcheck
+//! crates. Metrics are rendered by hand in Prometheus text
 //! format: a dozen families do not justify a metrics framework.
 
 #![forbid(unsafe_code)]

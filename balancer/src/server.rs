@@ -161,6 +161,8 @@ impl Balancer {
             }
         }
         let limit = ConnectionLimit::new(config.balancer.max_connections);
+        let sources = forward::Sources::new(config.balancer.source_addresses.clone());
+        sources.check()?;
         let shared = Arc::new(Shared {
             backends,
             metrics: Metrics::default(),
@@ -170,6 +172,7 @@ impl Balancer {
             checker: checker.map(Mutex::new),
             config_path: std::sync::OnceLock::new(),
             limit,
+            sources: ArcSwap::from_pointee(sources),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
         });
         Ok(Balancer {
@@ -372,8 +375,9 @@ async fn handle(
 
     let key = placement_key(&hs.client_id, peer, settings.empty_client_id);
     let candidates = shared.backends.candidates(&key);
+    let sources = shared.sources.load_full();
     let connected = tokio::select! {
-        c = forward::connect_first(&candidates, settings.backend_connect_timeout) => c,
+        c = forward::connect_first(&candidates, settings.backend_connect_timeout, &sources) => c,
         _ = shutdown.cancelled() => return,
     };
     let Some((backend_stream, backend)) = connected else {

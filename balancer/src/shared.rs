@@ -38,6 +38,8 @@ pub struct Shared {
     pub evictor: Evictor,
     /// `max_connections`, resized on reload.
     pub limit: Arc<ConnectionLimit>,
+    /// Local addresses backend connections come from (swapped on reload).
+    pub sources: arc_swap::ArcSwap<crate::forward::Sources>,
     /// Set once a graceful shutdown has begun: `/readyz` answers 503.
     pub shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -82,6 +84,11 @@ impl Shared {
         }
         if new.balancer.max_connections != old.balancer.max_connections {
             self.limit.resize(new.balancer.max_connections);
+        }
+        if new.balancer.source_addresses != old.balancer.source_addresses {
+            self.sources.store(Arc::new(crate::forward::Sources::new(
+                new.balancer.source_addresses.clone(),
+            )));
         }
         let (added, removed) = self.backends.replace(&new.backends);
         if let Some(checker) = &self.checker {

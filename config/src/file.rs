@@ -162,6 +162,8 @@ pub struct BalancerFile {
     pub max_connections: Option<Spanned<i64>>,
     /// "source-ip" (default) or "source-address".
     pub empty_client_id: Option<Spanned<String>>,
+    /// Local IPs to open backend connections from, used in turn.
+    pub source_addresses: Option<Vec<Spanned<String>>>,
 }
 
 /// Turns a TOML/serde error into a problem with a line and, where the line

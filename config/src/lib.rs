@@ -207,6 +207,11 @@ pub struct BalancerSettings {
     pub max_connections: usize,
     /// Placement key for clients with an empty client ID.
     pub empty_client_id: EmptyClientId,
+    /// Local addresses backend connections are opened from, in turn (as
+    /// HAProxy's `source`). One source IP gives about 28,000 ephemeral
+    /// ports per backend address; more sources, more connections. Empty:
+    /// the kernel chooses.
+    pub source_addresses: Vec<std::net::IpAddr>,
 }
 
 impl Default for BalancerSettings {
@@ -217,6 +222,7 @@ impl Default for BalancerSettings {
             backend_connect_timeout: DEFAULT_BACKEND_CONNECT_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             empty_client_id: EmptyClientId::SourceIp,
+            source_addresses: Vec::new(),
         }
     }
 }
@@ -514,6 +520,16 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                 ),
             }
         }
+        for (i, v) in s.source_addresses.iter().flatten().enumerate() {
+            match v.get_ref().parse::<std::net::IpAddr>() {
+                Ok(ip) => balancer.source_addresses.push(ip),
+                Err(_) => c.at(
+                    format!("balancer.source_addresses[{i}]"),
+                    v,
+                    format!("\"{}\" is not an IP address", v.get_ref()),
+                ),
+            }
+        }
     }
 
     let mut health = HealthSettings::default();
@@ -681,6 +697,14 @@ empty_client_id = "source-address"
         );
         assert_eq!(c.balancer.max_connect_size, 4096);
         assert_eq!(c.balancer.empty_client_id, EmptyClientId::SourceAddress);
+        let base = "[[listener]]\naddress = \"127.0.0.1:1\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\n";
+        let with_sources =
+            format!("{base}[balancer]\nsource_addresses = [\"127.0.0.2\", \"::1\"]\n");
+        let c = Config::parse("s.toml", &with_sources).unwrap();
+        assert_eq!(c.balancer.source_addresses.len(), 2);
+        let bad = format!("{base}[balancer]\nsource_addresses = [\"127.0.0.2\",\n  \"nope\"]\n");
+        let e = Config::parse("s.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("s.toml:8: balancer.source_addresses[1]"), "{e}");
         assert_eq!(c.balancer.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(c.health, HealthSettings::default());
         assert_eq!(c.eviction.rate, DEFAULT_EVICTION_RATE);

@@ -688,3 +688,52 @@ async fn connection_limit_queues_in_the_backlog() {
     assert_eq!((ack5[3], ack6[3]), (0, 0));
     lb.stop().await;
 }
+
+/// `source_addresses`: backend connections are opened from the configured
+/// local addresses in turn (HAProxy's `source`), so a fleet larger than one
+/// source's ephemeral ports can reach one backend. A source that is not a
+/// local address is refused at start-up, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_connections_use_the_configured_source_addresses() {
+    use std::net::IpAddr;
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let baddr = backend.local_addr().unwrap().to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<IpAddr>::new()));
+    let record = seen.clone();
+    let acceptor = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, peer)) = backend.accept().await {
+            record.lock().unwrap().push(peer.ip());
+            held.push(s);
+        }
+    });
+    let lb = RunningBalancer::start(config(
+        &[("b1", baddr)],
+        "source_addresses = [\"127.0.0.2\", \"127.0.0.3\"]\n[health]\nenabled = false\n",
+    ))
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        s.write_all(&raw::connect(&format!("src-{i}"), 4))
+            .await
+            .unwrap();
+        clients.push(s);
+    }
+    let all = wait_until(T, || seen.lock().unwrap().len() == 6).await;
+    assert!(all.is_some(), "backend saw {:?}", seen.lock().unwrap());
+    let seen = seen.lock().unwrap().clone();
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        let ip: IpAddr = ip.parse().unwrap();
+        assert_eq!(seen.iter().filter(|s| **s == ip).count(), 3, "{seen:?}");
+    }
+    lb.stop().await;
+    acceptor.abort();
+    // Not a local address: refused before serving.
+    let bad = config(
+        &[("b1", "127.0.0.1:1".into())],
+        "source_addresses = [\"192.0.2.1\"]\n",
+    );
+    let e = mqlb_balancer::Balancer::bind(bad).await.unwrap_err();
+    assert!(e.to_string().contains("source address 192.0.2.1"), "{e}");
+}
