@@ -5,8 +5,8 @@
 //! storm that can take the next broker down too. One evictor per balancer
 //! closes connections at a configured rate: slot `i` falls at
 //! `i / rate` seconds, plus up to half a slot of random jitter, so the rate is
-//! never exceeded over any window longer than a slot and closes never line
-//! up across balancers.
+//! kept over any window longer than a millisecond (the timer's resolution),
+//! and closes never line up across balancers.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -69,6 +69,18 @@ impl Evictor {
     }
 }
 
+/// Sleeps until `at`, unless it has already passed (a timer would round a
+/// sub-millisecond wait up to a whole millisecond).
+async fn sleep_until_due(at: Instant) {
+    if at > Instant::now() {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// How far behind its schedule the evictor may catch up in a burst; beyond
+/// this (an idle gap) the schedule restarts.
+const CATCH_UP: Duration = Duration::from_millis(5);
+
 async fn run(
     registry: Arc<Registry>,
     backends: Arc<Backends>,
@@ -89,8 +101,16 @@ async fn run(
             j = rx.recv() => match j { Some(j) => j, None => return },
             _ = shutdown.cancelled() => return,
         };
+        // Slot `i` falls at `start + i × slot` (+ jitter). Timers tick in
+        // milliseconds, so above 1,000/s several slots fall due per wake-up
+        // and are served together; a late wake-up catches up with the
+        // schedule instead of losing the time, so the configured rate is
+        // what clients see. After an idle gap the schedule restarts now.
         let pace = |next: &mut Instant| {
-            *next = (*next).max(Instant::now());
+            let now = Instant::now();
+            if *next + CATCH_UP < now {
+                *next = now;
+            }
             let at = *next + slot.mul_f64(fastrand::f64() * 0.5);
             *next += slot;
             at
@@ -110,7 +130,7 @@ async fn run(
                         break;
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep_until(pace(&mut next)) => {}
+                        _ = sleep_until_due(pace(&mut next)) => {}
                         _ = shutdown.cancelled() => return,
                     }
                     if h.reason().is_none() {
@@ -130,7 +150,7 @@ async fn run(
                 tracing::info!(clients = all.len(), rate, "closing clients for shutdown");
                 for (h, backend) in all {
                     tokio::select! {
-                        _ = tokio::time::sleep_until(pace(&mut next)) => {}
+                        _ = sleep_until_due(pace(&mut next)) => {}
                         _ = shutdown.cancelled() => return,
                     }
                     if h.reason().is_none() {
