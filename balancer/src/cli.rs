@@ -17,8 +17,27 @@ pub const EXIT_USAGE: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "mqlb", version, about)]
 pub struct Cli {
+    /// Log line format: text (colour only on a terminal) or json (one
+    /// object per line). Overrides `[log] format` in a config file.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for mqlb_config::LogFormat {
+    fn from(a: LogFormatArg) -> Self {
+        match a {
+            LogFormatArg::Text => mqlb_config::LogFormat::Text,
+            LogFormatArg::Json => mqlb_config::LogFormat::Json,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,7 +172,20 @@ enum ConfigCommand {
 /// Process entry point.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let flag = cli.log_format.map(mqlb_config::LogFormat::from);
+    // Commands with a config file start logging once it is read, so its
+    // `[log] format` applies; the rest start now.
+    let from_file = matches!(&cli.command, Command::Balance(a) if a.config.is_some())
+        || matches!(
+            &cli.command,
+            Command::Broker {
+                config: Some(_),
+                ..
+            }
+        );
+    if !from_file {
+        init_tracing(flag.unwrap_or_default());
+    }
     match cli.command {
         Command::Config {
             command: ConfigCommand::Check { file },
@@ -184,6 +216,9 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
+            if from_file {
+                init_tracing(flag.or(config.log_format).unwrap_or_default());
+            }
             run(config, args.config)
         }
         Command::Passwd { user } => {
@@ -219,6 +254,9 @@ pub fn main() -> ExitCode {
                 },
                 None => mqlb_config::broker::BrokerConfig::default(),
             };
+            if from_file {
+                init_tracing(flag.or(cfg.log_format).unwrap_or_default());
+            }
             if let Some(l) = listen {
                 cfg.listen = l;
             }
@@ -363,13 +401,28 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
-fn init_tracing() {
+/// Logs to standard error: `RUST_LOG` filters (default `info`); text
+/// lines carry colour only when standard error is a terminal (not in
+/// files or journald); JSON lines carry the connection span's fields
+/// (peer, client ID, backend) with every event.
+fn init_tracing(format: mqlb_config::LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        mqlb_config::LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        mqlb_config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 fn run(config: Config, path: Option<PathBuf>) -> ExitCode {

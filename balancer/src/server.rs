@@ -347,6 +347,7 @@ async fn handle(
     let _ = client.set_nodelay(true);
     let config = shared.config();
     let settings = &config.balancer;
+    tracing::debug!("accepted");
 
     // Until the client is forwarded it has no session on any backend, so a
     // shutdown simply closes it.
@@ -363,7 +364,7 @@ async fn handle(
         Ok(hs) => hs,
         Err(refused) => {
             m.reject(refused.reason);
-            tracing::info!(reason = refused.reason.label(), detail = %refused.detail, "refused before CONNECT");
+            tracing::info!(reason = refused.reason.label(), detail = %refused.detail, "refused");
             if let Some(reply) = refused.reply {
                 handshake::send_reply(&mut client, reply).await;
             }
@@ -382,7 +383,7 @@ async fn handle(
     };
     let Some((backend_stream, backend)) = connected else {
         m.reject(RejectReason::NoBackend);
-        tracing::warn!(tried = candidates.len(), "no backend reachable");
+        tracing::warn!(reason = "no_backend", tried = candidates.len(), "refused");
         handshake::send_reply(&mut client, handshake::server_unavailable(hs.version)).await;
         return;
     };
@@ -396,11 +397,7 @@ async fn handle(
         // last pass: close this one at its first packet boundary.
         evict.evict(crate::registry::Eviction::ShuttingDown);
     }
-    tracing::debug!(
-        version = hs.version.label(),
-        bridge = hs.bridge,
-        "forwarding"
-    );
+    tracing::debug!(version = hs.version.label(), bridge = hs.bridge, "placed");
 
     let on_connack = |seen: forward::ConnackSeen| {
         backend.connacks[usize::from(seen.reason.0)].fetch_add(1, Ordering::Relaxed);
@@ -423,12 +420,26 @@ async fn handle(
     .await
     {
         Ok(s) if s.evicted => {
+            let reason = match evict.reason() {
+                Some(crate::registry::Eviction::UseAnotherServer(_)) => {
+                    "evicted_use_another_server"
+                }
+                _ => "evicted",
+            };
             tracing::info!(
+                reason,
                 disconnect_sent = s.disconnect_sent,
-                "evicted to move the session"
+                to_backend = s.to_backend,
+                to_client = s.to_client,
+                "closed"
             )
         }
-        Ok(s) => tracing::debug!(to_backend = s.to_backend, to_client = s.to_client, "closed"),
-        Err(e) => tracing::debug!(error = %e, "closed with error"),
+        Ok(s) => tracing::debug!(
+            reason = "peer_closed",
+            to_backend = s.to_backend,
+            to_client = s.to_client,
+            "closed"
+        ),
+        Err(e) => tracing::debug!(reason = "io_error", error = %e, "closed"),
     }
 }

@@ -127,6 +127,14 @@ pub struct Connected {
     pub epoch: u64,
 }
 
+/// Messages queued behind a connected subscriber's window above which the
+/// publishers feeding it are held back (flow control instead of unbounded
+/// latency: each queued message is latency for every later one).
+pub const CONGESTED_DEPTH: usize = 64;
+
+/// Queue depth at which held-back publishers are let go.
+pub const DRAINED_DEPTH: usize = 16;
+
 /// The connection a session is attached to.
 #[derive(Debug)]
 struct Attached {
@@ -134,6 +142,9 @@ struct Attached {
     tx: Arc<Outbox>,
     /// The outbound QoS 1/2 window.
     receive_maximum: u16,
+    /// Publishers held back for this subscriber wait here; made when it
+    /// first falls behind.
+    drained: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// A session and, while connected, its connection.
@@ -258,6 +269,7 @@ impl Core {
             epoch = e.session.epoch + 1;
             if let Some(old) = e.attached.take() {
                 fx.send(&old.tx, Outgoing::Close(Closing::TakenOver));
+                fx.drained.extend(old.drained);
             }
         }
         // Back before its Will Delay ran out: the will is not sent (3.1.3.2.2).
@@ -285,6 +297,7 @@ impl Core {
             conn,
             tx,
             receive_maximum: receive_maximum.clamp(1, self.limits.max_inflight.max(1)),
+            drained: None,
         });
         (
             Connected {
@@ -332,7 +345,9 @@ impl Core {
         if e.attached.as_ref().map(|a| a.conn) != Some(conn) {
             return fx; // taken over already
         }
-        e.attached = None;
+        if let Some(n) = e.attached.take().and_then(|a| a.drained) {
+            fx.drained.push(n);
+        }
         // Shared-group messages are not kept waiting for this member when
         // another member can take them; the last member keeps its own.
         let router = &self.router;
@@ -691,7 +706,20 @@ impl Core {
         if p.qos == QoS::AtMostOnce {
             return; // QoS 0 is not queued for offline sessions
         }
+        let own = p.msg.origin.as_deref() == Some(client_id);
         change(fx, &e.id, &mut e.session, SessionChange::Enqueued(p));
+        // A connected subscriber far behind: hold the publisher back. The
+        // wait is registered here, under the lock, so the drain that ends
+        // it cannot come first and be missed. A client is never held back
+        // by its own queue.
+        if let (Some(a), false, None) = (e.attached.as_mut(), own, fx.stall.as_ref()) {
+            if e.session.queue.len() > CONGESTED_DEPTH {
+                let n = a.drained.get_or_insert_with(Default::default).clone();
+                let mut wait = Box::pin(n.notified_owned());
+                wait.as_mut().enable();
+                fx.stall = Some(wait);
+            }
+        }
         while e.session.queue.len() > self.limits.max_queued_messages
             || e.session.queued_bytes > self.limits.max_queued_bytes
         {
@@ -718,6 +746,11 @@ impl Core {
             let Some(p) = change(fx, &e.id, &mut e.session, SessionChange::Dequeued) else {
                 return;
             };
+            if e.session.queue.len() <= DRAINED_DEPTH {
+                if let Some(n) = e.attached.as_mut().and_then(|a| a.drained.take()) {
+                    fx.drained.push(n);
+                }
+            }
             self.send(client_id, p, fx);
         }
     }

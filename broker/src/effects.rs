@@ -26,12 +26,24 @@ pub struct ChangeRecord {
     pub change: SessionChange,
 }
 
+/// Longest a publisher is held back for one congested subscriber: a
+/// consumer that stops reading must slow publishers down, not stop them
+/// (after this its queue limit drops the oldest messages instead).
+pub const MAX_STALL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Work the core has decided on, to be done outside its lock.
 #[derive(Debug, Default)]
 #[must_use = "effects do nothing until applied (outside the core's lock)"]
 pub struct Effects {
     pub(crate) sends: Vec<(Arc<Outbox>, Outgoing)>,
     pub(crate) records: Vec<ChangeRecord>,
+    /// Connected subscribers whose queue drained: wake the publishers
+    /// held back for them.
+    pub(crate) drained: Vec<Arc<tokio::sync::Notify>>,
+    /// Set when a delivery found a connected subscriber far behind: the
+    /// publisher waits (at most [`MAX_STALL`]) for it to drain. Registered
+    /// under the core's lock, so the drain cannot be missed.
+    pub(crate) stall: Option<std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>>,
 }
 
 impl Effects {
@@ -54,47 +66,71 @@ impl Effects {
     pub fn extend(&mut self, other: Effects) {
         self.sends.extend(other.sends);
         self.records.extend(other.records);
+        self.drained.extend(other.drained);
+        if self.stall.is_none() {
+            self.stall = other.stall;
+        }
     }
 
-    /// Hands the records to `log` and the items to their mailboxes. The
-    /// returned [`Committed`] resolves once the records are committed.
+    /// Hands the records to `log` and the items to their mailboxes, and
+    /// wakes publishers held back for drained subscribers. The returned
+    /// [`Committed`] resolves once the records are committed (and, when a
+    /// subscriber was congested, it has drained or [`MAX_STALL`] passed).
     pub fn apply(self, log: &dyn ChangeLog) -> Committed {
-        let committed = if self.records.is_empty() {
+        let mut committed = if self.records.is_empty() {
             Committed::now()
         } else {
             log.append(self.records)
         };
+        committed.stall = self.stall;
         for (to, o) in self.sends {
             to.push(o);
+        }
+        for n in self.drained {
+            n.notify_waiters();
         }
         committed
     }
 }
 
-/// Resolves once some change records are committed.
+/// Resolves once some change records are committed; a publisher's
+/// acknowledgement and its next read wait for it.
 #[derive(Debug)]
-pub struct Committed(Option<tokio::sync::oneshot::Receiver<()>>);
+pub struct Committed {
+    rx: Option<tokio::sync::oneshot::Receiver<()>>,
+    stall: Option<std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+}
 
 impl Committed {
     /// Already committed.
     pub fn now() -> Self {
-        Self(None)
+        Self {
+            rx: None,
+            stall: None,
+        }
     }
 
     /// Committed when `rx` fires (or its sender is dropped).
     pub fn when(rx: tokio::sync::oneshot::Receiver<()>) -> Self {
-        Self(Some(rx))
+        Self {
+            rx: Some(rx),
+            stall: None,
+        }
     }
 
     /// True if nothing is left to wait for.
     pub fn is_done(&self) -> bool {
-        self.0.is_none()
+        self.rx.is_none() && self.stall.is_none()
     }
 
-    /// Waits for the commit.
+    /// Waits for the commit, then for a congested subscriber to drain (at
+    /// most [`MAX_STALL`]).
     pub async fn wait(self) {
-        if let Some(rx) = self.0 {
+        if let Some(rx) = self.rx {
             let _ = rx.await;
+        }
+        if let Some(stall) = self.stall {
+            let _ = tokio::time::timeout(MAX_STALL, stall).await;
         }
     }
 }

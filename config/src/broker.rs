@@ -82,6 +82,8 @@ pub struct BrokerConfig {
     pub shutdown_rate: u32,
     /// How long the paced close may take; the rest is then cut.
     pub shutdown_grace: std::time::Duration,
+    /// Log line format, when the file sets one (`[log] format`).
+    pub log_format: Option<crate::LogFormat>,
 }
 
 impl Default for BrokerConfig {
@@ -102,6 +104,7 @@ impl Default for BrokerConfig {
             max_keep_alive: None,
             shutdown_rate: 1000,
             shutdown_grace: std::time::Duration::from_secs(30),
+            log_format: None,
         }
     }
 }
@@ -136,6 +139,16 @@ impl BrokerConfig {
             })
         };
         let mut c = BrokerConfig::default();
+        if let Some(v) = raw.log.as_ref().and_then(|l| l.format.as_ref()) {
+            c.log_format = crate::LogFormat::parse(v.get_ref());
+            if c.log_format.is_none() {
+                at(
+                    "log.format".into(),
+                    v.span(),
+                    format!("\"{}\" is not one of \"text\", \"json\"", v.get_ref()),
+                );
+            }
+        }
         if let Some(b) = &raw.broker {
             let mut addr = |key: &str, v: &Spanned<String>| match v.get_ref().parse::<SocketAddr>()
             {

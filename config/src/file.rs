@@ -26,6 +26,16 @@ pub struct File {
     pub admin: Option<AdminFile>,
     /// The `[broker]` table (for `mqlb broker`).
     pub broker: Option<BrokerFile>,
+    /// The `[log]` table.
+    pub log: Option<LogFile>,
+}
+
+/// `[log]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    /// "text" (default) or "json".
+    pub format: Option<Spanned<String>>,
 }
 
 /// `[broker]`.

@@ -56,6 +56,43 @@ pub struct Config {
     pub eviction: EvictionSettings,
     /// Admin HTTP API address, if enabled.
     pub admin: Option<SocketAddr>,
+    /// Log line format, when the file sets one (`[log] format`).
+    pub log_format: Option<LogFormat>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines; colour only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for container log pipelines.
+    Json,
+}
+
+impl LogFormat {
+    /// Parses `"text"` or `"json"`.
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+/// `[log] format` of a file's raw tables, with a problem for a bad value.
+fn log_format(raw: &file::File, c: &mut Collector<'_>) -> Option<LogFormat> {
+    let v = raw.log.as_ref()?.format.as_ref()?;
+    let f = LogFormat::parse(v.get_ref());
+    if f.is_none() {
+        c.at(
+            "log.format",
+            v,
+            format!("\"{}\" is not one of \"text\", \"json\"", v.get_ref()),
+        );
+    }
+    f
 }
 
 /// Default probe interval: with fall 2 and a 500 ms timeout a dead broker is
@@ -649,6 +686,7 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         None => None,
     };
 
+    let log_format = log_format(&raw, c);
     Some(Config {
         listeners,
         backends,
@@ -656,6 +694,7 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         health,
         eviction,
         admin,
+        log_format,
     })
 }
 
@@ -705,6 +744,12 @@ empty_client_id = "source-address"
         let bad = format!("{base}[balancer]\nsource_addresses = [\"127.0.0.2\",\n  \"nope\"]\n");
         let e = Config::parse("s.toml", &bad).unwrap_err().to_string();
         assert!(e.contains("s.toml:8: balancer.source_addresses[1]"), "{e}");
+        let c = Config::parse("l.toml", &format!("{base}[log]\nformat = \"json\"\n")).unwrap();
+        assert_eq!(c.log_format, Some(LogFormat::Json));
+        let e = Config::parse("l.toml", &format!("{base}[log]\nformat = \"xml\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("l.toml:7: log.format"), "{e}");
         assert_eq!(c.balancer.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(c.health, HealthSettings::default());
         assert_eq!(c.eviction.rate, DEFAULT_EVICTION_RATE);

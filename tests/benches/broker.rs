@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use mqlb_protocol::{decode, Packet, ProtocolVersion};
+use mqlb_tests::load::{concurrent_connects, qos1_fanout};
 use mqlb_tests::raw::{self, connect_and_ack};
 use mqlb_tests::{free_port, mqlb_bin, wait_listening, KillOnDrop, Mosquitto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -232,9 +233,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let mosquitto = Mosquitto::start_with("max_queued_messages 100000");
     let port = free_port();
+    // The same queue limit as the Mosquitto above, so a fan-out that
+    // outruns a subscriber is measured the same way on both.
+    let cfg = mqlb_tests::scratch_dir("bench-broker").join("mqlb.toml");
+    std::fs::write(&cfg, "[broker]\nmax_queued_messages = 100000\n").unwrap();
     let ours = KillOnDrop(
         Command::new(mqlb_bin())
-            .args(["broker", "--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "broker",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--config",
+            ])
+            .arg(&cfg)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -248,7 +259,10 @@ fn main() {
         ("mqlb", ours_addr, ours.0.id()),
     ];
     eprintln!("mosquitto at {}, mqlb at {}", peers[0].1, peers[1].1);
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // The 4x4 fan-out and the connect storm need their tasks to run in
+    // parallel with the reader tasks, so the load runs on two threads.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
@@ -261,6 +275,10 @@ fn main() {
         "connects/s",
         "KiB per idle conn (1 run)",
         "QoS0 loss %",
+        "connects/s (50 at once)",
+        "conn p99 us (50 at once)",
+        "QoS1 deliv/s (4 pub x 4 sub)",
+        "QoS1 p99 us under 4x4",
     ]
     .iter()
     .map(|l| (*l, vec![Vec::new(), Vec::new()]))
@@ -282,6 +300,18 @@ fn main() {
                 rows[3].1[i].push(p50);
                 rows[4].1[i].push(p99);
                 rows[5].1[i].push(connects(addr, 1_000).await);
+                let (rate, _, p99) = concurrent_connects(addr, 3_000, 50).await;
+                rows[8].1[i].push(rate);
+                rows[9].1[i].push(p99);
+                let f = qos1_fanout(addr, &format!("{name}{round}"), 4, 4, 10_000, 20).await;
+                if f.lost > 0 {
+                    eprintln!(
+                        "QoS 1 fan-out: {} of {} deliveries lost at {addr}",
+                        f.lost, 160_000
+                    );
+                }
+                rows[10].1[i].push(f.rate);
+                rows[11].1[i].push(f.p99_us);
                 eprintln!("round {round} {name} done");
             }
         }

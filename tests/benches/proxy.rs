@@ -10,13 +10,15 @@
 //! (needs `mosquitto` and `haproxy`; `.ci/run` installs both). Env
 //! `MQLB_BENCH_SCALE` (default 1) multiplies the work per round;
 //! `MQLB_BENCH_IDLE` (default "1000,9000") lists the idle-connection counts
-//! at which RSS per connection is measured.
+//! at which RSS per connection is measured; `MQLB_BENCH_BACKEND=mqlb` puts
+//! the bundled broker behind both proxies instead of Mosquitto.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mqlb_tests::load::{concurrent_connects, cpu_seconds, qos1_fanout, rss_kib};
 use mqlb_tests::raw::{self, read_n};
 use mqlb_tests::{free_port, mqlb_bin, scratch_dir, wait_listening, KillOnDrop, Mosquitto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -188,62 +190,6 @@ async fn qos1_latency(addr: &str, n: usize) -> (Duration, Duration) {
     (pct(&lat, 0.5), pct(&lat, 0.99))
 }
 
-/// A fleet reconnecting: `n` clients, `at_once` connecting concurrently,
-/// each CONNECT → CONNACK → DISCONNECT. Returns (conn/s, p50, p99).
-async fn concurrent_connects(addr: &str, n: usize, at_once: usize) -> (f64, Duration, Duration) {
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..at_once {
-        let (addr, next) = (addr.to_string(), next.clone());
-        workers.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= n {
-                    return lat;
-                }
-                let t = Instant::now();
-                let (mut s, ack) = raw::connect_and_ack(&addr, &format!("storm-{i}"), 4).await;
-                assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
-                lat.push(t.elapsed());
-                let _ = s.write_all(&[0xE0, 0x00]).await;
-            }
-        }));
-    }
-    let mut lat = Vec::with_capacity(n);
-    for w in workers {
-        lat.extend(w.await.unwrap());
-    }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
-    lat.sort();
-    (rate, pct(&lat, 0.5), pct(&lat, 0.99))
-}
-
-/// Resident memory of a process, KiB.
-fn rss_kib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after ')'.
-    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
-}
-
 /// Opens `n` idle MQTT connections (CONNECT, CONNACK, then nothing) through
 /// `addr`, and returns the proxy process's RSS growth per connection, KiB.
 async fn idle_rss_per_conn(addr: &str, pid: u32, n: usize) -> f64 {
@@ -286,10 +232,34 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let mosquitto = Mosquitto::start_with(
-        "max_queued_messages 1000000\nmax_inflight_messages 0\nmax_connections -1",
+    // The broker behind both proxies: Mosquitto, or the bundled broker with
+    // MQLB_BENCH_BACKEND=mqlb.
+    let bundled = std::env::var("MQLB_BENCH_BACKEND").is_ok_and(|v| v == "mqlb");
+    let (_mosquitto, _bundled, backend) = if bundled {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let b = KillOnDrop(
+            Command::new(mqlb_bin())
+                .args(["broker", "--listen", &addr])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run `cargo build --release` first"),
+        );
+        assert!(wait_listening(&addr, Duration::from_secs(5)));
+        (None, Some(b), addr)
+    } else {
+        let m = Mosquitto::start_with(
+            "max_queued_messages 1000000\nmax_inflight_messages 0\nmax_connections -1",
+        );
+        let addr = m.addr();
+        (Some(m), None, addr)
+    };
+    eprintln!(
+        "backend: {}",
+        if bundled { "mqlb broker" } else { "mosquitto" }
     );
-    let (haproxy, hport) = Haproxy::start(&mosquitto.addr());
+    let (haproxy, hport) = Haproxy::start(&backend);
     let lport = free_port();
     let lb = KillOnDrop(
         Command::new(mqlb_bin())
@@ -298,7 +268,7 @@ fn main() {
                 "--listen",
                 &format!("127.0.0.1:{lport}"),
                 "--backend",
-                &format!("b1={}", mosquitto.addr()),
+                &format!("b1={backend}"),
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -316,7 +286,7 @@ fn main() {
         .unwrap();
 
     let paths = [
-        ("direct", mosquitto.addr(), None),
+        ("direct", backend.clone(), None),
         (
             "haproxy",
             format!("127.0.0.1:{hport}"),
@@ -335,6 +305,9 @@ fn main() {
         "proxy CPU s per 1M QoS0 msgs",
         "QoS1 PUBLISH->PUBACK p50 us",
         "QoS1 PUBLISH->PUBACK p99 us",
+        "QoS1 deliveries/s (4 pub x 4 sub)",
+        "QoS1 p99 us under 4x4 load",
+        "proxy CPU s per 1M QoS1 deliv.",
     ]
     .iter()
     .map(|l| (l.to_string(), vec![Vec::new(); 3]))
@@ -351,8 +324,8 @@ fn main() {
                 rows[2].1[i].push(p99.as_secs_f64() * 1e6);
                 let (rate, p50, p99) = concurrent_connects(addr, 3000 * scale, 50).await;
                 rows[3].1[i].push(rate);
-                rows[4].1[i].push(p50.as_secs_f64() * 1e6);
-                rows[5].1[i].push(p99.as_secs_f64() * 1e6);
+                rows[4].1[i].push(p50);
+                rows[5].1[i].push(p99);
                 let cpu0 = pid.map_or(0.0, cpu_seconds);
                 let n = 100_000 * scale;
                 rows[6].1[i].push(qos0_throughput(addr, n).await);
@@ -361,6 +334,14 @@ fn main() {
                 let (a, b) = qos1_latency(addr, 3000 * scale).await;
                 rows[8].1[i].push(a.as_secs_f64() * 1e6);
                 rows[9].1[i].push(b.as_secs_f64() * 1e6);
+                let cpu0 = pid.map_or(0.0, cpu_seconds);
+                let f =
+                    qos1_fanout(addr, &format!("{name}{round}"), 4, 4, 10_000 * scale, 20).await;
+                let cpu = pid.map_or(0.0, cpu_seconds) - cpu0;
+                rows[10].1[i].push(f.rate);
+                rows[11].1[i].push(f.p99_us);
+                let deliveries = (16 * 10_000 * scale - f.lost) as f64;
+                rows[12].1[i].push(cpu * 1e6 / deliveries.max(1.0));
                 eprintln!("round {round} {name} done");
             }
         }
@@ -372,7 +353,7 @@ fn main() {
                     None => f64::NAN,
                 };
                 for _ in 0..ROUNDS {
-                    rows[10 + k].1[i].push(v);
+                    rows[13 + k].1[i].push(v);
                 }
                 eprintln!("idle {n} {name}: {v:.2} KiB per connection");
             }

@@ -23,6 +23,7 @@ use mqlb_config::Config;
 use tokio_util::sync::CancellationToken;
 
 pub mod client;
+pub mod load;
 pub mod raw;
 
 /// The `mqlb` binary built by this `cargo test` run. Cargo builds it for

@@ -737,3 +737,85 @@ async fn backend_connections_use_the_configured_source_addresses() {
     let e = mqlb_balancer::Balancer::bind(bad).await.unwrap_err();
     assert!(e.to_string().contains("source address 192.0.2.1"), "{e}");
 }
+
+/// Logs fit where they go: `--log-format json` writes one JSON object per
+/// line, and connection events (accepted, placed, closed) carry the client
+/// ID, the backend and the reason; text logs written to a pipe carry no
+/// colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_on_request_and_colourless_off_a_terminal() {
+    use std::io::{BufRead, BufReader};
+    let m = Mosquitto::start();
+    for format in ["json", "text"] {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = KillOnDrop(
+            std::process::Command::new(mqlb_bin())
+                .args(["--log-format", format, "balance", "--listen", &addr])
+                .args(["--backend", &format!("b1={}", m.addr())])
+                .env("RUST_LOG", "debug")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let stderr = child.0.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        assert!(wait_listening(&addr, T));
+        let (mut s, ack) = connect_and_ack(&addr, "log-client", 4).await;
+        assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+        s.write_all(&[0xE0, 0x00]).await.unwrap();
+        drop(s);
+        let mut lines = Vec::new();
+        let end = std::time::Instant::now() + T;
+        while std::time::Instant::now() < end {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => {
+                    let done = l.contains("closed") && l.contains("log-client");
+                    lines.push(l);
+                    if done {
+                        break;
+                    }
+                }
+                Err(_) => continue,
+            }
+        }
+        drop(child);
+        let all = lines.join("\n");
+        assert!(
+            !all.contains('\u{1b}'),
+            "colour codes off a terminal:\n{all}"
+        );
+        if format == "json" {
+            let events: Vec<serde_json::Value> = lines
+                .iter()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+                .collect();
+            let event = |msg: &str| {
+                events
+                    .iter()
+                    .find(|e| e["message"] == msg && e["span"]["client_id"] == "log-client")
+                    .unwrap_or_else(|| panic!("no {msg} event for log-client in\n{all}"))
+            };
+            assert_eq!(event("placed")["span"]["backend"], "b1");
+            let closed = event("closed");
+            assert_eq!(closed["reason"], "peer_closed");
+            assert_eq!(closed["span"]["backend"], "b1");
+            assert!(events
+                .iter()
+                .any(|e| e["message"] == "accepted" && e["span"]["peer"].is_string()));
+        } else {
+            assert!(
+                all.contains("placed") && all.contains("log-client"),
+                "{all}"
+            );
+        }
+    }
+}
