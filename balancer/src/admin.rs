@@ -10,9 +10,16 @@
 //! | POST | `/backends/{name}/drain` | stop new placements, move its clients at the eviction rate |
 //! | POST | `/backends/{name}/undrain` | accept new placements again |
 //! | POST | `/reload` | re-read the configuration file (as SIGHUP does) |
+//! | GET | `/` | the status console (HTML) |
+//! | GET | `/events` | JSON: recent health transitions, drains and session moves, newest first |
+//! | GET | `/history` | JSON: per backend, `[unix_ms, connections, probe_rtt_ms]` a second for 5 minutes |
 //!
 //! Routing is a pure function ([`route`]) so tests call it without a socket.
 //! Bind the API to loopback or a management network: it can drain backends.
+//! POSTs from a browser on another origin are refused (403): a browser
+//! sends `Origin` (and `Sec-Fetch-Site`) with them, and a page elsewhere
+//! must not be able to drain backends through a visitor's browser. Tools
+//! such as curl send neither and are served.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -33,16 +40,48 @@ use crate::shared::Shared;
 /// Serves the API until `shutdown`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
     tracing::info!(address = ?listener.local_addr().ok(), "admin API listening");
-    crate::http::serve(listener, shutdown, move |method, path| {
+    crate::http::serve(listener, shutdown, move |method, path, headers| {
+        if method == Method::POST && cross_site(headers) {
+            return Reply::json(
+                StatusCode::FORBIDDEN,
+                json!({"error": "cross-site request refused"}),
+            );
+        }
         route(method, path, &shared)
     })
     .await
+}
+
+/// Whether a request comes from a browser page of another origin: its
+/// `Sec-Fetch-Site` says so, or its `Origin` names another host than the
+/// one it was sent to.
+pub fn cross_site(headers: &hyper::HeaderMap) -> bool {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = get("sec-fetch-site") {
+        if site != "same-origin" && site != "none" {
+            return true;
+        }
+    }
+    match (get("origin"), get("host")) {
+        (None, _) => false,
+        (Some(origin), Some(host)) => {
+            let origin_host = origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"))
+                .unwrap_or(origin);
+            origin_host != host
+        }
+        (Some(_), None) => true,
+    }
 }
 
 /// Answers one request.
 pub fn route(method: &Method, path: &str, shared: &Shared) -> Reply {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
+        (&Method::GET, [""]) => Reply::html(crate::console::PAGE),
+        (&Method::GET, ["events"]) => Reply::json(StatusCode::OK, shared.journal.events_json()),
+        (&Method::GET, ["history"]) => Reply::json(StatusCode::OK, shared.journal.history_json()),
         (&Method::GET, ["healthz"]) => Reply::text(StatusCode::OK, "ok\n"),
         (&Method::GET, ["readyz"]) => {
             if shared.is_ready() {
@@ -165,10 +204,32 @@ fn backends_json(shared: &Shared) -> serde_json::Value {
                 "connections": b.active.load(Ordering::Relaxed),
                 "consecutive_failures": report.as_ref().map_or(0, |r| r.consecutive_failures),
                 "last_error": last_error,
+                "last_transition_ms": match b.last_transition_ms.load(Ordering::Relaxed) {
+                    0 => serde_json::Value::Null,
+                    ms => json!(ms),
+                },
+                "connacks": connacks(b),
             })
         })
         .collect();
     serde_json::Value::Array(list)
+}
+
+/// CONNACK counts by reason name, only those seen.
+fn connacks(b: &Backend) -> serde_json::Value {
+    serde_json::Value::Object(
+        b.connacks
+            .iter()
+            .enumerate()
+            .filter_map(|(code, n)| {
+                let n = n.load(Ordering::Relaxed);
+                (n > 0).then(|| {
+                    let rc = mqlb_protocol::ReasonCode(code as u8);
+                    (rc.name().to_string(), json!(n))
+                })
+            })
+            .collect(),
+    )
 }
 
 /// RFC 3339 UTC timestamp with milliseconds (civil-from-days, no date crate).
@@ -446,6 +507,29 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(LabelValue("a\"b\\c\nd").to_string(), "a\\\"b\\\\c\\nd");
         assert_eq!(LabelValue("plain-b1").to_string(), "plain-b1");
+    }
+
+    #[test]
+    fn cross_site_posts_are_recognised() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = hyper::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, hyper::header::HeaderValue::from_static(v));
+            }
+            m
+        };
+        assert!(!cross_site(&h(&[])), "curl");
+        assert!(!cross_site(&h(&[
+            ("origin", "http://127.0.0.1:9100"),
+            ("host", "127.0.0.1:9100")
+        ])));
+        assert!(cross_site(&h(&[
+            ("origin", "http://evil.example"),
+            ("host", "127.0.0.1:9100")
+        ])));
+        assert!(cross_site(&h(&[("sec-fetch-site", "cross-site")])));
+        assert!(cross_site(&h(&[("sec-fetch-site", "same-site")])));
+        assert!(!cross_site(&h(&[("sec-fetch-site", "same-origin")])));
     }
 
     #[test]

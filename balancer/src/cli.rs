@@ -300,7 +300,7 @@ pub fn main() -> ExitCode {
                     tokio::spawn(crate::http::serve(
                         listener,
                         shutdown.clone(),
-                        move |_, path| {
+                        move |_, path, _| {
                             use crate::http::Reply;
                             use hyper::StatusCode;
                             match path {

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::journal::Journal;
 use crate::registry::{Eviction, Registry};
 use crate::select::Backends;
 
@@ -43,6 +44,7 @@ impl Evictor {
         backends: Arc<Backends>,
         rate: u32,
         server_reference: Option<String>,
+        journal: Arc<Journal>,
         shutdown: CancellationToken,
     ) -> Evictor {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -51,6 +53,7 @@ impl Evictor {
             backends,
             rate,
             server_reference,
+            journal,
             rx,
             shutdown,
         ));
@@ -86,6 +89,7 @@ async fn run(
     backends: Arc<Backends>,
     rate: u32,
     server_reference: Option<String>,
+    journal: Arc<Journal>,
     mut rx: mpsc::UnboundedReceiver<Job>,
     shutdown: CancellationToken,
 ) {
@@ -123,6 +127,11 @@ async fn run(
                 let mut handles = registry.on_backend(&name);
                 fastrand::shuffle(&mut handles);
                 tracing::info!(backend = %name, clients = handles.len(), rate, "moving clients off backend");
+                journal.record(
+                    "eviction",
+                    &name,
+                    format!("moving {} clients at {rate}/s", handles.len()),
+                );
                 for h in handles {
                     // Recovered or undrained meanwhile: the rest may stay.
                     if backend.is_usable() {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper::header::HeaderMap;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,15 @@ impl Reply {
             status,
             content_type: "application/json",
             body: v.to_string(),
+        }
+    }
+
+    /// An HTML page.
+    pub fn html(body: impl Into<String>) -> Reply {
+        Reply {
+            status: StatusCode::OK,
+            content_type: "text/html; charset=utf-8",
+            body: body.into(),
         }
     }
 
@@ -59,7 +69,7 @@ const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(
 /// each request's headers.
 pub async fn serve<F>(listener: TcpListener, shutdown: CancellationToken, handler: F)
 where
-    F: Fn(&Method, &str) -> Reply + Send + Sync + 'static,
+    F: Fn(&Method, &str, &HeaderMap) -> Reply + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -85,7 +95,7 @@ where
         let handler = handler.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let reply = handler(req.method(), req.uri().path());
+                let reply = handler(req.method(), req.uri().path(), req.headers());
                 let resp = Response::builder()
                     .status(reply.status)
                     .header("content-type", reply.content_type)

@@ -11,6 +11,8 @@
 //! * [`bufpool`]: read buffers lent only while bytes move.
 //! * [`forward`]: connects to the chosen backend and splices bytes both ways,
 //!   tracking packet boundaries on the backend→client side.
+//! * [`journal`]: recent events and per-backend history for the console.
+//! * [`console`]: the status page on the admin port.
 //! * [`metrics`]: counters and histograms the admin API exposes.
 //! * [`registry`]: live connections, by backend and client ID.
 //! * [`limit`]: the concurrent-connection cap, resizable on reload.
@@ -38,11 +40,13 @@
 pub mod admin;
 pub mod bufpool;
 pub mod cli;
+pub mod console;
 pub mod evict;
 pub mod fdlimit;
 pub mod forward;
 pub mod handshake;
 pub mod http;
+pub mod journal;
 pub mod limit;
 pub mod metrics;
 pub mod registry;

@@ -49,6 +49,8 @@ pub struct Backend {
     pub probes: [AtomicU64; 3],
     /// Health transitions by target state (indexed by `HealthState as u8`).
     pub transitions: [AtomicU64; 4],
+    /// Unix milliseconds of the last health transition; 0 before the first.
+    pub last_transition_ms: AtomicU64,
 }
 
 impl Backend {
@@ -69,6 +71,7 @@ impl Backend {
             probe_rtt: Histogram::default(),
             probes: Default::default(),
             transitions: Default::default(),
+            last_transition_ms: AtomicU64::new(0),
         }
     }
 

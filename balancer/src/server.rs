@@ -33,6 +33,7 @@ use crate::shared::Shared;
 struct HealthObserver {
     backends: Arc<Backends>,
     evictor: Evictor,
+    journal: Arc<crate::journal::Journal>,
 }
 
 impl Observer for HealthObserver {
@@ -53,7 +54,16 @@ impl Observer for HealthObserver {
     fn on_transition(&self, target: &str, t: Transition) {
         if let Some(b) = self.backends.get(target) {
             b.transitions[t.to as usize].fetch_add(1, Ordering::Relaxed);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            b.last_transition_ms.store(now, Ordering::Relaxed);
         }
+        self.journal.record(
+            "health",
+            target,
+            format!("{} -> {}", t.from.label(), t.to.label()),
+        );
         if !t.to.is_usable() {
             self.evictor.evict_backend(target);
         }
@@ -121,12 +131,26 @@ impl Balancer {
         };
         let background = CancellationToken::new();
         let backends = Arc::new(Backends::new(&config.backends));
+        let journal = Arc::new(crate::journal::Journal::default());
+        // One sample of every backend a second, for the console's charts.
+        let (sampled, sampler_stop, sample_journal) =
+            (backends.clone(), background.clone(), journal.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => sample_journal.sample(&sampled.snapshot()),
+                    _ = sampler_stop.cancelled() => return,
+                }
+            }
+        });
         let registry = Arc::new(Registry::default());
         let evictor = Evictor::spawn(
             registry.clone(),
             backends.clone(),
             config.eviction.rate,
             config.eviction.server_reference.clone(),
+            journal.clone(),
             background.clone(),
         );
         let checker = if config.health.enabled {
@@ -141,6 +165,7 @@ impl Balancer {
             let observer = Arc::new(HealthObserver {
                 backends: backends.clone(),
                 evictor: evictor.clone(),
+                journal: journal.clone(),
             });
             let instance = format!("{:08x}", fastrand::u32(..));
             Some(Checker::spawn(
@@ -173,6 +198,7 @@ impl Balancer {
             config_path: std::sync::OnceLock::new(),
             limit,
             sources: ArcSwap::from_pointee(sources),
+            journal,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
         });
         Ok(Balancer {

@@ -40,6 +40,8 @@ pub struct Shared {
     pub limit: Arc<ConnectionLimit>,
     /// Local addresses backend connections come from (swapped on reload).
     pub sources: arc_swap::ArcSwap<crate::forward::Sources>,
+    /// Recent events and per-backend history, for the console.
+    pub journal: Arc<crate::journal::Journal>,
     /// Set once a graceful shutdown has begun: `/readyz` answers 503.
     pub shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -135,6 +137,7 @@ impl Shared {
         };
         if !b.set_draining(true) {
             tracing::info!(backend = %name, "draining");
+            self.journal.record("drain", name, "drained by an operator");
         }
         self.evictor.evict_backend(name);
         true
@@ -147,6 +150,8 @@ impl Shared {
         };
         if b.set_draining(false) {
             tracing::info!(backend = %name, "undrained");
+            self.journal
+                .record("undrain", name, "taking new clients again");
         }
         true
     }

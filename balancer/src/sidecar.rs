@@ -78,9 +78,13 @@ pub async fn run(
         return;
     };
     tracing::info!(address = ?listener.local_addr().ok(), %target, "health endpoint listening");
-    crate::http::serve(listener, shutdown, move |_method, path| match path {
-        "/" | "/health" | "/healthz" => health_reply(&target, &cell),
-        _ => Reply::json(StatusCode::NOT_FOUND, json!({"error": "not found"})),
-    })
+    crate::http::serve(
+        listener,
+        shutdown,
+        move |_method, path, _headers| match path {
+            "/" | "/health" | "/healthz" => health_reply(&target, &cell),
+            _ => Reply::json(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+        },
+    )
     .await
 }

@@ -1,0 +1,147 @@
+//! What the console shows over time, kept in memory and bounded: the recent
+//! health transitions, drains and session moves (a ring of [`EVENTS`]), and
+//! per-backend samples of connections and probe RTT, one a second for the
+//! last [`SAMPLES`] seconds.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use crate::select::Backend;
+
+/// Events kept.
+pub const EVENTS: usize = 200;
+/// Samples kept per backend (five minutes at one a second).
+pub const SAMPLES: usize = 300;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    at_ms: u64,
+    kind: &'static str,
+    backend: String,
+    detail: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at_ms: u64,
+    connections: u64,
+    rtt_ms: Option<f64>,
+}
+
+/// The console's memory.
+#[derive(Debug, Default)]
+pub struct Journal {
+    events: Mutex<VecDeque<Event>>,
+    history: Mutex<HashMap<String, VecDeque<Sample>>>,
+}
+
+impl Journal {
+    /// Records an event; the oldest goes when the ring is full.
+    pub fn record(&self, kind: &'static str, backend: &str, detail: impl Into<String>) {
+        let mut e = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if e.len() == EVENTS {
+            e.pop_front();
+        }
+        e.push_back(Event {
+            at_ms: now_ms(),
+            kind,
+            backend: backend.to_string(),
+            detail: detail.into(),
+        });
+    }
+
+    /// Events, newest first, as JSON.
+    pub fn events_json(&self) -> serde_json::Value {
+        let e = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::Value::Array(
+            e.iter()
+                .rev()
+                .map(|e| {
+                    json!({"at_ms": e.at_ms, "kind": e.kind, "backend": e.backend, "detail": e.detail})
+                })
+                .collect(),
+        )
+    }
+
+    /// Takes one sample of every backend; backends no longer configured
+    /// are forgotten.
+    pub fn sample(&self, backends: &[std::sync::Arc<Backend>]) {
+        let at_ms = now_ms();
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        h.retain(|name, _| backends.iter().any(|b| &b.name == name));
+        for b in backends {
+            let rtt_ms = b.health().and_then(|c| match c.report().last_outcome {
+                Some(mqlb_healthcheck::Outcome::Up(r)) => Some(r.ping.as_secs_f64() * 1e3),
+                _ => None,
+            });
+            let ring = h.entry(b.name.clone()).or_default();
+            if ring.len() == SAMPLES {
+                ring.pop_front();
+            }
+            ring.push_back(Sample {
+                at_ms,
+                connections: b.active.load(std::sync::atomic::Ordering::Relaxed),
+                rtt_ms,
+            });
+        }
+    }
+
+    /// Samples per backend, oldest first, as JSON.
+    pub fn history_json(&self) -> serde_json::Value {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<&String> = h.keys().collect();
+        names.sort();
+        serde_json::Value::Object(
+            names
+                .into_iter()
+                .map(|n| {
+                    let samples: Vec<serde_json::Value> = h[n]
+                        .iter()
+                        .map(|s| json!([s.at_ms, s.connections, s.rtt_ms]))
+                        .collect();
+                    (n.clone(), serde_json::Value::Array(samples))
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rings_are_bounded_and_newest_first() {
+        let j = Journal::default();
+        for i in 0..EVENTS + 10 {
+            j.record("health", "b1", format!("event {i}"));
+        }
+        let e = j.events_json();
+        let e = e.as_array().cloned().unwrap_or_default();
+        assert_eq!(e.len(), EVENTS);
+        assert_eq!(e[0]["detail"], format!("event {}", EVENTS + 9));
+        let b = std::sync::Arc::new(Backend::new(&mqlb_config::Backend {
+            name: "b1".into(),
+            address: "127.0.0.1:1".into(),
+            weight: 1,
+        }));
+        for _ in 0..SAMPLES + 5 {
+            j.sample(std::slice::from_ref(&b));
+        }
+        assert_eq!(
+            j.history_json()["b1"].as_array().map(Vec::len),
+            Some(SAMPLES)
+        );
+        j.sample(&[]);
+        assert!(j.history_json().as_object().is_some_and(|o| o.is_empty()));
+    }
+}
