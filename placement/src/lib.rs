@@ -16,7 +16,15 @@
 //!   `weight / -ln(u)` (Schindelhauer & Schomaker's logarithmic method), which
 //!   gives each node a share proportional to its weight.
 //! * Nodes are ranked by score, highest first. Equal weights compare `h`
-//!   directly, so the common case needs no floating point at all.
+//!   directly.
+//! * Unequal weights are compared in integers, so every platform and
+//!   release agrees bit for bit (`f64::ln` is not guaranteed to round the
+//!   same in every math library). With `x = 2·(h >> 11) + 1`,
+//!   `-ln(u) = ln 2 · (54 − log2 x)`; the common `ln 2` cancels, and
+//!   `m = 54 − log2 x` is computed in fixed point with 40 fraction bits
+//!   (`log2` by repeated squaring of the mantissa, truncating each step).
+//!   Node `a` beats `b` when `weight_a · m_b > weight_b · m_a` (exact in
+//!   `u128`); a tie falls back to comparing `h`.
 //!
 //! Nodes are identified by **name**, not address: moving a broker to a new
 //! address keeps its clients; renaming it moves them. Removing a node moves
@@ -74,6 +82,34 @@ impl<T: Node + ?Sized> Node for std::sync::Arc<T> {
     }
 }
 
+/// Fraction bits of the fixed-point logarithm.
+const FRAC: u32 = 40;
+
+/// `floor(log2(x) · 2^FRAC)` for `x ≥ 1`, in integers only: the integer part
+/// from the leading zeros, then one fraction bit per squaring of the
+/// mantissa (kept in Q1.63, truncated at each step).
+fn log2_fixed(x: u64) -> u128 {
+    let int = u128::from(63 - x.max(1).leading_zeros());
+    // Mantissa in [1, 2) as Q1.63.
+    let mut m: u128 = u128::from(x.max(1)) << (63 - int as u32);
+    let mut frac: u128 = 0;
+    for _ in 0..FRAC {
+        m = (m * m) >> 63;
+        frac <<= 1;
+        if m >= 2u128 << 63 {
+            m >>= 1;
+            frac |= 1;
+        }
+    }
+    (int << FRAC) | frac
+}
+
+/// `(54 − log2(2·(h >> 11) + 1)) · 2^FRAC`: proportional to `-ln(u)`.
+fn neg_log_u(hash: u64) -> u128 {
+    let x = 2 * (hash >> 11) + 1;
+    (54u128 << FRAC).saturating_sub(log2_fixed(x))
+}
+
 /// A node's score for one key.
 #[derive(Debug, Clone, Copy)]
 struct Score {
@@ -82,21 +118,17 @@ struct Score {
 }
 
 impl Score {
-    fn value(&self) -> f64 {
-        let u = ((self.hash >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        f64::from(self.weight) / -u.ln()
-    }
-
     /// Higher is better.
     fn cmp(&self, other: &Score) -> Ordering {
         if self.weight == other.weight {
-            self.hash.cmp(&other.hash)
-        } else {
-            self.value()
-                .partial_cmp(&other.value())
-                .unwrap_or(Ordering::Equal)
-                .then(self.hash.cmp(&other.hash))
+            return self.hash.cmp(&other.hash);
         }
+        // weight_a / m_a versus weight_b / m_b, cross-multiplied; m = 0
+        // (u indistinguishable from 1) is the best possible score.
+        let (ma, mb) = (neg_log_u(self.hash), neg_log_u(other.hash));
+        let a = u128::from(self.weight) * mb;
+        let b = u128::from(other.weight) * ma;
+        a.cmp(&b).then(self.hash.cmp(&other.hash))
     }
 }
 
@@ -189,6 +221,35 @@ mod tests {
     ];
     const GOLDEN_OWNERS: [&str; 4] = ["b3", "b1", "b3", "b3"];
 
+    /// Owners among b1 (weight 1), b2 (3), b3 (2), b4 (7), from exact
+    /// arithmetic; keys within 1e-6 of a tie were left out.
+    const GOLDEN_WEIGHTED: &[(&str, &str)] = &[
+        ("dev-0", "b4"),
+        ("dev-1", "b3"),
+        ("dev-2", "b4"),
+        ("dev-3", "b3"),
+        ("dev-4", "b4"),
+        ("dev-5", "b4"),
+        ("dev-6", "b2"),
+        ("dev-7", "b4"),
+        ("dev-8", "b4"),
+        ("dev-9", "b4"),
+        ("dev-10", "b4"),
+        ("dev-11", "b2"),
+        ("dev-12", "b4"),
+        ("dev-13", "b3"),
+        ("dev-14", "b4"),
+        ("dev-15", "b2"),
+        ("dev-16", "b2"),
+        ("dev-17", "b1"),
+        ("dev-18", "b2"),
+        ("dev-19", "b4"),
+        ("dev-20", "b4"),
+        ("dev-21", "b4"),
+        ("dev-22", "b3"),
+        ("dev-23", "b3"),
+    ];
+
     #[test]
     fn separator_prevents_concatenation_collisions() {
         assert_ne!(node_hash("ab", b"c"), node_hash("a", b"bc"));
@@ -265,6 +326,39 @@ mod tests {
         assert!((4_500..=5_500).contains(&counts[0]), "{counts:?}");
         assert!((9_300..=10_700).contains(&counts[1]), "{counts:?}");
         assert!((4_500..=5_500).contains(&counts[2]), "{counts:?}");
+    }
+
+    #[test]
+    fn fixed_point_log_is_exact_where_it_can_be() {
+        for k in 0..64u32 {
+            assert_eq!(log2_fixed(1u64 << k), u128::from(k) << FRAC);
+        }
+        // floor(log2(3) · 2^40), from Python decimal at 50 digits.
+        assert_eq!(log2_fixed(3), 1_742_684_699_131);
+        // And it agrees with f64 to its precision on arbitrary values.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = x >> 10 | 1;
+            let fixed = log2_fixed(v) as f64 / (1u64 << FRAC) as f64;
+            assert!((fixed - (v as f64).log2()).abs() < 1e-9, "{v}");
+        }
+    }
+
+    /// Unequal weights, pinned. The expected owners come from exact
+    /// arithmetic (Python `decimal` at 60 digits, of `weight / -ln(u)`),
+    /// not from this code, and every key was checked to be far from a tie.
+    #[test]
+    fn golden_owners_with_unequal_weights() {
+        let nodes = vec![N("b1", 1), N("b2", 3), N("b3", 2), N("b4", 7)];
+        let owners: Vec<&str> = GOLDEN_WEIGHTED
+            .iter()
+            .map(|(k, _)| pick(k.as_bytes(), &nodes, |_| true).unwrap().0)
+            .collect();
+        let want: Vec<&str> = GOLDEN_WEIGHTED.iter().map(|(_, o)| *o).collect();
+        assert_eq!(owners, want);
     }
 
     #[test]
