@@ -209,6 +209,13 @@ fn backends_json(shared: &Shared) -> serde_json::Value {
                     ms => json!(ms),
                 },
                 "connacks": connacks(b),
+                "pending_connacks": b.pending_connacks.load(Ordering::Relaxed),
+                "admission_rejected": serde_json::Value::Object(
+                    crate::admission::Refusal::ALL
+                        .iter()
+                        .map(|r| (r.label().to_string(), json!(b.admission_refused.get(*r))))
+                        .collect(),
+                ),
             })
         })
         .collect();
@@ -388,6 +395,31 @@ pub fn render_metrics(shared: &Shared) -> String {
         "Clients closed to move them off a failed or drained backend.",
         |b| load(&b.evictions),
     );
+    per_backend(
+        &mut o,
+        bs,
+        "mqlb_backend_pending_connacks",
+        "gauge",
+        "CONNECTs forwarded and not yet answered by a CONNACK.",
+        |b| b.pending_connacks.load(Ordering::Relaxed),
+    );
+    family(
+        &mut o,
+        "mqlb_admission_rejected_total",
+        "counter",
+        "Clients refused by admission control, by cap and placed backend.",
+    );
+    for b in bs {
+        for r in crate::admission::Refusal::ALL {
+            let _ = writeln!(
+                o,
+                "mqlb_admission_rejected_total{{backend=\"{}\",reason=\"{}\"}} {}",
+                LabelValue(&b.name),
+                r.label(),
+                b.admission_refused.get(r)
+            );
+        }
+    }
     family(
         &mut o,
         "mqlb_backend_connack_total",

@@ -8,6 +8,7 @@
 //! * [`handshake`]: reads the client's CONNECT under a deadline and a size
 //!   cap, and answers refusals the way a strict broker would.
 //! * [`select`]: the backend set and placement by client ID.
+//! * [`admission`]: caps that shape reconnect storms (per backend, per IP).
 //! * [`bufpool`]: read buffers lent only while bytes move.
 //! * [`forward`]: connects to the chosen backend and splices bytes both ways,
 //!   tracking packet boundaries on the backend→client side.
@@ -38,6 +39,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod bufpool;
 pub mod cli;
 pub mod console;

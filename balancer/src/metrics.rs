@@ -29,11 +29,14 @@ pub enum RejectReason {
     ClosedEarly,
     /// No backend accepted a TCP connection.
     NoBackend,
+    /// Admission control refused it (a cap was full): see
+    /// `mqlb_admission_rejected_total` for which.
+    Admission,
 }
 
 impl RejectReason {
     /// Every reason, for rendering all counters.
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::NotConnect,
         RejectReason::Malformed,
         RejectReason::ProtocolError,
@@ -43,6 +46,7 @@ impl RejectReason {
         RejectReason::Timeout,
         RejectReason::ClosedEarly,
         RejectReason::NoBackend,
+        RejectReason::Admission,
     ];
 
     /// Metric label.
@@ -57,6 +61,7 @@ impl RejectReason {
             RejectReason::Timeout => "timeout",
             RejectReason::ClosedEarly => "closed_early",
             RejectReason::NoBackend => "no_backend",
+            RejectReason::Admission => "admission",
         }
     }
 

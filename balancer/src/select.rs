@@ -51,6 +51,10 @@ pub struct Backend {
     pub transitions: [AtomicU64; 4],
     /// Unix milliseconds of the last health transition; 0 before the first.
     pub last_transition_ms: AtomicU64,
+    /// CONNECTs forwarded and not yet answered by a CONNACK.
+    pub pending_connacks: AtomicU64,
+    /// Clients placed here that admission control refused, by reason.
+    pub admission_refused: crate::admission::Refused,
 }
 
 impl Backend {
@@ -72,6 +76,8 @@ impl Backend {
             probes: Default::default(),
             transitions: Default::default(),
             last_transition_ms: AtomicU64::new(0),
+            pending_connacks: AtomicU64::new(0),
+            admission_refused: Default::default(),
         }
     }
 

@@ -186,6 +186,7 @@ impl Balancer {
             }
         }
         let limit = ConnectionLimit::new(config.balancer.max_connections);
+        let admission = crate::admission::Admission::new(config.admission.clone());
         let sources = forward::Sources::new(config.balancer.source_addresses.clone());
         sources.check()?;
         let shared = Arc::new(Shared {
@@ -198,8 +199,21 @@ impl Balancer {
             config_path: std::sync::OnceLock::new(),
             limit,
             sources: ArcSwap::from_pointee(sources),
+            admission,
             journal,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+        });
+        // Forget idle source IPs, so per-IP state stays as small as the set
+        // of recently active clients.
+        let (swept, sweep_stop) = (shared.clone(), background.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => swept.admission.sweep(),
+                    _ = sweep_stop.cancelled() => return,
+                }
+            }
         });
         Ok(Balancer {
             shared,
@@ -402,6 +416,39 @@ async fn handle(
 
     let key = placement_key(&hs.client_id, peer, settings.empty_client_id);
     let candidates = shared.backends.candidates(&key);
+    // Admission: the client's IP, then its placed backend's caps.
+    let mut pending = None;
+    let _ip_slot = if let Some(placed) = candidates.first().cloned() {
+        let v5 = hs.version.is_v5();
+        let admitted = match shared.admission.admit_ip(peer.ip()) {
+            Ok(slot) => {
+                let wait = shared.admission.admit_backend(&placed, v5);
+                match tokio::select! {
+                    r = wait => r,
+                    _ = shutdown.cancelled() => return,
+                } {
+                    Ok(p) => {
+                        pending = Some(p);
+                        Ok(slot)
+                    }
+                    Err(r) => Err(r),
+                }
+            }
+            Err(r) => Err(r),
+        };
+        match admitted {
+            Ok(slot) => Some(slot),
+            Err(r) => {
+                m.reject(RejectReason::Admission);
+                placed.admission_refused.count(r);
+                tracing::info!(reason = r.label(), backend = %placed.name, "refused");
+                handshake::send_reply(&mut client, r.connack(v5)).await;
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let sources = shared.sources.load_full();
     let connected = tokio::select! {
         c = forward::connect_first(&candidates, settings.backend_connect_timeout, &sources) => c,
@@ -426,6 +473,9 @@ async fn handle(
     tracing::debug!(version = hs.version.label(), bridge = hs.bridge, "placed");
 
     let on_connack = |seen: forward::ConnackSeen| {
+        if let Some(p) = &pending {
+            p.answered();
+        }
         backend.connacks[usize::from(seen.reason.0)].fetch_add(1, Ordering::Relaxed);
         backend.connect_latency.observe(seen.latency);
         if matches!(

@@ -40,6 +40,8 @@ pub struct Shared {
     pub limit: Arc<ConnectionLimit>,
     /// Local addresses backend connections come from (swapped on reload).
     pub sources: arc_swap::ArcSwap<crate::forward::Sources>,
+    /// Admission control's caps and state.
+    pub admission: crate::admission::Admission,
     /// Recent events and per-backend history, for the console.
     pub journal: Arc<crate::journal::Journal>,
     /// Set once a graceful shutdown has begun: `/readyz` answers 503.
@@ -79,6 +81,9 @@ impl Shared {
         }
         if new.eviction != old.eviction {
             r.needs_restart.push("eviction");
+        }
+        if new.admission != old.admission {
+            r.needs_restart.push("admission");
         }
         if new.health != old.health {
             r.needs_restart

@@ -22,6 +22,8 @@ pub struct File {
     pub health: Option<HealthFile>,
     /// The `[eviction]` table.
     pub eviction: Option<EvictionFile>,
+    /// The `[admission]` table.
+    pub admission: Option<AdmissionFile>,
     /// The `[admin]` table.
     pub admin: Option<AdminFile>,
     /// The `[broker]` table (for `mqlb broker`).
@@ -111,6 +113,24 @@ pub struct HealthFile {
     pub deep: Option<bool>,
     /// Default "mqlb/probe".
     pub deep_topic: Option<Spanned<String>>,
+}
+
+/// `[admission]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionFile {
+    /// New CONNECTs per second per backend; 0 (default) = no cap.
+    pub backend_connect_rate: Option<Spanned<i64>>,
+    /// Bucket size for the per-backend rate, default one tenth of a second's worth.
+    pub backend_connect_burst: Option<Spanned<i64>>,
+    /// CONNECTs forwarded to a backend and not yet answered; 0 = no cap.
+    pub backend_pending_connacks: Option<Spanned<i64>>,
+    /// Concurrent connections per source IP; 0 = no cap.
+    pub per_ip_connections: Option<Spanned<i64>>,
+    /// CONNECTs per second per source IP; 0 = no cap.
+    pub per_ip_connect_rate: Option<Spanned<i64>>,
+    /// How long a 3.x client over a cap waits for room, default "2s".
+    pub hold: Option<Spanned<String>>,
 }
 
 /// `[eviction]`.

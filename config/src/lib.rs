@@ -54,6 +54,8 @@ pub struct Config {
     pub health: HealthSettings,
     /// How sessions are moved off a failed or drained backend.
     pub eviction: EvictionSettings,
+    /// Caps that shape reconnect storms.
+    pub admission: AdmissionSettings,
     /// Admin HTTP API address, if enabled.
     pub admin: Option<SocketAddr>,
     /// Log line format, when the file sets one (`[log] format`).
@@ -157,6 +159,38 @@ impl Default for HealthSettings {
             password: None,
             deep: false,
             deep_topic: "mqlb/probe".into(),
+        }
+    }
+}
+
+/// Admission control: caps that shape a reconnect storm. Every cap is off
+/// (0) by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmissionSettings {
+    /// New CONNECTs per second forwarded to one backend (a token bucket).
+    pub backend_connect_rate: u32,
+    /// The bucket's size: how many may go at once after a quiet spell.
+    pub backend_connect_burst: u32,
+    /// CONNECTs forwarded to one backend and not yet answered by CONNACK.
+    pub backend_pending_connacks: u32,
+    /// Concurrent connections from one source IP.
+    pub per_ip_connections: u32,
+    /// CONNECTs per second from one source IP.
+    pub per_ip_connect_rate: u32,
+    /// How long a 3.x client over a cap is held for room before it gets
+    /// return code 3 (v5 clients are answered at once).
+    pub hold: Duration,
+}
+
+impl Default for AdmissionSettings {
+    fn default() -> Self {
+        Self {
+            backend_connect_rate: 0,
+            backend_connect_burst: 0,
+            backend_pending_connacks: 0,
+            per_ip_connections: 0,
+            per_ip_connect_rate: 0,
+            hold: Duration::from_secs(2),
         }
     }
 }
@@ -686,6 +720,57 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         None => None,
     };
 
+    let mut admission = AdmissionSettings::default();
+    if let Some(a) = &raw.admission {
+        for (key, v, out) in [
+            (
+                "backend_connect_rate",
+                &a.backend_connect_rate,
+                &mut admission.backend_connect_rate,
+            ),
+            (
+                "backend_connect_burst",
+                &a.backend_connect_burst,
+                &mut admission.backend_connect_burst,
+            ),
+            (
+                "backend_pending_connacks",
+                &a.backend_pending_connacks,
+                &mut admission.backend_pending_connacks,
+            ),
+            (
+                "per_ip_connections",
+                &a.per_ip_connections,
+                &mut admission.per_ip_connections,
+            ),
+            (
+                "per_ip_connect_rate",
+                &a.per_ip_connect_rate,
+                &mut admission.per_ip_connect_rate,
+            ),
+        ] {
+            if let Some(v) = v {
+                match u32::try_from(*v.get_ref()) {
+                    Ok(n) => *out = n,
+                    Err(_) => c.at(
+                        format!("admission.{key}"),
+                        v,
+                        "must be between 0 and 4294967295",
+                    ),
+                }
+            }
+        }
+        if let Some(v) = &a.hold {
+            match duration::parse(v.get_ref()) {
+                Ok(d) if d <= Duration::from_secs(60) => admission.hold = d,
+                Ok(_) => c.at("admission.hold", v, "must be at most 60s"),
+                Err(m) => c.at("admission.hold", v, m),
+            }
+        }
+    }
+    if admission.backend_connect_burst == 0 {
+        admission.backend_connect_burst = (admission.backend_connect_rate / 10).max(1);
+    }
     let log_format = log_format(&raw, c);
     Some(Config {
         listeners,
@@ -693,6 +778,7 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         balancer,
         health,
         eviction,
+        admission,
         admin,
         log_format,
     })
