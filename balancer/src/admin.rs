@@ -93,22 +93,29 @@ pub fn route(method: &Method, path: &str, shared: &Shared) -> Reply {
         (&Method::GET, ["backends"]) => Reply::json(StatusCode::OK, backends_json(shared)),
         (&Method::GET, ["clients", id]) => {
             let id = percent_decode(id);
-            let placed = shared
-                .backends
-                .candidates(id.as_bytes())
-                .first()
-                .map(|b| b.name.clone());
-            let connected: Vec<String> = shared
-                .registry
-                .find_client(&id)
-                .iter()
-                .map(|b| b.name.clone())
-                .collect();
+            let entries = shared.registry.find_client(&id);
+            // Where it is (or, not connected, where the default pool would
+            // place it: rules may look at more than the client ID).
+            let pool = entries.first().map_or_else(
+                || shared.config().balancer.default_pool.clone(),
+                |e| Some(e.backend.pool.clone()),
+            );
+            let placed = pool.as_deref().and_then(|p| {
+                shared
+                    .backends
+                    .candidates_in(p, id.as_bytes())
+                    .first()
+                    .map(|b| b.name.clone())
+            });
+            let rule = entries.first().and_then(|e| e.rule);
+            let connected: Vec<String> = entries.iter().map(|e| e.backend.name.clone()).collect();
             Reply::json(
                 StatusCode::OK,
                 json!({
                     "client_id": id,
                     "placed_on": placed,
+                    "pool": pool,
+                    "rule": rule,
                     "connected": !connected.is_empty(),
                     "connected_to": connected,
                 }),
@@ -173,9 +180,10 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn backends_json(shared: &Shared) -> serde_json::Value {
-    let list: Vec<serde_json::Value> = shared
-        .backends
-        .snapshot()
+    // Grouped by pool, in configuration order within each.
+    let mut set: Vec<Arc<Backend>> = shared.backends.snapshot().to_vec();
+    set.sort_by(|a, b| a.pool.cmp(&b.pool));
+    let list: Vec<serde_json::Value> = set
         .iter()
         .map(|b| {
             let report = b.health().map(|h| h.report());
@@ -194,6 +202,7 @@ fn backends_json(shared: &Shared) -> serde_json::Value {
             };
             json!({
                 "name": b.name,
+                "pool": b.pool,
                 "address": b.address,
                 "weight": b.weight,
                 "state": state,

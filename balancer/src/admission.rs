@@ -310,6 +310,7 @@ mod tests {
             name: "b1".into(),
             address: "127.0.0.1:1".into(),
             weight: 1,
+            pool: mqlb_config::DEFAULT_POOL.into(),
         }))
     }
 

@@ -27,6 +27,8 @@ pub struct Handshake {
     pub client_id: String,
     /// Whether a Mosquitto-style bridge connected.
     pub bridge: bool,
+    /// The CONNECT's user name, for routing rules.
+    pub username: Option<String>,
 }
 
 /// Why no valid CONNECT arrived, with the bytes to answer (if any).
@@ -57,7 +59,9 @@ pub async fn read_connect<S: AsyncRead + Unpin>(
                 let client_id = connect.client_id.to_string();
                 let version = connect.version;
                 let bridge = connect.bridge;
+                let username = connect.username.map(str::to_string);
                 return Ok(Handshake {
+                    username,
                     buf,
                     connect_len: frame_len,
                     version,

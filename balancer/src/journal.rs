@@ -133,6 +133,7 @@ mod tests {
             name: "b1".into(),
             address: "127.0.0.1:1".into(),
             weight: 1,
+            pool: mqlb_config::DEFAULT_POOL.into(),
         }));
         for _ in 0..SAMPLES + 5 {
             j.sample(std::slice::from_ref(&b));

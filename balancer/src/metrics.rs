@@ -32,11 +32,13 @@ pub enum RejectReason {
     /// Admission control refused it (a cap was full): see
     /// `mqlb_admission_rejected_total` for which.
     Admission,
+    /// No routing rule matched and there is no default pool.
+    NoRoute,
 }
 
 impl RejectReason {
     /// Every reason, for rendering all counters.
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 11] = [
         RejectReason::NotConnect,
         RejectReason::Malformed,
         RejectReason::ProtocolError,
@@ -47,6 +49,7 @@ impl RejectReason {
         RejectReason::ClosedEarly,
         RejectReason::NoBackend,
         RejectReason::Admission,
+        RejectReason::NoRoute,
     ];
 
     /// Metric label.
@@ -62,6 +65,7 @@ impl RejectReason {
             RejectReason::ClosedEarly => "closed_early",
             RejectReason::NoBackend => "no_backend",
             RejectReason::Admission => "admission",
+            RejectReason::NoRoute => "no_route",
         }
     }
 

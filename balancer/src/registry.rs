@@ -58,6 +58,8 @@ pub struct Entry {
     pub backend: Arc<Backend>,
     /// Its eviction switch.
     pub handle: Arc<EvictHandle>,
+    /// The routing rule that chose its pool (`None`: the default pool).
+    pub rule: Option<usize>,
 }
 
 /// All live forwarded connections.
@@ -102,6 +104,7 @@ impl Registry {
         &self,
         client_id: &str,
         backend: Arc<Backend>,
+        rule: Option<usize>,
     ) -> (Registration<'_>, Arc<EvictHandle>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(EvictHandle::default());
@@ -111,6 +114,7 @@ impl Registry {
                 client_id: Arc::from(client_id),
                 backend,
                 handle: handle.clone(),
+                rule,
             },
         );
         (Registration { registry: self, id }, handle)
@@ -157,16 +161,12 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Backends that `client_id` is connected to now (normally zero or one).
-    pub fn find_client(&self, client_id: &str) -> Vec<Arc<Backend>> {
+    /// Connections of `client_id` now (normally zero or one).
+    pub fn find_client(&self, client_id: &str) -> Vec<Entry> {
         let mut out = Vec::new();
         for shard in &self.shards {
             let map = shard.lock().unwrap_or_else(|p| p.into_inner());
-            out.extend(
-                map.values()
-                    .filter(|e| &*e.client_id == client_id)
-                    .map(|e| e.backend.clone()),
-            );
+            out.extend(map.values().filter(|e| &*e.client_id == client_id).cloned());
         }
         out
     }

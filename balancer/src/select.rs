@@ -24,6 +24,8 @@ pub struct Backend {
     pub address: String,
     /// Relative share.
     pub weight: u32,
+    /// The pool it belongs to.
+    pub pool: String,
     /// Set by an operator (admin API): no new clients, existing ones are
     /// moved at the eviction rate. Kept apart from health, as pingora keeps
     /// `enabled` apart from `healthy`.
@@ -64,6 +66,7 @@ impl Backend {
             name: spec.name.clone(),
             address: spec.address.clone(),
             weight: spec.weight,
+            pool: spec.pool.clone(),
             draining: AtomicBool::new(false),
             health: OnceLock::new(),
             active: AtomicU64::new(0),
@@ -156,11 +159,18 @@ impl Backends {
     /// order, so a refused connect falls through to the client's next choice
     /// (which is also where it lands when its first choice is removed).
     pub fn candidates(&self, key: &[u8]) -> Vec<Arc<Backend>> {
+        self.candidates_in(mqlb_config::DEFAULT_POOL, key)
+    }
+
+    /// The usable backends of `pool`, best first, for `key`: placement and
+    /// health work per pool.
+    pub fn candidates_in(&self, pool: &str, key: &[u8]) -> Vec<Arc<Backend>> {
         let set = self.current.load();
-        mqlb_placement::rank(key, &set)
+        let members: Vec<&Arc<Backend>> = set.iter().filter(|b| b.pool == pool).collect();
+        mqlb_placement::rank(key, &members)
             .into_iter()
             .filter(|b| b.is_usable())
-            .cloned()
+            .map(|b| Arc::clone(b))
             .collect()
     }
 
@@ -174,7 +184,10 @@ impl Backends {
             .iter()
             .map(|spec| {
                 match old.iter().find(|b| {
-                    b.name == spec.name && b.address == spec.address && b.weight == spec.weight
+                    b.name == spec.name
+                        && b.address == spec.address
+                        && b.weight == spec.weight
+                        && b.pool == spec.pool
                 }) {
                     Some(b) => b.clone(),
                     None => {
@@ -198,6 +211,46 @@ impl Backends {
     pub fn get(&self, name: &str) -> Option<Arc<Backend>> {
         self.current.load().iter().find(|b| b.name == name).cloned()
     }
+}
+
+/// What the routing rules look at.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteInput<'a> {
+    /// The listener's name.
+    pub listener: &'a str,
+    /// The client ID.
+    pub client_id: &'a str,
+    /// The CONNECT's user name.
+    pub username: Option<&'a str>,
+    /// Protocol level (3, 4 or 5).
+    pub level: u8,
+    /// The client's address.
+    pub ip: IpAddr,
+}
+
+/// The pool for a client: the first rule that matches, else the default
+/// pool. `None` when nothing matches and there is no default. Returns the
+/// matching rule's index too (for `/clients`).
+pub fn choose_pool<'a>(
+    rules: &'a [mqlb_config::Rule],
+    default_pool: Option<&'a str>,
+    i: &RouteInput<'_>,
+) -> Option<(Option<usize>, &'a str)> {
+    use mqlb_config::Matcher as M;
+    for (n, r) in rules.iter().enumerate() {
+        let hit = match &r.matcher {
+            M::Listener(l) => l == i.listener,
+            M::ClientIdPrefix(p) => i.client_id.starts_with(p.as_str()),
+            M::ClientIdGlob(g) => mqlb_config::glob_matches(g, i.client_id),
+            M::Username(u) => i.username == Some(u.as_str()),
+            M::Protocol(l) => *l == i.level,
+            M::SourceCidr(c) => c.contains(i.ip),
+        };
+        if hit {
+            return Some((Some(n), r.pool.as_str()));
+        }
+    }
+    default_pool.map(|p| (None, p))
 }
 
 /// The placement key: the client ID, or for an empty ID the source address
@@ -228,6 +281,7 @@ mod tests {
             name: n.into(),
             address: format!("{n}:1883"),
             weight: 1,
+            pool: mqlb_config::DEFAULT_POOL.into(),
         };
         Backends::new(&[spec("b1"), spec("b2"), spec("b3")])
     }

@@ -356,14 +356,20 @@ async fn accept_loop(
             },
             _ = shutdown.cancelled() => return,
         };
-        let span =
-            tracing::info_span!("conn", %peer, client_id = field::Empty, backend = field::Empty);
+        let span = tracing::info_span!(
+            "conn",
+            %peer,
+            client_id = field::Empty,
+            pool = field::Empty,
+            backend = field::Empty
+        );
+        let listener_name = name.clone();
         let shared = shared.clone();
         let stops = stops.clone();
         conns.spawn(
             async move {
                 tokio::select! {
-                    _ = handle(stream, peer, style, &shared, &stops.graceful) => {}
+                    _ = handle(stream, peer, &listener_name, style, &shared, &stops.graceful) => {}
                     _ = stops.hard.cancelled() => tracing::debug!("cut at the end of the grace period"),
                 }
                 drop(permit);
@@ -377,6 +383,7 @@ async fn accept_loop(
 async fn handle(
     mut client: TcpStream,
     peer: SocketAddr,
+    listener: &str,
     style: RefusalStyle,
     shared: &Shared,
     shutdown: &CancellationToken,
@@ -414,8 +421,31 @@ async fn handle(
     let span = tracing::Span::current();
     span.record("client_id", hs.client_id.as_str());
 
+    let route = crate::select::choose_pool(
+        &config.rules,
+        settings.default_pool.as_deref(),
+        &crate::select::RouteInput {
+            listener,
+            client_id: &hs.client_id,
+            username: hs.username.as_deref(),
+            level: hs.version.level(),
+            ip: peer.ip(),
+        },
+    );
+    let Some((rule, pool)) = route else {
+        m.reject(RejectReason::NoRoute);
+        tracing::info!(reason = "no_route", "refused");
+        let reply: &[u8] = if hs.version.is_v5() {
+            &[0x20, 0x03, 0x00, 0x87, 0x00]
+        } else {
+            &[0x20, 0x02, 0x00, 0x05]
+        };
+        handshake::send_reply(&mut client, reply).await;
+        return;
+    };
+    span.record("pool", pool);
     let key = placement_key(&hs.client_id, peer, settings.empty_client_id);
-    let candidates = shared.backends.candidates(&key);
+    let candidates = shared.backends.candidates_in(pool, &key);
     // Admission: the client's IP, then its placed backend's caps.
     let mut pending = None;
     let _ip_slot = if let Some(placed) = candidates.first().cloned() {
@@ -464,7 +494,9 @@ async fn handle(
     m.forwarded.fetch_add(1, Ordering::Relaxed);
     backend.forwarded.fetch_add(1, Ordering::Relaxed);
     let _on_backend = GaugeGuard::new(&backend.active);
-    let (_registration, evict) = shared.registry.register(&hs.client_id, backend.clone());
+    let (_registration, evict) = shared
+        .registry
+        .register(&hs.client_id, backend.clone(), rule);
     if shutdown.is_cancelled() {
         // Forwarded just as the shutdown began, possibly after the evictor's
         // last pass: close this one at its first packet boundary.

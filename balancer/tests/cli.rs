@@ -132,3 +132,28 @@ fn balance_raises_the_open_file_limit_and_warns_when_it_is_short() {
         "soft limit not raised: {limits}"
     );
 }
+
+/// `mqlb config check` reports a rule an earlier one shadows, and a pool
+/// that nothing reaches, naming key and line.
+#[test]
+fn config_check_reports_shadowed_rules_and_unreachable_pools() {
+    let p = write(
+        "rules.toml",
+        "[[listener]]\naddress = \"127.0.0.1:1883\"\n\
+         [[backend]]\nname = \"a1\"\naddress = \"127.0.0.1:1884\"\npool = \"a\"\n\
+         [[backend]]\nname = \"z1\"\naddress = \"127.0.0.1:1885\"\npool = \"z\"\n\
+         [[rule]]\npool = \"a\"\nsource_cidr = \"10.0.0.0/8\"\n\
+         [[rule]]\npool = \"a\"\nsource_cidr = \"10.1.0.0/16\"\n",
+    );
+    let out = mqlb().args(["config", "check"]).arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rules.toml:16: rule[1].source_cidr: can never match: rule[0]"),
+        "{err}"
+    );
+    assert!(
+        err.contains("pool z: no rule sends clients to this pool"),
+        "{err}"
+    );
+}

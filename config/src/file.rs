@@ -16,6 +16,9 @@ pub struct File {
     /// `[[backend]]` tables.
     #[serde(default)]
     pub backend: Vec<BackendFile>,
+    /// `[[rule]]` tables, tried in order.
+    #[serde(default)]
+    pub rule: Vec<RuleFile>,
     /// The `[balancer]` table.
     pub balancer: Option<BalancerFile>,
     /// The `[health]` table.
@@ -176,6 +179,28 @@ pub struct BackendFile {
     pub address: Spanned<String>,
     /// Default 1.
     pub weight: Option<Spanned<u32>>,
+    /// The pool it belongs to, default "default".
+    pub pool: Option<Spanned<String>>,
+}
+
+/// `[[rule]]`: sends matching clients to a pool. Exactly one matcher.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    /// Target pool.
+    pub pool: Spanned<String>,
+    /// The listener's name.
+    pub listener: Option<Spanned<String>>,
+    /// Client IDs starting with this.
+    pub client_id_prefix: Option<Spanned<String>>,
+    /// Client IDs matching this glob (`*`, `?`).
+    pub client_id_glob: Option<Spanned<String>>,
+    /// The CONNECT's user name.
+    pub username: Option<Spanned<String>>,
+    /// "3.1", "3.1.1" or "5".
+    pub protocol: Option<Spanned<String>>,
+    /// The client's address is in this CIDR.
+    pub source_cidr: Option<Spanned<String>>,
 }
 
 /// `[balancer]`.
@@ -194,6 +219,8 @@ pub struct BalancerFile {
     pub empty_client_id: Option<Spanned<String>>,
     /// Local IPs to open backend connections from, used in turn.
     pub source_addresses: Option<Vec<Spanned<String>>>,
+    /// Pool for clients no rule matches.
+    pub default_pool: Option<Spanned<String>>,
 }
 
 /// Turns a TOML/serde error into a problem with a line and, where the line

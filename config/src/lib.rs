@@ -56,6 +56,8 @@ pub struct Config {
     pub eviction: EvictionSettings,
     /// Caps that shape reconnect storms.
     pub admission: AdmissionSettings,
+    /// Routing rules, tried in order; the first match picks the pool.
+    pub rules: Vec<Rule>,
     /// Admin HTTP API address, if enabled.
     pub admin: Option<SocketAddr>,
     /// Log line format, when the file sets one (`[log] format`).
@@ -253,6 +255,132 @@ pub struct Backend {
     pub address: String,
     /// Relative share of clients; 0 takes no new clients.
     pub weight: u32,
+    /// The pool it belongs to; placement and health work per pool.
+    pub pool: String,
+}
+
+/// The pool of backends without a `pool` key.
+pub const DEFAULT_POOL: &str = "default";
+
+/// An IP network, `addr/len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// Network address.
+    pub addr: std::net::IpAddr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8` or `2001:db8::/32` (a bare address is a /32 or /128).
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (a, l) = s.split_once('/').map_or((s, None), |(a, l)| (a, Some(l)));
+        let addr: std::net::IpAddr = a.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max)?,
+            None => max,
+        };
+        Some(Cidr { addr, len })
+    }
+
+    fn bits(ip: std::net::IpAddr) -> (u128, u8) {
+        match ip {
+            std::net::IpAddr::V4(v) => (u128::from(u32::from(v)) << 96, 32),
+            std::net::IpAddr::V6(v) => (u128::from(v), 128),
+        }
+    }
+
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let (net, w1) = Self::bits(self.addr);
+        let (x, w2) = Self::bits(ip);
+        if w1 != w2 {
+            return false;
+        }
+        // Both are left-aligned in 128 bits: the prefix is the top bits.
+        let mask = if self.len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.len))
+        };
+        net & mask == x & mask
+    }
+
+    /// Whether every address of `other` is inside.
+    pub fn covers(&self, other: &Cidr) -> bool {
+        self.len <= other.len && self.contains(other.addr)
+    }
+}
+
+/// What a rule looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Matcher {
+    /// The listener the client came in on.
+    Listener(String),
+    /// A client ID prefix.
+    ClientIdPrefix(String),
+    /// A client ID glob: `*` any run, `?` one character.
+    ClientIdGlob(String),
+    /// The CONNECT's user name.
+    Username(String),
+    /// The protocol level (3, 4 or 5).
+    Protocol(u8),
+    /// The client's source network.
+    SourceCidr(Cidr),
+}
+
+/// Whether `text` matches `glob` (`*` any run, `?` one character), in
+/// linear time (the classic backtrack-to-last-star loop, no recursion).
+pub fn glob_matches(glob: &str, text: &str) -> bool {
+    let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), text.chars().collect());
+    let (mut gi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if gi < g.len() && (g[gi] == '?' || g[gi] == t[ti]) {
+            gi += 1;
+            ti += 1;
+        } else if gi < g.len() && g[gi] == '*' {
+            star = Some((gi, ti));
+            gi += 1;
+        } else if let Some((sg, st)) = star {
+            gi = sg + 1;
+            ti = st + 1;
+            star = Some((sg, st + 1));
+        } else {
+            return false;
+        }
+    }
+    g[gi..].iter().all(|c| *c == '*')
+}
+
+impl Matcher {
+    /// Whether this matcher covers everything `later` would match, so a
+    /// rule with `later` after it can never match.
+    pub fn covers(&self, later: &Matcher) -> bool {
+        match (self, later) {
+            (Matcher::ClientIdGlob(g), _) if g.chars().all(|c| c == '*') => true,
+            (Matcher::Listener(a), Matcher::Listener(b))
+            | (Matcher::Username(a), Matcher::Username(b)) => a == b,
+            (Matcher::Protocol(a), Matcher::Protocol(b)) => a == b,
+            (Matcher::ClientIdPrefix(a), Matcher::ClientIdPrefix(b)) => b.starts_with(a.as_str()),
+            (Matcher::ClientIdPrefix(a), Matcher::ClientIdGlob(b)) => {
+                b.starts_with(a.as_str()) && !a.contains(['*', '?'])
+            }
+            (Matcher::ClientIdGlob(a), Matcher::ClientIdGlob(b)) => a == b || glob_matches(a, b),
+            (Matcher::SourceCidr(a), Matcher::SourceCidr(b)) => a.covers(b),
+            _ => false,
+        }
+    }
+}
+
+/// One routing rule: clients it matches go to `pool`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Target pool.
+    pub pool: String,
+    /// What it looks at.
+    pub matcher: Matcher,
 }
 
 /// What to hash when a client sends an empty client ID.
@@ -283,6 +411,8 @@ pub struct BalancerSettings {
     /// ports per backend address; more sources, more connections. Empty:
     /// the kernel chooses.
     pub source_addresses: Vec<std::net::IpAddr>,
+    /// Pool for clients no rule matches; `None` refuses them.
+    pub default_pool: Option<String>,
 }
 
 impl Default for BalancerSettings {
@@ -294,6 +424,7 @@ impl Default for BalancerSettings {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             empty_client_id: EmptyClientId::SourceIp,
             source_addresses: Vec::new(),
+            default_pool: Some(DEFAULT_POOL.to_string()),
         }
     }
 }
@@ -530,11 +661,91 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
             Some(w) => *w.get_ref(),
             None => DEFAULT_WEIGHT,
         };
+        let pool = match &b.pool {
+            Some(p) if p.get_ref().trim().is_empty() => {
+                c.at(format!("backend[{i}].pool"), p, "must not be empty");
+                DEFAULT_POOL.to_string()
+            }
+            Some(p) => p.get_ref().trim().to_string(),
+            None => DEFAULT_POOL.to_string(),
+        };
         backends.push(Backend {
             name,
             address: b.address.get_ref().clone(),
             weight,
+            pool,
         });
+    }
+    let pools: std::collections::BTreeSet<String> =
+        backends.iter().map(|b| b.pool.clone()).collect();
+    let mut rules = Vec::new();
+    for (i, r) in raw.rule.iter().enumerate() {
+        let pool = r.pool.get_ref().trim().to_string();
+        if !pools.contains(&pool) {
+            c.at(
+                format!("rule[{i}].pool"),
+                &r.pool,
+                format!("no backend is in pool \"{pool}\""),
+            );
+        }
+        let given: Vec<(&str, &Spanned<String>)> = [
+            ("listener", &r.listener),
+            ("client_id_prefix", &r.client_id_prefix),
+            ("client_id_glob", &r.client_id_glob),
+            ("username", &r.username),
+            ("protocol", &r.protocol),
+            ("source_cidr", &r.source_cidr),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+        .collect();
+        let [(key, v)] = given.as_slice() else {
+            c.at(
+                format!("rule[{i}].pool"),
+                &r.pool,
+                "a rule needs exactly one of listener, client_id_prefix, client_id_glob, username, protocol, source_cidr",
+            );
+            continue;
+        };
+        let value = v.get_ref().clone();
+        let matcher = match *key {
+            "listener" => Matcher::Listener(value),
+            "client_id_prefix" => Matcher::ClientIdPrefix(value),
+            "client_id_glob" => Matcher::ClientIdGlob(value),
+            "username" => Matcher::Username(value),
+            "protocol" => match value.as_str() {
+                "3.1" => Matcher::Protocol(3),
+                "3.1.1" => Matcher::Protocol(4),
+                "5" | "5.0" => Matcher::Protocol(5),
+                other => {
+                    c.at(
+                        format!("rule[{i}].protocol"),
+                        v,
+                        format!("\"{other}\" is not one of \"3.1\", \"3.1.1\", \"5\""),
+                    );
+                    continue;
+                }
+            },
+            _ => match Cidr::parse(&value) {
+                Some(cidr) => Matcher::SourceCidr(cidr),
+                None => {
+                    c.at(
+                        format!("rule[{i}].source_cidr"),
+                        v,
+                        format!("\"{value}\" is not an address or CIDR"),
+                    );
+                    continue;
+                }
+            },
+        };
+        if let Some(j) = rules.iter().position(|e: &Rule| e.matcher.covers(&matcher)) {
+            c.at(
+                format!("rule[{i}].{key}"),
+                v,
+                format!("can never match: rule[{j}] before it matches every client this one would"),
+            );
+        }
+        rules.push(Rule { pool, matcher });
     }
     if !raw.backend.is_empty() && backends.iter().all(|b| b.weight == 0) {
         c.nowhere(
@@ -543,7 +754,33 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         );
     }
 
-    let mut balancer = BalancerSettings::default();
+    let mut balancer = BalancerSettings {
+        default_pool: pools
+            .contains(DEFAULT_POOL)
+            .then(|| DEFAULT_POOL.to_string()),
+        ..BalancerSettings::default()
+    };
+    if let Some(d) = raw.balancer.as_ref().and_then(|b| b.default_pool.as_ref()) {
+        if pools.contains(d.get_ref().trim()) {
+            balancer.default_pool = Some(d.get_ref().trim().to_string());
+        } else {
+            c.at(
+                "balancer.default_pool",
+                d,
+                format!("no backend is in pool \"{}\"", d.get_ref()),
+            );
+        }
+    }
+    for p in &pools {
+        let reached =
+            balancer.default_pool.as_ref() == Some(p) || rules.iter().any(|r| &r.pool == p);
+        if !reached {
+            c.nowhere(
+                format!("pool {p}"),
+                "no rule sends clients to this pool and it is not the default pool",
+            );
+        }
+    }
     if let Some(s) = &raw.balancer {
         let mut dur = |key: &str, v: &Option<Spanned<String>>, out: &mut Duration| {
             if let Some(v) = v {
@@ -779,6 +1016,7 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         health,
         eviction,
         admission,
+        rules,
         admin,
         log_format,
     })
@@ -808,6 +1046,45 @@ max_connect_size = 4096
 backend_connect_timeout = "500ms"
 empty_client_id = "source-address"
 "#;
+
+    #[test]
+    fn pools_and_rules() {
+        let text = "[[listener]]\naddress = \"127.0.0.1:1\"\n\
+            [[backend]]\nname = \"a1\"\naddress = \"x:1\"\npool = \"tenant-a\"\n\
+            [[backend]]\nname = \"b1\"\naddress = \"y:1\"\npool = \"tenant-b\"\n\
+            [[backend]]\nname = \"d1\"\naddress = \"z:1\"\n\
+            [[rule]]\npool = \"tenant-a\"\nclient_id_prefix = \"a-\"\n\
+            [[rule]]\npool = \"tenant-b\"\nsource_cidr = \"10.1.0.0/16\"\n";
+        let c = Config::parse("p.toml", text).unwrap();
+        assert_eq!(c.rules.len(), 2);
+        assert_eq!(c.balancer.default_pool.as_deref(), Some(DEFAULT_POOL));
+        assert_eq!(c.backends[2].pool, DEFAULT_POOL);
+        // A shadowed rule and an unreachable pool are both reported.
+        let bad = "[[listener]]\naddress = \"127.0.0.1:1\"\n\
+            [[backend]]\nname = \"a1\"\naddress = \"x:1\"\npool = \"tenant-a\"\n\
+            [[backend]]\nname = \"b1\"\naddress = \"y:1\"\npool = \"lonely\"\n\
+            [[rule]]\npool = \"tenant-a\"\nclient_id_prefix = \"a-\"\n\
+            [[rule]]\npool = \"tenant-a\"\nclient_id_prefix = \"a-1\"\n";
+        let e = Config::parse("p.toml", bad).unwrap_err().to_string();
+        assert!(
+            e.contains("p.toml:16: rule[1].client_id_prefix: can never match: rule[0]"),
+            "{e}"
+        );
+        assert!(e.contains("pool lonely"), "{e}");
+        let cidr = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(cidr.contains("10.1.200.3".parse().unwrap()));
+        assert!(!cidr.contains("10.2.0.1".parse().unwrap()));
+        assert!(!cidr.contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("192.0.2.1".parse().unwrap()));
+        assert!(Cidr::parse("2001:db8::/32")
+            .unwrap()
+            .contains("2001:db8::5".parse().unwrap()));
+        assert!(glob_matches("dev-*-x?", "dev-12-x1"));
+        assert!(!glob_matches("dev-*-x?", "dev-12-x"));
+        assert!(glob_matches("*", ""));
+    }
 
     #[test]
     fn parses_a_good_file() {

@@ -73,6 +73,15 @@ pub trait Node {
     fn weight(&self) -> u32;
 }
 
+impl<T: Node + ?Sized> Node for &T {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn weight(&self) -> u32 {
+        (**self).weight()
+    }
+}
+
 impl<T: Node + ?Sized> Node for std::sync::Arc<T> {
     fn name(&self) -> &str {
         (**self).name()

@@ -197,24 +197,32 @@ async fn a_storm_is_shaped_by_the_caps() {
         "admin API stalled"
     );
 
-    // The cap, where the backend sees it: no second-long window with more
-    // than the rate plus the burst (plus a little scheduling slack).
+    // The cap, where the backend sees it: no two-second window holds more
+    // than twice the rate plus the burst (plus a little slack: the backend
+    // timestamps arrivals after connect, which a loaded box delays
+    // unevenly; without the cap all of them land in the first window).
     let arrivals: Vec<Instant> = seen.lock().unwrap()[before_storm..].to_vec();
-    let mut max_per_s = 0;
-    let mut j = 0;
-    for i in 0..arrivals.len() {
-        while arrivals[i] - arrivals[j] > Duration::from_secs(1) {
-            j += 1;
+    let max_in = |window: Duration| {
+        let (mut max, mut j) = (0, 0);
+        for i in 0..arrivals.len() {
+            while arrivals[i] - arrivals[j] > window {
+                j += 1;
+            }
+            max = max.max(i - j + 1);
         }
-        max_per_s = max_per_s.max(i - j + 1);
-    }
+        max
+    };
+    let (per_s, per_2s) = (
+        max_in(Duration::from_secs(1)),
+        max_in(Duration::from_secs(2)),
+    );
     eprintln!(
-        "backend saw {} storm connections, at most {max_per_s} in any second",
+        "backend saw {} storm connections, at most {per_s} in any second and {per_2s} in any two",
         arrivals.len()
     );
     assert!(
-        max_per_s <= RATE + BURST + RATE / 10,
-        "cap exceeded: {max_per_s} in 1 s"
+        per_2s <= 2 * RATE + BURST + RATE / 5,
+        "cap exceeded: {per_2s} in 2 s"
     );
     assert_eq!(
         arrivals.len(),

@@ -819,3 +819,61 @@ async fn logs_are_json_on_request_and_colourless_off_a_terminal() {
         }
     }
 }
+
+/// Pools and rules: two tenants split by client-ID prefix across two pools
+/// of Mosquittos; placement stays inside each pool; `/clients` names the
+/// rule and pool; a client that matches no rule, with no default pool, is
+/// refused (v5 0x87, 3.1.1 return code 5) and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_go_to_their_pools() {
+    let ms: Vec<Mosquitto> = (0..4).map(|_| Mosquitto::start()).collect();
+    let mut text = String::from("[[listener]]\naddress = \"127.0.0.1:0\"\n");
+    for (i, m) in ms.iter().enumerate() {
+        let pool = if i < 2 { "tenant-a" } else { "tenant-b" };
+        text.push_str(&format!(
+            "[[backend]]\nname = \"m{i}\"\naddress = \"{}\"\npool = \"{pool}\"\n",
+            m.addr()
+        ));
+    }
+    text.push_str(
+        "[[rule]]\npool = \"tenant-a\"\nclient_id_prefix = \"a-\"\n\
+         [[rule]]\npool = \"tenant-b\"\nclient_id_prefix = \"b-\"\n\
+         [health]\nenabled = false\n[admin]\naddress = \"127.0.0.1:0\"\n",
+    );
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let addr = lb.addr.to_string();
+    let admin = lb.admin.unwrap().to_string();
+    let mut held = Vec::new();
+    for (prefix, pool, mine) in [("a-", "tenant-a", 0..2), ("b-", "tenant-b", 2..4)] {
+        for i in 0..12 {
+            let id = format!("{prefix}{i}");
+            let (s, ack) = connect_and_ack(&addr, &id, 4).await;
+            assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+            held.push(s);
+            let (_, body) = http(&admin, "GET", &format!("/clients/{id}")).await;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["pool"], pool, "{body}");
+            assert_eq!(v["rule"], if pool == "tenant-a" { 0 } else { 1 }, "{body}");
+            let on: usize = v["connected_to"][0].as_str().unwrap()[1..].parse().unwrap();
+            assert!(mine.contains(&on), "{id} on m{on}, outside {pool}");
+            assert!(ms[on].saw_client(&id, T), "{id} not in m{on}'s log");
+        }
+    }
+    // No rule matches and there is no default pool: refused, as a broker
+    // refuses an unauthorised client.
+    let (_, ack5) = connect_and_ack(&addr, "c-1", 5).await;
+    assert_eq!(ack5, [0x20, 0x03, 0x00, 0x87, 0x00]);
+    let (_, ack4) = connect_and_ack(&addr, "c-2", 4).await;
+    assert_eq!(ack4, [0x20, 0x02, 0x00, 0x05]);
+    assert_eq!(lb.shared.metrics.rejected(RejectReason::NoRoute), 2);
+    let (_, body) = http(&admin, "GET", "/backends").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let pools: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["pool"].as_str().unwrap())
+        .collect();
+    assert_eq!(pools, ["tenant-a", "tenant-a", "tenant-b", "tenant-b"]);
+    lb.stop().await;
+}

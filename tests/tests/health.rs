@@ -152,7 +152,7 @@ async fn v3_client_closed_and_recovery_does_not_move_clients_back() {
     assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
     let elsewhere = lb.shared.registry.find_client(&id);
     assert_eq!(elsewhere.len(), 1);
-    assert_ne!(elsewhere[0].name, "b3");
+    assert_ne!(elsewhere[0].backend.name, "b3");
     // b3 recovers: the moved client stays where it is; new connections follow the hash.
     ms[2].signal("CONT");
     wait_until(T, || state(&lb, "b3") == HealthState::Up)
@@ -160,8 +160,8 @@ async fn v3_client_closed_and_recovery_does_not_move_clients_back() {
         .expect("up again");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        lb.shared.registry.find_client(&id)[0].name,
-        elsewhere[0].name
+        lb.shared.registry.find_client(&id)[0].backend.name,
+        elsewhere[0].backend.name
     );
     assert_eq!(lb.first_choice(&id), "b3");
     lb.stop().await;
@@ -631,6 +631,7 @@ async fn config_reload_keeps_connections() {
             name: format!("b{}", i + 1),
             address: ms[i].addr(),
             weight: 1,
+            pool: mqlb_config::DEFAULT_POOL.into(),
         })
         .collect();
     let local = mqlb_balancer::select::Backends::new(&specs);
