@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use hickory_resolver::TokioAsyncResolver;
 use mqlb_protocol::{
     framing, BoundaryTracker, ConnackReturnCode, Disconnect, MqttStr, Packet, Properties,
     ProtocolVersion, ReasonCode,
@@ -74,33 +75,63 @@ impl Sources {
     }
 }
 
+/// The socket addresses for `addr` (`host:port`): an IP literal as is, a
+/// host name through the caching resolver.
+async fn addresses(addr: &str, resolver: &TokioAsyncResolver) -> io::Result<Vec<SocketAddr>> {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return Ok(vec![a]);
+    }
+    let (host, port) = addr
+        .rsplit_once(':')
+        .and_then(|(h, p)| {
+            Some((
+                h.trim_start_matches('[').trim_end_matches(']'),
+                p.parse::<u16>().ok()?,
+            ))
+        })
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{addr}: not host:port"),
+            )
+        })?;
+    let ips = resolver
+        .lookup_ip(host)
+        .await
+        .map_err(|e| io::Error::new(io::ErrorKind::NotFound, format!("{host}: {e}")))?;
+    Ok(ips.iter().map(|ip| SocketAddr::new(ip, port)).collect())
+}
+
 /// Opens TCP to `addr` from `source`, when given. The source port is left
 /// to `connect` (IP_BIND_ADDRESS_NO_PORT, as HAProxy does), so one source
 /// IP is not limited to one ephemeral port range across all backends.
-async fn connect_from(addr: &str, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    let Some(src) = source else {
-        return TcpStream::connect(addr).await;
-    };
+async fn connect_from(
+    addr: &str,
+    source: Option<IpAddr>,
+    resolver: &TokioAsyncResolver,
+) -> io::Result<TcpStream> {
     let mut last = io::Error::new(
         io::ErrorKind::AddrNotAvailable,
-        format!("{addr} has no address of the family of source {src}"),
+        format!("{addr}: no usable address"),
     );
-    for dst in tokio::net::lookup_host(addr).await? {
-        if dst.is_ipv4() != src.is_ipv4() {
-            continue;
-        }
+    for dst in addresses(addr, resolver).await? {
         let socket = if dst.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
             TcpSocket::new_v6()?
         };
-        #[cfg(target_os = "linux")]
-        let _ = nix::sys::socket::setsockopt(
-            &socket,
-            nix::sys::socket::sockopt::IpBindAddressNoPort,
-            &true,
-        );
-        socket.bind(SocketAddr::new(src, 0))?;
+        if let Some(src) = source {
+            if dst.is_ipv4() != src.is_ipv4() {
+                continue;
+            }
+            #[cfg(target_os = "linux")]
+            let _ = nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            );
+            socket.bind(SocketAddr::new(src, 0))?;
+        }
         match socket.connect(dst).await {
             Ok(s) => return Ok(s),
             Err(e) => last = e,
@@ -118,10 +149,12 @@ pub async fn connect_first(
     candidates: &[Arc<Backend>],
     timeout: Duration,
     sources: &Sources,
+    resolver: &TokioAsyncResolver,
 ) -> Option<(TcpStream, Arc<Backend>)> {
     for backend in candidates {
         let source = sources.pick();
-        match tokio::time::timeout(timeout, connect_from(backend.address.as_str(), source)).await {
+        let connect = connect_from(backend.address.as_str(), source, resolver);
+        match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 return Some((stream, backend.clone()));

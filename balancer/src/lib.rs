@@ -18,6 +18,7 @@
 //! * [`registry`]: live connections, by backend and client ID.
 //! * [`limit`]: the concurrent-connection cap, resizable on reload.
 //! * [`fdlimit`]: raises the open-file limit and checks it against the config.
+//! * [`discovery`]: pools whose backends come from DNS (A/AAAA, SRV).
 //! * [`evict`]: paced closing of a failed or drained backend's clients.
 //! * [`admin`]: the admin HTTP API (health, backends, clients, metrics, drain).
 //! * [`sidecar`]: `mqlb healthcheck`, an HTTP health endpoint backed by MQTT probes.
@@ -32,7 +33,8 @@
 //! with `--help`), hyper (admin API: HTTP/1 only, no TLS, small), serde_json
 //! (admin JSON), fastrand (jitter), rlimit (safe setrlimit), nix (the
 //! IP_BIND_ADDRESS_NO_PORT socket option for source addresses, without
-//! `unsafe` here), and our own protocol, placement, config and healthcheck
+//! `unsafe` here), hickory-resolver (async, caching DNS for discovery and
+//! backend host names), and our own protocol, placement, config and healthcheck
 //! crates. Metrics are rendered by hand in Prometheus text
 //! format: a dozen families do not justify a metrics framework.
 
@@ -43,6 +45,7 @@ pub mod admission;
 pub mod bufpool;
 pub mod cli;
 pub mod console;
+pub mod discovery;
 pub mod evict;
 pub mod fdlimit;
 pub mod forward;

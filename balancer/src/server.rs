@@ -187,6 +187,7 @@ impl Balancer {
         }
         let limit = ConnectionLimit::new(config.balancer.max_connections);
         let admission = crate::admission::Admission::new(config.admission.clone());
+        let resolver = crate::discovery::resolver(&config.balancer.dns_servers);
         let sources = forward::Sources::new(config.balancer.source_addresses.clone());
         sources.check()?;
         let shared = Arc::new(Shared {
@@ -200,9 +201,18 @@ impl Balancer {
             limit,
             sources: ArcSwap::from_pointee(sources),
             admission,
+            dns_members: Mutex::new(std::collections::HashMap::new()),
+            resolver,
             journal,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
         });
+        for pool in shared.config().dns_pools.clone() {
+            tokio::spawn(crate::discovery::follow(
+                shared.clone(),
+                pool,
+                background.clone(),
+            ));
+        }
         // Forget idle source IPs, so per-IP state stays as small as the set
         // of recently active clients.
         let (swept, sweep_stop) = (shared.clone(), background.clone());
@@ -481,7 +491,12 @@ async fn handle(
     };
     let sources = shared.sources.load_full();
     let connected = tokio::select! {
-        c = forward::connect_first(&candidates, settings.backend_connect_timeout, &sources) => c,
+        c = forward::connect_first(
+            &candidates,
+            settings.backend_connect_timeout,
+            &sources,
+            &shared.resolver,
+        ) => c,
         _ = shutdown.cancelled() => return,
     };
     let Some((backend_stream, backend)) = connected else {

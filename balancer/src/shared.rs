@@ -40,6 +40,10 @@ pub struct Shared {
     pub limit: Arc<ConnectionLimit>,
     /// Local addresses backend connections come from (swapped on reload).
     pub sources: arc_swap::ArcSwap<crate::forward::Sources>,
+    /// Backends DNS discovery found, by pool.
+    pub(crate) dns_members: Mutex<std::collections::HashMap<String, Vec<mqlb_config::Backend>>>,
+    /// Resolves DNS pools and backend host names, with a TTL cache.
+    pub resolver: hickory_resolver::TokioAsyncResolver,
     /// Admission control's caps and state.
     pub admission: crate::admission::Admission,
     /// Recent events and per-backend history, for the console.
@@ -97,7 +101,33 @@ impl Shared {
                 new.balancer.source_addresses.clone(),
             )));
         }
-        let (added, removed) = self.backends.replace(&new.backends);
+        if new.dns_pools != old.dns_pools || new.balancer.dns_servers != old.balancer.dns_servers {
+            r.needs_restart.push("DNS pools");
+        }
+        let statics = new.backends.clone();
+        self.config.store(Arc::new(new));
+        let (added, removed) = self.apply_backends(&statics);
+        r.added = added;
+        r.removed = removed;
+        tracing::info!(added = ?r.added, removed = ?r.removed, needs_restart = ?r.needs_restart, "configuration reloaded");
+        r
+    }
+
+    /// Puts `statics` (the configured backends) plus every DNS pool's
+    /// current members in force: only changed backends are created or
+    /// dropped, so only their clients move; new ones get health checks.
+    /// Returns (added, removed) names.
+    pub fn apply_backends(&self, statics: &[mqlb_config::Backend]) -> (Vec<String>, Vec<String>) {
+        let mut specs = statics.to_vec();
+        {
+            let dns = self.dns_members.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pools: Vec<&String> = dns.keys().collect();
+            pools.sort();
+            for p in pools {
+                specs.extend(dns[p].iter().cloned());
+            }
+        }
+        let (added, removed) = self.backends.replace(&specs);
         if let Some(checker) = &self.checker {
             let mut checker = checker.lock().unwrap_or_else(|p| p.into_inner());
             for name in &removed {
@@ -111,11 +141,22 @@ impl Shared {
                 }));
             }
         }
-        r.added = added.iter().map(|b| b.name.clone()).collect();
-        r.removed = removed;
-        self.config.store(Arc::new(new));
-        tracing::info!(added = ?r.added, removed = ?r.removed, needs_restart = ?r.needs_restart, "configuration reloaded");
-        r
+        (added.iter().map(|b| b.name.clone()).collect(), removed)
+    }
+
+    /// Replaces the members DNS found for `pool` and applies the change.
+    pub fn set_dns_members(&self, pool: &str, members: Vec<mqlb_config::Backend>) {
+        self.dns_members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pool.to_string(), members);
+        let statics = self.config().backends.clone();
+        let (added, removed) = self.apply_backends(&statics);
+        if !added.is_empty() || !removed.is_empty() {
+            tracing::info!(pool, ?added, ?removed, "DNS changed the pool");
+            self.journal
+                .record("dns", pool, format!("added {added:?}, removed {removed:?}"));
+        }
     }
 
     /// Remembers the configuration file, enabling [`Shared::reload_from_file`].

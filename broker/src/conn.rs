@@ -609,8 +609,7 @@ impl Session {
         };
         if let (Some(code), true) = (disconnect, self.version.is_v5()) {
             if let Ok(b) = Packet::Disconnect(Disconnect::new(code)).to_bytes(self.version) {
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(200), stream.write_all(&b)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&b)).await;
             }
         }
         let _ = stream.shutdown().await;

@@ -19,6 +19,9 @@ pub struct File {
     /// `[[rule]]` tables, tried in order.
     #[serde(default)]
     pub rule: Vec<RuleFile>,
+    /// `[[pool]]` tables: pools whose backends come from DNS.
+    #[serde(default)]
+    pub pool: Vec<PoolFile>,
     /// The `[balancer]` table.
     pub balancer: Option<BalancerFile>,
     /// The `[health]` table.
@@ -183,6 +186,26 @@ pub struct BackendFile {
     pub pool: Option<Spanned<String>>,
 }
 
+/// `[[pool]]`: a pool whose backends are discovered in DNS.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolFile {
+    /// Pool name (what rules and `default_pool` refer to).
+    pub name: Spanned<String>,
+    /// The DNS name to resolve.
+    pub dns: Spanned<String>,
+    /// "A" (A and AAAA; default) or "SRV".
+    pub record: Option<Spanned<String>>,
+    /// Port for A/AAAA answers, default 1883.
+    pub port: Option<Spanned<i64>>,
+    /// Shortest re-resolution interval, default "5s".
+    pub min_ttl: Option<Spanned<String>>,
+    /// Longest re-resolution interval, default "5m".
+    pub max_ttl: Option<Spanned<String>>,
+    /// Take an empty answer as "no backends" (default false: keep the last set).
+    pub allow_empty: Option<bool>,
+}
+
 /// `[[rule]]`: sends matching clients to a pool. Exactly one matcher.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +244,9 @@ pub struct BalancerFile {
     pub source_addresses: Option<Vec<Spanned<String>>>,
     /// Pool for clients no rule matches.
     pub default_pool: Option<Spanned<String>>,
+    /// DNS servers (`IP:port`) for discovery and backend host names;
+    /// default: the system's.
+    pub dns_servers: Option<Vec<Spanned<String>>>,
 }
 
 /// Turns a TOML/serde error into a problem with a line and, where the line

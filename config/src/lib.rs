@@ -58,6 +58,8 @@ pub struct Config {
     pub admission: AdmissionSettings,
     /// Routing rules, tried in order; the first match picks the pool.
     pub rules: Vec<Rule>,
+    /// Pools discovered in DNS.
+    pub dns_pools: Vec<DnsPool>,
     /// Admin HTTP API address, if enabled.
     pub admin: Option<SocketAddr>,
     /// Log line format, when the file sets one (`[log] format`).
@@ -259,6 +261,25 @@ pub struct Backend {
     pub pool: String,
 }
 
+/// A pool whose backends come from DNS, re-resolved at the record TTL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsPool {
+    /// Pool name.
+    pub name: String,
+    /// The name to resolve.
+    pub dns: String,
+    /// SRV records (port and weight from the record) instead of A/AAAA.
+    pub srv: bool,
+    /// Port for A/AAAA answers.
+    pub port: u16,
+    /// Shortest re-resolution interval.
+    pub min_ttl: Duration,
+    /// Longest re-resolution interval.
+    pub max_ttl: Duration,
+    /// Whether an empty answer empties the pool (otherwise the last set stays).
+    pub allow_empty: bool,
+}
+
 /// The pool of backends without a `pool` key.
 pub const DEFAULT_POOL: &str = "default";
 
@@ -413,6 +434,8 @@ pub struct BalancerSettings {
     pub source_addresses: Vec<std::net::IpAddr>,
     /// Pool for clients no rule matches; `None` refuses them.
     pub default_pool: Option<String>,
+    /// DNS servers for discovery and backend host names; empty: the system's.
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 impl Default for BalancerSettings {
@@ -425,6 +448,7 @@ impl Default for BalancerSettings {
             empty_client_id: EmptyClientId::SourceIp,
             source_addresses: Vec::new(),
             default_pool: Some(DEFAULT_POOL.to_string()),
+            dns_servers: Vec::new(),
         }
     }
 }
@@ -632,8 +656,11 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
 
     let mut backends = Vec::new();
     let mut names = HashSet::new();
-    if raw.backend.is_empty() {
-        c.nowhere("backend", "at least one [[backend]] is required");
+    if raw.backend.is_empty() && raw.pool.is_empty() {
+        c.nowhere(
+            "backend",
+            "at least one [[backend]] (or a [[pool]] discovered in DNS) is required",
+        );
     }
     for (i, b) in raw.backend.iter().enumerate() {
         let name = b.name.get_ref().trim().to_string();
@@ -676,8 +703,74 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
             pool,
         });
     }
-    let pools: std::collections::BTreeSet<String> =
-        backends.iter().map(|b| b.pool.clone()).collect();
+    let mut dns_pools = Vec::new();
+    for (i, p) in raw.pool.iter().enumerate() {
+        let name = p.name.get_ref().trim().to_string();
+        if name.is_empty() || dns_pools.iter().any(|d: &DnsPool| d.name == name) {
+            c.at(
+                format!("pool[{i}].name"),
+                &p.name,
+                "must be non-empty and unique",
+            );
+        }
+        if p.dns.get_ref().trim().is_empty() {
+            c.at(format!("pool[{i}].dns"), &p.dns, "must be a DNS name");
+        }
+        let srv = match p.record.as_ref().map(|r| r.get_ref().as_str()) {
+            None | Some("A") | Some("a") => false,
+            Some("SRV") | Some("srv") => true,
+            Some(other) => {
+                if let Some(r) = &p.record {
+                    c.at(
+                        format!("pool[{i}].record"),
+                        r,
+                        format!("\"{other}\" is not \"A\" or \"SRV\""),
+                    );
+                }
+                false
+            }
+        };
+        let port = match &p.port {
+            Some(v) => match u16::try_from(*v.get_ref()) {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    c.at(format!("pool[{i}].port"), v, "must be between 1 and 65535");
+                    1883
+                }
+            },
+            None => 1883,
+        };
+        let mut ttl = |key: &str, v: &Option<Spanned<String>>, default: Duration| match v {
+            Some(v) => match duration::parse(v.get_ref()) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    c.at(format!("pool[{i}].{key}"), v, "must be greater than 0");
+                    default
+                }
+                Err(m) => {
+                    c.at(format!("pool[{i}].{key}"), v, m);
+                    default
+                }
+            },
+            None => default,
+        };
+        let min_ttl = ttl("min_ttl", &p.min_ttl, Duration::from_secs(5));
+        let max_ttl = ttl("max_ttl", &p.max_ttl, Duration::from_secs(300)).max(min_ttl);
+        dns_pools.push(DnsPool {
+            name,
+            dns: p.dns.get_ref().trim().to_string(),
+            srv,
+            port,
+            min_ttl,
+            max_ttl,
+            allow_empty: p.allow_empty.unwrap_or(false),
+        });
+    }
+    let pools: std::collections::BTreeSet<String> = backends
+        .iter()
+        .map(|b| b.pool.clone())
+        .chain(dns_pools.iter().map(|d| d.name.clone()))
+        .collect();
     let mut rules = Vec::new();
     for (i, r) in raw.rule.iter().enumerate() {
         let pool = r.pool.get_ref().trim().to_string();
@@ -747,7 +840,7 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         }
         rules.push(Rule { pool, matcher });
     }
-    if !raw.backend.is_empty() && backends.iter().all(|b| b.weight == 0) {
+    if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
         c.nowhere(
             "backend",
             "every backend has weight 0; no client could be placed",
@@ -825,6 +918,16 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                     "balancer.empty_client_id",
                     v,
                     format!("\"{other}\" is not one of \"source-ip\", \"source-address\""),
+                ),
+            }
+        }
+        for (i, v) in s.dns_servers.iter().flatten().enumerate() {
+            match v.get_ref().parse::<SocketAddr>() {
+                Ok(a) => balancer.dns_servers.push(a),
+                Err(_) => c.at(
+                    format!("balancer.dns_servers[{i}]"),
+                    v,
+                    format!("\"{}\" is not an IP:port socket address", v.get_ref()),
                 ),
             }
         }
@@ -1017,6 +1120,7 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         eviction,
         admission,
         rules,
+        dns_pools,
         admin,
         log_format,
     })
