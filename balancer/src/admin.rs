@@ -116,6 +116,7 @@ pub fn route(method: &Method, path: &str, shared: &Shared) -> Reply {
                     "placed_on": placed,
                     "pool": pool,
                     "rule": rule,
+                    "address": entries.first().map(|e| e.address.to_string()),
                     "connected": !connected.is_empty(),
                     "connected_to": connected,
                 }),

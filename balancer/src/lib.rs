@@ -34,7 +34,7 @@
 //! (admin JSON), fastrand (jitter), rlimit (safe setrlimit), nix (the
 //! IP_BIND_ADDRESS_NO_PORT socket option for source addresses, without
 //! `unsafe` here), hickory-resolver (async, caching DNS for discovery and
-//! backend host names), and our own protocol, placement, config and healthcheck
+//! backend host names), ppp (PROXY protocol v1/v2 parsing), and our own protocol, placement, config and healthcheck
 //! crates. Metrics are rendered by hand in Prometheus text
 //! format: a dozen families do not justify a metrics framework.
 

@@ -34,11 +34,15 @@ pub enum RejectReason {
     Admission,
     /// No routing rule matched and there is no default pool.
     NoRoute,
+    /// A trusted source sent no PROXY header, or a bad one.
+    ProxyHeader,
+    /// A PROXY header from a source not trusted to send one.
+    ProxyUntrusted,
 }
 
 impl RejectReason {
     /// Every reason, for rendering all counters.
-    pub const ALL: [RejectReason; 11] = [
+    pub const ALL: [RejectReason; 13] = [
         RejectReason::NotConnect,
         RejectReason::Malformed,
         RejectReason::ProtocolError,
@@ -50,6 +54,8 @@ impl RejectReason {
         RejectReason::NoBackend,
         RejectReason::Admission,
         RejectReason::NoRoute,
+        RejectReason::ProxyHeader,
+        RejectReason::ProxyUntrusted,
     ];
 
     /// Metric label.
@@ -66,6 +72,8 @@ impl RejectReason {
             RejectReason::NoBackend => "no_backend",
             RejectReason::Admission => "admission",
             RejectReason::NoRoute => "no_route",
+            RejectReason::ProxyHeader => "proxy_header",
+            RejectReason::ProxyUntrusted => "proxy_untrusted",
         }
     }
 

@@ -60,6 +60,8 @@ pub struct Entry {
     pub handle: Arc<EvictHandle>,
     /// The routing rule that chose its pool (`None`: the default pool).
     pub rule: Option<usize>,
+    /// The client's address (from the PROXY header when one was sent).
+    pub address: std::net::SocketAddr,
 }
 
 /// All live forwarded connections.
@@ -105,6 +107,7 @@ impl Registry {
         client_id: &str,
         backend: Arc<Backend>,
         rule: Option<usize>,
+        address: std::net::SocketAddr,
     ) -> (Registration<'_>, Arc<EvictHandle>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(EvictHandle::default());
@@ -115,6 +118,7 @@ impl Registry {
                 backend,
                 handle: handle.clone(),
                 rule,
+                address,
             },
         );
         (Registration { registry: self, id }, handle)

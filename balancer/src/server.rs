@@ -337,11 +337,15 @@ async fn accept_loop(
     stops: Stops,
 ) {
     let shutdown = stops.graceful.clone();
-    let name = spec.name;
-    let style = match spec.connect_refusal {
-        mqlb_config::ConnectRefusal::Close => RefusalStyle::Close,
-        mqlb_config::ConnectRefusal::ReasonCode => RefusalStyle::ReasonCode,
-    };
+    let name = spec.name.clone();
+    let info = Arc::new(ListenerInfo {
+        name: spec.name,
+        style: match spec.connect_refusal {
+            mqlb_config::ConnectRefusal::Close => RefusalStyle::Close,
+            mqlb_config::ConnectRefusal::ReasonCode => RefusalStyle::ReasonCode,
+        },
+        proxy_trusted: spec.proxy_trusted,
+    });
     let local = listener.local_addr().ok();
     tracing::info!(listener = %name, address = ?local, "listening");
     loop {
@@ -369,17 +373,18 @@ async fn accept_loop(
         let span = tracing::info_span!(
             "conn",
             %peer,
+            client = field::Empty,
             client_id = field::Empty,
             pool = field::Empty,
             backend = field::Empty
         );
-        let listener_name = name.clone();
+        let info = info.clone();
         let shared = shared.clone();
         let stops = stops.clone();
         conns.spawn(
             async move {
                 tokio::select! {
-                    _ = handle(stream, peer, &listener_name, style, &shared, &stops.graceful) => {}
+                    _ = handle(stream, peer, &info, &shared, &stops.graceful) => {}
                     _ = stops.hard.cancelled() => tracing::debug!("cut at the end of the grace period"),
                 }
                 drop(permit);
@@ -390,14 +395,23 @@ async fn accept_loop(
 }
 
 /// One client connection, from accept to close.
+/// What a connection needs to know about its listener.
+#[derive(Debug)]
+struct ListenerInfo {
+    name: String,
+    style: RefusalStyle,
+    /// Sources that send a PROXY header first; empty: PROXY protocol off.
+    proxy_trusted: Vec<mqlb_config::Cidr>,
+}
+
 async fn handle(
     mut client: TcpStream,
     peer: SocketAddr,
-    listener: &str,
-    style: RefusalStyle,
+    listener: &ListenerInfo,
     shared: &Shared,
     shutdown: &CancellationToken,
 ) {
+    let style = listener.style;
     let m = &shared.metrics;
     m.accepted.fetch_add(1, Ordering::Relaxed);
     let _active = GaugeGuard::new(&m.active);
@@ -406,6 +420,31 @@ async fn handle(
     let settings = &config.balancer;
     tracing::debug!("accepted");
 
+    // A trusted load balancer first says who the client really is; that
+    // address is used for logs, empty-client-ID placement, per-IP limits
+    // and /clients. A PROXY header from anyone else is refused below.
+    let mut peer = peer;
+    let mut initial = bytes::BytesMut::new();
+    if listener.proxy_trusted.iter().any(|c| c.contains(peer.ip())) {
+        let header = handshake::read_proxy_header(&mut client, settings.connect_timeout);
+        match tokio::select! {
+            r = header => r,
+            _ = shutdown.cancelled() => return,
+        } {
+            Ok((addr, rest)) => {
+                if let Some(a) = addr {
+                    peer = a;
+                }
+                initial = rest;
+            }
+            Err(refused) => {
+                m.reject(refused.reason);
+                tracing::info!(reason = refused.reason.label(), detail = %refused.detail, "refused");
+                return;
+            }
+        }
+    }
+    tracing::Span::current().record("client", tracing::field::display(peer));
     // Until the client is forwarded it has no session on any backend, so a
     // shutdown simply closes it.
     let read = read_connect(
@@ -413,6 +452,7 @@ async fn handle(
         settings.connect_timeout,
         settings.max_connect_size,
         style,
+        initial,
     );
     let hs = match tokio::select! {
         r = read => r,
@@ -435,7 +475,7 @@ async fn handle(
         &config.rules,
         settings.default_pool.as_deref(),
         &crate::select::RouteInput {
-            listener,
+            listener: &listener.name,
             client_id: &hs.client_id,
             username: hs.username.as_deref(),
             level: hs.version.level(),
@@ -509,9 +549,10 @@ async fn handle(
     m.forwarded.fetch_add(1, Ordering::Relaxed);
     backend.forwarded.fetch_add(1, Ordering::Relaxed);
     let _on_backend = GaugeGuard::new(&backend.active);
-    let (_registration, evict) = shared
-        .registry
-        .register(&hs.client_id, backend.clone(), rule);
+    let (_registration, evict) =
+        shared
+            .registry
+            .register(&hs.client_id, backend.clone(), rule, peer);
     if shutdown.is_cancelled() {
         // Forwarded just as the shutdown began, possibly after the evictor's
         // last pass: close this one at its first packet boundary.

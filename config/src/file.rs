@@ -170,6 +170,10 @@ pub struct ListenerFile {
     pub address: Spanned<String>,
     /// "close" (default, as Mosquitto) or "reason-code" (v5 CONNACK 0x81/0x82/0x95).
     pub connect_refusal: Option<Spanned<String>>,
+    /// Expect a PROXY protocol v1/v2 header from `proxy_trusted` sources.
+    pub proxy_protocol: Option<bool>,
+    /// Sources (CIDRs) allowed to send a PROXY header.
+    pub proxy_trusted: Option<Vec<Spanned<String>>>,
 }
 
 /// `[[backend]]`.

@@ -245,6 +245,10 @@ pub struct Listener {
     pub address: SocketAddr,
     /// How a refused v5 CONNECT is answered.
     pub connect_refusal: ConnectRefusal,
+    /// Sources whose connections start with a PROXY protocol header (the
+    /// client's real address); empty: PROXY protocol is off. A header from
+    /// any other source is refused.
+    pub proxy_trusted: Vec<Cidr>,
 }
 
 /// A backend broker.
@@ -637,11 +641,32 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                 ConnectRefusal::Close
             }
         };
+        let mut proxy_trusted = Vec::new();
+        for (k, v) in l.proxy_trusted.iter().flatten().enumerate() {
+            match Cidr::parse(v.get_ref()) {
+                Some(cidr) => proxy_trusted.push(cidr),
+                None => c.at(
+                    format!("listener[{i}].proxy_trusted[{k}]"),
+                    v,
+                    format!("\"{}\" is not an address or CIDR", v.get_ref()),
+                ),
+            }
+        }
+        if l.proxy_protocol == Some(true) && proxy_trusted.is_empty() {
+            c.nowhere(
+                format!("listener[{i}].proxy_trusted"),
+                "proxy_protocol = true needs the load balancers' addresses in proxy_trusted",
+            );
+        }
+        if l.proxy_protocol != Some(true) {
+            proxy_trusted.clear();
+        }
         match l.address.get_ref().parse::<SocketAddr>() {
             Ok(address) => listeners.push(Listener {
                 name: l.name.clone().unwrap_or_else(|| format!("listener{i}")),
                 address,
                 connect_refusal,
+                proxy_trusted,
             }),
             Err(_) => c.at(
                 format!("listener[{i}].address"),
