@@ -311,6 +311,7 @@ mod tests {
             address: "127.0.0.1:1".into(),
             weight: 1,
             pool: mqlb_config::DEFAULT_POOL.into(),
+            send_proxy: false,
         }))
     }
 

@@ -116,6 +116,7 @@ impl ProbeArgs {
             password: self.password.clone(),
             deep: self.deep,
             deep_topic: "mqlb/probe".into(),
+            proxy_local: false,
         })
     }
 }

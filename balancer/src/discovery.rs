@@ -79,6 +79,7 @@ async fn resolve(
                 address: SocketAddr::new(ip, srv.port()).to_string(),
                 weight: u32::from(srv.weight()).max(1),
                 pool: pool.name.clone(),
+                send_proxy: false,
             });
         }
         return Ok((members, ttl));
@@ -98,6 +99,7 @@ async fn resolve(
                 address: addr,
                 weight: 1,
                 pool: pool.name.clone(),
+                send_proxy: false,
             }
         })
         .collect();

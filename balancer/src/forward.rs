@@ -174,6 +174,37 @@ pub async fn connect_first(
     None
 }
 
+/// A PROXY protocol v2 header for a connection from `src` to `dst`, so a
+/// broker behind the balancer sees the client's address. Mixed families
+/// (an IPv4 client on an IPv6 listener) are sent as IPv6, IPv4-mapped.
+pub fn proxy_v2_header(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(0x21); // version 2, PROXY
+    match (src, dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+            h.push(0x11); // TCP over IPv4
+            h.extend_from_slice(&12u16.to_be_bytes());
+            h.extend_from_slice(&s.ip().octets());
+            h.extend_from_slice(&d.ip().octets());
+            h.extend_from_slice(&s.port().to_be_bytes());
+            h.extend_from_slice(&d.port().to_be_bytes());
+        }
+        _ => {
+            let v6 = |a: SocketAddr| match a.ip() {
+                IpAddr::V4(v) => v.to_ipv6_mapped(),
+                IpAddr::V6(v) => v,
+            };
+            h.push(0x21); // TCP over IPv6
+            h.extend_from_slice(&36u16.to_be_bytes());
+            h.extend_from_slice(&v6(src).octets());
+            h.extend_from_slice(&v6(dst).octets());
+            h.extend_from_slice(&src.port().to_be_bytes());
+            h.extend_from_slice(&dst.port().to_be_bytes());
+        }
+    }
+    h
+}
+
 /// How a splice ended.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Spliced {

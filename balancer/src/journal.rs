@@ -134,6 +134,7 @@ mod tests {
             address: "127.0.0.1:1".into(),
             weight: 1,
             pool: mqlb_config::DEFAULT_POOL.into(),
+            send_proxy: false,
         }));
         for _ in 0..SAMPLES + 5 {
             j.sample(std::slice::from_ref(&b));

@@ -26,6 +26,8 @@ pub struct Backend {
     pub weight: u32,
     /// The pool it belongs to.
     pub pool: String,
+    /// Send it a PROXY protocol v2 header first.
+    pub send_proxy: bool,
     /// Set by an operator (admin API): no new clients, existing ones are
     /// moved at the eviction rate. Kept apart from health, as pingora keeps
     /// `enabled` apart from `healthy`.
@@ -67,6 +69,7 @@ impl Backend {
             address: spec.address.clone(),
             weight: spec.weight,
             pool: spec.pool.clone(),
+            send_proxy: spec.send_proxy,
             draining: AtomicBool::new(false),
             health: OnceLock::new(),
             active: AtomicU64::new(0),
@@ -188,6 +191,7 @@ impl Backends {
                         && b.address == spec.address
                         && b.weight == spec.weight
                         && b.pool == spec.pool
+                        && b.send_proxy == spec.send_proxy
                 }) {
                     Some(b) => b.clone(),
                     None => {
@@ -282,6 +286,7 @@ mod tests {
             address: format!("{n}:1883"),
             weight: 1,
             pool: mqlb_config::DEFAULT_POOL.into(),
+            send_proxy: false,
         };
         Backends::new(&[spec("b1"), spec("b2"), spec("b3")])
     }

@@ -91,6 +91,7 @@ fn check_settings(h: &mqlb_config::HealthSettings) -> CheckSettings {
             password: h.password.clone(),
             deep: h.deep,
             deep_topic: h.deep_topic.clone(),
+            proxy_local: false,
         },
     }
 }
@@ -160,6 +161,7 @@ impl Balancer {
                 .map(|b| Target {
                     name: b.name.clone(),
                     address: b.address.clone(),
+                    proxy: b.send_proxy,
                 })
                 .collect();
             let observer = Arc::new(HealthObserver {
@@ -573,10 +575,19 @@ async fn handle(
             backend.passive_failure();
         }
     };
+    // Brokers that take PROXY protocol learn the client's address first.
+    let prefix = if backend.send_proxy {
+        let local = client.local_addr().unwrap_or(peer);
+        let mut p = bytes::BytesMut::from(&forward::proxy_v2_header(peer, local)[..]);
+        p.extend_from_slice(&hs.buf);
+        p
+    } else {
+        hs.buf
+    };
     match forward::splice(
         client,
         backend_stream,
-        hs.buf,
+        prefix,
         hs.version,
         &evict,
         on_connack,

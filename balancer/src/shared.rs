@@ -138,6 +138,7 @@ impl Shared {
                 b.attach_health(checker.add(&Target {
                     name: b.name.clone(),
                     address: b.address.clone(),
+                    proxy: b.send_proxy,
                 }));
             }
         }

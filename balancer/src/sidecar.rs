@@ -68,6 +68,7 @@ pub async fn run(
         &[Target {
             name: "target".into(),
             address: target.clone(),
+            proxy: false,
         }],
         &settings,
         &format!("hc{:06x}", fastrand::u32(..0xFF_FFFF)),

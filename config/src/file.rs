@@ -188,6 +188,8 @@ pub struct BackendFile {
     pub weight: Option<Spanned<u32>>,
     /// The pool it belongs to, default "default".
     pub pool: Option<Spanned<String>>,
+    /// Send a PROXY protocol v2 header (the client's address) first.
+    pub proxy_protocol: Option<bool>,
 }
 
 /// `[[pool]]`: a pool whose backends are discovered in DNS.

@@ -263,6 +263,9 @@ pub struct Backend {
     pub weight: u32,
     /// The pool it belongs to; placement and health work per pool.
     pub pool: String,
+    /// The broker expects a PROXY protocol v2 header with the client's
+    /// address (Mosquitto 2.1+, EMQX, HiveMQ, VerneMQ); probes send LOCAL.
+    pub send_proxy: bool,
 }
 
 /// A pool whose backends come from DNS, re-resolved at the record TTL.
@@ -726,6 +729,7 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
             address: b.address.get_ref().clone(),
             weight,
             pool,
+            send_proxy: b.proxy_protocol.unwrap_or(false),
         });
     }
     let mut dns_pools = Vec::new();

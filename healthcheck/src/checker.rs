@@ -56,6 +56,8 @@ pub struct Target {
     pub name: String,
     /// `host:port`.
     pub address: String,
+    /// The broker expects a PROXY protocol header: probes send LOCAL.
+    pub proxy: bool,
 }
 
 /// The latest facts about one target, for the admin API.
@@ -167,6 +169,7 @@ impl Checker {
         });
         let mut spec = self.settings.spec.clone();
         spec.client_id = probe_client_id(&self.instance, &t.name);
+        spec.proxy_local = t.proxy;
         let stop = self.shutdown.child_token();
         tokio::spawn(run_target(
             t.clone(),

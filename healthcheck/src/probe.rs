@@ -29,7 +29,15 @@ pub struct ProbeSpec {
     pub deep: bool,
     /// Topic for the deep check; the client ID is appended.
     pub deep_topic: String,
+    /// Open with a PROXY protocol v2 LOCAL header, for brokers that expect
+    /// one from this balancer (LOCAL: the proxy's own connection).
+    pub proxy_local: bool,
 }
+
+/// The PROXY protocol v2 LOCAL header: a connection of the proxy itself.
+pub const PROXY_V2_LOCAL: [u8; 16] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x20, 0x00, 0x00, 0x00,
+];
 
 impl Default for ProbeSpec {
     fn default() -> Self {
@@ -41,6 +49,7 @@ impl Default for ProbeSpec {
             password: None,
             deep: false,
             deep_topic: "mqlb/probe".into(),
+            proxy_local: false,
         }
     }
 }
@@ -200,6 +209,13 @@ pub async fn probe(addr: &str, spec: &ProbeSpec) -> Outcome {
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
+    let mut stream = stream;
+    if spec.proxy_local {
+        use tokio::io::AsyncWriteExt;
+        if let Err(e) = stream.write_all(&PROXY_V2_LOCAL).await {
+            return Outcome::Down(Failure::Unreachable(e.to_string()));
+        }
+    }
     let mut conn = Conn {
         stream,
         buf: BytesMut::with_capacity(256),

@@ -632,6 +632,7 @@ async fn config_reload_keeps_connections() {
             address: ms[i].addr(),
             weight: 1,
             pool: mqlb_config::DEFAULT_POOL.into(),
+            send_proxy: false,
         })
         .collect();
     let local = mqlb_balancer::select::Backends::new(&specs);

@@ -114,3 +114,93 @@ async fn trusted_headers_carry_the_client_address() {
     assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
     lb.stop().await;
 }
+
+/// What a PROXY-aware backend saw: (command byte, source address).
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(u8, Option<std::net::SocketAddr>)>>>;
+
+/// A minimal broker that expects a PROXY v2 header, records it, and then
+/// answers CONNECT and PINGREQ (enough for clients and health probes).
+async fn proxy_aware_backend() -> (String, Seen) {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let seen: Seen = Default::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut head = [0u8; 16];
+                if s.read_exact(&mut head).await.is_err() || &head[..12] != b"\r\n\r\n\0\r\nQUIT\n"
+                {
+                    return;
+                }
+                let mut body = vec![0u8; usize::from(u16::from_be_bytes([head[14], head[15]]))];
+                if s.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let src = (head[13] == 0x11 && body.len() >= 12).then(|| {
+                    let ip = std::net::Ipv4Addr::new(body[0], body[1], body[2], body[3]);
+                    std::net::SocketAddr::from((ip, u16::from_be_bytes([body[8], body[9]])))
+                });
+                record.lock().unwrap().push((head[12], src));
+                let mut buf = [0u8; 512];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    let reply: &[u8] = match buf[0] {
+                        0x10 => &[0x20, 0x02, 0x00, 0x00],
+                        0xC0 => &[0xD0, 0x00],
+                        _ => &[],
+                    };
+                    if !reply.is_empty() && s.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// PROXY out: a backend marked `proxy_protocol = true` gets a v2 header
+/// with the client's address first (here the address a trusted load
+/// balancer gave in a v1 header), and its health probes open with a LOCAL
+/// header, so the backend can tell them apart and stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_get_the_client_address_in_a_v2_header() {
+    let (backend, seen) = proxy_aware_backend().await;
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nproxy_protocol = true\nproxy_trusted = [\"127.0.0.1\"]\n\
+         [[backend]]\nname = \"pp\"\naddress = \"{backend}\"\nproxy_protocol = true\n\
+         [health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 1\njitter = \"0ms\"\n"
+    );
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let up = wait_until(T, || {
+        lb.shared.backends.get("pp").unwrap().health_state() == mqlb_healthcheck::HealthState::Up
+    })
+    .await;
+    assert!(
+        up.is_some(),
+        "probes with a LOCAL header did not bring it up"
+    );
+    let (_c, ack) = connect_with(
+        &lb.addr.to_string(),
+        b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 1883\r\n",
+        "through",
+    )
+    .await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|(cmd, _)| *cmd == 0x20),
+        "no LOCAL probe: {seen:?}"
+    );
+    assert!(
+        seen.contains(&(0x21, Some("192.0.2.7:5555".parse().unwrap()))),
+        "{seen:?}"
+    );
+    lb.stop().await;
+}
