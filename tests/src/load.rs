@@ -37,6 +37,23 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// The most events in any window of length `window`, over sorted event
+/// times (anything ordered that subtracts to a `Duration`: `Instant`s or
+/// offsets). Pacing tests judge rates with this.
+pub fn max_in_window<T>(sorted: &[T], window: Duration) -> usize
+where
+    T: Copy + std::ops::Sub<Output = Duration>,
+{
+    let (mut max, mut j) = (0, 0);
+    for i in 0..sorted.len() {
+        while sorted[i] - sorted[j] > window {
+            j += 1;
+        }
+        max = max.max(i - j + 1);
+    }
+    max
+}
+
 /// The `p` quantile (0..=1) of sorted values.
 pub fn quantile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

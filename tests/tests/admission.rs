@@ -202,16 +202,7 @@ async fn a_storm_is_shaped_by_the_caps() {
     // timestamps arrivals after connect, which a loaded box delays
     // unevenly; without the cap all of them land in the first window).
     let arrivals: Vec<Instant> = seen.lock().unwrap()[before_storm..].to_vec();
-    let max_in = |window: Duration| {
-        let (mut max, mut j) = (0, 0);
-        for i in 0..arrivals.len() {
-            while arrivals[i] - arrivals[j] > window {
-                j += 1;
-            }
-            max = max.max(i - j + 1);
-        }
-        max
-    };
+    let max_in = |window: Duration| mqlb_tests::load::max_in_window(&arrivals, window);
     let (per_s, per_2s) = (
         max_in(Duration::from_secs(1)),
         max_in(Duration::from_secs(2)),

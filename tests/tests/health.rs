@@ -225,17 +225,7 @@ async fn drain_is_paced() {
         span >= Duration::from_millis(3500) && span <= Duration::from_secs(8),
         "drain took {span:?}"
     );
-    let max_in = |window: Duration| {
-        let mut max = 0;
-        let mut j = 0;
-        for i in 0..closes.len() {
-            while closes[i] - closes[j] > window {
-                j += 1;
-            }
-            max = max.max(i - j + 1);
-        }
-        max
-    };
+    let max_in = |window: Duration| mqlb_tests::load::max_in_window(&closes, window);
     // Closes are timed where the clients see them, so scheduling noise on a
     // busy 2-core box can bunch a few; 5 % tolerance still catches a burst
     // (without pacing, all 2,000 land in one window).

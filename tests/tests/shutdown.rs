@@ -101,18 +101,7 @@ async fn publisher(mut c: Client, k: usize, acked: Arc<Mutex<Vec<(usize, String)
     }
 }
 
-/// The most closes seen in any window of `window`.
-fn max_in(closes: &[Duration], window: Duration) -> usize {
-    let mut max = 0;
-    let mut j = 0;
-    for i in 0..closes.len() {
-        while closes[i] - closes[j] > window {
-            j += 1;
-        }
-        max = max.max(i - j + 1);
-    }
-    max
-}
+use mqlb_tests::load::max_in_window as max_in;
 
 /// Connects the subscribers and publishers to `addr`, runs traffic, calls
 /// `stop`, and returns (close times since the stop, what each subscriber
