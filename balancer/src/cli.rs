@@ -192,6 +192,14 @@ pub fn main() -> ExitCode {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
             Ok(c) => {
+                // The config names the files; reading them shows a bad PEM
+                // before a deploy rather than at start.
+                for l in &c.listeners {
+                    if let Some(Err(e)) = l.tls.as_ref().map(crate::tls::acceptor) {
+                        eprintln!("{}: listener {} TLS: {e}", file.display(), l.name);
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                }
                 println!(
                     "{}: ok ({} listener(s), {} backend(s))",
                     file.display(),

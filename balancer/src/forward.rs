@@ -22,9 +22,12 @@ use mqlb_protocol::{
     framing, BoundaryTracker, ConnackReturnCode, Disconnect, MqttStr, Packet, Properties,
     ProtocolVersion, ReasonCode,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::future::Future;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::server::TlsStream;
 
 use crate::bufpool;
 use crate::registry::{EvictHandle, Eviction};
@@ -248,19 +251,77 @@ fn client_disconnect(e: &Eviction) -> Option<Vec<u8>> {
 /// Normal DISCONNECT, the same two bytes in every version.
 const NORMAL_DISCONNECT: [u8; 2] = [0xE0, 0x00];
 
+/// A client connection the splice can take apart: plain TCP, or TLS
+/// terminated here.
+pub trait ClientStream: Send + 'static {
+    /// The half the client's bytes are read from.
+    type Read: LentRead + Send;
+    /// The half the backend's bytes are written to.
+    type Write: AsyncWrite + Unpin + Send;
+    /// Splits into independently usable halves.
+    fn halves(self) -> (Self::Read, Self::Write);
+}
+
+/// Reading into a buffer borrowed from [`bufpool`] only once data is there,
+/// so an idle plain-TCP connection holds no buffer.
+pub trait LentRead: AsyncRead + Unpin {
+    /// Waits for data and reads it; `None` is a spurious wakeup, try again.
+    fn read_lent(
+        &mut self,
+    ) -> impl Future<Output = io::Result<Option<(bufpool::Lent, usize)>>> + Send;
+}
+
+impl LentRead for OwnedReadHalf {
+    async fn read_lent(&mut self) -> io::Result<Option<(bufpool::Lent, usize)>> {
+        self.readable().await?;
+        let mut buf = bufpool::lend();
+        match self.try_read(&mut buf) {
+            Ok(n) => Ok(Some((buf, n))),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// TLS decrypts whole records, so the buffer is borrowed while waiting:
+/// an idle TLS connection holds one (plus rustls's own record buffers).
+impl LentRead for ReadHalf<TlsStream<crate::rewind::Rewind>> {
+    async fn read_lent(&mut self) -> io::Result<Option<(bufpool::Lent, usize)>> {
+        let mut buf = bufpool::lend();
+        let n = self.read(&mut buf).await?;
+        Ok(Some((buf, n)))
+    }
+}
+
+impl ClientStream for TcpStream {
+    type Read = OwnedReadHalf;
+    type Write = OwnedWriteHalf;
+    fn halves(self) -> (OwnedReadHalf, OwnedWriteHalf) {
+        self.into_split()
+    }
+}
+
+impl ClientStream for TlsStream<crate::rewind::Rewind> {
+    type Read = ReadHalf<TlsStream<crate::rewind::Rewind>>;
+    type Write = WriteHalf<TlsStream<crate::rewind::Rewind>>;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 /// Writes `prefix` (the buffered CONNECT) to the backend and frees it, then
 /// forwards both ways until both directions are closed, one fails, or
 /// `evict` fires. `on_connack` is called once if the backend's first packet
 /// is a CONNACK.
-pub async fn splice(
-    client: TcpStream,
+pub async fn splice<C: ClientStream>(
+    client: C,
     backend: TcpStream,
     prefix: BytesMut,
     version: ProtocolVersion,
     evict: &EvictHandle,
     on_connack: impl FnOnce(ConnackSeen),
 ) -> io::Result<Spliced> {
-    let (mut cr, mut cw) = client.into_split();
+    let (mut cr, mut cw) = client.halves();
     let (mut br, mut bw) = backend.into_split();
     let started = Instant::now();
     bw.write_all(&prefix).await?;
@@ -313,9 +374,9 @@ pub async fn splice(
 /// `to` only ever sees whole packets, then `inject(reason)` is written at
 /// that boundary and `to` is shut down. Returns (bytes copied, evicted,
 /// injected).
-async fn pump(
-    from: &mut OwnedReadHalf,
-    to: &mut OwnedWriteHalf,
+async fn pump<R: LentRead, W: AsyncWrite + Unpin>(
+    from: &mut R,
+    to: &mut W,
     evict: &EvictHandle,
     mut inspect: impl FnMut(&[u8]),
     inject: impl FnOnce(&Eviction) -> Option<Vec<u8>>,
@@ -329,18 +390,14 @@ async fn pump(
         // none. Eviction first: once it is requested, a peer's EOF racing it
         // (the backend closing after the other direction's DISCONNECT) must
         // not skip the injection.
-        tokio::select! {
+        let read = tokio::select! {
             biased;
             _ = evict.requested() => break,
-            r = from.readable() => if let Err(e) = r {
-                let _ = to.shutdown().await;
-                return Err(e);
-            },
-        }
-        let mut buf = bufpool::lend();
-        let n = match from.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r = from.read_lent() => r,
+        };
+        let (buf, n) = match read {
+            Ok(Some(got)) => got,
+            Ok(None) => continue,
             // A reset from one peer ends this direction; the other
             // direction sees its own EOF or error.
             Err(e) => {

@@ -55,9 +55,11 @@ pub mod journal;
 pub mod limit;
 pub mod metrics;
 pub mod registry;
+pub mod rewind;
 pub mod select;
 pub mod server;
 pub mod shared;
 pub mod sidecar;
+pub mod tls;
 
 pub use server::Balancer;

@@ -38,11 +38,14 @@ pub enum RejectReason {
     ProxyHeader,
     /// A PROXY header from a source not trusted to send one.
     ProxyUntrusted,
+    /// The TLS handshake failed (plain MQTT on a TLS port, bad certificate,
+    /// no shared cipher suite).
+    Tls,
 }
 
 impl RejectReason {
     /// Every reason, for rendering all counters.
-    pub const ALL: [RejectReason; 13] = [
+    pub const ALL: [RejectReason; 14] = [
         RejectReason::NotConnect,
         RejectReason::Malformed,
         RejectReason::ProtocolError,
@@ -56,6 +59,7 @@ impl RejectReason {
         RejectReason::NoRoute,
         RejectReason::ProxyHeader,
         RejectReason::ProxyUntrusted,
+        RejectReason::Tls,
     ];
 
     /// Metric label.
@@ -74,6 +78,7 @@ impl RejectReason {
             RejectReason::NoRoute => "no_route",
             RejectReason::ProxyHeader => "proxy_header",
             RejectReason::ProxyUntrusted => "proxy_untrusted",
+            RejectReason::Tls => "tls",
         }
     }
 

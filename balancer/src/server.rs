@@ -103,7 +103,11 @@ fn check_settings(h: &mqlb_config::HealthSettings) -> CheckSettings {
 #[derive(Debug)]
 pub struct Balancer {
     shared: Arc<Shared>,
-    listeners: Vec<(mqlb_config::Listener, TcpListener)>,
+    listeners: Vec<(
+        mqlb_config::Listener,
+        TcpListener,
+        Option<crate::tls::Terminator>,
+    )>,
     admin: Option<TcpListener>,
     /// Stops the checker and evictor when serving ends.
     background: CancellationToken,
@@ -114,13 +118,19 @@ impl Balancer {
     pub async fn bind(config: Config) -> io::Result<Balancer> {
         let mut listeners = Vec::new();
         for l in &config.listeners {
+            let tls = match &l.tls {
+                Some(files) => Some(crate::tls::acceptor(files).map_err(|e| {
+                    io::Error::new(e.kind(), format!("listener {} TLS: {e}", l.name))
+                })?),
+                None => None,
+            };
             let listener = TcpListener::bind(l.address).await.map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("listener {} on {}: {e}", l.name, l.address),
                 )
             })?;
-            listeners.push((l.clone(), listener));
+            listeners.push((l.clone(), listener, tls));
         }
         let admin = match config.admin {
             Some(addr) => Some(
@@ -244,7 +254,7 @@ impl Balancer {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|(_, l)| l.local_addr().ok())
+            .filter_map(|(_, l, _)| l.local_addr().ok())
             .collect()
     }
 
@@ -278,14 +288,14 @@ impl Balancer {
             ))
         });
         let tracker = TaskTracker::new();
-        for (spec, listener) in self.listeners {
+        for (spec, listener, tls) in self.listeners {
             let shared = self.shared.clone();
             let conns = tracker.clone();
             let stops = Stops {
                 graceful: shutdown.clone(),
                 hard: hard.clone(),
             };
-            tracker.spawn(accept_loop(spec, listener, shared, conns, stops));
+            tracker.spawn(accept_loop(spec, listener, tls, shared, conns, stops));
         }
         shutdown.cancelled().await;
         let open = self.shared.registry.len();
@@ -334,6 +344,7 @@ struct Stops {
 async fn accept_loop(
     spec: mqlb_config::Listener,
     listener: TcpListener,
+    tls: Option<crate::tls::Terminator>,
     shared: Arc<Shared>,
     conns: TaskTracker,
     stops: Stops,
@@ -347,6 +358,7 @@ async fn accept_loop(
             mqlb_config::ConnectRefusal::ReasonCode => RefusalStyle::ReasonCode,
         },
         proxy_trusted: spec.proxy_trusted,
+        tls,
     });
     let local = listener.local_addr().ok();
     tracing::info!(listener = %name, address = ?local, "listening");
@@ -404,6 +416,8 @@ struct ListenerInfo {
     style: RefusalStyle,
     /// Sources that send a PROXY header first; empty: PROXY protocol off.
     proxy_trusted: Vec<mqlb_config::Cidr>,
+    /// Terminates TLS (after any PROXY header, before the CONNECT).
+    tls: Option<crate::tls::Terminator>,
 }
 
 async fn handle(
@@ -413,7 +427,6 @@ async fn handle(
     shared: &Shared,
     shutdown: &CancellationToken,
 ) {
-    let style = listener.style;
     let m = &shared.metrics;
     m.accepted.fetch_add(1, Ordering::Relaxed);
     let _active = GaugeGuard::new(&m.active);
@@ -447,6 +460,57 @@ async fn handle(
         }
     }
     tracing::Span::current().record("client", tracing::field::display(peer));
+    let local = client.local_addr().unwrap_or(peer);
+    let Some(tls) = &listener.tls else {
+        return serve_client(client, peer, local, initial, listener, shared, shutdown).await;
+    };
+    // The PROXY header may have arrived with the start of the ClientHello.
+    let client = crate::rewind::Rewind::new(initial, client);
+    let accept = tokio::time::timeout(settings.connect_timeout, tls.accept(client));
+    let client = match tokio::select! {
+        r = accept => r,
+        _ = shutdown.cancelled() => return,
+    } {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            m.reject(RejectReason::Tls);
+            tracing::info!(reason = "tls", detail = %e, "refused");
+            return;
+        }
+        Err(_) => {
+            m.reject(RejectReason::Timeout);
+            tracing::info!(reason = "timeout", detail = "TLS handshake", "refused");
+            return;
+        }
+    };
+    serve_client(
+        client,
+        peer,
+        local,
+        bytes::BytesMut::new(),
+        listener,
+        shared,
+        shutdown,
+    )
+    .await
+}
+
+/// A client after PROXY and TLS: reads its CONNECT, places it, splices.
+async fn serve_client<
+    C: forward::ClientStream + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+>(
+    mut client: C,
+    peer: SocketAddr,
+    local: SocketAddr,
+    initial: bytes::BytesMut,
+    listener: &ListenerInfo,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) {
+    let style = listener.style;
+    let m = &shared.metrics;
+    let config = shared.config();
+    let settings = &config.balancer;
     // Until the client is forwarded it has no session on any backend, so a
     // shutdown simply closes it.
     let read = read_connect(
@@ -577,7 +641,6 @@ async fn handle(
     };
     // Brokers that take PROXY protocol learn the client's address first.
     let prefix = if backend.send_proxy {
-        let local = client.local_addr().unwrap_or(peer);
         let mut p = bytes::BytesMut::from(&forward::proxy_v2_header(peer, local)[..]);
         p.extend_from_slice(&hs.buf);
         p

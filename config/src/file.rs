@@ -174,6 +174,10 @@ pub struct ListenerFile {
     pub proxy_protocol: Option<bool>,
     /// Sources (CIDRs) allowed to send a PROXY header.
     pub proxy_trusted: Option<Vec<Spanned<String>>>,
+    /// PEM certificate chain: terminate TLS on this listener.
+    pub tls_cert: Option<Spanned<String>>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<Spanned<String>>,
 }
 
 /// `[[backend]]`.

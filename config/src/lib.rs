@@ -249,6 +249,18 @@ pub struct Listener {
     /// client's real address); empty: PROXY protocol is off. A header from
     /// any other source is refused.
     pub proxy_trusted: Vec<Cidr>,
+    /// Terminate TLS here with these files; `None`: plain MQTT.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A certificate chain and its key, PEM files read when listeners are bound
+/// (and checked by `mqlb config check`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
 }
 
 /// A backend broker.
@@ -664,12 +676,39 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         if l.proxy_protocol != Some(true) {
             proxy_trusted.clear();
         }
+        let tls = match (&l.tls_cert, &l.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                for (name, v) in [("tls_cert", cert), ("tls_key", key)] {
+                    if let Err(e) = std::fs::metadata(v.get_ref()) {
+                        c.at(
+                            format!("listener[{i}].{name}"),
+                            v,
+                            format!("cannot read \"{}\": {e}", v.get_ref()),
+                        );
+                    }
+                }
+                Some(TlsFiles {
+                    cert: cert.get_ref().into(),
+                    key: key.get_ref().into(),
+                })
+            }
+            (Some(v), None) | (None, Some(v)) => {
+                c.at(
+                    format!("listener[{i}].tls"),
+                    v,
+                    "tls_cert and tls_key go together",
+                );
+                None
+            }
+        };
         match l.address.get_ref().parse::<SocketAddr>() {
             Ok(address) => listeners.push(Listener {
                 name: l.name.clone().unwrap_or_else(|| format!("listener{i}")),
                 address,
                 connect_refusal,
                 proxy_trusted,
+                tls,
             }),
             Err(_) => c.at(
                 format!("listener[{i}].address"),

@@ -52,7 +52,11 @@ pub fn frame(first: u8, body: &[u8]) -> Vec<u8> {
 
 /// Reads exactly `n` bytes within `within`, or returns what arrived before
 /// EOF or the deadline.
-pub async fn read_n(s: &mut TcpStream, n: usize, within: Duration) -> Vec<u8> {
+pub async fn read_n<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    n: usize,
+    within: Duration,
+) -> Vec<u8> {
     let mut out = vec![0u8; n];
     let mut got = 0;
     let _ = tokio::time::timeout(within, async {

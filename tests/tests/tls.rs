@@ -1,0 +1,227 @@
+//! TLS termination on a listener: mosquitto_pub/sub with `--cafile` and a
+//! rustls client reach a plain-TCP Mosquitto through the balancer; a PROXY
+//! header arriving in the same segment as the ClientHello still works; plain
+//! MQTT on a TLS port gets a TLS alert and is closed, and a broken TLS
+//! config is refused naming the key or file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::pin::Pin;
+use std::process::Command;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use mqlb_balancer::metrics::RejectReason;
+use mqlb_tests::raw;
+use mqlb_tests::*;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+
+const T: Duration = Duration::from_secs(5);
+
+/// A self-signed certificate for 127.0.0.1 / localhost: (dir, cert DER).
+fn certificate() -> (std::path::PathBuf, CertificateDer<'static>) {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let dir = scratch_dir("tls");
+    std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
+    (dir, ck.cert.der().clone())
+}
+
+fn client_config(ca: CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// Writes `prefix` in the same write as the first bytes of the stream (the
+/// ClientHello), as a load balancer coalescing its PROXY header might.
+struct Prefixed {
+    prefix: Vec<u8>,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.prefix.is_empty() {
+            return Pin::new(&mut self.inner).poll_write(cx, buf);
+        }
+        let mut all = std::mem::take(&mut self.prefix);
+        let plen = all.len();
+        all.extend_from_slice(buf);
+        // Loopback takes a small write whole; anything short is a test bug.
+        match Pin::new(&mut self.inner).poll_write(cx, &all) {
+            Poll::Ready(Ok(n)) => {
+                assert_eq!(n, all.len(), "short coalesced write");
+                Poll::Ready(Ok(n - plen))
+            }
+            other => {
+                all.truncate(plen);
+                self.prefix = all;
+                other.map(|r| r.map(|_| 0))
+            }
+        }
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_terminates_for_real_clients() {
+    let m = Mosquitto::start();
+    let (dir, ca) = certificate();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let text = format!(
+        "[[listener]]\nname = \"mqtts\"\naddress = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\n\
+         [[listener]]\nname = \"mqtts-behind-nlb\"\naddress = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\n\
+         proxy_protocol = true\nproxy_trusted = [\"127.0.0.1/32\"]\n\
+         [[backend]]\nname = \"m\"\naddress = \"{a}\"\n\
+         [balancer]\nconnect_timeout = \"1s\"\n[health]\nenabled = false\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        c = cert.display(),
+        k = key.display(),
+        a = m.addr()
+    );
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let (tls_port, nlb) = (lb.addrs[0].port().to_string(), lb.addrs[1].to_string());
+    let admin = lb.admin.unwrap().to_string();
+    let cafile = cert.display().to_string();
+
+    // mosquitto_sub / mosquitto_pub over TLS, v3.1.1 and v5.
+    for v in ["mqttv311", "mqttv5"] {
+        let topic = format!("tls/{v}");
+        let mut sub = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &tls_port, "--cafile", &cafile])
+            .args(["-V", v, "-i", &format!("tls-sub-{v}"), "-t", &topic])
+            .args(["-C", "1", "-W", "10", "-q", "1"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(
+            m.saw_client(&format!("tls-sub-{v}"), T),
+            "subscriber did not arrive"
+        );
+        for _ in 0..20 {
+            let st = Command::new("mosquitto_pub")
+                .args(["-h", "127.0.0.1", "-p", &tls_port, "--cafile", &cafile])
+                .args(["-V", v, "-t", &topic, "-m", "over-tls", "-q", "1"])
+                .status()
+                .unwrap();
+            assert!(st.success(), "mosquitto_pub over TLS failed");
+            std::thread::sleep(Duration::from_millis(100));
+            if sub.try_wait().unwrap().is_some() {
+                break;
+            }
+        }
+        let out = sub.wait_with_output().unwrap();
+        assert!(out.status.success(), "mosquitto_sub {v}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "over-tls");
+    }
+
+    // A PROXY v1 header in the same segment as the ClientHello: the TLS
+    // handshake still sees the whole hello, and /clients the real address.
+    let connector = tokio_rustls::TlsConnector::from(client_config(ca));
+    let tcp = TcpStream::connect(&nlb).await.unwrap();
+    let prefixed = Prefixed {
+        prefix: b"PROXY TCP4 192.0.2.44 127.0.0.1 7777 8883\r\n".to_vec(),
+        inner: tcp,
+    };
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = tokio::time::timeout(T, connector.connect(name, prefixed))
+        .await
+        .unwrap()
+        .unwrap();
+    s.write_all(&raw::connect("tls-behind-nlb", 4))
+        .await
+        .unwrap();
+    assert_eq!(raw::read_n(&mut s, 4, T).await, [0x20, 0x02, 0x00, 0x00]);
+    let (_, body) = http(&admin, "GET", "/clients/tls-behind-nlb").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["address"], "192.0.2.44:7777", "{body}");
+    assert_eq!(v["placed_on"], "m", "{body}");
+
+    // Plain MQTT on the TLS port: no CONNACK, closed, counted as tls.
+    let before = lb.shared.metrics.rejected(RejectReason::Tls);
+    let mut plain = TcpStream::connect(lb.addrs[0]).await.unwrap();
+    plain
+        .write_all(&raw::connect("plain-on-tls", 4))
+        .await
+        .unwrap();
+    // Everything until EOF: a TLS alert record (0x15), never a CONNACK.
+    let got = raw::read_n(&mut plain, 64, T).await;
+    assert!(got.len() < 64, "not closed: {got:?}");
+    assert!(got.is_empty() || got[0] == 0x15, "plain MQTT got {got:?}");
+    assert!(!m.saw_client("plain-on-tls", Duration::from_millis(200)));
+    let counted = wait_until(T, || lb.shared.metrics.rejected(RejectReason::Tls) > before).await;
+    assert!(counted.is_some(), "TLS failure not counted");
+    let (_, metrics) = http(&admin, "GET", "/metrics").await;
+    assert!(metrics.contains("reason=\"tls\""), "{metrics}");
+    drop(s);
+    lb.stop().await;
+}
+
+/// A half-configured or unreadable TLS listener is a config error naming
+/// the key; a file that is not PEM fails binding, naming the file.
+#[tokio::test]
+async fn broken_tls_config_is_refused_by_name() {
+    let base = "[[backend]]\nname = \"m\"\naddress = \"127.0.0.1:1\"\n";
+    let text =
+        format!("[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"/etc/hostname\"\n{base}");
+    let e = mqlb_config::Config::parse("<t>", &text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("listener[0].tls") && e.contains("go together"),
+        "{e}"
+    );
+
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/etc/hostname\"\n{base}"
+    );
+    let e = mqlb_config::Config::parse("<t>", &text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("listener[0].tls_cert") && e.contains("<t>:3"),
+        "{e}"
+    );
+
+    // Exists but is not a certificate: binding fails and says which file.
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"/etc/hostname\"\ntls_key = \"/etc/hostname\"\n{base}"
+    );
+    let config = mqlb_config::Config::parse("<t>", &text).unwrap();
+    let e = mqlb_balancer::server::Balancer::bind(config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("TLS") && e.contains("/etc/hostname"), "{e}");
+}
