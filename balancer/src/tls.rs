@@ -3,6 +3,8 @@
 //! rustls (with the ring provider) rather than OpenSSL: memory-safe, no
 //! system library to match at build or run time, and the same choice as
 //! linkerd2-proxy. TLS 1.2 and 1.3, the provider's safe default suites.
+//! With `tls_client_ca`, a client certificate chaining to those CAs is
+//! required (mTLS); the broker still authenticates the CONNECT.
 
 use std::io;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use mqlb_config::TlsFiles;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls;
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::TlsAcceptor;
 
 /// A listener's TLS acceptor (cheap to clone).
@@ -49,10 +52,28 @@ pub fn acceptor(files: &TlsFiles) -> io::Result<Terminator> {
     }
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad(&files.key, &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad(&files.cert, &e))?
-        .with_no_client_auth()
+        .map_err(|e| bad(&files.cert, &e))?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(ca, &e))? {
+                roots
+                    .add(c.map_err(|e| bad(ca, &e))?)
+                    .map_err(|e| bad(ca, &e))?;
+            }
+            if roots.is_empty() {
+                return Err(bad(ca, &"no CERTIFICATE in the file"));
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| bad(ca, &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
         .with_single_cert(certs, key)
         .map_err(|e| bad(&files.key, &e))?;
     Ok(Terminator(TlsAcceptor::from(Arc::new(config))))

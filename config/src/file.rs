@@ -178,6 +178,8 @@ pub struct ListenerFile {
     pub tls_cert: Option<Spanned<String>>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<Spanned<String>>,
+    /// PEM CA certificates: require a client certificate they sign (mTLS).
+    pub tls_client_ca: Option<Spanned<String>>,
 }
 
 /// `[[backend]]`.

@@ -261,6 +261,9 @@ pub struct TlsFiles {
     pub cert: std::path::PathBuf,
     /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
     pub key: std::path::PathBuf,
+    /// CAs a client certificate must chain to; `None`: no client
+    /// certificate asked for.
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 /// A backend broker.
@@ -679,7 +682,9 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         let tls = match (&l.tls_cert, &l.tls_key) {
             (None, None) => None,
             (Some(cert), Some(key)) => {
-                for (name, v) in [("tls_cert", cert), ("tls_key", key)] {
+                let files = [("tls_cert", cert), ("tls_key", key)];
+                let ca = l.tls_client_ca.as_ref().map(|v| ("tls_client_ca", v));
+                for (name, v) in files.into_iter().chain(ca) {
                     if let Err(e) = std::fs::metadata(v.get_ref()) {
                         c.at(
                             format!("listener[{i}].{name}"),
@@ -691,6 +696,7 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                 Some(TlsFiles {
                     cert: cert.get_ref().into(),
                     key: key.get_ref().into(),
+                    client_ca: l.tls_client_ca.as_ref().map(|v| v.get_ref().into()),
                 })
             }
             (Some(v), None) | (None, Some(v)) => {
@@ -702,6 +708,15 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                 None
             }
         };
+        if let (None, Some(v)) = (&tls, &l.tls_client_ca) {
+            if l.tls_cert.is_none() && l.tls_key.is_none() {
+                c.at(
+                    format!("listener[{i}].tls_client_ca"),
+                    v,
+                    "client certificates need TLS: set tls_cert and tls_key too",
+                );
+            }
+        }
         match l.address.get_ref().parse::<SocketAddr>() {
             Ok(address) => listeners.push(Listener {
                 name: l.name.clone().unwrap_or_else(|| format!("listener{i}")),

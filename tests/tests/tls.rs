@@ -2,7 +2,8 @@
 //! rustls client reach a plain-TCP Mosquitto through the balancer; a PROXY
 //! header arriving in the same segment as the ClientHello still works; plain
 //! MQTT on a TLS port gets a TLS alert and is closed, and a broken TLS
-//! config is refused naming the key or file.
+//! config is refused naming the key or file. With a client CA, only
+//! clients with a certificate it signed get through (mTLS).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -186,6 +187,7 @@ async fn tls_listener_terminates_for_real_clients() {
     assert!(metrics.contains("reason=\"tls\""), "{metrics}");
     drop(s);
     lb.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A half-configured or unreadable TLS listener is a config error naming
@@ -224,4 +226,86 @@ async fn broken_tls_config_is_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("TLS") && e.contains("/etc/hostname"), "{e}");
+}
+
+/// A CA and a client certificate it signs, written as PEM under `dir`
+/// (`{name}-ca.pem`, `{name}-client.pem`, `{name}-client.key`).
+fn client_pki(dir: &std::path::Path, name: &str) {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec![format!("{name}-device")]).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    std::fs::write(dir.join(format!("{name}-ca.pem")), ca.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}-client.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}-client.key")), key.serialize_pem()).unwrap();
+}
+
+/// mTLS: with `tls_client_ca`, mosquitto_pub gets through only with a
+/// client certificate that CA signed; none, or one from another CA, fails
+/// the handshake (counted as tls) and never reaches the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_required_with_a_client_ca() {
+    let m = Mosquitto::start();
+    let (dir, _) = certificate();
+    client_pki(&dir, "good");
+    client_pki(&dir, "rogue");
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\ntls_client_ca = \"{ca}\"\n\
+         [[backend]]\nname = \"m\"\naddress = \"{a}\"\n\
+         [balancer]\nconnect_timeout = \"1s\"\n[health]\nenabled = false\n",
+        c = dir.join("cert.pem").display(),
+        k = dir.join("key.pem").display(),
+        ca = dir.join("good-ca.pem").display(),
+        a = m.addr()
+    );
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let port = lb.addr.port().to_string();
+    let cafile = dir.join("cert.pem").display().to_string();
+    let publish = |id: &str, client: Option<&str>| {
+        let mut cmd = Command::new("mosquitto_pub");
+        cmd.args(["-h", "127.0.0.1", "-p", &port, "--cafile", &cafile])
+            .args(["-i", id, "-t", "mtls", "-m", "x", "-q", "1"]);
+        if let Some(name) = client {
+            cmd.arg("--cert")
+                .arg(dir.join(format!("{name}-client.pem")))
+                .arg("--key")
+                .arg(dir.join(format!("{name}-client.key")));
+        }
+        cmd.output().unwrap()
+    };
+    let before = lb.shared.metrics.rejected(RejectReason::Tls);
+    let ok = publish("mtls-good", Some("good"));
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(m.saw_client("mtls-good", T));
+    for (id, client) in [("mtls-none", None), ("mtls-rogue", Some("rogue"))] {
+        let out = publish(id, client);
+        assert!(!out.status.success(), "{id} got through: {out:?}");
+        assert!(
+            !m.saw_client(id, Duration::from_millis(300)),
+            "{id} reached the broker"
+        );
+    }
+    let counted = wait_until(T, || {
+        lb.shared.metrics.rejected(RejectReason::Tls) >= before + 2
+    })
+    .await;
+    assert!(counted.is_some(), "mTLS failures not counted");
+
+    // A client CA without TLS is a config error naming the key.
+    let bad = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_client_ca = \"{ca}\"\n[[backend]]\nname = \"m\"\naddress = \"{a}\"\n",
+        ca = dir.join("good-ca.pem").display(),
+        a = m.addr()
+    );
+    let e = mqlb_config::Config::parse("<t>", &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listener[0].tls_client_ca"), "{e}");
+    lb.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
