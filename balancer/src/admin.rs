@@ -130,7 +130,7 @@ pub fn route(method: &Method, path: &str, shared: &Shared) -> Reply {
         (&Method::POST, ["reload"]) => match shared.reload_from_file() {
             Ok(r) => Reply::json(
                 StatusCode::OK,
-                json!({"added": r.added, "removed": r.removed, "needs_restart": r.needs_restart}),
+                json!({"added": r.added, "removed": r.removed, "needs_restart": r.needs_restart, "tls_reloaded": r.tls_reloaded}),
             ),
             Err(e) => Reply::json(StatusCode::UNPROCESSABLE_ENTITY, json!({"error": e})),
         },

@@ -106,7 +106,7 @@ pub struct Balancer {
     listeners: Vec<(
         mqlb_config::Listener,
         TcpListener,
-        Option<crate::tls::Terminator>,
+        Option<Arc<crate::tls::Slot>>,
     )>,
     admin: Option<TcpListener>,
     /// Stops the checker and evictor when serving ends.
@@ -119,9 +119,13 @@ impl Balancer {
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let tls = match &l.tls {
-                Some(files) => Some(crate::tls::acceptor(files).map_err(|e| {
-                    io::Error::new(e.kind(), format!("listener {} TLS: {e}", l.name))
-                })?),
+                Some(files) => Some(Arc::new(crate::tls::Slot {
+                    listener: l.name.clone(),
+                    files: files.clone(),
+                    current: arc_swap::ArcSwap::from_pointee(crate::tls::acceptor(files).map_err(
+                        |e| io::Error::new(e.kind(), format!("listener {} TLS: {e}", l.name)),
+                    )?),
+                })),
                 None => None,
             };
             let listener = TcpListener::bind(l.address).await.map_err(|e| {
@@ -217,6 +221,7 @@ impl Balancer {
             resolver,
             journal,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            tls: Mutex::new(listeners.iter().filter_map(|(_, _, t)| t.clone()).collect()),
         });
         for pool in shared.config().dns_pools.clone() {
             tokio::spawn(crate::discovery::follow(
@@ -344,7 +349,7 @@ struct Stops {
 async fn accept_loop(
     spec: mqlb_config::Listener,
     listener: TcpListener,
-    tls: Option<crate::tls::Terminator>,
+    tls: Option<Arc<crate::tls::Slot>>,
     shared: Arc<Shared>,
     conns: TaskTracker,
     stops: Stops,
@@ -417,7 +422,7 @@ struct ListenerInfo {
     /// Sources that send a PROXY header first; empty: PROXY protocol off.
     proxy_trusted: Vec<mqlb_config::Cidr>,
     /// Terminates TLS (after any PROXY header, before the CONNECT).
-    tls: Option<crate::tls::Terminator>,
+    tls: Option<Arc<crate::tls::Slot>>,
 }
 
 async fn handle(
@@ -466,7 +471,8 @@ async fn handle(
     };
     // The PROXY header may have arrived with the start of the ClientHello.
     let client = crate::rewind::Rewind::new(initial, client);
-    let accept = tokio::time::timeout(settings.connect_timeout, tls.accept(client));
+    let acceptor = tls.current.load_full();
+    let accept = tokio::time::timeout(settings.connect_timeout, acceptor.accept(client));
     let client = match tokio::select! {
         r = accept => r,
         _ = shutdown.cancelled() => return,

@@ -50,6 +50,8 @@ pub struct Shared {
     pub journal: Arc<crate::journal::Journal>,
     /// Set once a graceful shutdown has begun: `/readyz` answers 503.
     pub shutting_down: std::sync::atomic::AtomicBool,
+    /// TLS listeners' acceptors, re-read from their files on reload.
+    pub(crate) tls: Mutex<Vec<Arc<crate::tls::Slot>>>,
 }
 
 /// What a reload changed.
@@ -61,6 +63,8 @@ pub struct Reloaded {
     pub removed: Vec<String>,
     /// Settings that only take effect after a restart.
     pub needs_restart: Vec<&'static str>,
+    /// TLS listeners whose certificate and key were re-read.
+    pub tls_reloaded: Vec<String>,
 }
 
 impl Shared {
@@ -173,7 +177,30 @@ impl Shared {
             .get()
             .ok_or("the balancer was started from flags, not a file; nothing to reload")?;
         let config = Config::load(path).map_err(|e| e.to_string())?;
-        Ok(self.reload(config))
+        // Re-read every TLS listener's files first (rotated certificates
+        // keep their paths): one bad file refuses the whole reload.
+        let slots = self.tls.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut fresh = Vec::new();
+        for slot in slots {
+            let same = config
+                .listeners
+                .iter()
+                .any(|l| l.name == slot.listener && l.tls.as_ref() == Some(&slot.files));
+            if same {
+                let t = crate::tls::acceptor(&slot.files)
+                    .map_err(|e| format!("listener {} TLS: {e}", slot.listener))?;
+                fresh.push((slot, t));
+            }
+        }
+        let mut r = self.reload(config);
+        for (slot, t) in fresh {
+            slot.current.store(Arc::new(t));
+            r.tls_reloaded.push(slot.listener.clone());
+        }
+        if !r.tls_reloaded.is_empty() {
+            tracing::info!(listeners = ?r.tls_reloaded, "TLS certificates re-read");
+        }
+        Ok(r)
     }
 
     /// Stops new placements on `name` and moves its clients at the paced

@@ -78,3 +78,16 @@ pub fn acceptor(files: &TlsFiles) -> io::Result<Terminator> {
         .map_err(|e| bad(&files.key, &e))?;
     Ok(Terminator(TlsAcceptor::from(Arc::new(config))))
 }
+
+/// A TLS listener's acceptor, swapped when a reload re-reads its files
+/// (certificate rotation without dropping a connection: open TLS sessions
+/// keep the certificate they were made with).
+#[derive(Debug)]
+pub struct Slot {
+    /// The listener's name.
+    pub listener: String,
+    /// The files the acceptor was built from.
+    pub files: TlsFiles,
+    /// The acceptor new connections use.
+    pub current: arc_swap::ArcSwap<Terminator>,
+}

@@ -3,7 +3,8 @@
 //! header arriving in the same segment as the ClientHello still works; plain
 //! MQTT on a TLS port gets a TLS alert and is closed, and a broken TLS
 //! config is refused naming the key or file. With a client CA, only
-//! clients with a certificate it signed get through (mTLS).
+//! clients with a certificate it signed get through (mTLS). A reload
+//! re-reads rotated certificate files without dropping TLS sessions.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -306,6 +307,84 @@ async fn client_certificates_are_required_with_a_client_ca() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("listener[0].tls_client_ca"), "{e}");
+    lb.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Certificate rotation: files replaced in place and `POST /reload` put the
+/// new certificate in force for new clients; a TLS session opened before
+/// keeps working; a broken replacement refuses the reload and changes
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rotates_the_certificate_without_dropping_clients() {
+    let m = Mosquitto::start();
+    let (dir, old_ca) = certificate();
+    let path = dir.join("mqlb.toml");
+    let text = format!(
+        "[[listener]]\nname = \"mqtts\"\naddress = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\n\
+         [[backend]]\nname = \"m\"\naddress = \"{a}\"\n\
+         [balancer]\nconnect_timeout = \"1s\"\n[health]\nenabled = false\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        c = dir.join("cert.pem").display(),
+        k = dir.join("key.pem").display(),
+        a = m.addr()
+    );
+    std::fs::write(&path, &text).unwrap();
+    let lb = RunningBalancer::start(mqlb_config::Config::load(&path).unwrap()).await;
+    lb.shared.set_config_path(path.clone());
+    let admin = lb.admin.unwrap().to_string();
+    let addr = lb.addr;
+    let handshake = |ca: CertificateDer<'static>| async move {
+        let connector = tokio_rustls::TlsConnector::from(client_config(ca));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        tokio::time::timeout(T, connector.connect(name, tcp))
+            .await
+            .unwrap()
+    };
+
+    let mut before = handshake(old_ca.clone()).await.unwrap();
+    before
+        .write_all(&raw::connect("rotate-before", 4))
+        .await
+        .unwrap();
+    assert_eq!(
+        raw::read_n(&mut before, 4, T).await,
+        [0x20, 0x02, 0x00, 0x00]
+    );
+
+    // Rotate: a new key pair and certificate at the same paths.
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
+    let new_ca = ck.cert.der().clone();
+    let (status, body) = http(&admin, "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"tls_reloaded\":[\"mqtts\"]"), "{body}");
+
+    let mut after = handshake(new_ca.clone()).await.unwrap();
+    after
+        .write_all(&raw::connect("rotate-after", 4))
+        .await
+        .unwrap();
+    assert_eq!(
+        raw::read_n(&mut after, 4, T).await,
+        [0x20, 0x02, 0x00, 0x00]
+    );
+    assert!(
+        handshake(old_ca).await.is_err(),
+        "the old certificate is still served"
+    );
+    // The session from before the rotation still round-trips a PINGREQ.
+    before.write_all(&[0xC0, 0x00]).await.unwrap();
+    assert_eq!(raw::read_n(&mut before, 2, T).await, [0xD0, 0x00]);
+
+    // A broken replacement: the reload is refused, the new cert stays.
+    std::fs::write(dir.join("key.pem"), "not a key").unwrap();
+    let (status, body) = http(&admin, "POST", "/reload").await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("mqtts") && body.contains("key.pem"), "{body}");
+    assert!(handshake(new_ca).await.is_ok());
+    drop((before, after));
     lb.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
