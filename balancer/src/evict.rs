@@ -74,6 +74,26 @@ impl Evictor {
 
 /// Sleeps until `at`, unless it has already passed (a timer would round a
 /// sub-millisecond wait up to a whole millisecond).
+/// Waits for slot `at`, then evicts `h` unless something already did.
+/// False: the balancer is shutting down.
+async fn evict_at(
+    at: Instant,
+    h: &crate::registry::EvictHandle,
+    backend: &crate::select::Backend,
+    reason: &Eviction,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = sleep_until_due(at) => {}
+        _ = shutdown.cancelled() => return false,
+    }
+    if h.reason().is_none() {
+        h.evict(reason.clone());
+        backend.evictions.fetch_add(1, Ordering::Relaxed);
+    }
+    true
+}
+
 async fn sleep_until_due(at: Instant) {
     if at > Instant::now() {
         tokio::time::sleep_until(at).await;
@@ -138,13 +158,8 @@ async fn run(
                         tracing::info!(backend = %name, "backend usable again; eviction stopped");
                         break;
                     }
-                    tokio::select! {
-                        _ = sleep_until_due(pace(&mut next)) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                    if h.reason().is_none() {
-                        h.evict(reason.clone());
-                        backend.evictions.fetch_add(1, Ordering::Relaxed);
+                    if !evict_at(pace(&mut next), &h, &backend, &reason, &shutdown).await {
+                        return;
                     }
                 }
             }
@@ -158,13 +173,8 @@ async fn run(
                 fastrand::shuffle(&mut all);
                 tracing::info!(clients = all.len(), rate, "closing clients for shutdown");
                 for (h, backend) in all {
-                    tokio::select! {
-                        _ = sleep_until_due(pace(&mut next)) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                    if h.reason().is_none() {
-                        h.evict(reason.clone());
-                        backend.evictions.fetch_add(1, Ordering::Relaxed);
+                    if !evict_at(pace(&mut next), &h, &backend, &reason, &shutdown).await {
+                        return;
                     }
                 }
             },

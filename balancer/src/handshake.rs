@@ -266,18 +266,21 @@ mod tests {
         0x10, 0x0F, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 3, b'a', b'b', b'c',
     ];
 
+    /// `read_connect` with close-style refusals and nothing read before.
+    async fn read_plain<S: AsyncRead + Unpin>(
+        s: &mut S,
+        timeout: Duration,
+        max: usize,
+    ) -> Result<Handshake, Refused> {
+        read_connect(s, timeout, max, RefusalStyle::Close, BytesMut::new()).await
+    }
+
     #[tokio::test]
     async fn one_byte_writes_are_assembled() {
         let mut b = tokio_test_io(CONNECT.iter().map(|b| vec![*b]).collect());
-        let hs = read_connect(
-            &mut b,
-            Duration::from_secs(5),
-            1024,
-            RefusalStyle::Close,
-            BytesMut::new(),
-        )
-        .await
-        .unwrap();
+        let hs = read_plain(&mut b, Duration::from_secs(5), 1024)
+            .await
+            .unwrap();
         assert_eq!(hs.client_id, "abc");
         assert_eq!(hs.connect_len, CONNECT.len());
     }
@@ -286,15 +289,9 @@ mod tests {
     async fn slowloris_times_out() {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(&CONNECT[..5]).await.unwrap();
-        let r = read_connect(
-            &mut server,
-            Duration::from_secs(10),
-            1024,
-            RefusalStyle::Close,
-            BytesMut::new(),
-        )
-        .await
-        .unwrap_err();
+        let r = read_plain(&mut server, Duration::from_secs(10), 1024)
+            .await
+            .unwrap_err();
         assert_eq!(r.reason, RejectReason::Timeout);
     }
 
@@ -323,15 +320,9 @@ mod tests {
     async fn http_is_not_connect() {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        let r = read_connect(
-            &mut server,
-            Duration::from_secs(5),
-            100,
-            RefusalStyle::Close,
-            BytesMut::new(),
-        )
-        .await
-        .unwrap_err();
+        let r = read_plain(&mut server, Duration::from_secs(5), 100)
+            .await
+            .unwrap_err();
         assert_eq!(r.reason, RejectReason::NotConnect);
         assert_eq!(r.reply, None);
     }
@@ -341,15 +332,9 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(&CONNECT[..7]).await.unwrap();
         drop(client);
-        let r = read_connect(
-            &mut server,
-            Duration::from_secs(5),
-            100,
-            RefusalStyle::Close,
-            BytesMut::new(),
-        )
-        .await
-        .unwrap_err();
+        let r = read_plain(&mut server, Duration::from_secs(5), 100)
+            .await
+            .unwrap_err();
         assert_eq!(r.reason, RejectReason::ClosedEarly);
     }
 
