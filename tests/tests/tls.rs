@@ -150,6 +150,7 @@ async fn tls_listener_terminates_for_real_clients() {
 
     // A PROXY v1 header in the same segment as the ClientHello: the TLS
     // handshake still sees the whole hello, and /clients the real address.
+    let ca_for_v5 = ca.clone();
     let connector = tokio_rustls::TlsConnector::from(client_config(ca));
     let tcp = TcpStream::connect(&nlb).await.unwrap();
     let prefixed = Prefixed {
@@ -186,6 +187,24 @@ async fn tls_listener_terminates_for_real_clients() {
     assert!(counted.is_some(), "TLS failure not counted");
     let (_, metrics) = http(&admin, "GET", "/metrics").await;
     assert!(metrics.contains("reason=\"tls\""), "{metrics}");
+    // Eviction through TLS: draining the backend sends the v5 client its
+    // DISCONNECT (0x8B or 0x9C) inside the TLS session, then closes it.
+    let connector = tokio_rustls::TlsConnector::from(client_config(ca_for_v5));
+    let tcp = TcpStream::connect(lb.addrs[0]).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut v5 = connector.connect(name, tcp).await.unwrap();
+    v5.write_all(&raw::connect("tls-v5-evicted", 5))
+        .await
+        .unwrap();
+    let head = raw::read_n(&mut v5, 2, T).await;
+    assert_eq!(head.first(), Some(&0x20), "{head:?}");
+    let ack = raw::read_n(&mut v5, usize::from(head[1]), T).await;
+    assert_eq!(ack.get(1), Some(&0x00), "CONNACK refused: {ack:?}");
+    let (status, body) = http(&admin, "POST", "/backends/m/drain").await;
+    assert_eq!(status, 200, "{body}");
+    let got = raw::read_n(&mut v5, 64, T).await;
+    assert_eq!(got.first(), Some(&0xE0), "no DISCONNECT over TLS: {got:?}");
+    assert!(matches!(got.get(2), Some(0x8B | 0x9C)), "{got:?}");
     drop(s);
     lb.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
