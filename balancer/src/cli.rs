@@ -21,8 +21,10 @@ pub struct Cli {
     /// object per line). Overrides `[log] format` in a config file.
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormatArg>,
+    /// Without one, `demo`: three bundled broker nodes behind the
+    /// balancer on loopback.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -49,18 +51,26 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Run one node of the bundled MQTT broker (single node for now).
+    /// Run one node of the bundled MQTT broker, alone or as a member of a
+    /// cluster (`--node-id`, `--cluster-listen`, `--peer`).
     Broker {
         /// Address to listen on (overrides `[broker] listen`).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
-        /// TOML file with a `[broker]` section (auth, ACL, limits).
+        /// TOML file with a `[broker]` section (auth, ACL, limits) and an
+        /// optional `[cluster]` section.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Serve /metrics and /healthz here (overrides `[broker] admin`).
+        /// Serve /metrics, /healthz, /readyz and /cluster here (overrides
+        /// `[broker] admin`).
         #[arg(long)]
         admin: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        cluster: ClusterArgs,
     },
+    /// Three bundled broker nodes in a cluster behind the balancer, on
+    /// loopback, with nothing to configure (the default command).
+    Demo(crate::demo::DemoArgs),
     /// Print a password-file line (`user:$7$...`, Mosquitto-compatible) for
     /// `[broker] password_file`. Reads the password from stdin.
     Passwd {
@@ -161,6 +171,48 @@ struct BalanceArgs {
     admin: Option<String>,
 }
 
+/// Cluster membership flags of `mqlb broker` (override `[cluster]`).
+#[derive(Debug, clap::Args)]
+struct ClusterArgs {
+    /// This node's name; the balancer's backend name for it must be the
+    /// same, so both place clients alike.
+    #[arg(long, requires = "cluster_listen")]
+    node_id: Option<String>,
+    /// Where peers connect.
+    #[arg(long, requires = "node_id")]
+    cluster_listen: Option<std::net::SocketAddr>,
+    /// Another member as NAME@IP:PORT (its cluster listener; repeatable).
+    #[arg(long, requires = "node_id")]
+    peer: Vec<String>,
+    /// File with the shared secret (16 bytes or more) every cluster
+    /// connection proves; required unless the cluster listener is loopback.
+    #[arg(long, requires = "node_id")]
+    cluster_secret_file: Option<PathBuf>,
+}
+
+impl ClusterArgs {
+    /// Applies the flags over the file's `[cluster]` section.
+    fn apply(self, cfg: &mut mqlb_config::broker::BrokerConfig) -> Result<(), String> {
+        use mqlb_config::broker::ClusterConfig;
+        let (Some(node_id), Some(listen)) = (self.node_id, self.cluster_listen) else {
+            return Ok(());
+        };
+        let c = ClusterConfig {
+            node_id: ClusterConfig::check_name(&node_id)?,
+            listen,
+            peers: self
+                .peer
+                .iter()
+                .map(|p| ClusterConfig::parse_peer(p))
+                .collect::<Result<_, _>>()?,
+            secret_file: self.cluster_secret_file,
+        };
+        c.validate()?;
+        cfg.cluster = Some(c);
+        Ok(())
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Validate a configuration file; exits 0 if valid, 64 if not.
@@ -176,9 +228,12 @@ pub fn main() -> ExitCode {
     let flag = cli.log_format.map(mqlb_config::LogFormat::from);
     // Commands with a config file start logging once it is read, so its
     // `[log] format` applies; the rest start now.
-    let from_file = matches!(&cli.command, Command::Balance(a) if a.config.is_some())
+    let command = cli
+        .command
+        .unwrap_or_else(|| Command::Demo(crate::demo::DemoArgs::default()));
+    let from_file = matches!(&command, Command::Balance(a) if a.config.is_some())
         || matches!(
-            &cli.command,
+            &command,
             Command::Broker {
                 config: Some(_),
                 ..
@@ -187,7 +242,8 @@ pub fn main() -> ExitCode {
     if !from_file {
         init_tracing(flag.unwrap_or_default());
     }
-    match cli.command {
+    match command {
+        Command::Demo(args) => crate::demo::run(args),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
@@ -252,6 +308,7 @@ pub fn main() -> ExitCode {
             listen,
             config,
             admin,
+            cluster,
         } => {
             let mut cfg = match &config {
                 Some(path) => match mqlb_config::broker::BrokerConfig::load(path) {
@@ -271,6 +328,10 @@ pub fn main() -> ExitCode {
             }
             if admin.is_some() {
                 cfg.admin = admin;
+            }
+            if let Err(e) = cluster.apply(&mut cfg) {
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_USAGE);
             }
             match crate::fdlimit::raise() {
                 Ok(limit) => tracing::info!(limit, "open-file limit"),
@@ -309,19 +370,7 @@ pub fn main() -> ExitCode {
                     tokio::spawn(crate::http::serve(
                         listener,
                         shutdown.clone(),
-                        move |_, path, _| {
-                            use crate::http::Reply;
-                            use hyper::StatusCode;
-                            match path {
-                                "/metrics" => Reply {
-                                    status: StatusCode::OK,
-                                    content_type: "text/plain; version=0.0.4",
-                                    body: mqlb_broker::sys::render_metrics(&state.core()),
-                                },
-                                "/healthz" | "/readyz" => Reply::text(StatusCode::OK, "ok\n"),
-                                _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
-                            }
-                        },
+                        move |_, path, _| broker_admin(&state, path),
                     ));
                 }
                 broker.serve(shutdown).await;
@@ -397,6 +446,54 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The broker node's admin API: metrics, liveness, readiness (a cluster
+/// member is ready once it has synced from its live peers) and the view.
+fn broker_admin(state: &mqlb_broker::state::State, path: &str) -> crate::http::Reply {
+    use crate::http::Reply;
+    use hyper::StatusCode;
+    let cluster = state.cluster();
+    match path {
+        "/metrics" => {
+            let mut body = mqlb_broker::sys::render_metrics(&state.core());
+            if let Some(c) = &cluster {
+                c.render_metrics(&mut body);
+            }
+            Reply {
+                status: StatusCode::OK,
+                content_type: "text/plain; version=0.0.4",
+                body,
+            }
+        }
+        "/healthz" => Reply::text(StatusCode::OK, "ok\n"),
+        "/readyz" => match &cluster {
+            Some(c) if !c.ready() => {
+                Reply::text(StatusCode::SERVICE_UNAVAILABLE, "syncing from peers\n")
+            }
+            _ => Reply::text(StatusCode::OK, "ok\n"),
+        },
+        "/cluster" => match &cluster {
+            Some(c) => {
+                let view = c.view();
+                let members: Vec<String> =
+                    view.members.iter().map(|m| format!("\"{m}\"")).collect();
+                Reply {
+                    status: StatusCode::OK,
+                    content_type: "application/json",
+                    body: format!(
+                        "{{\"node\":\"{}\",\"view\":{},\"members\":[{}],\"ready\":{}}}\n",
+                        c.me(),
+                        view.number,
+                        members.join(","),
+                        c.ready()
+                    ),
+                }
+            }
+            None => Reply::text(StatusCode::NOT_FOUND, "not a cluster member\n"),
+        },
+        _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
 fn runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -434,7 +531,7 @@ fn init_tracing(format: mqlb_config::LogFormat) {
     };
 }
 
-fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
+pub(crate) fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -45,6 +45,7 @@ pub mod admission;
 pub mod bufpool;
 pub mod cli;
 pub mod console;
+pub mod demo;
 pub mod discovery;
 pub mod evict;
 pub mod fdlimit;

@@ -22,6 +22,8 @@ use crate::state::State;
 pub const MAX_PACKET: usize = 1 << 20;
 /// Time a new connection has to send its CONNECT.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a closed connection drains the client's last bytes.
+pub const LINGER: Duration = Duration::from_secs(1);
 /// Receive Maximum we grant v5 publishers; also our QoS 2 bookkeeping bound.
 pub const RECEIVE_MAXIMUM: u16 = 1024;
 /// Inbound topic aliases a v5 client may set.
@@ -72,6 +74,26 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     state: Arc<State>,
     settings: Settings,
 ) {
+    serve(stream, state, settings, true).await;
+}
+
+/// Serves a client that a peer node relayed here because this node owns
+/// its session: never relayed again, whatever this node's view says, so a
+/// brief disagreement between two views cannot bounce a client around.
+pub async fn handle_owned<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    state: Arc<State>,
+    settings: Settings,
+) {
+    serve(stream, state, settings, false).await;
+}
+
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    state: Arc<State>,
+    settings: Settings,
+    may_relay: bool,
+) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     // Small to start: idle connections dominate memory; reads grow it on demand.
     let mut buf = BytesMut::with_capacity(256);
@@ -96,12 +118,111 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         }
         _ => return,
     };
+    if let Some(cluster) = state.cluster() {
+        if !cluster.ready() {
+            // Still syncing from peers: the balancer's probe sees this, so
+            // clients go elsewhere until the node has what it must hold.
+            let ack = Packet::Connack(Connack {
+                session_present: false,
+                reason: ReasonCode::SERVER_UNAVAILABLE,
+                properties: Properties::default(),
+            });
+            if let Ok(b) = ack.to_bytes(connect.version) {
+                let _ = wr.write_all(&b).await;
+            }
+            return;
+        }
+    }
+    if may_relay && !connect.client_id.is_empty() && !is_local_probe(&connect) {
+        if let Some(cluster) = state.cluster() {
+            let owner = cluster.owner(connect.client_id.as_str());
+            if owner != cluster.me() {
+                // Boxed: rare, and it would grow every connection's future.
+                Box::pin(relay_to_owner(
+                    connect,
+                    rd.unsplit(wr),
+                    buf,
+                    &cluster,
+                    &owner,
+                ))
+                .await;
+                return;
+            }
+        }
+    }
     let mut session = match Session::start(connect, &mut wr, state, settings).await {
         Some(s) => s,
         None => return,
     };
     let reason = session.run(&mut rd, &mut wr, &mut buf).await;
     session.finish(&mut wr, reason).await;
+    linger(&mut rd).await;
+}
+
+/// After our FIN, reads and discards what the client still sends (for at
+/// most [`LINGER`]) before the socket is dropped: closing with unread bytes
+/// makes the kernel send RST, and a RST can destroy our last packet (the
+/// DISCONNECT with its reason) before the client has read it.
+async fn linger(rd: &mut (impl AsyncRead + Unpin)) {
+    // On the heap: every idle connection's future carries this state.
+    let mut sink = vec![0u8; 1024];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// A health probe (the balancer's `mqlb-probe-{instance}-{target}` IDs,
+/// which only ever go to their one target) with a session that ends with
+/// the connection: served by the node it reached, so the probe tests that
+/// node and not the owner its ID happens to hash to.
+fn is_local_probe(c: &Connect) -> bool {
+    let ends = if c.version.is_v5() {
+        c.properties.session_expiry_interval.unwrap_or(0) == 0
+    } else {
+        c.clean_start
+    };
+    ends && c.client_id.as_str().starts_with("mqlb-probe-")
+}
+
+/// Relays a client whose session another node owns to that node. If the
+/// owner cannot be reached the client is told the server is unavailable
+/// (v5 0x88, 3.x return code 3) and retries: serving it here would make a
+/// second session for one client ID.
+async fn relay_to_owner<S: AsyncRead + AsyncWrite + Unpin>(
+    connect: Box<Connect>,
+    mut client: S,
+    rest: BytesMut,
+    cluster: &crate::cluster::Cluster,
+    owner: &str,
+) {
+    let v = connect.version;
+    tracing::debug!(client_id = %connect.client_id, owner, "relaying client to its owner");
+    let Ok(connect_bytes) = Packet::Connect(connect).to_bytes(v) else {
+        return;
+    };
+    let mut first = connect_bytes.to_vec();
+    first.extend_from_slice(&rest);
+    match cluster.dial_client(owner).await {
+        Ok(mut up) => {
+            let _ = crate::cluster::relay(&mut client, &mut up, &first).await;
+        }
+        Err(e) => {
+            tracing::warn!(owner, error = %e, "owner unreachable; refusing the client");
+            let ack = Packet::Connack(Connack {
+                session_present: false,
+                reason: ReasonCode::SERVER_UNAVAILABLE,
+                properties: Properties::default(),
+            });
+            if let Ok(b) = ack.to_bytes(v) {
+                let _ = client.write_all(&b).await;
+            }
+        }
+    }
 }
 
 /// The answer to a refused CONNECT: the same bytes Mosquitto (and the

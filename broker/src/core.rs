@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 
 use mqlb_protocol::{PacketId, Publish, QoS, RetainHandling};
 
-use crate::effects::{ChangeRecord, Effects};
+use crate::effects::{ChangeRecord, Effects, Forward};
+use crate::fabric::Fabric;
 use crate::hlc::{Clock, Hlc};
 use crate::message::{Message, Pending, Sub};
 use crate::outbox::{Closing, Outbox, Outgoing};
 use crate::retained::Retained;
-use crate::router::{shared_inner, Router};
+use crate::router::{shared_inner, Interest, NodeId, Pick, Router};
 use crate::session::{InflightState, Session, SessionChange};
 use crate::snapshot::{message_to_publish, publish_to_message, SessionSnapshot, SnapshotMessage};
 
@@ -178,6 +179,11 @@ fn change(fx: &mut Effects, id: &Arc<str>, s: &mut Session, c: SessionChange) ->
     s.apply(c)
 }
 
+/// `$SYS/...` describes one node: it is neither forwarded nor replicated.
+fn is_node_local(topic: &str) -> bool {
+    topic == "$SYS" || topic.starts_with("$SYS/")
+}
+
 /// The broker's state.
 #[derive(Debug, Default)]
 pub struct Core {
@@ -192,6 +198,8 @@ pub struct Core {
     next_conn: u64,
     stats: Stats,
     limits: Limits,
+    /// Peers, in a cluster.
+    fabric: Option<Arc<dyn Fabric>>,
 }
 
 impl Core {
@@ -206,6 +214,83 @@ impl Core {
             limits,
             ..Default::default()
         }
+    }
+
+    /// Joins a cluster: interest, retained writes and publishes for peers
+    /// go to `fabric`, and retained versions carry `stamp` (this node's
+    /// tie breaker).
+    pub fn set_fabric(&mut self, stamp: u32, fabric: Arc<dyn Fabric>) {
+        self.clock = Clock::new(stamp);
+        self.fabric = Some(fabric);
+    }
+
+    fn note_interest(&self, filter: &str, i: Interest) {
+        if let Some(f) = &self.fabric {
+            match i {
+                Interest::Gained => f.interest(filter, true),
+                Interest::Lost => f.interest(filter, false),
+                Interest::Same => {}
+            }
+        }
+    }
+
+    /// The filters this node's sessions hold: sent whole to a peer whose
+    /// link (re)opens, before any change.
+    pub fn local_interest(&self) -> Vec<String> {
+        self.router.local_interest().map(str::to_string).collect()
+    }
+
+    /// Every retained message and remembered deletion with its version:
+    /// sent whole to a peer whose link (re)opens.
+    pub fn retained_all(&self) -> Vec<(String, Option<Message>, Hlc)> {
+        self.retained.all()
+    }
+
+    /// Peer `node` gained or lost interest in `filter`.
+    pub fn peer_interest(&mut self, node: NodeId, filter: &str, gained: bool) {
+        if gained {
+            self.router.subscribe_node(node, filter);
+        } else {
+            self.router.unsubscribe_node(node, filter);
+        }
+    }
+
+    /// Forgets peer `node`'s interest (its link closed, or it is about to
+    /// resend all of it).
+    pub fn forget_peer(&mut self, node: NodeId) {
+        self.router.forget_node(node);
+    }
+
+    /// A publish a peer handed over: delivered to matching local sessions
+    /// and, for each of `groups`, to one local member. Never forwarded
+    /// again (so never loops) and never written to the retained store
+    /// (retained writes are replicated on their own).
+    pub fn route_from_peer(&mut self, m: Message, groups: &[Arc<str>]) -> Effects {
+        let mut fx = Effects::none();
+        self.stats.messages_in += 1;
+        let targets = self
+            .router
+            .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
+        for t in targets.sessions {
+            let retain = t.retain_as_published && m.retain;
+            self.deliver(
+                &t.client,
+                Pending {
+                    msg: m.clone(),
+                    qos: t.qos,
+                    sub_ids: t.sub_ids,
+                    retain,
+                    shared: None,
+                },
+                &mut fx,
+            );
+        }
+        for group in groups {
+            if let Some(key) = self.router.group_key(group) {
+                self.deliver_to_group(&key, m.clone(), None, true, &mut fx);
+            }
+        }
+        fx
     }
 
     /// Counters.
@@ -403,7 +488,7 @@ impl Core {
         }
         for p in handover {
             if let Some(group) = p.shared.clone() {
-                self.deliver_to_group(&group, p.msg, Some(client_id), &mut fx);
+                self.deliver_to_group(&group, p.msg, Some(client_id), true, &mut fx);
             }
         }
         fx
@@ -500,7 +585,8 @@ impl Core {
     fn drop_session(&mut self, client_id: &str, fx: &mut Effects) {
         if let Some(mut e) = self.sessions.remove(client_id) {
             for filter in e.session.subs.keys() {
-                self.router.unsubscribe(client_id, filter);
+                let i = self.router.unsubscribe(client_id, filter);
+                self.note_interest(filter, i);
             }
             change(fx, &e.id, &mut e.session, SessionChange::Ended);
         }
@@ -542,7 +628,8 @@ impl Core {
                 sub,
             },
         );
-        self.router.subscribe(&id, filter, sub);
+        let i = self.router.subscribe(&id, filter, sub);
+        self.note_interest(filter, i);
         if shared_inner(filter).is_some() {
             // Shared subscriptions never get retained messages (4.8.2).
             return (existed, fx);
@@ -590,7 +677,8 @@ impl Core {
                 filter: filter.to_string(),
             },
         );
-        self.router.unsubscribe(client_id, filter);
+        let i = self.router.unsubscribe(client_id, filter);
+        self.note_interest(filter, i);
         (true, fx)
     }
 
@@ -607,6 +695,18 @@ impl Core {
         let topic = m.topic.clone();
         let message = (!m.payload.is_empty()).then_some(m);
         self.retained.set(topic.as_str(), message, version)
+    }
+
+    /// A peer's retained write (`None` deletes) at `version`; applied if
+    /// newer than what `topic` holds.
+    pub fn set_retained_from_peer(
+        &mut self,
+        topic: &str,
+        message: Option<Message>,
+        version: Hlc,
+    ) -> bool {
+        self.clock.observe(version);
+        self.retained.set(topic, message, version)
     }
 
     /// Forgets retained-message deletions older than `age`: after that, no
@@ -630,6 +730,9 @@ impl Core {
         if m.retain {
             let version = self.clock.now();
             let message = (!m.payload.is_empty()).then(|| m.clone());
+            if let (Some(f), false) = (&self.fabric, is_node_local(m.topic.as_str())) {
+                f.retained(m.topic.as_str(), message.as_ref(), version);
+            }
             self.retained.set(m.topic.as_str(), message, version);
         }
         let targets = self
@@ -651,21 +754,41 @@ impl Core {
                 &mut fx,
             );
         }
+        let mut peers: Vec<(NodeId, Vec<Arc<str>>)> =
+            targets.nodes.iter().map(|&n| (n, Vec::new())).collect();
         for group in targets.groups {
-            self.deliver_to_group(&group, m.clone(), None, &mut fx);
+            if let Some(n) = self.deliver_to_group(&group, m.clone(), None, false, &mut fx) {
+                match peers.iter_mut().find(|(p, _)| *p == n) {
+                    Some((_, g)) => g.push(group),
+                    None => peers.push((n, vec![group])),
+                }
+            }
+        }
+        if let (Some(fabric), false) = (&self.fabric, is_node_local(m.topic.as_str())) {
+            for (node, groups) in peers {
+                fx.forwards.push(Forward {
+                    fabric: fabric.clone(),
+                    node,
+                    message: m.clone(),
+                    groups,
+                });
+            }
         }
         fx
     }
 
     /// Gives `m` to one member of a shared group, round robin, preferring
     /// connected members with room in their window; `except` is skipped.
+    /// Returns the peer node whose turn it was (the caller forwards it
+    /// there); with `local_only`, only local members are candidates.
     fn deliver_to_group(
         &mut self,
         group: &Arc<str>,
         m: Message,
         except: Option<&str>,
+        local_only: bool,
         fx: &mut Effects,
-    ) {
+    ) -> Option<NodeId> {
         let sessions = &self.sessions;
         let ready = |client: &str| {
             sessions.get(client).map(|e| {
@@ -674,8 +797,9 @@ impl Core {
                     .is_some_and(|a| e.session.inflight.len() < usize::from(a.receive_maximum))
             })
         };
-        let Some((client, sub)) = self.router.pick(group, except, ready) else {
-            return;
+        let (client, sub) = match self.router.pick(group, except, local_only, ready)? {
+            Pick::Local(client, sub) => (client, sub),
+            Pick::Node(n) => return Some(n),
         };
         let qos = m.qos.min(sub.options.qos);
         self.deliver(
@@ -689,6 +813,7 @@ impl Core {
             },
             fx,
         );
+        None
     }
 
     /// Sends (or queues) one message to one session.
@@ -1040,7 +1165,8 @@ impl Core {
         apply(&mut e.session, SessionChange::PidCursor(snap.next_pid));
         apply(&mut e.session, SessionChange::Detached);
         for (filter, sub) in &snap.subscriptions {
-            self.router.subscribe(&id, filter, *sub);
+            let i = self.router.subscribe(&id, filter, *sub);
+            self.note_interest(filter, i);
         }
         self.sessions.insert(id, e);
         Ok(fx)
@@ -1062,7 +1188,8 @@ impl Core {
             session.apply(r.change.clone());
         }
         for (filter, sub) in &session.subs {
-            self.router.subscribe(&id, filter, *sub);
+            let i = self.router.subscribe(&id, filter, *sub);
+            self.note_interest(filter, i);
         }
         self.sessions.insert(
             id.clone(),

@@ -11,7 +11,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::fabric::Fabric;
+use crate::message::Message;
 use crate::outbox::{Outbox, Outgoing};
+use crate::router::NodeId;
 use crate::session::SessionChange;
 
 /// One change to one persistent session, in the order it was made.
@@ -44,6 +47,17 @@ pub struct Effects {
     /// publisher waits (at most [`MAX_STALL`]) for it to drain. Registered
     /// under the core's lock, so the drain cannot be missed.
     pub(crate) stall: Option<std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+    /// Publishes for peer nodes.
+    pub(crate) forwards: Vec<Forward>,
+}
+
+/// A publish for one peer node, with the shared groups it is to serve.
+#[derive(Debug)]
+pub(crate) struct Forward {
+    pub(crate) fabric: Arc<dyn Fabric>,
+    pub(crate) node: NodeId,
+    pub(crate) message: Message,
+    pub(crate) groups: Vec<Arc<str>>,
 }
 
 impl Effects {
@@ -67,6 +81,7 @@ impl Effects {
         self.sends.extend(other.sends);
         self.records.extend(other.records);
         self.drained.extend(other.drained);
+        self.forwards.extend(other.forwards);
         if self.stall.is_none() {
             self.stall = other.stall;
         }
@@ -88,6 +103,9 @@ impl Effects {
         }
         for n in self.drained {
             n.notify_waiters();
+        }
+        for f in self.forwards {
+            f.fabric.forward(f.node, &f.message, &f.groups);
         }
         committed
     }

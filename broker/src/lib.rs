@@ -12,6 +12,8 @@
 //!   hybrid logical clock ([`hlc`]) for last-writer-wins replication.
 //! * [`trie`]: the filter trie; every walk iterative.
 //! * [`effects`]: what the core returns, and the change-log seam.
+//! * [`fabric`]: what the core tells peer nodes (interest, retained
+//!   writes, forwarded publishes); [`cluster`] implements it.
 //! * [`outbox`]: the per-connection mailbox and encoder.
 //! * [`state`]: the lock around the core; applies effects after it.
 //! * [`conn`]: one client connection, the network side only.
@@ -31,9 +33,11 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cluster;
 pub mod conn;
 pub mod core;
 pub mod effects;
+pub mod fabric;
 pub mod hlc;
 pub mod message;
 pub mod outbox;

@@ -58,6 +58,20 @@ pub struct Sub {
     pub id: Option<u32>,
 }
 
+impl Sub {
+    /// The entry a peer node's interest makes: its sessions' own options
+    /// apply when it delivers, so the entry passes every QoS through.
+    pub fn node() -> Sub {
+        Sub {
+            options: SubscriptionOptions {
+                qos: QoS::ExactlyOnce,
+                ..SubscriptionOptions::default()
+            },
+            id: None,
+        }
+    }
+}
+
 /// A message owed to one session, not yet acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {

@@ -105,6 +105,27 @@ impl Retained {
         paths.len()
     }
 
+    /// Every stored write with its topic and version, deletion markers
+    /// included (a peer needs those too, or an older copy would win), but
+    /// not the node-local `$SYS` tree. Iterative.
+    pub fn all(&self) -> Vec<(String, Option<Message>, Hlc)> {
+        let mut out = Vec::new();
+        let mut stack: Vec<(&Node, String)> = self
+            .root
+            .children
+            .iter()
+            .filter(|(k, _)| &***k != "$SYS")
+            .map(|(k, n)| (n, k.to_string()))
+            .collect();
+        while let Some((n, path)) = stack.pop() {
+            if let Some((v, m)) = &n.last {
+                out.push((path.clone(), m.clone(), *v));
+            }
+            stack.extend(n.children.iter().map(|(k, c)| (c, format!("{path}/{k}"))));
+        }
+        out
+    }
+
     /// Clears `topic`'s deletion marker and removes the branch it leaves
     /// empty (one walk to find the highest node that keeps something, one
     /// to cut below it).

@@ -29,11 +29,22 @@ pub enum Subscriber {
     Node(NodeId),
 }
 
-/// A shared group's members, in subscription order, and whose turn it is.
+/// A shared group's members, in subscription order, the peer nodes that
+/// have members of it, and whose turn it is.
 #[derive(Debug, Default)]
 struct Group {
     members: Vec<(Arc<str>, Sub)>,
+    nodes: Vec<NodeId>,
     next: usize,
+}
+
+/// Who gets a shared group's next message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pick {
+    /// A local member.
+    Local(Arc<str>, Sub),
+    /// A peer node, which gives it to one of its members.
+    Node(NodeId),
 }
 
 /// One session's delivery of a publish: the highest QoS of its matching
@@ -74,11 +85,135 @@ pub fn shared_inner(filter: &str) -> Option<&str> {
 pub struct Router {
     trie: Trie<Subscriber, Sub>,
     groups: HashMap<Arc<str>, Group>,
+    /// Local sessions per filter (shared ones by their whole
+    /// `$share/{group}/{filter}`): the node's interest, as peers see it.
+    local: HashMap<String, u32>,
+    /// Each peer's interest, so a lost peer's entries can be removed.
+    remote: HashMap<NodeId, std::collections::HashSet<String>>,
+}
+
+/// How a local subscription change moved the node's interest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interest {
+    /// The first local subscription to this filter: peers must learn it.
+    Gained,
+    /// The last one left: peers may forget it.
+    Lost,
+    /// No change peers need to hear about.
+    Same,
 }
 
 impl Router {
-    /// Adds or replaces `client`'s subscription to `filter`.
-    pub fn subscribe(&mut self, client: &Arc<str>, filter: &str, sub: Sub) {
+    /// Adds or replaces `client`'s subscription to `filter`. `existed` says
+    /// whether the session already held it (a replacement).
+    pub fn subscribe(&mut self, client: &Arc<str>, filter: &str, sub: Sub) -> Interest {
+        let was = self.has_local(client, filter);
+        self.subscribe_inner(client, filter, sub);
+        if was {
+            return Interest::Same;
+        }
+        let n = self.local.entry(filter.to_string()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            Interest::Gained
+        } else {
+            Interest::Same
+        }
+    }
+
+    fn has_local(&self, client: &Arc<str>, filter: &str) -> bool {
+        match shared_inner(filter) {
+            Some(_) => self
+                .groups
+                .get(filter)
+                .is_some_and(|g| g.members.iter().any(|(c, _)| c == client)),
+            None => self
+                .trie
+                .contains(filter, &Subscriber::Session(client.clone())),
+        }
+    }
+
+    /// The filters local sessions hold: what peers need to forward here.
+    pub fn local_interest(&self) -> impl Iterator<Item = &str> {
+        self.local.keys().map(String::as_str)
+    }
+
+    /// Peer `node` has local subscribers to `filter`.
+    pub fn subscribe_node(&mut self, node: NodeId, filter: &str) {
+        if !self
+            .remote
+            .entry(node)
+            .or_default()
+            .insert(filter.to_string())
+        {
+            return;
+        }
+        match shared_inner(filter) {
+            Some(inner) => {
+                let key: Arc<str> = match self.groups.get_key_value(filter) {
+                    Some((k, _)) => k.clone(),
+                    None => Arc::from(filter),
+                };
+                let g = self.groups.entry(key.clone()).or_default();
+                if !g.nodes.contains(&node) {
+                    g.nodes.push(node);
+                }
+                self.trie.insert(inner, Subscriber::Group(key), Sub::node());
+            }
+            None => {
+                self.trie
+                    .insert(filter, Subscriber::Node(node), Sub::node());
+            }
+        }
+    }
+
+    /// Peer `node` no longer has subscribers to `filter`.
+    pub fn unsubscribe_node(&mut self, node: NodeId, filter: &str) {
+        let known = self.remote.get_mut(&node).is_some_and(|f| f.remove(filter));
+        if !known {
+            return;
+        }
+        match shared_inner(filter) {
+            Some(inner) => {
+                let Some(g) = self.groups.get_mut(filter) else {
+                    return;
+                };
+                g.nodes.retain(|n| *n != node);
+                self.drop_group_if_empty(filter, inner);
+            }
+            None => {
+                self.trie.remove(filter, &Subscriber::Node(node));
+            }
+        }
+    }
+
+    /// Forgets everything peer `node` was interested in (its link is gone,
+    /// or it is about to send its whole interest again).
+    pub fn forget_node(&mut self, node: NodeId) {
+        let filters: Vec<String> = self
+            .remote
+            .get(&node)
+            .map(|f| f.iter().cloned().collect())
+            .unwrap_or_default();
+        for f in filters {
+            self.unsubscribe_node(node, &f);
+        }
+        self.remote.remove(&node);
+    }
+
+    fn drop_group_if_empty(&mut self, filter: &str, inner: &str) {
+        let empty = self
+            .groups
+            .get(filter)
+            .is_some_and(|g| g.members.is_empty() && g.nodes.is_empty());
+        if empty {
+            if let Some((key, _)) = self.groups.remove_entry(filter) {
+                self.trie.remove(inner, &Subscriber::Group(key));
+            }
+        }
+    }
+
+    fn subscribe_inner(&mut self, client: &Arc<str>, filter: &str, sub: Sub) {
         match shared_inner(filter) {
             Some(inner) => {
                 let key: Arc<str> = match self.groups.get_key_value(filter) {
@@ -100,23 +235,32 @@ impl Router {
     }
 
     /// Removes `client`'s subscription to `filter`.
-    pub fn unsubscribe(&mut self, client: &str, filter: &str) {
+    pub fn unsubscribe(&mut self, client: &str, filter: &str) -> Interest {
+        let id: Arc<str> = Arc::from(client);
+        if !self.has_local(&id, filter) {
+            return Interest::Same;
+        }
         match shared_inner(filter) {
             Some(inner) => {
-                let Some(g) = self.groups.get_mut(filter) else {
-                    return;
-                };
-                g.members.retain(|(c, _)| &**c != client);
-                if g.members.is_empty() {
-                    if let Some((key, _)) = self.groups.remove_entry(filter) {
-                        self.trie.remove(inner, &Subscriber::Group(key));
-                    }
+                if let Some(g) = self.groups.get_mut(filter) {
+                    g.members.retain(|(c, _)| &**c != client);
                 }
+                self.drop_group_if_empty(filter, inner);
             }
             None => {
-                self.trie
-                    .remove(filter, &Subscriber::Session(Arc::from(client)));
+                self.trie.remove(filter, &Subscriber::Session(id));
             }
+        }
+        match self.local.get_mut(filter) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                Interest::Same
+            }
+            Some(_) => {
+                self.local.remove(filter);
+                Interest::Lost
+            }
+            None => Interest::Same,
         }
     }
 
@@ -138,7 +282,11 @@ impl Router {
                 e.2 |= sub.options.retain_as_published;
             }
             Subscriber::Group(g) => t.groups.push(g.clone()),
-            Subscriber::Node(n) => t.nodes.push(*n),
+            Subscriber::Node(n) => {
+                if !t.nodes.contains(n) {
+                    t.nodes.push(*n);
+                }
+            }
         });
         t.sessions = sessions
             .into_iter()
@@ -152,20 +300,28 @@ impl Router {
         t
     }
 
-    /// Picks the member of `group` that gets the next message: round robin,
-    /// preferring members for which `ready` holds (connected with room in
-    /// their window), skipping `except`.
+    /// Picks who gets `group`'s next message: round robin over the local
+    /// members and the peer nodes with members, preferring local members
+    /// for which `ready` holds (connected with room in their window),
+    /// skipping `except`. With `local_only`, peers are not candidates (a
+    /// message a peer handed over, or one being moved between members).
     pub fn pick(
         &mut self,
         group: &str,
         except: Option<&str>,
+        local_only: bool,
         ready: impl Fn(&str) -> Option<bool>,
-    ) -> Option<(Arc<str>, Sub)> {
+    ) -> Option<Pick> {
         let g = self.groups.get_mut(group)?;
-        let n = g.members.len();
+        let locals = g.members.len();
+        let n = locals + if local_only { 0 } else { g.nodes.len() };
         let mut fallback = None;
         for i in 0..n {
             let idx = (g.next + i) % n;
+            if idx >= locals {
+                g.next = idx + 1;
+                return Some(Pick::Node(g.nodes[idx - locals]));
+            }
             let (client, sub) = &g.members[idx];
             if Some(&**client) == except {
                 continue;
@@ -173,7 +329,7 @@ impl Router {
             match ready(client) {
                 Some(true) => {
                     g.next = idx + 1;
-                    return Some((client.clone(), *sub));
+                    return Some(Pick::Local(client.clone(), *sub));
                 }
                 Some(false) if fallback.is_none() => fallback = Some(idx),
                 _ => {}
@@ -182,7 +338,7 @@ impl Router {
         let idx = fallback?;
         g.next = idx + 1;
         let (client, sub) = &g.members[idx];
-        Some((client.clone(), *sub))
+        Some(Pick::Local(client.clone(), *sub))
     }
 
     /// Whether `group` has a member other than `client`.

@@ -13,6 +13,7 @@ use tracing::Instrument;
 use mqlb_config::broker::BrokerConfig;
 
 use crate::auth::Auth;
+use crate::cluster::Cluster;
 use crate::conn::{handle, Settings};
 use crate::core::{Core, Limits};
 use crate::effects::LocalLog;
@@ -32,6 +33,7 @@ pub struct Broker {
     settings: Settings,
     shutdown_rate: u32,
     shutdown_grace: Duration,
+    cluster: Option<(Arc<Cluster>, TcpListener)>,
 }
 
 impl Broker {
@@ -48,7 +50,11 @@ impl Broker {
     pub async fn bind_config(config: &BrokerConfig) -> io::Result<Broker> {
         let auth = Auth::from_config(config)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        Ok(Broker {
+        let cluster = match &config.cluster {
+            Some(c) => Some(Cluster::bind(c).await?),
+            None => None,
+        };
+        let broker = Broker {
             listener: TcpListener::bind(config.listen).await?,
             state: State::new(
                 Core::with_limits(Limits {
@@ -67,7 +73,17 @@ impl Broker {
             },
             shutdown_rate: config.shutdown_rate,
             shutdown_grace: config.shutdown_grace,
-        })
+            cluster,
+        };
+        if let Some((c, _)) = &broker.cluster {
+            broker.state.join(c.clone());
+        }
+        Ok(broker)
+    }
+
+    /// The cluster listener's address, in a cluster.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster.as_ref().and_then(|(_, l)| l.local_addr().ok())
     }
 
     /// The bound address.
@@ -89,6 +105,10 @@ impl Broker {
         // Background tasks and the hard stop end with this function.
         let hard = CancellationToken::new();
         let _stop = hard.clone().drop_guard();
+        // Peers keep hearing from this node until its clients are gone.
+        if let Some((cluster, listener)) = self.cluster {
+            cluster.start(listener, self.state.clone(), self.settings, hard.clone());
+        }
         let state = self.state.clone();
         let sweeper_stop = hard.clone();
         tokio::spawn(async move {

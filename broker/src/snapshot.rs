@@ -62,16 +62,16 @@ pub struct SessionSnapshot {
 /// Why a snapshot could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid session snapshot: {0}")]
-pub struct SnapshotError(&'static str);
+pub struct SnapshotError(pub(crate) &'static str);
 
-fn put_str(b: &mut BytesMut, s: Option<&str>) -> Result<(), SnapshotError> {
+pub(crate) fn put_str(b: &mut BytesMut, s: Option<&str>) -> Result<(), SnapshotError> {
     let s = s.unwrap_or("");
     b.put_u16(u16::try_from(s.len()).map_err(|_| SnapshotError("string too long"))?);
     b.put_slice(s.as_bytes());
     Ok(())
 }
 
-fn get_str(b: &mut Bytes) -> Result<Option<String>, SnapshotError> {
+pub(crate) fn get_str(b: &mut Bytes) -> Result<Option<String>, SnapshotError> {
     if b.remaining() < 2 {
         return Err(SnapshotError("truncated string"));
     }
@@ -98,7 +98,7 @@ fn get_count(b: &mut Bytes) -> Result<usize, SnapshotError> {
 
 /// Splits one packet off the front of `b` without copying: linear in the
 /// snapshot's size however many packets it holds.
-fn get_packet(b: &mut Bytes) -> Result<Packet, SnapshotError> {
+pub(crate) fn get_packet(b: &mut Bytes) -> Result<Packet, SnapshotError> {
     let header = mqlb_protocol::check(b, usize::MAX)
         .map_err(|_| SnapshotError("invalid packet"))?
         .ok_or(SnapshotError("truncated packet"))?;

@@ -9,6 +9,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::auth::Auth;
+use crate::cluster::Cluster;
 use crate::core::Core;
 use crate::effects::{ChangeLog, Committed, Effects, LocalLog};
 
@@ -20,6 +21,8 @@ pub struct State {
     pub auth: Arc<Auth>,
     /// Where persistent-session changes go.
     pub log: Arc<dyn ChangeLog>,
+    /// This node's cluster, when it is a member of one.
+    cluster: std::sync::OnceLock<Arc<Cluster>>,
 }
 
 impl State {
@@ -29,7 +32,20 @@ impl State {
             core: Mutex::new(core),
             auth: Arc::new(auth),
             log,
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes this node a member of `cluster`: the core reports interest,
+    /// retained writes and forwards to it. Once only.
+    pub fn join(&self, cluster: Arc<Cluster>) {
+        self.core().set_fabric(cluster.stamp(), cluster.clone());
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The cluster, if this node is in one.
+    pub fn cluster(&self) -> Option<Arc<Cluster>> {
+        self.cluster.get().cloned()
     }
 
     /// An open single node (anonymous, no ACL, local log): for tests.

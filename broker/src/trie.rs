@@ -111,6 +111,18 @@ impl<K: Eq + Hash, V> Trie<K, V> {
         Some(v)
     }
 
+    /// Whether `client` holds a subscription to exactly `filter`.
+    pub fn contains(&self, filter: &str, client: &K) -> bool {
+        let mut node = &self.root;
+        for level in filter.split('/') {
+            match node.children.get(level) {
+                Some(n) => node = n,
+                None => return false,
+            }
+        }
+        node.subscribers.contains_key(client)
+    }
+
     /// Number of (filter, client) subscriptions.
     pub fn len(&self) -> usize {
         self.len

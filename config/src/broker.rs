@@ -84,6 +84,70 @@ pub struct BrokerConfig {
     pub shutdown_grace: std::time::Duration,
     /// Log line format, when the file sets one (`[log] format`).
     pub log_format: Option<crate::LogFormat>,
+    /// Cluster membership, when this node is one of several.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// A node's place in a cluster of bundled brokers (`[cluster]`, or
+/// `--node-id`, `--cluster-listen`, `--peer`, `--cluster-secret-file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This node's name: what placement hashes, so it must equal the
+    /// balancer's backend name for this node.
+    pub node_id: String,
+    /// Where peers connect.
+    pub listen: SocketAddr,
+    /// The other members by name.
+    pub peers: Vec<(String, SocketAddr)>,
+    /// The shared secret file; required unless `listen` is loopback.
+    pub secret_file: Option<PathBuf>,
+}
+
+impl ClusterConfig {
+    /// Parses a `--peer` / `peers` entry, `NAME@IP:PORT`.
+    pub fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
+        let (name, addr) = s
+            .split_once('@')
+            .ok_or_else(|| format!("\"{s}\" is not NAME@IP:PORT"))?;
+        let name = Self::check_name(name)?;
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("\"{addr}\" is not an IP:port socket address"))?;
+        Ok((name, addr))
+    }
+
+    /// A node name: 1 to 64 of `[A-Za-z0-9_.-]`.
+    pub fn check_name(name: &str) -> Result<String, String> {
+        let ok = (1..=64).contains(&name.len())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if ok {
+            Ok(name.to_string())
+        } else {
+            Err(format!(
+                "node name \"{name}\" must be 1 to 64 letters, digits, '-', '_' or '.'"
+            ))
+        }
+    }
+
+    /// Checks what cannot be checked field by field: no duplicate names,
+    /// and a non-loopback listener only with a secret.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names: Vec<&str> = self.peers.iter().map(|(n, _)| n.as_str()).collect();
+        names.push(&self.node_id);
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("node name \"{}\" appears twice", w[0]));
+        }
+        if self.secret_file.is_none() && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "cluster listener {} is not loopback: set a secret file (secret_file / --cluster-secret-file), or every host that reaches it could join",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for BrokerConfig {
@@ -105,6 +169,7 @@ impl Default for BrokerConfig {
             shutdown_rate: 1000,
             shutdown_grace: std::time::Duration::from_secs(30),
             log_format: None,
+            cluster: None,
         }
     }
 }
@@ -281,6 +346,55 @@ impl BrokerConfig {
                     topic: topic.clone(),
                     access,
                 });
+            }
+        }
+        if let Some(cl) = &raw.cluster {
+            let node_id = match ClusterConfig::check_name(cl.node_id.get_ref()) {
+                Ok(n) => Some(n),
+                Err(m) => {
+                    at("cluster.node_id".into(), cl.node_id.span(), m);
+                    None
+                }
+            };
+            let listen = match cl.listen.get_ref().parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    at(
+                        "cluster.listen".into(),
+                        cl.listen.span(),
+                        format!(
+                            "\"{}\" is not an IP:port socket address",
+                            cl.listen.get_ref()
+                        ),
+                    );
+                    None
+                }
+            };
+            let mut peers = Vec::new();
+            for (i, p) in cl.peers.iter().enumerate() {
+                match ClusterConfig::parse_peer(p.get_ref()) {
+                    Ok(x) => peers.push(x),
+                    Err(m) => at(format!("cluster.peers[{i}]"), p.span(), m),
+                }
+            }
+            let secret_file = cl.secret_file.as_ref().map(|p| {
+                let path = PathBuf::from(p.get_ref());
+                match base {
+                    Some(dir) if path.is_relative() => dir.join(path),
+                    _ => path,
+                }
+            });
+            if let (Some(node_id), Some(listen)) = (node_id, listen) {
+                let cc = ClusterConfig {
+                    node_id,
+                    listen,
+                    peers,
+                    secret_file,
+                };
+                match cc.validate() {
+                    Ok(()) => c.cluster = Some(cc),
+                    Err(m) => at("cluster.listen".into(), cl.listen.span(), m),
+                }
             }
         }
         if problems.is_empty() {

@@ -34,6 +34,8 @@ pub struct File {
     pub admin: Option<AdminFile>,
     /// The `[broker]` table (for `mqlb broker`).
     pub broker: Option<BrokerFile>,
+    /// The `[cluster]` table (for `mqlb broker` as a cluster member).
+    pub cluster: Option<ClusterFile>,
     /// The `[log]` table.
     pub log: Option<LogFile>,
 }
@@ -44,6 +46,21 @@ pub struct File {
 pub struct LogFile {
     /// "text" (default) or "json".
     pub format: Option<Spanned<String>>,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// This node's name (what placement hashes; the balancer's backend name).
+    pub node_id: Spanned<String>,
+    /// Cluster listener, IP:port.
+    pub listen: Spanned<String>,
+    /// The other members, as "NAME@IP:PORT".
+    #[serde(default)]
+    pub peers: Vec<Spanned<String>>,
+    /// File holding the shared secret every cluster connection proves.
+    pub secret_file: Option<Spanned<String>>,
 }
 
 /// `[broker]`.

@@ -23,6 +23,7 @@ use mqlb_config::Config;
 use tokio_util::sync::CancellationToken;
 
 pub mod client;
+pub mod cluster;
 pub mod dns;
 pub mod load;
 pub mod raw;

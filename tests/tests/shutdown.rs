@@ -52,9 +52,9 @@ async fn subscriber(mut c: Client, seen: Arc<Mutex<Seen>>) {
                     .payloads
                     .insert(String::from_utf8_lossy(&p.payload).to_string());
                 if let Some(id) = p.packet_id {
-                    if !c.try_send(Packet::Puback(Ack::new(id))).await {
-                        break;
-                    }
+                    // A failed PUBACK means the broker closed; what it sent
+                    // before closing (its DISCONNECT) is still to be read.
+                    let _ = c.try_send(Packet::Puback(Ack::new(id))).await;
                 }
             }
             Some(Packet::Disconnect(d)) => seen.lock().unwrap().disconnect = Some(d.reason.0),

@@ -1,0 +1,229 @@
+//! `mqlb demo` (and `mqlb` with no command): the balancer in front of a
+//! three-node cluster of bundled brokers, on loopback, with nothing to
+//! configure.
+//!
+//! The nodes are child processes (`mqlb broker`), so one can be killed for
+//! real to watch a failover; the demo restarts a node that exits after a
+//! few seconds, and stops them all on Ctrl-C. The balancer's backend names
+//! are the nodes' IDs, so the balancer and the cluster place every client
+//! on the same node.
+
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a node that exited stays down before the demo restarts it.
+pub const RESTART_AFTER: Duration = Duration::from_secs(5);
+
+/// Ports of the demo.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// MQTT port of the balancer; the nodes take the next three.
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// Admin API port of the balancer; the nodes' admin APIs take the
+    /// next three.
+    #[arg(long, default_value_t = 9100)]
+    pub admin_port: u16,
+    /// Cluster port of the first node; the others take the next two.
+    #[arg(long, default_value_t = 7001)]
+    pub cluster_port: u16,
+}
+
+impl Default for DemoArgs {
+    fn default() -> Self {
+        Self {
+            port: 1883,
+            admin_port: 9100,
+            cluster_port: 7001,
+        }
+    }
+}
+
+struct Node {
+    name: String,
+    args: Vec<String>,
+    child: Option<Child>,
+    down_since: Option<std::time::Instant>,
+}
+
+impl Node {
+    fn spawn(&mut self) {
+        let exe = std::env::current_exe().unwrap_or_else(|_| "mqlb".into());
+        match Command::new(exe)
+            .arg("broker")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => {
+                println!("node {} started (pid {})", self.name, c.id());
+                self.child = Some(c);
+                self.down_since = None;
+            }
+            Err(e) => eprintln!("node {}: cannot start: {e}", self.name),
+        }
+    }
+}
+
+/// The ports every part of the demo uses, derived from the arguments.
+fn layout(a: &DemoArgs) -> Vec<(String, u16, u16, u16)> {
+    (0..3u16)
+        .map(|i| {
+            (
+                format!("n{}", i + 1),
+                a.port.saturating_add(i + 1),
+                a.admin_port.saturating_add(i + 1),
+                a.cluster_port.saturating_add(i),
+            )
+        })
+        .collect()
+}
+
+/// Runs the demo until Ctrl-C.
+pub fn run(args: DemoArgs) -> ExitCode {
+    let nodes = layout(&args);
+    let mut children: Vec<Node> = nodes
+        .iter()
+        .map(|(name, port, admin, cport)| {
+            let mut a = vec![
+                "--node-id".to_string(),
+                name.clone(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--admin".into(),
+                format!("127.0.0.1:{admin}"),
+                "--cluster-listen".into(),
+                format!("127.0.0.1:{cport}"),
+            ];
+            for (peer, _, _, pport) in &nodes {
+                if peer != name {
+                    a.push("--peer".into());
+                    a.push(format!("{peer}@127.0.0.1:{pport}"));
+                }
+            }
+            Node {
+                name: name.clone(),
+                args: a,
+                child: None,
+                down_since: None,
+            }
+        })
+        .collect();
+    for n in &mut children {
+        n.spawn();
+    }
+    let children = Arc::new(Mutex::new(children));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let supervisor = {
+        let children = children.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                let mut nodes = children.lock().unwrap_or_else(|p| p.into_inner());
+                for n in nodes.iter_mut() {
+                    if let Some(c) = &mut n.child {
+                        if let Ok(Some(status)) = c.try_wait() {
+                            println!(
+                                "node {} exited ({status}); restarting it in {} s",
+                                n.name,
+                                RESTART_AFTER.as_secs()
+                            );
+                            n.child = None;
+                            n.down_since = Some(std::time::Instant::now());
+                        }
+                    }
+                    if n.down_since.is_some_and(|t| t.elapsed() >= RESTART_AFTER)
+                        && !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        n.spawn();
+                    }
+                }
+            }
+        })
+    };
+    let backends: Vec<String> = nodes
+        .iter()
+        .map(|(name, port, _, _)| format!("{name}=127.0.0.1:{port}"))
+        .collect();
+    let listen = vec![format!("127.0.0.1:{}", args.port)];
+    let admin = format!("127.0.0.1:{}", args.admin_port);
+    let config = match mqlb_config::Config::from_flags(&listen, &backends, Some(&admin)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print_banner(&args, &nodes, &children);
+    let code = crate::cli::run(config, None);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = supervisor.join();
+    let mut nodes = children.lock().unwrap_or_else(|p| p.into_inner());
+    for n in nodes.iter_mut() {
+        if let Some(mut c) = n.child.take() {
+            // Ctrl-C reached the whole process group; wait for the graceful
+            // stop, and cut a node that takes too long.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if std::time::Instant::now() >= deadline => {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+    }
+    code
+}
+
+fn print_banner(args: &DemoArgs, nodes: &[(String, u16, u16, u16)], children: &Mutex<Vec<Node>>) {
+    let pids: Vec<String> = children
+        .lock()
+        .map(|c| {
+            c.iter()
+                .map(|n| {
+                    format!(
+                        "{}={}",
+                        n.name,
+                        n.child.as_ref().map_or(0, std::process::Child::id)
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let p = args.port;
+    println!();
+    println!("mqlb demo: the balancer in front of a 3-node mqlb cluster, on loopback");
+    println!("  MQTT (through the balancer)  127.0.0.1:{p}");
+    println!(
+        "  balancer admin API           http://127.0.0.1:{}/backends  /metrics  (console at /)",
+        args.admin_port
+    );
+    for (name, port, admin, _) in nodes {
+        println!(
+            "  node {name}: MQTT 127.0.0.1:{port}, admin http://127.0.0.1:{admin}/cluster  /readyz  /metrics"
+        );
+    }
+    println!();
+    println!("Try it (each in its own terminal):");
+    println!("  mosquitto_sub -p {p} -i sub1 -c -q 1 -t 'demo/#' -v");
+    println!("  mosquitto_pub -p {p} -i pub1 -q 1 -t demo/hello -m 'hello, cluster'");
+    println!("  mosquitto_pub -p {} -i pub2 -t demo/direct -m 'to node n2 directly: routed to every node'", p + 2);
+    println!();
+    println!(
+        "Watch a failover: kill a node ({}) with `kill -9 PID`;",
+        pids.join(", ")
+    );
+    println!(
+        "its clients are moved at the balancer's paced rate, and the demo restarts it after {} s.",
+        RESTART_AFTER.as_secs()
+    );
+    println!("Ctrl-C stops everything.");
+    println!();
+}

@@ -1,0 +1,699 @@
+//! The cluster layer: broker nodes that act as one broker.
+//!
+//! # What is built
+//! * **Links.** Every node dials every peer and keeps one authenticated
+//!   TCP connection per direction ([`handshake`]); a node's outbound link
+//!   carries its frames ([`wire`]), its inbound links carry its peers'.
+//! * **Interest.** Each node tells its peers which filters its sessions
+//!   hold (whole, when a link opens, then changes in order). A publish is
+//!   forwarded once per interested node and never forwarded again, so it
+//!   never loops, and one link per pair keeps each publisher's order.
+//! * **Shared subscriptions** across nodes: a group's turn rotates over its
+//!   local members and the peers that have members; a peer given the turn
+//!   hands the message to one of its own members.
+//! * **Retained messages** go to every node, each write versioned by the
+//!   hybrid logical clock, last writer wins; a link that opens sends the
+//!   whole set, deletion markers included, so a returning node catches up.
+//! * **The view** is this node plus the peers whose links are up in both
+//!   directions and heard from within [`FAILURE_TIMEOUT`]; every change
+//!   bumps the view number. A client's owner is rank 0 of the rendezvous
+//!   hash (the balancer's `placement` crate) of its client ID over the
+//!   view's node names.
+//! * **One session per client ID.** A client that connects to a node that
+//!   is not its owner is proxied to the owner over an authenticated cluster
+//!   connection (chosen over a takeover: the session never moves while its
+//!   owner lives, and the balancer's placement and the cluster's agree when
+//!   the backend names are the node IDs).
+//! * **Readiness.** A node is ready once every live peer has sent it its
+//!   snapshot (interest and retained messages), or has been unreachable for
+//!   longer than [`FAILURE_TIMEOUT`] since start.
+//!
+//! # Not built yet
+//! Session replication down chains and the Raft-committed view: the view
+//! here is each node's own observation, so two nodes can briefly disagree
+//! on an owner while a link flaps, and a node's persistent sessions are
+//! lost with it. Both are the next steps of the cluster issue.
+
+pub mod handshake;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use mqlb_config::broker::ClusterConfig;
+
+use crate::conn::Settings;
+use crate::fabric::Fabric;
+use crate::hlc::Hlc;
+use crate::message::Message;
+use crate::router::NodeId;
+use crate::state::State;
+use handshake::{Purpose, Refusal};
+use wire::Frame;
+
+/// A peer not heard from for this long leaves the view. Links send a ping
+/// every [`PING_EVERY`] when idle.
+pub const FAILURE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Idle links ping this often.
+pub const PING_EVERY: Duration = Duration::from_millis(500);
+/// Frames buffered for one peer beyond which new ones are dropped (and
+/// counted): a stalled peer must not grow this node without bound.
+pub const LINK_BUFFER: usize = 64 << 20;
+
+/// Lock that survives a panic elsewhere (the data stays consistent between
+/// calls).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The current view: who is in, and its number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// Bumped at every change of `members`.
+    pub number: u64,
+    /// Live node names, this one included, sorted.
+    pub members: Vec<String>,
+}
+
+/// Frames waiting for one peer's outbound link.
+#[derive(Debug, Default)]
+struct LinkTx {
+    buf: Mutex<BytesMut>,
+    ready: Notify,
+}
+
+impl LinkTx {
+    fn push(&self, f: &Frame, dropped: &AtomicU64) {
+        let mut b = lock(&self.buf);
+        if b.len() > LINK_BUFFER {
+            dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if f.encode(&mut b).is_err() {
+            dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        drop(b);
+        self.ready.notify_one();
+    }
+}
+
+/// What this node knows about one peer.
+#[derive(Debug, Default, Clone)]
+struct Peer {
+    /// Last frame from it on its inbound link.
+    heard: Option<Instant>,
+    /// Which inbound link is current (a newer one replaces an older).
+    generation: u64,
+    /// Its snapshot arrived on the current inbound link.
+    synced: bool,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Cluster connections refused, by [`Refusal`] (garbage, bad secret,
+    /// unknown node, timeout).
+    pub refused: [AtomicU64; 4],
+    /// Publishes forwarded to peers.
+    pub forwarded: AtomicU64,
+    /// Publishes received from peers.
+    pub received: AtomicU64,
+    /// Frames dropped: no link to the peer, or its buffer was full.
+    pub dropped: AtomicU64,
+    /// Client connections proxied to their owner.
+    pub proxied: AtomicU64,
+}
+
+/// One node's membership in the cluster; the core's [`Fabric`].
+#[derive(Debug)]
+pub struct Cluster {
+    me: String,
+    my_id: NodeId,
+    /// Node names by id (sorted; ids are positions).
+    names: Vec<String>,
+    addrs: Vec<SocketAddr>,
+    secret: Vec<u8>,
+    links: Mutex<HashMap<NodeId, Arc<LinkTx>>>,
+    peers: Mutex<Vec<Peer>>,
+    view: Mutex<View>,
+    started: Instant,
+    /// Counters.
+    pub stats: ClusterStats,
+}
+
+/// A name is a placement node of weight 1.
+struct Member<'a>(&'a str);
+
+impl mqlb_placement::Node for Member<'_> {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn weight(&self) -> u32 {
+        1
+    }
+}
+
+impl Cluster {
+    /// Checks the configuration, reads the secret and binds the cluster
+    /// listener.
+    pub async fn bind(config: &ClusterConfig) -> io::Result<(Arc<Cluster>, TcpListener)> {
+        config
+            .validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let secret = match &config.secret_file {
+            Some(p) => {
+                let s = std::fs::read(p).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cluster secret {}: {e}", p.display()))
+                })?;
+                let s = s.trim_ascii().to_vec();
+                if s.len() < 16 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("cluster secret {}: shorter than 16 bytes", p.display()),
+                    ));
+                }
+                s
+            }
+            None => Vec::new(),
+        };
+        let mut all: Vec<(String, SocketAddr)> = config.peers.clone();
+        all.push((config.node_id.clone(), config.listen));
+        all.sort();
+        let listener = TcpListener::bind(config.listen).await?;
+        let names: Vec<String> = all.iter().map(|(n, _)| n.clone()).collect();
+        let my_id = names
+            .iter()
+            .position(|n| *n == config.node_id)
+            .and_then(|i| NodeId::try_from(i).ok())
+            .unwrap_or(0);
+        Ok((
+            Arc::new(Cluster {
+                me: config.node_id.clone(),
+                my_id,
+                addrs: all.iter().map(|(_, a)| *a).collect(),
+                peers: Mutex::new(vec![Peer::default(); names.len()]),
+                view: Mutex::new(View {
+                    number: 1,
+                    members: vec![config.node_id.clone()],
+                }),
+                names,
+                secret,
+                links: Mutex::new(HashMap::new()),
+                started: Instant::now(),
+                stats: ClusterStats::default(),
+            }),
+            listener,
+        ))
+    }
+
+    /// This node's name.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// A stamp for this node's hybrid logical clock: a hash of its name, so
+    /// ties break the same way everywhere.
+    pub fn stamp(&self) -> u32 {
+        (mqlb_placement::node_hash(&self.me, b"hlc") >> 32) as u32
+    }
+
+    /// The current view.
+    pub fn view(&self) -> View {
+        lock(&self.view).clone()
+    }
+
+    /// The name of `client_id`'s owner in the current view.
+    pub fn owner(&self, client_id: &str) -> String {
+        let view = lock(&self.view);
+        let members: Vec<Member<'_>> = view.members.iter().map(|n| Member(n)).collect();
+        mqlb_placement::pick(client_id.as_bytes(), &members, |_| true)
+            .map_or_else(|| self.me.clone(), |m| m.0.to_string())
+    }
+
+    /// Whether this node has what it needs to take clients: the snapshot of
+    /// every live peer, or proof that a peer is down.
+    pub fn ready(&self) -> bool {
+        let now = Instant::now();
+        let warm = now.duration_since(self.started) > FAILURE_TIMEOUT;
+        lock(&self.peers).iter().enumerate().all(|(i, p)| {
+            i == self.my_id as usize
+                || p.synced
+                || (warm
+                    && p.heard
+                        .is_none_or(|h| now.duration_since(h) > FAILURE_TIMEOUT))
+        })
+    }
+
+    fn id_of(&self, name: &str) -> Option<NodeId> {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .and_then(|i| NodeId::try_from(i).ok())
+    }
+
+    /// Opens an authenticated client connection to `owner`, over which an
+    /// MQTT client's bytes are relayed.
+    pub async fn dial_client(&self, owner: &str) -> io::Result<TcpStream> {
+        let id = self
+            .id_of(owner)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown node"))?;
+        let addr = self.addrs[id as usize];
+        let mut s = tokio::time::timeout(FAILURE_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let _ = s.set_nodelay(true);
+        let name = handshake::dial(&mut s, &self.me, Purpose::Client, &self.secret)
+            .await
+            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
+        if name != owner {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "wrong node"));
+        }
+        self.stats.proxied.fetch_add(1, Ordering::Relaxed);
+        Ok(s)
+    }
+
+    /// Runs the cluster until `stop`: accepts peers and proxied clients on
+    /// `listener`, keeps a link to every peer, and maintains the view.
+    pub fn start(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        state: Arc<State>,
+        settings: Settings,
+        stop: CancellationToken,
+    ) {
+        let me = self.clone();
+        let st = state.clone();
+        let s = stop.clone();
+        tokio::spawn(async move { me.accept_loop(listener, st, settings, s).await });
+        for id in 0..self.names.len() {
+            let Ok(id) = NodeId::try_from(id) else {
+                continue;
+            };
+            if id == self.my_id {
+                continue;
+            }
+            let me = self.clone();
+            let st = state.clone();
+            let s = stop.clone();
+            let span = tracing::info_span!("link", peer = %self.names[id as usize]);
+            tokio::spawn(async move { me.dial_loop(id, st, s).await }.instrument(span));
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => me.update_view(),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    /// Recomputes the live set; a change bumps the view number.
+    fn update_view(&self) {
+        let now = Instant::now();
+        let mut members = vec![self.me.clone()];
+        {
+            let links = lock(&self.links);
+            let peers = lock(&self.peers);
+            for (i, p) in peers.iter().enumerate() {
+                let Ok(id) = NodeId::try_from(i) else {
+                    continue;
+                };
+                let heard = p
+                    .heard
+                    .is_some_and(|h| now.duration_since(h) <= FAILURE_TIMEOUT);
+                if id != self.my_id && heard && links.contains_key(&id) {
+                    members.push(self.names[i].clone());
+                }
+            }
+        }
+        members.sort();
+        let mut view = lock(&self.view);
+        if view.members != members {
+            view.number += 1;
+            view.members = members;
+            tracing::info!(view = view.number, members = ?view.members, "view changed");
+        }
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        state: Arc<State>,
+        settings: Settings,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let (mut stream, addr) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            let state = state.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let known = |n: &str| me.id_of(n).is_some_and(|id| id != me.my_id);
+                let (name, purpose) =
+                    match handshake::accept(&mut stream, &me.me, &me.secret, known).await {
+                        Ok(x) => x,
+                        Err(r) => {
+                            me.refused(r);
+                            tracing::warn!(%addr, reason = r.label(), "cluster connection refused");
+                            return;
+                        }
+                    };
+                let Some(id) = me.id_of(&name) else {
+                    return;
+                };
+                match purpose {
+                    Purpose::Link => {
+                        let span = tracing::info_span!("inbound", peer = %name);
+                        tokio::select! {
+                            _ = me.read_link(id, stream, state).instrument(span) => {}
+                            _ = stop.cancelled() => {}
+                        }
+                    }
+                    Purpose::Client => {
+                        tokio::select! {
+                            _ = crate::conn::handle_owned(stream, state, settings) => {}
+                            _ = stop.cancelled() => {}
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    fn refused(&self, r: Refusal) {
+        let i = match r {
+            Refusal::Garbage => 0,
+            Refusal::BadSecret => 1,
+            Refusal::UnknownNode => 2,
+            Refusal::Timeout => 3,
+        };
+        self.stats.refused[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Applies a peer's frames until its link closes or goes quiet.
+    async fn read_link(&self, id: NodeId, mut stream: TcpStream, state: Arc<State>) {
+        let generation = {
+            let mut peers = lock(&self.peers);
+            let p = &mut peers[id as usize];
+            p.generation += 1;
+            p.synced = false;
+            p.heard = Some(Instant::now());
+            p.generation
+        };
+        tracing::info!("peer link up");
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        loop {
+            let r = tokio::time::timeout(FAILURE_TIMEOUT, stream.read_buf(&mut buf)).await;
+            match r {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => break,
+            }
+            {
+                let mut peers = lock(&self.peers);
+                let p = &mut peers[id as usize];
+                if p.generation != generation {
+                    return; // a newer link from this peer took over
+                }
+                p.heard = Some(Instant::now());
+            }
+            loop {
+                let frame = match Frame::decode(&mut buf) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bad frame from peer; closing its link");
+                        self.link_down(id, generation, &state);
+                        return;
+                    }
+                };
+                self.apply(id, generation, frame, &state);
+            }
+        }
+        self.link_down(id, generation, &state);
+    }
+
+    fn link_down(&self, id: NodeId, generation: u64, state: &State) {
+        {
+            let mut peers = lock(&self.peers);
+            let p = &mut peers[id as usize];
+            if p.generation != generation {
+                return;
+            }
+            p.heard = None;
+            p.synced = false;
+        }
+        tracing::warn!("peer link down");
+        state.core().forget_peer(id);
+        self.update_view();
+    }
+
+    fn apply(&self, id: NodeId, generation: u64, frame: Frame, state: &State) {
+        match frame {
+            Frame::Ping => {}
+            Frame::Reset => state.core().forget_peer(id),
+            Frame::Interest { filter, gained } => state.core().peer_interest(id, &filter, gained),
+            Frame::SyncDone => {
+                let mut peers = lock(&self.peers);
+                let p = &mut peers[id as usize];
+                if p.generation == generation {
+                    p.synced = true;
+                }
+            }
+            Frame::Retained {
+                topic,
+                message,
+                version,
+            } => {
+                state
+                    .core()
+                    .set_retained_from_peer(&topic, message, version);
+            }
+            Frame::Forward { message, groups } => {
+                self.stats.received.fetch_add(1, Ordering::Relaxed);
+                // Nothing waits on the commit: the publisher's node already
+                // answered for it.
+                let _ = state.act(|core| core.route_from_peer(message, &groups));
+            }
+        }
+    }
+
+    /// Keeps the outbound link to peer `id` open: dial, prove the secret,
+    /// send the snapshot, then stream frames; redial when it drops.
+    async fn dial_loop(self: Arc<Self>, id: NodeId, state: Arc<State>, stop: CancellationToken) {
+        let addr = self.addrs[id as usize];
+        let name = self.names[id as usize].clone();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = async {
+                let mut s = tokio::time::timeout(FAILURE_TIMEOUT, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| "connect timed out".to_string())?
+                    .map_err(|e| e.to_string())?;
+                let _ = s.set_nodelay(true);
+                let peer = handshake::dial(&mut s, &self.me, Purpose::Link, &self.secret)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if peer != name {
+                    return Err(format!("answered as {peer}"));
+                }
+                Ok(s)
+            };
+            let stream = tokio::select! {
+                r = attempt => r,
+                _ = stop.cancelled() => return,
+            };
+            match stream {
+                Ok(s) => {
+                    backoff = Duration::from_millis(100);
+                    tracing::info!("link to peer open");
+                    tokio::select! {
+                        _ = self.write_link(id, s, &state) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    tracing::warn!("link to peer closed");
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot reach peer"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Sends the snapshot, registers the link for live changes, then writes
+    /// whatever is queued until the connection fails.
+    async fn write_link(&self, id: NodeId, mut s: TcpStream, state: &State) {
+        let tx = Arc::new(LinkTx::default());
+        {
+            // Under the core's lock: changes made after the snapshot reach
+            // this link, and none made before it is sent twice or lost.
+            let core = state.core();
+            tx.push(&Frame::Reset, &self.stats.dropped);
+            for filter in core.local_interest() {
+                tx.push(
+                    &Frame::Interest {
+                        filter,
+                        gained: true,
+                    },
+                    &self.stats.dropped,
+                );
+            }
+            for (topic, message, version) in core.retained_all() {
+                tx.push(
+                    &Frame::Retained {
+                        topic,
+                        message,
+                        version,
+                    },
+                    &self.stats.dropped,
+                );
+            }
+            tx.push(&Frame::SyncDone, &self.stats.dropped);
+            lock(&self.links).insert(id, tx.clone());
+        }
+        loop {
+            let _ = tokio::time::timeout(PING_EVERY, tx.ready.notified()).await;
+            let mut out = std::mem::take(&mut *lock(&tx.buf));
+            if out.is_empty() {
+                let _ = Frame::Ping.encode(&mut out);
+            }
+            match tokio::time::timeout(FAILURE_TIMEOUT, s.write_all(&out)).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+        }
+        let mut links = lock(&self.links);
+        if links.get(&id).is_some_and(|t| Arc::ptr_eq(t, &tx)) {
+            links.remove(&id);
+        }
+    }
+
+    fn broadcast(&self, f: &Frame) {
+        for tx in lock(&self.links).values() {
+            tx.push(f, &self.stats.dropped);
+        }
+    }
+
+    /// Prometheus lines for the cluster.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let view = self.view();
+        let _ = writeln!(out, "# HELP mqlb_cluster_view Current view number.\n# TYPE mqlb_cluster_view gauge\nmqlb_cluster_view {}", view.number);
+        let _ = writeln!(out, "# HELP mqlb_cluster_members Live members in the view, this node included.\n# TYPE mqlb_cluster_members gauge\nmqlb_cluster_members {}", view.members.len());
+        let _ = writeln!(out, "# HELP mqlb_cluster_ready Whether this node has synced from every live peer.\n# TYPE mqlb_cluster_ready gauge\nmqlb_cluster_ready {}", u8::from(self.ready()));
+        let _ = writeln!(out, "# HELP mqlb_cluster_refused_total Cluster connections refused.\n# TYPE mqlb_cluster_refused_total counter");
+        for (i, label) in ["garbage", "bad_secret", "unknown_node", "timeout"]
+            .iter()
+            .enumerate()
+        {
+            let _ = writeln!(
+                out,
+                "mqlb_cluster_refused_total{{reason=\"{label}\"}} {}",
+                self.stats.refused[i].load(Ordering::Relaxed)
+            );
+        }
+        for (name, help, v) in [
+            (
+                "mqlb_cluster_forwarded_total",
+                "Publishes forwarded to peers.",
+                &self.stats.forwarded,
+            ),
+            (
+                "mqlb_cluster_received_total",
+                "Publishes received from peers.",
+                &self.stats.received,
+            ),
+            (
+                "mqlb_cluster_dropped_total",
+                "Frames for peers dropped (no link, or its buffer full).",
+                &self.stats.dropped,
+            ),
+            (
+                "mqlb_cluster_proxied_total",
+                "Client connections proxied to their owner.",
+                &self.stats.proxied,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+impl Fabric for Cluster {
+    fn interest(&self, filter: &str, gained: bool) {
+        self.broadcast(&Frame::Interest {
+            filter: filter.to_string(),
+            gained,
+        });
+    }
+
+    fn retained(&self, topic: &str, message: Option<&Message>, version: Hlc) {
+        self.broadcast(&Frame::Retained {
+            topic: topic.to_string(),
+            message: message.cloned(),
+            version,
+        });
+    }
+
+    fn forward(&self, node: NodeId, m: &Message, groups: &[Arc<str>]) {
+        let tx = lock(&self.links).get(&node).cloned();
+        match tx {
+            Some(tx) => {
+                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                tx.push(
+                    &Frame::Forward {
+                        message: m.clone(),
+                        groups: groups.to_vec(),
+                    },
+                    &self.stats.dropped,
+                );
+            }
+            None => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Writes `bytes` and then relays both ways between a client and its
+/// owner's node until either side closes.
+pub async fn relay<C>(client: &mut C, owner: &mut TcpStream, first: &[u8]) -> io::Result<()>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    owner.write_all(first).await?;
+    tokio::io::copy_bidirectional(client, owner)
+        .await
+        .map(|_| ())
+}

@@ -1,0 +1,26 @@
+//! The seam between one node's core and its peers: what the core tells the
+//! cluster. A single node has no fabric; `cluster` implements it.
+//!
+//! Interest and retained writes are reported under the core's lock, so
+//! peers see them in the order they happened (the implementation only
+//! appends a small frame to each link's buffer). Forwarded publishes are
+//! returned as effects and handed over after the lock is released.
+
+use std::sync::Arc;
+
+use crate::hlc::Hlc;
+use crate::message::Message;
+use crate::router::NodeId;
+
+/// What the core tells its peers.
+pub trait Fabric: Send + Sync + std::fmt::Debug {
+    /// Local sessions gained (`true`) or lost their last subscription to
+    /// `filter` (shared ones by their whole `$share/{group}/{filter}`).
+    fn interest(&self, filter: &str, gained: bool);
+    /// A retained write on `topic` (`None` deletes) at `version`: every
+    /// node keeps every retained message, last writer wins.
+    fn retained(&self, topic: &str, message: Option<&Message>, version: Hlc);
+    /// Hands `m` to peer `node`, which delivers it to its matching local
+    /// sessions and, for each of `groups`, to one local member.
+    fn forward(&self, node: NodeId, m: &Message, groups: &[Arc<str>]);
+}

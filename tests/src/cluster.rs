@@ -1,0 +1,202 @@
+//! A cluster of `mqlb broker` processes on loopback, for the cluster tests.
+//!
+//! Each node is its own process (so `kill -9` is real), on free ports, with
+//! an admin API for `/readyz`, `/cluster` and `/metrics`.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::{free_port, mqlb_bin, wait_listening, KillOnDrop};
+
+/// One node's addresses and process.
+pub struct ClusterNode {
+    pub name: String,
+    /// MQTT listener.
+    pub addr: String,
+    /// Admin API.
+    pub admin: String,
+    /// Cluster listener.
+    pub cluster: String,
+    args: Vec<String>,
+    child: Option<KillOnDrop>,
+}
+
+impl ClusterNode {
+    /// True while its process runs.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.0.try_wait(), Ok(None)))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.0.id())
+    }
+}
+
+/// N nodes that know each other.
+pub struct TestCluster {
+    pub nodes: Vec<ClusterNode>,
+    pub dir: PathBuf,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes named n1..nN; `secret` is written to a file all of
+    /// them use. Waits until each is listening.
+    pub fn start(n: usize, secret: Option<&str>, extra: &[&str]) -> TestCluster {
+        let dir = crate::scratch_dir("cluster");
+        let secret_file = secret.map(|s| {
+            let p = dir.join("secret");
+            std::fs::write(&p, s).unwrap();
+            p
+        });
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (mqtt, admin, cluster)) in ports.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let mut args: Vec<String> = vec![
+                "broker".into(),
+                "--listen".into(),
+                format!("127.0.0.1:{mqtt}"),
+                "--admin".into(),
+                format!("127.0.0.1:{admin}"),
+                "--node-id".into(),
+                name.clone(),
+                "--cluster-listen".into(),
+                format!("127.0.0.1:{cluster}"),
+            ];
+            for (j, (_, _, c)) in ports.iter().enumerate() {
+                if j != i {
+                    args.push("--peer".into());
+                    args.push(format!("n{}@127.0.0.1:{c}", j + 1));
+                }
+            }
+            if let Some(f) = &secret_file {
+                args.push("--cluster-secret-file".into());
+                args.push(f.display().to_string());
+            }
+            args.extend(extra.iter().map(|s| s.to_string()));
+            nodes.push(ClusterNode {
+                name,
+                addr: format!("127.0.0.1:{mqtt}"),
+                admin: format!("127.0.0.1:{admin}"),
+                cluster: format!("127.0.0.1:{cluster}"),
+                args,
+                child: None,
+            });
+        }
+        let mut c = TestCluster { nodes, dir };
+        for i in 0..n {
+            c.start_node(i);
+        }
+        c
+    }
+
+    /// (Re)starts node `i` and waits until it listens.
+    pub fn start_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let log = std::fs::File::create(self.dir.join(format!("{}.log", node.name))).unwrap();
+        let child = Command::new(mqlb_bin())
+            .args(&node.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        node.child = Some(KillOnDrop(child));
+        assert!(
+            wait_listening(&node.addr, Duration::from_secs(10)),
+            "{} did not listen",
+            node.name
+        );
+    }
+
+    /// `kill -9` node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.0.kill();
+            let _ = c.0.wait();
+        }
+    }
+
+    /// Waits until every running node is ready and sees exactly the running
+    /// nodes in its view.
+    pub async fn wait_converged(&mut self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let running: Vec<String> = self
+                .nodes
+                .iter_mut()
+                .filter_map(|n| n.alive().then(|| n.name.clone()))
+                .collect();
+            let mut ok = true;
+            for n in self.nodes.iter_mut().filter(|n| running.contains(&n.name)) {
+                let (status, body) = crate::http(&n.admin, "GET", "/cluster").await;
+                let want: Vec<String> = running.iter().map(|r| format!("\"{r}\"")).collect();
+                if status != 200
+                    || !body.contains(&format!("\"members\":[{}]", want.join(",")))
+                    || !body.contains("\"ready\":true")
+                {
+                    ok = false;
+                }
+            }
+            if ok {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The node names of the running nodes, for placement.
+    pub fn owner_of(&self, client_id: &str, live: &[&str]) -> String {
+        struct N(String);
+        impl mqlb_placement::Node for N {
+            fn name(&self) -> &str {
+                &self.0
+            }
+            fn weight(&self) -> u32 {
+                1
+            }
+        }
+        let nodes: Vec<N> = live.iter().map(|s| N(s.to_string())).collect();
+        mqlb_placement::rank(client_id.as_bytes(), &nodes)[0]
+            .0
+            .clone()
+    }
+
+    /// A client ID (`prefix-k`) whose owner among `live` is `node`.
+    pub fn id_owned_by(&self, node: &str, prefix: &str, live: &[&str]) -> String {
+        (0..10_000)
+            .map(|k| format!("{prefix}-{k}"))
+            .find(|id| self.owner_of(id, live) == node)
+            .unwrap()
+    }
+
+    /// A Prometheus sample's value from node `i`'s `/metrics`.
+    pub async fn metric(&self, i: usize, sample: &str) -> Option<f64> {
+        let (_, body) = crate::http(&self.nodes[i].admin, "GET", "/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+    }
+
+    /// Node `i`'s log so far.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.log", self.nodes[i].name)))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.child.take();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,463 @@
+//! The bundled broker as a cluster: real `mqlb broker` processes on
+//! loopback that route publishes between them, replicate retained
+//! messages, share subscription groups, keep one session per client ID
+//! whichever node a client reaches, and refuse strangers on the cluster
+//! port.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mqlb_protocol::{Properties, ProtocolVersion, QoS};
+use mqlb_tests::client::{connect_packet, qos, Client};
+use mqlb_tests::cluster::TestCluster;
+
+const ALL: [&str; 3] = ["n1", "n2", "n3"];
+const SETTLE: Duration = Duration::from_secs(20);
+
+fn node_index(name: &str) -> usize {
+    name[1..].parse::<usize>().unwrap() - 1
+}
+
+async fn connect_owned(
+    c: &TestCluster,
+    node: &str,
+    prefix: &str,
+    v: ProtocolVersion,
+    clean: bool,
+) -> (Client, String) {
+    let id = c.id_owned_by(node, prefix, &ALL);
+    let (client, ack) = Client::connect(
+        &c.nodes[node_index(node)].addr,
+        connect_packet(&id, v, clean),
+    )
+    .await;
+    assert_eq!(ack.reason.0, 0, "{id} refused");
+    (client, id)
+}
+
+/// Subscribers on n1 and n2, a publisher on n3: each subscriber gets every
+/// message exactly once and in the publisher's order (per QoS).
+#[tokio::test]
+async fn publishes_cross_nodes_exactly_once_in_order() {
+    let mut c = TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
+    let (mut s1, _) = connect_owned(&c, "n1", "sub", ProtocolVersion::V5, true).await;
+    let (mut s2, _) = connect_owned(&c, "n2", "sub", ProtocolVersion::V3_1_1, true).await;
+    assert_eq!(
+        s1.subscribe("orders/#", qos(QoS::AtLeastOnce)).await,
+        vec![1]
+    );
+    // Two overlapping filters on one session: still one copy per message.
+    assert_eq!(
+        s2.subscribe("orders/+", qos(QoS::AtLeastOnce)).await,
+        vec![1]
+    );
+    assert_eq!(
+        s2.subscribe("orders/#", qos(QoS::AtMostOnce)).await,
+        vec![0]
+    );
+    // Interest reaches n3 asynchronously; a publish before it would go
+    // nowhere, as on a single broker before the SUBSCRIBE.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let (mut p, _) = connect_owned(&c, "n3", "pub", ProtocolVersion::V5, true).await;
+    loop {
+        p.publish(
+            "orders/probe",
+            b"probe",
+            QoS::AtLeastOnce,
+            false,
+            Properties::default(),
+        )
+        .await;
+        let a = s1.next_publish(Duration::from_millis(200), true).await;
+        let b = s2.next_publish(Duration::from_millis(200), true).await;
+        if a.is_some() && b.is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "interest never reached n3"
+        );
+    }
+    // Drain stragglers of the probe loop.
+    while s1
+        .next_publish(Duration::from_millis(300), true)
+        .await
+        .is_some()
+    {}
+    while s2
+        .next_publish(Duration::from_millis(300), true)
+        .await
+        .is_some()
+    {}
+    const N: usize = 300;
+    for i in 0..N {
+        let q = if i % 2 == 0 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        p.publish(
+            &format!("orders/{}", i % 7),
+            format!("{i}").as_bytes(),
+            q,
+            false,
+            Properties::default(),
+        )
+        .await;
+    }
+    for (name, s) in [("n1", &mut s1), ("n2", &mut s2)] {
+        let mut got = Vec::new();
+        while let Some(m) = s.next_publish(Duration::from_secs(3), true).await {
+            got.push(
+                String::from_utf8(m.payload.to_vec())
+                    .unwrap()
+                    .parse::<usize>()
+                    .unwrap(),
+            );
+            if got.len() == N {
+                // Anything more would be a duplicate.
+                assert!(
+                    s.next_publish(Duration::from_millis(500), true)
+                        .await
+                        .is_none(),
+                    "duplicate on {name}"
+                );
+                break;
+            }
+        }
+        // Per-publisher order holds within each QoS (a QoS 0 message may
+        // pass QoS 1 messages waiting for the subscriber's window, as on a
+        // single broker; MQTT orders per QoS).
+        for parity in [0, 1] {
+            let lane: Vec<usize> = got.iter().copied().filter(|i| i % 2 == parity).collect();
+            let want: Vec<usize> = (0..N).filter(|i| i % 2 == parity).collect();
+            assert_eq!(lane, want, "subscriber on {name}, QoS {}", 1 - parity);
+        }
+    }
+    assert!(c.metric(2, "mqlb_cluster_forwarded_total").await.unwrap() >= 2.0 * N as f64);
+}
+
+/// Retained messages reach every node, last writer wins, deletions
+/// replicate, and a node that restarts catches up before it says ready.
+#[tokio::test]
+async fn retained_messages_replicate_and_a_restarted_node_catches_up() {
+    let mut c = TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(SETTLE).await);
+    let (mut p1, _) = connect_owned(&c, "n1", "rp", ProtocolVersion::V5, true).await;
+    let (mut p2, _) = connect_owned(&c, "n2", "rp", ProtocolVersion::V5, true).await;
+    p1.publish(
+        "cfg/a",
+        b"first",
+        QoS::AtLeastOnce,
+        true,
+        Properties::default(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p2.publish(
+        "cfg/a",
+        b"second",
+        QoS::AtLeastOnce,
+        true,
+        Properties::default(),
+    )
+    .await;
+    p1.publish(
+        "cfg/b",
+        b"bee",
+        QoS::AtMostOnce,
+        true,
+        Properties::default(),
+    )
+    .await;
+    p1.publish(
+        "cfg/gone",
+        b"x",
+        QoS::AtMostOnce,
+        true,
+        Properties::default(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p2.publish(
+        "cfg/gone",
+        b"",
+        QoS::AtMostOnce,
+        true,
+        Properties::default(),
+    )
+    .await;
+    let read_all = |addr: String| async move {
+        let id = format!("reader-{}", fastrand::u32(..));
+        // The reader's own owner may be another node; relayed or not, it
+        // must see the same retained set.
+        let (mut r, _) =
+            Client::connect(&addr, connect_packet(&id, ProtocolVersion::V5, true)).await;
+        r.subscribe("cfg/#", qos(QoS::AtLeastOnce)).await;
+        let mut got = HashMap::new();
+        while let Some(m) = r.next_publish(Duration::from_millis(700), true).await {
+            got.insert(
+                m.topic.to_string(),
+                String::from_utf8(m.payload.to_vec()).unwrap(),
+            );
+        }
+        got
+    };
+    let want: HashMap<String, String> = [("cfg/a", "second"), ("cfg/b", "bee")]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let mut ok = false;
+    for _ in 0..20 {
+        if read_all(c.nodes[2].addr.clone()).await == want {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "n3 never saw the latest retained set");
+    // n3 restarts with nothing and must catch up from its peers.
+    c.kill(2);
+    assert!(c.wait_converged(SETTLE).await);
+    p1.publish(
+        "cfg/c",
+        b"while n3 was down",
+        QoS::AtLeastOnce,
+        true,
+        Properties::default(),
+    )
+    .await;
+    c.start_node(2);
+    assert!(c.wait_converged(SETTLE).await);
+    let mut want = want;
+    want.insert("cfg/c".into(), "while n3 was down".into());
+    // Read through n3 with an ID n3 owns, so n3's own store answers.
+    let id = c.id_owned_by("n3", "reader", &ALL);
+    let (mut r, _) = Client::connect(
+        &c.nodes[2].addr,
+        connect_packet(&id, ProtocolVersion::V3_1_1, true),
+    )
+    .await;
+    r.subscribe("cfg/#", qos(QoS::AtLeastOnce)).await;
+    let mut got = HashMap::new();
+    while let Some(m) = r.next_publish(Duration::from_millis(700), true).await {
+        got.insert(
+            m.topic.to_string(),
+            String::from_utf8(m.payload.to_vec()).unwrap(),
+        );
+    }
+    assert_eq!(got, want);
+}
+
+/// One shared group with a member on each node: each message goes to
+/// exactly one member, and every member gets a share.
+#[tokio::test]
+async fn a_shared_group_spread_over_three_nodes_gets_each_message_once() {
+    let mut c = TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(SETTLE).await);
+    let mut members = Vec::new();
+    for n in ALL {
+        let (mut m, _) = connect_owned(&c, n, "worker", ProtocolVersion::V5, true).await;
+        assert_eq!(
+            m.subscribe("$share/g/jobs/#", qos(QoS::AtLeastOnce)).await,
+            vec![1]
+        );
+        members.push(m);
+    }
+    let (mut p, _) = connect_owned(&c, "n1", "dispatch", ProtocolVersion::V5, true).await;
+    // Wait until both peers' group interest reached n1: a round of
+    // messages reaches all three members.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    const N: usize = 300;
+    for i in 0..N {
+        p.publish(
+            "jobs/x",
+            format!("{i}").as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+            Properties::default(),
+        )
+        .await;
+    }
+    let mut all = Vec::new();
+    let mut per = Vec::new();
+    for m in &mut members {
+        let mut n = 0;
+        while let Some(x) = m.next_publish(Duration::from_secs(2), true).await {
+            all.push(String::from_utf8(x.payload.to_vec()).unwrap());
+            n += 1;
+        }
+        per.push(n);
+    }
+    all.sort();
+    let before = all.len();
+    all.dedup();
+    assert_eq!(before, all.len(), "a message went to two members: {per:?}");
+    assert_eq!(all.len(), N, "lost messages: {per:?}");
+    assert!(per.iter().all(|&n| n > 0), "a member got nothing: {per:?}");
+}
+
+/// A client that bypasses the balancer and reaches a different node each
+/// time keeps one session: its owner serves it, relayed by the others.
+#[tokio::test]
+async fn a_client_reaching_any_node_gets_its_one_session() {
+    let mut c = TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(SETTLE).await);
+    let id = "roamer-1";
+    let owner = c.owner_of(id, &ALL);
+    let (mut p, _) = connect_owned(&c, "n2", "pub", ProtocolVersion::V5, true).await;
+    let mut expected = 0;
+    for (round, i) in [0usize, 1, 2, 0].into_iter().enumerate() {
+        let mut cp = connect_packet(id, ProtocolVersion::V3_1_1, false);
+        cp.clean_start = false;
+        let (mut r, ack) = Client::connect(&c.nodes[i].addr, cp).await;
+        assert_eq!(ack.reason.0, 0);
+        assert_eq!(
+            ack.session_present,
+            round > 0,
+            "round {round} via {}",
+            c.nodes[i].name
+        );
+        if round == 0 {
+            r.subscribe("roam/#", qos(QoS::AtLeastOnce)).await;
+        }
+        // Messages queued while it was away arrive now, in order.
+        for k in 0..expected {
+            let m = r
+                .next_publish(Duration::from_secs(5), true)
+                .await
+                .expect("queued message");
+            assert_eq!(m.payload.as_ref(), format!("{}-{k}", round - 1).as_bytes());
+        }
+        drop(r);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        expected = 3;
+        for k in 0..expected {
+            p.publish(
+                "roam/x",
+                format!("{round}-{k}").as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+                Properties::default(),
+            )
+            .await;
+        }
+    }
+    // Only the owner holds the session.
+    let oi = node_index(&owner);
+    for i in 0..3 {
+        let v = c.metric(i, "mqlb_broker_sessions").await.unwrap_or(0.0);
+        if i == oi {
+            assert!(v >= 1.0, "owner {owner} has no session");
+        }
+    }
+    assert!(
+        c.metric(0, "mqlb_cluster_proxied_total").await.unwrap()
+            + c.metric(1, "mqlb_cluster_proxied_total").await.unwrap()
+            + c.metric(2, "mqlb_cluster_proxied_total").await.unwrap()
+            >= 2.0
+    );
+    // Two connections with the one ID through two nodes: the second takes
+    // over the first, as on one broker.
+    let (mut a, _) = Client::connect(
+        &c.nodes[0].addr,
+        connect_packet("twin", ProtocolVersion::V5, true),
+    )
+    .await;
+    let (_b, ack) = Client::connect(
+        &c.nodes[1].addr,
+        connect_packet("twin", ProtocolVersion::V5, true),
+    )
+    .await;
+    assert_eq!(ack.reason.0, 0);
+    let mut closed = false;
+    for _ in 0..20 {
+        match a.recv(Duration::from_millis(250)).await {
+            Some(mqlb_protocol::Packet::Disconnect(d)) => {
+                assert_eq!(d.reason.0, 0x8E, "session taken over");
+                closed = true;
+                break;
+            }
+            None => {
+                closed = true;
+                break;
+            }
+            Some(_) => {}
+        }
+    }
+    assert!(closed, "the first connection of the twin stayed open");
+}
+
+/// The cluster port proves a shared secret: a stranger without it, or with
+/// garbage, is refused and counted, and a node will not open a non-loopback
+/// cluster listener without a secret.
+#[tokio::test]
+async fn the_cluster_port_refuses_strangers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = TestCluster::start(2, Some("a-long-enough-shared-secret"), &[]);
+    assert!(
+        c.wait_converged(SETTLE).await,
+        "nodes with the secret did not form a view"
+    );
+    // A dialer that claims to be n2 with the wrong secret.
+    let mut s = tokio::net::TcpStream::connect(&c.nodes[0].cluster)
+        .await
+        .unwrap();
+    let mut hello = [0u8; 24];
+    s.read_exact(&mut hello).await.unwrap();
+    let mut out = b"MQLBCL01".to_vec();
+    out.push(1);
+    out.push(2);
+    out.extend_from_slice(b"n2");
+    out.extend_from_slice(&[7u8; 16]);
+    out.extend_from_slice(&[9u8; 32]);
+    s.write_all(&out).await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "a stranger got an answer: {rest:?}"
+    );
+    // Garbage: an MQTT CONNECT on the cluster port.
+    let mut g = tokio::net::TcpStream::connect(&c.nodes[0].cluster)
+        .await
+        .unwrap();
+    g.write_all(&mqlb_tests::raw::connect("x", 4))
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(6), g.read_to_end(&mut sink)).await;
+    assert_eq!(
+        c.metric(0, "mqlb_cluster_refused_total{reason=\"bad_secret\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        c.metric(0, "mqlb_cluster_refused_total{reason=\"garbage\"}")
+            .await,
+        Some(1.0)
+    );
+    // The members still work together.
+    assert!(c.wait_converged(SETTLE).await);
+    // No secret on a routable address: refused at start, naming the fix.
+    let out = std::process::Command::new(mqlb_tests::mqlb_bin())
+        .args([
+            "broker",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-id",
+            "x",
+            "--cluster-listen",
+            "0.0.0.0:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("secret"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
