@@ -150,6 +150,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+    if let Some(cluster) = state.cluster() {
+        cluster.promote(connect.client_id.as_str(), &state);
+    }
     let mut session = match Session::start(connect, &mut wr, state, settings).await {
         Some(s) => s,
         None => return,

@@ -1046,7 +1046,13 @@ impl Core {
     /// Everything `client_id`'s session owns, for replication. `None`
     /// without a session.
     pub fn export_session(&self, client_id: &str) -> Option<SessionSnapshot> {
-        let s = &self.sessions.get(client_id)?.session;
+        Some(snapshot_of(&self.sessions.get(client_id)?.session))
+    }
+}
+
+/// A session's state as a snapshot (for a replica, an import, a move).
+pub fn snapshot_of(s: &Session) -> SessionSnapshot {
+    {
         let now = Instant::now();
         let mut subscriptions: Vec<(String, Sub)> =
             s.subs.iter().map(|(f, sub)| (f.clone(), *sub)).collect();
@@ -1058,7 +1064,7 @@ impl Core {
             shared: p.shared.as_deref().map(str::to_string),
             origin: p.msg.origin.as_deref().map(str::to_string),
         };
-        Some(SessionSnapshot {
+        SessionSnapshot {
             expiry: s.expiry,
             epoch: s.epoch,
             next_pid: s.next_pid,
@@ -1079,9 +1085,58 @@ impl Core {
                     )
                 })
                 .collect(),
-        })
+        }
     }
+}
 
+/// The changes that rebuild the session `snap` describes, in order, on an
+/// empty session. `group_key` turns a shared group's name into the shared
+/// key the caller keeps for it.
+pub fn snapshot_changes(
+    snap: SessionSnapshot,
+    now: Instant,
+    group_key: impl Fn(String) -> Arc<str>,
+) -> Vec<SessionChange> {
+    let mut out = vec![SessionChange::Attached {
+        epoch: snap.epoch,
+        expiry: snap.expiry,
+    }];
+    for (filter, sub) in snap.subscriptions {
+        out.push(SessionChange::Subscribed { filter, sub });
+    }
+    for pid in snap.qos2_in.iter().filter_map(|&p| PacketId::new(p)) {
+        out.push(SessionChange::Qos2Received(pid));
+    }
+    let pending = |m: SnapshotMessage| Pending {
+        msg: publish_to_message(&m.publish, m.origin.as_deref(), now),
+        qos: m.publish.qos,
+        sub_ids: m.publish.properties.subscription_identifiers.clone(),
+        retain: m.publish.retain,
+        shared: m.shared.map(&group_key),
+    };
+    for (state, m) in snap.inflight {
+        let Some(pid) = m.publish.packet_id else {
+            continue;
+        };
+        let publish = m.publish.clone();
+        out.push(SessionChange::Sent {
+            pid,
+            publish,
+            pending: pending(m),
+        });
+        if state == InflightState::AwaitPubcomp {
+            out.push(SessionChange::Received(pid));
+        }
+    }
+    for m in snap.queued {
+        out.push(SessionChange::Enqueued(pending(m)));
+    }
+    out.push(SessionChange::PidCursor(snap.next_pid));
+    out.push(SessionChange::Detached);
+    out
+}
+
+impl Core {
     /// Installs a session from a snapshot (offline, as after a failover),
     /// replacing any offline session with that ID, by replaying it as
     /// session changes. Refused while a client is connected with that ID.
@@ -1095,81 +1150,66 @@ impl Core {
         }
         let mut fx = Effects::none();
         self.drop_session(client_id, &mut fx);
-        let now = Instant::now();
         let id: Arc<str> = Arc::from(client_id);
         let mut e = Entry {
             id: id.clone(),
             session: Session::default(),
             attached: None,
         };
-        let mut apply = |s: &mut Session, c| {
-            change(&mut fx, &id, s, c);
-        };
-        apply(
-            &mut e.session,
-            SessionChange::Attached {
-                epoch: snap.epoch,
-                expiry: snap.expiry,
-            },
-        );
-        for (filter, sub) in &snap.subscriptions {
-            apply(
-                &mut e.session,
-                SessionChange::Subscribed {
-                    filter: filter.clone(),
-                    sub: *sub,
-                },
-            );
-        }
-        for pid in snap.qos2_in.iter().filter_map(|&p| PacketId::new(p)) {
-            apply(&mut e.session, SessionChange::Qos2Received(pid));
-        }
+        // A copy elsewhere (a replica) starts again from nothing.
+        change(&mut fx, &id, &mut e.session, SessionChange::Ended);
         let router = &self.router;
-        let pending = |m: SnapshotMessage| {
-            let shared = m
-                .shared
-                .map(|k| router.group_key(&k).unwrap_or_else(|| Arc::from(k)));
-            Pending {
-                msg: publish_to_message(&m.publish, m.origin.as_deref(), now),
-                qos: m.publish.qos,
-                sub_ids: m.publish.properties.subscription_identifiers.clone(),
-                retain: m.publish.retain,
-                shared,
-            }
-        };
-        let mut inflight = Vec::new();
-        for (state, m) in snap.inflight {
-            let Some(pid) = m.publish.packet_id else {
-                continue;
-            };
-            let publish = m.publish.clone();
-            inflight.push((state, pid, publish, pending(m)));
+        let changes = snapshot_changes(snap, Instant::now(), |k| {
+            router.group_key(&k).unwrap_or_else(|| Arc::from(k))
+        });
+        for c in changes {
+            change(&mut fx, &id, &mut e.session, c);
         }
-        let queued: Vec<Pending> = snap.queued.into_iter().map(pending).collect();
-        for (state, pid, publish, pending) in inflight {
-            apply(
-                &mut e.session,
-                SessionChange::Sent {
-                    pid,
-                    publish,
-                    pending,
-                },
-            );
-            if state == InflightState::AwaitPubcomp {
-                apply(&mut e.session, SessionChange::Received(pid));
-            }
-        }
-        for p in queued {
-            apply(&mut e.session, SessionChange::Enqueued(p));
-        }
-        apply(&mut e.session, SessionChange::PidCursor(snap.next_pid));
-        apply(&mut e.session, SessionChange::Detached);
-        for (filter, sub) in &snap.subscriptions {
+        let subs: Vec<(String, Sub)> = e
+            .session
+            .subs
+            .iter()
+            .map(|(f, s)| (f.clone(), *s))
+            .collect();
+        for (filter, sub) in &subs {
             let i = self.router.subscribe(&id, filter, *sub);
             self.note_interest(filter, i);
         }
         self.sessions.insert(id, e);
         Ok(fx)
+    }
+
+    /// Every persistent session's client ID: a new owner or replica is
+    /// sent each whole.
+    pub fn persistent_sessions(&self) -> Vec<Arc<str>> {
+        self.sessions
+            .values()
+            .filter(|e| e.session.is_persistent())
+            .map(|e| e.id.clone())
+            .collect()
+    }
+
+    /// Removes a session without recording anything (another node holds
+    /// the live copy now); a connection still attached is closed as taken
+    /// over.
+    pub fn evict_session(&mut self, client_id: &str) -> Effects {
+        let mut fx = Effects::none();
+        if let Some(mut e) = self.sessions.remove(client_id) {
+            if let Some(a) = e.attached.take() {
+                fx.send(&a.tx, Outgoing::Close(Closing::TakenOver));
+                fx.drained.extend(a.drained);
+            }
+            for filter in e.session.subs.keys() {
+                let i = self.router.unsubscribe(client_id, filter);
+                self.note_interest(filter, i);
+            }
+        }
+        fx
+    }
+
+    /// The epoch of `client_id`'s session here.
+    pub fn epoch(&self, client_id: &str) -> Option<u64> {
+        self.sessions.get(client_id).map(|e| e.session.epoch)
     }
 
     /// Rebuilds a session from its change records alone, as a replica

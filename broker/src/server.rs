@@ -54,6 +54,12 @@ impl Broker {
             Some(c) => Some(Cluster::bind(c).await?),
             None => None,
         };
+        // A member's session records stream down their chains; a single
+        // node's are committed at once.
+        let log: Arc<dyn crate::effects::ChangeLog> = match &cluster {
+            Some((c, _)) => c.clone(),
+            None => Arc::new(LocalLog::default()),
+        };
         let broker = Broker {
             listener: TcpListener::bind(config.listen).await?,
             state: State::new(
@@ -63,7 +69,7 @@ impl Broker {
                     ..Limits::default()
                 }),
                 auth,
-                Arc::new(LocalLog::default()),
+                log,
             ),
             sys_interval: config.sys_interval,
             settings: Settings {

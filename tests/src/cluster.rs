@@ -9,6 +9,18 @@ use std::time::Duration;
 
 use crate::{free_port, mqlb_bin, wait_listening, KillOnDrop};
 
+/// A node name as a placement node of weight 1.
+struct Named(String);
+
+impl mqlb_placement::Node for Named {
+    fn name(&self) -> &str {
+        &self.0
+    }
+    fn weight(&self) -> u32 {
+        1
+    }
+}
+
 /// One node's addresses and process.
 pub struct ClusterNode {
     pub name: String,
@@ -155,17 +167,16 @@ impl TestCluster {
 
     /// The node names of the running nodes, for placement.
     pub fn owner_of(&self, client_id: &str, live: &[&str]) -> String {
-        struct N(String);
-        impl mqlb_placement::Node for N {
-            fn name(&self) -> &str {
-                &self.0
-            }
-            fn weight(&self) -> u32 {
-                1
-            }
-        }
-        let nodes: Vec<N> = live.iter().map(|s| N(s.to_string())).collect();
+        let nodes: Vec<Named> = live.iter().map(|s| Named(s.to_string())).collect();
         mqlb_placement::rank(client_id.as_bytes(), &nodes)[0]
+            .0
+            .clone()
+    }
+
+    /// The second node of `client_id`'s chain among `live`.
+    pub fn chain_second(&self, client_id: &str, live: &[&str]) -> String {
+        let nodes: Vec<Named> = live.iter().map(|s| Named(s.to_string())).collect();
+        mqlb_placement::rank(client_id.as_bytes(), &nodes)[1]
             .0
             .clone()
     }

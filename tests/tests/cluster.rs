@@ -461,3 +461,95 @@ async fn the_cluster_port_refuses_strangers() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A persistent QoS 1 session survives `kill -9` of its owner: the next
+/// node of its chain held a replica, answers session_present = 1 and
+/// delivers every acknowledged message, queued or inflight.
+#[tokio::test]
+async fn a_persistent_session_survives_the_loss_of_its_owner() {
+    let mut c = TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(SETTLE).await);
+    for v in [ProtocolVersion::V3_1_1, ProtocolVersion::V5] {
+        let owner = "n1";
+        let id = c.id_owned_by(owner, &format!("durable-{v:?}"), &ALL);
+        let mut cp = connect_packet(&id, v, false);
+        cp.clean_start = false;
+        if v.is_v5() {
+            cp.properties.session_expiry_interval = Some(3600);
+        }
+        let (mut s, ack) = Client::connect(&c.nodes[0].addr, cp.clone()).await;
+        assert_eq!(ack.reason.0, 0);
+        s.subscribe("durable/#", qos(QoS::AtLeastOnce)).await;
+        let (mut p, _) = connect_owned(&c, "n3", "dpub", ProtocolVersion::V5, true).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // 5 delivered and left unacknowledged (inflight), then the
+        // subscriber goes away and 20 more are queued.
+        for i in 0..5 {
+            p.publish(
+                "durable/x",
+                format!("{i}").as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+                Properties::default(),
+            )
+            .await;
+        }
+        for _ in 0..5 {
+            assert!(s
+                .next_publish(Duration::from_secs(5), false)
+                .await
+                .is_some());
+        }
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for i in 5..25 {
+            p.publish(
+                "durable/x",
+                format!("{i}").as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+                Properties::default(),
+            )
+            .await;
+        }
+        // Every PUBACK above came after the chain had the message.
+        // The chain's second member holds a copy.
+        let second = c.chain_second(&id, &ALL);
+        assert!(
+            c.metric(node_index(&second), "mqlb_cluster_replicas")
+                .await
+                .unwrap()
+                >= 1.0
+        );
+        c.kill(0);
+        assert!(c.wait_converged(SETTLE).await, "survivors did not converge");
+        let live = ["n2", "n3"];
+        let next = c.owner_of(&id, &live);
+        let (mut s, ack) = Client::connect(&c.nodes[node_index(&next)].addr, cp.clone()).await;
+        assert_eq!(ack.reason.0, 0);
+        assert!(
+            ack.session_present,
+            "{v:?}: the replica did not answer session_present"
+        );
+        let mut got = Vec::new();
+        while let Some(m) = s.next_publish(Duration::from_secs(2), true).await {
+            got.push(
+                String::from_utf8(m.payload.to_vec())
+                    .unwrap()
+                    .parse::<usize>()
+                    .unwrap(),
+            );
+        }
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(
+            got,
+            (0..25).collect::<Vec<_>>(),
+            "{v:?}: messages lost in the failover"
+        );
+        drop(s);
+        // Bring n1 back for the next round; it rejoins by itself.
+        c.start_node(0);
+        assert!(c.wait_converged(SETTLE).await, "n1 did not rejoin");
+    }
+}

@@ -54,10 +54,12 @@ use tracing::Instrument;
 use mqlb_config::broker::ClusterConfig;
 
 use crate::conn::Settings;
+use crate::effects::{ChangeLog, ChangeRecord, Committed};
 use crate::fabric::Fabric;
 use crate::hlc::Hlc;
 use crate::message::Message;
 use crate::router::NodeId;
+use crate::session::{Session, SessionChange};
 use crate::state::State;
 use handshake::{Purpose, Refusal};
 use wire::Frame;
@@ -149,9 +151,26 @@ pub struct Cluster {
     peers: Mutex<Vec<Peer>>,
     view: Mutex<View>,
     started: Instant,
+    /// Copies of sessions this node is a chain member for but does not
+    /// serve, rebuilt from the holder's change records.
+    replicas: Mutex<HashMap<String, Session>>,
+    /// Appends waiting for chain members' acknowledgements.
+    waiting: Mutex<HashMap<u64, Waiting>>,
+    seq: AtomicU64,
     /// Counters.
     pub stats: ClusterStats,
 }
+
+/// One append's outstanding acknowledgements, per chain member.
+#[derive(Debug)]
+struct Waiting {
+    per_node: HashMap<NodeId, usize>,
+    tx: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Copies of each persistent session: its holder plus this many − 1 chain
+/// members (rank 0 and 1 of the client ID over the view).
+pub const REPLICATION_FACTOR: usize = 2;
 
 /// A name is a placement node of weight 1.
 struct Member<'a>(&'a str);
@@ -211,6 +230,9 @@ impl Cluster {
                 names,
                 secret,
                 links: Mutex::new(HashMap::new()),
+                replicas: Mutex::new(HashMap::new()),
+                waiting: Mutex::new(HashMap::new()),
+                seq: AtomicU64::new(1),
                 started: Instant::now(),
                 stats: ClusterStats::default(),
             }),
@@ -240,6 +262,175 @@ impl Cluster {
         let members: Vec<Member<'_>> = view.members.iter().map(|n| Member(n)).collect();
         mqlb_placement::pick(client_id.as_bytes(), &members, |_| true)
             .map_or_else(|| self.me.clone(), |m| m.0.to_string())
+    }
+
+    /// `client_id`'s chain in the current view: owner first.
+    pub fn chain(&self, client_id: &str) -> Vec<String> {
+        let view = lock(&self.view);
+        let members: Vec<Member<'_>> = view.members.iter().map(|n| Member(n)).collect();
+        mqlb_placement::rank(client_id.as_bytes(), &members)
+            .into_iter()
+            .take(REPLICATION_FACTOR)
+            .map(|m| m.0.to_string())
+            .collect()
+    }
+
+    /// Session copies held for other nodes.
+    pub fn replica_count(&self) -> usize {
+        lock(&self.replicas).len()
+    }
+
+    /// Before serving `client_id` here: if this node holds a replica of its
+    /// session and not the session itself, the replica becomes the session
+    /// (its records then stream to the rest of the chain).
+    pub fn promote(&self, client_id: &str, state: &State) {
+        let Some(session) = lock(&self.replicas).remove(client_id) else {
+            return;
+        };
+        let snap = crate::core::snapshot_of(&session);
+        let _ = state.act(|core| {
+            if core.has_session(client_id) {
+                return crate::effects::Effects::none();
+            }
+            tracing::info!(client_id, epoch = snap.epoch, "replica promoted to session");
+            core.import_session(client_id, snap)
+                .unwrap_or_else(|_| crate::effects::Effects::none())
+        });
+    }
+
+    /// After a view change: promote the replicas this node now owns, and
+    /// send every session it holds whole to its chain (a new chain member
+    /// has nothing; an old one may have missed changes).
+    fn rechain(&self, state: &State) {
+        let owned: Vec<String> = lock(&self.replicas)
+            .keys()
+            .filter(|c| self.owner(c) == self.me)
+            .cloned()
+            .collect();
+        for c in owned {
+            self.promote(&c, state);
+        }
+        let records: Vec<ChangeRecord> = {
+            let core = state.core();
+            let mut out = Vec::new();
+            for id in core.persistent_sessions() {
+                let Some(snap) = core.export_session(&id) else {
+                    continue;
+                };
+                let epoch = snap.epoch;
+                out.push(ChangeRecord {
+                    client: id.clone(),
+                    epoch,
+                    change: SessionChange::Ended,
+                });
+                for change in crate::core::snapshot_changes(snap, Instant::now(), Arc::from) {
+                    out.push(ChangeRecord {
+                        client: id.clone(),
+                        epoch,
+                        change,
+                    });
+                }
+            }
+            out
+        };
+        if !records.is_empty() {
+            drop(self.append(records));
+        }
+    }
+
+    /// A chain member's copy of a session changed.
+    fn replicate(
+        &self,
+        from: NodeId,
+        seq: u64,
+        client: String,
+        epoch: u64,
+        changes: Vec<SessionChange>,
+        state: &State,
+    ) {
+        // A session this node holds with an older epoch has moved on: the
+        // writer's copy is the live one now.
+        let held = state.core().epoch(&client);
+        match held {
+            Some(mine) if mine > epoch => {
+                tracing::debug!(client, mine, epoch, "stale session changes refused");
+            }
+            Some(_) if !state.core().is_connected(&client) || held < Some(epoch) => {
+                if held < Some(epoch) {
+                    tracing::info!(client, "session moved to another node; local copy dropped");
+                    let _ = state.act(|core| core.evict_session(&client));
+                }
+                self.apply_replica(&client, epoch, changes);
+            }
+            Some(_) => {}
+            None => self.apply_replica(&client, epoch, changes),
+        }
+        if let Some(tx) = lock(&self.links).get(&from).cloned() {
+            tx.push(&Frame::Ack { seq }, &self.stats.dropped);
+        }
+    }
+
+    fn apply_replica(&self, client: &str, epoch: u64, changes: Vec<SessionChange>) {
+        let mut replicas = lock(&self.replicas);
+        let s = replicas.entry(client.to_string()).or_default();
+        if s.epoch > epoch {
+            return;
+        }
+        for c in changes {
+            if c == SessionChange::Ended {
+                *s = Session::default();
+            } else {
+                s.apply(c);
+            }
+        }
+        if s == &Session::default() {
+            replicas.remove(client);
+        }
+    }
+
+    fn acked(&self, from: NodeId, seq: u64) {
+        let mut waiting = lock(&self.waiting);
+        let done = match waiting.get_mut(&seq) {
+            Some(w) => {
+                if let Some(n) = w.per_node.get_mut(&from) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        w.per_node.remove(&from);
+                    }
+                }
+                w.per_node.is_empty()
+            }
+            None => false,
+        };
+        if done {
+            if let Some(mut w) = waiting.remove(&seq) {
+                if let Some(tx) = w.tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    }
+
+    /// A member left the view: appends waiting for it wait no longer (the
+    /// copy it would have held is re-made on the new chain by `rechain`).
+    fn release_waits(&self, gone: &[NodeId]) {
+        let mut waiting = lock(&self.waiting);
+        let mut done = Vec::new();
+        for (seq, w) in waiting.iter_mut() {
+            for g in gone {
+                w.per_node.remove(g);
+            }
+            if w.per_node.is_empty() {
+                done.push(*seq);
+            }
+        }
+        for seq in done {
+            if let Some(mut w) = waiting.remove(&seq) {
+                if let Some(tx) = w.tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
     }
 
     /// Whether this node has what it needs to take clients: the snapshot of
@@ -315,11 +506,27 @@ impl Cluster {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => me.update_view(),
+                    _ = tick.tick() => me.update_view_and_rechain(&state),
                     _ = stop.cancelled() => return,
                 }
             }
         });
+    }
+
+    /// Recomputes the live set; a change bumps the view number, releases
+    /// waits on members that left, and re-chains sessions.
+    fn update_view_and_rechain(&self, state: &State) {
+        let before = self.view().number;
+        self.update_view();
+        let view = self.view();
+        if view.number != before {
+            let gone: Vec<NodeId> = (0..self.names.len())
+                .filter(|&i| !view.members.contains(&self.names[i]))
+                .filter_map(|i| NodeId::try_from(i).ok())
+                .collect();
+            self.release_waits(&gone);
+            self.rechain(state);
+        }
     }
 
     /// Recomputes the live set; a change bumps the view number.
@@ -469,7 +676,6 @@ impl Cluster {
         }
         tracing::warn!("peer link down");
         state.core().forget_peer(id);
-        self.update_view();
     }
 
     fn apply(&self, id: NodeId, generation: u64, frame: Frame, state: &State) {
@@ -493,6 +699,13 @@ impl Cluster {
                     .core()
                     .set_retained_from_peer(&topic, message, version);
             }
+            Frame::Replicate {
+                seq,
+                client,
+                epoch,
+                changes,
+            } => self.replicate(id, seq, client, epoch, changes, state),
+            Frame::Ack { seq } => self.acked(id, seq),
             Frame::Forward { message, groups } => {
                 self.stats.received.fetch_add(1, Ordering::Relaxed);
                 // Nothing waits on the commit: the publisher's node already
@@ -608,6 +821,7 @@ impl Cluster {
         let _ = writeln!(out, "# HELP mqlb_cluster_view Current view number.\n# TYPE mqlb_cluster_view gauge\nmqlb_cluster_view {}", view.number);
         let _ = writeln!(out, "# HELP mqlb_cluster_members Live members in the view, this node included.\n# TYPE mqlb_cluster_members gauge\nmqlb_cluster_members {}", view.members.len());
         let _ = writeln!(out, "# HELP mqlb_cluster_ready Whether this node has synced from every live peer.\n# TYPE mqlb_cluster_ready gauge\nmqlb_cluster_ready {}", u8::from(self.ready()));
+        let _ = writeln!(out, "# HELP mqlb_cluster_replicas Session copies held for chain members.\n# TYPE mqlb_cluster_replicas gauge\nmqlb_cluster_replicas {}", self.replica_count());
         let _ = writeln!(out, "# HELP mqlb_cluster_refused_total Cluster connections refused.\n# TYPE mqlb_cluster_refused_total counter");
         for (i, label) in ["garbage", "bad_secret", "unknown_node", "timeout"]
             .iter()
@@ -647,6 +861,62 @@ impl Cluster {
                 v.load(Ordering::Relaxed)
             );
         }
+    }
+}
+
+impl ChangeLog for Cluster {
+    /// Streams each session's records to the other members of its chain;
+    /// committed once each has applied them (at once with no other member
+    /// live: the copy here is then the only one, as on a single node).
+    fn append(&self, records: Vec<ChangeRecord>) -> Committed {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut per_node: HashMap<NodeId, usize> = HashMap::new();
+        let mut i = 0;
+        while i < records.len() {
+            let client = records[i].client.clone();
+            let mut j = i;
+            let mut epoch = 0;
+            let mut changes = Vec::new();
+            while j < records.len() && records[j].client == client {
+                epoch = epoch.max(records[j].epoch);
+                if let SessionChange::Attached { epoch: e, .. } = &records[j].change {
+                    epoch = epoch.max(*e);
+                }
+                changes.push(records[j].change.clone());
+                j += 1;
+            }
+            i = j;
+            let frame = Frame::Replicate {
+                seq,
+                client: client.to_string(),
+                epoch,
+                changes,
+            };
+            for member in self.chain(&client) {
+                if member == self.me {
+                    continue;
+                }
+                let Some(id) = self.id_of(&member) else {
+                    continue;
+                };
+                if let Some(tx) = lock(&self.links).get(&id).cloned() {
+                    tx.push(&frame, &self.stats.dropped);
+                    *per_node.entry(id).or_insert(0) += 1;
+                }
+            }
+        }
+        if per_node.is_empty() {
+            return Committed::now();
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.waiting).insert(
+            seq,
+            Waiting {
+                per_node,
+                tx: Some(tx),
+            },
+        );
+        Committed::when(rx)
     }
 }
 

@@ -6,13 +6,14 @@
 //! so a forwarded message is exactly what a client would have received.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use mqlb_protocol::{Packet, ProtocolVersion};
+use mqlb_protocol::{MqttStr, Packet, PacketId, Properties, ProtocolVersion, Subscribe};
 
 use crate::hlc::Hlc;
-use crate::message::Message;
+use crate::message::{Message, Pending, Sub};
+use crate::session::SessionChange;
 use crate::snapshot::{
     get_packet, get_str, message_to_publish, publish_to_message, put_str, SnapshotError,
 };
@@ -47,6 +48,23 @@ pub enum Frame {
         /// Its version: last writer wins.
         version: Hlc,
     },
+    /// Changes to one session, for a member of its chain. `seq` comes
+    /// back in an [`Frame::Ack`] once they are applied.
+    Replicate {
+        /// Acknowledgement handle.
+        seq: u64,
+        /// Client ID.
+        client: String,
+        /// The writer's epoch: a copy with a newer one refuses these.
+        epoch: u64,
+        /// The changes, in order.
+        changes: Vec<SessionChange>,
+    },
+    /// Changes sent with this `seq` are applied.
+    Ack {
+        /// From the [`Frame::Replicate`].
+        seq: u64,
+    },
     /// A publish for the receiver's matching sessions, and for one local
     /// member of each listed shared group.
     Forward {
@@ -63,6 +81,205 @@ const INTEREST: u8 = 2;
 const SYNC_DONE: u8 = 3;
 const RETAINED: u8 = 4;
 const FORWARD: u8 = 5;
+const REPLICATE: u8 = 6;
+const ACK: u8 = 7;
+
+fn put_pending(b: &mut BytesMut, p: &Pending) -> Result<(), SnapshotError> {
+    put_str(b, p.shared.as_deref())?;
+    put_str(b, p.msg.origin.as_deref())?;
+    let publish = message_to_publish(&p.msg, p.qos, p.retain, &p.sub_ids, Instant::now());
+    Packet::Publish(publish)
+        .encode(ProtocolVersion::V5, b)
+        .map_err(|_| SnapshotError("message"))
+}
+
+fn get_pending(b: &mut Bytes) -> Result<Pending, SnapshotError> {
+    let shared = get_str(b)?;
+    let origin = get_str(b)?;
+    let Packet::Publish(p) = get_packet(b)? else {
+        return Err(SnapshotError("expected PUBLISH"));
+    };
+    Ok(Pending {
+        msg: publish_to_message(&p, origin.as_deref(), Instant::now()),
+        qos: p.qos,
+        sub_ids: p.properties.subscription_identifiers.clone(),
+        retain: p.retain,
+        shared: shared.map(Arc::from),
+    })
+}
+
+fn put_expiry(b: &mut BytesMut, e: Option<Duration>) {
+    b.put_u32(e.map_or(u32::MAX, |d| {
+        u32::try_from(d.as_secs()).unwrap_or(u32::MAX - 1)
+    }));
+}
+
+fn get_expiry(b: &mut Bytes) -> Result<Option<Duration>, SnapshotError> {
+    need(b, 4)?;
+    Ok(match b.get_u32() {
+        u32::MAX => None,
+        s => Some(Duration::from_secs(u64::from(s))),
+    })
+}
+
+fn need(b: &Bytes, n: usize) -> Result<(), SnapshotError> {
+    if b.remaining() < n {
+        Err(SnapshotError("truncated change"))
+    } else {
+        Ok(())
+    }
+}
+
+fn get_pid(b: &mut Bytes) -> Result<PacketId, SnapshotError> {
+    need(b, 2)?;
+    PacketId::new(b.get_u16()).ok_or(SnapshotError("packet id 0"))
+}
+
+/// Appends one session change.
+pub fn put_change(b: &mut BytesMut, c: &SessionChange) -> Result<(), SnapshotError> {
+    match c {
+        SessionChange::Attached { epoch, expiry } => {
+            b.put_u8(0);
+            b.put_u64(*epoch);
+            put_expiry(b, *expiry);
+        }
+        SessionChange::Detached => b.put_u8(1),
+        SessionChange::Ended => b.put_u8(2),
+        SessionChange::ExpirySet(e) => {
+            b.put_u8(3);
+            put_expiry(b, *e);
+        }
+        SessionChange::Subscribed { filter, sub } => {
+            b.put_u8(4);
+            Packet::Subscribe(Subscribe {
+                packet_id: PacketId::MIN,
+                properties: Properties {
+                    subscription_identifiers: sub.id.into_iter().collect(),
+                    ..Properties::default()
+                },
+                filters: vec![(
+                    MqttStr::try_from(filter.as_str()).map_err(|_| SnapshotError("filter"))?,
+                    sub.options,
+                )],
+            })
+            .encode(ProtocolVersion::V5, b)
+            .map_err(|_| SnapshotError("subscription"))?;
+        }
+        SessionChange::Unsubscribed { filter } => {
+            b.put_u8(5);
+            put_str(b, Some(filter))?;
+        }
+        SessionChange::Enqueued(p) => {
+            b.put_u8(6);
+            put_pending(b, p)?;
+        }
+        SessionChange::Dequeued => b.put_u8(7),
+        SessionChange::QueueRemoved(positions) => {
+            b.put_u8(8);
+            b.put_u32(u32::try_from(positions.len()).map_err(|_| SnapshotError("count"))?);
+            for p in positions {
+                b.put_u32(*p);
+            }
+        }
+        SessionChange::Sent {
+            pid,
+            publish,
+            pending,
+        } => {
+            b.put_u8(9);
+            b.put_u16(pid.get());
+            Packet::Publish(publish.clone())
+                .encode(ProtocolVersion::V5, b)
+                .map_err(|_| SnapshotError("message"))?;
+            put_pending(b, pending)?;
+        }
+        SessionChange::Received(pid) => {
+            b.put_u8(10);
+            b.put_u16(pid.get());
+        }
+        SessionChange::Completed(pid) => {
+            b.put_u8(11);
+            b.put_u16(pid.get());
+        }
+        SessionChange::Qos2Received(pid) => {
+            b.put_u8(12);
+            b.put_u16(pid.get());
+        }
+        SessionChange::Qos2Released(pid) => {
+            b.put_u8(13);
+            b.put_u16(pid.get());
+        }
+        SessionChange::PidCursor(pid) => {
+            b.put_u8(14);
+            b.put_u16(*pid);
+        }
+    }
+    Ok(())
+}
+
+/// Reads one session change.
+pub fn get_change(b: &mut Bytes) -> Result<SessionChange, SnapshotError> {
+    need(b, 1)?;
+    Ok(match b.get_u8() {
+        0 => {
+            need(b, 8)?;
+            let epoch = b.get_u64();
+            SessionChange::Attached {
+                epoch,
+                expiry: get_expiry(b)?,
+            }
+        }
+        1 => SessionChange::Detached,
+        2 => SessionChange::Ended,
+        3 => SessionChange::ExpirySet(get_expiry(b)?),
+        4 => {
+            let Packet::Subscribe(s) = get_packet(b)? else {
+                return Err(SnapshotError("expected SUBSCRIBE"));
+            };
+            let id = s.properties.subscription_identifiers.first().copied();
+            let (filter, options) = s
+                .filters
+                .into_iter()
+                .next()
+                .ok_or(SnapshotError("empty SUBSCRIBE"))?;
+            SessionChange::Subscribed {
+                filter: filter.to_string(),
+                sub: Sub { options, id },
+            }
+        }
+        5 => SessionChange::Unsubscribed {
+            filter: get_str(b)?.ok_or(SnapshotError("empty filter"))?,
+        },
+        6 => SessionChange::Enqueued(get_pending(b)?),
+        7 => SessionChange::Dequeued,
+        8 => {
+            need(b, 4)?;
+            let n = b.get_u32() as usize;
+            need(b, n.saturating_mul(4))?;
+            SessionChange::QueueRemoved((0..n).map(|_| b.get_u32()).collect())
+        }
+        9 => {
+            let pid = get_pid(b)?;
+            let Packet::Publish(publish) = get_packet(b)? else {
+                return Err(SnapshotError("expected PUBLISH"));
+            };
+            SessionChange::Sent {
+                pid,
+                publish,
+                pending: get_pending(b)?,
+            }
+        }
+        10 => SessionChange::Received(get_pid(b)?),
+        11 => SessionChange::Completed(get_pid(b)?),
+        12 => SessionChange::Qos2Received(get_pid(b)?),
+        13 => SessionChange::Qos2Released(get_pid(b)?),
+        14 => {
+            need(b, 2)?;
+            SessionChange::PidCursor(b.get_u16())
+        }
+        _ => return Err(SnapshotError("unknown change")),
+    })
+}
 
 fn put_message(b: &mut BytesMut, m: &Message) -> Result<(), SnapshotError> {
     put_str(b, m.origin.as_deref())?;
@@ -111,6 +328,25 @@ impl Frame {
                     }
                     None => out.put_u8(0),
                 }
+            }
+            Frame::Replicate {
+                seq,
+                client,
+                epoch,
+                changes,
+            } => {
+                out.put_u8(REPLICATE);
+                out.put_u64(*seq);
+                put_str(out, Some(client))?;
+                out.put_u64(*epoch);
+                out.put_u32(u32::try_from(changes.len()).map_err(|_| SnapshotError("count"))?);
+                for c in changes {
+                    put_change(out, c)?;
+                }
+            }
+            Frame::Ack { seq } => {
+                out.put_u8(ACK);
+                out.put_u64(*seq);
             }
             Frame::Forward { message, groups } => {
                 out.put_u8(FORWARD);
@@ -181,6 +417,31 @@ impl Frame {
                     version,
                 }
             }
+            REPLICATE => {
+                need(&b, 8)?;
+                let seq = b.get_u64();
+                let client = get_str(&mut b)?.ok_or(SnapshotError("empty client"))?;
+                need(&b, 12)?;
+                let epoch = b.get_u64();
+                let n = b.get_u32() as usize;
+                // Each change takes at least a byte: a bogus count fails here,
+                // before anything is allocated for it.
+                need(&b, n)?;
+                let mut changes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    changes.push(get_change(&mut b)?);
+                }
+                Frame::Replicate {
+                    seq,
+                    client,
+                    epoch,
+                    changes,
+                }
+            }
+            ACK => {
+                need(&b, 8)?;
+                Frame::Ack { seq: b.get_u64() }
+            }
             FORWARD => {
                 if b.remaining() < 2 {
                     return Err(SnapshotError("truncated groups"));
@@ -225,6 +486,61 @@ mod tests {
         }
     }
 
+    fn changes() -> Vec<SessionChange> {
+        let pid = PacketId::new(5).unwrap_or(PacketId::MIN);
+        let pending = Pending {
+            msg: msg(),
+            qos: QoS::AtLeastOnce,
+            sub_ids: vec![4],
+            retain: false,
+            shared: Some(Arc::from("$share/g/a/#")),
+        };
+        vec![
+            SessionChange::Attached {
+                epoch: 3,
+                expiry: Some(Duration::from_secs(60)),
+            },
+            SessionChange::Attached {
+                epoch: 4,
+                expiry: None,
+            },
+            SessionChange::Subscribed {
+                filter: "a/#".into(),
+                sub: Sub {
+                    options: mqlb_protocol::SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        no_local: true,
+                        ..Default::default()
+                    },
+                    id: Some(4),
+                },
+            },
+            SessionChange::Unsubscribed { filter: "b".into() },
+            SessionChange::Enqueued(pending.clone()),
+            SessionChange::Dequeued,
+            SessionChange::QueueRemoved(vec![1, 3]),
+            SessionChange::Sent {
+                pid,
+                publish: message_to_publish(
+                    &pending.msg,
+                    QoS::AtLeastOnce,
+                    false,
+                    &[4],
+                    Instant::now(),
+                ),
+                pending,
+            },
+            SessionChange::Received(pid),
+            SessionChange::Completed(pid),
+            SessionChange::Qos2Received(pid),
+            SessionChange::Qos2Released(pid),
+            SessionChange::PidCursor(9),
+            SessionChange::ExpirySet(None),
+            SessionChange::Detached,
+            SessionChange::Ended,
+        ]
+    }
+
     #[test]
     fn frames_round_trip_and_every_truncation_is_refused() {
         let frames = vec![
@@ -252,6 +568,13 @@ mod tests {
             Frame::Forward {
                 message: msg(),
                 groups: vec![Arc::from("$share/g/a/#")],
+            },
+            Frame::Ack { seq: 42 },
+            Frame::Replicate {
+                seq: 7,
+                client: "c1".into(),
+                epoch: 3,
+                changes: changes(),
             },
         ];
         for f in frames {
