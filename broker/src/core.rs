@@ -293,6 +293,39 @@ impl Core {
         fx
     }
 
+    /// Forwards `m` again to the peers now interested in it, and nowhere
+    /// else: the node it went to died before confirming it, and the node
+    /// that took over its sessions has announced their interest since.
+    /// Only peers in `alive` are candidates.
+    pub fn reforward(
+        &mut self,
+        m: Message,
+        groups: Vec<Arc<str>>,
+        alive: &[NodeId],
+        exclude: &[NodeId],
+    ) -> Effects {
+        let mut fx = Effects::none();
+        let targets = self
+            .router
+            .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
+        if let Some(fabric) = &self.fabric {
+            for node in targets
+                .nodes
+                .into_iter()
+                .filter(|n| alive.contains(n) && !exclude.contains(n))
+            {
+                fx.forwards.push(Forward {
+                    fabric: fabric.clone(),
+                    node,
+                    message: m.clone(),
+                    groups: groups.clone(),
+                    held: None,
+                });
+            }
+        }
+        fx
+    }
+
     /// Counters.
     pub fn stats(&self) -> Stats {
         self.stats
@@ -765,12 +798,27 @@ impl Core {
             }
         }
         if let (Some(fabric), false) = (&self.fabric, is_node_local(m.topic.as_str())) {
-            for (node, groups) in peers {
+            let (live, gone): (Vec<_>, Vec<_>) =
+                peers.into_iter().partition(|(n, _)| fabric.linked(*n));
+            let given: Vec<NodeId> = live.iter().map(|(n, _)| *n).collect();
+            for (node, groups) in live {
                 fx.forwards.push(Forward {
                     fabric: fabric.clone(),
                     node,
                     message: m.clone(),
                     groups,
+                    held: None,
+                });
+            }
+            if !gone.is_empty() && m.qos != QoS::AtMostOnce {
+                let mut groups: Vec<Arc<str>> = gone.into_iter().flat_map(|(_, g)| g).collect();
+                groups.dedup();
+                fx.forwards.push(Forward {
+                    fabric: fabric.clone(),
+                    node: 0,
+                    message: m.clone(),
+                    groups,
+                    held: Some(given),
                 });
             }
         }

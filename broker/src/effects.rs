@@ -58,6 +58,10 @@ pub(crate) struct Forward {
     pub(crate) node: NodeId,
     pub(crate) message: Message,
     pub(crate) groups: Vec<Arc<str>>,
+    /// Set when `node` is gone: the message is held for whoever takes over
+    /// its sessions, and then forwarded to interested peers except these
+    /// (which had it already).
+    pub(crate) held: Option<Vec<NodeId>>,
 }
 
 impl Effects {
@@ -105,7 +109,13 @@ impl Effects {
             n.notify_waiters();
         }
         for f in self.forwards {
-            f.fabric.forward(f.node, &f.message, &f.groups);
+            let rx = match f.held {
+                None => f.fabric.forward(f.node, &f.message, &f.groups),
+                Some(exclude) => f.fabric.hold(f.message, f.groups, exclude),
+            };
+            if let Some(rx) = rx {
+                committed.rx.push(rx);
+            }
         }
         committed
     }
@@ -115,7 +125,7 @@ impl Effects {
 /// acknowledgement and its next read wait for it.
 #[derive(Debug)]
 pub struct Committed {
-    rx: Option<tokio::sync::oneshot::Receiver<()>>,
+    rx: Vec<tokio::sync::oneshot::Receiver<()>>,
     stall: Option<std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>>,
 }
 
@@ -123,7 +133,7 @@ impl Committed {
     /// Already committed.
     pub fn now() -> Self {
         Self {
-            rx: None,
+            rx: Vec::new(),
             stall: None,
         }
     }
@@ -131,20 +141,20 @@ impl Committed {
     /// Committed when `rx` fires (or its sender is dropped).
     pub fn when(rx: tokio::sync::oneshot::Receiver<()>) -> Self {
         Self {
-            rx: Some(rx),
+            rx: vec![rx],
             stall: None,
         }
     }
 
     /// True if nothing is left to wait for.
     pub fn is_done(&self) -> bool {
-        self.rx.is_none() && self.stall.is_none()
+        self.rx.is_empty() && self.stall.is_none()
     }
 
     /// Waits for the commit, then for a congested subscriber to drain (at
     /// most [`MAX_STALL`]).
     pub async fn wait(self) {
-        if let Some(rx) = self.rx {
+        for rx in self.rx {
             let _ = rx.await;
         }
         if let Some(stall) = self.stall {

@@ -21,6 +21,25 @@ pub trait Fabric: Send + Sync + std::fmt::Debug {
     /// node keeps every retained message, last writer wins.
     fn retained(&self, topic: &str, message: Option<&Message>, version: Hlc);
     /// Hands `m` to peer `node`, which delivers it to its matching local
-    /// sessions and, for each of `groups`, to one local member.
-    fn forward(&self, node: NodeId, m: &Message, groups: &[Arc<str>]);
+    /// sessions and, for each of `groups`, to one local member. For QoS 1
+    /// and 2 the result resolves once the peer has committed it (the
+    /// publisher's acknowledgement waits for that).
+    fn forward(
+        &self,
+        node: NodeId,
+        m: &Message,
+        groups: &[Arc<str>],
+    ) -> Option<tokio::sync::oneshot::Receiver<()>>;
+    /// Whether peer `node` can be reached now.
+    fn linked(&self, node: NodeId) -> bool;
+    /// `m` matched sessions of a peer that is gone: hold it until their new
+    /// holder has announced them, then forward it to the interested peers
+    /// except `exclude` (which were given it already). Resolves once they
+    /// have committed it.
+    fn hold(
+        &self,
+        m: Message,
+        groups: Vec<Arc<str>>,
+        exclude: Vec<NodeId>,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>>;
 }

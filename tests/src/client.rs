@@ -66,6 +66,29 @@ impl Client {
         }
     }
 
+    /// Connects; `None` if the connection or the CONNACK did not come
+    /// within 5 s (for tests where a node may be down).
+    pub async fn try_connect(addr: &str, c: Connect) -> Option<(Client, Connack)> {
+        let version = c.version;
+        let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()?;
+        stream.set_nodelay(true).ok()?;
+        let mut client = Client {
+            stream,
+            buf: BytesMut::new(),
+            version,
+        };
+        if !client.try_send(Packet::Connect(Box::new(c))).await {
+            return None;
+        }
+        match client.recv(Duration::from_secs(5)).await {
+            Some(Packet::Connack(a)) => Some((client, a)),
+            _ => None,
+        }
+    }
+
     /// Sends one packet.
     pub async fn send(&mut self, p: Packet) {
         let b = p.to_bytes(self.version).unwrap();

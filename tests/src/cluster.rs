@@ -146,7 +146,9 @@ impl TestCluster {
                 .collect();
             let mut ok = true;
             for n in self.nodes.iter_mut().filter(|n| running.contains(&n.name)) {
-                let (status, body) = crate::http(&n.admin, "GET", "/cluster").await;
+                let (status, body) = crate::try_http(&n.admin, "GET", "/cluster")
+                    .await
+                    .unwrap_or_default();
                 let want: Vec<String> = running.iter().map(|r| format!("\"{r}\"")).collect();
                 if status != 200
                     || !body.contains(&format!("\"members\":[{}]", want.join(",")))
@@ -191,7 +193,7 @@ impl TestCluster {
 
     /// A Prometheus sample's value from node `i`'s `/metrics`.
     pub async fn metric(&self, i: usize, sample: &str) -> Option<f64> {
-        let (_, body) = crate::http(&self.nodes[i].admin, "GET", "/metrics").await;
+        let (_, body) = crate::try_http(&self.nodes[i].admin, "GET", "/metrics").await?;
         body.lines()
             .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
     }

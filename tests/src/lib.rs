@@ -365,30 +365,34 @@ pub fn ids_on(b: &RunningBalancer, backend: &str, prefix: &str, n: usize) -> Vec
         .collect()
 }
 
-/// A minimal HTTP/1.1 request over a fresh connection: returns status and body.
-pub async fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+/// [`http`], but `None` instead of a panic when nothing answers (a node
+/// that is still starting).
+pub async fn try_http(addr: &str, method: &str, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(req.as_bytes()).await.ok()?;
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
         .await
-        .expect("HTTP response within 5 s")
-        .unwrap();
+        .ok()?
+        .ok()?;
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (status, body)
+    Some((status, body))
+}
+
+/// A minimal HTTP/1.1 request over a fresh connection: returns status and body.
+pub async fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    try_http(addr, method, path)
+        .await
+        .unwrap_or_else(|| panic!("no HTTP response from {addr}{path} within 5 s"))
 }
 
 /// Polls `f` every 10 ms until it is true or `within` passes; returns the

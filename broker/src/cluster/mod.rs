@@ -136,6 +136,9 @@ pub struct ClusterStats {
     pub dropped: AtomicU64,
     /// Client connections proxied to their owner.
     pub proxied: AtomicU64,
+    /// Publishes held for a lost peer's sessions and forwarded again to
+    /// whoever took them over.
+    pub held: AtomicU64,
 }
 
 /// One node's membership in the cluster; the core's [`Fabric`].
@@ -159,13 +162,24 @@ pub struct Cluster {
     seq: AtomicU64,
     /// Counters.
     pub stats: ClusterStats,
+    /// The node's state and this cluster itself, for tasks spawned from
+    /// `&self` (weak: the state owns the cluster).
+    state: std::sync::OnceLock<std::sync::Weak<State>>,
+    state_owner: std::sync::OnceLock<std::sync::Weak<Cluster>>,
 }
+
+/// How long a lost peer's interest is kept, so publishes for its sessions
+/// are held for whoever takes them over rather than matching nobody.
+pub const INTEREST_HOLD: Duration = Duration::from_secs(6);
 
 /// One append's outstanding acknowledgements, per chain member.
 #[derive(Debug)]
 struct Waiting {
     per_node: HashMap<NodeId, usize>,
     tx: Option<tokio::sync::oneshot::Sender<()>>,
+    /// A forwarded publish, kept until its peer confirms it: if the peer
+    /// dies first, it is forwarded again to whoever took over.
+    resend: Option<(Message, Vec<Arc<str>>)>,
 }
 
 /// Copies of each persistent session: its holder plus this many − 1 chain
@@ -235,6 +249,8 @@ impl Cluster {
                 seq: AtomicU64::new(1),
                 started: Instant::now(),
                 stats: ClusterStats::default(),
+                state: std::sync::OnceLock::new(),
+                state_owner: std::sync::OnceLock::new(),
             }),
             listener,
         ))
@@ -417,18 +433,28 @@ impl Cluster {
         let mut waiting = lock(&self.waiting);
         let mut done = Vec::new();
         for (seq, w) in waiting.iter_mut() {
+            let before = w.per_node.len();
             for g in gone {
                 w.per_node.remove(g);
             }
-            if w.per_node.is_empty() {
+            if w.per_node.is_empty() && before > 0 {
                 done.push(*seq);
             }
         }
         for seq in done {
-            if let Some(mut w) = waiting.remove(&seq) {
-                if let Some(tx) = w.tx.take() {
+            let Some(mut w) = waiting.remove(&seq) else {
+                continue;
+            };
+            let Some(tx) = w.tx.take() else {
+                continue;
+            };
+            match w.resend.take() {
+                None => {
                     let _ = tx.send(());
                 }
+                // Which other peers had it is not known here: one that did
+                // may see it twice (QoS 1 allows; see the README).
+                Some((m, groups)) => self.hold_for_takeover(m, groups, Vec::new(), tx),
             }
         }
     }
@@ -484,6 +510,8 @@ impl Cluster {
         settings: Settings,
         stop: CancellationToken,
     ) {
+        let _ = self.state.set(Arc::downgrade(&state));
+        let _ = self.state_owner.set(Arc::downgrade(self));
         let me = self.clone();
         let st = state.clone();
         let s = stop.clone();
@@ -515,7 +543,7 @@ impl Cluster {
 
     /// Recomputes the live set; a change bumps the view number, releases
     /// waits on members that left, and re-chains sessions.
-    fn update_view_and_rechain(&self, state: &State) {
+    fn update_view_and_rechain(&self, state: &Arc<State>) {
         let before = self.view().number;
         self.update_view();
         let view = self.view();
@@ -675,7 +703,52 @@ impl Cluster {
             p.synced = false;
         }
         tracing::warn!("peer link down");
-        state.core().forget_peer(id);
+        // Its interest is kept a while: publishes for its sessions are held
+        // (see `forward`) until whoever takes them over has said so, instead
+        // of matching nobody in between.
+        let (Some(st), Some(cluster)) = (
+            self.state.get().and_then(std::sync::Weak::upgrade),
+            self.state_owner.get().and_then(std::sync::Weak::upgrade),
+        ) else {
+            state.core().forget_peer(id);
+            return;
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(INTEREST_HOLD).await;
+            let still_down = lock(&cluster.peers)[id as usize].generation == generation;
+            if still_down {
+                tracing::debug!(peer = id, "forgetting a lost peer's interest");
+                st.core().forget_peer(id);
+            }
+        });
+    }
+
+    /// Holds `m` for a dead peer and forwards it again, after
+    /// [`FAILURE_TIMEOUT`], to the live peers interested by then (the node
+    /// that took over the dead peer's sessions announces them when it
+    /// promotes them); `done` fires once those have committed it.
+    fn hold_for_takeover(
+        &self,
+        m: Message,
+        groups: Vec<Arc<str>>,
+        exclude: Vec<NodeId>,
+        done: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (Some(state), Some(cluster)) = (
+            self.state.get().and_then(std::sync::Weak::upgrade),
+            self.state_owner.get().and_then(std::sync::Weak::upgrade),
+        ) else {
+            let _ = done.send(());
+            return;
+        };
+        self.stats.held.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            tokio::time::sleep(FAILURE_TIMEOUT).await;
+            let linked: Vec<NodeId> = lock(&cluster.links).keys().copied().collect();
+            let committed = state.act(|core| core.reforward(m, groups, &linked, &exclude));
+            committed.wait().await;
+            let _ = done.send(());
+        });
     }
 
     fn apply(&self, id: NodeId, generation: u64, frame: Frame, state: &State) {
@@ -706,11 +779,31 @@ impl Cluster {
                 changes,
             } => self.replicate(id, seq, client, epoch, changes, state),
             Frame::Ack { seq } => self.acked(id, seq),
-            Frame::Forward { message, groups } => {
+            Frame::Forward {
+                seq,
+                message,
+                groups,
+            } => {
                 self.stats.received.fetch_add(1, Ordering::Relaxed);
-                // Nothing waits on the commit: the publisher's node already
-                // answered for it.
-                let _ = state.act(|core| core.route_from_peer(message, &groups));
+                let committed = state.act(|core| core.route_from_peer(message, &groups));
+                if seq != 0 {
+                    // The publisher's acknowledgement waits for this node's
+                    // copies (and their chains) to hold the message.
+                    let tx = lock(&self.links).get(&id).cloned();
+                    if let Some(tx) = tx {
+                        if committed.is_done() {
+                            tx.push(&Frame::Ack { seq }, &self.stats.dropped);
+                        } else {
+                            // Dropped acks (a full buffer) are not counted
+                            // from here; the link closing shows the fault.
+                            let counter = Arc::new(AtomicU64::new(0));
+                            tokio::spawn(async move {
+                                committed.wait().await;
+                                tx.push(&Frame::Ack { seq }, &counter);
+                            });
+                        }
+                    }
+                }
             }
         }
     }
@@ -854,6 +947,11 @@ impl Cluster {
                 "Client connections proxied to their owner.",
                 &self.stats.proxied,
             ),
+            (
+                "mqlb_cluster_held_total",
+                "Publishes held for a lost peer's sessions, then forwarded to whoever took them over.",
+                &self.stats.held,
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -914,6 +1012,7 @@ impl ChangeLog for Cluster {
             Waiting {
                 per_node,
                 tx: Some(tx),
+                resend: None,
             },
         );
         Committed::when(rx)
@@ -921,6 +1020,21 @@ impl ChangeLog for Cluster {
 }
 
 impl Fabric for Cluster {
+    fn linked(&self, node: NodeId) -> bool {
+        lock(&self.links).contains_key(&node)
+    }
+
+    fn hold(
+        &self,
+        m: Message,
+        groups: Vec<Arc<str>>,
+        exclude: Vec<NodeId>,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.hold_for_takeover(m, groups, exclude, done);
+        Some(wait)
+    }
+
     fn interest(&self, filter: &str, gained: bool) {
         self.broadcast(&Frame::Interest {
             filter: filter.to_string(),
@@ -936,23 +1050,48 @@ impl Fabric for Cluster {
         });
     }
 
-    fn forward(&self, node: NodeId, m: &Message, groups: &[Arc<str>]) {
-        let tx = lock(&self.links).get(&node).cloned();
-        match tx {
-            Some(tx) => {
-                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                tx.push(
-                    &Frame::Forward {
-                        message: m.clone(),
-                        groups: groups.to_vec(),
-                    },
-                    &self.stats.dropped,
-                );
-            }
-            None => {
+    fn forward(
+        &self,
+        node: NodeId,
+        m: &Message,
+        groups: &[Arc<str>],
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let Some(tx) = lock(&self.links).get(&node).cloned() else {
+            // The peer is gone but its interest is still held: its sessions
+            // are being taken over. QoS 0 is dropped, as in flight.
+            if m.qos == mqlb_protocol::QoS::AtMostOnce {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                return None;
             }
+            let (done, wait) = tokio::sync::oneshot::channel();
+            self.hold_for_takeover(m.clone(), groups.to_vec(), Vec::new(), done);
+            return Some(wait);
+        };
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        let mut seq = 0;
+        let mut rx = None;
+        if m.qos != mqlb_protocol::QoS::AtMostOnce {
+            seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let (done, wait) = tokio::sync::oneshot::channel();
+            lock(&self.waiting).insert(
+                seq,
+                Waiting {
+                    per_node: HashMap::from([(node, 1)]),
+                    tx: Some(done),
+                    resend: Some((m.clone(), groups.to_vec())),
+                },
+            );
+            rx = Some(wait);
         }
+        tx.push(
+            &Frame::Forward {
+                seq,
+                message: m.clone(),
+                groups: groups.to_vec(),
+            },
+            &self.stats.dropped,
+        );
+        rx
     }
 }
 

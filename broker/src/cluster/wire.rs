@@ -68,6 +68,8 @@ pub enum Frame {
     /// A publish for the receiver's matching sessions, and for one local
     /// member of each listed shared group.
     Forward {
+        /// Non-zero: send an [`Frame::Ack`] with it once committed.
+        seq: u64,
         /// The message.
         message: Message,
         /// Shared groups (`$share/{group}/{filter}`) this node serves.
@@ -348,8 +350,13 @@ impl Frame {
                 out.put_u8(ACK);
                 out.put_u64(*seq);
             }
-            Frame::Forward { message, groups } => {
+            Frame::Forward {
+                seq,
+                message,
+                groups,
+            } => {
                 out.put_u8(FORWARD);
+                out.put_u64(*seq);
                 out.put_u16(u16::try_from(groups.len()).map_err(|_| SnapshotError("groups"))?);
                 for g in groups {
                     put_str(out, Some(g))?;
@@ -443,6 +450,8 @@ impl Frame {
                 Frame::Ack { seq: b.get_u64() }
             }
             FORWARD => {
+                need(&b, 8)?;
+                let seq = b.get_u64();
                 if b.remaining() < 2 {
                     return Err(SnapshotError("truncated groups"));
                 }
@@ -453,6 +462,7 @@ impl Frame {
                     groups.push(Arc::from(g));
                 }
                 Frame::Forward {
+                    seq,
                     message: get_message(&mut b)?,
                     groups,
                 }
@@ -571,6 +581,7 @@ mod tests {
                 version: Hlc::default(),
             },
             Frame::Forward {
+                seq: 3,
                 message: msg(),
                 groups: vec![Arc::from("$share/g/a/#")],
             },
