@@ -1255,6 +1255,23 @@ impl Core {
         fx
     }
 
+    /// [`Core::evict_session`], closing an attached connection as shutting
+    /// down (v5: 0x8B) rather than taken over.
+    pub fn evict_session_shutting_down(&mut self, client_id: &str) -> Effects {
+        if let Some(a) = self
+            .sessions
+            .get_mut(client_id)
+            .and_then(|e| e.attached.take())
+        {
+            let mut fx = Effects::none();
+            fx.send(&a.tx, Outgoing::Close(Closing::ShuttingDown));
+            fx.drained.extend(a.drained);
+            fx.extend(self.evict_session(client_id));
+            return fx;
+        }
+        self.evict_session(client_id)
+    }
+
     /// The epoch of `client_id`'s session here.
     pub fn epoch(&self, client_id: &str) -> Option<u64> {
         self.sessions.get(client_id).map(|e| e.session.epoch)

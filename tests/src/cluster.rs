@@ -52,21 +52,108 @@ impl ClusterNode {
 pub struct TestCluster {
     pub nodes: Vec<ClusterNode>,
     pub dir: PathBuf,
+    /// With [`TestCluster::start_partitionable`]: the proxies every
+    /// cluster connection goes through, by (from, to) node index.
+    pub links: Vec<(usize, usize, FaultyLink)>,
+}
+
+/// A TCP proxy between two nodes' cluster ports that a test can cut (every
+/// open connection closed, new ones refused) and heal.
+pub struct FaultyLink {
+    pub addr: String,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl FaultyLink {
+    /// Starts a proxy to `to` on a free port.
+    pub async fn start(to: String) -> FaultyLink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (cut, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut down, _)) = listener.accept().await else {
+                    return;
+                };
+                if *rx.borrow() {
+                    continue; // cut: refused (closed at once)
+                }
+                let to = to.clone();
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut up) = tokio::net::TcpStream::connect(&to).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        _ = rx.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        FaultyLink { addr, cut }
+    }
+
+    /// Cuts (`true`) or heals (`false`) the link.
+    pub fn set_cut(&self, cut: bool) {
+        let _ = self.cut.send(cut);
+    }
 }
 
 impl TestCluster {
     /// Starts `n` nodes named n1..nN; `secret` is written to a file all of
     /// them use. Waits until each is listening.
     pub fn start(n: usize, secret: Option<&str>, extra: &[&str]) -> TestCluster {
+        Self::build(n, secret, extra, None)
+    }
+
+    /// Like [`TestCluster::start`], with every cluster connection going
+    /// through a [`FaultyLink`], so a test can partition the cluster.
+    pub async fn start_partitionable(n: usize) -> TestCluster {
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let mut links = Vec::new();
+        for i in 0..n {
+            for (j, (_, _, c)) in ports.iter().enumerate() {
+                if i != j {
+                    links.push((i, j, FaultyLink::start(format!("127.0.0.1:{c}")).await));
+                }
+            }
+        }
+        let mut c = Self::build(n, None, &[], Some((ports, &links)));
+        c.links = links;
+        c
+    }
+
+    /// Cuts node `k` off from every other node's cluster links (clients
+    /// still reach it), or heals that.
+    pub fn isolate(&self, k: usize, cut: bool) {
+        for (i, j, l) in &self.links {
+            if *i == k || *j == k {
+                l.set_cut(cut);
+            }
+        }
+    }
+
+    fn build(
+        n: usize,
+        secret: Option<&str>,
+        extra: &[&str],
+        via: Option<(Vec<(u16, u16, u16)>, &[(usize, usize, FaultyLink)])>,
+    ) -> TestCluster {
         let dir = crate::scratch_dir("cluster");
         let secret_file = secret.map(|s| {
             let p = dir.join("secret");
             std::fs::write(&p, s).unwrap();
             p
         });
-        let ports: Vec<(u16, u16, u16)> = (0..n)
-            .map(|_| (free_port(), free_port(), free_port()))
-            .collect();
+        let ports: Vec<(u16, u16, u16)> = match &via {
+            Some((p, _)) => p.clone(),
+            None => (0..n)
+                .map(|_| (free_port(), free_port(), free_port()))
+                .collect(),
+        };
         let mut nodes = Vec::new();
         for (i, (mqtt, admin, cluster)) in ports.iter().enumerate() {
             let name = format!("n{}", i + 1);
@@ -83,8 +170,16 @@ impl TestCluster {
             ];
             for (j, (_, _, c)) in ports.iter().enumerate() {
                 if j != i {
+                    let addr = match &via {
+                        Some((_, links)) => links
+                            .iter()
+                            .find(|(a, b, _)| *a == i && *b == j)
+                            .map(|(_, _, l)| l.addr.clone())
+                            .unwrap(),
+                        None => format!("127.0.0.1:{c}"),
+                    };
                     args.push("--peer".into());
-                    args.push(format!("n{}@127.0.0.1:{c}", j + 1));
+                    args.push(format!("n{}@{addr}", j + 1));
                 }
             }
             if let Some(f) = &secret_file {
@@ -101,7 +196,11 @@ impl TestCluster {
                 child: None,
             });
         }
-        let mut c = TestCluster { nodes, dir };
+        let mut c = TestCluster {
+            nodes,
+            dir,
+            links: Vec::new(),
+        };
         for i in 0..n {
             c.start_node(i);
         }

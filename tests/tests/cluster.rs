@@ -774,3 +774,110 @@ async fn failover_under_load_through_the_balancer_loses_no_acknowledged_message(
     assert!(acked.len() > 100, "too little traffic to mean anything");
     lb.stop().await;
 }
+
+/// A partition cuts n1 off from n2 and n3 (clients still reach all three).
+/// n1 has no majority: its clients get DISCONNECT 0x8B, new clients get
+/// CONNACK 0x88 there, and its sessions are taken over by the majority
+/// side, which keeps serving and queueing. When the partition heals, the
+/// client's session, with everything acknowledged meanwhile, is back at
+/// its owner.
+#[tokio::test]
+async fn a_partitioned_minority_stops_serving_and_nothing_acknowledged_is_lost() {
+    let mut c = TestCluster::start_partitionable(3).await;
+    assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
+    // A persistent subscriber owned by n1, offline during the partition.
+    let id = c.id_owned_by("n1", "part-sub", &ALL);
+    let mut cp = connect_packet(&id, ProtocolVersion::V5, false);
+    cp.clean_start = false;
+    cp.properties.session_expiry_interval = Some(3600);
+    let (mut s, ack) = Client::connect(&c.nodes[0].addr, cp.clone()).await;
+    assert_eq!(ack.reason.0, 0);
+    s.subscribe("part/#", qos(QoS::AtLeastOnce)).await;
+    drop(s);
+    // A connected v5 client on n1 sees the partition.
+    let (mut watcher, _) = connect_owned(&c, "n1", "watch", ProtocolVersion::V5, true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    c.isolate(0, true);
+    let mut reason = None;
+    for _ in 0..40 {
+        match watcher.recv(Duration::from_millis(250)).await {
+            Some(mqlb_protocol::Packet::Disconnect(d)) => {
+                reason = Some(d.reason.0);
+                break;
+            }
+            None => {}
+            Some(_) => {}
+        }
+    }
+    assert_eq!(
+        reason,
+        Some(0x8B),
+        "the minority's client was not told to go"
+    );
+    let (status, _) = mqlb_tests::http(&c.nodes[0].admin, "GET", "/readyz").await;
+    assert_eq!(status, 503);
+    let refused = Client::try_connect(
+        &c.nodes[0].addr,
+        connect_packet("newcomer", ProtocolVersion::V5, true),
+    )
+    .await
+    .map(|(_, a)| a.reason.0);
+    assert_eq!(refused, Some(0x88), "the minority took a new client");
+    // The majority serves, and takes over n1's sessions.
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let (_, body) = mqlb_tests::http(&c.nodes[1].admin, "GET", "/cluster").await;
+        if body.contains("\"members\":[\"n2\",\"n3\"]") && body.contains("\"ready\":true") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "majority view: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let live = ["n2", "n3"];
+    let pub_node = c.owner_of("part-pub", &live);
+    let (mut p, ack) = Client::connect(
+        &c.nodes[node_index(&pub_node)].addr,
+        connect_packet("part-pub", ProtocolVersion::V5, true),
+    )
+    .await;
+    assert_eq!(ack.reason.0, 0);
+    for i in 0..20 {
+        p.publish(
+            "part/x",
+            format!("{i}").as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+            Properties::default(),
+        )
+        .await;
+    }
+    drop(p);
+
+    c.isolate(0, false);
+    assert!(c.wait_converged(SETTLE).await, "the cluster did not heal");
+    // The subscriber comes back to its owner, n1, and finds every
+    // message acknowledged during the partition.
+    let (mut s, ack) = Client::connect(&c.nodes[0].addr, cp).await;
+    assert_eq!(ack.reason.0, 0);
+    assert!(ack.session_present);
+    let mut got = Vec::new();
+    while let Some(m) = s.next_publish(Duration::from_secs(2), true).await {
+        got.push(
+            String::from_utf8(m.payload.to_vec())
+                .unwrap()
+                .parse::<usize>()
+                .unwrap(),
+        );
+    }
+    got.sort_unstable();
+    got.dedup();
+    assert_eq!(
+        got,
+        (0..20).collect::<Vec<_>>(),
+        "messages lost across the partition"
+    );
+}

@@ -303,7 +303,10 @@ impl Cluster {
         let Some(session) = lock(&self.replicas).remove(client_id) else {
             return;
         };
-        let snap = crate::core::snapshot_of(&session);
+        // A takeover starts a new epoch, so this copy wins over any older
+        // one still held elsewhere (a stale owner's writes are refused).
+        let mut snap = crate::core::snapshot_of(&session);
+        snap.epoch += 1;
         let _ = state.act(|core| {
             if core.has_session(client_id) {
                 return crate::effects::Effects::none();
@@ -314,10 +317,13 @@ impl Cluster {
         });
     }
 
-    /// After a view change: promote the replicas this node now owns, and
-    /// send every session it holds whole to its chain (a new chain member
-    /// has nothing; an old one may have missed changes).
-    fn rechain(&self, state: &State) {
+    /// Promotes the replicas this node owns in the current view, once it is
+    /// ready: only then has it the newest copy every live peer holds (their
+    /// link snapshots come before it says ready).
+    fn promote_owned(&self, state: &State) {
+        if !self.ready() {
+            return;
+        }
         let owned: Vec<String> = lock(&self.replicas)
             .keys()
             .filter(|c| self.owner(c) == self.me)
@@ -326,6 +332,12 @@ impl Cluster {
         for c in owned {
             self.promote(&c, state);
         }
+    }
+
+    /// After a view change: send every session this node holds whole to
+    /// its chain (a new chain member has nothing; an old one may have
+    /// missed changes).
+    fn rechain(&self, state: &State) {
         let records: Vec<ChangeRecord> = {
             let core = state.core();
             let mut out = Vec::new();
@@ -334,12 +346,7 @@ impl Cluster {
                     continue;
                 };
                 let epoch = snap.epoch;
-                out.push(ChangeRecord {
-                    client: id.clone(),
-                    epoch,
-                    change: SessionChange::Ended,
-                });
-                for change in crate::core::snapshot_changes(snap, Instant::now(), Arc::from) {
+                for change in whole(snap) {
                     out.push(ChangeRecord {
                         client: id.clone(),
                         epoch,
@@ -351,6 +358,33 @@ impl Cluster {
         };
         if !records.is_empty() {
             drop(self.append(records));
+        }
+    }
+
+    /// This node lost its majority: the other side may take its sessions
+    /// over, so it stops serving. Clients are closed (v5: DISCONNECT 0x8B)
+    /// to reconnect on the majority side, and its sessions become replica
+    /// copies, so that when the partition heals the majority's copies (which
+    /// took the messages published meanwhile) win.
+    fn step_down(&self, state: &State) {
+        tracing::warn!(
+            quorum = self.quorum(),
+            "lost the majority of the cluster: closing clients and handing sessions over"
+        );
+        let demoted: Vec<(String, crate::snapshot::SessionSnapshot)> = {
+            let core = state.core();
+            core.persistent_sessions()
+                .into_iter()
+                .filter_map(|c| core.export_session(&c).map(|s| (c.to_string(), s)))
+                .collect()
+        };
+        for (client, snap) in demoted {
+            let epoch = snap.epoch;
+            self.apply_replica(&client, epoch, whole(snap));
+            let _ = state.act(|core| core.evict_session_shutting_down(&client));
+        }
+        for outbox in state.core().open_connections() {
+            outbox.close(crate::outbox::Closing::ShuttingDown);
         }
     }
 
@@ -459,9 +493,24 @@ impl Cluster {
         }
     }
 
-    /// Whether this node has what it needs to take clients: the snapshot of
-    /// every live peer, or proof that a peer is down.
+    /// Members a view needs to serve: a majority of the configured
+    /// cluster, so two sides of a partition never both serve.
+    pub fn quorum(&self) -> usize {
+        self.names.len() / 2 + 1
+    }
+
+    /// Whether the current view holds a majority.
+    pub fn has_quorum(&self) -> bool {
+        self.view().members.len() >= self.quorum()
+    }
+
+    /// Whether this node has what it needs to take clients: a majority in
+    /// its view, and the snapshot of every live peer or proof that a peer
+    /// is down.
     pub fn ready(&self) -> bool {
+        if !self.has_quorum() {
+            return false;
+        }
         let now = Instant::now();
         let warm = now.duration_since(self.started) > FAILURE_TIMEOUT;
         lock(&self.peers).iter().enumerate().all(|(i, p)| {
@@ -544,10 +593,15 @@ impl Cluster {
     /// Recomputes the live set; a change bumps the view number, releases
     /// waits on members that left, and re-chains sessions.
     fn update_view_and_rechain(&self, state: &Arc<State>) {
-        let before = self.view().number;
+        let before = self.view();
         self.update_view();
         let view = self.view();
-        if view.number != before {
+        let quorum = self.quorum();
+        if before.members.len() >= quorum && view.members.len() < quorum {
+            self.step_down(state);
+        }
+        self.promote_owned(state);
+        if view.number != before.number {
             let gone: Vec<NodeId> = (0..self.names.len())
                 .filter(|&i| !view.members.contains(&self.names[i]))
                 .filter_map(|i| NodeId::try_from(i).ok())
@@ -881,6 +935,45 @@ impl Cluster {
                     &self.stats.dropped,
                 );
             }
+            // The sessions whose chain (with the peer in the view) holds
+            // the peer: a returning owner or replica must have them before
+            // it says ready.
+            let peer = self.names[id as usize].as_str();
+            let mut members = self.view().members;
+            if !members.iter().any(|m| m == peer) {
+                members.push(peer.to_string());
+            }
+            let in_chain = |client: &str| {
+                let ms: Vec<Member<'_>> = members.iter().map(|n| Member(n)).collect();
+                mqlb_placement::rank(client.as_bytes(), &ms)
+                    .into_iter()
+                    .take(REPLICATION_FACTOR)
+                    .any(|m| m.0 == peer)
+            };
+            let mut copies: Vec<(String, crate::snapshot::SessionSnapshot)> = Vec::new();
+            for client in core.persistent_sessions() {
+                if in_chain(&client) {
+                    if let Some(snap) = core.export_session(&client) {
+                        copies.push((client.to_string(), snap));
+                    }
+                }
+            }
+            for (client, session) in lock(&self.replicas).iter() {
+                if in_chain(client) {
+                    copies.push((client.clone(), crate::core::snapshot_of(session)));
+                }
+            }
+            for (client, snap) in copies {
+                tx.push(
+                    &Frame::Replicate {
+                        seq: 0,
+                        client,
+                        epoch: snap.epoch,
+                        changes: whole(snap),
+                    },
+                    &self.stats.dropped,
+                );
+            }
             tx.push(&Frame::SyncDone, &self.stats.dropped);
             lock(&self.links).insert(id, tx.clone());
         }
@@ -1093,6 +1186,18 @@ impl Fabric for Cluster {
         );
         rx
     }
+}
+
+/// The changes that make a copy of a session equal to `snap`, whatever the
+/// copy held before.
+fn whole(snap: crate::snapshot::SessionSnapshot) -> Vec<SessionChange> {
+    let mut out = vec![SessionChange::Ended];
+    out.extend(crate::core::snapshot_changes(
+        snap,
+        Instant::now(),
+        Arc::from,
+    ));
+    out
 }
 
 /// Writes `bytes` and then relays both ways between a client and its
