@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use crate::{free_port, mqlb_bin, wait_listening, KillOnDrop};
 
+/// A node's MQTT, admin and cluster ports.
+type Ports = (u16, u16, u16);
+
 /// A node name as a placement node of weight 1.
 struct Named(String);
 
@@ -110,7 +113,7 @@ impl TestCluster {
     /// Like [`TestCluster::start`], with every cluster connection going
     /// through a [`FaultyLink`], so a test can partition the cluster.
     pub async fn start_partitionable(n: usize) -> TestCluster {
-        let ports: Vec<(u16, u16, u16)> = (0..n)
+        let ports: Vec<Ports> = (0..n)
             .map(|_| (free_port(), free_port(), free_port()))
             .collect();
         let mut links = Vec::new();
@@ -140,7 +143,7 @@ impl TestCluster {
         n: usize,
         secret: Option<&str>,
         extra: &[&str],
-        via: Option<(Vec<(u16, u16, u16)>, &[(usize, usize, FaultyLink)])>,
+        via: Option<(Vec<Ports>, &[(usize, usize, FaultyLink)])>,
     ) -> TestCluster {
         let dir = crate::scratch_dir("cluster");
         let secret_file = secret.map(|s| {
@@ -148,7 +151,7 @@ impl TestCluster {
             std::fs::write(&p, s).unwrap();
             p
         });
-        let ports: Vec<(u16, u16, u16)> = match &via {
+        let ports: Vec<Ports> = match &via {
             Some((p, _)) => p.clone(),
             None => (0..n)
                 .map(|_| (free_port(), free_port(), free_port()))
