@@ -12,6 +12,9 @@ use crate::{free_port, mqlb_bin, wait_listening, KillOnDrop};
 /// A node's MQTT, admin and cluster ports.
 type Ports = (u16, u16, u16);
 
+/// Proxies by (from, to) node index.
+type Links = [(usize, usize, FaultyLink)];
+
 /// A node name as a placement node of weight 1.
 struct Named(String);
 
@@ -143,7 +146,7 @@ impl TestCluster {
         n: usize,
         secret: Option<&str>,
         extra: &[&str],
-        via: Option<(Vec<Ports>, &[(usize, usize, FaultyLink)])>,
+        via: Option<(Vec<Ports>, &Links)>,
     ) -> TestCluster {
         let dir = crate::scratch_dir("cluster");
         let secret_file = secret.map(|s| {
