@@ -231,6 +231,23 @@ impl TestCluster {
         );
     }
 
+    /// Stops node `i` gracefully (SIGTERM) and waits up to `within` for it
+    /// to exit, then kills it.
+    pub fn stop_node(&mut self, i: usize, within: Duration) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.0.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + within;
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = c.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     /// `kill -9` node `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
