@@ -74,7 +74,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     state: Arc<State>,
     settings: Settings,
 ) {
-    serve(stream, state, settings, true).await;
+    serve(stream, state, settings, None).await;
 }
 
 /// Serves a client that a peer node relayed here because this node owns
@@ -84,15 +84,16 @@ pub async fn handle_owned<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     state: Arc<State>,
     settings: Settings,
+    relayed_by: crate::router::NodeId,
 ) {
-    serve(stream, state, settings, false).await;
+    serve(stream, state, settings, Some(relayed_by)).await;
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     state: Arc<State>,
     settings: Settings,
-    may_relay: bool,
+    relayed_by: Option<crate::router::NodeId>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     // Small to start: idle connections dominate memory; reads grow it on demand.
@@ -133,22 +134,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
     }
-    if may_relay && !connect.client_id.is_empty() && !is_local_probe(&connect) {
-        if let Some(cluster) = state.cluster() {
-            let owner = cluster.owner(connect.client_id.as_str());
-            if owner != cluster.me() {
-                // Boxed: rare, and it would grow every connection's future.
-                Box::pin(relay_to_owner(
-                    connect,
-                    rd.unsplit(wr),
-                    buf,
-                    &cluster,
-                    &owner,
-                ))
-                .await;
-                return;
-            }
-        }
+    if let Some((cluster, owner)) = relay_target(&connect, &state, relayed_by) {
+        // Boxed, with what it needs moved in: rare, and it would grow
+        // every connection's future.
+        Box::pin(async move {
+            relay_to_owner(connect, rd.unsplit(wr), buf, &cluster, &owner).await;
+        })
+        .await;
+        return;
     }
     if let Some(cluster) = state.cluster() {
         cluster.promote(connect.client_id.as_str(), &state);
@@ -177,6 +170,29 @@ async fn linger(rd: &mut (impl AsyncRead + Unpin)) {
         }
     })
     .await;
+}
+
+/// The node to relay this client to, if another node serves its session.
+/// A relayed client takes one more hop only to the live holder of its
+/// session, never back to the node that relayed it.
+fn relay_target(
+    connect: &Connect,
+    state: &State,
+    relayed_by: Option<crate::router::NodeId>,
+) -> Option<(Arc<crate::cluster::Cluster>, String)> {
+    if connect.client_id.is_empty() || is_local_probe(connect) {
+        return None;
+    }
+    let cluster = state.cluster()?;
+    let id = connect.client_id.as_str();
+    let target = match relayed_by {
+        None => cluster.server_for(id, state),
+        Some(_) if state.core().has_session(id) => None,
+        Some(from) => cluster
+            .live_holder(id)
+            .filter(|h| cluster.node_id(h) != Some(from)),
+    }?;
+    Some((cluster, target))
 }
 
 /// A health probe (the balancer's `mqlb-probe-{instance}-{target}` IDs,

@@ -1272,6 +1272,16 @@ impl Core {
         self.evict_session(client_id)
     }
 
+    /// Delivers messages another node accepted for `client_id`'s session
+    /// before it learned the session had moved here.
+    pub fn adopt(&mut self, client_id: &str, messages: Vec<Pending>) -> Effects {
+        let mut fx = Effects::none();
+        for p in messages {
+            self.deliver(client_id, p, &mut fx);
+        }
+        fx
+    }
+
     /// The epoch of `client_id`'s session here.
     pub fn epoch(&self, client_id: &str) -> Option<u64> {
         self.sessions.get(client_id).map(|e| e.session.epoch)

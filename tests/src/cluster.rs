@@ -332,6 +332,11 @@ impl Drop for TestCluster {
         for n in &mut self.nodes {
             n.child.take();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::thread::panicking() {
+            // Kept for the post-mortem.
+            eprintln!("node logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }

@@ -157,6 +157,12 @@ pub struct Cluster {
     /// Copies of sessions this node is a chain member for but does not
     /// serve, rebuilt from the holder's change records.
     replicas: Mutex<HashMap<String, Session>>,
+    /// For each replica, the node whose changes built it: the node that
+    /// holds the live session. While it lives, clients of that session are
+    /// relayed to it rather than taking the session over, so a session
+    /// never moves under a live holder (no handover window to lose
+    /// messages in); it moves when its holder dies.
+    holders: Mutex<HashMap<String, NodeId>>,
     /// Appends waiting for chain members' acknowledgements.
     waiting: Mutex<HashMap<u64, Waiting>>,
     seq: AtomicU64,
@@ -245,6 +251,7 @@ impl Cluster {
                 secret,
                 links: Mutex::new(HashMap::new()),
                 replicas: Mutex::new(HashMap::new()),
+                holders: Mutex::new(HashMap::new()),
                 waiting: Mutex::new(HashMap::new()),
                 seq: AtomicU64::new(1),
                 started: Instant::now(),
@@ -303,6 +310,7 @@ impl Cluster {
         let Some(session) = lock(&self.replicas).remove(client_id) else {
             return;
         };
+        lock(&self.holders).remove(client_id);
         // A takeover starts a new epoch, so this copy wins over any older
         // one still held elsewhere (a stale owner's writes are refused).
         let mut snap = crate::core::snapshot_of(&session);
@@ -317,6 +325,31 @@ impl Cluster {
         });
     }
 
+    /// The live peer that holds `client_id`'s session, if this node keeps
+    /// a replica of it.
+    pub fn live_holder(&self, client_id: &str) -> Option<String> {
+        if !lock(&self.replicas).contains_key(client_id) {
+            return None;
+        }
+        let holder = *lock(&self.holders).get(client_id)?;
+        let name = self.names.get(holder as usize)?;
+        let live = self.view().members.iter().any(|m| m == name);
+        (live && *name != self.me).then(|| name.clone())
+    }
+
+    /// Where a client with this ID is served: `None` here, or the node to
+    /// relay it to: the live holder of its session, else its owner.
+    pub fn server_for(&self, client_id: &str, state: &State) -> Option<String> {
+        if state.core().has_session(client_id) {
+            return None;
+        }
+        if let Some(h) = self.live_holder(client_id) {
+            return Some(h);
+        }
+        let owner = self.owner(client_id);
+        (owner != self.me).then_some(owner)
+    }
+
     /// Promotes the replicas this node owns in the current view, once it is
     /// ready: only then has it the newest copy every live peer holds (their
     /// link snapshots come before it says ready).
@@ -324,10 +357,10 @@ impl Cluster {
         if !self.ready() {
             return;
         }
-        let owned: Vec<String> = lock(&self.replicas)
-            .keys()
-            .filter(|c| self.owner(c) == self.me)
-            .cloned()
+        let held: Vec<String> = lock(&self.replicas).keys().cloned().collect();
+        let owned: Vec<String> = held
+            .into_iter()
+            .filter(|c| self.owner(c) == self.me && self.live_holder(c).is_none())
             .collect();
         for c in owned {
             self.promote(&c, state);
@@ -403,7 +436,35 @@ impl Cluster {
         let held = state.core().epoch(&client);
         match held {
             Some(mine) if mine > epoch => {
-                tracing::debug!(client, mine, epoch, "stale session changes refused");
+                // A writer that has not yet heard that the session moved
+                // here: its bookkeeping is refused, but the messages it
+                // accepted for the session are adopted (a QoS 1 duplicate
+                // is possible; losing them is not).
+                tracing::debug!(
+                    client,
+                    mine,
+                    epoch,
+                    "stale session changes: adopting their messages"
+                );
+                let adopted: Vec<crate::message::Pending> = changes
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } => {
+                            Some(p)
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                if !adopted.is_empty() {
+                    let committed = state.act(|core| core.adopt(&client, adopted));
+                    if let Some(tx) = lock(&self.links).get(&from).cloned() {
+                        tokio::spawn(async move {
+                            committed.wait().await;
+                            tx.push(&Frame::Ack { seq }, &AtomicU64::new(0));
+                        });
+                    }
+                    return;
+                }
             }
             Some(_) if !state.core().is_connected(&client) || held < Some(epoch) => {
                 if held < Some(epoch) {
@@ -435,6 +496,7 @@ impl Cluster {
         }
         if s == &Session::default() {
             replicas.remove(client);
+            lock(&self.holders).remove(client);
         }
     }
 
@@ -520,6 +582,11 @@ impl Cluster {
                     && p.heard
                         .is_none_or(|h| now.duration_since(h) > FAILURE_TIMEOUT))
         })
+    }
+
+    /// A member's id by name.
+    pub fn node_id(&self, name: &str) -> Option<NodeId> {
+        self.id_of(name)
     }
 
     fn id_of(&self, name: &str) -> Option<NodeId> {
@@ -685,7 +752,7 @@ impl Cluster {
                     }
                     Purpose::Client => {
                         tokio::select! {
-                            _ = crate::conn::handle_owned(stream, state, settings) => {}
+                            _ = crate::conn::handle_owned(stream, state, settings, id) => {}
                             _ = stop.cancelled() => {}
                         }
                     }
@@ -830,8 +897,14 @@ impl Cluster {
                 seq,
                 client,
                 epoch,
+                holder,
                 changes,
-            } => self.replicate(id, seq, client, epoch, changes, state),
+            } => {
+                if let Some(h) = self.id_of(&holder) {
+                    lock(&self.holders).insert(client.clone(), h);
+                }
+                self.replicate(id, seq, client, epoch, changes, state)
+            }
             Frame::Ack { seq } => self.acked(id, seq),
             Frame::Forward {
                 seq,
@@ -950,25 +1023,38 @@ impl Cluster {
                     .take(REPLICATION_FACTOR)
                     .any(|m| m.0 == peer)
             };
-            let mut copies: Vec<(String, crate::snapshot::SessionSnapshot)> = Vec::new();
+            let mut copies: Vec<(String, crate::snapshot::SessionSnapshot, String)> = Vec::new();
             for client in core.persistent_sessions() {
                 if in_chain(&client) {
                     if let Some(snap) = core.export_session(&client) {
-                        copies.push((client.to_string(), snap));
+                        copies.push((client.to_string(), snap, self.me.clone()));
                     }
                 }
             }
-            for (client, session) in lock(&self.replicas).iter() {
-                if in_chain(client) {
-                    copies.push((client.clone(), crate::core::snapshot_of(session)));
+            // Copies kept for others go too: after a partition the side
+            // that kept serving may be reachable only through them, and
+            // the newest epoch wins wherever they land.
+            {
+                let replicas = lock(&self.replicas);
+                let holders = lock(&self.holders);
+                for (client, session) in replicas.iter() {
+                    if in_chain(client) {
+                        let holder = holders
+                            .get(client)
+                            .and_then(|h| self.names.get(*h as usize))
+                            .cloned()
+                            .unwrap_or_default();
+                        copies.push((client.clone(), crate::core::snapshot_of(session), holder));
+                    }
                 }
             }
-            for (client, snap) in copies {
+            for (client, snap, holder) in copies {
                 tx.push(
                     &Frame::Replicate {
                         seq: 0,
                         client,
                         epoch: snap.epoch,
+                        holder,
                         changes: whole(snap),
                     },
                     &self.stats.dropped,
@@ -1081,6 +1167,7 @@ impl ChangeLog for Cluster {
                 seq,
                 client: client.to_string(),
                 epoch,
+                holder: self.me.clone(),
                 changes,
             };
             for member in self.chain(&client) {

@@ -57,6 +57,9 @@ pub enum Frame {
         client: String,
         /// The writer's epoch: a copy with a newer one refuses these.
         epoch: u64,
+        /// The node serving the session live ("" when the sender only keeps
+        /// a copy and knows of no live holder).
+        holder: String,
         /// The changes, in order.
         changes: Vec<SessionChange>,
     },
@@ -335,12 +338,14 @@ impl Frame {
                 seq,
                 client,
                 epoch,
+                holder,
                 changes,
             } => {
                 out.put_u8(REPLICATE);
                 out.put_u64(*seq);
                 put_str(out, Some(client))?;
                 out.put_u64(*epoch);
+                put_str(out, Some(holder))?;
                 out.put_u32(u32::try_from(changes.len()).map_err(|_| SnapshotError("count"))?);
                 for c in changes {
                     put_change(out, c)?;
@@ -428,8 +433,10 @@ impl Frame {
                 need(&b, 8)?;
                 let seq = b.get_u64();
                 let client = get_str(&mut b)?.ok_or(SnapshotError("empty client"))?;
-                need(&b, 12)?;
+                need(&b, 8)?;
                 let epoch = b.get_u64();
+                let holder = get_str(&mut b)?.unwrap_or_default();
+                need(&b, 4)?;
                 let n = b.get_u32() as usize;
                 // Each change takes at least a byte: a bogus count fails here,
                 // before anything is allocated for it.
@@ -442,6 +449,7 @@ impl Frame {
                     seq,
                     client,
                     epoch,
+                    holder,
                     changes,
                 }
             }
@@ -590,6 +598,7 @@ mod tests {
                 seq: 7,
                 client: "c1".into(),
                 epoch: 3,
+                holder: "n2".into(),
                 changes: changes(),
             },
         ];
