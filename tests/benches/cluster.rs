@@ -1,0 +1,129 @@
+//! What replication costs a publisher: QoS 1 PUBLISH → PUBACK latency
+//! against one `mqlb broker` alone and against a 3-node cluster, in one run
+//! on this machine, with a persistent QoS 1 subscriber (so every delivery is
+//! a session change the chain must hold before the PUBACK):
+//!
+//! * `single`: one node, no cluster;
+//! * `cluster, same node`: publisher and subscriber on the subscriber's
+//!   owner; the PUBACK waits for the chain's second node;
+//! * `cluster, across nodes`: publisher on another node; the PUBACK waits
+//!   for the forward, the owner's commit and its chain.
+//!
+//! Interleaved rounds; medians of each round's p50/p99 and ratios to
+//! `single` are printed.
+//!
+//! Run: `cargo build --release && cargo bench -p mqlb-tests --bench cluster`
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use mqlb_protocol::{Ack, MqttStr, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS};
+use mqlb_tests::client::{connect_packet, qos, Client};
+use mqlb_tests::cluster::TestCluster;
+use mqlb_tests::BrokerProcess;
+
+const ROUNDS: usize = 3;
+const N: usize = 2000;
+const ALL: [&str; 3] = ["n1", "n2", "n3"];
+
+/// Sequential QoS 1 publishes from `pub_addr` to a persistent subscriber
+/// on `sub_addr`; returns (p50, p99) of PUBLISH → PUBACK in microseconds.
+async fn run(pub_addr: &str, sub_addr: &str, sub_id: &str, pub_id: &str) -> (f64, f64) {
+    let mut cp = connect_packet(sub_id, ProtocolVersion::V5, false);
+    cp.clean_start = false;
+    cp.properties.session_expiry_interval = Some(600);
+    let (mut s, _) = Client::connect(sub_addr, cp).await;
+    s.subscribe("lat/#", qos(QoS::AtLeastOnce)).await;
+    let reader = tokio::spawn(async move {
+        let mut n = 0;
+        while n < N {
+            match s.next_publish(Duration::from_secs(10), true).await {
+                Some(_) => n += 1,
+                None => break,
+            }
+        }
+    });
+    let (mut p, _) =
+        Client::connect(pub_addr, connect_packet(pub_id, ProtocolVersion::V5, true)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut lat = Vec::with_capacity(N);
+    for i in 0..N {
+        let pid = PacketId::new(u16::try_from(i % 60000 + 1).unwrap()).unwrap();
+        let t = Instant::now();
+        p.send(Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: MqttStr::try_from("lat/x").unwrap(),
+            packet_id: Some(pid),
+            properties: Properties::default(),
+            payload: bytes::Bytes::from_static(b"0123456789abcdef"),
+        }))
+        .await;
+        loop {
+            if let Some(Packet::Puback(Ack { packet_id, .. })) =
+                p.recv(Duration::from_secs(10)).await
+            {
+                if packet_id == pid {
+                    break;
+                }
+            }
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(20), reader).await;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    (lat[N / 2], lat[N * 99 / 100])
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let single = BrokerProcess::start(&[]);
+    let mut c = TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(Duration::from_secs(20)).await);
+    let sub = c.id_owned_by("n1", "bench-sub", &ALL);
+    let same = c.id_owned_by("n1", "bench-pub", &ALL);
+    let other = c.id_owned_by("n2", "bench-pub", &ALL);
+    let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
+        ("single", Vec::new(), Vec::new()),
+        ("cluster, same node", Vec::new(), Vec::new()),
+        ("cluster, across nodes", Vec::new(), Vec::new()),
+    ];
+    for round in 0..ROUNDS {
+        let runs = [
+            run(
+                &single.addr,
+                &single.addr,
+                &format!("s-{round}"),
+                "p-single",
+            )
+            .await,
+            run(&c.nodes[0].addr, &c.nodes[0].addr, &sub, &same).await,
+            run(&c.nodes[1].addr, &c.nodes[0].addr, &sub, &other).await,
+        ];
+        for (r, (p50, p99)) in results.iter_mut().zip(runs) {
+            r.1.push(p50);
+            r.2.push(p99);
+        }
+    }
+    let base = (median(results[0].1.clone()), median(results[0].2.clone()));
+    println!("QoS 1 PUBLISH -> PUBACK, persistent QoS 1 subscriber, {N} sequential publishes x {ROUNDS} rounds (medians of rounds)");
+    println!(
+        "{:<24} {:>10} {:>10} {:>8} {:>8}",
+        "setup", "p50 us", "p99 us", "p50 x", "p99 x"
+    );
+    for (name, p50s, p99s) in results {
+        let (p50, p99) = (median(p50s), median(p99s));
+        println!(
+            "{name:<24} {p50:>10.0} {p99:>10.0} {:>8.2} {:>8.2}",
+            p50 / base.0,
+            p99 / base.1
+        );
+    }
+}
