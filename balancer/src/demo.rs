@@ -163,8 +163,14 @@ pub fn run(args: DemoArgs) -> ExitCode {
     let mut nodes = children.lock().unwrap_or_else(|p| p.into_inner());
     for n in nodes.iter_mut() {
         if let Some(mut c) = n.child.take() {
-            // Ctrl-C reached the whole process group; wait for the graceful
+            // Ctrl-C reaches the whole process group, but a SIGTERM sent to
+            // the demo alone does not: pass it on, wait for the graceful
             // stop, and cut a node that takes too long.
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             loop {
                 match c.try_wait() {

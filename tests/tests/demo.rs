@@ -1,0 +1,145 @@
+//! `mqlb demo` (what `cargo run --release` starts): three bundled broker
+//! nodes in a cluster behind the balancer, on loopback, with nothing to
+//! configure.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use mqlb_protocol::{Properties, ProtocolVersion, QoS};
+use mqlb_tests::client::{connect_packet, qos, Client};
+use mqlb_tests::{mqlb_bin, try_http, wait_listening, KillOnDrop};
+
+/// A base port with `n` free ports after it.
+fn free_run(n: u16) -> u16 {
+    loop {
+        let base = 20_000 + fastrand::u16(..40_000);
+        let free = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            return base;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_demo_serves_through_a_three_node_cluster_and_stops_cleanly() {
+    let port = free_run(4);
+    let admin = free_run(4);
+    let cluster = free_run(3);
+    let mut demo = KillOnDrop(
+        Command::new(mqlb_bin())
+            .args([
+                "demo",
+                "--port",
+                &port.to_string(),
+                "--admin-port",
+                &admin.to_string(),
+                "--cluster-port",
+                &cluster.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mqtt = format!("127.0.0.1:{port}");
+    assert!(
+        wait_listening(&mqtt, Duration::from_secs(15)),
+        "the balancer did not listen"
+    );
+    // Every node sees all three and is ready.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    for i in 1..=3 {
+        loop {
+            let r = try_http(&format!("127.0.0.1:{}", admin + i), "GET", "/cluster").await;
+            if r.as_ref().is_some_and(|(s, b)| {
+                *s == 200 && b.contains("[\"n1\",\"n2\",\"n3\"]") && b.contains("\"ready\":true")
+            }) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "node n{i}: {r:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // A subscriber and a publisher through the balancer (on whichever
+    // nodes their IDs place them), and one publishing to a node directly.
+    // The balancer takes a node once its probes have passed `rise` times.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut s = loop {
+        match Client::try_connect(&mqtt, connect_packet("demo-sub", ProtocolVersion::V5, true))
+            .await
+        {
+            Some((s, ack)) if ack.reason.0 == 0 => break s,
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                other.map(|(_, a)| a)
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    s.subscribe("demo/#", qos(QoS::AtLeastOnce)).await;
+    let mut published = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    'outer: loop {
+        for (addr, id) in [
+            (mqtt.clone(), "demo-pub"),
+            (format!("127.0.0.1:{}", port + 2), "demo-direct"),
+        ] {
+            let (mut p, _) =
+                Client::connect(&addr, connect_packet(id, ProtocolVersion::V3_1_1, true)).await;
+            p.publish(
+                "demo/hello",
+                id.as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+                Properties::default(),
+            )
+            .await;
+            published += 1;
+        }
+        let mut got = Vec::new();
+        while let Some(m) = s.next_publish(Duration::from_millis(500), true).await {
+            got.push(String::from_utf8(m.payload.to_vec()).unwrap());
+        }
+        if got.contains(&"demo-pub".to_string()) && got.contains(&"demo-direct".to_string()) {
+            break 'outer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after {published} publishes got {got:?}"
+        );
+    }
+    // SIGTERM stops the demo and its nodes.
+    Command::new("kill")
+        .args(["-TERM", &demo.0.id().to_string()])
+        .status()
+        .unwrap();
+    let mut exited = false;
+    for _ in 0..300 {
+        if let Ok(Some(_)) = demo.0.try_wait() {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(exited, "the demo did not stop within 15 s");
+    for i in 1..=3 {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port + i)).is_err(),
+            "node n{i} still running after the demo stopped"
+        );
+    }
+    // The banner told the user what to run.
+    let mut out = String::new();
+    use std::io::Read;
+    demo.0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(out.contains("mosquitto_sub -p"), "{out}");
+    assert!(out.contains("kill -9"), "{out}");
+}
