@@ -622,6 +622,7 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
     let stop = Arc::new(AtomicBool::new(false));
     let received: Vec<Arc<Mutex<Received>>> = (0..SUBS).map(|_| Arc::default()).collect();
     let lost_sessions = Arc::new(Mutex::new(Vec::new()));
+    let reconnects = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for (i, got) in received.iter().enumerate() {
         let (addr, stop, got, lost) = (
@@ -630,6 +631,7 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
             got.clone(),
             lost_sessions.clone(),
         );
+        let reconnects = reconnects.clone();
         tasks.push(tokio::spawn(async move {
             let v = if i % 2 == 0 {
                 ProtocolVersion::V5
@@ -654,6 +656,12 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
                 }
                 if !first && !ack.session_present {
                     lost.lock().unwrap().push(id.clone());
+                }
+                if !first {
+                    reconnects
+                        .lock()
+                        .unwrap()
+                        .push((i, std::time::Instant::now()));
                 }
                 if first {
                     s.subscribe(&format!("fo/{i}"), qos(q)).await;
@@ -777,9 +785,13 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
     for i in 0..SUBS {
         count[node_index(&c.owner_of(&format!("fo-sub-{i}"), &ALL))] += 1;
     }
+    let mut affected = Vec::new();
     match fault {
         Fault::KillBusiest => {
             let victim = (0..3).max_by_key(|&i| count[i]).unwrap();
+            affected = (0..SUBS)
+                .filter(|i| c.owner_of(&format!("fo-sub-{i}"), &ALL) == c.nodes[victim].name)
+                .collect();
             eprintln!(
                 "killing {} (owner of {} of {SUBS} sessions)",
                 c.nodes[victim].name, count[victim]
@@ -835,10 +847,26 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
             }
         }
     }
+    // Time from the fault until the last affected subscriber was back
+    // with its session.
+    let back: Option<Duration> = {
+        let r = reconnects.lock().unwrap();
+        affected
+            .iter()
+            .map(|i| {
+                r.iter()
+                    .filter(|(j, t)| j == i && *t >= fault_at)
+                    .map(|(_, t)| *t - fault_at)
+                    .min()
+            })
+            .collect::<Option<Vec<Duration>>>()
+            .and_then(|v| v.into_iter().max())
+    };
     eprintln!(
-        "{fault:?} at {q:?}: {} acknowledged, {} lost, {dups} duplicates, run {elapsed:?} from the fault",
+        "{fault:?} at {q:?}: {} acknowledged, {} lost, {dups} duplicates, run {elapsed:?} from the fault; {} affected subscribers all back with their sessions {back:?} after it",
         acked.len(),
         lost.len(),
+        affected.len(),
     );
     assert!(
         lost_sessions.lock().unwrap().is_empty(),
