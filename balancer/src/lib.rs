@@ -62,5 +62,6 @@ pub mod server;
 pub mod shared;
 pub mod sidecar;
 pub mod tls;
+pub mod ws;
 
 pub use server::Balancer;

@@ -41,11 +41,14 @@ pub enum RejectReason {
     /// The TLS handshake failed (plain MQTT on a TLS port, bad certificate,
     /// no shared cipher suite).
     Tls,
+    /// The WebSocket upgrade failed (not HTTP, wrong path or subprotocol,
+    /// too large), or a WebSocket client broke the framing rules.
+    WebSocket,
 }
 
 impl RejectReason {
     /// Every reason, for rendering all counters.
-    pub const ALL: [RejectReason; 14] = [
+    pub const ALL: [RejectReason; 15] = [
         RejectReason::NotConnect,
         RejectReason::Malformed,
         RejectReason::ProtocolError,
@@ -60,6 +63,7 @@ impl RejectReason {
         RejectReason::ProxyHeader,
         RejectReason::ProxyUntrusted,
         RejectReason::Tls,
+        RejectReason::WebSocket,
     ];
 
     /// Metric label.
@@ -79,6 +83,7 @@ impl RejectReason {
             RejectReason::ProxyHeader => "proxy_header",
             RejectReason::ProxyUntrusted => "proxy_untrusted",
             RejectReason::Tls => "tls",
+            RejectReason::WebSocket => "websocket",
         }
     }
 

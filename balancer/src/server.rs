@@ -364,6 +364,7 @@ async fn accept_loop(
         },
         proxy_trusted: spec.proxy_trusted,
         tls,
+        websocket: spec.websocket,
     });
     let local = listener.local_addr().ok();
     tracing::info!(listener = %name, address = ?local, "listening");
@@ -423,6 +424,8 @@ struct ListenerInfo {
     proxy_trusted: Vec<mqlb_config::Cidr>,
     /// Terminates TLS (after any PROXY header, before the CONNECT).
     tls: Option<Arc<crate::tls::Slot>>,
+    /// MQTT over WebSocket on this path (after TLS).
+    websocket: Option<String>,
 }
 
 async fn handle(
@@ -467,6 +470,10 @@ async fn handle(
     tracing::Span::current().record("client", tracing::field::display(peer));
     let local = client.local_addr().unwrap_or(peer);
     let Some(tls) = &listener.tls else {
+        if listener.websocket.is_some() {
+            let client = crate::rewind::Rewind::new(initial, client);
+            return serve_websocket(client, peer, local, listener, shared, shutdown).await;
+        }
         return serve_client(client, peer, local, initial, listener, shared, shutdown).await;
     };
     // The PROXY header may have arrived with the start of the ClientHello.
@@ -489,8 +496,55 @@ async fn handle(
             return;
         }
     };
+    if listener.websocket.is_some() {
+        return serve_websocket(client, peer, local, listener, shared, shutdown).await;
+    }
     serve_client(
         client,
+        peer,
+        local,
+        bytes::BytesMut::new(),
+        listener,
+        shared,
+        shutdown,
+    )
+    .await
+}
+
+/// Completes a WebSocket upgrade (within the CONNECT timeout, at most
+/// [`crate::ws::MAX_UPGRADE`] bytes), then serves the MQTT inside it.
+async fn serve_websocket<S>(
+    client: S,
+    peer: SocketAddr,
+    local: SocketAddr,
+    listener: &ListenerInfo,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let m = &shared.metrics;
+    let path = listener.websocket.as_deref().unwrap_or("/mqtt");
+    let timeout = shared.config().balancer.connect_timeout;
+    let upgrade = tokio::time::timeout(timeout, crate::ws::accept(client, path));
+    let ws = match tokio::select! {
+        r = upgrade => r,
+        _ = shutdown.cancelled() => return,
+    } {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(detail)) => {
+            m.reject(RejectReason::WebSocket);
+            tracing::info!(reason = "websocket", %detail, "refused");
+            return;
+        }
+        Err(_) => {
+            m.reject(RejectReason::Timeout);
+            tracing::info!(reason = "timeout", detail = "WebSocket upgrade", "refused");
+            return;
+        }
+    };
+    serve_client(
+        ws,
         peer,
         local,
         bytes::BytesMut::new(),

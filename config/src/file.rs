@@ -197,6 +197,10 @@ pub struct ListenerFile {
     pub tls_key: Option<Spanned<String>>,
     /// PEM CA certificates: require a client certificate they sign (mTLS).
     pub tls_client_ca: Option<Spanned<String>>,
+    /// "mqtt" (default) or "websocket" (MQTT over WebSocket, plain or TLS).
+    pub kind: Option<Spanned<String>>,
+    /// HTTP path of the WebSocket upgrade, default "/mqtt".
+    pub websocket_path: Option<Spanned<String>>,
 }
 
 /// `[[backend]]`.

@@ -251,6 +251,9 @@ pub struct Listener {
     pub proxy_trusted: Vec<Cidr>,
     /// Terminate TLS here with these files; `None`: plain MQTT.
     pub tls: Option<TlsFiles>,
+    /// MQTT over WebSocket on this HTTP path (after TLS, when set);
+    /// `None`: MQTT straight over TCP.
+    pub websocket: Option<String>,
 }
 
 /// A certificate chain and its key, PEM files read when listeners are bound
@@ -717,6 +720,44 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                 );
             }
         }
+        let websocket = match l.kind.as_ref().map(|v| v.get_ref().as_str()) {
+            None | Some("mqtt") => {
+                if let Some(v) = &l.websocket_path {
+                    c.at(
+                        format!("listener[{i}].websocket_path"),
+                        v,
+                        "websocket_path needs kind = \"websocket\"",
+                    );
+                }
+                None
+            }
+            Some("websocket") => {
+                let path = l
+                    .websocket_path
+                    .as_ref()
+                    .map_or_else(|| "/mqtt".to_string(), |v| v.get_ref().clone());
+                if !path.starts_with('/') {
+                    if let Some(v) = &l.websocket_path {
+                        c.at(
+                            format!("listener[{i}].websocket_path"),
+                            v,
+                            format!("\"{path}\" must start with '/'"),
+                        );
+                    }
+                }
+                Some(path)
+            }
+            Some(other) => {
+                if let Some(v) = &l.kind {
+                    c.at(
+                        format!("listener[{i}].kind"),
+                        v,
+                        format!("\"{other}\" is not one of \"mqtt\", \"websocket\""),
+                    );
+                }
+                None
+            }
+        };
         match l.address.get_ref().parse::<SocketAddr>() {
             Ok(address) => listeners.push(Listener {
                 name: l.name.clone().unwrap_or_else(|| format!("listener{i}")),
@@ -724,6 +765,7 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                 connect_refusal,
                 proxy_trusted,
                 tls,
+                websocket,
             }),
             Err(_) => c.at(
                 format!("listener[{i}].address"),
