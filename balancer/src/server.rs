@@ -472,9 +472,12 @@ async fn handle(
     let Some(tls) = &listener.tls else {
         if listener.websocket.is_some() {
             let client = crate::rewind::Rewind::new(initial, client);
-            return serve_websocket(client, peer, local, listener, shared, shutdown).await;
+            return serve_websocket(client, peer, local, listener, shared, shutdown, None).await;
         }
-        return serve_client(client, peer, local, initial, listener, shared, shutdown).await;
+        return serve_client(
+            client, peer, local, initial, listener, shared, shutdown, None,
+        )
+        .await;
     };
     // The PROXY header may have arrived with the start of the ClientHello.
     let client = crate::rewind::Rewind::new(initial, client);
@@ -496,8 +499,25 @@ async fn handle(
             return;
         }
     };
+    // The verified certificate names the client (when configured): it
+    // replaces what the CONNECT claims.
+    let identity = match tls.files.identity_as {
+        None => None,
+        Some(field) => match crate::tls::peer_identity(client.get_ref().1) {
+            Some(name) => Some((field, name)),
+            None => {
+                m.reject(RejectReason::Tls);
+                tracing::info!(
+                    reason = "tls",
+                    detail = "client certificate names no CN or DNS name",
+                    "refused"
+                );
+                return;
+            }
+        },
+    };
     if listener.websocket.is_some() {
-        return serve_websocket(client, peer, local, listener, shared, shutdown).await;
+        return serve_websocket(client, peer, local, listener, shared, shutdown, identity).await;
     }
     serve_client(
         client,
@@ -507,6 +527,7 @@ async fn handle(
         listener,
         shared,
         shutdown,
+        identity,
     )
     .await
 }
@@ -520,6 +541,7 @@ async fn serve_websocket<S>(
     listener: &ListenerInfo,
     shared: &Shared,
     shutdown: &CancellationToken,
+    identity: Option<(mqlb_config::IdentityAs, String)>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -551,6 +573,7 @@ async fn serve_websocket<S>(
         listener,
         shared,
         shutdown,
+        identity,
     )
     .await
 }
@@ -566,6 +589,7 @@ async fn serve_client<
     listener: &ListenerInfo,
     shared: &Shared,
     shutdown: &CancellationToken,
+    identity: Option<(mqlb_config::IdentityAs, String)>,
 ) {
     let style = listener.style;
     let m = &shared.metrics;
@@ -594,6 +618,14 @@ async fn serve_client<
             return;
         }
     };
+    let mut hs = hs;
+    if let Some((field, name)) = &identity {
+        if let Err(detail) = handshake::rewrite_identity(&mut hs, *field, name) {
+            m.reject(RejectReason::ProtocolError);
+            tracing::info!(reason = "protocol_error", %detail, "refused");
+            return;
+        }
+    }
     let span = tracing::Span::current();
     span.record("client_id", hs.client_id.as_str());
 

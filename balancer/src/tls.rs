@@ -91,3 +91,27 @@ pub struct Slot {
     /// The acceptor new connections use.
     pub current: arc_swap::ArcSwap<Terminator>,
 }
+
+/// The verified client certificate's identity: its subject's common name,
+/// else its first DNS subject alternative name. Parsed with x509-parser
+/// (a maintained DER/X.509 parser; rustls verifies the chain but does not
+/// expose names).
+pub fn peer_identity(conn: &rustls::ServerConnection) -> Option<String> {
+    let der = conn.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    if let Some(cn) = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+    {
+        if !cn.is_empty() {
+            return Some(cn.to_string());
+        }
+    }
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+        _ => None,
+    })
+}

@@ -197,6 +197,10 @@ pub struct ListenerFile {
     pub tls_key: Option<Spanned<String>>,
     /// PEM CA certificates: require a client certificate they sign (mTLS).
     pub tls_client_ca: Option<Spanned<String>>,
+    /// With `tls_client_ca`: "username" or "client_id" takes the client
+    /// certificate's identity (subject CN, else the first DNS SAN) into the
+    /// CONNECT (Mosquitto's `use_identity_as_username`).
+    pub tls_identity_as: Option<Spanned<String>>,
     /// "mqtt" (default) or "websocket" (MQTT over WebSocket, plain or TLS).
     pub kind: Option<Spanned<String>>,
     /// HTTP path of the WebSocket upgrade, default "/mqtt".

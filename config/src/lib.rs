@@ -267,6 +267,18 @@ pub struct TlsFiles {
     /// CAs a client certificate must chain to; `None`: no client
     /// certificate asked for.
     pub client_ca: Option<std::path::PathBuf>,
+    /// Where the client certificate's identity goes in the CONNECT, when
+    /// set (needs `client_ca`).
+    pub identity_as: Option<IdentityAs>,
+}
+
+/// Which CONNECT field a client certificate's identity replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityAs {
+    /// The user name (a client-supplied one is replaced, never trusted).
+    Username,
+    /// The client ID (and so the placement key).
+    ClientId,
 }
 
 /// A backend broker.
@@ -700,6 +712,31 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                     cert: cert.get_ref().into(),
                     key: key.get_ref().into(),
                     client_ca: l.tls_client_ca.as_ref().map(|v| v.get_ref().into()),
+                    identity_as: match l.tls_identity_as.as_ref() {
+                        None => None,
+                        Some(v) => match (v.get_ref().as_str(), &l.tls_client_ca) {
+                            (_, None) => {
+                                c.at(
+                                    format!("listener[{i}].tls_identity_as"),
+                                    v,
+                                    "a certificate identity needs client certificates: set tls_client_ca",
+                                );
+                                None
+                            }
+                            ("username", Some(_)) => Some(IdentityAs::Username),
+                            ("client_id", Some(_)) => Some(IdentityAs::ClientId),
+                            (other, Some(_)) => {
+                                c.at(
+                                    format!("listener[{i}].tls_identity_as"),
+                                    v,
+                                    format!(
+                                        "\"{other}\" is not one of \"username\", \"client_id\""
+                                    ),
+                                );
+                                None
+                            }
+                        },
+                    },
                 })
             }
             (Some(v), None) | (None, Some(v)) => {

@@ -152,6 +152,11 @@ impl Mosquitto {
             .collect()
     }
 
+    /// The broker's log file.
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log
+    }
+
     /// Waits until `id` has connected here, at most `within`.
     pub fn saw_client(&self, id: &str, within: Duration) -> bool {
         let end = Instant::now() + within;

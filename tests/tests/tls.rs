@@ -251,6 +251,11 @@ async fn broken_tls_config_is_refused_by_name() {
 /// A CA and a client certificate it signs, written as PEM under `dir`
 /// (`{name}-ca.pem`, `{name}-client.pem`, `{name}-client.key`).
 fn client_pki(dir: &std::path::Path, name: &str) {
+    client_pki_cn(dir, name, None);
+}
+
+/// A CA and a client certificate it signed, with subject CN `cn` if given.
+fn client_pki_cn(dir: &std::path::Path, name: &str, cn: Option<&str>) {
     use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -259,6 +264,12 @@ fn client_pki(dir: &std::path::Path, name: &str) {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec![format!("{name}-device")]).unwrap();
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if let Some(cn) = cn {
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+    }
     let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
     std::fs::write(dir.join(format!("{name}-ca.pem")), ca.pem()).unwrap();
     std::fs::write(dir.join(format!("{name}-client.pem")), cert.pem()).unwrap();
@@ -404,6 +415,103 @@ async fn reload_rotates_the_certificate_without_dropping_clients() {
     assert!(body.contains("mqtts") && body.contains("key.pem"), "{body}");
     assert!(handshake(new_ca).await.is_ok());
     drop((before, after));
+    lb.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// mTLS identity: with `tls_identity_as = "username"`, the certificate's CN
+/// replaces whatever user name the client sent. A Mosquitto backend whose
+/// ACL lets only user `device-7` use `devices/device-7/#` proves the broker
+/// saw the mapped name: a client claiming to be `evil` round-trips there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_identity_replaces_the_user_name() {
+    let (dir, _) = certificate();
+    let acl = dir.join("acl");
+    std::fs::write(&acl, "user device-7\ntopic readwrite devices/device-7/#\n").unwrap();
+    let m = Mosquitto::start_with(&format!("acl_file {}", acl.display()));
+    client_pki_cn(&dir, "dev", Some("device-7"));
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\ntls_client_ca = \"{ca}\"\ntls_identity_as = \"username\"\n\
+         [[backend]]\nname = \"m\"\naddress = \"{a}\"\n\
+         [balancer]\nconnect_timeout = \"2s\"\n[health]\nenabled = false\n",
+        c = dir.join("cert.pem").display(),
+        k = dir.join("key.pem").display(),
+        ca = dir.join("dev-ca.pem").display(),
+        a = m.addr()
+    );
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let port = lb.addr.port().to_string();
+    let cafile = dir.join("cert.pem").display().to_string();
+    let tls_args = |cmd: &mut Command| {
+        cmd.args(["-h", "127.0.0.1", "-p", &port, "--cafile", &cafile])
+            .arg("--cert")
+            .arg(dir.join("dev-client.pem"))
+            .arg("--key")
+            .arg(dir.join("dev-client.key"))
+            .args(["-u", "evil", "-P", "whatever"]);
+    };
+    let mut sub = Command::new("mosquitto_sub");
+    tls_args(&mut sub);
+    sub.args([
+        "-i",
+        "id-sub",
+        "-t",
+        "devices/device-7/t",
+        "-C",
+        "1",
+        "-W",
+        "10",
+        "-q",
+        "1",
+    ]);
+    let sub = sub.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    assert!(
+        m.saw_client("id-sub", T),
+        "subscriber did not reach the broker"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut publ = Command::new("mosquitto_pub");
+    tls_args(&mut publ);
+    let out = publ
+        .args([
+            "-i",
+            "id-pub",
+            "-t",
+            "devices/device-7/t",
+            "-m",
+            "mapped",
+            "-q",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let got = tokio::task::spawn_blocking(move || sub.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout).trim(),
+        "mapped",
+        "{got:?}"
+    );
+    // Mosquitto logs the user name it saw.
+    let log = std::fs::read_to_string(m.log_path()).unwrap();
+    assert!(log.contains("u'device-7'"), "{log}");
+    assert!(
+        !log.contains("u'evil'"),
+        "the client-supplied name reached the broker"
+    );
+    // Without client certificates the mapping is a config error by key.
+    let bad = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\ntls_identity_as = \"username\"\n[[backend]]\nname = \"m\"\naddress = \"{a}\"\n",
+        c = dir.join("cert.pem").display(),
+        k = dir.join("key.pem").display(),
+        a = m.addr()
+    );
+    let e = mqlb_config::Config::parse("<t>", &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listener[0].tls_identity_as"), "{e}");
     lb.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
