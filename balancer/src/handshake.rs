@@ -258,6 +258,50 @@ pub fn server_unavailable(version: ProtocolVersion) -> &'static [u8] {
     }
 }
 
+/// Puts a verified client certificate's identity into the buffered
+/// CONNECT: as the user name (a client-supplied one is replaced, never
+/// trusted) or as the client ID (which then places the client). The
+/// CONNECT is decoded, changed and re-encoded by our codec, then decoded
+/// again, so what the broker gets is as strictly valid as what came in.
+pub fn rewrite_identity(
+    hs: &mut Handshake,
+    field: mqlb_config::IdentityAs,
+    identity: &str,
+) -> Result<(), String> {
+    use mqlb_protocol::{decode, MqttStr, Packet};
+    let mut frame = BytesMut::from(&hs.buf[..hs.connect_len]);
+    let Ok(Some(Packet::Connect(mut c))) = decode(&mut frame, ProtocolVersion::V5, 1 << 20) else {
+        return Err("the buffered CONNECT no longer decodes".into());
+    };
+    let name = MqttStr::try_from(identity)
+        .map_err(|_| format!("certificate identity {identity:?} is not an MQTT string"))?;
+    match field {
+        mqlb_config::IdentityAs::Username => c.username = Some(name),
+        mqlb_config::IdentityAs::ClientId => c.client_id = name,
+    }
+    let version = c.version;
+    let bytes = Packet::Connect(c.clone())
+        .to_bytes(version)
+        .map_err(|e| format!("CONNECT with the certificate identity does not encode: {e:?}"))?;
+    let mut check = BytesMut::from(&bytes[..]);
+    match decode(&mut check, ProtocolVersion::V5, 1 << 20) {
+        Ok(Some(Packet::Connect(_))) if check.is_empty() => {}
+        other => {
+            return Err(format!(
+                "CONNECT with the certificate identity is not valid: {other:?}"
+            ))
+        }
+    }
+    let mut buf = BytesMut::with_capacity(bytes.len() + hs.buf.len() - hs.connect_len);
+    buf.extend_from_slice(&bytes);
+    buf.extend_from_slice(&hs.buf[hs.connect_len..]);
+    hs.buf = buf;
+    hs.connect_len = bytes.len();
+    hs.client_id = c.client_id.to_string();
+    hs.username = c.username.as_ref().map(|u| u.to_string());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,48 +399,4 @@ mod tests {
         }
         Chunks(chunks.into())
     }
-}
-
-/// Puts a verified client certificate's identity into the buffered
-/// CONNECT: as the user name (a client-supplied one is replaced, never
-/// trusted) or as the client ID (which then places the client). The
-/// CONNECT is decoded, changed and re-encoded by our codec, then decoded
-/// again, so what the broker gets is as strictly valid as what came in.
-pub fn rewrite_identity(
-    hs: &mut Handshake,
-    field: mqlb_config::IdentityAs,
-    identity: &str,
-) -> Result<(), String> {
-    use mqlb_protocol::{decode, MqttStr, Packet};
-    let mut frame = BytesMut::from(&hs.buf[..hs.connect_len]);
-    let Ok(Some(Packet::Connect(mut c))) = decode(&mut frame, ProtocolVersion::V5, 1 << 20) else {
-        return Err("the buffered CONNECT no longer decodes".into());
-    };
-    let name = MqttStr::try_from(identity)
-        .map_err(|_| format!("certificate identity {identity:?} is not an MQTT string"))?;
-    match field {
-        mqlb_config::IdentityAs::Username => c.username = Some(name),
-        mqlb_config::IdentityAs::ClientId => c.client_id = name,
-    }
-    let version = c.version;
-    let bytes = Packet::Connect(c.clone())
-        .to_bytes(version)
-        .map_err(|e| format!("CONNECT with the certificate identity does not encode: {e:?}"))?;
-    let mut check = BytesMut::from(&bytes[..]);
-    match decode(&mut check, ProtocolVersion::V5, 1 << 20) {
-        Ok(Some(Packet::Connect(_))) if check.is_empty() => {}
-        other => {
-            return Err(format!(
-                "CONNECT with the certificate identity is not valid: {other:?}"
-            ))
-        }
-    }
-    let mut buf = BytesMut::with_capacity(bytes.len() + hs.buf.len() - hs.connect_len);
-    buf.extend_from_slice(&bytes);
-    buf.extend_from_slice(&hs.buf[hs.connect_len..]);
-    hs.buf = buf;
-    hs.connect_len = bytes.len();
-    hs.client_id = c.client_id.to_string();
-    hs.username = c.username.as_ref().map(|u| u.to_string());
-    Ok(())
 }

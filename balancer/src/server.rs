@@ -472,12 +472,19 @@ async fn handle(
     let Some(tls) = &listener.tls else {
         if listener.websocket.is_some() {
             let client = crate::rewind::Rewind::new(initial, client);
-            return serve_websocket(client, peer, local, listener, shared, shutdown, None).await;
+            let arrival = Arrival {
+                peer,
+                local,
+                identity: None,
+            };
+            return serve_websocket(client, arrival, listener, shared, shutdown).await;
         }
-        return serve_client(
-            client, peer, local, initial, listener, shared, shutdown, None,
-        )
-        .await;
+        let arrival = Arrival {
+            peer,
+            local,
+            identity: None,
+        };
+        return serve_client(client, arrival, initial, listener, shared, shutdown).await;
     };
     // The PROXY header may have arrived with the start of the ClientHello.
     let client = crate::rewind::Rewind::new(initial, client);
@@ -516,32 +523,26 @@ async fn handle(
             }
         },
     };
-    if listener.websocket.is_some() {
-        return serve_websocket(client, peer, local, listener, shared, shutdown, identity).await;
-    }
-    serve_client(
-        client,
+    let arrival = Arrival {
         peer,
         local,
-        bytes::BytesMut::new(),
-        listener,
-        shared,
-        shutdown,
         identity,
-    )
-    .await
+    };
+    if listener.websocket.is_some() {
+        return serve_websocket(client, arrival, listener, shared, shutdown).await;
+    }
+    let initial = bytes::BytesMut::new();
+    serve_client(client, arrival, initial, listener, shared, shutdown).await
 }
 
 /// Completes a WebSocket upgrade (within the CONNECT timeout, at most
 /// [`crate::ws::MAX_UPGRADE`] bytes), then serves the MQTT inside it.
 async fn serve_websocket<S>(
     client: S,
-    peer: SocketAddr,
-    local: SocketAddr,
+    arrival: Arrival,
     listener: &ListenerInfo,
     shared: &Shared,
     shutdown: &CancellationToken,
-    identity: Option<(mqlb_config::IdentityAs, String)>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -565,17 +566,18 @@ async fn serve_websocket<S>(
             return;
         }
     };
-    serve_client(
-        ws,
-        peer,
-        local,
-        bytes::BytesMut::new(),
-        listener,
-        shared,
-        shutdown,
-        identity,
-    )
-    .await
+    let initial = bytes::BytesMut::new();
+    serve_client(ws, arrival, initial, listener, shared, shutdown).await
+}
+
+/// Who a connection is, once PROXY and TLS are done with.
+struct Arrival {
+    /// The client's address (from the PROXY header when there was one).
+    peer: SocketAddr,
+    /// The address it connected to.
+    local: SocketAddr,
+    /// A verified certificate identity and the CONNECT field it replaces.
+    identity: Option<(mqlb_config::IdentityAs, String)>,
 }
 
 /// A client after PROXY and TLS: reads its CONNECT, places it, splices.
@@ -583,14 +585,17 @@ async fn serve_client<
     C: forward::ClientStream + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 >(
     mut client: C,
-    peer: SocketAddr,
-    local: SocketAddr,
+    arrival: Arrival,
     initial: bytes::BytesMut,
     listener: &ListenerInfo,
     shared: &Shared,
     shutdown: &CancellationToken,
-    identity: Option<(mqlb_config::IdentityAs, String)>,
 ) {
+    let Arrival {
+        peer,
+        local,
+        identity,
+    } = arrival;
     let style = listener.style;
     let m = &shared.metrics;
     let config = shared.config();
