@@ -1,0 +1,421 @@
+//! The links between nodes: every cluster connection is accepted or
+//! dialled here, authenticated by the handshake, and then either carries
+//! one peer's frames (applied in order) or relays one MQTT client to the
+//! node serving its session.
+
+use super::*;
+
+/// Frames waiting for one peer's outbound link.
+#[derive(Debug, Default)]
+pub(super) struct LinkTx {
+    pub(super) buf: Mutex<BytesMut>,
+    pub(super) ready: Notify,
+}
+
+impl LinkTx {
+    pub(super) fn push(&self, f: &Frame, dropped: &AtomicU64) {
+        let mut b = lock(&self.buf);
+        if b.len() > LINK_BUFFER {
+            dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if f.encode(&mut b).is_err() {
+            dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        drop(b);
+        self.ready.notify_one();
+    }
+}
+
+impl Cluster {
+    /// Opens an authenticated client connection to `owner`, over which an
+    /// MQTT client's bytes are relayed.
+    pub async fn dial_client(&self, owner: &str) -> io::Result<TcpStream> {
+        let id = self
+            .id_of(owner)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown node"))?;
+        let addr = self.addrs[id as usize];
+        let mut s = tokio::time::timeout(FAILURE_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let _ = s.set_nodelay(true);
+        let name = handshake::dial(&mut s, &self.me, Purpose::Client, &self.secret)
+            .await
+            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
+        if name != owner {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "wrong node"));
+        }
+        self.stats.proxied.fetch_add(1, Ordering::Relaxed);
+        Ok(s)
+    }
+
+    pub(super) async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        state: Arc<State>,
+        settings: Settings,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let (mut stream, addr) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            let state = state.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let known = |n: &str| me.id_of(n).is_some_and(|id| id != me.my_id);
+                let (name, purpose) =
+                    match handshake::accept(&mut stream, &me.me, &me.secret, known).await {
+                        Ok(x) => x,
+                        Err(r) => {
+                            me.refused(r);
+                            tracing::warn!(%addr, reason = r.label(), "cluster connection refused");
+                            return;
+                        }
+                    };
+                let Some(id) = me.id_of(&name) else {
+                    return;
+                };
+                match purpose {
+                    Purpose::Link => {
+                        let span = tracing::info_span!("inbound", peer = %name);
+                        tokio::select! {
+                            _ = me.read_link(id, stream, state).instrument(span) => {}
+                            _ = stop.cancelled() => {}
+                        }
+                    }
+                    Purpose::Client => {
+                        tokio::select! {
+                            _ = crate::conn::handle_owned(stream, state, settings, id) => {}
+                            _ = stop.cancelled() => {}
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    pub(super) fn refused(&self, r: Refusal) {
+        let i = match r {
+            Refusal::Garbage => 0,
+            Refusal::BadSecret => 1,
+            Refusal::UnknownNode => 2,
+            Refusal::Timeout => 3,
+        };
+        self.stats.refused[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Applies a peer's frames until its link closes or goes quiet.
+    pub(super) async fn read_link(&self, id: NodeId, mut stream: TcpStream, state: Arc<State>) {
+        let generation = {
+            let mut peers = lock(&self.peers);
+            let p = &mut peers[id as usize];
+            p.generation += 1;
+            p.synced = false;
+            p.heard = Some(Instant::now());
+            p.generation
+        };
+        tracing::info!("peer link up");
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        loop {
+            let r = tokio::time::timeout(FAILURE_TIMEOUT, stream.read_buf(&mut buf)).await;
+            match r {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => break,
+            }
+            {
+                let mut peers = lock(&self.peers);
+                let p = &mut peers[id as usize];
+                if p.generation != generation {
+                    return; // a newer link from this peer took over
+                }
+                p.heard = Some(Instant::now());
+            }
+            loop {
+                let frame = match Frame::decode(&mut buf) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bad frame from peer; closing its link");
+                        self.link_down(id, generation, &state);
+                        return;
+                    }
+                };
+                self.apply(id, generation, frame, &state);
+            }
+        }
+        self.link_down(id, generation, &state);
+    }
+
+    pub(super) fn link_down(&self, id: NodeId, generation: u64, state: &State) {
+        {
+            let mut peers = lock(&self.peers);
+            let p = &mut peers[id as usize];
+            if p.generation != generation {
+                return;
+            }
+            p.heard = None;
+            p.synced = false;
+        }
+        tracing::warn!("peer link down");
+        // Its interest is kept a while: publishes for its sessions are held
+        // (see `forward`) until whoever takes them over has said so, instead
+        // of matching nobody in between.
+        let (Some(st), Some(cluster)) = (
+            self.state.get().and_then(std::sync::Weak::upgrade),
+            self.state_owner.get().and_then(std::sync::Weak::upgrade),
+        ) else {
+            state.core().forget_peer(id);
+            return;
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(INTEREST_HOLD).await;
+            let still_down = lock(&cluster.peers)[id as usize].generation == generation;
+            if still_down {
+                tracing::debug!(peer = id, "forgetting a lost peer's interest");
+                st.core().forget_peer(id);
+            }
+        });
+    }
+
+    pub(super) fn apply(&self, id: NodeId, generation: u64, frame: Frame, state: &State) {
+        match frame {
+            Frame::Ping => {}
+            Frame::Reset => state.core().forget_peer(id),
+            Frame::Interest { filter, gained } => state.core().peer_interest(id, &filter, gained),
+            Frame::SyncDone => {
+                let mut peers = lock(&self.peers);
+                let p = &mut peers[id as usize];
+                if p.generation == generation {
+                    p.synced = true;
+                }
+            }
+            Frame::Retained {
+                topic,
+                message,
+                version,
+            } => {
+                state
+                    .core()
+                    .set_retained_from_peer(&topic, message, version);
+            }
+            Frame::Replicate {
+                seq,
+                client,
+                epoch,
+                holder,
+                changes,
+            } => {
+                if let Some(h) = self.id_of(&holder) {
+                    lock(&self.holders).insert(client.clone(), h);
+                }
+                self.replicate(id, seq, client, epoch, changes, state)
+            }
+            Frame::Ack { seq } => self.acked(id, seq),
+            Frame::Forward {
+                seq,
+                message,
+                groups,
+            } => {
+                self.stats.received.fetch_add(1, Ordering::Relaxed);
+                let committed = state.act(|core| core.route_from_peer(message, &groups));
+                if seq != 0 {
+                    // The publisher's acknowledgement waits for this node's
+                    // copies (and their chains) to hold the message.
+                    let tx = lock(&self.links).get(&id).cloned();
+                    if let Some(tx) = tx {
+                        if committed.is_done() {
+                            tx.push(&Frame::Ack { seq }, &self.stats.dropped);
+                        } else {
+                            // Dropped acks (a full buffer) are not counted
+                            // from here; the link closing shows the fault.
+                            let counter = Arc::new(AtomicU64::new(0));
+                            tokio::spawn(async move {
+                                committed.wait().await;
+                                tx.push(&Frame::Ack { seq }, &counter);
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps the outbound link to peer `id` open: dial, prove the secret,
+    /// send the snapshot, then stream frames; redial when it drops.
+    pub(super) async fn dial_loop(
+        self: Arc<Self>,
+        id: NodeId,
+        state: Arc<State>,
+        stop: CancellationToken,
+    ) {
+        let addr = self.addrs[id as usize];
+        let name = self.names[id as usize].clone();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = async {
+                let mut s = tokio::time::timeout(FAILURE_TIMEOUT, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| "connect timed out".to_string())?
+                    .map_err(|e| e.to_string())?;
+                let _ = s.set_nodelay(true);
+                let peer = handshake::dial(&mut s, &self.me, Purpose::Link, &self.secret)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if peer != name {
+                    return Err(format!("answered as {peer}"));
+                }
+                Ok(s)
+            };
+            let stream = tokio::select! {
+                r = attempt => r,
+                _ = stop.cancelled() => return,
+            };
+            match stream {
+                Ok(s) => {
+                    backoff = Duration::from_millis(100);
+                    tracing::info!("link to peer open");
+                    tokio::select! {
+                        _ = self.write_link(id, s, &state) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    tracing::warn!("link to peer closed");
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot reach peer"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Sends the snapshot, registers the link for live changes, then writes
+    /// whatever is queued until the connection fails.
+    pub(super) async fn write_link(&self, id: NodeId, mut s: TcpStream, state: &State) {
+        let tx = Arc::new(LinkTx::default());
+        {
+            // Under the core's lock: changes made after the snapshot reach
+            // this link, and none made before it is sent twice or lost.
+            let core = state.core();
+            tx.push(&Frame::Reset, &self.stats.dropped);
+            for filter in core.local_interest() {
+                tx.push(
+                    &Frame::Interest {
+                        filter,
+                        gained: true,
+                    },
+                    &self.stats.dropped,
+                );
+            }
+            for (topic, message, version) in core.retained_all() {
+                tx.push(
+                    &Frame::Retained {
+                        topic,
+                        message,
+                        version,
+                    },
+                    &self.stats.dropped,
+                );
+            }
+            // The sessions whose chain (with the peer in the view) holds
+            // the peer: a returning owner or replica must have them before
+            // it says ready.
+            let peer = self.names[id as usize].as_str();
+            let mut members = self.view().members;
+            if !members.iter().any(|m| m == peer) {
+                members.push(peer.to_string());
+            }
+            let in_chain = |client: &str| {
+                let ms: Vec<Member<'_>> = members.iter().map(|n| Member(n)).collect();
+                mqlb_placement::rank(client.as_bytes(), &ms)
+                    .into_iter()
+                    .take(REPLICATION_FACTOR)
+                    .any(|m| m.0 == peer)
+            };
+            let mut copies: Vec<(String, crate::snapshot::SessionSnapshot, String)> = Vec::new();
+            for client in core.persistent_sessions() {
+                if in_chain(&client) {
+                    if let Some(snap) = core.export_session(&client) {
+                        copies.push((client.to_string(), snap, self.me.clone()));
+                    }
+                }
+            }
+            // Copies kept for others go too: after a partition the side
+            // that kept serving may be reachable only through them, and
+            // the newest epoch wins wherever they land.
+            {
+                let replicas = lock(&self.replicas);
+                let holders = lock(&self.holders);
+                for (client, session) in replicas.iter() {
+                    if in_chain(client) {
+                        let holder = holders
+                            .get(client)
+                            .and_then(|h| self.names.get(*h as usize))
+                            .cloned()
+                            .unwrap_or_default();
+                        copies.push((client.clone(), crate::core::snapshot_of(session), holder));
+                    }
+                }
+            }
+            for (client, snap, holder) in copies {
+                tx.push(
+                    &Frame::Replicate {
+                        seq: 0,
+                        client,
+                        epoch: snap.epoch,
+                        holder,
+                        changes: whole(snap),
+                    },
+                    &self.stats.dropped,
+                );
+            }
+            tx.push(&Frame::SyncDone, &self.stats.dropped);
+            lock(&self.links).insert(id, tx.clone());
+        }
+        loop {
+            let _ = tokio::time::timeout(PING_EVERY, tx.ready.notified()).await;
+            let mut out = std::mem::take(&mut *lock(&tx.buf));
+            if out.is_empty() {
+                let _ = Frame::Ping.encode(&mut out);
+            }
+            match tokio::time::timeout(FAILURE_TIMEOUT, s.write_all(&out)).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+        }
+        let mut links = lock(&self.links);
+        if links.get(&id).is_some_and(|t| Arc::ptr_eq(t, &tx)) {
+            links.remove(&id);
+        }
+    }
+
+    pub(super) fn broadcast(&self, f: &Frame) {
+        for tx in lock(&self.links).values() {
+            tx.push(f, &self.stats.dropped);
+        }
+    }
+}
+
+/// Writes `bytes` and then relays both ways between a client and its
+/// owner's node until either side closes.
+pub async fn relay<C>(client: &mut C, owner: &mut TcpStream, first: &[u8]) -> io::Result<()>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    owner.write_all(first).await?;
+    tokio::io::copy_bidirectional(client, owner)
+        .await
+        .map(|_| ())
+}

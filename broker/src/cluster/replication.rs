@@ -1,0 +1,369 @@
+//! Session replication down chains: the change log that streams each
+//! persistent session's records to the other member of its chain and
+//! commits once it has applied them; the replica copies a node keeps for
+//! others; promotion when a holder dies; re-chaining after a view change;
+//! stepping down without a majority.
+
+use super::*;
+
+/// One append's outstanding acknowledgements, per chain member.
+#[derive(Debug)]
+pub(super) struct Waiting {
+    pub(super) per_node: HashMap<NodeId, usize>,
+    pub(super) tx: Option<tokio::sync::oneshot::Sender<()>>,
+    /// A forwarded publish, kept until its peer confirms it: if the peer
+    /// dies first, it is forwarded again to whoever took over.
+    pub(super) resend: Option<(Message, Vec<Arc<str>>)>,
+}
+
+impl Cluster {
+    /// Before serving `client_id` here: if this node holds a replica of its
+    /// session and not the session itself, the replica becomes the session
+    /// (its records then stream to the rest of the chain).
+    pub fn promote(&self, client_id: &str, state: &State) {
+        let Some(session) = lock(&self.replicas).remove(client_id) else {
+            return;
+        };
+        lock(&self.holders).remove(client_id);
+        // A takeover starts a new epoch, so this copy wins over any older
+        // one still held elsewhere (a stale owner's writes are refused).
+        let mut snap = crate::core::snapshot_of(&session);
+        snap.epoch += 1;
+        let _ = state.act(|core| {
+            if core.has_session(client_id) {
+                return crate::effects::Effects::none();
+            }
+            tracing::info!(client_id, epoch = snap.epoch, "replica promoted to session");
+            core.import_session(client_id, snap)
+                .unwrap_or_else(|_| crate::effects::Effects::none())
+        });
+    }
+
+    /// The live peer that holds `client_id`'s session, if this node keeps
+    /// a replica of it.
+    pub fn live_holder(&self, client_id: &str) -> Option<String> {
+        if !lock(&self.replicas).contains_key(client_id) {
+            return None;
+        }
+        let holder = *lock(&self.holders).get(client_id)?;
+        let name = self.names.get(holder as usize)?;
+        let live = self.view().members.iter().any(|m| m == name);
+        (live && *name != self.me).then(|| name.clone())
+    }
+
+    /// Where a client with this ID is served: `None` here, or the node to
+    /// relay it to: the live holder of its session, else its owner.
+    pub fn server_for(&self, client_id: &str, state: &State) -> Option<String> {
+        if state.core().has_session(client_id) {
+            return None;
+        }
+        if let Some(h) = self.live_holder(client_id) {
+            return Some(h);
+        }
+        let owner = self.owner(client_id);
+        (owner != self.me).then_some(owner)
+    }
+
+    /// Promotes the replicas this node owns in the current view, once it is
+    /// ready: only then has it the newest copy every live peer holds (their
+    /// link snapshots come before it says ready).
+    pub(super) fn promote_owned(&self, state: &State) {
+        if !self.ready() {
+            return;
+        }
+        let held: Vec<String> = lock(&self.replicas).keys().cloned().collect();
+        let owned: Vec<String> = held
+            .into_iter()
+            .filter(|c| self.owner(c) == self.me && self.live_holder(c).is_none())
+            .collect();
+        for c in owned {
+            self.promote(&c, state);
+        }
+    }
+
+    /// After a view change: send every session this node holds whole to
+    /// its chain (a new chain member has nothing; an old one may have
+    /// missed changes).
+    pub(super) fn rechain(&self, state: &State) {
+        let records: Vec<ChangeRecord> = {
+            let core = state.core();
+            let mut out = Vec::new();
+            for id in core.persistent_sessions() {
+                let Some(snap) = core.export_session(&id) else {
+                    continue;
+                };
+                let epoch = snap.epoch;
+                for change in whole(snap) {
+                    out.push(ChangeRecord {
+                        client: id.clone(),
+                        epoch,
+                        change,
+                    });
+                }
+            }
+            out
+        };
+        if !records.is_empty() {
+            drop(self.append(records));
+        }
+    }
+
+    /// This node lost its majority: the other side may take its sessions
+    /// over, so it stops serving. Clients are closed (v5: DISCONNECT 0x8B)
+    /// to reconnect on the majority side, and its sessions become replica
+    /// copies, so that when the partition heals the majority's copies (which
+    /// took the messages published meanwhile) win.
+    pub(super) fn step_down(&self, state: &State) {
+        tracing::warn!(
+            quorum = self.quorum(),
+            "lost the majority of the cluster: closing clients and handing sessions over"
+        );
+        let demoted: Vec<(String, crate::snapshot::SessionSnapshot)> = {
+            let core = state.core();
+            core.persistent_sessions()
+                .into_iter()
+                .filter_map(|c| core.export_session(&c).map(|s| (c.to_string(), s)))
+                .collect()
+        };
+        for (client, snap) in demoted {
+            let epoch = snap.epoch;
+            self.apply_replica(&client, epoch, whole(snap));
+            let _ = state.act(|core| core.evict_session_shutting_down(&client));
+        }
+        for outbox in state.core().open_connections() {
+            outbox.close(crate::outbox::Closing::ShuttingDown);
+        }
+    }
+
+    /// A chain member's copy of a session changed.
+    pub(super) fn replicate(
+        &self,
+        from: NodeId,
+        seq: u64,
+        client: String,
+        epoch: u64,
+        changes: Vec<SessionChange>,
+        state: &State,
+    ) {
+        // A session this node holds with an older epoch has moved on: the
+        // writer's copy is the live one now.
+        let held = state.core().epoch(&client);
+        match held {
+            Some(mine) if mine > epoch => {
+                // A writer that has not yet heard that the session moved
+                // here: its bookkeeping is refused, but the messages it
+                // accepted for the session are adopted (a QoS 1 duplicate
+                // is possible; losing them is not).
+                tracing::debug!(
+                    client,
+                    mine,
+                    epoch,
+                    "stale session changes: adopting their messages"
+                );
+                let adopted: Vec<crate::message::Pending> = changes
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } => {
+                            Some(p)
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                if !adopted.is_empty() {
+                    let committed = state.act(|core| core.adopt(&client, adopted));
+                    if let Some(tx) = lock(&self.links).get(&from).cloned() {
+                        tokio::spawn(async move {
+                            committed.wait().await;
+                            tx.push(&Frame::Ack { seq }, &AtomicU64::new(0));
+                        });
+                    }
+                    return;
+                }
+            }
+            Some(_) if !state.core().is_connected(&client) || held < Some(epoch) => {
+                if held < Some(epoch) {
+                    tracing::info!(client, "session moved to another node; local copy dropped");
+                    let _ = state.act(|core| core.evict_session(&client));
+                }
+                self.apply_replica(&client, epoch, changes);
+            }
+            Some(_) => {}
+            None => self.apply_replica(&client, epoch, changes),
+        }
+        if let Some(tx) = lock(&self.links).get(&from).cloned() {
+            tx.push(&Frame::Ack { seq }, &self.stats.dropped);
+        }
+    }
+
+    pub(super) fn apply_replica(&self, client: &str, epoch: u64, changes: Vec<SessionChange>) {
+        let mut replicas = lock(&self.replicas);
+        let s = replicas.entry(client.to_string()).or_default();
+        if s.epoch > epoch {
+            return;
+        }
+        for c in changes {
+            if c == SessionChange::Ended {
+                *s = Session::default();
+            } else {
+                s.apply(c);
+            }
+        }
+        if s == &Session::default() {
+            replicas.remove(client);
+            lock(&self.holders).remove(client);
+        }
+    }
+
+    pub(super) fn acked(&self, from: NodeId, seq: u64) {
+        let mut waiting = lock(&self.waiting);
+        let done = match waiting.get_mut(&seq) {
+            Some(w) => {
+                if let Some(n) = w.per_node.get_mut(&from) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        w.per_node.remove(&from);
+                    }
+                }
+                w.per_node.is_empty()
+            }
+            None => false,
+        };
+        if done {
+            if let Some(mut w) = waiting.remove(&seq) {
+                if let Some(tx) = w.tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    }
+
+    /// A member left the view: appends waiting for it wait no longer (the
+    /// copy it would have held is re-made on the new chain by `rechain`).
+    pub(super) fn release_waits(&self, gone: &[NodeId]) {
+        let mut waiting = lock(&self.waiting);
+        let mut done = Vec::new();
+        for (seq, w) in waiting.iter_mut() {
+            let before = w.per_node.len();
+            for g in gone {
+                w.per_node.remove(g);
+            }
+            if w.per_node.is_empty() && before > 0 {
+                done.push(*seq);
+            }
+        }
+        for seq in done {
+            let Some(mut w) = waiting.remove(&seq) else {
+                continue;
+            };
+            let Some(tx) = w.tx.take() else {
+                continue;
+            };
+            match w.resend.take() {
+                None => {
+                    let _ = tx.send(());
+                }
+                // Which other peers had it is not known here: one that did
+                // may see it twice (QoS 1 allows; see the README).
+                Some((m, groups)) => self.hold_for_takeover(m, groups, Vec::new(), tx),
+            }
+        }
+    }
+
+    /// Holds `m` for a dead peer and forwards it again, after
+    /// [`FAILURE_TIMEOUT`], to the live peers interested by then (the node
+    /// that took over the dead peer's sessions announces them when it
+    /// promotes them); `done` fires once those have committed it.
+    pub(super) fn hold_for_takeover(
+        &self,
+        m: Message,
+        groups: Vec<Arc<str>>,
+        exclude: Vec<NodeId>,
+        done: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (Some(state), Some(cluster)) = (
+            self.state.get().and_then(std::sync::Weak::upgrade),
+            self.state_owner.get().and_then(std::sync::Weak::upgrade),
+        ) else {
+            let _ = done.send(());
+            return;
+        };
+        self.stats.held.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            tokio::time::sleep(FAILURE_TIMEOUT).await;
+            let linked: Vec<NodeId> = lock(&cluster.links).keys().copied().collect();
+            let committed = state.act(|core| core.reforward(m, groups, &linked, &exclude));
+            committed.wait().await;
+            let _ = done.send(());
+        });
+    }
+}
+
+impl ChangeLog for Cluster {
+    /// Streams each session's records to the other members of its chain;
+    /// committed once each has applied them (at once with no other member
+    /// live: the copy here is then the only one, as on a single node).
+    fn append(&self, records: Vec<ChangeRecord>) -> Committed {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut per_node: HashMap<NodeId, usize> = HashMap::new();
+        let mut i = 0;
+        while i < records.len() {
+            let client = records[i].client.clone();
+            let mut j = i;
+            let mut epoch = 0;
+            let mut changes = Vec::new();
+            while j < records.len() && records[j].client == client {
+                epoch = epoch.max(records[j].epoch);
+                if let SessionChange::Attached { epoch: e, .. } = &records[j].change {
+                    epoch = epoch.max(*e);
+                }
+                changes.push(records[j].change.clone());
+                j += 1;
+            }
+            i = j;
+            let frame = Frame::Replicate {
+                seq,
+                client: client.to_string(),
+                epoch,
+                holder: self.me.clone(),
+                changes,
+            };
+            for member in self.chain(&client) {
+                if member == self.me {
+                    continue;
+                }
+                let Some(id) = self.id_of(&member) else {
+                    continue;
+                };
+                if let Some(tx) = lock(&self.links).get(&id).cloned() {
+                    tx.push(&frame, &self.stats.dropped);
+                    *per_node.entry(id).or_insert(0) += 1;
+                }
+            }
+        }
+        if per_node.is_empty() {
+            return Committed::now();
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.waiting).insert(
+            seq,
+            Waiting {
+                per_node,
+                tx: Some(tx),
+                resend: None,
+            },
+        );
+        Committed::when(rx)
+    }
+}
+
+/// The changes that make a copy of a session equal to `snap`, whatever the
+/// copy held before.
+pub(super) fn whole(snap: crate::snapshot::SessionSnapshot) -> Vec<SessionChange> {
+    let mut out = vec![SessionChange::Ended];
+    out.extend(crate::core::snapshot_changes(
+        snap,
+        Instant::now(),
+        Arc::from,
+    ));
+    out
+}
