@@ -13,7 +13,8 @@ use mqlb_config::TlsFiles;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls;
-use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
+use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
 /// A listener's TLS acceptor (cheap to clone).
@@ -36,22 +37,109 @@ impl Terminator {
     }
 }
 
+fn bad(what: &std::path::Path, e: &dyn std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{}: {e}", what.display()),
+    )
+}
+
+/// A certificate chain and its key, ready to sign handshakes, and the DNS
+/// names its leaf is for.
+fn load(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> io::Result<(Arc<CertifiedKey>, Vec<String>)> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(cert, &e))?;
+    let Some(leaf) = certs.first() else {
+        return Err(bad(cert, &"no CERTIFICATE in the file"));
+    };
+    let names = dns_names(leaf.as_ref());
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    let signing = provider
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| bad(key, &e))?;
+    let ck = CertifiedKey::new(certs, signing);
+    ck.keys_match().map_err(|e| bad(key, &e))?;
+    Ok((Arc::new(ck), names))
+}
+
+/// The DNS names a certificate is for (its SANs, lower case).
+fn dns_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Picks the certificate by the name the client asks for (SNI). A client
+/// that asks for none gets the default. With SNI certificates configured, a
+/// name none of them (nor the default) is for is refused (alert
+/// `unrecognized_name`) rather than answered with a certificate that would
+/// not verify; without any, every client gets the default.
+#[derive(Debug)]
+struct BySni {
+    default: Arc<CertifiedKey>,
+    /// Name (or `*.suffix`) → certificate.
+    names: std::collections::HashMap<String, Arc<CertifiedKey>>,
+    strict: bool,
+}
+
+impl BySni {
+    fn find(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let name = name.to_ascii_lowercase();
+        if let Some(ck) = self.names.get(&name) {
+            return Some(ck.clone());
+        }
+        let (_, parent) = name.split_once('.')?;
+        self.names.get(&format!("*.{parent}")).cloned()
+    }
+}
+
+impl ResolvesServerCert for BySni {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match hello.server_name() {
+            None => Some(self.default.clone()),
+            Some(name) => self
+                .find(name)
+                .or_else(|| (!self.strict).then(|| self.default.clone())),
+        }
+    }
+}
+
 /// Reads the PEM files and builds the acceptor; errors name the file.
 pub fn acceptor(files: &TlsFiles) -> io::Result<Terminator> {
-    let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {e}", what.display()),
-        )
-    };
-    let certs = CertificateDer::pem_file_iter(&files.cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| bad(&files.cert, &e))?;
-    if certs.is_empty() {
-        return Err(bad(&files.cert, &"no CERTIFICATE in the file"));
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad(&files.key, &e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (default, default_names) = load(&files.cert, &files.key, &provider)?;
+    let mut names = std::collections::HashMap::new();
+    for n in default_names {
+        names.insert(n, default.clone());
+    }
+    for s in &files.sni {
+        let (ck, _) = load(&s.cert, &s.key, &provider)?;
+        for n in &s.server_names {
+            names.insert(n.clone(), ck.clone());
+        }
+    }
+    let resolver = Arc::new(BySni {
+        default,
+        names,
+        strict: !files.sni.is_empty(),
+    });
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(&files.cert, &e))?;
@@ -73,9 +161,10 @@ pub fn acceptor(files: &TlsFiles) -> io::Result<Terminator> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| bad(&files.key, &e))?;
+    let mut config = builder.with_cert_resolver(resolver);
+    // ALPN `mqtt` when the client offers it (clients that offer none are
+    // served too).
+    config.alpn_protocols = vec![b"mqtt".to_vec()];
     Ok(Terminator(TlsAcceptor::from(Arc::new(config))))
 }
 

@@ -201,10 +201,26 @@ pub struct ListenerFile {
     /// certificate's identity (subject CN, else the first DNS SAN) into the
     /// CONNECT (Mosquitto's `use_identity_as_username`).
     pub tls_identity_as: Option<Spanned<String>>,
+    /// More certificates, chosen by the name the client asks for (SNI);
+    /// `tls_cert` is the default for clients that ask for none.
+    #[serde(default)]
+    pub sni: Vec<SniFile>,
     /// "mqtt" (default) or "websocket" (MQTT over WebSocket, plain or TLS).
     pub kind: Option<Spanned<String>>,
     /// HTTP path of the WebSocket upgrade, default "/mqtt".
     pub websocket_path: Option<Spanned<String>>,
+}
+
+/// `[[listener.sni]]`: a certificate for some server names.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniFile {
+    /// The names it serves (`a.example.com`, `*.example.com`).
+    pub server_names: Spanned<Vec<String>>,
+    /// PEM certificate chain.
+    pub tls_cert: Spanned<String>,
+    /// PEM private key.
+    pub tls_key: Spanned<String>,
 }
 
 /// `[[backend]]`.

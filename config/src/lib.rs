@@ -270,6 +270,19 @@ pub struct TlsFiles {
     /// Where the client certificate's identity goes in the CONNECT, when
     /// set (needs `client_ca`).
     pub identity_as: Option<IdentityAs>,
+    /// More certificates, by the server names they serve (SNI).
+    pub sni: Vec<SniCert>,
+}
+
+/// A certificate chosen when the client asks for one of its names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniCert {
+    /// Lower-case names; a leading `*.` matches one label.
+    pub server_names: Vec<String>,
+    /// Certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// Its private key.
+    pub key: std::path::PathBuf,
 }
 
 /// Which CONNECT field a client certificate's identity replaces.
@@ -712,6 +725,40 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                     cert: cert.get_ref().into(),
                     key: key.get_ref().into(),
                     client_ca: l.tls_client_ca.as_ref().map(|v| v.get_ref().into()),
+                    sni: l
+                        .sni
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(k, e)| {
+                            for (name, v) in [("tls_cert", &e.tls_cert), ("tls_key", &e.tls_key)] {
+                                if let Err(err) = std::fs::metadata(v.get_ref()) {
+                                    c.at(
+                                        format!("listener[{i}].sni[{k}].{name}"),
+                                        v,
+                                        format!("cannot read \"{}\": {err}", v.get_ref()),
+                                    );
+                                }
+                            }
+                            if e.server_names.get_ref().is_empty() {
+                                c.at(
+                                    format!("listener[{i}].sni[{k}].server_names"),
+                                    &e.server_names,
+                                    "needs at least one name",
+                                );
+                                return None;
+                            }
+                            Some(SniCert {
+                                server_names: e
+                                    .server_names
+                                    .get_ref()
+                                    .iter()
+                                    .map(|n| n.to_ascii_lowercase())
+                                    .collect(),
+                                cert: e.tls_cert.get_ref().into(),
+                                key: e.tls_key.get_ref().into(),
+                            })
+                        })
+                        .collect(),
                     identity_as: match l.tls_identity_as.as_ref() {
                         None => None,
                         Some(v) => match (v.get_ref().as_str(), &l.tls_client_ca) {
@@ -748,6 +795,13 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                 None
             }
         };
+        if let (None, Some(e)) = (&tls, l.sni.first()) {
+            c.at(
+                format!("listener[{i}].sni"),
+                &e.tls_cert,
+                "SNI certificates need TLS: set tls_cert and tls_key (the default certificate) too",
+            );
+        }
         if let (None, Some(v)) = (&tls, &l.tls_client_ca) {
             if l.tls_cert.is_none() && l.tls_key.is_none() {
                 c.at(

@@ -515,3 +515,82 @@ async fn the_certificate_identity_replaces_the_user_name() {
     lb.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SNI: each client gets the certificate for the name it asks for (exact
+/// or `*.` wildcard), a client that asks for none gets the default, and a
+/// name no certificate is for is refused with an alert and counted. ALPN
+/// `mqtt` is agreed when offered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate_and_refuses_unknown_names() {
+    let dir = scratch_dir("sni");
+    let mut roots = rustls::RootCertStore::empty();
+    let mut ders = std::collections::HashMap::new();
+    for (file, names) in [
+        ("default", vec!["mqtt.test".to_string()]),
+        ("a", vec!["a.test".to_string()]),
+        ("b", vec!["*.b.test".to_string()]),
+    ] {
+        let ck = rcgen::generate_simple_self_signed(names).unwrap();
+        std::fs::write(dir.join(format!("{file}.pem")), ck.cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}.key")), ck.key_pair.serialize_pem()).unwrap();
+        roots.add(ck.cert.der().clone()).unwrap();
+        ders.insert(file, ck.cert.der().to_vec());
+    }
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"{d}/default.pem\"\ntls_key = \"{d}/default.key\"\n\
+         [[listener.sni]]\nserver_names = [\"a.test\"]\ntls_cert = \"{d}/a.pem\"\ntls_key = \"{d}/a.key\"\n\
+         [[listener.sni]]\nserver_names = [\"*.b.test\"]\ntls_cert = \"{d}/b.pem\"\ntls_key = \"{d}/b.key\"\n\
+         [[backend]]\nname = \"m\"\naddress = \"127.0.0.1:9\"\n[health]\nenabled = false\n",
+        d = dir.display()
+    );
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"mqtt".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let handshake = |name: ServerName<'static>| {
+        let connector = connector.clone();
+        let addr = lb.addr;
+        async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let s = tokio::time::timeout(T, connector.connect(name, tcp))
+                .await
+                .unwrap()?;
+            let (_, conn) = s.get_ref();
+            let cert = conn.peer_certificates().unwrap()[0].to_vec();
+            let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+            Ok::<_, std::io::Error>((cert, alpn))
+        }
+    };
+    let name = |n: &str| ServerName::try_from(n.to_string()).unwrap();
+    for (asked, want) in [("a.test", "a"), ("x.b.test", "b"), ("mqtt.test", "default")] {
+        let (cert, alpn) = handshake(name(asked)).await.unwrap();
+        assert_eq!(cert, ders[want], "{asked} got the wrong certificate");
+        assert_eq!(alpn.as_deref(), Some(&b"mqtt"[..]));
+    }
+    // No SNI at all: the default certificate (a client that verifies it
+    // as mqtt.test gets through; one expecting a.test does not).
+    let mut no_sni = (**connector.config()).clone();
+    no_sni.enable_sni = false;
+    let plain = tokio_rustls::TlsConnector::from(Arc::new(no_sni));
+    for (expect, ok) in [("mqtt.test", true), ("a.test", false)] {
+        let tcp = TcpStream::connect(lb.addr).await.unwrap();
+        let r = tokio::time::timeout(T, plain.connect(name(expect), tcp))
+            .await
+            .unwrap();
+        assert_eq!(r.is_ok(), ok, "no SNI, verified as {expect}");
+    }
+    let before = lb.shared.metrics.rejected(RejectReason::Tls);
+    assert!(
+        handshake(name("c.test")).await.is_err(),
+        "an unknown name got a certificate"
+    );
+    let counted = wait_until(T, || lb.shared.metrics.rejected(RejectReason::Tls) > before).await;
+    assert!(counted.is_some(), "the unknown name was not counted");
+    lb.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
