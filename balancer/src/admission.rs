@@ -312,6 +312,7 @@ mod tests {
             weight: 1,
             pool: mqlb_config::DEFAULT_POOL.into(),
             send_proxy: false,
+            tls: None,
         }))
     }
 

@@ -127,6 +127,7 @@ impl ProbeArgs {
             deep: self.deep,
             deep_topic: "mqlb/probe".into(),
             proxy_local: false,
+            tls: None,
         })
     }
 }
@@ -253,6 +254,12 @@ pub fn main() -> ExitCode {
                 for l in &c.listeners {
                     if let Some(Err(e)) = l.tls.as_ref().map(crate::tls::acceptor) {
                         eprintln!("{}: listener {} TLS: {e}", file.display(), l.name);
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                }
+                for b in &c.backends {
+                    if let Some(Err(e)) = b.tls.as_ref().map(crate::select::tls_client) {
+                        eprintln!("{}: backend {} TLS: {e}", file.display(), b.name);
                         return ExitCode::from(EXIT_USAGE);
                     }
                 }

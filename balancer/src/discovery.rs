@@ -80,6 +80,7 @@ async fn resolve(
                 weight: u32::from(srv.weight()).max(1),
                 pool: pool.name.clone(),
                 send_proxy: false,
+                tls: None,
             });
         }
         return Ok((members, ttl));
@@ -100,6 +101,7 @@ async fn resolve(
                 weight: 1,
                 pool: pool.name.clone(),
                 send_proxy: false,
+                tls: None,
             }
         })
         .collect();

@@ -155,6 +155,9 @@ pub async fn connect_first(
     resolver: &TokioAsyncResolver,
 ) -> Option<(TcpStream, Arc<Backend>)> {
     for backend in candidates {
+        if matches!(backend.tls, Some(Err(_))) {
+            continue; // its TLS files were unusable (logged when loaded)
+        }
         let source = sources.pick();
         let connect = connect_from(backend.address.as_str(), source, resolver);
         match tokio::time::timeout(timeout, connect).await {
@@ -293,6 +296,24 @@ impl LentRead for ReadHalf<TlsStream<crate::rewind::Rewind>> {
     }
 }
 
+/// TLS towards a backend: records are decrypted whole, as on a TLS
+/// listener.
+impl LentRead for ReadHalf<tokio_rustls::client::TlsStream<TcpStream>> {
+    async fn read_lent(&mut self) -> io::Result<Option<(bufpool::Lent, usize)>> {
+        let mut buf = bufpool::lend();
+        let n = self.read(&mut buf).await?;
+        Ok(Some((buf, n)))
+    }
+}
+
+impl ClientStream for tokio_rustls::client::TlsStream<TcpStream> {
+    type Read = ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Write = WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 impl ClientStream for TcpStream {
     type Read = OwnedReadHalf;
     type Write = OwnedWriteHalf;
@@ -313,16 +334,16 @@ impl ClientStream for TlsStream<crate::rewind::Rewind> {
 /// forwards both ways until both directions are closed, one fails, or
 /// `evict` fires. `on_connack` is called once if the backend's first packet
 /// is a CONNACK.
-pub async fn splice<C: ClientStream>(
+pub async fn splice<C: ClientStream, B: ClientStream>(
     client: C,
-    backend: TcpStream,
+    backend: B,
     prefix: BytesMut,
     version: ProtocolVersion,
     evict: &EvictHandle,
     on_connack: impl FnOnce(ConnackSeen),
 ) -> io::Result<Spliced> {
     let (mut cr, mut cw) = client.halves();
-    let (mut br, mut bw) = backend.into_split();
+    let (mut br, mut bw) = backend.halves();
     let started = Instant::now();
     bw.write_all(&prefix).await?;
     let prefix_len = prefix.len() as u64;

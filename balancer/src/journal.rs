@@ -135,6 +135,7 @@ mod tests {
             weight: 1,
             pool: mqlb_config::DEFAULT_POOL.into(),
             send_proxy: false,
+            tls: None,
         }));
         for _ in 0..SAMPLES + 5 {
             j.sample(std::slice::from_ref(&b));

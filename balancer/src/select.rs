@@ -28,6 +28,9 @@ pub struct Backend {
     pub pool: String,
     /// Send it a PROXY protocol v2 header first.
     pub send_proxy: bool,
+    /// TLS towards it: the client built from its files, or why they were
+    /// unusable (then it takes no clients).
+    pub tls: Option<Result<mqlb_healthcheck::tls::TlsClient, String>>,
     /// Set by an operator (admin API): no new clients, existing ones are
     /// moved at the eviction rate. Kept apart from health, as pingora keeps
     /// `enabled` apart from `healthy`.
@@ -61,6 +64,17 @@ pub struct Backend {
     pub admission_refused: crate::admission::Refused,
 }
 
+/// The TLS client for a backend's settings (files read now).
+pub fn tls_client(
+    t: &mqlb_config::BackendTls,
+) -> std::io::Result<mqlb_healthcheck::tls::TlsClient> {
+    mqlb_healthcheck::tls::TlsClient::new(
+        &t.ca,
+        t.client.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+        &t.server_name,
+    )
+}
+
 impl Backend {
     /// A backend with zeroed counters, not draining, health unknown.
     pub fn new(spec: &mqlb_config::Backend) -> Self {
@@ -70,6 +84,12 @@ impl Backend {
             weight: spec.weight,
             pool: spec.pool.clone(),
             send_proxy: spec.send_proxy,
+            tls: spec.tls.as_ref().map(|t| {
+                tls_client(t).map_err(|e| {
+                    tracing::error!(backend = %spec.name, error = %e, "backend TLS settings unusable; the backend is skipped");
+                    e.to_string()
+                })
+            }),
             draining: AtomicBool::new(false),
             health: OnceLock::new(),
             active: AtomicU64::new(0),
@@ -84,6 +104,17 @@ impl Backend {
             last_transition_ms: AtomicU64::new(0),
             pending_connacks: AtomicU64::new(0),
             admission_refused: Default::default(),
+        }
+    }
+
+    /// What its health checker probes: the same address, PROXY and TLS
+    /// settings as the data path.
+    pub fn probe_target(&self) -> mqlb_healthcheck::checker::Target {
+        mqlb_healthcheck::checker::Target {
+            name: self.name.clone(),
+            address: self.address.clone(),
+            proxy: self.send_proxy,
+            tls: self.tls.as_ref().and_then(|t| t.as_ref().ok().cloned()),
         }
     }
 
@@ -287,6 +318,7 @@ mod tests {
             weight: 1,
             pool: mqlb_config::DEFAULT_POOL.into(),
             send_proxy: false,
+            tls: None,
         };
         Backends::new(&[spec("b1"), spec("b2"), spec("b3")])
     }

@@ -92,6 +92,7 @@ fn check_settings(h: &mqlb_config::HealthSettings) -> CheckSettings {
             deep: h.deep,
             deep_topic: h.deep_topic.clone(),
             proxy_local: false,
+            tls: None,
         },
     }
 }
@@ -116,6 +117,15 @@ pub struct Balancer {
 impl Balancer {
     /// Binds every configured listener.
     pub async fn bind(config: Config) -> io::Result<Balancer> {
+        // Unusable backend TLS files stop the start, naming the backend
+        // (a reload with them skips that backend instead).
+        for b in &config.backends {
+            if let Some(t) = &b.tls {
+                crate::select::tls_client(t).map_err(|e| {
+                    io::Error::new(e.kind(), format!("backend {} TLS: {e}", b.name))
+                })?;
+            }
+        }
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let tls = match &l.tls {
@@ -169,14 +179,10 @@ impl Balancer {
             background.clone(),
         );
         let checker = if config.health.enabled {
-            let targets: Vec<Target> = config
-                .backends
+            let targets: Vec<Target> = backends
+                .snapshot()
                 .iter()
-                .map(|b| Target {
-                    name: b.name.clone(),
-                    address: b.address.clone(),
-                    proxy: b.send_proxy,
-                })
+                .map(|b| b.probe_target())
                 .collect();
             let observer = Arc::new(HealthObserver {
                 backends: backends.clone(),
@@ -736,24 +742,55 @@ async fn serve_client<
             backend.passive_failure();
         }
     };
-    // Brokers that take PROXY protocol learn the client's address first.
-    let prefix = if backend.send_proxy {
-        let mut p = bytes::BytesMut::from(&forward::proxy_v2_header(peer, local)[..]);
-        p.extend_from_slice(&hs.buf);
-        p
-    } else {
-        hs.buf
+    // Brokers that take PROXY protocol learn the client's address first
+    // (outside TLS, as they read it).
+    let proxy = backend
+        .send_proxy
+        .then(|| forward::proxy_v2_header(peer, local));
+    let spliced = match backend.tls.as_ref().and_then(|t| t.as_ref().ok()) {
+        None => {
+            let prefix = match proxy {
+                Some(p) => {
+                    let mut b = bytes::BytesMut::from(&p[..]);
+                    b.extend_from_slice(&hs.buf);
+                    b
+                }
+                None => hs.buf,
+            };
+            forward::splice(
+                client,
+                backend_stream,
+                prefix,
+                hs.version,
+                &evict,
+                on_connack,
+            )
+            .await
+        }
+        Some(tls) => {
+            let mut tcp = backend_stream;
+            let proxied = match &proxy {
+                Some(p) => tokio::io::AsyncWriteExt::write_all(&mut tcp, p).await,
+                None => Ok(()),
+            };
+            let secured = match proxied {
+                Ok(()) => tls.connect(tcp, settings.backend_connect_timeout).await,
+                Err(e) => Err(e),
+            };
+            match secured {
+                Ok(s) => forward::splice(client, s, hs.buf, hs.version, &evict, on_connack).await,
+                Err(e) => {
+                    backend.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    backend.passive_failure();
+                    tracing::warn!(error = %e, "TLS to the backend failed");
+                    handshake::send_reply(&mut client, handshake::server_unavailable(hs.version))
+                        .await;
+                    return;
+                }
+            }
+        }
     };
-    match forward::splice(
-        client,
-        backend_stream,
-        prefix,
-        hs.version,
-        &evict,
-        on_connack,
-    )
-    .await
-    {
+    match spliced {
         Ok(s) if s.evicted => {
             let reason = match evict.reason() {
                 Some(crate::registry::Eviction::UseAnotherServer(_)) => {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use mqlb_config::Config;
-use mqlb_healthcheck::{Checker, HealthState, Target};
+use mqlb_healthcheck::{Checker, HealthState};
 
 use crate::evict::Evictor;
 use crate::limit::ConnectionLimit;
@@ -139,11 +139,7 @@ impl Shared {
             }
             for b in &added {
                 checker.remove(&b.name);
-                b.attach_health(checker.add(&Target {
-                    name: b.name.clone(),
-                    address: b.address.clone(),
-                    proxy: b.send_proxy,
-                }));
+                b.attach_health(checker.add(&b.probe_target()));
             }
         }
         (added.iter().map(|b| b.name.clone()).collect(), removed)

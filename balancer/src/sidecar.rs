@@ -69,6 +69,7 @@ pub async fn run(
             name: "target".into(),
             address: target.clone(),
             proxy: false,
+            tls: None,
         }],
         &settings,
         &format!("hc{:06x}", fastrand::u32(..0xFF_FFFF)),

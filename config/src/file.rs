@@ -237,6 +237,15 @@ pub struct BackendFile {
     pub pool: Option<Spanned<String>>,
     /// Send a PROXY protocol v2 header (the client's address) first.
     pub proxy_protocol: Option<bool>,
+    /// PEM CA bundle: speak TLS to this broker, verifying it against these.
+    pub tls_ca: Option<Spanned<String>>,
+    /// PEM client certificate for brokers that ask for one.
+    pub tls_cert: Option<Spanned<String>>,
+    /// PEM key for `tls_cert`.
+    pub tls_key: Option<Spanned<String>>,
+    /// The name the broker's certificate must carry (default: the
+    /// address's host).
+    pub tls_server_name: Option<Spanned<String>>,
 }
 
 /// `[[pool]]`: a pool whose backends are discovered in DNS.

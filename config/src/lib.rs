@@ -309,6 +309,25 @@ pub struct Backend {
     /// The broker expects a PROXY protocol v2 header with the client's
     /// address (Mosquitto 2.1+, EMQX, HiveMQ, VerneMQ); probes send LOCAL.
     pub send_proxy: bool,
+    /// TLS towards this broker (data path and probes alike).
+    pub tls: Option<BackendTls>,
+}
+
+/// TLS towards one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    /// CA bundle the broker's certificate must chain to.
+    pub ca: std::path::PathBuf,
+    /// Client certificate and key, for brokers that ask for one.
+    pub client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// The name the broker's certificate must carry.
+    pub server_name: String,
+}
+
+/// The host part of `host:port` (brackets of an IPv6 literal removed).
+pub fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// A pool whose backends come from DNS, re-resolved at the record TTL.
@@ -911,12 +930,69 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
             Some(p) => p.get_ref().trim().to_string(),
             None => DEFAULT_POOL.to_string(),
         };
+        let tls = match (&b.tls_ca, &b.tls_cert, &b.tls_key) {
+            (None, None, None) => {
+                if let Some(v) = &b.tls_server_name {
+                    c.at(
+                        format!("backend[{i}].tls_server_name"),
+                        v,
+                        "needs tls_ca (TLS to the backend)",
+                    );
+                }
+                None
+            }
+            (None, Some(v), _) | (None, None, Some(v)) => {
+                c.at(
+                    format!("backend[{i}].tls_ca"),
+                    v,
+                    "a client certificate needs TLS: set tls_ca (the broker's CA) too",
+                );
+                None
+            }
+            (Some(ca), cert, key) => {
+                let client = match (cert, key) {
+                    (Some(cert), Some(key)) => Some((cert, key)),
+                    (None, None) => None,
+                    (Some(v), None) | (None, Some(v)) => {
+                        c.at(
+                            format!("backend[{i}].tls_cert"),
+                            v,
+                            "tls_cert and tls_key go together",
+                        );
+                        None
+                    }
+                };
+                let files = std::iter::once(("tls_ca", ca)).chain(
+                    client
+                        .iter()
+                        .flat_map(|(c, k)| [("tls_cert", *c), ("tls_key", *k)]),
+                );
+                for (key, v) in files {
+                    if let Err(e) = std::fs::metadata(v.get_ref()) {
+                        c.at(
+                            format!("backend[{i}].{key}"),
+                            v,
+                            format!("cannot read \"{}\": {e}", v.get_ref()),
+                        );
+                    }
+                }
+                Some(BackendTls {
+                    ca: ca.get_ref().into(),
+                    client: client.map(|(c, k)| (c.get_ref().into(), k.get_ref().into())),
+                    server_name: b.tls_server_name.as_ref().map_or_else(
+                        || host_of(b.address.get_ref()).to_string(),
+                        |v| v.get_ref().clone(),
+                    ),
+                })
+            }
+        };
         backends.push(Backend {
             name,
             address: b.address.get_ref().clone(),
             weight,
             pool,
             send_proxy: b.proxy_protocol.unwrap_or(false),
+            tls,
         });
     }
     let mut dns_pools = Vec::new();

@@ -58,6 +58,8 @@ pub struct Target {
     pub address: String,
     /// The broker expects a PROXY protocol header: probes send LOCAL.
     pub proxy: bool,
+    /// TLS to the broker, as the data path uses it.
+    pub tls: Option<crate::tls::TlsClient>,
 }
 
 /// The latest facts about one target, for the admin API.
@@ -170,6 +172,7 @@ impl Checker {
         let mut spec = self.settings.spec.clone();
         spec.client_id = probe_client_id(&self.instance, &t.name);
         spec.proxy_local = t.proxy;
+        spec.tls = t.tls.clone();
         let stop = self.shutdown.child_token();
         tokio::spawn(run_target(
             t.clone(),

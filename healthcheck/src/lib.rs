@@ -22,6 +22,7 @@
 pub mod checker;
 pub mod probe;
 pub mod state;
+pub mod tls;
 
 pub use checker::{CheckSettings, Checker, HealthCell, Observer, Report, Target};
 pub use probe::{probe, Failure, Outcome, ProbeSpec, Rtts};

@@ -32,6 +32,9 @@ pub struct ProbeSpec {
     /// Open with a PROXY protocol v2 LOCAL header, for brokers that expect
     /// one from this balancer (LOCAL: the proxy's own connection).
     pub proxy_local: bool,
+    /// Speak TLS to the broker (after any PROXY header), as the data path
+    /// does.
+    pub tls: Option<crate::tls::TlsClient>,
 }
 
 /// The PROXY protocol v2 LOCAL header: a connection of the proxy itself.
@@ -50,6 +53,7 @@ impl Default for ProbeSpec {
             deep: false,
             deep_topic: "mqlb/probe".into(),
             proxy_local: false,
+            tls: None,
         }
     }
 }
@@ -164,8 +168,12 @@ fn classify_refusal(code: ReasonCode) -> Outcome {
 }
 
 /// A minimal MQTT client connection for probing.
+/// A probe's connection: TCP, or TLS over it.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
 struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     buf: BytesMut,
     version: ProtocolVersion,
     timeout: Duration,
@@ -216,6 +224,16 @@ pub async fn probe(addr: &str, spec: &ProbeSpec) -> Outcome {
             return Outcome::Down(Failure::Unreachable(e.to_string()));
         }
     }
+    let stream: Box<dyn Stream> = match &spec.tls {
+        None => Box::new(stream),
+        Some(tls) => match tls.connect(stream, spec.timeout).await {
+            Ok(s) => Box::new(s),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Outcome::Down(Failure::Timeout(Step::Connect))
+            }
+            Err(e) => return Outcome::Down(Failure::Unreachable(format!("TLS: {e}"))),
+        },
+    };
     let mut conn = Conn {
         stream,
         buf: BytesMut::with_capacity(256),

@@ -623,6 +623,7 @@ async fn config_reload_keeps_connections() {
             weight: 1,
             pool: mqlb_config::DEFAULT_POOL.into(),
             send_proxy: false,
+            tls: None,
         })
         .collect();
     let local = mqlb_balancer::select::Backends::new(&specs);

@@ -260,6 +260,12 @@ fn client_pki_cn(dir: &std::path::Path, name: &str, cn: Option<&str>) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // A CA named apart from its leaf (OpenSSL, as in Mosquitto, takes a
+    // certificate whose issuer is its own subject for self-signed).
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec![format!("{name}-device")]).unwrap();
@@ -591,6 +597,74 @@ async fn sni_picks_the_certificate_and_refuses_unknown_names() {
     );
     let counted = wait_until(T, || lb.shared.metrics.rejected(RejectReason::Tls) > before).await;
     assert!(counted.is_some(), "the unknown name was not counted");
+    lb.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// TLS towards backends: a Mosquitto that only speaks TLS (and wants a
+/// client certificate) behind the balancer. Plain clients on the front get
+/// through, the health probes use the same TLS settings (the backend is
+/// healthy), and a wrong CA fails both the probes and the data path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_a_backend_with_a_client_certificate() {
+    let (dir, _) = certificate(); // the broker's certificate: localhost
+    client_pki(&dir, "lb"); // the balancer's client certificate and its CA
+    let m = Mosquitto::start_with(&format!(
+        "certfile {d}/cert.pem\nkeyfile {d}/key.pem\ncafile {d}/lb-ca.pem\nrequire_certificate true",
+        d = dir.display()
+    ));
+    let config = |ca: &str| {
+        format!(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n\
+             [[backend]]\nname = \"m\"\naddress = \"{a}\"\ntls_ca = \"{ca}\"\ntls_cert = \"{d}/lb-client.pem\"\ntls_key = \"{d}/lb-client.key\"\ntls_server_name = \"localhost\"\n\
+             [balancer]\nconnect_timeout = \"2s\"\nbackend_connect_timeout = \"2s\"\n\
+             [health]\ninterval = \"200ms\"\ntimeout = \"1s\"\nrise = 1\nfall = 1\njitter = \"0ms\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
+            a = m.addr(),
+            d = dir.display()
+        )
+    };
+    let good = config(&dir.join("cert.pem").display().to_string());
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &good).unwrap()).await;
+    let admin = lb.admin.unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = http(&admin, "GET", "/backends").await;
+        if body.contains("\"health\":\"up\"") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "TLS probes never found the backend up: {body}\n{}",
+            std::fs::read_to_string(m.log_path()).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &lb.addr.port().to_string()])
+        .args(["-i", "via-tls", "-t", "t", "-m", "x", "-q", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        m.saw_client("via-tls", T),
+        "the client did not reach the TLS backend"
+    );
+    lb.stop().await;
+
+    // A CA that did not sign the broker's certificate: the probes say
+    // down, and a client gets "server unavailable", not a plain-text
+    // connection.
+    client_pki(&dir, "other");
+    let wrong = config(&dir.join("other-ca.pem").display().to_string());
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &wrong).unwrap()).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, ack) = raw::connect_and_ack(&lb.addr.to_string(), "via-wrong-ca", 4).await;
+    assert_eq!(
+        ack,
+        vec![0x20, 0x02, 0x00, 0x03],
+        "expected CONNACK server unavailable"
+    );
+    assert!(!m.saw_client("via-wrong-ca", Duration::from_millis(300)));
     lb.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
