@@ -180,6 +180,54 @@ pub async fn connect_first(
     None
 }
 
+/// What the client's TLS session was, for the PROXY v2 TLVs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// "TLSv1.2" or "TLSv1.3".
+    pub version: &'static str,
+    /// The server name the client asked for (SNI).
+    pub sni: Option<String>,
+    /// The verified client certificate's common name (mTLS).
+    pub client_cn: Option<String>,
+}
+
+/// [`proxy_v2_header`] plus, for a client that came in over TLS, the TLVs
+/// brokers read it from: `PP2_TYPE_AUTHORITY` (the SNI) and `PP2_TYPE_SSL`
+/// with the version and the client certificate's CN.
+pub fn proxy_v2_header_tls(src: SocketAddr, dst: SocketAddr, tls: Option<&TlsInfo>) -> Vec<u8> {
+    let mut h = proxy_v2_header(src, dst);
+    let Some(tls) = tls else {
+        return h;
+    };
+    let mut tlvs = Vec::new();
+    let tlv = |out: &mut Vec<u8>, kind: u8, value: &[u8]| {
+        if let Ok(n) = u16::try_from(value.len()) {
+            out.push(kind);
+            out.extend_from_slice(&n.to_be_bytes());
+            out.extend_from_slice(value);
+        }
+    };
+    if let Some(sni) = &tls.sni {
+        tlv(&mut tlvs, 0x02, sni.as_bytes()); // PP2_TYPE_AUTHORITY
+    }
+    // PP2_TYPE_SSL: client flags, verify result (0 = verified), sub-TLVs.
+    let mut ssl = vec![0x01]; // PP2_CLIENT_SSL
+    if tls.client_cn.is_some() {
+        ssl[0] |= 0x02 | 0x04; // PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS
+    }
+    ssl.extend_from_slice(&0u32.to_be_bytes());
+    tlv(&mut ssl, 0x21, tls.version.as_bytes()); // PP2_SUBTYPE_SSL_VERSION
+    if let Some(cn) = &tls.client_cn {
+        tlv(&mut ssl, 0x22, cn.as_bytes()); // PP2_SUBTYPE_SSL_CN
+    }
+    tlv(&mut tlvs, 0x20, &ssl);
+    let len =
+        u16::from_be_bytes([h[14], h[15]]).saturating_add(u16::try_from(tlvs.len()).unwrap_or(0));
+    h[14..16].copy_from_slice(&len.to_be_bytes());
+    h.extend_from_slice(&tlvs);
+    h
+}
+
 /// A PROXY protocol v2 header for a connection from `src` to `dst`, so a
 /// broker behind the balancer sees the client's address. Mixed families
 /// (an IPv4 client on an IPv6 listener) are sent as IPv6, IPv4-mapped.

@@ -482,6 +482,7 @@ async fn handle(
                 peer,
                 local,
                 identity: None,
+                tls: None,
             };
             return serve_websocket(client, arrival, listener, shared, shutdown).await;
         }
@@ -489,6 +490,7 @@ async fn handle(
             peer,
             local,
             identity: None,
+            tls: None,
         };
         return serve_client(client, arrival, initial, listener, shared, shutdown).await;
     };
@@ -529,10 +531,20 @@ async fn handle(
             }
         },
     };
+    let conn = client.get_ref().1;
+    let tls_info = forward::TlsInfo {
+        version: match conn.protocol_version() {
+            Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "TLSv1.3",
+        },
+        sni: conn.server_name().map(str::to_string),
+        client_cn: crate::tls::peer_identity(conn),
+    };
     let arrival = Arrival {
         peer,
         local,
         identity,
+        tls: Some(tls_info),
     };
     if listener.websocket.is_some() {
         return serve_websocket(client, arrival, listener, shared, shutdown).await;
@@ -584,6 +596,8 @@ struct Arrival {
     local: SocketAddr,
     /// A verified certificate identity and the CONNECT field it replaces.
     identity: Option<(mqlb_config::IdentityAs, String)>,
+    /// The client's TLS session, for PROXY v2 TLVs towards backends.
+    tls: Option<forward::TlsInfo>,
 }
 
 /// A client after PROXY and TLS: reads its CONNECT, places it, splices.
@@ -601,6 +615,7 @@ async fn serve_client<
         peer,
         local,
         identity,
+        tls: tls_info,
     } = arrival;
     let style = listener.style;
     let m = &shared.metrics;
@@ -746,7 +761,7 @@ async fn serve_client<
     // (outside TLS, as they read it).
     let proxy = backend
         .send_proxy
-        .then(|| forward::proxy_v2_header(peer, local));
+        .then(|| forward::proxy_v2_header_tls(peer, local, tls_info.as_ref()));
     let spliced = match backend.tls.as_ref().and_then(|t| t.as_ref().ok()) {
         None => {
             let prefix = match proxy {

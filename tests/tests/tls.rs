@@ -668,3 +668,89 @@ async fn tls_to_a_backend_with_a_client_certificate() {
     lb.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// PROXY v2 towards a backend carries the client's TLS session: the SNI as
+/// `PP2_TYPE_AUTHORITY` and `PP2_TYPE_SSL` with the version and the client
+/// certificate's CN, as brokers that read PROXY TLVs expect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_v2_out_carries_the_tls_version_sni_and_client_cn() {
+    use tokio::io::AsyncReadExt;
+    let (dir, server_der) = certificate();
+    client_pki_cn(&dir, "dev", Some("sensor-1"));
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"{d}/cert.pem\"\ntls_key = \"{d}/key.pem\"\ntls_client_ca = \"{d}/dev-ca.pem\"\n\
+         [[backend]]\nname = \"raw\"\naddress = \"{a}\"\nproxy_protocol = true\n[health]\nenabled = false\n",
+        d = dir.display(),
+        a = backend.local_addr().unwrap()
+    );
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server_der).unwrap();
+    let chain: Vec<CertificateDer<'static>> = {
+        use rustls_pki_types::pem::PemObject;
+        CertificateDer::pem_file_iter(dir.join("dev-client.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let key = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::PrivateKeyDer::from_pem_file(dir.join("dev-client.key")).unwrap()
+    };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    let tcp = TcpStream::connect(lb.addr).await.unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    s.write_all(&raw::connect("tlv-client", 4)).await.unwrap();
+    let (mut b, _) = tokio::time::timeout(T, backend.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut head = [0u8; 16];
+    b.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+    let mut body = vec![0u8; len];
+    b.read_exact(&mut body).await.unwrap();
+    // After the IPv4 addresses and ports (12 bytes): the TLVs.
+    let mut tlvs = std::collections::HashMap::new();
+    let mut rest = &body[12..];
+    while rest.len() >= 3 {
+        let n = usize::from(u16::from_be_bytes([rest[1], rest[2]]));
+        tlvs.insert(rest[0], rest[3..3 + n].to_vec());
+        rest = &rest[3 + n..];
+    }
+    assert_eq!(tlvs.get(&0x02).map(Vec::as_slice), Some(&b"localhost"[..]));
+    let ssl = tlvs.get(&0x20).expect("PP2_TYPE_SSL");
+    assert_eq!(
+        ssl[0] & 0x07,
+        0x07,
+        "client flags: SSL, cert on connection and session"
+    );
+    assert_eq!(&ssl[1..5], &[0, 0, 0, 0], "verified");
+    let mut subs = std::collections::HashMap::new();
+    let mut rest = &ssl[5..];
+    while rest.len() >= 3 {
+        let n = usize::from(u16::from_be_bytes([rest[1], rest[2]]));
+        subs.insert(rest[0], String::from_utf8(rest[3..3 + n].to_vec()).unwrap());
+        rest = &rest[3 + n..];
+    }
+    assert_eq!(subs.get(&0x21).map(String::as_str), Some("TLSv1.3"));
+    assert_eq!(subs.get(&0x22).map(String::as_str), Some("sensor-1"));
+    // Then the CONNECT itself, unchanged.
+    let mut first = [0u8; 2];
+    b.read_exact(&mut first).await.unwrap();
+    assert_eq!(first[0], 0x10);
+    lb.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
