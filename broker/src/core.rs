@@ -308,17 +308,32 @@ impl Core {
         let targets = self
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
+        let mut peers: Vec<(NodeId, Vec<Arc<str>>)> = targets
+            .nodes
+            .into_iter()
+            .filter(|n| alive.contains(n) && !exclude.contains(n))
+            .map(|n| (n, Vec::new()))
+            .collect();
+        // The shared groups it was meant for take another turn, here or at
+        // a live peer.
+        for group in groups {
+            let Some(key) = self.router.group_key(&group) else {
+                continue;
+            };
+            if let Some(n) = self.deliver_to_group(&key, m.clone(), None, false, &mut fx) {
+                match peers.iter_mut().find(|(p, _)| *p == n) {
+                    Some((_, g)) => g.push(key),
+                    None => peers.push((n, vec![key])),
+                }
+            }
+        }
         if let Some(fabric) = &self.fabric {
-            for node in targets
-                .nodes
-                .into_iter()
-                .filter(|n| alive.contains(n) && !exclude.contains(n))
-            {
+            for (node, groups) in peers {
                 fx.forwards.push(Forward {
                     fabric: fabric.clone(),
                     node,
                     message: m.clone(),
-                    groups: groups.clone(),
+                    groups,
                     held: None,
                 });
             }
@@ -845,7 +860,12 @@ impl Core {
                     .is_some_and(|a| e.session.inflight.len() < usize::from(a.receive_maximum))
             })
         };
-        let (client, sub) = match self.router.pick(group, except, local_only, ready)? {
+        let fabric = self.fabric.clone();
+        let reachable = |n: NodeId| fabric.as_ref().is_some_and(|f| f.linked(n));
+        let (client, sub) = match self
+            .router
+            .pick(group, except, local_only, ready, reachable)?
+        {
             Pick::Local(client, sub) => (client, sub),
             Pick::Node(n) => return Some(n),
         };

@@ -305,12 +305,16 @@ impl Router {
     /// for which `ready` holds (connected with room in their window),
     /// skipping `except`. With `local_only`, peers are not candidates (a
     /// message a peer handed over, or one being moved between members).
+    /// Peers for which `reachable` is false are skipped (a dead node's
+    /// members take no new messages; whoever takes over their sessions
+    /// announces them again).
     pub fn pick(
         &mut self,
         group: &str,
         except: Option<&str>,
         local_only: bool,
         ready: impl Fn(&str) -> Option<bool>,
+        reachable: impl Fn(NodeId) -> bool,
     ) -> Option<Pick> {
         let g = self.groups.get_mut(group)?;
         let locals = g.members.len();
@@ -319,8 +323,12 @@ impl Router {
         for i in 0..n {
             let idx = (g.next + i) % n;
             if idx >= locals {
-                g.next = idx + 1;
-                return Some(Pick::Node(g.nodes[idx - locals]));
+                let node = g.nodes[idx - locals];
+                if reachable(node) {
+                    g.next = idx + 1;
+                    return Some(Pick::Node(node));
+                }
+                continue;
             }
             let (client, sub) = &g.members[idx];
             if Some(&**client) == except {

@@ -181,24 +181,36 @@ impl Client {
             payload: Bytes::copy_from_slice(payload),
         }))
         .await;
+        // Bounded: a missing acknowledgement fails the test instead of
+        // hanging it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let wait_for = |what: &str| {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {what} within 30 s for a publish to {topic}"
+            );
+        };
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => loop {
                 if let Some(Packet::Puback(_)) = self.recv(Duration::from_secs(5)).await {
                     break;
                 }
+                wait_for("PUBACK");
             },
             QoS::ExactlyOnce => {
                 loop {
                     if let Some(Packet::Pubrec(_)) = self.recv(Duration::from_secs(5)).await {
                         break;
                     }
+                    wait_for("PUBREC");
                 }
                 self.send(Packet::Pubrel(Ack::new(pid))).await;
                 loop {
                     if let Some(Packet::Pubcomp(_)) = self.recv(Duration::from_secs(5)).await {
                         break;
                     }
+                    wait_for("PUBCOMP");
                 }
             }
         }

@@ -1010,3 +1010,110 @@ async fn a_partitioned_minority_stops_serving_and_nothing_acknowledged_is_lost()
         "messages lost across the partition"
     );
 }
+
+/// A shared group with one persistent QoS 1 member per node, through the
+/// balancer, while the node of one member dies: every acknowledged message
+/// reaches one member (the dead node's member reconnects, lands on the
+/// next node of its chain, and finds what its session held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_group_loses_nothing_when_a_members_node_dies() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut c = TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(SETTLE).await);
+    let backends: Vec<(&str, String)> = c
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n.addr.clone()))
+        .collect();
+    let lb = mqlb_tests::RunningBalancer::start(mqlb_tests::config(
+        &backends,
+        "[health]\ninterval = \"250ms\"\ntimeout = \"500ms\"\nfall = 2\nrise = 2\njitter = \"0ms\"\n",
+    ))
+    .await;
+    let addr = lb.addr.to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut members = Vec::new();
+    for n in ALL {
+        let id = c.id_owned_by(n, "grp", &ALL);
+        let (addr, stop, got) = (addr.clone(), stop.clone(), got.clone());
+        members.push(tokio::spawn(async move {
+            let mut first = true;
+            while !stop.load(Ordering::Relaxed) {
+                let mut cp = connect_packet(&id, ProtocolVersion::V5, false);
+                cp.clean_start = false;
+                cp.properties.session_expiry_interval = Some(600);
+                let Some((mut s, ack)) = Client::try_connect(&addr, cp).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                if ack.reason.0 != 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                if first {
+                    s.subscribe("$share/g/grp/#", qos(QoS::AtLeastOnce)).await;
+                    first = false;
+                }
+                while let Some(m) = s.next_publish(Duration::from_millis(500), true).await {
+                    got.lock()
+                        .unwrap()
+                        .push(String::from_utf8(m.payload.to_vec()).unwrap());
+                }
+                // Quiet: still there? A dead connection ends this round.
+                if !s.try_send(mqlb_protocol::Packet::Pingreq).await
+                    || s.recv(Duration::from_secs(2)).await.is_none()
+                {
+                    continue;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pub_id = c.id_owned_by("n1", "grp-pub", &ALL);
+    let (mut p, _) = Client::connect(
+        &c.nodes[0].addr,
+        connect_packet(&pub_id, ProtocolVersion::V5, true),
+    )
+    .await;
+    let mut acked = Vec::new();
+    for i in 0..400 {
+        if i == 150 {
+            c.kill(2);
+        }
+        let payload = format!("{i}");
+        p.publish(
+            "grp/x",
+            payload.as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+            Properties::default(),
+        )
+        .await;
+        acked.push(payload);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let missing: Vec<String> = {
+            let g = got.lock().unwrap();
+            acked.iter().filter(|a| !g.contains(a)).cloned().collect()
+        };
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} acknowledged messages reached no member: {:?}",
+            missing.len(),
+            &missing[..missing.len().min(20)]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for m in members {
+        let _ = tokio::time::timeout(Duration::from_secs(10), m).await;
+    }
+    lb.stop().await;
+}

@@ -382,12 +382,15 @@ impl Cluster {
             self.step_down(state);
         }
         self.promote_owned(state);
+        // Every tick, not only on a change: a forward can be queued for a
+        // peer after the view dropped it (its outbound link not yet seen
+        // failing), and must not wait for it forever.
+        let gone: Vec<NodeId> = (0..self.names.len())
+            .filter(|&i| !view.members.contains(&self.names[i]))
+            .filter_map(|i| NodeId::try_from(i).ok())
+            .collect();
+        self.release_waits(&gone);
         if view.number != before.number {
-            let gone: Vec<NodeId> = (0..self.names.len())
-                .filter(|&i| !view.members.contains(&self.names[i]))
-                .filter_map(|i| NodeId::try_from(i).ok())
-                .collect();
-            self.release_waits(&gone);
             self.rechain(state);
         }
     }
@@ -477,7 +480,9 @@ impl Cluster {
 
 impl Fabric for Cluster {
     fn linked(&self, node: NodeId) -> bool {
+        let name = self.names.get(node as usize);
         lock(&self.links).contains_key(&node)
+            && name.is_some_and(|n| lock(&self.view).members.contains(n))
     }
 
     fn hold(
