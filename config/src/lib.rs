@@ -1584,6 +1584,47 @@ connect_timeout = "10 parsecs"
         assert!(text.contains("t.toml:6: backend.weight"), "{text}");
     }
 
+    /// The listener and backend settings added for WebSocket, SNI,
+    /// certificate identity and backend TLS: each mistake names its key
+    /// and line.
+    #[test]
+    fn listener_and_backend_tls_mistakes_name_key_and_line() {
+        let cases = [
+            (
+                "[[listener]]\naddress = \"127.0.0.1:1\"\nkind = \"http\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\n",
+                "k.toml:3: listener[0].kind",
+            ),
+            (
+                "[[listener]]\naddress = \"127.0.0.1:1\"\nwebsocket_path = \"/mqtt\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\n",
+                "k.toml:3: listener[0].websocket_path",
+            ),
+            (
+                "[[listener]]\naddress = \"127.0.0.1:1\"\nkind = \"websocket\"\nwebsocket_path = \"mqtt\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\n",
+                "k.toml:4: listener[0].websocket_path",
+            ),
+            (
+                "[[listener]]\naddress = \"127.0.0.1:1\"\n[[listener.sni]]\nserver_names = [\"a\"]\ntls_cert = \"/nonexistent.pem\"\ntls_key = \"/nonexistent.key\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\n",
+                "listener[0].sni",
+            ),
+            (
+                "[[listener]]\naddress = \"127.0.0.1:1\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\ntls_cert = \"/c.pem\"\n",
+                "k.toml:6: backend[0].tls_ca",
+            ),
+            (
+                "[[listener]]\naddress = \"127.0.0.1:1\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\ntls_server_name = \"x\"\n",
+                "k.toml:6: backend[0].tls_server_name",
+            ),
+            (
+                "[[listener]]\naddress = \"127.0.0.1:1\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\ntls_ca = \"/nonexistent-ca.pem\"\n",
+                "k.toml:6: backend[0].tls_ca",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Config::parse("k.toml", text).unwrap_err().to_string();
+            assert!(e.contains(want), "{want} not in: {e}");
+        }
+    }
+
     #[test]
     fn syntax_error_names_line() {
         let e = Config::parse("s.toml", "[[listener]\naddress = 1\n").unwrap_err();
