@@ -351,6 +351,18 @@ pub fn render_metrics(shared: &Shared) -> String {
     );
     family(
         &mut o,
+        "mqlb_tls_reloads_total",
+        "counter",
+        "TLS listener certificate re-reads after their files changed, by result (failed: the old certificate stays in service).",
+    );
+    let _ = writeln!(
+        o,
+        "mqlb_tls_reloads_total{{result=\"ok\"}} {}\nmqlb_tls_reloads_total{{result=\"failed\"}} {}",
+        load(&m.tls_reloads),
+        load(&m.tls_reload_failures)
+    );
+    family(
+        &mut o,
         "mqlb_connect_rejected_total",
         "counter",
         "Connections refused before reaching a backend, by reason.",

@@ -247,12 +247,41 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => crate::demo::run(args),
         Command::Config {
             command: ConfigCommand::Check { file },
+        } if mqlb_config::is_broker_file(&file) => {
+            match mqlb_config::broker::BrokerConfig::load(&file) {
+                Ok(c) => {
+                    for l in &c.listeners {
+                        if let Some(Err(e)) = l.tls.as_ref().map(mqlb_listener::tls::acceptor) {
+                            eprintln!("{}: broker listener {} TLS: {e}", file.display(), l.name);
+                            return ExitCode::from(EXIT_USAGE);
+                        }
+                    }
+                    println!(
+                        "{}: ok (broker, {} extra listener(s){})",
+                        file.display(),
+                        c.listeners.len(),
+                        if c.cluster.is_some() {
+                            ", cluster member"
+                        } else {
+                            ""
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+            }
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
             Ok(c) => {
                 // The config names the files; reading them shows a bad PEM
                 // before a deploy rather than at start.
                 for l in &c.listeners {
-                    if let Some(Err(e)) = l.tls.as_ref().map(crate::tls::acceptor) {
+                    if let Some(Err(e)) = l.tls.as_ref().map(mqlb_listener::tls::acceptor) {
                         eprintln!("{}: listener {} TLS: {e}", file.display(), l.name);
                         return ExitCode::from(EXIT_USAGE);
                     }
@@ -462,6 +491,7 @@ fn broker_admin(state: &mqlb_broker::state::State, path: &str) -> crate::http::R
     match path {
         "/metrics" => {
             let mut body = mqlb_broker::sys::render_metrics(&state.core());
+            state.fronts.render(&mut body);
             if let Some(c) = &cluster {
                 c.render_metrics(&mut body);
             }

@@ -336,7 +336,7 @@ impl LentRead for OwnedReadHalf {
 
 /// TLS decrypts whole records, so the buffer is borrowed while waiting:
 /// an idle TLS connection holds one (plus rustls's own record buffers).
-impl LentRead for ReadHalf<TlsStream<crate::rewind::Rewind>> {
+impl LentRead for ReadHalf<TlsStream<mqlb_listener::rewind::Rewind>> {
     async fn read_lent(&mut self) -> io::Result<Option<(bufpool::Lent, usize)>> {
         let mut buf = bufpool::lend();
         let n = self.read(&mut buf).await?;
@@ -370,9 +370,9 @@ impl ClientStream for TcpStream {
     }
 }
 
-impl ClientStream for TlsStream<crate::rewind::Rewind> {
-    type Read = ReadHalf<TlsStream<crate::rewind::Rewind>>;
-    type Write = WriteHalf<TlsStream<crate::rewind::Rewind>>;
+impl ClientStream for TlsStream<mqlb_listener::rewind::Rewind> {
+    type Read = ReadHalf<TlsStream<mqlb_listener::rewind::Rewind>>;
+    type Write = WriteHalf<TlsStream<mqlb_listener::rewind::Rewind>>;
     fn halves(self) -> (Self::Read, Self::Write) {
         tokio::io::split(self)
     }

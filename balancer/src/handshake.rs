@@ -42,110 +42,30 @@ pub struct Refused {
     pub reply: Option<&'static [u8]>,
 }
 
-/// The PROXY protocol v2 signature.
-const PROXY_V2: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
-
-/// Largest PROXY header accepted (v1 is at most 107 bytes; v2 carries TLVs).
-const MAX_PROXY_HEADER: usize = 1024;
-
-/// Whether `buf` starts like a PROXY protocol header (v1 or v2).
-fn looks_like_proxy(buf: &[u8]) -> bool {
-    let n = buf.len().min(6);
-    buf[..n] == b"PROXY "[..n] || buf[..buf.len().min(12)] == PROXY_V2[..buf.len().min(12)]
-}
-
-/// Reads the PROXY protocol header (v1 or v2, via the `ppp` crate) that a
-/// trusted load balancer sends first; returns the client's real address
-/// (`None` for a LOCAL or UNKNOWN header: the balancer's own connection)
-/// and the bytes read after the header. Under the CONNECT deadline.
+/// Reads the PROXY protocol header (v1 or v2) that a trusted load balancer
+/// sends first, under the CONNECT deadline: the client's real address
+/// (`None` for a LOCAL or UNKNOWN header) and the bytes read after it.
 pub async fn read_proxy_header<S: AsyncRead + Unpin>(
     stream: &mut S,
     timeout: Duration,
 ) -> Result<(Option<std::net::SocketAddr>, BytesMut), Refused> {
-    use ppp::{v1, v2, HeaderResult, PartialResult};
-    let deadline = Instant::now() + timeout;
-    let mut buf = BytesMut::with_capacity(256);
-    let refuse = |detail: String| Refused {
-        reason: RejectReason::ProxyHeader,
-        detail,
-        reply: None,
-    };
-    loop {
-        if !buf.is_empty() && !looks_like_proxy(&buf) {
-            return Err(refuse(
-                "no PROXY protocol header from a trusted source".into(),
-            ));
-        }
-        let parsed = HeaderResult::parse(&buf);
-        if !parsed.is_incomplete() {
-            let (addr, used) = match parsed {
-                HeaderResult::V1(Ok(h)) => {
-                    let addr = match h.addresses {
-                        v1::Addresses::Tcp4(a) => Some((a.source_address.into(), a.source_port)),
-                        v1::Addresses::Tcp6(a) => Some((a.source_address.into(), a.source_port)),
-                        v1::Addresses::Unknown => None,
-                    };
-                    (addr, h.header.len())
-                }
-                HeaderResult::V2(Ok(h)) => {
-                    let addr = match (h.command, h.addresses) {
-                        (v2::Command::Local, _) => None,
-                        (_, v2::Addresses::IPv4(a)) => {
-                            Some((a.source_address.into(), a.source_port))
-                        }
-                        (_, v2::Addresses::IPv6(a)) => {
-                            Some((a.source_address.into(), a.source_port))
-                        }
-                        _ => None,
-                    };
-                    (addr, h.len())
-                }
-                HeaderResult::V1(Err(e)) => {
-                    return Err(refuse(format!("bad PROXY v1 header: {e}")))
-                }
-                HeaderResult::V2(Err(e)) => {
-                    return Err(refuse(format!("bad PROXY v2 header: {e}")))
-                }
-            };
-            let rest = buf.split_off(used.min(buf.len()));
-            let addr =
-                addr.map(|(ip, port): (std::net::IpAddr, u16)| std::net::SocketAddr::new(ip, port));
-            return Ok((addr, rest));
-        }
-        // A v2 header announces its length: refuse a bogus one at once.
-        if buf.len() >= 16 && buf[..12] == PROXY_V2[..] {
-            let len = 16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
-            if len > MAX_PROXY_HEADER {
-                return Err(refuse(format!("PROXY v2 header of {len} bytes")));
-            }
-        }
-        if buf.len() >= MAX_PROXY_HEADER {
-            return Err(refuse("PROXY header too long".into()));
-        }
-        buf.reserve(256);
-        let read = {
-            let room = (MAX_PROXY_HEADER - buf.len()) as u64;
-            let mut limited = (&mut *stream).take(room);
-            timeout_at(deadline, limited.read_buf(&mut buf)).await
+    use mqlb_listener::proxy::{read_header, ProxyError};
+    read_header(stream, timeout).await.map_err(|e| {
+        let reason = match e {
+            ProxyError::Bad(_) => RejectReason::ProxyHeader,
+            ProxyError::Timeout => RejectReason::Timeout,
+            ProxyError::Closed => RejectReason::ClosedEarly,
         };
-        match read {
-            Ok(Ok(n)) if n > 0 => {}
-            Err(_) => {
-                return Err(Refused {
-                    reason: RejectReason::Timeout,
-                    detail: format!("no PROXY header within {timeout:?}"),
-                    reply: None,
-                })
-            }
-            _ => {
-                return Err(Refused {
-                    reason: RejectReason::ClosedEarly,
-                    detail: "closed during the PROXY header".into(),
-                    reply: None,
-                })
-            }
+        let detail = match e {
+            ProxyError::Timeout => format!("no PROXY header within {timeout:?}"),
+            e => e.to_string(),
+        };
+        Refused {
+            reason,
+            detail,
+            reply: None,
         }
-    }
+    })
 }
 
 /// Reads until a whole, valid CONNECT of at most `max_size` bytes is buffered,
@@ -222,7 +142,7 @@ pub async fn read_connect<S: AsyncRead + Unpin>(
 }
 
 fn refusal(buf: &[u8], r: Rejection, style: RefusalStyle) -> Refused {
-    let reason = if looks_like_proxy(buf) {
+    let reason = if mqlb_listener::proxy::looks_like_proxy(buf) {
         // A PROXY header where none is expected: an untrusted source.
         RejectReason::ProxyUntrusted
     } else if buf.first() != Some(&0x10) {

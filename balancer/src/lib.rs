@@ -56,12 +56,10 @@ pub mod journal;
 pub mod limit;
 pub mod metrics;
 pub mod registry;
-pub mod rewind;
 pub mod select;
 pub mod server;
 pub mod shared;
 pub mod sidecar;
-pub mod tls;
 pub mod ws;
 
 pub use server::Balancer;

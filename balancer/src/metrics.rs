@@ -113,6 +113,11 @@ pub struct Metrics {
     pub active: AtomicU64,
     /// Client connections handed to a backend.
     pub forwarded: AtomicU64,
+    /// TLS listeners whose changed files were re-read and put in service.
+    pub tls_reloads: AtomicU64,
+    /// TLS listeners whose changed files could not be used (the old
+    /// certificate stayed in service).
+    pub tls_reload_failures: AtomicU64,
     rejected: [AtomicU64; RejectReason::ALL.len()],
 }
 

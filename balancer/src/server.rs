@@ -107,7 +107,7 @@ pub struct Balancer {
     listeners: Vec<(
         mqlb_config::Listener,
         TcpListener,
-        Option<Arc<crate::tls::Slot>>,
+        Option<Arc<mqlb_listener::tls::Slot>>,
     )>,
     admin: Option<TcpListener>,
     /// Stops the checker and evictor when serving ends.
@@ -129,13 +129,11 @@ impl Balancer {
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let tls = match &l.tls {
-                Some(files) => Some(Arc::new(crate::tls::Slot {
-                    listener: l.name.clone(),
-                    files: files.clone(),
-                    current: arc_swap::ArcSwap::from_pointee(crate::tls::acceptor(files).map_err(
-                        |e| io::Error::new(e.kind(), format!("listener {} TLS: {e}", l.name)),
-                    )?),
-                })),
+                Some(files) => Some(Arc::new(
+                    mqlb_listener::tls::Slot::new(&l.name, files).map_err(|e| {
+                        io::Error::new(e.kind(), format!("listener {} TLS: {e}", l.name))
+                    })?,
+                )),
                 None => None,
             };
             let listener = TcpListener::bind(l.address).await.map_err(|e| {
@@ -298,6 +296,44 @@ impl Balancer {
                 hard.clone(),
             ))
         });
+        // Rotated certificates are picked up from disk, no reload needed.
+        let watched: Vec<_> = self
+            .listeners
+            .iter()
+            .filter_map(|(_, _, t)| t.clone())
+            .collect();
+        if !watched.is_empty() {
+            let shared = self.shared.clone();
+            let stop = hard.clone();
+            tokio::spawn(async move {
+                let m = &shared.metrics;
+                mqlb_listener::tls::watch(
+                    || watched.clone(),
+                    mqlb_listener::tls::WATCH_INTERVAL,
+                    stop.cancelled(),
+                    |slot, r| match r {
+                        mqlb_listener::tls::Refresh::Reloaded => {
+                            m.tls_reloads.fetch_add(1, Ordering::Relaxed);
+                            shared.journal.record(
+                                "tls",
+                                &slot.listener,
+                                "certificate files changed: re-read",
+                            );
+                        }
+                        mqlb_listener::tls::Refresh::Failed(e) => {
+                            m.tls_reload_failures.fetch_add(1, Ordering::Relaxed);
+                            shared.journal.record(
+                                "tls",
+                                &slot.listener,
+                                format!("changed files unusable, old certificate kept: {e}"),
+                            );
+                        }
+                        mqlb_listener::tls::Refresh::Unchanged => {}
+                    },
+                )
+                .await;
+            });
+        }
         let tracker = TaskTracker::new();
         for (spec, listener, tls) in self.listeners {
             let shared = self.shared.clone();
@@ -355,7 +391,7 @@ struct Stops {
 async fn accept_loop(
     spec: mqlb_config::Listener,
     listener: TcpListener,
-    tls: Option<Arc<crate::tls::Slot>>,
+    tls: Option<Arc<mqlb_listener::tls::Slot>>,
     shared: Arc<Shared>,
     conns: TaskTracker,
     stops: Stops,
@@ -429,7 +465,7 @@ struct ListenerInfo {
     /// Sources that send a PROXY header first; empty: PROXY protocol off.
     proxy_trusted: Vec<mqlb_config::Cidr>,
     /// Terminates TLS (after any PROXY header, before the CONNECT).
-    tls: Option<Arc<crate::tls::Slot>>,
+    tls: Option<Arc<mqlb_listener::tls::Slot>>,
     /// MQTT over WebSocket on this path (after TLS).
     websocket: Option<String>,
 }
@@ -477,7 +513,7 @@ async fn handle(
     let local = client.local_addr().unwrap_or(peer);
     let Some(tls) = &listener.tls else {
         if listener.websocket.is_some() {
-            let client = crate::rewind::Rewind::new(initial, client);
+            let client = mqlb_listener::rewind::Rewind::new(initial, client);
             let arrival = Arrival {
                 peer,
                 local,
@@ -495,7 +531,7 @@ async fn handle(
         return serve_client(client, arrival, initial, listener, shared, shutdown).await;
     };
     // The PROXY header may have arrived with the start of the ClientHello.
-    let client = crate::rewind::Rewind::new(initial, client);
+    let client = mqlb_listener::rewind::Rewind::new(initial, client);
     let acceptor = tls.current.load_full();
     let accept = tokio::time::timeout(settings.connect_timeout, acceptor.accept(client));
     let client = match tokio::select! {
@@ -518,7 +554,7 @@ async fn handle(
     // replaces what the CONNECT claims.
     let identity = match tls.files.identity_as {
         None => None,
-        Some(field) => match crate::tls::peer_identity(client.get_ref().1) {
+        Some(field) => match mqlb_listener::tls::peer_identity(client.get_ref().1) {
             Some(name) => Some((field, name)),
             None => {
                 m.reject(RejectReason::Tls);
@@ -538,7 +574,7 @@ async fn handle(
             _ => "TLSv1.3",
         },
         sni: conn.server_name().map(str::to_string),
-        client_cn: crate::tls::peer_identity(conn),
+        client_cn: mqlb_listener::tls::peer_identity(conn),
     };
     let arrival = Arrival {
         peer,

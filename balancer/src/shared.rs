@@ -51,7 +51,7 @@ pub struct Shared {
     /// Set once a graceful shutdown has begun: `/readyz` answers 503.
     pub shutting_down: std::sync::atomic::AtomicBool,
     /// TLS listeners' acceptors, re-read from their files on reload.
-    pub(crate) tls: Mutex<Vec<Arc<crate::tls::Slot>>>,
+    pub(crate) tls: Mutex<Vec<Arc<mqlb_listener::tls::Slot>>>,
 }
 
 /// What a reload changed.
@@ -183,15 +183,17 @@ impl Shared {
                 .iter()
                 .any(|l| l.name == slot.listener && l.tls.as_ref() == Some(&slot.files));
             if same {
-                let t = crate::tls::acceptor(&slot.files)
+                // Built first, stored only if every listener's files work.
+                mqlb_listener::tls::acceptor(&slot.files)
                     .map_err(|e| format!("listener {} TLS: {e}", slot.listener))?;
-                fresh.push((slot, t));
+                fresh.push(slot);
             }
         }
         let mut r = self.reload(config);
-        for (slot, t) in fresh {
-            slot.current.store(Arc::new(t));
-            r.tls_reloaded.push(slot.listener.clone());
+        for slot in fresh {
+            if slot.reload().is_ok() {
+                r.tls_reloaded.push(slot.listener.clone());
+            }
         }
         if !r.tls_reloaded.is_empty() {
             tracing::info!(listeners = ?r.tls_reloaded, "TLS certificates re-read");

@@ -77,6 +77,20 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     serve(stream, state, settings, None).await;
 }
 
+/// Serves a client whose verified TLS certificate names it: the identity
+/// replaces the CONNECT's user name or client ID, never trusted from the
+/// client. As an identity user name it is the credential (Mosquitto's
+/// `use_identity_as_username`): no password is checked, ACLs apply to it.
+pub async fn handle_identified<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    state: Arc<State>,
+    settings: Settings,
+    identity: Option<(mqlb_config::IdentityAs, String)>,
+) {
+    let origin = identity.map(|(field, name)| Box::new(Origin::Certified(field, name)));
+    serve(stream, state, settings, origin).await;
+}
+
 /// Serves a client that a peer node relayed here because this node owns
 /// its session: never relayed again, whatever this node's view says, so a
 /// brief disagreement between two views cannot bounce a client around.
@@ -86,14 +100,32 @@ pub async fn handle_owned<S: AsyncRead + AsyncWrite + Unpin>(
     settings: Settings,
     relayed_by: crate::router::NodeId,
 ) {
-    serve(stream, state, settings, Some(relayed_by)).await;
+    serve(
+        stream,
+        state,
+        settings,
+        Some(Box::new(Origin::Relayed(relayed_by))),
+    )
+    .await;
+}
+
+/// How a connection reached this node, when not straight from a client
+/// over plain MQTT.
+enum Origin {
+    /// Relayed by this peer, because this node serves the session.
+    Relayed(crate::router::NodeId),
+    /// Over TLS with a verified certificate whose identity replaces this
+    /// CONNECT field.
+    Certified(mqlb_config::IdentityAs, String),
 }
 
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     state: Arc<State>,
     settings: Settings,
-    relayed_by: Option<crate::router::NodeId>,
+    // Boxed: most connections come straight from their client, and every
+    // idle one holds this future.
+    origin: Option<Box<Origin>>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     // Small to start: idle connections dominate memory; reads grow it on demand.
@@ -110,7 +142,22 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .await
     {
-        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Ok(Some(Packet::Connect(mut c)))) => {
+            if let Some(Origin::Certified(field, name)) = origin.as_deref() {
+                let Ok(name) = MqttStr::try_from(name.as_str()) else {
+                    tracing::info!(identity = %name, "certificate identity is not an MQTT string");
+                    return;
+                };
+                match field {
+                    mqlb_config::IdentityAs::Username => {
+                        c.username = Some(name);
+                        c.password = None;
+                    }
+                    mqlb_config::IdentityAs::ClientId => c.client_id = name,
+                }
+            }
+            c
+        }
         Ok(Err(_)) => {
             if let Some(reply) = connect_error_reply(&buf) {
                 let _ = wr.write_all(reply).await;
@@ -134,7 +181,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             return;
         }
     }
-    if let Some((cluster, owner)) = relay_target(&connect, &state, relayed_by) {
+    if let Some((cluster, owner)) = relay_target(
+        &connect,
+        &state,
+        match origin.as_deref() {
+            Some(Origin::Relayed(n)) => Some(*n),
+            _ => None,
+        },
+    ) {
         // Boxed, with what it needs moved in: rare, and it would grow
         // every connection's future.
         Box::pin(async move {
@@ -146,7 +200,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some(cluster) = state.cluster() {
         cluster.promote(connect.client_id.as_str(), &state);
     }
-    let mut session = match Session::start(connect, &mut wr, state, settings).await {
+    let by_certificate = matches!(
+        origin.as_deref(),
+        Some(Origin::Certified(mqlb_config::IdentityAs::Username, _))
+    );
+    let mut session = match Session::start(connect, &mut wr, state, settings, by_certificate).await
+    {
         Some(s) => s,
         None => return,
     };
@@ -313,6 +372,7 @@ impl Session {
         stream: &mut (impl AsyncWrite + Unpin),
         state: Arc<State>,
         settings: Settings,
+        by_certificate: bool,
     ) -> Option<Session> {
         let v = c.version;
         let refuse = |code: ReasonCode| {
@@ -323,7 +383,11 @@ impl Session {
             })
         };
         let username = c.username.as_ref().map(|u| u.to_string());
-        let verdict = state.auth.check(username.clone(), c.password.clone()).await;
+        let verdict = if by_certificate {
+            Verdict::Allow
+        } else {
+            state.auth.check(username.clone(), c.password.clone()).await
+        };
         if verdict != Verdict::Allow {
             let code = match verdict {
                 Verdict::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
@@ -813,6 +877,7 @@ mod tests {
         let (a, _b) = tokio::io::duplex(64);
         let f = super::handle(a, crate::state::State::open(), super::Settings::default());
         let size = std::mem::size_of_val(&f);
+        eprintln!("SIZE {size}");
         assert!(size <= 2048, "connection future is {size} bytes");
     }
 }

@@ -38,6 +38,7 @@ pub mod conn;
 pub mod core;
 pub mod effects;
 pub mod fabric;
+pub mod front;
 pub mod hlc;
 pub mod message;
 pub mod outbox;

@@ -14,9 +14,10 @@ use mqlb_config::broker::BrokerConfig;
 
 use crate::auth::Auth;
 use crate::cluster::Cluster;
-use crate::conn::{handle, Settings};
+use crate::conn::{handle, handle_identified, Settings};
 use crate::core::{Core, Limits};
 use crate::effects::LocalLog;
+use crate::front::Front;
 use crate::outbox::Closing;
 use crate::state::State;
 
@@ -34,6 +35,8 @@ pub struct Broker {
     shutdown_rate: u32,
     shutdown_grace: Duration,
     cluster: Option<(Arc<Cluster>, TcpListener)>,
+    /// `[[broker.listener]]`s: TLS, WebSocket, PROXY protocol.
+    fronts: Vec<(Arc<Front>, TcpListener)>,
 }
 
 impl Broker {
@@ -60,7 +63,19 @@ impl Broker {
             Some((c, _)) => c.clone(),
             None => Arc::new(LocalLog::default()),
         };
+        let mut fronts = Vec::new();
+        for l in &config.listeners {
+            let front = Arc::new(Front::new(l)?);
+            let bound = TcpListener::bind(l.address).await.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("listener {} on {}: {e}", l.name, l.address),
+                )
+            })?;
+            fronts.push((front, bound));
+        }
         let broker = Broker {
+            fronts,
             listener: TcpListener::bind(config.listen).await?,
             state: State::new(
                 Core::with_limits(Limits {
@@ -95,6 +110,14 @@ impl Broker {
     /// The bound address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Each `[[broker.listener]]`'s name and bound address, in order.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.fronts
+            .iter()
+            .filter_map(|(f, l)| Some((f.spec.name.clone(), l.local_addr().ok()?)))
+            .collect()
     }
 
     /// Shared state (for tests and the admin side).
@@ -154,6 +177,53 @@ impl Broker {
         });
         tracing::info!(address = ?self.listener.local_addr().ok(), "broker listening");
         let conns = TaskTracker::new();
+        let slots: Vec<_> = self
+            .fronts
+            .iter()
+            .filter_map(|(f, _)| f.tls.clone())
+            .collect();
+        if !slots.is_empty() {
+            let state = self.state.clone();
+            let stop = hard.clone();
+            tokio::spawn(async move {
+                mqlb_listener::tls::watch(
+                    || slots.clone(),
+                    mqlb_listener::tls::WATCH_INTERVAL,
+                    stop.cancelled(),
+                    |_, r| {
+                        let c = match r {
+                            mqlb_listener::tls::Refresh::Reloaded => &state.fronts.tls_reloads,
+                            mqlb_listener::tls::Refresh::Failed(_) => {
+                                &state.fronts.tls_reload_failures
+                            }
+                            mqlb_listener::tls::Refresh::Unchanged => return,
+                        };
+                        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    },
+                )
+                .await;
+            });
+        }
+        let mut front_loops = Vec::new();
+        for (front, listener) in self.fronts {
+            tracing::info!(
+                listener = %front.spec.name,
+                address = ?listener.local_addr().ok(),
+                tls = front.tls.is_some(),
+                websocket = ?front.spec.websocket,
+                proxy_protocol = !front.spec.proxy_trusted.is_empty(),
+                "broker listening"
+            );
+            front_loops.push(tokio::spawn(accept_front(
+                front,
+                listener,
+                self.state.clone(),
+                self.settings,
+                conns.clone(),
+                shutdown.clone(),
+                hard.clone(),
+            )));
+        }
         loop {
             let (stream, peer) = tokio::select! {
                 r = self.listener.accept() => match r {
@@ -181,6 +251,9 @@ impl Broker {
             );
         }
         drop(self.listener);
+        for l in front_loops {
+            let _ = l.await;
+        }
         conns.close();
         let open = self.state.core().connected();
         tracing::info!(open, rate = self.shutdown_rate, grace = ?self.shutdown_grace, "shutting down: closing clients at the shutdown rate");
@@ -196,6 +269,60 @@ impl Broker {
         }
         hard.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
+    }
+}
+
+/// Accepts on one `[[broker.listener]]` until `shutdown`: each connection
+/// goes through the listener's front (PROXY header, TLS, WebSocket upgrade)
+/// within the CONNECT timeout, then is served like any other.
+async fn accept_front(
+    front: Arc<Front>,
+    listener: TcpListener,
+    state: Arc<State>,
+    settings: Settings,
+    conns: TaskTracker,
+    shutdown: CancellationToken,
+    hard: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let front = front.clone();
+        let stop = hard.clone();
+        let span = tracing::debug_span!("client", listener = %front.spec.name, peer = %peer);
+        conns.spawn(
+            async move {
+                let arrived = tokio::select! {
+                    r = crate::front::accept(stream, peer, &front, crate::conn::CONNECT_TIMEOUT) => r,
+                    _ = stop.cancelled() => return,
+                };
+                let arrived = match arrived {
+                    Ok(a) => a,
+                    Err((reason, detail)) => {
+                        state.fronts.refuse(reason);
+                        tracing::info!(reason = reason.label(), %detail, "refused");
+                        return;
+                    }
+                };
+                tracing::Span::current().record("peer", tracing::field::display(arrived.peer));
+                tokio::select! {
+                    _ = handle_identified(arrived.stream, state, settings, arrived.identity) => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
+            .instrument(span),
+        );
     }
 }
 

@@ -23,6 +23,8 @@ pub struct State {
     pub log: Arc<dyn ChangeLog>,
     /// This node's cluster, when it is a member of one.
     cluster: std::sync::OnceLock<Arc<Cluster>>,
+    /// What the listeners refused before a CONNECT, and certificate reloads.
+    pub fronts: crate::front::FrontStats,
 }
 
 impl State {
@@ -33,6 +35,7 @@ impl State {
             auth: Arc::new(auth),
             log,
             cluster: std::sync::OnceLock::new(),
+            fronts: crate::front::FrontStats::default(),
         })
     }
 

@@ -86,6 +86,9 @@ pub struct BrokerConfig {
     pub log_format: Option<crate::LogFormat>,
     /// Cluster membership, when this node is one of several.
     pub cluster: Option<ClusterConfig>,
+    /// Listeners beside `listen` (`[[broker.listener]]`): TLS, WebSocket,
+    /// PROXY protocol, with the balancer's `[[listener]]` keys and meaning.
+    pub listeners: Vec<crate::Listener>,
 }
 
 /// A node's place in a cluster of bundled brokers (`[cluster]`, or
@@ -170,6 +173,7 @@ impl Default for BrokerConfig {
             shutdown_grace: std::time::Duration::from_secs(30),
             log_format: None,
             cluster: None,
+            listeners: Vec::new(),
         }
     }
 }
@@ -397,6 +401,26 @@ impl BrokerConfig {
                 }
             }
         }
+        let mut lc = crate::Collector {
+            text,
+            problems: Vec::new(),
+        };
+        for (i, l) in raw
+            .broker
+            .iter()
+            .flat_map(|b| b.listener.iter())
+            .enumerate()
+        {
+            let at = format!("broker.listener[{i}]");
+            if let Some(v) = &l.connect_refusal {
+                // The broker always answers a refused CONNECT as Mosquitto does.
+                lc.at(format!("{at}.connect_refusal"), v, "is a balancer setting");
+            }
+            if let Some(l) = crate::validate_listener(&at, &format!("listener{i}"), l, &mut lc) {
+                c.listeners.push(l);
+            }
+        }
+        problems.extend(lc.problems);
         if problems.is_empty() {
             Ok(c)
         } else {

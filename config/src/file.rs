@@ -94,6 +94,10 @@ pub struct BrokerFile {
     /// Topic access rules; none means everything is allowed.
     #[serde(default)]
     pub acl: Vec<AclFile>,
+    /// `[[broker.listener]]`: more listeners (TLS, WebSocket, PROXY
+    /// protocol), with the keys of a balancer `[[listener]]`.
+    #[serde(default)]
+    pub listener: Vec<ListenerFile>,
 }
 
 /// `[[broker.acl]]`.
@@ -197,6 +201,9 @@ pub struct ListenerFile {
     pub tls_key: Option<Spanned<String>>,
     /// PEM CA certificates: require a client certificate they sign (mTLS).
     pub tls_client_ca: Option<Spanned<String>>,
+    /// PEM CRLs: client certificates they revoke are refused (needs
+    /// `tls_client_ca`).
+    pub tls_client_crl: Option<Spanned<String>>,
     /// With `tls_client_ca`: "username" or "client_id" takes the client
     /// certificate's identity (subject CN, else the first DNS SAN) into the
     /// CONNECT (Mosquitto's `use_identity_as_username`).

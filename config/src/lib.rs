@@ -267,6 +267,8 @@ pub struct TlsFiles {
     /// CAs a client certificate must chain to; `None`: no client
     /// certificate asked for.
     pub client_ca: Option<std::path::PathBuf>,
+    /// CRLs checked against client certificates (with `client_ca`).
+    pub client_crl: Option<std::path::PathBuf>,
     /// Where the client certificate's identity goes in the CONNECT, when
     /// set (needs `client_ca`).
     pub identity_as: Option<IdentityAs>,
@@ -558,9 +560,9 @@ impl fmt::Display for ConfigError {
 }
 
 /// Collects problems with their lines while validating.
-struct Collector<'a> {
-    text: &'a str,
-    problems: Vec<Problem>,
+pub(crate) struct Collector<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) problems: Vec<Problem>,
 }
 
 impl Collector<'_> {
@@ -652,6 +654,20 @@ impl Config {
 }
 
 /// Reads a configuration file, naming it in errors.
+/// Whether the file configures a broker node only (`[broker]` or
+/// `[cluster]`, and no balancer listeners, backends or pools), so that
+/// `mqlb config check` checks it as `mqlb broker --config` reads it.
+pub fn is_broker_file(path: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    let Ok(t) = text.parse::<toml::Table>() else {
+        return false;
+    };
+    let has = |k: &str| t.contains_key(k);
+    (has("broker") || has("cluster")) && !has("listener") && !has("backend") && !has("pool")
+}
+
 pub(crate) fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -686,205 +702,224 @@ fn check_host_port(s: &str) -> Result<(), String> {
     }
 }
 
+/// Checks one `[[listener]]` (or `[[broker.listener]]`) table; `key` is
+/// its place in the file, for errors (`at`).
+pub(crate) fn validate_listener(
+    at: &str,
+    default_name: &str,
+    l: &file::ListenerFile,
+    c: &mut Collector<'_>,
+) -> Option<Listener> {
+    let connect_refusal = match l.connect_refusal.as_ref().map(|v| v.get_ref().as_str()) {
+        None | Some("close") => ConnectRefusal::Close,
+        Some("reason-code") => ConnectRefusal::ReasonCode,
+        Some(other) => {
+            if let Some(v) = &l.connect_refusal {
+                c.at(
+                    format!("{at}.connect_refusal"),
+                    v,
+                    format!("\"{other}\" is not one of \"close\", \"reason-code\""),
+                );
+            }
+            ConnectRefusal::Close
+        }
+    };
+    let mut proxy_trusted = Vec::new();
+    for (k, v) in l.proxy_trusted.iter().flatten().enumerate() {
+        match Cidr::parse(v.get_ref()) {
+            Some(cidr) => proxy_trusted.push(cidr),
+            None => c.at(
+                format!("{at}.proxy_trusted[{k}]"),
+                v,
+                format!("\"{}\" is not an address or CIDR", v.get_ref()),
+            ),
+        }
+    }
+    if l.proxy_protocol == Some(true) && proxy_trusted.is_empty() {
+        c.nowhere(
+            format!("{at}.proxy_trusted"),
+            "proxy_protocol = true needs the load balancers' addresses in proxy_trusted",
+        );
+    }
+    if l.proxy_protocol != Some(true) {
+        proxy_trusted.clear();
+    }
+    let tls = match (&l.tls_cert, &l.tls_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            let files = [("tls_cert", cert), ("tls_key", key)];
+            let ca = l.tls_client_ca.as_ref().map(|v| ("tls_client_ca", v));
+            for (name, v) in files.into_iter().chain(ca) {
+                if let Err(e) = std::fs::metadata(v.get_ref()) {
+                    c.at(
+                        format!("{at}.{name}"),
+                        v,
+                        format!("cannot read \"{}\": {e}", v.get_ref()),
+                    );
+                }
+            }
+            Some(TlsFiles {
+                cert: cert.get_ref().into(),
+                key: key.get_ref().into(),
+                client_ca: l.tls_client_ca.as_ref().map(|v| v.get_ref().into()),
+                client_crl: l.tls_client_crl.as_ref().map(|v| v.get_ref().into()),
+                sni: l
+                    .sni
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(k, e)| {
+                        for (name, v) in [("tls_cert", &e.tls_cert), ("tls_key", &e.tls_key)] {
+                            if let Err(err) = std::fs::metadata(v.get_ref()) {
+                                c.at(
+                                    format!("{at}.sni[{k}].{name}"),
+                                    v,
+                                    format!("cannot read \"{}\": {err}", v.get_ref()),
+                                );
+                            }
+                        }
+                        if e.server_names.get_ref().is_empty() {
+                            c.at(
+                                format!("{at}.sni[{k}].server_names"),
+                                &e.server_names,
+                                "needs at least one name",
+                            );
+                            return None;
+                        }
+                        Some(SniCert {
+                            server_names: e
+                                .server_names
+                                .get_ref()
+                                .iter()
+                                .map(|n| n.to_ascii_lowercase())
+                                .collect(),
+                            cert: e.tls_cert.get_ref().into(),
+                            key: e.tls_key.get_ref().into(),
+                        })
+                    })
+                    .collect(),
+                identity_as: match l.tls_identity_as.as_ref() {
+                    None => None,
+                    Some(v) => match (v.get_ref().as_str(), &l.tls_client_ca) {
+                        (_, None) => {
+                            c.at(
+                                format!("{at}.tls_identity_as"),
+                                v,
+                                "a certificate identity needs client certificates: set tls_client_ca",
+                            );
+                            None
+                        }
+                        ("username", Some(_)) => Some(IdentityAs::Username),
+                        ("client_id", Some(_)) => Some(IdentityAs::ClientId),
+                        (other, Some(_)) => {
+                            c.at(
+                                format!("{at}.tls_identity_as"),
+                                v,
+                                format!("\"{other}\" is not one of \"username\", \"client_id\""),
+                            );
+                            None
+                        }
+                    },
+                },
+            })
+        }
+        (Some(v), None) | (None, Some(v)) => {
+            c.at(format!("{at}.tls"), v, "tls_cert and tls_key go together");
+            None
+        }
+    };
+    if let (None, Some(e)) = (&tls, l.sni.first()) {
+        c.at(
+            format!("{at}.sni"),
+            &e.tls_cert,
+            "SNI certificates need TLS: set tls_cert and tls_key (the default certificate) too",
+        );
+    }
+    if let (Some(v), None) = (&l.tls_client_crl, &l.tls_client_ca) {
+        c.at(
+            format!("{at}.tls_client_crl"),
+            v,
+            "a CRL revokes client certificates: set tls_client_ca too",
+        );
+    }
+    if let (None, Some(v)) = (&tls, &l.tls_client_ca) {
+        if l.tls_cert.is_none() && l.tls_key.is_none() {
+            c.at(
+                format!("{at}.tls_client_ca"),
+                v,
+                "client certificates need TLS: set tls_cert and tls_key too",
+            );
+        }
+    }
+    let websocket = match l.kind.as_ref().map(|v| v.get_ref().as_str()) {
+        None | Some("mqtt") => {
+            if let Some(v) = &l.websocket_path {
+                c.at(
+                    format!("{at}.websocket_path"),
+                    v,
+                    "websocket_path needs kind = \"websocket\"",
+                );
+            }
+            None
+        }
+        Some("websocket") => {
+            let path = l
+                .websocket_path
+                .as_ref()
+                .map_or_else(|| "/mqtt".to_string(), |v| v.get_ref().clone());
+            if !path.starts_with('/') {
+                if let Some(v) = &l.websocket_path {
+                    c.at(
+                        format!("{at}.websocket_path"),
+                        v,
+                        format!("\"{path}\" must start with '/'"),
+                    );
+                }
+            }
+            Some(path)
+        }
+        Some(other) => {
+            if let Some(v) = &l.kind {
+                c.at(
+                    format!("{at}.kind"),
+                    v,
+                    format!("\"{other}\" is not one of \"mqtt\", \"websocket\""),
+                );
+            }
+            None
+        }
+    };
+    match l.address.get_ref().parse::<SocketAddr>() {
+        Ok(address) => Some(Listener {
+            name: l.name.clone().unwrap_or_else(|| default_name.to_string()),
+            address,
+            connect_refusal,
+            proxy_trusted,
+            tls,
+            websocket,
+        }),
+        Err(_) => {
+            c.at(
+                format!("{at}.address"),
+                &l.address,
+                format!(
+                    "\"{}\" is not an IP:port socket address",
+                    l.address.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
 fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
     let mut listeners = Vec::new();
     if raw.listener.is_empty() {
         c.nowhere("listener", "at least one [[listener]] is required");
     }
     for (i, l) in raw.listener.iter().enumerate() {
-        let connect_refusal = match l.connect_refusal.as_ref().map(|v| v.get_ref().as_str()) {
-            None | Some("close") => ConnectRefusal::Close,
-            Some("reason-code") => ConnectRefusal::ReasonCode,
-            Some(other) => {
-                if let Some(v) = &l.connect_refusal {
-                    c.at(
-                        format!("listener[{i}].connect_refusal"),
-                        v,
-                        format!("\"{other}\" is not one of \"close\", \"reason-code\""),
-                    );
-                }
-                ConnectRefusal::Close
-            }
-        };
-        let mut proxy_trusted = Vec::new();
-        for (k, v) in l.proxy_trusted.iter().flatten().enumerate() {
-            match Cidr::parse(v.get_ref()) {
-                Some(cidr) => proxy_trusted.push(cidr),
-                None => c.at(
-                    format!("listener[{i}].proxy_trusted[{k}]"),
-                    v,
-                    format!("\"{}\" is not an address or CIDR", v.get_ref()),
-                ),
-            }
-        }
-        if l.proxy_protocol == Some(true) && proxy_trusted.is_empty() {
-            c.nowhere(
-                format!("listener[{i}].proxy_trusted"),
-                "proxy_protocol = true needs the load balancers' addresses in proxy_trusted",
-            );
-        }
-        if l.proxy_protocol != Some(true) {
-            proxy_trusted.clear();
-        }
-        let tls = match (&l.tls_cert, &l.tls_key) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => {
-                let files = [("tls_cert", cert), ("tls_key", key)];
-                let ca = l.tls_client_ca.as_ref().map(|v| ("tls_client_ca", v));
-                for (name, v) in files.into_iter().chain(ca) {
-                    if let Err(e) = std::fs::metadata(v.get_ref()) {
-                        c.at(
-                            format!("listener[{i}].{name}"),
-                            v,
-                            format!("cannot read \"{}\": {e}", v.get_ref()),
-                        );
-                    }
-                }
-                Some(TlsFiles {
-                    cert: cert.get_ref().into(),
-                    key: key.get_ref().into(),
-                    client_ca: l.tls_client_ca.as_ref().map(|v| v.get_ref().into()),
-                    sni: l
-                        .sni
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(k, e)| {
-                            for (name, v) in [("tls_cert", &e.tls_cert), ("tls_key", &e.tls_key)] {
-                                if let Err(err) = std::fs::metadata(v.get_ref()) {
-                                    c.at(
-                                        format!("listener[{i}].sni[{k}].{name}"),
-                                        v,
-                                        format!("cannot read \"{}\": {err}", v.get_ref()),
-                                    );
-                                }
-                            }
-                            if e.server_names.get_ref().is_empty() {
-                                c.at(
-                                    format!("listener[{i}].sni[{k}].server_names"),
-                                    &e.server_names,
-                                    "needs at least one name",
-                                );
-                                return None;
-                            }
-                            Some(SniCert {
-                                server_names: e
-                                    .server_names
-                                    .get_ref()
-                                    .iter()
-                                    .map(|n| n.to_ascii_lowercase())
-                                    .collect(),
-                                cert: e.tls_cert.get_ref().into(),
-                                key: e.tls_key.get_ref().into(),
-                            })
-                        })
-                        .collect(),
-                    identity_as: match l.tls_identity_as.as_ref() {
-                        None => None,
-                        Some(v) => match (v.get_ref().as_str(), &l.tls_client_ca) {
-                            (_, None) => {
-                                c.at(
-                                    format!("listener[{i}].tls_identity_as"),
-                                    v,
-                                    "a certificate identity needs client certificates: set tls_client_ca",
-                                );
-                                None
-                            }
-                            ("username", Some(_)) => Some(IdentityAs::Username),
-                            ("client_id", Some(_)) => Some(IdentityAs::ClientId),
-                            (other, Some(_)) => {
-                                c.at(
-                                    format!("listener[{i}].tls_identity_as"),
-                                    v,
-                                    format!(
-                                        "\"{other}\" is not one of \"username\", \"client_id\""
-                                    ),
-                                );
-                                None
-                            }
-                        },
-                    },
-                })
-            }
-            (Some(v), None) | (None, Some(v)) => {
-                c.at(
-                    format!("listener[{i}].tls"),
-                    v,
-                    "tls_cert and tls_key go together",
-                );
-                None
-            }
-        };
-        if let (None, Some(e)) = (&tls, l.sni.first()) {
-            c.at(
-                format!("listener[{i}].sni"),
-                &e.tls_cert,
-                "SNI certificates need TLS: set tls_cert and tls_key (the default certificate) too",
-            );
-        }
-        if let (None, Some(v)) = (&tls, &l.tls_client_ca) {
-            if l.tls_cert.is_none() && l.tls_key.is_none() {
-                c.at(
-                    format!("listener[{i}].tls_client_ca"),
-                    v,
-                    "client certificates need TLS: set tls_cert and tls_key too",
-                );
-            }
-        }
-        let websocket = match l.kind.as_ref().map(|v| v.get_ref().as_str()) {
-            None | Some("mqtt") => {
-                if let Some(v) = &l.websocket_path {
-                    c.at(
-                        format!("listener[{i}].websocket_path"),
-                        v,
-                        "websocket_path needs kind = \"websocket\"",
-                    );
-                }
-                None
-            }
-            Some("websocket") => {
-                let path = l
-                    .websocket_path
-                    .as_ref()
-                    .map_or_else(|| "/mqtt".to_string(), |v| v.get_ref().clone());
-                if !path.starts_with('/') {
-                    if let Some(v) = &l.websocket_path {
-                        c.at(
-                            format!("listener[{i}].websocket_path"),
-                            v,
-                            format!("\"{path}\" must start with '/'"),
-                        );
-                    }
-                }
-                Some(path)
-            }
-            Some(other) => {
-                if let Some(v) = &l.kind {
-                    c.at(
-                        format!("listener[{i}].kind"),
-                        v,
-                        format!("\"{other}\" is not one of \"mqtt\", \"websocket\""),
-                    );
-                }
-                None
-            }
-        };
-        match l.address.get_ref().parse::<SocketAddr>() {
-            Ok(address) => listeners.push(Listener {
-                name: l.name.clone().unwrap_or_else(|| format!("listener{i}")),
-                address,
-                connect_refusal,
-                proxy_trusted,
-                tls,
-                websocket,
-            }),
-            Err(_) => c.at(
-                format!("listener[{i}].address"),
-                &l.address,
-                format!(
-                    "\"{}\" is not an IP:port socket address",
-                    l.address.get_ref()
-                ),
-            ),
+        if let Some(l) = validate_listener(&format!("listener[{i}]"), &format!("listener{i}"), l, c)
+        {
+            listeners.push(l);
         }
     }
 

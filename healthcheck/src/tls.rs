@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use mqlb_listener::pem::{self, bad};
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::{rustls, TlsConnector};
@@ -39,13 +39,6 @@ impl PartialEq for TlsClient {
 
 impl Eq for TlsClient {}
 
-fn bad(what: &Path, e: &dyn std::fmt::Display) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("{}: {e}", what.display()),
-    )
-}
-
 impl TlsClient {
     /// Reads the CA bundle (and the client certificate and key, if any);
     /// `server_name` is what the broker's certificate must name.
@@ -54,15 +47,7 @@ impl TlsClient {
         client: Option<(&Path, &Path)>,
         server_name: &str,
     ) -> io::Result<TlsClient> {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(ca, &e))? {
-            roots
-                .add(c.map_err(|e| bad(ca, &e))?)
-                .map_err(|e| bad(ca, &e))?;
-        }
-        if roots.is_empty() {
-            return Err(bad(ca, &"no CERTIFICATE in the file"));
-        }
+        let roots = pem::roots(ca)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -71,10 +56,8 @@ impl TlsClient {
         let config = match client {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
-                let chain = CertificateDer::pem_file_iter(cert)
-                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| bad(cert, &e))?;
-                let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+                let chain = pem::certs(cert)?;
+                let key_der = pem::key(key)?;
                 builder
                     .with_client_auth_cert(chain, key_der)
                     .map_err(|e| bad(key, &e))?

@@ -4,18 +4,26 @@
 //! system library to match at build or run time, and the same choice as
 //! linkerd2-proxy. TLS 1.2 and 1.3, the provider's safe default suites.
 //! With `tls_client_ca`, a client certificate chaining to those CAs is
-//! required (mTLS); the broker still authenticates the CONNECT.
+//! required (mTLS), and with `tls_client_crl` one they revoke is refused
+//! (rustls' own CRL check: cheap, so offered).
+//!
+//! Rotation: a [`Slot`] holds a listener's acceptor and a fingerprint of
+//! its files; [`watch`] re-reads them when they change on disk (polling
+//! size and modification time, which also sees Kubernetes' symlink swap of
+//! a mounted Secret). Open sessions keep the certificate they were made
+//! with; a broken new file keeps the old acceptor in service and is
+//! reported.
 
 use std::io;
 use std::sync::Arc;
 
 use mqlb_config::TlsFiles;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
+
+use crate::pem::{self, bad};
 
 /// A listener's TLS acceptor (cheap to clone).
 #[derive(Clone)]
@@ -37,13 +45,6 @@ impl Terminator {
     }
 }
 
-fn bad(what: &std::path::Path, e: &dyn std::fmt::Display) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("{}: {e}", what.display()),
-    )
-}
-
 /// A certificate chain and its key, ready to sign handshakes, and the DNS
 /// names its leaf is for.
 fn load(
@@ -51,14 +52,12 @@ fn load(
     key: &std::path::Path,
     provider: &rustls::crypto::CryptoProvider,
 ) -> io::Result<(Arc<CertifiedKey>, Vec<String>)> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| bad(cert, &e))?;
-    let Some(leaf) = certs.first() else {
-        return Err(bad(cert, &"no CERTIFICATE in the file"));
-    };
-    let names = dns_names(leaf.as_ref());
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+    let certs = pem::certs(cert)?;
+    let names = certs
+        .first()
+        .map(|leaf| dns_names(leaf.as_ref()))
+        .unwrap_or_default();
+    let der = pem::key(key)?;
     let signing = provider
         .key_provider
         .load_private_key(der)
@@ -146,18 +145,13 @@ pub fn acceptor(files: &TlsFiles) -> io::Result<Terminator> {
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(ca, &e))? {
-                roots
-                    .add(c.map_err(|e| bad(ca, &e))?)
-                    .map_err(|e| bad(ca, &e))?;
+            let roots = pem::roots(ca)?;
+            let mut verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            if let Some(crl) = &files.client_crl {
+                verifier = verifier.with_crls(pem::crls(crl)?);
             }
-            if roots.is_empty() {
-                return Err(bad(ca, &"no CERTIFICATE in the file"));
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| bad(ca, &e))?;
+            let verifier = verifier.build().map_err(|e| bad(ca, &e))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -168,17 +162,142 @@ pub fn acceptor(files: &TlsFiles) -> io::Result<Terminator> {
     Ok(Terminator(TlsAcceptor::from(Arc::new(config))))
 }
 
-/// A TLS listener's acceptor, swapped when a reload re-reads its files
-/// (certificate rotation without dropping a connection: open TLS sessions
-/// keep the certificate they were made with).
+/// A TLS listener's acceptor, swapped when its files change or a reload
+/// re-reads them (certificate rotation without dropping a connection: open
+/// TLS sessions keep the certificate they were made with).
 #[derive(Debug)]
 pub struct Slot {
     /// The listener's name.
     pub listener: String,
-    /// The files the acceptor was built from.
+    /// The files the acceptor is built from.
     pub files: TlsFiles,
     /// The acceptor new connections use.
     pub current: arc_swap::ArcSwap<Terminator>,
+    /// Size and modification time of each file when last read.
+    seen: std::sync::Mutex<Fingerprint>,
+}
+
+/// Size and modification time of each of a listener's files (`None`: not
+/// readable).
+type Fingerprint = Vec<Option<(u64, std::time::SystemTime)>>;
+
+/// What [`Slot::refresh`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refresh {
+    /// No file changed.
+    Unchanged,
+    /// The files changed and new connections get the new acceptor.
+    Reloaded,
+    /// The files changed but do not make an acceptor: the old one stays in
+    /// service. The error names the file.
+    Failed(String),
+}
+
+fn paths(files: &TlsFiles) -> Vec<&std::path::Path> {
+    let mut p = vec![files.cert.as_path(), files.key.as_path()];
+    p.extend(files.client_ca.as_deref());
+    p.extend(files.client_crl.as_deref());
+    for s in &files.sni {
+        p.push(&s.cert);
+        p.push(&s.key);
+    }
+    p
+}
+
+fn fingerprint(files: &TlsFiles) -> Fingerprint {
+    paths(files)
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(p).ok()?;
+            Some((m.len(), m.modified().ok()?))
+        })
+        .collect()
+}
+
+impl Slot {
+    /// Reads the files and builds the first acceptor; errors name the file.
+    pub fn new(listener: &str, files: &TlsFiles) -> io::Result<Slot> {
+        let seen = fingerprint(files);
+        Ok(Slot {
+            listener: listener.to_string(),
+            current: arc_swap::ArcSwap::from_pointee(acceptor(files)?),
+            files: files.clone(),
+            seen: std::sync::Mutex::new(seen),
+        })
+    }
+
+    /// Re-reads the files if any changed on disk since they were last read.
+    pub fn refresh(&self) -> Refresh {
+        let now = fingerprint(&self.files);
+        {
+            let Ok(mut seen) = self.seen.lock() else {
+                return Refresh::Unchanged;
+            };
+            if *seen == now {
+                return Refresh::Unchanged;
+            }
+            // Remembered even when the new files are broken, so a bad file
+            // is reported once, not on every poll.
+            *seen = now;
+        }
+        match acceptor(&self.files) {
+            Ok(t) => {
+                self.current.store(Arc::new(t));
+                Refresh::Reloaded
+            }
+            Err(e) => Refresh::Failed(e.to_string()),
+        }
+    }
+
+    /// Re-reads the files now, changed or not (a configuration reload);
+    /// the old acceptor stays on error.
+    pub fn reload(&self) -> io::Result<()> {
+        let seen = fingerprint(&self.files);
+        let t = acceptor(&self.files)?;
+        self.current.store(Arc::new(t));
+        if let Ok(mut s) = self.seen.lock() {
+            *s = seen;
+        }
+        Ok(())
+    }
+}
+
+/// How often [`watch`] looks at the files.
+pub const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Polls `slots`' files every `every` until `stop`, swapping acceptors as
+/// files change; `report` hears every reload and failure (for logs and
+/// metrics).
+pub async fn watch(
+    slots: impl Fn() -> Vec<Arc<Slot>>,
+    every: std::time::Duration,
+    stop: impl std::future::Future<Output = ()>,
+    mut report: impl FnMut(&Slot, &Refresh),
+) {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stop => return,
+        }
+        for slot in slots() {
+            let r = slot.refresh();
+            match &r {
+                Refresh::Unchanged => continue,
+                Refresh::Reloaded => {
+                    tracing::info!(listener = %slot.listener, "TLS files changed: certificates re-read")
+                }
+                Refresh::Failed(e) => tracing::warn!(
+                    listener = %slot.listener,
+                    error = %e,
+                    "TLS files changed but cannot be used; the old certificate stays in service"
+                ),
+            }
+            report(&slot, &r);
+        }
+    }
 }
 
 /// The verified client certificate's identity: its subject's common name,
