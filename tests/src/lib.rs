@@ -26,6 +26,7 @@ pub mod client;
 pub mod cluster;
 pub mod dns;
 pub mod load;
+pub mod pki;
 pub mod raw;
 
 /// The `mqlb` binary built by this `cargo test` run. Cargo builds it for
@@ -416,6 +417,8 @@ pub async fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> Option
 /// The bundled broker, in this process, on a free port.
 pub struct OurBroker {
     pub addr: SocketAddr,
+    /// Each `[[broker.listener]]`'s bound address, in order.
+    pub listeners: Vec<SocketAddr>,
     /// Its state, to look inside sessions after the fact.
     pub state: Arc<mqlb_broker::state::State>,
     shutdown: CancellationToken,
@@ -432,11 +435,13 @@ impl OurBroker {
         config.listen = "127.0.0.1:0".parse().unwrap();
         let b = mqlb_broker::Broker::bind_config(&config).await.unwrap();
         let addr = b.local_addr().unwrap();
+        let listeners = b.listener_addrs().into_iter().map(|(_, a)| a).collect();
         let state = b.state();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(b.serve(shutdown.clone()));
         OurBroker {
             addr,
+            listeners,
             state,
             shutdown,
             task: Some(task),
@@ -568,5 +573,55 @@ sys.exit(0 if ok else 1)
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("hi-{proto}")
+    );
+}
+
+/// paho-mqtt over WebSocket (`wss` when `cafile` is given): subscribes,
+/// publishes at QoS 1, and waits for its own message. `proto` is "311" or
+/// "5". Panics unless the message came back within 10 s.
+pub async fn paho_ws(
+    port: u16,
+    path: &str,
+    proto: &'static str,
+    cid: &str,
+    cafile: Option<&std::path::Path>,
+) {
+    const SCRIPT: &str = r#"
+import sys, threading, paho.mqtt.client as mqtt
+port, path, proto, cid, cafile = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+version = {"311": mqtt.MQTTv311, "5": mqtt.MQTTv5}[proto]
+got = threading.Event()
+c = mqtt.Client(client_id=cid, protocol=version, transport="websockets")
+c.ws_set_options(path=path)
+if cafile:
+    c.tls_set(ca_certs=cafile)
+c.on_connect = lambda c, u, f, rc, p=None: c.subscribe("ws/" + cid, qos=1)
+c.on_subscribe = lambda c, u, mid, g, p=None: c.publish("ws/" + cid, "hi-ws-" + proto, qos=1)
+def on_message(c, u, m):
+    print(m.payload.decode()); got.set()
+c.on_message = on_message
+c.connect("127.0.0.1", port, 30); c.loop_start()
+ok = got.wait(10); c.disconnect(); c.loop_stop()
+sys.exit(0 if ok else 1)
+"#;
+    let python = python_with_paho()
+        .expect("paho-mqtt missing: run .ci/run or apt-get install python3-paho-mqtt");
+    let (path, cid) = (path.to_string(), cid.to_string());
+    let cafile = cafile.map(|p| p.display().to_string()).unwrap_or_default();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args(["-c", SCRIPT, &port.to_string(), &path, proto, &cid, &cafile])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "paho over WebSocket, {proto}: {out:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("hi-ws-{proto}")
     );
 }

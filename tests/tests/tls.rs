@@ -24,14 +24,8 @@ use tokio_rustls::rustls;
 
 const T: Duration = Duration::from_secs(5);
 
-/// A self-signed certificate for 127.0.0.1 / localhost: (dir, cert DER).
 fn certificate() -> (std::path::PathBuf, CertificateDer<'static>) {
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    let dir = scratch_dir("tls");
-    std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
-    (dir, ck.cert.der().clone())
+    mqlb_tests::pki::server_certificate()
 }
 
 fn client_config(ca: CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
@@ -251,35 +245,12 @@ async fn broken_tls_config_is_refused_by_name() {
 /// A CA and a client certificate it signs, written as PEM under `dir`
 /// (`{name}-ca.pem`, `{name}-client.pem`, `{name}-client.key`).
 fn client_pki(dir: &std::path::Path, name: &str) {
-    client_pki_cn(dir, name, None);
+    mqlb_tests::pki::client_pki(dir, name, None);
 }
 
 /// A CA and a client certificate it signed, with subject CN `cn` if given.
 fn client_pki_cn(dir: &std::path::Path, name: &str, cn: Option<&str>) {
-    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // A CA named apart from its leaf (OpenSSL, as in Mosquitto, takes a
-    // certificate whose issuer is its own subject for self-signed).
-    ca_params.distinguished_name = rcgen::DistinguishedName::new();
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec![format!("{name}-device")]).unwrap();
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    if let Some(cn) = cn {
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-    }
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    std::fs::write(dir.join(format!("{name}-ca.pem")), ca.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}-client.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}-client.key")), key.serialize_pem()).unwrap();
+    mqlb_tests::pki::client_pki(dir, name, cn);
 }
 
 /// mTLS: with `tls_client_ca`, mosquitto_pub gets through only with a
@@ -751,6 +722,142 @@ async fn proxy_v2_out_carries_the_tls_version_sni_and_client_cn() {
     let mut first = [0u8; 2];
     b.read_exact(&mut first).await.unwrap();
     assert_eq!(first[0], 0x10);
+    lb.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Rotation with no reload at all: certificate files replaced on disk are
+/// picked up by the watcher; a TLS session from before keeps working; a
+/// broken replacement is counted and reported while the certificate in
+/// service stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_changed_on_disk_are_picked_up_without_a_reload() {
+    use std::sync::atomic::Ordering;
+    let m = Mosquitto::start();
+    let (dir, old_ca) = certificate();
+    let text = format!(
+        "[[listener]]\nname = \"mqtts\"\naddress = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\n\
+         [[backend]]\nname = \"m\"\naddress = \"{a}\"\n\
+         [balancer]\nconnect_timeout = \"1s\"\n[health]\nenabled = false\n",
+        c = dir.join("cert.pem").display(),
+        k = dir.join("key.pem").display(),
+        a = m.addr()
+    );
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let addr = lb.addr;
+    let handshake = |ca: CertificateDer<'static>| async move {
+        let connector = tokio_rustls::TlsConnector::from(client_config(ca));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        tokio::time::timeout(T, connector.connect(name, tcp))
+            .await
+            .unwrap()
+    };
+    let mut before = handshake(old_ca.clone()).await.unwrap();
+    before
+        .write_all(&raw::connect("disk-before", 4))
+        .await
+        .unwrap();
+    assert_eq!(
+        raw::read_n(&mut before, 4, T).await,
+        [0x20, 0x02, 0x00, 0x00]
+    );
+
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    std::fs::write(dir.join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
+    let new_ca = ck.cert.der().clone();
+    let mut served = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !served && std::time::Instant::now() < deadline {
+        served = handshake(new_ca.clone()).await.is_ok();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(served, "the new certificate was never served");
+    assert!(lb.shared.metrics.tls_reloads.load(Ordering::Relaxed) >= 1);
+    assert!(
+        handshake(old_ca).await.is_err(),
+        "old certificate still served"
+    );
+    before.write_all(&[0xC0, 0x00]).await.unwrap();
+    assert_eq!(raw::read_n(&mut before, 2, T).await, [0xD0, 0x00]);
+
+    // A broken file: counted, and the certificate in service stays.
+    let failures = lb
+        .shared
+        .metrics
+        .tls_reload_failures
+        .load(Ordering::Relaxed);
+    std::fs::write(dir.join("key.pem"), "not a key").unwrap();
+    let counted = wait_until(Duration::from_secs(15), || {
+        lb.shared
+            .metrics
+            .tls_reload_failures
+            .load(Ordering::Relaxed)
+            > failures
+    })
+    .await;
+    assert!(counted.is_some(), "a broken key file was not reported");
+    assert!(handshake(new_ca).await.is_ok());
+    drop(before);
+    lb.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// mTLS with a CRL: a client certificate the CA revoked is refused in the
+/// handshake (counted as tls, never reaching the broker); one it did not
+/// revoke gets through. A CRL without a client CA is a config error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_certificate_is_refused() {
+    let m = Mosquitto::start();
+    let (dir, _) = certificate();
+    client_pki(&dir, "crl");
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\n\
+         tls_client_ca = \"{ca}\"\ntls_client_crl = \"{crl}\"\n\
+         [[backend]]\nname = \"m\"\naddress = \"{a}\"\n\
+         [balancer]\nconnect_timeout = \"1s\"\n[health]\nenabled = false\n",
+        c = dir.join("cert.pem").display(),
+        k = dir.join("key.pem").display(),
+        ca = dir.join("crl-ca.pem").display(),
+        crl = dir.join("crl-crl.pem").display(),
+        a = m.addr()
+    );
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let port = lb.addr.port().to_string();
+    let cafile = dir.join("cert.pem").display().to_string();
+    let publish = |id: &str, which: &str| {
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "--cafile", &cafile])
+            .args(["-i", id, "-t", "crl", "-m", "x", "-q", "1"])
+            .arg("--cert")
+            .arg(dir.join(format!("crl-{which}.pem")))
+            .arg("--key")
+            .arg(dir.join(format!("crl-{which}.key")))
+            .output()
+            .unwrap()
+    };
+    let before = lb.shared.metrics.rejected(RejectReason::Tls);
+    let ok = publish("crl-good", "client");
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(m.saw_client("crl-good", T));
+    let out = publish("crl-revoked", "revoked");
+    assert!(!out.status.success(), "a revoked certificate got through");
+    assert!(!m.saw_client("crl-revoked", Duration::from_millis(300)));
+    assert!(lb.shared.metrics.rejected(RejectReason::Tls) > before);
+
+    let bad = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\n\
+         tls_client_crl = \"{crl}\"\n[[backend]]\nname = \"m\"\naddress = \"{a}\"\n",
+        c = dir.join("cert.pem").display(),
+        k = dir.join("key.pem").display(),
+        crl = dir.join("crl-crl.pem").display(),
+        a = m.addr()
+    );
+    let e = mqlb_config::Config::parse("<t>", &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listener[0].tls_client_crl"), "{e}");
     lb.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,12 +6,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use mqlb_config::Config;
-use mqlb_tests::{http, python_with_paho, CountingBackend, Mosquitto, RunningBalancer};
+use mqlb_tests::{http, paho_ws, CountingBackend, Mosquitto, RunningBalancer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -42,45 +41,6 @@ async fn rejected(lb: &RunningBalancer, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// paho-mqtt over WebSocket: subscribe, publish, get it back.
-async fn paho_ws(port: u16, path: &str, proto: &'static str, cid: &str) {
-    const SCRIPT: &str = r#"
-import sys, threading, paho.mqtt.client as mqtt
-port, path, proto, cid = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-version = {"311": mqtt.MQTTv311, "5": mqtt.MQTTv5}[proto]
-got = threading.Event()
-c = mqtt.Client(client_id=cid, protocol=version, transport="websockets")
-c.ws_set_options(path=path)
-c.on_connect = lambda c, u, f, rc, p=None: c.subscribe("ws/" + cid, qos=1)
-c.on_subscribe = lambda c, u, mid, g, p=None: c.publish("ws/" + cid, "hi-ws-" + proto, qos=1)
-def on_message(c, u, m):
-    print(m.payload.decode()); got.set()
-c.on_message = on_message
-c.connect("127.0.0.1", port, 30); c.loop_start()
-ok = got.wait(10); c.disconnect(); c.loop_stop()
-sys.exit(0 if ok else 1)
-"#;
-    let python = python_with_paho()
-        .expect("paho-mqtt missing: run .ci/run or apt-get install python3-paho-mqtt");
-    let (path, cid) = (path.to_string(), cid.to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args(["-c", SCRIPT, &port.to_string(), &path, proto, &cid])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "paho over WebSocket, {proto}: {out:?}"
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("hi-ws-{proto}")
-    );
-}
-
 #[tokio::test]
 async fn paho_over_websocket_reaches_tcp_backends_placed_like_tcp_clients() {
     let ms: Vec<Mosquitto> = (0..3).map(|_| Mosquitto::start()).collect();
@@ -91,8 +51,8 @@ async fn paho_over_websocket_reaches_tcp_backends_placed_like_tcp_clients() {
         .collect();
     let lb = balancer(&backends, Some("/mqtt"), "").await;
     let ws_port = lb.addrs[1].port();
-    paho_ws(ws_port, "/mqtt", "311", "ws-paho-311").await;
-    paho_ws(ws_port, "/mqtt", "5", "ws-paho-5").await;
+    paho_ws(ws_port, "/mqtt", "311", "ws-paho-311", None).await;
+    paho_ws(ws_port, "/mqtt", "5", "ws-paho-5", None).await;
     // The same client ID over WebSocket and over TCP lands on the same
     // backend: the one placement says.
     for id in ["ws-paho-311", "ws-paho-5"] {
