@@ -145,6 +145,8 @@ fn refusal(buf: &[u8], r: Rejection, style: RefusalStyle) -> Refused {
     let reason = if mqlb_listener::proxy::looks_like_proxy(buf) {
         // A PROXY header where none is expected: an untrusted source.
         RejectReason::ProxyUntrusted
+    } else if buf.first() == Some(&mqlb_listener::tls::HANDSHAKE_RECORD) {
+        RejectReason::TlsOnPlain
     } else if buf.first() != Some(&0x10) {
         RejectReason::NotConnect
     } else {

@@ -11,8 +11,13 @@ use mqlb_protocol::DecodeError;
 /// Why a client connection was closed before reaching a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectReason {
-    /// The first byte was not a CONNECT header (HTTP, TLS, garbage).
+    /// The first byte was not a CONNECT header (HTTP, garbage).
     NotConnect,
+    /// A TLS ClientHello on a plain-MQTT listener (a client configured for
+    /// the wrong port).
+    TlsOnPlain,
+    /// Plain MQTT (anything but a TLS record) on a TLS listener.
+    PlainOnTls,
     /// The CONNECT broke the packet grammar.
     Malformed,
     /// The CONNECT broke a protocol rule.
@@ -38,8 +43,8 @@ pub enum RejectReason {
     ProxyHeader,
     /// A PROXY header from a source not trusted to send one.
     ProxyUntrusted,
-    /// The TLS handshake failed (plain MQTT on a TLS port, bad certificate,
-    /// no shared cipher suite).
+    /// The TLS handshake failed (bad or revoked certificate, unknown SNI
+    /// name, no shared cipher suite).
     Tls,
     /// The WebSocket upgrade failed (not HTTP, wrong path or subprotocol,
     /// too large), or a WebSocket client broke the framing rules.
@@ -48,8 +53,10 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, for rendering all counters.
-    pub const ALL: [RejectReason; 15] = [
+    pub const ALL: [RejectReason; 17] = [
         RejectReason::NotConnect,
+        RejectReason::TlsOnPlain,
+        RejectReason::PlainOnTls,
         RejectReason::Malformed,
         RejectReason::ProtocolError,
         RejectReason::TooLarge,
@@ -70,6 +77,8 @@ impl RejectReason {
     pub fn label(self) -> &'static str {
         match self {
             RejectReason::NotConnect => "not_connect",
+            RejectReason::TlsOnPlain => "tls_on_plain",
+            RejectReason::PlainOnTls => "plain_on_tls",
             RejectReason::Malformed => "malformed",
             RejectReason::ProtocolError => "protocol_error",
             RejectReason::TooLarge => "too_large",

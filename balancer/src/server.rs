@@ -530,6 +530,33 @@ async fn handle(
         };
         return serve_client(client, arrival, initial, listener, shared, shutdown).await;
     };
+    // Plain MQTT on a TLS port is told apart (and refused at once) by its
+    // first byte.
+    let peek = mqlb_listener::tls::starts_tls(&client, &initial, settings.connect_timeout);
+    match tokio::select! {
+        r = peek => r,
+        _ = shutdown.cancelled() => return,
+    } {
+        Ok(true) => {}
+        Ok(false) => {
+            m.reject(RejectReason::PlainOnTls);
+            tracing::info!(
+                reason = "plain_on_tls",
+                detail = "not a TLS ClientHello",
+                "refused"
+            );
+            return;
+        }
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            m.reject(RejectReason::Timeout);
+            tracing::info!(reason = "timeout", detail = "TLS handshake", "refused");
+            return;
+        }
+        Err(_) => {
+            m.reject(RejectReason::ClosedEarly);
+            return;
+        }
+    }
     // The PROXY header may have arrived with the start of the ClientHello.
     let client = mqlb_listener::rewind::Rewind::new(initial, client);
     let acceptor = tls.current.load_full();

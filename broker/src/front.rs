@@ -53,8 +53,10 @@ impl Front {
 pub enum Refusal {
     /// A bad PROXY header from a trusted source.
     ProxyHeader,
-    /// The TLS handshake failed (plain MQTT on a TLS port, unknown SNI, a
-    /// client certificate that does not verify).
+    /// Plain MQTT (anything but a TLS record) on a TLS listener.
+    PlainOnTls,
+    /// The TLS handshake failed (unknown SNI, a client certificate that
+    /// does not verify or is revoked).
     Tls,
     /// The WebSocket upgrade failed (wrong path, subprotocol, size).
     Websocket,
@@ -67,8 +69,9 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every reason, in metric order.
-    pub const ALL: [Refusal; 5] = [
+    pub const ALL: [Refusal; 6] = [
         Refusal::ProxyHeader,
+        Refusal::PlainOnTls,
         Refusal::Tls,
         Refusal::Websocket,
         Refusal::Timeout,
@@ -79,6 +82,7 @@ impl Refusal {
     pub fn label(self) -> &'static str {
         match self {
             Refusal::ProxyHeader => "proxy_header",
+            Refusal::PlainOnTls => "plain_on_tls",
             Refusal::Tls => "tls",
             Refusal::Websocket => "websocket",
             Refusal::Timeout => "timeout",
@@ -176,6 +180,16 @@ pub async fn accept(
                 };
                 return Err((r, e.to_string()));
             }
+        }
+    }
+    if front.tls.is_some() {
+        match mqlb_listener::tls::starts_tls(&tcp, &initial, timeout).await {
+            Ok(true) => {}
+            Ok(false) => return Err((Refusal::PlainOnTls, "not a TLS ClientHello".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err((Refusal::Timeout, "TLS handshake".into()))
+            }
+            Err(e) => return Err((Refusal::Closed, e.to_string())),
         }
     }
     let stream = Rewind::new(initial, tcp);

@@ -25,6 +25,31 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::pem::{self, bad};
 
+/// The first byte of every TLS ClientHello (a handshake record): what tells
+/// a TLS client from a plain MQTT one (whose first byte is 0x10, CONNECT).
+pub const HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Waits (up to `timeout`) for the client's first byte without consuming
+/// it: `Ok(true)` if it starts a TLS record, `Ok(false)` if anything else
+/// (plain MQTT on a TLS port, refused at once instead of by a failed
+/// handshake), `Err` on timeout or close.
+pub async fn starts_tls(
+    stream: &tokio::net::TcpStream,
+    already: &[u8],
+    timeout: std::time::Duration,
+) -> io::Result<bool> {
+    if let Some(b) = already.first() {
+        return Ok(*b == HANDSHAKE_RECORD);
+    }
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(timeout, stream.peek(&mut b)).await {
+        Ok(Ok(1)) => Ok(b[0] == HANDSHAKE_RECORD),
+        Ok(Ok(_)) => Err(io::ErrorKind::UnexpectedEof.into()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
 /// A listener's TLS acceptor (cheap to clone).
 #[derive(Clone)]
 pub struct Terminator(TlsAcceptor);

@@ -165,8 +165,8 @@ async fn tls_listener_terminates_for_real_clients() {
     assert_eq!(v["address"], "192.0.2.44:7777", "{body}");
     assert_eq!(v["placed_on"], "m", "{body}");
 
-    // Plain MQTT on the TLS port: no CONNACK, closed, counted as tls.
-    let before = lb.shared.metrics.rejected(RejectReason::Tls);
+    // Plain MQTT on the TLS port: no CONNACK, closed, counted.
+    let before = lb.shared.metrics.rejected(RejectReason::PlainOnTls);
     let mut plain = TcpStream::connect(lb.addrs[0]).await.unwrap();
     plain
         .write_all(&raw::connect("plain-on-tls", 4))
@@ -177,10 +177,13 @@ async fn tls_listener_terminates_for_real_clients() {
     assert!(got.len() < 64, "not closed: {got:?}");
     assert!(got.is_empty() || got[0] == 0x15, "plain MQTT got {got:?}");
     assert!(!m.saw_client("plain-on-tls", Duration::from_millis(200)));
-    let counted = wait_until(T, || lb.shared.metrics.rejected(RejectReason::Tls) > before).await;
-    assert!(counted.is_some(), "TLS failure not counted");
+    let counted = wait_until(T, || {
+        lb.shared.metrics.rejected(RejectReason::PlainOnTls) > before
+    })
+    .await;
+    assert!(counted.is_some(), "plain MQTT on TLS not counted");
     let (_, metrics) = http(&admin, "GET", "/metrics").await;
-    assert!(metrics.contains("reason=\"tls\""), "{metrics}");
+    assert!(metrics.contains("reason=\"plain_on_tls\"} 1"), "{metrics}");
     // Eviction through TLS: draining the backend sends the v5 client its
     // DISCONNECT (0x8B or 0x9C) inside the TLS session, then closes it.
     let connector = tokio_rustls::TlsConnector::from(client_config(ca_for_v5));
@@ -858,6 +861,62 @@ async fn a_revoked_client_certificate_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("listener[0].tls_client_crl"), "{e}");
+    lb.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client on the wrong port is refused at once, under its own reason:
+/// plain MQTT on a TLS listener (`plain_on_tls`) and a TLS ClientHello on a
+/// plain one (`tls_on_plain`), neither waiting for the CONNECT timeout
+/// (30 s here) nor reaching the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_port_clients_are_refused_at_once_under_their_own_reason() {
+    let m = Mosquitto::start();
+    let (dir, ca) = certificate();
+    let text = format!(
+        "[[listener]]\nname = \"plain\"\naddress = \"127.0.0.1:0\"\n\
+         [[listener]]\nname = \"tls\"\naddress = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\n\
+         [[backend]]\nname = \"m\"\naddress = \"{a}\"\n\
+         [balancer]\nconnect_timeout = \"30s\"\n[health]\nenabled = false\n",
+        c = dir.join("cert.pem").display(),
+        k = dir.join("key.pem").display(),
+        a = m.addr()
+    );
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let (plain, tls) = (lb.addrs[0], lb.addrs[1]);
+
+    let mut s = TcpStream::connect(tls).await.unwrap();
+    s.write_all(&raw::connect("wrong-port-plain", 4))
+        .await
+        .unwrap();
+    let got = raw::read_n(&mut s, 64, Duration::from_secs(3)).await;
+    assert!(got.len() < 64 && !got.starts_with(&[0x20]), "{got:?}");
+    let counted = wait_until(Duration::from_secs(3), || {
+        lb.shared.metrics.rejected(RejectReason::PlainOnTls) == 1
+    })
+    .await;
+    assert!(
+        counted.is_some(),
+        "plain MQTT on the TLS port not refused at once"
+    );
+
+    let connector = tokio_rustls::TlsConnector::from(client_config(ca));
+    let tcp = TcpStream::connect(plain).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(3), connector.connect(name, tcp)).await;
+    assert!(
+        matches!(r, Ok(Err(_))),
+        "TLS on the plain port was not refused at once"
+    );
+    let counted = wait_until(Duration::from_secs(3), || {
+        lb.shared.metrics.rejected(RejectReason::TlsOnPlain) == 1
+    })
+    .await;
+    assert!(
+        counted.is_some(),
+        "TLS on the plain port not counted as tls_on_plain"
+    );
+    assert!(m.clients().iter().all(|c| !c.starts_with("wrong-port")));
     lb.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
