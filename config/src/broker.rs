@@ -480,4 +480,33 @@ mod tests {
         assert!(e.contains("b.toml:2: broker.listen"), "{e}");
         assert!(e.contains("b.toml:6: broker.acl[0].access"), "{e}");
     }
+
+    #[test]
+    fn broker_listener_mistakes_name_key_and_line() {
+        let text = "[broker]\n\
+                    [[broker.listener]]\naddress = \"127.0.0.1:8883\"\n\
+                    tls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n\
+                    tls_client_crl = \"/nonexistent/crl.pem\"\n\
+                    connect_refusal = \"close\"\n\
+                    [[broker.listener]]\naddress = \"127.0.0.1:8083\"\nkind = \"websockets\"\n\
+                    proxy_trusted = [\"10.0.0.0/33\"]\n";
+        let e = BrokerConfig::parse("b.toml", text, None)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "b.toml:4: broker.listener[0].tls_cert",
+            "b.toml:5: broker.listener[0].tls_key",
+            "b.toml:6: broker.listener[0].tls_client_crl",
+            "broker.listener[0].tls_client_crl: a CRL revokes client certificates",
+            "b.toml:7: broker.listener[0].connect_refusal",
+            "b.toml:10: broker.listener[1].kind",
+            "b.toml:11: broker.listener[1].proxy_trusted[0]",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in {e}");
+        }
+        let ok = "[[broker.listener]]\nname = \"ws\"\naddress = \"127.0.0.1:8083\"\nkind = \"websocket\"\n";
+        let c = BrokerConfig::parse("b.toml", ok, None).unwrap();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].websocket.as_deref(), Some("/mqtt"));
+    }
 }
