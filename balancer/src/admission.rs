@@ -313,6 +313,7 @@ mod tests {
             pool: mqlb_config::DEFAULT_POOL.into(),
             send_proxy: false,
             tls: None,
+            websocket: None,
         }))
     }
 

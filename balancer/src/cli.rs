@@ -105,6 +105,9 @@ struct ProbeArgs {
     /// 3.1.1 brokers need one).
     #[arg(long, default_value = "")]
     client_id: String,
+    /// Speak MQTT over WebSocket, upgrading on this path (e.g. /mqtt).
+    #[arg(long)]
+    websocket_path: Option<String>,
 }
 
 impl ProbeArgs {
@@ -128,6 +131,7 @@ impl ProbeArgs {
             deep_topic: "mqlb/probe".into(),
             proxy_local: false,
             tls: None,
+            websocket: self.websocket_path.clone(),
         })
     }
 }

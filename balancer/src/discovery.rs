@@ -81,6 +81,7 @@ async fn resolve(
                 pool: pool.name.clone(),
                 send_proxy: false,
                 tls: None,
+                websocket: None,
             });
         }
         return Ok((members, ttl));
@@ -102,6 +103,7 @@ async fn resolve(
                 pool: pool.name.clone(),
                 send_proxy: false,
                 tls: None,
+                websocket: None,
             }
         })
         .collect();

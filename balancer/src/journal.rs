@@ -136,6 +136,7 @@ mod tests {
             pool: mqlb_config::DEFAULT_POOL.into(),
             send_proxy: false,
             tls: None,
+            websocket: None,
         }));
         for _ in 0..SAMPLES + 5 {
             j.sample(std::slice::from_ref(&b));

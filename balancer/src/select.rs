@@ -31,6 +31,10 @@ pub struct Backend {
     /// TLS towards it: the client built from its files, or why they were
     /// unusable (then it takes no clients).
     pub tls: Option<Result<mqlb_healthcheck::tls::TlsClient, String>>,
+    /// What `tls` was built from, to tell a changed backend on reload.
+    tls_spec: Option<mqlb_config::BackendTls>,
+    /// MQTT over WebSocket to it on this path; `None`: over TCP.
+    pub websocket: Option<String>,
     /// Set by an operator (admin API): no new clients, existing ones are
     /// moved at the eviction rate. Kept apart from health, as pingora keeps
     /// `enabled` apart from `healthy`.
@@ -90,6 +94,8 @@ impl Backend {
                     e.to_string()
                 })
             }),
+            tls_spec: spec.tls.clone(),
+            websocket: spec.websocket.clone(),
             draining: AtomicBool::new(false),
             health: OnceLock::new(),
             active: AtomicU64::new(0),
@@ -115,6 +121,7 @@ impl Backend {
             address: self.address.clone(),
             proxy: self.send_proxy,
             tls: self.tls.as_ref().and_then(|t| t.as_ref().ok().cloned()),
+            websocket: self.websocket.clone(),
         }
     }
 
@@ -223,6 +230,8 @@ impl Backends {
                         && b.weight == spec.weight
                         && b.pool == spec.pool
                         && b.send_proxy == spec.send_proxy
+                        && b.tls_spec == spec.tls
+                        && b.websocket == spec.websocket
                 }) {
                     Some(b) => b.clone(),
                     None => {
@@ -319,6 +328,7 @@ mod tests {
             pool: mqlb_config::DEFAULT_POOL.into(),
             send_proxy: false,
             tls: None,
+            websocket: None,
         };
         Backends::new(&[spec("b1"), spec("b2"), spec("b3")])
     }

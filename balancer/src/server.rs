@@ -93,6 +93,7 @@ fn check_settings(h: &mqlb_config::HealthSettings) -> CheckSettings {
             deep_topic: h.deep_topic.clone(),
             proxy_local: false,
             tls: None,
+            websocket: None,
         },
     }
 }
@@ -616,6 +617,30 @@ async fn handle(
     serve_client(client, arrival, initial, listener, shared, shutdown).await
 }
 
+/// A backend connection past its TLS and WebSocket setup.
+// Lives for one match, then is moved into the splice, which holds the
+// stream itself whatever the variant.
+#[allow(clippy::large_enum_variant)]
+enum BackendStream {
+    Plain(TcpStream),
+    Tls(tokio_rustls::client::TlsStream<TcpStream>),
+    Ws(crate::ws::WsStream<TcpStream>),
+    Wss(crate::ws::WsStream<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Upgrades a backend connection to MQTT over WebSocket within `timeout`.
+async fn upgrade<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: S,
+    authority: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<crate::ws::WsStream<S>, String> {
+    match tokio::time::timeout(timeout, crate::ws::connect(stream, authority, path)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("WebSocket upgrade took over {timeout:?}")),
+    }
+}
+
 /// Completes a WebSocket upgrade (within the CONNECT timeout, at most
 /// [`crate::ws::MAX_UPGRADE`] bytes), then serves the MQTT inside it.
 async fn serve_websocket<S>(
@@ -825,8 +850,9 @@ async fn serve_client<
     let proxy = backend
         .send_proxy
         .then(|| forward::proxy_v2_header_tls(peer, local, tls_info.as_ref()));
+    let setup_timeout = settings.backend_connect_timeout;
     let spliced = match backend.tls.as_ref().and_then(|t| t.as_ref().ok()) {
-        None => {
+        None if backend.websocket.is_none() => {
             let prefix = match proxy {
                 Some(p) => {
                     let mut b = bytes::BytesMut::from(&p[..]);
@@ -845,22 +871,48 @@ async fn serve_client<
             )
             .await
         }
-        Some(tls) => {
+        tls => {
+            // TLS and/or WebSocket towards the broker: the PROXY header
+            // first (outside both, as brokers read it), then TLS, then the
+            // upgrade, each within the backend connect timeout.
             let mut tcp = backend_stream;
             let proxied = match &proxy {
                 Some(p) => tokio::io::AsyncWriteExt::write_all(&mut tcp, p).await,
                 None => Ok(()),
             };
-            let secured = match proxied {
-                Ok(()) => tls.connect(tcp, settings.backend_connect_timeout).await,
-                Err(e) => Err(e),
+            let ready = match (proxied, tls, &backend.websocket) {
+                (Err(e), _, _) => Err(e.to_string()),
+                (Ok(()), None, Some(path)) => upgrade(tcp, &backend.address, path, setup_timeout)
+                    .await
+                    .map(BackendStream::Ws),
+                (Ok(()), Some(tls), ws) => match tls.connect(tcp, setup_timeout).await {
+                    Err(e) => Err(format!("TLS: {e}")),
+                    Ok(s) => match ws {
+                        None => Ok(BackendStream::Tls(s)),
+                        Some(path) => upgrade(s, &backend.address, path, setup_timeout)
+                            .await
+                            .map(BackendStream::Wss),
+                    },
+                },
+                (Ok(()), None, None) => Ok(BackendStream::Plain(tcp)),
             };
-            match secured {
-                Ok(s) => forward::splice(client, s, hs.buf, hs.version, &evict, on_connack).await,
+            match ready {
+                Ok(BackendStream::Plain(s)) => {
+                    forward::splice(client, s, hs.buf, hs.version, &evict, on_connack).await
+                }
+                Ok(BackendStream::Tls(s)) => {
+                    forward::splice(client, s, hs.buf, hs.version, &evict, on_connack).await
+                }
+                Ok(BackendStream::Ws(s)) => {
+                    forward::splice(client, s, hs.buf, hs.version, &evict, on_connack).await
+                }
+                Ok(BackendStream::Wss(s)) => {
+                    forward::splice(client, s, hs.buf, hs.version, &evict, on_connack).await
+                }
                 Err(e) => {
                     backend.connect_failures.fetch_add(1, Ordering::Relaxed);
                     backend.passive_failure();
-                    tracing::warn!(error = %e, "TLS to the backend failed");
+                    tracing::warn!(error = %e, "setting up the backend connection failed");
                     handshake::send_reply(&mut client, handshake::server_unavailable(hs.version))
                         .await;
                     return;

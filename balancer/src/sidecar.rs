@@ -70,6 +70,7 @@ pub async fn run(
             address: target.clone(),
             proxy: false,
             tls: None,
+            websocket: settings.spec.websocket.clone(),
         }],
         &settings,
         &format!("hc{:06x}", fastrand::u32(..0xFF_FFFF)),

@@ -253,6 +253,9 @@ pub struct BackendFile {
     /// The name the broker's certificate must carry (default: the
     /// address's host).
     pub tls_server_name: Option<Spanned<String>>,
+    /// Speak MQTT over WebSocket to this broker, upgrading on this path
+    /// (e.g. "/mqtt"); default: MQTT straight over TCP.
+    pub websocket_path: Option<Spanned<String>>,
 }
 
 /// `[[pool]]`: a pool whose backends are discovered in DNS.

@@ -313,6 +313,9 @@ pub struct Backend {
     pub send_proxy: bool,
     /// TLS towards this broker (data path and probes alike).
     pub tls: Option<BackendTls>,
+    /// MQTT over WebSocket to this broker on this HTTP path (after TLS,
+    /// when set; data path and probes alike); `None`: MQTT over TCP.
+    pub websocket: Option<String>,
 }
 
 /// TLS towards one backend.
@@ -1021,6 +1024,18 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                 })
             }
         };
+        let websocket = b.websocket_path.as_ref().and_then(|v| {
+            if v.get_ref().starts_with('/') {
+                Some(v.get_ref().clone())
+            } else {
+                c.at(
+                    format!("backend[{i}].websocket_path"),
+                    v,
+                    format!("\"{}\" must start with '/'", v.get_ref()),
+                );
+                None
+            }
+        });
         backends.push(Backend {
             name,
             address: b.address.get_ref().clone(),
@@ -1028,6 +1043,7 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
             pool,
             send_proxy: b.proxy_protocol.unwrap_or(false),
             tls,
+            websocket,
         });
     }
     let mut dns_pools = Vec::new();
@@ -1648,6 +1664,10 @@ connect_timeout = "10 parsecs"
             (
                 "[[listener]]\naddress = \"127.0.0.1:1\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\ntls_server_name = \"x\"\n",
                 "k.toml:6: backend[0].tls_server_name",
+            ),
+            (
+                "[[listener]]\naddress = \"127.0.0.1:1\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\nwebsocket_path = \"mqtt\"\n",
+                "k.toml:6: backend[0].websocket_path",
             ),
             (
                 "[[listener]]\naddress = \"127.0.0.1:1\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\ntls_ca = \"/nonexistent-ca.pem\"\n",

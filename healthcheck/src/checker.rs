@@ -60,6 +60,8 @@ pub struct Target {
     pub proxy: bool,
     /// TLS to the broker, as the data path uses it.
     pub tls: Option<crate::tls::TlsClient>,
+    /// MQTT over WebSocket on this path, as the data path uses it.
+    pub websocket: Option<String>,
 }
 
 /// The latest facts about one target, for the admin API.
@@ -173,6 +175,7 @@ impl Checker {
         spec.client_id = probe_client_id(&self.instance, &t.name);
         spec.proxy_local = t.proxy;
         spec.tls = t.tls.clone();
+        spec.websocket = t.websocket.clone();
         let stop = self.shutdown.child_token();
         tokio::spawn(run_target(
             t.clone(),

@@ -35,6 +35,9 @@ pub struct ProbeSpec {
     /// Speak TLS to the broker (after any PROXY header), as the data path
     /// does.
     pub tls: Option<crate::tls::TlsClient>,
+    /// Speak MQTT over WebSocket, upgrading on this path (after TLS), as
+    /// the data path does.
+    pub websocket: Option<String>,
 }
 
 /// The PROXY protocol v2 LOCAL header: a connection of the proxy itself.
@@ -54,6 +57,7 @@ impl Default for ProbeSpec {
             deep_topic: "mqlb/probe".into(),
             proxy_local: false,
             tls: None,
+            websocket: None,
         }
     }
 }
@@ -233,6 +237,17 @@ pub async fn probe(addr: &str, spec: &ProbeSpec) -> Outcome {
             }
             Err(e) => return Outcome::Down(Failure::Unreachable(format!("TLS: {e}"))),
         },
+    };
+    let stream: Box<dyn Stream> = match &spec.websocket {
+        None => stream,
+        Some(path) => {
+            let upgrade = mqlb_listener::ws::connect(stream, addr, path);
+            match tokio::time::timeout(spec.timeout, upgrade).await {
+                Err(_) => return Outcome::Down(Failure::Timeout(Step::Connect)),
+                Ok(Err(e)) => return Outcome::Down(Failure::Unreachable(e)),
+                Ok(Ok(ws)) => Box::new(ws),
+            }
+        }
     };
     let mut conn = Conn {
         stream,

@@ -149,6 +149,43 @@ where
     })
 }
 
+/// Opens MQTT over WebSocket towards a broker on `stream` (plain TCP, or
+/// TLS already established): upgrades on `path` with `authority` as the
+/// Host, asking for the `mqtt` subprotocol, which the broker must agree.
+/// Errors are the refusal's detail.
+pub async fn connect<S>(stream: S, authority: &str, path: &str) -> Result<WsStream<S>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{authority}{path}")
+        .into_client_request()
+        .map_err(|e| format!("WebSocket request for {authority}{path}: {e}"))?;
+    req.headers_mut()
+        .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE));
+    let (ws, resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+        .await
+        .map_err(|e| format!("WebSocket upgrade: {e}"))?;
+    let agreed = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if agreed.as_deref() != Some("mqtt") {
+        return Err(format!(
+            "WebSocket upgrade: the broker agreed subprotocol {agreed:?}, not \"mqtt\""
+        ));
+    }
+    Ok(WsStream {
+        ws,
+        pending: Bytes::new(),
+        eof: false,
+    })
+}
+
 /// A WebSocket connection as a byte stream of its binary frames.
 #[derive(Debug)]
 pub struct WsStream<S> {

@@ -624,6 +624,7 @@ async fn config_reload_keeps_connections() {
             pool: mqlb_config::DEFAULT_POOL.into(),
             send_proxy: false,
             tls: None,
+            websocket: None,
         })
         .collect();
     let local = mqlb_balancer::select::Backends::new(&specs);

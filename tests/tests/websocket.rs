@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use std::process::Command;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -230,4 +231,98 @@ async fn bad_upgrades_and_frames_are_refused_counted_and_never_forwarded() {
         "websocket refusals counted: {ws_refusals}"
     );
     assert_eq!(backend.count(), 0, "a bad client reached the backend");
+}
+
+/// WebSocket towards the backend (`websocket_path` on a `[[backend]]`):
+/// plain-TCP clients through the balancer to Mosquitto's WebSocket
+/// listener and to the bundled broker's, the health probes speaking
+/// WebSocket too (both backends come up), messages round-tripping across
+/// the two, and a v5 client evicted by a drain told so with DISCONNECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_clients_reach_websocket_backends() {
+    let ws_port = mqlb_tests::free_port();
+    let m = Mosquitto::start_with(&format!(
+        "listener {ws_port} 127.0.0.1\nprotocol websockets\n"
+    ));
+    assert!(mqlb_tests::wait_listening(
+        &format!("127.0.0.1:{ws_port}"),
+        Duration::from_secs(5)
+    ));
+    let ours = mqlb_tests::OurBroker::start_with(
+        mqlb_config::broker::BrokerConfig::parse(
+            "<t>",
+            "[[broker.listener]]\naddress = \"127.0.0.1:0\"\nkind = \"websocket\"\n",
+            None,
+        )
+        .unwrap(),
+    )
+    .await;
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n\
+         [[backend]]\nname = \"b1\"\naddress = \"127.0.0.1:{ws_port}\"\nwebsocket_path = \"/mqtt\"\n\
+         [[backend]]\nname = \"b2\"\naddress = \"{ours}\"\nwebsocket_path = \"/mqtt\"\n\
+         [health]\ninterval = \"100ms\"\n[eviction]\nrate = 100\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        ours = ours.listeners[0]
+    );
+    let lb = RunningBalancer::start(Config::parse("<t>", &text).unwrap()).await;
+    let admin = lb.admin.unwrap().to_string();
+    let up = mqlb_tests::wait_until(Duration::from_secs(10), || {
+        lb.shared
+            .backends
+            .snapshot()
+            .iter()
+            .all(|b| b.health_state() == mqlb_healthcheck::HealthState::Up)
+    })
+    .await;
+    assert!(
+        up.is_some(),
+        "WebSocket backends never came up: {:?}",
+        http(&admin, "GET", "/backends").await
+    );
+
+    let port = lb.addr.port().to_string();
+    let on_b1 = mqlb_tests::ids_on(&lb, "b1", "wsb", 2);
+    let on_b2 = mqlb_tests::ids_on(&lb, "b2", "wsb", 2);
+    let sub_id = on_b1[0].clone();
+    // A subscriber and a publisher placed on the same backend, on each.
+    for (sub, publ, topic) in [
+        (&on_b1[0], &on_b1[1], "wsb/one"),
+        (&on_b2[0], &on_b2[1], "wsb/two"),
+    ] {
+        let mut s = mqlb_tests::KillOnDrop(
+            Command::new("mosquitto_sub")
+                .args(["-h", "127.0.0.1", "-p", &port, "-i", sub, "-t", topic])
+                .args(["-q", "1", "-C", "1", "-W", "10"])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let p = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-i", publ])
+            .args(["-t", topic, "-m", "over-ws", "-q", "1"])
+            .output()
+            .unwrap();
+        assert!(p.status.success(), "{p:?}");
+        let mut out = String::new();
+        std::io::Read::read_to_string(s.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+        assert_eq!(
+            out.trim(),
+            "over-ws",
+            "nothing through the WebSocket backend for {topic}"
+        );
+    }
+    assert!(
+        m.saw_client(&sub_id, Duration::from_secs(2)),
+        "{sub_id} not on Mosquitto"
+    );
+
+    // A v5 client on the bundled broker, drained: DISCONNECT 0x8B.
+    let v5_id = mqlb_tests::ids_on(&lb, "b2", "wsb-v5", 1).remove(0);
+    let (mut s, ack) = mqlb_tests::raw::connect_and_ack(&lb.addr.to_string(), &v5_id, 5).await;
+    assert_eq!(ack.first(), Some(&0x20), "{ack:?}");
+    let (status, _) = http(&admin, "POST", "/backends/b2/drain").await;
+    assert_eq!(status, 200);
+    let bye = mqlb_tests::raw::read_n(&mut s, 3, Duration::from_secs(5)).await;
+    assert_eq!(bye, [0xE0, 0x01, 0x8B], "{bye:?}");
 }
