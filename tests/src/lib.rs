@@ -625,3 +625,36 @@ sys.exit(0 if ok else 1)
         format!("hi-ws-{proto}")
     );
 }
+
+/// rumqttc over WebSocket (path `/mqtt`): subscribes, publishes at QoS 1,
+/// and waits for its own message. Panics unless it came back within 10 s.
+pub async fn rumqttc_ws(addr: std::net::SocketAddr, id: &str) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
+    let url = format!("ws://{addr}/mqtt");
+    let mut opts = MqttOptions::new(id, url, addr.port());
+    opts.set_transport(Transport::Ws);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut events) = AsyncClient::new(opts, 10);
+    client
+        .subscribe("ws/rumqttc", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    client
+                        .publish("ws/rumqttc", QoS::AtLeastOnce, false, "hi-rumqttc")
+                        .await
+                        .unwrap();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => return p.payload,
+                Ok(_) => {}
+                Err(e) => panic!("rumqttc over WebSocket: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("rumqttc got nothing back over WebSocket");
+    assert_eq!(&got[..], b"hi-rumqttc");
+}

@@ -187,38 +187,6 @@ async fn mqtts_with_certificate_identity_sni_and_refusals() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// rumqttc over WebSocket: subscribe, publish, get it back.
-async fn rumqttc_ws(addr: std::net::SocketAddr, id: &str) {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Transport};
-    let url = format!("ws://{addr}/mqtt");
-    let mut opts = MqttOptions::new(id, url, addr.port());
-    opts.set_transport(Transport::Ws);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = AsyncClient::new(opts, 10);
-    client
-        .subscribe("ws/rumqttc", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    client
-                        .publish("ws/rumqttc", QoS::AtLeastOnce, false, "hi-rumqttc")
-                        .await
-                        .unwrap();
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => return p.payload,
-                Ok(_) => {}
-                Err(e) => panic!("rumqttc over WebSocket: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("rumqttc got nothing back over WebSocket");
-    assert_eq!(&got[..], b"hi-rumqttc");
-}
-
 /// MQTT over WebSocket on the broker, plain and TLS: paho-mqtt (3.1.1 and
 /// 5) and rumqttc round-trip; a session made over WebSocket is the one a
 /// TCP client with the same ID resumes, queued message included; a wrong

@@ -54,9 +54,10 @@ async fn paho_over_websocket_reaches_tcp_backends_placed_like_tcp_clients() {
     let ws_port = lb.addrs[1].port();
     paho_ws(ws_port, "/mqtt", "311", "ws-paho-311", None).await;
     paho_ws(ws_port, "/mqtt", "5", "ws-paho-5", None).await;
+    mqlb_tests::rumqttc_ws(lb.addrs[1], "ws-rumqttc").await;
     // The same client ID over WebSocket and over TCP lands on the same
     // backend: the one placement says.
-    for id in ["ws-paho-311", "ws-paho-5"] {
+    for id in ["ws-paho-311", "ws-paho-5", "ws-rumqttc"] {
         let want = lb.first_choice(id);
         let i = mqlb_tests::backend_index(&want);
         assert!(
