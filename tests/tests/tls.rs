@@ -920,3 +920,42 @@ async fn wrong_port_clients_are_refused_at_once_under_their_own_reason() {
     lb.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A TLS handshake that stalls (a ClientHello record header, then
+/// nothing) is cut at the CONNECT deadline, counted as a timeout, and never
+/// opens a backend connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tls_handshake_is_cut_at_the_deadline() {
+    let backend = CountingBackend::start().await;
+    let (dir, _) = certificate();
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"{c}\"\ntls_key = \"{k}\"\n\
+         [[backend]]\nname = \"b\"\naddress = \"{a}\"\n\
+         [balancer]\nconnect_timeout = \"1s\"\n[health]\nenabled = false\n",
+        c = dir.join("cert.pem").display(),
+        k = dir.join("key.pem").display(),
+        a = backend.addr
+    );
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let before = lb.shared.metrics.rejected(RejectReason::Timeout);
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    // A handshake record announcing 512 bytes, and 3 of them.
+    s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01])
+        .await
+        .unwrap();
+    // Closed by the balancer (the read ends before its own 10 s limit),
+    // and for the deadline's reason (counted as a timeout below).
+    let got = raw::read_n(&mut s, 64, Duration::from_secs(10)).await;
+    assert!(got.len() < 64, "not closed");
+    let counted = wait_until(T, || {
+        lb.shared.metrics.rejected(RejectReason::Timeout) == before + 1
+    })
+    .await;
+    assert!(
+        counted.is_some(),
+        "the stalled handshake was not counted as a timeout"
+    );
+    assert_eq!(backend.count(), 0, "a backend connection was opened");
+    lb.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
