@@ -154,6 +154,22 @@ struct Entry {
     id: Arc<str>,
     session: Session,
     attached: Option<Attached>,
+    /// When this node took the session over from a copy (a replica
+    /// promoted, a snapshot imported): messages routed here before then
+    /// went to the node that held it.
+    imported: Option<Instant>,
+}
+
+/// Whether `s` already holds `m` (same publisher, topic, payload and
+/// properties), queued or in flight.
+fn holds(s: &Session, m: &Message) -> bool {
+    let same = |p: &Pending| {
+        p.msg.origin == m.origin
+            && p.msg.topic == m.topic
+            && p.msg.payload == m.payload
+            && p.msg.properties == m.properties
+    };
+    s.queue.iter().any(same) || s.inflight.values().any(|i| same(&i.pending))
 }
 
 /// Records `change` (for a persistent session) and applies it. Returns the
@@ -293,10 +309,11 @@ impl Core {
         fx
     }
 
-    /// Forwards `m` again to the peers now interested in it, and nowhere
-    /// else: the node it went to died before confirming it, and the node
-    /// that took over its sessions has announced their interest since.
-    /// Only peers in `alive` are candidates.
+    /// Routes `m` again after the node it went to died before confirming
+    /// it: to the peers now interested in it (the node that took over the
+    /// dead one's sessions has announced their interest since; only peers in
+    /// `alive` are candidates), and to the sessions this node itself took
+    /// over after `m` arrived. Local sessions that were here already had it.
     pub fn reforward(
         &mut self,
         m: Message,
@@ -308,6 +325,34 @@ impl Core {
         let targets = self
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
+        // Sessions taken over here since the message arrived were on the
+        // dead node then: it may have died before they held the message, so
+        // they get it now. A promoted copy may already have it (the dead
+        // node replicated it first): QoS 1 allows that duplicate, QoS 2 does
+        // not, so an identical QoS 2 message already held is not added.
+        for t in targets.sessions {
+            let Some(e) = self.sessions.get(&t.client) else {
+                continue;
+            };
+            if !e.imported.is_some_and(|at| at > m.received) {
+                continue;
+            }
+            if t.qos == QoS::ExactlyOnce && holds(&e.session, &m) {
+                continue;
+            }
+            let retain = t.retain_as_published && m.retain;
+            self.deliver(
+                &t.client,
+                Pending {
+                    msg: m.clone(),
+                    qos: t.qos,
+                    sub_ids: t.sub_ids,
+                    retain,
+                    shared: None,
+                },
+                &mut fx,
+            );
+        }
         let mut peers: Vec<(NodeId, Vec<Arc<str>>)> = targets
             .nodes
             .into_iter()
@@ -419,6 +464,7 @@ impl Core {
             id: id.clone(),
             session: Session::default(),
             attached: None,
+            imported: None,
         });
         change(
             &mut fx,
@@ -1223,6 +1269,7 @@ impl Core {
             id: id.clone(),
             session: Session::default(),
             attached: None,
+            imported: Some(Instant::now()),
         };
         // A copy elsewhere (a replica) starts again from nothing.
         change(&mut fx, &id, &mut e.session, SessionChange::Ended);
@@ -1332,6 +1379,7 @@ impl Core {
                 id,
                 session,
                 attached: None,
+                imported: None,
             },
         );
         fx
@@ -1422,6 +1470,50 @@ mod tests {
     }
 
     const GONE: Option<Duration> = Some(Duration::ZERO);
+
+    /// A message held for a dead node and routed again reaches the
+    /// sessions this node took over after it arrived (they were on the dead
+    /// node), not those that were here and had it already; a QoS 2 copy a
+    /// promoted session already holds is not doubled, a QoS 1 one may be.
+    #[test]
+    fn a_held_message_reaches_sessions_taken_over_since() {
+        let hour = Some(Duration::from_secs(3600));
+        let mut donor = Core::new();
+        for (id, q) in [("moved-1", QoS::AtLeastOnce), ("moved-2", QoS::ExactlyOnce)] {
+            let (tx, _rx) = outbox();
+            let c = connect(&mut donor, id, false, hour, 10, tx);
+            run2(donor.subscribe(id, "t/#", sub(q)));
+            run(donor.disconnect(id, c.conn));
+        }
+        // moved-2's copy already holds the QoS 2 message (replicated first).
+        let early = msg("t/x", QoS::ExactlyOnce, false, "held");
+        run(donor.route(early));
+        let mut here = Core::new();
+        let (tx, rx) = outbox();
+        connect(&mut here, "local", true, GONE, 10, tx);
+        run2(here.subscribe("local", "t/#", sub(QoS::ExactlyOnce)));
+        // The message arrives here and is forwarded to the (then live)
+        // holder; the holder dies; its sessions are taken over here.
+        let m = msg("t/x", QoS::ExactlyOnce, false, "held");
+        std::thread::sleep(Duration::from_millis(2));
+        for id in ["moved-1", "moved-2"] {
+            let snap = donor.export_session(id).unwrap();
+            run(here.import_session(id, snap).unwrap());
+        }
+        let before = |c: &Core, id: &str| c.export_session(id).unwrap().queued.len();
+        let (q1, q2) = (before(&here, "moved-1"), before(&here, "moved-2"));
+        run(here.reforward(m, Vec::new(), &[], &[]));
+        assert_eq!(
+            before(&here, "moved-1"),
+            q1 + 1,
+            "the taken-over session missed it"
+        );
+        assert_eq!(before(&here, "moved-2"), q2, "a QoS 2 message was doubled");
+        assert!(
+            payloads(&rx, ProtocolVersion::V5).is_empty(),
+            "a local subscriber got it twice"
+        );
+    }
 
     #[test]
     fn delivered_qos_is_the_minimum() {

@@ -135,6 +135,7 @@ impl Broker {
         let hard = CancellationToken::new();
         let _stop = hard.clone().drop_guard();
         // Peers keep hearing from this node until its clients are gone.
+        let member = self.cluster.as_ref().map(|(c, _)| c.clone());
         if let Some((cluster, listener)) = self.cluster {
             cluster.start(listener, self.state.clone(), self.settings, hard.clone());
         }
@@ -266,6 +267,9 @@ impl Broker {
                 open = self.state.core().connected(),
                 "grace period over; closing remaining connections"
             );
+        }
+        if let Some(c) = member {
+            c.settle(Duration::from_secs(2)).await;
         }
         hard.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;

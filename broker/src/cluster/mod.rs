@@ -301,6 +301,26 @@ impl Cluster {
         self.view().members.len() >= self.quorum()
     }
 
+    /// On a graceful stop, after the clients are gone: waits (at most
+    /// `within`) until every session change sent down a chain has been
+    /// acknowledged and every link has written what it holds, so the
+    /// copies on the other nodes are complete when this node exits rather
+    /// than the change in flight being re-made after the failure timeout.
+    pub async fn settle(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let pending = !lock(&self.waiting).is_empty()
+                || lock(&self.links).values().any(|t| !lock(&t.buf).is_empty());
+            if !pending || tokio::time::Instant::now() >= deadline {
+                if pending {
+                    tracing::warn!("stopping with session changes not yet acknowledged by peers");
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Whether this node has what it needs to take clients: a majority in
     /// its view, and the snapshot of every live peer or proof that a peer
     /// is down.
