@@ -334,7 +334,7 @@ impl Core {
             let Some(e) = self.sessions.get(&t.client) else {
                 continue;
             };
-            if !e.imported.is_some_and(|at| at > m.received) {
+            if e.imported.is_none_or(|at| at <= m.received) {
                 continue;
             }
             if t.qos == QoS::ExactlyOnce && holds(&e.session, &m) {
