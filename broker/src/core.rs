@@ -10,7 +10,7 @@
 //! persistent sessions are returned in the effects, in order, for the
 //! change log (the cluster's replication stream).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -154,22 +154,31 @@ struct Entry {
     id: Arc<str>,
     session: Session,
     attached: Option<Attached>,
-    /// When this node took the session over from a copy (a replica
-    /// promoted, a snapshot imported): messages routed here before then
-    /// went to the node that held it.
-    imported: Option<Instant>,
+    /// Set when this node took the session over from a copy (a replica
+    /// promoted, a snapshot imported). Boxed: most sessions never move.
+    imported: Option<Box<Imported>>,
 }
 
-/// Whether `s` already holds `m` (same publisher, topic, payload and
-/// properties), queued or in flight.
-fn holds(s: &Session, m: &Message) -> bool {
-    let same = |p: &Pending| {
-        p.msg.origin == m.origin
-            && p.msg.topic == m.topic
-            && p.msg.payload == m.payload
-            && p.msg.properties == m.properties
-    };
-    s.queue.iter().any(same) || s.inflight.values().any(|i| same(&i.pending))
+/// A session taken over from a copy: when, and what the copy held then.
+#[derive(Debug)]
+struct Imported {
+    /// Messages routed here before this went to the node that held it.
+    at: Instant,
+    /// Fingerprints of the messages the copy held (queued or in flight):
+    /// a message held for the dead holder and routed again is not given
+    /// twice to a session whose copy had it already.
+    held: HashSet<u64>,
+}
+
+/// Identifies a message by publisher, topic, payload and properties.
+fn fingerprint(m: &Message) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.origin.hash(&mut h);
+    m.topic.as_str().hash(&mut h);
+    m.payload.hash(&mut h);
+    format!("{:?}", m.properties).hash(&mut h);
+    h.finish()
 }
 
 /// Records `change` (for a persistent session) and applies it. Returns the
@@ -327,17 +336,18 @@ impl Core {
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
         // Sessions taken over here since the message arrived were on the
         // dead node then: it may have died before they held the message, so
-        // they get it now. A promoted copy may already have it (the dead
-        // node replicated it first): QoS 1 allows that duplicate, QoS 2 does
-        // not, so an identical QoS 2 message already held is not added.
+        // they get it now, unless the copy they were made from had it (the
+        // dead node replicated it first; it may even have been delivered
+        // since).
+        let print = fingerprint(&m);
         for t in targets.sessions {
             let Some(e) = self.sessions.get(&t.client) else {
                 continue;
             };
-            if e.imported.is_none_or(|at| at <= m.received) {
+            let Some(imp) = e.imported.as_deref() else {
                 continue;
-            }
-            if t.qos == QoS::ExactlyOnce && holds(&e.session, &m) {
+            };
+            if imp.at <= m.received || imp.held.contains(&print) {
                 continue;
             }
             let retain = t.retain_as_published && m.retain;
@@ -1269,7 +1279,7 @@ impl Core {
             id: id.clone(),
             session: Session::default(),
             attached: None,
-            imported: Some(Instant::now()),
+            imported: None,
         };
         // A copy elsewhere (a replica) starts again from nothing.
         change(&mut fx, &id, &mut e.session, SessionChange::Ended);
@@ -1290,6 +1300,17 @@ impl Core {
             let i = self.router.subscribe(&id, filter, *sub);
             self.note_interest(filter, i);
         }
+        let held = e
+            .session
+            .queue
+            .iter()
+            .chain(e.session.inflight.values().map(|i| &i.pending))
+            .map(|p| fingerprint(&p.msg))
+            .collect();
+        e.imported = Some(Box::new(Imported {
+            at: Instant::now(),
+            held,
+        }));
         self.sessions.insert(id, e);
         Ok(fx)
     }
@@ -1473,42 +1494,49 @@ mod tests {
 
     /// A message held for a dead node and routed again reaches the
     /// sessions this node took over after it arrived (they were on the dead
-    /// node), not those that were here and had it already; a QoS 2 copy a
-    /// promoted session already holds is not doubled, a QoS 1 one may be.
+    /// node), not those that were here and had it already, nor one whose
+    /// copy already held it (the dead node replicated it first).
     #[test]
     fn a_held_message_reaches_sessions_taken_over_since() {
         let hour = Some(Duration::from_secs(3600));
         let mut donor = Core::new();
-        for (id, q) in [("moved-1", QoS::AtLeastOnce), ("moved-2", QoS::ExactlyOnce)] {
+        let persistent = |c: &mut Core, id: &str, q: QoS| {
             let (tx, _rx) = outbox();
-            let c = connect(&mut donor, id, false, hour, 10, tx);
-            run2(donor.subscribe(id, "t/#", sub(q)));
-            run(donor.disconnect(id, c.conn));
-        }
-        // moved-2's copy already holds the QoS 2 message (replicated first).
-        let early = msg("t/x", QoS::ExactlyOnce, false, "held");
-        run(donor.route(early));
+            let conn = connect(c, id, false, hour, 10, tx);
+            run2(c.subscribe(id, "t/#", sub(q)));
+            run(c.disconnect(id, conn.conn));
+        };
+        persistent(&mut donor, "had-it", QoS::ExactlyOnce);
+        // had-it's copy holds the message (replicated before the death);
+        // missed-it subscribed after.
+        run(donor.route(msg("t/x", QoS::ExactlyOnce, false, "held")));
+        persistent(&mut donor, "missed-it", QoS::AtLeastOnce);
         let mut here = Core::new();
         let (tx, rx) = outbox();
         connect(&mut here, "local", true, GONE, 10, tx);
         run2(here.subscribe("local", "t/#", sub(QoS::ExactlyOnce)));
-        // The message arrives here and is forwarded to the (then live)
-        // holder; the holder dies; its sessions are taken over here.
+        // The message arrives here and goes to the (then live) holder,
+        // which dies; its sessions are taken over here.
         let m = msg("t/x", QoS::ExactlyOnce, false, "held");
         std::thread::sleep(Duration::from_millis(2));
-        for id in ["moved-1", "moved-2"] {
+        for id in ["had-it", "missed-it"] {
             let snap = donor.export_session(id).unwrap();
             run(here.import_session(id, snap).unwrap());
         }
-        let before = |c: &Core, id: &str| c.export_session(id).unwrap().queued.len();
-        let (q1, q2) = (before(&here, "moved-1"), before(&here, "moved-2"));
+        let queued = |c: &Core, id: &str| c.export_session(id).unwrap().queued.len();
+        let (had, missed) = (queued(&here, "had-it"), queued(&here, "missed-it"));
+        assert_eq!(had, 1);
         run(here.reforward(m, Vec::new(), &[], &[]));
         assert_eq!(
-            before(&here, "moved-1"),
-            q1 + 1,
+            queued(&here, "missed-it"),
+            missed + 1,
             "the taken-over session missed it"
         );
-        assert_eq!(before(&here, "moved-2"), q2, "a QoS 2 message was doubled");
+        assert_eq!(
+            queued(&here, "had-it"),
+            had,
+            "a copy that had it got it twice"
+        );
         assert!(
             payloads(&rx, ProtocolVersion::V5).is_empty(),
             "a local subscriber got it twice"
