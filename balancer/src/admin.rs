@@ -209,6 +209,7 @@ fn backends_json(shared: &Shared) -> serde_json::Value {
                 "state": state,
                 "health": b.health_state().label(),
                 "draining": b.is_draining(),
+                "in_cluster_view": b.cluster_admin.as_ref().map(|_| !b.is_out_of_view()),
                 "last_rtt_ms": last_rtt_ms,
                 "last_check": report.as_ref().and_then(|r| r.last_check).map(rfc3339),
                 "connections": b.active.load(Ordering::Relaxed),

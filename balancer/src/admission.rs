@@ -314,6 +314,7 @@ mod tests {
             send_proxy: false,
             tls: None,
             websocket: None,
+            cluster_admin: None,
         }))
     }
 

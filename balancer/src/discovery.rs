@@ -82,6 +82,7 @@ async fn resolve(
                 send_proxy: false,
                 tls: None,
                 websocket: None,
+                cluster_admin: None,
             });
         }
         return Ok((members, ttl));
@@ -104,6 +105,7 @@ async fn resolve(
                 send_proxy: false,
                 tls: None,
                 websocket: None,
+                cluster_admin: None,
             }
         })
         .collect();

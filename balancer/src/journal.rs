@@ -137,6 +137,7 @@ mod tests {
             send_proxy: false,
             tls: None,
             websocket: None,
+            cluster_admin: None,
         }));
         for _ in 0..SAMPLES + 5 {
             j.sample(std::slice::from_ref(&b));

@@ -19,6 +19,7 @@
 //! * [`limit`]: the concurrent-connection cap, resizable on reload.
 //! * [`fdlimit`]: raises the open-file limit and checks it against the config.
 //! * [`discovery`]: pools whose backends come from DNS (A/AAAA, SRV).
+//! * [`clusterview`]: follows an mqlb cluster's view for backends that are its nodes.
 //! * [`evict`]: paced closing of a failed or drained backend's clients.
 //! * [`admin`]: the admin HTTP API (health, backends, clients, metrics, drain).
 //! * [`sidecar`]: `mqlb healthcheck`, an HTTP health endpoint backed by MQTT probes.
@@ -44,6 +45,7 @@ pub mod admin;
 pub mod admission;
 pub mod bufpool;
 pub mod cli;
+pub mod clusterview;
 pub mod console;
 pub mod demo;
 pub mod discovery;

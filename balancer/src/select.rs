@@ -35,6 +35,11 @@ pub struct Backend {
     tls_spec: Option<mqlb_config::BackendTls>,
     /// MQTT over WebSocket to it on this path; `None`: over TCP.
     pub websocket: Option<String>,
+    /// Its admin API, when it is an mqlb cluster node.
+    pub cluster_admin: Option<String>,
+    /// Set while a majority of the cluster's ready nodes leave it out of
+    /// their view (see `clusterview`): no new clients then.
+    out_of_view: AtomicBool,
     /// Set by an operator (admin API): no new clients, existing ones are
     /// moved at the eviction rate. Kept apart from health, as pingora keeps
     /// `enabled` apart from `healthy`.
@@ -96,6 +101,8 @@ impl Backend {
             }),
             tls_spec: spec.tls.clone(),
             websocket: spec.websocket.clone(),
+            cluster_admin: spec.cluster_admin.clone(),
+            out_of_view: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             health: OnceLock::new(),
             active: AtomicU64::new(0),
@@ -128,7 +135,18 @@ impl Backend {
     /// Whether new clients may be placed here: not draining, and healthy
     /// or not yet checked.
     pub fn is_usable(&self) -> bool {
-        !self.is_draining() && self.health_state().is_usable()
+        !self.is_draining() && !self.is_out_of_view() && self.health_state().is_usable()
+    }
+
+    /// Whether the cluster it belongs to has left it out of its view.
+    pub fn is_out_of_view(&self) -> bool {
+        self.out_of_view.load(Ordering::Acquire)
+    }
+
+    /// Records whether the cluster's view leaves it out; true if that
+    /// changed.
+    pub fn set_out_of_view(&self, out: bool) -> bool {
+        self.out_of_view.swap(out, Ordering::AcqRel) != out
     }
 
     /// Whether an operator is draining it.
@@ -232,6 +250,7 @@ impl Backends {
                         && b.send_proxy == spec.send_proxy
                         && b.tls_spec == spec.tls
                         && b.websocket == spec.websocket
+                        && b.cluster_admin == spec.cluster_admin
                 }) {
                     Some(b) => b.clone(),
                     None => {
@@ -329,6 +348,7 @@ mod tests {
             send_proxy: false,
             tls: None,
             websocket: None,
+            cluster_admin: None,
         };
         Backends::new(&[spec("b1"), spec("b2"), spec("b3")])
     }

@@ -228,6 +228,10 @@ impl Balancer {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             tls: Mutex::new(listeners.iter().filter_map(|(_, _, t)| t.clone()).collect()),
         });
+        tokio::spawn(crate::clusterview::follow(
+            shared.clone(),
+            background.clone(),
+        ));
         for pool in shared.config().dns_pools.clone() {
             tokio::spawn(crate::discovery::follow(
                 shared.clone(),

@@ -256,6 +256,9 @@ pub struct BackendFile {
     /// Speak MQTT over WebSocket to this broker, upgrading on this path
     /// (e.g. "/mqtt"); default: MQTT straight over TCP.
     pub websocket_path: Option<Spanned<String>>,
+    /// This backend is an mqlb cluster node whose admin API is here
+    /// (`host:port`): the balancer follows the cluster's view too.
+    pub cluster_admin: Option<Spanned<String>>,
 }
 
 /// `[[pool]]`: a pool whose backends are discovered in DNS.

@@ -316,6 +316,9 @@ pub struct Backend {
     /// MQTT over WebSocket to this broker on this HTTP path (after TLS,
     /// when set; data path and probes alike); `None`: MQTT over TCP.
     pub websocket: Option<String>,
+    /// The admin API (`host:port`) of this mqlb cluster node: its view of
+    /// the cluster is followed as well as the probes.
+    pub cluster_admin: Option<String>,
 }
 
 /// TLS towards one backend.
@@ -1036,6 +1039,16 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                 None
             }
         });
+        let cluster_admin =
+            b.cluster_admin
+                .as_ref()
+                .and_then(|v| match check_host_port(v.get_ref()) {
+                    Ok(()) => Some(v.get_ref().clone()),
+                    Err(m) => {
+                        c.at(format!("backend[{i}].cluster_admin"), v, m);
+                        None
+                    }
+                });
         backends.push(Backend {
             name,
             address: b.address.get_ref().clone(),
@@ -1044,6 +1057,7 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
             send_proxy: b.proxy_protocol.unwrap_or(false),
             tls,
             websocket,
+            cluster_admin,
         });
     }
     let mut dns_pools = Vec::new();

@@ -1181,3 +1181,56 @@ async fn a_shared_group_loses_nothing_when_a_members_node_dies() {
     }
     lb.stop().await;
 }
+
+/// The balancer told that its backends are an mqlb cluster
+/// (`cluster_admin`) follows the cluster's view as well as its probes:
+/// with the probes off, a node cut off from the others is left out of the
+/// view by the majority, so the balancer stops placing clients on it (the
+/// client it owned goes to the next node, as the cluster's own chain
+/// says), `/backends` shows it, and it comes back when the cut heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balancer_follows_the_clusters_view() {
+    let _one = ONE_CLUSTER.lock().await;
+    let mut c = TestCluster::start_partitionable(3).await;
+    assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
+    let mut text = String::from("[[listener]]\naddress = \"127.0.0.1:0\"\n");
+    for n in &c.nodes {
+        text.push_str(&format!(
+            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\ncluster_admin = \"{}\"\n",
+            n.name, n.addr, n.admin
+        ));
+    }
+    text.push_str(
+        "[health]\nenabled = false\ninterval = \"100ms\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
+    );
+    let lb =
+        mqlb_tests::RunningBalancer::start(mqlb_config::Config::parse("<t>", &text).unwrap()).await;
+    let admin = lb.admin.unwrap().to_string();
+    let id = c.id_owned_by("n1", "view", &ALL);
+    assert_eq!(lb.first_choice(&id), "n1");
+    let n1 = || {
+        lb.shared
+            .backends
+            .snapshot()
+            .iter()
+            .find(|b| b.name == "n1")
+            .map(|b| b.is_out_of_view())
+            .unwrap()
+    };
+    c.isolate(0, true);
+    let left = mqlb_tests::wait_until(SETTLE, n1).await;
+    assert!(left.is_some(), "the balancer never saw n1 leave the view");
+    let next = lb.first_choice(&id);
+    assert_ne!(next, "n1");
+    assert_eq!(
+        next,
+        c.chain_second(&id, &ALL),
+        "not the next node of the chain"
+    );
+    let (_, body) = mqlb_tests::http(&admin, "GET", "/backends").await;
+    assert!(body.contains("\"in_cluster_view\":false"), "{body}");
+    c.isolate(0, false);
+    let back = mqlb_tests::wait_until(SETTLE, || !n1()).await;
+    assert!(back.is_some(), "n1 never came back into the view");
+    assert_eq!(lb.first_choice(&id), "n1");
+}

@@ -625,6 +625,7 @@ async fn config_reload_keeps_connections() {
             send_proxy: false,
             tls: None,
             websocket: None,
+            cluster_admin: None,
         })
         .collect();
     let local = mqlb_balancer::select::Backends::new(&specs);

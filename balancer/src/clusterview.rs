@@ -1,0 +1,163 @@
+//! Following an mqlb cluster's view, for backends that are its nodes
+//! (`cluster_admin` on a `[[backend]]`), so that the balancer and the
+//! cluster agree about who may serve clients as well as the probes do.
+//!
+//! Every health interval each node's `GET /cluster` is read (a plain
+//! HTTP/1.0 request; the answer is small JSON). Only nodes that say they
+//! are ready count: a node without a majority or still syncing is not.
+//! When a majority of the configured nodes answer ready, a node is placed
+//! on only if a majority of them list it in their view; with fewer answers
+//! there is nothing to agree on and the probes decide alone. A node that
+//! leaves the view keeps its connections (it closes them itself when it
+//! steps down, with DISCONNECT 0x8B); new clients go to the others.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::shared::Shared;
+
+/// Largest `/cluster` answer read.
+const MAX_ANSWER: u64 = 64 << 10;
+
+/// One node's answer: whether it is ready, and its view's members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    /// The node can take clients (majority, synced).
+    pub ready: bool,
+    /// The members of its view.
+    pub members: Vec<String>,
+}
+
+/// Reads `http://{admin}/cluster` within `timeout`.
+pub async fn fetch(admin: &str, timeout: Duration) -> Option<NodeView> {
+    let get = async {
+        let mut s = TcpStream::connect(admin).await.ok()?;
+        s.write_all(format!("GET /cluster HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut raw = Vec::new();
+        s.take(MAX_ANSWER).read_to_end(&mut raw).await.ok()?;
+        Some(raw)
+    };
+    let raw = tokio::time::timeout(timeout, get).await.ok()??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
+    Some(NodeView {
+        ready: v.get("ready")?.as_bool()?,
+        members: v
+            .get("members")?
+            .as_array()?
+            .iter()
+            .filter_map(|m| m.as_str().map(str::to_string))
+            .collect(),
+    })
+}
+
+/// Which of `nodes` the cluster leaves out, given their answers (`None`:
+/// no answer): `None` when too few ready answers agree to decide.
+pub fn left_out(nodes: &[String], answers: &[Option<NodeView>]) -> Option<Vec<bool>> {
+    let quorum = nodes.len() / 2 + 1;
+    let ready: Vec<&NodeView> = answers.iter().flatten().filter(|v| v.ready).collect();
+    if ready.len() < quorum {
+        return None;
+    }
+    Some(
+        nodes
+            .iter()
+            .map(|n| ready.iter().filter(|v| v.members.contains(n)).count() < quorum)
+            .collect(),
+    )
+}
+
+/// Follows the view until `stop`.
+pub async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let interval = shared
+            .config()
+            .health
+            .interval
+            .max(Duration::from_millis(100));
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.cancelled() => return,
+        }
+        let members: Vec<_> = shared
+            .backends
+            .snapshot()
+            .iter()
+            .filter(|b| b.cluster_admin.is_some())
+            .cloned()
+            .collect();
+        if members.is_empty() {
+            continue;
+        }
+        let timeout = shared.config().health.timeout;
+        let mut answers = Vec::with_capacity(members.len());
+        for b in &members {
+            let admin = b.cluster_admin.as_deref().unwrap_or_default();
+            answers.push(fetch(admin, timeout).await);
+        }
+        let names: Vec<String> = members.iter().map(|b| b.name.clone()).collect();
+        let Some(out) = left_out(&names, &answers) else {
+            for b in &members {
+                b.set_out_of_view(false);
+            }
+            continue;
+        };
+        for (b, out) in members.iter().zip(out) {
+            if b.set_out_of_view(out) {
+                let what = if out {
+                    "left out of the cluster's view: no new clients"
+                } else {
+                    "back in the cluster's view"
+                };
+                tracing::info!(backend = %b.name, "{what}");
+                shared.journal.record("cluster", &b.name, what);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(ready: bool, members: &[&str]) -> Option<NodeView> {
+        Some(NodeView {
+            ready,
+            members: members.iter().map(|m| m.to_string()).collect(),
+        })
+    }
+
+    #[test]
+    fn a_majority_of_ready_views_decides() {
+        let nodes: Vec<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+        // n1 cut off: it is not ready; n2 and n3 see each other.
+        let a = [
+            v(false, &["n1"]),
+            v(true, &["n2", "n3"]),
+            v(true, &["n2", "n3"]),
+        ];
+        assert_eq!(left_out(&nodes, &a), Some(vec![true, false, false]));
+        // Everyone sees everyone.
+        let all = v(true, &["n1", "n2", "n3"]);
+        assert_eq!(
+            left_out(&nodes, &[all.clone(), all.clone(), all]),
+            Some(vec![false, false, false])
+        );
+        // Only one ready answer: nothing to agree on.
+        let one = [v(true, &["n1"]), None, v(false, &[])];
+        assert_eq!(left_out(&nodes, &one), None);
+        // Views that disagree: a node listed by only one of two is out.
+        let split = [None, v(true, &["n1", "n2"]), v(true, &["n2", "n3"])];
+        assert_eq!(left_out(&nodes, &split), Some(vec![true, false, true]));
+    }
+}
