@@ -660,6 +660,30 @@ impl Config {
 }
 
 /// Reads a configuration file, naming it in errors.
+/// Why the PEM file at `path`, set by `key`, cannot serve: unreadable, or
+/// without the PEM block that key needs (a certificate, a private key, a
+/// CRL). The TLS code parses it fully at start and reload; this catches the
+/// common mistakes with the key's name and line.
+fn pem_problem(path: &str, key: &str) -> Result<(), String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read \"{path}\": {e}"))?;
+    let text = String::from_utf8_lossy(&text);
+    let (label, want) = if key.ends_with("_key") {
+        ("PRIVATE KEY-----", "PEM private key")
+    } else if key.ends_with("_crl") {
+        ("BEGIN X509 CRL-----", "PEM CRL (BEGIN X509 CRL)")
+    } else {
+        (
+            "BEGIN CERTIFICATE-----",
+            "PEM certificate (BEGIN CERTIFICATE)",
+        )
+    };
+    if text.contains(label) {
+        Ok(())
+    } else {
+        Err(format!("\"{path}\" holds no {want}"))
+    }
+}
+
 /// Whether the file configures a broker node only (`[broker]` or
 /// `[cluster]`, and no balancer listeners, backends or pools), so that
 /// `mqlb config check` checks it as `mqlb broker --config` reads it.
@@ -755,13 +779,10 @@ pub(crate) fn validate_listener(
         (Some(cert), Some(key)) => {
             let files = [("tls_cert", cert), ("tls_key", key)];
             let ca = l.tls_client_ca.as_ref().map(|v| ("tls_client_ca", v));
-            for (name, v) in files.into_iter().chain(ca) {
-                if let Err(e) = std::fs::metadata(v.get_ref()) {
-                    c.at(
-                        format!("{at}.{name}"),
-                        v,
-                        format!("cannot read \"{}\": {e}", v.get_ref()),
-                    );
+            let crl = l.tls_client_crl.as_ref().map(|v| ("tls_client_crl", v));
+            for (name, v) in files.into_iter().chain(ca).chain(crl) {
+                if let Err(m) = pem_problem(v.get_ref(), name) {
+                    c.at(format!("{at}.{name}"), v, m);
                 }
             }
             Some(TlsFiles {
@@ -775,12 +796,8 @@ pub(crate) fn validate_listener(
                     .enumerate()
                     .filter_map(|(k, e)| {
                         for (name, v) in [("tls_cert", &e.tls_cert), ("tls_key", &e.tls_key)] {
-                            if let Err(err) = std::fs::metadata(v.get_ref()) {
-                                c.at(
-                                    format!("{at}.sni[{k}].{name}"),
-                                    v,
-                                    format!("cannot read \"{}\": {err}", v.get_ref()),
-                                );
+                            if let Err(m) = pem_problem(v.get_ref(), name) {
+                                c.at(format!("{at}.sni[{k}].{name}"), v, m);
                             }
                         }
                         if e.server_names.get_ref().is_empty() {
@@ -1009,12 +1026,8 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                         .flat_map(|(c, k)| [("tls_cert", *c), ("tls_key", *k)]),
                 );
                 for (key, v) in files {
-                    if let Err(e) = std::fs::metadata(v.get_ref()) {
-                        c.at(
-                            format!("backend[{i}].{key}"),
-                            v,
-                            format!("cannot read \"{}\": {e}", v.get_ref()),
-                        );
+                    if let Err(m) = pem_problem(v.get_ref(), key) {
+                        c.at(format!("backend[{i}].{key}"), v, m);
                     }
                 }
                 Some(BackendTls {

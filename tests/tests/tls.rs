@@ -233,16 +233,41 @@ async fn broken_tls_config_is_refused_by_name() {
         "{e}"
     );
 
-    // Exists but is not a certificate: binding fails and says which file.
+    // Exists but holds no PEM block: refused by key and line.
     let text = format!(
         "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"/etc/hostname\"\ntls_key = \"/etc/hostname\"\n{base}"
+    );
+    let e = mqlb_config::Config::parse("<t>", &text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("<t>:3: listener[0].tls_cert") && e.contains("holds no PEM certificate"),
+        "{e}"
+    );
+    assert!(
+        e.contains("<t>:4: listener[0].tls_key") && e.contains("holds no PEM private key"),
+        "{e}"
+    );
+
+    // A PEM block that does not parse: binding fails and says which file.
+    let dir = scratch_dir("bad-pem");
+    let bad = dir.join("bad.pem");
+    std::fs::write(
+        &bad,
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\ntls_cert = \"{b}\"\ntls_key = \"{b}\"\n{base}",
+        b = bad.display()
     );
     let config = mqlb_config::Config::parse("<t>", &text).unwrap();
     let e = mqlb_balancer::server::Balancer::bind(config)
         .await
         .unwrap_err()
         .to_string();
-    assert!(e.contains("TLS") && e.contains("/etc/hostname"), "{e}");
+    assert!(e.contains("TLS") && e.contains("bad.pem"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A CA and a client certificate it signs, written as PEM under `dir`
