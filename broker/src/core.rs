@@ -297,18 +297,7 @@ impl Core {
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
         for t in targets.sessions {
-            let retain = t.retain_as_published && m.retain;
-            self.deliver(
-                &t.client,
-                Pending {
-                    msg: m.clone(),
-                    qos: t.qos,
-                    sub_ids: t.sub_ids,
-                    retain,
-                    shared: None,
-                },
-                &mut fx,
-            );
+            self.deliver_to(t, &m, &mut fx);
         }
         for group in groups {
             if let Some(key) = self.router.group_key(group) {
@@ -350,18 +339,7 @@ impl Core {
             if imp.at <= m.received || imp.held.contains(&print) {
                 continue;
             }
-            let retain = t.retain_as_published && m.retain;
-            self.deliver(
-                &t.client,
-                Pending {
-                    msg: m.clone(),
-                    qos: t.qos,
-                    sub_ids: t.sub_ids,
-                    retain,
-                    shared: None,
-                },
-                &mut fx,
-            );
+            self.deliver_to(t, &m, &mut fx);
         }
         let mut peers: Vec<(NodeId, Vec<Arc<str>>)> = targets
             .nodes
@@ -843,20 +821,7 @@ impl Core {
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
         for t in targets.sessions {
-            // Retain As Published keeps the flag; otherwise a routed message
-            // is delivered with RETAIN 0 (3.3.1.3).
-            let retain = t.retain_as_published && m.retain;
-            self.deliver(
-                &t.client,
-                Pending {
-                    msg: m.clone(),
-                    qos: t.qos,
-                    sub_ids: t.sub_ids,
-                    retain,
-                    shared: None,
-                },
-                &mut fx,
-            );
+            self.deliver_to(t, &m, &mut fx);
         }
         let mut peers: Vec<(NodeId, Vec<Arc<str>>)> =
             targets.nodes.iter().map(|&n| (n, Vec::new())).collect();
@@ -938,6 +903,24 @@ impl Core {
             fx,
         );
         None
+    }
+
+    /// Delivers `m` to one matching session as its subscriptions ask: the
+    /// delivered QoS, their identifiers, and RETAIN kept only with Retain
+    /// As Published (otherwise a routed message has RETAIN 0, 3.3.1.3).
+    fn deliver_to(&mut self, t: crate::router::SessionTarget, m: &Message, fx: &mut Effects) {
+        let retain = t.retain_as_published && m.retain;
+        self.deliver(
+            &t.client,
+            Pending {
+                msg: m.clone(),
+                qos: t.qos,
+                sub_ids: t.sub_ids,
+                retain,
+                shared: None,
+            },
+            fx,
+        );
     }
 
     /// Sends (or queues) one message to one session.

@@ -110,17 +110,6 @@ async fn connects(addr: &str, n: usize) -> (f64, Duration, Duration) {
     (rate, pct(&lat, 0.5), pct(&lat, 0.99))
 }
 
-fn publish_frame(topic: &str, qos: u8, pid: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic.as_bytes());
-    if qos > 0 {
-        body.extend_from_slice(&pid.to_be_bytes());
-    }
-    body.extend_from_slice(payload);
-    raw::frame(0x30 | (qos << 1), &body)
-}
-
 async fn subscribe(addr: &str, id: &str, topic: &str) -> TcpStream {
     let (mut s, ack) = raw::connect_and_ack(addr, id, 4).await;
     assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
@@ -142,7 +131,7 @@ async fn qos0_throughput(addr: &str, n: usize) -> f64 {
     let mut sub = subscribe(addr, "bench-sub", "bench/q0").await;
     let (mut publ, ack) = raw::connect_and_ack(addr, "bench-pub", 4).await;
     assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
-    let frame = publish_frame("bench/q0", 0, 0, &[0x5A; 64]);
+    let frame = raw::publish("bench/q0", 0, 0, &[0x5A; 64]);
     let frame_len = frame.len();
     let batch: Vec<u8> = frame
         .iter()
@@ -179,7 +168,7 @@ async fn qos1_latency(addr: &str, n: usize) -> (Duration, Duration) {
     for i in 0..n {
         let pid = (i % 65_000 + 1) as u16;
         let t = Instant::now();
-        s.write_all(&publish_frame("bench/q1", 1, pid, &[0x5A; 64]))
+        s.write_all(&raw::publish("bench/q1", 1, pid, &[0x5A; 64]))
             .await
             .unwrap();
         let ack = read_n(&mut s, 4, Duration::from_secs(5)).await;

@@ -143,17 +143,6 @@ async fn handshakes(
     (rate, pct(&lat, 0.5), pct(&lat, 0.99))
 }
 
-fn publish_frame(topic: &str, qos: u8, pid: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic.as_bytes());
-    if qos > 0 {
-        body.extend_from_slice(&pid.to_be_bytes());
-    }
-    body.extend_from_slice(payload);
-    raw::frame(0x30 | (qos << 1), &body)
-}
-
 /// QoS 0, one publisher and one subscriber over TLS, `n` 64-byte messages:
 /// messages per second as the subscriber counts them.
 async fn qos0(c: &tokio_rustls::TlsConnector, addr: &str, n: usize) -> f64 {
@@ -166,7 +155,7 @@ async fn qos0(c: &tokio_rustls::TlsConnector, addr: &str, n: usize) -> f64 {
     assert_eq!(read_n(&mut sub, 5, T).await, [0x90, 0x03, 0, 1, 0]);
     let mut publ = tls(c, addr).await;
     connect_ack(&mut publ, "tls-pub").await;
-    let frame = publish_frame("bench/tls", 0, 0, &[0x5A; 64]);
+    let frame = raw::publish("bench/tls", 0, 0, &[0x5A; 64]);
     let len = frame.len();
     let batch: Vec<u8> = frame.iter().copied().cycle().take(len * 100).collect();
     let start = Instant::now();
@@ -197,7 +186,7 @@ async fn qos1(c: &tokio_rustls::TlsConnector, addr: &str, n: usize) -> (Duration
     for i in 0..n {
         let t = Instant::now();
         let pid = (i % 65_000 + 1) as u16;
-        s.write_all(&publish_frame("bench/tls1", 1, pid, &[0x5A; 64]))
+        s.write_all(&raw::publish("bench/tls1", 1, pid, &[0x5A; 64]))
             .await
             .unwrap();
         let ack = read_n(&mut s, 4, T).await;

@@ -42,6 +42,19 @@ pub fn connect(client_id: &str, level: u8) -> Vec<u8> {
     frame(0x10, &body)
 }
 
+/// A 3.1.1 PUBLISH of `payload` to `topic` at `qos` (0, 1 or 2), with
+/// packet id `pid` when `qos` > 0.
+pub fn publish(topic: &str, qos: u8, pid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&pid.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    frame(0x30 | (qos << 1), &body)
+}
+
 /// A frame from a first byte and body.
 pub fn frame(first: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![first];
