@@ -1234,3 +1234,86 @@ async fn the_balancer_follows_the_clusters_view() {
     assert!(back.is_some(), "n1 never came back into the view");
     assert_eq!(lb.first_choice(&id), "n1");
 }
+
+/// A cluster link that drops and comes back within the failure timeout
+/// (a network blip: the peer never leaves the view) loses what was in
+/// flight on it. Nothing may hang on that: every QoS 1 publish across the
+/// flapping link is acknowledged, and every acknowledged one arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_link_hangs_no_publisher_and_loses_nothing() {
+    use mqlb_protocol::{Ack, Packet};
+    let _one = ONE_CLUSTER.lock().await;
+    let mut c = TestCluster::start_partitionable(3).await;
+    assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
+    let (mut sub, _) = connect_owned(&c, "n1", "flap-sub", ProtocolVersion::V5, true).await;
+    sub.subscribe("flap/#", qos(QoS::AtLeastOnce)).await;
+    let (mut publ, _) = connect_owned(&c, "n2", "flap-pub", ProtocolVersion::V5, true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let flaps = {
+        let links: Vec<usize> = c
+            .links
+            .iter()
+            .enumerate()
+            .filter(|(_, (i, j, _))| (*i, *j) == (0, 1) || (*i, *j) == (1, 0))
+            .map(|(k, _)| k)
+            .collect();
+        links
+    };
+    let mut acked = Vec::new();
+    let mut hung = Vec::new();
+    for round in 0..6 {
+        // Publish a burst, cut the n1-n2 links mid-burst, heal at once.
+        for k in 0..40 {
+            let n = round * 40 + k;
+            let pid = mqlb_protocol::PacketId::new(u16::try_from(n % 60_000 + 1).unwrap()).unwrap();
+            let p = mqlb_protocol::Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: mqlb_protocol::MqttStr::try_from("flap/x").unwrap(),
+                packet_id: Some(pid),
+                properties: Properties::default(),
+                payload: bytes::Bytes::from(format!("m{n}")),
+            };
+            assert!(publ.try_send(Packet::Publish(p)).await);
+            if k == 20 {
+                for &l in &flaps {
+                    c.links[l].2.set_cut(true);
+                }
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                for &l in &flaps {
+                    c.links[l].2.set_cut(false);
+                }
+            }
+        }
+        // Every one of the burst is acknowledged (out of order is fine).
+        let mut want: std::collections::HashSet<u16> = (0..40)
+            .map(|k| u16::try_from((round * 40 + k) % 60_000 + 1).unwrap())
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while !want.is_empty() && tokio::time::Instant::now() < deadline {
+            if let Some(Packet::Puback(a)) = publ.recv(Duration::from_millis(500)).await {
+                if want.remove(&a.packet_id.get()) {
+                    acked.push(format!("m{}", a.packet_id.get() - 1));
+                }
+            }
+        }
+        hung.extend(want);
+    }
+    assert!(hung.is_empty(), "publishes never acknowledged: {hung:?}");
+    let mut got = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while got.len() < acked.len() && tokio::time::Instant::now() < deadline {
+        if let Some(Packet::Publish(m)) = sub.recv(Duration::from_millis(500)).await {
+            got.insert(String::from_utf8_lossy(&m.payload).into_owned());
+            if let Some(pid) = m.packet_id {
+                let _ = sub.try_send(Packet::Puback(Ack::new(pid))).await;
+            }
+        }
+    }
+    let lost: Vec<&String> = acked.iter().filter(|m| !got.contains(*m)).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged and never delivered: {lost:?}"
+    );
+}
