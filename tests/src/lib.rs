@@ -46,8 +46,28 @@ pub fn mqlb_bin() -> PathBuf {
     bin
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, for a process the test
+/// starts to bind.
+///
+/// Chosen below the kernel's ephemeral range (32768-60999 by default):
+/// a port from `bind(0)` comes from that range, so between our check and
+/// the child's bind an outgoing connection anywhere on the machine could
+/// take it as its local port ("did not listen", seen in CI). Below the
+/// range only another explicit bind can, and no port is handed out twice
+/// in one test process.
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..1000 {
+        let port = fastrand::u16(20_000..32_000);
+        if given.contains(&port) {
+            continue;
+        }
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
     StdListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
