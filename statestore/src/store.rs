@@ -1,0 +1,631 @@
+//! The keys: values with versions, fencing tokens, expiry, limits, and the
+//! clients watching each key.
+//!
+//! [`Store::execute`] takes a parsed request and its context (who asks,
+//! the request's timestamp and fencing token, the store's clock) and
+//! returns the reply plus the notifications to publish; it does no I/O.
+//!
+//! The rules, from the protocol reference and the SDK:
+//! * a write carrying a request timestamp or fencing token more than
+//!   [`MAX_SKEW_MS`] ahead of the store's clock is refused (skew);
+//! * a key written with a fencing token is protected by it: a later write
+//!   (`SET`, `DEL`, `VDEL`) must carry a token at least as new, else
+//!   "a fencing token is required" or "... lower version ..."; a newer
+//!   token takes over;
+//! * `NX` applies only to an absent key, `NEX` also to a key that already
+//!   holds the same value; a condition that does not hold answers `:-1`;
+//! * `PX` expires the key that many milliseconds after the write, by the
+//!   store's clock (expired keys read as absent, and their watchers hear a
+//!   delete);
+//! * limits on key count, key size, value size and total bytes answer
+//!   "the quota has been exceeded" and change nothing.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::hlc::Hlc;
+use crate::resp3::{Condition, Reply, Request};
+
+/// How far ahead of the store's clock a request's timestamp or fencing
+/// token may be (the protocol allows a minute).
+pub const MAX_SKEW_MS: u64 = 60_000;
+
+/// Caps on what the store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Keys.
+    pub max_keys: usize,
+    /// Bytes in one key.
+    pub max_key_bytes: usize,
+    /// Bytes in one value.
+    pub max_value_bytes: usize,
+    /// Bytes in all keys and values together.
+    pub max_total_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_keys: 100_000,
+            max_key_bytes: 1024,
+            max_value_bytes: 1 << 20,
+            max_total_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Who asks, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    /// The requesting client (for `KEYNOTIFY`).
+    pub client_id: String,
+    /// The request's timestamp: the version a write gives the key.
+    pub timestamp: Hlc,
+    /// The fencing token the request carries, if any.
+    pub fencing_token: Option<Hlc>,
+    /// The store's clock, Unix milliseconds.
+    pub now_ms: u64,
+}
+
+/// A change to publish to one watcher of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// The watching client.
+    pub client_id: String,
+    /// The key that changed.
+    pub key: Vec<u8>,
+    /// Its new value; `None`: deleted (or expired).
+    pub value: Option<Vec<u8>>,
+    /// The version of the change.
+    pub version: Hlc,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    value: Vec<u8>,
+    version: Hlc,
+    fence: Option<Hlc>,
+    expires_ms: Option<u64>,
+}
+
+/// The key-value state.
+#[derive(Debug, Default)]
+pub struct Store {
+    limits: Limits,
+    entries: HashMap<Vec<u8>, Entry>,
+    bytes: usize,
+    watchers: HashMap<Vec<u8>, BTreeSet<String>>,
+}
+
+/// The protocol's error texts (what follows `-ERR `).
+pub mod errors {
+    /// Request timestamp too far ahead.
+    pub const TIMESTAMP_SKEW: &str = "the request timestamp is too far in the future; ensure that the client and broker system clocks are synchronized";
+    /// Fencing token too far ahead.
+    pub const FENCING_TOKEN_SKEW: &str = "the request fencing token timestamp is too far in the future; ensure that the client and broker system clocks are synchronized";
+    /// The key is fenced and the request carries no token.
+    pub const MISSING_FENCING_TOKEN: &str = "a fencing token is required for this request";
+    /// The request's token is older than the key's.
+    pub const FENCING_TOKEN_LOWER_VERSION: &str =
+        "the request fencing token is a lower version than the fencing token protecting the resource";
+    /// A limit would be passed.
+    pub const QUOTA_EXCEEDED: &str = "the quota has been exceeded";
+    /// An empty key.
+    pub const KEY_LENGTH_ZERO: &str = "the key length is zero";
+}
+
+impl Store {
+    /// An empty store with these limits.
+    pub fn new(limits: Limits) -> Store {
+        Store {
+            limits,
+            ..Store::default()
+        }
+    }
+
+    /// Keys held now (expired ones not yet swept included).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes in keys and values.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The key's current version, if it exists at `now_ms`.
+    pub fn version(&self, key: &[u8], now_ms: u64) -> Option<&Hlc> {
+        self.live(key, now_ms).map(|e| &e.version)
+    }
+
+    fn live(&self, key: &[u8], now_ms: u64) -> Option<&Entry> {
+        self.entries
+            .get(key)
+            .filter(|e| e.expires_ms.is_none_or(|t| t > now_ms))
+    }
+
+    /// Executes one request.
+    pub fn execute(&mut self, req: Request, ctx: &Context) -> (Reply, Vec<Notification>) {
+        let mut notes = Vec::new();
+        if ctx.timestamp.wall_ms > ctx.now_ms.saturating_add(MAX_SKEW_MS) {
+            return (Reply::Error(errors::TIMESTAMP_SKEW), notes);
+        }
+        if ctx
+            .fencing_token
+            .as_ref()
+            .is_some_and(|f| f.wall_ms > ctx.now_ms.saturating_add(MAX_SKEW_MS))
+        {
+            return (Reply::Error(errors::FENCING_TOKEN_SKEW), notes);
+        }
+        let key = match &req {
+            Request::Set { key, .. }
+            | Request::Get { key }
+            | Request::Del { key }
+            | Request::VDel { key, .. }
+            | Request::KeyNotify { key, .. } => key.clone(),
+        };
+        if key.is_empty() {
+            return (Reply::Error(errors::KEY_LENGTH_ZERO), notes);
+        }
+        // An expired key is gone before anything looks at it.
+        self.expire_key(&key, ctx.now_ms, &mut notes);
+        let reply = match req {
+            Request::Get { .. } => match self.live(&key, ctx.now_ms) {
+                Some(e) => Reply::Value(e.value.clone()),
+                None => Reply::Nil,
+            },
+            Request::KeyNotify { stop, .. } => {
+                if stop {
+                    if let Some(w) = self.watchers.get_mut(&key) {
+                        w.remove(&ctx.client_id);
+                        if w.is_empty() {
+                            self.watchers.remove(&key);
+                        }
+                    }
+                } else {
+                    self.watchers
+                        .entry(key)
+                        .or_default()
+                        .insert(ctx.client_id.clone());
+                }
+                Reply::Ok
+            }
+            Request::Set {
+                value,
+                condition,
+                expire_ms,
+                ..
+            } => self.set(key, value, condition, expire_ms, ctx, &mut notes),
+            Request::Del { .. } => self.delete(&key, None, ctx, &mut notes),
+            Request::VDel { value, .. } => self.delete(&key, Some(&value), ctx, &mut notes),
+        };
+        (reply, notes)
+    }
+
+    /// Whether a write may touch `key`: its fencing token, if it has one,
+    /// must not be newer than the request's.
+    fn fenced(&self, key: &[u8], ctx: &Context) -> Option<Reply> {
+        let fence = self.entries.get(key)?.fence.as_ref()?;
+        match &ctx.fencing_token {
+            None => Some(Reply::Error(errors::MISSING_FENCING_TOKEN)),
+            Some(t) if t < fence => Some(Reply::Error(errors::FENCING_TOKEN_LOWER_VERSION)),
+            Some(_) => None,
+        }
+    }
+
+    fn set(
+        &mut self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        condition: Condition,
+        expire_ms: Option<u64>,
+        ctx: &Context,
+        notes: &mut Vec<Notification>,
+    ) -> Reply {
+        if let Some(refused) = self.fenced(&key, ctx) {
+            return refused;
+        }
+        let existing = self.entries.get(&key);
+        let applies = match condition {
+            Condition::Always => true,
+            Condition::IfAbsent => existing.is_none(),
+            Condition::IfAbsentOrEqual => existing.is_none_or(|e| e.value == value),
+        };
+        if !applies {
+            return Reply::NotApplied;
+        }
+        let old = existing.map_or(0, |e| key.len() + e.value.len());
+        let new = key.len() + value.len();
+        if key.len() > self.limits.max_key_bytes
+            || value.len() > self.limits.max_value_bytes
+            || (existing.is_none() && self.entries.len() >= self.limits.max_keys)
+            || self.bytes - old + new > self.limits.max_total_bytes
+        {
+            return Reply::Error(errors::QUOTA_EXCEEDED);
+        }
+        let fence = match (&ctx.fencing_token, existing.and_then(|e| e.fence.clone())) {
+            (Some(t), _) => Some(t.clone()),
+            (None, f) => f,
+        };
+        self.bytes = self.bytes - old + new;
+        self.notify(&key, Some(&value), &ctx.timestamp, notes);
+        self.entries.insert(
+            key,
+            Entry {
+                value,
+                version: ctx.timestamp.clone(),
+                fence,
+                expires_ms: expire_ms.map(|ms| ctx.now_ms.saturating_add(ms)),
+            },
+        );
+        Reply::Ok
+    }
+
+    fn delete(
+        &mut self,
+        key: &[u8],
+        only_if: Option<&[u8]>,
+        ctx: &Context,
+        notes: &mut Vec<Notification>,
+    ) -> Reply {
+        let Some(e) = self.entries.get(key) else {
+            return Reply::Deleted(0);
+        };
+        if let Some(refused) = self.fenced(key, ctx) {
+            return refused;
+        }
+        if only_if.is_some_and(|v| v != e.value.as_slice()) {
+            return Reply::NotApplied;
+        }
+        self.remove(key, &ctx.timestamp, notes);
+        Reply::Deleted(1)
+    }
+
+    fn remove(&mut self, key: &[u8], version: &Hlc, notes: &mut Vec<Notification>) {
+        if let Some(e) = self.entries.remove(key) {
+            self.bytes -= key.len() + e.value.len();
+            self.notify(key, None, version, notes);
+        }
+    }
+
+    fn expire_key(&mut self, key: &[u8], now_ms: u64, notes: &mut Vec<Notification>) {
+        let expired = self
+            .entries
+            .get(key)
+            .and_then(|e| e.expires_ms)
+            .is_some_and(|t| t <= now_ms);
+        if expired {
+            let version = Hlc {
+                wall_ms: now_ms,
+                counter: 0,
+                node: String::new(),
+            };
+            self.remove(key, &version, notes);
+        }
+    }
+
+    /// Removes every key expired at `now_ms`; returns the notifications.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<Notification> {
+        let due: Vec<Vec<u8>> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.expires_ms.is_some_and(|t| t <= now_ms))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut notes = Vec::new();
+        for k in due {
+            self.expire_key(&k, now_ms, &mut notes);
+        }
+        notes
+    }
+
+    /// Forgets a client's watches (its session ended).
+    pub fn forget_client(&mut self, client_id: &str) {
+        self.watchers.retain(|_, w| {
+            w.remove(client_id);
+            !w.is_empty()
+        });
+    }
+
+    fn notify(
+        &self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        version: &Hlc,
+        notes: &mut Vec<Notification>,
+    ) {
+        for c in self.watchers.get(key).into_iter().flatten() {
+            notes.push(Notification {
+                client_id: c.clone(),
+                key: key.to_vec(),
+                value: value.map(<[u8]>::to_vec),
+                version: version.clone(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hlc(ms: u64, c: u64) -> Hlc {
+        Hlc {
+            wall_ms: ms,
+            counter: c,
+            node: "t".into(),
+        }
+    }
+
+    fn ctx(client: &str, ms: u64, fence: Option<Hlc>) -> Context {
+        Context {
+            client_id: client.into(),
+            timestamp: hlc(ms, 0),
+            fencing_token: fence,
+            now_ms: ms,
+        }
+    }
+
+    fn set(k: &str, v: &str, condition: Condition, expire_ms: Option<u64>) -> Request {
+        Request::Set {
+            key: k.into(),
+            value: v.into(),
+            condition,
+            expire_ms,
+        }
+    }
+
+    fn get(k: &str) -> Request {
+        Request::Get { key: k.into() }
+    }
+
+    #[test]
+    fn set_get_del_vdel() {
+        let mut s = Store::default();
+        let c = ctx("a", 1000, None);
+        assert_eq!(s.execute(get("k"), &c).0, Reply::Nil);
+        assert_eq!(
+            s.execute(set("k", "v1", Condition::Always, None), &c).0,
+            Reply::Ok
+        );
+        assert_eq!(s.execute(get("k"), &c).0, Reply::Value(b"v1".to_vec()));
+        assert_eq!(s.version(b"k", 1000), Some(&hlc(1000, 0)));
+        let vdel = |v: &str| Request::VDel {
+            key: b"k".to_vec(),
+            value: v.into(),
+        };
+        assert_eq!(s.execute(vdel("other"), &c).0, Reply::NotApplied);
+        assert_eq!(s.execute(vdel("v1"), &c).0, Reply::Deleted(1));
+        assert_eq!(s.execute(vdel("v1"), &c).0, Reply::Deleted(0));
+        s.execute(set("k", "v", Condition::Always, None), &c);
+        let del = Request::Del { key: b"k".to_vec() };
+        assert_eq!(s.execute(del.clone(), &c).0, Reply::Deleted(1));
+        assert_eq!(s.execute(del, &c).0, Reply::Deleted(0));
+        assert_eq!((s.len(), s.bytes()), (0, 0));
+        assert_eq!(
+            s.execute(get(""), &c).0,
+            Reply::Error(errors::KEY_LENGTH_ZERO)
+        );
+    }
+
+    #[test]
+    fn nx_and_nex() {
+        let mut s = Store::default();
+        let c = ctx("a", 1000, None);
+        assert_eq!(
+            s.execute(set("k", "v", Condition::IfAbsent, None), &c).0,
+            Reply::Ok
+        );
+        assert_eq!(
+            s.execute(set("k", "v", Condition::IfAbsent, None), &c).0,
+            Reply::NotApplied
+        );
+        assert_eq!(
+            s.execute(set("k", "v", Condition::IfAbsentOrEqual, None), &c)
+                .0,
+            Reply::Ok
+        );
+        assert_eq!(
+            s.execute(set("k", "w", Condition::IfAbsentOrEqual, None), &c)
+                .0,
+            Reply::NotApplied
+        );
+        assert_eq!(s.execute(get("k"), &c).0, Reply::Value(b"v".to_vec()));
+        assert_eq!(
+            s.execute(set("n", "x", Condition::IfAbsentOrEqual, None), &c)
+                .0,
+            Reply::Ok
+        );
+    }
+
+    #[test]
+    fn px_expires_by_the_stores_clock_and_watchers_hear_it() {
+        let mut s = Store::default();
+        let watch = Request::KeyNotify {
+            key: b"k".to_vec(),
+            stop: false,
+        };
+        assert_eq!(s.execute(watch, &ctx("w", 1000, None)).0, Reply::Ok);
+        let (r, notes) = s.execute(
+            set("k", "v", Condition::Always, Some(500)),
+            &ctx("a", 1000, None),
+        );
+        assert_eq!(r, Reply::Ok);
+        assert_eq!(notes.len(), 1);
+        assert_eq!(notes[0].value.as_deref(), Some(&b"v"[..]));
+        assert_eq!(
+            s.execute(get("k"), &ctx("a", 1499, None)).0,
+            Reply::Value(b"v".to_vec())
+        );
+        let gone = s.expire(1500);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(
+            (gone[0].client_id.as_str(), gone[0].value.clone()),
+            ("w", None)
+        );
+        assert_eq!(s.execute(get("k"), &ctx("a", 1500, None)).0, Reply::Nil);
+        // NX sees an expired key as absent.
+        s.execute(
+            set("e", "1", Condition::Always, Some(10)),
+            &ctx("a", 2000, None),
+        );
+        assert_eq!(
+            s.execute(
+                set("e", "2", Condition::IfAbsent, None),
+                &ctx("a", 2010, None)
+            )
+            .0,
+            Reply::Ok
+        );
+    }
+
+    #[test]
+    fn fencing_tokens_protect_a_key() {
+        let mut s = Store::default();
+        let t1 = hlc(1000, 1);
+        let t2 = hlc(2000, 1);
+        // The first lease holder writes with t1.
+        assert_eq!(
+            s.execute(
+                set("lock-data", "a", Condition::Always, None),
+                &ctx("a", 1000, Some(t1.clone()))
+            )
+            .0,
+            Reply::Ok
+        );
+        // A newer holder (t2) takes over.
+        assert_eq!(
+            s.execute(
+                set("lock-data", "b", Condition::Always, None),
+                &ctx("b", 2000, Some(t2.clone()))
+            )
+            .0,
+            Reply::Ok
+        );
+        // The old holder's fenced write is refused, and so is one without a token.
+        assert_eq!(
+            s.execute(
+                set("lock-data", "a2", Condition::Always, None),
+                &ctx("a", 2100, Some(t1))
+            )
+            .0,
+            Reply::Error(errors::FENCING_TOKEN_LOWER_VERSION)
+        );
+        assert_eq!(
+            s.execute(
+                set("lock-data", "x", Condition::Always, None),
+                &ctx("c", 2100, None)
+            )
+            .0,
+            Reply::Error(errors::MISSING_FENCING_TOKEN)
+        );
+        assert_eq!(
+            s.execute(
+                Request::Del {
+                    key: b"lock-data".to_vec()
+                },
+                &ctx("c", 2100, None)
+            )
+            .0,
+            Reply::Error(errors::MISSING_FENCING_TOKEN)
+        );
+        assert_eq!(
+            s.execute(get("lock-data"), &ctx("c", 2100, None)).0,
+            Reply::Value(b"b".to_vec())
+        );
+        assert_eq!(
+            s.execute(
+                Request::Del {
+                    key: b"lock-data".to_vec()
+                },
+                &ctx("b", 2200, Some(t2))
+            )
+            .0,
+            Reply::Deleted(1)
+        );
+    }
+
+    #[test]
+    fn skew_and_limits() {
+        let mut s = Store::new(Limits {
+            max_keys: 2,
+            max_key_bytes: 4,
+            max_value_bytes: 8,
+            max_total_bytes: 19,
+        });
+        let mut c = ctx("a", 1000, None);
+        c.timestamp = hlc(1000 + MAX_SKEW_MS + 1, 0);
+        assert_eq!(
+            s.execute(set("k", "v", Condition::Always, None), &c).0,
+            Reply::Error(errors::TIMESTAMP_SKEW)
+        );
+        let mut c = ctx("a", 1000, Some(hlc(1000 + MAX_SKEW_MS + 1, 0)));
+        assert_eq!(
+            s.execute(set("k", "v", Condition::Always, None), &c).0,
+            Reply::Error(errors::FENCING_TOKEN_SKEW)
+        );
+        c.fencing_token = None;
+        let q = Reply::Error(errors::QUOTA_EXCEEDED);
+        assert_eq!(
+            s.execute(set("long-key", "v", Condition::Always, None), &c)
+                .0,
+            q
+        );
+        assert_eq!(
+            s.execute(set("k", "123456789", Condition::Always, None), &c)
+                .0,
+            q
+        );
+        assert_eq!(
+            s.execute(set("k1", "12345678", Condition::Always, None), &c)
+                .0,
+            Reply::Ok
+        );
+        assert_eq!(
+            s.execute(set("k2", "12345678", Condition::Always, None), &c)
+                .0,
+            q,
+            "total bytes"
+        );
+        assert_eq!(
+            s.execute(set("k2", "1", Condition::Always, None), &c).0,
+            Reply::Ok
+        );
+        assert_eq!(
+            s.execute(set("k3", "1", Condition::Always, None), &c).0,
+            q,
+            "key count"
+        );
+        // Overwriting within the limits is fine, and nothing leaked.
+        assert_eq!(
+            s.execute(set("k1", "1", Condition::Always, None), &c).0,
+            Reply::Ok
+        );
+        assert_eq!(s.bytes(), 6);
+    }
+
+    #[test]
+    fn keynotify_start_stop_and_forget() {
+        let mut s = Store::default();
+        let c = ctx("w", 1000, None);
+        let watch = |stop| Request::KeyNotify {
+            key: b"k".to_vec(),
+            stop,
+        };
+        s.execute(watch(false), &c);
+        s.execute(watch(false), &ctx("v", 1000, None));
+        let (_, n) = s.execute(set("k", "1", Condition::Always, None), &c);
+        assert_eq!(n.len(), 2);
+        s.execute(watch(true), &c);
+        let (_, n) = s.execute(Request::Del { key: b"k".to_vec() }, &c);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].client_id, "v");
+        s.forget_client("v");
+        let (_, n) = s.execute(set("k", "2", Condition::Always, None), &c);
+        assert!(n.is_empty());
+    }
+}
