@@ -23,9 +23,12 @@ use crate::shared::Shared;
 /// Largest `/cluster` answer read.
 const MAX_ANSWER: u64 = 64 << 10;
 
-/// One node's answer: whether it is ready, and its view's members.
+/// One node's answer: its name, whether it is ready, and its view's
+/// members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeView {
+    /// The node's own name (its `--node-id`).
+    pub node: String,
     /// The node can take clients (majority, synced).
     pub ready: bool,
     /// The members of its view.
@@ -51,6 +54,7 @@ pub async fn fetch(admin: &str, timeout: Duration) -> Option<NodeView> {
     }
     let v: serde_json::Value = serde_json::from_str(body.trim()).ok()?;
     Some(NodeView {
+        node: v.get("node")?.as_str()?.to_string(),
         ready: v.get("ready")?.as_bool()?,
         members: v
             .get("members")?
@@ -62,8 +66,17 @@ pub async fn fetch(admin: &str, timeout: Duration) -> Option<NodeView> {
 }
 
 /// Which of `nodes` the cluster leaves out, given their answers (`None`:
-/// no answer): `None` when too few ready answers agree to decide.
+/// no answer): `None` when too few ready answers agree to decide, or when
+/// a node answers under another name than its backend's (the views name
+/// nodes, placement hashes backend names: they must be the same).
 pub fn left_out(nodes: &[String], answers: &[Option<NodeView>]) -> Option<Vec<bool>> {
+    let misnamed = nodes
+        .iter()
+        .zip(answers)
+        .any(|(n, a)| a.as_ref().is_some_and(|a| &a.node != n));
+    if misnamed {
+        return None;
+    }
     let quorum = nodes.len() / 2 + 1;
     let ready: Vec<&NodeView> = answers.iter().flatten().filter(|v| v.ready).collect();
     if ready.len() < quorum {
@@ -106,6 +119,15 @@ pub async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
             answers.push(fetch(admin, timeout).await);
         }
         let names: Vec<String> = members.iter().map(|b| b.name.clone()).collect();
+        for (b, a) in members.iter().zip(&answers) {
+            if let Some(a) = a.as_ref().filter(|a| a.node != b.name) {
+                tracing::warn!(
+                    backend = %b.name,
+                    node = %a.node,
+                    "cluster_admin answers as another node: name the backend after its node ID; the cluster's view is not followed"
+                );
+            }
+        }
         let Some(out) = left_out(&names, &answers) else {
             for b in &members {
                 b.set_out_of_view(false);
@@ -132,32 +154,54 @@ mod tests {
 
     fn v(ready: bool, members: &[&str]) -> Option<NodeView> {
         Some(NodeView {
+            node: String::new(),
             ready,
             members: members.iter().map(|m| m.to_string()).collect(),
         })
+    }
+
+    /// Answers as nodes n1, n2, n3 in order.
+    fn named(answers: [Option<NodeView>; 3]) -> Vec<Option<NodeView>> {
+        answers
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| {
+                a.map(|mut a| {
+                    a.node = format!("n{}", i + 1);
+                    a
+                })
+            })
+            .collect()
     }
 
     #[test]
     fn a_majority_of_ready_views_decides() {
         let nodes: Vec<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
         // n1 cut off: it is not ready; n2 and n3 see each other.
-        let a = [
+        let a = named([
             v(false, &["n1"]),
             v(true, &["n2", "n3"]),
             v(true, &["n2", "n3"]),
-        ];
+        ]);
         assert_eq!(left_out(&nodes, &a), Some(vec![true, false, false]));
         // Everyone sees everyone.
         let all = v(true, &["n1", "n2", "n3"]);
         assert_eq!(
-            left_out(&nodes, &[all.clone(), all.clone(), all]),
+            left_out(&nodes, &named([all.clone(), all.clone(), all.clone()])),
             Some(vec![false, false, false])
         );
         // Only one ready answer: nothing to agree on.
-        let one = [v(true, &["n1"]), None, v(false, &[])];
+        let one = named([v(true, &["n1"]), None, v(false, &[])]);
         assert_eq!(left_out(&nodes, &one), None);
         // Views that disagree: a node listed by only one of two is out.
-        let split = [None, v(true, &["n1", "n2"]), v(true, &["n2", "n3"])];
+        let split = named([None, v(true, &["n1", "n2"]), v(true, &["n2", "n3"])]);
         assert_eq!(left_out(&nodes, &split), Some(vec![true, false, true]));
+        // A backend named apart from its node: the views cannot be
+        // followed (they would leave every backend out).
+        let mut wrong = named([all.clone(), all.clone(), all]);
+        if let Some(a) = wrong[0].as_mut() {
+            a.node = "node-1".into();
+        }
+        assert_eq!(left_out(&nodes, &wrong), None);
     }
 }
