@@ -193,6 +193,10 @@ struct ClusterArgs {
     /// connection proves; required unless the cluster listener is loopback.
     #[arg(long, requires = "node_id")]
     cluster_secret_file: Option<PathBuf>,
+    /// Copies of each persistent session, the holder included (default 2:
+    /// survives the loss of any one node).
+    #[arg(long, requires = "node_id")]
+    replication_factor: Option<usize>,
 }
 
 impl ClusterArgs {
@@ -211,6 +215,9 @@ impl ClusterArgs {
                 .map(|p| ClusterConfig::parse_peer(p))
                 .collect::<Result<_, _>>()?,
             secret_file: self.cluster_secret_file,
+            replication_factor: self.replication_factor.unwrap_or(
+                mqlb_config::broker::DEFAULT_REPLICATION_FACTOR.min(self.peer.len() + 1),
+            ),
         };
         c.validate()?;
         cfg.cluster = Some(c);

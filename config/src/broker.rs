@@ -104,7 +104,14 @@ pub struct ClusterConfig {
     pub peers: Vec<(String, SocketAddr)>,
     /// The shared secret file; required unless `listen` is loopback.
     pub secret_file: Option<PathBuf>,
+    /// Copies of each persistent session (the holder included): 2 survives
+    /// the loss of any one node, 3 of any two (with 5 or more nodes, so a
+    /// majority is left).
+    pub replication_factor: usize,
 }
+
+/// Session copies unless configured: survives the loss of any one node.
+pub const DEFAULT_REPLICATION_FACTOR: usize = 2;
 
 impl ClusterConfig {
     /// Parses a `--peer` / `peers` entry, `NAME@IP:PORT`.
@@ -142,6 +149,13 @@ impl ClusterConfig {
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(format!("node name \"{}\" appears twice", w[0]));
+        }
+        if self.replication_factor < 1 || self.replication_factor > names.len() {
+            return Err(format!(
+                "replication_factor {} must be between 1 and the number of nodes ({})",
+                self.replication_factor,
+                names.len()
+            ));
         }
         if self.secret_file.is_none() && !self.listen.ip().is_loopback() {
             return Err(format!(
@@ -389,12 +403,29 @@ impl BrokerConfig {
                 }
             });
             if let (Some(node_id), Some(listen)) = (node_id, listen) {
+                let peers_len = peers.len();
                 let cc = ClusterConfig {
                     node_id,
                     listen,
                     peers,
                     secret_file,
+                    replication_factor: DEFAULT_REPLICATION_FACTOR.min(peers_len + 1),
                 };
+                let mut cc = cc;
+                if let Some(r) = &cl.replication_factor {
+                    let nodes = cc.peers.len() + 1;
+                    match usize::try_from(*r.get_ref()) {
+                        Ok(n) if (1..=nodes).contains(&n) => cc.replication_factor = n,
+                        _ => at(
+                            "cluster.replication_factor".into(),
+                            r.span(),
+                            format!(
+                                "{} must be between 1 and the number of nodes ({nodes})",
+                                r.get_ref()
+                            ),
+                        ),
+                    }
+                }
                 match cc.validate() {
                     Ok(()) => c.cluster = Some(cc),
                     Err(m) => at("cluster.listen".into(), cl.listen.span(), m),
@@ -479,6 +510,27 @@ mod tests {
             .to_string();
         assert!(e.contains("b.toml:2: broker.listen"), "{e}");
         assert!(e.contains("b.toml:6: broker.acl[0].access"), "{e}");
+    }
+
+    #[test]
+    fn replication_factor_is_checked_against_the_members() {
+        let text = |r: i64| {
+            format!(
+                "[cluster]\nnode_id = \"n1\"\nlisten = \"127.0.0.1:7001\"\npeers = [\"n2@127.0.0.1:7002\", \"n3@127.0.0.1:7003\"]\nreplication_factor = {r}\n"
+            )
+        };
+        let c = BrokerConfig::parse("b.toml", &text(3), None).unwrap();
+        assert_eq!(c.cluster.map(|c| c.replication_factor), Some(3));
+        for bad in [0, 4, -1] {
+            let e = BrokerConfig::parse("b.toml", &text(bad), None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("b.toml:5: cluster.replication_factor"), "{e}");
+        }
+        let text = "[cluster]\nnode_id = \"n1\"\nlisten = \"127.0.0.1:7001\"\n";
+        let c = BrokerConfig::parse("b.toml", text, None).unwrap();
+        // Alone, a node keeps the one copy it can.
+        assert_eq!(c.cluster.map(|c| c.replication_factor), Some(1));
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct ClusterFile {
     pub peers: Vec<Spanned<String>>,
     /// File holding the shared secret every cluster connection proves.
     pub secret_file: Option<Spanned<String>>,
+    /// Copies of each persistent session, default 2.
+    pub replication_factor: Option<Spanned<i64>>,
 }
 
 /// `[broker]`.

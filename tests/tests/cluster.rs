@@ -1317,3 +1317,77 @@ async fn a_flapping_link_hangs_no_publisher_and_loses_nothing() {
         "acknowledged and never delivered: {lost:?}"
     );
 }
+
+/// With `--replication-factor 3` every persistent session has a copy on
+/// each of the three nodes: both other nodes hold a replica, the node that
+/// takes over after a `kill -9` serves the session with its queued
+/// messages, and the last node still keeps a copy of the moved session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_copies_with_replication_factor_three() {
+    let _one = ONE_CLUSTER.lock().await;
+    let mut c = TestCluster::start(3, None, &["--replication-factor", "3"]);
+    assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
+    let id = c.id_owned_by("n1", "rf3", &ALL);
+    let mut cp = connect_packet(&id, ProtocolVersion::V5, false);
+    cp.clean_start = false;
+    cp.properties.session_expiry_interval = Some(3600);
+    let (mut s, ack) = Client::connect(&c.nodes[0].addr, cp.clone()).await;
+    assert_eq!(ack.reason.0, 0);
+    s.subscribe("rf3/#", qos(QoS::AtLeastOnce)).await;
+    drop(s);
+    let (mut p, _) = connect_owned(&c, "n2", "rf3-pub", ProtocolVersion::V5, true).await;
+    for k in 0..5 {
+        p.publish(
+            "rf3/x",
+            format!("q{k}").as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+            Properties::default(),
+        )
+        .await;
+    }
+    for i in [1, 2] {
+        let mut held = 0.0;
+        for _ in 0..50 {
+            held = c.metric(i, "mqlb_cluster_replicas").await.unwrap_or(0.0);
+            if held >= 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(held >= 1.0, "{} holds no copy", c.nodes[i].name);
+    }
+    c.kill(0);
+    let live = ["n2", "n3"];
+    let next = c.owner_of(&id, &live);
+    let other = if next == "n2" { 2 } else { 1 };
+    let mut resumed = None;
+    for _ in 0..100 {
+        match Client::try_connect(&c.nodes[node_index(&next)].addr, cp.clone()).await {
+            Some((s, a)) if a.reason.0 == 0 => {
+                resumed = Some((s, a));
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let (mut s, ack) = resumed.expect("the next node never took the client");
+    assert!(ack.session_present, "the session did not survive on {next}");
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let m = s
+            .next_publish(Duration::from_secs(5), true)
+            .await
+            .expect("a queued message");
+        let text = String::from_utf8(m.payload.to_vec()).unwrap();
+        if !got.contains(&text) {
+            got.push(text);
+        }
+    }
+    assert_eq!(got, ["q0", "q1", "q2", "q3", "q4"]);
+    let held = c
+        .metric(other, "mqlb_cluster_replicas")
+        .await
+        .unwrap_or(0.0);
+    assert!(held >= 1.0, "{} lost its copy", c.nodes[other].name);
+}

@@ -341,7 +341,7 @@ impl Cluster {
                 let ms: Vec<Member<'_>> = members.iter().map(|n| Member(n)).collect();
                 mqlb_placement::rank(client.as_bytes(), &ms)
                     .into_iter()
-                    .take(REPLICATION_FACTOR)
+                    .take(self.replication)
                     .any(|m| m.0 == peer)
             };
             let mut copies: Vec<(String, crate::snapshot::SessionSnapshot, String)> = Vec::new();

@@ -27,7 +27,8 @@
 //!   balancer's placement agrees with the cluster's when the backend names
 //!   are the node IDs.
 //! * **Session replication** (`replication`): each persistent session's
-//!   change records stream to the other member of its chain (R = 2); the
+//!   change records stream to the other members of its chain (R copies,
+//!   `replication_factor`, default 2); the
 //!   acknowledgements of a batch wait until it has applied them, and a
 //!   QoS 1/2 publish forwarded to a peer waits for that peer's commit. When
 //!   a holder dies, the next node of the chain promotes its replica with a
@@ -46,7 +47,7 @@
 //! The Raft-committed view: the view here is each node's own observation
 //! (guarded by the majority rule), so two nodes can briefly disagree on an
 //! owner while a link flaps; membership is the configured list, with no
-//! add or remove by admin call; the replication factor is fixed at 2.
+//! add or remove by admin call.
 
 pub mod handshake;
 mod links;
@@ -147,6 +148,9 @@ pub struct Cluster {
     names: Vec<String>,
     addrs: Vec<SocketAddr>,
     secret: Vec<u8>,
+    /// Copies of each persistent session: its holder plus this many − 1
+    /// chain members (the top ranks of the client ID over the view).
+    replication: usize,
     links: Mutex<HashMap<NodeId, Arc<LinkTx>>>,
     peers: Mutex<Vec<Peer>>,
     view: Mutex<View>,
@@ -174,10 +178,6 @@ pub struct Cluster {
 /// How long a lost peer's interest is kept, so publishes for its sessions
 /// are held for whoever takes them over rather than matching nobody.
 pub const INTEREST_HOLD: Duration = Duration::from_secs(6);
-
-/// Copies of each persistent session: its holder plus this many − 1 chain
-/// members (rank 0 and 1 of the client ID over the view).
-pub const REPLICATION_FACTOR: usize = 2;
 
 /// A name is a placement node of weight 1.
 struct Member<'a>(&'a str);
@@ -236,6 +236,7 @@ impl Cluster {
                 }),
                 names,
                 secret,
+                replication: config.replication_factor.max(1),
                 links: Mutex::new(HashMap::new()),
                 replicas: Mutex::new(HashMap::new()),
                 holders: Mutex::new(HashMap::new()),
@@ -280,7 +281,7 @@ impl Cluster {
         let members: Vec<Member<'_>> = view.members.iter().map(|n| Member(n)).collect();
         mqlb_placement::rank(client_id.as_bytes(), &members)
             .into_iter()
-            .take(REPLICATION_FACTOR)
+            .take(self.replication)
             .map(|m| m.0.to_string())
             .collect()
     }
