@@ -159,15 +159,19 @@ struct Entry {
     imported: Option<Box<Imported>>,
 }
 
-/// A session taken over from a copy: when, and what the copy held then.
-#[derive(Debug)]
+/// What a session that moved between nodes has already been given, so a
+/// message arriving again by another path is not given twice.
+#[derive(Debug, Default)]
 struct Imported {
-    /// Messages routed here before this went to the node that held it.
-    at: Instant,
-    /// Fingerprints of the messages the copy held (queued or in flight):
-    /// a message held for the dead holder and routed again is not given
-    /// twice to a session whose copy had it already.
-    held: HashSet<u64>,
+    /// When this node took the session over from a copy (`None`: it did
+    /// not, the session only adopted messages): messages routed here
+    /// before then went to the node that held it.
+    at: Option<Instant>,
+    /// Fingerprints of the messages the copy held (queued or in flight)
+    /// and of every message adopted since: a message held for a dead
+    /// holder and routed again, or a stale writer's copy adopted again, is
+    /// not given twice (a QoS 2 message must arrive once).
+    seen: HashSet<u64>,
 }
 
 /// Identifies a message by publisher, topic, payload and properties.
@@ -336,7 +340,7 @@ impl Core {
             let Some(imp) = e.imported.as_deref() else {
                 continue;
             };
-            if imp.at <= m.received || imp.held.contains(&print) {
+            if imp.at.is_none_or(|at| at <= m.received) || imp.seen.contains(&print) {
                 continue;
             }
             self.deliver_to(t, &m, &mut fx);
@@ -1291,8 +1295,8 @@ impl Core {
             .map(|p| fingerprint(&p.msg))
             .collect();
         e.imported = Some(Box::new(Imported {
-            at: Instant::now(),
-            held,
+            at: Some(Instant::now()),
+            seen: held,
         }));
         self.sessions.insert(id, e);
         Ok(fx)
@@ -1348,6 +1352,24 @@ impl Core {
     pub fn adopt(&mut self, client_id: &str, messages: Vec<Pending>) -> Effects {
         let mut fx = Effects::none();
         for p in messages {
+            let Some(e) = self.sessions.get_mut(client_id) else {
+                break;
+            };
+            // A stale writer may send the same messages more than once (a
+            // change, then its whole session when a link reopens): each is
+            // adopted once.
+            let print = fingerprint(&p.msg);
+            let held = e
+                .session
+                .queue
+                .iter()
+                .chain(e.session.inflight.values().map(|i| &i.pending))
+                .any(|q| fingerprint(&q.msg) == print);
+            let seen = &mut e.imported.get_or_insert_with(Box::default).seen;
+            let first_time = seen.insert(print);
+            if held || !first_time {
+                continue;
+            }
             self.deliver(client_id, p, &mut fx);
         }
         fx
@@ -1474,6 +1496,44 @@ mod tests {
     }
 
     const GONE: Option<Duration> = Some(Duration::ZERO);
+
+    /// A stale writer's messages are adopted once, however often its copy
+    /// arrives (a change, then its whole session on a reopened link), and
+    /// not again after the client has had them.
+    #[test]
+    fn adopted_messages_are_adopted_once() {
+        let hour = Some(Duration::from_secs(3600));
+        let mut c = Core::new();
+        let (tx, _rx) = outbox();
+        let conn = connect(&mut c, "s", false, hour, 10, tx);
+        run2(c.subscribe("s", "t/#", sub(QoS::ExactlyOnce)));
+        run(c.disconnect("s", conn.conn));
+        let stale: Vec<Pending> = (0..3)
+            .map(|i| Pending {
+                msg: msg("t/x", QoS::ExactlyOnce, false, &format!("m{i}")),
+                qos: QoS::ExactlyOnce,
+                sub_ids: Vec::new(),
+                retain: false,
+                shared: None,
+            })
+            .collect();
+        let queued = |c: &Core| c.export_session("s").unwrap().queued.len();
+        run(c.adopt("s", stale.clone()));
+        assert_eq!(queued(&c), 3);
+        run(c.adopt("s", stale.clone()));
+        assert_eq!(queued(&c), 3, "adopted twice");
+        // The client takes them; the stale copy arrives once more.
+        let (tx, rx) = outbox();
+        connect(&mut c, "s", false, hour, 10, tx);
+        run(c.resume("s"));
+        assert_eq!(payloads(&rx, ProtocolVersion::V5).len(), 3);
+        run(c.adopt("s", stale));
+        assert_eq!(
+            payloads(&rx, ProtocolVersion::V5).len(),
+            0,
+            "delivered twice"
+        );
+    }
 
     /// A message held for a dead node and routed again reaches the
     /// sessions this node took over after it arrived (they were on the dead

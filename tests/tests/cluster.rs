@@ -974,6 +974,17 @@ async fn a_rolling_restart_at_qos2_loses_nothing_and_duplicates_nothing() {
 /// its owner.
 #[tokio::test]
 async fn a_partitioned_minority_stops_serving_and_nothing_acknowledged_is_lost() {
+    partition_then_heal(QoS::AtLeastOnce).await;
+}
+
+/// The same partition at QoS 2: nothing acknowledged is lost, and nothing
+/// is delivered twice.
+#[tokio::test]
+async fn a_partition_at_qos2_loses_nothing_and_duplicates_nothing() {
+    partition_then_heal(QoS::ExactlyOnce).await;
+}
+
+async fn partition_then_heal(q: QoS) {
     let _one = ONE_CLUSTER.lock().await;
     let mut c = TestCluster::start_partitionable(3).await;
     assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
@@ -984,7 +995,7 @@ async fn a_partitioned_minority_stops_serving_and_nothing_acknowledged_is_lost()
     cp.properties.session_expiry_interval = Some(3600);
     let (mut s, ack) = Client::connect(&c.nodes[0].addr, cp.clone()).await;
     assert_eq!(ack.reason.0, 0);
-    s.subscribe("part/#", qos(QoS::AtLeastOnce)).await;
+    s.subscribe("part/#", qos(q)).await;
     drop(s);
     // A connected v5 client on n1 sees the partition.
     let (mut watcher, _) = connect_owned(&c, "n1", "watch", ProtocolVersion::V5, true).await;
@@ -1041,7 +1052,7 @@ async fn a_partitioned_minority_stops_serving_and_nothing_acknowledged_is_lost()
         p.publish(
             "part/x",
             format!("{i}").as_bytes(),
-            QoS::AtLeastOnce,
+            q,
             false,
             Properties::default(),
         )
@@ -1066,6 +1077,11 @@ async fn a_partitioned_minority_stops_serving_and_nothing_acknowledged_is_lost()
         );
     }
     got.sort_unstable();
+    if q == QoS::ExactlyOnce {
+        let before = got.len();
+        got.dedup();
+        assert_eq!(before, got.len(), "QoS 2 delivered a message twice");
+    }
     got.dedup();
     assert_eq!(
         got,
