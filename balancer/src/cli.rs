@@ -503,6 +503,7 @@ fn broker_admin(state: &mqlb_broker::state::State, path: &str) -> crate::http::R
         "/metrics" => {
             let mut body = mqlb_broker::sys::render_metrics(&state.core());
             state.fronts.render(&mut body);
+            state.statestore.render(&mut body);
             if let Some(c) = &cluster {
                 c.render_metrics(&mut body);
             }

@@ -585,6 +585,43 @@ impl Session {
         }
     }
 
+    /// A request to the state store: executed here, never routed; the
+    /// response and any key notifications are routed instead, and the
+    /// request is acknowledged once they are committed.
+    fn on_state_store(&mut self, p: mqlb_protocol::Publish, out: &mut Vec<u8>) -> Option<End> {
+        let clustered = self.state.cluster().is_some();
+        let outcome = self.state.statestore.handle(&self.client_id, &p, clustered);
+        let (committed, reason) = match outcome {
+            crate::statestore::Outcome::Route(msgs) => (
+                Some(self.state.act(|core| {
+                    let mut fx = crate::effects::Effects::none();
+                    for m in msgs {
+                        fx.extend(core.route(m));
+                    }
+                    fx
+                })),
+                None,
+            ),
+            crate::statestore::Outcome::Refuse(code) => (None, Some(code)),
+        };
+        if let Some(c) = committed {
+            self.wait_for(c);
+        }
+        let ack = |id| {
+            let mut a = Ack::new(id);
+            if let (Some(code), true) = (reason, self.version.is_v5()) {
+                a.reason = code;
+            }
+            a
+        };
+        match (p.qos, p.packet_id) {
+            (QoS::AtLeastOnce, Some(id)) => self.send(out, Packet::Puback(ack(id))),
+            (QoS::ExactlyOnce, Some(id)) => self.send(out, Packet::Pubrec(ack(id))),
+            _ => {}
+        }
+        None
+    }
+
     /// Handles one packet, appending replies to `out`.
     fn on_packet(&mut self, p: Packet, out: &mut Vec<u8>) -> Option<End> {
         match p {
@@ -626,6 +663,9 @@ impl Session {
                         _ => {}
                     }
                     return None;
+                }
+                if p.topic.as_str() == crate::statestore::INVOKE_TOPIC {
+                    return self.on_state_store(p, out);
                 }
                 let msg = Message {
                     topic: p.topic,
@@ -818,6 +858,10 @@ impl Session {
         }
         let _ = stream.shutdown().await;
         let (id, conn) = (&self.client_id, self.conn);
+        // Key notifications last as long as the client's session.
+        if self.state.core().ends_with_connection(id) {
+            self.state.statestore.forget(id);
+        }
         let _ = self.state.act(|core| core.disconnect(id, conn));
         let will = self.will.take().filter(|w| {
             self.state.auth.may_publish(

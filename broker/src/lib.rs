@@ -48,6 +48,7 @@ pub mod server;
 pub mod session;
 pub mod snapshot;
 pub mod state;
+pub mod statestore;
 pub mod sys;
 pub mod trie;
 

@@ -147,10 +147,14 @@ impl Broker {
                 tokio::select! {
                     _ = tick.tick() => {
                         let now = std::time::Instant::now();
+                        let expired_keys = state.statestore.expire();
                         let (n, _) = state.ask(|core| {
                             let (n, mut fx) = core.expire_sessions(now);
                             fx.extend(core.publish_due_wills(now));
                             core.prune_retained_deletions(RETAINED_DELETION_MEMORY);
+                            for m in expired_keys {
+                                fx.extend(core.route(m));
+                            }
                             (n, fx)
                         });
                         if n > 0 {

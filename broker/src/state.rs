@@ -25,6 +25,8 @@ pub struct State {
     cluster: std::sync::OnceLock<Arc<Cluster>>,
     /// What the listeners refused before a CONNECT, and certificate reloads.
     pub fronts: crate::front::FrontStats,
+    /// The state store (a single node's; see the module).
+    pub statestore: crate::statestore::StateStore,
 }
 
 impl State {
@@ -36,6 +38,7 @@ impl State {
             log,
             cluster: std::sync::OnceLock::new(),
             fronts: crate::front::FrontStats::default(),
+            statestore: crate::statestore::StateStore::default(),
         })
     }
 

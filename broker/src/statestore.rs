@@ -1,0 +1,342 @@
+//! The state store over MQTT, on a single node: requests published to the
+//! state store's invoke topic are executed by [`mqlb_statestore`]'s core
+//! and answered on the request's response topic, with its correlation data
+//! and the user properties the Azure IoT Operations RPC protocol reads
+//! (`__stat`, `__ts`, `__protVer`, `__srcId`); key notifications go to each
+//! watching client's notify topic.
+//!
+//! A cluster member does not serve it yet: its keys would be its own, not
+//! the cluster's (replication comes with the cluster's committed view).
+//! It answers every request with an error instead of staying silent.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use mqlb_protocol::{MqttStr, Properties, Publish, QoS, ReasonCode};
+use mqlb_statestore::hlc::Hlc;
+use mqlb_statestore::resp3::{self, Reply, Request};
+use mqlb_statestore::store::{Context, Limits, Notification, Store};
+
+use crate::message::Message;
+
+/// Where requests are published.
+pub const INVOKE_TOPIC: &str = "statestore/v1/FA9AE35F-2F64-47CD-9BFF-08E2B32A0FE8/command/invoke";
+/// Topics no response may be sent to (the store's own space).
+const RESERVED: [&str; 2] = [
+    "statestore/v1/FA9AE35F-2F64-47CD-9BFF-08E2B32A0FE8",
+    "clients/statestore/v1/FA9AE35F-2F64-47CD-9BFF-08E2B32A0FE8",
+];
+/// Largest request payload executed (a larger one is answered with the
+/// quota error; the broker takes packets up to 1 MiB).
+pub const MAX_REQUEST: usize = 512 << 10;
+
+/// What a request asks of the connection that carried it.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Route these (the response first, then notifications) and
+    /// acknowledge the request as usual.
+    Route(Vec<Message>),
+    /// No response is possible (no usable response topic): acknowledge
+    /// with this reason code (v5), so the client learns it.
+    Refuse(ReasonCode),
+}
+
+/// Request results, for metrics.
+const RESULTS: [&str; 6] = [
+    "ok",
+    "not_applied",
+    "error",
+    "bad_request",
+    "no_response_topic",
+    "cluster",
+];
+const COMMANDS: [&str; 6] = ["set", "get", "del", "vdel", "keynotify", "invalid"];
+
+/// The node's store and its counters.
+#[derive(Debug)]
+pub struct StateStore {
+    store: Mutex<Store>,
+    node: String,
+    requests: [[AtomicU64; RESULTS.len()]; COMMANDS.len()],
+    notifications: AtomicU64,
+    counter: AtomicU64,
+}
+
+impl Default for StateStore {
+    fn default() -> Self {
+        StateStore::new("mqlb", Limits::default())
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn user(props: &Properties, name: &str) -> Option<String> {
+    props
+        .user_properties
+        .iter()
+        .find(|(k, _)| k.as_str() == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn str_of(s: &str) -> MqttStr {
+    MqttStr::try_from(s).unwrap_or_default()
+}
+
+impl StateStore {
+    /// A store for node `node` (its name in `__srcId` and versions).
+    pub fn new(node: &str, limits: Limits) -> StateStore {
+        StateStore {
+            store: Mutex::new(Store::new(limits)),
+            node: node.to_string(),
+            requests: Default::default(),
+            notifications: AtomicU64::new(0),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self, command: usize, result: &str) {
+        let r = RESULTS.iter().position(|x| *x == result).unwrap_or(2);
+        self.requests[command][r].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// This node's clock now, as a version.
+    fn now(&self) -> Hlc {
+        Hlc {
+            wall_ms: now_ms(),
+            counter: self.counter.fetch_add(1, Ordering::Relaxed) % 100_000,
+            node: self.node.clone(),
+        }
+    }
+
+    /// Handles one request from `client_id`; `clustered` when this node is
+    /// a cluster member.
+    pub fn handle(&self, client_id: &str, p: &Publish, clustered: bool) -> Outcome {
+        let Some(topic) = p.properties.response_topic.as_ref() else {
+            self.count(COMMANDS.len() - 1, "no_response_topic");
+            tracing::info!(client_id, "state store request without a response topic");
+            return Outcome::Refuse(ReasonCode(0x83));
+        };
+        if RESERVED.iter().any(|r| topic.as_str().starts_with(r)) {
+            self.count(COMMANDS.len() - 1, "no_response_topic");
+            tracing::info!(client_id, %topic, "state store response topic in the reserved space");
+            return Outcome::Refuse(ReasonCode(0x83));
+        }
+        let now = now_ms();
+        let (command, status, reply, version, notes) = self.execute(client_id, p, clustered, now);
+        let result = match (&status, &reply) {
+            (Err(_), _) => "bad_request",
+            (Ok(()), Reply::Error(_)) if clustered => "cluster",
+            (Ok(()), Reply::Error(_)) => "error",
+            (Ok(()), Reply::NotApplied) => "not_applied",
+            _ => "ok",
+        };
+        self.count(command, result);
+        let mut props = Properties {
+            correlation_data: p.properties.correlation_data.clone(),
+            content_type: Some(str_of("application/octet-stream")),
+            ..Properties::default()
+        };
+        let mut up = vec![
+            ("__protVer", "1.0".to_string()),
+            ("__srcId", self.node.clone()),
+            ("__ts", version.to_string()),
+        ];
+        let payload = match status {
+            Ok(()) => {
+                up.push(("__stat", "200".into()));
+                reply.encode()
+            }
+            Err((message, property)) => {
+                up.push(("__stat", "400".into()));
+                up.push(("__stMsg", message.to_string()));
+                up.push(("__propName", property.to_string()));
+                Vec::new()
+            }
+        };
+        props.user_properties = up
+            .into_iter()
+            .map(|(k, v)| (str_of(k), str_of(&v)))
+            .collect();
+        let mut out = vec![Message {
+            topic: topic.clone(),
+            payload: Bytes::from(payload),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: props,
+            origin: None,
+            received: Instant::now(),
+        }];
+        out.extend(self.notifications(notes));
+        Outcome::Route(out)
+    }
+
+    /// Executes the request: (command index, RPC status (an invalid
+    /// property and which), RESP3 reply, version for `__ts`,
+    /// notifications).
+    #[allow(clippy::type_complexity)]
+    fn execute(
+        &self,
+        client_id: &str,
+        p: &Publish,
+        clustered: bool,
+        now: u64,
+    ) -> (
+        usize,
+        Result<(), (&'static str, &'static str)>,
+        Reply,
+        Hlc,
+        Vec<Notification>,
+    ) {
+        let invalid = COMMANDS.len() - 1;
+        let here = self.now();
+        if p.qos != QoS::AtLeastOnce {
+            return (
+                invalid,
+                Err(("state store requests must be published at QoS 1", "QoS")),
+                Reply::Ok,
+                here,
+                Vec::new(),
+            );
+        }
+        let err = |m| (invalid, Ok(()), Reply::Error(m), here.clone(), Vec::new());
+        if p.payload.len() > MAX_REQUEST {
+            return err(mqlb_statestore::store::errors::QUOTA_EXCEEDED);
+        }
+        let req = match resp3::parse_request(&p.payload) {
+            Ok(r) => r,
+            Err(e) => return err(e.message()),
+        };
+        let command = match &req {
+            Request::Set { .. } => 0,
+            Request::Get { .. } => 1,
+            Request::Del { .. } => 2,
+            Request::VDel { .. } => 3,
+            Request::KeyNotify { .. } => 4,
+        };
+        let err = |m| (command, Ok(()), Reply::Error(m), here.clone(), Vec::new());
+        if clustered {
+            return err("the state store is served by single nodes only in this version of mqlb");
+        }
+        let Some(ts) = user(&p.properties, "__ts") else {
+            return err("missing timestamp");
+        };
+        let Some(timestamp) = Hlc::parse(&ts) else {
+            return err("malformed timestamp");
+        };
+        let fencing_token = match user(&p.properties, "__ft") {
+            None => None,
+            Some(f) => match Hlc::parse(&f) {
+                Some(f) => Some(f),
+                None => return err("malformed timestamp"),
+            },
+        };
+        let key = match &req {
+            Request::Set { key, .. }
+            | Request::Get { key }
+            | Request::Del { key }
+            | Request::VDel { key, .. }
+            | Request::KeyNotify { key, .. } => key.clone(),
+        };
+        let ctx = Context {
+            client_id: client_id.to_string(),
+            timestamp,
+            fencing_token,
+            now_ms: now,
+        };
+        let mut store = self.store();
+        let (reply, notes) = store.execute(req, &ctx);
+        let version = store.version(&key, now).cloned().unwrap_or(here);
+        (command, Ok(()), reply, version, notes)
+    }
+
+    /// Removes expired keys; the notifications to route.
+    pub fn expire(&self) -> Vec<Message> {
+        let notes = self.store().expire(now_ms());
+        self.notifications(notes)
+    }
+
+    /// A client's session ended: its watches go.
+    pub fn forget(&self, client_id: &str) {
+        self.store().forget_client(client_id);
+    }
+
+    fn notifications(&self, notes: Vec<Notification>) -> Vec<Message> {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02X}")).collect::<String>();
+        notes
+            .into_iter()
+            .filter_map(|n| {
+                let topic = format!(
+                    "{}/{}/command/notify/{}",
+                    RESERVED[1],
+                    hex(n.client_id.as_bytes()),
+                    hex(&n.key)
+                );
+                let topic = MqttStr::try_from(topic).ok()?;
+                self.notifications.fetch_add(1, Ordering::Relaxed);
+                let version = if n.version.node.is_empty() {
+                    self.now()
+                } else {
+                    n.version
+                };
+                Some(Message {
+                    topic,
+                    payload: Bytes::from(resp3::notification(n.value.as_deref())),
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    properties: Properties {
+                        content_type: Some(str_of("application/octet-stream")),
+                        user_properties: vec![
+                            (str_of("__ts"), str_of(&version.to_string())),
+                            (str_of("__protVer"), str_of("1.0")),
+                            (str_of("__srcId"), str_of(&self.node)),
+                        ],
+                        ..Properties::default()
+                    },
+                    origin: None,
+                    received: Instant::now(),
+                })
+            })
+            .collect()
+    }
+
+    /// Prometheus text.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(
+            out,
+            "# HELP mqlb_statestore_requests_total State store requests, by command and result.\n\
+             # TYPE mqlb_statestore_requests_total counter"
+        );
+        for (c, command) in COMMANDS.iter().enumerate() {
+            for (r, result) in RESULTS.iter().enumerate() {
+                let n = self.requests[c][r].load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "mqlb_statestore_requests_total{{command=\"{command}\",result=\"{result}\"}} {n}"
+                    );
+                }
+            }
+        }
+        let store = self.store();
+        let _ = writeln!(
+            out,
+            "# HELP mqlb_statestore_keys Keys held.\n# TYPE mqlb_statestore_keys gauge\nmqlb_statestore_keys {}\n\
+             # HELP mqlb_statestore_bytes Bytes in keys and values.\n# TYPE mqlb_statestore_bytes gauge\nmqlb_statestore_bytes {}\n\
+             # HELP mqlb_statestore_notifications_total Key notifications sent.\n# TYPE mqlb_statestore_notifications_total counter\nmqlb_statestore_notifications_total {}",
+            store.len(),
+            store.bytes(),
+            self.notifications.load(Ordering::Relaxed)
+        );
+    }
+}

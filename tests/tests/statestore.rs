@@ -1,0 +1,447 @@
+//! The state store over MQTT on a single bundled broker, with hand-built
+//! RESP3 requests (the Azure IoT Operations state store protocol): SET,
+//! GET, DEL, VDEL, NX/NEX, PX expiry, key notifications, fencing tokens,
+//! every error response, requests that cannot be answered, ACLs, and
+//! mosquitto_pub/sub as the README shows them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use mqlb_broker::statestore::INVOKE_TOPIC;
+use mqlb_protocol::{Ack, MqttStr, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS};
+use mqlb_tests::client::{connect_packet, qos, Client};
+use mqlb_tests::OurBroker;
+
+const T: Duration = Duration::from_secs(5);
+
+fn hlc(offset_ms: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    format!("{:015}:{:05}:test", now + offset_ms, 0)
+}
+
+fn resp(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// A v5 client subscribed to its response topic (and its notify topics).
+struct Caller {
+    c: Client,
+    id: String,
+    response: String,
+    next: u16,
+    /// Notifications that arrived while waiting for a response.
+    notes: Vec<Publish>,
+}
+
+fn user(p: &Publish, name: &str) -> Option<String> {
+    p.properties
+        .user_properties
+        .iter()
+        .find(|(k, _)| k.as_str() == name)
+        .map(|(_, v)| v.to_string())
+}
+
+impl Caller {
+    async fn new(addr: &str, id: &str) -> Caller {
+        let (mut c, ack) =
+            Client::connect(addr, connect_packet(id, ProtocolVersion::V5, true)).await;
+        assert_eq!(ack.reason.0, 0);
+        let response = format!("clients/{id}/services/statestore/_any_/command/invoke/response");
+        c.subscribe(&response, qos(QoS::AtLeastOnce)).await;
+        let hex: String = id.bytes().map(|b| format!("{b:02X}")).collect();
+        c.subscribe(
+            &format!(
+                "clients/statestore/v1/FA9AE35F-2F64-47CD-9BFF-08E2B32A0FE8/{hex}/command/notify/+"
+            ),
+            qos(QoS::AtLeastOnce),
+        )
+        .await;
+        Caller {
+            c,
+            id: id.to_string(),
+            response,
+            next: 1,
+            notes: Vec::new(),
+        }
+    }
+
+    fn props(&self, correlation: &[u8], ts: Option<String>, ft: Option<String>) -> Properties {
+        let mut up = Vec::new();
+        if let Some(ts) = ts {
+            up.push((
+                MqttStr::try_from("__ts").unwrap(),
+                MqttStr::try_from(ts).unwrap(),
+            ));
+        }
+        if let Some(ft) = ft {
+            up.push((
+                MqttStr::try_from("__ft").unwrap(),
+                MqttStr::try_from(ft).unwrap(),
+            ));
+        }
+        up.push((
+            MqttStr::try_from("__srcId").unwrap(),
+            MqttStr::try_from(self.id.clone()).unwrap(),
+        ));
+        Properties {
+            response_topic: Some(MqttStr::try_from(self.response.clone()).unwrap()),
+            correlation_data: Some(Bytes::copy_from_slice(correlation)),
+            user_properties: up,
+            ..Properties::default()
+        }
+    }
+
+    /// Sends a request; returns the PUBACK reason (QoS 1) and the response
+    /// with the same correlation data, if one came within `within`.
+    async fn call_with(
+        &mut self,
+        payload: Vec<u8>,
+        q: QoS,
+        props: Properties,
+        within: Duration,
+    ) -> (Option<u8>, Option<Publish>) {
+        self.next += 1;
+        let pid = PacketId::new(self.next).unwrap();
+        let correlation = props.correlation_data.clone();
+        self.c
+            .send(Packet::Publish(Publish {
+                dup: false,
+                qos: q,
+                retain: false,
+                topic: MqttStr::try_from(INVOKE_TOPIC).unwrap(),
+                packet_id: (q != QoS::AtMostOnce).then_some(pid),
+                properties: props,
+                payload: Bytes::from(payload),
+            }))
+            .await;
+        let mut puback = None;
+        let mut response = None;
+        let deadline = tokio::time::Instant::now() + within;
+        while (puback.is_none() && q == QoS::AtLeastOnce) || response.is_none() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match self.c.recv(left).await {
+                Some(Packet::Puback(a)) if a.packet_id == pid => puback = Some(a.reason.0),
+                Some(Packet::Publish(p)) => {
+                    if let Some(id) = p.packet_id {
+                        self.c.send(Packet::Puback(Ack::new(id))).await;
+                    }
+                    if p.topic.as_str() == self.response
+                        && p.properties.correlation_data == correlation
+                    {
+                        response = Some(p);
+                    } else {
+                        self.notes.push(p);
+                    }
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        (puback, response)
+    }
+
+    /// A QoS 1 request with a fresh timestamp: its RESP3 reply.
+    async fn call(&mut self, args: &[&[u8]]) -> Vec<u8> {
+        let props = self.props(b"c", Some(hlc(0)), None);
+        let (ack, r) = self.call_with(resp(args), QoS::AtLeastOnce, props, T).await;
+        assert_eq!(ack, Some(0));
+        let r = r.expect("no response");
+        assert_eq!(user(&r, "__stat").as_deref(), Some("200"));
+        assert!(user(&r, "__ts").is_some(), "no __ts");
+        assert_eq!(
+            r.properties.content_type.as_ref().map(|c| c.as_str()),
+            Some("application/octet-stream")
+        );
+        r.payload.to_vec()
+    }
+
+    /// The next key notification.
+    async fn notification(&mut self) -> Publish {
+        if !self.notes.is_empty() {
+            return self.notes.remove(0);
+        }
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.c.recv(left).await {
+                Some(Packet::Publish(p)) => {
+                    if let Some(id) = p.packet_id {
+                        self.c.send(Packet::Puback(Ack::new(id))).await;
+                    }
+                    return p;
+                }
+                Some(_) => {}
+                None => panic!("no notification"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn set_get_del_vdel_and_conditions() {
+    let b = OurBroker::start().await;
+    let mut c = Caller::new(&b.addr.to_string(), "ss-basic").await;
+    assert_eq!(c.call(&[b"SET", b"k", b"v1"]).await, b"+OK\r\n");
+    assert_eq!(c.call(&[b"GET", b"k"]).await, b"$2\r\nv1\r\n");
+    assert_eq!(c.call(&[b"SET", b"k", b"v2", b"NX"]).await, b":-1\r\n");
+    assert_eq!(c.call(&[b"SET", b"k", b"v2", b"NEX"]).await, b":-1\r\n");
+    assert_eq!(c.call(&[b"SET", b"k", b"v1", b"NEX"]).await, b"+OK\r\n");
+    assert_eq!(c.call(&[b"VDEL", b"k", b"other"]).await, b":-1\r\n");
+    assert_eq!(c.call(&[b"VDEL", b"k", b"v1"]).await, b":1\r\n");
+    assert_eq!(c.call(&[b"GET", b"k"]).await, b"$-1\r\n");
+    assert_eq!(c.call(&[b"SET", b"n", b"x", b"NX"]).await, b"+OK\r\n");
+    assert_eq!(c.call(&[b"DEL", b"n"]).await, b":1\r\n");
+    assert_eq!(c.call(&[b"DEL", b"n"]).await, b":0\r\n");
+    // Binary keys and values.
+    assert_eq!(c.call(&[b"SET", b"\0\r\n", b"\xff\r\n"]).await, b"+OK\r\n");
+    assert_eq!(c.call(&[b"GET", b"\0\r\n"]).await, b"$3\r\n\xff\r\n\r\n");
+    let (_, metrics) = (0, mqlb_broker::sys::render_metrics(&b.state.core()));
+    let mut text = metrics;
+    b.state.statestore.render(&mut text);
+    assert!(
+        text.contains("mqlb_statestore_requests_total{command=\"set\",result=\"ok\"}"),
+        "{text}"
+    );
+    assert!(text.contains("mqlb_statestore_keys 1"), "{text}");
+}
+
+#[tokio::test]
+async fn every_error_response() {
+    let b = OurBroker::start().await;
+    let mut c = Caller::new(&b.addr.to_string(), "ss-errors").await;
+    let err = |m: &str| format!("-ERR {m}\r\n").into_bytes();
+    assert_eq!(c.call(&[b"FLUSHALL"]).await, err("unknown command"));
+    assert_eq!(c.call(&[b"GET"]).await, err("wrong number of arguments"));
+    assert_eq!(
+        c.call(&[b"SET", b"k", b"v", b"XX"]).await,
+        err("syntax error")
+    );
+    assert_eq!(c.call(&[b"GET", b""]).await, err("the key length is zero"));
+    // Not RESP3 at all.
+    let props = c.props(b"raw", Some(hlc(0)), None);
+    let (_, r) = c
+        .call_with(b"GET k\r\n".to_vec(), QoS::AtLeastOnce, props, T)
+        .await;
+    assert_eq!(r.unwrap().payload.to_vec(), err("syntax error"));
+    // Timestamps: missing, malformed, too far ahead.
+    let props = c.props(b"no-ts", None, None);
+    let (_, r) = c
+        .call_with(resp(&[b"GET", b"k"]), QoS::AtLeastOnce, props, T)
+        .await;
+    assert_eq!(r.unwrap().payload.to_vec(), err("missing timestamp"));
+    let props = c.props(b"bad-ts", Some("yesterday".into()), None);
+    let (_, r) = c
+        .call_with(resp(&[b"GET", b"k"]), QoS::AtLeastOnce, props, T)
+        .await;
+    assert_eq!(r.unwrap().payload.to_vec(), err("malformed timestamp"));
+    let props = c.props(b"skew", Some(hlc(120_000)), None);
+    let (_, r) = c
+        .call_with(resp(&[b"SET", b"k", b"v"]), QoS::AtLeastOnce, props, T)
+        .await;
+    assert_eq!(
+        r.unwrap().payload.to_vec(),
+        err("the request timestamp is too far in the future; ensure that the client and broker system clocks are synchronized")
+    );
+    // QoS 0: answered with status 400 naming the QoS.
+    let props = c.props(b"q0", Some(hlc(0)), None);
+    let (_, r) = c
+        .call_with(resp(&[b"GET", b"k"]), QoS::AtMostOnce, props, T)
+        .await;
+    let r = r.expect("no answer to a QoS 0 request");
+    assert_eq!(user(&r, "__stat").as_deref(), Some("400"));
+    assert_eq!(user(&r, "__propName").as_deref(), Some("QoS"));
+    // Oversized: the quota error.
+    let big = vec![b'x'; 600 << 10];
+    let props = c.props(b"big", Some(hlc(0)), None);
+    let (_, r) = c
+        .call_with(resp(&[b"SET", b"k", &big]), QoS::AtLeastOnce, props, T)
+        .await;
+    assert_eq!(
+        r.unwrap().payload.to_vec(),
+        err("the quota has been exceeded")
+    );
+    // No response topic, or one in the store's own space: nowhere to
+    // answer, so the PUBACK says so (0x83) and nothing is published.
+    let mut props = c.props(b"nort", Some(hlc(0)), None);
+    props.response_topic = None;
+    let (ack, r) = c
+        .call_with(
+            resp(&[b"GET", b"k"]),
+            QoS::AtLeastOnce,
+            props,
+            Duration::from_millis(500),
+        )
+        .await;
+    assert_eq!((ack, r.is_none()), (Some(0x83), true));
+    let mut props = c.props(b"reserved", Some(hlc(0)), None);
+    props.response_topic = Some(
+        MqttStr::try_from("clients/statestore/v1/FA9AE35F-2F64-47CD-9BFF-08E2B32A0FE8/x").unwrap(),
+    );
+    let (ack, _) = c
+        .call_with(
+            resp(&[b"GET", b"k"]),
+            QoS::AtLeastOnce,
+            props,
+            Duration::from_millis(500),
+        )
+        .await;
+    assert_eq!(ack, Some(0x83));
+    // Still serving after all that.
+    assert_eq!(c.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+}
+
+#[tokio::test]
+async fn notifications_expiry_and_fencing() {
+    let b = OurBroker::start().await;
+    let addr = b.addr.to_string();
+    let mut watcher = Caller::new(&addr, "ss-watch").await;
+    let mut writer = Caller::new(&addr, "ss-write").await;
+    assert_eq!(watcher.call(&[b"KEYNOTIFY", b"lease"]).await, b"+OK\r\n");
+    assert_eq!(
+        writer.call(&[b"SET", b"lease", b"a", b"PX", b"300"]).await,
+        b"+OK\r\n"
+    );
+    let n = watcher.notification().await;
+    assert!(
+        n.topic.as_str().ends_with("/command/notify/6C65617365"),
+        "{}",
+        n.topic
+    );
+    assert_eq!(
+        n.payload.to_vec(),
+        b"*4\r\n$6\r\nNOTIFY\r\n$3\r\nSET\r\n$5\r\nVALUE\r\n$1\r\na\r\n"
+    );
+    assert!(user(&n, "__ts").is_some());
+    // PX: gone after 300 ms; the watcher hears the delete.
+    let n = watcher.notification().await;
+    assert_eq!(
+        n.payload.to_vec(),
+        b"*2\r\n$6\r\nNOTIFY\r\n$6\r\nDELETE\r\n"
+    );
+    assert_eq!(writer.call(&[b"GET", b"lease"]).await, b"$-1\r\n");
+    assert_eq!(
+        watcher.call(&[b"KEYNOTIFY", b"lease", b"STOP"]).await,
+        b"+OK\r\n"
+    );
+
+    // Fencing: the holder of the newer token wins; the older is refused.
+    let (t1, t2) = (hlc(-2000), hlc(-1000));
+    let fenced = |c: &Caller, ft: &str| c.props(b"f", Some(hlc(0)), Some(ft.to_string()));
+    let p = fenced(&writer, &t1);
+    let (_, r) = writer
+        .call_with(resp(&[b"SET", b"data", b"from-1"]), QoS::AtLeastOnce, p, T)
+        .await;
+    assert_eq!(r.unwrap().payload.to_vec(), b"+OK\r\n");
+    let p = fenced(&writer, &t2);
+    let (_, r) = writer
+        .call_with(resp(&[b"SET", b"data", b"from-2"]), QoS::AtLeastOnce, p, T)
+        .await;
+    assert_eq!(r.unwrap().payload.to_vec(), b"+OK\r\n");
+    let p = fenced(&writer, &t1);
+    let (_, r) = writer
+        .call_with(resp(&[b"SET", b"data", b"stale"]), QoS::AtLeastOnce, p, T)
+        .await;
+    assert_eq!(
+        r.unwrap().payload.to_vec(),
+        b"-ERR the request fencing token is a lower version than the fencing token protecting the resource\r\n"
+    );
+    assert_eq!(
+        writer.call(&[b"SET", b"data", b"no-token"]).await,
+        b"-ERR a fencing token is required for this request\r\n"
+    );
+    assert_eq!(writer.call(&[b"GET", b"data"]).await, b"$6\r\nfrom-2\r\n");
+}
+
+/// ACLs apply: a user without write access to the invoke topic gets
+/// PUBACK 0x87 and no response.
+#[tokio::test]
+async fn acls_decide_who_may_use_the_store() {
+    let config = mqlb_config::broker::BrokerConfig::parse(
+        "<t>",
+        "[[broker.acl]]\nuser = \"*\"\ntopic = \"clients/#\"\naccess = \"readwrite\"\n",
+        None,
+    )
+    .unwrap();
+    let b = OurBroker::start_with(config).await;
+    let mut c = Caller::new(&b.addr.to_string(), "ss-denied").await;
+    let props = c.props(b"acl", Some(hlc(0)), None);
+    let (ack, r) = c
+        .call_with(
+            resp(&[b"GET", b"k"]),
+            QoS::AtLeastOnce,
+            props,
+            Duration::from_millis(500),
+        )
+        .await;
+    assert_eq!((ack, r.is_none()), (Some(0x87), true));
+}
+
+/// mosquitto_pub/sub as the README shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_and_sub_as_the_readme_shows() {
+    let b = OurBroker::start().await;
+    let port = b.addr.port().to_string();
+    let mut sub = mqlb_tests::KillOnDrop(
+        Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                "5",
+                "-t",
+                "my/responses",
+            ])
+            .args(["-C", "1", "-W", "10"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ts = hlc(0);
+    let publish = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-V", "5", "-q", "1"])
+        .args(["-t", INVOKE_TOPIC])
+        .args(["-D", "publish", "response-topic", "my/responses"])
+        .args(["-D", "publish", "correlation-data", "1"])
+        .args(["-D", "publish", "user-property", "__ts", &ts])
+        .arg("-m")
+        .arg("*3\r\n$3\r\nSET\r\n$4\r\ntemp\r\n$2\r\n21\r\n")
+        .output()
+        .unwrap();
+    assert!(publish.status.success(), "{publish:?}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(sub.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert_eq!(out.trim_end(), "+OK");
+}
+
+/// A cluster member does not serve the store yet (its keys would be its
+/// own): it answers with an error instead of staying silent.
+#[tokio::test]
+async fn a_cluster_member_answers_with_an_error() {
+    let mut c = mqlb_tests::cluster::TestCluster::start(1, None, &[]);
+    assert!(c.wait_converged(Duration::from_secs(20)).await);
+    let mut caller = Caller::new(&c.nodes[0].addr, "ss-cluster").await;
+    let reply = caller.call(&[b"GET", b"k"]).await;
+    assert!(
+        reply.starts_with(b"-ERR the state store is served by single nodes only"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+}
