@@ -7,7 +7,7 @@
 //! `KEYNOTIFY`) carried in MQTT 5 requests, RESP3 replies, hybrid logical
 //! clock versions and fencing tokens. The broker feeds requests in and
 //! publishes what comes out (the reply, and change notifications for the
-//! clients watching a key); replication will stream the same changes.
+//! clients watching a key).
 //!
 //! Modules:
 //! * [`resp3`]: parsing requests strictly (bounded counts and lengths, no
@@ -17,8 +17,8 @@
 //! * [`store`]: the keys, their versions, fencing, expiry, limits and
 //!   watchers.
 //!
-//! Not yet here: the MQTT side (topics, user properties, correlation data)
-//! and replication; see the open issue.
+//! The MQTT side (topics, user properties, correlation data, ACLs) is the
+//! broker's (`mqlb_broker::statestore`); replication is not built yet.
 
 pub mod hlc;
 pub mod resp3;
