@@ -175,7 +175,7 @@ struct Imported {
 }
 
 /// Identifies a message by publisher, topic, payload and properties.
-fn fingerprint(m: &Message) -> u64 {
+pub fn fingerprint(m: &Message) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     m.origin.hash(&mut h);
@@ -1345,6 +1345,19 @@ impl Core {
             return fx;
         }
         self.evict_session(client_id)
+    }
+
+    /// Records that the copy `client_id`'s session was taken over from had
+    /// held these messages at some point (fingerprints), even if they were
+    /// delivered and acknowledged since: routed again, they are not given
+    /// twice.
+    pub fn note_seen(&mut self, client_id: &str, seen: HashSet<u64>) {
+        if let Some(e) = self.sessions.get_mut(client_id) {
+            e.imported
+                .get_or_insert_with(Box::default)
+                .seen
+                .extend(seen);
+        }
     }
 
     /// Delivers messages another node accepted for `client_id`'s session

@@ -158,6 +158,9 @@ pub struct Cluster {
     /// Copies of sessions this node is a chain member for but does not
     /// serve, rebuilt from the holder's change records.
     replicas: Mutex<HashMap<String, Session>>,
+    /// For each replica, the messages its changes carried lately (see
+    /// [`SeenLog`]).
+    replica_seen: Mutex<HashMap<String, SeenLog>>,
     /// For each replica, the node whose changes built it: the node that
     /// holds the live session. While it lives, clients of that session are
     /// relayed to it rather than taking the session over, so a session
@@ -178,6 +181,36 @@ pub struct Cluster {
 /// How long a lost peer's interest is kept, so publishes for its sessions
 /// are held for whoever takes them over rather than matching nobody.
 pub const INTEREST_HOLD: Duration = Duration::from_secs(6);
+
+/// How long a replica remembers the messages its changes carried: longer
+/// than a dead holder's held publishes wait before they are routed again.
+const SEEN_FOR: Duration = Duration::from_secs(20);
+
+/// Fingerprints of the messages a replica's changes carried in the last
+/// [`SEEN_FOR`], delivered and acknowledged since or not. When the replica
+/// is promoted, a publish held for the dead holder and routed again is not
+/// given to the session a second time if the holder had already put it in
+/// (a QoS 2 message must arrive once).
+#[derive(Debug, Default)]
+pub(crate) struct SeenLog {
+    order: std::collections::VecDeque<(Instant, u64)>,
+    set: std::collections::HashSet<u64>,
+}
+
+impl SeenLog {
+    fn insert(&mut self, now: Instant, print: u64) {
+        while let Some(&(t, p)) = self.order.front() {
+            if now.duration_since(t) < SEEN_FOR {
+                break;
+            }
+            self.order.pop_front();
+            self.set.remove(&p);
+        }
+        if self.set.insert(print) {
+            self.order.push_back((now, print));
+        }
+    }
+}
 
 /// A name is a placement node of weight 1.
 struct Member<'a>(&'a str);
@@ -239,6 +272,7 @@ impl Cluster {
                 replication: config.replication_factor.max(1),
                 links: Mutex::new(HashMap::new()),
                 replicas: Mutex::new(HashMap::new()),
+                replica_seen: Mutex::new(HashMap::new()),
                 holders: Mutex::new(HashMap::new()),
                 waiting: Mutex::new(HashMap::new()),
                 seq: AtomicU64::new(1),

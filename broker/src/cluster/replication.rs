@@ -24,6 +24,10 @@ impl Cluster {
         let Some(session) = lock(&self.replicas).remove(client_id) else {
             return;
         };
+        let seen = lock(&self.replica_seen)
+            .remove(client_id)
+            .map(|l| l.set)
+            .unwrap_or_default();
         lock(&self.holders).remove(client_id);
         // A takeover starts a new epoch, so this copy wins over any older
         // one still held elsewhere (a stale owner's writes are refused).
@@ -34,8 +38,11 @@ impl Cluster {
                 return crate::effects::Effects::none();
             }
             tracing::info!(client_id, epoch = snap.epoch, "replica promoted to session");
-            core.import_session(client_id, snap)
-                .unwrap_or_else(|_| crate::effects::Effects::none())
+            let fx = core
+                .import_session(client_id, snap)
+                .unwrap_or_else(|_| crate::effects::Effects::none());
+            core.note_seen(client_id, seen);
+            fx
         });
     }
 
@@ -201,6 +208,16 @@ impl Cluster {
         if s.epoch > epoch {
             return;
         }
+        {
+            let now = Instant::now();
+            let mut seen = lock(&self.replica_seen);
+            let log = seen.entry(client.to_string()).or_default();
+            for c in &changes {
+                if let SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } = c {
+                    log.insert(now, crate::core::fingerprint(&p.msg));
+                }
+            }
+        }
         for c in changes {
             if c == SessionChange::Ended {
                 *s = Session::default();
@@ -211,6 +228,7 @@ impl Cluster {
         if s == &Session::default() {
             replicas.remove(client);
             lock(&self.holders).remove(client);
+            lock(&self.replica_seen).remove(client);
         }
     }
 
