@@ -509,10 +509,19 @@ impl Session {
         }
     }
 
-    fn acked(&mut self, pid: mqlb_protocol::PacketId, kind: mqlb_protocol::PacketType) {
+    fn acked(
+        &mut self,
+        pid: mqlb_protocol::PacketId,
+        kind: mqlb_protocol::PacketType,
+        out: &mut Vec<u8>,
+    ) {
         let id = &self.client_id;
-        let c = self.state.act(|core| core.acked(id, pid, kind));
+        let (pubrel, c) = self.state.ask(|core| core.acked(id, pid, kind));
         self.wait_for(c);
+        // Leaves with this batch, after the commits it waits for.
+        if pubrel {
+            self.send(out, Packet::Pubrel(Ack::new(pid)));
+        }
     }
 
     fn send(&self, out: &mut Vec<u8>, p: Packet) {
@@ -716,9 +725,9 @@ impl Session {
                 self.wait_for(c);
                 self.send(out, Packet::Pubcomp(ack));
             }
-            Packet::Puback(a) => self.acked(a.packet_id, mqlb_protocol::PacketType::Puback),
-            Packet::Pubrec(a) => self.acked(a.packet_id, mqlb_protocol::PacketType::Pubrec),
-            Packet::Pubcomp(a) => self.acked(a.packet_id, mqlb_protocol::PacketType::Pubcomp),
+            Packet::Puback(a) => self.acked(a.packet_id, mqlb_protocol::PacketType::Puback, out),
+            Packet::Pubrec(a) => self.acked(a.packet_id, mqlb_protocol::PacketType::Pubrec, out),
+            Packet::Pubcomp(a) => self.acked(a.packet_id, mqlb_protocol::PacketType::Pubcomp, out),
             Packet::Subscribe(s) => {
                 let sub_id = s.properties.subscription_identifiers.first().copied();
                 let refused = if self.version.is_v5() {

@@ -1120,18 +1120,23 @@ impl Core {
         (true, fx)
     }
 
-    /// Handles PUBACK / PUBREC / PUBCOMP from the client.
+    /// Handles PUBACK / PUBREC / PUBCOMP from the client. True when a
+    /// PUBREL is due: the caller sends it once the change is committed, so
+    /// a node that dies between the two cannot leave a copy that still
+    /// waits for PUBREC (its holder would send the PUBLISH again to a client
+    /// that has already released the id: a QoS 2 duplicate).
     pub fn acked(
         &mut self,
         client_id: &str,
         pid: PacketId,
         kind: mqlb_protocol::PacketType,
-    ) -> Effects {
+    ) -> (bool, Effects) {
         use mqlb_protocol::PacketType as T;
         let mut fx = Effects::none();
         let Some(e) = self.sessions.get_mut(client_id) else {
-            return fx;
+            return (false, fx);
         };
+        let mut pubrel = false;
         match (kind, e.session.inflight.get(&pid.get()).map(|i| i.state)) {
             (T::Puback, Some(InflightState::AwaitPuback))
             | (T::Pubcomp, Some(InflightState::AwaitPubcomp)) => {
@@ -1145,13 +1150,11 @@ impl Core {
             }
             (T::Pubrec, Some(InflightState::AwaitPubrec)) => {
                 change(&mut fx, &e.id, &mut e.session, SessionChange::Received(pid));
-                if let Some(a) = &e.attached {
-                    fx.send(&a.tx, Outgoing::Pubrel(pid));
-                }
+                pubrel = e.attached.is_some();
             }
             _ => {} // unknown id: ignore
         }
-        fx
+        (pubrel, fx)
     }
 
     /// Everything `client_id`'s session owns, for replication. `None`
@@ -1689,7 +1692,9 @@ mod tests {
         let Packet::Publish(p) = &first[0] else {
             panic!()
         };
-        run(c.acked("w", p.packet_id.unwrap(), mqlb_protocol::PacketType::Puback));
+        run(c
+            .acked("w", p.packet_id.unwrap(), mqlb_protocol::PacketType::Puback)
+            .1);
         assert_eq!(drain(&rx, ProtocolVersion::V5).len(), 1);
     }
 
@@ -2018,7 +2023,7 @@ mod tests {
                 } else {
                     mqlb_protocol::PacketType::Puback
                 };
-                keep(live.acked("dev", p.packet_id.unwrap(), kind));
+                keep(live.acked("dev", p.packet_id.unwrap(), kind).1);
             }
         }
         keep(live.disconnect("dev", connected.conn));
