@@ -413,7 +413,8 @@ async fn mosquitto_pub_and_sub_as_the_readme_shows() {
             .spawn()
             .unwrap(),
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let subscribed = mqlb_tests::wait_until(T, || b.state.core().subscriptions() > 0).await;
+    assert!(subscribed.is_some(), "mosquitto_sub never subscribed");
     let ts = hlc(0);
     let publish = Command::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port, "-V", "5", "-q", "1"])

@@ -298,13 +298,18 @@ async fn tcp_clients_reach_websocket_backends() {
                 .spawn()
                 .unwrap(),
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let p = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port, "-i", publ])
-            .args(["-t", topic, "-m", "over-ws", "-q", "1"])
-            .output()
-            .unwrap();
-        assert!(p.status.success(), "{p:?}");
+        // Published until the subscriber has it (it may not have
+        // subscribed yet through the WebSocket backend).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline && matches!(s.0.try_wait(), Ok(None)) {
+            let p = Command::new("mosquitto_pub")
+                .args(["-h", "127.0.0.1", "-p", &port, "-i", publ])
+                .args(["-t", topic, "-m", "over-ws", "-q", "1"])
+                .output()
+                .unwrap();
+            assert!(p.status.success(), "{p:?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         let mut out = String::new();
         std::io::Read::read_to_string(s.0.stdout.as_mut().unwrap(), &mut out).unwrap();
         assert_eq!(
