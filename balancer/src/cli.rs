@@ -417,7 +417,13 @@ pub fn main() -> ExitCode {
                     tokio::spawn(crate::http::serve(
                         listener,
                         shutdown.clone(),
-                        move |_, path, _| broker_admin(&state, path),
+                        move |method, path, headers| {
+                            if method == hyper::Method::POST {
+                                broker_admin_post(&state, path, headers)
+                            } else {
+                                broker_admin(&state, path)
+                            }
+                        },
                     ));
                 }
                 broker.serve(shutdown).await;
@@ -493,6 +499,34 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The broker node's admin calls: `POST /cluster/members/{name}/remove`
+/// retires a member from the cluster's membership.
+fn broker_admin_post(
+    state: &mqlb_broker::state::State,
+    path: &str,
+    headers: &hyper::HeaderMap,
+) -> crate::http::Reply {
+    use crate::http::Reply;
+    use hyper::StatusCode;
+    if crate::admin::cross_site(headers) {
+        return Reply::text(StatusCode::FORBIDDEN, "cross-site request refused\n");
+    }
+    let Some(cluster) = state.cluster() else {
+        return Reply::text(StatusCode::NOT_FOUND, "not a cluster member\n");
+    };
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["cluster", "members", name, "remove"] => match cluster.remove_member(name) {
+            Ok(()) => Reply::text(
+                StatusCode::ACCEPTED,
+                format!("removal of {name} proposed; GET /cluster shows the membership\n"),
+            ),
+            Err(e) => Reply::text(StatusCode::CONFLICT, format!("{e}\n")),
+        },
+        _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
 /// The broker node's admin API: metrics, liveness, readiness (a cluster
 /// member is ready once it has synced from its live peers) and the view.
 fn broker_admin(state: &mqlb_broker::state::State, path: &str) -> crate::http::Reply {
@@ -523,17 +557,25 @@ fn broker_admin(state: &mqlb_broker::state::State, path: &str) -> crate::http::R
         "/cluster" => match &cluster {
             Some(c) => {
                 let view = c.view();
-                let members: Vec<String> =
-                    view.members.iter().map(|m| format!("\"{m}\"")).collect();
+                let quote = |v: &[String]| -> String {
+                    v.iter()
+                        .map(|m| format!("\"{m}\""))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                let members = quote(&view.members);
+                let membership = quote(&c.membership());
                 Reply {
                     status: StatusCode::OK,
                     content_type: "application/json",
                     body: format!(
-                        "{{\"node\":\"{}\",\"view\":{},\"members\":[{}],\"ready\":{}}}\n",
+                        "{{\"node\":\"{}\",\"view\":{},\"members\":[{}],\"ready\":{},\"leader\":{},\"membership\":[{}]}}\n",
                         c.me(),
                         view.number,
-                        members.join(","),
-                        c.ready()
+                        members,
+                        c.ready(),
+                        c.leader().map_or_else(|| "null".to_string(), |l| format!("\"{l}\"")),
+                        membership
                     ),
                 }
             }

@@ -191,8 +191,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     ) {
         // Boxed, with what it needs moved in: rare, and it would grow
         // every connection's future.
+        let stopping = state.stopping.clone();
         Box::pin(async move {
-            relay_to_owner(connect, rd.unsplit(wr), buf, &cluster, &owner).await;
+            tokio::select! {
+                _ = relay_to_owner(connect, rd.unsplit(wr), buf, &cluster, &owner) => {}
+                // The session is elsewhere: nothing to close gracefully.
+                _ = stopping.cancelled() => {}
+            }
         })
         .await;
         return;
@@ -675,6 +680,13 @@ impl Session {
                 }
                 if p.topic.as_str() == crate::statestore::INVOKE_TOPIC {
                     return self.on_state_store(p, out);
+                }
+                if p.qos != QoS::AtMostOnce && self.state.cluster().is_some_and(|c| !c.is_serving())
+                {
+                    // This node has handed its sessions over: an
+                    // acknowledgement here could cover a message that
+                    // reached nobody. The client sends it again elsewhere.
+                    return Some(End::Closed(crate::outbox::Closing::ShuttingDown));
                 }
                 let msg = Message {
                     topic: p.topic,

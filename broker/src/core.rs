@@ -307,6 +307,9 @@ impl Core {
         let targets = self
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
+        if targets.sessions.is_empty() && groups.is_empty() {
+            tracing::debug!(topic = %m.topic, origin = ?m.origin, "a peer's publish matched no session here");
+        }
         for t in targets.sessions {
             self.deliver_to(t, &m, &mut fx);
         }
@@ -831,6 +834,9 @@ impl Core {
         let targets = self
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
+        if targets.sessions.is_empty() && targets.nodes.is_empty() && targets.groups.is_empty() {
+            tracing::debug!(topic = %m.topic, origin = ?m.origin, "a publish matched no subscriber");
+        }
         for t in targets.sessions {
             self.deliver_to(t, &m, &mut fx);
         }

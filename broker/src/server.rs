@@ -255,6 +255,10 @@ impl Broker {
                 .instrument(tracing::debug_span!("client", %peer)),
             );
         }
+        self.state.stopping.cancel();
+        if let Some(c) = &member {
+            c.leave(Duration::from_secs(5)).await;
+        }
         drop(self.listener);
         for l in front_loops {
             let _ = l.await;
@@ -272,8 +276,10 @@ impl Broker {
                 "grace period over; closing remaining connections"
             );
         }
+        tracing::info!("clients closed");
         if let Some(c) = member {
             c.settle(Duration::from_secs(2)).await;
+            tracing::info!("cluster settled");
         }
         hard.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;

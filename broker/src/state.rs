@@ -27,6 +27,10 @@ pub struct State {
     pub fronts: crate::front::FrontStats,
     /// The state store (a single node's; see the module).
     pub statestore: crate::statestore::StateStore,
+    /// Cancelled when a graceful shutdown begins: what holds no session
+    /// here (a client relayed to another node) lets go at once instead of
+    /// keeping the node up for the grace period.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 impl State {
@@ -39,6 +43,7 @@ impl State {
             cluster: std::sync::OnceLock::new(),
             fronts: crate::front::FrontStats::default(),
             statestore: crate::statestore::StateStore::default(),
+            stopping: tokio_util::sync::CancellationToken::new(),
         })
     }
 

@@ -216,7 +216,12 @@ impl TestCluster {
     /// (Re)starts node `i` and waits until it listens.
     pub fn start_node(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let log = std::fs::File::create(self.dir.join(format!("{}.log", node.name))).unwrap();
+        // Appended: a restarted node's earlier life stays readable.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", node.name)))
+            .unwrap();
         let child = Command::new(mqlb_bin())
             .args(&node.args)
             .stdout(Stdio::null())

@@ -1036,8 +1036,14 @@ async fn partition_then_heal(q: QoS) {
     // The majority serves, and takes over n1's sessions.
     let deadline = tokio::time::Instant::now() + SETTLE;
     loop {
-        let (_, body) = mqlb_tests::http(&c.nodes[1].admin, "GET", "/cluster").await;
-        if body.contains("\"members\":[\"n2\",\"n3\"]") && body.contains("\"ready\":true") {
+        let mut body = String::new();
+        let mut both = true;
+        for n in &c.nodes[1..] {
+            let (_, b) = mqlb_tests::http(&n.admin, "GET", "/cluster").await;
+            both &= b.contains("\"members\":[\"n2\",\"n3\"]") && b.contains("\"ready\":true");
+            body = b;
+        }
+        if both {
             break;
         }
         assert!(
@@ -1412,4 +1418,98 @@ async fn three_copies_with_replication_factor_three() {
         .await
         .unwrap_or(0.0);
     assert!(held >= 1.0, "{} lost its copy", c.nodes[other].name);
+}
+
+/// The view is committed through Raft: every node names the same leader
+/// and view; a node retired by an admin call leaves the membership, after
+/// which a majority is counted without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_retired_by_an_admin_call() {
+    let _one = ONE_CLUSTER.lock().await;
+    let mut c = TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
+    let admins: Vec<String> = c.nodes.iter().map(|n| n.admin.clone()).collect();
+    let cluster = |i: usize| {
+        let admin = admins[i].clone();
+        async move { mqlb_tests::http(&admin, "GET", "/cluster").await.1 }
+    };
+    let leaders: Vec<String> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            let b = cluster(i).await;
+            let l = b.split("\"leader\":").nth(1).unwrap_or_default();
+            v.push(l.split(',').next().unwrap_or_default().to_string());
+        }
+        v
+    };
+    assert!(leaders[0].starts_with("\"n"), "no leader: {leaders:?}");
+    assert!(leaders.iter().all(|l| *l == leaders[0]), "{leaders:?}");
+
+    // The leader dies: the retirement proposed right after may reach
+    // nobody, and is made again until a new leader commits it.
+    let leader = leaders[0].trim_matches('"').to_string();
+    let victim = node_index(&leader);
+    let rest: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    c.kill(victim);
+    let first = &c.nodes[rest[0]].admin;
+    // Unknown members are refused.
+    let (status, body) = mqlb_tests::http(first, "POST", "/cluster/members/n9/remove").await;
+    assert_eq!(status, 409, "{body}");
+    let path = format!("/cluster/members/{leader}/remove");
+    let (status, body) = mqlb_tests::http(first, "POST", &path).await;
+    assert_eq!(status, 202, "{body}");
+    let two: Vec<String> = rest
+        .iter()
+        .map(|&i| format!("\"{}\"", c.nodes[i].name))
+        .collect();
+    let two = two.join(",");
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    let settled = loop {
+        let mut ok = true;
+        for &i in &rest {
+            let body = cluster(i).await;
+            ok &= body.contains(&format!("\"membership\":[{two}]"))
+                && body.contains(&format!("\"members\":[{two}]"))
+                && body.contains("\"ready\":true");
+        }
+        if ok || tokio::time::Instant::now() >= deadline {
+            break ok;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        settled,
+        "{leader} was not retired: {}",
+        cluster(rest[0]).await
+    );
+    // Two members now: both are needed for a majority, and both serve.
+    let (mut s, _) = connect_owned(
+        &c,
+        &c.nodes[rest[0]].name,
+        "after-retire",
+        ProtocolVersion::V5,
+        true,
+    )
+    .await;
+    s.subscribe("retired/x", qos(QoS::AtLeastOnce)).await;
+    let (mut p, _) = connect_owned(
+        &c,
+        &c.nodes[rest[1]].name,
+        "after-retire-pub",
+        ProtocolVersion::V5,
+        true,
+    )
+    .await;
+    p.publish(
+        "retired/x",
+        b"still served",
+        QoS::AtLeastOnce,
+        false,
+        Properties::default(),
+    )
+    .await;
+    match s.recv(Duration::from_secs(10)).await {
+        Some(mqlb_protocol::Packet::Publish(m)) => assert_eq!(&m.payload[..], b"still served"),
+        other => panic!("no delivery after the retirement: {other:?}"),
+    }
 }

@@ -122,6 +122,7 @@ impl Cluster {
             let p = &mut peers[id as usize];
             p.generation += 1;
             p.synced = false;
+            p.leaving = false;
             p.heard = Some(Instant::now());
             p.generation
         };
@@ -222,12 +223,32 @@ impl Cluster {
                 self.replicate(id, seq, client, epoch, changes, state)
             }
             Frame::Ack { seq } => self.acked(id, seq),
+            Frame::Raft(m) => self.raft_message(id, &m),
+            Frame::Leaving => {
+                let mut peers = lock(&self.peers);
+                let p = &mut peers[id as usize];
+                if p.generation == generation {
+                    p.leaving = true;
+                }
+            }
+            Frame::Observed(names) => {
+                lock(&self.reports).insert(id, (names, Instant::now()));
+            }
             Frame::Forward {
                 seq,
                 message,
                 groups,
             } => {
                 self.stats.received.fetch_add(1, Ordering::Relaxed);
+                if !self.serving() {
+                    // Left out of the view or without a majority, this node
+                    // has handed its sessions to their replicas: it must not
+                    // acknowledge what it cannot deliver. Unacknowledged,
+                    // the sender holds the message and forwards it again to
+                    // whoever took the sessions over.
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 let committed = state.act(|core| core.route_from_peer(message, &groups));
                 if seq != 0 {
                     // The publisher's acknowledgement waits for this node's

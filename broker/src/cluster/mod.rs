@@ -49,6 +49,7 @@
 //! owner while a link flaps; membership is the configured list, with no
 //! add or remove by admin call.
 
+mod consensus;
 pub mod handshake;
 mod links;
 mod replication;
@@ -118,6 +119,8 @@ struct Peer {
     generation: u64,
     /// Its snapshot arrived on the current inbound link.
     synced: bool,
+    /// It said it is stopping (on the current inbound link).
+    leaving: bool,
 }
 
 /// Counters for `/metrics`.
@@ -153,8 +156,20 @@ pub struct Cluster {
     replication: usize,
     links: Mutex<HashMap<NodeId, Arc<LinkTx>>>,
     peers: Mutex<Vec<Peer>>,
+    /// The committed view (see [`consensus`]).
     view: Mutex<View>,
-    started: Instant,
+    /// This node's member of the Raft group that commits the view.
+    consensus: Mutex<consensus::Consensus>,
+    /// This node plus the peers it hears from: what it proposes as the
+    /// live set when it leads, and what the majority rule counts.
+    observed: Mutex<Vec<String>>,
+    /// What each peer last said it observes, and when.
+    reports: Mutex<HashMap<NodeId, (Vec<String>, Instant)>>,
+    /// Whether this node serves sessions, as of the last tick (see
+    /// [`Cluster::serving`]); read on every QoS 1/2 publish.
+    serving_now: std::sync::atomic::AtomicBool,
+    /// This node is stopping gracefully (see [`Cluster::leave`]).
+    leaving: std::sync::atomic::AtomicBool,
     /// Copies of sessions this node is a chain member for but does not
     /// serve, rebuilt from the holder's change records.
     replicas: Mutex<HashMap<String, Session>>,
@@ -177,6 +192,9 @@ pub struct Cluster {
     state: std::sync::OnceLock<std::sync::Weak<State>>,
     state_owner: std::sync::OnceLock<std::sync::Weak<Cluster>>,
 }
+
+/// How long an admin call to retire a member keeps proposing it.
+pub const RETIRE_FOR: Duration = Duration::from_secs(30);
 
 /// How long a lost peer's interest is kept, so publishes for its sessions
 /// are held for whoever takes them over rather than matching nobody.
@@ -210,6 +228,17 @@ impl SeenLog {
             self.order.push_back((now, print));
         }
     }
+}
+
+/// What the view loop carries from one tick to the next.
+struct Ticker {
+    /// The committed view at the last tick.
+    last: View,
+    /// Whether this node heard from a majority at the last tick.
+    had_quorum: bool,
+    /// The observation last sent to peers.
+    reported: Vec<String>,
+    ticks: u64,
 }
 
 /// A name is a placement node of weight 1.
@@ -257,6 +286,8 @@ impl Cluster {
             .position(|n| *n == config.node_id)
             .and_then(|i| NodeId::try_from(i).ok())
             .unwrap_or(0);
+        let consensus = consensus::Consensus::new(&config.node_id, &all)
+            .map_err(|e| io::Error::other(format!("raft: {e}")))?;
         Ok((
             Arc::new(Cluster {
                 me: config.node_id.clone(),
@@ -264,9 +295,14 @@ impl Cluster {
                 addrs: all.iter().map(|(_, a)| *a).collect(),
                 peers: Mutex::new(vec![Peer::default(); names.len()]),
                 view: Mutex::new(View {
-                    number: 1,
+                    number: 0,
                     members: vec![config.node_id.clone()],
                 }),
+                consensus: Mutex::new(consensus),
+                observed: Mutex::new(vec![config.node_id.clone()]),
+                reports: Mutex::new(HashMap::new()),
+                leaving: std::sync::atomic::AtomicBool::new(false),
+                serving_now: std::sync::atomic::AtomicBool::new(true),
                 names,
                 secret,
                 replication: config.replication_factor.max(1),
@@ -276,7 +312,6 @@ impl Cluster {
                 holders: Mutex::new(HashMap::new()),
                 waiting: Mutex::new(HashMap::new()),
                 seq: AtomicU64::new(1),
-                started: Instant::now(),
                 stats: ClusterStats::default(),
                 state: std::sync::OnceLock::new(),
                 state_owner: std::sync::OnceLock::new(),
@@ -296,9 +331,20 @@ impl Cluster {
         (mqlb_placement::node_hash(&self.me, b"hlc") >> 32) as u32
     }
 
-    /// The current view.
+    /// The committed view (number 0 and this node alone until the first
+    /// one is learnt).
     pub fn view(&self) -> View {
         lock(&self.view).clone()
+    }
+
+    /// The committed membership: every member, live or not.
+    pub fn membership(&self) -> Vec<String> {
+        lock(&self.consensus).view().members.into_keys().collect()
+    }
+
+    /// The Raft leader, if this node knows one.
+    pub fn leader(&self) -> Option<String> {
+        lock(&self.consensus).leader()
     }
 
     /// The name of `client_id`'s owner in the current view.
@@ -325,15 +371,103 @@ impl Cluster {
         lock(&self.replicas).len()
     }
 
-    /// Members a view needs to serve: a majority of the configured
-    /// cluster, so two sides of a partition never both serve.
+    /// Members a view needs to serve: a majority of the cluster's
+    /// committed membership, so two sides of a partition never both serve.
     pub fn quorum(&self) -> usize {
-        self.names.len() / 2 + 1
+        let members = lock(&self.consensus).member_count();
+        if members == 0 {
+            self.names.len() / 2 + 1
+        } else {
+            members / 2 + 1
+        }
     }
 
-    /// Whether the current view holds a majority.
+    /// Removes `name` from the cluster's membership (a node retired for
+    /// good): a configuration change through the Raft log, after which
+    /// majorities are counted without it. Returns once proposed; the
+    /// proposal is made again every second for [`RETIRE_FOR`] until it
+    /// commits (a proposal sent to a leader that just died is lost), and
+    /// `/cluster` shows the result.
+    pub fn remove_member(&self, name: &str) -> Result<(), String> {
+        if !self.membership().iter().any(|m| m == name) {
+            return Err(format!("{name} is not a member"));
+        }
+        let Some(me) = self.state_owner.get().and_then(std::sync::Weak::upgrade) else {
+            return Err("the cluster is not running".to_string());
+        };
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + RETIRE_FOR;
+            while me.membership().contains(&name) && tokio::time::Instant::now() < deadline {
+                let proposed =
+                    lock(&me.consensus).propose_membership(consensus::Command::Leave(name.clone()));
+                match proposed {
+                    Ok(out) => {
+                        tracing::info!(member = %name, messages = out.messages.len(), "retirement proposed");
+                        me.deliver(out);
+                    }
+                    Err(e) => tracing::info!(error = %e, "retirement not proposed yet"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            if me.membership().contains(&name) {
+                tracing::warn!(member = %name, "retirement did not commit (is a majority up?)");
+            }
+        });
+        Ok(())
+    }
+
+    /// Whether this node serves sessions: it hears from a majority and the
+    /// committed view counts it in (a node on its way out, or cut off,
+    /// has stepped down).
+    pub fn serving(&self) -> bool {
+        let view = self.view();
+        self.has_quorum() && (view.number == 0 || view.members.contains(&self.me))
+    }
+
+    /// [`Cluster::serving`] as of the last tick, without a lock: a node
+    /// that has stepped down must not acknowledge a publish, which could
+    /// match nobody while its sessions are being promoted elsewhere.
+    pub fn is_serving(&self) -> bool {
+        self.serving_now.load(Ordering::Relaxed)
+    }
+
+    /// Whether this node hears from a majority (itself included).
     pub fn has_quorum(&self) -> bool {
-        self.view().members.len() >= self.quorum()
+        lock(&self.observed).len() >= self.quorum()
+    }
+
+    /// The first step of a graceful stop, before clients are closed: hands
+    /// Raft leadership to a peer, tells the peers this node is leaving, and
+    /// waits (at most `within`) for a committed view without it. That view
+    /// moves its sessions to the next node of their chains, which promote
+    /// their copies, and this node steps down (clients closed with 0x8B,
+    /// sessions kept as copies), so no client bounces back to a node on
+    /// its way out and nothing waits for an election after it has gone.
+    pub async fn leave(&self, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        let heir = lock(&self.observed)
+            .iter()
+            .find(|n| **n != self.me)
+            .cloned();
+        if let Some(heir) = heir {
+            let out = lock(&self.consensus).hand_over(&heir);
+            self.deliver(out);
+        }
+        self.leaving.store(true, Ordering::Relaxed);
+        self.broadcast(&Frame::Leaving);
+        loop {
+            let view = self.view();
+            if view.number > 0 && !view.members.contains(&self.me) {
+                tracing::info!(view = view.number, "left the view");
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("leaving without a committed view that drops this node");
+                return;
+            }
+            tokio::time::sleep(consensus::TICK).await;
+        }
     }
 
     /// On a graceful stop, after the clients are gone: waits (at most
@@ -363,14 +497,15 @@ impl Cluster {
         if !self.has_quorum() {
             return false;
         }
-        let now = Instant::now();
-        let warm = now.duration_since(self.started) > FAILURE_TIMEOUT;
+        let view = self.view();
+        if view.number == 0 || !view.members.contains(&self.me) {
+            return false;
+        }
+        // The peers the committed view counts live must have sent their
+        // snapshots; one the cluster has agreed is out holds nothing this
+        // node must wait for.
         lock(&self.peers).iter().enumerate().all(|(i, p)| {
-            i == self.my_id as usize
-                || p.synced
-                || (warm
-                    && p.heard
-                        .is_none_or(|h| now.duration_since(h) > FAILURE_TIMEOUT))
+            i == self.my_id as usize || p.synced || !view.members.contains(&self.names[i])
         })
     }
 
@@ -416,42 +551,169 @@ impl Cluster {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut tick = tokio::time::interval(consensus::TICK);
+            let mut ticker = Ticker {
+                last: me.view(),
+                had_quorum: false,
+                reported: Vec::new(),
+                ticks: 0,
+            };
             loop {
                 tokio::select! {
-                    _ = tick.tick() => me.update_view_and_rechain(&state),
+                    _ = tick.tick() => me.on_tick(&state, &mut ticker),
                     _ = stop.cancelled() => return,
                 }
             }
         });
     }
 
-    /// Recomputes the live set; a change bumps the view number, releases
-    /// waits on members that left, and re-chains sessions.
-    fn update_view_and_rechain(&self, state: &Arc<State>) {
-        let before = self.view();
-        self.update_view();
-        let view = self.view();
-        let quorum = self.quorum();
-        if before.members.len() >= quorum && view.members.len() < quorum {
-            self.step_down(state);
+    /// Sends what the Raft node produced and installs a newly committed
+    /// view.
+    fn deliver(&self, out: consensus::Output) {
+        for (to, m) in out.messages {
+            let tx = self
+                .id_of(&to)
+                .and_then(|id| lock(&self.links).get(&id).cloned());
+            if let Some(tx) = tx {
+                tx.push(&Frame::Raft(m), &self.stats.dropped);
+            }
         }
-        self.promote_owned(state);
-        // Every tick, not only on a change: a forward can be queued for a
-        // peer after the view dropped it (its outbound link not yet seen
-        // failing), and must not wait for it forever.
-        let gone: Vec<NodeId> = (0..self.names.len())
-            .filter(|&i| !view.members.contains(&self.names[i]))
-            .filter_map(|i| NodeId::try_from(i).ok())
-            .collect();
-        self.release_waits(&gone);
-        if view.number != before.number {
-            self.rechain(state);
+        if let Some(c) = out.view {
+            let mut view = lock(&self.view);
+            if c.number > view.number {
+                *view = View {
+                    number: c.number,
+                    members: c.live,
+                };
+            }
         }
     }
 
-    /// Recomputes the live set; a change bumps the view number.
-    fn update_view(&self) {
+    /// A peer's Raft message.
+    pub(super) fn raft_message(&self, from: NodeId, m: &[u8]) {
+        let Some(name) = self.names.get(from as usize) else {
+            return;
+        };
+        let out = lock(&self.consensus).step(name, m);
+        self.deliver(out);
+    }
+
+    /// Every [`consensus::TICK`]: observes the peers, drives the Raft node
+    /// (the leader proposes what it observes), and acts on a new committed
+    /// view: steps down if this node lost its majority or was left out,
+    /// promotes the replicas it now owns, releases waits on members that
+    /// left, and re-chains sessions.
+    fn on_tick(&self, state: &Arc<State>, t: &mut Ticker) {
+        let observed = self.observe();
+        t.ticks += 1;
+        if self.leaving.load(Ordering::Relaxed) {
+            self.broadcast(&Frame::Leaving);
+        }
+        if observed != t.reported || t.ticks % 5 == 0 {
+            self.broadcast(&Frame::Observed(observed.clone()));
+            t.reported.clone_from(&observed);
+        }
+        let live = self.live_by_majority(&observed);
+        let out = {
+            let mut c = lock(&self.consensus);
+            let mut out = c.tick();
+            let proposed = c.propose_live(&live);
+            out.messages.extend(proposed.messages);
+            out.view = proposed.view.or(out.view);
+            out
+        };
+        self.deliver(out);
+        let view = self.view();
+        let quorum = observed.len() >= self.quorum();
+        let left_out = |v: &View| v.number > 0 && !v.members.contains(&self.me);
+        let lost_quorum = t.had_quorum && !quorum;
+        let newly_left_out = left_out(&view) && !left_out(&t.last);
+        if lost_quorum || newly_left_out {
+            self.step_down(state);
+        }
+        let serving = self.serving();
+        let was = self.serving_now.swap(serving, Ordering::Relaxed);
+        if serving && !was {
+            self.resend_interest(state);
+        }
+        t.had_quorum = quorum;
+        self.promote_owned(state);
+        // Every tick, not only on a change: a forward can be queued for a
+        // peer after the view dropped it (its outbound link not yet seen
+        // failing), and must not wait for it forever. A peer still in the
+        // view whose link failed counts too: what was on that link is
+        // lost, so forwards are held and sent again, and the session
+        // copies are sent whole when the link comes back.
+        let gone: Vec<NodeId> = {
+            let links = lock(&self.links);
+            (0..self.names.len())
+                .filter_map(|i| NodeId::try_from(i).ok())
+                .filter(|&i| i != self.my_id)
+                .filter(|&i| {
+                    !view.members.contains(&self.names[i as usize]) || !links.contains_key(&i)
+                })
+                .collect()
+        };
+        self.release_waits(&gone);
+        if view.number != t.last.number {
+            self.rechain(state);
+        }
+        t.last = view;
+    }
+
+    /// Back in service: peers still hold the interest this node had when it
+    /// stepped down. Tells every peer to forget it and sends the current
+    /// one, under the core's lock so no change slips between.
+    fn resend_interest(&self, state: &State) {
+        let core = state.core();
+        let filters = core.local_interest();
+        for tx in lock(&self.links).values() {
+            tx.push(&Frame::Reset, &self.stats.dropped);
+            for filter in &filters {
+                tx.push(
+                    &Frame::Interest {
+                        filter: filter.clone(),
+                        gained: true,
+                    },
+                    &self.stats.dropped,
+                );
+            }
+        }
+    }
+
+    /// The members a majority of the cluster hears from: for each member,
+    /// the other nodes that hear it (this node's observation plus each
+    /// peer's recent report; a node's word about itself does not count),
+    /// which with the member itself must make a majority. What the leader
+    /// proposes as the live set: one failed link (the leader's to a node
+    /// others still reach) evicts nobody, while a dead or cut-off node,
+    /// which no majority hears, leaves as soon as its peers say so.
+    fn live_by_majority(&self, observed: &[String]) -> Vec<String> {
+        let now = Instant::now();
+        let reports = lock(&self.reports);
+        let fresh: Vec<(&str, &Vec<String>)> = reports
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) <= FAILURE_TIMEOUT)
+            .filter_map(|(id, (r, _))| Some((self.names.get(*id as usize)?.as_str(), r)))
+            .collect();
+        let quorum = self.quorum();
+        self.names
+            .iter()
+            .filter(|m| {
+                let mine = usize::from(**m != self.me && observed.contains(m));
+                let theirs = fresh
+                    .iter()
+                    .filter(|(by, r)| *by != m.as_str() && r.contains(m))
+                    .count();
+                1 + mine + theirs >= quorum
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// This node plus the peers whose links are up both ways and heard
+    /// from within [`FAILURE_TIMEOUT`], sorted; kept for the majority rule.
+    fn observe(&self) -> Vec<String> {
         let now = Instant::now();
         let mut members = vec![self.me.clone()];
         {
@@ -464,18 +726,14 @@ impl Cluster {
                 let heard = p
                     .heard
                     .is_some_and(|h| now.duration_since(h) <= FAILURE_TIMEOUT);
-                if id != self.my_id && heard && links.contains_key(&id) {
+                if id != self.my_id && heard && !p.leaving && links.contains_key(&id) {
                     members.push(self.names[i].clone());
                 }
             }
         }
         members.sort();
-        let mut view = lock(&self.view);
-        if view.members != members {
-            view.number += 1;
-            view.members = members;
-            tracing::info!(view = view.number, members = ?view.members, "view changed");
-        }
+        lock(&self.observed).clone_from(&members);
+        members
     }
 
     /// Prometheus lines for the cluster.
@@ -552,6 +810,14 @@ impl Fabric for Cluster {
     }
 
     fn interest(&self, filter: &str, gained: bool) {
+        if !self.is_serving() {
+            // Stepping down drops this node's sessions and with them their
+            // filters; peers keep the old interest, so what they publish
+            // for those sessions is held until the nodes that took them
+            // over announce theirs, rather than matching nobody. Back in
+            // service, the whole interest is sent again.
+            return;
+        }
         self.broadcast(&Frame::Interest {
             filter: filter.to_string(),
             gained,

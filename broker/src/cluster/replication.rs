@@ -46,6 +46,17 @@ impl Cluster {
         });
     }
 
+    /// Whether the committed view still counts a member this node has no
+    /// link to (it has not caught up with a failure yet).
+    pub(super) fn view_has_unreachable(&self) -> bool {
+        let links = lock(&self.links);
+        self.view()
+            .members
+            .iter()
+            .filter(|m| **m != self.me)
+            .any(|m| self.id_of(m).is_none_or(|id| !links.contains_key(&id)))
+    }
+
     /// The live peer that holds `client_id`'s session, if this node keeps
     /// a replica of it.
     pub fn live_holder(&self, client_id: &str) -> Option<String> {
@@ -121,6 +132,7 @@ impl Cluster {
     /// copies, so that when the partition heals the majority's copies (which
     /// took the messages published meanwhile) win.
     pub(super) fn step_down(&self, state: &State) {
+        self.serving_now.store(false, Ordering::Relaxed);
         tracing::warn!(
             quorum = self.quorum(),
             "lost the majority of the cluster: closing clients and handing sessions over"
@@ -308,6 +320,19 @@ impl Cluster {
         self.stats.held.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             tokio::time::sleep(FAILURE_TIMEOUT).await;
+            // The takeover happens once the committed view has dropped the
+            // lost node (after an election, if it led) and the next node of
+            // each chain has promoted its copy: wait for the view to hold
+            // only reachable members, then a moment for the promotions.
+            let deadline = tokio::time::Instant::now() + 2 * FAILURE_TIMEOUT;
+            let mut waited = false;
+            while cluster.view_has_unreachable() && tokio::time::Instant::now() < deadline {
+                waited = true;
+                tokio::time::sleep(consensus::TICK).await;
+            }
+            if waited {
+                tokio::time::sleep(5 * consensus::TICK).await;
+            }
             let linked: Vec<NodeId> = lock(&cluster.links).keys().copied().collect();
             let committed = state.act(|core| core.reforward(m, groups, &linked, &exclude));
             committed.wait().await;

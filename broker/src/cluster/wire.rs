@@ -78,6 +78,16 @@ pub enum Frame {
         /// Shared groups (`$share/{group}/{filter}`) this node serves.
         groups: Vec<Arc<str>>,
     },
+    /// A message of the Raft group that commits the view (protobuf, as
+    /// raft-rs encodes it; see `consensus`).
+    Raft(Bytes),
+    /// The peers the sender hears from (itself included): the leader
+    /// drops a member from the view only when a majority cannot hear it,
+    /// so a link that fails between two nodes evicts neither.
+    Observed(Vec<String>),
+    /// The sender is stopping gracefully: count it out of the live set, so
+    /// the view moves its sessions to their replicas before it goes.
+    Leaving,
 }
 
 const PING: u8 = 0;
@@ -88,6 +98,9 @@ const RETAINED: u8 = 4;
 const FORWARD: u8 = 5;
 const REPLICATE: u8 = 6;
 const ACK: u8 = 7;
+const RAFT: u8 = 8;
+const OBSERVED: u8 = 9;
+const LEAVING: u8 = 10;
 
 fn put_pending(b: &mut BytesMut, p: &Pending) -> Result<(), SnapshotError> {
     put_str(b, p.shared.as_deref())?;
@@ -309,6 +322,7 @@ impl Frame {
         out.put_u32(0);
         match self {
             Frame::Ping => out.put_u8(PING),
+            Frame::Leaving => out.put_u8(LEAVING),
             Frame::Reset => out.put_u8(RESET),
             Frame::SyncDone => out.put_u8(SYNC_DONE),
             Frame::Interest { filter, gained } => {
@@ -368,6 +382,17 @@ impl Frame {
                 }
                 put_message(out, message)?;
             }
+            Frame::Raft(m) => {
+                out.put_u8(RAFT);
+                out.put_slice(m);
+            }
+            Frame::Observed(names) => {
+                out.put_u8(OBSERVED);
+                out.put_u16(u16::try_from(names.len()).map_err(|_| SnapshotError("names"))?);
+                for n in names {
+                    put_str(out, Some(n))?;
+                }
+            }
         }
         let len = out.len() - start - 4;
         if len > MAX_FRAME {
@@ -396,6 +421,7 @@ impl Frame {
         let mut b = buf.split_to(len).freeze();
         let f = match b.get_u8() {
             PING => Frame::Ping,
+            LEAVING => Frame::Leaving,
             RESET => Frame::Reset,
             SYNC_DONE => Frame::SyncDone,
             INTEREST => {
@@ -456,6 +482,17 @@ impl Frame {
             ACK => {
                 need(&b, 8)?;
                 Frame::Ack { seq: b.get_u64() }
+            }
+            RAFT => Frame::Raft(b.split_off(0)),
+            OBSERVED => {
+                need(&b, 2)?;
+                let n = usize::from(b.get_u16());
+                need(&b, n.saturating_mul(2))?;
+                let mut names = Vec::with_capacity(n);
+                for _ in 0..n {
+                    names.push(get_str(&mut b)?.ok_or(SnapshotError("empty name"))?);
+                }
+                Frame::Observed(names)
             }
             FORWARD => {
                 need(&b, 8)?;

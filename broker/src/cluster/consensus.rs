@@ -1,0 +1,997 @@
+//! The committed view: who is a member, who is live, and the view number,
+//! kept in a replicated log so that every node computes placement over the
+//! same view.
+//!
+//! # Why raft-rs
+//! Chain replication is only safe when every node agrees on the chain, which
+//! needs a configuration master; writing one is how clusters lose data, so
+//! this uses TiKV's `raft` crate (raft-rs), which runs in production under
+//! TiKV and etcd's design. It is a sans-IO core: the node ticks it, steps
+//! it with peers' messages and takes back a `Ready` of messages to send and
+//! entries to apply, which fits the cluster's one-way peer links (a message
+//! is a [`Frame::Raft`](super::wire::Frame::Raft) on the sender's outbound
+//! link) without an RPC layer. openraft was the other candidate; its
+//! request/response network and storage traits would have needed both.
+//!
+//! # What is replicated
+//! Only the view: the member list (with cluster addresses), the live set and
+//! its number. Session data flows down the chains, never through this log.
+//! The leader proposes the live set it observes (peers whose links are up
+//! and heard within the failure timeout); a proposal commits on a majority,
+//! so a minority side cannot change the view. Members join and leave by
+//! configuration changes (an admin call on any node is forwarded to the
+//! leader's log by proposal).
+//!
+//! # Limits
+//! The log is kept in memory and compacted into the view every
+//! [`COMPACT_EVERY`] entries. A node that restarts comes back empty and is
+//! caught up by the leader (log or snapshot); its vote in the term it died
+//! in is forgotten, so a restart within one election (about
+//! [`ELECTION_TICKS`] ticks) of a vote could in theory let it vote twice in
+//! that term. Pre-vote and check-quorum are on, which narrows this further.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, Message, MessageType, Snapshot,
+};
+use raft::storage::MemStorage;
+use raft::{Config, GetEntriesContext, RaftState, RawNode, StateRole, Storage};
+
+use super::lock;
+
+/// Ticks between elections (a tick is [`TICK`]): a leader not heard from for
+/// 1–2 s is replaced.
+pub const ELECTION_TICKS: usize = 10;
+/// How often the node is ticked.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Entries kept before the log is compacted into a snapshot of the view.
+pub const COMPACT_EVERY: u64 = 256;
+/// A proposal not committed within this is made again.
+const PROPOSE_AGAIN: Duration = Duration::from_secs(1);
+
+/// The Raft ID of a node name: a hash, so that every node derives the same
+/// IDs from the names alone.
+pub fn raft_id(name: &str) -> u64 {
+    mqlb_placement::node_hash(name, b"raft").max(1)
+}
+
+/// What the log has committed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Committed {
+    /// Bumped at every change of `live`; 0 before anything is committed.
+    pub number: u64,
+    /// Live members, sorted.
+    pub live: Vec<String>,
+    /// Every member and its cluster address, sorted by name.
+    pub members: BTreeMap<String, SocketAddr>,
+}
+
+impl Committed {
+    fn encode(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u64(self.number);
+        put_names(&mut b, self.live.iter().map(String::as_str));
+        b.put_u32(self.members.len() as u32);
+        for (name, addr) in &self.members {
+            put_name(&mut b, name);
+            put_name(&mut b, &addr.to_string());
+        }
+        b.freeze()
+    }
+
+    fn decode(mut b: Bytes) -> Option<Committed> {
+        if b.remaining() < 8 {
+            return None;
+        }
+        let number = b.get_u64();
+        let live = get_names(&mut b)?;
+        if b.remaining() < 4 {
+            return None;
+        }
+        let n = b.get_u32() as usize;
+        let mut members = BTreeMap::new();
+        for _ in 0..n {
+            let name = get_name(&mut b)?;
+            let addr = get_name(&mut b)?.parse().ok()?;
+            members.insert(name, addr);
+        }
+        Some(Committed {
+            number,
+            live,
+            members,
+        })
+    }
+
+    /// Applies one command; whether the live set changed.
+    fn apply(&mut self, command: Command) -> bool {
+        let live = match command {
+            Command::Live(mut live) => {
+                live.retain(|n| self.members.contains_key(n));
+                live.sort();
+                live.dedup();
+                live
+            }
+            Command::Join(name, addr) => {
+                self.members.insert(name, addr);
+                return false;
+            }
+            Command::Leave(name) => {
+                self.members.remove(&name);
+                self.live.iter().filter(|n| **n != name).cloned().collect()
+            }
+        };
+        if live == self.live && self.number > 0 {
+            return false;
+        }
+        self.live = live;
+        self.number += 1;
+        true
+    }
+}
+
+fn put_name(b: &mut BytesMut, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    b.put_u16(s.len() as u16);
+    b.put_slice(s);
+}
+
+fn get_name(b: &mut Bytes) -> Option<String> {
+    if b.remaining() < 2 {
+        return None;
+    }
+    let n = b.get_u16() as usize;
+    if b.remaining() < n {
+        return None;
+    }
+    String::from_utf8(b.split_to(n).to_vec()).ok()
+}
+
+fn put_names<'a>(b: &mut BytesMut, names: impl ExactSizeIterator<Item = &'a str>) {
+    b.put_u32(names.len() as u32);
+    for n in names {
+        put_name(b, n);
+    }
+}
+
+fn get_names(b: &mut Bytes) -> Option<Vec<String>> {
+    if b.remaining() < 4 {
+        return None;
+    }
+    let n = b.get_u32() as usize;
+    // Each name takes at least 2 bytes: a bogus count fails before
+    // anything is allocated for it.
+    if b.remaining() < n.saturating_mul(2) {
+        return None;
+    }
+    (0..n).map(|_| get_name(b)).collect()
+}
+
+/// One change to the view, as a log entry carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// These members are live (the leader's observation).
+    Live(Vec<String>),
+    /// A member joins (with a configuration change adding its Raft ID).
+    Join(String, SocketAddr),
+    /// A member leaves (with a configuration change removing it).
+    Leave(String),
+}
+
+impl Command {
+    fn encode(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        match self {
+            Command::Live(live) => {
+                b.put_u8(0);
+                put_names(&mut b, live.iter().map(String::as_str));
+            }
+            Command::Join(name, addr) => {
+                b.put_u8(1);
+                put_name(&mut b, name);
+                put_name(&mut b, &addr.to_string());
+            }
+            Command::Leave(name) => {
+                b.put_u8(2);
+                put_name(&mut b, name);
+            }
+        }
+        b.freeze()
+    }
+
+    fn decode(mut b: Bytes) -> Option<Command> {
+        if !b.has_remaining() {
+            return None;
+        }
+        Some(match b.get_u8() {
+            0 => Command::Live(get_names(&mut b)?),
+            1 => Command::Join(get_name(&mut b)?, get_name(&mut b)?.parse().ok()?),
+            2 => Command::Leave(get_name(&mut b)?),
+            _ => return None,
+        })
+    }
+}
+
+/// The view as of the last applied entry, which is what a snapshot sends.
+#[derive(Debug, Default)]
+struct Applied {
+    index: u64,
+    term: u64,
+    view: Committed,
+}
+
+/// The in-memory log plus snapshots that carry the applied view (raft-rs's
+/// `MemStorage` makes snapshots without data).
+struct ViewStorage {
+    mem: MemStorage,
+    applied: Arc<Mutex<Applied>>,
+}
+
+impl Storage for ViewStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.mem.initial_state()
+    }
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.mem.entries(low, high, max_size, context)
+    }
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.mem.term(idx)
+    }
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mem.first_index()
+    }
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mem.last_index()
+    }
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let a = lock(&self.applied);
+        let mut s = Snapshot::default();
+        s.set_data(a.view.encode());
+        let m = s.mut_metadata();
+        m.index = a.index;
+        m.term = a.term;
+        m.set_conf_state(self.mem.initial_state()?.conf_state);
+        Ok(s)
+    }
+}
+
+/// What the node must do after driving the log.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Messages for peers, by name.
+    pub messages: Vec<(String, Bytes)>,
+    /// The committed view, when it changed.
+    pub view: Option<Committed>,
+}
+
+/// This node's member of the Raft group.
+pub struct Consensus {
+    node: RawNode<ViewStorage>,
+    applied: Arc<Mutex<Applied>>,
+    /// Last live set proposed, and when.
+    proposed: Option<(Vec<String>, Instant)>,
+    /// Names by Raft ID, for addressing messages (members past and
+    /// present, so that a leaving member still gets the entry removing it).
+    names: BTreeMap<u64, String>,
+    /// A member joined: compact at once, so the newcomer (which starts
+    /// blank, without the founding configuration) is caught up by a
+    /// snapshot rather than a log it could not interpret.
+    compact_now: bool,
+}
+
+impl std::fmt::Debug for Consensus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consensus")
+            .field("view", &lock(&self.applied).view)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consensus {
+    /// A member of a group whose initial members are `members` (every node
+    /// configured alike starts from the same state). A node joining a
+    /// running cluster (not among `members`) starts empty and is caught up
+    /// by the leader.
+    pub fn new(me: &str, members: &[(String, SocketAddr)]) -> raft::Result<Consensus> {
+        let founding = members.iter().any(|(n, _)| n == me);
+        let mem = if founding {
+            let voters: Vec<u64> = members.iter().map(|(n, _)| raft_id(n)).collect();
+            MemStorage::new_with_conf_state(ConfState::from((voters, Vec::new())))
+        } else {
+            MemStorage::new()
+        };
+        let view = if founding {
+            Committed {
+                number: 0,
+                live: Vec::new(),
+                members: members.iter().cloned().collect(),
+            }
+        } else {
+            Committed::default()
+        };
+        let applied = Arc::new(Mutex::new(Applied {
+            index: 0,
+            term: 0,
+            view,
+        }));
+        let config = Config {
+            id: raft_id(me),
+            election_tick: ELECTION_TICKS,
+            heartbeat_tick: 2,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Config::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let node = RawNode::new(
+            &config,
+            ViewStorage {
+                mem,
+                applied: applied.clone(),
+            },
+            &logger,
+        )?;
+        let names = members
+            .iter()
+            .map(|(n, _)| (raft_id(n), n.clone()))
+            .chain(std::iter::once((raft_id(me), me.to_string())))
+            .collect();
+        Ok(Consensus {
+            node,
+            applied,
+            proposed: None,
+            names,
+            compact_now: false,
+        })
+    }
+
+    /// The committed view.
+    pub fn view(&self) -> Committed {
+        lock(&self.applied).view.clone()
+    }
+
+    /// Members in the committed configuration.
+    pub fn member_count(&self) -> usize {
+        lock(&self.applied).view.members.len()
+    }
+
+    /// The leader's name, if this node knows one.
+    pub fn leader(&self) -> Option<String> {
+        self.names.get(&self.node.raft.leader_id).cloned()
+    }
+
+    /// Whether this node leads.
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    /// On the leader: hands leadership to `name` (a graceful stop), so the
+    /// rest of the cluster need not wait out an election before the view
+    /// can drop this node.
+    pub fn hand_over(&mut self, name: &str) -> Output {
+        if !self.is_leader() {
+            return Output::default();
+        }
+        self.node.transfer_leader(raft_id(name));
+        self.ready()
+    }
+
+    /// Advances time by one [`TICK`].
+    pub fn tick(&mut self) -> Output {
+        self.node.tick();
+        self.ready()
+    }
+
+    /// Takes a message from the peer named `from` (the link says who it is).
+    pub fn step(&mut self, from: &str, message: &[u8]) -> Output {
+        let mut amnesia = None;
+        match Message::parse_from_bytes(message) {
+            Ok(mut m) => {
+                if m.from != raft_id(from) {
+                    tracing::warn!(from, "raft message under another node's ID: ignored");
+                    return Output::default();
+                }
+                // A node that joined blank learns its peers' names here.
+                self.names.entry(m.from).or_insert_with(|| from.to_string());
+                // A node that restarted blank is still "matched" at its old
+                // index in the leader's progress, so heartbeats carry a
+                // commit index beyond its (empty) log, which raft-rs treats
+                // as a broken invariant, and the leader sends it nothing
+                // more while the view is quiet. Committing less than the
+                // leader says is always safe, and a snapshot request makes
+                // the leader send the view.
+                let last = self.node.raft.raft_log.last_index();
+                if m.get_msg_type() == MessageType::MsgHeartbeat && m.commit > last {
+                    m.commit = last;
+                    amnesia = Some((m.from, m.term));
+                }
+                // A message from a node that is not a member is ignored by
+                // raft-rs itself; only its name is needed for replies.
+                if let Err(e) = self.node.step(m) {
+                    tracing::debug!(error = %e, "raft message refused");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "undecodable raft message from a peer"),
+        }
+        let mut out = self.ready();
+        if let Some((leader, term)) = amnesia {
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgAppendResponse);
+            m.from = self.node.raft.id;
+            m.to = leader;
+            m.term = term;
+            m.reject = true;
+            // Past anything the leader holds as matched, so that raft-rs
+            // does not take the rejection for a stale one.
+            m.index = u64::MAX;
+            m.request_snapshot = 1;
+            self.send(vec![m], &mut out);
+        }
+        out
+    }
+
+    /// On the leader: proposes `observed` as the live set when it differs
+    /// from the committed one (and was not just proposed).
+    pub fn propose_live(&mut self, observed: &[String]) -> Output {
+        if !self.is_leader() {
+            return Output::default();
+        }
+        let mut observed = observed.to_vec();
+        observed.sort();
+        let view = self.view();
+        observed.retain(|n| view.members.contains_key(n));
+        if observed == view.live && view.number > 0 {
+            self.proposed = None;
+            return Output::default();
+        }
+        let now = Instant::now();
+        if let Some((p, at)) = &self.proposed {
+            if *p == observed && now.duration_since(*at) < PROPOSE_AGAIN {
+                return Output::default();
+            }
+        }
+        let progress: Vec<String> = self
+            .node
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, pr)| {
+                let name = self.names.get(id).map_or("?", String::as_str);
+                format!("{name}:{:?}@{}", pr.state, pr.matched)
+            })
+            .collect();
+        tracing::info!(live = ?observed, ?progress, "proposing a view");
+        if let Err(e) = self.node.propose(
+            Vec::new(),
+            Command::Live(observed.clone()).encode().to_vec(),
+        ) {
+            tracing::warn!(error = %e, "view proposal refused");
+        }
+        self.proposed = Some((observed, now));
+        self.ready()
+    }
+
+    /// Proposes adding or removing a member; a follower forwards it to the
+    /// leader. Errors say why not.
+    pub fn propose_membership(&mut self, command: Command) -> Result<Output, String> {
+        if self.leader().is_none() {
+            return Err("no leader yet (is a majority up?)".to_string());
+        }
+        let view = self.view();
+        let (change, name) = match &command {
+            Command::Join(name, _) => {
+                if view.members.contains_key(name) {
+                    return Err(format!("{name} is already a member"));
+                }
+                (ConfChangeType::AddNode, name)
+            }
+            Command::Leave(name) => {
+                if !view.members.contains_key(name) {
+                    return Err(format!("{name} is not a member"));
+                }
+                if view.members.len() <= 1 {
+                    return Err("the last member cannot leave".to_string());
+                }
+                (ConfChangeType::RemoveNode, name)
+            }
+            Command::Live(_) => return Err("not a membership change".to_string()),
+        };
+        if let Command::Join(n, _) = &command {
+            self.names.insert(raft_id(n), n.clone());
+        }
+        let mut cc = ConfChange::default();
+        cc.set_change_type(change);
+        cc.node_id = raft_id(name);
+        cc.context = command.encode();
+        self.node
+            .propose_conf_change(Vec::new(), cc)
+            .map_err(|e| e.to_string())?;
+        Ok(self.ready())
+    }
+
+    /// Persists (in memory), sends and applies what raft-rs has ready.
+    fn ready(&mut self) -> Output {
+        let mut out = Output::default();
+        if !self.node.has_ready() {
+            return out;
+        }
+        let before = self.view().number;
+        let mut rd = self.node.ready();
+        if let Some(ss) = rd.ss() {
+            let leader = self.names.get(&ss.leader_id).map_or("none", String::as_str);
+            tracing::info!(leader, term = self.node.raft.term, role = ?ss.raft_state, "raft leadership changed");
+        }
+        self.send(rd.take_messages(), &mut out);
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            if let Some(view) = Committed::decode(snap.data.clone()) {
+                self.learn_names(&view);
+                let mut a = lock(&self.applied);
+                a.index = snap.get_metadata().index;
+                a.term = snap.get_metadata().term;
+                a.view = view;
+            }
+            if let Err(e) = self.node.store().mem.wl().apply_snapshot(snap) {
+                tracing::warn!(error = %e, "raft snapshot not applied");
+            }
+        }
+        self.apply(rd.take_committed_entries());
+        if !rd.entries().is_empty() {
+            if let Err(e) = self.node.store().mem.wl().append(rd.entries()) {
+                tracing::warn!(error = %e, "raft entries not appended");
+            }
+        }
+        if let Some(hs) = rd.hs() {
+            self.node.store().mem.wl().set_hardstate(hs.clone());
+        }
+        self.send(rd.take_persisted_messages(), &mut out);
+        let mut light = self.node.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.node
+                .store()
+                .mem
+                .wl()
+                .mut_hard_state()
+                .set_commit(commit);
+        }
+        self.send(light.take_messages(), &mut out);
+        self.apply(light.take_committed_entries());
+        self.node.advance_apply();
+        self.compact();
+        let view = self.view();
+        if view.number != before {
+            out.view = Some(view);
+        }
+        out
+    }
+
+    fn learn_names(&mut self, view: &Committed) {
+        for n in view.members.keys() {
+            self.names.insert(raft_id(n), n.clone());
+        }
+    }
+
+    fn send(&mut self, messages: Vec<Message>, out: &mut Output) {
+        for m in messages {
+            // Links drop what they cannot deliver, and raft-rs waits for a
+            // snapshot's outcome before it sends that peer anything else:
+            // say it is done, so a lost snapshot is found by the next probe
+            // (the follower still lacks the entries) and sent again.
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                self.node
+                    .report_snapshot(m.to, raft::SnapshotStatus::Finish);
+            }
+            let Some(to) = self.names.get(&m.to) else {
+                continue;
+            };
+            match m.write_to_bytes() {
+                Ok(b) => out.messages.push((to.clone(), Bytes::from(b))),
+                Err(e) => tracing::warn!(error = %e, "raft message not encoded"),
+            }
+        }
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) {
+        for e in entries {
+            let index = e.index;
+            let term = e.term;
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if let Some(c) = Command::decode(e.data.clone()) {
+                        let mut a = lock(&self.applied);
+                        if a.view.apply(c) {
+                            tracing::info!(view = a.view.number, live = ?a.view.live, "view committed");
+                        }
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    let Ok(cc) = ConfChange::parse_from_bytes(&e.data) else {
+                        continue;
+                    };
+                    match self.node.apply_conf_change(&cc) {
+                        Ok(cs) => self.node.store().mem.wl().set_conf_state(cs),
+                        Err(err) => {
+                            tracing::warn!(error = %err, "membership change not applied");
+                            continue;
+                        }
+                    }
+                    if let Some(c) = Command::decode(cc.context.clone()) {
+                        if let Command::Join(n, _) = &c {
+                            self.names.insert(raft_id(n), n.clone());
+                            self.compact_now = true;
+                        }
+                        tracing::info!(change = ?c, "membership committed");
+                        lock(&self.applied).view.apply(c);
+                    }
+                }
+                EntryType::EntryConfChangeV2 => {}
+            }
+            let mut a = lock(&self.applied);
+            a.index = index;
+            a.term = term;
+        }
+    }
+
+    /// Folds applied entries into the view once enough have gathered.
+    fn compact(&mut self) {
+        let applied = lock(&self.applied).index;
+        let first = self.node.store().mem.first_index().unwrap_or(1);
+        if applied >= first + COMPACT_EVERY || (self.compact_now && applied >= first) {
+            self.compact_now = false;
+            if let Err(e) = self.node.store().mem.wl().compact(applied) {
+                tracing::debug!(error = %e, "raft log not compacted");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(n: usize) -> Vec<(String, SocketAddr)> {
+        (0..n)
+            .map(|i| {
+                (
+                    format!("n{i}"),
+                    SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)),
+                )
+            })
+            .collect()
+    }
+
+    /// Delivers messages between in-memory nodes until quiet; `cut` nodes
+    /// neither send nor receive.
+    fn pump(
+        nodes: &mut BTreeMap<String, Consensus>,
+        queue: Vec<(String, String, Bytes)>,
+        cut: &[&str],
+    ) {
+        let mut queue = queue;
+        let mut rounds = 0;
+        while let Some((from, to, m)) = queue.pop() {
+            rounds += 1;
+            assert!(rounds < 100_000, "messages never settle");
+            if cut.contains(&to.as_str()) || cut.contains(&from.as_str()) {
+                continue;
+            }
+            if let Some(n) = nodes.get_mut(&to) {
+                queue.extend(sent(&to, n.step(&from, &m)));
+            }
+        }
+    }
+
+    fn sent(from: &str, out: Output) -> Vec<(String, String, Bytes)> {
+        out.messages
+            .into_iter()
+            .map(|(to, m)| (from.to_string(), to, m))
+            .collect()
+    }
+
+    fn tick_all(nodes: &mut BTreeMap<String, Consensus>, cut: &[&str], live: &[String]) {
+        let mut queue = Vec::new();
+        for (name, n) in nodes.iter_mut() {
+            if cut.contains(&name.as_str()) {
+                continue;
+            }
+            queue.extend(sent(name, n.tick()));
+            queue.extend(sent(name, n.propose_live(live)));
+        }
+        pump(nodes, queue, cut);
+    }
+
+    fn cluster(n: usize) -> BTreeMap<String, Consensus> {
+        let ms = members(n);
+        ms.iter()
+            .map(|(name, _)| {
+                let c = Consensus::new(name, &ms).expect("raft node");
+                (name.clone(), c)
+            })
+            .collect()
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn every_node_commits_the_same_view_and_a_minority_cannot_change_it() {
+        let mut nodes = cluster(3);
+        let all = names(&["n0", "n1", "n2"]);
+        for _ in 0..40 {
+            tick_all(&mut nodes, &[], &all);
+        }
+        let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
+        assert!(views[0].number > 0);
+        assert_eq!(views[0].live, all);
+        assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
+        assert_eq!(nodes.values().filter(|n| n.is_leader()).count(), 1);
+
+        // The leader is cut off: the other two elect a new one and commit a
+        // view without it; the cut node keeps the old view.
+        let leader = nodes
+            .iter()
+            .find(|(_, n)| n.is_leader())
+            .map(|(k, _)| k.clone())
+            .expect("a leader");
+        let rest: Vec<String> = all.iter().filter(|n| **n != leader).cloned().collect();
+        let old = views[0].clone();
+        for _ in 0..60 {
+            tick_all(&mut nodes, &[leader.as_str()], &rest);
+        }
+        for r in &rest {
+            let v = nodes[r].view();
+            assert_eq!(v.live, rest, "{r}");
+            assert!(v.number > old.number);
+        }
+        assert_eq!(nodes[&leader].view(), old, "a minority changes nothing");
+        // Healed: the old leader catches up.
+        for _ in 0..60 {
+            tick_all(&mut nodes, &[], &all);
+        }
+        let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
+        assert_eq!(views[0].live, all);
+        assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
+    }
+
+    #[test]
+    fn members_join_and_leave_by_configuration_change() {
+        let mut nodes = cluster(3);
+        let all = names(&["n0", "n1", "n2"]);
+        for _ in 0..40 {
+            tick_all(&mut nodes, &[], &all);
+        }
+        let leader = nodes
+            .iter()
+            .find(|(_, n)| n.is_leader())
+            .map(|(k, _)| k.clone())
+            .expect("a leader");
+        let follower = all
+            .iter()
+            .find(|n| **n != leader)
+            .cloned()
+            .unwrap_or_default();
+        assert!(nodes
+            .get_mut(&follower)
+            .map(|n| n.propose_membership(Command::Leave("n9".into())))
+            .is_some_and(|r| r.is_err_and(|e| e.contains("not a member"))));
+        let addr = SocketAddr::from(([127, 0, 0, 1], 7003));
+        let out = nodes
+            .get_mut(&leader)
+            .map(|n| n.propose_membership(Command::Join("n3".into(), addr)));
+        let Some(Ok(out)) = out else {
+            panic!("join refused: {out:?}");
+        };
+        // The joining node starts empty and is caught up by the leader.
+        let newcomer = Consensus::new("n3", &[]).expect("raft node");
+        nodes.insert("n3".into(), newcomer);
+        pump(&mut nodes, sent(&leader, out), &[]);
+        let four = names(&["n0", "n1", "n2", "n3"]);
+        for _ in 0..60 {
+            tick_all(&mut nodes, &[], &four);
+        }
+        for (name, n) in &nodes {
+            let v = n.view();
+            assert_eq!(v.members.len(), 4, "{name}: {v:?}");
+            assert_eq!(v.live, four, "{name}");
+        }
+        // Leaving: n0..n2 commit a view without n3.
+        let leader = nodes
+            .iter()
+            .find(|(_, n)| n.is_leader())
+            .map(|(k, _)| k.clone())
+            .expect("a leader");
+        let out = nodes
+            .get_mut(&leader)
+            .map(|n| n.propose_membership(Command::Leave("n3".into())));
+        let Some(Ok(out)) = out else {
+            panic!("leave refused: {out:?}");
+        };
+        pump(&mut nodes, sent(&leader, out), &[]);
+        for _ in 0..20 {
+            tick_all(&mut nodes, &["n3"], &all);
+        }
+        for name in &all {
+            let v = nodes[name].view();
+            assert_eq!(v.live, all, "{name}");
+            assert!(!v.members.contains_key("n3"));
+        }
+    }
+
+    #[test]
+    fn a_compacted_log_reaches_a_blank_node_by_snapshot() {
+        let mut nodes = cluster(3);
+        let all = names(&["n0", "n1", "n2"]);
+        // Flap n2 in and out of the live set, past the compaction point,
+        // while n2 hears nothing.
+        let two = names(&["n0", "n1"]);
+        for i in 0..(COMPACT_EVERY as usize * 3) {
+            let live = if i % 2 == 0 { &two } else { &all };
+            tick_all(&mut nodes, &["n2"], live);
+            let leader = nodes.values_mut().find(|n| n.is_leader());
+            if let Some(l) = leader {
+                l.proposed = None;
+            }
+        }
+        let first = nodes["n0"].node.store().mem.first_index().unwrap_or(0);
+        assert!(first > 1, "the log was compacted");
+        // n2 restarts blank and is caught up.
+        let ms = members(3);
+        nodes.insert("n2".into(), Consensus::new("n2", &ms).expect("raft node"));
+        for _ in 0..60 {
+            tick_all(&mut nodes, &[], &all);
+        }
+        let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
+        assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
+        assert_eq!(views[0].live, all);
+    }
+
+    #[test]
+    fn a_node_restarted_blank_is_caught_up_without_a_panic() {
+        let mut nodes = cluster(3);
+        let all = names(&["n0", "n1", "n2"]);
+        for _ in 0..40 {
+            tick_all(&mut nodes, &[], &all);
+        }
+        // A follower comes back with nothing, while the leader still
+        // thinks it holds the entries it acknowledged.
+        let follower = nodes
+            .iter()
+            .find(|(_, n)| !n.is_leader())
+            .map(|(k, _)| k.clone())
+            .expect("a follower");
+        let ms = members(3);
+        nodes.insert(
+            follower.clone(),
+            Consensus::new(&follower, &ms).expect("raft node"),
+        );
+        assert_eq!(nodes[&follower].node.raft.raft_log.last_index(), 0);
+        for _ in 0..60 {
+            tick_all(&mut nodes, &[], &all);
+        }
+        let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
+        assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
+        assert_eq!(views[0].live, all);
+    }
+
+    #[test]
+    fn a_lost_snapshot_is_sent_again() {
+        let mut nodes = cluster(3);
+        let all = names(&["n0", "n1", "n2"]);
+        for _ in 0..40 {
+            tick_all(&mut nodes, &[], &all);
+        }
+        let follower = nodes
+            .iter()
+            .find(|(_, n)| !n.is_leader())
+            .map(|(k, _)| k.clone())
+            .expect("a follower");
+        let ms = members(3);
+        nodes.insert(
+            follower.clone(),
+            Consensus::new(&follower, &ms).expect("raft node"),
+        );
+        // The first snapshot for the blank node is lost on the way.
+        let mut lost = 0;
+        for _ in 0..60 {
+            let mut queue = Vec::new();
+            for (name, n) in nodes.iter_mut() {
+                queue.extend(sent(name, n.tick()));
+                queue.extend(sent(name, n.propose_live(&all)));
+            }
+            let mut rounds = 0;
+            while let Some((from, to, m)) = queue.pop() {
+                rounds += 1;
+                assert!(rounds < 100_000);
+                let snapshot = Message::parse_from_bytes(&m)
+                    .is_ok_and(|m| m.get_msg_type() == MessageType::MsgSnapshot);
+                if snapshot && lost == 0 {
+                    lost += 1;
+                    continue;
+                }
+                if let Some(n) = nodes.get_mut(&to) {
+                    queue.extend(sent(&to, n.step(&from, &m)));
+                }
+            }
+        }
+        assert_eq!(lost, 1, "a snapshot was sent");
+        let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
+        assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
+        assert_eq!(views[0].live, all);
+    }
+
+    #[test]
+    fn a_dead_leader_is_retired_through_a_follower() {
+        let mut nodes = cluster(3);
+        let all = names(&["n0", "n1", "n2"]);
+        for _ in 0..40 {
+            tick_all(&mut nodes, &[], &all);
+        }
+        let dead = nodes
+            .iter()
+            .find(|(_, n)| n.is_leader())
+            .map(|(k, _)| k.clone())
+            .expect("a leader");
+        let rest: Vec<String> = all.iter().filter(|n| **n != dead).cloned().collect();
+        let cut = [dead.as_str()];
+        for _ in 0..60 {
+            tick_all(&mut nodes, &cut, &rest);
+        }
+        let follower = rest
+            .iter()
+            .find(|n| !nodes[*n].is_leader())
+            .cloned()
+            .expect("a follower");
+        let out = nodes
+            .get_mut(&follower)
+            .map(|n| n.propose_membership(Command::Leave(dead.clone())));
+        let Some(Ok(out)) = out else {
+            panic!("refused: {out:?}");
+        };
+        pump(&mut nodes, sent(&follower, out), &cut);
+        for _ in 0..20 {
+            tick_all(&mut nodes, &cut, &rest);
+        }
+        for name in &rest {
+            let v = nodes[name].view();
+            assert!(!v.members.contains_key(&dead), "{name}: {v:?}");
+        }
+    }
+
+    #[test]
+    fn garbage_commands_and_views_are_refused() {
+        for b in [
+            &b""[..],
+            b"\x00",
+            b"\x00\xff\xff\xff\xff",
+            b"\x01\x00\x05ab",
+            b"\x09",
+        ] {
+            assert_eq!(Command::decode(Bytes::copy_from_slice(b)), None);
+        }
+        assert_eq!(Committed::decode(Bytes::from_static(b"\x00\x00")), None);
+        let v = Committed {
+            number: 7,
+            live: names(&["a", "b"]),
+            members: members(2).into_iter().collect(),
+        };
+        assert_eq!(Committed::decode(v.encode()), Some(v));
+        let mut c = cluster(1);
+        let n = c.get_mut("n0").expect("node");
+        let out = n.step("n1", b"\xff\xff\xff");
+        assert!(out.messages.is_empty());
+    }
+}
