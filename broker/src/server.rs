@@ -257,7 +257,7 @@ impl Broker {
         }
         self.state.stopping.cancel();
         if let Some(c) = &member {
-            c.leave(Duration::from_secs(5)).await;
+            c.leave(&self.state, Duration::from_secs(5)).await;
         }
         drop(self.listener);
         for l in front_loops {

@@ -888,10 +888,18 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
     }
     let mut lost = Vec::new();
     let mut dups = 0;
+    let mut repeated = Vec::new();
     for (i, r) in received.iter().enumerate() {
         let r = r.lock().unwrap();
         let unique: HashSet<&String> = r.payloads.iter().collect();
         dups += r.payloads.len() - unique.len();
+        let mut seen = HashSet::new();
+        repeated.extend(
+            r.payloads
+                .iter()
+                .filter(|p| !seen.insert(*p))
+                .map(|p| format!("fo/{i}:{p}")),
+        );
         for (j, p) in &acked {
             if *j == i && !unique.contains(p) {
                 lost.push(format!("fo/{i}:{p}"));
@@ -919,6 +927,10 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
         lost.len(),
         affected.len(),
     );
+    if !repeated.is_empty() {
+        repeated.truncate(20);
+        eprintln!("delivered more than once: {repeated:?}");
+    }
     assert!(
         lost_sessions.lock().unwrap().is_empty(),
         "sessions lost: {:?}",

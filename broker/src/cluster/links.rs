@@ -223,6 +223,7 @@ impl Cluster {
                 self.replicate(id, seq, client, epoch, changes, state)
             }
             Frame::Ack { seq } => self.acked(id, seq),
+            Frame::Refused { seq } => self.forward_refused(id, seq),
             Frame::Raft(m) => self.raft_message(id, &m),
             Frame::Leaving => {
                 let mut peers = lock(&self.peers);
@@ -243,10 +244,14 @@ impl Cluster {
                 if !self.serving() {
                     // Left out of the view or without a majority, this node
                     // has handed its sessions to their replicas: it must not
-                    // acknowledge what it cannot deliver. Unacknowledged,
-                    // the sender holds the message and forwards it again to
+                    // acknowledge what it cannot deliver. Refused, the
+                    // sender holds the message and forwards it again to
                     // whoever took the sessions over.
                     self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    let tx = lock(&self.links).get(&id).cloned();
+                    if let (Some(tx), true) = (tx, seq != 0) {
+                        tx.push(&Frame::Refused { seq }, &self.stats.dropped);
+                    }
                     return;
                 }
                 let committed = state.act(|core| core.route_from_peer(message, &groups));

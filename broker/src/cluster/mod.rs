@@ -422,7 +422,9 @@ impl Cluster {
     /// has stepped down).
     pub fn serving(&self) -> bool {
         let view = self.view();
-        self.has_quorum() && (view.number == 0 || view.members.contains(&self.me))
+        !self.leaving.load(Ordering::Relaxed)
+            && self.has_quorum()
+            && (view.number == 0 || view.members.contains(&self.me))
     }
 
     /// [`Cluster::serving`] as of the last tick, without a lock: a node
@@ -438,13 +440,14 @@ impl Cluster {
     }
 
     /// The first step of a graceful stop, before clients are closed: hands
-    /// Raft leadership to a peer, tells the peers this node is leaving, and
-    /// waits (at most `within`) for a committed view without it. That view
-    /// moves its sessions to the next node of their chains, which promote
-    /// their copies, and this node steps down (clients closed with 0x8B,
-    /// sessions kept as copies), so no client bounces back to a node on
-    /// its way out and nothing waits for an election after it has gone.
-    pub async fn leave(&self, within: Duration) {
+    /// Raft leadership to a peer, steps down (clients closed with 0x8B,
+    /// sessions kept as copies, forwards refused), then tells the peers this
+    /// node is leaving and waits (at most `within`) for a committed view
+    /// without it. That view moves its sessions to the next node of their
+    /// chains, which promote their copies only once this node has stopped
+    /// changing them; no client bounces back to a node on its way out, and
+    /// nothing waits for an election after it has gone.
+    pub async fn leave(&self, state: &State, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         let heir = lock(&self.observed)
             .iter()
@@ -455,6 +458,21 @@ impl Cluster {
             self.deliver(out);
         }
         self.leaving.store(true, Ordering::Relaxed);
+        self.serving_now.store(false, Ordering::Relaxed);
+        // Clients first, then the chain catches up, then the sessions are
+        // handed over: a QoS 2 PUBLISH already on the wire has its packet
+        // identifier in the copies before they are promoted, so the new
+        // holder sends it again under the same one (the client then knows
+        // it) rather than as a new message.
+        for outbox in state.core().open_connections() {
+            outbox.close(crate::outbox::Closing::ShuttingDown);
+        }
+        let quiet = tokio::time::Instant::now() + Duration::from_secs(1);
+        while state.core().connected() > 0 && tokio::time::Instant::now() < quiet {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.settle(Duration::from_secs(2)).await;
+        self.step_down(state);
         self.broadcast(&Frame::Leaving);
         loop {
             let view = self.view();
@@ -494,7 +512,7 @@ impl Cluster {
     /// its view, and the snapshot of every live peer or proof that a peer
     /// is down.
     pub fn ready(&self) -> bool {
-        if !self.has_quorum() {
+        if !self.has_quorum() || self.leaving.load(Ordering::Relaxed) {
             return false;
         }
         let view = self.view();
@@ -638,20 +656,18 @@ impl Cluster {
         }
         t.had_quorum = quorum;
         self.promote_owned(state);
-        // Every tick, not only on a change: a forward can be queued for a
-        // peer after the view dropped it (its outbound link not yet seen
-        // failing), and must not wait for it forever. A peer still in the
-        // view whose link failed counts too: what was on that link is
-        // lost, so forwards are held and sent again, and the session
-        // copies are sent whole when the link comes back.
+        // Every tick: what waits for a peer whose link failed waits no
+        // longer (what was on that link is lost, so forwards are held and
+        // sent again, and session copies are sent whole when the link comes
+        // back). A peer the view dropped but still linked is waited for: it
+        // either answers (it delivered before it stepped down, and a second
+        // copy would be a duplicate) or refuses (Frame::Refused), and a
+        // gracefully leaving node drains its link before it exits.
         let gone: Vec<NodeId> = {
             let links = lock(&self.links);
             (0..self.names.len())
                 .filter_map(|i| NodeId::try_from(i).ok())
-                .filter(|&i| i != self.my_id)
-                .filter(|&i| {
-                    !view.members.contains(&self.names[i as usize]) || !links.contains_key(&i)
-                })
+                .filter(|&i| i != self.my_id && !links.contains_key(&i))
                 .collect()
         };
         self.release_waits(&gone);

@@ -267,6 +267,35 @@ impl Cluster {
         }
     }
 
+    /// Peer `from` did not deliver the forward `seq`: held and forwarded
+    /// again once its sessions' new holders have announced them.
+    pub(super) fn forward_refused(&self, from: NodeId, seq: u64) {
+        let mut waiting = lock(&self.waiting);
+        let Some(w) = waiting.get_mut(&seq) else {
+            return;
+        };
+        w.per_node.remove(&from);
+        if !w.per_node.is_empty() {
+            return;
+        }
+        let Some(mut w) = waiting.remove(&seq) else {
+            return;
+        };
+        drop(waiting);
+        let Some(tx) = w.tx.take() else {
+            return;
+        };
+        match w.resend.take() {
+            None => {
+                let _ = tx.send(());
+            }
+            // Not to the refuser again: it keeps its old interest until it
+            // is gone, and each round would give the message once more to
+            // the node that took its sessions over.
+            Some((m, groups)) => self.hold_for_takeover(m, groups, vec![from], tx),
+        }
+    }
+
     /// A member left the view: appends waiting for it wait no longer (the
     /// copy it would have held is re-made on the new chain by `rechain`).
     pub(super) fn release_waits(&self, gone: &[NodeId]) {

@@ -88,6 +88,13 @@ pub enum Frame {
     /// The sender is stopping gracefully: count it out of the live set, so
     /// the view moves its sessions to their replicas before it goes.
     Leaving,
+    /// The [`Frame::Forward`] sent with this `seq` was not delivered: the
+    /// receiver no longer serves sessions. The sender holds the message
+    /// and forwards it again to whoever took them over.
+    Refused {
+        /// From the forward.
+        seq: u64,
+    },
 }
 
 const PING: u8 = 0;
@@ -101,6 +108,7 @@ const ACK: u8 = 7;
 const RAFT: u8 = 8;
 const OBSERVED: u8 = 9;
 const LEAVING: u8 = 10;
+const REFUSED: u8 = 11;
 
 fn put_pending(b: &mut BytesMut, p: &Pending) -> Result<(), SnapshotError> {
     put_str(b, p.shared.as_deref())?;
@@ -369,6 +377,10 @@ impl Frame {
                 out.put_u8(ACK);
                 out.put_u64(*seq);
             }
+            Frame::Refused { seq } => {
+                out.put_u8(REFUSED);
+                out.put_u64(*seq);
+            }
             Frame::Forward {
                 seq,
                 message,
@@ -482,6 +494,10 @@ impl Frame {
             ACK => {
                 need(&b, 8)?;
                 Frame::Ack { seq: b.get_u64() }
+            }
+            REFUSED => {
+                need(&b, 8)?;
+                Frame::Refused { seq: b.get_u64() }
             }
             RAFT => Frame::Raft(b.split_off(0)),
             OBSERVED => {
@@ -630,6 +646,10 @@ mod tests {
                 groups: vec![Arc::from("$share/g/a/#")],
             },
             Frame::Ack { seq: 42 },
+            Frame::Refused { seq: 43 },
+            Frame::Leaving,
+            Frame::Observed(vec!["n1".into(), "n2".into()]),
+            Frame::Raft(Bytes::from_static(b"raft")),
             Frame::Replicate {
                 seq: 7,
                 client: "c1".into(),
