@@ -14,11 +14,13 @@
 //! * **Retained messages** go to every node, each write versioned by the
 //!   hybrid logical clock, last writer wins; a link that opens sends the
 //!   whole set, deletion markers included, so a returning node catches up.
-//! * **The view** is this node plus the peers whose links are up in both
-//!   directions and heard from within [`FAILURE_TIMEOUT`]; every change
-//!   bumps the view number. A client's owner is rank 0 of the rendezvous
+//! * **The view** (members, live set, number) is committed through Raft
+//!   (`consensus`, raft-rs). Every node reports whom it hears (links up
+//!   both ways, heard within [`FAILURE_TIMEOUT`]); the leader proposes as
+//!   live the members a majority hears, and every node computes placement
+//!   over the committed view. A client's owner is rank 0 of the rendezvous
 //!   hash (the balancer's `placement` crate) of its client ID over the
-//!   view's node names.
+//!   view's live names.
 //! * **One session per client ID.** A client that reaches a node that does
 //!   not serve its session is relayed (`links`) to the node that does:
 //!   the live holder of the session if this node keeps a replica of it,
@@ -34,20 +36,28 @@
 //!   a holder dies, the next node of the chain promotes its replica with a
 //!   new epoch (a stale writer's changes are refused, its messages
 //!   adopted); publishes for the dead node's sessions are held until then.
-//! * **Majority.** A node whose view holds less than a majority of the
-//!   configured members steps down: clients closed (v5: 0x8B), new ones
-//!   refused (0x88), sessions turned into replica copies, so the majority
-//!   side's copies win when the partition heals.
-//! * **Readiness.** A node is ready once it has a majority and every live
-//!   peer has sent it its snapshot (interest, retained messages, the
-//!   sessions whose chain holds it), or has been unreachable for longer
-//!   than [`FAILURE_TIMEOUT`] since start.
+//! * **Majority.** A node that hears from less than a majority of the
+//!   members, or that the committed view leaves out, steps down: clients
+//!   closed (v5: 0x8B), new ones refused (0x88), QoS 1/2 publishes not
+//!   acknowledged, forwards refused ([`wire::Frame::Refused`]), sessions
+//!   turned into replica copies, so the majority side's copies win when the
+//!   partition heals. Its interest stays at its peers until it serves
+//!   again, so what they publish for its sessions is held, not dropped.
+//! * **Graceful stop** ([`Cluster::leave`]): leadership handed over,
+//!   clients closed, chain acknowledgements awaited, step down, then a
+//!   view without this node is committed and its sessions' next chain
+//!   nodes promote their copies.
+//! * **Readiness.** A node is ready once it has a majority, the committed
+//!   view counts it in, and every peer that view counts live has sent it
+//!   its snapshot (interest, retained messages, the sessions whose chain
+//!   holds it).
+//! * **Membership** is the configured list; [`Cluster::remove_member`]
+//!   (the admin API's `POST /cluster/members/{name}/remove`) retires one.
 //!
 //! # Not built yet
-//! The Raft-committed view: the view here is each node's own observation
-//! (guarded by the majority rule), so two nodes can briefly disagree on an
-//! owner while a link flaps; membership is the configured list, with no
-//! add or remove by admin call.
+//! Adding a member to a running cluster (the Raft layer supports it; links
+//! to a node no peer was configured with do not); persisting the Raft
+//! state (see `consensus`).
 
 mod consensus;
 pub mod handshake;
