@@ -727,13 +727,35 @@ mod tests {
         v.iter().map(|s| s.to_string()).collect()
     }
 
-    #[test]
-    fn every_node_commits_the_same_view_and_a_minority_cannot_change_it() {
+    /// A cluster of n0..n2 that has committed its first view.
+    fn settled() -> (BTreeMap<String, Consensus>, Vec<String>) {
         let mut nodes = cluster(3);
         let all = names(&["n0", "n1", "n2"]);
         for _ in 0..40 {
             tick_all(&mut nodes, &[], &all);
         }
+        (nodes, all)
+    }
+
+    /// The leader's name, or a follower's.
+    fn pick(nodes: &BTreeMap<String, Consensus>, leader: bool) -> String {
+        nodes
+            .iter()
+            .find(|(_, n)| n.is_leader() == leader)
+            .map(|(k, _)| k.clone())
+            .expect("a node in that role")
+    }
+
+    /// Every node has committed the same view, with `live` live.
+    fn assert_agree(nodes: &BTreeMap<String, Consensus>, live: &[String]) {
+        let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
+        assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
+        assert_eq!(views[0].live, live);
+    }
+
+    #[test]
+    fn every_node_commits_the_same_view_and_a_minority_cannot_change_it() {
+        let (mut nodes, all) = settled();
         let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
         assert!(views[0].number > 0);
         assert_eq!(views[0].live, all);
@@ -742,11 +764,7 @@ mod tests {
 
         // The leader is cut off: the other two elect a new one and commit a
         // view without it; the cut node keeps the old view.
-        let leader = nodes
-            .iter()
-            .find(|(_, n)| n.is_leader())
-            .map(|(k, _)| k.clone())
-            .expect("a leader");
+        let leader = pick(&nodes, true);
         let rest: Vec<String> = all.iter().filter(|n| **n != leader).cloned().collect();
         let old = views[0].clone();
         for _ in 0..60 {
@@ -769,16 +787,8 @@ mod tests {
 
     #[test]
     fn members_join_and_leave_by_configuration_change() {
-        let mut nodes = cluster(3);
-        let all = names(&["n0", "n1", "n2"]);
-        for _ in 0..40 {
-            tick_all(&mut nodes, &[], &all);
-        }
-        let leader = nodes
-            .iter()
-            .find(|(_, n)| n.is_leader())
-            .map(|(k, _)| k.clone())
-            .expect("a leader");
+        let (mut nodes, all) = settled();
+        let leader = pick(&nodes, true);
         let follower = all
             .iter()
             .find(|n| **n != leader)
@@ -809,11 +819,7 @@ mod tests {
             assert_eq!(v.live, four, "{name}");
         }
         // Leaving: n0..n2 commit a view without n3.
-        let leader = nodes
-            .iter()
-            .find(|(_, n)| n.is_leader())
-            .map(|(k, _)| k.clone())
-            .expect("a leader");
+        let leader = pick(&nodes, true);
         let out = nodes
             .get_mut(&leader)
             .map(|n| n.propose_membership(Command::Leave("n3".into())));
@@ -854,25 +860,15 @@ mod tests {
         for _ in 0..60 {
             tick_all(&mut nodes, &[], &all);
         }
-        let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
-        assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
-        assert_eq!(views[0].live, all);
+        assert_agree(&nodes, &all);
     }
 
     #[test]
     fn a_node_restarted_blank_is_caught_up_without_a_panic() {
-        let mut nodes = cluster(3);
-        let all = names(&["n0", "n1", "n2"]);
-        for _ in 0..40 {
-            tick_all(&mut nodes, &[], &all);
-        }
+        let (mut nodes, all) = settled();
         // A follower comes back with nothing, while the leader still
         // thinks it holds the entries it acknowledged.
-        let follower = nodes
-            .iter()
-            .find(|(_, n)| !n.is_leader())
-            .map(|(k, _)| k.clone())
-            .expect("a follower");
+        let follower = pick(&nodes, false);
         let ms = members(3);
         nodes.insert(
             follower.clone(),
@@ -882,23 +878,13 @@ mod tests {
         for _ in 0..60 {
             tick_all(&mut nodes, &[], &all);
         }
-        let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
-        assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
-        assert_eq!(views[0].live, all);
+        assert_agree(&nodes, &all);
     }
 
     #[test]
     fn a_lost_snapshot_is_sent_again() {
-        let mut nodes = cluster(3);
-        let all = names(&["n0", "n1", "n2"]);
-        for _ in 0..40 {
-            tick_all(&mut nodes, &[], &all);
-        }
-        let follower = nodes
-            .iter()
-            .find(|(_, n)| !n.is_leader())
-            .map(|(k, _)| k.clone())
-            .expect("a follower");
+        let (mut nodes, all) = settled();
+        let follower = pick(&nodes, false);
         let ms = members(3);
         nodes.insert(
             follower.clone(),
@@ -928,23 +914,13 @@ mod tests {
             }
         }
         assert_eq!(lost, 1, "a snapshot was sent");
-        let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
-        assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
-        assert_eq!(views[0].live, all);
+        assert_agree(&nodes, &all);
     }
 
     #[test]
     fn a_dead_leader_is_retired_through_a_follower() {
-        let mut nodes = cluster(3);
-        let all = names(&["n0", "n1", "n2"]);
-        for _ in 0..40 {
-            tick_all(&mut nodes, &[], &all);
-        }
-        let dead = nodes
-            .iter()
-            .find(|(_, n)| n.is_leader())
-            .map(|(k, _)| k.clone())
-            .expect("a leader");
+        let (mut nodes, all) = settled();
+        let dead = pick(&nodes, true);
         let rest: Vec<String> = all.iter().filter(|n| **n != dead).cloned().collect();
         let cut = [dead.as_str()];
         for _ in 0..60 {
