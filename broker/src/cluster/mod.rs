@@ -510,7 +510,22 @@ impl Cluster {
                 || lock(&self.links).values().any(|t| !lock(&t.buf).is_empty());
             if !pending || tokio::time::Instant::now() >= deadline {
                 if pending {
-                    tracing::warn!("stopping with session changes not yet acknowledged by peers");
+                    let waits: Vec<(u64, Vec<NodeId>, bool)> = lock(&self.waiting)
+                        .iter()
+                        .take(8)
+                        .map(|(seq, w)| {
+                            (
+                                *seq,
+                                w.per_node.keys().copied().collect(),
+                                w.resend.is_some(),
+                            )
+                        })
+                        .collect();
+                    tracing::warn!(
+                        waiting = lock(&self.waiting).len(),
+                        ?waits,
+                        "stopping with session changes not yet acknowledged by peers"
+                    );
                 }
                 return;
             }
@@ -831,7 +846,7 @@ impl Fabric for Cluster {
         exclude: Vec<NodeId>,
     ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.hold_for_takeover(m, groups, exclude, done);
+        self.hold_for_takeover(m, groups, exclude, done, false);
         Some(wait)
     }
 
@@ -872,7 +887,7 @@ impl Fabric for Cluster {
                 return None;
             }
             let (done, wait) = tokio::sync::oneshot::channel();
-            self.hold_for_takeover(m.clone(), groups.to_vec(), Vec::new(), done);
+            self.hold_for_takeover(m.clone(), groups.to_vec(), Vec::new(), done, false);
             return Some(wait);
         };
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);

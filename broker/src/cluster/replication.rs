@@ -292,7 +292,7 @@ impl Cluster {
             // Not to the refuser again: it keeps its old interest until it
             // is gone, and each round would give the message once more to
             // the node that took its sessions over.
-            Some((m, groups)) => self.hold_for_takeover(m, groups, vec![from], tx),
+            Some((m, groups)) => self.hold_for_takeover(m, groups, vec![from], tx, true),
         }
     }
 
@@ -323,7 +323,7 @@ impl Cluster {
                 }
                 // Which other peers had it is not known here: one that did
                 // may see it twice (QoS 1 allows; see the README).
-                Some((m, groups)) => self.hold_for_takeover(m, groups, Vec::new(), tx),
+                Some((m, groups)) => self.hold_for_takeover(m, groups, Vec::new(), tx, false),
             }
         }
     }
@@ -331,13 +331,16 @@ impl Cluster {
     /// Holds `m` for a dead peer and forwards it again, after
     /// [`FAILURE_TIMEOUT`], to the live peers interested by then (the node
     /// that took over the dead peer's sessions announces them when it
-    /// promotes them); `done` fires once those have committed it.
+    /// promotes them); `done` fires once those have committed it. When
+    /// the nodes in `exclude` `refused` it (they no longer serve), it also
+    /// waits for a view without them: their sessions move only then.
     pub(super) fn hold_for_takeover(
         &self,
         m: Message,
         groups: Vec<Arc<str>>,
         exclude: Vec<NodeId>,
         done: tokio::sync::oneshot::Sender<()>,
+        refused: bool,
     ) {
         let (Some(state), Some(cluster)) = (
             self.state.get().and_then(std::sync::Weak::upgrade),
@@ -352,10 +355,23 @@ impl Cluster {
             // The takeover happens once the committed view has dropped the
             // lost node (after an election, if it led) and the next node of
             // each chain has promoted its copy: wait for the view to hold
-            // only reachable members, then a moment for the promotions.
+            // only reachable members and none that refused the message (a
+            // node on its way out is still linked), then a moment for the
+            // promotions.
             let deadline = tokio::time::Instant::now() + 2 * FAILURE_TIMEOUT;
             let mut waited = false;
-            while cluster.view_has_unreachable() && tokio::time::Instant::now() < deadline {
+            let refusers: Vec<String> = exclude
+                .iter()
+                .filter(|_| refused)
+                .filter_map(|n| cluster.names.get(*n as usize).cloned())
+                .collect();
+            let unsettled = || {
+                cluster.view_has_unreachable() || {
+                    let view = cluster.view();
+                    refusers.iter().any(|r| view.members.contains(r))
+                }
+            };
+            while unsettled() && tokio::time::Instant::now() < deadline {
                 waited = true;
                 tokio::time::sleep(consensus::TICK).await;
             }
