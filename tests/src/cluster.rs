@@ -337,8 +337,8 @@ impl Drop for TestCluster {
         for n in &mut self.nodes {
             n.child.take();
         }
-        if std::thread::panicking() {
-            // Kept for the post-mortem.
+        if std::thread::panicking() || std::env::var_os("MQLB_KEEP_LOGS").is_some() {
+            // Kept for the post-mortem (MQLB_KEEP_LOGS=1 keeps them always).
             eprintln!("node logs kept in {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);

@@ -973,8 +973,8 @@ async fn a_rolling_restart_under_load_loses_no_acknowledged_message() {
 
 /// The same at QoS 2: nothing lost and nothing delivered twice.
 ///
-/// Ignored in the default run: about 1 run in 2 shows 1 to 3 duplicates
-/// (never a loss in 15 runs), all at the first node's graceful move, an open
+/// Ignored in the default run: about 2 runs in 5 show 1 to 3 duplicates
+/// (no loss in the last 10 runs) across a graceful holder move, an open
 /// bug (see the README's guarantees table). Run it with
 /// `cargo test -p mqlb-tests --test cluster -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

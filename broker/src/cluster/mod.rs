@@ -180,6 +180,9 @@ pub struct Cluster {
     serving_now: std::sync::atomic::AtomicBool,
     /// This node is stopping gracefully (see [`Cluster::leave`]).
     leaving: std::sync::atomic::AtomicBool,
+    /// ... and has handed its sessions over, so peers may drop it from the
+    /// view: [`Frame::Leaving`] goes out every tick from then on.
+    announced: std::sync::atomic::AtomicBool,
     /// Copies of sessions this node is a chain member for but does not
     /// serve, rebuilt from the holder's change records.
     replicas: Mutex<HashMap<String, Session>>,
@@ -312,6 +315,7 @@ impl Cluster {
                 observed: Mutex::new(vec![config.node_id.clone()]),
                 reports: Mutex::new(HashMap::new()),
                 leaving: std::sync::atomic::AtomicBool::new(false),
+                announced: std::sync::atomic::AtomicBool::new(false),
                 serving_now: std::sync::atomic::AtomicBool::new(true),
                 names,
                 secret,
@@ -449,16 +453,19 @@ impl Cluster {
         lock(&self.observed).len() >= self.quorum()
     }
 
-    /// The first step of a graceful stop, before clients are closed: hands
-    /// Raft leadership to a peer, steps down (clients closed with 0x8B,
-    /// sessions kept as copies, forwards refused), then tells the peers this
-    /// node is leaving and waits (at most `within`) for a committed view
-    /// without it. That view moves its sessions to the next node of their
-    /// chains, which promote their copies only once this node has stopped
-    /// changing them; no client bounces back to a node on its way out, and
-    /// nothing waits for an election after it has gone.
+    /// The first step of a graceful stop: hands Raft leadership to a peer,
+    /// closes the clients (0x8B, after what is queued for them) and waits for
+    /// them to go, lets the chains catch up, steps down (sessions kept as
+    /// copies, forwards refused), then tells the peers this node is leaving
+    /// and waits for a committed view without it (the waits for the clients
+    /// and for the view take at most `within` each). That view moves the
+    /// sessions to the next node of their chains, which promote their
+    /// copies only once this node has stopped changing them: a QoS 2 PUBLISH
+    /// already on the wire has its packet identifier in the copies, so the
+    /// new holder sends it again under the same one. No client bounces back
+    /// to a node on its way out, and nothing waits for an election after it
+    /// has gone.
     pub async fn leave(&self, state: &State, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
         let heir = lock(&self.observed)
             .iter()
             .find(|n| **n != self.me)
@@ -469,21 +476,18 @@ impl Cluster {
         }
         self.leaving.store(true, Ordering::Relaxed);
         self.serving_now.store(false, Ordering::Relaxed);
-        // Clients first, then the chain catches up, then the sessions are
-        // handed over: a QoS 2 PUBLISH already on the wire has its packet
-        // identifier in the copies before they are promoted, so the new
-        // holder sends it again under the same one (the client then knows
-        // it) rather than as a new message.
         for outbox in state.core().open_connections() {
             outbox.close(crate::outbox::Closing::ShuttingDown);
         }
-        let quiet = tokio::time::Instant::now() + Duration::from_secs(1);
+        let quiet = tokio::time::Instant::now() + within;
         while state.core().connected() > 0 && tokio::time::Instant::now() < quiet {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.settle(Duration::from_secs(2)).await;
         self.step_down(state);
+        self.announced.store(true, Ordering::Relaxed);
         self.broadcast(&Frame::Leaving);
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             let view = self.view();
             if view.number > 0 && !view.members.contains(&self.me) {
@@ -649,7 +653,7 @@ impl Cluster {
     fn on_tick(&self, state: &Arc<State>, t: &mut Ticker) {
         let observed = self.observe();
         t.ticks += 1;
-        if self.leaving.load(Ordering::Relaxed) {
+        if self.announced.load(Ordering::Relaxed) {
             self.broadcast(&Frame::Leaving);
         }
         if observed != t.reported || t.ticks % 5 == 0 {
