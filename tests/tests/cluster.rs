@@ -973,9 +973,9 @@ async fn a_rolling_restart_under_load_loses_no_acknowledged_message() {
 
 /// The same at QoS 2: nothing lost and nothing delivered twice.
 ///
-/// Ignored in the default run: about 2 runs in 5 show 1 to 3 duplicates
-/// (no loss in the last 10 runs) across a graceful holder move, an open
-/// bug (see the README's guarantees table). Run it with
+/// Ignored in the default run until it has a longer clean record: no
+/// duplicate in the last 8 runs, but 1 to 3 in about 2 runs of 5 before
+/// the last fix (see the README's guarantees table). Run it with
 /// `cargo test -p mqlb-tests --test cluster -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "open bug: a rare QoS 2 duplicate in a rolling restart"]

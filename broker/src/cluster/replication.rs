@@ -351,7 +351,12 @@ impl Cluster {
         };
         self.stats.held.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            tokio::time::sleep(FAILURE_TIMEOUT).await;
+            // A refusal comes from a node that is handing its sessions over
+            // now: waiting for the view without it (below) is enough. A
+            // failure may not be seen for up to the failure timeout.
+            if !refused {
+                tokio::time::sleep(FAILURE_TIMEOUT).await;
+            }
             // The takeover happens once the committed view has dropped the
             // lost node (after an election, if it led) and the next node of
             // each chain has promoted its copy: wait for the view to hold
@@ -375,7 +380,7 @@ impl Cluster {
                 waited = true;
                 tokio::time::sleep(consensus::TICK).await;
             }
-            if waited {
+            if waited || refused {
                 tokio::time::sleep(5 * consensus::TICK).await;
             }
             let linked: Vec<NodeId> = lock(&cluster.links).keys().copied().collect();
