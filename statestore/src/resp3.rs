@@ -232,35 +232,31 @@ impl Reply {
     }
 }
 
+/// An array of bulk strings: what a client sends as a request (the SDK's
+/// `RequestBufferBuilder`), and what a notification carries. Public for
+/// clients, tests and benchmarks that build requests by hand.
+pub fn array(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
 /// A change notification's payload for a watcher of a key:
 /// `NOTIFY SET VALUE v` or `NOTIFY DELETE`.
 pub fn notification(value: Option<&[u8]>) -> Vec<u8> {
     match value {
-        None => b"*2\r\n$6\r\nNOTIFY\r\n$6\r\nDELETE\r\n".to_vec(),
-        Some(v) => {
-            let mut out = b"*4\r\n$6\r\nNOTIFY\r\n$3\r\nSET\r\n$5\r\nVALUE\r\n".to_vec();
-            out.extend_from_slice(format!("${}\r\n", v.len()).as_bytes());
-            out.extend_from_slice(v);
-            out.extend_from_slice(b"\r\n");
-            out
-        }
+        None => array(&[b"NOTIFY", b"DELETE"]),
+        Some(v) => array(&[b"NOTIFY", b"SET", b"VALUE", v]),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// What the SDK sends (its `RequestBufferBuilder`).
-    fn array(args: &[&[u8]]) -> Vec<u8> {
-        let mut out = format!("*{}\r\n", args.len()).into_bytes();
-        for a in args {
-            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-            out.extend_from_slice(a);
-            out.extend_from_slice(b"\r\n");
-        }
-        out
-    }
 
     #[test]
     fn the_sdks_requests_parse() {

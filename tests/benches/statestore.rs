@@ -20,15 +20,7 @@ const ROUNDS: usize = 3;
 const N: usize = 3000;
 const INVOKE: &str = "statestore/v1/FA9AE35F-2F64-47CD-9BFF-08E2B32A0FE8/command/invoke";
 
-fn resp(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
+use mqlb_statestore::resp3::array as resp;
 
 fn hlc() -> String {
     let ms = SystemTime::now()

@@ -25,15 +25,7 @@ fn hlc(offset_ms: i64) -> String {
     format!("{:015}:{:05}:test", now + offset_ms, 0)
 }
 
-fn resp(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
+use mqlb_statestore::resp3::array as resp;
 
 /// A v5 client subscribed to its response topic (and its notify topics).
 struct Caller {

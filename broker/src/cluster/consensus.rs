@@ -746,6 +746,12 @@ mod tests {
             .expect("a node in that role")
     }
 
+    /// `name` comes back blank (a restart: Raft state is in memory).
+    fn restart_blank(nodes: &mut BTreeMap<String, Consensus>, name: &str) {
+        let fresh = Consensus::new(name, &members(3)).expect("raft node");
+        nodes.insert(name.to_string(), fresh);
+    }
+
     /// Every node has committed the same view, with `live` live.
     fn assert_agree(nodes: &BTreeMap<String, Consensus>, live: &[String]) {
         let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
@@ -855,8 +861,7 @@ mod tests {
         let first = nodes["n0"].node.store().mem.first_index().unwrap_or(0);
         assert!(first > 1, "the log was compacted");
         // n2 restarts blank and is caught up.
-        let ms = members(3);
-        nodes.insert("n2".into(), Consensus::new("n2", &ms).expect("raft node"));
+        restart_blank(&mut nodes, "n2");
         for _ in 0..60 {
             tick_all(&mut nodes, &[], &all);
         }
@@ -869,11 +874,7 @@ mod tests {
         // A follower comes back with nothing, while the leader still
         // thinks it holds the entries it acknowledged.
         let follower = pick(&nodes, false);
-        let ms = members(3);
-        nodes.insert(
-            follower.clone(),
-            Consensus::new(&follower, &ms).expect("raft node"),
-        );
+        restart_blank(&mut nodes, &follower);
         assert_eq!(nodes[&follower].node.raft.raft_log.last_index(), 0);
         for _ in 0..60 {
             tick_all(&mut nodes, &[], &all);
@@ -885,11 +886,7 @@ mod tests {
     fn a_lost_snapshot_is_sent_again() {
         let (mut nodes, all) = settled();
         let follower = pick(&nodes, false);
-        let ms = members(3);
-        nodes.insert(
-            follower.clone(),
-            Consensus::new(&follower, &ms).expect("raft node"),
-        );
+        restart_blank(&mut nodes, &follower);
         // The first snapshot for the blank node is lost on the way.
         let mut lost = 0;
         for _ in 0..60 {
