@@ -435,10 +435,12 @@ impl Cluster {
     /// committed view counts it in (a node on its way out, or cut off,
     /// has stepped down).
     pub fn serving(&self) -> bool {
-        let view = self.view();
-        !self.leaving.load(Ordering::Relaxed)
-            && self.has_quorum()
-            && (view.number == 0 || view.members.contains(&self.me))
+        // Checked for every forwarded publish: no copy of the view.
+        let in_view = {
+            let view = lock(&self.view);
+            view.number == 0 || view.members.contains(&self.me)
+        };
+        in_view && !self.leaving.load(Ordering::Relaxed) && self.has_quorum()
     }
 
     /// [`Cluster::serving`] as of the last tick, without a lock: a node
