@@ -603,8 +603,20 @@ impl Session {
     /// response and any key notifications are routed instead, and the
     /// request is acknowledged once they are committed.
     fn on_state_store(&mut self, p: mqlb_protocol::Publish, out: &mut Vec<u8>) -> Option<End> {
-        let clustered = self.state.cluster().is_some();
-        let outcome = self.state.statestore.handle(&self.client_id, &p, clustered);
+        let (qos, packet_id) = (p.qos, p.packet_id);
+        let refused = self.state.statestore.refusal(&self.client_id, &p);
+        let outcome = match (self.state.cluster(), refused) {
+            (_, Some(code)) => crate::statestore::Outcome::Refuse(code),
+            // In a cluster the key's owner answers, once its chain holds
+            // the change: the acknowledgement waits for that.
+            (Some(cluster), None) => {
+                let state = self.state.clone();
+                let c = cluster.store_request(&state, &self.client_id, p);
+                self.wait_for(c);
+                crate::statestore::Outcome::Route(Vec::new())
+            }
+            (None, None) => self.state.statestore.handle(&self.client_id, &p),
+        };
         let (committed, reason) = match outcome {
             crate::statestore::Outcome::Route(msgs) => (
                 Some(self.state.act(|core| {
@@ -628,7 +640,7 @@ impl Session {
             }
             a
         };
-        match (p.qos, p.packet_id) {
+        match (qos, packet_id) {
             (QoS::AtLeastOnce, Some(id)) => self.send(out, Packet::Puback(ack(id))),
             (QoS::ExactlyOnce, Some(id)) => self.send(out, Packet::Pubrec(ack(id))),
             _ => {}

@@ -147,7 +147,11 @@ impl Broker {
                 tokio::select! {
                     _ = tick.tick() => {
                         let now = std::time::Instant::now();
-                        let expired_keys = state.statestore.expire();
+                        // Only a key's owner tells its watchers it expired.
+                        let cluster = state.cluster();
+                        let expired_keys = state.statestore.expire(|k| {
+                            cluster.as_ref().is_none_or(|c| c.key_owner(k) == c.me())
+                        });
                         let (n, _) = state.ask(|core| {
                             let (n, mut fx) = core.expire_sessions(now);
                             fx.extend(core.publish_due_wills(now));

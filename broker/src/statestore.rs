@@ -1,13 +1,14 @@
-//! The state store over MQTT, on a single node: requests published to the
-//! state store's invoke topic are executed by [`mqlb_statestore`]'s core
-//! and answered on the request's response topic, with its correlation data
-//! and the user properties the Azure IoT Operations RPC protocol reads
-//! (`__stat`, `__ts`, `__protVer`, `__srcId`); key notifications go to each
-//! watching client's notify topic.
+//! The state store over MQTT: requests published to the state store's
+//! invoke topic are executed by [`mqlb_statestore`]'s core and answered on
+//! the request's response topic, with its correlation data and the user
+//! properties the Azure IoT Operations RPC protocol reads (`__stat`,
+//! `__ts`, `__protVer`, `__srcId`); key notifications go to each watching
+//! client's notify topic.
 //!
-//! A cluster member does not serve it yet: its keys would be its own, not
-//! the cluster's (replication comes with the cluster's committed view).
-//! It answers every request with an error instead of staying silent.
+//! On a single node every key is here. In a cluster, [`StateStore::handle_in`]
+//! executes only the keys this node owns and says which it does not; the
+//! cluster (`cluster::store`) carries those to their owner and replicates
+//! each change down the key's chain before the answer goes out.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -17,7 +18,7 @@ use bytes::Bytes;
 use mqlb_protocol::{MqttStr, Properties, Publish, QoS, ReasonCode};
 use mqlb_statestore::hlc::Hlc;
 use mqlb_statestore::resp3::{self, Reply, Request};
-use mqlb_statestore::store::{Context, Limits, Notification, Store};
+use mqlb_statestore::store::{Context, KeyCopy, Limits, Notification, Store};
 
 use crate::message::Message;
 
@@ -43,6 +44,23 @@ pub enum Outcome {
     Refuse(ReasonCode),
 }
 
+/// What [`StateStore::handle_in`] did with a request.
+#[derive(Debug)]
+pub enum Handled {
+    /// Answered here.
+    Done {
+        /// What to route, or the refusal.
+        outcome: Outcome,
+        /// The request's key, if it named one and was executed.
+        key: Option<Vec<u8>>,
+        /// The key's new state, if the request changed it: what the key's
+        /// chain must hold before the answer goes out.
+        copy: Option<Box<KeyCopy>>,
+    },
+    /// The key belongs to another node: nothing was executed.
+    Elsewhere(Vec<u8>),
+}
+
 /// Request results, for metrics.
 const RESULTS: [&str; 6] = [
     "ok",
@@ -50,9 +68,20 @@ const RESULTS: [&str; 6] = [
     "error",
     "bad_request",
     "no_response_topic",
-    "cluster",
+    "unavailable",
 ];
 const COMMANDS: [&str; 6] = ["set", "get", "del", "vdel", "keynotify", "invalid"];
+
+/// What executing one request gave.
+struct Executed {
+    command: usize,
+    status: Result<(), (&'static str, &'static str)>,
+    reply: Reply,
+    version: Hlc,
+    notes: Vec<Notification>,
+    key: Option<Vec<u8>>,
+    copy: Option<Box<KeyCopy>>,
+}
 
 /// The node's store and its counters.
 #[derive(Debug)]
@@ -118,29 +147,102 @@ impl StateStore {
         }
     }
 
-    /// Handles one request from `client_id`; `clustered` when this node is
-    /// a cluster member.
-    pub fn handle(&self, client_id: &str, p: &Publish, clustered: bool) -> Outcome {
-        let Some(topic) = p.properties.response_topic.as_ref() else {
-            self.count(COMMANDS.len() - 1, "no_response_topic");
-            tracing::info!(client_id, "state store request without a response topic");
-            return Outcome::Refuse(ReasonCode(0x83));
-        };
-        if RESERVED.iter().any(|r| topic.as_str().starts_with(r)) {
-            self.count(COMMANDS.len() - 1, "no_response_topic");
-            tracing::info!(client_id, %topic, "state store response topic in the reserved space");
-            return Outcome::Refuse(ReasonCode(0x83));
+    /// Handles one request from `client_id` on a single node.
+    pub fn handle(&self, client_id: &str, p: &Publish) -> Outcome {
+        match self.handle_in(client_id, p, 0, &|_| true) {
+            Handled::Done { outcome, .. } => outcome,
+            Handled::Elsewhere(_) => Outcome::Route(Vec::new()),
         }
+    }
+
+    /// Handles one request from `client_id` in view `view`, if `mine`
+    /// says this node answers for its key (asked under the store's lock,
+    /// so no copy of the store taken after a view change misses a change
+    /// made for the view before).
+    pub fn handle_in(
+        &self,
+        client_id: &str,
+        p: &Publish,
+        view: u64,
+        mine: &dyn Fn(&[u8]) -> bool,
+    ) -> Handled {
+        if let Some(code) = self.refusal(client_id, p) {
+            return Handled::Done {
+                outcome: Outcome::Refuse(code),
+                key: None,
+                copy: None,
+            };
+        }
+        let Some(topic) = p.properties.response_topic.as_ref() else {
+            return Handled::Done {
+                outcome: Outcome::Refuse(ReasonCode(0x83)),
+                key: None,
+                copy: None,
+            };
+        };
         let now = now_ms();
-        let (command, status, reply, version, notes) = self.execute(client_id, p, clustered, now);
-        let result = match (&status, &reply) {
+        let x = match self.execute(client_id, p, now, view, mine) {
+            Ok(x) => x,
+            Err(key) => return Handled::Elsewhere(key),
+        };
+        let result = match (&x.status, &x.reply) {
             (Err(_), _) => "bad_request",
-            (Ok(()), Reply::Error(_)) if clustered => "cluster",
             (Ok(()), Reply::Error(_)) => "error",
             (Ok(()), Reply::NotApplied) => "not_applied",
             _ => "ok",
         };
-        self.count(command, result);
+        self.count(x.command, result);
+        let mut out = vec![self.response(p, topic, x.status, &x.reply, &x.version)];
+        out.extend(self.notifications(x.notes));
+        Handled::Done {
+            outcome: Outcome::Route(out),
+            key: x.key,
+            copy: x.copy,
+        }
+    }
+
+    /// Why no response can be sent to this request, if so: it has no
+    /// response topic, or one in the store's own space (acknowledged with
+    /// this reason code, so a v5 client learns it).
+    pub fn refusal(&self, client_id: &str, p: &Publish) -> Option<ReasonCode> {
+        let Some(topic) = p.properties.response_topic.as_ref() else {
+            self.count(COMMANDS.len() - 1, "no_response_topic");
+            tracing::info!(client_id, "state store request without a response topic");
+            return Some(ReasonCode(0x83));
+        };
+        if RESERVED.iter().any(|r| topic.as_str().starts_with(r)) {
+            self.count(COMMANDS.len() - 1, "no_response_topic");
+            tracing::info!(client_id, %topic, "state store response topic in the reserved space");
+            return Some(ReasonCode(0x83));
+        }
+        None
+    }
+
+    /// The answer to a request the cluster could not bring to its key's
+    /// owner: a RESP3 error, so the client hears at once rather than
+    /// waiting for its timeout.
+    pub fn unavailable(&self, p: &Publish, why: &'static str) -> Outcome {
+        let Some(topic) = p.properties.response_topic.as_ref() else {
+            return Outcome::Refuse(ReasonCode(0x83));
+        };
+        self.count(COMMANDS.len() - 1, "unavailable");
+        Outcome::Route(vec![self.response(
+            p,
+            topic,
+            Ok(()),
+            &Reply::Error(why),
+            &self.now(),
+        )])
+    }
+
+    fn response(
+        &self,
+        p: &Publish,
+        topic: &MqttStr,
+        status: Result<(), (&'static str, &'static str)>,
+        reply: &Reply,
+        version: &Hlc,
+    ) -> Message {
         let mut props = Properties {
             correlation_data: p.properties.correlation_data.clone(),
             content_type: Some(str_of("application/octet-stream")),
@@ -167,7 +269,7 @@ impl StateStore {
             .into_iter()
             .map(|(k, v)| (str_of(k), str_of(&v)))
             .collect();
-        let mut out = vec![Message {
+        Message {
             topic: topic.clone(),
             payload: Bytes::from(payload),
             qos: QoS::AtLeastOnce,
@@ -175,46 +277,47 @@ impl StateStore {
             properties: props,
             origin: None,
             received: Instant::now(),
-        }];
-        out.extend(self.notifications(notes));
-        Outcome::Route(out)
+        }
     }
 
-    /// Executes the request: (command index, RPC status (an invalid
-    /// property and which), RESP3 reply, version for `__ts`,
-    /// notifications).
-    #[allow(clippy::type_complexity)]
+    /// Executes the request, or says (`Err(key)`) that its key is not
+    /// this node's.
     fn execute(
         &self,
         client_id: &str,
         p: &Publish,
-        clustered: bool,
         now: u64,
-    ) -> (
-        usize,
-        Result<(), (&'static str, &'static str)>,
-        Reply,
-        Hlc,
-        Vec<Notification>,
-    ) {
+        view: u64,
+        mine: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Executed, Vec<u8>> {
         let invalid = COMMANDS.len() - 1;
         let here = self.now();
+        let done = |command, status, reply| Executed {
+            command,
+            status,
+            reply,
+            version: here.clone(),
+            notes: Vec::new(),
+            key: None,
+            copy: None,
+        };
         if p.qos != QoS::AtLeastOnce {
-            return (
+            return Ok(done(
                 invalid,
                 Err(("state store requests must be published at QoS 1", "QoS")),
                 Reply::Ok,
-                here,
-                Vec::new(),
-            );
+            ));
         }
-        let err = |m| (invalid, Ok(()), Reply::Error(m), here.clone(), Vec::new());
         if p.payload.len() > MAX_REQUEST {
-            return err(mqlb_statestore::store::errors::QUOTA_EXCEEDED);
+            return Ok(done(
+                invalid,
+                Ok(()),
+                Reply::Error(mqlb_statestore::store::errors::QUOTA_EXCEEDED),
+            ));
         }
         let req = match resp3::parse_request(&p.payload) {
             Ok(r) => r,
-            Err(e) => return err(e.message()),
+            Err(e) => return Ok(done(invalid, Ok(()), Reply::Error(e.message()))),
         };
         let command = match &req {
             Request::Set { .. } => 0,
@@ -223,10 +326,7 @@ impl StateStore {
             Request::VDel { .. } => 3,
             Request::KeyNotify { .. } => 4,
         };
-        let err = |m| (command, Ok(()), Reply::Error(m), here.clone(), Vec::new());
-        if clustered {
-            return err("the state store is served by single nodes only in this version of mqlb");
-        }
+        let err = |m| Ok(done(command, Ok(()), Reply::Error(m)));
         let Some(ts) = user(&p.properties, "__ts") else {
             return err("missing timestamp");
         };
@@ -252,16 +352,64 @@ impl StateStore {
             timestamp,
             fencing_token,
             now_ms: now,
+            view,
         };
         let mut store = self.store();
+        if !key.is_empty() && !mine(&key) {
+            return Err(key);
+        }
+        let before = store.rev(&key);
         let (reply, notes) = store.execute(req, &ctx);
         let version = store.version(&key, now).cloned().unwrap_or(here);
-        (command, Ok(()), reply, version, notes)
+        let copy = if store.rev(&key) == before {
+            None
+        } else {
+            store.export(&key).map(Box::new)
+        };
+        Ok(Executed {
+            command,
+            status: Ok(()),
+            reply,
+            version,
+            notes,
+            key: Some(key),
+            copy,
+        })
     }
 
-    /// Removes expired keys; the notifications to route.
-    pub fn expire(&self) -> Vec<Message> {
-        let notes = self.store().expire(now_ms());
+    /// Installs a copy of a key made by its owner; whether it was newer.
+    pub fn install(&self, copy: KeyCopy) -> bool {
+        self.store().install(copy, now_ms())
+    }
+
+    /// The copies of every key this store has, deletions included, that
+    /// `wanted` selects (by key).
+    pub fn copies(&self, wanted: impl Fn(&[u8]) -> bool) -> Vec<KeyCopy> {
+        self.with_copies(wanted, |c| c)
+    }
+
+    /// [`StateStore::copies`], handed to `then` before the store's lock
+    /// is released: a change made after the copy was taken is made after
+    /// `then` ran (and so reaches a link `then` registered).
+    pub fn with_copies<R>(
+        &self,
+        wanted: impl Fn(&[u8]) -> bool,
+        then: impl FnOnce(Vec<KeyCopy>) -> R,
+    ) -> R {
+        let store = self.store();
+        let copies = store
+            .keys()
+            .into_iter()
+            .filter(|k| wanted(k))
+            .filter_map(|k| store.export(&k))
+            .collect();
+        then(copies)
+    }
+
+    /// Removes expired keys; the notifications to route, for the keys
+    /// `owned` says this node answers for.
+    pub fn expire(&self, owned: impl Fn(&[u8]) -> bool) -> Vec<Message> {
+        let notes = self.store().expire(now_ms(), owned);
         self.notifications(notes)
     }
 

@@ -18,7 +18,9 @@
 //!   watchers.
 //!
 //! The MQTT side (topics, user properties, correlation data, ACLs) is the
-//! broker's (`mqlb_broker::statestore`); replication is not built yet.
+//! broker's (`mqlb_broker::statestore`), and so is replication across a
+//! cluster, which this crate supports with per-key revisions and whole-key
+//! copies ([`store::KeyCopy`]).
 
 pub mod hlc;
 pub mod resp3;

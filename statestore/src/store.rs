@@ -19,6 +19,13 @@
 //!   delete);
 //! * limits on key count, key size, value size and total bytes answer
 //!   "the quota has been exceeded" and change nothing.
+//!
+//! For replication, every change to a key (its value or its watchers)
+//! gives it a new [`Rev`]: the view it was made in, then a count. A copy
+//! ([`KeyCopy`], deletions included) is installed elsewhere only over an
+//! older one, so copies may arrive in any order and more than once.
+//! Deletion markers are kept for [`TOMBSTONE_MS`], so a stale copy cannot
+//! bring a deleted key back.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -53,6 +60,33 @@ impl Default for Limits {
     }
 }
 
+/// How long a deleted key's revision is remembered (see the module docs).
+pub const TOMBSTONE_MS: u64 = 3_600_000;
+
+/// A key's revision: the view of the cluster it was changed in, then a
+/// count. A single node stays in view 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rev {
+    /// The view of the change.
+    pub view: u64,
+    /// Changes to the key so far.
+    pub seq: u64,
+}
+
+/// A key's whole state, as replicated: what makes another store's copy
+/// equal to this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCopy {
+    /// The key.
+    pub key: Vec<u8>,
+    /// Its revision.
+    pub rev: Rev,
+    /// Its value; `None`: deleted.
+    pub entry: Option<Entry>,
+    /// The clients watching it.
+    pub watchers: Vec<String>,
+}
+
 /// Who asks, and when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Context {
@@ -64,6 +98,8 @@ pub struct Context {
     pub fencing_token: Option<Hlc>,
     /// The store's clock, Unix milliseconds.
     pub now_ms: u64,
+    /// The cluster's view (0 on a single node): the revision of a change.
+    pub view: u64,
 }
 
 /// A change to publish to one watcher of a key.
@@ -79,12 +115,17 @@ pub struct Notification {
     pub version: Hlc,
 }
 
-#[derive(Debug, Clone)]
-struct Entry {
-    value: Vec<u8>,
-    version: Hlc,
-    fence: Option<Hlc>,
-    expires_ms: Option<u64>,
+/// A value and what protects it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The value.
+    pub value: Vec<u8>,
+    /// The write's timestamp.
+    pub version: Hlc,
+    /// The fencing token a write must match or pass.
+    pub fence: Option<Hlc>,
+    /// When it expires, Unix milliseconds of the clock that wrote it.
+    pub expires_ms: Option<u64>,
 }
 
 /// The key-value state.
@@ -94,6 +135,9 @@ pub struct Store {
     entries: HashMap<Vec<u8>, Entry>,
     bytes: usize,
     watchers: HashMap<Vec<u8>, BTreeSet<String>>,
+    /// Every key changed lately: its revision, and when (Unix ms) it last
+    /// changed (deleted keys are forgotten after [`TOMBSTONE_MS`]).
+    revs: HashMap<Vec<u8>, (Rev, u64)>,
 }
 
 /// The protocol's error texts (what follows `-ERR `).
@@ -179,18 +223,23 @@ impl Store {
                 None => Reply::Nil,
             },
             Request::KeyNotify { stop, .. } => {
-                if stop {
+                let changed = if stop {
+                    let mut gone = false;
                     if let Some(w) = self.watchers.get_mut(&key) {
-                        w.remove(&ctx.client_id);
+                        gone = w.remove(&ctx.client_id);
                         if w.is_empty() {
                             self.watchers.remove(&key);
                         }
                     }
+                    gone
                 } else {
                     self.watchers
-                        .entry(key)
+                        .entry(key.clone())
                         .or_default()
-                        .insert(ctx.client_id.clone());
+                        .insert(ctx.client_id.clone())
+                };
+                if changed {
+                    self.touch(&key, ctx);
                 }
                 Reply::Ok
             }
@@ -253,6 +302,7 @@ impl Store {
         };
         self.bytes = self.bytes - old + new;
         self.notify(&key, Some(&value), &ctx.timestamp, notes);
+        self.touch(&key, ctx);
         self.entries.insert(
             key,
             Entry {
@@ -282,7 +332,81 @@ impl Store {
             return Reply::NotApplied;
         }
         self.remove(key, &ctx.timestamp, notes);
+        self.touch(key, ctx);
         Reply::Deleted(1)
+    }
+
+    /// A change to `key` in `ctx.view`: its next revision.
+    fn touch(&mut self, key: &[u8], ctx: &Context) {
+        let (rev, at) = self.revs.entry(key.to_vec()).or_default();
+        *rev = Rev {
+            view: rev.view.max(ctx.view),
+            seq: rev.seq + 1,
+        };
+        *at = ctx.now_ms;
+    }
+
+    /// The key's revision (deleted keys' included, for a while); `None`
+    /// if it never changed here.
+    pub fn rev(&self, key: &[u8]) -> Option<Rev> {
+        self.revs.get(key).map(|(r, _)| *r)
+    }
+
+    /// The key's whole state, for another store; `None` if it never changed
+    /// here.
+    pub fn export(&self, key: &[u8]) -> Option<KeyCopy> {
+        let rev = self.rev(key)?;
+        Some(KeyCopy {
+            key: key.to_vec(),
+            rev,
+            entry: self.entries.get(key).cloned(),
+            watchers: self
+                .watchers
+                .get(key)
+                .map(|w| w.iter().cloned().collect())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Every key with a revision (deleted ones included), for copying the
+    /// store elsewhere.
+    pub fn keys(&self) -> Vec<Vec<u8>> {
+        self.revs.keys().cloned().collect()
+    }
+
+    /// Makes this store's copy of a key equal to `copy` if `copy` is newer;
+    /// returns whether it was. A copy is installed whatever the limits say:
+    /// the store that made the change checked them.
+    pub fn install(&mut self, copy: KeyCopy, now_ms: u64) -> bool {
+        if self.rev(&copy.key).is_some_and(|r| r >= copy.rev) {
+            return false;
+        }
+        let key = copy.key;
+        if let Some(old) = self.entries.remove(&key) {
+            self.bytes -= key.len() + old.value.len();
+        }
+        if let Some(e) = copy.entry {
+            self.bytes += key.len() + e.value.len();
+            self.entries.insert(key.clone(), e);
+        }
+        if copy.watchers.is_empty() {
+            self.watchers.remove(&key);
+        } else {
+            self.watchers
+                .insert(key.clone(), copy.watchers.into_iter().collect());
+        }
+        self.revs.insert(key, (copy.rev, now_ms));
+        true
+    }
+
+    /// Forgets the revisions of keys deleted more than [`TOMBSTONE_MS`] ago.
+    pub fn prune(&mut self, now_ms: u64) {
+        let (entries, watchers) = (&self.entries, &self.watchers);
+        self.revs.retain(|k, (_, at)| {
+            entries.contains_key(k)
+                || watchers.contains_key(k)
+                || now_ms.saturating_sub(*at) < TOMBSTONE_MS
+        });
     }
 
     fn remove(&mut self, key: &[u8], version: &Hlc, notes: &mut Vec<Notification>) {
@@ -308,8 +432,10 @@ impl Store {
         }
     }
 
-    /// Removes every key expired at `now_ms`; returns the notifications.
-    pub fn expire(&mut self, now_ms: u64) -> Vec<Notification> {
+    /// Removes every key expired at `now_ms`; returns the notifications
+    /// for the keys `owned` says this store answers for (a copy kept for
+    /// another node expires silently: that node tells the watchers).
+    pub fn expire(&mut self, now_ms: u64, owned: impl Fn(&[u8]) -> bool) -> Vec<Notification> {
         let due: Vec<Vec<u8>> = self
             .entries
             .iter()
@@ -318,8 +444,13 @@ impl Store {
             .collect();
         let mut notes = Vec::new();
         for k in due {
-            self.expire_key(&k, now_ms, &mut notes);
+            let mut mine = Vec::new();
+            self.expire_key(&k, now_ms, &mut mine);
+            if owned(&k) {
+                notes.extend(mine);
+            }
         }
+        self.prune(now_ms);
         notes
     }
 
@@ -367,6 +498,7 @@ mod tests {
             timestamp: hlc(ms, 0),
             fencing_token: fence,
             now_ms: ms,
+            view: 0,
         }
     }
 
@@ -461,7 +593,7 @@ mod tests {
             s.execute(get("k"), &ctx("a", 1499, None)).0,
             Reply::Value(b"v".to_vec())
         );
-        let gone = s.expire(1500);
+        let gone = s.expire(1500, |_| true);
         assert_eq!(gone.len(), 1);
         assert_eq!(
             (gone[0].client_id.as_str(), gone[0].value.clone()),
@@ -627,5 +759,81 @@ mod tests {
         s.forget_client("v");
         let (_, n) = s.execute(set("k", "2", Condition::Always, None), &c);
         assert!(n.is_empty());
+    }
+
+    #[test]
+    fn copies_install_only_over_older_revisions_and_deletions_stick() {
+        let mut owner = Store::default();
+        let mut replica = Store::default();
+        let mut c = ctx("a", 1000, None);
+        c.view = 3;
+        owner.execute(set("k", "v1", Condition::Always, None), &c);
+        let v1 = owner.export(b"k").expect("copy");
+        assert_eq!(v1.rev, Rev { view: 3, seq: 1 });
+        owner.execute(set("k", "v2", Condition::Always, None), &c);
+        let v2 = owner.export(b"k").expect("copy");
+        assert!(replica.install(v2.clone(), 1000));
+        // An older copy arriving late, or the same one twice, changes
+        // nothing.
+        assert!(!replica.install(v1.clone(), 1000));
+        assert!(!replica.install(v2, 1000));
+        assert_eq!(
+            replica.execute(get("k"), &c).0,
+            Reply::Value(b"v2".to_vec())
+        );
+        assert_eq!(replica.bytes(), 3);
+        // A deletion travels as a copy without a value and beats the stale
+        // copy that follows it.
+        owner.execute(Request::Del { key: b"k".to_vec() }, &c);
+        let gone = owner.export(b"k").expect("tombstone");
+        assert_eq!(gone.entry, None);
+        assert!(replica.install(gone, 1000));
+        assert!(!replica.install(v1, 1000));
+        assert_eq!((replica.len(), replica.bytes()), (0, 0));
+        // A new owner in a later view wins over any count of changes made
+        // in an earlier one.
+        let mut later = ctx("a", 1000, None);
+        later.view = 4;
+        let mut new_owner = Store::default();
+        new_owner.execute(set("k", "v3", Condition::Always, None), &later);
+        let v3 = new_owner.export(b"k").expect("copy");
+        assert!(v3.rev > owner.rev(b"k").expect("rev"));
+        assert!(replica.install(v3, 1000));
+        // Watchers travel with the key.
+        new_owner.execute(
+            Request::KeyNotify {
+                key: b"k".to_vec(),
+                stop: false,
+            },
+            &later,
+        );
+        assert!(replica.install(new_owner.export(b"k").expect("copy"), 1000));
+        let (_, notes) = replica.execute(set("k", "v4", Condition::Always, None), &later);
+        assert_eq!(notes.len(), 1);
+        // Deletion markers go after a while, live keys stay.
+        owner.prune(1000 + TOMBSTONE_MS);
+        assert_eq!(owner.rev(b"k"), None);
+        replica.prune(1000 + TOMBSTONE_MS);
+        assert!(replica.rev(b"k").is_some());
+    }
+
+    #[test]
+    fn a_copy_kept_for_another_node_expires_without_notifications() {
+        let mut s = Store::default();
+        let c = ctx("w", 1000, None);
+        for k in ["mine", "theirs"] {
+            s.execute(
+                Request::KeyNotify {
+                    key: k.into(),
+                    stop: false,
+                },
+                &c,
+            );
+            s.execute(set(k, "v", Condition::Always, Some(10)), &c);
+        }
+        let notes = s.expire(2000, |k| k == b"mine");
+        assert_eq!(notes.len(), 1);
+        assert_eq!(notes[0].key, b"mine");
+        assert!(s.is_empty());
     }
 }

@@ -424,17 +424,165 @@ async fn mosquitto_pub_and_sub_as_the_readme_shows() {
     assert_eq!(out.trim_end(), "+OK");
 }
 
-/// A cluster member does not serve the store yet (its keys would be its
-/// own): it answers with an error instead of staying silent.
+/// A 3-node cluster serves the store from every node: a key set through
+/// one node reads the same through every node, whichever owns it, and a
+/// watcher on a third node hears the change.
 #[tokio::test]
-async fn a_cluster_member_answers_with_an_error() {
-    let mut c = mqlb_tests::cluster::TestCluster::start(1, None, &[]);
-    assert!(c.wait_converged(Duration::from_secs(20)).await);
-    let mut caller = Caller::new(&c.nodes[0].addr, "ss-cluster").await;
-    let reply = caller.call(&[b"GET", b"k"]).await;
-    assert!(
-        reply.starts_with(b"-ERR the state store is served by single nodes only"),
-        "{}",
-        String::from_utf8_lossy(&reply)
+async fn a_cluster_serves_every_key_from_every_node() {
+    let mut c = mqlb_tests::cluster::TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(Duration::from_secs(30)).await);
+    let live = ["n1", "n2", "n3"];
+    // Each caller's session lives on the node it connects to (clients are
+    // relayed to their session's owner).
+    let mut callers = Vec::new();
+    for (i, n) in c.nodes.iter().enumerate() {
+        let id = c.id_owned_by(live[i], "ss-node", &live);
+        callers.push(Caller::new(&n.addr, &id).await);
+    }
+    for (i, owner) in live.iter().enumerate() {
+        let key = c.id_owned_by(owner, "key", &live);
+        let value = format!("v{i}");
+        // Set through a node that does not own the key.
+        let writer = (i + 1) % 3;
+        assert_eq!(
+            callers[writer]
+                .call(&[b"SET", key.as_bytes(), value.as_bytes()])
+                .await,
+            b"+OK\r\n"
+        );
+        for (j, caller) in callers.iter_mut().enumerate() {
+            let got = caller.call(&[b"GET", key.as_bytes()]).await;
+            assert_eq!(
+                got,
+                format!("${}\r\n{value}\r\n", value.len()).as_bytes(),
+                "GET {key} through node {j}"
+            );
+        }
+    }
+    // A watcher on n3 hears a change made through n2 to a key n1 owns.
+    let key = c.id_owned_by("n1", "watched", &live);
+    assert_eq!(
+        callers[2].call(&[b"KEYNOTIFY", key.as_bytes()]).await,
+        b"+OK\r\n"
     );
+    assert_eq!(
+        callers[1].call(&[b"SET", key.as_bytes(), b"changed"]).await,
+        b"+OK\r\n"
+    );
+    let note = callers[2].notification().await;
+    let hex: String = key.bytes().map(|b| format!("{b:02X}")).collect();
+    assert!(note.topic.as_str().ends_with(&hex), "{}", note.topic);
+    assert!(
+        note.payload.windows(7).any(|w| w == b"changed"),
+        "{:?}",
+        note.payload
+    );
+    // The owner counted the requests it executed.
+    let n1_sets = c
+        .metric(
+            0,
+            "mqlb_statestore_requests_total{command=\"set\",result=\"ok\"}",
+        )
+        .await
+        .unwrap_or(0.0);
+    assert!(n1_sets >= 2.0, "n1 executed {n1_sets} SETs");
+}
+
+/// `kill -9` of the node that owns the keys being written, during a stream
+/// of SETs through another node: every SET answered `OK` is readable
+/// afterwards, through every surviving node; the stream goes on once the
+/// next node of each key's chain has taken the keys over.
+#[tokio::test]
+async fn a_killed_owner_loses_no_acknowledged_set() {
+    let mut c = mqlb_tests::cluster::TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(Duration::from_secs(30)).await);
+    let live = ["n1", "n2", "n3"];
+    // Keys n2 owns, each written once.
+    let keys: Vec<String> = (0..100_000)
+        .map(|k| format!("fk-{k}"))
+        .filter(|k| c.owner_of(k, &live) == "n2")
+        .take(150)
+        .collect();
+    // Clients are relayed to their session's owner: the writer's and the
+    // readers' sessions live on the nodes that survive.
+    let writer_id = c.id_owned_by("n1", "ss-writer", &live);
+    let mut writer = Caller::new(&c.nodes[0].addr, &writer_id).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stream = tokio::spawn({
+        let keys = keys.clone();
+        async move {
+            let mut acked = Vec::new();
+            let mut errors = 0;
+            for (i, key) in keys.iter().enumerate() {
+                let props = writer.props(key.as_bytes(), Some(hlc(0)), None);
+                let payload = resp(&[b"SET", key.as_bytes(), format!("v{i}").as_bytes()]);
+                let (_, r) = writer
+                    .call_with(payload, QoS::AtLeastOnce, props, Duration::from_secs(20))
+                    .await;
+                match r.map(|r| r.payload.to_vec()) {
+                    Some(p) if p == b"+OK\r\n" => acked.push(i),
+                    Some(p) => {
+                        println!("SET {key}: {}", String::from_utf8_lossy(&p).trim_end());
+                        errors += 1;
+                    }
+                    None => panic!("no answer to SET {key}"),
+                }
+                let _ = tx.send(i);
+            }
+            (acked, errors)
+        }
+    });
+    // Kill the owner a third of the way in, with requests in flight.
+    while let Some(i) = rx.recv().await {
+        if i >= keys.len() / 3 {
+            break;
+        }
+    }
+    let killed_at = std::time::Instant::now();
+    c.kill(1);
+    let (acked, errors) = tokio::time::timeout(Duration::from_secs(120), stream)
+        .await
+        .expect("the stream stalled")
+        .unwrap();
+    println!(
+        "state store failover: {} of {} SETs acknowledged, {errors} answered with an error, stream done {:?} after the kill",
+        acked.len(),
+        keys.len(),
+        killed_at.elapsed()
+    );
+    assert!(acked.len() > keys.len() / 2, "{} acknowledged", acked.len());
+    assert!(
+        acked.last() == Some(&(keys.len() - 1)),
+        "the stream did not recover"
+    );
+    for node in [0, 2] {
+        let reader_id = c.id_owned_by(live[node], "ss-reader", &["n1", "n3"]);
+        let mut reader = Caller::new(&c.nodes[node].addr, &reader_id).await;
+        for &i in &acked {
+            let got = reader.call(&[b"GET", keys[i].as_bytes()]).await;
+            let v = format!("v{i}");
+            assert_eq!(
+                got,
+                format!("${}\r\n{v}\r\n", v.len()).as_bytes(),
+                "acknowledged SET {} lost (read through node {node})",
+                keys[i]
+            );
+        }
+    }
+    // n2 comes back blank and owns the keys again: it answers for them only
+    // once its peers have sent it their copies.
+    c.start_node(1);
+    assert!(c.wait_converged(Duration::from_secs(30)).await);
+    let reader_id = c.id_owned_by("n2", "ss-back", &live);
+    let mut reader = Caller::new(&c.nodes[1].addr, &reader_id).await;
+    for &i in &acked {
+        let got = reader.call(&[b"GET", keys[i].as_bytes()]).await;
+        let v = format!("v{i}");
+        assert_eq!(
+            got,
+            format!("${}\r\n{v}\r\n", v.len()).as_bytes(),
+            "acknowledged SET {} lost once its owner came back",
+            keys[i]
+        );
+    }
 }

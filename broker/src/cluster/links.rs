@@ -126,6 +126,9 @@ impl Cluster {
             p.heard = Some(Instant::now());
             p.generation
         };
+        // Its key copies come again on this link, then its word that it is
+        // synced.
+        lock(&self.store_synced).remove(&id);
         tracing::info!("peer link up");
         let mut buf = BytesMut::with_capacity(64 << 10);
         loop {
@@ -223,6 +226,15 @@ impl Cluster {
                 self.replicate(id, seq, client, epoch, changes, state)
             }
             Frame::Ack { seq } => self.acked(id, seq),
+            Frame::StoreInvoke {
+                seq,
+                client,
+                hops,
+                message,
+            } => self.store_invoked(id, seq, client, hops, message),
+            Frame::StoreCopy { seq, view, copy } => self.store_copy(id, seq, view, copy, state),
+            Frame::StoreAck { seq, ok } => self.store_acked(id, seq, ok),
+            Frame::StoreSynced { view } => self.store_synced(id, view),
             Frame::Refused { seq } => self.forward_refused(id, seq),
             Frame::Raft(m) => self.raft_message(id, &m),
             Frame::Leaving => {
@@ -408,7 +420,32 @@ impl Cluster {
                 );
             }
             tx.push(&Frame::SyncDone, &self.stats.dropped);
-            lock(&self.links).insert(id, tx.clone());
+            // The state store's keys whose chain holds the peer, then its
+            // word that this node is synced for its view; the link is
+            // registered under the store's lock, so a change made after
+            // the copies reaches it.
+            let number = self.view().number;
+            let in_key_chain = |key: &[u8]| {
+                let ms: Vec<Member<'_>> = members.iter().map(|n| Member(n)).collect();
+                mqlb_placement::rank(key, &ms)
+                    .into_iter()
+                    .take(self.replication)
+                    .any(|m| m.0 == peer)
+            };
+            state.statestore.with_copies(in_key_chain, |copies| {
+                for copy in copies {
+                    tx.push(
+                        &Frame::StoreCopy {
+                            seq: 0,
+                            view: number,
+                            copy: Some(copy),
+                        },
+                        &self.stats.dropped,
+                    );
+                }
+                tx.push(&Frame::StoreSynced { view: number }, &self.stats.dropped);
+                lock(&self.links).insert(id, tx.clone());
+            });
         }
         loop {
             let _ = tokio::time::timeout(PING_EVERY, tx.ready.notified()).await;

@@ -51,6 +51,8 @@
 //!   view counts it in, and every peer that view counts live has sent it
 //!   its snapshot (interest, retained messages, the sessions whose chain
 //!   holds it).
+//! * **The state store** (`store`): keys placed like client IDs and
+//!   chain-replicated; the owner answers once the chain holds the change.
 //! * **Membership** is the configured list; [`Cluster::remove_member`]
 //!   (the admin API's `POST /cluster/members/{name}/remove`) retires one.
 //!
@@ -63,6 +65,7 @@ mod consensus;
 pub mod handshake;
 mod links;
 mod replication;
+mod store;
 pub mod wire;
 
 pub use links::relay;
@@ -197,6 +200,11 @@ pub struct Cluster {
     holders: Mutex<HashMap<String, NodeId>>,
     /// Appends waiting for chain members' acknowledgements.
     waiting: Mutex<HashMap<u64, Waiting>>,
+    /// State store changes and passed-on requests waiting for peers.
+    store_waits: Mutex<HashMap<u64, store::StoreWait>>,
+    /// The newest view each peer said it sent its key copies for (see
+    /// `store`).
+    store_synced: Mutex<HashMap<NodeId, u64>>,
     seq: AtomicU64,
     /// Counters.
     pub stats: ClusterStats,
@@ -325,6 +333,8 @@ impl Cluster {
                 replica_seen: Mutex::new(HashMap::new()),
                 holders: Mutex::new(HashMap::new()),
                 waiting: Mutex::new(HashMap::new()),
+                store_waits: Mutex::new(HashMap::new()),
+                store_synced: Mutex::new(HashMap::new()),
                 seq: AtomicU64::new(1),
                 stats: ClusterStats::default(),
                 state: std::sync::OnceLock::new(),
@@ -702,8 +712,10 @@ impl Cluster {
                 .collect()
         };
         self.release_waits(&gone);
+        self.release_store_waits(&gone);
         if view.number != t.last.number {
             self.rechain(state);
+            self.store_rechain(state, &view);
         }
         t.last = view;
     }

@@ -95,6 +95,44 @@ pub enum Frame {
         /// From the forward.
         seq: u64,
     },
+    /// A state store request for a key the receiver owns: it executes it,
+    /// routes the answer, and sends [`Frame::StoreAck`] with `seq`.
+    StoreInvoke {
+        /// Acknowledgement handle.
+        seq: u64,
+        /// The requesting client.
+        client: String,
+        /// Times it was passed on already (views that disagree for a
+        /// moment must not bounce it for ever).
+        hops: u8,
+        /// The request as published.
+        message: Message,
+    },
+    /// A key's new state, for a member of its chain; or, without a copy,
+    /// a barrier: the [`Frame::StoreAck`] proves everything sent before it
+    /// is applied (what makes reads at the owner linearizable).
+    StoreCopy {
+        /// Acknowledgement handle (0: none wanted).
+        seq: u64,
+        /// The sender's view: a receiver in a newer one refuses.
+        view: u64,
+        /// The key's state.
+        copy: Option<mqlb_statestore::store::KeyCopy>,
+    },
+    /// [`Frame::StoreCopy`] or [`Frame::StoreInvoke`] `seq` was applied
+    /// (`ok`) or refused.
+    StoreAck {
+        /// From the frame.
+        seq: u64,
+        /// Applied.
+        ok: bool,
+    },
+    /// The sender has sent every key copy that view `view`'s chains need
+    /// from it: the receiver may answer for the keys it owns in that view.
+    StoreSynced {
+        /// The view.
+        view: u64,
+    },
 }
 
 const PING: u8 = 0;
@@ -109,6 +147,100 @@ const RAFT: u8 = 8;
 const OBSERVED: u8 = 9;
 const LEAVING: u8 = 10;
 const REFUSED: u8 = 11;
+const STORE_INVOKE: u8 = 12;
+const STORE_COPY: u8 = 13;
+const STORE_ACK: u8 = 14;
+const STORE_SYNCED: u8 = 15;
+
+fn put_bytes(b: &mut BytesMut, v: &[u8]) -> Result<(), SnapshotError> {
+    b.put_u32(u32::try_from(v.len()).map_err(|_| SnapshotError("bytes too long"))?);
+    b.put_slice(v);
+    Ok(())
+}
+
+fn get_bytes(b: &mut Bytes) -> Result<Vec<u8>, SnapshotError> {
+    need(b, 4)?;
+    let n = b.get_u32() as usize;
+    need(b, n)?;
+    Ok(b.split_to(n).to_vec())
+}
+
+fn put_hlc(b: &mut BytesMut, h: Option<&mqlb_statestore::hlc::Hlc>) -> Result<(), SnapshotError> {
+    put_str(b, h.map(ToString::to_string).as_deref())
+}
+
+fn get_hlc(b: &mut Bytes) -> Result<Option<mqlb_statestore::hlc::Hlc>, SnapshotError> {
+    match get_str(b)? {
+        None => Ok(None),
+        Some(s) => mqlb_statestore::hlc::Hlc::parse(&s)
+            .map(Some)
+            .ok_or(SnapshotError("bad timestamp")),
+    }
+}
+
+fn put_key_copy(
+    b: &mut BytesMut,
+    c: &mqlb_statestore::store::KeyCopy,
+) -> Result<(), SnapshotError> {
+    put_bytes(b, &c.key)?;
+    b.put_u64(c.rev.view);
+    b.put_u64(c.rev.seq);
+    match &c.entry {
+        None => b.put_u8(0),
+        Some(e) => {
+            b.put_u8(1);
+            put_bytes(b, &e.value)?;
+            put_hlc(b, Some(&e.version))?;
+            put_hlc(b, e.fence.as_ref())?;
+            b.put_u64(e.expires_ms.unwrap_or(u64::MAX));
+        }
+    }
+    b.put_u32(u32::try_from(c.watchers.len()).map_err(|_| SnapshotError("watchers"))?);
+    for w in &c.watchers {
+        put_str(b, Some(w))?;
+    }
+    Ok(())
+}
+
+fn get_key_copy(b: &mut Bytes) -> Result<mqlb_statestore::store::KeyCopy, SnapshotError> {
+    use mqlb_statestore::store::{Entry, KeyCopy, Rev};
+    let key = get_bytes(b)?;
+    need(b, 17)?;
+    let rev = Rev {
+        view: b.get_u64(),
+        seq: b.get_u64(),
+    };
+    let entry = match b.get_u8() {
+        0 => None,
+        1 => {
+            let value = get_bytes(b)?;
+            let version = get_hlc(b)?.ok_or(SnapshotError("missing version"))?;
+            let fence = get_hlc(b)?;
+            need(b, 8)?;
+            let expires_ms = Some(b.get_u64()).filter(|t| *t != u64::MAX);
+            Some(Entry {
+                value,
+                version,
+                fence,
+                expires_ms,
+            })
+        }
+        _ => return Err(SnapshotError("bad entry tag")),
+    };
+    need(b, 4)?;
+    let n = b.get_u32() as usize;
+    need(b, n.saturating_mul(2))?;
+    let mut watchers = Vec::with_capacity(n);
+    for _ in 0..n {
+        watchers.push(get_str(b)?.ok_or(SnapshotError("empty watcher"))?);
+    }
+    Ok(KeyCopy {
+        key,
+        rev,
+        entry,
+        watchers,
+    })
+}
 
 fn put_pending(b: &mut BytesMut, p: &Pending) -> Result<(), SnapshotError> {
     put_str(b, p.shared.as_deref())?;
@@ -398,6 +530,39 @@ impl Frame {
                 out.put_u8(RAFT);
                 out.put_slice(m);
             }
+            Frame::StoreInvoke {
+                seq,
+                client,
+                hops,
+                message,
+            } => {
+                out.put_u8(STORE_INVOKE);
+                out.put_u64(*seq);
+                out.put_u8(*hops);
+                put_str(out, Some(client))?;
+                put_message(out, message)?;
+            }
+            Frame::StoreCopy { seq, view, copy } => {
+                out.put_u8(STORE_COPY);
+                out.put_u64(*seq);
+                out.put_u64(*view);
+                match copy {
+                    None => out.put_u8(0),
+                    Some(c) => {
+                        out.put_u8(1);
+                        put_key_copy(out, c)?;
+                    }
+                }
+            }
+            Frame::StoreAck { seq, ok } => {
+                out.put_u8(STORE_ACK);
+                out.put_u64(*seq);
+                out.put_u8(u8::from(*ok));
+            }
+            Frame::StoreSynced { view } => {
+                out.put_u8(STORE_SYNCED);
+                out.put_u64(*view);
+            }
             Frame::Observed(names) => {
                 out.put_u8(OBSERVED);
                 out.put_u16(u16::try_from(names.len()).map_err(|_| SnapshotError("names"))?);
@@ -500,6 +665,39 @@ impl Frame {
                 Frame::Refused { seq: b.get_u64() }
             }
             RAFT => Frame::Raft(b.split_off(0)),
+            STORE_INVOKE => {
+                need(&b, 9)?;
+                let seq = b.get_u64();
+                let hops = b.get_u8();
+                let client = get_str(&mut b)?.unwrap_or_default();
+                Frame::StoreInvoke {
+                    seq,
+                    client,
+                    hops,
+                    message: get_message(&mut b)?,
+                }
+            }
+            STORE_COPY => {
+                need(&b, 17)?;
+                let seq = b.get_u64();
+                let view = b.get_u64();
+                let copy = match b.get_u8() {
+                    0 => None,
+                    1 => Some(get_key_copy(&mut b)?),
+                    _ => return Err(SnapshotError("bad copy tag")),
+                };
+                Frame::StoreCopy { seq, view, copy }
+            }
+            STORE_ACK => {
+                need(&b, 9)?;
+                let seq = b.get_u64();
+                let ok = b.get_u8() != 0;
+                Frame::StoreAck { seq, ok }
+            }
+            STORE_SYNCED => {
+                need(&b, 8)?;
+                Frame::StoreSynced { view: b.get_u64() }
+            }
             OBSERVED => {
                 need(&b, 2)?;
                 let n = usize::from(b.get_u16());
@@ -657,6 +855,52 @@ mod tests {
                 holder: "n2".into(),
                 changes: changes(),
             },
+            Frame::StoreInvoke {
+                seq: 9,
+                client: "app".into(),
+                hops: 1,
+                message: msg(),
+            },
+            Frame::StoreCopy {
+                seq: 10,
+                view: 4,
+                copy: Some(mqlb_statestore::store::KeyCopy {
+                    key: b"k\x00ey".to_vec(),
+                    rev: mqlb_statestore::store::Rev { view: 4, seq: 2 },
+                    entry: Some(mqlb_statestore::store::Entry {
+                        value: b"v".to_vec(),
+                        version: mqlb_statestore::hlc::Hlc {
+                            wall_ms: 5,
+                            counter: 1,
+                            node: "app".into(),
+                        },
+                        fence: Some(mqlb_statestore::hlc::Hlc {
+                            wall_ms: 4,
+                            counter: 0,
+                            node: "lock:x".into(),
+                        }),
+                        expires_ms: Some(99),
+                    }),
+                    watchers: vec!["w1".into(), "w2".into()],
+                }),
+            },
+            Frame::StoreCopy {
+                seq: 11,
+                view: 4,
+                copy: Some(mqlb_statestore::store::KeyCopy {
+                    key: b"gone".to_vec(),
+                    rev: mqlb_statestore::store::Rev { view: 4, seq: 3 },
+                    entry: None,
+                    watchers: Vec::new(),
+                }),
+            },
+            Frame::StoreCopy {
+                seq: 12,
+                view: 4,
+                copy: None,
+            },
+            Frame::StoreAck { seq: 9, ok: false },
+            Frame::StoreSynced { view: 4 },
         ]
     }
 
@@ -716,10 +960,12 @@ mod tests {
             };
             if let (
                 Frame::Forward { message: a, .. }
+                | Frame::StoreInvoke { message: a, .. }
                 | Frame::Retained {
                     message: Some(a), ..
                 },
                 Frame::Forward { message: e, .. }
+                | Frame::StoreInvoke { message: e, .. }
                 | Frame::Retained {
                     message: Some(e), ..
                 },

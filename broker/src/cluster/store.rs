@@ -1,0 +1,369 @@
+//! The state store across the cluster: keys placed and chain-replicated
+//! like sessions.
+//!
+//! * **Placement.** A key's owner is rank 0 of the rendezvous hash (the
+//!   `placement` crate, as for client IDs) of the key over the committed
+//!   view; its chain is the top `replication_factor` ranks.
+//! * **Requests** are executed by the key's owner only. A node that gets
+//!   a request for a key it does not own passes it on
+//!   ([`Frame::StoreInvoke`]); the owner's answer (and any key
+//!   notification) is an ordinary publish, routed back by the requester's
+//!   subscription to its response topic.
+//! * **The rule.** The owner answers only after every other live member
+//!   of the key's chain has applied the change ([`Frame::StoreCopy`],
+//!   acknowledged by [`Frame::StoreAck`]), so an acknowledged `SET`
+//!   survives the loss of any one node at R = 2. A read sends the chain a
+//!   barrier (a copy-less `StoreCopy`) and answers after its
+//!   acknowledgement: nothing it returns can be lost with the owner, so
+//!   reads are linearizable. A member that is already in a newer view
+//!   refuses, and the owner answers with an error instead of `OK`.
+//! * **View changes.** Each node sends every key it holds (deletions
+//!   included, newest revision wins) to the key's new chain, then
+//!   [`Frame::StoreSynced`]; a node answers for its keys in a view only
+//!   once every live peer has said it is synced for that view. A change
+//!   and the copy taken at a view change are ordered by the store's lock
+//!   (the owner check runs under it), so a new owner has every change an
+//!   old one acknowledged.
+//! * **Expiry** (`PX`) is an absolute time set by the owner's clock and
+//!   travels with the key; only the owner tells watchers.
+
+use super::*;
+use mqlb_protocol::Publish;
+
+/// How long a request waits for its key's owner to be able to answer (a
+/// dead owner is replaced within the failure timeout plus an election).
+pub const STORE_WAIT: Duration = Duration::from_secs(8);
+
+/// Times a request may be passed on between nodes whose views disagree.
+const MAX_HOPS: u8 = 3;
+
+/// Why a request got an error instead of an answer.
+const UNAVAILABLE: &str =
+    "the state store is unavailable: the key's owner is changing or unreachable; try again";
+/// The request reached the owner, which was lost before it answered: it
+/// may or may not have been applied.
+const LOST: &str =
+    "the state store node handling the request was lost; the request may or may not have been applied";
+
+/// Acknowledgements a key change or a passed-on request waits for.
+#[derive(Debug)]
+pub(super) struct StoreWait {
+    nodes: std::collections::HashSet<NodeId>,
+    ok: bool,
+    /// A passed-on request: its node's loss is a failure (a copy's
+    /// member's loss is not: the copy here is then the only one, as for
+    /// sessions, and the next view's chain gets it).
+    lost_fails: bool,
+    tx: Option<tokio::sync::oneshot::Sender<bool>>,
+}
+
+impl Cluster {
+    /// `key`'s owner in the committed view.
+    pub fn key_owner(&self, key: &[u8]) -> String {
+        let view = lock(&self.view);
+        let members: Vec<Member<'_>> = view.members.iter().map(|n| Member(n)).collect();
+        mqlb_placement::pick(key, &members, |_| true)
+            .map_or_else(|| self.me.clone(), |m| m.0.to_string())
+    }
+
+    fn key_chain(&self, key: &[u8]) -> Vec<String> {
+        let view = lock(&self.view);
+        let members: Vec<Member<'_>> = view.members.iter().map(|n| Member(n)).collect();
+        mqlb_placement::rank(key, &members)
+            .into_iter()
+            .take(self.replication)
+            .map(|m| m.0.to_string())
+            .collect()
+    }
+
+    /// Whether this node may answer for the keys it owns: it serves, and
+    /// every live peer has sent what the current view's chains need.
+    pub fn store_ready(&self) -> bool {
+        if !self.is_serving() {
+            return false;
+        }
+        let view = self.view();
+        if view.number == 0 {
+            return false;
+        }
+        let synced = lock(&self.store_synced);
+        view.members.iter().filter(|m| **m != self.me).all(|m| {
+            self.id_of(m)
+                .and_then(|id| synced.get(&id))
+                .is_some_and(|v| *v >= view.number)
+        })
+    }
+
+    /// Serves one state store request from a client of this node: resolves
+    /// once it is answered (here or by the key's owner).
+    pub fn store_request(
+        self: &Arc<Self>,
+        state: &Arc<State>,
+        client: &str,
+        p: Publish,
+    ) -> Committed {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let me = self.clone();
+        let state = state.clone();
+        let client = client.to_string();
+        tokio::spawn(async move {
+            me.serve_store(&state, &client, &p, 0).await;
+            let _ = tx.send(());
+        });
+        Committed::when(rx)
+    }
+
+    /// Executes the request if this node owns its key, else passes it to
+    /// the owner; either way the client gets an answer.
+    async fn serve_store(&self, state: &Arc<State>, client: &str, p: &Publish, hops: u8) {
+        let store = &state.statestore;
+        let deadline = tokio::time::Instant::now() + STORE_WAIT;
+        let outcome = loop {
+            let late = tokio::time::Instant::now() >= deadline;
+            let view = self.view().number;
+            let handled = if self.store_ready() {
+                store.handle_in(client, p, view, &|k| self.key_owner(k) == self.me)
+            } else if late {
+                break store.unavailable(p, UNAVAILABLE);
+            } else {
+                tokio::time::sleep(consensus::TICK).await;
+                continue;
+            };
+            match handled {
+                crate::statestore::Handled::Done { outcome, key, copy } => {
+                    let Some(key) = key else { break outcome };
+                    if self.store_replicate(&key, view, copy.map(|c| *c)).await {
+                        break outcome;
+                    }
+                    tracing::info!("state store change refused by a chain member in a newer view");
+                    break store.unavailable(p, UNAVAILABLE);
+                }
+                crate::statestore::Handled::Elsewhere(key) => {
+                    if hops >= MAX_HOPS || late {
+                        break store.unavailable(p, UNAVAILABLE);
+                    }
+                    let owner = self.key_owner(&key);
+                    let tx = self
+                        .id_of(&owner)
+                        .and_then(|id| Some((id, lock(&self.links).get(&id).cloned()?)));
+                    let Some((id, tx)) = tx else {
+                        // A dead owner: the view will drop it.
+                        tokio::time::sleep(consensus::TICK).await;
+                        continue;
+                    };
+                    let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                    let rx = self.store_wait(seq, id, true);
+                    let message =
+                        crate::snapshot::publish_to_message(p, Some(client), Instant::now());
+                    tx.push(
+                        &Frame::StoreInvoke {
+                            seq,
+                            client: client.to_string(),
+                            hops: hops + 1,
+                            message,
+                        },
+                        &self.stats.dropped,
+                    );
+                    if rx.await.unwrap_or(false) {
+                        return;
+                    }
+                    break store.unavailable(p, LOST);
+                }
+            }
+        };
+        if let crate::statestore::Outcome::Route(msgs) = outcome {
+            let committed = state.act(|core| {
+                let mut fx = crate::effects::Effects::none();
+                for m in msgs {
+                    fx.extend(core.route(m));
+                }
+                fx
+            });
+            committed.wait().await;
+        }
+    }
+
+    fn store_wait(
+        &self,
+        seq: u64,
+        node: NodeId,
+        lost_fails: bool,
+    ) -> tokio::sync::oneshot::Receiver<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.store_waits).insert(
+            seq,
+            StoreWait {
+                nodes: std::collections::HashSet::from([node]),
+                ok: true,
+                lost_fails,
+                tx: Some(tx),
+            },
+        );
+        rx
+    }
+
+    /// Sends a key's new state (or a barrier) to the other live members of
+    /// its chain; whether all that answered applied it.
+    async fn store_replicate(
+        &self,
+        key: &[u8],
+        view: u64,
+        copy: Option<mqlb_statestore::store::KeyCopy>,
+    ) -> bool {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let frame = Frame::StoreCopy { seq, view, copy };
+        let mut nodes = std::collections::HashSet::new();
+        {
+            let links = lock(&self.links);
+            for member in self.key_chain(key) {
+                if member == self.me {
+                    continue;
+                }
+                let Some(id) = self.id_of(&member) else {
+                    continue;
+                };
+                if let Some(tx) = links.get(&id) {
+                    tx.push(&frame, &self.stats.dropped);
+                    nodes.insert(id);
+                }
+            }
+        }
+        if nodes.is_empty() {
+            return true;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.store_waits).insert(
+            seq,
+            StoreWait {
+                nodes,
+                ok: true,
+                lost_fails: false,
+                tx: Some(tx),
+            },
+        );
+        rx.await.unwrap_or(true)
+    }
+
+    /// A peer's [`Frame::StoreAck`].
+    pub(super) fn store_acked(&self, from: NodeId, seq: u64, ok: bool) {
+        let mut waits = lock(&self.store_waits);
+        let Some(w) = waits.get_mut(&seq) else {
+            return;
+        };
+        if w.nodes.remove(&from) {
+            w.ok &= ok;
+        }
+        if w.nodes.is_empty() {
+            if let Some(tx) = waits.remove(&seq).and_then(|mut w| w.tx.take()) {
+                let _ = tx.send(ok);
+            }
+        }
+    }
+
+    /// Peers whose links are gone answer no more.
+    pub(super) fn release_store_waits(&self, gone: &[NodeId]) {
+        let mut waits = lock(&self.store_waits);
+        let mut done = Vec::new();
+        for (seq, w) in waits.iter_mut() {
+            for g in gone {
+                if w.nodes.remove(g) && w.lost_fails {
+                    w.ok = false;
+                }
+            }
+            if w.nodes.is_empty() {
+                done.push(*seq);
+            }
+        }
+        for seq in done {
+            if let Some(mut w) = waits.remove(&seq) {
+                if let Some(tx) = w.tx.take() {
+                    let _ = tx.send(w.ok);
+                }
+            }
+        }
+    }
+
+    /// A key copy from a peer: installed if newer; acknowledged as applied
+    /// unless this node is in a newer view than the sender (an owner that
+    /// has not yet heard of a view change must not get an acknowledgement
+    /// that the new owner might not see).
+    pub(super) fn store_copy(
+        &self,
+        from: NodeId,
+        seq: u64,
+        view: u64,
+        copy: Option<mqlb_statestore::store::KeyCopy>,
+        state: &State,
+    ) {
+        let ok = view >= self.view().number;
+        if let Some(c) = copy {
+            state.statestore.install(c);
+        }
+        if seq != 0 {
+            if let Some(tx) = lock(&self.links).get(&from).cloned() {
+                tx.push(&Frame::StoreAck { seq, ok }, &self.stats.dropped);
+            }
+        }
+    }
+
+    /// A request a peer passed on: served here (or passed on again), then
+    /// acknowledged to the peer.
+    pub(super) fn store_invoked(
+        &self,
+        from: NodeId,
+        seq: u64,
+        client: String,
+        hops: u8,
+        m: Message,
+    ) {
+        let (Some(state), Some(me)) = (
+            self.state.get().and_then(std::sync::Weak::upgrade),
+            self.state_owner.get().and_then(std::sync::Weak::upgrade),
+        ) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let p = crate::snapshot::message_to_publish(&m, m.qos, false, &[], Instant::now());
+            me.serve_store(&state, &client, &p, hops).await;
+            if let Some(tx) = lock(&me.links).get(&from).cloned() {
+                tx.push(&Frame::StoreAck { seq, ok: true }, &me.stats.dropped);
+            }
+        });
+    }
+
+    /// A peer is synced for `view`.
+    pub(super) fn store_synced(&self, from: NodeId, view: u64) {
+        let mut synced = lock(&self.store_synced);
+        let v = synced.entry(from).or_insert(0);
+        *v = (*v).max(view);
+    }
+
+    /// After a view change: every key held here goes to its new chain,
+    /// then every peer hears that this node is synced for the view.
+    pub(super) fn store_rechain(&self, state: &State, view: &View) {
+        let copies = state.statestore.copies(|_| true);
+        let links = lock(&self.links);
+        for copy in copies {
+            let chain = self.key_chain(&copy.key);
+            let frame = Frame::StoreCopy {
+                seq: 0,
+                view: view.number,
+                copy: Some(copy),
+            };
+            for member in chain {
+                if member == self.me {
+                    continue;
+                }
+                if let Some(tx) = self.id_of(&member).and_then(|id| links.get(&id)) {
+                    tx.push(&frame, &self.stats.dropped);
+                }
+            }
+        }
+        for tx in links.values() {
+            tx.push(
+                &Frame::StoreSynced { view: view.number },
+                &self.stats.dropped,
+            );
+        }
+    }
+}
