@@ -77,7 +77,7 @@ impl Broker {
         let broker = Broker {
             fronts,
             listener: TcpListener::bind(config.listen).await?,
-            state: State::new(
+            state: State::with_store(
                 Core::with_limits(Limits {
                     max_queued_messages: config.max_queued_messages,
                     max_queued_bytes: config.max_queued_bytes,
@@ -85,6 +85,13 @@ impl Broker {
                 }),
                 auth,
                 log,
+                crate::statestore::StateStore::new(
+                    config
+                        .cluster
+                        .as_ref()
+                        .map_or("mqlb", |c| c.node_id.as_str()),
+                    config.statestore,
+                ),
             ),
             sys_interval: config.sys_interval,
             settings: Settings {

@@ -34,15 +34,25 @@ pub struct State {
 }
 
 impl State {
-    /// A node with these parts.
+    /// A node with these parts (and a state store with default limits).
     pub fn new(core: Core, auth: Auth, log: Arc<dyn ChangeLog>) -> Arc<State> {
+        Self::with_store(core, auth, log, crate::statestore::StateStore::default())
+    }
+
+    /// A node with these parts and this state store.
+    pub fn with_store(
+        core: Core,
+        auth: Auth,
+        log: Arc<dyn ChangeLog>,
+        statestore: crate::statestore::StateStore,
+    ) -> Arc<State> {
         Arc::new(State {
             core: Mutex::new(core),
             auth: Arc::new(auth),
             log,
             cluster: std::sync::OnceLock::new(),
             fronts: crate::front::FrontStats::default(),
-            statestore: crate::statestore::StateStore::default(),
+            statestore,
             stopping: tokio_util::sync::CancellationToken::new(),
         })
     }

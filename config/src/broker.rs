@@ -89,7 +89,15 @@ pub struct BrokerConfig {
     /// Listeners beside `listen` (`[[broker.listener]]`): TLS, WebSocket,
     /// PROXY protocol, with the balancer's `[[listener]]` keys and meaning.
     pub listeners: Vec<crate::Listener>,
+    /// The state store's limits (`[broker.statestore]`).
+    pub statestore: StateStoreLimits,
 }
+
+/// Caps on what a node's state store holds (copies kept for other nodes
+/// of a cluster included); over one, a write gets the protocol's "the
+/// quota has been exceeded". The store's own type, so the defaults live in
+/// one place.
+pub type StateStoreLimits = mqlb_statestore::store::Limits;
 
 /// A node's place in a cluster of bundled brokers (`[cluster]`, or
 /// `--node-id`, `--cluster-listen`, `--peer`, `--cluster-secret-file`).
@@ -188,6 +196,7 @@ impl Default for BrokerConfig {
             log_format: None,
             cluster: None,
             listeners: Vec::new(),
+            statestore: StateStoreLimits::default(),
         }
     }
 }
@@ -291,6 +300,34 @@ impl BrokerConfig {
                             v.span(),
                             "must be at least 1".into(),
                         ),
+                    }
+                }
+            }
+            if let Some(ss) = &b.statestore {
+                let l = &mut c.statestore;
+                for (key, v, out) in [
+                    ("max_keys", &ss.max_keys, &mut l.max_keys),
+                    ("max_key_bytes", &ss.max_key_bytes, &mut l.max_key_bytes),
+                    (
+                        "max_value_bytes",
+                        &ss.max_value_bytes,
+                        &mut l.max_value_bytes,
+                    ),
+                    (
+                        "max_total_bytes",
+                        &ss.max_total_bytes,
+                        &mut l.max_total_bytes,
+                    ),
+                ] {
+                    if let Some(v) = v {
+                        match usize::try_from(*v.get_ref()) {
+                            Ok(n) if n > 0 => *out = n,
+                            _ => at(
+                                format!("broker.statestore.{key}"),
+                                v.span(),
+                                "must be at least 1".into(),
+                            ),
+                        }
                     }
                 }
             }
@@ -500,6 +537,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("b.toml:3: broker.max_topic_levels"), "{e}");
+    }
+
+    #[test]
+    fn statestore_limits() {
+        let c = BrokerConfig::parse("b.toml", "[broker]\n", None).unwrap();
+        assert_eq!(c.statestore, StateStoreLimits::default());
+        let text = "[broker.statestore]\nmax_keys = 10\nmax_total_bytes = 4096\n";
+        let c = BrokerConfig::parse("b.toml", text, None).unwrap();
+        assert_eq!(
+            (c.statestore.max_keys, c.statestore.max_total_bytes),
+            (10, 4096)
+        );
+        assert_eq!(c.statestore.max_value_bytes, 1 << 20);
+        let e = BrokerConfig::parse(
+            "b.toml",
+            "[broker.statestore]\nmax_keys = 1\nmax_value_bytes = -1\n",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("b.toml:3: broker.statestore.max_value_bytes"),
+            "{e}"
+        );
+        let e = BrokerConfig::parse("b.toml", "[broker.statestore]\nmax_keyz = 1\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_keyz"), "{e}");
     }
 
     #[test]

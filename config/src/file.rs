@@ -100,6 +100,22 @@ pub struct BrokerFile {
     /// protocol), with the keys of a balancer `[[listener]]`.
     #[serde(default)]
     pub listener: Vec<ListenerFile>,
+    /// `[broker.statestore]`: the state store's limits.
+    pub statestore: Option<StateStoreFile>,
+}
+
+/// `[broker.statestore]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateStoreFile {
+    /// Keys held, default 100000.
+    pub max_keys: Option<Spanned<i64>>,
+    /// Bytes in one key, default 1024.
+    pub max_key_bytes: Option<Spanned<i64>>,
+    /// Bytes in one value, default 1 MiB.
+    pub max_value_bytes: Option<Spanned<i64>>,
+    /// Bytes in all keys and values, default 64 MiB.
+    pub max_total_bytes: Option<Spanned<i64>>,
 }
 
 /// `[[broker.acl]]`.

@@ -361,6 +361,28 @@ async fn notifications_expiry_and_fencing() {
 
 /// ACLs apply: a user without write access to the invoke topic gets
 /// PUBACK 0x87 and no response.
+/// `[broker.statestore]` limits apply: past them a write gets the
+/// protocol's quota error and changes nothing.
+#[tokio::test]
+async fn configured_limits_answer_quota_exceeded() {
+    let config = mqlb_config::broker::BrokerConfig::parse(
+        "<t>",
+        "[broker.statestore]\nmax_keys = 2\nmax_value_bytes = 8\n",
+        None,
+    )
+    .unwrap();
+    let b = OurBroker::start_with(config).await;
+    let mut c = Caller::new(&b.addr.to_string(), "ss-limits").await;
+    assert_eq!(c.call(&[b"SET", b"a", b"1"]).await, b"+OK\r\n");
+    assert_eq!(c.call(&[b"SET", b"b", b"2"]).await, b"+OK\r\n");
+    let quota = b"-ERR the quota has been exceeded\r\n";
+    assert_eq!(c.call(&[b"SET", b"c", b"3"]).await, quota);
+    assert_eq!(c.call(&[b"SET", b"a", b"123456789"]).await, quota);
+    // Overwriting within the limits still works; nothing else changed.
+    assert_eq!(c.call(&[b"SET", b"a", b"12345678"]).await, b"+OK\r\n");
+    assert_eq!(c.call(&[b"GET", b"c"]).await, b"$-1\r\n");
+}
+
 #[tokio::test]
 async fn acls_decide_who_may_use_the_store() {
     let config = mqlb_config::broker::BrokerConfig::parse(
@@ -507,6 +529,17 @@ async fn a_killed_owner_loses_no_acknowledged_set() {
     // readers' sessions live on the nodes that survive.
     let writer_id = c.id_owned_by("n1", "ss-writer", &live);
     let mut writer = Caller::new(&c.nodes[0].addr, &writer_id).await;
+    // A lease on n2: held by "holder-a" with a fencing token, for a minute.
+    let lease = c.id_owned_by("n2", "lease", &live);
+    let token = hlc(0);
+    let older = hlc(-10_000);
+    let set_lease =
+        |holder: &str| resp(&[b"SET", lease.as_bytes(), holder.as_bytes(), b"PX", b"60000"]);
+    let props = writer.props(b"l1", Some(hlc(0)), Some(token.clone()));
+    let (_, r) = writer
+        .call_with(set_lease("holder-a"), QoS::AtLeastOnce, props, T)
+        .await;
+    assert_eq!(r.expect("no answer").payload.as_ref(), b"+OK\r\n");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let stream = tokio::spawn({
         let keys = keys.clone();
@@ -569,6 +602,24 @@ async fn a_killed_owner_loses_no_acknowledged_set() {
             );
         }
     }
+    // The lease moved with its key: its holder, its expiry and its fencing
+    // token (a write with an older token is refused by the new owner).
+    let reader_id = c.id_owned_by("n3", "ss-lease", &["n1", "n3"]);
+    let mut other = Caller::new(&c.nodes[2].addr, &reader_id).await;
+    let props = other.props(b"l2", Some(hlc(0)), Some(older));
+    let (_, r) = other
+        .call_with(set_lease("holder-b"), QoS::AtLeastOnce, props, T)
+        .await;
+    assert!(
+        r.expect("no answer")
+            .payload
+            .starts_with(b"-ERR the request fencing token is a lower version"),
+        "a stale token was accepted after the failover"
+    );
+    assert_eq!(
+        other.call(&[b"GET", lease.as_bytes()]).await,
+        b"$8\r\nholder-a\r\n"
+    );
     // n2 comes back blank and owns the keys again: it answers for them only
     // once its peers have sent it their copies.
     c.start_node(1);

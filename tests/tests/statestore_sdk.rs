@@ -57,10 +57,38 @@ fn options(condition: SetCondition, expires: Option<Duration>) -> SetOptions {
     }
 }
 
+/// A 3-node bundled cluster with the balancer in front: its MQTT port.
+async fn cluster_behind_the_balancer() -> (
+    mqlb_tests::cluster::TestCluster,
+    mqlb_tests::RunningBalancer,
+) {
+    let mut c = mqlb_tests::cluster::TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(Duration::from_secs(30)).await);
+    let backends: Vec<(&str, String)> = c
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n.addr.clone()))
+        .collect();
+    let lb = mqlb_tests::RunningBalancer::start(mqlb_tests::config(&backends, "")).await;
+    (c, lb)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_sdk_sets_gets_deletes_and_observes() {
     let b = OurBroker::start().await;
-    let (exit, c) = sdk(b.addr.port(), "sdk-basic");
+    sets_gets_deletes_and_observes(b.addr.port()).await;
+}
+
+/// The same against the cluster through the balancer: the SDK's client
+/// lands on its session's node, and its keys live on theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_sdk_against_the_cluster() {
+    let (_c, lb) = cluster_behind_the_balancer().await;
+    sets_gets_deletes_and_observes(lb.addr.port()).await;
+}
+
+async fn sets_gets_deletes_and_observes(port: u16) {
+    let (exit, c) = sdk(port, "sdk-basic");
     let k = |s: &str| s.as_bytes().to_vec();
     let always = || options(SetCondition::Unconditional, None);
     assert!(
@@ -137,10 +165,20 @@ async fn the_official_sdk_sets_gets_deletes_and_observes() {
 /// with its old fencing token is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_lease_holders_and_a_fenced_write() {
+    let b = OurBroker::start().await;
+    lease_holders(b.addr.port()).await;
+}
+
+/// The same against the cluster through the balancer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_lease_holders_on_the_cluster() {
+    let (_c, lb) = cluster_behind_the_balancer().await;
+    lease_holders(lb.addr.port()).await;
+}
+
+async fn lease_holders(port: u16) {
     use azure_iot_operations_services::leased_lock::ErrorKind as LeaseError;
     use azure_iot_operations_services::state_store::{ErrorKind, ServiceError};
-    let b = OurBroker::start().await;
-    let port = b.addr.port();
     let (exit_a, ca) = sdk(port, "holder-a");
     let (exit_b, cb) = sdk(port, "holder-b");
     let la = lease::Client::new(ca.clone(), b"the-lease".to_vec(), b"holder-a".to_vec()).unwrap();
