@@ -1,7 +1,9 @@
 //! State store throughput and latency: sequential SET and GET requests
 //! (RESP3 over MQTT 5, QoS 1, each waiting for its response) from one
-//! client, to one `mqlb broker` directly and through `mqlb balance`, in one
-//! run on this machine. Prints requests per second and p50/p99 of request →
+//! client, to one `mqlb broker` directly, through `mqlb balance`, and to a
+//! 3-node cluster through `mqlb balance` (keys on all three nodes, each
+//! change applied by its chain before the answer), in one run on this
+//! machine. Prints requests per second and p50/p99 of request →
 //! response, medians of 3 interleaved rounds.
 //!
 //! Run: `cargo build --release && cargo bench -p mqlb-tests --bench statestore`
@@ -96,12 +98,33 @@ fn main() {
     );
     let lb = format!("127.0.0.1:{lport}");
     assert!(wait_listening(&lb, Duration::from_secs(5)));
-    let paths = [("direct", broker.addr.clone()), ("through mqlb", lb)];
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
+    let mut cluster = mqlb_tests::cluster::TestCluster::start(3, None, &[]);
+    assert!(rt.block_on(cluster.wait_converged(Duration::from_secs(30))));
+    let cport = free_port();
+    let mut balance = Command::new(mqlb_bin());
+    balance.args(["balance", "--listen", &format!("127.0.0.1:{cport}")]);
+    for n in &cluster.nodes {
+        balance.args(["--backend", &format!("{}={}", n.name, n.addr)]);
+    }
+    let _clb = KillOnDrop(
+        balance
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run the balancer"),
+    );
+    let clb = format!("127.0.0.1:{cport}");
+    assert!(wait_listening(&clb, Duration::from_secs(5)));
+    let paths = [
+        ("direct", broker.addr.clone()),
+        ("through mqlb", lb),
+        ("cluster", clb),
+    ];
     // [path][SET rate, SET p50, SET p99, GET rate, GET p50, GET p99]
     let mut rows = vec![vec![Vec::new(); 6]; paths.len()];
     rt.block_on(async {
