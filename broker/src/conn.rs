@@ -893,7 +893,10 @@ impl Session {
         let (id, conn) = (&self.client_id, self.conn);
         // Key notifications last as long as the client's session.
         if self.state.core().ends_with_connection(id) {
-            self.state.statestore.forget(id);
+            match self.state.cluster() {
+                Some(cluster) => cluster.store_forget(id, &self.state),
+                None => drop(self.state.statestore.forget(id, 0, |_| true)),
+            }
         }
         let _ = self.state.act(|core| core.disconnect(id, conn));
         let will = self.will.take().filter(|w| {

@@ -413,9 +413,15 @@ impl StateStore {
         self.notifications(notes)
     }
 
-    /// A client's session ended: its watches go.
-    pub fn forget(&self, client_id: &str) {
-        self.store().forget_client(client_id);
+    /// A client's session ended: its watches go, on the keys `owned`
+    /// selects (in view `view`); the copies of the keys that changed.
+    pub fn forget(
+        &self,
+        client_id: &str,
+        view: u64,
+        owned: impl Fn(&[u8]) -> bool,
+    ) -> Vec<KeyCopy> {
+        self.store().forget_client(client_id, view, now_ms(), owned)
     }
 
     fn notifications(&self, notes: Vec<Notification>) -> Vec<Message> {

@@ -454,12 +454,41 @@ impl Store {
         notes
     }
 
-    /// Forgets a client's watches (its session ended).
-    pub fn forget_client(&mut self, client_id: &str) {
-        self.watchers.retain(|_, w| {
-            w.remove(client_id);
+    /// Forgets a client's watches (its session ended) on the keys `owned`
+    /// selects; the copies of the keys that changed (a new revision in
+    /// `view`), for their chains.
+    pub fn forget_client(
+        &mut self,
+        client_id: &str,
+        view: u64,
+        now_ms: u64,
+        owned: impl Fn(&[u8]) -> bool,
+    ) -> Vec<KeyCopy> {
+        let mut changed = Vec::new();
+        self.watchers.retain(|k, w| {
+            if owned(k) && w.remove(client_id) {
+                changed.push(k.clone());
+            }
             !w.is_empty()
         });
+        let ctx = Context {
+            client_id: client_id.to_string(),
+            timestamp: Hlc {
+                wall_ms: now_ms,
+                counter: 0,
+                node: String::new(),
+            },
+            fencing_token: None,
+            now_ms,
+            view,
+        };
+        changed
+            .into_iter()
+            .filter_map(|k| {
+                self.touch(&k, &ctx);
+                self.export(&k)
+            })
+            .collect()
     }
 
     fn notify(
@@ -756,7 +785,9 @@ mod tests {
         let (_, n) = s.execute(Request::Del { key: b"k".to_vec() }, &c);
         assert_eq!(n.len(), 1);
         assert_eq!(n[0].client_id, "v");
-        s.forget_client("v");
+        let copies = s.forget_client("v", 0, 1000, |_| true);
+        assert_eq!(copies.len(), 1);
+        assert!(copies[0].watchers.is_empty());
         let (_, n) = s.execute(set("k", "2", Condition::Always, None), &c);
         assert!(n.is_empty());
     }

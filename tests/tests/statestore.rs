@@ -499,6 +499,27 @@ async fn a_cluster_serves_every_key_from_every_node() {
         "{:?}",
         note.payload
     );
+    // The watcher's session ends: the owner drops its watch (changes stop
+    // being notified), though the watcher was on another node.
+    let notified = "mqlb_statestore_notifications_total";
+    drop(callers.remove(2));
+    let mut stopped = false;
+    for _ in 0..50 {
+        let before = c.metric(0, notified).await.unwrap_or(0.0);
+        assert_eq!(
+            callers[1].call(&[b"SET", key.as_bytes(), b"again"]).await,
+            b"+OK\r\n"
+        );
+        if c.metric(0, notified).await.unwrap_or(0.0) == before {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        stopped,
+        "the owner kept notifying a client whose session ended"
+    );
     // The owner counted the requests it executed.
     let n1_sets = c
         .metric(

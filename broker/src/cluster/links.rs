@@ -235,6 +235,7 @@ impl Cluster {
             Frame::StoreCopy { seq, view, copy } => self.store_copy(id, seq, view, copy, state),
             Frame::StoreAck { seq, ok } => self.store_acked(id, seq, ok),
             Frame::StoreSynced { view } => self.store_synced(id, view),
+            Frame::StoreForget { client } => self.store_forgotten(&client, state),
             Frame::Refused { seq } => self.forward_refused(id, seq),
             Frame::Raft(m) => self.raft_message(id, &m),
             Frame::Leaving => {

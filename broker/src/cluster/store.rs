@@ -331,6 +331,37 @@ impl Cluster {
         });
     }
 
+    /// A client's session ended on this node: its watches go everywhere
+    /// (each key's owner drops it and sends the key's chain the change).
+    pub fn store_forget(&self, client: &str, state: &State) {
+        self.broadcast(&Frame::StoreForget {
+            client: client.to_string(),
+        });
+        self.store_forgotten(client, state);
+    }
+
+    /// Drops `client`'s watches on the keys this node owns.
+    pub(super) fn store_forgotten(&self, client: &str, state: &State) {
+        let view = self.view().number;
+        let copies = state
+            .statestore
+            .forget(client, view, |k| self.key_owner(k) == self.me);
+        let links = lock(&self.links);
+        for copy in copies {
+            let chain = self.key_chain(&copy.key);
+            let frame = Frame::StoreCopy {
+                seq: 0,
+                view,
+                copy: Some(copy),
+            };
+            for member in chain.iter().filter(|m| **m != self.me) {
+                if let Some(tx) = self.id_of(member).and_then(|id| links.get(&id)) {
+                    tx.push(&frame, &self.stats.dropped);
+                }
+            }
+        }
+    }
+
     /// A peer is synced for `view`.
     pub(super) fn store_synced(&self, from: NodeId, view: u64) {
         let mut synced = lock(&self.store_synced);

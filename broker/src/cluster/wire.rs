@@ -133,6 +133,12 @@ pub enum Frame {
         /// The view.
         view: u64,
     },
+    /// A client's session ended: the owners of the keys it watched drop
+    /// its watches.
+    StoreForget {
+        /// The client.
+        client: String,
+    },
 }
 
 const PING: u8 = 0;
@@ -151,6 +157,7 @@ const STORE_INVOKE: u8 = 12;
 const STORE_COPY: u8 = 13;
 const STORE_ACK: u8 = 14;
 const STORE_SYNCED: u8 = 15;
+const STORE_FORGET: u8 = 16;
 
 fn put_bytes(b: &mut BytesMut, v: &[u8]) -> Result<(), SnapshotError> {
     b.put_u32(u32::try_from(v.len()).map_err(|_| SnapshotError("bytes too long"))?);
@@ -563,6 +570,10 @@ impl Frame {
                 out.put_u8(STORE_SYNCED);
                 out.put_u64(*view);
             }
+            Frame::StoreForget { client } => {
+                out.put_u8(STORE_FORGET);
+                put_str(out, Some(client))?;
+            }
             Frame::Observed(names) => {
                 out.put_u8(OBSERVED);
                 out.put_u16(u16::try_from(names.len()).map_err(|_| SnapshotError("names"))?);
@@ -698,6 +709,9 @@ impl Frame {
                 need(&b, 8)?;
                 Frame::StoreSynced { view: b.get_u64() }
             }
+            STORE_FORGET => Frame::StoreForget {
+                client: get_str(&mut b)?.ok_or(SnapshotError("empty client"))?,
+            },
             OBSERVED => {
                 need(&b, 2)?;
                 let n = usize::from(b.get_u16());
@@ -901,6 +915,9 @@ mod tests {
             },
             Frame::StoreAck { seq: 9, ok: false },
             Frame::StoreSynced { view: 4 },
+            Frame::StoreForget {
+                client: "app".into(),
+            },
         ]
     }
 
