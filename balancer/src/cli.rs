@@ -197,6 +197,10 @@ struct ClusterArgs {
     /// survives the loss of any one node).
     #[arg(long, requires = "node_id")]
     replication_factor: Option<usize>,
+    /// Join a running cluster: the `--peer`s are its current members, and
+    /// `POST /cluster/members/NAME@IP:PORT` on one of them adds this node.
+    #[arg(long, requires = "node_id")]
+    join: bool,
 }
 
 impl ClusterArgs {
@@ -218,6 +222,7 @@ impl ClusterArgs {
             replication_factor: self.replication_factor.unwrap_or(
                 mqlb_config::broker::DEFAULT_REPLICATION_FACTOR.min(self.peer.len() + 1),
             ),
+            join: self.join,
         };
         c.validate()?;
         cfg.cluster = Some(c);
@@ -499,8 +504,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The broker node's admin calls: `POST /cluster/members/{name}/remove`
-/// retires a member from the cluster's membership.
+/// The broker node's admin calls: `POST /cluster/members/{name}@{ip:port}`
+/// adds a member (started with `--join`), `POST
+/// /cluster/members/{name}/remove` retires one.
 fn broker_admin_post(
     state: &mqlb_broker::state::State,
     path: &str,
@@ -516,6 +522,17 @@ fn broker_admin_post(
     };
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match parts.as_slice() {
+        ["cluster", "members", peer] if peer.contains('@') => {
+            let added = mqlb_config::broker::ClusterConfig::parse_peer(peer)
+                .and_then(|(name, addr)| cluster.add_member(&name, addr).map(|()| name));
+            match added {
+                Ok(name) => Reply::text(
+                    StatusCode::ACCEPTED,
+                    format!("addition of {name} proposed; GET /cluster shows the membership\n"),
+                ),
+                Err(e) => Reply::text(StatusCode::CONFLICT, format!("{e}\n")),
+            }
+        }
         ["cluster", "members", name, "remove"] => match cluster.remove_member(name) {
             Ok(()) => Reply::text(
                 StatusCode::ACCEPTED,

@@ -116,6 +116,9 @@ pub struct ClusterConfig {
     /// the loss of any one node, 3 of any two (with 5 or more nodes, so a
     /// majority is left).
     pub replication_factor: usize,
+    /// This node joins a running cluster (`--join`): `peers` are its
+    /// current members, and an admin call on one of them adds this node.
+    pub join: bool,
 }
 
 /// Session copies unless configured: survives the loss of any one node.
@@ -447,6 +450,7 @@ impl BrokerConfig {
                     peers,
                     secret_file,
                     replication_factor: DEFAULT_REPLICATION_FACTOR.min(peers_len + 1),
+                    join: cl.join.unwrap_or(false),
                 };
                 let mut cc = cc;
                 if let Some(r) = &cl.replication_factor {

@@ -63,6 +63,8 @@ pub struct ClusterFile {
     pub secret_file: Option<Spanned<String>>,
     /// Copies of each persistent session, default 2.
     pub replication_factor: Option<Spanned<i64>>,
+    /// Join a running cluster (an admin call on a member adds this node).
+    pub join: Option<bool>,
 }
 
 /// `[broker]`.

@@ -213,6 +213,40 @@ impl TestCluster {
         c
     }
 
+    /// Starts one more node, `n{k}`, with `--join` and the running nodes as
+    /// its peers (an admin call on a member adds it); returns its index.
+    pub fn start_joiner(&mut self) -> usize {
+        let i = self.nodes.len();
+        let name = format!("n{}", i + 1);
+        let (mqtt, admin, cluster) = (free_port(), free_port(), free_port());
+        let mut args: Vec<String> = vec![
+            "broker".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{mqtt}"),
+            "--admin".into(),
+            format!("127.0.0.1:{admin}"),
+            "--node-id".into(),
+            name.clone(),
+            "--cluster-listen".into(),
+            format!("127.0.0.1:{cluster}"),
+            "--join".into(),
+        ];
+        for n in &self.nodes {
+            args.push("--peer".into());
+            args.push(format!("{}@{}", n.name, n.cluster));
+        }
+        self.nodes.push(ClusterNode {
+            name,
+            addr: format!("127.0.0.1:{mqtt}"),
+            admin: format!("127.0.0.1:{admin}"),
+            cluster: format!("127.0.0.1:{cluster}"),
+            args,
+            child: None,
+        });
+        self.start_node(i);
+        i
+    }
+
     /// (Re)starts node `i` and waits until it listens.
     pub fn start_node(&mut self, i: usize) {
         let node = &mut self.nodes[i];

@@ -1525,3 +1525,83 @@ async fn a_dead_node_is_retired_by_an_admin_call() {
         other => panic!("no delivery after the retirement: {other:?}"),
     }
 }
+
+/// A node started with `--join` becomes a member through an admin call on
+/// a running member: every node then counts four members, links to it and
+/// places sessions on it; the new member serves clients whose ID it owns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_added_by_an_admin_call() {
+    let _one = ONE_CLUSTER.lock().await;
+    let mut c = TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
+    let j = c.start_joiner();
+    let first = c.nodes[0].admin.clone();
+    // Malformed additions are refused.
+    let (status, body) = mqlb_tests::http(&first, "POST", "/cluster/members/n9@nowhere").await;
+    assert_eq!(status, 409, "{body}");
+    let path = format!("/cluster/members/n4@{}", c.nodes[j].cluster);
+    let (status, body) = mqlb_tests::http(&first, "POST", &path).await;
+    assert_eq!(status, 202, "{body}");
+    assert!(
+        c.wait_converged(SETTLE).await,
+        "n4 did not join: {}",
+        mqlb_tests::http(&first, "GET", "/cluster").await.1
+    );
+    for n in &c.nodes {
+        let body = mqlb_tests::http(&n.admin, "GET", "/cluster").await.1;
+        assert!(
+            body.contains("\"membership\":[\"n1\",\"n2\",\"n3\",\"n4\"]"),
+            "{}: {body}",
+            n.name
+        );
+    }
+    let (status, body) = mqlb_tests::http(&first, "POST", &path).await;
+    assert_eq!(status, 409, "a second addition: {body}");
+    // A client n4 owns, connecting to n1, is served by n4; a publisher on
+    // n2 reaches it.
+    let four = ["n1", "n2", "n3", "n4"];
+    let id = c.id_owned_by("n4", "joined", &four);
+    let (mut s, ack) = Client::connect(
+        &c.nodes[0].addr,
+        connect_packet(&id, ProtocolVersion::V5, true),
+    )
+    .await;
+    assert_eq!(ack.reason.0, 0);
+    s.subscribe("joined/x", qos(QoS::AtLeastOnce)).await;
+    assert_eq!(
+        c.metric(j, "mqlb_broker_clients_connected").await,
+        Some(1.0),
+        "the client is not on n4"
+    );
+    let pub_id = c.id_owned_by("n2", "joined-pub", &four);
+    let (mut p, _) = Client::connect(
+        &c.nodes[1].addr,
+        connect_packet(&pub_id, ProtocolVersion::V5, true),
+    )
+    .await;
+    p.publish(
+        "joined/x",
+        b"to the new member",
+        QoS::AtLeastOnce,
+        false,
+        Properties::default(),
+    )
+    .await;
+    match s.recv(Duration::from_secs(10)).await {
+        Some(mqlb_protocol::Packet::Publish(m)) => {
+            assert_eq!(&m.payload[..], b"to the new member")
+        }
+        other => panic!("no delivery through the new member: {other:?}"),
+    }
+    // A founding member restarts blank, configured with the founders only:
+    // it learns the new member from the leader and links to it again.
+    c.stop_node(1, Duration::from_secs(15));
+    c.start_node(1);
+    assert!(
+        c.wait_converged(SETTLE).await,
+        "n2 did not come back with n4: {}",
+        mqlb_tests::http(&c.nodes[1].admin, "GET", "/cluster")
+            .await
+            .1
+    );
+}

@@ -35,7 +35,9 @@ impl Cluster {
         let id = self
             .id_of(owner)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown node"))?;
-        let addr = self.addrs[id as usize];
+        let addr = self
+            .addr_of(id)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown node"))?;
         let mut s = tokio::time::timeout(FAILURE_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -298,10 +300,19 @@ impl Cluster {
         state: Arc<State>,
         stop: CancellationToken,
     ) {
-        let addr = self.addrs[id as usize];
-        let name = self.names[id as usize].clone();
+        let (Some(addr), Some(name)) = (self.addr_of(id), self.name_of(id)) else {
+            return;
+        };
         let mut backoff = Duration::from_millis(100);
         loop {
+            // A member retired by an admin call is not dialled.
+            let members = self.membership();
+            if !members.is_empty() && !members.contains(&name) {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.cancelled() => return,
+                }
+            }
             let attempt = async {
                 let mut s = tokio::time::timeout(FAILURE_TIMEOUT, TcpStream::connect(addr))
                     .await
@@ -371,7 +382,8 @@ impl Cluster {
             // The sessions whose chain (with the peer in the view) holds
             // the peer: a returning owner or replica must have them before
             // it says ready.
-            let peer = self.names[id as usize].as_str();
+            let peer_name = self.name_of(id).unwrap_or_default();
+            let peer = peer_name.as_str();
             let mut members = self.view().members;
             if !members.iter().any(|m| m == peer) {
                 members.push(peer.to_string());
@@ -401,8 +413,7 @@ impl Cluster {
                     if in_chain(client) {
                         let holder = holders
                             .get(client)
-                            .and_then(|h| self.names.get(*h as usize))
-                            .cloned()
+                            .and_then(|h| self.name_of(*h))
                             .unwrap_or_default();
                         copies.push((client.clone(), crate::core::snapshot_of(session), holder));
                     }

@@ -53,13 +53,15 @@
 //!   holds it).
 //! * **The state store** (`store`): keys placed like client IDs and
 //!   chain-replicated; the owner answers once the chain holds the change.
-//! * **Membership** is the configured list; [`Cluster::remove_member`]
-//!   (the admin API's `POST /cluster/members/{name}/remove`) retires one.
+//! * **Membership** starts as the configured list and changes through the
+//!   Raft log: [`Cluster::add_member`] (`POST /cluster/members/{name}@{addr}`,
+//!   for a node started with `--join`) and [`Cluster::remove_member`]
+//!   (`POST /cluster/members/{name}/remove`). Each node keeps a directory of
+//!   the members it knows (ids are local positions, never reused) and learns
+//!   new ones from the committed membership.
 //!
 //! # Not built yet
-//! Adding a member to a running cluster (the Raft layer supports it; links
-//! to a node no peer was configured with do not); persisting the Raft
-//! state (see `consensus`).
+//! Persisting the Raft state (see `consensus`).
 
 mod consensus;
 pub mod handshake;
@@ -123,6 +125,15 @@ pub struct View {
     pub members: Vec<String>,
 }
 
+/// The members this node knows of: names and cluster addresses by
+/// [`NodeId`]. Ids are positions, local to this node and never reused; a
+/// member added to a running cluster gets the next one.
+#[derive(Debug, Default)]
+struct Directory {
+    names: Vec<String>,
+    addrs: Vec<SocketAddr>,
+}
+
 /// What this node knows about one peer.
 #[derive(Debug, Default, Clone)]
 struct Peer {
@@ -160,9 +171,10 @@ pub struct ClusterStats {
 pub struct Cluster {
     me: String,
     my_id: NodeId,
-    /// Node names by id (sorted; ids are positions).
-    names: Vec<String>,
-    addrs: Vec<SocketAddr>,
+    /// The members this node knows of, by id.
+    directory: std::sync::RwLock<Directory>,
+    /// Cancelled when the cluster stops (for links to members added later).
+    stop: std::sync::OnceLock<(CancellationToken, Arc<State>)>,
     secret: Vec<u8>,
     /// Copies of each persistent session: its holder plus this many − 1
     /// chain members (the top ranks of the client ID over the view).
@@ -307,13 +319,20 @@ impl Cluster {
             .position(|n| *n == config.node_id)
             .and_then(|i| NodeId::try_from(i).ok())
             .unwrap_or(0);
-        let consensus = consensus::Consensus::new(&config.node_id, &all)
+        // A node joining a running cluster is not a founding member: its
+        // Raft node starts empty and the leader catches it up once an
+        // admin call has added it.
+        let founders: Vec<(String, SocketAddr)> = if config.join {
+            config.peers.clone()
+        } else {
+            all.clone()
+        };
+        let consensus = consensus::Consensus::new(&config.node_id, &founders)
             .map_err(|e| io::Error::other(format!("raft: {e}")))?;
         Ok((
             Arc::new(Cluster {
                 me: config.node_id.clone(),
                 my_id,
-                addrs: all.iter().map(|(_, a)| *a).collect(),
                 peers: Mutex::new(vec![Peer::default(); names.len()]),
                 view: Mutex::new(View {
                     number: 0,
@@ -325,7 +344,11 @@ impl Cluster {
                 leaving: std::sync::atomic::AtomicBool::new(false),
                 announced: std::sync::atomic::AtomicBool::new(false),
                 serving_now: std::sync::atomic::AtomicBool::new(true),
-                names,
+                directory: std::sync::RwLock::new(Directory {
+                    names,
+                    addrs: all.iter().map(|(_, a)| *a).collect(),
+                }),
+                stop: std::sync::OnceLock::new(),
                 secret,
                 replication: config.replication_factor.max(1),
                 links: Mutex::new(HashMap::new()),
@@ -366,6 +389,17 @@ impl Cluster {
         lock(&self.consensus).view().members.into_keys().collect()
     }
 
+    /// The committed membership, or every configured member before one is
+    /// known.
+    fn membership_or_known(&self) -> Vec<String> {
+        let members = self.membership();
+        if members.is_empty() {
+            self.names()
+        } else {
+            members
+        }
+    }
+
     /// The Raft leader, if this node knows one.
     pub fn leader(&self) -> Option<String> {
         lock(&self.consensus).leader()
@@ -400,7 +434,7 @@ impl Cluster {
     pub fn quorum(&self) -> usize {
         let members = lock(&self.consensus).member_count();
         if members == 0 {
-            self.names.len() / 2 + 1
+            self.node_count() / 2 + 1
         } else {
             members / 2 + 1
         }
@@ -436,6 +470,41 @@ impl Cluster {
             }
             if me.membership().contains(&name) {
                 tracing::warn!(member = %name, "retirement did not commit (is a majority up?)");
+            }
+        });
+        Ok(())
+    }
+
+    /// Adds `name`, whose cluster listener is `addr`, to the cluster's
+    /// membership: a configuration change through the Raft log. The new
+    /// node is started with `--join` (it is not a founding member) and the
+    /// current members as its peers; once the change commits, every member
+    /// links to it and the leader catches it up, and it takes its share of
+    /// sessions when a majority hears it. Proposed again every second for
+    /// [`RETIRE_FOR`] until it commits, like [`Cluster::remove_member`].
+    pub fn add_member(&self, name: &str, addr: SocketAddr) -> Result<(), String> {
+        let name = mqlb_config::broker::ClusterConfig::check_name(name)?;
+        if let Some(old) = lock(&self.consensus).view().members.get(&name) {
+            return Err(format!("{name} is already a member (at {old})"));
+        }
+        let Some(me) = self.state_owner.get().and_then(std::sync::Weak::upgrade) else {
+            return Err("the cluster is not running".to_string());
+        };
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + RETIRE_FOR;
+            while !me.membership().contains(&name) && tokio::time::Instant::now() < deadline {
+                let command = consensus::Command::Join(name.clone(), addr);
+                match lock(&me.consensus).propose_membership(command) {
+                    Ok(out) => {
+                        tracing::info!(member = %name, %addr, "addition proposed");
+                        me.deliver(out);
+                    }
+                    Err(e) => tracing::info!(error = %e, "addition not proposed yet"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            if !me.membership().contains(&name) {
+                tracing::warn!(member = %name, "addition did not commit (is a majority up?)");
             }
         });
         Ok(())
@@ -563,8 +632,11 @@ impl Cluster {
         // The peers the committed view counts live must have sent their
         // snapshots; one the cluster has agreed is out holds nothing this
         // node must wait for.
+        let names = self.names();
         lock(&self.peers).iter().enumerate().all(|(i, p)| {
-            i == self.my_id as usize || p.synced || !view.members.contains(&self.names[i])
+            i == self.my_id as usize
+                || p.synced
+                || names.get(i).is_none_or(|n| !view.members.contains(n))
         })
     }
 
@@ -574,10 +646,80 @@ impl Cluster {
     }
 
     fn id_of(&self, name: &str) -> Option<NodeId> {
-        self.names
+        self.directory()
+            .names
             .iter()
             .position(|n| n == name)
             .and_then(|i| NodeId::try_from(i).ok())
+    }
+
+    fn directory(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
+        self.directory.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A member's name by id.
+    fn name_of(&self, id: NodeId) -> Option<String> {
+        self.directory().names.get(id as usize).cloned()
+    }
+
+    /// A member's cluster address by id.
+    fn addr_of(&self, id: NodeId) -> Option<SocketAddr> {
+        self.directory().addrs.get(id as usize).copied()
+    }
+
+    /// Every member this node knows of, by id.
+    fn names(&self) -> Vec<String> {
+        self.directory().names.clone()
+    }
+
+    fn node_count(&self) -> usize {
+        self.directory().names.len()
+    }
+
+    /// Members the committed membership has and this node did not know
+    /// (added by an admin call): their ids, addresses and links.
+    fn learn_members(&self, members: &std::collections::BTreeMap<String, SocketAddr>) {
+        let new: Vec<(&String, &SocketAddr)> = {
+            let dir = self.directory();
+            members
+                .iter()
+                .filter(|(n, _)| !dir.names.contains(n))
+                .collect()
+        };
+        if new.is_empty() {
+            return;
+        }
+        // The peer entries first: an id is handed out only once its entry
+        // exists (no lock is held while the other is taken).
+        lock(&self.peers).extend(new.iter().map(|_| Peer::default()));
+        let mut added = Vec::new();
+        {
+            let mut dir = self.directory.write().unwrap_or_else(|p| p.into_inner());
+            for (name, addr) in new {
+                let Ok(id) = NodeId::try_from(dir.names.len()) else {
+                    continue;
+                };
+                dir.names.push(name.clone());
+                dir.addrs.push(*addr);
+                tracing::info!(member = %name, %addr, "member added to the cluster");
+                added.push(id);
+            }
+        }
+        for id in added {
+            self.spawn_link(id);
+        }
+    }
+
+    /// Keeps a link to member `id` (once the cluster runs).
+    fn spawn_link(&self, id: NodeId) {
+        let (Some((stop, state)), Some(me)) = (
+            self.stop.get().cloned(),
+            self.state_owner.get().and_then(std::sync::Weak::upgrade),
+        ) else {
+            return;
+        };
+        let span = tracing::info_span!("link", peer = %self.name_of(id).unwrap_or_default());
+        tokio::spawn(async move { me.dial_loop(id, state, stop).await }.instrument(span));
     }
 
     /// Runs the cluster until `stop`: accepts peers and proxied clients on
@@ -591,22 +733,18 @@ impl Cluster {
     ) {
         let _ = self.state.set(Arc::downgrade(&state));
         let _ = self.state_owner.set(Arc::downgrade(self));
+        let _ = self.stop.set((stop.clone(), state.clone()));
         let me = self.clone();
         let st = state.clone();
         let s = stop.clone();
         tokio::spawn(async move { me.accept_loop(listener, st, settings, s).await });
-        for id in 0..self.names.len() {
+        for id in 0..self.node_count() {
             let Ok(id) = NodeId::try_from(id) else {
                 continue;
             };
-            if id == self.my_id {
-                continue;
+            if id != self.my_id {
+                self.spawn_link(id);
             }
-            let me = self.clone();
-            let st = state.clone();
-            let s = stop.clone();
-            let span = tracing::info_span!("link", peer = %self.names[id as usize]);
-            tokio::spawn(async move { me.dial_loop(id, st, s).await }.instrument(span));
         }
         let me = self.clone();
         tokio::spawn(async move {
@@ -650,10 +788,10 @@ impl Cluster {
 
     /// A peer's Raft message.
     pub(super) fn raft_message(&self, from: NodeId, m: &[u8]) {
-        let Some(name) = self.names.get(from as usize) else {
+        let Some(name) = self.name_of(from) else {
             return;
         };
-        let out = lock(&self.consensus).step(name, m);
+        let out = lock(&self.consensus).step(&name, m);
         self.deliver(out);
     }
 
@@ -663,6 +801,8 @@ impl Cluster {
     /// promotes the replicas it now owns, releases waits on members that
     /// left, and re-chains sessions.
     fn on_tick(&self, state: &Arc<State>, t: &mut Ticker) {
+        let members = lock(&self.consensus).view().members;
+        self.learn_members(&members);
         let observed = self.observe();
         t.ticks += 1;
         if self.announced.load(Ordering::Relaxed) {
@@ -706,7 +846,7 @@ impl Cluster {
         // gracefully leaving node drains its link before it exits.
         let gone: Vec<NodeId> = {
             let links = lock(&self.links);
-            (0..self.names.len())
+            (0..self.node_count())
                 .filter_map(|i| NodeId::try_from(i).ok())
                 .filter(|&i| i != self.my_id && !links.contains_key(&i))
                 .collect()
@@ -750,19 +890,19 @@ impl Cluster {
     fn live_by_majority(&self, observed: &[String]) -> Vec<String> {
         let now = Instant::now();
         let reports = lock(&self.reports);
-        let fresh: Vec<(&str, &Vec<String>)> = reports
+        let fresh: Vec<(String, &Vec<String>)> = reports
             .iter()
             .filter(|(_, (_, at))| now.duration_since(*at) <= FAILURE_TIMEOUT)
-            .filter_map(|(id, (r, _))| Some((self.names.get(*id as usize)?.as_str(), r)))
+            .filter_map(|(id, (r, _))| Some((self.name_of(*id)?, r)))
             .collect();
         let quorum = self.quorum();
-        self.names
+        self.membership_or_known()
             .iter()
             .filter(|m| {
                 let mine = usize::from(**m != self.me && observed.contains(m));
                 let theirs = fresh
                     .iter()
-                    .filter(|(by, r)| *by != m.as_str() && r.contains(m))
+                    .filter(|(by, r)| by != *m && r.contains(m))
                     .count();
                 1 + mine + theirs >= quorum
             })
@@ -775,6 +915,7 @@ impl Cluster {
     fn observe(&self) -> Vec<String> {
         let now = Instant::now();
         let mut members = vec![self.me.clone()];
+        let names = self.names();
         {
             let links = lock(&self.links);
             let peers = lock(&self.peers);
@@ -786,7 +927,9 @@ impl Cluster {
                     .heard
                     .is_some_and(|h| now.duration_since(h) <= FAILURE_TIMEOUT);
                 if id != self.my_id && heard && !p.leaving && links.contains_key(&id) {
-                    members.push(self.names[i].clone());
+                    if let Some(n) = names.get(i) {
+                        members.push(n.clone());
+                    }
                 }
             }
         }
@@ -852,9 +995,10 @@ impl Cluster {
 
 impl Fabric for Cluster {
     fn linked(&self, node: NodeId) -> bool {
-        let name = self.names.get(node as usize);
-        lock(&self.links).contains_key(&node)
-            && name.is_some_and(|n| lock(&self.view).members.contains(n))
+        let Some(name) = self.name_of(node) else {
+            return false;
+        };
+        lock(&self.links).contains_key(&node) && lock(&self.view).members.contains(&name)
     }
 
     fn hold(

@@ -64,9 +64,9 @@ impl Cluster {
             return None;
         }
         let holder = *lock(&self.holders).get(client_id)?;
-        let name = self.names.get(holder as usize)?;
-        let live = self.view().members.iter().any(|m| m == name);
-        (live && *name != self.me).then(|| name.clone())
+        let name = self.name_of(holder)?;
+        let live = self.view().members.contains(&name);
+        (live && name != self.me).then_some(name)
     }
 
     /// Where a client with this ID is served: `None` here, or the node to
@@ -368,7 +368,7 @@ impl Cluster {
             let refusers: Vec<String> = exclude
                 .iter()
                 .filter(|_| refused)
-                .filter_map(|n| cluster.names.get(*n as usize).cloned())
+                .filter_map(|n| cluster.name_of(*n))
                 .collect();
             let unsettled = || {
                 cluster.view_has_unreachable() || {
