@@ -201,6 +201,11 @@ struct ClusterArgs {
     /// `POST /cluster/members/NAME@IP:PORT` on one of them adds this node.
     #[arg(long, requires = "node_id")]
     join: bool,
+    /// Directory where the node keeps its Raft state (term, vote, log,
+    /// view) across restarts; without it a restarted node is caught up
+    /// from scratch.
+    #[arg(long, requires = "node_id")]
+    state_dir: Option<PathBuf>,
 }
 
 impl ClusterArgs {
@@ -223,6 +228,7 @@ impl ClusterArgs {
                 mqlb_config::broker::DEFAULT_REPLICATION_FACTOR.min(self.peer.len() + 1),
             ),
             join: self.join,
+            state_dir: self.state_dir,
         };
         c.validate()?;
         cfg.cluster = Some(c);

@@ -119,6 +119,9 @@ pub struct ClusterConfig {
     /// This node joins a running cluster (`--join`): `peers` are its
     /// current members, and an admin call on one of them adds this node.
     pub join: bool,
+    /// Where the node keeps its Raft state across restarts (`--state-dir`);
+    /// without one it is caught up from scratch by the leader.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Session copies unless configured: survives the loss of any one node.
@@ -451,6 +454,13 @@ impl BrokerConfig {
                     secret_file,
                     replication_factor: DEFAULT_REPLICATION_FACTOR.min(peers_len + 1),
                     join: cl.join.unwrap_or(false),
+                    state_dir: cl.state_dir.as_ref().map(|p| {
+                        let path = PathBuf::from(p.get_ref());
+                        match base {
+                            Some(dir) if path.is_relative() => dir.join(path),
+                            _ => path,
+                        }
+                    }),
                 };
                 let mut cc = cc;
                 if let Some(r) = &cl.replication_factor {
@@ -541,6 +551,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("b.toml:3: broker.max_topic_levels"), "{e}");
+    }
+
+    #[test]
+    fn cluster_join_and_state_dir() {
+        let text = "[cluster]\nnode_id = \"n4\"\nlisten = \"127.0.0.1:7004\"\npeers = [\"n1@127.0.0.1:7001\"]\njoin = true\nstate_dir = \"state\"\n";
+        let c = BrokerConfig::parse("b.toml", text, Some(Path::new("/var/lib/mqlb")))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert!(c.join);
+        assert_eq!(c.state_dir, Some(PathBuf::from("/var/lib/mqlb/state")));
+        let text = "[cluster]\nnode_id = \"n1\"\nlisten = \"127.0.0.1:7001\"\n";
+        let c = BrokerConfig::parse("b.toml", text, None)
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert!(!c.join);
+        assert_eq!(c.state_dir, None);
     }
 
     #[test]

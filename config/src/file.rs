@@ -65,6 +65,8 @@ pub struct ClusterFile {
     pub replication_factor: Option<Spanned<i64>>,
     /// Join a running cluster (an admin call on a member adds this node).
     pub join: Option<bool>,
+    /// Directory for the Raft state, kept across restarts.
+    pub state_dir: Option<Spanned<String>>,
 }
 
 /// `[broker]`.

@@ -1612,3 +1612,34 @@ async fn a_node_is_added_by_an_admin_call() {
             .1
     );
 }
+
+/// With `--state-dir` a node keeps its Raft state across a `kill -9`: it
+/// comes back with its term, vote and view (its log says so) and rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_state_survives_a_kill_with_a_state_dir() {
+    let _one = ONE_CLUSTER.lock().await;
+    let dir = mqlb_tests::scratch_dir("raft-state");
+    let dir_arg = dir.display().to_string();
+    let mut c = TestCluster::start(3, None, &["--state-dir", &dir_arg]);
+    assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
+    for n in ["n1", "n2", "n3"] {
+        assert!(
+            dir.join(format!("raft-{n}.state")).exists(),
+            "{n} wrote no state"
+        );
+    }
+    c.kill(0);
+    c.start_node(0);
+    if !c.wait_converged(SETTLE).await {
+        let mut views = Vec::new();
+        for n in &c.nodes {
+            views.push(mqlb_tests::http(&n.admin, "GET", "/cluster").await.1);
+        }
+        panic!("n1 did not rejoin: {views:#?}");
+    }
+    assert!(
+        c.log(0).contains("raft state restored"),
+        "n1 started blank: {}",
+        c.log(0)
+    );
+}

@@ -22,13 +22,19 @@
 //! configuration changes (an admin call on any node is forwarded to the
 //! leader's log by proposal).
 //!
-//! # Limits
+//! # Where the state lives
 //! The log is kept in memory and compacted into the view every
-//! [`COMPACT_EVERY`] entries. A node that restarts comes back empty and is
-//! caught up by the leader (log or snapshot); its vote in the term it died
-//! in is forgotten, so a restart within one election (about
-//! [`ELECTION_TICKS`] ticks) of a vote could in theory let it vote twice in
-//! that term. Pre-vote and check-quorum are on, which narrows this further.
+//! [`COMPACT_EVERY`] entries. With a state directory (`state_dir`,
+//! `--state-dir`) every change to the hard state (term, vote, commit), the
+//! log or the applied view is written to a file there (written whole to a
+//! temporary file, synced, then renamed) before the messages that depend on
+//! it leave, as Raft requires; a restarted node reads it back and remembers
+//! its vote and what it acknowledged. Without one, a node that restarts
+//! comes back empty and is caught up by the leader (log or snapshot); its
+//! vote in the term it died in is forgotten, so a restart within one
+//! election (about [`ELECTION_TICKS`] ticks) of a vote could in theory let
+//! it vote twice in that term. Pre-vote and check-quorum are on, which
+//! narrows this further.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -288,6 +294,97 @@ pub struct Consensus {
     /// blank, without the founding configuration) is caught up by a
     /// snapshot rather than a log it could not interpret.
     compact_now: bool,
+    /// Where the state is persisted, if anywhere.
+    state_file: Option<std::path::PathBuf>,
+}
+
+/// What a state file holds.
+struct Persisted {
+    hard: raft::prelude::HardState,
+    conf: ConfState,
+    index: u64,
+    term: u64,
+    view: Committed,
+    entries: Vec<Entry>,
+}
+
+const STATE_MAGIC: &[u8] = b"mqlb-raft-1\n";
+
+impl Persisted {
+    fn encode(&self) -> Result<Vec<u8>, String> {
+        let mut b = BytesMut::new();
+        b.put_slice(STATE_MAGIC);
+        b.put_u64(self.hard.term);
+        b.put_u64(self.hard.vote);
+        b.put_u64(self.hard.commit);
+        for ids in [&self.conf.voters, &self.conf.learners] {
+            b.put_u32(u32::try_from(ids.len()).map_err(|e| e.to_string())?);
+            for id in ids {
+                b.put_u64(*id);
+            }
+        }
+        b.put_u64(self.index);
+        b.put_u64(self.term);
+        let view = self.view.encode();
+        b.put_u32(u32::try_from(view.len()).map_err(|e| e.to_string())?);
+        b.put_slice(&view);
+        b.put_u32(u32::try_from(self.entries.len()).map_err(|e| e.to_string())?);
+        for e in &self.entries {
+            let bytes = e.write_to_bytes().map_err(|e| e.to_string())?;
+            b.put_u32(u32::try_from(bytes.len()).map_err(|e| e.to_string())?);
+            b.put_slice(&bytes);
+        }
+        Ok(b.to_vec())
+    }
+
+    fn decode(mut b: Bytes) -> Option<Persisted> {
+        if !b.starts_with(STATE_MAGIC) {
+            return None;
+        }
+        b.advance(STATE_MAGIC.len());
+        let u64_of = |b: &mut Bytes| (b.remaining() >= 8).then(|| b.get_u64());
+        let u32_of = |b: &mut Bytes| (b.remaining() >= 4).then(|| b.get_u32() as usize);
+        let hard = raft::prelude::HardState {
+            term: u64_of(&mut b)?,
+            vote: u64_of(&mut b)?,
+            commit: u64_of(&mut b)?,
+            ..Default::default()
+        };
+        let mut lists = Vec::new();
+        for _ in 0..2 {
+            let n = u32_of(&mut b)?;
+            if b.remaining() < n.saturating_mul(8) {
+                return None;
+            }
+            lists.push((0..n).map(|_| b.get_u64()).collect::<Vec<u64>>());
+        }
+        let learners = lists.pop()?;
+        let voters = lists.pop()?;
+        let index = u64_of(&mut b)?;
+        let term = u64_of(&mut b)?;
+        let n = u32_of(&mut b)?;
+        if b.remaining() < n {
+            return None;
+        }
+        let view = Committed::decode(b.split_to(n))?;
+        let count = u32_of(&mut b)?;
+        let mut entries = Vec::new();
+        for _ in 0..count {
+            let n = u32_of(&mut b)?;
+            if b.remaining() < n {
+                return None;
+            }
+            entries.push(Entry::parse_from_bytes(&b.split_to(n)).ok()?);
+        }
+        Some(Persisted {
+            hard,
+            conf: ConfState::from((voters, learners)),
+            index,
+            term,
+            view,
+            entries,
+        })
+    }
 }
 
 impl std::fmt::Debug for Consensus {
@@ -303,29 +400,77 @@ impl Consensus {
     /// configured alike starts from the same state). A node joining a
     /// running cluster (not among `members`) starts empty and is caught up
     /// by the leader.
+    #[cfg(test)]
     pub fn new(me: &str, members: &[(String, SocketAddr)]) -> raft::Result<Consensus> {
+        Self::with_state(me, members, None)
+    }
+
+    /// [`Consensus::new`], persisting to `state_file` (and starting from
+    /// it, when it holds a state).
+    pub fn with_state(
+        me: &str,
+        members: &[(String, SocketAddr)],
+        state_file: Option<&std::path::Path>,
+    ) -> raft::Result<Consensus> {
         let founding = members.iter().any(|(n, _)| n == me);
-        let mem = if founding {
-            let voters: Vec<u64> = members.iter().map(|(n, _)| raft_id(n)).collect();
-            MemStorage::new_with_conf_state(ConfState::from((voters, Vec::new())))
-        } else {
-            MemStorage::new()
-        };
-        let view = if founding {
-            Committed {
-                number: 0,
-                live: Vec::new(),
-                members: members.iter().cloned().collect(),
+        let saved = state_file
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| Persisted::decode(Bytes::from(b)));
+        let (mem, applied_index) = match &saved {
+            Some(s) => {
+                let mem = if s.index == 0 {
+                    MemStorage::new_with_conf_state(s.conf.clone())
+                } else {
+                    let mem = MemStorage::new();
+                    let mut snap = Snapshot::default();
+                    snap.set_data(s.view.encode());
+                    snap.mut_metadata().index = s.index;
+                    snap.mut_metadata().term = s.term;
+                    snap.mut_metadata().set_conf_state(s.conf.clone());
+                    mem.wl().apply_snapshot(snap)?;
+                    mem
+                };
+                mem.wl().append(&s.entries)?;
+                mem.wl().set_hardstate(s.hard.clone());
+                tracing::info!(
+                    term = s.hard.term,
+                    index = s.index,
+                    entries = s.entries.len(),
+                    view = s.view.number,
+                    "raft state restored"
+                );
+                (mem, s.index)
             }
-        } else {
-            Committed::default()
+            None if founding => {
+                let voters: Vec<u64> = members.iter().map(|(n, _)| raft_id(n)).collect();
+                (
+                    MemStorage::new_with_conf_state(ConfState::from((voters, Vec::new()))),
+                    0,
+                )
+            }
+            None => (MemStorage::new(), 0),
         };
-        let applied = Arc::new(Mutex::new(Applied {
-            index: 0,
-            term: 0,
-            view,
-        }));
+        let view = match saved {
+            Some(s) => Applied {
+                index: s.index,
+                term: s.term,
+                view: s.view,
+            },
+            None if founding => Applied {
+                index: 0,
+                term: 0,
+                view: Committed {
+                    number: 0,
+                    live: Vec::new(),
+                    members: members.iter().cloned().collect(),
+                },
+            },
+            None => Applied::default(),
+        };
+        let known: Vec<String> = view.view.members.keys().cloned().collect();
+        let applied = Arc::new(Mutex::new(view));
         let config = Config {
+            applied: applied_index,
             id: raft_id(me),
             election_tick: ELECTION_TICKS,
             heartbeat_tick: 2,
@@ -346,8 +491,10 @@ impl Consensus {
         )?;
         let names = members
             .iter()
-            .map(|(n, _)| (raft_id(n), n.clone()))
-            .chain(std::iter::once((raft_id(me), me.to_string())))
+            .map(|(n, _)| n.clone())
+            .chain(known)
+            .chain(std::iter::once(me.to_string()))
+            .map(|n| (raft_id(&n), n))
             .collect();
         Ok(Consensus {
             node,
@@ -355,7 +502,58 @@ impl Consensus {
             proposed: None,
             names,
             compact_now: false,
+            state_file: state_file.map(std::path::Path::to_path_buf),
         })
+    }
+
+    /// Writes the hard state, the applied view and the entries after it
+    /// to the state file (whole, to a temporary file that is synced and
+    /// renamed over it). A failure is logged: the node goes on as if it had
+    /// no state directory.
+    fn persist(&self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let store = &self.node.store().mem;
+        let (index, term, view) = {
+            let a = lock(&self.applied);
+            (a.index, a.term, a.view.clone())
+        };
+        let state = match store.initial_state() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "raft state not read for persisting");
+                return;
+            }
+        };
+        let last = store.last_index().unwrap_or(index);
+        let entries = if last > index {
+            store
+                .entries(index + 1, last + 1, None, GetEntriesContext::empty(false))
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let saved = Persisted {
+            hard: state.hard_state,
+            conf: state.conf_state,
+            index,
+            term,
+            view,
+            entries,
+        };
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let bytes = saved.encode().map_err(std::io::Error::other)?;
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(error = %e, path = %path.display(), "raft state not persisted");
+        }
     }
 
     /// The committed view.
@@ -548,7 +746,10 @@ impl Consensus {
                 tracing::warn!(error = %e, "raft snapshot not applied");
             }
         }
-        self.apply(rd.take_committed_entries());
+        let committed = rd.take_committed_entries();
+        let mut changed =
+            !rd.snapshot().is_empty() || !committed.is_empty() || !rd.entries().is_empty();
+        self.apply(committed);
         if !rd.entries().is_empty() {
             if let Err(e) = self.node.store().mem.wl().append(rd.entries()) {
                 tracing::warn!(error = %e, "raft entries not appended");
@@ -556,6 +757,12 @@ impl Consensus {
         }
         if let Some(hs) = rd.hs() {
             self.node.store().mem.wl().set_hardstate(hs.clone());
+            changed = true;
+        }
+        // What the next messages promise (a vote, an acknowledged entry)
+        // is on disk before they leave.
+        if changed {
+            self.persist();
         }
         self.send(rd.take_persisted_messages(), &mut out);
         let mut light = self.node.advance(rd);
@@ -568,9 +775,14 @@ impl Consensus {
                 .set_commit(commit);
         }
         self.send(light.take_messages(), &mut out);
-        self.apply(light.take_committed_entries());
+        let committed = light.take_committed_entries();
+        let applied_more = !committed.is_empty();
+        self.apply(committed);
         self.node.advance_apply();
         self.compact();
+        if applied_more {
+            self.persist();
+        }
         let view = self.view();
         if view.number != before {
             out.view = Some(view);
@@ -966,5 +1178,59 @@ mod tests {
         let n = c.get_mut("n0").expect("node");
         let out = n.step("n1", b"\xff\xff\xff");
         assert!(out.messages.is_empty());
+    }
+
+    /// With a state file, a node restarted mid-term comes back with its
+    /// term, its vote and the committed view, not blank; the file survives
+    /// compaction, membership changes and bogus contents.
+    #[test]
+    fn a_node_with_a_state_file_remembers_its_vote_and_view() {
+        let dir = std::env::temp_dir().join(format!("mqlb-raft-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("raft-n0.state");
+        let _ = std::fs::remove_file(&file);
+        let ms = members(3);
+        let mut nodes: BTreeMap<String, Consensus> = ms
+            .iter()
+            .map(|(name, _)| {
+                let f = (name == "n0").then_some(file.as_path());
+                let c = Consensus::with_state(name, &ms, f).expect("raft node");
+                (name.clone(), c)
+            })
+            .collect();
+        let all = names(&["n0", "n1", "n2"]);
+        // Past a compaction, with the live set flapping.
+        for round in 0..(COMPACT_EVERY as usize + 20) {
+            let live = if round % 2 == 0 {
+                all.clone()
+            } else {
+                names(&["n0", "n1"])
+            };
+            tick_all(&mut nodes, &[], &live);
+        }
+        for _ in 0..20 {
+            tick_all(&mut nodes, &[], &all);
+        }
+        let before = nodes["n0"].view();
+        let hard = nodes["n0"].node.raft.hard_state();
+        assert!(before.number > COMPACT_EVERY / 2, "{before:?}");
+        // Restarted from its file.
+        let back = Consensus::with_state("n0", &ms, Some(&file)).expect("raft node");
+        assert_eq!(back.view(), before);
+        let restored = back.node.raft.hard_state();
+        assert_eq!((restored.term, restored.vote), (hard.term, hard.vote));
+        nodes.insert("n0".into(), back);
+        for _ in 0..40 {
+            tick_all(&mut nodes, &[], &all);
+        }
+        let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
+        assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
+        assert_eq!(views[0].live, all);
+        // A file that is not a state is ignored: the node starts as if it
+        // had none.
+        std::fs::write(&file, b"garbage").expect("write");
+        let blank = Consensus::with_state("n0", &ms, Some(&file)).expect("raft node");
+        assert_eq!(blank.view().number, 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

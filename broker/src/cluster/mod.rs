@@ -59,9 +59,7 @@
 //!   (`POST /cluster/members/{name}/remove`). Each node keeps a directory of
 //!   the members it knows (ids are local positions, never reused) and learns
 //!   new ones from the committed membership.
-//!
-//! # Not built yet
-//! Persisting the Raft state (see `consensus`).
+//! * **Raft state** is persisted with a state directory (see `consensus`).
 
 mod consensus;
 pub mod handshake;
@@ -327,17 +325,38 @@ impl Cluster {
         } else {
             all.clone()
         };
-        let consensus = consensus::Consensus::new(&config.node_id, &founders)
-            .map_err(|e| io::Error::other(format!("raft: {e}")))?;
+        let state_file = match &config.state_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    io::Error::new(e.kind(), format!("state directory {}: {e}", dir.display()))
+                })?;
+                Some(dir.join(format!("raft-{}.state", config.node_id)))
+            }
+            None => None,
+        };
+        let consensus =
+            consensus::Consensus::with_state(&config.node_id, &founders, state_file.as_deref())
+                .map_err(|e| io::Error::other(format!("raft: {e}")))?;
+        // A node restarted from its state file starts from the view it had
+        // committed (a later one comes from the leader).
+        let saved = consensus.view();
+        let restored = if saved.number > 0 {
+            View {
+                number: saved.number,
+                members: saved.live,
+            }
+        } else {
+            View {
+                number: 0,
+                members: vec![config.node_id.clone()],
+            }
+        };
         Ok((
             Arc::new(Cluster {
                 me: config.node_id.clone(),
                 my_id,
                 peers: Mutex::new(vec![Peer::default(); names.len()]),
-                view: Mutex::new(View {
-                    number: 0,
-                    members: vec![config.node_id.clone()],
-                }),
+                view: Mutex::new(restored),
                 consensus: Mutex::new(consensus),
                 observed: Mutex::new(vec![config.node_id.clone()]),
                 reports: Mutex::new(HashMap::new()),
