@@ -276,6 +276,10 @@ impl BrokerConfig {
                     _ => path,
                 });
             }
+            let none = None;
+            let ss = |f: fn(&file::StateStoreFile) -> &Option<Spanned<i64>>| {
+                b.statestore.as_ref().map_or(&none, f)
+            };
             for (key, v, out) in [
                 (
                     "max_queued_messages",
@@ -297,6 +301,26 @@ impl BrokerConfig {
                     &b.max_subscriptions,
                     &mut c.max_subscriptions,
                 ),
+                (
+                    "statestore.max_keys",
+                    ss(|s| &s.max_keys),
+                    &mut c.statestore.max_keys,
+                ),
+                (
+                    "statestore.max_key_bytes",
+                    ss(|s| &s.max_key_bytes),
+                    &mut c.statestore.max_key_bytes,
+                ),
+                (
+                    "statestore.max_value_bytes",
+                    ss(|s| &s.max_value_bytes),
+                    &mut c.statestore.max_value_bytes,
+                ),
+                (
+                    "statestore.max_total_bytes",
+                    ss(|s| &s.max_total_bytes),
+                    &mut c.statestore.max_total_bytes,
+                ),
             ] {
                 if let Some(v) = v {
                     match usize::try_from(*v.get_ref()) {
@@ -306,34 +330,6 @@ impl BrokerConfig {
                             v.span(),
                             "must be at least 1".into(),
                         ),
-                    }
-                }
-            }
-            if let Some(ss) = &b.statestore {
-                let l = &mut c.statestore;
-                for (key, v, out) in [
-                    ("max_keys", &ss.max_keys, &mut l.max_keys),
-                    ("max_key_bytes", &ss.max_key_bytes, &mut l.max_key_bytes),
-                    (
-                        "max_value_bytes",
-                        &ss.max_value_bytes,
-                        &mut l.max_value_bytes,
-                    ),
-                    (
-                        "max_total_bytes",
-                        &ss.max_total_bytes,
-                        &mut l.max_total_bytes,
-                    ),
-                ] {
-                    if let Some(v) = v {
-                        match usize::try_from(*v.get_ref()) {
-                            Ok(n) if n > 0 => *out = n,
-                            _ => at(
-                                format!("broker.statestore.{key}"),
-                                v.span(),
-                                "must be at least 1".into(),
-                            ),
-                        }
                     }
                 }
             }

@@ -27,6 +27,22 @@ impl mqlb_placement::Node for Named {
     }
 }
 
+/// `mqlb broker` arguments for node `name` on loopback ports (MQTT, admin,
+/// cluster).
+fn node_args(name: &str, (mqtt, admin, cluster): Ports) -> Vec<String> {
+    vec![
+        "broker".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{mqtt}"),
+        "--admin".into(),
+        format!("127.0.0.1:{admin}"),
+        "--node-id".into(),
+        name.to_string(),
+        "--cluster-listen".into(),
+        format!("127.0.0.1:{cluster}"),
+    ]
+}
+
 /// One node's addresses and process.
 pub struct ClusterNode {
     pub name: String,
@@ -41,6 +57,18 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
+    /// A node not started yet.
+    fn new(name: String, (mqtt, admin, cluster): Ports, args: Vec<String>) -> ClusterNode {
+        ClusterNode {
+            name,
+            addr: format!("127.0.0.1:{mqtt}"),
+            admin: format!("127.0.0.1:{admin}"),
+            cluster: format!("127.0.0.1:{cluster}"),
+            args,
+            child: None,
+        }
+    }
+
     /// True while its process runs.
     pub fn alive(&mut self) -> bool {
         self.child
@@ -163,17 +191,7 @@ impl TestCluster {
         let mut nodes = Vec::new();
         for (i, (mqtt, admin, cluster)) in ports.iter().enumerate() {
             let name = format!("n{}", i + 1);
-            let mut args: Vec<String> = vec![
-                "broker".into(),
-                "--listen".into(),
-                format!("127.0.0.1:{mqtt}"),
-                "--admin".into(),
-                format!("127.0.0.1:{admin}"),
-                "--node-id".into(),
-                name.clone(),
-                "--cluster-listen".into(),
-                format!("127.0.0.1:{cluster}"),
-            ];
+            let mut args = node_args(&name, (*mqtt, *admin, *cluster));
             for (j, (_, _, c)) in ports.iter().enumerate() {
                 if j != i {
                     let addr = match &via {
@@ -193,14 +211,7 @@ impl TestCluster {
                 args.push(f.display().to_string());
             }
             args.extend(extra.iter().map(|s| s.to_string()));
-            nodes.push(ClusterNode {
-                name,
-                addr: format!("127.0.0.1:{mqtt}"),
-                admin: format!("127.0.0.1:{admin}"),
-                cluster: format!("127.0.0.1:{cluster}"),
-                args,
-                child: None,
-            });
+            nodes.push(ClusterNode::new(name, (*mqtt, *admin, *cluster), args));
         }
         let mut c = TestCluster {
             nodes,
@@ -218,31 +229,14 @@ impl TestCluster {
     pub fn start_joiner(&mut self) -> usize {
         let i = self.nodes.len();
         let name = format!("n{}", i + 1);
-        let (mqtt, admin, cluster) = (free_port(), free_port(), free_port());
-        let mut args: Vec<String> = vec![
-            "broker".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{mqtt}"),
-            "--admin".into(),
-            format!("127.0.0.1:{admin}"),
-            "--node-id".into(),
-            name.clone(),
-            "--cluster-listen".into(),
-            format!("127.0.0.1:{cluster}"),
-            "--join".into(),
-        ];
+        let ports = (free_port(), free_port(), free_port());
+        let mut args = node_args(&name, ports);
+        args.push("--join".into());
         for n in &self.nodes {
             args.push("--peer".into());
             args.push(format!("{}@{}", n.name, n.cluster));
         }
-        self.nodes.push(ClusterNode {
-            name,
-            addr: format!("127.0.0.1:{mqtt}"),
-            admin: format!("127.0.0.1:{admin}"),
-            cluster: format!("127.0.0.1:{cluster}"),
-            args,
-            child: None,
-        });
+        self.nodes.push(ClusterNode::new(name, ports, args));
         self.start_node(i);
         i
     }

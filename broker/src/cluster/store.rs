@@ -212,22 +212,7 @@ impl Cluster {
     ) -> bool {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let frame = Frame::StoreCopy { seq, view, copy };
-        let mut nodes = std::collections::HashSet::new();
-        {
-            let links = lock(&self.links);
-            for member in self.key_chain(key) {
-                if member == self.me {
-                    continue;
-                }
-                let Some(id) = self.id_of(&member) else {
-                    continue;
-                };
-                if let Some(tx) = links.get(&id) {
-                    tx.push(&frame, &self.stats.dropped);
-                    nodes.insert(id);
-                }
-            }
-        }
+        let nodes = self.push_to_chain(&lock(&self.links), key, &frame);
         if nodes.is_empty() {
             return true;
         }
@@ -242,6 +227,30 @@ impl Cluster {
             },
         );
         rx.await.unwrap_or(true)
+    }
+
+    /// Sends `frame` to the other members of `key`'s chain that are
+    /// linked; returns them.
+    fn push_to_chain(
+        &self,
+        links: &HashMap<NodeId, Arc<LinkTx>>,
+        key: &[u8],
+        frame: &Frame,
+    ) -> std::collections::HashSet<NodeId> {
+        let mut sent = std::collections::HashSet::new();
+        for member in self.key_chain(key) {
+            if member == self.me {
+                continue;
+            }
+            if let Some((id, tx)) = self
+                .id_of(&member)
+                .and_then(|id| Some((id, links.get(&id)?)))
+            {
+                tx.push(frame, &self.stats.dropped);
+                sent.insert(id);
+            }
+        }
+        sent
     }
 
     /// A peer's [`Frame::StoreAck`].
@@ -348,17 +357,13 @@ impl Cluster {
             .forget(client, view, |k| self.key_owner(k) == self.me);
         let links = lock(&self.links);
         for copy in copies {
-            let chain = self.key_chain(&copy.key);
+            let key = copy.key.clone();
             let frame = Frame::StoreCopy {
                 seq: 0,
                 view,
                 copy: Some(copy),
             };
-            for member in chain.iter().filter(|m| **m != self.me) {
-                if let Some(tx) = self.id_of(member).and_then(|id| links.get(&id)) {
-                    tx.push(&frame, &self.stats.dropped);
-                }
-            }
+            self.push_to_chain(&links, &key, &frame);
         }
     }
 
@@ -375,20 +380,13 @@ impl Cluster {
         let copies = state.statestore.copies(|_| true);
         let links = lock(&self.links);
         for copy in copies {
-            let chain = self.key_chain(&copy.key);
+            let key = copy.key.clone();
             let frame = Frame::StoreCopy {
                 seq: 0,
                 view: view.number,
                 copy: Some(copy),
             };
-            for member in chain {
-                if member == self.me {
-                    continue;
-                }
-                if let Some(tx) = self.id_of(&member).and_then(|id| links.get(&id)) {
-                    tx.push(&frame, &self.stats.dropped);
-                }
-            }
+            self.push_to_chain(&links, &key, &frame);
         }
         for tx in links.values() {
             tx.push(
