@@ -537,6 +537,17 @@ async fn a_cluster_serves_every_key_from_every_node() {
 /// next node of each key's chain has taken the keys over.
 #[tokio::test]
 async fn a_killed_owner_loses_no_acknowledged_set() {
+    owner_lost_during_sets(true).await;
+}
+
+/// The same with a graceful stop (SIGTERM) of the owner: its keys move to
+/// the next node of their chains before it exits.
+#[tokio::test]
+async fn a_stopped_owner_loses_no_acknowledged_set() {
+    owner_lost_during_sets(false).await;
+}
+
+async fn owner_lost_during_sets(kill: bool) {
     let mut c = mqlb_tests::cluster::TestCluster::start(3, None, &[]);
     assert!(c.wait_converged(Duration::from_secs(30)).await);
     let live = ["n1", "n2", "n3"];
@@ -593,13 +604,18 @@ async fn a_killed_owner_loses_no_acknowledged_set() {
         }
     }
     let killed_at = std::time::Instant::now();
-    c.kill(1);
+    if kill {
+        c.kill(1);
+    } else {
+        c.stop_node(1, Duration::from_secs(15));
+    }
     let (acked, errors) = tokio::time::timeout(Duration::from_secs(120), stream)
         .await
         .expect("the stream stalled")
         .unwrap();
     println!(
-        "state store failover: {} of {} SETs acknowledged, {errors} answered with an error, stream done {:?} after the kill",
+        "state store failover ({}): {} of {} SETs acknowledged, {errors} answered with an error, stream done {:?} after it",
+        if kill { "kill -9" } else { "SIGTERM" },
         acked.len(),
         keys.len(),
         killed_at.elapsed()
