@@ -72,6 +72,16 @@ const RESULTS: [&str; 6] = [
 ];
 const COMMANDS: [&str; 6] = ["set", "get", "del", "vdel", "keynotify", "invalid"];
 
+fn request_key(req: &Request) -> &[u8] {
+    match req {
+        Request::Set { key, .. }
+        | Request::Get { key }
+        | Request::Del { key }
+        | Request::VDel { key, .. }
+        | Request::KeyNotify { key, .. } => key,
+    }
+}
+
 /// What executing one request gave.
 struct Executed {
     command: usize,
@@ -199,6 +209,13 @@ impl StateStore {
             key: x.key,
             copy: x.copy,
         }
+    }
+
+    /// The key a request names, if it is a well-formed request with one
+    /// (where a cluster sends it).
+    pub fn key_of(p: &Publish) -> Option<Vec<u8>> {
+        let req = resp3::parse_request(&p.payload).ok()?;
+        Some(request_key(&req).to_vec()).filter(|k| !k.is_empty())
     }
 
     /// Why no response can be sent to this request, if so: it has no
@@ -340,13 +357,7 @@ impl StateStore {
                 None => return err("malformed timestamp"),
             },
         };
-        let key = match &req {
-            Request::Set { key, .. }
-            | Request::Get { key }
-            | Request::Del { key }
-            | Request::VDel { key, .. }
-            | Request::KeyNotify { key, .. } => key.clone(),
-        };
+        let key = request_key(&req).to_vec();
         let ctx = Context {
             client_id: client_id.to_string(),
             timestamp,

@@ -118,16 +118,25 @@ impl Cluster {
     async fn serve_store(&self, state: &Arc<State>, client: &str, p: &Publish, hops: u8) {
         let store = &state.statestore;
         let deadline = tokio::time::Instant::now() + STORE_WAIT;
+        // A malformed request names no key: answered here at once.
+        let key = crate::statestore::StateStore::key_of(p);
         let outcome = loop {
             let late = tokio::time::Instant::now() >= deadline;
             let view = self.view().number;
-            let handled = if self.store_ready() {
-                store.handle_in(client, p, view, &|k| self.key_owner(k) == self.me)
-            } else if late {
-                break store.unavailable(p, UNAVAILABLE);
-            } else {
-                tokio::time::sleep(consensus::TICK).await;
-                continue;
+            let handled = match &key {
+                // Passed on whatever this node's own state (a node on its
+                // way out still passes requests to the keys' new owners).
+                Some(k) if self.key_owner(k) != self.me => {
+                    crate::statestore::Handled::Elsewhere(k.clone())
+                }
+                Some(_) if !self.store_ready() => {
+                    if late {
+                        break store.unavailable(p, UNAVAILABLE);
+                    }
+                    tokio::time::sleep(consensus::TICK).await;
+                    continue;
+                }
+                _ => store.handle_in(client, p, view, &|k| self.key_owner(k) == self.me),
             };
             match handled {
                 crate::statestore::Handled::Done { outcome, key, copy } => {
