@@ -222,6 +222,17 @@ fn print_banner(args: &DemoArgs, nodes: &[(String, u16, u16, u16)], children: &M
     println!("  mosquitto_pub -p {p} -i pub1 -q 1 -t demo/hello -m 'hello, cluster'");
     println!("  mosquitto_pub -p {} -i pub2 -t demo/direct -m 'to node n2 directly: routed to every node'", p + 2);
     println!();
+    println!("The replicated state store (Azure IoT Operations protocol; RESP3 payloads):");
+    println!("  mosquitto_sub -p {p} -V 5 -i ss-watch -t my/responses -v");
+    println!(
+        "  mosquitto_pub -p {p} -V 5 -i ss-set -q 1 -t {} -D publish response-topic my/responses \\",
+        mqlb_broker::statestore::INVOKE_TOPIC
+    );
+    println!(
+        "    -D publish correlation-data 1 -D publish user-property __ts \"$(date +%s%3N):00000:me\" \\"
+    );
+    println!("    -m $'*3\\r\\n$3\\r\\nSET\\r\\n$4\\r\\ntemp\\r\\n$2\\r\\n21\\r\\n'");
+    println!();
     println!(
         "Watch a failover: kill a node ({}) with `kill -9 PID`;",
         pids.join(", ")
