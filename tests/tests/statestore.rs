@@ -674,3 +674,65 @@ async fn owner_lost_during_sets(kill: bool) {
         );
     }
 }
+
+/// A hung owner (SIGSTOP, its links still open): a request for its key
+/// gets an answer (the new owner's, or an error) instead of hanging, and
+/// once the view has dropped it the next node of the key's chain serves
+/// the key with its last acknowledged value.
+#[tokio::test]
+async fn a_hung_owner_leaves_no_request_hanging() {
+    let mut c = mqlb_tests::cluster::TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(Duration::from_secs(30)).await);
+    let live = ["n1", "n2", "n3"];
+    let key = c.id_owned_by("n2", "hung", &live);
+    let id = c.id_owned_by("n1", "ss-hung", &live);
+    let mut caller = Caller::new(&c.nodes[0].addr, &id).await;
+    assert_eq!(
+        caller.call(&[b"SET", key.as_bytes(), b"before"]).await,
+        b"+OK\r\n"
+    );
+    let pid = c.nodes[1].pid().expect("n2 runs").to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let props = caller.props(b"h1", Some(hlc(0)), None);
+    let stopped = std::time::Instant::now();
+    let (_, r) = caller
+        .call_with(
+            resp(&[b"SET", key.as_bytes(), b"during"]),
+            QoS::AtLeastOnce,
+            props,
+            Duration::from_secs(30),
+        )
+        .await;
+    let r = r.expect("a request to a hung owner was left hanging");
+    let during = r.payload.to_vec();
+    println!(
+        "a request to a hung owner answered {:?} after {:?}",
+        String::from_utf8_lossy(&during).trim_end(),
+        stopped.elapsed()
+    );
+    assert!(
+        during == b"+OK\r\n" || during.starts_with(b"-ERR"),
+        "{}",
+        String::from_utf8_lossy(&during)
+    );
+    // The key is served again, by the next node of its chain.
+    let got = caller.call(&[b"GET", key.as_bytes()]).await;
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    // n2 was stopped before the request left: an error means it was not
+    // applied anywhere.
+    let want: &[u8] = if during == b"+OK\r\n" {
+        b"$6\r\nduring\r\n"
+    } else {
+        b"$6\r\nbefore\r\n"
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(want),
+        "after the answer {}",
+        String::from_utf8_lossy(&during)
+    );
+}

@@ -872,6 +872,18 @@ impl Cluster {
         };
         self.release_waits(&gone);
         self.release_store_waits(&gone);
+        // State store requests and copies waiting for a member the view
+        // dropped (hung, or cut off) wait no longer either.
+        if view.number > 0 {
+            let dropped: Vec<NodeId> = self
+                .names()
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| !view.members.contains(n))
+                .filter_map(|(i, _)| NodeId::try_from(i).ok())
+                .collect();
+            self.release_store_waits(&dropped);
+        }
         if view.number != t.last.number {
             self.rechain(state);
             self.store_rechain(state, &view);

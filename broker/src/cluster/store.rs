@@ -173,9 +173,13 @@ impl Cluster {
                         },
                         &self.stats.dropped,
                     );
-                    if rx.await.unwrap_or(false) {
+                    // A hung owner whose link stays up answers no more
+                    // than a dead one.
+                    let answered = tokio::time::timeout(STORE_WAIT, rx).await;
+                    if matches!(answered, Ok(Ok(true))) {
                         return;
                     }
+                    lock(&self.store_waits).remove(&seq);
                     break store.unavailable(p, LOST);
                 }
             }
@@ -235,7 +239,14 @@ impl Cluster {
                 tx: Some(tx),
             },
         );
-        rx.await.unwrap_or(true)
+        match tokio::time::timeout(STORE_WAIT, rx).await {
+            Ok(applied) => applied.unwrap_or(true),
+            Err(_) => {
+                // A hung chain member: not acknowledged, so not `OK`.
+                lock(&self.store_waits).remove(&seq);
+                false
+            }
+        }
     }
 
     /// Sends `frame` to the other members of `key`'s chain that are
