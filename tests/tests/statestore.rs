@@ -520,6 +520,12 @@ async fn a_cluster_serves_every_key_from_every_node() {
         stopped,
         "the owner kept notifying a client whose session ended"
     );
+    // Requests for keys owned elsewhere were passed on, and counted.
+    let passed = c
+        .metric(1, "mqlb_cluster_store_passed_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(passed >= 1.0, "n2 passed on {passed} requests");
     // The owner counted the requests it executed.
     let n1_sets = c
         .metric(

@@ -162,6 +162,8 @@ pub struct ClusterStats {
     /// Publishes held for a lost peer's sessions and forwarded again to
     /// whoever took them over.
     pub held: AtomicU64,
+    /// State store requests passed on to their key's owner.
+    pub store_passed: AtomicU64,
 }
 
 /// One node's membership in the cluster; the core's [`Fabric`].
@@ -1013,6 +1015,11 @@ impl Cluster {
                 "mqlb_cluster_held_total",
                 "Publishes held for a lost peer's sessions, then forwarded to whoever took them over.",
                 &self.stats.held,
+            ),
+            (
+                "mqlb_cluster_store_passed_total",
+                "State store requests passed on to the node that owns their key.",
+                &self.stats.store_passed,
             ),
         ] {
             let _ = writeln!(

@@ -162,6 +162,7 @@ impl Cluster {
                     };
                     let seq = self.seq.fetch_add(1, Ordering::Relaxed);
                     let rx = self.store_wait(seq, id, true);
+                    self.stats.store_passed.fetch_add(1, Ordering::Relaxed);
                     let message =
                         crate::snapshot::publish_to_message(p, Some(client), Instant::now());
                     tx.push(
