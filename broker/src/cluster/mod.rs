@@ -1033,10 +1033,16 @@ impl Cluster {
 
 impl Fabric for Cluster {
     fn linked(&self, node: NodeId) -> bool {
-        let Some(name) = self.name_of(node) else {
+        // Runs for every forwarded publish: no copy of the name. The links
+        // lock is released before the directory's is taken (elsewhere the
+        // directory is read under the links lock).
+        if !lock(&self.links).contains_key(&node) {
             return false;
-        };
-        lock(&self.links).contains_key(&node) && lock(&self.view).members.contains(&name)
+        }
+        let dir = self.directory();
+        dir.names
+            .get(node as usize)
+            .is_some_and(|n| lock(&self.view).members.contains(n))
     }
 
     fn hold(
