@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use mqlb_protocol::{PacketId, Publish, QoS, RetainHandling};
 
-use crate::effects::{ChangeRecord, Effects, Forward};
+use crate::effects::{ChangeRecord, Effects, Forward, Route};
 use crate::fabric::Fabric;
 use crate::hlc::{Clock, Hlc};
 use crate::message::{Message, Pending, Sub};
@@ -321,11 +321,64 @@ impl Core {
         fx
     }
 
-    /// Routes `m` again after the node it went to died before confirming
-    /// it: to the peers now interested in it (the node that took over the
-    /// dead one's sessions has announced their interest since; only peers in
-    /// `alive` are candidates), and to the sessions this node itself took
-    /// over after `m` arrived. Local sessions that were here already had it.
+    /// A publish a peer forwarded again ([`Core::reforward`]): as
+    /// [`Core::route_from_peer`], but only to the sessions that cannot have
+    /// it yet. One that was here when this node first had it (at `first`)
+    /// had it then; one made from a copy that held it has it.
+    pub fn route_again_from_peer(
+        &mut self,
+        m: Message,
+        groups: &[Arc<str>],
+        first: Option<Instant>,
+    ) -> Effects {
+        let mut fx = Effects::none();
+        self.stats.messages_in += 1;
+        let targets = self
+            .router
+            .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
+        self.deliver_to_taken_over(targets.sessions, &m, first, &mut fx);
+        for group in groups {
+            if let Some(key) = self.router.group_key(group) {
+                self.deliver_to_group(&key, m.clone(), None, true, &mut fx);
+            }
+        }
+        fx
+    }
+
+    /// Delivers `m` to those of `sessions` that cannot hold it already:
+    /// with `since`, only the ones taken over here after it; and never one
+    /// made from a copy whose changes carried it.
+    fn deliver_to_taken_over(
+        &mut self,
+        sessions: Vec<crate::router::SessionTarget>,
+        m: &Message,
+        since: Option<Instant>,
+        fx: &mut Effects,
+    ) {
+        let print = fingerprint(m);
+        for t in sessions {
+            let Some(e) = self.sessions.get(&t.client) else {
+                continue;
+            };
+            let imported = e.imported.as_deref();
+            let fresh = match (since, imported) {
+                (None, _) => true,
+                (Some(since), Some(imp)) => imp.at.is_some_and(|at| at > since),
+                (Some(_), None) => false,
+            };
+            if !fresh || imported.is_some_and(|imp| imp.seen.contains(&print)) {
+                continue;
+            }
+            self.deliver_to(t, m, fx);
+        }
+    }
+
+    /// Routes `m` again after the node it went to died or refused it: to
+    /// the peers now interested in it, as [`Route::Again`] (the node that
+    /// took over the dead one's sessions has announced their interest
+    /// since; only peers in `alive` and not in `exclude`, which refused it,
+    /// are candidates), and to the sessions this node itself took over
+    /// after `m` arrived. Local sessions that were here already had it.
     pub fn reforward(
         &mut self,
         m: Message,
@@ -342,19 +395,8 @@ impl Core {
         // they get it now, unless the copy they were made from had it (the
         // dead node replicated it first; it may even have been delivered
         // since).
-        let print = fingerprint(&m);
-        for t in targets.sessions {
-            let Some(e) = self.sessions.get(&t.client) else {
-                continue;
-            };
-            let Some(imp) = e.imported.as_deref() else {
-                continue;
-            };
-            if imp.at.is_none_or(|at| at <= m.received) || imp.seen.contains(&print) {
-                continue;
-            }
-            self.deliver_to(t, &m, &mut fx);
-        }
+        let received = m.received;
+        self.deliver_to_taken_over(targets.sessions, &m, Some(received), &mut fx);
         let mut peers: Vec<(NodeId, Vec<Arc<str>>)> = targets
             .nodes
             .into_iter()
@@ -381,7 +423,7 @@ impl Core {
                     node,
                     message: m.clone(),
                     groups,
-                    held: None,
+                    route: Route::Again,
                 });
             }
         }
@@ -853,14 +895,13 @@ impl Core {
         if let (Some(fabric), false) = (&self.fabric, is_node_local(m.topic.as_str())) {
             let (live, gone): (Vec<_>, Vec<_>) =
                 peers.into_iter().partition(|(n, _)| fabric.linked(*n));
-            let given: Vec<NodeId> = live.iter().map(|(n, _)| *n).collect();
             for (node, groups) in live {
                 fx.forwards.push(Forward {
                     fabric: fabric.clone(),
                     node,
                     message: m.clone(),
                     groups,
-                    held: None,
+                    route: Route::First,
                 });
             }
             if !gone.is_empty() && m.qos != QoS::AtMostOnce {
@@ -871,7 +912,7 @@ impl Core {
                     node: 0,
                     message: m.clone(),
                     groups,
-                    held: Some(given),
+                    route: Route::Held,
                 });
             }
         }
@@ -1612,6 +1653,56 @@ mod tests {
         assert!(
             payloads(&rx, ProtocolVersion::V5).is_empty(),
             "a local subscriber got it twice"
+        );
+    }
+
+    /// A message a peer forwards again (another peer it went to died or
+    /// refused it) reaches, on a node that had it first, only the sessions
+    /// taken over since; on a node that never had it, every session but
+    /// one whose copy carried it (given by the node it moved from).
+    #[test]
+    fn a_message_forwarded_again_reaches_only_sessions_that_cannot_have_it() {
+        let hour = Some(Duration::from_secs(3600));
+        let persistent = |c: &mut Core, id: &str| {
+            let (tx, _rx) = outbox();
+            let conn = connect(c, id, false, hour, 10, tx);
+            run2(c.subscribe(id, "t/#", sub(QoS::ExactlyOnce)));
+            run(c.disconnect(id, conn.conn));
+        };
+        let queued = |c: &Core, id: &str| c.export_session(id).unwrap().queued.len();
+        let m = msg("t/x", QoS::ExactlyOnce, false, "again");
+        // A node that had it first: "was-here" got it then.
+        let mut here = Core::new();
+        persistent(&mut here, "was-here");
+        run(here.route_from_peer(m.clone(), &[]));
+        let first = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        let mut donor = Core::new();
+        persistent(&mut donor, "moved-in");
+        run(here
+            .import_session("moved-in", donor.export_session("moved-in").unwrap())
+            .unwrap());
+        run(here.route_again_from_peer(m.clone(), &[], Some(first)));
+        assert_eq!(queued(&here, "was-here"), 1, "given twice");
+        assert_eq!(queued(&here, "moved-in"), 1, "the moved session missed it");
+        // A node that never had it: a session whose copy's history holds
+        // it (it was given and acknowledged where it was) does not get it.
+        let mut other = Core::new();
+        let mut gone = Core::new();
+        persistent(&mut gone, "had-it");
+        persistent(&mut gone, "missed-it");
+        for id in ["had-it", "missed-it"] {
+            run(other
+                .import_session(id, gone.export_session(id).unwrap())
+                .unwrap());
+        }
+        other.note_seen("had-it", HashSet::from([fingerprint(&m)]));
+        run(other.route_again_from_peer(m, &[], None));
+        assert_eq!(queued(&other, "had-it"), 0, "given twice after a move");
+        assert_eq!(
+            queued(&other, "missed-it"),
+            1,
+            "the moved session missed it"
         );
     }
 

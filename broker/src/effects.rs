@@ -58,10 +58,22 @@ pub(crate) struct Forward {
     pub(crate) node: NodeId,
     pub(crate) message: Message,
     pub(crate) groups: Vec<Arc<str>>,
-    /// Set when `node` is gone: the message is held for whoever takes over
-    /// its sessions, and then forwarded to interested peers except these
-    /// (which had it already).
-    pub(crate) held: Option<Vec<NodeId>>,
+    pub(crate) route: Route,
+}
+
+/// How a [`Forward`] reaches its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// The first time: the peer delivers it to every matching session.
+    First,
+    /// Again, after a peer that was to have it died or refused it: the
+    /// peer delivers it only to sessions it has taken over since it first
+    /// had the message (it may have had it: forwarded to several peers, a
+    /// message is confirmed by each on its own).
+    Again,
+    /// `node` is gone: the message is held for whoever takes over its
+    /// sessions, then forwarded [`Route::Again`] to every interested peer.
+    Held,
 }
 
 impl Effects {
@@ -109,9 +121,10 @@ impl Effects {
             n.notify_waiters();
         }
         for f in self.forwards {
-            let rx = match f.held {
-                None => f.fabric.forward(f.node, &f.message, &f.groups),
-                Some(exclude) => f.fabric.hold(f.message, f.groups, exclude),
+            let rx = match f.route {
+                Route::First => f.fabric.forward(f.node, &f.message, &f.groups, false),
+                Route::Again => f.fabric.forward(f.node, &f.message, &f.groups, true),
+                Route::Held => f.fabric.hold(f.message, f.groups),
             };
             if let Some(rx) = rx {
                 committed.rx.push(rx);

@@ -23,23 +23,23 @@ pub trait Fabric: Send + Sync + std::fmt::Debug {
     /// Hands `m` to peer `node`, which delivers it to its matching local
     /// sessions and, for each of `groups`, to one local member. For QoS 1
     /// and 2 the result resolves once the peer has committed it (the
-    /// publisher's acknowledgement waits for that).
+    /// publisher's acknowledgement waits for that). `again`: a re-forward,
+    /// which the peer gives only to the sessions it has taken over since it
+    /// first had `m` (a peer's confirmation is its own: when another peer
+    /// dies or refuses, this one may have had the message already).
     fn forward(
         &self,
         node: NodeId,
         m: &Message,
         groups: &[Arc<str>],
+        again: bool,
     ) -> Option<tokio::sync::oneshot::Receiver<()>>;
     /// Whether peer `node` can be reached now.
     fn linked(&self, node: NodeId) -> bool;
     /// `m` matched sessions of a peer that is gone: hold it until their new
-    /// holder has announced them, then forward it to the interested peers
-    /// except `exclude` (which were given it already). Resolves once they
-    /// have committed it.
-    fn hold(
-        &self,
-        m: Message,
-        groups: Vec<Arc<str>>,
-        exclude: Vec<NodeId>,
-    ) -> Option<tokio::sync::oneshot::Receiver<()>>;
+    /// holder has announced them, then forward it again to the interested
+    /// peers (those given it already deliver it only to sessions taken over
+    /// since). Resolves once they have committed it.
+    fn hold(&self, m: Message, groups: Vec<Arc<str>>)
+        -> Option<tokio::sync::oneshot::Receiver<()>>;
 }

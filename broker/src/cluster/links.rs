@@ -238,6 +238,7 @@ impl Cluster {
             Frame::StoreAck { seq, ok } => self.store_acked(id, seq, ok),
             Frame::StoreSynced { view } => self.store_synced(id, view),
             Frame::StoreForget { client } => self.store_forgotten(&client, state),
+            Frame::Seen { client, prints } => self.seen_by_peer(&client, prints),
             Frame::Refused { seq } => self.forward_refused(id, seq),
             Frame::Raft(m) => self.raft_message(id, &m),
             Frame::Leaving => {
@@ -254,6 +255,7 @@ impl Cluster {
                 seq,
                 message,
                 groups,
+                again,
             } => {
                 self.stats.received.fetch_add(1, Ordering::Relaxed);
                 if !self.serving() {
@@ -269,7 +271,19 @@ impl Cluster {
                     }
                     return;
                 }
-                let committed = state.act(|core| core.route_from_peer(message, &groups));
+                // When this node first had the message is read and noted
+                // under the core's lock, so it orders with the sessions'
+                // takeovers.
+                let print = (message.qos != mqlb_protocol::QoS::AtMostOnce)
+                    .then(|| crate::core::fingerprint(&message));
+                let committed = state.act(|core| {
+                    let first = print.and_then(|p| lock(&self.first_had).had(Instant::now(), p));
+                    if again {
+                        core.route_again_from_peer(message, &groups, first)
+                    } else {
+                        core.route_from_peer(message, &groups)
+                    }
+                });
                 if seq != 0 {
                     // The publisher's acknowledgement waits for this node's
                     // copies (and their chains) to hold the message.
@@ -420,6 +434,9 @@ impl Cluster {
                 }
             }
             for (client, snap, holder) in copies {
+                if let Some(seen) = self.seen_frame(&client) {
+                    tx.push(&seen, &self.stats.dropped);
+                }
                 tx.push(
                     &Frame::Replicate {
                         seq: 0,

@@ -212,6 +212,9 @@ pub struct Cluster {
     holders: Mutex<HashMap<String, NodeId>>,
     /// Appends waiting for chain members' acknowledgements.
     waiting: Mutex<HashMap<u64, Waiting>>,
+    /// When this node first had each message peers forwarded at QoS 1 or
+    /// 2 (see [`FirstHad`]).
+    first_had: Mutex<FirstHad>,
     /// State store changes and passed-on requests waiting for peers.
     store_waits: Mutex<HashMap<u64, store::StoreWait>>,
     /// The newest view each peer said it sent its key copies for (see
@@ -237,6 +240,47 @@ pub const INTEREST_HOLD: Duration = Duration::from_secs(6);
 /// than a dead holder's held publishes wait before they are routed again.
 const SEEN_FOR: Duration = Duration::from_secs(20);
 
+/// When this node first had each message a peer forwarded at QoS 1 or 2,
+/// by fingerprint, for the last [`SEEN_FOR`] and at most [`FIRST_HAD_MAX`]
+/// messages. A forward is confirmed by each peer on its own; when one peer
+/// dies or refuses, the message is forwarded again to every interested
+/// peer, and one that had it already gives it only to the sessions it has
+/// taken over since (a QoS 2 message must arrive once).
+#[derive(Debug, Default)]
+pub(crate) struct FirstHad {
+    order: std::collections::VecDeque<(Instant, u64)>,
+    at: HashMap<u64, Instant>,
+}
+
+/// The most messages [`FirstHad`] remembers: a bound on its memory (about
+/// 10 MB) whatever the forwarding rate; past it, the oldest are forgotten
+/// first.
+const FIRST_HAD_MAX: usize = 1 << 18;
+
+impl FirstHad {
+    /// Notes that this node has `print` at `now`; returns when it first
+    /// had it, if it had it before.
+    fn had(&mut self, now: Instant, print: u64) -> Option<Instant> {
+        while let Some(&(t, p)) = self.order.front() {
+            if now.duration_since(t) < SEEN_FOR && self.order.len() < FIRST_HAD_MAX {
+                break;
+            }
+            self.order.pop_front();
+            if self.at.get(&p) == Some(&t) {
+                self.at.remove(&p);
+            }
+        }
+        match self.at.entry(print) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(now);
+                self.order.push_back((now, print));
+                None
+            }
+        }
+    }
+}
+
 /// Fingerprints of the messages a replica's changes carried in the last
 /// [`SEEN_FOR`], delivered and acknowledged since or not. When the replica
 /// is promoted, a publish held for the dead holder and routed again is not
@@ -260,6 +304,13 @@ impl SeenLog {
         if self.set.insert(print) {
             self.order.push_back((now, print));
         }
+    }
+
+    /// Whether everything in it is older than [`SEEN_FOR`].
+    fn stale(&self, now: Instant) -> bool {
+        self.order
+            .back()
+            .is_none_or(|&(t, _)| now.duration_since(t) >= SEEN_FOR)
     }
 }
 
@@ -375,6 +426,7 @@ impl Cluster {
                 links: Mutex::new(HashMap::new()),
                 replicas: Mutex::new(HashMap::new()),
                 replica_seen: Mutex::new(HashMap::new()),
+                first_had: Mutex::new(FirstHad::default()),
                 holders: Mutex::new(HashMap::new()),
                 waiting: Mutex::new(HashMap::new()),
                 store_waits: Mutex::new(HashMap::new()),
@@ -829,6 +881,11 @@ impl Cluster {
         if self.announced.load(Ordering::Relaxed) {
             self.broadcast(&Frame::Leaving);
         }
+        if t.ticks % 50 == 0 {
+            // Sessions that ended or went quiet leave their logs behind.
+            let now = Instant::now();
+            lock(&self.replica_seen).retain(|_, log| !log.stale(now));
+        }
         if observed != t.reported || t.ticks % 5 == 0 {
             self.broadcast(&Frame::Observed(observed.clone()));
             t.reported.clone_from(&observed);
@@ -1049,10 +1106,9 @@ impl Fabric for Cluster {
         &self,
         m: Message,
         groups: Vec<Arc<str>>,
-        exclude: Vec<NodeId>,
     ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.hold_for_takeover(m, groups, exclude, done, false);
+        self.hold_for_takeover(m, groups, Vec::new(), done, false);
         Some(wait)
     }
 
@@ -1084,6 +1140,7 @@ impl Fabric for Cluster {
         node: NodeId,
         m: &Message,
         groups: &[Arc<str>],
+        again: bool,
     ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let Some(tx) = lock(&self.links).get(&node).cloned() else {
             // The peer is gone but its interest is still held: its sessions
@@ -1117,9 +1174,37 @@ impl Fabric for Cluster {
                 seq,
                 message: m.clone(),
                 groups: groups.to_vec(),
+                again,
             },
             &self.stats.dropped,
         );
         rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first time is kept however often a message comes again, and
+    /// the log forgets by age and by count, oldest first.
+    #[test]
+    fn first_had_keeps_the_first_time_and_forgets_the_oldest() {
+        let mut log = FirstHad::default();
+        let t0 = Instant::now();
+        assert_eq!(log.had(t0, 1), None);
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(log.had(t1, 1), Some(t0));
+        assert_eq!(log.had(t1, 2), None);
+        // Past SEEN_FOR, 1 is forgotten; 2 (noted a second later) too.
+        let late = t0 + SEEN_FOR + Duration::from_secs(1);
+        assert_eq!(log.had(late, 1), None);
+        assert_eq!(log.at.len(), 1);
+        for p in 10..10 + FIRST_HAD_MAX as u64 {
+            log.had(late, p);
+        }
+        assert!(log.at.len() <= FIRST_HAD_MAX);
+        assert_eq!(log.order.len(), log.at.len());
+        assert_eq!(log.had(late, 1), None, "the oldest was not forgotten");
     }
 }

@@ -24,9 +24,11 @@ impl Cluster {
         let Some(session) = lock(&self.replicas).remove(client_id) else {
             return;
         };
+        // The log stays: this node now adds what it gives the session, and
+        // sends it along whenever it sends the session whole.
         let seen = lock(&self.replica_seen)
-            .remove(client_id)
-            .map(|l| l.set)
+            .get(client_id)
+            .map(|l| l.set.clone())
             .unwrap_or_default();
         lock(&self.holders).remove(client_id);
         // A takeover starts a new epoch, so this copy wins over any older
@@ -110,6 +112,9 @@ impl Cluster {
                 let Some(snap) = core.export_session(&id) else {
                     continue;
                 };
+                if let Some(seen) = self.seen_frame(&id) {
+                    self.send_to_chain(&id, &seen);
+                }
                 let epoch = snap.epoch;
                 for change in whole(snap) {
                     out.push(ChangeRecord {
@@ -123,6 +128,42 @@ impl Cluster {
         };
         if !records.is_empty() {
             drop(self.append(records));
+        }
+    }
+
+    /// What `client`'s session was given lately, as a frame for a chain
+    /// member that is about to get the session whole.
+    pub(super) fn seen_frame(&self, client: &str) -> Option<Frame> {
+        let seen = lock(&self.replica_seen);
+        let log = seen.get(client)?;
+        Some(Frame::Seen {
+            client: client.to_string(),
+            prints: log.set.iter().copied().collect(),
+        })
+    }
+
+    /// A chain member's word on what a session was given lately.
+    pub(super) fn seen_by_peer(&self, client: &str, prints: Vec<u64>) {
+        let now = Instant::now();
+        let mut seen = lock(&self.replica_seen);
+        let log = seen.entry(client.to_string()).or_default();
+        for p in prints {
+            log.insert(now, p);
+        }
+    }
+
+    /// Sends `frame` to the other live members of `client`'s chain.
+    fn send_to_chain(&self, client: &str, frame: &Frame) {
+        for member in self.chain(client) {
+            if member == self.me {
+                continue;
+            }
+            let Some(id) = self.id_of(&member) else {
+                continue;
+            };
+            if let Some(tx) = lock(&self.links).get(&id).cloned() {
+                tx.push(frame, &self.stats.dropped);
+            }
         }
     }
 
@@ -396,6 +437,21 @@ impl ChangeLog for Cluster {
     /// committed once each has applied them (at once with no other member
     /// live: the copy here is then the only one, as on a single node).
     fn append(&self, records: Vec<ChangeRecord>) -> Committed {
+        // What each session is given is remembered here too, as on its
+        // replicas, so the log can go along when the session is sent whole.
+        {
+            let now = Instant::now();
+            let mut seen = lock(&self.replica_seen);
+            for r in &records {
+                if let SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } =
+                    &r.change
+                {
+                    seen.entry(r.client.to_string())
+                        .or_default()
+                        .insert(now, crate::core::fingerprint(&p.msg));
+                }
+            }
+        }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let mut per_node: HashMap<NodeId, usize> = HashMap::new();
         let mut i = 0;

@@ -77,6 +77,9 @@ pub enum Frame {
         message: Message,
         /// Shared groups (`$share/{group}/{filter}`) this node serves.
         groups: Vec<Arc<str>>,
+        /// Forwarded again after another peer died or refused it: only
+        /// sessions taken over since this node first had it get it.
+        again: bool,
     },
     /// A message of the Raft group that commits the view (protobuf, as
     /// raft-rs encodes it; see `consensus`).
@@ -139,6 +142,17 @@ pub enum Frame {
         /// The client.
         client: String,
     },
+    /// Fingerprints of the messages a session was given lately, sent to a
+    /// chain member ahead of the session whole: a message routed again
+    /// after a failure is then not given twice by whichever node takes the
+    /// session over, though the copy no longer holds it (delivered and
+    /// acknowledged meanwhile).
+    Seen {
+        /// The session's client ID.
+        client: String,
+        /// Fingerprints (see `core::fingerprint`).
+        prints: Vec<u64>,
+    },
 }
 
 const PING: u8 = 0;
@@ -158,6 +172,8 @@ const STORE_COPY: u8 = 13;
 const STORE_ACK: u8 = 14;
 const STORE_SYNCED: u8 = 15;
 const STORE_FORGET: u8 = 16;
+const FORWARD_AGAIN: u8 = 17;
+const SEEN: u8 = 18;
 
 fn put_bytes(b: &mut BytesMut, v: &[u8]) -> Result<(), SnapshotError> {
     b.put_u32(u32::try_from(v.len()).map_err(|_| SnapshotError("bytes too long"))?);
@@ -524,8 +540,9 @@ impl Frame {
                 seq,
                 message,
                 groups,
+                again,
             } => {
-                out.put_u8(FORWARD);
+                out.put_u8(if *again { FORWARD_AGAIN } else { FORWARD });
                 out.put_u64(*seq);
                 out.put_u16(u16::try_from(groups.len()).map_err(|_| SnapshotError("groups"))?);
                 for g in groups {
@@ -574,6 +591,14 @@ impl Frame {
                 out.put_u8(STORE_FORGET);
                 put_str(out, Some(client))?;
             }
+            Frame::Seen { client, prints } => {
+                out.put_u8(SEEN);
+                put_str(out, Some(client))?;
+                out.put_u32(u32::try_from(prints.len()).map_err(|_| SnapshotError("prints"))?);
+                for p in prints {
+                    out.put_u64(*p);
+                }
+            }
             Frame::Observed(names) => {
                 out.put_u8(OBSERVED);
                 out.put_u16(u16::try_from(names.len()).map_err(|_| SnapshotError("names"))?);
@@ -607,7 +632,8 @@ impl Frame {
         }
         buf.advance(4);
         let mut b = buf.split_to(len).freeze();
-        let f = match b.get_u8() {
+        let tag = b.get_u8();
+        let f = match tag {
             PING => Frame::Ping,
             LEAVING => Frame::Leaving,
             RESET => Frame::Reset,
@@ -712,6 +738,16 @@ impl Frame {
             STORE_FORGET => Frame::StoreForget {
                 client: get_str(&mut b)?.ok_or(SnapshotError("empty client"))?,
             },
+            SEEN => {
+                let client = get_str(&mut b)?.ok_or(SnapshotError("empty client"))?;
+                need(&b, 4)?;
+                let n = usize::try_from(b.get_u32()).map_err(|_| SnapshotError("prints"))?;
+                // The count is checked against what is there before
+                // anything is allocated for it.
+                need(&b, n.saturating_mul(8))?;
+                let prints = (0..n).map(|_| b.get_u64()).collect();
+                Frame::Seen { client, prints }
+            }
             OBSERVED => {
                 need(&b, 2)?;
                 let n = usize::from(b.get_u16());
@@ -722,7 +758,7 @@ impl Frame {
                 }
                 Frame::Observed(names)
             }
-            FORWARD => {
+            FORWARD | FORWARD_AGAIN => {
                 need(&b, 8)?;
                 let seq = b.get_u64();
                 if b.remaining() < 2 {
@@ -738,6 +774,7 @@ impl Frame {
                     seq,
                     message: get_message(&mut b)?,
                     groups,
+                    again: tag == FORWARD_AGAIN,
                 }
             }
             _ => return Err(SnapshotError("unknown frame")),
@@ -856,6 +893,13 @@ mod tests {
                 seq: 3,
                 message: msg(),
                 groups: vec![Arc::from("$share/g/a/#")],
+                again: false,
+            },
+            Frame::Forward {
+                seq: 4,
+                message: msg(),
+                groups: Vec::new(),
+                again: true,
             },
             Frame::Ack { seq: 42 },
             Frame::Refused { seq: 43 },
@@ -914,6 +958,14 @@ mod tests {
                 copy: None,
             },
             Frame::StoreAck { seq: 9, ok: false },
+            Frame::Seen {
+                client: "c1".into(),
+                prints: vec![1, u64::MAX, 42],
+            },
+            Frame::Seen {
+                client: "c2".into(),
+                prints: Vec::new(),
+            },
             Frame::StoreSynced { view: 4 },
             Frame::StoreForget {
                 client: "app".into(),
@@ -1025,5 +1077,17 @@ mod tests {
         assert!(Frame::decode(&mut huge).is_err());
         let mut unknown = BytesMut::from(&[0, 0, 0, 1, 99][..]);
         assert!(Frame::decode(&mut unknown).is_err());
+        // A fingerprint count far past the frame is refused before
+        // anything is allocated for it.
+        let mut liar = BytesMut::new();
+        Frame::Seen {
+            client: "c".into(),
+            prints: vec![7],
+        }
+        .encode(&mut liar)
+        .unwrap();
+        let at = liar.len() - 12;
+        liar[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(Frame::decode(&mut liar).is_err());
     }
 }
