@@ -129,8 +129,10 @@ impl Cluster {
             p.generation
         };
         // Its key copies come again on this link, then its word that it is
-        // synced.
+        // synced. Answers still waiting for an earlier connection of it
+        // are void.
         lock(&self.store_synced).remove(&id);
+        lock(&self.early_answers).remove(&id);
         tracing::info!("peer link up");
         let mut buf = BytesMut::with_capacity(64 << 10);
         loop {
@@ -225,7 +227,8 @@ impl Cluster {
                 if let Some(h) = self.id_of(&holder) {
                     lock(&self.holders).insert(client.clone(), h);
                 }
-                self.replicate(id, seq, client, epoch, changes, state)
+                let from = ReplyTo { id, generation };
+                self.replicate(from, seq, client, epoch, changes, state)
             }
             Frame::Ack { seq } => self.acked(id, seq),
             Frame::StoreInvoke {
@@ -233,8 +236,10 @@ impl Cluster {
                 client,
                 hops,
                 message,
-            } => self.store_invoked(id, seq, client, hops, message),
-            Frame::StoreCopy { seq, view, copy } => self.store_copy(id, seq, view, copy, state),
+            } => self.store_invoked(ReplyTo { id, generation }, seq, client, hops, message),
+            Frame::StoreCopy { seq, view, copy } => {
+                self.store_copy(ReplyTo { id, generation }, seq, view, copy, state)
+            }
             Frame::StoreAck { seq, ok } => self.store_acked(id, seq, ok),
             Frame::StoreSynced { view } => self.store_synced(id, view),
             Frame::StoreForget { client } => self.store_forgotten(&client, state),
@@ -265,9 +270,8 @@ impl Cluster {
                     // sender holds the message and forwards it again to
                     // whoever took the sessions over.
                     self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    let tx = lock(&self.links).get(&id).cloned();
-                    if let (Some(tx), true) = (tx, seq != 0) {
-                        tx.push(&Frame::Refused { seq }, &self.stats.dropped);
+                    if seq != 0 {
+                        self.answer(ReplyTo { id, generation }, Frame::Refused { seq });
                     }
                     return;
                 }
@@ -287,19 +291,16 @@ impl Cluster {
                 if seq != 0 {
                     // The publisher's acknowledgement waits for this node's
                     // copies (and their chains) to hold the message.
-                    let tx = lock(&self.links).get(&id).cloned();
-                    if let Some(tx) = tx {
-                        if committed.is_done() {
-                            tx.push(&Frame::Ack { seq }, &self.stats.dropped);
-                        } else {
-                            // Dropped acks (a full buffer) are not counted
-                            // from here; the link closing shows the fault.
-                            let counter = Arc::new(AtomicU64::new(0));
-                            tokio::spawn(async move {
-                                committed.wait().await;
-                                tx.push(&Frame::Ack { seq }, &counter);
-                            });
-                        }
+                    let from = ReplyTo { id, generation };
+                    if committed.is_done() {
+                        self.answer(from, Frame::Ack { seq });
+                    } else if let Some(me) =
+                        self.state_owner.get().and_then(std::sync::Weak::upgrade)
+                    {
+                        tokio::spawn(async move {
+                            committed.wait().await;
+                            me.answer(from, Frame::Ack { seq });
+                        });
                     }
                 }
             }
@@ -473,7 +474,11 @@ impl Cluster {
                     );
                 }
                 tx.push(&Frame::StoreSynced { view: number }, &self.stats.dropped);
-                lock(&self.links).insert(id, tx.clone());
+                let mut links = lock(&self.links);
+                for f in lock(&self.early_answers).remove(&id).unwrap_or_default() {
+                    tx.push(&f, &self.stats.dropped);
+                }
+                links.insert(id, tx.clone());
             });
         }
         loop {
@@ -490,6 +495,34 @@ impl Cluster {
         let mut links = lock(&self.links);
         if links.get(&id).is_some_and(|t| Arc::ptr_eq(t, &tx)) {
             links.remove(&id);
+        }
+    }
+
+    /// Answers a peer's frame (an acknowledgement or a refusal). The link
+    /// to the peer may not be open yet: a node that starts dials its peers
+    /// as they dial it, and its first frames can come before this node's
+    /// link to it is up. Such answers wait for that link (sent first on
+    /// it); an answer lost would leave the peer waiting for good. An
+    /// answer for a connection of the peer that has since closed is
+    /// dropped.
+    pub(super) fn answer(&self, to: ReplyTo, frame: Frame) {
+        if lock(&self.peers)
+            .get(to.id as usize)
+            .is_none_or(|p| p.generation != to.generation)
+        {
+            return;
+        }
+        let links = lock(&self.links);
+        if let Some(tx) = links.get(&to.id) {
+            tx.push(&frame, &self.stats.dropped);
+            return;
+        }
+        let mut early = lock(&self.early_answers);
+        let q = early.entry(to.id).or_default();
+        if q.len() < MAX_EARLY_ANSWERS {
+            q.push(frame);
+        } else {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -212,6 +212,9 @@ pub struct Cluster {
     holders: Mutex<HashMap<String, NodeId>>,
     /// Appends waiting for chain members' acknowledgements.
     waiting: Mutex<HashMap<u64, Waiting>>,
+    /// Answers for peers whose link from this node is not open yet (see
+    /// [`Cluster::answer`]).
+    early_answers: Mutex<HashMap<NodeId, Vec<Frame>>>,
     /// When this node first had each message peers forwarded at QoS 1 or
     /// 2 (see [`FirstHad`]).
     first_had: Mutex<FirstHad>,
@@ -250,6 +253,19 @@ const SEEN_FOR: Duration = Duration::from_secs(20);
 pub(crate) struct FirstHad {
     order: std::collections::VecDeque<(Instant, u64)>,
     at: HashMap<u64, Instant>,
+}
+
+/// The most answers kept for one peer whose link is not open yet; past
+/// it they are dropped (and counted).
+const MAX_EARLY_ANSWERS: usize = 1 << 16;
+
+/// Where an answer to a peer's frame goes: the peer, as it was connected
+/// when it sent the frame. An answer is never given to a later connection
+/// from it (it may be a new process, whose sequence numbers start again).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReplyTo {
+    pub(super) id: NodeId,
+    pub(super) generation: u64,
 }
 
 /// The most messages [`FirstHad`] remembers: a bound on its memory (about
@@ -427,6 +443,7 @@ impl Cluster {
                 replicas: Mutex::new(HashMap::new()),
                 replica_seen: Mutex::new(HashMap::new()),
                 first_had: Mutex::new(FirstHad::default()),
+                early_answers: Mutex::new(HashMap::new()),
                 holders: Mutex::new(HashMap::new()),
                 waiting: Mutex::new(HashMap::new()),
                 store_waits: Mutex::new(HashMap::new()),

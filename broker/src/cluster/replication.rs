@@ -198,7 +198,7 @@ impl Cluster {
     /// A chain member's copy of a session changed.
     pub(super) fn replicate(
         &self,
-        from: NodeId,
+        from: ReplyTo,
         seq: u64,
         client: String,
         epoch: u64,
@@ -231,10 +231,10 @@ impl Cluster {
                     .collect();
                 if !adopted.is_empty() {
                     let committed = state.act(|core| core.adopt(&client, adopted));
-                    if let Some(tx) = lock(&self.links).get(&from).cloned() {
+                    if let Some(me) = self.state_owner.get().and_then(std::sync::Weak::upgrade) {
                         tokio::spawn(async move {
                             committed.wait().await;
-                            tx.push(&Frame::Ack { seq }, &AtomicU64::new(0));
+                            me.answer(from, Frame::Ack { seq });
                         });
                     }
                     return;
@@ -250,9 +250,7 @@ impl Cluster {
             Some(_) => {}
             None => self.apply_replica(&client, epoch, changes),
         }
-        if let Some(tx) = lock(&self.links).get(&from).cloned() {
-            tx.push(&Frame::Ack { seq }, &self.stats.dropped);
-        }
+        self.answer(from, Frame::Ack { seq });
     }
 
     pub(super) fn apply_replica(&self, client: &str, epoch: u64, changes: Vec<SessionChange>) {
@@ -453,7 +451,12 @@ impl ChangeLog for Cluster {
             }
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        // Every frame is addressed first and the wait registered before any
+        // is sent: a peer may acknowledge within microseconds, and an
+        // acknowledgement that finds no wait is lost, leaving the change
+        // uncommitted for good.
         let mut per_node: HashMap<NodeId, usize> = HashMap::new();
+        let mut sends: Vec<(Frame, Vec<Arc<LinkTx>>)> = Vec::new();
         let mut i = 0;
         while i < records.len() {
             let client = records[i].client.clone();
@@ -476,6 +479,7 @@ impl ChangeLog for Cluster {
                 holder: self.me.clone(),
                 changes,
             };
+            let mut to = Vec::new();
             for member in self.chain(&client) {
                 if member == self.me {
                     continue;
@@ -484,10 +488,11 @@ impl ChangeLog for Cluster {
                     continue;
                 };
                 if let Some(tx) = lock(&self.links).get(&id).cloned() {
-                    tx.push(&frame, &self.stats.dropped);
+                    to.push(tx);
                     *per_node.entry(id).or_insert(0) += 1;
                 }
             }
+            sends.push((frame, to));
         }
         if per_node.is_empty() {
             return Committed::now();
@@ -501,6 +506,11 @@ impl ChangeLog for Cluster {
                 resend: None,
             },
         );
+        for (frame, to) in sends {
+            for link in to {
+                link.push(&frame, &self.stats.dropped);
+            }
+        }
         Committed::when(rx)
     }
 }

@@ -226,20 +226,26 @@ impl Cluster {
     ) -> bool {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let frame = Frame::StoreCopy { seq, view, copy };
-        let nodes = self.push_to_chain(&lock(&self.links), key, &frame);
-        if nodes.is_empty() {
-            return true;
-        }
+        // The wait is registered under the same lock as the sends: an
+        // acknowledgement that came before it would find nothing to
+        // release, and the request would time out though applied.
         let (tx, rx) = tokio::sync::oneshot::channel();
-        lock(&self.store_waits).insert(
-            seq,
-            StoreWait {
-                nodes,
-                ok: true,
-                lost_fails: false,
-                tx: Some(tx),
-            },
-        );
+        {
+            let mut waits = lock(&self.store_waits);
+            let nodes = self.push_to_chain(&lock(&self.links), key, &frame);
+            if nodes.is_empty() {
+                return true;
+            }
+            waits.insert(
+                seq,
+                StoreWait {
+                    nodes,
+                    ok: true,
+                    lost_fails: false,
+                    tx: Some(tx),
+                },
+            );
+        }
         match tokio::time::timeout(STORE_WAIT, rx).await {
             Ok(applied) => applied.unwrap_or(true),
             Err(_) => {
@@ -319,7 +325,7 @@ impl Cluster {
     /// that the new owner might not see).
     pub(super) fn store_copy(
         &self,
-        from: NodeId,
+        from: ReplyTo,
         seq: u64,
         view: u64,
         copy: Option<mqlb_statestore::store::KeyCopy>,
@@ -330,9 +336,7 @@ impl Cluster {
             state.statestore.install(c);
         }
         if seq != 0 {
-            if let Some(tx) = lock(&self.links).get(&from).cloned() {
-                tx.push(&Frame::StoreAck { seq, ok }, &self.stats.dropped);
-            }
+            self.answer(from, Frame::StoreAck { seq, ok });
         }
     }
 
@@ -340,7 +344,7 @@ impl Cluster {
     /// acknowledged to the peer.
     pub(super) fn store_invoked(
         &self,
-        from: NodeId,
+        from: ReplyTo,
         seq: u64,
         client: String,
         hops: u8,
@@ -355,9 +359,7 @@ impl Cluster {
         tokio::spawn(async move {
             let p = crate::snapshot::message_to_publish(&m, m.qos, false, &[], Instant::now());
             me.serve_store(&state, &client, &p, hops).await;
-            if let Some(tx) = lock(&me.links).get(&from).cloned() {
-                tx.push(&Frame::StoreAck { seq, ok: true }, &me.stats.dropped);
-            }
+            me.answer(from, Frame::StoreAck { seq, ok: true });
         });
     }
 
