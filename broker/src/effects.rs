@@ -8,7 +8,7 @@
 //! for that. A single node keeps no copy elsewhere, so its log commits at
 //! once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::fabric::Fabric;
@@ -114,8 +114,37 @@ impl Effects {
             log.append(self.records)
         };
         committed.stall = self.stall;
+        // Not yet committed (a cluster: the records are on their way down
+        // the chains): a QoS 2 PUBLISH waits for them (see
+        // `Outbox::push_held`), and what follows it to the same client
+        // waits behind it.
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let hold = !committed.rx.is_empty() && runtime.is_some();
+        let mut held: Vec<(Arc<Outbox>, Arc<AtomicBool>)> = Vec::new();
         for (to, o) in self.sends {
-            to.push(o);
+            match o {
+                Outgoing::Publish(ref p) if hold && p.qos == mqlb_protocol::QoS::ExactlyOnce => {
+                    let gate = Arc::new(AtomicBool::new(false));
+                    to.push_held(o, gate.clone());
+                    held.push((to, gate));
+                }
+                o => to.push(o),
+            }
+        }
+        if let (false, Some(runtime)) = (held.is_empty(), runtime) {
+            let records = std::mem::take(&mut committed.rx);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            runtime.spawn(async move {
+                for r in records {
+                    let _ = r.await;
+                }
+                for (to, gate) in held {
+                    gate.store(true, Ordering::Release);
+                    to.wake();
+                }
+                let _ = tx.send(());
+            });
+            committed.rx.push(rx);
         }
         for n in self.drained {
             n.notify_waiters();

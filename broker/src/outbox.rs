@@ -5,8 +5,9 @@
 //! it is written (protocol version, outbound topic aliases, the client's
 //! Maximum Packet Size) and does the encoding outside the core's lock.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use mqlb_protocol::{Ack, MqttStr, Packet, PacketId, ProtocolVersion, Publish, ReasonCode};
@@ -77,6 +78,10 @@ struct Queued {
     discarded: Vec<Option<PacketId>>,
     /// A close was queued: nothing more is accepted.
     close: Option<Closing>,
+    /// Where held items start in `bytes`, each with the flag that lets it
+    /// go: an item pushed with [`Outbox::push_held`] and everything after
+    /// it wait until it is let go (order is kept).
+    gates: VecDeque<(usize, Arc<AtomicBool>)>,
 }
 
 /// What a connection task takes from its mailbox.
@@ -108,6 +113,7 @@ impl Outbox {
                 encoder,
                 discarded: Vec::new(),
                 close: None,
+                gates: VecDeque::new(),
             }),
             backlog: AtomicUsize::new(0),
             notify: tokio::sync::Notify::new(),
@@ -137,6 +143,34 @@ impl Outbox {
         self.notify.notify_one();
     }
 
+    /// [`Outbox::push`], but `o` and whatever is pushed after it are held
+    /// until `gate` is set and [`Outbox::wake`] called: a QoS 2 PUBLISH in
+    /// a cluster leaves only once the record that names its packet
+    /// identifier is on the replica, or a node taking over after a crash
+    /// could send it again under another one (a duplicate).
+    pub fn push_held(&self, o: Outgoing, gate: Arc<AtomicBool>) {
+        {
+            let mut q = self.queued();
+            if q.close.is_some() {
+                return;
+            }
+            let q = &mut *q;
+            let at = q.bytes.len();
+            match q.encoder.encode(o, &mut q.bytes) {
+                Encoded::Written => q.gates.push_back((at, gate)),
+                Encoded::TooLarge(pid) => q.discarded.push(pid),
+                Encoded::Close(c) => q.close = Some(c),
+            }
+            self.backlog.store(q.bytes.len(), Ordering::Relaxed);
+        }
+        self.notify.notify_one();
+    }
+
+    /// Wakes the connection task after a gate was set.
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
     /// Asks the connection task to close; what was queued before is
     /// written first.
     pub fn close(&self, why: Closing) {
@@ -154,13 +188,27 @@ impl Outbox {
     }
 
     /// Takes everything queued (possibly nothing).
+    /// Takes everything queued (possibly nothing) up to the first item
+    /// still held; a close comes only once nothing is held.
     pub fn take(&self) -> Taken {
         let mut q = self.queued();
-        self.backlog.store(0, Ordering::Relaxed);
+        while q
+            .gates
+            .front()
+            .is_some_and(|(_, g)| g.load(Ordering::Acquire))
+        {
+            q.gates.pop_front();
+        }
+        let upto = q.gates.front().map_or(q.bytes.len(), |(at, _)| *at);
+        for (at, _) in q.gates.iter_mut() {
+            *at -= upto;
+        }
+        let bytes = q.bytes.split_to(upto).freeze();
+        self.backlog.store(q.bytes.len(), Ordering::Relaxed);
         Taken {
-            bytes: q.bytes.split().freeze(),
+            bytes,
             discarded: std::mem::take(&mut q.discarded),
-            close: q.close,
+            close: if q.gates.is_empty() { q.close } else { None },
         }
     }
 
@@ -277,6 +325,46 @@ mod tests {
             out.push(p);
         }
         out
+    }
+
+    /// A held item and everything after it wait for its gate, in order;
+    /// a close queued behind them waits too; gates let go out of order
+    /// release nothing past one still shut.
+    #[test]
+    fn held_items_wait_for_their_gate_in_order() {
+        let o = Outbox::default();
+        let payloads = |t: &Taken| -> Vec<Vec<u8>> {
+            decode_all(ProtocolVersion::V5, &t.bytes)
+                .into_iter()
+                .map(|p| p.payload.to_vec())
+                .collect()
+        };
+        let (g1, g2) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        o.push(publish("t", b"a"));
+        o.push_held(publish("t", b"b"), g1.clone());
+        o.push(publish("t", b"c"));
+        o.push_held(publish("t", b"d"), g2.clone());
+        o.close(Closing::ShuttingDown);
+        let t = o.take();
+        assert_eq!(payloads(&t), vec![b"a".to_vec()]);
+        assert_eq!(t.close, None);
+        assert!(o.backlog() > 0);
+        g2.store(true, Ordering::Release);
+        assert!(
+            o.take().bytes.is_empty(),
+            "a later gate let an earlier item go"
+        );
+        g1.store(true, Ordering::Release);
+        let t = o.take();
+        assert_eq!(
+            payloads(&t),
+            vec![b"b".to_vec(), b"c".to_vec(), b"d".to_vec()]
+        );
+        assert_eq!(t.close, Some(Closing::ShuttingDown));
+        assert_eq!(o.backlog(), 0);
     }
 
     #[test]
