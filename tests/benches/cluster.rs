@@ -9,6 +9,10 @@
 //! * `cluster, across nodes`: publisher on another node; the PUBACK waits
 //!   for the forward, the owner's commit and its chain.
 //!
+//! The same three at QoS 2, end to end: PUBLISH sent → the subscriber has
+//! it. In a cluster a QoS 2 PUBLISH leaves for its subscriber only once the
+//! record naming its packet identifier is on the replica.
+//!
 //! Interleaved rounds; medians of each round's p50/p99 and ratios to
 //! `single` are printed.
 //!
@@ -27,19 +31,31 @@ const ROUNDS: usize = 3;
 const N: usize = 2000;
 const ALL: [&str; 3] = ["n1", "n2", "n3"];
 
-/// Sequential QoS 1 publishes from `pub_addr` to a persistent subscriber
-/// on `sub_addr`; returns (p50, p99) of PUBLISH → PUBACK in microseconds.
-async fn run(pub_addr: &str, sub_addr: &str, sub_id: &str, pub_id: &str) -> (f64, f64) {
+/// Sequential publishes at `q` from `pub_addr` to a persistent subscriber
+/// on `sub_addr`; returns (p50, p99) in microseconds of PUBLISH → PUBACK
+/// at QoS 1, and of PUBLISH → the subscriber has it at QoS 2 (the
+/// publisher completes each exchange before the next).
+async fn run(q: QoS, pub_addr: &str, sub_addr: &str, sub_id: &str, pub_id: &str) -> (f64, f64) {
     let mut cp = connect_packet(sub_id, ProtocolVersion::V5, false);
     cp.clean_start = false;
     cp.properties.session_expiry_interval = Some(600);
     let (mut s, _) = Client::connect(sub_addr, cp).await;
-    s.subscribe("lat/#", qos(QoS::AtLeastOnce)).await;
+    // A topic per QoS: the other QoS's sessions, offline, match nothing.
+    let topic = if q == QoS::ExactlyOnce {
+        "lat2"
+    } else {
+        "lat1"
+    };
+    s.subscribe(&format!("{topic}/#"), qos(q)).await;
+    let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
     let reader = tokio::spawn(async move {
         let mut n = 0;
         while n < N {
             match s.next_publish(Duration::from_secs(10), true).await {
-                Some(_) => n += 1,
+                Some(_) => {
+                    n += 1;
+                    let _ = got_tx.send(Instant::now());
+                }
                 None => break,
             }
         }
@@ -53,14 +69,33 @@ async fn run(pub_addr: &str, sub_addr: &str, sub_id: &str, pub_id: &str) -> (f64
         let t = Instant::now();
         p.send(Packet::Publish(Publish {
             dup: false,
-            qos: QoS::AtLeastOnce,
+            qos: q,
             retain: false,
-            topic: MqttStr::try_from("lat/x").unwrap(),
+            topic: MqttStr::try_from(format!("{topic}/x")).unwrap(),
             packet_id: Some(pid),
             properties: Properties::default(),
             payload: bytes::Bytes::from_static(b"0123456789abcdef"),
         }))
         .await;
+        if q == QoS::ExactlyOnce {
+            loop {
+                match p.recv(Duration::from_secs(10)).await {
+                    Some(Packet::Pubrec(a)) if a.packet_id == pid => {
+                        p.send(Packet::Pubrel(Ack::new(pid))).await;
+                    }
+                    Some(Packet::Pubcomp(a)) if a.packet_id == pid => break,
+                    Some(_) => {}
+                    None => panic!("no PUBCOMP"),
+                }
+            }
+            let at = tokio::time::timeout(Duration::from_secs(10), got.recv())
+                .await
+                .ok()
+                .flatten()
+                .expect("the subscriber did not get it");
+            lat.push(at.duration_since(t).as_secs_f64() * 1e6);
+            continue;
+        }
         loop {
             if let Some(Packet::Puback(Ack { packet_id, .. })) =
                 p.recv(Duration::from_secs(10)).await
@@ -71,6 +106,7 @@ async fn run(pub_addr: &str, sub_addr: &str, sub_id: &str, pub_id: &str) -> (f64
             }
         }
         lat.push(t.elapsed().as_secs_f64() * 1e6);
+        let _ = got.try_recv();
     }
     let _ = tokio::time::timeout(Duration::from_secs(20), reader).await;
     lat.sort_by(|a, b| a.total_cmp(b));
@@ -87,43 +123,62 @@ async fn main() {
     let single = BrokerProcess::start(&[]);
     let mut c = TestCluster::start(3, None, &[]);
     assert!(c.wait_converged(Duration::from_secs(20)).await);
-    let sub = c.id_owned_by("n1", "bench-sub", &ALL);
+    // One subscriber session per QoS: a QoS 1 one left with a QoS 2
+    // subscription would take the QoS 2 messages too.
+    let sub: std::collections::HashMap<&str, String> = [
+        ("q1", c.id_owned_by("n1", "bench-sub-q1", &ALL)),
+        ("q2", c.id_owned_by("n1", "bench-sub-q2", &ALL)),
+    ]
+    .into();
     let same = c.id_owned_by("n1", "bench-pub", &ALL);
     let other = c.id_owned_by("n2", "bench-pub", &ALL);
-    let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
-        ("single", Vec::new(), Vec::new()),
-        ("cluster, same node", Vec::new(), Vec::new()),
-        ("cluster, across nodes", Vec::new(), Vec::new()),
-    ];
-    for round in 0..ROUNDS {
-        let runs = [
-            run(
-                &single.addr,
-                &single.addr,
-                &format!("s-{round}"),
-                "p-single",
-            )
-            .await,
-            run(&c.nodes[0].addr, &c.nodes[0].addr, &sub, &same).await,
-            run(&c.nodes[1].addr, &c.nodes[0].addr, &sub, &other).await,
+    for (q, title) in [
+        (
+            QoS::AtLeastOnce,
+            "QoS 1 PUBLISH -> PUBACK, persistent QoS 1 subscriber",
+        ),
+        (
+            QoS::ExactlyOnce,
+            "QoS 2 PUBLISH -> the persistent QoS 2 subscriber has it",
+        ),
+    ] {
+        let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
+            ("single", Vec::new(), Vec::new()),
+            ("cluster, same node", Vec::new(), Vec::new()),
+            ("cluster, across nodes", Vec::new(), Vec::new()),
         ];
-        for (r, (p50, p99)) in results.iter_mut().zip(runs) {
-            r.1.push(p50);
-            r.2.push(p99);
+        let tag = if q == QoS::ExactlyOnce { "q2" } else { "q1" };
+        for _ in 0..ROUNDS {
+            let runs = [
+                run(
+                    q,
+                    &single.addr,
+                    &single.addr,
+                    &format!("s-{tag}"),
+                    "p-single",
+                )
+                .await,
+                run(q, &c.nodes[0].addr, &c.nodes[0].addr, &sub[tag], &same).await,
+                run(q, &c.nodes[1].addr, &c.nodes[0].addr, &sub[tag], &other).await,
+            ];
+            for (r, (p50, p99)) in results.iter_mut().zip(runs) {
+                r.1.push(p50);
+                r.2.push(p99);
+            }
         }
-    }
-    let base = (median(results[0].1.clone()), median(results[0].2.clone()));
-    println!("QoS 1 PUBLISH -> PUBACK, persistent QoS 1 subscriber, {N} sequential publishes x {ROUNDS} rounds (medians of rounds)");
-    println!(
-        "{:<24} {:>10} {:>10} {:>8} {:>8}",
-        "setup", "p50 us", "p99 us", "p50 x", "p99 x"
-    );
-    for (name, p50s, p99s) in results {
-        let (p50, p99) = (median(p50s), median(p99s));
+        let base = (median(results[0].1.clone()), median(results[0].2.clone()));
+        println!("{title}, {N} sequential publishes x {ROUNDS} rounds (medians of rounds)");
         println!(
-            "{name:<24} {p50:>10.0} {p99:>10.0} {:>8.2} {:>8.2}",
-            p50 / base.0,
-            p99 / base.1
+            "{:<24} {:>10} {:>10} {:>8} {:>8}",
+            "setup", "p50 us", "p99 us", "p50 x", "p99 x"
         );
+        for (name, p50s, p99s) in results {
+            let (p50, p99) = (median(p50s), median(p99s));
+            println!(
+                "{name:<24} {p50:>10.0} {p99:>10.0} {:>8.2} {:>8.2}",
+                p50 / base.0,
+                p99 / base.1
+            );
+        }
     }
 }
