@@ -16,6 +16,11 @@ pub(super) struct Waiting {
     pub(super) resend: Option<(Message, Vec<Arc<str>>)>,
 }
 
+/// The most fingerprints one [`Frame::Seen`] carries: well inside
+/// [`wire::MAX_FRAME`] (a subscriber given over 6,500 messages a second
+/// for [`SEEN_FOR`] has the oldest left out).
+const MAX_SEEN_PRINTS: usize = 1 << 17;
+
 impl Cluster {
     /// Before serving `client_id` here: if this node holds a replica of its
     /// session and not the session itself, the replica becomes the session
@@ -136,9 +141,16 @@ impl Cluster {
     pub(super) fn seen_frame(&self, client: &str) -> Option<Frame> {
         let seen = lock(&self.replica_seen);
         let log = seen.get(client)?;
+        // The newest, as many as fit in a frame.
         Some(Frame::Seen {
             client: client.to_string(),
-            prints: log.set.iter().copied().collect(),
+            prints: log
+                .order
+                .iter()
+                .rev()
+                .take(MAX_SEEN_PRINTS)
+                .map(|&(_, p)| p)
+                .collect(),
         })
     }
 
@@ -444,9 +456,16 @@ impl ChangeLog for Cluster {
                 if let SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } =
                     &r.change
                 {
-                    seen.entry(r.client.to_string())
-                        .or_default()
-                        .insert(now, crate::core::fingerprint(&p.msg));
+                    let print = crate::core::fingerprint(&p.msg);
+                    // No allocation per message: the client's name is
+                    // copied only for its first entry.
+                    match seen.get_mut(&*r.client) {
+                        Some(log) => log.insert(now, print),
+                        None => seen
+                            .entry(r.client.to_string())
+                            .or_default()
+                            .insert(now, print),
+                    }
                 }
             }
         }
