@@ -107,12 +107,27 @@ impl Effects {
     /// wakes publishers held back for drained subscribers. The returned
     /// [`Committed`] resolves once the records are committed (and, when a
     /// subscriber was congested, it has drained or [`MAX_STALL`] passed).
-    pub fn apply(self, log: &dyn ChangeLog) -> Committed {
-        let mut committed = if self.records.is_empty() {
+    pub fn apply(mut self, log: &dyn ChangeLog) -> Committed {
+        let committed = self.append_to(log);
+        self.finish(committed)
+    }
+
+    /// The first half of [`Effects::apply`]: hands the records to `log`.
+    /// Called under the core's lock, so records reach each chain member in
+    /// the order they were made: two calls about one session, made one
+    /// after the other, must not be appended the other way round (a whole
+    /// copy of a session sent after a newer change would undo it).
+    pub fn append_to(&mut self, log: &dyn ChangeLog) -> Committed {
+        if self.records.is_empty() {
             Committed::now()
         } else {
-            log.append(self.records)
-        };
+            log.append(std::mem::take(&mut self.records))
+        }
+    }
+
+    /// The second half of [`Effects::apply`], after the lock: the items
+    /// for the mailboxes (encoding happens here), wake-ups and forwards.
+    pub fn finish(self, mut committed: Committed) -> Committed {
         committed.stall = self.stall;
         // Not yet committed (a cluster: the records are on their way down
         // the chains): a QoS 2 PUBLISH waits for them (see

@@ -80,15 +80,27 @@ impl State {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs one core call and applies its effects after the lock is gone.
+    /// Runs one core call and applies its effects: the change records
+    /// under the lock (so they are logged in the order they were made),
+    /// the rest after it is gone.
     pub fn act(&self, f: impl FnOnce(&mut Core) -> Effects) -> Committed {
-        let fx = f(&mut self.core());
-        fx.apply(&*self.log)
+        let (fx, committed) = {
+            let mut core = self.core();
+            let mut fx = f(&mut core);
+            let committed = fx.append_to(&*self.log);
+            (fx, committed)
+        };
+        fx.finish(committed)
     }
 
     /// [`State::act`] for calls that also answer something.
     pub fn ask<T>(&self, f: impl FnOnce(&mut Core) -> (T, Effects)) -> (T, Committed) {
-        let (t, fx) = f(&mut self.core());
-        (t, fx.apply(&*self.log))
+        let (t, fx, committed) = {
+            let mut core = self.core();
+            let (t, mut fx) = f(&mut core);
+            let committed = fx.append_to(&*self.log);
+            (t, fx, committed)
+        };
+        (t, fx.finish(committed))
     }
 }

@@ -110,8 +110,11 @@ impl Cluster {
     /// its chain (a new chain member has nothing; an old one may have
     /// missed changes).
     pub(super) fn rechain(&self, state: &State) {
+        // Appended under the core's lock, like every change (see
+        // `State::act`): a change made after the export must not reach a
+        // chain member before this older whole copy.
+        let core = state.core();
         let records: Vec<ChangeRecord> = {
-            let core = state.core();
             let mut out = Vec::new();
             for id in core.persistent_sessions() {
                 let Some(snap) = core.export_session(&id) else {
@@ -134,6 +137,7 @@ impl Cluster {
         if !records.is_empty() {
             drop(self.append(records));
         }
+        drop(core);
     }
 
     /// What `client`'s session was given lately, as a frame for a chain
