@@ -383,10 +383,11 @@ impl Cluster {
         }
     }
 
-    /// Holds `m` for a dead peer and forwards it again, after
-    /// [`FAILURE_TIMEOUT`], to the live peers interested by then (the node
-    /// that took over the dead peer's sessions announces them when it
-    /// promotes them); `done` fires once those have committed it. When
+    /// Holds `m` for a dead peer and forwards it again, once the view has
+    /// dropped that peer and its sessions' next nodes have had a moment to
+    /// promote them, to the live peers interested by then (the node that
+    /// took over the dead peer's sessions announces them when it promotes
+    /// them); `done` fires once those have committed it. When
     /// the nodes in `exclude` `refused` it (they no longer serve), it also
     /// waits for a view without them: their sessions move only then.
     pub(super) fn hold_for_takeover(
@@ -406,20 +407,15 @@ impl Cluster {
         };
         self.stats.held.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            // A refusal comes from a node that is handing its sessions over
-            // now: waiting for the view without it (below) is enough. A
-            // failure may not be seen for up to the failure timeout.
-            if !refused {
-                tokio::time::sleep(FAILURE_TIMEOUT).await;
-            }
             // The takeover happens once the committed view has dropped the
-            // lost node (after an election, if it led) and the next node of
-            // each chain has promoted its copy: wait for the view to hold
-            // only reachable members and none that refused the message (a
-            // node on its way out is still linked), then a moment for the
-            // promotions.
+            // lost node (after an election, if it led; a node whose link
+            // is gone counts as lost until then) and the next node of each
+            // chain has promoted its copy: wait for the view to hold only
+            // reachable members and none that refused the message (a node
+            // on its way out is still linked), then a moment for the
+            // promotions. A message for a node that hangs with its link up
+            // comes here only once the view has dropped it.
             let deadline = tokio::time::Instant::now() + 2 * FAILURE_TIMEOUT;
-            let mut waited = false;
             let refusers: Vec<String> = exclude
                 .iter()
                 .filter(|_| refused)
@@ -432,12 +428,9 @@ impl Cluster {
                 }
             };
             while unsettled() && tokio::time::Instant::now() < deadline {
-                waited = true;
                 tokio::time::sleep(consensus::TICK).await;
             }
-            if waited || refused {
-                tokio::time::sleep(5 * consensus::TICK).await;
-            }
+            tokio::time::sleep(5 * consensus::TICK).await;
             let linked: Vec<NodeId> = lock(&cluster.links).keys().copied().collect();
             let committed = state.act(|core| core.reforward(m, groups, &linked, &exclude));
             committed.wait().await;
