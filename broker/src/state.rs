@@ -104,3 +104,76 @@ impl State {
         (t, fx.finish(committed))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::effects::ChangeRecord;
+    use crate::message::{Message, Sub};
+    use crate::outbox::Outbox;
+    use mqlb_protocol::{MqttStr, Properties, QoS, SubscriptionOptions};
+    use std::time::{Duration, Instant};
+
+    /// A log that keeps what it is given, after a pause like a cluster's
+    /// append takes: the window in which a later call could log first.
+    #[derive(Debug, Default)]
+    struct Recording(Mutex<Vec<ChangeRecord>>);
+
+    impl ChangeLog for Recording {
+        fn append(&self, records: Vec<ChangeRecord>) -> Committed {
+            std::thread::yield_now();
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(records);
+            Committed::now()
+        }
+    }
+
+    /// Calls on several threads, about one session: the log holds its
+    /// records in the order the core made them, so a replica that replays
+    /// the log has the live session (its queue in the same order, the same
+    /// messages dropped when it overflowed).
+    #[test]
+    fn records_are_logged_in_the_order_they_were_made() {
+        let log = Arc::new(Recording::default());
+        let state = State::new(Core::new(), Auth::open(), log.clone());
+        let tx = Arc::new(Outbox::default());
+        let (connected, _) =
+            state.ask(|core| core.connect("dev", false, Some(Duration::from_secs(600)), 10, tx));
+        let sub = Sub {
+            options: SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                ..Default::default()
+            },
+            id: None,
+        };
+        let _ = state.ask(|core| core.subscribe("dev", "t/#", sub));
+        let _ = state.act(|core| core.disconnect("dev", connected.conn));
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let state = &state;
+                s.spawn(move || {
+                    for i in 0..400 {
+                        let m = Message {
+                            topic: MqttStr::try_from("t/x").unwrap_or_default(),
+                            payload: bytes::Bytes::from(format!("{t}-{i}")),
+                            qos: QoS::AtLeastOnce,
+                            retain: false,
+                            properties: Properties::default(),
+                            origin: None,
+                            received: Instant::now(),
+                        };
+                        let _ = state.act(|core| core.route(m));
+                    }
+                });
+            }
+        });
+        let records = log.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut replica = Core::new();
+        let _ = replica.replay("dev", &records);
+        let live = state.core().export_session("dev");
+        assert!(live.as_ref().is_some_and(|s| s.queued.len() == 1000));
+        assert_eq!(replica.export_session("dev"), live);
+    }
+}
