@@ -133,28 +133,35 @@ impl Effects {
         // the chains): a QoS 2 PUBLISH waits for them (see
         // `Outbox::push_held`), and what follows it to the same client
         // waits behind it.
-        let runtime = tokio::runtime::Handle::try_current().ok();
-        let hold = !committed.rx.is_empty() && runtime.is_some();
-        let mut held: Vec<(Arc<Outbox>, Arc<AtomicBool>)> = Vec::new();
+        let runtime = if committed.rx.is_empty() {
+            None
+        } else {
+            tokio::runtime::Handle::try_current().ok()
+        };
+        let hold = runtime.is_some();
+        // One gate for the whole batch (its records commit together),
+        // made only when something is held.
+        let mut gate: Option<Arc<AtomicBool>> = None;
+        let mut held: Vec<Arc<Outbox>> = Vec::new();
         for (to, o) in self.sends {
             match o {
                 Outgoing::Publish(ref p) if hold && p.qos == mqlb_protocol::QoS::ExactlyOnce => {
-                    let gate = Arc::new(AtomicBool::new(false));
-                    to.push_held(o, gate.clone());
-                    held.push((to, gate));
+                    let g = gate.get_or_insert_with(|| Arc::new(AtomicBool::new(false)));
+                    to.push_held(o, g.clone());
+                    held.push(to);
                 }
                 o => to.push(o),
             }
         }
-        if let (false, Some(runtime)) = (held.is_empty(), runtime) {
+        if let (Some(gate), Some(runtime)) = (gate, runtime) {
             let records = std::mem::take(&mut committed.rx);
             let (tx, rx) = tokio::sync::oneshot::channel();
             runtime.spawn(async move {
                 for r in records {
                     let _ = r.await;
                 }
-                for (to, gate) in held {
-                    gate.store(true, Ordering::Release);
+                gate.store(true, Ordering::Release);
+                for to in held {
                     to.wake();
                 }
                 let _ = tx.send(());
