@@ -993,6 +993,68 @@ async fn a_rolling_restart_at_qos2_loses_nothing_and_duplicates_nothing() {
     assert_eq!(dups, 0, "QoS 2 delivered a message twice");
 }
 
+/// QoS 0, 1 and 2 on one connection to a persistent subscriber in a
+/// cluster: a QoS 2 delivery waits for its record to reach the replica,
+/// and what follows it to the same client waits behind it, so the
+/// subscriber gets every QoS 1 and 2 message exactly once and everything
+/// in the publisher's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_qos_on_one_connection_keeps_order_behind_held_qos2() {
+    let _one = ONE_CLUSTER.lock().await;
+    let mut c = TestCluster::start(3, None, &[]);
+    assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
+    let id = c.id_owned_by("n1", "mixed-sub", &ALL);
+    let mut cp = connect_packet(&id, ProtocolVersion::V5, false);
+    cp.properties.session_expiry_interval = Some(600);
+    let (mut s, _) = Client::connect(&c.nodes[0].addr, cp).await;
+    s.subscribe("mx/#", qos(QoS::ExactlyOnce)).await;
+    let (mut p, _) = connect_owned(&c, "n1", "mixed-pub", ProtocolVersion::V5, true).await;
+    const N: usize = 90;
+    let levels = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(m) = s.next_publish(Duration::from_secs(5), true).await {
+            let i: usize = String::from_utf8_lossy(&m.payload).parse().unwrap();
+            got.push((i, m.qos));
+            if i == N - 1 {
+                break;
+            }
+        }
+        got
+    });
+    for i in 0..N {
+        let q = levels[i % 3];
+        p.publish(
+            "mx/t",
+            i.to_string().as_bytes(),
+            q,
+            false,
+            Properties::default(),
+        )
+        .await;
+    }
+    let got = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the subscriber hung")
+        .unwrap();
+    let order: Vec<usize> = got.iter().map(|(i, _)| *i).collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "out of order or repeated: {order:?}"
+    );
+    for i in (0..N).filter(|i| levels[i % 3] != QoS::AtMostOnce) {
+        assert!(
+            order.contains(&i),
+            "QoS {:?} message {i} missing: {order:?}",
+            levels[i % 3]
+        );
+    }
+    assert!(
+        got.iter().all(|(i, q)| *q == levels[i % 3]),
+        "delivered at the wrong QoS: {got:?}"
+    );
+}
+
 /// A partition cuts n1 off from n2 and n3 (clients still reach all three).
 /// n1 has no majority: its clients get DISCONNECT 0x8B, new clients get
 /// CONNACK 0x88 there, and its sessions are taken over by the majority
