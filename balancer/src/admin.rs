@@ -426,6 +426,14 @@ pub fn render_metrics(shared: &Shared) -> String {
         "CONNECTs forwarded and not yet answered by a CONNACK.",
         |b| b.pending_connacks.load(Ordering::Relaxed),
     );
+    per_backend(
+        &mut o,
+        bs,
+        "mqlb_backend_sessions_moving_total",
+        "counter",
+        "CONNECTs an mqlb node refused because the client's session was moving between nodes (not counted against its health).",
+        |b| load(&b.sessions_moving),
+    );
     family(
         &mut o,
         "mqlb_admission_rejected_total",

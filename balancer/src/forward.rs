@@ -277,6 +277,10 @@ pub struct Spliced {
 pub struct ConnackSeen {
     /// As a v5 reason code (3.x return codes mapped).
     pub reason: ReasonCode,
+    /// An mqlb node refused because the client's session is moving
+    /// between nodes ([`mqlb_protocol::SESSION_MOVING`]): the node is
+    /// healthy, so this is no signal against it.
+    pub session_moving: bool,
     /// From the CONNECT's write to the CONNACK's arrival.
     pub latency: Duration,
 }
@@ -534,6 +538,9 @@ async fn pump<R: LentRead, W: AsyncWrite + Unpin>(
     Ok((total, true, injected))
 }
 
+/// The longest CONNACK the sniffer reads whole to see its properties.
+const MAX_SNIFFED_CONNACK: usize = 512;
+
 /// Watches the first bytes from the backend for its CONNACK.
 struct ConnackSniffer<F: FnOnce(ConnackSeen)> {
     version: ProtocolVersion,
@@ -556,18 +563,39 @@ impl<F: FnOnce(ConnackSeen)> ConnackSniffer<F> {
         if self.callback.is_none() {
             return;
         }
-        let want = 8usize.saturating_sub(self.head.len());
-        self.head.extend_from_slice(&chunk[..want.min(chunk.len())]);
-        if self.head.first() != Some(&0x20) {
-            self.callback = None; // not a CONNACK: nothing to report
-            return;
+        let room = MAX_SNIFFED_CONNACK.saturating_sub(self.head.len());
+        self.head
+            .extend_from_slice(chunk.get(..room.min(chunk.len())).unwrap_or_default());
+        match self.head.first() {
+            None => return,
+            Some(0x20) => {}
+            Some(_) => {
+                self.callback = None; // not a CONNACK: nothing to report
+                return;
+            }
         }
-        let Ok(Some((_, used))) = framing::decode_varint(&self.head[1..]) else {
+        let Some(Ok(Some((len, used)))) = self.head.get(1..).map(framing::decode_varint) else {
             return; // need more, or garbage (the client will judge)
         };
         let Some(&code) = self.head.get(1 + used + 1) else {
             return;
         };
+        // The whole packet, for its properties (a v5 refusal may say the
+        // session is moving); one longer than the cap is judged by its
+        // code alone.
+        let total = 1 + used + len as usize;
+        let whole = self.head.get(..total);
+        if whole.is_none() && self.head.len() < MAX_SNIFFED_CONNACK {
+            return;
+        }
+        let session_moving = self.version.is_v5()
+            && whole.is_some_and(|w| {
+                let mut b = bytes::BytesMut::from(w);
+                matches!(
+                    mqlb_protocol::decode(&mut b, self.version, MAX_SNIFFED_CONNACK),
+                    Ok(Some(mqlb_protocol::Packet::Connack(c))) if c.is_session_moving()
+                )
+            });
         let reason = if self.version.is_v5() {
             ReasonCode(code)
         } else {
@@ -576,8 +604,56 @@ impl<F: FnOnce(ConnackSeen)> ConnackSniffer<F> {
         if let Some(cb) = self.callback.take() {
             cb(ConnackSeen {
                 reason,
+                session_moving,
                 latency: self.started.elapsed(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqlb_protocol::{Connack, Packet, Properties};
+
+    fn sniff(version: ProtocolVersion, bytes: &[u8], split: usize) -> Option<ConnackSeen> {
+        let seen = std::cell::Cell::new(None);
+        let mut s = ConnackSniffer::new(version, Instant::now(), |c| seen.set(Some(c)));
+        let (a, b) = bytes.split_at(split.min(bytes.len()));
+        s.feed(a);
+        s.feed(b);
+        drop(s);
+        seen.into_inner()
+    }
+
+    /// A node's "session moving" refusal is told from a plain 0x88 at
+    /// every split point, so only the latter counts against the node.
+    #[test]
+    fn a_session_moving_refusal_is_told_from_server_unavailable() {
+        let v5 = ProtocolVersion::V5;
+        let moving = Packet::Connack(Connack::session_moving())
+            .to_bytes(v5)
+            .expect("encodes");
+        let plain = Packet::Connack(Connack {
+            session_present: false,
+            reason: ReasonCode::SERVER_UNAVAILABLE,
+            properties: Properties::default(),
+        })
+        .to_bytes(v5)
+        .expect("encodes");
+        for split in 0..=moving.len() {
+            let seen = sniff(v5, &moving, split).expect("reported");
+            assert!(seen.session_moving, "split {split}");
+            assert_eq!(seen.reason, ReasonCode::SERVER_UNAVAILABLE);
+        }
+        for split in 0..=plain.len() {
+            let seen = sniff(v5, &plain, split).expect("reported");
+            assert!(!seen.session_moving, "split {split}");
+            assert_eq!(seen.reason, ReasonCode::SERVER_UNAVAILABLE);
+        }
+        // 3.1.1 has no properties: a return code 3 is just unavailable.
+        let seen = sniff(ProtocolVersion::V3_1_1, &[0x20, 2, 0, 3], 1).expect("reported");
+        assert!(!seen.session_moving);
+        assert_eq!(seen.reason, ReasonCode::SERVER_UNAVAILABLE);
     }
 }

@@ -69,6 +69,9 @@ pub struct Backend {
     pub last_transition_ms: AtomicU64,
     /// CONNECTs forwarded and not yet answered by a CONNACK.
     pub pending_connacks: AtomicU64,
+    /// Refusals because the client's session was moving between cluster
+    /// nodes: not counted against the backend's health.
+    pub sessions_moving: AtomicU64,
     /// Clients placed here that admission control refused, by reason.
     pub admission_refused: crate::admission::Refused,
 }
@@ -116,6 +119,7 @@ impl Backend {
             transitions: Default::default(),
             last_transition_ms: AtomicU64::new(0),
             pending_connacks: AtomicU64::new(0),
+            sessions_moving: AtomicU64::new(0),
             admission_refused: Default::default(),
         }
     }

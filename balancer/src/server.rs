@@ -842,7 +842,9 @@ async fn serve_client<
         }
         backend.connacks[usize::from(seen.reason.0)].fetch_add(1, Ordering::Relaxed);
         backend.connect_latency.observe(seen.latency);
-        if matches!(
+        if seen.session_moving {
+            backend.sessions_moving.fetch_add(1, Ordering::Relaxed);
+        } else if matches!(
             seen.reason,
             mqlb_protocol::ReasonCode::SERVER_UNAVAILABLE | mqlb_protocol::ReasonCode::SERVER_BUSY
         ) {

@@ -1,6 +1,7 @@
 //! One client connection: CONNECT, the packet loop, keep-alive, and the will.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -166,41 +167,59 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         }
         _ => return,
     };
+    let relayed_by = match origin.as_deref() {
+        Some(Origin::Relayed(n)) => Some(*n),
+        _ => None,
+    };
     if let Some(cluster) = state.cluster() {
-        if !cluster.ready() {
-            // Still syncing from peers: the balancer's probe sees this, so
-            // clients go elsewhere until the node has what it must hold.
-            let ack = Packet::Connack(Connack {
-                session_present: false,
-                reason: ReasonCode::SERVER_UNAVAILABLE,
-                properties: Properties::default(),
-            });
-            if let Ok(b) = ack.to_bytes(connect.version) {
-                let _ = wr.write_all(&b).await;
+        // Boxed: only cluster nodes get here, and the placement's waits
+        // would grow every connection's future.
+        let placed = Box::pin(place(&connect, &state, &cluster, relayed_by)).await;
+        match placed {
+            Placed::Here => {}
+            Placed::NotReady => {
+                // Still syncing from peers: the balancer's probe sees this,
+                // so clients go elsewhere until the node has what it must
+                // hold.
+                let ack = Packet::Connack(Connack {
+                    session_present: false,
+                    reason: ReasonCode::SERVER_UNAVAILABLE,
+                    properties: Properties::default(),
+                });
+                if let Ok(b) = ack.to_bytes(connect.version) {
+                    let _ = wr.write_all(&b).await;
+                }
+                return;
             }
-            return;
+            Placed::Moving => {
+                // Its session is still moving after the hold: a v5 client
+                // is told so (a balancer does not count it against this
+                // node); 3.x has no way to say it, and is closed without
+                // a CONNACK, which no balancer counts either.
+                cluster.stats.moving_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(client_id = %connect.client_id, "session still moving; client refused");
+                if connect.version.is_v5() {
+                    if let Ok(b) =
+                        Packet::Connack(Connack::session_moving()).to_bytes(connect.version)
+                    {
+                        let _ = wr.write_all(&b).await;
+                    }
+                }
+                return;
+            }
+            Placed::Relay(owner, up) => {
+                let stopping = state.stopping.clone();
+                Box::pin(async move {
+                    tokio::select! {
+                        _ = relay_to_owner(connect, rd.unsplit(wr), buf, owner, up) => {}
+                        // The session is elsewhere: nothing to close gracefully.
+                        _ = stopping.cancelled() => {}
+                    }
+                })
+                .await;
+                return;
+            }
         }
-    }
-    if let Some((cluster, owner)) = relay_target(
-        &connect,
-        &state,
-        match origin.as_deref() {
-            Some(Origin::Relayed(n)) => Some(*n),
-            _ => None,
-        },
-    ) {
-        // Boxed, with what it needs moved in: rare, and it would grow
-        // every connection's future.
-        let stopping = state.stopping.clone();
-        Box::pin(async move {
-            tokio::select! {
-                _ = relay_to_owner(connect, rd.unsplit(wr), buf, &cluster, &owner) => {}
-                // The session is elsewhere: nothing to close gracefully.
-                _ = stopping.cancelled() => {}
-            }
-        })
-        .await;
-        return;
     }
     if let Some(cluster) = state.cluster() {
         cluster.promote(connect.client_id.as_str(), &state);
@@ -236,27 +255,97 @@ async fn linger(rd: &mut (impl AsyncRead + Unpin)) {
     .await;
 }
 
+/// Where a cluster node serves a CONNECT.
+enum Placed {
+    /// Here: this node holds (or now takes) the session.
+    Here,
+    /// This node is not ready (still syncing from its peers).
+    NotReady,
+    /// At `0`, over the open cluster connection `1`.
+    Relay(String, tokio::net::TcpStream),
+    /// The session's holder died and its replica was not promoted within
+    /// [`MOVE_HOLD`].
+    Moving,
+}
+
+/// How long a client whose session is moving (its holder just died) is
+/// held before it is refused: the failure detector's timeout, an election
+/// and the view change, then the promotion of the replica. A `kill -9`
+/// closes the links at once, so such a client is usually served within a
+/// second (two when the leader died); a hung holder takes the longest.
+pub const MOVE_HOLD: Duration = crate::cluster::TAKEOVER_WITHIN;
+
+/// Longest one attempt to open a relay to another node may take: a node
+/// that does not answer this fast is treated as unreachable, and the
+/// client waits for the view to move its session instead.
+const RELAY_DIAL: Duration = Duration::from_secs(1);
+
+/// Where to serve this client: here, or relayed to the node that serves
+/// its session. A relayed client takes one more hop only to the live
+/// holder of its session, never back to the node that relayed it.
+///
+/// A client whose session's holder has just died (not heard, or not
+/// answering) is held, not refused, while the view drops the dead node and
+/// the next node of the chain promotes its copy, then served with its
+/// session. A direct client reaching a node that is not ready is refused
+/// at once (that is how the balancer's probe learns it); a relayed one
+/// waits for readiness too.
+async fn place(
+    connect: &Connect,
+    state: &State,
+    cluster: &crate::cluster::Cluster,
+    relayed_by: Option<crate::router::NodeId>,
+) -> Placed {
+    let deadline = tokio::time::Instant::now() + MOVE_HOLD;
+    let mut held = false;
+    loop {
+        let now = tokio::time::Instant::now();
+        if !cluster.ready() {
+            if relayed_by.is_none() || now >= deadline {
+                return Placed::NotReady;
+            }
+        } else {
+            let Some(target) = relay_target(connect, state, cluster, relayed_by) else {
+                return Placed::Here;
+            };
+            if cluster.hears(&target) {
+                let left = deadline.saturating_duration_since(now);
+                let dial = cluster.dial_client(&target);
+                if let Ok(Ok(up)) = tokio::time::timeout(left.min(RELAY_DIAL), dial).await {
+                    return Placed::Relay(target, up);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Placed::Moving;
+            }
+            if !held {
+                held = true;
+                cluster.stats.held_connects.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(client_id = %connect.client_id, holder = %target, "session moving: CONNECT held");
+            }
+        }
+        tokio::time::sleep(crate::cluster::TICK).await;
+    }
+}
+
 /// The node to relay this client to, if another node serves its session.
-/// A relayed client takes one more hop only to the live holder of its
-/// session, never back to the node that relayed it.
 fn relay_target(
     connect: &Connect,
     state: &State,
+    cluster: &crate::cluster::Cluster,
     relayed_by: Option<crate::router::NodeId>,
-) -> Option<(Arc<crate::cluster::Cluster>, String)> {
+) -> Option<String> {
     if connect.client_id.is_empty() || is_local_probe(connect) {
         return None;
     }
-    let cluster = state.cluster()?;
     let id = connect.client_id.as_str();
-    let target = match relayed_by {
+    match relayed_by {
         None => cluster.server_for(id, state),
         Some(_) if state.core().has_session(id) => None,
         Some(from) => cluster
             .live_holder(id)
             .filter(|h| cluster.node_id(h) != Some(from)),
-    }?;
-    Some((cluster, target))
+    }
 }
 
 /// A health probe (the balancer's `mqlb-probe-{instance}-{target}` IDs,
@@ -272,16 +361,15 @@ fn is_local_probe(c: &Connect) -> bool {
     ends && c.client_id.as_str().starts_with("mqlb-probe-")
 }
 
-/// Relays a client whose session another node owns to that node. If the
-/// owner cannot be reached the client is told the server is unavailable
-/// (v5 0x88, 3.x return code 3) and retries: serving it here would make a
-/// second session for one client ID.
+/// Relays a client whose session another node serves to that node, over
+/// the cluster connection `up` already open to it (serving it here would
+/// make a second session for one client ID).
 async fn relay_to_owner<S: AsyncRead + AsyncWrite + Unpin>(
     connect: Box<Connect>,
     mut client: S,
     rest: BytesMut,
-    cluster: &crate::cluster::Cluster,
-    owner: &str,
+    owner: String,
+    mut up: tokio::net::TcpStream,
 ) {
     let v = connect.version;
     tracing::debug!(client_id = %connect.client_id, owner, "relaying client to its owner");
@@ -290,22 +378,7 @@ async fn relay_to_owner<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let mut first = connect_bytes.to_vec();
     first.extend_from_slice(&rest);
-    match cluster.dial_client(owner).await {
-        Ok(mut up) => {
-            let _ = crate::cluster::relay(&mut client, &mut up, &first).await;
-        }
-        Err(e) => {
-            tracing::warn!(owner, error = %e, "owner unreachable; refusing the client");
-            let ack = Packet::Connack(Connack {
-                session_present: false,
-                reason: ReasonCode::SERVER_UNAVAILABLE,
-                properties: Properties::default(),
-            });
-            if let Ok(b) = ack.to_bytes(v) {
-                let _ = client.write_all(&b).await;
-            }
-        }
-    }
+    let _ = crate::cluster::relay(&mut client, &mut up, &first).await;
 }
 
 /// The answer to a refused CONNECT: the same bytes Mosquitto (and the

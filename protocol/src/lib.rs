@@ -39,7 +39,7 @@ pub use error::{DecodeError, EncodeError};
 pub use framing::{check, BoundaryTracker, FrameHeader, PacketType};
 pub use packet::{
     decode, Ack, Auth, Connack, Disconnect, Packet, Publish, RetainHandling, Suback, Subscribe,
-    SubscriptionOptions, Unsuback, Unsubscribe,
+    SubscriptionOptions, Unsuback, Unsubscribe, SESSION_MOVING,
 };
 pub use properties::{Properties, PropertiesView, Property, PropertyContext};
 pub use reason::{allowed_codes, ConnackReturnCode, ReasonCode};

@@ -48,6 +48,43 @@ pub struct Connack {
     pub properties: Properties,
 }
 
+/// The user property an mqlb broker node puts on a v5 CONNACK 0x88 when
+/// the client's session is moving between nodes (its holder just died and
+/// its replica is not promoted yet): the node itself is healthy, so a
+/// balancer must not count the refusal against it.
+pub const SESSION_MOVING: (&str, &str) = ("mqlb-refusal", "session-moving");
+
+impl Connack {
+    /// A v5 refusal saying the session is moving (see [`SESSION_MOVING`]):
+    /// Server unavailable, with a reason string for the client and the
+    /// marker for a balancer.
+    pub fn session_moving() -> Self {
+        let mut properties = Properties::default();
+        let (k, v) = SESSION_MOVING;
+        if let (Ok(k), Ok(v)) = (MqttStr::try_from(k), MqttStr::try_from(v)) {
+            properties.user_properties.push((k, v));
+        }
+        properties.reason_string =
+            MqttStr::try_from("the session is moving to another node; connect again").ok();
+        Self {
+            session_present: false,
+            reason: ReasonCode::SERVER_UNAVAILABLE,
+            properties,
+        }
+    }
+
+    /// Whether this is a refusal made by [`Connack::session_moving`].
+    pub fn is_session_moving(&self) -> bool {
+        let (k, v) = SESSION_MOVING;
+        self.reason == ReasonCode::SERVER_UNAVAILABLE
+            && self
+                .properties
+                .user_properties
+                .iter()
+                .any(|(a, b)| a.as_str() == k && b.as_str() == v)
+    }
+}
+
 /// PUBLISH. `packet_id` is `Some` exactly when QoS > 0; encoding checks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(missing_docs)]

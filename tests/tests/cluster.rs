@@ -616,6 +616,9 @@ async fn subscribe_within(s: &mut Client, filter: &str, q: QoS, within: Duration
 enum Fault {
     /// `kill -9` the node owning the most subscriber sessions.
     KillBusiest,
+    /// `kill -9` the Raft leader: to the clients of the other nodes this
+    /// must be no different from killing any other node.
+    KillLeader,
     /// Restart every node in turn (SIGTERM, start again, wait until the
     /// cluster is whole and ready).
     RollingRestart,
@@ -647,7 +650,7 @@ const WINDOW: usize = 100;
 async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) {
     let _one = ONE_CLUSTER.lock().await;
     let (subs, publishers) = match fault {
-        Fault::KillBusiest => KILL_LOAD,
+        Fault::KillBusiest | Fault::KillLeader => KILL_LOAD,
         Fault::RollingRestart => ROLLING_LOAD,
     };
     use mqlb_protocol::{Ack, Packet};
@@ -724,6 +727,9 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
                     first = false;
                     subscribed.fetch_add(1, Ordering::Relaxed);
                 }
+                // A PINGREQ sent while quiet, waiting for its PINGRESP
+                // (messages may come first).
+                let mut ping_due: Option<tokio::time::Instant> = None;
                 loop {
                     match s.recv(Duration::from_millis(300)).await {
                         Some(Packet::Publish(m)) => {
@@ -760,15 +766,24 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
                             }
                         }
                         Some(Packet::Disconnect(_)) => break,
+                        Some(Packet::Pingresp) => ping_due = None,
                         Some(_) => {}
                         None => {
-                            // Quiet or closed: a closed connection fails the ping.
-                            if stop.load(Ordering::Relaxed) || !s.try_send(Packet::Pingreq).await {
+                            // Quiet or closed: a closed connection fails the
+                            // ping (no PINGRESP within 2 s).
+                            if stop.load(Ordering::Relaxed) {
                                 break;
                             }
-                            match s.recv(Duration::from_secs(2)).await {
-                                Some(Packet::Pingresp) => {}
-                                _ => break,
+                            match ping_due {
+                                Some(due) if tokio::time::Instant::now() >= due => break,
+                                Some(_) => {}
+                                None => {
+                                    if !s.try_send(Packet::Pingreq).await {
+                                        break;
+                                    }
+                                    ping_due =
+                                        Some(tokio::time::Instant::now() + Duration::from_secs(2));
+                                }
                             }
                         }
                     }
@@ -785,14 +800,18 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
     assert!(ready.is_some(), "not every subscriber could subscribe");
     let acked = Arc::new(Mutex::new(Vec::new()));
     let pub_stop = Arc::new(AtomicBool::new(false));
+    // When each publisher had to connect again, by index.
+    let pub_reconnects = Arc::new(Mutex::new(Vec::new()));
     let mut pubs = Vec::new();
     for k in 0..publishers {
         let (addr, acked, pub_stop) = (addr.clone(), acked.clone(), pub_stop.clone());
+        let pub_reconnects = pub_reconnects.clone();
         pubs.push(tokio::spawn(async move {
             // Every attempt has its own payload: one that was not
             // acknowledged is abandoned, never sent again as "the same"
             // message, so a payload seen twice is a real duplicate.
             let mut seq = 0usize;
+            let mut first = true;
             while !pub_stop.load(Ordering::Relaxed) {
                 let Some((mut p, _)) = Client::try_connect(
                     &addr,
@@ -803,6 +822,13 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
+                if !first {
+                    pub_reconnects
+                        .lock()
+                        .unwrap()
+                        .push((k, std::time::Instant::now()));
+                }
+                first = false;
                 while !pub_stop.load(Ordering::Relaxed) {
                     let i = (k + publishers * seq) % subs;
                     let payload = format!("{k}-{seq}");
@@ -849,9 +875,54 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
         count[node_index(&c.owner_of(&format!("fo-sub-{i}"), &ALL))] += 1;
     }
     let mut affected = Vec::new();
+    // Survivors' readiness and the balancer's view of them, watched from
+    // the fault to the end of the run.
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    let mut victim_name = None;
+    let mut watch = None;
     match fault {
-        Fault::KillBusiest => {
-            let victim = (0..3).max_by_key(|&i| count[i]).unwrap();
+        Fault::KillBusiest | Fault::KillLeader => {
+            let victim = match fault {
+                Fault::KillLeader => node_index(&leader_of(&c).await),
+                _ => (0..3).max_by_key(|&i| count[i]).unwrap(),
+            };
+            victim_name = Some(c.nodes[victim].name.clone());
+            let survivors: Vec<(String, String)> = c
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != victim)
+                .map(|(_, n)| (n.name.clone(), n.admin.clone()))
+                .collect();
+            let downs_before: Vec<u64> =
+                survivors.iter().map(|(n, _)| marked_down(&lb, n)).collect();
+            let (watch_stop, shared) = (watch_stop.clone(), lb.shared.clone());
+            watch = Some(tokio::spawn(async move {
+                let mut not_ready = Vec::new();
+                while !watch_stop.load(Ordering::Relaxed) {
+                    for (name, admin) in &survivors {
+                        let status = mqlb_tests::try_http(admin, "GET", "/readyz")
+                            .await
+                            .map(|(s, _)| s);
+                        if status != Some(200) {
+                            not_ready.push(format!("{name}: {status:?}"));
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let downs: Vec<String> = survivors
+                    .iter()
+                    .zip(downs_before)
+                    .filter(|((n, _), before)| {
+                        shared.backends.get(n).map_or(0, |b| {
+                            b.transitions[mqlb_healthcheck::HealthState::Down as usize]
+                                .load(Ordering::Relaxed)
+                        }) > *before
+                    })
+                    .map(|((n, _), _)| n.clone())
+                    .collect();
+                (not_ready, downs)
+            }));
             affected = (0..subs)
                 .filter(|i| c.owner_of(&format!("fo-sub-{i}"), &ALL) == c.nodes[victim].name)
                 .collect();
@@ -872,6 +943,40 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+    watch_stop.store(true, Ordering::Relaxed);
+    if let (Some(w), Some(victim)) = (watch, &victim_name) {
+        let (not_ready, downs) = w.await.unwrap();
+        assert!(
+            not_ready.is_empty(),
+            "survivors of {victim} answered /readyz with other than 200: {not_ready:?}"
+        );
+        assert!(
+            downs.is_empty(),
+            "the balancer marked survivors of {victim} down: {downs:?}"
+        );
+        // No client of a surviving node was disconnected.
+        let cut: Vec<String> = reconnects
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(i, t)| *t >= fault_at && c.owner_of(&format!("fo-sub-{i}"), &ALL) != *victim)
+            .map(|(i, _)| format!("fo-sub-{i}"))
+            .chain(
+                pub_reconnects
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(k, t)| {
+                        *t >= fault_at && c.owner_of(&format!("fo-pub-{k}"), &ALL) != *victim
+                    })
+                    .map(|(k, _)| format!("fo-pub-{k}")),
+            )
+            .collect();
+        assert!(
+            cut.is_empty(),
+            "clients of the survivors of {victim} were disconnected: {cut:?}"
+        );
     }
     pub_stop.store(true, Ordering::Relaxed);
     for p in pubs {
@@ -952,6 +1057,51 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
     assert!(acked.len() > 100, "too little traffic to mean anything");
     lb.stop().await;
     (acked.len(), dups, elapsed)
+}
+
+/// The Raft leader as the nodes report it in `/cluster`.
+async fn leader_of(c: &TestCluster) -> String {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        for n in &c.nodes {
+            if let Some((200, body)) = mqlb_tests::try_http(&n.admin, "GET", "/cluster").await {
+                if let Some(l) = body
+                    .split("\"leader\":\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                {
+                    return l.to_string();
+                }
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How often the balancer has marked backend `name` down so far.
+fn marked_down(lb: &mqlb_tests::RunningBalancer, name: &str) -> u64 {
+    lb.shared.backends.get(name).map_or(0, |b| {
+        b.transitions[mqlb_healthcheck::HealthState::Down as usize]
+            .load(std::sync::atomic::Ordering::Relaxed)
+    })
+}
+
+/// `kill -9` of the Raft leader under load, through the balancer: the
+/// clients of the two surviving nodes see nothing (no disconnection, no
+/// `/readyz` 503, never marked down by the balancer), and nothing
+/// acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_disturbs_no_client_of_the_survivors() {
+    let (_, dups, _) = load_through_a_fault(QoS::AtLeastOnce, Fault::KillLeader).await;
+    assert!(dups <= KILL_LOAD.0 * WINDOW, "{dups} duplicates");
+}
+
+/// The same at QoS 2: nothing lost and nothing delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_at_qos2_loses_nothing_and_duplicates_nothing() {
+    let (_, dups, _) = load_through_a_fault(QoS::ExactlyOnce, Fault::KillLeader).await;
+    assert_eq!(dups, 0, "QoS 2 delivered a message twice");
 }
 
 /// Failover under load, through the balancer, at QoS 1: the node owning

@@ -164,6 +164,12 @@ pub struct ClusterStats {
     pub held: AtomicU64,
     /// State store requests passed on to their key's owner.
     pub store_passed: AtomicU64,
+    /// CONNECTs held because the client's session was moving (its holder
+    /// had just died).
+    pub held_connects: AtomicU64,
+    /// CONNECTs refused because the session was still moving after
+    /// [`TAKEOVER_WITHIN`].
+    pub moving_refused: AtomicU64,
 }
 
 /// One node's membership in the cluster; the core's [`Fabric`].
@@ -195,6 +201,14 @@ pub struct Cluster {
     serving_now: std::sync::atomic::AtomicBool,
     /// This node is stopping gracefully (see [`Cluster::leave`]).
     leaving: std::sync::atomic::AtomicBool,
+    /// This node has had the snapshot of every live peer since it last
+    /// began serving (see [`Cluster::ready`]); cleared when it steps down,
+    /// since its sessions then become copies that a healed partition
+    /// replaces.
+    synced_once: std::sync::atomic::AtomicBool,
+    /// When this node started: its failure detector says nothing about a
+    /// peer before [`FAILURE_TIMEOUT`] has passed.
+    started: Instant,
     /// ... and has handed its sessions over, so peers may drop it from the
     /// view: [`Frame::Leaving`] goes out every tick from then on.
     announced: std::sync::atomic::AtomicBool,
@@ -231,6 +245,15 @@ pub struct Cluster {
     state: std::sync::OnceLock<std::sync::Weak<State>>,
     state_owner: std::sync::OnceLock<std::sync::Weak<Cluster>>,
 }
+
+/// The longest a session takes to move off a dead holder: the failure
+/// detector's timeout, an election, the view change and the promotion.
+/// Clients of a moving session and publishes for it are held this long at
+/// most.
+pub const TAKEOVER_WITHIN: Duration = Duration::from_secs(6);
+
+/// How often the view loop runs.
+pub const TICK: Duration = consensus::TICK;
 
 /// How long an admin call to retire a member keeps proposing it.
 pub const RETIRE_FOR: Duration = Duration::from_secs(30);
@@ -430,6 +453,8 @@ impl Cluster {
                 observed: Mutex::new(vec![config.node_id.clone()]),
                 reports: Mutex::new(HashMap::new()),
                 leaving: std::sync::atomic::AtomicBool::new(false),
+                synced_once: std::sync::atomic::AtomicBool::new(false),
+                started: Instant::now(),
                 announced: std::sync::atomic::AtomicBool::new(false),
                 serving_now: std::sync::atomic::AtomicBool::new(true),
                 directory: std::sync::RwLock::new(Directory {
@@ -619,6 +644,13 @@ impl Cluster {
         self.serving_now.load(Ordering::Relaxed)
     }
 
+    /// Whether this node's failure detector hears `name` (this node
+    /// always hears itself): a node that is not heard is not dialled for a
+    /// relay, since it would only time out.
+    pub fn hears(&self, name: &str) -> bool {
+        lock(&self.observed).iter().any(|n| n == name)
+    }
+
     /// Whether this node hears from a majority (itself included).
     pub fn has_quorum(&self) -> bool {
         lock(&self.observed).len() >= self.quorum()
@@ -709,23 +741,53 @@ impl Cluster {
     }
 
     /// Whether this node has what it needs to take clients: a majority in
-    /// its view, and the snapshot of every live peer or proof that a peer
-    /// is down.
+    /// its view, and, once since it last began serving, the snapshot of
+    /// every live peer.
+    ///
+    /// Readiness never depends on a dead peer: a node that hears a
+    /// majority stays ready through an election and through the view
+    /// change that drops a dead member (the leader included), and a peer
+    /// that dies or comes back does not make it unready. Only the sessions
+    /// the dead peer held are unavailable, until their replicas are
+    /// promoted; clients of those wait ([`Cluster::settled_server_for`]).
     pub fn ready(&self) -> bool {
         if !self.has_quorum() || self.leaving.load(Ordering::Relaxed) {
             return false;
         }
-        let view = self.view();
-        if view.number == 0 || !view.members.contains(&self.me) {
-            return false;
+        {
+            let view = lock(&self.view);
+            if view.number == 0 || !view.members.contains(&self.me) {
+                return false;
+            }
         }
-        // The peers the committed view counts live must have sent their
-        // snapshots; one the cluster has agreed is out holds nothing this
-        // node must wait for.
+        if self.synced_once.load(Ordering::Acquire) {
+            return true;
+        }
+        let synced = self.synced_with_live_peers();
+        if synced {
+            self.synced_once.store(true, Ordering::Release);
+        }
+        synced
+    }
+
+    /// Whether every peer this node must hear from before it first serves
+    /// has sent its snapshot: each member of the committed view, except
+    /// one the failure detector says is dead (not heard for
+    /// [`FAILURE_TIMEOUT`] while this node has been up longer than that).
+    /// A peer merely slow to link up is waited for: its snapshot holds the
+    /// copies of sessions whose chain includes this node.
+    fn synced_with_live_peers(&self) -> bool {
+        let view = self.view();
         let names = self.names();
+        let now = Instant::now();
+        let detector_armed = now.duration_since(self.started) > FAILURE_TIMEOUT;
         lock(&self.peers).iter().enumerate().all(|(i, p)| {
+            let dead = detector_armed
+                && p.heard
+                    .is_none_or(|h| now.duration_since(h) > FAILURE_TIMEOUT);
             i == self.my_id as usize
                 || p.synced
+                || dead
                 || names.get(i).is_none_or(|n| !view.members.contains(n))
         })
     }
@@ -1094,6 +1156,16 @@ impl Cluster {
                 "mqlb_cluster_store_passed_total",
                 "State store requests passed on to the node that owns their key.",
                 &self.stats.store_passed,
+            ),
+            (
+                "mqlb_cluster_held_connects_total",
+                "CONNECTs held because the client's session was moving off a dead node.",
+                &self.stats.held_connects,
+            ),
+            (
+                "mqlb_cluster_moving_refused_total",
+                "CONNECTs refused because the client's session was still moving after the hold.",
+                &self.stats.moving_refused,
             ),
         ] {
             let _ = writeln!(

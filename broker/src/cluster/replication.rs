@@ -190,6 +190,8 @@ impl Cluster {
     /// took the messages published meanwhile) win.
     pub(super) fn step_down(&self, state: &State) {
         self.serving_now.store(false, Ordering::Relaxed);
+        // Back in service it must hear every live peer's snapshot again.
+        self.synced_once.store(false, Ordering::Release);
         tracing::warn!(
             quorum = self.quorum(),
             "lost the majority of the cluster: closing clients and handing sessions over"
@@ -415,7 +417,7 @@ impl Cluster {
             // on its way out is still linked), then a moment for the
             // promotions. A message for a node that hangs with its link up
             // comes here only once the view has dropped it.
-            let deadline = tokio::time::Instant::now() + 2 * FAILURE_TIMEOUT;
+            let deadline = tokio::time::Instant::now() + TAKEOVER_WITHIN;
             let refusers: Vec<String> = exclude
                 .iter()
                 .filter(|_| refused)
