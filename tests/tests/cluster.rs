@@ -554,15 +554,32 @@ async fn a_persistent_session_survives_the_loss_of_its_owner() {
                 .unwrap()
                 >= 1.0
         );
-        c.kill(0);
-        assert!(c.wait_converged(SETTLE).await, "survivors did not converge");
+        // The client comes back at once, before the view has dropped n1:
+        // its CONNECT is held, not refused, until the replica is promoted,
+        // then served with the session.
         let live = ["n2", "n3"];
         let next = c.owner_of(&id, &live);
+        let held_before = c
+            .metric(node_index(&next), "mqlb_cluster_held_connects_total")
+            .await
+            .unwrap_or(0.0);
+        c.kill(0);
+        let asked = std::time::Instant::now();
         let (mut s, ack) = Client::connect(&c.nodes[node_index(&next)].addr, cp.clone()).await;
-        assert_eq!(ack.reason.0, 0);
+        let held = asked.elapsed();
+        eprintln!("{v:?}: CONNECT to {next} held {held:?} while the session moved");
+        assert_eq!(ack.reason.0, 0, "{v:?}: refused while the session moved");
         assert!(
             ack.session_present,
             "{v:?}: the replica did not answer session_present"
+        );
+        assert!(held < Duration::from_secs(6), "{v:?}: held {held:?}");
+        assert!(
+            c.metric(node_index(&next), "mqlb_cluster_held_connects_total")
+                .await
+                .unwrap()
+                > held_before,
+            "{v:?}: the CONNECT was not held"
         );
         let mut got = Vec::new();
         while let Some(m) = s.next_publish(Duration::from_secs(2), true).await {

@@ -656,3 +656,101 @@ async fn config_reload_keeps_connections() {
     drop(child);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A backend that answers its health probes (`mqlb-probe-*` clients) and
+/// refuses every other CONNECT with `refusal`, as an mqlb node does for a
+/// client whose session is moving between nodes.
+async fn refusing_backend(refusal: Vec<u8>) -> String {
+    use mqlb_protocol::{Packet, ProtocolVersion};
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let refusal = refusal.clone();
+            tokio::spawn(async move {
+                let mut buf = bytes::BytesMut::new();
+                let mut probe = false;
+                loop {
+                    if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    while let Ok(Some(p)) =
+                        mqlb_protocol::decode(&mut buf, ProtocolVersion::V5, 1 << 16)
+                    {
+                        match p {
+                            Packet::Connect(c)
+                                if c.client_id.as_str().starts_with("mqlb-probe-") =>
+                            {
+                                probe = true;
+                                let _ = s.write_all(&[0x20, 3, 0, 0, 0]).await;
+                            }
+                            Packet::Connect(_) => {
+                                let _ = s.write_all(&refusal).await;
+                                return;
+                            }
+                            Packet::Pingreq if probe => {
+                                let _ = s.write_all(&[0xD0, 0]).await;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A v5 CONNACK 0x88 that says the client's session is moving (an mqlb
+/// node whose peer just died) is passed to the client but not counted
+/// against the node, however many come; a plain 0x88 is, and marks a
+/// backend down after `passive_fall` of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_moving_refusal_does_not_count_against_the_node() {
+    use mqlb_protocol::{Connack, Packet, Properties, ProtocolVersion, ReasonCode};
+    let moving = Packet::Connack(Connack::session_moving())
+        .to_bytes(ProtocolVersion::V5)
+        .unwrap()
+        .to_vec();
+    let plain = Packet::Connack(Connack {
+        session_present: false,
+        reason: ReasonCode::SERVER_UNAVAILABLE,
+        properties: Properties::default(),
+    })
+    .to_bytes(ProtocolVersion::V5)
+    .unwrap()
+    .to_vec();
+    let (b1, b2) = (
+        refusing_backend(moving.clone()).await,
+        refusing_backend(plain).await,
+    );
+    let lb = RunningBalancer::start(config(
+        &[("b1", b1), ("b2", b2)],
+        "[health]\ninterval = \"1h\"\njitter = \"0ms\"\npassive_fall = 2\n",
+    ))
+    .await;
+    wait_until(T, || {
+        state(&lb, "b1") == HealthState::Up && state(&lb, "b2") == HealthState::Up
+    })
+    .await
+    .expect("first probes");
+    for id in ids_on(&lb, "b1", "moving", 5) {
+        let (_s, ack) = connect_and_ack(&lb.addr.to_string(), &id, 5).await;
+        assert_eq!(ack, moving, "the client gets the node's refusal as it is");
+    }
+    assert_eq!(state(&lb, "b1"), HealthState::Up, "counted against b1");
+    let b1 = lb.shared.backends.get("b1").unwrap();
+    assert_eq!(
+        b1.sessions_moving
+            .load(std::sync::atomic::Ordering::Relaxed),
+        5
+    );
+    for id in ids_on(&lb, "b2", "unavailable", 2) {
+        let _ = connect_and_ack(&lb.addr.to_string(), &id, 5).await;
+    }
+    wait_until(T, || state(&lb, "b2") == HealthState::Down)
+        .await
+        .expect("plain 0x88 passively marked b2 down");
+    lb.stop().await;
+}
