@@ -132,6 +132,8 @@ impl Cluster {
         // synced. Answers still waiting for an earlier connection of it
         // are void.
         lock(&self.store_synced).remove(&id);
+        lock(&self.promoted).remove(&id);
+        lock(&self.forgotten).remove(&id);
         lock(&self.early_answers).remove(&id);
         tracing::info!("peer link up");
         let mut buf = BytesMut::with_capacity(64 << 10);
@@ -242,6 +244,11 @@ impl Cluster {
             }
             Frame::StoreAck { seq, ok } => self.store_acked(id, seq, ok),
             Frame::StoreSynced { view } => self.store_synced(id, view),
+            Frame::Promoted { view } => {
+                let mut promoted = lock(&self.promoted);
+                let v = promoted.entry(id).or_insert(0);
+                *v = (*v).max(view);
+            }
             Frame::StoreForget { client } => self.store_forgotten(&client, state),
             Frame::Seen { client, prints } => self.seen_by_peer(&client, prints),
             Frame::Refused { seq } => self.forward_refused(id, seq),
@@ -450,6 +457,10 @@ impl Cluster {
                 );
             }
             tx.push(&Frame::SyncDone, &self.stats.dropped);
+            let promoted = self.promoted_for.load(Ordering::Relaxed);
+            if promoted > 0 {
+                tx.push(&Frame::Promoted { view: promoted }, &self.stats.dropped);
+            }
             // The state store's keys whose chain holds the peer, then its
             // word that this node is synced for its view; the link is
             // registered under the store's lock, so a change made after

@@ -237,6 +237,15 @@ pub struct Cluster {
     /// The newest view each peer said it sent its key copies for (see
     /// `store`).
     store_synced: Mutex<HashMap<NodeId, u64>>,
+    /// The newest view each peer said it has promoted its copies for
+    /// ([`Frame::Promoted`], on its current link).
+    promoted: Mutex<HashMap<NodeId, u64>>,
+    /// The newest view this node has promoted its copies for and told its
+    /// peers so.
+    promoted_for: AtomicU64,
+    /// Lost peers whose interest this node has forgotten (their sessions
+    /// moved); cleared when a peer links up again.
+    forgotten: Mutex<std::collections::HashSet<NodeId>>,
     seq: AtomicU64,
     /// Counters.
     pub stats: ClusterStats,
@@ -362,6 +371,9 @@ struct Ticker {
     /// The observation last sent to peers.
     reported: Vec<String>,
     ticks: u64,
+    /// The term in which this node last campaigned because the leader was
+    /// lost (see [`consensus::Consensus::campaign_now`]).
+    campaigned: u64,
 }
 
 /// A name is a placement node of weight 1.
@@ -473,6 +485,9 @@ impl Cluster {
                 waiting: Mutex::new(HashMap::new()),
                 store_waits: Mutex::new(HashMap::new()),
                 store_synced: Mutex::new(HashMap::new()),
+                promoted: Mutex::new(HashMap::new()),
+                promoted_for: AtomicU64::new(0),
+                forgotten: Mutex::new(std::collections::HashSet::new()),
                 seq: AtomicU64::new(1),
                 stats: ClusterStats::default(),
                 state: std::sync::OnceLock::new(),
@@ -906,6 +921,7 @@ impl Cluster {
                 had_quorum: false,
                 reported: Vec::new(),
                 ticks: 0,
+                campaigned: 0,
             };
             loop {
                 tokio::select! {
@@ -973,6 +989,22 @@ impl Cluster {
         let out = {
             let mut c = lock(&self.consensus);
             let mut out = c.tick();
+            // A leader a majority no longer hears is dead: the first
+            // survivor by name campaigns at once (one, so that two
+            // candidates do not split the vote), once per term.
+            let leader = c.leader();
+            let lost = leader
+                .as_ref()
+                .is_some_and(|l| *l != self.me && !live.contains(l));
+            if lost && observed.iter().find(|n| Some(*n) != leader.as_ref()) == Some(&self.me) {
+                let term = c.term();
+                if t.campaigned != term {
+                    t.campaigned = term;
+                    let campaign = c.campaign_now();
+                    out.messages.extend(campaign.messages);
+                    out.view = campaign.view.or(out.view);
+                }
+            }
             let proposed = c.propose_live(&live);
             out.messages.extend(proposed.messages);
             out.view = proposed.view.or(out.view);
@@ -994,6 +1026,13 @@ impl Cluster {
         }
         t.had_quorum = quorum;
         self.promote_owned(state);
+        if self.ready() && view.number > self.promoted_for.load(Ordering::Relaxed) {
+            // Every copy this node owns in this view is a session now, and
+            // its interest went out before this word.
+            self.promoted_for.store(view.number, Ordering::Relaxed);
+            self.broadcast(&Frame::Promoted { view: view.number });
+        }
+        self.forget_moved_peers(state, &view);
         // Every tick: what waits for a peer whose link failed waits no
         // longer (what was on that link is lost, so forwards are held and
         // sent again, and session copies are sent whole when the link comes
@@ -1001,11 +1040,20 @@ impl Cluster {
         // either answers (it delivered before it stepped down, and a second
         // copy would be a duplicate) or refuses (Frame::Refused), and a
         // gracefully leaving node drains its link before it exits.
+        // A member the view has dropped and that is not heard either (a
+        // hung node, whose link may stay open) counts as gone too: it can
+        // neither answer nor refuse.
         let gone: Vec<NodeId> = {
+            let dropped_and_silent = |i: NodeId| {
+                view.number > 0
+                    && self
+                        .name_of(i)
+                        .is_some_and(|n| !view.members.contains(&n) && !self.hears(&n))
+            };
             let links = lock(&self.links);
             (0..self.node_count())
                 .filter_map(|i| NodeId::try_from(i).ok())
-                .filter(|&i| i != self.my_id && !links.contains_key(&i))
+                .filter(|&i| i != self.my_id && (!links.contains_key(&i) || dropped_and_silent(i)))
                 .collect()
         };
         self.release_waits(&gone);
@@ -1027,6 +1075,60 @@ impl Cluster {
             self.store_rechain(state, &view);
         }
         t.last = view;
+    }
+
+    /// Whether the sessions of every member the view has dropped have
+    /// moved: the view holds only members this node can reach, and every
+    /// one of them (this node included) has promoted the copies it owns in
+    /// it. Publishes held for a lost node are routed again from then on,
+    /// and its interest is forgotten.
+    pub(super) fn takeover_done(&self) -> bool {
+        if self.view_has_unreachable() {
+            return false;
+        }
+        let view = self.view();
+        if self.promoted_for.load(Ordering::Relaxed) < view.number {
+            return false;
+        }
+        let promoted = lock(&self.promoted);
+        view.members.iter().filter(|m| **m != self.me).all(|m| {
+            self.id_of(m)
+                .and_then(|id| promoted.get(&id))
+                .is_some_and(|v| *v >= view.number)
+        })
+    }
+
+    /// Forgets the interest of peers that are gone (not heard, out of the
+    /// view; a hung one's link may still be open) once their sessions have moved: from then on a
+    /// publish goes straight to the new holders instead of being held for
+    /// the dead node (its interest was kept until now so that nothing
+    /// published meanwhile matched nobody).
+    fn forget_moved_peers(&self, state: &State, view: &View) {
+        if view.number == 0 {
+            return;
+        }
+        let lost: Vec<NodeId> = {
+            let forgotten = lock(&self.forgotten);
+            self.names()
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n != self.me && !view.members.contains(n) && !self.hears(n))
+                .filter_map(|(i, _)| NodeId::try_from(i).ok())
+                .filter(|i| !forgotten.contains(i))
+                .collect()
+        };
+        if lost.is_empty() || !self.takeover_done() {
+            return;
+        }
+        let mut core = state.core();
+        for id in lost {
+            tracing::debug!(
+                peer = id,
+                "its sessions moved: forgetting a lost peer's interest"
+            );
+            core.forget_peer(id);
+            lock(&self.forgotten).insert(id);
+        }
     }
 
     /// Back in service: peers still hold the interest this node had when it

@@ -429,11 +429,27 @@ impl Cluster {
                     refusers.iter().any(|r| view.members.contains(r))
                 }
             };
-            while unsettled() && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(consensus::TICK).await;
+            // Released as soon as every live member says it has promoted
+            // the copies it owns in that view (their interest came first
+            // on the same links), at most TAKEOVER_WITHIN after the loss.
+            let held = tokio::time::Instant::now();
+            while (unsettled() || !cluster.takeover_done())
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(consensus::TICK / 4).await;
             }
-            tokio::time::sleep(5 * consensus::TICK).await;
-            let linked: Vec<NodeId> = lock(&cluster.links).keys().copied().collect();
+            tracing::debug!(
+                held_ms = held.elapsed().as_millis() as u64,
+                settled = !unsettled(),
+                moved = cluster.takeover_done(),
+                "held publish routed again"
+            );
+            // Peers with a link that the view still counts: one it dropped
+            // (a hung node's link can stay open) is no candidate.
+            let linked: Vec<NodeId> = {
+                let ids: Vec<NodeId> = lock(&cluster.links).keys().copied().collect();
+                ids.into_iter().filter(|&n| cluster.linked(n)).collect()
+            };
             let committed = state.act(|core| core.reforward(m, groups, &linked, &exclude));
             committed.wait().await;
             let _ = done.send(());

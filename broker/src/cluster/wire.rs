@@ -136,6 +136,13 @@ pub enum Frame {
         /// The view.
         view: u64,
     },
+    /// The sender has promoted every session copy it owns in view `view`
+    /// and announced their interest (earlier on this link): a publish
+    /// held for a dead node's sessions can be routed again at once.
+    Promoted {
+        /// The view.
+        view: u64,
+    },
     /// A client's session ended: the owners of the keys it watched drop
     /// its watches.
     StoreForget {
@@ -174,6 +181,7 @@ const STORE_SYNCED: u8 = 15;
 const STORE_FORGET: u8 = 16;
 const FORWARD_AGAIN: u8 = 17;
 const SEEN: u8 = 18;
+const PROMOTED: u8 = 19;
 
 fn put_bytes(b: &mut BytesMut, v: &[u8]) -> Result<(), SnapshotError> {
     b.put_u32(u32::try_from(v.len()).map_err(|_| SnapshotError("bytes too long"))?);
@@ -587,6 +595,10 @@ impl Frame {
                 out.put_u8(STORE_SYNCED);
                 out.put_u64(*view);
             }
+            Frame::Promoted { view } => {
+                out.put_u8(PROMOTED);
+                out.put_u64(*view);
+            }
             Frame::StoreForget { client } => {
                 out.put_u8(STORE_FORGET);
                 put_str(out, Some(client))?;
@@ -734,6 +746,10 @@ impl Frame {
             STORE_SYNCED => {
                 need(&b, 8)?;
                 Frame::StoreSynced { view: b.get_u64() }
+            }
+            PROMOTED => {
+                need(&b, 8)?;
+                Frame::Promoted { view: b.get_u64() }
             }
             STORE_FORGET => Frame::StoreForget {
                 client: get_str(&mut b)?.ok_or(SnapshotError("empty client"))?,
@@ -967,6 +983,7 @@ mod tests {
                 prints: Vec::new(),
             },
             Frame::StoreSynced { view: 4 },
+            Frame::Promoted { view: 5 },
             Frame::StoreForget {
                 client: "app".into(),
             },
