@@ -128,13 +128,18 @@ pub struct Connected {
     pub epoch: u64,
 }
 
-/// Messages queued behind a connected subscriber's window above which the
-/// publishers feeding it are held back (flow control instead of unbounded
-/// latency: each queued message is latency for every later one).
+/// Messages queued behind a connected subscriber's window above which it
+/// counts as behind (see [`Core::route`]'s flow control).
 pub const CONGESTED_DEPTH: usize = 64;
 
-/// Queue depth at which held-back publishers are let go.
+/// Queue depth at which a subscriber that was behind has drained: held-back
+/// publishers are woken.
 pub const DRAINED_DEPTH: usize = 16;
+
+/// A subscriber that has acknowledged nothing for this long while behind
+/// is stuck, not slow: it no longer counts for flow control (it costs only
+/// its own bounded queue).
+pub const STUCK_AFTER: Duration = Duration::from_secs(1);
 
 /// The connection a session is attached to.
 #[derive(Debug)]
@@ -143,9 +148,27 @@ struct Attached {
     tx: Arc<Outbox>,
     /// The outbound QoS 1/2 window.
     receive_maximum: u16,
-    /// Publishers held back for this subscriber wait here; made when it
-    /// first falls behind.
-    drained: Option<Arc<tokio::sync::Notify>>,
+    /// When the client last acknowledged a delivery (or attached): a
+    /// subscriber behind its queue that has not moved since
+    /// [`STUCK_AFTER`] is stuck.
+    progress: Instant,
+}
+
+/// How one publish's audience stands, for flow control: its connected
+/// QoS 1/2 subscribers, and how many of them are behind and still moving.
+#[derive(Debug, Default, Clone, Copy)]
+struct Audience {
+    fed: usize,
+    behind: usize,
+}
+
+impl Audience {
+    /// The node as a whole cannot keep up with this publisher: at least
+    /// two of its subscribers, and more than half, are behind. One slow or
+    /// stuck subscriber never holds a publisher back.
+    fn congested(self) -> bool {
+        self.behind >= 2 && self.behind * 2 > self.fed
+    }
 }
 
 /// A session and, while connected, its connection.
@@ -236,6 +259,9 @@ pub struct Core {
     limits: Limits,
     /// Peers, in a cluster.
     fabric: Option<Arc<dyn Fabric>>,
+    /// Publishers held back by flow control wait here; notified whenever a
+    /// subscriber that was behind drains or goes.
+    drained: Arc<tokio::sync::Notify>,
 }
 
 impl Core {
@@ -491,7 +517,7 @@ impl Core {
             epoch = e.session.epoch + 1;
             if let Some(old) = e.attached.take() {
                 fx.send(&old.tx, Outgoing::Close(Closing::TakenOver));
-                fx.drained.extend(old.drained);
+                fx.drained = Some(self.drained.clone());
             }
         }
         // Back before its Will Delay ran out: the will is not sent (3.1.3.2.2).
@@ -520,8 +546,9 @@ impl Core {
             conn,
             tx,
             receive_maximum: receive_maximum.clamp(1, self.limits.max_inflight.max(1)),
-            drained: None,
+            progress: Instant::now(),
         });
+        self.resume(&id, &mut fx);
         (
             Connected {
                 session_present,
@@ -533,20 +560,23 @@ impl Core {
     }
 
     /// Resends inflight messages (DUP, or PUBREL where the PUBREC came) and
-    /// sends queued ones; call after the CONNACK is written.
-    pub fn resume(&mut self, client_id: &str) -> Effects {
-        let mut fx = Effects::none();
+    /// sends queued ones. Part of [`Core::connect`], under the same lock:
+    /// a publish routed between the two would otherwise go out ahead of the
+    /// queue and then be sent again as a resend of an inflight one. The
+    /// mailbox holds them until the connection has written its CONNACK.
+    fn resume(&mut self, client_id: &str, fx: &mut Effects) {
         let Some(e) = self.sessions.get(client_id) else {
-            return fx;
+            return;
         };
         let Some(a) = &e.attached else {
-            return fx;
+            return;
         };
         for (&pid, inflight) in &e.session.inflight {
             let o = match (inflight.state, PacketId::new(pid)) {
                 (InflightState::AwaitPubcomp, Some(pid)) => Outgoing::Pubrel(pid),
                 _ => {
                     let mut p = inflight.publish.clone();
+                    tracing::trace!(client = client_id, pid, payload = %String::from_utf8_lossy(&p.payload), "deliver again (dup)");
                     p.dup = true;
                     self.stats.messages_out += 1;
                     Outgoing::Publish(p)
@@ -554,8 +584,7 @@ impl Core {
             };
             fx.send(&a.tx, o);
         }
-        self.pump(client_id, &mut fx);
-        fx
+        self.pump(client_id, fx);
     }
 
     /// Detaches connection `conn`. Messages it held for a shared group go to
@@ -568,8 +597,8 @@ impl Core {
         if e.attached.as_ref().map(|a| a.conn) != Some(conn) {
             return fx; // taken over already
         }
-        if let Some(n) = e.attached.take().and_then(|a| a.drained) {
-            fx.drained.push(n);
+        if e.attached.take().is_some() {
+            fx.drained = Some(self.drained.clone());
         }
         // Shared-group messages are not kept waiting for this member when
         // another member can take them; the last member keeps its own.
@@ -879,8 +908,23 @@ impl Core {
         if targets.sessions.is_empty() && targets.nodes.is_empty() && targets.groups.is_empty() {
             tracing::debug!(topic = %m.topic, origin = ?m.origin, "a publish matched no subscriber");
         }
+        let now = Instant::now();
+        let mut audience = Audience::default();
         for t in targets.sessions {
+            if t.qos != QoS::AtMostOnce {
+                self.tally(&t.client, m.origin.as_deref(), now, &mut audience);
+            }
             self.deliver_to(t, &m, &mut fx);
+        }
+        // Flow control, for the node as a whole: when most of the
+        // publish's connected subscribers are behind (and still moving),
+        // its publisher's next read waits for one to drain (at most
+        // MAX_STALL). The wait is registered here, under the lock, so the
+        // drain cannot come first and be missed.
+        if audience.congested() && fx.stall.is_none() {
+            let mut wait = Box::pin(self.drained.clone().notified_owned());
+            wait.as_mut().enable();
+            fx.stall = Some(crate::effects::Stall::new(wait));
         }
         let mut peers: Vec<(NodeId, Vec<Arc<str>>)> =
             targets.nodes.iter().map(|&n| (n, Vec::new())).collect();
@@ -981,6 +1025,26 @@ impl Core {
         );
     }
 
+    /// Counts `client` (a QoS 1/2 subscriber of a publish from `origin`)
+    /// in the publish's [`Audience`]: connected, and behind if its queue is
+    /// past [`CONGESTED_DEPTH`] and it acknowledged something within
+    /// [`STUCK_AFTER`]. A publisher is never counted for its own queue.
+    fn tally(&self, client: &str, origin: Option<&str>, now: Instant, audience: &mut Audience) {
+        if origin == Some(client) {
+            return;
+        }
+        let Some(e) = self.sessions.get(client) else {
+            return;
+        };
+        let Some(a) = &e.attached else {
+            return;
+        };
+        audience.fed += 1;
+        if e.session.queue.len() > CONGESTED_DEPTH && now.duration_since(a.progress) < STUCK_AFTER {
+            audience.behind += 1;
+        }
+    }
+
     /// Sends (or queues) one message to one session.
     fn deliver(&mut self, client_id: &str, p: Pending, fx: &mut Effects) {
         let Some(e) = self.sessions.get_mut(client_id) else {
@@ -996,20 +1060,7 @@ impl Core {
         if p.qos == QoS::AtMostOnce {
             return; // QoS 0 is not queued for offline sessions
         }
-        let own = p.msg.origin.as_deref() == Some(client_id);
         change(fx, &e.id, &mut e.session, SessionChange::Enqueued(p));
-        // A connected subscriber far behind: hold the publisher back. The
-        // wait is registered here, under the lock, so the drain that ends
-        // it cannot come first and be missed. A client is never held back
-        // by its own queue.
-        if let (Some(a), false, None) = (e.attached.as_mut(), own, fx.stall.as_ref()) {
-            if e.session.queue.len() > CONGESTED_DEPTH {
-                let n = a.drained.get_or_insert_with(Default::default).clone();
-                let mut wait = Box::pin(n.notified_owned());
-                wait.as_mut().enable();
-                fx.stall = Some(wait);
-            }
-        }
         while e.session.queue.len() > self.limits.max_queued_messages
             || e.session.queued_bytes > self.limits.max_queued_bytes
         {
@@ -1036,10 +1087,8 @@ impl Core {
             let Some(p) = change(fx, &e.id, &mut e.session, SessionChange::Dequeued) else {
                 return;
             };
-            if e.session.queue.len() <= DRAINED_DEPTH {
-                if let Some(n) = e.attached.as_mut().and_then(|a| a.drained.take()) {
-                    fx.drained.push(n);
-                }
+            if e.session.queue.len() == DRAINED_DEPTH {
+                fx.drained = Some(self.drained.clone());
             }
             self.send(client_id, p, fx);
         }
@@ -1088,6 +1137,7 @@ impl Core {
             payload: p.msg.payload.clone(),
         };
         let tx = a.tx.clone();
+        tracing::trace!(client = client_id, pid = ?packet_id, qos = ?p.qos, payload = %String::from_utf8_lossy(&p.msg.payload), "deliver");
         if let Some(pid) = packet_id {
             change(
                 fx,
@@ -1156,6 +1206,14 @@ impl Core {
         (Some(true), fx)
     }
 
+    /// Whether `client_id` holds `limit` unreleased inbound QoS 2 ids and
+    /// `pid` is not one of them (a new one would be over the limit).
+    pub fn qos2_full(&self, client_id: &str, pid: PacketId, limit: usize) -> bool {
+        self.sessions.get(client_id).is_some_and(|e| {
+            !e.session.qos2_in.contains(&pid.get()) && e.session.qos2_in.len() >= limit
+        })
+    }
+
     /// PUBREL: forgets the id; false if it was unknown.
     pub fn qos2_released(&mut self, client_id: &str, pid: PacketId) -> (bool, Effects) {
         let mut fx = Effects::none();
@@ -1191,6 +1249,9 @@ impl Core {
             return (false, fx);
         };
         let mut pubrel = false;
+        if let Some(a) = e.attached.as_mut() {
+            a.progress = Instant::now();
+        }
         match (kind, e.session.inflight.get(&pid.get()).map(|i| i.state)) {
             (T::Puback, Some(InflightState::AwaitPuback))
             | (T::Pubcomp, Some(InflightState::AwaitPubcomp)) => {
@@ -1377,7 +1438,7 @@ impl Core {
         if let Some(mut e) = self.sessions.remove(client_id) {
             if let Some(a) = e.attached.take() {
                 fx.send(&a.tx, Outgoing::Close(Closing::TakenOver));
-                fx.drained.extend(a.drained);
+                fx.drained = Some(self.drained.clone());
             }
             for filter in e.session.subs.keys() {
                 let i = self.router.unsubscribe(client_id, filter);
@@ -1397,7 +1458,7 @@ impl Core {
         {
             let mut fx = Effects::none();
             fx.send(&a.tx, Outgoing::Close(Closing::ShuttingDown));
-            fx.drained.extend(a.drained);
+            fx.drained = Some(self.drained.clone());
             fx.extend(self.evict_session(client_id));
             return fx;
         }
@@ -1440,6 +1501,7 @@ impl Core {
             if held || !first_time {
                 continue;
             }
+            tracing::trace!(client = client_id, payload = %String::from_utf8_lossy(&p.msg.payload), "adopted");
             self.deliver(client_id, p, &mut fx);
         }
         fx
@@ -1567,6 +1629,126 @@ mod tests {
 
     const GONE: Option<Duration> = Some(Duration::ZERO);
 
+    /// A publish routed right after a client reconnects, while its
+    /// CONNACK is being written, goes out once and behind what was queued
+    /// (connecting resumes the session under the same lock). It used to
+    /// go first, then again as a resent inflight message: a QoS 2
+    /// duplicate once its PUBREL had come in between.
+    #[test]
+    fn a_publish_routed_as_a_client_resumes_is_sent_once_in_order() {
+        let mut c = Core::new();
+        let v = ProtocolVersion::V5;
+        let (tx, _rx) = outbox();
+        let conn = connect(&mut c, "s", false, None, 10, tx).conn;
+        run2(c.subscribe("s", "t", sub(QoS::ExactlyOnce)));
+        run(c.disconnect("s", conn));
+        for p in ["a", "b"] {
+            run(c.route(msg("t", QoS::ExactlyOnce, false, p)));
+        }
+        let (tx, rx) = outbox();
+        connect(&mut c, "s", false, None, 10, tx);
+        run(c.route(msg("t", QoS::ExactlyOnce, false, "c")));
+        let sent: Vec<(bool, String)> = drain(&rx, v)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) => {
+                    Some((p.dup, String::from_utf8_lossy(&p.payload).into_owned()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            [
+                (false, "a".to_string()),
+                (false, "b".into()),
+                (false, "c".into())
+            ]
+        );
+    }
+
+    /// Routes `n` QoS 1 messages on `topic` from `origin`; whether the
+    /// last one held its publisher back.
+    fn publish_n(c: &mut Core, topic: &str, origin: &str, n: usize) -> bool {
+        let mut stalled = false;
+        for i in 0..n {
+            let mut m = msg(topic, QoS::AtLeastOnce, false, &i.to_string());
+            m.origin = Some(Arc::from(origin));
+            let mut fx = c.route(m);
+            stalled = fx.stall.take().is_some();
+            run(fx);
+        }
+        stalled
+    }
+
+    /// Flow control is for the node as a whole: a subscriber that never
+    /// reads (however far behind), or one slow one, never holds a
+    /// publisher back; most of a publish's subscribers behind, at least
+    /// two, do; and subscribers that stopped acknowledging (stuck) do not
+    /// count.
+    #[test]
+    fn only_a_mostly_congested_audience_holds_a_publisher_back() {
+        let mut c = Core::with_limits(Limits {
+            max_queued_messages: 100_000,
+            ..Limits::default()
+        });
+        let mut keep = Vec::new();
+        for id in ["stuck", "a", "b", "c"] {
+            let (tx, rx) = outbox();
+            keep.push(rx);
+            connect(&mut c, id, false, None, 1, tx);
+            run2(c.subscribe(id, "t/#", sub(QoS::AtLeastOnce)));
+        }
+        // "stuck" alone on t/one: never acknowledges, falls far behind.
+        let (tx, rx) = outbox();
+        keep.push(rx);
+        connect(&mut c, "lonely", false, None, 1, tx);
+        run2(c.subscribe("lonely", "solo/#", sub(QoS::AtLeastOnce)));
+        assert!(
+            !publish_n(&mut c, "solo/x", "p", 500),
+            "one subscriber behind held its publisher back"
+        );
+        // Four subscribers, none acknowledging: all behind, all still
+        // "moving" (attached just now): the node cannot keep up.
+        assert!(
+            publish_n(&mut c, "t/x", "p", 200),
+            "a publish whose every subscriber is behind was not held back"
+        );
+        // Only one of four behind: "a", "b" and "c" drain (acknowledge
+        // everything), "stuck" does not.
+        for id in ["a", "b", "c"] {
+            for pid in 1..=u16::MAX {
+                let Some(pid) = PacketId::new(pid) else {
+                    continue;
+                };
+                if c.sessions
+                    .get(id)
+                    .is_none_or(|e| e.session.inflight.is_empty())
+                {
+                    break;
+                }
+                run2(c.acked(id, pid, mqlb_protocol::PacketType::Puback));
+            }
+            assert!(c.sessions[id].session.queue.is_empty());
+        }
+        assert!(
+            !publish_n(&mut c, "t/x", "p", 1),
+            "one stuck subscriber of four held the publisher back"
+        );
+        // All four behind again, but they stopped acknowledging
+        // STUCK_AFTER ago: stuck, not slow; they cost only their queues.
+        publish_n(&mut c, "t/x", "p", 200);
+        for e in c.sessions.values_mut() {
+            if let Some(a) = e.attached.as_mut() {
+                a.progress -= STUCK_AFTER;
+            }
+        }
+        assert!(
+            !publish_n(&mut c, "t/x", "p", 1),
+            "stuck subscribers held the publisher back"
+        );
+    }
+
     /// A stale writer's messages are adopted once, however often its copy
     /// arrives (a change, then its whole session on a reopened link), and
     /// not again after the client has had them.
@@ -1595,7 +1777,6 @@ mod tests {
         // The client takes them; the stale copy arrives once more.
         let (tx, rx) = outbox();
         connect(&mut c, "s", false, hour, 10, tx);
-        run(c.resume("s"));
         assert_eq!(payloads(&rx, ProtocolVersion::V5).len(), 3);
         run(c.adopt("s", stale));
         assert_eq!(
@@ -1778,7 +1959,6 @@ mod tests {
         assert_eq!(c.stats().dropped(DropReason::QueueFull), 2);
         let (tx, rx) = outbox_for(ProtocolVersion::V3_1_1);
         assert!(connect(&mut c, "p", false, None, 10, tx).session_present);
-        run(c.resume("p"));
         assert_eq!(payloads(&rx, ProtocolVersion::V3_1_1), ["2", "3", "4"]);
     }
 
@@ -1907,7 +2087,6 @@ mod tests {
         run(c.route(fresh));
         let (tx, rx) = outbox();
         connect(&mut c, "e", false, None, 10, tx);
-        run(c.resume("e"));
         let got = drain(&rx, v);
         assert_eq!(got.len(), 1);
         let Packet::Publish(p) = &got[0] else {
@@ -1996,7 +2175,6 @@ mod tests {
         run(c.disconnect("only", conn));
         let (tx, rx) = outbox_for(ProtocolVersion::V3_1_1);
         assert!(connect(&mut c, "only", false, None, 10, tx).session_present);
-        run(c.resume("only"));
         let again = drain(&rx, v);
         let Packet::Publish(p) = &again[0] else {
             panic!()
@@ -2059,7 +2237,6 @@ mod tests {
         let c = connect(&mut b, "dev", false, hour, 10, tx);
         assert!(c.session_present);
         assert!(c.epoch > snap.epoch);
-        run(b.resume("dev"));
         let got: Vec<(bool, Option<u16>, String)> = drain(&rx, v)
             .into_iter()
             .map(|p| match p {
@@ -2137,7 +2314,6 @@ mod tests {
             live.connect("dev", false, Some(Duration::from_secs(60)), 3, tx)
                 .1,
         );
-        keep(live.resume("dev"));
         assert!(log.len() > 20, "{} records", log.len());
 
         let mut replica = Core::new();

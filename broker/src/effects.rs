@@ -29,10 +29,59 @@ pub struct ChangeRecord {
     pub change: SessionChange,
 }
 
-/// Longest a publisher is held back for one congested subscriber: a
-/// consumer that stops reading must slow publishers down, not stop them
-/// (after this its queue limit drops the oldest messages instead).
+/// Longest a publisher's reads are held back at once when most of the
+/// subscribers it feeds are behind (see `Core::route`): flow control slows
+/// publishers down, never stops them.
 pub const MAX_STALL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Longest any wait for a commit lasts: past it the change counts as not
+/// committed, and whoever waited is told (a publisher's connection is
+/// closed unacknowledged). Longer than the worst legitimate wait: a hung
+/// peer is detected in 3 s, and a publish held for a dead node's sessions
+/// is routed again within 6 s.
+pub const COMMIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Why a change was not committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotCommitted {
+    /// Not within [`COMMIT_DEADLINE`].
+    Timeout,
+    /// The log gave up on it: whatever was to confirm it went away first
+    /// (a shutdown, a failed re-route).
+    Lost,
+}
+
+impl NotCommitted {
+    /// Every reason, for exporters.
+    pub const ALL: [NotCommitted; 2] = [NotCommitted::Timeout, NotCommitted::Lost];
+
+    /// A fixed label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            NotCommitted::Timeout => "timeout",
+            NotCommitted::Lost => "lost",
+        }
+    }
+}
+
+/// A publisher's next read waits for this (at most [`MAX_STALL`]): most of
+/// the subscribers it feeds are behind, so the node as a whole cannot keep
+/// up with it. Registered under the core's lock, so a drain cannot be
+/// missed.
+#[derive(Debug)]
+pub struct Stall(std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>);
+
+impl Stall {
+    /// A stall on an enabled `Notify` wait.
+    pub(crate) fn new(wait: std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>) -> Self {
+        Self(wait)
+    }
+
+    /// Waits for a subscriber to drain, or [`MAX_STALL`].
+    pub async fn wait(self) {
+        let _ = tokio::time::timeout(MAX_STALL, self.0).await;
+    }
+}
 
 /// Work the core has decided on, to be done outside its lock.
 #[derive(Debug, Default)]
@@ -40,13 +89,11 @@ pub const MAX_STALL: std::time::Duration = std::time::Duration::from_millis(100)
 pub struct Effects {
     pub(crate) sends: Vec<(Arc<Outbox>, Outgoing)>,
     pub(crate) records: Vec<ChangeRecord>,
-    /// Connected subscribers whose queue drained: wake the publishers
-    /// held back for them.
-    pub(crate) drained: Vec<Arc<tokio::sync::Notify>>,
-    /// Set when a delivery found a connected subscriber far behind: the
-    /// publisher waits (at most [`MAX_STALL`]) for it to drain. Registered
-    /// under the core's lock, so the drain cannot be missed.
-    pub(crate) stall: Option<std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+    /// A subscriber's queue drained: wake the publishers held back.
+    pub(crate) drained: Option<Arc<tokio::sync::Notify>>,
+    /// Set when most of the subscribers a publish went to are behind (see
+    /// [`Stall`]).
+    pub(crate) stall: Option<Stall>,
     /// Publishes for peer nodes.
     pub(crate) forwards: Vec<Forward>,
 }
@@ -96,7 +143,9 @@ impl Effects {
     pub fn extend(&mut self, other: Effects) {
         self.sends.extend(other.sends);
         self.records.extend(other.records);
-        self.drained.extend(other.drained);
+        if self.drained.is_none() {
+            self.drained = other.drained;
+        }
         self.forwards.extend(other.forwards);
         if self.stall.is_none() {
             self.stall = other.stall;
@@ -105,8 +154,8 @@ impl Effects {
 
     /// Hands the records to `log` and the items to their mailboxes, and
     /// wakes publishers held back for drained subscribers. The returned
-    /// [`Committed`] resolves once the records are committed (and, when a
-    /// subscriber was congested, it has drained or [`MAX_STALL`] passed).
+    /// [`Committed`] resolves once the records are committed; it also
+    /// carries the publisher's [`Stall`], if any.
     pub fn apply(mut self, log: &dyn ChangeLog) -> Committed {
         let committed = self.append_to(log);
         self.finish(committed)
@@ -154,21 +203,39 @@ impl Effects {
             }
         }
         if let (Some(gate), Some(runtime)) = (gate, runtime) {
-            let records = std::mem::take(&mut committed.rx);
+            let records = Committed {
+                rx: std::mem::take(&mut committed.rx),
+                stall: None,
+            };
             let (tx, rx) = tokio::sync::oneshot::channel();
             runtime.spawn(async move {
-                for r in records {
-                    let _ = r.await;
+                match records.wait().await {
+                    Ok(()) => {
+                        gate.store(true, Ordering::Release);
+                        for to in held {
+                            to.wake();
+                        }
+                        let _ = tx.send(());
+                    }
+                    Err(e) => {
+                        // Not on the replica: sending it could let a node
+                        // taking over send it again under another packet
+                        // identifier. The connections close instead, and
+                        // their clients get it from the session (which
+                        // holds it) when they come back.
+                        tracing::warn!(
+                            reason = e.label(),
+                            "a QoS 2 delivery's record was not committed; closing its connections"
+                        );
+                        for to in held {
+                            to.abort_held(crate::outbox::Closing::NotCommitted);
+                        }
+                    }
                 }
-                gate.store(true, Ordering::Release);
-                for to in held {
-                    to.wake();
-                }
-                let _ = tx.send(());
             });
             committed.rx.push(rx);
         }
-        for n in self.drained {
+        if let Some(n) = self.drained {
             n.notify_waiters();
         }
         for f in self.forwards {
@@ -186,11 +253,13 @@ impl Effects {
 }
 
 /// Resolves once some change records are committed; a publisher's
-/// acknowledgement and its next read wait for it.
+/// acknowledgement waits for it. A confirmation is a `()` sent on one of
+/// its channels; a channel dropped unsent means the change was not
+/// committed, never that it was.
 #[derive(Debug)]
 pub struct Committed {
     rx: Vec<tokio::sync::oneshot::Receiver<()>>,
-    stall: Option<std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>>,
+    stall: Option<Stall>,
 }
 
 impl Committed {
@@ -210,20 +279,36 @@ impl Committed {
         }
     }
 
-    /// True if nothing is left to wait for.
+    /// True if nothing is left to wait for (a [`Stall`] aside).
     pub fn is_done(&self) -> bool {
-        self.rx.is_empty() && self.stall.is_none()
+        self.rx.is_empty()
     }
 
-    /// Waits for the commit, then for a congested subscriber to drain (at
-    /// most [`MAX_STALL`]).
-    pub async fn wait(self) {
-        for rx in self.rx {
-            let _ = rx.await;
+    /// The publisher's [`Stall`], if the publish went mostly to
+    /// subscribers that are behind.
+    pub fn take_stall(&mut self) -> Option<Stall> {
+        self.stall.take()
+    }
+
+    /// Adds `other`'s waits to these.
+    pub fn merge(&mut self, other: Committed) {
+        self.rx.extend(other.rx);
+        if self.stall.is_none() {
+            self.stall = other.stall;
         }
-        if let Some(stall) = self.stall {
-            let _ = tokio::time::timeout(MAX_STALL, stall).await;
-        }
+    }
+
+    /// Waits for the commit, at most [`COMMIT_DEADLINE`].
+    pub async fn wait(self) -> Result<(), NotCommitted> {
+        let all = async {
+            for rx in self.rx {
+                rx.await.map_err(|_| NotCommitted::Lost)?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(COMMIT_DEADLINE, all)
+            .await
+            .unwrap_or(Err(NotCommitted::Timeout))
     }
 }
 

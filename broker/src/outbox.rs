@@ -22,6 +22,11 @@ pub enum Closing {
     /// for the client to resume elsewhere, so its will is kept too, unless
     /// the session ends with the connection.
     ShuttingDown,
+    /// A change this connection waited for was not committed in time: a
+    /// publish stays unacknowledged, or a delivery is held back (v5:
+    /// DISCONNECT 0x80). The session stays, as for a shutdown; the client
+    /// sends or gets the message again when it comes back.
+    NotCommitted,
 }
 
 impl Closing {
@@ -30,6 +35,7 @@ impl Closing {
         match self {
             Closing::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
             Closing::ShuttingDown => ReasonCode::SERVER_SHUTTING_DOWN,
+            Closing::NotCommitted => ReasonCode::UNSPECIFIED_ERROR,
         }
     }
 }
@@ -161,6 +167,22 @@ impl Outbox {
                 Encoded::TooLarge(pid) => q.discarded.push(pid),
                 Encoded::Close(c) => q.close = Some(c),
             }
+            self.backlog.store(q.bytes.len(), Ordering::Relaxed);
+        }
+        self.notify.notify_one();
+    }
+
+    /// Drops everything from the first held item on (it was never
+    /// written; the session still holds it) and closes with `why`: a held
+    /// delivery whose record could not be committed.
+    pub fn abort_held(&self, why: Closing) {
+        {
+            let mut q = self.queued();
+            if let Some(&(at, _)) = q.gates.front() {
+                q.bytes.truncate(at);
+                q.gates.clear();
+            }
+            q.close.get_or_insert(why);
             self.backlog.store(q.bytes.len(), Ordering::Relaxed);
         }
         self.notify.notify_one();

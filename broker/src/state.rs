@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::auth::Auth;
 use crate::cluster::Cluster;
 use crate::core::Core;
-use crate::effects::{ChangeLog, Committed, Effects, LocalLog};
+use crate::effects::{ChangeLog, Committed, Effects, LocalLog, NotCommitted};
 
 /// One broker node's shared state.
 #[derive(Debug)]
@@ -27,6 +27,8 @@ pub struct State {
     pub fronts: crate::front::FrontStats,
     /// The state store (a single node's; see the module).
     pub statestore: crate::statestore::StateStore,
+    /// Changes waited for and not committed, by [`NotCommitted`] reason.
+    pub not_committed: [std::sync::atomic::AtomicU64; 2],
     /// Cancelled when a graceful shutdown begins: what holds no session
     /// here (a client relayed to another node) lets go at once instead of
     /// keeping the node up for the grace period.
@@ -53,8 +55,14 @@ impl State {
             cluster: std::sync::OnceLock::new(),
             fronts: crate::front::FrontStats::default(),
             statestore,
+            not_committed: Default::default(),
             stopping: tokio_util::sync::CancellationToken::new(),
         })
+    }
+
+    /// Counts a change that was waited for and not committed.
+    pub fn not_committed(&self, e: NotCommitted) {
+        self.not_committed[e as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Makes this node a member of `cluster`: the core reports interest,

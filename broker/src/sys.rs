@@ -139,6 +139,24 @@ pub fn render_metrics(core: &Core) -> String {
     o
 }
 
+/// Prometheus text for what the node's shared state counts outside the
+/// core: changes waited for and not committed.
+pub fn render_state_metrics(state: &crate::state::State, o: &mut String) {
+    let _ = writeln!(
+        o,
+        "# HELP mqlb_broker_not_committed_total Changes a client waited for that were not committed (the publish was left unacknowledged and the connection closed), by reason.\n\
+         # TYPE mqlb_broker_not_committed_total counter"
+    );
+    for reason in crate::effects::NotCommitted::ALL {
+        let _ = writeln!(
+            o,
+            "mqlb_broker_not_committed_total{{reason=\"{}\"}} {}",
+            reason.label(),
+            state.not_committed[reason as usize].load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -240,3 +240,115 @@ pub async fn qos1_fanout(
         lost: (want * subs).saturating_sub(delivered),
     }
 }
+
+/// A 3.1.1 client that subscribes to `filter` at QoS 1 with a 2 KiB
+/// receive buffer and never reads again: the stuck subscriber whose cost
+/// must stay its own. Dropping the stream disconnects it.
+pub async fn stuck_subscriber(addr: &str, id: &str, filter: &str) -> tokio::net::TcpStream {
+    let to: std::net::SocketAddr = addr.parse().expect("an address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(2048).expect("SO_RCVBUF");
+    let mut s = socket.connect(to).await.expect("connects");
+    s.set_nodelay(true).expect("nodelay");
+    s.write_all(&raw::connect(id, 4)).await.expect("CONNECT");
+    let ack = raw::read_n(&mut s, 4, Duration::from_secs(5)).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "stuck subscriber refused");
+    let mut body = vec![0, 1];
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    body.push(1);
+    s.write_all(&raw::frame(0x82, &body))
+        .await
+        .expect("SUBSCRIBE");
+    let suback = raw::read_n(&mut s, 5, Duration::from_secs(5)).await;
+    assert_eq!(suback, [0x90, 0x03, 0, 1, 1], "no SUBACK");
+    s
+}
+
+/// A 3.1.1 subscriber to `filter` at `qos` that reads and acknowledges
+/// everything; the counter says how many messages it has had.
+pub async fn counting_subscriber(
+    addr: &str,
+    id: &str,
+    filter: &str,
+    qos: u8,
+) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let (mut s, ack) = raw::connect_and_ack(addr, id, 4).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "subscriber refused");
+    let mut body = vec![0, 1];
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    body.push(qos);
+    s.write_all(&raw::frame(0x82, &body))
+        .await
+        .expect("SUBSCRIBE");
+    let suback = raw::read_n(&mut s, 5, Duration::from_secs(5)).await;
+    assert_eq!(suback, [0x90, 0x03, 0, 1, qos], "no SUBACK");
+    let got = Arc::new(AtomicUsize::new(0));
+    let count = got.clone();
+    let task = tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(1 << 16);
+        let mut acks = Vec::new();
+        loop {
+            while let Ok(Some(p)) = decode(&mut buf, ProtocolVersion::V3_1_1, 1 << 20) {
+                if let Packet::Publish(p) = p {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    if let Some(id) = p.packet_id {
+                        acks.extend_from_slice(&[0x40, 2, (id.get() >> 8) as u8, id.get() as u8]);
+                    }
+                }
+            }
+            if !acks.is_empty() {
+                if s.write_all(&acks).await.is_err() {
+                    return;
+                }
+                acks.clear();
+            }
+            match s.read_buf(&mut buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            }
+        }
+    });
+    (got, task)
+}
+
+/// A pipelined QoS 1 publisher (3.1.1, at most `window` unacknowledged)
+/// on `topic` for `run`: returns PUBACKs per second.
+pub async fn puback_rate(addr: &str, id: &str, topic: &str, window: usize, run: Duration) -> f64 {
+    let (mut p, ack) = raw::connect_and_ack(addr, id, 4).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "publisher refused");
+    let payload = [0x5Au8; 64];
+    let mut buf = BytesMut::with_capacity(1 << 16);
+    let (mut sent, mut acked, mut in_flight) = (0usize, 0usize, 0usize);
+    let start = Instant::now();
+    let mut batch = Vec::with_capacity(16 * 1024);
+    while start.elapsed() < run {
+        batch.clear();
+        while in_flight < window {
+            batch.extend_from_slice(&raw::publish(
+                topic,
+                1,
+                (sent % 60_000 + 1) as u16,
+                &payload,
+            ));
+            sent += 1;
+            in_flight += 1;
+        }
+        if !batch.is_empty() && p.write_all(&batch).await.is_err() {
+            break;
+        }
+        let left = run.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, p.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+        while let Ok(Some(pkt)) = decode(&mut buf, ProtocolVersion::V3_1_1, 1 << 20) {
+            if let Packet::Puback(_) = pkt {
+                in_flight -= 1;
+                acked += 1;
+            }
+        }
+    }
+    acked as f64 / start.elapsed().as_secs_f64()
+}

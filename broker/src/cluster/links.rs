@@ -10,13 +10,29 @@ use super::*;
 pub(super) struct LinkTx {
     pub(super) buf: Mutex<BytesMut>,
     pub(super) ready: Notify,
+    /// A frame did not fit in [`LINK_BUFFER`]: the link is closed and
+    /// dialled again, so the peer gets a whole snapshot instead of a
+    /// stream with a hole in it (a lost replication frame would leave its
+    /// change waiting, and the copy wrong).
+    overflowed: std::sync::atomic::AtomicBool,
 }
 
 impl LinkTx {
     pub(super) fn push(&self, f: &Frame, dropped: &AtomicU64) {
         let mut b = lock(&self.buf);
-        if b.len() > LINK_BUFFER {
+        if self.overflowed.load(Ordering::Relaxed) {
             dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if b.len() > LINK_BUFFER {
+            tracing::warn!(
+                buffered = b.len(),
+                "a peer link's buffer is full: closing it for a resync"
+            );
+            dropped.fetch_add(1, Ordering::Relaxed);
+            self.overflowed.store(true, Ordering::Relaxed);
+            drop(b);
+            self.ready.notify_one();
             return;
         }
         if f.encode(&mut b).is_err() {
@@ -25,6 +41,11 @@ impl LinkTx {
         }
         drop(b);
         self.ready.notify_one();
+    }
+
+    /// Whether the link must be closed (see `overflowed`).
+    pub(super) fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Relaxed)
     }
 }
 
@@ -135,6 +156,13 @@ impl Cluster {
         lock(&self.promoted).remove(&id);
         lock(&self.forgotten).remove(&id);
         lock(&self.early_answers).remove(&id);
+        // Its answers to what this node sent before may have gone down
+        // its old link (one it had not yet found dead): what waits for it
+        // is released now rather than left to its deadline (a forward is
+        // sent again, and the peer gives it only to sessions that cannot
+        // have it; a change is on it, or comes in its snapshot).
+        self.release_waits(&[id]);
+        self.release_store_waits(&[id]);
         tracing::info!("peer link up");
         let mut buf = BytesMut::with_capacity(64 << 10);
         loop {
@@ -178,6 +206,9 @@ impl Cluster {
             p.synced = false;
         }
         tracing::warn!("peer link down");
+        // Its answers in flight on this link are lost.
+        self.release_waits(&[id]);
+        self.release_store_waits(&[id]);
         // Its interest is kept a while: publishes for its sessions are held
         // (see `forward`) until whoever takes them over has said so, instead
         // of matching nobody in between.
@@ -226,10 +257,25 @@ impl Cluster {
                 holder,
                 changes,
             } => {
+                let from = ReplyTo { id, generation };
+                // A whole copy a node other than the session's holder kept
+                // (sent in its link snapshot) may be older than the copy
+                // the holder itself gave this node: with the same epoch it
+                // must not replace that one (a stale copy promoted later
+                // would send a QoS 2 message again that was completed).
+                let relayed = seq == 0
+                    && changes.first() == Some(&SessionChange::Ended)
+                    && self.name_of(id).is_some_and(|n| n != holder);
+                if relayed
+                    && lock(&self.replicas)
+                        .get(&client)
+                        .is_some_and(|s| s.epoch >= epoch)
+                {
+                    return;
+                }
                 if let Some(h) = self.id_of(&holder) {
                     lock(&self.holders).insert(client.clone(), h);
                 }
-                let from = ReplyTo { id, generation };
                 self.replicate(from, seq, client, epoch, changes, state)
             }
             Frame::Ack { seq } => self.acked(id, seq),
@@ -305,8 +351,13 @@ impl Cluster {
                         self.state_owner.get().and_then(std::sync::Weak::upgrade)
                     {
                         tokio::spawn(async move {
-                            committed.wait().await;
-                            me.answer(from, Frame::Ack { seq });
+                            // Not committed here: refused, so the sender
+                            // holds it and routes it again.
+                            let answer = match committed.wait().await {
+                                Ok(()) => Frame::Ack { seq },
+                                Err(_) => Frame::Refused { seq },
+                            };
+                            me.answer(from, answer);
                         });
                     }
                 }
@@ -494,6 +545,11 @@ impl Cluster {
         }
         loop {
             let _ = tokio::time::timeout(PING_EVERY, tx.ready.notified()).await;
+            if tx.overflowed() {
+                // Unregistered below first: nothing more is queued for it,
+                // and what waited on it is released as for a dead link.
+                break;
+            }
             let mut out = std::mem::take(&mut *lock(&tx.buf));
             if out.is_empty() {
                 let _ = Frame::Ping.encode(&mut out);
@@ -554,4 +610,34 @@ where
     tokio::io::copy_bidirectional(client, owner)
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames past the buffer's bound are dropped and counted, and the
+    /// link is marked for closing (a resync), never left open with a hole.
+    #[test]
+    fn an_overflowing_link_is_marked_for_a_resync() {
+        let tx = LinkTx::default();
+        let dropped = AtomicU64::new(0);
+        let big = Frame::Seen {
+            client: "c".into(),
+            prints: vec![7; MAX_SEEN_FOR_TEST],
+        };
+        while !tx.overflowed() {
+            tx.push(&big, &dropped);
+        }
+        assert_eq!(dropped.load(Ordering::Relaxed), 1);
+        let held = lock(&tx.buf).len();
+        assert!(held <= LINK_BUFFER + wire::MAX_FRAME, "{held} bytes held");
+        // Nothing more is queued once it overflowed.
+        tx.push(&Frame::Ping, &dropped);
+        assert_eq!(lock(&tx.buf).len(), held);
+        assert_eq!(dropped.load(Ordering::Relaxed), 2);
+    }
+
+    /// About 1 MiB of fingerprints per frame.
+    const MAX_SEEN_FOR_TEST: usize = 1 << 17;
 }

@@ -251,8 +251,11 @@ impl Cluster {
                     let committed = state.act(|core| core.adopt(&client, adopted));
                     if let Some(me) = self.state_owner.get().and_then(std::sync::Weak::upgrade) {
                         tokio::spawn(async move {
-                            committed.wait().await;
-                            me.answer(from, Frame::Ack { seq });
+                            // Unacknowledged if not committed: the writer's
+                            // wait ends at its deadline, as not committed.
+                            if committed.wait().await.is_ok() {
+                                me.answer(from, Frame::Ack { seq });
+                            }
                         });
                     }
                     return;
@@ -404,7 +407,7 @@ impl Cluster {
             self.state.get().and_then(std::sync::Weak::upgrade),
             self.state_owner.get().and_then(std::sync::Weak::upgrade),
         ) else {
-            let _ = done.send(());
+            // Shutting down: dropped unsent, `done` says not committed.
             return;
         };
         self.stats.held.fetch_add(1, Ordering::Relaxed);
@@ -451,8 +454,9 @@ impl Cluster {
                 ids.into_iter().filter(|&n| cluster.linked(n)).collect()
             };
             let committed = state.act(|core| core.reforward(m, groups, &linked, &exclude));
-            committed.wait().await;
-            let _ = done.send(());
+            if committed.wait().await.is_ok() {
+                let _ = done.send(());
+            }
         });
     }
 }

@@ -107,15 +107,18 @@ impl Cluster {
         let state = state.clone();
         let client = client.to_string();
         tokio::spawn(async move {
-            me.serve_store(&state, &client, &p, 0).await;
-            let _ = tx.send(());
+            if me.serve_store(&state, &client, &p, 0).await {
+                let _ = tx.send(());
+            }
         });
         Committed::when(rx)
     }
 
     /// Executes the request if this node owns its key, else passes it to
     /// the owner; either way the client gets an answer.
-    async fn serve_store(&self, state: &Arc<State>, client: &str, p: &Publish, hops: u8) {
+    /// Returns whether the answer was committed (routed to the client's
+    /// session and held by its chain).
+    async fn serve_store(&self, state: &Arc<State>, client: &str, p: &Publish, hops: u8) -> bool {
         let store = &state.statestore;
         let deadline = tokio::time::Instant::now() + STORE_WAIT;
         // A malformed request names no key: answered here at once.
@@ -178,7 +181,7 @@ impl Cluster {
                     // than a dead one.
                     let answered = tokio::time::timeout(STORE_WAIT, rx).await;
                     if matches!(answered, Ok(Ok(true))) {
-                        return;
+                        return true;
                     }
                     lock(&self.store_waits).remove(&seq);
                     break store.unavailable(p, LOST);
@@ -193,8 +196,9 @@ impl Cluster {
                 }
                 fx
             });
-            committed.wait().await;
+            return committed.wait().await.is_ok();
         }
+        true
     }
 
     fn store_wait(
@@ -358,8 +362,8 @@ impl Cluster {
         };
         tokio::spawn(async move {
             let p = crate::snapshot::message_to_publish(&m, m.qos, false, &[], Instant::now());
-            me.serve_store(&state, &client, &p, hops).await;
-            me.answer(from, Frame::StoreAck { seq, ok: true });
+            let ok = me.serve_store(&state, &client, &p, hops).await;
+            me.answer(from, Frame::StoreAck { seq, ok });
         });
     }
 
