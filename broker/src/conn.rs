@@ -590,10 +590,10 @@ impl Session {
                     payload: w.payload.clone(),
                     qos: w.qos,
                     retain: w.retain,
-                    properties: Properties {
+                    properties: Arc::new(Properties {
                         will_delay_interval: None,
                         ..w.properties.clone()
-                    },
+                    }),
                     origin: Some(Arc::from(client_id.as_str())),
                     received: std::time::Instant::now(),
                 },
@@ -1025,7 +1025,7 @@ impl Session {
                     payload: p.payload,
                     qos: p.qos,
                     retain: p.retain,
-                    properties: p.properties,
+                    properties: Arc::new(p.properties),
                     origin: Some(self.origin.clone()),
                     received: std::time::Instant::now(),
                 };

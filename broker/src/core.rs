@@ -10,7 +10,7 @@
 //! persistent sessions are returned in the effects, in order, for the
 //! change log (the cluster's replication stream).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -246,11 +246,11 @@ fn is_node_local(topic: &str) -> bool {
 /// The broker's state.
 #[derive(Debug, Default)]
 pub struct Core {
-    sessions: HashMap<Arc<str>, Entry>,
+    sessions: foldhash::HashMap<Arc<str>, Entry>,
     /// Wills waiting out their Will Delay, at most one per client: a client
     /// that reconnects and leaves again replaces its pending will instead of
     /// adding one, so their number is bounded by the sessions.
-    wills: HashMap<Arc<str>, (Instant, Message)>,
+    wills: foldhash::HashMap<Arc<str>, (Instant, Message)>,
     router: Router,
     retained: Retained,
     clock: Clock,
@@ -908,11 +908,11 @@ impl Core {
         if targets.sessions.is_empty() && targets.nodes.is_empty() && targets.groups.is_empty() {
             tracing::debug!(topic = %m.topic, origin = ?m.origin, "a publish matched no subscriber");
         }
-        let now = Instant::now();
+        let mut now = None;
         let mut audience = Audience::default();
         for t in targets.sessions {
             if t.qos != QoS::AtMostOnce {
-                self.tally(&t.client, m.origin.as_deref(), now, &mut audience);
+                self.tally(&t.client, m.origin.as_deref(), &mut now, &mut audience);
             }
             self.deliver_to(t, &m, &mut fx);
         }
@@ -1029,7 +1029,13 @@ impl Core {
     /// in the publish's [`Audience`]: connected, and behind if its queue is
     /// past [`CONGESTED_DEPTH`] and it acknowledged something within
     /// [`STUCK_AFTER`]. A publisher is never counted for its own queue.
-    fn tally(&self, client: &str, origin: Option<&str>, now: Instant, audience: &mut Audience) {
+    fn tally(
+        &self,
+        client: &str,
+        origin: Option<&str>,
+        now: &mut Option<Instant>,
+        audience: &mut Audience,
+    ) {
         if origin == Some(client) {
             return;
         }
@@ -1040,7 +1046,13 @@ impl Core {
             return;
         };
         audience.fed += 1;
-        if e.session.queue.len() > CONGESTED_DEPTH && now.duration_since(a.progress) < STUCK_AFTER {
+        // The clock is read only for a subscriber that is behind.
+        if e.session.queue.len() > CONGESTED_DEPTH
+            && now
+                .get_or_insert_with(Instant::now)
+                .duration_since(a.progress)
+                < STUCK_AFTER
+        {
             audience.behind += 1;
         }
     }
@@ -1123,7 +1135,7 @@ impl Core {
                 None => return,
             }
         };
-        let mut properties = p.msg.properties.clone();
+        let mut properties = (*p.msg.properties).clone();
         properties.subscription_identifiers = p.sub_ids.clone();
         properties.topic_alias = None;
         properties.message_expiry_interval = expiry;
@@ -1550,7 +1562,7 @@ mod tests {
     use crate::effects::LocalLog;
     use crate::outbox::Encoder;
     use bytes::Bytes;
-    use mqlb_protocol::{MqttStr, Packet, Properties, ProtocolVersion, SubscriptionOptions};
+    use mqlb_protocol::{MqttStr, Packet, ProtocolVersion, SubscriptionOptions};
 
     fn msg(topic: &str, qos: QoS, retain: bool, payload: &str) -> Message {
         Message {
@@ -1558,7 +1570,7 @@ mod tests {
             payload: Bytes::copy_from_slice(payload.as_bytes()),
             qos,
             retain,
-            properties: Properties::default(),
+            properties: Arc::default(),
             origin: None,
             received: Instant::now(),
         }
@@ -1989,11 +2001,12 @@ mod tests {
         connect(&mut c, "old", true, GONE, 10, tx);
         run2(c.subscribe("old", "p", sub(QoS::AtMostOnce)));
         let mut m = msg("p", QoS::AtMostOnce, false, "x");
-        m.properties.user_properties.push((
+        let props = Arc::make_mut(&mut m.properties);
+        props.user_properties.push((
             MqttStr::try_from("k").unwrap(),
             MqttStr::try_from("v").unwrap(),
         ));
-        m.properties.content_type = Some(MqttStr::try_from("text/plain").unwrap());
+        props.content_type = Some(MqttStr::try_from("text/plain").unwrap());
         run(c.route(m));
         let got = drain(&rx, ProtocolVersion::V3_1_1);
         let Packet::Publish(p) = &got[0] else {
@@ -2078,10 +2091,10 @@ mod tests {
         run2(c.subscribe("e", "x", sub(QoS::AtLeastOnce)));
         run(c.disconnect("e", conn));
         let mut old = msg("x", QoS::AtLeastOnce, false, "stale");
-        old.properties.message_expiry_interval = Some(5);
+        Arc::make_mut(&mut old.properties).message_expiry_interval = Some(5);
         old.received = Instant::now() - Duration::from_secs(10);
         let mut fresh = msg("x", QoS::AtLeastOnce, false, "fresh");
-        fresh.properties.message_expiry_interval = Some(100);
+        Arc::make_mut(&mut fresh.properties).message_expiry_interval = Some(100);
         fresh.received = Instant::now() - Duration::from_secs(40);
         run(c.route(old));
         run(c.route(fresh));
@@ -2215,7 +2228,7 @@ mod tests {
         assert_eq!(run2(a.qos2_received("dev", pid, 10)), Some(true));
         for i in 0..4 {
             let mut m = msg("cmd/x", QoS::AtLeastOnce, false, &format!("m{i}"));
-            m.properties.message_expiry_interval = Some(600);
+            Arc::make_mut(&mut m.properties).message_expiry_interval = Some(600);
             run(a.route(m));
         }
         // Two went out (receive maximum 2), two are queued.

@@ -22,8 +22,11 @@ pub struct Message {
     /// Retain flag as published.
     pub retain: bool,
     /// v5 properties to forward (user properties, content type, ...); dropped
-    /// when delivering to 3.x subscribers.
-    pub properties: Properties,
+    /// when delivering to 3.x subscribers. Shared: a message is cloned for
+    /// every subscriber it is queued for, and the properties are the bulk
+    /// of it (a stuck subscriber's full queue turns every publish into a
+    /// clone and a drop).
+    pub properties: Arc<Properties>,
     /// Publisher's client ID, for No Local.
     pub origin: Option<Arc<str>>,
     /// When the broker received it: Message Expiry counts down from here.

@@ -222,7 +222,8 @@ mod tests {
     use super::*;
     use crate::trie::filter_matches;
     use bytes::Bytes;
-    use mqlb_protocol::{MqttStr, Properties, QoS};
+    use mqlb_protocol::{MqttStr, QoS};
+    use std::sync::Arc;
     use std::time::Instant;
 
     fn msg(topic: &str) -> Message {
@@ -231,7 +232,7 @@ mod tests {
             payload: Bytes::from_static(b"x"),
             qos: QoS::AtMostOnce,
             retain: true,
-            properties: Properties::default(),
+            properties: Arc::default(),
             origin: None,
             received: Instant::now(),
         }

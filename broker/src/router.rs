@@ -6,7 +6,7 @@
 //! `$share/{group}/{filter}`: two groups with one name on different filters
 //! are separate (rumqttd keys by name only).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use mqlb_protocol::QoS;
@@ -61,6 +61,10 @@ pub struct SessionTarget {
     pub retain_as_published: bool,
 }
 
+/// Targets of one publish found by a linear scan for duplicates; past
+/// this many an index is built.
+const DEDUP_SCAN: usize = 16;
+
 /// Everyone a publish goes to.
 #[derive(Debug, Default)]
 pub struct Targets {
@@ -89,7 +93,7 @@ pub struct Router {
     /// `$share/{group}/{filter}`): the node's interest, as peers see it.
     local: HashMap<String, u32>,
     /// Each peer's interest, so a lost peer's entries can be removed.
-    remote: HashMap<NodeId, std::collections::HashSet<String>>,
+    remote: HashMap<NodeId, foldhash::HashSet<String>>,
 }
 
 /// How a local subscription change moved the node's interest.
@@ -266,20 +270,55 @@ impl Router {
 
     /// Everyone a publish on `topic` at `qos` from `origin` goes to. No
     /// Local subscriptions of the publisher itself are skipped.
+    ///
+    /// A session with several matching subscriptions is one target (the
+    /// highest QoS, every identifier). Targets come in the trie's order;
+    /// duplicates are found by a scan while there are few, and through an
+    /// index past [`DEDUP_SCAN`] (a map per publish cost an allocation and
+    /// a hash per target, on the hottest path).
     pub fn matches(&self, topic: &str, qos: QoS, origin: Option<&str>) -> Targets {
-        let mut sessions: HashMap<&Arc<str>, (QoS, Vec<u32>, bool)> = HashMap::new();
         let mut t = Targets::default();
+        let mut index: Option<HashMap<Arc<str>, usize>> = None;
         self.trie.matches(topic, |who, sub| match who {
             Subscriber::Session(client) => {
                 if sub.options.no_local && origin == Some(&**client) {
                     return;
                 }
-                let e = sessions
-                    .entry(client)
-                    .or_insert((QoS::AtMostOnce, Vec::new(), false));
-                e.0 = e.0.max(qos.min(sub.options.qos));
-                e.1.extend(sub.id);
-                e.2 |= sub.options.retain_as_published;
+                let found = match &mut index {
+                    Some(ix) => ix.get(client).copied(),
+                    None => t.sessions.iter().position(|s| s.client == *client),
+                };
+                let e = match found {
+                    Some(i) => &mut t.sessions[i],
+                    None => {
+                        t.sessions.push(SessionTarget {
+                            client: client.clone(),
+                            qos: QoS::AtMostOnce,
+                            sub_ids: Vec::new(),
+                            retain_as_published: false,
+                        });
+                        let n = t.sessions.len();
+                        match &mut index {
+                            Some(ix) => {
+                                ix.insert(client.clone(), n - 1);
+                            }
+                            None if n > DEDUP_SCAN => {
+                                index = Some(
+                                    t.sessions
+                                        .iter()
+                                        .enumerate()
+                                        .map(|(i, s)| (s.client.clone(), i))
+                                        .collect(),
+                                );
+                            }
+                            None => {}
+                        }
+                        &mut t.sessions[n - 1]
+                    }
+                };
+                e.qos = e.qos.max(qos.min(sub.options.qos));
+                e.sub_ids.extend(sub.id);
+                e.retain_as_published |= sub.options.retain_as_published;
             }
             Subscriber::Group(g) => t.groups.push(g.clone()),
             Subscriber::Node(n) => {
@@ -288,15 +327,6 @@ impl Router {
                 }
             }
         });
-        t.sessions = sessions
-            .into_iter()
-            .map(|(client, (qos, sub_ids, rap))| SessionTarget {
-                client: client.clone(),
-                qos,
-                sub_ids,
-                retain_as_published: rap,
-            })
-            .collect();
         t
     }
 

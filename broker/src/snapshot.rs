@@ -238,7 +238,7 @@ pub(crate) fn message_to_publish(
     sub_ids: &[u32],
     now: Instant,
 ) -> Publish {
-    let mut properties = m.properties.clone();
+    let mut properties = (*m.properties).clone();
     properties.subscription_identifiers = sub_ids.to_vec();
     if let Some(secs) = properties.message_expiry_interval {
         let left = u64::from(secs).saturating_sub(now.duration_since(m.received).as_secs());
@@ -268,7 +268,7 @@ pub(crate) fn publish_to_message(p: &Publish, origin: Option<&str>, now: Instant
         payload: p.payload.clone(),
         qos: p.qos,
         retain: p.retain,
-        properties,
+        properties: Arc::new(properties),
         origin: origin.map(Arc::from),
         received: now,
     }

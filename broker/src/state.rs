@@ -119,7 +119,7 @@ mod tests {
     use crate::effects::ChangeRecord;
     use crate::message::{Message, Sub};
     use crate::outbox::Outbox;
-    use mqlb_protocol::{MqttStr, Properties, QoS, SubscriptionOptions};
+    use mqlb_protocol::{MqttStr, QoS, SubscriptionOptions};
     use std::time::{Duration, Instant};
 
     /// A log that keeps what it is given, after a pause like a cluster's
@@ -168,7 +168,7 @@ mod tests {
                             payload: bytes::Bytes::from(format!("{t}-{i}")),
                             qos: QoS::AtLeastOnce,
                             retain: false,
-                            properties: Properties::default(),
+                            properties: Arc::default(),
                             origin: None,
                             received: Instant::now(),
                         };

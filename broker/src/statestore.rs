@@ -11,7 +11,7 @@
 //! each change down the key's chain before the answer goes out.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -291,7 +291,7 @@ impl StateStore {
             payload: Bytes::from(payload),
             qos: QoS::AtLeastOnce,
             retain: false,
-            properties: props,
+            properties: Arc::new(props),
             origin: None,
             received: Instant::now(),
         }
@@ -458,7 +458,7 @@ impl StateStore {
                     payload: Bytes::from(resp3::notification(n.value.as_deref())),
                     qos: QoS::AtLeastOnce,
                     retain: false,
-                    properties: Properties {
+                    properties: Arc::new(Properties {
                         content_type: Some(str_of("application/octet-stream")),
                         user_properties: vec![
                             (str_of("__ts"), str_of(&version.to_string())),
@@ -466,7 +466,7 @@ impl StateStore {
                             (str_of("__srcId"), str_of(&self.node)),
                         ],
                         ..Properties::default()
-                    },
+                    }),
                     origin: None,
                     received: Instant::now(),
                 })

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mqlb_protocol::{MqttStr, Properties, QoS};
+use mqlb_protocol::{MqttStr, QoS};
 
 use crate::core::{Core, DropReason};
 use crate::effects::Effects;
@@ -69,7 +69,7 @@ pub fn publish(core: &mut Core, uptime: Duration) -> Effects {
             payload: Bytes::from(value.into_bytes()),
             qos: QoS::AtMostOnce,
             retain: true,
-            properties: Properties::default(),
+            properties: Arc::default(),
             origin: None::<Arc<str>>,
             received: Instant::now(),
         }));

@@ -5,7 +5,7 @@
 //! alongside the literal level. Per MQTT 4.7.2, a filter starting with a
 //! wildcard does not match topics starting with `$`.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::hash::Hash;
 
 /// A trie node.
@@ -19,8 +19,8 @@ struct Node<K, V> {
 impl<K, V> Default for Node<K, V> {
     fn default() -> Self {
         Self {
-            children: HashMap::new(),
-            subscribers: HashMap::new(),
+            children: HashMap::default(),
+            subscribers: HashMap::default(),
         }
     }
 }

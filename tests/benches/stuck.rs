@@ -25,8 +25,15 @@ const ROUNDS: usize = 3;
 const RUN: Duration = Duration::from_secs(3);
 const WINDOW: usize = 100;
 
-/// (PUBACKs/s without, with the stuck subscriber) on these addresses.
-async fn round(pub_addr: &str, sub_addr: &str, stuck_addr: &str, ids: [&str; 3]) -> (f64, f64) {
+/// PUBACKs/s without, with the stuck subscriber, and (the control) with
+/// a subscriber in its place that reads and acknowledges everything: what
+/// any second QoS 1 subscriber of the publisher costs on this machine.
+async fn round(
+    pub_addr: &str,
+    sub_addr: &str,
+    stuck_addr: &str,
+    ids: [&str; 3],
+) -> (f64, f64, f64) {
     let [p, s, k] = ids;
     let (_, healthy) = counting_subscriber(sub_addr, s, "load/#", 0).await;
     let without = puback_rate(pub_addr, p, "load/x", WINDOW, RUN).await;
@@ -35,8 +42,11 @@ async fn round(pub_addr: &str, sub_addr: &str, stuck_addr: &str, ids: [&str; 3])
     let _ = puback_rate(pub_addr, p, "load/x", WINDOW, Duration::from_millis(500)).await;
     let with = puback_rate(pub_addr, p, "load/x", WINDOW, RUN).await;
     drop(stuck);
+    let (_, reading) = counting_subscriber(stuck_addr, &format!("{k}-reading"), "#", 1).await;
+    let control = puback_rate(pub_addr, p, "load/x", WINDOW, RUN).await;
+    reading.abort();
     healthy.abort();
-    (without, with)
+    (without, with, control)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -44,12 +54,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn report(name: &str, runs: &[(f64, f64)]) {
+fn report(name: &str, runs: &[(f64, f64, f64)]) {
     let without = median(runs.iter().map(|r| r.0).collect());
     let with = median(runs.iter().map(|r| r.1).collect());
+    let control = median(runs.iter().map(|r| r.2).collect());
     println!(
-        "{name:<34} {without:>14.0} {with:>14.0} {:>8.2}",
-        with / without
+        "{name:<34} {without:>10.0} {with:>12.0} {:>6.2} {control:>14.0} {:>6.2}",
+        with / without,
+        control / without
     );
 }
 
@@ -67,6 +79,32 @@ async fn main() {
     );
     let ours_addr = format!("127.0.0.1:{port}");
     assert!(wait_listening(&ours_addr, Duration::from_secs(5)));
+    if std::env::var_os("MQLB_PROFILE").is_some() {
+        // For `perf record -p PID`: 20 s of load with the stuck client.
+        eprintln!("broker pid {}", ours.0.id());
+        let (_, _healthy) = counting_subscriber(&ours_addr, "prof-sub", "load/#", 0).await;
+        let mode = std::env::var("MQLB_PROFILE").unwrap_or_default();
+        let _fast = if mode == "fast" {
+            Some(counting_subscriber(&ours_addr, "prof-fast", "#", 1).await)
+        } else {
+            None
+        };
+        let _stuck = match mode.as_str() {
+            "without" | "fast" => None,
+            "elsewhere" => Some(stuck_subscriber(&ours_addr, "prof-stuck", "other/#").await),
+            _ => Some(stuck_subscriber(&ours_addr, "prof-stuck", "#").await),
+        };
+        let rate = puback_rate(
+            &ours_addr,
+            "prof-pub",
+            "load/x",
+            WINDOW,
+            Duration::from_secs(20),
+        )
+        .await;
+        eprintln!("{rate:.0} PUBACKs/s");
+        return;
+    }
     let mut mosq = Vec::new();
     let mut mqlb = Vec::new();
     for r in 0..ROUNDS {
@@ -109,8 +147,8 @@ async fn main() {
         RUN.as_secs()
     );
     println!(
-        "{:<34} {:>14} {:>14} {:>8}",
-        "setup", "without", "with stuck", "ratio"
+        "{:<34} {:>10} {:>12} {:>6} {:>14} {:>6}",
+        "setup", "without", "with stuck", "ratio", "with a reader", "ratio"
     );
     report("mosquitto, one node", &mosq);
     report("mqlb broker, one node", &mqlb);

@@ -813,10 +813,10 @@ mod tests {
             payload: Bytes::from_static(b"hello"),
             qos: QoS::AtLeastOnce,
             retain: true,
-            properties: Properties {
+            properties: Arc::new(Properties {
                 content_type: MqttStr::try_from("text/plain").ok(),
                 ..Properties::default()
-            },
+            }),
             origin: Some(Arc::from("pub1")),
             received: Instant::now(),
         }
