@@ -67,6 +67,10 @@ enum Command {
         admin: Option<std::net::SocketAddr>,
         #[command(flatten)]
         cluster: ClusterArgs,
+        /// Exit when the process with this PID (the parent that started
+        /// this node, such as `mqlb demo`) is gone, however it ended.
+        #[arg(long, hide = true)]
+        exit_with_parent: Option<i32>,
     },
     /// Three bundled broker nodes in a cluster behind the balancer, on
     /// loopback, with nothing to configure (the default command).
@@ -367,7 +371,11 @@ pub fn main() -> ExitCode {
             config,
             admin,
             cluster,
+            exit_with_parent,
         } => {
+            if let Some(parent) = exit_with_parent {
+                crate::demo::die_with_parent(parent);
+            }
             let mut cfg = match &config {
                 Some(path) => match mqlb_config::broker::BrokerConfig::load(path) {
                     Ok(c) => c,

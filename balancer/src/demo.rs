@@ -53,6 +53,7 @@ impl Node {
         match Command::new(exe)
             .arg("broker")
             .args(&self.args)
+            .args(["--exit-with-parent", &std::process::id().to_string()])
             .stdin(Stdio::null())
             .spawn()
         {
@@ -64,6 +65,40 @@ impl Node {
             Err(e) => eprintln!("node {}: cannot start: {e}", self.name),
         }
     }
+}
+
+/// In a node the demo started: asks the kernel to kill this process when
+/// its parent dies (`PR_SET_PDEATHSIG`), so a demo ended by `kill -9`, a
+/// crash or a closed terminal leaves no node behind holding its ports. A
+/// parent that died before the request leaves this process to init: then
+/// it exits at once.
+pub fn die_with_parent(parent: i32) {
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        tracing::warn!(error = %e, "cannot ask to die with the parent process");
+    }
+    if nix::unistd::getppid().as_raw() != parent {
+        eprintln!("the process that started this node ({parent}) is gone; exiting");
+        std::process::exit(1);
+    }
+}
+
+/// The ports the demo needs that another process holds already (another
+/// demo, most likely), as `port (what)`.
+fn taken_ports(a: &DemoArgs, nodes: &[(String, u16, u16, u16)]) -> Vec<String> {
+    let mut wanted = vec![
+        (a.port, "the balancer's MQTT port".to_string()),
+        (a.admin_port, "the balancer's admin port".to_string()),
+    ];
+    for (name, port, admin, cluster) in nodes {
+        wanted.push((*port, format!("node {name}'s MQTT port")));
+        wanted.push((*admin, format!("node {name}'s admin port")));
+        wanted.push((*cluster, format!("node {name}'s cluster port")));
+    }
+    wanted
+        .into_iter()
+        .filter(|(port, _)| std::net::TcpListener::bind(("127.0.0.1", *port)).is_err())
+        .map(|(port, what)| format!("{port} ({what})"))
+        .collect()
 }
 
 /// The ports every part of the demo uses, derived from the arguments.
@@ -83,6 +118,14 @@ fn layout(a: &DemoArgs) -> Vec<(String, u16, u16, u16)> {
 /// Runs the demo until Ctrl-C.
 pub fn run(args: DemoArgs) -> ExitCode {
     let nodes = layout(&args);
+    let taken = taken_ports(&args, &nodes);
+    if !taken.is_empty() {
+        eprintln!(
+            "mqlb demo: these ports are in use: {}.\nIs another mqlb demo running? Stop it, or choose other ports with --port, --admin-port and --cluster-port.",
+            taken.join(", ")
+        );
+        return ExitCode::from(crate::cli::EXIT_USAGE);
+    }
     let mut children: Vec<Node> = nodes
         .iter()
         .map(|(name, port, admin, cport)| {

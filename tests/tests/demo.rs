@@ -143,3 +143,63 @@ async fn the_demo_serves_through_a_three_node_cluster_and_stops_cleanly() {
     assert!(out.contains("mosquitto_sub -p"), "{out}");
     assert!(out.contains("kill -9"), "{out}");
 }
+
+/// A demo ended by `kill -9` (or a crash, or a closed terminal) leaves no
+/// node behind: they die with it and free their ports. A second demo on
+/// ports that are taken says so and exits instead of starting nodes that
+/// cannot bind.
+#[tokio::test]
+async fn a_killed_demo_leaves_no_node_behind_and_a_second_demo_says_its_ports_are_taken() {
+    let port = free_run(4);
+    let admin = free_run(4);
+    let cluster = free_run(3);
+    let args = |cmd: &mut Command| {
+        cmd.args([
+            "demo",
+            "--port",
+            &port.to_string(),
+            "--admin-port",
+            &admin.to_string(),
+            "--cluster-port",
+            &cluster.to_string(),
+        ]);
+    };
+    let mut first = Command::new(mqlb_bin());
+    args(&mut first);
+    let mut demo = KillOnDrop(
+        first
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for i in 1..=3 {
+        assert!(
+            wait_listening(&format!("127.0.0.1:{}", port + i), Duration::from_secs(15)),
+            "node n{i} did not listen"
+        );
+    }
+    // While it runs, a second demo on the same ports refuses to start.
+    let mut second = Command::new(mqlb_bin());
+    args(&mut second);
+    let out = second.output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use") && err.contains(&port.to_string()),
+        "{err}"
+    );
+    // kill -9 of the demo: every node dies with it.
+    let _ = demo.0.kill();
+    let _ = demo.0.wait();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for i in 1..=3 {
+        while std::net::TcpStream::connect(("127.0.0.1", port + i)).is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node n{i} outlived its demo"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
