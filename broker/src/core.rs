@@ -423,6 +423,14 @@ impl Core {
         // since).
         let received = m.received;
         self.deliver_to_taken_over(targets.sessions, &m, Some(received), &mut fx);
+        // An interested peer that is not reachable now (a link that
+        // flapped again, a node whose interest is kept until its sessions
+        // have moved) may hold sessions the message is for: it is held
+        // once more rather than counted as delivered.
+        let unreachable = targets
+            .nodes
+            .iter()
+            .any(|n| !alive.contains(n) && !exclude.contains(n));
         let mut peers: Vec<(NodeId, Vec<Arc<str>>)> = targets
             .nodes
             .into_iter()
@@ -450,6 +458,15 @@ impl Core {
                     message: m.clone(),
                     groups,
                     route: Route::Again,
+                });
+            }
+            if unreachable && m.qos != QoS::AtMostOnce {
+                fx.forwards.push(Forward {
+                    fabric: fabric.clone(),
+                    node: 0,
+                    message: m,
+                    groups: Vec::new(),
+                    route: Route::Held,
                 });
             }
         }
@@ -1847,6 +1864,68 @@ mod tests {
             payloads(&rx, ProtocolVersion::V5).is_empty(),
             "a local subscriber got it twice"
         );
+    }
+
+    /// A fabric whose peers are all unreachable, for what the core asks of
+    /// it.
+    #[derive(Debug)]
+    struct NoPeers;
+
+    impl Fabric for NoPeers {
+        fn interest(&self, _: &str, _: bool) {}
+        fn retained(&self, _: &str, _: Option<&Message>, _: Hlc) {}
+        fn forward(
+            &self,
+            _: NodeId,
+            _: &Message,
+            _: &[Arc<str>],
+            _: bool,
+        ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+            None
+        }
+        fn linked(&self, _: NodeId) -> bool {
+            false
+        }
+        fn hold(&self, _: Message, _: Vec<Arc<str>>) -> Option<tokio::sync::oneshot::Receiver<()>> {
+            None
+        }
+    }
+
+    /// A message routed again while an interested peer is unreachable (its
+    /// link flapped again between the hold and the re-route) is held once
+    /// more, never counted as delivered: that counted it as committed
+    /// with no copy anywhere (a lost acknowledged message, seen in the
+    /// flapping-link test).
+    #[test]
+    fn a_reforward_to_an_unreachable_interested_peer_is_held_again() {
+        let mut c = Core::new();
+        c.set_fabric(1, Arc::new(NoPeers));
+        c.peer_interest(2, "t/#", true);
+        let fx = c.reforward(
+            msg("t/x", QoS::AtLeastOnce, false, "m"),
+            Vec::new(),
+            &[],
+            &[],
+        );
+        let routes: Vec<Route> = fx.forwards.iter().map(|f| f.route).collect();
+        assert_eq!(routes, [Route::Held]);
+        // A peer that refused it is not waited for.
+        let fx = c.reforward(
+            msg("t/x", QoS::AtLeastOnce, false, "m"),
+            Vec::new(),
+            &[],
+            &[2],
+        );
+        assert!(fx.forwards.is_empty());
+        // Reachable: forwarded again.
+        let fx = c.reforward(
+            msg("t/x", QoS::AtLeastOnce, false, "m"),
+            Vec::new(),
+            &[2],
+            &[],
+        );
+        let routes: Vec<Route> = fx.forwards.iter().map(|f| f.route).collect();
+        assert_eq!(routes, [Route::Again]);
     }
 
     /// A message a peer forwards again (another peer it went to died or

@@ -24,7 +24,12 @@ async fn publish_all(addr: &str, id: &str, topic: &str, n: usize, within: Durati
     while acked < n {
         let mut batch = Vec::new();
         while sent < n && sent - acked < 100 {
-            batch.extend(raw::publish(topic, 1, (sent % 60_000 + 1) as u16, b"payload"));
+            batch.extend(raw::publish(
+                topic,
+                1,
+                (sent % 60_000 + 1) as u16,
+                b"payload",
+            ));
             sent += 1;
         }
         p.write_all(&batch).await.unwrap();
@@ -61,10 +66,8 @@ async fn a_stuck_subscriber_costs_only_itself() {
     const N: usize = 3000;
     let took = publish_all(&b.addr, "publisher", "load/x", N, Duration::from_secs(30)).await;
     eprintln!("{N} QoS 1 publishes acknowledged in {took:?} beside a stuck subscriber");
-    let all = mqlb_tests::wait_until(Duration::from_secs(10), || {
-        got.load(Ordering::Relaxed) >= N
-    })
-    .await;
+    let all =
+        mqlb_tests::wait_until(Duration::from_secs(10), || got.load(Ordering::Relaxed) >= N).await;
     assert!(
         all.is_some(),
         "the healthy subscriber got {} of {N}",

@@ -663,7 +663,22 @@ impl Cluster {
     /// always hears itself): a node that is not heard is not dialled for a
     /// relay, since it would only time out.
     pub fn hears(&self, name: &str) -> bool {
-        lock(&self.observed).iter().any(|n| n == name)
+        if name == self.me {
+            return true;
+        }
+        // Read now, not as of the last tick: a link that just went silent
+        // counts at once.
+        let Some(id) = self.id_of(name) else {
+            return false;
+        };
+        // One lock at a time (`observe` takes links, then peers).
+        let now = Instant::now();
+        let heard = lock(&self.peers).get(id as usize).is_some_and(|p| {
+            !p.leaving
+                && p.heard
+                    .is_some_and(|h| now.duration_since(h) <= FAILURE_TIMEOUT)
+        });
+        heard && lock(&self.links).contains_key(&id)
     }
 
     /// Whether this node hears from a majority (itself included).
@@ -1050,10 +1065,20 @@ impl Cluster {
                         .name_of(i)
                         .is_some_and(|n| !view.members.contains(&n) && !self.hears(&n))
             };
-            let links = lock(&self.links);
-            (0..self.node_count())
+            let others: Vec<NodeId> = (0..self.node_count())
                 .filter_map(|i| NodeId::try_from(i).ok())
-                .filter(|&i| i != self.my_id && (!links.contains_key(&i) || dropped_and_silent(i)))
+                .filter(|&i| i != self.my_id)
+                .collect();
+            // `hears` takes the links lock itself: not under it.
+            let unlinked: Vec<bool> = {
+                let links = lock(&self.links);
+                others.iter().map(|i| !links.contains_key(i)).collect()
+            };
+            others
+                .into_iter()
+                .zip(unlinked)
+                .filter(|&(i, unlinked)| unlinked || dropped_and_silent(i))
+                .map(|(i, _)| i)
                 .collect()
         };
         self.release_waits(&gone);
@@ -1108,12 +1133,15 @@ impl Cluster {
             return;
         }
         let lost: Vec<NodeId> = {
-            let forgotten = lock(&self.forgotten);
-            self.names()
+            let gone: Vec<NodeId> = self
+                .names()
                 .iter()
                 .enumerate()
                 .filter(|(_, n)| **n != self.me && !view.members.contains(n) && !self.hears(n))
                 .filter_map(|(i, _)| NodeId::try_from(i).ok())
+                .collect();
+            let forgotten = lock(&self.forgotten);
+            gone.into_iter()
                 .filter(|i| !forgotten.contains(i))
                 .collect()
         };

@@ -157,9 +157,12 @@ impl Cluster {
                     let owner = self.key_owner(&key);
                     let tx = self
                         .id_of(&owner)
+                        .filter(|_| self.hears(&owner))
                         .and_then(|id| Some((id, lock(&self.links).get(&id).cloned()?)));
                     let Some((id, tx)) = tx else {
-                        // A dead owner: the view will drop it.
+                        // A dead or hung owner (no link, or not heard): the
+                        // view will drop it, and the key's next owner will
+                        // answer.
                         tokio::time::sleep(consensus::TICK).await;
                         continue;
                     };
