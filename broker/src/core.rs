@@ -395,6 +395,15 @@ impl Core {
             if !fresh || imported.is_some_and(|imp| imp.seen.contains(&print)) {
                 continue;
             }
+            // Noted as had, so a message routed again once more (an
+            // interested peer was unreachable, and it was held again)
+            // does not reach this session twice.
+            if let Some(e) = self.sessions.get_mut(&t.client) {
+                e.imported
+                    .get_or_insert_with(Box::default)
+                    .seen
+                    .insert(print);
+            }
             self.deliver_to(t, m, fx);
         }
     }

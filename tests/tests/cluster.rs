@@ -749,7 +749,13 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
                 // (messages may come first).
                 let mut ping_due: Option<tokio::time::Instant> = None;
                 loop {
-                    match s.recv(Duration::from_millis(300)).await {
+                    let asked = tokio::time::Instant::now();
+                    let packet = s.recv(Duration::from_millis(300)).await;
+                    // Nothing well before the wait ran out: closed.
+                    if packet.is_none() && asked.elapsed() < Duration::from_millis(250) {
+                        break;
+                    }
+                    match packet {
                         Some(Packet::Publish(m)) => {
                             let text = String::from_utf8(m.payload.to_vec()).unwrap();
                             let reply = {

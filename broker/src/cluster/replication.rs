@@ -453,6 +453,19 @@ impl Cluster {
                 let ids: Vec<NodeId> = lock(&cluster.links).keys().copied().collect();
                 ids.into_iter().filter(|&n| cluster.linked(n)).collect()
             };
+            // Members the view has dropped are not waited for again:
+            // their sessions have moved, and the new holders are among
+            // the linked peers.
+            let mut exclude = exclude;
+            let view = cluster.view();
+            exclude.extend(
+                cluster
+                    .names()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| view.number > 0 && !view.members.contains(n))
+                    .filter_map(|(i, _)| NodeId::try_from(i).ok()),
+            );
             let committed = state.act(|core| core.reforward(m, groups, &linked, &exclude));
             if committed.wait().await.is_ok() {
                 let _ = done.send(());
