@@ -2,7 +2,7 @@
 //! RESP3 requests (the Azure IoT Operations state store protocol): SET,
 //! GET, DEL, VDEL, NX/NEX, PX expiry, key notifications, fencing tokens,
 //! every error response, requests that cannot be answered, ACLs, and
-//! mosquitto_pub/sub as the README shows them.
+//! mosquitto_pub/sub as docs/statestore.md shows them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -405,7 +405,7 @@ async fn acls_decide_who_may_use_the_store() {
     assert_eq!((ack, r.is_none()), (Some(0x87), true));
 }
 
-/// mosquitto_pub/sub as the README shows them.
+/// mosquitto_pub/sub as docs/statestore.md shows them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_pub_and_sub_as_the_readme_shows() {
     let b = OurBroker::start().await;
