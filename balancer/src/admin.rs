@@ -15,11 +15,14 @@
 //! | GET | `/history` | JSON: per backend, `[unix_ms, connections, probe_rtt_ms]` a second for 5 minutes |
 //!
 //! Routing is a pure function ([`route`]) so tests call it without a socket.
-//! Bind the API to loopback or a management network: it can drain backends.
-//! POSTs from a browser on another origin are refused (403): a browser
-//! sends `Origin` (and `Sec-Fetch-Site`) with them, and a page elsewhere
-//! must not be able to drain backends through a visitor's browser. Tools
-//! such as curl send neither and are served.
+//!
+//! Who may call it ([`crate::http::Access`], `[admin] token_file` and
+//! `allowed_hosts`): every POST needs the bearer token (without one
+//! configured, POSTs are refused), and so does every read when the API is
+//! not bound to loopback; `/healthz`, `/readyz` and the console's page are
+//! always answered. A `Host` header that names neither a loopback address,
+//! the API's own address nor an allowed host is refused (DNS rebinding), and
+//! so is a POST from a browser page of another origin.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -41,11 +44,10 @@ use crate::shared::Shared;
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
     tracing::info!(address = ?listener.local_addr().ok(), "admin API listening");
     crate::http::serve(listener, shutdown, move |method, path, headers| {
-        if method == Method::POST && cross_site(headers) {
-            return Reply::json(
-                StatusCode::FORBIDDEN,
-                json!({"error": "cross-site request refused"}),
-            );
+        if let Some(access) = &shared.admin_access {
+            if let Err(refused) = access.check(method, path, headers) {
+                return refused;
+            }
         }
         route(method, path, &shared)
     })
@@ -163,18 +165,24 @@ pub fn route(method: &Method, path: &str, shared: &Shared) -> Reply {
 
 /// Decodes `%XX` escapes (client IDs may contain `/` or spaces).
 fn percent_decode(s: &str) -> String {
+    // On bytes, never on `&str` offsets: "%a" followed by a multi-byte
+    // character must not split it (that panicked the connection task).
+    let hex = |b: u8| char::from(b).to_digit(16);
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
+    while let Some(&b) = bytes.get(i) {
+        if b == b'%' {
+            if let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(b'?'));
                 i += 3;
                 continue;
             }
         }
-        out.push(bytes[i]);
+        out.push(b);
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
@@ -329,6 +337,13 @@ pub fn render_metrics(shared: &Shared) -> String {
     let m = &shared.metrics;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut o = String::new();
+    single(
+        &mut o,
+        "mqlb_admin_refused_total",
+        "counter",
+        "Admin API requests refused: a missing or wrong token, a foreign Host, a cross-site POST.",
+        shared.admin_access.as_ref().map_or(0, |a| load(&a.refused)),
+    );
     single(
         &mut o,
         "mqlb_connections_accepted_total",
@@ -600,5 +615,11 @@ mod tests {
         assert_eq!(percent_decode("a%2Fb%20c"), "a/b c");
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz"), "%zz");
+        // A raw escape before a multi-byte character (it used to panic:
+        // "not a char boundary"), and escapes cut short at the end.
+        assert_eq!(percent_decode("%a\u{e9}"), "%a\u{e9}");
+        assert_eq!(percent_decode("%\u{e9}"), "%\u{e9}");
+        assert_eq!(percent_decode("x%4"), "x%4");
+        assert_eq!(percent_decode("%c3%a9"), "\u{e9}");
     }
 }

@@ -65,6 +65,10 @@ enum Command {
         /// `[broker] admin`).
         #[arg(long)]
         admin: Option<std::net::SocketAddr>,
+        /// File with the bearer token the admin API requires (overrides
+        /// `[broker] admin_token_file`).
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
         #[command(flatten)]
         cluster: ClusterArgs,
         /// Exit when the process with this PID (the parent that started
@@ -80,6 +84,11 @@ enum Command {
     Passwd {
         /// The user name.
         user: String,
+    },
+    /// Make the certificates a cluster's links need (mutual TLS).
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
     },
     /// Probe one broker over MQTT once; exit 0 if healthy, 1 if not.
     Check(CheckArgs),
@@ -178,6 +187,10 @@ struct BalanceArgs {
     /// Serve the admin HTTP API (health, backends, metrics, drain) here.
     #[arg(long, conflicts_with = "config")]
     admin: Option<String>,
+    /// File with the bearer token the admin API requires for drains,
+    /// reloads and (off loopback) reads.
+    #[arg(long, conflicts_with = "config", requires = "admin")]
+    admin_token_file: Option<PathBuf>,
 }
 
 /// Cluster membership flags of `mqlb broker` (override `[cluster]`).
@@ -193,10 +206,21 @@ struct ClusterArgs {
     /// Another member as NAME@IP:PORT (its cluster listener; repeatable).
     #[arg(long, requires = "node_id")]
     peer: Vec<String>,
-    /// File with the shared secret (16 bytes or more) every cluster
-    /// connection proves; required unless the cluster listener is loopback.
-    #[arg(long, requires = "node_id")]
+    /// Retired: cluster links use mutual TLS now (see --cluster-tls-cert).
+    #[arg(long, hide = true)]
     cluster_secret_file: Option<PathBuf>,
+    /// This node's cluster certificate (`mqlb cert create-node` makes it);
+    /// with --cluster-tls-key and --cluster-tls-ca, every cluster
+    /// connection is mutual TLS. Required unless the cluster listener is
+    /// loopback.
+    #[arg(long, requires_all = ["node_id", "cluster_tls_key", "cluster_tls_ca"])]
+    cluster_tls_cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, requires = "cluster_tls_cert")]
+    cluster_tls_key: Option<PathBuf>,
+    /// The cluster CA every member's certificate chains to.
+    #[arg(long, requires = "cluster_tls_cert")]
+    cluster_tls_ca: Option<PathBuf>,
     /// Copies of each persistent session, the holder included (default 2:
     /// survives the loss of any one node).
     #[arg(long, requires = "node_id")]
@@ -216,8 +240,24 @@ impl ClusterArgs {
     /// Applies the flags over the file's `[cluster]` section.
     fn apply(self, cfg: &mut mqlb_config::broker::BrokerConfig) -> Result<(), String> {
         use mqlb_config::broker::ClusterConfig;
+        if self.cluster_secret_file.is_some() {
+            return Err(format!(
+                "--cluster-secret-file: {}",
+                mqlb_config::broker::SECRET_RETIRED
+            ));
+        }
         let (Some(node_id), Some(listen)) = (self.node_id, self.cluster_listen) else {
             return Ok(());
+        };
+        let tls = match (
+            self.cluster_tls_cert,
+            self.cluster_tls_key,
+            self.cluster_tls_ca,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => {
+                Some(mqlb_config::broker::ClusterTls { cert, key, ca })
+            }
+            _ => None,
         };
         let c = ClusterConfig {
             node_id: ClusterConfig::check_name(&node_id)?,
@@ -227,17 +267,48 @@ impl ClusterArgs {
                 .iter()
                 .map(|p| ClusterConfig::parse_peer(p))
                 .collect::<Result<_, _>>()?,
-            secret_file: self.cluster_secret_file,
+            tls,
             replication_factor: self.replication_factor.unwrap_or(
                 mqlb_config::broker::DEFAULT_REPLICATION_FACTOR.min(self.peer.len() + 1),
             ),
             join: self.join,
             state_dir: self.state_dir,
+            max_clock_drift: mqlb_config::broker::DEFAULT_MAX_CLOCK_DRIFT,
         };
         c.validate()?;
         cfg.cluster = Some(c);
         Ok(())
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Make a cluster CA: DIR/ca.pem and DIR/ca.key (keep the key off the
+    /// nodes if you can; only `create-node` needs it).
+    CreateCa {
+        /// Where to write them.
+        #[arg(long)]
+        out: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = crate::cert::DEFAULT_CA_NAME)]
+        name: String,
+    },
+    /// Make node ID's certificate, signed by the CA in --ca: DIR/ID.pem and
+    /// DIR/ID.key. It names the node (URI SAN mqlb://node/ID) and each
+    /// --host (DNS name or IP address).
+    CreateNode {
+        /// The node's ID (its --node-id).
+        id: String,
+        /// A DNS name or IP address the node is reached at (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// The directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Where to write the certificate and key.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -336,18 +407,45 @@ pub fn main() -> ExitCode {
                 Some(path) => Config::load(path),
                 None => Config::from_flags(&args.listen, &args.backend, args.admin.as_deref()),
             };
-            let config = match config {
+            let mut config = match config {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
+            if args.admin_token_file.is_some() {
+                config.admin_access.token_file = args.admin_token_file;
+            }
             if from_file {
                 init_tracing(flag.or(config.log_format).unwrap_or_default());
             }
             run(config, args.config)
         }
+        Command::Cert {
+            command: CertCommand::CreateCa { out, name },
+        } => match crate::cert::create_ca(&out, &name) {
+            Ok((cert, key)) => {
+                println!("{}\n{}", cert.display(), key.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Cert {
+            command: CertCommand::CreateNode { id, hosts, ca, out },
+        } => match crate::cert::create_node(&id, &hosts, &ca, &out) {
+            Ok((cert, key)) => {
+                println!("{}\n{}", cert.display(), key.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Passwd { user } => {
             let mut password = String::new();
             if std::io::stdin().read_line(&mut password).is_err() || password.trim_end().is_empty()
@@ -370,6 +468,7 @@ pub fn main() -> ExitCode {
             listen,
             config,
             admin,
+            admin_token_file,
             cluster,
             exit_with_parent,
         } => {
@@ -394,6 +493,9 @@ pub fn main() -> ExitCode {
             }
             if admin.is_some() {
                 cfg.admin = admin;
+            }
+            if admin_token_file.is_some() {
+                cfg.admin_access.token_file = admin_token_file;
             }
             if let Err(e) = cluster.apply(&mut cfg) {
                 eprintln!("{e}");
@@ -432,16 +534,37 @@ pub fn main() -> ExitCode {
                             return ExitCode::FAILURE;
                         }
                     };
+                    let access = match listener
+                        .local_addr()
+                        .and_then(|own| crate::http::Access::new(&cfg.admin_access, own))
+                    {
+                        Ok(a) => a,
+                        Err(e) => {
+                            eprintln!("admin API: {e}");
+                            return ExitCode::from(EXIT_USAGE);
+                        }
+                    };
                     let state = broker.state();
                     tokio::spawn(crate::http::serve(
                         listener,
                         shutdown.clone(),
                         move |method, path, headers| {
-                            if method == hyper::Method::POST {
-                                broker_admin_post(&state, path, headers)
-                            } else {
-                                broker_admin(&state, path)
+                            if let Err(refused) = access.check(method, path, headers) {
+                                return refused;
                             }
+                            if method == hyper::Method::POST {
+                                return broker_admin_post(&state, path);
+                            }
+                            let mut reply = broker_admin(&state, path);
+                            if path == "/metrics" {
+                                use std::fmt::Write as _;
+                                let _ = write!(
+                                    reply.body,
+                                    "# HELP mqlb_admin_refused_total Admin API requests refused: a missing or wrong token, a foreign Host, a cross-site POST.\n# TYPE mqlb_admin_refused_total counter\nmqlb_admin_refused_total {}\n",
+                                    access.refused.load(std::sync::atomic::Ordering::Relaxed)
+                                );
+                            }
+                            reply
                         },
                     ));
                 }
@@ -521,16 +644,9 @@ pub fn main() -> ExitCode {
 /// The broker node's admin calls: `POST /cluster/members/{name}@{ip:port}`
 /// adds a member (started with `--join`), `POST
 /// /cluster/members/{name}/remove` retires one.
-fn broker_admin_post(
-    state: &mqlb_broker::state::State,
-    path: &str,
-    headers: &hyper::HeaderMap,
-) -> crate::http::Reply {
+fn broker_admin_post(state: &mqlb_broker::state::State, path: &str) -> crate::http::Reply {
     use crate::http::Reply;
     use hyper::StatusCode;
-    if crate::admin::cross_site(headers) {
-        return Reply::text(StatusCode::FORBIDDEN, "cross-site request refused\n");
-    }
     let Some(cluster) = state.cluster() else {
         return Reply::text(StatusCode::NOT_FOUND, "not a cluster member\n");
     };
@@ -589,27 +705,17 @@ fn broker_admin(state: &mqlb_broker::state::State, path: &str) -> crate::http::R
         "/cluster" => match &cluster {
             Some(c) => {
                 let view = c.view();
-                let quote = |v: &[String]| -> String {
-                    v.iter()
-                        .map(|m| format!("\"{m}\""))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                };
-                let members = quote(&view.members);
-                let membership = quote(&c.membership());
-                Reply {
-                    status: StatusCode::OK,
-                    content_type: "application/json",
-                    body: format!(
-                        "{{\"node\":\"{}\",\"view\":{},\"members\":[{}],\"ready\":{},\"leader\":{},\"membership\":[{}]}}\n",
-                        c.me(),
-                        view.number,
-                        members,
-                        c.ready(),
-                        c.leader().map_or_else(|| "null".to_string(), |l| format!("\"{l}\"")),
-                        membership
-                    ),
-                }
+                Reply::json(
+                    StatusCode::OK,
+                    serde_json::json!({
+                        "node": c.me(),
+                        "view": view.number,
+                        "members": view.members,
+                        "ready": c.ready(),
+                        "leader": c.leader(),
+                        "membership": c.membership(),
+                    }),
+                )
             }
             None => Reply::text(StatusCode::NOT_FOUND, "not a cluster member\n"),
         },

@@ -35,11 +35,13 @@ pub struct NodeView {
     pub members: Vec<String>,
 }
 
-/// Reads `http://{admin}/cluster` within `timeout`.
-pub async fn fetch(admin: &str, timeout: Duration) -> Option<NodeView> {
+/// Reads `http://{admin}/cluster` within `timeout`, with the bearer
+/// `token` when the nodes' admin APIs need one.
+pub async fn fetch(admin: &str, token: Option<&str>, timeout: Duration) -> Option<NodeView> {
     let get = async {
         let mut s = TcpStream::connect(admin).await.ok()?;
-        s.write_all(format!("GET /cluster HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())
+        let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+        s.write_all(format!("GET /cluster HTTP/1.0\r\nHost: {admin}\r\n{auth}\r\n").as_bytes())
             .await
             .ok()?;
         let mut raw = Vec::new();
@@ -113,10 +115,18 @@ pub async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
             continue;
         }
         let timeout = shared.config().health.timeout;
+        // Read at every round: a rotated token is picked up.
+        let token = shared
+            .config()
+            .balancer
+            .cluster_admin_token_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| t.lines().next().map(|l| l.trim().to_string()));
         let mut answers = Vec::with_capacity(members.len());
         for b in &members {
             let admin = b.cluster_admin.as_deref().unwrap_or_default();
-            answers.push(fetch(admin, timeout).await);
+            answers.push(fetch(admin, token.as_deref(), timeout).await);
         }
         let names: Vec<String> = members.iter().map(|b| b.name.clone()).collect();
         for (b, a) in members.iter().zip(&answers) {

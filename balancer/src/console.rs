@@ -66,9 +66,25 @@ const ago = (ms) => {
   return s < 120 ? s + " s" : Math.round(s / 60) + " min";
 };
 
+// The admin token, asked for once (when the API first answers 401) and
+// kept for this tab only.
+let token = sessionStorage.getItem("mqlb-admin-token");
+async function api(path, opts = {}) {
+  for (let attempt = 0; attempt < 2; attempt++) {
+    const headers = Object.assign({}, opts.headers,
+      token ? {"Authorization": "Bearer " + token} : {});
+    const r = await fetch(path, Object.assign({}, opts, {headers}));
+    if (r.status !== 401 || attempt > 0) return r;
+    const t = prompt("This admin API needs its token ([admin] token_file):");
+    if (!t) return r;
+    token = t.trim();
+    sessionStorage.setItem("mqlb-admin-token", token);
+  }
+}
+
 async function post(path) {
-  const r = await fetch(path, {method: "POST"});
-  if (!r.ok) alert(path + ": " + r.status);
+  const r = await api(path, {method: "POST"});
+  if (!r.ok) alert(path + ": " + r.status + " " + (await r.text()));
   refresh();
 }
 
@@ -130,7 +146,7 @@ function renderEvents(events) {
 async function refresh() {
   try {
     const [b, e, h] = await Promise.all(
-      ["/backends", "/events", "/history"].map((p) => fetch(p).then((r) => r.json())));
+      ["/backends", "/events", "/history"].map((p) => api(p).then((r) => r.json())));
     renderBackends(b); renderEvents(e); renderCharts(h);
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
     document.body.dataset.ready = "1";
@@ -142,7 +158,7 @@ async function refresh() {
 $("lookup").onsubmit = async (ev) => {
   ev.preventDefault();
   const id = $("client").value;
-  const r = await fetch("/clients/" + encodeURIComponent(id));
+  const r = await api("/clients/" + encodeURIComponent(id));
   $("lookup-result").textContent = JSON.stringify(await r.json(), null, 2);
 };
 

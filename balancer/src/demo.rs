@@ -7,6 +7,11 @@
 //! few seconds, and stops them all on Ctrl-C. The balancer's backend names
 //! are the nodes' IDs, so the balancer and the cluster place every client
 //! on the same node.
+//!
+//! The nodes' cluster links are mutual TLS, as in production: the demo
+//! makes a throw-away CA and a certificate per node in a private temporary
+//! directory at start, and removes it at exit, so even on loopback no
+//! other local user can join the demo's cluster.
 
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
@@ -101,6 +106,62 @@ fn taken_ports(a: &DemoArgs, nodes: &[(String, u16, u16, u16)]) -> Vec<String> {
         .collect()
 }
 
+/// The demo's private directory: its throw-away cluster CA and node
+/// certificates. Removed when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Makes the demo's directory (readable by this user only), its CA and a
+/// certificate per node. Directories left by demos that were killed are
+/// removed first.
+fn scratch(nodes: &[(String, u16, u16, u16)]) -> std::io::Result<Scratch> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = std::env::temp_dir();
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("mqlb-demo-"))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let dir = tmp.join(format!("mqlb-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let s = Scratch(dir);
+    let mut raw = [0u8; 24];
+    getrandom::getrandom(&mut raw).map_err(std::io::Error::other)?;
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(s.0.join("admin.token"))?;
+        writeln!(f, "{token}")?;
+    }
+    crate::cert::create_ca(&s.0, "mqlb demo cluster CA")?;
+    for (name, ..) in nodes {
+        crate::cert::create_node(name, &["127.0.0.1".to_string()], &s.0, &s.0)?;
+    }
+    Ok(s)
+}
+
 /// The ports every part of the demo uses, derived from the arguments.
 fn layout(a: &DemoArgs) -> Vec<(String, u16, u16, u16)> {
     (0..3u16)
@@ -126,6 +187,13 @@ pub fn run(args: DemoArgs) -> ExitCode {
         );
         return ExitCode::from(crate::cli::EXIT_USAGE);
     }
+    let scratch = match scratch(&nodes) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mqlb demo: cannot make the cluster's certificates: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut children: Vec<Node> = nodes
         .iter()
         .map(|(name, port, admin, cport)| {
@@ -145,6 +213,17 @@ pub fn run(args: DemoArgs) -> ExitCode {
                     a.push(format!("{peer}@127.0.0.1:{pport}"));
                 }
             }
+            let file = |f: String| scratch.0.join(f).display().to_string();
+            a.extend([
+                "--admin-token-file".to_string(),
+                file("admin.token".to_string()),
+                "--cluster-tls-cert".to_string(),
+                file(format!("{name}.pem")),
+                "--cluster-tls-key".to_string(),
+                file(format!("{name}.key")),
+                "--cluster-tls-ca".to_string(),
+                file("ca.pem".to_string()),
+            ]);
             Node {
                 name: name.clone(),
                 args: a,
@@ -186,20 +265,31 @@ pub fn run(args: DemoArgs) -> ExitCode {
             }
         })
     };
-    let backends: Vec<String> = nodes
-        .iter()
-        .map(|(name, port, _, _)| format!("{name}=127.0.0.1:{port}"))
-        .collect();
-    let listen = vec![format!("127.0.0.1:{}", args.port)];
-    let admin = format!("127.0.0.1:{}", args.admin_port);
-    let config = match mqlb_config::Config::from_flags(&listen, &backends, Some(&admin)) {
+    // The balancer follows the cluster's view (cluster_admin), and its
+    // admin API and the nodes' take the demo's token.
+    let token_file = scratch.0.join("admin.token");
+    let token = std::fs::read_to_string(&token_file).unwrap_or_default();
+    let q = |s: &std::path::Path| format!("{:?}", s.display().to_string());
+    let mut text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:{}\"\n[admin]\naddress = \"127.0.0.1:{}\"\ntoken_file = {}\n[balancer]\ncluster_admin_token_file = {}\n",
+        args.port,
+        args.admin_port,
+        q(&token_file),
+        q(&token_file)
+    );
+    for (name, port, admin, _) in &nodes {
+        text.push_str(&format!(
+            "[[backend]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\ncluster_admin = \"127.0.0.1:{admin}\"\n"
+        ));
+    }
+    let config = match mqlb_config::Config::parse("<demo>", &text) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     };
-    print_banner(&args, &nodes, &children);
+    print_banner(&args, &nodes, &children, token.trim());
     let code = crate::cli::run(config, None);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = supervisor.join();
@@ -231,7 +321,12 @@ pub fn run(args: DemoArgs) -> ExitCode {
     code
 }
 
-fn print_banner(args: &DemoArgs, nodes: &[(String, u16, u16, u16)], children: &Mutex<Vec<Node>>) {
+fn print_banner(
+    args: &DemoArgs,
+    nodes: &[(String, u16, u16, u16)],
+    children: &Mutex<Vec<Node>>,
+    token: &str,
+) {
     let pids: Vec<String> = children
         .lock()
         .map(|c| {
@@ -259,6 +354,8 @@ fn print_banner(args: &DemoArgs, nodes: &[(String, u16, u16, u16)], children: &M
             "  node {name}: MQTT 127.0.0.1:{port}, admin http://127.0.0.1:{admin}/cluster  /readyz  /metrics"
         );
     }
+    println!("  admin token (drains, reloads; the console asks for it): {token}");
+    println!("  cluster links: mutual TLS with a throw-away CA, removed at exit");
     println!();
     println!("Try it (each in its own terminal):");
     println!("  mosquitto_sub -p {p} -i sub1 -c -q 1 -t 'demo/#' -v");

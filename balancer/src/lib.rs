@@ -23,6 +23,8 @@
 //! * [`evict`]: paced closing of a failed or drained backend's clients.
 //! * [`admin`]: the admin HTTP API (health, backends, clients, metrics, drain).
 //! * [`sidecar`]: `mqlb healthcheck`, an HTTP health endpoint backed by MQTT probes.
+//! * [`cert`]: `mqlb cert`, a cluster's CA and node certificates (rcgen).
+//! * [`demo`]: `mqlb demo`, the balancer in front of a 3-node cluster.
 //!
 //! A connection's life: accept → read CONNECT → place → connect backend →
 //! write the buffered CONNECT → forward both ways → close. No backend
@@ -44,6 +46,7 @@
 pub mod admin;
 pub mod admission;
 pub mod bufpool;
+pub mod cert;
 pub mod cli;
 pub mod clusterview;
 pub mod console;

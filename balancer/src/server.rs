@@ -153,6 +153,13 @@ impl Balancer {
             ),
             None => None,
         };
+        let admin_access = match &admin {
+            Some(l) => Some(Arc::new(crate::http::Access::new(
+                &config.admin_access,
+                l.local_addr()?,
+            )?)),
+            None => None,
+        };
         let background = CancellationToken::new();
         let backends = Arc::new(Backends::new(&config.backends));
         let journal = Arc::new(crate::journal::Journal::default());
@@ -227,6 +234,7 @@ impl Balancer {
             journal,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             tls: Mutex::new(listeners.iter().filter_map(|(_, _, t)| t.clone()).collect()),
+            admin_access,
         });
         tokio::spawn(crate::clusterview::follow(
             shared.clone(),
@@ -659,7 +667,12 @@ async fn serve_websocket<S>(
     let m = &shared.metrics;
     let path = listener.websocket.as_deref().unwrap_or("/mqtt");
     let timeout = shared.config().balancer.connect_timeout;
-    let upgrade = tokio::time::timeout(timeout, crate::ws::accept(client, path));
+    // Before the CONNECT, what a plain client may send: the CONNECT cap.
+    let limits = crate::ws::Limits {
+        before_connect: shared.config().balancer.max_connect_size,
+        max_message: crate::ws::MAX_MESSAGE,
+    };
+    let upgrade = tokio::time::timeout(timeout, crate::ws::accept(client, path, limits));
     let ws = match tokio::select! {
         r = upgrade => r,
         _ = shutdown.cancelled() => return,

@@ -52,6 +52,8 @@ pub struct Shared {
     pub shutting_down: std::sync::atomic::AtomicBool,
     /// TLS listeners' acceptors, re-read from their files on reload.
     pub(crate) tls: Mutex<Vec<Arc<mqlb_listener::tls::Slot>>>,
+    /// Who may call the admin API, when it is enabled.
+    pub admin_access: Option<Arc<crate::http::Access>>,
 }
 
 /// What a reload changed.

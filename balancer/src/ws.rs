@@ -6,7 +6,7 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf};
 
-pub use mqlb_listener::ws::{accept, connect, Capped, WsStream, MAX_MESSAGE, MAX_UPGRADE};
+pub use mqlb_listener::ws::{accept, connect, Capped, Limits, WsStream, MAX_MESSAGE, MAX_UPGRADE};
 
 use crate::bufpool;
 use crate::forward::{ClientStream, LentRead};

@@ -261,10 +261,16 @@ impl Auth {
             if r.topic.contains("%u") && user.is_none() {
                 return false;
             }
-            let pattern = r
+            let mut pattern = r
                 .topic
                 .replace("%u", user.unwrap_or(""))
                 .replace("%c", client_id);
+            if pattern.contains("%X") {
+                // The client ID in upper-case hex: how the state store
+                // names a client's notification topic.
+                let hex: String = client_id.bytes().map(|b| format!("{b:02X}")).collect();
+                pattern = pattern.replace("%X", &hex);
+            }
             if write {
                 crate::trie::filter_matches(&pattern, topic_or_filter)
             } else {

@@ -97,17 +97,21 @@ pub async fn handle_identified<S: AsyncRead + AsyncWrite + Unpin>(
 /// Serves a client that a peer node relayed here because this node owns
 /// its session: never relayed again, whatever this node's view says, so a
 /// brief disagreement between two views cannot bounce a client around.
+/// `identity` is what the relaying node verified from the client's TLS
+/// certificate (the cluster link is authenticated, so it is trusted): the
+/// client is checked as it would be on a direct connection.
 pub async fn handle_owned<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     state: Arc<State>,
     settings: Settings,
     relayed_by: crate::router::NodeId,
+    identity: Option<(mqlb_config::IdentityAs, String)>,
 ) {
     serve(
         stream,
         state,
         settings,
-        Some(Box::new(Origin::Relayed(relayed_by))),
+        Some(Box::new(Origin::Relayed(relayed_by, identity))),
     )
     .await;
 }
@@ -115,8 +119,12 @@ pub async fn handle_owned<S: AsyncRead + AsyncWrite + Unpin>(
 /// How a connection reached this node, when not straight from a client
 /// over plain MQTT.
 enum Origin {
-    /// Relayed by this peer, because this node serves the session.
-    Relayed(crate::router::NodeId),
+    /// Relayed by this peer, because this node serves the session, with
+    /// the identity the peer verified from the client's certificate.
+    Relayed(
+        crate::router::NodeId,
+        Option<(mqlb_config::IdentityAs, String)>,
+    ),
     /// Over TLS with a verified certificate whose identity replaces this
     /// CONNECT field.
     Certified(mqlb_config::IdentityAs, String),
@@ -146,7 +154,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     .await
     {
         Ok(Ok(Some(Packet::Connect(mut c)))) => {
-            if let Some(Origin::Certified(field, name)) = origin.as_deref() {
+            let certified = match origin.as_deref() {
+                Some(Origin::Certified(field, name)) => Some((field, name)),
+                Some(Origin::Relayed(_, Some((field, name)))) => Some((field, name)),
+                _ => None,
+            };
+            if let Some((field, name)) = certified {
                 let Ok(name) = MqttStr::try_from(name.as_str()) else {
                     tracing::info!(identity = %name, "certificate identity is not an MQTT string");
                     return;
@@ -170,13 +183,20 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         _ => return,
     };
     let relayed_by = match origin.as_deref() {
-        Some(Origin::Relayed(n)) => Some(*n),
+        Some(Origin::Relayed(n, _)) => Some(*n),
+        _ => None,
+    };
+    // What a node this client is relayed to must know of it.
+    let identity = match origin.as_deref() {
+        Some(Origin::Certified(f, n)) | Some(Origin::Relayed(_, Some((f, n)))) => {
+            Some((*f, n.clone()))
+        }
         _ => None,
     };
     if let Some(cluster) = state.cluster() {
         // Boxed: only cluster nodes get here, and the placement's waits
         // would grow every connection's future.
-        let placed = Box::pin(place(&connect, &state, &cluster, relayed_by)).await;
+        let placed = Box::pin(place(&connect, &state, &cluster, relayed_by, identity)).await;
         match placed {
             Placed::Here => {}
             Placed::NotReady => {
@@ -232,6 +252,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let by_certificate = matches!(
         origin.as_deref(),
         Some(Origin::Certified(mqlb_config::IdentityAs::Username, _))
+            | Some(Origin::Relayed(
+                _,
+                Some((mqlb_config::IdentityAs::Username, _))
+            ))
     );
     let mut session = match Session::start(connect, &mut wr, state, settings, by_certificate).await
     {
@@ -267,7 +291,7 @@ enum Placed {
     /// This node is not ready (still syncing from its peers).
     NotReady,
     /// At `0`, over the open cluster connection `1`.
-    Relay(String, tokio::net::TcpStream),
+    Relay(String, crate::cluster::handshake::PeerStream),
     /// The session's holder died and its replica was not promoted within
     /// [`MOVE_HOLD`].
     Moving,
@@ -300,6 +324,7 @@ async fn place(
     state: &State,
     cluster: &crate::cluster::Cluster,
     relayed_by: Option<crate::router::NodeId>,
+    identity: Option<(mqlb_config::IdentityAs, String)>,
 ) -> Placed {
     let deadline = tokio::time::Instant::now() + MOVE_HOLD;
     let mut held = false;
@@ -315,7 +340,7 @@ async fn place(
             };
             if cluster.hears(&target) {
                 let left = deadline.saturating_duration_since(now);
-                let dial = cluster.dial_client(&target);
+                let dial = cluster.dial_client(&target, identity.clone());
                 if let Ok(Ok(up)) = tokio::time::timeout(left.min(RELAY_DIAL), dial).await {
                     return Placed::Relay(target, up);
                 }
@@ -374,7 +399,7 @@ async fn relay_to_owner<S: AsyncRead + AsyncWrite + Unpin>(
     mut client: S,
     rest: BytesMut,
     owner: String,
-    mut up: tokio::net::TcpStream,
+    mut up: crate::cluster::handshake::PeerStream,
 ) {
     let v = connect.version;
     tracing::debug!(client_id = %connect.client_id, owner, "relaying client to its owner");
@@ -498,6 +523,9 @@ struct Session {
     aliases: Option<Box<HashMap<u16, MqttStr>>>,
     /// User name from CONNECT, for ACLs.
     username: Option<String>,
+    /// Connected with the bridge bit (Mosquitto bridges): it may publish
+    /// its own `$SYS/broker/connection/{client ID}/state`.
+    bridge: bool,
     /// Change-log commits that the replies being made now wait for.
     commits: Option<Committed>,
     /// Replies waiting for their commits, oldest first (see
@@ -534,6 +562,7 @@ impl Session {
             })
         };
         let username = c.username.as_ref().map(|u| u.to_string());
+        let bridge = c.bridge;
         let verdict = if by_certificate {
             Verdict::Allow
         } else {
@@ -676,6 +705,7 @@ impl Session {
             rx,
             aliases: None,
             username,
+            bridge,
             commits: None,
             waiting: None,
             stall: None,
@@ -953,6 +983,21 @@ impl Session {
         }
     }
 
+    /// Whether `topic` is the broker's own, which no client may publish
+    /// to whatever the ACLs say: `$SYS` (a forged `$SYS/broker/version`
+    /// would be served to monitoring), but a bridge's own connection state
+    /// as Mosquitto allows, and the state store's notifications.
+    fn reserved(&self, topic: &str) -> bool {
+        if topic == "$SYS" || topic.starts_with("$SYS/") {
+            let own = topic
+                .strip_prefix("$SYS/broker/connection/")
+                .and_then(|r| r.strip_suffix("/state"))
+                .is_some_and(|id| id == self.client_id);
+            return !(self.bridge && own);
+        }
+        crate::statestore::broker_only(topic)
+    }
+
     /// Handles one packet, appending replies to `out`.
     fn on_packet(&mut self, p: Packet, out: &mut Vec<u8>) -> Step {
         match p {
@@ -977,11 +1022,13 @@ impl Session {
                         p.properties.topic_alias = None;
                     }
                 }
-                if !self.state.auth.may_publish(
-                    self.username.as_deref(),
-                    &self.client_id,
-                    p.topic.as_str(),
-                ) {
+                if self.reserved(p.topic.as_str())
+                    || !self.state.auth.may_publish(
+                        self.username.as_deref(),
+                        &self.client_id,
+                        p.topic.as_str(),
+                    )
+                {
                     tracing::debug!(client_id = %self.client_id, topic = %p.topic, "publish denied");
                     let ack = |id| {
                         let mut a = Ack::new(id);

@@ -98,6 +98,9 @@ pub struct Stats {
     pub messages_in: u64,
     /// PUBLISH packets handed to connections.
     pub messages_out: u64,
+    /// Peers' retained writes refused because their clock stamp was too
+    /// far ahead of this node's.
+    pub clock_drift_refused: u64,
     dropped: [u64; DropReason::ALL.len()],
 }
 
@@ -884,7 +887,10 @@ impl Core {
     /// `version`, if it is newer than what the topic holds: last writer
     /// wins. For replicating retained messages between nodes.
     pub fn set_retained(&mut self, m: Message, version: Hlc) -> bool {
-        self.clock.observe(version);
+        if !self.clock.observe(version) {
+            self.stats.clock_drift_refused += 1;
+            return false;
+        }
         let topic = m.topic.clone();
         let message = (!m.payload.is_empty()).then_some(m);
         self.retained.set(topic.as_str(), message, version)
@@ -898,8 +904,21 @@ impl Core {
         message: Option<Message>,
         version: Hlc,
     ) -> bool {
-        self.clock.observe(version);
+        if !self.clock.observe(version) {
+            self.stats.clock_drift_refused += 1;
+            tracing::warn!(
+                topic,
+                ?version,
+                "a peer's retained write stamped too far in the future was refused"
+            );
+            return false;
+        }
         self.retained.set(topic, message, version)
+    }
+
+    /// Sets how far ahead of this node's clock a peer's stamp may be.
+    pub fn set_max_clock_drift(&mut self, drift: Duration) {
+        self.clock.set_max_drift(drift);
     }
 
     /// Forgets retained-message deletions older than `age`: after that, no

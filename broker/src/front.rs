@@ -220,7 +220,14 @@ pub async fn accept(
     let stream: Box<dyn Io> = match &front.spec.websocket {
         None => stream,
         Some(path) => {
-            match tokio::time::timeout_at(deadline, mqlb_listener::ws::accept(stream, path)).await {
+            let limits = mqlb_listener::ws::Limits {
+                before_connect: mqlb_config::DEFAULT_MAX_CONNECT_SIZE,
+                // This broker's Maximum Packet Size, and the frame around it.
+                max_message: crate::conn::MAX_PACKET + 64,
+            };
+            match tokio::time::timeout_at(deadline, mqlb_listener::ws::accept(stream, path, limits))
+                .await
+            {
                 Ok(Ok(ws)) => Box::new(ws),
                 Ok(Err(e)) => return Err((Refusal::Websocket, e)),
                 Err(_) => return Err((Refusal::Timeout, "WebSocket upgrade".into())),

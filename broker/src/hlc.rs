@@ -18,9 +18,23 @@ pub struct Hlc {
 }
 
 /// One node's clock.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Clock {
     last: Hlc,
+    /// How far ahead of this node's wall clock a remote stamp may be:
+    /// one node with a clock set ahead (or a forged stamp) would otherwise
+    /// win last-writer-wins for every retained message for as long.
+    max_drift_ms: u64,
+}
+
+/// A remote stamp more than this ahead of the local wall clock is refused
+/// unless configured otherwise (`[cluster] max_clock_drift`).
+pub const DEFAULT_MAX_DRIFT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new(0)
+    }
 }
 
 fn wall_ms() -> u64 {
@@ -37,7 +51,13 @@ impl Clock {
                 node,
                 ..Hlc::default()
             },
+            max_drift_ms: u64::try_from(DEFAULT_MAX_DRIFT.as_millis()).unwrap_or(u64::MAX),
         }
+    }
+
+    /// Sets how far ahead of the local wall clock a remote stamp may be.
+    pub fn set_max_drift(&mut self, drift: std::time::Duration) {
+        self.max_drift_ms = u64::try_from(drift.as_millis()).unwrap_or(u64::MAX);
     }
 
     /// A stamp for a local event, later than every stamp seen so far.
@@ -56,12 +76,22 @@ impl Clock {
     }
 
     /// Takes in a stamp from another node, so later local stamps order
-    /// after it.
-    pub fn observe(&mut self, remote: Hlc) {
+    /// after it. A stamp further ahead of the local wall clock than the
+    /// allowed drift is refused (`false`): the write it came with must not
+    /// be applied.
+    pub fn observe(&mut self, remote: Hlc) -> bool {
+        self.observe_at(remote, wall_ms())
+    }
+
+    fn observe_at(&mut self, remote: Hlc, wall: u64) -> bool {
+        if remote.wall_ms > wall.saturating_add(self.max_drift_ms) {
+            return false;
+        }
         if (remote.wall_ms, remote.logical) > (self.last.wall_ms, self.last.logical) {
             self.last.wall_ms = remote.wall_ms;
             self.last.logical = remote.logical;
         }
+        true
     }
 }
 
@@ -81,12 +111,34 @@ mod tests {
             logical: 7,
             node: 2,
         };
-        c.observe(remote);
+        assert!(c.observe_at(remote, 450));
         let d = c.tick(200);
         assert!(d > remote);
         // Same wall and counter: the node breaks the tie.
         let mut x = Clock::new(1);
         let mut y = Clock::new(2);
         assert!(y.tick(10) > x.tick(10));
+    }
+
+    /// A remote stamp more than the allowed drift ahead is refused and
+    /// leaves the clock where it was; one within it is taken.
+    #[test]
+    fn a_stamp_too_far_ahead_is_refused() {
+        let mut c = Clock::new(1);
+        c.set_max_drift(std::time::Duration::from_secs(60));
+        let now = 1_000_000;
+        let ahead = Hlc {
+            wall_ms: now + 11 * 24 * 3600 * 1000,
+            logical: 0,
+            node: 2,
+        };
+        assert!(!c.observe_at(ahead, now));
+        assert!(c.tick(now) < ahead);
+        let near = Hlc {
+            wall_ms: now + 30_000,
+            ..ahead
+        };
+        assert!(c.observe_at(near, now));
+        assert!(c.tick(now) > near);
     }
 }

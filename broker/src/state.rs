@@ -68,7 +68,11 @@ impl State {
     /// Makes this node a member of `cluster`: the core reports interest,
     /// retained writes and forwards to it. Once only.
     pub fn join(&self, cluster: Arc<Cluster>) {
-        self.core().set_fabric(cluster.stamp(), cluster.clone());
+        {
+            let mut core = self.core();
+            core.set_fabric(cluster.stamp(), cluster.clone());
+            core.set_max_clock_drift(cluster.max_clock_drift());
+        }
         let _ = self.cluster.set(cluster);
     }
 

@@ -29,6 +29,19 @@ const RESERVED: [&str; 2] = [
     "statestore/v1/FA9AE35F-2F64-47CD-9BFF-08E2B32A0FE8",
     "clients/statestore/v1/FA9AE35F-2F64-47CD-9BFF-08E2B32A0FE8",
 ];
+/// Whether only the broker may publish to `topic`: the state store's own
+/// space (its notifications above all: a client that could publish one
+/// could tell another client a key changed when it did not), its request
+/// topic aside.
+pub fn broker_only(topic: &str) -> bool {
+    topic != INVOKE_TOPIC
+        && RESERVED.iter().any(|r| {
+            topic
+                .strip_prefix(r)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+}
+
 /// Largest request payload executed (a larger one is answered with the
 /// quota error; the broker takes packets up to 1 MiB).
 pub const MAX_REQUEST: usize = 512 << 10;
@@ -497,7 +510,7 @@ impl StateStore {
         let _ = writeln!(
             out,
             "# HELP mqlb_statestore_keys Keys held.\n# TYPE mqlb_statestore_keys gauge\nmqlb_statestore_keys {}\n\
-             # HELP mqlb_statestore_bytes Bytes in keys and values.\n# TYPE mqlb_statestore_bytes gauge\nmqlb_statestore_bytes {}\n\
+             # HELP mqlb_statestore_bytes Bytes the store keeps, counted against max_total_bytes: keys, values, revisions, deletion markers and watches.\n# TYPE mqlb_statestore_bytes gauge\nmqlb_statestore_bytes {}\n\
              # HELP mqlb_statestore_notifications_total Key notifications sent.\n# TYPE mqlb_statestore_notifications_total counter\nmqlb_statestore_notifications_total {}",
             store.len(),
             store.bytes(),

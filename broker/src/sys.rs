@@ -118,6 +118,12 @@ pub fn render_metrics(core: &Core) -> String {
         s.messages_in.to_string(),
     );
     metric(
+        "mqlb_broker_retained_clock_refused_total",
+        "counter",
+        "Peers' retained writes refused: stamped further ahead of this node's clock than max_clock_drift.",
+        s.clock_drift_refused.to_string(),
+    );
+    metric(
         "mqlb_broker_messages_sent_total",
         "counter",
         "PUBLISH packets sent to clients.",

@@ -53,6 +53,9 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// Admin API address.
     pub admin: Option<SocketAddr>,
+    /// Who may call the admin API (`admin_token_file`,
+    /// `admin_allowed_hosts`).
+    pub admin_access: crate::AdminAccess,
     /// Whether clients without a user name may connect.
     pub allow_anonymous: bool,
     /// Password file, if any.
@@ -110,8 +113,9 @@ pub struct ClusterConfig {
     pub listen: SocketAddr,
     /// The other members by name.
     pub peers: Vec<(String, SocketAddr)>,
-    /// The shared secret file; required unless `listen` is loopback.
-    pub secret_file: Option<PathBuf>,
+    /// Mutual TLS on every cluster connection; required unless `listen` is
+    /// loopback.
+    pub tls: Option<ClusterTls>,
     /// Copies of each persistent session (the holder included): 2 survives
     /// the loss of any one node, 3 of any two (with 5 or more nodes, so a
     /// majority is left).
@@ -122,7 +126,30 @@ pub struct ClusterConfig {
     /// Where the node keeps its Raft state across restarts (`--state-dir`);
     /// without one it is caught up from scratch by the leader.
     pub state_dir: Option<PathBuf>,
+    /// How far ahead of this node's clock a peer's retained-message stamp
+    /// may be before the write is refused (a skewed or forged clock would
+    /// otherwise win every last-writer-wins race).
+    pub max_clock_drift: std::time::Duration,
 }
+
+/// `max_clock_drift` unless configured.
+pub const DEFAULT_MAX_CLOCK_DRIFT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A node's cluster TLS files (`tls_cert`, `tls_key`, `tls_ca`, or the
+/// `--cluster-tls-*` flags): all three or none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterTls {
+    /// This node's certificate chain; its leaf names the node in a URI SAN
+    /// `mqlb://node/ID`.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// The cluster CA bundle.
+    pub ca: PathBuf,
+}
+
+/// What replaced the shared cluster secret, for the error that refuses it.
+pub const SECRET_RETIRED: &str = "the cluster's shared secret is retired: cluster links now use mutual TLS. Make a CA once with `mqlb cert create-ca --out DIR`, a certificate for each node with `mqlb cert create-node NODE_ID --host ADDRESS --ca DIR --out DIR`, and give each node tls_cert, tls_key and tls_ca in [cluster] (or --cluster-tls-cert, --cluster-tls-key, --cluster-tls-ca)";
 
 /// Session copies unless configured: survives the loss of any one node.
 pub const DEFAULT_REPLICATION_FACTOR: usize = 2;
@@ -156,7 +183,7 @@ impl ClusterConfig {
     }
 
     /// Checks what cannot be checked field by field: no duplicate names,
-    /// and a non-loopback listener only with a secret.
+    /// and a non-loopback listener only with TLS.
     pub fn validate(&self) -> Result<(), String> {
         let mut names: Vec<&str> = self.peers.iter().map(|(n, _)| n.as_str()).collect();
         names.push(&self.node_id);
@@ -171,9 +198,9 @@ impl ClusterConfig {
                 names.len()
             ));
         }
-        if self.secret_file.is_none() && !self.listen.ip().is_loopback() {
+        if self.tls.is_none() && !self.listen.ip().is_loopback() {
             return Err(format!(
-                "cluster listener {} is not loopback: set a secret file (secret_file / --cluster-secret-file), or every host that reaches it could join",
+                "cluster listener {} is not loopback: give the node its cluster certificates (tls_cert, tls_key and tls_ca in [cluster], or --cluster-tls-cert, --cluster-tls-key, --cluster-tls-ca; `mqlb cert` makes them), or every host that reaches it could join",
                 self.listen
             ));
         }
@@ -188,6 +215,7 @@ impl Default for BrokerConfig {
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 1883))),
             admin: None,
+            admin_access: crate::AdminAccess::default(),
             allow_anonymous: true,
             password_file: None,
             max_queued_messages: 1000,
@@ -268,6 +296,19 @@ impl BrokerConfig {
             if let Some(v) = &b.admin {
                 c.admin = addr("admin", v);
             }
+            if let Some(p) = &b.admin_token_file {
+                let path = PathBuf::from(p.get_ref());
+                c.admin_access.token_file = Some(match base {
+                    Some(dir) if path.is_relative() => dir.join(path),
+                    _ => path,
+                });
+            }
+            c.admin_access.allowed_hosts = b
+                .admin_allowed_hosts
+                .iter()
+                .flatten()
+                .map(|h| h.get_ref().to_ascii_lowercase())
+                .collect();
             c.allow_anonymous = b.allow_anonymous.unwrap_or(true);
             if let Some(p) = &b.password_file {
                 let path = PathBuf::from(p.get_ref());
@@ -320,6 +361,11 @@ impl BrokerConfig {
                     "statestore.max_total_bytes",
                     ss(|s| &s.max_total_bytes),
                     &mut c.statestore.max_total_bytes,
+                ),
+                (
+                    "statestore.max_watches_per_client",
+                    ss(|s| &s.max_watches_per_client),
+                    &mut c.statestore.max_watches_per_client,
                 ),
             ] {
                 if let Some(v) = v {
@@ -434,20 +480,49 @@ impl BrokerConfig {
                     Err(m) => at(format!("cluster.peers[{i}]"), p.span(), m),
                 }
             }
-            let secret_file = cl.secret_file.as_ref().map(|p| {
+            if let Some(p) = &cl.secret_file {
+                at(
+                    "cluster.secret_file".into(),
+                    p.span(),
+                    SECRET_RETIRED.to_string(),
+                );
+            }
+            let path_of = |p: &Spanned<String>| {
                 let path = PathBuf::from(p.get_ref());
                 match base {
                     Some(dir) if path.is_relative() => dir.join(path),
                     _ => path,
                 }
-            });
+            };
+            let tls = match (&cl.tls_cert, &cl.tls_key, &cl.tls_ca) {
+                (None, None, None) => None,
+                (Some(cert), Some(key), Some(ca)) => Some(ClusterTls {
+                    cert: path_of(cert),
+                    key: path_of(key),
+                    ca: path_of(ca),
+                }),
+                (cert, key, ca) => {
+                    let span = [cert, key, ca]
+                        .iter()
+                        .find_map(|x| x.as_ref().map(|s| s.span()))
+                        .unwrap_or(0..0);
+                    at(
+                        "cluster.tls_cert".into(),
+                        span,
+                        "tls_cert, tls_key and tls_ca go together: give all three or none"
+                            .to_string(),
+                    );
+                    None
+                }
+            };
             if let (Some(node_id), Some(listen)) = (node_id, listen) {
                 let peers_len = peers.len();
                 let cc = ClusterConfig {
                     node_id,
                     listen,
                     peers,
-                    secret_file,
+                    tls,
+                    max_clock_drift: DEFAULT_MAX_CLOCK_DRIFT,
                     replication_factor: DEFAULT_REPLICATION_FACTOR.min(peers_len + 1),
                     join: cl.join.unwrap_or(false),
                     state_dir: cl.state_dir.as_ref().map(|p| {
@@ -459,6 +534,16 @@ impl BrokerConfig {
                     }),
                 };
                 let mut cc = cc;
+                if let Some(v) = &cl.max_clock_drift {
+                    match crate::duration::parse(v.get_ref()) {
+                        Ok(d) if !d.is_zero() => cc.max_clock_drift = d,
+                        _ => at(
+                            "cluster.max_clock_drift".into(),
+                            v.span(),
+                            format!("\"{}\" is not a duration such as \"1m\"", v.get_ref()),
+                        ),
+                    }
+                }
                 if let Some(r) = &cl.replication_factor {
                     let nodes = cc.peers.len() + 1;
                     match usize::try_from(*r.get_ref()) {

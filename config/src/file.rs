@@ -59,14 +59,24 @@ pub struct ClusterFile {
     /// The other members, as "NAME@IP:PORT".
     #[serde(default)]
     pub peers: Vec<Spanned<String>>,
-    /// File holding the shared secret every cluster connection proves.
+    /// Retired: the shared secret of earlier versions (an error saying
+    /// how to make certificates instead).
     pub secret_file: Option<Spanned<String>>,
+    /// This node's certificate (it names the node: `mqlb://node/ID`).
+    pub tls_cert: Option<Spanned<String>>,
+    /// Its private key.
+    pub tls_key: Option<Spanned<String>>,
+    /// The cluster CA every member's certificate chains to.
+    pub tls_ca: Option<Spanned<String>>,
     /// Copies of each persistent session, default 2.
     pub replication_factor: Option<Spanned<i64>>,
     /// Join a running cluster (an admin call on a member adds this node).
     pub join: Option<bool>,
     /// Directory for the Raft state, kept across restarts.
     pub state_dir: Option<Spanned<String>>,
+    /// How far ahead of this node's clock a peer's stamp may be, default
+    /// "1m".
+    pub max_clock_drift: Option<Spanned<String>>,
 }
 
 /// `[broker]`.
@@ -77,6 +87,10 @@ pub struct BrokerFile {
     pub listen: Option<Spanned<String>>,
     /// Admin API (metrics, health), off by default.
     pub admin: Option<Spanned<String>>,
+    /// File holding the bearer token the admin API requires.
+    pub admin_token_file: Option<Spanned<String>>,
+    /// Host names (besides loopback ones) the admin API answers to.
+    pub admin_allowed_hosts: Option<Vec<Spanned<String>>>,
     /// Default true.
     pub allow_anonymous: Option<bool>,
     /// Mosquitto-format password file (`user:$7$...`, from mosquitto_passwd or `mqlb passwd`).
@@ -118,8 +132,10 @@ pub struct StateStoreFile {
     pub max_key_bytes: Option<Spanned<i64>>,
     /// Bytes in one value, default 1 MiB.
     pub max_value_bytes: Option<Spanned<i64>>,
-    /// Bytes in all keys and values, default 64 MiB.
+    /// Bytes the store keeps in all, default 64 MiB.
     pub max_total_bytes: Option<Spanned<i64>>,
+    /// Keys one client may watch at once, default 1000.
+    pub max_watches_per_client: Option<Spanned<i64>>,
 }
 
 /// `[[broker.acl]]`.
@@ -201,6 +217,10 @@ pub struct EvictionFile {
 pub struct AdminFile {
     /// `IP:port` of the admin HTTP API.
     pub address: Spanned<String>,
+    /// File holding the bearer token the API requires.
+    pub token_file: Option<Spanned<String>>,
+    /// Host names (besides loopback ones) the API answers to.
+    pub allowed_hosts: Option<Vec<Spanned<String>>>,
 }
 
 /// `[[listener]]`.
@@ -344,6 +364,8 @@ pub struct BalancerFile {
     /// DNS servers (`IP:port`) for discovery and backend host names;
     /// default: the system's.
     pub dns_servers: Option<Vec<Spanned<String>>>,
+    /// Token file for the cluster nodes' admin APIs (`cluster_admin`).
+    pub cluster_admin_token_file: Option<Spanned<String>>,
 }
 
 /// Turns a TOML/serde error into a problem with a line and, where the line

@@ -23,7 +23,7 @@ pub mod file;
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
@@ -62,8 +62,27 @@ pub struct Config {
     pub dns_pools: Vec<DnsPool>,
     /// Admin HTTP API address, if enabled.
     pub admin: Option<SocketAddr>,
+    /// Who may call the admin API.
+    pub admin_access: AdminAccess,
     /// Log line format, when the file sets one (`[log] format`).
     pub log_format: Option<LogFormat>,
+}
+
+/// Who may call an admin API (the balancer's `[admin]`, a broker node's
+/// `[broker] admin_*`).
+///
+/// With a token, every state-changing call needs it (`Authorization:
+/// Bearer TOKEN`), and so does every read when the API is not bound to
+/// loopback, `/healthz` and `/readyz` aside. Without one, state-changing
+/// calls are refused. Requests whose `Host` header names anything but a
+/// loopback address, the API's own address or one of `allowed_hosts` are
+/// refused (DNS rebinding).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminAccess {
+    /// The file holding the token (re-read when it changes).
+    pub token_file: Option<PathBuf>,
+    /// Host names the API answers to besides loopback ones.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// How log lines are written.
@@ -513,6 +532,9 @@ pub struct BalancerSettings {
     pub default_pool: Option<String>,
     /// DNS servers for discovery and backend host names; empty: the system's.
     pub dns_servers: Vec<SocketAddr>,
+    /// The bearer token file for the cluster nodes' admin APIs the
+    /// balancer reads the view from (`cluster_admin` on a backend).
+    pub cluster_admin_token_file: Option<PathBuf>,
 }
 
 impl Default for BalancerSettings {
@@ -526,6 +548,7 @@ impl Default for BalancerSettings {
             source_addresses: Vec::new(),
             default_pool: Some(DEFAULT_POOL.to_string()),
             dns_servers: Vec::new(),
+            cluster_admin_token_file: None,
         }
     }
 }
@@ -1291,6 +1314,10 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
                 ),
             }
         }
+        balancer.cluster_admin_token_file = s
+            .cluster_admin_token_file
+            .as_ref()
+            .map(|p| PathBuf::from(p.get_ref()));
         for (i, v) in s.dns_servers.iter().flatten().enumerate() {
             match v.get_ref().parse::<SocketAddr>() {
                 Ok(a) => balancer.dns_servers.push(a),
@@ -1412,6 +1439,18 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         }
     }
 
+    let admin_access = match &raw.admin {
+        Some(a) => AdminAccess {
+            token_file: a.token_file.as_ref().map(|p| PathBuf::from(p.get_ref())),
+            allowed_hosts: a
+                .allowed_hosts
+                .iter()
+                .flatten()
+                .map(|h| h.get_ref().to_ascii_lowercase())
+                .collect(),
+        },
+        None => AdminAccess::default(),
+    };
     let admin = match &raw.admin {
         Some(a) => match a.address.get_ref().parse::<SocketAddr>() {
             Ok(addr) => Some(addr),
@@ -1492,6 +1531,7 @@ fn validate(raw: file::File, c: &mut Collector<'_>) -> Option<Config> {
         rules,
         dns_pools,
         admin,
+        admin_access,
         log_format,
     })
 }

@@ -39,14 +39,18 @@ pub const MAX_SKEW_MS: u64 = 60_000;
 /// Caps on what the store holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Keys.
+    /// Keys, deleted ones still remembered ([`TOMBSTONE_MS`]) included.
     pub max_keys: usize,
     /// Bytes in one key.
     pub max_key_bytes: usize,
     /// Bytes in one value.
     pub max_value_bytes: usize,
-    /// Bytes in all keys and values together.
+    /// Bytes the store keeps in all: keys and values, and also deletion
+    /// markers, revisions and watches (each counted with an estimate of its
+    /// bookkeeping).
     pub max_total_bytes: usize,
+    /// Keys one client may watch (KEYNOTIFY) at once.
+    pub max_watches_per_client: usize,
 }
 
 impl Default for Limits {
@@ -56,9 +60,16 @@ impl Default for Limits {
             max_key_bytes: 1024,
             max_value_bytes: 1 << 20,
             max_total_bytes: 64 << 20,
+            max_watches_per_client: 1000,
         }
     }
 }
+
+/// What the store counts for a key's revision (deletion markers are
+/// only that), beside the key's bytes.
+const REV_COST: usize = 48;
+/// What it counts for one watch, beside the client ID's bytes.
+const WATCH_COST: usize = 24;
 
 /// How long a deleted key's revision is remembered (see the module docs).
 pub const TOMBSTONE_MS: u64 = 3_600_000;
@@ -133,8 +144,14 @@ pub struct Entry {
 pub struct Store {
     limits: Limits,
     entries: HashMap<Vec<u8>, Entry>,
+    /// Bytes in keys and values.
     bytes: usize,
+    /// Bytes of the rest the store keeps: revisions (deletion markers
+    /// included) and watches.
+    overhead: usize,
     watchers: HashMap<Vec<u8>, BTreeSet<String>>,
+    /// Watches per client, for [`Limits::max_watches_per_client`].
+    watches: HashMap<String, usize>,
     /// Every key changed lately: its revision, and when (Unix ms) it last
     /// changed (deleted keys are forgotten after [`TOMBSTONE_MS`]).
     revs: HashMap<Vec<u8>, (Rev, u64)>,
@@ -176,9 +193,64 @@ impl Store {
         self.entries.is_empty()
     }
 
-    /// Bytes in keys and values.
+    /// Bytes the store keeps: keys and values, revisions (deletion markers
+    /// included) and watches.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.overhead
+    }
+
+    /// Adds `client`'s watch of `key`; false if it was there.
+    fn watch(&mut self, key: &[u8], client: &str) -> bool {
+        let set = match self.watchers.get_mut(key) {
+            Some(s) => s,
+            None => {
+                self.overhead += key.len();
+                self.watchers.entry(key.to_vec()).or_default()
+            }
+        };
+        if !set.insert(client.to_string()) {
+            return false;
+        }
+        self.overhead += client.len() + WATCH_COST;
+        *self.watches.entry(client.to_string()).or_default() += 1;
+        true
+    }
+
+    /// Removes `client`'s watch of `key`; false if there was none.
+    fn unwatch(&mut self, key: &[u8], client: &str) -> bool {
+        let Some(set) = self.watchers.get_mut(key) else {
+            return false;
+        };
+        if !set.remove(client) {
+            return false;
+        }
+        self.overhead -= client.len() + WATCH_COST;
+        if set.is_empty() {
+            self.watchers.remove(key);
+            self.overhead -= key.len();
+        }
+        if let Some(n) = self.watches.get_mut(client) {
+            *n -= 1;
+            if *n == 0 {
+                self.watches.remove(client);
+            }
+        }
+        true
+    }
+
+    /// Replaces `key`'s watchers (a copy from another node).
+    fn set_watchers(&mut self, key: &[u8], clients: Vec<String>) {
+        let old: Vec<String> = self
+            .watchers
+            .get(key)
+            .map(|w| w.iter().cloned().collect())
+            .unwrap_or_default();
+        for c in old {
+            self.unwatch(key, &c);
+        }
+        for c in clients {
+            self.watch(key, &c);
+        }
     }
 
     /// The key's current version, if it exists at `now_ms`.
@@ -224,19 +296,25 @@ impl Store {
             },
             Request::KeyNotify { stop, .. } => {
                 let changed = if stop {
-                    let mut gone = false;
-                    if let Some(w) = self.watchers.get_mut(&key) {
-                        gone = w.remove(&ctx.client_id);
-                        if w.is_empty() {
-                            self.watchers.remove(&key);
-                        }
-                    }
-                    gone
+                    self.unwatch(&key, &ctx.client_id)
                 } else {
-                    self.watchers
-                        .entry(key.clone())
-                        .or_default()
-                        .insert(ctx.client_id.clone())
+                    let already = self
+                        .watchers
+                        .get(&key)
+                        .is_some_and(|w| w.contains(&ctx.client_id));
+                    // A watch costs memory like a key: the same limits.
+                    let cost = key.len() + ctx.client_id.len() + WATCH_COST + REV_COST;
+                    if !already
+                        && (key.len() > self.limits.max_key_bytes
+                            || self.watches.get(&ctx.client_id).copied().unwrap_or(0)
+                                >= self.limits.max_watches_per_client
+                            || (!self.revs.contains_key(&key)
+                                && self.revs.len() >= self.limits.max_keys)
+                            || self.bytes() + cost > self.limits.max_total_bytes)
+                    {
+                        return (Reply::Error(errors::QUOTA_EXCEEDED), notes);
+                    }
+                    self.watch(&key, &ctx.client_id)
                 };
                 if changed {
                     self.touch(&key, ctx);
@@ -288,11 +366,18 @@ impl Store {
             return Reply::NotApplied;
         }
         let old = existing.map_or(0, |e| key.len() + e.value.len());
-        let new = key.len() + value.len();
+        // A key never seen also gets a revision.
+        let new = key.len()
+            + value.len()
+            + if self.revs.contains_key(&key) {
+                0
+            } else {
+                key.len() + REV_COST
+            };
         if key.len() > self.limits.max_key_bytes
             || value.len() > self.limits.max_value_bytes
-            || (existing.is_none() && self.entries.len() >= self.limits.max_keys)
-            || self.bytes - old + new > self.limits.max_total_bytes
+            || (!self.revs.contains_key(&key) && self.revs.len() >= self.limits.max_keys)
+            || self.bytes() - old + new > self.limits.max_total_bytes
         {
             return Reply::Error(errors::QUOTA_EXCEEDED);
         }
@@ -300,7 +385,7 @@ impl Store {
             (Some(t), _) => Some(t.clone()),
             (None, f) => f,
         };
-        self.bytes = self.bytes - old + new;
+        self.bytes = self.bytes - old + key.len() + value.len();
         self.notify(&key, Some(&value), &ctx.timestamp, notes);
         self.touch(&key, ctx);
         self.entries.insert(
@@ -338,6 +423,9 @@ impl Store {
 
     /// A change to `key` in `ctx.view`: its next revision.
     fn touch(&mut self, key: &[u8], ctx: &Context) {
+        if !self.revs.contains_key(key) {
+            self.overhead += key.len() + REV_COST;
+        }
         let (rev, at) = self.revs.entry(key.to_vec()).or_default();
         *rev = Rev {
             view: rev.view.max(ctx.view),
@@ -389,11 +477,9 @@ impl Store {
             self.bytes += key.len() + e.value.len();
             self.entries.insert(key.clone(), e);
         }
-        if copy.watchers.is_empty() {
-            self.watchers.remove(&key);
-        } else {
-            self.watchers
-                .insert(key.clone(), copy.watchers.into_iter().collect());
+        self.set_watchers(&key, copy.watchers);
+        if !self.revs.contains_key(&key) {
+            self.overhead += key.len() + REV_COST;
         }
         self.revs.insert(key, (copy.rev, now_ms));
         true
@@ -402,11 +488,17 @@ impl Store {
     /// Forgets the revisions of keys deleted more than [`TOMBSTONE_MS`] ago.
     pub fn prune(&mut self, now_ms: u64) {
         let (entries, watchers) = (&self.entries, &self.watchers);
+        let mut freed = 0;
         self.revs.retain(|k, (_, at)| {
-            entries.contains_key(k)
+            let keep = entries.contains_key(k)
                 || watchers.contains_key(k)
-                || now_ms.saturating_sub(*at) < TOMBSTONE_MS
+                || now_ms.saturating_sub(*at) < TOMBSTONE_MS;
+            if !keep {
+                freed += k.len() + REV_COST;
+            }
+            keep
         });
+        self.overhead -= freed;
     }
 
     fn remove(&mut self, key: &[u8], version: &Hlc, notes: &mut Vec<Notification>) {
@@ -464,13 +556,13 @@ impl Store {
         now_ms: u64,
         owned: impl Fn(&[u8]) -> bool,
     ) -> Vec<KeyCopy> {
-        let mut changed = Vec::new();
-        self.watchers.retain(|k, w| {
-            if owned(k) && w.remove(client_id) {
-                changed.push(k.clone());
-            }
-            !w.is_empty()
-        });
+        let mut changed: Vec<Vec<u8>> = self
+            .watchers
+            .iter()
+            .filter(|(k, w)| owned(k) && w.contains(client_id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        changed.retain(|k| self.unwatch(k, client_id));
         let ctx = Context {
             client_id: client_id.to_string(),
             timestamp: Hlc {
@@ -566,7 +658,8 @@ mod tests {
         let del = Request::Del { key: b"k".to_vec() };
         assert_eq!(s.execute(del.clone(), &c).0, Reply::Deleted(1));
         assert_eq!(s.execute(del, &c).0, Reply::Deleted(0));
-        assert_eq!((s.len(), s.bytes()), (0, 0));
+        // Deleted: only the key's marker is left (counted).
+        assert_eq!((s.len(), s.bytes()), (0, 1 + REV_COST));
         assert_eq!(
             s.execute(get(""), &c).0,
             Reply::Error(errors::KEY_LENGTH_ZERO)
@@ -712,11 +805,14 @@ mod tests {
 
     #[test]
     fn skew_and_limits() {
+        // Two keys of 2 bytes with 8-byte values, and their revisions,
+        // come to 2 × (10 + 2 + REV_COST) = 120 bytes: one short.
         let mut s = Store::new(Limits {
             max_keys: 2,
             max_key_bytes: 4,
             max_value_bytes: 8,
-            max_total_bytes: 19,
+            max_total_bytes: 2 * (12 + REV_COST) - 1,
+            max_watches_per_client: 1,
         });
         let mut c = ctx("a", 1000, None);
         c.timestamp = hlc(1000 + MAX_SKEW_MS + 1, 0);
@@ -761,12 +857,70 @@ mod tests {
             q,
             "key count"
         );
-        // Overwriting within the limits is fine, and nothing leaked.
+        // Overwriting within the limits is fine, and nothing leaked: the
+        // values and keys, and the two revisions.
         assert_eq!(
             s.execute(set("k1", "1", Condition::Always, None), &c).0,
             Reply::Ok
         );
-        assert_eq!(s.bytes(), 6);
+        assert_eq!(s.bytes(), 6 + 2 * (2 + REV_COST));
+    }
+
+    /// KEYNOTIFY obeys the key limits and a per-client watch limit, every
+    /// watch and deletion marker is counted in the store's bytes, and a
+    /// client's watches go (with their bytes) when it is forgotten.
+    #[test]
+    fn watches_and_deletion_markers_are_bounded_and_counted() {
+        let mut s = Store::new(Limits {
+            max_keys: 100,
+            max_key_bytes: 16,
+            max_value_bytes: 64,
+            max_total_bytes: 10_000,
+            max_watches_per_client: 2,
+        });
+        let c = ctx("w", 1000, None);
+        let watch = |k: &str| Request::KeyNotify {
+            key: k.as_bytes().to_vec(),
+            stop: false,
+        };
+        let q = Reply::Error(errors::QUOTA_EXCEEDED);
+        // A key over max_key_bytes cannot be watched (it used to be: 300
+        // watches of a 500 KiB key took 300 MB).
+        assert_eq!(s.execute(watch(&"x".repeat(500)), &c).0, q);
+        assert_eq!(s.bytes(), 0);
+        assert_eq!(s.execute(watch("a"), &c).0, Reply::Ok);
+        assert_eq!(s.execute(watch("b"), &c).0, Reply::Ok);
+        assert_eq!(s.execute(watch("c"), &c).0, q, "per-client watches");
+        assert_eq!(s.execute(watch("a"), &c).0, Reply::Ok, "again: no change");
+        let watched = s.bytes();
+        assert!(watched >= 2 * (1 + 1 + WATCH_COST + REV_COST), "{watched}");
+        // Another client's watch counts too.
+        assert_eq!(s.execute(watch("c"), &ctx("v", 1000, None)).0, Reply::Ok);
+        assert!(s.bytes() > watched);
+        // Forgotten: the watches' bytes go (their revisions stay a while).
+        s.forget_client("w", 0, 1000, |_| true);
+        s.forget_client("v", 0, 1000, |_| true);
+        assert_eq!(s.bytes(), 3 * (1 + REV_COST));
+        // Churn: keys set and deleted leave markers that count, until they
+        // are pruned.
+        for i in 0..20 {
+            let k = format!("churn-{i}");
+            s.execute(set(&k, "v", Condition::Always, None), &c);
+            s.execute(
+                Request::Del {
+                    key: k.into_bytes(),
+                },
+                &c,
+            );
+        }
+        assert_eq!(s.len(), 0);
+        assert!(
+            s.bytes() > 20 * REV_COST,
+            "{} bytes for 20 markers",
+            s.bytes()
+        );
+        s.prune(1000 + TOMBSTONE_MS + 1);
+        assert_eq!(s.bytes(), 0);
     }
 
     #[test]
@@ -812,7 +966,7 @@ mod tests {
             replica.execute(get("k"), &c).0,
             Reply::Value(b"v2".to_vec())
         );
-        assert_eq!(replica.bytes(), 3);
+        assert_eq!(replica.bytes(), 3 + 1 + REV_COST);
         // A deletion travels as a copy without a value and beats the stale
         // copy that follows it.
         owner.execute(Request::Del { key: b"k".to_vec() }, &c);
@@ -820,7 +974,7 @@ mod tests {
         assert_eq!(gone.entry, None);
         assert!(replica.install(gone, 1000));
         assert!(!replica.install(v1, 1000));
-        assert_eq!((replica.len(), replica.bytes()), (0, 0));
+        assert_eq!((replica.len(), replica.bytes()), (0, 1 + REV_COST));
         // A new owner in a later view wins over any count of changes made
         // in an earlier one.
         let mut later = ctx("a", 1000, None);

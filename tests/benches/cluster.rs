@@ -121,7 +121,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let single = BrokerProcess::start(&[]);
-    let mut c = TestCluster::start(3, None, &[]);
+    let mut c = TestCluster::start(3, &[]);
     assert!(c.wait_converged(Duration::from_secs(20)).await);
     // One subscriber session per QoS: a QoS 1 one left with a QoS 2
     // subscription would take the QoS 2 messages too.

@@ -58,7 +58,7 @@ async fn leader(c: &TestCluster) -> String {
 /// One round: returns (time in slow PUBACKs, their count, the slowest,
 /// PUBACKs in all after the fault).
 async fn round(fault: Fault) -> (Duration, usize, Duration, usize) {
-    let mut c = TestCluster::start(3, None, &[]);
+    let mut c = TestCluster::start(3, &[]);
     assert!(c.wait_converged(Duration::from_secs(20)).await);
     let leader = leader(&c).await;
     let names: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();

@@ -179,8 +179,9 @@ async fn run(n: usize, failure: Failure, rate: u32) -> Run {
     let admin = format!("127.0.0.1:{admin_port}");
     let cfg = mqlb_tests::scratch_dir("scale").join("mqlb.toml");
     let mut text = format!(
-        "[[listener]]\naddress = \"{lb_addr}\"\n[admin]\naddress = \"{admin}\"\n\
+        "[[listener]]\naddress = \"{lb_addr}\"\n[admin]\naddress = \"{admin}\"\ntoken_file = {:?}\n\
          [balancer]\nmax_connections = {}\n[eviction]\nrate = {rate}\n",
+        mqlb_tests::admin_token_file(),
         n + 1000
     );
     for (i, b) in brokers.iter().enumerate() {

@@ -103,7 +103,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let mut cluster = mqlb_tests::cluster::TestCluster::start(3, None, &[]);
+    let mut cluster = mqlb_tests::cluster::TestCluster::start(3, &[]);
     assert!(rt.block_on(cluster.wait_converged(Duration::from_secs(30))));
     let cport = free_port();
     let mut balance = Command::new(mqlb_bin());

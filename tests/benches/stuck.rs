@@ -123,7 +123,7 @@ async fn main() {
     }
     let mut cluster = Vec::new();
     {
-        let mut c = TestCluster::start(3, None, &[]);
+        let mut c = TestCluster::start(3, &[]);
         assert!(c.wait_converged(Duration::from_secs(20)).await);
         let backends: Vec<(&str, String)> = c
             .nodes

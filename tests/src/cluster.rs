@@ -1,7 +1,9 @@
 //! A cluster of `mqlb broker` processes on loopback, for the cluster tests.
 //!
 //! Each node is its own process (so `kill -9` is real), on free ports, with
-//! an admin API for `/readyz`, `/cluster` and `/metrics`.
+//! an admin API for `/readyz`, `/cluster` and `/metrics`, and its cluster
+//! links over mutual TLS with certificates made for the test (`mqlb cert`'s
+//! code), as in production.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -40,6 +42,8 @@ fn node_args(name: &str, (mqtt, admin, cluster): Ports) -> Vec<String> {
         name.to_string(),
         "--cluster-listen".into(),
         format!("127.0.0.1:{cluster}"),
+        "--admin-token-file".into(),
+        crate::admin_token_file().display().to_string(),
     ]
 }
 
@@ -135,10 +139,35 @@ impl FaultyLink {
 }
 
 impl TestCluster {
-    /// Starts `n` nodes named n1..nN; `secret` is written to a file all of
-    /// them use. Waits until each is listening.
-    pub fn start(n: usize, secret: Option<&str>, extra: &[&str]) -> TestCluster {
-        Self::build(n, secret, extra, None)
+    /// Starts `n` nodes named n1..nN, each with its cluster certificate.
+    /// Waits until each is listening.
+    pub fn start(n: usize, extra: &[&str]) -> TestCluster {
+        Self::build(n, extra, None)
+    }
+
+    /// The directory holding the cluster CA (`ca.pem`, `ca.key`) and the
+    /// nodes' certificates (`n1.pem`, `n1.key`, ...).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+
+    /// `--cluster-tls-*` arguments for node `name`, making its certificate
+    /// first (and the CA, the first time).
+    fn tls_args(dir: &std::path::Path, name: &str) -> Vec<String> {
+        let tls = dir.join("tls");
+        if !tls.join("ca.pem").exists() {
+            mqlb_balancer::cert::create_ca(&tls, mqlb_balancer::cert::DEFAULT_CA_NAME).unwrap();
+        }
+        let (cert, key) =
+            mqlb_balancer::cert::create_node(name, &["127.0.0.1".into()], &tls, &tls).unwrap();
+        vec![
+            "--cluster-tls-cert".into(),
+            cert.display().to_string(),
+            "--cluster-tls-key".into(),
+            key.display().to_string(),
+            "--cluster-tls-ca".into(),
+            tls.join("ca.pem").display().to_string(),
+        ]
     }
 
     /// Like [`TestCluster::start`], with every cluster connection going
@@ -155,7 +184,7 @@ impl TestCluster {
                 }
             }
         }
-        let mut c = Self::build(n, None, &[], Some((ports, &links)));
+        let mut c = Self::build(n, &[], Some((ports, &links)));
         c.links = links;
         c
     }
@@ -170,18 +199,8 @@ impl TestCluster {
         }
     }
 
-    fn build(
-        n: usize,
-        secret: Option<&str>,
-        extra: &[&str],
-        via: Option<(Vec<Ports>, &Links)>,
-    ) -> TestCluster {
+    fn build(n: usize, extra: &[&str], via: Option<(Vec<Ports>, &Links)>) -> TestCluster {
         let dir = crate::scratch_dir("cluster");
-        let secret_file = secret.map(|s| {
-            let p = dir.join("secret");
-            std::fs::write(&p, s).unwrap();
-            p
-        });
         let ports: Vec<Ports> = match &via {
             Some((p, _)) => p.clone(),
             None => (0..n)
@@ -206,10 +225,7 @@ impl TestCluster {
                     args.push(format!("n{}@{addr}", j + 1));
                 }
             }
-            if let Some(f) = &secret_file {
-                args.push("--cluster-secret-file".into());
-                args.push(f.display().to_string());
-            }
+            args.extend(Self::tls_args(&dir, &name));
             args.extend(extra.iter().map(|s| s.to_string()));
             nodes.push(ClusterNode::new(name, (*mqtt, *admin, *cluster), args));
         }
@@ -231,6 +247,7 @@ impl TestCluster {
         let name = format!("n{}", i + 1);
         let ports = (free_port(), free_port(), free_port());
         let mut args = node_args(&name, ports);
+        args.extend(Self::tls_args(&self.dir, &name));
         args.push("--join".into());
         for n in &self.nodes {
             args.push("--peer".into());

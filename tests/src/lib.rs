@@ -238,6 +238,22 @@ pub fn config(backends: &[(&str, String)], balancer_toml: &str) -> Config {
     Config::parse("<test>", &text).unwrap()
 }
 
+/// The admin token every fixture configures and [`http`] sends: admin
+/// APIs refuse state-changing calls without one.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// A file holding [`ADMIN_TOKEN`], written once per test process.
+pub fn admin_token_file() -> PathBuf {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = scratch_dir("admin-token");
+        let path = dir.join("token");
+        std::fs::write(&path, ADMIN_TOKEN).unwrap();
+        path
+    })
+    .clone()
+}
+
 /// A balancer running in this process.
 pub struct RunningBalancer {
     pub addr: SocketAddr,
@@ -252,7 +268,11 @@ pub struct RunningBalancer {
 
 impl RunningBalancer {
     /// Binds and serves `config` on the current runtime.
-    pub async fn start(config: Config) -> RunningBalancer {
+    /// With an admin API and no token file, [`ADMIN_TOKEN`]'s is used.
+    pub async fn start(mut config: Config) -> RunningBalancer {
+        if config.admin.is_some() && config.admin_access.token_file.is_none() {
+            config.admin_access.token_file = Some(admin_token_file());
+        }
         let grace = config.eviction.shutdown_grace;
         let b = mqlb_balancer::Balancer::bind(config).await.unwrap();
         let addrs = b.local_addrs();
@@ -394,10 +414,27 @@ pub fn ids_on(b: &RunningBalancer, backend: &str, prefix: &str, n: usize) -> Vec
 /// [`http`], but `None` instead of a panic when nothing answers (a node
 /// that is still starting).
 pub async fn try_http(addr: &str, method: &str, path: &str) -> Option<(u16, String)> {
+    try_http_with(
+        addr,
+        method,
+        path,
+        &format!("Host: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"),
+    )
+    .await
+}
+
+/// An HTTP/1.1 request with exactly the given header lines (each ending in
+/// CRLF): for tests of who may call an admin API.
+pub async fn try_http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.ok()?;
     let mut out = Vec::new();

@@ -55,7 +55,7 @@ async fn connect_owned(
 #[tokio::test]
 async fn publishes_cross_nodes_exactly_once_in_order() {
     let _one = ONE_CLUSTER.lock().await;
-    let mut c = TestCluster::start(3, None, &[]);
+    let mut c = TestCluster::start(3, &[]);
     assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
     let (mut s1, _) = connect_owned(&c, "n1", "sub", ProtocolVersion::V5, true).await;
     let (mut s2, _) = connect_owned(&c, "n2", "sub", ProtocolVersion::V3_1_1, true).await;
@@ -159,7 +159,7 @@ async fn publishes_cross_nodes_exactly_once_in_order() {
 #[tokio::test]
 async fn retained_messages_replicate_and_a_restarted_node_catches_up() {
     let _one = ONE_CLUSTER.lock().await;
-    let mut c = TestCluster::start(3, None, &[]);
+    let mut c = TestCluster::start(3, &[]);
     assert!(c.wait_converged(SETTLE).await);
     let (mut p1, _) = connect_owned(&c, "n1", "rp", ProtocolVersion::V5, true).await;
     let (mut p2, _) = connect_owned(&c, "n2", "rp", ProtocolVersion::V5, true).await;
@@ -271,7 +271,7 @@ async fn retained_messages_replicate_and_a_restarted_node_catches_up() {
 #[tokio::test]
 async fn a_shared_group_spread_over_three_nodes_gets_each_message_once() {
     let _one = ONE_CLUSTER.lock().await;
-    let mut c = TestCluster::start(3, None, &[]);
+    let mut c = TestCluster::start(3, &[]);
     assert!(c.wait_converged(SETTLE).await);
     let mut members = Vec::new();
     for n in ALL {
@@ -320,7 +320,7 @@ async fn a_shared_group_spread_over_three_nodes_gets_each_message_once() {
 #[tokio::test]
 async fn a_client_reaching_any_node_gets_its_one_session() {
     let _one = ONE_CLUSTER.lock().await;
-    let mut c = TestCluster::start(3, None, &[]);
+    let mut c = TestCluster::start(3, &[]);
     assert!(c.wait_converged(SETTLE).await);
     let id = "roamer-1";
     let owner = c.owner_of(id, &ALL);
@@ -421,59 +421,99 @@ async fn a_client_reaching_any_node_gets_its_one_session() {
     assert!(closed, "the first connection of the twin stayed open");
 }
 
-/// The cluster port proves a shared secret: a stranger without it, or with
-/// garbage, is refused and counted, and a node will not open a non-loopback
-/// cluster listener without a secret.
+/// Cluster links are mutual TLS, and every attack the shared secret let
+/// through is refused and counted: a stranger speaking the old plain
+/// handshake as "n2", one with a certificate from another CA, a genuine
+/// cluster certificate for a node that is not a member, a member claiming
+/// another member's name, and a dialer that reaches a member other than
+/// the one it meant (a relayed handshake). A node will not open a
+/// non-loopback cluster listener without TLS, and the retired secret is a
+/// configuration error that says how to make certificates.
 #[tokio::test]
 async fn the_cluster_port_refuses_strangers() {
-    let _one = ONE_CLUSTER.lock().await;
+    use mqlb_broker::cluster::handshake::{dial, Purpose, Refusal};
+    use mqlb_broker::cluster::peer_tls::{Paths, PeerTls};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut c = TestCluster::start(2, Some("a-long-enough-shared-secret"), &[]);
+    let _one = ONE_CLUSTER.lock().await;
+    let mut c = TestCluster::start(3, &[]);
     assert!(
         c.wait_converged(SETTLE).await,
-        "nodes with the secret did not form a view"
+        "nodes with certificates did not form a view"
     );
-    // A dialer that claims to be n2 with the wrong secret.
-    let mut s = tokio::net::TcpStream::connect(&c.nodes[0].cluster)
-        .await
-        .unwrap();
-    let mut hello = [0u8; 24];
-    s.read_exact(&mut hello).await.unwrap();
-    let mut out = b"MQLBCL01".to_vec();
-    out.push(1);
-    out.push(2);
+    let tls = c.tls_dir();
+    let paths = |dir: &std::path::Path, id: &str, ca: &std::path::Path| Paths {
+        cert: dir.join(format!("{id}.pem")),
+        key: dir.join(format!("{id}.key")),
+        ca: ca.join("ca.pem"),
+    };
+    let refused = |reason: &'static str| {
+        let c = &c;
+        async move {
+            c.metric(
+                0,
+                &format!("mqlb_cluster_refused_total{{reason=\"{reason}\"}}"),
+            )
+            .await
+            .unwrap_or(0.0)
+        }
+    };
+    let n1 = c.nodes[0].cluster.clone();
+    let connect = || async { tokio::net::TcpStream::connect(&n1).await.unwrap() };
+    // 1. The old plain handshake, claiming to be n2: no TLS, no entry.
+    let mut s = connect().await;
+    let mut out = b"MQLBCL02".to_vec();
+    out.extend_from_slice(&[2, 1, 2]);
     out.extend_from_slice(b"n2");
-    out.extend_from_slice(&[7u8; 16]);
-    out.extend_from_slice(&[9u8; 32]);
     s.write_all(&out).await.unwrap();
     let mut rest = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut rest)).await;
     assert!(
-        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        matches!(n, Ok(Ok(_)) | Ok(Err(_))) && !rest.starts_with(b"MQLBCL02"),
         "a stranger got an answer: {rest:?}"
     );
-    // Garbage: an MQTT CONNECT on the cluster port.
-    let mut g = tokio::net::TcpStream::connect(&c.nodes[0].cluster)
-        .await
-        .unwrap();
-    g.write_all(&mqlb_tests::raw::connect("x", 4))
-        .await
-        .unwrap();
-    let mut sink = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(6), g.read_to_end(&mut sink)).await;
-    assert_eq!(
-        c.metric(0, "mqlb_cluster_refused_total{reason=\"bad_secret\"}")
-            .await,
-        Some(1.0)
+    // 2. A certificate for "n2" from another CA.
+    let other = c.dir.join("other-ca");
+    mqlb_balancer::cert::create_ca(&other, "another CA").unwrap();
+    mqlb_balancer::cert::create_node("n2", &["127.0.0.1".into()], &other, &other).unwrap();
+    let forged = PeerTls::load("n2", paths(&other, "n2", &other)).unwrap();
+    let r = dial(connect().await, "n2", &Purpose::Link, Some(&forged), "n1").await;
+    assert!(r.is_err(), "a certificate from another CA got in");
+    // 3. A genuine cluster certificate for a node that is not a member.
+    mqlb_balancer::cert::create_node("n9", &["127.0.0.1".into()], &tls, &tls).unwrap();
+    let stranger = PeerTls::load("n9", paths(&tls, "n9", &tls)).unwrap();
+    let r = dial(connect().await, "n9", &Purpose::Link, Some(&stranger), "n1").await;
+    assert!(r.is_err(), "a non-member got in");
+    // 4. n3's certificate claiming to be n2.
+    let n3 = PeerTls::load("n3", paths(&tls, "n3", &tls)).unwrap();
+    let r = dial(connect().await, "n2", &Purpose::Link, Some(&n3), "n1").await;
+    assert!(r.is_err(), "n3 got in as n2");
+    // 5. A relayed handshake: n3 means to reach n2 but is handed n1 (a
+    // process on n2's address relaying to n1): n3 refuses n1's certificate.
+    let r = dial(connect().await, "n3", &Purpose::Link, Some(&n3), "n2").await;
+    assert_eq!(r.err(), Some(Refusal::BadCertificate), "reached n1 as n2");
+    // The genuine handshake still works (the same code, the right name).
+    let ok = dial(
+        connect().await,
+        "n3",
+        &Purpose::Client(None),
+        Some(&n3),
+        "n1",
+    )
+    .await;
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    drop(ok);
+    let bad = refused("bad_certificate").await + refused("garbage").await;
+    assert!(
+        bad >= 2.0,
+        "{bad} refusals for the plain and foreign handshakes"
     );
-    assert_eq!(
-        c.metric(0, "mqlb_cluster_refused_total{reason=\"garbage\"}")
-            .await,
-        Some(1.0)
+    assert!(
+        refused("unknown_node").await >= 2.0,
+        "the non-member and the impostor"
     );
     // The members still work together.
     assert!(c.wait_converged(SETTLE).await);
-    // No secret on a routable address: refused at start, naming the fix.
+    // No TLS on a routable address: refused at start, naming the fix.
     let out = std::process::Command::new(mqlb_tests::mqlb_bin())
         .args([
             "broker",
@@ -487,10 +527,26 @@ async fn the_cluster_port_refuses_strangers() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mqlb cert") && err.contains("tls"), "{err}");
+    // The retired secret says how to make certificates instead.
+    let out = std::process::Command::new(mqlb_tests::mqlb_bin())
+        .args([
+            "broker",
+            "--node-id",
+            "x",
+            "--cluster-listen",
+            "127.0.0.1:0",
+            "--cluster-secret-file",
+            "/dev/null",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("secret"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("retired") && err.contains("mqlb cert create-ca"),
+        "{err}"
     );
 }
 
@@ -500,7 +556,7 @@ async fn the_cluster_port_refuses_strangers() {
 #[tokio::test]
 async fn a_persistent_session_survives_the_loss_of_its_owner() {
     let _one = ONE_CLUSTER.lock().await;
-    let mut c = TestCluster::start(3, None, &[]);
+    let mut c = TestCluster::start(3, &[]);
     assert!(c.wait_converged(SETTLE).await);
     for v in [ProtocolVersion::V3_1_1, ProtocolVersion::V5] {
         let owner = "n1";
@@ -675,7 +731,7 @@ async fn load_through_a_fault(q: QoS, fault: Fault) -> (usize, usize, Duration) 
     use std::collections::HashSet;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
-    let mut c = TestCluster::start(3, None, &[]);
+    let mut c = TestCluster::start(3, &[]);
     assert!(c.wait_converged(SETTLE).await);
     let backends: Vec<(&str, String)> = c
         .nodes
@@ -1181,7 +1237,7 @@ async fn a_rolling_restart_at_qos2_loses_nothing_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_qos_on_one_connection_keeps_order_behind_held_qos2() {
     let _one = ONE_CLUSTER.lock().await;
-    let mut c = TestCluster::start(3, None, &[]);
+    let mut c = TestCluster::start(3, &[]);
     assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
     let id = c.id_owned_by("n1", "mixed-sub", &ALL);
     let mut cp = connect_packet(&id, ProtocolVersion::V5, false);
@@ -1374,7 +1430,7 @@ async fn a_shared_group_loses_nothing_when_a_members_node_dies() {
     let _one = ONE_CLUSTER.lock().await;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
-    let mut c = TestCluster::start(3, None, &[]);
+    let mut c = TestCluster::start(3, &[]);
     assert!(c.wait_converged(SETTLE).await);
     let backends: Vec<(&str, String)> = c
         .nodes
@@ -1616,7 +1672,7 @@ async fn a_flapping_link_hangs_no_publisher_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_copies_with_replication_factor_three() {
     let _one = ONE_CLUSTER.lock().await;
-    let mut c = TestCluster::start(3, None, &["--replication-factor", "3"]);
+    let mut c = TestCluster::start(3, &["--replication-factor", "3"]);
     assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
     let id = c.id_owned_by("n1", "rf3", &ALL);
     let mut cp = connect_packet(&id, ProtocolVersion::V5, false);
@@ -1689,7 +1745,7 @@ async fn three_copies_with_replication_factor_three() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_node_is_retired_by_an_admin_call() {
     let _one = ONE_CLUSTER.lock().await;
-    let mut c = TestCluster::start(3, None, &[]);
+    let mut c = TestCluster::start(3, &[]);
     assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
     let admins: Vec<String> = c.nodes.iter().map(|n| n.admin.clone()).collect();
     let cluster = |i: usize| {
@@ -1792,7 +1848,7 @@ async fn a_dead_node_is_retired_by_an_admin_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_is_added_by_an_admin_call() {
     let _one = ONE_CLUSTER.lock().await;
-    let mut c = TestCluster::start(3, None, &[]);
+    let mut c = TestCluster::start(3, &[]);
     assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
     let j = c.start_joiner();
     let first = c.nodes[0].admin.clone();
@@ -1873,7 +1929,7 @@ async fn raft_state_survives_a_kill_with_a_state_dir() {
     let _one = ONE_CLUSTER.lock().await;
     let dir = mqlb_tests::scratch_dir("raft-state");
     let dir_arg = dir.display().to_string();
-    let mut c = TestCluster::start(3, None, &["--state-dir", &dir_arg]);
+    let mut c = TestCluster::start(3, &["--state-dir", &dir_arg]);
     assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
     for n in ["n1", "n2", "n3"] {
         assert!(

@@ -221,7 +221,8 @@ async fn admin_posts_from_other_origins_are_refused() {
             let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
             s.write_all(
                 format!(
-                    "POST /backends/b1/drain HTTP/1.1\r\nHost: {admin}\r\n{origin}Content-Length: 0\r\nConnection: close\r\n\r\n"
+                    "POST /backends/b1/drain HTTP/1.1\r\nHost: {admin}\r\n{origin}Authorization: Bearer {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    mqlb_tests::ADMIN_TOKEN
                 )
                 .as_bytes(),
             )

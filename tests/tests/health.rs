@@ -561,7 +561,10 @@ async fn config_reload_keeps_connections() {
     let file = dir.join("mqlb.toml");
     let (port, admin) = (free_port(), free_port());
     let write = |backends: &[usize], extra: &str| {
-        let mut t = format!("[[listener]]\naddress = \"127.0.0.1:{port}\"\n[admin]\naddress = \"127.0.0.1:{admin}\"\n");
+        let mut t = format!(
+            "[[listener]]\naddress = \"127.0.0.1:{port}\"\n[admin]\naddress = \"127.0.0.1:{admin}\"\ntoken_file = {:?}\n",
+            mqlb_tests::admin_token_file()
+        );
         for &i in backends {
             t.push_str(&format!(
                 "[[backend]]\nname = \"b{}\"\naddress = \"{}\"\n",

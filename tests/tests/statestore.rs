@@ -451,7 +451,7 @@ async fn mosquitto_pub_and_sub_as_the_readme_shows() {
 /// watcher on a third node hears the change.
 #[tokio::test]
 async fn a_cluster_serves_every_key_from_every_node() {
-    let mut c = mqlb_tests::cluster::TestCluster::start(3, None, &[]);
+    let mut c = mqlb_tests::cluster::TestCluster::start(3, &[]);
     assert!(c.wait_converged(Duration::from_secs(30)).await);
     let live = ["n1", "n2", "n3"];
     // Each caller's session lives on the node it connects to (clients are
@@ -554,7 +554,7 @@ async fn a_stopped_owner_loses_no_acknowledged_set() {
 }
 
 async fn owner_lost_during_sets(kill: bool) {
-    let mut c = mqlb_tests::cluster::TestCluster::start(3, None, &[]);
+    let mut c = mqlb_tests::cluster::TestCluster::start(3, &[]);
     assert!(c.wait_converged(Duration::from_secs(30)).await);
     let live = ["n1", "n2", "n3"];
     // Keys n2 owns, each written once.
@@ -687,7 +687,7 @@ async fn owner_lost_during_sets(kill: bool) {
 /// the key with its last acknowledged value.
 #[tokio::test]
 async fn a_hung_owner_leaves_no_request_hanging() {
-    let mut c = mqlb_tests::cluster::TestCluster::start(3, None, &[]);
+    let mut c = mqlb_tests::cluster::TestCluster::start(3, &[]);
     assert!(c.wait_converged(Duration::from_secs(30)).await);
     let live = ["n1", "n2", "n3"];
     let key = c.id_owned_by("n2", "hung", &live);

@@ -62,7 +62,7 @@ async fn cluster_behind_the_balancer() -> (
     mqlb_tests::cluster::TestCluster,
     mqlb_tests::RunningBalancer,
 ) {
-    let mut c = mqlb_tests::cluster::TestCluster::start(3, None, &[]);
+    let mut c = mqlb_tests::cluster::TestCluster::start(3, &[]);
     assert!(c.wait_converged(Duration::from_secs(30)).await);
     let backends: Vec<(&str, String)> = c
         .nodes

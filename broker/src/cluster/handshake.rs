@@ -1,44 +1,63 @@
-//! The handshake that opens every cluster connection: mutual proof of a
-//! shared secret, by HMAC-SHA256 over fresh nonces from both sides.
+//! The handshake that opens every cluster connection.
+//!
+//! With the cluster's TLS ([`PeerTls`]), the connection is first a mutual
+//! TLS 1.3 session: the acceptor learns the dialer's node ID from its
+//! certificate, and the dialer accepts only the certificate of the member
+//! it dialled. Then, inside it:
 //!
 //! ```text
-//! acceptor → dialer: "MQLBCL01" | nonce_a[16]
-//! dialer → acceptor: "MQLBCL01" | purpose u8 | name | nonce_d[16]
-//!                    | HMAC(secret, "dial" | nonce_a | nonce_d | purpose | name)
-//! acceptor → dialer: HMAC(secret, "answer" | nonce_d | nonce_a | name') | name'
+//! dialer → acceptor: "MQLBCL02" | version u8 | purpose u8 | name
+//!                    [purpose 2: identity kind u8 | identity]
+//! acceptor → dialer: "MQLBCL02" | version u8 | name
 //! ```
-//! The secret never crosses the wire, a recorded handshake cannot be
-//! replayed (the other side's nonce differs every time), and the dialer
-//! learns that the acceptor holds the secret too. Without a secret the MAC
-//! key is empty: a node only allows that on a loopback cluster listener.
+//!
+//! The names must agree with the certificates (a node cannot claim to be
+//! another). `version` is the wire version of the frames that follow
+//! ([`super::wire::VERSION`]): a node refuses a peer that speaks another
+//! one, and says so, rather than misreading its frames.
+//!
+//! Without TLS the same exchange runs in the clear and the names are
+//! taken on trust. A node allows that only on a loopback cluster listener
+//! (and warns), so no remote host can join; every local process can.
+//!
+//! Input before the handshake has finished costs a stranger at most
+//! [`HANDSHAKE_TIMEOUT`] and a few hundred bytes.
 
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use mqlb_config::IdentityAs;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::peer_tls::PeerTls;
+use crate::front::Io;
 
 /// How long either side may take over the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-const MAGIC: &[u8; 8] = b"MQLBCL01";
+const MAGIC: &[u8; 8] = b"MQLBCL02";
 const NAME_MAX: usize = 255;
 
+/// A cluster connection after its handshake (TLS or, on loopback without
+/// it, plain TCP).
+pub type PeerStream = Box<dyn Io>;
+
 /// What a cluster connection is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Purpose {
     /// The dialer's frames to the acceptor (interest, retained, forwards).
     Link,
     /// An MQTT client connection the dialer hands to the acceptor, which
-    /// owns the client's session.
-    Client,
+    /// serves the client's session; with the identity the dialer verified
+    /// from the client's TLS certificate, if it had one, so the acceptor
+    /// applies the same rules as to a direct connection.
+    Client(Option<(IdentityAs, String)>),
 }
 
 impl Purpose {
-    fn byte(self) -> u8 {
+    fn byte(&self) -> u8 {
         match self {
             Purpose::Link => 1,
-            Purpose::Client => 2,
+            Purpose::Client(_) => 2,
         }
     }
 }
@@ -49,58 +68,42 @@ pub enum Refusal {
     /// Not our protocol at all (or the peer closed early).
     #[error("not a cluster handshake")]
     Garbage,
-    /// The MAC did not verify: wrong or missing secret.
-    #[error("bad cluster secret")]
-    BadSecret,
-    /// A node name that is not a member.
+    /// The TLS handshake failed: no certificate, one that does not chain
+    /// to the cluster CA, or (dialling) one that names another member.
+    #[error("bad cluster certificate")]
+    BadCertificate,
+    /// A node name that is not a member, or one its certificate does not
+    /// name.
     #[error("unknown node")]
     UnknownNode,
     /// Too slow.
     #[error("handshake timed out")]
     Timeout,
+    /// The peer speaks another version of the cluster's frames.
+    #[error("another wire version")]
+    Version,
 }
 
 impl Refusal {
+    /// Every reason, in metric order.
+    pub const ALL: [Refusal; 5] = [
+        Refusal::Garbage,
+        Refusal::BadCertificate,
+        Refusal::UnknownNode,
+        Refusal::Timeout,
+        Refusal::Version,
+    ];
+
     /// Metric label.
     pub fn label(self) -> &'static str {
         match self {
             Refusal::Garbage => "garbage",
-            Refusal::BadSecret => "bad_secret",
+            Refusal::BadCertificate => "bad_certificate",
             Refusal::UnknownNode => "unknown_node",
             Refusal::Timeout => "timeout",
+            Refusal::Version => "version",
         }
     }
-}
-
-fn mac(secret: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    // HMAC takes keys of any length, the empty one included.
-    let Ok(mut m) = Hmac::<Sha256>::new_from_slice(secret) else {
-        return [0; 32];
-    };
-    for p in parts {
-        m.update(&(p.len() as u32).to_be_bytes());
-        m.update(p);
-    }
-    m.finalize().into_bytes().into()
-}
-
-fn verify(secret: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
-    let Ok(mut m) = Hmac::<Sha256>::new_from_slice(secret) else {
-        return false;
-    };
-    for p in parts {
-        m.update(&(p.len() as u32).to_be_bytes());
-        m.update(p);
-    }
-    m.verify_slice(tag).is_ok()
-}
-
-fn nonce() -> [u8; 16] {
-    let mut n = [0u8; 16];
-    if getrandom::getrandom(&mut n).is_err() {
-        n = fastrand::u128(..).to_be_bytes();
-    }
-    n
 }
 
 async fn read_name(s: &mut (impl AsyncRead + Unpin)) -> Result<String, Refusal> {
@@ -111,120 +114,156 @@ async fn read_name(s: &mut (impl AsyncRead + Unpin)) -> Result<String, Refusal> 
 }
 
 fn put_name(out: &mut Vec<u8>, name: &str) {
-    let b = &name.as_bytes()[..name.len().min(NAME_MAX)];
-    out.push(b.len() as u8);
+    // Names are checked at configuration (at most 64 bytes); a longer one
+    // is cut at a character boundary, never mid-character.
+    let mut end = name.len().min(NAME_MAX);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let b = name.as_bytes().get(..end).unwrap_or_default();
+    out.push(u8::try_from(b.len()).unwrap_or(0));
     out.extend_from_slice(b);
 }
 
-/// Accepts a cluster connection as node `me`: returns the dialer's name and
-/// purpose once it has proved the secret and `known` accepts its name.
-pub async fn accept(
+async fn read_magic(s: &mut (impl AsyncRead + Unpin)) -> Result<(), Refusal> {
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic)
+        .await
+        .map_err(|_| Refusal::Garbage)?;
+    if &magic != MAGIC {
+        return Err(Refusal::Garbage);
+    }
+    let version = s.read_u8().await.map_err(|_| Refusal::Garbage)?;
+    if version != super::wire::VERSION {
+        return Err(Refusal::Version);
+    }
+    Ok(())
+}
+
+/// The exchange inside the (TLS or plain) stream, acceptor's side.
+async fn accept_hello(
     s: &mut (impl AsyncRead + AsyncWrite + Unpin),
     me: &str,
-    secret: &[u8],
+    certified: Option<&[String]>,
     known: impl Fn(&str) -> bool,
 ) -> Result<(String, Purpose), Refusal> {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        let na = nonce();
-        let mut hello = MAGIC.to_vec();
-        hello.extend_from_slice(&na);
-        s.write_all(&hello).await.map_err(|_| Refusal::Garbage)?;
-        let mut magic = [0u8; 8];
-        s.read_exact(&mut magic)
-            .await
-            .map_err(|_| Refusal::Garbage)?;
-        if &magic != MAGIC {
-            return Err(Refusal::Garbage);
+    read_magic(s).await?;
+    let kind = s.read_u8().await.map_err(|_| Refusal::Garbage)?;
+    let name = read_name(s).await?;
+    if certified.is_some_and(|names| !names.contains(&name)) || !known(&name) {
+        return Err(Refusal::UnknownNode);
+    }
+    let purpose = match kind {
+        1 => Purpose::Link,
+        2 => {
+            let identity = match s.read_u8().await.map_err(|_| Refusal::Garbage)? {
+                0 => None,
+                1 => Some((IdentityAs::Username, read_name(s).await?)),
+                2 => Some((IdentityAs::ClientId, read_name(s).await?)),
+                _ => return Err(Refusal::Garbage),
+            };
+            Purpose::Client(identity)
         }
-        let purpose = match s.read_u8().await.map_err(|_| Refusal::Garbage)? {
-            1 => Purpose::Link,
-            2 => Purpose::Client,
-            _ => return Err(Refusal::Garbage),
-        };
-        let name = read_name(s).await?;
-        let mut nd = [0u8; 16];
-        s.read_exact(&mut nd).await.map_err(|_| Refusal::Garbage)?;
-        let mut tag = [0u8; 32];
-        s.read_exact(&mut tag).await.map_err(|_| Refusal::Garbage)?;
-        let p = [purpose.byte()];
-        if !verify(secret, &[b"dial", &na, &nd, &p, name.as_bytes()], &tag) {
-            return Err(Refusal::BadSecret);
-        }
-        if !known(&name) {
-            return Err(Refusal::UnknownNode);
-        }
-        let mut answer = mac(secret, &[b"answer", &nd, &na, me.as_bytes()]).to_vec();
-        put_name(&mut answer, me);
-        s.write_all(&answer).await.map_err(|_| Refusal::Garbage)?;
-        Ok((name, purpose))
-    })
-    .await
-    .map_err(|_| Refusal::Timeout)?
+        _ => return Err(Refusal::Garbage),
+    };
+    let mut answer = MAGIC.to_vec();
+    answer.push(super::wire::VERSION);
+    put_name(&mut answer, me);
+    s.write_all(&answer).await.map_err(|_| Refusal::Garbage)?;
+    Ok((name, purpose))
 }
 
-/// Opens a cluster connection as node `me` for `purpose`: returns the
-/// acceptor's name once it has proved the secret.
-pub async fn dial(
+/// The exchange inside the stream, dialer's side: the acceptor's name.
+async fn dial_hello(
     s: &mut (impl AsyncRead + AsyncWrite + Unpin),
     me: &str,
-    purpose: Purpose,
-    secret: &[u8],
+    purpose: &Purpose,
 ) -> Result<String, Refusal> {
+    let mut hello = MAGIC.to_vec();
+    hello.push(super::wire::VERSION);
+    hello.push(purpose.byte());
+    put_name(&mut hello, me);
+    if let Purpose::Client(identity) = purpose {
+        match identity {
+            None => hello.push(0),
+            Some((IdentityAs::Username, n)) => {
+                hello.push(1);
+                put_name(&mut hello, n);
+            }
+            Some((IdentityAs::ClientId, n)) => {
+                hello.push(2);
+                put_name(&mut hello, n);
+            }
+        }
+    }
+    s.write_all(&hello).await.map_err(|_| Refusal::Garbage)?;
+    read_magic(s).await?;
+    read_name(s).await
+}
+
+/// Accepts a cluster connection as node `me`: the dialer's name and
+/// purpose once its certificate has verified (with TLS) and `known`
+/// accepts its name.
+pub async fn accept<S: Io + 'static>(
+    s: S,
+    me: &str,
+    tls: Option<&PeerTls>,
+    known: impl Fn(&str) -> bool,
+) -> Result<(PeerStream, String, Purpose), Refusal> {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-        let mut hello = [0u8; 24];
-        s.read_exact(&mut hello)
-            .await
-            .map_err(|_| Refusal::Garbage)?;
-        if &hello[..8] != MAGIC {
-            return Err(Refusal::Garbage);
+        match tls {
+            Some(tls) => {
+                tls.refresh();
+                let (mut s, names) = tls.accept(s).await.map_err(|_| Refusal::BadCertificate)?;
+                let (name, purpose) = accept_hello(&mut s, me, Some(&names), known).await?;
+                Ok((Box::new(s) as PeerStream, name, purpose))
+            }
+            None => {
+                let mut s = s;
+                let (name, purpose) = accept_hello(&mut s, me, None, known).await?;
+                Ok((Box::new(s) as PeerStream, name, purpose))
+            }
         }
-        let na = &hello[8..];
-        let nd = nonce();
-        let mut out = MAGIC.to_vec();
-        out.push(purpose.byte());
-        put_name(&mut out, me);
-        out.extend_from_slice(&nd);
-        let p = [purpose.byte()];
-        out.extend_from_slice(&mac(secret, &[b"dial", na, &nd, &p, me.as_bytes()]));
-        s.write_all(&out).await.map_err(|_| Refusal::Garbage)?;
-        let mut tag = [0u8; 32];
-        s.read_exact(&mut tag).await.map_err(|_| Refusal::Garbage)?;
-        let name = read_name(s).await?;
-        if !verify(secret, &[b"answer", &nd, na, name.as_bytes()], &tag) {
-            return Err(Refusal::BadSecret);
-        }
-        Ok(name)
     })
     .await
     .map_err(|_| Refusal::Timeout)?
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn run(
-        dial_secret: &'static [u8],
-        accept_secret: &'static [u8],
-    ) -> (Result<String, Refusal>, Result<(String, Purpose), Refusal>) {
-        let (mut a, mut b) = tokio::io::duplex(1024);
-        let acc =
-            tokio::spawn(async move { accept(&mut b, "n1", accept_secret, |n| n == "n2").await });
-        let d = dial(&mut a, "n2", Purpose::Client, dial_secret).await;
-        drop(a);
-        let acc = acc.await.unwrap_or(Err(Refusal::Garbage));
-        (d, acc)
-    }
-
-    #[tokio::test]
-    async fn same_secret_passes_and_a_wrong_one_is_refused() {
-        let (d, a) = run(b"s3cret", b"s3cret").await;
-        assert_eq!(d, Ok("n1".to_string()));
-        assert_eq!(a, Ok(("n2".to_string(), Purpose::Client)));
-        let (d, a) = run(b"wrong", b"s3cret").await;
-        assert!(d.is_err());
-        assert_eq!(a, Err(Refusal::BadSecret));
-        let (_, a) = run(b"", b"s3cret").await;
-        assert_eq!(a, Err(Refusal::BadSecret));
-    }
+/// Opens a cluster connection as node `me` to member `expected` for
+/// `purpose`. With TLS, only `expected`'s certificate is accepted.
+pub async fn dial<S: Io + 'static>(
+    s: S,
+    me: &str,
+    purpose: &Purpose,
+    tls: Option<&PeerTls>,
+    expected: &str,
+) -> Result<PeerStream, Refusal> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let (name, stream) = match tls {
+            Some(tls) => {
+                tls.refresh();
+                let mut s = tls
+                    .connect(s, expected)
+                    .await
+                    .map_err(|_| Refusal::BadCertificate)?;
+                (
+                    dial_hello(&mut s, me, purpose).await?,
+                    Box::new(s) as PeerStream,
+                )
+            }
+            None => {
+                let mut s = s;
+                (
+                    dial_hello(&mut s, me, purpose).await?,
+                    Box::new(s) as PeerStream,
+                )
+            }
+        };
+        if name != expected {
+            return Err(Refusal::UnknownNode);
+        }
+        Ok(stream)
+    })
+    .await
+    .map_err(|_| Refusal::Timeout)?
 }

@@ -51,24 +51,33 @@ impl LinkTx {
 
 impl Cluster {
     /// Opens an authenticated client connection to `owner`, over which an
-    /// MQTT client's bytes are relayed.
-    pub async fn dial_client(&self, owner: &str) -> io::Result<TcpStream> {
+    /// MQTT client's bytes are relayed; `identity` is what this node
+    /// verified from the client's TLS certificate, if anything, which the
+    /// owner applies as it would to a direct connection.
+    pub async fn dial_client(
+        &self,
+        owner: &str,
+        identity: Option<(mqlb_config::IdentityAs, String)>,
+    ) -> io::Result<handshake::PeerStream> {
         let id = self
             .id_of(owner)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown node"))?;
         let addr = self
             .addr_of(id)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown node"))?;
-        let mut s = tokio::time::timeout(FAILURE_TIMEOUT, TcpStream::connect(addr))
+        let s = tokio::time::timeout(FAILURE_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         let _ = s.set_nodelay(true);
-        let name = handshake::dial(&mut s, &self.me, Purpose::Client, &self.secret)
-            .await
-            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
-        if name != owner {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "wrong node"));
-        }
+        let s = handshake::dial(
+            s,
+            &self.me,
+            &Purpose::Client(identity),
+            self.tls.as_deref(),
+            owner,
+        )
+        .await
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
         self.stats.proxied.fetch_add(1, Ordering::Relaxed);
         Ok(s)
     }
@@ -81,7 +90,7 @@ impl Cluster {
         stop: CancellationToken,
     ) {
         loop {
-            let (mut stream, addr) = tokio::select! {
+            let (stream, addr) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(_) => {
@@ -97,8 +106,8 @@ impl Cluster {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let known = |n: &str| me.id_of(n).is_some_and(|id| id != me.my_id);
-                let (name, purpose) =
-                    match handshake::accept(&mut stream, &me.me, &me.secret, known).await {
+                let (stream, name, purpose) =
+                    match handshake::accept(stream, &me.me, me.tls.as_deref(), known).await {
                         Ok(x) => x,
                         Err(r) => {
                             me.refused(r);
@@ -117,9 +126,9 @@ impl Cluster {
                             _ = stop.cancelled() => {}
                         }
                     }
-                    Purpose::Client => {
+                    Purpose::Client(identity) => {
                         tokio::select! {
-                            _ = crate::conn::handle_owned(stream, state, settings, id) => {}
+                            _ = crate::conn::handle_owned(stream, state, settings, id, identity) => {}
                             _ = stop.cancelled() => {}
                         }
                     }
@@ -129,17 +138,20 @@ impl Cluster {
     }
 
     pub(super) fn refused(&self, r: Refusal) {
-        let i = match r {
-            Refusal::Garbage => 0,
-            Refusal::BadSecret => 1,
-            Refusal::UnknownNode => 2,
-            Refusal::Timeout => 3,
-        };
-        self.stats.refused[i].fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = Refusal::ALL.iter().position(|x| *x == r) {
+            if let Some(c) = self.stats.refused.get(i) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Applies a peer's frames until its link closes or goes quiet.
-    pub(super) async fn read_link(&self, id: NodeId, mut stream: TcpStream, state: Arc<State>) {
+    pub(super) async fn read_link(
+        &self,
+        id: NodeId,
+        mut stream: handshake::PeerStream,
+        state: Arc<State>,
+    ) {
         let generation = {
             let mut peers = lock(&self.peers);
             let p = &mut peers[id as usize];
@@ -365,8 +377,9 @@ impl Cluster {
         }
     }
 
-    /// Keeps the outbound link to peer `id` open: dial, prove the secret,
-    /// send the snapshot, then stream frames; redial when it drops.
+    /// Keeps the outbound link to peer `id` open: dial (its certificate
+    /// must name it), send the snapshot, then stream frames; redial when it
+    /// drops.
     pub(super) async fn dial_loop(
         self: Arc<Self>,
         id: NodeId,
@@ -387,18 +400,14 @@ impl Cluster {
                 }
             }
             let attempt = async {
-                let mut s = tokio::time::timeout(FAILURE_TIMEOUT, TcpStream::connect(addr))
+                let s = tokio::time::timeout(FAILURE_TIMEOUT, TcpStream::connect(addr))
                     .await
                     .map_err(|_| "connect timed out".to_string())?
                     .map_err(|e| e.to_string())?;
                 let _ = s.set_nodelay(true);
-                let peer = handshake::dial(&mut s, &self.me, Purpose::Link, &self.secret)
+                handshake::dial(s, &self.me, &Purpose::Link, self.tls.as_deref(), &name)
                     .await
-                    .map_err(|e| e.to_string())?;
-                if peer != name {
-                    return Err(format!("answered as {peer}"));
-                }
-                Ok(s)
+                    .map_err(|e| e.to_string())
             };
             let stream = tokio::select! {
                 r = attempt => r,
@@ -426,7 +435,7 @@ impl Cluster {
 
     /// Sends the snapshot, registers the link for live changes, then writes
     /// whatever is queued until the connection fails.
-    pub(super) async fn write_link(&self, id: NodeId, mut s: TcpStream, state: &State) {
+    pub(super) async fn write_link(&self, id: NodeId, mut s: handshake::PeerStream, state: &State) {
         let tx = Arc::new(LinkTx::default());
         {
             // Under the core's lock: changes made after the snapshot reach
@@ -602,7 +611,11 @@ impl Cluster {
 
 /// Writes `bytes` and then relays both ways between a client and its
 /// owner's node until either side closes.
-pub async fn relay<C>(client: &mut C, owner: &mut TcpStream, first: &[u8]) -> io::Result<()>
+pub async fn relay<C>(
+    client: &mut C,
+    owner: &mut handshake::PeerStream,
+    first: &[u8],
+) -> io::Result<()>
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

@@ -64,6 +64,7 @@
 mod consensus;
 pub mod handshake;
 mod links;
+pub mod peer_tls;
 mod replication;
 mod store;
 pub mod wire;
@@ -148,9 +149,9 @@ struct Peer {
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct ClusterStats {
-    /// Cluster connections refused, by [`Refusal`] (garbage, bad secret,
-    /// unknown node, timeout).
-    pub refused: [AtomicU64; 4],
+    /// Cluster connections refused, by [`Refusal`] (in
+    /// [`Refusal::ALL`]'s order).
+    pub refused: [AtomicU64; Refusal::ALL.len()],
     /// Publishes forwarded to peers.
     pub forwarded: AtomicU64,
     /// Publishes received from peers.
@@ -181,10 +182,14 @@ pub struct Cluster {
     directory: std::sync::RwLock<Directory>,
     /// Cancelled when the cluster stops (for links to members added later).
     stop: std::sync::OnceLock<(CancellationToken, Arc<State>)>,
-    secret: Vec<u8>,
+    /// Mutual TLS for every cluster connection; `None` only on a loopback
+    /// cluster listener.
+    tls: Option<Arc<peer_tls::PeerTls>>,
     /// Copies of each persistent session: its holder plus this many − 1
     /// chain members (the top ranks of the client ID over the view).
     replication: usize,
+    /// How far ahead of this node's clock a peer's stamp may be.
+    max_clock_drift: Duration,
     links: Mutex<HashMap<NodeId, Arc<LinkTx>>>,
     peers: Mutex<Vec<Peer>>,
     /// The committed view (see [`consensus`]).
@@ -389,27 +394,28 @@ impl mqlb_placement::Node for Member<'_> {
 }
 
 impl Cluster {
-    /// Checks the configuration, reads the secret and binds the cluster
+    /// Checks the configuration, reads the TLS files and binds the cluster
     /// listener.
     pub async fn bind(config: &ClusterConfig) -> io::Result<(Arc<Cluster>, TcpListener)> {
         config
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let secret = match &config.secret_file {
-            Some(p) => {
-                let s = std::fs::read(p).map_err(|e| {
-                    io::Error::new(e.kind(), format!("cluster secret {}: {e}", p.display()))
-                })?;
-                let s = s.trim_ascii().to_vec();
-                if s.len() < 16 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("cluster secret {}: shorter than 16 bytes", p.display()),
-                    ));
-                }
-                s
+        let tls = match &config.tls {
+            Some(t) => Some(Arc::new(peer_tls::PeerTls::load(
+                &config.node_id,
+                peer_tls::Paths {
+                    cert: t.cert.clone(),
+                    key: t.key.clone(),
+                    ca: t.ca.clone(),
+                },
+            )?)),
+            None => {
+                tracing::warn!(
+                    listen = %config.listen,
+                    "cluster links are not authenticated (no cluster TLS): any process on this host can join the cluster; `mqlb cert` makes the certificates"
+                );
+                None
             }
-            None => Vec::new(),
         };
         let mut all: Vec<(String, SocketAddr)> = config.peers.clone();
         all.push((config.node_id.clone(), config.listen));
@@ -474,8 +480,9 @@ impl Cluster {
                     addrs: all.iter().map(|(_, a)| *a).collect(),
                 }),
                 stop: std::sync::OnceLock::new(),
-                secret,
+                tls,
                 replication: config.replication_factor.max(1),
+                max_clock_drift: config.max_clock_drift,
                 links: Mutex::new(HashMap::new()),
                 replicas: Mutex::new(HashMap::new()),
                 replica_seen: Mutex::new(HashMap::new()),
@@ -495,6 +502,12 @@ impl Cluster {
             }),
             listener,
         ))
+    }
+
+    /// How far ahead of this node's clock a peer's retained-message stamp
+    /// may be (`[cluster] max_clock_drift`).
+    pub fn max_clock_drift(&self) -> Duration {
+        self.max_clock_drift
     }
 
     /// This node's name.
@@ -1246,14 +1259,15 @@ impl Cluster {
         let _ = writeln!(out, "# HELP mqlb_cluster_ready Whether this node has synced from every live peer.\n# TYPE mqlb_cluster_ready gauge\nmqlb_cluster_ready {}", u8::from(self.ready()));
         let _ = writeln!(out, "# HELP mqlb_cluster_replicas Session copies held for chain members.\n# TYPE mqlb_cluster_replicas gauge\nmqlb_cluster_replicas {}", self.replica_count());
         let _ = writeln!(out, "# HELP mqlb_cluster_refused_total Cluster connections refused.\n# TYPE mqlb_cluster_refused_total counter");
-        for (i, label) in ["garbage", "bad_secret", "unknown_node", "timeout"]
-            .iter()
-            .enumerate()
-        {
+        for (i, r) in Refusal::ALL.iter().enumerate() {
             let _ = writeln!(
                 out,
-                "mqlb_cluster_refused_total{{reason=\"{label}\"}} {}",
-                self.stats.refused[i].load(Ordering::Relaxed)
+                "mqlb_cluster_refused_total{{reason=\"{}\"}} {}",
+                r.label(),
+                self.stats
+                    .refused
+                    .get(i)
+                    .map_or(0, |c| c.load(Ordering::Relaxed))
             );
         }
         for (name, help, v) in [

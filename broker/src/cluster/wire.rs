@@ -18,6 +18,11 @@ use crate::snapshot::{
     get_packet, get_str, message_to_publish, publish_to_message, put_str, SnapshotError,
 };
 
+/// The version of these frames, exchanged in the handshake: a node
+/// refuses a peer that speaks another, and says so, instead of misreading
+/// its frames (2: cluster links over mutual TLS, with `Promoted`).
+pub const VERSION: u8 = 2;
+
 /// Largest frame accepted: a maximum-size MQTT packet plus routing data.
 pub const MAX_FRAME: usize = 2 << 20;
 
