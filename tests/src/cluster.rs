@@ -142,7 +142,13 @@ impl TestCluster {
     /// Starts `n` nodes named n1..nN, each with its cluster certificate.
     /// Waits until each is listening.
     pub fn start(n: usize, extra: &[&str]) -> TestCluster {
-        Self::build(n, extra, None)
+        Self::build(n, extra, None, &|_| Vec::new())
+    }
+
+    /// Like [`TestCluster::start`], with arguments for each node from
+    /// `each(i)` (its own `--config` file, say).
+    pub fn start_each(n: usize, each: &dyn Fn(usize) -> Vec<String>) -> TestCluster {
+        Self::build(n, &[], None, each)
     }
 
     /// The directory holding the cluster CA (`ca.pem`, `ca.key`) and the
@@ -184,7 +190,7 @@ impl TestCluster {
                 }
             }
         }
-        let mut c = Self::build(n, &[], Some((ports, &links)));
+        let mut c = Self::build(n, &[], Some((ports, &links)), &|_| Vec::new());
         c.links = links;
         c
     }
@@ -199,7 +205,12 @@ impl TestCluster {
         }
     }
 
-    fn build(n: usize, extra: &[&str], via: Option<(Vec<Ports>, &Links)>) -> TestCluster {
+    fn build(
+        n: usize,
+        extra: &[&str],
+        via: Option<(Vec<Ports>, &Links)>,
+        each: &dyn Fn(usize) -> Vec<String>,
+    ) -> TestCluster {
         let dir = crate::scratch_dir("cluster");
         let ports: Vec<Ports> = match &via {
             Some((p, _)) => p.clone(),
@@ -227,6 +238,7 @@ impl TestCluster {
             }
             args.extend(Self::tls_args(&dir, &name));
             args.extend(extra.iter().map(|s| s.to_string()));
+            args.extend(each(i));
             nodes.push(ClusterNode::new(name, (*mqtt, *admin, *cluster), args));
         }
         let mut c = TestCluster {

@@ -550,6 +550,123 @@ async fn the_cluster_port_refuses_strangers() {
     );
 }
 
+/// A client with only a certificate (`tls_identity_as = "username"`) that
+/// lands on a node other than its session's owner is relayed there with
+/// the identity the first node verified: the owner applies its ACL (`%u`
+/// is the certificate's CN) as for a direct connection, instead of
+/// asking for a password the client never had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_client_keeps_its_certificate_identity() {
+    use std::process::{Command, Stdio};
+    let _one = ONE_CLUSTER.lock().await;
+    let (dir, _) = mqlb_tests::pki::server_certificate();
+    mqlb_tests::pki::client_pki(&dir, "dev", Some("device-7"));
+    let f = |n: &str| dir.join(n).display().to_string();
+    let ports: Vec<u16> = (0..3).map(|_| mqlb_tests::free_port()).collect();
+    let configs: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            let path = dir.join(format!("n{}.toml", i + 1));
+            std::fs::write(
+                &path,
+                format!(
+                    "[broker]\nallow_anonymous = false\n\
+                     [[broker.acl]]\nuser = \"*\"\ntopic = \"devices/%u/#\"\naccess = \"readwrite\"\n\
+                     [[broker.listener]]\nname = \"mqtts\"\naddress = \"127.0.0.1:{port}\"\n\
+                     tls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\ntls_identity_as = \"username\"\n",
+                    f("cert.pem"),
+                    f("key.pem"),
+                    f("dev-ca.pem"),
+                ),
+            )
+            .unwrap();
+            path.display().to_string()
+        })
+        .collect();
+    let mut c = TestCluster::start_each(3, &|i| vec!["--config".into(), configs[i].clone()]);
+    assert!(c.wait_converged(SETTLE).await);
+    for p in &ports {
+        assert!(mqlb_tests::wait_listening(
+            &format!("127.0.0.1:{p}"),
+            Duration::from_secs(10)
+        ));
+    }
+    // The subscriber's session is n2's; it connects to n1, the publisher's
+    // is n3's and it connects to n1 too: both are relayed.
+    let sub_id = c.id_owned_by("n2", "cert-sub", &ALL);
+    let pub_id = c.id_owned_by("n3", "cert-pub", &ALL);
+    let tls = |port: u16| {
+        vec![
+            "-h".to_string(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "--cafile".into(),
+            f("cert.pem"),
+            "--cert".into(),
+            f("dev-client.pem"),
+            "--key".into(),
+            f("dev-client.key"),
+            // The claim is ignored: the certificate says device-7.
+            "-u".into(),
+            "evil".into(),
+            "-P".into(),
+            "wrong".into(),
+        ]
+    };
+    let mut sub = mqlb_tests::KillOnDrop(
+        Command::new("mosquitto_sub")
+            .args(tls(ports[0]))
+            .args(["-i", &sub_id, "-t", "devices/device-7/#", "-C", "1"])
+            .args(["-W", "20", "-q", "1", "-V", "mqttv5"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Wait until the owner holds the subscription.
+    let held = async {
+        for _ in 0..100 {
+            let n = c
+                .metric(1, "mqlb_broker_subscriptions")
+                .await
+                .unwrap_or(0.0);
+            if n >= 1.0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    assert!(held.await, "the relayed subscriber never subscribed on n2");
+    let publish = Command::new("mosquitto_pub")
+        .args(tls(ports[0]))
+        .args(["-i", &pub_id, "-t", "devices/device-7/temp", "-m", "21.5"])
+        .args(["-q", "1", "-V", "mqttv5"])
+        .output()
+        .unwrap();
+    assert!(publish.status.success(), "{publish:?}");
+    let mut out = String::new();
+    let mut stdout = sub.0.stdout.take().unwrap();
+    std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+    assert_eq!(
+        out.trim(),
+        "21.5",
+        "the relayed subscriber got nothing (its identity was lost on the way): {}",
+        c.log(1)
+    );
+    // Outside its ACL (`%u` is device-7): the owner refuses the filter.
+    let denied = Command::new("mosquitto_sub")
+        .args(tls(ports[0]))
+        .args(["-i", &sub_id, "-t", "devices/other/#", "-C", "1"])
+        .args(["-W", "5", "-q", "1", "-V", "mqttv5"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&denied.stderr).to_lowercase();
+    assert!(said.contains("denied"), "{denied:?}");
+}
+
 /// A persistent QoS 1 session survives `kill -9` of its owner: the next
 /// node of its chain held a replica, answers session_present = 1 and
 /// delivers every acknowledged message, queued or inflight.

@@ -742,3 +742,86 @@ async fn a_hung_owner_leaves_no_request_hanging() {
         String::from_utf8_lossy(&during)
     );
 }
+
+/// The store's own byte count, from a node's metrics.
+async fn store_bytes(admin: &str) -> f64 {
+    let (_, body) = mqlb_tests::http(admin, "GET", "/metrics").await;
+    body.lines()
+        .find_map(|l| l.strip_prefix("mqlb_statestore_bytes ")?.parse().ok())
+        .expect("no mqlb_statestore_bytes")
+}
+
+/// 300 KEYNOTIFY requests for a 500 KiB key grew a broker from 9 MB to
+/// 311 MB while `mqlb_statestore_bytes` said 2, and the watches stayed
+/// after their session ended. Now KEYNOTIFY obeys the key size limit and
+/// a per-client watch limit, every watch is counted in the store's bytes,
+/// and a session's watches go with it: the store's count and the
+/// process's RSS stay bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keynotify_cannot_take_the_brokers_memory() {
+    let admin = format!("127.0.0.1:{}", mqlb_tests::free_port());
+    let mut b = mqlb_tests::BrokerProcess::start(&["--admin", &admin]);
+    assert!(mqlb_tests::wait_listening(&admin, T));
+    let rss = |pid: u32| mqlb_tests::load::rss_kib(pid) / 1024.0;
+    let before = rss(b.pid());
+    let mut peak = before;
+    let mut attacker = Caller::new(&b.addr, "ss-attacker").await;
+    let big = vec![b'k'; 500 << 10];
+    let quota: &[u8] = b"-ERR the quota has been exceeded\r\n";
+    for i in 0..300 {
+        let mut key = big.clone();
+        key.extend_from_slice(format!("{i}").as_bytes());
+        assert_eq!(attacker.call(&[b"KEYNOTIFY", &key]).await, quota, "{i}");
+        if i % 20 == 0 {
+            peak = peak.max(rss(b.pid()));
+        }
+    }
+    assert!(
+        store_bytes(&admin).await < 1024.0,
+        "refused watches were counted as kept"
+    );
+    // Small keys: 1000 watches per client, then the quota.
+    for i in 0..1000 {
+        let key = format!("w{i}");
+        assert_eq!(
+            attacker.call(&[b"KEYNOTIFY", key.as_bytes()]).await,
+            b"+OK\r\n",
+            "{key}"
+        );
+    }
+    assert_eq!(attacker.call(&[b"KEYNOTIFY", b"one-more"]).await, quota);
+    let watching = store_bytes(&admin).await;
+    // Each watch is counted: at least its client ID and bookkeeping.
+    assert!(
+        watching >= 1000.0 * (24.0 + "ss-attacker".len() as f64),
+        "1000 watches counted as {watching} bytes"
+    );
+    peak = peak.max(rss(b.pid()));
+    // The session ends: its watches (and their bytes) go.
+    drop(attacker);
+    let mut after = watching;
+    for _ in 0..100 {
+        after = store_bytes(&admin).await;
+        if watching - after >= 1000.0 * 24.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        watching - after >= 1000.0 * 24.0,
+        "the watches stayed after their session: {watching} then {after} bytes"
+    );
+    // Another client may watch again: the limit is per client.
+    let mut other = Caller::new(&b.addr, "ss-other").await;
+    assert_eq!(other.call(&[b"KEYNOTIFY", b"w1"]).await, b"+OK\r\n");
+    peak = peak.max(rss(b.pid()));
+    eprintln!(
+        "RSS {before:.1} MiB before, {peak:.1} MiB at most; store bytes {watching} watching, {after} after"
+    );
+    assert!(
+        peak - before < 48.0,
+        "the broker grew by {:.1} MiB",
+        peak - before
+    );
+    assert!(b.alive());
+}
