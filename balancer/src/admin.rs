@@ -534,7 +534,7 @@ pub fn render_metrics(shared: &Shared) -> String {
                 "mqlb_backend_health_transitions_total{{backend=\"{}\",to=\"{}\"}} {}",
                 LabelValue(&b.name),
                 st.label(),
-                load(&b.transitions[st as usize])
+                b.transitions.get(st as usize).map_or(0, load)
             );
         }
     }
@@ -545,12 +545,12 @@ pub fn render_metrics(shared: &Shared) -> String {
         "Health probes, by result.",
     );
     for b in bs {
-        for (i, r) in ["up", "down", "misconfigured"].iter().enumerate() {
+        for (r, n) in ["up", "down", "misconfigured"].iter().zip(&b.probes) {
             let _ = writeln!(
                 o,
                 "mqlb_backend_probes_total{{backend=\"{}\",result=\"{r}\"}} {}",
                 LabelValue(&b.name),
-                load(&b.probes[i])
+                load(n)
             );
         }
     }

@@ -281,12 +281,12 @@ pub struct Refused([AtomicU64; 4]);
 impl Refused {
     /// Counts one.
     pub fn count(&self, r: Refusal) {
-        self.0[r as usize].fetch_add(1, Ordering::Relaxed);
+        crate::metrics::bump(&self.0, r as usize);
     }
 
     /// How many for `r`.
     pub fn get(&self, r: Refusal) -> u64 {
-        self.0[r as usize].load(Ordering::Relaxed)
+        crate::metrics::value(&self.0, r as usize)
     }
 }
 

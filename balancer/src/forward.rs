@@ -211,19 +211,24 @@ pub fn proxy_v2_header_tls(src: SocketAddr, dst: SocketAddr, tls: Option<&TlsInf
         tlv(&mut tlvs, 0x02, sni.as_bytes()); // PP2_TYPE_AUTHORITY
     }
     // PP2_TYPE_SSL: client flags, verify result (0 = verified), sub-TLVs.
-    let mut ssl = vec![0x01]; // PP2_CLIENT_SSL
-    if tls.client_cn.is_some() {
-        ssl[0] |= 0x02 | 0x04; // PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS
-    }
+    // PP2_CLIENT_SSL, and PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS.
+    let client = if tls.client_cn.is_some() {
+        0x01 | 0x02 | 0x04
+    } else {
+        0x01
+    };
+    let mut ssl = vec![client];
     ssl.extend_from_slice(&0u32.to_be_bytes());
     tlv(&mut ssl, 0x21, tls.version.as_bytes()); // PP2_SUBTYPE_SSL_VERSION
     if let Some(cn) = &tls.client_cn {
         tlv(&mut ssl, 0x22, cn.as_bytes()); // PP2_SUBTYPE_SSL_CN
     }
     tlv(&mut tlvs, 0x20, &ssl);
-    let len =
-        u16::from_be_bytes([h[14], h[15]]).saturating_add(u16::try_from(tlvs.len()).unwrap_or(0));
-    h[14..16].copy_from_slice(&len.to_be_bytes());
+    if let Some([hi, lo]) = h.get_mut(14..16) {
+        let len =
+            u16::from_be_bytes([*hi, *lo]).saturating_add(u16::try_from(tlvs.len()).unwrap_or(0));
+        [*hi, *lo] = len.to_be_bytes();
+    }
     h.extend_from_slice(&tlvs);
     h
 }
@@ -482,13 +487,14 @@ async fn pump<R: LentRead, W: AsyncWrite + Unpin>(
             let _ = to.shutdown().await;
             return Ok((total, false, false));
         }
-        inspect(&buf[..n]);
-        if framed && tracker.feed(&buf[..n]).is_err() {
+        let chunk = buf.get(..n).unwrap_or_default();
+        inspect(chunk);
+        if framed && tracker.feed(chunk).is_err() {
             // Not MQTT framing: keep forwarding, never inject.
             tracing::debug!("stream is not MQTT-framed; boundary tracking off");
             framed = false;
         }
-        let write = to.write_all(&buf[..n]);
+        let write = to.write_all(chunk);
         tokio::pin!(write);
         tokio::select! {
             r = &mut write => r?,
@@ -509,15 +515,16 @@ async fn pump<R: LentRead, W: AsyncWrite + Unpin>(
         let mut buf = bufpool::lend();
         while whole && framed && !tracker.at_boundary() {
             let want = tracker.to_boundary().unwrap_or(1).clamp(1, buf.len());
-            let n = from.read(&mut buf[..want]).await?;
-            if n == 0 {
+            let n = from.read(buf.get_mut(..want).unwrap_or_default()).await?;
+            let chunk = buf.get(..n).unwrap_or_default();
+            if chunk.is_empty() {
                 return Ok(false);
             }
-            inspect(&buf[..n]);
-            if tracker.feed(&buf[..n]).is_err() {
+            inspect(chunk);
+            if tracker.feed(chunk).is_err() {
                 return Ok(false);
             }
-            to.write_all(&buf[..n]).await?;
+            to.write_all(chunk).await?;
             total += n as u64;
         }
         io::Result::Ok(whole && framed)

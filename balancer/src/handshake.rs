@@ -191,7 +191,11 @@ pub fn rewrite_identity(
     identity: &str,
 ) -> Result<(), String> {
     use mqlb_protocol::{decode, MqttStr, Packet};
-    let mut frame = BytesMut::from(&hs.buf[..hs.connect_len]);
+    let (connect, rest) = hs
+        .buf
+        .split_at_checked(hs.connect_len)
+        .ok_or("the buffered CONNECT is shorter than its length")?;
+    let mut frame = BytesMut::from(connect);
     let Ok(Some(Packet::Connect(mut c))) = decode(&mut frame, ProtocolVersion::V5, 1 << 20) else {
         return Err("the buffered CONNECT no longer decodes".into());
     };
@@ -214,9 +218,9 @@ pub fn rewrite_identity(
             ))
         }
     }
-    let mut buf = BytesMut::with_capacity(bytes.len() + hs.buf.len() - hs.connect_len);
+    let mut buf = BytesMut::with_capacity(bytes.len() + rest.len());
     buf.extend_from_slice(&bytes);
-    buf.extend_from_slice(&hs.buf[hs.connect_len..]);
+    buf.extend_from_slice(rest);
     hs.buf = buf;
     hs.connect_len = bytes.len();
     hs.client_id = c.client_id.to_string();

@@ -98,13 +98,13 @@ impl Journal {
     /// Samples per backend, oldest first, as JSON.
     pub fn history_json(&self) -> serde_json::Value {
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
-        let mut names: Vec<&String> = h.keys().collect();
-        names.sort();
+        let mut names: Vec<_> = h.iter().collect();
+        names.sort_by(|a, b| a.0.cmp(b.0));
         serde_json::Value::Object(
             names
                 .into_iter()
-                .map(|n| {
-                    let samples: Vec<serde_json::Value> = h[n]
+                .map(|(n, history)| {
+                    let samples: Vec<serde_json::Value> = history
                         .iter()
                         .map(|s| json!([s.at_ms, s.connections, s.rtt_ms]))
                         .collect();

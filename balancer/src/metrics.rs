@@ -130,15 +130,29 @@ pub struct Metrics {
     rejected: [AtomicU64; RejectReason::ALL.len()],
 }
 
+/// Adds one to counter `i` of a family kept as an array indexed by an
+/// enum's discriminant (an index out of range counts nothing: it cannot
+/// happen for a total enum, and a panic would cost a connection).
+pub(crate) fn bump(counters: &[AtomicU64], i: usize) {
+    if let Some(c) = counters.get(i) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counter `i` of such a family.
+pub(crate) fn value(counters: &[AtomicU64], i: usize) -> u64 {
+    counters.get(i).map_or(0, |c| c.load(Ordering::Relaxed))
+}
+
 impl Metrics {
     /// Counts one refused connection.
     pub fn reject(&self, reason: RejectReason) {
-        self.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
+        bump(&self.rejected, reason.index());
     }
 
     /// Refusals so far for one reason.
     pub fn rejected(&self, reason: RejectReason) -> u64 {
-        self.rejected[reason.index()].load(Ordering::Relaxed)
+        value(&self.rejected, reason.index())
     }
 
     /// Refusals so far, all reasons.
@@ -184,7 +198,7 @@ impl Histogram {
     pub fn observe(&self, d: std::time::Duration) {
         let secs = d.as_secs_f64();
         if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            bump(&self.buckets, i);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_nanos.fetch_add(
@@ -202,8 +216,8 @@ impl Histogram {
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
         use std::fmt::Write;
         let mut cumulative = 0;
-        for (i, b) in BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
+        for (b, n) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {cumulative}");
         }
         let count = self.count();

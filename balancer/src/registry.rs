@@ -94,6 +94,7 @@ impl Drop for Registration<'_> {
 }
 
 impl Registry {
+    #[expect(clippy::indexing_slicing, reason = "`% SHARDS` is always in range")]
     fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
         // A poisoned shard only means a panic elsewhere; the map is still valid.
         self.shards[(id as usize) % SHARDS]

@@ -47,13 +47,13 @@ impl Observer for HealthObserver {
                 Outcome::Down(_) => 1,
                 Outcome::Misconfigured(_) => 2,
             };
-            b.probes[i].fetch_add(1, Ordering::Relaxed);
+            crate::metrics::bump(&b.probes, i);
         }
     }
 
     fn on_transition(&self, target: &str, t: Transition) {
         if let Some(b) = self.backends.get(target) {
-            b.transitions[t.to as usize].fetch_add(1, Ordering::Relaxed);
+            crate::metrics::bump(&b.transitions, t.to as usize);
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
@@ -853,7 +853,7 @@ async fn serve_client<
         if let Some(p) = &pending {
             p.answered();
         }
-        backend.connacks[usize::from(seen.reason.0)].fetch_add(1, Ordering::Relaxed);
+        crate::metrics::bump(backend.connacks.as_slice(), usize::from(seen.reason.0));
         backend.connect_latency.observe(seen.latency);
         if seen.session_moving {
             backend.sessions_moving.fetch_add(1, Ordering::Relaxed);

@@ -127,10 +127,10 @@ impl Shared {
         let mut specs = statics.to_vec();
         {
             let dns = self.dns_members.lock().unwrap_or_else(|p| p.into_inner());
-            let mut pools: Vec<&String> = dns.keys().collect();
-            pools.sort();
-            for p in pools {
-                specs.extend(dns[p].iter().cloned());
+            let mut pools: Vec<_> = dns.iter().collect();
+            pools.sort_by(|a, b| a.0.cmp(b.0));
+            for (_, members) in pools {
+                specs.extend(members.iter().cloned());
             }
         }
         let (added, removed) = self.backends.replace(&specs);

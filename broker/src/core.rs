@@ -107,7 +107,7 @@ pub struct Stats {
 impl Stats {
     /// Messages dropped for `reason`.
     pub fn dropped(&self, reason: DropReason) -> u64 {
-        self.dropped[reason as usize]
+        self.dropped.get(reason as usize).copied().unwrap_or(0)
     }
 
     /// Messages dropped for any reason.
@@ -116,7 +116,9 @@ impl Stats {
     }
 
     fn drop_one(&mut self, reason: DropReason) {
-        self.dropped[reason as usize] += 1;
+        if let Some(n) = self.dropped.get_mut(reason as usize) {
+            *n += 1;
+        }
     }
 }
 

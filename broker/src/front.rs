@@ -104,12 +104,16 @@ pub struct FrontStats {
 impl FrontStats {
     /// Counts a refusal.
     pub fn refuse(&self, r: Refusal) {
-        self.refused[r as usize].fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = self.refused.get(r as usize) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Refusals so far for `r`.
     pub fn refused(&self, r: Refusal) -> u64 {
-        self.refused[r as usize].load(Ordering::Relaxed)
+        self.refused
+            .get(r as usize)
+            .map_or(0, |n| n.load(Ordering::Relaxed))
     }
 
     /// Prometheus text.

@@ -147,13 +147,15 @@ impl Retained {
             return;
         }
         let mut parent = &mut self.root;
-        for level in &levels[..cut] {
+        for level in levels.iter().take(cut) {
             match parent.children.get_mut(*level) {
                 Some(n) => parent = n,
                 None => return,
             }
         }
-        parent.children.remove(levels[cut]);
+        if let Some(level) = levels.get(cut) {
+            parent.children.remove(*level);
+        }
     }
 
     /// Retained messages stored.

@@ -288,8 +288,8 @@ impl Router {
                     Some(ix) => ix.get(client).copied(),
                     None => t.sessions.iter().position(|s| s.client == *client),
                 };
-                let e = match found {
-                    Some(i) => &mut t.sessions[i],
+                let i = match found {
+                    Some(i) => i,
                     None => {
                         t.sessions.push(SessionTarget {
                             client: client.clone(),
@@ -313,8 +313,11 @@ impl Router {
                             }
                             None => {}
                         }
-                        &mut t.sessions[n - 1]
+                        n - 1
                     }
+                };
+                let Some(e) = t.sessions.get_mut(i) else {
+                    return;
                 };
                 e.qos = e.qos.max(qos.min(sub.options.qos));
                 e.sub_ids.extend(sub.id);
@@ -352,15 +355,16 @@ impl Router {
         let mut fallback = None;
         for i in 0..n {
             let idx = (g.next + i) % n;
-            if idx >= locals {
-                let node = g.nodes[idx - locals];
+            let Some((client, sub)) = g.members.get(idx) else {
+                let Some(&node) = idx.checked_sub(locals).and_then(|k| g.nodes.get(k)) else {
+                    continue;
+                };
                 if reachable(node) {
                     g.next = idx + 1;
                     return Some(Pick::Node(node));
                 }
                 continue;
-            }
-            let (client, sub) = &g.members[idx];
+            };
             if Some(&**client) == except {
                 continue;
             }
@@ -375,7 +379,7 @@ impl Router {
         }
         let idx = fallback?;
         g.next = idx + 1;
-        let (client, sub) = &g.members[idx];
+        let (client, sub) = g.members.get(idx)?;
         Some(Pick::Local(client.clone(), *sub))
     }
 

@@ -165,7 +165,7 @@ impl SessionSnapshot {
 
     /// Reads the byte form.
     pub fn from_bytes(mut b: Bytes) -> Result<SessionSnapshot, SnapshotError> {
-        if b.remaining() < MAGIC.len() + 14 || &b[..MAGIC.len()] != MAGIC {
+        if b.remaining() < MAGIC.len() + 14 || b.get(..MAGIC.len()) != Some(&MAGIC[..]) {
             return Err(SnapshotError("bad magic"));
         }
         b.advance(MAGIC.len());

@@ -62,7 +62,9 @@ impl State {
 
     /// Counts a change that was waited for and not committed.
     pub fn not_committed(&self, e: NotCommitted) {
-        self.not_committed[e as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(n) = self.not_committed.get(e as usize) {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Makes this node a member of `cluster`: the core reports interest,

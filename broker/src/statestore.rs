@@ -158,7 +158,9 @@ impl StateStore {
 
     fn count(&self, command: usize, result: &str) {
         let r = RESULTS.iter().position(|x| *x == result).unwrap_or(2);
-        self.requests[command][r].fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = self.requests.get(command).and_then(|c| c.get(r)) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// This node's clock now, as a version.
@@ -495,9 +497,9 @@ impl StateStore {
             "# HELP mqlb_statestore_requests_total State store requests, by command and result.\n\
              # TYPE mqlb_statestore_requests_total counter"
         );
-        for (c, command) in COMMANDS.iter().enumerate() {
-            for (r, result) in RESULTS.iter().enumerate() {
-                let n = self.requests[c][r].load(Ordering::Relaxed);
+        for (command, counts) in COMMANDS.iter().zip(&self.requests) {
+            for (result, n) in RESULTS.iter().zip(counts) {
+                let n = n.load(Ordering::Relaxed);
                 if n > 0 {
                     let _ = writeln!(
                         out,

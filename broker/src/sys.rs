@@ -158,7 +158,10 @@ pub fn render_state_metrics(state: &crate::state::State, o: &mut String) {
             o,
             "mqlb_broker_not_committed_total{{reason=\"{}\"}} {}",
             reason.label(),
-            state.not_committed[reason as usize].load(std::sync::atomic::Ordering::Relaxed)
+            state
+                .not_committed
+                .get(reason as usize)
+                .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed))
         );
     }
 }

@@ -100,13 +100,15 @@ impl<K: Eq + Hash, V> Trie<K, V> {
         self.len -= 1;
         if node.is_empty() {
             let mut parent = &mut self.root;
-            for level in &levels[..cut] {
+            for level in levels.iter().take(cut) {
                 match parent.children.get_mut(*level) {
                     Some(next) => parent = next,
                     None => return Some(v),
                 }
             }
-            parent.children.remove(levels[cut]);
+            if let Some(level) = levels.get(cut) {
+                parent.children.remove(*level);
+            }
         }
         Some(v)
     }

@@ -188,8 +188,8 @@ impl ClusterConfig {
         let mut names: Vec<&str> = self.peers.iter().map(|(n, _)| n.as_str()).collect();
         names.push(&self.node_id);
         names.sort_unstable();
-        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(format!("node name \"{}\" appears twice", w[0]));
+        if let Some([twice, _]) = names.windows(2).find(|w| matches!(w, [a, b] if a == b)) {
+            return Err(format!("node name \"{twice}\" appears twice"));
         }
         if self.replication_factor < 1 || self.replication_factor > names.len() {
             return Err(format!(
@@ -254,9 +254,7 @@ impl BrokerConfig {
             problems: vec![file::syntax_problem(text, &e)],
         })?;
         let mut problems = Vec::new();
-        let line = |span: std::ops::Range<usize>| {
-            Some(text[..span.start.min(text.len())].matches('\n').count() + 1)
-        };
+        let line = |span: std::ops::Range<usize>| Some(file::line_of(text, span.start));
         let mut at = |key: String, span: std::ops::Range<usize>, message: String| {
             problems.push(Problem {
                 key,

@@ -368,12 +368,16 @@ pub struct BalancerFile {
     pub cluster_admin_token_file: Option<Spanned<String>>,
 }
 
+/// The 1-based line of byte `offset` in `text` (counted on bytes: an
+/// offset inside a character cannot panic).
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
+    text.bytes().take(offset).filter(|b| *b == b'\n').count() + 1
+}
+
 /// Turns a TOML/serde error into a problem with a line and, where the line
 /// assigns a key, the key path (`table.key`).
 pub(crate) fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {
-    let line = e
-        .span()
-        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let line = e.span().map(|s| line_of(text, s.start));
     let key = line
         .and_then(|l| key_at_line(text, l))
         .unwrap_or_else(|| "(syntax)".to_string());
@@ -390,7 +394,8 @@ fn key_at_line(text: &str, line: usize) -> Option<String> {
     let this = lines.get(line.checked_sub(1)?)?.trim();
     let (key, _) = this.split_once('=')?;
     let key = key.trim();
-    let table = lines[..line - 1]
+    let table = lines
+        .get(..line - 1)?
         .iter()
         .rev()
         .map(|l| l.trim())

@@ -453,22 +453,27 @@ pub fn glob_matches(glob: &str, text: &str) -> bool {
     let (g, t): (Vec<char>, Vec<char>) = (glob.chars().collect(), text.chars().collect());
     let (mut gi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if gi < g.len() && (g[gi] == '?' || g[gi] == t[ti]) {
-            gi += 1;
-            ti += 1;
-        } else if gi < g.len() && g[gi] == '*' {
-            star = Some((gi, ti));
-            gi += 1;
-        } else if let Some((sg, st)) = star {
-            gi = sg + 1;
-            ti = st + 1;
-            star = Some((sg, st + 1));
-        } else {
-            return false;
+    while let Some(&tc) = t.get(ti) {
+        match g.get(gi) {
+            Some(&gc) if gc == '?' || gc == tc => {
+                gi += 1;
+                ti += 1;
+            }
+            Some('*') => {
+                star = Some((gi, ti));
+                gi += 1;
+            }
+            _ => match star {
+                Some((sg, st)) => {
+                    gi = sg + 1;
+                    ti = st + 1;
+                    star = Some((sg, st + 1));
+                }
+                None => return false,
+            },
         }
     }
-    g[gi..].iter().all(|c| *c == '*')
+    g.iter().skip(gi).all(|c| *c == '*')
 }
 
 impl Matcher {
@@ -596,10 +601,7 @@ pub(crate) struct Collector<'a> {
 
 impl Collector<'_> {
     fn line_of(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())]
-            .matches('\n')
-            .count()
-            + 1
+        file::line_of(self.text, offset)
     }
 
     fn at<T>(&mut self, key: impl Into<String>, spanned: &Spanned<T>, message: impl Into<String>) {

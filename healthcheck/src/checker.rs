@@ -265,8 +265,10 @@ async fn run_target(
             _ = ticker.tick() => {
                 // Overlapping probes get distinct client IDs (slot suffix),
                 // so a slow probe is never taken over by the next one.
-                let Some(slot) = busy.iter().position(|b| !b) else { continue };
-                busy[slot] = true;
+                let Some((slot, free)) = busy.iter_mut().enumerate().find(|(_, b)| !**b) else {
+                    continue;
+                };
+                *free = true;
                 let address = target.address.clone();
                 let mut spec = spec.clone();
                 if slot > 0 && !spec.client_id.is_empty() {
@@ -276,7 +278,9 @@ async fn run_target(
             }
             Some(done) = in_flight.join_next() => {
                 let Ok((slot, outcome)) = done else { continue };
-                busy[slot] = false;
+                if let Some(b) = busy.get_mut(slot) {
+                    *b = false;
+                }
                 if !matches!(outcome, Outcome::Up(_)) {
                     tracing::debug!(backend = %target.name, outcome = %outcome.summary(), "probe failed");
                 }

@@ -43,8 +43,9 @@ impl std::fmt::Display for ProxyError {
 /// Whether `buf` starts like a PROXY protocol header (v1 or v2): on a
 /// listener that expects none, this is an untrusted source trying.
 pub fn looks_like_proxy(buf: &[u8]) -> bool {
-    let n = buf.len().min(6);
-    buf[..n] == b"PROXY "[..n] || buf[..buf.len().min(12)] == PROXY_V2[..buf.len().min(12)]
+    // A prefix of either signature (or the whole of it).
+    let prefix_of = |sig: &[u8]| buf.iter().zip(sig).all(|(a, b)| a == b);
+    prefix_of(b"PROXY ") || prefix_of(&PROXY_V2[..])
 }
 
 /// Reads the header within `timeout`; returns the client's real address
@@ -99,9 +100,9 @@ pub async fn read_header<S: AsyncRead + Unpin>(
             return Ok((addr, rest));
         }
         // A v2 header announces its length: refuse a bogus one at once.
-        if buf.len() >= 16 && buf[..12] == PROXY_V2[..] {
-            let len = 16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
-            if len > MAX_PROXY_HEADER {
+        if let (Some(sig), Some(&[hi, lo])) = (buf.get(..12), buf.get(14..16)) {
+            let len = 16 + usize::from(u16::from_be_bytes([hi, lo]));
+            if *sig == PROXY_V2[..] && len > MAX_PROXY_HEADER {
                 return Err(ProxyError::Bad(format!("PROXY v2 header of {len} bytes")));
             }
         }

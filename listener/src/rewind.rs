@@ -33,7 +33,7 @@ impl AsyncRead for Rewind {
     ) -> Poll<io::Result<()>> {
         if !self.pending.is_empty() {
             let n = self.pending.len().min(buf.remaining());
-            buf.put_slice(&self.pending[..n]);
+            buf.put_slice(self.pending.get(..n).unwrap_or_default());
             self.pending.advance(n);
             return Poll::Ready(Ok(()));
         }

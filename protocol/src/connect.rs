@@ -249,7 +249,9 @@ pub fn sniff_connect(buf: &[u8], max_frame: usize) -> Sniff<'_> {
         Ok(None) => return Sniff::NeedMore,
         Err(error) => return reject(error, peek_version(buf)),
     };
-    let body = &buf[header.header_len..header.frame_len()];
+    let Some(body) = buf.get(header.header_len..header.frame_len()) else {
+        return Sniff::NeedMore;
+    };
     match ConnectView::parse(body) {
         Ok(connect) => Sniff::Connect {
             connect,

@@ -172,7 +172,7 @@ pub fn check(buf: &[u8], max_frame: usize) -> Result<Option<FrameHeader>, Decode
             return Err(DecodeError::Malformed("reserved fixed header flags"));
         }
     }
-    let Some((remaining, used)) = decode_varint(&buf[1..])? else {
+    let Some((remaining, used)) = decode_varint(buf.get(1..).unwrap_or_default())? else {
         return Ok(None);
     };
     let remaining = remaining as usize;
@@ -222,15 +222,14 @@ impl BoundaryTracker {
     /// Feeds the next chunk of the stream. Returns an error if the remaining
     /// length is not a valid variable byte integer: the stream is not MQTT.
     pub fn feed(&mut self, mut chunk: &[u8]) -> Result<(), DecodeError> {
-        while !chunk.is_empty() {
+        while let Some((&byte, after)) = chunk.split_first() {
             match self.state {
                 TrackState::Boundary => {
-                    chunk = &chunk[1..];
+                    chunk = after;
                     self.state = TrackState::Length { value: 0, shift: 0 };
                 }
                 TrackState::Length { value, shift } => {
-                    let byte = chunk[0];
-                    chunk = &chunk[1..];
+                    chunk = after;
                     let value = value | (usize::from(byte & 0x7F) << shift);
                     if byte & 0x80 == 0 {
                         self.state = if value == 0 {
@@ -252,7 +251,7 @@ impl BoundaryTracker {
                 }
                 TrackState::Body(left) => {
                     let n = left.min(chunk.len());
-                    chunk = &chunk[n..];
+                    chunk = chunk.get(n..).unwrap_or_default();
                     if n == left {
                         self.packets += 1;
                         self.state = TrackState::Boundary;

@@ -28,38 +28,47 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
-        let rest = &self.buf[self.pos..];
-        let (head, _) = rest
+        let (head, _) = self
+            .left()
             .split_at_checked(n)
             .ok_or(DecodeError::Malformed(what))?;
         self.pos += n;
         Ok(head)
     }
 
+    /// What has not been read yet.
+    fn left(&self) -> &'a [u8] {
+        self.buf.get(self.pos..).unwrap_or_default()
+    }
+
+    /// The next `N` bytes, as an array.
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DecodeError> {
+        self.take(N, what)?
+            .try_into()
+            .map_err(|_| DecodeError::Malformed(what))
+    }
+
     pub(crate) fn rest(&mut self) -> &'a [u8] {
-        let rest = &self.buf[self.pos..];
+        let rest = self.left();
         self.pos = self.buf.len();
         rest
     }
 
     pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
-        Ok(self.take(1, what)?[0])
+        Ok(u8::from_be_bytes(self.array(what)?))
     }
 
     pub(crate) fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
-        let b = self.take(2, what)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
+        Ok(u16::from_be_bytes(self.array(what)?))
     }
 
     pub(crate) fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
-        let b = self.take(4, what)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        Ok(u32::from_be_bytes(self.array(what)?))
     }
 
     /// A variable byte integer, at most 4 bytes and minimally encoded.
     pub(crate) fn varint(&mut self, what: &'static str) -> Result<u32, DecodeError> {
-        let rest = &self.buf[self.pos..];
-        match crate::framing::decode_varint(rest) {
+        match crate::framing::decode_varint(self.left()) {
             Ok(Some((value, used))) => {
                 self.pos += used;
                 Ok(value)

@@ -7,7 +7,7 @@
 //!   oracle lets each one through. The expected lists are pinned, so a change
 //!   in either oracle (or in our reading of the spec) shows up here.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::string_slice)]
 
 use bytes::BytesMut;
 use mqlb_protocol::{decode, Packet, ProtocolVersion};

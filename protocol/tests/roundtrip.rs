@@ -1,7 +1,7 @@
 //! Property tests: encode → decode is the identity for every packet type and
 //! version, and decoding arbitrary bytes never panics.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::string_slice)]
 
 use bytes::BytesMut;
 use mqlb_protocol::*;

@@ -3,7 +3,7 @@
 //! test's own thread is counted: the test harness's threads allocate when
 //! they like (a CI run once saw 2 of theirs).
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::string_slice)]
 // A global allocator cannot be written without `unsafe`; the library itself forbids it.
 #![allow(unsafe_code)]
 

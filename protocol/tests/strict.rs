@@ -1,7 +1,7 @@
 //! Golden bytes and the strictness list: every malformed case other codecs let
 //! through, rejected here with the reason code a server must send.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::string_slice)]
 
 use bytes::{Bytes, BytesMut};
 use mqlb_protocol::*;

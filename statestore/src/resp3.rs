@@ -94,7 +94,7 @@ fn number(buf: &[u8], at: usize) -> Result<(usize, usize), RequestError> {
         .take(20)
         .position(|b| *b == b'\r')
         .ok_or(RequestError::Syntax)?;
-    let digits = &rest[..end];
+    let digits = rest.get(..end).ok_or(RequestError::Syntax)?;
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return Err(RequestError::Syntax);
     }
@@ -124,10 +124,10 @@ pub fn parse_array(buf: &[u8]) -> Result<Vec<&[u8]>, RequestError> {
         }
         let (len, start) = number(buf, at + 1)?;
         let end = start.checked_add(len).ok_or(RequestError::Syntax)?;
-        if end.checked_add(2).is_none_or(|e| e > buf.len()) || &buf[end..end + 2] != b"\r\n" {
+        if end.checked_add(2).and_then(|e| buf.get(end..e)) != Some(b"\r\n") {
             return Err(RequestError::Syntax);
         }
-        out.push(&buf[start..end]);
+        out.push(buf.get(start..end).ok_or(RequestError::Syntax)?);
         at = end + 2;
     }
     if at != buf.len() {
@@ -162,8 +162,8 @@ pub fn parse_request(buf: &[u8]) -> Result<Request, RequestError> {
             let mut condition = Condition::Always;
             let mut expire_ms = None;
             let mut i = 0;
-            while i < opts.len() {
-                let o = opts[i].to_ascii_uppercase();
+            while let Some(o) = opts.get(i) {
+                let o = o.to_ascii_uppercase();
                 match o.as_slice() {
                     b"NX" if condition == Condition::Always => condition = Condition::IfAbsent,
                     b"NEX" if condition == Condition::Always => {

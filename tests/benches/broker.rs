@@ -8,7 +8,13 @@
 //! inflight window is 20 by default, and 2.0.11 loses QoS 2 messages beyond
 //! it on 3.1.1, so publishers keep at most 20 messages in flight.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -18,7 +18,13 @@
 //! Run: `cargo build --release && cargo bench -p mqlb-tests --bench failover`
 //! (`MQLB_FAULT=kill|leader|stop` runs one fault only).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::time::{Duration, Instant};
 

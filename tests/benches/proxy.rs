@@ -13,7 +13,13 @@
 //! at which RSS per connection is measured; `MQLB_BENCH_BACKEND=mqlb` puts
 //! the bundled broker behind both proxies instead of Mosquitto.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

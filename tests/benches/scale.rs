@@ -17,7 +17,13 @@
 //! Every proxied client costs the balancer two file descriptors: the run
 //! needs a hard `ulimit -n` of at least twice the clients plus slack.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -12,7 +12,13 @@
 //!
 //! Run: `cargo build --release && cargo bench -p mqlb-tests --bench stuck`
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

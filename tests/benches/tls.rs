@@ -10,7 +10,13 @@
 //! (needs `mosquitto` and `haproxy`; `.ci/run` installs both). Env
 //! `MQLB_BENCH_SCALE` (default 1) multiplies the work per round.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

@@ -9,7 +9,13 @@
 //! * [`raw`]: byte-level MQTT client helpers, so tests assert on wire bytes
 //!   and do not depend on our own codec to judge our own codec.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    missing_docs
+)]
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;

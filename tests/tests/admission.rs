@@ -5,7 +5,12 @@
 //! throughout, 100 clients connected before the storm keep exchanging QoS 1
 //! messages without loss, and no file descriptor is left behind.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

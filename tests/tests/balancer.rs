@@ -2,7 +2,12 @@
 //! clients (rumqttc, mosquitto_pub/sub, paho-mqtt), real sockets on loopback.
 //! Every test is bounded by a timeout and a fixed number of connections.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::process::Command;
 use std::time::Duration;

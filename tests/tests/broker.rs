@@ -2,7 +2,12 @@
 //! Debian's Mosquitto as the reference. Where the two differ on purpose the
 //! check branches on [`Peer`] and says why.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::future::Future;
 use std::process::Command;

@@ -2,7 +2,12 @@
 //! broker, each run against `mqlb broker` as a process and against Debian's
 //! Mosquitto as the reference.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::time::Duration;
 

@@ -5,7 +5,12 @@
 //! and mqlb in front of mqlb keeping the client's address with PROXY v2.
 //! Bad input on each listener is refused quickly and counted.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;

@@ -4,7 +4,13 @@
 //! whichever node a client reaches, and refuse strangers on the cluster
 //! port.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::collections::HashMap;
 use std::time::Duration;

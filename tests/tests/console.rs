@@ -4,7 +4,12 @@
 //! Skips, saying why, where Chromium is not installed (`.ci/run` installs
 //! Debian's `chromium`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

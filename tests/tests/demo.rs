@@ -2,7 +2,13 @@
 //! nodes in a cluster behind the balancer, on loopback, with nothing to
 //! configure.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

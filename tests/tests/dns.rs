@@ -3,7 +3,12 @@
 //! SRV answers whose weights are honoured, and an outage that keeps the
 //! last good set.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;

@@ -2,7 +2,12 @@
 //! Mosquitto processes killed with SIGKILL or frozen with SIGSTOP, byte-level
 //! v5 clients, and the `mqlb` binary's `check` and `healthcheck` commands.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::process::Command;
 use std::time::{Duration, Instant};

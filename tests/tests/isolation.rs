@@ -2,7 +2,13 @@
 //! `mqlb broker` processes; a subscriber with a 2 KiB receive buffer that
 //! never reads, beside a healthy subscriber and a pipelined publisher.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

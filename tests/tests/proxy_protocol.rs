@@ -3,7 +3,12 @@
 //! from an untrusted source, a bogus v2 length, or a trusted source without
 //! a header are refused quickly and counted.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::time::Duration;
 

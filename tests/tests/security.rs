@@ -7,7 +7,13 @@
 //! (`the_cluster_port_refuses_strangers`, `a_relayed_client_keeps_its_certificate_identity`),
 //! KEYNOTIFY's in `statestore.rs`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

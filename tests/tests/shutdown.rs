@@ -3,7 +3,12 @@
 //! eviction rate (v5 clients get DISCONNECT 0x8B), and no message a
 //! publisher got an acknowledgement for is lost.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -4,7 +4,12 @@
 //! every error response, requests that cannot be answered, ACLs, and
 //! mosquitto_pub/sub as docs/statestore.md shows them.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

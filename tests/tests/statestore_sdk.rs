@@ -3,7 +3,12 @@
 //! broker's state store: set, get, del, vdel, NX/NEX, PX expiry, key
 //! notifications, and two lease holders contending for one leased lock.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,7 +6,12 @@
 //! clients with a certificate it signed get through (mTLS). A reload
 //! re-reads rotated certificate files without dropping TLS sessions.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::pin::Pin;
 use std::process::Command;

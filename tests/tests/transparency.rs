@@ -18,7 +18,12 @@
 //! * no backend reachable: mqlb answers as a down broker would (v5 0x88,
 //!   3.x return code 3), tested in `balancer.rs`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
 
 use std::time::Duration;
 

@@ -4,7 +4,13 @@
 //! eviction inside a WebSocket frame, and every kind of bad upgrade or
 //! frame refused, counted, and never forwarded.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::process::Command;
 use std::time::Duration;

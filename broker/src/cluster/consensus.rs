@@ -142,7 +142,8 @@ impl Committed {
 }
 
 fn put_name(b: &mut BytesMut, s: &str) {
-    let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    let s = s.as_bytes();
+    let s = s.get(..usize::from(u16::MAX)).unwrap_or(s);
     b.put_u16(s.len() as u16);
     b.put_slice(s);
 }

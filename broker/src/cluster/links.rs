@@ -152,14 +152,14 @@ impl Cluster {
         mut stream: handshake::PeerStream,
         state: Arc<State>,
     ) {
-        let generation = {
-            let mut peers = lock(&self.peers);
-            let p = &mut peers[id as usize];
+        let Some(generation) = self.with_peer(id, |p| {
             p.generation += 1;
             p.synced = false;
             p.leaving = false;
             p.heard = Some(Instant::now());
             p.generation
+        }) else {
+            return;
         };
         // Its key copies come again on this link, then its word that it is
         // synced. Answers still waiting for an earlier connection of it
@@ -183,13 +183,15 @@ impl Cluster {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => break,
             }
-            {
-                let mut peers = lock(&self.peers);
-                let p = &mut peers[id as usize];
-                if p.generation != generation {
-                    return; // a newer link from this peer took over
+            let current = self.with_peer(id, |p| {
+                let current = p.generation == generation;
+                if current {
+                    p.heard = Some(Instant::now());
                 }
-                p.heard = Some(Instant::now());
+                current
+            });
+            if current != Some(true) {
+                return; // a newer link from this peer took over
             }
             loop {
                 let frame = match Frame::decode(&mut buf) {
@@ -208,14 +210,15 @@ impl Cluster {
     }
 
     pub(super) fn link_down(&self, id: NodeId, generation: u64, state: &State) {
-        {
-            let mut peers = lock(&self.peers);
-            let p = &mut peers[id as usize];
-            if p.generation != generation {
-                return;
+        let current = self.with_peer(id, |p| {
+            if p.generation == generation {
+                p.heard = None;
+                p.synced = false;
             }
-            p.heard = None;
-            p.synced = false;
+            p.generation == generation
+        });
+        if current != Some(true) {
+            return;
         }
         tracing::warn!("peer link down");
         // Its answers in flight on this link are lost.
@@ -233,8 +236,8 @@ impl Cluster {
         };
         tokio::spawn(async move {
             tokio::time::sleep(INTEREST_HOLD).await;
-            let still_down = lock(&cluster.peers)[id as usize].generation == generation;
-            if still_down {
+            let still_down = cluster.with_peer(id, |p| p.generation == generation);
+            if still_down == Some(true) {
                 tracing::debug!(peer = id, "forgetting a lost peer's interest");
                 st.core().forget_peer(id);
             }
@@ -247,11 +250,7 @@ impl Cluster {
             Frame::Reset => state.core().forget_peer(id),
             Frame::Interest { filter, gained } => state.core().peer_interest(id, &filter, gained),
             Frame::SyncDone => {
-                let mut peers = lock(&self.peers);
-                let p = &mut peers[id as usize];
-                if p.generation == generation {
-                    p.synced = true;
-                }
+                self.with_peer(id, |p| p.synced |= p.generation == generation);
             }
             Frame::Retained {
                 topic,
@@ -312,11 +311,7 @@ impl Cluster {
             Frame::Refused { seq } => self.forward_refused(id, seq),
             Frame::Raft(m) => self.raft_message(id, &m),
             Frame::Leaving => {
-                let mut peers = lock(&self.peers);
-                let p = &mut peers[id as usize];
-                if p.generation == generation {
-                    p.leaving = true;
-                }
+                self.with_peer(id, |p| p.leaving |= p.generation == generation);
             }
             Frame::Observed(names) => {
                 lock(&self.reports).insert(id, (names, Instant::now()));

@@ -394,6 +394,12 @@ impl mqlb_placement::Node for Member<'_> {
 }
 
 impl Cluster {
+    /// Runs `f` on peer `id`'s link state under the lock; `None` for an
+    /// ID this node does not know.
+    fn with_peer<R>(&self, id: NodeId, f: impl FnOnce(&mut Peer) -> R) -> Option<R> {
+        lock(&self.peers).get_mut(id as usize).map(f)
+    }
+
     /// Checks the configuration, reads the TLS files and binds the cluster
     /// listener.
     pub async fn bind(config: &ClusterConfig) -> io::Result<(Arc<Cluster>, TcpListener)> {

@@ -508,21 +508,19 @@ impl ChangeLog for Cluster {
         // uncommitted for good.
         let mut per_node: HashMap<NodeId, usize> = HashMap::new();
         let mut sends: Vec<(Frame, Vec<Arc<LinkTx>>)> = Vec::new();
-        let mut i = 0;
-        while i < records.len() {
-            let client = records[i].client.clone();
-            let mut j = i;
+        for run in records.chunk_by(|a, b| a.client == b.client) {
+            let Some(client) = run.first().map(|r| r.client.clone()) else {
+                continue;
+            };
             let mut epoch = 0;
-            let mut changes = Vec::new();
-            while j < records.len() && records[j].client == client {
-                epoch = epoch.max(records[j].epoch);
-                if let SessionChange::Attached { epoch: e, .. } = &records[j].change {
+            let mut changes = Vec::with_capacity(run.len());
+            for r in run {
+                epoch = epoch.max(r.epoch);
+                if let SessionChange::Attached { epoch: e, .. } = &r.change {
                     epoch = epoch.max(*e);
                 }
-                changes.push(records[j].change.clone());
-                j += 1;
+                changes.push(r.change.clone());
             }
-            i = j;
             let frame = Frame::Replicate {
                 seq,
                 client: client.to_string(),

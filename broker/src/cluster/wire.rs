@@ -630,17 +630,19 @@ impl Frame {
             return Err(SnapshotError("frame too large"));
         }
         let len = u32::try_from(len).map_err(|_| SnapshotError("frame too large"))?;
-        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+        if let Some(slot) = out.get_mut(start..start + 4) {
+            slot.copy_from_slice(&len.to_be_bytes());
+        }
         Ok(())
     }
 
     /// Takes one whole frame off the front of `buf`: `Ok(None)` until one
     /// has arrived.
     pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, SnapshotError> {
-        if buf.len() < 4 {
+        let Some(&[a, b, c, d]) = buf.get(..4) else {
             return Ok(None);
-        }
-        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        };
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
         if len == 0 || len > MAX_FRAME {
             return Err(SnapshotError("bad frame length"));
         }

@@ -1,7 +1,12 @@
 //! Proptest strategies for valid packets, shared by the round-trip and
 //! differential tests.
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use bytes::Bytes;
 use mqlb_protocol::*;
