@@ -188,8 +188,9 @@ struct BalanceArgs {
     #[arg(long, conflicts_with = "config")]
     admin: Option<String>,
     /// File with the bearer token the admin API requires for drains,
-    /// reloads and (off loopback) reads.
-    #[arg(long, conflicts_with = "config", requires = "admin")]
+    /// reloads and (off loopback) reads (overrides `[admin] token_file`,
+    /// so a systemd credential or a mounted secret can supply it).
+    #[arg(long)]
     admin_token_file: Option<PathBuf>,
 }
 
