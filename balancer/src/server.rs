@@ -524,25 +524,51 @@ async fn handle(
     }
     tracing::Span::current().record("client", tracing::field::display(peer));
     let local = client.local_addr().unwrap_or(peer);
-    let Some(tls) = &listener.tls else {
-        if listener.websocket.is_some() {
-            let client = mqlb_listener::rewind::Rewind::new(initial, client);
-            let arrival = Arrival {
-                peer,
-                local,
-                identity: None,
-                tls: None,
-            };
-            return serve_websocket(client, arrival, listener, shared, shutdown).await;
-        }
-        let arrival = Arrival {
-            peer,
-            local,
-            identity: None,
-            tls: None,
-        };
-        return serve_client(client, arrival, initial, listener, shared, shutdown).await;
+    let arrival = Arrival {
+        peer,
+        local,
+        identity: None,
+        tls: None,
     };
+    // Plain MQTT is served inline; TLS and WebSocket on the heap, so that
+    // a plain connection's task (as large as its largest state) does not
+    // carry their state machines: 22.6 KiB per idle connection with them,
+    // see tests/tests/memory.rs.
+    match &listener.tls {
+        // `serve_client`, written out: its arguments would stay in this
+        // task's state beside the copies it moves on (rust-lang/rust#62958).
+        None if listener.websocket.is_none() => {
+            let placing = place(client, arrival, initial, listener, shared, shutdown);
+            if let Some(placed) = Box::pin(placing).await {
+                relay(placed, shared, shutdown).await;
+            }
+        }
+        None => {
+            let client = mqlb_listener::rewind::Rewind::new(initial, client);
+            Box::pin(serve_websocket(client, arrival, listener, shared, shutdown)).await
+        }
+        Some(tls) => {
+            Box::pin(serve_tls(
+                client, arrival, initial, tls, listener, shared, shutdown,
+            ))
+            .await
+        }
+    }
+}
+
+/// Terminates TLS (refusing plain MQTT on a TLS port at its first byte),
+/// then serves MQTT or MQTT over WebSocket inside it.
+async fn serve_tls(
+    client: TcpStream,
+    arrival: Arrival,
+    initial: bytes::BytesMut,
+    tls: &mqlb_listener::tls::Slot,
+    listener: &ListenerInfo,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) {
+    let m = &shared.metrics;
+    let settings = &shared.config().balancer;
     // Plain MQTT on a TLS port is told apart (and refused at once) by its
     // first byte.
     let peek = mqlb_listener::tls::starts_tls(&client, &initial, settings.connect_timeout);
@@ -617,10 +643,9 @@ async fn handle(
         client_cn: mqlb_listener::tls::peer_identity(conn),
     };
     let arrival = Arrival {
-        peer,
-        local,
         identity,
         tls: Some(tls_info),
+        ..arrival
     };
     if listener.websocket.is_some() {
         return serve_websocket(client, arrival, listener, shared, shutdown).await;
@@ -706,16 +731,56 @@ struct Arrival {
 }
 
 /// A client after PROXY and TLS: reads its CONNECT, places it, splices.
+///
+/// Placing is transient and boxed; what stays for the connection's life
+/// is the splice and what it needs ([`Placed`]), so an idle connection's
+/// task holds no state of how it got there (tests/tests/memory.rs).
 async fn serve_client<
     C: forward::ClientStream + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 >(
-    mut client: C,
+    client: C,
     arrival: Arrival,
     initial: bytes::BytesMut,
     listener: &ListenerInfo,
     shared: &Shared,
     shutdown: &CancellationToken,
 ) {
+    let placing = place(client, arrival, initial, listener, shared, shutdown);
+    if let Some(placed) = Box::pin(placing).await {
+        relay(placed, shared, shutdown).await;
+    }
+}
+
+/// A client placed on a backend and connected to it: what the splice
+/// needs, and nothing of how it got there.
+struct Placed<'a, C> {
+    client: C,
+    backend_stream: TcpStream,
+    backend: Arc<crate::select::Backend>,
+    hs: handshake::Handshake,
+    rule: Option<usize>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls_info: Option<forward::TlsInfo>,
+    /// Counts the CONNECT against the backend's in-flight cap until its
+    /// CONNACK passes.
+    pending: Option<crate::admission::Pending>,
+    _ip_slot: Option<crate::admission::IpSlot<'a>>,
+}
+
+/// Reads the CONNECT, routes it, admits it and connects to its backend;
+/// `None` once the client was refused (and told, where it can be).
+async fn place<'a, C>(
+    mut client: C,
+    arrival: Arrival,
+    initial: bytes::BytesMut,
+    listener: &ListenerInfo,
+    shared: &'a Shared,
+    shutdown: &CancellationToken,
+) -> Option<Box<Placed<'a, C>>>
+where
+    C: forward::ClientStream + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let Arrival {
         peer,
         local,
@@ -737,7 +802,7 @@ async fn serve_client<
     );
     let hs = match tokio::select! {
         r = read => r,
-        _ = shutdown.cancelled() => return,
+        _ = shutdown.cancelled() => return None,
     } {
         Ok(hs) => hs,
         Err(refused) => {
@@ -746,7 +811,7 @@ async fn serve_client<
             if let Some(reply) = refused.reply {
                 handshake::send_reply(&mut client, reply).await;
             }
-            return;
+            return None;
         }
     };
     let mut hs = hs;
@@ -754,7 +819,7 @@ async fn serve_client<
         if let Err(detail) = handshake::rewrite_identity(&mut hs, *field, name) {
             m.reject(RejectReason::ProtocolError);
             tracing::info!(reason = "protocol_error", %detail, "refused");
-            return;
+            return None;
         }
     }
     let span = tracing::Span::current();
@@ -780,7 +845,7 @@ async fn serve_client<
             &[0x20, 0x02, 0x00, 0x05]
         };
         handshake::send_reply(&mut client, reply).await;
-        return;
+        return None;
     };
     span.record("pool", pool);
     let key = placement_key(&hs.client_id, peer, settings.empty_client_id);
@@ -794,7 +859,7 @@ async fn serve_client<
                 let wait = shared.admission.admit_backend(&placed, v5);
                 match tokio::select! {
                     r = wait => r,
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return None,
                 } {
                     Ok(p) => {
                         pending = Some(p);
@@ -812,7 +877,7 @@ async fn serve_client<
                 placed.admission_refused.count(r);
                 tracing::info!(reason = r.label(), backend = %placed.name, "refused");
                 handshake::send_reply(&mut client, r.connack(v5)).await;
-                return;
+                return None;
             }
         }
     } else {
@@ -826,28 +891,78 @@ async fn serve_client<
             &sources,
             &shared.resolver,
         ) => c,
-        _ = shutdown.cancelled() => return,
+        _ = shutdown.cancelled() => return None,
     };
     let Some((backend_stream, backend)) = connected else {
         m.reject(RejectReason::NoBackend);
         tracing::warn!(reason = "no_backend", tried = candidates.len(), "refused");
         handshake::send_reply(&mut client, handshake::server_unavailable(hs.version)).await;
-        return;
+        return None;
     };
     span.record("backend", backend.name.as_str());
+    Some(Box::new(Placed {
+        client,
+        backend_stream,
+        backend,
+        hs,
+        rule,
+        peer,
+        local,
+        tls_info,
+        pending,
+        _ip_slot,
+    }))
+}
+
+/// Splices a placed client to its backend until either side closes or the
+/// client is evicted.
+async fn relay<C>(placed: Box<Placed<'_, C>>, shared: &Shared, shutdown: &CancellationToken)
+where
+    C: forward::ClientStream + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let m = &shared.metrics;
+    // Only what the splice needs outlives this block: the handshake, the
+    // client's addresses and TLS details are dropped here, not kept in
+    // the task for the connection's life.
+    let placed = *placed;
+    let Placed {
+        mut client,
+        backend_stream,
+        backend,
+        pending,
+        _ip_slot,
+        ..
+    } = placed;
+    let (prefix, version, proxy, registration) = {
+        let Placed {
+            hs,
+            rule,
+            peer,
+            local,
+            tls_info,
+            ..
+        } = placed;
+        tracing::debug!(version = hs.version.label(), bridge = hs.bridge, "placed");
+        // Brokers that take PROXY protocol learn the client's address
+        // first (outside TLS, as they read it).
+        let proxy = backend
+            .send_proxy
+            .then(|| forward::proxy_v2_header_tls(peer, local, tls_info.as_ref()));
+        let registration = shared
+            .registry
+            .register(&hs.client_id, backend.clone(), rule, peer);
+        (hs.buf, hs.version, proxy, registration)
+    };
+    let (_registration, evict) = registration;
     m.forwarded.fetch_add(1, Ordering::Relaxed);
     backend.forwarded.fetch_add(1, Ordering::Relaxed);
     let _on_backend = GaugeGuard::new(&backend.active);
-    let (_registration, evict) =
-        shared
-            .registry
-            .register(&hs.client_id, backend.clone(), rule, peer);
+    let setup_timeout = shared.config().balancer.backend_connect_timeout;
     if shutdown.is_cancelled() {
         // Forwarded just as the shutdown began, possibly after the evictor's
         // last pass: close this one at its first packet boundary.
         evict.evict(crate::registry::Eviction::ShuttingDown);
     }
-    tracing::debug!(version = hs.version.label(), bridge = hs.bridge, "placed");
 
     let on_connack = |seen: forward::ConnackSeen| {
         if let Some(p) = &pending {
@@ -864,33 +979,21 @@ async fn serve_client<
             backend.passive_failure();
         }
     };
-    // Brokers that take PROXY protocol learn the client's address first
-    // (outside TLS, as they read it).
-    let proxy = backend
-        .send_proxy
-        .then(|| forward::proxy_v2_header_tls(peer, local, tls_info.as_ref()));
-    let setup_timeout = settings.backend_connect_timeout;
     let spliced = match backend.tls.as_ref().and_then(|t| t.as_ref().ok()) {
         None if backend.websocket.is_none() => {
             let prefix = match proxy {
                 Some(p) => {
                     let mut b = bytes::BytesMut::from(&p[..]);
-                    b.extend_from_slice(&hs.buf);
+                    b.extend_from_slice(&prefix);
                     b
                 }
-                None => hs.buf,
+                None => prefix,
             };
-            forward::splice(
-                client,
-                backend_stream,
-                prefix,
-                hs.version,
-                &evict,
-                on_connack,
-            )
-            .await
+            forward::splice(client, backend_stream, prefix, version, &evict, on_connack).await
         }
-        tls => {
+        // On the heap, like the client side's TLS and WebSocket: a plain
+        // connection's task does not carry these states.
+        tls => match Box::pin(async {
             // TLS and/or WebSocket towards the broker: the PROXY header
             // first (outside both, as brokers read it), then TLS, then the
             // upgrade, each within the backend connect timeout.
@@ -915,29 +1018,34 @@ async fn serve_client<
                 },
                 (Ok(()), None, None) => Ok(BackendStream::Plain(tcp)),
             };
-            match ready {
+            Some(match ready {
                 Ok(BackendStream::Plain(s)) => {
-                    forward::splice(client, s, hs.buf, hs.version, &evict, on_connack).await
+                    forward::splice(client, s, prefix, version, &evict, on_connack).await
                 }
                 Ok(BackendStream::Tls(s)) => {
-                    forward::splice(client, s, hs.buf, hs.version, &evict, on_connack).await
+                    forward::splice(client, s, prefix, version, &evict, on_connack).await
                 }
                 Ok(BackendStream::Ws(s)) => {
-                    forward::splice(client, s, hs.buf, hs.version, &evict, on_connack).await
+                    forward::splice(client, s, prefix, version, &evict, on_connack).await
                 }
                 Ok(BackendStream::Wss(s)) => {
-                    forward::splice(client, s, hs.buf, hs.version, &evict, on_connack).await
+                    forward::splice(client, s, prefix, version, &evict, on_connack).await
                 }
                 Err(e) => {
                     backend.connect_failures.fetch_add(1, Ordering::Relaxed);
                     backend.passive_failure();
                     tracing::warn!(error = %e, "setting up the backend connection failed");
-                    handshake::send_reply(&mut client, handshake::server_unavailable(hs.version))
+                    handshake::send_reply(&mut client, handshake::server_unavailable(version))
                         .await;
-                    return;
+                    return None;
                 }
-            }
-        }
+            })
+        })
+        .await
+        {
+            Some(r) => r,
+            None => return,
+        },
     };
     match spliced {
         Ok(s) if s.evicted => {

@@ -212,6 +212,45 @@ async fn idle_rss_per_conn(addr: &str, pid: u32, n: usize) -> f64 {
     (after - before) / n as f64
 }
 
+/// A fresh `mqlb balance` in front of `backend`, and its port.
+fn start_mqlb(backend: &str) -> (KillOnDrop, u16) {
+    let lport = free_port();
+    let lb = KillOnDrop(
+        Command::new(mqlb_bin())
+            .args([
+                "balance",
+                "--listen",
+                &format!("127.0.0.1:{lport}"),
+                "--backend",
+                &format!("b1={backend}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run `cargo build --release` first"),
+    );
+    assert!(wait_listening(
+        &format!("127.0.0.1:{lport}"),
+        Duration::from_secs(5)
+    ));
+    (lb, lport)
+}
+
+/// Idle RSS per connection of HAProxy and mqlb, each a fresh process
+/// (started for this count alone, nothing run through it before): a warm
+/// process's heap already holds freed memory and hides growth.
+async fn fresh_idle(backend: &str, n: usize) -> [f64; 2] {
+    let (haproxy, hport) = Haproxy::start(backend);
+    tokio::time::sleep(Duration::from_millis(700)).await; // its check is up
+    let h = idle_rss_per_conn(&format!("127.0.0.1:{hport}"), haproxy.0.id(), n).await;
+    drop(haproxy);
+    let (lb, lport) = start_mqlb(backend);
+    tokio::time::sleep(Duration::from_millis(700)).await; // its check is up
+    let m = idle_rss_per_conn(&format!("127.0.0.1:{lport}"), lb.0.id(), n).await;
+    drop(lb);
+    [h, m]
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -255,30 +294,24 @@ fn main() {
         if bundled { "mqlb broker" } else { "mosquitto" }
     );
     let (haproxy, hport) = Haproxy::start(&backend);
-    let lport = free_port();
-    let lb = KillOnDrop(
-        Command::new(mqlb_bin())
-            .args([
-                "balance",
-                "--listen",
-                &format!("127.0.0.1:{lport}"),
-                "--backend",
-                &format!("b1={backend}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run `cargo build --release` first"),
-    );
-    assert!(wait_listening(
-        &format!("127.0.0.1:{lport}"),
-        Duration::from_secs(5)
-    ));
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
+    // Idle memory first, from fresh processes, once per count.
+    let idle: Vec<[f64; 2]> = idle_counts
+        .iter()
+        .map(|n| {
+            let v = client_rt.block_on(fresh_idle(&backend, *n));
+            eprintln!(
+                "idle {n}: haproxy {:.2}, mqlb {:.2} KiB per connection",
+                v[0], v[1]
+            );
+            v
+        })
+        .collect();
+    let (lb, lport) = start_mqlb(&backend);
 
     let paths = [
         ("direct", backend.clone(), None),
@@ -340,17 +373,11 @@ fn main() {
                 eprintln!("round {round} {name} done");
             }
         }
-        // Idle memory once per count (it does not vary by round).
-        for (k, n) in idle_counts.iter().enumerate() {
-            for (i, (name, addr, pid)) in paths.iter().enumerate() {
-                let v = match pid {
-                    Some(pid) => idle_rss_per_conn(addr, *pid, *n).await,
-                    None => f64::NAN,
-                };
-                for _ in 0..ROUNDS {
-                    rows[13 + k].1[i].push(v);
-                }
-                eprintln!("idle {n} {name}: {v:.2} KiB per connection");
+        for (k, v) in idle.iter().enumerate() {
+            for _ in 0..ROUNDS {
+                rows[13 + k].1[0].push(f64::NAN);
+                rows[13 + k].1[1].push(v[0]);
+                rows[13 + k].1[2].push(v[1]);
             }
         }
     });

@@ -1,0 +1,120 @@
+//! Heap held per idle connection, counted by a global allocator: the
+//! guard for the idle-memory figures in docs/performance.md. A count of
+//! bytes, not a timing, so it fails the same way on any machine.
+//!
+//! The balancer runs in this process in front of a Mosquitto (its own
+//! process, so its memory is not counted); the clients are blocking std
+//! sockets, which hold no heap here. What grows while the idle fleet is
+//! open is what the balancer keeps per connection: its task (the state
+//! machine of the whole connection), registry entry, socket registrations
+//! and anything a connection forgot to give back.
+
+// A global allocator is unsafe to implement; this one only forwards to the
+// system allocator and counts.
+#![allow(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::Duration;
+
+use mqlb_tests::{config, raw, Mosquitto, RunningBalancer};
+
+/// Counts live heap bytes.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call goes straight to the system allocator; the counter is
+// only arithmetic on the sizes it was given.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_add(
+                new_size as isize - layout.size() as isize,
+                Ordering::Relaxed,
+            );
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Opens `n` MQTT connections through `addr`, each answered with a CONNACK,
+/// and returns them idle.
+fn open(addr: std::net::SocketAddr, n: usize, tag: &str) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(&raw::connect(&format!("{tag}-{i}"), 4))
+                .unwrap();
+            let mut ack = [0u8; 4];
+            s.read_exact(&mut ack).unwrap();
+            assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "client {i} refused");
+            s
+        })
+        .collect()
+}
+
+/// Live heap bytes once the balancer has settled (its tasks finished what
+/// they were doing with the last connection).
+async fn settled() -> isize {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// The heap an idle plain-TCP proxied connection holds: 22.6 KiB when the
+/// TLS and WebSocket paths were part of every connection's task (a task is
+/// as large as its largest state), about 3.8 KiB in this unoptimised build
+/// since (a release build's task is smaller still). The bound leaves room
+/// for a field or two, not for a state machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_plain_connection_holds_little_heap() {
+    const N: usize = 400;
+    let broker = Mosquitto::start_with("max_connections -1");
+    let lb = RunningBalancer::start(config(&[("m", broker.addr())], "")).await;
+    let addr = lb.addr;
+    // Warm up: pools, registry shards, tokio's slabs reach their size.
+    let warm = tokio::task::spawn_blocking(move || open(addr, 50, "warm"))
+        .await
+        .unwrap();
+    drop(warm);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = settled().await;
+    let fleet = tokio::task::spawn_blocking(move || open(addr, N, "idle"))
+        .await
+        .unwrap();
+    let after = settled().await;
+    let per = (after - before) as f64 / N as f64;
+    println!("heap per idle proxied connection: {per:.0} bytes ({N} connections)");
+    assert_eq!(lb.shared.registry.len(), N, "the fleet is not all placed");
+    assert!(
+        per < 4352.0,
+        "an idle plain connection holds {per:.0} bytes of heap (bound 4352)"
+    );
+    drop(fleet);
+    lb.stop().await;
+}
