@@ -23,14 +23,14 @@ use mqlb_protocol::{
     ProtocolVersion, ReasonCode,
 };
 use std::future::Future;
+use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::server::TlsStream;
 
 use crate::bufpool;
-use crate::registry::{EvictHandle, Eviction};
+use crate::registry::{EvictHandle, Eviction, Side};
 use crate::select::Backend;
 
 /// Longest we wait to write an injected packet to a peer that may be hung.
@@ -315,136 +315,191 @@ const NORMAL_DISCONNECT: [u8; 2] = [0xE0, 0x00];
 /// terminated here.
 pub trait ClientStream: Send + 'static {
     /// The half the client's bytes are read from.
-    type Read: LentRead + Send;
+    type Read<'a>: LentRead + Send
+    where
+        Self: 'a;
     /// The half the backend's bytes are written to.
-    type Write: AsyncWrite + Unpin + Send;
-    /// Splits into independently usable halves.
-    fn halves(self) -> (Self::Read, Self::Write);
+    type Write<'a>: AsyncWrite + Unpin + Send
+    where
+        Self: 'a;
+    /// Splits into independently usable halves, borrowed: plain TCP's
+    /// split allocates nothing.
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
 }
 
 /// Reading into a buffer borrowed from [`bufpool`] only once data is there,
 /// so an idle plain-TCP connection holds no buffer.
+///
+/// Polled rather than async so that a waiting splice stores no future for
+/// the read: an idle connection's task holds only what it must.
 pub trait LentRead: AsyncRead + Unpin {
-    /// Waits for data and reads it; `None` is a spurious wakeup, try again.
-    fn read_lent(
+    /// Reads what is there into a lent buffer; `Ready(Ok(None))` is a
+    /// spurious wakeup, poll again.
+    fn poll_read_lent(
         &mut self,
-    ) -> impl Future<Output = io::Result<Option<(bufpool::Lent, usize)>>> + Send;
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<(bufpool::Lent, usize)>>>;
 }
 
-impl LentRead for OwnedReadHalf {
-    async fn read_lent(&mut self) -> io::Result<Option<(bufpool::Lent, usize)>> {
-        self.readable().await?;
+impl LentRead for tokio::net::tcp::ReadHalf<'_> {
+    fn poll_read_lent(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<(bufpool::Lent, usize)>>> {
+        let socket: &TcpStream = (*self).as_ref();
+        if let Err(e) = ready!(socket.poll_read_ready(cx)) {
+            return Poll::Ready(Err(e));
+        }
         let mut buf = bufpool::lend();
-        match self.try_read(&mut buf) {
+        Poll::Ready(match self.try_read(&mut buf) {
             Ok(n) => Ok(Some((buf, n))),
+            // Readiness was stale; `try_read` cleared it.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
+        })
+    }
+}
+
+/// A stream that can only be read through a buffer (TLS decrypts whole
+/// records; WebSocket unframes whole frames): the buffer is borrowed while
+/// waiting, so an idle TLS or WebSocket connection holds one.
+pub struct Buffered<R> {
+    inner: R,
+    buf: Option<bufpool::Lent>,
+}
+
+impl<R> Buffered<R> {
+    /// Wraps the read half of a TLS or WebSocket stream.
+    pub fn new(inner: R) -> Self {
+        Self { inner, buf: None }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Buffered<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<R: AsyncRead + Unpin> LentRead for Buffered<R> {
+    fn poll_read_lent(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<(bufpool::Lent, usize)>>> {
+        let mut buf = self.buf.take().unwrap_or_else(bufpool::lend);
+        let mut rb = tokio::io::ReadBuf::new(&mut buf);
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                Poll::Ready(Ok(Some((buf, n))))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                self.buf = Some(buf);
+                Poll::Pending
+            }
         }
     }
 }
 
-/// TLS decrypts whole records, so the buffer is borrowed while waiting:
-/// an idle TLS connection holds one (plus rustls's own record buffers).
-impl LentRead for ReadHalf<TlsStream<mqlb_listener::rewind::Rewind>> {
-    async fn read_lent(&mut self) -> io::Result<Option<(bufpool::Lent, usize)>> {
-        let mut buf = bufpool::lend();
-        let n = self.read(&mut buf).await?;
-        Ok(Some((buf, n)))
-    }
-}
-
-/// TLS towards a backend: records are decrypted whole, as on a TLS
-/// listener.
-impl LentRead for ReadHalf<tokio_rustls::client::TlsStream<TcpStream>> {
-    async fn read_lent(&mut self) -> io::Result<Option<(bufpool::Lent, usize)>> {
-        let mut buf = bufpool::lend();
-        let n = self.read(&mut buf).await?;
-        Ok(Some((buf, n)))
-    }
-}
-
-impl ClientStream for tokio_rustls::client::TlsStream<TcpStream> {
-    type Read = ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>;
-    type Write = WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>;
-    fn halves(self) -> (Self::Read, Self::Write) {
-        tokio::io::split(self)
-    }
-}
-
 impl ClientStream for TcpStream {
-    type Read = OwnedReadHalf;
-    type Write = OwnedWriteHalf;
-    fn halves(self) -> (OwnedReadHalf, OwnedWriteHalf) {
-        self.into_split()
+    type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
     }
 }
 
-impl ClientStream for TlsStream<mqlb_listener::rewind::Rewind> {
-    type Read = ReadHalf<TlsStream<mqlb_listener::rewind::Rewind>>;
-    type Write = WriteHalf<TlsStream<mqlb_listener::rewind::Rewind>>;
-    fn halves(self) -> (Self::Read, Self::Write) {
-        tokio::io::split(self)
-    }
+/// TLS and WebSocket streams are split by tokio (the halves share the
+/// stream through a lock) and read through a lent buffer.
+macro_rules! split_buffered {
+    ($($t:ty),* $(,)?) => {$(
+        impl ClientStream for $t {
+            type Read<'a> = Buffered<ReadHalf<&'a mut $t>>;
+            type Write<'a> = WriteHalf<&'a mut $t>;
+            fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+                let (r, w) = tokio::io::split(self);
+                (Buffered::new(r), w)
+            }
+        }
+    )*};
 }
+
+split_buffered!(
+    tokio_rustls::client::TlsStream<TcpStream>,
+    TlsStream<mqlb_listener::rewind::Rewind>,
+);
 
 /// Writes `prefix` (the buffered CONNECT) to the backend and frees it, then
 /// forwards both ways until both directions are closed, one fails, or
 /// `evict` fires. `on_connack` is called once if the backend's first packet
 /// is a CONNACK.
-pub async fn splice<C: ClientStream, B: ClientStream>(
-    client: C,
-    backend: B,
+// A function returning an `async move` block, not an `async fn`: an async
+// fn keeps its arguments twice in its state (rust-lang/rust#62958), and
+// this state is what every idle connection holds.
+#[expect(clippy::manual_async_fn, reason = "an async fn stores its arguments twice")]
+pub fn splice<'a, C: ClientStream, B: ClientStream>(
+    mut client: C,
+    mut backend: B,
     prefix: BytesMut,
     version: ProtocolVersion,
-    evict: &EvictHandle,
-    on_connack: impl FnOnce(ConnackSeen),
-) -> io::Result<Spliced> {
-    let (mut cr, mut cw) = client.halves();
-    let (mut br, mut bw) = backend.halves();
-    let started = Instant::now();
-    bw.write_all(&prefix).await?;
-    let prefix_len = prefix.len() as u64;
-    drop(prefix);
+    evict: &'a EvictHandle,
+    on_connack: impl FnOnce(ConnackSeen) + 'a,
+) -> impl Future<Output = io::Result<Spliced>> + 'a {
+    async move {
+        let (mut cr, mut cw) = client.halves();
+        let (mut br, mut bw) = backend.halves();
+        let started = Instant::now();
+        bw.write_all(&prefix).await?;
+        let prefix_len = prefix.len() as u64;
+        drop(prefix);
 
-    let mut connack = ConnackSniffer::new(version, started, on_connack);
-    let up = pump(
-        &mut cr,
-        &mut bw,
-        evict,
-        |_| {},
-        |_| Some(NORMAL_DISCONNECT.to_vec()),
-    );
-    let down = pump(
-        &mut br,
-        &mut cw,
-        evict,
-        |chunk| connack.feed(chunk),
-        |e| {
-            if version.is_v5() {
-                client_disconnect(e)
-            } else {
-                None
+        let mut connack = ConnackSniffer::new(version, started, on_connack);
+        let up = pump(
+            &mut cr,
+            &mut bw,
+            evict,
+            Side::Up,
+            |_| {},
+            |_| Some(NORMAL_DISCONNECT.to_vec()),
+        );
+        let down = pump(
+            &mut br,
+            &mut cw,
+            evict,
+            Side::Down,
+            |chunk| connack.feed(chunk),
+            |e| {
+                if version.is_v5() {
+                    client_disconnect(e)
+                } else {
+                    None
+                }
+            },
+        );
+        // An error in either direction ends both (returning drops the other).
+        tokio::pin!(up, down);
+        let mut up_done = None;
+        let mut down_done = None;
+        while up_done.is_none() || down_done.is_none() {
+            tokio::select! {
+                r = &mut up, if up_done.is_none() => up_done = Some(r?),
+                r = &mut down, if down_done.is_none() => down_done = Some(r?),
             }
-        },
-    );
-    // An error in either direction ends both (returning drops the other).
-    tokio::pin!(up, down);
-    let mut up_done = None;
-    let mut down_done = None;
-    while up_done.is_none() || down_done.is_none() {
-        tokio::select! {
-            r = &mut up, if up_done.is_none() => up_done = Some(r?),
-            r = &mut down, if down_done.is_none() => down_done = Some(r?),
         }
+        let (to_backend, up_evicted, _) = up_done.unwrap_or_default();
+        let (to_client, down_evicted, disconnect_sent) = down_done.unwrap_or_default();
+        Ok(Spliced {
+            to_backend: to_backend + prefix_len,
+            to_client,
+            evicted: up_evicted || down_evicted,
+            disconnect_sent,
+        })
     }
-    let (to_backend, up_evicted, _) = up_done.unwrap_or_default();
-    let (to_client, down_evicted, disconnect_sent) = down_done.unwrap_or_default();
-    Ok(Spliced {
-        to_backend: to_backend + prefix_len,
-        to_client,
-        evicted: up_evicted || down_evicted,
-        disconnect_sent,
-    })
 }
 
 /// Copies `from` → `to` until EOF, error, or eviction. On eviction, the
@@ -456,6 +511,7 @@ async fn pump<R: LentRead, W: AsyncWrite + Unpin>(
     from: &mut R,
     to: &mut W,
     evict: &EvictHandle,
+    side: Side,
     mut inspect: impl FnMut(&[u8]),
     inject: impl FnOnce(&Eviction) -> Option<Vec<u8>>,
 ) -> io::Result<(u64, bool, bool)> {
@@ -468,10 +524,15 @@ async fn pump<R: LentRead, W: AsyncWrite + Unpin>(
         // none. Eviction first: once it is requested, a peer's EOF racing it
         // (the backend closing after the other direction's DISCONNECT) must
         // not skip the injection.
-        let read = tokio::select! {
-            biased;
-            _ = evict.requested() => break,
-            r = from.read_lent() => r,
+        let read = std::future::poll_fn(|cx| {
+            if evict.poll_requested(side, cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            from.poll_read_lent(cx).map(Some)
+        })
+        .await;
+        let Some(read) = read else {
+            break;
         };
         let (buf, n) = match read {
             Ok(Some(got)) => got,
@@ -496,11 +557,21 @@ async fn pump<R: LentRead, W: AsyncWrite + Unpin>(
         }
         let write = to.write_all(chunk);
         tokio::pin!(write);
-        tokio::select! {
-            r = &mut write => r?,
-            _ = evict.requested() => {
+        let written = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = write.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            evict.poll_requested(side, cx).map(|()| None)
+        })
+        .await;
+        match written {
+            Some(r) => r?,
+            None => {
                 // Finish this chunk if the peer reads at all.
-                whole = matches!(tokio::time::timeout(INJECT_TIMEOUT, write).await, Ok(Ok(())));
+                // (Boxed, as the rest of an eviction below: rare paths do
+                // not size the state every idle connection holds.)
+                let finish = Box::pin(tokio::time::timeout(INJECT_TIMEOUT, write));
+                whole = matches!(finish.await, Ok(Ok(())));
                 if whole {
                     total += n as u64;
                 }
@@ -509,8 +580,27 @@ async fn pump<R: LentRead, W: AsyncWrite + Unpin>(
         }
         total += n as u64;
     }
-    // Evicted: complete the packet in progress, reading no further than its
-    // end, then inject at the boundary.
+    Box::pin(evicted(
+        from, to, evict, tracker, framed, whole, total, inspect, inject,
+    ))
+    .await
+}
+
+/// The end of a [`pump`] whose connection is evicted: completes the packet
+/// in progress, reading no further than its end, injects at the boundary
+/// and shuts `to` down.
+#[allow(clippy::too_many_arguments)]
+async fn evicted<R: LentRead, W: AsyncWrite + Unpin>(
+    from: &mut R,
+    to: &mut W,
+    evict: &EvictHandle,
+    mut tracker: BoundaryTracker,
+    framed: bool,
+    whole: bool,
+    mut total: u64,
+    mut inspect: impl FnMut(&[u8]),
+    inject: impl FnOnce(&Eviction) -> Option<Vec<u8>>,
+) -> io::Result<(u64, bool, bool)> {
     let finish = async {
         let mut buf = bufpool::lend();
         while whole && framed && !tracker.at_boundary() {

@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio_util::sync::CancellationToken;
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
 
 use crate::select::Backend;
 
@@ -24,23 +26,52 @@ pub enum Eviction {
     UseAnotherServer(String),
 }
 
+/// A direction of a splice, each waiting for eviction on its own waker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Client to backend.
+    Up,
+    /// Backend to client.
+    Down,
+}
+
 /// One connection's eviction switch, shared by the registry and the splice.
+///
+/// Polled, not awaited: an idle splice holds no waiter future for it (a
+/// `CancellationToken` cost each connection a 112-byte node and a
+/// waiter in each direction's state), only a waker per direction.
 #[derive(Debug, Default)]
 pub struct EvictHandle {
-    token: CancellationToken,
+    /// Set once: the request and its reason.
     reason: OnceLock<Eviction>,
+    up: AtomicWaker,
+    down: AtomicWaker,
 }
 
 impl EvictHandle {
     /// Asks the connection to close; the first reason wins.
     pub fn evict(&self, reason: Eviction) {
         let _ = self.reason.set(reason);
-        self.token.cancel();
+        self.up.wake();
+        self.down.wake();
     }
 
-    /// Resolves once eviction is requested.
-    pub async fn requested(&self) {
-        self.token.cancelled().await
+    /// Ready once eviction is requested; otherwise `side`'s task is woken
+    /// when it is.
+    pub fn poll_requested(&self, side: Side, cx: &mut Context<'_>) -> Poll<()> {
+        if self.reason.get().is_some() {
+            return Poll::Ready(());
+        }
+        match side {
+            Side::Up => self.up.register(cx.waker()),
+            Side::Down => self.down.register(cx.waker()),
+        }
+        // Asked between the check and the registration: seen now.
+        if self.reason.get().is_some() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// The requested reason, if any.
@@ -85,6 +116,15 @@ impl Default for Registry {
 pub struct Registration<'a> {
     registry: &'a Registry,
     id: u64,
+}
+
+impl Registration<'_> {
+    /// What the registry holds for this connection: its client ID,
+    /// address and backend, for a log line, without the task keeping
+    /// copies of them for the connection's life.
+    pub fn entry(&self) -> Option<Entry> {
+        self.registry.shard(self.id).get(&self.id).cloned()
+    }
 }
 
 impl Drop for Registration<'_> {

@@ -445,7 +445,9 @@ async fn accept_loop(
             },
             _ = shutdown.cancelled() => return,
         };
-        let span = tracing::info_span!(
+        // Debug: a span the subscriber keeps costs each idle connection
+        // about 360 bytes; at info, each event below names its client.
+        let span = tracing::debug_span!(
             "conn",
             %peer,
             client = field::Empty,
@@ -456,16 +458,20 @@ async fn accept_loop(
         let info = info.clone();
         let shared = shared.clone();
         let stops = stops.clone();
-        conns.spawn(
-            async move {
-                tokio::select! {
-                    _ = handle(stream, peer, &info, &shared, &stops.graceful) => {}
-                    _ = stops.hard.cancelled() => tracing::debug!("cut at the end of the grace period"),
-                }
-                drop(permit);
+        let conn = async move {
+            tokio::select! {
+                _ = handle(stream, peer, &info, &shared, &stops.graceful) => {}
+                _ = stops.hard.cancelled() => tracing::debug!("cut at the end of the grace period"),
             }
-            .instrument(span),
-        );
+            drop(permit);
+        };
+        // Without debug logging the span is off: then the task does not
+        // carry it (40 bytes that took the task past an allocation step).
+        if span.is_disabled() {
+            conns.spawn(conn);
+        } else {
+            conns.spawn(conn.instrument(span));
+        }
     }
 }
 
@@ -483,75 +489,80 @@ struct ListenerInfo {
     websocket: Option<String>,
 }
 
-async fn handle(
+// A function returning an `async move` block, as `forward::splice`: an
+// async fn would keep its arguments twice in every connection's state.
+#[expect(clippy::manual_async_fn, reason = "an async fn stores its arguments twice")]
+fn handle<'a>(
     mut client: TcpStream,
     peer: SocketAddr,
-    listener: &ListenerInfo,
-    shared: &Shared,
-    shutdown: &CancellationToken,
-) {
-    let m = &shared.metrics;
-    m.accepted.fetch_add(1, Ordering::Relaxed);
-    let _active = GaugeGuard::new(&m.active);
-    let _ = client.set_nodelay(true);
-    let config = shared.config();
-    let settings = &config.balancer;
-    tracing::debug!("accepted");
+    listener: &'a ListenerInfo,
+    shared: &'a Shared,
+    shutdown: &'a CancellationToken,
+) -> impl std::future::Future<Output = ()> + 'a {
+    async move {
+        let m = &shared.metrics;
+        m.accepted.fetch_add(1, Ordering::Relaxed);
+        let _active = GaugeGuard::new(&m.active);
+        let _ = client.set_nodelay(true);
+        let config = shared.config();
+        let settings = &config.balancer;
+        tracing::debug!("accepted");
 
-    // A trusted load balancer first says who the client really is; that
-    // address is used for logs, empty-client-ID placement, per-IP limits
-    // and /clients. A PROXY header from anyone else is refused below.
-    let mut peer = peer;
-    let mut initial = bytes::BytesMut::new();
-    if listener.proxy_trusted.iter().any(|c| c.contains(peer.ip())) {
-        let header = handshake::read_proxy_header(&mut client, settings.connect_timeout);
-        match tokio::select! {
-            r = header => r,
-            _ = shutdown.cancelled() => return,
-        } {
-            Ok((addr, rest)) => {
-                if let Some(a) = addr {
-                    peer = a;
+        // A trusted load balancer first says who the client really is; that
+        // address is used for logs, empty-client-ID placement, per-IP limits
+        // and /clients. A PROXY header from anyone else is refused below.
+        let mut peer = peer;
+        let mut initial = bytes::BytesMut::new();
+        if listener.proxy_trusted.iter().any(|c| c.contains(peer.ip())) {
+            let header = handshake::read_proxy_header(&mut client, settings.connect_timeout);
+            match tokio::select! {
+                r = header => r,
+                _ = shutdown.cancelled() => return,
+            } {
+                Ok((addr, rest)) => {
+                    if let Some(a) = addr {
+                        peer = a;
+                    }
+                    initial = rest;
                 }
-                initial = rest;
-            }
-            Err(refused) => {
-                m.reject(refused.reason);
-                tracing::info!(reason = refused.reason.label(), detail = %refused.detail, "refused");
-                return;
-            }
-        }
-    }
-    tracing::Span::current().record("client", tracing::field::display(peer));
-    let local = client.local_addr().unwrap_or(peer);
-    let arrival = Arrival {
-        peer,
-        local,
-        identity: None,
-        tls: None,
-    };
-    // Plain MQTT is served inline; TLS and WebSocket on the heap, so that
-    // a plain connection's task (as large as its largest state) does not
-    // carry their state machines: 22.6 KiB per idle connection with them,
-    // see tests/tests/memory.rs.
-    match &listener.tls {
-        // `serve_client`, written out: its arguments would stay in this
-        // task's state beside the copies it moves on (rust-lang/rust#62958).
-        None if listener.websocket.is_none() => {
-            let placing = place(client, arrival, initial, listener, shared, shutdown);
-            if let Some(placed) = Box::pin(placing).await {
-                relay(placed, shared, shutdown).await;
+                Err(refused) => {
+                    m.reject(refused.reason);
+                    tracing::info!(%peer, reason = refused.reason.label(), detail = %refused.detail, "refused");
+                    return;
+                }
             }
         }
-        None => {
-            let client = mqlb_listener::rewind::Rewind::new(initial, client);
-            Box::pin(serve_websocket(client, arrival, listener, shared, shutdown)).await
-        }
-        Some(tls) => {
-            Box::pin(serve_tls(
-                client, arrival, initial, tls, listener, shared, shutdown,
-            ))
-            .await
+        tracing::Span::current().record("client", tracing::field::display(peer));
+        let local = client.local_addr().unwrap_or(peer);
+        let arrival = Arrival {
+            peer,
+            local,
+            identity: None,
+            tls: None,
+        };
+        // Plain MQTT is served inline; TLS and WebSocket on the heap, so that
+        // a plain connection's task (as large as its largest state) does not
+        // carry their state machines: 22.6 KiB per idle connection with them,
+        // see tests/tests/memory.rs.
+        match &listener.tls {
+            // `serve_client`, written out: its arguments would stay in this
+            // task's state beside the copies it moves on (rust-lang/rust#62958).
+            None if listener.websocket.is_none() => {
+                let placing = place(client, arrival, initial, listener, shared, shutdown);
+                if let Some(placed) = Box::pin(placing).await {
+                    relay(placed, shared, shutdown).await;
+                }
+            }
+            None => {
+                let client = mqlb_listener::rewind::Rewind::new(initial, client);
+                Box::pin(serve_websocket(client, arrival, listener, shared, shutdown)).await
+            }
+            Some(tls) => {
+                Box::pin(serve_tls(
+                    client, arrival, initial, tls, listener, shared, shutdown,
+                ))
+                .await
+            }
         }
     }
 }
@@ -568,6 +579,7 @@ async fn serve_tls(
     shutdown: &CancellationToken,
 ) {
     let m = &shared.metrics;
+    let peer = arrival.peer;
     let settings = &shared.config().balancer;
     // Plain MQTT on a TLS port is told apart (and refused at once) by its
     // first byte.
@@ -580,6 +592,7 @@ async fn serve_tls(
         Ok(false) => {
             m.reject(RejectReason::PlainOnTls);
             tracing::info!(
+                %peer,
                 reason = "plain_on_tls",
                 detail = "not a TLS ClientHello",
                 "refused"
@@ -588,7 +601,7 @@ async fn serve_tls(
         }
         Err(e) if e.kind() == io::ErrorKind::TimedOut => {
             m.reject(RejectReason::Timeout);
-            tracing::info!(reason = "timeout", detail = "TLS handshake", "refused");
+            tracing::info!(%peer, reason = "timeout", detail = "TLS handshake", "refused");
             return;
         }
         Err(_) => {
@@ -607,12 +620,12 @@ async fn serve_tls(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             m.reject(RejectReason::Tls);
-            tracing::info!(reason = "tls", detail = %e, "refused");
+            tracing::info!(%peer, reason = "tls", detail = %e, "refused");
             return;
         }
         Err(_) => {
             m.reject(RejectReason::Timeout);
-            tracing::info!(reason = "timeout", detail = "TLS handshake", "refused");
+            tracing::info!(%peer, reason = "timeout", detail = "TLS handshake", "refused");
             return;
         }
     };
@@ -625,6 +638,7 @@ async fn serve_tls(
             None => {
                 m.reject(RejectReason::Tls);
                 tracing::info!(
+                    %peer,
                     reason = "tls",
                     detail = "client certificate names no CN or DNS name",
                     "refused"
@@ -690,6 +704,7 @@ async fn serve_websocket<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let m = &shared.metrics;
+    let peer = arrival.peer;
     let path = listener.websocket.as_deref().unwrap_or("/mqtt");
     let timeout = shared.config().balancer.connect_timeout;
     // Before the CONNECT, what a plain client may send: the CONNECT cap.
@@ -705,12 +720,12 @@ async fn serve_websocket<S>(
         Ok(Ok(ws)) => ws,
         Ok(Err(detail)) => {
             m.reject(RejectReason::WebSocket);
-            tracing::info!(reason = "websocket", %detail, "refused");
+            tracing::info!(%peer, reason = "websocket", %detail, "refused");
             return;
         }
         Err(_) => {
             m.reject(RejectReason::Timeout);
-            tracing::info!(reason = "timeout", detail = "WebSocket upgrade", "refused");
+            tracing::info!(%peer, reason = "timeout", detail = "WebSocket upgrade", "refused");
             return;
         }
     };
@@ -807,7 +822,7 @@ where
         Ok(hs) => hs,
         Err(refused) => {
             m.reject(refused.reason);
-            tracing::info!(reason = refused.reason.label(), detail = %refused.detail, "refused");
+            tracing::info!(%peer, reason = refused.reason.label(), detail = %refused.detail, "refused");
             if let Some(reply) = refused.reply {
                 handshake::send_reply(&mut client, reply).await;
             }
@@ -818,7 +833,7 @@ where
     if let Some((field, name)) = &identity {
         if let Err(detail) = handshake::rewrite_identity(&mut hs, *field, name) {
             m.reject(RejectReason::ProtocolError);
-            tracing::info!(reason = "protocol_error", %detail, "refused");
+            tracing::info!(%peer, client_id = %hs.client_id, reason = "protocol_error", %detail, "refused");
             return None;
         }
     }
@@ -838,7 +853,7 @@ where
     );
     let Some((rule, pool)) = route else {
         m.reject(RejectReason::NoRoute);
-        tracing::info!(reason = "no_route", "refused");
+        tracing::info!(%peer, client_id = %hs.client_id, reason = "no_route", "refused");
         let reply: &[u8] = if hs.version.is_v5() {
             &[0x20, 0x03, 0x00, 0x87, 0x00]
         } else {
@@ -875,7 +890,7 @@ where
             Err(r) => {
                 m.reject(RejectReason::Admission);
                 placed.admission_refused.count(r);
-                tracing::info!(reason = r.label(), backend = %placed.name, "refused");
+                tracing::info!(%peer, client_id = %hs.client_id, reason = r.label(), backend = %placed.name, "refused");
                 handshake::send_reply(&mut client, r.connack(v5)).await;
                 return None;
             }
@@ -895,7 +910,7 @@ where
     };
     let Some((backend_stream, backend)) = connected else {
         m.reject(RejectReason::NoBackend);
-        tracing::warn!(reason = "no_backend", tried = candidates.len(), "refused");
+        tracing::warn!(%peer, client_id = %hs.client_id, reason = "no_backend", tried = candidates.len(), "refused");
         handshake::send_reply(&mut client, handshake::server_unavailable(hs.version)).await;
         return None;
     };
@@ -953,7 +968,7 @@ where
             .register(&hs.client_id, backend.clone(), rule, peer);
         (hs.buf, hs.version, proxy, registration)
     };
-    let (_registration, evict) = registration;
+    let (registration, evict) = registration;
     m.forwarded.fetch_add(1, Ordering::Relaxed);
     backend.forwarded.fetch_add(1, Ordering::Relaxed);
     let _on_backend = GaugeGuard::new(&backend.active);
@@ -1034,7 +1049,14 @@ where
                 Err(e) => {
                     backend.connect_failures.fetch_add(1, Ordering::Relaxed);
                     backend.passive_failure();
-                    tracing::warn!(error = %e, "setting up the backend connection failed");
+                    let e2 = registration.entry();
+                    tracing::warn!(
+                        peer = e2.as_ref().map(|e| tracing::field::display(e.address)),
+                        client_id = e2.as_ref().map(|e| &*e.client_id),
+                        backend = %backend.name,
+                        error = %e,
+                        "setting up the backend connection failed"
+                    );
                     handshake::send_reply(&mut client, handshake::server_unavailable(version))
                         .await;
                     return None;
@@ -1055,7 +1077,11 @@ where
                 }
                 _ => "evicted",
             };
+            let e = registration.entry();
             tracing::info!(
+                peer = e.as_ref().map(|e| tracing::field::display(e.address)),
+                client_id = e.as_ref().map(|e| &*e.client_id),
+                backend = %backend.name,
                 reason,
                 disconnect_sent = s.disconnect_sent,
                 to_backend = s.to_backend,

@@ -825,6 +825,61 @@ async fn logs_are_json_on_request_and_colourless_off_a_terminal() {
     }
 }
 
+/// At the default `info`, a connection event names its client itself (the
+/// connection span is debug-only, for memory): a CONNECT refused for want
+/// of a backend says who, from where, and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_info_refusal_names_its_client() {
+    use std::io::{BufRead, BufReader};
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // A backend nobody listens on.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut child = KillOnDrop(
+        std::process::Command::new(mqlb_bin())
+            .args(["--log-format", "json", "balance", "--listen", &addr])
+            .args(["--backend", &format!("b1={dead}")])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    assert!(wait_listening(&addr, T));
+    let (_s, ack) = connect_and_ack(&addr, "who-am-i", 4).await;
+    assert_eq!(ack, [0x20, 0x02, 0x00, 0x03], "refused: server unavailable");
+    let end = std::time::Instant::now() + T;
+    let mut refused = None;
+    while refused.is_none() && std::time::Instant::now() < end {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            let e: serde_json::Value = serde_json::from_str(&l).unwrap();
+            // (The readiness probe's connection is refused too: closed early.)
+            if e["message"] == "refused" && e["reason"] != "closed_early" {
+                refused = Some(e);
+            }
+        }
+    }
+    drop(child);
+    let e = refused.expect("no refused event");
+    assert_eq!(e["client_id"], "who-am-i", "{e}");
+    assert_eq!(e["reason"], "no_backend", "{e}");
+    assert!(
+        e["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{e}"
+    );
+}
+
 /// Pools and rules: two tenants split by client-ID prefix across two pools
 /// of Mosquittos; placement stays inside each pool; `/clients` names the
 /// rule and pool; a client that matches no rule, with no default pool, is
