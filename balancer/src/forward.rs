@@ -441,7 +441,10 @@ split_buffered!(
 // A function returning an `async move` block, not an `async fn`: an async
 // fn keeps its arguments twice in its state (rust-lang/rust#62958), and
 // this state is what every idle connection holds.
-#[expect(clippy::manual_async_fn, reason = "an async fn stores its arguments twice")]
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
 pub fn splice<'a, C: ClientStream, B: ClientStream>(
     mut client: C,
     mut backend: B,

@@ -491,7 +491,10 @@ struct ListenerInfo {
 
 // A function returning an `async move` block, as `forward::splice`: an
 // async fn would keep its arguments twice in every connection's state.
-#[expect(clippy::manual_async_fn, reason = "an async fn stores its arguments twice")]
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
 fn handle<'a>(
     mut client: TcpStream,
     peer: SocketAddr,

@@ -72,26 +72,27 @@ impl Settings {
 ///
 /// Generic over the stream so tests and the fuzz target drive it through an
 /// in-memory pipe; the server passes a `TcpStream` with TCP_NODELAY set.
-pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+pub fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     state: Arc<State>,
     settings: Settings,
-) {
-    serve(stream, state, settings, None).await;
+) -> impl std::future::Future<Output = ()> {
+    // Not an async fn: its own state would wrap the connection's.
+    serve(stream, state, settings, None)
 }
 
 /// Serves a client whose verified TLS certificate names it: the identity
 /// replaces the CONNECT's user name or client ID, never trusted from the
 /// client. As an identity user name it is the credential (Mosquitto's
 /// `use_identity_as_username`): no password is checked, ACLs apply to it.
-pub async fn handle_identified<S: AsyncRead + AsyncWrite + Unpin>(
+pub fn handle_identified<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     state: Arc<State>,
     settings: Settings,
     identity: Option<(mqlb_config::IdentityAs, String)>,
-) {
+) -> impl std::future::Future<Output = ()> {
     let origin = identity.map(|(field, name)| Box::new(Origin::Certified(field, name)));
-    serve(stream, state, settings, origin).await;
+    serve(stream, state, settings, origin)
 }
 
 /// Serves a client that a peer node relayed here because this node owns
@@ -100,20 +101,19 @@ pub async fn handle_identified<S: AsyncRead + AsyncWrite + Unpin>(
 /// `identity` is what the relaying node verified from the client's TLS
 /// certificate (the cluster link is authenticated, so it is trusted): the
 /// client is checked as it would be on a direct connection.
-pub async fn handle_owned<S: AsyncRead + AsyncWrite + Unpin>(
+pub fn handle_owned<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     state: Arc<State>,
     settings: Settings,
     relayed_by: crate::router::NodeId,
     identity: Option<(mqlb_config::IdentityAs, String)>,
-) {
+) -> impl std::future::Future<Output = ()> {
     serve(
         stream,
         state,
         settings,
         Some(Box::new(Origin::Relayed(relayed_by, identity))),
     )
-    .await;
 }
 
 /// How a connection reached this node, when not straight from a client
@@ -130,14 +130,53 @@ enum Origin {
     Certified(mqlb_config::IdentityAs, String),
 }
 
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+// A function returning an `async move` block: an async fn keeps its
+// arguments twice, and this is the state every idle connection holds.
+// Everything up to the CONNACK is boxed and freed once the session runs.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
+fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     state: Arc<State>,
     settings: Settings,
     // Boxed: most connections come straight from their client, and every
     // idle one holds this future.
     origin: Option<Box<Origin>>,
-) {
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let Some(mut live) = Box::pin(start(stream, state, settings, origin)).await else {
+            return;
+        };
+        let reason = live
+            .session
+            .run(&mut live.rd, &mut live.wr, &mut live.buf)
+            .await;
+        Box::pin(async move {
+            live.session.finish(&mut live.wr, reason).await;
+            linger(&mut live.rd).await;
+        })
+        .await;
+    }
+}
+
+/// A connection whose session runs: what it holds while it is served.
+struct Live<S> {
+    session: Session,
+    rd: ReadHalf<S>,
+    wr: WriteHalf<S>,
+    buf: BytesMut,
+}
+
+/// Reads the CONNECT, places the session (here, relayed to its owner, or
+/// refused) and answers it; `Some` once the session runs here.
+async fn start<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    state: Arc<State>,
+    settings: Settings,
+    origin: Option<Box<Origin>>,
+) -> Option<Live<S>> {
     let (mut rd, mut wr) = tokio::io::split(stream);
     // Small to start: idle connections dominate memory; reads grow it on demand.
     let mut buf = BytesMut::with_capacity(256);
@@ -162,7 +201,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some((field, name)) = certified {
                 let Ok(name) = MqttStr::try_from(name.as_str()) else {
                     tracing::info!(identity = %name, "certificate identity is not an MQTT string");
-                    return;
+                    return None;
                 };
                 match field {
                     mqlb_config::IdentityAs::Username => {
@@ -178,9 +217,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             if let Some(reply) = connect_error_reply(&buf) {
                 let _ = wr.write_all(reply).await;
             }
-            return;
+            return None;
         }
-        _ => return,
+        _ => return None,
     };
     let relayed_by = match origin.as_deref() {
         Some(Origin::Relayed(n, _)) => Some(*n),
@@ -214,7 +253,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 if let Ok(b) = encoded {
                     let _ = wr.write_all(&b).await;
                 }
-                return;
+                return None;
             }
             Placed::Moving => {
                 // Its session is still moving after the hold: a v5 client
@@ -230,7 +269,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         let _ = wr.write_all(&b).await;
                     }
                 }
-                return;
+                return None;
             }
             Placed::Relay(owner, up) => {
                 let stopping = state.stopping.clone();
@@ -242,7 +281,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 })
                 .await;
-                return;
+                return None;
             }
         }
     }
@@ -257,14 +296,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 Some((mqlb_config::IdentityAs::Username, _))
             ))
     );
-    let mut session = match Session::start(connect, &mut wr, state, settings, by_certificate).await
-    {
-        Some(s) => s,
-        None => return,
-    };
-    let reason = session.run(&mut rd, &mut wr, &mut buf).await;
-    session.finish(&mut wr, reason).await;
-    linger(&mut rd).await;
+    let session = Session::start(connect, &mut wr, state, settings, by_certificate).await?;
+    Some(Live {
+        session,
+        rd,
+        wr,
+        buf,
+    })
 }
 
 /// After our FIN, reads and discards what the client still sends (for at
