@@ -204,7 +204,8 @@ struct ClusterArgs {
     /// Where peers connect.
     #[arg(long, requires = "node_id")]
     cluster_listen: Option<std::net::SocketAddr>,
-    /// Another member as NAME@IP:PORT (its cluster listener; repeatable).
+    /// Another member as NAME@HOST:PORT, HOST an IP address or a DNS name
+    /// resolved at each dial (its cluster listener; repeatable).
     #[arg(long, requires = "node_id")]
     peer: Vec<String>,
     /// Retired: cluster links use mutual TLS now (see --cluster-tls-cert).
@@ -227,7 +228,7 @@ struct ClusterArgs {
     #[arg(long, requires = "node_id")]
     replication_factor: Option<usize>,
     /// Join a running cluster: the `--peer`s are its current members, and
-    /// `POST /cluster/members/NAME@IP:PORT` on one of them adds this node.
+    /// `POST /cluster/members/NAME@HOST:PORT` on one of them adds this node.
     #[arg(long, requires = "node_id")]
     join: bool,
     /// Directory where the node keeps its Raft state (term, vote, log,

@@ -102,6 +102,81 @@ pub struct BrokerConfig {
 /// one place.
 pub type StateStoreLimits = mqlb_statestore::store::Limits;
 
+/// Where a peer's cluster listener is: an IP address or a DNS name, and a
+/// port. A name is resolved each time the peer is dialled, so a member
+/// whose address changes (a Kubernetes pod, a Compose container) is found
+/// again by its stable name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerAddr {
+    host: String,
+    port: u16,
+}
+
+impl PeerAddr {
+    /// The IP address or DNS name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether this is a loopback IP address (a name never is).
+    pub fn is_loopback(&self) -> bool {
+        self.host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+impl From<SocketAddr> for PeerAddr {
+    fn from(a: SocketAddr) -> Self {
+        PeerAddr {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for PeerAddr {
+    type Err = String;
+    /// `IP:PORT`, `[IPv6]:PORT` or `NAME:PORT` (a DNS name: labels of
+    /// letters, digits and '-', separated by dots, at most 253 in all).
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(a.into());
+        }
+        let bad = || format!("\"{s}\" is not IP:PORT or NAME:PORT");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let label_ok = |l: &str| {
+            (1..=63).contains(&l.len())
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+            return Err(bad());
+        }
+        Ok(PeerAddr {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
 /// A node's place in a cluster of bundled brokers (`[cluster]`, or
 /// `--node-id`, `--cluster-listen`, `--peer`, `--cluster-secret-file`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,7 +187,7 @@ pub struct ClusterConfig {
     /// Where peers connect.
     pub listen: SocketAddr,
     /// The other members by name.
-    pub peers: Vec<(String, SocketAddr)>,
+    pub peers: Vec<(String, PeerAddr)>,
     /// Mutual TLS on every cluster connection; required unless `listen` is
     /// loopback.
     pub tls: Option<ClusterTls>,
@@ -155,16 +230,14 @@ pub const SECRET_RETIRED: &str = "the cluster's shared secret is retired: cluste
 pub const DEFAULT_REPLICATION_FACTOR: usize = 2;
 
 impl ClusterConfig {
-    /// Parses a `--peer` / `peers` entry, `NAME@IP:PORT`.
-    pub fn parse_peer(s: &str) -> Result<(String, SocketAddr), String> {
+    /// Parses a `--peer` / `peers` entry, `NAME@HOST:PORT` (HOST an IP
+    /// address or a DNS name).
+    pub fn parse_peer(s: &str) -> Result<(String, PeerAddr), String> {
         let (name, addr) = s
             .split_once('@')
-            .ok_or_else(|| format!("\"{s}\" is not NAME@IP:PORT"))?;
+            .ok_or_else(|| format!("\"{s}\" is not NAME@HOST:PORT"))?;
         let name = Self::check_name(name)?;
-        let addr = addr
-            .parse()
-            .map_err(|_| format!("\"{addr}\" is not an IP:port socket address"))?;
-        Ok((name, addr))
+        Ok((name, addr.parse()?))
     }
 
     /// A node name: 1 to 64 of `[A-Za-z0-9_.-]`.
@@ -609,6 +682,45 @@ fn mqlb_check_filter(f: &str) -> Result<(), ()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_peer_is_an_ip_or_a_dns_name_with_a_port() {
+        let ok = |s: &str| ClusterConfig::parse_peer(s).map(|(n, a)| (n, a.to_string()));
+        assert_eq!(
+            ok("n1@10.0.0.1:7000"),
+            Ok(("n1".into(), "10.0.0.1:7000".into()))
+        );
+        assert_eq!(ok("n1@[::1]:7000"), Ok(("n1".into(), "[::1]:7000".into())));
+        assert_eq!(
+            ok("n2@mqlb-1.mqlb-peers.default.svc.cluster.local:7000"),
+            Ok((
+                "n2".into(),
+                "mqlb-1.mqlb-peers.default.svc.cluster.local:7000".into()
+            ))
+        );
+        assert_eq!(
+            ok("n3@Broker-3:7000"),
+            Ok(("n3".into(), "broker-3:7000".into()))
+        );
+        for bad in [
+            "n1@broker",
+            "n1@broker:",
+            "n1@broker:70000",
+            "n1@-broker:7000",
+            "n1@bro ker:7000",
+            "n1@a..b:7000",
+            "n1@:7000",
+            "n1@bröker:7000",
+            "broker:7000",
+        ] {
+            assert!(ClusterConfig::parse_peer(bad).is_err(), "{bad} accepted");
+        }
+        let a: PeerAddr = "127.0.0.1:7000".parse().unwrap();
+        assert!(a.is_loopback());
+        let a: PeerAddr = "localhost:7000".parse().unwrap();
+        assert!(!a.is_loopback(), "a name is never taken for loopback");
+    }
+
     use super::*;
 
     #[test]

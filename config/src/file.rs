@@ -56,7 +56,8 @@ pub struct ClusterFile {
     pub node_id: Spanned<String>,
     /// Cluster listener, IP:port.
     pub listen: Spanned<String>,
-    /// The other members, as "NAME@IP:PORT".
+    /// The other members, as "NAME@HOST:PORT" (HOST an IP address or a DNS
+    /// name, resolved at each dial).
     #[serde(default)]
     pub peers: Vec<Spanned<String>>,
     /// Retired: the shared secret of earlier versions (an error saying

@@ -205,11 +205,27 @@ impl TestCluster {
         }
     }
 
+    /// Like [`TestCluster::start`], each node naming its peers by the DNS
+    /// name `localhost` instead of an IP address.
+    pub fn start_by_name(n: usize) -> TestCluster {
+        Self::build_on(n, &[], None, &|_| Vec::new(), "localhost")
+    }
+
     fn build(
         n: usize,
         extra: &[&str],
         via: Option<(Vec<Ports>, &Links)>,
         each: &dyn Fn(usize) -> Vec<String>,
+    ) -> TestCluster {
+        Self::build_on(n, extra, via, each, "127.0.0.1")
+    }
+
+    fn build_on(
+        n: usize,
+        extra: &[&str],
+        via: Option<(Vec<Ports>, &Links)>,
+        each: &dyn Fn(usize) -> Vec<String>,
+        host: &str,
     ) -> TestCluster {
         let dir = crate::scratch_dir("cluster");
         let ports: Vec<Ports> = match &via {
@@ -230,7 +246,7 @@ impl TestCluster {
                             .find(|(a, b, _)| *a == i && *b == j)
                             .map(|(_, _, l)| l.addr.clone())
                             .unwrap(),
-                        None => format!("127.0.0.1:{c}"),
+                        None => format!("{host}:{c}"),
                     };
                     args.push("--peer".into());
                     args.push(format!("n{}@{addr}", j + 1));

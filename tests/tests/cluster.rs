@@ -56,6 +56,40 @@ async fn connect_owned(
     }
 }
 
+/// Peers named by DNS name (as Compose services and Kubernetes pods are):
+/// each node resolves them when it dials, the cluster forms, and a message
+/// crosses nodes.
+#[tokio::test]
+async fn peers_named_by_dns_name_form_a_cluster() {
+    let _one = ONE_CLUSTER.lock().await;
+    let mut c = TestCluster::start_by_name(3);
+    assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
+    let (mut s, _) = connect_owned(&c, "n1", "sub", ProtocolVersion::V5, true).await;
+    assert_eq!(s.subscribe("named/#", qos(QoS::AtLeastOnce)).await, vec![1]);
+    let (mut p, _) = connect_owned(&c, "n3", "pub", ProtocolVersion::V5, true).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        p.publish(
+            "named/x",
+            b"hi",
+            QoS::AtLeastOnce,
+            false,
+            Properties::default(),
+        )
+        .await;
+        if s.next_publish(Duration::from_millis(300), true)
+            .await
+            .is_some()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no message crossed from n3 to n1"
+        );
+    }
+}
+
 /// Subscribers on n1 and n2, a publisher on n3: each subscriber gets every
 /// message exactly once and in the publisher's order (per QoS).
 #[tokio::test]

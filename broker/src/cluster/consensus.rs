@@ -36,8 +36,8 @@
 //! it vote twice in that term. Pre-vote and check-quorum are on, which
 //! narrows this further.
 
+use mqlb_config::broker::PeerAddr;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,7 +75,7 @@ pub struct Committed {
     /// Live members, sorted.
     pub live: Vec<String>,
     /// Every member and its cluster address, sorted by name.
-    pub members: BTreeMap<String, SocketAddr>,
+    pub members: BTreeMap<String, PeerAddr>,
 }
 
 impl Committed {
@@ -185,7 +185,7 @@ pub enum Command {
     /// These members are live (the leader's observation).
     Live(Vec<String>),
     /// A member joins (with a configuration change adding its Raft ID).
-    Join(String, SocketAddr),
+    Join(String, PeerAddr),
     /// A member leaves (with a configuration change removing it).
     Leave(String),
 }
@@ -402,7 +402,7 @@ impl Consensus {
     /// running cluster (not among `members`) starts empty and is caught up
     /// by the leader.
     #[cfg(test)]
-    pub fn new(me: &str, members: &[(String, SocketAddr)]) -> raft::Result<Consensus> {
+    pub fn new(me: &str, members: &[(String, PeerAddr)]) -> raft::Result<Consensus> {
         Self::with_state(me, members, None)
     }
 
@@ -410,7 +410,7 @@ impl Consensus {
     /// it, when it holds a state).
     pub fn with_state(
         me: &str,
-        members: &[(String, SocketAddr)],
+        members: &[(String, PeerAddr)],
         state_file: Option<&std::path::Path>,
     ) -> raft::Result<Consensus> {
         let founding = members.iter().any(|(n, _)| n == me);
@@ -905,12 +905,15 @@ impl Consensus {
 mod tests {
     use super::*;
 
-    fn members(n: usize) -> Vec<(String, SocketAddr)> {
+    fn members(n: usize) -> Vec<(String, PeerAddr)> {
         (0..n)
             .map(|i| {
                 (
                     format!("n{i}"),
-                    SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16)),
+                    PeerAddr::from(std::net::SocketAddr::from((
+                        [127, 0, 0, 1],
+                        7000 + i as u16,
+                    ))),
                 )
             })
             .collect()
@@ -1047,7 +1050,7 @@ mod tests {
             .get_mut(&follower)
             .map(|n| n.propose_membership(Command::Leave("n9".into())))
             .is_some_and(|r| r.is_err_and(|e| e.contains("not a member"))));
-        let addr = SocketAddr::from(([127, 0, 0, 1], 7003));
+        let addr = PeerAddr::from(std::net::SocketAddr::from(([127, 0, 0, 1], 7003)));
         let out = nodes
             .get_mut(&leader)
             .map(|n| n.propose_membership(Command::Join("n3".into(), addr)));

@@ -65,9 +65,12 @@ impl Cluster {
         let addr = self
             .addr_of(id)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "unknown node"))?;
-        let s = tokio::time::timeout(FAILURE_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        let s = tokio::time::timeout(
+            FAILURE_TIMEOUT,
+            TcpStream::connect((addr.host(), addr.port())),
+        )
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         let _ = s.set_nodelay(true);
         let s = handshake::dial(
             s,
@@ -395,10 +398,13 @@ impl Cluster {
                 }
             }
             let attempt = async {
-                let s = tokio::time::timeout(FAILURE_TIMEOUT, TcpStream::connect(addr))
-                    .await
-                    .map_err(|_| "connect timed out".to_string())?
-                    .map_err(|e| e.to_string())?;
+                let s = tokio::time::timeout(
+                    FAILURE_TIMEOUT,
+                    TcpStream::connect((addr.host(), addr.port())),
+                )
+                .await
+                .map_err(|_| "connect timed out".to_string())?
+                .map_err(|e| e.to_string())?;
                 let _ = s.set_nodelay(true);
                 handshake::dial(s, &self.me, &Purpose::Link, self.tls.as_deref(), &name)
                     .await

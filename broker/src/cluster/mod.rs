@@ -75,7 +75,6 @@ use replication::{whole, Waiting};
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -87,7 +86,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use mqlb_config::broker::ClusterConfig;
+use mqlb_config::broker::{ClusterConfig, PeerAddr};
 
 use crate::conn::Settings;
 use crate::effects::{ChangeLog, ChangeRecord, Committed};
@@ -130,7 +129,7 @@ pub struct View {
 #[derive(Debug, Default)]
 struct Directory {
     names: Vec<String>,
-    addrs: Vec<SocketAddr>,
+    addrs: Vec<PeerAddr>,
 }
 
 /// What this node knows about one peer.
@@ -423,8 +422,8 @@ impl Cluster {
                 None
             }
         };
-        let mut all: Vec<(String, SocketAddr)> = config.peers.clone();
-        all.push((config.node_id.clone(), config.listen));
+        let mut all: Vec<(String, PeerAddr)> = config.peers.clone();
+        all.push((config.node_id.clone(), config.listen.into()));
         all.sort();
         let listener = TcpListener::bind(config.listen).await?;
         let names: Vec<String> = all.iter().map(|(n, _)| n.clone()).collect();
@@ -436,7 +435,7 @@ impl Cluster {
         // A node joining a running cluster is not a founding member: its
         // Raft node starts empty and the leader catches it up once an
         // admin call has added it.
-        let founders: Vec<(String, SocketAddr)> = if config.join {
+        let founders: Vec<(String, PeerAddr)> = if config.join {
             config.peers.clone()
         } else {
             all.clone()
@@ -483,7 +482,7 @@ impl Cluster {
                 serving_now: std::sync::atomic::AtomicBool::new(true),
                 directory: std::sync::RwLock::new(Directory {
                     names,
-                    addrs: all.iter().map(|(_, a)| *a).collect(),
+                    addrs: all.iter().map(|(_, a)| a.clone()).collect(),
                 }),
                 stop: std::sync::OnceLock::new(),
                 tls,
@@ -631,7 +630,7 @@ impl Cluster {
     /// links to it and the leader catches it up, and it takes its share of
     /// sessions when a majority hears it. Proposed again every second for
     /// [`RETIRE_FOR`] until it commits, like [`Cluster::remove_member`].
-    pub fn add_member(&self, name: &str, addr: SocketAddr) -> Result<(), String> {
+    pub fn add_member(&self, name: &str, addr: PeerAddr) -> Result<(), String> {
         let name = mqlb_config::broker::ClusterConfig::check_name(name)?;
         if let Some(old) = lock(&self.consensus).view().members.get(&name) {
             return Err(format!("{name} is already a member (at {old})"));
@@ -642,7 +641,7 @@ impl Cluster {
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + RETIRE_FOR;
             while !me.membership().contains(&name) && tokio::time::Instant::now() < deadline {
-                let command = consensus::Command::Join(name.clone(), addr);
+                let command = consensus::Command::Join(name.clone(), addr.clone());
                 match lock(&me.consensus).propose_membership(command) {
                     Ok(out) => {
                         tracing::info!(member = %name, %addr, "addition proposed");
@@ -864,8 +863,8 @@ impl Cluster {
     }
 
     /// A member's cluster address by id.
-    fn addr_of(&self, id: NodeId) -> Option<SocketAddr> {
-        self.directory().addrs.get(id as usize).copied()
+    fn addr_of(&self, id: NodeId) -> Option<PeerAddr> {
+        self.directory().addrs.get(id as usize).cloned()
     }
 
     /// Every member this node knows of, by id.
@@ -879,8 +878,8 @@ impl Cluster {
 
     /// Members the committed membership has and this node did not know
     /// (added by an admin call): their ids, addresses and links.
-    fn learn_members(&self, members: &std::collections::BTreeMap<String, SocketAddr>) {
-        let new: Vec<(&String, &SocketAddr)> = {
+    fn learn_members(&self, members: &std::collections::BTreeMap<String, PeerAddr>) {
+        let new: Vec<(&String, &PeerAddr)> = {
             let dir = self.directory();
             members
                 .iter()
@@ -901,7 +900,7 @@ impl Cluster {
                     continue;
                 };
                 dir.names.push(name.clone());
-                dir.addrs.push(*addr);
+                dir.addrs.push(addr.clone());
                 tracing::info!(member = %name, %addr, "member added to the cluster");
                 added.push(id);
             }
