@@ -13,8 +13,14 @@ Then it checks what a user would: a client subscribed through one balancer
 gets a message published through the other (across nodes), and still gets
 what was published after the node holding its session is killed.
 
+`rehearse.py MQLB statefulset RENDERED.yaml` runs a rendered Kubernetes
+StatefulSet's init and start commands for each ordinal instead, as its
+pods would (HOSTNAME, the Service's DNS names, the ConfigMap and Secrets as
+files), and checks that the peers they derive form one cluster.
+
 Needs root (network namespaces), `ip`, mosquitto_pub and mosquitto_sub.
 Usage: rehearse.py MQLB_BINARY [COMPOSE_FILE]
+       rehearse.py MQLB_BINARY statefulset RENDERED_YAML
 """
 
 import os
@@ -25,10 +31,17 @@ import sys
 import tempfile
 import time
 import json
+import re
 
 import yaml
 
 SUBNET = "10.213.7"
+
+
+def repath(text, dst, host):
+    """Replaces the container path `dst` with `host` where it is a whole
+    path or a path's leading directory (not "/ca" in "/ca.pem")."""
+    return re.sub(r"(?<![\w./-])" + re.escape(dst) + r"(?=/|$|[^\w.-])", lambda _: host, text)
 
 
 def sh(*args, check=True):
@@ -36,15 +49,19 @@ def sh(*args, check=True):
 
 
 class Topology:
-    def __init__(self, mqlb, compose):
+    def __init__(self, mqlb, compose=None, names=None, aliases=None):
         self.mqlb = os.path.abspath(mqlb)
-        self.compose = os.path.abspath(compose)
-        self.base = os.path.dirname(self.compose)
-        self.spec = yaml.safe_load(open(self.compose))
+        if compose:
+            self.compose = os.path.abspath(compose)
+            self.base = os.path.dirname(self.compose)
+            self.spec = yaml.safe_load(open(self.compose))
+            names = list(self.spec["services"])
         self.tag = f"mqlbr{os.getpid()}"
         self.scratch = tempfile.mkdtemp(prefix="mqlb-rehearsal-")
         self.hub = f"{self.tag}hub"
-        self.names = list(self.spec["services"])
+        self.names = names
+        # Further names each host answers to (a pod's Service DNS name).
+        self.aliases = aliases or {}
         self.ip = {n: f"{SUBNET}.{10 + i}" for i, n in enumerate(self.names)}
         self.ns = {n: f"{self.tag}s{i}" for i, n in enumerate(self.names)}
         self.procs = {}
@@ -57,7 +74,7 @@ class Topology:
         self.hub_exec("ip", "link", "set", "br0", "up")
         self.hub_exec("ip", "link", "set", "lo", "up")
         hosts = "127.0.0.1 localhost\n" + "".join(
-            f"{ip} {n}\n" for n, ip in self.ip.items()
+            f"{ip} {n} {' '.join(self.aliases.get(n, []))}\n" for n, ip in self.ip.items()
         )
         for i, n in enumerate(self.names):
             ns = self.ns[n]
@@ -121,7 +138,7 @@ class Topology:
         # Paths inside a mounted configuration file (a secret, a volume)
         # point where the service's mounts put them.
         for dst, host in self.mounts_without_configs(name):
-            text = text.replace(dst, host)
+            text = repath(text, dst, host)
         copy = os.path.join(self.scratch, "conf", name, os.path.basename(path))
         os.makedirs(os.path.dirname(copy), exist_ok=True)
         open(copy, "w").write(text)
@@ -146,7 +163,7 @@ class Topology:
 
         def rw(arg):
             for dst, host in mounts:
-                arg = arg.replace(dst, host)
+                arg = repath(arg, dst, host)
             return arg
 
         entry = svc.get("entrypoint", ["mqlb"])
@@ -185,11 +202,11 @@ class Topology:
             time.sleep(0.3)
         raise SystemExit(f"{name} does not listen on {port}:\n{self.log(name)}")
 
-    def admin_get(self, name, port, path, token, published=False):
+    def admin_get(self, name, port, path, token, published=False, via=None):
         # A published port (127.0.0.1:9100 on the host) is reached as
         # loopback, as a user's browser does; otherwise by service name, as
         # the balancers reach the nodes.
-        host = "127.0.0.1" if published else name
+        host = "127.0.0.1" if published else (via or name)
         code = (
             "import urllib.request,sys;"
             f"r=urllib.request.Request('http://{host}:{port}{path}',"
@@ -201,11 +218,87 @@ class Topology:
         return r.stdout if r.returncode == 0 else None
 
 
+def rehearse_statefulset(mqlb, rendered):
+    """Runs the rendered StatefulSet's init and start commands for each
+    ordinal, as its pods would: HOSTNAME is the pod's name, the Service's
+    DNS names map to the pods' addresses, the ConfigMap and Secrets are
+    files. Checks that the peers the start command derives form one
+    cluster, every node ready, with the same members."""
+    docs = [d for d in yaml.safe_load_all(open(rendered)) if d]
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    cm_name = next(v["configMap"]["name"] for v in sts["spec"]["template"]["spec"]["volumes"] if "configMap" in v)
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == cm_name)
+    service = sts["spec"]["serviceName"]
+    name = sts["metadata"]["name"]
+    n = sts["spec"]["replicas"]
+    pods = [f"{name}-{i}" for i in range(n)]
+    t = Topology(mqlb, names=pods, aliases={p: [f"{p}.{service}"] for p in pods})
+    try:
+        t.up()
+        token = os.urandom(24).hex()
+        ca = os.path.join(t.scratch, "ca")
+        sh(t.mqlb, "cert", "create-ca", "--out", ca)
+        env_of = lambda c: {e["name"]: e["value"] for e in c.get("env", [])}
+        spec = sts["spec"]["template"]["spec"]
+        for pod in pods:
+            root = os.path.join(t.scratch, pod)
+            paths = {
+                "/etc/mqlb/admin-token/token": os.path.join(root, "token"),
+                "/etc/mqlb": os.path.join(root, "config"),
+                "/var/lib/mqlb": os.path.join(root, "state"),
+                "/tls": os.path.join(root, "tls"),
+                "/ca": ca,
+            }
+            for d in ("config", "state", "tls"):
+                os.makedirs(os.path.join(root, d), exist_ok=True)
+            open(paths["/etc/mqlb/admin-token/token"], "w").write(token)
+
+            def rw(text):
+                for dst in sorted(paths, key=len, reverse=True):
+                    text = repath(text, dst, paths[dst])
+                return text
+
+            for key, text in cm["data"].items():
+                open(os.path.join(root, "config", key), "w").write(rw(text))
+            for c in spec.get("initContainers", []) + spec["containers"]:
+                env = dict(os.environ, HOSTNAME=pod, **env_of(c))
+                env["PATH"] = f"{os.path.dirname(t.mqlb)}:{env['PATH']}"
+                argv = ["ip", "netns", "exec", t.ns[pod]] + [rw(a) for a in c["command"]]
+                log = open(os.path.join(t.scratch, f"{pod}.log"), "a")
+                proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+                if c in spec.get("initContainers", []):
+                    if proc.wait(timeout=60) != 0:
+                        raise SystemExit(f"{pod}: init container {c['name']} failed:\n{t.log(pod)}")
+                else:
+                    t.procs[pod] = proc
+        end = time.time() + 60
+        while True:
+            # By the Service DNS names, as the balancers call them.
+            views = [t.admin_get(p, 9101, "/cluster", token, via=f"{p}.{service}") for p in pods]
+            ready = [t.admin_get(p, 9101, "/readyz", token, via=f"{p}.{service}") is not None for p in pods]
+            members = {p: sorted(json.loads(v)["members"]) if v else None for p, v in zip(pods, views)}
+            if all(ready) and all(m == sorted(pods) for m in members.values()):
+                break
+            if time.time() > end:
+                raise SystemExit(
+                    f"the StatefulSet's nodes did not form one cluster: {members}\n"
+                    + "\n".join(t.log(p) for p in pods)
+                )
+            time.sleep(0.5)
+        print(f"  ok {n} pods of {name}: names, peers and certificates derived from the ordinal form one cluster ({', '.join(pods)})")
+    finally:
+        t.down()
+        shutil.rmtree(t.scratch, ignore_errors=True)
+
+
 def main():
     mqlb = sys.argv[1]
     compose = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(__file__), "compose.yaml")
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("mosquitto_sub"):
         print("  skipped: needs root, ip and mosquitto-clients")
+        return
+    if len(sys.argv) > 3 and sys.argv[2] == "statefulset":
+        rehearse_statefulset(mqlb, sys.argv[3])
         return
     t = Topology(mqlb, compose)
     try:
