@@ -3,7 +3,7 @@ output "mqtt_endpoint" {
   value       = aws_lb.mqtt.dns_name
 }
 
-output "broker_ips" {
-  description = "Private addresses of the brokers."
-  value       = aws_instance.broker[*].private_ip
+output "node_ips" {
+  description = "Private addresses of the cluster's nodes (n1, n2, n3)."
+  value       = aws_network_interface.node[*].private_ip
 }

@@ -25,7 +25,7 @@ variable "mqlb_package_url" {
 }
 
 variable "instance_type" {
-  description = "Instance type for balancers and brokers."
+  description = "Instance type for balancers and nodes."
   type        = string
   default     = "t3.small"
 }
@@ -34,4 +34,20 @@ variable "client_cidrs" {
   description = "Who may connect to MQTT on 1883."
   type        = list(string)
   default     = ["0.0.0.0/0"]
+}
+
+variable "name" {
+  description = "Name of the deployment: the NLB, the instances' tags and the SSM parameter prefix."
+  type        = string
+  default     = "mqlb"
+}
+
+variable "cluster_tls_dir" {
+  description = "Directory with ca.pem and n1.pem/n1.key, n2..., n3... made by `mqlb cert create-ca --out DIR` and `mqlb cert create-node nN --ca DIR --out DIR`."
+  type        = string
+}
+
+variable "password_file" {
+  description = "The clients' password file (mosquitto_passwd format, or `echo secret | mqlb passwd alice`): the nodes take no anonymous clients."
+  type        = string
 }
