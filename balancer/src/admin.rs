@@ -42,7 +42,10 @@ use crate::shared::Shared;
 
 /// Serves the API until `shutdown`.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
-    tracing::info!(address = ?listener.local_addr().ok(), "admin API listening");
+    tracing::info!(
+        address = listener.local_addr().ok().map(tracing::field::display),
+        "admin API listening"
+    );
     crate::http::serve(listener, shutdown, move |method, path, headers| {
         if let Some(access) = &shared.admin_access {
             if let Err(refused) = access.check(method, path, headers) {

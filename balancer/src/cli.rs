@@ -773,10 +773,23 @@ pub(crate) fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let mut config = config;
     match crate::fdlimit::raise() {
         Ok(limit) => {
             let max = config.balancer.max_connections;
-            match crate::fdlimit::shortfall(limit, max, config.backends.len()) {
+            let backends = config.backends.len();
+            match crate::fdlimit::shortfall(limit, max, backends) {
+                // A default the user never chose is sized to the limit
+                // instead of warned about.
+                Some(_) if max == mqlb_config::DEFAULT_MAX_CONNECTIONS => {
+                    let fits = crate::fdlimit::fits(limit, backends).max(1);
+                    config.balancer.max_connections = fits;
+                    tracing::info!(
+                        limit,
+                        max_connections = fits,
+                        "open-file limit (max_connections sized to it)"
+                    );
+                }
                 Some(warning) => tracing::warn!("{warning}"),
                 None => tracing::info!(limit, "open-file limit"),
             }

@@ -145,6 +145,10 @@ async fn run(
                     continue;
                 };
                 let mut handles = registry.on_backend(&name);
+                if handles.is_empty() {
+                    // Nothing to move: no "moving 0 clients" line or event.
+                    continue;
+                }
                 fastrand::shuffle(&mut handles);
                 tracing::info!(backend = %name, clients = handles.len(), rate, "moving clients off backend");
                 journal.record(

@@ -22,12 +22,17 @@ pub fn raise() -> std::io::Result<u64> {
     rlimit::increase_nofile_limit(u64::MAX)
 }
 
+/// How many proxied clients `limit` descriptors hold with `backends`.
+pub fn fits(limit: u64, backends: usize) -> usize {
+    usize::try_from(limit.saturating_sub(backends as u64 + SLACK) / 2).unwrap_or(usize::MAX)
+}
+
 /// A warning when `limit` descriptors cannot hold `max_connections`
 /// clients, naming both numbers and the fix.
 pub fn shortfall(limit: u64, max_connections: usize, backends: usize) -> Option<String> {
     let need = needed(max_connections, backends);
     (need > limit).then(|| {
-        let fits = limit.saturating_sub(backends as u64 + SLACK) / 2;
+        let fits = fits(limit, backends);
         format!(
             "max_connections = {max_connections} needs {need} file descriptors (2 per client + {}), \
              but the limit is {limit}: about {fits} clients fit. Raise the hard limit \

@@ -422,7 +422,7 @@ async fn accept_loop(
         websocket: spec.websocket,
     });
     let local = listener.local_addr().ok();
-    tracing::info!(listener = %name, address = ?local, "listening");
+    tracing::info!(listener = %name, address = local.map(tracing::field::display), "listening");
     loop {
         // Take the permit before accepting: at the limit, new clients wait in
         // the kernel's backlog instead of being accepted and starved.

@@ -80,7 +80,7 @@ pub async fn run(
     let Some(cell) = checker.cell("target") else {
         return;
     };
-    tracing::info!(address = ?listener.local_addr().ok(), %target, "health endpoint listening");
+    tracing::info!(address = listener.local_addr().ok().map(tracing::field::display), %target, "health endpoint listening");
     crate::http::serve(
         listener,
         shutdown,

@@ -373,7 +373,7 @@ impl Core {
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
         if targets.sessions.is_empty() && groups.is_empty() {
-            tracing::debug!(topic = %m.topic, origin = ?m.origin, "a peer's publish matched no session here");
+            tracing::debug!(topic = %m.topic, origin = m.origin.as_deref(), "a peer's publish matched no session here");
         }
         for t in targets.sessions {
             self.deliver_to(t, &m, &mut fx);
@@ -987,7 +987,7 @@ impl Core {
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
         if targets.sessions.is_empty() && targets.nodes.is_empty() && targets.groups.is_empty() {
-            tracing::debug!(topic = %m.topic, origin = ?m.origin, "a publish matched no subscriber");
+            tracing::debug!(topic = %m.topic, origin = m.origin.as_deref(), "a publish matched no subscriber");
         }
         let mut now = None;
         let mut audience = Audience::default();

@@ -191,7 +191,10 @@ impl Broker {
                 }
             }
         });
-        tracing::info!(address = ?self.listener.local_addr().ok(), "broker listening");
+        tracing::info!(
+            address = self.listener.local_addr().ok().map(tracing::field::display),
+            "broker listening"
+        );
         let conns = TaskTracker::new();
         let slots: Vec<_> = self
             .fronts

@@ -798,6 +798,11 @@ async fn logs_are_json_on_request_and_colourless_off_a_terminal() {
             !all.contains('\u{1b}'),
             "colour codes off a terminal:\n{all}"
         );
+        // Values, not Rust's debug formatting of options.
+        assert!(
+            !all.contains("Some(") && !all.contains("None"),
+            "debug formatting in the logs:\n{all}"
+        );
         if format == "json" {
             let events: Vec<serde_json::Value> = lines
                 .iter()
