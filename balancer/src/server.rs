@@ -52,17 +52,27 @@ impl Observer for HealthObserver {
     }
 
     fn on_transition(&self, target: &str, t: Transition) {
+        let mut why = None;
         if let Some(b) = self.backends.get(target) {
             crate::metrics::bump(&b.transitions, t.to as usize);
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
             b.last_transition_ms.store(now, Ordering::Relaxed);
+            why = b.health().and_then(|h| match &h.report().last_outcome {
+                Some(o @ (Outcome::Down(_) | Outcome::Misconfigured(_))) => Some(o.summary()),
+                _ => None,
+            });
         }
+        // The event says why ("down: connection refused"), as the log does.
+        let what = format!("{} -> {}", t.from.label(), t.to.label());
         self.journal.record(
             "health",
             target,
-            format!("{} -> {}", t.from.label(), t.to.label()),
+            match why {
+                Some(why) if !t.to.is_usable() => format!("{what}: {why}"),
+                _ => what,
+            },
         );
         if !t.to.is_usable() {
             self.evictor.evict_backend(target);

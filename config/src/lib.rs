@@ -678,6 +678,17 @@ impl Config {
         Config::parse("<flags>", &text).map_err(|mut e| {
             for p in &mut e.problems {
                 p.line = None;
+                // Said in the flags' language, not the file's.
+                if p.key == "listener" && listen.is_empty() {
+                    p.message = "no listener: give --listen ADDRESS:PORT (for example \
+                                 --listen 0.0.0.0:1883), or --config FILE; `mqlb` alone \
+                                 runs the demo"
+                        .to_string();
+                } else if p.key == "backend" && backends.is_empty() {
+                    p.message = "no backend: give --backend NAME=HOST:PORT once per broker \
+                                 (for example --backend b1=10.0.0.1:1883), or --config FILE"
+                        .to_string();
+                }
             }
             e
         })
@@ -1770,5 +1781,14 @@ connect_timeout = "10 parsecs"
         let e = Config::from_flags(&["x".into()], &[], None).unwrap_err();
         assert_eq!(e.problems.len(), 2, "{e}");
         assert!(e.to_string().starts_with("<flags>: "), "{e}");
+    }
+
+    /// `mqlb balance` with no flags is told which flags to give.
+    #[test]
+    fn no_flags_says_which_flags_to_give() {
+        let e = Config::from_flags(&[], &[], None).unwrap_err().to_string();
+        assert!(e.contains("--listen ADDRESS:PORT"), "{e}");
+        assert!(e.contains("--backend NAME=HOST:PORT"), "{e}");
+        assert!(!e.contains("[[listener]]"), "{e}");
     }
 }

@@ -246,9 +246,15 @@ async fn run_target(
             last_check: Some(SystemTime::now()),
             consecutive_failures: tracker.consecutive_failures(),
         };
+        // Why, on the line itself: a name that does not resolve, a refused
+        // connection, a CONNACK code.
+        let why = match &report.last_outcome {
+            Some(o @ (Outcome::Down(_) | Outcome::Misconfigured(_))) => Some(o.summary()),
+            _ => None,
+        };
         cell.publish(report);
         if let Some(tr) = tr {
-            tracing::info!(backend = %target.name, from = tr.from.label(), to = tr.to.label(), "health changed");
+            tracing::info!(backend = %target.name, from = tr.from.label(), to = tr.to.label(), reason = why.as_deref(), "health changed");
             observer.on_transition(&target.name, tr);
         }
     };

@@ -79,6 +79,12 @@ async fn killed_broker_is_marked_down_in_time() {
     // Placement skipped b1 without even trying to connect to it.
     let failures = lb.connect_failures("b1");
     assert_eq!(failures, 0);
+    // The event says why it is down.
+    let events = lb.shared.journal.events_json().to_string();
+    assert!(
+        events.contains("up -> down: ") && events.to_lowercase().contains("refused"),
+        "{events}"
+    );
     lb.stop().await;
 }
 
