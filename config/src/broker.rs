@@ -322,9 +322,9 @@ impl BrokerConfig {
         text: &str,
         base: Option<&Path>,
     ) -> Result<BrokerConfig, ConfigError> {
-        let raw: file::File = toml::from_str(text).map_err(|e| ConfigError {
+        let raw: file::File = file::parse_all(text).map_err(|problems| ConfigError {
             source_name: source_name.to_string(),
-            problems: vec![file::syntax_problem(text, &e)],
+            problems,
         })?;
         let mut problems = Vec::new();
         let line = |span: std::ops::Range<usize>| Some(file::line_of(text, span.start));

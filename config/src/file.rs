@@ -375,35 +375,250 @@ pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text.bytes().take(offset).filter(|b| *b == b'\n').count() + 1
 }
 
-/// Turns a TOML/serde error into a problem with a line and, where the line
-/// assigns a key, the key path (`table.key`).
-pub(crate) fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {
-    let line = e.span().map(|s| line_of(text, s.start));
-    let key = line
-        .and_then(|l| key_at_line(text, l))
-        .unwrap_or_else(|| "(syntax)".to_string());
-    Problem {
-        key,
-        line,
-        message: e.message().trim().to_string(),
+/// Deserializes `text`, finding every problem serde would stop at one at a
+/// time: a line that assigns an unknown key or a value of the wrong type
+/// is reported, blanked (so later lines keep their numbers) and the text
+/// parsed again, up to [`MAX_PROBLEMS`]. A syntax error stops the search.
+pub(crate) fn parse_all<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<Problem>> {
+    let mut current = text.to_string();
+    let mut problems: Vec<Problem> = Vec::new();
+    loop {
+        let e = match toml::from_str::<T>(&current) {
+            Ok(v) if problems.is_empty() => return Ok(v),
+            Ok(_) => return Err(problems),
+            Err(e) => e,
+        };
+        let p = syntax_problem(text, &e);
+        // A required key missing after an earlier problem is that
+        // problem's echo (a misspelt `address` was set aside).
+        if e.message().starts_with("missing field") && !problems.is_empty() {
+            return Err(problems);
+        }
+        let line = p.line.filter(|_| p.key != "(syntax)");
+        let suggestion = suggested_key(&p.message);
+        problems.push(p);
+        let Some(line) = line else {
+            return Err(problems);
+        };
+        // Carry on past it: a misspelt key is read as the key it meant (so
+        // its value is checked too); any other offending line is set aside.
+        let carried = match suggestion {
+            Some(k) => rename_key(&mut current, line, &k),
+            None => blank_line(&mut current, line),
+        };
+        if problems.len() >= MAX_PROBLEMS || !carried {
+            return Err(problems);
+        }
     }
 }
 
-/// The `table.key` assigned on 1-based line `line`, if that line is `key = ...`.
+/// The key a "did you mean" message names.
+fn suggested_key(message: &str) -> Option<String> {
+    let (_, rest) = message.split_once("did you mean `")?;
+    rest.split_once('`').map(|(k, _)| k.to_string())
+}
+
+/// Renames the key assigned on 1-based `line` to `key`.
+fn rename_key(text: &mut String, line: usize, key: &str) -> bool {
+    let mut out = String::with_capacity(text.len());
+    let mut changed = false;
+    for (i, l) in text.split_inclusive('\n').enumerate() {
+        match l.split_once('=') {
+            Some((_, value)) if i + 1 == line => {
+                out.push_str(key);
+                out.push_str(" =");
+                out.push_str(value);
+                changed = true;
+            }
+            _ => out.push_str(l),
+        }
+    }
+    *text = out;
+    changed
+}
+
+/// Problems listed before giving up on a file.
+const MAX_PROBLEMS: usize = 50;
+
+/// Replaces 1-based `line` of `text` with nothing, keeping the newline;
+/// false if there is no such line or it was blank already.
+fn blank_line(text: &mut String, line: usize) -> bool {
+    let mut out = String::with_capacity(text.len());
+    let mut changed = false;
+    for (i, l) in text.split_inclusive('\n').enumerate() {
+        if i + 1 == line && !l.trim().is_empty() {
+            changed = true;
+            if l.ends_with('\n') {
+                out.push('\n');
+            }
+        } else {
+            out.push_str(l);
+        }
+    }
+    *text = out;
+    changed
+}
+
+/// Turns a TOML/serde error into a problem with a line and, where the line
+/// assigns a key, the key path (`table.key`, `backend[1].key`), in words a
+/// user of the file reads.
+pub(crate) fn syntax_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let line = e.span().map(|s| line_of(text, s.start));
+    // An unknown key's span can be its table's: find the key's own line.
+    let unknown = e
+        .message()
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split_once('`'))
+        .map(|(f, _)| f);
+    let line = match (line, unknown) {
+        (Some(l), Some(f)) => Some(line_of_key(text, l, f).unwrap_or(l)),
+        _ => line,
+    };
+    let missing = e
+        .message()
+        .strip_prefix("missing field `")
+        .and_then(|r| r.split_once('`'))
+        .map(|(f, _)| f);
+    let key = match (line, missing) {
+        (Some(l), Some(f)) => Some(match table_at_line(text, l) {
+            Some(t) => format!("{t}.{f}"),
+            None => f.to_string(),
+        }),
+        (Some(l), None) => key_at_line(text, l),
+        _ => None,
+    }
+    .unwrap_or_else(|| "(syntax)".to_string());
+    Problem {
+        key,
+        line,
+        message: plain_words(e.message().trim()),
+    }
+}
+
+/// serde's messages in the file's terms: "unknown key `adress`; did you
+/// mean `address`?", "expected a whole number, got the text \"fast\"".
+fn plain_words(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((field, expected)) = rest.split_once('`') {
+            let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            let nearest = known
+                .iter()
+                .map(|k| (strsim::levenshtein(field, k), *k))
+                .min();
+            return match nearest {
+                Some((d, k)) if d <= 2.max(field.len() / 3) => {
+                    format!("unknown key `{field}`; did you mean `{k}`?")
+                }
+                _ if !known.is_empty() => format!(
+                    "unknown key `{field}`; the keys here are {}",
+                    known
+                        .iter()
+                        .map(|k| format!("`{k}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                _ => format!("unknown key `{field}`"),
+            };
+        }
+    }
+    if let Some(rest) = message.strip_prefix("invalid type: ") {
+        if let Some((got, expected)) = rest.split_once(", expected ") {
+            return format!("expected {}, got {}", kind_of(expected), value_of(got));
+        }
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        if let Some((field, _)) = rest.split_once('`') {
+            return format!("missing key `{field}`");
+        }
+    }
+    message.to_string()
+}
+
+/// What serde expected, in words.
+fn kind_of(expected: &str) -> String {
+    match expected {
+        "i8" | "i16" | "i32" | "i64" | "u8" | "u16" | "u32" | "u64" | "usize" | "isize" => {
+            "a whole number".to_string()
+        }
+        "f32" | "f64" => "a number".to_string(),
+        "a boolean" => "true or false".to_string(),
+        "a string" => "text in quotes".to_string(),
+        "a sequence" => "a list, as [ ... ]".to_string(),
+        e if e.starts_with("struct ") || e.starts_with("a map") => "a table".to_string(),
+        e => e.to_string(),
+    }
+}
+
+/// The value serde found, in words.
+fn value_of(got: &str) -> String {
+    if let Some(s) = got.strip_prefix("string ") {
+        format!("the text {s}")
+    } else if let Some(n) = got.strip_prefix("integer ") {
+        format!("the number {}", n.trim_matches('`'))
+    } else if let Some(n) = got.strip_prefix("floating point ") {
+        format!("the number {}", n.trim_matches('`'))
+    } else if let Some(b) = got.strip_prefix("boolean ") {
+        b.trim_matches('`').to_string()
+    } else if got == "sequence" {
+        "a list".to_string()
+    } else if got == "map" {
+        "a table".to_string()
+    } else {
+        got.to_string()
+    }
+}
+
+/// The 1-based line, at or after `from` and before the next table header,
+/// that assigns `key`.
+fn line_of_key(text: &str, from: usize, key: &str) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .skip(from.checked_sub(1)?)
+        .take_while(|(i, l)| *i + 1 == from || !l.trim_start().starts_with('['))
+        .find(|(_, l)| l.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+        .map(|(i, _)| i + 1)
+}
+
+/// The table (`name`, or `name[N]` for the N-th `[[name]]`) whose header
+/// is on, or last before, 1-based `line`.
+fn table_at_line(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let upto = lines.get(..line)?;
+    let h = upto
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('['))?;
+    let t = h.trim_matches(|c| c == '[' || c == ']').trim();
+    Some(if h.starts_with("[[") {
+        let n = upto.iter().filter(|l| l.trim() == h).count();
+        format!("{t}[{}]", n.saturating_sub(1))
+    } else {
+        t.to_string()
+    })
+}
+
+/// The key assigned on 1-based line `line`, if that line is `key = ...`,
+/// with its table: `table.key`, or `table[N].key` in the N-th (from 0)
+/// `[[table]]`, as validation problems name keys.
 fn key_at_line(text: &str, line: usize) -> Option<String> {
     let lines: Vec<&str> = text.lines().collect();
     let this = lines.get(line.checked_sub(1)?)?.trim();
     let (key, _) = this.split_once('=')?;
     let key = key.trim();
-    let table = lines
-        .get(..line - 1)?
+    let before = lines.get(..line - 1)?;
+    let header = before
         .iter()
         .rev()
         .map(|l| l.trim())
-        .find(|l| l.starts_with('['))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
-    Some(match table {
-        Some(t) => format!("{t}.{key}"),
+        .find(|l| l.starts_with('['));
+    Some(match header {
+        Some(h) if h.starts_with("[[") => {
+            let t = h.trim_matches(|c| c == '[' || c == ']').trim();
+            let n = before.iter().filter(|l| l.trim() == h).count();
+            format!("{t}[{}].{key}", n.saturating_sub(1))
+        }
+        Some(h) => format!("{}.{key}", h.trim_matches(|c| c == '[' || c == ']').trim()),
         None => key.to_string(),
     })
 }

@@ -631,9 +631,9 @@ impl Config {
 
     /// Parses and validates TOML text; `source_name` labels errors.
     pub fn parse(source_name: &str, text: &str) -> Result<Config, ConfigError> {
-        let raw: file::File = toml::from_str(text).map_err(|e| ConfigError {
+        let raw: file::File = file::parse_all(text).map_err(|problems| ConfigError {
             source_name: source_name.to_string(),
-            problems: vec![file::syntax_problem(text, &e)],
+            problems,
         })?;
         let mut c = Collector {
             text,
@@ -1712,7 +1712,48 @@ connect_timeout = "10 parsecs"
     fn type_error_names_key_and_line() {
         let e = Config::parse("t.toml", "[[listener]]\naddress = \"127.0.0.1:1\"\n[[backend]]\nname = \"a\"\naddress = \"x:1\"\nweight = \"heavy\"\n").unwrap_err();
         let text = e.to_string();
-        assert!(text.contains("t.toml:6: backend.weight"), "{text}");
+        assert!(text.contains("t.toml:6: backend[0].weight"), "{text}");
+        assert!(
+            text.contains("expected a whole number, got the text \"heavy\""),
+            "{text}"
+        );
+    }
+
+    /// Every key and type problem in one pass, each with its line, in the
+    /// file's words, a misspelt key with the key it probably meant; a
+    /// missing required key is its own problem.
+    #[test]
+    fn every_problem_is_listed_at_once() {
+        let text = "[[listener]]\naddress = \"0.0.0.0:1883\"\n\n[[backend]]\nname = \"b1\"\nadress = \"10.0.0.1:1883\"\n\n[[backend]]\nname = \"b2\"\naddress = \"10.0.0.2:1883\"\nwieght = 3\n\n[health]\nrise = \"fast\"\nzzz = 1\n";
+        let e = Config::parse("bad.toml", text).unwrap_err();
+        let lines: Vec<String> = e.to_string().lines().map(str::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                "bad.toml:6: backend[0].adress: unknown key `adress`; did you mean `address`?",
+                "bad.toml:11: backend[1].wieght: unknown key `wieght`; did you mean `weight`?",
+                "bad.toml:14: health.rise: expected a whole number, got the text \"fast\"",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(std::iter::once(lines.last().cloned().unwrap_or_default()))
+            .take(lines.len())
+            .collect::<Vec<_>>(),
+            "{lines:#?}"
+        );
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        let last = &lines[3];
+        assert!(
+            last.starts_with("bad.toml:15: health.zzz: unknown key `zzz`; the keys here are "),
+            "{last}"
+        );
+        let e = Config::parse(
+            "m.toml",
+            "[[listener]]\naddress = \"0.0.0.0:1883\"\n[[backend]]\nname = \"b1\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "m.toml:3: backend[0].address: missing key `address`");
     }
 
     /// The listener and backend settings added for WebSocket, SNI,
