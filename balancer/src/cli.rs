@@ -319,7 +319,38 @@ enum ConfigCommand {
     Check {
         /// The file to check.
         file: PathBuf,
+        /// Also look up every backend's and cluster peer's host name now,
+        /// as the process will (a name that does not resolve is a problem).
+        #[arg(long)]
+        resolve: bool,
     },
+}
+
+/// `config check --resolve`: looks up each `(what, host:port)` with the
+/// system's resolver, as the process will; prints every one that fails.
+fn resolves(file: &std::path::Path, names: &[(String, String)]) -> bool {
+    use std::net::ToSocketAddrs;
+    let mut ok = true;
+    for (what, addr) in names {
+        match addr.to_socket_addrs().map(|mut found| found.next()) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                eprintln!(
+                    "{}: {what}: \"{addr}\" resolves to no address",
+                    file.display()
+                );
+                ok = false;
+            }
+            Err(e) => {
+                eprintln!(
+                    "{}: {what}: \"{addr}\" does not resolve: {e}",
+                    file.display()
+                );
+                ok = false;
+            }
+        }
+    }
+    ok
 }
 
 /// Process entry point.
@@ -345,13 +376,22 @@ pub fn main() -> ExitCode {
     match command {
         Command::Demo(args) => crate::demo::run(args),
         Command::Config {
-            command: ConfigCommand::Check { file },
+            command: ConfigCommand::Check { file, resolve },
         } if mqlb_config::is_broker_file(&file) => {
             match mqlb_config::broker::BrokerConfig::load(&file) {
                 Ok(c) => {
                     for l in &c.listeners {
                         if let Some(Err(e)) = l.tls.as_ref().map(mqlb_listener::tls::acceptor) {
                             eprintln!("{}: broker listener {} TLS: {e}", file.display(), l.name);
+                            return ExitCode::from(EXIT_USAGE);
+                        }
+                    }
+                    if resolve {
+                        let peers = c.cluster.iter().flat_map(|cl| cl.peers.iter());
+                        let names: Vec<(String, String)> = peers
+                            .map(|(n, a)| (format!("cluster peer {n}"), a.to_string()))
+                            .collect();
+                        if !resolves(&file, &names) {
                             return ExitCode::from(EXIT_USAGE);
                         }
                     }
@@ -374,7 +414,7 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Config {
-            command: ConfigCommand::Check { file },
+            command: ConfigCommand::Check { file, resolve },
         } => match Config::load(&file) {
             Ok(c) => {
                 // The config names the files; reading them shows a bad PEM
@@ -388,6 +428,16 @@ pub fn main() -> ExitCode {
                 for b in &c.backends {
                     if let Some(Err(e)) = b.tls.as_ref().map(crate::select::tls_client) {
                         eprintln!("{}: backend {} TLS: {e}", file.display(), b.name);
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                }
+                if resolve {
+                    let names: Vec<(String, String)> = c
+                        .backends
+                        .iter()
+                        .map(|b| (format!("backend {}", b.name), b.address.clone()))
+                        .collect();
+                    if !resolves(&file, &names) {
                         return ExitCode::from(EXIT_USAGE);
                     }
                 }

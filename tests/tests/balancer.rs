@@ -830,6 +830,64 @@ async fn logs_are_json_on_request_and_colourless_off_a_terminal() {
     }
 }
 
+/// `config check --resolve` looks the backends' and peers' names up as the
+/// process will, and names each that does not resolve (`.invalid` never
+/// does, RFC 6761); plain `config check` does not need the network.
+#[test]
+fn config_check_resolve_names_the_names_that_do_not_resolve() {
+    let dir = mqlb_tests::scratch_dir("resolve");
+    let lb = dir.join("lb.toml");
+    std::fs::write(
+        &lb,
+        "[[listener]]\naddress = \"127.0.0.1:1883\"\n[[backend]]\nname = \"b1\"\naddress = \"no-such-host.invalid:1883\"\n[[backend]]\nname = \"b2\"\naddress = \"localhost:1883\"\n",
+    )
+    .unwrap();
+    let node = dir.join("node.toml");
+    std::fs::write(
+        &node,
+        "[broker]\nlisten = \"127.0.0.1:1883\"\n[cluster]\nnode_id = \"n1\"\nlisten = \"127.0.0.1:7000\"\npeers = [\"n2@localhost:7001\", \"n3@gone.invalid:7002\"]\n",
+    )
+    .unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(mqlb_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for f in [&lb, &node] {
+        let (code, err) = run(&["config".as_ref(), "check".as_ref(), f.as_os_str()]);
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let (code, err) = run(&[
+        "config".as_ref(),
+        "check".as_ref(),
+        "--resolve".as_ref(),
+        lb.as_os_str(),
+    ]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("backend b1: \"no-such-host.invalid:1883\" does not resolve"),
+        "{err}"
+    );
+    assert!(!err.contains("b2"), "{err}");
+    let (code, err) = run(&[
+        "config".as_ref(),
+        "check".as_ref(),
+        "--resolve".as_ref(),
+        node.as_os_str(),
+    ]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("cluster peer n3: \"gone.invalid:7002\" does not resolve"),
+        "{err}"
+    );
+    assert!(!err.contains("n2"), "{err}");
+}
+
 /// At the default `info`, a connection event names its client itself (the
 /// connection span is debug-only, for memory): a CONNECT refused for want
 /// of a backend says who, from where, and why.
