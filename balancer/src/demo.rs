@@ -13,6 +13,7 @@
 //! directory at start, and removes it at exit, so even on loopback no
 //! other local user can join the demo's cluster.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,15 +56,32 @@ struct Node {
 impl Node {
     fn spawn(&mut self) {
         let exe = std::env::current_exe().unwrap_or_else(|_| "mqlb".into());
+        // Its own process group: Ctrl-C reaches the demo alone, which then
+        // stops every node at once (no node watches its peers leave one by
+        // one, and no hand-over is waited for: everything goes together).
         match Command::new(exe)
             .arg("broker")
             .args(&self.args)
             .args(["--exit-with-parent", &std::process::id().to_string()])
             .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
             .spawn()
         {
-            Ok(c) => {
+            Ok(mut c) => {
                 println!("node {} started (pid {})", self.name, c.id());
+                // Its log lines, tagged with its name: four processes
+                // share this terminal.
+                if let Some(err) = c.stderr.take() {
+                    let name = self.name.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{BufRead, Write};
+                        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                            let mut e = std::io::stderr().lock();
+                            let _ = writeln!(e, "{name} | {line}");
+                        }
+                    });
+                }
                 self.child = Some(c);
                 self.down_since = None;
             }
@@ -294,28 +312,17 @@ pub fn run(args: DemoArgs) -> ExitCode {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = supervisor.join();
     let mut nodes = children.lock().unwrap_or_else(|p| p.into_inner());
+    // The whole cluster goes at once: its state is the demo's, thrown away
+    // with it, so there is nothing to hand over.
+    for n in nodes.iter_mut() {
+        if let Some(c) = n.child.as_mut() {
+            let _ = c.kill();
+        }
+    }
     for n in nodes.iter_mut() {
         if let Some(mut c) = n.child.take() {
-            // Ctrl-C reaches the whole process group, but a SIGTERM sent to
-            // the demo alone does not: pass it on, wait for the graceful
-            // stop, and cut a node that takes too long.
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                match c.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if std::time::Instant::now() >= deadline => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
+            let _ = c.wait();
+            println!("node {} stopped", n.name);
         }
     }
     code
