@@ -221,6 +221,15 @@ fn backends_json(shared: &Shared) -> serde_json::Value {
                 "health": b.health_state().label(),
                 "draining": b.is_draining(),
                 "in_cluster_view": b.cluster_admin.as_ref().map(|_| !b.is_out_of_view()),
+                // What the node last said on its /cluster (null when it is
+                // not a cluster node or did not answer).
+                "cluster": b.cluster_node().map(|v| json!({
+                    "node": v.node,
+                    "ready": v.ready,
+                    "view": v.view,
+                    "leader": v.leader,
+                    "members": v.members,
+                })),
                 "last_rtt_ms": last_rtt_ms,
                 "last_check": report.as_ref().and_then(|r| r.last_check).map(rfc3339),
                 "connections": b.active.load(Ordering::Relaxed),

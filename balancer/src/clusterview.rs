@@ -33,6 +33,10 @@ pub struct NodeView {
     pub ready: bool,
     /// The members of its view.
     pub members: Vec<String>,
+    /// Its committed view's number.
+    pub view: u64,
+    /// The Raft leader it knows of.
+    pub leader: Option<String>,
 }
 
 /// Reads `http://{admin}/cluster` within `timeout`, with the bearer
@@ -64,6 +68,11 @@ pub async fn fetch(admin: &str, token: Option<&str>, timeout: Duration) -> Optio
             .iter()
             .filter_map(|m| m.as_str().map(str::to_string))
             .collect(),
+        view: v
+            .get("view")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0),
+        leader: v.get("leader").and_then(|l| l.as_str()).map(str::to_string),
     })
 }
 
@@ -128,6 +137,9 @@ pub async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
             let admin = b.cluster_admin.as_deref().unwrap_or_default();
             answers.push(fetch(admin, token.as_deref(), timeout).await);
         }
+        for (b, a) in members.iter().zip(&answers) {
+            b.set_cluster_node(a.clone());
+        }
         let names: Vec<String> = members.iter().map(|b| b.name.clone()).collect();
         for (b, a) in members.iter().zip(&answers) {
             if let Some(a) = a.as_ref().filter(|a| a.node != b.name) {
@@ -167,6 +179,8 @@ mod tests {
             node: String::new(),
             ready,
             members: members.iter().map(|m| m.to_string()).collect(),
+            view: 1,
+            leader: None,
         })
     }
 

@@ -4,8 +4,11 @@
 //! the admin API's JSON endpoints (`/backends`, `/events`, `/history`) once
 //! a second and draws the charts as inline SVG.
 //!
-//! The drain and undrain buttons POST from the page's own origin; the admin
-//! API refuses POSTs from other origins (see `admin::cross_site`).
+//! The drain and undrain buttons POST from the page's own origin (a drain
+//! asks for confirmation first); the admin API refuses POSTs from other
+//! origins (see `admin::cross_site`). In front of a bundled cluster
+//! (`cluster_admin` on the backends) a Cluster panel shows the leader, the
+//! view and each node's readiness, as the nodes answer on `/cluster`.
 
 /// The page.
 pub const PAGE: &str = r###"<!doctype html>
@@ -36,6 +39,15 @@ pub const PAGE: &str = r###"<!doctype html>
 <body>
 <h1>mqlb</h1>
 <div class="muted">status console &middot; <span id="updated">loading&hellip;</span></div>
+
+<section id="cluster-section" hidden>
+<h2>Cluster</h2>
+<div id="cluster-summary"></div>
+<table>
+  <thead><tr><th>node</th><th>ready</th><th>view</th><th>leader it knows</th><th>members in its view</th></tr></thead>
+  <tbody id="cluster"></tbody>
+</table>
+</section>
 
 <h2>Backends</h2>
 <table>
@@ -104,8 +116,43 @@ function renderBackends(list) {
     </tr>`;
   }).join("");
   for (const btn of document.querySelectorAll("#backends button")) {
-    btn.onclick = () => post(`/backends/${encodeURIComponent(btn.dataset.name)}/${btn.dataset.action}`);
+    btn.onclick = () => {
+      // Draining moves every client off the backend: ask first.
+      if (btn.dataset.action === "drain" &&
+          !confirm(`Drain ${btn.dataset.name}? Its clients are moved to other backends.`)) return;
+      post(`/backends/${encodeURIComponent(btn.dataset.name)}/${btn.dataset.action}`);
+    };
   }
+}
+
+// The bundled cluster, as its nodes answer on their /cluster (backends
+// with cluster_admin): the leader most of them name, the newest view, how
+// many are ready, and each node's own answer.
+function renderCluster(list) {
+  const nodes = list.filter((b) => b.in_cluster_view !== null && b.in_cluster_view !== undefined);
+  $("cluster-section").hidden = nodes.length === 0;
+  if (!nodes.length) return;
+  const answers = nodes.map((b) => b.cluster).filter((c) => c);
+  const votes = {};
+  for (const c of answers) if (c.leader) votes[c.leader] = (votes[c.leader] || 0) + 1;
+  const leader = Object.entries(votes).sort((a, b) => b[1] - a[1])[0]?.[0] ?? "none";
+  const view = answers.length ? Math.max(...answers.map((c) => c.view)) : 0;
+  const ready = answers.filter((c) => c.ready).length;
+  const s = $("cluster-summary");
+  s.dataset.leader = leader; s.dataset.view = view; s.dataset.ready = ready;
+  s.dataset.nodes = nodes.length;
+  s.innerHTML = `leader <b>${esc(leader)}</b> &middot; view <b>${view}</b> &middot;
+    <b class="${ready === nodes.length ? "up" : "down"}">${ready} of ${nodes.length}</b> nodes ready`;
+  $("cluster").innerHTML = nodes.map((b) => {
+    const c = b.cluster;
+    if (!c) return `<tr data-node="${esc(b.name)}"><td>${esc(b.name)}</td>
+      <td class="down" colspan="4">no answer from ${esc(b.name)}'s admin API</td></tr>`;
+    return `<tr data-node="${esc(b.name)}" data-ready="${c.ready}" data-view="${c.view}">
+      <td>${esc(b.name)}</td>
+      <td class="${c.ready ? "up" : "down"}">${c.ready ? "ready" : "not ready"}</td>
+      <td>${c.view}</td><td>${esc(c.leader ?? "none")}</td>
+      <td>${esc(c.members.join(", "))}${b.in_cluster_view ? "" : ` <span class="down">(left out of the view)</span>`}</td></tr>`;
+  }).join("");
 }
 
 function line(points, w, h, max, colour) {
@@ -136,9 +183,16 @@ function renderCharts(history) {
   }).join("");
 }
 
+// Date and 24-hour time, local: "2026-12-06 14:03:07".
+const stamp = (ms) => {
+  const d = new Date(ms), p = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ` +
+    `${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+};
+
 function renderEvents(events) {
   $("events").innerHTML = events.length ? events.slice(0, 50).map((e) =>
-    `<li><span class="muted">${new Date(e.at_ms).toLocaleTimeString()}</span>
+    `<li><span class="muted">${stamp(e.at_ms)}</span>
      <b>${esc(e.kind)}</b> ${esc(e.backend)}: ${esc(e.detail)}</li>`).join("")
     : `<li class="muted">none yet</li>`;
 }
@@ -147,8 +201,8 @@ async function refresh() {
   try {
     const [b, e, h] = await Promise.all(
       ["/backends", "/events", "/history"].map((p) => api(p).then((r) => r.json())));
-    renderBackends(b); renderEvents(e); renderCharts(h);
-    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    renderCluster(b); renderBackends(b); renderEvents(e); renderCharts(h);
+    $("updated").textContent = "updated " + stamp(Date.now());
     document.body.dataset.ready = "1";
   } catch (err) {
     $("updated").textContent = "admin API unreachable: " + err;

@@ -40,6 +40,9 @@ pub struct Backend {
     /// Set while a majority of the cluster's ready nodes leave it out of
     /// their view (see `clusterview`): no new clients then.
     out_of_view: AtomicBool,
+    /// What the node last said of itself and its cluster (`GET /cluster`),
+    /// for the console; `None` until it answers, or when it stops.
+    cluster_node: std::sync::Mutex<Option<crate::clusterview::NodeView>>,
     /// Set by an operator (admin API): no new clients, existing ones are
     /// moved at the eviction rate. Kept apart from health, as pingora keeps
     /// `enabled` apart from `healthy`.
@@ -106,6 +109,7 @@ impl Backend {
             websocket: spec.websocket.clone(),
             cluster_admin: spec.cluster_admin.clone(),
             out_of_view: AtomicBool::new(false),
+            cluster_node: std::sync::Mutex::new(None),
             draining: AtomicBool::new(false),
             health: OnceLock::new(),
             active: AtomicU64::new(0),
@@ -151,6 +155,20 @@ impl Backend {
     /// changed.
     pub fn set_out_of_view(&self, out: bool) -> bool {
         self.out_of_view.swap(out, Ordering::AcqRel) != out
+    }
+
+    /// What the node last answered on its `/cluster` (its readiness, view
+    /// and leader), if it answered the last time it was asked.
+    pub fn cluster_node(&self) -> Option<crate::clusterview::NodeView> {
+        self.cluster_node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Keeps the node's latest `/cluster` answer (or its absence).
+    pub fn set_cluster_node(&self, v: Option<crate::clusterview::NodeView>) {
+        *self.cluster_node.lock().unwrap_or_else(|p| p.into_inner()) = v;
     }
 
     /// Whether an operator is draining it.

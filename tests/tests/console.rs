@@ -251,3 +251,117 @@ async fn admin_posts_from_other_origins_are_refused() {
     assert!(events.contains("\"kind\":\"undrain\""), "{events}");
     lb.stop().await;
 }
+
+/// The console's cluster panel, in a real browser, in front of a bundled
+/// 3-node cluster: the leader, the view and how many nodes are ready are
+/// what the nodes' own `/cluster` answers say (read back through the
+/// balancer's `/backends`), each node has its row, and a screenshot is
+/// saved under `target/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_the_cluster() {
+    let Some(browser) = chromium() else {
+        eprintln!("SKIPPED: chromium is not installed (apt-get install chromium; .ci/run does)");
+        return;
+    };
+    let mut c = mqlb_tests::cluster::TestCluster::start(3, &[]);
+    assert!(
+        c.wait_converged(Duration::from_secs(20)).await,
+        "cluster did not converge"
+    );
+    let mut text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n{FAST_HEALTH}[admin]\naddress = \"127.0.0.1:0\"\n\
+         [balancer]\ncluster_admin_token_file = \"{}\"\n",
+        admin_token_file().display()
+    );
+    for n in &c.nodes {
+        text.push_str(&format!(
+            "[[backend]]\nname = \"{}\"\naddress = \"{}\"\ncluster_admin = \"{}\"\n",
+            n.name, n.addr, n.admin
+        ));
+    }
+    let lb = RunningBalancer::start(mqlb_config::Config::parse("<test>", &text).unwrap()).await;
+    let admin = lb.admin.unwrap().to_string();
+    let all_answered = wait_until(Duration::from_secs(20), || {
+        lb.shared.backends.snapshot().iter().all(|b| {
+            b.cluster_node()
+                .is_some_and(|v| v.ready && v.leader.is_some())
+        })
+    })
+    .await;
+    assert!(
+        all_answered.is_some(),
+        "the nodes' /cluster answers never reached the balancer"
+    );
+    let (_, body) = http(&admin, "GET", "/backends").await;
+    let api: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let answers: Vec<&serde_json::Value> = api
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| &b["cluster"])
+        .collect();
+    let leader = answers[0]["leader"].as_str().unwrap().to_string();
+    assert!(
+        answers.iter().all(|a| a["leader"] == leader.as_str()),
+        "the nodes name different leaders: {answers:?}"
+    );
+    let view = answers
+        .iter()
+        .map(|a| a["view"].as_u64().unwrap())
+        .max()
+        .unwrap();
+
+    let url = format!("http://{admin}/");
+    let (b, u) = (browser.clone(), url.clone());
+    let dom = tokio::task::spawn_blocking(move || browse(&b, &u, &["--dump-dom".into()]))
+        .await
+        .unwrap();
+    let attr = |name: &str| {
+        let key = format!("{name}=\"");
+        let at = dom
+            .find("id=\"cluster-summary\"")
+            .expect("no cluster summary");
+        let tag_end = dom[at..].find('>').unwrap() + at;
+        let tag = &dom[..tag_end];
+        let start = tag.rfind('<').unwrap();
+        let tag = &tag[start..];
+        let v = tag
+            .find(&key)
+            .map(|i| &tag[i + key.len()..])
+            .unwrap_or_default();
+        v[..v.find('"').unwrap_or(0)].to_string()
+    };
+    assert_eq!(attr("data-leader"), leader, "{dom}");
+    assert_eq!(attr("data-view"), view.to_string(), "{dom}");
+    assert_eq!(attr("data-ready"), "3", "{dom}");
+    assert_eq!(attr("data-nodes"), "3", "{dom}");
+    for n in &c.nodes {
+        assert!(
+            dom.contains(&format!("data-node=\"{}\" data-ready=\"true\"", n.name)),
+            "no ready row for {}: {dom}",
+            n.name
+        );
+    }
+    let shot = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/console-cluster.png"
+    ));
+    let _ = std::fs::remove_file(&shot);
+    let (b, u, s) = (browser.clone(), url.clone(), shot.clone());
+    tokio::task::spawn_blocking(move || {
+        browse(
+            &b,
+            &u,
+            &[
+                format!("--screenshot={}", s.display()),
+                "--window-size=1200,900".into(),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(shot.exists(), "no screenshot at {}", shot.display());
+    eprintln!("screenshot: {}", shot.display());
+    lb.stop().await;
+    drop(c);
+}
