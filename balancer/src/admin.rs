@@ -344,6 +344,13 @@ fn per_backend(
     }
 }
 
+/// The reason codes a CONNACK carries (MQTT 5.0 §3.2.2.2; a 3.x return
+/// code is counted as its v5 equivalent).
+const CONNACK_CODES: [u8; 22] = [
+    0x00, 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97,
+    0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F,
+];
+
 /// Prometheus text exposition of every metric.
 pub fn render_metrics(shared: &Shared) -> String {
     let m = &shared.metrics;
@@ -487,7 +494,9 @@ pub fn render_metrics(shared: &Shared) -> String {
     for b in bs {
         for (code, n) in b.connacks.iter().enumerate() {
             let n = load(n);
-            if n > 0 {
+            // The codes a CONNACK can carry are always there (0 until
+            // seen), so a dashboard shows 0, not "no data".
+            if n > 0 || CONNACK_CODES.contains(&(code as u8)) {
                 let rc = mqlb_protocol::ReasonCode(code as u8);
                 let _ = writeln!(o, "mqlb_backend_connack_total{{backend=\"{}\",code=\"0x{code:02X}\",reason=\"{}\"}} {n}", LabelValue(&b.name), rc.name());
             }
@@ -579,6 +588,7 @@ pub fn render_metrics(shared: &Shared) -> String {
             &format!("backend=\"{}\"", LabelValue(&b.name)),
         );
     }
+    crate::metrics::render_process(&mut o);
     o
 }
 

@@ -735,6 +735,7 @@ fn broker_admin(state: &mqlb_broker::state::State, path: &str) -> crate::http::R
     match path {
         "/metrics" => {
             let mut body = mqlb_broker::sys::render_metrics(&state.core());
+            crate::metrics::render_process(&mut body);
             mqlb_broker::sys::render_state_metrics(state, &mut body);
             state.fronts.render(&mut body);
             state.statestore.render(&mut body);

@@ -227,3 +227,65 @@ impl Histogram {
         let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
     }
 }
+
+/// The standard `process_*` metrics (CPU, resident memory, open and maximum
+/// file descriptors, start time), as Prometheus's client libraries name
+/// them, read from `/proc/self`: what an operator graphs next to the
+/// connection counts. Nothing is written where `/proc` cannot be read.
+pub fn render_process(o: &mut String) {
+    use std::fmt::Write as _;
+    // Linux reports times in clock ticks and memory in pages: 100 Hz and
+    // 4 KiB on every platform mqlb is built for.
+    const TICKS: f64 = 100.0;
+    const PAGE: u64 = 4096;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n).and_then(|f| f.parse::<u64>().ok());
+    // utime, stime, starttime, rss: fields 14, 15, 22, 24 of stat(5), so
+    // 11, 12, 19, 21 after the name.
+    if let (Some(user), Some(system)) = (field(11), field(12)) {
+        let _ = write!(
+            o,
+            "# HELP process_cpu_seconds_total User and system CPU time spent.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {}\n",
+            (user + system) as f64 / TICKS
+        );
+    }
+    if let Some(rss) = field(21) {
+        let _ = write!(
+            o,
+            "# HELP process_resident_memory_bytes Resident memory.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}\n",
+            rss * PAGE
+        );
+    }
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines().find_map(|l| {
+            l.strip_prefix("btime ")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+    });
+    if let (Some(boot), Some(start)) = (boot, field(19)) {
+        let _ = write!(
+            o,
+            "# HELP process_start_time_seconds Start time since the Unix epoch.\n# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {}\n",
+            boot as f64 + start as f64 / TICKS
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let _ = write!(
+            o,
+            "# HELP process_open_fds Open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {}\n",
+            fds.count()
+        );
+    }
+    if let Ok((soft, _)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        let _ = write!(
+            o,
+            "# HELP process_max_fds The open-file limit.\n# TYPE process_max_fds gauge\nprocess_max_fds {soft}\n"
+        );
+    }
+}

@@ -749,6 +749,8 @@ async fn broker_process_sys_topics_and_metrics() {
     assert_eq!(status, 200);
     assert!(body.contains("mqlb_broker_clients_connected 2"), "{body}");
     assert!(body.contains("mqlb_broker_subscriptions 2"), "{body}");
+    assert!(body.contains("\nprocess_resident_memory_bytes "), "{body}");
+    assert!(body.contains("\nprocess_open_fds "), "{body}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

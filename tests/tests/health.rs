@@ -349,9 +349,21 @@ async fn admin_api_reports_backends_clients_and_metrics() {
         "mqlb_backend_probe_rtt_seconds_bucket{backend=\"b1\",le=\"+Inf\"}",
         "mqlb_backend_health{backend=\"b1\",state=\"up\"} 1",
         "mqlb_backend_health_transitions_total{backend=\"b1\",to=\"up\"} 1",
+        // A code never seen is there as 0, not missing ("no data").
+        "code=\"0x88\",reason=\"server_unavailable\"} 0",
+        "process_cpu_seconds_total ",
+        "process_open_fds ",
+        "process_max_fds ",
+        "process_start_time_seconds ",
     ] {
         assert!(m.contains(family), "missing {family}");
     }
+    let rss: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("process_resident_memory_bytes");
+    assert!(rss > 1e6, "resident memory {rss}");
     assert_eq!(http(&admin, "POST", "/backends/nope/drain").await.0, 404);
     assert_eq!(http(&admin, "GET", "/nope").await.0, 404);
     lb.stop().await;
