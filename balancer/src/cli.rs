@@ -554,7 +554,7 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             }
             match crate::fdlimit::raise() {
-                Ok(limit) => tracing::info!(limit, "open-file limit"),
+                Ok(limit) => tracing::debug!(limit, "open-file limit"),
                 Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
             }
             let Some(rt) = runtime() else {
@@ -797,9 +797,13 @@ fn init_tracing(format: mqlb_config::LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Writing a log line that cannot be written (standard error closed: a
+    // log pipe whose reader died) must not be reported with eprintln!,
+    // which panics there: every task that logged would die with it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = match format {
         mqlb_config::LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
@@ -842,7 +846,7 @@ pub(crate) fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
                     );
                 }
                 Some(warning) => tracing::warn!("{warning}"),
-                None => tracing::info!(limit, "open-file limit"),
+                None => tracing::debug!(limit, "open-file limit"),
             }
         }
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),

@@ -13,6 +13,7 @@
 //! directory at start, and removes it at exit, so even on loopback no
 //! other local user can join the demo's cluster.
 
+use std::io::Write as _;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
@@ -307,7 +308,26 @@ pub fn run(args: DemoArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    print_banner(&args, &nodes, &children, token.trim());
+    // The banner once everything is ready, after the start-up lines, so it
+    // is what the terminal shows last.
+    println!("mqlb demo: starting 3 nodes and the balancer ...");
+    {
+        let (args, nodes, children) = (args.clone(), nodes.clone(), children.clone());
+        let token = token.trim().to_string();
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let all_ready = || {
+                nodes.iter().all(|(_, _, admin, _)| ready(*admin))
+                    && std::net::TcpStream::connect(("127.0.0.1", args.port)).is_ok()
+            };
+            while !all_ready() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // A moment for the last start-up lines to land above it.
+            std::thread::sleep(Duration::from_millis(300));
+            print_banner(&args, &nodes, &children, &token);
+        });
+    }
     let code = crate::cli::run(config, None);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = supervisor.join();
@@ -322,10 +342,31 @@ pub fn run(args: DemoArgs) -> ExitCode {
     for n in nodes.iter_mut() {
         if let Some(mut c) = n.child.take() {
             let _ = c.wait();
-            println!("node {} stopped", n.name);
+            // Not println!: with standard output closed it would panic
+            // before the other nodes are stopped.
+            let _ = writeln!(std::io::stdout(), "node {} stopped", n.name);
         }
     }
     code
+}
+
+/// Whether the node whose admin API is on `port` answers `/readyz` 200.
+fn ready(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(300),
+    ) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
 }
 
 fn print_banner(

@@ -830,6 +830,48 @@ async fn logs_are_json_on_request_and_colourless_off_a_terminal() {
     }
 }
 
+/// A balancer whose log reader goes away (standard error closed: a log
+/// pipe whose reader died) keeps serving, and still stops on SIGTERM: a
+/// log line that cannot be written is dropped, not reported with a panic
+/// in whichever task logged it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_log_pipe_does_not_stop_the_balancer() {
+    let m = Mosquitto::start();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = KillOnDrop(
+        std::process::Command::new(mqlb_bin())
+            .args(["balance", "--listen", &addr])
+            .args(["--backend", &format!("b1={}", m.addr())])
+            .env("RUST_LOG", "debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The reader goes away at once: every log line from here fails.
+    drop(child.0.stderr.take());
+    assert!(wait_listening(&addr, T), "not listening");
+    for i in 0..3 {
+        let (_s, ack) = connect_and_ack(&addr, &format!("no-log-{i}"), 4).await;
+        assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "client {i} refused");
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut exited = false;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.0.try_wait() {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(exited, "SIGTERM did not stop it within 10 s");
+}
+
 /// `config check --resolve` looks the backends' and peers' names up as the
 /// process will, and names each that does not resolve (`.invalid` never
 /// does, RFC 6761); plain `config check` does not need the network.

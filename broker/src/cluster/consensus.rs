@@ -702,7 +702,7 @@ impl Consensus {
                 format!("{name}:{:?}@{}", pr.state, pr.matched)
             })
             .collect();
-        tracing::info!(live = ?observed, ?progress, "proposing a view");
+        tracing::debug!(live = ?observed, ?progress, "proposing a view");
         if let Err(e) = self.node.propose(
             Vec::new(),
             Command::Live(observed.clone()).encode().to_vec(),

@@ -178,7 +178,7 @@ impl Cluster {
         // have it; a change is on it, or comes in its snapshot).
         self.release_waits(&[id]);
         self.release_store_waits(&[id]);
-        tracing::info!("peer link up");
+        tracing::debug!("peer link up");
         let mut buf = BytesMut::with_capacity(64 << 10);
         loop {
             let r = tokio::time::timeout(FAILURE_TIMEOUT, stream.read_buf(&mut buf)).await;
@@ -417,7 +417,7 @@ impl Cluster {
             match stream {
                 Ok(s) => {
                     backoff = Duration::from_millis(100);
-                    tracing::info!("link to peer open");
+                    tracing::debug!("link to peer open");
                     tokio::select! {
                         _ = self.write_link(id, s, &state) => {}
                         _ = stop.cancelled() => return,
