@@ -15,6 +15,7 @@
 //! * [`journal`]: recent events and per-backend history for the console.
 //! * [`console`]: the status page on the admin port.
 //! * [`metrics`]: counters and histograms the admin API exposes.
+//! * [`refusal`]: why admission refused a client, counted per backend.
 //! * [`registry`]: live connections, by backend and client ID.
 //! * [`limit`]: the concurrent-connection cap, resizable on reload.
 //! * [`fdlimit`]: raises the open-file limit and checks it against the config.
@@ -60,6 +61,7 @@ pub mod http;
 pub mod journal;
 pub mod limit;
 pub mod metrics;
+pub mod refusal;
 pub mod registry;
 pub mod select;
 pub mod server;

@@ -76,7 +76,7 @@ pub struct Backend {
     /// nodes: not counted against the backend's health.
     pub sessions_moving: AtomicU64,
     /// Clients placed here that admission control refused, by reason.
-    pub admission_refused: crate::admission::Refused,
+    pub admission_refused: crate::refusal::Refused,
 }
 
 /// The TLS client for a backend's settings (files read now).
