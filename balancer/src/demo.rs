@@ -204,7 +204,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
             "mqlb demo: these ports are in use: {}.\nIs another mqlb demo running? Stop it, or choose other ports with --port, --admin-port and --cluster-port.",
             taken.join(", ")
         );
-        return ExitCode::from(crate::cli::EXIT_USAGE);
+        return ExitCode::from(crate::run::EXIT_USAGE);
     }
     let scratch = match scratch(&nodes) {
         Ok(s) => s,
@@ -328,7 +328,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
             print_banner(&args, &nodes, &children, &token);
         });
     }
-    let code = crate::cli::run(config, None);
+    let code = crate::run::run(config, None);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = supervisor.join();
     let mut nodes = children.lock().unwrap_or_else(|p| p.into_inner());

@@ -17,6 +17,7 @@
 //! * [`metrics`]: counters and histograms the admin API exposes.
 //! * [`refusal`]: why admission refused a client, counted per backend.
 //! * [`registry`]: live connections, by backend and client ID.
+//! * [`run`]: running a balancer until a signal stops it (the CLI's and the demo's).
 //! * [`limit`]: the concurrent-connection cap, resizable on reload.
 //! * [`fdlimit`]: raises the open-file limit and checks it against the config.
 //! * [`discovery`]: pools whose backends come from DNS (A/AAAA, SRV).
@@ -63,6 +64,7 @@ pub mod limit;
 pub mod metrics;
 pub mod refusal;
 pub mod registry;
+pub mod run;
 pub mod select;
 pub mod server;
 pub mod shared;
