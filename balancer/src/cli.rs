@@ -8,10 +8,9 @@ use clap::{Parser, Subcommand};
 use mqlb_config::Config;
 use mqlb_healthcheck::{CheckSettings, Outcome, ProbeSpec, Thresholds};
 use mqlb_protocol::ProtocolVersion;
-use tokio_util::sync::CancellationToken;
 
 pub use crate::run::EXIT_USAGE;
-use crate::run::{init_tracing, run, runtime, wait_for_signal};
+use crate::run::{init_tracing, run, runtime, shutdown_on_signals};
 
 /// mqlb: an MQTT-aware load balancer.
 #[derive(Debug, Parser)]
@@ -568,16 +567,7 @@ pub fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                let shutdown = CancellationToken::new();
-                let signal = shutdown.clone();
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    tracing::info!("shutting down gracefully; signal again to stop at once");
-                    signal.cancel();
-                    wait_for_signal().await;
-                    tracing::warn!("second signal: stopping at once");
-                    std::process::exit(130);
-                });
+                let shutdown = shutdown_on_signals();
                 if let Some(admin) = cfg.admin {
                     let listener = match tokio::net::TcpListener::bind(admin).await {
                         Ok(l) => l,
@@ -680,12 +670,7 @@ pub fn main() -> ExitCode {
                     },
                     spec,
                 };
-                let shutdown = CancellationToken::new();
-                let signal = shutdown.clone();
-                tokio::spawn(async move {
-                    wait_for_signal().await;
-                    signal.cancel();
-                });
+                let shutdown = shutdown_on_signals();
                 crate::sidecar::run(args.target, listener, settings, shutdown).await;
                 ExitCode::SUCCESS
             })

@@ -96,16 +96,7 @@ pub(crate) fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down gracefully; signal again to stop at once");
-            signal.cancel();
-            wait_for_signal().await;
-            tracing::warn!("second signal: stopping at once");
-            std::process::exit(130);
-        });
+        let shutdown = shutdown_on_signals();
         let grace = balancer.shared().config().eviction.shutdown_grace;
         if let Some(path) = path {
             let shared = balancer.shared();
@@ -129,8 +120,24 @@ pub(crate) fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
     })
 }
 
+/// A token cancelled at the first SIGINT or SIGTERM (a graceful stop); the
+/// second signal exits at once. Call inside the runtime.
+pub(crate) fn shutdown_on_signals() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down gracefully; signal again to stop at once");
+        signal.cancel();
+        wait_for_signal().await;
+        tracing::warn!("second signal: stopping at once");
+        std::process::exit(130);
+    });
+    shutdown
+}
+
 /// Resolves at SIGINT (Ctrl-C) or SIGTERM.
-pub(crate) async fn wait_for_signal() {
+async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

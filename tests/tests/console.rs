@@ -71,6 +71,34 @@ fn browse(browser: &Path, url: &str, args: &[String]) -> String {
     reader.join().unwrap_or_default()
 }
 
+/// Saves a screenshot of `url` as `target/NAME` (for people) and checks it
+/// is a PNG.
+async fn screenshot(browser: &Path, url: &str, name: &str) {
+    let shot = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).join(name);
+    let _ = std::fs::remove_file(&shot);
+    let (b, u, s) = (browser.to_path_buf(), url.to_string(), shot.clone());
+    tokio::task::spawn_blocking(move || {
+        browse(
+            &b,
+            &u,
+            &[
+                format!("--screenshot={}", s.display()),
+                "--window-size=1280,900".into(),
+                "--hide-scrollbars".into(),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let png = std::fs::read(&shot).unwrap_or_default();
+    assert!(
+        png.starts_with(b"\x89PNG"),
+        "no screenshot at {}",
+        shot.display()
+    );
+    eprintln!("screenshot: {} ({} bytes)", shot.display(), png.len());
+}
+
 /// (backend, state) for each row of the console's backend table.
 fn rows(dom: &str) -> Vec<(String, String)> {
     // Only the rendered table, not the script that renders it.
@@ -178,32 +206,7 @@ async fn console_in_a_real_browser() {
     );
 
     // A screenshot for people.
-    let shot = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/console.png"
-    ));
-    let _ = std::fs::remove_file(&shot);
-    let (b, u, s) = (browser.clone(), url.clone(), shot.clone());
-    tokio::task::spawn_blocking(move || {
-        browse(
-            &b,
-            &u,
-            &[
-                format!("--screenshot={}", s.display()),
-                "--window-size=1280,900".into(),
-                "--hide-scrollbars".into(),
-            ],
-        )
-    })
-    .await
-    .unwrap();
-    let png = std::fs::read(&shot).unwrap_or_default();
-    assert!(
-        png.starts_with(b"\x89PNG"),
-        "no screenshot at {}",
-        shot.display()
-    );
-    eprintln!("screenshot: {} ({} bytes)", shot.display(), png.len());
+    screenshot(&browser, &url, "console.png").await;
     lb.stop().await;
 }
 
@@ -342,26 +345,7 @@ async fn the_console_shows_the_cluster() {
             n.name
         );
     }
-    let shot = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../target/console-cluster.png"
-    ));
-    let _ = std::fs::remove_file(&shot);
-    let (b, u, s) = (browser.clone(), url.clone(), shot.clone());
-    tokio::task::spawn_blocking(move || {
-        browse(
-            &b,
-            &u,
-            &[
-                format!("--screenshot={}", s.display()),
-                "--window-size=1200,900".into(),
-            ],
-        )
-    })
-    .await
-    .unwrap();
-    assert!(shot.exists(), "no screenshot at {}", shot.display());
-    eprintln!("screenshot: {}", shot.display());
+    screenshot(&browser, &url, "console-cluster.png").await;
     lb.stop().await;
     drop(c);
 }

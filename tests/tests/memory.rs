@@ -98,6 +98,24 @@ async fn settled() -> isize {
     LIVE.load(Ordering::Relaxed)
 }
 
+/// Heap bytes each of `n` idle connections to `addr` holds, after a
+/// warm-up that brings pools and tables to size; the connections stay open.
+async fn heap_per_idle_connection(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> (Vec<std::net::TcpStream>, f64) {
+    let warm = tokio::task::spawn_blocking(move || open(addr, 50, "warm"))
+        .await
+        .unwrap();
+    drop(warm);
+    let before = settled().await;
+    let fleet = tokio::task::spawn_blocking(move || open(addr, n, "idle"))
+        .await
+        .unwrap();
+    let after = settled().await;
+    (fleet, (after - before) as f64 / n as f64)
+}
+
 /// The heap an idle plain-TCP proxied connection holds, logging at the
 /// default `info`: 22.6 KiB when the TLS and WebSocket paths were part of
 /// every connection's task (a task is as large as its largest state),
@@ -115,17 +133,7 @@ async fn an_idle_plain_connection_holds_little_heap() {
     let lb = RunningBalancer::start(config(&[("m", broker.addr())], "")).await;
     let addr = lb.addr;
     // Warm up: pools, registry shards, tokio's slabs reach their size.
-    let warm = tokio::task::spawn_blocking(move || open(addr, 50, "warm"))
-        .await
-        .unwrap();
-    drop(warm);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = settled().await;
-    let fleet = tokio::task::spawn_blocking(move || open(addr, N, "idle"))
-        .await
-        .unwrap();
-    let after = settled().await;
-    let per = (after - before) as f64 / N as f64;
+    let (fleet, per) = heap_per_idle_connection(addr, N).await;
     println!("heap per idle proxied connection: {per:.0} bytes ({N} connections)");
     assert_eq!(lb.shared.registry.len(), N, "the fleet is not all placed");
     assert!(
@@ -151,17 +159,7 @@ async fn an_idle_broker_client_holds_little_heap() {
     let addr = broker.local_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let serving = tokio::spawn(broker.serve(stop.clone()));
-    let warm = tokio::task::spawn_blocking(move || open(addr, 50, "warm"))
-        .await
-        .unwrap();
-    drop(warm);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = settled().await;
-    let fleet = tokio::task::spawn_blocking(move || open(addr, N, "idle"))
-        .await
-        .unwrap();
-    let after = settled().await;
-    let per = (after - before) as f64 / N as f64;
+    let (fleet, per) = heap_per_idle_connection(addr, N).await;
     println!("heap per idle broker client: {per:.0} bytes ({N} connections)");
     assert!(
         per < 2816.0,
