@@ -403,13 +403,33 @@ pub(crate) fn parse_all<T: serde::de::DeserializeOwned>(text: &str) -> Result<T,
         // Carry on past it: a misspelt key is read as the key it meant (so
         // its value is checked too); any other offending line is set aside.
         let carried = match suggestion {
-            Some(k) => rename_key(&mut current, line, &k),
+            // Only where that line assigns the misspelt key itself (not
+            // an inline table holding it).
+            Some(k) if misspelt_on(&current, line, e.message()) => {
+                rename_key(&mut current, line, &k)
+            }
+            Some(_) => false,
             None => blank_line(&mut current, line),
         };
         if problems.len() >= MAX_PROBLEMS || !carried {
             return Err(problems);
         }
     }
+}
+
+/// Whether 1-based `line` of `text` assigns the unknown key that serde's
+/// `message` ("unknown field `x`, ...") names.
+fn misspelt_on(text: &str, line: usize, message: &str) -> bool {
+    let field = message
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split_once('`'))
+        .map(|(f, _)| f);
+    let assigned = text
+        .lines()
+        .nth(line.saturating_sub(1))
+        .and_then(|l| l.split_once('='))
+        .map(|(k, _)| k.trim());
+    field.is_some() && field == assigned
 }
 
 /// The key a "did you mean" message names.

@@ -1754,6 +1754,16 @@ connect_timeout = "10 parsecs"
         .unwrap_err()
         .to_string();
         assert_eq!(e, "m.toml:3: backend[0].address: missing key `address`");
+        // A misspelt key inside an inline table is reported once, not
+        // "fixed" by renaming the line's own key.
+        let e = Config::parse(
+            "i.toml",
+            "[[listener]]\naddress = \"0.0.0.0:1883\"\n[health]\ninterval = { rize = 1 }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.starts_with("i.toml:4: "), "{e}");
     }
 
     /// The listener and backend settings added for WebSocket, SNI,
