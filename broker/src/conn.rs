@@ -492,6 +492,38 @@ enum Step {
 struct Waiting {
     commit: Pin<Box<dyn Future<Output = Result<(), NotCommitted>> + Send>>,
     replies: Vec<u8>,
+    /// The publishes these replies acknowledge, by QoS (see [`Acked`]).
+    acked: Acked,
+}
+
+/// PUBLISHes acknowledged (PUBACK, PUBREC) in one batch of replies, and
+/// when the batch was read: the publish latency histograms observe each
+/// when its acknowledgement is written.
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    read: std::time::Instant,
+    /// QoS 1, QoS 2.
+    count: [u32; 2],
+}
+
+impl Acked {
+    fn new() -> Self {
+        Acked {
+            read: std::time::Instant::now(),
+            count: [0; 2],
+        }
+    }
+
+    /// Observes every acknowledgement in the batch as written now.
+    fn written(self, latency: &[mqlb_metrics::Histogram; 2]) {
+        if self.count == [0; 2] {
+            return;
+        }
+        let took = self.read.elapsed();
+        for (h, n) in latency.iter().zip(self.count) {
+            h.observe_n(took, u64::from(n));
+        }
+    }
 }
 
 /// Most batches of replies waiting for commits before the client's
@@ -506,20 +538,20 @@ const MAX_HELD_BACK: usize = 64;
 #[allow(clippy::box_collection)] // the field it borrows is boxed on purpose
 async fn front_commit(
     waiting: &mut Option<Box<VecDeque<Waiting>>>,
-) -> Result<Vec<u8>, NotCommitted> {
+) -> Result<(Vec<u8>, Option<Acked>), NotCommitted> {
     let Some(front) = waiting.as_mut().and_then(|w| w.front_mut()) else {
         return std::future::pending().await;
     };
     (&mut front.commit).await?;
-    let replies = waiting
+    let (replies, acked) = waiting
         .as_mut()
         .and_then(|w| w.pop_front())
-        .map(|w| w.replies)
+        .map(|w| (w.replies, Some(w.acked)))
         .unwrap_or_default();
     if waiting.as_ref().is_some_and(|w| w.is_empty()) {
         *waiting = None;
     }
-    Ok(replies)
+    Ok((replies, acked))
 }
 
 /// Resolves when the stall ends; pending without one.
@@ -581,6 +613,9 @@ struct Session {
     #[allow(clippy::box_collection)]
     held_back: Option<Box<VecDeque<Packet>>>,
     max_subscriptions: usize,
+    /// PUBLISHes acknowledged in the batch of replies being made, by QoS
+    /// (1, 2): see [`Acked`].
+    acking: [u32; 2],
 }
 
 impl Session {
@@ -749,6 +784,7 @@ impl Session {
             stall: None,
             pong: false,
             held_back: None,
+            acking: [0; 2],
             max_subscriptions: settings.max_subscriptions,
         })
     }
@@ -781,24 +817,33 @@ impl Session {
     }
 
     /// Queues `out` behind the replies still waiting, with the commits
-    /// made for it; returns what may be written now.
-    fn queue_replies(&mut self, out: Vec<u8>) -> Vec<u8> {
+    /// made for it; returns what may be written now, and the publishes
+    /// it acknowledges.
+    fn queue_replies(&mut self, out: Vec<u8>, mut acked: Acked) -> (Vec<u8>, Acked) {
+        acked.count = std::mem::take(&mut self.acking);
         let commits = self.commits.take();
         let waiting = self.waiting.get_or_insert_with(Box::default);
         match commits {
             Some(c) => waiting.push_back(Waiting {
                 commit: Box::pin(c.wait()),
                 replies: out,
+                acked,
             }),
             None => match waiting.back_mut() {
-                Some(last) => last.replies.extend_from_slice(&out),
+                Some(last) => {
+                    last.replies.extend_from_slice(&out);
+                    for (a, b) in last.acked.count.iter_mut().zip(acked.count) {
+                        *a = a.saturating_add(b);
+                    }
+                }
                 None => {
                     self.waiting = None;
-                    return out;
+                    return (out, acked);
                 }
             },
         }
-        Vec::new()
+        acked.count = [0; 2];
+        (Vec::new(), acked)
     }
 
     /// Handles what is buffered (packets held back first), appending
@@ -894,22 +939,27 @@ impl Session {
             // single node), in order behind earlier replies still waiting.
             // Reading goes on meanwhile, so PINGREQs are answered.
             let mut out = Vec::new();
+            let read = Acked::new();
             let end = self.handle_buffered(buf, &mut out);
-            let mut now = self.queue_replies(out);
+            let (mut now, acked) = self.queue_replies(out, read);
             if std::mem::take(&mut self.pong) {
                 self.send(&mut now, Packet::Pingresp);
             }
             if !now.is_empty() && wr.write_all(&now).await.is_err() {
                 return End::Lost;
             }
+            acked.written(&self.state.publish_latency);
             if let Some(end) = end {
                 // What the client sent before it left is acknowledged
                 // first (its commits have their deadline).
                 while self.waiting.is_some() {
                     match front_commit(&mut self.waiting).await {
-                        Ok(replies) => {
+                        Ok((replies, acked)) => {
                             if wr.write_all(&replies).await.is_err() {
                                 return End::Lost;
+                            }
+                            if let Some(a) = acked {
+                                a.written(&self.state.publish_latency);
                             }
                         }
                         Err(e) => {
@@ -932,9 +982,12 @@ impl Session {
                     Ok(_) => heard = tokio::time::Instant::now(),
                 },
                 r = front_commit(&mut self.waiting), if committing => match r {
-                    Ok(replies) => {
+                    Ok((replies, acked)) => {
                         if wr.write_all(&replies).await.is_err() {
                             return End::Lost;
+                        }
+                        if let Some(a) = acked {
+                            a.written(&self.state.publish_latency);
                         }
                     }
                     Err(e) => {
@@ -1122,6 +1175,7 @@ impl Session {
                         let c = self.state.act(|core| core.route(msg));
                         self.wait_for(c);
                         self.send(out, Packet::Puback(Ack::new(pid)));
+                        self.acking[0] = self.acking[0].saturating_add(1);
                     }
                     (QoS::ExactlyOnce, Some(pid)) => {
                         // Exactly once: route on first receipt only, even
@@ -1140,6 +1194,7 @@ impl Session {
                         }
                         self.wait_for(c);
                         self.send(out, Packet::Pubrec(Ack::new(pid)));
+                        self.acking[1] = self.acking[1].saturating_add(1);
                     }
                     _ => return Step::End(End::Violation(ReasonCode::PROTOCOL_ERROR)),
                 }

@@ -33,6 +33,10 @@ pub struct State {
     /// here (a client relayed to another node) lets go at once instead of
     /// keeping the node up for the grace period.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// From reading a QoS 1 / QoS 2 PUBLISH to writing its PUBACK /
+    /// PUBREC: what a publisher waits, commits to the session chains
+    /// included.
+    pub publish_latency: [mqlb_metrics::Histogram; 2],
 }
 
 impl State {
@@ -56,6 +60,7 @@ impl State {
             fronts: crate::front::FrontStats::default(),
             statestore,
             not_committed: Default::default(),
+            publish_latency: Default::default(),
             stopping: tokio_util::sync::CancellationToken::new(),
         })
     }

@@ -164,6 +164,18 @@ pub fn render_state_metrics(state: &crate::state::State, o: &mut String) {
                 .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed))
         );
     }
+    let _ = writeln!(
+        o,
+        "# HELP mqlb_broker_publish_ack_seconds From reading a QoS 1/2 PUBLISH to writing its PUBACK/PUBREC (replication to the session chains included), by QoS.\n\
+         # TYPE mqlb_broker_publish_ack_seconds histogram"
+    );
+    for (qos, h) in ["1", "2"].iter().zip(&state.publish_latency) {
+        h.render(
+            o,
+            "mqlb_broker_publish_ack_seconds",
+            &format!("qos=\"{qos}\""),
+        );
+    }
 }
 
 #[cfg(test)]

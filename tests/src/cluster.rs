@@ -394,6 +394,10 @@ impl TestCluster {
     /// A Prometheus sample's value from node `i`'s `/metrics`.
     pub async fn metric(&self, i: usize, sample: &str) -> Option<f64> {
         let (_, body) = crate::try_http(&self.nodes[i].admin, "GET", "/metrics").await?;
+        // Every read checks the whole exposition, cluster families included.
+        if let Err(e) = crate::exposition::parse(&body) {
+            panic!("node {i}'s /metrics: {e}\n{body}");
+        }
         body.lines()
             .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
     }

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 pub mod client;
 pub mod cluster;
 pub mod dns;
+pub mod exposition;
 pub mod load;
 pub mod pki;
 pub mod raw;

@@ -751,6 +751,39 @@ async fn broker_process_sys_topics_and_metrics() {
     assert!(body.contains("mqlb_broker_subscriptions 2"), "{body}");
     assert!(body.contains("\nprocess_resident_memory_bytes "), "{body}");
     assert!(body.contains("\nprocess_open_fds "), "{body}");
+    // Publish latency, per QoS, from reading the PUBLISH to writing its
+    // acknowledgement.
+    c.publish(
+        "lat/1",
+        b"x",
+        QoS::AtLeastOnce,
+        false,
+        Properties::default(),
+    )
+    .await;
+    c.publish(
+        "lat/2",
+        b"x",
+        QoS::ExactlyOnce,
+        false,
+        Properties::default(),
+    )
+    .await;
+    let (_, body) = http(&format!("127.0.0.1:{admin}"), "GET", "/metrics").await;
+    let families = mqlb_tests::exposition::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    for q in ["1", "2"] {
+        let count = mqlb_tests::exposition::sample(
+            &families,
+            &format!("mqlb_broker_publish_ack_seconds_count{{qos=\"{q}\"}}"),
+        );
+        assert_eq!(count, Some(1.0), "QoS {q}: {body}");
+        // On one node, well under a second.
+        let fast = mqlb_tests::exposition::sample(
+            &families,
+            &format!("mqlb_broker_publish_ack_seconds_bucket{{qos=\"{q}\",le=\"1\"}}"),
+        );
+        assert_eq!(fast, Some(1.0), "QoS {q}: {body}");
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 

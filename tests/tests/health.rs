@@ -340,6 +340,11 @@ async fn admin_api_reports_backends_clients_and_metrics() {
         .sum();
     assert_eq!(total, 1);
     let (_, m) = http(&admin, "GET", "/metrics").await;
+    // Well-formed: each family typed once, no series twice, histograms
+    // cumulative.
+    if let Err(e) = mqlb_tests::exposition::parse(&m) {
+        panic!("{e}\n{m}");
+    }
     for family in [
         "mqlb_connections_accepted_total 1",
         "mqlb_connect_rejected_total{reason=\"malformed\"} 0",
