@@ -96,6 +96,7 @@ pub fn route(method: &Method, path: &str, shared: &Shared) -> Reply {
             }
         }
         (&Method::GET, ["backends"]) => Reply::json(StatusCode::OK, backends_json(shared)),
+        (&Method::GET, ["summary"]) => Reply::json(StatusCode::OK, summary_json(shared)),
         (&Method::GET, ["clients", id]) => {
             let id = percent_decode(id);
             let entries = shared.registry.find_client(&id);
@@ -157,7 +158,7 @@ pub fn route(method: &Method, path: &str, shared: &Shared) -> Reply {
                 )
             }
         }
-        (_, ["healthz" | "readyz" | "backends" | "metrics" | "reload"])
+        (_, ["healthz" | "readyz" | "backends" | "summary" | "metrics" | "reload"])
         | (_, ["clients", _])
         | (_, ["backends", _, _]) => {
             Reply::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
@@ -227,8 +228,22 @@ fn backends_json(shared: &Shared) -> serde_json::Value {
                     "node": v.node,
                     "ready": v.ready,
                     "view": v.view,
+                    "term": v.term,
                     "leader": v.leader,
                     "members": v.members,
+                    "links": v.links.iter().map(|(peer, state)| json!({"peer": peer, "state": state})).collect::<Vec<_>>(),
+                    "traffic": {
+                        "clients": v.traffic.clients,
+                        "sessions": v.traffic.sessions,
+                        "subscriptions": v.traffic.subscriptions,
+                        "retained": v.traffic.retained,
+                        "messages_in": v.traffic.messages_in,
+                        "messages_out": v.traffic.messages_out,
+                        "dropped": v.traffic.dropped,
+                        "messages_in_per_s": v.traffic.rates.map(|r| r.messages_in),
+                        "messages_out_per_s": v.traffic.rates.map(|r| r.messages_out),
+                        "dropped_per_s": v.traffic.rates.map(|r| r.dropped),
+                    },
                 })),
                 "last_rtt_ms": last_rtt_ms,
                 "last_check": report.as_ref().and_then(|r| r.last_check).map(rfc3339),
@@ -251,6 +266,55 @@ fn backends_json(shared: &Shared) -> serde_json::Value {
         })
         .collect();
     serde_json::Value::Array(list)
+}
+
+/// The balancer as a whole, for the console's header and totals row: its
+/// version and uptime, connections and bytes in total, the connection
+/// rate (now, most, and the configured caps) and refusals by reason.
+fn summary_json(shared: &Shared) -> serde_json::Value {
+    let m = &shared.metrics;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let backends = shared.backends.snapshot();
+    let sum = |f: &dyn Fn(&Backend) -> u64| backends.iter().map(|b| f(b)).sum::<u64>();
+    let config = shared.config();
+    let started = shared
+        .started
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let uptime = shared.started.elapsed().map_or(0, |d| d.as_secs());
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_ms": started,
+        "uptime_s": uptime,
+        "connections": {
+            "active": load(&m.active),
+            "accepted": load(&m.accepted),
+            "forwarded": load(&m.forwarded),
+            "refused": m.rejected_total(),
+            "max": shared.limit.max(),
+        },
+        "refused": serde_json::Value::Object(
+            RejectReason::ALL
+                .iter()
+                .map(|r| (r.label().to_string(), json!(m.rejected(*r))))
+                .collect(),
+        ),
+        "backend_errors": {
+            "connect_failures": sum(&|b| load(&b.connect_failures)),
+            "evictions": sum(&|b| load(&b.evictions)),
+        },
+        "bytes": {
+            "to_backends": sum(&|b| load(&b.bytes.to_backend)),
+            "to_clients": sum(&|b| load(&b.bytes.to_client)),
+        },
+        "rates": shared.journal.totals_json(),
+        "limits": {
+            "max_connections": shared.limit.max(),
+            "backend_connect_rate": config.admission.backend_connect_rate,
+            "per_ip_connect_rate": config.admission.per_ip_connect_rate,
+            "per_ip_connections": config.admission.per_ip_connections,
+        },
+    })
 }
 
 /// CONNACK counts by reason name, only those seen.
@@ -363,6 +427,17 @@ pub fn render_metrics(shared: &Shared) -> String {
         "Admin API requests refused: a missing or wrong token, a foreign Host, a cross-site POST.",
         shared.admin_access.as_ref().map_or(0, |a| load(&a.refused)),
     );
+    family(
+        &mut o,
+        "mqlb_build_info",
+        "gauge",
+        "The running version (the value is always 1).",
+    );
+    let _ = writeln!(
+        o,
+        "mqlb_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
     single(
         &mut o,
         "mqlb_connections_accepted_total",
@@ -428,6 +503,21 @@ pub fn render_metrics(shared: &Shared) -> String {
         "Client connections forwarded to the backend.",
         |b| load(&b.forwarded),
     );
+    family(
+        &mut o,
+        "mqlb_backend_bytes_total",
+        "counter",
+        "Bytes relayed between the backend and its clients, by direction (counted as they are written).",
+    );
+    for b in bs {
+        let name = LabelValue(&b.name);
+        let _ = writeln!(
+            o,
+            "mqlb_backend_bytes_total{{backend=\"{name}\",direction=\"to_backend\"}} {}\nmqlb_backend_bytes_total{{backend=\"{name}\",direction=\"to_client\"}} {}",
+            load(&b.bytes.to_backend),
+            load(&b.bytes.to_client)
+        );
+    }
     per_backend(
         &mut o,
         bs,

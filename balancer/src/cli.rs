@@ -743,15 +743,48 @@ fn broker_admin(state: &mqlb_broker::state::State, path: &str) -> crate::http::R
         "/cluster" => match &cluster {
             Some(c) => {
                 let view = c.view();
+                let links: Vec<serde_json::Value> = c
+                    .peer_links()
+                    .into_iter()
+                    .map(|l| {
+                        serde_json::json!({
+                            "peer": l.peer,
+                            "state": l.state.label(),
+                            "heard_ms_ago": l.heard_ago.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                            "synced": l.synced,
+                            "buffered_bytes": l.buffered,
+                        })
+                    })
+                    .collect();
+                // The same counts as /metrics (clients and subscriptions
+                // are a scan of the sessions under the core's lock, as
+                // there).
+                let traffic = {
+                    let core = state.core();
+                    let s = core.stats();
+                    serde_json::json!({
+                        "clients": core.connected(),
+                        "sessions": core.sessions(),
+                        "subscriptions": core.subscriptions(),
+                        "retained": core.retained_count(),
+                        "messages_in": s.messages_in,
+                        "messages_out": s.messages_out,
+                        "dropped": s.dropped_total(),
+                    })
+                };
                 Reply::json(
                     StatusCode::OK,
                     serde_json::json!({
                         "node": c.me(),
+                        "version": env!("CARGO_PKG_VERSION"),
                         "view": view.number,
+                        "term": c.term(),
                         "members": view.members,
                         "ready": c.ready(),
                         "leader": c.leader(),
                         "membership": c.membership(),
+                        "links": links,
+                        "traffic": traffic,
                     }),
                 )
             }

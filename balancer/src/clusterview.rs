@@ -23,9 +23,58 @@ use crate::shared::Shared;
 /// Largest `/cluster` answer read.
 const MAX_ANSWER: u64 = 64 << 10;
 
-/// One node's answer: its name, whether it is ready, and its view's
-/// members.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a node counts of its own traffic (its `/cluster` answer's
+/// `traffic`), for the console's cluster panel.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NodeTraffic {
+    /// Connected clients.
+    pub clients: u64,
+    /// Sessions, connected or not.
+    pub sessions: u64,
+    /// Subscriptions.
+    pub subscriptions: u64,
+    /// Retained messages.
+    pub retained: u64,
+    /// PUBLISH packets routed, in total.
+    pub messages_in: u64,
+    /// PUBLISH packets sent to clients, in total.
+    pub messages_out: u64,
+    /// Messages dropped instead of delivered, in total.
+    pub dropped: u64,
+    /// Per second since the answer before (`None` on the first).
+    pub rates: Option<Rates>,
+}
+
+/// Messages a second, from two successive answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Rates {
+    /// PUBLISH packets routed a second.
+    pub messages_in: f64,
+    /// PUBLISH packets sent a second.
+    pub messages_out: f64,
+    /// Messages dropped a second.
+    pub dropped: f64,
+}
+
+impl NodeTraffic {
+    /// This answer's rates, given the one before it and the time between.
+    pub fn with_rates_since(mut self, before: &NodeTraffic, elapsed: Duration) -> Self {
+        let secs = elapsed.as_secs_f64();
+        if secs > 0.0 {
+            let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / secs;
+            self.rates = Some(Rates {
+                messages_in: rate(self.messages_in, before.messages_in),
+                messages_out: rate(self.messages_out, before.messages_out),
+                dropped: rate(self.dropped, before.dropped),
+            });
+        }
+        self
+    }
+}
+
+/// One node's answer: its name, whether it is ready, its view's members,
+/// its Raft term, its links to its peers and its traffic.
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeView {
     /// The node's own name (its `--node-id`).
     pub node: String,
@@ -37,6 +86,15 @@ pub struct NodeView {
     pub view: u64,
     /// The Raft leader it knows of.
     pub leader: Option<String>,
+    /// The Raft term it is in.
+    pub term: u64,
+    /// Each peer and the state of the node's links to it ("up", "down",
+    /// ...).
+    pub links: Vec<(String, String)>,
+    /// Its counts (zero from a node too old to send them).
+    pub traffic: NodeTraffic,
+    /// When the answer came.
+    pub at: std::time::Instant,
 }
 
 /// Reads `http://{admin}/cluster` within `timeout`, with the bearer
@@ -73,6 +131,38 @@ pub async fn fetch(admin: &str, token: Option<&str>, timeout: Duration) -> Optio
             .and_then(serde_json::Value::as_u64)
             .unwrap_or(0),
         leader: v.get("leader").and_then(|l| l.as_str()).map(str::to_string),
+        term: v
+            .get("term")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0),
+        links: v
+            .get("links")
+            .and_then(serde_json::Value::as_array)
+            .map(|ls| {
+                ls.iter()
+                    .filter_map(|l| {
+                        Some((
+                            l.get("peer")?.as_str()?.to_string(),
+                            l.get("state")?.as_str()?.to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        traffic: v.get("traffic").map_or_else(NodeTraffic::default, |t| {
+            let n = |k: &str| t.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            NodeTraffic {
+                clients: n("clients"),
+                sessions: n("sessions"),
+                subscriptions: n("subscriptions"),
+                retained: n("retained"),
+                messages_in: n("messages_in"),
+                messages_out: n("messages_out"),
+                dropped: n("dropped"),
+                rates: None,
+            }
+        }),
+        at: std::time::Instant::now(),
     })
 }
 
@@ -181,6 +271,10 @@ mod tests {
             members: members.iter().map(|m| m.to_string()).collect(),
             view: 1,
             leader: None,
+            term: 1,
+            links: Vec::new(),
+            traffic: NodeTraffic::default(),
+            at: std::time::Instant::now(),
         })
     }
 
@@ -227,5 +321,38 @@ mod tests {
             a.node = "node-1".into();
         }
         assert_eq!(left_out(&nodes, &wrong), None);
+    }
+
+    #[test]
+    fn rates_come_from_two_answers() {
+        let before = NodeTraffic {
+            messages_in: 100,
+            messages_out: 50,
+            ..Default::default()
+        };
+        let now = NodeTraffic {
+            messages_in: 300,
+            messages_out: 50,
+            dropped: 4,
+            ..Default::default()
+        }
+        .with_rates_since(&before, Duration::from_secs(2));
+        assert_eq!(
+            now.rates,
+            Some(Rates {
+                messages_in: 100.0,
+                messages_out: 0.0,
+                dropped: 2.0
+            })
+        );
+        // A restarted node's counters start again: no negative rate.
+        let restarted = NodeTraffic::default().with_rates_since(&now, Duration::from_secs(1));
+        assert_eq!(restarted.rates.map(|r| r.messages_in), Some(0.0));
+        assert_eq!(
+            NodeTraffic::default()
+                .with_rates_since(&now, Duration::ZERO)
+                .rates,
+            None
+        );
     }
 }

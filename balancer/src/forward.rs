@@ -458,6 +458,7 @@ pub fn splice<'a, C: ClientStream, B: ClientStream>(
         let (mut br, mut bw) = backend.halves();
         let started = Instant::now();
         bw.write_all(&prefix).await?;
+        evict.relayed(Side::Up, prefix.len());
         let prefix_len = prefix.len() as u64;
         drop(prefix);
 
@@ -553,6 +554,7 @@ async fn pump<R: LentRead, W: AsyncWrite + Unpin>(
         }
         let chunk = buf.get(..n).unwrap_or_default();
         inspect(chunk);
+        evict.relayed(side, n);
         if framed && tracker.feed(chunk).is_err() {
             // Not MQTT framing: keep forwarding, never inject.
             tracing::debug!("stream is not MQTT-framed; boundary tracking off");
@@ -584,7 +586,7 @@ async fn pump<R: LentRead, W: AsyncWrite + Unpin>(
         total += n as u64;
     }
     Box::pin(evicted(
-        from, to, evict, tracker, framed, whole, total, inspect, inject,
+        from, to, evict, side, tracker, framed, whole, total, inspect, inject,
     ))
     .await
 }
@@ -597,6 +599,7 @@ async fn evicted<R: LentRead, W: AsyncWrite + Unpin>(
     from: &mut R,
     to: &mut W,
     evict: &EvictHandle,
+    side: Side,
     mut tracker: BoundaryTracker,
     framed: bool,
     whole: bool,
@@ -614,6 +617,7 @@ async fn evicted<R: LentRead, W: AsyncWrite + Unpin>(
                 return Ok(false);
             }
             inspect(chunk);
+            evict.relayed(side, n);
             if tracker.feed(chunk).is_err() {
                 return Ok(false);
             }

@@ -1,7 +1,9 @@
 //! What the console shows over time, kept in memory and bounded: the recent
 //! health transitions, drains and session moves (a ring of [`EVENTS`]), and
-//! per-backend samples of connections and probe RTT, one a second for the
-//! last [`SAMPLES`] seconds.
+//! samples one a second for the last [`SAMPLES`] seconds: per backend its
+//! connections, probe RTT and counters of connections and bytes, and for
+//! the whole balancer its accepted and refused connections. The console
+//! turns successive counters into rates.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -35,6 +37,18 @@ struct Sample {
     at_ms: u64,
     connections: u64,
     rtt_ms: Option<f64>,
+    forwarded: u64,
+    bytes_to_backend: u64,
+    bytes_to_client: u64,
+}
+
+/// The balancer's totals at one instant.
+#[derive(Debug, Clone, Copy)]
+struct Totals {
+    at_ms: u64,
+    accepted: u64,
+    refused: u64,
+    active: u64,
 }
 
 /// The console's memory.
@@ -42,6 +56,14 @@ struct Sample {
 pub struct Journal {
     events: Mutex<VecDeque<Event>>,
     history: Mutex<HashMap<String, VecDeque<Sample>>>,
+    totals: Mutex<Totaled>,
+}
+
+#[derive(Debug, Default)]
+struct Totaled {
+    ring: VecDeque<Totals>,
+    /// The most connections accepted in one sampled second since start.
+    max_accept_rate: f64,
 }
 
 impl Journal {
@@ -72,10 +94,32 @@ impl Journal {
         )
     }
 
-    /// Takes one sample of every backend; backends no longer configured
-    /// are forgotten.
-    pub fn sample(&self, backends: &[std::sync::Arc<Backend>]) {
+    /// Takes one sample of every backend and of the totals; backends no
+    /// longer configured are forgotten.
+    pub fn sample(&self, backends: &[std::sync::Arc<Backend>], metrics: &crate::metrics::Metrics) {
         let at_ms = now_ms();
+        {
+            let load =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            let now = Totals {
+                at_ms,
+                accepted: load(&metrics.accepted),
+                refused: metrics.rejected_total(),
+                active: load(&metrics.active),
+            };
+            let mut t = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(last) = t.ring.back().copied() {
+                let secs = at_ms.saturating_sub(last.at_ms) as f64 / 1e3;
+                if secs > 0.0 {
+                    let rate = now.accepted.saturating_sub(last.accepted) as f64 / secs;
+                    t.max_accept_rate = t.max_accept_rate.max(rate);
+                }
+            }
+            if t.ring.len() == SAMPLES {
+                t.ring.pop_front();
+            }
+            t.ring.push_back(now);
+        }
         let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
         h.retain(|name, _| backends.iter().any(|b| &b.name == name));
         for b in backends {
@@ -87,10 +131,15 @@ impl Journal {
             if ring.len() == SAMPLES {
                 ring.pop_front();
             }
+            let load =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             ring.push_back(Sample {
                 at_ms,
-                connections: b.active.load(std::sync::atomic::Ordering::Relaxed),
+                connections: load(&b.active),
                 rtt_ms,
+                forwarded: load(&b.forwarded),
+                bytes_to_backend: load(&b.bytes.to_backend),
+                bytes_to_client: load(&b.bytes.to_client),
             });
         }
     }
@@ -106,12 +155,42 @@ impl Journal {
                 .map(|(n, history)| {
                     let samples: Vec<serde_json::Value> = history
                         .iter()
-                        .map(|s| json!([s.at_ms, s.connections, s.rtt_ms]))
+                        .map(|s| {
+                            json!([
+                                s.at_ms,
+                                s.connections,
+                                s.rtt_ms,
+                                s.forwarded,
+                                s.bytes_to_backend,
+                                s.bytes_to_client
+                            ])
+                        })
                         .collect();
                     (n.clone(), serde_json::Value::Array(samples))
                 })
                 .collect(),
         )
+    }
+}
+
+impl Journal {
+    /// The balancer's totals over time (`[at_ms, accepted, refused,
+    /// active]`, oldest first) and the connection rates: now (over the
+    /// last sampled second) and the most since start.
+    pub fn totals_json(&self) -> serde_json::Value {
+        let t = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.ring.len();
+        let now_rate = match (t.ring.get(n.wrapping_sub(2)), t.ring.back()) {
+            (Some(a), Some(b)) if b.at_ms > a.at_ms => {
+                b.accepted.saturating_sub(a.accepted) as f64 / ((b.at_ms - a.at_ms) as f64 / 1e3)
+            }
+            _ => 0.0,
+        };
+        json!({
+            "accept_rate": now_rate,
+            "max_accept_rate": t.max_accept_rate,
+            "samples": t.ring.iter().map(|s| json!([s.at_ms, s.accepted, s.refused, s.active])).collect::<Vec<_>>(),
+        })
     }
 }
 
@@ -140,13 +219,16 @@ mod tests {
             cluster_admin: None,
         }));
         for _ in 0..SAMPLES + 5 {
-            j.sample(std::slice::from_ref(&b));
+            j.sample(
+                std::slice::from_ref(&b),
+                &crate::metrics::Metrics::default(),
+            );
         }
         assert_eq!(
             j.history_json()["b1"].as_array().map(Vec::len),
             Some(SAMPLES)
         );
-        j.sample(&[]);
+        j.sample(&[], &crate::metrics::Metrics::default());
         assert!(j.history_json().as_object().is_some_and(|o| o.is_empty()));
     }
 }

@@ -165,4 +165,15 @@ impl Drop for GaugeGuard<'_> {
     }
 }
 
+/// Bytes relayed for one backend's clients, each way: counted as each
+/// chunk is written, so a long-lived connection shows its traffic while it
+/// lasts (as HAProxy's `bin`/`bout`), not only when it closes.
+#[derive(Debug, Default)]
+pub struct ByteCounts {
+    /// Client to backend.
+    pub to_backend: AtomicU64,
+    /// Backend to client.
+    pub to_client: AtomicU64,
+}
+
 pub use mqlb_metrics::{bump, render_process, value, Histogram, BUCKETS};

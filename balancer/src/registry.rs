@@ -35,20 +35,46 @@ pub enum Side {
     Down,
 }
 
-/// One connection's eviction switch, shared by the registry and the splice.
+/// One connection's eviction switch, shared by the registry and the splice,
+/// and where the splice counts the bytes it relays (to its backend's
+/// totals).
 ///
 /// Polled, not awaited: an idle splice holds no waiter future for it (a
 /// `CancellationToken` cost each connection a 112-byte node and a
-/// waiter in each direction's state), only a waker per direction.
-#[derive(Debug, Default)]
+/// waiter in each direction's state), only a waker per direction. The
+/// backend is reached through here rather than passed to the splice: each
+/// argument of the splice's futures is stored in every idle connection's
+/// state, twice (rust-lang/rust#62958).
+#[derive(Debug)]
 pub struct EvictHandle {
     /// Set once: the request and its reason.
     reason: OnceLock<Eviction>,
     up: AtomicWaker,
     down: AtomicWaker,
+    /// The backend the connection is forwarded to.
+    backend: Arc<Backend>,
 }
 
 impl EvictHandle {
+    /// A switch for a connection forwarded to `backend`.
+    pub fn new(backend: Arc<Backend>) -> Self {
+        EvictHandle {
+            reason: OnceLock::new(),
+            up: AtomicWaker::new(),
+            down: AtomicWaker::new(),
+            backend,
+        }
+    }
+
+    /// Counts `n` bytes relayed in direction `side` (up: to the backend).
+    pub fn relayed(&self, side: Side, n: usize) {
+        let counter = match side {
+            Side::Up => &self.backend.bytes.to_backend,
+            Side::Down => &self.backend.bytes.to_client,
+        };
+        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Asks the connection to close; the first reason wins.
     pub fn evict(&self, reason: Eviction) {
         let _ = self.reason.set(reason);
@@ -151,7 +177,7 @@ impl Registry {
         address: std::net::SocketAddr,
     ) -> (Registration<'_>, Arc<EvictHandle>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let handle = Arc::new(EvictHandle::default());
+        let handle = Arc::new(EvictHandle::new(backend.clone()));
         self.shard(id).insert(
             id,
             Entry {

@@ -55,6 +55,8 @@ pub struct Backend {
     pub forwarded: AtomicU64,
     /// TCP connects to it that failed or timed out.
     pub connect_failures: AtomicU64,
+    /// Bytes relayed to and from it.
+    pub bytes: crate::metrics::ByteCounts,
     /// Clients closed to move them off this backend.
     pub evictions: AtomicU64,
     /// CONNACK codes this backend answered, by wire byte (3.x return codes
@@ -115,6 +117,7 @@ impl Backend {
             active: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
+            bytes: crate::metrics::ByteCounts::default(),
             evictions: AtomicU64::new(0),
             connacks: Box::new(std::array::from_fn(|_| AtomicU64::new(0))),
             connect_latency: Histogram::default(),
@@ -166,9 +169,19 @@ impl Backend {
             .clone()
     }
 
-    /// Keeps the node's latest `/cluster` answer (or its absence).
+    /// Keeps the node's latest `/cluster` answer (or its absence), with
+    /// its message rates since the answer before.
     pub fn set_cluster_node(&self, v: Option<crate::clusterview::NodeView>) {
-        *self.cluster_node.lock().unwrap_or_else(|p| p.into_inner()) = v;
+        let mut kept = self.cluster_node.lock().unwrap_or_else(|p| p.into_inner());
+        *kept = match (v, kept.as_ref()) {
+            (Some(mut new), Some(old)) if new.node == old.node => {
+                new.traffic = new
+                    .traffic
+                    .with_rates_since(&old.traffic, new.at.duration_since(old.at));
+                Some(new)
+            }
+            (v, _) => v,
+        };
     }
 
     /// Whether an operator is draining it.

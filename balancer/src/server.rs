@@ -173,18 +173,6 @@ impl Balancer {
         let background = CancellationToken::new();
         let backends = Arc::new(Backends::new(&config.backends));
         let journal = Arc::new(crate::journal::Journal::default());
-        // One sample of every backend a second, for the console's charts.
-        let (sampled, sampler_stop, sample_journal) =
-            (backends.clone(), background.clone(), journal.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => sample_journal.sample(&sampled.snapshot()),
-                    _ = sampler_stop.cancelled() => return,
-                }
-            }
-        });
         let registry = Arc::new(Registry::default());
         let evictor = Evictor::spawn(
             registry.clone(),
@@ -245,6 +233,21 @@ impl Balancer {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             tls: Mutex::new(listeners.iter().filter_map(|(_, _, t)| t.clone()).collect()),
             admin_access,
+            started: std::time::SystemTime::now(),
+        });
+        // One sample of every backend and of the totals a second, for the
+        // console's charts.
+        let (sampled, sampler_stop) = (shared.clone(), background.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => sampled
+                        .journal
+                        .sample(&sampled.backends.snapshot(), &sampled.metrics),
+                    _ = sampler_stop.cancelled() => return,
+                }
+            }
         });
         tokio::spawn(crate::clusterview::follow(
             shared.clone(),

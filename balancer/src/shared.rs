@@ -21,6 +21,8 @@ use crate::select::Backends;
 /// State every connection task shares.
 #[derive(Debug)]
 pub struct Shared {
+    /// When this balancer started, for the console's uptime.
+    pub started: std::time::SystemTime,
     /// Validated configuration in force; swapped whole on reload.
     pub(crate) config: ArcSwap<Config>,
     /// The health checker, when checks are enabled; reload adds and removes

@@ -369,6 +369,41 @@ async fn admin_api_reports_backends_clients_and_metrics() {
         .and_then(|v| v.trim().parse().ok())
         .expect("process_resident_memory_bytes");
     assert!(rss > 1e6, "resident memory {rss}");
+    // Bytes as they pass: the 3.1.1 CONNACK (4 bytes) to the client, the
+    // CONNECT to the backend, while the connection is still open.
+    let families = mqlb_tests::exposition::parse(&m).unwrap();
+    let bytes = |dir: &str| -> f64 {
+        ["b1", "b2", "b3"]
+            .iter()
+            .filter_map(|b| {
+                mqlb_tests::exposition::sample(
+                    &families,
+                    &format!("mqlb_backend_bytes_total{{backend=\"{b}\",direction=\"{dir}\"}}"),
+                )
+            })
+            .sum()
+    };
+    assert_eq!(bytes("to_client"), 4.0);
+    assert!(bytes("to_backend") > 10.0, "{m}");
+    assert!(m.contains(&format!(
+        "mqlb_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    )));
+    // The console's header and totals row.
+    let (status, body) = http(&admin, "GET", "/summary").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["connections"]["accepted"], 1);
+    assert_eq!(v["connections"]["active"], 1);
+    assert_eq!(v["connections"]["refused"], 0);
+    assert_eq!(v["bytes"]["to_clients"], 4);
+    assert_eq!(
+        v["bytes"]["to_backends"].as_f64(),
+        Some(bytes("to_backend"))
+    );
+    assert!(v["uptime_s"].as_u64().is_some());
+    assert!(v["limits"]["max_connections"].as_u64().unwrap() > 0);
     assert_eq!(http(&admin, "POST", "/backends/nope/drain").await.0, 404);
     assert_eq!(http(&admin, "GET", "/nope").await.0, 404);
     lb.stop().await;

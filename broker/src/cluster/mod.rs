@@ -145,6 +145,50 @@ struct Peer {
     leaving: bool,
 }
 
+/// How this node's links to one peer stand (see [`Cluster::peer_links`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Both directions: this node's link to it is open and its own link
+    /// carried a frame within the failure timeout.
+    Up,
+    /// This node's link to it is open, but nothing heard from it lately.
+    OutboundOnly,
+    /// It is heard from, but this node's link to it is not open.
+    InboundOnly,
+    /// Neither.
+    Down,
+    /// It said it is stopping.
+    Leaving,
+}
+
+impl LinkState {
+    /// As the admin API and the console show it.
+    pub fn label(self) -> &'static str {
+        match self {
+            LinkState::Up => "up",
+            LinkState::OutboundOnly => "outbound only",
+            LinkState::InboundOnly => "inbound only",
+            LinkState::Down => "down",
+            LinkState::Leaving => "leaving",
+        }
+    }
+}
+
+/// One peer's links, as this node sees them.
+#[derive(Debug, Clone)]
+pub struct PeerLink {
+    /// The peer's name.
+    pub peer: String,
+    /// Both directions at once.
+    pub state: LinkState,
+    /// Since its last frame on its inbound link; `None`: never heard.
+    pub heard_ago: Option<Duration>,
+    /// Its snapshot arrived on the current inbound link.
+    pub synced: bool,
+    /// Bytes queued for it on this node's outbound link.
+    pub buffered: usize,
+}
+
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct ClusterStats {
@@ -551,6 +595,51 @@ impl Cluster {
     /// The Raft leader, if this node knows one.
     pub fn leader(&self) -> Option<String> {
         lock(&self.consensus).leader()
+    }
+
+    /// The Raft term this node is in: it rises with each election, so an
+    /// operator who sees it climb knows the cluster keeps re-electing.
+    pub fn term(&self) -> u64 {
+        lock(&self.consensus).term()
+    }
+
+    /// The state of this node's links to each other member, for the
+    /// admin API and the console (one lock at a time, as `observe`).
+    pub fn peer_links(&self) -> Vec<PeerLink> {
+        let now = Instant::now();
+        let names = self.names();
+        let outbound: HashMap<NodeId, usize> = lock(&self.links)
+            .iter()
+            .map(|(id, tx)| (*id, lock(&tx.buf).len()))
+            .collect();
+        let peers = lock(&self.peers).clone();
+        names
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                let id = NodeId::try_from(i).ok()?;
+                if id == self.my_id {
+                    return None;
+                }
+                let p = peers.get(i).cloned().unwrap_or_default();
+                let heard_ago = p.heard.map(|h| now.duration_since(h));
+                let inbound = heard_ago.is_some_and(|d| d <= FAILURE_TIMEOUT);
+                let buffered = outbound.get(&id).copied();
+                Some(PeerLink {
+                    peer: name.clone(),
+                    state: match (p.leaving, buffered.is_some(), inbound) {
+                        (true, _, _) => LinkState::Leaving,
+                        (false, true, true) => LinkState::Up,
+                        (false, true, false) => LinkState::OutboundOnly,
+                        (false, false, true) => LinkState::InboundOnly,
+                        (false, false, false) => LinkState::Down,
+                    },
+                    heard_ago,
+                    synced: p.synced,
+                    buffered: buffered.unwrap_or(0),
+                })
+            })
+            .collect()
     }
 
     /// The name of `client_id`'s owner in the current view.
