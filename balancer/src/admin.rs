@@ -248,6 +248,10 @@ fn backends_json(shared: &Shared) -> serde_json::Value {
                 "last_rtt_ms": last_rtt_ms,
                 "last_check": report.as_ref().and_then(|r| r.last_check).map(rfc3339),
                 "connections": b.active.load(Ordering::Relaxed),
+                "forwarded": b.forwarded.load(Ordering::Relaxed),
+                "connect_failures": b.connect_failures.load(Ordering::Relaxed),
+                "bytes_to_backend": b.bytes.to_backend.load(Ordering::Relaxed),
+                "bytes_to_client": b.bytes.to_client.load(Ordering::Relaxed),
                 "consecutive_failures": report.as_ref().map_or(0, |r| r.consecutive_failures),
                 "last_error": last_error,
                 "last_transition_ms": match b.last_transition_ms.load(Ordering::Relaxed) {

@@ -733,6 +733,7 @@ fn broker_admin(state: &mqlb_broker::state::State, path: &str) -> crate::http::R
                 body,
             }
         }
+        "/" => Reply::html(crate::console::NODE_PAGE),
         "/healthz" => Reply::text(StatusCode::OK, "ok\n"),
         "/readyz" => match &cluster {
             Some(c) if !c.ready() => {
@@ -741,55 +742,72 @@ fn broker_admin(state: &mqlb_broker::state::State, path: &str) -> crate::http::R
             _ => Reply::text(StatusCode::OK, "ok\n"),
         },
         "/cluster" => match &cluster {
-            Some(c) => {
-                let view = c.view();
-                let links: Vec<serde_json::Value> = c
-                    .peer_links()
-                    .into_iter()
-                    .map(|l| {
-                        serde_json::json!({
-                            "peer": l.peer,
-                            "state": l.state.label(),
-                            "heard_ms_ago": l.heard_ago.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                            "synced": l.synced,
-                            "buffered_bytes": l.buffered,
-                        })
-                    })
-                    .collect();
-                // The same counts as /metrics (clients and subscriptions
-                // are a scan of the sessions under the core's lock, as
-                // there).
-                let traffic = {
-                    let core = state.core();
-                    let s = core.stats();
-                    serde_json::json!({
-                        "clients": core.connected(),
-                        "sessions": core.sessions(),
-                        "subscriptions": core.subscriptions(),
-                        "retained": core.retained_count(),
-                        "messages_in": s.messages_in,
-                        "messages_out": s.messages_out,
-                        "dropped": s.dropped_total(),
-                    })
-                };
-                Reply::json(
-                    StatusCode::OK,
-                    serde_json::json!({
-                        "node": c.me(),
-                        "version": env!("CARGO_PKG_VERSION"),
-                        "view": view.number,
-                        "term": c.term(),
-                        "members": view.members,
-                        "ready": c.ready(),
-                        "leader": c.leader(),
-                        "membership": c.membership(),
-                        "links": links,
-                        "traffic": traffic,
-                    }),
-                )
-            }
+            Some(_) => Reply::json(StatusCode::OK, node_status(state)),
             None => Reply::text(StatusCode::NOT_FOUND, "not a cluster member\n"),
         },
+        "/status" => Reply::json(StatusCode::OK, node_status(state)),
         _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// What a node says of itself (`GET /status`, and `GET /cluster` on a
+/// cluster member): its version and traffic, and in a cluster its view,
+/// Raft term, leader, membership and links to each peer. A node outside a
+/// cluster answers as a one-member cluster that is always ready.
+fn node_status(state: &mqlb_broker::state::State) -> serde_json::Value {
+    // The same counts as /metrics (clients and subscriptions are a scan of
+    // the sessions under the core's lock, as there).
+    let traffic = {
+        let core = state.core();
+        let s = core.stats();
+        serde_json::json!({
+            "clients": core.connected(),
+            "sessions": core.sessions(),
+            "subscriptions": core.subscriptions(),
+            "retained": core.retained_count(),
+            "messages_in": s.messages_in,
+            "messages_out": s.messages_out,
+            "dropped": s.dropped_total(),
+        })
+    };
+    let Some(c) = state.cluster() else {
+        return serde_json::json!({
+            "node": "standalone",
+            "version": env!("CARGO_PKG_VERSION"),
+            "view": 0,
+            "term": 0,
+            "members": [],
+            "ready": true,
+            "leader": null,
+            "membership": [],
+            "links": [],
+            "traffic": traffic,
+        });
+    };
+    let view = c.view();
+    let links: Vec<serde_json::Value> = c
+        .peer_links()
+        .into_iter()
+        .map(|l| {
+            serde_json::json!({
+                "peer": l.peer,
+                "state": l.state.label(),
+                "heard_ms_ago": l.heard_ago.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                "synced": l.synced,
+                "buffered_bytes": l.buffered,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "node": c.me(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "view": view.number,
+        "term": c.term(),
+        "members": view.members,
+        "ready": c.ready(),
+        "leader": c.leader(),
+        "membership": c.membership(),
+        "links": links,
+        "traffic": traffic,
+    })
 }

@@ -182,6 +182,43 @@ async fn console_in_a_real_browser() {
     assert_eq!(got, want, "table differs from /backends");
     assert!(dom.contains("class=\"chart\""), "no charts");
     assert!(dom.contains("<polyline"), "no chart lines");
+    // One quantity per chart, its unit named, a time axis ending now.
+    for (id, unit) in [
+        ("chart-connections", "(connections)"),
+        ("chart-rtt", "(ms)"),
+        ("chart-rate", "(connections/s)"),
+        ("chart-bytes", "(bytes/s)"),
+    ] {
+        let chart = dom
+            .split(&format!("id=\"{id}\""))
+            .nth(1)
+            .and_then(|c| c.split("</svg>").next())
+            .unwrap_or_else(|| panic!("no chart {id}"));
+        assert!(chart.contains(unit), "{id} names no unit {unit}: {chart}");
+        assert!(
+            chart.contains(">now</text>"),
+            "{id} has no time axis: {chart}"
+        );
+        assert!(chart.contains(">0</text>"), "{id} has no y axis: {chart}");
+    }
+    // The totals agree with the API.
+    let (_, summary) = http(&admin, "GET", "/summary").await;
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert!(
+        dom.contains(&format!(
+            "data-accepted=\"{}\"",
+            summary["connections"]["accepted"]
+        )),
+        "totals differ from /summary {summary}: {dom}"
+    );
+    assert!(
+        dom.contains(&format!(
+            "<span id=\"version\" class=\"muted\">{}</span>",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "no version: {dom}"
+    );
+    assert!(dom.contains("data-totals=\"1\""), "no totals row");
 
     // Kill b1: its row turns down.
     ms[0].kill();
@@ -338,14 +375,78 @@ async fn the_console_shows_the_cluster() {
     assert_eq!(attr("data-view"), view.to_string(), "{dom}");
     assert_eq!(attr("data-ready"), "3", "{dom}");
     assert_eq!(attr("data-nodes"), "3", "{dom}");
-    for n in &c.nodes {
+    let term = answers
+        .iter()
+        .map(|a| a["term"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert!(term >= 1, "{answers:?}");
+    assert_eq!(attr("data-term"), term.to_string(), "{dom}");
+    for (n, a) in c.nodes.iter().zip(&answers) {
         assert!(
             dom.contains(&format!("data-node=\"{}\" data-ready=\"true\"", n.name)),
             "no ready row for {}: {dom}",
             n.name
         );
+        // Each node's links to its two peers are up, as it says.
+        let links = a["links"].as_array().unwrap();
+        assert_eq!(links.len(), 2, "{a}");
+        for l in links {
+            assert_eq!(l["state"], "up", "{a}");
+        }
+        let row = dom
+            .split(&format!("data-node=\"{}\"", n.name))
+            .nth(1)
+            .and_then(|r| r.split("</tr>").next())
+            .unwrap();
+        // The term is stable here; session counts move with the health
+        // probes' connections, so only their presence is checked.
+        assert!(
+            row.contains(&format!("data-term=\"{}\"", a["term"])),
+            "{row} vs {a}"
+        );
+        let sessions = row
+            .split("data-sessions=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(sessions.is_some(), "no session count: {row}");
+        assert_eq!(row.matches("data-link=\"up\"").count(), 2, "{row}");
     }
     screenshot(&browser, &url, "console-cluster.png").await;
+
+    // Each node serves its own console: the same values for itself.
+    let node = &c.nodes[0];
+    let (_, own) = http(&node.admin.to_string(), "GET", "/status").await;
+    let own: serde_json::Value = serde_json::from_str(&own).unwrap();
+    let node_url = format!("http://{}/", node.admin);
+    let (b, u) = (browser.clone(), node_url.clone());
+    let node_dom = tokio::task::spawn_blocking(move || browse(&b, &u, &["--dump-dom".into()]))
+        .await
+        .unwrap();
+    assert!(
+        node_dom.contains("data-ready=\"1\""),
+        "the node's page did not render:\n{node_dom}"
+    );
+    let summary = node_dom
+        .split("id=\"node-summary\"")
+        .nth(1)
+        .and_then(|r| r.split('>').next())
+        .unwrap_or_else(|| panic!("no node summary: {node_dom}"));
+    for (key, want) in [
+        ("data-node", own["node"].as_str().unwrap().to_string()),
+        ("data-term", own["term"].to_string()),
+        ("data-view", own["view"].to_string()),
+        ("data-leader", own["leader"].as_str().unwrap().to_string()),
+        ("data-links", "2".to_string()),
+    ] {
+        assert!(
+            summary.contains(&format!("{key}=\"{want}\"")),
+            "{key} should be {want}: {summary}"
+        );
+    }
+    assert!(node_dom.contains("id=\"chart-messages\""), "{node_dom}");
+    screenshot(&browser, &node_url, "console-node.png").await;
     lb.stop().await;
     drop(c);
 }
