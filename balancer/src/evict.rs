@@ -156,6 +156,8 @@ async fn run(
                     &name,
                     format!("moving {} clients at {rate}/s", handles.len()),
                 );
+                let (started, total) = (Instant::now(), handles.len());
+                let mut moved = 0usize;
                 for h in handles {
                     // Recovered or undrained meanwhile: the rest may stay.
                     if backend.is_usable() {
@@ -165,7 +167,16 @@ async fn run(
                     if !evict_at(pace(&mut next), &h, &backend, &reason, &shutdown).await {
                         return;
                     }
+                    moved += 1;
                 }
+                let took = started.elapsed().as_secs_f64();
+                let detail = if moved == total {
+                    format!("moved {moved} clients in {took:.1} s")
+                } else {
+                    format!("moved {moved} of {total} clients in {took:.1} s, then stopped: the backend is usable again")
+                };
+                tracing::info!(backend = %name, moved, took_s = took, "{detail}");
+                journal.record("eviction", &name, detail);
             }
             Job::All => loop {
                 // Connections that finish their handshake meanwhile are

@@ -265,6 +265,10 @@ async fn drain_is_paced() {
         "{metrics}"
     );
     assert!(metrics.contains("mqlb_backend_draining{backend=\"b1\"} 1"));
+    // The console's event says how many moved and how long it took.
+    let (_, events) = http(&admin, "GET", "/events").await;
+    let moved = format!("moved {N} clients in ");
+    assert!(events.contains(&moved), "no \"{moved}\" event: {events}");
     let (status, _) = http(&admin, "POST", "/backends/b1/undrain").await;
     assert_eq!(status, 200);
     assert!(lb.shared.backends.get("b1").unwrap().is_usable());
