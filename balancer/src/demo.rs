@@ -308,19 +308,24 @@ pub fn run(args: DemoArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // The banner once everything is ready, after the start-up lines, so it
-    // is what the terminal shows last.
+    // The balancer starts once the nodes are ready (its first probes then
+    // find them up, with nothing to report), and the banner once the
+    // balancer is, after the start-up lines, so it is what the terminal
+    // shows last.
     println!("mqlb demo: starting 3 nodes and the balancer ...");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !nodes.iter().all(|(_, _, admin, _)| ready(*admin))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     {
         let (args, nodes, children) = (args.clone(), nodes.clone(), children.clone());
         let token = token.trim().to_string();
         std::thread::spawn(move || {
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            let all_ready = || {
-                nodes.iter().all(|(_, _, admin, _)| ready(*admin))
-                    && std::net::TcpStream::connect(("127.0.0.1", args.port)).is_ok()
-            };
-            while !all_ready() && std::time::Instant::now() < deadline {
+            // The balancer's own /readyz (a backend is up): no MQTT
+            // connection, which it would log as refused.
+            while !ready(args.admin_port) && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(100));
             }
             // A moment for the last start-up lines to land above it.
@@ -350,7 +355,8 @@ pub fn run(args: DemoArgs) -> ExitCode {
     code
 }
 
-/// Whether the node whose admin API is on `port` answers `/readyz` 200.
+/// Whether the admin API on `port` (a node's or the balancer's) answers
+/// `/readyz` 200.
 fn ready(port: u16) -> bool {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect_timeout(
@@ -399,7 +405,7 @@ fn print_banner(
     );
     for (name, port, admin, _) in nodes {
         println!(
-            "  node {name}: MQTT 127.0.0.1:{port}, admin http://127.0.0.1:{admin}/cluster  /readyz  /metrics"
+            "  node {name}: MQTT 127.0.0.1:{port}, admin http://127.0.0.1:{admin}/cluster  /metrics  (console at /)"
         );
     }
     println!("  admin token (drains, reloads; the console asks for it): {token}");

@@ -254,7 +254,14 @@ async fn run_target(
         };
         cell.publish(report);
         if let Some(tr) = tr {
-            tracing::info!(backend = %target.name, from = tr.from.label(), to = tr.to.label(), reason = why.as_deref(), "health changed");
+            // A backend found up at start is what was expected: said at
+            // debug. Anything else (down at start, every later change)
+            // is news for the operator.
+            if tr.from == HealthState::Unknown && tr.to == HealthState::Up {
+                tracing::debug!(backend = %target.name, from = tr.from.label(), to = tr.to.label(), "health changed");
+            } else {
+                tracing::info!(backend = %target.name, from = tr.from.label(), to = tr.to.label(), reason = why.as_deref(), "health changed");
+            }
             observer.on_transition(&target.name, tr);
         }
     };

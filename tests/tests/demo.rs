@@ -33,6 +33,8 @@ async fn the_demo_serves_through_a_three_node_cluster_and_stops_cleanly() {
     let port = free_run(4);
     let admin = free_run(4);
     let cluster = free_run(3);
+    let log_dir = mqlb_tests::scratch_dir("demo-log");
+    let log_path = log_dir.join("stderr.log");
     let mut demo = KillOnDrop(
         Command::new(mqlb_bin())
             .args([
@@ -45,7 +47,7 @@ async fn the_demo_serves_through_a_three_node_cluster_and_stops_cleanly() {
                 &cluster.to_string(),
             ])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
             .spawn()
             .unwrap(),
     );
@@ -151,6 +153,19 @@ async fn the_demo_serves_through_a_three_node_cluster_and_stops_cleanly() {
         .unwrap();
     assert!(out.contains("mosquitto_sub -p"), "{out}");
     assert!(out.contains("kill -9"), "{out}");
+    // A quiet start: no election steps, no backend found up (expected) or
+    // down (the balancer waits for the nodes), no warnings.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    for noise in [
+        "PreCandidate",
+        "role=Candidate",
+        "from=\"unknown\"",
+        " WARN ",
+        "lost the majority",
+    ] {
+        assert!(!log.contains(noise), "{noise:?} in the demo's log:\n{log}");
+    }
+    let _ = std::fs::remove_dir_all(&log_dir);
     // One line per node as it stops.
     for i in 1..=3 {
         assert_eq!(
@@ -196,6 +211,11 @@ async fn a_killed_demo_leaves_no_node_behind_and_a_second_demo_says_its_ports_ar
             "node n{i} did not listen"
         );
     }
+    // The balancer starts once the nodes are ready.
+    assert!(
+        wait_listening(&format!("127.0.0.1:{port}"), Duration::from_secs(30)),
+        "the balancer did not listen"
+    );
     // While it runs, a second demo on the same ports refuses to start.
     let mut second = Command::new(mqlb_bin());
     args(&mut second);

@@ -761,7 +761,13 @@ impl Consensus {
         let mut rd = self.node.ready();
         if let Some(ss) = rd.ss() {
             let leader = self.names.get(&ss.leader_id).map_or("none", String::as_str);
-            tracing::info!(leader, term = self.node.raft.term, role = ?ss.raft_state, "raft leadership changed");
+            // An election's steps (pre-candidate, candidate, no leader
+            // yet) at debug; its outcome at info.
+            if ss.leader_id == raft::INVALID_ID {
+                tracing::debug!(leader, term = self.node.raft.term, role = ?ss.raft_state, "raft leadership changed");
+            } else {
+                tracing::info!(leader, term = self.node.raft.term, role = ?ss.raft_state, "raft leadership changed");
+            }
         }
         self.send(rd.take_messages(), &mut out);
         if !rd.snapshot().is_empty() {
