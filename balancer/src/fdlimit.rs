@@ -42,9 +42,66 @@ pub fn shortfall(limit: u64, max_connections: usize, backends: usize) -> Option<
     })
 }
 
+/// What [`apply`] did to a configuration's `max_connections`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sized {
+    /// It fits the limit.
+    Fits,
+    /// The default (never chosen by the user) did not fit and was lowered
+    /// to this.
+    Lowered(usize),
+    /// The user's own value does not fit: this warning says by how much.
+    Short(String),
+}
+
+/// Fits `config`'s `max_connections` to `limit` descriptors: a default the
+/// user never chose is lowered to what fits instead of warned about; a
+/// value the user set is kept and warned about. Used at start and on every
+/// reload, so a reload does not bring back a default that cannot fit.
+pub fn apply(config: &mut mqlb_config::Config, limit: u64) -> Sized {
+    let max = config.balancer.max_connections;
+    let backends = config.backends.len();
+    match shortfall(limit, max, backends) {
+        None => Sized::Fits,
+        Some(_) if max == mqlb_config::DEFAULT_MAX_CONNECTIONS => {
+            let fits = fits(limit, backends).max(1);
+            config.balancer.max_connections = fits;
+            Sized::Lowered(fits)
+        }
+        Some(warning) => Sized::Short(warning),
+    }
+}
+
+/// The soft open-file limit in force now (after [`raise`]).
+pub fn current() -> std::io::Result<u64> {
+    rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_default_is_lowered_and_a_chosen_value_kept() {
+        let mut c = match mqlb_config::Config::parse(
+            "<test>",
+            "[[listener]]\naddress = \"127.0.0.1:0\"\n[[backend]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n",
+        ) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(
+            c.balancer.max_connections,
+            mqlb_config::DEFAULT_MAX_CONNECTIONS
+        );
+        assert_eq!(apply(&mut c, 20_000), Sized::Lowered(fits(20_000, 1)));
+        assert_eq!(c.balancer.max_connections, fits(20_000, 1));
+        // Sized again (a reload of the same file): still fits.
+        assert_eq!(apply(&mut c, 20_000), Sized::Fits);
+        c.balancer.max_connections = 50_000;
+        assert!(matches!(apply(&mut c, 20_000), Sized::Short(w) if w.contains("50000")));
+        assert_eq!(c.balancer.max_connections, 50_000);
+    }
 
     #[test]
     fn budget_and_warning() {

@@ -67,25 +67,15 @@ pub(crate) fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
     };
     let mut config = config;
     match crate::fdlimit::raise() {
-        Ok(limit) => {
-            let max = config.balancer.max_connections;
-            let backends = config.backends.len();
-            match crate::fdlimit::shortfall(limit, max, backends) {
-                // A default the user never chose is sized to the limit
-                // instead of warned about.
-                Some(_) if max == mqlb_config::DEFAULT_MAX_CONNECTIONS => {
-                    let fits = crate::fdlimit::fits(limit, backends).max(1);
-                    config.balancer.max_connections = fits;
-                    tracing::info!(
-                        limit,
-                        max_connections = fits,
-                        "open-file limit (max_connections sized to it)"
-                    );
-                }
-                Some(warning) => tracing::warn!("{warning}"),
-                None => tracing::debug!(limit, "open-file limit"),
-            }
-        }
+        Ok(limit) => match crate::fdlimit::apply(&mut config, limit) {
+            crate::fdlimit::Sized::Lowered(fits) => tracing::info!(
+                limit,
+                max_connections = fits,
+                "open-file limit (max_connections sized to it)"
+            ),
+            crate::fdlimit::Sized::Short(warning) => tracing::warn!("{warning}"),
+            crate::fdlimit::Sized::Fits => tracing::debug!(limit, "open-file limit"),
+        },
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
     }
     rt.block_on(async {

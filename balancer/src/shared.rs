@@ -176,7 +176,15 @@ impl Shared {
             .config_path
             .get()
             .ok_or("the balancer was started from flags, not a file; nothing to reload")?;
-        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let mut config = Config::load(path).map_err(|e| e.to_string())?;
+        // Sized as at start: a default max_connections that the open-file
+        // limit cannot hold stays lowered instead of coming back.
+        if let Ok(limit) = crate::fdlimit::current() {
+            if let crate::fdlimit::Sized::Short(warning) = crate::fdlimit::apply(&mut config, limit)
+            {
+                tracing::warn!("{warning}");
+            }
+        }
         // Re-read every TLS listener's files first (rotated certificates
         // keep their paths): one bad file refuses the whole reload.
         let slots = self.tls.lock().map(|s| s.clone()).unwrap_or_default();
