@@ -1,7 +1,8 @@
-//! mqlb, the MQTT-aware layer-4 load balancer.
+//! mqlb, the MQTT-aware layer-4 load balancer, as a library: the `mqlb`
+//! application crate runs it (and the bundled broker, which this crate
+//! does not depend on).
 //!
 //! # Layout
-//! * [`cli`]: command-line parsing and the process entry point.
 //! * [`shared`]: the state connections, the admin API and health share.
 //! * [`server`]: binds listeners and runs the accept loop (a permit per
 //!   connection, a tracing span per connection, errors never stop the loop).
@@ -17,16 +18,13 @@
 //! * [`metrics`]: counters and histograms the admin API exposes.
 //! * [`refusal`]: why admission refused a client, counted per backend.
 //! * [`registry`]: live connections, by backend and client ID.
-//! * [`run`]: running a balancer until a signal stops it (the CLI's and the demo's).
 //! * [`limit`]: the concurrent-connection cap, resizable on reload.
 //! * [`fdlimit`]: raises the open-file limit and checks it against the config.
 //! * [`discovery`]: pools whose backends come from DNS (A/AAAA, SRV).
 //! * [`clusterview`]: follows an mqlb cluster's view for backends that are its nodes.
 //! * [`evict`]: paced closing of a failed or drained backend's clients.
 //! * [`admin`]: the admin HTTP API (health, backends, clients, metrics, drain).
-//! * [`sidecar`]: `mqlb healthcheck`, an HTTP health endpoint backed by MQTT probes.
-//! * [`cert`]: `mqlb cert`, a cluster's CA and node certificates (rcgen).
-//! * [`demo`]: `mqlb demo`, the balancer in front of a 3-node cluster.
+//! * [`http`]: the small HTTP/1 server and access checks every admin API uses.
 //!
 //! A connection's life: accept → read CONNECT → place → connect backend →
 //! write the buffered CONNECT → forward both ways → close. No backend
@@ -39,20 +37,17 @@
 //! (admin JSON), fastrand (jitter), rlimit (safe setrlimit), nix (the
 //! IP_BIND_ADDRESS_NO_PORT socket option for source addresses, without
 //! `unsafe` here), hickory-resolver (async, caching DNS for discovery and
-//! backend host names), ppp (PROXY protocol v1/v2 parsing), and our own protocol, placement, config and healthcheck
-//! crates. Metrics are rendered by hand in Prometheus text
-//! format: a dozen families do not justify a metrics framework.
+//! backend host names), subtle (constant-time token comparison), and our
+//! own protocol, placement, config, listener, healthcheck and metrics
+//! crates (see `mqlb-metrics` for why not a metrics framework).
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod admission;
 pub mod bufpool;
-pub mod cert;
-pub mod cli;
 pub mod clusterview;
 pub mod console;
-pub mod demo;
 pub mod discovery;
 pub mod evict;
 pub mod fdlimit;
@@ -64,11 +59,9 @@ pub mod limit;
 pub mod metrics;
 pub mod refusal;
 pub mod registry;
-pub mod run;
 pub mod select;
 pub mod server;
 pub mod shared;
-pub mod sidecar;
 pub mod ws;
 
 pub use server::Balancer;

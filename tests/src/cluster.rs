@@ -162,10 +162,9 @@ impl TestCluster {
     fn tls_args(dir: &std::path::Path, name: &str) -> Vec<String> {
         let tls = dir.join("tls");
         if !tls.join("ca.pem").exists() {
-            mqlb_balancer::cert::create_ca(&tls, mqlb_balancer::cert::DEFAULT_CA_NAME).unwrap();
+            mqlb::cert::create_ca(&tls, mqlb::cert::DEFAULT_CA_NAME).unwrap();
         }
-        let (cert, key) =
-            mqlb_balancer::cert::create_node(name, &["127.0.0.1".into()], &tls, &tls).unwrap();
+        let (cert, key) = mqlb::cert::create_node(name, &["127.0.0.1".into()], &tls, &tls).unwrap();
         vec![
             "--cluster-tls-cert".into(),
             cert.display().to_string(),

@@ -513,13 +513,13 @@ async fn the_cluster_port_refuses_strangers() {
     );
     // 2. A certificate for "n2" from another CA.
     let other = c.dir.join("other-ca");
-    mqlb_balancer::cert::create_ca(&other, "another CA").unwrap();
-    mqlb_balancer::cert::create_node("n2", &["127.0.0.1".into()], &other, &other).unwrap();
+    mqlb::cert::create_ca(&other, "another CA").unwrap();
+    mqlb::cert::create_node("n2", &["127.0.0.1".into()], &other, &other).unwrap();
     let forged = PeerTls::load("n2", paths(&other, "n2", &other)).unwrap();
     let r = dial(connect().await, "n2", &Purpose::Link, Some(&forged), "n1").await;
     assert!(r.is_err(), "a certificate from another CA got in");
     // 3. A genuine cluster certificate for a node that is not a member.
-    mqlb_balancer::cert::create_node("n9", &["127.0.0.1".into()], &tls, &tls).unwrap();
+    mqlb::cert::create_node("n9", &["127.0.0.1".into()], &tls, &tls).unwrap();
     let stranger = PeerTls::load("n9", paths(&tls, "n9", &tls)).unwrap();
     let r = dial(connect().await, "n9", &Purpose::Link, Some(&stranger), "n1").await;
     assert!(r.is_err(), "a non-member got in");

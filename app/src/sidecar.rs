@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::Reply;
+use mqlb_balancer::http::Reply;
 
 struct LogObserver;
 
@@ -51,7 +51,7 @@ pub fn health_reply(target: &str, cell: &HealthCell) -> Reply {
         "status": report.state.label(),
         "detail": report.last_outcome.as_ref().map(|o| o.summary()),
         "rtt_ms": rtt_ms,
-        "checked_at": report.last_check.map(crate::admin::rfc3339),
+        "checked_at": report.last_check.map(mqlb_balancer::admin::rfc3339),
     });
     Reply::json(status, body)
 }
@@ -81,7 +81,7 @@ pub async fn run(
         return;
     };
     tracing::info!(address = listener.local_addr().ok().map(tracing::field::display), %target, "health endpoint listening");
-    crate::http::serve(
+    mqlb_balancer::http::serve(
         listener,
         shutdown,
         move |_method, path, _headers| match path {

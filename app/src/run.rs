@@ -66,20 +66,20 @@ pub(crate) fn run(config: Config, path: Option<PathBuf>) -> ExitCode {
         }
     };
     let mut config = config;
-    match crate::fdlimit::raise() {
-        Ok(limit) => match crate::fdlimit::apply(&mut config, limit) {
-            crate::fdlimit::Sized::Lowered(fits) => tracing::info!(
+    match mqlb_balancer::fdlimit::raise() {
+        Ok(limit) => match mqlb_balancer::fdlimit::apply(&mut config, limit) {
+            mqlb_balancer::fdlimit::Sized::Lowered(fits) => tracing::info!(
                 limit,
                 max_connections = fits,
                 "open-file limit (max_connections sized to it)"
             ),
-            crate::fdlimit::Sized::Short(warning) => tracing::warn!("{warning}"),
-            crate::fdlimit::Sized::Fits => tracing::debug!(limit, "open-file limit"),
+            mqlb_balancer::fdlimit::Sized::Short(warning) => tracing::warn!("{warning}"),
+            mqlb_balancer::fdlimit::Sized::Fits => tracing::debug!(limit, "open-file limit"),
         },
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
     }
     rt.block_on(async {
-        let balancer = match crate::Balancer::bind(config).await {
+        let balancer = match mqlb_balancer::Balancer::bind(config).await {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("{e}");
