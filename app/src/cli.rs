@@ -275,6 +275,7 @@ impl ClusterArgs {
             join: self.join,
             state_dir: self.state_dir,
             max_clock_drift: mqlb_config::broker::DEFAULT_MAX_CLOCK_DRIFT,
+            seed: None,
         };
         c.validate()?;
         cfg.cluster = Some(c);

@@ -205,6 +205,10 @@ pub struct ClusterConfig {
     /// may be before the write is refused (a skewed or forged clock would
     /// otherwise win every last-writer-wins race).
     pub max_clock_drift: std::time::Duration,
+    /// Seeds every random choice the node's cluster components make (Raft
+    /// election timeouts), so a run can be replayed; `None`: from the
+    /// operating system. Not in the file: for tests and simulation.
+    pub seed: Option<u64>,
 }
 
 /// `max_clock_drift` unless configured.
@@ -594,6 +598,7 @@ impl BrokerConfig {
                     peers,
                     tls,
                     max_clock_drift: DEFAULT_MAX_CLOCK_DRIFT,
+                    seed: None,
                     replication_factor: DEFAULT_REPLICATION_FACTOR.min(peers_len + 1),
                     join: cl.join.unwrap_or(false),
                     state_dir: cl.state_dir.as_ref().map(|p| {

@@ -297,6 +297,12 @@ pub struct Consensus {
     compact_now: bool,
     /// Where the state is persisted, if anywhere.
     state_file: Option<std::path::PathBuf>,
+    /// Every random choice: the election timeouts (see
+    /// [`Consensus::own_timeout`]). Seeded by whoever makes the node, so a
+    /// run can be replayed.
+    rng: fastrand::Rng,
+    /// The (term, role) and election timeout this node last drew one for.
+    timeout: ((u64, StateRole), usize),
 }
 
 /// What a state file holds.
@@ -403,15 +409,17 @@ impl Consensus {
     /// by the leader.
     #[cfg(test)]
     pub fn new(me: &str, members: &[(String, PeerAddr)]) -> raft::Result<Consensus> {
-        Self::with_state(me, members, None)
+        Self::with_state(me, members, None, raft_id(me))
     }
 
     /// [`Consensus::new`], persisting to `state_file` (and starting from
-    /// it, when it holds a state).
+    /// it, when it holds a state), drawing its election timeouts from a
+    /// generator seeded with `seed`.
     pub fn with_state(
         me: &str,
         members: &[(String, PeerAddr)],
         state_file: Option<&std::path::Path>,
+        seed: u64,
     ) -> raft::Result<Consensus> {
         let founding = members.iter().any(|(n, _)| n == me);
         let saved = state_file
@@ -474,6 +482,10 @@ impl Consensus {
             applied: applied_index,
             id: raft_id(me),
             election_tick: ELECTION_TICKS,
+            // The range own_timeout draws from (raft-rs's default, spelt
+            // out because set_randomized_election_timeout asserts it).
+            min_election_tick: ELECTION_TICKS,
+            max_election_tick: 2 * ELECTION_TICKS,
             heartbeat_tick: 2,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
@@ -497,14 +509,36 @@ impl Consensus {
             .chain(std::iter::once(me.to_string()))
             .map(|n| (raft_id(&n), n))
             .collect();
-        Ok(Consensus {
+        let mut c = Consensus {
             node,
             applied,
             proposed: None,
             names,
             compact_now: false,
             state_file: state_file.map(std::path::Path::to_path_buf),
-        })
+            rng: fastrand::Rng::with_seed(seed),
+            timeout: ((u64::MAX, StateRole::Follower), 0),
+        };
+        c.own_timeout();
+        Ok(c)
+    }
+
+    /// raft-rs draws a new election timeout from `rand::thread_rng()`
+    /// whenever it resets (a new term or role), which no seed reaches.
+    /// After every call into it, a reset is noticed (the term or role
+    /// changed, or the timeout is not the one drawn here) and replaced by
+    /// one drawn from this node's own seeded generator, before any tick
+    /// counts against it: the timeouts that decide elections are then a
+    /// function of the seed.
+    fn own_timeout(&mut self) {
+        let raft = &mut self.node.raft;
+        let key = (raft.term, raft.state);
+        if key == self.timeout.0 && raft.randomized_election_timeout() == self.timeout.1 {
+            return;
+        }
+        let t = self.rng.usize(ELECTION_TICKS..2 * ELECTION_TICKS);
+        raft.set_randomized_election_timeout(t);
+        self.timeout = (key, raft.randomized_election_timeout());
     }
 
     /// Writes the hard state, the applied view and the entries after it
@@ -673,8 +707,9 @@ impl Consensus {
     }
 
     /// On the leader: proposes `observed` as the live set when it differs
-    /// from the committed one (and was not just proposed).
-    pub fn propose_live(&mut self, observed: &[String]) -> Output {
+    /// from the committed one (and was not proposed within
+    /// [`PROPOSE_AGAIN`] before `now`).
+    pub fn propose_live(&mut self, observed: &[String], now: Instant) -> Output {
         if !self.is_leader() {
             return Output::default();
         }
@@ -686,7 +721,6 @@ impl Consensus {
             self.proposed = None;
             return Output::default();
         }
-        let now = Instant::now();
         if let Some((p, at)) = &self.proposed {
             if *p == observed && now.duration_since(*at) < PROPOSE_AGAIN {
                 return Output::default();
@@ -753,6 +787,7 @@ impl Consensus {
 
     /// Persists (in memory), sends and applies what raft-rs has ready.
     fn ready(&mut self) -> Output {
+        self.own_timeout();
         let mut out = Output::default();
         if !self.node.has_ready() {
             return out;
@@ -960,7 +995,7 @@ mod tests {
                 continue;
             }
             queue.extend(sent(name, n.tick()));
-            queue.extend(sent(name, n.propose_live(live)));
+            queue.extend(sent(name, n.propose_live(live, Instant::now())));
         }
         pump(nodes, queue, cut);
     }
@@ -1009,6 +1044,69 @@ mod tests {
         let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
         assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
         assert_eq!(views[0].live, live);
+    }
+
+    /// Elections are a function of the seeds: the same seeds elect the
+    /// same leader in the same term after the same number of ticks, through
+    /// repeated leader failures, although raft-rs draws its own timeouts
+    /// from the thread's generator (replaced here before they count).
+    #[test]
+    fn elections_replay_from_their_seeds() {
+        fn run(seeds: [u64; 5]) -> Vec<(String, u64, usize)> {
+            let ms = members(5);
+            let mut nodes: BTreeMap<String, Consensus> = ms
+                .iter()
+                .zip(seeds)
+                .map(|((name, _), seed)| {
+                    let c = Consensus::with_state(name, &ms, None, seed).expect("raft node");
+                    (name.clone(), c)
+                })
+                .collect();
+            let mut dead: Vec<String> = Vec::new();
+            let mut history = Vec::new();
+            for tick in 0..400 {
+                let cut: Vec<&str> = dead.iter().map(String::as_str).collect();
+                let live: Vec<String> = nodes
+                    .keys()
+                    .filter(|n| !dead.contains(n))
+                    .cloned()
+                    .collect();
+                tick_all(&mut nodes, &cut, &live);
+                let leader = nodes
+                    .iter()
+                    .find(|(n, c)| !dead.contains(n) && c.is_leader())
+                    .map(|(n, c)| (n.clone(), c.term()));
+                if let Some((name, term)) = leader {
+                    if history
+                        .last()
+                        .is_none_or(|(n, t, _)| *n != name || *t != term)
+                    {
+                        history.push((name.clone(), term, tick));
+                        // Kill each of the first two leaders.
+                        if dead.len() < 2 {
+                            dead.push(name);
+                        }
+                    }
+                }
+            }
+            history
+        }
+        let a = run([1, 2, 3, 4, 5]);
+        assert_eq!(a.len(), 3, "three leaders in turn: {a:?}");
+        assert_eq!(a, run([1, 2, 3, 4, 5]), "same seeds, another history");
+        // Other seeds may pick other leaders or take other times, but
+        // whatever they do, they do it again.
+        let b = run([50, 40, 30, 20, 10]);
+        assert_eq!(b, run([50, 40, 30, 20, 10]));
+        let timeouts = |seed: u64| {
+            let ms = members(3);
+            let c = Consensus::with_state("n0", &ms, None, seed).expect("raft node");
+            c.node.raft.randomized_election_timeout()
+        };
+        assert_eq!(
+            timeouts(7),
+            fastrand::Rng::with_seed(7).usize(ELECTION_TICKS..2 * ELECTION_TICKS)
+        );
     }
 
     #[test]
@@ -1145,7 +1243,7 @@ mod tests {
             let mut queue = Vec::new();
             for (name, n) in nodes.iter_mut() {
                 queue.extend(sent(name, n.tick()));
-                queue.extend(sent(name, n.propose_live(&all)));
+                queue.extend(sent(name, n.propose_live(&all, Instant::now())));
             }
             let mut rounds = 0;
             while let Some((from, to, m)) = queue.pop() {
@@ -1234,7 +1332,7 @@ mod tests {
             .iter()
             .map(|(name, _)| {
                 let f = (name == "n0").then_some(file.as_path());
-                let c = Consensus::with_state(name, &ms, f).expect("raft node");
+                let c = Consensus::with_state(name, &ms, f, 1).expect("raft node");
                 (name.clone(), c)
             })
             .collect();
@@ -1255,7 +1353,7 @@ mod tests {
         let hard = nodes["n0"].node.raft.hard_state();
         assert!(before.number > COMPACT_EVERY / 2, "{before:?}");
         // Restarted from its file.
-        let back = Consensus::with_state("n0", &ms, Some(&file)).expect("raft node");
+        let back = Consensus::with_state("n0", &ms, Some(&file), 1).expect("raft node");
         assert_eq!(back.view(), before);
         let restored = back.node.raft.hard_state();
         assert_eq!((restored.term, restored.vote), (hard.term, hard.vote));
@@ -1269,7 +1367,7 @@ mod tests {
         // A file that is not a state is ignored: the node starts as if it
         // had none.
         std::fs::write(&file, b"garbage").expect("write");
-        let blank = Consensus::with_state("n0", &ms, Some(&file)).expect("raft node");
+        let blank = Consensus::with_state("n0", &ms, Some(&file), 1).expect("raft node");
         assert_eq!(blank.view().number, 0);
         let _ = std::fs::remove_dir_all(&dir);
     }

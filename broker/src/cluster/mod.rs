@@ -493,9 +493,13 @@ impl Cluster {
             }
             None => None,
         };
-        let consensus =
-            consensus::Consensus::with_state(&config.node_id, &founders, state_file.as_deref())
-                .map_err(|e| io::Error::other(format!("raft: {e}")))?;
+        let consensus = consensus::Consensus::with_state(
+            &config.node_id,
+            &founders,
+            state_file.as_deref(),
+            config.seed.unwrap_or_else(|| fastrand::u64(..)),
+        )
+        .map_err(|e| io::Error::other(format!("raft: {e}")))?;
         // A node restarted from its state file starts from the view it had
         // committed (a later one comes from the leader).
         let saved = consensus.view();
@@ -1127,7 +1131,7 @@ impl Cluster {
                     out.view = campaign.view.or(out.view);
                 }
             }
-            let proposed = c.propose_live(&live);
+            let proposed = c.propose_live(&live, Instant::now());
             out.messages.extend(proposed.messages);
             out.view = proposed.view.or(out.view);
             out
