@@ -44,9 +44,8 @@ pub fn get(state: &mqlb_broker::state::State, path: &str) -> mqlb_balancer::http
     let cluster = state.cluster();
     match path {
         "/metrics" => {
-            let mut body = mqlb_broker::sys::render_metrics(&state.core());
+            let mut body = state.render_metrics();
             mqlb_balancer::metrics::render_process(&mut body);
-            mqlb_broker::sys::render_state_metrics(state, &mut body);
             state.fronts.render(&mut body);
             state.statestore.render(&mut body);
             if let Some(c) = &cluster {
@@ -83,16 +82,15 @@ pub fn status(state: &mqlb_broker::state::State) -> serde_json::Value {
     // The same counts as /metrics (clients and subscriptions are a scan of
     // the sessions under the core's lock, as there).
     let traffic = {
-        let core = state.core();
-        let s = core.stats();
+        let n = state.counts();
         serde_json::json!({
-            "clients": core.connected(),
-            "sessions": core.sessions(),
-            "subscriptions": core.subscriptions(),
-            "retained": core.retained_count(),
-            "messages_in": s.messages_in,
-            "messages_out": s.messages_out,
-            "dropped": s.dropped_total(),
+            "clients": n.clients,
+            "sessions": n.sessions,
+            "subscriptions": n.subscriptions,
+            "retained": n.retained,
+            "messages_in": n.stats.messages_in,
+            "messages_out": n.stats.messages_out,
+            "dropped": n.stats.dropped_total(),
         })
     };
     let Some(c) = state.cluster() else {

@@ -2,8 +2,10 @@
 //! lock: items for connection mailboxes, and the change records of
 //! persistent sessions for the change log.
 //!
-//! A caller takes the core's lock, calls it, drops the lock, then applies
-//! the [`Effects`]. The change log decides when a change is committed
+//! A caller takes the core's lock, calls it, hands the change records to
+//! the log while still holding it (see the locking contract in
+//! [`crate::state`]), drops the lock, then applies the rest of the
+//! [`Effects`]. The change log decides when a change is committed
 //! (safe against the loss of a node); a publisher's acknowledgement waits
 //! for that. A single node keeps no copy elsewhere, so its log commits at
 //! once.

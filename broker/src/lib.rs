@@ -22,8 +22,8 @@
 //! * [`sys`]: `$SYS` topics and Prometheus metrics.
 //! * [`server`]: the listener, housekeeping, graceful shutdown.
 //!
-//! The core sits behind one mutex, held only for in-memory state changes:
-//! encoding, mailbox pushes and log appends happen after it is released.
+//! The core sits behind one mutex; what may happen under it, and in which
+//! order locks are taken, is written in [`state`] (the locking contract).
 //!
 //! Dependencies: tokio, tokio-util, tracing, our protocol and config crates;
 //! sha2 + pbkdf2 + base64 (pure-Rust RustCrypto, to verify Mosquitto's

@@ -1,10 +1,33 @@
 //! What every connection of a broker node shares: the core behind its
 //! lock, authentication, and the change log.
 //!
-//! The helpers here are the only way connection code reaches the core: each
-//! takes the lock for one call and applies the resulting effects after
-//! releasing it, so no mailbox push, encoding or log append ever happens
-//! under the lock.
+//! # The locking contract
+//! This is the one place it is written down; other modules point here.
+//!
+//! * **One core lock** ([`State`]'s mutex around [`Core`]). Outside this
+//!   crate it is reached only through calls that take it for one step
+//!   ([`State::act`], [`State::ask`], [`State::counts`],
+//!   [`State::export_session`], [`State::render_metrics`]); inside, through
+//!   `State::core()`.
+//! * **Under it**: the core's own state change; the change records'
+//!   append to the [`ChangeLog`] (so every chain member gets one session's
+//!   records in the order the core made them); and the cluster's calls the
+//!   core makes through its fabric (interest and retained writes, which
+//!   encode a small frame into each peer link's buffer, and a link check).
+//!   Cluster code that must act atomically with the core (a link's
+//!   snapshot, a re-chain after a view change, forgetting a dead peer's
+//!   interest) also holds it while it encodes.
+//! * **After it**: mailbox pushes and encoding for clients, wake-ups,
+//!   forwarded publishes, and every wait for a commit. Nothing awaits while
+//!   holding it (it is a `std` mutex: an await under it would not compile
+//!   in a `Send` task).
+//! * **Order**: the core lock first, then the cluster's own mutexes (the
+//!   link map, a link's buffer, the peer table, replicas), each held for a
+//!   step and never while taking the core lock. No cluster mutex is held
+//!   while the core lock is taken, so the two cannot deadlock.
+//! * **Known cost** (the core-seam work removes it): a link's snapshot and a
+//!   re-chain export and encode every session under the core lock, and a
+//!   `/metrics` scrape counts clients and subscriptions by a scan under it.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -12,6 +35,21 @@ use crate::auth::Auth;
 use crate::cluster::Cluster;
 use crate::core::Core;
 use crate::effects::{ChangeLog, Committed, Effects, LocalLog, NotCommitted};
+
+/// What a node holds and has done (see [`State::counts`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Counts {
+    /// Connected clients.
+    pub clients: usize,
+    /// Sessions, connected or not.
+    pub sessions: usize,
+    /// Subscriptions (shared group memberships included).
+    pub subscriptions: usize,
+    /// Retained messages.
+    pub retained: usize,
+    /// Messages in, out and dropped.
+    pub stats: crate::core::Stats,
+}
 
 /// One broker node's shared state.
 #[derive(Debug)]
@@ -93,10 +131,37 @@ impl State {
         Self::new(Core::new(), Auth::open(), Arc::new(LocalLog::default()))
     }
 
-    /// The core, locked, for reading. A poisoned lock only means a panic
-    /// elsewhere; the data is still consistent between calls.
-    pub fn core(&self) -> MutexGuard<'_, Core> {
+    /// The core, locked. A poisoned lock only means a panic elsewhere; the
+    /// data is still consistent between calls. Inside this crate only:
+    /// everything outside goes through the calls below, which take the
+    /// lock for one step each.
+    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the node holds and has done, for the admin API and `$SYS`.
+    pub fn counts(&self) -> Counts {
+        let core = self.core();
+        Counts {
+            clients: core.connected(),
+            sessions: core.sessions(),
+            subscriptions: core.subscriptions(),
+            retained: core.retained_count(),
+            stats: core.stats(),
+        }
+    }
+
+    /// A copy of `client_id`'s session, if this node holds one.
+    pub fn export_session(&self, client_id: &str) -> Option<crate::snapshot::SessionSnapshot> {
+        self.core().export_session(client_id)
+    }
+
+    /// Prometheus text for the node's core and its shared counters (the
+    /// core's lock is held while its counts are read).
+    pub fn render_metrics(&self) -> String {
+        let mut body = crate::sys::render_metrics(&self.core());
+        crate::sys::render_state_metrics(self, &mut body);
+        body
     }
 
     /// Runs one core call and applies its effects: the change records

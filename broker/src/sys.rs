@@ -78,7 +78,7 @@ pub fn publish(core: &mut Core, uptime: Duration) -> Effects {
 }
 
 /// Prometheus text for the broker's counters.
-pub fn render_metrics(core: &Core) -> String {
+pub(crate) fn render_metrics(core: &Core) -> String {
     let s = core.stats();
     let mut o = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: String| {
@@ -147,7 +147,7 @@ pub fn render_metrics(core: &Core) -> String {
 
 /// Prometheus text for what the node's shared state counts outside the
 /// core: changes waited for and not committed.
-pub fn render_state_metrics(state: &crate::state::State, o: &mut String) {
+pub(crate) fn render_state_metrics(state: &crate::state::State, o: &mut String) {
     let _ = writeln!(
         o,
         "# HELP mqlb_broker_not_committed_total Changes a client waited for that were not committed (the publish was left unacknowledged and the connection closed), by reason.\n\

@@ -116,7 +116,7 @@ async fn mqtts_with_certificate_identity_sni_and_refusals() {
             .unwrap(),
     );
     let subscribed = wait_until(Duration::from_secs(10), || {
-        b.state.core().subscriptions() > 0
+        b.state.counts().subscriptions > 0
     })
     .await;
     assert!(

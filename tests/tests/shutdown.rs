@@ -265,8 +265,7 @@ async fn balancer_shutdown_is_paced_and_loses_no_acknowledged_message() {
 
 /// Payloads a session holds (inflight or queued), from the broker's state.
 fn held(b: &OurBroker, client_id: &str) -> HashSet<String> {
-    let core = b.state.core();
-    let Some(s) = core.export_session(client_id) else {
+    let Some(s) = b.state.export_session(client_id) else {
         return HashSet::new();
     };
     s.inflight
@@ -328,8 +327,8 @@ async fn broker_shutdown_keeps_the_wills_of_persistent_sessions() {
         got.insert(p.topic.to_string());
     }
     assert!(b.finished(Duration::from_secs(10)).await);
-    let core = b.state.core();
-    let session = core
+    let session = b
+        .state
         .export_session("will-watcher")
         .expect("watcher session kept");
     for (_, m) in &session.inflight {

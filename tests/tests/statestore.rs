@@ -207,7 +207,7 @@ async fn set_get_del_vdel_and_conditions() {
     // Binary keys and values.
     assert_eq!(c.call(&[b"SET", b"\0\r\n", b"\xff\r\n"]).await, b"+OK\r\n");
     assert_eq!(c.call(&[b"GET", b"\0\r\n"]).await, b"$3\r\n\xff\r\n\r\n");
-    let (_, metrics) = (0, mqlb_broker::sys::render_metrics(&b.state.core()));
+    let (_, metrics) = (0, b.state.render_metrics());
     let mut text = metrics;
     b.state.statestore.render(&mut text);
     assert!(
@@ -432,7 +432,7 @@ async fn mosquitto_pub_and_sub_as_the_readme_shows() {
             .spawn()
             .unwrap(),
     );
-    let subscribed = mqlb_tests::wait_until(T, || b.state.core().subscriptions() > 0).await;
+    let subscribed = mqlb_tests::wait_until(T, || b.state.counts().subscriptions > 0).await;
     assert!(subscribed.is_some(), "mosquitto_sub never subscribed");
     let ts = hlc(0);
     let publish = Command::new("mosquitto_pub")
