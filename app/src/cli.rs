@@ -587,7 +587,7 @@ pub fn main() -> ExitCode {
                             return ExitCode::from(EXIT_USAGE);
                         }
                     };
-                    let state = broker.state();
+                    let state = broker.node();
                     tokio::spawn(mqlb_balancer::http::serve(
                         listener,
                         shutdown.clone(),

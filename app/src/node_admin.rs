@@ -6,7 +6,7 @@
 /// The broker node's admin calls: `POST /cluster/members/{name}@{ip:port}`
 /// adds a member (started with `--join`), `POST
 /// /cluster/members/{name}/remove` retires one.
-pub fn post(state: &mqlb_broker::state::State, path: &str) -> mqlb_balancer::http::Reply {
+pub fn post(state: &mqlb_broker::node::Node, path: &str) -> mqlb_balancer::http::Reply {
     use hyper::StatusCode;
     use mqlb_balancer::http::Reply;
     let Some(cluster) = state.cluster() else {
@@ -38,7 +38,7 @@ pub fn post(state: &mqlb_broker::state::State, path: &str) -> mqlb_balancer::htt
 
 /// The broker node's admin API: metrics, liveness, readiness (a cluster
 /// member is ready once it has synced from its live peers) and the view.
-pub fn get(state: &mqlb_broker::state::State, path: &str) -> mqlb_balancer::http::Reply {
+pub fn get(state: &mqlb_broker::node::Node, path: &str) -> mqlb_balancer::http::Reply {
     use hyper::StatusCode;
     use mqlb_balancer::http::Reply;
     let cluster = state.cluster();
@@ -78,7 +78,7 @@ pub fn get(state: &mqlb_broker::state::State, path: &str) -> mqlb_balancer::http
 /// cluster member): its version and traffic, and in a cluster its view,
 /// Raft term, leader, membership and links to each peer. A node outside a
 /// cluster answers as a one-member cluster that is always ready.
-pub fn status(state: &mqlb_broker::state::State) -> serde_json::Value {
+pub fn status(state: &mqlb_broker::node::Node) -> serde_json::Value {
     // The same counts as /metrics (clients and subscriptions are a scan of
     // the sessions under the core's lock, as there).
     let traffic = {

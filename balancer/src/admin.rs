@@ -57,29 +57,6 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
     .await
 }
 
-/// Whether a request comes from a browser page of another origin: its
-/// `Sec-Fetch-Site` says so, or its `Origin` names another host than the
-/// one it was sent to.
-pub fn cross_site(headers: &hyper::HeaderMap) -> bool {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(site) = get("sec-fetch-site") {
-        if site != "same-origin" && site != "none" {
-            return true;
-        }
-    }
-    match (get("origin"), get("host")) {
-        (None, _) => false,
-        (Some(origin), Some(host)) => {
-            let origin_host = origin
-                .strip_prefix("http://")
-                .or_else(|| origin.strip_prefix("https://"))
-                .unwrap_or(origin);
-            origin_host != host
-        }
-        (Some(_), None) => true,
-    }
-}
-
 /// Answers one request.
 pub fn route(method: &Method, path: &str, shared: &Shared) -> Reply {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -701,29 +678,6 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(LabelValue("a\"b\\c\nd").to_string(), "a\\\"b\\\\c\\nd");
         assert_eq!(LabelValue("plain-b1").to_string(), "plain-b1");
-    }
-
-    #[test]
-    fn cross_site_posts_are_recognised() {
-        let h = |pairs: &[(&'static str, &'static str)]| {
-            let mut m = hyper::HeaderMap::new();
-            for (k, v) in pairs {
-                m.insert(*k, hyper::header::HeaderValue::from_static(v));
-            }
-            m
-        };
-        assert!(!cross_site(&h(&[])), "curl");
-        assert!(!cross_site(&h(&[
-            ("origin", "http://127.0.0.1:9100"),
-            ("host", "127.0.0.1:9100")
-        ])));
-        assert!(cross_site(&h(&[
-            ("origin", "http://evil.example"),
-            ("host", "127.0.0.1:9100")
-        ])));
-        assert!(cross_site(&h(&[("sec-fetch-site", "cross-site")])));
-        assert!(cross_site(&h(&[("sec-fetch-site", "same-site")])));
-        assert!(!cross_site(&h(&[("sec-fetch-site", "same-origin")])));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! caps), `/backends`, `/events` and `/history`. The drain and undrain
 //! buttons POST from the page's own origin (a drain asks for confirmation
 //! first); the admin API refuses POSTs from other origins (see
-//! `admin::cross_site`). In front of a bundled cluster (`cluster_admin` on
+//! `http::cross_site`). In front of a bundled cluster (`cluster_admin` on
 //! the backends) a Cluster panel shows the leader, view and term, and each
 //! node's readiness, links and traffic, as the nodes answer on `/cluster`.
 //!

@@ -178,7 +178,7 @@ impl Access {
                 "the Host header names neither this API nor an allowed host (allowed_hosts)",
             );
         }
-        if !read && crate::admin::cross_site(headers) {
+        if !read && cross_site(headers) {
             return refuse(StatusCode::FORBIDDEN, "cross-site request refused");
         }
         let needs_token = !read || !self.own.ip().is_loopback();
@@ -346,5 +346,56 @@ impl Drop for SourceSlot {
                 m.remove(&self.ip);
             }
         }
+    }
+}
+
+/// Whether a request comes from a browser page of another origin: its
+/// `Sec-Fetch-Site` says so, or its `Origin` names another host than the
+/// one it was sent to.
+pub fn cross_site(headers: &hyper::HeaderMap) -> bool {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = get("sec-fetch-site") {
+        if site != "same-origin" && site != "none" {
+            return true;
+        }
+    }
+    match (get("origin"), get("host")) {
+        (None, _) => false,
+        (Some(origin), Some(host)) => {
+            let origin_host = origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"))
+                .unwrap_or(origin);
+            origin_host != host
+        }
+        (Some(_), None) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cross_site_posts_are_recognised() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = hyper::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, hyper::header::HeaderValue::from_static(v));
+            }
+            m
+        };
+        assert!(!cross_site(&h(&[])), "curl");
+        assert!(!cross_site(&h(&[
+            ("origin", "http://127.0.0.1:9100"),
+            ("host", "127.0.0.1:9100")
+        ])));
+        assert!(cross_site(&h(&[
+            ("origin", "http://evil.example"),
+            ("host", "127.0.0.1:9100")
+        ])));
+        assert!(cross_site(&h(&[("sec-fetch-site", "cross-site")])));
+        assert!(cross_site(&h(&[("sec-fetch-site", "same-site")])));
+        assert!(!cross_site(&h(&[("sec-fetch-site", "same-origin")])));
     }
 }

@@ -22,6 +22,7 @@
 //! * [`fdlimit`]: raises the open-file limit and checks it against the config.
 //! * [`discovery`]: pools whose backends come from DNS (A/AAAA, SRV).
 //! * [`clusterview`]: follows an mqlb cluster's view for backends that are its nodes.
+//! * [`nodeview`]: what such a node says of itself, kept per backend.
 //! * [`evict`]: paced closing of a failed or drained backend's clients.
 //! * [`admin`]: the admin HTTP API (health, backends, clients, metrics, drain).
 //! * [`http`]: the small HTTP/1 server and access checks every admin API uses.
@@ -57,6 +58,7 @@ pub mod http;
 pub mod journal;
 pub mod limit;
 pub mod metrics;
+pub mod nodeview;
 pub mod refusal;
 pub mod registry;
 pub mod select;

@@ -42,7 +42,7 @@ pub struct Backend {
     out_of_view: AtomicBool,
     /// What the node last said of itself and its cluster (`GET /cluster`),
     /// for the console; `None` until it answers, or when it stops.
-    cluster_node: std::sync::Mutex<Option<crate::clusterview::NodeView>>,
+    cluster_node: std::sync::Mutex<Option<crate::nodeview::NodeView>>,
     /// Set by an operator (admin API): no new clients, existing ones are
     /// moved at the eviction rate. Kept apart from health, as pingora keeps
     /// `enabled` apart from `healthy`.
@@ -162,7 +162,7 @@ impl Backend {
 
     /// What the node last answered on its `/cluster` (its readiness, view
     /// and leader), if it answered the last time it was asked.
-    pub fn cluster_node(&self) -> Option<crate::clusterview::NodeView> {
+    pub fn cluster_node(&self) -> Option<crate::nodeview::NodeView> {
         self.cluster_node
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -171,7 +171,7 @@ impl Backend {
 
     /// Keeps the node's latest `/cluster` answer (or its absence), with
     /// its message rates since the answer before.
-    pub fn set_cluster_node(&self, v: Option<crate::clusterview::NodeView>) {
+    pub fn set_cluster_node(&self, v: Option<crate::nodeview::NodeView>) {
         let mut kept = self.cluster_node.lock().unwrap_or_else(|p| p.into_inner());
         *kept = match (v, kept.as_ref()) {
             (Some(mut new), Some(old)) if new.node == old.node => {

@@ -413,7 +413,11 @@ mod tests {
             let settings = crate::conn::Settings::default();
             // A connected bystander.
             let (mut by, server) = tokio::io::duplex(1024);
-            tokio::spawn(crate::conn::handle(server, state.clone(), settings));
+            tokio::spawn(crate::conn::handle(
+                server,
+                crate::node::Node::single(state.clone()),
+                settings,
+            ));
             by.write_all(&[
                 0x10, 0x0E, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 2, b'b', b'y',
             ])
@@ -424,7 +428,11 @@ mod tests {
             assert_eq!(ack, [0x20, 2, 0, 0]);
             // A client with a password for the slow user.
             let (mut slow, server) = tokio::io::duplex(1024);
-            tokio::spawn(crate::conn::handle(server, state, settings));
+            tokio::spawn(crate::conn::handle(
+                server,
+                crate::node::Node::single(state),
+                settings,
+            ));
             let mut c = vec![
                 0x10, 0, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60, 0, 1, b's',
             ];

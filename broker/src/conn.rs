@@ -18,11 +18,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::auth::Verdict;
 use crate::effects::{Committed, NotCommitted};
 use crate::message::{Message, Sub};
+use crate::node::Node;
 use crate::outbox::{Closing, Encoder, Outbox};
 use crate::state::State;
 
-/// Largest packet accepted from clients.
-pub const MAX_PACKET: usize = 1 << 20;
+pub use crate::message::MAX_PACKET;
 /// Time a new connection has to send its CONNECT.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a closed connection drains the client's last bytes.
@@ -74,7 +74,7 @@ impl Settings {
 /// in-memory pipe; the server passes a `TcpStream` with TCP_NODELAY set.
 pub fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    state: Arc<State>,
+    state: Arc<Node>,
     settings: Settings,
 ) -> impl std::future::Future<Output = ()> {
     // Not an async fn: its own state would wrap the connection's.
@@ -87,7 +87,7 @@ pub fn handle<S: AsyncRead + AsyncWrite + Unpin>(
 /// `use_identity_as_username`): no password is checked, ACLs apply to it.
 pub fn handle_identified<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    state: Arc<State>,
+    state: Arc<Node>,
     settings: Settings,
     identity: Option<(mqlb_config::IdentityAs, String)>,
 ) -> impl std::future::Future<Output = ()> {
@@ -103,7 +103,7 @@ pub fn handle_identified<S: AsyncRead + AsyncWrite + Unpin>(
 /// client is checked as it would be on a direct connection.
 pub fn handle_owned<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    state: Arc<State>,
+    state: Arc<Node>,
     settings: Settings,
     relayed_by: crate::router::NodeId,
     identity: Option<(mqlb_config::IdentityAs, String)>,
@@ -139,7 +139,7 @@ enum Origin {
 )]
 fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    state: Arc<State>,
+    state: Arc<Node>,
     settings: Settings,
     // Boxed: most connections come straight from their client, and every
     // idle one holds this future.
@@ -173,7 +173,7 @@ struct Live<S> {
 /// refused) and answers it; `Some` once the session runs here.
 async fn start<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
-    state: Arc<State>,
+    state: Arc<Node>,
     settings: Settings,
     origin: Option<Box<Origin>>,
 ) -> Option<Live<S>> {
@@ -585,7 +585,7 @@ struct Session {
     keep_alive: Option<Duration>,
     /// Boxed: most clients have none, and the connection future stays small.
     will: Option<Box<(Message, Duration)>>,
-    state: Arc<State>,
+    state: Arc<Node>,
     rx: Arc<Outbox>,
     /// Inbound topic aliases (v5), made on first use.
     // One pointer in every idle connection instead of a 48-byte map.
@@ -622,7 +622,7 @@ impl Session {
     async fn start(
         c: Box<Connect>,
         stream: &mut (impl AsyncWrite + Unpin),
-        state: Arc<State>,
+        state: Arc<Node>,
         settings: Settings,
         by_certificate: bool,
     ) -> Option<Session> {
@@ -1037,7 +1037,7 @@ impl Session {
             // In a cluster the key's owner answers, once its chain holds
             // the change: the acknowledgement waits for that.
             (Some(cluster), None) => {
-                let state = self.state.clone();
+                let state = self.state.state().clone();
                 let c = cluster.store_request(&state, &self.client_id, p);
                 self.wait_for(c);
                 crate::statestore::Outcome::Route(Vec::new())
@@ -1464,7 +1464,11 @@ mod tests {
     /// task on `state`.
     async fn client(state: &Arc<State>, v: ProtocolVersion, id: &str) -> Peer {
         let (a, b) = tokio::io::duplex(1 << 20);
-        tokio::spawn(handle(b, state.clone(), Settings::default()));
+        tokio::spawn(handle(
+            b,
+            crate::node::Node::single(state.clone()),
+            Settings::default(),
+        ));
         let mut peer = Peer {
             s: a,
             buf: BytesMut::new(),
@@ -1585,7 +1589,11 @@ mod tests {
     #[test]
     fn connection_future_stays_small() {
         let (a, _b) = tokio::io::duplex(64);
-        let f = super::handle(a, crate::state::State::open(), super::Settings::default());
+        let f = super::handle(
+            a,
+            crate::node::Node::single(crate::state::State::open()),
+            super::Settings::default(),
+        );
         let size = std::mem::size_of_val(&f);
         eprintln!("SIZE {size}");
         assert!(size <= 1664, "connection future is {size} bytes");

@@ -227,7 +227,7 @@ pub async fn accept(
             let limits = mqlb_listener::ws::Limits {
                 before_connect: mqlb_config::DEFAULT_MAX_CONNECT_SIZE,
                 // This broker's Maximum Packet Size, and the frame around it.
-                max_message: crate::conn::MAX_PACKET + 64,
+                max_message: crate::message::MAX_PACKET + 64,
             };
             match tokio::time::timeout_at(deadline, mqlb_listener::ws::accept(stream, path, limits))
                 .await

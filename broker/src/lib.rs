@@ -16,6 +16,7 @@
 //!   writes, forwarded publishes); [`cluster`] implements it.
 //! * [`outbox`]: the per-connection mailbox and encoder.
 //! * [`state`]: the lock around the core; applies effects after it.
+//! * [`node`]: one node: its state and, in a cluster, its membership.
 //! * [`conn`]: one client connection, the network side only.
 //! * [`auth`]: Mosquitto-compatible password files and topic ACLs.
 //! * [`snapshot`]: session export/import for replication.
@@ -41,6 +42,7 @@ pub mod fabric;
 pub mod front;
 pub mod hlc;
 pub mod message;
+pub mod node;
 pub mod outbox;
 pub mod retained;
 pub mod router;

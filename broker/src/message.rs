@@ -10,6 +10,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use mqlb_protocol::{MqttStr, Properties, QoS, SubscriptionOptions};
 
+/// Largest packet accepted from clients (the listeners size their
+/// WebSocket frames from it, the connections their reads).
+pub const MAX_PACKET: usize = 1 << 20;
+
 /// A message as routed: what was published, plus who published it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {

@@ -18,6 +18,7 @@ use crate::conn::{handle, handle_identified, Settings};
 use crate::core::{Core, Limits};
 use crate::effects::LocalLog;
 use crate::front::Front;
+use crate::node::Node;
 use crate::outbox::Closing;
 use crate::state::State;
 
@@ -29,7 +30,7 @@ const RETAINED_DELETION_MEMORY: Duration = Duration::from_secs(3600);
 #[derive(Debug)]
 pub struct Broker {
     listener: TcpListener,
-    state: Arc<State>,
+    state: Arc<Node>,
     sys_interval: Duration,
     settings: Settings,
     shutdown_rate: u32,
@@ -77,21 +78,24 @@ impl Broker {
         let broker = Broker {
             fronts,
             listener: TcpListener::bind(config.listen).await?,
-            state: State::with_store(
-                Core::with_limits(Limits {
-                    max_queued_messages: config.max_queued_messages,
-                    max_queued_bytes: config.max_queued_bytes,
-                    ..Limits::default()
-                }),
-                auth,
-                log,
-                crate::statestore::StateStore::new(
-                    config
-                        .cluster
-                        .as_ref()
-                        .map_or("mqlb", |c| c.node_id.as_str()),
-                    config.statestore,
+            state: Node::new(
+                State::with_store(
+                    Core::with_limits(Limits {
+                        max_queued_messages: config.max_queued_messages,
+                        max_queued_bytes: config.max_queued_bytes,
+                        ..Limits::default()
+                    }),
+                    auth,
+                    log,
+                    crate::statestore::StateStore::new(
+                        config
+                            .cluster
+                            .as_ref()
+                            .map_or("mqlb", |c| c.node_id.as_str()),
+                        config.statestore,
+                    ),
                 ),
+                cluster.as_ref().map(|(c, _)| c.clone()),
             ),
             sys_interval: config.sys_interval,
             settings: Settings {
@@ -103,9 +107,6 @@ impl Broker {
             shutdown_grace: config.shutdown_grace,
             cluster,
         };
-        if let Some((c, _)) = &broker.cluster {
-            broker.state.join(c.clone());
-        }
         Ok(broker)
     }
 
@@ -127,9 +128,14 @@ impl Broker {
             .collect()
     }
 
+    /// The node (for the admin API).
+    pub fn node(&self) -> Arc<Node> {
+        self.state.clone()
+    }
+
     /// Shared state (for tests and the admin side).
     pub fn state(&self) -> Arc<State> {
-        self.state.clone()
+        self.state.state().clone()
     }
 
     /// Serves until `shutdown`, then shuts down gracefully: stops
@@ -144,7 +150,25 @@ impl Broker {
         // Peers keep hearing from this node until its clients are gone.
         let member = self.cluster.as_ref().map(|(c, _)| c.clone());
         if let Some((cluster, listener)) = self.cluster {
-            cluster.start(listener, self.state.clone(), self.settings, hard.clone());
+            // Clients a peer relays here are served as owned (never relayed
+            // again), with this node's settings.
+            let (node, settings) = (self.state.clone(), self.settings);
+            let serve_relayed: crate::cluster::ServeRelayed =
+                Arc::new(move |stream, peer, identity| {
+                    Box::pin(crate::conn::handle_owned(
+                        stream,
+                        node.clone(),
+                        settings,
+                        peer,
+                        identity,
+                    ))
+                });
+            cluster.start(
+                listener,
+                self.state.state().clone(),
+                serve_relayed,
+                hard.clone(),
+            );
         }
         let state = self.state.clone();
         let sweeper_stop = hard.clone();
@@ -280,7 +304,11 @@ impl Broker {
         conns.close();
         let open = self.state.core().connected();
         tracing::info!(open, rate = self.shutdown_rate, grace = ?self.shutdown_grace, "shutting down: closing clients at the shutdown rate");
-        let closer = close_paced(self.state.clone(), self.shutdown_rate, conns.clone());
+        let closer = close_paced(
+            self.state.state().clone(),
+            self.shutdown_rate,
+            conns.clone(),
+        );
         if tokio::time::timeout(self.shutdown_grace, closer)
             .await
             .is_err()
@@ -306,7 +334,7 @@ impl Broker {
 async fn accept_front(
     front: Arc<Front>,
     listener: TcpListener,
-    state: Arc<State>,
+    state: Arc<Node>,
     settings: Settings,
     conns: TaskTracker,
     shutdown: CancellationToken,

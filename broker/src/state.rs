@@ -29,10 +29,10 @@
 //!   re-chain export and encode every session under the core lock, and a
 //!   `/metrics` scrape counts clients and subscriptions by a scan under it.
 
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::auth::Auth;
-use crate::cluster::Cluster;
 use crate::core::Core;
 use crate::effects::{ChangeLog, Committed, Effects, LocalLog, NotCommitted};
 
@@ -59,8 +59,6 @@ pub struct State {
     pub auth: Arc<Auth>,
     /// Where persistent-session changes go.
     pub log: Arc<dyn ChangeLog>,
-    /// This node's cluster, when it is a member of one.
-    cluster: std::sync::OnceLock<Arc<Cluster>>,
     /// What the listeners refused before a CONNECT, and certificate reloads.
     pub fronts: crate::front::FrontStats,
     /// The state store (a single node's; see the module).
@@ -94,7 +92,6 @@ impl State {
             core: Mutex::new(core),
             auth: Arc::new(auth),
             log,
-            cluster: std::sync::OnceLock::new(),
             fronts: crate::front::FrontStats::default(),
             statestore,
             not_committed: Default::default(),
@@ -110,20 +107,19 @@ impl State {
         }
     }
 
-    /// Makes this node a member of `cluster`: the core reports interest,
-    /// retained writes and forwards to it. Once only.
-    pub fn join(&self, cluster: Arc<Cluster>) {
-        {
-            let mut core = self.core();
-            core.set_fabric(cluster.stamp(), cluster.clone());
-            core.set_max_clock_drift(cluster.max_clock_drift());
-        }
-        let _ = self.cluster.set(cluster);
-    }
-
-    /// The cluster, if this node is in one.
-    pub fn cluster(&self) -> Option<Arc<Cluster>> {
-        self.cluster.get().cloned()
+    /// Makes this node a member of a cluster: the core reports interest,
+    /// retained writes and forwards to `fabric`, stamps retained versions
+    /// with `stamp` and refuses peers' stamps further ahead than
+    /// `max_clock_drift`. Once, from [`crate::node::Node::new`].
+    pub(crate) fn join(
+        &self,
+        fabric: Arc<dyn crate::fabric::Fabric>,
+        stamp: u32,
+        max_clock_drift: std::time::Duration,
+    ) {
+        let mut core = self.core();
+        core.set_fabric(stamp, fabric);
+        core.set_max_clock_drift(max_clock_drift);
     }
 
     /// An open single node (anonymous, no ACL, local log): for tests.
@@ -160,7 +156,7 @@ impl State {
     /// core's lock is held while its counts are read).
     pub fn render_metrics(&self) -> String {
         let mut body = crate::sys::render_metrics(&self.core());
-        crate::sys::render_state_metrics(self, &mut body);
+        render_state_metrics(self, &mut body);
         body
     }
 
@@ -186,6 +182,39 @@ impl State {
             (t, fx, committed)
         };
         (t, fx.finish(committed))
+    }
+}
+
+/// Prometheus text for what the node's shared state counts outside the
+/// core: changes waited for and not committed.
+fn render_state_metrics(state: &State, o: &mut String) {
+    let _ = writeln!(
+        o,
+        "# HELP mqlb_broker_not_committed_total Changes a client waited for that were not committed (the publish was left unacknowledged and the connection closed), by reason.\n\
+         # TYPE mqlb_broker_not_committed_total counter"
+    );
+    for reason in NotCommitted::ALL {
+        let _ = writeln!(
+            o,
+            "mqlb_broker_not_committed_total{{reason=\"{}\"}} {}",
+            reason.label(),
+            state
+                .not_committed
+                .get(reason as usize)
+                .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed))
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP mqlb_broker_publish_ack_seconds From reading a QoS 1/2 PUBLISH to writing its PUBACK/PUBREC (replication to the session chains included), by QoS.\n\
+         # TYPE mqlb_broker_publish_ack_seconds histogram"
+    );
+    for (qos, h) in ["1", "2"].iter().zip(&state.publish_latency) {
+        h.render(
+            o,
+            "mqlb_broker_publish_ack_seconds",
+            &format!("qos=\"{qos}\""),
+        );
     }
 }
 

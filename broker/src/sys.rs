@@ -145,39 +145,6 @@ pub(crate) fn render_metrics(core: &Core) -> String {
     o
 }
 
-/// Prometheus text for what the node's shared state counts outside the
-/// core: changes waited for and not committed.
-pub(crate) fn render_state_metrics(state: &crate::state::State, o: &mut String) {
-    let _ = writeln!(
-        o,
-        "# HELP mqlb_broker_not_committed_total Changes a client waited for that were not committed (the publish was left unacknowledged and the connection closed), by reason.\n\
-         # TYPE mqlb_broker_not_committed_total counter"
-    );
-    for reason in crate::effects::NotCommitted::ALL {
-        let _ = writeln!(
-            o,
-            "mqlb_broker_not_committed_total{{reason=\"{}\"}} {}",
-            reason.label(),
-            state
-                .not_committed
-                .get(reason as usize)
-                .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed))
-        );
-    }
-    let _ = writeln!(
-        o,
-        "# HELP mqlb_broker_publish_ack_seconds From reading a QoS 1/2 PUBLISH to writing its PUBACK/PUBREC (replication to the session chains included), by QoS.\n\
-         # TYPE mqlb_broker_publish_ack_seconds histogram"
-    );
-    for (qos, h) in ["1", "2"].iter().zip(&state.publish_latency) {
-        h.render(
-            o,
-            "mqlb_broker_publish_ack_seconds",
-            &format!("qos=\"{qos}\""),
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,7 +89,7 @@ impl Cluster {
         self: Arc<Self>,
         listener: TcpListener,
         state: Arc<State>,
-        settings: Settings,
+        serve_relayed: ServeRelayed,
         stop: CancellationToken,
     ) {
         loop {
@@ -107,6 +107,7 @@ impl Cluster {
             let me = self.clone();
             let state = state.clone();
             let stop = stop.clone();
+            let serve_relayed = serve_relayed.clone();
             tokio::spawn(async move {
                 let known = |n: &str| me.id_of(n).is_some_and(|id| id != me.my_id);
                 let (stream, name, purpose) =
@@ -131,7 +132,7 @@ impl Cluster {
                     }
                     Purpose::Client(identity) => {
                         tokio::select! {
-                            _ = crate::conn::handle_owned(stream, state, settings, id, identity) => {}
+                            _ = serve_relayed(stream, id, identity) => {}
                             _ = stop.cancelled() => {}
                         }
                     }

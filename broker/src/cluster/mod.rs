@@ -88,7 +88,6 @@ use tracing::Instrument;
 
 use mqlb_config::broker::{ClusterConfig, PeerAddr};
 
-use crate::conn::Settings;
 use crate::effects::{ChangeLog, ChangeRecord, Committed};
 use crate::fabric::Fabric;
 use crate::hlc::Hlc;
@@ -144,6 +143,21 @@ struct Peer {
     /// It said it is stopping (on the current inbound link).
     leaving: bool,
 }
+
+/// Serves a client that a peer relayed here because this node holds its
+/// session (the connection's code: `conn::handle_owned`), with the peer it
+/// came through and the identity that peer verified from the client's
+/// certificate. Given to [`Cluster::start`], so the cluster does not depend
+/// on the connections that depend on it.
+pub type ServeRelayed = Arc<
+    dyn Fn(
+            handshake::PeerStream,
+            NodeId,
+            Option<(mqlb_config::IdentityAs, String)>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// How this node's links to one peer stand (see [`Cluster::peer_links`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,7 +238,7 @@ pub struct Cluster {
     /// The members this node knows of, by id.
     directory: std::sync::RwLock<Directory>,
     /// Cancelled when the cluster stops (for links to members added later).
-    stop: std::sync::OnceLock<(CancellationToken, Arc<State>)>,
+    stop: std::sync::OnceLock<CancellationToken>,
     /// Mutual TLS for every cluster connection; `None` only on a loopback
     /// cluster listener.
     tls: Option<Arc<peer_tls::PeerTls>>,
@@ -298,7 +312,7 @@ pub struct Cluster {
     /// Counters.
     pub stats: ClusterStats,
     /// The node's state and this cluster itself, for tasks spawned from
-    /// `&self` (weak: the state owns the cluster).
+    /// `&self` (weak: the state's core holds this cluster as its fabric).
     state: std::sync::OnceLock<std::sync::Weak<State>>,
     state_owner: std::sync::OnceLock<std::sync::Weak<Cluster>>,
 }
@@ -1005,8 +1019,9 @@ impl Cluster {
 
     /// Keeps a link to member `id` (once the cluster runs).
     fn spawn_link(&self, id: NodeId) {
-        let (Some((stop, state)), Some(me)) = (
+        let (Some(stop), Some(state), Some(me)) = (
             self.stop.get().cloned(),
+            self.state.get().and_then(std::sync::Weak::upgrade),
             self.state_owner.get().and_then(std::sync::Weak::upgrade),
         ) else {
             return;
@@ -1017,20 +1032,21 @@ impl Cluster {
 
     /// Runs the cluster until `stop`: accepts peers and proxied clients on
     /// `listener`, keeps a link to every peer, and maintains the view.
+    /// Clients relayed here by a peer are served by `serve_relayed`.
     pub fn start(
         self: &Arc<Self>,
         listener: TcpListener,
         state: Arc<State>,
-        settings: Settings,
+        serve_relayed: ServeRelayed,
         stop: CancellationToken,
     ) {
         let _ = self.state.set(Arc::downgrade(&state));
         let _ = self.state_owner.set(Arc::downgrade(self));
-        let _ = self.stop.set((stop.clone(), state.clone()));
+        let _ = self.stop.set(stop.clone());
         let me = self.clone();
         let st = state.clone();
         let s = stop.clone();
-        tokio::spawn(async move { me.accept_loop(listener, st, settings, s).await });
+        tokio::spawn(async move { me.accept_loop(listener, st, serve_relayed, s).await });
         for id in 0..self.node_count() {
             let Ok(id) = NodeId::try_from(id) else {
                 continue;
