@@ -163,17 +163,19 @@ impl Effects {
         self.finish(committed)
     }
 
-    /// The first half of [`Effects::apply`]: hands the records to `log`.
-    /// Called under the core's lock, so records reach each chain member in
-    /// the order they were made: two calls about one session, made one
-    /// after the other, must not be appended the other way round (a whole
-    /// copy of a session sent after a newer change would undo it).
+    /// The first half of [`Effects::apply`]: hands the records to `log`
+    /// (as batch 0: for a log no one else writes to).
     pub fn append_to(&mut self, log: &dyn ChangeLog) -> Committed {
         if self.records.is_empty() {
             Committed::now()
         } else {
-            log.append(std::mem::take(&mut self.records))
+            log.append(0, std::mem::take(&mut self.records))
         }
+    }
+
+    /// Takes the change records out, for the node's ordered log.
+    pub(crate) fn take_records(&mut self) -> Vec<ChangeRecord> {
+        std::mem::take(&mut self.records)
     }
 
     /// The second half of [`Effects::apply`], after the lock: the items
@@ -292,6 +294,12 @@ impl Committed {
         self.stall.take()
     }
 
+    /// Never committed: whatever was to confirm it went away.
+    pub fn lost() -> Self {
+        let (_, rx) = tokio::sync::oneshot::channel();
+        Self::when(rx)
+    }
+
     /// Adds `other`'s waits to these.
     pub fn merge(&mut self, other: Committed) {
         self.rx.extend(other.rx);
@@ -316,9 +324,14 @@ impl Committed {
 
 /// Where session change records go: the seam the cluster's replication
 /// plugs into.
+///
+/// A node's records are numbered in batches under the core's lock, in the
+/// order the core made them, and handed to the log in that order, one batch
+/// at a time, after the lock is released (see `State`'s ordered log).
 pub trait ChangeLog: Send + Sync + std::fmt::Debug {
-    /// Takes records in order; the result resolves once they are committed.
-    fn append(&self, records: Vec<ChangeRecord>) -> Committed;
+    /// Takes batch `seq` (each greater than the last); the result resolves
+    /// once its records are committed.
+    fn append(&self, seq: u64, records: Vec<ChangeRecord>) -> Committed;
 }
 
 /// A single node's log: memory is the only copy, so every record is
@@ -336,7 +349,7 @@ impl LocalLog {
 }
 
 impl ChangeLog for LocalLog {
-    fn append(&self, records: Vec<ChangeRecord>) -> Committed {
+    fn append(&self, _seq: u64, records: Vec<ChangeRecord>) -> Committed {
         self.appended
             .fetch_add(records.len() as u64, Ordering::Relaxed);
         Committed::now()

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::auth::Auth;
 use crate::core::Core;
-use crate::effects::{ChangeLog, Committed, Effects, LocalLog, NotCommitted};
+use crate::effects::{ChangeLog, ChangeRecord, Committed, Effects, LocalLog, NotCommitted};
 
 /// What a node holds and has done (see [`State::counts`]).
 #[derive(Debug, Clone, Copy)]
@@ -57,8 +57,12 @@ pub struct State {
     core: Mutex<Core>,
     /// Credentials and topic rules.
     pub auth: Arc<Auth>,
-    /// Where persistent-session changes go.
-    pub log: Arc<dyn ChangeLog>,
+    /// Where persistent-session changes go, in order (see [`State::commit`]).
+    log: Arc<dyn ChangeLog>,
+    /// Numbers batches of change records under the core's lock.
+    sequencer: Mutex<Sequencer>,
+    /// Held while batches are handed to the log, one at a time.
+    appending: Mutex<()>,
     /// What the listeners refused before a CONNECT, and certificate reloads.
     pub fronts: crate::front::FrontStats,
     /// The state store (a single node's; see the module).
@@ -92,6 +96,8 @@ impl State {
             core: Mutex::new(core),
             auth: Arc::new(auth),
             log,
+            sequencer: Mutex::default(),
+            appending: Mutex::new(()),
             fronts: crate::front::FrontStats::default(),
             statestore,
             not_committed: Default::default(),
@@ -160,29 +166,104 @@ impl State {
         body
     }
 
-    /// Runs one core call and applies its effects: the change records
-    /// under the lock (so they are logged in the order they were made),
-    /// the rest after it is gone.
+    /// Runs one core call and applies its effects: the change records are
+    /// numbered under the lock (so they are logged in the order they were
+    /// made) and handed to the log after it, then the rest is done.
     pub fn act(&self, f: impl FnOnce(&mut Core) -> Effects) -> Committed {
-        let (fx, committed) = {
+        let (fx, ticket) = {
             let mut core = self.core();
             let mut fx = f(&mut core);
-            let committed = fx.append_to(&*self.log);
-            (fx, committed)
+            let ticket = self.sequence(fx.take_records());
+            (fx, ticket)
         };
+        let committed = self.commit(ticket);
         fx.finish(committed)
     }
 
     /// [`State::act`] for calls that also answer something.
     pub fn ask<T>(&self, f: impl FnOnce(&mut Core) -> (T, Effects)) -> (T, Committed) {
-        let (t, fx, committed) = {
+        let (t, fx, ticket) = {
             let mut core = self.core();
             let (t, mut fx) = f(&mut core);
-            let committed = fx.append_to(&*self.log);
-            (t, fx, committed)
+            let ticket = self.sequence(fx.take_records());
+            (t, fx, ticket)
         };
+        let committed = self.commit(ticket);
         (t, fx.finish(committed))
     }
+
+    /// Numbers `records` as the log's next batch. Called with the core's
+    /// lock held (the number is the order the core made them in); nothing
+    /// is appended yet. `None` when there is nothing to log.
+    pub(crate) fn sequence(&self, records: Vec<ChangeRecord>) -> Option<Ticket> {
+        if records.is_empty() {
+            return None;
+        }
+        let done = Ticket::default();
+        let mut q = lock(&self.sequencer);
+        q.last += 1;
+        let seq = q.last;
+        q.pending.push_back(Batch {
+            seq,
+            records,
+            done: done.clone(),
+        });
+        Some(done)
+    }
+
+    /// The number of the last batch sequenced: under the core's lock, every
+    /// change the core has made so far is in a batch numbered at most this
+    /// (a link's snapshot taken then already holds them).
+    pub(crate) fn last_sequenced(&self) -> u64 {
+        lock(&self.sequencer).last
+    }
+
+    /// Hands every batch sequenced so far to the log, in order (whoever
+    /// comes first appends the others' batches too), and returns what
+    /// `ticket`'s batch waits for. Called after the core's lock is
+    /// released.
+    pub(crate) fn commit(&self, ticket: Option<Ticket>) -> Committed {
+        let Some(ticket) = ticket else {
+            return Committed::now();
+        };
+        {
+            let _one_at_a_time = lock(&self.appending);
+            loop {
+                let Some(b) = lock(&self.sequencer).pending.pop_front() else {
+                    break;
+                };
+                let c = self.log.append(b.seq, b.records);
+                *lock(&b.done) = Some(c);
+            }
+        }
+        // Filled by whoever appended the batch, before it let go of
+        // `appending`, which this call has held since.
+        let filled = lock(&ticket).take();
+        filled.unwrap_or_else(Committed::lost)
+    }
+}
+
+/// A lock whose poisoning (a panic elsewhere) leaves consistent data.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where a sequenced batch's [`Committed`] is left for its caller.
+pub(crate) type Ticket = Arc<Mutex<Option<Committed>>>;
+
+/// One batch of the ordered log, waiting to be appended.
+#[derive(Debug)]
+struct Batch {
+    seq: u64,
+    records: Vec<ChangeRecord>,
+    done: Ticket,
+}
+
+/// The ordered log's numbering and the batches not yet appended.
+#[derive(Debug, Default)]
+struct Sequencer {
+    last: u64,
+    pending: std::collections::VecDeque<Batch>,
 }
 
 /// Prometheus text for what the node's shared state counts outside the
@@ -233,7 +314,7 @@ mod tests {
     struct Recording(Mutex<Vec<ChangeRecord>>);
 
     impl ChangeLog for Recording {
-        fn append(&self, records: Vec<ChangeRecord>) -> Committed {
+        fn append(&self, _seq: u64, records: Vec<ChangeRecord>) -> Committed {
             std::thread::yield_now();
             self.0
                 .lock()

@@ -15,6 +15,9 @@ pub(super) struct LinkTx {
     /// stream with a hole in it (a lost replication frame would leave its
     /// change waiting, and the copy wrong).
     overflowed: std::sync::atomic::AtomicBool,
+    /// The last batch of the node's ordered change log that the link's
+    /// snapshot already holds: later batches only are sent on it.
+    snapshot_covers: AtomicU64,
 }
 
 impl LinkTx {
@@ -41,6 +44,11 @@ impl LinkTx {
         }
         drop(b);
         self.ready.notify_one();
+    }
+
+    /// See `snapshot_covers`.
+    pub(super) fn snapshot_covers(&self) -> u64 {
+        self.snapshot_covers.load(Ordering::Acquire)
     }
 
     /// Whether the link must be closed (see `overflowed`).
@@ -443,6 +451,10 @@ impl Cluster {
             // Under the core's lock: changes made after the snapshot reach
             // this link, and none made before it is sent twice or lost.
             let core = state.core();
+            // Every change made so far is in the snapshot below: batches
+            // numbered up to here are not sent on this link again.
+            tx.snapshot_covers
+                .store(state.last_sequenced(), Ordering::Release);
             tx.push(&Frame::Reset, &self.stats.dropped);
             for filter in core.local_interest() {
                 tx.push(

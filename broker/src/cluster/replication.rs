@@ -110,9 +110,10 @@ impl Cluster {
     /// its chain (a new chain member has nothing; an old one may have
     /// missed changes).
     pub(super) fn rechain(&self, state: &State) {
-        // Appended under the core's lock, like every change (see
+        // Numbered under the core's lock, like every change (see
         // `State::act`): a change made after the export must not reach a
-        // chain member before this older whole copy.
+        // chain member before this older whole copy. Encoded and sent after
+        // the lock, in that order.
         let core = state.core();
         let records: Vec<ChangeRecord> = {
             let mut out = Vec::new();
@@ -134,10 +135,9 @@ impl Cluster {
             }
             out
         };
-        if !records.is_empty() {
-            drop(self.append(records));
-        }
+        let ticket = state.sequence(records);
         drop(core);
+        drop(state.commit(ticket));
     }
 
     /// What `client`'s session was given lately, as a frame for a chain
@@ -478,7 +478,7 @@ impl ChangeLog for Cluster {
     /// Streams each session's records to the other members of its chain;
     /// committed once each has applied them (at once with no other member
     /// live: the copy here is then the only one, as on a single node).
-    fn append(&self, records: Vec<ChangeRecord>) -> Committed {
+    fn append(&self, log_seq: u64, records: Vec<ChangeRecord>) -> Committed {
         // What each session is given is remembered here too, as on its
         // replicas, so the log can go along when the session is sent whole.
         {
@@ -536,7 +536,13 @@ impl ChangeLog for Cluster {
                 let Some(id) = self.id_of(&member) else {
                     continue;
                 };
-                if let Some(tx) = lock(&self.links).get(&id).cloned() {
+                // A link opened after this batch was numbered had it in its
+                // snapshot already.
+                if let Some(tx) = lock(&self.links)
+                    .get(&id)
+                    .filter(|tx| log_seq > tx.snapshot_covers())
+                    .cloned()
+                {
                     to.push(tx);
                     *per_node.entry(id).or_insert(0) += 1;
                 }
