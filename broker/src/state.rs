@@ -9,25 +9,33 @@
 //!   ([`State::act`], [`State::ask`], [`State::counts`],
 //!   [`State::export_session`], [`State::render_metrics`]); inside, through
 //!   `State::core()`.
-//! * **Under it**: the core's own state change; the change records'
-//!   append to the [`ChangeLog`] (so every chain member gets one session's
-//!   records in the order the core made them); and the cluster's calls the
-//!   core makes through its fabric (interest and retained writes, which
-//!   encode a small frame into each peer link's buffer, and a link check).
-//!   Cluster code that must act atomically with the core (a link's
-//!   snapshot, a re-chain after a view change, forgetting a dead peer's
-//!   interest) also holds it while it encodes.
+//! * **Under it**: the core's own state change, and the numbering of its
+//!   change records as the next batch of the node's ordered log
+//!   ([`State::sequence`]: a counter and a queue push). The cluster's calls
+//!   the core makes through its fabric (interest and retained writes, which
+//!   encode a small frame into each peer link's buffer, and a link check)
+//!   still run under it. Cluster code that must act atomically with the
+//!   core (a link's snapshot, which also notes the last batch number it
+//!   covers; forgetting a dead peer's interest) holds it too.
+//! * **The ordered log**: after the lock, [`State::commit`] hands every
+//!   batch numbered so far to the [`ChangeLog`] in order, one at a time
+//!   (under its own `appending` mutex; whoever comes first appends the
+//!   others' batches too), so every chain member gets one session's
+//!   records in the order the core made them, and their encoding is done
+//!   outside the core's lock.
 //! * **After it**: mailbox pushes and encoding for clients, wake-ups,
 //!   forwarded publishes, and every wait for a commit. Nothing awaits while
 //!   holding it (it is a `std` mutex: an await under it would not compile
 //!   in a `Send` task).
-//! * **Order**: the core lock first, then the cluster's own mutexes (the
-//!   link map, a link's buffer, the peer table, replicas), each held for a
-//!   step and never while taking the core lock. No cluster mutex is held
-//!   while the core lock is taken, so the two cannot deadlock.
-//! * **Known cost** (the core-seam work removes it): a link's snapshot and a
-//!   re-chain export and encode every session under the core lock, and a
-//!   `/metrics` scrape counts clients and subscriptions by a scan under it.
+//! * **Order**: the core lock, then the sequencer's queue (a push); or,
+//!   without the core lock, `appending`, then the queue (a pop), then the
+//!   cluster's own mutexes (the link map, a link's buffer, the peer table,
+//!   replicas, the commit waits), each held for a step. No cluster mutex is
+//!   held while the core lock or `appending` is taken, so none can deadlock.
+//! * **Known cost** (the core-seam work removes it): a link's snapshot
+//!   exports and encodes every session under the core lock, a re-chain
+//!   exports them under it (and encodes after), and a `/metrics` scrape
+//!   counts clients and subscriptions by a scan under it.
 
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
