@@ -1428,7 +1428,7 @@ mod tests {
     struct NeverCommits(std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<()>>>);
 
     impl ChangeLog for NeverCommits {
-        fn append(&self, _: u64, _: Vec<crate::effects::ChangeRecord>) -> Committed {
+        fn append(&self, _: u64, _: Vec<crate::effects::LogEntry>) -> Committed {
             let (tx, rx) = tokio::sync::oneshot::channel();
             self.0.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
             Committed::when(rx)

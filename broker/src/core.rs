@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mqlb_protocol::{PacketId, Publish, QoS, RetainHandling};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::effects::{ChangeRecord, Effects, Forward, Route};
+use crate::effects::{ChangeRecord, Effects, Forward, LogEntry, Route};
 use crate::fabric::Fabric;
 use crate::hlc::{Clock, Hlc};
 use crate::message::{Message, Pending, Sub};
@@ -268,11 +268,11 @@ fn change(fx: &mut Effects, id: &Arc<str>, s: &mut Session, c: SessionChange) ->
         _ => s.is_persistent(),
     };
     if keep {
-        fx.records.push(ChangeRecord {
+        fx.records.push(LogEntry::Session(ChangeRecord {
             client: id.clone(),
             epoch: s.epoch,
             change: c.clone(),
-        });
+        }));
     }
     s.apply(c)
 }
@@ -325,14 +325,20 @@ impl Core {
         self.fabric = Some(fabric);
     }
 
-    fn note_interest(&self, filter: &str, i: Interest) {
-        if let Some(f) = &self.fabric {
-            match i {
-                Interest::Gained => f.interest(filter, true),
-                Interest::Lost => f.interest(filter, false),
-                Interest::Same => {}
-            }
+    /// In a cluster, logs a change of this node's interest for its peers.
+    fn note_interest(&self, filter: &str, i: Interest, fx: &mut Effects) {
+        if self.fabric.is_none() {
+            return;
         }
+        let gained = match i {
+            Interest::Gained => true,
+            Interest::Lost => false,
+            Interest::Same => return,
+        };
+        fx.records.push(LogEntry::Interest {
+            filter: filter.to_string(),
+            gained,
+        });
     }
 
     /// The filters this node's sessions hold: sent whole to a peer whose
@@ -818,7 +824,7 @@ impl Core {
         if let Some(mut e) = self.sessions.remove(client_id) {
             for filter in e.session.subs.keys() {
                 let i = self.router.unsubscribe(client_id, filter);
-                self.note_interest(filter, i);
+                self.note_interest(filter, i, fx);
             }
             change(fx, &e.id, &mut e.session, SessionChange::Ended);
         }
@@ -861,7 +867,7 @@ impl Core {
             },
         );
         let i = self.router.subscribe(&id, filter, sub);
-        self.note_interest(filter, i);
+        self.note_interest(filter, i, &mut fx);
         if shared_inner(filter).is_some() {
             // Shared subscriptions never get retained messages (4.8.2).
             return (existed, fx);
@@ -910,7 +916,7 @@ impl Core {
             },
         );
         let i = self.router.unsubscribe(client_id, filter);
-        self.note_interest(filter, i);
+        self.note_interest(filter, i, &mut fx);
         (true, fx)
     }
 
@@ -978,8 +984,12 @@ impl Core {
         if m.retain {
             let version = self.clock.now();
             let message = (!m.payload.is_empty()).then(|| m.clone());
-            if let (Some(f), false) = (&self.fabric, is_node_local(m.topic.as_str())) {
-                f.retained(m.topic.as_str(), message.as_ref(), version);
+            if self.fabric.is_some() && !is_node_local(m.topic.as_str()) {
+                fx.records.push(LogEntry::Retained {
+                    topic: m.topic.to_string(),
+                    message: message.clone(),
+                    version,
+                });
             }
             self.retained.set(m.topic.as_str(), message, version);
         }
@@ -1496,7 +1506,7 @@ impl Core {
             .collect();
         for (filter, sub) in &subs {
             let i = self.router.subscribe(&id, filter, *sub);
-            self.note_interest(filter, i);
+            self.note_interest(filter, i, &mut fx);
         }
         let held = e
             .session
@@ -1535,7 +1545,7 @@ impl Core {
             }
             for filter in e.session.subs.keys() {
                 let i = self.router.unsubscribe(client_id, filter);
-                self.note_interest(filter, i);
+                self.note_interest(filter, i, &mut fx);
             }
         }
         fx
@@ -1622,7 +1632,7 @@ impl Core {
         }
         for (filter, sub) in &session.subs {
             let i = self.router.subscribe(&id, filter, *sub);
-            self.note_interest(filter, i);
+            self.note_interest(filter, i, &mut fx);
         }
         self.sessions.insert(
             id.clone(),
@@ -1968,8 +1978,6 @@ mod tests {
     struct NoPeers;
 
     impl Fabric for NoPeers {
-        fn interest(&self, _: &str, _: bool) {}
-        fn retained(&self, _: &str, _: Option<&Message>, _: Hlc) {}
         fn forward(
             &self,
             _: NodeId,
@@ -1985,6 +1993,47 @@ mod tests {
         fn hold(&self, _: Message, _: Vec<Arc<str>>) -> Option<tokio::sync::oneshot::Receiver<()>> {
             None
         }
+    }
+
+    /// In a cluster, interest and retained writes are entries of the
+    /// ordered log, in the order the core made them, between the session
+    /// records; `$SYS` is node-local and a single node logs neither.
+    #[test]
+    fn interest_and_retained_writes_are_log_entries() {
+        let kinds = |fx: &Effects| -> Vec<String> {
+            fx.log_entries()
+                .iter()
+                .map(|e| match e {
+                    LogEntry::Session(_) => "session".to_string(),
+                    LogEntry::Interest { filter, gained } => format!("interest {filter} {gained}"),
+                    LogEntry::Retained { topic, message, .. } => {
+                        format!("retained {topic} {}", message.is_some())
+                    }
+                })
+                .collect()
+        };
+        let mut c = Core::new();
+        c.set_fabric(1, Arc::new(NoPeers));
+        let (tx, _rx) = outbox();
+        let (_, fx) = c.connect("dev", false, Some(Duration::from_secs(600)), 10, tx);
+        run(fx);
+        let (_, fx) = c.subscribe("dev", "a/#", sub(QoS::AtLeastOnce));
+        assert_eq!(kinds(&fx), ["session", "interest a/# true"]);
+        run(fx);
+        let fx = c.route(msg("a/b", QoS::AtMostOnce, true, "r"));
+        assert_eq!(kinds(&fx), ["retained a/b true"]);
+        run(fx);
+        let fx = c.route(msg("$SYS/x", QoS::AtMostOnce, true, "r"));
+        assert!(kinds(&fx).is_empty(), "{:?}", kinds(&fx));
+        run(fx);
+        let (_, fx) = c.unsubscribe("dev", "a/#");
+        assert_eq!(kinds(&fx), ["session", "interest a/# false"]);
+        run(fx);
+        // A single node has no peers to tell.
+        let mut single = Core::new();
+        let fx = single.route(msg("a/b", QoS::AtMostOnce, true, "r"));
+        assert!(kinds(&fx).is_empty());
+        run(fx);
     }
 
     /// A message routed again while an interested peer is unreachable (its
@@ -2466,7 +2515,7 @@ mod tests {
         let mut live = Core::new();
         let mut log: Vec<ChangeRecord> = Vec::new();
         let mut keep = |fx: Effects| {
-            log.extend(fx.records().iter().cloned());
+            log.extend(fx.records().cloned());
             run(fx);
         };
         let (tx, rx) = outbox();
@@ -2513,13 +2562,13 @@ mod tests {
         // Clean sessions leave no records.
         let (tx, _rx) = outbox();
         let (_, fx) = live.connect("clean", true, GONE, 10, tx);
-        assert!(fx.records().is_empty());
+        assert!(fx.records().next().is_none());
         run(fx);
         let (_, fx) = live.subscribe("clean", "a/#", sub(QoS::AtLeastOnce));
-        assert!(fx.records().is_empty());
+        assert!(fx.records().next().is_none());
         run(fx);
         let fx = live.route(msg("a/z", QoS::AtLeastOnce, false, "x"));
-        assert!(fx.records().iter().all(|r| &*r.client == "dev"));
+        assert!(fx.records().all(|r| &*r.client == "dev"));
         run(fx);
     }
 

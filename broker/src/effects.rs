@@ -31,6 +31,33 @@ pub struct ChangeRecord {
     pub change: SessionChange,
 }
 
+/// One entry of a node's ordered change log: everything peers (and, later,
+/// the disk) must see in the order the core made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogEntry {
+    /// A change to a persistent session, for its chain.
+    Session(ChangeRecord),
+    /// Local sessions gained (`true`) or lost their last subscription to
+    /// `filter` (shared ones by their whole `$share/{group}/{filter}`), for
+    /// every peer.
+    Interest {
+        /// The filter.
+        filter: String,
+        /// Gained or lost.
+        gained: bool,
+    },
+    /// A retained write (`None` deletes) at `version`, for every peer:
+    /// every node keeps every retained message, last writer wins.
+    Retained {
+        /// The topic.
+        topic: String,
+        /// The message, or a deletion.
+        message: Option<Message>,
+        /// Its hybrid-logical-clock version.
+        version: crate::hlc::Hlc,
+    },
+}
+
 /// Longest a publisher's reads are held back at once when most of the
 /// subscribers it feeds are behind (see `Core::route`): flow control slows
 /// publishers down, never stops them.
@@ -90,7 +117,7 @@ impl Stall {
 #[must_use = "effects do nothing until applied (outside the core's lock)"]
 pub struct Effects {
     pub(crate) sends: Vec<(Arc<Outbox>, Outgoing)>,
-    pub(crate) records: Vec<ChangeRecord>,
+    pub(crate) records: Vec<LogEntry>,
     /// A subscriber's queue drained: wake the publishers held back.
     pub(crate) drained: Option<Arc<tokio::sync::Notify>>,
     /// Set when most of the subscribers a publish went to are behind (see
@@ -136,8 +163,16 @@ impl Effects {
         self.sends.push((to.clone(), o));
     }
 
-    /// The change records, in order.
-    pub fn records(&self) -> &[ChangeRecord] {
+    /// The session change records, in order.
+    pub fn records(&self) -> impl Iterator<Item = &ChangeRecord> {
+        self.records.iter().filter_map(|e| match e {
+            LogEntry::Session(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    /// Everything for the ordered log, in order.
+    pub fn log_entries(&self) -> &[LogEntry] {
         &self.records
     }
 
@@ -173,8 +208,8 @@ impl Effects {
         }
     }
 
-    /// Takes the change records out, for the node's ordered log.
-    pub(crate) fn take_records(&mut self) -> Vec<ChangeRecord> {
+    /// Takes the log entries out, for the node's ordered log.
+    pub(crate) fn take_records(&mut self) -> Vec<LogEntry> {
         std::mem::take(&mut self.records)
     }
 
@@ -330,8 +365,8 @@ impl Committed {
 /// at a time, after the lock is released (see `State`'s ordered log).
 pub trait ChangeLog: Send + Sync + std::fmt::Debug {
     /// Takes batch `seq` (each greater than the last); the result resolves
-    /// once its records are committed.
-    fn append(&self, seq: u64, records: Vec<ChangeRecord>) -> Committed;
+    /// once its entries are committed.
+    fn append(&self, seq: u64, entries: Vec<LogEntry>) -> Committed;
 }
 
 /// A single node's log: memory is the only copy, so every record is
@@ -349,9 +384,12 @@ impl LocalLog {
 }
 
 impl ChangeLog for LocalLog {
-    fn append(&self, _seq: u64, records: Vec<ChangeRecord>) -> Committed {
-        self.appended
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
+    fn append(&self, _seq: u64, entries: Vec<LogEntry>) -> Committed {
+        let sessions = entries
+            .iter()
+            .filter(|e| matches!(e, LogEntry::Session(_)))
+            .count();
+        self.appended.fetch_add(sessions as u64, Ordering::Relaxed);
         Committed::now()
     }
 }

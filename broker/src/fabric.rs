@@ -1,25 +1,17 @@
-//! The seam between one node's core and its peers: what the core tells the
-//! cluster. A single node has no fabric; `cluster` implements it.
-//!
-//! Interest and retained writes are reported under the core's lock, so
-//! peers see them in the order they happened (the implementation only
-//! appends a small frame to each link's buffer). Forwarded publishes are
-//! returned as effects and handed over after the lock is released.
+//! The seam between one node's core and its peers for what is not a log
+//! entry: forwarded publishes (returned as effects and handed over after
+//! the core's lock is released) and whether a peer is reachable. Interest
+//! and retained writes are entries of the node's ordered change log
+//! ([`crate::effects::LogEntry`]). A single node has no fabric; `cluster`
+//! implements it.
 
 use std::sync::Arc;
 
-use crate::hlc::Hlc;
 use crate::message::Message;
 use crate::router::NodeId;
 
 /// What the core tells its peers.
 pub trait Fabric: Send + Sync + std::fmt::Debug {
-    /// Local sessions gained (`true`) or lost their last subscription to
-    /// `filter` (shared ones by their whole `$share/{group}/{filter}`).
-    fn interest(&self, filter: &str, gained: bool);
-    /// A retained write on `topic` (`None` deletes) at `version`: every
-    /// node keeps every retained message, last writer wins.
-    fn retained(&self, topic: &str, message: Option<&Message>, version: Hlc);
     /// Hands `m` to peer `node`, which delivers it to its matching local
     /// sessions and, for each of `groups`, to one local member. For QoS 1
     /// and 2 the result resolves once the peer has committed it (the

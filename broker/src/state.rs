@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::auth::Auth;
 use crate::core::Core;
-use crate::effects::{ChangeLog, ChangeRecord, Committed, Effects, LocalLog, NotCommitted};
+use crate::effects::{ChangeLog, Committed, Effects, LocalLog, LogEntry, NotCommitted};
 
 /// What a node holds and has done (see [`State::counts`]).
 #[derive(Debug, Clone, Copy)]
@@ -203,7 +203,7 @@ impl State {
     /// Numbers `records` as the log's next batch. Called with the core's
     /// lock held (the number is the order the core made them in); nothing
     /// is appended yet. `None` when there is nothing to log.
-    pub(crate) fn sequence(&self, records: Vec<ChangeRecord>) -> Option<Ticket> {
+    pub(crate) fn sequence(&self, records: Vec<LogEntry>) -> Option<Ticket> {
         if records.is_empty() {
             return None;
         }
@@ -263,7 +263,7 @@ pub(crate) type Ticket = Arc<Mutex<Option<Committed>>>;
 #[derive(Debug)]
 struct Batch {
     seq: u64,
-    records: Vec<ChangeRecord>,
+    records: Vec<LogEntry>,
     done: Ticket,
 }
 
@@ -322,12 +322,14 @@ mod tests {
     struct Recording(Mutex<Vec<ChangeRecord>>);
 
     impl ChangeLog for Recording {
-        fn append(&self, _seq: u64, records: Vec<ChangeRecord>) -> Committed {
+        fn append(&self, _seq: u64, entries: Vec<LogEntry>) -> Committed {
             std::thread::yield_now();
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(records);
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).extend(
+                entries.into_iter().filter_map(|e| match e {
+                    LogEntry::Session(r) => Some(r),
+                    _ => None,
+                }),
+            );
             Committed::now()
         }
     }

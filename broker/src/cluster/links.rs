@@ -621,6 +621,16 @@ impl Cluster {
             tx.push(f, &self.stats.dropped);
         }
     }
+
+    /// Sends `f`, made in batch `log_seq` of the ordered log, on every link
+    /// whose snapshot did not already hold it.
+    pub(super) fn broadcast_after(&self, log_seq: u64, f: &Frame) {
+        for tx in lock(&self.links).values() {
+            if log_seq > tx.snapshot_covers() {
+                tx.push(f, &self.stats.dropped);
+            }
+        }
+    }
 }
 
 /// Writes `bytes` and then relays both ways between a client and its

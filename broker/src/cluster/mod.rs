@@ -88,9 +88,8 @@ use tracing::Instrument;
 
 use mqlb_config::broker::{ClusterConfig, PeerAddr};
 
-use crate::effects::{ChangeLog, ChangeRecord, Committed};
+use crate::effects::{ChangeLog, ChangeRecord, Committed, LogEntry};
 use crate::fabric::Fabric;
-use crate::hlc::Hlc;
 use crate::message::Message;
 use crate::router::NodeId;
 use crate::session::{Session, SessionChange};
@@ -309,6 +308,10 @@ pub struct Cluster {
     /// moved); cleared when a peer links up again.
     forgotten: Mutex<std::collections::HashSet<NodeId>>,
     seq: AtomicU64,
+    /// The last batch of the ordered log whose interest entries the last
+    /// whole re-send of this node's interest covered (see
+    /// `resend_interest`).
+    interest_covers: AtomicU64,
     /// Counters.
     pub stats: ClusterStats,
     /// The node's state and this cluster itself, for tasks spawned from
@@ -563,6 +566,7 @@ impl Cluster {
                 promoted_for: AtomicU64::new(0),
                 forgotten: Mutex::new(std::collections::HashSet::new()),
                 seq: AtomicU64::new(1),
+                interest_covers: AtomicU64::new(0),
                 stats: ClusterStats::default(),
                 state: std::sync::OnceLock::new(),
                 state_owner: std::sync::OnceLock::new(),
@@ -1291,6 +1295,10 @@ impl Cluster {
     /// one, under the core's lock so no change slips between.
     fn resend_interest(&self, state: &State) {
         let core = state.core();
+        // Interest entries numbered so far are in what is sent here: the
+        // log does not send them again.
+        self.interest_covers
+            .store(state.last_sequenced(), Ordering::Release);
         let filters = core.local_interest();
         for tx in lock(&self.links).values() {
             tx.push(&Frame::Reset, &self.stats.dropped);
@@ -1457,29 +1465,6 @@ impl Fabric for Cluster {
         let (done, wait) = tokio::sync::oneshot::channel();
         self.hold_for_takeover(m, groups, Vec::new(), done, false);
         Some(wait)
-    }
-
-    fn interest(&self, filter: &str, gained: bool) {
-        if !self.is_serving() {
-            // Stepping down drops this node's sessions and with them their
-            // filters; peers keep the old interest, so what they publish
-            // for those sessions is held until the nodes that took them
-            // over announce theirs, rather than matching nobody. Back in
-            // service, the whole interest is sent again.
-            return;
-        }
-        self.broadcast(&Frame::Interest {
-            filter: filter.to_string(),
-            gained,
-        });
-    }
-
-    fn retained(&self, topic: &str, message: Option<&Message>, version: Hlc) {
-        self.broadcast(&Frame::Retained {
-            topic: topic.to_string(),
-            message: message.cloned(),
-            version,
-        });
     }
 
     fn forward(

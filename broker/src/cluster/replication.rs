@@ -135,7 +135,7 @@ impl Cluster {
             }
             out
         };
-        let ticket = state.sequence(records);
+        let ticket = state.sequence(records.into_iter().map(LogEntry::Session).collect());
         drop(core);
         drop(state.commit(ticket));
     }
@@ -475,10 +475,52 @@ impl Cluster {
 }
 
 impl ChangeLog for Cluster {
-    /// Streams each session's records to the other members of its chain;
-    /// committed once each has applied them (at once with no other member
+    /// Sends interest and retained writes to every peer and streams each
+    /// session's records to the other members of its chain; committed once
+    /// each chain member has applied them (at once with no other member
     /// live: the copy here is then the only one, as on a single node).
-    fn append(&self, log_seq: u64, records: Vec<ChangeRecord>) -> Committed {
+    fn append(&self, log_seq: u64, entries: Vec<LogEntry>) -> Committed {
+        let mut records = Vec::with_capacity(entries.len());
+        for e in entries {
+            match e {
+                LogEntry::Session(r) => records.push(r),
+                LogEntry::Interest { filter, gained } => {
+                    // Stepping down drops this node's sessions and with
+                    // them their filters; peers keep the old interest, so
+                    // what they publish for those sessions is held until
+                    // the nodes that took them over announce theirs,
+                    // rather than matching nobody. Back in service, the
+                    // whole interest is sent again, and what it covers is
+                    // not sent twice.
+                    if self.is_serving() && log_seq > self.interest_covers.load(Ordering::Acquire) {
+                        self.broadcast_after(log_seq, &Frame::Interest { filter, gained });
+                    }
+                }
+                LogEntry::Retained {
+                    topic,
+                    message,
+                    version,
+                } => self.broadcast_after(
+                    log_seq,
+                    &Frame::Retained {
+                        topic,
+                        message,
+                        version,
+                    },
+                ),
+            }
+        }
+        self.send_down_chains(log_seq, records)
+    }
+}
+
+impl Cluster {
+    /// Streams each session's records of batch `log_seq` to the other
+    /// members of its chain.
+    fn send_down_chains(&self, log_seq: u64, records: Vec<ChangeRecord>) -> Committed {
+        if records.is_empty() {
+            return Committed::now();
+        }
         // What each session is given is remembered here too, as on its
         // replicas, so the log can go along when the session is sent whole.
         {
