@@ -34,6 +34,10 @@ pub struct ChangeRecord {
 /// One entry of a node's ordered change log: everything peers (and, later,
 /// the disk) must see in the order the core made it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "session records are nearly every entry and were this size before; boxing them would cost an allocation per record"
+)]
 pub enum LogEntry {
     /// A change to a persistent session, for its chain.
     Session(ChangeRecord),
