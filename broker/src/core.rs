@@ -298,9 +298,6 @@ pub struct Core {
     limits: Limits,
     /// Peers, in a cluster.
     fabric: Option<Arc<dyn Fabric>>,
-    /// Publishers held back by flow control wait here; notified whenever a
-    /// subscriber that was behind drains or goes.
-    drained: Arc<tokio::sync::Notify>,
 }
 
 impl Core {
@@ -588,7 +585,7 @@ impl Core {
             epoch = e.session.epoch + 1;
             if let Some(old) = e.attached.take() {
                 fx.send(&old.tx, Outgoing::Close(Closing::TakenOver));
-                fx.drained = Some(self.drained.clone());
+                fx.drained = true;
             }
         }
         // Back before its Will Delay ran out: the will is not sent (3.1.3.2.2).
@@ -669,7 +666,7 @@ impl Core {
             return fx; // taken over already
         }
         if e.attached.take().is_some() {
-            fx.drained = Some(self.drained.clone());
+            fx.drained = true;
         }
         // Shared-group messages are not kept waiting for this member when
         // another member can take them; the last member keeps its own.
@@ -1010,12 +1007,10 @@ impl Core {
         // Flow control, for the node as a whole: when most of the
         // publish's connected subscribers are behind (and still moving),
         // its publisher's next read waits for one to drain (at most
-        // MAX_STALL). The wait is registered here, under the lock, so the
-        // drain cannot come first and be missed.
-        if audience.congested() && fx.stall.is_none() {
-            let mut wait = Box::pin(self.drained.clone().notified_owned());
-            wait.as_mut().enable();
-            fx.stall = Some(crate::effects::Stall::new(wait));
+        // MAX_STALL). The shell registers the wait before it releases the
+        // lock, so the drain cannot come first and be missed.
+        if audience.congested() {
+            fx.wants_stall = true;
         }
         let mut peers: Vec<(NodeId, Vec<Arc<str>>)> =
             targets.nodes.iter().map(|&n| (n, Vec::new())).collect();
@@ -1191,7 +1186,7 @@ impl Core {
                 return;
             };
             if e.session.queue.len() == DRAINED_DEPTH {
-                fx.drained = Some(self.drained.clone());
+                fx.drained = true;
             }
             self.send(client_id, p, fx);
         }
@@ -1541,7 +1536,7 @@ impl Core {
         if let Some(mut e) = self.sessions.remove(client_id) {
             if let Some(a) = e.attached.take() {
                 fx.send(&a.tx, Outgoing::Close(Closing::TakenOver));
-                fx.drained = Some(self.drained.clone());
+                fx.drained = true;
             }
             for filter in e.session.subs.keys() {
                 let i = self.router.unsubscribe(client_id, filter);
@@ -1561,7 +1556,7 @@ impl Core {
         {
             let mut fx = Effects::none();
             fx.send(&a.tx, Outgoing::Close(Closing::ShuttingDown));
-            fx.drained = Some(self.drained.clone());
+            fx.drained = true;
             fx.extend(self.evict_session(client_id));
             return fx;
         }
@@ -1809,8 +1804,8 @@ mod tests {
         for i in 0..n {
             let mut m = msg(topic, QoS::AtLeastOnce, false, &i.to_string());
             m.origin = Some(Arc::from(origin));
-            let mut fx = c.route(m);
-            stalled = fx.stall.take().is_some();
+            let fx = c.route(m);
+            stalled = fx.wants_stall;
             run(fx);
         }
         stalled

@@ -105,8 +105,10 @@ impl NotCommitted {
 pub struct Stall(std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>);
 
 impl Stall {
-    /// A stall on an enabled `Notify` wait.
-    pub(crate) fn new(wait: std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>) -> Self {
+    /// A stall until `drained` is notified, registered now.
+    pub(crate) fn on(drained: &Arc<tokio::sync::Notify>) -> Self {
+        let mut wait = Box::pin(drained.clone().notified_owned());
+        wait.as_mut().enable();
         Self(wait)
     }
 
@@ -122,10 +124,13 @@ impl Stall {
 pub struct Effects {
     pub(crate) sends: Vec<(Arc<Outbox>, Outgoing)>,
     pub(crate) records: Vec<LogEntry>,
-    /// A subscriber's queue drained: wake the publishers held back.
-    pub(crate) drained: Option<Arc<tokio::sync::Notify>>,
-    /// Set when most of the subscribers a publish went to are behind (see
-    /// [`Stall`]).
+    /// A subscriber's queue drained, or it went: wake the publishers held
+    /// back.
+    pub(crate) drained: bool,
+    /// Most of the subscribers a publish went to are behind: its publisher
+    /// is to be held back (the shell makes the [`Stall`]).
+    pub(crate) wants_stall: bool,
+    /// The publisher's [`Stall`], made by the shell under the core's lock.
     pub(crate) stall: Option<Stall>,
     /// Publishes for peer nodes.
     pub(crate) forwards: Vec<Forward>,
@@ -184,9 +189,8 @@ impl Effects {
     pub fn extend(&mut self, other: Effects) {
         self.sends.extend(other.sends);
         self.records.extend(other.records);
-        if self.drained.is_none() {
-            self.drained = other.drained;
-        }
+        self.drained |= other.drained;
+        self.wants_stall |= other.wants_stall;
         self.forwards.extend(other.forwards);
         if self.stall.is_none() {
             self.stall = other.stall;
@@ -199,7 +203,7 @@ impl Effects {
     /// carries the publisher's [`Stall`], if any.
     pub fn apply(mut self, log: &dyn ChangeLog) -> Committed {
         let committed = self.append_to(log);
-        self.finish(committed)
+        self.finish(committed, &Arc::default())
     }
 
     /// The first half of [`Effects::apply`]: hands the records to `log`
@@ -218,8 +222,9 @@ impl Effects {
     }
 
     /// The second half of [`Effects::apply`], after the lock: the items
-    /// for the mailboxes (encoding happens here), wake-ups and forwards.
-    pub fn finish(self, mut committed: Committed) -> Committed {
+    /// for the mailboxes (encoding happens here), wake-ups of the
+    /// publishers waiting on `drained`, and forwards.
+    pub fn finish(self, mut committed: Committed, drained: &tokio::sync::Notify) -> Committed {
         committed.stall = self.stall;
         // Not yet committed (a cluster: the records are on their way down
         // the chains): a QoS 2 PUBLISH waits for them (see
@@ -278,8 +283,8 @@ impl Effects {
             });
             committed.rx.push(rx);
         }
-        if let Some(n) = self.drained {
-            n.notify_waiters();
+        if self.drained {
+            drained.notify_waiters();
         }
         for f in self.forwards {
             let rx = match f.route {

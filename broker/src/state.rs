@@ -71,6 +71,9 @@ pub struct State {
     sequencer: Mutex<Sequencer>,
     /// Held while batches are handed to the log, one at a time.
     appending: Mutex<()>,
+    /// Publishers held back by flow control wait here; notified whenever a
+    /// subscriber that was behind drains or goes.
+    drained: Arc<tokio::sync::Notify>,
     /// What the listeners refused before a CONNECT, and certificate reloads.
     pub fronts: crate::front::FrontStats,
     /// The state store (a single node's; see the module).
@@ -106,6 +109,7 @@ impl State {
             log,
             sequencer: Mutex::default(),
             appending: Mutex::new(()),
+            drained: Arc::default(),
             fronts: crate::front::FrontStats::default(),
             statestore,
             not_committed: Default::default(),
@@ -181,11 +185,12 @@ impl State {
         let (fx, ticket) = {
             let mut core = self.core();
             let mut fx = f(&mut core);
+            self.hold_back(&mut fx);
             let ticket = self.sequence(fx.take_records());
             (fx, ticket)
         };
         let committed = self.commit(ticket);
-        fx.finish(committed)
+        fx.finish(committed, &self.drained)
     }
 
     /// [`State::act`] for calls that also answer something.
@@ -193,11 +198,21 @@ impl State {
         let (t, fx, ticket) = {
             let mut core = self.core();
             let (t, mut fx) = f(&mut core);
+            self.hold_back(&mut fx);
             let ticket = self.sequence(fx.take_records());
             (t, fx, ticket)
         };
         let committed = self.commit(ticket);
-        (t, fx.finish(committed))
+        (t, fx.finish(committed, &self.drained))
+    }
+
+    /// Flow control: when the core asks for its publisher to be held back,
+    /// the wait is registered here, still under the core's lock, so a drain
+    /// cannot come first and be missed.
+    fn hold_back(&self, fx: &mut Effects) {
+        if fx.wants_stall && fx.stall.is_none() {
+            fx.stall = Some(crate::effects::Stall::on(&self.drained));
+        }
     }
 
     /// Numbers `records` as the log's next batch. Called with the core's
