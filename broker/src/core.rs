@@ -256,7 +256,13 @@ pub fn fingerprint(m: &Message) -> u64 {
 
 /// Records `change` (for a persistent session) and applies it. Returns the
 /// message a `Dequeued` took off the queue.
-fn change(fx: &mut Effects, id: &Arc<str>, s: &mut Session, c: SessionChange) -> Option<Pending> {
+fn change(
+    now: Instant,
+    fx: &mut Effects,
+    id: &Arc<str>,
+    s: &mut Session,
+    c: SessionChange,
+) -> Option<Pending> {
     // A session is recorded while it is persistent, and on the change that
     // makes it so. A brand-new session (epoch 0) that ends with its
     // connection records nothing at all.
@@ -274,7 +280,7 @@ fn change(fx: &mut Effects, id: &Arc<str>, s: &mut Session, c: SessionChange) ->
             change: c.clone(),
         }));
     }
-    s.apply(c)
+    s.apply(c, now)
 }
 
 /// `$SYS/...` describes one node: it is neither forwarded nor replicated.
@@ -298,9 +304,36 @@ pub struct Core {
     limits: Limits,
     /// Peers, in a cluster.
     fabric: Option<Arc<dyn Fabric>>,
+    /// The time and the wall clock's milliseconds since the Unix epoch,
+    /// as the shell last gave them ([`Core::advance`]).
+    now: Option<(Instant, u64)>,
 }
 
 impl Core {
+    /// Sets the time the next calls happen at: the node's state does
+    /// before every call, a simulator with its own clock. The core reads
+    /// no clock of its own once it has been given one (a core never told
+    /// the time, such as one a unit test drives directly, reads the
+    /// system's).
+    /// `wall` stamps retained writes (hybrid logical clock) and bounds
+    /// peers' stamps.
+    pub fn advance(&mut self, now: Instant, wall: std::time::SystemTime) {
+        let wall_ms = wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.now = Some((now, wall_ms));
+    }
+
+    /// The time of the current call.
+    fn now(&self) -> Instant {
+        self.now.map_or_else(Instant::now, |(now, _)| now)
+    }
+
+    /// The wall clock of the current call, in Unix milliseconds.
+    fn wall_ms(&self) -> u64 {
+        self.now.map_or_else(crate::hlc::wall_ms, |(_, wall)| wall)
+    }
+
     /// An empty broker with default limits.
     pub fn new() -> Self {
         Self::with_limits(Limits::default())
@@ -598,6 +631,7 @@ impl Core {
             Some(e) => e.id.clone(),
             None => Arc::from(client_id),
         };
+        let now = self.now();
         let e = self.sessions.entry(id.clone()).or_insert_with(|| Entry {
             id: id.clone(),
             session: Session::default(),
@@ -605,6 +639,7 @@ impl Core {
             imported: None,
         });
         change(
+            now,
             &mut fx,
             &id,
             &mut e.session,
@@ -614,7 +649,7 @@ impl Core {
             conn,
             tx,
             receive_maximum: receive_maximum.clamp(1, self.limits.max_inflight.max(1)),
-            progress: Instant::now(),
+            progress: now,
         });
         self.resume(&id, &mut fx);
         (
@@ -658,6 +693,7 @@ impl Core {
     /// Detaches connection `conn`. Messages it held for a shared group go to
     /// another member; the session is removed if it expires now.
     pub fn disconnect(&mut self, client_id: &str, conn: u64) -> Effects {
+        let now = self.now();
         let mut fx = Effects::none();
         let Some(e) = self.sessions.get_mut(client_id) else {
             return fx;
@@ -689,6 +725,7 @@ impl Core {
                 handover.push(i.pending.clone());
             }
             change(
+                now,
                 &mut fx,
                 &e.id,
                 &mut e.session,
@@ -710,6 +747,7 @@ impl Core {
                 }
             }
             change(
+                now,
                 &mut fx,
                 &e.id,
                 &mut e.session,
@@ -717,7 +755,7 @@ impl Core {
             );
         }
         if e.session.is_persistent() {
-            change(&mut fx, &e.id, &mut e.session, SessionChange::Detached);
+            change(now, &mut fx, &e.id, &mut e.session, SessionChange::Detached);
         } else {
             self.drop_session(client_id, &mut fx);
         }
@@ -737,7 +775,8 @@ impl Core {
             Some(e) => e.id.clone(),
             None => Arc::from(client_id),
         };
-        self.wills.insert(id, (Instant::now() + delay, will));
+        let due = self.now() + delay;
+        self.wills.insert(id, (due, will));
     }
 
     /// Wills waiting out their delay.
@@ -805,9 +844,11 @@ impl Core {
 
     /// Updates the session expiry (v5 DISCONNECT may change it).
     pub fn set_expiry(&mut self, client_id: &str, expiry: Option<Duration>) -> Effects {
+        let now = self.now();
         let mut fx = Effects::none();
         if let Some(e) = self.sessions.get_mut(client_id) {
             change(
+                now,
                 &mut fx,
                 &e.id,
                 &mut e.session,
@@ -818,12 +859,13 @@ impl Core {
     }
 
     fn drop_session(&mut self, client_id: &str, fx: &mut Effects) {
+        let now = self.now();
         if let Some(mut e) = self.sessions.remove(client_id) {
             for filter in e.session.subs.keys() {
                 let i = self.router.unsubscribe(client_id, filter);
                 self.note_interest(filter, i, fx);
             }
-            change(fx, &e.id, &mut e.session, SessionChange::Ended);
+            change(now, fx, &e.id, &mut e.session, SessionChange::Ended);
         }
     }
 
@@ -848,6 +890,7 @@ impl Core {
     /// Adds a subscription and sends the retained messages its retain
     /// handling asks for. Returns whether it existed.
     pub fn subscribe(&mut self, client_id: &str, filter: &str, sub: Sub) -> (bool, Effects) {
+        let now = self.now();
         let mut fx = Effects::none();
         let Some(e) = self.sessions.get_mut(client_id) else {
             return (false, fx);
@@ -855,6 +898,7 @@ impl Core {
         let id = e.id.clone();
         let existed = e.session.subs.contains_key(filter);
         change(
+            now,
             &mut fx,
             &id,
             &mut e.session,
@@ -897,6 +941,7 @@ impl Core {
 
     /// Removes a subscription; returns whether it existed.
     pub fn unsubscribe(&mut self, client_id: &str, filter: &str) -> (bool, Effects) {
+        let now = self.now();
         let mut fx = Effects::none();
         let Some(e) = self.sessions.get_mut(client_id) else {
             return (false, fx);
@@ -905,6 +950,7 @@ impl Core {
             return (false, fx);
         }
         change(
+            now,
             &mut fx,
             &e.id,
             &mut e.session,
@@ -926,7 +972,7 @@ impl Core {
     /// `version`, if it is newer than what the topic holds: last writer
     /// wins. For replicating retained messages between nodes.
     pub fn set_retained(&mut self, m: Message, version: Hlc) -> bool {
-        if !self.clock.observe(version) {
+        if !self.clock.observe_at(version, self.wall_ms()) {
             self.stats.clock_drift_refused += 1;
             return false;
         }
@@ -943,7 +989,7 @@ impl Core {
         message: Option<Message>,
         version: Hlc,
     ) -> bool {
-        if !self.clock.observe(version) {
+        if !self.clock.observe_at(version, self.wall_ms()) {
             self.stats.clock_drift_refused += 1;
             tracing::warn!(
                 topic,
@@ -963,7 +1009,7 @@ impl Core {
     /// Forgets retained-message deletions older than `age`: after that, no
     /// older write can still be in flight from another node.
     pub fn prune_retained_deletions(&mut self, age: Duration) -> usize {
-        let mut cutoff = self.clock.now();
+        let mut cutoff = self.clock.now_at(self.wall_ms());
         let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
         cutoff.wall_ms = cutoff.wall_ms.saturating_sub(age_ms);
         self.retained.prune_deletions(cutoff)
@@ -979,7 +1025,7 @@ impl Core {
         let mut fx = Effects::none();
         self.stats.messages_in += 1;
         if m.retain {
-            let version = self.clock.now();
+            let version = self.clock.now_at(self.wall_ms());
             let message = (!m.payload.is_empty()).then(|| m.clone());
             if self.fabric.is_some() && !is_node_local(m.topic.as_str()) {
                 fx.records.push(LogEntry::Retained {
@@ -1132,10 +1178,9 @@ impl Core {
             return;
         };
         audience.fed += 1;
-        // The clock is read only for a subscriber that is behind.
         if e.session.queue.len() > CONGESTED_DEPTH
             && now
-                .get_or_insert_with(Instant::now)
+                .get_or_insert_with(|| self.now())
                 .duration_since(a.progress)
                 < STUCK_AFTER
         {
@@ -1145,6 +1190,7 @@ impl Core {
 
     /// Sends (or queues) one message to one session.
     fn deliver(&mut self, client_id: &str, p: Pending, fx: &mut Effects) {
+        let now = self.now();
         let Some(e) = self.sessions.get_mut(client_id) else {
             return;
         };
@@ -1158,20 +1204,21 @@ impl Core {
         if p.qos == QoS::AtMostOnce {
             return; // QoS 0 is not queued for offline sessions
         }
-        change(fx, &e.id, &mut e.session, SessionChange::Enqueued(p));
+        change(now, fx, &e.id, &mut e.session, SessionChange::Enqueued(p));
         while e.session.queue.len() > self.limits.max_queued_messages
             || e.session.queued_bytes > self.limits.max_queued_bytes
         {
             if e.session.queue.is_empty() {
                 break;
             }
-            change(fx, &e.id, &mut e.session, SessionChange::Dequeued);
+            change(now, fx, &e.id, &mut e.session, SessionChange::Dequeued);
             self.stats.drop_one(DropReason::QueueFull);
         }
     }
 
     /// Moves queued messages into the inflight window.
     fn pump(&mut self, client_id: &str, fx: &mut Effects) {
+        let now = self.now();
         loop {
             let Some(e) = self.sessions.get_mut(client_id) else {
                 return;
@@ -1182,7 +1229,7 @@ impl Core {
             if e.session.inflight.len() >= max || e.session.queue.is_empty() {
                 return;
             }
-            let Some(p) = change(fx, &e.id, &mut e.session, SessionChange::Dequeued) else {
+            let Some(p) = change(now, fx, &e.id, &mut e.session, SessionChange::Dequeued) else {
                 return;
             };
             if e.session.queue.len() == DRAINED_DEPTH {
@@ -1195,7 +1242,7 @@ impl Core {
     /// Builds one PUBLISH for an attached session, recording it as inflight
     /// for QoS > 0.
     fn send(&mut self, client_id: &str, p: Pending, fx: &mut Effects) {
-        let now = Instant::now();
+        let now = self.now();
         let Some(e) = self.sessions.get_mut(client_id) else {
             return;
         };
@@ -1238,6 +1285,7 @@ impl Core {
         tracing::trace!(client = client_id, pid = ?packet_id, qos = ?p.qos, payload = %String::from_utf8_lossy(&p.msg.payload), "deliver");
         if let Some(pid) = packet_id {
             change(
+                now,
                 fx,
                 &e.id,
                 &mut e.session,
@@ -1256,6 +1304,7 @@ impl Core {
     /// client's Maximum Packet Size: it counts as delivered (MQTT 5
     /// 3.1.2.11.4), and its packet id is free again.
     pub fn discarded(&mut self, client_id: &str, pid: Option<PacketId>) -> Effects {
+        let now = self.now();
         let mut fx = Effects::none();
         self.stats.drop_one(DropReason::TooLarge);
         self.stats.messages_out = self.stats.messages_out.saturating_sub(1);
@@ -1265,6 +1314,7 @@ impl Core {
         if let Some(e) = self.sessions.get_mut(client_id) {
             if e.session.inflight.contains_key(&pid.get()) {
                 change(
+                    now,
                     &mut fx,
                     &e.id,
                     &mut e.session,
@@ -1285,6 +1335,7 @@ impl Core {
         pid: PacketId,
         limit: usize,
     ) -> (Option<bool>, Effects) {
+        let now = self.now();
         let mut fx = Effects::none();
         let Some(e) = self.sessions.get_mut(client_id) else {
             return (None, fx);
@@ -1296,6 +1347,7 @@ impl Core {
             return (None, fx);
         }
         change(
+            now,
             &mut fx,
             &e.id,
             &mut e.session,
@@ -1314,6 +1366,7 @@ impl Core {
 
     /// PUBREL: forgets the id; false if it was unknown.
     pub fn qos2_released(&mut self, client_id: &str, pid: PacketId) -> (bool, Effects) {
+        let now = self.now();
         let mut fx = Effects::none();
         let Some(e) = self.sessions.get_mut(client_id) else {
             return (false, fx);
@@ -1322,6 +1375,7 @@ impl Core {
             return (false, fx);
         }
         change(
+            now,
             &mut fx,
             &e.id,
             &mut e.session,
@@ -1343,17 +1397,19 @@ impl Core {
     ) -> (bool, Effects) {
         use mqlb_protocol::PacketType as T;
         let mut fx = Effects::none();
+        let now = self.now();
         let Some(e) = self.sessions.get_mut(client_id) else {
             return (false, fx);
         };
         let mut pubrel = false;
         if let Some(a) = e.attached.as_mut() {
-            a.progress = Instant::now();
+            a.progress = now;
         }
         match (kind, e.session.inflight.get(&pid.get()).map(|i| i.state)) {
             (T::Puback, Some(InflightState::AwaitPuback))
             | (T::Pubcomp, Some(InflightState::AwaitPubcomp)) => {
                 change(
+                    now,
                     &mut fx,
                     &e.id,
                     &mut e.session,
@@ -1362,7 +1418,13 @@ impl Core {
                 self.pump(client_id, &mut fx);
             }
             (T::Pubrec, Some(InflightState::AwaitPubrec)) => {
-                change(&mut fx, &e.id, &mut e.session, SessionChange::Received(pid));
+                change(
+                    now,
+                    &mut fx,
+                    &e.id,
+                    &mut e.session,
+                    SessionChange::Received(pid),
+                );
                 pubrel = e.attached.is_some();
             }
             _ => {} // unknown id: ignore
@@ -1373,14 +1435,17 @@ impl Core {
     /// Everything `client_id`'s session owns, for replication. `None`
     /// without a session.
     pub fn export_session(&self, client_id: &str) -> Option<SessionSnapshot> {
-        Some(snapshot_of(&self.sessions.get(client_id)?.session))
+        Some(snapshot_of(
+            &self.sessions.get(client_id)?.session,
+            self.now(),
+        ))
     }
 }
 
 /// A session's state as a snapshot (for a replica, an import, a move).
-pub fn snapshot_of(s: &Session) -> SessionSnapshot {
+/// Message ages are counted to `now`.
+pub fn snapshot_of(s: &Session, now: Instant) -> SessionSnapshot {
     {
-        let now = Instant::now();
         let mut subscriptions: Vec<(String, Sub)> =
             s.subs.iter().map(|(f, sub)| (f.clone(), *sub)).collect();
         subscriptions.sort_by(|a, b| a.0.cmp(&b.0));
@@ -1472,6 +1537,7 @@ impl Core {
         client_id: &str,
         snap: SessionSnapshot,
     ) -> Result<Effects, &'static str> {
+        let now = self.now();
         if self.is_connected(client_id) {
             return Err("client is connected");
         }
@@ -1485,13 +1551,13 @@ impl Core {
             imported: None,
         };
         // A copy elsewhere (a replica) starts again from nothing.
-        change(&mut fx, &id, &mut e.session, SessionChange::Ended);
+        change(now, &mut fx, &id, &mut e.session, SessionChange::Ended);
         let router = &self.router;
-        let changes = snapshot_changes(snap, Instant::now(), |k| {
+        let changes = snapshot_changes(snap, now, |k| {
             router.group_key(&k).unwrap_or_else(|| Arc::from(k))
         });
         for c in changes {
-            change(&mut fx, &id, &mut e.session, c);
+            change(now, &mut fx, &id, &mut e.session, c);
         }
         let subs: Vec<(String, Sub)> = e
             .session
@@ -1511,7 +1577,7 @@ impl Core {
             .map(|p| fingerprint(&p.msg))
             .collect();
         e.imported = Some(Box::new(Imported {
-            at: Some(Instant::now()),
+            at: Some(now),
             seen: held,
         }));
         self.sessions.insert(id, e);
@@ -1614,6 +1680,7 @@ impl Core {
     /// would, replacing any session with that ID; the live session and the
     /// rebuilt one are the same data. For the cluster and for tests.
     pub fn replay(&mut self, client_id: &str, records: &[ChangeRecord]) -> Effects {
+        let now = self.now();
         let mut fx = Effects::none();
         self.drop_session(client_id, &mut fx);
         let id: Arc<str> = Arc::from(client_id);
@@ -1623,7 +1690,7 @@ impl Core {
                 session = Session::default();
                 continue;
             }
-            session.apply(r.change.clone());
+            session.apply(r.change.clone(), now);
         }
         for (filter, sub) in &session.subs {
             let i = self.router.subscribe(&id, filter, *sub);
@@ -2615,6 +2682,44 @@ mod tests {
         run(c.publish_due_wills(Instant::now()));
         assert_eq!(payloads(&rx, v), ["bye"]);
         assert_eq!(c.pending_wills(), 0);
+    }
+
+    /// The core keeps the time it is given, not the system's: a session
+    /// detached at a simulated time expires by that time, and a will
+    /// scheduled then is due by it, whatever the real clock says.
+    #[test]
+    fn the_core_runs_on_the_time_it_is_given() {
+        let v = ProtocolVersion::V5;
+        let mut c = Core::new();
+        let t0 = Instant::now() + Duration::from_secs(3600);
+        let epoch = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        c.advance(t0, epoch);
+        let (tx, rx) = outbox();
+        connect(&mut c, "watch", true, GONE, 10, tx);
+        run2(c.subscribe("watch", "will/#", sub(QoS::AtMostOnce)));
+        let (tx, _rx) = outbox();
+        let conn = connect(&mut c, "dev", false, Some(Duration::from_secs(10)), 10, tx).conn;
+        run(c.disconnect("dev", conn));
+        c.schedule_will(
+            "dev",
+            msg("will/dev", QoS::AtMostOnce, false, "gone"),
+            Duration::from_secs(5),
+        );
+        // An hour before the simulated time (the real now): nothing due.
+        run(c.publish_due_wills(Instant::now()));
+        assert!(payloads(&rx, v).is_empty());
+        run(c.publish_due_wills(t0 + Duration::from_secs(4)));
+        assert!(payloads(&rx, v).is_empty());
+        run(c.publish_due_wills(t0 + Duration::from_secs(5)));
+        assert_eq!(payloads(&rx, v), ["gone"]);
+        assert_eq!(c.expire_sessions(t0 + Duration::from_secs(9)).0, 0);
+        assert_eq!(c.expire_sessions(t0 + Duration::from_secs(11)).0, 1);
+        // Retained writes are stamped with the wall clock it was given.
+        run(c.route(msg("r/1", QoS::AtMostOnce, true, "x")));
+        assert_eq!(
+            c.retained_version("r/1").map(|h| h.wall_ms),
+            Some(1_000_000_000)
+        );
     }
 
     #[test]

@@ -37,7 +37,9 @@ impl Default for Clock {
     }
 }
 
-fn wall_ms() -> u64 {
+/// The system's wall clock in Unix milliseconds (for a core that was never
+/// told the time, and for stamps made outside the core).
+pub(crate) fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -62,10 +64,11 @@ impl Clock {
 
     /// A stamp for a local event, later than every stamp seen so far.
     pub fn now(&mut self) -> Hlc {
-        self.tick(wall_ms())
+        self.now_at(wall_ms())
     }
 
-    fn tick(&mut self, wall: u64) -> Hlc {
+    /// [`Clock::now`] with the wall clock at `wall` Unix milliseconds.
+    pub fn now_at(&mut self, wall: u64) -> Hlc {
         if wall > self.last.wall_ms {
             self.last.wall_ms = wall;
             self.last.logical = 0;
@@ -83,7 +86,8 @@ impl Clock {
         self.observe_at(remote, wall_ms())
     }
 
-    fn observe_at(&mut self, remote: Hlc, wall: u64) -> bool {
+    /// [`Clock::observe`] with the wall clock at `wall` Unix milliseconds.
+    pub fn observe_at(&mut self, remote: Hlc, wall: u64) -> bool {
         if remote.wall_ms > wall.saturating_add(self.max_drift_ms) {
             return false;
         }
@@ -102,8 +106,8 @@ mod tests {
     #[test]
     fn never_goes_backwards_and_orders_after_what_it_saw() {
         let mut c = Clock::new(1);
-        let a = c.tick(100);
-        let b = c.tick(90); // the wall clock stepped back
+        let a = c.now_at(100);
+        let b = c.now_at(90); // the wall clock stepped back
         assert!(b > a);
         assert_eq!((b.wall_ms, b.logical), (100, 1));
         let remote = Hlc {
@@ -112,12 +116,12 @@ mod tests {
             node: 2,
         };
         assert!(c.observe_at(remote, 450));
-        let d = c.tick(200);
+        let d = c.now_at(200);
         assert!(d > remote);
         // Same wall and counter: the node breaks the tie.
         let mut x = Clock::new(1);
         let mut y = Clock::new(2);
-        assert!(y.tick(10) > x.tick(10));
+        assert!(y.now_at(10) > x.now_at(10));
     }
 
     /// A remote stamp more than the allowed drift ahead is refused and
@@ -133,12 +137,12 @@ mod tests {
             node: 2,
         };
         assert!(!c.observe_at(ahead, now));
-        assert!(c.tick(now) < ahead);
+        assert!(c.now_at(now) < ahead);
         let near = Hlc {
             wall_ms: now + 30_000,
             ..ahead
         };
         assert!(c.observe_at(near, now));
-        assert!(c.tick(now) > near);
+        assert!(c.now_at(now) > near);
     }
 }

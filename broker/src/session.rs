@@ -147,14 +147,16 @@ impl Session {
     /// Applies one change. The only way a session changes. Returns the
     /// message a [`SessionChange::Dequeued`] took off the queue, so the
     /// caller can send it without a copy.
-    pub fn apply(&mut self, change: SessionChange) -> Option<Pending> {
+    /// `now` is when the change happens (a detach starts the expiry
+    /// countdown then).
+    pub fn apply(&mut self, change: SessionChange, now: Instant) -> Option<Pending> {
         match change {
             SessionChange::Attached { epoch, expiry } => {
                 self.epoch = epoch;
                 self.expiry = expiry;
                 self.disconnected_at = None;
             }
-            SessionChange::Detached => self.disconnected_at = Some(Instant::now()),
+            SessionChange::Detached => self.disconnected_at = Some(now),
             SessionChange::Ended => *self = Session::default(),
             SessionChange::ExpirySet(e) => self.expiry = e,
             SessionChange::Subscribed { filter, sub } => {

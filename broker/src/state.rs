@@ -149,8 +149,12 @@ impl State {
     /// data is still consistent between calls. Inside this crate only:
     /// everything outside goes through the calls below, which take the
     /// lock for one step each.
+    /// The shell's clock is read here, once per lock: the core is told the
+    /// time and reads none itself.
     pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|p| p.into_inner())
+        let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
+        core.advance(std::time::Instant::now(), std::time::SystemTime::now());
+        core
     }
 
     /// What the node holds and has done, for the admin API and `$SYS`.

@@ -511,7 +511,11 @@ impl Cluster {
                             .get(client)
                             .and_then(|h| self.name_of(*h))
                             .unwrap_or_default();
-                        copies.push((client.clone(), crate::core::snapshot_of(session), holder));
+                        copies.push((
+                            client.clone(),
+                            crate::core::snapshot_of(session, Instant::now()),
+                            holder,
+                        ));
                     }
                 }
             }

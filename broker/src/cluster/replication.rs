@@ -38,7 +38,7 @@ impl Cluster {
         lock(&self.holders).remove(client_id);
         // A takeover starts a new epoch, so this copy wins over any older
         // one still held elsewhere (a stale owner's writes are refused).
-        let mut snap = crate::core::snapshot_of(&session);
+        let mut snap = crate::core::snapshot_of(&session, Instant::now());
         snap.epoch += 1;
         let _ = state.act(|core| {
             if core.has_session(client_id) {
@@ -294,7 +294,7 @@ impl Cluster {
             if c == SessionChange::Ended {
                 *s = Session::default();
             } else {
-                s.apply(c);
+                s.apply(c, Instant::now());
             }
         }
         if s == &Session::default() {
