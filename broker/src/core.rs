@@ -18,7 +18,6 @@ use mqlb_protocol::{PacketId, Publish, QoS, RetainHandling};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::effects::{ChangeRecord, Effects, Forward, LogEntry, Route};
-use crate::fabric::Fabric;
 use crate::hlc::{Clock, Hlc};
 use crate::message::{Message, Pending, Sub};
 use crate::outbox::{Closing, Outbox, Outgoing};
@@ -302,8 +301,10 @@ pub struct Core {
     next_conn: u64,
     stats: Stats,
     limits: Limits,
-    /// Peers, in a cluster.
-    fabric: Option<Arc<dyn Fabric>>,
+    /// In a cluster: the peers reachable now (linked, and in the view), as
+    /// the cluster last said ([`Core::set_reachable`]); `None` on a single
+    /// node.
+    peers: Option<Vec<NodeId>>,
     /// The time and the wall clock's milliseconds since the Unix epoch,
     /// as the shell last gave them ([`Core::advance`]).
     now: Option<(Instant, u64)>,
@@ -347,17 +348,41 @@ impl Core {
         }
     }
 
-    /// Joins a cluster: interest, retained writes and publishes for peers
-    /// go to `fabric`, and retained versions carry `stamp` (this node's
-    /// tie breaker).
-    pub fn set_fabric(&mut self, stamp: u32, fabric: Arc<dyn Fabric>) {
+    /// Joins a cluster: interest and retained writes become log entries
+    /// for peers, publishes for peers become forwards, and retained
+    /// versions carry `stamp` (this node's tie breaker). No peer is
+    /// reachable until the cluster says so.
+    pub fn join_cluster(&mut self, stamp: u32) {
         self.clock = Clock::new(stamp);
-        self.fabric = Some(fabric);
+        self.peers = Some(Vec::new());
+    }
+
+    /// The peers reachable now, as the cluster sees them: called when a
+    /// link opens or closes and when a view is committed.
+    pub fn set_reachable(&mut self, peers: impl IntoIterator<Item = NodeId>) {
+        if let Some(p) = self.peers.as_mut() {
+            p.clear();
+            p.extend(peers);
+            p.sort_unstable();
+            p.dedup();
+        }
+    }
+
+    /// Whether peer `n` can be reached now.
+    fn reachable(&self, n: NodeId) -> bool {
+        self.peers
+            .as_ref()
+            .is_some_and(|p| p.binary_search(&n).is_ok())
+    }
+
+    /// Whether this node is in a cluster.
+    fn clustered(&self) -> bool {
+        self.peers.is_some()
     }
 
     /// In a cluster, logs a change of this node's interest for its peers.
     fn note_interest(&self, filter: &str, i: Interest, fx: &mut Effects) {
-        if self.fabric.is_none() {
+        if !self.clustered() {
             return;
         }
         let gained = match i {
@@ -534,10 +559,9 @@ impl Core {
                 }
             }
         }
-        if let Some(fabric) = &self.fabric {
+        if self.clustered() {
             for (node, groups) in peers {
                 fx.forwards.push(Forward {
-                    fabric: fabric.clone(),
                     node,
                     message: m.clone(),
                     groups,
@@ -546,7 +570,6 @@ impl Core {
             }
             if unreachable && m.qos != QoS::AtMostOnce {
                 fx.forwards.push(Forward {
-                    fabric: fabric.clone(),
                     node: 0,
                     message: m,
                     groups: Vec::new(),
@@ -1027,7 +1050,7 @@ impl Core {
         if m.retain {
             let version = self.clock.now_at(self.wall_ms());
             let message = (!m.payload.is_empty()).then(|| m.clone());
-            if self.fabric.is_some() && !is_node_local(m.topic.as_str()) {
+            if self.clustered() && !is_node_local(m.topic.as_str()) {
                 fx.records.push(LogEntry::Retained {
                     topic: m.topic.to_string(),
                     message: message.clone(),
@@ -1068,12 +1091,11 @@ impl Core {
                 }
             }
         }
-        if let (Some(fabric), false) = (&self.fabric, is_node_local(m.topic.as_str())) {
+        if self.clustered() && !is_node_local(m.topic.as_str()) {
             let (live, gone): (Vec<_>, Vec<_>) =
-                peers.into_iter().partition(|(n, _)| fabric.linked(*n));
+                peers.into_iter().partition(|(n, _)| self.reachable(*n));
             for (node, groups) in live {
                 fx.forwards.push(Forward {
-                    fabric: fabric.clone(),
                     node,
                     message: m.clone(),
                     groups,
@@ -1084,7 +1106,6 @@ impl Core {
                 let mut groups: Vec<Arc<str>> = gone.into_iter().flat_map(|(_, g)| g).collect();
                 groups.dedup();
                 fx.forwards.push(Forward {
-                    fabric: fabric.clone(),
                     node: 0,
                     message: m.clone(),
                     groups,
@@ -1115,8 +1136,8 @@ impl Core {
                     .is_some_and(|a| e.session.inflight.len() < usize::from(a.receive_maximum))
             })
         };
-        let fabric = self.fabric.clone();
-        let reachable = |n: NodeId| fabric.as_ref().is_some_and(|f| f.linked(n));
+        let peers = &self.peers;
+        let reachable = |n: NodeId| peers.as_ref().is_some_and(|p| p.binary_search(&n).is_ok());
         let (client, sub) = match self
             .router
             .pick(group, except, local_only, ready, reachable)?
@@ -2034,29 +2055,6 @@ mod tests {
         );
     }
 
-    /// A fabric whose peers are all unreachable, for what the core asks of
-    /// it.
-    #[derive(Debug)]
-    struct NoPeers;
-
-    impl Fabric for NoPeers {
-        fn forward(
-            &self,
-            _: NodeId,
-            _: &Message,
-            _: &[Arc<str>],
-            _: bool,
-        ) -> Option<tokio::sync::oneshot::Receiver<()>> {
-            None
-        }
-        fn linked(&self, _: NodeId) -> bool {
-            false
-        }
-        fn hold(&self, _: Message, _: Vec<Arc<str>>) -> Option<tokio::sync::oneshot::Receiver<()>> {
-            None
-        }
-    }
-
     /// In a cluster, interest and retained writes are entries of the
     /// ordered log, in the order the core made them, between the session
     /// records; `$SYS` is node-local and a single node logs neither.
@@ -2075,7 +2073,7 @@ mod tests {
                 .collect()
         };
         let mut c = Core::new();
-        c.set_fabric(1, Arc::new(NoPeers));
+        c.join_cluster(1);
         let (tx, _rx) = outbox();
         let (_, fx) = c.connect("dev", false, Some(Duration::from_secs(600)), 10, tx);
         run(fx);
@@ -2106,7 +2104,7 @@ mod tests {
     #[test]
     fn a_reforward_to_an_unreachable_interested_peer_is_held_again() {
         let mut c = Core::new();
-        c.set_fabric(1, Arc::new(NoPeers));
+        c.join_cluster(1);
         c.peer_interest(2, "t/#", true);
         let fx = c.reforward(
             msg("t/x", QoS::AtLeastOnce, false, "m"),

@@ -139,7 +139,6 @@ pub struct Effects {
 /// A publish for one peer node, with the shared groups it is to serve.
 #[derive(Debug)]
 pub(crate) struct Forward {
-    pub(crate) fabric: Arc<dyn Fabric>,
     pub(crate) node: NodeId,
     pub(crate) message: Message,
     pub(crate) groups: Vec<Arc<str>>,
@@ -203,7 +202,7 @@ impl Effects {
     /// carries the publisher's [`Stall`], if any.
     pub fn apply(mut self, log: &dyn ChangeLog) -> Committed {
         let committed = self.append_to(log);
-        self.finish(committed, &Arc::default())
+        self.finish(committed, &Arc::default(), None)
     }
 
     /// The first half of [`Effects::apply`]: hands the records to `log`
@@ -223,8 +222,14 @@ impl Effects {
 
     /// The second half of [`Effects::apply`], after the lock: the items
     /// for the mailboxes (encoding happens here), wake-ups of the
-    /// publishers waiting on `drained`, and forwards.
-    pub fn finish(self, mut committed: Committed, drained: &tokio::sync::Notify) -> Committed {
+    /// publishers waiting on `drained`, and forwards to `fabric` (the
+    /// node's peers, in a cluster).
+    pub fn finish(
+        self,
+        mut committed: Committed,
+        drained: &tokio::sync::Notify,
+        fabric: Option<&dyn Fabric>,
+    ) -> Committed {
         committed.stall = self.stall;
         // Not yet committed (a cluster: the records are on their way down
         // the chains): a QoS 2 PUBLISH waits for them (see
@@ -287,10 +292,13 @@ impl Effects {
             drained.notify_waiters();
         }
         for f in self.forwards {
+            let Some(fabric) = fabric else {
+                break;
+            };
             let rx = match f.route {
-                Route::First => f.fabric.forward(f.node, &f.message, &f.groups, false),
-                Route::Again => f.fabric.forward(f.node, &f.message, &f.groups, true),
-                Route::Held => f.fabric.hold(f.message, f.groups),
+                Route::First => fabric.forward(f.node, &f.message, &f.groups, false),
+                Route::Again => fabric.forward(f.node, &f.message, &f.groups, true),
+                Route::Held => fabric.hold(f.message, f.groups),
             };
             if let Some(rx) = rx {
                 committed.rx.push(rx);

@@ -1,9 +1,10 @@
-//! The seam between one node's core and its peers for what is not a log
-//! entry: forwarded publishes (returned as effects and handed over after
-//! the core's lock is released) and whether a peer is reachable. Interest
+//! The seam between one node's shell and its peers for what is not a log
+//! entry: forwarded publishes, which the core returns as effects and the
+//! node's state hands over here after the core's lock is released. Interest
 //! and retained writes are entries of the node's ordered change log
-//! ([`crate::effects::LogEntry`]). A single node has no fabric; `cluster`
-//! implements it.
+//! ([`crate::effects::LogEntry`]); which peers are reachable is told to the
+//! core as data (`Core::set_reachable`). A single node has no fabric;
+//! `cluster` implements it.
 
 use std::sync::Arc;
 
@@ -26,8 +27,6 @@ pub trait Fabric: Send + Sync + std::fmt::Debug {
         groups: &[Arc<str>],
         again: bool,
     ) -> Option<tokio::sync::oneshot::Receiver<()>>;
-    /// Whether peer `node` can be reached now.
-    fn linked(&self, node: NodeId) -> bool;
     /// `m` matched sessions of a peer that is gone: hold it until their new
     /// holder has announced them, then forward it again to the interested
     /// peers (those given it already deliver it only to sessions taken over

@@ -74,6 +74,8 @@ pub struct State {
     /// Publishers held back by flow control wait here; notified whenever a
     /// subscriber that was behind drains or goes.
     drained: Arc<tokio::sync::Notify>,
+    /// The node's peers, in a cluster: where forwards go.
+    fabric: std::sync::OnceLock<Arc<dyn crate::fabric::Fabric>>,
     /// What the listeners refused before a CONNECT, and certificate reloads.
     pub fronts: crate::front::FrontStats,
     /// The state store (a single node's; see the module).
@@ -110,6 +112,7 @@ impl State {
             sequencer: Mutex::default(),
             appending: Mutex::new(()),
             drained: Arc::default(),
+            fabric: std::sync::OnceLock::new(),
             fronts: crate::front::FrontStats::default(),
             statestore,
             not_committed: Default::default(),
@@ -136,8 +139,9 @@ impl State {
         max_clock_drift: std::time::Duration,
     ) {
         let mut core = self.core();
-        core.set_fabric(stamp, fabric);
+        core.join_cluster(stamp);
         core.set_max_clock_drift(max_clock_drift);
+        let _ = self.fabric.set(fabric);
     }
 
     /// An open single node (anonymous, no ACL, local log): for tests.
@@ -194,7 +198,7 @@ impl State {
             (fx, ticket)
         };
         let committed = self.commit(ticket);
-        fx.finish(committed, &self.drained)
+        fx.finish(committed, &self.drained, self.fabric.get().map(|f| &**f))
     }
 
     /// [`State::act`] for calls that also answer something.
@@ -207,7 +211,10 @@ impl State {
             (t, fx, ticket)
         };
         let committed = self.commit(ticket);
-        (t, fx.finish(committed, &self.drained))
+        (
+            t,
+            fx.finish(committed, &self.drained, self.fabric.get().map(|f| &**f)),
+        )
     }
 
     /// Flow control: when the core asks for its publisher to be held back,

@@ -450,7 +450,7 @@ impl Cluster {
         {
             // Under the core's lock: changes made after the snapshot reach
             // this link, and none made before it is sent twice or lost.
-            let core = state.core();
+            let mut core = state.core();
             // Every change made so far is in the snapshot below: batches
             // numbered up to here are not sent on this link again.
             tx.snapshot_covers
@@ -569,6 +569,7 @@ impl Cluster {
                 }
                 links.insert(id, tx.clone());
             });
+            self.tell_reachable(&mut core);
         }
         loop {
             let _ = tokio::time::timeout(PING_EVERY, tx.ready.notified()).await;
@@ -586,10 +587,13 @@ impl Cluster {
                 _ => break,
             }
         }
-        let mut links = lock(&self.links);
-        if links.get(&id).is_some_and(|t| Arc::ptr_eq(t, &tx)) {
-            links.remove(&id);
+        {
+            let mut links = lock(&self.links);
+            if links.get(&id).is_some_and(|t| Arc::ptr_eq(t, &tx)) {
+                links.remove(&id);
+            }
         }
+        self.tell_reachable(&mut state.core());
     }
 
     /// Answers a peer's frame (an acknowledgement or a refusal). The link

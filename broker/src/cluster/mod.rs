@@ -1090,12 +1090,19 @@ impl Cluster {
             }
         }
         if let Some(c) = out.view {
-            let mut view = lock(&self.view);
-            if c.number > view.number {
-                *view = View {
-                    number: c.number,
-                    members: c.live,
-                };
+            let installed = {
+                let mut view = lock(&self.view);
+                let newer = c.number > view.number;
+                if newer {
+                    *view = View {
+                        number: c.number,
+                        members: c.live,
+                    };
+                }
+                newer
+            };
+            if installed {
+                self.refresh_reachable();
             }
         }
     }
@@ -1443,20 +1450,42 @@ impl Cluster {
     }
 }
 
-impl Fabric for Cluster {
-    fn linked(&self, node: NodeId) -> bool {
-        // Runs for every forwarded publish: no copy of the name. The links
-        // lock is released before the directory's is taken (elsewhere the
-        // directory is read under the links lock).
-        if !lock(&self.links).contains_key(&node) {
-            return false;
-        }
-        let dir = self.directory();
-        dir.names
-            .get(node as usize)
-            .is_some_and(|n| lock(&self.view).members.contains(n))
+impl Cluster {
+    /// The peers reachable now: linked, and in the committed view.
+    pub(super) fn reachable_peers(&self) -> Vec<NodeId> {
+        // One lock at a time: the links, then the directory, then the view.
+        let linked: Vec<NodeId> = lock(&self.links).keys().copied().collect();
+        let names: Vec<Option<String>> = {
+            let dir = self.directory();
+            linked
+                .iter()
+                .map(|n| dir.names.get(*n as usize).cloned())
+                .collect()
+        };
+        let view = lock(&self.view);
+        linked
+            .into_iter()
+            .zip(names)
+            .filter(|(_, name)| name.as_ref().is_some_and(|n| view.members.contains(n)))
+            .map(|(id, _)| id)
+            .collect()
     }
 
+    /// Tells the core which peers it can reach (under its lock, which the
+    /// caller holds: a link's opening, closing, or a new view).
+    pub(super) fn tell_reachable(&self, core: &mut crate::core::Core) {
+        core.set_reachable(self.reachable_peers());
+    }
+
+    /// [`Cluster::tell_reachable`] for callers without the core's lock.
+    pub(super) fn refresh_reachable(&self) {
+        if let Some(state) = self.state.get().and_then(std::sync::Weak::upgrade) {
+            self.tell_reachable(&mut state.core());
+        }
+    }
+}
+
+impl Fabric for Cluster {
     fn hold(
         &self,
         m: Message,

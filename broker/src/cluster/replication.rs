@@ -449,10 +449,7 @@ impl Cluster {
             );
             // Peers with a link that the view still counts: one it dropped
             // (a hung node's link can stay open) is no candidate.
-            let linked: Vec<NodeId> = {
-                let ids: Vec<NodeId> = lock(&cluster.links).keys().copied().collect();
-                ids.into_iter().filter(|&n| cluster.linked(n)).collect()
-            };
+            let linked: Vec<NodeId> = cluster.reachable_peers();
             // Members the view has dropped are not waited for again:
             // their sessions have moved, and the new holders are among
             // the linked peers.
