@@ -2720,6 +2720,33 @@ mod tests {
         );
     }
 
+    /// A QoS 2 delivery whose record is not committed yet is held; handed
+    /// over outside any runtime (nothing could wait for the commit), it is
+    /// never sent unheld: its connection is closed instead.
+    #[test]
+    fn an_uncommitted_qos2_delivery_outside_a_runtime_closes_its_connection() {
+        let v = ProtocolVersion::V5;
+        let mut c = Core::new();
+        let (tx, rx) = outbox();
+        connect(&mut c, "sub", false, Some(Duration::from_secs(600)), 10, tx);
+        run2(c.subscribe("sub", "q/#", sub(QoS::ExactlyOnce)));
+        let _ = drain(&rx, v);
+        let fx = c.route(msg("q/1", QoS::ExactlyOnce, false, "once"));
+        let (_never, pending) = tokio::sync::oneshot::channel::<()>();
+        let _ = fx.finish(
+            crate::effects::Committed::when(pending),
+            &tokio::sync::Notify::new(),
+            None,
+        );
+        assert!(rx.is_closing(), "the connection should close");
+        assert!(
+            !drain(&rx, v)
+                .iter()
+                .any(|p| matches!(p, Packet::Publish(_))),
+            "a QoS 2 PUBLISH went out before its record was committed"
+        );
+    }
+
     #[test]
     fn outbound_window_is_capped_for_clients_without_receive_maximum() {
         let mut c = Core::new();

@@ -235,12 +235,7 @@ impl Effects {
         // the chains): a QoS 2 PUBLISH waits for them (see
         // `Outbox::push_held`), and what follows it to the same client
         // waits behind it.
-        let runtime = if committed.rx.is_empty() {
-            None
-        } else {
-            tokio::runtime::Handle::try_current().ok()
-        };
-        let hold = runtime.is_some();
+        let hold = !committed.rx.is_empty();
         // One gate for the whole batch (its records commit together),
         // made only when something is held.
         let mut gate: Option<Arc<AtomicBool>> = None;
@@ -253,6 +248,21 @@ impl Effects {
                     held.push(to);
                 }
                 o => to.push(o),
+            }
+        }
+        // The wait for the commit runs on the runtime this is called from.
+        // There is none only when a caller outside one hands the core a log
+        // that does not commit at once: the held deliveries then cannot be
+        // released, and their connections are closed, never sent unheld.
+        let runtime = gate
+            .as_ref()
+            .and_then(|_| tokio::runtime::Handle::try_current().ok());
+        if let (Some(_), None) = (&gate, &runtime) {
+            tracing::error!(
+                "QoS 2 deliveries wait for a commit outside a runtime; closing their connections"
+            );
+            for to in std::mem::take(&mut held) {
+                to.abort_held(crate::outbox::Closing::NotCommitted);
             }
         }
         if let (Some(gate), Some(runtime)) = (gate, runtime) {
