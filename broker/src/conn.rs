@@ -618,6 +618,14 @@ struct Session {
     acking: [u32; 2],
 }
 
+impl Drop for Session {
+    /// However the connection's task ends (closed, or dropped when a node
+    /// stops), the node forgets its mailbox.
+    fn drop(&mut self) {
+        self.state.forget_mailbox(self.conn);
+    }
+}
+
 impl Session {
     async fn start(
         c: Box<Connect>,
@@ -710,7 +718,7 @@ impl Session {
         let tx = rx.clone();
         let receive_maximum = c.properties.receive_maximum.unwrap_or(u16::MAX);
         let (connected, committed) =
-            state.ask(|core| core.connect(&client_id, c.clean_start, expiry, receive_maximum, tx));
+            state.attach(&client_id, c.clean_start, expiry, receive_maximum, tx);
         // Boxed: only a cluster waits here, and the wait (with its
         // deadline's timer) would grow every connection's future.
         let connected_ok = if committed.is_done() {
@@ -722,6 +730,7 @@ impl Session {
             // The session's new epoch is not on its chain: not served.
             state.not_committed(e);
             let _ = state.act(|core| core.disconnect(&client_id, connected.conn));
+            state.forget_mailbox(connected.conn);
             // Bound first: a temporary in the condition would live across the
             // write, and every connection's future would carry the packet.
             let encoded = refuse(ReasonCode::SERVER_UNAVAILABLE).to_bytes(v);
@@ -758,10 +767,14 @@ impl Session {
                 properties: props,
             })
             .to_bytes(v)
-            .ok()?
         };
-        if stream.write_all(&bytes).await.is_err() {
+        let written = match &bytes {
+            Ok(b) => stream.write_all(b).await.is_ok(),
+            Err(_) => false,
+        };
+        if !written {
             let _ = state.act(|core| core.disconnect(&client_id, connected.conn));
+            state.forget_mailbox(connected.conn);
             return None;
         }
         tracing::debug!(client_id = %client_id, version = v.label(), session_present = connected.session_present, "connected");
@@ -1515,7 +1528,7 @@ mod tests {
         // An offline persistent subscriber: every publish to it is a
         // session change the log must commit.
         let tx = Arc::new(Outbox::default());
-        let (connected, _) = state.ask(|core| core.connect("sub", false, None, 10, tx));
+        let (connected, _) = state.attach("sub", false, None, 10, tx);
         let sub = crate::message::Sub {
             options: SubscriptionOptions {
                 qos: QoS::AtLeastOnce,

@@ -20,7 +20,7 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::effects::{ChangeRecord, Effects, Forward, LogEntry, Route};
 use crate::hlc::{Clock, Hlc};
 use crate::message::{Message, Pending, Sub};
-use crate::outbox::{Closing, Outbox, Outgoing};
+use crate::outbox::{Backlog, Closing, Outgoing};
 use crate::retained::Retained;
 use crate::router::{shared_inner, Interest, NodeId, Pick, Router};
 use crate::session::{InflightState, Session, SessionChange};
@@ -150,7 +150,8 @@ pub const STUCK_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 struct Attached {
     conn: u64,
-    tx: Arc<Outbox>,
+    /// Its mailbox's backlog (see [`Backlog`]).
+    backlog: Backlog,
     /// The outbound QoS 1/2 window.
     receive_maximum: u16,
     /// When the client last acknowledged a delivery (or attached): a
@@ -344,6 +345,10 @@ impl Core {
     pub fn with_limits(limits: Limits) -> Self {
         Self {
             limits,
+            // Unit tests drive several cores in one thread and look their
+            // connections up by id: each core numbers them apart.
+            #[cfg(test)]
+            next_conn: tests::conn_base(),
             ..Default::default()
         }
     }
@@ -631,7 +636,7 @@ impl Core {
         clean_start: bool,
         expiry: Option<Duration>,
         receive_maximum: u16,
-        tx: Arc<Outbox>,
+        backlog: Backlog,
     ) -> (Connected, Effects) {
         let mut fx = Effects::none();
         self.next_conn += 1;
@@ -640,7 +645,7 @@ impl Core {
         if let Some(e) = self.sessions.get_mut(client_id) {
             epoch = e.session.epoch + 1;
             if let Some(old) = e.attached.take() {
-                fx.send(&old.tx, Outgoing::Close(Closing::TakenOver));
+                fx.send(old.conn, Outgoing::Close(Closing::TakenOver));
                 fx.drained = true;
             }
         }
@@ -670,7 +675,7 @@ impl Core {
         );
         e.attached = Some(Attached {
             conn,
-            tx,
+            backlog,
             receive_maximum: receive_maximum.clamp(1, self.limits.max_inflight.max(1)),
             progress: now,
         });
@@ -708,7 +713,7 @@ impl Core {
                     Outgoing::Publish(p)
                 }
             };
-            fx.send(&a.tx, o);
+            fx.send(a.conn, o);
         }
         self.pump(client_id, fx);
     }
@@ -846,14 +851,13 @@ impl Core {
         self.sessions.contains_key(client_id)
     }
 
-    /// Mailboxes of the connected clients not yet asked to close, for a
-    /// graceful shutdown.
-    pub fn open_connections(&self) -> Vec<Arc<Outbox>> {
+    /// The connections attached to sessions now, for a graceful shutdown
+    /// (the shell knows their mailboxes).
+    pub fn attached_connections(&self) -> Vec<u64> {
         self.sessions
             .values()
             .filter_map(|e| e.attached.as_ref())
-            .filter(|a| !a.tx.is_closing())
-            .map(|a| a.tx.clone())
+            .map(|a| a.conn)
             .collect()
     }
 
@@ -1277,7 +1281,7 @@ impl Core {
         let Some(a) = e.attached.as_ref() else {
             return;
         };
-        if p.qos == QoS::AtMostOnce && a.tx.backlog() > MAX_BACKLOG_BYTES {
+        if p.qos == QoS::AtMostOnce && a.backlog.bytes() > MAX_BACKLOG_BYTES {
             self.stats.drop_one(DropReason::SlowConsumer);
             return;
         }
@@ -1302,7 +1306,7 @@ impl Core {
             properties,
             payload: p.msg.payload.clone(),
         };
-        let tx = a.tx.clone();
+        let to = a.conn;
         tracing::trace!(client = client_id, pid = ?packet_id, qos = ?p.qos, payload = %String::from_utf8_lossy(&p.msg.payload), "deliver");
         if let Some(pid) = packet_id {
             change(
@@ -1317,7 +1321,7 @@ impl Core {
                 },
             );
         }
-        fx.send(&tx, Outgoing::Publish(publish));
+        fx.send(to, Outgoing::Publish(publish));
         self.stats.messages_out += 1;
     }
 
@@ -1622,7 +1626,7 @@ impl Core {
         let mut fx = Effects::none();
         if let Some(mut e) = self.sessions.remove(client_id) {
             if let Some(a) = e.attached.take() {
-                fx.send(&a.tx, Outgoing::Close(Closing::TakenOver));
+                fx.send(a.conn, Outgoing::Close(Closing::TakenOver));
                 fx.drained = true;
             }
             for filter in e.session.subs.keys() {
@@ -1642,7 +1646,7 @@ impl Core {
             .and_then(|e| e.attached.take())
         {
             let mut fx = Effects::none();
-            fx.send(&a.tx, Outgoing::Close(Closing::ShuttingDown));
+            fx.send(a.conn, Outgoing::Close(Closing::ShuttingDown));
             fx.drained = true;
             fx.extend(self.evict_session(client_id));
             return fx;
@@ -1766,9 +1770,10 @@ mod tests {
 
     use super::*;
     use crate::effects::LocalLog;
-    use crate::outbox::Encoder;
+    use crate::outbox::{Encoder, Outbox};
     use bytes::Bytes;
     use mqlb_protocol::{MqttStr, Packet, ProtocolVersion, SubscriptionOptions};
+    use std::collections::HashMap;
 
     fn msg(topic: &str, qos: QoS, retain: bool, payload: &str) -> Message {
         Message {
@@ -1792,9 +1797,51 @@ mod tests {
         }
     }
 
+    thread_local! {
+        /// The mailboxes of this test thread's connections, by id.
+        static MAILBOXES: std::cell::RefCell<HashMap<u64, Arc<Outbox>>> =
+            std::cell::RefCell::default();
+    }
+
+    /// Connection ids far apart for each core a test makes.
+    pub(super) fn conn_base() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        NEXT.fetch_add(1 << 32, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What a node's state does with the mailboxes, for tests.
+    struct TestMailboxes;
+
+    impl crate::effects::Mailboxes for TestMailboxes {
+        fn resolve(&self, sends: Vec<(u64, Outgoing)>) -> Vec<(Arc<Outbox>, Outgoing)> {
+            MAILBOXES.with(|m| {
+                let m = m.borrow();
+                sends
+                    .into_iter()
+                    .filter_map(|(c, o)| m.get(&c).map(|b| (b.clone(), o)))
+                    .collect()
+            })
+        }
+    }
+
+    /// [`Core::connect`] with the mailbox `tx`, registered as a node's
+    /// state would.
+    fn attach(
+        c: &mut Core,
+        id: &str,
+        clean: bool,
+        expiry: Option<Duration>,
+        receive_maximum: u16,
+        tx: Arc<Outbox>,
+    ) -> (Connected, Effects) {
+        let (connected, fx) = c.connect(id, clean, expiry, receive_maximum, tx.gauge());
+        MAILBOXES.with(|m| m.borrow_mut().insert(connected.conn, tx));
+        (connected, fx)
+    }
+
     /// Applies effects as a connection task would, after the call.
     fn run(fx: Effects) {
-        let _ = fx.apply(&LocalLog::default());
+        let _ = fx.apply(&LocalLog::default(), &TestMailboxes);
     }
 
     fn run2<T>((t, fx): (T, Effects)) -> T {
@@ -1810,7 +1857,7 @@ mod tests {
         receive_maximum: u16,
         tx: Arc<Outbox>,
     ) -> Connected {
-        run2(c.connect(id, clean, expiry, receive_maximum, tx))
+        run2(attach(c, id, clean, expiry, receive_maximum, tx))
     }
 
     /// A connection's mailbox for a client of `v`, twice: one end for the
@@ -2075,7 +2122,7 @@ mod tests {
         let mut c = Core::new();
         c.join_cluster(1);
         let (tx, _rx) = outbox();
-        let (_, fx) = c.connect("dev", false, Some(Duration::from_secs(600)), 10, tx);
+        let (_, fx) = attach(&mut c, "dev", false, Some(Duration::from_secs(600)), 10, tx);
         run(fx);
         let (_, fx) = c.subscribe("dev", "a/#", sub(QoS::AtLeastOnce));
         assert_eq!(kinds(&fx), ["session", "interest a/# true"]);
@@ -2579,7 +2626,14 @@ mod tests {
             run(fx);
         };
         let (tx, rx) = outbox();
-        let (connected, fx) = live.connect("dev", false, Some(Duration::from_secs(60)), 3, tx);
+        let (connected, fx) = attach(
+            &mut live,
+            "dev",
+            false,
+            Some(Duration::from_secs(60)),
+            3,
+            tx,
+        );
         keep(fx);
         keep(live.subscribe("dev", "a/#", sub(QoS::ExactlyOnce)).1);
         keep(live.subscribe("dev", "b", sub(QoS::AtLeastOnce)).1);
@@ -2608,8 +2662,15 @@ mod tests {
         keep(live.route(msg("a/y", QoS::AtLeastOnce, false, "offline")));
         let (tx, _rx) = outbox();
         keep(
-            live.connect("dev", false, Some(Duration::from_secs(60)), 3, tx)
-                .1,
+            attach(
+                &mut live,
+                "dev",
+                false,
+                Some(Duration::from_secs(60)),
+                3,
+                tx,
+            )
+            .1,
         );
         assert!(log.len() > 20, "{} records", log.len());
 
@@ -2621,7 +2682,7 @@ mod tests {
         );
         // Clean sessions leave no records.
         let (tx, _rx) = outbox();
-        let (_, fx) = live.connect("clean", true, GONE, 10, tx);
+        let (_, fx) = attach(&mut live, "clean", true, GONE, 10, tx);
         assert!(fx.records().next().is_none());
         run(fx);
         let (_, fx) = live.subscribe("clean", "a/#", sub(QoS::AtLeastOnce));
@@ -2737,6 +2798,7 @@ mod tests {
             crate::effects::Committed::when(pending),
             &tokio::sync::Notify::new(),
             None,
+            &TestMailboxes,
         );
         assert!(rx.is_closing(), "the connection should close");
         assert!(

@@ -122,7 +122,8 @@ impl Stall {
 #[derive(Debug, Default)]
 #[must_use = "effects do nothing until applied (outside the core's lock)"]
 pub struct Effects {
-    pub(crate) sends: Vec<(Arc<Outbox>, Outgoing)>,
+    /// Items for connections, by the core's connection id.
+    pub(crate) sends: Vec<(u64, Outgoing)>,
     pub(crate) records: Vec<LogEntry>,
     /// A subscriber's queue drained, or it went: wake the publishers held
     /// back.
@@ -166,9 +167,9 @@ impl Effects {
         Self::default()
     }
 
-    /// Queues `o` for the connection behind `to`.
-    pub(crate) fn send(&mut self, to: &Arc<Outbox>, o: Outgoing) {
-        self.sends.push((to.clone(), o));
+    /// Queues `o` for connection `to`.
+    pub(crate) fn send(&mut self, to: u64, o: Outgoing) {
+        self.sends.push((to, o));
     }
 
     /// The session change records, in order.
@@ -200,9 +201,9 @@ impl Effects {
     /// wakes publishers held back for drained subscribers. The returned
     /// [`Committed`] resolves once the records are committed; it also
     /// carries the publisher's [`Stall`], if any.
-    pub fn apply(mut self, log: &dyn ChangeLog) -> Committed {
+    pub fn apply(mut self, log: &dyn ChangeLog, mailboxes: &dyn Mailboxes) -> Committed {
         let committed = self.append_to(log);
-        self.finish(committed, &Arc::default(), None)
+        self.finish(committed, &Arc::default(), None, mailboxes)
     }
 
     /// The first half of [`Effects::apply`]: hands the records to `log`
@@ -229,6 +230,7 @@ impl Effects {
         mut committed: Committed,
         drained: &tokio::sync::Notify,
         fabric: Option<&dyn Fabric>,
+        mailboxes: &dyn Mailboxes,
     ) -> Committed {
         committed.stall = self.stall;
         // Not yet committed (a cluster: the records are on their way down
@@ -240,7 +242,7 @@ impl Effects {
         // made only when something is held.
         let mut gate: Option<Arc<AtomicBool>> = None;
         let mut held: Vec<Arc<Outbox>> = Vec::new();
-        for (to, o) in self.sends {
+        for (to, o) in mailboxes.resolve(self.sends) {
             match o {
                 Outgoing::Publish(ref p) if hold && p.qos == mqlb_protocol::QoS::ExactlyOnce => {
                     let g = gate.get_or_insert_with(|| Arc::new(AtomicBool::new(false)));
@@ -316,6 +318,14 @@ impl Effects {
         }
         committed
     }
+}
+
+/// Where the shell keeps each connection's mailbox, by the core's
+/// connection id.
+pub trait Mailboxes {
+    /// The mailboxes of `sends`' connections, in order; items for
+    /// connections that are gone are dropped.
+    fn resolve(&self, sends: Vec<(u64, Outgoing)>) -> Vec<(Arc<Outbox>, Outgoing)>;
 }
 
 /// Resolves once some change records are committed; a publisher's

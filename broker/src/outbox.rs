@@ -70,8 +70,9 @@ pub enum Outgoing {
 #[derive(Debug)]
 pub struct Outbox {
     queue: std::sync::Mutex<Queued>,
-    /// `Queued::bytes.len()`, readable without the lock.
-    backlog: AtomicUsize,
+    /// `Queued::bytes.len()`, readable without the lock (and by the core,
+    /// through [`Backlog`]).
+    backlog: Backlog,
     notify: tokio::sync::Notify,
 }
 
@@ -88,6 +89,18 @@ struct Queued {
     /// go: an item pushed with [`Outbox::push_held`] and everything after
     /// it wait until it is let go (order is kept).
     gates: VecDeque<(usize, Arc<AtomicBool>)>,
+}
+
+/// Bytes queued for one connection and not yet taken by its task: a plain
+/// shared number, which the mailbox sets and the core reads.
+#[derive(Debug, Clone, Default)]
+pub struct Backlog(Arc<AtomicUsize>);
+
+impl Backlog {
+    /// Bytes queued now.
+    pub fn bytes(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// What a connection task takes from its mailbox.
@@ -121,7 +134,7 @@ impl Outbox {
                 close: None,
                 gates: VecDeque::new(),
             }),
-            backlog: AtomicUsize::new(0),
+            backlog: Backlog::default(),
             notify: tokio::sync::Notify::new(),
         }
     }
@@ -144,7 +157,7 @@ impl Outbox {
                 Encoded::TooLarge(pid) => q.discarded.push(pid),
                 Encoded::Close(c) => q.close = Some(c),
             }
-            self.backlog.store(q.bytes.len(), Ordering::Relaxed);
+            self.backlog.0.store(q.bytes.len(), Ordering::Relaxed);
         }
         self.notify.notify_one();
     }
@@ -167,7 +180,7 @@ impl Outbox {
                 Encoded::TooLarge(pid) => q.discarded.push(pid),
                 Encoded::Close(c) => q.close = Some(c),
             }
-            self.backlog.store(q.bytes.len(), Ordering::Relaxed);
+            self.backlog.0.store(q.bytes.len(), Ordering::Relaxed);
         }
         self.notify.notify_one();
     }
@@ -183,7 +196,7 @@ impl Outbox {
                 q.gates.clear();
             }
             q.close.get_or_insert(why);
-            self.backlog.store(q.bytes.len(), Ordering::Relaxed);
+            self.backlog.0.store(q.bytes.len(), Ordering::Relaxed);
         }
         self.notify.notify_one();
     }
@@ -206,7 +219,14 @@ impl Outbox {
 
     /// Bytes queued and not yet taken by the connection task.
     pub fn backlog(&self) -> usize {
-        self.backlog.load(Ordering::Relaxed)
+        self.backlog.bytes()
+    }
+
+    /// The gauge of this mailbox's backlog, for the core: the one number
+    /// about a connection it reads (a QoS 0 message for a subscriber this
+    /// far behind is dropped), without holding the mailbox.
+    pub fn gauge(&self) -> Backlog {
+        self.backlog.clone()
     }
 
     /// Takes everything queued (possibly nothing).
@@ -226,7 +246,7 @@ impl Outbox {
             *at -= upto;
         }
         let bytes = q.bytes.split_to(upto).freeze();
-        self.backlog.store(q.bytes.len(), Ordering::Relaxed);
+        self.backlog.0.store(q.bytes.len(), Ordering::Relaxed);
         Taken {
             bytes,
             discarded: std::mem::take(&mut q.discarded),

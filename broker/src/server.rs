@@ -389,7 +389,7 @@ async fn close_paced(state: Arc<State>, rate: u32, conns: TaskTracker) {
     let slot = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let mut next = tokio::time::Instant::now();
     loop {
-        let mut open = state.core().open_connections();
+        let mut open = state.open_connections();
         if open.is_empty() {
             tokio::select! {
                 _ = conns.wait() => return,

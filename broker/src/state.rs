@@ -37,12 +37,14 @@
 //!   exports them under it (and encodes after), and a `/metrics` scrape
 //!   counts clients and subscriptions by a scan under it.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::auth::Auth;
 use crate::core::Core;
 use crate::effects::{ChangeLog, Committed, Effects, LocalLog, LogEntry, NotCommitted};
+use crate::outbox::{Outbox, Outgoing};
 
 /// What a node holds and has done (see [`State::counts`]).
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +78,9 @@ pub struct State {
     drained: Arc<tokio::sync::Notify>,
     /// The node's peers, in a cluster: where forwards go.
     fabric: std::sync::OnceLock<Arc<dyn crate::fabric::Fabric>>,
+    /// Each attached connection's mailbox, by the core's connection id:
+    /// the core names connections, the shell holds their mailboxes.
+    mailboxes: Mutex<HashMap<u64, Arc<Outbox>>>,
     /// What the listeners refused before a CONNECT, and certificate reloads.
     pub fronts: crate::front::FrontStats,
     /// The state store (a single node's; see the module).
@@ -113,6 +118,7 @@ impl State {
             appending: Mutex::new(()),
             drained: Arc::default(),
             fabric: std::sync::OnceLock::new(),
+            mailboxes: Mutex::default(),
             fronts: crate::front::FrontStats::default(),
             statestore,
             not_committed: Default::default(),
@@ -198,7 +204,12 @@ impl State {
             (fx, ticket)
         };
         let committed = self.commit(ticket);
-        fx.finish(committed, &self.drained, self.fabric.get().map(|f| &**f))
+        fx.finish(
+            committed,
+            &self.drained,
+            self.fabric.get().map(|f| &**f),
+            self,
+        )
     }
 
     /// [`State::act`] for calls that also answer something.
@@ -213,8 +224,54 @@ impl State {
         let committed = self.commit(ticket);
         (
             t,
-            fx.finish(committed, &self.drained, self.fabric.get().map(|f| &**f)),
+            fx.finish(
+                committed,
+                &self.drained,
+                self.fabric.get().map(|f| &**f),
+                self,
+            ),
         )
+    }
+
+    /// Attaches a connection whose mailbox is `outbox` to `client_id`'s
+    /// session ([`Core::connect`]); the mailbox is registered under the
+    /// core's lock, so the effects of any later call reach it.
+    pub fn attach(
+        &self,
+        client_id: &str,
+        clean_start: bool,
+        expiry: Option<std::time::Duration>,
+        receive_maximum: u16,
+        outbox: Arc<Outbox>,
+    ) -> (crate::core::Connected, Committed) {
+        self.ask(|core| {
+            let (connected, fx) = core.connect(
+                client_id,
+                clean_start,
+                expiry,
+                receive_maximum,
+                outbox.gauge(),
+            );
+            lock(&self.mailboxes).insert(connected.conn, outbox);
+            (connected, fx)
+        })
+    }
+
+    /// Forgets connection `conn`'s mailbox, once its task is done with it.
+    pub fn forget_mailbox(&self, conn: u64) {
+        lock(&self.mailboxes).remove(&conn);
+    }
+
+    /// The mailboxes of the connected clients not yet asked to close, for
+    /// a graceful shutdown.
+    pub fn open_connections(&self) -> Vec<Arc<Outbox>> {
+        let attached = self.core().attached_connections();
+        let boxes = lock(&self.mailboxes);
+        attached
+            .into_iter()
+            .filter_map(|c| boxes.get(&c).cloned())
+            .filter(|o| !o.is_closing())
+            .collect()
     }
 
     /// Flow control: when the core asks for its publisher to be held back,
@@ -274,6 +331,19 @@ impl State {
         // `appending`, which this call has held since.
         let filled = lock(&ticket).take();
         filled.unwrap_or_else(Committed::lost)
+    }
+}
+
+impl crate::effects::Mailboxes for State {
+    fn resolve(&self, sends: Vec<(u64, Outgoing)>) -> Vec<(Arc<Outbox>, Outgoing)> {
+        if sends.is_empty() {
+            return Vec::new();
+        }
+        let boxes = lock(&self.mailboxes);
+        sends
+            .into_iter()
+            .filter_map(|(c, o)| boxes.get(&c).map(|b| (b.clone(), o)))
+            .collect()
     }
 }
 
@@ -369,8 +439,7 @@ mod tests {
         let log = Arc::new(Recording::default());
         let state = State::new(Core::new(), Auth::open(), log.clone());
         let tx = Arc::new(Outbox::default());
-        let (connected, _) =
-            state.ask(|core| core.connect("dev", false, Some(Duration::from_secs(600)), 10, tx));
+        let (connected, _) = state.attach("dev", false, Some(Duration::from_secs(600)), 10, tx);
         let sub = Sub {
             options: SubscriptionOptions {
                 qos: QoS::AtLeastOnce,

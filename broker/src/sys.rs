@@ -149,6 +149,18 @@ pub(crate) fn render_metrics(core: &Core) -> String {
 mod tests {
     use super::*;
 
+    /// `$SYS` writes go to no connection here.
+    struct NoMailboxes;
+
+    impl crate::effects::Mailboxes for NoMailboxes {
+        fn resolve(
+            &self,
+            _: Vec<(u64, crate::outbox::Outgoing)>,
+        ) -> Vec<(Arc<crate::outbox::Outbox>, crate::outbox::Outgoing)> {
+            Vec::new()
+        }
+    }
+
     /// Every drop reason is exported, in metrics and in `$SYS`.
     #[test]
     fn every_drop_reason_is_exported() {
@@ -161,8 +173,8 @@ mod tests {
             );
             assert!(text.contains(&line), "missing {line} in\n{text}");
         }
-        let _ =
-            publish(&mut core, Duration::from_secs(1)).apply(&crate::effects::LocalLog::default());
+        let _ = publish(&mut core, Duration::from_secs(1))
+            .apply(&crate::effects::LocalLog::default(), &NoMailboxes);
         for reason in DropReason::ALL {
             let topic = format!("$SYS/broker/messages/dropped/{}", reason.label());
             assert!(core.retained(&topic).is_some(), "missing {topic}");

@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let state = State::open();
+        let state = mqlb_broker::node::Node::single(State::open());
         // A well-behaved subscriber that receives whatever the fuzzer routes.
         let (mut sub, server) = tokio::io::duplex(1 << 16);
         let listener = tokio::spawn(handle(server, state.clone(), Settings { max_keep_alive: Some(30), ..Settings::default() }));

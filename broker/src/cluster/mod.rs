@@ -838,7 +838,7 @@ impl Cluster {
         }
         self.leaving.store(true, Ordering::Relaxed);
         self.serving_now.store(false, Ordering::Relaxed);
-        for outbox in state.core().open_connections() {
+        for outbox in state.open_connections() {
             outbox.close(crate::outbox::Closing::ShuttingDown);
         }
         let quiet = tokio::time::Instant::now() + within;

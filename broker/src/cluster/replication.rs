@@ -208,7 +208,7 @@ impl Cluster {
             self.apply_replica(&client, epoch, whole(snap));
             let _ = state.act(|core| core.evict_session_shutting_down(&client));
         }
-        for outbox in state.core().open_connections() {
+        for outbox in state.open_connections() {
             outbox.close(crate::outbox::Closing::ShuttingDown);
         }
     }
