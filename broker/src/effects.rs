@@ -14,53 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::fabric::Fabric;
-use crate::message::Message;
 use crate::outbox::{Outbox, Outgoing};
-use crate::router::NodeId;
-use crate::session::SessionChange;
-
-/// One change to one persistent session, in the order it was made.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChangeRecord {
-    /// Client ID.
-    pub client: Arc<str>,
-    /// The session's epoch when the change was made: a replica refuses
-    /// changes from an older epoch than it has seen.
-    pub epoch: u64,
-    /// The change.
-    pub change: SessionChange,
-}
-
-/// One entry of a node's ordered change log: everything peers (and, later,
-/// the disk) must see in the order the core made it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "session records are nearly every entry and were this size before; boxing them would cost an allocation per record"
-)]
-pub enum LogEntry {
-    /// A change to a persistent session, for its chain.
-    Session(ChangeRecord),
-    /// Local sessions gained (`true`) or lost their last subscription to
-    /// `filter` (shared ones by their whole `$share/{group}/{filter}`), for
-    /// every peer.
-    Interest {
-        /// The filter.
-        filter: String,
-        /// Gained or lost.
-        gained: bool,
-    },
-    /// A retained write (`None` deletes) at `version`, for every peer:
-    /// every node keeps every retained message, last writer wins.
-    Retained {
-        /// The topic.
-        topic: String,
-        /// The message, or a deletion.
-        message: Option<Message>,
-        /// Its hybrid-logical-clock version.
-        version: crate::hlc::Hlc,
-    },
-}
+pub use mqlb_broker_core::effects::{ChangeRecord, Effects, Forward, LogEntry, Parts, Route};
 
 /// Longest a publisher's reads are held back at once when most of the
 /// subscribers it feeds are behind (see `Core::route`): flow control slows
@@ -118,206 +73,124 @@ impl Stall {
     }
 }
 
-/// Work the core has decided on, to be done outside its lock.
-#[derive(Debug, Default)]
-#[must_use = "effects do nothing until applied (outside the core's lock)"]
-pub struct Effects {
-    /// Items for connections, by the core's connection id.
-    pub(crate) sends: Vec<(u64, Outgoing)>,
-    pub(crate) records: Vec<LogEntry>,
-    /// A subscriber's queue drained, or it went: wake the publishers held
-    /// back.
-    pub(crate) drained: bool,
-    /// Most of the subscribers a publish went to are behind: its publisher
-    /// is to be held back (the shell makes the [`Stall`]).
-    pub(crate) wants_stall: bool,
-    /// The publisher's [`Stall`], made by the shell under the core's lock.
-    pub(crate) stall: Option<Stall>,
-    /// Publishes for peer nodes.
-    pub(crate) forwards: Vec<Forward>,
+/// Hands the records to `log` and the items to their mailboxes, and wakes
+/// publishers held back for drained subscribers (a single node's calls, and
+/// tests). The returned [`Committed`] resolves once the records are
+/// committed.
+pub fn apply(mut fx: Effects, log: &dyn ChangeLog, mailboxes: &dyn Mailboxes) -> Committed {
+    let committed = append_to(&mut fx, log);
+    finish(fx, None, committed, &Arc::default(), None, mailboxes)
 }
 
-/// A publish for one peer node, with the shared groups it is to serve.
-#[derive(Debug)]
-pub(crate) struct Forward {
-    pub(crate) node: NodeId,
-    pub(crate) message: Message,
-    pub(crate) groups: Vec<Arc<str>>,
-    pub(crate) route: Route,
+/// The first half of [`apply`]: hands the records to `log` (as batch 0:
+/// for a log no one else writes to).
+pub fn append_to(fx: &mut Effects, log: &dyn ChangeLog) -> Committed {
+    let records = fx.take_records();
+    if records.is_empty() {
+        Committed::now()
+    } else {
+        log.append(0, records)
+    }
 }
 
-/// How a [`Forward`] reaches its peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Route {
-    /// The first time: the peer delivers it to every matching session.
-    First,
-    /// Again, after a peer that was to have it died or refused it: the
-    /// peer delivers it only to sessions it has taken over since it first
-    /// had the message (it may have had it: forwarded to several peers, a
-    /// message is confirmed by each on its own).
-    Again,
-    /// `node` is gone: the message is held for whoever takes over its
-    /// sessions, then forwarded [`Route::Again`] to every interested peer.
-    Held,
-}
-
-impl Effects {
-    /// Nothing to do.
-    pub fn none() -> Self {
-        Self::default()
-    }
-
-    /// Queues `o` for connection `to`.
-    pub(crate) fn send(&mut self, to: u64, o: Outgoing) {
-        self.sends.push((to, o));
-    }
-
-    /// The session change records, in order.
-    pub fn records(&self) -> impl Iterator<Item = &ChangeRecord> {
-        self.records.iter().filter_map(|e| match e {
-            LogEntry::Session(r) => Some(r),
-            _ => None,
-        })
-    }
-
-    /// Everything for the ordered log, in order.
-    pub fn log_entries(&self) -> &[LogEntry] {
-        &self.records
-    }
-
-    /// Adds another call's effects after these.
-    pub fn extend(&mut self, other: Effects) {
-        self.sends.extend(other.sends);
-        self.records.extend(other.records);
-        self.drained |= other.drained;
-        self.wants_stall |= other.wants_stall;
-        self.forwards.extend(other.forwards);
-        if self.stall.is_none() {
-            self.stall = other.stall;
-        }
-    }
-
-    /// Hands the records to `log` and the items to their mailboxes, and
-    /// wakes publishers held back for drained subscribers. The returned
-    /// [`Committed`] resolves once the records are committed; it also
-    /// carries the publisher's [`Stall`], if any.
-    pub fn apply(mut self, log: &dyn ChangeLog, mailboxes: &dyn Mailboxes) -> Committed {
-        let committed = self.append_to(log);
-        self.finish(committed, &Arc::default(), None, mailboxes)
-    }
-
-    /// The first half of [`Effects::apply`]: hands the records to `log`
-    /// (as batch 0: for a log no one else writes to).
-    pub fn append_to(&mut self, log: &dyn ChangeLog) -> Committed {
-        if self.records.is_empty() {
-            Committed::now()
-        } else {
-            log.append(0, std::mem::take(&mut self.records))
-        }
-    }
-
-    /// Takes the log entries out, for the node's ordered log.
-    pub(crate) fn take_records(&mut self) -> Vec<LogEntry> {
-        std::mem::take(&mut self.records)
-    }
-
-    /// The second half of [`Effects::apply`], after the lock: the items
-    /// for the mailboxes (encoding happens here), wake-ups of the
-    /// publishers waiting on `drained`, and forwards to `fabric` (the
-    /// node's peers, in a cluster).
-    pub fn finish(
-        self,
-        mut committed: Committed,
-        drained: &tokio::sync::Notify,
-        fabric: Option<&dyn Fabric>,
-        mailboxes: &dyn Mailboxes,
-    ) -> Committed {
-        committed.stall = self.stall;
-        // Not yet committed (a cluster: the records are on their way down
-        // the chains): a QoS 2 PUBLISH waits for them (see
-        // `Outbox::push_held`), and what follows it to the same client
-        // waits behind it.
-        let hold = !committed.rx.is_empty();
-        // One gate for the whole batch (its records commit together),
-        // made only when something is held.
-        let mut gate: Option<Arc<AtomicBool>> = None;
-        let mut held: Vec<Arc<Outbox>> = Vec::new();
-        for (to, o) in mailboxes.resolve(self.sends) {
-            match o {
-                Outgoing::Publish(ref p) if hold && p.qos == mqlb_protocol::QoS::ExactlyOnce => {
-                    let g = gate.get_or_insert_with(|| Arc::new(AtomicBool::new(false)));
-                    to.push_held(o, g.clone());
-                    held.push(to);
-                }
-                o => to.push(o),
+/// The second half of [`apply`], after the lock: the items for the
+/// mailboxes (encoding happens here), wake-ups of the publishers waiting on
+/// `drained`, and forwards to `fabric` (the node's peers, in a cluster).
+/// `stall` is the publisher's, if the call asked for one.
+pub fn finish(
+    fx: Effects,
+    stall: Option<Stall>,
+    mut committed: Committed,
+    drained: &tokio::sync::Notify,
+    fabric: Option<&dyn Fabric>,
+    mailboxes: &dyn Mailboxes,
+) -> Committed {
+    let fx = fx.into_parts();
+    committed.stall = stall;
+    // Not yet committed (a cluster: the records are on their way down
+    // the chains): a QoS 2 PUBLISH waits for them (see
+    // `Outbox::push_held`), and what follows it to the same client
+    // waits behind it.
+    let hold = !committed.rx.is_empty();
+    // One gate for the whole batch (its records commit together),
+    // made only when something is held.
+    let mut gate: Option<Arc<AtomicBool>> = None;
+    let mut held: Vec<Arc<Outbox>> = Vec::new();
+    for (to, o) in mailboxes.resolve(fx.sends) {
+        match o {
+            Outgoing::Publish(ref p) if hold && p.qos == mqlb_protocol::QoS::ExactlyOnce => {
+                let g = gate.get_or_insert_with(|| Arc::new(AtomicBool::new(false)));
+                to.push_held(o, g.clone());
+                held.push(to);
             }
+            o => to.push(o),
         }
-        // The wait for the commit runs on the runtime this is called from.
-        // There is none only when a caller outside one hands the core a log
-        // that does not commit at once: the held deliveries then cannot be
-        // released, and their connections are closed, never sent unheld.
-        let runtime = gate
-            .as_ref()
-            .and_then(|_| tokio::runtime::Handle::try_current().ok());
-        if let (Some(_), None) = (&gate, &runtime) {
-            tracing::error!(
-                "QoS 2 deliveries wait for a commit outside a runtime; closing their connections"
-            );
-            for to in std::mem::take(&mut held) {
-                to.abort_held(crate::outbox::Closing::NotCommitted);
-            }
+    }
+    // The wait for the commit runs on the runtime this is called from.
+    // There is none only when a caller outside one hands the core a log
+    // that does not commit at once: the held deliveries then cannot be
+    // released, and their connections are closed, never sent unheld.
+    let runtime = gate
+        .as_ref()
+        .and_then(|_| tokio::runtime::Handle::try_current().ok());
+    if let (Some(_), None) = (&gate, &runtime) {
+        tracing::error!(
+            "QoS 2 deliveries wait for a commit outside a runtime; closing their connections"
+        );
+        for to in std::mem::take(&mut held) {
+            to.abort_held(crate::outbox::Closing::NotCommitted);
         }
-        if let (Some(gate), Some(runtime)) = (gate, runtime) {
-            let records = Committed {
-                rx: std::mem::take(&mut committed.rx),
-                stall: None,
-            };
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            runtime.spawn(async move {
-                match records.wait().await {
-                    Ok(()) => {
-                        gate.store(true, Ordering::Release);
-                        for to in held {
-                            to.wake();
-                        }
-                        let _ = tx.send(());
+    }
+    if let (Some(gate), Some(runtime)) = (gate, runtime) {
+        let records = Committed {
+            rx: std::mem::take(&mut committed.rx),
+            stall: None,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        runtime.spawn(async move {
+            match records.wait().await {
+                Ok(()) => {
+                    gate.store(true, Ordering::Release);
+                    for to in held {
+                        to.wake();
                     }
-                    Err(e) => {
-                        // Not on the replica: sending it could let a node
-                        // taking over send it again under another packet
-                        // identifier. The connections close instead, and
-                        // their clients get it from the session (which
-                        // holds it) when they come back.
-                        tracing::warn!(
-                            reason = e.label(),
-                            "a QoS 2 delivery's record was not committed; closing its connections"
-                        );
-                        for to in held {
-                            to.abort_held(crate::outbox::Closing::NotCommitted);
-                        }
+                    let _ = tx.send(());
+                }
+                Err(e) => {
+                    // Not on the replica: sending it could let a node
+                    // taking over send it again under another packet
+                    // identifier. The connections close instead, and
+                    // their clients get it from the session (which
+                    // holds it) when they come back.
+                    tracing::warn!(
+                        reason = e.label(),
+                        "a QoS 2 delivery's record was not committed; closing its connections"
+                    );
+                    for to in held {
+                        to.abort_held(crate::outbox::Closing::NotCommitted);
                     }
                 }
-            });
+            }
+        });
+        committed.rx.push(rx);
+    }
+    if fx.drained {
+        drained.notify_waiters();
+    }
+    for f in fx.forwards {
+        let Some(fabric) = fabric else {
+            break;
+        };
+        let rx = match f.route {
+            Route::First => fabric.forward(f.node, &f.message, &f.groups, false),
+            Route::Again => fabric.forward(f.node, &f.message, &f.groups, true),
+            Route::Held => fabric.hold(f.message, f.groups),
+        };
+        if let Some(rx) = rx {
             committed.rx.push(rx);
         }
-        if self.drained {
-            drained.notify_waiters();
-        }
-        for f in self.forwards {
-            let Some(fabric) = fabric else {
-                break;
-            };
-            let rx = match f.route {
-                Route::First => fabric.forward(f.node, &f.message, &f.groups, false),
-                Route::Again => fabric.forward(f.node, &f.message, &f.groups, true),
-                Route::Held => fabric.hold(f.message, f.groups),
-            };
-            if let Some(rx) = rx {
-                committed.rx.push(rx);
-            }
-        }
-        committed
     }
+    committed
 }
 
 /// Where the shell keeps each connection's mailbox, by the core's
@@ -428,5 +301,79 @@ impl ChangeLog for LocalLog {
             .count();
         self.appended.fetch_add(sessions as u64, Ordering::Relaxed);
         Committed::now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Core;
+    use crate::message::{Message, Sub};
+    use mqlb_protocol::{MqttStr, Packet, ProtocolVersion, QoS, SubscriptionOptions};
+    use std::time::{Duration, Instant};
+
+    /// One connection's mailbox.
+    struct One(u64, Arc<Outbox>);
+
+    impl Mailboxes for One {
+        fn resolve(&self, sends: Vec<(u64, Outgoing)>) -> Vec<(Arc<Outbox>, Outgoing)> {
+            sends
+                .into_iter()
+                .filter(|(c, _)| *c == self.0)
+                .map(|(_, o)| (self.1.clone(), o))
+                .collect()
+        }
+    }
+
+    /// A QoS 2 delivery whose record is not committed yet is held; handed
+    /// over outside any runtime (nothing could wait for the commit), it is
+    /// never sent unheld: its connection is closed instead.
+    #[test]
+    fn an_uncommitted_qos2_delivery_outside_a_runtime_closes_its_connection() {
+        let mut core = Core::new();
+        let mailbox = Arc::new(Outbox::default());
+        let (connected, _) = core.connect(
+            "sub",
+            false,
+            Some(Duration::from_secs(600)),
+            10,
+            mailbox.gauge(),
+        );
+        let sub = Sub {
+            options: SubscriptionOptions {
+                qos: QoS::ExactlyOnce,
+                ..Default::default()
+            },
+            id: None,
+        };
+        let _ = core.subscribe("sub", "q/#", sub);
+        let _ = mailbox.take();
+        let fx = core.route(Message {
+            topic: MqttStr::try_from("q/1").unwrap_or_default(),
+            payload: bytes::Bytes::from_static(b"once"),
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            properties: Arc::default(),
+            origin: None,
+            received: Instant::now(),
+        });
+        let (_never, pending) = tokio::sync::oneshot::channel::<()>();
+        let _ = finish(
+            fx,
+            None,
+            Committed::when(pending),
+            &tokio::sync::Notify::new(),
+            None,
+            &One(connected.conn, mailbox.clone()),
+        );
+        assert!(mailbox.is_closing(), "the connection should close");
+        let taken = mailbox.take();
+        let mut buf = bytes::BytesMut::from(&taken.bytes[..]);
+        while let Ok(Some(p)) = mqlb_protocol::decode(&mut buf, ProtocolVersion::V5, 1 << 20) {
+            assert!(
+                !matches!(p, Packet::Publish(_)),
+                "a QoS 2 PUBLISH went out before its record was committed"
+            );
+        }
     }
 }

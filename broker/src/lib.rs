@@ -1,25 +1,20 @@
 //! The bundled MQTT broker (one node; the cluster layer builds on it).
 //!
 //! # Layout
-//! * [`core`]: the state machine. Takes an input (a packet's meaning, a
-//!   timer, an import) and returns [`effects::Effects`] instead of doing I/O
-//!   under its lock (the quinn-proto shape).
-//! * [`session`]: one session as data, changed only by typed
-//!   [`session::SessionChange`] records, which the cluster replicates.
-//! * [`router`]: the subscription trie plus shared groups, keyed by
-//!   [`router::Subscriber`].
-//! * [`retained`]: retained messages in their own trie, versioned by a
-//!   hybrid logical clock ([`hlc`]) for last-writer-wins replication.
-//! * [`trie`]: the filter trie; every walk iterative.
-//! * [`effects`]: what the core returns, and the change-log seam.
-//! * [`fabric`]: what the core tells peer nodes (interest, retained
-//!   writes, forwarded publishes); [`cluster`] implements it.
-//! * [`outbox`]: the per-connection mailbox and encoder.
-//! * [`state`]: the lock around the core; applies effects after it.
+//! The core is its own crate, `mqlb-broker-core` (plain data in and out, no
+//! tokio); its modules are re-exported here under their names: [`core`],
+//! [`session`], [`router`], [`retained`], [`hlc`], [`trie`], [`message`],
+//! [`snapshot`], [`outbox`]. This crate is its shell:
+//! * [`state`]: the lock around the core, the time it is given, the ordered
+//!   change log, the connections' mailboxes; applies effects after the lock.
+//! * [`effects`]: carrying out what the core returns (commits, QoS 2 gates,
+//!   wake-ups, forwards) and the change-log seam.
 //! * [`node`]: one node: its state and, in a cluster, its membership.
+//! * [`fabric`]: forwarded publishes for peers; [`cluster`] implements it.
 //! * [`conn`]: one client connection, the network side only.
+//! * [`front`]: a listener's front (PROXY, TLS, WebSocket).
 //! * [`auth`]: Mosquitto-compatible password files and topic ACLs.
-//! * [`snapshot`]: session export/import for replication.
+//! * [`statestore`]: the state store served over MQTT.
 //! * [`sys`]: `$SYS` topics and Prometheus metrics.
 //! * [`server`]: the listener, housekeeping, graceful shutdown.
 //!
@@ -33,25 +28,18 @@
 
 #![forbid(unsafe_code)]
 
+pub use mqlb_broker_core::{core, hlc, message, outbox, retained, router, session, snapshot, trie};
+
 pub mod auth;
 pub mod cluster;
 pub mod conn;
-pub mod core;
 pub mod effects;
 pub mod fabric;
 pub mod front;
-pub mod hlc;
-pub mod message;
 pub mod node;
-pub mod outbox;
-pub mod retained;
-pub mod router;
 pub mod server;
-pub mod session;
-pub mod snapshot;
 pub mod state;
 pub mod statestore;
 pub mod sys;
-pub mod trie;
 
 pub use server::Broker;

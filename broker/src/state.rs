@@ -196,15 +196,17 @@ impl State {
     /// numbered under the lock (so they are logged in the order they were
     /// made) and handed to the log after it, then the rest is done.
     pub fn act(&self, f: impl FnOnce(&mut Core) -> Effects) -> Committed {
-        let (fx, ticket) = {
+        let (fx, stall, ticket) = {
             let mut core = self.core();
             let mut fx = f(&mut core);
-            self.hold_back(&mut fx);
+            let stall = self.hold_back(&fx);
             let ticket = self.sequence(fx.take_records());
-            (fx, ticket)
+            (fx, stall, ticket)
         };
         let committed = self.commit(ticket);
-        fx.finish(
+        crate::effects::finish(
+            fx,
+            stall,
             committed,
             &self.drained,
             self.fabric.get().map(|f| &**f),
@@ -214,17 +216,19 @@ impl State {
 
     /// [`State::act`] for calls that also answer something.
     pub fn ask<T>(&self, f: impl FnOnce(&mut Core) -> (T, Effects)) -> (T, Committed) {
-        let (t, fx, ticket) = {
+        let (t, fx, stall, ticket) = {
             let mut core = self.core();
             let (t, mut fx) = f(&mut core);
-            self.hold_back(&mut fx);
+            let stall = self.hold_back(&fx);
             let ticket = self.sequence(fx.take_records());
-            (t, fx, ticket)
+            (t, fx, stall, ticket)
         };
         let committed = self.commit(ticket);
         (
             t,
-            fx.finish(
+            crate::effects::finish(
+                fx,
+                stall,
                 committed,
                 &self.drained,
                 self.fabric.get().map(|f| &**f),
@@ -277,10 +281,9 @@ impl State {
     /// Flow control: when the core asks for its publisher to be held back,
     /// the wait is registered here, still under the core's lock, so a drain
     /// cannot come first and be missed.
-    fn hold_back(&self, fx: &mut Effects) {
-        if fx.wants_stall && fx.stall.is_none() {
-            fx.stall = Some(crate::effects::Stall::on(&self.drained));
-        }
+    fn hold_back(&self, fx: &Effects) -> Option<crate::effects::Stall> {
+        fx.wants_stall()
+            .then(|| crate::effects::Stall::on(&self.drained))
     }
 
     /// Numbers `records` as the log's next batch. Called with the core's

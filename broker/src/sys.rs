@@ -173,8 +173,11 @@ mod tests {
             );
             assert!(text.contains(&line), "missing {line} in\n{text}");
         }
-        let _ = publish(&mut core, Duration::from_secs(1))
-            .apply(&crate::effects::LocalLog::default(), &NoMailboxes);
+        let _ = crate::effects::apply(
+            publish(&mut core, Duration::from_secs(1)),
+            &crate::effects::LocalLog::default(),
+            &NoMailboxes,
+        );
         for reason in DropReason::ALL {
             let topic = format!("$SYS/broker/messages/dropped/{}", reason.label());
             assert!(core.retained(&topic).is_some(), "missing {topic}");

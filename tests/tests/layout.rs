@@ -206,3 +206,55 @@ fn the_balancer_and_the_broker_do_not_depend_on_each_other() {
         );
     }
 }
+
+/// The broker's core is plain data in and out: its crate builds without
+/// tokio (a dev-dependency for its tests aside), so it holds no runtime
+/// handle, spawns nothing and waits on nothing.
+#[test]
+fn the_broker_core_builds_without_tokio() {
+    let manifest = std::fs::read_to_string(root().join("broker-core").join("Cargo.toml")).unwrap();
+    let deps = manifest
+        .split("[dependencies]")
+        .nth(1)
+        .and_then(|rest| rest.split("\n[").next())
+        .expect("a [dependencies] table");
+    assert!(
+        !deps.lines().any(|l| l.trim_start().starts_with("tokio")),
+        "the core depends on tokio:\n{deps}"
+    );
+    for dir in ["src"] {
+        let mut files = Vec::new();
+        rust_files(&root().join("broker-core").join(dir), &mut files);
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            let code = text
+                .split("#[cfg(test)]\nmod tests")
+                .next()
+                .unwrap_or_default();
+            for banned in [
+                "tokio::",
+                "Instant::now",
+                "SystemTime::now",
+                "std::thread::spawn",
+            ] {
+                let uses = code
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with("//"))
+                    .filter(|l| l.contains(banned))
+                    .count();
+                // The one fallback: a core never told the time (a unit
+                // test driving it directly) reads the system's.
+                let allowed = match (f.file_name().and_then(|n| n.to_str()), banned) {
+                    (Some("core.rs"), "Instant::now") => 1,
+                    (Some("hlc.rs"), "SystemTime::now") => 1,
+                    _ => 0,
+                };
+                assert!(
+                    uses <= allowed,
+                    "{} uses {banned} {uses} times outside its tests",
+                    f.display()
+                );
+            }
+        }
+    }
+}

@@ -62,16 +62,19 @@ pub struct SessionSnapshot {
 /// Why a snapshot could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid session snapshot: {0}")]
-pub struct SnapshotError(pub(crate) &'static str);
+pub struct SnapshotError(pub &'static str);
 
-pub(crate) fn put_str(b: &mut BytesMut, s: Option<&str>) -> Result<(), SnapshotError> {
+/// Writes an optional string (length-prefixed; absent is a marker), as
+/// snapshots and the cluster's frames encode them.
+pub fn put_str(b: &mut BytesMut, s: Option<&str>) -> Result<(), SnapshotError> {
     let s = s.unwrap_or("");
     b.put_u16(u16::try_from(s.len()).map_err(|_| SnapshotError("string too long"))?);
     b.put_slice(s.as_bytes());
     Ok(())
 }
 
-pub(crate) fn get_str(b: &mut Bytes) -> Result<Option<String>, SnapshotError> {
+/// Reads what [`put_str`] wrote.
+pub fn get_str(b: &mut Bytes) -> Result<Option<String>, SnapshotError> {
     if b.remaining() < 2 {
         return Err(SnapshotError("truncated string"));
     }
@@ -98,7 +101,7 @@ fn get_count(b: &mut Bytes) -> Result<usize, SnapshotError> {
 
 /// Splits one packet off the front of `b` without copying: linear in the
 /// snapshot's size however many packets it holds.
-pub(crate) fn get_packet(b: &mut Bytes) -> Result<Packet, SnapshotError> {
+pub fn get_packet(b: &mut Bytes) -> Result<Packet, SnapshotError> {
     let header = mqlb_protocol::check(b, usize::MAX)
         .map_err(|_| SnapshotError("invalid packet"))?
         .ok_or(SnapshotError("truncated packet"))?;
@@ -231,7 +234,7 @@ impl SessionSnapshot {
 }
 
 /// A routed message as a PUBLISH for the snapshot, with its remaining expiry.
-pub(crate) fn message_to_publish(
+pub fn message_to_publish(
     m: &Message,
     qos: QoS,
     retain: bool,
@@ -260,7 +263,7 @@ pub(crate) fn message_to_publish(
 
 /// The routed message a snapshot PUBLISH stands for (received "now", with
 /// its remaining expiry).
-pub(crate) fn publish_to_message(p: &Publish, origin: Option<&str>, now: Instant) -> Message {
+pub fn publish_to_message(p: &Publish, origin: Option<&str>, now: Instant) -> Message {
     let mut properties = p.properties.clone();
     properties.subscription_identifiers.clear();
     Message {

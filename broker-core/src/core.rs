@@ -1769,7 +1769,6 @@ mod tests {
     const PINNED: u64 = 0x444e_b952_7f09_1921;
 
     use super::*;
-    use crate::effects::LocalLog;
     use crate::outbox::{Encoder, Outbox};
     use bytes::Bytes;
     use mqlb_protocol::{MqttStr, Packet, ProtocolVersion, SubscriptionOptions};
@@ -1809,21 +1808,6 @@ mod tests {
         NEXT.fetch_add(1 << 32, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// What a node's state does with the mailboxes, for tests.
-    struct TestMailboxes;
-
-    impl crate::effects::Mailboxes for TestMailboxes {
-        fn resolve(&self, sends: Vec<(u64, Outgoing)>) -> Vec<(Arc<Outbox>, Outgoing)> {
-            MAILBOXES.with(|m| {
-                let m = m.borrow();
-                sends
-                    .into_iter()
-                    .filter_map(|(c, o)| m.get(&c).map(|b| (b.clone(), o)))
-                    .collect()
-            })
-        }
-    }
-
     /// [`Core::connect`] with the mailbox `tx`, registered as a node's
     /// state would.
     fn attach(
@@ -1839,9 +1823,19 @@ mod tests {
         (connected, fx)
     }
 
-    /// Applies effects as a connection task would, after the call.
+    /// Applies effects as the node's state would, after the call: each
+    /// item into its connection's mailbox (a single node: nothing to wait
+    /// for, no peers).
     fn run(fx: Effects) {
-        let _ = fx.apply(&LocalLog::default(), &TestMailboxes);
+        let parts = fx.into_parts();
+        MAILBOXES.with(|m| {
+            let m = m.borrow();
+            for (c, o) in parts.sends {
+                if let Some(b) = m.get(&c) {
+                    b.push(o);
+                }
+            }
+        });
     }
 
     fn run2<T>((t, fx): (T, Effects)) -> T {
@@ -2778,34 +2772,6 @@ mod tests {
         assert_eq!(
             c.retained_version("r/1").map(|h| h.wall_ms),
             Some(1_000_000_000)
-        );
-    }
-
-    /// A QoS 2 delivery whose record is not committed yet is held; handed
-    /// over outside any runtime (nothing could wait for the commit), it is
-    /// never sent unheld: its connection is closed instead.
-    #[test]
-    fn an_uncommitted_qos2_delivery_outside_a_runtime_closes_its_connection() {
-        let v = ProtocolVersion::V5;
-        let mut c = Core::new();
-        let (tx, rx) = outbox();
-        connect(&mut c, "sub", false, Some(Duration::from_secs(600)), 10, tx);
-        run2(c.subscribe("sub", "q/#", sub(QoS::ExactlyOnce)));
-        let _ = drain(&rx, v);
-        let fx = c.route(msg("q/1", QoS::ExactlyOnce, false, "once"));
-        let (_never, pending) = tokio::sync::oneshot::channel::<()>();
-        let _ = fx.finish(
-            crate::effects::Committed::when(pending),
-            &tokio::sync::Notify::new(),
-            None,
-            &TestMailboxes,
-        );
-        assert!(rx.is_closing(), "the connection should close");
-        assert!(
-            !drain(&rx, v)
-                .iter()
-                .any(|p| matches!(p, Packet::Publish(_))),
-            "a QoS 2 PUBLISH went out before its record was committed"
         );
     }
 

@@ -73,7 +73,11 @@ pub struct Outbox {
     /// `Queued::bytes.len()`, readable without the lock (and by the core,
     /// through [`Backlog`]).
     backlog: Backlog,
-    notify: tokio::sync::Notify,
+    /// Set when something was pushed (or a gate let go) since the
+    /// connection task last looked; with the task's waker, the wake-up a
+    /// `Notify` permit would be, without a runtime.
+    woken: AtomicBool,
+    waker: futures_util::task::AtomicWaker,
 }
 
 #[derive(Debug)]
@@ -135,7 +139,8 @@ impl Outbox {
                 gates: VecDeque::new(),
             }),
             backlog: Backlog::default(),
-            notify: tokio::sync::Notify::new(),
+            woken: AtomicBool::new(false),
+            waker: futures_util::task::AtomicWaker::new(),
         }
     }
 
@@ -159,7 +164,7 @@ impl Outbox {
             }
             self.backlog.0.store(q.bytes.len(), Ordering::Relaxed);
         }
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// [`Outbox::push`], but `o` and whatever is pushed after it are held
@@ -182,7 +187,7 @@ impl Outbox {
             }
             self.backlog.0.store(q.bytes.len(), Ordering::Relaxed);
         }
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Drops everything from the first held item on (it was never
@@ -198,12 +203,13 @@ impl Outbox {
             q.close.get_or_insert(why);
             self.backlog.0.store(q.bytes.len(), Ordering::Relaxed);
         }
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Wakes the connection task after a gate was set.
     pub fn wake(&self) {
-        self.notify.notify_one();
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Asks the connection task to close; what was queued before is
@@ -255,8 +261,19 @@ impl Outbox {
     }
 
     /// Resolves when something was sent since the last wake-up.
-    pub async fn ready(&self) {
-        self.notify.notified().await
+    pub fn ready(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.woken.swap(false, Ordering::AcqRel) {
+                return std::task::Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // Woken between the check and the registration: seen now.
+            if self.woken.swap(false, Ordering::AcqRel) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
     }
 }
 

@@ -39,7 +39,7 @@ impl Default for Clock {
 
 /// The system's wall clock in Unix milliseconds (for a core that was never
 /// told the time, and for stamps made outside the core).
-pub(crate) fn wall_ms() -> u64 {
+pub fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -1,0 +1,168 @@
+//! What the core decides, as plain data: items for connections (by id),
+//! entries for the node's ordered change log, wake-ups, and publishes for
+//! peers. The shell (the broker's `state` and `effects`) carries them out
+//! after the core's lock is released.
+
+use std::sync::Arc;
+
+use crate::message::Message;
+use crate::outbox::Outgoing;
+use crate::router::NodeId;
+use crate::session::SessionChange;
+
+/// One change to one persistent session, in the order it was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRecord {
+    /// Client ID.
+    pub client: Arc<str>,
+    /// The session's epoch when the change was made: a replica refuses
+    /// changes from an older epoch than it has seen.
+    pub epoch: u64,
+    /// The change.
+    pub change: SessionChange,
+}
+
+/// One entry of a node's ordered change log: everything peers (and, later,
+/// the disk) must see in the order the core made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "session records are nearly every entry and were this size before; boxing them would cost an allocation per record"
+)]
+pub enum LogEntry {
+    /// A change to a persistent session, for its chain.
+    Session(ChangeRecord),
+    /// Local sessions gained (`true`) or lost their last subscription to
+    /// `filter` (shared ones by their whole `$share/{group}/{filter}`), for
+    /// every peer.
+    Interest {
+        /// The filter.
+        filter: String,
+        /// Gained or lost.
+        gained: bool,
+    },
+    /// A retained write (`None` deletes) at `version`, for every peer:
+    /// every node keeps every retained message, last writer wins.
+    Retained {
+        /// The topic.
+        topic: String,
+        /// The message, or a deletion.
+        message: Option<Message>,
+        /// Its hybrid-logical-clock version.
+        version: crate::hlc::Hlc,
+    },
+}
+
+/// Work the core has decided on, to be done outside its lock.
+#[derive(Debug, Default)]
+#[must_use = "effects do nothing until applied (outside the core's lock)"]
+pub struct Effects {
+    /// Items for connections, by the core's connection id.
+    pub(crate) sends: Vec<(u64, Outgoing)>,
+    pub(crate) records: Vec<LogEntry>,
+    /// A subscriber's queue drained, or it went: wake the publishers held
+    /// back.
+    pub(crate) drained: bool,
+    /// Most of the subscribers a publish went to are behind: its publisher
+    /// is to be held back (the shell makes the wait).
+    pub(crate) wants_stall: bool,
+    /// Publishes for peer nodes.
+    pub(crate) forwards: Vec<Forward>,
+}
+
+/// A publish for one peer node, with the shared groups it is to serve.
+#[derive(Debug)]
+pub struct Forward {
+    /// The peer.
+    pub node: NodeId,
+    /// The message.
+    pub message: Message,
+    /// Shared groups the peer serves it to one member of.
+    pub groups: Vec<Arc<str>>,
+    /// How it goes.
+    pub route: Route,
+}
+
+/// How a [`Forward`] reaches its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The first time: the peer delivers it to every matching session.
+    First,
+    /// Again, after a peer that was to have it died or refused it: the
+    /// peer delivers it only to sessions it has taken over since it first
+    /// had the message (it may have had it: forwarded to several peers, a
+    /// message is confirmed by each on its own).
+    Again,
+    /// `node` is gone: the message is held for whoever takes over its
+    /// sessions, then forwarded [`Route::Again`] to every interested peer.
+    Held,
+}
+
+impl Effects {
+    /// Nothing to do.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Queues `o` for connection `to`.
+    pub(crate) fn send(&mut self, to: u64, o: Outgoing) {
+        self.sends.push((to, o));
+    }
+
+    /// The session change records, in order.
+    pub fn records(&self) -> impl Iterator<Item = &ChangeRecord> {
+        self.records.iter().filter_map(|e| match e {
+            LogEntry::Session(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    /// Everything for the ordered log, in order.
+    pub fn log_entries(&self) -> &[LogEntry] {
+        &self.records
+    }
+
+    /// Whether the call asks for its publisher to be held back: most of
+    /// the subscribers it fed are behind (the shell registers the wait
+    /// before it releases the core's lock).
+    pub fn wants_stall(&self) -> bool {
+        self.wants_stall
+    }
+
+    /// Adds another call's effects after these.
+    pub fn extend(&mut self, other: Effects) {
+        self.sends.extend(other.sends);
+        self.records.extend(other.records);
+        self.drained |= other.drained;
+        self.wants_stall |= other.wants_stall;
+        self.forwards.extend(other.forwards);
+    }
+
+    /// Takes the log entries out, for the node's ordered log.
+    pub fn take_records(&mut self) -> Vec<LogEntry> {
+        std::mem::take(&mut self.records)
+    }
+
+    /// Everything else, for the shell to carry out.
+    pub fn into_parts(self) -> Parts {
+        Parts {
+            sends: self.sends,
+            records: self.records,
+            drained: self.drained,
+            forwards: self.forwards,
+        }
+    }
+}
+
+/// [`Effects`] taken apart by the shell that carries them out.
+#[derive(Debug)]
+pub struct Parts {
+    /// Items for connections, by the core's connection id, in order.
+    pub sends: Vec<(u64, Outgoing)>,
+    /// Log entries not taken yet.
+    pub records: Vec<LogEntry>,
+    /// A subscriber drained or went: wake held-back publishers.
+    pub drained: bool,
+    /// Publishes for peer nodes.
+    pub forwards: Vec<Forward>,
+}
