@@ -11,13 +11,13 @@
 //!   `State::core()`.
 //! * **Under it**: the core's own state change, and the numbering of its
 //!   change records as the next batch of the node's ordered log
-//!   ([`State::sequence`]: a counter and a queue push). The cluster's calls
+//!   (`State::sequence`: a counter and a queue push). The cluster's calls
 //!   the core makes through its fabric (interest and retained writes, which
 //!   encode a small frame into each peer link's buffer, and a link check)
 //!   still run under it. Cluster code that must act atomically with the
 //!   core (a link's snapshot, which also notes the last batch number it
 //!   covers; forgetting a dead peer's interest) holds it too.
-//! * **The ordered log**: after the lock, [`State::commit`] hands every
+//! * **The ordered log**: after the lock, `State::commit` hands every
 //!   batch numbered so far to the [`ChangeLog`] in order, one at a time
 //!   (under its own `appending` mutex; whoever comes first appends the
 //!   others' batches too), so every chain member gets one session's
