@@ -9,25 +9,26 @@
 //!   ([`State::act`], [`State::ask`], [`State::counts`],
 //!   [`State::export_session`], [`State::render_metrics`]); inside, through
 //!   `State::core()`.
-//! * **Under it**: the core's own state change, and the numbering of its
-//!   change records as the next batch of the node's ordered log
-//!   (`State::sequence`: a counter and a queue push). The cluster's calls
-//!   the core makes through its fabric (interest and retained writes, which
-//!   encode a small frame into each peer link's buffer, and a link check)
-//!   still run under it. Cluster code that must act atomically with the
-//!   core (a link's snapshot, which also notes the last batch number it
-//!   covers; forgetting a dead peer's interest) holds it too.
+//! * **Under it**: the core's own state change (the core makes no call
+//!   out: it returns effects as data); the time it is given; the numbering
+//!   of its log entries (session records, interest, retained writes) as
+//!   the next batch of the node's ordered log (`State::sequence`: a counter
+//!   and a queue push); a new connection's mailbox registration; a stall's
+//!   registration. Cluster code that must act atomically with the core
+//!   holds it too: a link's snapshot (which notes the last batch it
+//!   covers), a whole re-send of the interest (likewise), telling the core
+//!   which peers are reachable, forgetting a dead peer's interest.
 //! * **The ordered log**: after the lock, `State::commit` hands every
 //!   batch numbered so far to the [`ChangeLog`] in order, one at a time
 //!   (under its own `appending` mutex; whoever comes first appends the
-//!   others' batches too), so every chain member gets one session's
-//!   records in the order the core made them, and their encoding is done
-//!   outside the core's lock.
+//!   others' batches too), so every peer and chain member gets the entries
+//!   in the order the core made them, encoded outside the core's lock.
 //! * **After it**: mailbox pushes and encoding for clients, wake-ups,
 //!   forwarded publishes, and every wait for a commit. Nothing awaits while
 //!   holding it (it is a `std` mutex: an await under it would not compile
 //!   in a `Send` task).
-//! * **Order**: the core lock, then the sequencer's queue (a push); or,
+//! * **Order**: the core lock, then the sequencer's queue (a push) or the
+//!   mailbox map, or the cluster's mutexes (a step each); or,
 //!   without the core lock, `appending`, then the queue (a pop), then the
 //!   cluster's own mutexes (the link map, a link's buffer, the peer table,
 //!   replicas, the commit waits), each held for a step. No cluster mutex is
