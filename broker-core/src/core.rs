@@ -306,9 +306,12 @@ pub struct Core {
     /// the cluster last said ([`Core::set_reachable`]); `None` on a single
     /// node.
     peers: Option<Vec<NodeId>>,
-    /// The time and the wall clock's milliseconds since the Unix epoch,
-    /// as the shell last gave them ([`Core::advance`]).
-    now: Option<(Instant, u64)>,
+    /// The time, as the shell last gave it ([`Core::advance`]).
+    now: Option<Instant>,
+    /// The wall clock (Unix milliseconds) at an instant, as the shell last
+    /// gave it ([`Core::calibrate_wall`]): the wall clock of a later call
+    /// is counted on from there.
+    wall: Option<(Instant, u64)>,
 }
 
 impl Core {
@@ -317,23 +320,46 @@ impl Core {
     /// no clock of its own once it has been given one (a core never told
     /// the time, such as one a unit test drives directly, reads the
     /// system's).
-    /// `wall` stamps retained writes (hybrid logical clock) and bounds
-    /// peers' stamps.
-    pub fn advance(&mut self, now: Instant, wall: std::time::SystemTime) {
-        let wall_ms = wall
+    pub fn advance(&mut self, now: Instant) {
+        self.now = Some(now);
+    }
+
+    /// Sets the time and what the wall clock reads at it: retained writes
+    /// are stamped (hybrid logical clock) and peers' stamps bounded by the
+    /// wall clock counted on from here. The shell calibrates every second
+    /// or so, so a stepped wall clock is followed within that.
+    pub fn calibrate_wall(&mut self, now: Instant, wall: std::time::SystemTime) {
+        let ms = wall
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        self.now = Some((now, wall_ms));
+        self.now = Some(now);
+        self.wall = Some((now, ms));
+    }
+
+    /// How long ago (as of `now`) the wall clock was last calibrated;
+    /// `None`: never.
+    pub fn wall_age(&self, now: Instant) -> Option<Duration> {
+        self.wall.map(|(at, _)| now.saturating_duration_since(at))
     }
 
     /// The time of the current call.
     fn now(&self) -> Instant {
-        self.now.map_or_else(Instant::now, |(now, _)| now)
+        self.now.unwrap_or_else(Instant::now)
     }
 
     /// The wall clock of the current call, in Unix milliseconds.
     fn wall_ms(&self) -> u64 {
-        self.now.map_or_else(crate::hlc::wall_ms, |(_, wall)| wall)
+        match self.wall {
+            Some((at, ms)) => {
+                let now = self.now();
+                let ahead = u64::try_from(now.saturating_duration_since(at).as_millis())
+                    .unwrap_or(u64::MAX);
+                let behind = u64::try_from(at.saturating_duration_since(now).as_millis())
+                    .unwrap_or(u64::MAX);
+                ms.saturating_add(ahead).saturating_sub(behind)
+            }
+            None => crate::hlc::wall_ms(),
+        }
     }
 
     /// An empty broker with default limits.
@@ -2746,7 +2772,7 @@ mod tests {
         let mut c = Core::new();
         let t0 = Instant::now() + Duration::from_secs(3600);
         let epoch = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        c.advance(t0, epoch);
+        c.calibrate_wall(t0, epoch);
         let (tx, rx) = outbox();
         connect(&mut c, "watch", true, GONE, 10, tx);
         run2(c.subscribe("watch", "will/#", sub(QoS::AtMostOnce)));

@@ -116,16 +116,14 @@ pub fn finish(
     // made only when something is held.
     let mut gate: Option<Arc<AtomicBool>> = None;
     let mut held: Vec<Arc<Outbox>> = Vec::new();
-    for (to, o) in mailboxes.resolve(fx.sends) {
-        match o {
-            Outgoing::Publish(ref p) if hold && p.qos == mqlb_protocol::QoS::ExactlyOnce => {
-                let g = gate.get_or_insert_with(|| Arc::new(AtomicBool::new(false)));
-                to.push_held(o, g.clone());
-                held.push(to);
-            }
-            o => to.push(o),
+    mailboxes.each(fx.sends, &mut |to, o| match o {
+        Outgoing::Publish(ref p) if hold && p.qos == mqlb_protocol::QoS::ExactlyOnce => {
+            let g = gate.get_or_insert_with(|| Arc::new(AtomicBool::new(false)));
+            to.push_held(o, g.clone());
+            held.push(to.clone());
         }
-    }
+        o => to.push(o),
+    });
     // The wait for the commit runs on the runtime this is called from.
     // There is none only when a caller outside one hands the core a log
     // that does not commit at once: the held deliveries then cannot be
@@ -196,9 +194,10 @@ pub fn finish(
 /// Where the shell keeps each connection's mailbox, by the core's
 /// connection id.
 pub trait Mailboxes {
-    /// The mailboxes of `sends`' connections, in order; items for
+    /// Calls `f` with each of `sends`' items and its connection's mailbox,
+    /// in order (no allocation: this runs for every publish); items for
     /// connections that are gone are dropped.
-    fn resolve(&self, sends: Vec<(u64, Outgoing)>) -> Vec<(Arc<Outbox>, Outgoing)>;
+    fn each(&self, sends: Vec<(u64, Outgoing)>, f: &mut dyn FnMut(&Arc<Outbox>, Outgoing));
 }
 
 /// Resolves once some change records are committed; a publisher's
@@ -316,12 +315,12 @@ mod tests {
     struct One(u64, Arc<Outbox>);
 
     impl Mailboxes for One {
-        fn resolve(&self, sends: Vec<(u64, Outgoing)>) -> Vec<(Arc<Outbox>, Outgoing)> {
-            sends
-                .into_iter()
-                .filter(|(c, _)| *c == self.0)
-                .map(|(_, o)| (self.1.clone(), o))
-                .collect()
+        fn each(&self, sends: Vec<(u64, Outgoing)>, f: &mut dyn FnMut(&Arc<Outbox>, Outgoing)) {
+            for (c, o) in sends {
+                if c == self.0 {
+                    f(&self.1, o);
+                }
+            }
         }
     }
 

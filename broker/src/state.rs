@@ -81,7 +81,7 @@ pub struct State {
     fabric: std::sync::OnceLock<Arc<dyn crate::fabric::Fabric>>,
     /// Each attached connection's mailbox, by the core's connection id:
     /// the core names connections, the shell holds their mailboxes.
-    mailboxes: Mutex<HashMap<u64, Arc<Outbox>>>,
+    mailboxes: Mutex<HashMap<u64, Arc<Outbox>, foldhash::fast::RandomState>>,
     /// What the listeners refused before a CONNECT, and certificate reloads.
     pub fronts: crate::front::FrontStats,
     /// The state store (a single node's; see the module).
@@ -164,7 +164,14 @@ impl State {
     /// time and reads none itself.
     pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
         let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
-        core.advance(std::time::Instant::now(), std::time::SystemTime::now());
+        let now = std::time::Instant::now();
+        core.advance(now);
+        if core
+            .wall_age(now)
+            .is_none_or(|age| age >= std::time::Duration::from_secs(1))
+        {
+            core.calibrate_wall(now, std::time::SystemTime::now());
+        }
         core
     }
 
@@ -339,15 +346,18 @@ impl State {
 }
 
 impl crate::effects::Mailboxes for State {
-    fn resolve(&self, sends: Vec<(u64, Outgoing)>) -> Vec<(Arc<Outbox>, Outgoing)> {
+    fn each(&self, sends: Vec<(u64, Outgoing)>, f: &mut dyn FnMut(&Arc<Outbox>, Outgoing)) {
         if sends.is_empty() {
-            return Vec::new();
+            return;
         }
-        let boxes = lock(&self.mailboxes);
-        sends
-            .into_iter()
-            .filter_map(|(c, o)| boxes.get(&c).map(|b| (b.clone(), o)))
-            .collect()
+        // One short lock per item (the map is shared by every publisher;
+        // the encode into the mailbox happens outside it), and no list.
+        for (c, o) in sends {
+            let mailbox = lock(&self.mailboxes).get(&c).cloned();
+            if let Some(b) = mailbox {
+                f(&b, o);
+            }
+        }
     }
 }
 
