@@ -143,6 +143,12 @@ impl Effects {
         std::mem::take(&mut self.records)
     }
 
+    /// Takes the items for connections out (the shell looks their
+    /// mailboxes up while it still holds the core's lock).
+    pub fn take_sends(&mut self) -> Vec<(u64, Outgoing)> {
+        std::mem::take(&mut self.sends)
+    }
+
     /// Everything else, for the shell to carry out.
     pub fn into_parts(self) -> Parts {
         Parts {

@@ -79,7 +79,8 @@ impl Stall {
 /// committed.
 pub fn apply(mut fx: Effects, log: &dyn ChangeLog, mailboxes: &dyn Mailboxes) -> Committed {
     let committed = append_to(&mut fx, log);
-    finish(fx, None, committed, &Arc::default(), None, mailboxes)
+    let sends = mailboxes.resolve(fx.take_sends());
+    finish(fx, sends, None, committed, &Arc::default(), None)
 }
 
 /// The first half of [`apply`]: hands the records to `log` (as batch 0:
@@ -93,17 +94,18 @@ pub fn append_to(fx: &mut Effects, log: &dyn ChangeLog) -> Committed {
     }
 }
 
-/// The second half of [`apply`], after the lock: the items for the
-/// mailboxes (encoding happens here), wake-ups of the publishers waiting on
-/// `drained`, and forwards to `fabric` (the node's peers, in a cluster).
-/// `stall` is the publisher's, if the call asked for one.
+/// The second half of [`apply`], after the lock: `sends`, the items with
+/// their mailboxes (looked up under the lock; encoding happens here),
+/// wake-ups of the publishers waiting on `drained`, and forwards to
+/// `fabric` (the node's peers, in a cluster). `stall` is the publisher's,
+/// if the call asked for one.
 pub fn finish(
     fx: Effects,
+    sends: Vec<(Arc<Outbox>, Outgoing)>,
     stall: Option<Stall>,
     mut committed: Committed,
     drained: &tokio::sync::Notify,
     fabric: Option<&dyn Fabric>,
-    mailboxes: &dyn Mailboxes,
 ) -> Committed {
     let fx = fx.into_parts();
     committed.stall = stall;
@@ -116,14 +118,16 @@ pub fn finish(
     // made only when something is held.
     let mut gate: Option<Arc<AtomicBool>> = None;
     let mut held: Vec<Arc<Outbox>> = Vec::new();
-    mailboxes.each(fx.sends, &mut |to, o| match o {
-        Outgoing::Publish(ref p) if hold && p.qos == mqlb_protocol::QoS::ExactlyOnce => {
-            let g = gate.get_or_insert_with(|| Arc::new(AtomicBool::new(false)));
-            to.push_held(o, g.clone());
-            held.push(to.clone());
+    for (to, o) in sends {
+        match o {
+            Outgoing::Publish(ref p) if hold && p.qos == mqlb_protocol::QoS::ExactlyOnce => {
+                let g = gate.get_or_insert_with(|| Arc::new(AtomicBool::new(false)));
+                to.push_held(o, g.clone());
+                held.push(to);
+            }
+            o => to.push(o),
         }
-        o => to.push(o),
-    });
+    }
     // The wait for the commit runs on the runtime this is called from.
     // There is none only when a caller outside one hands the core a log
     // that does not commit at once: the held deliveries then cannot be
@@ -194,10 +198,9 @@ pub fn finish(
 /// Where the shell keeps each connection's mailbox, by the core's
 /// connection id.
 pub trait Mailboxes {
-    /// Calls `f` with each of `sends`' items and its connection's mailbox,
-    /// in order (no allocation: this runs for every publish); items for
+    /// The mailboxes of `sends`' connections, in order; items for
     /// connections that are gone are dropped.
-    fn each(&self, sends: Vec<(u64, Outgoing)>, f: &mut dyn FnMut(&Arc<Outbox>, Outgoing));
+    fn resolve(&self, sends: Vec<(u64, Outgoing)>) -> Vec<(Arc<Outbox>, Outgoing)>;
 }
 
 /// Resolves once some change records are committed; a publisher's
@@ -315,12 +318,12 @@ mod tests {
     struct One(u64, Arc<Outbox>);
 
     impl Mailboxes for One {
-        fn each(&self, sends: Vec<(u64, Outgoing)>, f: &mut dyn FnMut(&Arc<Outbox>, Outgoing)) {
-            for (c, o) in sends {
-                if c == self.0 {
-                    f(&self.1, o);
-                }
-            }
+        fn resolve(&self, sends: Vec<(u64, Outgoing)>) -> Vec<(Arc<Outbox>, Outgoing)> {
+            sends
+                .into_iter()
+                .filter(|(c, _)| *c == self.0)
+                .map(|(_, o)| (self.1.clone(), o))
+                .collect()
         }
     }
 
@@ -357,13 +360,15 @@ mod tests {
             received: Instant::now(),
         });
         let (_never, pending) = tokio::sync::oneshot::channel::<()>();
+        let mut fx = fx;
+        let sends = One(connected.conn, mailbox.clone()).resolve(fx.take_sends());
         let _ = finish(
             fx,
+            sends,
             None,
             Committed::when(pending),
             &tokio::sync::Notify::new(),
             None,
-            &One(connected.conn, mailbox.clone()),
         );
         assert!(mailbox.is_closing(), "the connection should close");
         let taken = mailbox.take();

@@ -65,7 +65,7 @@ pub struct Counts {
 /// One broker node's shared state.
 #[derive(Debug)]
 pub struct State {
-    core: Mutex<Core>,
+    core: Mutex<Locked>,
     /// Credentials and topic rules.
     pub auth: Arc<Auth>,
     /// Where persistent-session changes go, in order (see [`State::commit`]).
@@ -79,9 +79,6 @@ pub struct State {
     drained: Arc<tokio::sync::Notify>,
     /// The node's peers, in a cluster: where forwards go.
     fabric: std::sync::OnceLock<Arc<dyn crate::fabric::Fabric>>,
-    /// Each attached connection's mailbox, by the core's connection id:
-    /// the core names connections, the shell holds their mailboxes.
-    mailboxes: Mutex<HashMap<u64, Arc<Outbox>, foldhash::fast::RandomState>>,
     /// What the listeners refused before a CONNECT, and certificate reloads.
     pub fronts: crate::front::FrontStats,
     /// The state store (a single node's; see the module).
@@ -112,14 +109,16 @@ impl State {
         statestore: crate::statestore::StateStore,
     ) -> Arc<State> {
         Arc::new(State {
-            core: Mutex::new(core),
+            core: Mutex::new(Locked {
+                core,
+                mailboxes: HashMap::default(),
+            }),
             auth: Arc::new(auth),
             log,
             sequencer: Mutex::default(),
             appending: Mutex::new(()),
             drained: Arc::default(),
             fabric: std::sync::OnceLock::new(),
-            mailboxes: Mutex::default(),
             fronts: crate::front::FrontStats::default(),
             statestore,
             not_committed: Default::default(),
@@ -162,8 +161,8 @@ impl State {
     /// lock for one step each.
     /// The shell's clock is read here, once per lock: the core is told the
     /// time and reads none itself.
-    pub(crate) fn core(&self) -> MutexGuard<'_, Core> {
-        let mut core = self.core.lock().unwrap_or_else(|p| p.into_inner());
+    pub(crate) fn core(&self) -> CoreGuard<'_> {
+        let mut core = CoreGuard(self.core.lock().unwrap_or_else(|p| p.into_inner()));
         let now = std::time::Instant::now();
         core.advance(now);
         if core
@@ -204,43 +203,36 @@ impl State {
     /// numbered under the lock (so they are logged in the order they were
     /// made) and handed to the log after it, then the rest is done.
     pub fn act(&self, f: impl FnOnce(&mut Core) -> Effects) -> Committed {
-        let (fx, stall, ticket) = {
-            let mut core = self.core();
-            let mut fx = f(&mut core);
-            let stall = self.hold_back(&fx);
-            let ticket = self.sequence(fx.take_records());
-            (fx, stall, ticket)
-        };
-        let committed = self.commit(ticket);
-        crate::effects::finish(
-            fx,
-            stall,
-            committed,
-            &self.drained,
-            self.fabric.get().map(|f| &**f),
-            self,
-        )
+        self.locked(|guard| ((), f(guard))).1
     }
 
     /// [`State::act`] for calls that also answer something.
     pub fn ask<T>(&self, f: impl FnOnce(&mut Core) -> (T, Effects)) -> (T, Committed) {
-        let (t, fx, stall, ticket) = {
-            let mut core = self.core();
-            let (t, mut fx) = f(&mut core);
+        self.locked(|guard| f(guard))
+    }
+
+    /// One step under the core's lock: the call, then (still under it) the
+    /// stall's registration, the mailboxes of its items looked up, and its
+    /// log entries numbered; after it, the log and the rest of the effects.
+    fn locked<T>(&self, f: impl FnOnce(&mut CoreGuard<'_>) -> (T, Effects)) -> (T, Committed) {
+        let (t, fx, sends, stall, ticket) = {
+            let mut guard = self.core();
+            let (t, mut fx) = f(&mut guard);
             let stall = self.hold_back(&fx);
+            let sends = guard.resolve(fx.take_sends());
             let ticket = self.sequence(fx.take_records());
-            (t, fx, stall, ticket)
+            (t, fx, sends, stall, ticket)
         };
         let committed = self.commit(ticket);
         (
             t,
             crate::effects::finish(
                 fx,
+                sends,
                 stall,
                 committed,
                 &self.drained,
                 self.fabric.get().map(|f| &**f),
-                self,
             ),
         )
     }
@@ -256,32 +248,32 @@ impl State {
         receive_maximum: u16,
         outbox: Arc<Outbox>,
     ) -> (crate::core::Connected, Committed) {
-        self.ask(|core| {
-            let (connected, fx) = core.connect(
+        self.locked(|guard| {
+            let (connected, fx) = guard.connect(
                 client_id,
                 clean_start,
                 expiry,
                 receive_maximum,
                 outbox.gauge(),
             );
-            lock(&self.mailboxes).insert(connected.conn, outbox);
+            guard.0.mailboxes.insert(connected.conn, outbox);
             (connected, fx)
         })
     }
 
     /// Forgets connection `conn`'s mailbox, once its task is done with it.
     pub fn forget_mailbox(&self, conn: u64) {
-        lock(&self.mailboxes).remove(&conn);
+        self.core().0.mailboxes.remove(&conn);
     }
 
     /// The mailboxes of the connected clients not yet asked to close, for
     /// a graceful shutdown.
     pub fn open_connections(&self) -> Vec<Arc<Outbox>> {
-        let attached = self.core().attached_connections();
-        let boxes = lock(&self.mailboxes);
-        attached
+        let guard = self.core();
+        guard
+            .attached_connections()
             .into_iter()
-            .filter_map(|c| boxes.get(&c).cloned())
+            .filter_map(|c| guard.0.mailboxes.get(&c).cloned())
             .filter(|o| !o.is_closing())
             .collect()
     }
@@ -345,19 +337,41 @@ impl State {
     }
 }
 
-impl crate::effects::Mailboxes for State {
-    fn each(&self, sends: Vec<(u64, Outgoing)>, f: &mut dyn FnMut(&Arc<Outbox>, Outgoing)) {
-        if sends.is_empty() {
-            return;
-        }
-        // One short lock per item (the map is shared by every publisher;
-        // the encode into the mailbox happens outside it), and no list.
-        for (c, o) in sends {
-            let mailbox = lock(&self.mailboxes).get(&c).cloned();
-            if let Some(b) = mailbox {
-                f(&b, o);
-            }
-        }
+/// What the core's mutex guards: the core, and each attached connection's
+/// mailbox by the core's connection id (the core names connections, the
+/// shell holds their mailboxes; one lock covers both, so looking a
+/// publish's mailboxes up costs no second lock).
+#[derive(Debug)]
+struct Locked {
+    core: Core,
+    mailboxes: HashMap<u64, Arc<Outbox>, foldhash::fast::RandomState>,
+}
+
+/// The core's lock, held: derefs to the core.
+pub(crate) struct CoreGuard<'a>(MutexGuard<'a, Locked>);
+
+impl CoreGuard<'_> {
+    /// The mailboxes of `sends`' connections, in order (items for
+    /// connections that are gone are dropped); reuses the list's memory.
+    fn resolve(&self, sends: Vec<(u64, Outgoing)>) -> Vec<(Arc<Outbox>, Outgoing)> {
+        sends
+            .into_iter()
+            .filter_map(|(c, o)| self.0.mailboxes.get(&c).map(|b| (b.clone(), o)))
+            .collect()
+    }
+}
+
+impl std::ops::Deref for CoreGuard<'_> {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.0.core
+    }
+}
+
+impl std::ops::DerefMut for CoreGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Core {
+        &mut self.0.core
     }
 }
 

@@ -153,11 +153,11 @@ mod tests {
     struct NoMailboxes;
 
     impl crate::effects::Mailboxes for NoMailboxes {
-        fn each(
+        fn resolve(
             &self,
             _: Vec<(u64, crate::outbox::Outgoing)>,
-            _: &mut dyn FnMut(&Arc<crate::outbox::Outbox>, crate::outbox::Outgoing),
-        ) {
+        ) -> Vec<(Arc<crate::outbox::Outbox>, crate::outbox::Outgoing)> {
+            Vec::new()
         }
     }
 
