@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use mqlb_protocol::{Properties, ProtocolVersion, QoS};
 use mqlb_tests::client::{connect_packet, qos, Client};
-use mqlb_tests::{mqlb_bin, try_http, wait_listening, KillOnDrop};
+use mqlb_tests::{mqlb_bin, try_http, wait_listening, wait_until, KillOnDrop};
 
 /// A base port with `n` free ports after it.
 fn free_run(n: u16) -> u16 {
@@ -51,6 +51,23 @@ async fn the_demo_serves_through_a_three_node_cluster_and_stops_cleanly() {
             .spawn()
             .unwrap(),
     );
+    // Standard output, read as it comes: the banner is printed once the
+    // balancer is ready, which may be after the traffic below has passed.
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    {
+        let mut stdout = demo.0.stdout.take().unwrap();
+        let printed = printed.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                printed
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
     let mqtt = format!("127.0.0.1:{port}");
     assert!(
         wait_listening(&mqtt, Duration::from_secs(15)),
@@ -119,6 +136,12 @@ async fn the_demo_serves_through_a_three_node_cluster_and_stops_cleanly() {
             "after {published} publishes got {got:?}"
         );
     }
+    // The banner told the user what to run (once the balancer is ready).
+    let banner = wait_until(Duration::from_secs(20), || {
+        printed.lock().unwrap().contains("mosquitto_sub -p")
+    })
+    .await;
+    assert!(banner.is_some(), "no banner: {}", printed.lock().unwrap());
     // Ctrl-C (SIGINT) stops the demo and its nodes, all at once.
     let asked = std::time::Instant::now();
     Command::new("kill")
@@ -142,15 +165,12 @@ async fn the_demo_serves_through_a_three_node_cluster_and_stops_cleanly() {
             "node n{i} still running after the demo stopped"
         );
     }
-    // The banner told the user what to run.
-    let mut out = String::new();
-    use std::io::Read;
-    demo.0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    // Everything it printed, the nodes' stop lines included.
+    let _ = wait_until(Duration::from_secs(5), || {
+        printed.lock().unwrap().matches(" stopped").count() >= 3
+    })
+    .await;
+    let out = printed.lock().unwrap().clone();
     assert!(out.contains("mosquitto_sub -p"), "{out}");
     assert!(out.contains("kill -9"), "{out}");
     // A quiet start: no election steps, no backend found up (expected) or
