@@ -146,6 +146,23 @@ const links = (ls) => (ls || []).map((l) =>
   `<span class="${l.state === "up" ? "up" : "down"}" data-peer="${esc(l.peer)}" data-link="${esc(l.state)}">${esc(l.peer)}: ${esc(l.state)}</span>`
 ).join("<br>") || "&ndash;";
 const perSec = (v) => v == null ? "&ndash;" : si(v) + "/s";
+
+// One row of a cluster table, from a node's own answer (with its rates),
+// on the balancer's page and on the node's.
+function nodeRow(name, c, leftOut) {
+  const t = c.traffic || {};
+  return `<tr data-node="${esc(name)}" data-ready="${c.ready}" data-view="${c.view}" data-term="${c.term}"
+      data-sessions="${t.sessions}" data-clients="${t.clients}">
+    <td>${esc(name)}</td>
+    <td class="${c.ready ? "up" : "down"}">${c.ready ? "ready" : "not ready"}</td>
+    <td class="num">${c.view}</td><td class="num">${c.term ?? "&ndash;"}</td><td>${esc(c.leader ?? "none")}</td>
+    <td>${esc(c.members.join(", "))}${leftOut ? ` <span class="down">(left out of the view)</span>` : ""}</td>
+    <td>${links(c.links)}</td>
+    <td class="num">${t.clients ?? "&ndash;"}</td><td class="num">${t.sessions ?? "&ndash;"}</td>
+    <td class="num">${t.subscriptions ?? "&ndash;"}</td><td class="num">${t.retained ?? "&ndash;"}</td>
+    <td class="num">${perSec(t.messages_in_per_s)}</td><td class="num">${perSec(t.messages_out_per_s)}</td>
+    <td class="num ${t.dropped ? "warn" : ""}">${t.dropped ?? "&ndash;"}${t.dropped_per_s ? ` (${perSec(t.dropped_per_s)})` : ""}</td></tr>`;
+}
 </script>
 "###
     };
@@ -269,22 +286,6 @@ function renderBackends(list) {
   }
 }
 
-// One row of the cluster table, from a node's own /cluster answer (as the
-// balancer relays it, with rates).
-function nodeRow(name, c, leftOut) {
-  const t = c.traffic || {};
-  return `<tr data-node="${esc(name)}" data-ready="${c.ready}" data-view="${c.view}" data-term="${c.term}"
-      data-sessions="${t.sessions}" data-clients="${t.clients}">
-    <td>${esc(name)}</td>
-    <td class="${c.ready ? "up" : "down"}">${c.ready ? "ready" : "not ready"}</td>
-    <td class="num">${c.view}</td><td class="num">${c.term ?? "&ndash;"}</td><td>${esc(c.leader ?? "none")}</td>
-    <td>${esc(c.members.join(", "))}${leftOut ? ` <span class="down">(left out of the view)</span>` : ""}</td>
-    <td>${links(c.links)}</td>
-    <td class="num">${t.clients ?? "&ndash;"}</td><td class="num">${t.sessions ?? "&ndash;"}</td>
-    <td class="num">${t.subscriptions ?? "&ndash;"}</td><td class="num">${t.retained ?? "&ndash;"}</td>
-    <td class="num">${perSec(t.messages_in_per_s)}</td><td class="num">${perSec(t.messages_out_per_s)}</td>
-    <td class="num ${t.dropped ? "warn" : ""}">${t.dropped ?? "&ndash;"}${t.dropped_per_s ? ` (${perSec(t.dropped_per_s)})` : ""}</td></tr>`;
-}
 
 // The bundled cluster, as its nodes answer on their /cluster (backends
 // with cluster_admin): the leader most of them name, the newest view and
@@ -409,19 +410,6 @@ pub const NODE_PAGE: &str = concat!(
 const samples = [];
 let last = null;
 
-function nodeRow(c) {
-  const t = c.traffic || {};
-  return `<tr data-node="${esc(c.node)}" data-ready="${c.ready}" data-view="${c.view}" data-term="${c.term}"
-      data-sessions="${t.sessions}" data-clients="${t.clients}">
-    <td>${esc(c.node)}</td>
-    <td class="${c.ready ? "up" : "down"}">${c.ready ? "ready" : "not ready"}</td>
-    <td class="num">${c.view}</td><td class="num">${c.term}</td><td>${esc(c.leader ?? "none")}</td>
-    <td>${esc(c.members.join(", "))}</td><td>${links(c.links)}</td>
-    <td class="num">${t.clients}</td><td class="num">${t.sessions}</td>
-    <td class="num">${t.subscriptions}</td><td class="num">${t.retained}</td>
-    <td class="num">${perSec(t.messages_in_per_s)}</td><td class="num">${perSec(t.messages_out_per_s)}</td>
-    <td class="num ${t.dropped ? "warn" : ""}">${t.dropped}</td></tr>`;
-}
 
 async function refresh() {
   try {
@@ -431,6 +419,7 @@ async function refresh() {
       const dt = (now - last[0]) / 1000;
       t.messages_in_per_s = Math.max(0, t.messages_in - last[1]) / dt;
       t.messages_out_per_s = Math.max(0, t.messages_out - last[2]) / dt;
+      t.dropped_per_s = Math.max(0, t.dropped - last[3]) / dt;
     }
     last = [now, t.messages_in, t.messages_out, t.dropped];
     samples.push(last);
@@ -443,7 +432,7 @@ async function refresh() {
     s.innerHTML = `leader <b>${esc(c.leader ?? "none")}</b> &middot; view <b>${c.view}</b> &middot;
       term <b>${c.term}</b> &middot; <b class="${c.ready ? "up" : "down"}">${c.ready ? "ready" : "not ready"}</b>
       &middot; ${(c.links || []).filter((l) => l.state === "up").length} of ${(c.links || []).length} peer links up`;
-    $("cluster").innerHTML = nodeRow(c);
+    $("cluster").innerHTML = nodeRow(c.node, c, false);
     $("membership").textContent = (c.membership || []).join(", ") || "not a cluster member";
     const pts = (i) => rates(samples.map((x) => [x[0], x[i]]));
     $("charts").innerHTML = [
