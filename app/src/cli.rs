@@ -68,6 +68,21 @@ enum Command {
         /// `[broker] admin_token_file`).
         #[arg(long)]
         admin_token_file: Option<PathBuf>,
+        /// Keep sessions, queued messages, retained messages and state
+        /// store keys here, across restarts and power losses (overrides
+        /// `[broker] data_dir`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// When a QoS 1/2 publish is acknowledged: "disk" (once everything
+        /// that keeps it is fsynced; the default with a data directory) or
+        /// "memory" (overrides `[broker] durability`).
+        #[arg(long, value_parser = ["memory", "disk"])]
+        durability: Option<String>,
+        /// Start on a data directory with a corrupt record: truncate the
+        /// log there, move what follows aside to a .corrupt file, and log
+        /// what was dropped.
+        #[arg(long)]
+        repair: bool,
         #[command(flatten)]
         cluster: ClusterArgs,
         /// Exit when the process with this PID (the parent that started
@@ -230,9 +245,8 @@ struct ClusterArgs {
     /// `POST /cluster/members/NAME@HOST:PORT` on one of them adds this node.
     #[arg(long, requires = "node_id")]
     join: bool,
-    /// Directory where the node keeps its Raft state (term, vote, log,
-    /// view) across restarts; without it a restarted node is caught up
-    /// from scratch.
+    /// Deprecated: the old name of --data-dir (the node's Raft state is
+    /// kept in its data directory).
     #[arg(long, requires = "node_id")]
     state_dir: Option<PathBuf>,
 }
@@ -521,6 +535,9 @@ pub fn main() -> ExitCode {
             config,
             admin,
             admin_token_file,
+            data_dir,
+            durability,
+            repair,
             cluster,
             exit_with_parent,
         } => {
@@ -549,7 +566,17 @@ pub fn main() -> ExitCode {
             if admin_token_file.is_some() {
                 cfg.admin_access.token_file = admin_token_file;
             }
-            if let Err(e) = cluster.apply(&mut cfg) {
+            if data_dir.is_some() {
+                cfg.data_dir = data_dir;
+            }
+            if let Some(d) = durability {
+                cfg.durability = mqlb_config::broker::Durability::parse(&d);
+            }
+            cfg.repair = repair;
+            if let Err(e) = cluster
+                .apply(&mut cfg)
+                .and_then(|()| cfg.storage().map(drop))
+            {
                 eprintln!("{e}");
                 return ExitCode::from(EXIT_USAGE);
             }
@@ -611,8 +638,13 @@ pub fn main() -> ExitCode {
                         },
                     ));
                 }
-                broker.serve(shutdown).await;
-                ExitCode::SUCCESS
+                match broker.serve(shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("broker: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
             })
         }
         Command::Check(args) => {

@@ -306,6 +306,8 @@ pub struct Core {
     /// the cluster last said ([`Core::set_reachable`]); `None` on a single
     /// node.
     peers: Option<Vec<NodeId>>,
+    /// Retained writes are logged for the disk ([`Core::log_retained_writes`]).
+    durable: bool,
     /// The time, as the shell last gave it ([`Core::advance`]).
     now: Option<Instant>,
     /// The wall clock (Unix milliseconds) at an instant, as the shell last
@@ -409,6 +411,27 @@ impl Core {
     /// Whether this node is in a cluster.
     fn clustered(&self) -> bool {
         self.peers.is_some()
+    }
+
+    /// Whether retained writes become log entries: for peers in a
+    /// cluster, for the disk on a durable node.
+    fn logs_retained(&self) -> bool {
+        self.clustered() || self.durable
+    }
+
+    /// Makes retained writes log entries on a single node too, for its
+    /// data directory.
+    pub fn log_retained_writes(&mut self) {
+        self.durable = true;
+    }
+
+    /// Puts back a retained write read from disk at start-up (last writer
+    /// wins by `version`, as from a peer, without the drift check: the
+    /// stamp is this node's own), and moves the clock past it so later
+    /// writes win.
+    pub fn restore_retained(&mut self, topic: &str, message: Option<Message>, version: Hlc) {
+        let _ = self.clock.observe_at(version, self.wall_ms());
+        self.retained.set(topic, message, version);
     }
 
     /// In a cluster, logs a change of this node's interest for its peers.
@@ -1080,7 +1103,7 @@ impl Core {
         if m.retain {
             let version = self.clock.now_at(self.wall_ms());
             let message = (!m.payload.is_empty()).then(|| m.clone());
-            if self.clustered() && !is_node_local(m.topic.as_str()) {
+            if self.logs_retained() && !is_node_local(m.topic.as_str()) {
                 fx.records.push(LogEntry::Retained {
                     topic: m.topic.to_string(),
                     message: message.clone(),
@@ -2136,6 +2159,7 @@ mod tests {
                     LogEntry::Retained { topic, message, .. } => {
                         format!("retained {topic} {}", message.is_some())
                     }
+                    LogEntry::Store(c) => format!("store {:?}", c.key),
                 })
                 .collect()
         };

@@ -51,6 +51,9 @@ pub enum LogEntry {
         /// Its hybrid-logical-clock version.
         version: crate::hlc::Hlc,
     },
+    /// A state store key's new state, for the disk (a cluster replicates
+    /// keys down their own chains).
+    Store(Box<mqlb_statestore::store::KeyCopy>),
 }
 
 /// Work the core has decided on, to be done outside its lock.
@@ -136,6 +139,12 @@ impl Effects {
         self.drained |= other.drained;
         self.wants_stall |= other.wants_stall;
         self.forwards.extend(other.forwards);
+    }
+
+    /// Adds an entry made outside the core (a state store change) to the
+    /// log, after the core's own.
+    pub fn log(&mut self, entry: LogEntry) {
+        self.records.push(entry);
     }
 
     /// Takes the log entries out, for the node's ordered log.

@@ -293,7 +293,7 @@ mod tests {
                 payload: Bytes::from(format!("payload-{i}")),
             },
             shared: None,
-            origin: (i % 3 == 0).then(|| "origin".to_string()),
+            origin: (i.is_multiple_of(3)).then(|| "origin".to_string()),
         }
     }
 

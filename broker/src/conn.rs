@@ -1055,7 +1055,7 @@ impl Session {
                 self.wait_for(c);
                 crate::statestore::Outcome::Route(Vec::new())
             }
-            (None, None) => self.state.statestore.handle(&self.client_id, &p),
+            (None, None) => self.on_state_store_here(&p),
         };
         let (committed, reason) = match outcome {
             crate::statestore::Outcome::Route(msgs) => (
@@ -1084,6 +1084,55 @@ impl Session {
             (QoS::AtLeastOnce, Some(id)) => self.send(out, Packet::Puback(ack(id))),
             (QoS::ExactlyOnce, Some(id)) => self.send(out, Packet::Pubrec(ack(id))),
             _ => {}
+        }
+    }
+
+    /// A state store request on a single node. On a durable node a change
+    /// goes to the data directory first, and its answer (and any key
+    /// notifications) is routed only once it is there: a client told
+    /// "OK" can count on the key across a power loss.
+    fn on_state_store_here(&mut self, p: &mqlb_protocol::Publish) -> crate::statestore::Outcome {
+        use crate::statestore::{Handled, Outcome};
+        match self
+            .state
+            .statestore
+            .handle_in(&self.client_id, p, 0, &|_| true)
+        {
+            Handled::Done {
+                outcome,
+                copy: Some(copy),
+                ..
+            } if self.state.disk().is_some() => {
+                let kept = self.state.act(|_| {
+                    let mut fx = crate::effects::Effects::none();
+                    fx.log(crate::effects::LogEntry::Store(copy));
+                    fx
+                });
+                let Outcome::Route(msgs) = outcome else {
+                    self.wait_for(kept);
+                    return outcome;
+                };
+                let state = self.state.state().clone();
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    if kept.wait().await.is_ok() {
+                        let routed = state.act(|core| {
+                            let mut fx = crate::effects::Effects::none();
+                            for m in msgs {
+                                fx.extend(core.route(m));
+                            }
+                            fx
+                        });
+                        if routed.wait().await.is_ok() {
+                            let _ = tx.send(());
+                        }
+                    }
+                });
+                self.wait_for(Committed::when(rx));
+                Outcome::Route(Vec::new())
+            }
+            Handled::Done { outcome, .. } => outcome,
+            Handled::Elsewhere(_) => Outcome::Route(Vec::new()),
         }
     }
 
@@ -1158,6 +1207,26 @@ impl Session {
                     // acknowledgement here could cover a message that
                     // reached nobody. The client sends it again elsewhere.
                     return Step::End(End::Closed(crate::outbox::Closing::ShuttingDown));
+                }
+                if p.qos != QoS::AtMostOnce && self.state.disk_full() {
+                    // The data directory cannot take more: acknowledging
+                    // would promise what cannot be kept. Deliveries go on.
+                    self.state
+                        .disk_refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if !self.version.is_v5() {
+                        return Step::End(End::Closed(crate::outbox::Closing::NotCommitted));
+                    }
+                    let Some(pid) = p.packet_id else {
+                        return Step::End(End::Violation(ReasonCode::PROTOCOL_ERROR));
+                    };
+                    let mut a = Ack::new(pid);
+                    a.reason = ReasonCode::QUOTA_EXCEEDED;
+                    match p.qos {
+                        QoS::ExactlyOnce => self.send(out, Packet::Pubrec(a)),
+                        _ => self.send(out, Packet::Puback(a)),
+                    }
+                    return Step::Next;
                 }
                 if let (QoS::ExactlyOnce, Some(pid), false) =
                     (p.qos, p.packet_id, self.version.is_v5())

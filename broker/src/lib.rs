@@ -33,6 +33,7 @@ pub use mqlb_broker_core::{core, hlc, message, outbox, retained, router, session
 pub mod auth;
 pub mod cluster;
 pub mod conn;
+pub mod durable;
 pub mod effects;
 pub mod fabric;
 pub mod front;

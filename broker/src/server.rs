@@ -54,15 +54,48 @@ impl Broker {
     pub async fn bind_config(config: &BrokerConfig) -> io::Result<Broker> {
         let auth = Auth::from_config(config)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let storage = config
+            .storage()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if storage.from_state_dir {
+            tracing::warn!("[cluster] state_dir / --state-dir is deprecated: it is the node's data directory now; say data_dir / --data-dir");
+        }
         let cluster = match &config.cluster {
-            Some(c) => Some(Cluster::bind(c).await?),
+            Some(c) => {
+                // The Raft state lives in the data directory.
+                let mut c = c.clone();
+                c.state_dir = storage.data_dir.clone();
+                Some(Cluster::bind(&c).await?)
+            }
             None => None,
         };
+        let mut core = Core::with_limits(Limits {
+            max_queued_messages: config.max_queued_messages,
+            max_queued_bytes: config.max_queued_bytes,
+            ..Limits::default()
+        });
+        let statestore = crate::statestore::StateStore::new(
+            config
+                .cluster
+                .as_ref()
+                .map_or("mqlb", |c| c.node_id.as_str()),
+            config.statestore,
+        );
+        let disk = match (&storage.data_dir, storage.durability) {
+            (Some(dir), mqlb_config::broker::Durability::Disk) => {
+                Some(open_data_dir(dir, config, &mut core, &statestore)?)
+            }
+            _ => None,
+        };
         // A member's session records stream down their chains; a single
-        // node's are committed at once.
-        let log: Arc<dyn crate::effects::ChangeLog> = match &cluster {
-            Some((c, _)) => c.clone(),
-            None => Arc::new(LocalLog::default()),
+        // node's are committed at once, or once on disk.
+        let log: Arc<dyn crate::effects::ChangeLog> = match (&cluster, &disk) {
+            (Some((c, _)), _) => c.clone(),
+            (None, Some((store, _))) => Arc::new(crate::durable::DiskLog::new(
+                Arc::new(LocalLog::default()),
+                store.clone(),
+            )),
+            (None, None) => Arc::new(LocalLog::default()),
         };
         let mut fronts = Vec::new();
         for l in &config.listeners {
@@ -79,22 +112,7 @@ impl Broker {
             fronts,
             listener: TcpListener::bind(config.listen).await?,
             state: Node::new(
-                State::with_store(
-                    Core::with_limits(Limits {
-                        max_queued_messages: config.max_queued_messages,
-                        max_queued_bytes: config.max_queued_bytes,
-                        ..Limits::default()
-                    }),
-                    auth,
-                    log,
-                    crate::statestore::StateStore::new(
-                        config
-                            .cluster
-                            .as_ref()
-                            .map_or("mqlb", |c| c.node_id.as_str()),
-                        config.statestore,
-                    ),
-                ),
+                State::with_store(core, auth, log, statestore),
                 cluster.as_ref().map(|(c, _)| c.clone()),
             ),
             sys_interval: config.sys_interval,
@@ -107,6 +125,9 @@ impl Broker {
             shutdown_grace: config.shutdown_grace,
             cluster,
         };
+        if let Some((store, last_seq)) = disk {
+            broker.state.state().use_disk(store, last_seq);
+        }
         Ok(broker)
     }
 
@@ -143,10 +164,23 @@ impl Broker {
     /// DISCONNECT 0x8B after everything queued for them), keeps persistent
     /// sessions and their wills, and after the grace period cuts whoever is
     /// left.
-    pub async fn serve(self, shutdown: CancellationToken) {
+    ///
+    /// Returns an error if it stopped because its data directory failed
+    /// (an fsync failed): nothing more could be acknowledged, and the
+    /// process should exit non-zero and be restarted on what is on disk.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), String> {
         // Background tasks and the hard stop end with this function.
         let hard = CancellationToken::new();
         let _stop = hard.clone().drop_guard();
+        let disk_failed = CancellationToken::new();
+        if let Some(store) = self.state.state().disk().cloned() {
+            tokio::spawn(keep_disk(
+                self.state.state().clone(),
+                store,
+                hard.clone(),
+                disk_failed.clone(),
+            ));
+        }
         // Peers keep hearing from this node until its clients are gone.
         let member = self.cluster.as_ref().map(|(c, _)| c.clone());
         if let Some((cluster, listener)) = self.cluster {
@@ -278,6 +312,7 @@ impl Broker {
                     }
                 },
                 _ = shutdown.cancelled() => break,
+                _ = disk_failed.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
             let state = self.state.clone();
@@ -323,8 +358,103 @@ impl Broker {
             c.settle(Duration::from_secs(2)).await;
             tracing::info!("cluster settled");
         }
+        // A last snapshot: the next start reads it instead of the log.
+        let state = self.state.state();
+        if let (Some(store), false) = (state.disk(), disk_failed.is_cancelled()) {
+            match crate::durable::snapshot(state, store).await {
+                Ok(()) => tracing::info!("data directory snapshot written"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not write a snapshot on the way out; the log holds everything")
+                }
+            }
+        }
         hard.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
+        match state.disk().and_then(|d| d.failed()) {
+            Some(f) => Err(f.to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Opens the data directory and puts back what it holds into `core` and
+/// `statestore`; the store, and the last batch number it holds.
+fn open_data_dir(
+    dir: &std::path::Path,
+    config: &BrokerConfig,
+    core: &mut Core,
+    statestore: &crate::statestore::StateStore,
+) -> io::Result<(Arc<mqlb_storage::Store>, u64)> {
+    let started = std::time::Instant::now();
+    let (store, found) = mqlb_storage::Store::open(
+        dir,
+        mqlb_storage::Options {
+            max_disk_bytes: config.max_disk_bytes,
+            repair: config.repair,
+            ..mqlb_storage::Options::default()
+        },
+    )
+    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    core.log_retained_writes();
+    let restored = crate::durable::restore(core, statestore, &found).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("data directory {}: {e}", dir.display()),
+        )
+    })?;
+    tracing::info!(
+        dir = %dir.display(),
+        sessions = restored.sessions,
+        retained = restored.retained,
+        state_store_keys = restored.keys,
+        records = found.records.len(),
+        torn_bytes = found.torn_bytes,
+        repaired = found.repaired.len(),
+        took = ?started.elapsed(),
+        "data directory read back"
+    );
+    Ok((Arc::new(store), restored.last_seq))
+}
+
+/// Keeps the data directory: a snapshot at start (what was read back,
+/// so the next start need not replay the log again), another whenever
+/// enough log has been written (or, full, every 10 s, to give space
+/// back), and `failed` cancelled if the directory fails (the node then
+/// stops: it cannot acknowledge anything more).
+async fn keep_disk(
+    state: Arc<State>,
+    store: Arc<mqlb_storage::Store>,
+    stop: CancellationToken,
+    failed: CancellationToken,
+) {
+    use std::sync::atomic::Ordering;
+    let snap = |why: &'static str| {
+        let (state, store) = (state.clone(), store.clone());
+        async move {
+            if let Err(e) = crate::durable::snapshot(&state, &store).await {
+                tracing::warn!(error = %e, why, "could not write a data directory snapshot");
+            }
+        }
+    };
+    snap("start").await;
+    let mut last = std::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Some(f) = store.failed() {
+            tracing::error!(error = %f, "stopping: the data directory cannot persist any more (restart the node on it: everything acknowledged is there)");
+            failed.cancel();
+            return;
+        }
+        let log = store.stats().log_bytes.load(Ordering::Relaxed);
+        let full = store.is_full() && last.elapsed() >= Duration::from_secs(10);
+        if log >= crate::durable::SNAPSHOT_AFTER_BYTES || full {
+            snap(if full { "full" } else { "log size" }).await;
+            last = std::time::Instant::now();
+        }
     }
 }
 

@@ -93,7 +93,23 @@ pub struct State {
     /// PUBREC: what a publisher waits, commits to the session chains
     /// included.
     pub publish_latency: [mqlb_metrics::Histogram; 2],
+    /// The data directory, on a durable node (the disk is one of the
+    /// change log's consumers; this handle answers whether it is full and
+    /// renders its metrics).
+    disk: std::sync::OnceLock<Arc<mqlb_storage::Store>>,
+    /// QoS 1/2 publishes refused because the data directory was full.
+    pub disk_refused: std::sync::atomic::AtomicU64,
 }
+
+/// What a snapshot of the node holds (see [`State::for_snapshot`]): the
+/// last batch it covers, the persistent sessions, the retained messages
+/// and deletions, and the state store keys.
+pub type SnapshotParts = (
+    u64,
+    Vec<(Arc<str>, crate::snapshot::SessionSnapshot)>,
+    Vec<(String, Option<crate::message::Message>, crate::hlc::Hlc)>,
+    Vec<mqlb_statestore::store::KeyCopy>,
+);
 
 impl State {
     /// A node with these parts (and a state store with default limits).
@@ -123,6 +139,8 @@ impl State {
             statestore,
             not_committed: Default::default(),
             publish_latency: Default::default(),
+            disk: std::sync::OnceLock::new(),
+            disk_refused: Default::default(),
             stopping: tokio_util::sync::CancellationToken::new(),
         })
     }
@@ -148,6 +166,50 @@ impl State {
         core.join_cluster(stamp);
         core.set_max_clock_drift(max_clock_drift);
         let _ = self.fabric.set(fabric);
+    }
+
+    /// Gives the node its data directory, whose log batches were numbered
+    /// up to `last_seq` before this start: the node's batches go on from
+    /// there (a snapshot's number must keep rising). Once, at start-up.
+    pub fn use_disk(&self, store: Arc<mqlb_storage::Store>, last_seq: u64) {
+        {
+            let mut q = lock(&self.sequencer);
+            q.last = q.last.max(last_seq);
+        }
+        let _ = self.disk.set(store);
+    }
+
+    /// The data directory, on a durable node.
+    pub fn disk(&self) -> Option<&Arc<mqlb_storage::Store>> {
+        self.disk.get()
+    }
+
+    /// Whether new work that needs storing must be refused: the data
+    /// directory is full (a write failed, or `max_disk_bytes`) or failed.
+    pub fn disk_full(&self) -> bool {
+        self.disk
+            .get()
+            .is_some_and(|d| d.is_full() || d.failed().is_some())
+    }
+
+    /// Everything a snapshot of the node holds, taken under the core's
+    /// lock (the state store's taken inside it), with the number of the
+    /// last batch sequenced: the copy holds exactly the batches up to it.
+    pub fn for_snapshot(&self) -> SnapshotParts {
+        let core = self.core();
+        let covers = self.last_sequenced();
+        let sessions = core
+            .persistent_sessions()
+            .into_iter()
+            .filter_map(|id| core.export_session(&id).map(|s| (id, s)))
+            .collect();
+        let retained = core
+            .retained_all()
+            .into_iter()
+            .filter(|(t, _, _)| !(t == "$SYS" || t.starts_with("$SYS/")))
+            .collect();
+        let keys = self.statestore.copies(|_| true);
+        (covers, sessions, retained, keys)
     }
 
     /// An open single node (anonymous, no ACL, local log): for tests.
@@ -428,6 +490,18 @@ fn render_state_metrics(state: &State, o: &mut String) {
             "mqlb_broker_publish_ack_seconds",
             &format!("qos=\"{qos}\""),
         );
+    }
+    if let Some(disk) = state.disk() {
+        let _ = writeln!(
+            o,
+            "# HELP mqlb_broker_disk_refused_total QoS 1/2 publishes refused because the data directory was full (v5: PUBACK/PUBREC 0x97; 3.x: connection closed).\n\
+             # TYPE mqlb_broker_disk_refused_total counter\n\
+             mqlb_broker_disk_refused_total {}",
+            state
+                .disk_refused
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+        disk.render(o);
     }
 }
 

@@ -94,6 +94,96 @@ pub struct BrokerConfig {
     pub listeners: Vec<crate::Listener>,
     /// The state store's limits (`[broker.statestore]`).
     pub statestore: StateStoreLimits,
+    /// Where the node keeps what it must remember across restarts and
+    /// power losses (`data_dir`, `--data-dir`); see [`BrokerConfig::storage`].
+    pub data_dir: Option<PathBuf>,
+    /// When a QoS 1/2 publish is acknowledged (`durability`); `None`:
+    /// "disk" with a data directory, "memory" without.
+    pub durability: Option<Durability>,
+    /// Past this many bytes in the data directory, new publishes that
+    /// need storing are refused (`max_disk_bytes`).
+    pub max_disk_bytes: Option<u64>,
+    /// Start on a data directory with a corrupt record by truncating the
+    /// log there (`--repair`; what is cut is moved aside and logged).
+    pub repair: bool,
+}
+
+/// When the broker acknowledges a QoS 1/2 publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once applied in memory (on every member of the session chains, in a
+    /// cluster): a node's loss is survived, a whole site's power loss is
+    /// not.
+    Memory,
+    /// Once every change that keeps it is on disk (fsynced, in groups).
+    Disk,
+}
+
+impl Durability {
+    /// Reads `"memory"` or `"disk"`.
+    pub fn parse(s: &str) -> Option<Durability> {
+        match s {
+            "memory" => Some(Durability::Memory),
+            "disk" => Some(Durability::Disk),
+            _ => None,
+        }
+    }
+}
+
+/// Where a node stores and how it acknowledges, once the deprecated alias
+/// is resolved (see [`BrokerConfig::storage`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Storage {
+    /// The data directory, if any.
+    pub data_dir: Option<PathBuf>,
+    /// The durability rule.
+    pub durability: Durability,
+    /// Whether `[cluster] state_dir` / `--state-dir` named it (deprecated).
+    pub from_state_dir: bool,
+}
+
+impl BrokerConfig {
+    /// The data directory (`data_dir`, or the deprecated `[cluster]
+    /// state_dir`) and the durability rule, or why they contradict each
+    /// other.
+    pub fn storage(&self) -> Result<Storage, String> {
+        let state_dir = self.cluster.as_ref().and_then(|c| c.state_dir.clone());
+        let (data_dir, from_state_dir) = match (&self.data_dir, state_dir) {
+            (Some(d), Some(s)) if *d != s => {
+                return Err(format!(
+                    "data_dir ({}) and the deprecated [cluster] state_dir / --state-dir ({}) name different directories: keep data_dir only",
+                    d.display(),
+                    s.display()
+                ))
+            }
+            (Some(d), _) => (Some(d.clone()), false),
+            (None, Some(s)) => (Some(s), true),
+            (None, None) => (None, false),
+        };
+        let clustered = self.cluster.is_some();
+        let durability = self
+            .durability
+            .unwrap_or(if data_dir.is_some() && !clustered {
+                Durability::Disk
+            } else {
+                Durability::Memory
+            });
+        if durability == Durability::Disk {
+            if data_dir.is_none() {
+                return Err(
+                    "durability = \"disk\" needs a data directory (data_dir, --data-dir)".into(),
+                );
+            }
+            if clustered {
+                return Err("durability = \"disk\" is not available in a cluster yet: a cluster keeps every session on its chain's nodes in memory (durability = \"memory\"), and its data_dir holds the Raft state; see docs/durability.md".into());
+            }
+        }
+        Ok(Storage {
+            data_dir,
+            durability,
+            from_state_dir,
+        })
+    }
 }
 
 /// Caps on what a node's state store holds (copies kept for other nodes
@@ -308,6 +398,10 @@ impl Default for BrokerConfig {
             cluster: None,
             listeners: Vec::new(),
             statestore: StateStoreLimits::default(),
+            data_dir: None,
+            durability: None,
+            max_disk_bytes: None,
+            repair: false,
         }
     }
 }
@@ -452,6 +546,33 @@ impl BrokerConfig {
                             "must be at least 1".into(),
                         ),
                     }
+                }
+            }
+            if let Some(p) = &b.data_dir {
+                let path = PathBuf::from(p.get_ref());
+                c.data_dir = Some(match base {
+                    Some(dir) if path.is_relative() => dir.join(path),
+                    _ => path,
+                });
+            }
+            if let Some(v) = &b.durability {
+                c.durability = Durability::parse(v.get_ref());
+                if c.durability.is_none() {
+                    at(
+                        "broker.durability".into(),
+                        v.span(),
+                        format!("\"{}\" is not one of \"memory\", \"disk\"", v.get_ref()),
+                    );
+                }
+            }
+            if let Some(v) = &b.max_disk_bytes {
+                match u64::try_from(*v.get_ref()) {
+                    Ok(n) if n > 0 => c.max_disk_bytes = Some(n),
+                    _ => at(
+                        "broker.max_disk_bytes".into(),
+                        v.span(),
+                        "must be at least 1".into(),
+                    ),
                 }
             }
             if let Some(v) = &b.sys_interval {
@@ -660,6 +781,13 @@ impl BrokerConfig {
             }
         }
         problems.extend(lc.problems);
+        if let (true, Err(e)) = (problems.is_empty(), c.storage()) {
+            problems.push(Problem {
+                key: "broker.data_dir".into(),
+                line: None,
+                message: e,
+            });
+        }
         if problems.is_empty() {
             Ok(c)
         } else {

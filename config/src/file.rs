@@ -121,6 +121,13 @@ pub struct BrokerFile {
     pub listener: Vec<ListenerFile>,
     /// `[broker.statestore]`: the state store's limits.
     pub statestore: Option<StateStoreFile>,
+    /// Where the node keeps what it must remember across restarts.
+    pub data_dir: Option<Spanned<String>>,
+    /// "memory" or "disk" (the default with a data_dir, on a single node).
+    pub durability: Option<Spanned<String>>,
+    /// Past this many bytes in the data directory, new publishes that need
+    /// storing are refused.
+    pub max_disk_bytes: Option<Spanned<i64>>,
 }
 
 /// `[broker.statestore]`.

@@ -502,7 +502,12 @@ impl OurBroker {
         let listeners = b.listener_addrs().into_iter().map(|(_, a)| a).collect();
         let state = b.state();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(b.serve(shutdown.clone()));
+        let shutdown_for_task = shutdown.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = b.serve(shutdown_for_task).await {
+                eprintln!("the broker stopped on a failed data directory: {e}");
+            }
+        });
         OurBroker {
             addr,
             listeners,

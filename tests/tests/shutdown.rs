@@ -31,7 +31,7 @@ struct Seen {
 }
 
 fn version(i: usize) -> ProtocolVersion {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         ProtocolVersion::V5
     } else {
         ProtocolVersion::V3_1_1

@@ -1129,12 +1129,12 @@ impl Cluster {
         if self.announced.load(Ordering::Relaxed) {
             self.broadcast(&Frame::Leaving);
         }
-        if t.ticks % 50 == 0 {
+        if t.ticks.is_multiple_of(50) {
             // Sessions that ended or went quiet leave their logs behind.
             let now = Instant::now();
             lock(&self.replica_seen).retain(|_, log| !log.stale(now));
         }
-        if observed != t.reported || t.ticks % 5 == 0 {
+        if observed != t.reported || t.ticks.is_multiple_of(5) {
             self.broadcast(&Frame::Observed(observed.clone()));
             t.reported.clone_from(&observed);
         }

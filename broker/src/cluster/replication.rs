@@ -493,6 +493,9 @@ impl ChangeLog for Cluster {
                         self.broadcast_after(log_seq, &Frame::Interest { filter, gained });
                     }
                 }
+                // A cluster replicates state store keys down their own
+                // chains (`store`); this entry is for a data directory.
+                LogEntry::Store(_) => {}
                 LogEntry::Retained {
                     topic,
                     message,
