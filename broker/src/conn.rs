@@ -710,6 +710,27 @@ impl Session {
                 Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))),
             ))
         });
+        if expiry != Some(Duration::ZERO) && state.disk_full() {
+            // A persistent session's attach is a change the data
+            // directory must keep before the session is served; it cannot
+            // take more now. The client comes back later.
+            state
+                .disk_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(client_id, "CONNECT refused: the data directory is full");
+            let code = if v.is_v5() {
+                ReasonCode::QUOTA_EXCEEDED
+            } else {
+                ReasonCode::SERVER_UNAVAILABLE
+            };
+            // Bound first: a temporary in the condition would live across the
+            // write, and every connection's future would carry the packet.
+            let encoded = refuse(code).to_bytes(v);
+            if let Ok(b) = encoded {
+                let _ = stream.write_all(&b).await;
+            }
+            return None;
+        }
         let rx = Arc::new(Outbox::new(Encoder::new(
             v,
             c.properties.maximum_packet_size.unwrap_or(u32::MAX),

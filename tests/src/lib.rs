@@ -35,6 +35,7 @@ pub mod exposition;
 pub mod load;
 pub mod pki;
 pub mod raw;
+pub mod statestore;
 
 /// The `mqlb` binary built by this `cargo test` run. Cargo builds it for
 /// `balancer/tests/cli.rs`; it sits in the target directory next to `deps/`.
@@ -565,6 +566,13 @@ impl BrokerProcess {
             addr,
             child: KillOnDrop(child),
         }
+    }
+
+    /// `kill -9`: the process dies at once, as in a power loss (what it
+    /// had not fsynced is what the kernel had not written either way).
+    pub fn kill(&mut self) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
     }
 
     /// True while the process has not exited.

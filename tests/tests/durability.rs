@@ -1,0 +1,451 @@
+//! `--data-dir`: what a node acknowledged survives `kill -9` (the whole
+//! process gone at once, as in a power loss), and the faults a data
+//! directory must survive, over real sockets: a full disk, a failed fsync,
+//! a corrupt record, a second process on the same directory.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::string_slice,
+    clippy::expect_used
+)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use mqlb_protocol::{Ack, MqttStr, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS};
+use mqlb_statestore::resp3::array as resp;
+use mqlb_tests::client::{connect_packet, qos, Client};
+use mqlb_tests::statestore::{hlc, Caller, T};
+use mqlb_tests::{mqlb_bin, scratch_dir, BrokerProcess, OurBroker};
+
+/// A v5 CONNECT for a session kept an hour after its connection.
+fn persistent(id: &str) -> mqlb_protocol::Connect {
+    let mut c = connect_packet(id, ProtocolVersion::V5, false);
+    c.properties.session_expiry_interval = Some(3600);
+    c
+}
+
+fn publish(topic: &str, q: QoS, pid: u16, retain: bool, payload: &[u8]) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos: q,
+        retain,
+        topic: MqttStr::try_from(topic).unwrap(),
+        packet_id: (q != QoS::AtMostOnce).then(|| PacketId::new(pid).unwrap()),
+        properties: Properties::default(),
+        payload: Bytes::copy_from_slice(payload),
+    })
+}
+
+/// The reason code of the acknowledgement (PUBACK or PUBREC) of `pid`;
+/// `None` if none came within `within` or the connection closed.
+async fn ack_of(c: &mut Client, pid: u16, within: Duration) -> Option<u8> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match c.recv(left).await? {
+            Packet::Puback(a) | Packet::Pubrec(a) if a.packet_id.get() == pid => {
+                return Some(a.reason.0)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One node with a data directory is filled (an offline persistent
+/// subscriber with 200 acknowledged QoS 1 messages, a QoS 2 publish
+/// acknowledged but not yet released, a retained message, state store
+/// keys with a lease and a fencing token), killed with SIGKILL and
+/// restarted on the directory: everything is there, and the QoS 2
+/// message is delivered exactly once.
+#[tokio::test]
+async fn a_killed_node_restarts_with_everything_it_acknowledged() {
+    let dir = scratch_dir("durable");
+    let data = dir.to_str().unwrap().to_string();
+    let mut b = BrokerProcess::start(&["--data-dir", &data]);
+
+    let (mut keeper, ack) = Client::connect(&b.addr, persistent("keeper")).await;
+    assert!(!ack.session_present);
+    assert_eq!(keeper.subscribe("d/#", qos(QoS::AtLeastOnce)).await, [1]);
+    assert_eq!(keeper.subscribe("q2/#", qos(QoS::ExactlyOnce)).await, [2]);
+    keeper.send(Packet::Disconnect(Default::default())).await;
+    drop(keeper);
+
+    let (mut p, _) = Client::connect(&b.addr, persistent("publisher")).await;
+    for i in 0..200u16 {
+        p.send(publish(
+            "d/x",
+            QoS::AtLeastOnce,
+            i + 1,
+            false,
+            format!("m{i}").as_bytes(),
+        ))
+        .await;
+        assert_eq!(ack_of(&mut p, i + 1, T).await, Some(0), "message {i}");
+    }
+    p.send(publish("r/1", QoS::AtLeastOnce, 300, true, b"kept"))
+        .await;
+    assert_eq!(ack_of(&mut p, 300, T).await, Some(0));
+    // QoS 2: PUBREC received, PUBREL never sent before the power goes.
+    p.send(publish("q2/x", QoS::ExactlyOnce, 400, false, b"once"))
+        .await;
+    assert_eq!(ack_of(&mut p, 400, T).await, Some(0));
+
+    let mut ss = Caller::new(&b.addr, "ss-durable").await;
+    assert_eq!(ss.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+    assert_eq!(
+        ss.call(&[b"SET", b"lease", b"holder-1", b"NX", b"PX", b"600000"])
+            .await,
+        b"+OK\r\n"
+    );
+    let (older, newer) = (hlc(-2000), hlc(-1000));
+    let fenced = |c: &Caller, ft: &str| c.props(b"f", Some(hlc(0)), Some(ft.to_string()));
+    let props = fenced(&ss, &newer);
+    let (_, r) = ss
+        .call_with(
+            resp(&[b"SET", b"fenced", b"by-newer"]),
+            QoS::AtLeastOnce,
+            props,
+            T,
+        )
+        .await;
+    assert_eq!(r.unwrap().payload.to_vec(), b"+OK\r\n");
+    drop(ss);
+    drop(p);
+
+    b.kill();
+    let b = BrokerProcess::start(&["--data-dir", &data]);
+
+    // The session, its queue in order, nothing lost.
+    let (mut keeper, ack) = Client::connect(&b.addr, persistent("keeper")).await;
+    assert!(ack.session_present, "the session did not survive");
+    for i in 0..200 {
+        let m = keeper
+            .next_publish(T, true)
+            .await
+            .unwrap_or_else(|| panic!("message {i} lost"));
+        assert_eq!(m.topic.as_str(), "d/x");
+        assert_eq!(m.payload, format!("m{i}").as_bytes(), "out of order");
+    }
+    // The QoS 2 message: the publisher sends it again (DUP) and releases
+    // it; the subscriber gets it once.
+    let (mut p, ack) = Client::connect(&b.addr, persistent("publisher")).await;
+    assert!(ack.session_present);
+    let Packet::Publish(mut again) = publish("q2/x", QoS::ExactlyOnce, 400, false, b"once") else {
+        unreachable!()
+    };
+    again.dup = true;
+    p.send(Packet::Publish(again)).await;
+    assert_eq!(ack_of(&mut p, 400, T).await, Some(0));
+    p.send(Packet::Pubrel(Ack::new(PacketId::new(400).unwrap())))
+        .await;
+    let m = keeper
+        .next_publish(T, true)
+        .await
+        .expect("the QoS 2 message");
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("q2/x", &b"once"[..]));
+    assert!(
+        keeper
+            .next_publish(Duration::from_millis(500), true)
+            .await
+            .is_none(),
+        "a message came twice"
+    );
+
+    // The retained message.
+    let (mut fresh, _) =
+        Client::connect(&b.addr, connect_packet("fresh", ProtocolVersion::V5, true)).await;
+    fresh.subscribe("r/#", qos(QoS::AtLeastOnce)).await;
+    let m = fresh
+        .next_publish(T, true)
+        .await
+        .expect("the retained message");
+    assert_eq!(&m.payload[..], b"kept");
+
+    // The state store: keys, the lease, and the fencing token's guard.
+    let mut ss = Caller::new(&b.addr, "ss-durable-2").await;
+    assert_eq!(ss.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
+    assert_eq!(ss.call(&[b"GET", b"lease"]).await, b"$8\r\nholder-1\r\n");
+    assert_eq!(
+        ss.call(&[b"SET", b"lease", b"holder-2", b"NX", b"PX", b"600000"])
+            .await,
+        b":-1\r\n",
+        "the lease was lost: another holder took it"
+    );
+    let props = fenced(&ss, &older);
+    let (_, r) = ss
+        .call_with(
+            resp(&[b"SET", b"fenced", b"stale"]),
+            QoS::AtLeastOnce,
+            props,
+            T,
+        )
+        .await;
+    assert_eq!(
+        r.unwrap().payload.to_vec(),
+        b"-ERR the request fencing token is a lower version than the fencing token protecting the resource\r\n"
+    );
+    assert_eq!(ss.call(&[b"GET", b"fenced"]).await, b"$8\r\nby-newer\r\n");
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A broker with its data directory in `dir`, in this process (so a test
+/// can inject disk faults through its store).
+async fn in_process(dir: &std::path::Path) -> OurBroker {
+    OurBroker::start_with(mqlb_config::broker::BrokerConfig {
+        data_dir: Some(dir.to_path_buf()),
+        ..Default::default()
+    })
+    .await
+}
+
+/// A full disk: the publish whose write failed waits (its write is
+/// retried, never skipped), new QoS 1/2 publishes are refused with 0x97
+/// (a 3.1.1 client is disconnected), QoS 0 deliveries go on, and once
+/// there is room the waiting publish is acknowledged and kept; the
+/// refused one never reaches the session.
+#[tokio::test]
+async fn a_full_disk_refuses_new_publishes_and_keeps_the_rest() {
+    let dir = scratch_dir("durable-full");
+    let b = in_process(&dir).await;
+    let addr = b.addr.to_string();
+    let (mut keeper, _) = Client::connect(&addr, persistent("full-keeper")).await;
+    keeper.subscribe("d/#", qos(QoS::AtLeastOnce)).await;
+    keeper.send(Packet::Disconnect(Default::default())).await;
+    drop(keeper);
+    let (mut live, _) = Client::connect(
+        &addr,
+        connect_packet("full-live", ProtocolVersion::V5, true),
+    )
+    .await;
+    live.subscribe("live/#", qos(QoS::AtMostOnce)).await;
+
+    let (mut p, _) = Client::connect(&addr, persistent("full-pub")).await;
+    let disk = b.state.disk().expect("a data directory").clone();
+    disk.faults()
+        .fail_writes(Some(std::io::ErrorKind::StorageFull));
+    p.send(publish("d/x", QoS::AtLeastOnce, 1, false, b"waits"))
+        .await;
+    assert_eq!(ack_of(&mut p, 1, Duration::from_millis(700)).await, None);
+    assert!(b.state.disk_full());
+
+    let (mut p2, _) = Client::connect(
+        &addr,
+        connect_packet("full-pub-2", ProtocolVersion::V5, true),
+    )
+    .await;
+    p2.send(publish("d/x", QoS::AtLeastOnce, 2, false, b"refused"))
+        .await;
+    assert_eq!(ack_of(&mut p2, 2, T).await, Some(0x97));
+    p2.send(publish("d/x", QoS::ExactlyOnce, 3, false, b"refused"))
+        .await;
+    assert_eq!(ack_of(&mut p2, 3, T).await, Some(0x97));
+    let (mut old, _) = Client::connect(
+        &addr,
+        connect_packet("full-311", ProtocolVersion::V3_1_1, true),
+    )
+    .await;
+    old.send(publish("d/x", QoS::AtLeastOnce, 4, false, b"refused"))
+        .await;
+    assert_eq!(ack_of(&mut old, 4, T).await, None, "3.1.1 is disconnected");
+
+    // A persistent session cannot attach (its attach must be kept).
+    let mut c = persistent("full-new");
+    c.properties.session_expiry_interval = Some(60);
+    let (_, ack) = Client::connect(&addr, c).await;
+    assert_eq!(ack.reason.0, 0x97);
+
+    p2.send(publish("live/x", QoS::AtMostOnce, 0, false, b"goes on"))
+        .await;
+    let m = live
+        .next_publish(T, true)
+        .await
+        .expect("QoS 0 delivery while full");
+    assert_eq!(&m.payload[..], b"goes on");
+
+    disk.faults().fail_writes(None);
+    assert_eq!(
+        ack_of(&mut p, 1, T).await,
+        Some(0),
+        "acknowledged once written"
+    );
+    assert!(!b.state.disk_full());
+    let body = b.state.render_metrics();
+    let m = mqlb_tests::exposition::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let value =
+        |k: &str| mqlb_tests::exposition::sample(&m, k).unwrap_or_else(|| panic!("{k}: {body}"));
+    assert!(value("mqlb_broker_disk_refused_total") >= 4.0);
+    assert!(value("mqlb_broker_disk_write_errors_total") >= 1.0);
+    assert_eq!(value("mqlb_broker_disk_full"), 0.0);
+    drop((p, p2, old, live, disk));
+    let mut b = b;
+    b.begin_shutdown();
+    assert!(b.finished(Duration::from_secs(10)).await);
+    drop(b);
+
+    let b = in_process(&dir).await;
+    let (mut keeper, ack) = Client::connect(&b.addr.to_string(), persistent("full-keeper")).await;
+    assert!(ack.session_present);
+    let m = keeper
+        .next_publish(T, true)
+        .await
+        .expect("the publish that waited");
+    assert_eq!(&m.payload[..], b"waits");
+    assert!(
+        keeper
+            .next_publish(Duration::from_millis(500), true)
+            .await
+            .is_none(),
+        "a refused publish was kept"
+    );
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A failed fsync: the publish is never acknowledged, its connection is
+/// closed, and the node stops (it could acknowledge nothing more), with
+/// an error for the process to exit on.
+#[tokio::test]
+async fn a_failed_fsync_stops_the_node() {
+    let dir = scratch_dir("durable-fsync");
+    let mut b = in_process(&dir).await;
+    let addr = b.addr.to_string();
+    let (mut keeper, _) = Client::connect(&addr, persistent("fsync-keeper")).await;
+    keeper.subscribe("d/#", qos(QoS::AtLeastOnce)).await;
+    b.state
+        .disk()
+        .expect("a data directory")
+        .faults()
+        .fail_syncs();
+    let (mut p, _) = Client::connect(&addr, persistent("fsync-pub")).await;
+    p.send(publish("d/x", QoS::AtLeastOnce, 1, false, b"never"))
+        .await;
+    assert_eq!(
+        ack_of(&mut p, 1, T).await,
+        None,
+        "acknowledged without fsync"
+    );
+    assert!(
+        b.finished(Duration::from_secs(10)).await,
+        "the node kept serving on a failed data directory"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `mqlb broker` on `data` and returns its exit status and
+/// standard error if it exits within 10 s (`None`: still running, killed).
+fn run_broker(data: &str, extra: &[&str]) -> Option<(std::process::ExitStatus, String)> {
+    let port = mqlb_tests::free_port();
+    let mut child = Command::new(mqlb_bin())
+        .args([
+            "broker",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data,
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            return Some((
+                out.status,
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
+        }
+        if mqlb_tests::wait_listening(&format!("127.0.0.1:{port}"), Duration::from_millis(50)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// A flipped byte in the log: the node refuses to start, naming the file
+/// and offset and `--repair`; with `--repair` it starts, and what it cut
+/// is kept aside in a `.corrupt` file. A second process on a directory in
+/// use is refused, and so is a directory of another format.
+#[tokio::test]
+async fn corruption_a_second_process_and_a_foreign_format_are_refused() {
+    let dir = scratch_dir("durable-corrupt");
+    let data = dir.to_str().unwrap().to_string();
+    let mut b = BrokerProcess::start(&["--data-dir", &data]);
+
+    // A second process on the same directory.
+    let (status, err) = run_broker(&data, &[]).expect("the second process should exit");
+    assert!(!status.success());
+    assert!(err.contains("in use by another process"), "{err}");
+
+    let (mut p, _) = Client::connect(&b.addr, persistent("corrupt-pub")).await;
+    for i in 0..20u16 {
+        p.send(publish(
+            "r/x",
+            QoS::AtLeastOnce,
+            i + 1,
+            true,
+            b"retained value",
+        ))
+        .await;
+        assert_eq!(ack_of(&mut p, i + 1, T).await, Some(0));
+    }
+    b.kill();
+
+    // Flip a byte in the middle of the newest non-empty segment.
+    let mut logs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .filter(|p| std::fs::metadata(p).unwrap().len() > 0)
+        .collect();
+    logs.sort();
+    let seg = logs.pop().expect("a segment with records");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let (status, err) = run_broker(&data, &[]).expect("a corrupt directory must stop the start");
+    assert!(!status.success());
+    assert!(
+        err.contains("corrupt data in")
+            && err.contains(seg.to_str().unwrap())
+            && err.contains("offset"),
+        "{err}"
+    );
+    assert!(err.contains("--repair"), "{err}");
+
+    assert!(
+        run_broker(&data, &["--repair"]).is_none(),
+        "--repair should start the node"
+    );
+    let aside = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .to_string_lossy()
+                .ends_with(".corrupt")
+        })
+        .count();
+    assert!(aside >= 1, "what was cut is kept aside");
+    // Repaired: it starts without --repair too.
+    assert!(run_broker(&data, &[]).is_none());
+
+    std::fs::write(dir.join("FORMAT"), "mqlb-data 99\n").unwrap();
+    let (status, err) = run_broker(&data, &[]).expect("a foreign format must stop the start");
+    assert!(!status.success());
+    assert!(err.contains("format"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
