@@ -83,6 +83,10 @@ enum Command {
         /// what was dropped.
         #[arg(long)]
         repair: bool,
+        /// One fsync per change instead of one per group (benchmarks only:
+        /// what group commit buys).
+        #[arg(long, hide = true)]
+        fsync_per_change: bool,
         #[command(flatten)]
         cluster: ClusterArgs,
         /// Exit when the process with this PID (the parent that started
@@ -538,6 +542,7 @@ pub fn main() -> ExitCode {
             data_dir,
             durability,
             repair,
+            fsync_per_change,
             cluster,
             exit_with_parent,
         } => {
@@ -573,6 +578,7 @@ pub fn main() -> ExitCode {
                 cfg.durability = mqlb_config::broker::Durability::parse(&d);
             }
             cfg.repair = repair;
+            cfg.fsync_per_change = fsync_per_change;
             if let Err(e) = cluster
                 .apply(&mut cfg)
                 .and_then(|()| cfg.storage().map(drop))

@@ -9,6 +9,9 @@
 pub fn post(state: &mqlb_broker::node::Node, path: &str) -> mqlb_balancer::http::Reply {
     use hyper::StatusCode;
     use mqlb_balancer::http::Reply;
+    if path == "/data/backup" {
+        return backup(state);
+    }
     let Some(cluster) = state.cluster() else {
         return Reply::text(StatusCode::NOT_FOUND, "not a cluster member\n");
     };
@@ -33,6 +36,52 @@ pub fn post(state: &mqlb_broker::node::Node, path: &str) -> mqlb_balancer::http:
             Err(e) => Reply::text(StatusCode::CONFLICT, format!("{e}\n")),
         },
         _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// `POST /data/backup`: a consistent copy of the node's data directory
+/// (everything acknowledged so far) in `DATA_DIR/backups/backup-SECONDS`,
+/// which a node can be started on as it is. The directory is chosen here,
+/// never by the caller: an admin call must not write where it likes.
+fn backup(state: &mqlb_broker::node::Node) -> mqlb_balancer::http::Reply {
+    use hyper::StatusCode;
+    use mqlb_balancer::http::Reply;
+    let Some(store) = state.disk() else {
+        return Reply::text(
+            StatusCode::NOT_FOUND,
+            "this node has no data directory (--data-dir)\n",
+        );
+    };
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let backups = store.dir().join("backups");
+    if let Err(e) = std::fs::create_dir_all(&backups) {
+        return Reply::text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{}: {e}\n", backups.display()),
+        );
+    }
+    let to = backups.join(format!("backup-{secs}"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.backup(&to, move |r| {
+        let _ = tx.send(r);
+    });
+    // The copy is made by the storage thread, in order after every write
+    // before it; this admin request waits for it off the async workers.
+    match tokio::task::block_in_place(|| rx.recv_timeout(std::time::Duration::from_secs(300))) {
+        Ok(Ok(())) => {
+            tracing::info!(to = %to.display(), "data directory backed up");
+            Reply::text(StatusCode::OK, format!("{}\n", to.display()))
+        }
+        Ok(Err(e)) => Reply::text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("backup to {} failed: {e}\n", to.display()),
+        ),
+        Err(_) => Reply::text(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the backup did not finish within 300 s\n",
+        ),
     }
 }
 

@@ -391,6 +391,11 @@ fn open_data_dir(
         mqlb_storage::Options {
             max_disk_bytes: config.max_disk_bytes,
             repair: config.repair,
+            sync: if config.fsync_per_change {
+                mqlb_storage::SyncMode::EachRecord
+            } else {
+                mqlb_storage::SyncMode::Group
+            },
             ..mqlb_storage::Options::default()
         },
     )

@@ -106,6 +106,9 @@ pub struct BrokerConfig {
     /// Start on a data directory with a corrupt record by truncating the
     /// log there (`--repair`; what is cut is moved aside and logged).
     pub repair: bool,
+    /// One fsync per change-log batch instead of one per group: only to
+    /// measure what group commit buys (`--fsync-per-change`, hidden).
+    pub fsync_per_change: bool,
 }
 
 /// When the broker acknowledges a QoS 1/2 publish.
@@ -402,6 +405,7 @@ impl Default for BrokerConfig {
             durability: None,
             max_disk_bytes: None,
             repair: false,
+            fsync_per_change: false,
         }
     }
 }
@@ -875,6 +879,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("b.toml:3: broker.max_topic_levels"), "{e}");
+    }
+
+    /// `data_dir` means "disk" on a single node; `state_dir` is its
+    /// deprecated name; contradictions are refused with what to do.
+    #[test]
+    fn data_dir_durability_and_the_state_dir_alias() {
+        let parse = |t: &str| BrokerConfig::parse("b.toml", t, Some(Path::new("/etc/mqlb")));
+        let c = parse("[broker]\ndata_dir = \"data\"\nmax_disk_bytes = 1000000\n").unwrap();
+        let s = c.storage().unwrap();
+        assert_eq!(s.data_dir, Some(PathBuf::from("/etc/mqlb/data")));
+        assert_eq!(s.durability, Durability::Disk);
+        assert_eq!(c.max_disk_bytes, Some(1_000_000));
+        let c = parse("[broker]\ndata_dir = \"d\"\ndurability = \"memory\"\n").unwrap();
+        assert_eq!(c.storage().unwrap().durability, Durability::Memory);
+        assert_eq!(
+            BrokerConfig::default().storage().unwrap().durability,
+            Durability::Memory
+        );
+        let e = parse("[broker]\ndurability = \"disk\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs a data directory"), "{e}");
+        let e = parse("[broker]\ndurability = \"fast\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("b.toml:2: broker.durability"), "{e}");
+        let cluster = "[cluster]\nnode_id = \"n1\"\nlisten = \"127.0.0.1:7001\"\npeers = [\"n2@127.0.0.1:7002\"]\n";
+        // The deprecated name alone: the data directory, "memory" in a cluster.
+        let c = parse(&format!("{cluster}state_dir = \"s\"\n")).unwrap();
+        let s = c.storage().unwrap();
+        assert_eq!(s.data_dir, Some(PathBuf::from("/etc/mqlb/s")));
+        assert!(s.from_state_dir);
+        assert_eq!(s.durability, Durability::Memory);
+        let e = parse(&format!(
+            "[broker]\ndata_dir = \"d\"\n{cluster}state_dir = \"s\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("name different directories"), "{e}");
+        let e = parse(&format!(
+            "[broker]\ndata_dir = \"d\"\ndurability = \"disk\"\n{cluster}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not available in a cluster yet"), "{e}");
     }
 
     #[test]

@@ -129,12 +129,39 @@ pub async fn qos1_fanout(
     per_pub: usize,
     window: usize,
 ) -> Fanout {
+    fanout(addr, tag, pubs, subs, per_pub, window, true).await
+}
+
+/// [`qos1_fanout`] with persistent subscribers (clean session 0): every
+/// delivery is a change to a session a durable broker must keep, so each
+/// PUBACK waits for it to be stored.
+pub async fn qos1_fanout_persistent(
+    addr: &str,
+    tag: &str,
+    pubs: usize,
+    subs: usize,
+    per_pub: usize,
+    window: usize,
+) -> Fanout {
+    fanout(addr, tag, pubs, subs, per_pub, window, false).await
+}
+
+async fn fanout(
+    addr: &str,
+    tag: &str,
+    pubs: usize,
+    subs: usize,
+    per_pub: usize,
+    window: usize,
+    clean: bool,
+) -> Fanout {
     let topic = format!("bench/fan/{tag}");
     let base = Instant::now();
     let want = pubs * per_pub;
     let mut readers = Vec::new();
     for k in 0..subs {
-        let (mut s, ack) = raw::connect_and_ack(addr, &format!("fan-sub-{tag}-{k}"), 4).await;
+        let (mut s, ack) =
+            raw::connect_and_ack_with(addr, &format!("fan-sub-{tag}-{k}"), 4, clean).await;
         assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
         let mut body = vec![0, 1];
         body.extend_from_slice(&(topic.len() as u16).to_be_bytes());

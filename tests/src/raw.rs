@@ -23,6 +23,12 @@ fn varint(mut n: usize, out: &mut Vec<u8>) {
 /// A clean-session CONNECT with keep-alive 60 for the given level (3, 4 or 5,
 /// optionally with the 0x80 bridge bit).
 pub fn connect(client_id: &str, level: u8) -> Vec<u8> {
+    connect_with(client_id, level, true)
+}
+
+/// [`connect`], with the session kept (`clean` false: 3.x clean session
+/// 0; on v5 the session then never expires).
+pub fn connect_with(client_id: &str, level: u8, clean: bool) -> Vec<u8> {
     let name: &[u8] = if level & 0x7F == 3 {
         b"MQIsdp"
     } else {
@@ -32,10 +38,13 @@ pub fn connect(client_id: &str, level: u8) -> Vec<u8> {
     body.extend_from_slice(&(name.len() as u16).to_be_bytes());
     body.extend_from_slice(name);
     body.push(level);
-    body.push(0x02);
+    body.push(if clean { 0x02 } else { 0x00 });
     body.extend_from_slice(&60u16.to_be_bytes());
-    if level == 5 {
+    if level == 5 && clean {
         body.push(0);
+    } else if level == 5 {
+        // Session Expiry Interval 0xFFFFFFFF: never.
+        body.extend_from_slice(&[5, 0x11, 0xFF, 0xFF, 0xFF, 0xFF]);
     }
     body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
     body.extend_from_slice(client_id.as_bytes());
@@ -97,9 +106,19 @@ pub async fn closed(s: &mut TcpStream, within: Duration) -> bool {
 /// Connects, sends a CONNECT for `id` at `level`, and returns the stream and
 /// the CONNACK bytes read (4 for 3.x; v5 CONNACKs are read by length).
 pub async fn connect_and_ack(addr: &str, id: &str, level: u8) -> (TcpStream, Vec<u8>) {
+    connect_and_ack_with(addr, id, level, true).await
+}
+
+/// [`connect_and_ack`] with the session kept unless `clean`.
+pub async fn connect_and_ack_with(
+    addr: &str,
+    id: &str,
+    level: u8,
+    clean: bool,
+) -> (TcpStream, Vec<u8>) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.set_nodelay(true).unwrap();
-    s.write_all(&connect(id, level)).await.unwrap();
+    s.write_all(&connect_with(id, level, clean)).await.unwrap();
     let head = read_n(&mut s, 2, Duration::from_secs(5)).await;
     if head.len() < 2 {
         return (s, head);
