@@ -1674,6 +1674,7 @@ impl Core {
     pub fn evict_session(&mut self, client_id: &str) -> Effects {
         let mut fx = Effects::none();
         if let Some(mut e) = self.sessions.remove(client_id) {
+            fx.records.push(LogEntry::Evicted(e.id.clone()));
             if let Some(a) = e.attached.take() {
                 fx.send(a.conn, Outgoing::Close(Closing::TakenOver));
                 fx.drained = true;
@@ -2160,6 +2161,8 @@ mod tests {
                         format!("retained {topic} {}", message.is_some())
                     }
                     LogEntry::Store(c) => format!("store {:?}", c.key),
+                    LogEntry::Replica { client, .. } => format!("replica {client}"),
+                    LogEntry::Evicted(c) => format!("evicted {c}"),
                 })
                 .collect()
         };

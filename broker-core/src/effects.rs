@@ -54,6 +54,19 @@ pub enum LogEntry {
     /// A state store key's new state, for the disk (a cluster replicates
     /// keys down their own chains).
     Store(Box<mqlb_statestore::store::KeyCopy>),
+    /// The copy this node keeps of another node's session changed (the
+    /// shell's replication applied these changes): for the disk only.
+    Replica {
+        /// Client ID.
+        client: String,
+        /// The holder's epoch.
+        epoch: u64,
+        /// The changes, in order.
+        changes: Vec<SessionChange>,
+    },
+    /// A session left this node without ending (another node holds it
+    /// now): for the disk only, which forgets its copy.
+    Evicted(Arc<str>),
 }
 
 /// Work the core has decided on, to be done outside its lock.

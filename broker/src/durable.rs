@@ -18,14 +18,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
-use mqlb_broker_core::session::Session;
+use bytes::{Buf, BytesMut};
+use mqlb_broker_core::session::{Session, SessionChange};
 use mqlb_storage::{Recovered, Store};
 
 use crate::cluster::wire::Frame;
 use crate::core::Core;
 use crate::effects::{ChangeLog, Committed, LogEntry};
-use crate::state::State;
+use crate::node::Node;
 use crate::statestore::StateStore;
 
 /// A snapshot is written once this much log has been written since the
@@ -49,14 +49,37 @@ impl DiskLog {
     }
 }
 
-/// Appends `f` to `out`; a frame that cannot be encoded (a field past the
-/// wire's limits, which the broker's own limits keep from happening) is
-/// logged and left out.
-fn put(f: &Frame, out: &mut BytesMut) {
+/// What each stored item is: a tag byte, then the cluster frame that
+/// carries it.
+const OWNED: u8 = 1;
+/// A change to the copy this node keeps of another node's session.
+const REPLICA: u8 = 2;
+const RETAINED: u8 = 3;
+const STORE: u8 = 4;
+/// A session that left this node without ending (a `Replicate` frame
+/// with no changes).
+const EVICTED: u8 = 5;
+
+/// Appends `f`, tagged, to `out`; a frame that cannot be encoded (a
+/// field past the wire's limits, which the broker's own limits keep from
+/// happening) is logged and left out.
+fn put(tag: u8, f: &Frame, out: &mut BytesMut) {
     let before = out.len();
+    out.extend_from_slice(&[tag]);
     if let Err(e) = f.encode(out) {
         out.truncate(before);
         tracing::error!(error = %e, "a change could not be encoded for the disk; left out");
+    }
+}
+
+/// A session change as the frame that carries it.
+fn session_frame(client: &str, epoch: u64, changes: Vec<SessionChange>) -> Frame {
+    Frame::Replicate {
+        seq: 0,
+        client: client.to_string(),
+        epoch,
+        holder: String::new(),
+        changes,
     }
 }
 
@@ -67,20 +90,28 @@ fn encode(entries: &[LogEntry]) -> Option<Vec<u8>> {
     for e in entries {
         match e {
             LogEntry::Session(r) => put(
-                &Frame::Replicate {
-                    seq: 0,
-                    client: r.client.to_string(),
-                    epoch: r.epoch,
-                    holder: String::new(),
-                    changes: vec![r.change.clone()],
-                },
+                OWNED,
+                &session_frame(&r.client, r.epoch, vec![r.change.clone()]),
                 &mut out,
             ),
+            LogEntry::Replica {
+                client,
+                epoch,
+                changes,
+            } => put(
+                REPLICA,
+                &session_frame(client, *epoch, changes.clone()),
+                &mut out,
+            ),
+            LogEntry::Evicted(client) => {
+                put(EVICTED, &session_frame(client, 0, Vec::new()), &mut out)
+            }
             LogEntry::Retained {
                 topic,
                 message,
                 version,
             } => put(
+                RETAINED,
                 &Frame::Retained {
                     topic: topic.clone(),
                     message: message.clone(),
@@ -89,6 +120,7 @@ fn encode(entries: &[LogEntry]) -> Option<Vec<u8>> {
                 &mut out,
             ),
             LogEntry::Store(copy) => put(
+                STORE,
                 &Frame::StoreCopy {
                     seq: 0,
                     view: 0,
@@ -125,10 +157,12 @@ impl ChangeLog for DiskLog {
 }
 
 /// What a recovery put back, for the log line that says so.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Restored {
-    /// Sessions.
-    pub sessions: usize,
+    /// Every session read back, the newest copy of each (by epoch): a
+    /// single node serves them; a cluster member keeps them as copies
+    /// until the view says whose they are (see [`restore`]).
+    pub sessions: Vec<(String, Session)>,
     /// Retained messages (deletions not counted).
     pub retained: usize,
     /// State store keys.
@@ -137,108 +171,201 @@ pub struct Restored {
     pub last_seq: u64,
 }
 
-/// Applies one stored payload (a run of frames) to what is being rebuilt.
+/// Sessions as the log rebuilds them: the ones this node held, and the
+/// copies it kept for others, apart (as the node kept them).
+#[derive(Default)]
+struct Rebuilt {
+    owned: HashMap<String, Session>,
+    replicas: HashMap<String, Session>,
+}
+
+/// Applies one stored payload (a run of tagged frames) to what is being
+/// rebuilt.
 fn replay(
     data: &[u8],
     now: Instant,
-    sessions: &mut HashMap<String, Session>,
+    rebuilt: &mut Rebuilt,
     core: &mut Core,
     statestore: &StateStore,
 ) -> Result<(), String> {
     let mut buf = BytesMut::from(data);
-    while !buf.is_empty() {
+    while let Some(&tag) = buf.first() {
+        buf.advance(1);
         let frame = Frame::decode(&mut buf)
             .map_err(|e| e.to_string())?
             .ok_or("a stored record ends mid-frame")?;
-        match frame {
-            Frame::Replicate {
-                client, changes, ..
-            } => {
+        match (tag, frame) {
+            (
+                OWNED,
+                Frame::Replicate {
+                    client, changes, ..
+                },
+            ) => {
                 for c in changes {
-                    if c == mqlb_broker_core::session::SessionChange::Ended {
-                        sessions.remove(&client);
+                    if c == SessionChange::Ended {
+                        rebuilt.owned.remove(&client);
                     } else {
-                        sessions.entry(client.clone()).or_default().apply(c, now);
+                        rebuilt
+                            .owned
+                            .entry(client.clone())
+                            .or_default()
+                            .apply(c, now);
                     }
                 }
             }
-            Frame::Retained {
-                topic,
-                message,
-                version,
-            } => core.restore_retained(&topic, message, version),
-            Frame::StoreCopy { copy: Some(c), .. } => {
+            (
+                REPLICA,
+                Frame::Replicate {
+                    client,
+                    epoch,
+                    changes,
+                    ..
+                },
+            ) => {
+                // As the cluster's replication applied them: an older
+                // epoch's changes are refused.
+                let s = rebuilt.replicas.entry(client.clone()).or_default();
+                if s.epoch <= epoch {
+                    for c in changes {
+                        if c == SessionChange::Ended {
+                            *s = Session::default();
+                        } else {
+                            s.apply(c, now);
+                        }
+                    }
+                }
+                if *s == Session::default() {
+                    rebuilt.replicas.remove(&client);
+                }
+            }
+            (EVICTED, Frame::Replicate { client, .. }) => {
+                rebuilt.owned.remove(&client);
+            }
+            (
+                RETAINED,
+                Frame::Retained {
+                    topic,
+                    message,
+                    version,
+                },
+            ) => core.restore_retained(&topic, message, version),
+            (STORE, Frame::StoreCopy { copy: Some(c), .. }) => {
                 statestore.install(c);
             }
-            other => return Err(format!("unexpected frame in the data directory: {other:?}")),
+            (tag, other) => {
+                return Err(format!(
+                    "unexpected item in the data directory (tag {tag}): {other:?}"
+                ))
+            }
         }
     }
     Ok(())
 }
 
-/// Puts back what `found` holds: sessions (offline, their queues and
-/// inflight messages, QoS 2 ids and subscriptions), retained messages
-/// and state store keys.
+/// Reads back what `found` holds: retained messages and state store keys
+/// are put back into `core` and `statestore`; the sessions are returned
+/// (the newest copy of each, by epoch), for the caller to serve (a single
+/// node: [`serve_restored`]) or keep as copies (a cluster member, whose
+/// view decides whose each is).
 pub fn restore(
     core: &mut Core,
     statestore: &StateStore,
     found: &Recovered,
 ) -> Result<Restored, String> {
     let now = Instant::now();
-    let mut sessions = HashMap::new();
+    let mut rebuilt = Rebuilt::default();
     if let Some(s) = &found.snapshot {
-        replay(&s.data, now, &mut sessions, core, statestore)
+        replay(&s.data, now, &mut rebuilt, core, statestore)
             .map_err(|e| format!("snapshot covering batch {}: {e}", s.covers))?;
     }
     for r in &found.records {
-        replay(&r.data, now, &mut sessions, core, statestore)
+        replay(&r.data, now, &mut rebuilt, core, statestore)
             .map_err(|e| format!("record {}: {e}", r.seq))?;
     }
-    let mut restored = Restored {
+    let mut sessions = rebuilt.owned;
+    for (id, copy) in rebuilt.replicas {
+        match sessions.get(&id) {
+            Some(mine) if mine.epoch >= copy.epoch => {}
+            _ => {
+                sessions.insert(id, copy);
+            }
+        }
+    }
+    Ok(Restored {
+        sessions: sessions.into_iter().collect(),
         last_seq: found.last_seq(),
         retained: core.retained_count(),
         keys: statestore.copies(|_| true).len(),
-        ..Restored::default()
-    };
-    for (id, s) in sessions {
-        let snap = mqlb_broker_core::core::snapshot_of(&s, now);
-        match core.import_session(&id, snap) {
-            // Its records describe what was just read back.
-            Ok(_already_on_disk) => restored.sessions += 1,
-            Err(e) => return Err(format!("session {id:?}: {e}")),
-        }
-    }
-    Ok(restored)
+    })
 }
 
-/// Writes a snapshot of the node: under the core's lock, the number of
-/// the last batch sequenced and a copy of every persistent session,
-/// retained message and state store key (so the snapshot holds exactly
-/// the batches up to that number); encoded after it. Returns once the
-/// snapshot is on disk.
-pub async fn snapshot(state: &State, store: &Store) -> std::io::Result<()> {
-    let (covers, sessions, retained, keys) = state.for_snapshot();
+/// A single node serves what it read back: each session imported
+/// (offline, as it was).
+pub fn serve_restored(core: &mut Core, sessions: Vec<(String, Session)>) -> Result<(), String> {
+    let now = Instant::now();
+    for (id, s) in sessions {
+        let snap = mqlb_broker_core::core::snapshot_of(&s, now);
+        // Its records describe what was just read back: not logged again.
+        let _already_on_disk = core
+            .import_session(&id, snap)
+            .map_err(|e| format!("session {id:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Writes a snapshot of the node: under the core's lock (and the
+/// cluster's copies' lock), the number of the last batch sequenced and a
+/// copy of every persistent session, every copy kept for another node,
+/// every retained message and state store key, so the snapshot holds
+/// exactly the batches up to that number; encoded after it. Returns once
+/// the snapshot is on disk.
+pub async fn snapshot(node: &Node, store: &Store) -> std::io::Result<()> {
+    let state = node.state();
+    let cluster = node.cluster();
+    let (covers, owned, replicas, retained, keys) = {
+        let core = state.core();
+        let replicas = cluster.map(|c| c.replica_copies()).unwrap_or_default();
+        // Read last: every change numbered up to it is in what was copied
+        // (owned ones are numbered under the core's lock, copies' under
+        // theirs, both held here).
+        let covers = state.last_sequenced();
+        let owned: Vec<_> = core
+            .persistent_sessions()
+            .into_iter()
+            .filter_map(|id| core.export_session(&id).map(|s| (id, s)))
+            .collect();
+        let retained: Vec<_> = core
+            .retained_all()
+            .into_iter()
+            .filter(|(t, _, _)| !(t == "$SYS" || t.starts_with("$SYS/")))
+            .collect();
+        let keys = state.statestore.copies(|_| true);
+        (covers, owned, replicas, retained, keys)
+    };
     let now = Instant::now();
     let mut out = BytesMut::new();
-    for (client, snap) in sessions {
+    let copies = owned
+        .into_iter()
+        .map(|(c, s)| (OWNED, c.to_string(), s))
+        .chain(replicas.into_iter().map(|(c, s)| (REPLICA, c, s)));
+    for (tag, client, snap) in copies {
         let epoch = snap.epoch;
+        if tag == REPLICA {
+            put(
+                REPLICA,
+                &session_frame(&client, epoch, vec![SessionChange::Ended]),
+                &mut out,
+            );
+        }
         for change in mqlb_broker_core::core::snapshot_changes(snap, now, Arc::<str>::from) {
             // One frame per change: a session's queue can be far larger
             // than a frame may be.
-            put(
-                &Frame::Replicate {
-                    seq: 0,
-                    client: client.to_string(),
-                    epoch,
-                    holder: String::new(),
-                    changes: vec![change],
-                },
-                &mut out,
-            );
+            put(tag, &session_frame(&client, epoch, vec![change]), &mut out);
         }
     }
     for (topic, message, version) in retained {
         put(
+            RETAINED,
             &Frame::Retained {
                 topic,
                 message,
@@ -249,6 +376,7 @@ pub async fn snapshot(state: &State, store: &Store) -> std::io::Result<()> {
     }
     for copy in keys {
         put(
+            STORE,
             &Frame::StoreCopy {
                 seq: 0,
                 view: 0,

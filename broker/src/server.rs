@@ -81,21 +81,31 @@ impl Broker {
                 .map_or("mqlb", |c| c.node_id.as_str()),
             config.statestore,
         );
-        let disk = match (&storage.data_dir, storage.durability) {
+        let mut disk = match (&storage.data_dir, storage.durability) {
             (Some(dir), mqlb_config::broker::Durability::Disk) => {
                 Some(open_data_dir(dir, config, &mut core, &statestore)?)
             }
             _ => None,
         };
+        if let Some((_, restored)) = &mut disk {
+            let sessions = std::mem::take(&mut restored.sessions);
+            match &cluster {
+                // Copies until the view says whose each is.
+                Some((c, _)) => c.restore_copies(sessions),
+                None => crate::durable::serve_restored(&mut core, sessions)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+            }
+        }
         // A member's session records stream down their chains; a single
-        // node's are committed at once, or once on disk.
-        let log: Arc<dyn crate::effects::ChangeLog> = match (&cluster, &disk) {
-            (Some((c, _)), _) => c.clone(),
-            (None, Some((store, _))) => Arc::new(crate::durable::DiskLog::new(
-                Arc::new(LocalLog::default()),
-                store.clone(),
-            )),
-            (None, None) => Arc::new(LocalLog::default()),
+        // node's are committed at once; with a data directory, once on
+        // disk as well.
+        let inner: Arc<dyn crate::effects::ChangeLog> = match &cluster {
+            Some((c, _)) => c.clone(),
+            None => Arc::new(LocalLog::default()),
+        };
+        let log: Arc<dyn crate::effects::ChangeLog> = match &disk {
+            Some((store, _)) => Arc::new(crate::durable::DiskLog::new(inner, store.clone())),
+            None => inner,
         };
         let mut fronts = Vec::new();
         for l in &config.listeners {
@@ -125,8 +135,8 @@ impl Broker {
             shutdown_grace: config.shutdown_grace,
             cluster,
         };
-        if let Some((store, last_seq)) = disk {
-            broker.state.state().use_disk(store, last_seq);
+        if let Some((store, restored)) = disk {
+            broker.state.state().use_disk(store, restored.last_seq);
         }
         Ok(broker)
     }
@@ -175,7 +185,7 @@ impl Broker {
         let disk_failed = CancellationToken::new();
         if let Some(store) = self.state.state().disk().cloned() {
             tokio::spawn(keep_disk(
-                self.state.state().clone(),
+                self.state.clone(),
                 store,
                 hard.clone(),
                 disk_failed.clone(),
@@ -361,7 +371,7 @@ impl Broker {
         // A last snapshot: the next start reads it instead of the log.
         let state = self.state.state();
         if let (Some(store), false) = (state.disk(), disk_failed.is_cancelled()) {
-            match crate::durable::snapshot(state, store).await {
+            match crate::durable::snapshot(&self.state, store).await {
                 Ok(()) => tracing::info!("data directory snapshot written"),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not write a snapshot on the way out; the log holds everything")
@@ -384,7 +394,7 @@ fn open_data_dir(
     config: &BrokerConfig,
     core: &mut Core,
     statestore: &crate::statestore::StateStore,
-) -> io::Result<(Arc<mqlb_storage::Store>, u64)> {
+) -> io::Result<(Arc<mqlb_storage::Store>, crate::durable::Restored)> {
     let started = std::time::Instant::now();
     let (store, found) = mqlb_storage::Store::open(
         dir,
@@ -409,7 +419,7 @@ fn open_data_dir(
     })?;
     tracing::info!(
         dir = %dir.display(),
-        sessions = restored.sessions,
+        sessions = restored.sessions.len(),
         retained = restored.retained,
         state_store_keys = restored.keys,
         records = found.records.len(),
@@ -418,7 +428,7 @@ fn open_data_dir(
         took = ?started.elapsed(),
         "data directory read back"
     );
-    Ok((Arc::new(store), restored.last_seq))
+    Ok((Arc::new(store), restored))
 }
 
 /// Keeps the data directory: a snapshot at start (what was read back,
@@ -427,7 +437,7 @@ fn open_data_dir(
 /// back), and `failed` cancelled if the directory fails (the node then
 /// stops: it cannot acknowledge anything more).
 async fn keep_disk(
-    state: Arc<State>,
+    state: Arc<Node>,
     store: Arc<mqlb_storage::Store>,
     stop: CancellationToken,
     failed: CancellationToken,

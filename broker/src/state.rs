@@ -101,16 +101,6 @@ pub struct State {
     pub disk_refused: std::sync::atomic::AtomicU64,
 }
 
-/// What a snapshot of the node holds (see [`State::for_snapshot`]): the
-/// last batch it covers, the persistent sessions, the retained messages
-/// and deletions, and the state store keys.
-pub type SnapshotParts = (
-    u64,
-    Vec<(Arc<str>, crate::snapshot::SessionSnapshot)>,
-    Vec<(String, Option<crate::message::Message>, crate::hlc::Hlc)>,
-    Vec<mqlb_statestore::store::KeyCopy>,
-);
-
 impl State {
     /// A node with these parts (and a state store with default limits).
     pub fn new(core: Core, auth: Auth, log: Arc<dyn ChangeLog>) -> Arc<State> {
@@ -190,26 +180,6 @@ impl State {
         self.disk
             .get()
             .is_some_and(|d| d.is_full() || d.failed().is_some())
-    }
-
-    /// Everything a snapshot of the node holds, taken under the core's
-    /// lock (the state store's taken inside it), with the number of the
-    /// last batch sequenced: the copy holds exactly the batches up to it.
-    pub fn for_snapshot(&self) -> SnapshotParts {
-        let core = self.core();
-        let covers = self.last_sequenced();
-        let sessions = core
-            .persistent_sessions()
-            .into_iter()
-            .filter_map(|id| core.export_session(&id).map(|s| (id, s)))
-            .collect();
-        let retained = core
-            .retained_all()
-            .into_iter()
-            .filter(|(t, _, _)| !(t == "$SYS" || t.starts_with("$SYS/")))
-            .collect();
-        let keys = self.statestore.copies(|_| true);
-        (covers, sessions, retained, keys)
     }
 
     /// An open single node (anonymous, no ACL, local log): for tests.

@@ -163,23 +163,20 @@ impl BrokerConfig {
             (None, Some(s)) => (Some(s), true),
             (None, None) => (None, false),
         };
-        let clustered = self.cluster.is_some();
+        // "disk" is the default with a data directory named as such; a
+        // directory named by the deprecated `state_dir` keeps what it
+        // meant before (the Raft state only, sessions in memory).
         let durability = self
             .durability
-            .unwrap_or(if data_dir.is_some() && !clustered {
+            .unwrap_or(if data_dir.is_some() && !from_state_dir {
                 Durability::Disk
             } else {
                 Durability::Memory
             });
-        if durability == Durability::Disk {
-            if data_dir.is_none() {
-                return Err(
-                    "durability = \"disk\" needs a data directory (data_dir, --data-dir)".into(),
-                );
-            }
-            if clustered {
-                return Err("durability = \"disk\" is not available in a cluster yet: a cluster keeps every session on its chain's nodes in memory (durability = \"memory\"), and its data_dir holds the Raft state; see docs/durability.md".into());
-            }
+        if durability == Durability::Disk && data_dir.is_none() {
+            return Err(
+                "durability = \"disk\" needs a data directory (data_dir, --data-dir)".into(),
+            );
         }
         Ok(Storage {
             data_dir,
@@ -906,7 +903,7 @@ mod tests {
             .to_string();
         assert!(e.contains("b.toml:2: broker.durability"), "{e}");
         let cluster = "[cluster]\nnode_id = \"n1\"\nlisten = \"127.0.0.1:7001\"\npeers = [\"n2@127.0.0.1:7002\"]\n";
-        // The deprecated name alone: the data directory, "memory" in a cluster.
+        // The deprecated name alone: the data directory, "memory" as before.
         let c = parse(&format!("{cluster}state_dir = \"s\"\n")).unwrap();
         let s = c.storage().unwrap();
         assert_eq!(s.data_dir, Some(PathBuf::from("/etc/mqlb/s")));
@@ -918,12 +915,8 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("name different directories"), "{e}");
-        let e = parse(&format!(
-            "[broker]\ndata_dir = \"d\"\ndurability = \"disk\"\n{cluster}"
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("not available in a cluster yet"), "{e}");
+        let c = parse(&format!("[broker]\ndata_dir = \"d\"\n{cluster}")).unwrap();
+        assert_eq!(c.storage().unwrap().durability, Durability::Disk);
     }
 
     #[test]

@@ -562,7 +562,7 @@ fn recover(dir: &Path, options: &Options) -> Result<Found, Error> {
             segments.push((n, entry.path()));
         } else if let Some(n) = snapshot_number(name) {
             snapshots.push((n, entry.path()));
-        } else if name.ends_with(".tmp") {
+        } else if name.starts_with("snapshot-") && name.ends_with(".snap.tmp") {
             // A snapshot whose rename never happened: never used.
             let _ = fs::remove_file(entry.path());
         }

@@ -26,9 +26,24 @@ impl Cluster {
     /// session and not the session itself, the replica becomes the session
     /// (its records then stream to the rest of the chain).
     pub fn promote(&self, client_id: &str, state: &State) {
-        let Some(session) = lock(&self.replicas).remove(client_id) else {
-            return;
+        let (session, ticket) = {
+            let mut replicas = lock(&self.replicas);
+            let Some(session) = replicas.remove(client_id) else {
+                return;
+            };
+            // The disk's copy goes too (numbered under the copies' lock,
+            // before the session's own records below): a restart must not
+            // find it after the session ended.
+            let ticket = state.disk().is_some().then_some(()).and_then(|()| {
+                state.sequence(vec![LogEntry::Replica {
+                    client: client_id.to_string(),
+                    epoch: session.epoch,
+                    changes: vec![SessionChange::Ended],
+                }])
+            });
+            (session, ticket)
         };
+        drop(state.commit(ticket));
         // The log stays: this node now adds what it gives the session, and
         // sends it along whenever it sends the session whole.
         let seen = lock(&self.replica_seen)
@@ -51,6 +66,32 @@ impl Cluster {
             core.note_seen(client_id, seen);
             fx
         });
+    }
+
+    /// A copy of every session this node keeps for another, for the data
+    /// directory's snapshot (taken with the core's lock held: the lock
+    /// order is the core's, then the copies').
+    pub(crate) fn replica_copies(&self) -> Vec<(String, crate::snapshot::SessionSnapshot)> {
+        let now = Instant::now();
+        lock(&self.replicas)
+            .iter()
+            .map(|(c, s)| (c.clone(), crate::core::snapshot_of(s, now)))
+            .collect()
+    }
+
+    /// Takes what the data directory held as copies: the view decides
+    /// whose each is (a copy this node owns in it is promoted once the
+    /// node is ready, after its peers' newer copies, if any, replaced it).
+    pub fn restore_copies(&self, sessions: Vec<(String, Session)>) {
+        let mut replicas = lock(&self.replicas);
+        for (client, s) in sessions {
+            match replicas.get(&client) {
+                Some(held) if held.epoch >= s.epoch => {}
+                _ => {
+                    replicas.insert(client, s);
+                }
+            }
+        }
     }
 
     /// Whether the committed view still counts a member this node has no
@@ -205,7 +246,9 @@ impl Cluster {
         };
         for (client, snap) in demoted {
             let epoch = snap.epoch;
-            self.apply_replica(&client, epoch, whole(snap));
+            // On disk as well, before the eviction below is (it is numbered
+            // first): a restart finds the copy.
+            drop(self.apply_replica(&client, epoch, whole(snap), state));
             let _ = state.act(|core| core.evict_session_shutting_down(&client));
         }
         for outbox in state.open_connections() {
@@ -266,20 +309,65 @@ impl Cluster {
                     tracing::info!(client, "session moved to another node; local copy dropped");
                     let _ = state.act(|core| core.evict_session(&client));
                 }
-                self.apply_replica(&client, epoch, changes);
+                let kept = self.apply_replica(&client, epoch, changes, state);
+                return self.answer_when(from, seq, kept);
             }
             Some(_) => {}
-            None => self.apply_replica(&client, epoch, changes),
+            None => {
+                let kept = self.apply_replica(&client, epoch, changes, state);
+                return self.answer_when(from, seq, kept);
+            }
         }
         self.answer(from, Frame::Ack { seq });
     }
 
-    pub(super) fn apply_replica(&self, client: &str, epoch: u64, changes: Vec<SessionChange>) {
+    /// Acknowledges `seq` once `kept` (the copy's changes on this node's
+    /// disk, with a data directory) resolves; never if it is not.
+    fn answer_when(&self, from: ReplyTo, seq: u64, kept: crate::effects::Committed) {
+        if kept.is_done() {
+            return self.answer(from, Frame::Ack { seq });
+        }
+        let Some(me) = self.state_owner.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        tokio::spawn(async move {
+            // Unacknowledged if not kept: the writer's wait ends at its
+            // deadline, as not committed.
+            if kept.wait().await.is_ok() {
+                me.answer(from, Frame::Ack { seq });
+            }
+        });
+    }
+
+    /// Applies changes to the copy kept of `client`'s session (refused
+    /// from an older epoch than the copy's). With a data directory they
+    /// are numbered in the node's ordered log under the copies' lock (so
+    /// the disk has them in the order they were applied) and the result
+    /// resolves once they are on disk.
+    pub(super) fn apply_replica(
+        &self,
+        client: &str,
+        epoch: u64,
+        changes: Vec<SessionChange>,
+        state: &State,
+    ) -> crate::effects::Committed {
+        let ticket = self.apply_replica_locked(client, epoch, changes, state);
+        state.commit(ticket)
+    }
+
+    fn apply_replica_locked(
+        &self,
+        client: &str,
+        epoch: u64,
+        changes: Vec<SessionChange>,
+        state: &State,
+    ) -> Option<crate::state::Ticket> {
         let mut replicas = lock(&self.replicas);
         let s = replicas.entry(client.to_string()).or_default();
         if s.epoch > epoch {
-            return;
+            return None;
         }
+        let logged = state.disk().is_some().then(|| changes.clone());
         {
             let now = Instant::now();
             let mut seen = lock(&self.replica_seen);
@@ -302,6 +390,13 @@ impl Cluster {
             lock(&self.holders).remove(client);
             lock(&self.replica_seen).remove(client);
         }
+        logged.and_then(|changes| {
+            state.sequence(vec![LogEntry::Replica {
+                client: client.to_string(),
+                epoch,
+                changes,
+            }])
+        })
     }
 
     pub(super) fn acked(&self, from: NodeId, seq: u64) {
@@ -495,7 +590,7 @@ impl ChangeLog for Cluster {
                 }
                 // A cluster replicates state store keys down their own
                 // chains (`store`); this entry is for a data directory.
-                LogEntry::Store(_) => {}
+                LogEntry::Store(_) | LogEntry::Replica { .. } | LogEntry::Evicted(_) => {}
                 LogEntry::Retained {
                     topic,
                     message,

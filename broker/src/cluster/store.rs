@@ -144,8 +144,28 @@ impl Cluster {
             match handled {
                 crate::statestore::Handled::Done { outcome, key, copy } => {
                     let Some(key) = key else { break outcome };
-                    if self.store_replicate(&key, view, copy.map(|c| *c)).await {
+                    // With a data directory the owner's own copy is on
+                    // its disk before the answer goes out, as each chain
+                    // member's is before it acknowledges.
+                    let kept = match (&copy, state.disk()) {
+                        (Some(c), Some(_)) => Some(state.act(|_| {
+                            let mut fx = crate::effects::Effects::none();
+                            fx.log(LogEntry::Store(c.clone()));
+                            fx
+                        })),
+                        _ => None,
+                    };
+                    let replicated = self.store_replicate(&key, view, copy.map(|c| *c)).await;
+                    let kept = match kept {
+                        Some(k) => k.wait().await.is_ok(),
+                        None => true,
+                    };
+                    if replicated && kept {
                         break outcome;
+                    }
+                    if !kept {
+                        tracing::warn!("state store change not kept on this node's disk");
+                        break store.unavailable(p, UNAVAILABLE);
                     }
                     tracing::info!("state store change refused by a chain member in a newer view");
                     break store.unavailable(p, UNAVAILABLE);
@@ -339,12 +359,33 @@ impl Cluster {
         state: &State,
     ) {
         let ok = view >= self.view().number;
+        let mut kept = crate::effects::Committed::now();
         if let Some(c) = copy {
+            let logged = state.disk().is_some().then(|| c.clone());
             state.statestore.install(c);
+            if let Some(c) = logged {
+                // On this node's disk before it is acknowledged.
+                kept = state.act(|_| {
+                    let mut fx = crate::effects::Effects::none();
+                    fx.log(LogEntry::Store(Box::new(c)));
+                    fx
+                });
+            }
         }
-        if seq != 0 {
-            self.answer(from, Frame::StoreAck { seq, ok });
+        if seq == 0 {
+            return;
         }
+        if kept.is_done() {
+            return self.answer(from, Frame::StoreAck { seq, ok });
+        }
+        let Some(me) = self.state_owner.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        tokio::spawn(async move {
+            if kept.wait().await.is_ok() {
+                me.answer(from, Frame::StoreAck { seq, ok });
+            }
+        });
     }
 
     /// A request a peer passed on: served here (or passed on again), then
