@@ -242,6 +242,10 @@ pub fn run(args: DemoArgs) -> ExitCode {
                 file(format!("{name}.key")),
                 "--cluster-tls-ca".to_string(),
                 file("ca.pem".to_string()),
+                // The real mode: every acknowledged message on disk, so
+                // a killed node restarted by the demo comes back with it.
+                "--data-dir".to_string(),
+                file(format!("data-{name}")),
             ]);
             Node {
                 name: name.clone(),
@@ -330,7 +334,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
             }
             // A moment for the last start-up lines to land above it.
             std::thread::sleep(Duration::from_millis(300));
-            print_banner(&args, &nodes, &children, &token);
+            print_banner(&args, &nodes, &children, &token, &scratch.0);
         });
     }
     let code = crate::run::run(config, None);
@@ -380,6 +384,7 @@ fn print_banner(
     nodes: &[(String, u16, u16, u16)],
     children: &Mutex<Vec<Node>>,
     token: &str,
+    dir: &std::path::Path,
 ) {
     let pids: Vec<String> = children
         .lock()
@@ -410,6 +415,10 @@ fn print_banner(
     }
     println!("  admin token (drains, reloads; the console asks for it): {token}");
     println!("  cluster links: mutual TLS with a throw-away CA, removed at exit");
+    println!(
+        "  durability: \"disk\" (PUBACK once on disk), data in {}/data-n*, removed at exit",
+        dir.display()
+    );
     println!();
     println!("Try it (each in its own terminal):");
     println!("  mosquitto_sub -p {p} -i sub1 -c -q 1 -t 'demo/#' -v");

@@ -191,6 +191,24 @@ impl Broker {
                 disk_failed.clone(),
             ));
         }
+        if let Some(cluster) = self.state.cluster() {
+            // Raft state that cannot be persisted stops the node as a
+            // failed data directory does.
+            let (stop, failed) = (hard.clone(), disk_failed.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    if cluster.persist_failed().is_some() {
+                        failed.cancel();
+                        return;
+                    }
+                }
+            });
+        }
         // Peers keep hearing from this node until its clients are gone.
         let member = self.cluster.as_ref().map(|(c, _)| c.clone());
         if let Some((cluster, listener)) = self.cluster {
@@ -380,8 +398,11 @@ impl Broker {
         }
         hard.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
-        match state.disk().and_then(|d| d.failed()) {
-            Some(f) => Err(f.to_string()),
+        if let Some(f) = state.disk().and_then(|d| d.failed()) {
+            return Err(f.to_string());
+        }
+        match self.state.cluster().and_then(|c| c.persist_failed()) {
+            Some(e) => Err(format!("the Raft state cannot be persisted: {e}")),
             None => Ok(()),
         }
     }

@@ -297,6 +297,10 @@ pub struct Consensus {
     compact_now: bool,
     /// Where the state is persisted, if anywhere.
     state_file: Option<std::path::PathBuf>,
+    /// Why persisting the state failed, once it has: from then on this
+    /// node sends nothing (a vote or acknowledgement it could not keep
+    /// would break Raft's rules), and the node stops.
+    failed: Option<String>,
     /// Every random choice: the election timeouts (see
     /// [`Consensus::own_timeout`]). Seeded by whoever makes the node, so a
     /// run can be replayed.
@@ -516,6 +520,7 @@ impl Consensus {
             names,
             compact_now: false,
             state_file: state_file.map(std::path::Path::to_path_buf),
+            failed: None,
             rng: fastrand::Rng::with_seed(seed),
             timeout: ((u64::MAX, StateRole::Follower), 0),
         };
@@ -541,26 +546,42 @@ impl Consensus {
         self.timeout = (key, raft.randomized_election_timeout());
     }
 
+    /// Why the state could not be persisted, once it could not: the node
+    /// must stop taking part.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// [`Consensus::persist`]; a failure poisons the node (see `failed`).
+    fn persist_or_fail(&mut self) -> bool {
+        if self.failed.is_some() {
+            return false;
+        }
+        match self.persist() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "raft state not persisted: this node stops taking part (it could not keep what it would promise)");
+                self.failed = Some(e);
+                false
+            }
+        }
+    }
+
     /// Writes the hard state, the applied view and the entries after it
     /// to the state file (whole, to a temporary file that is synced and
-    /// renamed over it). A failure is logged: the node goes on as if it had
-    /// no state directory.
-    fn persist(&self) {
+    /// renamed over it, the directory synced after the rename).
+    fn persist(&self) -> Result<(), String> {
         let Some(path) = &self.state_file else {
-            return;
+            return Ok(());
         };
         let store = &self.node.store().mem;
         let (index, term, view) = {
             let a = lock(&self.applied);
             (a.index, a.term, a.view.clone())
         };
-        let state = match store.initial_state() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "raft state not read for persisting");
-                return;
-            }
-        };
+        let state = store
+            .initial_state()
+            .map_err(|e| format!("raft state not read for persisting: {e}"))?;
         let last = store.last_index().unwrap_or(index);
         let entries = if last > index {
             store
@@ -584,11 +605,16 @@ impl Consensus {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, path)
+            std::fs::rename(&tmp, path)?;
+            // The rename itself survives a power loss only once the
+            // directory is synced.
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            std::fs::File::open(dir)?.sync_all()
         };
-        if let Err(e) = write() {
-            tracing::warn!(error = %e, path = %path.display(), "raft state not persisted");
-        }
+        write().map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// The committed view.
@@ -789,7 +815,7 @@ impl Consensus {
     fn ready(&mut self) -> Output {
         self.own_timeout();
         let mut out = Output::default();
-        if !self.node.has_ready() {
+        if self.failed.is_some() || !self.node.has_ready() {
             return out;
         }
         let before = self.view().number;
@@ -833,8 +859,9 @@ impl Consensus {
         }
         // What the next messages promise (a vote, an acknowledged entry)
         // is on disk before they leave.
-        if changed {
-            self.persist();
+        if changed && !self.persist_or_fail() {
+            // Nothing that depends on it leaves.
+            return Output::default();
         }
         self.send(rd.take_persisted_messages(), &mut out);
         let mut light = self.node.advance(rd);
@@ -852,8 +879,8 @@ impl Consensus {
         self.apply(committed);
         self.node.advance_apply();
         self.compact();
-        if applied_more {
-            self.persist();
+        if applied_more && !self.persist_or_fail() {
+            return Output::default();
         }
         let view = self.view();
         if view.number != before {
@@ -1316,6 +1343,53 @@ mod tests {
         let n = c.get_mut("n0").expect("node");
         let out = n.step("n1", b"\xff\xff\xff");
         assert!(out.messages.is_empty());
+    }
+
+    /// A node whose state can no longer be written stops taking part:
+    /// it says why and sends nothing more (a vote or an acknowledgement it
+    /// could not keep would break Raft's rules); the others go on.
+    #[test]
+    fn a_node_that_cannot_persist_stops_taking_part() {
+        let dir = std::env::temp_dir().join(format!("mqlb-raft-fail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("raft-n0.state");
+        let ms = members(3);
+        let mut nodes: BTreeMap<String, Consensus> = ms
+            .iter()
+            .map(|(name, _)| {
+                let f = (name == "n0").then_some(file.as_path());
+                let c = Consensus::with_state(name, &ms, f, 7).expect("raft node");
+                (name.clone(), c)
+            })
+            .collect();
+        let all = names(&["n0", "n1", "n2"]);
+        for _ in 0..40 {
+            tick_all(&mut nodes, &[], &all);
+        }
+        assert!(nodes["n0"].failed().is_none());
+        // The directory goes away: the next write fails.
+        std::fs::remove_dir_all(&dir).expect("remove");
+        for _ in 0..40 {
+            tick_all(&mut nodes, &[], &names(&["n1", "n2"]));
+        }
+        let why = nodes["n0"].failed().expect("n0 should have failed");
+        assert!(why.contains("raft-n0.state"), "{why}");
+        let n0 = nodes.get_mut("n0").expect("n0");
+        for _ in 0..20 {
+            let out = n0.tick();
+            assert!(
+                out.messages.is_empty(),
+                "a failed node sent {:?}",
+                out.messages
+            );
+        }
+        // The others still commit views.
+        let before = nodes["n1"].view().number;
+        for _ in 0..40 {
+            tick_all(&mut nodes, &["n0"], &all);
+            tick_all(&mut nodes, &["n0"], &names(&["n1", "n2"]));
+        }
+        assert!(nodes["n1"].view().number > before);
     }
 
     /// With a state file, a node restarted mid-term comes back with its

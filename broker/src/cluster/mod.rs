@@ -619,6 +619,12 @@ impl Cluster {
         lock(&self.consensus).leader()
     }
 
+    /// Why this node's Raft state could not be persisted, once it could
+    /// not: it takes no further part, and the process should stop.
+    pub fn persist_failed(&self) -> Option<String> {
+        lock(&self.consensus).failed().map(str::to_string)
+    }
+
     /// The Raft term this node is in: it rises with each election, so an
     /// operator who sees it climb knows the cluster keeps re-electing.
     pub fn term(&self) -> u64 {
