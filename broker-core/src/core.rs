@@ -699,7 +699,14 @@ impl Core {
             }
         }
         // Back before its Will Delay ran out: the will is not sent (3.1.3.2.2).
-        self.wills.remove(client_id);
+        if let Some((id, _)) = self.wills.remove_entry(client_id) {
+            if self.durable {
+                fx.records.push(LogEntry::Will {
+                    client: id,
+                    will: None,
+                });
+            }
+        }
         if clean_start {
             self.drop_session(client_id, &mut fx);
         }
@@ -847,13 +854,44 @@ impl Core {
     /// Holds `will` until `delay` has passed, or until the session ends if
     /// that is sooner; a reconnect cancels it. Replaces an earlier pending
     /// will of the same client.
-    pub fn schedule_will(&mut self, client_id: &str, will: Message, delay: Duration) {
+    pub fn schedule_will(&mut self, client_id: &str, will: Message, delay: Duration) -> Effects {
+        let mut fx = Effects::none();
         let id = match self.sessions.get(client_id) {
             Some(e) => e.id.clone(),
             None => Arc::from(client_id),
         };
         let due = self.now() + delay;
+        if self.durable {
+            let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+            fx.records.push(LogEntry::Will {
+                client: id.clone(),
+                will: Some((self.wall_ms().saturating_add(ms), will.clone())),
+            });
+        }
         self.wills.insert(id, (due, will));
+        fx
+    }
+
+    /// Every will waiting out its delay, with when it is due in Unix
+    /// milliseconds: for a snapshot of the node.
+    pub fn wills_due(&self) -> Vec<(Arc<str>, u64, Message)> {
+        let (now, wall) = (self.now(), self.wall_ms());
+        self.wills
+            .iter()
+            .map(|(id, (at, m))| {
+                let left = u64::try_from(at.saturating_duration_since(now).as_millis())
+                    .unwrap_or(u64::MAX);
+                (id.clone(), wall.saturating_add(left), m.clone())
+            })
+            .collect()
+    }
+
+    /// Puts back a will read from disk at start-up, due at `due_ms` (Unix
+    /// milliseconds; at once if that has passed).
+    pub fn restore_will(&mut self, client_id: &str, due_ms: u64, will: Message) {
+        let left = Duration::from_millis(due_ms.saturating_sub(self.wall_ms()));
+        let due = self.now() + left;
+        self.wills.insert(Arc::from(client_id), (due, will));
     }
 
     /// Wills waiting out their delay.
@@ -874,6 +912,12 @@ impl Core {
             .collect();
         for id in due {
             if let Some((_, will)) = self.wills.remove(&id) {
+                if self.durable {
+                    fx.records.push(LogEntry::Will {
+                        client: id.clone(),
+                        will: None,
+                    });
+                }
                 fx.extend(self.route(will));
             }
         }
@@ -2163,6 +2207,7 @@ mod tests {
                     LogEntry::Store(c) => format!("store {:?}", c.key),
                     LogEntry::Replica { client, .. } => format!("replica {client}"),
                     LogEntry::Evicted(c) => format!("evicted {c}"),
+                    LogEntry::Will { client, .. } => format!("will {client}"),
                 })
                 .collect()
         };
@@ -2754,7 +2799,7 @@ mod tests {
             let (tx, _rx) = outbox();
             let conn = connect(&mut c, "flappy", false, Some(day), 10, tx).conn;
             run(c.disconnect("flappy", conn));
-            c.schedule_will(
+            let _ = c.schedule_will(
                 "flappy",
                 msg("will/flappy", QoS::AtMostOnce, false, "gone"),
                 day,
@@ -2767,7 +2812,7 @@ mod tests {
         assert_eq!(c.pending_wills(), 0);
         run(c.disconnect("flappy", conn));
         // Due when the delay passes...
-        c.schedule_will(
+        let _ = c.schedule_will(
             "flappy",
             msg("will/flappy", QoS::AtMostOnce, false, "late"),
             Duration::from_secs(5),
@@ -2780,7 +2825,7 @@ mod tests {
         let (tx, _rx) = outbox();
         let conn = connect(&mut c, "brief", true, GONE, 10, tx).conn;
         run(c.disconnect("brief", conn));
-        c.schedule_will(
+        let _ = c.schedule_will(
             "brief",
             msg("will/brief", QoS::AtMostOnce, false, "bye"),
             day,
@@ -2806,7 +2851,7 @@ mod tests {
         let (tx, _rx) = outbox();
         let conn = connect(&mut c, "dev", false, Some(Duration::from_secs(10)), 10, tx).conn;
         run(c.disconnect("dev", conn));
-        c.schedule_will(
+        let _ = c.schedule_will(
             "dev",
             msg("will/dev", QoS::AtMostOnce, false, "gone"),
             Duration::from_secs(5),

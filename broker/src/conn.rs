@@ -1484,8 +1484,9 @@ impl Session {
                 } else {
                     // Will Delay: the core publishes it when the delay or the
                     // session ends, unless the client is back by then.
-                    core.schedule_will(id, will, delay);
-                    core.publish_due_wills(std::time::Instant::now())
+                    let mut fx = core.schedule_will(id, will, delay);
+                    fx.extend(core.publish_due_wills(std::time::Instant::now()));
+                    fx
                 }
             });
         }

@@ -25,6 +25,7 @@ use mqlb_storage::{Recovered, Store};
 use crate::cluster::wire::Frame;
 use crate::core::Core;
 use crate::effects::{ChangeLog, Committed, LogEntry};
+use crate::message::Message;
 use crate::node::Node;
 use crate::statestore::StateStore;
 
@@ -59,6 +60,64 @@ const STORE: u8 = 4;
 /// A session that left this node without ending (a `Replicate` frame
 /// with no changes).
 const EVICTED: u8 = 5;
+
+/// A will waiting out its delay: the client's ID (u16 length, bytes),
+/// whether one is pending (u8), then when it is due (u64 Unix ms) and the
+/// message as a `Forward` frame.
+const WILL: u8 = 6;
+
+/// Appends a [`WILL`] item to `out`.
+fn put_will(client: &str, will: Option<(u64, Message)>, out: &mut BytesMut) {
+    let before = out.len();
+    let Ok(len) = u16::try_from(client.len()) else {
+        return;
+    };
+    out.extend_from_slice(&[WILL]);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(client.as_bytes());
+    match will {
+        None => out.extend_from_slice(&[0]),
+        Some((due, message)) => {
+            out.extend_from_slice(&[1]);
+            out.extend_from_slice(&due.to_be_bytes());
+            let f = Frame::Forward {
+                seq: 0,
+                message,
+                groups: Vec::new(),
+                again: false,
+            };
+            if let Err(e) = f.encode(out) {
+                out.truncate(before);
+                tracing::error!(error = %e, "a will could not be encoded for the disk; left out");
+            }
+        }
+    }
+}
+
+/// Reads a [`WILL`] item's body (after its tag): the client, and the will
+/// if one is pending.
+fn get_will(buf: &mut BytesMut) -> Result<(String, Option<(u64, Message)>), String> {
+    let short = || "a stored will ends early".to_string();
+    if buf.len() < 2 {
+        return Err(short());
+    }
+    let len = usize::from(buf.get_u16());
+    if buf.len() < len + 1 {
+        return Err(short());
+    }
+    let client = String::from_utf8(buf.split_to(len).to_vec()).map_err(|e| e.to_string())?;
+    if buf.get_u8() == 0 {
+        return Ok((client, None));
+    }
+    if buf.len() < 8 {
+        return Err(short());
+    }
+    let due = buf.get_u64();
+    match Frame::decode(buf).map_err(|e| e.to_string())? {
+        Some(Frame::Forward { message, .. }) => Ok((client, Some((due, message)))),
+        _ => Err("a stored will holds no message".into()),
+    }
+}
 
 /// Appends `f`, tagged, to `out`; a frame that cannot be encoded (a
 /// field past the wire's limits, which the broker's own limits keep from
@@ -128,6 +187,7 @@ fn encode(entries: &[LogEntry]) -> Option<Vec<u8>> {
                 },
                 &mut out,
             ),
+            LogEntry::Will { client, will } => put_will(client, will.clone(), &mut out),
             LogEntry::Interest { .. } => {}
         }
     }
@@ -177,6 +237,8 @@ pub struct Restored {
 struct Rebuilt {
     owned: HashMap<String, Session>,
     replicas: HashMap<String, Session>,
+    /// Wills waiting out their delay: when each is due (Unix ms).
+    wills: HashMap<String, (u64, Message)>,
 }
 
 /// Applies one stored payload (a run of tagged frames) to what is being
@@ -191,6 +253,17 @@ fn replay(
     let mut buf = BytesMut::from(data);
     while let Some(&tag) = buf.first() {
         buf.advance(1);
+        if tag == WILL {
+            match get_will(&mut buf)? {
+                (client, Some((due, m))) => {
+                    rebuilt.wills.insert(client, (due, m));
+                }
+                (client, None) => {
+                    rebuilt.wills.remove(&client);
+                }
+            }
+            continue;
+        }
         let frame = Frame::decode(&mut buf)
             .map_err(|e| e.to_string())?
             .ok_or("a stored record ends mid-frame")?;
@@ -282,6 +355,9 @@ pub fn restore(
         replay(&r.data, now, &mut rebuilt, core, statestore)
             .map_err(|e| format!("record {}: {e}", r.seq))?;
     }
+    for (client, (due, will)) in rebuilt.wills.drain() {
+        core.restore_will(&client, due, will);
+    }
     let mut sessions = rebuilt.owned;
     for (id, copy) in rebuilt.replicas {
         match sessions.get(&id) {
@@ -322,7 +398,7 @@ pub fn serve_restored(core: &mut Core, sessions: Vec<(String, Session)>) -> Resu
 pub async fn snapshot(node: &Node, store: &Store) -> std::io::Result<()> {
     let state = node.state();
     let cluster = node.cluster();
-    let (covers, owned, replicas, retained, keys) = {
+    let (covers, owned, replicas, retained, keys, wills) = {
         let core = state.core();
         let replicas = cluster.map(|c| c.replica_copies()).unwrap_or_default();
         // Read last: every change numbered up to it is in what was copied
@@ -340,7 +416,7 @@ pub async fn snapshot(node: &Node, store: &Store) -> std::io::Result<()> {
             .filter(|(t, _, _)| !(t == "$SYS" || t.starts_with("$SYS/")))
             .collect();
         let keys = state.statestore.copies(|_| true);
-        (covers, owned, replicas, retained, keys)
+        (covers, owned, replicas, retained, keys, core.wills_due())
     };
     let now = Instant::now();
     let mut out = BytesMut::new();
@@ -373,6 +449,9 @@ pub async fn snapshot(node: &Node, store: &Store) -> std::io::Result<()> {
             },
             &mut out,
         );
+    }
+    for (client, due, will) in wills {
+        put_will(&client, Some((due, will)), &mut out);
     }
     for copy in keys {
         put(

@@ -649,3 +649,37 @@ async fn a_whole_cluster_killed_at_once_loses_nothing_acknowledged() {
     );
     drop(lb);
 }
+
+/// A will waiting out its Will Delay when the power goes is still sent,
+/// when it is due, after the restart.
+#[tokio::test]
+async fn a_pending_will_survives_a_restart() {
+    let dir = scratch_dir("durable-will");
+    let data = dir.to_str().unwrap().to_string();
+    let mut b = BrokerProcess::start(&["--data-dir", &data]);
+    let mut c = persistent("willer");
+    c.will = Some(mqlb_tests::client::will("will/willer", "gone", Some(3)));
+    let (w, ack) = Client::connect(&b.addr, c).await;
+    assert_eq!(ack.reason.0, 0);
+    // The connection drops without DISCONNECT: the will waits 3 s.
+    drop(w);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.kill();
+    let b = BrokerProcess::start(&["--data-dir", &data]);
+    let (mut watch, _) = Client::connect(
+        &b.addr,
+        connect_packet("will-watch", ProtocolVersion::V5, true),
+    )
+    .await;
+    watch.subscribe("will/#", qos(QoS::AtLeastOnce)).await;
+    let m = watch
+        .next_publish(Duration::from_secs(8), true)
+        .await
+        .expect("the pending will was lost");
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("will/willer", &b"gone"[..])
+    );
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}
