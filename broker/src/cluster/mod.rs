@@ -329,6 +329,17 @@ pub const TAKEOVER_WITHIN: Duration = Duration::from_secs(6);
 /// How often the view loop runs.
 pub const TICK: Duration = consensus::TICK;
 
+/// Runs `f`, which may block on an fsync (the Raft state is persisted
+/// before the messages that depend on it leave), so that the async
+/// worker's other tasks move to another worker meanwhile. On a
+/// current-thread runtime (tests) or outside one, it simply runs.
+fn off_worker<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// How long an admin call to retire a member keeps proposing it.
 pub const RETIRE_FOR: Duration = Duration::from_secs(30);
 
@@ -1077,7 +1088,8 @@ impl Cluster {
             };
             loop {
                 tokio::select! {
-                    _ = tick.tick() => me.on_tick(&state, &mut ticker),
+                    // A tick may persist the Raft state (an fsync).
+                    _ = tick.tick() => off_worker(|| me.on_tick(&state, &mut ticker)),
                     _ = stop.cancelled() => return,
                 }
             }
@@ -1118,7 +1130,7 @@ impl Cluster {
         let Some(name) = self.name_of(from) else {
             return;
         };
-        let out = lock(&self.consensus).step(&name, m);
+        let out = off_worker(|| lock(&self.consensus).step(&name, m));
         self.deliver(out);
     }
 
