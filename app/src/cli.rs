@@ -294,6 +294,7 @@ impl ClusterArgs {
             state_dir: self.state_dir,
             max_clock_drift: mqlb_config::broker::DEFAULT_MAX_CLOCK_DRIFT,
             seed: None,
+            repair: false,
         };
         c.validate()?;
         cfg.cluster = Some(c);

@@ -65,6 +65,7 @@ impl Broker {
                 // The Raft state lives in the data directory.
                 let mut c = c.clone();
                 c.state_dir = storage.data_dir.clone();
+                c.repair = config.repair;
                 Some(Cluster::bind(&c).await?)
             }
             None => None,

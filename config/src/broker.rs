@@ -299,6 +299,9 @@ pub struct ClusterConfig {
     /// election timeouts), so a run can be replayed; `None`: from the
     /// operating system. Not in the file: for tests and simulation.
     pub seed: Option<u64>,
+    /// Set an unreadable Raft state file aside instead of refusing to
+    /// start (the broker's `--repair`). Not in the file.
+    pub repair: bool,
 }
 
 /// `max_clock_drift` unless configured.
@@ -721,6 +724,7 @@ impl BrokerConfig {
                     tls,
                     max_clock_drift: DEFAULT_MAX_CLOCK_DRIFT,
                     seed: None,
+                    repair: false,
                     replication_factor: DEFAULT_REPLICATION_FACTOR.min(peers_len + 1),
                     join: cl.join.unwrap_or(false),
                     state_dir: cl.state_dir.as_ref().map(|p| {

@@ -282,6 +282,29 @@ pub struct Output {
     pub view: Option<Committed>,
 }
 
+/// Reads a state file: `None` if there is none, an error if it is there
+/// and cannot be trusted (a checksum that fails, contents that do not
+/// decode). A file from before checksums (no magic) is read as it is and
+/// rewritten with one at the next change.
+fn read_state(path: &std::path::Path) -> Result<Option<Persisted>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let payload = if bytes.starts_with(mqlb_storage::record::SNAPSHOT_MAGIC) {
+        mqlb_storage::record::decode_snapshot(&bytes)
+            .map_err(|why| format!("{}: {why}", path.display()))?
+            .1
+            .to_vec()
+    } else {
+        bytes
+    };
+    Persisted::decode(Bytes::from(payload))
+        .map(Some)
+        .ok_or_else(|| format!("{}: not a raft state", path.display()))
+}
+
 /// This node's member of the Raft group.
 pub struct Consensus {
     node: RawNode<ViewStorage>,
@@ -426,9 +449,14 @@ impl Consensus {
         seed: u64,
     ) -> raft::Result<Consensus> {
         let founding = members.iter().any(|(n, _)| n == me);
-        let saved = state_file
-            .and_then(|p| std::fs::read(p).ok())
-            .and_then(|b| Persisted::decode(Bytes::from(b)));
+        let saved = match state_file {
+            Some(p) => read_state(p).map_err(|e| {
+                raft::Error::Store(raft::StorageError::Other(
+                    format!("{e}; start with --repair to set it aside (the node is then caught up by the leader, but may vote again in the term it last voted in)").into(),
+                ))
+            })?,
+            None => None,
+        };
         let (mem, applied_index) = match &saved {
             Some(s) => {
                 let mem = if s.index == 0 {
@@ -546,6 +574,25 @@ impl Consensus {
         self.timeout = (key, raft.randomized_election_timeout());
     }
 
+    /// Sets a state file that cannot be read aside (`--repair`), so the
+    /// node starts blank; returns where it went, if it did.
+    pub fn repair_state_file(path: &std::path::Path) -> Option<std::path::PathBuf> {
+        let why = read_state(path).err()?;
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(".corrupt");
+        let aside = std::path::PathBuf::from(aside);
+        match std::fs::rename(path, &aside) {
+            Ok(()) => {
+                tracing::warn!(why, moved_to = %aside.display(), "repair: the raft state was unreadable; set aside, starting blank");
+                Some(aside)
+            }
+            Err(e) => {
+                tracing::warn!(why, error = %e, "repair: could not set the raft state aside");
+                None
+            }
+        }
+    }
+
     /// Why the state could not be persisted, once it could not: the node
     /// must stop taking part.
     pub fn failed(&self) -> Option<&str> {
@@ -601,6 +648,10 @@ impl Consensus {
         let write = || -> std::io::Result<()> {
             use std::io::Write as _;
             let bytes = saved.encode().map_err(std::io::Error::other)?;
+            // Checksummed, as the data directory's snapshots are: a flipped
+            // bit is found, never trusted (a wrong term or vote would break
+            // Raft's rules).
+            let bytes = mqlb_storage::record::encode_snapshot(0, &bytes);
             let tmp = path.with_extension("tmp");
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
@@ -1438,9 +1489,24 @@ mod tests {
         let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
         assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
         assert_eq!(views[0].live, all);
-        // A file that is not a state is ignored: the node starts as if it
-        // had none.
+        // A flipped bit is found: the node refuses to start on it (it
+        // could vote twice), until the file is set aside.
+        let mut bytes = std::fs::read(&file).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&file, &bytes).expect("write");
+        let err = Consensus::with_state("n0", &ms, Some(&file), 1)
+            .err()
+            .expect("a corrupt state must be refused")
+            .to_string();
+        assert!(
+            err.contains("checksum") && err.contains("--repair"),
+            "{err}"
+        );
+        // So is a file that is not a state.
         std::fs::write(&file, b"garbage").expect("write");
+        assert!(Consensus::with_state("n0", &ms, Some(&file), 1).is_err());
+        assert!(Consensus::repair_state_file(&file).is_some());
         let blank = Consensus::with_state("n0", &ms, Some(&file), 1).expect("raft node");
         assert_eq!(blank.view().number, 0);
         let _ = std::fs::remove_dir_all(&dir);

@@ -517,7 +517,11 @@ impl Cluster {
                 std::fs::create_dir_all(dir).map_err(|e| {
                     io::Error::new(e.kind(), format!("state directory {}: {e}", dir.display()))
                 })?;
-                Some(dir.join(format!("raft-{}.state", config.node_id)))
+                let file = dir.join(format!("raft-{}.state", config.node_id));
+                if config.repair {
+                    consensus::Consensus::repair_state_file(&file);
+                }
+                Some(file)
             }
             None => None,
         };
