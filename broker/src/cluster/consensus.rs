@@ -1495,10 +1495,10 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         std::fs::write(&file, &bytes).expect("write");
-        let err = Consensus::with_state("n0", &ms, Some(&file), 1)
-            .err()
-            .expect("a corrupt state must be refused")
-            .to_string();
+        let err = match Consensus::with_state("n0", &ms, Some(&file), 1) {
+            Ok(_) => panic!("a corrupt state must be refused"),
+            Err(e) => e.to_string(),
+        };
         assert!(
             err.contains("checksum") && err.contains("--repair"),
             "{err}"
