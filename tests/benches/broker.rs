@@ -4,7 +4,9 @@
 //! Interleaved rounds; medians and ratios are printed.
 //!
 //! Run: `cargo build --release && cargo bench -p mqlb-tests --bench broker`
-//! (the first builds the `mqlb` binary the bench starts). Mosquitto's
+//! (the first builds the `mqlb` binary the bench starts). With
+//! `MQLB_BASELINE=/path/to/an/older/mqlb`, that build runs beside them in
+//! the same interleaved rounds (before/after comparisons of a change). Mosquitto's
 //! inflight window is 20 by default, and 2.0.11 loses QoS 2 messages beyond
 //! it on 3.1.1, so publishers keep at most 20 messages in flight.
 
@@ -260,11 +262,29 @@ fn main() {
     let ours_addr = format!("127.0.0.1:{port}");
     assert!(wait_listening(&ours_addr, Duration::from_secs(5)));
     let mosq_pid = mosquitto.pid().unwrap();
-    let peers = [
+    let mut peers = vec![
         ("mosquitto", mosquitto.addr(), mosq_pid),
         ("mqlb", ours_addr, ours.0.id()),
     ];
-    eprintln!("mosquitto at {}, mqlb at {}", peers[0].1, peers[1].1);
+    let baseline = std::env::var_os("MQLB_BASELINE").map(|bin| {
+        let port = free_port();
+        let child = KillOnDrop(
+            Command::new(bin)
+                .args(["broker", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("MQLB_BASELINE names an mqlb binary"),
+        );
+        let addr = format!("127.0.0.1:{port}");
+        assert!(wait_listening(&addr, Duration::from_secs(5)));
+        (child, addr)
+    });
+    if let Some((child, addr)) = &baseline {
+        peers.push(("baseline", addr.clone(), child.0.id()));
+    }
+    eprintln!("peers: {peers:?}");
     // The 4x4 fan-out and the connect storm need their tasks to run in
     // parallel with the reader tasks, so the load runs on two threads.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -287,7 +307,7 @@ fn main() {
         "QoS1 p99 us under 4x4",
     ]
     .iter()
-    .map(|l| (*l, vec![Vec::new(), Vec::new()]))
+    .map(|l| (*l, vec![Vec::new(); peers.len()]))
     .collect();
     rt.block_on(async {
         // Memory first, on fresh processes: later workloads leave buffers
@@ -322,18 +342,27 @@ fn main() {
             }
         }
     });
-    println!(
+    let with_base = peers.len() > 2;
+    print!(
         "\n{:<24} {:>12} {:>12} {:>16}",
         "median of 3 rounds", "mosquitto", "mqlb", "mqlb/mosquitto"
     );
+    if with_base {
+        print!(" {:>12} {:>14}", "baseline", "mqlb/baseline");
+    }
+    println!();
     for (label, data) in rows {
         let m: Vec<f64> = data.into_iter().map(median).collect();
-        println!(
+        print!(
             "{:<24} {:>12.1} {:>12.1} {:>16.2}",
             label,
             m[0],
             m[1],
             m[1] / m[0]
         );
+        if with_base {
+            print!(" {:>12.1} {:>14.3}", m[2], m[1] / m[2]);
+        }
+        println!();
     }
 }
