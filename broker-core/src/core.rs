@@ -323,7 +323,9 @@ impl Core {
     /// the time, such as one a unit test drives directly, reads the
     /// system's).
     pub fn advance(&mut self, now: Instant) {
-        self.now = Some(now);
+        // Never back: callers on several threads read the clock a moment
+        // apart, and a session's expiry must not move the wrong way.
+        self.now = Some(self.now.map_or(now, |t| t.max(now)));
     }
 
     /// Sets the time and what the wall clock reads at it: retained writes
@@ -334,7 +336,7 @@ impl Core {
         let ms = wall
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        self.now = Some(now);
+        self.advance(now);
         self.wall = Some((now, ms));
     }
 

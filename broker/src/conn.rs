@@ -616,6 +616,10 @@ struct Session {
     /// PUBLISHes acknowledged in the batch of replies being made, by QoS
     /// (1, 2): see [`Acked`].
     acking: [u32; 2],
+    /// When the batch of packets being handled was read: the clock is read
+    /// once per batch, and the messages and core calls of the batch are
+    /// stamped with it.
+    now: std::time::Instant,
 }
 
 impl Drop for Session {
@@ -819,6 +823,7 @@ impl Session {
             pong: false,
             held_back: None,
             acking: [0; 2],
+            now: std::time::Instant::now(),
             max_subscriptions: settings.max_subscriptions,
         })
     }
@@ -944,7 +949,9 @@ impl Session {
         out: &mut Vec<u8>,
     ) {
         let id = &self.client_id;
-        let (pubrel, c) = self.state.ask(|core| core.acked(id, pid, kind));
+        let (pubrel, c) = self
+            .state
+            .ask_at(self.now, |core| core.acked(id, pid, kind));
         self.wait_for(c);
         // Leaves with this batch, after the commits it waits for.
         if pubrel {
@@ -974,6 +981,7 @@ impl Session {
             // Reading goes on meanwhile, so PINGREQs are answered.
             let mut out = Vec::new();
             let read = Acked::new();
+            self.now = read.read;
             let end = self.handle_buffered(buf, &mut out);
             let (mut now, acked) = self.queue_replies(out, read);
             if std::mem::take(&mut self.pong) {
@@ -1268,14 +1276,14 @@ impl Session {
                     retain: p.retain,
                     properties: Arc::new(p.properties),
                     origin: Some(self.origin.clone()),
-                    received: std::time::Instant::now(),
+                    received: self.now,
                 };
                 match (p.qos, p.packet_id) {
                     (QoS::AtMostOnce, _) => {
-                        let _ = self.state.act(|core| core.route(msg));
+                        let _ = self.state.act_at(self.now, |core| core.route(msg));
                     }
                     (QoS::AtLeastOnce, Some(pid)) => {
-                        let c = self.state.act(|core| core.route(msg));
+                        let c = self.state.act_at(self.now, |core| core.route(msg));
                         self.wait_for(c);
                         self.send(out, Packet::Puback(Ack::new(pid)));
                         self.acking[0] = self.acking[0].saturating_add(1);
@@ -1284,7 +1292,7 @@ impl Session {
                         // Exactly once: route on first receipt only, even
                         // across reconnects (the ids live in the session).
                         let id = &self.client_id;
-                        let (first, c) = self.state.ask(|core| {
+                        let (first, c) = self.state.ask_at(self.now, |core| {
                             let (first, mut fx) =
                                 core.qos2_received(id, pid, usize::from(RECEIVE_MAXIMUM));
                             if first == Some(true) {
@@ -1305,7 +1313,9 @@ impl Session {
             Packet::Pubrel(a) => {
                 let mut ack = Ack::new(a.packet_id);
                 let id = &self.client_id;
-                let (known, c) = self.state.ask(|core| core.qos2_released(id, a.packet_id));
+                let (known, c) = self
+                    .state
+                    .ask_at(self.now, |core| core.qos2_released(id, a.packet_id));
                 if !known && self.version.is_v5() {
                     ack.reason = ReasonCode::PACKET_IDENTIFIER_NOT_FOUND;
                 }

@@ -194,8 +194,14 @@ impl State {
     /// The shell's clock is read here, once per lock: the core is told the
     /// time and reads none itself.
     pub(crate) fn core(&self) -> CoreGuard<'_> {
+        self.core_at(std::time::Instant::now())
+    }
+
+    /// [`State::core`] at `now`, a time the caller read already (a
+    /// connection reads the clock once per batch of packets, not once per
+    /// packet and again per lock).
+    fn core_at(&self, now: std::time::Instant) -> CoreGuard<'_> {
         let mut core = CoreGuard(self.core.lock().unwrap_or_else(|p| p.into_inner()));
-        let now = std::time::Instant::now();
         core.advance(now);
         if core
             .wall_age(now)
@@ -243,12 +249,40 @@ impl State {
         self.locked(|guard| f(guard))
     }
 
+    /// [`State::act`] at `now`, a time the caller has just read (the core's
+    /// clock never goes back, whatever it is given).
+    pub fn act_at(
+        &self,
+        now: std::time::Instant,
+        f: impl FnOnce(&mut Core) -> Effects,
+    ) -> Committed {
+        self.locked_at(now, |guard| ((), f(guard))).1
+    }
+
+    /// [`State::ask`] at `now` (see [`State::act_at`]).
+    pub fn ask_at<T>(
+        &self,
+        now: std::time::Instant,
+        f: impl FnOnce(&mut Core) -> (T, Effects),
+    ) -> (T, Committed) {
+        self.locked_at(now, |guard| f(guard))
+    }
+
     /// One step under the core's lock: the call, then (still under it) the
     /// stall's registration, the mailboxes of its items looked up, and its
     /// log entries numbered; after it, the log and the rest of the effects.
     fn locked<T>(&self, f: impl FnOnce(&mut CoreGuard<'_>) -> (T, Effects)) -> (T, Committed) {
+        self.locked_at(std::time::Instant::now(), f)
+    }
+
+    /// [`State::locked`] at `now`.
+    fn locked_at<T>(
+        &self,
+        now: std::time::Instant,
+        f: impl FnOnce(&mut CoreGuard<'_>) -> (T, Effects),
+    ) -> (T, Committed) {
         let (t, fx, sends, stall, ticket) = {
-            let mut guard = self.core();
+            let mut guard = self.core_at(now);
             let (t, mut fx) = f(&mut guard);
             let stall = self.hold_back(&fx);
             let sends = guard.resolve(fx.take_sends());

@@ -270,7 +270,12 @@ fn main() {
         let port = free_port();
         let child = KillOnDrop(
             Command::new(bin)
-                .args(["broker", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+                .args([
+                    "broker",
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--config",
+                ])
                 .arg(&cfg)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
