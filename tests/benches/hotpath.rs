@@ -46,6 +46,18 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
+        // `MQLB_HOTPATH_CHURN=N`: N connections opened (all at once) and
+        // closed first, as the broker bench's earlier workloads do.
+        let churn: usize = std::env::var("MQLB_HOTPATH_CHURN")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut held = Vec::with_capacity(churn);
+        for i in 0..churn {
+            held.push(connect_and_ack(&addr, &format!("churn{i}"), 4).await.0);
+        }
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let (mut sub, _) = connect_and_ack(&addr, "hot-sub", 4).await;
         sub.write_all(&raw::frame(0x82, &[0, 1, 0, 3, b'h', b'o', b't', 0]))
             .await
@@ -55,6 +67,7 @@ fn main() {
         let reader = tokio::spawn(async move {
             let mut buf = bytes::BytesMut::with_capacity(1 << 16);
             let mut bytes = 0u64;
+            let mut last = Instant::now();
             while let Ok(Ok(n)) =
                 tokio::time::timeout(Duration::from_secs(2), sub.read_buf(&mut buf)).await
             {
@@ -62,6 +75,7 @@ fn main() {
                     break;
                 }
                 bytes += n as u64;
+                last = Instant::now();
                 if decode {
                     while let Ok(Some(_)) = mqlb_protocol::decode(
                         &mut buf,
@@ -72,24 +86,31 @@ fn main() {
                     buf.clear();
                 }
             }
-            bytes
+            (bytes, last)
         });
         let (mut p, _) = connect_and_ack(&addr, "hot-pub", 4).await;
         let one = raw::publish("hot", 0, 0, &[0x5A; 64]);
         let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 500).collect();
+        // `MQLB_HOTPATH_BURST=N`: N messages as fast as they go, then
+        // stop (the broker bench's shape), instead of a steady stream.
+        let burst: Option<u64> = std::env::var("MQLB_HOTPATH_BURST")
+            .ok()
+            .and_then(|s| s.parse().ok());
         let start = Instant::now();
         let mut sent = 0u64;
-        while start.elapsed() < Duration::from_secs(secs) {
+        while burst.map_or(start.elapsed() < Duration::from_secs(secs), |n| sent < n) {
             p.write_all(&batch).await.unwrap();
             sent += 500;
         }
         let elapsed = start.elapsed().as_secs_f64();
         drop(p);
-        let got = reader.await.unwrap() / one.len() as u64;
+        let (bytes, last) = reader.await.unwrap();
+        let got = bytes / one.len() as u64;
         println!(
-            "QoS 0: {:.0} msgs/s sent, {:.0} delivered/s",
+            "QoS 0: {:.0} msgs/s sent, {:.0} delivered/s (until the last arrived), {} of {sent} delivered",
             sent as f64 / elapsed,
-            got as f64 / elapsed
+            got as f64 / (last - start).as_secs_f64(),
+            got
         );
         let start = Instant::now();
         let mut n = 0u64;
