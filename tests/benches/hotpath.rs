@@ -38,7 +38,8 @@ fn main() {
             .spawn()
             .expect("run `cargo build --release` first"),
     );
-    assert!(wait_listening(&addr, Duration::from_secs(5)));
+    // Long enough for a broker started under valgrind.
+    assert!(wait_listening(&addr, Duration::from_secs(120)));
     println!("broker pid {}", broker.0.id());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -112,9 +113,14 @@ fn main() {
             got as f64 / (last - start).as_secs_f64(),
             got
         );
+        // `MQLB_HOTPATH_CONNECTS=N`: N connects, not a duration's worth
+        // (fixed work, for instruction counts under callgrind).
+        let connects: Option<u64> = std::env::var("MQLB_HOTPATH_CONNECTS")
+            .ok()
+            .and_then(|s| s.parse().ok());
         let start = Instant::now();
         let mut n = 0u64;
-        while start.elapsed() < Duration::from_secs(secs) {
+        while connects.map_or(start.elapsed() < Duration::from_secs(secs), |c| n < c) {
             let (mut s, _) = connect_and_ack(&addr, &format!("hot-c{n}"), 4).await;
             s.write_all(&[0xE0, 0]).await.unwrap();
             n += 1;
@@ -124,4 +130,17 @@ fn main() {
             n as f64 / start.elapsed().as_secs_f64()
         );
     });
+    // A graceful stop (SIGTERM), so a profiler wrapping the broker (such
+    // as callgrind) writes its output.
+    let mut broker = broker;
+    let _ = Command::new("kill")
+        .args(["-TERM", &broker.0.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = broker.0.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
