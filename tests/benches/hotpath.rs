@@ -27,7 +27,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
-    let bin = std::env::var_os("MQLB_BIN").map_or_else(mqlb_bin, Into::into);
+    let bin = mqlb_bin();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let broker = KillOnDrop(

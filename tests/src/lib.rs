@@ -39,7 +39,12 @@ pub mod statestore;
 
 /// The `mqlb` binary built by this `cargo test` run. Cargo builds it for
 /// `balancer/tests/cli.rs`; it sits in the target directory next to `deps/`.
+/// `MQLB_BIN` names another build instead (a bench run on an older one,
+/// to compare).
 pub fn mqlb_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("MQLB_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().unwrap();
     let bin = exe
         .parent()
