@@ -240,36 +240,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let mosquitto = Mosquitto::start_with("max_queued_messages 100000");
-    let port = free_port();
     // The same queue limit as the Mosquitto above, so a fan-out that
     // outruns a subscriber is measured the same way on both.
     let cfg = mqlb_tests::scratch_dir("bench-broker").join("mqlb.toml");
     std::fs::write(&cfg, "[broker]\nmax_queued_messages = 100000\n").unwrap();
-    let ours = KillOnDrop(
-        Command::new(mqlb_bin())
-            .args([
-                "broker",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--config",
-            ])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run `cargo build --release` first"),
-    );
-    let ours_addr = format!("127.0.0.1:{port}");
-    assert!(wait_listening(&ours_addr, Duration::from_secs(5)));
-    let mosq_pid = mosquitto.pid().unwrap();
-    let mut peers = vec![
-        ("mosquitto", mosquitto.addr(), mosq_pid),
-        ("mqlb", ours_addr, ours.0.id()),
-    ];
-    let baseline = std::env::var_os("MQLB_BASELINE").map(|bin| {
+    let start = |bin: std::path::PathBuf| {
         let port = free_port();
         let child = KillOnDrop(
-            Command::new(bin)
+            Command::new(&bin)
                 .args([
                     "broker",
                     "--listen",
@@ -280,12 +258,21 @@ fn main() {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .expect("MQLB_BASELINE names an mqlb binary"),
+                .unwrap_or_else(|e| {
+                    panic!("{}: {e} (run `cargo build --release` first)", bin.display())
+                }),
         );
         let addr = format!("127.0.0.1:{port}");
         assert!(wait_listening(&addr, Duration::from_secs(5)));
         (child, addr)
-    });
+    };
+    let (ours, ours_addr) = start(mqlb_bin());
+    let mosq_pid = mosquitto.pid().unwrap();
+    let mut peers = vec![
+        ("mosquitto", mosquitto.addr(), mosq_pid),
+        ("mqlb", ours_addr, ours.0.id()),
+    ];
+    let baseline = std::env::var_os("MQLB_BASELINE").map(|bin| start(bin.into()));
     if let Some((child, addr)) = &baseline {
         peers.push(("baseline", addr.clone(), child.0.id()));
     }
