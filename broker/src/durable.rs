@@ -191,7 +191,7 @@ fn encode(entries: &[LogEntry]) -> Option<Vec<u8>> {
             LogEntry::Interest { .. } => {}
         }
     }
-    (!out.is_empty()).then(|| out.to_vec())
+    (!out.is_empty()).then(|| Vec::from(out))
 }
 
 impl ChangeLog for DiskLog {
@@ -465,7 +465,7 @@ pub async fn snapshot(node: &Node, store: &Store) -> std::io::Result<()> {
         );
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
-    store.snapshot(covers, out.to_vec(), move |r| {
+    store.snapshot(covers, Vec::from(out), move |r| {
         let _ = tx.send(r);
     });
     rx.await

@@ -31,16 +31,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const ROUNDS: usize = 3;
 const WINDOW: usize = 20;
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn publish_frame(qos: u8, pid: u16, payload: &[u8]) -> Vec<u8> {
     let mut body = vec![0, 5];
     body.extend_from_slice(b"bench");
@@ -218,7 +208,7 @@ async fn connects(addr: &str, n: usize) -> f64 {
 
 /// KiB of RSS per idle connection, over `n` connections.
 async fn idle_memory(addr: &str, pid: u32, n: usize) -> f64 {
-    let before = rss_kib(pid);
+    let before = mqlb_tests::load::rss_kib(pid);
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let (s, ack) = connect_and_ack(addr, &format!("idle{i}"), 4).await;
@@ -226,11 +216,11 @@ async fn idle_memory(addr: &str, pid: u32, n: usize) -> f64 {
         conns.push(s);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = rss_kib(pid);
+    let after = mqlb_tests::load::rss_kib(pid);
     eprintln!("pid {pid}: RSS {before} KiB -> {after} KiB with {n} idle connections");
     drop(conns);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    (after.saturating_sub(before)) as f64 / n as f64
+    (after - before).max(0.0) / n as f64
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -203,6 +203,23 @@ async fn qos1(c: &tokio_rustls::TlsConnector, addr: &str, n: usize) -> (Duration
     (pct(&lat, 0.5), pct(&lat, 0.99))
 }
 
+/// KiB of RSS `pid` holds per idle TLS client, `n` of them connected
+/// (handshake, CONNECT, CONNACK) and left idle.
+async fn idle_tls(c: &tokio_rustls::TlsConnector, addr: &str, pid: u32, n: usize) -> f64 {
+    let before = mqlb_tests::load::rss_kib(pid);
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = tls(c, addr).await;
+        connect_ack(&mut s, &format!("idle-tls-{i}")).await;
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = mqlb_tests::load::rss_kib(pid);
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (after - before) / n as f64
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -274,6 +291,7 @@ fn main() {
         "TLS CPU s per 1M QoS0 msgs",
         "QoS1 PUBLISH->PUBACK p50 us",
         "QoS1 PUBLISH->PUBACK p99 us",
+        "KiB RSS per idle TLS client (1 run)",
     ];
     let mut rows: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); 3]; labels.len()];
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -283,6 +301,14 @@ fn main() {
         .unwrap();
     let c = connector(ck.cert.der().clone());
     rt.block_on(async {
+        // Memory first, on fresh processes: later rounds leave freed
+        // buffers an allocator keeps, which would hide what a connection
+        // costs.
+        for (i, (_, addr, pid)) in paths.iter().enumerate() {
+            if let Some(pid) = pid {
+                rows[7][i].push(idle_tls(&c, addr, *pid, 1_000).await);
+            }
+        }
         for round in 0..ROUNDS {
             for (i, (name, addr, pid)) in paths.iter().enumerate() {
                 let (rate, p50, p99) = handshakes(&c, addr, 500 * scale).await;
