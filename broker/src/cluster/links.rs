@@ -291,13 +291,13 @@ impl Cluster {
                     && self.name_of(id).is_some_and(|n| n != holder);
                 if relayed
                     && lock(&self.replicas)
-                        .get(&client)
-                        .is_some_and(|s| s.epoch >= epoch)
+                        .epoch(&client)
+                        .is_some_and(|e| e >= epoch)
                 {
                     return;
                 }
                 if let Some(h) = self.id_of(&holder) {
-                    lock(&self.holders).insert(client.clone(), h);
+                    lock(&self.replicas).set_holder(&client, h);
                 }
                 self.replicate(from, seq, client, epoch, changes, state)
             }
@@ -502,22 +502,10 @@ impl Cluster {
             // Copies kept for others go too: after a partition the side
             // that kept serving may be reachable only through them, and
             // the newest epoch wins wherever they land.
-            {
-                let replicas = lock(&self.replicas);
-                let holders = lock(&self.holders);
-                for (client, session) in replicas.iter() {
-                    if in_chain(client) {
-                        let holder = holders
-                            .get(client)
-                            .and_then(|h| self.name_of(*h))
-                            .unwrap_or_default();
-                        copies.push((
-                            client.clone(),
-                            crate::core::snapshot_of(session, Instant::now()),
-                            holder,
-                        ));
-                    }
-                }
+            let kept = lock(&self.replicas).snapshots(in_chain, Instant::now());
+            for (client, snap, holder) in kept {
+                let holder = holder.and_then(|h| self.name_of(h)).unwrap_or_default();
+                copies.push((client, snap, holder));
             }
             for (client, snap, holder) in copies {
                 if let Some(seen) = self.seen_frame(&client) {

@@ -65,6 +65,7 @@ mod consensus;
 pub mod handshake;
 mod links;
 pub mod peer_tls;
+mod replicas;
 mod replication;
 mod store;
 pub mod wire;
@@ -274,17 +275,12 @@ pub struct Cluster {
     /// view: [`Frame::Leaving`] goes out every tick from then on.
     announced: std::sync::atomic::AtomicBool,
     /// Copies of sessions this node is a chain member for but does not
-    /// serve, rebuilt from the holder's change records.
-    replicas: Mutex<HashMap<String, Session>>,
+    /// serve, rebuilt from the holder's change records, and their holders
+    /// (see [`replicas`]).
+    replicas: Mutex<replicas::Replicas>,
     /// For each replica, the messages its changes carried lately (see
     /// [`SeenLog`]).
     replica_seen: Mutex<HashMap<String, SeenLog>>,
-    /// For each replica, the node whose changes built it: the node that
-    /// holds the live session. While it lives, clients of that session are
-    /// relayed to it rather than taking the session over, so a session
-    /// never moves under a live holder (no handover window to lose
-    /// messages in); it moves when its holder dies.
-    holders: Mutex<HashMap<String, NodeId>>,
     /// Appends waiting for chain members' acknowledgements.
     waiting: Mutex<HashMap<u64, Waiting>>,
     /// Answers for peers whose link from this node is not open yet (see
@@ -569,11 +565,10 @@ impl Cluster {
                 replication: config.replication_factor.max(1),
                 max_clock_drift: config.max_clock_drift,
                 links: Mutex::new(HashMap::new()),
-                replicas: Mutex::new(HashMap::new()),
+                replicas: Mutex::default(),
                 replica_seen: Mutex::new(HashMap::new()),
                 first_had: Mutex::new(FirstHad::default()),
                 early_answers: Mutex::new(HashMap::new()),
-                holders: Mutex::new(HashMap::new()),
                 waiting: Mutex::new(HashMap::new()),
                 store_waits: Mutex::new(HashMap::new()),
                 store_synced: Mutex::new(HashMap::new()),

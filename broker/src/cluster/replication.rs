@@ -28,7 +28,7 @@ impl Cluster {
     pub fn promote(&self, client_id: &str, state: &State) {
         let (session, ticket) = {
             let mut replicas = lock(&self.replicas);
-            let Some(session) = replicas.remove(client_id) else {
+            let Some(session) = replicas.take(client_id) else {
                 return;
             };
             // The disk's copy goes too (numbered under the copies' lock,
@@ -50,7 +50,6 @@ impl Cluster {
             .get(client_id)
             .map(|l| l.set.clone())
             .unwrap_or_default();
-        lock(&self.holders).remove(client_id);
         // A takeover starts a new epoch, so this copy wins over any older
         // one still held elsewhere (a stale owner's writes are refused).
         let mut snap = crate::core::snapshot_of(&session, Instant::now());
@@ -72,10 +71,10 @@ impl Cluster {
     /// directory's snapshot (taken with the core's lock held: the lock
     /// order is the core's, then the copies').
     pub(crate) fn replica_copies(&self) -> Vec<(String, crate::snapshot::SessionSnapshot)> {
-        let now = Instant::now();
         lock(&self.replicas)
-            .iter()
-            .map(|(c, s)| (c.clone(), crate::core::snapshot_of(s, now)))
+            .snapshots(|_| true, Instant::now())
+            .into_iter()
+            .map(|(c, s, _)| (c, s))
             .collect()
     }
 
@@ -83,15 +82,7 @@ impl Cluster {
     /// whose each is (a copy this node owns in it is promoted once the
     /// node is ready, after its peers' newer copies, if any, replaced it).
     pub fn restore_copies(&self, sessions: Vec<(String, Session)>) {
-        let mut replicas = lock(&self.replicas);
-        for (client, s) in sessions {
-            match replicas.get(&client) {
-                Some(held) if held.epoch >= s.epoch => {}
-                _ => {
-                    replicas.insert(client, s);
-                }
-            }
-        }
+        lock(&self.replicas).restore(sessions);
     }
 
     /// Whether the committed view still counts a member this node has no
@@ -108,10 +99,7 @@ impl Cluster {
     /// The live peer that holds `client_id`'s session, if this node keeps
     /// a replica of it.
     pub fn live_holder(&self, client_id: &str) -> Option<String> {
-        if !lock(&self.replicas).contains_key(client_id) {
-            return None;
-        }
-        let holder = *lock(&self.holders).get(client_id)?;
+        let holder = lock(&self.replicas).holder(client_id)?;
         let name = self.name_of(holder)?;
         let live = self.view().members.contains(&name);
         (live && name != self.me).then_some(name)
@@ -137,7 +125,7 @@ impl Cluster {
         if !self.ready() {
             return;
         }
-        let held: Vec<String> = lock(&self.replicas).keys().cloned().collect();
+        let held: Vec<String> = lock(&self.replicas).clients();
         let owned: Vec<String> = held
             .into_iter()
             .filter(|c| self.owner(c) == self.me && self.live_holder(c).is_none())
@@ -362,9 +350,8 @@ impl Cluster {
         changes: Vec<SessionChange>,
         state: &State,
     ) -> Option<crate::state::Ticket> {
-        let mut replicas = lock(&self.replicas);
-        let s = replicas.entry(client.to_string()).or_default();
-        if s.epoch > epoch {
+        let mut copies = lock(&self.replicas);
+        if copies.epoch(client).is_some_and(|e| e > epoch) {
             return None;
         }
         let logged = state.disk().is_some().then(|| changes.clone());
@@ -378,16 +365,7 @@ impl Cluster {
                 }
             }
         }
-        for c in changes {
-            if c == SessionChange::Ended {
-                *s = Session::default();
-            } else {
-                s.apply(c, Instant::now());
-            }
-        }
-        if s == &Session::default() {
-            replicas.remove(client);
-            lock(&self.holders).remove(client);
+        if copies.apply(client, epoch, changes, Instant::now()) == replicas::Applied::Gone {
             lock(&self.replica_seen).remove(client);
         }
         logged.and_then(|changes| {

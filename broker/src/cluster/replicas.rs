@@ -1,0 +1,195 @@
+//! The copies this node keeps of sessions that other nodes hold (it is a
+//! member of their chains), and which node holds each: one component that
+//! owns them, plain data in and out. It takes the time as an argument,
+//! takes no lock and does no I/O; the cluster keeps it behind one mutex
+//! and does the sending, the logging and the promotions around it.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use crate::router::NodeId;
+use crate::session::{Session, SessionChange};
+use crate::snapshot::SessionSnapshot;
+
+/// What [`Replicas::apply`] did with a batch of changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Applied {
+    /// The copy has a newer epoch than the writer's: nothing changed.
+    Refused,
+    /// Applied; the copy is still there.
+    Kept,
+    /// Applied, and the copy is now empty (the session ended): it is gone,
+    /// with its holder.
+    Gone,
+}
+
+/// Session copies kept for their holders.
+#[derive(Debug, Default)]
+pub(crate) struct Replicas {
+    copies: HashMap<String, Session>,
+    /// The node whose changes built each copy: the node serving the live
+    /// session (see `Cluster::live_holder`). Set when a holder's frame
+    /// names it, which may come before the copy's first change.
+    holders: HashMap<String, NodeId>,
+}
+
+impl Replicas {
+    /// Applies a holder's changes (made in `epoch`) to the copy of
+    /// `client`'s session, at `now`; changes from an older epoch than the
+    /// copy's are refused.
+    pub(crate) fn apply(
+        &mut self,
+        client: &str,
+        epoch: u64,
+        changes: Vec<SessionChange>,
+        now: Instant,
+    ) -> Applied {
+        let s = self.copies.entry(client.to_string()).or_default();
+        if s.epoch > epoch {
+            return Applied::Refused;
+        }
+        for c in changes {
+            if c == SessionChange::Ended {
+                *s = Session::default();
+            } else {
+                s.apply(c, now);
+            }
+        }
+        if *s == Session::default() {
+            self.copies.remove(client);
+            self.holders.remove(client);
+            return Applied::Gone;
+        }
+        Applied::Kept
+    }
+
+    /// Takes `client`'s copy out (it becomes the live session here), and
+    /// forgets its holder.
+    pub(crate) fn take(&mut self, client: &str) -> Option<Session> {
+        self.holders.remove(client);
+        self.copies.remove(client)
+    }
+
+    /// Puts back copies read from the data directory; a copy already
+    /// here with the same or a newer epoch wins.
+    pub(crate) fn restore(&mut self, sessions: Vec<(String, Session)>) {
+        for (client, s) in sessions {
+            if self
+                .copies
+                .get(&client)
+                .is_some_and(|held| held.epoch >= s.epoch)
+            {
+                continue;
+            }
+            self.copies.insert(client, s);
+        }
+    }
+
+    /// Notes that `holder` serves `client`'s live session.
+    pub(crate) fn set_holder(&mut self, client: &str, holder: NodeId) {
+        self.holders.insert(client.to_string(), holder);
+    }
+
+    /// The node serving `client`'s live session, if this node keeps a copy
+    /// of it and knows.
+    pub(crate) fn holder(&self, client: &str) -> Option<NodeId> {
+        if !self.copies.contains_key(client) {
+            return None;
+        }
+        self.holders.get(client).copied()
+    }
+
+    /// The epoch of `client`'s copy, if there is one.
+    pub(crate) fn epoch(&self, client: &str) -> Option<u64> {
+        self.copies.get(client).map(|s| s.epoch)
+    }
+
+    /// How many copies there are.
+    pub(crate) fn len(&self) -> usize {
+        self.copies.len()
+    }
+
+    /// Every client a copy is kept for.
+    pub(crate) fn clients(&self) -> Vec<String> {
+        self.copies.keys().cloned().collect()
+    }
+
+    /// The copies `wanted` selects, as snapshots at `now`, with their
+    /// holders.
+    pub(crate) fn snapshots(
+        &self,
+        wanted: impl Fn(&str) -> bool,
+        now: Instant,
+    ) -> Vec<(String, SessionSnapshot, Option<NodeId>)> {
+        self.copies
+            .iter()
+            .filter(|(c, _)| wanted(c))
+            .map(|(c, s)| {
+                (
+                    c.clone(),
+                    crate::core::snapshot_of(s, now),
+                    self.holders.get(c).copied(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn attach(epoch: u64) -> SessionChange {
+        SessionChange::Attached {
+            epoch,
+            expiry: Some(Duration::from_secs(600)),
+        }
+    }
+
+    /// Driven on a clock the test gives: a copy follows its holder's
+    /// changes, refuses an older epoch's, and goes (with its holder) when
+    /// the session ends; a promotion takes it out.
+    #[test]
+    fn copies_follow_their_holder_on_a_given_clock() {
+        let t0 = Instant::now();
+        let mut r = Replicas::default();
+        r.set_holder("dev", 2);
+        assert_eq!(r.holder("dev"), None, "no copy yet");
+        assert_eq!(
+            r.apply("dev", 3, vec![attach(3), SessionChange::Detached], t0),
+            Applied::Kept
+        );
+        assert_eq!((r.epoch("dev"), r.holder("dev")), (Some(3), Some(2)));
+        // A stale writer (an older epoch) changes nothing.
+        assert_eq!(
+            r.apply("dev", 2, vec![SessionChange::Ended], t0),
+            Applied::Refused
+        );
+        assert_eq!(r.epoch("dev"), Some(3));
+        let later = t0 + Duration::from_secs(5);
+        let snaps = r.snapshots(|c| c == "dev", later);
+        assert_eq!(snaps.len(), 1);
+        assert_eq!((snaps[0].1.epoch, snaps[0].2), (3, Some(2)));
+        assert!(r.snapshots(|_| false, later).is_empty());
+        // Ended: the copy and its holder go.
+        assert_eq!(
+            r.apply("dev", 3, vec![SessionChange::Ended], later),
+            Applied::Gone
+        );
+        assert_eq!((r.len(), r.holder("dev")), (0, None));
+        // Restored copies: the newer epoch wins; a promotion takes it.
+        r.apply("a", 5, vec![attach(5)], later);
+        let mut old = Session::default();
+        old.apply(attach(4), later);
+        let mut new = Session::default();
+        new.apply(attach(6), later);
+        r.restore(vec![("a".into(), old), ("b".into(), new)]);
+        assert_eq!((r.epoch("a"), r.epoch("b")), (Some(5), Some(6)));
+        let mut clients = r.clients();
+        clients.sort();
+        assert_eq!(clients, ["a", "b"]);
+        assert_eq!(r.take("a").map(|s| s.epoch), Some(5));
+        assert_eq!(r.epoch("a"), None);
+    }
+}
