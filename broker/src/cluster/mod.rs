@@ -67,12 +67,14 @@ mod links;
 pub mod peer_tls;
 mod replicas;
 mod replication;
+mod seen;
 mod store;
 pub mod wire;
 
 pub use links::relay;
 use links::LinkTx;
 use replication::{whole, Waiting};
+use seen::SEEN_FOR;
 
 use std::collections::HashMap;
 use std::io;
@@ -278,9 +280,9 @@ pub struct Cluster {
     /// serve, rebuilt from the holder's change records, and their holders
     /// (see [`replicas`]).
     replicas: Mutex<replicas::Replicas>,
-    /// For each replica, the messages its changes carried lately (see
-    /// [`SeenLog`]).
-    replica_seen: Mutex<HashMap<String, SeenLog>>,
+    /// For each session served or copied here, the messages it was given
+    /// lately (see [`seen`]).
+    replica_seen: Mutex<seen::Seen>,
     /// Appends waiting for chain members' acknowledgements.
     waiting: Mutex<HashMap<u64, Waiting>>,
     /// Answers for peers whose link from this node is not open yet (see
@@ -343,10 +345,6 @@ pub const RETIRE_FOR: Duration = Duration::from_secs(30);
 /// are held for whoever takes them over rather than matching nobody.
 pub const INTEREST_HOLD: Duration = Duration::from_secs(6);
 
-/// How long a replica remembers the messages its changes carried: longer
-/// than a dead holder's held publishes wait before they are routed again.
-const SEEN_FOR: Duration = Duration::from_secs(20);
-
 /// When this node first had each message a peer forwarded at QoS 1 or 2,
 /// by fingerprint, for the last [`SEEN_FOR`] and at most [`FIRST_HAD_MAX`]
 /// messages. A forward is confirmed by each peer on its own; when one peer
@@ -398,39 +396,6 @@ impl FirstHad {
                 None
             }
         }
-    }
-}
-
-/// Fingerprints of the messages a replica's changes carried in the last
-/// [`SEEN_FOR`], delivered and acknowledged since or not. When the replica
-/// is promoted, a publish held for the dead holder and routed again is not
-/// given to the session a second time if the holder had already put it in
-/// (a QoS 2 message must arrive once).
-#[derive(Debug, Default)]
-pub(crate) struct SeenLog {
-    order: std::collections::VecDeque<(Instant, u64)>,
-    set: std::collections::HashSet<u64>,
-}
-
-impl SeenLog {
-    fn insert(&mut self, now: Instant, print: u64) {
-        while let Some(&(t, p)) = self.order.front() {
-            if now.duration_since(t) < SEEN_FOR {
-                break;
-            }
-            self.order.pop_front();
-            self.set.remove(&p);
-        }
-        if self.set.insert(print) {
-            self.order.push_back((now, print));
-        }
-    }
-
-    /// Whether everything in it is older than [`SEEN_FOR`].
-    fn stale(&self, now: Instant) -> bool {
-        self.order
-            .back()
-            .is_none_or(|&(t, _)| now.duration_since(t) >= SEEN_FOR)
     }
 }
 
@@ -566,7 +531,7 @@ impl Cluster {
                 max_clock_drift: config.max_clock_drift,
                 links: Mutex::new(HashMap::new()),
                 replicas: Mutex::default(),
-                replica_seen: Mutex::new(HashMap::new()),
+                replica_seen: Mutex::default(),
                 first_had: Mutex::new(FirstHad::default()),
                 early_answers: Mutex::new(HashMap::new()),
                 waiting: Mutex::new(HashMap::new()),
@@ -1149,7 +1114,7 @@ impl Cluster {
         if t.ticks.is_multiple_of(50) {
             // Sessions that ended or went quiet leave their logs behind.
             let now = Instant::now();
-            lock(&self.replica_seen).retain(|_, log| !log.stale(now));
+            lock(&self.replica_seen).prune(now);
         }
         if observed != t.reported || t.ticks.is_multiple_of(5) {
             self.broadcast(&Frame::Observed(observed.clone()));

@@ -46,10 +46,7 @@ impl Cluster {
         drop(state.commit(ticket));
         // The log stays: this node now adds what it gives the session, and
         // sends it along whenever it sends the session whole.
-        let seen = lock(&self.replica_seen)
-            .get(client_id)
-            .map(|l| l.set.clone())
-            .unwrap_or_default();
+        let seen = lock(&self.replica_seen).prints(client_id);
         // A takeover starts a new epoch, so this copy wins over any older
         // one still held elsewhere (a stale owner's writes are refused).
         let mut snap = crate::core::snapshot_of(&session, Instant::now());
@@ -172,18 +169,11 @@ impl Cluster {
     /// What `client`'s session was given lately, as a frame for a chain
     /// member that is about to get the session whole.
     pub(super) fn seen_frame(&self, client: &str) -> Option<Frame> {
-        let seen = lock(&self.replica_seen);
-        let log = seen.get(client)?;
         // The newest, as many as fit in a frame.
+        let prints = lock(&self.replica_seen).newest(client, MAX_SEEN_PRINTS)?;
         Some(Frame::Seen {
             client: client.to_string(),
-            prints: log
-                .order
-                .iter()
-                .rev()
-                .take(MAX_SEEN_PRINTS)
-                .map(|&(_, p)| p)
-                .collect(),
+            prints,
         })
     }
 
@@ -191,9 +181,8 @@ impl Cluster {
     pub(super) fn seen_by_peer(&self, client: &str, prints: Vec<u64>) {
         let now = Instant::now();
         let mut seen = lock(&self.replica_seen);
-        let log = seen.entry(client.to_string()).or_default();
         for p in prints {
-            log.insert(now, p);
+            seen.note(client, p, now);
         }
     }
 
@@ -358,15 +347,14 @@ impl Cluster {
         {
             let now = Instant::now();
             let mut seen = lock(&self.replica_seen);
-            let log = seen.entry(client.to_string()).or_default();
             for c in &changes {
                 if let SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } = c {
-                    log.insert(now, crate::core::fingerprint(&p.msg));
+                    seen.note(client, crate::core::fingerprint(&p.msg), now);
                 }
             }
         }
         if copies.apply(client, epoch, changes, Instant::now()) == replicas::Applied::Gone {
-            lock(&self.replica_seen).remove(client);
+            lock(&self.replica_seen).forget(client);
         }
         logged.and_then(|changes| {
             state.sequence(vec![LogEntry::Replica {
@@ -606,16 +594,7 @@ impl Cluster {
                 if let SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } =
                     &r.change
                 {
-                    let print = crate::core::fingerprint(&p.msg);
-                    // No allocation per message: the client's name is
-                    // copied only for its first entry.
-                    match seen.get_mut(&*r.client) {
-                        Some(log) => log.insert(now, print),
-                        None => seen
-                            .entry(r.client.to_string())
-                            .or_default()
-                            .insert(now, print),
-                    }
+                    seen.note(&r.client, crate::core::fingerprint(&p.msg), now);
                 }
             }
         }
