@@ -61,6 +61,7 @@
 //!   new ones from the committed membership.
 //! * **Raft state** is persisted with a state directory (see `consensus`).
 
+mod acks;
 mod consensus;
 pub mod handshake;
 mod links;
@@ -292,7 +293,7 @@ pub struct Cluster {
     /// 2 (see [`FirstHad`]).
     first_had: Mutex<FirstHad>,
     /// State store changes and passed-on requests waiting for peers.
-    store_waits: Mutex<HashMap<u64, store::StoreWait>>,
+    store_waits: Mutex<acks::Acks>,
     /// The newest view each peer said it sent its key copies for (see
     /// `store`).
     store_synced: Mutex<HashMap<NodeId, u64>>,
@@ -535,7 +536,7 @@ impl Cluster {
                 first_had: Mutex::new(FirstHad::default()),
                 early_answers: Mutex::new(HashMap::new()),
                 waiting: Mutex::new(HashMap::new()),
-                store_waits: Mutex::new(HashMap::new()),
+                store_waits: Mutex::default(),
                 store_synced: Mutex::new(HashMap::new()),
                 promoted: Mutex::new(HashMap::new()),
                 promoted_for: AtomicU64::new(0),

@@ -45,18 +45,6 @@ const UNAVAILABLE: &str =
 const LOST: &str =
     "the state store node handling the request was lost; the request may or may not have been applied";
 
-/// Acknowledgements a key change or a passed-on request waits for.
-#[derive(Debug)]
-pub(super) struct StoreWait {
-    nodes: std::collections::HashSet<NodeId>,
-    ok: bool,
-    /// A passed-on request: its node's loss is a failure (a copy's
-    /// member's loss is not: the copy here is then the only one, as for
-    /// sessions, and the next view's chain gets it).
-    lost_fails: bool,
-    tx: Option<tokio::sync::oneshot::Sender<bool>>,
-}
-
 impl Cluster {
     /// `key`'s owner in the committed view.
     pub fn key_owner(&self, key: &[u8]) -> String {
@@ -206,7 +194,7 @@ impl Cluster {
                     if matches!(answered, Ok(Ok(true))) {
                         return true;
                     }
-                    lock(&self.store_waits).remove(&seq);
+                    lock(&self.store_waits).cancel(seq);
                     break store.unavailable(p, LOST);
                 }
             }
@@ -230,17 +218,15 @@ impl Cluster {
         node: NodeId,
         lost_fails: bool,
     ) -> tokio::sync::oneshot::Receiver<bool> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        lock(&self.store_waits).insert(
+        match lock(&self.store_waits).register(
             seq,
-            StoreWait {
-                nodes: std::collections::HashSet::from([node]),
-                ok: true,
-                lost_fails,
-                tx: Some(tx),
-            },
-        );
-        rx
+            std::collections::HashSet::from([node]),
+            lost_fails,
+        ) {
+            Some(rx) => rx,
+            // One node is always someone to wait for.
+            None => tokio::sync::oneshot::channel().1,
+        }
     }
 
     /// Sends a key's new state (or a barrier) to the other live members of
@@ -256,28 +242,19 @@ impl Cluster {
         // The wait is registered under the same lock as the sends: an
         // acknowledgement that came before it would find nothing to
         // release, and the request would time out though applied.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        {
+        let rx = {
             let mut waits = lock(&self.store_waits);
             let nodes = self.push_to_chain(&lock(&self.links), key, &frame);
-            if nodes.is_empty() {
-                return true;
+            match waits.register(seq, nodes, false) {
+                Some(rx) => rx,
+                None => return true,
             }
-            waits.insert(
-                seq,
-                StoreWait {
-                    nodes,
-                    ok: true,
-                    lost_fails: false,
-                    tx: Some(tx),
-                },
-            );
-        }
+        };
         match tokio::time::timeout(STORE_WAIT, rx).await {
             Ok(applied) => applied.unwrap_or(true),
             Err(_) => {
                 // A hung chain member: not acknowledged, so not `OK`.
-                lock(&self.store_waits).remove(&seq);
+                lock(&self.store_waits).cancel(seq);
                 false
             }
         }
@@ -309,41 +286,12 @@ impl Cluster {
 
     /// A peer's [`Frame::StoreAck`].
     pub(super) fn store_acked(&self, from: NodeId, seq: u64, ok: bool) {
-        let mut waits = lock(&self.store_waits);
-        let Some(w) = waits.get_mut(&seq) else {
-            return;
-        };
-        if w.nodes.remove(&from) {
-            w.ok &= ok;
-        }
-        if w.nodes.is_empty() {
-            if let Some(tx) = waits.remove(&seq).and_then(|mut w| w.tx.take()) {
-                let _ = tx.send(ok);
-            }
-        }
+        lock(&self.store_waits).acked(from, seq, ok);
     }
 
     /// Peers whose links are gone answer no more.
     pub(super) fn release_store_waits(&self, gone: &[NodeId]) {
-        let mut waits = lock(&self.store_waits);
-        let mut done = Vec::new();
-        for (seq, w) in waits.iter_mut() {
-            for g in gone {
-                if w.nodes.remove(g) && w.lost_fails {
-                    w.ok = false;
-                }
-            }
-            if w.nodes.is_empty() {
-                done.push(*seq);
-            }
-        }
-        for seq in done {
-            if let Some(mut w) = waits.remove(&seq) {
-                if let Some(tx) = w.tx.take() {
-                    let _ = tx.send(w.ok);
-                }
-            }
-        }
+        lock(&self.store_waits).lost(gone);
     }
 
     /// A key copy from a peer: installed if newer; acknowledged as applied
