@@ -62,6 +62,7 @@
 //! * **Raft state** is persisted with a state directory (see `consensus`).
 
 mod acks;
+mod commits;
 mod consensus;
 pub mod handshake;
 mod links;
@@ -74,7 +75,7 @@ pub mod wire;
 
 pub use links::relay;
 use links::LinkTx;
-use replication::{whole, Waiting};
+use replication::whole;
 use seen::SEEN_FOR;
 
 use std::collections::HashMap;
@@ -285,7 +286,7 @@ pub struct Cluster {
     /// lately (see [`seen`]).
     replica_seen: Mutex<seen::Seen>,
     /// Appends waiting for chain members' acknowledgements.
-    waiting: Mutex<HashMap<u64, Waiting>>,
+    waiting: Mutex<commits::Commits>,
     /// Answers for peers whose link from this node is not open yet (see
     /// [`Cluster::answer`]).
     early_answers: Mutex<HashMap<NodeId, Vec<Frame>>>,
@@ -535,7 +536,7 @@ impl Cluster {
                 replica_seen: Mutex::default(),
                 first_had: Mutex::new(FirstHad::default()),
                 early_answers: Mutex::new(HashMap::new()),
-                waiting: Mutex::new(HashMap::new()),
+                waiting: Mutex::default(),
                 store_waits: Mutex::default(),
                 store_synced: Mutex::new(HashMap::new()),
                 promoted: Mutex::new(HashMap::new()),
@@ -854,21 +855,11 @@ impl Cluster {
     pub async fn settle(&self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let pending = !lock(&self.waiting).is_empty()
+            let pending = lock(&self.waiting).len() > 0
                 || lock(&self.links).values().any(|t| !lock(&t.buf).is_empty());
             if !pending || tokio::time::Instant::now() >= deadline {
                 if pending {
-                    let waits: Vec<(u64, Vec<NodeId>, bool)> = lock(&self.waiting)
-                        .iter()
-                        .take(8)
-                        .map(|(seq, w)| {
-                            (
-                                *seq,
-                                w.per_node.keys().copied().collect(),
-                                w.resend.is_some(),
-                            )
-                        })
-                        .collect();
+                    let waits = lock(&self.waiting).sample(8);
                     tracing::warn!(
                         waiting = lock(&self.waiting).len(),
                         ?waits,
@@ -1502,16 +1493,11 @@ impl Fabric for Cluster {
         let mut rx = None;
         if m.qos != mqlb_protocol::QoS::AtMostOnce {
             seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            let (done, wait) = tokio::sync::oneshot::channel();
-            lock(&self.waiting).insert(
+            rx = Some(lock(&self.waiting).register(
                 seq,
-                Waiting {
-                    per_node: HashMap::from([(node, 1)]),
-                    tx: Some(done),
-                    resend: Some((m.clone(), groups.to_vec())),
-                },
-            );
-            rx = Some(wait);
+                HashMap::from([(node, 1)]),
+                Some((m.clone(), groups.to_vec())),
+            ));
         }
         tx.push(
             &Frame::Forward {

@@ -6,16 +6,6 @@
 
 use super::*;
 
-/// One append's outstanding acknowledgements, per chain member.
-#[derive(Debug)]
-pub(super) struct Waiting {
-    pub(super) per_node: HashMap<NodeId, usize>,
-    pub(super) tx: Option<tokio::sync::oneshot::Sender<()>>,
-    /// A forwarded publish, kept until its peer confirms it: if the peer
-    /// dies first, it is forwarded again to whoever took over.
-    pub(super) resend: Option<(Message, Vec<Arc<str>>)>,
-}
-
 /// The most fingerprints one [`Frame::Seen`] carries: well inside
 /// [`wire::MAX_FRAME`] (a subscriber given over 6,500 messages a second
 /// for [`SEEN_FOR`] has the oldest left out).
@@ -366,86 +356,29 @@ impl Cluster {
     }
 
     pub(super) fn acked(&self, from: NodeId, seq: u64) {
-        let mut waiting = lock(&self.waiting);
-        let done = match waiting.get_mut(&seq) {
-            Some(w) => {
-                if let Some(n) = w.per_node.get_mut(&from) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        w.per_node.remove(&from);
-                    }
-                }
-                w.per_node.is_empty()
-            }
-            None => false,
-        };
-        if done {
-            if let Some(mut w) = waiting.remove(&seq) {
-                if let Some(tx) = w.tx.take() {
-                    let _ = tx.send(());
-                }
-            }
-        }
+        lock(&self.waiting).acked(from, seq);
     }
 
     /// Peer `from` did not deliver the forward `seq`: held and forwarded
     /// again once its sessions' new holders have announced them.
     pub(super) fn forward_refused(&self, from: NodeId, seq: u64) {
-        let mut waiting = lock(&self.waiting);
-        let Some(w) = waiting.get_mut(&seq) else {
-            return;
-        };
-        w.per_node.remove(&from);
-        if !w.per_node.is_empty() {
-            return;
-        }
-        let Some(mut w) = waiting.remove(&seq) else {
-            return;
-        };
-        drop(waiting);
-        let Some(tx) = w.tx.take() else {
-            return;
-        };
-        match w.resend.take() {
-            None => {
-                let _ = tx.send(());
-            }
-            // Not to the refuser again: it keeps its old interest until it
-            // is gone, and each round would give the message once more to
-            // the node that took its sessions over.
-            Some((m, groups)) => self.hold_for_takeover(m, groups, vec![from], tx, true),
+        let again = lock(&self.waiting).refused(from, seq);
+        // Not to the refuser again: it keeps its old interest until it is
+        // gone, and each round would give the message once more to the
+        // node that took its sessions over.
+        if let Some((m, groups, tx)) = again {
+            self.hold_for_takeover(m, groups, vec![from], tx, true);
         }
     }
 
     /// A member left the view: appends waiting for it wait no longer (the
     /// copy it would have held is re-made on the new chain by `rechain`).
     pub(super) fn release_waits(&self, gone: &[NodeId]) {
-        let mut waiting = lock(&self.waiting);
-        let mut done = Vec::new();
-        for (seq, w) in waiting.iter_mut() {
-            let before = w.per_node.len();
-            for g in gone {
-                w.per_node.remove(g);
-            }
-            if w.per_node.is_empty() && before > 0 {
-                done.push(*seq);
-            }
-        }
-        for seq in done {
-            let Some(mut w) = waiting.remove(&seq) else {
-                continue;
-            };
-            let Some(tx) = w.tx.take() else {
-                continue;
-            };
-            match w.resend.take() {
-                None => {
-                    let _ = tx.send(());
-                }
-                // Which other peers had it is not known here: one that did
-                // may see it twice (QoS 1 allows; see the README).
-                Some((m, groups)) => self.hold_for_takeover(m, groups, Vec::new(), tx, false),
-            }
+        let again = lock(&self.waiting).lost(gone);
+        // Which other peers had each is not known here: one that did may
+        // see it twice (QoS 1 allows; see the README).
+        for (m, groups, tx) in again {
+            self.hold_for_takeover(m, groups, Vec::new(), tx, false);
         }
     }
 
@@ -649,15 +582,7 @@ impl Cluster {
         if per_node.is_empty() {
             return Committed::now();
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        lock(&self.waiting).insert(
-            seq,
-            Waiting {
-                per_node,
-                tx: Some(tx),
-                resend: None,
-            },
-        );
+        let rx = lock(&self.waiting).register(seq, per_node, None);
         for (frame, to) in sends {
             for link in to {
                 link.push(&frame, &self.stats.dropped);
