@@ -361,17 +361,19 @@ impl LentRead for tokio::net::tcp::ReadHalf<'_> {
 }
 
 /// A stream that can only be read through a buffer (TLS decrypts whole
-/// records; WebSocket unframes whole frames): the buffer is borrowed while
-/// waiting, so an idle TLS or WebSocket connection holds one.
+/// records; WebSocket unframes whole frames): a buffer is borrowed for
+/// each read and given back to the pool when nothing was there (a read
+/// that is pending has put nothing in it: the stream keeps what it has
+/// of a record or frame itself), so an idle TLS or WebSocket connection
+/// holds none (it held 16 KiB).
 pub struct Buffered<R> {
     inner: R,
-    buf: Option<bufpool::Lent>,
 }
 
 impl<R> Buffered<R> {
     /// Wraps the read half of a TLS or WebSocket stream.
     pub fn new(inner: R) -> Self {
-        Self { inner, buf: None }
+        Self { inner }
     }
 }
 
@@ -390,7 +392,7 @@ impl<R: AsyncRead + Unpin> LentRead for Buffered<R> {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<Option<(bufpool::Lent, usize)>>> {
-        let mut buf = self.buf.take().unwrap_or_else(bufpool::lend);
+        let mut buf = bufpool::lend();
         let mut rb = tokio::io::ReadBuf::new(&mut buf);
         match std::pin::Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => {
@@ -398,10 +400,8 @@ impl<R: AsyncRead + Unpin> LentRead for Buffered<R> {
                 Poll::Ready(Ok(Some((buf, n))))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                self.buf = Some(buf);
-                Poll::Pending
-            }
+            // Nothing was read: the buffer goes back to the pool.
+            Poll::Pending => Poll::Pending,
         }
     }
 }
