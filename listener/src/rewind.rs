@@ -35,6 +35,11 @@ impl AsyncRead for Rewind {
             let n = self.pending.len().min(buf.remaining());
             buf.put_slice(self.pending.get(..n).unwrap_or_default());
             self.pending.advance(n);
+            if self.pending.is_empty() {
+                // Replayed: its buffer is freed, not kept for the life of
+                // the connection.
+                self.pending = BytesMut::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -54,5 +59,32 @@ impl AsyncWrite for Rewind {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The replayed bytes come first, then the socket's; once replayed,
+    /// their buffer is freed (an idle connection keeps none).
+    #[tokio::test]
+    async fn replays_then_reads_and_frees_the_replayed_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut pending = BytesMut::with_capacity(4096);
+        pending.extend_from_slice(b"hello ");
+        let mut r = Rewind::new(pending, server);
+        client.write_all(b"world").await.unwrap();
+        let mut got = vec![0u8; 6];
+        r.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"hello ");
+        assert_eq!(r.pending.capacity(), 0, "the replayed buffer is kept");
+        let mut rest = vec![0u8; 5];
+        r.read_exact(&mut rest).await.unwrap();
+        assert_eq!(rest, b"world");
     }
 }
