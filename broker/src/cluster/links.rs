@@ -592,10 +592,7 @@ impl Cluster {
     /// answer for a connection of the peer that has since closed is
     /// dropped.
     pub(super) fn answer(&self, to: ReplyTo, frame: Frame) {
-        if lock(&self.peers)
-            .get(to.id as usize)
-            .is_none_or(|p| p.generation != to.generation)
-        {
+        if !lock(&self.peers).is_current(to.id, to.generation) {
             return;
         }
         let links = lock(&self.links);

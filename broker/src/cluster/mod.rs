@@ -67,6 +67,7 @@ mod consensus;
 pub mod handshake;
 mod links;
 pub mod peer_tls;
+mod peers;
 mod replicas;
 mod replication;
 mod seen;
@@ -133,19 +134,6 @@ pub struct View {
 struct Directory {
     names: Vec<String>,
     addrs: Vec<PeerAddr>,
-}
-
-/// What this node knows about one peer.
-#[derive(Debug, Default, Clone)]
-struct Peer {
-    /// Last frame from it on its inbound link.
-    heard: Option<Instant>,
-    /// Which inbound link is current (a newer one replaces an older).
-    generation: u64,
-    /// Its snapshot arrived on the current inbound link.
-    synced: bool,
-    /// It said it is stopping (on the current inbound link).
-    leaving: bool,
 }
 
 /// Serves a client that a peer relayed here because this node holds its
@@ -252,7 +240,8 @@ pub struct Cluster {
     /// How far ahead of this node's clock a peer's stamp may be.
     max_clock_drift: Duration,
     links: Mutex<HashMap<NodeId, Arc<LinkTx>>>,
-    peers: Mutex<Vec<Peer>>,
+    /// The failure detector's table (see [`peers`]).
+    peers: Mutex<peers::Peers>,
     /// The committed view (see [`consensus`]).
     view: Mutex<View>,
     /// This node's member of the Raft group that commits the view.
@@ -430,8 +419,8 @@ impl mqlb_placement::Node for Member<'_> {
 impl Cluster {
     /// Runs `f` on peer `id`'s link state under the lock; `None` for an
     /// ID this node does not know.
-    fn with_peer<R>(&self, id: NodeId, f: impl FnOnce(&mut Peer) -> R) -> Option<R> {
-        lock(&self.peers).get_mut(id as usize).map(f)
+    fn with_peer<R>(&self, id: NodeId, f: impl FnOnce(&mut peers::Peer) -> R) -> Option<R> {
+        lock(&self.peers).with(id, f)
     }
 
     /// Checks the configuration, reads the TLS files and binds the cluster
@@ -513,7 +502,7 @@ impl Cluster {
             Arc::new(Cluster {
                 me: config.node_id.clone(),
                 my_id,
-                peers: Mutex::new(vec![Peer::default(); names.len()]),
+                peers: Mutex::new(peers::Peers::new(names.len())),
                 view: Mutex::new(restored),
                 consensus: Mutex::new(consensus),
                 observed: Mutex::new(vec![config.node_id.clone()]),
@@ -617,7 +606,7 @@ impl Cluster {
             .iter()
             .map(|(id, tx)| (*id, lock(&tx.buf).len()))
             .collect();
-        let peers = lock(&self.peers).clone();
+        let peers = &lock(&self.peers);
         names
             .iter()
             .enumerate()
@@ -626,9 +615,9 @@ impl Cluster {
                 if id == self.my_id {
                     return None;
                 }
-                let p = peers.get(i).cloned().unwrap_or_default();
-                let heard_ago = p.heard.map(|h| now.duration_since(h));
-                let inbound = heard_ago.is_some_and(|d| d <= FAILURE_TIMEOUT);
+                let p = peers.get(id);
+                let heard_ago = p.heard.map(|h| now.saturating_duration_since(h));
+                let inbound = p.heard_within(now);
                 let buffered = outbound.get(&id).copied();
                 Some(PeerLink {
                     peer: name.clone(),
@@ -785,11 +774,7 @@ impl Cluster {
         };
         // One lock at a time (`observe` takes links, then peers).
         let now = Instant::now();
-        let heard = lock(&self.peers).get(id as usize).is_some_and(|p| {
-            !p.leaving
-                && p.heard
-                    .is_some_and(|h| now.duration_since(h) <= FAILURE_TIMEOUT)
-        });
+        let heard = lock(&self.peers).hears(id, now);
         heard && lock(&self.links).contains_key(&id)
     }
 
@@ -913,14 +898,8 @@ impl Cluster {
         let names = self.names();
         let now = Instant::now();
         let detector_armed = now.duration_since(self.started) > FAILURE_TIMEOUT;
-        lock(&self.peers).iter().enumerate().all(|(i, p)| {
-            let dead = detector_armed
-                && p.heard
-                    .is_none_or(|h| now.duration_since(h) > FAILURE_TIMEOUT);
-            i == self.my_id as usize
-                || p.synced
-                || dead
-                || names.get(i).is_none_or(|n| !view.members.contains(n))
+        lock(&self.peers).synced_with_live(self.my_id, now, detector_armed, |i| {
+            names.get(i).is_some_and(|n| view.members.contains(n))
         })
     }
 
@@ -975,7 +954,7 @@ impl Cluster {
         }
         // The peer entries first: an id is handed out only once its entry
         // exists (no lock is held while the other is taken).
-        lock(&self.peers).extend(new.iter().map(|_| Peer::default()));
+        lock(&self.peers).grow(new.len());
         let mut added = Vec::new();
         {
             let mut dir = self.directory.write().unwrap_or_else(|p| p.into_inner());
@@ -1333,16 +1312,10 @@ impl Cluster {
         let names = self.names();
         {
             let links = lock(&self.links);
-            let peers = lock(&self.peers);
-            for (i, p) in peers.iter().enumerate() {
-                let Ok(id) = NodeId::try_from(i) else {
-                    continue;
-                };
-                let heard = p
-                    .heard
-                    .is_some_and(|h| now.duration_since(h) <= FAILURE_TIMEOUT);
-                if id != self.my_id && heard && !p.leaving && links.contains_key(&id) {
-                    if let Some(n) = names.get(i) {
+            let heard = lock(&self.peers).heard(self.my_id, now);
+            for id in heard {
+                if links.contains_key(&id) {
+                    if let Some(n) = names.get(id as usize) {
                         members.push(n.clone());
                     }
                 }
