@@ -297,16 +297,17 @@ fn main() {
         for (i, (_, addr, pid)) in peers.iter().enumerate() {
             rows[6].1[i].push(idle_memory(addr, *pid, 2_000).await);
         }
-        // With a baseline, its rounds alternate which build runs right
-        // after Mosquitto (measured: that one's first workload, QoS 0,
-        // came out 13-17 % lower whichever build it was), in an even
-        // number of rounds; and every peer starts its turn on a machine
+        // The order alternates from round to round over an even number of
+        // rounds (measured: the build that ran right after Mosquitto lost
+        // 13-17 % on its first workload, QoS 0, whichever build it was):
+        // Mosquitto and mqlb swap turns, or, with a baseline, mqlb and
+        // the baseline do; and every peer starts its turn on a machine
         // left quiet for a moment.
-        let rounds = if peers.len() > 2 { ROUNDS + 1 } else { ROUNDS };
-        for round in 0..rounds {
+        for round in 0..ROUNDS + 1 {
             let mut order: Vec<usize> = (0..peers.len()).collect();
-            if round % 2 == 1 && peers.len() > 2 {
-                order.swap(1, 2);
+            if round % 2 == 1 {
+                let last = order.len() - 1;
+                order.swap(last - 1, last);
             }
             for i in order {
                 let (name, addr, _) = &peers[i];
