@@ -122,6 +122,11 @@ pub struct Options {
     pub repair: bool,
     /// A segment is closed and a new one begun past this size.
     pub segment_bytes: u64,
+    /// Most bytes of appends kept in memory while writes fail (a full
+    /// disk): past it the store fails (the node stops and restarts on
+    /// what is on disk) rather than let the waiting changes grow without
+    /// bound.
+    pub max_pending_bytes: usize,
 }
 
 impl Default for Options {
@@ -131,6 +136,7 @@ impl Default for Options {
             max_disk_bytes: None,
             repair: false,
             segment_bytes: 64 << 20,
+            max_pending_bytes: 256 << 20,
         }
     }
 }

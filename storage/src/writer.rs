@@ -39,6 +39,8 @@ pub(crate) struct Writer {
     /// Appends not yet on disk, in order (after a failed write, they wait
     /// here to be tried again: none is ever skipped).
     pending: VecDeque<Pending>,
+    /// Bytes of data in `pending`.
+    pending_bytes: usize,
     buf: Vec<u8>,
     /// Held while the directory is open.
     _lock: File,
@@ -84,6 +86,7 @@ impl Writer {
             next_segment: next_segment + 1,
             snapshot: snapshot.map(|p| (p, snapshot_bytes)),
             pending: VecDeque::new(),
+            pending_bytes: 0,
             buf: Vec::new(),
             _lock: lock,
         };
@@ -115,7 +118,16 @@ impl Writer {
             for job in jobs {
                 match job {
                     Job::Append { seq, data, done } => {
-                        self.pending.push_back(Pending { seq, data, done })
+                        self.pending_bytes += data.len();
+                        self.pending.push_back(Pending { seq, data, done });
+                        if self.pending_bytes > self.options.max_pending_bytes
+                            && self.shared.full.load(Ordering::Relaxed)
+                        {
+                            let limit = self.options.max_pending_bytes;
+                            self.fail(format!(
+                                "the disk stayed full while more than {limit} bytes of changes waited to be written"
+                            ));
+                        }
                     }
                     Job::Snapshot { covers, data, done } => {
                         self.flush();
@@ -132,6 +144,7 @@ impl Writer {
         // The store was dropped: one last try for what is still waiting.
         self.flush();
         let why = Failed("the store was closed before this was written".into());
+        self.pending_bytes = 0;
         for p in self.pending.drain(..) {
             (p.done)(Err(why.clone()));
         }
@@ -157,6 +170,7 @@ impl Writer {
     fn fail(&mut self, why: String) {
         tracing::error!(dir = %self.dir.display(), why, "the data directory cannot persist any more; nothing more is acknowledged");
         let f = self.shared.failed.get_or_init(|| Failed(why)).clone();
+        self.pending_bytes = 0;
         for p in self.pending.drain(..) {
             (p.done)(Err(f.clone()));
         }
@@ -239,6 +253,7 @@ impl Writer {
             tracing::info!(dir = %self.dir.display(), "the data directory takes writes again");
         }
         for p in self.pending.drain(..n) {
+            self.pending_bytes = self.pending_bytes.saturating_sub(p.data.len());
             (p.done)(Ok(()));
         }
         true

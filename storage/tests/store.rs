@@ -289,3 +289,42 @@ fn a_backup_opens_with_the_same_data() {
     assert_eq!(found.snapshot.as_ref().unwrap().covers, 3);
     assert_eq!(datas(&found), ["r4", "r5", "r6"]);
 }
+
+/// A disk that stays full does not let the waiting changes grow without
+/// bound: past `max_pending_bytes` the store fails (the node stops and
+/// restarts on what is on disk), and what waited is told so.
+#[test]
+fn a_disk_full_for_long_fails_the_store_rather_than_grow_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(
+        dir.path(),
+        Options {
+            max_pending_bytes: 4096,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    put(&store, 1, "before").unwrap();
+    store.faults().fail_writes(Some(ErrorKind::StorageFull));
+    let (tx, rx) = mpsc::channel();
+    for seq in 2..100u64 {
+        let tx = tx.clone();
+        store.append(seq, vec![0; 200], Box::new(move |r| drop(tx.send(r))));
+        if store.failed().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        first.is_err(),
+        "the waiting changes should be told they failed"
+    );
+    assert!(store.failed().is_some());
+    drop(store);
+    assert_eq!(
+        datas(&open(dir.path()).1),
+        ["before"],
+        "nothing stored was damaged"
+    );
+}
