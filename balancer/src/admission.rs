@@ -86,21 +86,17 @@ pub struct Admission {
     per_backend: Mutex<HashMap<String, Arc<Bucket>>>,
 }
 
-/// A connection's claim on its IP's concurrency; released on drop.
+/// A connection's claim on its IP's concurrency; released on drop. Owned
+/// (not a borrow of the caps), so a connection's task can own everything
+/// it keeps and nothing of how it was set up.
 #[derive(Debug)]
-pub struct IpSlot<'a> {
-    admission: &'a Admission,
-    ip: Option<IpAddr>,
-}
+pub struct IpSlot(Option<(Arc<Admission>, IpAddr)>);
 
-impl Drop for IpSlot<'_> {
+impl Drop for IpSlot {
     fn drop(&mut self) {
-        if let Some(ip) = self.ip {
-            let mut m = self
-                .admission
-                .per_ip
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+        if let Some((admission, ip)) = &self.0 {
+            let ip = *ip;
+            let mut m = admission.per_ip.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(e) = m.get_mut(&ip) {
                 e.open = e.open.saturating_sub(1);
             }
@@ -149,12 +145,9 @@ impl Admission {
     }
 
     /// Admits one more connection from `ip`, or says which cap refuses it.
-    pub fn admit_ip(&self, ip: IpAddr) -> Result<IpSlot<'_>, Refusal> {
+    pub fn admit_ip(self: &Arc<Self>, ip: IpAddr) -> Result<IpSlot, Refusal> {
         if !self.per_ip_capped() {
-            return Ok(IpSlot {
-                admission: self,
-                ip: None,
-            });
+            return Ok(IpSlot(None));
         }
         let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let rate = self.settings.per_ip_connect_rate;
@@ -172,10 +165,7 @@ impl Admission {
             }
         }
         e.open += 1;
-        Ok(IpSlot {
-            admission: self,
-            ip: Some(ip),
-        })
+        Ok(IpSlot(Some((self.clone(), ip))))
     }
 
     /// Forgets source IPs with no connection whose rate bucket has refilled;
@@ -313,7 +303,7 @@ mod tests {
 
     #[test]
     fn per_ip_connections_and_sweep() {
-        let a = Admission::new(settings());
+        let a = Arc::new(Admission::new(settings()));
         let ip: IpAddr = "10.1.2.3".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         let s1 = a.admit_ip(ip).unwrap();
         let s2 = a.admit_ip(ip).unwrap();

@@ -17,7 +17,7 @@ pub const BUF_SIZE: usize = 16 * 1024;
 /// a kept buffer is 16 KiB a thread holds for good (32 of them were 1 MiB
 /// over two workers, a KiB per connection of a 1,000-client fleet), and a
 /// fresh one costs one allocation.
-const KEEP: usize = 8;
+const KEEP: usize = 2;
 
 thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };

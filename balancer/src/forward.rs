@@ -98,8 +98,9 @@ async fn addresses(addr: &str, resolver: &TokioAsyncResolver) -> io::Result<Vec<
                 format!("{addr}: not host:port"),
             )
         })?;
-    let ips = resolver
-        .lookup_ip(host)
+    // Boxed: a lookup's state is about a KiB, and every connecting client
+    // would carry it even when its backend is an IP literal.
+    let ips = Box::pin(resolver.lookup_ip(host))
         .await
         .map_err(|e| io::Error::new(io::ErrorKind::NotFound, format!("{host}: {e}")))?;
     Ok(ips.iter().map(|ip| SocketAddr::new(ip, port)).collect())

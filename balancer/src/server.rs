@@ -212,7 +212,7 @@ impl Balancer {
             }
         }
         let limit = ConnectionLimit::new(config.balancer.max_connections);
-        let admission = crate::admission::Admission::new(config.admission.clone());
+        let admission = Arc::new(crate::admission::Admission::new(config.admission.clone()));
         let resolver = crate::discovery::resolver(&config.balancer.dns_servers);
         let sources = forward::Sources::new(config.balancer.source_addresses.clone());
         sources.check()?;
@@ -468,16 +468,14 @@ async fn accept_loop(
             pool = field::Empty,
             backend = field::Empty
         );
-        let info = info.clone();
-        let shared = shared.clone();
-        let stops = stops.clone();
-        let conn = async move {
-            tokio::select! {
-                _ = handle(stream, peer, &info, &shared, &stops.graceful) => {}
-                _ = stops.hard.cancelled() => tracing::debug!("cut at the end of the grace period"),
-            }
-            drop(permit);
-        };
+        let conn = handle(
+            stream,
+            peer,
+            info.clone(),
+            shared.clone(),
+            stops.clone(),
+            permit,
+        );
         // Without debug logging the span is off: then the task does not
         // carry it (40 bytes that took the task past an allocation step).
         if span.is_disabled() {
@@ -502,83 +500,112 @@ struct ListenerInfo {
     websocket: Option<String>,
 }
 
-// A function returning an `async move` block, as `forward::splice`: an
-// async fn would keep its arguments twice in every connection's state.
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn stores its arguments twice"
-)]
-fn handle<'a>(
+/// One client connection, from accept to close.
+///
+/// Everything up to the splice (PROXY header, TLS, WebSocket, the CONNECT,
+/// placement, the backend connect) runs in a boxed future that is freed
+/// once the client is placed: an idle connection's task holds the splice
+/// and the few handles it needs, not the state of how it got there
+/// (tests/tests/memory.rs guards the bytes).
+fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<ListenerInfo>,
+    shared: Arc<Shared>,
+    stops: Stops,
+    permit: crate::limit::Slot,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    // Built here, not in the block below: whatever an async block captures
+    // stays in its state for its whole life.
+    let arriving = Box::pin(arrive(
+        client,
+        peer,
+        listener,
+        shared.clone(),
+        stops.graceful.clone(),
+    ));
+    async move {
+        let _active = GaugeGuard::new(&shared.metrics.active);
+        let serve = async {
+            if let Some(placed) = arriving.await {
+                relay(placed, &shared, &stops.graceful).await;
+            }
+        };
+        tokio::select! {
+            _ = serve => {}
+            _ = stops.hard.cancelled() => tracing::debug!("cut at the end of the grace period"),
+        }
+        drop(permit);
+    }
+}
+
+/// A client from accept until it is placed on a backend: PROXY header,
+/// then plain MQTT (returned placed, for the caller's task to splice) or
+/// TLS / WebSocket (served here to the end, on the heap with this future).
+async fn arrive(
     mut client: TcpStream,
     peer: SocketAddr,
-    listener: &'a ListenerInfo,
-    shared: &'a Shared,
-    shutdown: &'a CancellationToken,
-) -> impl std::future::Future<Output = ()> + 'a {
-    async move {
-        let m = &shared.metrics;
-        m.accepted.fetch_add(1, Ordering::Relaxed);
-        let _active = GaugeGuard::new(&m.active);
-        let _ = client.set_nodelay(true);
-        let config = shared.config();
-        let settings = &config.balancer;
-        tracing::debug!("accepted");
+    listener: Arc<ListenerInfo>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> Option<Box<Placed<TcpStream>>> {
+    let (listener, shared, shutdown) = (&*listener, &*shared, &shutdown);
+    let m = &shared.metrics;
+    m.accepted.fetch_add(1, Ordering::Relaxed);
+    let _ = client.set_nodelay(true);
+    let config = shared.config();
+    let settings = &config.balancer;
+    tracing::debug!("accepted");
 
-        // A trusted load balancer first says who the client really is; that
-        // address is used for logs, empty-client-ID placement, per-IP limits
-        // and /clients. A PROXY header from anyone else is refused below.
-        let mut peer = peer;
-        let mut initial = bytes::BytesMut::new();
-        if listener.proxy_trusted.iter().any(|c| c.contains(peer.ip())) {
-            let header = handshake::read_proxy_header(&mut client, settings.connect_timeout);
-            match tokio::select! {
-                r = header => r,
-                _ = shutdown.cancelled() => return,
-            } {
-                Ok((addr, rest)) => {
-                    if let Some(a) = addr {
-                        peer = a;
-                    }
-                    initial = rest;
+    // A trusted load balancer first says who the client really is; that
+    // address is used for logs, empty-client-ID placement, per-IP limits
+    // and /clients. A PROXY header from anyone else is refused below.
+    let mut peer = peer;
+    let mut initial = bytes::BytesMut::new();
+    if listener.proxy_trusted.iter().any(|c| c.contains(peer.ip())) {
+        let header = handshake::read_proxy_header(&mut client, settings.connect_timeout);
+        match tokio::select! {
+            r = header => r,
+            _ = shutdown.cancelled() => return None,
+        } {
+            Ok((addr, rest)) => {
+                if let Some(a) = addr {
+                    peer = a;
                 }
-                Err(refused) => {
-                    m.reject(refused.reason);
-                    tracing::info!(%peer, reason = refused.reason.label(), detail = %refused.detail, "refused");
-                    return;
-                }
+                initial = rest;
+            }
+            Err(refused) => {
+                m.reject(refused.reason);
+                tracing::info!(%peer, reason = refused.reason.label(), detail = %refused.detail, "refused");
+                return None;
             }
         }
-        tracing::Span::current().record("client", tracing::field::display(peer));
-        let local = client.local_addr().unwrap_or(peer);
-        let arrival = Arrival {
-            peer,
-            local,
-            identity: None,
-            tls: None,
-        };
-        // Plain MQTT is served inline; TLS and WebSocket on the heap, so that
-        // a plain connection's task (as large as its largest state) does not
-        // carry their state machines: 22.6 KiB per idle connection with them,
-        // see tests/tests/memory.rs.
-        match &listener.tls {
-            // `serve_client`, written out: its arguments would stay in this
-            // task's state beside the copies it moves on (rust-lang/rust#62958).
-            None if listener.websocket.is_none() => {
-                let placing = place(client, arrival, initial, listener, shared, shutdown);
-                if let Some(placed) = Box::pin(placing).await {
-                    relay(placed, shared, shutdown).await;
-                }
-            }
-            None => {
-                let client = mqlb_listener::rewind::Rewind::new(initial, client);
-                Box::pin(serve_websocket(client, arrival, listener, shared, shutdown)).await
-            }
-            Some(tls) => {
-                Box::pin(serve_tls(
-                    client, arrival, initial, tls, listener, shared, shutdown,
-                ))
-                .await
-            }
+    }
+    tracing::Span::current().record("client", tracing::field::display(peer));
+    let local = client.local_addr().unwrap_or(peer);
+    let arrival = Arrival {
+        peer,
+        local,
+        identity: None,
+        tls: None,
+    };
+    match &listener.tls {
+        None if listener.websocket.is_none() => {
+            place(client, arrival, initial, listener, shared, shutdown).await
+        }
+        // Boxed again: this future is allocated for every client while it
+        // connects, and TLS's state would make it several times larger.
+        None => {
+            let client = mqlb_listener::rewind::Rewind::new(initial, client);
+            Box::pin(serve_websocket(client, arrival, listener, shared, shutdown)).await;
+            None
+        }
+        Some(tls) => {
+            Box::pin(serve_tls(
+                client, arrival, initial, tls, listener, shared, shutdown,
+            ))
+            .await;
+            None
         }
     }
 }
@@ -784,7 +811,7 @@ async fn serve_client<
 
 /// A client placed on a backend and connected to it: what the splice
 /// needs, and nothing of how it got there.
-struct Placed<'a, C> {
+struct Placed<C> {
     client: C,
     backend_stream: TcpStream,
     backend: Arc<crate::select::Backend>,
@@ -796,19 +823,19 @@ struct Placed<'a, C> {
     /// Counts the CONNECT against the backend's in-flight cap until its
     /// CONNACK passes.
     pending: Option<crate::admission::Pending>,
-    _ip_slot: Option<crate::admission::IpSlot<'a>>,
+    _ip_slot: Option<crate::admission::IpSlot>,
 }
 
 /// Reads the CONNECT, routes it, admits it and connects to its backend;
 /// `None` once the client was refused (and told, where it can be).
-async fn place<'a, C>(
+async fn place<C>(
     mut client: C,
     arrival: Arrival,
     initial: bytes::BytesMut,
     listener: &ListenerInfo,
-    shared: &'a Shared,
+    shared: &Shared,
     shutdown: &CancellationToken,
-) -> Option<Box<Placed<'a, C>>>
+) -> Option<Box<Placed<C>>>
 where
     C: forward::ClientStream + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -947,7 +974,7 @@ where
 
 /// Splices a placed client to its backend until either side closes or the
 /// client is evicted.
-async fn relay<C>(placed: Box<Placed<'_, C>>, shared: &Shared, shutdown: &CancellationToken)
+async fn relay<C>(placed: Box<Placed<C>>, shared: &Shared, shutdown: &CancellationToken)
 where
     C: forward::ClientStream + tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -955,7 +982,13 @@ where
     // Only what the splice needs outlives this block: the handshake, the
     // client's addresses and TLS details are dropped here, not kept in
     // the task for the connection's life.
-    let placed = *placed;
+    // Moved out in a block of its own: a parameter moved out of stays
+    // allocated until the function returns, which here is the connection's
+    // life (360 bytes per idle connection, see tests/tests/memory.rs).
+    let placed = {
+        let boxed = placed;
+        *boxed
+    };
     let Placed {
         mut client,
         backend_stream,

@@ -47,7 +47,7 @@ pub struct Shared {
     /// Resolves DNS pools and backend host names, with a TTL cache.
     pub resolver: hickory_resolver::TokioAsyncResolver,
     /// Admission control's caps and state.
-    pub admission: crate::admission::Admission,
+    pub admission: Arc<crate::admission::Admission>,
     /// Recent events and per-backend history, for the console.
     pub journal: Arc<crate::journal::Journal>,
     /// Set once a graceful shutdown has begun: `/readyz` answers 503.

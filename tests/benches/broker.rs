@@ -208,7 +208,7 @@ async fn connects(addr: &str, n: usize) -> f64 {
 
 /// KiB of RSS per idle connection, over `n` connections.
 async fn idle_memory(addr: &str, pid: u32, n: usize) -> f64 {
-    let before = mqlb_tests::load::rss_kib(pid);
+    let before = mqlb_tests::load::anon_rss_kib(pid);
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let (s, ack) = connect_and_ack(addr, &format!("idle{i}"), 4).await;
@@ -216,7 +216,7 @@ async fn idle_memory(addr: &str, pid: u32, n: usize) -> f64 {
         conns.push(s);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = mqlb_tests::load::rss_kib(pid);
+    let after = mqlb_tests::load::anon_rss_kib(pid);
     eprintln!("pid {pid}: RSS {before} KiB -> {after} KiB with {n} idle connections");
     drop(conns);
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -24,7 +24,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mqlb_tests::load::{concurrent_connects, cpu_seconds, qos1_fanout, rss_kib};
+use mqlb_tests::load::{anon_rss_kib, concurrent_connects, cpu_seconds, qos1_fanout};
 use mqlb_tests::raw::{self, read_n};
 use mqlb_tests::{free_port, mqlb_bin, scratch_dir, wait_listening, KillOnDrop, Mosquitto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -188,7 +188,7 @@ async fn qos1_latency(addr: &str, n: usize) -> (Duration, Duration) {
 /// Opens `n` idle MQTT connections (CONNECT, CONNACK, then nothing) through
 /// `addr`, and returns the proxy process's RSS growth per connection, KiB.
 async fn idle_rss_per_conn(addr: &str, pid: u32, n: usize) -> f64 {
-    let before = rss_kib(pid);
+    let before = anon_rss_kib(pid);
     let mut held = Vec::with_capacity(n);
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(50));
     let mut tasks = Vec::new();
@@ -206,7 +206,7 @@ async fn idle_rss_per_conn(addr: &str, pid: u32, n: usize) -> f64 {
     }
     // Let both sides settle, as an idle fleet does.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_kib(pid);
+    let after = anon_rss_kib(pid);
     drop(held);
     tokio::time::sleep(Duration::from_millis(500)).await;
     (after - before) / n as f64

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mqlb_tests::load::{cpu_seconds, rss_kib};
+use mqlb_tests::load::{anon_rss_kib, cpu_seconds};
 use mqlb_tests::raw;
 use mqlb_tests::{free_port, http, mqlb_bin, wait_listening, KillOnDrop, Mosquitto};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -210,7 +210,7 @@ async fn run(n: usize, failure: Failure, rate: u32) -> Run {
     let pid = lb.0.id();
     assert!(wait_listening(&lb_addr, Duration::from_secs(5)));
     tokio::time::sleep(Duration::from_millis(700)).await; // backends up
-    let base_rss_kib = rss_kib(pid);
+    let base_rss_kib = anon_rss_kib(pid);
 
     let fleet = Arc::new(Fleet::default());
     fleet.now_ms();
@@ -232,7 +232,7 @@ async fn run(n: usize, failure: Failure, rate: u32) -> Run {
     .expect("fleet did not connect");
     let open = start.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss = rss_kib(pid);
+    let rss = anon_rss_kib(pid);
     let cpu0 = cpu_seconds(pid);
     let idle_window = Duration::from_secs(10);
     tokio::time::sleep(idle_window).await;

@@ -206,7 +206,7 @@ async fn qos1(c: &tokio_rustls::TlsConnector, addr: &str, n: usize) -> (Duration
 /// KiB of RSS `pid` holds per idle TLS client, `n` of them connected
 /// (handshake, CONNECT, CONNACK) and left idle.
 async fn idle_tls(c: &tokio_rustls::TlsConnector, addr: &str, pid: u32, n: usize) -> f64 {
-    let before = mqlb_tests::load::rss_kib(pid);
+    let before = mqlb_tests::load::anon_rss_kib(pid);
     let mut held = Vec::with_capacity(n);
     for i in 0..n {
         let mut s = tls(c, addr).await;
@@ -214,7 +214,7 @@ async fn idle_tls(c: &tokio_rustls::TlsConnector, addr: &str, pid: u32, n: usize
         held.push(s);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = mqlb_tests::load::rss_kib(pid);
+    let after = mqlb_tests::load::anon_rss_kib(pid);
     drop(held);
     tokio::time::sleep(Duration::from_millis(500)).await;
     (after - before) / n as f64
