@@ -145,8 +145,11 @@ fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // idle one holds this future.
     origin: Option<Box<Origin>>,
 ) -> impl std::future::Future<Output = ()> {
+    // Made here, not in the block: what an async block captures stays in
+    // its state for its whole life.
+    let starting = Box::pin(start(stream, state, settings, origin));
     async move {
-        let Some(mut live) = Box::pin(start(stream, state, settings, origin)).await else {
+        let Some(mut live) = starting.await else {
             return;
         };
         let reason = live
@@ -160,6 +163,75 @@ fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         .await;
     }
 }
+
+pin_project_lite::pin_project! {
+    /// A connection's future, dropped when `stop` fires. A struct rather
+    /// than an async block with `select!`: a block keeps what it captures
+    /// beside the future it moves into the select, so every idle
+    /// connection would hold its arguments twice.
+    pub struct Until<F> {
+        #[pin]
+        serving: F,
+        #[pin]
+        stop: tokio_util::sync::WaitForCancellationFutureOwned,
+    }
+}
+
+impl<F> Until<F> {
+    /// Runs `serving` until it ends or `stop` is cancelled.
+    pub fn new(serving: F, stop: tokio_util::sync::CancellationToken) -> Self {
+        Until {
+            serving,
+            stop: stop.cancelled_owned(),
+        }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Until<F> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let this = self.project();
+        if this.serving.poll(cx).is_ready() {
+            return std::task::Poll::Ready(());
+        }
+        this.stop.poll(cx)
+    }
+}
+
+/// Reads what the client sent into `buf`, which holds no memory while the
+/// connection waits: when a read would block with nothing buffered the
+/// buffer is freed, and a read with no buffer goes through the stack and
+/// makes one only once bytes arrived. An idle client then costs no read
+/// buffer (256 bytes and the CONNECT's share of it, 296 per connection).
+fn read_lazily<'a, R: AsyncRead + Unpin>(
+    rd: &'a mut R,
+    buf: &'a mut BytesMut,
+) -> impl Future<Output = std::io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        if buf.capacity() == 0 {
+            // Lives for this poll only, never in the connection's state.
+            let mut stack = [0u8; 2048];
+            let mut got = tokio::io::ReadBuf::new(&mut stack);
+            std::task::ready!(Pin::new(&mut *rd).poll_read(cx, &mut got))?;
+            let got = got.filled();
+            buf.reserve(got.len().max(READ_START));
+            buf.extend_from_slice(got);
+            return std::task::Poll::Ready(Ok(got.len()));
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(buf.len().max(READ_START));
+        }
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut *rd), cx, buf);
+        if read.is_pending() && buf.is_empty() {
+            *buf = BytesMut::new();
+        }
+        read
+    })
+}
+
+/// What a read buffer starts at once bytes arrive; it grows as packets
+/// demand.
+const READ_START: usize = 1024;
 
 /// A connection whose session runs: what it holds while it is served.
 struct Live<S> {
@@ -1019,7 +1091,7 @@ impl Session {
             let reading = self.may_read();
             let committing = self.waiting.as_ref().is_some_and(|w| !w.is_empty());
             tokio::select! {
-                r = rd.read_buf(buf), if reading => match r {
+                r = read_lazily(rd, buf), if reading => match r {
                     Ok(0) | Err(_) => return End::Lost,
                     Ok(_) => heard = tokio::time::Instant::now(),
                 },

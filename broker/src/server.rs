@@ -344,18 +344,18 @@ impl Broker {
                 _ = disk_failed.cancelled() => break,
             };
             let _ = stream.set_nodelay(true);
-            let state = self.state.clone();
-            let settings = self.settings;
-            let stop = hard.clone();
-            conns.spawn(
-                async move {
-                    tokio::select! {
-                        _ = handle(stream, state, settings) => {}
-                        _ = stop.cancelled() => {}
-                    }
-                }
-                .instrument(tracing::debug_span!("client", %peer)),
-            );
+            // Made outside the task's block, which would keep the
+            // arguments beside the connection's state for its whole life.
+            let serving = handle(stream, self.state.clone(), self.settings);
+            let conn = crate::conn::Until::new(serving, hard.clone());
+            // Without debug logging the span is off: then the task does not
+            // carry it.
+            let span = tracing::debug_span!("client", %peer);
+            if span.is_disabled() {
+                conns.spawn(conn);
+            } else {
+                conns.spawn(conn.instrument(span));
+            }
         }
         self.state.stopping.cancel();
         if let Some(c) = &member {

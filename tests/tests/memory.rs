@@ -149,8 +149,12 @@ async fn an_idle_plain_connection_holds_little_heap() {
 
 /// The heap an idle client of the bundled broker holds: its connection
 /// task, session, mailbox and socket registration. 3,232 bytes (release)
-/// when everything up to the CONNACK stayed in the task; 2,336 since it is
-/// boxed and freed (2,472 in this unoptimised build).
+/// when everything up to the CONNACK stayed in the task; 2,336 once it was
+/// boxed and freed; 1,955 since an idle connection holds no read buffer
+/// (freed when a read would block with nothing buffered) and its task
+/// keeps neither its arguments nor its span: a 1,024-byte task, the
+/// 256-byte socket registration, the 184-byte mailbox, 64 bytes for the
+/// split stream and three small strings, plus the core's tables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_broker_client_holds_little_heap() {
     const N: usize = 400;
@@ -165,8 +169,8 @@ async fn an_idle_broker_client_holds_little_heap() {
     let (fleet, per) = heap_per_idle_connection(addr, N).await;
     println!("heap per idle broker client: {per:.0} bytes ({N} connections)");
     assert!(
-        per < 2816.0,
-        "an idle broker client holds {per:.0} bytes of heap (bound 2816)"
+        per < 2100.0,
+        "an idle broker client holds {per:.0} bytes of heap (bound 2100)"
     );
     drop(fleet);
     stop.cancel();
