@@ -133,10 +133,6 @@ enum Origin {
 // A function returning an `async move` block: an async fn keeps its
 // arguments twice, and this is the state every idle connection holds.
 // Everything up to the CONNACK is boxed and freed once the session runs.
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn stores its arguments twice"
-)]
 fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     state: Arc<Node>,
