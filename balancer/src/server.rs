@@ -115,9 +115,11 @@ fn check_settings(h: &mqlb_config::HealthSettings) -> CheckSettings {
 #[derive(Debug)]
 pub struct Balancer {
     shared: Arc<Shared>,
+    /// Per listener, one socket per worker thread (an `SO_REUSEPORT`
+    /// group: see [`workers`]).
     listeners: Vec<(
         mqlb_config::Listener,
-        TcpListener,
+        Vec<std::net::TcpListener>,
         Option<Arc<mqlb_listener::tls::Slot>>,
     )>,
     admin: Option<TcpListener>,
@@ -147,13 +149,13 @@ impl Balancer {
                 )),
                 None => None,
             };
-            let listener = TcpListener::bind(l.address).await.map_err(|e| {
+            let group = bind_group(l.address, workers()).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("listener {} on {}: {e}", l.name, l.address),
                 )
             })?;
-            listeners.push((l.clone(), listener, tls));
+            listeners.push((l.clone(), group, tls));
         }
         let admin = match config.admin {
             Some(addr) => Some(
@@ -289,7 +291,7 @@ impl Balancer {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|(_, l, _)| l.local_addr().ok())
+            .filter_map(|(_, g, _)| g.first().and_then(|l| l.local_addr().ok()))
             .collect()
     }
 
@@ -361,14 +363,36 @@ impl Balancer {
             });
         }
         let tracker = TaskTracker::new();
-        for (spec, listener, tls) in self.listeners {
-            let shared = self.shared.clone();
-            let conns = tracker.clone();
-            let stops = Stops {
-                graceful: shutdown.clone(),
-                hard: hard.clone(),
-            };
-            tracker.spawn(accept_loop(spec, listener, tls, shared, conns, stops));
+        let stops = Stops {
+            graceful: shutdown.clone(),
+            hard: hard.clone(),
+        };
+        // Worker k serves socket k of every listener, on its own thread.
+        let mut per_worker: Vec<Vec<_>> = Vec::new();
+        for (spec, group, tls) in self.listeners {
+            let address = group.first().and_then(|l| l.local_addr().ok());
+            tracing::info!(listener = %spec.name, address = address.map(field::display), workers = group.len(), "listening");
+            for (k, socket) in group.into_iter().enumerate() {
+                if per_worker.len() <= k {
+                    per_worker.resize_with(k + 1, Vec::new);
+                }
+                if let Some(w) = per_worker.get_mut(k) {
+                    w.push((spec.clone(), socket, tls.clone()));
+                }
+            }
+        }
+        let workers_done = CancellationToken::new();
+        let _stop_workers = workers_done.clone().drop_guard();
+        let mut exited = Vec::new();
+        for (k, sockets) in per_worker.into_iter().enumerate() {
+            exited.push(spawn_worker(
+                k,
+                sockets,
+                self.shared.clone(),
+                tracker.clone(),
+                stops.clone(),
+                workers_done.clone(),
+            ));
         }
         shutdown.cancelled().await;
         let open = self.shared.registry.len();
@@ -399,6 +423,10 @@ impl Balancer {
             let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
         }
         hard.cancel();
+        workers_done.cancel();
+        for w in exited {
+            let _ = tokio::time::timeout(Duration::from_secs(1), w).await;
+        }
         if let Some(admin) = admin {
             let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
         }
@@ -412,6 +440,111 @@ struct Stops {
     graceful: CancellationToken,
     /// Close everything now.
     hard: CancellationToken,
+}
+
+/// How many threads accept and serve clients: one per core. Each has its
+/// own single-threaded runtime and its own socket of every listener (an
+/// `SO_REUSEPORT` group, the kernel spreading connections over them), so a
+/// client is accepted, placed, connected to its backend and spliced on one
+/// thread, with no hand-off between threads and no wake-up of another
+/// (a work-stealing runtime woke an idle worker for each spawned
+/// connection). HAProxy's and nginx's shape.
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Binds `n` listening sockets to `addr` as one `SO_REUSEPORT` group (for
+/// port 0, the port the first one got). A plain bind first: it fails when
+/// anything already listens there, so a second `mqlb` on the same port is
+/// refused as before instead of quietly sharing its clients.
+fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    use nix::sys::socket::{
+        self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
+    };
+    use std::os::fd::AsRawFd;
+    let addr = std::net::TcpListener::bind(addr)?.local_addr()?;
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    (0..n.max(1))
+        .map(|_| {
+            let fd = socket::socket(
+                family,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+                None,
+            )?;
+            socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
+            socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+            // tokio's backlog for `TcpListener::bind`.
+            socket::listen(&fd, Backlog::new(1024)?)?;
+            Ok(std::net::TcpListener::from(fd))
+        })
+        .collect()
+}
+
+/// Worker `k`: a thread with a single-threaded runtime that accepts on its
+/// sockets and serves those clients until `done`. The returned future ends
+/// when the thread has.
+fn spawn_worker(
+    k: usize,
+    sockets: Vec<(
+        mqlb_config::Listener,
+        std::net::TcpListener,
+        Option<Arc<mqlb_listener::tls::Slot>>,
+    )>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    stops: Stops,
+    done: CancellationToken,
+) -> tokio::sync::oneshot::Receiver<()> {
+    let (exited, on_exit) = tokio::sync::oneshot::channel();
+    let run = move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                // Its sockets close with this thread and leave the group:
+                // the other workers take every client.
+                tracing::error!(worker = k, error = %e, "cannot start a worker runtime");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            for (spec, socket, tls) in sockets {
+                let name = spec.name.clone();
+                match TcpListener::from_std(socket) {
+                    Ok(listener) => {
+                        tokio::spawn(tracker.track_future(accept_loop(
+                            spec,
+                            listener,
+                            tls,
+                            shared.clone(),
+                            tracker.clone(),
+                            stops.clone(),
+                        )));
+                    }
+                    Err(e) => {
+                        tracing::error!(listener = %name, worker = k, error = %e, "cannot serve a listener socket")
+                    }
+                }
+            }
+            done.cancelled().await;
+        });
+        let _ = exited.send(());
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name(format!("mqlb-worker-{k}"))
+        .spawn(run)
+    {
+        tracing::error!(worker = k, error = %e, "cannot start a worker thread");
+    }
+    on_exit
 }
 
 async fn accept_loop(
@@ -434,18 +567,7 @@ async fn accept_loop(
         tls,
         websocket: spec.websocket,
     });
-    let local = listener.local_addr().ok();
-    tracing::info!(listener = %name, address = local.map(tracing::field::display), "listening");
     loop {
-        // Take the permit before accepting: at the limit, new clients wait in
-        // the kernel's backlog instead of being accepted and starved.
-        let permit = tokio::select! {
-            p = shared.limit.acquire() => match p {
-                Some(p) => p,
-                None => return,
-            },
-            _ = shutdown.cancelled() => return,
-        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -455,6 +577,17 @@ async fn accept_loop(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        // Then the permit: at the limit this client waits here, accepted but
+        // not served, and the next ones wait in this socket's backlog. The
+        // permit cannot come first: a worker holding it would wait on its
+        // own socket while the client waits in another worker's.
+        let permit = tokio::select! {
+            p = shared.limit.acquire() => match p {
+                Some(p) => p,
+                None => return,
             },
             _ = shutdown.cancelled() => return,
         };
@@ -1145,5 +1278,45 @@ where
             "closed"
         ),
         Err(e) => tracing::debug!(reason = "io_error", error = %e, "closed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One port, one socket per worker; a second group on a port in use is
+    /// refused (a second `mqlb` does not quietly share the clients), and
+    /// connections to the port are spread over the group's sockets.
+    #[test]
+    fn listener_groups_share_one_port_and_refuse_a_second_group() -> io::Result<()> {
+        let group = bind_group("127.0.0.1:0".parse().map_err(io::Error::other)?, 2)?;
+        let addrs: Vec<SocketAddr> = group
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<io::Result<_>>()?;
+        assert_eq!(addrs.len(), 2);
+        assert_eq!(addrs.first(), addrs.get(1), "one port for the group");
+        let port = addrs.first().copied().ok_or(io::ErrorKind::NotFound)?;
+        let second = bind_group(port, 2);
+        assert_eq!(
+            second.err().map(|e| e.kind()),
+            Some(io::ErrorKind::AddrInUse)
+        );
+        // Connections from many source ports land on both sockets.
+        let clients: Vec<_> = (0..64)
+            .map(|_| std::net::TcpStream::connect(port))
+            .collect::<io::Result<_>>()?;
+        let mut accepted = [0usize; 2];
+        for (k, l) in group.iter().enumerate() {
+            while l.accept().is_ok() {
+                if let Some(n) = accepted.get_mut(k) {
+                    *n += 1;
+                }
+            }
+        }
+        assert_eq!(accepted.iter().sum::<usize>(), clients.len());
+        assert!(accepted.iter().all(|n| *n > 0), "{accepted:?}");
+        Ok(())
     }
 }

@@ -261,8 +261,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
+    // MQLB_BENCH_ONLY=connects: the connect rows alone (no idle, no traffic).
+    let connects_only = std::env::var("MQLB_BENCH_ONLY").is_ok_and(|v| v == "connects");
     let idle_counts: Vec<usize> = std::env::var("MQLB_BENCH_IDLE")
-        .unwrap_or_else(|_| "1000,9000".into())
+        .unwrap_or_else(|_| if connects_only { "" } else { "1000,9000" }.into())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
@@ -354,6 +356,10 @@ fn main() {
                 rows[3].1[i].push(rate);
                 rows[4].1[i].push(p50);
                 rows[5].1[i].push(p99);
+                if connects_only {
+                    eprintln!("round {round} {name} done");
+                    continue;
+                }
                 let cpu0 = pid.map_or(0.0, cpu_seconds);
                 let n = 100_000 * scale;
                 rows[6].1[i].push(qos0_throughput(addr, n).await);
@@ -386,6 +392,9 @@ fn main() {
         "median of 3 rounds", "direct", "haproxy", "mqlb", "mqlb/direct", "mqlb/haproxy"
     );
     for (label, data) in &rows {
+        if data.iter().any(|v| v.is_empty()) {
+            continue;
+        }
         let m: Vec<f64> = data.iter().map(|v| median(v.clone())).collect();
         println!(
             "{:<32} {:>12.2} {:>12.2} {:>12.2} {:>14.2} {:>14.2}",
