@@ -30,6 +30,8 @@ use mqlb_tests::{free_port, mqlb_bin, scratch_dir, wait_listening, KillOnDrop, M
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// Rounds by default; `MQLB_BENCH_ROUNDS` changes it (the connect rows
+/// swing by about 10 % from round to round on two shared cores).
 const ROUNDS: usize = 3;
 
 struct Haproxy(Child, std::path::PathBuf);
@@ -263,6 +265,10 @@ fn main() {
         .unwrap_or(1);
     // MQLB_BENCH_ONLY=connects: the connect rows alone (no idle, no traffic).
     let connects_only = std::env::var("MQLB_BENCH_ONLY").is_ok_and(|v| v == "connects");
+    let rounds: usize = std::env::var("MQLB_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(ROUNDS);
     let idle_counts: Vec<usize> = std::env::var("MQLB_BENCH_IDLE")
         .unwrap_or_else(|_| if connects_only { "" } else { "1000,9000" }.into())
         .split(',')
@@ -338,6 +344,7 @@ fn main() {
         "QoS1 deliveries/s (4 pub x 4 sub)",
         "QoS1 p99 us under 4x4 load",
         "proxy CPU s per 1M QoS1 deliv.",
+        "proxy CPU us per connect (50)",
     ]
     .iter()
     .map(|l| (l.to_string(), vec![Vec::new(); 3]))
@@ -346,16 +353,19 @@ fn main() {
         rows.push((format!("RSS KiB per idle conn ({n})"), vec![Vec::new(); 3]));
     }
     client_rt.block_on(async {
-        for round in 0..ROUNDS {
+        for round in 0..rounds {
             for (i, (name, addr, pid)) in paths.iter().enumerate() {
                 let (rate, p50, p99) = connects(addr, 1000 * scale).await;
                 rows[0].1[i].push(rate);
                 rows[1].1[i].push(p50.as_secs_f64() * 1e6);
                 rows[2].1[i].push(p99.as_secs_f64() * 1e6);
+                let cpu0 = pid.map_or(0.0, cpu_seconds);
                 let (rate, p50, p99) = concurrent_connects(addr, 3000 * scale, 50).await;
+                let cpu = pid.map_or(0.0, cpu_seconds) - cpu0;
                 rows[3].1[i].push(rate);
                 rows[4].1[i].push(p50);
                 rows[5].1[i].push(p99);
+                rows[13].1[i].push(cpu * 1e6 / (3000 * scale) as f64);
                 if connects_only {
                     eprintln!("round {round} {name} done");
                     continue;
@@ -380,16 +390,16 @@ fn main() {
             }
         }
         for (k, v) in idle.iter().enumerate() {
-            for _ in 0..ROUNDS {
-                rows[13 + k].1[0].push(f64::NAN);
-                rows[13 + k].1[1].push(v[0]);
-                rows[13 + k].1[2].push(v[1]);
+            for _ in 0..rounds {
+                rows[14 + k].1[0].push(f64::NAN);
+                rows[14 + k].1[1].push(v[0]);
+                rows[14 + k].1[2].push(v[1]);
             }
         }
     });
     println!(
         "\n{:<32} {:>12} {:>12} {:>12} {:>14} {:>14}",
-        "median of 3 rounds", "direct", "haproxy", "mqlb", "mqlb/direct", "mqlb/haproxy"
+        format!("median of {rounds} rounds"), "direct", "haproxy", "mqlb", "mqlb/direct", "mqlb/haproxy"
     );
     for (label, data) in &rows {
         if data.iter().any(|v| v.is_empty()) {
