@@ -326,6 +326,10 @@ pub trait ClientStream: Send + 'static {
     /// Splits into independently usable halves, borrowed: plain TCP's
     /// split allocates nothing.
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+    /// Closing it says all a shutdown would (plain TCP: the FIN). TLS and
+    /// WebSocket need their shutdown, which sends close_notify or a Close
+    /// frame and flushes what is buffered.
+    const CLOSE_IS_SHUTDOWN: bool = false;
 }
 
 /// Reading into a buffer borrowed from [`bufpool`] only once data is there,
@@ -351,13 +355,21 @@ impl LentRead for tokio::net::tcp::ReadHalf<'_> {
         if let Err(e) = ready!(socket.poll_read_ready(cx)) {
             return Poll::Ready(Err(e));
         }
+        // `poll_read`, not `try_read`: a read shorter than the buffer
+        // drained the socket, and tokio then clears its readiness, so the
+        // next wait goes to epoll instead of a `recv` that fails with
+        // EAGAIN (one system call per packet burst, two per connection).
         let mut buf = bufpool::lend();
-        Poll::Ready(match self.try_read(&mut buf) {
-            Ok(n) => Ok(Some((buf, n))),
-            // Readiness was stale; `try_read` cleared it.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
-        })
+        let mut filled = tokio::io::ReadBuf::new(&mut buf);
+        match std::pin::Pin::new(&mut *self).poll_read(cx, &mut filled) {
+            Poll::Ready(Ok(())) => {
+                let n = filled.filled().len();
+                Poll::Ready(Ok(Some((buf, n))))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // Readiness was stale: cleared, and this task will be woken.
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -413,6 +425,7 @@ impl ClientStream for TcpStream {
     fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
         self.split()
     }
+    const CLOSE_IS_SHUTDOWN: bool = true;
 }
 
 /// TLS and WebSocket streams are split by tokio (the halves share the
@@ -467,6 +480,7 @@ pub fn splice<'a, C: ClientStream, B: ClientStream>(
         let up = pump(
             &mut cr,
             &mut bw,
+            B::CLOSE_IS_SHUTDOWN,
             evict,
             Side::Up,
             |_| {},
@@ -475,6 +489,7 @@ pub fn splice<'a, C: ClientStream, B: ClientStream>(
         let down = pump(
             &mut br,
             &mut cw,
+            C::CLOSE_IS_SHUTDOWN,
             evict,
             Side::Down,
             |chunk| connack.feed(chunk),
@@ -515,6 +530,7 @@ pub fn splice<'a, C: ClientStream, B: ClientStream>(
 async fn pump<R: LentRead, W: AsyncWrite + Unpin>(
     from: &mut R,
     to: &mut W,
+    close_is_shutdown: bool,
     evict: &EvictHandle,
     side: Side,
     mut inspect: impl FnMut(&[u8]),
@@ -550,7 +566,11 @@ async fn pump<R: LentRead, W: AsyncWrite + Unpin>(
             }
         };
         if n == 0 {
-            let _ = to.shutdown().await;
+            // The second direction to end skips its shutdown when closing
+            // the connection, right after, sends the same.
+            if evict.first_to_end() || !close_is_shutdown {
+                let _ = to.shutdown().await;
+            }
             return Ok((total, false, false));
         }
         let chunk = buf.get(..n).unwrap_or_default();

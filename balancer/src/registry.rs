@@ -6,7 +6,7 @@
 //! insert, remove, or copy out handles, never across an await.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use std::task::{Context, Poll};
@@ -53,6 +53,8 @@ pub struct EvictHandle {
     down: AtomicWaker,
     /// The backend the connection is forwarded to.
     backend: Arc<Backend>,
+    /// One direction has reached its end of stream.
+    one_ended: AtomicBool,
 }
 
 impl EvictHandle {
@@ -63,7 +65,16 @@ impl EvictHandle {
             up: AtomicWaker::new(),
             down: AtomicWaker::new(),
             backend,
+            one_ended: AtomicBool::new(false),
         }
+    }
+
+    /// Called by a direction at its end of stream: `true` for the first.
+    /// The first passes the end on (shuts its destination's writing side
+    /// down); the second need not, as the connection closes right after,
+    /// which sends the same FIN: a system call less per connection.
+    pub fn first_to_end(&self) -> bool {
+        !self.one_ended.swap(true, Ordering::Relaxed)
     }
 
     /// Counts `n` bytes relayed in direction `side` (up: to the backend).

@@ -715,7 +715,13 @@ async fn arrive(
         }
     }
     tracing::Span::current().record("client", tracing::field::display(peer));
-    let local = client.local_addr().unwrap_or(peer);
+    // Only a backend that takes the PROXY protocol is told the address the
+    // client reached: a system call per connection spared otherwise.
+    let local = if shared.backends.snapshot().iter().any(|b| b.send_proxy) {
+        client.local_addr().unwrap_or(peer)
+    } else {
+        peer
+    };
     let arrival = Arrival {
         peer,
         local,

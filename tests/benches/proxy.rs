@@ -399,7 +399,12 @@ fn main() {
     });
     println!(
         "\n{:<32} {:>12} {:>12} {:>12} {:>14} {:>14}",
-        format!("median of {rounds} rounds"), "direct", "haproxy", "mqlb", "mqlb/direct", "mqlb/haproxy"
+        format!("median of {rounds} rounds"),
+        "direct",
+        "haproxy",
+        "mqlb",
+        "mqlb/direct",
+        "mqlb/haproxy"
     );
     for (label, data) in &rows {
         if data.iter().any(|v| v.is_empty()) {
