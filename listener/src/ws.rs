@@ -37,6 +37,13 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+/// tungstenite's read buffer per connection: allocated at once and zeroed
+/// to its capacity on every read, so its default of 128 KiB was the
+/// whole cost of an idle WebSocket client (139 KiB of RSS each through the
+/// balancer, `MQLB_BENCH_ONLY=idle cargo bench -p mqlb-tests --bench
+/// proxy`). A frame larger than this grows it for that frame.
+const READ_BUFFER: usize = 4096;
+
 /// Largest HTTP upgrade request read before giving up.
 pub const MAX_UPGRADE: usize = 16 << 10;
 
@@ -311,6 +318,7 @@ where
         Ok(resp)
     };
     let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(limits.max_message))
         .max_frame_size(Some(limits.max_message));
     let mut ws = tokio_tungstenite::accept_hdr_async_with_config(
@@ -397,6 +405,7 @@ where
     req.headers_mut()
         .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
     let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE));
     let (ws, resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))

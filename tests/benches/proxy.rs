@@ -11,7 +11,10 @@
 //! `MQLB_BENCH_SCALE` (default 1) multiplies the work per round;
 //! `MQLB_BENCH_IDLE` (default "1000,9000") lists the idle-connection counts
 //! at which RSS per connection is measured; `MQLB_BENCH_BACKEND=mqlb` puts
-//! the bundled broker behind both proxies instead of Mosquitto.
+//! the bundled broker behind both proxies instead of Mosquitto;
+//! `MQLB_BENCH_ONLY=connects` or `=idle` runs those rows alone;
+//! `MQLB_BENCH_ROUNDS` (default 3) sets the rounds. `MQLB_BIN` runs another
+//! build of `mqlb`.
 
 #![allow(
     clippy::unwrap_used,
@@ -238,6 +241,61 @@ fn start_mqlb(backend: &str) -> (KillOnDrop, u16) {
     (lb, lport)
 }
 
+/// Anonymous RSS per idle MQTT-over-WebSocket client of a fresh `mqlb
+/// balance` with a WebSocket listener in front of `backend` (HAProxy cannot
+/// hash a client ID inside WebSocket frames, so mqlb alone), KiB.
+async fn fresh_idle_websocket(backend: &str, n: usize) -> f64 {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let port = free_port();
+    let dir = scratch_dir("bench-ws");
+    let cfg = dir.join("mqlb.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[listener]]\nname = \"ws\"\naddress = \"127.0.0.1:{port}\"\nkind = \"websocket\"\n\
+             [[backend]]\nname = \"b1\"\naddress = \"{backend}\"\n"
+        ),
+    )
+    .unwrap();
+    let lb = KillOnDrop(
+        Command::new(mqlb_bin())
+            .args(["balance", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run `cargo build --release` first"),
+    );
+    let addr = format!("127.0.0.1:{port}");
+    assert!(wait_listening(&addr, Duration::from_secs(5)));
+    tokio::time::sleep(Duration::from_millis(700)).await; // its check is up
+    let pid = lb.0.id();
+    let before = anon_rss_kib(pid);
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let tcp = TcpStream::connect(&addr).await.unwrap();
+        let mut req = format!("ws://{addr}/mqtt").into_client_request().unwrap();
+        req.headers_mut()
+            .insert("sec-websocket-protocol", "mqtt".parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+        ws.send(Message::binary(raw::connect(&format!("ws-idle-{i}"), 4)))
+            .await
+            .unwrap();
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], [0x20, 0x02, 0x00, 0x00]),
+            other => panic!("WebSocket client {i}: {other:?}"),
+        }
+        held.push(ws);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = anon_rss_kib(pid);
+    drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
+    (after - before) / n as f64
+}
+
 /// Idle RSS per connection of HAProxy and mqlb, each a fresh process
 /// (started for this count alone, nothing run through it before): a warm
 /// process's heap already holds freed memory and hides growth.
@@ -263,8 +321,11 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    // MQLB_BENCH_ONLY=connects: the connect rows alone (no idle, no traffic).
-    let connects_only = std::env::var("MQLB_BENCH_ONLY").is_ok_and(|v| v == "connects");
+    // MQLB_BENCH_ONLY=connects: the connect rows alone (no idle, no
+    // traffic); MQLB_BENCH_ONLY=idle: the idle-memory rows alone.
+    let only = std::env::var("MQLB_BENCH_ONLY").unwrap_or_default();
+    let connects_only = only == "connects";
+    let idle_only = only == "idle";
     let rounds: usize = std::env::var("MQLB_BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -319,6 +380,13 @@ fn main() {
             v
         })
         .collect();
+    let ws_idle = if connects_only {
+        None
+    } else {
+        let v = client_rt.block_on(fresh_idle_websocket(&backend, 1000));
+        eprintln!("idle WebSocket 1000: mqlb {v:.2} KiB per connection");
+        Some(v)
+    };
     let (lb, lport) = start_mqlb(&backend);
 
     let paths = [
@@ -352,8 +420,14 @@ fn main() {
     for n in &idle_counts {
         rows.push((format!("RSS KiB per idle conn ({n})"), vec![Vec::new(); 3]));
     }
+    if let Some(v) = ws_idle {
+        rows.push((
+            "RSS KiB per idle WebSocket conn (1000)".to_string(),
+            vec![vec![f64::NAN], vec![f64::NAN], vec![v]],
+        ));
+    }
     client_rt.block_on(async {
-        for round in 0..rounds {
+        for round in 0..if idle_only { 0 } else { rounds } {
             // Each round starts with the next path: every connection leaves a
             // TIME_WAIT socket, which makes the kernel's search for a free
             // port slower for whoever runs later, so no path always goes last.
