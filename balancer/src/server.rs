@@ -478,6 +478,8 @@ fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListene
             )?;
             socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
             socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
+            // Accepted sockets inherit it: no `setsockopt` per client.
+            socket::setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
             socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
             // tokio's backlog for `TcpListener::bind`.
             socket::listen(&fd, Backlog::new(1024)?)?;
@@ -685,7 +687,7 @@ async fn arrive(
     let (listener, shared, shutdown) = (&*listener, &*shared, &shutdown);
     let m = &shared.metrics;
     m.accepted.fetch_add(1, Ordering::Relaxed);
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY came with the socket from its listener (`bind_group`).
     let config = shared.config();
     let settings = &config.balancer;
     tracing::debug!("accepted");
@@ -1292,8 +1294,9 @@ mod tests {
     use super::*;
 
     /// One port, one socket per worker; a second group on a port in use is
-    /// refused (a second `mqlb` does not quietly share the clients), and
-    /// connections to the port are spread over the group's sockets.
+    /// refused (a second `mqlb` does not quietly share the clients),
+    /// connections to the port are spread over the group's sockets, and
+    /// each comes with TCP_NODELAY set.
     #[test]
     fn listener_groups_share_one_port_and_refuse_a_second_group() -> io::Result<()> {
         let group = bind_group("127.0.0.1:0".parse().map_err(io::Error::other)?, 2)?;
@@ -1315,7 +1318,9 @@ mod tests {
             .collect::<io::Result<_>>()?;
         let mut accepted = [0usize; 2];
         for (k, l) in group.iter().enumerate() {
-            while l.accept().is_ok() {
+            while let Ok((s, _)) = l.accept() {
+                // Inherited from the listener: no set-up call per client.
+                assert!(s.nodelay()?, "TCP_NODELAY not inherited");
                 if let Some(n) = accepted.get_mut(k) {
                     *n += 1;
                 }
