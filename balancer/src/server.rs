@@ -662,8 +662,10 @@ fn handle(
     async move {
         let _active = GaugeGuard::new(&shared.metrics.active);
         let serve = async {
-            if let Some(placed) = arriving.await {
-                relay(placed, &shared, &stops.graceful).await;
+            match arriving.await {
+                Arrived::Placed(placed) => relay(placed, &shared, &stops.graceful).await,
+                Arrived::Elsewhere(serving) => serving.await,
+                Arrived::Gone => {}
             }
         };
         tokio::select! {
@@ -674,17 +676,29 @@ fn handle(
     }
 }
 
+/// Where a client stands once [`arrive`] is done with it.
+enum Arrived {
+    /// Refused, or gone: nothing more to do.
+    Gone,
+    /// Plain MQTT, placed: the connection's task splices it.
+    Placed(Box<Placed<TcpStream>>),
+    /// TLS or WebSocket: served by a future of its own, on the heap, which
+    /// the task runs once `arrive`'s state (sized by the plain path's
+    /// placement, 2.6 KiB) is freed; it held on for the connection's life.
+    Elsewhere(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
+}
+
 /// A client from accept until it is placed on a backend: PROXY header,
 /// then plain MQTT (returned placed, for the caller's task to splice) or
-/// TLS / WebSocket (served here to the end, on the heap with this future).
+/// TLS / WebSocket (returned as the future that serves it).
 async fn arrive(
     mut client: TcpStream,
     peer: SocketAddr,
-    listener: Arc<ListenerInfo>,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) -> Option<Box<Placed<TcpStream>>> {
-    let (listener, shared, shutdown) = (&*listener, &*shared, &shutdown);
+    listener_info: Arc<ListenerInfo>,
+    shared_state: Arc<Shared>,
+    shutdown_token: CancellationToken,
+) -> Arrived {
+    let (listener, shared, shutdown) = (&*listener_info, &*shared_state, &shutdown_token);
     let m = &shared.metrics;
     m.accepted.fetch_add(1, Ordering::Relaxed);
     // TCP_NODELAY came with the socket from its listener (`bind_group`).
@@ -701,7 +715,7 @@ async fn arrive(
         let header = handshake::read_proxy_header(&mut client, settings.connect_timeout);
         match tokio::select! {
             r = header => r,
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Arrived::Gone,
         } {
             Ok((addr, rest)) => {
                 if let Some(a) = addr {
@@ -712,7 +726,7 @@ async fn arrive(
             Err(refused) => {
                 m.reject(refused.reason);
                 tracing::info!(%peer, reason = refused.reason.label(), detail = %refused.detail, "refused");
-                return None;
+                return Arrived::Gone;
             }
         }
     }
@@ -730,24 +744,40 @@ async fn arrive(
         identity: None,
         tls: None,
     };
-    match &listener.tls {
+    // Not awaited here: this future is sized by the plain path's placement
+    // and would stay allocated under a TLS or WebSocket client's whole life.
+    match listener.tls.clone() {
         None if listener.websocket.is_none() => {
-            place(client, arrival, initial, listener, shared, shutdown).await
+            match place(client, arrival, initial, listener, shared, shutdown).await {
+                Some(placed) => Arrived::Placed(placed),
+                None => Arrived::Gone,
+            }
         }
-        // Boxed again: this future is allocated for every client while it
-        // connects, and TLS's state would make it several times larger.
         None => {
             let client = mqlb_listener::rewind::Rewind::new(initial, client);
-            Box::pin(serve_websocket(client, arrival, listener, shared, shutdown)).await;
-            None
+            Arrived::Elsewhere(Box::pin(async move {
+                serve_websocket(
+                    client,
+                    arrival,
+                    &listener_info,
+                    &shared_state,
+                    &shutdown_token,
+                )
+                .await
+            }))
         }
-        Some(tls) => {
-            Box::pin(serve_tls(
-                client, arrival, initial, tls, listener, shared, shutdown,
-            ))
-            .await;
-            None
-        }
+        Some(tls) => Arrived::Elsewhere(Box::pin(async move {
+            serve_tls(
+                client,
+                arrival,
+                initial,
+                &tls,
+                &listener_info,
+                &shared_state,
+                &shutdown_token,
+            )
+            .await
+        })),
     }
 }
 

@@ -230,8 +230,9 @@ async fn an_idle_broker_client_holds_little_heap() {
 
 /// The heap an idle MQTT-over-WebSocket client of the balancer holds: 139
 /// KiB of RSS each while tungstenite kept its default 128 KiB read buffer
-/// (allocated at once, zeroed on every read); 4 KiB since, and the bound
-/// says so.
+/// (allocated at once, zeroed on every read); 11,142 bytes with a 4 KiB
+/// one; 9,710 since the set-up's future (sized by the plain path's
+/// placement) is freed before the WebSocket client is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_websocket_connection_holds_no_large_buffer() {
     const N: usize = 200;
@@ -249,8 +250,8 @@ async fn an_idle_websocket_connection_holds_no_large_buffer() {
     println!("heap per idle WebSocket connection: {per:.0} bytes ({N} connections)");
     assert_eq!(lb.shared.registry.len(), N, "the fleet is not all placed");
     assert!(
-        per < 12_288.0,
-        "an idle WebSocket connection holds {per:.0} bytes of heap (bound 12288)"
+        per < 10_240.0,
+        "an idle WebSocket connection holds {per:.0} bytes of heap (bound 10240)"
     );
     drop(fleet);
     lb.stop().await;
