@@ -875,11 +875,16 @@ async fn serve_tls(
         tls: Some(tls_info),
         ..arrival
     };
+    // Each on the heap: inline, the WebSocket upgrade's state (12 KiB)
+    // sized every TLS connection's future, WebSocket or not.
     if listener.websocket.is_some() {
-        return serve_websocket(client, arrival, listener, shared, shutdown).await;
+        return Box::pin(serve_websocket(client, arrival, listener, shared, shutdown)).await;
     }
     let initial = bytes::BytesMut::new();
-    serve_client(client, arrival, initial, listener, shared, shutdown).await
+    Box::pin(serve_client(
+        client, arrival, initial, listener, shared, shutdown,
+    ))
+    .await
 }
 
 /// A backend connection past its TLS and WebSocket setup.
