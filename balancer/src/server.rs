@@ -931,7 +931,9 @@ async fn serve_websocket<S>(
         before_connect: shared.config().balancer.max_connect_size,
         max_message: crate::ws::MAX_MESSAGE,
     };
-    let upgrade = tokio::time::timeout(timeout, crate::ws::accept(client, path, limits));
+    // Boxed, and freed once done: inline, the upgrade's state would stay in
+    // this future for the connection's life.
+    let upgrade = tokio::time::timeout(timeout, Box::pin(crate::ws::accept(client, path, limits)));
     let ws = match tokio::select! {
         r = upgrade => r,
         _ = shutdown.cancelled() => return,
