@@ -526,8 +526,17 @@ async fn accept_front(
         let span = tracing::debug_span!("client", listener = %front.spec.name, peer = %peer);
         conns.spawn(
             async move {
+                // Boxed, and freed once through: inline, the TLS and
+                // WebSocket handshakes' state would stay in every such
+                // client's task for its life.
+                let arriving = Box::pin(crate::front::accept(
+                    stream,
+                    peer,
+                    &front,
+                    crate::conn::CONNECT_TIMEOUT,
+                ));
                 let arrived = tokio::select! {
-                    r = crate::front::accept(stream, peer, &front, crate::conn::CONNECT_TIMEOUT) => r,
+                    r = arriving => r,
                     _ = stop.cancelled() => return,
                 };
                 let arrived = match arrived {
