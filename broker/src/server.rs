@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -111,7 +111,7 @@ impl Broker {
         let mut fronts = Vec::new();
         for l in &config.listeners {
             let front = Arc::new(Front::new(l)?);
-            let bound = TcpListener::bind(l.address).await.map_err(|e| {
+            let bound = bind_clients(l.address).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("listener {} on {}: {e}", l.name, l.address),
@@ -121,7 +121,7 @@ impl Broker {
         }
         let broker = Broker {
             fronts,
-            listener: TcpListener::bind(config.listen).await?,
+            listener: bind_clients(config.listen)?,
             state: Node::new(
                 State::with_store(core, auth, log, statestore),
                 cluster.as_ref().map(|(c, _)| c.clone()),
@@ -343,6 +343,8 @@ impl Broker {
                 _ = shutdown.cancelled() => break,
                 _ = disk_failed.cancelled() => break,
             };
+            // TCP_NODELAY came from the listener (`bind_clients`).
+            #[cfg(not(target_os = "linux"))]
             let _ = stream.set_nodelay(true);
             // Made outside the task's block, which would keep the
             // arguments beside the connection's state for its whole life.
@@ -519,6 +521,8 @@ async fn accept_front(
             },
             _ = shutdown.cancelled() => return,
         };
+        // TCP_NODELAY came from the listener (`bind_clients`).
+        #[cfg(not(target_os = "linux"))]
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let front = front.clone();
@@ -558,6 +562,22 @@ async fn accept_front(
     }
 }
 
+/// Binds a listener for MQTT clients whose accepted sockets come with
+/// TCP_NODELAY already set (Linux copies it from the listening socket): a
+/// `setsockopt` per client spared. Otherwise as `TcpListener::bind`
+/// (address reuse, a backlog of 1,024).
+fn bind_clients(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// Asks every connected client to close, `rate` per second with up to half
 /// a slot of jitter, until every connection task has ended. Clients that
 /// finish their CONNECT meanwhile are picked up by the next pass.
@@ -579,5 +599,23 @@ async fn close_paced(state: Arc<State>, rate: u32, conns: TaskTracker) {
             next += slot;
             outbox.close(Closing::ShuttingDown);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clients' sockets come with TCP_NODELAY from the listener (so the
+    /// accept loop sets nothing per client), on Linux where it is copied.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_clients_inherit_nodelay() -> io::Result<()> {
+        let listener = bind_clients("127.0.0.1:0".parse().map_err(io::Error::other)?)?;
+        let addr = listener.local_addr()?;
+        let _client = tokio::net::TcpStream::connect(addr).await?;
+        let (accepted, _) = listener.accept().await?;
+        assert!(accepted.nodelay()?, "TCP_NODELAY not inherited");
+        Ok(())
     }
 }
