@@ -958,7 +958,10 @@ async fn serve_websocket<S>(
 struct Arrival {
     /// The client's address (from the PROXY header when there was one).
     peer: SocketAddr,
-    /// The address it connected to.
+    /// The address it connected to, read only when a backend takes the
+    /// PROXY protocol (the client's own address otherwise: nothing reads
+    /// it then; a backend given the PROXY protocol by a reload sees that
+    /// for clients that arrived just before).
     local: SocketAddr,
     /// A verified certificate identity and the CONNECT field it replaces.
     identity: Option<(mqlb_config::IdentityAs, String)>,

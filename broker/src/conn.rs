@@ -210,8 +210,10 @@ fn read_lazily<'a, R: AsyncRead + Unpin>(
             let mut got = tokio::io::ReadBuf::new(&mut stack);
             std::task::ready!(Pin::new(&mut *rd).poll_read(cx, &mut got))?;
             let got = got.filled();
-            buf.reserve(got.len().max(READ_START));
-            buf.extend_from_slice(got);
+            if !got.is_empty() {
+                buf.reserve(got.len().max(READ_START));
+                buf.extend_from_slice(got);
+            }
             return std::task::Poll::Ready(Ok(got.len()));
         }
         if buf.capacity() == buf.len() {

@@ -152,11 +152,12 @@ async fn heap_per_idle_connection(
 }
 
 /// Heap bytes each of `n` idle connections that `open` makes holds, after a
-/// warm-up of 50; the connections stay open.
-async fn heap_per_idle(
-    open: impl Fn(usize) -> Vec<std::net::TcpStream> + Send + Sync + 'static,
+/// warm-up of 50; the connections (whatever `open` returns holding them)
+/// stay open.
+async fn heap_per_idle<T: Send + 'static>(
+    open: impl Fn(usize) -> T + Send + Sync + 'static,
     n: usize,
-) -> (Vec<std::net::TcpStream>, f64) {
+) -> (T, f64) {
     let open = std::sync::Arc::new(open);
     let o = open.clone();
     let warm = tokio::task::spawn_blocking(move || o(50)).await.unwrap();
@@ -228,6 +229,17 @@ async fn an_idle_broker_client_holds_little_heap() {
     let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
 }
 
+/// A balancer with one listener (`listener`: its TOML lines after the
+/// address) in front of `broker`.
+async fn balancer_with(listener: &str, broker: &Mosquitto) -> RunningBalancer {
+    let text = format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\n{listener}\n\
+         [[backend]]\nname = \"m\"\naddress = \"{}\"\n",
+        broker.addr()
+    );
+    RunningBalancer::start(mqlb_config::Config::parse("<test>", &text).unwrap()).await
+}
+
 /// The heap an idle MQTT-over-WebSocket client of the balancer holds: 139
 /// KiB of RSS each while tungstenite kept its default 128 KiB read buffer
 /// (allocated at once, zeroed on every read); 11,142 bytes with a 4 KiB
@@ -239,12 +251,7 @@ async fn an_idle_websocket_connection_holds_no_large_buffer() {
     let _one = SERIAL.lock().await;
     log_as_mqlb();
     let broker = Mosquitto::start_with("max_connections -1");
-    let text = format!(
-        "[[listener]]\nname = \"ws\"\naddress = \"127.0.0.1:0\"\nkind = \"websocket\"\n\
-         [[backend]]\nname = \"m\"\naddress = \"{}\"\n",
-        broker.addr()
-    );
-    let lb = RunningBalancer::start(mqlb_config::Config::parse("<test>", &text).unwrap()).await;
+    let lb = balancer_with("kind = \"websocket\"", &broker).await;
     let addr = lb.addr;
     let (fleet, per) = heap_per_idle(move |k| open_websocket(addr, k), N).await;
     println!("heap per idle WebSocket connection: {per:.0} bytes ({N} connections)");
@@ -268,7 +275,7 @@ ctx.verify_mode = ssl.CERT_NONE
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 held = []
 for i in range(n):
-    s = ctx.wrap_socket(socket.create_connection((host, port)))
+    s = ctx.wrap_socket(socket.create_connection((host, port), timeout=10))
     cid = ("tls-idle-%d" % i).encode()
     vh = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
     s.sendall(bytes([0x10, len(vh)]) + vh)
@@ -310,26 +317,14 @@ async fn an_idle_tls_connection_holds_no_websocket_state() {
     log_as_mqlb();
     let broker = Mosquitto::start_with("max_connections -1");
     let (dir, _) = mqlb_tests::pki::server_certificate();
-    let text = format!(
-        "[[listener]]\nname = \"mqtts\"\naddress = \"127.0.0.1:0\"\n\
-         tls_cert = \"{c}\"\ntls_key = \"{k}\"\n\
-         [[backend]]\nname = \"m\"\naddress = \"{a}\"\n",
-        c = dir.join("cert.pem").display(),
-        k = dir.join("key.pem").display(),
-        a = broker.addr()
+    let tls = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"",
+        dir.join("cert.pem").display(),
+        dir.join("key.pem").display()
     );
-    let lb = RunningBalancer::start(mqlb_config::Config::parse("<test>", &text).unwrap()).await;
+    let lb = balancer_with(&tls, &broker).await;
     let addr = lb.addr;
-    let warm = tokio::task::spawn_blocking(move || tls_clients(addr, 20))
-        .await
-        .unwrap();
-    drop(warm);
-    let before = settled().await;
-    let fleet = tokio::task::spawn_blocking(move || tls_clients(addr, N))
-        .await
-        .unwrap();
-    let after = settled().await;
-    let per = (after - before) as f64 / N as f64;
+    let (fleet, per) = heap_per_idle(move |k| tls_clients(addr, k), N).await;
     println!("heap per idle TLS connection: {per:.0} bytes ({N} connections)");
     assert_eq!(lb.shared.registry.len(), N, "the fleet is not all placed");
     assert!(
