@@ -1546,6 +1546,12 @@ impl Core {
                     SessionChange::Received(pid),
                 );
                 pubrel = e.attached.is_some();
+                if pubrel && crate::mutations::on(crate::mutations::Mutation::PubrelBeforeCommit) {
+                    if let Some(a) = &e.attached {
+                        fx.send(a.conn, Outgoing::Pubrel(pid));
+                    }
+                    pubrel = false;
+                }
             }
             _ => {} // unknown id: ignore
         }

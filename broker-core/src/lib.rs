@@ -22,6 +22,9 @@
 //! * [`message`]: a message as routed.
 //! * [`snapshot`]: session export and import.
 //! * [`effects`]: what the core returns.
+//! * [`log`]: the ordered change log's numbering.
+//! * [`mutations`]: test-only switches that put fixed bugs back.
+//! * [`replicas`]: the copies a node keeps of other nodes' sessions.
 //! * [`outbox`]: the per-connection mailbox and encoder (data and a
 //!   waker, no runtime).
 
@@ -30,8 +33,11 @@
 pub mod core;
 pub mod effects;
 pub mod hlc;
+pub mod log;
 pub mod message;
+pub mod mutations;
 pub mod outbox;
+pub mod replicas;
 pub mod retained;
 pub mod router;
 pub mod session;

@@ -28,7 +28,9 @@
 
 #![forbid(unsafe_code)]
 
-pub use mqlb_broker_core::{core, hlc, message, outbox, retained, router, session, snapshot, trie};
+pub use mqlb_broker_core::{
+    core, hlc, message, outbox, replicas, retained, router, session, snapshot, trie,
+};
 
 pub mod auth;
 pub mod cluster;

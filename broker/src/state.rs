@@ -71,7 +71,7 @@ pub struct State {
     /// Where persistent-session changes go, in order (see [`State::commit`]).
     log: Arc<dyn ChangeLog>,
     /// Numbers batches of change records under the core's lock.
-    sequencer: Mutex<Sequencer>,
+    sequencer: Mutex<mqlb_broker_core::log::Sequencer<Batch>>,
     /// Held while batches are handed to the log, one at a time.
     appending: Mutex<()>,
     /// Publishers held back by flow control wait here; notified whenever a
@@ -163,8 +163,7 @@ impl State {
     /// there (a snapshot's number must keep rising). Once, at start-up.
     pub fn use_disk(&self, store: Arc<mqlb_storage::Store>, last_seq: u64) {
         {
-            let mut q = lock(&self.sequencer);
-            q.last = q.last.max(last_seq);
+            lock(&self.sequencer).start_after(last_seq);
         }
         let _ = self.disk.set(store);
     }
@@ -360,11 +359,7 @@ impl State {
             return None;
         }
         let done = Ticket::default();
-        let mut q = lock(&self.sequencer);
-        q.last += 1;
-        let seq = q.last;
-        q.pending.push_back(Batch {
-            seq,
+        lock(&self.sequencer).number(Batch {
             records,
             done: done.clone(),
         });
@@ -375,7 +370,7 @@ impl State {
     /// change the core has made so far is in a batch numbered at most this
     /// (a link's snapshot taken then already holds them).
     pub(crate) fn last_sequenced(&self) -> u64 {
-        lock(&self.sequencer).last
+        lock(&self.sequencer).last()
     }
 
     /// Hands every batch sequenced so far to the log, in order (whoever
@@ -389,10 +384,10 @@ impl State {
         {
             let _one_at_a_time = lock(&self.appending);
             loop {
-                let Some(b) = lock(&self.sequencer).pending.pop_front() else {
+                let Some((seq, b)) = lock(&self.sequencer).next() else {
                     break;
                 };
-                let c = self.log.append(b.seq, b.records);
+                let c = self.log.append(seq, b.records);
                 *lock(&b.done) = Some(c);
             }
         }
@@ -452,16 +447,8 @@ pub(crate) type Ticket = Arc<Mutex<Option<Committed>>>;
 /// One batch of the ordered log, waiting to be appended.
 #[derive(Debug)]
 struct Batch {
-    seq: u64,
     records: Vec<LogEntry>,
     done: Ticket,
-}
-
-/// The ordered log's numbering and the batches not yet appended.
-#[derive(Debug, Default)]
-struct Sequencer {
-    last: u64,
-    pending: std::collections::VecDeque<Batch>,
 }
 
 /// Prometheus text for what the node's shared state counts outside the

@@ -68,7 +68,6 @@ pub mod handshake;
 mod links;
 pub mod peer_tls;
 mod peers;
-mod replicas;
 mod replication;
 mod seen;
 mod store;
@@ -270,7 +269,7 @@ pub struct Cluster {
     /// Copies of sessions this node is a chain member for but does not
     /// serve, rebuilt from the holder's change records, and their holders
     /// (see [`replicas`]).
-    replicas: Mutex<replicas::Replicas>,
+    replicas: Mutex<crate::replicas::Replicas>,
     /// For each session served or copied here, the messages it was given
     /// lately (see [`seen`]).
     replica_seen: Mutex<seen::Seen>,

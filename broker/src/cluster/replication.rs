@@ -343,7 +343,7 @@ impl Cluster {
                 }
             }
         }
-        if copies.apply(client, epoch, changes, Instant::now()) == replicas::Applied::Gone {
+        if copies.apply(client, epoch, changes, Instant::now()) == crate::replicas::Applied::Gone {
             lock(&self.replica_seen).forget(client);
         }
         logged.and_then(|changes| {
@@ -592,14 +592,7 @@ impl Cluster {
     }
 }
 
-/// The changes that make a copy of a session equal to `snap`, whatever the
-/// copy held before.
+/// [`replicas::whole`] now.
 pub(super) fn whole(snap: crate::snapshot::SessionSnapshot) -> Vec<SessionChange> {
-    let mut out = vec![SessionChange::Ended];
-    out.extend(crate::core::snapshot_changes(
-        snap,
-        Instant::now(),
-        Arc::from,
-    ));
-    out
+    crate::replicas::whole(snap, Instant::now())
 }

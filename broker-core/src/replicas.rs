@@ -1,8 +1,9 @@
-//! The copies this node keeps of sessions that other nodes hold (it is a
+//! The copies a node keeps of sessions that other nodes hold (it is a
 //! member of their chains), and which node holds each: one component that
 //! owns them, plain data in and out. It takes the time as an argument,
-//! takes no lock and does no I/O; the cluster keeps it behind one mutex
-//! and does the sending, the logging and the promotions around it.
+//! takes no lock and does no I/O; the broker's cluster keeps it behind one
+//! mutex and does the sending, the logging and the promotions around it,
+//! and the simulator (`mqlb-sim`) drives the same code on simulated time.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -13,7 +14,7 @@ use crate::snapshot::SessionSnapshot;
 
 /// What [`Replicas::apply`] did with a batch of changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Applied {
+pub enum Applied {
     /// The copy has a newer epoch than the writer's: nothing changed.
     Refused,
     /// Applied; the copy is still there.
@@ -25,7 +26,7 @@ pub(crate) enum Applied {
 
 /// Session copies kept for their holders.
 #[derive(Debug, Default)]
-pub(crate) struct Replicas {
+pub struct Replicas {
     copies: HashMap<String, Session>,
     /// The node whose changes built each copy: the node serving the live
     /// session (see `Cluster::live_holder`). Set when a holder's frame
@@ -37,7 +38,7 @@ impl Replicas {
     /// Applies a holder's changes (made in `epoch`) to the copy of
     /// `client`'s session, at `now`; changes from an older epoch than the
     /// copy's are refused.
-    pub(crate) fn apply(
+    pub fn apply(
         &mut self,
         client: &str,
         epoch: u64,
@@ -65,14 +66,14 @@ impl Replicas {
 
     /// Takes `client`'s copy out (it becomes the live session here), and
     /// forgets its holder.
-    pub(crate) fn take(&mut self, client: &str) -> Option<Session> {
+    pub fn take(&mut self, client: &str) -> Option<Session> {
         self.holders.remove(client);
         self.copies.remove(client)
     }
 
     /// Puts back copies read from the data directory; a copy already
     /// here with the same or a newer epoch wins.
-    pub(crate) fn restore(&mut self, sessions: Vec<(String, Session)>) {
+    pub fn restore(&mut self, sessions: Vec<(String, Session)>) {
         for (client, s) in sessions {
             if self
                 .copies
@@ -86,13 +87,13 @@ impl Replicas {
     }
 
     /// Notes that `holder` serves `client`'s live session.
-    pub(crate) fn set_holder(&mut self, client: &str, holder: NodeId) {
+    pub fn set_holder(&mut self, client: &str, holder: NodeId) {
         self.holders.insert(client.to_string(), holder);
     }
 
     /// The node serving `client`'s live session, if this node keeps a copy
     /// of it and knows.
-    pub(crate) fn holder(&self, client: &str) -> Option<NodeId> {
+    pub fn holder(&self, client: &str) -> Option<NodeId> {
         if !self.copies.contains_key(client) {
             return None;
         }
@@ -100,23 +101,23 @@ impl Replicas {
     }
 
     /// The epoch of `client`'s copy, if there is one.
-    pub(crate) fn epoch(&self, client: &str) -> Option<u64> {
+    pub fn epoch(&self, client: &str) -> Option<u64> {
         self.copies.get(client).map(|s| s.epoch)
     }
 
     /// How many copies there are.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.copies.len()
     }
 
     /// Every client a copy is kept for.
-    pub(crate) fn clients(&self) -> Vec<String> {
+    pub fn clients(&self) -> Vec<String> {
         self.copies.keys().cloned().collect()
     }
 
     /// The copies `wanted` selects, as snapshots at `now`, with their
     /// holders.
-    pub(crate) fn snapshots(
+    pub fn snapshots(
         &self,
         wanted: impl Fn(&str) -> bool,
         now: Instant,
@@ -133,6 +134,19 @@ impl Replicas {
             })
             .collect()
     }
+}
+
+/// The changes that make a copy of a session equal to `snap`, whatever the
+/// copy held before: how a holder sends a session whole (a new chain
+/// member, a re-chain, a link's snapshot), at `now`.
+pub fn whole(snap: SessionSnapshot, now: Instant) -> Vec<SessionChange> {
+    let mut out = vec![SessionChange::Ended];
+    out.extend(crate::core::snapshot_changes(
+        snap,
+        now,
+        std::sync::Arc::from,
+    ));
+    out
 }
 
 #[cfg(test)]

@@ -1,0 +1,43 @@
+//! Test-only switches that put back bugs fixed earlier, so that the
+//! simulator (`mqlb-sim`) can prove it finds them. The switches exist only
+//! with the `mutations` feature (the simulator's tests enable it); without
+//! it, [`on`] is a constant `false` and the code it guards is gone. A
+//! switch is per thread: one simulation runs on one thread, and others
+//! running beside it in the same test process are not touched.
+
+/// A bug that can be put back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// PUBREL leaves at once, before the PUBREC's session change is
+    /// committed (fixed in 4fb65f1: a node dying between the two left a
+    /// copy that resent the PUBLISH, a QoS 2 duplicate).
+    PubrelBeforeCommit,
+    /// The change log hands batches on newest first, not in the order the
+    /// core made them (the equivalent of the records appended after the
+    /// core's lock, fixed in 23b3b02).
+    LogOutOfOrder,
+}
+
+#[cfg(feature = "mutations")]
+thread_local! {
+    static ON: std::cell::Cell<Option<Mutation>> = const { std::cell::Cell::new(None) };
+}
+
+/// Puts `m` back on this thread (`None`: none).
+#[cfg(feature = "mutations")]
+pub fn set(m: Option<Mutation>) {
+    ON.with(|c| c.set(m));
+}
+
+/// Whether `m` is on for this thread.
+#[cfg(feature = "mutations")]
+pub fn on(m: Mutation) -> bool {
+    ON.with(|c| c.get() == Some(m))
+}
+
+/// Whether `m` is on: never, without the `mutations` feature.
+#[cfg(not(feature = "mutations"))]
+#[inline(always)]
+pub fn on(_m: Mutation) -> bool {
+    false
+}
