@@ -24,7 +24,7 @@ impl<T> Default for Sequencer<T> {
 
 impl<T> Sequencer<T> {
     /// Numbers `batch` (one more than the last) and keeps it until
-    /// [`Sequencer::next`] hands it on.
+    /// [`Sequencer::take_next`] hands it on.
     pub fn number(&mut self, batch: T) -> u64 {
         self.last += 1;
         self.pending.push_back((self.last, batch));
@@ -44,7 +44,7 @@ impl<T> Sequencer<T> {
     }
 
     /// The oldest batch not yet handed on, with its number.
-    pub fn next(&mut self) -> Option<(u64, T)> {
+    pub fn take_next(&mut self) -> Option<(u64, T)> {
         if crate::mutations::on(crate::mutations::Mutation::LogOutOfOrder) {
             return self.pending.pop_back();
         }
@@ -70,10 +70,10 @@ mod tests {
     fn batches_leave_in_the_order_they_were_numbered() {
         let mut s = Sequencer::default();
         assert_eq!((s.number("a"), s.number("b")), (1, 2));
-        assert_eq!(s.next(), Some((1, "a")));
+        assert_eq!(s.take_next(), Some((1, "a")));
         assert_eq!(s.number("c"), 3);
         assert_eq!(
-            (s.next(), s.next(), s.next()),
+            (s.take_next(), s.take_next(), s.take_next()),
             (Some((2, "b")), Some((3, "c")), None)
         );
         assert_eq!(s.last(), 3);

@@ -110,6 +110,11 @@ impl Replicas {
         self.copies.len()
     }
 
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.copies.is_empty()
+    }
+
     /// Every client a copy is kept for.
     pub fn clients(&self) -> Vec<String> {
         self.copies.keys().cloned().collect()

@@ -384,7 +384,7 @@ impl State {
         {
             let _one_at_a_time = lock(&self.appending);
             loop {
-                let Some((seq, b)) = lock(&self.sequencer).next() else {
+                let Some((seq, b)) = lock(&self.sequencer).take_next() else {
                     break;
                 };
                 let c = self.log.append(seq, b.records);
