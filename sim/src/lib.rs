@@ -1,0 +1,204 @@
+//! The bundled broker's cluster under deterministic simulation.
+//!
+//! One thread runs N broker nodes, the balancer's placement and scripted
+//! MQTT clients on simulated time and a simulated network, from a seed:
+//! the same seed gives the same run, event for event, so any failure
+//! replays exactly ([`Outcome::replay`] prints the line). Faults come from
+//! the seed too: `kill -9` of a node and its restart, a client's connection
+//! cut, a node stalled, the wall clock stepped, the network slowed, and
+//! network delays that reorder everything that is not on one connection.
+//!
+//! The checks are the cluster's guarantees (docs/cluster.md) as code: no
+//! message acknowledged to a publisher is lost for a persistent subscriber,
+//! QoS 2 is delivered once, a publisher's messages arrive in order, one
+//! node at most serves a client, no queue grows without bound, and every
+//! publisher finishes once the faults stop.
+//!
+//! Anchors: FoundationDB's simulation and TigerBeetle's VOPR (the whole
+//! system from a seed, faults included); this is a plain event loop over
+//! the broker's sans-IO parts rather than turmoil or madsim, because those
+//! parts take the time and return effects already, so no runtime needs
+//! faking. [`world`] says which parts are the broker's own code and what
+//! the loop does around them.
+//!
+//! The simulator proves it bites: [`Config::mutation`] puts a fixed bug
+//! back (`mqlb_broker_core::mutations`), and the tests check that the
+//! default seeds find it.
+
+// The simulator indexes its own tables by the ids it hands out; an index
+// out of range is a bug in the simulator, and a panic is what a test wants.
+#![allow(clippy::indexing_slicing)]
+
+pub mod clients;
+pub mod rng;
+pub mod world;
+
+use std::time::Duration;
+
+pub use mqlb_broker_core::mutations::Mutation;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Broker nodes.
+    pub nodes: usize,
+    /// Copies of each session (the cluster's `replication_factor`).
+    pub replication: usize,
+    /// Publishing clients.
+    pub publishers: usize,
+    /// Subscribing clients (persistent sessions, QoS 2).
+    pub subscribers: usize,
+    /// Messages per publisher (QoS 1 and 2 mixed).
+    pub messages: u32,
+    /// Unfinished messages per publisher.
+    pub window: usize,
+    /// Whether faults are injected.
+    pub faults: bool,
+    /// Faults happen within this much simulated time from the start.
+    pub fault_window: u64,
+    /// A fixed bug put back, to prove the checks find it.
+    pub mutation: Option<Mutation>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nodes: 3,
+            replication: 2,
+            publishers: 2,
+            subscribers: 2,
+            messages: 150,
+            window: 4,
+            faults: true,
+            fault_window: 6_000_000,
+            mutation: None,
+        }
+    }
+}
+
+/// How often the run reached states worth reaching: the report that says
+/// whether the faults reach what they are meant to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[allow(missing_docs)] // each field is named for what it counts
+pub struct Coverage {
+    pub crashes: u64,
+    pub crashes_skipped: u64,
+    pub crashes_of_holder: u64,
+    /// A crash of a node serving a session in the middle of a QoS 2
+    /// exchange (PUBREC or PUBCOMP awaited, or an unreleased identifier).
+    pub crashes_mid_qos2: u64,
+    /// A crash with batches not yet handed on or not yet committed.
+    pub crashes_uncommitted: u64,
+    pub restarts: u64,
+    pub view_changes: u64,
+    pub promotions: u64,
+    pub relays: u64,
+    pub sessions_rechained: u64,
+    pub client_drops: u64,
+    pub stalls: u64,
+    pub clock_steps: u64,
+    pub slow_periods: u64,
+    /// Batches committed because a chain member left the view.
+    pub commits_by_loss: u64,
+    pub commit_deadlines: u64,
+    pub not_committed_closes: u64,
+    /// Log hand-offs that carried several batches (calls interleaved
+    /// between a batch's numbering and its hand-off).
+    pub appends_of_several: u64,
+    pub publisher_resends: u64,
+    pub qos1_again: u64,
+    pub qos2_resends_absorbed: u64,
+    pub sessions_lost: u64,
+    /// Publishes the core sent to peers (none expected: every client's
+    /// session shares one chain).
+    pub forwards: u64,
+}
+
+impl Coverage {
+    /// Adds `o`'s counts.
+    pub fn add(&mut self, o: &Coverage) {
+        macro_rules! sum {
+            ($($f:ident),*) => { $( self.$f += o.$f; )* };
+        }
+        sum!(
+            crashes,
+            crashes_skipped,
+            crashes_of_holder,
+            crashes_mid_qos2,
+            crashes_uncommitted,
+            restarts,
+            view_changes,
+            promotions,
+            relays,
+            sessions_rechained,
+            client_drops,
+            stalls,
+            clock_steps,
+            slow_periods,
+            commits_by_loss,
+            commit_deadlines,
+            not_committed_closes,
+            appends_of_several,
+            publisher_resends,
+            qos1_again,
+            qos2_resends_absorbed,
+            sessions_lost,
+            forwards
+        );
+    }
+}
+
+/// One run's result.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Its seed.
+    pub seed: u64,
+    /// The bug put back, if any.
+    pub mutation: Option<Mutation>,
+    /// What went wrong, one line each; empty when every check held.
+    pub violations: Vec<String>,
+    /// States reached.
+    pub coverage: Coverage,
+    /// Events handled.
+    pub events: u64,
+    /// Simulated time at the end.
+    pub simulated: Duration,
+    /// A digest of every event's time and place: equal for equal runs.
+    pub digest: u64,
+}
+
+impl Outcome {
+    /// Whether every check held.
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// The one line that replays this run exactly.
+    pub fn replay(&self) -> String {
+        let m = match self.mutation {
+            Some(m) => format!(" MQLB_SIM_MUTATION={m:?}"),
+            None => String::new(),
+        };
+        format!(
+            "MQLB_SIM_SEED={}{m} cargo test --release -p mqlb-sim --test sim replay -- --nocapture",
+            self.seed
+        )
+    }
+}
+
+/// Runs the simulation for `seed`.
+pub fn run(seed: u64, cfg: &Config) -> Outcome {
+    mqlb_broker_core::mutations::set(cfg.mutation);
+    let out = world::World::new(seed, cfg.clone()).run();
+    mqlb_broker_core::mutations::set(None);
+    out
+}
+
+/// A mutation by name (as [`Outcome::replay`] prints it).
+pub fn mutation_named(name: &str) -> Option<Mutation> {
+    match name {
+        "PubrelBeforeCommit" => Some(Mutation::PubrelBeforeCommit),
+        "LogOutOfOrder" => Some(Mutation::LogOutOfOrder),
+        _ => None,
+    }
+}

@@ -1,0 +1,1492 @@
+//! The simulated cluster: nodes, connections, links, the view and the
+//! fault schedule, as one event queue on simulated time.
+//!
+//! # What is real and what is the shell
+//! Real, the code the broker runs: each node's [`Core`] (sessions, QoS
+//! flows, routing, takeover, import on promotion), its [`Replicas`]
+//! (the copies it keeps for other nodes' chains, epochs refused), the change
+//! log's numbering ([`Sequencer`]), each connection's mailbox and encoder
+//! ([`Outbox`], with its QoS 2 gates), the MQTT codec on both sides of every
+//! connection, the cluster's wire frames (`Replicate`, `Ack`), and the
+//! rendezvous placement (`mqlb-placement`).
+//!
+//! The shell here does what the broker's tokio shell does around them,
+//! following it rule by rule (the function that each step mirrors is named
+//! where it is done): a connection's replies wait for the commits of the
+//! packets they answer (`conn.rs`, `queue_replies`); a QoS 2 delivery waits
+//! for its batch (`effects::finish`); a batch is sent down its sessions'
+//! chains and committed when every chain member that was sent a frame has
+//! acknowledged it or left the view (`replication::send_down_chains`,
+//! `Acks::lost`); a view change promotes the copies a node now owns and
+//! sends every session whole to its chain (`promote_owned`, `rechain`); a
+//! client that reaches a node while another serves its session is served
+//! there (`links::relay`). What the shell leaves out is listed in
+//! `docs/simulation.md`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use mqlb_broker::cluster::wire::Frame;
+use mqlb_broker_core::core::{snapshot_of, Core};
+use mqlb_broker_core::effects::{ChangeRecord, Effects, LogEntry};
+use mqlb_broker_core::log::Sequencer;
+use mqlb_broker_core::message::{Message, Sub};
+use mqlb_broker_core::outbox::{Closing, Encoder, Outbox, Outgoing};
+use mqlb_broker_core::replicas::{whole, Replicas};
+use mqlb_broker_core::session::{InflightState, SessionChange};
+use mqlb_protocol::{
+    decode, Ack, Packet, PacketType, ProtocolVersion, QoS, SubscriptionOptions,
+};
+
+use crate::clients::{Action, Client, Publisher, Role, Subscriber, Violation, FILTER};
+use crate::rng::{draw, mix, within, Rng};
+use crate::{Config, Coverage, Outcome};
+
+/// Every client speaks MQTT 5.
+const V: ProtocolVersion = ProtocolVersion::V5;
+/// Session expiry of every client: longer than any run.
+const EXPIRY: Duration = Duration::from_secs(3600);
+/// Simulated time, in microseconds.
+type Time = u64;
+const MS: Time = 1_000;
+const SECOND: Time = 1_000_000;
+/// A run that is not over by then is stuck.
+const TIME_LIMIT: Time = 180 * SECOND;
+/// A run that handles more events than this is running away.
+const EVENT_LIMIT: u64 = 2_000_000;
+/// Bounds whose crossing is a violation (an unbounded queue).
+const MAX_QUEUE: usize = 200_000;
+const MAX_WAITS: usize = 10_000;
+const MAX_BACKLOG: usize = 4 << 20;
+
+/// From a client to its node.
+#[derive(Debug)]
+enum Up {
+    Connect,
+    Subscribe,
+    Bytes(Bytes),
+    /// The client's side of the connection went away.
+    Gone,
+}
+
+/// From a node to a client.
+#[derive(Debug)]
+enum Down {
+    Connack { present: bool },
+    Suback,
+    Bytes(Bytes),
+    Closed,
+}
+
+/// Faults, drawn from the seed before the run.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// `kill -9` of a node: everything in memory is gone.
+    Crash(usize),
+    /// The node starts again, empty.
+    Restart(usize),
+    /// A client's connection is cut.
+    Drop(usize),
+    /// A node handles nothing for this long (a GC pause, a stalled disk),
+    /// shorter than the failure detector's timeout.
+    Stall(usize, Time),
+    /// The wall clock of every node steps by this many milliseconds.
+    ClockStep(i64),
+    /// Every network delay is long for this long.
+    Slow(Time),
+}
+
+#[derive(Debug)]
+enum Ev {
+    Up { conn: usize, item: Up },
+    Down { conn: usize, item: Down },
+    Frame { from: usize, from_inc: u64, to: usize, to_inc: u64, bytes: BytesMut },
+    Append { node: usize, inc: u64 },
+    Deadline { gate: usize },
+    Wake { client: usize },
+    /// A publisher may send one more message.
+    Tick { client: usize },
+    Fault(Fault),
+    View { node: usize, join: bool, inc: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GateState {
+    Pending,
+    Done,
+    Failed,
+}
+
+/// One batch's commit: what its replies and QoS 2 deliveries wait for.
+#[derive(Debug)]
+struct Gate {
+    state: GateState,
+    flag: Arc<AtomicBool>,
+    /// Connections with deliveries held behind it.
+    held: Vec<usize>,
+}
+
+/// A numbered batch waiting to be handed on.
+#[derive(Debug)]
+struct Batch {
+    entries: Vec<LogEntry>,
+    gate: usize,
+}
+
+/// A batch sent down chains: frames each member has still to answer.
+#[derive(Debug)]
+struct Wait {
+    left: BTreeMap<usize, usize>,
+    gate: usize,
+}
+
+struct Node {
+    name: String,
+    up: bool,
+    /// Bumped by every crash: what was addressed to an older incarnation
+    /// is lost.
+    inc: u64,
+    core: Core,
+    replicas: Replicas,
+    log: Sequencer<Batch>,
+    waits: BTreeMap<u64, Wait>,
+    next_rep: u64,
+    /// The core's connection ids, to the simulation's.
+    conns: BTreeMap<u64, usize>,
+    stalled_until: Time,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    Opening,
+    /// Attached; the CONNACK waits for the attach's commit.
+    Attaching(Option<usize>),
+    Open,
+    Closed,
+}
+
+struct Conn {
+    client: usize,
+    node: usize,
+    inc: u64,
+    state: ConnState,
+    core_conn: Option<u64>,
+    outbox: Arc<Outbox>,
+    /// Bytes the node has read and not decoded.
+    rx: BytesMut,
+    /// Bytes the client has read and not decoded.
+    crx: BytesMut,
+    /// Replies waiting for commits, oldest first.
+    waiting: VecDeque<(Vec<Down>, Vec<usize>)>,
+}
+
+struct Member<'a>(&'a str, usize);
+
+impl mqlb_placement::Node for Member<'_> {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn weight(&self) -> u32 {
+        1
+    }
+}
+
+/// The whole simulated system.
+pub struct World {
+    seed: u64,
+    cfg: Config,
+    now: Time,
+    base: Instant,
+    wall_offset_ms: i64,
+    queue: BTreeMap<(Time, u64, u64), Ev>,
+    streams: BTreeMap<u64, (Time, u64)>,
+    nodes: Vec<Node>,
+    view: BTreeSet<usize>,
+    conns: Vec<Conn>,
+    clients: Vec<Client>,
+    gates: Vec<Gate>,
+    dirty: BTreeSet<usize>,
+    publishing: bool,
+    slow_until: Time,
+    last_join: Time,
+    bad: Vec<Violation>,
+    cov: Coverage,
+    events: u64,
+    digest: u64,
+    /// Print every event (`MQLB_SIM_TRACE=1`).
+    trace: bool,
+}
+
+// Streams: each a FIFO of its own, with its own draws.
+fn up_stream(conn: usize) -> u64 {
+    (1 << 40) | (conn as u64) << 1
+}
+fn down_stream(conn: usize) -> u64 {
+    up_stream(conn) | 1
+}
+fn link_stream(from: usize, to: usize) -> u64 {
+    (1 << 32) | (from as u64) << 8 | to as u64
+}
+fn append_stream(node: usize) -> u64 {
+    (2 << 32) | node as u64
+}
+fn wake_stream(client: usize) -> u64 {
+    (3 << 32) | client as u64
+}
+fn tick_stream(client: usize) -> u64 {
+    (7 << 32) | client as u64
+}
+const FAULTS: u64 = 4 << 32;
+const DEADLINES: u64 = 5 << 32;
+const VIEWS: u64 = 6 << 32;
+
+/// The packets in `b`, for a trace.
+fn packets(b: &Bytes) -> String {
+    let mut buf = BytesMut::from(&b[..]);
+    let mut out = Vec::new();
+    while let Ok(Some(p)) = decode(&mut buf, V, usize::MAX) {
+        out.push(match p {
+            Packet::Publish(p) => format!(
+                "PUBLISH({:?} {} q{} dup={} {:?})",
+                p.packet_id.map(|i| i.get()),
+                p.topic,
+                p.qos as u8,
+                p.dup,
+                String::from_utf8_lossy(&p.payload)
+            ),
+            other => format!("{other:?}"),
+        });
+    }
+    out.join(" ")
+}
+
+fn new_core(n: usize) -> Core {
+    let mut core = Core::new();
+    core.join_cluster(u32::try_from(n + 1).unwrap_or(u32::MAX));
+    core
+}
+
+impl World {
+    /// A world for `seed`: nodes, clients whose sessions share one chain,
+    /// and the fault schedule.
+    pub fn new(seed: u64, cfg: Config) -> World {
+        let nodes = (0..cfg.nodes)
+            .map(|n| Node {
+                name: format!("n{}", n + 1),
+                up: true,
+                inc: 0,
+                core: new_core(n),
+                replicas: Replicas::default(),
+                log: Sequencer::default(),
+                waits: BTreeMap::new(),
+                next_rep: 1,
+                conns: BTreeMap::new(),
+                stalled_until: 0,
+            })
+            .collect::<Vec<_>>();
+        let mut w = World {
+            seed,
+            cfg,
+            now: 0,
+            base: Instant::now(),
+            wall_offset_ms: 0,
+            queue: BTreeMap::new(),
+            streams: BTreeMap::new(),
+            view: (0..nodes.len()).collect(),
+            nodes,
+            conns: Vec::new(),
+            clients: Vec::new(),
+            gates: Vec::new(),
+            dirty: BTreeSet::new(),
+            publishing: false,
+            slow_until: 0,
+            last_join: 0,
+            bad: Vec::new(),
+            cov: Coverage::default(),
+            events: 0,
+            digest: 0,
+            trace: std::env::var_os("MQLB_SIM_TRACE").is_some(),
+        };
+        let ids = w.shared_chain_ids(w.cfg.publishers + w.cfg.subscribers);
+        for (i, id) in ids.into_iter().enumerate() {
+            let role = if i < w.cfg.publishers {
+                Role::Publisher(Publisher::new(seed, i, w.cfg.messages, w.cfg.window))
+            } else {
+                Role::Subscriber(Subscriber::default())
+            };
+            w.clients.push(Client {
+                id,
+                role,
+                conn: None,
+                open: false,
+                attempts: 0,
+            });
+        }
+        for c in 0..w.clients.len() {
+            let d = within(draw(seed, wake_stream(c), 0), 0, 20 * MS);
+            w.schedule(wake_stream(c), d, Ev::Wake { client: c });
+        }
+        w.schedule_faults();
+        w
+    }
+
+    /// Client IDs that rank the nodes alike (so their sessions share an
+    /// owner and a chain in every view): the simulation needs no forwarding
+    /// between nodes. Which ranking is the seed's choice.
+    fn shared_chain_ids(&self, n: usize) -> Vec<Arc<str>> {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        let mut out: Vec<Arc<str>> = Vec::new();
+        let mut target: Option<Vec<usize>> = None;
+        let mut k = 0u64;
+        while out.len() < n {
+            let id = format!("c{:x}-{k}", self.seed & 0xffff);
+            k += 1;
+            let r = self.rank_over(&id, &all);
+            match &target {
+                None => target = Some(r),
+                Some(t) if *t != r => continue,
+                Some(_) => {}
+            }
+            out.push(Arc::from(id));
+        }
+        out
+    }
+
+    fn rank_over(&self, client: &str, among: &[usize]) -> Vec<usize> {
+        let members: Vec<Member<'_>> = among
+            .iter()
+            .map(|&i| Member(&self.nodes[i].name, i))
+            .collect();
+        mqlb_placement::rank(client.as_bytes(), &members)
+            .into_iter()
+            .map(|m| m.1)
+            .collect()
+    }
+
+    /// `client`'s chain in the current view: owner first.
+    fn chain(&self, client: &str) -> Vec<usize> {
+        let view: Vec<usize> = self.view.iter().copied().collect();
+        let mut r = self.rank_over(client, &view);
+        r.truncate(self.cfg.replication);
+        r
+    }
+
+    fn owner(&self, client: &str) -> Option<usize> {
+        self.chain(client).first().copied()
+    }
+
+    /// A live node of the view serving `client`'s session.
+    fn live_holder(&self, client: &str) -> Option<usize> {
+        self.view
+            .iter()
+            .copied()
+            .find(|&n| self.nodes[n].up && self.nodes[n].core.has_session(client))
+    }
+
+    fn instant(&self) -> Instant {
+        self.base + Duration::from_micros(self.now)
+    }
+
+    fn wall(&self) -> SystemTime {
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000);
+        let ms = i64::try_from(self.now / MS).unwrap_or(i64::MAX) + self.wall_offset_ms;
+        if ms >= 0 {
+            base + Duration::from_millis(ms.unsigned_abs())
+        } else {
+            base - Duration::from_millis(ms.unsigned_abs())
+        }
+    }
+
+    /// Queues `ev` on `stream`, `delay` from now, never before the
+    /// stream's last event (each stream is FIFO).
+    fn schedule(&mut self, stream: u64, delay: Time, ev: Ev) {
+        let (last, n) = self.streams.entry(stream).or_insert((0, 0));
+        let at = (self.now + delay).max(*last);
+        *last = at;
+        *n += 1;
+        let key = (at, stream, *n);
+        self.queue.insert(key, ev);
+    }
+
+    /// A network delay on `stream`: tens to hundreds of microseconds,
+    /// sometimes milliseconds, long while the network is slow.
+    fn net_delay(&self, stream: u64) -> Time {
+        let n = self.streams.get(&stream).map_or(0, |s| s.1);
+        let v = draw(self.seed, stream, n);
+        let mut d = within(v, 30, 400);
+        if self.cfg.faults && (v >> 32) % 50 == 0 {
+            d += within(v >> 8, 2 * MS, 40 * MS);
+        }
+        if self.now < self.slow_until {
+            d = d * 10 + 5 * MS;
+        }
+        d
+    }
+
+    fn schedule_faults(&mut self) {
+        if !self.cfg.faults {
+            return;
+        }
+        let mut rng = Rng::new(self.seed);
+        let mut t = 200 * MS;
+        loop {
+            t += rng.range(200 * MS, 1_200 * MS);
+            if t > self.cfg.fault_window {
+                break;
+            }
+            let nodes = self.nodes.len() as u64;
+            let f = match rng.range(0, 99) {
+                0..=39 => Fault::Crash(rng.range(0, nodes - 1) as usize),
+                40..=59 => Fault::Drop(rng.range(0, self.clients.len() as u64 - 1) as usize),
+                60..=74 => Fault::Stall(rng.range(0, nodes - 1) as usize, rng.range(5, 250) * MS),
+                75..=84 => Fault::ClockStep(rng.range(0, 120_000) as i64 - 60_000),
+                _ => Fault::Slow(rng.range(50, 500) * MS),
+            };
+            let now = self.now;
+            self.now = t;
+            self.schedule(FAULTS, 0, Ev::Fault(f));
+            self.now = now;
+        }
+    }
+
+    /// Runs to the end and checks what every client was given.
+    pub fn run(mut self) -> Outcome {
+        while let Some(((at, stream, n), ev)) = self.queue.pop_first() {
+            self.now = at;
+            self.events += 1;
+            self.digest = mix(self.digest ^ at ^ mix(stream ^ (n << 1)));
+            if self.events > EVENT_LIMIT {
+                self.bad.push(format!("runaway: over {EVENT_LIMIT} events"));
+                break;
+            }
+            if at > TIME_LIMIT {
+                break;
+            }
+            if let Some(node) = self.target(&ev) {
+                let until = self.nodes[node].stalled_until;
+                if until > at {
+                    self.queue.insert((until, stream, n), ev);
+                    continue;
+                }
+            }
+            if self.trace {
+                println!("{:>10.3}ms {}", at as f64 / 1000.0, self.describe(&ev));
+            }
+            self.handle(ev);
+            self.pump_dirty();
+            self.check_holders();
+            if self.queue.len() > MAX_QUEUE {
+                self.bad.push(format!("unbounded: {} events queued", self.queue.len()));
+                break;
+            }
+        }
+        self.final_checks();
+        Outcome {
+            seed: self.seed,
+            mutation: self.cfg.mutation,
+            violations: self.bad,
+            coverage: self.cov,
+            events: self.events,
+            simulated: Duration::from_micros(self.now),
+            digest: self.digest,
+        }
+    }
+
+    /// The node an event is handled on, if it is one (a stalled node
+    /// handles it later).
+    fn target(&self, ev: &Ev) -> Option<usize> {
+        match ev {
+            Ev::Up { conn, .. } => Some(self.conns[*conn].node),
+            Ev::Frame { to, .. } => Some(*to),
+            Ev::Append { node, .. } => Some(*node),
+            _ => None,
+        }
+    }
+
+    fn describe(&self, ev: &Ev) -> String {
+        match ev {
+            Ev::Up { conn, item } => {
+                let c = &self.conns[*conn];
+                let what = match item {
+                    Up::Bytes(b) => packets(b),
+                    other => format!("{other:?}"),
+                };
+                format!("{} -> {} (conn {conn}): {what}", self.clients[c.client].id, self.nodes[c.node].name)
+            }
+            Ev::Down { conn, item } => {
+                let c = &self.conns[*conn];
+                let what = match item {
+                    Down::Bytes(b) => packets(b),
+                    other => format!("{other:?}"),
+                };
+                format!("{} <- {} (conn {conn}): {what}", self.clients[c.client].id, self.nodes[c.node].name)
+            }
+            Ev::Frame { from, to, bytes, .. } => {
+                let mut b = bytes.clone();
+                let mut fs = Vec::new();
+                while let Ok(Some(f)) = Frame::decode(&mut b) {
+                    fs.push(match f {
+                        Frame::Replicate { seq, client, epoch, changes, .. } => {
+                            format!("Replicate#{seq} {client} e{epoch} {changes:?}")
+                        }
+                        other => format!("{other:?}"),
+                    });
+                }
+                format!("{} => {}: {}", self.nodes[*from].name, self.nodes[*to].name, fs.join(", "))
+            }
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Up { conn, item } => self.at_node(conn, item),
+            Ev::Down { conn, item } => self.at_client(conn, item),
+            Ev::Frame {
+                from,
+                from_inc,
+                to,
+                to_inc,
+                bytes,
+            } => self.frame(from, from_inc, to, to_inc, bytes),
+            Ev::Append { node, inc } => {
+                if self.nodes[node].up && self.nodes[node].inc == inc {
+                    self.append(node);
+                }
+            }
+            Ev::Deadline { gate } => {
+                if self.gates[gate].state == GateState::Pending {
+                    self.cov.commit_deadlines += 1;
+                    self.resolve(gate, GateState::Failed);
+                }
+            }
+            Ev::Wake { client } => self.dial(client),
+            Ev::Tick { client } => self.tick(client),
+            Ev::Fault(f) => self.fault(f),
+            Ev::View { node, join, inc } => {
+                if join {
+                    if !self.nodes[node].up || self.nodes[node].inc != inc {
+                        return;
+                    }
+                    self.view.insert(node);
+                    self.last_join = self.now;
+                    self.after_view(None);
+                } else if self.view.remove(&node) {
+                    self.after_view(Some(node));
+                }
+            }
+        }
+    }
+
+    // ---- clients -------------------------------------------------------
+
+    /// A client opens a connection to the node the balancer sends it to:
+    /// its owner in the committed view.
+    fn dial(&mut self, client: usize) {
+        if self.clients[client].conn.is_some() {
+            return;
+        }
+        let Some(node) = self.owner(&self.clients[client].id) else {
+            return;
+        };
+        let conn = self.conns.len();
+        self.conns.push(Conn {
+            client,
+            node,
+            inc: self.nodes[node].inc,
+            state: ConnState::Opening,
+            core_conn: None,
+            outbox: Arc::new(Outbox::new(Encoder::new(V, u32::MAX, 0))),
+            rx: BytesMut::new(),
+            crx: BytesMut::new(),
+            waiting: VecDeque::new(),
+        });
+        let c = &mut self.clients[client];
+        c.conn = Some(conn);
+        c.open = false;
+        c.attempts += 1;
+        let d = self.net_delay(up_stream(conn));
+        self.schedule(up_stream(conn), d, Ev::Up { conn, item: Up::Connect });
+    }
+
+    /// The client's connection is gone: it dials again after a back-off.
+    fn client_lost(&mut self, client: usize) {
+        let c = &mut self.clients[client];
+        c.conn = None;
+        c.open = false;
+        let n = c.attempts;
+        let d = within(draw(self.seed, wake_stream(client), n), 10 * MS, 150 * MS);
+        self.schedule(wake_stream(client), d, Ev::Wake { client });
+    }
+
+    fn at_client(&mut self, conn: usize, item: Down) {
+        let client = self.conns[conn].client;
+        if self.clients[client].conn != Some(conn) {
+            return; // an old connection's
+        }
+        let mut actions = Vec::new();
+        match item {
+            Down::Closed => return self.client_lost(client),
+            Down::Connack { present } => {
+                self.clients[client].open = true;
+                let publishing = self.publishing;
+                actions = match &mut self.clients[client].role {
+                    Role::Publisher(p) => p.on_connack(publishing),
+                    Role::Subscriber(s) => s.on_connack(present),
+                };
+            }
+            Down::Suback => {
+                if let Role::Subscriber(s) = &mut self.clients[client].role {
+                    s.on_suback();
+                }
+                self.maybe_start_publishing();
+            }
+            Down::Bytes(b) => {
+                self.conns[conn].crx.extend_from_slice(&b);
+                loop {
+                    let p = match decode(&mut self.conns[conn].crx, V, usize::MAX) {
+                        Ok(Some(p)) => p,
+                        Ok(None) => break,
+                        Err(e) => {
+                            self.bad.push(format!("client could not decode the broker: {e}"));
+                            break;
+                        }
+                    };
+                    let id = self.clients[client].id.clone();
+                    let mut bad = Vec::new();
+                    actions.extend(match &mut self.clients[client].role {
+                        Role::Publisher(pb) => pb.on_packet(&p),
+                        Role::Subscriber(s) => s.on_packet(&p, &id, &mut bad),
+                    });
+                    self.bad.extend(bad);
+                }
+            }
+        }
+        self.act(conn, actions);
+    }
+
+    /// Publishers start once every subscriber holds its subscription, so
+    /// that every message is due to every subscriber.
+    fn maybe_start_publishing(&mut self) {
+        if self.publishing {
+            return;
+        }
+        let all = self.clients.iter().all(|c| match &c.role {
+            Role::Subscriber(s) => s.ever_subscribed,
+            Role::Publisher(_) => true,
+        });
+        if !all {
+            return;
+        }
+        self.publishing = true;
+        for c in 0..self.clients.len() {
+            if matches!(self.clients[c].role, Role::Publisher(_)) {
+                self.tick(c);
+            }
+        }
+    }
+
+    /// A publisher's pace: one more message, then the next tick.
+    fn tick(&mut self, client: usize) {
+        let Role::Publisher(p) = &mut self.clients[client].role else {
+            return;
+        };
+        if p.done() {
+            return;
+        }
+        p.tick();
+        if let (Some(conn), true) = (self.clients[client].conn, self.clients[client].open) {
+            let actions = match &mut self.clients[client].role {
+                Role::Publisher(p) => p.fill(),
+                Role::Subscriber(_) => Vec::new(),
+            };
+            self.act(conn, actions);
+        }
+        let s = tick_stream(client);
+        let n = self.streams.get(&s).map_or(0, |s| s.1);
+        let d = within(draw(self.seed, s, n), 2 * MS, 60 * MS);
+        self.schedule(s, d, Ev::Tick { client });
+    }
+
+    fn act(&mut self, conn: usize, actions: Vec<Action>) {
+        let mut bytes = BytesMut::new();
+        for a in actions {
+            match a {
+                Action::Send(p) => match p.to_bytes(V) {
+                    Ok(b) => bytes.extend_from_slice(&b),
+                    Err(e) => self.bad.push(format!("client could not encode: {e}")),
+                },
+                Action::Subscribe => {
+                    if !bytes.is_empty() {
+                        let b = std::mem::take(&mut bytes).freeze();
+                        self.send_up(conn, Up::Bytes(b));
+                    }
+                    self.send_up(conn, Up::Subscribe);
+                }
+            }
+        }
+        if !bytes.is_empty() {
+            self.send_up(conn, Up::Bytes(bytes.freeze()));
+        }
+    }
+
+    fn send_up(&mut self, conn: usize, item: Up) {
+        let s = up_stream(conn);
+        let d = self.net_delay(s);
+        self.schedule(s, d, Ev::Up { conn, item });
+    }
+
+    fn send_down(&mut self, conn: usize, item: Down) {
+        let s = down_stream(conn);
+        let d = self.net_delay(s);
+        self.schedule(s, d, Ev::Down { conn, item });
+    }
+
+    // ---- the connection shell (conn.rs) ---------------------------------
+
+    fn at_node(&mut self, conn: usize, item: Up) {
+        let c = &self.conns[conn];
+        let node = c.node;
+        if c.state == ConnState::Closed {
+            return;
+        }
+        if !self.nodes[node].up || self.nodes[node].inc != c.inc {
+            // Nobody listens: the client's connect (or write) fails.
+            self.conns[conn].state = ConnState::Closed;
+            self.send_down(conn, Down::Closed);
+            return;
+        }
+        match item {
+            Up::Connect => self.connect(conn),
+            Up::Subscribe => {
+                let id = self.client_id(conn);
+                let sub = Sub {
+                    options: SubscriptionOptions {
+                        qos: QoS::ExactlyOnce,
+                        ..SubscriptionOptions::default()
+                    },
+                    id: None,
+                };
+                let (_, g) = self.call(node, |core| core.subscribe(&id, FILTER, sub));
+                self.queue_replies(conn, vec![Down::Suback], g.into_iter().collect());
+            }
+            Up::Bytes(b) => self.read(conn, b),
+            Up::Gone => self.close(conn, false),
+        }
+    }
+
+    fn client_id(&self, conn: usize) -> Arc<str> {
+        self.clients[self.conns[conn].client].id.clone()
+    }
+
+    /// CONNECT: served by the node holding the session if another does
+    /// (relayed), a copy promoted if this node keeps one, then attached.
+    fn connect(&mut self, conn: usize) {
+        let id = self.client_id(conn);
+        let mut node = self.conns[conn].node;
+        if !self.view.contains(&node) {
+            // Not serving (out of the committed view): refused.
+            self.conns[conn].state = ConnState::Closed;
+            self.send_down(conn, Down::Closed);
+            return;
+        }
+        if let Some(h) = self.live_holder(&id).filter(|&h| h != node) {
+            self.cov.relays += 1;
+            node = h;
+            self.conns[conn].node = h;
+            self.conns[conn].inc = self.nodes[h].inc;
+        }
+        if !self.nodes[node].core.has_session(&id) && self.nodes[node].replicas.epoch(&id).is_some()
+        {
+            self.promote(node, &id);
+        }
+        let now = self.instant();
+        let wall = self.wall();
+        let gauge = self.conns[conn].outbox.gauge();
+        let n = &mut self.nodes[node];
+        n.core.advance(now);
+        n.core.calibrate_wall(now, wall);
+        let (connected, fx) = n.core.connect(&id, false, Some(EXPIRY), 16, gauge);
+        n.conns.insert(connected.conn, conn);
+        self.conns[conn].core_conn = Some(connected.conn);
+        let g = self.effects(node, fx);
+        self.conns[conn].state = ConnState::Attaching(g);
+        // The CONNACK goes when the attach is committed (conn.rs: start).
+        self.conns[conn].waiting.push_front((
+            vec![Down::Connack {
+                present: connected.session_present,
+            }],
+            g.into_iter().collect(),
+        ));
+        self.dirty.insert(conn);
+    }
+
+    /// Packets from the client, handled as one batch: their replies wait
+    /// for every commit the batch made.
+    fn read(&mut self, conn: usize, b: Bytes) {
+        let node = self.conns[conn].node;
+        let id = self.client_id(conn);
+        self.conns[conn].rx.extend_from_slice(&b);
+        let mut out = BytesMut::new();
+        let mut gates = Vec::new();
+        loop {
+            let p = match decode(&mut self.conns[conn].rx, V, mqlb_broker::conn::MAX_PACKET) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    self.bad.push(format!("broker could not decode a client: {e}"));
+                    return self.close(conn, true);
+                }
+            };
+            let reply = match p {
+                Packet::Publish(p) => {
+                    let msg = Message {
+                        topic: p.topic,
+                        payload: p.payload,
+                        qos: p.qos,
+                        retain: p.retain,
+                        properties: Arc::new(p.properties),
+                        origin: Some(id.clone()),
+                        received: self.instant(),
+                    };
+                    match (p.qos, p.packet_id) {
+                        (QoS::AtLeastOnce, Some(pid)) => {
+                            let (_, g) = self.call(node, |core| ((), core.route(msg)));
+                            gates.extend(g);
+                            Some(Packet::Puback(Ack::new(pid)))
+                        }
+                        (QoS::ExactlyOnce, Some(pid)) => {
+                            let limit = usize::from(mqlb_broker::conn::RECEIVE_MAXIMUM);
+                            let (first, g) = self.call(node, |core| {
+                                let (first, mut fx) = core.qos2_received(&id, pid, limit);
+                                if first == Some(true) {
+                                    fx.extend(core.route(msg));
+                                }
+                                (first, fx)
+                            });
+                            gates.extend(g);
+                            if first.is_none() {
+                                self.bad.push(format!("{id}: over the QoS 2 limit"));
+                                return self.close(conn, true);
+                            }
+                            Some(Packet::Pubrec(Ack::new(pid)))
+                        }
+                        _ => None,
+                    }
+                }
+                Packet::Pubrel(a) => {
+                    let (_, g) = self.call(node, |core| core.qos2_released(&id, a.packet_id));
+                    gates.extend(g);
+                    Some(Packet::Pubcomp(Ack::new(a.packet_id)))
+                }
+                Packet::Puback(a) => self.acked(conn, a.packet_id, PacketType::Puback, &mut gates),
+                Packet::Pubrec(a) => self.acked(conn, a.packet_id, PacketType::Pubrec, &mut gates),
+                Packet::Pubcomp(a) => {
+                    self.acked(conn, a.packet_id, PacketType::Pubcomp, &mut gates)
+                }
+                _ => None,
+            };
+            if let Some(r) = reply {
+                match r.to_bytes(V) {
+                    Ok(b) => out.extend_from_slice(&b),
+                    Err(e) => self.bad.push(format!("broker could not encode: {e}")),
+                }
+            }
+        }
+        if !out.is_empty() {
+            self.queue_replies(conn, vec![Down::Bytes(out.freeze())], gates);
+        } else if !gates.is_empty() {
+            self.queue_replies(conn, Vec::new(), gates);
+        }
+    }
+
+    /// PUBACK / PUBREC / PUBCOMP from the client (conn.rs: `acked`).
+    fn acked(
+        &mut self,
+        conn: usize,
+        pid: mqlb_protocol::PacketId,
+        kind: PacketType,
+        gates: &mut Vec<usize>,
+    ) -> Option<Packet> {
+        let node = self.conns[conn].node;
+        let id = self.client_id(conn);
+        let (pubrel, g) = self.call(node, |core| core.acked(&id, pid, kind));
+        gates.extend(g);
+        pubrel.then(|| Packet::Pubrel(Ack::new(pid)))
+    }
+
+    /// Replies wait behind earlier ones, and for their commits
+    /// (conn.rs: `queue_replies`).
+    fn queue_replies(&mut self, conn: usize, replies: Vec<Down>, gates: Vec<usize>) {
+        let c = &mut self.conns[conn];
+        if gates.is_empty() {
+            if let Some(last) = c.waiting.back_mut() {
+                last.0.extend(replies);
+                self.dirty.insert(conn);
+                return;
+            }
+        }
+        c.waiting.push_back((replies, gates));
+        self.dirty.insert(conn);
+    }
+
+    /// Ends a connection on the node: detached, and the client told if the
+    /// node closed it.
+    fn close(&mut self, conn: usize, tell: bool) {
+        let c = &mut self.conns[conn];
+        if c.state == ConnState::Closed {
+            return;
+        }
+        c.state = ConnState::Closed;
+        let node = c.node;
+        let id = self.client_id(conn);
+        if let Some(cc) = self.conns[conn].core_conn {
+            self.nodes[node].conns.remove(&cc);
+            if self.nodes[node].up && self.nodes[node].inc == self.conns[conn].inc {
+                self.call(node, |core| ((), core.disconnect(&id, cc)));
+            }
+        }
+        if tell {
+            self.send_down(conn, Down::Closed);
+        }
+    }
+
+    fn pump_dirty(&mut self) {
+        while let Some(conn) = self.dirty.pop_first() {
+            self.pump(conn);
+        }
+    }
+
+    /// Writes what may leave: replies whose commits are done, then the
+    /// mailbox up to its first held delivery.
+    fn pump(&mut self, conn: usize) {
+        if self.conns[conn].state == ConnState::Closed {
+            return;
+        }
+        loop {
+            let Some((_, gates)) = self.conns[conn].waiting.front() else {
+                break;
+            };
+            let states: Vec<GateState> = gates.iter().map(|g| self.gates[*g].state).collect();
+            if states.contains(&GateState::Failed) {
+                // Not committed: the connection closes (conn.rs), its
+                // client sends again elsewhere.
+                self.cov.not_committed_closes += 1;
+                return self.close(conn, true);
+            }
+            if states.contains(&GateState::Pending) {
+                break;
+            }
+            let Some((replies, _)) = self.conns[conn].waiting.pop_front() else {
+                break;
+            };
+            for r in replies {
+                if matches!(r, Down::Connack { .. }) {
+                    self.conns[conn].state = ConnState::Open;
+                }
+                self.send_down(conn, r);
+            }
+        }
+        if !matches!(self.conns[conn].state, ConnState::Open) {
+            return; // nothing of the mailbox before the CONNACK
+        }
+        let taken = self.conns[conn].outbox.take();
+        if taken.bytes.len() > MAX_BACKLOG {
+            self.bad.push(format!("unbounded: a mailbox of {} bytes", taken.bytes.len()));
+        }
+        if !taken.bytes.is_empty() {
+            self.send_down(conn, Down::Bytes(taken.bytes));
+        }
+        if let Some(why) = taken.close {
+            if why == Closing::NotCommitted {
+                self.cov.not_committed_closes += 1;
+            }
+            self.close(conn, true);
+        }
+    }
+
+    // ---- the node's state (state.rs, effects.rs) -------------------------
+
+    /// One call into `node`'s core at the simulated time, and its effects.
+    fn call<T>(
+        &mut self,
+        node: usize,
+        f: impl FnOnce(&mut Core) -> (T, Effects),
+    ) -> (T, Option<usize>) {
+        let now = self.instant();
+        let wall = self.wall();
+        let n = &mut self.nodes[node];
+        n.core.advance(now);
+        n.core.calibrate_wall(now, wall);
+        let (t, fx) = f(&mut n.core);
+        let g = self.effects(node, fx);
+        (t, g)
+    }
+
+    /// The records numbered into the log, the items into their mailboxes
+    /// (a QoS 2 delivery held until its batch commits: `effects::finish`).
+    fn effects(&mut self, node: usize, mut fx: Effects) -> Option<usize> {
+        let sends = fx.take_sends();
+        let records = fx.take_records();
+        let gate = self.sequence(node, records);
+        for (c, o) in sends {
+            let Some(&conn) = self.nodes[node].conns.get(&c) else {
+                continue;
+            };
+            let held = matches!(&o, Outgoing::Publish(p) if p.qos == QoS::ExactlyOnce)
+                && gate.is_some_and(|g| self.gates[g].state == GateState::Pending);
+            match gate {
+                Some(g) if held => {
+                    self.conns[conn]
+                        .outbox
+                        .push_held(o, self.gates[g].flag.clone());
+                    self.gates[g].held.push(conn);
+                }
+                _ => self.conns[conn].outbox.push(o),
+            }
+            self.dirty.insert(conn);
+        }
+        let parts = fx.into_parts();
+        self.cov.forwards += parts.forwards.len() as u64;
+        gate
+    }
+
+    /// Numbers a batch (under the core's lock, in the broker) and hands it
+    /// on a little later (after the lock: another call may number its own
+    /// batch between).
+    fn sequence(&mut self, node: usize, entries: Vec<LogEntry>) -> Option<usize> {
+        if entries.is_empty() {
+            return None;
+        }
+        let gate = self.gates.len();
+        self.gates.push(Gate {
+            state: GateState::Pending,
+            flag: Arc::new(AtomicBool::new(false)),
+            held: Vec::new(),
+        });
+        self.nodes[node].log.number(Batch { entries, gate });
+        let s = append_stream(node);
+        let n = self.streams.get(&s).map_or(0, |s| s.1);
+        let d = within(draw(self.seed, s, n), 0, 1_500);
+        let inc = self.nodes[node].inc;
+        // Not FIFO with other appends: each is a thread of its own.
+        self.schedule_unordered(s, d, Ev::Append { node, inc });
+        self.schedule(DEADLINES, mqlb_broker::effects::COMMIT_DEADLINE.as_micros() as Time, Ev::Deadline { gate });
+        Some(gate)
+    }
+
+    fn schedule_unordered(&mut self, stream: u64, delay: Time, ev: Ev) {
+        let (_, n) = self.streams.entry(stream).or_insert((0, 0));
+        *n += 1;
+        let key = (self.now + delay, stream, *n);
+        self.queue.insert(key, ev);
+    }
+
+    /// Hands on every batch numbered so far, in the log's order
+    /// (`State::commit`), each down its sessions' chains.
+    fn append(&mut self, node: usize) {
+        let mut handed = 0;
+        while let Some((_seq, b)) = self.nodes[node].log.take_next() {
+            handed += 1;
+            self.send_down_chains(node, b);
+        }
+        if handed > 1 {
+            self.cov.appends_of_several += 1;
+        }
+    }
+
+    /// `replication::send_down_chains`: each session's records to the
+    /// other members of its chain; committed once each has answered.
+    fn send_down_chains(&mut self, node: usize, b: Batch) {
+        let records: Vec<ChangeRecord> = b
+            .entries
+            .into_iter()
+            .filter_map(|e| match e {
+                LogEntry::Session(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        let rep = self.nodes[node].next_rep;
+        self.nodes[node].next_rep += 1;
+        let mut left: BTreeMap<usize, usize> = BTreeMap::new();
+        for run in records.chunk_by(|a, b| a.client == b.client) {
+            let Some(client) = run.first().map(|r| r.client.clone()) else {
+                continue;
+            };
+            let mut epoch = 0;
+            let mut changes = Vec::with_capacity(run.len());
+            for r in run {
+                epoch = epoch.max(r.epoch);
+                if let SessionChange::Attached { epoch: e, .. } = &r.change {
+                    epoch = epoch.max(*e);
+                }
+                changes.push(r.change.clone());
+            }
+            let frame = Frame::Replicate {
+                seq: rep,
+                client: client.to_string(),
+                epoch,
+                holder: self.nodes[node].name.clone(),
+                changes,
+            };
+            for m in self.chain(&client) {
+                if m == node {
+                    continue;
+                }
+                self.send_frame(node, m, &frame);
+                *left.entry(m).or_insert(0) += 1;
+            }
+        }
+        if left.is_empty() {
+            self.resolve(b.gate, GateState::Done);
+        } else {
+            self.nodes[node].waits.insert(rep, Wait { left, gate: b.gate });
+            if self.nodes[node].waits.len() > MAX_WAITS {
+                self.bad.push(format!(
+                    "unbounded: {} batches wait on {}",
+                    self.nodes[node].waits.len(),
+                    self.nodes[node].name
+                ));
+            }
+        }
+    }
+
+    fn send_frame(&mut self, from: usize, to: usize, frame: &Frame) {
+        let mut bytes = BytesMut::new();
+        if let Err(e) = frame.encode(&mut bytes) {
+            self.bad.push(format!("frame not encoded: {e:?}"));
+            return;
+        }
+        let s = link_stream(from, to);
+        let d = self.net_delay(s);
+        let (from_inc, to_inc) = (self.nodes[from].inc, self.nodes[to].inc);
+        self.schedule(
+            s,
+            d,
+            Ev::Frame {
+                from,
+                from_inc,
+                to,
+                to_inc,
+                bytes,
+            },
+        );
+    }
+
+    fn frame(&mut self, from: usize, from_inc: u64, to: usize, to_inc: u64, mut bytes: BytesMut) {
+        if !self.nodes[to].up || self.nodes[to].inc != to_inc {
+            return; // the link died with the node
+        }
+        loop {
+            let f = match Frame::decode(&mut bytes) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    self.bad.push(format!("frame not decoded: {e:?}"));
+                    break;
+                }
+            };
+            match f {
+                Frame::Replicate {
+                    seq,
+                    client,
+                    epoch,
+                    changes,
+                    ..
+                } => {
+                    // `replication::apply_replica`, then the answer.
+                    let now = self.instant();
+                    let n = &mut self.nodes[to];
+                    n.replicas.apply(&client, epoch, changes, now);
+                    n.replicas.set_holder(&client, u32::try_from(from).unwrap_or(u32::MAX));
+                    if self.nodes[from].up && self.nodes[from].inc == from_inc {
+                        self.send_frame(to, from, &Frame::Ack { seq });
+                    }
+                }
+                Frame::Ack { seq } => {
+                    let n = &mut self.nodes[to];
+                    let Some(w) = n.waits.get_mut(&seq) else {
+                        continue;
+                    };
+                    if let Some(k) = w.left.get_mut(&from) {
+                        *k -= 1;
+                        if *k == 0 {
+                            w.left.remove(&from);
+                        }
+                    }
+                    if w.left.is_empty() {
+                        if let Some(w) = n.waits.remove(&seq) {
+                            self.resolve(w.gate, GateState::Done);
+                        }
+                    }
+                }
+                other => self.bad.push(format!("unexpected frame {other:?}")),
+            }
+        }
+    }
+
+    /// A batch committed or failed: its held deliveries go, or their
+    /// connections close (`effects::finish`).
+    fn resolve(&mut self, gate: usize, state: GateState) {
+        let g = &mut self.gates[gate];
+        if g.state != GateState::Pending {
+            return;
+        }
+        g.state = state;
+        let held = std::mem::take(&mut g.held);
+        if state == GateState::Done {
+            g.flag.store(true, Ordering::Release);
+        }
+        for conn in held {
+            if state == GateState::Failed {
+                self.conns[conn].outbox.abort_held(Closing::NotCommitted);
+            }
+            self.dirty.insert(conn);
+        }
+        // Replies waiting on it: every connection of the node may have some.
+        for conn in 0..self.conns.len() {
+            if !self.conns[conn].waiting.is_empty() && self.conns[conn].state != ConnState::Closed {
+                self.dirty.insert(conn);
+            }
+        }
+    }
+
+    // ---- the cluster (view, promotion, re-chaining) ----------------------
+
+    /// `promote`: the copy becomes the session here, in a new epoch.
+    fn promote(&mut self, node: usize, client: &str) {
+        let now = self.instant();
+        let Some(session) = self.nodes[node].replicas.take(client) else {
+            return;
+        };
+        let mut snap = snapshot_of(&session, now);
+        snap.epoch += 1;
+        self.cov.promotions += 1;
+        self.call(node, |core| {
+            if core.has_session(client) {
+                return ((), Effects::none());
+            }
+            let fx = core
+                .import_session(client, snap)
+                .unwrap_or_else(|_| Effects::none());
+            ((), fx)
+        });
+    }
+
+    /// A committed view: chain members that left answer no more
+    /// (`Acks::lost`), owners promote their copies (`promote_owned`), and
+    /// every session goes whole to its chain (`rechain`).
+    fn after_view(&mut self, gone: Option<usize>) {
+        self.cov.view_changes += 1;
+        if let Some(g) = gone {
+            for n in 0..self.nodes.len() {
+                let mut done = Vec::new();
+                for (seq, w) in self.nodes[n].waits.iter_mut() {
+                    if w.left.remove(&g).is_some() && w.left.is_empty() {
+                        done.push(*seq);
+                    }
+                }
+                for seq in done {
+                    if let Some(w) = self.nodes[n].waits.remove(&seq) {
+                        self.cov.commits_by_loss += 1;
+                        self.resolve(w.gate, GateState::Done);
+                    }
+                }
+            }
+        }
+        let members: Vec<usize> = self.view.iter().copied().collect();
+        for &n in &members {
+            if !self.nodes[n].up {
+                continue;
+            }
+            let mut copies = self.nodes[n].replicas.clients();
+            copies.sort();
+            for c in copies {
+                if self.owner(&c) == Some(n) && self.live_holder(&c).is_none() {
+                    self.promote(n, &c);
+                }
+            }
+        }
+        for &n in &members {
+            if !self.nodes[n].up {
+                continue;
+            }
+            let now = self.instant();
+            let core = &self.nodes[n].core;
+            let mut ids = core.persistent_sessions();
+            ids.sort();
+            let mut records = Vec::new();
+            for id in ids {
+                let Some(snap) = core.export_session(&id) else {
+                    continue;
+                };
+                let epoch = snap.epoch;
+                self.cov.sessions_rechained += 1;
+                for change in whole(snap, now) {
+                    records.push(LogEntry::Session(ChangeRecord {
+                        client: id.clone(),
+                        epoch,
+                        change,
+                    }));
+                }
+            }
+            self.sequence(n, records);
+        }
+    }
+
+    // ---- faults ----------------------------------------------------------
+
+    fn fault(&mut self, f: Fault) {
+        match f {
+            Fault::Crash(n) => {
+                let down = self.nodes.iter().any(|n| !n.up);
+                let recent = self.now < self.last_join + 1_500 * MS && self.last_join > 0;
+                if down || recent || !self.nodes[n].up {
+                    self.cov.crashes_skipped += 1;
+                    return;
+                }
+                self.crash(n);
+            }
+            Fault::Restart(n) => {
+                if self.nodes[n].up {
+                    return;
+                }
+                self.nodes[n].up = true;
+                self.cov.restarts += 1;
+                let d = within(draw(self.seed, VIEWS, self.cov.restarts), 100 * MS, 500 * MS);
+                let inc = self.nodes[n].inc;
+                self.schedule(VIEWS, d, Ev::View { node: n, join: true, inc });
+            }
+            Fault::Drop(c) => {
+                let Some(conn) = self.clients[c].conn else {
+                    return;
+                };
+                self.cov.client_drops += 1;
+                self.send_up(conn, Up::Gone);
+                self.client_lost(c);
+            }
+            Fault::Stall(n, d) => {
+                self.cov.stalls += 1;
+                self.nodes[n].stalled_until = self.now + d;
+            }
+            Fault::ClockStep(ms) => {
+                self.cov.clock_steps += 1;
+                self.wall_offset_ms += ms;
+            }
+            Fault::Slow(d) => {
+                self.cov.slow_periods += 1;
+                self.slow_until = self.now + d;
+            }
+        }
+    }
+
+    fn crash(&mut self, n: usize) {
+        self.cov.crashes += 1;
+        // What the crash interrupts, for the coverage report.
+        let mut mid_qos2 = false;
+        let mut holds = false;
+        for c in &self.clients {
+            let Some(snap) = self.nodes[n].core.export_session(&c.id) else {
+                continue;
+            };
+            holds = true;
+            mid_qos2 |= snap
+                .inflight
+                .iter()
+                .any(|(s, _)| matches!(s, InflightState::AwaitPubrec | InflightState::AwaitPubcomp))
+                || !snap.qos2_in.is_empty();
+        }
+        self.cov.crashes_of_holder += u64::from(holds);
+        self.cov.crashes_mid_qos2 += u64::from(mid_qos2);
+        self.cov.crashes_uncommitted +=
+            u64::from(!self.nodes[n].waits.is_empty() || !self.nodes[n].log.is_empty());
+        let node = &mut self.nodes[n];
+        node.up = false;
+        node.inc += 1;
+        node.core = new_core(n);
+        node.replicas = Replicas::default();
+        node.log = Sequencer::default();
+        node.waits.clear();
+        let conns: Vec<usize> = std::mem::take(&mut node.conns).into_values().collect();
+        for conn in conns {
+            self.conns[conn].state = ConnState::Closed;
+            // The client sees the reset quickly.
+            self.send_down(conn, Down::Closed);
+        }
+        let leave = within(draw(self.seed, VIEWS, 1_000 + self.cov.crashes), 300 * MS, 1_500 * MS);
+        let inc = self.nodes[n].inc;
+        self.schedule(VIEWS, leave, Ev::View { node: n, join: false, inc });
+        let back = leave + within(draw(self.seed, FAULTS, 2_000 + self.cov.crashes), 100 * MS, 2_000 * MS);
+        self.schedule_unordered(FAULTS | 1, back, Ev::Fault(Fault::Restart(n)));
+    }
+
+    // ---- invariants ------------------------------------------------------
+
+    /// At most one node serves a client at a time.
+    fn check_holders(&mut self) {
+        for c in &self.clients {
+            let serving: Vec<&str> = self
+                .nodes
+                .iter()
+                .filter(|n| n.up && n.core.is_connected(&c.id))
+                .map(|n| n.name.as_str())
+                .collect();
+            if serving.len() > 1 {
+                let line = format!("{} is served by {} at once", c.id, serving.join(" and "));
+                if !self.bad.contains(&line) {
+                    self.bad.push(line);
+                }
+            }
+        }
+    }
+
+    /// Every publisher finished, and every subscriber was given every
+    /// message acknowledged to a publisher.
+    fn final_checks(&mut self) {
+        let mut acked: Vec<(usize, u32)> = Vec::new();
+        for c in &self.clients {
+            match &c.role {
+                Role::Publisher(p) => {
+                    self.cov.publisher_resends += p.resent;
+                    if !p.done() {
+                        self.bad.push(format!(
+                            "{}: {} of {} messages finished when the run ended at {:?} (stuck)",
+                            c.id,
+                            p.finished,
+                            self.cfg.messages,
+                            Duration::from_micros(self.now)
+                        ));
+                    }
+                    acked.extend(p.acked.iter().map(|no| (p.index, *no)));
+                }
+                Role::Subscriber(_) => {}
+            }
+        }
+        for c in &self.clients {
+            let Role::Subscriber(s) = &c.role else {
+                continue;
+            };
+            self.cov.qos1_again += s.qos1_again;
+            self.cov.qos2_resends_absorbed += s.qos2_resends;
+            self.cov.sessions_lost += s.sessions_lost;
+            let lost: Vec<String> = acked
+                .iter()
+                .filter(|m| !s.got.contains_key(m))
+                .map(|(p, n)| format!("{p}:{n}"))
+                .collect();
+            if !lost.is_empty() {
+                let shown: Vec<&str> = lost.iter().take(8).map(String::as_str).collect();
+                self.bad.push(format!(
+                    "{}: {} acknowledged messages never delivered ({})",
+                    c.id,
+                    lost.len(),
+                    shown.join(", ")
+                ));
+            }
+        }
+        self.digest = mix(self.digest ^ self.events);
+    }
+}
