@@ -13,6 +13,7 @@
 //!
 //! # Layout
 //! * [`core`]: the state machine.
+//! * [`chain`]: which nodes keep a session's copies.
 //! * [`session`]: one session as data, changed only by typed
 //!   [`session::SessionChange`] records, which the cluster replicates.
 //! * [`router`]: the subscription trie plus shared groups.
@@ -30,6 +31,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod chain;
 pub mod core;
 pub mod effects;
 pub mod hlc;

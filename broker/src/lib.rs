@@ -29,7 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub use mqlb_broker_core::{
-    core, hlc, message, outbox, replicas, retained, router, session, snapshot, trie,
+    chain, core, hlc, message, outbox, replicas, retained, router, session, snapshot, trie,
 };
 
 pub mod auth;

@@ -37,9 +37,7 @@ use mqlb_broker_core::message::{Message, Sub};
 use mqlb_broker_core::outbox::{Closing, Encoder, Outbox, Outgoing};
 use mqlb_broker_core::replicas::{whole, Replicas};
 use mqlb_broker_core::session::{InflightState, SessionChange};
-use mqlb_protocol::{
-    decode, Ack, Packet, PacketType, ProtocolVersion, QoS, SubscriptionOptions,
-};
+use mqlb_protocol::{decode, Ack, Packet, PacketType, ProtocolVersion, QoS, SubscriptionOptions};
 
 use crate::clients::{Action, Client, Publisher, Role, Subscriber, Violation, FILTER};
 use crate::rng::{draw, mix, within, Rng};
@@ -101,16 +99,48 @@ enum Fault {
 
 #[derive(Debug)]
 enum Ev {
-    Up { conn: usize, item: Up },
-    Down { conn: usize, item: Down },
-    Frame { from: usize, from_inc: u64, to: usize, to_inc: u64, bytes: BytesMut },
-    Append { node: usize, inc: u64 },
-    Deadline { gate: usize },
-    Wake { client: usize },
+    Up {
+        conn: usize,
+        item: Up,
+    },
+    Down {
+        conn: usize,
+        item: Down,
+    },
+    Frame {
+        from: usize,
+        from_inc: u64,
+        to: usize,
+        to_inc: u64,
+        bytes: BytesMut,
+    },
+    Append {
+        node: usize,
+        inc: u64,
+    },
+    Deadline {
+        gate: usize,
+    },
+    Wake {
+        client: usize,
+    },
     /// A publisher may send one more message.
-    Tick { client: usize },
+    Tick {
+        client: usize,
+    },
     Fault(Fault),
-    View { node: usize, join: bool, inc: u64 },
+    View {
+        node: usize,
+        join: bool,
+        inc: u64,
+    },
+    /// `from`'s link to `to` (re)opens: `from` sends its snapshot.
+    LinkOpen {
+        from: usize,
+        from_inc: u64,
+        to: usize,
+        to_inc: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +187,11 @@ struct Node {
     /// The core's connection ids, to the simulation's.
     conns: BTreeMap<u64, usize>,
     stalled_until: Time,
+    /// Per peer, the last batch the snapshot sent on the link to it holds
+    /// (`LinkTx::snapshot_covers`): later batches only go on the link.
+    covers: BTreeMap<usize, u64>,
+    /// Peers whose snapshot this node has had since it started.
+    synced: BTreeSet<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,6 +320,9 @@ impl World {
                 next_rep: 1,
                 conns: BTreeMap::new(),
                 stalled_until: 0,
+                covers: BTreeMap::new(),
+                // The cluster starts synced (every node starts empty).
+                synced: (0..cfg.nodes).filter(|&p| p != n).collect(),
             })
             .collect::<Vec<_>>();
         let mut w = World {
@@ -368,22 +406,52 @@ impl World {
 
     /// `client`'s chain in the current view: owner first.
     fn chain(&self, client: &str) -> Vec<usize> {
-        let view: Vec<usize> = self.view.iter().copied().collect();
-        let mut r = self.rank_over(client, &view);
-        r.truncate(self.cfg.replication);
-        r
+        let view: Vec<&str> = self
+            .view
+            .iter()
+            .map(|&n| self.nodes[n].name.as_str())
+            .collect();
+        let chain = mqlb_broker_core::chain::chain(client, &view, self.cfg.replication);
+        chain
+            .into_iter()
+            .filter_map(|name| self.index_of(name))
+            .collect()
+    }
+
+    fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// Whom `node` sends `client`'s changes to (`chain::targets`): its
+    /// chain, and linked peers the view does not count yet whose chain it
+    /// would be in.
+    fn targets(&self, node: usize, client: &str) -> Vec<usize> {
+        let view: Vec<&str> = self
+            .view
+            .iter()
+            .map(|&n| self.nodes[n].name.as_str())
+            .collect();
+        let joining: Vec<&str> = self.nodes[node]
+            .covers
+            .keys()
+            .filter(|m| !self.view.contains(m) && self.nodes[**m].up)
+            .map(|&m| self.nodes[m].name.as_str())
+            .collect();
+        mqlb_broker_core::chain::targets(client, &view, &joining, self.cfg.replication)
+            .into_iter()
+            .filter_map(|name| self.index_of(name))
+            .collect()
     }
 
     fn owner(&self, client: &str) -> Option<usize> {
         self.chain(client).first().copied()
     }
 
-    /// A live node of the view serving `client`'s session.
-    fn live_holder(&self, client: &str) -> Option<usize> {
-        self.view
-            .iter()
-            .copied()
-            .find(|&n| self.nodes[n].up && self.nodes[n].core.has_session(client))
+    /// `Cluster::live_holder` on node `n`: the holder its copy of
+    /// `client`'s session names, if the view counts it.
+    fn live_holder(&self, n: usize, client: &str) -> Option<usize> {
+        let h = self.nodes[n].replicas.holder(client)? as usize;
+        (h != n && self.view.contains(&h)).then_some(h)
     }
 
     fn instant(&self) -> Instant {
@@ -479,7 +547,8 @@ impl World {
             self.pump_dirty();
             self.check_holders();
             if self.queue.len() > MAX_QUEUE {
-                self.bad.push(format!("unbounded: {} events queued", self.queue.len()));
+                self.bad
+                    .push(format!("unbounded: {} events queued", self.queue.len()));
                 break;
             }
         }
@@ -502,6 +571,7 @@ impl World {
             Ev::Up { conn, .. } => Some(self.conns[*conn].node),
             Ev::Frame { to, .. } => Some(*to),
             Ev::Append { node, .. } => Some(*node),
+            Ev::LinkOpen { from, .. } => Some(*from),
             _ => None,
         }
     }
@@ -514,7 +584,10 @@ impl World {
                     Up::Bytes(b) => packets(b),
                     other => format!("{other:?}"),
                 };
-                format!("{} -> {} (conn {conn}): {what}", self.clients[c.client].id, self.nodes[c.node].name)
+                format!(
+                    "{} -> {} (conn {conn}): {what}",
+                    self.clients[c.client].id, self.nodes[c.node].name
+                )
             }
             Ev::Down { conn, item } => {
                 let c = &self.conns[*conn];
@@ -522,20 +595,36 @@ impl World {
                     Down::Bytes(b) => packets(b),
                     other => format!("{other:?}"),
                 };
-                format!("{} <- {} (conn {conn}): {what}", self.clients[c.client].id, self.nodes[c.node].name)
+                format!(
+                    "{} <- {} (conn {conn}): {what}",
+                    self.clients[c.client].id, self.nodes[c.node].name
+                )
             }
-            Ev::Frame { from, to, bytes, .. } => {
+            Ev::Frame {
+                from, to, bytes, ..
+            } => {
                 let mut b = bytes.clone();
                 let mut fs = Vec::new();
                 while let Ok(Some(f)) = Frame::decode(&mut b) {
                     fs.push(match f {
-                        Frame::Replicate { seq, client, epoch, changes, .. } => {
+                        Frame::Replicate {
+                            seq,
+                            client,
+                            epoch,
+                            changes,
+                            ..
+                        } => {
                             format!("Replicate#{seq} {client} e{epoch} {changes:?}")
                         }
                         other => format!("{other:?}"),
                     });
                 }
-                format!("{} => {}: {}", self.nodes[*from].name, self.nodes[*to].name, fs.join(", "))
+                format!(
+                    "{} => {}: {}",
+                    self.nodes[*from].name,
+                    self.nodes[*to].name,
+                    fs.join(", ")
+                )
             }
             other => format!("{other:?}"),
         }
@@ -566,6 +655,12 @@ impl World {
             Ev::Wake { client } => self.dial(client),
             Ev::Tick { client } => self.tick(client),
             Ev::Fault(f) => self.fault(f),
+            Ev::LinkOpen {
+                from,
+                from_inc,
+                to,
+                to_inc,
+            } => self.link_open(from, from_inc, to, to_inc),
             Ev::View { node, join, inc } => {
                 if join {
                     if !self.nodes[node].up || self.nodes[node].inc != inc {
@@ -609,7 +704,14 @@ impl World {
         c.open = false;
         c.attempts += 1;
         let d = self.net_delay(up_stream(conn));
-        self.schedule(up_stream(conn), d, Ev::Up { conn, item: Up::Connect });
+        self.schedule(
+            up_stream(conn),
+            d,
+            Ev::Up {
+                conn,
+                item: Up::Connect,
+            },
+        );
     }
 
     /// The client's connection is gone: it dials again after a back-off.
@@ -651,7 +753,8 @@ impl World {
                         Ok(Some(p)) => p,
                         Ok(None) => break,
                         Err(e) => {
-                            self.bad.push(format!("client could not decode the broker: {e}"));
+                            self.bad
+                                .push(format!("client could not decode the broker: {e}"));
                             break;
                         }
                     };
@@ -793,11 +896,23 @@ impl World {
             self.send_down(conn, Down::Closed);
             return;
         }
-        if let Some(h) = self.live_holder(&id).filter(|&h| h != node) {
-            self.cov.relays += 1;
-            node = h;
-            self.conns[conn].node = h;
-            self.conns[conn].inc = self.nodes[h].inc;
+        // `Cluster::server_for`: the live holder its copy names, else the
+        // owner; the client is relayed there (one hop).
+        if !self.nodes[node].core.has_session(&id) {
+            let to = self
+                .live_holder(node, &id)
+                .or_else(|| self.owner(&id).filter(|&o| o != node));
+            if let Some(h) = to {
+                self.cov.relays += 1;
+                if !self.nodes[h].up || !self.view.contains(&h) {
+                    self.conns[conn].state = ConnState::Closed;
+                    self.send_down(conn, Down::Closed);
+                    return;
+                }
+                node = h;
+                self.conns[conn].node = h;
+                self.conns[conn].inc = self.nodes[h].inc;
+            }
         }
         if !self.nodes[node].core.has_session(&id) && self.nodes[node].replicas.epoch(&id).is_some()
         {
@@ -837,7 +952,8 @@ impl World {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
-                    self.bad.push(format!("broker could not decode a client: {e}"));
+                    self.bad
+                        .push(format!("broker could not decode a client: {e}"));
                     return self.close(conn, true);
                 }
             };
@@ -995,7 +1111,10 @@ impl World {
         }
         let taken = self.conns[conn].outbox.take();
         if taken.bytes.len() > MAX_BACKLOG {
-            self.bad.push(format!("unbounded: a mailbox of {} bytes", taken.bytes.len()));
+            self.bad.push(format!(
+                "unbounded: a mailbox of {} bytes",
+                taken.bytes.len()
+            ));
         }
         if !taken.bytes.is_empty() {
             self.send_down(conn, Down::Bytes(taken.bytes));
@@ -1074,7 +1193,11 @@ impl World {
         let inc = self.nodes[node].inc;
         // Not FIFO with other appends: each is a thread of its own.
         self.schedule_unordered(s, d, Ev::Append { node, inc });
-        self.schedule(DEADLINES, mqlb_broker::effects::COMMIT_DEADLINE.as_micros() as Time, Ev::Deadline { gate });
+        self.schedule(
+            DEADLINES,
+            mqlb_broker::effects::COMMIT_DEADLINE.as_micros() as Time,
+            Ev::Deadline { gate },
+        );
         Some(gate)
     }
 
@@ -1089,9 +1212,9 @@ impl World {
     /// (`State::commit`), each down its sessions' chains.
     fn append(&mut self, node: usize) {
         let mut handed = 0;
-        while let Some((_seq, b)) = self.nodes[node].log.take_next() {
+        while let Some((seq, b)) = self.nodes[node].log.take_next() {
             handed += 1;
-            self.send_down_chains(node, b);
+            self.send_down_chains(node, seq, b);
         }
         if handed > 1 {
             self.cov.appends_of_several += 1;
@@ -1100,7 +1223,7 @@ impl World {
 
     /// `replication::send_down_chains`: each session's records to the
     /// other members of its chain; committed once each has answered.
-    fn send_down_chains(&mut self, node: usize, b: Batch) {
+    fn send_down_chains(&mut self, node: usize, log_seq: u64, b: Batch) {
         let records: Vec<ChangeRecord> = b
             .entries
             .into_iter()
@@ -1132,8 +1255,15 @@ impl World {
                 holder: self.nodes[node].name.clone(),
                 changes,
             };
-            for m in self.chain(&client) {
-                if m == node {
+            for m in self.targets(node, &client) {
+                // A link opened after this batch was numbered had it in
+                // its snapshot already.
+                if m == node
+                    || self.nodes[node]
+                        .covers
+                        .get(&m)
+                        .is_some_and(|&c| log_seq <= c)
+                {
                     continue;
                 }
                 self.send_frame(node, m, &frame);
@@ -1143,7 +1273,9 @@ impl World {
         if left.is_empty() {
             self.resolve(b.gate, GateState::Done);
         } else {
-            self.nodes[node].waits.insert(rep, Wait { left, gate: b.gate });
+            self.nodes[node]
+                .waits
+                .insert(rep, Wait { left, gate: b.gate });
             if self.nodes[node].waits.len() > MAX_WAITS {
                 self.bad.push(format!(
                     "unbounded: {} batches wait on {}",
@@ -1194,14 +1326,32 @@ impl World {
                     seq,
                     client,
                     epoch,
+                    holder,
                     changes,
-                    ..
                 } => {
+                    // `links`: a whole copy a node other than the holder
+                    // kept (a link snapshot) does not replace a copy of the
+                    // same or a newer epoch.
+                    let relayed = seq == 0
+                        && changes.first() == Some(&SessionChange::Ended)
+                        && self.nodes[from].name != holder;
+                    if relayed
+                        && self.nodes[to]
+                            .replicas
+                            .epoch(&client)
+                            .is_some_and(|e| e >= epoch)
+                    {
+                        continue;
+                    }
                     // `replication::apply_replica`, then the answer.
                     let now = self.instant();
+                    let holder = self.nodes.iter().position(|n| n.name == holder);
                     let n = &mut self.nodes[to];
+                    if let Some(h) = holder {
+                        n.replicas
+                            .set_holder(&client, u32::try_from(h).unwrap_or(u32::MAX));
+                    }
                     n.replicas.apply(&client, epoch, changes, now);
-                    n.replicas.set_holder(&client, u32::try_from(from).unwrap_or(u32::MAX));
                     if self.nodes[from].up && self.nodes[from].inc == from_inc {
                         self.send_frame(to, from, &Frame::Ack { seq });
                     }
@@ -1222,6 +1372,9 @@ impl World {
                             self.resolve(w.gate, GateState::Done);
                         }
                     }
+                }
+                Frame::SyncDone => {
+                    self.nodes[to].synced.insert(from);
                 }
                 other => self.bad.push(format!("unexpected frame {other:?}")),
             }
@@ -1299,13 +1452,13 @@ impl World {
         }
         let members: Vec<usize> = self.view.iter().copied().collect();
         for &n in &members {
-            if !self.nodes[n].up {
+            if !self.ready(n) {
                 continue;
             }
             let mut copies = self.nodes[n].replicas.clients();
             copies.sort();
             for c in copies {
-                if self.owner(&c) == Some(n) && self.live_holder(&c).is_none() {
+                if self.owner(&c) == Some(n) && self.live_holder(n, &c).is_none() {
                     self.promote(n, &c);
                 }
             }
@@ -1337,6 +1490,83 @@ impl World {
         }
     }
 
+    /// `Cluster::ready`: in the view, with the snapshot of every live
+    /// member (the failure detector's dead ones excepted).
+    fn ready(&self, n: usize) -> bool {
+        self.nodes[n].up
+            && self.view.contains(&n)
+            && self
+                .view
+                .iter()
+                .all(|&p| p == n || !self.nodes[p].up || self.nodes[n].synced.contains(&p))
+    }
+
+    /// A link opens: `from` sends `to` the sessions it holds and the copies
+    /// it keeps whose chain (with `to` in the view) holds `to`, then
+    /// `SyncDone` (`links`, the link snapshot).
+    fn link_open(&mut self, from: usize, from_inc: u64, to: usize, to_inc: u64) {
+        if !self.nodes[from].up
+            || self.nodes[from].inc != from_inc
+            || !self.nodes[to].up
+            || self.nodes[to].inc != to_inc
+        {
+            return;
+        }
+        let mut members: Vec<usize> = self.view.iter().copied().collect();
+        if !members.contains(&to) {
+            members.push(to);
+        }
+        let r = self.cfg.replication;
+        let in_chain = |w: &World, client: &str| {
+            w.rank_over(client, &members)
+                .into_iter()
+                .take(r)
+                .any(|m| m == to)
+        };
+        let now = self.instant();
+        let mut frames = Vec::new();
+        let mut ids = self.nodes[from].core.persistent_sessions();
+        ids.sort();
+        for id in ids {
+            if !in_chain(self, &id) {
+                continue;
+            }
+            if let Some(snap) = self.nodes[from].core.export_session(&id) {
+                frames.push(Frame::Replicate {
+                    seq: 0,
+                    client: id.to_string(),
+                    epoch: snap.epoch,
+                    holder: self.nodes[from].name.clone(),
+                    changes: whole(snap, now),
+                });
+            }
+        }
+        let mut kept = self.nodes[from]
+            .replicas
+            .snapshots(|c| in_chain(self, c), now);
+        kept.sort_by(|a, b| a.0.cmp(&b.0));
+        for (client, snap, holder) in kept {
+            let holder = holder
+                .and_then(|h| self.nodes.get(h as usize))
+                .map(|n| n.name.clone())
+                .unwrap_or_default();
+            frames.push(Frame::Replicate {
+                seq: 0,
+                client,
+                epoch: snap.epoch,
+                holder,
+                changes: whole(snap, now),
+            });
+        }
+        frames.push(Frame::SyncDone);
+        self.cov.link_snapshots += 1;
+        for f in &frames {
+            self.send_frame(from, to, f);
+        }
+        let last = self.nodes[from].log.last();
+        self.nodes[from].covers.insert(to, last);
+    }
+
     // ---- faults ----------------------------------------------------------
 
     fn fault(&mut self, f: Fault) {
@@ -1356,9 +1586,42 @@ impl World {
                 }
                 self.nodes[n].up = true;
                 self.cov.restarts += 1;
-                let d = within(draw(self.seed, VIEWS, self.cov.restarts), 100 * MS, 500 * MS);
+                // Links open both ways; each side sends its snapshot.
+                for p in 0..self.nodes.len() {
+                    if p == n || !self.nodes[p].up {
+                        continue;
+                    }
+                    for (a, b) in [(p, n), (n, p)] {
+                        let s = link_stream(a, b);
+                        let d = within(draw(self.seed, s, 1 << 20), MS, 30 * MS);
+                        let (from_inc, to_inc) = (self.nodes[a].inc, self.nodes[b].inc);
+                        self.schedule(
+                            s,
+                            d,
+                            Ev::LinkOpen {
+                                from: a,
+                                from_inc,
+                                to: b,
+                                to_inc,
+                            },
+                        );
+                    }
+                }
+                let d = within(
+                    draw(self.seed, VIEWS, self.cov.restarts),
+                    100 * MS,
+                    500 * MS,
+                );
                 let inc = self.nodes[n].inc;
-                self.schedule(VIEWS, d, Ev::View { node: n, join: true, inc });
+                self.schedule(
+                    VIEWS,
+                    d,
+                    Ev::View {
+                        node: n,
+                        join: true,
+                        inc,
+                    },
+                );
             }
             Fault::Drop(c) => {
                 let Some(conn) = self.clients[c].conn else {
@@ -1393,11 +1656,9 @@ impl World {
                 continue;
             };
             holds = true;
-            mid_qos2 |= snap
-                .inflight
-                .iter()
-                .any(|(s, _)| matches!(s, InflightState::AwaitPubrec | InflightState::AwaitPubcomp))
-                || !snap.qos2_in.is_empty();
+            mid_qos2 |= snap.inflight.iter().any(|(s, _)| {
+                matches!(s, InflightState::AwaitPubrec | InflightState::AwaitPubcomp)
+            }) || !snap.qos2_in.is_empty();
         }
         self.cov.crashes_of_holder += u64::from(holds);
         self.cov.crashes_mid_qos2 += u64::from(mid_qos2);
@@ -1410,16 +1671,39 @@ impl World {
         node.replicas = Replicas::default();
         node.log = Sequencer::default();
         node.waits.clear();
+        node.covers.clear();
+        node.synced.clear();
         let conns: Vec<usize> = std::mem::take(&mut node.conns).into_values().collect();
+        for other in &mut self.nodes {
+            other.covers.remove(&n);
+            other.synced.remove(&n);
+        }
         for conn in conns {
             self.conns[conn].state = ConnState::Closed;
             // The client sees the reset quickly.
             self.send_down(conn, Down::Closed);
         }
-        let leave = within(draw(self.seed, VIEWS, 1_000 + self.cov.crashes), 300 * MS, 1_500 * MS);
+        let leave = within(
+            draw(self.seed, VIEWS, 1_000 + self.cov.crashes),
+            300 * MS,
+            1_500 * MS,
+        );
         let inc = self.nodes[n].inc;
-        self.schedule(VIEWS, leave, Ev::View { node: n, join: false, inc });
-        let back = leave + within(draw(self.seed, FAULTS, 2_000 + self.cov.crashes), 100 * MS, 2_000 * MS);
+        self.schedule(
+            VIEWS,
+            leave,
+            Ev::View {
+                node: n,
+                join: false,
+                inc,
+            },
+        );
+        let back = leave
+            + within(
+                draw(self.seed, FAULTS, 2_000 + self.cov.crashes),
+                100 * MS,
+                2_000 * MS,
+            );
         self.schedule_unordered(FAULTS | 1, back, Ev::Fault(Fault::Restart(n)));
     }
 

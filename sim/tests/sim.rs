@@ -15,7 +15,12 @@ fn seed_count() -> u64 {
 
 /// Runs seeds `from..from + n` on every core; stops early at the first
 /// failure when `stop_at_first`.
-fn run_seeds(from: u64, n: u64, cfg: &Config, stop_at_first: bool) -> (Vec<Outcome>, Coverage, u64) {
+fn run_seeds(
+    from: u64,
+    n: u64,
+    cfg: &Config,
+    stop_at_first: bool,
+) -> (Vec<Outcome>, Coverage, u64) {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) as u64;
     let next = std::sync::atomic::AtomicU64::new(from);
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -66,7 +71,12 @@ fn seeds_with_faults_keep_every_guarantee() {
     for o in &bad {
         println!("{}", show(o));
     }
-    assert!(bad.is_empty(), "{} of {ran} seeds failed; first: {}", bad.len(), show(&bad[0]));
+    assert!(
+        bad.is_empty(),
+        "{} of {ran} seeds failed; first: {}",
+        bad.len(),
+        show(&bad[0])
+    );
 }
 
 /// Replays `MQLB_SIM_SEED` (with `MQLB_SIM_MUTATION`, if set) exactly;

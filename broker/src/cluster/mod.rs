@@ -646,11 +646,10 @@ impl Cluster {
     /// `client_id`'s chain in the current view: owner first.
     pub fn chain(&self, client_id: &str) -> Vec<String> {
         let view = lock(&self.view);
-        let members: Vec<Member<'_>> = view.members.iter().map(|n| Member(n)).collect();
-        mqlb_placement::rank(client_id.as_bytes(), &members)
+        let members: Vec<&str> = view.members.iter().map(String::as_str).collect();
+        crate::chain::chain(client_id, &members, self.replication)
             .into_iter()
-            .take(self.replication)
-            .map(|m| m.0.to_string())
+            .map(str::to_string)
             .collect()
     }
 

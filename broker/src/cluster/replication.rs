@@ -532,6 +532,21 @@ impl Cluster {
             }
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        // Whom each session's changes go to: its chain in the view, and any
+        // linked peer the view does not count yet whose chain it would be
+        // in (`chain::targets`: its link snapshot held the session, so it
+        // must not miss what follows).
+        let view = self.view();
+        let joining: Vec<String> = {
+            let linked: Vec<NodeId> = lock(&self.links).keys().copied().collect();
+            linked
+                .into_iter()
+                .filter_map(|id| self.name_of(id))
+                .filter(|n| *n != self.me && !view.members.contains(n))
+                .collect()
+        };
+        let members: Vec<&str> = view.members.iter().map(String::as_str).collect();
+        let joining: Vec<&str> = joining.iter().map(String::as_str).collect();
         // Every frame is addressed first and the wait registered before any
         // is sent: a peer may acknowledge within microseconds, and an
         // acknowledgement that finds no wait is lost, leaving the change
@@ -559,11 +574,11 @@ impl Cluster {
                 changes,
             };
             let mut to = Vec::new();
-            for member in self.chain(&client) {
+            for member in crate::chain::targets(&client, &members, &joining, self.replication) {
                 if member == self.me {
                     continue;
                 }
-                let Some(id) = self.id_of(&member) else {
+                let Some(id) = self.id_of(member) else {
                     continue;
                 };
                 // A link opened after this batch was numbered had it in its
