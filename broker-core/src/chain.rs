@@ -37,6 +37,9 @@ pub fn chain<'a>(client: &str, members: &[&'a str], r: usize) -> Vec<&'a str> {
 /// acknowledged since (a loss) are wrong in it. Found by the simulator.
 pub fn targets<'a>(client: &str, view: &[&'a str], joining: &[&'a str], r: usize) -> Vec<&'a str> {
     let mut out = chain(client, view, r);
+    if crate::mutations::on(crate::mutations::Mutation::JoinerMissesChanges) {
+        return out;
+    }
     for &j in joining {
         if out.contains(&j) {
             continue;

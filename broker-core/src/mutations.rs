@@ -16,6 +16,14 @@ pub enum Mutation {
     /// core made them (the equivalent of the records appended after the
     /// core's lock, fixed in 23b3b02).
     LogOutOfOrder,
+    /// A holder streams a session's changes only to its chain in the view,
+    /// not to a returning node its link snapshot gave the session to (the
+    /// stale copy the simulator found; see `chain::targets`).
+    JoinerMissesChanges,
+    /// A node keeps a link snapshot's copy of a session it serves (the
+    /// copy relayed back that the simulator found; see
+    /// `replicas::keeps_snapshot_copy`).
+    SnapshotCopyOfLiveSession,
 }
 
 #[cfg(feature = "mutations")]

@@ -141,6 +141,25 @@ impl Replicas {
     }
 }
 
+/// Whether a node keeps the whole copy of a session a peer's link snapshot
+/// sent it. `relayed`: the peer is not the session's holder (it sends a
+/// copy it keeps for another); `held`: the epoch of the copy this node has,
+/// if any; `serving`: this node serves the session live.
+///
+/// A relayed copy may be older than the one the holder itself gave this
+/// node: with the same epoch it must not replace it (a stale copy promoted
+/// later would send a QoS 2 message again that was completed). And a copy
+/// of a session served here is a peer relaying back what it was given:
+/// kept, it would go out in this node's own snapshots after the live
+/// session, naming this node as holder, and replace the fresh copy there
+/// (found by the simulator).
+pub fn keeps_snapshot_copy(relayed: bool, held: Option<u64>, epoch: u64, serving: bool) -> bool {
+    if serving && !crate::mutations::on(crate::mutations::Mutation::SnapshotCopyOfLiveSession) {
+        return false;
+    }
+    !(relayed && held.is_some_and(|e| e >= epoch))
+}
+
 /// The changes that make a copy of a session equal to `snap`, whatever the
 /// copy held before: how a holder sends a session whole (a new chain
 /// member, a re-chain, a link's snapshot), at `now`.

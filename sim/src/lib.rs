@@ -82,6 +82,8 @@ impl Default for Config {
 #[allow(missing_docs)] // each field is named for what it counts
 pub struct Coverage {
     pub crashes: u64,
+    /// Crashes scheduled just after a node answered a client.
+    pub targeted_crashes: u64,
     pub crashes_skipped: u64,
     pub crashes_of_holder: u64,
     /// A crash of a node serving a session in the middle of a QoS 2
@@ -123,6 +125,7 @@ impl Coverage {
         }
         sum!(
             crashes,
+            targeted_crashes,
             crashes_skipped,
             crashes_of_holder,
             crashes_mid_qos2,
@@ -201,6 +204,8 @@ pub fn mutation_named(name: &str) -> Option<Mutation> {
     match name {
         "PubrelBeforeCommit" => Some(Mutation::PubrelBeforeCommit),
         "LogOutOfOrder" => Some(Mutation::LogOutOfOrder),
+        "JoinerMissesChanges" => Some(Mutation::JoinerMissesChanges),
+        "SnapshotCopyOfLiveSession" => Some(Mutation::SnapshotCopyOfLiveSession),
         _ => None,
     }
 }

@@ -35,7 +35,7 @@ use mqlb_broker_core::effects::{ChangeRecord, Effects, LogEntry};
 use mqlb_broker_core::log::Sequencer;
 use mqlb_broker_core::message::{Message, Sub};
 use mqlb_broker_core::outbox::{Closing, Encoder, Outbox, Outgoing};
-use mqlb_broker_core::replicas::{whole, Replicas};
+use mqlb_broker_core::replicas::{keeps_snapshot_copy, whole, Replicas};
 use mqlb_broker_core::session::{InflightState, SessionChange};
 use mqlb_protocol::{decode, Ack, Packet, PacketType, ProtocolVersion, QoS, SubscriptionOptions};
 
@@ -245,6 +245,13 @@ pub struct World {
     gates: Vec<Gate>,
     dirty: BTreeSet<usize>,
     publishing: bool,
+    /// Answers sent to clients so far (the targeted crashes' draw).
+    sends: u64,
+    /// The clients' Receive Maximum (a small one queues messages in the
+    /// session), drawn from the seed.
+    receive_maximum: u16,
+    /// The longest a batch waits between its numbering and its hand-off.
+    append_within: Time,
     slow_until: Time,
     last_join: Time,
     bad: Vec<Violation>,
@@ -340,6 +347,13 @@ impl World {
             gates: Vec::new(),
             dirty: BTreeSet::new(),
             publishing: false,
+            sends: 0,
+            receive_maximum: u16::try_from(within(draw(seed, 0xA11, 0), 1, 16)).unwrap_or(16),
+            append_within: if draw(seed, 0xA11, 1) % 4 == 0 {
+                20 * MS
+            } else {
+                1_500
+            },
             slow_until: 0,
             last_join: 0,
             bad: Vec::new(),
@@ -843,6 +857,22 @@ impl World {
     }
 
     fn send_down(&mut self, conn: usize, item: Down) {
+        // Crashes aimed where they hurt (FoundationDB's "buggify"): now and
+        // then, a node dies just after it answered a client, while what
+        // the answer promised may still be on its way down a chain.
+        if self.cfg.faults && self.now < self.cfg.fault_window && matches!(item, Down::Bytes(_)) {
+            self.sends += 1;
+            let v = draw(self.seed, 0xB066, self.sends);
+            if v % 700 == 0 {
+                let node = self.conns[conn].node;
+                self.cov.targeted_crashes += 1;
+                self.schedule_unordered(
+                    FAULTS | 2,
+                    within(v >> 16, 0, 3 * MS),
+                    Ev::Fault(Fault::Crash(node)),
+                );
+            }
+        }
         let s = down_stream(conn);
         let d = self.net_delay(s);
         self.schedule(s, d, Ev::Down { conn, item });
@@ -924,7 +954,10 @@ impl World {
         let n = &mut self.nodes[node];
         n.core.advance(now);
         n.core.calibrate_wall(now, wall);
-        let (connected, fx) = n.core.connect(&id, false, Some(EXPIRY), 16, gauge);
+        let receive_maximum = self.receive_maximum;
+        let (connected, fx) = n
+            .core
+            .connect(&id, false, Some(EXPIRY), receive_maximum, gauge);
         n.conns.insert(connected.conn, conn);
         self.conns[conn].core_conn = Some(connected.conn);
         let g = self.effects(node, fx);
@@ -1189,7 +1222,9 @@ impl World {
         self.nodes[node].log.number(Batch { entries, gate });
         let s = append_stream(node);
         let n = self.streams.get(&s).map_or(0, |s| s.1);
-        let d = within(draw(self.seed, s, n), 0, 1_500);
+        // Usually within 1.5 ms; in some seeds a thread can be slow to
+        // hand its batch on (preempted), for up to 20 ms.
+        let d = within(draw(self.seed, s, n), 0, self.append_within);
         let inc = self.nodes[node].inc;
         // Not FIFO with other appends: each is a thread of its own.
         self.schedule_unordered(s, d, Ev::Append { node, inc });
@@ -1329,19 +1364,15 @@ impl World {
                     holder,
                     changes,
                 } => {
-                    // `links`: a whole copy a node other than the holder
-                    // kept (a link snapshot) does not replace a copy of the
-                    // same or a newer epoch.
-                    let relayed = seq == 0
-                        && changes.first() == Some(&SessionChange::Ended)
-                        && self.nodes[from].name != holder;
-                    if relayed
-                        && self.nodes[to]
-                            .replicas
-                            .epoch(&client)
-                            .is_some_and(|e| e >= epoch)
-                    {
-                        continue;
+                    // `links`: a link snapshot's whole copy
+                    // (`replicas::keeps_snapshot_copy`).
+                    if seq == 0 && changes.first() == Some(&SessionChange::Ended) {
+                        let relayed = self.nodes[from].name != holder;
+                        let held = self.nodes[to].replicas.epoch(&client);
+                        let serving = self.nodes[to].core.has_session(&client);
+                        if !keeps_snapshot_copy(relayed, held, epoch, serving) {
+                            continue;
+                        }
                     }
                     // `replication::apply_replica`, then the answer.
                     let now = self.instant();

@@ -281,20 +281,14 @@ impl Cluster {
                 changes,
             } => {
                 let from = ReplyTo { id, generation };
-                // A whole copy a node other than the session's holder kept
-                // (sent in its link snapshot) may be older than the copy
-                // the holder itself gave this node: with the same epoch it
-                // must not replace that one (a stale copy promoted later
-                // would send a QoS 2 message again that was completed).
-                let relayed = seq == 0
-                    && changes.first() == Some(&SessionChange::Ended)
-                    && self.name_of(id).is_some_and(|n| n != holder);
-                if relayed
-                    && lock(&self.replicas)
-                        .epoch(&client)
-                        .is_some_and(|e| e >= epoch)
-                {
-                    return;
+                // A link snapshot's whole copy (`replicas::keeps_snapshot_copy`).
+                if seq == 0 && changes.first() == Some(&SessionChange::Ended) {
+                    let relayed = self.name_of(id).is_some_and(|n| n != holder);
+                    let held = lock(&self.replicas).epoch(&client);
+                    let serving = state.core().has_session(&client);
+                    if !crate::replicas::keeps_snapshot_copy(relayed, held, epoch, serving) {
+                        return;
+                    }
                 }
                 if let Some(h) = self.id_of(&holder) {
                     lock(&self.replicas).set_holder(&client, h);
