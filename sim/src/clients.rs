@@ -19,8 +19,8 @@ pub const FILTER: &str = "t/#";
 /// What a client asks its connection to do.
 #[derive(Debug)]
 pub enum Action {
-    /// Send this packet.
-    Send(Packet),
+    /// Send this packet (boxed: a PUBLISH is large, a SUBSCRIBE small).
+    Send(Box<Packet>),
     /// Subscribe to [`FILTER`] at QoS 2 (the shell's SUBSCRIBE: the
     /// simulation does not test the SUBSCRIBE codec, the fuzz targets do).
     Subscribe,
@@ -83,7 +83,7 @@ impl Publisher {
 
     /// The QoS of message `no` (drawn from the seed).
     pub fn qos_of(seed: u64, index: usize, no: u32) -> QoS {
-        if draw(seed, 0x9000 + index as u64, u64::from(no)) % 2 == 0 {
+        if draw(seed, 0x9000 + index as u64, u64::from(no)).is_multiple_of(2) {
             QoS::AtLeastOnce
         } else {
             QoS::ExactlyOnce
@@ -116,7 +116,7 @@ impl Publisher {
                 (true, Some(id)) => Packet::Pubrel(Ack::new(id)),
                 _ => self.publish(pid, o, true),
             };
-            out.push(Action::Send(p));
+            out.push(Action::Send(Box::new(p)));
         }
         if start {
             out.extend(self.fill());
@@ -147,7 +147,7 @@ impl Publisher {
             };
             self.next += 1;
             self.inflight.insert(pid, o);
-            out.push(Action::Send(self.publish(pid, o, false)));
+            out.push(Action::Send(Box::new(self.publish(pid, o, false))));
         }
         out
     }
@@ -176,7 +176,9 @@ impl Publisher {
                     Some(o) if o.qos == QoS::ExactlyOnce => {
                         o.released = true;
                         self.acked.insert(o.no);
-                        vec![Action::Send(Packet::Pubrel(Ack::new(a.packet_id)))]
+                        vec![Action::Send(Box::new(Packet::Pubrel(Ack::new(
+                            a.packet_id,
+                        ))))]
                     }
                     _ => Vec::new(),
                 }
@@ -264,11 +266,16 @@ impl Subscriber {
                 if fresh {
                     self.deliver(p, me, bad);
                 }
-                reply.map(Action::Send).into_iter().collect()
+                reply
+                    .map(|r| Action::Send(Box::new(r)))
+                    .into_iter()
+                    .collect()
             }
             Packet::Pubrel(a) => {
                 self.unreleased.remove(&a.packet_id.get());
-                vec![Action::Send(Packet::Pubcomp(Ack::new(a.packet_id)))]
+                vec![Action::Send(Box::new(Packet::Pubcomp(Ack::new(
+                    a.packet_id,
+                ))))]
             }
             _ => Vec::new(),
         }

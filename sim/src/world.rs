@@ -349,7 +349,7 @@ impl World {
             publishing: false,
             sends: 0,
             receive_maximum: u16::try_from(within(draw(seed, 0xA11, 0), 1, 16)).unwrap_or(16),
-            append_within: if draw(seed, 0xA11, 1) % 4 == 0 {
+            append_within: if draw(seed, 0xA11, 1).is_multiple_of(4) {
                 20 * MS
             } else {
                 1_500
@@ -499,7 +499,7 @@ impl World {
         let n = self.streams.get(&stream).map_or(0, |s| s.1);
         let v = draw(self.seed, stream, n);
         let mut d = within(v, 30, 400);
-        if self.cfg.faults && (v >> 32) % 50 == 0 {
+        if self.cfg.faults && (v >> 32).is_multiple_of(50) {
             d += within(v >> 8, 2 * MS, 40 * MS);
         }
         if self.now < self.slow_until {
@@ -863,7 +863,7 @@ impl World {
         if self.cfg.faults && self.now < self.cfg.fault_window && matches!(item, Down::Bytes(_)) {
             self.sends += 1;
             let v = draw(self.seed, 0xB066, self.sends);
-            if v % 700 == 0 {
+            if v.is_multiple_of(700) {
                 let node = self.conns[conn].node;
                 self.cov.targeted_crashes += 1;
                 self.schedule_unordered(
@@ -1115,10 +1115,7 @@ impl World {
         if self.conns[conn].state == ConnState::Closed {
             return;
         }
-        loop {
-            let Some((_, gates)) = self.conns[conn].waiting.front() else {
-                break;
-            };
+        while let Some((_, gates)) = self.conns[conn].waiting.front() {
             let states: Vec<GateState> = gates.iter().map(|g| self.gates[*g].state).collect();
             if states.contains(&GateState::Failed) {
                 // Not committed: the connection closes (conn.rs), its

@@ -36,7 +36,7 @@ fn run_seeds(
                     break;
                 }
                 let out = run(seed, cfg);
-                let mut r = results.lock().unwrap();
+                let mut r = results.lock().expect("no run panicked");
                 r.1.add(&out.coverage);
                 r.2 += 1;
                 if !out.ok() {
@@ -48,7 +48,7 @@ fn run_seeds(
             });
         }
     });
-    results.into_inner().unwrap()
+    results.into_inner().expect("no run panicked")
 }
 
 fn show(o: &Outcome) -> String {
@@ -62,28 +62,52 @@ fn show(o: &Outcome) -> String {
     )
 }
 
-/// Seeds that failed once, kept as regressions (each line says what it
-/// found; they run in every default test run).
-const REGRESSIONS: &[(u64, &str)] = &[
+/// Seeds that found a bug, kept as regressions. Each bug is a mutation
+/// too, so each seed is checked to fail with the bug put back and to pass
+/// without it: a change to the simulator that stops a seed from reaching
+/// its bug shows here, not silently.
+const REGRESSIONS: &[(u64, Mutation, &str)] = &[
     // A holder died between a node's restart and its view join: the
     // returning node, sent the session in its link snapshot but not the
     // changes after it, promoted a stale copy (QoS 2 duplicates, lost
     // messages). Fixed by `chain::targets`.
     (
         10,
-        "stale copy on a returning node: acknowledged messages lost",
+        Mutation::JoinerMissesChanges,
+        "stale copy on a returning node",
     ),
-    (49, "stale copy on a returning node: QoS 2 duplicates"),
-    (64, "stale copy on a returning node: a QoS 2 duplicate"),
-    (95, "stale copy on a returning node: QoS 2 duplicates"),
-    (232, "stale copy on a returning node: QoS 2 duplicates"),
+    (
+        28,
+        Mutation::JoinerMissesChanges,
+        "stale copy on a returning node",
+    ),
+    (
+        64,
+        Mutation::JoinerMissesChanges,
+        "stale copy on a returning node",
+    ),
+    // A peer relayed a node's own session back to it; the node's snapshot
+    // then sent that stale copy after the live one and replaced the fresh
+    // copy on the peer. Fixed by `replicas::keeps_snapshot_copy`.
+    (79, Mutation::SnapshotCopyOfLiveSession, "copy relayed back"),
+    (
+        266,
+        Mutation::SnapshotCopyOfLiveSession,
+        "copy relayed back",
+    ),
 ];
 
 #[test]
 fn regression_seeds_stay_fixed() {
-    for (seed, what) in REGRESSIONS {
-        let o = run(*seed, &Config::default());
+    for &(seed, bug, what) in REGRESSIONS {
+        let o = run(seed, &Config::default());
         assert!(o.ok(), "regression ({what}) is back: {}", show(&o));
+        let with_bug = Config {
+            mutation: Some(bug),
+            ..Config::default()
+        };
+        let o = run(seed, &with_bug);
+        assert!(!o.ok(), "seed {seed} no longer reaches {bug:?} ({what})");
     }
 }
 
@@ -164,6 +188,7 @@ fn mutation_report() {
         Mutation::PubrelBeforeCommit,
         Mutation::LogOutOfOrder,
         Mutation::JoinerMissesChanges,
+        Mutation::SnapshotCopyOfLiveSession,
     ] {
         all_failing(m);
     }
