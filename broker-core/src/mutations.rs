@@ -24,6 +24,10 @@ pub enum Mutation {
     /// copy relayed back that the simulator found; see
     /// `replicas::keeps_snapshot_copy`).
     SnapshotCopyOfLiveSession,
+    /// A relayed copy may be promoted at once, as a copy its holder
+    /// updated may (the stale relayed copy the simulator found; see
+    /// `Replicas::promotable`).
+    RelayedCopyPromotedAtOnce,
 }
 
 #[cfg(feature = "mutations")]

@@ -6,7 +6,7 @@
 //! and the simulator (`mqlb-sim`) drives the same code on simulated time.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::router::NodeId;
 use crate::session::{Session, SessionChange};
@@ -32,7 +32,19 @@ pub struct Replicas {
     /// session (see `Cluster::live_holder`). Set when a holder's frame
     /// names it, which may come before the copy's first change.
     holders: HashMap<String, NodeId>,
+    /// Copies that came relayed (a peer's link snapshot of a copy it keeps
+    /// for the holder) while their holder was live, and that the holder has
+    /// not updated since, with when they came: such a copy stops where the
+    /// peer's stood, and the peer may go on receiving the holder's changes
+    /// (see [`Replicas::promotable`]).
+    relayed: HashMap<String, Instant>,
 }
+
+/// How long a relayed copy waits before it may be promoted without a
+/// fresher one: a peer that keeps a copy the holder updated hands it over
+/// when the view drops the holder ([`Replicas::orphans`]); this bounds the
+/// wait if no such peer is left.
+pub const RELAYED_WAIT: Duration = Duration::from_secs(2);
 
 impl Replicas {
     /// Applies a holder's changes (made in `epoch`) to the copy of
@@ -49,6 +61,11 @@ impl Replicas {
         if s.epoch > epoch {
             return Applied::Refused;
         }
+        // Changes applied make the copy one its holder updated (a relayed
+        // whole copy is marked again by the caller after this).
+        if !self.relayed.is_empty() {
+            self.relayed.remove(client);
+        }
         for c in changes {
             if c == SessionChange::Ended {
                 *s = Session::default();
@@ -59,6 +76,7 @@ impl Replicas {
         if *s == Session::default() {
             self.copies.remove(client);
             self.holders.remove(client);
+            self.relayed.remove(client);
             return Applied::Gone;
         }
         Applied::Kept
@@ -68,6 +86,7 @@ impl Replicas {
     /// forgets its holder.
     pub fn take(&mut self, client: &str) -> Option<Session> {
         self.holders.remove(client);
+        self.relayed.remove(client);
         self.copies.remove(client)
     }
 
@@ -120,6 +139,65 @@ impl Replicas {
         self.copies.keys().cloned().collect()
     }
 
+    /// Notes where `client`'s copy last came from: relayed by a peer while
+    /// its holder was live (`Some(when)`), or from its holder, or relayed
+    /// once the holder had left (`None`: no fresher copy can come).
+    pub fn mark_relayed(&mut self, client: &str, since: Option<Instant>) {
+        match since {
+            Some(t) if self.copies.contains_key(client) => {
+                self.relayed.insert(client.to_string(), t);
+            }
+            _ => {
+                self.relayed.remove(client);
+            }
+        }
+    }
+
+    /// Whether `client`'s copy is a relayed one still waiting for a
+    /// fresher copy.
+    pub fn is_relayed(&self, client: &str) -> bool {
+        self.relayed.contains_key(client)
+    }
+
+    /// Whether `client`'s copy may become the live session at `now`: it
+    /// came from its holder (or after the holder left), or it came relayed
+    /// [`RELAYED_WAIT`] ago and nothing fresher came since. A relayed copy
+    /// promoted at once could be older than the copy the relaying peer
+    /// still keeps and updates: its owner would send completed QoS 2
+    /// messages again and lose acknowledged ones (found by the simulator).
+    pub fn promotable(&self, client: &str, now: Instant) -> bool {
+        if crate::mutations::on(crate::mutations::Mutation::RelayedCopyPromotedAtOnce) {
+            return self.copies.contains_key(client);
+        }
+        self.copies.contains_key(client)
+            && self
+                .relayed
+                .get(client)
+                .is_none_or(|t| now.saturating_duration_since(*t) >= RELAYED_WAIT)
+    }
+
+    /// The copies this node's holders updated (not relayed ones) whose
+    /// holder `live` says is gone, as snapshots at `now` with their
+    /// holders: handed to each session's new owner when the view drops the
+    /// holder, so that the owner promotes the freshest copy.
+    pub fn orphans(
+        &self,
+        live: impl Fn(NodeId) -> bool,
+        now: Instant,
+    ) -> Vec<(String, SessionSnapshot, NodeId)> {
+        let mut out: Vec<(String, SessionSnapshot, NodeId)> = self
+            .copies
+            .iter()
+            .filter(|(c, _)| !self.relayed.contains_key(*c))
+            .filter_map(|(c, s)| {
+                let h = *self.holders.get(c)?;
+                (!live(h)).then(|| (c.clone(), crate::core::snapshot_of(s, now), h))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// The copies `wanted` selects, as snapshots at `now`, with their
     /// holders.
     pub fn snapshots(
@@ -143,21 +221,47 @@ impl Replicas {
 
 /// Whether a node keeps the whole copy of a session a peer's link snapshot
 /// sent it. `relayed`: the peer is not the session's holder (it sends a
-/// copy it keeps for another); `held`: the epoch of the copy this node has,
-/// if any; `serving`: this node serves the session live.
+/// copy it keeps for another); `held`: the copy this node has, if any: its
+/// epoch, and whether it came relayed too; `serving`: this node serves the
+/// session live.
 ///
 /// A relayed copy may be older than the one the holder itself gave this
-/// node: with the same epoch it must not replace it (a stale copy promoted
-/// later would send a QoS 2 message again that was completed). And a copy
-/// of a session served here is a peer relaying back what it was given:
-/// kept, it would go out in this node's own snapshots after the live
+/// node: with the same epoch it does not replace it (a stale copy promoted
+/// later would send a QoS 2 message again that was completed). It does
+/// replace a relayed copy of the same epoch: the later one was taken later.
+/// And a copy of a session served here is a peer relaying back what it was
+/// given: kept, it would go out in this node's own snapshots after the live
 /// session, naming this node as holder, and replace the fresh copy there
 /// (found by the simulator).
-pub fn keeps_snapshot_copy(relayed: bool, held: Option<u64>, epoch: u64, serving: bool) -> bool {
+pub fn keeps_snapshot_copy(
+    relayed: bool,
+    held: Option<(u64, bool)>,
+    epoch: u64,
+    serving: bool,
+) -> bool {
     if serving && !crate::mutations::on(crate::mutations::Mutation::SnapshotCopyOfLiveSession) {
         return false;
     }
-    !(relayed && held.is_some_and(|e| e >= epoch))
+    match (relayed, held) {
+        (false, _) | (true, None) => true,
+        (true, Some((e, true))) => e <= epoch,
+        (true, Some((e, false))) => e < epoch,
+    }
+}
+
+/// The filters a whole copy's session holds. A node given a copy relayed
+/// (not by its holder) notes them as the holder's interest: it may never
+/// have linked with the holder (it returned just before the holder died),
+/// and a publish it routes for the copy's session before promoting it must
+/// be held for the takeover, not routed to nobody (found by the simulator).
+pub fn filters_of(changes: &[SessionChange]) -> Vec<String> {
+    changes
+        .iter()
+        .filter_map(|c| match c {
+            SessionChange::Subscribed { filter, .. } => Some(filter.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The changes that make a copy of a session equal to `snap`, whatever the

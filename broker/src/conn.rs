@@ -443,15 +443,21 @@ async fn place(
                 return Placed::NotReady;
             }
         } else {
-            let Some(target) = relay_target(connect, state, cluster, relayed_by) else {
-                return Placed::Here;
-            };
-            if cluster.hears(&target) {
-                let left = deadline.saturating_duration_since(now);
-                let dial = cluster.dial_client(&target, identity.clone());
-                if let Ok(Ok(up)) = tokio::time::timeout(left.min(RELAY_DIAL), dial).await {
-                    return Placed::Relay(target, up);
+            let target = relay_target(connect, state, cluster, relayed_by);
+            match &target {
+                // Served here, unless the copy to promote is a relayed one
+                // a fresher copy may still replace (`Replicas::promotable`).
+                None if !cluster.copy_settling(connect.client_id.as_str()) => {
+                    return Placed::Here;
                 }
+                Some(target) if cluster.hears(target) => {
+                    let left = deadline.saturating_duration_since(now);
+                    let dial = cluster.dial_client(target, identity.clone());
+                    if let Ok(Ok(up)) = tokio::time::timeout(left.min(RELAY_DIAL), dial).await {
+                        return Placed::Relay(target.clone(), up);
+                    }
+                }
+                None | Some(_) => {}
             }
             if tokio::time::Instant::now() >= deadline {
                 return Placed::Moving;
@@ -459,7 +465,7 @@ async fn place(
             if !held {
                 held = true;
                 cluster.stats.held_connects.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(client_id = %connect.client_id, holder = %target, "session moving: CONNECT held");
+                tracing::debug!(client_id = %connect.client_id, holder = ?target, "session moving: CONNECT held");
             }
         }
         tokio::time::sleep(crate::cluster::TICK).await;

@@ -97,6 +97,18 @@ pub struct Coverage {
     pub relays: u64,
     pub sessions_rechained: u64,
     pub link_snapshots: u64,
+    /// Copies that came relayed while their holder was live.
+    pub relayed_copies: u64,
+    /// Copies handed to a new owner when the view dropped their holder.
+    pub orphans_handed: u64,
+    /// Clients held while the copy to promote was a relayed one.
+    pub connects_held: u64,
+    /// Publishes held for a lost node's sessions.
+    pub held_publishes: u64,
+    /// Held publishes routed again.
+    pub reforwards: u64,
+    pub forwards_refused: u64,
+    pub promoted_words: u64,
     pub client_drops: u64,
     pub stalls: u64,
     pub clock_steps: u64,
@@ -136,6 +148,13 @@ impl Coverage {
             relays,
             sessions_rechained,
             link_snapshots,
+            relayed_copies,
+            orphans_handed,
+            connects_held,
+            held_publishes,
+            reforwards,
+            forwards_refused,
+            promoted_words,
             client_drops,
             stalls,
             clock_steps,
@@ -206,6 +225,7 @@ pub fn mutation_named(name: &str) -> Option<Mutation> {
         "LogOutOfOrder" => Some(Mutation::LogOutOfOrder),
         "JoinerMissesChanges" => Some(Mutation::JoinerMissesChanges),
         "SnapshotCopyOfLiveSession" => Some(Mutation::SnapshotCopyOfLiveSession),
+        "RelayedCopyPromotedAtOnce" => Some(Mutation::RelayedCopyPromotedAtOnce),
         _ => None,
     }
 }

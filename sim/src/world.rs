@@ -31,11 +31,11 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use mqlb_broker::cluster::wire::Frame;
 use mqlb_broker_core::core::{snapshot_of, Core};
-use mqlb_broker_core::effects::{ChangeRecord, Effects, LogEntry};
+use mqlb_broker_core::effects::{ChangeRecord, Effects, LogEntry, Route};
 use mqlb_broker_core::log::Sequencer;
 use mqlb_broker_core::message::{Message, Sub};
 use mqlb_broker_core::outbox::{Closing, Encoder, Outbox, Outgoing};
-use mqlb_broker_core::replicas::{keeps_snapshot_copy, whole, Replicas};
+use mqlb_broker_core::replicas::{filters_of, keeps_snapshot_copy, whole, Replicas, RELAYED_WAIT};
 use mqlb_broker_core::session::{InflightState, SessionChange};
 use mqlb_protocol::{decode, Ack, Packet, PacketType, ProtocolVersion, QoS, SubscriptionOptions};
 
@@ -52,7 +52,7 @@ type Time = u64;
 const MS: Time = 1_000;
 const SECOND: Time = 1_000_000;
 /// A run that is not over by then is stuck.
-const TIME_LIMIT: Time = 180 * SECOND;
+const TIME_LIMIT: Time = 60 * SECOND;
 /// A run that handles more events than this is running away.
 const EVENT_LIMIT: u64 = 2_000_000;
 /// Bounds whose crossing is a violation (an unbounded queue).
@@ -134,6 +134,16 @@ enum Ev {
         join: bool,
         inc: u64,
     },
+    /// `promote_owned` on `node`'s tick.
+    PromoteCheck {
+        node: usize,
+        inc: u64,
+    },
+    /// A node's cluster tick (`Cluster::on_tick`): promotions, its word
+    /// that it promoted, held publishes, peers forgotten.
+    NodeTick {
+        node: usize,
+    },
     /// `from`'s link to `to` (re)opens: `from` sends its snapshot.
     LinkOpen {
         from: usize,
@@ -192,13 +202,59 @@ struct Node {
     covers: BTreeMap<usize, u64>,
     /// Peers whose snapshot this node has had since it started.
     synced: BTreeSet<usize>,
+    /// Publishes forwarded and not yet answered, by sequence number.
+    forwards: BTreeMap<u64, Fwd>,
+    /// Publishes held for a lost node's sessions (`hold_for_takeover`).
+    held: Vec<HeldPublish>,
+    /// The view number this node has said it promoted its copies for.
+    promoted_for: u64,
+    /// Each peer's word on the view it promoted its copies for.
+    promoted: BTreeMap<usize, u64>,
+    /// When this node first had each forwarded message (`first_had`).
+    first_had: BTreeMap<u64, Instant>,
+}
+
+/// A publish forwarded to a peer, waiting for its answer.
+#[derive(Debug)]
+struct Fwd {
+    to: usize,
+    message: Message,
+    groups: Vec<Arc<str>>,
+    gate: usize,
+}
+
+/// A publish held until the sessions of a lost node have moved.
+#[derive(Debug)]
+struct HeldPublish {
+    message: Message,
+    groups: Vec<Arc<str>>,
+    /// Peers that refused it (they stepped down).
+    exclude: Vec<usize>,
+    refused: bool,
+    since: Time,
+    gate: usize,
+}
+
+/// What to do once every gate of a join is done.
+#[derive(Debug)]
+enum Then {
+    /// Resolve this gate (a held publish routed again).
+    Resolve(usize),
+    /// Answer a forwarded publish: its copies here are committed.
+    Ack {
+        node: usize,
+        inc: u64,
+        to: usize,
+        to_inc: u64,
+        seq: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ConnState {
     Opening,
     /// Attached; the CONNACK waits for the attach's commit.
-    Attaching(Option<usize>),
+    Attaching,
     Open,
     Closed,
 }
@@ -243,6 +299,10 @@ pub struct World {
     conns: Vec<Conn>,
     clients: Vec<Client>,
     gates: Vec<Gate>,
+    /// Gates that wait for others, and what then.
+    joins: Vec<(Vec<usize>, Then)>,
+    /// The committed view's number.
+    view_number: u64,
     dirty: BTreeSet<usize>,
     publishing: bool,
     /// Answers sent to clients so far (the targeted crashes' draw).
@@ -281,6 +341,13 @@ fn wake_stream(client: usize) -> u64 {
 fn tick_stream(client: usize) -> u64 {
     (7 << 32) | client as u64
 }
+fn node_tick_stream(node: usize) -> u64 {
+    (8 << 32) | node as u64
+}
+/// The cluster's tick (`consensus::TICK`-like).
+const TICK: Time = 50 * MS;
+/// `cluster::TAKEOVER_WITHIN`.
+const TAKEOVER_WITHIN: Time = 6 * SECOND;
 const FAULTS: u64 = 4 << 32;
 const DEADLINES: u64 = 5 << 32;
 const VIEWS: u64 = 6 << 32;
@@ -330,6 +397,11 @@ impl World {
                 covers: BTreeMap::new(),
                 // The cluster starts synced (every node starts empty).
                 synced: (0..cfg.nodes).filter(|&p| p != n).collect(),
+                forwards: BTreeMap::new(),
+                held: Vec::new(),
+                promoted_for: 0,
+                promoted: BTreeMap::new(),
+                first_had: BTreeMap::new(),
             })
             .collect::<Vec<_>>();
         let mut w = World {
@@ -345,6 +417,8 @@ impl World {
             conns: Vec::new(),
             clients: Vec::new(),
             gates: Vec::new(),
+            joins: Vec::new(),
+            view_number: 1,
             dirty: BTreeSet::new(),
             publishing: false,
             sends: 0,
@@ -382,6 +456,12 @@ impl World {
             w.schedule(wake_stream(c), d, Ev::Wake { client: c });
         }
         w.schedule_faults();
+        w.update_reachable();
+        for n in 0..w.nodes.len() {
+            let s = node_tick_stream(n);
+            let d = within(draw(seed, s, 0), 0, TICK);
+            w.schedule(s, d, Ev::NodeTick { node: n });
+        }
         w
     }
 
@@ -675,6 +755,12 @@ impl World {
                 to,
                 to_inc,
             } => self.link_open(from, from_inc, to, to_inc),
+            Ev::NodeTick { node } => self.node_tick(node),
+            Ev::PromoteCheck { node, inc } => {
+                if self.nodes[node].up && self.nodes[node].inc == inc {
+                    self.promote_owned(node);
+                }
+            }
             Ev::View { node, join, inc } => {
                 if join {
                     if !self.nodes[node].up || self.nodes[node].inc != inc {
@@ -946,6 +1032,14 @@ impl World {
         }
         if !self.nodes[node].core.has_session(&id) && self.nodes[node].replicas.epoch(&id).is_some()
         {
+            if !self.nodes[node].replicas.promotable(&id, self.instant()) {
+                // `copy_settling`: held (here: refused; the client comes
+                // back) until a fresher copy comes or the wait is over.
+                self.cov.connects_held += 1;
+                self.conns[conn].state = ConnState::Closed;
+                self.send_down(conn, Down::Closed);
+                return;
+            }
             self.promote(node, &id);
         }
         let now = self.instant();
@@ -961,7 +1055,7 @@ impl World {
         n.conns.insert(connected.conn, conn);
         self.conns[conn].core_conn = Some(connected.conn);
         let g = self.effects(node, fx);
-        self.conns[conn].state = ConnState::Attaching(g);
+        self.conns[conn].state = ConnState::Attaching;
         // The CONNACK goes when the attach is committed (conn.rs: start).
         self.conns[conn].waiting.push_front((
             vec![Down::Connack {
@@ -1164,7 +1258,7 @@ impl World {
         &mut self,
         node: usize,
         f: impl FnOnce(&mut Core) -> (T, Effects),
-    ) -> (T, Option<usize>) {
+    ) -> (T, Vec<usize>) {
         let now = self.instant();
         let wall = self.wall();
         let n = &mut self.nodes[node];
@@ -1177,7 +1271,7 @@ impl World {
 
     /// The records numbered into the log, the items into their mailboxes
     /// (a QoS 2 delivery held until its batch commits: `effects::finish`).
-    fn effects(&mut self, node: usize, mut fx: Effects) -> Option<usize> {
+    fn effects(&mut self, node: usize, mut fx: Effects) -> Vec<usize> {
         let sends = fx.take_sends();
         let records = fx.take_records();
         let gate = self.sequence(node, records);
@@ -1199,8 +1293,95 @@ impl World {
             self.dirty.insert(conn);
         }
         let parts = fx.into_parts();
-        self.cov.forwards += parts.forwards.len() as u64;
+        let mut gates: Vec<usize> = gate.into_iter().collect();
+        // Publishes for peers (`effects::finish`, then the fabric): the
+        // publisher's answer waits for each peer's commit.
+        for f in parts.forwards {
+            self.cov.forwards += 1;
+            let g = self.new_gate();
+            gates.push(g);
+            let to = f.node as usize;
+            match f.route {
+                Route::First | Route::Again => {
+                    let again = matches!(f.route, Route::Again);
+                    self.forward(node, to, f.message, f.groups, again, g);
+                }
+                Route::Held => self.hold(node, f.message, f.groups, Vec::new(), false, g),
+            }
+        }
+        gates
+    }
+
+    /// A gate with the commit deadline.
+    fn new_gate(&mut self) -> usize {
+        let gate = self.gates.len();
+        self.gates.push(Gate {
+            state: GateState::Pending,
+            flag: Arc::new(AtomicBool::new(false)),
+            held: Vec::new(),
+        });
+        self.schedule(
+            DEADLINES,
+            mqlb_broker::effects::COMMIT_DEADLINE.as_micros() as Time,
+            Ev::Deadline { gate },
+        );
         gate
+    }
+
+    /// `Fabric::forward`: to a linked peer, answered when its copies are
+    /// committed; held for the takeover if the peer is gone.
+    fn forward(
+        &mut self,
+        from: usize,
+        to: usize,
+        message: Message,
+        groups: Vec<Arc<str>>,
+        again: bool,
+        gate: usize,
+    ) {
+        if !self.nodes[to].up {
+            return self.hold(from, message, groups, vec![to], false, gate);
+        }
+        let seq = self.nodes[from].next_rep;
+        self.nodes[from].next_rep += 1;
+        let frame = Frame::Forward {
+            seq,
+            message: message.clone(),
+            groups: groups.clone(),
+            again,
+        };
+        self.nodes[from].forwards.insert(
+            seq,
+            Fwd {
+                to,
+                message,
+                groups,
+                gate,
+            },
+        );
+        self.send_frame(from, to, &frame);
+    }
+
+    /// `hold_for_takeover`: kept until the lost node's sessions have moved.
+    fn hold(
+        &mut self,
+        node: usize,
+        message: Message,
+        groups: Vec<Arc<str>>,
+        exclude: Vec<usize>,
+        refused: bool,
+        gate: usize,
+    ) {
+        self.cov.held_publishes += 1;
+        let since = self.now;
+        self.nodes[node].held.push(HeldPublish {
+            message,
+            groups,
+            exclude,
+            refused,
+            since,
+            gate,
+        });
     }
 
     /// Numbers a batch (under the core's lock, in the broker) and hands it
@@ -1210,12 +1391,7 @@ impl World {
         if entries.is_empty() {
             return None;
         }
-        let gate = self.gates.len();
-        self.gates.push(Gate {
-            state: GateState::Pending,
-            flag: Arc::new(AtomicBool::new(false)),
-            held: Vec::new(),
-        });
+        let gate = self.new_gate();
         self.nodes[node].log.number(Batch { entries, gate });
         let s = append_stream(node);
         let n = self.streams.get(&s).map_or(0, |s| s.1);
@@ -1225,11 +1401,6 @@ impl World {
         let inc = self.nodes[node].inc;
         // Not FIFO with other appends: each is a thread of its own.
         self.schedule_unordered(s, d, Ev::Append { node, inc });
-        self.schedule(
-            DEADLINES,
-            mqlb_broker::effects::COMMIT_DEADLINE.as_micros() as Time,
-            Ev::Deadline { gate },
-        );
         Some(gate)
     }
 
@@ -1256,14 +1427,27 @@ impl World {
     /// `replication::send_down_chains`: each session's records to the
     /// other members of its chain; committed once each has answered.
     fn send_down_chains(&mut self, node: usize, log_seq: u64, b: Batch) {
-        let records: Vec<ChangeRecord> = b
-            .entries
-            .into_iter()
-            .filter_map(|e| match e {
-                LogEntry::Session(r) => Some(r),
-                _ => None,
-            })
-            .collect();
+        let mut records: Vec<ChangeRecord> = Vec::new();
+        for e in b.entries {
+            match e {
+                LogEntry::Session(r) => records.push(r),
+                // `broadcast_after`: to every peer whose link snapshot did
+                // not hold it, while this node serves.
+                LogEntry::Interest { filter, gained } if self.view.contains(&node) => {
+                    let frame = Frame::Interest { filter, gained };
+                    for p in 0..self.nodes.len() {
+                        let covered = self.nodes[node]
+                            .covers
+                            .get(&p)
+                            .is_some_and(|&c| log_seq <= c);
+                        if p != node && self.nodes[p].up && !covered {
+                            self.send_frame(node, p, &frame);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
         let rep = self.nodes[node].next_rep;
         self.nodes[node].next_rep += 1;
         let mut left: BTreeMap<usize, usize> = BTreeMap::new();
@@ -1363,28 +1547,59 @@ impl World {
                 } => {
                     // `links`: a link snapshot's whole copy
                     // (`replicas::keeps_snapshot_copy`).
-                    if seq == 0 && changes.first() == Some(&SessionChange::Ended) {
-                        let relayed = self.nodes[from].name != holder;
-                        let held = self.nodes[to].replicas.epoch(&client);
-                        let serving = self.nodes[to].core.has_session(&client);
-                        if !keeps_snapshot_copy(relayed, held, epoch, serving) {
-                            continue;
-                        }
+                    let from_holder = self.nodes[from].name == holder;
+                    let whole = seq == 0 && changes.first() == Some(&SessionChange::Ended);
+                    let r = &self.nodes[to].replicas;
+                    let held = r.epoch(&client).map(|e| (e, r.is_relayed(&client)));
+                    let serving = self.nodes[to].core.has_session(&client);
+                    if whole && !from_holder && !keeps_snapshot_copy(true, held, epoch, serving) {
+                        continue;
                     }
                     // `replication::apply_replica`, then the answer.
                     let now = self.instant();
-                    let holder = self.nodes.iter().position(|n| n.name == holder);
+                    let holder = self.index_of(&holder);
+                    let relayed_since =
+                        (whole && !from_holder && holder.is_some_and(|h| self.view.contains(&h)))
+                            .then_some(now);
+                    let inc = self.nodes[to].inc;
+                    let interest = (whole && !from_holder)
+                        .then(|| filters_of(&changes))
+                        .zip(holder);
                     let n = &mut self.nodes[to];
+                    if let Some((filters, h)) = interest {
+                        let h = u32::try_from(h).unwrap_or(u32::MAX);
+                        for f in filters {
+                            n.core.peer_interest(h, &f, true);
+                        }
+                    }
                     if let Some(h) = holder {
                         n.replicas
                             .set_holder(&client, u32::try_from(h).unwrap_or(u32::MAX));
                     }
                     n.replicas.apply(&client, epoch, changes, now);
+                    if whole && !from_holder {
+                        n.replicas.mark_relayed(&client, relayed_since);
+                    }
+                    if relayed_since.is_some() {
+                        // `promote_owned` runs every tick in the broker:
+                        // look again once the wait is over.
+                        self.cov.relayed_copies += 1;
+                        let wait = RELAYED_WAIT.as_micros() as Time + MS;
+                        self.schedule_unordered(
+                            VIEWS | 1,
+                            wait,
+                            Ev::PromoteCheck { node: to, inc },
+                        );
+                    }
                     if self.nodes[from].up && self.nodes[from].inc == from_inc {
                         self.send_frame(to, from, &Frame::Ack { seq });
                     }
                 }
                 Frame::Ack { seq } => {
+                    if let Some(f) = self.nodes[to].forwards.remove(&seq) {
+                        self.resolve(f.gate, GateState::Done);
+                        continue;
+                    }
                     let n = &mut self.nodes[to];
                     let Some(w) = n.waits.get_mut(&seq) else {
                         continue;
@@ -1403,6 +1618,30 @@ impl World {
                 }
                 Frame::SyncDone => {
                     self.nodes[to].synced.insert(from);
+                }
+                Frame::Interest { filter, gained } => {
+                    let peer = u32::try_from(from).unwrap_or(u32::MAX);
+                    self.nodes[to].core.peer_interest(peer, &filter, gained);
+                }
+                Frame::Reset => {
+                    let peer = u32::try_from(from).unwrap_or(u32::MAX);
+                    self.nodes[to].core.forget_peer(peer);
+                }
+                Frame::Promoted { view } => {
+                    let v = self.nodes[to].promoted.entry(from).or_insert(0);
+                    *v = (*v).max(view);
+                }
+                Frame::Forward {
+                    seq,
+                    message,
+                    groups,
+                    again,
+                } => self.forwarded(from, from_inc, to, seq, message, groups, again),
+                Frame::Refused { seq } => {
+                    if let Some(f) = self.nodes[to].forwards.remove(&seq) {
+                        self.cov.forwards_refused += 1;
+                        self.hold(to, f.message, f.groups, vec![from], true, f.gate);
+                    }
                 }
                 other => self.bad.push(format!("unexpected frame {other:?}")),
             }
@@ -1433,6 +1672,189 @@ impl World {
                 self.dirty.insert(conn);
             }
         }
+        self.check_joins();
+    }
+
+    /// A peer's forwarded publish (`links`, `Frame::Forward`): refused
+    /// unless this node serves; answered once its copies are committed.
+    #[allow(clippy::too_many_arguments)]
+    fn forwarded(
+        &mut self,
+        from: usize,
+        from_inc: u64,
+        to: usize,
+        seq: u64,
+        message: Message,
+        groups: Vec<Arc<str>>,
+        again: bool,
+    ) {
+        if !(self.nodes[to].up && self.view.contains(&to)) {
+            self.send_frame(to, from, &Frame::Refused { seq });
+            return;
+        }
+        let now = self.instant();
+        let print =
+            (message.qos != QoS::AtMostOnce).then(|| mqlb_broker_core::core::fingerprint(&message));
+        let first = print.and_then(|p| match self.nodes[to].first_had.entry(p) {
+            std::collections::btree_map::Entry::Occupied(e) => Some(*e.get()),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(now);
+                None
+            }
+        });
+        let (_, gates) = self.call(to, |core| {
+            let fx = if again {
+                core.route_again_from_peer(message, &groups, first)
+            } else {
+                core.route_from_peer(message, &groups)
+            };
+            ((), fx)
+        });
+        let then = Then::Ack {
+            node: to,
+            inc: self.nodes[to].inc,
+            to: from,
+            to_inc: from_inc,
+            seq,
+        };
+        self.join(gates, then);
+    }
+
+    /// Runs `then` once every one of `gates` is done (at once if none).
+    fn join(&mut self, gates: Vec<usize>, then: Then) {
+        self.joins.push((gates, then));
+        self.check_joins();
+    }
+
+    fn check_joins(&mut self) {
+        loop {
+            let ready = self.joins.iter().position(|(gs, _)| {
+                gs.iter()
+                    .all(|g| self.gates[*g].state != GateState::Pending)
+            });
+            let Some(i) = ready else {
+                return;
+            };
+            let (gs, then) = self.joins.swap_remove(i);
+            let ok = gs.iter().all(|g| self.gates[*g].state == GateState::Done);
+            match then {
+                Then::Resolve(g) => {
+                    let state = if ok {
+                        GateState::Done
+                    } else {
+                        GateState::Failed
+                    };
+                    self.resolve(g, state);
+                }
+                Then::Ack {
+                    node,
+                    inc,
+                    to,
+                    to_inc,
+                    seq,
+                } => {
+                    let alive = |w: &World, n: usize, i: u64| w.nodes[n].up && w.nodes[n].inc == i;
+                    if ok && alive(self, node, inc) && alive(self, to, to_inc) {
+                        self.send_frame(node, to, &Frame::Ack { seq });
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Cluster::on_tick` for `n`: owned copies promoted (and the word
+    /// that they are), held publishes routed again once the takeover is
+    /// done, lost peers' interest forgotten.
+    fn node_tick(&mut self, n: usize) {
+        if self.nodes[n].up {
+            self.promote_owned(n);
+            self.release_held(n);
+            if self.takeover_done(n) {
+                for p in 0..self.nodes.len() {
+                    if p != n && !self.view.contains(&p) && !self.nodes[p].up {
+                        let peer = u32::try_from(p).unwrap_or(u32::MAX);
+                        self.nodes[n].core.forget_peer(peer);
+                    }
+                }
+            }
+        }
+        let done = self.now > self.cfg.fault_window
+            && self.clients.iter().all(|c| match &c.role {
+                Role::Publisher(p) => p.done(),
+                Role::Subscriber(_) => true,
+            });
+        if !done {
+            let s = node_tick_stream(n);
+            self.schedule(s, TICK, Ev::NodeTick { node: n });
+        }
+    }
+
+    /// `takeover_done`: every view member reachable, and every one (this
+    /// node too) has said it promoted its copies for this view.
+    fn takeover_done(&self, n: usize) -> bool {
+        let v = self.view_number;
+        self.view.iter().all(|&m| self.nodes[m].up)
+            && self.nodes[n].promoted_for >= v
+            && self
+                .view
+                .iter()
+                .all(|&m| m == n || self.nodes[n].promoted.get(&m).is_some_and(|p| *p >= v))
+    }
+
+    /// `hold_for_takeover`'s wait, then `Core::reforward`.
+    fn release_held(&mut self, n: usize) {
+        let held = std::mem::take(&mut self.nodes[n].held);
+        let mut keep = Vec::new();
+        for h in held {
+            let unsettled = self.view.iter().any(|&m| !self.nodes[m].up)
+                || (h.refused && h.exclude.iter().any(|r| self.view.contains(r)));
+            let waited = self.now >= h.since + TAKEOVER_WITHIN;
+            if (unsettled || !self.takeover_done(n)) && !waited {
+                keep.push(h);
+                continue;
+            }
+            self.cov.reforwards += 1;
+            let alive: Vec<u32> = self
+                .view
+                .iter()
+                .filter(|&&m| m != n && self.nodes[m].up)
+                .filter_map(|&m| u32::try_from(m).ok())
+                .collect();
+            let mut exclude: Vec<u32> = h
+                .exclude
+                .iter()
+                .filter_map(|&m| u32::try_from(m).ok())
+                .collect();
+            exclude.extend(
+                (0..self.nodes.len())
+                    .filter(|m| !self.view.contains(m))
+                    .filter_map(|m| u32::try_from(m).ok()),
+            );
+            let (_, gates) = self.call(n, |core| {
+                ((), core.reforward(h.message, h.groups, &alive, &exclude))
+            });
+            self.join(gates, Then::Resolve(h.gate));
+        }
+        // Held again meanwhile (by the reforward) go behind.
+        keep.append(&mut self.nodes[n].held);
+        self.nodes[n].held = keep;
+    }
+
+    /// `Core::set_reachable` on every live node: the peers it links to
+    /// that the view counts.
+    fn update_reachable(&mut self) {
+        for n in 0..self.nodes.len() {
+            if !self.nodes[n].up {
+                continue;
+            }
+            let peers: Vec<u32> = self
+                .view
+                .iter()
+                .filter(|&&m| m != n && self.nodes[m].up)
+                .filter_map(|&m| u32::try_from(m).ok())
+                .collect();
+            self.nodes[n].core.set_reachable(peers);
+        }
     }
 
     // ---- the cluster (view, promotion, re-chaining) ----------------------
@@ -1462,33 +1884,44 @@ impl World {
     /// every session goes whole to its chain (`rechain`).
     fn after_view(&mut self, gone: Option<usize>) {
         self.cov.view_changes += 1;
+        self.view_number += 1;
+        self.update_reachable();
         if let Some(g) = gone {
-            for n in 0..self.nodes.len() {
-                let mut done = Vec::new();
-                for (seq, w) in self.nodes[n].waits.iter_mut() {
-                    if w.left.remove(&g).is_some() && w.left.is_empty() {
-                        done.push(*seq);
-                    }
-                }
-                for seq in done {
-                    if let Some(w) = self.nodes[n].waits.remove(&seq) {
-                        self.cov.commits_by_loss += 1;
-                        self.resolve(w.gate, GateState::Done);
-                    }
-                }
-            }
+            // Dropped from the view: waited for no more either.
+            self.links_lost(g);
         }
         let members: Vec<usize> = self.view.iter().copied().collect();
         for &n in &members {
-            if !self.ready(n) {
+            self.promote_owned(n);
+        }
+        // `hand_orphans_to_owners`: copies whose holder the view dropped go
+        // whole to each session's new owner.
+        let now = self.instant();
+        for &n in &members {
+            if !self.nodes[n].up {
                 continue;
             }
-            let mut copies = self.nodes[n].replicas.clients();
-            copies.sort();
-            for c in copies {
-                if self.owner(&c) == Some(n) && self.live_holder(n, &c).is_none() {
-                    self.promote(n, &c);
-                }
+            let view = &self.view;
+            let orphans = self.nodes[n]
+                .replicas
+                .orphans(|h| view.contains(&(h as usize)), now);
+            for (client, snap, holder) in orphans {
+                let Some(owner) = self.owner(&client).filter(|&o| o != n) else {
+                    continue;
+                };
+                let frame = Frame::Replicate {
+                    seq: 0,
+                    client,
+                    epoch: snap.epoch,
+                    holder: self
+                        .nodes
+                        .get(holder as usize)
+                        .map(|h| h.name.clone())
+                        .unwrap_or_default(),
+                    changes: whole(snap, now),
+                };
+                self.cov.orphans_handed += 1;
+                self.send_frame(n, owner, &frame);
             }
         }
         for &n in &members {
@@ -1515,6 +1948,83 @@ impl World {
                 }
             }
             self.sequence(n, records);
+        }
+    }
+
+    /// `promote_owned`: the copies `n` owns whose holder the view does not
+    /// count, once `n` is ready and each copy may be promoted.
+    fn promote_owned(&mut self, n: usize) {
+        if !self.ready(n) {
+            return;
+        }
+        let now = self.instant();
+        let mut copies = self.nodes[n].replicas.clients();
+        copies.sort();
+        for c in copies {
+            if self.owner(&c) == Some(n)
+                && self.live_holder(n, &c).is_none()
+                && self.nodes[n].replicas.promotable(&c, now)
+            {
+                self.promote(n, &c);
+            }
+        }
+        // Its word that every copy it owns in this view is a session now
+        // (not while a relayed one still waits: `owns_settling_copies`).
+        let v = self.view_number;
+        if v > self.nodes[n].promoted_for && !self.owns_settling_copies(n) {
+            self.nodes[n].promoted_for = v;
+            self.cov.promoted_words += 1;
+            for p in 0..self.nodes.len() {
+                if p != n && self.nodes[p].up {
+                    self.send_frame(n, p, &Frame::Promoted { view: v });
+                }
+            }
+        }
+    }
+
+    /// `owns_settling_copies`.
+    fn owns_settling_copies(&self, n: usize) -> bool {
+        let now = self.instant();
+        let r = &self.nodes[n].replicas;
+        r.clients().iter().any(|c| {
+            r.is_relayed(c)
+                && !r.promotable(c, now)
+                && self.owner(c) == Some(n)
+                && self.live_holder(n, c).is_none()
+        })
+    }
+
+    /// The links to `g` are gone (it died): what waited for its answer
+    /// waits no more (`release_waits`): a chain wait counts it lost, a
+    /// forward is held for the takeover.
+    fn links_lost(&mut self, g: usize) {
+        for n in 0..self.nodes.len() {
+            if n == g {
+                continue;
+            }
+            let mut done = Vec::new();
+            for (seq, w) in self.nodes[n].waits.iter_mut() {
+                if w.left.remove(&g).is_some() && w.left.is_empty() {
+                    done.push(*seq);
+                }
+            }
+            for seq in done {
+                if let Some(w) = self.nodes[n].waits.remove(&seq) {
+                    self.cov.commits_by_loss += 1;
+                    self.resolve(w.gate, GateState::Done);
+                }
+            }
+            let lost: Vec<u64> = self.nodes[n]
+                .forwards
+                .iter()
+                .filter(|(_, f)| f.to == g)
+                .map(|(s, _)| *s)
+                .collect();
+            for seq in lost {
+                if let Some(f) = self.nodes[n].forwards.remove(&seq) {
+                    self.hold(n, f.message, f.groups, vec![g], false, f.gate);
+                }
+            }
         }
     }
 
@@ -1552,7 +2062,17 @@ impl World {
                 .any(|m| m == to)
         };
         let now = self.instant();
-        let mut frames = Vec::new();
+        // A link opens with a reset of what the peer knew of this node,
+        // then its interest (`links`).
+        let mut frames = vec![Frame::Reset];
+        if self.view.contains(&from) {
+            for filter in self.nodes[from].core.local_interest() {
+                frames.push(Frame::Interest {
+                    filter,
+                    gained: true,
+                });
+            }
+        }
         let mut ids = self.nodes[from].core.persistent_sessions();
         ids.sort();
         for id in ids {
@@ -1569,9 +2089,8 @@ impl World {
                 });
             }
         }
-        let mut kept = self.nodes[from]
-            .replicas
-            .snapshots(|c| in_chain(self, c), now);
+        let r = &self.nodes[from].replicas;
+        let mut kept = r.snapshots(|c| in_chain(self, c) && !r.is_relayed(c), now);
         kept.sort_by(|a, b| a.0.cmp(&b.0));
         for (client, snap, holder) in kept {
             let holder = holder
@@ -1587,12 +2106,18 @@ impl World {
             });
         }
         frames.push(Frame::SyncDone);
+        if self.nodes[from].promoted_for > 0 {
+            frames.push(Frame::Promoted {
+                view: self.nodes[from].promoted_for,
+            });
+        }
         self.cov.link_snapshots += 1;
         for f in &frames {
             self.send_frame(from, to, f);
         }
         let last = self.nodes[from].log.last();
         self.nodes[from].covers.insert(to, last);
+        self.update_reachable();
     }
 
     // ---- faults ----------------------------------------------------------
@@ -1701,6 +2226,11 @@ impl World {
         node.waits.clear();
         node.covers.clear();
         node.synced.clear();
+        node.forwards.clear();
+        node.held.clear();
+        node.promoted_for = 0;
+        node.promoted.clear();
+        node.first_had.clear();
         let conns: Vec<usize> = std::mem::take(&mut node.conns).into_values().collect();
         for other in &mut self.nodes {
             other.covers.remove(&n);
@@ -1711,6 +2241,9 @@ impl World {
             // The client sees the reset quickly.
             self.send_down(conn, Down::Closed);
         }
+        // Its peers see its links drop.
+        self.links_lost(n);
+        self.update_reachable();
         let leave = within(
             draw(self.seed, VIEWS, 1_000 + self.cov.crashes),
             300 * MS,

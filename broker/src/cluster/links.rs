@@ -282,18 +282,43 @@ impl Cluster {
             } => {
                 let from = ReplyTo { id, generation };
                 // A link snapshot's whole copy (`replicas::keeps_snapshot_copy`).
-                if seq == 0 && changes.first() == Some(&SessionChange::Ended) {
-                    let relayed = self.name_of(id).is_some_and(|n| n != holder);
-                    let held = lock(&self.replicas).epoch(&client);
+                let from_holder = self.name_of(id).is_some_and(|n| n == holder);
+                let whole = seq == 0 && changes.first() == Some(&SessionChange::Ended);
+                if whole && !from_holder {
+                    let held = {
+                        let r = lock(&self.replicas);
+                        r.epoch(&client).map(|e| (e, r.is_relayed(&client)))
+                    };
                     let serving = state.core().has_session(&client);
-                    if !crate::replicas::keeps_snapshot_copy(relayed, held, epoch, serving) {
+                    if !crate::replicas::keeps_snapshot_copy(true, held, epoch, serving) {
                         return;
                     }
                 }
                 if let Some(h) = self.id_of(&holder) {
                     lock(&self.replicas).set_holder(&client, h);
                 }
-                self.replicate(from, seq, client, epoch, changes, state)
+                // A relayed copy taken while its holder was live may be
+                // older than the relaying peer's, which the holder goes on
+                // updating: it waits before it may be promoted
+                // (`Replicas::promotable`).
+                let relayed_since =
+                    (whole && !from_holder && self.view().members.contains(&holder))
+                        .then(Instant::now);
+                // (A holder's own changes clear the mark: `Replicas::apply`.)
+                let marks = whole && !from_holder;
+                let interest = (whole && !from_holder)
+                    .then(|| crate::replicas::filters_of(&changes))
+                    .zip(self.id_of(&holder));
+                self.replicate(from, seq, client.clone(), epoch, changes, state);
+                if marks {
+                    lock(&self.replicas).mark_relayed(&client, relayed_since);
+                }
+                if let Some((filters, h)) = interest {
+                    let mut core = state.core();
+                    for f in filters {
+                        core.peer_interest(h, &f, true);
+                    }
+                }
             }
             Frame::Ack { seq } => self.acked(id, seq),
             Frame::StoreInvoke {
@@ -496,7 +521,13 @@ impl Cluster {
             // Copies kept for others go too: after a partition the side
             // that kept serving may be reachable only through them, and
             // the newest epoch wins wherever they land.
-            let kept = lock(&self.replicas).snapshots(in_chain, Instant::now());
+            // Only copies their holders updated: a relayed one is not
+            // passed on (it may be stale; its holder's own snapshot or the
+            // copies handed over when the holder leaves are fresher).
+            let kept = {
+                let r = lock(&self.replicas);
+                r.snapshots(|c| in_chain(c) && !r.is_relayed(c), Instant::now())
+            };
             for (client, snap, holder) in kept {
                 let holder = holder.and_then(|h| self.name_of(h)).unwrap_or_default();
                 copies.push((client, snap, holder));

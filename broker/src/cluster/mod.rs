@@ -1130,7 +1130,10 @@ impl Cluster {
         }
         t.had_quorum = quorum;
         self.promote_owned(state);
-        if self.ready() && view.number > self.promoted_for.load(Ordering::Relaxed) {
+        if self.ready()
+            && view.number > self.promoted_for.load(Ordering::Relaxed)
+            && !self.owns_settling_copies()
+        {
             // Every copy this node owns in this view is a session now, and
             // its interest went out before this word.
             self.promoted_for.store(view.number, Ordering::Relaxed);
@@ -1185,6 +1188,7 @@ impl Cluster {
             self.release_store_waits(&dropped);
         }
         if view.number != t.last.number {
+            self.hand_orphans_to_owners();
             self.rechain(state);
             self.store_rechain(state, &view);
         }

@@ -105,6 +105,33 @@ impl Cluster {
         (owner != self.me).then_some(owner)
     }
 
+    /// Whether `client_id`'s copy here is a relayed one that may still be
+    /// replaced by a fresher copy (`Replicas::promotable`): its client is
+    /// held meanwhile, as while a session moves.
+    pub fn copy_settling(&self, client_id: &str) -> bool {
+        let r = lock(&self.replicas);
+        r.epoch(client_id).is_some() && !r.promotable(client_id, Instant::now())
+    }
+
+    /// Whether a copy this node owns and would promote is a relayed one
+    /// still waiting for a fresher copy (`Replicas::promotable`): this
+    /// node's word that it has promoted its copies for the view
+    /// (`Frame::Promoted`) waits for it, and so do the publishes held for
+    /// the lost holder, which are then routed to the promoted session.
+    pub(super) fn owns_settling_copies(&self) -> bool {
+        let now = Instant::now();
+        let settling: Vec<String> = {
+            let r = lock(&self.replicas);
+            r.clients()
+                .into_iter()
+                .filter(|c| r.is_relayed(c) && !r.promotable(c, now))
+                .collect()
+        };
+        settling
+            .iter()
+            .any(|c| self.owner(c) == self.me && self.live_holder(c).is_none())
+    }
+
     /// Promotes the replicas this node owns in the current view, once it is
     /// ready: only then has it the newest copy every live peer holds (their
     /// link snapshots come before it says ready).
@@ -113,12 +140,50 @@ impl Cluster {
             return;
         }
         let held: Vec<String> = lock(&self.replicas).clients();
+        let now = Instant::now();
         let owned: Vec<String> = held
             .into_iter()
             .filter(|c| self.owner(c) == self.me && self.live_holder(c).is_none())
+            .filter(|c| lock(&self.replicas).promotable(c, now))
             .collect();
         for c in owned {
             self.promote(&c, state);
+        }
+    }
+
+    /// After a view change: the copies this node's holders updated whose
+    /// holder the view dropped go whole to each session's new owner, when
+    /// that is another node: the owner may hold only a relayed copy, older
+    /// than this one (`Replicas::promotable`).
+    pub(super) fn hand_orphans_to_owners(&self) {
+        let view = self.view();
+        let orphans = {
+            let live = |h: crate::router::NodeId| {
+                self.name_of(h).is_some_and(|n| view.members.contains(&n))
+            };
+            lock(&self.replicas).orphans(live, Instant::now())
+        };
+        for (client, snap, holder) in orphans {
+            let owner = self.owner(&client);
+            if owner == self.me {
+                continue;
+            }
+            let (Some(id), Some(holder)) = (self.id_of(&owner), self.name_of(holder)) else {
+                continue;
+            };
+            let Some(tx) = lock(&self.links).get(&id).cloned() else {
+                continue;
+            };
+            tx.push(
+                &Frame::Replicate {
+                    seq: 0,
+                    client,
+                    epoch: snap.epoch,
+                    holder,
+                    changes: whole(snap),
+                },
+                &self.stats.dropped,
+            );
         }
     }
 
