@@ -270,6 +270,10 @@ pub struct Cluster {
     /// serve, rebuilt from the holder's change records, and their holders
     /// (see [`replicas`]).
     replicas: Mutex<crate::replicas::Replicas>,
+    /// Linked peers the committed view does not count (returning nodes),
+    /// by name: they are sent the changes of the sessions their link
+    /// snapshot held (`chain::targets`). Kept with the reachable peers.
+    joining: Mutex<Vec<String>>,
     /// For each session served or copied here, the messages it was given
     /// lately (see [`seen`]).
     replica_seen: Mutex<seen::Seen>,
@@ -521,6 +525,7 @@ impl Cluster {
                 max_clock_drift: config.max_clock_drift,
                 links: Mutex::new(HashMap::new()),
                 replicas: Mutex::default(),
+                joining: Mutex::default(),
                 replica_seen: Mutex::default(),
                 first_had: Mutex::new(FirstHad::default()),
                 early_answers: Mutex::new(HashMap::new()),
@@ -1411,13 +1416,17 @@ impl Cluster {
                 .map(|n| dir.names.get(*n as usize).cloned())
                 .collect()
         };
-        let view = lock(&self.view);
-        linked
-            .into_iter()
-            .zip(names)
-            .filter(|(_, name)| name.as_ref().is_some_and(|n| view.members.contains(n)))
-            .map(|(id, _)| id)
-            .collect()
+        let (reachable, joining): (Vec<_>, Vec<_>) = {
+            let view = lock(&self.view);
+            linked
+                .into_iter()
+                .zip(names)
+                .filter_map(|(id, name)| name.map(|n| (id, n)))
+                .filter(|(_, n)| *n != self.me)
+                .partition(|(_, n)| view.members.contains(n))
+        };
+        *lock(&self.joining) = joining.into_iter().map(|(_, n)| n).collect();
+        reachable.into_iter().map(|(id, _)| id).collect()
     }
 
     /// Tells the core which peers it can reach (under its lock, which the

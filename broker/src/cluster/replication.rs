@@ -600,17 +600,8 @@ impl Cluster {
         // Whom each session's changes go to: its chain in the view, and any
         // linked peer the view does not count yet whose chain it would be
         // in (`chain::targets`: its link snapshot held the session, so it
-        // must not miss what follows).
-        let view = self.view();
-        let joining: Vec<String> = {
-            let linked: Vec<NodeId> = lock(&self.links).keys().copied().collect();
-            linked
-                .into_iter()
-                .filter_map(|id| self.name_of(id))
-                .filter(|n| *n != self.me && !view.members.contains(n))
-                .collect()
-        };
-        let members: Vec<&str> = view.members.iter().map(String::as_str).collect();
+        // must not miss what follows). Usually nobody is joining.
+        let joining = lock(&self.joining).clone();
         let joining: Vec<&str> = joining.iter().map(String::as_str).collect();
         // Every frame is addressed first and the wait registered before any
         // is sent: a peer may acknowledge within microseconds, and an
@@ -639,11 +630,19 @@ impl Cluster {
                 changes,
             };
             let mut to = Vec::new();
-            for member in crate::chain::targets(&client, &members, &joining, self.replication) {
+            let targets: Vec<String> = {
+                let view = lock(&self.view);
+                let members: Vec<&str> = view.members.iter().map(String::as_str).collect();
+                crate::chain::targets(&client, &members, &joining, self.replication)
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect()
+            };
+            for member in targets {
                 if member == self.me {
                     continue;
                 }
-                let Some(id) = self.id_of(member) else {
+                let Some(id) = self.id_of(&member) else {
                     continue;
                 };
                 // A link opened after this batch was numbered had it in its
