@@ -281,10 +281,13 @@ impl Cluster {
                 changes,
             } => {
                 let from = ReplyTo { id, generation };
-                // A link snapshot's whole copy (`replicas::keeps_snapshot_copy`).
-                let from_holder = self.name_of(id).is_some_and(|n| n == holder);
-                let whole = seq == 0 && changes.first() == Some(&SessionChange::Ended);
-                if whole && !from_holder {
+                // A link snapshot's whole copy from a node that is not the
+                // session's holder (it relays a copy it keeps for another):
+                // kept or not by `replicas::keeps_snapshot_copy`.
+                let relayed = seq == 0
+                    && changes.first() == Some(&SessionChange::Ended)
+                    && self.name_of(id).is_some_and(|n| n != holder);
+                if relayed {
                     let held = {
                         let r = lock(&self.replicas);
                         r.epoch(&client).map(|e| (e, r.is_relayed(&client)))
@@ -294,26 +297,25 @@ impl Cluster {
                         return;
                     }
                 }
-                if let Some(h) = self.id_of(&holder) {
+                let holder_id = self.id_of(&holder);
+                if let Some(h) = holder_id {
                     lock(&self.replicas).set_holder(&client, h);
+                }
+                if !relayed {
+                    // (A holder's own changes clear a relayed mark:
+                    // `Replicas::apply`.)
+                    return self.replicate(from, seq, client, epoch, changes, state);
                 }
                 // A relayed copy taken while its holder was live may be
                 // older than the relaying peer's, which the holder goes on
                 // updating: it waits before it may be promoted
-                // (`Replicas::promotable`).
-                let relayed_since =
-                    (whole && !from_holder && self.view().members.contains(&holder))
-                        .then(Instant::now);
-                // (A holder's own changes clear the mark: `Replicas::apply`.)
-                let marks = whole && !from_holder;
-                let interest = (whole && !from_holder)
-                    .then(|| crate::replicas::filters_of(&changes))
-                    .zip(self.id_of(&holder));
+                // (`Replicas::promotable`). Its filters count as the
+                // holder's interest (`replicas::filters_of`).
+                let since = self.view().members.contains(&holder).then(Instant::now);
+                let filters = crate::replicas::filters_of(&changes);
                 self.replicate(from, seq, client.clone(), epoch, changes, state);
-                if marks {
-                    lock(&self.replicas).mark_relayed(&client, relayed_since);
-                }
-                if let Some((filters, h)) = interest {
+                lock(&self.replicas).mark_relayed(&client, since);
+                if let Some(h) = holder_id {
                     let mut core = state.core();
                     for f in filters {
                         core.peer_interest(h, &f, true);
