@@ -1901,10 +1901,11 @@ impl World {
             if !self.nodes[n].up {
                 continue;
             }
-            let view = &self.view;
-            let orphans = self.nodes[n]
-                .replicas
-                .orphans(|h| view.contains(&(h as usize)), now);
+            // Only the holder that has just left (`hand_orphans_to_owners`).
+            let Some(g) = gone else {
+                break;
+            };
+            let orphans = self.nodes[n].replicas.orphans(|h| h as usize != g, now);
             for (client, snap, holder) in orphans {
                 let Some(owner) = self.owner(&client).filter(|&o| o != n) else {
                     continue;

@@ -1193,7 +1193,7 @@ impl Cluster {
             self.release_store_waits(&dropped);
         }
         if view.number != t.last.number {
-            self.hand_orphans_to_owners();
+            self.hand_orphans_to_owners(&t.last);
             self.rechain(state);
             self.store_rechain(state, &view);
         }

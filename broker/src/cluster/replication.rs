@@ -155,14 +155,21 @@ impl Cluster {
     /// holder the view dropped go whole to each session's new owner, when
     /// that is another node: the owner may hold only a relayed copy, older
     /// than this one (`Replicas::promotable`).
-    pub(super) fn hand_orphans_to_owners(&self) {
+    pub(super) fn hand_orphans_to_owners(&self, previous: &View) {
         let view = self.view();
-        let orphans = {
-            let live = |h: crate::router::NodeId| {
-                self.name_of(h).is_some_and(|n| view.members.contains(&n))
-            };
-            lock(&self.replicas).orphans(live, Instant::now())
-        };
+        // Holders that have just left: in the previous view, not in this
+        // one (copies whose holder left earlier were handed over then, and
+        // may be stale by now).
+        let left: Vec<crate::router::NodeId> = previous
+            .members
+            .iter()
+            .filter(|m| !view.members.contains(*m))
+            .filter_map(|m| self.id_of(m))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        let orphans = lock(&self.replicas).orphans(|h| !left.contains(&h), Instant::now());
         for (client, snap, holder) in orphans {
             let owner = self.owner(&client);
             if owner == self.me {
