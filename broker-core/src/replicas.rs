@@ -334,4 +334,86 @@ mod tests {
         assert_eq!(r.take("a").map(|s| s.epoch), Some(5));
         assert_eq!(r.epoch("a"), None);
     }
+
+    /// A relayed copy waits before it may be promoted; one its holder
+    /// updated may be promoted at once; the wait ends after RELAYED_WAIT
+    /// or when the holder's changes come.
+    #[test]
+    fn a_relayed_copy_waits_before_it_may_be_promoted() {
+        let t0 = Instant::now();
+        let mut r = Replicas::default();
+        r.apply("dev", 3, vec![attach(3)], t0);
+        assert!(r.promotable("dev", t0), "a copy the holder updated");
+        r.mark_relayed("dev", Some(t0));
+        assert!(r.is_relayed("dev"));
+        assert!(!r.promotable("dev", t0 + RELAYED_WAIT / 2));
+        assert!(r.promotable("dev", t0 + RELAYED_WAIT));
+        // The holder's next change makes it a copy the holder updated.
+        r.apply("dev", 3, vec![SessionChange::Detached], t0);
+        assert!(!r.is_relayed("dev"));
+        assert!(r.promotable("dev", t0));
+        // Relayed once the holder had left: nothing fresher can come.
+        r.mark_relayed("dev", None);
+        assert!(r.promotable("dev", t0));
+        // No copy, nothing to promote or mark.
+        r.mark_relayed("none", Some(t0));
+        assert!(!r.promotable("none", t0) && !r.is_relayed("none"));
+    }
+
+    /// Orphans: the copies the holder updated whose holder is gone, with
+    /// the holder; relayed ones are not handed on.
+    #[test]
+    fn orphans_are_the_updated_copies_of_a_gone_holder() {
+        let t0 = Instant::now();
+        let mut r = Replicas::default();
+        for (c, h) in [("a", 1), ("b", 2), ("c", 1)] {
+            r.set_holder(c, h);
+            r.apply(c, 4, vec![attach(4)], t0);
+        }
+        r.mark_relayed("c", Some(t0));
+        let o = r.orphans(|h| h != 1, t0);
+        let names: Vec<(&str, u64, NodeId)> = o
+            .iter()
+            .map(|(c, s, h)| (c.as_str(), s.epoch, *h))
+            .collect();
+        assert_eq!(names, [("a", 4, 1)]);
+        assert!(r.orphans(|_| true, t0).is_empty());
+    }
+
+    /// Which link-snapshot copies a node keeps.
+    #[test]
+    fn snapshot_copies_kept_or_not() {
+        // From the holder: kept (epochs are the apply's business).
+        assert!(keeps_snapshot_copy(false, Some((5, false)), 4, false));
+        // Relayed, no copy here: kept.
+        assert!(keeps_snapshot_copy(true, None, 4, false));
+        // Relayed over a copy the holder updated: only a newer epoch.
+        assert!(!keeps_snapshot_copy(true, Some((4, false)), 4, false));
+        assert!(keeps_snapshot_copy(true, Some((4, false)), 5, false));
+        // Relayed over a relayed copy: the later one, same epoch or newer.
+        assert!(keeps_snapshot_copy(true, Some((4, true)), 4, false));
+        assert!(!keeps_snapshot_copy(true, Some((5, true)), 4, false));
+        // A session served here: never.
+        assert!(!keeps_snapshot_copy(true, None, 9, true));
+    }
+
+    #[test]
+    fn a_copys_filters() {
+        let sub = crate::message::Sub::node();
+        let changes = vec![
+            SessionChange::Ended,
+            attach(2),
+            SessionChange::Subscribed {
+                filter: "a/#".into(),
+                sub,
+            },
+            SessionChange::Subscribed {
+                filter: "$share/g/b".into(),
+                sub,
+            },
+            SessionChange::Detached,
+        ];
+        assert_eq!(filters_of(&changes), ["a/#", "$share/g/b"]);
+        assert!(filters_of(&[SessionChange::Ended]).is_empty());
+    }
 }
