@@ -58,6 +58,8 @@ pub struct Config {
     pub fault_window: u64,
     /// A fixed bug put back, to prove the checks find it.
     pub mutation: Option<Mutation>,
+    /// Whether cluster links between live nodes break now and then.
+    pub link_drops: bool,
 }
 
 impl Default for Config {
@@ -72,6 +74,7 @@ impl Default for Config {
             faults: true,
             fault_window: 6_000_000,
             mutation: None,
+            link_drops: std::env::var_os("MQLB_SIM_LINK_DROPS").is_some(),
         }
     }
 }
@@ -97,6 +100,7 @@ pub struct Coverage {
     pub relays: u64,
     pub sessions_rechained: u64,
     pub link_snapshots: u64,
+    pub link_drops: u64,
     /// Copies that came relayed while their holder was live.
     pub relayed_copies: u64,
     /// Copies handed to a new owner when the view dropped their holder.
@@ -148,6 +152,7 @@ impl Coverage {
             relays,
             sessions_rechained,
             link_snapshots,
+            link_drops,
             relayed_copies,
             orphans_handed,
             connects_held,

@@ -95,6 +95,11 @@ enum Fault {
     ClockStep(i64),
     /// Every network delay is long for this long.
     Slow(Time),
+    /// The cluster link between two live nodes breaks (both directions,
+    /// what was in flight lost) and is dialled again after this long.
+    LinkDrop(usize, usize, Time),
+    /// The broken link is back: each side sends its snapshot.
+    LinkBack(usize, usize),
 }
 
 #[derive(Debug)]
@@ -305,6 +310,8 @@ pub struct World {
     view_number: u64,
     dirty: BTreeSet<usize>,
     publishing: bool,
+    /// Cluster links that are down (either direction), by node pair.
+    links_down: BTreeSet<(usize, usize)>,
     /// Answers sent to clients so far (the targeted crashes' draw).
     sends: u64,
     /// The clients' Receive Maximum (a small one queues messages in the
@@ -421,6 +428,7 @@ impl World {
             view_number: 1,
             dirty: BTreeSet::new(),
             publishing: false,
+            links_down: BTreeSet::new(),
             sends: 0,
             receive_maximum: u16::try_from(within(draw(seed, 0xA11, 0), 1, 16)).unwrap_or(16),
             append_within: if draw(seed, 0xA11, 1).is_multiple_of(4) {
@@ -605,6 +613,11 @@ impl World {
                 40..=59 => Fault::Drop(rng.range(0, self.clients.len() as u64 - 1) as usize),
                 60..=74 => Fault::Stall(rng.range(0, nodes - 1) as usize, rng.range(5, 250) * MS),
                 75..=84 => Fault::ClockStep(rng.range(0, 120_000) as i64 - 60_000),
+                85..=92 if self.cfg.link_drops => {
+                    let a = rng.range(0, nodes - 1) as usize;
+                    let b = (a + 1 + rng.range(0, nodes - 2) as usize) % nodes as usize;
+                    Fault::LinkDrop(a, b, rng.range(10, 500) * MS)
+                }
                 _ => Fault::Slow(rng.range(50, 500) * MS),
             };
             let now = self.now;
@@ -1339,7 +1352,7 @@ impl World {
         again: bool,
         gate: usize,
     ) {
-        if !self.nodes[to].up {
+        if !self.linked(from, to) {
             return self.hold(from, message, groups, vec![to], false, gate);
         }
         let seq = self.nodes[from].next_rep;
@@ -1507,6 +1520,9 @@ impl World {
         if let Err(e) = frame.encode(&mut bytes) {
             self.bad.push(format!("frame not encoded: {e:?}"));
             return;
+        }
+        if self.links_down.contains(&(from.min(to), from.max(to))) {
+            return; // no link: lost (what waited for it was released)
         }
         let s = link_stream(from, to);
         let d = self.net_delay(s);
@@ -1793,7 +1809,7 @@ impl World {
     /// node too) has said it promoted its copies for this view.
     fn takeover_done(&self, n: usize) -> bool {
         let v = self.view_number;
-        self.view.iter().all(|&m| self.nodes[m].up)
+        self.view.iter().all(|&m| m == n || self.linked(n, m))
             && self.nodes[n].promoted_for >= v
             && self
                 .view
@@ -1806,7 +1822,7 @@ impl World {
         let held = std::mem::take(&mut self.nodes[n].held);
         let mut keep = Vec::new();
         for h in held {
-            let unsettled = self.view.iter().any(|&m| !self.nodes[m].up)
+            let unsettled = self.view.iter().any(|&m| m != n && !self.linked(n, m))
                 || (h.refused && h.exclude.iter().any(|r| self.view.contains(r)));
             let waited = self.now >= h.since + TAKEOVER_WITHIN;
             if (unsettled || !self.takeover_done(n)) && !waited {
@@ -1817,7 +1833,7 @@ impl World {
             let alive: Vec<u32> = self
                 .view
                 .iter()
-                .filter(|&&m| m != n && self.nodes[m].up)
+                .filter(|&&m| m != n && self.linked(n, m))
                 .filter_map(|&m| u32::try_from(m).ok())
                 .collect();
             let mut exclude: Vec<u32> = h
@@ -1840,6 +1856,11 @@ impl World {
         self.nodes[n].held = keep;
     }
 
+    /// Whether `a` and `b` are linked (both up, the link not broken).
+    fn linked(&self, a: usize, b: usize) -> bool {
+        self.nodes[a].up && self.nodes[b].up && !self.links_down.contains(&(a.min(b), a.max(b)))
+    }
+
     /// `Core::set_reachable` on every live node: the peers it links to
     /// that the view counts.
     fn update_reachable(&mut self) {
@@ -1850,7 +1871,7 @@ impl World {
             let peers: Vec<u32> = self
                 .view
                 .iter()
-                .filter(|&&m| m != n && self.nodes[m].up)
+                .filter(|&&m| m != n && self.linked(n, m))
                 .filter_map(|&m| u32::try_from(m).ok())
                 .collect();
             self.nodes[n].core.set_reachable(peers);
@@ -2000,9 +2021,15 @@ impl World {
     /// forward is held for the takeover.
     fn links_lost(&mut self, g: usize) {
         for n in 0..self.nodes.len() {
-            if n == g {
-                continue;
+            if n != g {
+                self.link_lost(n, g);
             }
+        }
+    }
+
+    /// `n`'s link to `g` is gone.
+    fn link_lost(&mut self, n: usize, g: usize) {
+        {
             let mut done = Vec::new();
             for (seq, w) in self.nodes[n].waits.iter_mut() {
                 if w.left.remove(&g).is_some() && w.left.is_empty() {
@@ -2197,6 +2224,49 @@ impl World {
                 self.cov.slow_periods += 1;
                 self.slow_until = self.now + d;
             }
+            Fault::LinkDrop(a, b, d) => {
+                let pair = (a.min(b), a.max(b));
+                if a == b
+                    || !self.nodes[a].up
+                    || !self.nodes[b].up
+                    || self.links_down.contains(&pair)
+                {
+                    return;
+                }
+                self.cov.link_drops += 1;
+                self.links_down.insert(pair);
+                // What was on the wire is gone.
+                self.queue.retain(|_, ev| {
+                    !matches!(ev, Ev::Frame { from, to, .. } | Ev::LinkOpen { from, to, .. }
+                        if (*from, *to) == (a, b) || (*from, *to) == (b, a))
+                });
+                for (x, y) in [(a, b), (b, a)] {
+                    self.link_lost(x, y);
+                    self.nodes[x].covers.remove(&y);
+                }
+                self.update_reachable();
+                self.schedule_unordered(FAULTS | 3, d, Ev::Fault(Fault::LinkBack(a, b)));
+            }
+            Fault::LinkBack(a, b) => {
+                self.links_down.remove(&(a.min(b), a.max(b)));
+                for (x, y) in [(a, b), (b, a)] {
+                    if self.nodes[x].up && self.nodes[y].up {
+                        let s = link_stream(x, y);
+                        let d = within(draw(self.seed, s, 1 << 21), MS, 10 * MS);
+                        let (from_inc, to_inc) = (self.nodes[x].inc, self.nodes[y].inc);
+                        self.schedule(
+                            s,
+                            d,
+                            Ev::LinkOpen {
+                                from: x,
+                                from_inc,
+                                to: y,
+                                to_inc,
+                            },
+                        );
+                    }
+                }
+            }
         }
     }
 
@@ -2242,7 +2312,8 @@ impl World {
             // The client sees the reset quickly.
             self.send_down(conn, Down::Closed);
         }
-        // Its peers see its links drop.
+        // Its peers see its links drop (a broken link of it is moot now).
+        self.links_down.retain(|&(a, b)| a != n && b != n);
         self.links_lost(n);
         self.update_reachable();
         let leave = within(
