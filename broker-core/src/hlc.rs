@@ -87,8 +87,14 @@ impl Clock {
     }
 
     /// [`Clock::observe`] with the wall clock at `wall` Unix milliseconds.
+    /// "Ahead" counts from the later of the wall clock and this clock's
+    /// own last stamp: after every node's wall clock stepped back (an NTP
+    /// correction), their stamps stay at the old high-water mark, and
+    /// refusing them would leave each node with its own retained writes
+    /// (found by the simulator).
     pub fn observe_at(&mut self, remote: Hlc, wall: u64) -> bool {
-        if remote.wall_ms > wall.saturating_add(self.max_drift_ms) {
+        let local = wall.max(self.last.wall_ms);
+        if remote.wall_ms > local.saturating_add(self.max_drift_ms) {
             return false;
         }
         if (remote.wall_ms, remote.logical) > (self.last.wall_ms, self.last.logical) {
@@ -144,5 +150,29 @@ mod tests {
         };
         assert!(c.observe_at(near, now));
         assert!(c.now_at(now) > near);
+    }
+
+    /// Every wall clock stepped back 90 s: a peer's stamp at the old
+    /// high-water mark is not "ahead" of a clock that has stamped there.
+    #[test]
+    fn a_stamp_from_before_a_step_back_is_taken() {
+        let mut c = Clock::new(1);
+        c.set_max_drift(std::time::Duration::from_secs(60));
+        let before = c.now_at(1_000_000);
+        let stepped = 1_000_000 - 90_000;
+        let peer = Hlc {
+            wall_ms: before.wall_ms,
+            logical: before.logical + 5,
+            node: 2,
+        };
+        assert!(c.observe_at(peer, stepped));
+        assert!(c.now_at(stepped) > peer);
+        // Still refused: far ahead of both the wall and this clock.
+        let runaway = Hlc {
+            wall_ms: before.wall_ms + 3_600_000,
+            logical: 0,
+            node: 2,
+        };
+        assert!(!c.observe_at(runaway, stepped));
     }
 }

@@ -94,7 +94,9 @@ impl Publisher {
         Packet::Publish(Publish {
             dup,
             qos: o.qos,
-            retain: false,
+            // Every seventh message is retained: the nodes' retained
+            // stores must converge.
+            retain: o.no % 7 == 3,
             topic: MqttStr::try_from(format!("t/{}", self.index).as_str())
                 .expect("t/N is a topic name"),
             packet_id: PacketId::new(pid),

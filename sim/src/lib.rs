@@ -101,6 +101,10 @@ pub struct Coverage {
     pub sessions_rechained: u64,
     pub link_snapshots: u64,
     pub link_drops: u64,
+    /// Retained topics the nodes agreed on at the end of each run.
+    pub retained_topics: u64,
+    /// Messages of a stale writer adopted by the session's new holder.
+    pub adopted: u64,
     /// Copies that came relayed while their holder was live.
     pub relayed_copies: u64,
     /// Copies handed to a new owner when the view dropped their holder.
@@ -153,6 +157,8 @@ impl Coverage {
             sessions_rechained,
             link_snapshots,
             link_drops,
+            retained_topics,
+            adopted,
             relayed_copies,
             orphans_handed,
             connects_held,

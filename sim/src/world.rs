@@ -217,6 +217,9 @@ struct Node {
     promoted: BTreeMap<usize, u64>,
     /// When this node first had each forwarded message (`first_had`).
     first_had: BTreeMap<u64, Instant>,
+    /// For each session served or copied here, the fingerprints of the
+    /// messages it was given (`seen`): a promoted copy is told them.
+    seen: BTreeMap<String, BTreeSet<u64>>,
 }
 
 /// A publish forwarded to a peer, waiting for its answer.
@@ -359,6 +362,14 @@ const FAULTS: u64 = 4 << 32;
 const DEADLINES: u64 = 5 << 32;
 const VIEWS: u64 = 6 << 32;
 
+/// The client a `Replicate` frame is for.
+fn frame_client(f: &Frame) -> String {
+    match f {
+        Frame::Replicate { client, .. } => client.clone(),
+        _ => String::new(),
+    }
+}
+
 /// The packets in `b`, for a trace.
 fn packets(b: &Bytes) -> String {
     let mut buf = BytesMut::from(&b[..]);
@@ -409,6 +420,7 @@ impl World {
                 promoted_for: 0,
                 promoted: BTreeMap::new(),
                 first_had: BTreeMap::new(),
+                seen: BTreeMap::new(),
             })
             .collect::<Vec<_>>();
         let mut w = World {
@@ -996,8 +1008,12 @@ impl World {
             Up::Subscribe => {
                 let id = self.client_id(conn);
                 let sub = Sub {
+                    // Retained messages are not sent at subscribe time: a
+                    // subscriber that subscribes again would be given one
+                    // it had (the retained stores are checked on their own).
                     options: SubscriptionOptions {
                         qos: QoS::ExactlyOnce,
+                        retain_handling: mqlb_protocol::RetainHandling::DoNotSend,
                         ..SubscriptionOptions::default()
                     },
                     id: None,
@@ -1446,6 +1462,28 @@ impl World {
                 LogEntry::Session(r) => records.push(r),
                 // `broadcast_after`: to every peer whose link snapshot did
                 // not hold it, while this node serves.
+                // `broadcast_after` too: every node keeps every retained
+                // message, last writer wins.
+                LogEntry::Retained {
+                    topic,
+                    message,
+                    version,
+                } => {
+                    let frame = Frame::Retained {
+                        topic,
+                        message,
+                        version,
+                    };
+                    for p in 0..self.nodes.len() {
+                        let covered = self.nodes[node]
+                            .covers
+                            .get(&p)
+                            .is_some_and(|&c| log_seq <= c);
+                        if p != node && self.nodes[p].up && !covered {
+                            self.send_frame(node, p, &frame);
+                        }
+                    }
+                }
                 LogEntry::Interest { filter, gained } if self.view.contains(&node) => {
                     let frame = Frame::Interest { filter, gained };
                     for p in 0..self.nodes.len() {
@@ -1477,6 +1515,7 @@ impl World {
                 }
                 changes.push(r.change.clone());
             }
+            self.note_given(node, &client, &changes);
             let frame = Frame::Replicate {
                 seq: rep,
                 client: client.to_string(),
@@ -1580,7 +1619,7 @@ impl World {
                     let inc = self.nodes[to].inc;
                     let interest = (whole && !from_holder)
                         .then(|| filters_of(&changes))
-                        .zip(holder);
+                        .zip(holder.filter(|&h| h != to));
                     let n = &mut self.nodes[to];
                     if let Some((filters, h)) = interest {
                         let h = u32::try_from(h).unwrap_or(u32::MAX);
@@ -1592,7 +1631,52 @@ impl World {
                         n.replicas
                             .set_holder(&client, u32::try_from(h).unwrap_or(u32::MAX));
                     }
-                    n.replicas.apply(&client, epoch, changes, now);
+                    // `replication::replicate`: a session served here with
+                    // a newer epoch adopts the stale writer's messages; one
+                    // served here with an older epoch (or not connected)
+                    // gives way to the copy.
+                    let held = n.core.epoch(&client);
+                    match held {
+                        Some(mine) if mine > epoch => {
+                            let adopted: Vec<_> = changes
+                                .into_iter()
+                                .filter_map(|c| match c {
+                                    SessionChange::Enqueued(p)
+                                    | SessionChange::Sent { pending: p, .. } => Some(p),
+                                    _ => None,
+                                })
+                                .collect();
+                            if !adopted.is_empty() {
+                                self.cov.adopted += adopted.len() as u64;
+                                let (_, gates) =
+                                    self.call(to, |core| ((), core.adopt(&client, adopted)));
+                                let then = Then::Ack {
+                                    node: to,
+                                    inc,
+                                    to: from,
+                                    to_inc: from_inc,
+                                    seq,
+                                };
+                                self.join(gates, then);
+                                continue;
+                            }
+                        }
+                        Some(_)
+                            if !self.nodes[to].core.is_connected(&client) || held < Some(epoch) =>
+                        {
+                            if held < Some(epoch) {
+                                self.call(to, |core| ((), core.evict_session(&client)));
+                            }
+                            self.note_given(to, &client, &changes);
+                            self.nodes[to].replicas.apply(&client, epoch, changes, now);
+                        }
+                        Some(_) => {}
+                        None => {
+                            self.note_given(to, &client, &changes);
+                            self.nodes[to].replicas.apply(&client, epoch, changes, now);
+                        }
+                    }
+                    let n = &mut self.nodes[to];
                     if whole && !from_holder {
                         n.replicas.mark_relayed(&client, relayed_since);
                     }
@@ -1638,6 +1722,25 @@ impl World {
                 Frame::Interest { filter, gained } => {
                     let peer = u32::try_from(from).unwrap_or(u32::MAX);
                     self.nodes[to].core.peer_interest(peer, &filter, gained);
+                }
+                Frame::Seen { client, prints } => {
+                    self.nodes[to]
+                        .seen
+                        .entry(client)
+                        .or_default()
+                        .extend(prints);
+                }
+                Frame::Retained {
+                    topic,
+                    message,
+                    version,
+                } => {
+                    let now = self.instant();
+                    let wall = self.wall();
+                    let core = &mut self.nodes[to].core;
+                    core.advance(now);
+                    core.calibrate_wall(now, wall);
+                    core.set_retained_from_peer(&topic, message, version);
                 }
                 Frame::Reset => {
                     let peer = u32::try_from(from).unwrap_or(u32::MAX);
@@ -1689,6 +1792,30 @@ impl World {
             }
         }
         self.check_joins();
+    }
+
+    /// Notes what `changes` gave `client`'s session (`Seen::note`).
+    fn note_given(&mut self, node: usize, client: &str, changes: &[SessionChange]) {
+        for c in changes {
+            if let SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } = c {
+                let print = mqlb_broker_core::core::fingerprint(&p.msg);
+                self.nodes[node]
+                    .seen
+                    .entry(client.to_string())
+                    .or_default()
+                    .insert(print);
+            }
+        }
+    }
+
+    /// `seen_frame`: what `client`'s session was given, for a node about
+    /// to get it whole.
+    fn seen_frame(&self, node: usize, client: &str) -> Option<Frame> {
+        let prints = self.nodes[node].seen.get(client)?;
+        Some(Frame::Seen {
+            client: client.to_string(),
+            prints: prints.iter().copied().collect(),
+        })
     }
 
     /// A peer's forwarded publish (`links`, `Frame::Forward`): refused
@@ -1846,6 +1973,13 @@ impl World {
                     .filter(|m| !self.view.contains(m))
                     .filter_map(|m| u32::try_from(m).ok()),
             );
+            if self.trace {
+                println!(
+                    "{:>10.3}ms {} routes a held publish again: alive {alive:?}, exclude {exclude:?}",
+                    self.now as f64 / 1000.0,
+                    self.nodes[n].name
+                );
+            }
             let (_, gates) = self.call(n, |core| {
                 ((), core.reforward(h.message, h.groups, &alive, &exclude))
             });
@@ -1889,6 +2023,13 @@ impl World {
         let mut snap = snapshot_of(&session, now);
         snap.epoch += 1;
         self.cov.promotions += 1;
+        // What the session was given lately, so a message routed again is
+        // not given twice (`note_seen`).
+        let seen: std::collections::HashSet<u64> = self.nodes[node]
+            .seen
+            .get(client)
+            .map(|p| p.iter().copied().collect())
+            .unwrap_or_default();
         self.call(node, |core| {
             if core.has_session(client) {
                 return ((), Effects::none());
@@ -1896,6 +2037,7 @@ impl World {
             let fx = core
                 .import_session(client, snap)
                 .unwrap_or_else(|_| Effects::none());
+            core.note_seen(client, seen);
             ((), fx)
         });
     }
@@ -1943,6 +2085,9 @@ impl World {
                     changes: whole(snap, now),
                 };
                 self.cov.orphans_handed += 1;
+                if let Some(seen) = self.seen_frame(n, &frame_client(&frame)) {
+                    self.send_frame(n, owner, &seen);
+                }
                 self.send_frame(n, owner, &frame);
             }
         }
@@ -1951,9 +2096,20 @@ impl World {
                 continue;
             }
             let now = self.instant();
-            let core = &self.nodes[n].core;
-            let mut ids = core.persistent_sessions();
+            let mut ids = self.nodes[n].core.persistent_sessions();
             ids.sort();
+            // `rechain`: what each session was given goes to its chain
+            // first (`send_to_chain`).
+            for id in &ids {
+                if let Some(seen) = self.seen_frame(n, id) {
+                    for m in self.chain(id) {
+                        if m != n && self.linked(n, m) {
+                            self.send_frame(n, m, &seen);
+                        }
+                    }
+                }
+            }
+            let core = &self.nodes[n].core;
             let mut records = Vec::new();
             for id in ids {
                 let Some(snap) = core.export_session(&id) else {
@@ -2101,6 +2257,14 @@ impl World {
                 });
             }
         }
+        // Every retained message, deletions included.
+        for (topic, message, version) in self.nodes[from].core.retained_all() {
+            frames.push(Frame::Retained {
+                topic,
+                message,
+                version,
+            });
+        }
         let mut ids = self.nodes[from].core.persistent_sessions();
         ids.sort();
         for id in ids {
@@ -2108,6 +2272,7 @@ impl World {
                 continue;
             }
             if let Some(snap) = self.nodes[from].core.export_session(&id) {
+                frames.extend(self.seen_frame(from, &id));
                 frames.push(Frame::Replicate {
                     seq: 0,
                     client: id.to_string(),
@@ -2125,6 +2290,7 @@ impl World {
                 .and_then(|h| self.nodes.get(h as usize))
                 .map(|n| n.name.clone())
                 .unwrap_or_default();
+            frames.extend(self.seen_frame(from, &client));
             frames.push(Frame::Replicate {
                 seq: 0,
                 client,
@@ -2217,8 +2383,11 @@ impl World {
                 self.nodes[n].stalled_until = self.now + d;
             }
             Fault::ClockStep(ms) => {
+                // The total stays within 25 s of true time, inside the
+                // cluster's 60 s drift allowance (see docs/simulation.md
+                // for what a larger step back does to a restarted node).
                 self.cov.clock_steps += 1;
-                self.wall_offset_ms += ms;
+                self.wall_offset_ms = (self.wall_offset_ms + ms).clamp(-25_000, 25_000);
             }
             Fault::Slow(d) => {
                 self.cov.slow_periods += 1;
@@ -2302,6 +2471,7 @@ impl World {
         node.promoted_for = 0;
         node.promoted.clear();
         node.first_had.clear();
+        node.seen.clear();
         let conns: Vec<usize> = std::mem::take(&mut node.conns).into_values().collect();
         for other in &mut self.nodes {
             other.covers.remove(&n);
@@ -2363,6 +2533,24 @@ impl World {
     /// Every publisher finished, and every subscriber was given every
     /// message acknowledged to a publisher.
     fn final_checks(&mut self) {
+        if self.trace {
+            for (i, n) in self.nodes.iter().enumerate() {
+                println!(
+                    "end: {} up={} view={:?} v#={} promoted_for={} promoted={:?} held={} ready={} synced={:?} waits={} forwards={}",
+                    n.name,
+                    n.up,
+                    self.view,
+                    self.view_number,
+                    n.promoted_for,
+                    n.promoted,
+                    n.held.len(),
+                    self.ready(i),
+                    n.synced,
+                    n.waits.len(),
+                    n.forwards.len()
+                );
+            }
+        }
         let mut acked: Vec<(usize, u32)> = Vec::new();
         for c in &self.clients {
             match &c.role {
@@ -2402,6 +2590,27 @@ impl World {
                     lost.len(),
                     shown.join(", ")
                 ));
+            }
+        }
+        // Retained messages converge: every live node has the same set.
+        let mut stores = self.nodes.iter().filter(|n| n.up).map(|n| {
+            let mut all: Vec<(String, Option<Bytes>, String)> = n
+                .core
+                .retained_all()
+                .into_iter()
+                .map(|(t, m, v)| (t, m.map(|m| m.payload), format!("{v:?}")))
+                .collect();
+            all.sort();
+            (n.name.clone(), all)
+        });
+        if let Some((first, reference)) = stores.next() {
+            self.cov.retained_topics += reference.len() as u64;
+            for (name, other) in stores {
+                if other != reference {
+                    self.bad.push(format!(
+                        "retained messages differ: {first} has {reference:?}, {name} has {other:?}"
+                    ));
+                }
             }
         }
         self.digest = mix(self.digest ^ self.events);

@@ -315,7 +315,10 @@ impl Cluster {
                 let filters = crate::replicas::filters_of(&changes);
                 self.replicate(from, seq, client.clone(), epoch, changes, state);
                 lock(&self.replicas).mark_relayed(&client, since);
-                if let Some(h) = holder_id {
+                // (Not when the copy names this node: an earlier
+                // incarnation of it held the session, and a node is no
+                // peer of its own.)
+                if let Some(h) = holder_id.filter(|&h| h != self.my_id) {
                     let mut core = state.core();
                     for f in filters {
                         core.peer_interest(h, &f, true);

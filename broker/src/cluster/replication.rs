@@ -181,6 +181,11 @@ impl Cluster {
             let Some(tx) = lock(&self.links).get(&id).cloned() else {
                 continue;
             };
+            // What the session was given lately goes first, as in a link
+            // snapshot: the owner promotes the copy knowing it.
+            if let Some(seen) = self.seen_frame(&client) {
+                tx.push(&seen, &self.stats.dropped);
+            }
             tx.push(
                 &Frame::Replicate {
                     seq: 0,
