@@ -249,6 +249,32 @@ pub fn keeps_snapshot_copy(
     }
 }
 
+/// A batch's session records as one run of changes per session, in order:
+/// what a holder sends each chain member (one `Replicate` frame per run),
+/// with the epoch the run was made in (the newest its records or an attach
+/// name).
+pub fn runs(
+    records: &[crate::effects::ChangeRecord],
+) -> Vec<(std::sync::Arc<str>, u64, Vec<SessionChange>)> {
+    let mut out = Vec::new();
+    for run in records.chunk_by(|a, b| a.client == b.client) {
+        let Some(client) = run.first().map(|r| r.client.clone()) else {
+            continue;
+        };
+        let mut epoch = 0;
+        let mut changes = Vec::with_capacity(run.len());
+        for r in run {
+            epoch = epoch.max(r.epoch);
+            if let SessionChange::Attached { epoch: e, .. } = &r.change {
+                epoch = epoch.max(*e);
+            }
+            changes.push(r.change.clone());
+        }
+        out.push((client, epoch, changes));
+    }
+    out
+}
+
 /// The filters a whole copy's session holds. A node given a copy relayed
 /// (not by its holder) notes them as the holder's interest: it may never
 /// have linked with the holder (it returned just before the holder died),
@@ -415,5 +441,32 @@ mod tests {
         ];
         assert_eq!(filters_of(&changes), ["a/#", "$share/g/b"]);
         assert!(filters_of(&[SessionChange::Ended]).is_empty());
+    }
+
+    /// One run per session, in order, with the newest epoch an attach or a
+    /// record names.
+    #[test]
+    fn a_batch_is_one_run_per_session() {
+        use crate::effects::ChangeRecord;
+        let rec = |c: &str, epoch, change| ChangeRecord {
+            client: std::sync::Arc::from(c),
+            epoch,
+            change,
+        };
+        let records = vec![
+            rec("a", 1, SessionChange::Detached),
+            rec("a", 1, attach(2)),
+            rec("b", 4, SessionChange::Detached),
+            rec("a", 2, SessionChange::Detached),
+        ];
+        let runs: Vec<(String, u64, usize)> = runs(&records)
+            .into_iter()
+            .map(|(c, e, ch)| (c.to_string(), e, ch.len()))
+            .collect();
+        assert_eq!(
+            runs,
+            [("a".into(), 2, 2), ("b".into(), 4, 1), ("a".into(), 2, 1)]
+        );
+        assert!(super::runs(&[]).is_empty());
     }
 }

@@ -1502,19 +1502,7 @@ impl World {
         let rep = self.nodes[node].next_rep;
         self.nodes[node].next_rep += 1;
         let mut left: BTreeMap<usize, usize> = BTreeMap::new();
-        for run in records.chunk_by(|a, b| a.client == b.client) {
-            let Some(client) = run.first().map(|r| r.client.clone()) else {
-                continue;
-            };
-            let mut epoch = 0;
-            let mut changes = Vec::with_capacity(run.len());
-            for r in run {
-                epoch = epoch.max(r.epoch);
-                if let SessionChange::Attached { epoch: e, .. } = &r.change {
-                    epoch = epoch.max(*e);
-                }
-                changes.push(r.change.clone());
-            }
+        for (client, epoch, changes) in mqlb_broker_core::replicas::runs(&records) {
             self.note_given(node, &client, &changes);
             let frame = Frame::Replicate {
                 seq: rep,

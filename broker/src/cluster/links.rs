@@ -538,19 +538,7 @@ impl Cluster {
                 copies.push((client, snap, holder));
             }
             for (client, snap, holder) in copies {
-                if let Some(seen) = self.seen_frame(&client) {
-                    tx.push(&seen, &self.stats.dropped);
-                }
-                tx.push(
-                    &Frame::Replicate {
-                        seq: 0,
-                        client,
-                        epoch: snap.epoch,
-                        holder,
-                        changes: whole(snap),
-                    },
-                    &self.stats.dropped,
-                );
+                self.send_whole(&tx, client, snap, holder);
             }
             tx.push(&Frame::SyncDone, &self.stats.dropped);
             let promoted = self.promoted_for.load(Ordering::Relaxed);

@@ -75,7 +75,6 @@ pub mod wire;
 
 pub use links::relay;
 use links::LinkTx;
-use replication::whole;
 use seen::SEEN_FOR;
 
 use std::collections::HashMap;

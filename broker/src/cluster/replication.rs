@@ -181,22 +181,33 @@ impl Cluster {
             let Some(tx) = lock(&self.links).get(&id).cloned() else {
                 continue;
             };
-            // What the session was given lately goes first, as in a link
-            // snapshot: the owner promotes the copy knowing it.
-            if let Some(seen) = self.seen_frame(&client) {
-                tx.push(&seen, &self.stats.dropped);
-            }
-            tx.push(
-                &Frame::Replicate {
-                    seq: 0,
-                    client,
-                    epoch: snap.epoch,
-                    holder,
-                    changes: whole(snap),
-                },
-                &self.stats.dropped,
-            );
+            self.send_whole(&tx, client, snap, holder);
         }
+    }
+
+    /// Sends a session whole on `tx` (seq 0: a snapshot's copy), after
+    /// what it was given lately (`Frame::Seen`), so the node that may
+    /// promote it knows that too: a link's snapshot, a hand-over.
+    pub(super) fn send_whole(
+        &self,
+        tx: &LinkTx,
+        client: String,
+        snap: crate::snapshot::SessionSnapshot,
+        holder: String,
+    ) {
+        if let Some(seen) = self.seen_frame(&client) {
+            tx.push(&seen, &self.stats.dropped);
+        }
+        tx.push(
+            &Frame::Replicate {
+                seq: 0,
+                client,
+                epoch: snap.epoch,
+                holder,
+                changes: whole(snap),
+            },
+            &self.stats.dropped,
+        );
     }
 
     /// After a view change: send every session this node holds whole to
@@ -621,19 +632,7 @@ impl Cluster {
         // uncommitted for good.
         let mut per_node: HashMap<NodeId, usize> = HashMap::new();
         let mut sends: Vec<(Frame, Vec<Arc<LinkTx>>)> = Vec::new();
-        for run in records.chunk_by(|a, b| a.client == b.client) {
-            let Some(client) = run.first().map(|r| r.client.clone()) else {
-                continue;
-            };
-            let mut epoch = 0;
-            let mut changes = Vec::with_capacity(run.len());
-            for r in run {
-                epoch = epoch.max(r.epoch);
-                if let SessionChange::Attached { epoch: e, .. } = &r.change {
-                    epoch = epoch.max(*e);
-                }
-                changes.push(r.change.clone());
-            }
+        for (client, epoch, changes) in crate::replicas::runs(&records) {
             let frame = Frame::Replicate {
                 seq,
                 client: client.to_string(),
