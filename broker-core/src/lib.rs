@@ -14,6 +14,7 @@
 //! # Layout
 //! * [`core`]: the state machine.
 //! * [`chain`]: which nodes keep a session's copies.
+//! * [`commits`]: what a change waits for before it counts as committed.
 //! * [`session`]: one session as data, changed only by typed
 //!   [`session::SessionChange`] records, which the cluster replicates.
 //! * [`router`]: the subscription trie plus shared groups.
@@ -32,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+pub mod commits;
 pub mod core;
 pub mod effects;
 pub mod hlc;

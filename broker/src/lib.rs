@@ -29,7 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub use mqlb_broker_core::{
-    chain, core, hlc, message, outbox, replicas, retained, router, session, snapshot, trie,
+    chain, commits, core, hlc, message, outbox, replicas, retained, router, session, snapshot, trie,
 };
 
 pub mod auth;

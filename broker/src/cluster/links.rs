@@ -18,6 +18,9 @@ pub(super) struct LinkTx {
     /// The last batch of the node's ordered change log that the link's
     /// snapshot already holds: later batches only are sent on it.
     snapshot_covers: AtomicU64,
+    /// The same for session changes, which whole copies sent again on the
+    /// open link (`resync_link`) may cover further.
+    copies_cover: AtomicU64,
 }
 
 impl LinkTx {
@@ -49,6 +52,11 @@ impl LinkTx {
     /// See `snapshot_covers`.
     pub(super) fn snapshot_covers(&self) -> u64 {
         self.snapshot_covers.load(Ordering::Acquire)
+    }
+
+    /// See `copies_cover`.
+    pub(super) fn copies_cover(&self) -> u64 {
+        self.copies_cover.load(Ordering::Acquire)
     }
 
     /// Whether the link must be closed (see `overflowed`).
@@ -181,11 +189,9 @@ impl Cluster {
         lock(&self.forgotten).remove(&id);
         lock(&self.early_answers).remove(&id);
         // Its answers to what this node sent before may have gone down
-        // its old link (one it had not yet found dead): what waits for it
-        // is released now rather than left to its deadline (a forward is
-        // sent again, and the peer gives it only to sessions that cannot
-        // have it; a change is on it, or comes in its snapshot).
-        self.release_waits(&[id]);
+        // its old link (one it had not yet found dead): see
+        // `answers_lost`.
+        self.answers_lost(id, &state);
         self.release_store_waits(&[id]);
         tracing::debug!("peer link up");
         let mut buf = BytesMut::with_capacity(64 << 10);
@@ -234,7 +240,7 @@ impl Cluster {
         }
         tracing::warn!("peer link down");
         // Its answers in flight on this link are lost.
-        self.release_waits(&[id]);
+        self.answers_lost(id, state);
         self.release_store_waits(&[id]);
         // Its interest is kept a while: publishes for its sessions are held
         // (see `forward`) until whoever takes them over has said so, instead
@@ -477,8 +483,9 @@ impl Cluster {
             let mut core = state.core();
             // Every change made so far is in the snapshot below: batches
             // numbered up to here are not sent on this link again.
-            tx.snapshot_covers
-                .store(state.last_sequenced(), Ordering::Release);
+            let covers = state.last_sequenced();
+            tx.snapshot_covers.store(covers, Ordering::Release);
+            tx.copies_cover.store(covers, Ordering::Release);
             tx.push(&Frame::Reset, &self.stats.dropped);
             for filter in core.local_interest() {
                 tx.push(
@@ -515,14 +522,23 @@ impl Cluster {
                     .take(self.replication)
                     .any(|m| m.0 == peer)
             };
-            let mut copies: Vec<(String, crate::snapshot::SessionSnapshot, String)> = Vec::new();
+            // This node's own sessions go acknowledged: once the peer has
+            // them all, the changes it was owed up to `covers` (sent on a
+            // link that broke, or made while there was none) are confirmed
+            // (`commits`).
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let mut own = 0;
             for client in core.persistent_sessions() {
                 if in_chain(&client) {
                     if let Some(snap) = core.export_session(&client) {
-                        copies.push((client.to_string(), snap, self.me.clone()));
+                        self.send_whole(&tx, seq, client.to_string(), snap, self.me.clone());
+                        own += 1;
                     }
                 }
             }
+            let released = lock(&self.waiting).expect_resync(seq, id, own, covers);
+            self.act_on(released);
+            let mut copies: Vec<(String, crate::snapshot::SessionSnapshot, String)> = Vec::new();
             // Copies kept for others go too: after a partition the side
             // that kept serving may be reachable only through them, and
             // the newest epoch wins wherever they land.
@@ -538,7 +554,7 @@ impl Cluster {
                 copies.push((client, snap, holder));
             }
             for (client, snap, holder) in copies {
-                self.send_whole(&tx, client, snap, holder);
+                self.send_whole(&tx, 0, client, snap, holder);
             }
             tx.push(&Frame::SyncDone, &self.stats.dropped);
             let promoted = self.promoted_for.load(Ordering::Relaxed);
@@ -593,13 +609,69 @@ impl Cluster {
                 _ => break,
             }
         }
-        {
+        let current = {
             let mut links = lock(&self.links);
-            if links.get(&id).is_some_and(|t| Arc::ptr_eq(t, &tx)) {
+            let current = links.get(&id).is_some_and(|t| Arc::ptr_eq(t, &tx));
+            if current {
                 links.remove(&id);
             }
+            current
+        };
+        if current {
+            // What was in flight on it is lost (`unlinked`).
+            self.unlinked(id);
         }
         self.tell_reachable(&mut state.core());
+    }
+
+    /// `peer`'s answers in flight to this node are lost (the link they
+    /// come on closed or was replaced). Its forwards are sent again; the
+    /// chain changes it was sent stay owed to it (`commits`), and the
+    /// sessions' copies go again, whole, on the link to it if that is open
+    /// (`resync_link`); otherwise the next link's snapshot holds them.
+    pub(super) fn answers_lost(&self, peer: NodeId, state: &State) {
+        self.unlinked(peer);
+        self.resync_link(peer, state);
+    }
+
+    /// Sends `peer`'s chain copies of this node's sessions whole again on
+    /// the open link to it, acknowledged: once all are, what it is owed up
+    /// to now is confirmed. Later batches only go on the link after them;
+    /// interest and retained messages are unaffected (no changes of theirs
+    /// were waiting).
+    fn resync_link(&self, peer: NodeId, state: &State) {
+        let Some(tx) = lock(&self.links).get(&peer).cloned() else {
+            return;
+        };
+        let Some(name) = self.name_of(peer) else {
+            return;
+        };
+        let released = {
+            // Under the core's lock, like a link snapshot: the copies hold
+            // every change numbered so far, and none after.
+            let core = state.core();
+            let covers = state.last_sequenced();
+            tx.copies_cover.fetch_max(covers, Ordering::AcqRel);
+            let members = self.view().members;
+            let ms: Vec<Member<'_>> = members.iter().map(|n| Member(n)).collect();
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let mut own = 0;
+            for client in core.persistent_sessions() {
+                let in_chain = mqlb_placement::rank(client.as_bytes(), &ms)
+                    .into_iter()
+                    .take(self.replication)
+                    .any(|m| m.0 == name);
+                if !in_chain {
+                    continue;
+                }
+                if let Some(snap) = core.export_session(&client) {
+                    self.send_whole(&tx, seq, client.to_string(), snap, self.me.clone());
+                    own += 1;
+                }
+            }
+            lock(&self.waiting).expect_resync(seq, peer, own, covers)
+        };
+        self.act_on(released);
     }
 
     /// Answers a peer's frame (an acknowledgement or a refusal). The link

@@ -62,7 +62,6 @@
 //! * **Raft state** is persisted with a state directory (see `consensus`).
 
 mod acks;
-mod commits;
 mod consensus;
 pub mod handshake;
 mod links;
@@ -277,7 +276,7 @@ pub struct Cluster {
     /// lately (see [`seen`]).
     replica_seen: Mutex<seen::Seen>,
     /// Appends waiting for chain members' acknowledgements.
-    waiting: Mutex<commits::Commits>,
+    waiting: Mutex<crate::commits::Commits<tokio::sync::oneshot::Sender<()>>>,
     /// Answers for peers whose link from this node is not open yet (see
     /// [`Cluster::answer`]).
     early_answers: Mutex<HashMap<NodeId, Vec<Frame>>>,
@@ -842,7 +841,7 @@ impl Cluster {
     pub async fn settle(&self, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let pending = lock(&self.waiting).len() > 0
+            let pending = !lock(&self.waiting).is_empty()
                 || lock(&self.links).values().any(|t| !lock(&t.buf).is_empty());
             if !pending || tokio::time::Instant::now() >= deadline {
                 if pending {
@@ -1476,11 +1475,17 @@ impl Fabric for Cluster {
         let mut rx = None;
         if m.qos != mqlb_protocol::QoS::AtMostOnce {
             seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            rx = Some(lock(&self.waiting).register(
+            let (done, wait) = tokio::sync::oneshot::channel();
+            // (Never given back: one peer is waited for.)
+            drop(lock(&self.waiting).register(
                 seq,
-                HashMap::from([(node, 1)]),
+                0,
+                [(node, 1)],
+                &[],
                 Some((m.clone(), groups.to_vec())),
+                done,
             ));
+            rx = Some(wait);
         }
         tx.push(
             &Frame::Forward {

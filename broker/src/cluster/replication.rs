@@ -5,6 +5,7 @@
 //! stepping down without a majority.
 
 use super::*;
+use crate::commits::Released;
 
 /// The most fingerprints one [`Frame::Seen`] carries: well inside
 /// [`wire::MAX_FRAME`] (a subscriber given over 6,500 messages a second
@@ -181,7 +182,7 @@ impl Cluster {
             let Some(tx) = lock(&self.links).get(&id).cloned() else {
                 continue;
             };
-            self.send_whole(&tx, client, snap, holder);
+            self.send_whole(&tx, 0, client, snap, holder);
         }
     }
 
@@ -191,6 +192,7 @@ impl Cluster {
     pub(super) fn send_whole(
         &self,
         tx: &LinkTx,
+        seq: u64,
         client: String,
         snap: crate::snapshot::SessionSnapshot,
         holder: String,
@@ -200,7 +202,7 @@ impl Cluster {
         }
         tx.push(
             &Frame::Replicate {
-                seq: 0,
+                seq,
                 client,
                 epoch: snap.epoch,
                 holder,
@@ -444,29 +446,65 @@ impl Cluster {
     }
 
     pub(super) fn acked(&self, from: NodeId, seq: u64) {
-        lock(&self.waiting).acked(from, seq);
+        let released = lock(&self.waiting).acked(from, seq);
+        self.act_on(released);
     }
 
     /// Peer `from` did not deliver the forward `seq`: held and forwarded
     /// again once its sessions' new holders have announced them.
     pub(super) fn forward_refused(&self, from: NodeId, seq: u64) {
         let again = lock(&self.waiting).refused(from, seq);
-        // Not to the refuser again: it keeps its old interest until it is
-        // gone, and each round would give the message once more to the
-        // node that took its sessions over.
-        if let Some((m, groups, tx)) = again {
-            self.hold_for_takeover(m, groups, vec![from], tx, true);
+        if let Some(r) = again {
+            match r {
+                Released::Committed(tx) => {
+                    let _ = tx.send(());
+                }
+                // Not to the refuser again: it keeps its old interest until
+                // it is gone, and each round would give the message once
+                // more to the node that took its sessions over.
+                Released::Resend(m, groups, tx) => {
+                    self.hold_for_takeover(m, groups, vec![from], tx, true);
+                }
+            }
         }
     }
 
     /// A member left the view: appends waiting for it wait no longer (the
     /// copy it would have held is re-made on the new chain by `rechain`).
     pub(super) fn release_waits(&self, gone: &[NodeId]) {
-        let again = lock(&self.waiting).lost(gone);
-        // Which other peers had each is not known here: one that did may
-        // see it twice (QoS 1 allows; see the README).
-        for (m, groups, tx) in again {
-            self.hold_for_takeover(m, groups, Vec::new(), tx, false);
+        let released = lock(&self.waiting).lost(gone);
+        self.act_on(released);
+    }
+
+    /// The link to `peer` broke. A member of the view is owed the chain
+    /// changes that were in flight on it until it confirms the next link's
+    /// snapshot (`commits`: committing without it could lose them); one
+    /// the view does not count (a joiner) is waited for no longer.
+    pub(super) fn unlinked(&self, peer: NodeId) {
+        let member = self
+            .name_of(peer)
+            .is_some_and(|n| self.view().members.contains(&n));
+        if !member {
+            return self.release_waits(&[peer]);
+        }
+        let released = lock(&self.waiting).unlinked(peer);
+        self.act_on(released);
+    }
+
+    /// Acts on what `commits` released: waiters told they are committed,
+    /// forwards held for the takeover and sent again.
+    pub(super) fn act_on(&self, released: Vec<Released<tokio::sync::oneshot::Sender<()>>>) {
+        for r in released {
+            match r {
+                Released::Committed(tx) => {
+                    let _ = tx.send(());
+                }
+                // Which other peers had each is not known here: one that
+                // did may see it twice (QoS 1 allows; see the README).
+                Released::Resend(m, groups, tx) => {
+                    self.hold_for_takeover(m, groups, Vec::new(), tx, false);
+                }
+            }
         }
     }
 
@@ -631,6 +669,8 @@ impl Cluster {
         // acknowledgement that finds no wait is lost, leaving the change
         // uncommitted for good.
         let mut per_node: HashMap<NodeId, usize> = HashMap::new();
+        let mut owed: Vec<NodeId> = Vec::new();
+        let in_view = |name: &str| lock(&self.view).members.iter().any(|m| m == name);
         let mut sends: Vec<(Frame, Vec<Arc<LinkTx>>)> = Vec::new();
         for (client, epoch, changes) in crate::replicas::runs(&records) {
             let frame = Frame::Replicate {
@@ -657,22 +697,31 @@ impl Cluster {
                     continue;
                 };
                 // A link opened after this batch was numbered had it in its
-                // snapshot already.
-                if let Some(tx) = lock(&self.links)
-                    .get(&id)
-                    .filter(|tx| log_seq > tx.snapshot_covers())
-                    .cloned()
-                {
-                    to.push(tx);
-                    *per_node.entry(id).or_insert(0) += 1;
+                // snapshot already; a member without a link gets it in the
+                // next one. Either is owed it until it confirms that
+                // snapshot (`commits`). A joiner with no link is not.
+                match lock(&self.links).get(&id) {
+                    Some(tx) if log_seq > tx.copies_cover() => {
+                        to.push(tx.clone());
+                        *per_node.entry(id).or_insert(0) += 1;
+                    }
+                    Some(_) => owed.push(id),
+                    None if in_view(&member) => owed.push(id),
+                    None => {}
                 }
             }
             sends.push((frame, to));
         }
-        if per_node.is_empty() {
+        if per_node.is_empty() && owed.is_empty() {
             return Committed::now();
         }
-        let rx = lock(&self.waiting).register(seq, per_node, None);
+        let (done, rx) = tokio::sync::oneshot::channel();
+        owed.sort_unstable();
+        owed.dedup();
+        if let Some(done) = lock(&self.waiting).register(seq, log_seq, per_node, &owed, None, done)
+        {
+            let _ = done.send(());
+        }
         for (frame, to) in sends {
             for link in to {
                 link.push(&frame, &self.stats.dropped);
