@@ -178,6 +178,12 @@ impl<D> Commits<D> {
     pub fn unlinked(&mut self, peer: NodeId) -> Vec<Released<D>> {
         self.resyncs.retain(|_, r| r.peer != peer);
         self.confirmed.remove(&peer);
+        self.forwards_lost(peer)
+    }
+
+    /// The forwards waiting for `peer` wait no longer and come back (its
+    /// link is down; what was on it is lost). Chain changes keep waiting.
+    pub fn forwards_lost(&mut self, peer: NodeId) -> Vec<Released<D>> {
         self.release_where(|w, p| p == peer && w.resend.is_some())
     }
 

@@ -1822,6 +1822,106 @@ async fn a_flapping_link_hangs_no_publisher_and_loses_nothing() {
     );
 }
 
+/// The link between a session's holder and its replica breaks while both
+/// live (neither leaves the view), messages for the session are published
+/// and acknowledged, and then the holder dies before the link is back: the
+/// replica promotes its copy, which must have every acknowledged message.
+/// (Found by the simulator: the replica used to be counted out while its
+/// link was down, so the holder acknowledged what only it had.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_link_then_the_holders_death_loses_nothing_acknowledged() {
+    use mqlb_protocol::Packet;
+    let _one = ONE_CLUSTER.lock().await;
+    let mut c = TestCluster::start_partitionable(3).await;
+    assert!(c.wait_converged(SETTLE).await, "cluster did not converge");
+    // A persistent QoS 1 subscriber held by n1 with its copy on n2, offline:
+    // what is published for it queues in the session.
+    let id = (0..1000)
+        .map(|k| c.id_owned_by("n1", &format!("cut-sub{k}"), &ALL))
+        .find(|id| c.chain_second(id, &ALL) == "n2")
+        .unwrap();
+    let mut cp = connect_packet(&id, ProtocolVersion::V5, false);
+    cp.properties.session_expiry_interval = Some(3600);
+    let (mut s, ack) = Client::connect(&c.nodes[0].addr, cp.clone()).await;
+    assert_eq!(ack.reason.0, 0);
+    s.subscribe("cut/#", qos(QoS::AtLeastOnce)).await;
+    drop(s);
+    // The publisher is on n3, outside the session's chain.
+    let (mut publ, _) = connect_owned(&c, "n3", "cut-pub", ProtocolVersion::V5, true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let publish = |n: u16| {
+        Packet::Publish(mqlb_protocol::Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: mqlb_protocol::MqttStr::try_from("cut/x").unwrap(),
+            packet_id: Some(mqlb_protocol::PacketId::new(n).unwrap()),
+            properties: Properties::default(),
+            payload: bytes::Bytes::from(format!("m{n}")),
+        })
+    };
+    let mut acked = std::collections::BTreeSet::new();
+    let mut collect = |p: Option<Packet>, acked: &mut std::collections::BTreeSet<u16>| {
+        if let Some(Packet::Puback(a)) = p {
+            acked.insert(a.packet_id.get());
+        }
+    };
+    // Ten with the link whole, then the n1-n2 links cut and ten more.
+    for n in 1..=10 {
+        assert!(publ.try_send(publish(n)).await);
+    }
+    while acked.len() < 10 {
+        let p = publ.recv(Duration::from_secs(5)).await;
+        assert!(p.is_some(), "no PUBACK with the cluster whole");
+        collect(p, &mut acked);
+    }
+    for (_, _, l) in c.links.iter().filter(|(i, j, _)| i + j == 1) {
+        l.set_cut(true);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for n in 11..=20 {
+        assert!(publ.try_send(publish(n)).await);
+    }
+    // Whatever n1 acknowledges now, n2 must have as well.
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while tokio::time::Instant::now() < until {
+        let p = publ.recv(Duration::from_millis(100)).await;
+        collect(p, &mut acked);
+    }
+    let before_kill = acked.len();
+    c.kill(0);
+    // The view drops n1; n2 promotes its copy; what n3 forwarded to n1 and
+    // had no answer for goes to n2. Every publish is acknowledged.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while acked.len() < 20 && tokio::time::Instant::now() < deadline {
+        let p = publ.recv(Duration::from_millis(250)).await;
+        collect(p, &mut acked);
+    }
+    assert_eq!(acked.len(), 20, "publishes never acknowledged");
+    // The subscriber comes back to the session's new holder.
+    let live = ["n2", "n3"];
+    let owner = node_index(&c.owner_of(&id, &live));
+    let (mut s, ack) = Client::connect(&c.nodes[owner].addr, cp).await;
+    assert_eq!(ack.reason.0, 0);
+    assert!(ack.session_present, "the session was lost");
+    let mut got = std::collections::BTreeSet::new();
+    while let Some(m) = s.next_publish(Duration::from_secs(3), true).await {
+        let text = String::from_utf8_lossy(&m.payload).into_owned();
+        if let Some(n) = text.strip_prefix('m').and_then(|n| n.parse::<u16>().ok()) {
+            got.insert(n);
+        }
+        if got.len() == 20 {
+            break;
+        }
+    }
+    let lost: Vec<u16> = acked.iter().filter(|n| !got.contains(n)).copied().collect();
+    eprintln!(
+        "acknowledged before the kill: {before_kill} of 20; delivered after it: {}",
+        got.len()
+    );
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+}
+
 /// With `--replication-factor 3` every persistent session has a copy on
 /// each of the three nodes: both other nodes hold a replica, the node that
 /// takes over after a `kill -9` serves the session with its queued

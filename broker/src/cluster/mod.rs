@@ -1145,8 +1145,8 @@ impl Cluster {
         self.forget_moved_peers(state, &view);
         // Every tick: what waits for a peer whose link failed waits no
         // longer (what was on that link is lost, so forwards are held and
-        // sent again, and session copies are sent whole when the link comes
-        // back). A peer the view dropped but still linked is waited for: it
+        // sent again), except the chain changes a member of the view is
+        // owed (see below). A peer the view dropped but still linked is waited for: it
         // either answers (it delivered before it stepped down, and a second
         // copy would be a duplicate) or refuses (Frame::Refused), and a
         // gracefully leaving node drains its link before it exits.
@@ -1176,7 +1176,17 @@ impl Cluster {
                 .map(|(i, _)| i)
                 .collect()
         };
-        self.release_waits(&gone);
+        // A member of the view without a link is owed the chain changes it
+        // missed until its next link's snapshot confirms them (`commits`);
+        // only its forwards come back.
+        let (members, others): (Vec<NodeId>, Vec<NodeId>) = gone
+            .iter()
+            .partition(|&&i| self.name_of(i).is_some_and(|n| view.members.contains(&n)));
+        self.release_waits(&others);
+        for i in members {
+            let released = lock(&self.waiting).forwards_lost(i);
+            self.act_on(released);
+        }
         self.release_store_waits(&gone);
         // State store requests and copies waiting for a member the view
         // dropped (hung, or cut off) wait no longer either.
