@@ -1861,7 +1861,7 @@ async fn a_broken_link_then_the_holders_death_loses_nothing_acknowledged() {
         })
     };
     let mut acked = std::collections::BTreeSet::new();
-    let mut collect = |p: Option<Packet>, acked: &mut std::collections::BTreeSet<u16>| {
+    let collect = |p: Option<Packet>, acked: &mut std::collections::BTreeSet<u16>| {
         if let Some(Packet::Puback(a)) = p {
             acked.insert(a.packet_id.get());
         }
