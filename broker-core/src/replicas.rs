@@ -36,8 +36,32 @@ pub struct Replicas {
     /// for the holder) while their holder was live, and that the holder has
     /// not updated since, with when they came: such a copy stops where the
     /// peer's stood, and the peer may go on receiving the holder's changes
-    /// (see [`Replicas::promotable`]).
-    relayed: HashMap<String, Instant>,
+    /// (see [`Replicas::promotable`]); and the copies cut off from their
+    /// holder ([`Replicas::unlinked_from`]).
+    relayed: HashMap<String, Mark>,
+}
+
+/// Why a copy waits before it may be promoted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    /// It came relayed at this time.
+    Relayed(Instant),
+    /// Its holder's stream to this node broke while this node was not in
+    /// the view; since when the holder has left the view, if it has.
+    CutOff(Option<Instant>),
+}
+
+/// Where the copy a node keeps of a session came from, for
+/// [`keeps_snapshot_copy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Its holder updated it.
+    Updated,
+    /// A peer relayed it while the holder was live.
+    Relayed,
+    /// Its holder's stream to this node broke (see
+    /// [`Replicas::unlinked_from`]).
+    CutOff,
 }
 
 /// How long a relayed copy waits before it may be promoted without a
@@ -145,7 +169,7 @@ impl Replicas {
     pub fn mark_relayed(&mut self, client: &str, since: Option<Instant>) {
         match since {
             Some(t) if self.copies.contains_key(client) => {
-                self.relayed.insert(client.to_string(), t);
+                self.relayed.insert(client.to_string(), Mark::Relayed(t));
             }
             _ => {
                 self.relayed.remove(client);
@@ -170,10 +194,51 @@ impl Replicas {
             return self.copies.contains_key(client);
         }
         self.copies.contains_key(client)
-            && self
-                .relayed
-                .get(client)
-                .is_none_or(|t| now.saturating_duration_since(*t) >= RELAYED_WAIT)
+            && self.relayed.get(client).is_none_or(|m| match m {
+                Mark::Relayed(t) | Mark::CutOff(Some(t)) => {
+                    now.saturating_duration_since(*t) >= RELAYED_WAIT
+                }
+                Mark::CutOff(None) => false,
+            })
+    }
+
+    /// `client`'s copy, if there is one: its epoch and where it came from.
+    pub fn held(&self, client: &str) -> Option<(u64, Held)> {
+        let epoch = self.copies.get(client)?.epoch;
+        let held = match self.relayed.get(client) {
+            None => Held::Updated,
+            Some(Mark::Relayed(_)) => Held::Relayed,
+            Some(Mark::CutOff(_)) => Held::CutOff,
+        };
+        Some((epoch, held))
+    }
+
+    /// The stream from `holder` to this node broke while this node was not
+    /// a member of the view (a returning node, which holders stream to but
+    /// do not wait for): its copies of `holder`'s sessions may miss
+    /// changes committed meanwhile. Each waits, like a relayed copy, for
+    /// the holder's changes or a fresher copy; once the holder has left
+    /// the view, for at most [`RELAYED_WAIT`] (see `holders_left`). Found
+    /// by the simulator: such a node joined the view, the holder died, and
+    /// it promoted the stale copy while the old chain member handed the
+    /// fresh one over.
+    pub fn unlinked_from(&mut self, holder: NodeId) {
+        for (c, h) in &self.holders {
+            if *h == holder && self.copies.contains_key(c) {
+                self.relayed.entry(c.clone()).or_insert(Mark::CutOff(None));
+            }
+        }
+    }
+
+    /// `gone` left the view at `now`: copies of theirs waiting for that
+    /// (`unlinked_from`) wait [`RELAYED_WAIT`] more for a fresher copy.
+    pub fn holders_left(&mut self, gone: &[NodeId], now: Instant) {
+        for (c, mark) in &mut self.relayed {
+            if *mark == Mark::CutOff(None) && self.holders.get(c).is_some_and(|h| gone.contains(h))
+            {
+                *mark = Mark::CutOff(Some(now));
+            }
+        }
     }
 
     /// The copies this node's holders updated (not relayed ones) whose
@@ -222,30 +287,36 @@ impl Replicas {
 /// Whether a node keeps the whole copy of a session a peer's link snapshot
 /// sent it. `relayed`: the peer is not the session's holder (it sends a
 /// copy it keeps for another); `held`: the copy this node has, if any: its
-/// epoch, and whether it came relayed too; `serving`: this node serves the
-/// session live.
+/// epoch, and where it came from; `serving`: this node serves the session
+/// live; `holder_live`: the session's holder is in the view.
 ///
 /// A relayed copy may be older than the one the holder itself gave this
 /// node: with the same epoch it does not replace it (a stale copy promoted
 /// later would send a QoS 2 message again that was completed). It does
 /// replace a relayed copy of the same epoch: the later one was taken later.
+/// A copy cut off from its holder is replaced at the same epoch only once
+/// the holder has left: then the peer's copy is final (a chain member's,
+/// handed over), while a live holder's relayed copy may be older than the
+/// one cut off (found by the simulator).
 /// And a copy of a session served here is a peer relaying back what it was
 /// given: kept, it would go out in this node's own snapshots after the live
 /// session, naming this node as holder, and replace the fresh copy there
 /// (found by the simulator).
 pub fn keeps_snapshot_copy(
     relayed: bool,
-    held: Option<(u64, bool)>,
+    held: Option<(u64, Held)>,
     epoch: u64,
     serving: bool,
+    holder_live: bool,
 ) -> bool {
     if serving && !crate::mutations::on(crate::mutations::Mutation::SnapshotCopyOfLiveSession) {
         return false;
     }
     match (relayed, held) {
         (false, _) | (true, None) => true,
-        (true, Some((e, true))) => e <= epoch,
-        (true, Some((e, false))) => e < epoch,
+        (true, Some((e, Held::Relayed))) => e <= epoch,
+        (true, Some((e, Held::Updated))) => e < epoch,
+        (true, Some((e, Held::CutOff))) => e < epoch || (e == epoch && !holder_live),
     }
 }
 
@@ -386,6 +457,35 @@ mod tests {
         assert!(!r.promotable("none", t0) && !r.is_relayed("none"));
     }
 
+    /// A copy whose holder's stream broke while this node was not in the
+    /// view waits: for the holder's changes, or, once the holder has left
+    /// the view, RELAYED_WAIT for a fresher copy. It is not handed on.
+    #[test]
+    fn a_copy_cut_off_from_its_holder_waits_for_a_fresher_one() {
+        let t0 = Instant::now();
+        let mut r = Replicas::default();
+        for (c, h) in [("a", 1), ("b", 2)] {
+            r.set_holder(c, h);
+            r.apply(c, 4, vec![attach(4)], t0);
+        }
+        r.unlinked_from(1);
+        assert!(r.is_relayed("a") && !r.is_relayed("b"));
+        assert_eq!(r.held("a"), Some((4, Held::CutOff)));
+        assert_eq!(r.held("b"), Some((4, Held::Updated)));
+        let later = t0 + RELAYED_WAIT * 10;
+        assert!(!r.promotable("a", later), "waits while its holder lives");
+        assert!(r.orphans(|h| h != 1, t0).is_empty());
+        r.holders_left(&[2], t0);
+        assert!(!r.promotable("a", later), "another holder left");
+        r.holders_left(&[1], t0);
+        assert!(!r.promotable("a", t0 + RELAYED_WAIT / 2));
+        assert!(r.promotable("a", t0 + RELAYED_WAIT));
+        // A holder's change (or a fresher whole copy) ends the wait.
+        r.unlinked_from(1);
+        r.apply("a", 4, vec![SessionChange::Detached], t0);
+        assert!(r.promotable("a", t0));
+    }
+
     /// Orphans: the copies the holder updated whose holder is gone, with
     /// the holder; relayed ones are not handed on.
     #[test]
@@ -410,17 +510,25 @@ mod tests {
     #[test]
     fn snapshot_copies_kept_or_not() {
         // From the holder: kept (epochs are the apply's business).
-        assert!(keeps_snapshot_copy(false, Some((5, false)), 4, false));
+        let up = Held::Updated;
+        assert!(keeps_snapshot_copy(false, Some((5, up)), 4, false, true));
         // Relayed, no copy here: kept.
-        assert!(keeps_snapshot_copy(true, None, 4, false));
+        assert!(keeps_snapshot_copy(true, None, 4, false, true));
         // Relayed over a copy the holder updated: only a newer epoch.
-        assert!(!keeps_snapshot_copy(true, Some((4, false)), 4, false));
-        assert!(keeps_snapshot_copy(true, Some((4, false)), 5, false));
+        assert!(!keeps_snapshot_copy(true, Some((4, up)), 4, false, false));
+        assert!(keeps_snapshot_copy(true, Some((4, up)), 5, false, true));
         // Relayed over a relayed copy: the later one, same epoch or newer.
-        assert!(keeps_snapshot_copy(true, Some((4, true)), 4, false));
-        assert!(!keeps_snapshot_copy(true, Some((5, true)), 4, false));
+        let re = Held::Relayed;
+        assert!(keeps_snapshot_copy(true, Some((4, re)), 4, false, true));
+        assert!(!keeps_snapshot_copy(true, Some((5, re)), 4, false, true));
+        // Over a copy cut off from its holder: at the same epoch only once
+        // the holder has left.
+        let cut = Held::CutOff;
+        assert!(!keeps_snapshot_copy(true, Some((4, cut)), 4, false, true));
+        assert!(keeps_snapshot_copy(true, Some((4, cut)), 4, false, false));
+        assert!(keeps_snapshot_copy(true, Some((4, cut)), 5, false, true));
         // A session served here: never.
-        assert!(!keeps_snapshot_copy(true, None, 9, true));
+        assert!(!keeps_snapshot_copy(true, None, 9, true, false));
     }
 
     #[test]

@@ -123,6 +123,14 @@ pub struct Coverage {
     pub slow_periods: u64,
     /// Batches committed because a chain member left the view.
     pub commits_by_loss: u64,
+    /// Batches owed to a chain member without a link (or whose link's
+    /// snapshot it had not confirmed yet).
+    pub owed_batches: u64,
+    /// Owed batches committed once the member confirmed a link snapshot.
+    pub owed_released_by_resync: u64,
+    /// Links from a holder to a node outside the view that broke (its
+    /// copies wait for fresher ones before they may be promoted).
+    pub copies_cut_off: u64,
     pub commit_deadlines: u64,
     pub not_committed_closes: u64,
     /// Log hand-offs that carried several batches (calls interleaved
@@ -171,6 +179,9 @@ impl Coverage {
             clock_steps,
             slow_periods,
             commits_by_loss,
+            owed_batches,
+            owed_released_by_resync,
+            copies_cut_off,
             commit_deadlines,
             not_committed_closes,
             appends_of_several,

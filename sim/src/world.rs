@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use mqlb_broker::cluster::wire::Frame;
+use mqlb_broker_core::commits::{Commits, Released};
 use mqlb_broker_core::core::{snapshot_of, Core};
 use mqlb_broker_core::effects::{ChangeRecord, Effects, LogEntry, Route};
 use mqlb_broker_core::log::Sequencer;
@@ -183,11 +184,6 @@ struct Batch {
 
 /// A batch sent down chains: frames each member has still to answer.
 #[derive(Debug)]
-struct Wait {
-    left: BTreeMap<usize, usize>,
-    gate: usize,
-}
-
 struct Node {
     name: String,
     up: bool,
@@ -197,7 +193,9 @@ struct Node {
     core: Core,
     replicas: Replicas,
     log: Sequencer<Batch>,
-    waits: BTreeMap<u64, Wait>,
+    /// What each batch waits for (`commits::Commits`, the broker's own),
+    /// by gate.
+    waits: Commits<usize>,
     next_rep: u64,
     /// The core's connection ids, to the simulation's.
     conns: BTreeMap<u64, usize>,
@@ -207,6 +205,9 @@ struct Node {
     covers: BTreeMap<usize, u64>,
     /// Peers whose snapshot this node has had since it started.
     synced: BTreeSet<usize>,
+    /// Per peer, the number the last link snapshot's own session copies
+    /// went with (for the coverage report).
+    resync_seq: BTreeMap<usize, u64>,
     /// Publishes forwarded and not yet answered, by sequence number.
     forwards: BTreeMap<u64, Fwd>,
     /// Publishes held for a lost node's sessions (`hold_for_takeover`).
@@ -333,6 +334,11 @@ pub struct World {
 }
 
 // Streams: each a FIFO of its own, with its own draws.
+/// The broker's id for node `n` (its position in the directory).
+fn node_id(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 fn up_stream(conn: usize) -> u64 {
     (1 << 40) | (conn as u64) << 1
 }
@@ -408,13 +414,15 @@ impl World {
                 core: new_core(n),
                 replicas: Replicas::default(),
                 log: Sequencer::default(),
-                waits: BTreeMap::new(),
+                waits: Commits::default(),
                 next_rep: 1,
                 conns: BTreeMap::new(),
                 stalled_until: 0,
-                covers: BTreeMap::new(),
-                // The cluster starts synced (every node starts empty).
+                // The cluster starts linked and synced (every node starts
+                // empty): every link's snapshot held nothing.
+                covers: (0..cfg.nodes).filter(|&p| p != n).map(|p| (p, 0)).collect(),
                 synced: (0..cfg.nodes).filter(|&p| p != n).collect(),
+                resync_seq: BTreeMap::new(),
                 forwards: BTreeMap::new(),
                 held: Vec::new(),
                 promoted_for: 0,
@@ -1501,7 +1509,8 @@ impl World {
         }
         let rep = self.nodes[node].next_rep;
         self.nodes[node].next_rep += 1;
-        let mut left: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut left: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut owed: Vec<u32> = Vec::new();
         for (client, epoch, changes) in mqlb_broker_core::replicas::runs(&records) {
             self.note_given(node, &client, &changes);
             let frame = Frame::Replicate {
@@ -1512,26 +1521,39 @@ impl World {
                 changes,
             };
             for m in self.targets(node, &client) {
-                // A link opened after this batch was numbered had it in
-                // its snapshot already.
-                if m == node
-                    || self.nodes[node]
-                        .covers
-                        .get(&m)
-                        .is_some_and(|&c| log_seq <= c)
-                {
+                if m == node {
                     continue;
                 }
-                self.send_frame(node, m, &frame);
-                *left.entry(m).or_insert(0) += 1;
+                let id = node_id(m);
+                // A link opened after this batch was numbered had it in
+                // its snapshot already; a member without a link gets it in
+                // the next one. Either is owed it until it confirms that
+                // snapshot (`commits`). A joiner with no link is not.
+                let link = self.nodes[node]
+                    .covers
+                    .get(&m)
+                    .copied()
+                    .filter(|_| self.linked(node, m));
+                match link {
+                    Some(c) if log_seq > c => {
+                        self.send_frame(node, m, &frame);
+                        *left.entry(id).or_insert(0) += 1;
+                    }
+                    Some(_) => owed.push(id),
+                    None if self.view.contains(&m) => owed.push(id),
+                    None => {}
+                }
             }
         }
-        if left.is_empty() {
-            self.resolve(b.gate, GateState::Done);
+        owed.sort_unstable();
+        owed.dedup();
+        self.cov.owed_batches += u64::from(!owed.is_empty());
+        if let Some(gate) = self.nodes[node]
+            .waits
+            .register(rep, log_seq, left, &owed, None, b.gate)
+        {
+            self.resolve(gate, GateState::Done);
         } else {
-            self.nodes[node]
-                .waits
-                .insert(rep, Wait { left, gate: b.gate });
             if self.nodes[node].waits.len() > MAX_WAITS {
                 self.bad.push(format!(
                     "unbounded: {} batches wait on {}",
@@ -1593,9 +1615,15 @@ impl World {
                     let from_holder = self.nodes[from].name == holder;
                     let whole = seq == 0 && changes.first() == Some(&SessionChange::Ended);
                     let r = &self.nodes[to].replicas;
-                    let held = r.epoch(&client).map(|e| (e, r.is_relayed(&client)));
+                    let held = r.held(&client);
                     let serving = self.nodes[to].core.has_session(&client);
-                    if whole && !from_holder && !keeps_snapshot_copy(true, held, epoch, serving) {
+                    let holder_live = self
+                        .index_of(&holder)
+                        .is_some_and(|h| self.view.contains(&h));
+                    if whole
+                        && !from_holder
+                        && !keeps_snapshot_copy(true, held, epoch, serving, holder_live)
+                    {
                         continue;
                     }
                     // `replication::apply_replica`, then the answer.
@@ -1688,21 +1716,11 @@ impl World {
                         self.resolve(f.gate, GateState::Done);
                         continue;
                     }
-                    let n = &mut self.nodes[to];
-                    let Some(w) = n.waits.get_mut(&seq) else {
-                        continue;
-                    };
-                    if let Some(k) = w.left.get_mut(&from) {
-                        *k -= 1;
-                        if *k == 0 {
-                            w.left.remove(&from);
-                        }
+                    let released = self.nodes[to].waits.acked(node_id(from), seq);
+                    if self.nodes[to].resync_seq.get(&from) == Some(&seq) {
+                        self.cov.owed_released_by_resync += released.len() as u64;
                     }
-                    if w.left.is_empty() {
-                        if let Some(w) = n.waits.remove(&seq) {
-                            self.resolve(w.gate, GateState::Done);
-                        }
-                    }
+                    self.released(released, false);
                 }
                 Frame::SyncDone => {
                     self.nodes[to].synced.insert(from);
@@ -2040,19 +2058,53 @@ impl World {
         if let Some(g) = gone {
             // Dropped from the view: waited for no more either.
             self.links_lost(g);
+            // Copies cut off from it wait a little for fresher ones now.
+            let now = self.instant();
+            for n in &mut self.nodes {
+                n.replicas.holders_left(&[node_id(g)], now);
+            }
         }
         let members: Vec<usize> = self.view.iter().copied().collect();
         for &n in &members {
             self.promote_owned(n);
         }
-        // `hand_orphans_to_owners`: copies whose holder the view dropped go
+        // `nodes_left`: the retained messages the dropped node wrote last go
+        // to every peer again (a peer whose link from it broke may lack
+        // them).
+        if let Some(g) = gone {
+            let stamp = u32::try_from(g + 1).unwrap_or(u32::MAX);
+            for &n in &members {
+                if !self.nodes[n].up {
+                    continue;
+                }
+                let frames: Vec<Frame> = self.nodes[n]
+                    .core
+                    .retained_all()
+                    .into_iter()
+                    .filter(|(_, _, v)| v.node == stamp)
+                    .map(|(topic, message, version)| Frame::Retained {
+                        topic,
+                        message,
+                        version,
+                    })
+                    .collect();
+                for p in 0..self.nodes.len() {
+                    if p != n && self.linked(n, p) {
+                        for f in &frames {
+                            self.send_frame(n, p, f);
+                        }
+                    }
+                }
+            }
+        }
+        // `nodes_left`: copies whose holder the view dropped go
         // whole to each session's new owner.
         let now = self.instant();
         for &n in &members {
             if !self.nodes[n].up {
                 continue;
             }
-            // Only the holder that has just left (`hand_orphans_to_owners`).
+            // Only the holder that has just left (`nodes_left`).
             let Some(g) = gone else {
                 break;
             };
@@ -2173,19 +2225,22 @@ impl World {
 
     /// `n`'s link to `g` is gone.
     fn link_lost(&mut self, n: usize, g: usize) {
+        self.nodes[n].resync_seq.remove(&g);
+        // `links::link_down`: a node outside the view, which `g` streamed
+        // to without waiting for it, may miss what `g` committed meanwhile.
+        if !self.view.contains(&n) {
+            self.cov.copies_cut_off += 1;
+            self.nodes[n].replicas.unlinked_from(node_id(g));
+        }
         {
-            let mut done = Vec::new();
-            for (seq, w) in self.nodes[n].waits.iter_mut() {
-                if w.left.remove(&g).is_some() && w.left.is_empty() {
-                    done.push(*seq);
-                }
-            }
-            for seq in done {
-                if let Some(w) = self.nodes[n].waits.remove(&seq) {
-                    self.cov.commits_by_loss += 1;
-                    self.resolve(w.gate, GateState::Done);
-                }
-            }
+            // `replication::unlinked`: a member of the view is owed what it
+            // missed; one the view dropped is waited for no more.
+            let released = if self.view.contains(&g) {
+                self.nodes[n].waits.unlinked(node_id(g))
+            } else {
+                self.nodes[n].waits.lost(&[node_id(g)])
+            };
+            self.released(released, true);
             let lost: Vec<u64> = self.nodes[n]
                 .forwards
                 .iter()
@@ -2195,6 +2250,24 @@ impl World {
             for seq in lost {
                 if let Some(f) = self.nodes[n].forwards.remove(&seq) {
                     self.hold(n, f.message, f.groups, vec![g], false, f.gate);
+                }
+            }
+        }
+    }
+
+    /// Resolves the gates `commits` released; `by_loss`: because a member
+    /// left.
+    fn released(&mut self, released: Vec<Released<usize>>, by_loss: bool) {
+        for r in released {
+            match r {
+                Released::Committed(gate) => {
+                    self.cov.commits_by_loss += u64::from(by_loss);
+                    self.resolve(gate, GateState::Done);
+                }
+                Released::Resend(_, _, gate) => {
+                    self.bad
+                        .push("a chain wait came back as a forward".to_string());
+                    self.resolve(gate, GateState::Done);
                 }
             }
         }
@@ -2253,6 +2326,12 @@ impl World {
                 version,
             });
         }
+        // This node's own sessions go acknowledged: once `to` has them
+        // all, what it was owed up to here is confirmed (`commits`).
+        let last = self.nodes[from].log.last();
+        let seq = self.nodes[from].next_rep;
+        self.nodes[from].next_rep += 1;
+        let mut own = 0;
         let mut ids = self.nodes[from].core.persistent_sessions();
         ids.sort();
         for id in ids {
@@ -2260,9 +2339,10 @@ impl World {
                 continue;
             }
             if let Some(snap) = self.nodes[from].core.export_session(&id) {
+                own += 1;
                 frames.extend(self.seen_frame(from, &id));
                 frames.push(Frame::Replicate {
-                    seq: 0,
+                    seq,
                     client: id.to_string(),
                     epoch: snap.epoch,
                     holder: self.nodes[from].name.clone(),
@@ -2297,8 +2377,13 @@ impl World {
         for f in &frames {
             self.send_frame(from, to, f);
         }
-        let last = self.nodes[from].log.last();
         self.nodes[from].covers.insert(to, last);
+        self.nodes[from].resync_seq.insert(to, seq);
+        let released = self.nodes[from]
+            .waits
+            .expect_resync(seq, node_id(to), own, last);
+        self.cov.owed_released_by_resync += released.len() as u64;
+        self.released(released, false);
         self.update_reachable();
     }
 
@@ -2451,7 +2536,7 @@ impl World {
         node.core = new_core(n);
         node.replicas = Replicas::default();
         node.log = Sequencer::default();
-        node.waits.clear();
+        node.waits = Commits::default();
         node.covers.clear();
         node.synced.clear();
         node.forwards.clear();

@@ -241,6 +241,12 @@ impl Cluster {
         tracing::warn!("peer link down");
         // Its answers in flight on this link are lost.
         self.answers_lost(id, state);
+        // Outside the view this node is streamed to but not waited for:
+        // its copies of the peer's sessions may miss what the peer commits
+        // from now on (`Replicas::unlinked_from`).
+        if !self.view().members.contains(&self.me) {
+            lock(&self.replicas).unlinked_from(id);
+        }
         self.release_store_waits(&[id]);
         // Its interest is kept a while: publishes for its sessions are held
         // (see `forward`) until whoever takes them over has said so, instead
@@ -294,12 +300,16 @@ impl Cluster {
                     && changes.first() == Some(&SessionChange::Ended)
                     && self.name_of(id).is_some_and(|n| n != holder);
                 if relayed {
-                    let held = {
-                        let r = lock(&self.replicas);
-                        r.epoch(&client).map(|e| (e, r.is_relayed(&client)))
-                    };
+                    let held = lock(&self.replicas).held(&client);
                     let serving = state.core().has_session(&client);
-                    if !crate::replicas::keeps_snapshot_copy(true, held, epoch, serving) {
+                    let holder_live = self.view().members.contains(&holder);
+                    if !crate::replicas::keeps_snapshot_copy(
+                        true,
+                        held,
+                        epoch,
+                        serving,
+                        holder_live,
+                    ) {
                         return;
                     }
                 }

@@ -124,6 +124,12 @@ pub struct View {
     pub members: Vec<String>,
 }
 
+/// Node `name`'s stamp for its hybrid logical clock (see
+/// [`Cluster::stamp`]).
+fn stamp_of(name: &str) -> u32 {
+    (mqlb_placement::node_hash(name, b"hlc") >> 32) as u32
+}
+
 /// The members this node knows of: names and cluster addresses by
 /// [`NodeId`]. Ids are positions, local to this node and never reused; a
 /// member added to a running cluster gets the next one.
@@ -557,7 +563,7 @@ impl Cluster {
     /// A stamp for this node's hybrid logical clock: a hash of its name, so
     /// ties break the same way everywhere.
     pub fn stamp(&self) -> u32 {
-        (mqlb_placement::node_hash(&self.me, b"hlc") >> 32) as u32
+        stamp_of(&self.me)
     }
 
     /// The committed view (number 0 and this node alone until the first
@@ -1201,7 +1207,7 @@ impl Cluster {
             self.release_store_waits(&dropped);
         }
         if view.number != t.last.number {
-            self.hand_orphans_to_owners(&t.last);
+            self.nodes_left(&t.last, state);
             self.rechain(state);
             self.store_rechain(state, &view);
         }

@@ -152,11 +152,12 @@ impl Cluster {
         }
     }
 
-    /// After a view change: the copies this node's holders updated whose
-    /// holder the view dropped go whole to each session's new owner, when
-    /// that is another node: the owner may hold only a relayed copy, older
-    /// than this one (`Replicas::promotable`).
-    pub(super) fn hand_orphans_to_owners(&self, previous: &View) {
+    /// After a view change that dropped members: the copies this node's
+    /// holders updated whose holder left go whole to each session's new
+    /// owner, when that is another node (the owner may hold only a relayed
+    /// copy, older than this one: `Replicas::promotable`), and the retained
+    /// messages those members wrote last go to every peer again.
+    pub(super) fn nodes_left(&self, previous: &View, state: &State) {
         let view = self.view();
         // Holders that have just left: in the previous view, not in this
         // one (copies whose holder left earlier were handed over then, and
@@ -170,7 +171,34 @@ impl Cluster {
         if left.is_empty() {
             return;
         }
-        let orphans = lock(&self.replicas).orphans(|h| !left.contains(&h), Instant::now());
+        let now = Instant::now();
+        // Copies cut off from a holder that has now left wait a little for
+        // the fresher ones handed over below (`Replicas::holders_left`).
+        lock(&self.replicas).holders_left(&left, now);
+        // The retained messages they wrote last go to every peer again: a
+        // peer whose link from the writer broke may have missed them, and
+        // the writer can no longer send them in a link snapshot. Last
+        // writer wins, so a peer that has them already keeps them.
+        let stamps: Vec<u32> = previous
+            .members
+            .iter()
+            .filter(|m| !view.members.contains(*m))
+            .map(|m| stamp_of(m))
+            .collect();
+        let retained: Vec<_> = state
+            .core()
+            .retained_all()
+            .into_iter()
+            .filter(|(_, _, v)| stamps.contains(&v.node))
+            .collect();
+        for (topic, message, version) in retained {
+            self.broadcast(&Frame::Retained {
+                topic,
+                message,
+                version,
+            });
+        }
+        let orphans = lock(&self.replicas).orphans(|h| !left.contains(&h), now);
         for (client, snap, holder) in orphans {
             let owner = self.owner(&client);
             if owner == self.me {
