@@ -96,6 +96,11 @@ impl<D> Commits<D> {
     ) -> Option<D> {
         let mut per_node: BTreeMap<NodeId, usize> =
             sent.into_iter().filter(|(_, n)| *n > 0).collect();
+        let owed = if crate::mutations::on(crate::mutations::Mutation::UnlinkedMemberCountedOut) {
+            &[]
+        } else {
+            owed
+        };
         for &p in owed {
             if self.confirmed.get(&p).is_some_and(|&c| c >= log_seq) {
                 continue;
@@ -178,6 +183,9 @@ impl<D> Commits<D> {
     pub fn unlinked(&mut self, peer: NodeId) -> Vec<Released<D>> {
         self.resyncs.retain(|_, r| r.peer != peer);
         self.confirmed.remove(&peer);
+        if crate::mutations::on(crate::mutations::Mutation::UnlinkedMemberCountedOut) {
+            return self.release_where(|_, p| p == peer);
+        }
         self.forwards_lost(peer)
     }
 

@@ -28,6 +28,13 @@ pub enum Mutation {
     /// updated may (the stale relayed copy the simulator found; see
     /// `Replicas::promotable`).
     RelayedCopyPromotedAtOnce,
+    /// A chain member whose link broke is counted out, as one that left
+    /// the view (changes committed without it, which it could then
+    /// promote without; see `commits`).
+    UnlinkedMemberCountedOut,
+    /// A returning node's copies cut off from their holder may be
+    /// promoted at once (see `Replicas::unlinked_from`).
+    CutOffCopyPromoted,
 }
 
 #[cfg(feature = "mutations")]

@@ -223,6 +223,9 @@ impl Replicas {
     /// it promoted the stale copy while the old chain member handed the
     /// fresh one over.
     pub fn unlinked_from(&mut self, holder: NodeId) {
+        if crate::mutations::on(crate::mutations::Mutation::CutOffCopyPromoted) {
+            return;
+        }
         for (c, h) in &self.holders {
             if *h == holder && self.copies.contains_key(c) {
                 self.relayed.entry(c.clone()).or_insert(Mark::CutOff(None));

@@ -74,7 +74,7 @@ impl Default for Config {
             faults: true,
             fault_window: 6_000_000,
             mutation: None,
-            link_drops: std::env::var_os("MQLB_SIM_LINK_DROPS").is_some(),
+            link_drops: true,
         }
     }
 }
@@ -248,6 +248,8 @@ pub fn mutation_named(name: &str) -> Option<Mutation> {
         "JoinerMissesChanges" => Some(Mutation::JoinerMissesChanges),
         "SnapshotCopyOfLiveSession" => Some(Mutation::SnapshotCopyOfLiveSession),
         "RelayedCopyPromotedAtOnce" => Some(Mutation::RelayedCopyPromotedAtOnce),
+        "UnlinkedMemberCountedOut" => Some(Mutation::UnlinkedMemberCountedOut),
+        "CutOffCopyPromoted" => Some(Mutation::CutOffCopyPromoted),
         _ => None,
     }
 }
