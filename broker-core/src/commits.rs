@@ -42,7 +42,8 @@ pub enum Released<D> {
 struct Waiting<D> {
     /// The batch of the node's ordered log it carries (0 for a forward).
     log_seq: u64,
-    per_node: BTreeMap<NodeId, usize>,
+    /// Acknowledgements still owed, per peer (a few peers: a list).
+    per_node: Vec<(NodeId, usize)>,
     done: D,
     resend: Option<Forwarded>,
 }
@@ -94,8 +95,7 @@ impl<D> Commits<D> {
         resend: Option<Forwarded>,
         done: D,
     ) -> Option<D> {
-        let mut per_node: BTreeMap<NodeId, usize> =
-            sent.into_iter().filter(|(_, n)| *n > 0).collect();
+        let mut per_node: Vec<(NodeId, usize)> = sent.into_iter().filter(|(_, n)| *n > 0).collect();
         let owed = if crate::mutations::on(crate::mutations::Mutation::UnlinkedMemberCountedOut) {
             &[]
         } else {
@@ -105,7 +105,10 @@ impl<D> Commits<D> {
             if self.confirmed.get(&p).is_some_and(|&c| c >= log_seq) {
                 continue;
             }
-            *per_node.entry(p).or_insert(0) += 1;
+            match per_node.iter_mut().find(|(q, _)| *q == p) {
+                Some((_, n)) => *n += 1,
+                None => per_node.push((p, 1)),
+            }
         }
         if per_node.is_empty() {
             return Some(done);
@@ -140,10 +143,12 @@ impl<D> Commits<D> {
         let Some(w) = self.waits.get_mut(&seq) else {
             return Vec::new();
         };
-        if let Some(n) = w.per_node.get_mut(&from) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                w.per_node.remove(&from);
+        if let Some(i) = w.per_node.iter().position(|(p, _)| *p == from) {
+            if let Some((_, n)) = w.per_node.get_mut(i) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    w.per_node.swap_remove(i);
+                }
             }
         }
         if !w.per_node.is_empty() {
@@ -161,7 +166,7 @@ impl<D> Commits<D> {
     /// to be forwarded again (or the wait is done, without one).
     pub fn refused(&mut self, from: NodeId, seq: u64) -> Option<Released<D>> {
         let w = self.waits.get_mut(&seq)?;
-        w.per_node.remove(&from);
+        w.per_node.retain(|(p, _)| *p != from);
         if !w.per_node.is_empty() {
             return None;
         }
@@ -233,10 +238,13 @@ impl<D> Commits<D> {
         let mut done = Vec::new();
         for (seq, w) in &mut self.waits {
             let before = w.per_node.len();
-            let gone: Vec<NodeId> = w.per_node.keys().copied().filter(|&p| drop(w, p)).collect();
-            for p in gone {
-                w.per_node.remove(&p);
-            }
+            let gone: Vec<NodeId> = w
+                .per_node
+                .iter()
+                .map(|(p, _)| *p)
+                .filter(|&p| drop(w, p))
+                .collect();
+            w.per_node.retain(|(p, _)| !gone.contains(p));
             if w.per_node.is_empty() && before > 0 {
                 done.push(*seq);
             }
@@ -266,7 +274,7 @@ impl<D> Commits<D> {
             .map(|(seq, w)| {
                 (
                     *seq,
-                    w.per_node.keys().copied().collect(),
+                    w.per_node.iter().map(|(p, _)| *p).collect(),
                     w.resend.is_some(),
                 )
             })

@@ -696,7 +696,7 @@ impl Cluster {
         // is sent: a peer may acknowledge within microseconds, and an
         // acknowledgement that finds no wait is lost, leaving the change
         // uncommitted for good.
-        let mut per_node: HashMap<NodeId, usize> = HashMap::new();
+        let mut per_node: Vec<(NodeId, usize)> = Vec::new();
         let mut owed: Vec<NodeId> = Vec::new();
         let in_view = |name: &str| lock(&self.view).members.iter().any(|m| m == name);
         let mut sends: Vec<(Frame, Vec<Arc<LinkTx>>)> = Vec::new();
@@ -731,7 +731,10 @@ impl Cluster {
                 match lock(&self.links).get(&id) {
                     Some(tx) if log_seq > tx.copies_cover() => {
                         to.push(tx.clone());
-                        *per_node.entry(id).or_insert(0) += 1;
+                        match per_node.iter_mut().find(|(p, _)| *p == id) {
+                            Some((_, n)) => *n += 1,
+                            None => per_node.push((id, 1)),
+                        }
                     }
                     Some(_) => owed.push(id),
                     None if in_view(&member) => owed.push(id),
