@@ -291,11 +291,11 @@ fn is_node_local(topic: &str) -> bool {
 /// The broker's state.
 #[derive(Debug, Default)]
 pub struct Core {
-    sessions: foldhash::HashMap<Arc<str>, Entry>,
+    sessions: crate::hashing::HashMap<Arc<str>, Entry>,
     /// Wills waiting out their Will Delay, at most one per client: a client
     /// that reconnects and leaves again replaces its pending will instead of
     /// adding one, so their number is bounded by the sessions.
-    wills: foldhash::HashMap<Arc<str>, (Instant, Message)>,
+    wills: crate::hashing::HashMap<Arc<str>, (Instant, Message)>,
     router: Router,
     retained: Retained,
     clock: Clock,

@@ -24,6 +24,7 @@
 //! * [`message`]: a message as routed.
 //! * [`snapshot`]: session export and import.
 //! * [`effects`]: what the core returns.
+//! * [`hashing`]: the maps' hasher (fixed-seeded for the simulator).
 //! * [`log`]: the ordered change log's numbering.
 //! * [`mutations`]: test-only switches that put fixed bugs back.
 //! * [`replicas`]: the copies a node keeps of other nodes' sessions.
@@ -36,6 +37,7 @@ pub mod chain;
 pub mod commits;
 pub mod core;
 pub mod effects;
+pub mod hashing;
 pub mod hlc;
 pub mod log;
 pub mod message;

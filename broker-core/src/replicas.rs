@@ -5,7 +5,7 @@
 //! mutex and does the sending, the logging and the promotions around it,
 //! and the simulator (`mqlb-sim`) drives the same code on simulated time.
 
-use std::collections::HashMap;
+use crate::hashing::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::router::NodeId;

@@ -6,7 +6,7 @@
 //! deletions included, so that nodes replicating retained messages agree
 //! on the last writer whatever order the writes arrive in.
 
-use std::collections::HashMap;
+use crate::hashing::HashMap;
 
 use crate::hlc::Hlc;
 use crate::message::Message;

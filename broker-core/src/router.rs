@@ -6,7 +6,7 @@
 //! `$share/{group}/{filter}`: two groups with one name on different filters
 //! are separate (rumqttd keys by name only).
 
-use foldhash::HashMap;
+use crate::hashing::HashMap;
 use std::sync::Arc;
 
 use mqlb_protocol::QoS;
@@ -93,7 +93,7 @@ pub struct Router {
     /// `$share/{group}/{filter}`): the node's interest, as peers see it.
     local: HashMap<String, u32>,
     /// Each peer's interest, so a lost peer's entries can be removed.
-    remote: HashMap<NodeId, foldhash::HashSet<String>>,
+    remote: HashMap<NodeId, crate::hashing::HashSet<String>>,
 }
 
 /// How a local subscription change moved the node's interest.

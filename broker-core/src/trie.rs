@@ -5,7 +5,7 @@
 //! alongside the literal level. Per MQTT 4.7.2, a filter starting with a
 //! wildcard does not match topics starting with `$`.
 
-use foldhash::HashMap;
+use crate::hashing::HashMap;
 use std::hash::Hash;
 
 /// A trie node.

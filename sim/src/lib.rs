@@ -60,6 +60,9 @@ pub struct Config {
     pub mutation: Option<Mutation>,
     /// Whether cluster links between live nodes break now and then.
     pub link_drops: bool,
+    /// Whether a node is now and then cut off from the others (it steps
+    /// down, the view drops it, and the partition heals).
+    pub partitions: bool,
 }
 
 impl Default for Config {
@@ -75,6 +78,7 @@ impl Default for Config {
             fault_window: 6_000_000,
             mutation: None,
             link_drops: true,
+            partitions: std::env::var_os("MQLB_SIM_PARTITIONS").is_some(),
         }
     }
 }
@@ -131,6 +135,13 @@ pub struct Coverage {
     /// Links from a holder to a node outside the view that broke (its
     /// copies wait for fresher ones before they may be promoted).
     pub copies_cut_off: u64,
+    /// Nodes cut off from the others (partitions), and of those, ones
+    /// serving sessions, and ones in the middle of a QoS 2 exchange.
+    pub partitions: u64,
+    pub partitions_of_holder: u64,
+    pub partitions_mid_qos2: u64,
+    /// Nodes that stepped down (lost their majority).
+    pub step_downs: u64,
     pub commit_deadlines: u64,
     pub not_committed_closes: u64,
     /// Log hand-offs that carried several batches (calls interleaved
@@ -182,6 +193,10 @@ impl Coverage {
             owed_batches,
             owed_released_by_resync,
             copies_cut_off,
+            partitions,
+            partitions_of_holder,
+            partitions_mid_qos2,
+            step_downs,
             commit_deadlines,
             not_committed_closes,
             appends_of_several,

@@ -52,3 +52,11 @@ impl Rng {
         self.next_u64().is_multiple_of(n)
     }
 }
+
+/// FNV-1a of `b`: what a run sent goes into its digest, so two runs of a
+/// seed that send different bytes at the same times differ.
+pub fn hash_bytes(b: &[u8]) -> u64 {
+    b.iter().fold(0xCBF2_9CE4_8422_2325, |h, &x| {
+        (h ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01B3)
+    })
+}

@@ -41,7 +41,7 @@ use mqlb_broker_core::session::{InflightState, SessionChange};
 use mqlb_protocol::{decode, Ack, Packet, PacketType, ProtocolVersion, QoS, SubscriptionOptions};
 
 use crate::clients::{Action, Client, Publisher, Role, Subscriber, Violation, FILTER};
-use crate::rng::{draw, mix, within, Rng};
+use crate::rng::{draw, hash_bytes, mix, within, Rng};
 use crate::{Config, Coverage, Outcome};
 
 /// Every client speaks MQTT 5.
@@ -101,6 +101,12 @@ enum Fault {
     LinkDrop(usize, usize, Time),
     /// The broken link is back: each side sends its snapshot.
     LinkBack(usize, usize),
+    /// A node is cut off from every other (its clients still reach it):
+    /// it steps down, the view drops it, and after this long past that
+    /// the partition heals.
+    Partition(usize, Time),
+    /// The partition around a node heals: links open both ways.
+    Heal(usize),
 }
 
 #[derive(Debug)]
@@ -138,6 +144,11 @@ enum Ev {
     View {
         node: usize,
         join: bool,
+        inc: u64,
+    },
+    /// A node cut off from the majority notices (`Cluster::step_down`).
+    StepDown {
+        node: usize,
         inc: u64,
     },
     /// `promote_owned` on `node`'s tick.
@@ -203,8 +214,12 @@ struct Node {
     /// Per peer, the last batch the snapshot sent on the link to it holds
     /// (`LinkTx::snapshot_covers`): later batches only go on the link.
     covers: BTreeMap<usize, u64>,
-    /// Peers whose snapshot this node has had since it started.
+    /// Peers whose snapshot this node has had since it started (or since
+    /// it last stepped down).
     synced: BTreeSet<usize>,
+    /// Cut off from the majority: it serves nothing (`step_down`) until the
+    /// view counts it again.
+    stepped_down: bool,
     /// Per peer, the number the last link snapshot's own session copies
     /// went with (for the coverage report).
     resync_seq: BTreeMap<usize, u64>,
@@ -221,6 +236,10 @@ struct Node {
     /// For each session served or copied here, the fingerprints of the
     /// messages it was given (`seen`): a promoted copy is told them.
     seen: BTreeMap<String, BTreeSet<u64>>,
+    /// Per peer, its last `Seen` frame, kept until the frame after it: a
+    /// whole copy of that session that replaces this node's copy brings
+    /// its prints in place of the old copy's (`links`).
+    seen_stash: BTreeMap<usize, (String, Vec<u64>)>,
 }
 
 /// A publish forwarded to a peer, waiting for its answer.
@@ -325,6 +344,8 @@ pub struct World {
     append_within: Time,
     slow_until: Time,
     last_join: Time,
+    /// The node a partition cuts off, until the view counts it again.
+    partitioned: Option<usize>,
     bad: Vec<Violation>,
     cov: Coverage,
     events: u64,
@@ -423,12 +444,14 @@ impl World {
                 covers: (0..cfg.nodes).filter(|&p| p != n).map(|p| (p, 0)).collect(),
                 synced: (0..cfg.nodes).filter(|&p| p != n).collect(),
                 resync_seq: BTreeMap::new(),
+                stepped_down: false,
                 forwards: BTreeMap::new(),
                 held: Vec::new(),
                 promoted_for: 0,
                 promoted: BTreeMap::new(),
                 first_had: BTreeMap::new(),
                 seen: BTreeMap::new(),
+                seen_stash: BTreeMap::new(),
             })
             .collect::<Vec<_>>();
         let mut w = World {
@@ -458,6 +481,7 @@ impl World {
             },
             slow_until: 0,
             last_join: 0,
+            partitioned: None,
             bad: Vec::new(),
             cov: Coverage::default(),
             events: 0,
@@ -638,6 +662,9 @@ impl World {
                     let b = (a + 1 + rng.range(0, nodes - 2) as usize) % nodes as usize;
                     Fault::LinkDrop(a, b, rng.range(10, 500) * MS)
                 }
+                93..=96 if self.cfg.partitions => {
+                    Fault::Partition(rng.range(0, nodes - 1) as usize, rng.range(100, 3_000) * MS)
+                }
                 _ => Fault::Slow(rng.range(50, 500) * MS),
             };
             let now = self.now;
@@ -794,6 +821,11 @@ impl World {
                     self.promote_owned(node);
                 }
             }
+            Ev::StepDown { node, inc } => {
+                if self.nodes[node].up && self.nodes[node].inc == inc {
+                    self.step_down(node);
+                }
+            }
             Ev::View { node, join, inc } => {
                 if join {
                     if !self.nodes[node].up || self.nodes[node].inc != inc {
@@ -801,6 +833,11 @@ impl World {
                     }
                     self.view.insert(node);
                     self.last_join = self.now;
+                    if self.partitioned == Some(node) {
+                        // Back in service (`serving && !was`).
+                        self.partitioned = None;
+                        self.nodes[node].stepped_down = false;
+                    }
                     self.after_view(None);
                 } else if self.view.remove(&node) {
                     self.after_view(Some(node));
@@ -976,6 +1013,9 @@ impl World {
     }
 
     fn send_down(&mut self, conn: usize, item: Down) {
+        if let Down::Bytes(b) = &item {
+            self.digest = mix(self.digest ^ hash_bytes(b));
+        }
         // Crashes aimed where they hurt (FoundationDB's "buggify"): now and
         // then, a node dies just after it answered a client, while what
         // the answer promised may still be on its way down a chain.
@@ -1043,7 +1083,7 @@ impl World {
     fn connect(&mut self, conn: usize) {
         let id = self.client_id(conn);
         let mut node = self.conns[conn].node;
-        if !self.view.contains(&node) {
+        if !self.serves(node) {
             // Not serving (out of the committed view): refused.
             self.conns[conn].state = ConnState::Closed;
             self.send_down(conn, Down::Closed);
@@ -1057,7 +1097,7 @@ impl World {
                 .or_else(|| self.owner(&id).filter(|&o| o != node));
             if let Some(h) = to {
                 self.cov.relays += 1;
-                if !self.nodes[h].up || !self.view.contains(&h) {
+                if !self.serves(h) {
                     self.conns[conn].state = ConnState::Closed;
                     self.send_down(conn, Down::Closed);
                     return;
@@ -1492,7 +1532,7 @@ impl World {
                         }
                     }
                 }
-                LogEntry::Interest { filter, gained } if self.view.contains(&node) => {
+                LogEntry::Interest { filter, gained } if self.serves(node) => {
                     let frame = Frame::Interest { filter, gained };
                     for p in 0..self.nodes.len() {
                         let covered = self.nodes[node]
@@ -1570,8 +1610,9 @@ impl World {
             self.bad.push(format!("frame not encoded: {e:?}"));
             return;
         }
+        self.digest = mix(self.digest ^ hash_bytes(&bytes));
         if self.links_down.contains(&(from.min(to), from.max(to))) {
-            return; // no link: lost (what waited for it was released)
+            return; // no link: lost (owed to the peer, or released)
         }
         let s = link_stream(from, to);
         let d = self.net_delay(s);
@@ -1602,6 +1643,11 @@ impl World {
                     break;
                 }
             };
+            // A `Seen` frame waits for the frame after it (`links`).
+            let stashed = match &f {
+                Frame::Replicate { client, .. } => self.take_stash(to, from, Some(client)),
+                _ => self.take_stash(to, from, None),
+            };
             match f {
                 Frame::Replicate {
                     seq,
@@ -1613,6 +1659,7 @@ impl World {
                     // `links`: a link snapshot's whole copy
                     // (`replicas::keeps_snapshot_copy`).
                     let from_holder = self.nodes[from].name == holder;
+                    let replaces = changes.first() == Some(&SessionChange::Ended);
                     let whole = seq == 0 && changes.first() == Some(&SessionChange::Ended);
                     let r = &self.nodes[to].replicas;
                     let held = r.held(&client);
@@ -1624,6 +1671,7 @@ impl World {
                         && !from_holder
                         && !keeps_snapshot_copy(true, held, epoch, serving, holder_live)
                     {
+                        // Refused, with the prints that came with it.
                         continue;
                     }
                     // `replication::apply_replica`, then the answer.
@@ -1662,6 +1710,7 @@ impl World {
                                     _ => None,
                                 })
                                 .collect();
+                            self.merge_seen(to, &client, stashed.clone());
                             if !adopted.is_empty() {
                                 self.cov.adopted += adopted.len() as u64;
                                 let (_, gates) =
@@ -1683,11 +1732,15 @@ impl World {
                             if held < Some(epoch) {
                                 self.call(to, |core| ((), core.evict_session(&client)));
                             }
+                            self.copy_seen(to, &client, replaces, stashed);
                             self.note_given(to, &client, &changes);
                             self.nodes[to].replicas.apply(&client, epoch, changes, now);
                         }
+                        // A copy of a session served here: refused, prints
+                        // and all.
                         Some(_) => {}
                         None => {
+                            self.copy_seen(to, &client, replaces, stashed);
                             self.note_given(to, &client, &changes);
                             self.nodes[to].replicas.apply(&client, epoch, changes, now);
                         }
@@ -1730,11 +1783,7 @@ impl World {
                     self.nodes[to].core.peer_interest(peer, &filter, gained);
                 }
                 Frame::Seen { client, prints } => {
-                    self.nodes[to]
-                        .seen
-                        .entry(client)
-                        .or_default()
-                        .extend(prints);
+                    self.nodes[to].seen_stash.insert(from, (client, prints));
                 }
                 Frame::Retained {
                     topic,
@@ -1837,7 +1886,7 @@ impl World {
         groups: Vec<Arc<str>>,
         again: bool,
     ) {
-        if !(self.nodes[to].up && self.view.contains(&to)) {
+        if !self.serves(to) {
             self.send_frame(to, from, &Frame::Refused { seq });
             return;
         }
@@ -1920,7 +1969,8 @@ impl World {
             self.release_held(n);
             if self.takeover_done(n) {
                 for p in 0..self.nodes.len() {
-                    if p != n && !self.view.contains(&p) && !self.nodes[p].up {
+                    // `forget_moved_peers`: out of the view and not heard.
+                    if p != n && !self.view.contains(&p) && !self.linked(n, p) {
                         let peer = u32::try_from(p).unwrap_or(u32::MAX);
                         self.nodes[n].core.forget_peer(peer);
                     }
@@ -2226,6 +2276,7 @@ impl World {
     /// `n`'s link to `g` is gone.
     fn link_lost(&mut self, n: usize, g: usize) {
         self.nodes[n].resync_seq.remove(&g);
+        let _ = self.take_stash(n, g, None);
         // `links::link_down`: a node outside the view, which `g` streamed
         // to without waiting for it, may miss what `g` committed meanwhile.
         if !self.view.contains(&n) {
@@ -2255,6 +2306,44 @@ impl World {
         }
     }
 
+    /// `from`'s stashed `Seen` frame: returned when it is for `client`
+    /// (the frame after it is that session's copy), else noted as before.
+    fn take_stash(&mut self, to: usize, from: usize, client: Option<&str>) -> Option<Vec<u64>> {
+        let (c, prints) = self.nodes[to].seen_stash.remove(&from)?;
+        if client == Some(c.as_str()) {
+            return Some(prints);
+        }
+        self.merge_seen(to, &c, Some(prints));
+        None
+    }
+
+    /// Notes a peer's `Seen` prints for `client` beside what this node
+    /// had.
+    fn merge_seen(&mut self, to: usize, client: &str, prints: Option<Vec<u64>>) {
+        if let Some(prints) = prints {
+            self.nodes[to]
+                .seen
+                .entry(client.to_string())
+                .or_default()
+                .extend(prints);
+        }
+    }
+
+    /// A copy applied: a whole one (`replaces`) that came with its prints
+    /// brings them in place of the old copy's, which may name messages the
+    /// new copy never had (they would be taken as given and lost when
+    /// sent again: found by the simulator); changes add theirs.
+    fn copy_seen(&mut self, to: usize, client: &str, replaces: bool, prints: Option<Vec<u64>>) {
+        match prints {
+            Some(p) if replaces => {
+                self.nodes[to]
+                    .seen
+                    .insert(client.to_string(), p.into_iter().collect());
+            }
+            p => self.merge_seen(to, client, p),
+        }
+    }
+
     /// Resolves the gates `commits` released; `by_loss`: because a member
     /// left.
     fn released(&mut self, released: Vec<Released<usize>>, by_loss: bool) {
@@ -2276,8 +2365,7 @@ impl World {
     /// `Cluster::ready`: in the view, with the snapshot of every live
     /// member (the failure detector's dead ones excepted).
     fn ready(&self, n: usize) -> bool {
-        self.nodes[n].up
-            && self.view.contains(&n)
+        self.serves(n)
             && self
                 .view
                 .iter()
@@ -2310,7 +2398,7 @@ impl World {
         // A link opens with a reset of what the peer knew of this node,
         // then its interest (`links`).
         let mut frames = vec![Frame::Reset];
-        if self.view.contains(&from) {
+        if self.serves(from) {
             for filter in self.nodes[from].core.local_interest() {
                 frames.push(Frame::Interest {
                     filter,
@@ -2392,7 +2480,7 @@ impl World {
     fn fault(&mut self, f: Fault) {
         match f {
             Fault::Crash(n) => {
-                let down = self.nodes.iter().any(|n| !n.up);
+                let down = self.nodes.iter().any(|n| !n.up) || self.partitioned.is_some();
                 let recent = self.now < self.last_join + 1_500 * MS && self.last_join > 0;
                 if down || recent || !self.nodes[n].up {
                     self.cov.crashes_skipped += 1;
@@ -2472,49 +2560,124 @@ impl World {
                     || !self.nodes[a].up
                     || !self.nodes[b].up
                     || self.links_down.contains(&pair)
+                    || self.partitioned.is_some()
                 {
                     return;
                 }
                 self.cov.link_drops += 1;
-                self.links_down.insert(pair);
-                // What was on the wire is gone.
-                self.queue.retain(|_, ev| {
-                    !matches!(ev, Ev::Frame { from, to, .. } | Ev::LinkOpen { from, to, .. }
-                        if (*from, *to) == (a, b) || (*from, *to) == (b, a))
-                });
-                for (x, y) in [(a, b), (b, a)] {
-                    self.link_lost(x, y);
-                    self.nodes[x].covers.remove(&y);
-                }
+                self.cut_link(a, b);
                 self.update_reachable();
                 self.schedule_unordered(FAULTS | 3, d, Ev::Fault(Fault::LinkBack(a, b)));
             }
             Fault::LinkBack(a, b) => {
-                self.links_down.remove(&(a.min(b), a.max(b)));
-                for (x, y) in [(a, b), (b, a)] {
-                    if self.nodes[x].up && self.nodes[y].up {
-                        let s = link_stream(x, y);
-                        let d = within(draw(self.seed, s, 1 << 21), MS, 10 * MS);
-                        let (from_inc, to_inc) = (self.nodes[x].inc, self.nodes[y].inc);
-                        self.schedule(
-                            s,
-                            d,
-                            Ev::LinkOpen {
-                                from: x,
-                                from_inc,
-                                to: y,
-                                to_inc,
-                            },
-                        );
+                // (A partition around either node heals on its own.)
+                if self.partitioned.is_some_and(|p| p == a || p == b) {
+                    return;
+                }
+                self.link_back(a, b);
+            }
+            Fault::Partition(n, d) => {
+                let down = self.nodes.iter().any(|n| !n.up);
+                let recent = self.now < self.last_join + 1_500 * MS && self.last_join > 0;
+                if down || recent || self.partitioned.is_some() || !self.view.contains(&n) {
+                    self.cov.crashes_skipped += 1;
+                    return;
+                }
+                self.cov.partitions += 1;
+                let (holds, mid_qos2) = self.interrupted(n);
+                self.cov.partitions_of_holder += u64::from(holds);
+                self.cov.partitions_mid_qos2 += u64::from(mid_qos2);
+                self.partitioned = Some(n);
+                for p in 0..self.nodes.len() {
+                    if p != n && !self.links_down.contains(&(n.min(p), n.max(p))) {
+                        self.cut_link(n, p);
                     }
                 }
+                self.update_reachable();
+                let inc = self.nodes[n].inc;
+                // It hears no majority within a tick or two (its links
+                // closed) and steps down; the majority's view drops it as a
+                // crashed node's; the partition heals `d` after that.
+                let k = self.cov.partitions;
+                let notice = within(draw(self.seed, VIEWS, 3_000 + k), 20 * MS, 2 * TICK);
+                self.schedule(VIEWS, notice, Ev::StepDown { node: n, inc });
+                let leave = within(draw(self.seed, VIEWS, 4_000 + k), 300 * MS, 1_500 * MS);
+                self.schedule(
+                    VIEWS,
+                    leave,
+                    Ev::View {
+                        node: n,
+                        join: false,
+                        inc,
+                    },
+                );
+                self.schedule_unordered(FAULTS | 5, leave + d, Ev::Fault(Fault::Heal(n)));
+            }
+            Fault::Heal(n) => {
+                for p in 0..self.nodes.len() {
+                    if p != n {
+                        self.link_back(n, p);
+                    }
+                }
+                let d = within(
+                    draw(self.seed, VIEWS, 5_000 + self.cov.partitions),
+                    100 * MS,
+                    500 * MS,
+                );
+                let inc = self.nodes[n].inc;
+                self.schedule(
+                    VIEWS,
+                    d,
+                    Ev::View {
+                        node: n,
+                        join: true,
+                        inc,
+                    },
+                );
             }
         }
     }
 
-    fn crash(&mut self, n: usize) {
-        self.cov.crashes += 1;
-        // What the crash interrupts, for the coverage report.
+    /// The link between `a` and `b` breaks both ways: what was on it is
+    /// lost.
+    fn cut_link(&mut self, a: usize, b: usize) {
+        self.links_down.insert((a.min(b), a.max(b)));
+        self.queue.retain(|_, ev| {
+            !matches!(ev, Ev::Frame { from, to, .. } | Ev::LinkOpen { from, to, .. }
+                if (*from, *to) == (a, b) || (*from, *to) == (b, a))
+        });
+        for (x, y) in [(a, b), (b, a)] {
+            self.link_lost(x, y);
+            self.nodes[x].covers.remove(&y);
+        }
+    }
+
+    /// The link between `a` and `b` is dialled again: each side sends its
+    /// snapshot.
+    fn link_back(&mut self, a: usize, b: usize) {
+        self.links_down.remove(&(a.min(b), a.max(b)));
+        for (x, y) in [(a, b), (b, a)] {
+            if self.nodes[x].up && self.nodes[y].up {
+                let s = link_stream(x, y);
+                let d = within(draw(self.seed, s, 1 << 21), MS, 10 * MS);
+                let (from_inc, to_inc) = (self.nodes[x].inc, self.nodes[y].inc);
+                self.schedule(
+                    s,
+                    d,
+                    Ev::LinkOpen {
+                        from: x,
+                        from_inc,
+                        to: y,
+                        to_inc,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Whether `n` serves sessions, and whether one is in the middle of a
+    /// QoS 2 exchange (for the coverage report).
+    fn interrupted(&self, n: usize) -> (bool, bool) {
         let mut mid_qos2 = false;
         let mut holds = false;
         for c in &self.clients {
@@ -2526,6 +2689,48 @@ impl World {
                 matches!(s, InflightState::AwaitPubrec | InflightState::AwaitPubcomp)
             }) || !snap.qos2_in.is_empty();
         }
+        (holds, mid_qos2)
+    }
+
+    /// `Cluster::step_down`: `n` lost its majority. Its sessions become
+    /// copies (the majority's newer epochs win when it heals), its clients
+    /// are closed, and it serves nothing until the view counts it again.
+    fn step_down(&mut self, n: usize) {
+        if self.nodes[n].stepped_down {
+            return;
+        }
+        self.cov.step_downs += 1;
+        self.nodes[n].stepped_down = true;
+        self.nodes[n].synced.clear();
+        let now = self.instant();
+        let mut ids = self.nodes[n].core.persistent_sessions();
+        ids.sort();
+        for id in ids {
+            let Some(snap) = self.nodes[n].core.export_session(&id) else {
+                continue;
+            };
+            let epoch = snap.epoch;
+            self.nodes[n]
+                .replicas
+                .apply(&id, epoch, whole(snap, now), now);
+            self.call(n, |core| ((), core.evict_session_shutting_down(&id)));
+        }
+        let conns: Vec<usize> = self.nodes[n].conns.values().copied().collect();
+        for conn in conns {
+            self.close(conn, true);
+        }
+    }
+
+    /// Whether `n` serves clients and peers' publishes: up, in the view,
+    /// and not stepped down.
+    fn serves(&self, n: usize) -> bool {
+        self.nodes[n].up && self.view.contains(&n) && !self.nodes[n].stepped_down
+    }
+
+    fn crash(&mut self, n: usize) {
+        self.cov.crashes += 1;
+        // What the crash interrupts, for the coverage report.
+        let (holds, mid_qos2) = self.interrupted(n);
         self.cov.crashes_of_holder += u64::from(holds);
         self.cov.crashes_mid_qos2 += u64::from(mid_qos2);
         self.cov.crashes_uncommitted +=
@@ -2545,6 +2750,7 @@ impl World {
         node.promoted.clear();
         node.first_had.clear();
         node.seen.clear();
+        node.seen_stash.clear();
         let conns: Vec<usize> = std::mem::take(&mut node.conns).into_values().collect();
         for other in &mut self.nodes {
             other.covers.remove(&n);

@@ -195,6 +195,8 @@ impl Cluster {
         self.release_store_waits(&[id]);
         tracing::debug!("peer link up");
         let mut buf = BytesMut::with_capacity(64 << 10);
+        // The peer's last `Seen` frame, until the frame after it (`apply`).
+        let mut stash: Option<(String, Vec<u64>)> = None;
         loop {
             let r = tokio::time::timeout(FAILURE_TIMEOUT, stream.read_buf(&mut buf)).await;
             match r {
@@ -209,6 +211,7 @@ impl Cluster {
                 current
             });
             if current != Some(true) {
+                self.flush_seen(&mut stash);
                 return; // a newer link from this peer took over
             }
             loop {
@@ -217,14 +220,23 @@ impl Cluster {
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "bad frame from peer; closing its link");
+                        self.flush_seen(&mut stash);
                         self.link_down(id, generation, &state);
                         return;
                     }
                 };
-                self.apply(id, generation, frame, &state);
+                self.apply(id, generation, frame, &state, &mut stash);
             }
         }
+        self.flush_seen(&mut stash);
         self.link_down(id, generation, &state);
+    }
+
+    /// Notes a stashed `Seen` frame that no copy of its session followed.
+    fn flush_seen(&self, stash: &mut Option<(String, Vec<u64>)>) {
+        if let Some((client, prints)) = stash.take() {
+            self.seen_by_peer(&client, prints);
+        }
     }
 
     pub(super) fn link_down(&self, id: NodeId, generation: u64, state: &State) {
@@ -268,7 +280,28 @@ impl Cluster {
         });
     }
 
-    pub(super) fn apply(&self, id: NodeId, generation: u64, frame: Frame, state: &State) {
+    /// Applies one frame of peer `id`'s link. A `Seen` frame (what a
+    /// session was given) waits in `stash` for the frame after it: when
+    /// that is the session's whole copy and replaces this node's, the
+    /// prints replace the old copy's, which may name messages the new copy
+    /// never had (taken as given, they were lost when sent again: found by
+    /// the simulator); when the copy is refused, so are they; otherwise
+    /// they are noted beside what this node had.
+    pub(super) fn apply(
+        &self,
+        id: NodeId,
+        generation: u64,
+        frame: Frame,
+        state: &State,
+        stash: &mut Option<(String, Vec<u64>)>,
+    ) {
+        let stashed = match (&frame, stash.take()) {
+            (Frame::Replicate { client, .. }, Some((c, prints))) if *client == c => Some(prints),
+            (_, mut other) => {
+                self.flush_seen(&mut other);
+                None
+            }
+        };
         match frame {
             Frame::Ping => {}
             Frame::Reset => state.core().forget_peer(id),
@@ -320,7 +353,7 @@ impl Cluster {
                 if !relayed {
                     // (A holder's own changes clear a relayed mark:
                     // `Replicas::apply`.)
-                    return self.replicate(from, seq, client, epoch, changes, state);
+                    return self.replicate(from, seq, client, epoch, changes, stashed, state);
                 }
                 // A relayed copy taken while its holder was live may be
                 // older than the relaying peer's, which the holder goes on
@@ -329,7 +362,7 @@ impl Cluster {
                 // holder's interest (`replicas::filters_of`).
                 let since = self.view().members.contains(&holder).then(Instant::now);
                 let filters = crate::replicas::filters_of(&changes);
-                self.replicate(from, seq, client.clone(), epoch, changes, state);
+                self.replicate(from, seq, client.clone(), epoch, changes, stashed, state);
                 lock(&self.replicas).mark_relayed(&client, since);
                 // (Not when the copy names this node: an earlier
                 // incarnation of it held the session, and a node is no
@@ -359,7 +392,7 @@ impl Cluster {
                 *v = (*v).max(view);
             }
             Frame::StoreForget { client } => self.store_forgotten(&client, state),
-            Frame::Seen { client, prints } => self.seen_by_peer(&client, prints),
+            Frame::Seen { client, prints } => *stash = Some((client, prints)),
             Frame::Refused { seq } => self.forward_refused(id, seq),
             Frame::Raft(m) => self.raft_message(id, &m),
             Frame::Leaving => {

@@ -341,7 +341,9 @@ impl Cluster {
         }
     }
 
-    /// A chain member's copy of a session changed.
+    /// A chain member's copy of a session changed; `seen`: the prints that
+    /// came with it (`links::apply`).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn replicate(
         &self,
         from: ReplyTo,
@@ -349,8 +351,21 @@ impl Cluster {
         client: String,
         epoch: u64,
         changes: Vec<SessionChange>,
+        seen: Option<Vec<u64>>,
         state: &State,
     ) {
+        // A whole copy applied here brings its prints in place of the old
+        // copy's; changes add theirs.
+        let replaces = changes.first() == Some(&SessionChange::Ended);
+        let note_seen = |applied: bool| {
+            let Some(prints) = seen.clone() else {
+                return;
+            };
+            if applied && replaces {
+                lock(&self.replica_seen).forget(&client);
+            }
+            self.seen_by_peer(&client, prints);
+        };
         // A session this node holds with an older epoch has moved on: the
         // writer's copy is the live one now.
         let held = state.core().epoch(&client);
@@ -366,6 +381,7 @@ impl Cluster {
                     epoch,
                     "stale session changes: adopting their messages"
                 );
+                note_seen(false);
                 let adopted: Vec<crate::message::Pending> = changes
                     .into_iter()
                     .filter_map(|c| match c {
@@ -394,11 +410,14 @@ impl Cluster {
                     tracing::info!(client, "session moved to another node; local copy dropped");
                     let _ = state.act(|core| core.evict_session(&client));
                 }
+                note_seen(true);
                 let kept = self.apply_replica(&client, epoch, changes, state);
                 return self.answer_when(from, seq, kept);
             }
+            // A copy of a session served here: refused, prints and all.
             Some(_) => {}
             None => {
+                note_seen(true);
                 let kept = self.apply_replica(&client, epoch, changes, state);
                 return self.answer_when(from, seq, kept);
             }
