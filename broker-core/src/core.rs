@@ -201,6 +201,9 @@ struct Imported {
     /// holder and routed again, or a stale writer's copy adopted again, is
     /// not given twice (a QoS 2 message must arrive once).
     seen: HashSet<u64>,
+    /// The inbound QoS 2 ids the copy held: messages the node that held
+    /// the session routed (see [`Core::qos2_resent`]).
+    qos2_in: Vec<u16>,
 }
 
 /// Identifies a message by publisher, topic, payload and properties.
@@ -1476,6 +1479,46 @@ impl Core {
         (Some(true), fx)
     }
 
+    /// A QoS 2 PUBLISH sent again with an id `client_id`'s session already
+    /// holds: acknowledged, not routed again; except when the session was
+    /// taken over from a copy that held the id. Then the node that routed
+    /// the message may have died before this node had it for every session
+    /// it was for (a batch reaches a chain member one session at a time,
+    /// and a link can break in between), and the sessions taken over here
+    /// that were not given it get it now, each once by its print (found by
+    /// the simulator). Sessions that were here already had it from the
+    /// node that routed it, or never will (peers are not asked again).
+    pub fn qos2_resent(&mut self, client_id: &str, pid: PacketId, m: &Message) -> Effects {
+        let mut fx = Effects::none();
+        let routed_elsewhere = self
+            .sessions
+            .get(client_id)
+            .and_then(|e| e.imported.as_deref())
+            .is_some_and(|imp| imp.qos2_in.contains(&pid.get()));
+        if !routed_elsewhere {
+            return fx;
+        }
+        let print = fingerprint(m);
+        let targets = self
+            .router
+            .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
+        for t in targets.sessions {
+            let Some(imp) = self
+                .sessions
+                .get_mut(&t.client)
+                .and_then(|e| e.imported.as_deref_mut())
+                .filter(|imp| imp.at.is_some())
+            else {
+                continue;
+            };
+            if !imp.seen.insert(print) {
+                continue;
+            }
+            self.deliver_to(t, m, &mut fx);
+        }
+        fx
+    }
+
     /// Whether `client_id` holds `limit` unreleased inbound QoS 2 ids and
     /// `pid` is not one of them (a new one would be over the limit).
     pub fn qos2_full(&self, client_id: &str, pid: PacketId, limit: usize) -> bool {
@@ -1702,9 +1745,11 @@ impl Core {
             .chain(e.session.inflight.values().map(|i| &i.pending))
             .map(|p| fingerprint(&p.msg))
             .collect();
+        let qos2_in = e.session.qos2_in.iter().copied().collect();
         e.imported = Some(Box::new(Imported {
             at: Some(now),
             seen: held,
+            qos2_in,
         }));
         self.sessions.insert(id, e);
         Ok(fx)
@@ -2328,6 +2373,52 @@ mod tests {
             1,
             "the moved session missed it"
         );
+    }
+
+    /// A QoS 2 PUBLISH sent again after its publisher's session was taken
+    /// over from a copy that held its id: the node that routed it died
+    /// with the batch half replicated, so a subscriber taken over with it
+    /// may lack it. It gets it, once; one whose copy had it does not; and
+    /// an id received here (not in the copy) is only acknowledged.
+    #[test]
+    fn a_qos2_resend_after_a_takeover_reaches_sessions_the_copy_missed() {
+        let hour = Some(Duration::from_secs(3600));
+        let persistent = |c: &mut Core, id: &str, filter: Option<&str>| {
+            let (tx, _rx) = outbox();
+            let conn = connect(c, id, false, hour, 10, tx);
+            if let Some(f) = filter {
+                run2(c.subscribe(id, f, sub(QoS::ExactlyOnce)));
+            }
+            run(c.disconnect(id, conn.conn));
+        };
+        let queued = |c: &Core, id: &str| c.export_session(id).unwrap().queued.len();
+        let pid = PacketId::new(7).unwrap();
+        let mut gone = Core::new();
+        persistent(&mut gone, "pub", None);
+        persistent(&mut gone, "had-it", Some("t/#"));
+        persistent(&mut gone, "missed-it", Some("t/#"));
+        let (first, _) = gone.qos2_received("pub", pid, 10);
+        assert_eq!(first, Some(true));
+        let mut here = Core::new();
+        for id in ["pub", "had-it", "missed-it"] {
+            run(here
+                .import_session(id, gone.export_session(id).unwrap())
+                .unwrap());
+        }
+        let m = msg("t/x", QoS::ExactlyOnce, false, "half");
+        here.note_seen("had-it", HashSet::from([fingerprint(&m)]));
+        let (first, _) = here.qos2_received("pub", pid, 10);
+        assert_eq!(first, Some(false), "the copy holds the id");
+        run(here.qos2_resent("pub", pid, &m));
+        assert_eq!(queued(&here, "had-it"), 0, "given twice");
+        assert_eq!(queued(&here, "missed-it"), 1, "lost");
+        run(here.qos2_resent("pub", pid, &m));
+        assert_eq!(queued(&here, "missed-it"), 1, "given twice on a third send");
+        // An id this node received itself: its routing happened here.
+        let own = PacketId::new(8).unwrap();
+        let _ = here.qos2_received("pub", own, 10);
+        run(here.qos2_resent("pub", own, &msg("t/x", QoS::ExactlyOnce, false, "own")));
+        assert_eq!(queued(&here, "missed-it"), 1);
     }
 
     #[test]

@@ -1371,8 +1371,10 @@ impl Session {
                         let (first, c) = self.state.ask_at(self.now, |core| {
                             let (first, mut fx) =
                                 core.qos2_received(id, pid, usize::from(RECEIVE_MAXIMUM));
-                            if first == Some(true) {
-                                fx.extend(core.route(msg));
+                            match first {
+                                Some(true) => fx.extend(core.route(msg)),
+                                Some(false) => fx.extend(core.qos2_resent(id, pid, &msg)),
+                                None => {}
                             }
                             (first, fx)
                         });

@@ -1182,8 +1182,10 @@ impl World {
                             let limit = usize::from(mqlb_broker::conn::RECEIVE_MAXIMUM);
                             let (first, g) = self.call(node, |core| {
                                 let (first, mut fx) = core.qos2_received(&id, pid, limit);
-                                if first == Some(true) {
-                                    fx.extend(core.route(msg));
+                                match first {
+                                    Some(true) => fx.extend(core.route(msg)),
+                                    Some(false) => fx.extend(core.qos2_resent(&id, pid, &msg)),
+                                    None => {}
                                 }
                                 (first, fx)
                             });
