@@ -78,7 +78,7 @@ impl Default for Config {
             fault_window: 6_000_000,
             mutation: None,
             link_drops: true,
-            partitions: std::env::var_os("MQLB_SIM_PARTITIONS").is_some(),
+            partitions: true,
         }
     }
 }

@@ -187,18 +187,20 @@ const LINK_DROP_PLAIN_REGRESSIONS: &[(u64, &str)] = &[
 
 #[test]
 fn regression_seeds_stay_fixed() {
-    // Found before link drops were in the runs: replayed without them.
+    // Each list replays with the faults of its time: found before link
+    // drops were in the runs, then before partitions were.
     let before = Config {
         link_drops: false,
+        partitions: false,
+        ..Config::default()
+    };
+    let links = Config {
+        partitions: false,
         ..Config::default()
     };
     let lists = [
         (&before, PLAIN_REGRESSIONS, REGRESSIONS),
-        (
-            &Config::default(),
-            LINK_DROP_PLAIN_REGRESSIONS,
-            LINK_DROP_REGRESSIONS,
-        ),
+        (&links, LINK_DROP_PLAIN_REGRESSIONS, LINK_DROP_REGRESSIONS),
     ];
     for (cfg, plain, mutated) in lists {
         for &(seed, what) in plain {
@@ -364,6 +366,15 @@ fn seeds_with_faults_keep_every_guarantee() {
             cov.owed_released_by_resync,
         ),
         ("returning nodes cut off from a holder", cov.copies_cut_off),
+        ("partitions cutting a node off", cov.partitions),
+        (
+            "partitions of a node serving sessions",
+            cov.partitions_of_holder,
+        ),
+        (
+            "partitions in the middle of a QoS 2 exchange",
+            cov.partitions_mid_qos2,
+        ),
     ];
     for (what, n) in reached {
         assert!(n > 0, "{ran} seeds reached no {what}");
