@@ -63,6 +63,9 @@ pub struct Config {
     /// Whether a node is now and then cut off from the others (it steps
     /// down, the view drops it, and the partition heals).
     pub partitions: bool,
+    /// Whether each node's clock is off by up to ±2 s and now and then one
+    /// node's clock steps alone.
+    pub clock_skew: bool,
 }
 
 impl Default for Config {
@@ -79,6 +82,7 @@ impl Default for Config {
             mutation: None,
             link_drops: true,
             partitions: true,
+            clock_skew: true,
         }
     }
 }
@@ -142,6 +146,8 @@ pub struct Coverage {
     pub partitions_mid_qos2: u64,
     /// Nodes that stepped down (lost their majority).
     pub step_downs: u64,
+    /// Steps of one node's clock alone.
+    pub node_clock_steps: u64,
     pub commit_deadlines: u64,
     pub not_committed_closes: u64,
     /// Log hand-offs that carried several batches (calls interleaved
@@ -197,6 +203,7 @@ impl Coverage {
             partitions_of_holder,
             partitions_mid_qos2,
             step_downs,
+            node_clock_steps,
             commit_deadlines,
             not_committed_closes,
             appends_of_several,

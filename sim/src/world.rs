@@ -107,6 +107,8 @@ enum Fault {
     Partition(usize, Time),
     /// The partition around a node heals: links open both ways.
     Heal(usize),
+    /// One node's wall clock steps by this many milliseconds.
+    NodeClockStep(usize, i64),
 }
 
 #[derive(Debug)]
@@ -320,6 +322,9 @@ pub struct World {
     now: Time,
     base: Instant,
     wall_offset_ms: i64,
+    /// Each node's own clock error on top (NTP-level skew, and steps of
+    /// one node's clock), in milliseconds.
+    skew_ms: Vec<i64>,
     queue: BTreeMap<(Time, u64, u64), Ev>,
     streams: BTreeMap<u64, (Time, u64)>,
     nodes: Vec<Node>,
@@ -388,6 +393,7 @@ const TAKEOVER_WITHIN: Time = 6 * SECOND;
 const FAULTS: u64 = 4 << 32;
 const DEADLINES: u64 = 5 << 32;
 const VIEWS: u64 = 6 << 32;
+const CLOCKS: u64 = 9 << 32;
 
 /// The client a `Replicate` frame is for.
 fn frame_client(f: &Frame) -> String {
@@ -454,12 +460,22 @@ impl World {
                 seen_stash: BTreeMap::new(),
             })
             .collect::<Vec<_>>();
+        let skew = cfg.clock_skew;
         let mut w = World {
             seed,
             cfg,
             now: 0,
             base: Instant::now(),
             wall_offset_ms: 0,
+            skew_ms: (0..nodes.len() as u64)
+                .map(|n| {
+                    if skew {
+                        within(draw(seed, CLOCKS, n), 0, 4_000) as i64 - 2_000
+                    } else {
+                        0
+                    }
+                })
+                .collect(),
             queue: BTreeMap::new(),
             streams: BTreeMap::new(),
             view: (0..nodes.len()).collect(),
@@ -604,9 +620,12 @@ impl World {
         self.base + Duration::from_micros(self.now)
     }
 
-    fn wall(&self) -> SystemTime {
+    /// Node `n`'s wall clock: true time, plus the cluster's clock steps,
+    /// plus its own skew.
+    fn wall(&self, n: usize) -> SystemTime {
         let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000);
-        let ms = i64::try_from(self.now / MS).unwrap_or(i64::MAX) + self.wall_offset_ms;
+        let skew = self.skew_ms.get(n).copied().unwrap_or(0);
+        let ms = i64::try_from(self.now / MS).unwrap_or(i64::MAX) + self.wall_offset_ms + skew;
         if ms >= 0 {
             base + Duration::from_millis(ms.unsigned_abs())
         } else {
@@ -656,6 +675,10 @@ impl World {
                 0..=39 => Fault::Crash(rng.range(0, nodes - 1) as usize),
                 40..=59 => Fault::Drop(rng.range(0, self.clients.len() as u64 - 1) as usize),
                 60..=74 => Fault::Stall(rng.range(0, nodes - 1) as usize, rng.range(5, 250) * MS),
+                75..=84 if self.cfg.clock_skew && rng.range(0, 1) == 0 => Fault::NodeClockStep(
+                    rng.range(0, nodes - 1) as usize,
+                    rng.range(0, 20_000) as i64 - 10_000,
+                ),
                 75..=84 => Fault::ClockStep(rng.range(0, 120_000) as i64 - 60_000),
                 85..=92 if self.cfg.link_drops => {
                     let a = rng.range(0, nodes - 1) as usize;
@@ -1120,7 +1143,7 @@ impl World {
             self.promote(node, &id);
         }
         let now = self.instant();
-        let wall = self.wall();
+        let wall = self.wall(node);
         let gauge = self.conns[conn].outbox.gauge();
         let n = &mut self.nodes[node];
         n.core.advance(now);
@@ -1339,7 +1362,7 @@ impl World {
         f: impl FnOnce(&mut Core) -> (T, Effects),
     ) -> (T, Vec<usize>) {
         let now = self.instant();
-        let wall = self.wall();
+        let wall = self.wall(node);
         let n = &mut self.nodes[node];
         n.core.advance(now);
         n.core.calibrate_wall(now, wall);
@@ -1793,7 +1816,7 @@ impl World {
                     version,
                 } => {
                     let now = self.instant();
-                    let wall = self.wall();
+                    let wall = self.wall(to);
                     let core = &mut self.nodes[to].core;
                     core.advance(now);
                     core.calibrate_wall(now, wall);
@@ -2551,6 +2574,14 @@ impl World {
                 // for what a larger step back does to a restarted node).
                 self.cov.clock_steps += 1;
                 self.wall_offset_ms = (self.wall_offset_ms + ms).clamp(-25_000, 25_000);
+            }
+            Fault::NodeClockStep(n, ms) => {
+                // One node's clock alone (a bad NTP source), kept within
+                // 10 s of the others.
+                self.cov.node_clock_steps += 1;
+                if let Some(s) = self.skew_ms.get_mut(n) {
+                    *s = (*s + ms).clamp(-10_000, 10_000);
+                }
             }
             Fault::Slow(d) => {
                 self.cov.slow_periods += 1;

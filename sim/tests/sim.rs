@@ -192,10 +192,12 @@ fn regression_seeds_stay_fixed() {
     let before = Config {
         link_drops: false,
         partitions: false,
+        clock_skew: false,
         ..Config::default()
     };
     let links = Config {
         partitions: false,
+        clock_skew: false,
         ..Config::default()
     };
     let lists = [
@@ -367,6 +369,7 @@ fn seeds_with_faults_keep_every_guarantee() {
         ),
         ("returning nodes cut off from a holder", cov.copies_cut_off),
         ("partitions cutting a node off", cov.partitions),
+        ("steps of one node's clock", cov.node_clock_steps),
         (
             "partitions of a node serving sessions",
             cov.partitions_of_holder,
