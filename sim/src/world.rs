@@ -2019,6 +2019,7 @@ impl World {
         let v = self.view_number;
         self.view.iter().all(|&m| m == n || self.linked(n, m))
             && self.nodes[n].promoted_for >= v
+            && !self.owns_unpromoted_copies(n)
             && self
                 .view
                 .iter()
@@ -2140,10 +2141,8 @@ impl World {
             }
         }
         let members: Vec<usize> = self.view.iter().copied().collect();
-        for &n in &members {
-            self.promote_owned(n);
-        }
-        // `nodes_left`: the retained messages the dropped node wrote last go
+        // `nodes_left` comes before each node's promotions and its word that
+        // it promoted (`on_tick`): the retained messages the dropped node wrote last go
         // to every peer again (a peer whose link from it broke may lack
         // them).
         if let Some(g) = gone {
@@ -2205,6 +2204,9 @@ impl World {
                 }
                 self.send_frame(n, owner, &frame);
             }
+        }
+        for &n in &members {
+            self.promote_owned(n);
         }
         for &n in &members {
             if !self.nodes[n].up {
@@ -2273,6 +2275,18 @@ impl World {
                 }
             }
         }
+    }
+
+    /// `owns_unpromoted_copies`: a copy `n` owns whose holder the view no
+    /// longer counts, not yet promoted.
+    fn owns_unpromoted_copies(&self, n: usize) -> bool {
+        let r = &self.nodes[n].replicas;
+        r.clients().iter().any(|c| {
+            let gone = r
+                .holder(c)
+                .is_none_or(|h| h as usize == n || !self.view.contains(&(h as usize)));
+            gone && self.owner(c) == Some(n)
+        })
     }
 
     /// `owns_settling_copies`.

@@ -1138,6 +1138,13 @@ impl Cluster {
             self.resend_interest(state);
         }
         t.had_quorum = quorum;
+        // Copies of a departed holder go to their new owners before this
+        // node's word that it promoted its own (on each link the word comes
+        // after them, so an owner that has every member's word has the
+        // copies too: `takeover_done`).
+        if view.number != t.last.number {
+            self.nodes_left(&t.last, state);
+        }
         self.promote_owned(state);
         if self.ready()
             && view.number > self.promoted_for.load(Ordering::Relaxed)
@@ -1207,7 +1214,6 @@ impl Cluster {
             self.release_store_waits(&dropped);
         }
         if view.number != t.last.number {
-            self.nodes_left(&t.last, state);
             self.rechain(state);
             self.store_rechain(state, &view);
         }
@@ -1224,7 +1230,8 @@ impl Cluster {
             return false;
         }
         let view = self.view();
-        if self.promoted_for.load(Ordering::Relaxed) < view.number {
+        if self.promoted_for.load(Ordering::Relaxed) < view.number || self.owns_unpromoted_copies()
+        {
             return false;
         }
         let promoted = lock(&self.promoted);

@@ -133,6 +133,29 @@ impl Cluster {
             .any(|c| self.owner(c) == self.me && self.live_holder(c).is_none())
     }
 
+    /// Whether this node owns a copy whose holder the view no longer
+    /// counts and has not promoted it yet: one handed over by a chain
+    /// member after this node said it promoted its copies for the view
+    /// (`nodes_left`), until the next tick promotes it. Publishes held for
+    /// the lost holder wait for it (`takeover_done`): released before, they
+    /// would match nobody for that session (found by the simulator). Owners
+    /// are computed only for copies whose holder is gone.
+    pub(super) fn owns_unpromoted_copies(&self) -> bool {
+        let view = self.view();
+        let orphaned: Vec<String> = {
+            let r = lock(&self.replicas);
+            r.clients()
+                .into_iter()
+                .filter(|c| {
+                    r.holder(c)
+                        .and_then(|h| self.name_of(h))
+                        .is_none_or(|h| h == self.me || !view.members.contains(&h))
+                })
+                .collect()
+        };
+        orphaned.iter().any(|c| self.owner(c) == self.me)
+    }
+
     /// Promotes the replicas this node owns in the current view, once it is
     /// ready: only then has it the newest copy every live peer holds (their
     /// link snapshots come before it says ready).
