@@ -134,6 +134,37 @@ impl Replicas {
         self.holders.insert(client.to_string(), holder);
     }
 
+    /// `holder`'s link snapshot sent, of the sessions it serves, only
+    /// `held`: the copies naming it as holder that it did not send are of
+    /// sessions it no longer serves (it restarted, or stepped down). They
+    /// name no holder from now on, so their owner promotes them; a copy cut
+    /// off from it waits `RELAYED_WAIT` from `now` for a fresher one. Found
+    /// by the simulator: a restarted holder still counted as the live one,
+    /// and the session was served nowhere until its client came back.
+    /// Returns how many copies it freed.
+    pub fn holder_serves_only(
+        &mut self,
+        holder: NodeId,
+        held: &std::collections::HashSet<String>,
+        now: Instant,
+    ) -> usize {
+        let gone: Vec<String> = self
+            .holders
+            .iter()
+            .filter(|(c, h)| **h == holder && !held.contains(*c) && self.copies.contains_key(*c))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in &gone {
+            self.holders.remove(c);
+            if let Some(m) = self.relayed.get_mut(c) {
+                if *m == Mark::CutOff(None) {
+                    *m = Mark::CutOff(Some(now));
+                }
+            }
+        }
+        gone.len()
+    }
+
     /// The node serving `client`'s live session, if this node keeps a copy
     /// of it and knows.
     pub fn holder(&self, client: &str) -> Option<NodeId> {

@@ -148,6 +148,8 @@ pub struct Coverage {
     pub step_downs: u64,
     /// Steps of one node's clock alone.
     pub node_clock_steps: u64,
+    /// Copies whose holder's link snapshot showed it no longer serves them.
+    pub holders_forgotten: u64,
     pub commit_deadlines: u64,
     pub not_committed_closes: u64,
     /// Log hand-offs that carried several batches (calls interleaved
@@ -204,6 +206,7 @@ impl Coverage {
             partitions_mid_qos2,
             step_downs,
             node_clock_steps,
+            holders_forgotten,
             commit_deadlines,
             not_committed_closes,
             appends_of_several,

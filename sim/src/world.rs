@@ -242,6 +242,9 @@ struct Node {
     /// whole copy of that session that replaces this node's copy brings
     /// its prints in place of the old copy's (`links`).
     seen_stash: BTreeMap<usize, (String, Vec<u64>)>,
+    /// Per peer whose link snapshot is arriving, the sessions it sent as
+    /// their holder (`links`: `Replicas::holder_serves_only` at its end).
+    snapshot_from: BTreeMap<usize, std::collections::HashSet<String>>,
 }
 
 /// A publish forwarded to a peer, waiting for its answer.
@@ -458,6 +461,7 @@ impl World {
                 first_had: BTreeMap::new(),
                 seen: BTreeMap::new(),
                 seen_stash: BTreeMap::new(),
+                snapshot_from: BTreeMap::new(),
             })
             .collect::<Vec<_>>();
         let skew = cfg.clock_skew;
@@ -1685,6 +1689,11 @@ impl World {
                     // (`replicas::keeps_snapshot_copy`).
                     let from_holder = self.nodes[from].name == holder;
                     let replaces = changes.first() == Some(&SessionChange::Ended);
+                    if from_holder && replaces {
+                        if let Some(set) = self.nodes[to].snapshot_from.get_mut(&from) {
+                            set.insert(client.clone());
+                        }
+                    }
                     let whole = seq == 0 && changes.first() == Some(&SessionChange::Ended);
                     let r = &self.nodes[to].replicas;
                     let held = r.held(&client);
@@ -1802,6 +1811,14 @@ impl World {
                 }
                 Frame::SyncDone => {
                     self.nodes[to].synced.insert(from);
+                    if let Some(held) = self.nodes[to].snapshot_from.remove(&from) {
+                        let now = self.instant();
+                        let freed =
+                            self.nodes[to]
+                                .replicas
+                                .holder_serves_only(node_id(from), &held, now);
+                        self.cov.holders_forgotten += freed as u64;
+                    }
                 }
                 Frame::Interest { filter, gained } => {
                     let peer = u32::try_from(from).unwrap_or(u32::MAX);
@@ -1825,6 +1842,10 @@ impl World {
                 Frame::Reset => {
                     let peer = u32::try_from(from).unwrap_or(u32::MAX);
                     self.nodes[to].core.forget_peer(peer);
+                    // A link snapshot begins.
+                    self.nodes[to]
+                        .snapshot_from
+                        .insert(from, Default::default());
                 }
                 Frame::Promoted { view } => {
                     let v = self.nodes[to].promoted.entry(from).or_insert(0);
@@ -2798,6 +2819,7 @@ impl World {
         node.first_had.clear();
         node.seen.clear();
         node.seen_stash.clear();
+        node.snapshot_from.clear();
         let conns: Vec<usize> = std::mem::take(&mut node.conns).into_values().collect();
         for other in &mut self.nodes {
             other.covers.remove(&n);

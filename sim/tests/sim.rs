@@ -196,6 +196,12 @@ const ALL_FAULTS_PLAIN_REGRESSIONS: &[(u64, &str)] = &[
     // word, and an owner with a copy still to promote waits
     // (`owns_unpromoted_copies`).
     (30709, "publishes held for a copy handed over late"),
+    // A holder restarted and rejoined; copies still named it as holder,
+    // so no owner promoted them, and the session was served nowhere until
+    // its client came back: what was published meanwhile was lost. Fixed:
+    // copies naming a peer that its link snapshot did not send as its own
+    // name no holder (`Replicas::holder_serves_only`).
+    (86569, "a restarted holder still counted as one"),
 ];
 
 #[test]
@@ -384,6 +390,10 @@ fn seeds_with_faults_keep_every_guarantee() {
         ("returning nodes cut off from a holder", cov.copies_cut_off),
         ("partitions cutting a node off", cov.partitions),
         ("steps of one node's clock", cov.node_clock_steps),
+        (
+            "copies freed from a holder that no longer serves them",
+            cov.holders_forgotten,
+        ),
         (
             "partitions of a node serving sessions",
             cov.partitions_of_holder,

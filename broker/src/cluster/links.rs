@@ -5,6 +5,19 @@
 
 use super::*;
 
+/// What reading one peer's link carries from one frame to the next.
+#[derive(Debug, Default)]
+pub(super) struct LinkRead {
+    /// The peer's last `Seen` frame, until the frame after it (`apply`).
+    seen: Option<(String, Vec<u64>)>,
+    /// During the peer's link snapshot (the link's first frames, up to
+    /// `SyncDone`), the
+    /// sessions it sent whole as their holder: at its end, copies here
+    /// naming the peer as holder that it did not send are of sessions it
+    /// no longer serves (`Replicas::holder_serves_only`).
+    snapshot: Option<std::collections::HashSet<String>>,
+}
+
 /// Frames waiting for one peer's outbound link.
 #[derive(Debug, Default)]
 pub(super) struct LinkTx {
@@ -195,8 +208,12 @@ impl Cluster {
         self.release_store_waits(&[id]);
         tracing::debug!("peer link up");
         let mut buf = BytesMut::with_capacity(64 << 10);
-        // The peer's last `Seen` frame, until the frame after it (`apply`).
-        let mut stash: Option<(String, Vec<u64>)> = None;
+        // What reading the peer's frames carries from one to the next; a
+        // link opens with the peer's snapshot.
+        let mut stash = LinkRead {
+            snapshot: Some(std::collections::HashSet::new()),
+            ..LinkRead::default()
+        };
         loop {
             let r = tokio::time::timeout(FAILURE_TIMEOUT, stream.read_buf(&mut buf)).await;
             match r {
@@ -211,7 +228,7 @@ impl Cluster {
                 current
             });
             if current != Some(true) {
-                self.flush_seen(&mut stash);
+                self.flush_seen(&mut stash.seen);
                 return; // a newer link from this peer took over
             }
             loop {
@@ -220,7 +237,7 @@ impl Cluster {
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "bad frame from peer; closing its link");
-                        self.flush_seen(&mut stash);
+                        self.flush_seen(&mut stash.seen);
                         self.link_down(id, generation, &state);
                         return;
                     }
@@ -228,7 +245,7 @@ impl Cluster {
                 self.apply(id, generation, frame, &state, &mut stash);
             }
         }
-        self.flush_seen(&mut stash);
+        self.flush_seen(&mut stash.seen);
         self.link_down(id, generation, &state);
     }
 
@@ -293,8 +310,9 @@ impl Cluster {
         generation: u64,
         frame: Frame,
         state: &State,
-        stash: &mut Option<(String, Vec<u64>)>,
+        read: &mut LinkRead,
     ) {
+        let stash = &mut read.seen;
         let stashed = match (&frame, stash.take()) {
             (Frame::Replicate { client, .. }, Some((c, prints))) if *client == c => Some(prints),
             (_, mut other) => {
@@ -308,6 +326,15 @@ impl Cluster {
             Frame::Interest { filter, gained } => state.core().peer_interest(id, &filter, gained),
             Frame::SyncDone => {
                 self.with_peer(id, |p| p.synced |= p.generation == generation);
+                if let Some(held) = read.snapshot.take() {
+                    let freed = lock(&self.replicas).holder_serves_only(id, &held, Instant::now());
+                    if freed > 0 {
+                        tracing::info!(
+                            copies = freed,
+                            "peer no longer serves sessions its copies name it for"
+                        );
+                    }
+                }
             }
             Frame::Retained {
                 topic,
@@ -326,6 +353,14 @@ impl Cluster {
                 changes,
             } => {
                 let from = ReplyTo { id, generation };
+                // A session the peer serves, whole in its link snapshot.
+                if let Some(held) = read.snapshot.as_mut() {
+                    if changes.first() == Some(&SessionChange::Ended)
+                        && self.name_of(id).is_some_and(|n| n == holder)
+                    {
+                        held.insert(client.clone());
+                    }
+                }
                 // A link snapshot's whole copy from a node that is not the
                 // session's holder (it relays a copy it keeps for another):
                 // kept or not by `replicas::keeps_snapshot_copy`.
