@@ -520,6 +520,27 @@ mod tests {
         assert!(r.promotable("a", t0));
     }
 
+    /// A holder's link snapshot that does not send a session as its own
+    /// frees the copies naming it (it restarted): they name no holder, and
+    /// a cut-off one starts its wait.
+    #[test]
+    fn copies_a_holder_no_longer_serves_name_no_holder() {
+        let t0 = Instant::now();
+        let mut r = Replicas::default();
+        for (c, h) in [("kept", 1), ("dropped", 1), ("cut", 1), ("other", 2)] {
+            r.set_holder(c, h);
+            r.apply(c, 4, vec![attach(4)], t0);
+        }
+        r.unlinked_from(1);
+        let held = std::collections::HashSet::from(["kept".to_string()]);
+        assert_eq!(r.holder_serves_only(1, &held, t0), 2);
+        assert_eq!(r.holder("kept"), Some(1));
+        assert_eq!(r.holder("dropped"), None);
+        assert_eq!(r.holder("other"), Some(2));
+        assert!(!r.promotable("cut", t0), "waits for a fresher copy");
+        assert!(r.promotable("cut", t0 + RELAYED_WAIT));
+    }
+
     /// Orphans: the copies the holder updated whose holder is gone, with
     /// the holder; relayed ones are not handed on.
     #[test]
