@@ -206,6 +206,11 @@ struct Imported {
     qos2_in: Vec<u16>,
 }
 
+/// The peer whose interest stands for the copies this node owns and has
+/// not promoted yet ([`Core::hold_for_copies`]): never reachable, so what
+/// matches it is held.
+pub const PENDING_COPIES: NodeId = NodeId::MAX;
+
 /// Identifies a message by publisher, topic, payload and properties.
 ///
 /// The same on every node and every version (prints travel in `Seen`
@@ -480,6 +485,18 @@ impl Core {
     /// resend all of it).
     pub fn forget_peer(&mut self, node: NodeId) {
         self.router.forget_node(node);
+    }
+
+    /// The filters of the copies this node owns and has not promoted yet:
+    /// a publish matching one is held, as for an unreachable peer, until
+    /// the shell says none is left, instead of matching nobody for the
+    /// session about to be promoted here (found by the simulator). Replaces
+    /// what was said before.
+    pub fn hold_for_copies(&mut self, filters: &[String]) {
+        self.router.forget_node(PENDING_COPIES);
+        for f in filters {
+            self.router.subscribe_node(PENDING_COPIES, f);
+        }
     }
 
     /// A publish a peer handed over: delivered to matching local sessions
@@ -2323,6 +2340,22 @@ mod tests {
         );
         let routes: Vec<Route> = fx.forwards.iter().map(|f| f.route).collect();
         assert_eq!(routes, [Route::Again]);
+    }
+
+    /// A publish matching a copy this node owns and has not promoted yet
+    /// is held, not routed to nobody; once the copies are promoted it is
+    /// not.
+    #[test]
+    fn a_publish_for_a_copy_about_to_be_promoted_is_held() {
+        let mut c = Core::new();
+        c.join_cluster(1);
+        c.hold_for_copies(&["t/#".to_string()]);
+        let fx = c.route(msg("t/x", QoS::AtLeastOnce, false, "m"));
+        let routes: Vec<Route> = fx.forwards.iter().map(|f| f.route).collect();
+        assert_eq!(routes, [Route::Held]);
+        c.hold_for_copies(&[]);
+        let fx = c.route(msg("t/x", QoS::AtLeastOnce, false, "m"));
+        assert!(fx.forwards.is_empty());
     }
 
     /// A message a peer forwards again (another peer it went to died or

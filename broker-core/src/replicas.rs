@@ -174,6 +174,14 @@ impl Replicas {
         self.holders.get(client).copied()
     }
 
+    /// The filters `client`'s copy subscribes to.
+    pub fn filters(&self, client: &str) -> Vec<String> {
+        self.copies
+            .get(client)
+            .map(|s| s.subs.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// The epoch of `client`'s copy, if there is one.
     pub fn epoch(&self, client: &str) -> Option<u64> {
         self.copies.get(client).map(|s| s.epoch)

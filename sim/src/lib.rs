@@ -150,6 +150,9 @@ pub struct Coverage {
     pub node_clock_steps: u64,
     /// Copies whose holder's link snapshot showed it no longer serves them.
     pub holders_forgotten: u64,
+    /// Times a node held publishes for copies it owned and had not yet
+    /// promoted.
+    pub held_for_copies: u64,
     pub commit_deadlines: u64,
     pub not_committed_closes: u64,
     /// Log hand-offs that carried several batches (calls interleaved
@@ -207,6 +210,7 @@ impl Coverage {
             step_downs,
             node_clock_steps,
             holders_forgotten,
+            held_for_copies,
             commit_deadlines,
             not_committed_closes,
             appends_of_several,

@@ -222,6 +222,8 @@ struct Node {
     /// Cut off from the majority: it serves nothing (`step_down`) until the
     /// view counts it again.
     stepped_down: bool,
+    /// The filters publishes are held for (`Core::hold_for_copies`).
+    held_for_copies: Vec<String>,
     /// Per peer, the number the last link snapshot's own session copies
     /// went with (for the coverage report).
     resync_seq: BTreeMap<usize, u64>,
@@ -454,6 +456,7 @@ impl World {
                 synced: (0..cfg.nodes).filter(|&p| p != n).collect(),
                 resync_seq: BTreeMap::new(),
                 stepped_down: false,
+                held_for_copies: Vec::new(),
                 forwards: BTreeMap::new(),
                 held: Vec::new(),
                 promoted_for: 0,
@@ -2012,6 +2015,7 @@ impl World {
     fn node_tick(&mut self, n: usize) {
         if self.nodes[n].up {
             self.promote_owned(n);
+            self.hold_for_copies(n);
             self.release_held(n);
             if self.takeover_done(n) {
                 for p in 0..self.nodes.len() {
@@ -2228,6 +2232,9 @@ impl World {
         }
         for &n in &members {
             self.promote_owned(n);
+            if self.nodes[n].up {
+                self.hold_for_copies(n);
+            }
         }
         for &n in &members {
             if !self.nodes[n].up {
@@ -2301,13 +2308,40 @@ impl World {
     /// `owns_unpromoted_copies`: a copy `n` owns whose holder the view no
     /// longer counts, not yet promoted.
     fn owns_unpromoted_copies(&self, n: usize) -> bool {
+        !self.unpromoted_copies(n).is_empty()
+    }
+
+    fn unpromoted_copies(&self, n: usize) -> Vec<String> {
         let r = &self.nodes[n].replicas;
-        r.clients().iter().any(|c| {
-            let gone = r
-                .holder(c)
-                .is_none_or(|h| h as usize == n || !self.view.contains(&(h as usize)));
-            gone && self.owner(c) == Some(n)
-        })
+        let mut out: Vec<String> = r
+            .clients()
+            .into_iter()
+            .filter(|c| {
+                let gone = r
+                    .holder(c)
+                    .is_none_or(|h| h as usize == n || !self.view.contains(&(h as usize)));
+                gone && self.owner(c) == Some(n)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// `on_tick`: publishes matching copies `n` owns and has not promoted
+    /// are held (`unpromoted_filters`, `Core::hold_for_copies`).
+    fn hold_for_copies(&mut self, n: usize) {
+        let copies = self.unpromoted_copies(n);
+        let mut filters: Vec<String> = copies
+            .iter()
+            .flat_map(|c| self.nodes[n].replicas.filters(c))
+            .collect();
+        filters.sort();
+        filters.dedup();
+        if filters != self.nodes[n].held_for_copies {
+            self.cov.held_for_copies += u64::from(!filters.is_empty());
+            self.nodes[n].core.hold_for_copies(&filters);
+            self.nodes[n].held_for_copies = filters;
+        }
     }
 
     /// `owns_settling_copies`.
@@ -2816,6 +2850,7 @@ impl World {
         node.held.clear();
         node.promoted_for = 0;
         node.promoted.clear();
+        node.held_for_copies.clear();
         node.first_had.clear();
         node.seen.clear();
         node.seen_stash.clear();

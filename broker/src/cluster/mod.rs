@@ -409,6 +409,9 @@ struct Ticker {
     /// The term in which this node last campaigned because the leader was
     /// lost (see [`consensus::Consensus::campaign_now`]).
     campaigned: u64,
+    /// The filters publishes are held for, of copies this node owns and
+    /// has not promoted yet (`Core::hold_for_copies`).
+    held_for_copies: Vec<String>,
 }
 
 /// A name is a placement node of weight 1.
@@ -1027,6 +1030,7 @@ impl Cluster {
                 reported: Vec::new(),
                 ticks: 0,
                 campaigned: 0,
+                held_for_copies: Vec::new(),
             };
             loop {
                 tokio::select! {
@@ -1146,6 +1150,11 @@ impl Cluster {
             self.nodes_left(&t.last, state);
         }
         self.promote_owned(state);
+        let held = self.unpromoted_filters();
+        if held != t.held_for_copies {
+            state.core().hold_for_copies(&held);
+            t.held_for_copies = held;
+        }
         if self.ready()
             && view.number > self.promoted_for.load(Ordering::Relaxed)
             && !self.owns_settling_copies()

@@ -141,6 +141,27 @@ impl Cluster {
     /// would match nobody for that session (found by the simulator). Owners
     /// are computed only for copies whose holder is gone.
     pub(super) fn owns_unpromoted_copies(&self) -> bool {
+        !self.unpromoted_copies().is_empty()
+    }
+
+    /// The filters of the copies [`Cluster::owns_unpromoted_copies`] finds,
+    /// sorted: publishes matching them are held until they are promoted.
+    pub(super) fn unpromoted_filters(&self) -> Vec<String> {
+        let copies = self.unpromoted_copies();
+        if copies.is_empty() {
+            return Vec::new();
+        }
+        let mut filters: Vec<String> = {
+            let r = lock(&self.replicas);
+            copies.iter().flat_map(|c| r.filters(c)).collect()
+        };
+        filters.sort();
+        filters.dedup();
+        filters
+    }
+
+    /// The copies this node owns whose holder the view no longer counts.
+    fn unpromoted_copies(&self) -> Vec<String> {
         let view = self.view();
         let orphaned: Vec<String> = {
             let r = lock(&self.replicas);
@@ -153,7 +174,10 @@ impl Cluster {
                 })
                 .collect()
         };
-        orphaned.iter().any(|c| self.owner(c) == self.me)
+        orphaned
+            .into_iter()
+            .filter(|c| self.owner(c) == self.me)
+            .collect()
     }
 
     /// Promotes the replicas this node owns in the current view, once it is
