@@ -1505,6 +1505,11 @@ impl Core {
     /// that were not given it get it now, each once by its print (found by
     /// the simulator). Sessions that were here already had it from the
     /// node that routed it, or never will (peers are not asked again).
+    /// When the message matches a peer that cannot be reached, or copies
+    /// this node owns and has not promoted yet (they may be the sessions
+    /// the dead node had not given it to), it is held like a first publish
+    /// and routed again once they are served (found by the simulator, seed
+    /// 57086: the copies were promoted just after the resend).
     pub fn qos2_resent(&mut self, client_id: &str, pid: PacketId, m: &Message) -> Effects {
         let mut fx = Effects::none();
         let routed_elsewhere = self
@@ -1532,6 +1537,15 @@ impl Core {
                 continue;
             }
             self.deliver_to(t, m, &mut fx);
+        }
+        let unreachable = targets.nodes.iter().any(|&n| !self.reachable(n));
+        if unreachable && self.clustered() && m.qos != QoS::AtMostOnce {
+            fx.forwards.push(Forward {
+                node: 0,
+                message: m.clone(),
+                groups: Vec::new(),
+                route: Route::Held,
+            });
         }
         fx
     }
@@ -2452,6 +2466,21 @@ mod tests {
         let _ = here.qos2_received("pub", own, 10);
         run(here.qos2_resent("pub", own, &msg("t/x", QoS::ExactlyOnce, false, "own")));
         assert_eq!(queued(&here, "missed-it"), 1);
+        // In a cluster, with copies matching it that this node owns and has
+        // not promoted yet, the resend is held for them too (seed 57086).
+        here.join_cluster(1);
+        here.hold_for_copies(&["t/#".to_string()]);
+        let late = msg("t/x", QoS::ExactlyOnce, false, "late");
+        let fx = here.qos2_resent("pub", pid, &late);
+        let routes: Vec<Route> = fx.forwards.iter().map(|f| f.route).collect();
+        assert_eq!(
+            routes,
+            [Route::Held],
+            "the copies about to be promoted lose it"
+        );
+        run(fx);
+        here.hold_for_copies(&[]);
+        assert!(here.qos2_resent("pub", pid, &late).forwards.is_empty());
     }
 
     #[test]

@@ -326,15 +326,33 @@ impl Replicas {
     }
 }
 
+/// Where the holder a relayed copy names stands, for
+/// [`keeps_snapshot_copy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HolderNow {
+    /// It has left the view: the copy is a chain member's, final.
+    Left,
+    /// It is in the view.
+    Live,
+    /// It is in the view and its changes built the copy this node has: its
+    /// own stream brings every change, in order.
+    Streaming,
+}
+
 /// Whether a node keeps the whole copy of a session a peer's link snapshot
 /// sent it. `relayed`: the peer is not the session's holder (it sends a
 /// copy it keeps for another); `held`: the copy this node has, if any: its
 /// epoch, and where it came from; `serving`: this node serves the session
-/// live; `holder_live`: the session's holder is in the view.
+/// live; `holder`: where the session's holder stands.
 ///
 /// A relayed copy may be older than the one the holder itself gave this
 /// node: with the same epoch it does not replace it (a stale copy promoted
-/// later would send a QoS 2 message again that was completed). It does
+/// later would send a QoS 2 message again that was completed). Nor, at any
+/// epoch, while the holder that built the copy here is live: its changes
+/// still on their way were made before the relayed copy was taken, and
+/// applied to it again they would put messages in twice and take others
+/// out (found by the simulator, seed 99316: a stalled node got a peer's
+/// relayed copy before its holder's older changes). It does
 /// replace a relayed copy of the same epoch: the later one was taken later.
 /// A copy cut off from its holder is replaced at the same epoch only once
 /// the holder has left: then the peer's copy is final (a chain member's,
@@ -349,7 +367,7 @@ pub fn keeps_snapshot_copy(
     held: Option<(u64, Held)>,
     epoch: u64,
     serving: bool,
-    holder_live: bool,
+    holder: HolderNow,
 ) -> bool {
     if serving && !crate::mutations::on(crate::mutations::Mutation::SnapshotCopyOfLiveSession) {
         return false;
@@ -357,8 +375,8 @@ pub fn keeps_snapshot_copy(
     match (relayed, held) {
         (false, _) | (true, None) => true,
         (true, Some((e, Held::Relayed))) => e <= epoch,
-        (true, Some((e, Held::Updated))) => e < epoch,
-        (true, Some((e, Held::CutOff))) => e < epoch || (e == epoch && !holder_live),
+        (true, Some((e, Held::Updated))) => e < epoch && holder != HolderNow::Streaming,
+        (true, Some((e, Held::CutOff))) => e < epoch || (e == epoch && holder == HolderNow::Left),
     }
 }
 
@@ -572,26 +590,43 @@ mod tests {
     /// Which link-snapshot copies a node keeps.
     #[test]
     fn snapshot_copies_kept_or_not() {
+        use HolderNow::{Left, Live, Streaming};
         // From the holder: kept (epochs are the apply's business).
         let up = Held::Updated;
-        assert!(keeps_snapshot_copy(false, Some((5, up)), 4, false, true));
+        assert!(keeps_snapshot_copy(false, Some((5, up)), 4, false, Live));
         // Relayed, no copy here: kept.
-        assert!(keeps_snapshot_copy(true, None, 4, false, true));
-        // Relayed over a copy the holder updated: only a newer epoch.
-        assert!(!keeps_snapshot_copy(true, Some((4, up)), 4, false, false));
-        assert!(keeps_snapshot_copy(true, Some((4, up)), 5, false, true));
+        assert!(keeps_snapshot_copy(true, None, 4, false, Live));
+        // Relayed over a copy the holder updated: only a newer epoch, and
+        // never while that holder is live (its stream brings the changes).
+        assert!(!keeps_snapshot_copy(true, Some((4, up)), 4, false, Left));
+        assert!(keeps_snapshot_copy(true, Some((4, up)), 5, false, Live));
+        assert!(keeps_snapshot_copy(true, Some((4, up)), 5, false, Left));
+        assert!(!keeps_snapshot_copy(
+            true,
+            Some((4, up)),
+            5,
+            false,
+            Streaming
+        ));
         // Relayed over a relayed copy: the later one, same epoch or newer.
         let re = Held::Relayed;
-        assert!(keeps_snapshot_copy(true, Some((4, re)), 4, false, true));
-        assert!(!keeps_snapshot_copy(true, Some((5, re)), 4, false, true));
+        assert!(keeps_snapshot_copy(true, Some((4, re)), 4, false, Live));
+        assert!(!keeps_snapshot_copy(true, Some((5, re)), 4, false, Live));
         // Over a copy cut off from its holder: at the same epoch only once
         // the holder has left.
         let cut = Held::CutOff;
-        assert!(!keeps_snapshot_copy(true, Some((4, cut)), 4, false, true));
-        assert!(keeps_snapshot_copy(true, Some((4, cut)), 4, false, false));
-        assert!(keeps_snapshot_copy(true, Some((4, cut)), 5, false, true));
+        assert!(!keeps_snapshot_copy(true, Some((4, cut)), 4, false, Live));
+        assert!(!keeps_snapshot_copy(
+            true,
+            Some((4, cut)),
+            4,
+            false,
+            Streaming
+        ));
+        assert!(keeps_snapshot_copy(true, Some((4, cut)), 4, false, Left));
+        assert!(keeps_snapshot_copy(true, Some((4, cut)), 5, false, Live));
         // A session served here: never.
-        assert!(!keeps_snapshot_copy(true, None, 9, true, false));
+        assert!(!keeps_snapshot_copy(true, None, 9, true, Left));
     }
 
     #[test]

@@ -36,7 +36,9 @@ use mqlb_broker_core::effects::{ChangeRecord, Effects, LogEntry, Route};
 use mqlb_broker_core::log::Sequencer;
 use mqlb_broker_core::message::{Message, Sub};
 use mqlb_broker_core::outbox::{Closing, Encoder, Outbox, Outgoing};
-use mqlb_broker_core::replicas::{filters_of, keeps_snapshot_copy, whole, Replicas, RELAYED_WAIT};
+use mqlb_broker_core::replicas::{
+    filters_of, keeps_snapshot_copy, whole, HolderNow, Replicas, RELAYED_WAIT,
+};
 use mqlb_broker_core::session::{InflightState, SessionChange};
 use mqlb_protocol::{decode, Ack, Packet, PacketType, ProtocolVersion, QoS, SubscriptionOptions};
 
@@ -1701,12 +1703,16 @@ impl World {
                     let r = &self.nodes[to].replicas;
                     let held = r.held(&client);
                     let serving = self.nodes[to].core.has_session(&client);
-                    let holder_live = self
-                        .index_of(&holder)
-                        .is_some_and(|h| self.view.contains(&h));
+                    let holder_at = self.index_of(&holder).filter(|h| self.view.contains(h));
+                    let built_by = r.holder(&client);
+                    let holder_now = match holder_at {
+                        None => HolderNow::Left,
+                        Some(h) if built_by == u32::try_from(h).ok() => HolderNow::Streaming,
+                        Some(_) => HolderNow::Live,
+                    };
                     if whole
                         && !from_holder
-                        && !keeps_snapshot_copy(true, held, epoch, serving, holder_live)
+                        && !keeps_snapshot_copy(true, held, epoch, serving, holder_now)
                     {
                         // Refused, with the prints that came with it.
                         continue;

@@ -207,6 +207,22 @@ const ALL_FAULTS_PLAIN_REGRESSIONS: &[(u64, &str)] = &[
     // later it did): they matched nobody. Fixed: publishes matching such
     // copies are held until they are promoted (`Core::hold_for_copies`).
     (71144, "publishes for copies about to be promoted"),
+    // A publisher's QoS 2 message reached some chain members before its
+    // holder was cut off; the publisher sent it again to the new holder,
+    // whose copy of the publisher held the id, while the subscribers'
+    // sessions there were copies about to be promoted (from a member that
+    // never had it): the resend matched nothing and was acknowledged.
+    // Fixed: such a resend is held like a first publish
+    // (`Core::qos2_resent`). 62353 and 98718 were the same.
+    (57086, "a QoS 2 resend before the copies were promoted"),
+    (62353, "a QoS 2 resend before the copies were promoted"),
+    (98718, "a QoS 2 resend before the copies were promoted"),
+    // A stalled node got a peer's relayed copy of a session (newer epoch)
+    // before the holder's own older changes, which were then applied to it
+    // again: a message was put in twice and another taken out; that copy
+    // was handed over when the holder died. Fixed: a relayed copy does
+    // not replace one built by a live holder (`replicas::HolderNow`).
+    (99316, "holder changes applied again to a relayed copy"),
 ];
 
 #[test]

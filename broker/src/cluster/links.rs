@@ -368,16 +368,20 @@ impl Cluster {
                     && changes.first() == Some(&SessionChange::Ended)
                     && self.name_of(id).is_some_and(|n| n != holder);
                 if relayed {
-                    let held = lock(&self.replicas).held(&client);
+                    let (held, built_by) = {
+                        let r = lock(&self.replicas);
+                        (r.held(&client), r.holder(&client))
+                    };
                     let serving = state.core().has_session(&client);
-                    let holder_live = self.view().members.contains(&holder);
-                    if !crate::replicas::keeps_snapshot_copy(
-                        true,
-                        held,
-                        epoch,
-                        serving,
-                        holder_live,
-                    ) {
+                    let holder_now = if !self.view().members.contains(&holder) {
+                        crate::replicas::HolderNow::Left
+                    } else if built_by.is_some() && built_by == self.id_of(&holder) {
+                        crate::replicas::HolderNow::Streaming
+                    } else {
+                        crate::replicas::HolderNow::Live
+                    };
+                    if !crate::replicas::keeps_snapshot_copy(true, held, epoch, serving, holder_now)
+                    {
                         return;
                     }
                 }
