@@ -518,6 +518,92 @@ async fn owner_lost_during_sets(kill: bool) {
     }
 }
 
+/// The link between a key's owner and the other member of its chain
+/// breaks; a `SET` is made; the owner dies before the link is back. The
+/// member takes the key over, so an `OK` may only have been given for a
+/// change it has: the owner waits for the link (or the view) instead of
+/// counting the member out, as it used to (the session chains had the same
+/// bug, found by the simulator). While the link is only briefly down the
+/// change is answered `OK` once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_link_then_the_owners_death_loses_no_acknowledged_set() {
+    let mut c = mqlb_tests::cluster::TestCluster::start_partitionable(3).await;
+    assert!(c.wait_converged(Duration::from_secs(30)).await);
+    let all = ["n1", "n2", "n3"];
+    let key = (0..100_000)
+        .map(|k| format!("cut-key{k}"))
+        .find(|k| c.owner_of(k, &all) == "n1" && c.chain_second(k, &all) == "n2")
+        .unwrap();
+    // The writer's session is on n3: its requests are passed to n1.
+    let writer_id = c.id_owned_by("n3", "cut-writer", &all);
+    let mut writer = Caller::new(&c.nodes[2].addr, &writer_id).await;
+    assert_eq!(
+        writer.call(&[b"SET", key.as_bytes(), b"v1"]).await,
+        b"+OK\r\n"
+    );
+    let cut = |c: &mqlb_tests::cluster::TestCluster, on: bool| {
+        for (_, _, l) in c.links.iter().filter(|(i, j, _)| i + j == 1) {
+            l.set_cut(on);
+        }
+    };
+    let set = |mut w: Caller, value: &'static str, key: String| {
+        tokio::spawn(async move {
+            let props = w.props(value.as_bytes(), Some(hlc(0)), None);
+            let payload = resp(&[b"SET", key.as_bytes(), value.as_bytes()]);
+            let (_, r) = w
+                .call_with(payload, QoS::AtLeastOnce, props, Duration::from_secs(20))
+                .await;
+            let ok = r.is_some_and(|r| r.payload.as_ref() == b"+OK\r\n");
+            (w, ok)
+        })
+    };
+    // A short break: the change waits for the link, then it is `OK`.
+    cut(&c, true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pending = set(writer, "v2", key.clone());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    cut(&c, false);
+    let (writer, ok) = pending.await.unwrap();
+    assert!(ok, "a change was not answered once the link was back");
+    let owed = c.metric(0, "mqlb_cluster_store_owed_total").await;
+    assert!(owed.unwrap_or(0.0) >= 1.0, "no wait counted: {owed:?}");
+    // A break the owner does not live through.
+    cut(&c, true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pending = set(writer, "v3", key.clone());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.kill(0);
+    let (_, v3_ok) = pending.await.unwrap();
+    // n2 owns the key now; read through n3.
+    let reader_id = c.id_owned_by("n3", "cut-reader", &["n2", "n3"]);
+    let mut reader = Caller::new(&c.nodes[2].addr, &reader_id).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let props = reader.props(b"g", Some(hlc(0)), None);
+        let (_, r) = reader
+            .call_with(resp(&[b"GET", key.as_bytes()]), QoS::AtLeastOnce, props, T)
+            .await;
+        match r.map(|r| r.payload.to_vec()) {
+            Some(p) if p.starts_with(b"$") => break p,
+            _ if tokio::time::Instant::now() > deadline => panic!("the key was never served"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    println!(
+        "SET v3 during the break answered OK: {v3_ok}; read after the owner's death: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    if v3_ok {
+        assert_eq!(got, b"$2\r\nv3\r\n", "an acknowledged SET was lost");
+    } else {
+        assert!(
+            got == b"$2\r\nv2\r\n" || got == b"$2\r\nv3\r\n",
+            "read {}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+}
+
 /// A hung owner (SIGSTOP, its links still open): a request for its key
 /// gets an answer (the new owner's, or an error) instead of hanging, and
 /// once the view has dropped it the next node of the key's chain serves

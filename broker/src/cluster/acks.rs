@@ -10,16 +10,27 @@ use std::collections::{HashMap, HashSet};
 
 use crate::router::NodeId;
 
-/// One wait: the peers still to answer, and whether all so far applied.
+/// How a wait ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// Every peer applied it.
+    Applied,
+    /// A peer refused it (it is in a newer view than the sender).
+    Refused,
+    /// None refused, but these peers were lost before they answered (their
+    /// link broke, or the view dropped them): they may or may not have it.
+    /// The caller decides what that means (a passed-on request failed; a
+    /// key copy is owed to them: `store_replicate`).
+    Lost(Vec<NodeId>),
+}
+
+/// One wait: the peers still to answer, and what those that did said.
 #[derive(Debug)]
 struct Wait {
     nodes: HashSet<NodeId>,
-    ok: bool,
-    /// A passed-on request: its node's loss is a failure (a key copy's
-    /// member's loss is not: the copy here is then the only one, as for
-    /// sessions, and the next view's chain gets it).
-    lost_fails: bool,
-    tx: Option<tokio::sync::oneshot::Sender<bool>>,
+    refused: bool,
+    lost: Vec<NodeId>,
+    tx: Option<tokio::sync::oneshot::Sender<Answer>>,
 }
 
 /// Every outstanding wait, by the sequence number its frames carry.
@@ -29,15 +40,13 @@ pub(crate) struct Acks {
 }
 
 impl Acks {
-    /// Waits for each of `nodes` to answer `seq`: resolves `true` once all
-    /// did and applied it (or were lost, unless `lost_fails`), `false` if
-    /// any refused. `None` when there is no one to wait for.
+    /// Waits for each of `nodes` to answer `seq`. `None` when there is no
+    /// one to wait for.
     pub(crate) fn register(
         &mut self,
         seq: u64,
         nodes: HashSet<NodeId>,
-        lost_fails: bool,
-    ) -> Option<tokio::sync::oneshot::Receiver<bool>> {
+    ) -> Option<tokio::sync::oneshot::Receiver<Answer>> {
         if nodes.is_empty() {
             return None;
         }
@@ -46,8 +55,8 @@ impl Acks {
             seq,
             Wait {
                 nodes,
-                ok: true,
-                lost_fails,
+                refused: false,
+                lost: Vec::new(),
                 tx: Some(tx),
             },
         );
@@ -60,7 +69,7 @@ impl Acks {
             return;
         };
         if w.nodes.remove(&from) {
-            w.ok &= ok;
+            w.refused |= !ok;
         }
         if w.nodes.is_empty() {
             self.finish(seq);
@@ -72,8 +81,8 @@ impl Acks {
         let mut done = Vec::new();
         for (seq, w) in &mut self.waits {
             for g in gone {
-                if w.nodes.remove(g) && w.lost_fails {
-                    w.ok = false;
+                if w.nodes.remove(g) {
+                    w.lost.push(*g);
                 }
             }
             if w.nodes.is_empty() {
@@ -93,8 +102,15 @@ impl Acks {
     /// Resolves `seq` with what every answer said together.
     fn finish(&mut self, seq: u64) {
         if let Some(mut w) = self.waits.remove(&seq) {
+            let answer = if w.refused {
+                Answer::Refused
+            } else if w.lost.is_empty() {
+                Answer::Applied
+            } else {
+                Answer::Lost(std::mem::take(&mut w.lost))
+            };
             if let Some(tx) = w.tx.take() {
-                let _ = tx.send(w.ok);
+                let _ = tx.send(answer);
             }
         }
     }
@@ -109,26 +125,29 @@ mod tests {
     #[test]
     fn one_refusal_fails_the_wait_whoever_answers_last() {
         let mut a = Acks::default();
-        let mut rx = a.register(7, HashSet::from([1, 2]), false).unwrap();
+        let mut rx = a.register(7, HashSet::from([1, 2])).unwrap();
         a.acked(1, 7, false);
         assert!(rx.try_recv().is_err(), "still waiting for 2");
         a.acked(2, 7, true);
-        assert_eq!(rx.try_recv(), Ok(false));
+        assert_eq!(rx.try_recv(), Ok(Answer::Refused));
     }
 
-    /// A lost member counts as applied for a key copy and as failed for a
-    /// passed-on request; nobody to wait for is no wait; a cancelled wait
-    /// is forgotten.
+    /// A lost member is named, not counted as having applied it (a key
+    /// copy is owed to it until it confirms one; found like the session
+    /// chains' "counted out" bug); nobody to wait for is no wait; a
+    /// cancelled wait is forgotten.
     #[test]
     fn lost_members_and_cancelled_waits() {
         let mut a = Acks::default();
-        let mut copy = a.register(1, HashSet::from([3]), false).unwrap();
-        let mut passed = a.register(2, HashSet::from([3]), true).unwrap();
+        let mut copy = a.register(1, HashSet::from([3, 4])).unwrap();
+        a.acked(4, 1, true);
         a.lost(&[3]);
-        assert_eq!(copy.try_recv(), Ok(true));
-        assert_eq!(passed.try_recv(), Ok(false));
-        assert!(a.register(3, HashSet::new(), false).is_none());
-        let mut gone = a.register(4, HashSet::from([5]), false).unwrap();
+        assert_eq!(copy.try_recv(), Ok(Answer::Lost(vec![3])));
+        let mut both = a.register(2, HashSet::from([3])).unwrap();
+        a.acked(3, 2, true);
+        assert_eq!(both.try_recv(), Ok(Answer::Applied));
+        assert!(a.register(3, HashSet::new()).is_none());
+        let mut gone = a.register(4, HashSet::from([5])).unwrap();
         a.cancel(4);
         assert!(gone.try_recv().is_err());
         a.acked(5, 4, true);

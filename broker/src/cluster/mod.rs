@@ -217,6 +217,9 @@ pub struct ClusterStats {
     pub held: AtomicU64,
     /// State store requests passed on to their key's owner.
     pub store_passed: AtomicU64,
+    /// Times a state store change waited for a chain member that had no
+    /// link, or lost it before it answered (`store_replicate`).
+    pub store_owed: AtomicU64,
     /// CONNECTs held because the client's session was moving (its holder
     /// had just died).
     pub held_connects: AtomicU64,
@@ -1413,6 +1416,11 @@ impl Cluster {
                 "mqlb_cluster_store_passed_total",
                 "State store requests passed on to the node that owns their key.",
                 &self.stats.store_passed,
+            ),
+            (
+                "mqlb_cluster_store_owed_total",
+                "Times a state store change waited for a chain member whose link was down before its answer.",
+                &self.stats.store_owed,
             ),
             (
                 "mqlb_cluster_held_connects_total",

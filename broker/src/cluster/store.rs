@@ -175,7 +175,7 @@ impl Cluster {
                         continue;
                     };
                     let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-                    let rx = self.store_wait(seq, id, true);
+                    let rx = self.store_wait(seq, id);
                     self.stats.store_passed.fetch_add(1, Ordering::Relaxed);
                     let message =
                         crate::snapshot::publish_to_message(p, Some(client), Instant::now());
@@ -189,9 +189,10 @@ impl Cluster {
                         &self.stats.dropped,
                     );
                     // A hung owner whose link stays up answers no more
-                    // than a dead one.
+                    // than a dead one; a lost one may or may not have
+                    // applied it.
                     let answered = tokio::time::timeout(STORE_WAIT, rx).await;
-                    if matches!(answered, Ok(Ok(true))) {
+                    if matches!(answered, Ok(Ok(acks::Answer::Applied))) {
                         return true;
                     }
                     lock(&self.store_waits).cancel(seq);
@@ -212,51 +213,90 @@ impl Cluster {
         true
     }
 
-    fn store_wait(
-        &self,
-        seq: u64,
-        node: NodeId,
-        lost_fails: bool,
-    ) -> tokio::sync::oneshot::Receiver<bool> {
-        match lock(&self.store_waits).register(
-            seq,
-            std::collections::HashSet::from([node]),
-            lost_fails,
-        ) {
+    fn store_wait(&self, seq: u64, node: NodeId) -> tokio::sync::oneshot::Receiver<acks::Answer> {
+        match lock(&self.store_waits).register(seq, std::collections::HashSet::from([node])) {
             Some(rx) => rx,
             // One node is always someone to wait for.
             None => tokio::sync::oneshot::channel().1,
         }
     }
 
-    /// Sends a key's new state (or a barrier) to the other live members of
-    /// its chain; whether all that answered applied it.
+    /// Sends a key's new state (or a barrier) to the other members of its
+    /// chain; whether every one of them has it: each member of the view
+    /// acknowledged it, or a barrier sent after it, or left the view.
+    ///
+    /// A member without a link, or whose link broke before it answered, is
+    /// owed the change, not counted out: the change waits (within
+    /// [`STORE_WAIT`]) for its link to open again, which sends it every
+    /// key whose chain holds it, and then for its answer to a barrier.
+    /// Counted out, it could take over the key when the owner died without
+    /// an acknowledged change (the same bug the session chains had, found
+    /// there by the simulator).
     async fn store_replicate(
         &self,
         key: &[u8],
         view: u64,
         copy: Option<mqlb_statestore::store::KeyCopy>,
     ) -> bool {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let frame = Frame::StoreCopy { seq, view, copy };
-        // The wait is registered under the same lock as the sends: an
-        // acknowledgement that came before it would find nothing to
-        // release, and the request would time out though applied.
-        let rx = {
-            let mut waits = lock(&self.store_waits);
-            let nodes = self.push_to_chain(&lock(&self.links), key, &frame);
-            match waits.register(seq, nodes, false) {
-                Some(rx) => rx,
-                None => return true,
+        let deadline = tokio::time::Instant::now() + STORE_WAIT;
+        let mut owed: std::collections::HashSet<NodeId> = self
+            .key_chain(key)
+            .iter()
+            .filter(|m| **m != self.me)
+            .filter_map(|m| self.id_of(m))
+            .collect();
+        let mut copy = copy;
+        loop {
+            let members = self.view().members;
+            owed.retain(|id| self.name_of(*id).is_some_and(|n| members.contains(&n)));
+            if owed.is_empty() {
+                return true;
             }
-        };
-        match tokio::time::timeout(STORE_WAIT, rx).await {
-            Ok(applied) => applied.unwrap_or(true),
-            Err(_) => {
-                // A hung chain member: not acknowledged, so not `OK`.
-                lock(&self.store_waits).cancel(seq);
-                false
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            // The key's state the first time; a barrier after that.
+            let frame = Frame::StoreCopy {
+                seq,
+                view,
+                copy: copy.take(),
+            };
+            // The wait is registered under the same lock as the sends: an
+            // acknowledgement that came before it would find nothing to
+            // release, and the request would time out though applied.
+            let (sent, rx) = {
+                let mut waits = lock(&self.store_waits);
+                let links = lock(&self.links);
+                let mut sent = std::collections::HashSet::new();
+                for id in &owed {
+                    if let Some(tx) = links.get(id) {
+                        tx.push(&frame, &self.stats.dropped);
+                        sent.insert(*id);
+                    }
+                }
+                let rx = waits.register(seq, sent.clone());
+                (sent, rx)
+            };
+            if let Some(rx) = rx {
+                match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(acks::Answer::Applied)) => owed.retain(|id| !sent.contains(id)),
+                    Ok(Ok(acks::Answer::Lost(lost))) => {
+                        owed.retain(|id| !sent.contains(id) || lost.contains(id));
+                    }
+                    Ok(Ok(acks::Answer::Refused)) | Ok(Err(_)) => return false,
+                    Err(_) => {
+                        // A hung chain member: not acknowledged, so not `OK`.
+                        lock(&self.store_waits).cancel(seq);
+                        return false;
+                    }
+                }
             }
+            if owed.is_empty() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            self.stats.store_owed.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(consensus::TICK).await;
         }
     }
 
