@@ -35,6 +35,11 @@ pub enum Mutation {
     /// A returning node's copies cut off from their holder may be
     /// promoted at once (see `Replicas::unlinked_from`).
     CutOffCopyPromoted,
+    /// A state store change counts a chain member without a link, or whose
+    /// link broke before it answered, out, as one that left the view (an
+    /// `OK` its owner's death then loses; see the broker's
+    /// `cluster::acks::owed_after`).
+    StoreMemberCountedOut,
 }
 
 #[cfg(feature = "mutations")]

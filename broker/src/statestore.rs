@@ -165,8 +165,13 @@ impl StateStore {
 
     /// This node's clock now, as a version.
     fn now(&self) -> Hlc {
+        self.now_at(now_ms())
+    }
+
+    /// The version for wall-clock time `wall_ms` on this node.
+    fn now_at(&self, wall_ms: u64) -> Hlc {
         Hlc {
-            wall_ms: now_ms(),
+            wall_ms,
             counter: self.counter.fetch_add(1, Ordering::Relaxed) % 100_000,
             node: self.node.clone(),
         }
@@ -191,6 +196,20 @@ impl StateStore {
         view: u64,
         mine: &dyn Fn(&[u8]) -> bool,
     ) -> Handled {
+        self.handle_in_at(client_id, p, view, mine, now_ms())
+    }
+
+    /// [`StateStore::handle_in`] with this node's wall clock reading
+    /// `now` (milliseconds since the epoch): the simulator gives each node
+    /// its own clock.
+    pub fn handle_in_at(
+        &self,
+        client_id: &str,
+        p: &Publish,
+        view: u64,
+        mine: &dyn Fn(&[u8]) -> bool,
+        now: u64,
+    ) -> Handled {
         if let Some(code) = self.refusal(client_id, p) {
             return Handled::Done {
                 outcome: Outcome::Refuse(code),
@@ -205,7 +224,6 @@ impl StateStore {
                 copy: None,
             };
         };
-        let now = now_ms();
         let x = match self.execute(client_id, p, now, view, mine) {
             Ok(x) => x,
             Err(key) => return Handled::Elsewhere(key),
@@ -323,7 +341,7 @@ impl StateStore {
         mine: &dyn Fn(&[u8]) -> bool,
     ) -> Result<Executed, Vec<u8>> {
         let invalid = COMMANDS.len() - 1;
-        let here = self.now();
+        let here = self.now_at(now);
         let done = |command, status, reply| Executed {
             command,
             status,
@@ -405,7 +423,12 @@ impl StateStore {
 
     /// Installs a copy of a key made by its owner; whether it was newer.
     pub fn install(&self, copy: KeyCopy) -> bool {
-        self.store().install(copy, now_ms())
+        self.install_at(copy, now_ms())
+    }
+
+    /// [`StateStore::install`] with this node's wall clock reading `now`.
+    pub fn install_at(&self, copy: KeyCopy, now: u64) -> bool {
+        self.store().install(copy, now)
     }
 
     /// The copies of every key this store has, deletions included, that

@@ -66,6 +66,9 @@ pub struct Config {
     /// Whether each node's clock is off by up to ±2 s and now and then one
     /// node's clock steps alone.
     pub clock_skew: bool,
+    /// Whether state store clients run beside the MQTT ones (their
+    /// histories checked for linearizability).
+    pub store: bool,
 }
 
 impl Default for Config {
@@ -83,6 +86,7 @@ impl Default for Config {
             link_drops: true,
             partitions: true,
             clock_skew: true,
+            store: true,
         }
     }
 }
@@ -153,6 +157,21 @@ pub struct Coverage {
     /// Times a node held publishes for copies it owned and had not yet
     /// promoted.
     pub held_for_copies: u64,
+    /// State store operations made, answered with a result, answered with
+    /// an error, and not answered within the client's time.
+    pub store_ops: u64,
+    pub store_ok: u64,
+    pub store_errors: u64,
+    pub store_unanswered: u64,
+    /// State store requests passed on to their key's owner.
+    pub store_passed: u64,
+    /// Rounds a state store change waited for a chain member without a
+    /// link (or whose link broke before it answered).
+    pub store_owed: u64,
+    /// Tries of a state store request at an owner not synced yet.
+    pub store_not_ready: u64,
+    /// State store changes refused by a member in a newer view.
+    pub store_refused: u64,
     pub commit_deadlines: u64,
     pub not_committed_closes: u64,
     /// Log hand-offs that carried several batches (calls interleaved
@@ -211,6 +230,14 @@ impl Coverage {
             node_clock_steps,
             holders_forgotten,
             held_for_copies,
+            store_ops,
+            store_ok,
+            store_errors,
+            store_unanswered,
+            store_passed,
+            store_owed,
+            store_not_ready,
+            store_refused,
             commit_deadlines,
             not_committed_closes,
             appends_of_several,
@@ -279,6 +306,7 @@ pub fn mutation_named(name: &str) -> Option<Mutation> {
         "RelayedCopyPromotedAtOnce" => Some(Mutation::RelayedCopyPromotedAtOnce),
         "UnlinkedMemberCountedOut" => Some(Mutation::UnlinkedMemberCountedOut),
         "CutOffCopyPromoted" => Some(Mutation::CutOffCopyPromoted),
+        "StoreMemberCountedOut" => Some(Mutation::StoreMemberCountedOut),
         _ => None,
     }
 }

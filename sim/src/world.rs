@@ -46,6 +46,9 @@ use crate::clients::{Action, Client, Publisher, Role, Subscriber, Violation, FIL
 use crate::rng::{draw, hash_bytes, mix, within, Rng};
 use crate::{Config, Coverage, Outcome};
 
+mod store;
+use store::{Op, StoreClient, StoreNode, StoreReq};
+
 /// Every client speaks MQTT 5.
 const V: ProtocolVersion = ProtocolVersion::V5;
 /// Session expiry of every client: longer than any run.
@@ -165,6 +168,19 @@ enum Ev {
     NodeTick {
         node: usize,
     },
+    /// A state store client makes its next operation.
+    StoreOp {
+        client: usize,
+    },
+    /// A state store client stops waiting for an answer.
+    StoreGiveUp {
+        client: usize,
+        op: usize,
+    },
+    /// A state store request's next step on its node.
+    StoreStep {
+        req: usize,
+    },
     /// `from`'s link to `to` (re)opens: `from` sends its snapshot.
     LinkOpen {
         from: usize,
@@ -249,6 +265,8 @@ struct Node {
     /// Per peer whose link snapshot is arriving, the sessions it sent as
     /// their holder (`links`: `Replicas::holder_serves_only` at its end).
     snapshot_from: BTreeMap<usize, std::collections::HashSet<String>>,
+    /// The state store (`store`).
+    store: StoreNode,
 }
 
 /// A publish forwarded to a peer, waiting for its answer.
@@ -364,6 +382,9 @@ pub struct World {
     digest: u64,
     /// Print every event (`MQLB_SIM_TRACE=1`).
     trace: bool,
+    store_clients: Vec<StoreClient>,
+    store_ops: Vec<Op>,
+    store_reqs: Vec<StoreReq>,
 }
 
 // Streams: each a FIFO of its own, with its own draws.
@@ -467,6 +488,7 @@ impl World {
                 seen: BTreeMap::new(),
                 seen_stash: BTreeMap::new(),
                 snapshot_from: BTreeMap::new(),
+                store: StoreNode::new(&format!("n{}", n + 1)),
             })
             .collect::<Vec<_>>();
         let skew = cfg.clock_skew;
@@ -512,6 +534,9 @@ impl World {
             events: 0,
             digest: 0,
             trace: std::env::var_os("MQLB_SIM_TRACE").is_some(),
+            store_clients: Vec::new(),
+            store_ops: Vec::new(),
+            store_reqs: Vec::new(),
         };
         let ids = w.shared_chain_ids(w.cfg.publishers + w.cfg.subscribers);
         for (i, id) in ids.into_iter().enumerate() {
@@ -531,6 +556,20 @@ impl World {
         for c in 0..w.clients.len() {
             let d = within(draw(seed, wake_stream(c), 0), 0, 20 * MS);
             w.schedule(wake_stream(c), d, Ev::Wake { client: c });
+        }
+        if w.cfg.store {
+            // Started together, every node is synced for the first view.
+            for n in 0..w.nodes.len() {
+                for p in 0..w.nodes.len() {
+                    if p != n {
+                        w.nodes[n].store.synced.insert(p, w.view_number);
+                    }
+                }
+            }
+            w.store_clients = (0..store::STORE_CLIENTS)
+                .map(|_| StoreClient::default())
+                .collect();
+            w.start_store_clients();
         }
         w.schedule_faults();
         w.update_reachable();
@@ -758,6 +797,7 @@ impl World {
             Ev::Frame { to, .. } => Some(*to),
             Ev::Append { node, .. } => Some(*node),
             Ev::LinkOpen { from, .. } => Some(*from),
+            Ev::StoreStep { req } => Some(self.store_node(*req)),
             _ => None,
         }
     }
@@ -848,6 +888,9 @@ impl World {
                 to_inc,
             } => self.link_open(from, from_inc, to, to_inc),
             Ev::NodeTick { node } => self.node_tick(node),
+            Ev::StoreOp { client } => self.store_op(client),
+            Ev::StoreGiveUp { client, op } => self.store_give_up(client, op),
+            Ev::StoreStep { req } => self.store_step(req),
             Ev::PromoteCheck { node, inc } => {
                 if self.nodes[node].up && self.nodes[node].inc == inc {
                     self.promote_owned(node);
@@ -871,8 +914,14 @@ impl World {
                         self.nodes[node].stepped_down = false;
                     }
                     self.after_view(None);
+                    if self.cfg.store {
+                        self.store_rechain();
+                    }
                 } else if self.view.remove(&node) {
                     self.after_view(Some(node));
+                    if self.cfg.store {
+                        self.store_rechain();
+                    }
                 }
             }
         }
@@ -1872,6 +1921,10 @@ impl World {
                         self.hold(to, f.message, f.groups, vec![from], true, f.gate);
                     }
                 }
+                f @ (Frame::StoreInvoke { .. }
+                | Frame::StoreCopy { .. }
+                | Frame::StoreAck { .. }
+                | Frame::StoreSynced { .. }) => self.store_frame(from, from_inc, to, f),
                 other => self.bad.push(format!("unexpected frame {other:?}")),
             }
         }
@@ -2375,6 +2428,7 @@ impl World {
 
     /// `n`'s link to `g` is gone.
     fn link_lost(&mut self, n: usize, g: usize) {
+        self.store_link_lost(n, g);
         self.nodes[n].resync_seq.remove(&g);
         let _ = self.take_stash(n, g, None);
         // `links::link_down`: a node outside the view, which `g` streamed
@@ -2561,9 +2615,13 @@ impl World {
                 view: self.nodes[from].promoted_for,
             });
         }
+
         self.cov.link_snapshots += 1;
         for f in &frames {
             self.send_frame(from, to, f);
+        }
+        if self.cfg.store {
+            self.store_link_open(from, to);
         }
         self.nodes[from].covers.insert(to, last);
         self.nodes[from].resync_seq.insert(to, seq);
@@ -2861,6 +2919,7 @@ impl World {
         node.seen.clear();
         node.seen_stash.clear();
         node.snapshot_from.clear();
+        node.store = StoreNode::new(&node.name);
         let conns: Vec<usize> = std::mem::take(&mut node.conns).into_values().collect();
         for other in &mut self.nodes {
             other.covers.remove(&n);
@@ -2922,6 +2981,9 @@ impl World {
     /// Every publisher finished, and every subscriber was given every
     /// message acknowledged to a publisher.
     fn final_checks(&mut self) {
+        if self.cfg.store {
+            self.check_store();
+        }
         if self.trace {
             for (i, n) in self.nodes.iter().enumerate() {
                 println!(

@@ -4,7 +4,8 @@
 //! calls). It takes no lock and does no I/O; the cluster keeps it behind
 //! one mutex, under which it also sends the frames a wait is for (an
 //! acknowledgement that came before its wait was registered would be
-//! lost).
+//! lost). The simulator (`mqlb-sim`) drives the same component, and the
+//! same rule for what a change is still owed ([`owed_after`]).
 
 use std::collections::{HashMap, HashSet};
 
@@ -12,7 +13,7 @@ use crate::router::NodeId;
 
 /// How a wait ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Answer {
+pub enum Answer {
     /// Every peer applied it.
     Applied,
     /// A peer refused it (it is in a newer view than the sender).
@@ -22,6 +23,19 @@ pub(crate) enum Answer {
     /// The caller decides what that means (a passed-on request failed; a
     /// key copy is owed to them: `store_replicate`).
     Lost(Vec<NodeId>),
+}
+
+/// The chain members a state store change is still owed to, after a wait
+/// for the ones it was `sent` to ended without a refusal, `lost` naming
+/// those that answered no more: a member counts as having the change only
+/// once it answered. One never sent it (no link) or lost is still owed it.
+pub fn owed_after<T: Eq + std::hash::Hash>(owed: &mut HashSet<T>, sent: &HashSet<T>, lost: &[T]) {
+    if mqlb_broker_core::mutations::on(mqlb_broker_core::mutations::Mutation::StoreMemberCountedOut)
+    {
+        owed.clear();
+        return;
+    }
+    owed.retain(|id| !sent.contains(id) || lost.contains(id));
 }
 
 /// One wait: the peers still to answer, and what those that did said.
@@ -35,14 +49,14 @@ struct Wait {
 
 /// Every outstanding wait, by the sequence number its frames carry.
 #[derive(Debug, Default)]
-pub(crate) struct Acks {
+pub struct Acks {
     waits: HashMap<u64, Wait>,
 }
 
 impl Acks {
     /// Waits for each of `nodes` to answer `seq`. `None` when there is no
     /// one to wait for.
-    pub(crate) fn register(
+    pub fn register(
         &mut self,
         seq: u64,
         nodes: HashSet<NodeId>,
@@ -64,7 +78,7 @@ impl Acks {
     }
 
     /// `from` answered `seq`: applied (`ok`) or refused.
-    pub(crate) fn acked(&mut self, from: NodeId, seq: u64, ok: bool) {
+    pub fn acked(&mut self, from: NodeId, seq: u64, ok: bool) {
         let Some(w) = self.waits.get_mut(&seq) else {
             return;
         };
@@ -77,7 +91,7 @@ impl Acks {
     }
 
     /// Peers whose links are gone answer no more.
-    pub(crate) fn lost(&mut self, gone: &[NodeId]) {
+    pub fn lost(&mut self, gone: &[NodeId]) {
         let mut done = Vec::new();
         for (seq, w) in &mut self.waits {
             for g in gone {
@@ -95,7 +109,7 @@ impl Acks {
     }
 
     /// The waiter gave up on `seq` (its deadline passed).
-    pub(crate) fn cancel(&mut self, seq: u64) {
+    pub fn cancel(&mut self, seq: u64) {
         self.waits.remove(&seq);
     }
 

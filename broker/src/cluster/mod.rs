@@ -61,7 +61,7 @@
 //!   new ones from the committed membership.
 //! * **Raft state** is persisted with a state directory (see `consensus`).
 
-mod acks;
+pub mod acks;
 mod consensus;
 pub mod handshake;
 mod links;

@@ -275,20 +275,20 @@ impl Cluster {
                 let rx = waits.register(seq, sent.clone());
                 (sent, rx)
             };
-            if let Some(rx) = rx {
-                match tokio::time::timeout_at(deadline, rx).await {
-                    Ok(Ok(acks::Answer::Applied)) => owed.retain(|id| !sent.contains(id)),
-                    Ok(Ok(acks::Answer::Lost(lost))) => {
-                        owed.retain(|id| !sent.contains(id) || lost.contains(id));
-                    }
+            let lost = match rx {
+                None => Vec::new(),
+                Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(acks::Answer::Applied)) => Vec::new(),
+                    Ok(Ok(acks::Answer::Lost(lost))) => lost,
                     Ok(Ok(acks::Answer::Refused)) | Ok(Err(_)) => return false,
                     Err(_) => {
                         // A hung chain member: not acknowledged, so not `OK`.
                         lock(&self.store_waits).cancel(seq);
                         return false;
                     }
-                }
-            }
+                },
+            };
+            acks::owed_after(&mut owed, &sent, &lost);
             if owed.is_empty() {
                 return true;
             }

@@ -1,0 +1,969 @@
+//! The state store under simulation, and the check that it is
+//! linearizable.
+//!
+//! Each node runs the broker's own `StateStore` (on its simulated wall
+//! clock) and the broker's own `acks::Acks` and `acks::owed_after`; the
+//! loop around them follows `cluster/store.rs` rule by rule: a request is
+//! executed by its key's owner in the view (`serve_store`), passed on to it
+//! by any other node (`StoreInvoke`, answered by `StoreAck`), waits for a
+//! ready owner at most [`STORE_WAIT`], and its change is answered only once
+//! every member of the key's chain in the view has it (`store_replicate`:
+//! a member without a link, or whose link broke, is owed it until it
+//! answers a barrier sent after its link opened again, or leaves the view).
+//! A link opens with the keys whose chain holds the peer and the word that
+//! the node is synced for its view; a view change sends every key to its
+//! new chain and that word to every peer (`store_rechain`); an owner
+//! answers only once every peer in the view is synced (`store_ready`).
+//!
+//! What it leaves out: the answer reaches the client when the owner has it
+//! (the publish that carries it over MQTT is the message path's business,
+//! checked by the other invariants), and watches, expiry and fencing are
+//! not used. Two clients each make a bounded number of `SET`s (each value
+//! unique) and `GET`s on two keys, sequentially, from the node the
+//! balancer gives them; the history of each key is checked to be
+//! linearizable as a register (Wing and Gong's search): a `SET` answered
+//! with an error, or not at all, may or may not have taken effect; a `GET`
+//! answered with an error says nothing.
+
+use std::collections::HashSet;
+
+use mqlb_broker::cluster::acks::{owed_after, Acks, Answer};
+use mqlb_broker::statestore::{Handled, Outcome, StateStore, INVOKE_TOPIC};
+use mqlb_protocol::{MqttStr, Properties, Publish};
+
+use super::*;
+
+/// `cluster::store::STORE_WAIT`.
+pub(super) const STORE_WAIT: Time = 8 * SECOND;
+/// `cluster::store::MAX_HOPS`.
+const MAX_HOPS: u8 = 3;
+/// The keys the clients use.
+const KEYS: [&str; 2] = ["sk0", "sk1"];
+/// Clients of the store.
+pub(super) const STORE_CLIENTS: usize = 2;
+/// Operations per client: bounds the history the check searches.
+const OPS: u32 = 14;
+/// How long a client waits for an answer.
+const CLIENT_WAIT: Time = 10 * SECOND;
+
+/// What an operation asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `SET key v`, with a value no other `SET` uses.
+    Set(u32),
+    Get,
+}
+
+/// What an answer said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Said {
+    Ok,
+    /// A `GET`'s value (`None`: nil).
+    Value(Option<u32>),
+}
+
+/// One operation of a client, for the check.
+#[derive(Debug, Clone)]
+pub(super) struct Op {
+    client: usize,
+    key: usize,
+    kind: Kind,
+    invoked: Time,
+    /// The first answer: when, and what it said (`None`: an error).
+    answer: Option<(Time, Option<Said>)>,
+}
+
+/// A store client: sequential operations.
+#[derive(Debug, Default)]
+pub(super) struct StoreClient {
+    made: u32,
+    /// The operation it waits for.
+    waiting: Option<usize>,
+}
+
+/// A node's store side (what a crash loses).
+#[derive(Debug)]
+pub(super) struct StoreNode {
+    store: StateStore,
+    /// Each peer's word on the view it is synced for.
+    pub(super) synced: BTreeMap<usize, u64>,
+    waits: Acks,
+    /// The sequence numbers of its store frames (its own counter, so the
+    /// session frames number as they would without the store).
+    next_seq: u64,
+    /// What each wait is for: a request, by index.
+    wait_for: BTreeMap<u64, (usize, tokio::sync::oneshot::Receiver<Answer>)>,
+}
+
+impl StoreNode {
+    pub(super) fn new(name: &str) -> StoreNode {
+        StoreNode {
+            store: StateStore::new(name, mqlb_statestore::store::Limits::default()),
+            synced: BTreeMap::new(),
+            waits: Acks::default(),
+            next_seq: 1,
+            wait_for: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where a request stands on the node serving it.
+#[derive(Debug)]
+enum Phase {
+    /// To be tried (again) at the next step.
+    Try,
+    /// Passed on to the key's owner: waiting for its `StoreAck`.
+    Passed,
+    /// Executed here: its change goes down the key's chain.
+    Replicating {
+        owed: HashSet<usize>,
+        copy: Option<Box<mqlb_statestore::store::KeyCopy>>,
+        view: u64,
+        outcome: Vec<Message>,
+        /// Sent to, on the current round.
+        sent: HashSet<usize>,
+    },
+    Done,
+}
+
+/// A request on one node (the one the client reached, or an owner it was
+/// passed to).
+#[derive(Debug)]
+pub(super) struct StoreReq {
+    op: usize,
+    node: usize,
+    inc: u64,
+    publish: Publish,
+    key: Vec<u8>,
+    deadline: Time,
+    hops: u8,
+    phase: Phase,
+    /// The node that passed it here, its incarnation and the `seq` to
+    /// answer.
+    passer: Option<(usize, u64, u64)>,
+}
+
+fn store_stream(n: usize) -> u64 {
+    (10 << 32) | n as u64
+}
+
+/// The store's frames from `from` to `to`: a FIFO of their own beside the
+/// link's session frames (nothing orders the two kinds against each
+/// other), so a seed's session traffic is the same with or without the
+/// store.
+fn store_link_stream(from: usize, to: usize) -> u64 {
+    (11 << 32) | (from as u64) << 8 | to as u64
+}
+
+impl World {
+    // ---- clients ---------------------------------------------------------
+
+    /// Schedules each store client's first operation.
+    pub(super) fn start_store_clients(&mut self) {
+        for c in 0..STORE_CLIENTS {
+            let s = store_stream(1_000 + c);
+            let d = within(draw(self.seed, s, 0), 50 * MS, 400 * MS);
+            self.schedule(s, d, Ev::StoreOp { client: c });
+        }
+    }
+
+    /// Client `c` makes its next operation, at the node the balancer gives
+    /// it (its ID's owner in the view).
+    pub(super) fn store_op(&mut self, c: usize) {
+        let client = &self.store_clients[c];
+        if client.waiting.is_some() || client.made >= OPS {
+            return;
+        }
+        let made = client.made;
+        let s = store_stream(1_000 + c);
+        let v = draw(self.seed, s, u64::from(made) + 1);
+        let key = (v % 2) as usize;
+        let kind = if (v >> 8).is_multiple_of(2) {
+            Kind::Set(c as u32 * 1_000 + made)
+        } else {
+            Kind::Get
+        };
+        let id = format!("ss{c}");
+        let Some(node) = self.chain(&id).first().copied().filter(|&n| self.serves(n)) else {
+            // No node to reach now: again a little later.
+            self.schedule(s, 100 * MS, Ev::StoreOp { client: c });
+            return;
+        };
+        self.store_clients[c].made += 1;
+        let op = self.store_ops.len();
+        self.store_ops.push(Op {
+            client: c,
+            key,
+            kind,
+            invoked: self.now,
+            answer: None,
+        });
+        self.store_clients[c].waiting = Some(op);
+        self.cov.store_ops += 1;
+        let value;
+        let args: Vec<&[u8]> = match kind {
+            Kind::Set(x) => {
+                value = format!("v{x}");
+                vec![b"SET", KEYS[key].as_bytes(), value.as_bytes()]
+            }
+            Kind::Get => vec![b"GET", KEYS[key].as_bytes()],
+        };
+        let ts = mqlb_statestore::hlc::Hlc {
+            wall_ms: self.true_ms(),
+            counter: u64::from(made),
+            node: id.clone(),
+        };
+        let str_of = |s: &str| MqttStr::try_from(s).unwrap_or_default();
+        let publish = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: str_of(INVOKE_TOPIC),
+            packet_id: mqlb_protocol::PacketId::new(1),
+            properties: Properties {
+                response_topic: Some(str_of(&format!("clients/{id}/resp"))),
+                correlation_data: Some(Bytes::from(op.to_le_bytes().to_vec())),
+                user_properties: vec![(str_of("__ts"), str_of(&ts.to_string()))],
+                ..Properties::default()
+            },
+            payload: Bytes::from(mqlb_statestore::resp3::array(&args)),
+        };
+        let key = KEYS[key].as_bytes().to_vec();
+        self.new_store_req(op, node, publish, key, 0, None);
+        // On a stream of its own: the client's next operation is not
+        // queued behind it.
+        self.schedule_unordered(
+            store_stream(2_000 + c),
+            CLIENT_WAIT,
+            Ev::StoreGiveUp { client: c, op },
+        );
+    }
+
+    /// Client `c` stops waiting for `op` (no answer within its time).
+    pub(super) fn store_give_up(&mut self, c: usize, op: usize) {
+        if self.store_clients[c].waiting == Some(op) {
+            self.store_clients[c].waiting = None;
+            self.cov.store_unanswered += 1;
+            self.next_store_op(c);
+        }
+    }
+
+    fn next_store_op(&mut self, c: usize) {
+        let s = store_stream(1_000 + c);
+        let d = within(
+            draw(self.seed, s, 1 << 20 | self.store_ops.len() as u64),
+            MS,
+            700 * MS,
+        );
+        self.schedule(s, d, Ev::StoreOp { client: c });
+    }
+
+    /// The answer to `op` reaches its client (the first one counts).
+    fn store_answer(&mut self, op: usize, msgs: &[Message]) {
+        let o = &mut self.store_ops[op];
+        if o.answer.is_some() {
+            return;
+        }
+        let said = msgs.first().and_then(|m| parse_reply(&m.payload));
+        o.answer = Some((self.now, said));
+        let c = o.client;
+        if said.is_some() {
+            self.cov.store_ok += 1;
+        } else {
+            self.cov.store_errors += 1;
+        }
+        if self.store_clients[c].waiting == Some(op) {
+            self.store_clients[c].waiting = None;
+            self.next_store_op(c);
+        }
+    }
+
+    /// True time in milliseconds since the epoch (a client's clock).
+    fn true_ms(&self) -> u64 {
+        1_790_000_000_000 + self.now / MS
+    }
+
+    /// Node `n`'s wall clock in milliseconds since the epoch.
+    fn wall_ms(&self, n: usize) -> u64 {
+        self.wall(n)
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    // ---- serving (`serve_store`) -----------------------------------------
+
+    fn new_store_req(
+        &mut self,
+        op: usize,
+        node: usize,
+        publish: Publish,
+        key: Vec<u8>,
+        hops: u8,
+        passer: Option<(usize, u64, u64)>,
+    ) {
+        let r = self.store_reqs.len();
+        self.store_reqs.push(StoreReq {
+            op,
+            node,
+            inc: self.nodes[node].inc,
+            publish,
+            key,
+            deadline: self.now + STORE_WAIT,
+            hops,
+            phase: Phase::Try,
+            passer,
+        });
+        self.store_step(r);
+    }
+
+    /// `key`'s owner and chain in the view.
+    fn key_chain(&self, key: &[u8]) -> Vec<usize> {
+        let members: Vec<usize> = self.view.iter().copied().collect();
+        let mut r = self.rank_over_bytes(key, &members);
+        r.truncate(self.cfg.replication);
+        r
+    }
+
+    fn rank_over_bytes(&self, key: &[u8], among: &[usize]) -> Vec<usize> {
+        let members: Vec<Member<'_>> = among
+            .iter()
+            .map(|&i| Member(&self.nodes[i].name, i))
+            .collect();
+        mqlb_placement::rank(key, &members)
+            .into_iter()
+            .map(|m| m.1)
+            .collect()
+    }
+
+    /// `store_ready`: `n` serves, and every peer in the view has said it
+    /// is synced for the view.
+    fn store_ready(&self, n: usize) -> bool {
+        self.serves(n)
+            && self.view.iter().all(|&p| {
+                p == n
+                    || self.nodes[n]
+                        .store
+                        .synced
+                        .get(&p)
+                        .is_some_and(|v| *v >= self.view_number)
+            })
+    }
+
+    fn req_alive(&self, r: usize) -> bool {
+        let q = &self.store_reqs[r];
+        !matches!(q.phase, Phase::Done) && self.nodes[q.node].up && self.nodes[q.node].inc == q.inc
+    }
+
+    /// One step of request `r` on its node.
+    pub(super) fn store_step(&mut self, r: usize) {
+        if !self.req_alive(r) {
+            return;
+        }
+        let n = self.store_reqs[r].node;
+        let late = self.now >= self.store_reqs[r].deadline;
+        match self.store_reqs[r].phase {
+            Phase::Try => {}
+            Phase::Passed => {
+                if late {
+                    self.store_fail(r, true);
+                }
+                return;
+            }
+            Phase::Replicating { .. } => return self.store_replicate(r),
+            Phase::Done => return,
+        }
+        let key = self.store_reqs[r].key.clone();
+        let owner = self.key_chain(&key).first().copied();
+        if owner != Some(n) {
+            // Passed on whatever this node's own state.
+            return self.store_pass(r, owner);
+        }
+        if !self.store_ready(n) {
+            if late {
+                return self.store_fail(r, false);
+            }
+            self.cov.store_not_ready += 1;
+            return self.store_retry(r);
+        }
+        let view = self.view_number;
+        let now = self.wall_ms(n);
+        let q = &self.store_reqs[r];
+        let client = format!("ss{}", self.store_ops[q.op].client);
+        let chain_owner = |k: &[u8]| self.key_chain(k).first() == Some(&n);
+        let handled =
+            self.nodes[n]
+                .store
+                .store
+                .handle_in_at(&client, &q.publish, view, &chain_owner, now);
+        match handled {
+            Handled::Elsewhere(_) => self.store_pass(r, owner),
+            Handled::Done { outcome, key, copy } => {
+                let msgs = match outcome {
+                    Outcome::Route(m) => m,
+                    Outcome::Refuse(_) => Vec::new(),
+                };
+                if key.is_none() {
+                    return self.store_done(r, &msgs);
+                }
+                let owed: HashSet<usize> = self
+                    .key_chain(&self.store_reqs[r].key)
+                    .into_iter()
+                    .filter(|&m| m != n)
+                    .collect();
+                self.store_reqs[r].phase = Phase::Replicating {
+                    owed,
+                    copy,
+                    view,
+                    outcome: msgs,
+                    sent: HashSet::new(),
+                };
+                self.store_replicate(r);
+            }
+        }
+    }
+
+    /// Passes request `r` to the key's owner, if it has a link to it.
+    fn store_pass(&mut self, r: usize, owner: Option<usize>) {
+        let n = self.store_reqs[r].node;
+        let late = self.now >= self.store_reqs[r].deadline;
+        if self.store_reqs[r].hops >= MAX_HOPS || late {
+            return self.store_fail(r, false);
+        }
+        let Some(o) = owner.filter(|&o| self.linked(n, o)) else {
+            // A dead or cut-off owner: the view will drop it.
+            return self.store_retry(r);
+        };
+        let seq = self.nodes[n].store.next_seq;
+        self.nodes[n].store.next_seq += 1;
+        self.store_register(n, seq, HashSet::from([o]), r);
+        self.cov.store_passed += 1;
+        let q = &self.store_reqs[r];
+        let client = format!("ss{}", self.store_ops[q.op].client);
+        let message = mqlb_broker_core::snapshot::publish_to_message(
+            &q.publish,
+            Some(&client),
+            self.instant(),
+        );
+        let frame = Frame::StoreInvoke {
+            seq,
+            client,
+            hops: q.hops + 1,
+            message,
+        };
+        self.store_reqs[r].phase = Phase::Passed;
+        self.send_store(n, o, &frame);
+        // The passer's deadline.
+        let left = self.store_reqs[r].deadline.saturating_sub(self.now);
+        self.schedule(store_stream(n), left, Ev::StoreStep { req: r });
+    }
+
+    fn store_retry(&mut self, r: usize) {
+        let n = self.store_reqs[r].node;
+        self.schedule(store_stream(n), 2 * TICK, Ev::StoreStep { req: r });
+    }
+
+    /// `store_replicate`: one round of sending the change (or a barrier)
+    /// to the members it is owed to that have a link.
+    fn store_replicate(&mut self, r: usize) {
+        let n = self.store_reqs[r].node;
+        let late = self.now >= self.store_reqs[r].deadline;
+        let Phase::Replicating { owed, .. } = &mut self.store_reqs[r].phase else {
+            return;
+        };
+        let view = &self.view;
+        let mut owed_now = std::mem::take(owed);
+        owed_now.retain(|m| view.contains(m));
+        if owed_now.is_empty() {
+            return self.store_finish(r);
+        }
+        if late {
+            return self.store_fail(r, false);
+        }
+        let seq = self.nodes[n].store.next_seq;
+        self.nodes[n].store.next_seq += 1;
+        let sent: HashSet<usize> = owed_now
+            .iter()
+            .copied()
+            .filter(|&m| self.linked(n, m))
+            .collect();
+        let Phase::Replicating {
+            owed,
+            copy,
+            view,
+            sent: was_sent,
+            ..
+        } = &mut self.store_reqs[r].phase
+        else {
+            return;
+        };
+        *owed = owed_now;
+        *was_sent = sent.clone();
+        let frame = Frame::StoreCopy {
+            seq,
+            view: *view,
+            copy: copy.take().map(|c| *c),
+        };
+        let mut targets: Vec<usize> = sent.iter().copied().collect();
+        targets.sort_unstable();
+        for m in targets {
+            self.send_store(n, m, &frame);
+        }
+        if sent.is_empty() {
+            // Nobody linked to wait for this round.
+            return self.store_round_over(r, Vec::new());
+        }
+        self.store_register(n, seq, sent, r);
+        let left = self.store_reqs[r].deadline.saturating_sub(self.now);
+        self.schedule(store_stream(n), left, Ev::StoreStep { req: r });
+    }
+
+    /// A round of `store_replicate` ended: `lost` answered no more.
+    fn store_round_over(&mut self, r: usize, lost: Vec<usize>) {
+        let Phase::Replicating { owed, sent, .. } = &mut self.store_reqs[r].phase else {
+            return;
+        };
+        owed_after(owed, sent, &lost);
+        if owed.is_empty() {
+            return self.store_finish(r);
+        }
+        self.cov.store_owed += 1;
+        self.store_retry(r);
+    }
+
+    fn store_register(&mut self, n: usize, seq: u64, nodes: HashSet<usize>, r: usize) {
+        let ids: HashSet<u32> = nodes.iter().map(|&m| node_id(m)).collect();
+        if let Some(rx) = self.nodes[n].store.waits.register(seq, ids) {
+            self.nodes[n].store.wait_for.insert(seq, (r, rx));
+        }
+    }
+
+    /// The node request `r` is on.
+    pub(super) fn store_node(&self, r: usize) -> usize {
+        self.store_reqs[r].node
+    }
+
+    /// Resolves the waits on `n` that have an answer now.
+    fn store_check_waits(&mut self, n: usize) {
+        let mut ready = Vec::new();
+        self.nodes[n]
+            .store
+            .wait_for
+            .retain(|_, (r, rx)| match rx.try_recv() {
+                Ok(answer) => {
+                    ready.push((*r, answer));
+                    false
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
+                Err(_) => false,
+            });
+        for (r, answer) in ready {
+            if !self.req_alive(r) {
+                continue;
+            }
+            match (&self.store_reqs[r].phase, answer) {
+                (Phase::Passed, Answer::Applied) => {
+                    // The owner answered the client.
+                    self.store_reqs[r].phase = Phase::Done;
+                }
+                (Phase::Passed, _) => self.store_fail(r, true),
+                (Phase::Replicating { .. }, Answer::Refused) => {
+                    self.cov.store_refused += 1;
+                    self.store_fail(r, false);
+                }
+                (Phase::Replicating { .. }, Answer::Applied) => {
+                    self.store_round_over(r, Vec::new())
+                }
+                (Phase::Replicating { .. }, Answer::Lost(lost)) => {
+                    let lost = lost.into_iter().map(|m| m as usize).collect();
+                    self.store_round_over(r, lost);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The change is on every member: the answer goes out.
+    fn store_finish(&mut self, r: usize) {
+        let msgs = match &mut self.store_reqs[r].phase {
+            Phase::Replicating { outcome, .. } => std::mem::take(outcome),
+            _ => Vec::new(),
+        };
+        self.store_done(r, &msgs);
+    }
+
+    /// Request `r` is answered with `msgs` (the owner's answer); a passer
+    /// hears that it was.
+    fn store_done(&mut self, r: usize, msgs: &[Message]) {
+        self.store_reqs[r].phase = Phase::Done;
+        let op = self.store_reqs[r].op;
+        self.store_answer(op, msgs);
+        if let Some((p, p_inc, seq)) = self.store_reqs[r].passer {
+            let n = self.store_reqs[r].node;
+            if self.nodes[p].up && self.nodes[p].inc == p_inc {
+                self.send_store(n, p, &Frame::StoreAck { seq, ok: true });
+            }
+        }
+    }
+
+    /// Request `r` gets an error (`lost`: it reached an owner that was
+    /// lost before it answered).
+    fn store_fail(&mut self, r: usize, lost: bool) {
+        let why = if lost {
+            "the state store node handling the request was lost"
+        } else {
+            "the state store is unavailable"
+        };
+        let n = self.store_reqs[r].node;
+        let msgs = match self.nodes[n]
+            .store
+            .store
+            .unavailable(&self.store_reqs[r].publish, why)
+        {
+            Outcome::Route(m) => m,
+            Outcome::Refuse(_) => Vec::new(),
+        };
+        // Answered: for a passed-on request, with a failure.
+        self.store_reqs[r].phase = Phase::Done;
+        let op = self.store_reqs[r].op;
+        self.store_answer(op, &msgs);
+        if let Some((p, p_inc, seq)) = self.store_reqs[r].passer {
+            if self.nodes[p].up && self.nodes[p].inc == p_inc {
+                self.send_store(n, p, &Frame::StoreAck { seq, ok: false });
+            }
+        }
+    }
+
+    // ---- frames ------------------------------------------------------------
+
+    /// `send_frame` on the store's own stream of the link.
+    fn send_store(&mut self, from: usize, to: usize, frame: &Frame) {
+        let mut bytes = BytesMut::new();
+        if let Err(e) = frame.encode(&mut bytes) {
+            self.bad.push(format!("frame not encoded: {e:?}"));
+            return;
+        }
+        self.digest = mix(self.digest ^ hash_bytes(&bytes));
+        if self.links_down.contains(&(from.min(to), from.max(to))) {
+            return;
+        }
+        let s = store_link_stream(from, to);
+        let d = self.net_delay(s);
+        let (from_inc, to_inc) = (self.nodes[from].inc, self.nodes[to].inc);
+        self.schedule(
+            s,
+            d,
+            Ev::Frame {
+                from,
+                from_inc,
+                to,
+                to_inc,
+                bytes,
+            },
+        );
+    }
+
+    /// A link from `from` to `to` opens: after the session snapshot, the
+    /// store's part (`store_link_frames`).
+    pub(super) fn store_link_open(&mut self, from: usize, to: usize) {
+        for f in self.store_link_frames(from, to) {
+            self.send_store(from, to, &f);
+        }
+    }
+
+    /// A store frame from `from` at `to`.
+    pub(super) fn store_frame(&mut self, from: usize, from_inc: u64, to: usize, f: Frame) {
+        match f {
+            Frame::StoreInvoke {
+                seq,
+                client: _,
+                hops,
+                message,
+            } => {
+                let Some(op) = message
+                    .properties
+                    .correlation_data
+                    .as_ref()
+                    .and_then(|c| <[u8; 8]>::try_from(c.as_ref()).ok())
+                    .map(usize::from_le_bytes)
+                else {
+                    return;
+                };
+                let p = mqlb_broker_core::snapshot::message_to_publish(
+                    &message,
+                    message.qos,
+                    false,
+                    &[],
+                    self.instant(),
+                );
+                let key = StateStore::key_of(&p).unwrap_or_default();
+                self.new_store_req(op, to, p, key, hops, Some((from, from_inc, seq)));
+            }
+            Frame::StoreCopy { seq, view, copy } => {
+                let ok = view >= self.view_number;
+                if let Some(c) = copy {
+                    let now = self.wall_ms(to);
+                    self.nodes[to].store.store.install_at(c, now);
+                }
+                if seq != 0 {
+                    self.send_store(to, from, &Frame::StoreAck { seq, ok });
+                }
+            }
+            Frame::StoreAck { seq, ok } => {
+                self.nodes[to].store.waits.acked(node_id(from), seq, ok);
+                self.store_check_waits(to);
+            }
+            Frame::StoreSynced { view } => {
+                let v = self.nodes[to].store.synced.entry(from).or_insert(0);
+                *v = (*v).max(view);
+            }
+            _ => {}
+        }
+    }
+
+    /// `n`'s link to `g` is gone: its waits on `g` end.
+    pub(super) fn store_link_lost(&mut self, n: usize, g: usize) {
+        self.nodes[n].store.waits.lost(&[node_id(g)]);
+        self.store_check_waits(n);
+    }
+
+    /// The frames a link from `from` to `to` opens with, after the session
+    /// snapshot: the keys whose chain (with `to` in the view) holds `to`,
+    /// then the word that `from` is synced for its view.
+    fn store_link_frames(&self, from: usize, to: usize) -> Vec<Frame> {
+        let mut members: Vec<usize> = self.view.iter().copied().collect();
+        if !members.contains(&to) {
+            members.push(to);
+        }
+        let r = self.cfg.replication;
+        let mut copies = self.nodes[from].store.store.copies(|k| {
+            self.rank_over_bytes(k, &members)
+                .into_iter()
+                .take(r)
+                .any(|m| m == to)
+        });
+        copies.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut frames: Vec<Frame> = copies
+            .into_iter()
+            .map(|c| Frame::StoreCopy {
+                seq: 0,
+                view: self.view_number,
+                copy: Some(c),
+            })
+            .collect();
+        frames.push(Frame::StoreSynced {
+            view: self.view_number,
+        });
+        frames
+    }
+
+    /// `store_rechain` on every live node after a view change.
+    pub(super) fn store_rechain(&mut self) {
+        for n in 0..self.nodes.len() {
+            if !self.nodes[n].up {
+                continue;
+            }
+            let mut copies = self.nodes[n].store.store.copies(|_| true);
+            copies.sort_by(|a, b| a.key.cmp(&b.key));
+            for c in copies {
+                let chain = self.key_chain(&c.key);
+                let frame = Frame::StoreCopy {
+                    seq: 0,
+                    view: self.view_number,
+                    copy: Some(c),
+                };
+                for m in chain {
+                    if m != n && self.linked(n, m) {
+                        self.send_store(n, m, &frame);
+                    }
+                }
+            }
+            let synced = Frame::StoreSynced {
+                view: self.view_number,
+            };
+            for p in 0..self.nodes.len() {
+                if p != n && self.linked(n, p) {
+                    self.send_store(n, p, &synced);
+                }
+            }
+        }
+    }
+
+    // ---- the check ---------------------------------------------------------
+
+    /// Each key's history is linearizable as a register.
+    pub(super) fn check_store(&mut self) {
+        for (key, name) in KEYS.iter().enumerate() {
+            let ops: Vec<&Op> = self
+                .store_ops
+                .iter()
+                .filter(|o| o.key == key)
+                // A failed or unanswered `GET` says nothing.
+                .filter(|o| o.kind != Kind::Get || matches!(o.answer, Some((_, Some(_)))))
+                .collect();
+            if let Err(why) = linearizable(&ops) {
+                self.bad.push(format!(
+                    "state store key {name} not linearizable ({why}): {}",
+                    history(&ops)
+                ));
+            }
+        }
+    }
+}
+
+/// A reply's meaning for the check (`None`: an error).
+fn parse_reply(payload: &[u8]) -> Option<Said> {
+    if payload == b"+OK\r\n" {
+        return Some(Said::Ok);
+    }
+    if payload == b"$-1\r\n" {
+        return Some(Said::Value(None));
+    }
+    let text = std::str::from_utf8(payload).ok()?;
+    let rest = text.strip_prefix('$')?;
+    let (_, value) = rest.split_once("\r\n")?;
+    let v = value.strip_suffix("\r\n")?.strip_prefix('v')?;
+    v.parse().ok().map(|x| Said::Value(Some(x)))
+}
+
+/// The history, for the report.
+fn history(ops: &[&Op]) -> String {
+    ops.iter()
+        .map(|o| {
+            let what = match o.kind {
+                Kind::Set(v) => format!("SET v{v}"),
+                Kind::Get => "GET".into(),
+            };
+            let end = match o.answer {
+                Some((t, Some(Said::Ok))) => format!("OK@{:.1}", t as f64 / 1000.0),
+                Some((t, Some(Said::Value(v)))) => format!("{v:?}@{:.1}", t as f64 / 1000.0),
+                Some((t, None)) => format!("ERR@{:.1}", t as f64 / 1000.0),
+                None => "-".into(),
+            };
+            format!(
+                "c{} {what} {:.1}..{end}",
+                o.client,
+                o.invoked as f64 / 1000.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Wing and Gong's search for an order of `ops` that a single register
+/// explains, each taking effect between its call and its answer. A `SET`
+/// without an `OK` may take effect at any time after its call, or never.
+fn linearizable(ops: &[&Op]) -> Result<(), &'static str> {
+    if ops.len() > 64 {
+        return Err("history too long to check");
+    }
+    // (answer time, or never; whether it must take effect)
+    let ends: Vec<(Time, bool)> = ops
+        .iter()
+        .map(|o| match (o.kind, o.answer) {
+            (Kind::Set(_), Some((t, Some(Said::Ok)))) => (t, true),
+            (Kind::Set(_), _) => (Time::MAX, false),
+            (Kind::Get, Some((t, Some(_)))) => (t, true),
+            (Kind::Get, _) => (Time::MAX, false),
+        })
+        .collect();
+    let must: u64 = ends
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.1)
+        .fold(0, |m, (i, _)| m | 1 << i);
+    let mut failed: HashSet<(u64, Option<u32>)> = HashSet::new();
+    fn search(
+        ops: &[&Op],
+        ends: &[(Time, bool)],
+        must: u64,
+        done: u64,
+        value: Option<u32>,
+        failed: &mut HashSet<(u64, Option<u32>)>,
+    ) -> bool {
+        if done & must == must {
+            return true;
+        }
+        if failed.contains(&(done, value)) {
+            return false;
+        }
+        // The earliest answer among the operations not yet placed: nothing
+        // called after it can come before it.
+        let horizon = (0..ops.len())
+            .filter(|i| done & (1 << i) == 0)
+            .map(|i| ends[i].0)
+            .min()
+            .unwrap_or(Time::MAX);
+        for i in 0..ops.len() {
+            if done & (1 << i) != 0 || ops[i].invoked > horizon {
+                continue;
+            }
+            let next = match (ops[i].kind, ops[i].answer) {
+                (Kind::Set(v), _) => Some(Some(v)),
+                (Kind::Get, Some((_, Some(Said::Value(v))))) => (v == value).then_some(value),
+                (Kind::Get, _) => None,
+            };
+            if let Some(v) = next {
+                if search(ops, ends, must, done | 1 << i, v, failed) {
+                    return true;
+                }
+            }
+        }
+        failed.insert((done, value));
+        false
+    }
+    if search(ops, &ends, must, 0, None, &mut failed) {
+        Ok(())
+    } else {
+        Err("no order of the operations explains the answers")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(client: usize, kind: Kind, invoked: Time, answer: Option<(Time, Option<Said>)>) -> Op {
+        Op {
+            client,
+            key: 0,
+            kind,
+            invoked,
+            answer,
+        }
+    }
+
+    /// The checker accepts what a register can do and refuses what it
+    /// cannot: a read of an older value after a newer write was answered,
+    /// a read of a value never written; a failed write may or may not
+    /// have taken effect.
+    #[test]
+    fn the_checker_knows_a_register() {
+        let ok = Some(Said::Ok);
+        let val = |v| Some(Said::Value(v));
+        let set1 = op(0, Kind::Set(1), 0, Some((10, ok)));
+        let set2 = op(1, Kind::Set(2), 20, Some((30, ok)));
+        let get2 = op(0, Kind::Get, 40, Some((50, val(Some(2)))));
+        let get1 = op(0, Kind::Get, 40, Some((50, val(Some(1)))));
+        assert!(linearizable(&[&set1, &set2, &get2]).is_ok());
+        assert!(linearizable(&[&set1, &set2, &get1]).is_err(), "stale read");
+        // Concurrent writes: either value may be read.
+        let set2c = op(1, Kind::Set(2), 5, Some((30, ok)));
+        assert!(linearizable(&[&set1, &set2c, &get1]).is_ok());
+        // A failed write: read or not.
+        let set3 = op(1, Kind::Set(3), 20, Some((30, None)));
+        let get3 = op(0, Kind::Get, 40, Some((50, val(Some(3)))));
+        assert!(linearizable(&[&set1, &set3, &get3]).is_ok());
+        assert!(linearizable(&[&set1, &set3, &get1]).is_ok());
+        // A value never written; nil after a write answered OK.
+        let get9 = op(0, Kind::Get, 40, Some((50, val(Some(9)))));
+        assert!(linearizable(&[&set1, &get9]).is_err());
+        let nil = op(0, Kind::Get, 40, Some((50, val(None))));
+        assert!(linearizable(&[&set1, &nil]).is_err());
+        // Reads flip back: a read saw 3 (a failed write), a later one 1.
+        let get3a = op(0, Kind::Get, 40, Some((50, val(Some(3)))));
+        let get1b = op(0, Kind::Get, 60, Some((70, val(Some(1)))));
+        assert!(linearizable(&[&set1, &set3, &get3a, &get1b]).is_err());
+        assert_eq!(parse_reply(b"$3\r\nv12\r\n"), Some(Said::Value(Some(12))));
+        assert_eq!(parse_reply(b"-ERR x\r\n"), None);
+    }
+}
