@@ -69,6 +69,10 @@ pub struct Config {
     /// Whether state store clients run beside the MQTT ones (their
     /// histories checked for linearizability).
     pub store: bool,
+    /// Whether the view comes from the broker's own Raft group (elections
+    /// included) rather than an oracle that drops a crashed node 0.3-1.5 s
+    /// after its crash and counts a returning one 0.1-0.5 s after it is up.
+    pub raft: bool,
 }
 
 impl Default for Config {
@@ -87,6 +91,7 @@ impl Default for Config {
             partitions: true,
             clock_skew: true,
             store: true,
+            raft: true,
         }
     }
 }
@@ -172,6 +177,18 @@ pub struct Coverage {
     pub store_not_ready: u64,
     /// State store changes refused by a member in a newer view.
     pub store_refused: u64,
+    /// Crashes and partitions not made because the node was the only one
+    /// left with a key's last acknowledged value (a second failure).
+    pub store_sole_holder_spared: u64,
+    /// Views the Raft group committed; elections (campaigns started when
+    /// the leader was lost); crashes and partitions of the Raft leader.
+    pub raft_views: u64,
+    pub raft_campaigns: u64,
+    pub leader_crashes: u64,
+    pub leader_partitions: u64,
+    /// Nodes back in service once they heard a majority again (no view
+    /// change in between).
+    pub quorum_regained: u64,
     pub commit_deadlines: u64,
     pub not_committed_closes: u64,
     /// Log hand-offs that carried several batches (calls interleaved
@@ -238,6 +255,12 @@ impl Coverage {
             store_owed,
             store_not_ready,
             store_refused,
+            store_sole_holder_spared,
+            raft_views,
+            raft_campaigns,
+            leader_crashes,
+            leader_partitions,
+            quorum_regained,
             commit_deadlines,
             not_committed_closes,
             appends_of_several,
@@ -257,6 +280,8 @@ pub struct Outcome {
     pub seed: u64,
     /// The bug put back, if any.
     pub mutation: Option<Mutation>,
+    /// Whether the view came from the Raft group ([`Config::raft`]).
+    pub raft: bool,
     /// What went wrong, one line each; empty when every check held.
     pub violations: Vec<String>,
     /// States reached.
@@ -277,10 +302,13 @@ impl Outcome {
 
     /// The one line that replays this run exactly.
     pub fn replay(&self) -> String {
-        let m = match self.mutation {
+        let mut m = match self.mutation {
             Some(m) => format!(" MQLB_SIM_MUTATION={m:?}"),
             None => String::new(),
         };
+        if !self.raft {
+            m.push_str(" MQLB_SIM_VIEW=oracle");
+        }
         format!(
             "MQLB_SIM_SEED={}{m} cargo test --release -p mqlb-sim --test sim replay -- --nocapture",
             self.seed

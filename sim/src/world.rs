@@ -46,7 +46,9 @@ use crate::clients::{Action, Client, Publisher, Role, Subscriber, Violation, FIL
 use crate::rng::{draw, hash_bytes, mix, within, Rng};
 use crate::{Config, Coverage, Outcome};
 
+mod raft;
 mod store;
+use raft::RaftNode;
 use store::{Op, StoreClient, StoreNode, StoreReq};
 
 /// Every client speaks MQTT 5.
@@ -181,6 +183,11 @@ enum Ev {
     StoreStep {
         req: usize,
     },
+    /// A node's Raft tick (`Cluster::on_tick`'s view part).
+    RaftTick {
+        node: usize,
+        inc: u64,
+    },
     /// `from`'s link to `to` (re)opens: `from` sends its snapshot.
     LinkOpen {
         from: usize,
@@ -267,6 +274,8 @@ struct Node {
     snapshot_from: BTreeMap<usize, std::collections::HashSet<String>>,
     /// The state store (`store`).
     store: StoreNode,
+    /// Its member of the Raft group, with [`Config::raft`].
+    raft: Option<RaftNode>,
 }
 
 /// A publish forwarded to a peer, waiting for its answer.
@@ -385,6 +394,10 @@ pub struct World {
     store_clients: Vec<StoreClient>,
     store_ops: Vec<Op>,
     store_reqs: Vec<StoreReq>,
+    /// The number of the last view the Raft group committed.
+    raft_view_number: u64,
+    /// Each state store key's last acknowledged revision.
+    store_acked_rev: BTreeMap<Vec<u8>, mqlb_statestore::store::Rev>,
 }
 
 // Streams: each a FIFO of its own, with its own draws.
@@ -489,6 +502,7 @@ impl World {
                 seen_stash: BTreeMap::new(),
                 snapshot_from: BTreeMap::new(),
                 store: StoreNode::new(&format!("n{}", n + 1)),
+                raft: None,
             })
             .collect::<Vec<_>>();
         let skew = cfg.clock_skew;
@@ -537,7 +551,17 @@ impl World {
             store_clients: Vec::new(),
             store_ops: Vec::new(),
             store_reqs: Vec::new(),
+            raft_view_number: 0,
+            store_acked_rev: BTreeMap::new(),
         };
+        if w.cfg.raft {
+            let names: Vec<String> = w.nodes.iter().map(|n| n.name.clone()).collect();
+            for n in 0..w.nodes.len() {
+                let seed = w.raft_seed(n, 0);
+                w.nodes[n].raft = Some(RaftNode::new(n, &names, seed));
+                w.start_raft_ticks(n);
+            }
+        }
         let ids = w.shared_chain_ids(w.cfg.publishers + w.cfg.subscribers);
         for (i, id) in ids.into_iter().enumerate() {
             let role = if i < w.cfg.publishers {
@@ -712,10 +736,11 @@ impl World {
             return;
         }
         let mut rng = Rng::new(self.seed);
-        let mut t = 200 * MS;
+        let warmup = self.warmup();
+        let mut t = 200 * MS + warmup;
         loop {
             t += rng.range(200 * MS, 1_200 * MS);
-            if t > self.cfg.fault_window {
+            if t > self.cfg.fault_window + warmup {
                 break;
             }
             let nodes = self.nodes.len() as u64;
@@ -781,6 +806,7 @@ impl World {
         Outcome {
             seed: self.seed,
             mutation: self.cfg.mutation,
+            raft: self.cfg.raft,
             violations: self.bad,
             coverage: self.cov,
             events: self.events,
@@ -798,6 +824,7 @@ impl World {
             Ev::Append { node, .. } => Some(*node),
             Ev::LinkOpen { from, .. } => Some(*from),
             Ev::StoreStep { req } => Some(self.store_node(*req)),
+            Ev::RaftTick { node, .. } => Some(*node),
             _ => None,
         }
     }
@@ -891,6 +918,7 @@ impl World {
             Ev::StoreOp { client } => self.store_op(client),
             Ev::StoreGiveUp { client, op } => self.store_give_up(client, op),
             Ev::StoreStep { req } => self.store_step(req),
+            Ev::RaftTick { node, inc } => self.raft_tick(node, inc),
             Ev::PromoteCheck { node, inc } => {
                 if self.nodes[node].up && self.nodes[node].inc == inc {
                     self.promote_owned(node);
@@ -903,26 +931,38 @@ impl World {
             }
             Ev::View { node, join, inc } => {
                 if join {
-                    if !self.nodes[node].up || self.nodes[node].inc != inc {
-                        return;
-                    }
-                    self.view.insert(node);
-                    self.last_join = self.now;
-                    if self.partitioned == Some(node) {
-                        // Back in service (`serving && !was`).
-                        self.partitioned = None;
-                        self.nodes[node].stepped_down = false;
-                    }
-                    self.after_view(None);
-                    if self.cfg.store {
-                        self.store_rechain();
-                    }
-                } else if self.view.remove(&node) {
-                    self.after_view(Some(node));
-                    if self.cfg.store {
-                        self.store_rechain();
-                    }
+                    self.view_join(node, inc);
+                } else {
+                    self.view_leave(node);
                 }
+            }
+        }
+    }
+
+    /// The view counts `node` (incarnation `inc`) again.
+    fn view_join(&mut self, node: usize, inc: u64) {
+        if !self.nodes[node].up || self.nodes[node].inc != inc || self.view.contains(&node) {
+            return;
+        }
+        self.view.insert(node);
+        self.last_join = self.now;
+        if self.partitioned == Some(node) {
+            // Back in service (`serving && !was`).
+            self.partitioned = None;
+        }
+        self.nodes[node].stepped_down = false;
+        self.after_view(None);
+        if self.cfg.store {
+            self.store_rechain();
+        }
+    }
+
+    /// The view drops `node`.
+    fn view_leave(&mut self, node: usize) {
+        if self.view.remove(&node) {
+            self.after_view(Some(node));
+            if self.cfg.store {
+                self.store_rechain();
             }
         }
     }
@@ -1100,7 +1140,11 @@ impl World {
         // Crashes aimed where they hurt (FoundationDB's "buggify"): now and
         // then, a node dies just after it answered a client, while what
         // the answer promised may still be on its way down a chain.
-        if self.cfg.faults && self.now < self.cfg.fault_window && matches!(item, Down::Bytes(_)) {
+        if self.cfg.faults
+            && self.now < self.cfg.fault_window + self.warmup()
+            && self.now > self.warmup()
+            && matches!(item, Down::Bytes(_))
+        {
             self.sends += 1;
             let v = draw(self.seed, 0xB066, self.sends);
             if v.is_multiple_of(700) {
@@ -1164,8 +1208,17 @@ impl World {
     fn connect(&mut self, conn: usize) {
         let id = self.client_id(conn);
         let mut node = self.conns[conn].node;
-        if !self.serves(node) {
-            // Not serving (out of the committed view): refused.
+        // `Cluster::ready`: in the committed view with every live peer's
+        // snapshot since it began serving. (The oracle counted a node in
+        // the view only once its snapshots had come, so there serving was
+        // ready; its seeds replay as they were found.)
+        let ready = if self.cfg.raft {
+            self.ready(node)
+        } else {
+            self.serves(node)
+        };
+        if !ready {
+            // Refused.
             self.conns[conn].state = ConnState::Closed;
             self.send_down(conn, Down::Closed);
             return;
@@ -1178,7 +1231,14 @@ impl World {
                 .or_else(|| self.owner(&id).filter(|&o| o != node));
             if let Some(h) = to {
                 self.cov.relays += 1;
-                if !self.serves(h) {
+                // A relayed client waits for its target's readiness too
+                // (`conn::place`; here: refused, the client comes back).
+                let ready = if self.cfg.raft {
+                    self.ready(h)
+                } else {
+                    self.serves(h)
+                };
+                if !ready {
                     self.conns[conn].state = ConnState::Closed;
                     self.send_down(conn, Down::Closed);
                     return;
@@ -1794,6 +1854,9 @@ impl World {
                     let held = n.core.epoch(&client);
                     match held {
                         Some(mine) if mine > epoch => {
+                            // Its inbound QoS 2 ids too (`Core::adopt_qos2`).
+                            let (_, qos2_gates) =
+                                self.call(to, |core| ((), core.adopt_qos2(&client, &changes)));
                             let adopted: Vec<_> = changes
                                 .into_iter()
                                 .filter_map(|c| match c {
@@ -1803,10 +1866,11 @@ impl World {
                                 })
                                 .collect();
                             self.merge_seen(to, &client, stashed.clone());
-                            if !adopted.is_empty() {
+                            if !adopted.is_empty() || !qos2_gates.is_empty() {
                                 self.cov.adopted += adopted.len() as u64;
-                                let (_, gates) =
+                                let (_, mut gates) =
                                     self.call(to, |core| ((), core.adopt(&client, adopted)));
+                                gates.extend(qos2_gates);
                                 let then = Then::Ack {
                                     node: to,
                                     inc,
@@ -1869,14 +1933,17 @@ impl World {
                 }
                 Frame::SyncDone => {
                     self.nodes[to].synced.insert(from);
-                    if let Some(held) = self.nodes[to].snapshot_from.remove(&from) {
-                        let now = self.instant();
-                        let freed =
-                            self.nodes[to]
-                                .replicas
-                                .holder_serves_only(node_id(from), &held, now);
-                        self.cov.holders_forgotten += freed as u64;
-                    }
+                    // (After the snapshot: an empty one, `serves_nothing`.)
+                    let held = self.nodes[to]
+                        .snapshot_from
+                        .remove(&from)
+                        .unwrap_or_default();
+                    let now = self.instant();
+                    let freed =
+                        self.nodes[to]
+                            .replicas
+                            .holder_serves_only(node_id(from), &held, now);
+                    self.cov.holders_forgotten += freed as u64;
                 }
                 Frame::Interest { filter, gained } => {
                     let peer = u32::try_from(from).unwrap_or(u32::MAX);
@@ -1921,6 +1988,7 @@ impl World {
                         self.hold(to, f.message, f.groups, vec![from], true, f.gate);
                     }
                 }
+                Frame::Raft(m) if self.cfg.raft => self.raft_frame(from, to, &m),
                 f @ (Frame::StoreInvoke { .. }
                 | Frame::StoreCopy { .. }
                 | Frame::StoreAck { .. }
@@ -2086,7 +2154,7 @@ impl World {
                 }
             }
         }
-        let done = self.now > self.cfg.fault_window
+        let done = self.now > self.cfg.fault_window + self.warmup()
             && self.clients.iter().all(|c| match &c.role {
                 Role::Publisher(p) => p.done(),
                 Role::Subscriber(_) => true,
@@ -2397,6 +2465,13 @@ impl World {
         filters.sort();
         filters.dedup();
         if filters != self.nodes[n].held_for_copies {
+            if self.trace {
+                println!(
+                    "{:>10.3}ms {} holds publishes for copies {copies:?} ({filters:?})",
+                    self.now as f64 / 1000.0,
+                    self.nodes[n].name
+                );
+            }
             self.cov.held_for_copies += u64::from(!filters.is_empty());
             self.nodes[n].core.hold_for_copies(&filters);
             self.nodes[n].held_for_copies = filters;
@@ -2644,6 +2719,11 @@ impl World {
                     self.cov.crashes_skipped += 1;
                     return;
                 }
+                if self.cfg.store && self.store_sole_holder(n) {
+                    self.cov.crashes_skipped += 1;
+                    self.cov.store_sole_holder_spared += 1;
+                    return;
+                }
                 self.crash(n);
             }
             Fault::Restart(n) => {
@@ -2672,6 +2752,11 @@ impl World {
                             },
                         );
                     }
+                }
+                if self.cfg.raft {
+                    // The leader adds it once a majority observes it.
+                    self.start_raft_ticks(n);
+                    return;
                 }
                 let d = within(
                     draw(self.seed, VIEWS, self.cov.restarts),
@@ -2749,7 +2834,13 @@ impl World {
                     self.cov.crashes_skipped += 1;
                     return;
                 }
+                if self.cfg.store && self.store_sole_holder(n) {
+                    self.cov.crashes_skipped += 1;
+                    self.cov.store_sole_holder_spared += 1;
+                    return;
+                }
                 self.cov.partitions += 1;
+                self.cov.leader_partitions += u64::from(self.is_raft_leader(n));
                 let (holds, mid_qos2) = self.interrupted(n);
                 self.cov.partitions_of_holder += u64::from(holds);
                 self.cov.partitions_mid_qos2 += u64::from(mid_qos2);
@@ -2766,17 +2857,21 @@ impl World {
                 // crashed node's; the partition heals `d` after that.
                 let k = self.cov.partitions;
                 let notice = within(draw(self.seed, VIEWS, 3_000 + k), 20 * MS, 2 * TICK);
-                self.schedule(VIEWS, notice, Ev::StepDown { node: n, inc });
                 let leave = within(draw(self.seed, VIEWS, 4_000 + k), 300 * MS, 1_500 * MS);
-                self.schedule(
-                    VIEWS,
-                    leave,
-                    Ev::View {
-                        node: n,
-                        join: false,
-                        inc,
-                    },
-                );
+                if !self.cfg.raft {
+                    // (With Raft, it steps down at its tick and the view
+                    // drops it when the leader proposes so.)
+                    self.schedule(VIEWS, notice, Ev::StepDown { node: n, inc });
+                    self.schedule(
+                        VIEWS,
+                        leave,
+                        Ev::View {
+                            node: n,
+                            join: false,
+                            inc,
+                        },
+                    );
+                }
                 self.schedule_unordered(FAULTS | 5, leave + d, Ev::Fault(Fault::Heal(n)));
             }
             Fault::Heal(n) => {
@@ -2784,6 +2879,9 @@ impl World {
                     if p != n {
                         self.link_back(n, p);
                     }
+                }
+                if self.cfg.raft {
+                    return;
                 }
                 let d = within(
                     draw(self.seed, VIEWS, 5_000 + self.cov.partitions),
@@ -2867,7 +2965,15 @@ impl World {
         }
         self.cov.step_downs += 1;
         self.nodes[n].stepped_down = true;
-        self.nodes[n].synced.clear();
+        // Back in service it must hear again every peer whose link broke
+        // (`synced_once`: a snapshot on each live link; links that stayed
+        // up keep theirs).
+        let down: Vec<usize> = (0..self.nodes.len())
+            .filter(|&p| !self.linked(n, p))
+            .collect();
+        for p in down {
+            self.nodes[n].synced.remove(&p);
+        }
         let now = self.instant();
         let mut ids = self.nodes[n].core.persistent_sessions();
         ids.sort();
@@ -2885,6 +2991,13 @@ impl World {
         for conn in conns {
             self.close(conn, true);
         }
+        // `serves_nothing`: peers still linked hear that it serves nothing
+        // now (a `SyncDone` after the link's snapshot).
+        for p in 0..self.nodes.len() {
+            if p != n && self.linked(n, p) {
+                self.send_frame(n, p, &Frame::SyncDone);
+            }
+        }
     }
 
     /// Whether `n` serves clients and peers' publishes: up, in the view,
@@ -2895,6 +3008,7 @@ impl World {
 
     fn crash(&mut self, n: usize) {
         self.cov.crashes += 1;
+        self.cov.leader_crashes += u64::from(self.is_raft_leader(n));
         // What the crash interrupts, for the coverage report.
         let (holds, mid_qos2) = self.interrupted(n);
         self.cov.crashes_of_holder += u64::from(holds);
@@ -2921,6 +3035,12 @@ impl World {
         node.snapshot_from.clear();
         node.store = StoreNode::new(&node.name);
         let conns: Vec<usize> = std::mem::take(&mut node.conns).into_values().collect();
+        if self.cfg.raft {
+            // Back blank (no `--state-dir`): the leader catches it up.
+            let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+            let seed = self.raft_seed(n, self.nodes[n].inc);
+            self.nodes[n].raft = Some(RaftNode::new(n, &names, seed));
+        }
         for other in &mut self.nodes {
             other.covers.remove(&n);
             other.synced.remove(&n);
@@ -2940,15 +3060,17 @@ impl World {
             1_500 * MS,
         );
         let inc = self.nodes[n].inc;
-        self.schedule(
-            VIEWS,
-            leave,
-            Ev::View {
-                node: n,
-                join: false,
-                inc,
-            },
-        );
+        if !self.cfg.raft {
+            self.schedule(
+                VIEWS,
+                leave,
+                Ev::View {
+                    node: n,
+                    join: false,
+                    inc,
+                },
+            );
+        }
         let back = leave
             + within(
                 draw(self.seed, FAULTS, 2_000 + self.cov.crashes),

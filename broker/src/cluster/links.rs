@@ -326,14 +326,17 @@ impl Cluster {
             Frame::Interest { filter, gained } => state.core().peer_interest(id, &filter, gained),
             Frame::SyncDone => {
                 self.with_peer(id, |p| p.synced |= p.generation == generation);
-                if let Some(held) = read.snapshot.take() {
-                    let freed = lock(&self.replicas).holder_serves_only(id, &held, Instant::now());
-                    if freed > 0 {
-                        tracing::info!(
-                            copies = freed,
-                            "peer no longer serves sessions its copies name it for"
-                        );
-                    }
+                // The end of the link's snapshot: the sessions it sent as
+                // their holder are the ones it serves. A `SyncDone` after
+                // that is an empty snapshot: the peer lost its majority and
+                // serves nothing now (`serves_nothing`).
+                let held = read.snapshot.take().unwrap_or_default();
+                let freed = lock(&self.replicas).holder_serves_only(id, &held, Instant::now());
+                if freed > 0 {
+                    tracing::info!(
+                        copies = freed,
+                        "peer no longer serves sessions its copies name it for"
+                    );
                 }
             }
             Frame::Retained {

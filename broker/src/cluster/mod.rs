@@ -62,7 +62,7 @@
 //! * **Raft state** is persisted with a state directory (see `consensus`).
 
 pub mod acks;
-mod consensus;
+pub mod consensus;
 pub mod handshake;
 mod links;
 pub mod peer_tls;
@@ -1138,6 +1138,9 @@ impl Cluster {
         let newly_left_out = left_out(&view) && !left_out(&t.last);
         if lost_quorum || newly_left_out {
             self.step_down(state);
+            if !self.leaving.load(Ordering::Relaxed) {
+                self.serves_nothing();
+            }
         }
         let serving = self.serving();
         let was = self.serving_now.swap(serving, Ordering::Relaxed);

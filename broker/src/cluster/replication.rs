@@ -388,6 +388,23 @@ impl Cluster {
         }
     }
 
+    /// After a step down for a lost majority: peers still linked hear that
+    /// this node serves nothing now (a `SyncDone` after the link's
+    /// snapshot is an empty one), so their copies stop naming it as the
+    /// holder and each session's owner promotes its copy. Else, with its
+    /// links up and a view change moving ownership, no node served those
+    /// sessions until their clients came back, and what was published for
+    /// them matched nobody (found by the simulator with the view from Raft:
+    /// a node that lost its majority for a few milliseconds). Its interest
+    /// is kept: publishes forwarded to it are refused and held for the new
+    /// holder. Not on a graceful stop, whose copies are promoted only once
+    /// the view without it commits.
+    pub(super) fn serves_nothing(&self) {
+        for tx in lock(&self.links).values() {
+            tx.push(&Frame::SyncDone, &self.stats.dropped);
+        }
+    }
+
     /// A chain member's copy of a session changed; `seen`: the prints that
     /// came with it (`links::apply`).
     #[allow(clippy::too_many_arguments)]
@@ -429,6 +446,8 @@ impl Cluster {
                     "stale session changes: adopting their messages"
                 );
                 note_seen(false);
+                // Its inbound QoS 2 ids too (`Core::adopt_qos2`).
+                let qos2 = state.act(|core| core.adopt_qos2(&client, &changes));
                 let adopted: Vec<crate::message::Pending> = changes
                     .into_iter()
                     .filter_map(|c| match c {
@@ -438,8 +457,9 @@ impl Cluster {
                         _ => None,
                     })
                     .collect();
-                if !adopted.is_empty() {
-                    let committed = state.act(|core| core.adopt(&client, adopted));
+                if !adopted.is_empty() || !qos2.is_done() {
+                    let mut committed = state.act(|core| core.adopt(&client, adopted));
+                    committed.merge(qos2);
                     if let Some(me) = self.state_owner.get().and_then(std::sync::Weak::upgrade) {
                         tokio::spawn(async move {
                             // Unacknowledged if not committed: the writer's

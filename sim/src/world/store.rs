@@ -107,8 +107,10 @@ impl StoreNode {
     }
 }
 
-/// Where a request stands on the node serving it.
+/// Where a request stands on the node serving it. (A run has a few dozen
+/// requests: their size does not matter.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Phase {
     /// To be tried (again) at the next step.
     Try,
@@ -116,6 +118,10 @@ enum Phase {
     Passed,
     /// Executed here: its change goes down the key's chain.
     Replicating {
+        /// The key's chain when the change was made (but this node).
+        chain: HashSet<usize>,
+        /// The revision the change made (`None`: a read's barrier).
+        rev: Option<mqlb_statestore::store::Rev>,
         owed: HashSet<usize>,
         copy: Option<Box<mqlb_statestore::store::KeyCopy>>,
         view: u64,
@@ -411,6 +417,8 @@ impl World {
                     .filter(|&m| m != n)
                     .collect();
                 self.store_reqs[r].phase = Phase::Replicating {
+                    chain: owed.clone(),
+                    rev: copy.as_ref().map(|c| c.rev),
                     owed,
                     copy,
                     view,
@@ -582,13 +590,75 @@ impl World {
         }
     }
 
-    /// The change is on every member: the answer goes out.
+    /// The change is on every member: the answer goes out. Checked here:
+    /// every member of the key's chain still in the view has the key at
+    /// this revision or newer (docs/statestore.md, "the rule"); and the
+    /// revision is noted as acknowledged.
     fn store_finish(&mut self, r: usize) {
-        let msgs = match &mut self.store_reqs[r].phase {
-            Phase::Replicating { outcome, .. } => std::mem::take(outcome),
-            _ => Vec::new(),
+        let (msgs, chain, made) = match &mut self.store_reqs[r].phase {
+            Phase::Replicating {
+                outcome,
+                chain,
+                rev,
+                ..
+            } => (std::mem::take(outcome), std::mem::take(chain), *rev),
+            _ => (Vec::new(), HashSet::new(), None),
         };
+        let n = self.store_reqs[r].node;
+        let key = self.store_reqs[r].key.clone();
+        if let Some(rev) = made {
+            let mut members: Vec<usize> = chain.into_iter().collect();
+            members.sort_unstable();
+            for m in members {
+                if self.view.contains(&m) && self.store_rev(m, &key).is_none_or(|h| h < rev) {
+                    if self.trace {
+                        println!(
+                            "{:>10.3}ms store: {} answered at {:?} on {}, {} has {:?}",
+                            self.now as f64 / 1000.0,
+                            String::from_utf8_lossy(&key),
+                            rev,
+                            self.nodes[n].name,
+                            self.nodes[m].name,
+                            self.store_rev(m, &key)
+                        );
+                    }
+                    self.bad.push(format!(
+                        "state store: a change to {} answered while {} in its chain lacks it",
+                        String::from_utf8_lossy(&key),
+                        self.nodes[m].name
+                    ));
+                }
+            }
+            let acked = self.store_acked_rev.entry(key).or_default();
+            *acked = (*acked).max(rev);
+        }
         self.store_done(r, &msgs);
+    }
+
+    /// `key`'s revision on node `n`, if it has the key.
+    fn store_rev(&self, n: usize, key: &[u8]) -> Option<mqlb_statestore::store::Rev> {
+        if !self.nodes[n].up {
+            return None;
+        }
+        self.nodes[n]
+            .store
+            .store
+            .copies(|k| k == key)
+            .first()
+            .map(|c| c.rev)
+    }
+
+    /// Whether `n` is the only live node holding some key's last
+    /// acknowledged revision: the other chain member was lost (or came
+    /// back blank) and the key was not copied again yet (its link was
+    /// down). Losing `n` too is a second failure, outside what R = 2
+    /// promises: the runs do not crash or cut off such a node.
+    pub(super) fn store_sole_holder(&self, n: usize) -> bool {
+        self.store_acked_rev.iter().any(|(key, acked)| {
+            self.store_rev(n, key).is_some_and(|r| r >= *acked)
+                && !(0..self.nodes.len())
+                    .any(|m| m != n && self.store_rev(m, key).is_some_and(|r| r >= *acked))
+        })
     }
 
     /// Request `r` is answered with `msgs` (the owner's answer); a passer

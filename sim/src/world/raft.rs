@@ -1,0 +1,353 @@
+//! The view from the broker's own Raft group (`cluster::consensus`), not
+//! an oracle ([`Config::raft`]).
+//!
+//! Each node runs its `Consensus` (raft-rs with its election timeouts drawn
+//! from a generator seeded from the run's seed), ticked every
+//! `consensus::TICK`; its messages travel as `Frame::Raft` on a stream of
+//! their own beside each link's other frames, lost with the link. The loop
+//! follows `Cluster::on_tick`: a node observes itself and the peers it has
+//! a link to; a member is live when a majority observes it
+//! (`live_by_majority`: a peer's observations count when this node has a
+//! link to that peer, standing in for its `Observed` frames); a leader a
+//! majority no longer observes makes the first survivor by name campaign at
+//! once; the leader proposes the live set; a node that loses its majority
+//! steps down.
+//!
+//! What stays simpler than the broker: the view a node commits applies to
+//! every node at once (the broker's nodes learn it one by one), and a
+//! restarted node's Raft state starts blank (as the broker's does without
+//! `--state-dir`) and is caught up by the leader.
+
+use mqlb_broker::cluster::consensus::{Committed, Consensus, TICK as RAFT_TICK};
+use mqlb_config::broker::PeerAddr;
+
+use super::*;
+
+/// `cluster::FAILURE_TIMEOUT`.
+const FAILURE_TIMEOUT: Time = 3 * SECOND;
+
+fn raft_tick_stream(n: usize) -> u64 {
+    (12 << 32) | n as u64
+}
+
+/// Raft's frames from `from` to `to`: a FIFO of their own.
+fn raft_link_stream(from: usize, to: usize) -> u64 {
+    (13 << 32) | (from as u64) << 8 | to as u64
+}
+
+/// What a node's Raft side keeps (lost in a crash).
+pub(super) struct RaftNode {
+    pub(super) consensus: Consensus,
+    /// Whether it heard a majority at its last tick.
+    had_quorum: bool,
+    /// The term it last campaigned in.
+    campaigned: u64,
+    /// Each peer's last report of what it observes, and when it came (the
+    /// broker's `Observed` frames, sent every tick or two on the link).
+    reports: BTreeMap<usize, (Vec<usize>, Time)>,
+}
+
+impl std::fmt::Debug for RaftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftNode")
+            .field("leader", &self.consensus.leader())
+            .field("term", &self.consensus.term())
+            .finish()
+    }
+}
+
+impl RaftNode {
+    /// Node `n` of `names`, its election timeouts drawn from `seed`.
+    pub(super) fn new(n: usize, names: &[String], seed: u64) -> RaftNode {
+        let members: Vec<(String, PeerAddr)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let port = 7000 + u16::try_from(i).unwrap_or(0);
+                (
+                    name.clone(),
+                    PeerAddr::from(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+                )
+            })
+            .collect();
+        let consensus = Consensus::with_state(&names[n], &members, None, seed)
+            .unwrap_or_else(|e| panic!("raft node {n}: {e}"));
+        RaftNode {
+            consensus,
+            had_quorum: true,
+            campaigned: 0,
+            reports: BTreeMap::new(),
+        }
+    }
+}
+
+/// How long the Raft group has to elect its first leader and commit its
+/// first view before faults begin (a cluster is started before it is
+/// loaded; elections take 1-2 s).
+pub(super) const RAFT_WARMUP: Time = 2_500 * MS;
+
+impl World {
+    /// Faults begin this late: [`RAFT_WARMUP`] with Raft, else at once.
+    pub(super) fn warmup(&self) -> Time {
+        if self.cfg.raft {
+            RAFT_WARMUP
+        } else {
+            0
+        }
+    }
+
+    /// Whether node `n` leads the Raft group (for the coverage report).
+    pub(super) fn is_raft_leader(&self, n: usize) -> bool {
+        self.nodes[n]
+            .raft
+            .as_ref()
+            .is_some_and(|r| r.consensus.is_leader())
+    }
+
+    /// The seed of node `n`'s Raft generator in incarnation `inc`.
+    pub(super) fn raft_seed(&self, n: usize, inc: u64) -> u64 {
+        mix(self.seed ^ mix(0x5241_4654 ^ (n as u64) << 32 ^ inc))
+    }
+
+    /// Starts node `n`'s Raft ticks (at start, and after a restart).
+    pub(super) fn start_raft_ticks(&mut self, n: usize) {
+        let s = raft_tick_stream(n);
+        let d = within(
+            draw(self.seed, s, self.nodes[n].inc << 20),
+            0,
+            micros(RAFT_TICK),
+        );
+        let inc = self.nodes[n].inc;
+        self.schedule_unordered(s, d, Ev::RaftTick { node: n, inc });
+    }
+
+    /// `Cluster::on_tick`'s view part on node `n`.
+    pub(super) fn raft_tick(&mut self, n: usize, inc: u64) {
+        if !self.nodes[n].up || self.nodes[n].inc != inc {
+            return;
+        }
+        // Ticks stop once the run is over: the faults are done, every
+        // publisher finished, every node is up and in the view.
+        let over = self.now > self.cfg.fault_window + RAFT_WARMUP
+            && self.nodes.iter().all(|n| n.up)
+            && self.view.len() == self.nodes.len()
+            && self.clients.iter().all(|c| match &c.role {
+                Role::Publisher(p) => p.done(),
+                Role::Subscriber(_) => true,
+            });
+        if !over {
+            let s = raft_tick_stream(n);
+            self.schedule(s, micros(RAFT_TICK), Ev::RaftTick { node: n, inc });
+        }
+        let observed = self.observed(n);
+        // The peers it has a link to report what they observe.
+        let now_t = self.now;
+        let reports: Vec<(usize, Vec<usize>)> = observed
+            .iter()
+            .filter(|&&p| p != n)
+            .map(|&p| (p, self.observed(p)))
+            .collect();
+        // (Reports travel on the peer's link: only from peers observed.)
+        if let Some(raft) = self.nodes[n].raft.as_mut() {
+            for (p, r) in reports {
+                raft.reports.insert(p, (r, now_t));
+            }
+        }
+        let live = self.live_by_majority(n, &observed);
+        let quorum = observed.len() * 2 > self.nodes.len();
+        let names: Vec<String> = live.iter().map(|&m| self.nodes[m].name.clone()).collect();
+        let me = self.nodes[n].name.clone();
+        let observed_names: Vec<String> = observed
+            .iter()
+            .map(|&m| self.nodes[m].name.clone())
+            .collect();
+        let now = self.instant();
+        let raft = self.nodes[n].raft.as_mut().expect("raft mode");
+        let mut out = raft.consensus.tick();
+        let leader = raft.consensus.leader();
+        let lost = leader
+            .as_ref()
+            .is_some_and(|l| *l != me && !names.contains(l));
+        let first = observed_names
+            .into_iter()
+            .find(|m| Some(m) != leader.as_ref());
+        if lost && first.as_ref() == Some(&me) {
+            let term = raft.consensus.term();
+            if raft.campaigned != term {
+                raft.campaigned = term;
+                let c = raft.consensus.campaign_now();
+                out.messages.extend(c.messages);
+                out.view = c.view.or(out.view);
+                self.cov.raft_campaigns += 1;
+            }
+        }
+        let raft = self.nodes[n].raft.as_mut().expect("raft mode");
+        if self.trace && raft.consensus.is_leader() && raft.consensus.view().live != names {
+            println!(
+                "{:>10.3}ms raft: leader n{} (term {}) observes {:?}, live {:?}",
+                self.now as f64 / 1000.0,
+                n + 1,
+                raft.consensus.term(),
+                observed,
+                names
+            );
+        }
+        let proposed = raft.consensus.propose_live(&names, now);
+        out.messages.extend(proposed.messages);
+        out.view = proposed.view.or(out.view);
+        let had = std::mem::replace(&mut raft.had_quorum, quorum);
+        self.raft_deliver(n, out);
+        if !self.nodes[n].up || self.nodes[n].inc != inc {
+            return;
+        }
+        if had && !quorum {
+            self.step_down(n);
+        } else if quorum && self.nodes[n].stepped_down && self.view.contains(&n) {
+            // `serving`: in the view with a majority again.
+            self.cov.quorum_regained += 1;
+            self.nodes[n].stepped_down = false;
+        }
+    }
+
+    /// Node `n` and the peers it has open links with both ways (`observe`:
+    /// its own link to the peer registered, after its snapshot, and the
+    /// peer heard on the peer's).
+    fn observed(&self, n: usize) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&p| p == n || (self.link_up(n, p) && self.link_up(p, n)))
+            .collect()
+    }
+
+    /// Whether `from`'s link to `to` is open: both up, not broken, and its
+    /// snapshot sent (`LinkOpen` handled).
+    fn link_up(&self, from: usize, to: usize) -> bool {
+        self.linked(from, to) && self.nodes[from].covers.contains_key(&to)
+    }
+
+    /// `live_by_majority` on node `n`: reports younger than
+    /// `FAILURE_TIMEOUT` count.
+    fn live_by_majority(&self, n: usize, observed: &[usize]) -> Vec<usize> {
+        let quorum = self.nodes.len() / 2 + 1;
+        let Some(raft) = self.nodes[n].raft.as_ref() else {
+            return Vec::new();
+        };
+        let fresh: Vec<(usize, &Vec<usize>)> = raft
+            .reports
+            .iter()
+            .filter(|(_, (_, at))| self.now.saturating_sub(*at) <= FAILURE_TIMEOUT)
+            .map(|(p, (r, _))| (*p, r))
+            .collect();
+        (0..self.nodes.len())
+            .filter(|&m| {
+                let mine = usize::from(m != n && observed.contains(&m));
+                let theirs = fresh
+                    .iter()
+                    .filter(|(by, r)| *by != m && r.contains(&m))
+                    .count();
+                1 + mine + theirs >= quorum
+            })
+            .collect()
+    }
+
+    /// Sends `out`'s messages from `n` and applies the view it committed.
+    fn raft_deliver(&mut self, n: usize, out: mqlb_broker::cluster::consensus::Output) {
+        for (to, m) in out.messages {
+            let Some(t) = self.index_of(&to) else {
+                continue;
+            };
+            self.send_raft(n, t, Frame::Raft(m));
+        }
+        if let Some(v) = out.view {
+            if self.trace {
+                println!(
+                    "{:>10.3}ms raft: n{} committed view #{} live {:?}",
+                    self.now as f64 / 1000.0,
+                    n + 1,
+                    v.number,
+                    v.live
+                );
+            }
+            self.raft_view(v);
+        }
+    }
+
+    /// `send_frame` on Raft's own stream of the link.
+    fn send_raft(&mut self, from: usize, to: usize, frame: Frame) {
+        let mut bytes = BytesMut::new();
+        if let Err(e) = frame.encode(&mut bytes) {
+            self.bad.push(format!("frame not encoded: {e:?}"));
+            return;
+        }
+        self.digest = mix(self.digest ^ hash_bytes(&bytes));
+        if !self.link_up(from, to) {
+            return;
+        }
+        let s = raft_link_stream(from, to);
+        let d = self.net_delay(s);
+        let (from_inc, to_inc) = (self.nodes[from].inc, self.nodes[to].inc);
+        self.schedule(
+            s,
+            d,
+            Ev::Frame {
+                from,
+                from_inc,
+                to,
+                to_inc,
+                bytes,
+            },
+        );
+    }
+
+    /// A Raft message from `from` at `to`.
+    pub(super) fn raft_frame(&mut self, from: usize, to: usize, m: &Bytes) {
+        let name = self.nodes[from].name.clone();
+        let Some(raft) = self.nodes[to].raft.as_mut() else {
+            return;
+        };
+        let out = raft.consensus.step(&name, m);
+        self.raft_deliver(to, out);
+    }
+
+    /// A view committed by the Raft group: applied to every node at once
+    /// (`after_view` for each node that left, then for each that joined).
+    fn raft_view(&mut self, v: Committed) {
+        if v.number <= self.raft_view_number {
+            return;
+        }
+        self.raft_view_number = v.number;
+        self.cov.raft_views += 1;
+        if self.trace {
+            println!(
+                "{:>10.3}ms raft view #{} live {:?}",
+                self.now as f64 / 1000.0,
+                v.number,
+                v.live
+            );
+        }
+        let live: BTreeSet<usize> = v
+            .live
+            .iter()
+            .filter_map(|name| self.index_of(name))
+            .collect();
+        let gone: Vec<usize> = self.view.difference(&live).copied().collect();
+        let joined: Vec<usize> = live.difference(&self.view).copied().collect();
+        for g in gone {
+            self.view_leave(g);
+            if self.nodes[g].up {
+                // Newly left out of the view: it steps down.
+                self.step_down(g);
+            }
+        }
+        for j in joined {
+            if self.nodes[j].up {
+                let inc = self.nodes[j].inc;
+                self.view_join(j, inc);
+            }
+        }
+    }
+}
+
+/// A duration in the simulation's microseconds.
+fn micros(d: Duration) -> Time {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
