@@ -206,6 +206,12 @@ struct Imported {
     qos2_in: Vec<u16>,
 }
 
+/// How long after a takeover a session notes what it is given, so that
+/// the old holder's late changes are not adopted twice: longer than a
+/// dead node's last frames take to arrive (the cluster keeps what each
+/// session was given as long, `SEEN_FOR`).
+pub const LATE_CHANGES_WITHIN: Duration = Duration::from_secs(20);
+
 /// The peer whose interest stands for the copies this node owns and has
 /// not promoted yet ([`Core::hold_for_copies`]): never reachable, so what
 /// matches it is held.
@@ -1283,6 +1289,26 @@ impl Core {
     /// delivered QoS, their identifiers, and RETAIN kept only with Retain
     /// As Published (otherwise a routed message has RETAIN 0, 3.3.1.3).
     fn deliver_to(&mut self, t: crate::router::SessionTarget, m: &Message, fx: &mut Effects) {
+        // A session taken over here lately may still get its old holder's
+        // late changes, whose messages are adopted (`adopt`) unless the
+        // session was given them: what it is given meanwhile is noted too.
+        // (Found by the simulator with the view from Raft: a publisher's
+        // resend routed here before the dead holder's last frames came was
+        // given a second time by the adoption.)
+        if t.qos != QoS::AtMostOnce {
+            let now = self.now();
+            if let Some(imp) = self
+                .sessions
+                .get_mut(&t.client)
+                .and_then(|e| e.imported.as_deref_mut())
+                .filter(|imp| {
+                    imp.at
+                        .is_some_and(|at| now.saturating_duration_since(at) < LATE_CHANGES_WITHIN)
+                })
+            {
+                imp.seen.insert(fingerprint(m));
+            }
+        }
         let retain = t.retain_as_published && m.retain;
         self.deliver(
             &t.client,

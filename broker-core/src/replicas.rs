@@ -197,6 +197,18 @@ impl Replicas {
         self.copies.is_empty()
     }
 
+    /// The clients whose copy names no holder that `live` counts (none, or
+    /// one that is gone), without copying the others' names: what a node
+    /// asks every tick (`unpromoted_copies`), with many copies and few or
+    /// none of them orphaned.
+    pub fn without_live_holder(&self, live: impl Fn(NodeId) -> bool) -> Vec<String> {
+        self.copies
+            .keys()
+            .filter(|c| self.holders.get(*c).is_none_or(|h| !live(*h)))
+            .cloned()
+            .collect()
+    }
+
     /// Every client a copy is kept for.
     pub fn clients(&self) -> Vec<String> {
         self.copies.keys().cloned().collect()
@@ -585,6 +597,24 @@ mod tests {
             .collect();
         assert_eq!(names, [("a", 4, 1)]);
         assert!(r.orphans(|_| true, t0).is_empty());
+    }
+
+    /// Copies without a live holder: none named, or one `live` says is
+    /// gone.
+    #[test]
+    fn copies_without_a_live_holder() {
+        let t0 = Instant::now();
+        let mut r = Replicas::default();
+        for (c, holder) in [("a", Some(1)), ("b", Some(2)), ("c", None)] {
+            if let Some(h) = holder {
+                r.set_holder(c, h);
+            }
+            r.apply(c, 1, vec![attach(1)], t0);
+        }
+        let mut orphans = r.without_live_holder(|h| h == 1);
+        orphans.sort();
+        assert_eq!(orphans, ["b", "c"]);
+        assert!(r.without_live_holder(|_| false).len() == 3);
     }
 
     /// Which link-snapshot copies a node keeps.

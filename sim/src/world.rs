@@ -2441,14 +2441,9 @@ impl World {
     fn unpromoted_copies(&self, n: usize) -> Vec<String> {
         let r = &self.nodes[n].replicas;
         let mut out: Vec<String> = r
-            .clients()
+            .without_live_holder(|h| h as usize != n && self.view.contains(&(h as usize)))
             .into_iter()
-            .filter(|c| {
-                let gone = r
-                    .holder(c)
-                    .is_none_or(|h| h as usize == n || !self.view.contains(&(h as usize)));
-                gone && self.owner(c) == Some(n)
-            })
+            .filter(|c| self.owner(c) == Some(n))
             .collect();
         out.sort();
         out

@@ -1111,12 +1111,20 @@ impl Cluster {
             let mut out = c.tick();
             // A leader a majority no longer hears is dead: the first
             // survivor by name campaigns at once (one, so that two
-            // candidates do not split the vote), once per term.
+            // candidates do not split the vote), once per term. Survivors
+            // the committed view counts live: a node just back from a
+            // restart may have lost its log (no `--state-dir`) and cannot
+            // win, and the others would wait out an election timeout (found
+            // by the simulator with the view from Raft).
             let leader = c.leader();
             let lost = leader
                 .as_ref()
                 .is_some_and(|l| *l != self.me && !live.contains(l));
-            if lost && observed.iter().find(|n| Some(*n) != leader.as_ref()) == Some(&self.me) {
+            let counted = c.view().live;
+            let first = observed
+                .iter()
+                .find(|n| Some(*n) != leader.as_ref() && counted.contains(n));
+            if lost && first == Some(&self.me) {
                 let term = c.term();
                 if t.campaigned != term {
                     t.campaigned = term;

@@ -161,19 +161,16 @@ impl Cluster {
     }
 
     /// The copies this node owns whose holder the view no longer counts.
+    /// Asked every tick: only the orphaned copies' names are copied.
     fn unpromoted_copies(&self) -> Vec<String> {
         let view = self.view();
-        let orphaned: Vec<String> = {
-            let r = lock(&self.replicas);
-            r.clients()
-                .into_iter()
-                .filter(|c| {
-                    r.holder(c)
-                        .and_then(|h| self.name_of(h))
-                        .is_none_or(|h| h == self.me || !view.members.contains(&h))
-                })
-                .collect()
-        };
+        let live: std::collections::HashSet<NodeId> = view
+            .members
+            .iter()
+            .filter(|m| **m != self.me)
+            .filter_map(|m| self.id_of(m))
+            .collect();
+        let orphaned = lock(&self.replicas).without_live_holder(|h| live.contains(&h));
         orphaned
             .into_iter()
             .filter(|c| self.owner(c) == self.me)

@@ -168,9 +168,11 @@ impl World {
         let lost = leader
             .as_ref()
             .is_some_and(|l| *l != me && !names.contains(l));
+        // (Survivors the committed view counts live: `on_tick`.)
+        let counted = raft.consensus.view().live;
         let first = observed_names
             .into_iter()
-            .find(|m| Some(m) != leader.as_ref());
+            .find(|m| Some(m) != leader.as_ref() && counted.contains(m));
         if lost && first.as_ref() == Some(&me) {
             let term = raft.consensus.term();
             if raft.campaigned != term {
