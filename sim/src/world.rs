@@ -276,6 +276,10 @@ struct Node {
     store: StoreNode,
     /// Its member of the Raft group, with [`Config::raft`].
     raft: Option<RaftNode>,
+    /// `synced_once`: a tick has promoted (or held publishes for) the
+    /// copies it owns since it was last synced; it takes clients only then
+    /// (`Cluster::ready`, with the view from Raft).
+    settled: bool,
 }
 
 /// A publish forwarded to a peer, waiting for its answer.
@@ -503,6 +507,7 @@ impl World {
                 snapshot_from: BTreeMap::new(),
                 store: StoreNode::new(&format!("n{}", n + 1)),
                 raft: None,
+                settled: true,
             })
             .collect::<Vec<_>>();
         let skew = cfg.clock_skew;
@@ -1213,7 +1218,7 @@ impl World {
         // the view only once its snapshots had come, so there serving was
         // ready; its seeds replay as they were found.)
         let ready = if self.cfg.raft {
-            self.ready(node)
+            self.ready(node) && self.nodes[node].settled
         } else {
             self.serves(node)
         };
@@ -1234,7 +1239,7 @@ impl World {
                 // A relayed client waits for its target's readiness too
                 // (`conn::place`; here: refused, the client comes back).
                 let ready = if self.cfg.raft {
-                    self.ready(h)
+                    self.ready(h) && self.nodes[h].settled
                 } else {
                     self.serves(h)
                 };
@@ -2143,6 +2148,9 @@ impl World {
         if self.nodes[n].up {
             self.promote_owned(n);
             self.hold_for_copies(n);
+            if !self.nodes[n].settled && self.ready(n) {
+                self.nodes[n].settled = true;
+            }
             self.release_held(n);
             if self.takeover_done(n) {
                 for p in 0..self.nodes.len() {
@@ -2960,6 +2968,7 @@ impl World {
         }
         self.cov.step_downs += 1;
         self.nodes[n].stepped_down = true;
+        self.nodes[n].settled = false;
         // Back in service it must hear again every peer whose link broke
         // (`synced_once`: a snapshot on each live link; links that stayed
         // up keep theirs).
@@ -3029,6 +3038,7 @@ impl World {
         node.seen_stash.clear();
         node.snapshot_from.clear();
         node.store = StoreNode::new(&node.name);
+        node.settled = false;
         let conns: Vec<usize> = std::mem::take(&mut node.conns).into_values().collect();
         if self.cfg.raft {
             // Back blank (no `--state-dir`): the leader catches it up.

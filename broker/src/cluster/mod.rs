@@ -880,24 +880,32 @@ impl Cluster {
     /// that dies or comes back does not make it unready. Only the sessions
     /// the dead peer held are unavailable, until their replicas are
     /// promoted; clients of those wait ([`Cluster::settled_server_for`]).
+    ///
+    /// Ready comes a tick after synced ([`Cluster::synced`]): that tick
+    /// promotes the copies the snapshots brought that this node owns and
+    /// holds publishes for the ones it cannot promote yet. Taking clients
+    /// in between, a publish could match nobody for a session whose copy
+    /// had just come (found by the simulator with the view from Raft: a
+    /// node back from a restart before the view dropped it).
     pub fn ready(&self) -> bool {
+        self.serving_in_view() && self.synced_once.load(Ordering::Acquire)
+    }
+
+    /// Whether this node has had, since it last began serving, the snapshot
+    /// of every live peer (with a majority, in its view): what promoting
+    /// its copies needs ([`Cluster::ready`] comes a tick later).
+    pub(super) fn synced(&self) -> bool {
+        self.serving_in_view()
+            && (self.synced_once.load(Ordering::Acquire) || self.synced_with_live_peers())
+    }
+
+    /// A majority heard, not leaving, and a member of a committed view.
+    fn serving_in_view(&self) -> bool {
         if !self.has_quorum() || self.leaving.load(Ordering::Relaxed) {
             return false;
         }
-        {
-            let view = lock(&self.view);
-            if view.number == 0 || !view.members.contains(&self.me) {
-                return false;
-            }
-        }
-        if self.synced_once.load(Ordering::Acquire) {
-            return true;
-        }
-        let synced = self.synced_with_live_peers();
-        if synced {
-            self.synced_once.store(true, Ordering::Release);
-        }
-        synced
+        let view = lock(&self.view);
+        view.number > 0 && view.members.contains(&self.me)
     }
 
     /// Whether every peer this node must hear from before it first serves
@@ -1168,6 +1176,10 @@ impl Cluster {
         if held != t.held_for_copies {
             state.core().hold_for_copies(&held);
             t.held_for_copies = held;
+        }
+        // Ready from now on (`ready`): its copies are promoted or held for.
+        if !self.synced_once.load(Ordering::Acquire) && self.synced() {
+            self.synced_once.store(true, Ordering::Release);
         }
         if self.ready()
             && view.number > self.promoted_for.load(Ordering::Relaxed)

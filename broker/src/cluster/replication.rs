@@ -178,10 +178,10 @@ impl Cluster {
     }
 
     /// Promotes the replicas this node owns in the current view, once it is
-    /// ready: only then has it the newest copy every live peer holds (their
-    /// link snapshots come before it says ready).
+    /// synced: only then has it the newest copy every live peer holds
+    /// (their link snapshots come first).
     pub(super) fn promote_owned(&self, state: &State) {
-        if !self.ready() {
+        if !self.synced() {
             return;
         }
         let held: Vec<String> = lock(&self.replicas).clients();
