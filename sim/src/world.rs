@@ -1753,16 +1753,23 @@ impl World {
     }
 
     fn send_frame(&mut self, from: usize, to: usize, frame: &Frame) {
+        // No link: lost (owed to the peer, or released).
+        let open = !self.links_down.contains(&(from.min(to), from.max(to)));
+        self.send_on(link_stream(from, to), from, to, frame, open);
+    }
+
+    /// Sends `frame` from `from` to `to` on FIFO `stream` (its digest
+    /// counted either way), if the link is `open`; else it is lost.
+    fn send_on(&mut self, s: u64, from: usize, to: usize, frame: &Frame, open: bool) {
         let mut bytes = BytesMut::new();
         if let Err(e) = frame.encode(&mut bytes) {
             self.bad.push(format!("frame not encoded: {e:?}"));
             return;
         }
         self.digest = mix(self.digest ^ hash_bytes(&bytes));
-        if self.links_down.contains(&(from.min(to), from.max(to))) {
-            return; // no link: lost (owed to the peer, or released)
+        if !open {
+            return;
         }
-        let s = link_stream(from, to);
         let d = self.net_delay(s);
         let (from_inc, to_inc) = (self.nodes[from].inc, self.nodes[to].inc);
         self.schedule(

@@ -273,31 +273,10 @@ impl World {
         }
     }
 
-    /// `send_frame` on Raft's own stream of the link.
+    /// `send_frame` on Raft's own stream of the link (once it is open).
     fn send_raft(&mut self, from: usize, to: usize, frame: Frame) {
-        let mut bytes = BytesMut::new();
-        if let Err(e) = frame.encode(&mut bytes) {
-            self.bad.push(format!("frame not encoded: {e:?}"));
-            return;
-        }
-        self.digest = mix(self.digest ^ hash_bytes(&bytes));
-        if !self.link_up(from, to) {
-            return;
-        }
-        let s = raft_link_stream(from, to);
-        let d = self.net_delay(s);
-        let (from_inc, to_inc) = (self.nodes[from].inc, self.nodes[to].inc);
-        self.schedule(
-            s,
-            d,
-            Ev::Frame {
-                from,
-                from_inc,
-                to,
-                to_inc,
-                bytes,
-            },
-        );
+        let open = self.link_up(from, to);
+        self.send_on(raft_link_stream(from, to), from, to, &frame, open);
     }
 
     /// A Raft message from `from` at `to`.

@@ -707,29 +707,8 @@ impl World {
 
     /// `send_frame` on the store's own stream of the link.
     fn send_store(&mut self, from: usize, to: usize, frame: &Frame) {
-        let mut bytes = BytesMut::new();
-        if let Err(e) = frame.encode(&mut bytes) {
-            self.bad.push(format!("frame not encoded: {e:?}"));
-            return;
-        }
-        self.digest = mix(self.digest ^ hash_bytes(&bytes));
-        if self.links_down.contains(&(from.min(to), from.max(to))) {
-            return;
-        }
-        let s = store_link_stream(from, to);
-        let d = self.net_delay(s);
-        let (from_inc, to_inc) = (self.nodes[from].inc, self.nodes[to].inc);
-        self.schedule(
-            s,
-            d,
-            Ev::Frame {
-                from,
-                from_inc,
-                to,
-                to_inc,
-                bytes,
-            },
-        );
+        let open = !self.links_down.contains(&(from.min(to), from.max(to)));
+        self.send_on(store_link_stream(from, to), from, to, frame, open);
     }
 
     /// A link from `from` to `to` opens: after the session snapshot, the
