@@ -17,10 +17,13 @@ use mqlb_protocol::{Properties, ProtocolVersion, QoS};
 use mqlb_tests::client::{connect_packet, qos, Client};
 use mqlb_tests::{mqlb_bin, try_http, wait_listening, wait_until, KillOnDrop};
 
-/// A base port with `n` free ports after it.
+/// A base port with `n` free ports after it, below Linux's ephemeral range
+/// (32768 and up): a port picked there could be taken by any outgoing
+/// connection between this check and the demo's bind (a node that never
+/// listened, now and then).
 fn free_run(n: u16) -> u16 {
     loop {
-        let base = 20_000 + fastrand::u16(..40_000);
+        let base = 20_000 + fastrand::u16(..12_000);
         let free = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
         if free {
             return base;
