@@ -2729,9 +2729,7 @@ impl World {
                     self.cov.crashes_skipped += 1;
                     return;
                 }
-                if self.cfg.store && self.store_sole_holder(n) {
-                    self.cov.crashes_skipped += 1;
-                    self.cov.store_sole_holder_spared += 1;
+                if self.spared_as_sole_holder(n) {
                     return;
                 }
                 self.crash(n);
@@ -2844,9 +2842,7 @@ impl World {
                     self.cov.crashes_skipped += 1;
                     return;
                 }
-                if self.cfg.store && self.store_sole_holder(n) {
-                    self.cov.crashes_skipped += 1;
-                    self.cov.store_sole_holder_spared += 1;
+                if self.spared_as_sole_holder(n) {
                     return;
                 }
                 self.cov.partitions += 1;
@@ -2872,15 +2868,7 @@ impl World {
                     // (With Raft, it steps down at its tick and the view
                     // drops it when the leader proposes so.)
                     self.schedule(VIEWS, notice, Ev::StepDown { node: n, inc });
-                    self.schedule(
-                        VIEWS,
-                        leave,
-                        Ev::View {
-                            node: n,
-                            join: false,
-                            inc,
-                        },
-                    );
+                    self.oracle_leave(n, inc, leave);
                 }
                 self.schedule_unordered(FAULTS | 5, leave + d, Ev::Fault(Fault::Heal(n)));
             }
@@ -3017,6 +3005,31 @@ impl World {
         self.nodes[n].up && self.view.contains(&n) && !self.nodes[n].stepped_down
     }
 
+    /// Without Raft, the oracle drops `n` (incarnation `inc`) from the
+    /// view `after` from now.
+    fn oracle_leave(&mut self, n: usize, inc: u64, after: Time) {
+        self.schedule(
+            VIEWS,
+            after,
+            Ev::View {
+                node: n,
+                join: false,
+                inc,
+            },
+        );
+    }
+
+    /// Whether a crash or partition of `n` is spared: it alone holds a
+    /// state store key's last acknowledged value (`store_sole_holder`).
+    fn spared_as_sole_holder(&mut self, n: usize) -> bool {
+        let spared = self.cfg.store && self.store_sole_holder(n);
+        if spared {
+            self.cov.crashes_skipped += 1;
+            self.cov.store_sole_holder_spared += 1;
+        }
+        spared
+    }
+
     fn crash(&mut self, n: usize) {
         self.cov.crashes += 1;
         self.cov.leader_crashes += u64::from(self.is_raft_leader(n));
@@ -3073,15 +3086,7 @@ impl World {
         );
         let inc = self.nodes[n].inc;
         if !self.cfg.raft {
-            self.schedule(
-                VIEWS,
-                leave,
-                Ev::View {
-                    node: n,
-                    join: false,
-                    inc,
-                },
-            );
+            self.oracle_leave(n, inc, leave);
         }
         let back = leave
             + within(
