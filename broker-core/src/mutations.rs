@@ -40,6 +40,11 @@ pub enum Mutation {
     /// `OK` its owner's death then loses; see the broker's
     /// `cluster::acks::owed_after`).
     StoreMemberCountedOut,
+    /// With a data directory, a batch counts as committed once its chain
+    /// has it, before it is on this node's own disk (`durable::DiskLog`;
+    /// the simulator mirrors that wait): a site-wide power loss then takes
+    /// acknowledged messages.
+    CommitBeforeFsync,
 }
 
 #[cfg(feature = "mutations")]

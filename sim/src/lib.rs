@@ -73,6 +73,12 @@ pub struct Config {
     /// included) rather than an oracle that drops a crashed node 0.3-1.5 s
     /// after its crash and counts a returning one 0.1-0.5 s after it is up.
     pub raft: bool,
+    /// Whether every node has a data directory (`--data-dir`): its change
+    /// log and Raft state on a simulated disk its crashes leave alone, read
+    /// back by the broker's own recovery; faults add a power loss of the
+    /// whole site (the unsynced tail torn at any byte), failed fsyncs and
+    /// full disks.
+    pub disk: bool,
 }
 
 impl Default for Config {
@@ -92,6 +98,7 @@ impl Default for Config {
             clock_skew: true,
             store: true,
             raft: true,
+            disk: false,
         }
     }
 }
@@ -198,6 +205,20 @@ pub struct Coverage {
     pub qos1_again: u64,
     pub qos2_resends_absorbed: u64,
     pub sessions_lost: u64,
+    /// Site-wide power losses; fsyncs; fsyncs that failed (the node
+    /// stopped); disks that filled up, and writes that failed on them;
+    /// unsynced bytes a power loss took; torn last records cut off at
+    /// start; sessions a node read back from its directory.
+    pub power_losses: u64,
+    /// Power losses while a session held messages not yet delivered.
+    pub power_losses_undelivered: u64,
+    pub fsyncs: u64,
+    pub fsync_failures: u64,
+    pub disks_full: u64,
+    pub disk_write_errors: u64,
+    pub unsynced_bytes_lost: u64,
+    pub torn_records_cut: u64,
+    pub sessions_read_back: u64,
     /// Publishes the core sent to peers (none expected: every client's
     /// session shares one chain).
     pub forwards: u64,
@@ -268,6 +289,15 @@ impl Coverage {
             qos1_again,
             qos2_resends_absorbed,
             sessions_lost,
+            power_losses,
+            power_losses_undelivered,
+            fsyncs,
+            fsync_failures,
+            disks_full,
+            disk_write_errors,
+            unsynced_bytes_lost,
+            torn_records_cut,
+            sessions_read_back,
             forwards
         );
     }
@@ -282,6 +312,8 @@ pub struct Outcome {
     pub mutation: Option<Mutation>,
     /// Whether the view came from the Raft group ([`Config::raft`]).
     pub raft: bool,
+    /// Whether the nodes had data directories ([`Config::disk`]).
+    pub disk: bool,
     /// What went wrong, one line each; empty when every check held.
     pub violations: Vec<String>,
     /// States reached.
@@ -309,6 +341,9 @@ impl Outcome {
         if !self.raft {
             m.push_str(" MQLB_SIM_VIEW=oracle");
         }
+        if self.disk {
+            m.push_str(" MQLB_SIM_DISK=1");
+        }
         format!(
             "MQLB_SIM_SEED={}{m} cargo test --release -p mqlb-sim --test sim replay -- --nocapture",
             self.seed
@@ -335,6 +370,7 @@ pub fn mutation_named(name: &str) -> Option<Mutation> {
         "UnlinkedMemberCountedOut" => Some(Mutation::UnlinkedMemberCountedOut),
         "CutOffCopyPromoted" => Some(Mutation::CutOffCopyPromoted),
         "StoreMemberCountedOut" => Some(Mutation::StoreMemberCountedOut),
+        "CommitBeforeFsync" => Some(Mutation::CommitBeforeFsync),
         _ => None,
     }
 }

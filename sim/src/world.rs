@@ -35,6 +35,7 @@ use mqlb_broker_core::core::{snapshot_of, Core};
 use mqlb_broker_core::effects::{ChangeRecord, Effects, LogEntry, Route};
 use mqlb_broker_core::log::Sequencer;
 use mqlb_broker_core::message::{Message, Sub};
+use mqlb_broker_core::mutations::{self, Mutation};
 use mqlb_broker_core::outbox::{Closing, Encoder, Outbox, Outgoing};
 use mqlb_broker_core::replicas::{
     filters_of, keeps_snapshot_copy, whole, HolderNow, Replicas, RELAYED_WAIT,
@@ -46,8 +47,10 @@ use crate::clients::{Action, Client, Publisher, Role, Subscriber, Violation, FIL
 use crate::rng::{draw, hash_bytes, mix, within, Rng};
 use crate::{Config, Coverage, Outcome};
 
+mod disk;
 mod raft;
 mod store;
+use disk::{Disk, DiskFault};
 use raft::RaftNode;
 use store::{Op, StoreClient, StoreNode, StoreReq};
 
@@ -188,6 +191,21 @@ enum Ev {
         node: usize,
         inc: u64,
     },
+    /// A disk fault ([`Config::disk`]).
+    DiskFault(DiskFault),
+    /// A node's disk writer writes what is queued.
+    DiskWrite {
+        node: usize,
+        inc: u64,
+    },
+    /// A node's fsync came back: its log is durable up to `upto` bytes,
+    /// the batches waiting under `reps` with it.
+    DiskSynced {
+        node: usize,
+        inc: u64,
+        upto: usize,
+        reps: Vec<u64>,
+    },
     /// `from`'s link to `to` (re)opens: `from` sends its snapshot.
     LinkOpen {
         from: usize,
@@ -276,6 +294,8 @@ struct Node {
     store: StoreNode,
     /// Its member of the Raft group, with [`Config::raft`].
     raft: Option<RaftNode>,
+    /// Its data directory ([`Config::disk`]): what its crashes leave.
+    disk: Disk,
     /// `synced_once`: a tick has promoted (or held publishes for) the
     /// copies it owns since it was last synced; it takes clients only then
     /// (`Cluster::ready`, with the view from Raft).
@@ -400,6 +420,8 @@ pub struct World {
     store_reqs: Vec<StoreReq>,
     /// The number of the last view the Raft group committed.
     raft_view_number: u64,
+    /// Looks for a moment to aim the power loss at, so far.
+    power_tries: u64,
     /// Each state store key's last acknowledged revision.
     store_acked_rev: BTreeMap<Vec<u8>, mqlb_statestore::store::Rev>,
 }
@@ -507,6 +529,7 @@ impl World {
                 snapshot_from: BTreeMap::new(),
                 store: StoreNode::new(&format!("n{}", n + 1)),
                 raft: None,
+                disk: Disk::default(),
                 settled: true,
             })
             .collect::<Vec<_>>();
@@ -557,13 +580,15 @@ impl World {
             store_ops: Vec::new(),
             store_reqs: Vec::new(),
             raft_view_number: 0,
+            power_tries: 0,
             store_acked_rev: BTreeMap::new(),
         };
         if w.cfg.raft {
             let names: Vec<String> = w.nodes.iter().map(|n| n.name.clone()).collect();
             for n in 0..w.nodes.len() {
                 let seed = w.raft_seed(n, 0);
-                w.nodes[n].raft = Some(RaftNode::new(n, &names, seed));
+                let keeper = w.raft_keeper(n);
+                w.nodes[n].raft = Some(RaftNode::new(n, &names, seed, keeper));
                 w.start_raft_ticks(n);
             }
         }
@@ -601,6 +626,7 @@ impl World {
             w.start_store_clients();
         }
         w.schedule_faults();
+        w.schedule_disk_faults();
         w.update_reachable();
         for n in 0..w.nodes.len() {
             let s = node_tick_stream(n);
@@ -812,6 +838,7 @@ impl World {
             seed: self.seed,
             mutation: self.cfg.mutation,
             raft: self.cfg.raft,
+            disk: self.cfg.disk,
             violations: self.bad,
             coverage: self.cov,
             events: self.events,
@@ -830,6 +857,7 @@ impl World {
             Ev::LinkOpen { from, .. } => Some(*from),
             Ev::StoreStep { req } => Some(self.store_node(*req)),
             Ev::RaftTick { node, .. } => Some(*node),
+            Ev::DiskWrite { node, .. } | Ev::DiskSynced { node, .. } => Some(*node),
             _ => None,
         }
     }
@@ -924,6 +952,14 @@ impl World {
             Ev::StoreGiveUp { client, op } => self.store_give_up(client, op),
             Ev::StoreStep { req } => self.store_step(req),
             Ev::RaftTick { node, inc } => self.raft_tick(node, inc),
+            Ev::DiskFault(f) => self.disk_fault(f),
+            Ev::DiskWrite { node, inc } => self.disk_write(node, inc),
+            Ev::DiskSynced {
+                node,
+                inc,
+                upto,
+                reps,
+            } => self.disk_synced(node, inc, upto, reps),
             Ev::PromoteCheck { node, inc } => {
                 if self.nodes[node].up && self.nodes[node].inc == inc {
                     self.promote_owned(node);
@@ -1652,6 +1688,11 @@ impl World {
     /// `replication::send_down_chains`: each session's records to the
     /// other members of its chain; committed once each has answered.
     fn send_down_chains(&mut self, node: usize, log_seq: u64, b: Batch) {
+        let rep = self.nodes[node].next_rep;
+        self.nodes[node].next_rep += 1;
+        // `DiskLog`: what the batch keeps goes to this node's disk too,
+        // and its commit waits for the fsync as for one more member.
+        let on_disk = self.disk_append(node, log_seq, &b.entries, rep);
         let mut records: Vec<ChangeRecord> = Vec::new();
         for e in b.entries {
             match e {
@@ -1695,9 +1736,10 @@ impl World {
                 _ => {}
             }
         }
-        let rep = self.nodes[node].next_rep;
-        self.nodes[node].next_rep += 1;
         let mut left: BTreeMap<u32, usize> = BTreeMap::new();
+        if on_disk && !mutations::on(Mutation::CommitBeforeFsync) {
+            left.insert(node_id(node), 1);
+        }
         let mut owed: Vec<u32> = Vec::new();
         for (client, epoch, changes) in mqlb_broker_core::replicas::runs(&records) {
             self.note_given(node, &client, &changes);
@@ -1864,6 +1906,9 @@ impl World {
                     // served here with an older epoch (or not connected)
                     // gives way to the copy.
                     let held = n.core.epoch(&client);
+                    // With a data directory, the copy's changes on disk
+                    // before the answer (`answer_when`).
+                    let mut kept = None;
                     match held {
                         Some(mine) if mine > epoch => {
                             // Its inbound QoS 2 ids too (`Core::adopt_qos2`).
@@ -1902,7 +1947,7 @@ impl World {
                             }
                             self.copy_seen(to, &client, replaces, stashed);
                             self.note_given(to, &client, &changes);
-                            self.nodes[to].replicas.apply(&client, epoch, changes, now);
+                            kept = self.apply_copy(to, &client, epoch, changes);
                         }
                         // A copy of a session served here: refused, prints
                         // and all.
@@ -1910,7 +1955,7 @@ impl World {
                         None => {
                             self.copy_seen(to, &client, replaces, stashed);
                             self.note_given(to, &client, &changes);
-                            self.nodes[to].replicas.apply(&client, epoch, changes, now);
+                            kept = self.apply_copy(to, &client, epoch, changes);
                         }
                     }
                     let n = &mut self.nodes[to];
@@ -1928,7 +1973,16 @@ impl World {
                             Ev::PromoteCheck { node: to, inc },
                         );
                     }
-                    if self.nodes[from].up && self.nodes[from].inc == from_inc {
+                    if let Some(g) = kept {
+                        let then = Then::Ack {
+                            node: to,
+                            inc,
+                            to: from,
+                            to_inc: from_inc,
+                            seq,
+                        };
+                        self.join(vec![g], then);
+                    } else if self.nodes[from].up && self.nodes[from].inc == from_inc {
                         self.send_frame(to, from, &Frame::Ack { seq });
                     }
                 }
@@ -2269,6 +2323,7 @@ impl World {
         let Some(session) = self.nodes[node].replicas.take(client) else {
             return;
         };
+        self.copy_promoted(node, client, session.epoch);
         let mut snap = snapshot_of(&session, now);
         snap.epoch += 1;
         self.cov.promotions += 1;
@@ -2740,6 +2795,7 @@ impl World {
                 }
                 self.nodes[n].up = true;
                 self.cov.restarts += 1;
+                self.recover(n);
                 // Links open both ways; each side sends its snapshot.
                 for p in 0..self.nodes.len() {
                     if p == n || !self.nodes[p].up {
@@ -2981,9 +3037,8 @@ impl World {
                 continue;
             };
             let epoch = snap.epoch;
-            self.nodes[n]
-                .replicas
-                .apply(&id, epoch, whole(snap, now), now);
+            // On disk as well, before the eviction is (numbered first).
+            let _ = self.apply_copy(n, &id, epoch, whole(snap, now));
             self.call(n, |core| ((), core.evict_session_shutting_down(&id)));
         }
         let conns: Vec<usize> = self.nodes[n].conns.values().copied().collect();
@@ -3059,12 +3114,15 @@ impl World {
         node.snapshot_from.clear();
         node.store = StoreNode::new(&node.name);
         node.settled = false;
+        node.disk.process_died();
         let conns: Vec<usize> = std::mem::take(&mut node.conns).into_values().collect();
         if self.cfg.raft {
-            // Back blank (no `--state-dir`): the leader catches it up.
+            // Back from its data directory's state (`Config::disk`), else
+            // blank: the leader catches it up.
             let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
             let seed = self.raft_seed(n, self.nodes[n].inc);
-            self.nodes[n].raft = Some(RaftNode::new(n, &names, seed));
+            let keeper = self.raft_keeper(n);
+            self.nodes[n].raft = Some(RaftNode::new(n, &names, seed, keeper));
         }
         for other in &mut self.nodes {
             other.covers.remove(&n);

@@ -357,9 +357,14 @@ fn the_same_seed_gives_the_same_run() {
 /// Runs the default seeds with `m` put back until one fails; returns it
 /// and how long the search took.
 fn find(m: Mutation) -> (Option<Outcome>, std::time::Duration, u64) {
+    find_with(m, Config::default())
+}
+
+/// [`find`] on `base`.
+fn find_with(m: Mutation, base: Config) -> (Option<Outcome>, std::time::Duration, u64) {
     let cfg = Config {
         mutation: Some(m),
-        ..Config::default()
+        ..base
     };
     let started = Instant::now();
     let (bad, _, ran) = run_seeds(1, seed_count(), &cfg, true);
@@ -387,9 +392,14 @@ fn it_finds_pubrel_sent_before_its_commit() {
 /// Every seed of the default run with `m` put back; prints how many
 /// failed, and returns the failures.
 fn all_failing(m: Mutation) -> Vec<Outcome> {
+    let base = if m == Mutation::CommitBeforeFsync {
+        disk_config()
+    } else {
+        Config::default()
+    };
     let cfg = Config {
         mutation: Some(m),
-        ..Config::default()
+        ..base
     };
     let started = Instant::now();
     let (mut bad, _, ran) = run_seeds(1, seed_count(), &cfg, false);
@@ -416,6 +426,7 @@ fn mutation_report() {
         Mutation::UnlinkedMemberCountedOut,
         Mutation::CutOffCopyPromoted,
         Mutation::StoreMemberCountedOut,
+        Mutation::CommitBeforeFsync,
     ] {
         all_failing(m);
     }
@@ -539,6 +550,75 @@ fn seeds_with_faults_keep_every_guarantee() {
     );
 }
 
+/// The runs with data directories: the defaults, every node with a
+/// `--data-dir` (power losses, failed fsyncs and full disks among the
+/// faults).
+fn disk_config() -> Config {
+    Config {
+        disk: true,
+        // (The state store's keys are not written to the simulated disk
+        // yet: a power loss would take them.)
+        store: false,
+        ..Config::default()
+    }
+}
+
+#[test]
+fn it_finds_commits_before_the_fsync() {
+    let (found, took, ran) = find_with(Mutation::CommitBeforeFsync, disk_config());
+    let o = found.unwrap_or_else(|| panic!("commits before the fsync not found in {ran} seeds"));
+    println!(
+        "CommitBeforeFsync found after {ran} seeds in {took:?}: {}",
+        show(&o)
+    );
+}
+
+#[test]
+fn seeds_with_data_dirs_keep_every_guarantee() {
+    let n = seed_count();
+    let started = Instant::now();
+    let (bad, cov, ran) = run_seeds(1, n, &disk_config(), false);
+    println!("{ran} seeds in {:?}\n{cov:#?}", started.elapsed());
+    for o in &bad {
+        println!("{}", show(o));
+    }
+    let reached = [
+        ("site-wide power losses", cov.power_losses),
+        (
+            "power losses while messages waited for delivery",
+            cov.power_losses_undelivered,
+        ),
+        (
+            "unsynced bytes lost to a power loss",
+            cov.unsynced_bytes_lost,
+        ),
+        ("torn last records cut off at start", cov.torn_records_cut),
+        (
+            "sessions read back from a data directory",
+            cov.sessions_read_back,
+        ),
+        ("failed fsyncs", cov.fsync_failures),
+        ("writes failed on a full disk", cov.disk_write_errors),
+        ("crashes of a node serving sessions", cov.crashes_of_holder),
+        (
+            "crashes in the middle of a QoS 2 exchange",
+            cov.crashes_mid_qos2,
+        ),
+        ("elections after the leader was lost", cov.raft_campaigns),
+        ("partitions cutting a node off", cov.partitions),
+        ("cluster links broken between live nodes", cov.link_drops),
+    ];
+    for (what, n) in reached {
+        assert!(n > 0, "{ran} seeds reached no {what}");
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {ran} seeds failed; first: {}",
+        bad.len(),
+        show(&bad[0])
+    );
+}
+
 /// Replays `MQLB_SIM_SEED` (with `MQLB_SIM_MUTATION`, if set) exactly;
 /// seed 1 without it. `MQLB_SIM_TRACE=1` prints every event.
 #[test]
@@ -553,10 +633,16 @@ fn replay() {
     // `MQLB_SIM_VIEW=oracle`: the view from an oracle, not Raft (the
     // seeds found before Raft ran).
     let raft = std::env::var("MQLB_SIM_VIEW").map_or(true, |v| v != "oracle");
+    // `MQLB_SIM_DISK=1`: with data directories (`disk_config`).
+    let base = if std::env::var_os("MQLB_SIM_DISK").is_some() {
+        disk_config()
+    } else {
+        Config::default()
+    };
     let cfg = Config {
         mutation,
         raft,
-        ..Config::default()
+        ..base
     };
     let o = run(seed, &cfg);
     println!("{:#?}", o.coverage);

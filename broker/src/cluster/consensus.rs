@@ -282,19 +282,73 @@ pub struct Output {
     pub view: Option<Committed>,
 }
 
-/// Reads a state file: `None` if there is none, an error if it is there
+/// Where a member keeps its Raft state between incarnations: its data
+/// directory's state file in the broker ([`StateFile`]); the simulator
+/// keeps it in memory that a crash leaves alone, so whole-cluster
+/// restarts run there on the same code.
+pub trait StateKeeper: Send {
+    /// What was last saved (`None`: nothing ever was).
+    fn load(&self) -> Result<Option<Vec<u8>>, String>;
+    /// Saves `bytes` durably: returns once they would survive a power
+    /// loss. Nothing that depends on them is sent before.
+    fn save(&self, bytes: &[u8]) -> Result<(), String>;
+    /// Where it is kept, for messages.
+    fn name(&self) -> String {
+        "the raft state".into()
+    }
+}
+
+/// The state file in a data directory, written whole to a temporary file
+/// that is synced, renamed over it, and the directory synced.
+#[derive(Debug, Clone)]
+pub struct StateFile(pub std::path::PathBuf);
+
+impl StateKeeper for StateFile {
+    fn load(&self) -> Result<Option<Vec<u8>>, String> {
+        match std::fs::read(&self.0) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", self.0.display())),
+        }
+    }
+
+    fn save(&self, bytes: &[u8]) -> Result<(), String> {
+        let path = &self.0;
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            // The rename itself survives a power loss only once the
+            // directory is synced.
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn name(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+/// Reads a saved state: `None` if there is none, an error if it is there
 /// and cannot be trusted (a checksum that fails, contents that do not
 /// decode). A file from before checksums (no magic) is read as it is and
 /// rewritten with one at the next change.
-fn read_state(path: &std::path::Path) -> Result<Option<Persisted>, String> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+fn read_state(keeper: &dyn StateKeeper) -> Result<Option<Persisted>, String> {
+    let Some(bytes) = keeper.load()? else {
+        return Ok(None);
     };
+    let at = |why: &str| format!("{}: {why}", keeper.name());
     let payload = if bytes.starts_with(mqlb_storage::record::SNAPSHOT_MAGIC) {
         mqlb_storage::record::decode_snapshot(&bytes)
-            .map_err(|why| format!("{}: {why}", path.display()))?
+            .map_err(at)?
             .1
             .to_vec()
     } else {
@@ -302,7 +356,7 @@ fn read_state(path: &std::path::Path) -> Result<Option<Persisted>, String> {
     };
     Persisted::decode(Bytes::from(payload))
         .map(Some)
-        .ok_or_else(|| format!("{}: not a raft state", path.display()))
+        .ok_or_else(|| at("not a raft state"))
 }
 
 /// This node's member of the Raft group.
@@ -319,7 +373,7 @@ pub struct Consensus {
     /// snapshot rather than a log it could not interpret.
     compact_now: bool,
     /// Where the state is persisted, if anywhere.
-    state_file: Option<std::path::PathBuf>,
+    keeper: Option<Box<dyn StateKeeper>>,
     /// Why persisting the state failed, once it has: from then on this
     /// node sends nothing (a vote or acknowledgement it could not keep
     /// would break Raft's rules), and the node stops.
@@ -448,9 +502,21 @@ impl Consensus {
         state_file: Option<&std::path::Path>,
         seed: u64,
     ) -> raft::Result<Consensus> {
+        let keeper =
+            state_file.map(|p| Box::new(StateFile(p.to_path_buf())) as Box<dyn StateKeeper>);
+        Self::with_keeper(me, members, keeper, seed)
+    }
+
+    /// [`Consensus::with_state`], its state kept by `keeper`.
+    pub fn with_keeper(
+        me: &str,
+        members: &[(String, PeerAddr)],
+        keeper: Option<Box<dyn StateKeeper>>,
+        seed: u64,
+    ) -> raft::Result<Consensus> {
         let founding = members.iter().any(|(n, _)| n == me);
-        let saved = match state_file {
-            Some(p) => read_state(p).map_err(|e| {
+        let saved = match &keeper {
+            Some(k) => read_state(k.as_ref()).map_err(|e| {
                 raft::Error::Store(raft::StorageError::Other(
                     format!("{e}; start with --repair to set it aside (the node is then caught up by the leader, but may vote again in the term it last voted in)").into(),
                 ))
@@ -547,7 +613,7 @@ impl Consensus {
             proposed: None,
             names,
             compact_now: false,
-            state_file: state_file.map(std::path::Path::to_path_buf),
+            keeper,
             failed: None,
             rng: fastrand::Rng::with_seed(seed),
             timeout: ((u64::MAX, StateRole::Follower), 0),
@@ -577,7 +643,7 @@ impl Consensus {
     /// Sets a state file that cannot be read aside (`--repair`), so the
     /// node starts blank; returns where it went, if it did.
     pub fn repair_state_file(path: &std::path::Path) -> Option<std::path::PathBuf> {
-        let why = read_state(path).err()?;
+        let why = read_state(&StateFile(path.to_path_buf())).err()?;
         let mut aside = path.as_os_str().to_owned();
         aside.push(".corrupt");
         let aside = std::path::PathBuf::from(aside);
@@ -618,7 +684,7 @@ impl Consensus {
     /// to the state file (whole, to a temporary file that is synced and
     /// renamed over it, the directory synced after the rename).
     fn persist(&self) -> Result<(), String> {
-        let Some(path) = &self.state_file else {
+        let Some(keeper) = &self.keeper else {
             return Ok(());
         };
         let store = &self.node.store().mem;
@@ -645,27 +711,11 @@ impl Consensus {
             view,
             entries,
         };
-        let write = || -> std::io::Result<()> {
-            use std::io::Write as _;
-            let bytes = saved.encode().map_err(std::io::Error::other)?;
-            // Checksummed, as the data directory's snapshots are: a flipped
-            // bit is found, never trusted (a wrong term or vote would break
-            // Raft's rules).
-            let bytes = mqlb_storage::record::encode_snapshot(0, &bytes);
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            // The rename itself survives a power loss only once the
-            // directory is synced.
-            let dir = path
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(std::path::Path::new("."));
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| format!("{}: {e}", path.display()))
+        let bytes = saved.encode()?;
+        // Checksummed, as the data directory's snapshots are: a flipped
+        // bit is found, never trusted (a wrong term or vote would break
+        // Raft's rules).
+        keeper.save(&mqlb_storage::record::encode_snapshot(0, &bytes))
     }
 
     /// The committed view.

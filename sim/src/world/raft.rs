@@ -18,7 +18,7 @@
 //! restarted node's Raft state starts blank (as the broker's does without
 //! `--state-dir`) and is caught up by the leader.
 
-use mqlb_broker::cluster::consensus::{Committed, Consensus, TICK as RAFT_TICK};
+use mqlb_broker::cluster::consensus::{Committed, Consensus, StateKeeper, TICK as RAFT_TICK};
 use mqlb_config::broker::PeerAddr;
 
 use super::*;
@@ -58,7 +58,14 @@ impl std::fmt::Debug for RaftNode {
 
 impl RaftNode {
     /// Node `n` of `names`, its election timeouts drawn from `seed`.
-    pub(super) fn new(n: usize, names: &[String], seed: u64) -> RaftNode {
+    /// `keeper`: where its state survives a restart (a data directory),
+    /// if anywhere.
+    pub(super) fn new(
+        n: usize,
+        names: &[String],
+        seed: u64,
+        keeper: Option<Box<dyn StateKeeper>>,
+    ) -> RaftNode {
         let members: Vec<(String, PeerAddr)> = names
             .iter()
             .enumerate()
@@ -70,7 +77,7 @@ impl RaftNode {
                 )
             })
             .collect();
-        let consensus = Consensus::with_state(&names[n], &members, None, seed)
+        let consensus = Consensus::with_keeper(&names[n], &members, keeper, seed)
             .unwrap_or_else(|e| panic!("raft node {n}: {e}"));
         RaftNode {
             consensus,

@@ -84,7 +84,7 @@ pub(super) struct StoreClient {
 /// A node's store side (what a crash loses).
 #[derive(Debug)]
 pub(super) struct StoreNode {
-    store: StateStore,
+    pub(super) store: StateStore,
     /// Each peer's word on the view it is synced for.
     pub(super) synced: BTreeMap<usize, u64>,
     waits: Acks,
