@@ -236,7 +236,18 @@ pub struct Restored {
     pub keys: usize,
     /// The last batch number read: the node's log goes on after it.
     pub last_seq: u64,
+    /// For each session read back, the fingerprints of the messages the
+    /// records show it was given (queued or sent), newest last, at most
+    /// [`MAX_RESTORED_PRINTS`]: a QoS 2 publish sent again by a publisher
+    /// that never had its PUBREC is routed again to the sessions taken
+    /// over (`Core::qos2_resent`), and without these a subscriber that
+    /// already had it would get it twice (found by the simulator: a
+    /// site-wide power loss, seed 1164 of the data-directory runs).
+    pub seen: Vec<(String, Vec<u64>)>,
 }
+
+/// The most fingerprints kept per session read back.
+pub const MAX_RESTORED_PRINTS: usize = 1 << 16;
 
 /// Sessions as the log rebuilds them: the ones this node held, and the
 /// copies it kept for others, apart (as the node kept them).
@@ -246,13 +257,30 @@ struct Rebuilt {
     replicas: HashMap<String, Session>,
     /// Wills waiting out their delay: when each is due (Unix ms).
     wills: HashMap<String, (u64, Message)>,
+    /// What each session was given, by fingerprint, in order.
+    given: HashMap<String, Vec<u64>>,
+}
+
+impl Rebuilt {
+    /// Notes the messages `changes` give `client`'s session.
+    fn note_given(&mut self, client: &str, changes: &[SessionChange]) {
+        for c in changes {
+            if let SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } = c {
+                let prints = self.given.entry(client.to_string()).or_default();
+                prints.push(crate::core::fingerprint(&p.msg));
+                if prints.len() >= 2 * MAX_RESTORED_PRINTS {
+                    prints.drain(..MAX_RESTORED_PRINTS);
+                }
+            }
+        }
+    }
 }
 
 /// Applies one stored payload (a run of tagged frames) to what is being
 /// rebuilt.
 fn replay(
     data: &[u8],
-    now: Instant,
+    (now, wall_ms): (Instant, u64),
     rebuilt: &mut Rebuilt,
     core: &mut Core,
     statestore: &StateStore,
@@ -281,6 +309,7 @@ fn replay(
                     client, changes, ..
                 },
             ) => {
+                rebuilt.note_given(&client, &changes);
                 for c in changes {
                     if c == SessionChange::Ended {
                         rebuilt.owned.remove(&client);
@@ -304,6 +333,13 @@ fn replay(
             ) => {
                 // As the cluster's replication applied them: an older
                 // epoch's changes are refused.
+                if rebuilt
+                    .replicas
+                    .get(&client)
+                    .is_none_or(|s| s.epoch <= epoch)
+                {
+                    rebuilt.note_given(&client, &changes);
+                }
                 let s = rebuilt.replicas.entry(client.clone()).or_default();
                 if s.epoch <= epoch {
                     for c in changes {
@@ -330,7 +366,7 @@ fn replay(
                 },
             ) => core.restore_retained(&topic, message, version),
             (STORE, Frame::StoreCopy { copy: Some(c), .. }) => {
-                statestore.install(c);
+                statestore.install_at(c, wall_ms);
             }
             (tag, other) => {
                 return Err(format!(
@@ -352,28 +388,32 @@ pub fn restore(
     statestore: &StateStore,
     found: &Recovered,
 ) -> Result<Restored, String> {
-    restore_at(core, statestore, found, Instant::now())
+    let wall_ms = crate::statestore::now_ms();
+    restore_at(core, statestore, found, Instant::now(), wall_ms)
 }
 
-/// [`restore`] at `now` (the simulator's clock).
+/// [`restore`] at `now`, the wall clock reading `wall_ms` (the
+/// simulator's clocks).
 pub fn restore_at(
     core: &mut Core,
     statestore: &StateStore,
     found: &Recovered,
     now: Instant,
+    wall_ms: u64,
 ) -> Result<Restored, String> {
     let mut rebuilt = Rebuilt::default();
     if let Some(s) = &found.snapshot {
-        replay(&s.data, now, &mut rebuilt, core, statestore)
+        replay(&s.data, (now, wall_ms), &mut rebuilt, core, statestore)
             .map_err(|e| format!("snapshot covering batch {}: {e}", s.covers))?;
     }
     for r in &found.records {
-        replay(&r.data, now, &mut rebuilt, core, statestore)
+        replay(&r.data, (now, wall_ms), &mut rebuilt, core, statestore)
             .map_err(|e| format!("record {}: {e}", r.seq))?;
     }
     for (client, (due, will)) in rebuilt.wills.drain() {
         core.restore_will(&client, due, will);
     }
+    let mut given = std::mem::take(&mut rebuilt.given);
     let mut sessions = rebuilt.owned;
     for (id, copy) in rebuilt.replicas {
         match sessions.get(&id) {
@@ -383,7 +423,17 @@ pub fn restore_at(
             }
         }
     }
+    let seen = sessions
+        .keys()
+        .filter_map(|id| {
+            let mut prints = given.remove(id)?;
+            let cut = prints.len().saturating_sub(MAX_RESTORED_PRINTS);
+            prints.drain(..cut);
+            Some((id.clone(), prints))
+        })
+        .collect();
     Ok(Restored {
+        seen,
         sessions: sessions.into_iter().collect(),
         last_seq: found.last_seq(),
         retained: core.retained_count(),
@@ -392,8 +442,13 @@ pub fn restore_at(
 }
 
 /// A single node serves what it read back: each session imported
-/// (offline, as it was).
-pub fn serve_restored(core: &mut Core, sessions: Vec<(String, Session)>) -> Result<(), String> {
+/// (offline, as it was), knowing what it was given (`seen`, see
+/// [`Restored::seen`]).
+pub fn serve_restored(
+    core: &mut Core,
+    sessions: Vec<(String, Session)>,
+    seen: Vec<(String, Vec<u64>)>,
+) -> Result<(), String> {
     let now = Instant::now();
     for (id, s) in sessions {
         let snap = mqlb_broker_core::core::snapshot_of(&s, now);
@@ -401,6 +456,9 @@ pub fn serve_restored(core: &mut Core, sessions: Vec<(String, Session)>) -> Resu
         let _already_on_disk = core
             .import_session(&id, snap)
             .map_err(|e| format!("session {id:?}: {e}"))?;
+    }
+    for (id, prints) in seen {
+        core.note_seen(&id, prints.into_iter().collect());
     }
     Ok(())
 }

@@ -90,10 +90,11 @@ impl Broker {
         };
         if let Some((_, restored)) = &mut disk {
             let sessions = std::mem::take(&mut restored.sessions);
+            let seen = std::mem::take(&mut restored.seen);
             match &cluster {
                 // Copies until the view says whose each is.
-                Some((c, _)) => c.restore_copies(sessions),
-                None => crate::durable::serve_restored(&mut core, sessions)
+                Some((c, _)) => c.restore_copies(sessions, seen),
+                None => crate::durable::serve_restored(&mut core, sessions, seen)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
             }
         }

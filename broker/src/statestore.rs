@@ -122,7 +122,8 @@ impl Default for StateStore {
     }
 }
 
-fn now_ms() -> u64 {
+/// The wall clock in Unix milliseconds, as the store reads it.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -336,6 +336,17 @@ enum Then {
         to_inc: u64,
         seq: u64,
     },
+    /// Answer a state store copy: it is on this node's disk.
+    StoreAck {
+        node: usize,
+        inc: u64,
+        to: usize,
+        to_inc: u64,
+        seq: u64,
+        ok: bool,
+    },
+    /// Answer state store request `r` (its change on the owner's disk).
+    StoreFinish(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -2198,6 +2209,20 @@ impl World {
                         self.send_frame(node, to, &Frame::Ack { seq });
                     }
                 }
+                Then::StoreAck {
+                    node,
+                    inc,
+                    to,
+                    to_inc,
+                    seq,
+                    ok: applied,
+                } => {
+                    let alive = |w: &World, n: usize, i: u64| w.nodes[n].up && w.nodes[n].inc == i;
+                    if ok && alive(self, node, inc) && alive(self, to, to_inc) {
+                        self.send_store(node, to, &Frame::StoreAck { seq, ok: applied });
+                    }
+                }
+                Then::StoreFinish(r) => self.store_finish(r),
             }
         }
     }

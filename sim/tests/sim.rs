@@ -556,9 +556,6 @@ fn seeds_with_faults_keep_every_guarantee() {
 fn disk_config() -> Config {
     Config {
         disk: true,
-        // (The state store's keys are not written to the simulated disk
-        // yet: a power loss would take them.)
-        store: false,
         ..Config::default()
     }
 }

@@ -192,6 +192,63 @@ async fn a_killed_node_restarts_with_everything_it_acknowledged() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A QoS 2 message a subscriber was given and released before a
+/// `kill -9`, whose publisher never had its PUBREC (it died too): after the
+/// restart the publisher sends it again (DUP) and the subscriber does not
+/// get it twice. The restarted node routes a resent QoS 2 message again to
+/// the sessions it read back (the node that routed it may have died midway
+/// in a cluster), each once by what its records show it was given; the
+/// previous build knew only what was still queued, and delivered this one
+/// again (found by the simulator with data directories, seed 1164).
+#[tokio::test]
+async fn a_qos2_message_released_before_a_kill_is_not_given_again_on_its_resend() {
+    let dir = scratch_dir("durable-q2-resend");
+    let data = dir.to_str().unwrap().to_string();
+    let mut b = BrokerProcess::start(&["--data-dir", &data]);
+
+    let (mut sub, _) = Client::connect(&b.addr, persistent("sub-q2")).await;
+    assert_eq!(sub.subscribe("q2/#", qos(QoS::ExactlyOnce)).await, [2]);
+    let (mut p, _) = Client::connect(&b.addr, persistent("pub-q2")).await;
+    p.send(publish("q2/x", QoS::ExactlyOnce, 7, false, b"once"))
+        .await;
+    assert_eq!(ack_of(&mut p, 7, T).await, Some(0));
+    // The subscriber takes it and releases it (PUBREC, PUBREL, PUBCOMP).
+    let m = sub.next_publish(T, true).await.expect("the QoS 2 message");
+    assert_eq!(&m.payload[..], b"once");
+    assert!(sub
+        .next_publish(Duration::from_millis(300), true)
+        .await
+        .is_none());
+    sub.send(Packet::Disconnect(Default::default())).await;
+    drop(sub);
+    drop(p);
+    // Let the PUBCOMP's change reach the disk before the kill.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.kill();
+
+    let b = BrokerProcess::start(&["--data-dir", &data]);
+    let (mut sub, ack) = Client::connect(&b.addr, persistent("sub-q2")).await;
+    assert!(ack.session_present);
+    // The publisher never saw its PUBREC: it sends the message again.
+    let (mut p, ack) = Client::connect(&b.addr, persistent("pub-q2")).await;
+    assert!(ack.session_present);
+    let Packet::Publish(mut again) = publish("q2/x", QoS::ExactlyOnce, 7, false, b"once") else {
+        unreachable!()
+    };
+    again.dup = true;
+    p.send(Packet::Publish(again)).await;
+    assert_eq!(ack_of(&mut p, 7, T).await, Some(0));
+    p.send(Packet::Pubrel(Ack::new(PacketId::new(7).unwrap())))
+        .await;
+    let twice = sub.next_publish(Duration::from_secs(1), true).await;
+    assert!(
+        twice.is_none(),
+        "a QoS 2 message released before the kill was given again: {twice:?}"
+    );
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A broker with its data directory in `dir`, in this process (so a test
 /// can inject disk faults through its store).
 async fn in_process(dir: &std::path::Path) -> OurBroker {

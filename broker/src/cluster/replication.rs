@@ -69,8 +69,17 @@ impl Cluster {
     /// Takes what the data directory held as copies: the view decides
     /// whose each is (a copy this node owns in it is promoted once the
     /// node is ready, after its peers' newer copies, if any, replaced it).
-    pub fn restore_copies(&self, sessions: Vec<(String, Session)>) {
+    /// `seen`: what each was given (`durable::Restored::seen`), which goes
+    /// to the session on promotion as a copy's log does.
+    pub fn restore_copies(&self, sessions: Vec<(String, Session)>, seen: Vec<(String, Vec<u64>)>) {
         lock(&self.replicas).restore(sessions);
+        let now = Instant::now();
+        let mut log = lock(&self.replica_seen);
+        for (client, prints) in seen {
+            for p in prints {
+                log.note(&client, p, now);
+            }
+        }
     }
 
     /// Whether the committed view still counts a member this node has no

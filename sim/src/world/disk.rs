@@ -396,13 +396,20 @@ impl World {
         };
         let now = self.instant();
         let wall = self.wall(n);
+        let wall_ms = self.wall_ms(n);
         let node = &mut self.nodes[n];
         node.core.advance(now);
         node.core.calibrate_wall(now, wall);
-        match mqlb_broker::durable::restore_at(&mut node.core, &node.store.store, &recovered, now) {
+        let store = &node.store.store;
+        match mqlb_broker::durable::restore_at(&mut node.core, store, &recovered, now, wall_ms) {
             Ok(restored) => {
                 self.cov.sessions_read_back += restored.sessions.len() as u64;
                 node.replicas.restore(restored.sessions);
+                // What each was given (`restore_copies`): a promoted copy
+                // is told it.
+                for (client, prints) in restored.seen {
+                    node.seen.entry(client).or_default().extend(prints);
+                }
                 node.log.start_after(restored.last_seq);
             }
             Err(e) => self

@@ -128,6 +128,9 @@ enum Phase {
         outcome: Vec<Message>,
         /// Sent to, on the current round.
         sent: HashSet<usize>,
+        /// With a data directory, the gate of the change's write to this
+        /// node's own disk: the answer waits for it too.
+        kept: Option<usize>,
     },
     Done,
 }
@@ -290,7 +293,7 @@ impl World {
     }
 
     /// Node `n`'s wall clock in milliseconds since the epoch.
-    fn wall_ms(&self, n: usize) -> u64 {
+    pub(super) fn wall_ms(&self, n: usize) -> u64 {
         self.wall(n)
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -416,6 +419,12 @@ impl World {
                     .into_iter()
                     .filter(|&m| m != n)
                     .collect();
+                // With a data directory the owner's own copy is on its
+                // disk before the answer goes out.
+                let kept = match &copy {
+                    Some(c) if self.cfg.disk => self.sequence(n, vec![LogEntry::Store(c.clone())]),
+                    _ => None,
+                };
                 self.store_reqs[r].phase = Phase::Replicating {
                     chain: owed.clone(),
                     rev: copy.as_ref().map(|c| c.rev),
@@ -424,6 +433,7 @@ impl World {
                     view,
                     outcome: msgs,
                     sent: HashSet::new(),
+                    kept,
                 };
                 self.store_replicate(r);
             }
@@ -594,7 +604,17 @@ impl World {
     /// every member of the key's chain still in the view has the key at
     /// this revision or newer (docs/statestore.md, "the rule"); and the
     /// revision is noted as acknowledged.
-    fn store_finish(&mut self, r: usize) {
+    pub(super) fn store_finish(&mut self, r: usize) {
+        if !self.req_alive(r) {
+            return;
+        }
+        if let Phase::Replicating { kept: Some(g), .. } = self.store_reqs[r].phase {
+            match self.gates[g].state {
+                GateState::Pending => return self.join(vec![g], Then::StoreFinish(r)),
+                GateState::Failed => return self.store_fail(r, false),
+                GateState::Done => {}
+            }
+        }
         let (msgs, chain, made) = match &mut self.store_reqs[r].phase {
             Phase::Replicating {
                 outcome,
@@ -610,7 +630,11 @@ impl World {
             let mut members: Vec<usize> = chain.into_iter().collect();
             members.sort_unstable();
             for m in members {
-                if self.view.contains(&m) && self.store_rev(m, &key).is_none_or(|h| h < rev) {
+                // (A member down now answered from its disk: it reads the
+                // change back when it restarts, which the linearizability
+                // check then covers.)
+                let up = self.nodes[m].up;
+                if self.view.contains(&m) && up && self.store_rev(m, &key).is_none_or(|h| h < rev) {
                     if self.trace {
                         println!(
                             "{:>10.3}ms store: {} answered at {:?} on {}, {} has {:?}",
@@ -706,7 +730,7 @@ impl World {
     // ---- frames ------------------------------------------------------------
 
     /// `send_frame` on the store's own stream of the link.
-    fn send_store(&mut self, from: usize, to: usize, frame: &Frame) {
+    pub(super) fn send_store(&mut self, from: usize, to: usize, frame: &Frame) {
         let open = !self.links_down.contains(&(from.min(to), from.max(to)));
         self.send_on(store_link_stream(from, to), from, to, frame, open);
     }
@@ -749,12 +773,32 @@ impl World {
             }
             Frame::StoreCopy { seq, view, copy } => {
                 let ok = view >= self.view_number;
+                let mut kept = None;
                 if let Some(c) = copy {
                     let now = self.wall_ms(to);
+                    // On this node's disk before it is acknowledged.
+                    let logged = self.cfg.disk.then(|| c.clone());
                     self.nodes[to].store.store.install_at(c, now);
+                    if let Some(c) = logged {
+                        kept = self.sequence(to, vec![LogEntry::Store(Box::new(c))]);
+                    }
                 }
-                if seq != 0 {
-                    self.send_store(to, from, &Frame::StoreAck { seq, ok });
+                if seq == 0 {
+                    return;
+                }
+                match kept {
+                    Some(g) => {
+                        let then = Then::StoreAck {
+                            node: to,
+                            inc: self.nodes[to].inc,
+                            to: from,
+                            to_inc: from_inc,
+                            seq,
+                            ok,
+                        };
+                        self.join(vec![g], then);
+                    }
+                    None => self.send_store(to, from, &Frame::StoreAck { seq, ok }),
                 }
             }
             Frame::StoreAck { seq, ok } => {
