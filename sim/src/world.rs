@@ -2249,6 +2249,7 @@ impl World {
             }
         }
         let done = self.now > self.cfg.fault_window + self.warmup()
+            && self.settled_all()
             && self.clients.iter().all(|c| match &c.role {
                 Role::Publisher(p) => p.done(),
                 Role::Subscriber(_) => true,
@@ -2257,6 +2258,13 @@ impl World {
             let s = node_tick_stream(n);
             self.schedule(s, TICK, Ev::NodeTick { node: n });
         }
+    }
+
+    /// Every node up and taking clients (after a power loss at the end of
+    /// a run, the publishers are done before the nodes are back: ticks go
+    /// on until they are).
+    fn settled_all(&self) -> bool {
+        self.nodes.iter().all(|n| n.up && n.settled)
     }
 
     /// `takeover_done`: every view member reachable, and every one (this

@@ -136,7 +136,7 @@ impl World {
         // Ticks stop once the run is over: the faults are done, every
         // publisher finished, every node is up and in the view.
         let over = self.now > self.cfg.fault_window + RAFT_WARMUP
-            && self.nodes.iter().all(|n| n.up)
+            && self.settled_all()
             && self.view.len() == self.nodes.len()
             && self.clients.iter().all(|c| match &c.role {
                 Role::Publisher(p) => p.done(),
