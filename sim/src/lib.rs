@@ -79,6 +79,11 @@ pub struct Config {
     /// whole site (the unsynced tail torn at any byte), failed fsyncs and
     /// full disks.
     pub disk: bool,
+    /// Whether now and then a node hangs past the failure detector (with
+    /// the view from Raft): its peers drop their links to it and the view
+    /// drops it; it resumes, its clients' packets handled before or after
+    /// its tick notices.
+    pub hangs: bool,
 }
 
 impl Default for Config {
@@ -99,6 +104,7 @@ impl Default for Config {
             store: true,
             raft: true,
             disk: false,
+            hangs: true,
         }
     }
 }
@@ -210,6 +216,11 @@ pub struct Coverage {
     /// unsynced bytes a power loss took; torn last records cut off at
     /// start; sessions a node read back from its directory.
     pub power_losses: u64,
+    /// Nodes hung past the failure detector; of those, the Raft leader,
+    /// and nodes serving sessions.
+    pub hangs: u64,
+    pub leader_hangs: u64,
+    pub hangs_of_holder: u64,
     /// Power losses while a session held messages not yet delivered.
     pub power_losses_undelivered: u64,
     pub fsyncs: u64,
@@ -290,6 +301,9 @@ impl Coverage {
             qos2_resends_absorbed,
             sessions_lost,
             power_losses,
+            hangs,
+            leader_hangs,
+            hangs_of_holder,
             power_losses_undelivered,
             fsyncs,
             fsync_failures,
@@ -314,6 +328,9 @@ pub struct Outcome {
     pub raft: bool,
     /// Whether the nodes had data directories ([`Config::disk`]).
     pub disk: bool,
+    /// Whether a node could hang past the failure detector
+    /// ([`Config::hangs`]).
+    pub hangs: bool,
     /// What went wrong, one line each; empty when every check held.
     pub violations: Vec<String>,
     /// States reached.
@@ -344,6 +361,9 @@ impl Outcome {
         if self.disk {
             m.push_str(" MQLB_SIM_DISK=1");
         }
+        if !self.hangs && self.raft {
+            m.push_str(" MQLB_SIM_HANGS=0");
+        }
         format!(
             "MQLB_SIM_SEED={}{m} cargo test --release -p mqlb-sim --test sim replay -- --nocapture",
             self.seed
@@ -371,6 +391,7 @@ pub fn mutation_named(name: &str) -> Option<Mutation> {
         "CutOffCopyPromoted" => Some(Mutation::CutOffCopyPromoted),
         "StoreMemberCountedOut" => Some(Mutation::StoreMemberCountedOut),
         "CommitBeforeFsync" => Some(Mutation::CommitBeforeFsync),
+        "RestoredCopyPromotedAtOnce" => Some(Mutation::RestoredCopyPromotedAtOnce),
         _ => None,
     }
 }

@@ -119,6 +119,13 @@ enum Fault {
     Heal(usize),
     /// One node's wall clock steps by this many milliseconds.
     NodeClockStep(usize, i64),
+    /// A node hangs for this long, past the failure detector (a long GC
+    /// pause, a VM stopped): it handles nothing; its peers' link reads
+    /// time out after `FAILURE_TIMEOUT` and drop their links to it; it
+    /// resumes, finds them closed, and they are dialled again.
+    Hang(usize, Time),
+    /// The hung node's peers drop their links to it.
+    HangCut(usize),
 }
 
 #[derive(Debug)]
@@ -433,6 +440,8 @@ pub struct World {
     raft_view_number: u64,
     /// Looks for a moment to aim the power loss at, so far.
     power_tries: u64,
+    /// The node that hangs past the failure detector, and until when.
+    hung: Option<(usize, Time)>,
     /// Each state store key's last acknowledged revision.
     store_acked_rev: BTreeMap<Vec<u8>, mqlb_statestore::store::Rev>,
 }
@@ -464,6 +473,9 @@ fn tick_stream(client: usize) -> u64 {
 fn node_tick_stream(node: usize) -> u64 {
     (8 << 32) | node as u64
 }
+/// `cluster::FAILURE_TIMEOUT`: a link that hears nothing for this long is
+/// dropped.
+const FAILURE_TIMEOUT_SIM: Time = 3 * SECOND;
 /// The cluster's tick (`consensus::TICK`-like).
 const TICK: Time = 50 * MS;
 /// `cluster::TAKEOVER_WITHIN`.
@@ -592,6 +604,7 @@ impl World {
             store_reqs: Vec::new(),
             raft_view_number: 0,
             power_tries: 0,
+            hung: None,
             store_acked_rev: BTreeMap::new(),
         };
         if w.cfg.raft {
@@ -638,6 +651,7 @@ impl World {
         }
         w.schedule_faults();
         w.schedule_disk_faults();
+        w.schedule_hangs();
         w.update_reachable();
         for n in 0..w.nodes.len() {
             let s = node_tick_stream(n);
@@ -812,6 +826,27 @@ impl World {
         }
     }
 
+    /// Draws the hangs past the failure detector ([`Config::hangs`], with
+    /// the view from Raft, which notices them), from a generator of their
+    /// own (so runs without them keep their schedules): in a third of the
+    /// runs, one node hangs for 3.5-6 s.
+    fn schedule_hangs(&mut self) {
+        if !self.cfg.hangs || !self.cfg.raft || !self.cfg.faults {
+            return;
+        }
+        let mut rng = Rng::new(mix(self.seed ^ 0x4A46));
+        if rng.range(0, 2) != 0 {
+            return;
+        }
+        let n = rng.range(0, self.nodes.len() as u64 - 1) as usize;
+        let d = rng.range(3_500, 6_000) * MS;
+        let at = 200 * MS + self.warmup() + rng.range(0, self.cfg.fault_window);
+        let now = self.now;
+        self.now = at;
+        self.schedule_unordered(FAULTS | 9, 0, Ev::Fault(Fault::Hang(n, d)));
+        self.now = now;
+    }
+
     /// Runs to the end and checks what every client was given.
     pub fn run(mut self) -> Outcome {
         while let Some(((at, stream, n), ev)) = self.queue.pop_first() {
@@ -829,6 +864,17 @@ impl World {
                 let until = self.nodes[node].stalled_until;
                 if until > at {
                     self.queue.insert((until, stream, n), ev);
+                    continue;
+                }
+            }
+            if let Some((h, until)) = self.hung {
+                if until > at && self.hung_target(&ev) == Some(h) {
+                    // Everything resumes at once, each stream in its own
+                    // order: its clients' packets may come before its
+                    // tick notices it lost the majority.
+                    let k = self.cov.hangs;
+                    let resume = until + within(draw(self.seed, stream, k << 24), 0, 3 * MS);
+                    self.queue.insert((resume, stream, n), ev);
                     continue;
                 }
             }
@@ -850,6 +896,7 @@ impl World {
             mutation: self.cfg.mutation,
             raft: self.cfg.raft,
             disk: self.cfg.disk,
+            hangs: self.cfg.hangs,
             violations: self.bad,
             coverage: self.cov,
             events: self.events,
@@ -870,6 +917,19 @@ impl World {
             Ev::RaftTick { node, .. } => Some(*node),
             Ev::DiskWrite { node, .. } | Ev::DiskSynced { node, .. } => Some(*node),
             _ => None,
+        }
+    }
+
+    /// The node a hung node's own work is on: what [`World::target`]
+    /// names, and its ticks and disk writer.
+    fn hung_target(&self, ev: &Ev) -> Option<usize> {
+        match ev {
+            Ev::NodeTick { node }
+            | Ev::PromoteCheck { node, .. }
+            | Ev::StepDown { node, .. }
+            | Ev::DiskWrite { node, .. }
+            | Ev::DiskSynced { node, .. } => Some(*node),
+            other => self.target(other),
         }
     }
 
@@ -2960,6 +3020,50 @@ impl World {
                     self.oracle_leave(n, inc, leave);
                 }
                 self.schedule_unordered(FAULTS | 5, leave + d, Ev::Fault(Fault::Heal(n)));
+            }
+            Fault::Hang(n, d) => {
+                let down = self.nodes.iter().any(|n| !n.up);
+                let recent = self.now < self.last_join + 1_500 * MS && self.last_join > 0;
+                if down || recent || self.partitioned.is_some() || !self.view.contains(&n) {
+                    self.cov.crashes_skipped += 1;
+                    return;
+                }
+                if self.spared_as_sole_holder(n) {
+                    return;
+                }
+                self.cov.hangs += 1;
+                self.cov.leader_hangs += u64::from(self.is_raft_leader(n));
+                let (holds, _) = self.interrupted(n);
+                self.cov.hangs_of_holder += u64::from(holds);
+                // One failure at a time: nothing else fails until it is
+                // back in the view.
+                self.partitioned = Some(n);
+                self.hung = Some((n, self.now + d));
+                self.schedule_unordered(
+                    FAULTS | 8,
+                    FAILURE_TIMEOUT_SIM,
+                    Ev::Fault(Fault::HangCut(n)),
+                );
+                let back = within(
+                    draw(self.seed, FAULTS | 8, self.cov.hangs),
+                    10 * MS,
+                    500 * MS,
+                );
+                self.schedule_unordered(FAULTS | 5, d + back, Ev::Fault(Fault::Heal(n)));
+            }
+            Fault::HangCut(n) => {
+                if self
+                    .hung
+                    .is_none_or(|(h, until)| h != n || until <= self.now)
+                {
+                    return;
+                }
+                for p in 0..self.nodes.len() {
+                    if p != n && !self.links_down.contains(&(n.min(p), n.max(p))) {
+                        self.cut_link(n, p);
+                    }
+                }
+                self.update_reachable();
             }
             Fault::Heal(n) => {
                 for p in 0..self.nodes.len() {
