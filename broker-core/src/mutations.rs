@@ -45,10 +45,6 @@ pub enum Mutation {
     /// the simulator mirrors that wait): a site-wide power loss then takes
     /// acknowledged messages.
     CommitBeforeFsync,
-    /// A copy read back from a data directory may be promoted at once and
-    /// is not replaced by another member's copy of the same epoch (see
-    /// `Replicas::restore`).
-    RestoredCopyPromotedAtOnce,
 }
 
 #[cfg(feature = "mutations")]

@@ -114,18 +114,9 @@ impl Replicas {
         self.copies.remove(client)
     }
 
-    /// Puts back copies read from the data directory at `now`; a copy
-    /// already here with the same or a newer epoch wins. Each is cut off
-    /// from its holder (see [`Replicas::unlinked_from`]): while this node
-    /// was down, the holder may have gone on in the same epoch with another
-    /// chain member, whose copy then replaces this one when the holder has
-    /// left (handed over as an orphan), and this one may be promoted only
-    /// after [`RELAYED_WAIT`]. Found by the simulator with data
-    /// directories: a node restarted on its directory, the holder died
-    /// before the view counted it again, and it promoted the copy it had
-    /// read back, older than the other member's at the same epoch
-    /// (acknowledged messages lost).
-    pub fn restore(&mut self, sessions: Vec<(String, Session)>, now: Instant) {
+    /// Puts back copies read from the data directory; a copy already
+    /// here with the same or a newer epoch wins.
+    pub fn restore(&mut self, sessions: Vec<(String, Session)>) {
         for (client, s) in sessions {
             if self
                 .copies
@@ -133,9 +124,6 @@ impl Replicas {
                 .is_some_and(|held| held.epoch >= s.epoch)
             {
                 continue;
-            }
-            if !crate::mutations::on(crate::mutations::Mutation::RestoredCopyPromotedAtOnce) {
-                self.relayed.insert(client.clone(), Mark::CutOff(Some(now)));
             }
             self.copies.insert(client, s);
         }
@@ -507,28 +495,8 @@ mod tests {
         old.apply(attach(4), later);
         let mut new = Session::default();
         new.apply(attach(6), later);
-        r.restore(vec![("a".into(), old), ("b".into(), new)], later);
+        r.restore(vec![("a".into(), old), ("b".into(), new)]);
         assert_eq!((r.epoch("a"), r.epoch("b")), (Some(5), Some(6)));
-        // A copy read back waits, as one cut off from its holder: another
-        // member's copy of its epoch replaces it once the holder has left,
-        // and it may be promoted only after RELAYED_WAIT.
-        assert!(!r.promotable("b", later));
-        assert_eq!(r.held("b"), Some((6, Held::CutOff)));
-        assert!(keeps_snapshot_copy(
-            true,
-            r.held("b"),
-            6,
-            false,
-            HolderNow::Left
-        ));
-        assert!(!keeps_snapshot_copy(
-            true,
-            r.held("b"),
-            6,
-            false,
-            HolderNow::Live
-        ));
-        assert!(r.promotable("b", later + RELAYED_WAIT));
         let mut clients = r.clients();
         clients.sort();
         assert_eq!(clients, ["a", "b"]);

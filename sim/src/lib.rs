@@ -84,6 +84,10 @@ pub struct Config {
     /// drops it; it resumes, its clients' packets handled before or after
     /// its tick notices.
     pub hangs: bool,
+    /// Whether the clients' sessions fall on whatever chains their IDs rank
+    /// (publishes forwarded between nodes all the time), rather than on one
+    /// chain shared by all.
+    pub spread_chains: bool,
 }
 
 impl Default for Config {
@@ -105,6 +109,7 @@ impl Default for Config {
             raft: true,
             disk: false,
             hangs: true,
+            spread_chains: false,
         }
     }
 }
@@ -391,7 +396,6 @@ pub fn mutation_named(name: &str) -> Option<Mutation> {
         "CutOffCopyPromoted" => Some(Mutation::CutOffCopyPromoted),
         "StoreMemberCountedOut" => Some(Mutation::StoreMemberCountedOut),
         "CommitBeforeFsync" => Some(Mutation::CommitBeforeFsync),
-        "RestoredCopyPromotedAtOnce" => Some(Mutation::RestoredCopyPromotedAtOnce),
         _ => None,
     }
 }

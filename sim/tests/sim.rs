@@ -282,34 +282,6 @@ const ALL_FAULTS_REGRESSIONS: &[(u64, Mutation, &str)] = &[
     ),
 ];
 
-/// Seeds found with data directories (`disk_config`, before nodes hung
-/// past the failure detector in the runs).
-const DISK_REGRESSIONS: &[(u64, Mutation, &str)] = &[
-    // A node restarted on its data directory while the session's holder
-    // went on in the same epoch with another chain member; the holder died
-    // before the view counted the restarted node, which owned the session
-    // in the new view and promoted the copy it had read back, older than
-    // the other member's: acknowledged messages lost (13766), QoS 2
-    // messages completed since sent again (the others). Fixed: a copy read
-    // back waits as one cut off from its holder (`Replicas::restore`).
-    // 8 of the first 20,000 data-directory seeds.
-    (
-        13766,
-        Mutation::RestoredCopyPromotedAtOnce,
-        "a copy read back promoted stale",
-    ),
-    (
-        7233,
-        Mutation::RestoredCopyPromotedAtOnce,
-        "a copy read back promoted stale",
-    ),
-    (
-        11873,
-        Mutation::RestoredCopyPromotedAtOnce,
-        "a copy read back promoted stale",
-    ),
-];
-
 /// Seeds found with data directories that have no mutation of their own.
 const DISK_PLAIN_REGRESSIONS: &[(u64, &str)] = &[
     // A publisher that never had its PUBREC sent a QoS 2 message again
@@ -358,7 +330,7 @@ fn regression_seeds_stay_fixed() {
             ALL_FAULTS_PLAIN_REGRESSIONS,
             ALL_FAULTS_REGRESSIONS,
         ),
-        (&disk, DISK_PLAIN_REGRESSIONS, DISK_REGRESSIONS),
+        (&disk, DISK_PLAIN_REGRESSIONS, &[]),
     ];
     let raft = Config::default();
     for &(seed, what) in RAFT_PLAIN_REGRESSIONS {
@@ -441,10 +413,7 @@ fn it_finds_pubrel_sent_before_its_commit() {
 /// Every seed of the default run with `m` put back; prints how many
 /// failed, and returns the failures.
 fn all_failing(m: Mutation) -> Vec<Outcome> {
-    let base = if matches!(
-        m,
-        Mutation::CommitBeforeFsync | Mutation::RestoredCopyPromotedAtOnce
-    ) {
+    let base = if m == Mutation::CommitBeforeFsync {
         disk_config()
     } else {
         Config::default()
@@ -479,7 +448,6 @@ fn mutation_report() {
         Mutation::CutOffCopyPromoted,
         Mutation::StoreMemberCountedOut,
         Mutation::CommitBeforeFsync,
-        Mutation::RestoredCopyPromotedAtOnce,
     ] {
         all_failing(m);
     }
@@ -695,10 +663,13 @@ fn replay() {
     // `MQLB_SIM_HANGS=0`: without nodes hanging past the failure detector
     // (the seeds found before they were in the runs).
     let hangs = std::env::var("MQLB_SIM_HANGS").map_or(true, |v| v != "0");
+    // `MQLB_SIM_SPREAD=1`: sessions on different chains.
+    let spread_chains = std::env::var_os("MQLB_SIM_SPREAD").is_some();
     let cfg = Config {
         mutation,
         raft,
         hangs,
+        spread_chains,
         ..base
     };
     let o = run(seed, &cfg);

@@ -72,7 +72,7 @@ impl Cluster {
     /// `seen`: what each was given (`durable::Restored::seen`), which goes
     /// to the session on promotion as a copy's log does.
     pub fn restore_copies(&self, sessions: Vec<(String, Session)>, seen: Vec<(String, Vec<u64>)>) {
-        lock(&self.replicas).restore(sessions, Instant::now());
+        lock(&self.replicas).restore(sessions);
         let now = Instant::now();
         let mut log = lock(&self.replica_seen);
         for (client, prints) in seen {

@@ -404,7 +404,7 @@ impl World {
         match mqlb_broker::durable::restore_at(&mut node.core, store, &recovered, now, wall_ms) {
             Ok(restored) => {
                 self.cov.sessions_read_back += restored.sessions.len() as u64;
-                node.replicas.restore(restored.sessions, now);
+                node.replicas.restore(restored.sessions);
                 // What each was given (`restore_copies`): a promoted copy
                 // is told it.
                 for (client, prints) in restored.seen {
