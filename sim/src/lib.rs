@@ -84,10 +84,6 @@ pub struct Config {
     /// drops it; it resumes, its clients' packets handled before or after
     /// its tick notices.
     pub hangs: bool,
-    /// Whether the clients' sessions fall on whatever chains their IDs rank
-    /// (publishes forwarded between nodes all the time), rather than on one
-    /// chain shared by all.
-    pub spread_chains: bool,
 }
 
 impl Default for Config {
@@ -109,7 +105,6 @@ impl Default for Config {
             raft: true,
             disk: false,
             hangs: true,
-            spread_chains: false,
         }
     }
 }

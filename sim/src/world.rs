@@ -665,12 +665,6 @@ impl World {
     /// owner and a chain in every view): the simulation needs no forwarding
     /// between nodes. Which ranking is the seed's choice.
     fn shared_chain_ids(&self, n: usize) -> Vec<Arc<str>> {
-        if self.cfg.spread_chains {
-            // Whatever chain each ID ranks: publishes cross nodes.
-            return (0..n as u64)
-                .map(|k| Arc::from(format!("c{:x}-{k}", self.seed & 0xffff)))
-                .collect();
-        }
         let all: Vec<usize> = (0..self.nodes.len()).collect();
         let mut out: Vec<Arc<str>> = Vec::new();
         let mut target: Option<Vec<usize>> = None;

@@ -663,13 +663,10 @@ fn replay() {
     // `MQLB_SIM_HANGS=0`: without nodes hanging past the failure detector
     // (the seeds found before they were in the runs).
     let hangs = std::env::var("MQLB_SIM_HANGS").map_or(true, |v| v != "0");
-    // `MQLB_SIM_SPREAD=1`: sessions on different chains.
-    let spread_chains = std::env::var_os("MQLB_SIM_SPREAD").is_some();
     let cfg = Config {
         mutation,
         raft,
         hangs,
-        spread_chains,
         ..base
     };
     let o = run(seed, &cfg);

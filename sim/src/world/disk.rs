@@ -205,12 +205,13 @@ impl World {
         let upto = d.bytes.len();
         let s = disk_stream(n);
         let k = self.streams.get(&s).map_or(0, |s| s.1);
-        // An fsync takes 0.2-2 ms, and now and then 5-30 ms.
+        // An fsync takes 0.5-5 ms (a cloud volume), and now and then
+        // 10-40 ms.
         let r = draw(self.seed, s, k);
         let took = if r.is_multiple_of(10) {
-            within(r >> 8, 5 * MS, 30 * MS)
+            within(r >> 8, 10 * MS, 40 * MS)
         } else {
-            within(r >> 8, 200, 2 * MS)
+            within(r >> 8, 500, 5 * MS)
         };
         self.cov.fsyncs += 1;
         self.schedule(
@@ -279,12 +280,16 @@ impl World {
                     return;
                 }
                 // Aimed where it hurts: while some session holds messages
-                // not yet delivered (looked for again every 20 ms, for up
-                // to 2 s).
-                let waiting = self.undelivered();
-                if !waiting && self.power_tries < 100 {
+                // not yet delivered and some disk has writes not yet
+                // fsynced (looked for again every 1 ms, for up to 2 s).
+                let unsynced = self
+                    .nodes
+                    .iter()
+                    .any(|n| n.disk.bytes.len() > n.disk.synced || !n.disk.queued.is_empty());
+                let waiting = self.undelivered() && unsynced;
+                if !waiting && self.power_tries < 2_000 {
                     self.power_tries += 1;
-                    self.schedule_unordered(FAULTS | 7, 20 * MS, Ev::DiskFault(f));
+                    self.schedule_unordered(FAULTS | 7, MS, Ev::DiskFault(f));
                     return;
                 }
                 self.cov.power_losses += 1;
