@@ -2324,7 +2324,19 @@ impl World {
     /// a run, the publishers are done before the nodes are back: ticks go
     /// on until they are).
     fn settled_all(&self) -> bool {
-        self.nodes.iter().all(|n| n.up && n.settled)
+        self.nodes.iter().all(|n| n.up && n.settled) && !self.faults_pending()
+    }
+
+    /// Whether a fault is still to come or under way (a restart, a heal, a
+    /// hung node's resume): its node will need ticks again (found with a
+    /// node that resumed from a hang after every tick had stopped, seed
+    /// 15676 of the data-directory runs).
+    fn faults_pending(&self) -> bool {
+        self.hung.is_some_and(|(_, until)| until > self.now)
+            || self
+                .queue
+                .values()
+                .any(|e| matches!(e, Ev::Fault(_) | Ev::DiskFault(_)))
     }
 
     /// `takeover_done`: every view member reachable, and every one (this
