@@ -2997,13 +2997,7 @@ impl World {
                 self.link_back(a, b);
             }
             Fault::Partition(n, d) => {
-                let down = self.nodes.iter().any(|n| !n.up);
-                let recent = self.now < self.last_join + 1_500 * MS && self.last_join > 0;
-                if down || recent || self.partitioned.is_some() || !self.view.contains(&n) {
-                    self.cov.crashes_skipped += 1;
-                    return;
-                }
-                if self.spared_as_sole_holder(n) {
+                if !self.may_cut_off(n) {
                     return;
                 }
                 self.cov.partitions += 1;
@@ -3012,12 +3006,7 @@ impl World {
                 self.cov.partitions_of_holder += u64::from(holds);
                 self.cov.partitions_mid_qos2 += u64::from(mid_qos2);
                 self.partitioned = Some(n);
-                for p in 0..self.nodes.len() {
-                    if p != n && !self.links_down.contains(&(n.min(p), n.max(p))) {
-                        self.cut_link(n, p);
-                    }
-                }
-                self.update_reachable();
+                self.cut_off(n);
                 let inc = self.nodes[n].inc;
                 // It hears no majority within a tick or two (its links
                 // closed) and steps down; the majority's view drops it as a
@@ -3034,13 +3023,7 @@ impl World {
                 self.schedule_unordered(FAULTS | 5, leave + d, Ev::Fault(Fault::Heal(n)));
             }
             Fault::Hang(n, d) => {
-                let down = self.nodes.iter().any(|n| !n.up);
-                let recent = self.now < self.last_join + 1_500 * MS && self.last_join > 0;
-                if down || recent || self.partitioned.is_some() || !self.view.contains(&n) {
-                    self.cov.crashes_skipped += 1;
-                    return;
-                }
-                if self.spared_as_sole_holder(n) {
+                if !self.may_cut_off(n) {
                     return;
                 }
                 self.cov.hangs += 1;
@@ -3070,12 +3053,7 @@ impl World {
                 {
                     return;
                 }
-                for p in 0..self.nodes.len() {
-                    if p != n && !self.links_down.contains(&(n.min(p), n.max(p))) {
-                        self.cut_link(n, p);
-                    }
-                }
-                self.update_reachable();
+                self.cut_off(n);
             }
             Fault::Heal(n) => {
                 for p in 0..self.nodes.len() {
@@ -3103,6 +3081,30 @@ impl World {
                 );
             }
         }
+    }
+
+    /// Whether `n` may be cut off from the others now (a partition, a
+    /// hang): one failure at a time, nothing else down or cut off, none
+    /// rejoined in the last 1.5 s, `n` in the view and not the sole holder
+    /// of a state store key's last value. Counted as skipped if not.
+    fn may_cut_off(&mut self, n: usize) -> bool {
+        let down = self.nodes.iter().any(|n| !n.up);
+        let recent = self.now < self.last_join + 1_500 * MS && self.last_join > 0;
+        if down || recent || self.partitioned.is_some() || !self.view.contains(&n) {
+            self.cov.crashes_skipped += 1;
+            return false;
+        }
+        !self.spared_as_sole_holder(n)
+    }
+
+    /// Every link of `n` that is up breaks.
+    fn cut_off(&mut self, n: usize) {
+        for p in 0..self.nodes.len() {
+            if p != n && !self.links_down.contains(&(n.min(p), n.max(p))) {
+                self.cut_link(n, p);
+            }
+        }
+        self.update_reachable();
     }
 
     /// The link between `a` and `b` breaks both ways: what was on it is

@@ -39,6 +39,18 @@ fn publish(topic: &str, q: QoS, pid: u16, retain: bool, payload: &[u8]) -> Packe
     })
 }
 
+/// A QoS 2 PUBLISH sent again (DUP) by a publisher that never had its
+/// PUBREC.
+fn resent(topic: &str, pid: u16, payload: &[u8]) -> Packet {
+    match publish(topic, QoS::ExactlyOnce, pid, false, payload) {
+        Packet::Publish(mut p) => {
+            p.dup = true;
+            Packet::Publish(p)
+        }
+        other => other,
+    }
+}
+
 /// The reason code of the acknowledgement (PUBACK or PUBREC) of `pid`;
 /// `None` if none came within `within` or the connection closed.
 async fn ack_of(c: &mut Client, pid: u16, within: Duration) -> Option<u8> {
@@ -133,11 +145,7 @@ async fn a_killed_node_restarts_with_everything_it_acknowledged() {
     // it; the subscriber gets it once.
     let (mut p, ack) = Client::connect(&b.addr, persistent("publisher")).await;
     assert!(ack.session_present);
-    let Packet::Publish(mut again) = publish("q2/x", QoS::ExactlyOnce, 400, false, b"once") else {
-        unreachable!()
-    };
-    again.dup = true;
-    p.send(Packet::Publish(again)).await;
+    p.send(resent("q2/x", 400, b"once")).await;
     assert_eq!(ack_of(&mut p, 400, T).await, Some(0));
     p.send(Packet::Pubrel(Ack::new(PacketId::new(400).unwrap())))
         .await;
@@ -232,11 +240,7 @@ async fn a_qos2_message_released_before_a_kill_is_not_given_again_on_its_resend(
     // The publisher never saw its PUBREC: it sends the message again.
     let (mut p, ack) = Client::connect(&b.addr, persistent("pub-q2")).await;
     assert!(ack.session_present);
-    let Packet::Publish(mut again) = publish("q2/x", QoS::ExactlyOnce, 7, false, b"once") else {
-        unreachable!()
-    };
-    again.dup = true;
-    p.send(Packet::Publish(again)).await;
+    p.send(resent("q2/x", 7, b"once")).await;
     assert_eq!(ack_of(&mut p, 7, T).await, Some(0));
     p.send(Packet::Pubrel(Ack::new(PacketId::new(7).unwrap())))
         .await;
