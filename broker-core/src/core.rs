@@ -294,7 +294,12 @@ fn change(
             change: c.clone(),
         }));
     }
-    s.apply(c, now)
+    let out = s.apply(c, now);
+    if !keep {
+        // Only recorded changes count: a copy sees nothing else.
+        s.changes = 0;
+    }
+    out
 }
 
 /// `$SYS/...` describes one node: it is neither forwarded nor replicated.
@@ -1685,6 +1690,7 @@ pub fn snapshot_of(s: &Session, now: Instant) -> SessionSnapshot {
         SessionSnapshot {
             expiry: s.expiry,
             epoch: s.epoch,
+            changes: s.changes,
             next_pid: s.next_pid,
             qos2_in,
             subscriptions,
@@ -1751,6 +1757,7 @@ pub fn snapshot_changes(
     }
     out.push(SessionChange::PidCursor(snap.next_pid));
     out.push(SessionChange::Detached);
+    out.push(SessionChange::Counted(snap.changes));
     out
 }
 

@@ -45,6 +45,11 @@ pub enum Mutation {
     /// the simulator mirrors that wait): a site-wide power loss then takes
     /// acknowledged messages.
     CommitBeforeFsync,
+    /// Copies of one epoch are told apart by their epoch alone, not by how
+    /// many of its changes they hold (bug 23 of the simulator's list: a
+    /// copy read back from a data directory promoted over a fresher one;
+    /// see `session::Progress`).
+    CopiesOfOneEpochAlike,
 }
 
 #[cfg(feature = "mutations")]

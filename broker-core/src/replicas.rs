@@ -9,7 +9,7 @@ use crate::hashing::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::router::NodeId;
-use crate::session::{Session, SessionChange};
+use crate::session::{Progress, Session, SessionChange};
 use crate::snapshot::SessionSnapshot;
 
 /// What [`Replicas::apply`] did with a batch of changes.
@@ -115,13 +115,13 @@ impl Replicas {
     }
 
     /// Puts back copies read from the data directory; a copy already
-    /// here with the same or a newer epoch wins.
+    /// here as far along or further wins.
     pub fn restore(&mut self, sessions: Vec<(String, Session)>) {
         for (client, s) in sessions {
             if self
                 .copies
                 .get(&client)
-                .is_some_and(|held| held.epoch >= s.epoch)
+                .is_some_and(|held| compared(held.progress()) >= compared(s.progress()))
             {
                 continue;
             }
@@ -253,15 +253,16 @@ impl Replicas {
             })
     }
 
-    /// `client`'s copy, if there is one: its epoch and where it came from.
-    pub fn held(&self, client: &str) -> Option<(u64, Held)> {
-        let epoch = self.copies.get(client)?.epoch;
+    /// `client`'s copy, if there is one: how far along it is and where it
+    /// came from.
+    pub fn held(&self, client: &str) -> Option<(Progress, Held)> {
+        let progress = self.copies.get(client)?.progress();
         let held = match self.relayed.get(client) {
             None => Held::Updated,
             Some(Mark::Relayed(_)) => Held::Relayed,
             Some(Mark::CutOff(_)) => Held::CutOff,
         };
-        Some((epoch, held))
+        Some((progress, held))
     }
 
     /// The stream from `holder` to this node broke while this node was not
@@ -353,43 +354,71 @@ pub enum HolderNow {
 
 /// Whether a node keeps the whole copy of a session a peer's link snapshot
 /// sent it. `relayed`: the peer is not the session's holder (it sends a
-/// copy it keeps for another); `held`: the copy this node has, if any: its
-/// epoch, and where it came from; `serving`: this node serves the session
-/// live; `holder`: where the session's holder stands.
+/// copy it keeps for another); `held`: the copy this node has, if any: how
+/// far along it is, and where it came from; `copy`: how far along the one
+/// sent is; `serving`: this node serves the session live; `holder`: where
+/// the session's holder stands.
 ///
 /// A relayed copy may be older than the one the holder itself gave this
-/// node: with the same epoch it does not replace it (a stale copy promoted
-/// later would send a QoS 2 message again that was completed). Nor, at any
-/// epoch, while the holder that built the copy here is live: its changes
-/// still on their way were made before the relayed copy was taken, and
-/// applied to it again they would put messages in twice and take others
-/// out (found by the simulator, seed 99316: a stalled node got a peer's
-/// relayed copy before its holder's older changes). It does
-/// replace a relayed copy of the same epoch: the later one was taken later.
-/// A copy cut off from its holder is replaced at the same epoch only once
-/// the holder has left: then the peer's copy is final (a chain member's,
-/// handed over), while a live holder's relayed copy may be older than the
-/// one cut off (found by the simulator).
+/// node: one that is not further along does not replace it (a stale copy
+/// promoted later would send a QoS 2 message again that was completed).
+/// One further along does (a copy read back from a data directory, whose
+/// holder went on with another member meanwhile, found by the simulator),
+/// but never while the holder that built the copy here is live: its
+/// changes still on their way were made before the relayed copy was taken,
+/// and applied to it again they would put messages in twice and take
+/// others out (found by the simulator, seed 99316: a stalled node got a
+/// peer's relayed copy before its holder's older changes). It does replace
+/// a relayed copy that is not further along. A copy cut off from its
+/// holder is replaced by one of the same epoch once the holder has left
+/// (then the peer's copy is final, a chain member's, handed over), or
+/// by one further along.
 /// And a copy of a session served here is a peer relaying back what it was
 /// given: kept, it would go out in this node's own snapshots after the live
 /// session, naming this node as holder, and replace the fresh copy there
 /// (found by the simulator).
 pub fn keeps_snapshot_copy(
     relayed: bool,
-    held: Option<(u64, Held)>,
-    epoch: u64,
+    held: Option<(Progress, Held)>,
+    copy: Progress,
     serving: bool,
     holder: HolderNow,
 ) -> bool {
     if serving && !crate::mutations::on(crate::mutations::Mutation::SnapshotCopyOfLiveSession) {
         return false;
     }
-    match (relayed, held) {
+    let copy = compared(copy);
+    match (relayed, held.map(|(h, kind)| (compared(h), kind))) {
         (false, _) | (true, None) => true,
-        (true, Some((e, Held::Relayed))) => e <= epoch,
-        (true, Some((e, Held::Updated))) => e < epoch && holder != HolderNow::Streaming,
-        (true, Some((e, Held::CutOff))) => e < epoch || (e == epoch && holder == HolderNow::Left),
+        (true, Some((h, Held::Relayed))) => h <= copy,
+        (true, Some((h, Held::Updated))) => h < copy && holder != HolderNow::Streaming,
+        (true, Some((h, Held::CutOff))) => {
+            h < copy || (h.epoch == copy.epoch && holder == HolderNow::Left)
+        }
     }
+}
+
+/// `p` as copies are compared: by epoch and changes (by epoch alone with
+/// the `CopiesOfOneEpochAlike` mutation on).
+fn compared(p: Progress) -> Progress {
+    if crate::mutations::on(crate::mutations::Mutation::CopiesOfOneEpochAlike) {
+        return Progress { changes: 0, ..p };
+    }
+    p
+}
+
+/// How far along the session a run of changes for it leaves a copy, when
+/// the run is a whole copy (it ends with its count) made in `epoch`.
+pub fn progress_of(epoch: u64, changes: &[SessionChange]) -> Progress {
+    let changes = changes
+        .iter()
+        .rev()
+        .find_map(|c| match c {
+            SessionChange::Counted(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(0);
+    Progress { epoch, changes }
 }
 
 /// A batch's session records as one run of changes per session, in order:
@@ -542,8 +571,12 @@ mod tests {
         }
         r.unlinked_from(1);
         assert!(r.is_relayed("a") && !r.is_relayed("b"));
-        assert_eq!(r.held("a"), Some((4, Held::CutOff)));
-        assert_eq!(r.held("b"), Some((4, Held::Updated)));
+        let one = Progress {
+            epoch: 4,
+            changes: 1,
+        };
+        assert_eq!(r.held("a"), Some((one, Held::CutOff)));
+        assert_eq!(r.held("b"), Some((one, Held::Updated)));
         let later = t0 + RELAYED_WAIT * 10;
         assert!(!r.promotable("a", later), "waits while its holder lives");
         assert!(r.orphans(|h| h != 1, t0).is_empty());
@@ -621,42 +654,182 @@ mod tests {
     #[test]
     fn snapshot_copies_kept_or_not() {
         use HolderNow::{Left, Live, Streaming};
+        let at = |epoch, changes| Progress { epoch, changes };
         // From the holder: kept (epochs are the apply's business).
         let up = Held::Updated;
-        assert!(keeps_snapshot_copy(false, Some((5, up)), 4, false, Live));
+        assert!(keeps_snapshot_copy(
+            false,
+            Some((at(5, 9), up)),
+            at(4, 1),
+            false,
+            Live
+        ));
         // Relayed, no copy here: kept.
-        assert!(keeps_snapshot_copy(true, None, 4, false, Live));
-        // Relayed over a copy the holder updated: only a newer epoch, and
-        // never while that holder is live (its stream brings the changes).
-        assert!(!keeps_snapshot_copy(true, Some((4, up)), 4, false, Left));
-        assert!(keeps_snapshot_copy(true, Some((4, up)), 5, false, Live));
-        assert!(keeps_snapshot_copy(true, Some((4, up)), 5, false, Left));
+        assert!(keeps_snapshot_copy(true, None, at(4, 1), false, Live));
+        // Relayed over a copy the holder updated: only one further along
+        // (a newer epoch, or more changes in it), and never while that
+        // holder is live (its stream brings the changes).
         assert!(!keeps_snapshot_copy(
             true,
-            Some((4, up)),
-            5,
+            Some((at(4, 7), up)),
+            at(4, 7),
             false,
-            Streaming
+            Left
         ));
-        // Relayed over a relayed copy: the later one, same epoch or newer.
+        assert!(!keeps_snapshot_copy(
+            true,
+            Some((at(4, 7), up)),
+            at(4, 6),
+            false,
+            Left
+        ));
+        assert!(keeps_snapshot_copy(
+            true,
+            Some((at(4, 7), up)),
+            at(4, 8),
+            false,
+            Left
+        ));
+        assert!(keeps_snapshot_copy(
+            true,
+            Some((at(4, 7), up)),
+            at(4, 8),
+            false,
+            Live
+        ));
+        assert!(keeps_snapshot_copy(
+            true,
+            Some((at(4, 7), up)),
+            at(5, 1),
+            false,
+            Live
+        ));
+        assert!(keeps_snapshot_copy(
+            true,
+            Some((at(4, 7), up)),
+            at(5, 1),
+            false,
+            Left
+        ));
+        for copy in [at(5, 1), at(4, 8)] {
+            assert!(!keeps_snapshot_copy(
+                true,
+                Some((at(4, 7), up)),
+                copy,
+                false,
+                Streaming
+            ));
+        }
+        // Relayed over a relayed copy: one as far along or further.
         let re = Held::Relayed;
-        assert!(keeps_snapshot_copy(true, Some((4, re)), 4, false, Live));
-        assert!(!keeps_snapshot_copy(true, Some((5, re)), 4, false, Live));
-        // Over a copy cut off from its holder: at the same epoch only once
-        // the holder has left.
-        let cut = Held::CutOff;
-        assert!(!keeps_snapshot_copy(true, Some((4, cut)), 4, false, Live));
+        assert!(keeps_snapshot_copy(
+            true,
+            Some((at(4, 3), re)),
+            at(4, 3),
+            false,
+            Live
+        ));
         assert!(!keeps_snapshot_copy(
             true,
-            Some((4, cut)),
-            4,
+            Some((at(4, 3), re)),
+            at(4, 2),
+            false,
+            Live
+        ));
+        assert!(!keeps_snapshot_copy(
+            true,
+            Some((at(5, 1), re)),
+            at(4, 9),
+            false,
+            Live
+        ));
+        // Over a copy cut off from its holder: at the same epoch once the
+        // holder has left, or further along.
+        let cut = Held::CutOff;
+        assert!(!keeps_snapshot_copy(
+            true,
+            Some((at(4, 3), cut)),
+            at(4, 3),
+            false,
+            Live
+        ));
+        assert!(!keeps_snapshot_copy(
+            true,
+            Some((at(4, 3), cut)),
+            at(4, 3),
             false,
             Streaming
         ));
-        assert!(keeps_snapshot_copy(true, Some((4, cut)), 4, false, Left));
-        assert!(keeps_snapshot_copy(true, Some((4, cut)), 5, false, Live));
+        assert!(keeps_snapshot_copy(
+            true,
+            Some((at(4, 3), cut)),
+            at(4, 2),
+            false,
+            Left
+        ));
+        assert!(keeps_snapshot_copy(
+            true,
+            Some((at(4, 3), cut)),
+            at(4, 4),
+            false,
+            Live
+        ));
+        assert!(keeps_snapshot_copy(
+            true,
+            Some((at(4, 3), cut)),
+            at(5, 1),
+            false,
+            Live
+        ));
         // A session served here: never.
-        assert!(!keeps_snapshot_copy(true, None, 9, true, Left));
+        assert!(!keeps_snapshot_copy(true, None, at(9, 1), true, Left));
+    }
+
+    /// A copy counts its holder's changes, and a whole copy counts as far
+    /// as the session it was taken from: two members' copies of one epoch
+    /// say which is further along; a restored copy yields to one that is.
+    #[test]
+    fn copies_count_how_far_along_their_epoch_they_are() {
+        let t0 = Instant::now();
+        let mut r = Replicas::default();
+        r.apply("a", 4, vec![attach(4), SessionChange::Detached], t0);
+        assert_eq!(
+            r.held("a").map(|h| h.0),
+            Some(Progress {
+                epoch: 4,
+                changes: 2
+            })
+        );
+        // A whole copy of a session five changes along.
+        let mut live = Session::default();
+        for c in [
+            attach(4),
+            SessionChange::Detached,
+            SessionChange::PidCursor(3),
+        ] {
+            live.apply(c, t0);
+        }
+        live.apply(SessionChange::ExpirySet(None), t0);
+        live.apply(SessionChange::Detached, t0);
+        assert_eq!(live.changes, 5);
+        let changes = whole(crate::core::snapshot_of(&live, t0), t0);
+        assert_eq!(progress_of(4, &changes), live.progress());
+        r.apply("b", 4, changes, t0);
+        assert_eq!(r.held("b").map(|h| h.0), Some(live.progress()));
+        // Restored copies: one further along replaces, one behind does not.
+        let mut behind = Session::default();
+        behind.apply(attach(4), t0);
+        let mut ahead = live.clone();
+        ahead.apply(SessionChange::Detached, t0);
+        r.restore(vec![("a".into(), ahead.clone()), ("b".into(), behind)]);
+        assert_eq!(r.held("a").map(|h| h.0), Some(ahead.progress()));
+        assert_eq!(r.held("b").map(|h| h.0), Some(live.progress()));
+        // An end starts over; a run without a count is at 0.
+        assert_eq!(progress_of(7, &[SessionChange::Ended]).changes, 0);
+        assert_eq!(
+            r.apply("a", 4, vec![SessionChange::Ended], t0),
+            Applied::Gone
+        );
     }
 
     #[test]

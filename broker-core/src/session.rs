@@ -98,6 +98,10 @@ pub enum SessionChange {
     Qos2Released(PacketId),
     /// The last packet id handed out (restoring a snapshot).
     PidCursor(u16),
+    /// How many changes the session's epoch had made when it was sent
+    /// whole (the last change of a snapshot's replay): a whole copy counts
+    /// as far as the session it was taken from, not as its own changes.
+    Counted(u64),
 }
 
 /// One client's session: subscriptions, inflight and queued messages,
@@ -123,6 +127,23 @@ pub struct Session {
     pub epoch: u64,
     /// When the connection went away (node-local time, for expiry).
     pub disconnected_at: Option<Instant>,
+    /// How many recorded changes made the session since its epoch began
+    /// (see [`Progress`]).
+    pub changes: u64,
+}
+
+/// How far along a session is: its epoch, then how many recorded changes
+/// its holder made in that epoch. Two copies of one epoch were built from
+/// the same holder's changes, in order, so the one with more changes is the
+/// fresher: what tells apart the copy a chain member read back from its data
+/// directory and the one a peer kept receiving while it was down (the epoch
+/// alone cannot; found by the simulator). Ordered by epoch, then changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Progress {
+    /// The session's epoch.
+    pub epoch: u64,
+    /// Changes made in it.
+    pub changes: u64,
 }
 
 impl Session {
@@ -130,6 +151,14 @@ impl Session {
     /// kept (and, in a cluster, replicated).
     pub fn is_persistent(&self) -> bool {
         self.expiry != Some(Duration::ZERO)
+    }
+
+    /// How far along it is, to choose the fresher of two copies.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            epoch: self.epoch,
+            changes: self.changes,
+        }
     }
 
     /// The packet id the next QoS 1/2 send will use, if one is free.
@@ -150,11 +179,15 @@ impl Session {
     /// `now` is when the change happens (a detach starts the expiry
     /// countdown then).
     pub fn apply(&mut self, change: SessionChange, now: Instant) -> Option<Pending> {
+        // Every change counts one, in its epoch: an attach begins one, an
+        // end or a whole copy's count sets it.
+        self.changes = self.changes.saturating_add(1);
         match change {
             SessionChange::Attached { epoch, expiry } => {
                 self.epoch = epoch;
                 self.expiry = expiry;
                 self.disconnected_at = None;
+                self.changes = 1;
             }
             SessionChange::Detached => self.disconnected_at = Some(now),
             SessionChange::Ended => *self = Session::default(),
@@ -222,6 +255,7 @@ impl Session {
                 self.qos2_in.remove(&pid.get());
             }
             SessionChange::PidCursor(pid) => self.next_pid = pid,
+            SessionChange::Counted(n) => self.changes = n,
         }
         None
     }

@@ -7,10 +7,12 @@
 //! each subscription a v5 SUBSCRIBE frame), so it is compact, versioned by
 //! the codec we already fuzz, and readable with any MQTT dissector.
 //!
-//! Layout (big-endian): `"MQLBS2"`, expiry u32 (`u32::MAX` = never),
+//! Layout (big-endian): `"MQLBS3"`, expiry u32 (`u32::MAX` = never),
 //! epoch u64, next packet id u16, then counted sections: QoS 2 ids (u16 each),
 //! subscriptions (SUBSCRIBE frame), inflight (state u8, shared key, origin,
-//! PUBLISH frame), queued (retain u8, shared key, origin, PUBLISH frame).
+//! PUBLISH frame), queued (retain u8, shared key, origin, PUBLISH frame),
+//! then the changes made in the epoch, u64 (`"MQLBS2"` snapshots, written
+//! before it was added, have none: read as 0).
 //! Strings are u16-length-prefixed UTF-8; an empty string means "none".
 
 use std::sync::Arc;
@@ -24,7 +26,10 @@ use mqlb_protocol::{
 use crate::message::{Message, Sub};
 pub use crate::session::InflightState;
 
-const MAGIC: &[u8; 6] = b"MQLBS2";
+const MAGIC: &[u8; 6] = b"MQLBS3";
+/// The layout before the epoch's change count was added (read, not
+/// written: data directories written before it still start).
+const MAGIC_V2: &[u8; 6] = b"MQLBS2";
 
 /// A message owed to the session. For queued messages the packet id is a
 /// placeholder (ids are assigned when sent).
@@ -47,6 +52,8 @@ pub struct SessionSnapshot {
     /// The session's epoch: bumped by every attach, so a stale owner's
     /// writes can be told apart.
     pub epoch: u64,
+    /// Changes made in the epoch (`Session::changes`).
+    pub changes: u64,
     /// Last packet id handed out.
     pub next_pid: u16,
     /// Inbound QoS 2 ids awaiting PUBREL.
@@ -163,14 +170,20 @@ impl SessionSnapshot {
         for m in &self.queued {
             put_msg(&mut b, m)?;
         }
+        b.put_u64(self.changes);
         Ok(b.freeze())
     }
 
     /// Reads the byte form.
     pub fn from_bytes(mut b: Bytes) -> Result<SessionSnapshot, SnapshotError> {
-        if b.remaining() < MAGIC.len() + 14 || b.get(..MAGIC.len()) != Some(&MAGIC[..]) {
+        if b.remaining() < MAGIC.len() + 14 {
             return Err(SnapshotError("bad magic"));
         }
+        let counted = match b.get(..MAGIC.len()) {
+            Some(m) if m == &MAGIC[..] => true,
+            Some(m) if m == &MAGIC_V2[..] => false,
+            _ => return Err(SnapshotError("bad magic")),
+        };
         b.advance(MAGIC.len());
         let expiry = match b.get_u32() {
             u32::MAX => None,
@@ -225,6 +238,12 @@ impl SessionSnapshot {
         }
         for _ in 0..get_count(&mut b)? {
             s.queued.push(get_msg(&mut b)?);
+        }
+        if counted {
+            if b.remaining() < 8 {
+                return Err(SnapshotError("truncated count"));
+            }
+            s.changes = b.get_u64();
         }
         if b.has_remaining() {
             return Err(SnapshotError("trailing bytes"));
@@ -306,6 +325,7 @@ mod tests {
         let snap = SessionSnapshot {
             expiry: Some(Duration::from_secs(3600)),
             epoch: 3,
+            changes: 1 << 33,
             next_pid: 7,
             qos2_in: (1..=500).collect(),
             subscriptions: Vec::new(),
@@ -320,6 +340,23 @@ mod tests {
         assert_eq!(back, snap);
     }
 
+    /// A snapshot in the layout before the count (a data directory written
+    /// by an earlier build) still reads, at 0 changes.
+    #[test]
+    fn a_snapshot_without_a_count_reads_at_zero() {
+        let snap = SessionSnapshot {
+            epoch: 5,
+            changes: 9,
+            queued: (0..2).map(message).collect(),
+            ..SessionSnapshot::default()
+        };
+        let bytes = snap.to_bytes().expect("encodes");
+        let mut old = BytesMut::from(&bytes[..bytes.len() - 8]);
+        old[..MAGIC_V2.len()].copy_from_slice(MAGIC_V2);
+        let back = SessionSnapshot::from_bytes(old.freeze()).expect("decodes");
+        assert_eq!(back, SessionSnapshot { changes: 0, ..snap });
+    }
+
     /// Every truncation of a snapshot is an error, never a panic or a
     /// partial session.
     #[test]
@@ -327,6 +364,7 @@ mod tests {
         let snap = SessionSnapshot {
             expiry: None,
             epoch: 1,
+            changes: 12,
             next_pid: 1,
             qos2_in: vec![3, 4],
             subscriptions: Vec::new(),

@@ -391,6 +391,7 @@ pub fn mutation_named(name: &str) -> Option<Mutation> {
         "CutOffCopyPromoted" => Some(Mutation::CutOffCopyPromoted),
         "StoreMemberCountedOut" => Some(Mutation::StoreMemberCountedOut),
         "CommitBeforeFsync" => Some(Mutation::CommitBeforeFsync),
+        "CopiesOfOneEpochAlike" => Some(Mutation::CopiesOfOneEpochAlike),
         _ => None,
     }
 }

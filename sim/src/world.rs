@@ -38,7 +38,7 @@ use mqlb_broker_core::message::{Message, Sub};
 use mqlb_broker_core::mutations::{self, Mutation};
 use mqlb_broker_core::outbox::{Closing, Encoder, Outbox, Outgoing};
 use mqlb_broker_core::replicas::{
-    filters_of, keeps_snapshot_copy, whole, HolderNow, Replicas, RELAYED_WAIT,
+    filters_of, keeps_snapshot_copy, progress_of, whole, HolderNow, Replicas, RELAYED_WAIT,
 };
 use mqlb_broker_core::session::{InflightState, SessionChange};
 use mqlb_protocol::{decode, Ack, Packet, PacketType, ProtocolVersion, QoS, SubscriptionOptions};
@@ -1946,7 +1946,13 @@ impl World {
                     };
                     if whole
                         && !from_holder
-                        && !keeps_snapshot_copy(true, held, epoch, serving, holder_now)
+                        && !keeps_snapshot_copy(
+                            true,
+                            held,
+                            progress_of(epoch, &changes),
+                            serving,
+                            holder_now,
+                        )
                     {
                         // Refused, with the prints that came with it.
                         continue;
@@ -2431,6 +2437,7 @@ impl World {
         self.copy_promoted(node, client, session.epoch);
         let mut snap = snapshot_of(&session, now);
         snap.epoch += 1;
+        snap.changes = 0;
         self.cov.promotions += 1;
         // What the session was given lately, so a message routed again is
         // not given twice (`note_seen`).

@@ -383,7 +383,8 @@ impl Cluster {
                     } else {
                         crate::replicas::HolderNow::Live
                     };
-                    if !crate::replicas::keeps_snapshot_copy(true, held, epoch, serving, holder_now)
+                    let copy = crate::replicas::progress_of(epoch, &changes);
+                    if !crate::replicas::keeps_snapshot_copy(true, held, copy, serving, holder_now)
                     {
                         return;
                     }

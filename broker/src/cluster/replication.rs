@@ -42,6 +42,7 @@ impl Cluster {
         // one still held elsewhere (a stale owner's writes are refused).
         let mut snap = crate::core::snapshot_of(&session, Instant::now());
         snap.epoch += 1;
+        snap.changes = 0;
         let _ = state.act(|core| {
             if core.has_session(client_id) {
                 return crate::effects::Effects::none();

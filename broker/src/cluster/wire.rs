@@ -20,8 +20,10 @@ use crate::snapshot::{
 
 /// The version of these frames, exchanged in the handshake: a node
 /// refuses a peer that speaks another, and says so, instead of misreading
-/// its frames (2: cluster links over mutual TLS, with `Promoted`).
-pub const VERSION: u8 = 2;
+/// its frames (2: cluster links over mutual TLS, with `Promoted`; 3: a
+/// whole session copy says how far along its epoch it is,
+/// `SessionChange::Counted`).
+pub const VERSION: u8 = 3;
 
 /// Largest frame accepted: a maximum-size MQTT packet plus routing data.
 pub const MAX_FRAME: usize = 2 << 20;
@@ -407,6 +409,10 @@ pub fn put_change(b: &mut BytesMut, c: &SessionChange) -> Result<(), SnapshotErr
             b.put_u8(14);
             b.put_u16(*pid);
         }
+        SessionChange::Counted(n) => {
+            b.put_u8(15);
+            b.put_u64(*n);
+        }
     }
     Ok(())
 }
@@ -470,6 +476,10 @@ pub fn get_change(b: &mut Bytes) -> Result<SessionChange, SnapshotError> {
         14 => {
             need(b, 2)?;
             SessionChange::PidCursor(b.get_u16())
+        }
+        15 => {
+            need(b, 8)?;
+            SessionChange::Counted(b.get_u64())
         }
         _ => return Err(SnapshotError("unknown change")),
     })
@@ -883,6 +893,7 @@ mod tests {
             SessionChange::Qos2Received(pid),
             SessionChange::Qos2Released(pid),
             SessionChange::PidCursor(9),
+            SessionChange::Counted(1 << 40),
             SessionChange::ExpirySet(None),
             SessionChange::Detached,
             SessionChange::Ended,
