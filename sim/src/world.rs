@@ -416,6 +416,10 @@ pub struct World {
     publishing: bool,
     /// Cluster links that are down (either direction), by node pair.
     links_down: BTreeSet<(usize, usize)>,
+    /// Links being dialled, `(from, to)`: `from` cannot send to `to` until
+    /// its `Ev::LinkOpen` (a node's link map holds a peer only once the
+    /// handshake is done, and its snapshot goes first).
+    opening: BTreeSet<(usize, usize)>,
     /// Answers sent to clients so far (the targeted crashes' draw).
     sends: u64,
     /// The clients' Receive Maximum (a small one queues messages in the
@@ -584,6 +588,7 @@ impl World {
             dirty: BTreeSet::new(),
             publishing: false,
             links_down: BTreeSet::new(),
+            opening: BTreeSet::new(),
             sends: 0,
             receive_maximum: u16::try_from(within(draw(seed, 0xA11, 0), 1, 16)).unwrap_or(16),
             append_within: if draw(seed, 0xA11, 1).is_multiple_of(4) {
@@ -1867,7 +1872,7 @@ impl World {
 
     fn send_frame(&mut self, from: usize, to: usize, frame: &Frame) {
         // No link: lost (owed to the peer, or released).
-        let open = !self.links_down.contains(&(from.min(to), from.max(to)));
+        let open = self.can_send(from, to);
         self.send_on(link_stream(from, to), from, to, frame, open);
     }
 
@@ -2406,7 +2411,14 @@ impl World {
 
     /// Whether `a` and `b` are linked (both up, the link not broken).
     fn linked(&self, a: usize, b: usize) -> bool {
-        self.nodes[a].up && self.nodes[b].up && !self.links_down.contains(&(a.min(b), a.max(b)))
+        self.nodes[a].up && self.nodes[b].up && self.can_send(a, b)
+    }
+
+    /// Whether `from` has a link to `to` to send on: not broken, and not
+    /// still being dialled (`opening`).
+    pub(super) fn can_send(&self, from: usize, to: usize) -> bool {
+        !self.links_down.contains(&(from.min(to), from.max(to)))
+            && !self.opening.contains(&(from, to))
     }
 
     /// `Core::set_reachable` on every live node: the peers it links to
@@ -2789,6 +2801,7 @@ impl World {
         {
             return;
         }
+        self.opening.remove(&(from, to));
         let mut members: Vec<usize> = self.view.iter().copied().collect();
         if !members.contains(&to) {
             members.push(to);
@@ -2914,6 +2927,7 @@ impl World {
                         continue;
                     }
                     for (a, b) in [(p, n), (n, p)] {
+                        self.opening.insert((a, b));
                         let s = link_stream(a, b);
                         let d = within(draw(self.seed, s, 1 << 20), MS, 30 * MS);
                         let (from_inc, to_inc) = (self.nodes[a].inc, self.nodes[b].inc);
@@ -3134,6 +3148,7 @@ impl World {
         self.links_down.remove(&(a.min(b), a.max(b)));
         for (x, y) in [(a, b), (b, a)] {
             if self.nodes[x].up && self.nodes[y].up {
+                self.opening.insert((x, y));
                 let s = link_stream(x, y);
                 let d = within(draw(self.seed, s, 1 << 21), MS, 10 * MS);
                 let (from_inc, to_inc) = (self.nodes[x].inc, self.nodes[y].inc);
@@ -3182,7 +3197,7 @@ impl World {
         // (`synced_once`: a snapshot on each live link; links that stayed
         // up keep theirs).
         let down: Vec<usize> = (0..self.nodes.len())
-            .filter(|&p| !self.linked(n, p))
+            .filter(|&p| !self.linked(p, n))
             .collect();
         for p in down {
             self.nodes[n].synced.remove(&p);

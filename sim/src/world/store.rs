@@ -731,7 +731,7 @@ impl World {
 
     /// `send_frame` on the store's own stream of the link.
     pub(super) fn send_store(&mut self, from: usize, to: usize, frame: &Frame) {
-        let open = !self.links_down.contains(&(from.min(to), from.max(to)));
+        let open = self.can_send(from, to);
         self.send_on(store_link_stream(from, to), from, to, frame, open);
     }
 
