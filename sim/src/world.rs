@@ -420,6 +420,11 @@ pub struct World {
     /// its `Ev::LinkOpen` (a node's link map holds a peer only once the
     /// handshake is done, and its snapshot goes first).
     opening: BTreeSet<(usize, usize)>,
+    /// Answers (`Ack`, `Refused`, `StoreAck`) a node made for a peer
+    /// whose link from it is still being dialled, in order, with whether
+    /// each goes on the store's stream: sent after the link's snapshot
+    /// (`Cluster::answer`'s `early_answers`).
+    early: BTreeMap<(usize, usize), Vec<(bool, Frame)>>,
     /// Answers sent to clients so far (the targeted crashes' draw).
     sends: u64,
     /// The clients' Receive Maximum (a small one queues messages in the
@@ -589,6 +594,7 @@ impl World {
             publishing: false,
             links_down: BTreeSet::new(),
             opening: BTreeSet::new(),
+            early: BTreeMap::new(),
             sends: 0,
             receive_maximum: u16::try_from(within(draw(seed, 0xA11, 0), 1, 16)).unwrap_or(16),
             append_within: if draw(seed, 0xA11, 1).is_multiple_of(4) {
@@ -1870,6 +1876,24 @@ impl World {
         }
     }
 
+    /// `Cluster::answer`: an answer to `to`'s frame goes on the link to it,
+    /// or, while that link is still being dialled, waits for it (sent
+    /// after its snapshot). `store`: on the store's stream.
+    pub(super) fn answer(&mut self, from: usize, to: usize, frame: Frame, store: bool) {
+        let dialling = self.opening.contains(&(from, to))
+            && !self.links_down.contains(&(from.min(to), from.max(to)));
+        if dialling {
+            self.early
+                .entry((from, to))
+                .or_default()
+                .push((store, frame));
+        } else if store {
+            self.send_store(from, to, &frame);
+        } else {
+            self.send_frame(from, to, &frame);
+        }
+    }
+
     fn send_frame(&mut self, from: usize, to: usize, frame: &Frame) {
         // No link: lost (owed to the peer, or released).
         let open = self.can_send(from, to);
@@ -2065,7 +2089,7 @@ impl World {
                         };
                         self.join(vec![g], then);
                     } else if self.nodes[from].up && self.nodes[from].inc == from_inc {
-                        self.send_frame(to, from, &Frame::Ack { seq });
+                        self.answer(to, from, Frame::Ack { seq }, false);
                     }
                 }
                 Frame::Ack { seq } => {
@@ -2211,7 +2235,7 @@ impl World {
         again: bool,
     ) {
         if !self.serves(to) {
-            self.send_frame(to, from, &Frame::Refused { seq });
+            self.answer(to, from, Frame::Refused { seq }, false);
             return;
         }
         let now = self.instant();
@@ -2277,7 +2301,7 @@ impl World {
                 } => {
                     let alive = |w: &World, n: usize, i: u64| w.nodes[n].up && w.nodes[n].inc == i;
                     if ok && alive(self, node, inc) && alive(self, to, to_inc) {
-                        self.send_frame(node, to, &Frame::Ack { seq });
+                        self.answer(node, to, Frame::Ack { seq }, false);
                     }
                 }
                 Then::StoreAck {
@@ -2290,7 +2314,7 @@ impl World {
                 } => {
                     let alive = |w: &World, n: usize, i: u64| w.nodes[n].up && w.nodes[n].inc == i;
                     if ok && alive(self, node, inc) && alive(self, to, to_inc) {
-                        self.send_store(node, to, &Frame::StoreAck { seq, ok: applied });
+                        self.answer(node, to, Frame::StoreAck { seq, ok: applied }, true);
                     }
                 }
                 Then::StoreFinish(r) => self.store_finish(r),
@@ -2888,6 +2912,13 @@ impl World {
         if self.cfg.store {
             self.store_link_open(from, to);
         }
+        for (store, f) in self.early.remove(&(from, to)).unwrap_or_default() {
+            if store {
+                self.send_store(from, to, &f);
+            } else {
+                self.send_frame(from, to, &f);
+            }
+        }
         self.nodes[from].covers.insert(to, last);
         self.nodes[from].resync_seq.insert(to, seq);
         let released = self.nodes[from]
@@ -3132,6 +3163,8 @@ impl World {
     /// lost.
     fn cut_link(&mut self, a: usize, b: usize) {
         self.links_down.insert((a.min(b), a.max(b)));
+        self.early.remove(&(a, b));
+        self.early.remove(&(b, a));
         self.queue.retain(|_, ev| {
             !matches!(ev, Ev::Frame { from, to, .. } | Ev::LinkOpen { from, to, .. }
                 if (*from, *to) == (a, b) || (*from, *to) == (b, a))
@@ -3308,6 +3341,7 @@ impl World {
         }
         // Its peers see its links drop (a broken link of it is moot now).
         self.links_down.retain(|&(a, b)| a != n && b != n);
+        self.early.retain(|&(a, b), _| a != n && b != n);
         self.links_lost(n);
         self.update_reachable();
         let leave = within(

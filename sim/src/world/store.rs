@@ -694,7 +694,7 @@ impl World {
         if let Some((p, p_inc, seq)) = self.store_reqs[r].passer {
             let n = self.store_reqs[r].node;
             if self.nodes[p].up && self.nodes[p].inc == p_inc {
-                self.send_store(n, p, &Frame::StoreAck { seq, ok: true });
+                self.answer(n, p, Frame::StoreAck { seq, ok: true }, true);
             }
         }
     }
@@ -722,7 +722,7 @@ impl World {
         self.store_answer(op, &msgs);
         if let Some((p, p_inc, seq)) = self.store_reqs[r].passer {
             if self.nodes[p].up && self.nodes[p].inc == p_inc {
-                self.send_store(n, p, &Frame::StoreAck { seq, ok: false });
+                self.answer(n, p, Frame::StoreAck { seq, ok: false }, true);
             }
         }
     }
@@ -798,7 +798,7 @@ impl World {
                         };
                         self.join(vec![g], then);
                     }
-                    None => self.send_store(to, from, &Frame::StoreAck { seq, ok }),
+                    None => self.answer(to, from, Frame::StoreAck { seq, ok }, true),
                 }
             }
             Frame::StoreAck { seq, ok } => {
