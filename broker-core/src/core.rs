@@ -731,15 +731,9 @@ impl Core {
                 fx.drained = true;
             }
         }
-        // Back before its Will Delay ran out: the will is not sent (3.1.3.2.2).
-        if let Some((id, _)) = self.wills.remove_entry(client_id) {
-            if self.durable {
-                fx.records.push(LogEntry::Will {
-                    client: id,
-                    will: None,
-                });
-            }
-        }
+        // Back before its Will Delay ran out: the will is not sent
+        // (3.1.3.2.2; the attach below takes it off the session too).
+        self.wills.remove(client_id);
         if clean_start {
             self.drop_session(client_id, &mut fx);
         }
@@ -889,38 +883,35 @@ impl Core {
     /// will of the same client.
     pub fn schedule_will(&mut self, client_id: &str, will: Message, delay: Duration) -> Effects {
         let mut fx = Effects::none();
-        let id = match self.sessions.get(client_id) {
-            Some(e) => e.id.clone(),
+        let now = self.now();
+        let due = now + delay;
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let due_ms = self.wall_ms().saturating_add(ms);
+        let id = match self.sessions.get_mut(client_id) {
+            Some(e) => {
+                // Kept with the session: its chain and the disk have it.
+                let w = crate::session::Will {
+                    due_ms,
+                    message: will.clone(),
+                };
+                change(
+                    now,
+                    &mut fx,
+                    &e.id,
+                    &mut e.session,
+                    SessionChange::WillSet(Some(w)),
+                );
+                e.id.clone()
+            }
             None => Arc::from(client_id),
         };
-        let due = self.now() + delay;
-        if self.durable {
-            let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-            fx.records.push(LogEntry::Will {
-                client: id.clone(),
-                will: Some((self.wall_ms().saturating_add(ms), will.clone())),
-            });
-        }
         self.wills.insert(id, (due, will));
         fx
     }
 
-    /// Every will waiting out its delay, with when it is due in Unix
-    /// milliseconds: for a snapshot of the node.
-    pub fn wills_due(&self) -> Vec<(Arc<str>, u64, Message)> {
-        let (now, wall) = (self.now(), self.wall_ms());
-        self.wills
-            .iter()
-            .map(|(id, (at, m))| {
-                let left = u64::try_from(at.saturating_duration_since(now).as_millis())
-                    .unwrap_or(u64::MAX);
-                (id.clone(), wall.saturating_add(left), m.clone())
-            })
-            .collect()
-    }
-
-    /// Puts back a will read from disk at start-up, due at `due_ms` (Unix
-    /// milliseconds; at once if that has passed).
+    /// Puts back a will, due at `due_ms` (Unix milliseconds; at once if
+    /// that has passed): a session's, imported, or one read from a data
+    /// directory written before wills were kept with their sessions.
     pub fn restore_will(&mut self, client_id: &str, due_ms: u64, will: Message) {
         let left = Duration::from_millis(due_ms.saturating_sub(self.wall_ms()));
         let due = self.now() + left;
@@ -944,12 +935,22 @@ impl Core {
             .map(|(id, _)| id.clone())
             .collect();
         for id in due {
-            if let Some((_, will)) = self.wills.remove(&id) {
-                if self.durable {
-                    fx.records.push(LogEntry::Will {
-                        client: id.clone(),
-                        will: None,
-                    });
+            if let Some((_, mut will)) = self.wills.remove(&id) {
+                // Its Message Expiry counts from now, when it is published
+                // (3.1.3.2.4), not from the disconnect.
+                will.received = now;
+                // Sent: off the session, so the node that takes it over
+                // does not send it again.
+                if let Some(e) = self.sessions.get_mut(&id) {
+                    if e.session.will.is_some() {
+                        change(
+                            now,
+                            &mut fx,
+                            &e.id,
+                            &mut e.session,
+                            SessionChange::WillSet(None),
+                        );
+                    }
                 }
                 fx.extend(self.route(will));
             }
@@ -1691,6 +1692,17 @@ pub fn snapshot_of(s: &Session, now: Instant) -> SessionSnapshot {
             expiry: s.expiry,
             epoch: s.epoch,
             changes: s.changes,
+            will: s.will.as_ref().map(|w| {
+                let m = &w.message;
+                (
+                    w.due_ms,
+                    SnapshotMessage {
+                        publish: message_to_publish(m, m.qos, m.retain, &[], now),
+                        shared: None,
+                        origin: m.origin.as_deref().map(str::to_string),
+                    },
+                )
+            }),
             next_pid: s.next_pid,
             qos2_in,
             subscriptions,
@@ -1755,6 +1767,12 @@ pub fn snapshot_changes(
     for m in snap.queued {
         out.push(SessionChange::Enqueued(pending(m)));
     }
+    if let Some((due_ms, m)) = snap.will {
+        out.push(SessionChange::WillSet(Some(crate::session::Will {
+            due_ms,
+            message: publish_to_message(&m.publish, m.origin.as_deref(), now),
+        })));
+    }
     out.push(SessionChange::PidCursor(snap.next_pid));
     out.push(SessionChange::Detached);
     out.push(SessionChange::Counted(snap.changes));
@@ -1815,6 +1833,12 @@ impl Core {
             seen: held,
             qos2_in,
         }));
+        // Its will, if it waits out its delay, is this node's to send now
+        // (at once if it is already due).
+        self.wills.remove(client_id);
+        if let Some(w) = &e.session.will {
+            self.restore_will(client_id, w.due_ms, w.message.clone());
+        }
         self.sessions.insert(id, e);
         Ok(fx)
     }
@@ -1834,6 +1858,11 @@ impl Core {
     /// over.
     pub fn evict_session(&mut self, client_id: &str) -> Effects {
         let mut fx = Effects::none();
+        // The will goes with the session: the node that holds it now sends
+        // it when it is due, unless its client is back (left here, it
+        // would go out once the session was gone from here, even with the
+        // client connected elsewhere).
+        self.wills.remove(client_id);
         if let Some(mut e) = self.sessions.remove(client_id) {
             fx.records.push(LogEntry::Evicted(e.id.clone()));
             if let Some(a) = e.attached.take() {
@@ -2376,7 +2405,6 @@ mod tests {
                     LogEntry::Store(c) => format!("store {:?}", c.key),
                     LogEntry::Replica { client, .. } => format!("replica {client}"),
                     LogEntry::Evicted(c) => format!("evicted {c}"),
-                    LogEntry::Will { client, .. } => format!("will {client}"),
                 })
                 .collect()
         };
@@ -3079,6 +3107,76 @@ mod tests {
         run(c.publish_due_wills(Instant::now()));
         assert_eq!(payloads(&rx, v), ["bye"]);
         assert_eq!(c.pending_wills(), 0);
+    }
+
+    /// A will waiting out its delay is part of its session: recorded for
+    /// the chain and the disk, carried by the session's snapshot, sent by
+    /// the node that imports the session (a chain member taking it over
+    /// after its holder died) when due, and not by the node that gave the
+    /// session up, which once sent it as soon as the session was gone from
+    /// it (with the client back on another node).
+    #[test]
+    fn a_pending_will_goes_with_its_session() {
+        let v = ProtocolVersion::V5;
+        let day = Some(Duration::from_secs(86_400));
+        let watcher = |c: &mut Core| {
+            let (tx, rx) = outbox();
+            connect(c, "watch", true, GONE, 10, tx);
+            run2(c.subscribe("watch", "will/#", sub(QoS::AtMostOnce)));
+            rx
+        };
+        let mut a = Core::new();
+        let rx_a = watcher(&mut a);
+        let (tx, _rx) = outbox();
+        let conn = connect(&mut a, "dev", false, day, 10, tx).conn;
+        run(a.disconnect("dev", conn));
+        let fx = a.schedule_will(
+            "dev",
+            msg("will/dev", QoS::AtLeastOnce, false, "offline"),
+            Duration::from_secs(5),
+        );
+        let wills: Vec<bool> = fx
+            .records()
+            .filter_map(|r| match &r.change {
+                SessionChange::WillSet(w) => Some(w.is_some()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(wills, [true], "recorded for the chain and the disk");
+        run(fx);
+        let snap = a.export_session("dev").expect("the session");
+        assert!(snap.will.is_some(), "the snapshot carries it");
+        // Taken over elsewhere: the node that gave it up sends nothing.
+        run(a.evict_session("dev"));
+        assert_eq!(a.pending_wills(), 0);
+        run(a.publish_due_wills(Instant::now() + Duration::from_secs(60)));
+        assert!(payloads(&rx_a, v).is_empty(), "sent by the node it left");
+        // The node that imported it sends it when due, once.
+        let mut b = Core::new();
+        let rx_b = watcher(&mut b);
+        run(b.import_session("dev", snap.clone()).expect("imported"));
+        assert_eq!(b.pending_wills(), 1);
+        run(b.publish_due_wills(Instant::now()));
+        assert!(payloads(&rx_b, v).is_empty(), "not before its delay");
+        let fx = b.publish_due_wills(Instant::now() + Duration::from_secs(6));
+        assert!(
+            fx.records()
+                .any(|r| r.change == SessionChange::WillSet(None)),
+            "sent: off the session, for its chain"
+        );
+        run(fx);
+        assert_eq!(payloads(&rx_b, v), ["offline"]);
+        assert!(b.export_session("dev").is_some_and(|s| s.will.is_none()));
+        // A client back before the delay cancels it, on the session too.
+        let mut c = Core::new();
+        let rx_c = watcher(&mut c);
+        run(c.import_session("dev", snap).expect("imported"));
+        let (tx, _rx) = outbox();
+        connect(&mut c, "dev", false, day, 10, tx);
+        assert_eq!(c.pending_wills(), 0);
+        assert!(c.export_session("dev").is_some_and(|s| s.will.is_none()));
+        run(c.publish_due_wills(Instant::now() + Duration::from_secs(60)));
+        assert!(payloads(&rx_c, v).is_empty());
     }
 
     /// The core keeps the time it is given, not the system's: a session

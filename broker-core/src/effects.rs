@@ -67,15 +67,6 @@ pub enum LogEntry {
     /// A session left this node without ending (another node holds it
     /// now): for the disk only, which forgets its copy.
     Evicted(Arc<str>),
-    /// A will waiting out its Will Delay was scheduled (with when it is due,
-    /// in Unix milliseconds), or it went (`None`: sent, or its client came
-    /// back): for the disk only.
-    Will {
-        /// The client.
-        client: Arc<str>,
-        /// When it is due, and the message.
-        will: Option<(u64, Message)>,
-    },
 }
 
 /// Work the core has decided on, to be done outside its lock.

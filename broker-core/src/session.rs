@@ -98,6 +98,11 @@ pub enum SessionChange {
     Qos2Released(PacketId),
     /// The last packet id handed out (restoring a snapshot).
     PidCursor(u16),
+    /// The session's will is waiting out its Will Delay (`Some`), or it
+    /// went (`None`: published). A chain member keeps it with its copy, so
+    /// the node that takes the session over publishes it when it is due,
+    /// if the node that held it died first. An attach cancels it.
+    WillSet(Option<Will>),
     /// How many changes the session's epoch had made when it was sent
     /// whole (the last change of a snapshot's replay): a whole copy counts
     /// as far as the session it was taken from, not as its own changes.
@@ -130,6 +135,20 @@ pub struct Session {
     /// How many recorded changes made the session since its epoch began
     /// (see [`Progress`]).
     pub changes: u64,
+    /// Its client's will, waiting out its Will Delay.
+    pub will: Option<Will>,
+}
+
+/// A will waiting out its Will Delay (MQTT 5 3.1.3.2.2), kept with the
+/// session: it goes wherever the session goes (its chain, the disk, the
+/// node that takes it over).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    /// When it is due, in Unix milliseconds: a wall-clock time, so that it
+    /// means the same on every node and after a restart.
+    pub due_ms: u64,
+    /// The will message.
+    pub message: crate::message::Message,
 }
 
 /// How far along a session is: its epoch, then how many recorded changes
@@ -188,6 +207,8 @@ impl Session {
                 self.expiry = expiry;
                 self.disconnected_at = None;
                 self.changes = 1;
+                // Back before its Will Delay ran out: not sent (3.1.3.2.2).
+                self.will = None;
             }
             SessionChange::Detached => self.disconnected_at = Some(now),
             SessionChange::Ended => *self = Session::default(),
@@ -256,6 +277,7 @@ impl Session {
             }
             SessionChange::PidCursor(pid) => self.next_pid = pid,
             SessionChange::Counted(n) => self.changes = n,
+            SessionChange::WillSet(w) => self.will = w,
         }
         None
     }

@@ -11,8 +11,10 @@
 //! epoch u64, next packet id u16, then counted sections: QoS 2 ids (u16 each),
 //! subscriptions (SUBSCRIBE frame), inflight (state u8, shared key, origin,
 //! PUBLISH frame), queued (retain u8, shared key, origin, PUBLISH frame),
-//! then the changes made in the epoch, u64 (`"MQLBS2"` snapshots, written
-//! before it was added, have none: read as 0).
+//! then the changes made in the epoch, u64, and the will waiting out its
+//! delay (u8 0 = none, or 1, due in Unix ms u64, shared key, origin,
+//! PUBLISH frame). `"MQLBS2"` snapshots, written before those two, end
+//! before them (read as 0 changes, no will).
 //! Strings are u16-length-prefixed UTF-8; an empty string means "none".
 
 use std::sync::Arc;
@@ -54,6 +56,8 @@ pub struct SessionSnapshot {
     pub epoch: u64,
     /// Changes made in the epoch (`Session::changes`).
     pub changes: u64,
+    /// The will waiting out its Will Delay, with when it is due (Unix ms).
+    pub will: Option<(u64, SnapshotMessage)>,
     /// Last packet id handed out.
     pub next_pid: u16,
     /// Inbound QoS 2 ids awaiting PUBREL.
@@ -171,6 +175,14 @@ impl SessionSnapshot {
             put_msg(&mut b, m)?;
         }
         b.put_u64(self.changes);
+        match &self.will {
+            None => b.put_u8(0),
+            Some((due_ms, m)) => {
+                b.put_u8(1);
+                b.put_u64(*due_ms);
+                put_msg(&mut b, m)?;
+            }
+        }
         Ok(b.freeze())
     }
 
@@ -244,6 +256,16 @@ impl SessionSnapshot {
                 return Err(SnapshotError("truncated count"));
             }
             s.changes = b.get_u64();
+            if !b.has_remaining() {
+                return Err(SnapshotError("truncated will"));
+            }
+            if b.get_u8() == 1 {
+                if b.remaining() < 8 {
+                    return Err(SnapshotError("truncated will"));
+                }
+                let due_ms = b.get_u64();
+                s.will = Some((due_ms, get_msg(&mut b)?));
+            }
         }
         if b.has_remaining() {
             return Err(SnapshotError("trailing bytes"));
@@ -326,6 +348,7 @@ mod tests {
             expiry: Some(Duration::from_secs(3600)),
             epoch: 3,
             changes: 1 << 33,
+            will: None,
             next_pid: 7,
             qos2_in: (1..=500).collect(),
             subscriptions: Vec::new(),
@@ -351,7 +374,8 @@ mod tests {
             ..SessionSnapshot::default()
         };
         let bytes = snap.to_bytes().expect("encodes");
-        let mut old = BytesMut::from(&bytes[..bytes.len() - 8]);
+        // (The count, then the will's absent flag.)
+        let mut old = BytesMut::from(&bytes[..bytes.len() - 9]);
         old[..MAGIC_V2.len()].copy_from_slice(MAGIC_V2);
         let back = SessionSnapshot::from_bytes(old.freeze()).expect("decodes");
         assert_eq!(back, SessionSnapshot { changes: 0, ..snap });
@@ -365,6 +389,7 @@ mod tests {
             expiry: None,
             epoch: 1,
             changes: 12,
+            will: Some((1_790_000_000_000, message(7))),
             next_pid: 1,
             qos2_in: vec![3, 4],
             subscriptions: Vec::new(),

@@ -63,36 +63,10 @@ const EVICTED: u8 = 5;
 
 /// A will waiting out its delay: the client's ID (u16 length, bytes),
 /// whether one is pending (u8), then when it is due (u64 Unix ms) and the
-/// message as a `Forward` frame.
+/// message as a `Forward` frame. Read only: written by builds before a
+/// pending will was kept with its session (`SessionChange::WillSet`), which
+/// its session's records now carry.
 const WILL: u8 = 6;
-
-/// Appends a [`WILL`] item to `out`.
-fn put_will(client: &str, will: Option<(u64, Message)>, out: &mut BytesMut) {
-    let before = out.len();
-    let Ok(len) = u16::try_from(client.len()) else {
-        return;
-    };
-    out.extend_from_slice(&[WILL]);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(client.as_bytes());
-    match will {
-        None => out.extend_from_slice(&[0]),
-        Some((due, message)) => {
-            out.extend_from_slice(&[1]);
-            out.extend_from_slice(&due.to_be_bytes());
-            let f = Frame::Forward {
-                seq: 0,
-                message,
-                groups: Vec::new(),
-                again: false,
-            };
-            if let Err(e) = f.encode(out) {
-                out.truncate(before);
-                tracing::error!(error = %e, "a will could not be encoded for the disk; left out");
-            }
-        }
-    }
-}
 
 /// Reads a [`WILL`] item's body (after its tag): the client, and the will
 /// if one is pending.
@@ -189,7 +163,6 @@ pub fn encode(entries: &[LogEntry]) -> Option<Vec<u8>> {
                 },
                 &mut out,
             ),
-            LogEntry::Will { client, will } => put_will(client, will.clone(), &mut out),
             LogEntry::Interest { .. } => {}
         }
     }
@@ -472,7 +445,7 @@ pub fn serve_restored(
 pub async fn snapshot(node: &Node, store: &Store) -> std::io::Result<()> {
     let state = node.state();
     let cluster = node.cluster();
-    let (covers, owned, replicas, retained, keys, wills) = {
+    let (covers, owned, replicas, retained, keys) = {
         let core = state.core();
         let replicas = cluster.map(|c| c.replica_copies()).unwrap_or_default();
         // Read last: every change numbered up to it is in what was copied
@@ -490,7 +463,7 @@ pub async fn snapshot(node: &Node, store: &Store) -> std::io::Result<()> {
             .filter(|(t, _, _)| !(t == "$SYS" || t.starts_with("$SYS/")))
             .collect();
         let keys = state.statestore.copies(|_| true);
-        (covers, owned, replicas, retained, keys, core.wills_due())
+        (covers, owned, replicas, retained, keys)
     };
     let now = Instant::now();
     let mut out = BytesMut::new();
@@ -523,9 +496,6 @@ pub async fn snapshot(node: &Node, store: &Store) -> std::io::Result<()> {
             },
             &mut out,
         );
-    }
-    for (client, due, will) in wills {
-        put_will(&client, Some((due, will)), &mut out);
     }
     for copy in keys {
         put(

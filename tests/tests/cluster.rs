@@ -817,6 +817,61 @@ async fn a_persistent_session_survives_the_loss_of_its_owner() {
     }
 }
 
+/// A will waiting out its Will Delay goes down its session's chain: when
+/// the node holding it dies before the delay is over, the node that takes
+/// the session over sends it when it is due, once. (Before, a pending will
+/// lived on its holder only and was lost with it: a device's "offline"
+/// message never came.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_will_is_sent_once_when_its_holder_dies() {
+    let _one = ONE_CLUSTER.lock().await;
+    let mut c = TestCluster::start(3, &[]);
+    assert!(c.wait_converged(SETTLE).await);
+    let (mut watch, _) = connect_owned(&c, "n3", "will-watch", ProtocolVersion::V5, true).await;
+    assert!(
+        subscribe_within(
+            &mut watch,
+            "will/#",
+            QoS::AtLeastOnce,
+            Duration::from_secs(10)
+        )
+        .await
+    );
+    let id = c.id_owned_by("n1", "will-dev", &ALL);
+    let mut cp = connect_packet(&id, ProtocolVersion::V5, false);
+    cp.properties.session_expiry_interval = Some(3600);
+    cp.will = Some(mqlb_tests::client::will("will/dev", "offline", Some(4)));
+    let (dev, ack) = Client::connect(&c.nodes[0].addr, cp).await;
+    assert_eq!(ack.reason.0, 0);
+    // Gone without DISCONNECT: the will waits 4 s on n1, and its chain
+    // has it; then n1 dies.
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.kill(0);
+    let killed = std::time::Instant::now();
+    let m = watch
+        .next_publish(Duration::from_secs(20), true)
+        .await
+        .expect("the pending will died with its holder");
+    eprintln!("the will came {:?} after its holder died", killed.elapsed());
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("will/dev", &b"offline"[..])
+    );
+    assert!(
+        killed.elapsed() >= Duration::from_secs(3),
+        "sent before its delay was over"
+    );
+    // Once: the next seconds bring no second copy.
+    assert!(
+        watch
+            .next_publish(Duration::from_secs(3), true)
+            .await
+            .is_none(),
+        "the will was sent twice"
+    );
+}
+
 /// SUBSCRIBE at `q` and wait up to `within` for the SUBACK.
 async fn subscribe_within(s: &mut Client, filter: &str, q: QoS, within: Duration) -> bool {
     use mqlb_protocol::{Packet, PacketId, Subscribe};

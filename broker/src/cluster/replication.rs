@@ -736,10 +736,7 @@ impl ChangeLog for Cluster {
                 }
                 // A cluster replicates state store keys down their own
                 // chains (`store`); this entry is for a data directory.
-                LogEntry::Store(_)
-                | LogEntry::Replica { .. }
-                | LogEntry::Evicted(_)
-                | LogEntry::Will { .. } => {}
+                LogEntry::Store(_) | LogEntry::Replica { .. } | LogEntry::Evicted(_) => {}
                 LogEntry::Retained {
                     topic,
                     message,

@@ -22,7 +22,8 @@ use crate::snapshot::{
 /// refuses a peer that speaks another, and says so, instead of misreading
 /// its frames (2: cluster links over mutual TLS, with `Promoted`; 3: a
 /// whole session copy says how far along its epoch it is,
-/// `SessionChange::Counted`).
+/// `SessionChange::Counted`, and a session's pending will goes down its
+/// chain, `SessionChange::WillSet`).
 pub const VERSION: u8 = 3;
 
 /// Largest frame accepted: a maximum-size MQTT packet plus routing data.
@@ -413,6 +414,17 @@ pub fn put_change(b: &mut BytesMut, c: &SessionChange) -> Result<(), SnapshotErr
             b.put_u8(15);
             b.put_u64(*n);
         }
+        SessionChange::WillSet(w) => {
+            b.put_u8(16);
+            match w {
+                None => b.put_u8(0),
+                Some(w) => {
+                    b.put_u8(1);
+                    b.put_u64(w.due_ms);
+                    put_message(b, &w.message)?;
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -480,6 +492,19 @@ pub fn get_change(b: &mut Bytes) -> Result<SessionChange, SnapshotError> {
         15 => {
             need(b, 8)?;
             SessionChange::Counted(b.get_u64())
+        }
+        16 => {
+            need(b, 1)?;
+            if b.get_u8() == 0 {
+                SessionChange::WillSet(None)
+            } else {
+                need(b, 8)?;
+                let due_ms = b.get_u64();
+                SessionChange::WillSet(Some(crate::session::Will {
+                    due_ms,
+                    message: get_message(b)?,
+                }))
+            }
         }
         _ => return Err(SnapshotError("unknown change")),
     })
@@ -894,6 +919,11 @@ mod tests {
             SessionChange::Qos2Released(pid),
             SessionChange::PidCursor(9),
             SessionChange::Counted(1 << 40),
+            SessionChange::WillSet(Some(crate::session::Will {
+                due_ms: 1_790_000_000_000,
+                message: msg(),
+            })),
+            SessionChange::WillSet(None),
             SessionChange::ExpirySet(None),
             SessionChange::Detached,
             SessionChange::Ended,
@@ -1087,6 +1117,9 @@ mod tests {
                             SessionChange::Sent { pending: a, .. },
                             SessionChange::Sent { pending: e, .. },
                         ) => a.msg.received = e.msg.received,
+                        (SessionChange::WillSet(Some(a)), SessionChange::WillSet(Some(e))) => {
+                            a.message.received = e.message.received
+                        }
                         _ => {}
                     }
                 }
