@@ -899,7 +899,7 @@ impl Core {
                     &mut fx,
                     &e.id,
                     &mut e.session,
-                    SessionChange::WillSet(Some(w)),
+                    SessionChange::WillSet(Some(Box::new(w))),
                 );
                 e.id.clone()
             }
@@ -1768,10 +1768,12 @@ pub fn snapshot_changes(
         out.push(SessionChange::Enqueued(pending(m)));
     }
     if let Some((due_ms, m)) = snap.will {
-        out.push(SessionChange::WillSet(Some(crate::session::Will {
-            due_ms,
-            message: publish_to_message(&m.publish, m.origin.as_deref(), now),
-        })));
+        out.push(SessionChange::WillSet(Some(Box::new(
+            crate::session::Will {
+                due_ms,
+                message: publish_to_message(&m.publish, m.origin.as_deref(), now),
+            },
+        ))));
     }
     out.push(SessionChange::PidCursor(snap.next_pid));
     out.push(SessionChange::Detached);

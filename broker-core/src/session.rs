@@ -102,7 +102,7 @@ pub enum SessionChange {
     /// went (`None`: published). A chain member keeps it with its copy, so
     /// the node that takes the session over publishes it when it is due,
     /// if the node that held it died first. An attach cancels it.
-    WillSet(Option<Will>),
+    WillSet(Option<Box<Will>>),
     /// How many changes the session's epoch had made when it was sent
     /// whole (the last change of a snapshot's replay): a whole copy counts
     /// as far as the session it was taken from, not as its own changes.
@@ -135,8 +135,9 @@ pub struct Session {
     /// How many recorded changes made the session since its epoch began
     /// (see [`Progress`]).
     pub changes: u64,
-    /// Its client's will, waiting out its Will Delay.
-    pub will: Option<Will>,
+    /// Its client's will, waiting out its Will Delay (boxed: most
+    /// sessions have none, and every idle client has a session).
+    pub will: Option<Box<Will>>,
 }
 
 /// A will waiting out its Will Delay (MQTT 5 3.1.3.2.2), kept with the

@@ -500,10 +500,10 @@ pub fn get_change(b: &mut Bytes) -> Result<SessionChange, SnapshotError> {
             } else {
                 need(b, 8)?;
                 let due_ms = b.get_u64();
-                SessionChange::WillSet(Some(crate::session::Will {
+                SessionChange::WillSet(Some(Box::new(crate::session::Will {
                     due_ms,
                     message: get_message(b)?,
-                }))
+                })))
             }
         }
         _ => return Err(SnapshotError("unknown change")),
@@ -919,10 +919,10 @@ mod tests {
             SessionChange::Qos2Released(pid),
             SessionChange::PidCursor(9),
             SessionChange::Counted(1 << 40),
-            SessionChange::WillSet(Some(crate::session::Will {
+            SessionChange::WillSet(Some(Box::new(crate::session::Will {
                 due_ms: 1_790_000_000_000,
                 message: msg(),
-            })),
+            }))),
             SessionChange::WillSet(None),
             SessionChange::ExpirySet(None),
             SessionChange::Detached,
