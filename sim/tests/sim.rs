@@ -13,6 +13,15 @@ fn seed_count() -> u64 {
         .unwrap_or(300)
 }
 
+/// The first seed of the two seed runs below (`MQLB_SIM_FIRST`, default 1):
+/// a long search can go on where an earlier one stopped.
+fn first_seed() -> u64 {
+    std::env::var("MQLB_SIM_FIRST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
+
 /// Runs seeds `from..from + n` on every core; stops early at the first
 /// failure when `stop_at_first`.
 fn run_seeds(
@@ -576,7 +585,7 @@ fn it_finds_batches_logged_out_of_order() {
 fn seeds_with_faults_keep_every_guarantee() {
     let n = seed_count();
     let started = Instant::now();
-    let (bad, cov, ran) = run_seeds(1, n, &Config::default(), false);
+    let (bad, cov, ran) = run_seeds(first_seed(), n, &Config::default(), false);
     println!("{ran} seeds in {:?}\n{cov:#?}", started.elapsed());
     for o in &bad {
         println!("{}", show(o));
@@ -707,7 +716,7 @@ fn it_finds_commits_before_the_fsync() {
 fn seeds_with_data_dirs_keep_every_guarantee() {
     let n = seed_count();
     let started = Instant::now();
-    let (bad, cov, ran) = run_seeds(1, n, &disk_config(), false);
+    let (bad, cov, ran) = run_seeds(first_seed(), n, &disk_config(), false);
     println!("{ran} seeds in {:?}\n{cov:#?}", started.elapsed());
     for o in &bad {
         println!("{}", show(o));
