@@ -887,7 +887,8 @@ impl Core {
         let due = now + delay;
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         let due_ms = self.wall_ms().saturating_add(ms);
-        let id = match self.sessions.get_mut(client_id) {
+        let kept = !crate::mutations::on(crate::mutations::Mutation::WillOnlyOnHolder);
+        let id = match self.sessions.get_mut(client_id).filter(|_| kept) {
             Some(e) => {
                 // Kept with the session: its chain and the disk have it.
                 let w = crate::session::Will {

@@ -50,6 +50,10 @@ pub enum Mutation {
     /// copy read back from a data directory promoted over a fresher one;
     /// see `session::Progress`).
     CopiesOfOneEpochAlike,
+    /// A will waiting out its delay lives on the node that saw its client
+    /// go, not with the session (`Core::schedule_will` records no
+    /// `SessionChange::WillSet`): it dies with that node.
+    WillOnlyOnHolder,
 }
 
 #[cfg(feature = "mutations")]

@@ -56,6 +56,9 @@ pub struct Publisher {
     /// New messages it may send now (paced: one more per tick).
     allowance: usize,
     seed: u64,
+    /// It left for good, without DISCONNECT, once done (with wills:
+    /// [`crate::Config::wills`]).
+    pub gone: bool,
 }
 
 impl Publisher {
@@ -73,6 +76,7 @@ impl Publisher {
             resent: 0,
             allowance: 0,
             seed,
+            gone: false,
         }
     }
 
@@ -220,6 +224,10 @@ pub struct Subscriber {
     pub qos1_again: u64,
     /// QoS 2 PUBLISH resends absorbed by the unreleased identifiers.
     pub qos2_resends: u64,
+    /// Wills given, by (publisher, connection it was the will of), and
+    /// how often (at least once: a holder that dies after sending one,
+    /// before its chain heard, leaves a copy that sends it again).
+    pub wills: BTreeMap<(usize, u64), u32>,
 }
 
 /// Why a run failed, as one line.
@@ -285,6 +293,14 @@ impl Subscriber {
 
     /// A message given to the application.
     fn deliver(&mut self, p: &Publish, me: &str, bad: &mut Vec<Violation>) {
+        if p.topic.as_str().starts_with(WILLS) {
+            let Some((publisher, conn)) = parse_will(&p.payload) else {
+                bad.push(format!("{me}: a will it was not sent: {:?}", p.payload));
+                return;
+            };
+            *self.wills.entry((publisher, conn)).or_insert(0) += 1;
+            return;
+        }
         let Some((publisher, no)) = parse(&p.payload) else {
             bad.push(format!("{me}: a message it was not sent: {:?}", p.payload));
             return;
@@ -310,6 +326,24 @@ impl Subscriber {
         }
         *newest = (*newest).max(no);
     }
+}
+
+/// Where a publisher's will goes (under [`FILTER`]): `t/will/{index}`.
+pub const WILLS: &str = "t/will/";
+
+/// A publisher's will for its connection `conn`: topic and payload.
+pub fn will_of(index: usize, conn: u64) -> (String, Bytes) {
+    (
+        format!("{WILLS}{index}"),
+        Bytes::from(format!("will:{index}:{conn}")),
+    )
+}
+
+/// `will:publisher:connection` from a will's payload.
+fn parse_will(payload: &[u8]) -> Option<(usize, u64)> {
+    let s = std::str::from_utf8(payload).ok()?.strip_prefix("will:")?;
+    let (p, c) = s.split_once(':')?;
+    Some((p.parse().ok()?, c.parse().ok()?))
 }
 
 /// `publisher:number` from a payload.

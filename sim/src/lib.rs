@@ -84,6 +84,12 @@ pub struct Config {
     /// drops it; it resumes, its clients' packets handled before or after
     /// its tick notices.
     pub hangs: bool,
+    /// Whether publishers connect with a will (QoS 2, a Will Delay of
+    /// 0.2-1.5 s, sent when a connection of theirs goes without its
+    /// client coming back in time), and leave for good, without
+    /// DISCONNECT, once done: their last will must reach every subscriber
+    /// once its scheduling was committed, whatever failed meanwhile.
+    pub wills: bool,
 }
 
 impl Default for Config {
@@ -105,6 +111,7 @@ impl Default for Config {
             raft: true,
             disk: false,
             hangs: true,
+            wills: false,
         }
     }
 }
@@ -230,6 +237,16 @@ pub struct Coverage {
     pub unsynced_bytes_lost: u64,
     pub torn_records_cut: u64,
     pub sessions_read_back: u64,
+    /// Wills scheduled (a publisher's connection went).
+    pub wills_scheduled: u64,
+    /// Copies promoted that held a will waiting out its delay: the new
+    /// holder sends it.
+    pub wills_taken_over: u64,
+    /// Wills given to subscribers.
+    pub wills_delivered: u64,
+    /// Last wills whose scheduling was committed (each must reach every
+    /// subscriber).
+    pub last_wills_promised: u64,
     /// Publishes the core sent to peers (none expected: every client's
     /// session shares one chain).
     pub forwards: u64,
@@ -312,6 +329,10 @@ impl Coverage {
             unsynced_bytes_lost,
             torn_records_cut,
             sessions_read_back,
+            wills_scheduled,
+            wills_taken_over,
+            wills_delivered,
+            last_wills_promised,
             forwards
         );
     }
@@ -331,6 +352,8 @@ pub struct Outcome {
     /// Whether a node could hang past the failure detector
     /// ([`Config::hangs`]).
     pub hangs: bool,
+    /// Whether publishers had wills ([`Config::wills`]).
+    pub wills: bool,
     /// What went wrong, one line each; empty when every check held.
     pub violations: Vec<String>,
     /// States reached.
@@ -364,6 +387,9 @@ impl Outcome {
         if !self.hangs && self.raft {
             m.push_str(" MQLB_SIM_HANGS=0");
         }
+        if self.wills {
+            m.push_str(" MQLB_SIM_WILLS=1");
+        }
         format!(
             "MQLB_SIM_SEED={}{m} cargo test --release -p mqlb-sim --test sim replay -- --nocapture",
             self.seed
@@ -392,6 +418,7 @@ pub fn mutation_named(name: &str) -> Option<Mutation> {
         "StoreMemberCountedOut" => Some(Mutation::StoreMemberCountedOut),
         "CommitBeforeFsync" => Some(Mutation::CommitBeforeFsync),
         "CopiesOfOneEpochAlike" => Some(Mutation::CopiesOfOneEpochAlike),
+        "WillOnlyOnHolder" => Some(Mutation::WillOnlyOnHolder),
         _ => None,
     }
 }

@@ -43,7 +43,7 @@ use mqlb_broker_core::replicas::{
 use mqlb_broker_core::session::{InflightState, SessionChange};
 use mqlb_protocol::{decode, Ack, Packet, PacketType, ProtocolVersion, QoS, SubscriptionOptions};
 
-use crate::clients::{Action, Client, Publisher, Role, Subscriber, Violation, FILTER};
+use crate::clients::{will_of, Action, Client, Publisher, Role, Subscriber, Violation, FILTER};
 use crate::rng::{draw, hash_bytes, mix, within, Rng};
 use crate::{Config, Coverage, Outcome};
 
@@ -53,6 +53,22 @@ mod store;
 use disk::{Disk, DiskFault};
 use raft::RaftNode;
 use store::{Op, StoreClient, StoreNode, StoreReq};
+
+/// A publisher's last will (`Config::wills`): the connection it was the
+/// will of, the gates of the batch that scheduled it, and the node that
+/// saw its publisher go, when.
+#[derive(Debug)]
+struct LastWill {
+    conn: usize,
+    gates: Vec<usize>,
+    node: usize,
+    at: Time,
+}
+
+/// How long a node that saw a publisher go must live on for its will to
+/// count as promised without its batch's commit: longer than any change
+/// takes to reach a chain member that is up.
+const WILL_SETTLED: Time = 200 * MS;
 
 /// Every client speaks MQTT 5.
 const V: ProtocolVersion = ProtocolVersion::V5;
@@ -425,6 +441,12 @@ pub struct World {
     /// each goes on the store's stream: sent after the link's snapshot
     /// (`Cluster::answer`'s `early_answers`).
     early: BTreeMap<(usize, usize), Vec<(bool, Frame)>>,
+    /// Each publisher's last will (it left for good): the connection it
+    /// was the will of, and the gates of the batch that scheduled it
+    /// (`Config::wills`).
+    last_wills: BTreeMap<usize, LastWill>,
+    /// When each node crashed (for `check_last_wills`).
+    crashed_at: Vec<(usize, Time)>,
     /// Answers sent to clients so far (the targeted crashes' draw).
     sends: u64,
     /// The clients' Receive Maximum (a small one queues messages in the
@@ -595,6 +617,8 @@ impl World {
             links_down: BTreeSet::new(),
             opening: BTreeSet::new(),
             early: BTreeMap::new(),
+            last_wills: BTreeMap::new(),
+            crashed_at: Vec::new(),
             sends: 0,
             receive_maximum: u16::try_from(within(draw(seed, 0xA11, 0), 1, 16)).unwrap_or(16),
             append_within: if draw(seed, 0xA11, 1).is_multiple_of(4) {
@@ -908,6 +932,7 @@ impl World {
             raft: self.cfg.raft,
             disk: self.cfg.disk,
             hangs: self.cfg.hangs,
+            wills: self.cfg.wills,
             violations: self.bad,
             coverage: self.cov,
             events: self.events,
@@ -1098,6 +1123,9 @@ impl World {
         if self.clients[client].conn.is_some() {
             return;
         }
+        if matches!(&self.clients[client].role, Role::Publisher(p) if p.gone) {
+            return;
+        }
         let Some(node) = self.owner(&self.clients[client].id) else {
             return;
         };
@@ -1183,6 +1211,74 @@ impl World {
             }
         }
         self.act(conn, actions);
+        self.maybe_leave(client, conn);
+    }
+
+    /// With wills, a publisher that is done leaves for good, without
+    /// DISCONNECT: its session's will goes out after its delay, from
+    /// whichever node holds the session by then.
+    fn maybe_leave(&mut self, client: usize, conn: usize) {
+        if !self.cfg.wills {
+            return;
+        }
+        let Role::Publisher(p) = &mut self.clients[client].role else {
+            return;
+        };
+        if !p.done() || p.gone {
+            return;
+        }
+        p.gone = true;
+        self.clients[client].conn = None;
+        self.clients[client].open = false;
+        self.send_up(conn, Up::Gone);
+    }
+
+    /// `conn::disconnected`: a publisher's connection went without
+    /// DISCONNECT, so its will waits out its delay (`Config::wills`).
+    fn schedule_will(&mut self, conn: usize) {
+        if !self.cfg.wills {
+            return;
+        }
+        let client = self.conns[conn].client;
+        let (index, gone) = match &self.clients[client].role {
+            Role::Publisher(p) => (p.index, p.gone),
+            Role::Subscriber(_) => return,
+        };
+        let node = self.conns[conn].node;
+        let id = self.clients[client].id.clone();
+        let now = self.instant();
+        let (topic, payload) = will_of(index, conn as u64);
+        let will = Message {
+            topic: mqlb_protocol::MqttStr::try_from(topic.as_str()).unwrap_or_default(),
+            payload,
+            qos: QoS::ExactlyOnce,
+            retain: false,
+            properties: Arc::new(mqlb_protocol::Properties::default()),
+            origin: Some(id.clone()),
+            received: now,
+        };
+        let delay = Duration::from_micros(within(
+            draw(self.seed, 0x3111, index as u64),
+            200 * MS,
+            1_500 * MS,
+        ));
+        let (_, gates) = self.call(node, |core| {
+            let mut fx = core.schedule_will(&id, will, delay);
+            fx.extend(core.publish_due_wills(now));
+            ((), fx)
+        });
+        self.cov.wills_scheduled += 1;
+        if gone {
+            self.last_wills.insert(
+                client,
+                LastWill {
+                    conn,
+                    gates,
+                    node,
+                    at: self.now,
+                },
+            );
+        }
     }
 
     /// Publishers start once every subscriber holds its subscription, so
@@ -1533,6 +1629,7 @@ impl World {
             self.nodes[node].conns.remove(&cc);
             if self.nodes[node].up && self.nodes[node].inc == self.conns[conn].inc {
                 self.call(node, |core| ((), core.disconnect(&id, cc)));
+                self.schedule_will(conn);
             }
         }
         if tell {
@@ -2326,6 +2423,11 @@ impl World {
     /// that they are), held publishes routed again once the takeover is
     /// done, lost peers' interest forgotten.
     fn node_tick(&mut self, n: usize) {
+        if self.nodes[n].up && self.cfg.wills && self.nodes[n].core.pending_wills() > 0 {
+            // `server`'s tick: the wills whose delay is over.
+            let now = self.instant();
+            self.call(n, |core| ((), core.publish_due_wills(now)));
+        }
         if self.nodes[n].up {
             self.promote_owned(n);
             self.hold_for_copies(n);
@@ -2348,7 +2450,11 @@ impl World {
             && self.clients.iter().all(|c| match &c.role {
                 Role::Publisher(p) => p.done(),
                 Role::Subscriber(_) => true,
-            });
+            })
+            && self
+                .nodes
+                .iter()
+                .all(|n| !n.up || n.core.pending_wills() == 0);
         if !done {
             let s = node_tick_stream(n);
             self.schedule(s, TICK, Ev::NodeTick { node: n });
@@ -2471,6 +2577,7 @@ impl World {
             return;
         };
         self.copy_promoted(node, client, session.epoch);
+        self.cov.wills_taken_over += u64::from(session.will.is_some());
         let mut snap = snapshot_of(&session, now);
         snap.epoch += 1;
         snap.changes = 0;
@@ -3293,6 +3400,7 @@ impl World {
 
     fn crash(&mut self, n: usize) {
         self.cov.crashes += 1;
+        self.crashed_at.push((n, self.now));
         self.cov.leader_crashes += u64::from(self.is_raft_leader(n));
         // What the crash interrupts, for the coverage report.
         let (holds, mid_qos2) = self.interrupted(n);
@@ -3382,6 +3490,47 @@ impl World {
         }
     }
 
+    /// Every publisher's last will whose scheduling was committed reached
+    /// every subscriber (at least once), whichever nodes died meanwhile.
+    fn check_last_wills(&mut self) {
+        for c in &self.clients {
+            if let Role::Subscriber(s) = &c.role {
+                self.cov.wills_delivered += s.wills.values().map(|n| u64::from(*n)).sum::<u64>();
+            }
+        }
+        for (&client, w) in &self.last_wills {
+            // Promised: the batch that scheduled it committed, or the node
+            // that saw the publisher go lived on long enough for anything
+            // it made then to reach its chain.
+            let committed = !w.gates.is_empty()
+                && w.gates
+                    .iter()
+                    .all(|&g| self.gates[g].state == GateState::Done);
+            let lived = !self
+                .crashed_at
+                .iter()
+                .any(|&(n, t)| n == w.node && t >= w.at && t < w.at + WILL_SETTLED);
+            if !committed && !lived {
+                continue;
+            }
+            self.cov.last_wills_promised += 1;
+            let Role::Publisher(p) = &self.clients[client].role else {
+                continue;
+            };
+            for c in &self.clients {
+                let Role::Subscriber(s) = &c.role else {
+                    continue;
+                };
+                if !s.wills.contains_key(&(p.index, w.conn as u64)) {
+                    self.bad.push(format!(
+                        "{}: {}'s last will (connection {}) was promised and never delivered",
+                        c.id, self.clients[client].id, w.conn
+                    ));
+                }
+            }
+        }
+    }
+
     /// Every publisher finished, and every subscriber was given every
     /// message acknowledged to a publisher.
     fn final_checks(&mut self) {
@@ -3406,6 +3555,7 @@ impl World {
                 );
             }
         }
+        self.check_last_wills();
         let mut acked: Vec<(usize, u32)> = Vec::new();
         for c in &self.clients {
             match &c.role {
