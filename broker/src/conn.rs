@@ -1195,14 +1195,29 @@ impl Session {
     /// A state store request on a single node. On a durable node a change
     /// goes to the data directory first, and its answer (and any key
     /// notifications) is routed only once it is there: a client told
-    /// "OK" can count on the key across a power loss.
+    /// "OK" can count on the key across a power loss. A read writes the
+    /// key's state again and answers once that is there: everything logged
+    /// before it is then on disk too, so what it read is not a change a
+    /// power loss takes back (`cluster::store` does the same).
     fn on_state_store_here(&mut self, p: &mqlb_protocol::Publish) -> crate::statestore::Outcome {
         use crate::statestore::{Handled, Outcome};
-        match self
+        let handled = self
             .state
             .statestore
-            .handle_in(&self.client_id, p, 0, &|_| true)
-        {
+            .handle_in(&self.client_id, p, 0, &|_| true);
+        let handled = match handled {
+            Handled::Done {
+                outcome,
+                key: Some(key),
+                copy: None,
+            } if self.state.disk().is_some() => Handled::Done {
+                outcome,
+                copy: self.state.statestore.copy_of(&key).map(Box::new),
+                key: Some(key),
+            },
+            other => other,
+        };
+        match handled {
             Handled::Done {
                 outcome,
                 copy: Some(copy),

@@ -438,6 +438,11 @@ impl StateStore {
         self.with_copies(wanted, |c| c)
     }
 
+    /// One key's state, if the store has it (a deletion included).
+    pub fn copy_of(&self, key: &[u8]) -> Option<KeyCopy> {
+        self.store().export(key)
+    }
+
     /// [`StateStore::copies`], handed to `then` before the store's lock
     /// is released: a change made after the copy was taken is made after
     /// `then` ran (and so reaches a link `then` registered).

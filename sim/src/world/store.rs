@@ -421,8 +421,17 @@ impl World {
                     .collect();
                 // With a data directory the owner's own copy is on its
                 // disk before the answer goes out.
-                let kept = match &copy {
-                    Some(c) if self.cfg.disk => self.sequence(n, vec![LogEntry::Store(c.clone())]),
+                // A read writes the key's state again and answers once it
+                // is on disk (`store::serve_store`).
+                let logged = match &copy {
+                    Some(c) => Some(c.clone()),
+                    None => key
+                        .as_deref()
+                        .and_then(|k| self.nodes[n].store.store.copy_of(k))
+                        .map(Box::new),
+                };
+                let kept = match logged {
+                    Some(c) if self.cfg.disk => self.sequence(n, vec![LogEntry::Store(c)]),
                     _ => None,
                 };
                 self.store_reqs[r].phase = Phase::Replicating {
