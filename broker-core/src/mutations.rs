@@ -54,6 +54,10 @@ pub enum Mutation {
     /// go, not with the session (`Core::schedule_will` records no
     /// `SessionChange::WillSet`): it dies with that node.
     WillOnlyOnHolder,
+    /// A relayed copy's wait for a fresher one counts from when it came,
+    /// not again from when its holder left the view (see
+    /// `Replicas::holders_left`).
+    RelayedWaitFromArrival,
 }
 
 #[cfg(feature = "mutations")]

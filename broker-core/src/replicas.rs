@@ -286,12 +286,28 @@ impl Replicas {
     }
 
     /// `gone` left the view at `now`: copies of theirs waiting for that
-    /// (`unlinked_from`) wait [`RELAYED_WAIT`] more for a fresher copy.
+    /// (`unlinked_from`) wait [`RELAYED_WAIT`] more for a fresher copy, and
+    /// so do relayed ones, however long ago they came: the chain member
+    /// that relayed one went on getting the holder's changes until now, and
+    /// hands its copy over now (`orphans`). Found by the simulator (seed
+    /// 36151): a copy relayed 3 s before its holder hung was promoted at
+    /// once when the view dropped the holder, before the member's fresher
+    /// copy came; a QoS 2 message completed meanwhile was sent again.
     pub fn holders_left(&mut self, gone: &[NodeId], now: Instant) {
         for (c, mark) in &mut self.relayed {
-            if *mark == Mark::CutOff(None) && self.holders.get(c).is_some_and(|h| gone.contains(h))
-            {
-                *mark = Mark::CutOff(Some(now));
+            if !self.holders.get(c).is_some_and(|h| gone.contains(h)) {
+                continue;
+            }
+            match mark {
+                Mark::CutOff(None) => *mark = Mark::CutOff(Some(now)),
+                Mark::Relayed(_)
+                    if !crate::mutations::on(
+                        crate::mutations::Mutation::RelayedWaitFromArrival,
+                    ) =>
+                {
+                    *mark = Mark::Relayed(now);
+                }
+                _ => {}
             }
         }
     }

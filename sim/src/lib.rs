@@ -419,6 +419,7 @@ pub fn mutation_named(name: &str) -> Option<Mutation> {
         "CommitBeforeFsync" => Some(Mutation::CommitBeforeFsync),
         "CopiesOfOneEpochAlike" => Some(Mutation::CopiesOfOneEpochAlike),
         "WillOnlyOnHolder" => Some(Mutation::WillOnlyOnHolder),
+        "RelayedWaitFromArrival" => Some(Mutation::RelayedWaitFromArrival),
         _ => None,
     }
 }
