@@ -1177,6 +1177,37 @@ impl Core {
 
     /// The routing function: every publish, from any source, goes here.
     pub fn route(&mut self, m: Message) -> Effects {
+        self.route_as(m, false)
+    }
+
+    /// Routes a QoS 2 PUBLISH its publisher sent again (DUP) whose packet
+    /// id its session does not hold, as a first publish, except to the
+    /// sessions taken over here lately whose copy already held this very
+    /// message: the attempt the publisher never saw acknowledged reached
+    /// their copy, not the publisher's (found by the simulator, seed 5650
+    /// of the data-directory runs: after a power loss a subscriber's copy
+    /// read back held the message in flight while the publisher's lacked
+    /// its id, and the resend was given to it a second time).
+    pub fn route_resent(&mut self, m: Message) -> Effects {
+        let again = !crate::mutations::on(crate::mutations::Mutation::ResendRoutedAsNew);
+        self.route_as(m, again)
+    }
+
+    /// Whether `client`'s session was taken over here within
+    /// [`LATE_CHANGES_WITHIN`] and has had the message printed `print`.
+    fn had_lately(&self, client: &str, print: u64) -> bool {
+        let now = self.now();
+        self.sessions
+            .get(client)
+            .and_then(|e| e.imported.as_deref())
+            .is_some_and(|imp| {
+                imp.at
+                    .is_some_and(|at| now.saturating_duration_since(at) < LATE_CHANGES_WITHIN)
+                    && imp.seen.contains(&print)
+            })
+    }
+
+    fn route_as(&mut self, m: Message, resent: bool) -> Effects {
         let mut fx = Effects::none();
         self.stats.messages_in += 1;
         if m.retain {
@@ -1199,7 +1230,11 @@ impl Core {
         }
         let mut now = None;
         let mut audience = Audience::default();
+        let print = resent.then(|| fingerprint(&m));
         for t in targets.sessions {
+            if print.is_some_and(|p| self.had_lately(&t.client, p)) {
+                continue;
+            }
             if t.qos != QoS::AtMostOnce {
                 self.tally(&t.client, m.origin.as_deref(), &mut now, &mut audience);
             }
@@ -3110,6 +3145,39 @@ mod tests {
         run(c.publish_due_wills(Instant::now()));
         assert_eq!(payloads(&rx, v), ["bye"]);
         assert_eq!(c.pending_wills(), 0);
+    }
+
+    /// A QoS 2 resend (DUP) the publisher's session has no id for is
+    /// routed as new, except to a session taken over lately whose copy
+    /// already held that very message.
+    #[test]
+    fn a_qos2_resend_skips_a_session_taken_over_with_it() {
+        let v = ProtocolVersion::V5;
+        let m = msg("t/x", QoS::ExactlyOnce, false, "once");
+        // A copy that held the message in flight, imported here.
+        let mut old = Core::new();
+        let (tx, _rx) = outbox();
+        let conn = connect(&mut old, "sub", false, Some(Duration::from_secs(600)), 10, tx).conn;
+        run2(old.subscribe("sub", "t/#", sub(QoS::ExactlyOnce)));
+        run(old.route(m.clone()));
+        run(old.disconnect("sub", conn));
+        let snap = old.export_session("sub").expect("the session");
+        assert_eq!(snap.inflight.len() + snap.queued.len(), 1);
+        let mut c = Core::new();
+        run(c.import_session("sub", snap).expect("imported"));
+        let (tx, rx) = outbox();
+        connect(&mut c, "sub", false, Some(Duration::from_secs(600)), 10, tx);
+        let (tx, rx2) = outbox();
+        connect(&mut c, "other", true, GONE, 10, tx);
+        run2(c.subscribe("other", "t/#", sub(QoS::ExactlyOnce)));
+        let given = payloads(&rx, v).len();
+        run(c.route_resent(m.clone()));
+        assert_eq!(payloads(&rx, v).len(), 0, "given again to the session that held it");
+        assert_eq!(payloads(&rx2, v), ["once"], "a session without it gets it");
+        assert_eq!(given, 1, "the copy's message was resent on reconnect");
+        // A first publish is routed to every session, as always.
+        run(c.route(m));
+        assert_eq!(payloads(&rx, v), ["once"]);
     }
 
     /// A will waiting out its delay is part of its session: recorded for

@@ -58,6 +58,10 @@ pub enum Mutation {
     /// not again from when its holder left the view (see
     /// `Replicas::holders_left`).
     RelayedWaitFromArrival,
+    /// A QoS 2 resend (DUP) whose id the publisher's session lacks is
+    /// routed as a first publish to every session, those taken over lately
+    /// that already hold it included (see `Core::route_resent`).
+    ResendRoutedAsNew,
 }
 
 #[cfg(feature = "mutations")]

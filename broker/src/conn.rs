@@ -1360,6 +1360,7 @@ impl Session {
                         return Step::Blocked(Box::new(Packet::Publish(p)));
                     }
                 }
+                let dup = p.dup;
                 let msg = Message {
                     topic: p.topic,
                     payload: p.payload,
@@ -1387,6 +1388,7 @@ impl Session {
                             let (first, mut fx) =
                                 core.qos2_received(id, pid, usize::from(RECEIVE_MAXIMUM));
                             match first {
+                                Some(true) if dup => fx.extend(core.route_resent(msg)),
                                 Some(true) => fx.extend(core.route(msg)),
                                 Some(false) => fx.extend(core.qos2_resent(id, pid, &msg)),
                                 None => {}

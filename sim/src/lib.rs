@@ -420,6 +420,7 @@ pub fn mutation_named(name: &str) -> Option<Mutation> {
         "CopiesOfOneEpochAlike" => Some(Mutation::CopiesOfOneEpochAlike),
         "WillOnlyOnHolder" => Some(Mutation::WillOnlyOnHolder),
         "RelayedWaitFromArrival" => Some(Mutation::RelayedWaitFromArrival),
+        "ResendRoutedAsNew" => Some(Mutation::ResendRoutedAsNew),
         _ => None,
     }
 }

@@ -1523,6 +1523,7 @@ impl World {
             };
             let reply = match p {
                 Packet::Publish(p) => {
+                    let dup = p.dup;
                     let msg = Message {
                         topic: p.topic,
                         payload: p.payload,
@@ -1543,6 +1544,7 @@ impl World {
                             let (first, g) = self.call(node, |core| {
                                 let (first, mut fx) = core.qos2_received(&id, pid, limit);
                                 match first {
+                                    Some(true) if dup => fx.extend(core.route_resent(msg)),
                                     Some(true) => fx.extend(core.route(msg)),
                                     Some(false) => fx.extend(core.qos2_resent(&id, pid, &msg)),
                                     None => {}
