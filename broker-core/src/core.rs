@@ -1187,7 +1187,10 @@ impl Core {
     /// their copy, not the publisher's (found by the simulator, seed 5650
     /// of the data-directory runs: after a power loss a subscriber's copy
     /// read back held the message in flight while the publisher's lacked
-    /// its id, and the resend was given to it a second time).
+    /// its id, and the resend was given to it a second time). The skip goes
+    /// by the message's fingerprint: two identical QoS 2 messages from one
+    /// publisher, both sent again with DUP within [`LATE_CHANGES_WITHIN`]
+    /// of a takeover, would reach such a session once.
     pub fn route_resent(&mut self, m: Message) -> Effects {
         let again = !crate::mutations::on(crate::mutations::Mutation::ResendRoutedAsNew);
         self.route_as(m, again)
