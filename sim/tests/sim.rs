@@ -370,6 +370,26 @@ const DISK_HANG_PLAIN_REGRESSIONS: &[(u64, &str)] = &[
     // a read writes the key's state again and answers once it is on disk
     // (`store::serve_store`).
     (48836, "a read waits for the owner's disk"),
+    // The first fix of 5650 (`DISK_HANG_REGRESSIONS`) skipped every session
+    // taken over lately that had ever been given the resent message; one
+    // whose later copy lacked it then never got it: acknowledged messages
+    // lost. Fixed: only a session that holds it now is skipped.
+    (
+        2712,
+        "a QoS 2 resend skips only a session that holds it now",
+    ),
+    (
+        4975,
+        "a QoS 2 resend skips only a session that holds it now",
+    ),
+    (
+        5741,
+        "a QoS 2 resend skips only a session that holds it now",
+    ),
+    (
+        13956,
+        "a QoS 2 resend skips only a session that holds it now",
+    ),
 ];
 
 /// Seeds found with every fault, the view from Raft and hung nodes (the
