@@ -801,74 +801,68 @@ fn seeds_with_wills_keep_every_guarantee() {
         wills: true,
         ..Config::default()
     };
+    seed_set_holds(n, &cfg, |cov| {
+        vec![
+            ("wills scheduled", cov.wills_scheduled),
+            ("wills delivered", cov.wills_delivered),
+            ("last wills committed", cov.last_wills_promised),
+            ("wills held by a promoted copy", cov.wills_taken_over),
+            ("crashes of a node serving sessions", cov.crashes_of_holder),
+        ]
+    });
+}
+
+/// Runs `n` seeds of `cfg` from `MQLB_SIM_FIRST`, prints the coverage and
+/// the failures, and asserts that every state `reached` names was reached
+/// and every seed passed.
+fn seed_set_holds(n: u64, cfg: &Config, reached: impl Fn(&Coverage) -> Vec<(&'static str, u64)>) {
     let started = Instant::now();
-    let (bad, cov, ran) = run_seeds(first_seed(), n, &cfg, false);
+    let (bad, cov, ran) = run_seeds(first_seed(), n, cfg, false);
     println!("{ran} seeds in {:?}\n{cov:#?}", started.elapsed());
     for o in &bad {
         println!("{}", show(o));
     }
-    let reached = [
-        ("wills scheduled", cov.wills_scheduled),
-        ("wills delivered", cov.wills_delivered),
-        ("last wills committed", cov.last_wills_promised),
-        ("wills held by a promoted copy", cov.wills_taken_over),
-        ("crashes of a node serving sessions", cov.crashes_of_holder),
-    ];
-    for (what, n) in reached {
+    for (what, n) in reached(&cov) {
         assert!(n > 0, "{ran} seeds reached no {what}");
     }
     assert!(
         bad.is_empty(),
         "{} of {ran} seeds failed; first: {}",
         bad.len(),
-        show(&bad[0])
+        bad.first().map(show).unwrap_or_default()
     );
 }
 
 #[test]
 fn seeds_with_data_dirs_keep_every_guarantee() {
-    let n = seed_count();
-    let started = Instant::now();
-    let (bad, cov, ran) = run_seeds(first_seed(), n, &disk_config(), false);
-    println!("{ran} seeds in {:?}\n{cov:#?}", started.elapsed());
-    for o in &bad {
-        println!("{}", show(o));
-    }
-    let reached = [
-        ("site-wide power losses", cov.power_losses),
-        (
-            "power losses while messages waited for delivery",
-            cov.power_losses_undelivered,
-        ),
-        (
-            "unsynced bytes lost to a power loss",
-            cov.unsynced_bytes_lost,
-        ),
-        ("torn last records cut off at start", cov.torn_records_cut),
-        (
-            "sessions read back from a data directory",
-            cov.sessions_read_back,
-        ),
-        ("failed fsyncs", cov.fsync_failures),
-        ("writes failed on a full disk", cov.disk_write_errors),
-        ("crashes of a node serving sessions", cov.crashes_of_holder),
-        (
-            "crashes in the middle of a QoS 2 exchange",
-            cov.crashes_mid_qos2,
-        ),
-        ("elections after the leader was lost", cov.raft_campaigns),
-        ("partitions cutting a node off", cov.partitions),
-        ("cluster links broken between live nodes", cov.link_drops),
-    ];
-    for (what, n) in reached {
-        assert!(n > 0, "{ran} seeds reached no {what}");
-    }
-    assert!(
-        bad.is_empty(),
-        "{} of {ran} seeds failed; first: {}",
-        bad.len(),
-        show(&bad[0])
-    );
+    seed_set_holds(seed_count(), &disk_config(), |cov| {
+        vec![
+            ("site-wide power losses", cov.power_losses),
+            (
+                "power losses while messages waited for delivery",
+                cov.power_losses_undelivered,
+            ),
+            (
+                "unsynced bytes lost to a power loss",
+                cov.unsynced_bytes_lost,
+            ),
+            ("torn last records cut off at start", cov.torn_records_cut),
+            (
+                "sessions read back from a data directory",
+                cov.sessions_read_back,
+            ),
+            ("failed fsyncs", cov.fsync_failures),
+            ("writes failed on a full disk", cov.disk_write_errors),
+            ("crashes of a node serving sessions", cov.crashes_of_holder),
+            (
+                "crashes in the middle of a QoS 2 exchange",
+                cov.crashes_mid_qos2,
+            ),
+            ("elections after the leader was lost", cov.raft_campaigns),
+            ("partitions cutting a node off", cov.partitions),
+            ("cluster links broken between live nodes", cov.link_drops),
+        ]
+    });
 }
 
 /// Replays `MQLB_SIM_SEED` (with `MQLB_SIM_MUTATION`, if set) exactly;
