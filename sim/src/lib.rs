@@ -90,6 +90,10 @@ pub struct Config {
     /// DISCONNECT, once done: their last will must reach every subscriber
     /// once its scheduling was committed, whatever failed meanwhile.
     pub wills: bool,
+    /// Client IDs drawn freely, so sessions sit on different chains and
+    /// publishes cross nodes as forwards (`Frame::Forward`), not only while
+    /// sessions move.
+    pub spread: bool,
 }
 
 impl Default for Config {
@@ -112,6 +116,7 @@ impl Default for Config {
             disk: false,
             hangs: true,
             wills: false,
+            spread: false,
         }
     }
 }

@@ -430,6 +430,10 @@ pub struct World {
     view_number: u64,
     dirty: BTreeSet<usize>,
     publishing: bool,
+    /// (node, peer): `node` has heard `peer`'s interest (with
+    /// `Config::spread`, publishing starts once every subscriber's interest
+    /// reached every node: a SUBACK does not wait for it).
+    interest_heard: std::collections::BTreeSet<(usize, usize)>,
     /// Cluster links that are down (either direction), by node pair.
     links_down: BTreeSet<(usize, usize)>,
     /// Links being dialled, `(from, to)`: `from` cannot send to `to` until
@@ -614,6 +618,7 @@ impl World {
             view_number: 1,
             dirty: BTreeSet::new(),
             publishing: false,
+            interest_heard: std::collections::BTreeSet::new(),
             links_down: BTreeSet::new(),
             opening: BTreeSet::new(),
             early: BTreeMap::new(),
@@ -651,7 +656,11 @@ impl World {
                 w.start_raft_ticks(n);
             }
         }
-        let ids = w.shared_chain_ids(w.cfg.publishers + w.cfg.subscribers);
+        let ids = if w.cfg.spread {
+            w.spread_ids(w.cfg.publishers + w.cfg.subscribers)
+        } else {
+            w.shared_chain_ids(w.cfg.publishers + w.cfg.subscribers)
+        };
         for (i, id) in ids.into_iter().enumerate() {
             let role = if i < w.cfg.publishers {
                 Role::Publisher(Publisher::new(seed, i, w.cfg.messages, w.cfg.window))
@@ -712,6 +721,27 @@ impl World {
                 None => target = Some(r),
                 Some(t) if *t != r => continue,
                 Some(_) => {}
+            }
+            out.push(Arc::from(id));
+        }
+        out
+    }
+
+    /// Client IDs whose sessions do not all share a chain: the first
+    /// publisher and the first subscriber are owned by different nodes.
+    fn spread_ids(&self, n: usize) -> Vec<Arc<str>> {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        let mut out: Vec<Arc<str>> = Vec::new();
+        let mut k = 0u64;
+        let first_sub = self.cfg.publishers;
+        while out.len() < n {
+            let id = format!("c{:x}-{k}", self.seed & 0xffff);
+            k += 1;
+            if out.len() == first_sub && first_sub > 0 {
+                let owner = |c: &str| self.rank_over(c, &all).first().copied();
+                if owner(&id) == owner(&out[0]) {
+                    continue;
+                }
             }
             out.push(Arc::from(id));
         }
@@ -1291,7 +1321,7 @@ impl World {
             Role::Subscriber(s) => s.ever_subscribed,
             Role::Publisher(_) => true,
         });
-        if !all {
+        if !all || !self.interest_everywhere() {
             return;
         }
         self.publishing = true;
@@ -1300,6 +1330,25 @@ impl World {
                 self.tick(c);
             }
         }
+    }
+
+    /// Whether every node has heard the interest of every subscriber's
+    /// node (always, without `Config::spread`: no publish crosses nodes).
+    /// Interest goes to peers in log order, ahead of anything the
+    /// subscriber publishes after its SUBACK, but a SUBACK does not wait
+    /// for it: a publish made on another node at that moment may miss the
+    /// subscription (docs/cluster.md).
+    fn interest_everywhere(&self) -> bool {
+        if !self.cfg.spread {
+            return true;
+        }
+        self.clients.iter().all(|c| {
+            let Some(h) = c.conn.map(|k| self.conns[k].node) else {
+                return !matches!(c.role, Role::Subscriber(_));
+            };
+            !matches!(c.role, Role::Subscriber(_))
+                || (0..self.nodes.len()).all(|n| n == h || self.interest_heard.contains(&(n, h)))
+        })
     }
 
     /// A publisher's pace: one more message, then the next tick.
@@ -1782,7 +1831,9 @@ impl World {
         gate: usize,
     ) {
         if !self.linked(from, to) {
-            return self.hold(from, message, groups, vec![to], false, gate);
+            // `Fabric::forward` without a link: held, `to` not excluded
+            // (a broken link is dialled again; its node may still serve).
+            return self.hold(from, message, groups, Vec::new(), false, gate);
         }
         let seq = self.nodes[from].next_rep;
         self.nodes[from].next_rep += 1;
@@ -2215,10 +2266,16 @@ impl World {
                             .replicas
                             .holder_serves_only(node_id(from), &held, now);
                     self.cov.holders_forgotten += freed as u64;
+                    // `links`: its word that it promoted comes again.
+                    self.nodes[to].promoted.remove(&from);
                 }
                 Frame::Interest { filter, gained } => {
                     let peer = u32::try_from(from).unwrap_or(u32::MAX);
                     self.nodes[to].core.peer_interest(peer, &filter, gained);
+                    if gained {
+                        self.interest_heard.insert((to, from));
+                        self.maybe_start_publishing();
+                    }
                 }
                 Frame::Seen { client, prints } => {
                     self.nodes[to].seen_stash.insert(from, (client, prints));
@@ -2751,6 +2808,10 @@ impl World {
         if v > self.nodes[n].promoted_for && !self.owns_settling_copies(n) {
             self.nodes[n].promoted_for = v;
             self.cov.promoted_words += 1;
+            // `State::commit` returns once the caller's batch is handed on
+            // (with every batch numbered before it): the promotions' interest
+            // is on each link ahead of this word.
+            self.append(n);
             for p in 0..self.nodes.len() {
                 if p != n && self.nodes[p].up {
                     self.send_frame(n, p, &Frame::Promoted { view: v });
@@ -2851,7 +2912,9 @@ impl World {
                 .collect();
             for seq in lost {
                 if let Some(f) = self.nodes[n].forwards.remove(&seq) {
-                    self.hold(n, f.message, f.groups, vec![g], false, f.gate);
+                    // `Released::Resend`: `g` not excluded (it may
+                    // never have had it; `first_had` tells it apart).
+                    self.hold(n, f.message, f.groups, Vec::new(), false, f.gate);
                 }
             }
         }
@@ -3335,6 +3398,8 @@ impl World {
         self.cov.step_downs += 1;
         self.nodes[n].stepped_down = true;
         self.nodes[n].settled = false;
+        // `step_down`: it promotes its copies again before it says so.
+        self.nodes[n].promoted_for = 0;
         // Back in service it must hear again every peer whose link broke
         // (`synced_once`: a snapshot on each live link; links that stayed
         // up keep theirs).

@@ -332,6 +332,10 @@ impl Cluster {
                 // serves nothing now (`serves_nothing`).
                 let held = read.snapshot.take().unwrap_or_default();
                 let freed = lock(&self.replicas).holder_serves_only(id, &held, Instant::now());
+                // Its word that it promoted its copies comes after the
+                // snapshot again (an empty one: it stepped down and must
+                // promote them again before that word counts).
+                lock(&self.promoted).remove(&id);
                 if freed > 0 {
                     tracing::info!(
                         copies = freed,

@@ -370,8 +370,14 @@ impl Cluster {
     /// took the messages published meanwhile) win.
     pub(super) fn step_down(&self, state: &State) {
         self.serving_now.store(false, Ordering::Relaxed);
-        // Back in service it must hear every live peer's snapshot again.
+        // Back in service it must hear every live peer's snapshot again,
+        // and promote the copies it owns again before it tells its peers
+        // it has (a word kept from before let a peer route publishes held
+        // for a lost node while this node's copies were unpromoted and its
+        // interest unsent: they matched nobody; found by the simulator
+        // with sessions on different chains).
         self.synced_once.store(false, Ordering::Release);
+        self.promoted_for.store(0, Ordering::Relaxed);
         tracing::warn!(
             quorum = self.quorum(),
             "lost the majority of the cluster: closing clients and handing sessions over"
