@@ -112,6 +112,14 @@ pub enum Route {
     /// `node` is gone: the message is held for whoever takes over its
     /// sessions, then forwarded [`Route::Again`] to every interested peer.
     Held,
+    /// Not routed at all yet: it waits behind its publisher's held
+    /// publishes, in the order they came, and is then routed as new
+    /// ([`crate::core::Core::route_deferred`]), so no subscriber gets a
+    /// publisher's messages out of order across a takeover.
+    Deferred {
+        /// It was a QoS 2 resend (see `Core::route_resent`).
+        resent: bool,
+    },
 }
 
 impl Effects {

@@ -187,6 +187,7 @@ pub fn finish(
             Route::First => fabric.forward(f.node, &f.message, &f.groups, false),
             Route::Again => fabric.forward(f.node, &f.message, &f.groups, true),
             Route::Held => fabric.hold(f.message, f.groups),
+            Route::Deferred { resent } => fabric.defer(f.message, resent),
         };
         if let Some(rx) = rx {
             committed.rx.push(rx);

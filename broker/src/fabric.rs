@@ -33,4 +33,9 @@ pub trait Fabric: Send + Sync + std::fmt::Debug {
     /// since). Resolves once they have committed it.
     fn hold(&self, m: Message, groups: Vec<Arc<str>>)
         -> Option<tokio::sync::oneshot::Receiver<()>>;
+    /// `m` waits behind its publisher's held publishes: routed as new
+    /// (`Core::route_deferred`) once none of them is held any more, so
+    /// a session promoted meanwhile gets them in order. Resolves once that
+    /// routing has committed.
+    fn defer(&self, m: Message, resent: bool) -> Option<tokio::sync::oneshot::Receiver<()>>;
 }

@@ -99,6 +99,13 @@ pub struct State {
     disk: std::sync::OnceLock<Arc<mqlb_storage::Store>>,
     /// QoS 1/2 publishes refused because the data directory was full.
     pub disk_refused: std::sync::atomic::AtomicU64,
+    /// Publishes the cluster holds for a takeover on its own account (a
+    /// forward lost with its link, or refused), told to the core at its
+    /// next lock ([`State::note_held`]): a leaf lock, so a hold made while
+    /// the core's lock is held (a link's snapshot) cannot deadlock.
+    held_notes: Mutex<Vec<crate::message::Message>>,
+    /// Whether `held_notes` has any (checked at every lock, without it).
+    has_held_notes: std::sync::atomic::AtomicBool,
 }
 
 impl State {
@@ -132,7 +139,18 @@ impl State {
             disk: std::sync::OnceLock::new(),
             disk_refused: Default::default(),
             stopping: tokio_util::sync::CancellationToken::new(),
+            held_notes: Mutex::default(),
+            has_held_notes: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The cluster holds `m` for a takeover on its own account: its
+    /// publisher's later publishes wait behind it (`Core::note_held`, told
+    /// before the core's next call).
+    pub(crate) fn note_held(&self, m: &crate::message::Message) {
+        lock(&self.held_notes).push(m.clone());
+        self.has_held_notes
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Counts a change that was waited for and not committed.
@@ -202,6 +220,14 @@ impl State {
     fn core_at(&self, now: std::time::Instant) -> CoreGuard<'_> {
         let mut core = CoreGuard(self.core.lock().unwrap_or_else(|p| p.into_inner()));
         core.advance(now);
+        if self
+            .has_held_notes
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            for m in std::mem::take(&mut *lock(&self.held_notes)) {
+                core.note_held(&m);
+            }
+        }
         if core
             .wall_age(now)
             .is_none_or(|age| age >= std::time::Duration::from_secs(1))

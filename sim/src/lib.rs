@@ -252,9 +252,12 @@ pub struct Coverage {
     /// Last wills whose scheduling was committed (each must reach every
     /// subscriber).
     pub last_wills_promised: u64,
-    /// Publishes the core sent to peers (none expected: every client's
-    /// session shares one chain).
+    /// Publishes the core sent to peers (none without `Config::spread`,
+    /// but while sessions move).
     pub forwards: u64,
+    /// Publishes that waited behind their publisher's held ones
+    /// (`Route::Deferred`).
+    pub deferred: u64,
 }
 
 impl Coverage {
@@ -338,7 +341,8 @@ impl Coverage {
             wills_taken_over,
             wills_delivered,
             last_wills_promised,
-            forwards
+            forwards,
+            deferred
         );
     }
 }

@@ -344,6 +344,9 @@ struct HeldPublish {
     refused: bool,
     since: Time,
     gate: usize,
+    /// `Some(resent)`: not routed yet, it waits behind its publisher's
+    /// held publishes (`HeldAs::New`).
+    deferred: Option<bool>,
 }
 
 /// What to do once every gate of a join is done.
@@ -1797,7 +1800,20 @@ impl World {
                     let again = matches!(f.route, Route::Again);
                     self.forward(node, to, f.message, f.groups, again, g);
                 }
-                Route::Held => self.hold(node, f.message, f.groups, Vec::new(), false, g),
+                // Counted by the core, which asked for it.
+                Route::Held => self.hold(node, f.message, f.groups, Vec::new(), false, g, true),
+                Route::Deferred { resent } => {
+                    self.cov.deferred += 1;
+                    self.nodes[node].held.push(HeldPublish {
+                        message: f.message,
+                        groups: f.groups,
+                        exclude: Vec::new(),
+                        refused: false,
+                        since: self.now,
+                        gate: g,
+                        deferred: Some(resent),
+                    });
+                }
             }
         }
         gates
@@ -1833,7 +1849,7 @@ impl World {
         if !self.linked(from, to) {
             // `Fabric::forward` without a link: held, `to` not excluded
             // (a broken link is dialled again; its node may still serve).
-            return self.hold(from, message, groups, Vec::new(), false, gate);
+            return self.hold(from, message, groups, Vec::new(), false, gate, false);
         }
         let seq = self.nodes[from].next_rep;
         self.nodes[from].next_rep += 1;
@@ -1855,7 +1871,9 @@ impl World {
         self.send_frame(from, to, &frame);
     }
 
-    /// `hold_for_takeover`: kept until the lost node's sessions have moved.
+    /// `hold_publish`: kept until the lost node's sessions have moved;
+    /// `noted`: the core counted it (else it is told, `State::note_held`).
+    #[allow(clippy::too_many_arguments)]
     fn hold(
         &mut self,
         node: usize,
@@ -1864,8 +1882,12 @@ impl World {
         exclude: Vec<usize>,
         refused: bool,
         gate: usize,
+        noted: bool,
     ) {
         self.cov.held_publishes += 1;
+        if !noted {
+            self.nodes[node].core.note_held(&message);
+        }
         let since = self.now;
         self.nodes[node].held.push(HeldPublish {
             message,
@@ -1874,6 +1896,7 @@ impl World {
             refused,
             since,
             gate,
+            deferred: None,
         });
     }
 
@@ -2313,7 +2336,7 @@ impl World {
                 Frame::Refused { seq } => {
                     if let Some(f) = self.nodes[to].forwards.remove(&seq) {
                         self.cov.forwards_refused += 1;
-                        self.hold(to, f.message, f.groups, vec![from], true, f.gate);
+                        self.hold(to, f.message, f.groups, vec![from], true, f.gate, false);
                     }
                 }
                 Frame::Raft(m) if self.cfg.raft => self.raft_frame(from, to, &m),
@@ -2554,13 +2577,35 @@ impl World {
 
     /// `hold_for_takeover`'s wait, then `Core::reforward`.
     fn release_held(&mut self, n: usize) {
-        let held = std::mem::take(&mut self.nodes[n].held);
+        let mut held = std::mem::take(&mut self.nodes[n].held);
+        // `release_held`: in the order the publishes came, a publisher's
+        // later ones behind any of its own still held.
+        held.sort_by_key(|h| h.message.received);
+        let mut blocked: BTreeSet<Option<Arc<str>>> = BTreeSet::new();
         let mut keep = Vec::new();
         for h in held {
+            let origin = h.message.origin.clone();
+            if blocked.contains(&origin) {
+                keep.push(h);
+                continue;
+            }
+            if let Some(resent) = h.deferred {
+                let (_, gates) = self.call(n, |core| ((), core.route_deferred(h.message, resent)));
+                self.join(gates, Then::Resolve(h.gate));
+                if self.nodes[n]
+                    .held
+                    .iter()
+                    .any(|x| x.message.origin == origin)
+                {
+                    blocked.insert(origin);
+                }
+                continue;
+            }
             let unsettled = self.view.iter().any(|&m| m != n && !self.linked(n, m))
                 || (h.refused && h.exclude.iter().any(|r| self.view.contains(r)));
             let waited = self.now >= h.since + TAKEOVER_WITHIN;
             if (unsettled || !self.takeover_done(n)) && !waited {
+                blocked.insert(origin);
                 keep.push(h);
                 continue;
             }
@@ -2592,8 +2637,16 @@ impl World {
                 ((), core.reforward(h.message, h.groups, &alive, &exclude))
             });
             self.join(gates, Then::Resolve(h.gate));
+            // Held again by the reforward: its publisher's later ones stay
+            // behind it.
+            if self.nodes[n]
+                .held
+                .iter()
+                .any(|x| x.message.origin == origin)
+            {
+                blocked.insert(origin);
+            }
         }
-        // Held again meanwhile (by the reforward) go behind.
         keep.append(&mut self.nodes[n].held);
         self.nodes[n].held = keep;
     }
@@ -2914,7 +2967,7 @@ impl World {
                 if let Some(f) = self.nodes[n].forwards.remove(&seq) {
                     // `Released::Resend`: `g` not excluded (it may
                     // never have had it; `first_had` tells it apart).
-                    self.hold(n, f.message, f.groups, Vec::new(), false, f.gate);
+                    self.hold(n, f.message, f.groups, Vec::new(), false, f.gate, false);
                 }
             }
         }

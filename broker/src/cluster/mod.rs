@@ -74,6 +74,7 @@ pub mod wire;
 
 pub use links::relay;
 use links::LinkTx;
+use replication::HeldAs;
 use seen::SEEN_FOR;
 
 use std::collections::HashMap;
@@ -303,6 +304,11 @@ pub struct Cluster {
     /// The newest view this node has promoted its copies for and told its
     /// peers so.
     promoted_for: AtomicU64,
+    /// Publishes held for a takeover, in the order they were held
+    /// (`replication::hold_publish`).
+    held: Mutex<Vec<replication::HeldPublish>>,
+    /// Whether the task that routes held publishes again runs.
+    releasing: std::sync::atomic::AtomicBool,
     /// Lost peers whose interest this node has forgotten (their sessions
     /// moved); cleared when a peer links up again.
     forgotten: Mutex<std::collections::HashSet<NodeId>>,
@@ -544,6 +550,8 @@ impl Cluster {
                 store_synced: Mutex::new(HashMap::new()),
                 promoted: Mutex::new(HashMap::new()),
                 promoted_for: AtomicU64::new(0),
+                held: Mutex::default(),
+                releasing: std::sync::atomic::AtomicBool::new(false),
                 forgotten: Mutex::new(std::collections::HashSet::new()),
                 seq: AtomicU64::new(1),
                 interest_covers: AtomicU64::new(0),
@@ -1511,7 +1519,14 @@ impl Fabric for Cluster {
         groups: Vec<Arc<str>>,
     ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.hold_for_takeover(m, groups, Vec::new(), done, false);
+        // Counted by the core, which asked for it.
+        self.hold_publish(m, groups, HeldAs::again(Vec::new(), false), done, true);
+        Some(wait)
+    }
+
+    fn defer(&self, m: Message, resent: bool) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.hold_publish(m, Vec::new(), HeldAs::New { resent }, done, true);
         Some(wait)
     }
 
@@ -1530,7 +1545,8 @@ impl Fabric for Cluster {
                 return None;
             }
             let (done, wait) = tokio::sync::oneshot::channel();
-            self.hold_for_takeover(m.clone(), groups.to_vec(), Vec::new(), done, false);
+            let again = HeldAs::again(Vec::new(), false);
+            self.hold_publish(m.clone(), groups.to_vec(), again, done, false);
             return Some(wait);
         };
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);

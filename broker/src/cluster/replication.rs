@@ -590,7 +590,7 @@ impl Cluster {
                 // it is gone, and each round would give the message once
                 // more to the node that took its sessions over.
                 Released::Resend(m, groups, tx) => {
-                    self.hold_for_takeover(m, groups, vec![from], tx, true);
+                    self.hold_publish(m, groups, HeldAs::again(vec![from], true), tx, false);
                 }
             }
         }
@@ -629,26 +629,26 @@ impl Cluster {
                 // Which other peers had each is not known here: one that
                 // did may see it twice (QoS 1 allows; see the README).
                 Released::Resend(m, groups, tx) => {
-                    self.hold_for_takeover(m, groups, Vec::new(), tx, false);
+                    self.hold_publish(m, groups, HeldAs::again(Vec::new(), false), tx, false);
                 }
             }
         }
     }
 
-    /// Holds `m` for a dead peer and forwards it again, once the view has
-    /// dropped that peer and its sessions' next nodes have had a moment to
-    /// promote them, to the live peers interested by then (the node that
-    /// took over the dead peer's sessions announces them when it promotes
-    /// them); `done` fires once those have committed it. When
-    /// the nodes in `exclude` `refused` it (they no longer serve), it also
-    /// waits for a view without them: their sessions move only then.
-    pub(super) fn hold_for_takeover(
+    /// Holds `m` for a takeover: routed again once the view has dropped
+    /// the lost peer and its sessions' next nodes have promoted them (see
+    /// `release_held`), or, [`HeldAs::New`], once no earlier publish of
+    /// its publisher is held; `done` fires once that routing has
+    /// committed. `noted`: the core counted it already (it asked for the
+    /// hold); else it is told, so the publisher's later publishes wait
+    /// behind this one.
+    pub(super) fn hold_publish(
         &self,
         m: Message,
         groups: Vec<Arc<str>>,
-        exclude: Vec<NodeId>,
+        how: HeldAs,
         done: tokio::sync::oneshot::Sender<()>,
-        refused: bool,
+        noted: bool,
     ) {
         let (Some(state), Some(cluster)) = (
             self.state.get().and_then(std::sync::Weak::upgrade),
@@ -657,64 +657,156 @@ impl Cluster {
             // Shutting down: dropped unsent, `done` says not committed.
             return;
         };
-        self.stats.held.fetch_add(1, Ordering::Relaxed);
+        if !noted {
+            state.note_held(&m);
+        }
+        if matches!(how, HeldAs::Again { .. }) {
+            self.stats.held.fetch_add(1, Ordering::Relaxed);
+        }
+        lock(&self.held).push(HeldPublish {
+            m,
+            groups,
+            how,
+            since: tokio::time::Instant::now(),
+            done,
+        });
+        if self.releasing.swap(true, Ordering::AcqRel) {
+            return;
+        }
         tokio::spawn(async move {
-            // The takeover happens once the committed view has dropped the
-            // lost node (after an election, if it led; a node whose link
-            // is gone counts as lost until then) and the next node of each
-            // chain has promoted its copy: wait for the view to hold only
-            // reachable members and none that refused the message (a node
-            // on its way out is still linked), then a moment for the
-            // promotions. A message for a node that hangs with its link up
-            // comes here only once the view has dropped it.
-            let deadline = tokio::time::Instant::now() + TAKEOVER_WITHIN;
-            let refusers: Vec<String> = exclude
-                .iter()
-                .filter(|_| refused)
-                .filter_map(|n| cluster.name_of(*n))
-                .collect();
-            let unsettled = || {
-                cluster.view_has_unreachable() || {
-                    let view = cluster.view();
-                    refusers.iter().any(|r| view.members.contains(r))
-                }
-            };
-            // Released as soon as every live member says it has promoted
-            // the copies it owns in that view (their interest came first
-            // on the same links), at most TAKEOVER_WITHIN after the loss.
-            let held = tokio::time::Instant::now();
-            while (unsettled() || !cluster.takeover_done())
-                && tokio::time::Instant::now() < deadline
-            {
+            loop {
                 tokio::time::sleep(consensus::TICK / 4).await;
-            }
-            tracing::debug!(
-                held_ms = held.elapsed().as_millis() as u64,
-                settled = !unsettled(),
-                moved = cluster.takeover_done(),
-                "held publish routed again"
-            );
-            // Peers with a link that the view still counts: one it dropped
-            // (a hung node's link can stay open) is no candidate.
-            let linked: Vec<NodeId> = cluster.reachable_peers();
-            // Members the view has dropped are not waited for again:
-            // their sessions have moved, and the new holders are among
-            // the linked peers.
-            let mut exclude = exclude;
-            let view = cluster.view();
-            exclude.extend(
-                cluster
-                    .names()
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, n)| view.number > 0 && !view.members.contains(n))
-                    .filter_map(|(i, _)| NodeId::try_from(i).ok()),
-            );
-            let committed = state.act(|core| core.reforward(m, groups, &linked, &exclude));
-            if committed.wait().await.is_ok() {
-                let _ = done.send(());
+                cluster.release_held(&state);
+                if !lock(&cluster.held).is_empty() {
+                    continue;
+                }
+                cluster.releasing.store(false, Ordering::Release);
+                // One held since the check above, whose holder saw this
+                // task still running, is released here.
+                if lock(&cluster.held).is_empty() || cluster.releasing.swap(true, Ordering::AcqRel)
+                {
+                    break;
+                }
             }
         });
+    }
+
+    /// One pass over the held publishes, in the order they came: each
+    /// whose takeover is done (the committed view holds only reachable
+    /// members and none that refused it, and every member has promoted the
+    /// copies it owns), or that waited [`TAKEOVER_WITHIN`], is routed
+    /// again to the live peers interested by then; a deferred one once no
+    /// earlier publish of its publisher is still held. A publisher whose
+    /// publish stays held holds its later ones back too, so no session
+    /// gets them out of order (found by the simulator with sessions on
+    /// different chains: a publish made after a session was promoted here
+    /// reached it before one held for the node that had died with it).
+    fn release_held(&self, state: &Arc<State>) {
+        let mut pending = std::mem::take(&mut *lock(&self.held));
+        // In the order the publishes came to this node (a forward lost
+        // with its link is held after later publishes may have been).
+        pending.sort_by_key(|h| h.m.received);
+        let now = tokio::time::Instant::now();
+        let settled = !self.view_has_unreachable() && self.takeover_done();
+        let mut blocked: std::collections::HashSet<Option<Arc<str>>> =
+            std::collections::HashSet::new();
+        let mut kept = Vec::new();
+        for h in pending {
+            let origin = h.m.origin.clone();
+            if blocked.contains(&origin) {
+                kept.push(h);
+                continue;
+            }
+            let ready = match &h.how {
+                HeldAs::New { .. } => true,
+                HeldAs::Again { exclude, refused } => {
+                    let refusers_left = !*refused || {
+                        let view = self.view();
+                        exclude
+                            .iter()
+                            .filter_map(|n| self.name_of(*n))
+                            .all(|r| !view.members.contains(&r))
+                    };
+                    (settled && refusers_left) || now >= h.since + TAKEOVER_WITHIN
+                }
+            };
+            if !ready {
+                blocked.insert(origin);
+                kept.push(h);
+                continue;
+            }
+            let HeldPublish {
+                m,
+                groups,
+                how,
+                done,
+                ..
+            } = h;
+            let committed = match how {
+                HeldAs::New { resent } => state.act(|core| core.route_deferred(m, resent)),
+                HeldAs::Again { exclude, .. } => {
+                    tracing::debug!(settled, "held publish routed again");
+                    // Peers with a link that the view still counts: one it
+                    // dropped (a hung node's link can stay open) is no
+                    // candidate. Members the view has dropped are not
+                    // waited for again: their sessions have moved, and the
+                    // new holders are among the linked peers.
+                    let linked: Vec<NodeId> = self.reachable_peers();
+                    let mut exclude = exclude;
+                    let view = self.view();
+                    exclude.extend(
+                        self.names()
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, n)| view.number > 0 && !view.members.contains(n))
+                            .filter_map(|(i, _)| NodeId::try_from(i).ok()),
+                    );
+                    state.act(|core| core.reforward(m, groups, &linked, &exclude))
+                }
+            };
+            // Held again by that routing (a peer unreachable once more):
+            // its publisher's later publishes stay behind it.
+            if lock(&self.held).iter().any(|n| n.m.origin == origin) {
+                blocked.insert(origin);
+            }
+            tokio::spawn(async move {
+                if committed.wait().await.is_ok() {
+                    let _ = done.send(());
+                }
+            });
+        }
+        let mut held = lock(&self.held);
+        kept.append(&mut held);
+        *held = kept;
+    }
+}
+
+/// A publish held for a takeover.
+#[derive(Debug)]
+pub(super) struct HeldPublish {
+    m: Message,
+    groups: Vec<Arc<str>>,
+    how: HeldAs,
+    since: tokio::time::Instant,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+/// How a held publish is routed when its turn comes.
+#[derive(Debug)]
+pub(super) enum HeldAs {
+    /// Again (`Core::reforward`), to the peers interested by then, except
+    /// `exclude`; `refused`: those refused it (they no longer serve), and
+    /// it also waits for a view without them, as their sessions move only
+    /// then.
+    Again { exclude: Vec<NodeId>, refused: bool },
+    /// As new (`Core::route_deferred`): it only waited behind its
+    /// publisher's held publishes.
+    New { resent: bool },
+}
+
+impl HeldAs {
+    pub(super) fn again(exclude: Vec<NodeId>, refused: bool) -> Self {
+        HeldAs::Again { exclude, refused }
     }
 }
 
