@@ -817,6 +817,101 @@ async fn a_persistent_session_survives_the_loss_of_its_owner() {
     }
 }
 
+/// A publisher's messages reach a subscriber in the order they were sent
+/// while the subscriber's session moves off its dead node: those published
+/// while it moved are held for it, and those published once the node that
+/// took it over had promoted it wait behind them. (Before, the later ones
+/// reached the promoted session first: found by the simulator with
+/// sessions on different chains.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publishers_order_holds_while_its_subscribers_session_moves() {
+    use mqlb_protocol::{MqttStr, Packet, PacketId, Publish};
+    let _one = ONE_CLUSTER.lock().await;
+    let mut c = TestCluster::start(3, &[]);
+    assert!(c.wait_converged(SETTLE).await);
+    let id = c.id_owned_by("n1", "order-sub", &ALL);
+    let next = c.owner_of(&id, &["n2", "n3"]);
+    let mut cp = connect_packet(&id, ProtocolVersion::V5, false);
+    cp.properties.session_expiry_interval = Some(3600);
+    let (mut s, ack) = Client::connect(&c.nodes[0].addr, cp.clone()).await;
+    assert_eq!(ack.reason.0, 0);
+    s.subscribe("order/#", qos(QoS::AtLeastOnce)).await;
+    // The publisher on the node that takes the session over, sending
+    // without waiting for each PUBACK (they wait while the session moves).
+    let (mut p, _) = connect_owned(&c, &next, "order-pub", ProtocolVersion::V5, true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    const N: u16 = 800;
+    let publisher = tokio::spawn(async move {
+        for i in 1..=N {
+            p.send(Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: MqttStr::try_from("order/x").unwrap(),
+                packet_id: PacketId::new(i),
+                properties: Properties::default(),
+                payload: bytes::Bytes::from(i.to_string()),
+            }))
+            .await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut acked = std::collections::HashSet::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while acked.len() < usize::from(N) && tokio::time::Instant::now() < deadline {
+            if let Some(Packet::Puback(a)) = p.recv(Duration::from_secs(1)).await {
+                acked.insert(a.packet_id.get());
+            }
+        }
+        acked.len()
+    });
+    // First deliveries, in the order they came, over both connections.
+    let mut got: Vec<u16> = Vec::new();
+    let note = |payload: &[u8], got: &mut Vec<u16>| {
+        let n: u16 = std::str::from_utf8(payload).unwrap().parse().unwrap();
+        if !got.contains(&n) {
+            got.push(n);
+        }
+    };
+    let until = tokio::time::Instant::now() + Duration::from_millis(800);
+    while tokio::time::Instant::now() < until {
+        if let Some(m) = s.next_publish(Duration::from_millis(50), true).await {
+            note(&m.payload, &mut got);
+        }
+    }
+    assert!(!got.is_empty(), "nothing crossed before the kill");
+    c.kill(0);
+    drop(s);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut s = loop {
+        match Client::try_connect(&c.nodes[node_index(&next)].addr, cp.clone()).await {
+            Some((s, ack)) if ack.reason.0 == 0 => {
+                assert!(ack.session_present, "the session was lost");
+                break s;
+            }
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{next} never took the session over"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    while let Some(m) = s.next_publish(Duration::from_secs(3), true).await {
+        note(&m.payload, &mut got);
+    }
+    let acked = publisher.await.unwrap();
+    assert_eq!(acked, usize::from(N), "not every publish was acknowledged");
+    let late: Vec<(u16, u16)> = got
+        .windows(2)
+        .filter(|w| w[1] < w[0])
+        .map(|w| (w[0], w[1]))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "given out of order (before, after): {late:?}"
+    );
+    assert_eq!(got.len(), usize::from(N), "acknowledged messages lost");
+}
+
 /// A will waiting out its Will Delay goes down its session's chain: when
 /// the node holding it dies before the delay is over, the node that takes
 /// the session over sends it when it is due, once. (Before, a pending will
