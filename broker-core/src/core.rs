@@ -338,6 +338,9 @@ pub struct Core {
     /// one is held, that publisher's later publishes wait behind it, so a
     /// session promoted meanwhile gets them in the order they were sent.
     held_from: crate::hashing::HashMap<Arc<str>, u32>,
+    /// When this node first had each message a peer forwarded, or a
+    /// publisher sent again ([`crate::first_had`]).
+    first_had: crate::first_had::FirstHad,
 }
 
 impl Core {
@@ -522,6 +525,7 @@ impl Core {
     pub fn route_from_peer(&mut self, m: Message, groups: &[Arc<str>]) -> Effects {
         let mut fx = Effects::none();
         self.stats.messages_in += 1;
+        self.first_had_now(&m);
         let targets = self
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
@@ -543,14 +547,14 @@ impl Core {
     /// [`Core::route_from_peer`], but only to the sessions that cannot have
     /// it yet. One that was here when this node first had it (at `first`)
     /// had it then; one made from a copy that held it has it.
-    pub fn route_again_from_peer(
-        &mut self,
-        m: Message,
-        groups: &[Arc<str>],
-        first: Option<Instant>,
-    ) -> Effects {
+    pub fn route_again_from_peer(&mut self, m: Message, groups: &[Arc<str>]) -> Effects {
         let mut fx = Effects::none();
         self.stats.messages_in += 1;
+        // A resend of it routed here (a partition held the first attempt
+        // on the node it was cut off with, which forwards it now) counts
+        // as having it: found by the simulator with sessions on different
+        // chains, a QoS 2 message given twice after the partition healed.
+        let first = self.first_had_now(&m);
         let targets = self
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
@@ -666,6 +670,16 @@ impl Core {
             }
         }
         fx
+    }
+
+    /// Notes that this node has `m` now; when it first had it, if it had
+    /// it before (QoS 1 and 2 only).
+    fn first_had_now(&mut self, m: &Message) -> Option<Instant> {
+        if m.qos == QoS::AtMostOnce {
+            return None;
+        }
+        let now = self.now();
+        self.first_had.had(now, fingerprint(m))
     }
 
     /// Asks the shell to hold `m` for a takeover ([`Route::Held`]); its
@@ -1315,9 +1329,26 @@ impl Core {
         let mut now = None;
         let mut audience = Audience::default();
         let print = resent.then(|| fingerprint(&m));
+        // A resend of a message a peer forwarded here before (its node
+        // died before the publisher had its PUBREC): the sessions here
+        // then had it; only those taken over since may not (found by the
+        // simulator with sessions on different chains).
+        let first = if resent { self.first_had_now(&m) } else { None };
         for t in targets.sessions {
             if print.is_some_and(|p| self.had_lately(&t.client, p)) {
                 continue;
+            }
+            if let (Some(first), Some(p)) = (first, print) {
+                let fresh = self
+                    .sessions
+                    .get(&t.client)
+                    .and_then(|e| e.imported.as_deref())
+                    .is_some_and(|imp| {
+                        imp.at.is_some_and(|at| at > first) && !imp.seen.contains(&p)
+                    });
+                if !fresh {
+                    continue;
+                }
             }
             if t.qos != QoS::AtMostOnce {
                 self.tally(&t.client, m.origin.as_deref(), &mut now, &mut audience);
@@ -1345,12 +1376,15 @@ impl Core {
         if self.clustered() && !is_node_local(m.topic.as_str()) {
             let (live, gone): (Vec<_>, Vec<_>) =
                 peers.into_iter().partition(|(n, _)| self.reachable(*n));
+            // A resend goes to peers as a message sent again: one that
+            // had it gives it only to sessions that cannot have it yet.
+            let route = if resent { Route::Again } else { Route::First };
             for (node, groups) in live {
                 fx.forwards.push(Forward {
                     node,
                     message: m.clone(),
                     groups,
-                    route: Route::First,
+                    route,
                 });
             }
             if !gone.is_empty() && m.qos != QoS::AtMostOnce {
@@ -2670,14 +2704,13 @@ mod tests {
         let mut here = Core::new();
         persistent(&mut here, "was-here");
         run(here.route_from_peer(m.clone(), &[]));
-        let first = Instant::now();
         std::thread::sleep(Duration::from_millis(2));
         let mut donor = Core::new();
         persistent(&mut donor, "moved-in");
         run(here
             .import_session("moved-in", donor.export_session("moved-in").unwrap())
             .unwrap());
-        run(here.route_again_from_peer(m.clone(), &[], Some(first)));
+        run(here.route_again_from_peer(m.clone(), &[]));
         assert_eq!(queued(&here, "was-here"), 1, "given twice");
         assert_eq!(queued(&here, "moved-in"), 1, "the moved session missed it");
         // A node that never had it: a session whose copy's history holds
@@ -2692,13 +2725,45 @@ mod tests {
                 .unwrap());
         }
         other.note_seen("had-it", HashSet::from([fingerprint(&m)]));
-        run(other.route_again_from_peer(m, &[], None));
+        run(other.route_again_from_peer(m, &[]));
         assert_eq!(queued(&other, "had-it"), 0, "given twice after a move");
         assert_eq!(
             queued(&other, "missed-it"),
             1,
             "the moved session missed it"
         );
+    }
+
+    /// A QoS 2 resend (DUP) of a message a peer forwarded here before
+    /// (the publisher's node died before its PUBREC) skips the sessions
+    /// that were here then, and goes to peers as sent again; and a peer
+    /// that forwards the first attempt again later finds this node had it
+    /// (found by the simulator with sessions on different chains).
+    #[test]
+    fn a_qos2_resend_of_a_forwarded_message_is_not_given_twice() {
+        let v = ProtocolVersion::V5;
+        let m = msg("t/x", QoS::ExactlyOnce, false, "fwd");
+        let mut c = Core::new();
+        c.join_cluster(1);
+        c.set_reachable([2]);
+        c.peer_interest(2, "t/#", true);
+        let (tx, rx) = outbox();
+        connect(&mut c, "here", true, GONE, 10, tx);
+        run2(c.subscribe("here", "t/#", sub(QoS::ExactlyOnce)));
+        run(c.route_from_peer(m.clone(), &[]));
+        assert_eq!(payloads(&rx, v), ["fwd"]);
+        let fx = c.route_resent(m.clone());
+        let routes: Vec<Route> = fx.forwards.iter().map(|f| f.route).collect();
+        assert_eq!(routes, [Route::Again], "a peer would give it as new");
+        run(fx);
+        assert!(payloads(&rx, v).is_empty(), "given twice");
+        // Never forwarded here: the resend is given, and a later forward
+        // again of the first attempt is not.
+        let n = msg("t/x", QoS::ExactlyOnce, false, "resent-first");
+        run(c.route_resent(n.clone()));
+        assert_eq!(payloads(&rx, v), ["resent-first"]);
+        run(c.route_again_from_peer(n, &[]));
+        assert!(payloads(&rx, v).is_empty(), "given twice");
     }
 
     /// A QoS 2 PUBLISH sent again after its publisher's session was taken

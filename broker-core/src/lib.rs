@@ -24,6 +24,7 @@
 //! * [`message`]: a message as routed.
 //! * [`snapshot`]: session export and import.
 //! * [`effects`]: what the core returns.
+//! * [`first_had`]: when this node first had a message given it again.
 //! * [`hashing`]: the maps' hasher (fixed-seeded for the simulator).
 //! * [`log`]: the ordered change log's numbering.
 //! * [`mutations`]: test-only switches that put fixed bugs back.
@@ -37,6 +38,7 @@ pub mod chain;
 pub mod commits;
 pub mod core;
 pub mod effects;
+pub mod first_had;
 pub mod hashing;
 pub mod hlc;
 pub mod log;

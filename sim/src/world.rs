@@ -301,8 +301,6 @@ struct Node {
     promoted_for: u64,
     /// Each peer's word on the view it promoted its copies for.
     promoted: BTreeMap<usize, u64>,
-    /// When this node first had each forwarded message (`first_had`).
-    first_had: BTreeMap<u64, Instant>,
     /// For each session served or copied here, the fingerprints of the
     /// messages it was given (`seen`): a promoted copy is told them.
     seen: BTreeMap<String, BTreeSet<u64>>,
@@ -584,7 +582,6 @@ impl World {
                 held: Vec::new(),
                 promoted_for: 0,
                 promoted: BTreeMap::new(),
-                first_had: BTreeMap::new(),
                 seen: BTreeMap::new(),
                 seen_stash: BTreeMap::new(),
                 snapshot_from: BTreeMap::new(),
@@ -2417,19 +2414,9 @@ impl World {
             self.answer(to, from, Frame::Refused { seq }, false);
             return;
         }
-        let now = self.instant();
-        let print =
-            (message.qos != QoS::AtMostOnce).then(|| mqlb_broker_core::core::fingerprint(&message));
-        let first = print.and_then(|p| match self.nodes[to].first_had.entry(p) {
-            std::collections::btree_map::Entry::Occupied(e) => Some(*e.get()),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert(now);
-                None
-            }
-        });
         let (_, gates) = self.call(to, |core| {
             let fx = if again {
-                core.route_again_from_peer(message, &groups, first)
+                core.route_again_from_peer(message, &groups)
             } else {
                 core.route_from_peer(message, &groups)
             };
@@ -3542,7 +3529,6 @@ impl World {
         node.promoted_for = 0;
         node.promoted.clear();
         node.held_for_copies.clear();
-        node.first_had.clear();
         node.seen.clear();
         node.seen_stash.clear();
         node.snapshot_from.clear();

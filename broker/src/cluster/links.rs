@@ -467,15 +467,12 @@ impl Cluster {
                     }
                     return;
                 }
-                // When this node first had the message is read and noted
-                // under the core's lock, so it orders with the sessions'
-                // takeovers.
-                let print = (message.qos != mqlb_protocol::QoS::AtMostOnce)
-                    .then(|| crate::core::fingerprint(&message));
+                // The core notes when it first had the message
+                // (`first_had`), under its lock, so it orders with the
+                // sessions' takeovers.
                 let committed = state.act(|core| {
-                    let first = print.and_then(|p| lock(&self.first_had).had(Instant::now(), p));
                     if again {
-                        core.route_again_from_peer(message, &groups, first)
+                        core.route_again_from_peer(message, &groups)
                     } else {
                         core.route_from_peer(message, &groups)
                     }

@@ -75,7 +75,6 @@ pub mod wire;
 pub use links::relay;
 use links::LinkTx;
 use replication::HeldAs;
-use seen::SEEN_FOR;
 
 use std::collections::HashMap;
 use std::io;
@@ -290,9 +289,6 @@ pub struct Cluster {
     /// Answers for peers whose link from this node is not open yet (see
     /// [`Cluster::answer`]).
     early_answers: Mutex<HashMap<NodeId, Vec<Frame>>>,
-    /// When this node first had each message peers forwarded at QoS 1 or
-    /// 2 (see [`FirstHad`]).
-    first_had: Mutex<FirstHad>,
     /// State store changes and passed-on requests waiting for peers.
     store_waits: Mutex<acks::Acks>,
     /// The newest view each peer said it sent its key copies for (see
@@ -352,18 +348,6 @@ pub const RETIRE_FOR: Duration = Duration::from_secs(30);
 /// are held for whoever takes them over rather than matching nobody.
 pub const INTEREST_HOLD: Duration = Duration::from_secs(6);
 
-/// When this node first had each message a peer forwarded at QoS 1 or 2,
-/// by fingerprint, for the last [`SEEN_FOR`] and at most [`FIRST_HAD_MAX`]
-/// messages. A forward is confirmed by each peer on its own; when one peer
-/// dies or refuses, the message is forwarded again to every interested
-/// peer, and one that had it already gives it only to the sessions it has
-/// taken over since (a QoS 2 message must arrive once).
-#[derive(Debug, Default)]
-pub(crate) struct FirstHad {
-    order: std::collections::VecDeque<(Instant, u64)>,
-    at: HashMap<u64, Instant>,
-}
-
 /// The most answers kept for one peer whose link is not open yet; past
 /// it they are dropped (and counted).
 const MAX_EARLY_ANSWERS: usize = 1 << 16;
@@ -375,35 +359,6 @@ const MAX_EARLY_ANSWERS: usize = 1 << 16;
 pub(super) struct ReplyTo {
     pub(super) id: NodeId,
     pub(super) generation: u64,
-}
-
-/// The most messages [`FirstHad`] remembers: a bound on its memory (about
-/// 10 MB) whatever the forwarding rate; past it, the oldest are forgotten
-/// first.
-const FIRST_HAD_MAX: usize = 1 << 18;
-
-impl FirstHad {
-    /// Notes that this node has `print` at `now`; returns when it first
-    /// had it, if it had it before.
-    fn had(&mut self, now: Instant, print: u64) -> Option<Instant> {
-        while let Some(&(t, p)) = self.order.front() {
-            if now.duration_since(t) < SEEN_FOR && self.order.len() < FIRST_HAD_MAX {
-                break;
-            }
-            self.order.pop_front();
-            if self.at.get(&p) == Some(&t) {
-                self.at.remove(&p);
-            }
-        }
-        match self.at.entry(print) {
-            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(now);
-                self.order.push_back((now, print));
-                None
-            }
-        }
-    }
 }
 
 /// What the view loop carries from one tick to the next.
@@ -543,7 +498,6 @@ impl Cluster {
                 replicas: Mutex::default(),
                 joining: Mutex::default(),
                 replica_seen: Mutex::default(),
-                first_had: Mutex::new(FirstHad::default()),
                 early_answers: Mutex::new(HashMap::new()),
                 waiting: Mutex::default(),
                 store_waits: Mutex::default(),
@@ -1576,32 +1530,5 @@ impl Fabric for Cluster {
             &self.stats.dropped,
         );
         rx
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The first time is kept however often a message comes again, and
-    /// the log forgets by age and by count, oldest first.
-    #[test]
-    fn first_had_keeps_the_first_time_and_forgets_the_oldest() {
-        let mut log = FirstHad::default();
-        let t0 = Instant::now();
-        assert_eq!(log.had(t0, 1), None);
-        let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(log.had(t1, 1), Some(t0));
-        assert_eq!(log.had(t1, 2), None);
-        // Past SEEN_FOR, 1 is forgotten; 2 (noted a second later) too.
-        let late = t0 + SEEN_FOR + Duration::from_secs(1);
-        assert_eq!(log.had(late, 1), None);
-        assert_eq!(log.at.len(), 1);
-        for p in 10..10 + FIRST_HAD_MAX as u64 {
-            log.had(late, p);
-        }
-        assert!(log.at.len() <= FIRST_HAD_MAX);
-        assert_eq!(log.order.len(), log.at.len());
-        assert_eq!(log.had(late, 1), None, "the oldest was not forgotten");
     }
 }
