@@ -3146,7 +3146,9 @@ impl World {
     fn fault(&mut self, f: Fault) {
         match f {
             Fault::Crash(n) => {
-                let down = self.nodes.iter().any(|n| !n.up) || self.partitioned.is_some();
+                let down = self.nodes.iter().any(|n| !n.up)
+                    || self.partitioned.is_some()
+                    || self.link_cut_elsewhere();
                 let recent = self.now < self.last_join + 1_500 * MS && self.last_join > 0;
                 if down || recent || !self.nodes[n].up {
                     self.cov.crashes_skipped += 1;
@@ -3240,11 +3242,19 @@ impl World {
             }
             Fault::LinkDrop(a, b, d) => {
                 let pair = (a.min(b), a.max(b));
+                // With sessions on different chains, one failure at a time
+                // counts a broken link too: not while another node is down
+                // or back less than 1.5 s (the two nodes left would each
+                // be alone, no majority anywhere).
+                let second = self.cfg.spread
+                    && (self.nodes.iter().any(|n| !n.up)
+                        || self.now < self.last_join + 1_500 * MS && self.last_join > 0);
                 if a == b
                     || !self.nodes[a].up
                     || !self.nodes[b].up
                     || self.links_down.contains(&pair)
                     || self.partitioned.is_some()
+                    || second
                 {
                     return;
                 }
@@ -3352,13 +3362,20 @@ impl World {
     /// rejoined in the last 1.5 s, `n` in the view and not the sole holder
     /// of a state store key's last value. Counted as skipped if not.
     fn may_cut_off(&mut self, n: usize) -> bool {
-        let down = self.nodes.iter().any(|n| !n.up);
+        let down = self.nodes.iter().any(|n| !n.up) || self.link_cut_elsewhere();
         let recent = self.now < self.last_join + 1_500 * MS && self.last_join > 0;
         if down || recent || self.partitioned.is_some() || !self.view.contains(&n) {
             self.cov.crashes_skipped += 1;
             return false;
         }
         !self.spared_as_sole_holder(n)
+    }
+
+    /// With sessions on different chains (`Config::spread`), whether a
+    /// cluster link between two live nodes is broken: a crash, hang or
+    /// partition now would be a second failure (see `Fault::LinkDrop`).
+    fn link_cut_elsewhere(&self) -> bool {
+        self.cfg.spread && self.partitioned.is_none() && !self.links_down.is_empty()
     }
 
     /// Every link of `n` that is up breaks.
