@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mqlb_protocol::{PacketId, Publish, QoS, RetainHandling};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::effects::{ChangeRecord, Effects, Forward, LogEntry, Route};
+use crate::effects::{ChangeRecord, Deferred, Effects, Forward, LogEntry, Route};
 use crate::hlc::{Clock, Hlc};
 use crate::message::{Message, Pending, Sub};
 use crate::outbox::{Backlog, Closing, Outgoing};
@@ -729,9 +729,20 @@ impl Core {
     /// Routes a publish that waited behind its publisher's held ones
     /// ([`Route::Deferred`]), now that they went: as it would have been
     /// routed when it came (its retained write was made then).
-    pub fn route_deferred(&mut self, m: Message, resent: bool) -> Effects {
+    pub fn route_deferred(&mut self, m: Message, how: Deferred) -> Effects {
         self.release_held(&m);
-        self.route_to_targets(m, resent, Effects::none())
+        let resent = match how {
+            Deferred::New { resent } => resent,
+            Deferred::Resent => return self.resent_to_targets(&m),
+        };
+        // A QoS 2 one goes to peers as sent again: its publisher, whose
+        // answer waited, may have sent it again through another node
+        // meanwhile (cut off with this one, it reconnected elsewhere), so a
+        // peer that had it gives it only to sessions that cannot have it
+        // (found by the simulator with sessions on different chains: given
+        // twice after a partition healed).
+        let again = resent || m.qos == QoS::ExactlyOnce;
+        self.route_to_targets(m, resent, again, Effects::none())
     }
 
     /// Counters.
@@ -1310,16 +1321,23 @@ impl Core {
                 node: 0,
                 message: m,
                 groups: Vec::new(),
-                route: Route::Deferred { resent },
+                route: Route::Deferred(Deferred::New { resent }),
             });
             return fx;
         }
-        self.route_to_targets(m, resent, fx)
+        self.route_to_targets(m, resent, resent, fx)
     }
 
     /// Delivers `m` to its subscribers here and forwards it to the peers
     /// interested in it.
-    fn route_to_targets(&mut self, m: Message, resent: bool, mut fx: Effects) -> Effects {
+    /// `again`: to peers as a message sent again ([`Route::Again`]).
+    fn route_to_targets(
+        &mut self,
+        m: Message,
+        resent: bool,
+        again: bool,
+        mut fx: Effects,
+    ) -> Effects {
         let targets = self
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
@@ -1378,7 +1396,7 @@ impl Core {
                 peers.into_iter().partition(|(n, _)| self.reachable(*n));
             // A resend goes to peers as a message sent again: one that
             // had it gives it only to sessions that cannot have it yet.
-            let route = if resent { Route::Again } else { Route::First };
+            let route = if again { Route::Again } else { Route::First };
             for (node, groups) in live {
                 fx.forwards.push(Forward {
                     node,
@@ -1685,7 +1703,13 @@ impl Core {
     /// and a link can break in between), and the sessions taken over here
     /// that were not given it get it now, each once by its print (found by
     /// the simulator). Sessions that were here already had it from the
-    /// node that routed it, or never will (peers are not asked again).
+    /// node that routed it if this node had it at all ([`crate::first_had`]);
+    /// if not, that node died holding its forward (a link down), and they
+    /// get it now; interested peers get it as sent again ([`Route::Again`]:
+    /// one that had it gives it only to sessions taken over since). Found
+    /// by the simulator with sessions on different chains: the id reached
+    /// this node in the dead node's link snapshot, the message never did,
+    /// and the resend was only acknowledged.
     /// When the message matches a peer that cannot be reached, or copies
     /// this node owns and has not promoted yet (they may be the sessions
     /// the dead node had not given it to), it is held like a first publish
@@ -1701,27 +1725,58 @@ impl Core {
         if !routed_elsewhere {
             return fx;
         }
+        if self.defers(m) {
+            // Behind its publisher's held publishes, as a first publish.
+            self.note_held(m);
+            fx.forwards.push(Forward {
+                node: 0,
+                message: m.clone(),
+                groups: Vec::new(),
+                route: Route::Deferred(Deferred::Resent),
+            });
+            return fx;
+        }
+        self.resent_to_targets(m)
+    }
+
+    /// [`Core::qos2_resent`]'s routing, once it is the resend's turn.
+    fn resent_to_targets(&mut self, m: &Message) -> Effects {
+        let mut fx = Effects::none();
         let print = fingerprint(m);
+        let had_here = self.first_had_now(m).is_some();
         let targets = self
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
         for t in targets.sessions {
-            let Some(imp) = self
+            let taken_over = self
                 .sessions
                 .get_mut(&t.client)
                 .and_then(|e| e.imported.as_deref_mut())
-                .filter(|imp| imp.at.is_some())
-            else {
-                continue;
+                .filter(|imp| imp.at.is_some());
+            let give = match taken_over {
+                Some(imp) => imp.seen.insert(print),
+                // Here all along: it had it when this node did.
+                None => !had_here,
             };
-            if !imp.seen.insert(print) {
+            if !give {
                 continue;
             }
             self.deliver_to(t, m, &mut fx);
         }
-        let unreachable = targets.nodes.iter().any(|&n| !self.reachable(n));
-        if unreachable && self.clustered() && m.qos != QoS::AtMostOnce {
-            self.hold(m.clone(), Vec::new(), &mut fx);
+        if self.clustered() && m.qos != QoS::AtMostOnce {
+            let (live, gone): (Vec<NodeId>, Vec<NodeId>) =
+                targets.nodes.iter().partition(|&&n| self.reachable(n));
+            for node in live {
+                fx.forwards.push(Forward {
+                    node,
+                    message: m.clone(),
+                    groups: Vec::new(),
+                    route: Route::Again,
+                });
+            }
+            if !gone.is_empty() {
+                self.hold(m.clone(), Vec::new(), &mut fx);
+            }
         }
         fx
     }
@@ -2643,7 +2698,7 @@ mod tests {
         // The next one of "p" waits whole, here too; another's does not.
         let fx = c.route(from("2", "p"));
         let routes: Vec<Route> = fx.forwards.iter().map(|f| f.route).collect();
-        assert_eq!(routes, [Route::Deferred { resent: false }]);
+        assert_eq!(routes, [Route::Deferred(Deferred::New { resent: false })]);
         run(fx);
         assert!(payloads(&rx, v).is_empty());
         run(c.route(from("x", "q")));
@@ -2652,7 +2707,7 @@ mod tests {
         // deferred one as new, and "p" is no longer held back.
         c.forget_peer(2);
         run(c.reforward(from("1", "p"), Vec::new(), &[], &[2]));
-        run(c.route_deferred(from("2", "p"), false));
+        run(c.route_deferred(from("2", "p"), Deferred::New { resent: false }));
         assert_eq!(payloads(&rx, v), ["2"]);
         let fx = c.route(from("3", "p"));
         assert!(fx.forwards.is_empty());
@@ -2666,7 +2721,7 @@ mod tests {
             .iter()
             .map(|f| f.route)
             .collect();
-        assert_eq!(routes, [Route::Deferred { resent: false }]);
+        assert_eq!(routes, [Route::Deferred(Deferred::New { resent: false })]);
     }
 
     /// A publish matching a copy this node owns and has not promoted yet
@@ -2825,6 +2880,54 @@ mod tests {
         run(fx);
         here.hold_for_copies(&[]);
         assert!(here.qos2_resent("pub", pid, &late).forwards.is_empty());
+    }
+
+    /// The same resend reaches a session that was here all along when
+    /// this node never had the message (the node that routed it died
+    /// holding its forward here), and goes to interested peers as sent
+    /// again; not when this node had it (found by the simulator with
+    /// sessions on different chains: the resend was only acknowledged).
+    #[test]
+    fn a_qos2_resend_reaches_a_session_here_all_along_that_never_had_it() {
+        let v = ProtocolVersion::V5;
+        let pid = PacketId::new(7).unwrap();
+        let mut gone = Core::new();
+        let (tx, _rx) = outbox();
+        let conn = connect(
+            &mut gone,
+            "pub",
+            false,
+            Some(Duration::from_secs(60)),
+            10,
+            tx,
+        );
+        run(gone.disconnect("pub", conn.conn));
+        let _ = gone.qos2_received("pub", pid, 10);
+        let mut here = Core::new();
+        here.join_cluster(1);
+        here.set_reachable([2]);
+        here.peer_interest(2, "t/#", true);
+        let (tx, rx) = outbox();
+        connect(&mut here, "local", true, GONE, 10, tx);
+        run2(here.subscribe("local", "t/#", sub(QoS::ExactlyOnce)));
+        run(here
+            .import_session("pub", gone.export_session("pub").unwrap())
+            .unwrap());
+        let _ = here.qos2_received("pub", pid, 10);
+        let m = msg("t/x", QoS::ExactlyOnce, false, "never-here");
+        let fx = here.qos2_resent("pub", pid, &m);
+        let routes: Vec<Route> = fx.forwards.iter().map(|f| f.route).collect();
+        assert_eq!(routes, [Route::Again]);
+        run(fx);
+        assert_eq!(payloads(&rx, v), ["never-here"], "lost");
+        run(here.qos2_resent("pub", pid, &m));
+        assert!(payloads(&rx, v).is_empty(), "given twice");
+        // Forwarded here before: the session had it then.
+        let n = msg("t/x", QoS::ExactlyOnce, false, "forwarded");
+        run(here.route_from_peer(n.clone(), &[]));
+        assert_eq!(payloads(&rx, v), ["forwarded"]);
+        run(here.qos2_resent("pub", pid, &n));
+        assert!(payloads(&rx, v).is_empty(), "given twice");
     }
 
     #[test]

@@ -113,13 +113,24 @@ pub enum Route {
     /// sessions, then forwarded [`Route::Again`] to every interested peer.
     Held,
     /// Not routed at all yet: it waits behind its publisher's held
-    /// publishes, in the order they came, and is then routed as new
+    /// publishes, in the order they came, and is then routed
     /// ([`crate::core::Core::route_deferred`]), so no subscriber gets a
     /// publisher's messages out of order across a takeover.
-    Deferred {
-        /// It was a QoS 2 resend (see `Core::route_resent`).
+    Deferred(Deferred),
+}
+
+/// How a [`Route::Deferred`] publish is routed when its turn comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deferred {
+    /// As a publish (`Core::route`); `resent`: a QoS 2 resend whose id its
+    /// publisher's session lacked (`Core::route_resent`).
+    New {
+        /// See above.
         resent: bool,
     },
+    /// As a QoS 2 resend whose id a session taken over held
+    /// (`Core::qos2_resent`).
+    Resent,
 }
 
 impl Effects {

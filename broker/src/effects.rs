@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use crate::fabric::Fabric;
 use crate::outbox::{Outbox, Outgoing};
-pub use mqlb_broker_core::effects::{ChangeRecord, Effects, Forward, LogEntry, Parts, Route};
+pub use mqlb_broker_core::effects::{
+    ChangeRecord, Deferred, Effects, Forward, LogEntry, Parts, Route,
+};
 
 /// Longest a publisher's reads are held back at once when most of the
 /// subscribers it feeds are behind (see `Core::route`): flow control slows
@@ -187,7 +189,7 @@ pub fn finish(
             Route::First => fabric.forward(f.node, &f.message, &f.groups, false),
             Route::Again => fabric.forward(f.node, &f.message, &f.groups, true),
             Route::Held => fabric.hold(f.message, f.groups),
-            Route::Deferred { resent } => fabric.defer(f.message, resent),
+            Route::Deferred(how) => fabric.defer(f.message, how),
         };
         if let Some(rx) = rx {
             committed.rx.push(rx);

@@ -37,5 +37,9 @@ pub trait Fabric: Send + Sync + std::fmt::Debug {
     /// (`Core::route_deferred`) once none of them is held any more, so
     /// a session promoted meanwhile gets them in order. Resolves once that
     /// routing has committed.
-    fn defer(&self, m: Message, resent: bool) -> Option<tokio::sync::oneshot::Receiver<()>>;
+    fn defer(
+        &self,
+        m: Message,
+        how: crate::effects::Deferred,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>>;
 }

@@ -32,7 +32,7 @@ use bytes::{Bytes, BytesMut};
 use mqlb_broker::cluster::wire::Frame;
 use mqlb_broker_core::commits::{Commits, Released};
 use mqlb_broker_core::core::{snapshot_of, Core};
-use mqlb_broker_core::effects::{ChangeRecord, Effects, LogEntry, Route};
+use mqlb_broker_core::effects::{ChangeRecord, Deferred, Effects, LogEntry, Route};
 use mqlb_broker_core::log::Sequencer;
 use mqlb_broker_core::message::{Message, Sub};
 use mqlb_broker_core::mutations::{self, Mutation};
@@ -342,9 +342,9 @@ struct HeldPublish {
     refused: bool,
     since: Time,
     gate: usize,
-    /// `Some(resent)`: not routed yet, it waits behind its publisher's
-    /// held publishes (`HeldAs::New`).
-    deferred: Option<bool>,
+    /// Not routed yet, it waits behind its publisher's held publishes
+    /// (`HeldAs::New`).
+    deferred: Option<Deferred>,
 }
 
 /// What to do once every gate of a join is done.
@@ -1799,7 +1799,7 @@ impl World {
                 }
                 // Counted by the core, which asked for it.
                 Route::Held => self.hold(node, f.message, f.groups, Vec::new(), false, g, true),
-                Route::Deferred { resent } => {
+                Route::Deferred(how) => {
                     self.cov.deferred += 1;
                     self.nodes[node].held.push(HeldPublish {
                         message: f.message,
@@ -1808,7 +1808,7 @@ impl World {
                         refused: false,
                         since: self.now,
                         gate: g,
-                        deferred: Some(resent),
+                        deferred: Some(how),
                     });
                 }
             }
@@ -2576,8 +2576,8 @@ impl World {
                 keep.push(h);
                 continue;
             }
-            if let Some(resent) = h.deferred {
-                let (_, gates) = self.call(n, |core| ((), core.route_deferred(h.message, resent)));
+            if let Some(how) = h.deferred {
+                let (_, gates) = self.call(n, |core| ((), core.route_deferred(h.message, how)));
                 self.join(gates, Then::Resolve(h.gate));
                 if self.nodes[n]
                     .held

@@ -1478,9 +1478,13 @@ impl Fabric for Cluster {
         Some(wait)
     }
 
-    fn defer(&self, m: Message, resent: bool) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    fn defer(
+        &self,
+        m: Message,
+        how: crate::effects::Deferred,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.hold_publish(m, Vec::new(), HeldAs::New { resent }, done, true);
+        self.hold_publish(m, Vec::new(), HeldAs::New(how), done, true);
         Some(wait)
     }
 

@@ -718,7 +718,7 @@ impl Cluster {
                 continue;
             }
             let ready = match &h.how {
-                HeldAs::New { .. } => true,
+                HeldAs::New(_) => true,
                 HeldAs::Again { exclude, refused } => {
                     let refusers_left = !*refused || {
                         let view = self.view();
@@ -743,7 +743,7 @@ impl Cluster {
                 ..
             } = h;
             let committed = match how {
-                HeldAs::New { resent } => state.act(|core| core.route_deferred(m, resent)),
+                HeldAs::New(how) => state.act(|core| core.route_deferred(m, how)),
                 HeldAs::Again { exclude, .. } => {
                     tracing::debug!(settled, "held publish routed again");
                     // Peers with a link that the view still counts: one it
@@ -801,7 +801,7 @@ pub(super) enum HeldAs {
     Again { exclude: Vec<NodeId>, refused: bool },
     /// As new (`Core::route_deferred`): it only waited behind its
     /// publisher's held publishes.
-    New { resent: bool },
+    New(crate::effects::Deferred),
 }
 
 impl HeldAs {
