@@ -718,6 +718,9 @@ impl Core {
 
     /// Whether `m` waits behind a publish of its publisher the shell holds.
     fn defers(&self, m: &Message) -> bool {
+        if crate::mutations::on(crate::mutations::Mutation::LaterPublishesNotDeferred) {
+            return false;
+        }
         !self.held_from.is_empty()
             && m.qos != QoS::AtMostOnce
             && self.clustered()
@@ -741,7 +744,8 @@ impl Core {
         // peer that had it gives it only to sessions that cannot have it
         // (found by the simulator with sessions on different chains: given
         // twice after a partition healed).
-        let again = resent || m.qos == QoS::ExactlyOnce;
+        let again = (resent || m.qos == QoS::ExactlyOnce)
+            && !crate::mutations::on(crate::mutations::Mutation::ResendNotDeduplicated);
         self.route_to_targets(m, resent, again, Effects::none())
     }
 
@@ -1351,7 +1355,12 @@ impl Core {
         // died before the publisher had its PUBREC): the sessions here
         // then had it; only those taken over since may not (found by the
         // simulator with sessions on different chains).
-        let first = if resent { self.first_had_now(&m) } else { None };
+        let first =
+            if resent && !crate::mutations::on(crate::mutations::Mutation::ResendNotDeduplicated) {
+                self.first_had_now(&m)
+            } else {
+                None
+            };
         for t in targets.sessions {
             if print.is_some_and(|p| self.had_lately(&t.client, p)) {
                 continue;
@@ -1396,6 +1405,8 @@ impl Core {
                 peers.into_iter().partition(|(n, _)| self.reachable(*n));
             // A resend goes to peers as a message sent again: one that
             // had it gives it only to sessions that cannot have it yet.
+            let again =
+                again && !crate::mutations::on(crate::mutations::Mutation::ResendNotDeduplicated);
             let route = if again { Route::Again } else { Route::First };
             for (node, groups) in live {
                 fx.forwards.push(Forward {
@@ -1753,10 +1764,12 @@ impl Core {
                 .get_mut(&t.client)
                 .and_then(|e| e.imported.as_deref_mut())
                 .filter(|imp| imp.at.is_some());
+            let only_taken_over =
+                crate::mutations::on(crate::mutations::Mutation::ResendOnlyToTakenOver);
             let give = match taken_over {
                 Some(imp) => imp.seen.insert(print),
                 // Here all along: it had it when this node did.
-                None => !had_here,
+                None => !had_here && !only_taken_over,
             };
             if !give {
                 continue;
@@ -1766,6 +1779,11 @@ impl Core {
         if self.clustered() && m.qos != QoS::AtMostOnce {
             let (live, gone): (Vec<NodeId>, Vec<NodeId>) =
                 targets.nodes.iter().partition(|&&n| self.reachable(n));
+            let live = if crate::mutations::on(crate::mutations::Mutation::ResendOnlyToTakenOver) {
+                Vec::new()
+            } else {
+                live
+            };
             for node in live {
                 fx.forwards.push(Forward {
                     node,

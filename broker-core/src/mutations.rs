@@ -62,6 +62,22 @@ pub enum Mutation {
     /// routed as a first publish to every session, those taken over lately
     /// that already hold it included (see `Core::route_resent`).
     ResendRoutedAsNew,
+    /// A publisher's later publishes are routed at once while one of its
+    /// publishes is held for a takeover (see `Core::route`'s
+    /// `Route::Deferred`): a session promoted meanwhile gets them first.
+    LaterPublishesNotDeferred,
+    /// A node that steps down keeps its word that it promoted its copies
+    /// (the broker's `step_down` and `links`; the simulator mirrors them):
+    /// a peer routes held publishes while no node serves those sessions.
+    StalePromotedWord,
+    /// A QoS 2 resend, or a deferred QoS 2 publish, is routed to the
+    /// sessions here and to peers as a first publish, whatever this node
+    /// or they had of it (see `first_had`).
+    ResendNotDeduplicated,
+    /// A QoS 2 resend whose id a taken-over copy held reaches only the
+    /// sessions taken over here, never one here all along nor a peer (see
+    /// `Core::qos2_resent`).
+    ResendOnlyToTakenOver,
 }
 
 #[cfg(feature = "mutations")]

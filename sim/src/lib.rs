@@ -94,6 +94,10 @@ pub struct Config {
     /// publishes cross nodes as forwards (`Frame::Forward`), not only while
     /// sessions move.
     pub spread: bool,
+    /// A broken cluster link counts as a failure: none while a node is
+    /// down, and no crash, hang or partition while one is broken (either
+    /// would leave no majority: two failures at once).
+    pub links_count_as_failures: bool,
 }
 
 impl Default for Config {
@@ -117,6 +121,7 @@ impl Default for Config {
             hangs: true,
             wills: false,
             spread: false,
+            links_count_as_failures: false,
         }
     }
 }
@@ -363,6 +368,9 @@ pub struct Outcome {
     pub hangs: bool,
     /// Whether publishers had wills ([`Config::wills`]).
     pub wills: bool,
+    /// Whether sessions were on different chains ([`Config::spread`]), and
+    /// links counted as failures ([`Config::links_count_as_failures`]).
+    pub spread: Option<bool>,
     /// What went wrong, one line each; empty when every check held.
     pub violations: Vec<String>,
     /// States reached.
@@ -399,6 +407,11 @@ impl Outcome {
         if self.wills {
             m.push_str(" MQLB_SIM_WILLS=1");
         }
+        match self.spread {
+            Some(true) => m.push_str(" MQLB_SIM_SPREAD=1"),
+            Some(false) => m.push_str(" MQLB_SIM_SPREAD=early"),
+            None => {}
+        }
         format!(
             "MQLB_SIM_SEED={}{m} cargo test --release -p mqlb-sim --test sim replay -- --nocapture",
             self.seed
@@ -430,6 +443,10 @@ pub fn mutation_named(name: &str) -> Option<Mutation> {
         "WillOnlyOnHolder" => Some(Mutation::WillOnlyOnHolder),
         "RelayedWaitFromArrival" => Some(Mutation::RelayedWaitFromArrival),
         "ResendRoutedAsNew" => Some(Mutation::ResendRoutedAsNew),
+        "LaterPublishesNotDeferred" => Some(Mutation::LaterPublishesNotDeferred),
+        "StalePromotedWord" => Some(Mutation::StalePromotedWord),
+        "ResendNotDeduplicated" => Some(Mutation::ResendNotDeduplicated),
+        "ResendOnlyToTakenOver" => Some(Mutation::ResendOnlyToTakenOver),
         _ => None,
     }
 }

@@ -963,6 +963,7 @@ impl World {
             disk: self.cfg.disk,
             hangs: self.cfg.hangs,
             wills: self.cfg.wills,
+            spread: self.cfg.spread.then_some(self.cfg.links_count_as_failures),
             violations: self.bad,
             coverage: self.cov,
             events: self.events,
@@ -2287,7 +2288,9 @@ impl World {
                             .holder_serves_only(node_id(from), &held, now);
                     self.cov.holders_forgotten += freed as u64;
                     // `links`: its word that it promoted comes again.
-                    self.nodes[to].promoted.remove(&from);
+                    if !mutations::on(Mutation::StalePromotedWord) {
+                        self.nodes[to].promoted.remove(&from);
+                    }
                 }
                 Frame::Interest { filter, gained } => {
                     let peer = u32::try_from(from).unwrap_or(u32::MAX);
@@ -3242,11 +3245,11 @@ impl World {
             }
             Fault::LinkDrop(a, b, d) => {
                 let pair = (a.min(b), a.max(b));
-                // With sessions on different chains, one failure at a time
+                // `Config::links_count_as_failures`: one failure at a time
                 // counts a broken link too: not while another node is down
                 // or back less than 1.5 s (the two nodes left would each
                 // be alone, no majority anywhere).
-                let second = self.cfg.spread
+                let second = self.cfg.links_count_as_failures
                     && (self.nodes.iter().any(|n| !n.up)
                         || self.now < self.last_join + 1_500 * MS && self.last_join > 0);
                 if a == b
@@ -3371,11 +3374,13 @@ impl World {
         !self.spared_as_sole_holder(n)
     }
 
-    /// With sessions on different chains (`Config::spread`), whether a
-    /// cluster link between two live nodes is broken: a crash, hang or
+    /// With `Config::links_count_as_failures`, whether a cluster link
+    /// between two live nodes is broken: a crash, hang or
     /// partition now would be a second failure (see `Fault::LinkDrop`).
     fn link_cut_elsewhere(&self) -> bool {
-        self.cfg.spread && self.partitioned.is_none() && !self.links_down.is_empty()
+        self.cfg.links_count_as_failures
+            && self.partitioned.is_none()
+            && !self.links_down.is_empty()
     }
 
     /// Every link of `n` that is up breaks.
@@ -3456,7 +3461,9 @@ impl World {
         self.nodes[n].stepped_down = true;
         self.nodes[n].settled = false;
         // `step_down`: it promotes its copies again before it says so.
-        self.nodes[n].promoted_for = 0;
+        if !mutations::on(Mutation::StalePromotedWord) {
+            self.nodes[n].promoted_for = 0;
+        }
         // Back in service it must hear again every peer whose link broke
         // (`synced_once`: a snapshot on each live link; links that stayed
         // up keep theirs).
