@@ -532,7 +532,19 @@ impl Core {
         if targets.sessions.is_empty() && groups.is_empty() {
             tracing::debug!(topic = %m.topic, origin = m.origin.as_deref(), "a peer's publish matched no session here");
         }
+        // A QoS 2 forward that comes late, after a session it is for was
+        // taken over here from a copy that had it already (the copy's
+        // holder was given it too, and died): not given again (found by
+        // the simulator with sessions on different chains). The skip goes
+        // by the message's fingerprint, as a resend's does (see
+        // `route_resent`).
+        let print = (m.qos == QoS::ExactlyOnce).then(|| fingerprint(&m));
         for t in targets.sessions {
+            if print
+                .is_some_and(|p| self.had_lately(&t.client, p) || self.given_lately(&t.client, p))
+            {
+                continue;
+            }
             self.deliver_to(t, &m, &mut fx);
         }
         for group in groups {
@@ -1299,6 +1311,21 @@ impl Core {
                 .iter()
                 .chain(e.session.inflight.values().map(|i| &i.pending))
                 .any(|p| fingerprint(&p.msg) == print)
+    }
+
+    /// Whether `client`'s session was taken over here within
+    /// [`LATE_CHANGES_WITHIN`] from a copy whose holder had given it the
+    /// message printed `print` (its `Seen` prints, or its records).
+    fn given_lately(&self, client: &str, print: u64) -> bool {
+        let now = self.now();
+        self.sessions
+            .get(client)
+            .and_then(|e| e.imported.as_deref())
+            .is_some_and(|imp| {
+                imp.at
+                    .is_some_and(|at| now.saturating_duration_since(at) < LATE_CHANGES_WITHIN)
+                    && imp.seen.contains(&print)
+            })
     }
 
     fn route_as(&mut self, m: Message, resent: bool) -> Effects {

@@ -2318,7 +2318,11 @@ impl World {
                 Frame::Reset => {
                     let peer = u32::try_from(from).unwrap_or(u32::MAX);
                     self.nodes[to].core.forget_peer(peer);
-                    // A link snapshot begins.
+                    // A link snapshot begins. The broker forgets the peer's
+                    // word that it promoted its copies when the peer's link
+                    // comes up (`links`, before this frame): its snapshot
+                    // says it again, after its interest.
+                    self.nodes[to].promoted.remove(&from);
                     self.nodes[to]
                         .snapshot_from
                         .insert(from, Default::default());
@@ -2417,6 +2421,8 @@ impl World {
             self.answer(to, from, Frame::Refused { seq }, false);
             return;
         }
+        // `links`: from a node the view no longer counts, sent again.
+        let again = again || !self.view.contains(&from);
         let (_, gates) = self.call(to, |core| {
             let fx = if again {
                 core.route_again_from_peer(message, &groups)

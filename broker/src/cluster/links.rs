@@ -467,6 +467,15 @@ impl Cluster {
                     }
                     return;
                 }
+                // From a node the committed view no longer counts (a dead
+                // node's last frames, late): its publisher had no answer
+                // and may have sent the message again through another
+                // node already, so it counts as sent again (found by the
+                // simulator with sessions on different chains).
+                let again = again || {
+                    let view = self.view();
+                    view.number > 0 && self.name_of(id).is_some_and(|n| !view.members.contains(&n))
+                };
                 // The core notes when it first had the message
                 // (`first_had`), under its lock, so it orders with the
                 // sessions' takeovers.
