@@ -758,7 +758,12 @@ impl Core {
         // twice after a partition healed).
         let again = (resent || m.qos == QoS::ExactlyOnce)
             && !crate::mutations::on(crate::mutations::Mutation::ResendNotDeduplicated);
-        self.route_to_targets(m, resent, again, Effects::none())
+        // A deferred resend also skips a session taken over lately that
+        // was given the message while the resend waited: adopted from
+        // the dead holder's late frames (found by the simulator, seed
+        // 69732 of the in-memory runs; routed at once, the resend came
+        // first and the adoption found it held).
+        self.route_to_targets(m, resent, again, resent, Effects::none())
     }
 
     /// Counters.
@@ -1356,17 +1361,19 @@ impl Core {
             });
             return fx;
         }
-        self.route_to_targets(m, resent, resent, fx)
+        self.route_to_targets(m, resent, resent, false, fx)
     }
 
     /// Delivers `m` to its subscribers here and forwards it to the peers
     /// interested in it.
-    /// `again`: to peers as a message sent again ([`Route::Again`]).
+    /// `again`: to peers as a message sent again ([`Route::Again`]);
+    /// `skip_given`: not to a session taken over lately that was given it.
     fn route_to_targets(
         &mut self,
         m: Message,
         resent: bool,
         again: bool,
+        skip_given: bool,
         mut fx: Effects,
     ) -> Effects {
         let targets = self
@@ -1389,7 +1396,9 @@ impl Core {
                 None
             };
         for t in targets.sessions {
-            if print.is_some_and(|p| self.had_lately(&t.client, p)) {
+            if print.is_some_and(|p| {
+                self.had_lately(&t.client, p) || (skip_given && self.given_lately(&t.client, p))
+            }) {
                 continue;
             }
             if let (Some(first), Some(p)) = (first, print) {
@@ -1764,7 +1773,8 @@ impl Core {
             return fx;
         }
         if self.defers(m) {
-            // Behind its publisher's held publishes, as a first publish.
+            // Behind its publisher's held publishes (routed as this
+            // resend once its turn comes).
             self.note_held(m);
             fx.forwards.push(Forward {
                 node: 0,
