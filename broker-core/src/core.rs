@@ -2985,6 +2985,13 @@ mod tests {
         assert!(payloads(&rx, v).is_empty(), "given twice");
     }
 
+    /// What a node first had is kept as long as late changes are looked
+    /// for.
+    #[test]
+    fn first_had_is_kept_as_long_as_late_changes_count() {
+        assert_eq!(crate::first_had::KEPT_FOR, LATE_CHANGES_WITHIN);
+    }
+
     #[test]
     fn delivered_qos_is_the_minimum() {
         let mut c = Core::new();

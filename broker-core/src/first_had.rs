@@ -12,9 +12,9 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// How long a message's first time is kept: as long as a dead node's late
-/// frames and a publisher's resends take to come
-/// ([`crate::core::LATE_CHANGES_WITHIN`]).
-pub const KEPT_FOR: Duration = crate::core::LATE_CHANGES_WITHIN;
+/// frames and a publisher's resends take to come (the core's
+/// `LATE_CHANGES_WITHIN`, which a test of the core keeps equal).
+pub const KEPT_FOR: Duration = Duration::from_secs(20);
 
 /// The most messages [`FirstHad`] remembers: a bound on its memory (about
 /// 10 MB) whatever the forwarding rate; past it, the oldest are forgotten

@@ -40,6 +40,6 @@ pub trait Fabric: Send + Sync + std::fmt::Debug {
     fn defer(
         &self,
         m: Message,
-        how: crate::effects::Deferred,
+        how: mqlb_broker_core::effects::Deferred,
     ) -> Option<tokio::sync::oneshot::Receiver<()>>;
 }
