@@ -2422,7 +2422,7 @@ impl World {
             return;
         }
         // `links`: from a node the view no longer counts, sent again.
-        let again = again || !self.view.contains(&from);
+        let again = again || message.qos == QoS::ExactlyOnce && !self.view.contains(&from);
         let (_, gates) = self.call(to, |core| {
             let fx = if again {
                 core.route_again_from_peer(message, &groups)

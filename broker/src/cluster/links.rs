@@ -472,10 +472,14 @@ impl Cluster {
                 // and may have sent the message again through another
                 // node already, so it counts as sent again (found by the
                 // simulator with sessions on different chains).
-                let again = again || {
-                    let view = self.view();
-                    view.number > 0 && self.name_of(id).is_some_and(|n| !view.members.contains(&n))
-                };
+                // QoS 2 only: a QoS 1 copy too many is allowed, and skipping
+                // by fingerprint could lose one.
+                let again = again
+                    || message.qos == mqlb_protocol::QoS::ExactlyOnce && {
+                        let view = self.view();
+                        view.number > 0
+                            && self.name_of(id).is_some_and(|n| !view.members.contains(&n))
+                    };
                 // The core notes when it first had the message
                 // (`first_had`), under its lock, so it orders with the
                 // sessions' takeovers.
