@@ -220,9 +220,14 @@ impl State {
     fn core_at(&self, now: std::time::Instant) -> CoreGuard<'_> {
         let mut core = CoreGuard(self.core.lock().unwrap_or_else(|p| p.into_inner()));
         core.advance(now);
+        // A load first: the swap (a write) only when there are notes, so
+        // the data path's every lock does not write a shared cache line.
         if self
             .has_held_notes
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
+            .load(std::sync::atomic::Ordering::Acquire)
+            && self
+                .has_held_notes
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
         {
             for m in std::mem::take(&mut *lock(&self.held_notes)) {
                 core.note_held(&m);
