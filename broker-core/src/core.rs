@@ -601,6 +601,7 @@ impl Core {
                 (Some(_), None) => false,
             };
             if !fresh || imported.is_some_and(|imp| imp.seen.contains(&print)) {
+                tracing::trace!(client = %t.client, fresh, payload = %String::from_utf8_lossy(&m.payload), "not given again: may have it");
                 continue;
             }
             // Noted as had, so a message routed again once more (an
@@ -1530,6 +1531,7 @@ impl Core {
             }
         }
         let retain = t.retain_as_published && m.retain;
+        tracing::trace!(client = %t.client, payload = %String::from_utf8_lossy(&m.payload), "given");
         self.deliver(
             &t.client,
             Pending {

@@ -40,6 +40,7 @@ pub mod core;
 pub mod effects;
 pub mod first_had;
 pub mod hashing;
+pub mod held;
 pub mod hlc;
 pub mod log;
 pub mod message;

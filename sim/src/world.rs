@@ -32,7 +32,8 @@ use bytes::{Bytes, BytesMut};
 use mqlb_broker::cluster::wire::Frame;
 use mqlb_broker_core::commits::{Commits, Released};
 use mqlb_broker_core::core::{snapshot_of, Core};
-use mqlb_broker_core::effects::{ChangeRecord, Deferred, Effects, LogEntry, Route};
+use mqlb_broker_core::effects::{ChangeRecord, Effects, LogEntry, Route};
+use mqlb_broker_core::held::{self, Held, HeldAs, HeldQueue, Release};
 use mqlb_broker_core::log::Sequencer;
 use mqlb_broker_core::message::{Message, Sub};
 use mqlb_broker_core::mutations::{self, Mutation};
@@ -295,8 +296,9 @@ struct Node {
     resync_seq: BTreeMap<usize, u64>,
     /// Publishes forwarded and not yet answered, by sequence number.
     forwards: BTreeMap<u64, Fwd>,
-    /// Publishes held for a lost node's sessions (`hold_for_takeover`).
-    held: Vec<HeldPublish>,
+    /// Publishes held for a lost node's sessions, and those waiting behind
+    /// them (the broker's own queue: `held`); each resolves its gate.
+    held: HeldQueue<usize>,
     /// The view number this node has said it promoted its copies for.
     promoted_for: u64,
     /// Each peer's word on the view it promoted its copies for.
@@ -330,21 +332,6 @@ struct Fwd {
     message: Message,
     groups: Vec<Arc<str>>,
     gate: usize,
-}
-
-/// A publish held until the sessions of a lost node have moved.
-#[derive(Debug)]
-struct HeldPublish {
-    message: Message,
-    groups: Vec<Arc<str>>,
-    /// Peers that refused it (they stepped down).
-    exclude: Vec<usize>,
-    refused: bool,
-    since: Time,
-    gate: usize,
-    /// Not routed yet, it waits behind its publisher's held publishes
-    /// (`HeldAs::New`).
-    deferred: Option<Deferred>,
 }
 
 /// What to do once every gate of a join is done.
@@ -514,8 +501,6 @@ fn node_tick_stream(node: usize) -> u64 {
 const FAILURE_TIMEOUT_SIM: Time = 3 * SECOND;
 /// The cluster's tick (`consensus::TICK`-like).
 const TICK: Time = 50 * MS;
-/// `cluster::TAKEOVER_WITHIN`.
-const TAKEOVER_WITHIN: Time = 6 * SECOND;
 const FAULTS: u64 = 4 << 32;
 const DEADLINES: u64 = 5 << 32;
 const VIEWS: u64 = 6 << 32;
@@ -579,7 +564,7 @@ impl World {
                 stepped_down: false,
                 held_for_copies: Vec::new(),
                 forwards: BTreeMap::new(),
-                held: Vec::new(),
+                held: HeldQueue::new(),
                 promoted_for: 0,
                 promoted: BTreeMap::new(),
                 seen: BTreeMap::new(),
@@ -1802,14 +1787,13 @@ impl World {
                 Route::Held => self.hold(node, f.message, f.groups, Vec::new(), false, g, true),
                 Route::Deferred(how) => {
                     self.cov.deferred += 1;
-                    self.nodes[node].held.push(HeldPublish {
+                    let since = self.instant();
+                    self.nodes[node].held.push(Held {
                         message: f.message,
                         groups: f.groups,
-                        exclude: Vec::new(),
-                        refused: false,
-                        since: self.now,
-                        gate: g,
-                        deferred: Some(how),
+                        how: HeldAs::New(how),
+                        since,
+                        token: g,
                     });
                 }
             }
@@ -1886,15 +1870,14 @@ impl World {
         if !noted {
             self.nodes[node].core.note_held(&message);
         }
-        let since = self.now;
-        self.nodes[node].held.push(HeldPublish {
+        let since = self.instant();
+        let exclude = exclude.into_iter().map(node_id).collect();
+        self.nodes[node].held.push(Held {
             message,
             groups,
-            exclude,
-            refused,
+            how: HeldAs::Again { exclude, refused },
             since,
-            gate,
-            deferred: None,
+            token: gate,
         });
     }
 
@@ -2573,78 +2556,58 @@ impl World {
 
     /// `hold_for_takeover`'s wait, then `Core::reforward`.
     fn release_held(&mut self, n: usize) {
-        let mut held = std::mem::take(&mut self.nodes[n].held);
-        // `release_held`: in the order the publishes came, a publisher's
-        // later ones behind any of its own still held.
-        held.sort_by_key(|h| h.message.received);
-        let mut blocked: BTreeSet<Option<Arc<str>>> = BTreeSet::new();
-        let mut keep = Vec::new();
-        for h in held {
-            let origin = h.message.origin.clone();
-            if blocked.contains(&origin) {
-                keep.push(h);
-                continue;
-            }
-            if let Some(how) = h.deferred {
-                let (_, gates) = self.call(n, |core| ((), core.route_deferred(h.message, how)));
-                self.join(gates, Then::Resolve(h.gate));
-                if self.nodes[n]
-                    .held
-                    .iter()
-                    .any(|x| x.message.origin == origin)
-                {
-                    blocked.insert(origin);
+        let pending = self.nodes[n].held.take();
+        let unsettled = self.view.iter().any(|&m| m != n && !self.linked(n, m));
+        let pass = Release {
+            now: self.instant(),
+            settled: !unsettled && self.takeover_done(n),
+            patience: mqlb_broker::cluster::TAKEOVER_WITHIN,
+        };
+        let view: Vec<u32> = self.view.iter().map(|&m| node_id(m)).collect();
+        let kept = held::release(
+            pending,
+            pass,
+            |m| view.contains(&m),
+            |h| {
+                let origin = h.message.origin.clone();
+                match h.how {
+                    HeldAs::New(how) => {
+                        let (_, gates) =
+                            self.call(n, |core| ((), core.route_deferred(h.message, how)));
+                        self.join(gates, Then::Resolve(h.token));
+                    }
+                    HeldAs::Again { mut exclude, .. } => {
+                        self.cov.reforwards += 1;
+                        let alive: Vec<u32> = self
+                            .view
+                            .iter()
+                            .filter(|&&m| m != n && self.linked(n, m))
+                            .map(|&m| node_id(m))
+                            .collect();
+                        exclude.extend(
+                            (0..self.nodes.len())
+                                .filter(|m| !self.view.contains(m))
+                                .map(node_id),
+                        );
+                        if self.trace {
+                            println!(
+                            "{:>10.3}ms {} routes a held publish again: alive {alive:?}, exclude {exclude:?}",
+                            self.now as f64 / 1000.0,
+                            self.nodes[n].name
+                        );
+                        }
+                        let (_, gates) = self.call(n, |core| {
+                            ((), core.reforward(h.message, h.groups, &alive, &exclude))
+                        });
+                        self.join(gates, Then::Resolve(h.token));
+                    }
                 }
-                continue;
-            }
-            let unsettled = self.view.iter().any(|&m| m != n && !self.linked(n, m))
-                || (h.refused && h.exclude.iter().any(|r| self.view.contains(r)));
-            let waited = self.now >= h.since + TAKEOVER_WITHIN;
-            if (unsettled || !self.takeover_done(n)) && !waited {
-                blocked.insert(origin);
-                keep.push(h);
-                continue;
-            }
-            self.cov.reforwards += 1;
-            let alive: Vec<u32> = self
-                .view
-                .iter()
-                .filter(|&&m| m != n && self.linked(n, m))
-                .filter_map(|&m| u32::try_from(m).ok())
-                .collect();
-            let mut exclude: Vec<u32> = h
-                .exclude
-                .iter()
-                .filter_map(|&m| u32::try_from(m).ok())
-                .collect();
-            exclude.extend(
-                (0..self.nodes.len())
-                    .filter(|m| !self.view.contains(m))
-                    .filter_map(|m| u32::try_from(m).ok()),
-            );
-            if self.trace {
-                println!(
-                    "{:>10.3}ms {} routes a held publish again: alive {alive:?}, exclude {exclude:?}",
-                    self.now as f64 / 1000.0,
-                    self.nodes[n].name
-                );
-            }
-            let (_, gates) = self.call(n, |core| {
-                ((), core.reforward(h.message, h.groups, &alive, &exclude))
-            });
-            self.join(gates, Then::Resolve(h.gate));
-            // Held again by the reforward: its publisher's later ones stay
-            // behind it.
-            if self.nodes[n]
-                .held
-                .iter()
-                .any(|x| x.message.origin == origin)
-            {
-                blocked.insert(origin);
-            }
-        }
-        keep.append(&mut self.nodes[n].held);
-        self.nodes[n].held = keep;
+                // Held again by that routing: its publisher's later ones stay
+                // behind it.
+                self.nodes[n].held.holds_from(&origin)
+            },
+        );
+        self.nodes[n].held.put_back(kept);
     }
 
     /// Whether `a` and `b` are linked (both up, the link not broken).

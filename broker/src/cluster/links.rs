@@ -446,7 +446,9 @@ impl Cluster {
                 self.with_peer(id, |p| p.leaving |= p.generation == generation);
             }
             Frame::Observed(names) => {
-                lock(&self.reports).insert(id, (names, Instant::now()));
+                if let Some(from) = self.name_of(id) {
+                    lock(&self.view_loop).report(&from, names, Instant::now());
+                }
             }
             Frame::Forward {
                 seq,
@@ -455,6 +457,13 @@ impl Cluster {
                 again,
             } => {
                 self.stats.received.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(
+                    seq,
+                    again,
+                    serving = self.serving(),
+                    payload = %String::from_utf8_lossy(&message.payload),
+                    "forward in"
+                );
                 if !self.serving() {
                     // Left out of the view or without a majority, this node
                     // has handed its sessions to their replicas: it must not

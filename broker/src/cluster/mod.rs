@@ -70,11 +70,12 @@ mod peers;
 mod replication;
 mod seen;
 mod store;
+pub mod view_loop;
 pub mod wire;
 
+use crate::held::{self, Held, HeldAs, HeldQueue, Release};
 pub use links::relay;
 use links::LinkTx;
-use replication::HeldAs;
 
 use std::collections::HashMap;
 use std::io;
@@ -255,8 +256,9 @@ pub struct Cluster {
     /// This node plus the peers it hears from: what it proposes as the
     /// live set when it leads, and what the majority rule counts.
     observed: Mutex<Vec<String>>,
-    /// What each peer last said it observes, and when.
-    reports: Mutex<HashMap<NodeId, (Vec<String>, Instant)>>,
+    /// What the view loop carries from tick to tick, each peer's report
+    /// of whom it hears included (see [`view_loop`]).
+    view_loop: Mutex<view_loop::ViewLoop>,
     /// Whether this node serves sessions, as of the last tick (see
     /// [`Cluster::serving`]); read on every QoS 1/2 publish.
     serving_now: std::sync::atomic::AtomicBool,
@@ -302,7 +304,7 @@ pub struct Cluster {
     promoted_for: AtomicU64,
     /// Publishes held for a takeover, in the order they were held
     /// (`replication::hold_publish`).
-    held: Mutex<Vec<replication::HeldPublish>>,
+    held: Mutex<HeldQueue<tokio::sync::oneshot::Sender<()>>>,
     /// Whether the task that routes held publishes again runs.
     releasing: std::sync::atomic::AtomicBool,
     /// Lost peers whose interest this node has forgotten (their sessions
@@ -326,6 +328,12 @@ pub struct Cluster {
 /// Clients of a moving session and publishes for it are held this long at
 /// most.
 pub const TAKEOVER_WITHIN: Duration = Duration::from_secs(6);
+
+/// A held publish routed again to whoever is interested by then.
+const AGAIN: HeldAs = HeldAs::Again {
+    exclude: Vec::new(),
+    refused: false,
+};
 
 /// How often the view loop runs.
 pub const TICK: Duration = consensus::TICK;
@@ -365,14 +373,9 @@ pub(super) struct ReplyTo {
 struct Ticker {
     /// The committed view at the last tick.
     last: View,
-    /// Whether this node heard from a majority at the last tick.
-    had_quorum: bool,
     /// The observation last sent to peers.
     reported: Vec<String>,
     ticks: u64,
-    /// The term in which this node last campaigned because the leader was
-    /// lost (see [`consensus::Consensus::campaign_now`]).
-    campaigned: u64,
     /// The filters publishes are held for, of copies this node owns and
     /// has not promoted yet (`Core::hold_for_copies`).
     held_for_copies: Vec<String>,
@@ -480,7 +483,7 @@ impl Cluster {
                 view: Mutex::new(restored),
                 consensus: Mutex::new(consensus),
                 observed: Mutex::new(vec![config.node_id.clone()]),
-                reports: Mutex::new(HashMap::new()),
+                view_loop: Mutex::new(view_loop::ViewLoop::new()),
                 leaving: std::sync::atomic::AtomicBool::new(false),
                 synced_once: std::sync::atomic::AtomicBool::new(false),
                 started: Instant::now(),
@@ -999,10 +1002,8 @@ impl Cluster {
             let mut tick = tokio::time::interval(consensus::TICK);
             let mut ticker = Ticker {
                 last: me.view(),
-                had_quorum: false,
                 reported: Vec::new(),
                 ticks: 0,
-                campaigned: 0,
                 held_for_copies: Vec::new(),
             };
             loop {
@@ -1075,46 +1076,25 @@ impl Cluster {
             self.broadcast(&Frame::Observed(observed.clone()));
             t.reported.clone_from(&observed);
         }
-        let live = self.live_by_majority(&observed);
-        let out = {
+        let members = self.membership_or_known();
+        let quorum = self.quorum();
+        let ticked = {
+            let mut view_loop = lock(&self.view_loop);
             let mut c = lock(&self.consensus);
-            let mut out = c.tick();
-            // A leader a majority no longer hears is dead: the first
-            // survivor by name campaigns at once (one, so that two
-            // candidates do not split the vote), once per term. Survivors
-            // the committed view counts live: a node just back from a
-            // restart may have lost its log (no `--state-dir`) and cannot
-            // win, and the others would wait out an election timeout (found
-            // by the simulator with the view from Raft).
-            let leader = c.leader();
-            let lost = leader
-                .as_ref()
-                .is_some_and(|l| *l != self.me && !live.contains(l));
-            let counted = c.view().live;
-            let first = observed
-                .iter()
-                .find(|n| Some(*n) != leader.as_ref() && counted.contains(n));
-            if lost && first == Some(&self.me) {
-                let term = c.term();
-                if t.campaigned != term {
-                    t.campaigned = term;
-                    let campaign = c.campaign_now();
-                    out.messages.extend(campaign.messages);
-                    out.view = campaign.view.or(out.view);
-                }
-            }
-            let proposed = c.propose_live(&live, Instant::now());
-            out.messages.extend(proposed.messages);
-            out.view = proposed.view.or(out.view);
-            out
+            view_loop.tick(
+                &mut c,
+                &self.me,
+                &members,
+                &observed,
+                quorum,
+                Instant::now(),
+            )
         };
-        self.deliver(out);
+        self.deliver(ticked.out);
         let view = self.view();
-        let quorum = observed.len() >= self.quorum();
         let left_out = |v: &View| v.number > 0 && !v.members.contains(&self.me);
-        let lost_quorum = t.had_quorum && !quorum;
         let newly_left_out = left_out(&view) && !left_out(&t.last);
-        if lost_quorum || newly_left_out {
+        if ticked.lost_quorum || newly_left_out {
             self.step_down(state);
             if !self.leaving.load(Ordering::Relaxed) {
                 self.serves_nothing();
@@ -1125,7 +1105,6 @@ impl Cluster {
         if serving && !was {
             self.resend_interest(state);
         }
-        t.had_quorum = quorum;
         // Copies of a departed holder go to their new owners before this
         // node's word that it promoted its own (on each link the word comes
         // after them, so an owner that has every member's word has the
@@ -1299,36 +1278,6 @@ impl Cluster {
         }
     }
 
-    /// The members a majority of the cluster hears from: for each member,
-    /// the other nodes that hear it (this node's observation plus each
-    /// peer's recent report; a node's word about itself does not count),
-    /// which with the member itself must make a majority. What the leader
-    /// proposes as the live set: one failed link (the leader's to a node
-    /// others still reach) evicts nobody, while a dead or cut-off node,
-    /// which no majority hears, leaves as soon as its peers say so.
-    fn live_by_majority(&self, observed: &[String]) -> Vec<String> {
-        let now = Instant::now();
-        let reports = lock(&self.reports);
-        let fresh: Vec<(String, &Vec<String>)> = reports
-            .iter()
-            .filter(|(_, (_, at))| now.duration_since(*at) <= FAILURE_TIMEOUT)
-            .filter_map(|(id, (r, _))| Some((self.name_of(*id)?, r)))
-            .collect();
-        let quorum = self.quorum();
-        self.membership_or_known()
-            .iter()
-            .filter(|m| {
-                let mine = usize::from(**m != self.me && observed.contains(m));
-                let theirs = fresh
-                    .iter()
-                    .filter(|(by, r)| by != *m && r.contains(m))
-                    .count();
-                1 + mine + theirs >= quorum
-            })
-            .cloned()
-            .collect()
-    }
-
     /// This node plus the peers whose links are up both ways and heard
     /// from within [`FAILURE_TIMEOUT`], sorted; kept for the majority rule.
     fn observe(&self) -> Vec<String> {
@@ -1474,7 +1423,7 @@ impl Fabric for Cluster {
     ) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let (done, wait) = tokio::sync::oneshot::channel();
         // Counted by the core, which asked for it.
-        self.hold_publish(m, groups, HeldAs::again(Vec::new(), false), done, true);
+        self.hold_publish(m, groups, AGAIN, done, true);
         Some(wait)
     }
 
@@ -1503,11 +1452,12 @@ impl Fabric for Cluster {
                 return None;
             }
             let (done, wait) = tokio::sync::oneshot::channel();
-            let again = HeldAs::again(Vec::new(), false);
+            let again = AGAIN;
             self.hold_publish(m.clone(), groups.to_vec(), again, done, false);
             return Some(wait);
         };
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(peer = node, again, payload = %String::from_utf8_lossy(&m.payload), "forward out");
         let mut seq = 0;
         let mut rx = None;
         if m.qos != mqlb_protocol::QoS::AtMostOnce {

@@ -556,6 +556,7 @@ impl Cluster {
             let mut seen = lock(&self.replica_seen);
             for c in &changes {
                 if let SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } = c {
+                    tracing::trace!(client, epoch, payload = %String::from_utf8_lossy(&p.msg.payload), "copy has");
                     seen.note(client, crate::core::fingerprint(&p.msg), now);
                 }
             }
@@ -590,7 +591,16 @@ impl Cluster {
                 // it is gone, and each round would give the message once
                 // more to the node that took its sessions over.
                 Released::Resend(m, groups, tx) => {
-                    self.hold_publish(m, groups, HeldAs::again(vec![from], true), tx, false);
+                    self.hold_publish(
+                        m,
+                        groups,
+                        HeldAs::Again {
+                            exclude: vec![from],
+                            refused: true,
+                        },
+                        tx,
+                        false,
+                    );
                 }
             }
         }
@@ -629,7 +639,7 @@ impl Cluster {
                 // Which other peers had each is not known here: one that
                 // did may see it twice (QoS 1 allows; see the README).
                 Released::Resend(m, groups, tx) => {
-                    self.hold_publish(m, groups, HeldAs::again(Vec::new(), false), tx, false);
+                    self.hold_publish(m, groups, AGAIN, tx, false);
                 }
             }
         }
@@ -660,15 +670,16 @@ impl Cluster {
         if !noted {
             state.note_held(&m);
         }
+        tracing::trace!(how = ?how, payload = %String::from_utf8_lossy(&m.payload), "held");
         if matches!(how, HeldAs::Again { .. }) {
             self.stats.held.fetch_add(1, Ordering::Relaxed);
         }
-        lock(&self.held).push(HeldPublish {
-            m,
+        lock(&self.held).push(Held {
+            message: m,
             groups,
             how,
-            since: tokio::time::Instant::now(),
-            done,
+            since: Instant::now(),
+            token: done,
         });
         if self.releasing.swap(true, Ordering::AcqRel) {
             return;
@@ -702,50 +713,28 @@ impl Cluster {
     /// different chains: a publish made after a session was promoted here
     /// reached it before one held for the node that had died with it).
     fn release_held(&self, state: &Arc<State>) {
-        let mut pending = std::mem::take(&mut *lock(&self.held));
-        // In the order the publishes came to this node (a forward lost
-        // with its link is held after later publishes may have been).
-        pending.sort_by_key(|h| h.m.received);
-        let now = tokio::time::Instant::now();
+        let pending = lock(&self.held).take();
         let settled = !self.view_has_unreachable() && self.takeover_done();
-        let mut blocked: std::collections::HashSet<Option<Arc<str>>> =
-            std::collections::HashSet::new();
-        let mut kept = Vec::new();
-        for h in pending {
-            let origin = h.m.origin.clone();
-            if blocked.contains(&origin) {
-                kept.push(h);
-                continue;
-            }
-            let ready = match &h.how {
-                HeldAs::New(_) => true,
-                HeldAs::Again { exclude, refused } => {
-                    let refusers_left = !*refused || {
-                        let view = self.view();
-                        exclude
-                            .iter()
-                            .filter_map(|n| self.name_of(*n))
-                            .all(|r| !view.members.contains(&r))
-                    };
-                    (settled && refusers_left) || now >= h.since + TAKEOVER_WITHIN
-                }
-            };
-            if !ready {
-                blocked.insert(origin);
-                kept.push(h);
-                continue;
-            }
-            let HeldPublish {
-                m,
+        let view = self.view();
+        let pass = Release {
+            now: Instant::now(),
+            settled,
+            patience: TAKEOVER_WITHIN,
+        };
+        let in_view = |n: NodeId| self.name_of(n).is_some_and(|r| view.members.contains(&r));
+        let kept = held::release(pending, pass, in_view, |h| {
+            let Held {
+                message: m,
                 groups,
                 how,
-                done,
+                token: done,
                 ..
             } = h;
+            let origin = m.origin.clone();
             let committed = match how {
                 HeldAs::New(how) => state.act(|core| core.route_deferred(m, how)),
                 HeldAs::Again { exclude, .. } => {
-                    tracing::debug!(settled, "held publish routed again");
+                    tracing::debug!(settled, payload = %String::from_utf8_lossy(&m.payload), "held publish routed again");
                     // Peers with a link that the view still counts: one it
                     // dropped (a hung node's link can stay open) is no
                     // candidate. Members the view has dropped are not
@@ -753,7 +742,6 @@ impl Cluster {
                     // new holders are among the linked peers.
                     let linked: Vec<NodeId> = self.reachable_peers();
                     let mut exclude = exclude;
-                    let view = self.view();
                     exclude.extend(
                         self.names()
                             .iter()
@@ -764,49 +752,16 @@ impl Cluster {
                     state.act(|core| core.reforward(m, groups, &linked, &exclude))
                 }
             };
-            // Held again by that routing (a peer unreachable once more):
-            // its publisher's later publishes stay behind it.
-            if lock(&self.held).iter().any(|n| n.m.origin == origin) {
-                blocked.insert(origin);
-            }
             tokio::spawn(async move {
                 if committed.wait().await.is_ok() {
                     let _ = done.send(());
                 }
             });
-        }
-        let mut held = lock(&self.held);
-        kept.append(&mut held);
-        *held = kept;
-    }
-}
-
-/// A publish held for a takeover.
-#[derive(Debug)]
-pub(super) struct HeldPublish {
-    m: Message,
-    groups: Vec<Arc<str>>,
-    how: HeldAs,
-    since: tokio::time::Instant,
-    done: tokio::sync::oneshot::Sender<()>,
-}
-
-/// How a held publish is routed when its turn comes.
-#[derive(Debug)]
-pub(super) enum HeldAs {
-    /// Again (`Core::reforward`), to the peers interested by then, except
-    /// `exclude`; `refused`: those refused it (they no longer serve), and
-    /// it also waits for a view without them, as their sessions move only
-    /// then.
-    Again { exclude: Vec<NodeId>, refused: bool },
-    /// As new (`Core::route_deferred`): it only waited behind its
-    /// publisher's held publishes.
-    New(crate::effects::Deferred),
-}
-
-impl HeldAs {
-    pub(super) fn again(exclude: Vec<NodeId>, refused: bool) -> Self {
-        HeldAs::Again { exclude, refused }
+            // Held again by that routing (a peer unreachable once more):
+            // its publisher's later publishes stay behind it.
+            lock(&self.held).holds_from(&origin)
+        });
+        lock(&self.held).put_back(kept);
     }
 }
 

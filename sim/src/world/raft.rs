@@ -6,12 +6,11 @@
 //! `consensus::TICK`; its messages travel as `Frame::Raft` on a stream of
 //! their own beside each link's other frames, lost with the link. The loop
 //! follows `Cluster::on_tick`: a node observes itself and the peers it has
-//! a link to; a member is live when a majority observes it
-//! (`live_by_majority`: a peer's observations count when this node has a
-//! link to that peer, standing in for its `Observed` frames); a leader a
-//! majority no longer observes makes the first survivor by name campaign at
-//! once; the leader proposes the live set; a node that loses its majority
-//! steps down.
+//! a link to, hears the reports of the peers it observes (standing in for
+//! their `Observed` frames), and runs the broker's own view loop
+//! (`cluster::view_loop::ViewLoop`: who is live by majority, who
+//! campaigns when the leader is lost, what the leader proposes, whether
+//! the node lost its majority and steps down).
 //!
 //! What stays simpler than the broker: the view a node commits applies to
 //! every node at once (the broker's nodes learn it one by one), and a
@@ -19,12 +18,10 @@
 //! `--state-dir`) and is caught up by the leader.
 
 use mqlb_broker::cluster::consensus::{Committed, Consensus, StateKeeper, TICK as RAFT_TICK};
+use mqlb_broker::cluster::view_loop::ViewLoop;
 use mqlb_config::broker::PeerAddr;
 
 use super::*;
-
-/// `cluster::FAILURE_TIMEOUT`.
-const FAILURE_TIMEOUT: Time = 3 * SECOND;
 
 fn raft_tick_stream(n: usize) -> u64 {
     (12 << 32) | n as u64
@@ -38,13 +35,10 @@ fn raft_link_stream(from: usize, to: usize) -> u64 {
 /// What a node's Raft side keeps (lost in a crash).
 pub(super) struct RaftNode {
     pub(super) consensus: Consensus,
-    /// Whether it heard a majority at its last tick.
-    had_quorum: bool,
-    /// The term it last campaigned in.
-    campaigned: u64,
-    /// Each peer's last report of what it observes, and when it came (the
-    /// broker's `Observed` frames, sent every tick or two on the link).
-    reports: BTreeMap<usize, (Vec<usize>, Time)>,
+    /// The broker's view loop: each peer's last report of what it
+    /// observes, the term it last campaigned in, whether it heard a
+    /// majority at its last tick.
+    view_loop: ViewLoop,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -81,9 +75,7 @@ impl RaftNode {
             .unwrap_or_else(|e| panic!("raft node {n}: {e}"));
         RaftNode {
             consensus,
-            had_quorum: true,
-            campaigned: 0,
-            reports: BTreeMap::new(),
+            view_loop: ViewLoop::new(),
         }
     }
 }
@@ -147,69 +139,51 @@ impl World {
             self.schedule(s, micros(RAFT_TICK), Ev::RaftTick { node: n, inc });
         }
         let observed = self.observed(n);
-        // The peers it has a link to report what they observe.
-        let now_t = self.now;
-        let reports: Vec<(usize, Vec<usize>)> = observed
+        let name = |m: usize| self.nodes[m].name.clone();
+        // The peers it has a link to report what they observe (reports
+        // travel on the peer's link: only from peers observed).
+        let reports: Vec<(String, Vec<String>)> = observed
             .iter()
             .filter(|&&p| p != n)
-            .map(|&p| (p, self.observed(p)))
+            .map(|&p| (name(p), self.observed(p).into_iter().map(name).collect()))
             .collect();
-        // (Reports travel on the peer's link: only from peers observed.)
-        if let Some(raft) = self.nodes[n].raft.as_mut() {
-            for (p, r) in reports {
-                raft.reports.insert(p, (r, now_t));
-            }
-        }
-        let live = self.live_by_majority(n, &observed);
-        let quorum = observed.len() * 2 > self.nodes.len();
-        let names: Vec<String> = live.iter().map(|&m| self.nodes[m].name.clone()).collect();
-        let me = self.nodes[n].name.clone();
-        let observed_names: Vec<String> = observed
-            .iter()
-            .map(|&m| self.nodes[m].name.clone())
-            .collect();
+        let members: Vec<String> = (0..self.nodes.len()).map(name).collect();
+        let me = name(n);
+        let observed_names: Vec<String> = observed.iter().map(|&m| name(m)).collect();
+        let quorum = self.nodes.len() / 2 + 1;
         let now = self.instant();
         let raft = self.nodes[n].raft.as_mut().expect("raft mode");
-        let mut out = raft.consensus.tick();
-        let leader = raft.consensus.leader();
-        let lost = leader
-            .as_ref()
-            .is_some_and(|l| *l != me && !names.contains(l));
-        // (Survivors the committed view counts live: `on_tick`.)
-        let counted = raft.consensus.view().live;
-        let first = observed_names
-            .into_iter()
-            .find(|m| Some(m) != leader.as_ref() && counted.contains(m));
-        if lost && first.as_ref() == Some(&me) {
-            let term = raft.consensus.term();
-            if raft.campaigned != term {
-                raft.campaigned = term;
-                let c = raft.consensus.campaign_now();
-                out.messages.extend(c.messages);
-                out.view = c.view.or(out.view);
-                self.cov.raft_campaigns += 1;
-            }
+        for (p, r) in reports {
+            raft.view_loop.report(&p, r, now);
         }
-        let raft = self.nodes[n].raft.as_mut().expect("raft mode");
-        if self.trace && raft.consensus.is_leader() && raft.consensus.view().live != names {
+        let ticked = raft.view_loop.tick(
+            &mut raft.consensus,
+            &me,
+            &members,
+            &observed_names,
+            quorum,
+            now,
+        );
+        if ticked.campaigned {
+            self.cov.raft_campaigns += 1;
+        }
+        let raft = self.nodes[n].raft.as_ref().expect("raft mode");
+        if self.trace && raft.consensus.is_leader() && raft.consensus.view().live != ticked.live {
             println!(
                 "{:>10.3}ms raft: leader n{} (term {}) observes {:?}, live {:?}",
                 self.now as f64 / 1000.0,
                 n + 1,
                 raft.consensus.term(),
                 observed,
-                names
+                ticked.live
             );
         }
-        let proposed = raft.consensus.propose_live(&names, now);
-        out.messages.extend(proposed.messages);
-        out.view = proposed.view.or(out.view);
-        let had = std::mem::replace(&mut raft.had_quorum, quorum);
-        self.raft_deliver(n, out);
+        let quorum = ticked.quorum;
+        self.raft_deliver(n, ticked.out);
         if !self.nodes[n].up || self.nodes[n].inc != inc {
             return;
         }
-        if had && !quorum {
+        if ticked.lost_quorum {
             self.step_down(n);
         } else if quorum && self.nodes[n].stepped_down && self.view.contains(&n) {
             // `serving`: in the view with a majority again.
@@ -231,31 +205,6 @@ impl World {
     /// snapshot sent (`LinkOpen` handled).
     fn link_up(&self, from: usize, to: usize) -> bool {
         self.linked(from, to) && self.nodes[from].covers.contains_key(&to)
-    }
-
-    /// `live_by_majority` on node `n`: reports younger than
-    /// `FAILURE_TIMEOUT` count.
-    fn live_by_majority(&self, n: usize, observed: &[usize]) -> Vec<usize> {
-        let quorum = self.nodes.len() / 2 + 1;
-        let Some(raft) = self.nodes[n].raft.as_ref() else {
-            return Vec::new();
-        };
-        let fresh: Vec<(usize, &Vec<usize>)> = raft
-            .reports
-            .iter()
-            .filter(|(_, (_, at))| self.now.saturating_sub(*at) <= FAILURE_TIMEOUT)
-            .map(|(p, (r, _))| (*p, r))
-            .collect();
-        (0..self.nodes.len())
-            .filter(|&m| {
-                let mine = usize::from(m != n && observed.contains(&m));
-                let theirs = fresh
-                    .iter()
-                    .filter(|(by, r)| *by != m && r.contains(&m))
-                    .count();
-                1 + mine + theirs >= quorum
-            })
-            .collect()
     }
 
     /// Sends `out`'s messages from `n` and applies the view it committed.
