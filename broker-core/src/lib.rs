@@ -46,6 +46,7 @@ pub mod log;
 pub mod message;
 pub mod mutations;
 pub mod outbox;
+pub mod promotions;
 pub mod replicas;
 pub mod retained;
 pub mod router;

@@ -67,7 +67,8 @@ pub enum Mutation {
     /// `Route::Deferred`): a session promoted meanwhile gets them first.
     LaterPublishesNotDeferred,
     /// A node that steps down keeps its word that it promoted its copies
-    /// (the broker's `step_down` and `links`; the simulator mirrors them):
+    /// (`promotions`, as the broker's `step_down` and `links` and the
+    /// simulator use it):
     /// a peer routes held publishes while no node serves those sessions.
     StalePromotedWord,
     /// A QoS 2 resend, or a deferred QoS 2 publish, is routed to the

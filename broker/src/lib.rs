@@ -29,8 +29,8 @@
 #![forbid(unsafe_code)]
 
 pub use mqlb_broker_core::{
-    chain, commits, core, held, hlc, message, outbox, replicas, retained, router, session,
-    snapshot, trie,
+    chain, commits, core, held, hlc, message, outbox, promotions, replicas, retained, router,
+    session, snapshot, trie,
 };
 
 pub mod auth;

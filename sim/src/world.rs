@@ -38,6 +38,7 @@ use mqlb_broker_core::log::Sequencer;
 use mqlb_broker_core::message::{Message, Sub};
 use mqlb_broker_core::mutations::{self, Mutation};
 use mqlb_broker_core::outbox::{Closing, Encoder, Outbox, Outgoing};
+use mqlb_broker_core::promotions::Promotions;
 use mqlb_broker_core::replicas::{
     filters_of, keeps_snapshot_copy, progress_of, whole, HolderNow, Replicas, RELAYED_WAIT,
 };
@@ -299,10 +300,9 @@ struct Node {
     /// Publishes held for a lost node's sessions, and those waiting behind
     /// them (the broker's own queue: `held`); each resolves its gate.
     held: HeldQueue<usize>,
-    /// The view number this node has said it promoted its copies for.
-    promoted_for: u64,
-    /// Each peer's word on the view it promoted its copies for.
-    promoted: BTreeMap<usize, u64>,
+    /// Who has promoted the copies it owns, per view: its own word and
+    /// each peer's (the broker's own component).
+    promotions: Promotions,
     /// For each session served or copied here, the fingerprints of the
     /// messages it was given (`seen`): a promoted copy is told them.
     seen: BTreeMap<String, BTreeSet<u64>>,
@@ -565,8 +565,7 @@ impl World {
                 held_for_copies: Vec::new(),
                 forwards: BTreeMap::new(),
                 held: HeldQueue::new(),
-                promoted_for: 0,
-                promoted: BTreeMap::new(),
+                promotions: Promotions::new(),
                 seen: BTreeMap::new(),
                 seen_stash: BTreeMap::new(),
                 snapshot_from: BTreeMap::new(),
@@ -2271,9 +2270,7 @@ impl World {
                             .holder_serves_only(node_id(from), &held, now);
                     self.cov.holders_forgotten += freed as u64;
                     // `links`: its word that it promoted comes again.
-                    if !mutations::on(Mutation::StalePromotedWord) {
-                        self.nodes[to].promoted.remove(&from);
-                    }
+                    self.nodes[to].promotions.serves_nothing(node_id(from));
                 }
                 Frame::Interest { filter, gained } => {
                     let peer = u32::try_from(from).unwrap_or(u32::MAX);
@@ -2305,15 +2302,12 @@ impl World {
                     // word that it promoted its copies when the peer's link
                     // comes up (`links`, before this frame): its snapshot
                     // says it again, after its interest.
-                    self.nodes[to].promoted.remove(&from);
+                    self.nodes[to].promotions.relinked(node_id(from));
                     self.nodes[to]
                         .snapshot_from
                         .insert(from, Default::default());
                 }
-                Frame::Promoted { view } => {
-                    let v = self.nodes[to].promoted.entry(from).or_insert(0);
-                    *v = (*v).max(view);
-                }
+                Frame::Promoted { view } => self.nodes[to].promotions.heard(node_id(from), view),
                 Frame::Forward {
                     seq,
                     message,
@@ -2544,14 +2538,15 @@ impl World {
     /// `takeover_done`: every view member reachable, and every one (this
     /// node too) has said it promoted its copies for this view.
     fn takeover_done(&self, n: usize) -> bool {
-        let v = self.view_number;
-        self.view.iter().all(|&m| m == n || self.linked(n, m))
-            && self.nodes[n].promoted_for >= v
-            && !self.owns_unpromoted_copies(n)
-            && self
-                .view
-                .iter()
-                .all(|&m| m == n || self.nodes[n].promoted.get(&m).is_some_and(|p| *p >= v))
+        let reachable = self.view.iter().all(|&m| m == n || self.linked(n, m));
+        let owns_unpromoted = reachable && self.owns_unpromoted_copies(n);
+        self.nodes[n].promotions.takeover_done(
+            self.view_number,
+            node_id(n),
+            self.view.iter().map(|&m| node_id(m)),
+            reachable,
+            owns_unpromoted,
+        )
     }
 
     /// `hold_for_takeover`'s wait, then `Core::reforward`.
@@ -2817,8 +2812,10 @@ impl World {
         // Its word that every copy it owns in this view is a session now
         // (not while a relayed one still waits: `owns_settling_copies`).
         let v = self.view_number;
-        if v > self.nodes[n].promoted_for && !self.owns_settling_copies(n) {
-            self.nodes[n].promoted_for = v;
+        if v > self.nodes[n].promotions.mine()
+            && !self.owns_settling_copies(n)
+            && self.nodes[n].promotions.promoted(v)
+        {
             self.cov.promoted_words += 1;
             // `State::commit` returns once the caller's batch is handed on
             // (with every batch numbered before it): the promotions' interest
@@ -3083,10 +3080,9 @@ impl World {
             });
         }
         frames.push(Frame::SyncDone);
-        if self.nodes[from].promoted_for > 0 {
-            frames.push(Frame::Promoted {
-                view: self.nodes[from].promoted_for,
-            });
+        let promoted = self.nodes[from].promotions.mine();
+        if promoted > 0 {
+            frames.push(Frame::Promoted { view: promoted });
         }
 
         self.cov.link_snapshots += 1;
@@ -3430,9 +3426,7 @@ impl World {
         self.nodes[n].stepped_down = true;
         self.nodes[n].settled = false;
         // `step_down`: it promotes its copies again before it says so.
-        if !mutations::on(Mutation::StalePromotedWord) {
-            self.nodes[n].promoted_for = 0;
-        }
+        self.nodes[n].promotions.stepped_down();
         // Back in service it must hear again every peer whose link broke
         // (`synced_once`: a snapshot on each live link; links that stayed
         // up keep theirs).
@@ -3519,8 +3513,7 @@ impl World {
         node.synced.clear();
         node.forwards.clear();
         node.held.clear();
-        node.promoted_for = 0;
-        node.promoted.clear();
+        node.promotions = Promotions::new();
         node.held_for_copies.clear();
         node.seen.clear();
         node.seen_stash.clear();
@@ -3639,13 +3632,12 @@ impl World {
         if self.trace {
             for (i, n) in self.nodes.iter().enumerate() {
                 println!(
-                    "end: {} up={} view={:?} v#={} promoted_for={} promoted={:?} held={} ready={} synced={:?} waits={} forwards={}",
+                    "end: {} up={} view={:?} v#={} promotions={:?} held={} ready={} synced={:?} waits={} forwards={}",
                     n.name,
                     n.up,
                     self.view,
                     self.view_number,
-                    n.promoted_for,
-                    n.promoted,
+                    n.promotions,
                     n.held.len(),
                     self.ready(i),
                     n.synced,

@@ -198,7 +198,7 @@ impl Cluster {
         // synced. Answers still waiting for an earlier connection of it
         // are void.
         lock(&self.store_synced).remove(&id);
-        lock(&self.promoted).remove(&id);
+        lock(&self.promotions).relinked(id);
         lock(&self.forgotten).remove(&id);
         lock(&self.early_answers).remove(&id);
         // Its answers to what this node sent before may have gone down
@@ -335,7 +335,7 @@ impl Cluster {
                 // Its word that it promoted its copies comes after the
                 // snapshot again (an empty one: it stepped down and must
                 // promote them again before that word counts).
-                lock(&self.promoted).remove(&id);
+                lock(&self.promotions).serves_nothing(id);
                 if freed > 0 {
                     tracing::info!(
                         copies = freed,
@@ -433,11 +433,7 @@ impl Cluster {
             }
             Frame::StoreAck { seq, ok } => self.store_acked(id, seq, ok),
             Frame::StoreSynced { view } => self.store_synced(id, view),
-            Frame::Promoted { view } => {
-                let mut promoted = lock(&self.promoted);
-                let v = promoted.entry(id).or_insert(0);
-                *v = (*v).max(view);
-            }
+            Frame::Promoted { view } => lock(&self.promotions).heard(id, view),
             Frame::StoreForget { client } => self.store_forgotten(&client, state),
             Frame::Seen { client, prints } => *stash = Some((client, prints)),
             Frame::Refused { seq } => self.forward_refused(id, seq),
@@ -666,7 +662,7 @@ impl Cluster {
                 self.send_whole(&tx, 0, client, snap, holder);
             }
             tx.push(&Frame::SyncDone, &self.stats.dropped);
-            let promoted = self.promoted_for.load(Ordering::Relaxed);
+            let promoted = lock(&self.promotions).mine();
             if promoted > 0 {
                 tx.push(&Frame::Promoted { view: promoted }, &self.stats.dropped);
             }

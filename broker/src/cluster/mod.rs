@@ -296,12 +296,9 @@ pub struct Cluster {
     /// The newest view each peer said it sent its key copies for (see
     /// `store`).
     store_synced: Mutex<HashMap<NodeId, u64>>,
-    /// The newest view each peer said it has promoted its copies for
-    /// ([`Frame::Promoted`], on its current link).
-    promoted: Mutex<HashMap<NodeId, u64>>,
-    /// The newest view this node has promoted its copies for and told its
-    /// peers so.
-    promoted_for: AtomicU64,
+    /// Who has promoted the copies it owns, per view: this node's word
+    /// and each peer's ([`Frame::Promoted`], on its current link).
+    promotions: Mutex<crate::promotions::Promotions>,
     /// Publishes held for a takeover, in the order they were held
     /// (`replication::hold_publish`).
     held: Mutex<HeldQueue<tokio::sync::oneshot::Sender<()>>>,
@@ -505,8 +502,7 @@ impl Cluster {
                 waiting: Mutex::default(),
                 store_waits: Mutex::default(),
                 store_synced: Mutex::new(HashMap::new()),
-                promoted: Mutex::new(HashMap::new()),
-                promoted_for: AtomicU64::new(0),
+                promotions: Mutex::default(),
                 held: Mutex::default(),
                 releasing: std::sync::atomic::AtomicBool::new(false),
                 forgotten: Mutex::new(std::collections::HashSet::new()),
@@ -1123,12 +1119,12 @@ impl Cluster {
             self.synced_once.store(true, Ordering::Release);
         }
         if self.ready()
-            && view.number > self.promoted_for.load(Ordering::Relaxed)
+            && view.number > lock(&self.promotions).mine()
             && !self.owns_settling_copies()
+            && lock(&self.promotions).promoted(view.number)
         {
             // Every copy this node owns in this view is a session now, and
             // its interest went out before this word.
-            self.promoted_for.store(view.number, Ordering::Relaxed);
             self.broadcast(&Frame::Promoted { view: view.number });
         }
         self.forget_moved_peers(state, &view);
@@ -1202,20 +1198,22 @@ impl Cluster {
     /// it. Publishes held for a lost node are routed again from then on,
     /// and its interest is forgotten.
     pub(super) fn takeover_done(&self) -> bool {
-        if self.view_has_unreachable() {
-            return false;
-        }
+        let reachable = !self.view_has_unreachable();
+        let owns_unpromoted = reachable && self.owns_unpromoted_copies();
         let view = self.view();
-        if self.promoted_for.load(Ordering::Relaxed) < view.number || self.owns_unpromoted_copies()
-        {
-            return false;
-        }
-        let promoted = lock(&self.promoted);
-        view.members.iter().filter(|m| **m != self.me).all(|m| {
-            self.id_of(m)
-                .and_then(|id| promoted.get(&id))
-                .is_some_and(|v| *v >= view.number)
-        })
+        // A member without an id is none this node can have heard from.
+        let members: Vec<NodeId> = view
+            .members
+            .iter()
+            .map(|m| self.id_of(m).unwrap_or(NodeId::MAX))
+            .collect();
+        lock(&self.promotions).takeover_done(
+            view.number,
+            self.my_id,
+            members,
+            reachable,
+            owns_unpromoted,
+        )
     }
 
     /// Forgets the interest of peers that are gone (not heard, out of the

@@ -377,7 +377,7 @@ impl Cluster {
         // interest unsent: they matched nobody; found by the simulator
         // with sessions on different chains).
         self.synced_once.store(false, Ordering::Release);
-        self.promoted_for.store(0, Ordering::Relaxed);
+        lock(&self.promotions).stepped_down();
         tracing::warn!(
             quorum = self.quorum(),
             "lost the majority of the cluster: closing clients and handing sessions over"
