@@ -53,9 +53,58 @@ pub fn targets<'a>(client: &str, view: &[&'a str], joining: &[&'a str], r: usize
     out
 }
 
+/// What a holder does with one batch's changes for one of their targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Sent on the open link; the batch waits for its acknowledgement.
+    Send,
+    /// Not sent, but owed: the target's link snapshot had the batch
+    /// already (the link opened after the batch was numbered), or the
+    /// target is a member of the view without a link and gets it in its
+    /// next link's snapshot. The batch waits until that snapshot is
+    /// confirmed (`commits`): counted out, the target could be promoted
+    /// without the change (found by the simulator).
+    Owed,
+    /// Neither: a joiner without a link is not waited for.
+    Skip,
+}
+
+/// Where batch `log_seq` goes for a target whose open link's snapshot
+/// holds every batch up to `covers` (`None`: no open link), `in_view`
+/// whether the committed view counts it.
+pub fn delivery(log_seq: u64, covers: Option<u64>, in_view: bool) -> Delivery {
+    match covers {
+        Some(c) if log_seq > c => Delivery::Send,
+        Some(_) => Delivery::Owed,
+        None if in_view => Delivery::Owed,
+        None => Delivery::Skip,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_sent_owed_or_skipped() {
+        assert_eq!(delivery(5, Some(4), true), Delivery::Send);
+        assert_eq!(
+            delivery(5, Some(4), false),
+            Delivery::Send,
+            "a joiner linked"
+        );
+        assert_eq!(
+            delivery(5, Some(5), true),
+            Delivery::Owed,
+            "in the snapshot"
+        );
+        assert_eq!(delivery(5, None, true), Delivery::Owed, "a member unlinked");
+        assert_eq!(
+            delivery(5, None, false),
+            Delivery::Skip,
+            "a joiner unlinked"
+        );
+    }
 
     #[test]
     fn a_joining_peer_is_sent_what_its_snapshot_would_hold() {

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use mqlb_broker::cluster::wire::Frame;
+use mqlb_broker_core::chain::Delivery;
 use mqlb_broker_core::commits::{Commits, Released};
 use mqlb_broker_core::core::{snapshot_of, Core};
 use mqlb_broker_core::effects::{ChangeRecord, Effects, LogEntry, Route};
@@ -1994,19 +1995,18 @@ impl World {
                 // its snapshot already; a member without a link gets it in
                 // the next one. Either is owed it until it confirms that
                 // snapshot (`commits`). A joiner with no link is not.
-                let link = self.nodes[node]
+                let covers = self.nodes[node]
                     .covers
                     .get(&m)
                     .copied()
                     .filter(|_| self.linked(node, m));
-                match link {
-                    Some(c) if log_seq > c => {
+                match mqlb_broker_core::chain::delivery(log_seq, covers, self.view.contains(&m)) {
+                    Delivery::Send => {
                         self.send_frame(node, m, &frame);
                         *left.entry(id).or_insert(0) += 1;
                     }
-                    Some(_) => owed.push(id),
-                    None if self.view.contains(&m) => owed.push(id),
-                    None => {}
+                    Delivery::Owed => owed.push(id),
+                    Delivery::Skip => {}
                 }
             }
         }

@@ -871,17 +871,21 @@ impl Cluster {
                 // snapshot already; a member without a link gets it in the
                 // next one. Either is owed it until it confirms that
                 // snapshot (`commits`). A joiner with no link is not.
-                match lock(&self.links).get(&id) {
-                    Some(tx) if log_seq > tx.copies_cover() => {
-                        to.push(tx.clone());
+                let link = lock(&self.links).get(&id).cloned();
+                let covers = link.as_ref().map(|tx| tx.copies_cover());
+                match (
+                    crate::chain::delivery(log_seq, covers, in_view(&member)),
+                    link,
+                ) {
+                    (crate::chain::Delivery::Send, Some(tx)) => {
+                        to.push(tx);
                         match per_node.iter_mut().find(|(p, _)| *p == id) {
                             Some((_, n)) => *n += 1,
                             None => per_node.push((id, 1)),
                         }
                     }
-                    Some(_) => owed.push(id),
-                    None if in_view(&member) => owed.push(id),
-                    None => {}
+                    (crate::chain::Delivery::Skip, _) => {}
+                    _ => owed.push(id),
                 }
             }
             sends.push((frame, to));
