@@ -98,6 +98,12 @@ pub struct Config {
     /// down, and no crash, hang or partition while one is broken (either
     /// would leave no majority: two failures at once).
     pub links_count_as_failures: bool,
+    /// About half the crashes are graceful stops instead (SIGTERM, as a
+    /// rolling restart does; Raft view only): the node stops serving and
+    /// refuses forwards, closes its clients, waits for its chain changes,
+    /// hands its sessions over, tells its peers it is leaving, and exits
+    /// once the view drops it (`Cluster::leave`).
+    pub graceful_stops: bool,
 }
 
 impl Default for Config {
@@ -122,6 +128,7 @@ impl Default for Config {
             wills: false,
             spread: false,
             links_count_as_failures: false,
+            graceful_stops: false,
         }
     }
 }
@@ -132,6 +139,10 @@ impl Default for Config {
 #[allow(missing_docs)] // each field is named for what it counts
 pub struct Coverage {
     pub crashes: u64,
+    /// Graceful stops ([`Config::graceful_stops`]), and how many of them
+    /// exited once the view dropped them.
+    pub graceful_stops: u64,
+    pub graceful_exits: u64,
     /// Crashes scheduled just after a node answered a client.
     pub targeted_crashes: u64,
     pub crashes_skipped: u64,
@@ -273,6 +284,8 @@ impl Coverage {
         }
         sum!(
             crashes,
+            graceful_stops,
+            graceful_exits,
             targeted_crashes,
             crashes_skipped,
             crashes_of_holder,
@@ -371,6 +384,8 @@ pub struct Outcome {
     /// Whether sessions were on different chains ([`Config::spread`]), and
     /// links counted as failures ([`Config::links_count_as_failures`]).
     pub spread: Option<bool>,
+    /// Whether some crashes were graceful stops ([`Config::graceful_stops`]).
+    pub graceful_stops: bool,
     /// What went wrong, one line each; empty when every check held.
     pub violations: Vec<String>,
     /// States reached.
@@ -411,6 +426,9 @@ impl Outcome {
             Some(true) => m.push_str(" MQLB_SIM_SPREAD=1"),
             Some(false) => m.push_str(" MQLB_SIM_SPREAD=early"),
             None => {}
+        }
+        if self.graceful_stops {
+            m.push_str(" MQLB_SIM_STOPS=1");
         }
         format!(
             "MQLB_SIM_SEED={}{m} cargo test --release -p mqlb-sim --test sim replay -- --nocapture",

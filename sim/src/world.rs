@@ -138,6 +138,8 @@ enum Fault {
     Heal(usize),
     /// One node's wall clock steps by this many milliseconds.
     NodeClockStep(usize, i64),
+    /// A node stops gracefully (`Cluster::leave`) and starts again later.
+    Stop(usize),
     /// A node hangs for this long, past the failure detector (a long GC
     /// pause, a VM stopped): it handles nothing; its peers' link reads
     /// time out after `FAILURE_TIMEOUT` and drop their links to it; it
@@ -232,6 +234,19 @@ enum Ev {
         upto: usize,
         reps: Vec<u64>,
     },
+    /// A stopping node's clients are gone: once its chain changes are
+    /// acknowledged (or `since` is 2 s ago), it hands its sessions over
+    /// and tells its peers it is leaving (`Cluster::leave`, `settle`).
+    StopSettle {
+        node: usize,
+        inc: u64,
+        since: Time,
+    },
+    /// A stopping node the view has dropped exits.
+    StopExit {
+        node: usize,
+        inc: u64,
+    },
     /// `from`'s link to `to` (re)opens: `from` sends its snapshot.
     LinkOpen {
         from: usize,
@@ -291,6 +306,11 @@ struct Node {
     /// Cut off from the majority: it serves nothing (`step_down`) until the
     /// view counts it again.
     stepped_down: bool,
+    /// Stopping gracefully: serves nothing, refuses forwards and clients.
+    leaving: bool,
+    /// ... and has told its peers (`Frame::Leaving`): they no longer
+    /// count it as heard, so the view drops it.
+    announced: bool,
     /// The filters publishes are held for (`Core::hold_for_copies`).
     held_for_copies: Vec<String>,
     /// Per peer, the number the last link snapshot's own session copies
@@ -497,6 +517,10 @@ fn tick_stream(client: usize) -> u64 {
 fn node_tick_stream(node: usize) -> u64 {
     (8 << 32) | node as u64
 }
+/// A graceful stop's steps on `node`.
+fn stop_stream(node: usize) -> u64 {
+    (15 << 32) | node as u64
+}
 /// `cluster::FAILURE_TIMEOUT`: a link that hears nothing for this long is
 /// dropped.
 const FAILURE_TIMEOUT_SIM: Time = 3 * SECOND;
@@ -563,6 +587,8 @@ impl World {
                 synced: (0..cfg.nodes).filter(|&p| p != n).collect(),
                 resync_seq: BTreeMap::new(),
                 stepped_down: false,
+                leaving: false,
+                announced: false,
                 held_for_copies: Vec::new(),
                 forwards: BTreeMap::new(),
                 held: HeldQueue::new(),
@@ -791,7 +817,7 @@ impl World {
     /// `client`'s session names, if the view counts it.
     fn live_holder(&self, n: usize, client: &str) -> Option<usize> {
         let h = self.nodes[n].replicas.holder(client)? as usize;
-        (h != n && self.view.contains(&h)).then_some(h)
+        (h != n && self.view.contains(&h) && !self.nodes[h].announced).then_some(h)
     }
 
     fn instant(&self) -> Instant {
@@ -851,7 +877,16 @@ impl World {
             }
             let nodes = self.nodes.len() as u64;
             let f = match rng.range(0, 99) {
-                0..=39 => Fault::Crash(rng.range(0, nodes - 1) as usize),
+                0..=39 => {
+                    let n = rng.range(0, nodes - 1) as usize;
+                    // Drawn apart from `rng`: runs without graceful stops
+                    // keep their schedules.
+                    if self.cfg.graceful_stops && self.cfg.raft && mix(self.seed ^ t) & 1 == 0 {
+                        Fault::Stop(n)
+                    } else {
+                        Fault::Crash(n)
+                    }
+                }
                 40..=59 => Fault::Drop(rng.range(0, self.clients.len() as u64 - 1) as usize),
                 60..=74 => Fault::Stall(rng.range(0, nodes - 1) as usize, rng.range(5, 250) * MS),
                 75..=84 if self.cfg.clock_skew && rng.range(0, 1) == 0 => Fault::NodeClockStep(
@@ -949,6 +984,7 @@ impl World {
             hangs: self.cfg.hangs,
             wills: self.cfg.wills,
             spread: self.cfg.spread.then_some(self.cfg.links_count_as_failures),
+            graceful_stops: self.cfg.graceful_stops,
             violations: self.bad,
             coverage: self.cov,
             events: self.events,
@@ -979,6 +1015,8 @@ impl World {
             Ev::NodeTick { node }
             | Ev::PromoteCheck { node, .. }
             | Ev::StepDown { node, .. }
+            | Ev::StopSettle { node, .. }
+            | Ev::StopExit { node, .. }
             | Ev::DiskWrite { node, .. }
             | Ev::DiskSynced { node, .. } => Some(*node),
             other => self.target(other),
@@ -1091,6 +1129,13 @@ impl World {
             Ev::StepDown { node, inc } => {
                 if self.nodes[node].up && self.nodes[node].inc == inc {
                     self.step_down(node);
+                }
+            }
+            Ev::StopSettle { node, inc, since } => self.stop_settle(node, inc, since),
+            Ev::StopExit { node, inc } => {
+                if self.nodes[node].up && self.nodes[node].inc == inc {
+                    self.cov.graceful_exits += 1;
+                    self.crash(node);
                 }
             }
             Ev::View { node, join, inc } => {
@@ -3114,7 +3159,7 @@ impl World {
     fn fault(&mut self, f: Fault) {
         match f {
             Fault::Crash(n) => {
-                let down = self.nodes.iter().any(|n| !n.up)
+                let down = self.nodes.iter().any(|n| !n.up || n.leaving)
                     || self.partitioned.is_some()
                     || self.link_cut_elsewhere();
                 let recent = self.now < self.last_join + 1_500 * MS && self.last_join > 0;
@@ -3126,6 +3171,17 @@ impl World {
                     return;
                 }
                 self.crash(n);
+            }
+            Fault::Stop(n) => {
+                let down = self.nodes.iter().any(|n| !n.up || n.leaving)
+                    || self.partitioned.is_some()
+                    || self.link_cut_elsewhere();
+                let recent = self.now < self.last_join + 1_500 * MS && self.last_join > 0;
+                if down || recent || !self.nodes[n].up || self.nodes[n].stepped_down {
+                    self.cov.crashes_skipped += 1;
+                    return;
+                }
+                self.stop(n);
             }
             Fault::Restart(n) => {
                 if self.nodes[n].up {
@@ -3453,7 +3509,11 @@ impl World {
             self.close(conn, true);
         }
         // `serves_nothing`: peers still linked hear that it serves nothing
-        // now (a `SyncDone` after the link's snapshot).
+        // now (a `SyncDone` after the link's snapshot). Not on a graceful
+        // stop, whose copies are promoted once the view drops it.
+        if self.nodes[n].leaving {
+            return;
+        }
         for p in 0..self.nodes.len() {
             if p != n && self.linked(n, p) {
                 self.send_frame(n, p, &Frame::SyncDone);
@@ -3464,7 +3524,10 @@ impl World {
     /// Whether `n` serves clients and peers' publishes: up, in the view,
     /// and not stepped down.
     fn serves(&self, n: usize) -> bool {
-        self.nodes[n].up && self.view.contains(&n) && !self.nodes[n].stepped_down
+        self.nodes[n].up
+            && self.view.contains(&n)
+            && !self.nodes[n].stepped_down
+            && !self.nodes[n].leaving
     }
 
     /// Without Raft, the oracle drops `n` (incarnation `inc`) from the
@@ -3492,6 +3555,59 @@ impl World {
         spared
     }
 
+    /// `Cluster::leave` on a SIGTERM: the node hands Raft leadership to a
+    /// peer it observes, stops serving (forwards are refused, clients
+    /// refused), closes its clients; `stop_settle` goes on.
+    fn stop(&mut self, n: usize) {
+        self.cov.graceful_stops += 1;
+        let heir = (0..self.nodes.len())
+            .find(|&p| p != n && self.linked(n, p))
+            .map(|h| self.nodes[h].name.clone());
+        if let (Some(h), Some(raft)) = (heir, self.nodes[n].raft.as_mut()) {
+            let out = raft.consensus.hand_over(&h);
+            self.raft_deliver(n, out);
+        }
+        self.nodes[n].leaving = true;
+        let conns: Vec<usize> = self.nodes[n].conns.values().copied().collect();
+        for conn in conns {
+            self.close(conn, true);
+        }
+        let inc = self.nodes[n].inc;
+        let since = self.now;
+        self.schedule(
+            stop_stream(n),
+            10 * MS,
+            Ev::StopSettle {
+                node: n,
+                inc,
+                since,
+            },
+        );
+    }
+
+    /// `Cluster::settle`, then the rest of `leave`: once every chain
+    /// change it sent is acknowledged (at most 2 s), the node steps down
+    /// (its sessions become copies; no `SyncDone`) and says it is leaving.
+    fn stop_settle(&mut self, n: usize, inc: u64, since: Time) {
+        if !self.nodes[n].up || self.nodes[n].inc != inc {
+            return;
+        }
+        if !self.nodes[n].waits.is_empty() && self.now < since + 2 * SECOND {
+            self.schedule(
+                stop_stream(n),
+                10 * MS,
+                Ev::StopSettle {
+                    node: n,
+                    inc,
+                    since,
+                },
+            );
+            return;
+        }
+        self.step_down(n);
+        self.nodes[n].announced = true;
+    }
+
     fn crash(&mut self, n: usize) {
         self.cov.crashes += 1;
         self.crashed_at.push((n, self.now));
@@ -3505,6 +3621,8 @@ impl World {
         let node = &mut self.nodes[n];
         node.up = false;
         node.inc += 1;
+        node.leaving = false;
+        node.announced = false;
         node.core = new_core(n);
         node.replicas = Replicas::default();
         node.log = Sequencer::default();

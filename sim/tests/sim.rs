@@ -1006,6 +1006,9 @@ fn replay() {
     // `=early`: without a broken link counted as a failure (the seeds
     // found before it was).
     let spread = std::env::var("MQLB_SIM_SPREAD").ok();
+    // `MQLB_SIM_STOPS=1`: graceful stops among the crashes
+    // (`Config::graceful_stops`).
+    let graceful_stops = std::env::var_os("MQLB_SIM_STOPS").is_some();
     let cfg = Config {
         mutation,
         raft,
@@ -1013,6 +1016,7 @@ fn replay() {
         wills,
         spread: spread.is_some(),
         links_count_as_failures: spread.is_some_and(|v| v != "early"),
+        graceful_stops,
         ..base
     };
     let o = run(seed, &cfg);
@@ -1046,6 +1050,37 @@ fn seeds_with_sessions_on_different_chains_keep_every_guarantee() {
                 cov.deferred,
             ),
             ("partitions cutting a node off", cov.partitions),
+            ("crashes of a node serving sessions", cov.crashes_of_holder),
+        ]
+    });
+}
+
+/// Graceful stops among the crashes (`Config::graceful_stops`), sessions
+/// on different chains.
+fn stops_config() -> Config {
+    Config {
+        graceful_stops: true,
+        ..spread_config()
+    }
+}
+
+/// Seeds with graceful stops (a rolling restart's SIGTERM) among the
+/// crashes: `MQLB_SIM_STOP_SEEDS`, a third of the default count.
+#[test]
+fn seeds_with_graceful_stops_keep_every_guarantee() {
+    let n = std::env::var("MQLB_SIM_STOP_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(seed_count() / 3);
+    seed_set_holds(n, &stops_config(), |cov| {
+        vec![
+            ("graceful stops", cov.graceful_stops),
+            (
+                "stopped nodes that left the view and exited",
+                cov.graceful_exits,
+            ),
+            ("publishes forwarded to a peer", cov.forwards),
+            ("publishes held for a lost node", cov.held_publishes),
             ("crashes of a node serving sessions", cov.crashes_of_holder),
         ]
     });

@@ -197,7 +197,11 @@ impl World {
     /// peer heard on the peer's).
     fn observed(&self, n: usize) -> Vec<usize> {
         (0..self.nodes.len())
-            .filter(|&p| p == n || (self.link_up(n, p) && self.link_up(p, n)))
+            .filter(|&p| {
+                // A peer that said it is leaving is not heard
+                // (`Peers::hears`).
+                p == n || (self.link_up(n, p) && self.link_up(p, n) && !self.nodes[p].announced)
+            })
             .collect()
     }
 
@@ -208,7 +212,7 @@ impl World {
     }
 
     /// Sends `out`'s messages from `n` and applies the view it committed.
-    fn raft_deliver(&mut self, n: usize, out: mqlb_broker::cluster::consensus::Output) {
+    pub(super) fn raft_deliver(&mut self, n: usize, out: mqlb_broker::cluster::consensus::Output) {
         for (to, m) in out.messages {
             let Some(t) = self.index_of(&to) else {
                 continue;
@@ -273,6 +277,16 @@ impl World {
             if self.nodes[g].up {
                 // Newly left out of the view: it steps down.
                 self.step_down(g);
+            }
+            if self.nodes[g].up && self.nodes[g].leaving {
+                // `leave` sees the view without it at its next tick and
+                // returns; the process exits.
+                let inc = self.nodes[g].inc;
+                self.schedule(
+                    (15 << 32) | g as u64,
+                    micros(RAFT_TICK),
+                    Ev::StopExit { node: g, inc },
+                );
             }
         }
         for j in joined {
