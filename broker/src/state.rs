@@ -32,7 +32,11 @@
 //!   without the core lock, `appending`, then the queue (a pop), then the
 //!   cluster's own mutexes (the link map, a link's buffer, the peer table,
 //!   replicas, the commit waits), each held for a step. No cluster mutex is
-//!   held while the core lock or `appending` is taken, so none can deadlock.
+//!   held while the core lock or `appending` is taken, so none can deadlock,
+//!   with one exception: the cluster's `promoting` mutex is held across a
+//!   copy's whole promotion (taking the copy out, importing it into the
+//!   core), taken with no other lock held and never under the core lock,
+//!   so that no client of the session finds it in neither place.
 //! * **Known cost** (the core-seam work removes it): a link's snapshot
 //!   exports and encodes every session under the core lock, a re-chain
 //!   exports them under it (and encodes after), and a `/metrics` scrape

@@ -299,6 +299,8 @@ pub struct Cluster {
     /// Who has promoted the copies it owns, per view: this node's word
     /// and each peer's ([`Frame::Promoted`], on its current link).
     promotions: Mutex<crate::promotions::Promotions>,
+    /// Held for the whole of a copy's promotion (`replication::promote`).
+    promoting: Mutex<()>,
     /// Publishes held for a takeover, in the order they were held
     /// (`replication::hold_publish`).
     held: Mutex<HeldQueue<tokio::sync::oneshot::Sender<()>>>,
@@ -503,6 +505,7 @@ impl Cluster {
                 store_waits: Mutex::default(),
                 store_synced: Mutex::new(HashMap::new()),
                 promotions: Mutex::default(),
+                promoting: Mutex::new(()),
                 held: Mutex::default(),
                 releasing: std::sync::atomic::AtomicBool::new(false),
                 forgotten: Mutex::new(std::collections::HashSet::new()),

@@ -17,6 +17,17 @@ impl Cluster {
     /// session and not the session itself, the replica becomes the session
     /// (its records then stream to the rest of the chain).
     pub fn promote(&self, client_id: &str, state: &State) {
+        // One promotion at a time, whole: between taking the copy out and
+        // importing it neither the copies nor the core hold the session,
+        // and a client of it connecting then (`conn::place` finds no
+        // session and no copy) was served a new, empty one while the
+        // tick's promotion, finding a session, dropped the copy: the
+        // session and every message queued in it were lost (seen in the
+        // cluster tests after a kill of the leader, 2 runs in 22 with
+        // trace logging slowing the core's lock). The connection calls
+        // this before it attaches, so it waits here for a promotion under
+        // way and then finds the session.
+        let _one = lock(&self.promoting);
         let (session, ticket) = {
             let mut replicas = lock(&self.replicas);
             let Some(session) = replicas.take(client_id) else {
