@@ -35,8 +35,10 @@
 //!   held while the core lock or `appending` is taken, so none can deadlock,
 //!   with one exception: the cluster's `promoting` mutex is held across a
 //!   copy's whole promotion (taking the copy out, importing it into the
-//!   core), taken with no other lock held and never under the core lock,
-//!   so that no client of the session finds it in neither place.
+//!   core) and across a peer's session changes being applied (whether the
+//!   core or a copy takes them), taken with no other lock held and never
+//!   under the core lock, so that neither a client of the session nor a
+//!   change to it finds it in neither place.
 //! * **Known cost** (the core-seam work removes it): a link's snapshot
 //!   exports and encodes every session under the core lock, a re-chain
 //!   exports them under it (and encodes after), and a `/metrics` scrape

@@ -454,6 +454,11 @@ impl Cluster {
             }
             self.seen_by_peer(&client, prints);
         };
+        // Not while a copy is being promoted: taken out of the copies and
+        // not yet in the core, the session would look absent, and these
+        // changes would start a copy of their own beside the promoted
+        // session, their messages never delivered.
+        let _one = lock(&self.promoting);
         // A session this node holds with an older epoch has moved on: the
         // writer's copy is the live one now.
         let held = state.core().epoch(&client);
