@@ -2859,6 +2859,7 @@ impl World {
         let v = self.view_number;
         if v > self.nodes[n].promotions.mine()
             && !self.owns_settling_copies(n)
+            && !self.owns_unpromoted_copies(n)
             && self.nodes[n].promotions.promoted(v)
         {
             self.cov.promoted_words += 1;

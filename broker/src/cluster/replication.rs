@@ -96,10 +96,9 @@ impl Cluster {
 
     /// Whether the committed view still counts a member this node has no
     /// link to (it has not caught up with a failure yet).
-    pub(super) fn view_has_unreachable(&self) -> bool {
+    pub(super) fn view_has_unreachable(&self, view: &View) -> bool {
         let links = lock(&self.links);
-        self.view()
-            .members
+        view.members
             .iter()
             .filter(|m| **m != self.me)
             .any(|m| self.id_of(m).is_none_or(|id| !links.contains_key(&id)))
@@ -161,14 +160,14 @@ impl Cluster {
     /// the lost holder wait for it (`takeover_done`): released before, they
     /// would match nobody for that session (found by the simulator). Owners
     /// are computed only for copies whose holder is gone.
-    pub(super) fn owns_unpromoted_copies(&self) -> bool {
-        !self.unpromoted_copies().is_empty()
+    pub(super) fn owns_unpromoted_copies(&self, view: &View) -> bool {
+        !self.unpromoted_copies(view).is_empty()
     }
 
     /// The filters of the copies [`Cluster::owns_unpromoted_copies`] finds,
     /// sorted: publishes matching them are held until they are promoted.
     pub(super) fn unpromoted_filters(&self) -> Vec<String> {
-        let copies = self.unpromoted_copies();
+        let copies = self.unpromoted_copies(&self.view());
         if copies.is_empty() {
             return Vec::new();
         }
@@ -183,8 +182,7 @@ impl Cluster {
 
     /// The copies this node owns whose holder the view no longer counts.
     /// Asked every tick: only the orphaned copies' names are copied.
-    fn unpromoted_copies(&self) -> Vec<String> {
-        let view = self.view();
+    fn unpromoted_copies(&self, view: &View) -> Vec<String> {
         let live: std::collections::HashSet<NodeId> = view
             .members
             .iter()
@@ -194,7 +192,7 @@ impl Cluster {
         let orphaned = lock(&self.replicas).without_live_holder(|h| live.contains(&h));
         orphaned
             .into_iter()
-            .filter(|c| self.owner(c) == self.me)
+            .filter(|c| self.owner_in(view, c) == self.me)
             .collect()
     }
 
@@ -730,8 +728,9 @@ impl Cluster {
     /// reached it before one held for the node that had died with it).
     fn release_held(&self, state: &Arc<State>) {
         let pending = lock(&self.held).take();
-        let settled = !self.view_has_unreachable() && self.takeover_done();
+        // One reading of the view for the whole pass (`takeover_done`).
         let view = self.view();
+        let settled = self.takeover_done(&view);
         let pass = Release {
             now: Instant::now(),
             settled,
