@@ -205,10 +205,27 @@ impl Cluster {
         }
         let held: Vec<String> = lock(&self.replicas).clients();
         let now = Instant::now();
-        let owned: Vec<String> = held
+        // Owner and holder judged in one reading of the view (see
+        // `takeover_done`).
+        let view = self.view();
+        let candidates: Vec<(String, Option<NodeId>)> = {
+            let r = lock(&self.replicas);
+            held.into_iter()
+                .filter(|c| r.promotable(c, now))
+                .map(|c| {
+                    let h = r.holder(&c);
+                    (c, h)
+                })
+                .collect()
+        };
+        let owned: Vec<String> = candidates
             .into_iter()
-            .filter(|c| self.owner(c) == self.me && self.live_holder(c).is_none())
-            .filter(|c| lock(&self.replicas).promotable(c, now))
+            .filter(|(c, _)| self.owner_in(&view, c) == self.me)
+            .filter(|(_, h)| {
+                h.and_then(|h| self.name_of(h))
+                    .is_none_or(|h| h == self.me || !view.members.contains(&h))
+            })
+            .map(|(c, _)| c)
             .collect();
         for c in owned {
             self.promote(&c, state);
