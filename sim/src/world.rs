@@ -518,7 +518,7 @@ fn node_tick_stream(node: usize) -> u64 {
     (8 << 32) | node as u64
 }
 /// A graceful stop's steps on `node`.
-fn stop_stream(node: usize) -> u64 {
+pub(super) fn stop_stream(node: usize) -> u64 {
     (15 << 32) | node as u64
 }
 /// `cluster::FAILURE_TIMEOUT`: a link that hears nothing for this long is
@@ -3573,17 +3573,18 @@ impl World {
         for conn in conns {
             self.close(conn, true);
         }
-        let inc = self.nodes[n].inc;
-        let since = self.now;
-        self.schedule(
-            stop_stream(n),
-            10 * MS,
-            Ev::StopSettle {
-                node: n,
-                inc,
-                since,
-            },
-        );
+        let (inc, since) = (self.nodes[n].inc, self.now);
+        self.settle_later(n, inc, since);
+    }
+
+    /// `stop_settle` again in 10 ms (`settle` polls).
+    fn settle_later(&mut self, n: usize, inc: u64, since: Time) {
+        let ev = Ev::StopSettle {
+            node: n,
+            inc,
+            since,
+        };
+        self.schedule(stop_stream(n), 10 * MS, ev);
     }
 
     /// `Cluster::settle`, then the rest of `leave`: once every chain
@@ -3594,15 +3595,7 @@ impl World {
             return;
         }
         if !self.nodes[n].waits.is_empty() && self.now < since + 2 * SECOND {
-            self.schedule(
-                stop_stream(n),
-                10 * MS,
-                Ev::StopSettle {
-                    node: n,
-                    inc,
-                    since,
-                },
-            );
+            self.settle_later(n, inc, since);
             return;
         }
         self.step_down(n);

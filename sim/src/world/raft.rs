@@ -283,7 +283,7 @@ impl World {
                 // returns; the process exits.
                 let inc = self.nodes[g].inc;
                 self.schedule(
-                    (15 << 32) | g as u64,
+                    stop_stream(g),
                     micros(RAFT_TICK),
                     Ev::StopExit { node: g, inc },
                 );
