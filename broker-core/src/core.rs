@@ -2660,7 +2660,9 @@ mod tests {
                     LogEntry::Retained { topic, message, .. } => {
                         format!("retained {topic} {}", message.is_some())
                     }
-                    LogEntry::Store(c) => format!("store {:?}", c.key),
+                    LogEntry::Store { copy, .. } => format!("store {:?}", copy.key),
+                    LogEntry::StoreRead { key, .. } => format!("store read {key:?}"),
+                    LogEntry::StoreReplica(c) => format!("store replica {:?}", c.key),
                     LogEntry::Replica { client, .. } => format!("replica {client}"),
                     LogEntry::Evicted(c) => format!("evicted {c}"),
                 })

@@ -51,9 +51,31 @@ pub enum LogEntry {
         /// Its hybrid-logical-clock version.
         version: crate::hlc::Hlc,
     },
-    /// A state store key's new state, for the disk (a cluster replicates
-    /// keys down their own chains).
-    Store(Box<mqlb_statestore::store::KeyCopy>),
+    /// A state store key's new state, decided by its owner in `view` (0 on
+    /// a single node): for the key's chain (as a `StoreCopy`) and the disk.
+    Store {
+        /// The cluster's view when the owner made the change: a chain
+        /// member in a newer one refuses it.
+        view: u64,
+        /// The key's new state.
+        copy: Box<mqlb_statestore::store::KeyCopy>,
+    },
+    /// A read of `key` by its owner in `view`, which changed nothing: the
+    /// chain gets a barrier (answered once it has every earlier change),
+    /// so a read answers nothing an owner's loss could take back.
+    StoreRead {
+        /// The key read.
+        key: Vec<u8>,
+        /// The owner's view, as for [`LogEntry::Store`].
+        view: u64,
+        /// The key's state, written again to a data directory: the read
+        /// answers once it is on disk, and with it everything logged
+        /// before (`None` without a data directory, or no such key).
+        current: Option<Box<mqlb_statestore::store::KeyCopy>>,
+    },
+    /// The copy this node keeps of a key another node owns changed (a
+    /// peer's `StoreCopy` was installed): for the disk only.
+    StoreReplica(Box<mqlb_statestore::store::KeyCopy>),
     /// The copy this node keeps of another node's session changed (the
     /// shell's replication applied these changes): for the disk only.
     Replica {

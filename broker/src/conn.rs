@@ -1205,55 +1205,52 @@ impl Session {
             .state
             .statestore
             .handle_in(&self.client_id, p, 0, &|_| true);
-        let handled = match handled {
+        let (outcome, entry) = match handled {
             Handled::Done {
                 outcome,
                 key: Some(key),
-                copy: None,
-            } if self.state.disk().is_some() => Handled::Done {
-                outcome,
-                copy: self.state.statestore.copy_of(&key).map(Box::new),
-                key: Some(key),
-            },
-            other => other,
-        };
-        match handled {
-            Handled::Done {
-                outcome,
-                copy: Some(copy),
-                ..
+                copy,
             } if self.state.disk().is_some() => {
-                let kept = self.state.act(|_| {
+                let entry = match copy {
+                    Some(copy) => crate::effects::LogEntry::Store { view: 0, copy },
+                    None => crate::effects::LogEntry::StoreRead {
+                        current: self.state.statestore.copy_of(&key).map(Box::new),
+                        key,
+                        view: 0,
+                    },
+                };
+                (outcome, entry)
+            }
+            Handled::Done { outcome, .. } => return outcome,
+            Handled::Elsewhere(_) => return Outcome::Route(Vec::new()),
+        };
+        let kept = self.state.act(|_| {
+            let mut fx = crate::effects::Effects::none();
+            fx.log(entry);
+            fx
+        });
+        let Outcome::Route(msgs) = outcome else {
+            self.wait_for(kept);
+            return outcome;
+        };
+        let state = self.state.state().clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if kept.wait().await.is_ok() {
+                let routed = state.act(|core| {
                     let mut fx = crate::effects::Effects::none();
-                    fx.log(crate::effects::LogEntry::Store(copy));
+                    for m in msgs {
+                        fx.extend(core.route(m));
+                    }
                     fx
                 });
-                let Outcome::Route(msgs) = outcome else {
-                    self.wait_for(kept);
-                    return outcome;
-                };
-                let state = self.state.state().clone();
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                tokio::spawn(async move {
-                    if kept.wait().await.is_ok() {
-                        let routed = state.act(|core| {
-                            let mut fx = crate::effects::Effects::none();
-                            for m in msgs {
-                                fx.extend(core.route(m));
-                            }
-                            fx
-                        });
-                        if routed.wait().await.is_ok() {
-                            let _ = tx.send(());
-                        }
-                    }
-                });
-                self.wait_for(Committed::when(rx));
-                Outcome::Route(Vec::new())
+                if routed.wait().await.is_ok() {
+                    let _ = tx.send(());
+                }
             }
-            Handled::Done { outcome, .. } => outcome,
-            Handled::Elsewhere(_) => Outcome::Route(Vec::new()),
-        }
+        });
+        self.wait_for(Committed::when(rx));
+        Outcome::Route(Vec::new())
     }
 
     /// Whether `topic` is the broker's own, which no client may publish

@@ -154,7 +154,12 @@ pub fn encode(entries: &[LogEntry]) -> Option<Vec<u8>> {
                 },
                 &mut out,
             ),
-            LogEntry::Store(copy) => put(
+            LogEntry::Store { copy, .. }
+            | LogEntry::StoreRead {
+                current: Some(copy),
+                ..
+            }
+            | LogEntry::StoreReplica(copy) => put(
                 STORE,
                 &Frame::StoreCopy {
                     seq: 0,
@@ -163,7 +168,7 @@ pub fn encode(entries: &[LogEntry]) -> Option<Vec<u8>> {
                 },
                 &mut out,
             ),
-            LogEntry::Interest { .. } => {}
+            LogEntry::Interest { .. } | LogEntry::StoreRead { current: None, .. } => {}
         }
     }
     (!out.is_empty()).then(|| Vec::from(out))

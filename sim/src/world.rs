@@ -1930,12 +1930,18 @@ impl World {
     /// on a little later (after the lock: another call may number its own
     /// batch between).
     fn sequence(&mut self, node: usize, entries: Vec<LogEntry>) -> Option<usize> {
+        self.sequence_drawing(node, entries, append_stream(node))
+    }
+
+    /// [`World::sequence`], its hand-on delay drawn from stream `s`: the
+    /// state store's batches draw from the store's stream, so that adding
+    /// them to the log left every other seed's run as it was.
+    fn sequence_drawing(&mut self, node: usize, entries: Vec<LogEntry>, s: u64) -> Option<usize> {
         if entries.is_empty() {
             return None;
         }
         let gate = self.new_gate();
         self.nodes[node].log.number(Batch { entries, gate });
-        let s = append_stream(node);
         let n = self.streams.get(&s).map_or(0, |s| s.1);
         // Usually within 1.5 ms; in some seeds a thread can be slow to
         // hand its batch on (preempted), for up to 20 ms.
@@ -1974,6 +1980,9 @@ impl World {
         // `DiskLog`: what the batch keeps goes to this node's disk too,
         // and its commit waits for the fsync as for one more member.
         let on_disk = self.disk_append(node, log_seq, &b.entries, rep);
+        // A state store change or read: its first round down the key's
+        // chain (`Cluster::replicate_key`), in the log's order.
+        self.store_handed_on(node, b.gate);
         let mut records: Vec<ChangeRecord> = Vec::new();
         for e in b.entries {
             match e {

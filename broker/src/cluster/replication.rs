@@ -804,9 +804,19 @@ impl ChangeLog for Cluster {
     /// live: the copy here is then the only one, as on a single node).
     fn append(&self, log_seq: u64, entries: Vec<LogEntry>) -> Committed {
         let mut records = Vec::with_capacity(entries.len());
+        let mut keys = Committed::now();
         for e in entries {
             match e {
                 LogEntry::Session(r) => records.push(r),
+                // A state store key's change, or a read's barrier, down
+                // the key's chain.
+                LogEntry::Store { view, copy } => {
+                    let key = copy.key.clone();
+                    keys.merge(self.replicate_key(&key, view, Some(*copy)));
+                }
+                LogEntry::StoreRead { key, view, .. } => {
+                    keys.merge(self.replicate_key(&key, view, None));
+                }
                 LogEntry::Interest { filter, gained } => {
                     // Stepping down drops this node's sessions and with
                     // them their filters; peers keep the old interest, so
@@ -819,9 +829,8 @@ impl ChangeLog for Cluster {
                         self.broadcast_after(log_seq, &Frame::Interest { filter, gained });
                     }
                 }
-                // A cluster replicates state store keys down their own
-                // chains (`store`); this entry is for a data directory.
-                LogEntry::Store(_) | LogEntry::Replica { .. } | LogEntry::Evicted(_) => {}
+                // For a data directory only.
+                LogEntry::StoreReplica(_) | LogEntry::Replica { .. } | LogEntry::Evicted(_) => {}
                 LogEntry::Retained {
                     topic,
                     message,
@@ -836,7 +845,9 @@ impl ChangeLog for Cluster {
                 ),
             }
         }
-        self.send_down_chains(log_seq, records)
+        let mut committed = self.send_down_chains(log_seq, records);
+        committed.merge(keys);
+        committed
     }
 }
 

@@ -34,6 +34,16 @@ use mqlb_protocol::Publish;
 /// dead owner is replaced within the failure timeout plus an election).
 pub const STORE_WAIT: Duration = Duration::from_secs(8);
 
+/// One round of a state store change sent to its chain: the frames'
+/// number, the members they went to, and the wait for their answers
+/// (`None`: nobody was linked).
+#[derive(Debug)]
+struct StoreRound {
+    seq: u64,
+    sent: std::collections::HashSet<NodeId>,
+    rx: Option<tokio::sync::oneshot::Receiver<acks::Answer>>,
+}
+
 /// Times a request may be passed on between nodes whose views disagree.
 const MAX_HOPS: u8 = 3;
 
@@ -132,40 +142,37 @@ impl Cluster {
             match handled {
                 crate::statestore::Handled::Done { outcome, key, copy } => {
                     let Some(key) = key else { break outcome };
-                    // With a data directory the owner's own copy is on
-                    // its disk before the answer goes out, as each chain
-                    // member's is before it acknowledges.
-                    // A read writes the key's state again, and answers once
-                    // that is on disk: everything logged before it is then
-                    // on disk too (the writer keeps order), so a value read
-                    // is not one a power loss takes back (a change still
-                    // waiting for its fsync, read and then lost: found by
-                    // the simulator, seed 48836 of the data-directory runs).
-                    let logged = match &copy {
-                        Some(c) => Some(c.clone()),
-                        None => store.copy_of(&key).map(Box::new),
+                    // Through the node's change log, like every change:
+                    // its consumer sends the key's chain the change (or a
+                    // read's barrier) and, with a data directory, writes
+                    // it to disk; committed once both have it. A read
+                    // writes the key's state to disk again and answers
+                    // once that is there: everything logged before it is
+                    // then on disk too (the writer keeps order), so a
+                    // value read is not one a power loss takes back (a
+                    // change still waiting for its fsync, read and then
+                    // lost: found by the simulator, seed 48836 of the
+                    // data-directory runs).
+                    let entry = match copy {
+                        Some(copy) => LogEntry::Store { view, copy },
+                        None => LogEntry::StoreRead {
+                            current: state.disk().and_then(|_| store.copy_of(&key)).map(Box::new),
+                            key,
+                            view,
+                        },
                     };
-                    let kept = match (logged, state.disk()) {
-                        (Some(c), Some(_)) => Some(state.act(|_| {
-                            let mut fx = crate::effects::Effects::none();
-                            fx.log(LogEntry::Store(c));
-                            fx
-                        })),
-                        _ => None,
-                    };
-                    let replicated = self.store_replicate(&key, view, copy.map(|c| *c)).await;
-                    let kept = match kept {
-                        Some(k) => k.wait().await.is_ok(),
-                        None => true,
-                    };
-                    if replicated && kept {
+                    let committed = state.act(|_| {
+                        let mut fx = crate::effects::Effects::none();
+                        fx.log(entry);
+                        fx
+                    });
+                    if committed.wait().await.is_ok() {
                         break outcome;
                     }
-                    if !kept {
-                        tracing::warn!("state store change not kept on this node's disk");
-                        break store.unavailable(p, UNAVAILABLE);
-                    }
-                    tracing::info!("state store change refused by a chain member in a newer view");
+                    tracing::info!(
+                        "state store change not committed: a chain member in a newer view refused it, \
+                         one did not answer in time, or the disk did not keep it"
+                    );
                     break store.unavailable(p, UNAVAILABLE);
                 }
                 crate::statestore::Handled::Elsewhere(key) => {
@@ -231,9 +238,12 @@ impl Cluster {
         }
     }
 
-    /// Sends a key's new state (or a barrier) to the other members of its
-    /// chain; whether every one of them has it: each member of the view
-    /// acknowledged it, or a barrier sent after it, or left the view.
+    /// The change log's state store entry: sends a key's new state (`copy`)
+    /// or a read's barrier (`None`), decided in `view`, to the other
+    /// members of its chain. Committed once every one of them has it: each
+    /// member of the view acknowledged it, or a barrier sent after it, or
+    /// left the view. Not committed if one refuses it (it is in a newer
+    /// view) or does not answer within [`STORE_WAIT`].
     ///
     /// A member without a link, or whose link broke before it answered, is
     /// owed the change, not counted out: the change waits (within
@@ -242,50 +252,73 @@ impl Cluster {
     /// Counted out, it could take over the key when the owner died without
     /// an acknowledged change (the same bug the session chains had, found
     /// there by the simulator).
-    async fn store_replicate(
+    pub(super) fn replicate_key(
         &self,
         key: &[u8],
         view: u64,
         copy: Option<mqlb_statestore::store::KeyCopy>,
-    ) -> bool {
-        let deadline = tokio::time::Instant::now() + STORE_WAIT;
-        let mut owed: std::collections::HashSet<NodeId> = self
+    ) -> Committed {
+        let owed: std::collections::HashSet<NodeId> = self
             .key_chain(key)
             .iter()
             .filter(|m| **m != self.me)
             .filter_map(|m| self.id_of(m))
             .collect();
-        let mut copy = copy;
-        loop {
-            let members = self.view().members;
-            owed.retain(|id| self.name_of(*id).is_some_and(|n| members.contains(&n)));
-            if owed.is_empty() {
-                return true;
+        if owed.is_empty() {
+            return Committed::now();
+        }
+        let Some(me) = self.state_owner.get().and_then(std::sync::Weak::upgrade) else {
+            return Committed::lost();
+        };
+        // The first round is sent here, in the log's order: changes to a
+        // key reach its chain in the order its owner made them.
+        let round = self.store_round(&owed, view, copy);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if me.store_settle(owed, view, round).await {
+                let _ = tx.send(());
             }
-            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            // The key's state the first time; a barrier after that.
-            let frame = Frame::StoreCopy {
-                seq,
-                view,
-                copy: copy.take(),
-            };
-            // The wait is registered under the same lock as the sends: an
-            // acknowledgement that came before it would find nothing to
-            // release, and the request would time out though applied.
-            let (sent, rx) = {
-                let mut waits = lock(&self.store_waits);
-                let links = lock(&self.links);
-                let mut sent = std::collections::HashSet::new();
-                for id in &owed {
-                    if let Some(tx) = links.get(id) {
-                        tx.push(&frame, &self.stats.dropped);
-                        sent.insert(*id);
-                    }
-                }
-                let rx = waits.register(seq, sent.clone());
-                (sent, rx)
-            };
-            let lost = match rx {
+        });
+        Committed::when(rx)
+    }
+
+    /// Sends one round (the key's state the first time, a barrier after
+    /// that) to the members of `owed` that have a link, and registers the
+    /// wait for their answers under the same lock as the sends: an
+    /// acknowledgement that came before it would find nothing to release,
+    /// and the request would time out though applied.
+    fn store_round(
+        &self,
+        owed: &std::collections::HashSet<NodeId>,
+        view: u64,
+        copy: Option<mqlb_statestore::store::KeyCopy>,
+    ) -> StoreRound {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let frame = Frame::StoreCopy { seq, view, copy };
+        let mut waits = lock(&self.store_waits);
+        let links = lock(&self.links);
+        let mut sent = std::collections::HashSet::new();
+        for id in owed {
+            if let Some(tx) = links.get(id) {
+                tx.push(&frame, &self.stats.dropped);
+                sent.insert(*id);
+            }
+        }
+        let rx = waits.register(seq, sent.clone());
+        StoreRound { seq, sent, rx }
+    }
+
+    /// Waits out `round` and sends barriers to the members still owed the
+    /// change until none is (see [`Cluster::replicate_key`]).
+    async fn store_settle(
+        &self,
+        mut owed: std::collections::HashSet<NodeId>,
+        view: u64,
+        mut round: StoreRound,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + STORE_WAIT;
+        loop {
+            let lost = match round.rx {
                 None => Vec::new(),
                 Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
                     Ok(Ok(acks::Answer::Applied)) => Vec::new(),
@@ -293,12 +326,12 @@ impl Cluster {
                     Ok(Ok(acks::Answer::Refused)) | Ok(Err(_)) => return false,
                     Err(_) => {
                         // A hung chain member: not acknowledged, so not `OK`.
-                        lock(&self.store_waits).cancel(seq);
+                        lock(&self.store_waits).cancel(round.seq);
                         return false;
                     }
                 },
             };
-            acks::owed_after(&mut owed, &sent, &lost);
+            acks::owed_after(&mut owed, &round.sent, &lost);
             if owed.is_empty() {
                 return true;
             }
@@ -307,6 +340,12 @@ impl Cluster {
             }
             self.stats.store_owed.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(consensus::TICK).await;
+            let members = self.view().members;
+            owed.retain(|id| self.name_of(*id).is_some_and(|n| members.contains(&n)));
+            if owed.is_empty() {
+                return true;
+            }
+            round = self.store_round(&owed, view, None);
         }
     }
 
@@ -365,7 +404,7 @@ impl Cluster {
                 // On this node's disk before it is acknowledged.
                 kept = state.act(|_| {
                     let mut fx = crate::effects::Effects::none();
-                    fx.log(LogEntry::Store(Box::new(c)));
+                    fx.log(LogEntry::StoreReplica(Box::new(c)));
                     fx
                 });
             }
@@ -418,22 +457,27 @@ impl Cluster {
         self.store_forgotten(client, state);
     }
 
-    /// Drops `client`'s watches on the keys this node owns.
+    /// Drops `client`'s watches on the keys this node owns; the keys' new
+    /// states go through the change log like any change (to their chains
+    /// and the disk). Nobody waits for them.
     pub(super) fn store_forgotten(&self, client: &str, state: &State) {
         let view = self.view().number;
         let copies = state
             .statestore
             .forget(client, view, |k| self.key_owner(k) == self.me);
-        let links = lock(&self.links);
-        for copy in copies {
-            let key = copy.key.clone();
-            let frame = Frame::StoreCopy {
-                seq: 0,
-                view,
-                copy: Some(copy),
-            };
-            self.push_to_chain(&links, &key, &frame);
+        if copies.is_empty() {
+            return;
         }
+        let _unwaited = state.act(|_| {
+            let mut fx = crate::effects::Effects::none();
+            for copy in copies {
+                fx.log(LogEntry::Store {
+                    view,
+                    copy: Box::new(copy),
+                });
+            }
+            fx
+        });
     }
 
     /// A peer is synced for `view`.

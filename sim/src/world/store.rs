@@ -93,6 +93,9 @@ pub(super) struct StoreNode {
     next_seq: u64,
     /// What each wait is for: a request, by index.
     wait_for: BTreeMap<u64, (usize, tokio::sync::oneshot::Receiver<Answer>)>,
+    /// The request each state store batch of the change log is for, by
+    /// the batch's gate: the log's consumer sends its first round.
+    logged: BTreeMap<usize, usize>,
 }
 
 impl StoreNode {
@@ -103,6 +106,7 @@ impl StoreNode {
             waits: Acks::default(),
             next_seq: 1,
             wait_for: BTreeMap::new(),
+            logged: BTreeMap::new(),
         }
     }
 }
@@ -128,9 +132,13 @@ enum Phase {
         outcome: Vec<Message>,
         /// Sent to, on the current round.
         sent: HashSet<usize>,
-        /// With a data directory, the gate of the change's write to this
-        /// node's own disk: the answer waits for it too.
-        kept: Option<usize>,
+        /// The gate of the change's batch in this node's change log: with
+        /// a data directory, the answer waits for its write to disk too.
+        kept: usize,
+        /// Whether the log's consumer has handed the change on (sent the
+        /// first round: `Cluster::replicate_key` runs from
+        /// `ChangeLog::append`); until then there is nothing to do.
+        handed_on: bool,
     },
     Done,
 }
@@ -378,6 +386,9 @@ impl World {
                 }
                 return;
             }
+            Phase::Replicating {
+                handed_on: false, ..
+            } => return,
             Phase::Replicating { .. } => return self.store_replicate(r),
             Phase::Done => return,
         }
@@ -419,21 +430,29 @@ impl World {
                     .into_iter()
                     .filter(|&m| m != n)
                     .collect();
-                // With a data directory the owner's own copy is on its
-                // disk before the answer goes out.
-                // A read writes the key's state again and answers once it
-                // is on disk (`store::serve_store`).
-                let logged = match &copy {
-                    Some(c) => Some(c.clone()),
-                    None => key
-                        .as_deref()
-                        .and_then(|k| self.nodes[n].store.store.copy_of(k))
-                        .map(Box::new),
+                // Through the change log (`store::serve_store`): its
+                // consumer sends the chain the change, or a read's barrier,
+                // and writes it to a data directory. A read writes the
+                // key's state again and answers once it is on disk.
+                let entry = match &copy {
+                    Some(c) => LogEntry::Store {
+                        view,
+                        copy: c.clone(),
+                    },
+                    None => LogEntry::StoreRead {
+                        key: key.clone().unwrap_or_default(),
+                        view,
+                        current: key
+                            .as_deref()
+                            .filter(|_| self.cfg.disk)
+                            .and_then(|k| self.nodes[n].store.store.copy_of(k))
+                            .map(Box::new),
+                    },
                 };
-                let kept = match logged {
-                    Some(c) if self.cfg.disk => self.sequence(n, vec![LogEntry::Store(c)]),
-                    _ => None,
+                let Some(kept) = self.sequence_drawing(n, vec![entry], store_stream(n)) else {
+                    return;
                 };
+                self.nodes[n].store.logged.insert(kept, r);
                 self.store_reqs[r].phase = Phase::Replicating {
                     chain: owed.clone(),
                     rev: copy.as_ref().map(|c| c.rev),
@@ -443,8 +462,8 @@ impl World {
                     outcome: msgs,
                     sent: HashSet::new(),
                     kept,
+                    handed_on: false,
                 };
-                self.store_replicate(r);
             }
         }
     }
@@ -487,6 +506,18 @@ impl World {
     fn store_retry(&mut self, r: usize) {
         let n = self.store_reqs[r].node;
         self.schedule(store_stream(n), 2 * TICK, Ev::StoreStep { req: r });
+    }
+
+    /// The log's consumer handed on the state store batch behind `gate`
+    /// on `n` (`Cluster::append`): its request's first round goes out.
+    pub(super) fn store_handed_on(&mut self, n: usize, gate: usize) {
+        let Some(r) = self.nodes[n].store.logged.remove(&gate) else {
+            return;
+        };
+        if let Phase::Replicating { handed_on, .. } = &mut self.store_reqs[r].phase {
+            *handed_on = true;
+            self.store_replicate(r);
+        }
     }
 
     /// `store_replicate`: one round of sending the change (or a barrier)
@@ -617,7 +648,7 @@ impl World {
         if !self.req_alive(r) {
             return;
         }
-        if let Phase::Replicating { kept: Some(g), .. } = self.store_reqs[r].phase {
+        if let Phase::Replicating { kept: g, .. } = self.store_reqs[r].phase {
             match self.gates[g].state {
                 GateState::Pending => return self.join(vec![g], Then::StoreFinish(r)),
                 GateState::Failed => return self.store_fail(r, false),
@@ -789,7 +820,7 @@ impl World {
                     let logged = self.cfg.disk.then(|| c.clone());
                     self.nodes[to].store.store.install_at(c, now);
                     if let Some(c) = logged {
-                        kept = self.sequence(to, vec![LogEntry::Store(Box::new(c))]);
+                        kept = self.sequence(to, vec![LogEntry::StoreReplica(Box::new(c))]);
                     }
                 }
                 if seq == 0 {
