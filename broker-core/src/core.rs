@@ -367,12 +367,6 @@ impl Core {
         self.wall = Some((now, ms));
     }
 
-    /// How long ago (as of `now`) the wall clock was last calibrated;
-    /// `None`: never.
-    pub fn wall_age(&self, now: Instant) -> Option<Duration> {
-        self.wall.map(|(at, _)| now.saturating_duration_since(at))
-    }
-
     /// The time of the current call.
     fn now(&self) -> Instant {
         self.now.unwrap_or_else(Instant::now)

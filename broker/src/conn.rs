@@ -1561,14 +1561,18 @@ impl Session {
         }
         let _ = stream.shutdown().await;
         let (id, conn) = (&self.client_id, self.conn);
+        // Whether the session ends is read in the same step that detaches
+        // the connection: one lock.
+        let (session_ended, _) = self
+            .state
+            .ask(|core| (core.ends_with_connection(id), core.disconnect(id, conn)));
         // Key notifications last as long as the client's session.
-        if self.state.core().ends_with_connection(id) {
+        if session_ended {
             match self.state.cluster() {
                 Some(cluster) => cluster.store_forget(id, &self.state),
                 None => drop(self.state.statestore.forget(id, 0, |_| true)),
             }
         }
-        let _ = self.state.act(|core| core.disconnect(id, conn));
         let will = self.will.take().filter(|w| {
             self.state.auth.may_publish(
                 self.username.as_deref(),
