@@ -9,6 +9,9 @@
 //! the same interleaved rounds (before/after comparisons of a change). Mosquitto's
 //! inflight window is 20 by default, and 2.0.11 loses QoS 2 messages beyond
 //! it on 3.1.1, so publishers keep at most 20 messages in flight.
+//! `MQLB_BENCH_ONLY=latency` runs the lone QoS 1 exchange alone, over 10
+//! rounds: in the full run it follows the throughput workloads, and there
+//! it swung far more between builds than alone (docs/performance.md).
 
 #![allow(
     clippy::unwrap_used,
@@ -161,13 +164,13 @@ async fn throughput(addr: &str, qos: u8, n: usize) -> (f64, f64) {
 }
 
 /// QoS 1 publish → subscriber receipt, one at a time. Returns (p50, p99) µs.
-async fn latency(addr: &str, n: usize) -> (f64, f64) {
-    let (mut sub, _) = connect_and_ack(addr, "blat-sub", 4).await;
+async fn latency(addr: &str, n: usize, tag: &str) -> (f64, f64) {
+    let (mut sub, _) = connect_and_ack(addr, &format!("blat-sub{tag}"), 4).await;
     sub.write_all(&raw::frame(0x82, &[0, 1, 0, 3, b'l', b'a', b't', 1]))
         .await
         .unwrap();
     let _ = raw::read_n(&mut sub, 5, Duration::from_secs(5)).await;
-    let (mut p, _) = connect_and_ack(addr, "blat-pub", 4).await;
+    let (mut p, _) = connect_and_ack(addr, &format!("blat-pub{tag}"), 4).await;
     let mut lat = Vec::with_capacity(n);
     let mut buf = BytesMut::new();
     for i in 0..n {
@@ -291,10 +294,12 @@ fn main() {
     .iter()
     .map(|l| (*l, vec![Vec::new(); peers.len()]))
     .collect();
+    let latency_only = std::env::var("MQLB_BENCH_ONLY").is_ok_and(|o| o == "latency");
+    let rounds = if latency_only { 10 } else { ROUNDS + 1 };
     rt.block_on(async {
         // Memory first, on fresh processes: later workloads leave buffers
         // behind that an allocator keeps, which would hide the per-connection cost.
-        for (i, (_, addr, pid)) in peers.iter().enumerate() {
+        for (i, (_, addr, pid)) in peers.iter().enumerate().filter(|_| !latency_only) {
             rows[6].1[i].push(idle_memory(addr, *pid, 2_000).await);
         }
         // The order alternates from round to round over an even number of
@@ -303,7 +308,7 @@ fn main() {
         // Mosquitto and mqlb swap turns, or, with a baseline, mqlb and
         // the baseline do; and every peer starts its turn on a machine
         // left quiet for a moment.
-        for round in 0..ROUNDS + 1 {
+        for round in 0..rounds {
             let mut order: Vec<usize> = (0..peers.len()).collect();
             if round % 2 == 1 {
                 let last = order.len() - 1;
@@ -311,13 +316,20 @@ fn main() {
             }
             for i in order {
                 let (name, addr, _) = &peers[i];
+                if latency_only {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let (p50, p99) = latency(addr, 3_000, &format!("{round}")).await;
+                    rows[3].1[i].push(p50);
+                    rows[4].1[i].push(p99);
+                    continue;
+                }
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 let (q0, loss) = throughput(addr, 0, 200_000).await;
                 rows[0].1[i].push(q0);
                 rows[7].1[i].push(loss * 100.0);
                 rows[1].1[i].push(throughput(addr, 1, 50_000).await.0);
                 rows[2].1[i].push(throughput(addr, 2, 20_000).await.0);
-                let (p50, p99) = latency(addr, 2_000).await;
+                let (p50, p99) = latency(addr, 2_000, "").await;
                 rows[3].1[i].push(p50);
                 rows[4].1[i].push(p99);
                 rows[5].1[i].push(connects(addr, 1_000).await);
@@ -346,7 +358,10 @@ fn main() {
         print!(" {:>12} {:>14}", "baseline", "mqlb/baseline");
     }
     println!();
-    for (label, data) in rows {
+    for (label, data) in rows
+        .into_iter()
+        .filter(|(_, d)| d.iter().all(|v| !v.is_empty()))
+    {
         let m: Vec<f64> = data.into_iter().map(median).collect();
         print!(
             "{:<24} {:>12.1} {:>12.1} {:>16.2}",
