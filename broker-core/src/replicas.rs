@@ -423,6 +423,39 @@ fn compared(p: Progress) -> Progress {
     p
 }
 
+/// What a node does with a holder's changes to a session (a `Replicate`
+/// frame), by what it has of that session itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incoming {
+    /// Applied to this node's copy. `evict_first`: this node served the
+    /// session in an older epoch (its client has since moved to the
+    /// writer), so its own session gives way to the copy.
+    Apply {
+        /// Drop the session served here first.
+        evict_first: bool,
+    },
+    /// This node serves the session in a newer epoch: the writer has not
+    /// yet heard that the session moved here. Its bookkeeping is refused,
+    /// but the messages it accepted for the session (and its inbound QoS 2
+    /// ids) are adopted: a QoS 1 duplicate is possible, losing them is not.
+    Adopt,
+    /// A copy of a session this node serves, connected, in the same epoch:
+    /// refused.
+    Refuse,
+}
+
+/// [`Incoming`] for changes made in `epoch`, this node serving the session
+/// in `held` (`None`: not at all), its client `connected` here or not.
+pub fn incoming(held: Option<u64>, connected: bool, epoch: u64) -> Incoming {
+    match held {
+        None => Incoming::Apply { evict_first: false },
+        Some(mine) if mine > epoch => Incoming::Adopt,
+        Some(mine) if mine < epoch => Incoming::Apply { evict_first: true },
+        Some(_) if !connected => Incoming::Apply { evict_first: false },
+        Some(_) => Incoming::Refuse,
+    }
+}
+
 /// How far along the session a run of changes for it leaves a copy, when
 /// the run is a whole copy (it ends with its count) made in `epoch`.
 pub fn progress_of(epoch: u64, changes: &[SessionChange]) -> Progress {
@@ -495,6 +528,23 @@ pub fn whole(snap: SessionSnapshot, now: Instant) -> Vec<SessionChange> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_holders_changes_are_applied_adopted_or_refused_by_epoch() {
+        let apply = |evict_first| Incoming::Apply { evict_first };
+        // Not served here: a copy.
+        assert_eq!(incoming(None, false, 3), apply(false));
+        // Served here in a newer epoch: the writer is behind.
+        assert_eq!(incoming(Some(4), true, 3), Incoming::Adopt);
+        assert_eq!(incoming(Some(4), false, 3), Incoming::Adopt);
+        // Served here in an older epoch: the session moved on.
+        assert_eq!(incoming(Some(2), true, 3), apply(true));
+        assert_eq!(incoming(Some(2), false, 3), apply(true));
+        // The same epoch: a copy of the live session is refused, one whose
+        // client is gone is kept up to date.
+        assert_eq!(incoming(Some(3), true, 3), Incoming::Refuse);
+        assert_eq!(incoming(Some(3), false, 3), apply(false));
+    }
 
     fn attach(epoch: u64) -> SessionChange {
         SessionChange::Attached {

@@ -41,7 +41,8 @@ use mqlb_broker_core::mutations::{self, Mutation};
 use mqlb_broker_core::outbox::{Closing, Encoder, Outbox, Outgoing};
 use mqlb_broker_core::promotions::Promotions;
 use mqlb_broker_core::replicas::{
-    filters_of, keeps_snapshot_copy, progress_of, whole, HolderNow, Replicas, RELAYED_WAIT,
+    filters_of, incoming, keeps_snapshot_copy, progress_of, whole, HolderNow, Incoming, Replicas,
+    RELAYED_WAIT,
 };
 use mqlb_broker_core::session::{InflightState, SessionChange};
 use mqlb_protocol::{decode, Ack, Packet, PacketType, ProtocolVersion, QoS, SubscriptionOptions};
@@ -2219,11 +2220,12 @@ impl World {
                     // served here with an older epoch (or not connected)
                     // gives way to the copy.
                     let held = n.core.epoch(&client);
+                    let connected = n.core.is_connected(&client);
                     // With a data directory, the copy's changes on disk
                     // before the answer (`answer_when`).
                     let mut kept = None;
-                    match held {
-                        Some(mine) if mine > epoch => {
+                    match incoming(held, connected, epoch) {
+                        Incoming::Adopt => {
                             // Its inbound QoS 2 ids too (`Core::adopt_qos2`).
                             let (_, qos2_gates) =
                                 self.call(to, |core| ((), core.adopt_qos2(&client, &changes)));
@@ -2252,10 +2254,8 @@ impl World {
                                 continue;
                             }
                         }
-                        Some(_)
-                            if !self.nodes[to].core.is_connected(&client) || held < Some(epoch) =>
-                        {
-                            if held < Some(epoch) {
+                        Incoming::Apply { evict_first } => {
+                            if evict_first {
                                 self.call(to, |core| ((), core.evict_session(&client)));
                             }
                             self.copy_seen(to, &client, replaces, stashed);
@@ -2264,12 +2264,7 @@ impl World {
                         }
                         // A copy of a session served here: refused, prints
                         // and all.
-                        Some(_) => {}
-                        None => {
-                            self.copy_seen(to, &client, replaces, stashed);
-                            self.note_given(to, &client, &changes);
-                            kept = self.apply_copy(to, &client, epoch, changes);
-                        }
+                        Incoming::Refuse => {}
                     }
                     let n = &mut self.nodes[to];
                     if whole && !from_holder {

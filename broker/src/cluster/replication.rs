@@ -474,18 +474,17 @@ impl Cluster {
         // changes would start a copy of their own beside the promoted
         // session, their messages never delivered.
         let _one = lock(&self.promoting);
-        // A session this node holds with an older epoch has moved on: the
-        // writer's copy is the live one now.
-        let held = state.core().epoch(&client);
-        match held {
-            Some(mine) if mine > epoch => {
-                // A writer that has not yet heard that the session moved
-                // here: its bookkeeping is refused, but the messages it
-                // accepted for the session are adopted (a QoS 1 duplicate
-                // is possible; losing them is not).
+        // What this node serves of the session decides (one lock, one
+        // reading): see `replicas::incoming`.
+        let (held, connected) = {
+            let core = state.core();
+            (core.epoch(&client), core.is_connected(&client))
+        };
+        match crate::replicas::incoming(held, connected, epoch) {
+            crate::replicas::Incoming::Adopt => {
                 tracing::debug!(
                     client,
-                    mine,
+                    mine = held,
                     epoch,
                     "stale session changes: adopting their messages"
                 );
@@ -516,8 +515,8 @@ impl Cluster {
                     return;
                 }
             }
-            Some(_) if !state.core().is_connected(&client) || held < Some(epoch) => {
-                if held < Some(epoch) {
+            crate::replicas::Incoming::Apply { evict_first } => {
+                if evict_first {
                     tracing::info!(client, "session moved to another node; local copy dropped");
                     let _ = state.act(|core| core.evict_session(&client));
                 }
@@ -526,12 +525,7 @@ impl Cluster {
                 return self.answer_when(from, seq, kept);
             }
             // A copy of a session served here: refused, prints and all.
-            Some(_) => {}
-            None => {
-                note_seen(true);
-                let kept = self.apply_replica(&client, epoch, changes, state);
-                return self.answer_when(from, seq, kept);
-            }
+            crate::replicas::Incoming::Refuse => {}
         }
         self.answer(from, Frame::Ack { seq });
     }
