@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use mqlb_broker::cluster::opening::{self, Opening};
 use mqlb_broker::cluster::wire::Frame;
 use mqlb_broker_core::chain::Delivery;
 use mqlb_broker_core::commits::{Commits, Released};
@@ -3062,12 +3063,6 @@ impl World {
             members.push(to);
         }
         let r = self.cfg.replication;
-        let in_chain = |w: &World, client: &str| {
-            w.rank_over(client, &members)
-                .into_iter()
-                .take(r)
-                .any(|m| m == to)
-        };
         let now = self.instant();
         // A link opens with a reset of what the peer knew of this node,
         // then its interest (`links`).
@@ -3089,52 +3084,35 @@ impl World {
             });
         }
         // This node's own sessions go acknowledged: once `to` has them
-        // all, what it was owed up to here is confirmed (`commits`).
+        // all, what it was owed up to here is confirmed (`commits`); then
+        // the copies it keeps, `SyncDone` and its `Promoted` word: the
+        // broker's own `opening::sessions`.
         let last = self.nodes[from].log.last();
         let seq = self.nodes[from].next_rep;
         self.nodes[from].next_rep += 1;
-        let mut own = 0;
-        let mut ids = self.nodes[from].core.persistent_sessions();
-        ids.sort();
-        for id in ids {
-            if !in_chain(self, &id) {
-                continue;
-            }
-            if let Some(snap) = self.nodes[from].core.export_session(&id) {
-                own += 1;
-                frames.extend(self.seen_frame(from, &id));
-                frames.push(Frame::Replicate {
-                    seq,
-                    client: id.to_string(),
-                    epoch: snap.epoch,
-                    holder: self.nodes[from].name.clone(),
-                    changes: whole(snap, now),
-                });
-            }
-        }
-        let r = &self.nodes[from].replicas;
-        let mut kept = r.snapshots(|c| in_chain(self, c) && !r.is_relayed(c), now);
-        kept.sort_by(|a, b| a.0.cmp(&b.0));
-        for (client, snap, holder) in kept {
-            let holder = holder
-                .and_then(|h| self.nodes.get(h as usize))
-                .map(|n| n.name.clone())
-                .unwrap_or_default();
-            frames.extend(self.seen_frame(from, &client));
-            frames.push(Frame::Replicate {
-                seq: 0,
-                client,
-                epoch: snap.epoch,
-                holder,
-                changes: whole(snap, now),
-            });
-        }
-        frames.push(Frame::SyncDone);
-        let promoted = self.nodes[from].promotions.mine();
-        if promoted > 0 {
-            frames.push(Frame::Promoted { view: promoted });
-        }
-
+        let name_of = |h: u32| self.nodes.get(h as usize).map(|n| n.name.clone());
+        let seen = |client: &str| self.seen_frame(from, client);
+        let in_chain = |client: &str| {
+            self.rank_over(client, &members)
+                .into_iter()
+                .take(r)
+                .any(|m| m == to)
+        };
+        let opening = Opening {
+            me: &self.nodes[from].name,
+            seq,
+            now,
+            in_chain: &in_chain,
+            name_of: &name_of,
+            seen: &seen,
+            promoted: self.nodes[from].promotions.mine(),
+        };
+        let own = opening::sessions(
+            &self.nodes[from].core,
+            &self.nodes[from].replicas,
+            &opening,
+            &mut |f| frames.push(f),
+        );
         self.cov.link_snapshots += 1;
         for f in &frames {
             self.send_frame(from, to, f);

@@ -630,42 +630,27 @@ impl Cluster {
             // This node's own sessions go acknowledged: once the peer has
             // them all, the changes it was owed up to `covers` (sent on a
             // link that broke, or made while there was none) are confirmed
-            // (`commits`).
+            // (`commits`). Then the copies kept for others, `SyncDone` and
+            // the `Promoted` word (`opening::sessions`).
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            let mut own = 0;
-            for client in core.persistent_sessions() {
-                if in_chain(&client) {
-                    if let Some(snap) = core.export_session(&client) {
-                        self.send_whole(&tx, seq, client.to_string(), snap, self.me.clone());
-                        own += 1;
-                    }
-                }
-            }
+            let promoted = lock(&self.promotions).mine();
+            let own = {
+                let replicas = lock(&self.replicas);
+                let opening = super::opening::Opening {
+                    me: &self.me,
+                    seq,
+                    now: Instant::now(),
+                    in_chain: &in_chain,
+                    name_of: &|h| self.name_of(h),
+                    seen: &|client| self.seen_frame(client),
+                    promoted,
+                };
+                super::opening::sessions(&core, &replicas, &opening, &mut |f| {
+                    tx.push(&f, &self.stats.dropped);
+                })
+            };
             let released = lock(&self.waiting).expect_resync(seq, id, own, covers);
             self.act_on(released);
-            let mut copies: Vec<(String, crate::snapshot::SessionSnapshot, String)> = Vec::new();
-            // Copies kept for others go too: after a partition the side
-            // that kept serving may be reachable only through them, and
-            // the newest epoch wins wherever they land.
-            // Only copies their holders updated: a relayed one is not
-            // passed on (it may be stale; its holder's own snapshot or the
-            // copies handed over when the holder leaves are fresher).
-            let kept = {
-                let r = lock(&self.replicas);
-                r.snapshots(|c| in_chain(c) && !r.is_relayed(c), Instant::now())
-            };
-            for (client, snap, holder) in kept {
-                let holder = holder.and_then(|h| self.name_of(h)).unwrap_or_default();
-                copies.push((client, snap, holder));
-            }
-            for (client, snap, holder) in copies {
-                self.send_whole(&tx, 0, client, snap, holder);
-            }
-            tx.push(&Frame::SyncDone, &self.stats.dropped);
-            let promoted = lock(&self.promotions).mine();
-            if promoted > 0 {
-                tx.push(&Frame::Promoted { view: promoted }, &self.stats.dropped);
-            }
             // The state store's keys whose chain holds the peer, then its
             // word that this node is synced for its view; the link is
             // registered under the store's lock, so a change made after

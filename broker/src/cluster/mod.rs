@@ -65,6 +65,7 @@ pub mod acks;
 pub mod consensus;
 pub mod handshake;
 mod links;
+pub mod opening;
 pub mod peer_tls;
 mod peers;
 mod replication;
