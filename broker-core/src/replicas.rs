@@ -209,6 +209,53 @@ impl Replicas {
             .collect()
     }
 
+    /// The copies this node owns (`owns`) whose holder is not live
+    /// (`holder_live`; a copy whose holder is unknown has none), sorted:
+    /// the sessions this node is to serve once it promotes them.
+    pub fn orphans_owned(
+        &self,
+        owns: impl Fn(&str) -> bool,
+        holder_live: impl Fn(NodeId) -> bool,
+    ) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .without_live_holder(holder_live)
+            .into_iter()
+            .filter(|c| owns(c))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Of [`Replicas::orphans_owned`], those that may be promoted at `now`
+    /// ([`Replicas::promotable`]), sorted.
+    pub fn to_promote(
+        &self,
+        now: Instant,
+        owns: impl Fn(&str) -> bool,
+        holder_live: impl Fn(NodeId) -> bool,
+    ) -> Vec<String> {
+        let mut out = self.orphans_owned(owns, holder_live);
+        out.retain(|c| self.promotable(c, now));
+        out
+    }
+
+    /// Whether one of [`Replicas::orphans_owned`] is a relayed copy still
+    /// waiting for a fresher one (not [`Replicas::promotable`] at `now`):
+    /// the node's word that it promoted its copies waits for it.
+    pub fn owns_settling(
+        &self,
+        now: Instant,
+        owns: impl Fn(&str) -> bool,
+        holder_live: impl Fn(NodeId) -> bool,
+    ) -> bool {
+        self.copies.keys().any(|c| {
+            self.is_relayed(c)
+                && !self.promotable(c, now)
+                && self.holders.get(c).is_none_or(|h| !holder_live(*h))
+                && owns(c)
+        })
+    }
+
     /// Every client a copy is kept for.
     pub fn clients(&self) -> Vec<String> {
         self.copies.keys().cloned().collect()
@@ -622,6 +669,37 @@ mod tests {
         // No copy, nothing to promote or mark.
         r.mark_relayed("none", Some(t0));
         assert!(!r.promotable("none", t0) && !r.is_relayed("none"));
+    }
+
+    /// The copies a node is to promote: those it owns whose holder is not
+    /// live, once each may be; a relayed one still waiting holds back the
+    /// node's word that it promoted its copies.
+    #[test]
+    fn the_copies_to_promote_are_owned_orphans_that_may_be() {
+        let t0 = Instant::now();
+        let mut r = Replicas::default();
+        for (c, h) in [("d", 1), ("c", 2), ("b", 2), ("a", 3)] {
+            r.set_holder(c, h);
+            r.apply(c, 1, vec![attach(1)], t0);
+        }
+        r.apply("e", 1, vec![attach(1)], t0); // no holder known
+        r.mark_relayed("b", Some(t0));
+        // Node 2 is gone, 1 and 3 live; this node owns all but "a".
+        let owns = |c: &str| c != "a";
+        let live = |h: NodeId| h != 2;
+        assert_eq!(r.orphans_owned(owns, live), ["b", "c", "e"]);
+        assert_eq!(r.to_promote(t0, owns, live), ["c", "e"]);
+        assert!(r.owns_settling(t0, owns, live));
+        // Once the relayed copy's wait is over it is promoted too.
+        let later = t0 + RELAYED_WAIT;
+        assert_eq!(r.to_promote(later, owns, live), ["b", "c", "e"]);
+        assert!(!r.owns_settling(later, owns, live));
+        // A relayed copy another node owns, or whose holder lives, is not
+        // this node's to wait for.
+        assert!(!r.owns_settling(t0, |c| c != "b", live));
+        assert!(!r.owns_settling(t0, owns, |_| true));
+        // With every holder live only the copy without one is an orphan.
+        assert_eq!(r.to_promote(t0, owns, |_| true), ["e"]);
     }
 
     /// A copy whose holder's stream broke while this node was not in the

@@ -818,8 +818,15 @@ impl World {
     /// `Cluster::live_holder` on node `n`: the holder its copy of
     /// `client`'s session names, if the view counts it.
     fn live_holder(&self, n: usize, client: &str) -> Option<usize> {
-        let h = self.nodes[n].replicas.holder(client)? as usize;
-        (h != n && self.view.contains(&h) && !self.nodes[h].announced).then_some(h)
+        let h = self.nodes[n].replicas.holder(client)?;
+        self.holder_live(n, h).then_some(h as usize)
+    }
+
+    /// Whether a copy on node `n` whose holder is `h` has a live holder:
+    /// another node, in the view, that has not said it is leaving.
+    fn holder_live(&self, n: usize, h: u32) -> bool {
+        let h = h as usize;
+        h != n && self.view.contains(&h) && self.nodes.get(h).is_some_and(|x| !x.announced)
     }
 
     fn instant(&self) -> Instant {
@@ -2849,15 +2856,13 @@ impl World {
             return;
         }
         let now = self.instant();
-        let mut copies = self.nodes[n].replicas.clients();
-        copies.sort();
-        for c in copies {
-            if self.owner(&c) == Some(n)
-                && self.live_holder(n, &c).is_none()
-                && self.nodes[n].replicas.promotable(&c, now)
-            {
-                self.promote(n, &c);
-            }
+        let owned = self.nodes[n].replicas.to_promote(
+            now,
+            |c| self.owner(c) == Some(n),
+            |h| self.holder_live(n, h),
+        );
+        for c in owned {
+            self.promote(n, &c);
         }
         // Its word that every copy it owns in this view is a session now
         // (not while a relayed one still waits: `owns_settling_copies`).
@@ -2887,14 +2892,10 @@ impl World {
     }
 
     fn unpromoted_copies(&self, n: usize) -> Vec<String> {
-        let r = &self.nodes[n].replicas;
-        let mut out: Vec<String> = r
-            .without_live_holder(|h| h as usize != n && self.view.contains(&(h as usize)))
-            .into_iter()
-            .filter(|c| self.owner(c) == Some(n))
-            .collect();
-        out.sort();
-        out
+        self.nodes[n].replicas.orphans_owned(
+            |c| self.owner(c) == Some(n),
+            |h| h as usize != n && self.view.contains(&(h as usize)),
+        )
     }
 
     /// `on_tick`: publishes matching copies `n` owns and has not promoted
@@ -2923,14 +2924,11 @@ impl World {
 
     /// `owns_settling_copies`.
     fn owns_settling_copies(&self, n: usize) -> bool {
-        let now = self.instant();
-        let r = &self.nodes[n].replicas;
-        r.clients().iter().any(|c| {
-            r.is_relayed(c)
-                && !r.promotable(c, now)
-                && self.owner(c) == Some(n)
-                && self.live_holder(n, c).is_none()
-        })
+        self.nodes[n].replicas.owns_settling(
+            self.instant(),
+            |c| self.owner(c) == Some(n),
+            |h| self.holder_live(n, h),
+        )
     }
 
     /// The links to `g` are gone (it died): what waited for its answer

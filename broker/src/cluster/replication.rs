@@ -140,17 +140,24 @@ impl Cluster {
     /// (`Frame::Promoted`) waits for it, and so do the publishes held for
     /// the lost holder, which are then routed to the promoted session.
     pub(super) fn owns_settling_copies(&self) -> bool {
-        let now = Instant::now();
-        let settling: Vec<String> = {
-            let r = lock(&self.replicas);
-            r.clients()
-                .into_iter()
-                .filter(|c| r.is_relayed(c) && !r.promotable(c, now))
-                .collect()
-        };
-        settling
+        // Owner and holder judged in one reading of the view.
+        let view = self.view();
+        let live = self.live_peers(&view);
+        lock(&self.replicas).owns_settling(
+            Instant::now(),
+            |c| self.owner_in(&view, c) == self.me,
+            |h| live.contains(&h),
+        )
+    }
+
+    /// The ids of `view`'s members but this node: the holders whose
+    /// copies are not orphans.
+    fn live_peers(&self, view: &View) -> std::collections::HashSet<NodeId> {
+        view.members
             .iter()
-            .any(|c| self.owner(c) == self.me && self.live_holder(c).is_none())
+            .filter(|m| **m != self.me)
+            .filter_map(|m| self.id_of(m))
+            .collect()
     }
 
     /// Whether this node owns a copy whose holder the view no longer
@@ -183,17 +190,9 @@ impl Cluster {
     /// The copies this node owns whose holder the view no longer counts.
     /// Asked every tick: only the orphaned copies' names are copied.
     fn unpromoted_copies(&self, view: &View) -> Vec<String> {
-        let live: std::collections::HashSet<NodeId> = view
-            .members
-            .iter()
-            .filter(|m| **m != self.me)
-            .filter_map(|m| self.id_of(m))
-            .collect();
-        let orphaned = lock(&self.replicas).without_live_holder(|h| live.contains(&h));
-        orphaned
-            .into_iter()
-            .filter(|c| self.owner_in(view, c) == self.me)
-            .collect()
+        let live = self.live_peers(view);
+        lock(&self.replicas)
+            .orphans_owned(|c| self.owner_in(view, c) == self.me, |h| live.contains(&h))
     }
 
     /// Promotes the replicas this node owns in the current view, once it is
@@ -203,30 +202,15 @@ impl Cluster {
         if !self.synced() {
             return;
         }
-        let held: Vec<String> = lock(&self.replicas).clients();
-        let now = Instant::now();
         // Owner and holder judged in one reading of the view (see
         // `takeover_done`).
         let view = self.view();
-        let candidates: Vec<(String, Option<NodeId>)> = {
-            let r = lock(&self.replicas);
-            held.into_iter()
-                .filter(|c| r.promotable(c, now))
-                .map(|c| {
-                    let h = r.holder(&c);
-                    (c, h)
-                })
-                .collect()
-        };
-        let owned: Vec<String> = candidates
-            .into_iter()
-            .filter(|(c, _)| self.owner_in(&view, c) == self.me)
-            .filter(|(_, h)| {
-                h.and_then(|h| self.name_of(h))
-                    .is_none_or(|h| h == self.me || !view.members.contains(&h))
-            })
-            .map(|(c, _)| c)
-            .collect();
+        let live = self.live_peers(&view);
+        let owned = lock(&self.replicas).to_promote(
+            Instant::now(),
+            |c| self.owner_in(&view, c) == self.me,
+            |h| live.contains(&h),
+        );
         for c in owned {
             self.promote(&c, state);
         }
