@@ -264,7 +264,8 @@ impl Cluster {
         }
         let orphans = lock(&self.replicas).orphans(|h| !left.contains(&h), now);
         for (client, snap, holder) in orphans {
-            let owner = self.owner(&client);
+            // Owned in the view the hand-over is for.
+            let owner = self.owner_in(&view, &client);
             if owner == self.me {
                 continue;
             }
@@ -862,7 +863,10 @@ impl Cluster {
         // uncommitted for good.
         let mut per_node: Vec<(NodeId, usize)> = Vec::new();
         let mut owed: Vec<NodeId> = Vec::new();
-        let in_view = |name: &str| lock(&self.view).members.iter().any(|m| m == name);
+        // Whom each change goes to and whether a member is owed it are
+        // judged in one reading of the view.
+        let view = self.view();
+        let members: Vec<&str> = view.members.iter().map(String::as_str).collect();
         let mut sends: Vec<(Frame, Vec<Arc<LinkTx>>)> = Vec::new();
         for (client, epoch, changes) in crate::replicas::runs(&records) {
             let frame = Frame::Replicate {
@@ -873,19 +877,12 @@ impl Cluster {
                 changes,
             };
             let mut to = Vec::new();
-            let targets: Vec<String> = {
-                let view = lock(&self.view);
-                let members: Vec<&str> = view.members.iter().map(String::as_str).collect();
-                crate::chain::targets(&client, &members, &joining, self.replication)
-                    .into_iter()
-                    .map(str::to_string)
-                    .collect()
-            };
+            let targets = crate::chain::targets(&client, &members, &joining, self.replication);
             for member in targets {
                 if member == self.me {
                     continue;
                 }
-                let Some(id) = self.id_of(&member) else {
+                let Some(id) = self.id_of(member) else {
                     continue;
                 };
                 // A link opened after this batch was numbered had it in its
@@ -895,7 +892,7 @@ impl Cluster {
                 let link = lock(&self.links).get(&id).cloned();
                 let covers = link.as_ref().map(|tx| tx.copies_cover());
                 match (
-                    crate::chain::delivery(log_seq, covers, in_view(&member)),
+                    crate::chain::delivery(log_seq, covers, members.contains(&member)),
                     link,
                 ) {
                     (crate::chain::Delivery::Send, Some(tx)) => {
