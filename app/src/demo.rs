@@ -326,6 +326,11 @@ pub fn run(args: DemoArgs) -> ExitCode {
     {
         let (args, nodes, children) = (args.clone(), nodes.clone(), children.clone());
         let token = token.trim().to_string();
+        // The path only: the scratch directory lives (and is removed) with
+        // this function, not with the banner's thread, which ends once it
+        // has printed (the nodes' TLS files, data directories and the
+        // admin token were deleted under them a moment after start).
+        let dir = scratch.0.clone();
         std::thread::spawn(move || {
             // The balancer's own /readyz (a backend is up): no MQTT
             // connection, which it would log as refused.
@@ -334,7 +339,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
             }
             // A moment for the last start-up lines to land above it.
             std::thread::sleep(Duration::from_millis(300));
-            print_banner(&args, &nodes, &children, &token, &scratch.0);
+            print_banner(&args, &nodes, &children, &token, &dir);
         });
     }
     let code = crate::run::run(config, None);
@@ -342,7 +347,22 @@ pub fn run(args: DemoArgs) -> ExitCode {
     let _ = supervisor.join();
     let mut nodes = children.lock().unwrap_or_else(|p| p.into_inner());
     // The whole cluster goes at once: its state is the demo's, thrown away
-    // with it, so there is nothing to hand over.
+    // with it, so there is nothing to hand over. Every node is frozen
+    // first (SIGSTOP, and waited for until it has stopped: the signal
+    // lands a moment after it is sent), then killed: one killed while
+    // another still ran would be seen to drop its links, a warning on the
+    // way out.
+    let pids: Vec<nix::unistd::Pid> = nodes
+        .iter()
+        .filter_map(|n| n.child.as_ref().and_then(|c| i32::try_from(c.id()).ok()))
+        .map(nix::unistd::Pid::from_raw)
+        .collect();
+    for &pid in &pids {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
+    }
+    for &pid in &pids {
+        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WUNTRACED));
+    }
     for n in nodes.iter_mut() {
         if let Some(c) = n.child.as_mut() {
             let _ = c.kill();

@@ -145,6 +145,16 @@ async fn the_demo_serves_through_a_three_node_cluster_and_stops_cleanly() {
     })
     .await;
     assert!(banner.is_some(), "no banner: {}", printed.lock().unwrap());
+    // What the banner points at (the admin token, the nodes' TLS files and
+    // data directories) stays while the demo runs: the banner's thread once
+    // took the directory with it when it ended, a moment after printing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let scratch = std::env::temp_dir().join(format!("mqlb-demo-{}", demo.0.id()));
+    assert!(
+        scratch.join("admin.token").is_file(),
+        "{} is gone while the demo runs",
+        scratch.display()
+    );
     // Ctrl-C (SIGINT) stops the demo and its nodes, all at once.
     let asked = std::time::Instant::now();
     Command::new("kill")
@@ -160,6 +170,7 @@ async fn the_demo_serves_through_a_three_node_cluster_and_stops_cleanly() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(exited, "the demo did not stop within 15 s");
+    assert!(!scratch.exists(), "{} left behind", scratch.display());
     // The figure for docs/operations.md (not asserted: timing).
     eprintln!("the demo stopped {:?} after Ctrl-C", asked.elapsed());
     for i in 1..=3 {
