@@ -2348,6 +2348,24 @@ async fn a_node_is_added_by_an_admin_call() {
     // A founding member restarts blank, configured with the founders only:
     // it learns the new member from the leader and links to it again.
     c.stop_node(1, Duration::from_secs(15));
+    // A graceful stop is no warning on its peers: it said it was stopping.
+    for i in [0, 2, j] {
+        let saw = |c: &TestCluster| {
+            c.log(i)
+                .lines()
+                .any(|l| l.contains("inbound{peer=n2}") && l.contains("peer link down"))
+        };
+        let _ = mqlb_tests::wait_until(Duration::from_secs(5), || saw(&c)).await;
+        let log = c.log(i);
+        let n2_down: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("inbound{peer=n2}") && l.contains("peer link down"))
+            .collect();
+        assert!(
+            !n2_down.is_empty() && n2_down.iter().all(|l| l.contains("the peer is stopping")),
+            "node {i} on n2's graceful stop: {n2_down:#?}"
+        );
+    }
     c.start_node(1);
     assert!(
         c.wait_converged(SETTLE).await,

@@ -258,16 +258,22 @@ impl Cluster {
 
     pub(super) fn link_down(&self, id: NodeId, generation: u64, state: &State) {
         let current = self.with_peer(id, |p| {
-            if p.generation == generation {
+            let current = p.generation == generation;
+            if current {
                 p.heard = None;
                 p.synced = false;
             }
-            p.generation == generation
+            (current, current && p.leaving)
         });
-        if current != Some(true) {
+        let Some((true, leaving)) = current else {
             return;
+        };
+        if leaving {
+            // A graceful stop (it said so on this link): expected.
+            tracing::info!("peer link down: the peer is stopping");
+        } else {
+            tracing::warn!("peer link down");
         }
-        tracing::warn!("peer link down");
         // Its answers in flight on this link are lost.
         self.answers_lost(id, state);
         // Outside the view this node is streamed to but not waited for:
