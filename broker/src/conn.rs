@@ -1224,11 +1224,7 @@ impl Session {
             Handled::Done { outcome, .. } => return outcome,
             Handled::Elsewhere(_) => return Outcome::Route(Vec::new()),
         };
-        let kept = self.state.act(|_| {
-            let mut fx = crate::effects::Effects::none();
-            fx.log(entry);
-            fx
-        });
+        let kept = self.state.log([entry]);
         let Outcome::Route(msgs) = outcome else {
             self.wait_for(kept);
             return outcome;

@@ -285,6 +285,19 @@ impl State {
         self.locked(|guard| ((), f(guard))).1
     }
 
+    /// Logs `entries` that no core call makes (a state store change, a
+    /// copy kept for a peer): numbered under the core's lock like any
+    /// other batch, so they take their place in the log's one order.
+    pub(crate) fn log(&self, entries: impl IntoIterator<Item = LogEntry>) -> Committed {
+        self.act(|_| {
+            let mut fx = Effects::none();
+            for e in entries {
+                fx.log(e);
+            }
+            fx
+        })
+    }
+
     /// [`State::act`] for calls that also answer something.
     pub fn ask<T>(&self, f: impl FnOnce(&mut Core) -> (T, Effects)) -> (T, Committed) {
         self.locked(|guard| f(guard))

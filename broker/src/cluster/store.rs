@@ -161,11 +161,7 @@ impl Cluster {
                             view,
                         },
                     };
-                    let committed = state.act(|_| {
-                        let mut fx = crate::effects::Effects::none();
-                        fx.log(entry);
-                        fx
-                    });
+                    let committed = state.log([entry]);
                     if committed.wait().await.is_ok() {
                         break outcome;
                     }
@@ -402,11 +398,7 @@ impl Cluster {
             state.statestore.install(c);
             if let Some(c) = logged {
                 // On this node's disk before it is acknowledged.
-                kept = state.act(|_| {
-                    let mut fx = crate::effects::Effects::none();
-                    fx.log(LogEntry::StoreReplica(Box::new(c)));
-                    fx
-                });
+                kept = state.log([LogEntry::StoreReplica(Box::new(c))]);
             }
         }
         if seq == 0 {
@@ -468,16 +460,10 @@ impl Cluster {
         if copies.is_empty() {
             return;
         }
-        let _unwaited = state.act(|_| {
-            let mut fx = crate::effects::Effects::none();
-            for copy in copies {
-                fx.log(LogEntry::Store {
-                    view,
-                    copy: Box::new(copy),
-                });
-            }
-            fx
-        });
+        let _unwaited = state.log(copies.into_iter().map(|copy| LogEntry::Store {
+            view,
+            copy: Box::new(copy),
+        }));
     }
 
     /// A peer is synced for `view`.
