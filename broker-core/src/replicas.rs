@@ -461,6 +461,115 @@ pub fn keeps_snapshot_copy(
     }
 }
 
+/// A peer's copy of a session (a `Replicate` frame) as it reaches this
+/// node, with what this node knows of the session's holder.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival<'a> {
+    epoch: u64,
+    changes: &'a [SessionChange],
+    from_holder: bool,
+    holder: Option<NodeId>,
+    /// Only for a relayed whole copy ([`Arrival::new`]).
+    relay: Option<Relay>,
+}
+
+/// What decides whether a relayed whole copy is kept, read by the caller
+/// only for one (it takes the view and the core's lock).
+#[derive(Debug, Clone, Copy)]
+pub struct Relay {
+    /// The named holder is a member of the committed view.
+    pub holder_in_view: bool,
+    /// This node serves the session live.
+    pub serving: bool,
+}
+
+impl<'a> Arrival<'a> {
+    /// `seq`: the frame's number (0: part of the sender's link snapshot,
+    /// which is not answered); `from_holder`: the sender is the holder the
+    /// frame names (it serves the session), else it relays a copy it keeps
+    /// for another; `holder`: the named holder's id here, if known;
+    /// `relay`: read only when the copy is a relayed whole one, before the
+    /// caller takes the copies' lock.
+    pub fn new(
+        seq: u64,
+        epoch: u64,
+        changes: &'a [SessionChange],
+        from_holder: bool,
+        holder: Option<NodeId>,
+        relay: impl FnOnce() -> Relay,
+    ) -> Arrival<'a> {
+        let whole = changes.first() == Some(&SessionChange::Ended);
+        let relayed = seq == 0 && whole && !from_holder;
+        Arrival {
+            epoch,
+            changes,
+            from_holder,
+            holder,
+            relay: relayed.then(relay),
+        }
+    }
+}
+
+/// What a node does with an [`Arrival`] before (and around) applying it
+/// ([`Replicas::arrive`]), the same in the broker's link reader and in
+/// the simulator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arriving {
+    /// A relayed whole copy this node does not keep
+    /// ([`keeps_snapshot_copy`]): dropped, with the prints that came with
+    /// it, unanswered (a snapshot's frames are not answered).
+    Dropped,
+    /// Applied (by [`incoming`]'s rule), and then:
+    Taken {
+        /// The session is whole in its holder's link snapshot: the holder
+        /// serves it ([`Replicas::holder_serves_only`] at the snapshot's
+        /// end).
+        in_holders_snapshot: bool,
+        /// A relayed whole copy: marked so after it is applied
+        /// ([`Replicas::mark_relayed`]), with the time it was taken while
+        /// its holder is live (it waits before it may be promoted).
+        relayed: Option<Option<Instant>>,
+        /// A relayed copy's filters, counted as its holder's interest
+        /// (not when it names this node: an earlier incarnation of it held
+        /// the session, and a node is no peer of its own).
+        interest: Option<(NodeId, Vec<String>)>,
+    },
+}
+
+impl Replicas {
+    /// Decides what `a`, a copy of `client`'s session, does here, and
+    /// notes its holder (`me`: this node's id; `now`: the time). See
+    /// [`Arriving`].
+    pub fn arrive(&mut self, client: &str, a: &Arrival<'_>, me: NodeId, now: Instant) -> Arriving {
+        if let Some(r) = a.relay {
+            let built_by = self.holder(client);
+            let holder_now = if !r.holder_in_view {
+                HolderNow::Left
+            } else if built_by.is_some() && built_by == a.holder {
+                HolderNow::Streaming
+            } else {
+                HolderNow::Live
+            };
+            let copy = progress_of(a.epoch, a.changes);
+            if !keeps_snapshot_copy(true, self.held(client), copy, r.serving, holder_now) {
+                return Arriving::Dropped;
+            }
+        }
+        if let Some(h) = a.holder {
+            self.set_holder(client, h);
+        }
+        let whole = a.changes.first() == Some(&SessionChange::Ended);
+        Arriving::Taken {
+            in_holders_snapshot: whole && a.from_holder,
+            relayed: a.relay.map(|r| r.holder_in_view.then_some(now)),
+            interest: a
+                .holder
+                .filter(|&h| a.relay.is_some() && h != me)
+                .map(|h| (h, filters_of(a.changes))),
+        }
+    }
+}
+
 /// `p` as copies are compared: by epoch and changes (by epoch alone with
 /// the `CopiesOfOneEpochAlike` mutation on).
 fn compared(p: Progress) -> Progress {
@@ -598,6 +707,77 @@ mod tests {
             epoch,
             expiry: Some(Duration::from_secs(600)),
         }
+    }
+
+    /// What a peer's copy does on arrival: a holder's own changes and
+    /// snapshot copies are taken (noting the holder); a relayed whole copy
+    /// is kept or dropped by `keeps_snapshot_copy`, waits while its holder
+    /// is live, and brings its filters as the holder's interest (not when
+    /// it names this node). The relay's facts are read for relayed copies
+    /// only.
+    #[test]
+    fn a_peers_copy_is_taken_relayed_or_dropped_on_arrival() {
+        let now = Instant::now();
+        let me = 1;
+        let sub = SessionChange::Subscribed {
+            filter: "a/#".into(),
+            sub: crate::message::Sub::node(),
+        };
+        let whole = vec![
+            SessionChange::Ended,
+            attach(3),
+            sub,
+            SessionChange::Counted(2),
+        ];
+        let unread = || -> Relay { panic!("read for a copy that is not relayed") };
+        let taken = |snap: bool, relayed, interest| Arriving::Taken {
+            in_holders_snapshot: snap,
+            relayed,
+            interest,
+        };
+        let mut r = Replicas::default();
+        // The holder's own changes, then its snapshot's whole copy.
+        let changes = [attach(3)];
+        let a = Arrival::new(7, 3, &changes, true, Some(2), unread);
+        assert_eq!(r.arrive("dev", &a, me, now), taken(false, None, None));
+        r.apply("dev", 3, changes.to_vec(), now);
+        assert_eq!(r.holder("dev"), Some(2));
+        let a = Arrival::new(0, 3, &whole, true, Some(2), unread);
+        assert_eq!(r.arrive("dev", &a, me, now), taken(true, None, None));
+        // Relayed by another node, the holder live and its own stream
+        // building the copy here: dropped, however far along.
+        let relay = |holder_in_view, serving| {
+            move || Relay {
+                holder_in_view,
+                serving,
+            }
+        };
+        let a = Arrival::new(0, 3, &whole, false, Some(2), relay(true, false));
+        assert_eq!(r.arrive("dev", &a, me, now), Arriving::Dropped);
+        // The holder gone from the view: a copy further along is kept,
+        // with no wait, and its filters count as the holder's.
+        let a = Arrival::new(0, 3, &whole, false, Some(2), relay(false, false));
+        let interest = Some((2, vec!["a/#".to_string()]));
+        assert_eq!(
+            r.arrive("dev", &a, me, now),
+            taken(false, Some(None), interest.clone())
+        );
+        // No copy here yet and the holder live: kept, waiting from now.
+        let a = Arrival::new(0, 3, &whole, false, Some(2), relay(true, false));
+        assert_eq!(
+            r.arrive("new", &a, me, now),
+            taken(false, Some(Some(now)), interest)
+        );
+        // Naming this node: no interest of its own.
+        let a = Arrival::new(0, 3, &whole, false, Some(me), relay(true, false));
+        assert_eq!(
+            r.arrive("mine", &a, me, now),
+            taken(false, Some(Some(now)), None)
+        );
+        // A session served here live: dropped.
+        let a = Arrival::new(0, 3, &whole, false, Some(2), relay(true, true));
+        assert_eq!(r.arrive("live", &a, me, now), Arriving::Dropped);
+        assert_eq!(r.holder("live"), None);
     }
 
     /// Driven on a clock the test gives: a copy follows its holder's

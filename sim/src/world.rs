@@ -29,7 +29,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use mqlb_broker::cluster::forwards::{self, Forwarded};
+use mqlb_broker::cluster::handover;
 use mqlb_broker::cluster::opening::{self, Opening};
+use mqlb_broker::cluster::seen::{Seen, Stash};
 use mqlb_broker::cluster::wire::Frame;
 use mqlb_broker_core::chain::Delivery;
 use mqlb_broker_core::commits::{Commits, Released};
@@ -42,8 +45,7 @@ use mqlb_broker_core::mutations::{self, Mutation};
 use mqlb_broker_core::outbox::{Closing, Encoder, Outbox, Outgoing};
 use mqlb_broker_core::promotions::Promotions;
 use mqlb_broker_core::replicas::{
-    filters_of, incoming, keeps_snapshot_copy, progress_of, whole, HolderNow, Incoming, Replicas,
-    RELAYED_WAIT,
+    incoming, whole, Arrival, Arriving, Incoming, Relay, Replicas, RELAYED_WAIT,
 };
 use mqlb_broker_core::session::{InflightState, SessionChange};
 use mqlb_protocol::{decode, Ack, Packet, PacketType, ProtocolVersion, QoS, SubscriptionOptions};
@@ -327,12 +329,12 @@ struct Node {
     /// each peer's (the broker's own component).
     promotions: Promotions,
     /// For each session served or copied here, the fingerprints of the
-    /// messages it was given (`seen`): a promoted copy is told them.
-    seen: BTreeMap<String, BTreeSet<u64>>,
-    /// Per peer, its last `Seen` frame, kept until the frame after it: a
-    /// whole copy of that session that replaces this node's copy brings
-    /// its prints in place of the old copy's (`links`).
-    seen_stash: BTreeMap<usize, (String, Vec<u64>)>,
+    /// messages it was given lately (the broker's own component, on
+    /// simulated time): a promoted copy is told them.
+    seen: Seen,
+    /// Per peer, its last `Seen` frame, kept until the frame after it
+    /// (the broker's own `seen::Stash`).
+    seen_stash: BTreeMap<usize, Stash>,
     /// Per peer whose link snapshot is arriving, the sessions it sent as
     /// their holder (`links`: `Replicas::holder_serves_only` at its end).
     snapshot_from: BTreeMap<usize, std::collections::HashSet<String>>,
@@ -533,14 +535,6 @@ const DEADLINES: u64 = 5 << 32;
 const VIEWS: u64 = 6 << 32;
 const CLOCKS: u64 = 9 << 32;
 
-/// The client a `Replicate` frame is for.
-fn frame_client(f: &Frame) -> String {
-    match f {
-        Frame::Replicate { client, .. } => client.clone(),
-        _ => String::new(),
-    }
-}
-
 /// The packets in `b`, for a trace.
 fn packets(b: &Bytes) -> String {
     let mut buf = BytesMut::from(&b[..]);
@@ -595,7 +589,7 @@ impl World {
                 forwards: BTreeMap::new(),
                 held: HeldQueue::new(),
                 promotions: Promotions::new(),
-                seen: BTreeMap::new(),
+                seen: Seen::default(),
                 seen_stash: BTreeMap::new(),
                 snapshot_from: BTreeMap::new(),
                 store: StoreNode::new(&format!("n{}", n + 1)),
@@ -2040,8 +2034,9 @@ impl World {
             left.insert(node_id(node), 1);
         }
         let mut owed: Vec<u32> = Vec::new();
+        let now = self.instant();
         for (client, epoch, changes) in mqlb_broker_core::replicas::runs(&records) {
-            self.note_given(node, &client, &changes);
+            self.nodes[node].seen.note_changes(&client, &changes, now);
             let frame = Frame::Replicate {
                 seq: rep,
                 client: client.to_string(),
@@ -2157,9 +2152,16 @@ impl World {
                 }
             };
             // A `Seen` frame waits for the frame after it (`links`).
-            let stashed = match &f {
-                Frame::Replicate { client, .. } => self.take_stash(to, from, Some(client)),
-                _ => self.take_stash(to, from, None),
+            let stashed = {
+                let copy_of = match &f {
+                    Frame::Replicate { client, .. } => Some(client.as_str()),
+                    _ => None,
+                };
+                let now = self.instant();
+                let n = &mut self.nodes[to];
+                n.seen_stash
+                    .get_mut(&from)
+                    .and_then(|st| st.next_frame(copy_of, &mut n.seen, now))
             };
             match f {
                 Frame::Replicate {
@@ -2169,59 +2171,41 @@ impl World {
                     holder,
                     changes,
                 } => {
-                    // `links`: a link snapshot's whole copy
-                    // (`replicas::keeps_snapshot_copy`).
-                    let from_holder = self.nodes[from].name == holder;
+                    // `links`: what it does here (`Replicas::arrive`).
                     let replaces = changes.first() == Some(&SessionChange::Ended);
-                    if from_holder && replaces {
-                        if let Some(set) = self.nodes[to].snapshot_from.get_mut(&from) {
+                    let holder_at = self.index_of(&holder);
+                    let arrival = Arrival::new(
+                        seq,
+                        epoch,
+                        &changes,
+                        self.nodes[from].name == holder,
+                        holder_at.map(node_id),
+                        || Relay {
+                            holder_in_view: holder_at.is_some_and(|h| self.view.contains(&h)),
+                            serving: self.nodes[to].core.has_session(&client),
+                        },
+                    );
+                    let now = self.instant();
+                    let inc = self.nodes[to].inc;
+                    let n = &mut self.nodes[to];
+                    let Arriving::Taken {
+                        in_holders_snapshot,
+                        relayed,
+                        interest,
+                    } = n.replicas.arrive(&client, &arrival, node_id(to), now)
+                    else {
+                        // Dropped, with the prints that came with it.
+                        continue;
+                    };
+                    if in_holders_snapshot {
+                        if let Some(set) = n.snapshot_from.get_mut(&from) {
                             set.insert(client.clone());
                         }
                     }
-                    let whole = seq == 0 && changes.first() == Some(&SessionChange::Ended);
-                    let r = &self.nodes[to].replicas;
-                    let held = r.held(&client);
-                    let serving = self.nodes[to].core.has_session(&client);
-                    let holder_at = self.index_of(&holder).filter(|h| self.view.contains(h));
-                    let built_by = r.holder(&client);
-                    let holder_now = match holder_at {
-                        None => HolderNow::Left,
-                        Some(h) if built_by == u32::try_from(h).ok() => HolderNow::Streaming,
-                        Some(_) => HolderNow::Live,
-                    };
-                    if whole
-                        && !from_holder
-                        && !keeps_snapshot_copy(
-                            true,
-                            held,
-                            progress_of(epoch, &changes),
-                            serving,
-                            holder_now,
-                        )
-                    {
-                        // Refused, with the prints that came with it.
-                        continue;
-                    }
-                    // `replication::apply_replica`, then the answer.
-                    let now = self.instant();
-                    let holder = self.index_of(&holder);
-                    let relayed_since =
-                        (whole && !from_holder && holder.is_some_and(|h| self.view.contains(&h)))
-                            .then_some(now);
-                    let inc = self.nodes[to].inc;
-                    let interest = (whole && !from_holder)
-                        .then(|| filters_of(&changes))
-                        .zip(holder.filter(|&h| h != to));
-                    let n = &mut self.nodes[to];
-                    if let Some((filters, h)) = interest {
-                        let h = u32::try_from(h).unwrap_or(u32::MAX);
+                    if let Some((h, filters)) = interest {
                         for f in filters {
                             n.core.peer_interest(h, &f, true);
                         }
-                    }
-                    if let Some(h) = holder {
-                        n.replicas
-                            .set_holder(&client, u32::try_from(h).unwrap_or(u32::MAX));
                     }
                     // `replication::replicate`: a session served here with
                     // a newer epoch adopts the stale writer's messages; one
@@ -2232,7 +2216,10 @@ impl World {
                     // With a data directory, the copy's changes on disk
                     // before the answer (`answer_when`).
                     let mut kept = None;
-                    match incoming(held, connected, epoch) {
+                    let incoming = incoming(held, connected, epoch);
+                    n.seen
+                        .copy_arrived(&client, stashed, incoming, replaces, now);
+                    match incoming {
                         Incoming::Adopt => {
                             // Its inbound QoS 2 ids too (`Core::adopt_qos2`).
                             let (_, qos2_gates) =
@@ -2245,7 +2232,6 @@ impl World {
                                     _ => None,
                                 })
                                 .collect();
-                            self.merge_seen(to, &client, stashed.clone());
                             if !adopted.is_empty() || !qos2_gates.is_empty() {
                                 self.cov.adopted += adopted.len() as u64;
                                 let (_, mut gates) =
@@ -2266,19 +2252,16 @@ impl World {
                             if evict_first {
                                 self.call(to, |core| ((), core.evict_session(&client)));
                             }
-                            self.copy_seen(to, &client, replaces, stashed);
-                            self.note_given(to, &client, &changes);
                             kept = self.apply_copy(to, &client, epoch, changes);
                         }
                         // A copy of a session served here: refused, prints
                         // and all.
                         Incoming::Refuse => {}
                     }
-                    let n = &mut self.nodes[to];
-                    if whole && !from_holder {
-                        n.replicas.mark_relayed(&client, relayed_since);
+                    if let Some(since) = relayed {
+                        self.nodes[to].replicas.mark_relayed(&client, since);
                     }
-                    if relayed_since.is_some() {
+                    if relayed.flatten().is_some() {
                         // `promote_owned` runs every tick in the broker:
                         // look again once the wait is over.
                         self.cov.relayed_copies += 1;
@@ -2338,7 +2321,11 @@ impl World {
                     }
                 }
                 Frame::Seen { client, prints } => {
-                    self.nodes[to].seen_stash.insert(from, (client, prints));
+                    self.nodes[to]
+                        .seen_stash
+                        .entry(from)
+                        .or_default()
+                        .hold(client, prints);
                 }
                 Frame::Retained {
                     topic,
@@ -2414,28 +2401,10 @@ impl World {
         self.check_joins();
     }
 
-    /// Notes what `changes` gave `client`'s session (`Seen::note`).
-    fn note_given(&mut self, node: usize, client: &str, changes: &[SessionChange]) {
-        for c in changes {
-            if let SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } = c {
-                let print = mqlb_broker_core::core::fingerprint(&p.msg);
-                self.nodes[node]
-                    .seen
-                    .entry(client.to_string())
-                    .or_default()
-                    .insert(print);
-            }
-        }
-    }
-
-    /// `seen_frame`: what `client`'s session was given, for a node about
-    /// to get it whole.
+    /// `seen_frame`: what `client`'s session was given lately, for a
+    /// node about to get it whole.
     fn seen_frame(&self, node: usize, client: &str) -> Option<Frame> {
-        let prints = self.nodes[node].seen.get(client)?;
-        Some(Frame::Seen {
-            client: client.to_string(),
-            prints: prints.iter().copied().collect(),
-        })
+        self.nodes[node].seen.frame(client)
     }
 
     /// A peer's forwarded publish (`links`, `Frame::Forward`): refused
@@ -2451,12 +2420,16 @@ impl World {
         groups: Vec<Arc<str>>,
         again: bool,
     ) {
-        if !self.serves(to) {
-            self.answer(to, from, Frame::Refused { seq }, false);
-            return;
-        }
-        // `links`: from a node the view no longer counts, sent again.
-        let again = again || message.qos == QoS::ExactlyOnce && !self.view.contains(&from);
+        let decided = forwards::forwarded(self.serves(to), message.qos, again, || {
+            self.view.contains(&from)
+        });
+        let again = match decided {
+            Forwarded::Route { again } => again,
+            Forwarded::Refuse => {
+                self.answer(to, from, Frame::Refused { seq }, false);
+                return;
+            }
+        };
         let (_, gates) = self.call(to, |core| {
             let fx = if again {
                 core.route_again_from_peer(message, &groups)
@@ -2541,6 +2514,11 @@ impl World {
             self.call(n, |core| ((), core.publish_due_wills(now)));
         }
         if self.nodes[n].up {
+            // `on_tick`: sessions that ended or went quiet leave their
+            // logs behind (every tick here, every 50 in the broker: a log
+            // older than `SEEN_FOR` goes a little sooner, never later).
+            let now = self.instant();
+            self.nodes[n].seen.prune(now);
             self.promote_owned(n);
             self.hold_for_copies(n);
             if !self.nodes[n].settled && self.ready(n) {
@@ -2707,11 +2685,7 @@ impl World {
         self.cov.promotions += 1;
         // What the session was given lately, so a message routed again is
         // not given twice (`note_seen`).
-        let seen: std::collections::HashSet<u64> = self.nodes[node]
-            .seen
-            .get(client)
-            .map(|p| p.iter().copied().collect())
-            .unwrap_or_default();
+        let seen = self.nodes[node].seen.prints(client);
         self.call(node, |core| {
             if core.has_session(client) {
                 return ((), Effects::none());
@@ -2746,22 +2720,12 @@ impl World {
         // to every peer again (a peer whose link from it broke may lack
         // them).
         if let Some(g) = gone {
-            let stamp = u32::try_from(g + 1).unwrap_or(u32::MAX);
+            let stamps = [u32::try_from(g + 1).unwrap_or(u32::MAX)];
             for &n in &members {
                 if !self.nodes[n].up {
                     continue;
                 }
-                let frames: Vec<Frame> = self.nodes[n]
-                    .core
-                    .retained_all()
-                    .into_iter()
-                    .filter(|(_, _, v)| v.node == stamp)
-                    .map(|(topic, message, version)| Frame::Retained {
-                        topic,
-                        message,
-                        version,
-                    })
-                    .collect();
+                let frames = handover::retained_written_by(&self.nodes[n].core, &stamps);
                 for p in 0..self.nodes.len() {
                     if p != n && self.linked(n, p) {
                         for f in &frames {
@@ -2772,7 +2736,7 @@ impl World {
             }
         }
         // `nodes_left`: copies whose holder the view dropped go
-        // whole to each session's new owner.
+        // whole to each session's new owner (`handover::orphans`).
         let now = self.instant();
         for &n in &members {
             if !self.nodes[n].up {
@@ -2782,27 +2746,20 @@ impl World {
             let Some(g) = gone else {
                 break;
             };
-            let orphans = self.nodes[n].replicas.orphans(|h| h as usize != g, now);
-            for (client, snap, holder) in orphans {
-                let Some(owner) = self.owner(&client).filter(|&o| o != n) else {
-                    continue;
-                };
-                let frame = Frame::Replicate {
-                    seq: 0,
-                    client,
-                    epoch: snap.epoch,
-                    holder: self
-                        .nodes
-                        .get(holder as usize)
-                        .map(|h| h.name.clone())
-                        .unwrap_or_default(),
-                    changes: whole(snap, now),
-                };
+            let node = &self.nodes[n];
+            let orphans = handover::orphans(
+                &node.replicas,
+                &node.seen,
+                &[node_id(g)],
+                |client| self.owner(client).filter(|&o| o != n).map(node_id),
+                |h| self.nodes.get(h as usize).map(|h| h.name.clone()),
+                now,
+            );
+            for (owner, frames) in orphans {
                 self.cov.orphans_handed += 1;
-                if let Some(seen) = self.seen_frame(n, &frame_client(&frame)) {
-                    self.send_frame(n, owner, &seen);
+                for f in &frames {
+                    self.send_frame(n, owner as usize, f);
                 }
-                self.send_frame(n, owner, &frame);
             }
         }
         for &n in &members {
@@ -2815,37 +2772,24 @@ impl World {
             if !self.nodes[n].up {
                 continue;
             }
+            // `rechain`: each session whole down its chain, after what
+            // it was given (`send_to_chain`).
             let now = self.instant();
-            let mut ids = self.nodes[n].core.persistent_sessions();
-            ids.sort();
-            // `rechain`: what each session was given goes to its chain
-            // first (`send_to_chain`).
-            for id in &ids {
-                if let Some(seen) = self.seen_frame(n, id) {
-                    for m in self.chain(id) {
-                        if m != n && self.linked(n, m) {
-                            self.send_frame(n, m, &seen);
-                        }
+            let node = &self.nodes[n];
+            let rechain = handover::rechain(&node.core, &node.seen, now);
+            for (client, seen) in &rechain.seen {
+                for m in self.chain(client) {
+                    if m != n && self.linked(n, m) {
+                        self.send_frame(n, m, seen);
                     }
                 }
             }
-            let core = &self.nodes[n].core;
-            let mut records = Vec::new();
-            for id in ids {
-                let Some(snap) = core.export_session(&id) else {
-                    continue;
-                };
-                let epoch = snap.epoch;
-                self.cov.sessions_rechained += 1;
-                for change in whole(snap, now) {
-                    records.push(LogEntry::Session(ChangeRecord {
-                        client: id.clone(),
-                        epoch,
-                        change,
-                    }));
-                }
-            }
-            self.sequence(n, records);
+            self.cov.sessions_rechained += rechain
+                .records
+                .iter()
+                .filter(|e| matches!(e, LogEntry::Session(r) if r.change == SessionChange::Ended))
+                .count() as u64;
+            self.sequence(n, rechain.records);
         }
     }
 
@@ -2946,7 +2890,12 @@ impl World {
     fn link_lost(&mut self, n: usize, g: usize) {
         self.store_link_lost(n, g);
         self.nodes[n].resync_seq.remove(&g);
-        let _ = self.take_stash(n, g, None);
+        // (`links::read_link`: a stashed `Seen` frame is noted.)
+        let now = self.instant();
+        let node = &mut self.nodes[n];
+        if let Some(mut st) = node.seen_stash.remove(&g) {
+            st.flush(&mut node.seen, now);
+        }
         // `links::link_down`: a node outside the view, which `g` streamed
         // to without waiting for it, may miss what `g` committed meanwhile.
         if !self.view.contains(&n) {
@@ -2975,44 +2924,6 @@ impl World {
                     self.hold(n, f.message, f.groups, Vec::new(), false, f.gate, false);
                 }
             }
-        }
-    }
-
-    /// `from`'s stashed `Seen` frame: returned when it is for `client`
-    /// (the frame after it is that session's copy), else noted as before.
-    fn take_stash(&mut self, to: usize, from: usize, client: Option<&str>) -> Option<Vec<u64>> {
-        let (c, prints) = self.nodes[to].seen_stash.remove(&from)?;
-        if client == Some(c.as_str()) {
-            return Some(prints);
-        }
-        self.merge_seen(to, &c, Some(prints));
-        None
-    }
-
-    /// Notes a peer's `Seen` prints for `client` beside what this node
-    /// had.
-    fn merge_seen(&mut self, to: usize, client: &str, prints: Option<Vec<u64>>) {
-        if let Some(prints) = prints {
-            self.nodes[to]
-                .seen
-                .entry(client.to_string())
-                .or_default()
-                .extend(prints);
-        }
-    }
-
-    /// A copy applied: a whole one (`replaces`) that came with its prints
-    /// brings them in place of the old copy's, which may name messages the
-    /// new copy never had (they would be taken as given and lost when
-    /// sent again: found by the simulator); changes add theirs.
-    fn copy_seen(&mut self, to: usize, client: &str, replaces: bool, prints: Option<Vec<u64>>) {
-        match prints {
-            Some(p) if replaces => {
-                self.nodes[to]
-                    .seen
-                    .insert(client.to_string(), p.into_iter().collect());
-            }
-            p => self.merge_seen(to, client, p),
         }
     }
 
@@ -3607,7 +3518,7 @@ impl World {
         node.held.clear();
         node.promotions = Promotions::new();
         node.held_for_copies.clear();
-        node.seen.clear();
+        node.seen = Seen::default();
         node.seen_stash.clear();
         node.snapshot_from.clear();
         node.store = StoreNode::new(&node.name);

@@ -9,7 +9,7 @@ use super::*;
 #[derive(Debug, Default)]
 pub(super) struct LinkRead {
     /// The peer's last `Seen` frame, until the frame after it (`apply`).
-    seen: Option<(String, Vec<u64>)>,
+    seen: seen::Stash,
     /// During the peer's link snapshot (the link's first frames, up to
     /// `SyncDone`), the
     /// sessions it sent whole as their holder: at its end, copies here
@@ -250,10 +250,8 @@ impl Cluster {
     }
 
     /// Notes a stashed `Seen` frame that no copy of its session followed.
-    fn flush_seen(&self, stash: &mut Option<(String, Vec<u64>)>) {
-        if let Some((client, prints)) = stash.take() {
-            self.seen_by_peer(&client, prints);
-        }
+    fn flush_seen(&self, stash: &mut seen::Stash) {
+        stash.flush(&mut lock(&self.replica_seen), Instant::now());
     }
 
     pub(super) fn link_down(&self, id: NodeId, generation: u64, state: &State) {
@@ -319,13 +317,15 @@ impl Cluster {
         read: &mut LinkRead,
     ) {
         let stash = &mut read.seen;
-        let stashed = match (&frame, stash.take()) {
-            (Frame::Replicate { client, .. }, Some((c, prints))) if *client == c => Some(prints),
-            (_, mut other) => {
-                self.flush_seen(&mut other);
-                None
-            }
+        let copy_of = match &frame {
+            Frame::Replicate { client, .. } => Some(client.as_str()),
+            _ => None,
         };
+        // (Most frames find nothing stashed: no lock, no clock.)
+        let stashed = stash
+            .holds()
+            .then(|| stash.next_frame(copy_of, &mut lock(&self.replica_seen), Instant::now()))
+            .flatten();
         match frame {
             Frame::Ping => {}
             Frame::Reset => state.core().forget_peer(id),
@@ -366,61 +366,42 @@ impl Cluster {
                 changes,
             } => {
                 let from = ReplyTo { id, generation };
-                // A session the peer serves, whole in its link snapshot.
-                if let Some(held) = read.snapshot.as_mut() {
-                    if changes.first() == Some(&SessionChange::Ended)
-                        && self.name_of(id).is_some_and(|n| n == holder)
-                    {
+                // What it does here: `Replicas::arrive`.
+                let holder_id = self.id_of(&holder);
+                let arrival = crate::replicas::Arrival::new(
+                    seq,
+                    epoch,
+                    &changes,
+                    self.name_of(id).is_some_and(|n| n == holder),
+                    holder_id,
+                    || crate::replicas::Relay {
+                        holder_in_view: self.view().members.contains(&holder),
+                        serving: state.core().has_session(&client),
+                    },
+                );
+                let arriving =
+                    lock(&self.replicas).arrive(&client, &arrival, self.my_id, Instant::now());
+                let crate::replicas::Arriving::Taken {
+                    in_holders_snapshot,
+                    relayed,
+                    interest,
+                } = arriving
+                else {
+                    return;
+                };
+                if in_holders_snapshot {
+                    if let Some(held) = read.snapshot.as_mut() {
                         held.insert(client.clone());
                     }
                 }
-                // A link snapshot's whole copy from a node that is not the
-                // session's holder (it relays a copy it keeps for another):
-                // kept or not by `replicas::keeps_snapshot_copy`.
-                let relayed = seq == 0
-                    && changes.first() == Some(&SessionChange::Ended)
-                    && self.name_of(id).is_some_and(|n| n != holder);
-                if relayed {
-                    let (held, built_by) = {
-                        let r = lock(&self.replicas);
-                        (r.held(&client), r.holder(&client))
-                    };
-                    let serving = state.core().has_session(&client);
-                    let holder_now = if !self.view().members.contains(&holder) {
-                        crate::replicas::HolderNow::Left
-                    } else if built_by.is_some() && built_by == self.id_of(&holder) {
-                        crate::replicas::HolderNow::Streaming
-                    } else {
-                        crate::replicas::HolderNow::Live
-                    };
-                    let copy = crate::replicas::progress_of(epoch, &changes);
-                    if !crate::replicas::keeps_snapshot_copy(true, held, copy, serving, holder_now)
-                    {
-                        return;
-                    }
-                }
-                let holder_id = self.id_of(&holder);
-                if let Some(h) = holder_id {
-                    lock(&self.replicas).set_holder(&client, h);
-                }
-                if !relayed {
+                let Some(since) = relayed else {
                     // (A holder's own changes clear a relayed mark:
                     // `Replicas::apply`.)
                     return self.replicate(from, seq, client, epoch, changes, stashed, state);
-                }
-                // A relayed copy taken while its holder was live may be
-                // older than the relaying peer's, which the holder goes on
-                // updating: it waits before it may be promoted
-                // (`Replicas::promotable`). Its filters count as the
-                // holder's interest (`replicas::filters_of`).
-                let since = self.view().members.contains(&holder).then(Instant::now);
-                let filters = crate::replicas::filters_of(&changes);
+                };
                 self.replicate(from, seq, client.clone(), epoch, changes, stashed, state);
                 lock(&self.replicas).mark_relayed(&client, since);
-                // (Not when the copy names this node: an earlier
-                // incarnation of it held the session, and a node is no
-                // peer of its own.)
-                if let Some(h) = holder_id.filter(|&h| h != self.my_id) {
+                if let Some((h, filters)) = interest {
                     let mut core = state.core();
                     for f in filters {
                         core.peer_interest(h, &f, true);
@@ -441,7 +422,7 @@ impl Cluster {
             Frame::StoreSynced { view } => self.store_synced(id, view),
             Frame::Promoted { view } => lock(&self.promotions).heard(id, view),
             Frame::StoreForget { client } => self.store_forgotten(&client, state),
-            Frame::Seen { client, prints } => *stash = Some((client, prints)),
+            Frame::Seen { client, prints } => stash.hold(client, prints),
             Frame::Refused { seq } => self.forward_refused(id, seq),
             Frame::Raft(m) => self.raft_message(id, &m),
             Frame::Leaving => {
@@ -466,31 +447,22 @@ impl Cluster {
                     payload = %String::from_utf8_lossy(&message.payload),
                     "forward in"
                 );
-                if !self.serving() {
-                    // Left out of the view or without a majority, this node
-                    // has handed its sessions to their replicas: it must not
-                    // acknowledge what it cannot deliver. Refused, the
-                    // sender holds the message and forwards it again to
-                    // whoever took the sessions over.
-                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    if seq != 0 {
-                        self.answer(ReplyTo { id, generation }, Frame::Refused { seq });
+                let decided = forwards::forwarded(self.serving(), message.qos, again, || {
+                    // One lock at a time; the view is not copied.
+                    let name = self.name_of(id);
+                    let view = lock(&self.view);
+                    view.number == 0 || name.is_some_and(|n| view.members.contains(&n))
+                });
+                let again = match decided {
+                    forwards::Forwarded::Route { again } => again,
+                    forwards::Forwarded::Refuse => {
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        if seq != 0 {
+                            self.answer(ReplyTo { id, generation }, Frame::Refused { seq });
+                        }
+                        return;
                     }
-                    return;
-                }
-                // From a node the committed view no longer counts (a dead
-                // node's last frames, late): its publisher had no answer
-                // and may have sent the message again through another
-                // node already, so it counts as sent again (found by the
-                // simulator with sessions on different chains).
-                // QoS 2 only: a QoS 1 copy too many is allowed, and skipping
-                // by fingerprint could lose one.
-                let again = again
-                    || message.qos == mqlb_protocol::QoS::ExactlyOnce && {
-                        let view = self.view();
-                        view.number > 0
-                            && self.name_of(id).is_some_and(|n| !view.members.contains(&n))
-                    };
+                };
                 // The core notes when it first had the message
                 // (`first_had`), under its lock, so it orders with the
                 // sessions' takeovers.
@@ -840,7 +812,7 @@ mod tests {
         let dropped = AtomicU64::new(0);
         let big = Frame::Seen {
             client: "c".into(),
-            prints: vec![7; MAX_SEEN_FOR_TEST],
+            prints: vec![7; seen::MAX_SEEN_PRINTS],
         };
         while !tx.overflowed() {
             tx.push(&big, &dropped);
@@ -853,7 +825,4 @@ mod tests {
         assert_eq!(lock(&tx.buf).len(), held);
         assert_eq!(dropped.load(Ordering::Relaxed), 2);
     }
-
-    /// About 1 MiB of fingerprints per frame.
-    const MAX_SEEN_FOR_TEST: usize = 1 << 17;
 }

@@ -63,13 +63,15 @@
 
 pub mod acks;
 pub mod consensus;
+pub mod forwards;
+pub mod handover;
 pub mod handshake;
 mod links;
 pub mod opening;
 pub mod peer_tls;
 mod peers;
 mod replication;
-mod seen;
+pub mod seen;
 mod store;
 pub mod view_loop;
 pub mod wire;

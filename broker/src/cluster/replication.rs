@@ -7,11 +7,6 @@
 use super::*;
 use crate::commits::Released;
 
-/// The most fingerprints one [`Frame::Seen`] carries: well inside
-/// [`wire::MAX_FRAME`] (a subscriber given over 6,500 messages a second
-/// for [`SEEN_FOR`] has the oldest left out).
-const MAX_SEEN_PRINTS: usize = 1 << 17;
-
 impl Cluster {
     /// Before serving `client_id` here: if this node holds a replica of its
     /// session and not the session itself, the replica becomes the session
@@ -239,43 +234,35 @@ impl Cluster {
         // Copies cut off from a holder that has now left wait a little for
         // the fresher ones handed over below (`Replicas::holders_left`).
         lock(&self.replicas).holders_left(&left, now);
-        // The retained messages they wrote last go to every peer again: a
-        // peer whose link from the writer broke may have missed them, and
-        // the writer can no longer send them in a link snapshot. Last
-        // writer wins, so a peer that has them already keeps them.
         let stamps: Vec<u32> = previous
             .members
             .iter()
             .filter(|m| !view.members.contains(*m))
             .map(|m| stamp_of(m))
             .collect();
-        let retained: Vec<_> = state
-            .core()
-            .retained_all()
-            .into_iter()
-            .filter(|(_, _, v)| stamps.contains(&v.node))
-            .collect();
-        for (topic, message, version) in retained {
-            self.broadcast(&Frame::Retained {
-                topic,
-                message,
-                version,
-            });
+        let retained = handover::retained_written_by(&state.core(), &stamps);
+        for f in &retained {
+            self.broadcast(f);
         }
-        let orphans = lock(&self.replicas).orphans(|h| !left.contains(&h), now);
-        for (client, snap, holder) in orphans {
+        let orphans = handover::orphans(
+            &lock(&self.replicas),
+            &lock(&self.replica_seen),
+            &left,
             // Owned in the view the hand-over is for.
-            let owner = self.owner_in(&view, &client);
-            if owner == self.me {
+            |client| {
+                let owner = self.owner_in(&view, client);
+                (owner != self.me).then(|| self.id_of(&owner)).flatten()
+            },
+            |holder| self.name_of(holder),
+            now,
+        );
+        for (owner, frames) in orphans {
+            let Some(tx) = lock(&self.links).get(&owner).cloned() else {
                 continue;
+            };
+            for f in &frames {
+                tx.push(f, &self.stats.dropped);
             }
-            let (Some(id), Some(holder)) = (self.id_of(&owner), self.name_of(holder)) else {
-                continue;
-            };
-            let Some(tx) = lock(&self.links).get(&id).cloned() else {
-                continue;
-            };
-            self.send_whole(&tx, 0, client, snap, holder);
         }
     }
 
@@ -312,29 +299,13 @@ impl Cluster {
         // Numbered under the core's lock, like every change (see
         // `State::act`): a change made after the export must not reach a
         // chain member before this older whole copy. Encoded and sent after
-        // the lock, in that order.
+        // the lock, in that order; each session's `Seen` frame goes first.
         let core = state.core();
-        let records: Vec<ChangeRecord> = {
-            let mut out = Vec::new();
-            for id in core.persistent_sessions() {
-                let Some(snap) = core.export_session(&id) else {
-                    continue;
-                };
-                if let Some(seen) = self.seen_frame(&id) {
-                    self.send_to_chain(&id, &seen);
-                }
-                let epoch = snap.epoch;
-                for change in whole(snap) {
-                    out.push(ChangeRecord {
-                        client: id.clone(),
-                        epoch,
-                        change,
-                    });
-                }
-            }
-            out
-        };
-        let ticket = state.sequence(records.into_iter().map(LogEntry::Session).collect());
+        let rechain = handover::rechain(&core, &lock(&self.replica_seen), Instant::now());
+        for (client, seen) in &rechain.seen {
+            self.send_to_chain(client, seen);
+        }
+        let ticket = state.sequence(rechain.records);
         drop(core);
         drop(state.commit(ticket));
     }
@@ -342,21 +313,7 @@ impl Cluster {
     /// What `client`'s session was given lately, as a frame for a chain
     /// member that is about to get the session whole.
     pub(super) fn seen_frame(&self, client: &str) -> Option<Frame> {
-        // The newest, as many as fit in a frame.
-        let prints = lock(&self.replica_seen).newest(client, MAX_SEEN_PRINTS)?;
-        Some(Frame::Seen {
-            client: client.to_string(),
-            prints,
-        })
-    }
-
-    /// A chain member's word on what a session was given lately.
-    pub(super) fn seen_by_peer(&self, client: &str, prints: Vec<u64>) {
-        let now = Instant::now();
-        let mut seen = lock(&self.replica_seen);
-        for p in prints {
-            seen.note(client, p, now);
-        }
+        lock(&self.replica_seen).frame(client)
     }
 
     /// Sends `frame` to the other live members of `client`'s chain.
@@ -442,17 +399,10 @@ impl Cluster {
         seen: Option<Vec<u64>>,
         state: &State,
     ) {
-        // A whole copy applied here brings its prints in place of the old
-        // copy's; changes add theirs.
-        let replaces = changes.first() == Some(&SessionChange::Ended);
-        let note_seen = |applied: bool| {
-            let Some(prints) = seen.clone() else {
-                return;
-            };
-            if applied && replaces {
-                lock(&self.replica_seen).forget(&client);
-            }
-            self.seen_by_peer(&client, prints);
+        // What the prints that came with it do: `Seen::copy_arrived`.
+        let whole = changes.first() == Some(&SessionChange::Ended);
+        let note_seen = |incoming| {
+            lock(&self.replica_seen).copy_arrived(&client, seen, incoming, whole, Instant::now());
         };
         // Not while a copy is being promoted: taken out of the copies and
         // not yet in the core, the session would look absent, and these
@@ -465,7 +415,9 @@ impl Cluster {
             let core = state.core();
             (core.epoch(&client), core.is_connected(&client))
         };
-        match crate::replicas::incoming(held, connected, epoch) {
+        let incoming = crate::replicas::incoming(held, connected, epoch);
+        note_seen(incoming);
+        match incoming {
             crate::replicas::Incoming::Adopt => {
                 tracing::debug!(
                     client,
@@ -473,7 +425,6 @@ impl Cluster {
                     epoch,
                     "stale session changes: adopting their messages"
                 );
-                note_seen(false);
                 // Its inbound QoS 2 ids too (`Core::adopt_qos2`).
                 let qos2 = state.act(|core| core.adopt_qos2(&client, &changes));
                 let adopted: Vec<crate::message::Pending> = changes
@@ -505,7 +456,6 @@ impl Cluster {
                     tracing::info!(client, "session moved to another node; local copy dropped");
                     let _ = state.act(|core| core.evict_session(&client));
                 }
-                note_seen(true);
                 let kept = self.apply_replica(&client, epoch, changes, state);
                 return self.answer_when(from, seq, kept);
             }
@@ -557,30 +507,16 @@ impl Cluster {
         state: &State,
     ) -> Option<crate::state::Ticket> {
         let mut copies = lock(&self.replicas);
-        if copies.epoch(client).is_some_and(|e| e > epoch) {
-            return None;
-        }
-        let logged = state.disk().is_some().then(|| changes.clone());
-        {
-            let now = Instant::now();
-            let mut seen = lock(&self.replica_seen);
-            for c in &changes {
-                if let SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } = c {
-                    tracing::trace!(client, epoch, payload = %String::from_utf8_lossy(&p.msg.payload), "copy has");
-                    seen.note(client, crate::core::fingerprint(&p.msg), now);
-                }
-            }
-        }
-        if copies.apply(client, epoch, changes, Instant::now()) == crate::replicas::Applied::Gone {
-            lock(&self.replica_seen).forget(client);
-        }
-        logged.and_then(|changes| {
-            state.sequence(vec![LogEntry::Replica {
-                client: client.to_string(),
-                epoch,
-                changes,
-            }])
-        })
+        let entry = super::seen::apply_copy(
+            &mut copies,
+            &mut lock(&self.replica_seen),
+            client,
+            epoch,
+            changes,
+            state.disk().is_some(),
+            Instant::now(),
+        )?;
+        state.sequence(vec![entry])
     }
 
     pub(super) fn acked(&self, from: NodeId, seq: u64) {
@@ -843,11 +779,7 @@ impl Cluster {
             let now = Instant::now();
             let mut seen = lock(&self.replica_seen);
             for r in &records {
-                if let SessionChange::Enqueued(p) | SessionChange::Sent { pending: p, .. } =
-                    &r.change
-                {
-                    seen.note(&r.client, crate::core::fingerprint(&p.msg), now);
-                }
+                seen.note_changes(&r.client, std::slice::from_ref(&r.change), now);
             }
         }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);

@@ -144,25 +144,17 @@ impl World {
         changes: Vec<SessionChange>,
     ) -> Option<usize> {
         let now = self.instant();
-        if self.nodes[n]
-            .replicas
-            .epoch(client)
-            .is_some_and(|e| e > epoch)
-        {
-            return None;
-        }
-        let logged =
-            (self.cfg.disk && std::env::var_os("X_ACKEARLY").is_none()).then(|| changes.clone());
-        self.nodes[n].replicas.apply(client, epoch, changes, now);
-        let changes = logged?;
-        self.sequence(
-            n,
-            vec![LogEntry::Replica {
-                client: client.to_string(),
-                epoch,
-                changes,
-            }],
-        )
+        let node = &mut self.nodes[n];
+        let entry = mqlb_broker::cluster::seen::apply_copy(
+            &mut node.replicas,
+            &mut node.seen,
+            client,
+            epoch,
+            changes,
+            self.cfg.disk,
+            now,
+        )?;
+        self.sequence(n, vec![entry])
     }
 
     /// `promote`: the disk's copy ends before the session's own records
@@ -413,7 +405,7 @@ impl World {
                 // What each was given (`restore_copies`): a promoted copy
                 // is told it.
                 for (client, prints) in restored.seen {
-                    node.seen.entry(client).or_default().extend(prints);
+                    node.seen.note_prints(&client, prints, now);
                 }
                 node.log.start_after(restored.last_seq);
             }
