@@ -17,6 +17,10 @@
 //! `single` are printed.
 //!
 //! Run: `cargo build --release && cargo bench -p mqlb-tests --bench cluster`
+//!
+//! `MQLB_BENCH_ONLY=across` runs only QoS 1 across nodes, once, with
+//! `MQLB_BENCH_N` publishes (default 2000): for counting one node's
+//! instructions under callgrind (docs/performance.md).
 
 #![allow(
     clippy::unwrap_used,
@@ -42,6 +46,7 @@ const ALL: [&str; 3] = ["n1", "n2", "n3"];
 /// at QoS 1, and of PUBLISH → the subscriber has it at QoS 2 (the
 /// publisher completes each exchange before the next).
 async fn run(q: QoS, pub_addr: &str, sub_addr: &str, sub_id: &str, pub_id: &str) -> (f64, f64) {
+    let n = count();
     let mut cp = connect_packet(sub_id, ProtocolVersion::V5, false);
     cp.clean_start = false;
     cp.properties.session_expiry_interval = Some(600);
@@ -55,11 +60,11 @@ async fn run(q: QoS, pub_addr: &str, sub_addr: &str, sub_id: &str, pub_id: &str)
     s.subscribe(&format!("{topic}/#"), qos(q)).await;
     let (got_tx, mut got) = tokio::sync::mpsc::unbounded_channel();
     let reader = tokio::spawn(async move {
-        let mut n = 0;
-        while n < N {
+        let mut got_n = 0;
+        while got_n < n {
             match s.next_publish(Duration::from_secs(10), true).await {
                 Some(_) => {
-                    n += 1;
+                    got_n += 1;
                     let _ = got_tx.send(Instant::now());
                 }
                 None => break,
@@ -69,8 +74,8 @@ async fn run(q: QoS, pub_addr: &str, sub_addr: &str, sub_id: &str, pub_id: &str)
     let (mut p, _) =
         Client::connect(pub_addr, connect_packet(pub_id, ProtocolVersion::V5, true)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut lat = Vec::with_capacity(N);
-    for i in 0..N {
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
         let pid = PacketId::new(u16::try_from(i % 60000 + 1).unwrap()).unwrap();
         let t = Instant::now();
         p.send(Packet::Publish(Publish {
@@ -116,7 +121,15 @@ async fn run(q: QoS, pub_addr: &str, sub_addr: &str, sub_id: &str, pub_id: &str)
     }
     let _ = tokio::time::timeout(Duration::from_secs(20), reader).await;
     lat.sort_by(|a, b| a.total_cmp(b));
-    (lat[N / 2], lat[N * 99 / 100])
+    (lat[n / 2], lat[n * 99 / 100])
+}
+
+/// Publishes per run: `MQLB_BENCH_N`, else [`N`].
+fn count() -> usize {
+    std::env::var("MQLB_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(N)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -138,6 +151,21 @@ async fn main() {
     .into();
     let same = c.id_owned_by("n1", "bench-pub", &ALL);
     let other = c.id_owned_by("n2", "bench-pub", &ALL);
+    if std::env::var("MQLB_BENCH_ONLY").is_ok_and(|v| v == "across") {
+        let (p50, p99) = run(
+            QoS::AtLeastOnce,
+            &c.nodes[1].addr,
+            &c.nodes[0].addr,
+            &sub["q1"],
+            &other,
+        )
+        .await;
+        println!(
+            "QoS 1 across nodes, {} publishes: p50 {p50:.0} us, p99 {p99:.0} us",
+            count()
+        );
+        return;
+    }
     for (q, title) in [
         (
             QoS::AtLeastOnce,
