@@ -519,7 +519,13 @@ impl Core {
     pub fn route_from_peer(&mut self, m: Message, groups: &[Arc<str>]) -> Effects {
         let mut fx = Effects::none();
         self.stats.messages_in += 1;
-        self.first_had_now(&m);
+        // One fingerprint for both of its uses below (found by counting
+        // instructions across nodes: it was computed twice).
+        let print = (m.qos != QoS::AtMostOnce).then(|| fingerprint(&m));
+        if let Some(p) = print {
+            let now = self.now();
+            self.first_had.had(now, p);
+        }
         let targets = self
             .router
             .matches(m.topic.as_str(), m.qos, m.origin.as_deref());
@@ -532,7 +538,7 @@ impl Core {
         // the simulator with sessions on different chains). The skip goes
         // by the message's fingerprint, as a resend's does (see
         // `route_resent`).
-        let print = (m.qos == QoS::ExactlyOnce).then(|| fingerprint(&m));
+        let print = print.filter(|_| m.qos == QoS::ExactlyOnce);
         for t in targets.sessions {
             if print
                 .is_some_and(|p| self.had_lately(&t.client, p) || self.given_lately(&t.client, p))

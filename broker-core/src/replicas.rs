@@ -631,23 +631,23 @@ pub fn progress_of(epoch: u64, changes: &[SessionChange]) -> Progress {
 /// with the epoch the run was made in (the newest its records or an attach
 /// name).
 pub fn runs(
-    records: &[crate::effects::ChangeRecord],
+    records: Vec<crate::effects::ChangeRecord>,
 ) -> Vec<(std::sync::Arc<str>, u64, Vec<SessionChange>)> {
-    let mut out = Vec::new();
-    for run in records.chunk_by(|a, b| a.client == b.client) {
-        let Some(client) = run.first().map(|r| r.client.clone()) else {
-            continue;
-        };
-        let mut epoch = 0;
-        let mut changes = Vec::with_capacity(run.len());
-        for r in run {
-            epoch = epoch.max(r.epoch);
-            if let SessionChange::Attached { epoch: e, .. } = &r.change {
-                epoch = epoch.max(*e);
-            }
-            changes.push(r.change.clone());
+    // The changes are moved, not cloned: a queued message is most of a
+    // record (found by counting instructions across nodes).
+    let mut out: Vec<(std::sync::Arc<str>, u64, Vec<SessionChange>)> = Vec::new();
+    for r in records {
+        let mut epoch = r.epoch;
+        if let SessionChange::Attached { epoch: e, .. } = &r.change {
+            epoch = epoch.max(*e);
         }
-        out.push((client, epoch, changes));
+        match out.last_mut() {
+            Some((client, run_epoch, changes)) if *client == r.client => {
+                *run_epoch = (*run_epoch).max(epoch);
+                changes.push(r.change);
+            }
+            _ => out.push((r.client, epoch, vec![r.change])),
+        }
     }
     out
 }
@@ -1192,7 +1192,7 @@ mod tests {
             rec("b", 4, SessionChange::Detached),
             rec("a", 2, SessionChange::Detached),
         ];
-        let runs: Vec<(String, u64, usize)> = runs(&records)
+        let runs: Vec<(String, u64, usize)> = runs(records)
             .into_iter()
             .map(|(c, e, ch)| (c.to_string(), e, ch.len()))
             .collect();
@@ -1200,6 +1200,6 @@ mod tests {
             runs,
             [("a".into(), 2, 2), ("b".into(), 4, 1), ("a".into(), 2, 1)]
         );
-        assert!(super::runs(&[]).is_empty());
+        assert!(super::runs(Vec::new()).is_empty());
     }
 }

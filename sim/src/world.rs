@@ -2035,7 +2035,7 @@ impl World {
         }
         let mut owed: Vec<u32> = Vec::new();
         let now = self.instant();
-        for (client, epoch, changes) in mqlb_broker_core::replicas::runs(&records) {
+        for (client, epoch, changes) in mqlb_broker_core::replicas::runs(records) {
             self.nodes[node].seen.note_changes(&client, &changes, now);
             let frame = Frame::Replicate {
                 seq: rep,

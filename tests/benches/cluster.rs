@@ -18,9 +18,9 @@
 //!
 //! Run: `cargo build --release && cargo bench -p mqlb-tests --bench cluster`
 //!
-//! `MQLB_BENCH_ONLY=across` runs only QoS 1 across nodes, once, with
-//! `MQLB_BENCH_N` publishes (default 2000): for counting one node's
-//! instructions under callgrind (docs/performance.md).
+//! `MQLB_BENCH_ONLY=across` (or `same`, `across2`, `same2` for QoS 2) runs
+//! only that path, once, with `MQLB_BENCH_N` publishes (default 2000): for
+//! counting one node's instructions under callgrind (docs/performance.md).
 
 #![allow(
     clippy::unwrap_used,
@@ -151,17 +151,21 @@ async fn main() {
     .into();
     let same = c.id_owned_by("n1", "bench-pub", &ALL);
     let other = c.id_owned_by("n2", "bench-pub", &ALL);
-    if std::env::var("MQLB_BENCH_ONLY").is_ok_and(|v| v == "across") {
-        let (p50, p99) = run(
-            QoS::AtLeastOnce,
-            &c.nodes[1].addr,
-            &c.nodes[0].addr,
-            &sub["q1"],
-            &other,
-        )
-        .await;
+    // One run for counting instructions: QoS 1 or 2, across nodes or on
+    // the subscriber's node.
+    let only = std::env::var("MQLB_BENCH_ONLY").unwrap_or_default();
+    let one = match only.as_str() {
+        "across" => Some((QoS::AtLeastOnce, 1, &other)),
+        "same" => Some((QoS::AtLeastOnce, 0, &same)),
+        "across2" => Some((QoS::ExactlyOnce, 1, &other)),
+        "same2" => Some((QoS::ExactlyOnce, 0, &same)),
+        _ => None,
+    };
+    if let Some((q, at, pub_id)) = one {
+        let tag = if q == QoS::ExactlyOnce { "q2" } else { "q1" };
+        let (p50, p99) = run(q, &c.nodes[at].addr, &c.nodes[0].addr, &sub[tag], pub_id).await;
         println!(
-            "QoS 1 across nodes, {} publishes: p50 {p50:.0} us, p99 {p99:.0} us",
+            "{only}, {} publishes: p50 {p50:.0} us, p99 {p99:.0} us",
             count()
         );
         return;

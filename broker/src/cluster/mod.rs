@@ -253,7 +253,8 @@ pub struct Cluster {
     /// The failure detector's table (see [`peers`]).
     peers: Mutex<peers::Peers>,
     /// The committed view (see [`consensus`]).
-    view: Mutex<View>,
+    /// Shared, so a hot path reads it without copying its names.
+    view: Mutex<Arc<View>>,
     /// This node's member of the Raft group that commits the view.
     consensus: Mutex<consensus::Consensus>,
     /// This node plus the peers it hears from: what it proposes as the
@@ -482,7 +483,7 @@ impl Cluster {
                 me: config.node_id.clone(),
                 my_id,
                 peers: Mutex::new(peers::Peers::new(names.len())),
-                view: Mutex::new(restored),
+                view: Mutex::new(Arc::new(restored)),
                 consensus: Mutex::new(consensus),
                 observed: Mutex::new(vec![config.node_id.clone()]),
                 view_loop: Mutex::new(view_loop::ViewLoop::new()),
@@ -542,7 +543,13 @@ impl Cluster {
     /// The committed view (number 0 and this node alone until the first
     /// one is learnt).
     pub fn view(&self) -> View {
-        lock(&self.view).clone()
+        View::clone(&lock(&self.view))
+    }
+
+    /// The current view, shared: no copy of its names (a change to send
+    /// down its chains reads it for every batch).
+    fn current_view(&self) -> Arc<View> {
+        Arc::clone(&lock(&self.view))
     }
 
     /// The committed membership: every member, live or not.
@@ -1039,10 +1046,10 @@ impl Cluster {
                 let mut view = lock(&self.view);
                 let newer = c.number > view.number;
                 if newer {
-                    *view = View {
+                    *view = Arc::new(View {
                         number: c.number,
                         members: c.live,
-                    };
+                    });
                 }
                 newer
             };

@@ -797,10 +797,10 @@ impl Cluster {
         let mut owed: Vec<NodeId> = Vec::new();
         // Whom each change goes to and whether a member is owed it are
         // judged in one reading of the view.
-        let view = self.view();
+        let view = self.current_view();
         let members: Vec<&str> = view.members.iter().map(String::as_str).collect();
         let mut sends: Vec<(Frame, Vec<Arc<LinkTx>>)> = Vec::new();
-        for (client, epoch, changes) in crate::replicas::runs(&records) {
+        for (client, epoch, changes) in crate::replicas::runs(records) {
             let frame = Frame::Replicate {
                 seq,
                 client: client.to_string(),
