@@ -297,6 +297,18 @@ mod tests {
     use super::*;
     use mqlb_protocol::{MqttStr, QoS};
 
+    /// A wait stays a small entry of the ordered map (its forward boxed):
+    /// every insert and removal shifts entries, for every batch a chain
+    /// holds (found by counting instructions across nodes).
+    #[test]
+    fn a_wait_is_a_small_entry() {
+        assert!(
+            std::mem::size_of::<Waiting<usize>>() <= 48,
+            "{} bytes",
+            std::mem::size_of::<Waiting<usize>>()
+        );
+    }
+
     fn message() -> Message {
         Message {
             topic: MqttStr::try_from("t").unwrap_or_default(),
