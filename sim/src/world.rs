@@ -817,10 +817,11 @@ impl World {
     }
 
     /// Whether a copy on node `n` whose holder is `h` has a live holder:
-    /// another node, in the view, that has not said it is leaving.
+    /// another node, in the view (the broker's rule, `live_peers`: a
+    /// holder that has said it is leaving counts until the view drops it).
     fn holder_live(&self, n: usize, h: u32) -> bool {
         let h = h as usize;
-        h != n && self.view.contains(&h) && self.nodes.get(h).is_some_and(|x| !x.announced)
+        h != n && self.view.contains(&h)
     }
 
     fn instant(&self) -> Instant {
