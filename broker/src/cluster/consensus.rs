@@ -718,6 +718,12 @@ impl Consensus {
         keeper.save(&mqlb_storage::record::encode_snapshot(0, &bytes))
     }
 
+    /// Whether its state is kept durably (a data directory): a step or a
+    /// tick may then wait for an fsync.
+    pub fn persists(&self) -> bool {
+        self.keeper.is_some()
+    }
+
     /// The committed view.
     pub fn view(&self) -> Committed {
         lock(&self.applied).view.clone()
