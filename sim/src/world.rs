@@ -2716,16 +2716,18 @@ impl World {
             }
         }
         let members: Vec<usize> = self.view.iter().copied().collect();
+        // `nodes_left` runs in every running node's tick, in the view or
+        // not (a node the view dropped hands over its copies too).
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|&n| self.nodes[n].up)
+            .collect();
         // `nodes_left` comes before each node's promotions and its word that
         // it promoted (`on_tick`): the retained messages the dropped node wrote last go
         // to every peer again (a peer whose link from it broke may lack
         // them).
         if let Some(g) = gone {
             let stamps = [u32::try_from(g + 1).unwrap_or(u32::MAX)];
-            for &n in &members {
-                if !self.nodes[n].up {
-                    continue;
-                }
+            for &n in &running {
                 let frames = handover::retained_written_by(&self.nodes[n].core, &stamps);
                 for p in 0..self.nodes.len() {
                     if p != n && self.linked(n, p) {
@@ -2739,10 +2741,7 @@ impl World {
         // `nodes_left`: copies whose holder the view dropped go
         // whole to each session's new owner (`handover::orphans`).
         let now = self.instant();
-        for &n in &members {
-            if !self.nodes[n].up {
-                continue;
-            }
+        for &n in &running {
             // Only the holder that has just left (`nodes_left`).
             let Some(g) = gone else {
                 break;
