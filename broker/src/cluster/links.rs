@@ -372,7 +372,7 @@ impl Cluster {
                     seq,
                     epoch,
                     &changes,
-                    self.name_of(id).is_some_and(|n| n == holder),
+                    self.is_named(id, &holder),
                     holder_id,
                     || crate::replicas::Relay {
                         holder_in_view: self.view().members.contains(&holder),

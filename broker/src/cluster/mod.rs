@@ -925,6 +925,15 @@ impl Cluster {
         self.directory.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether node `id` is named `name`, without copying its name (a
+    /// chain member asks for every copy a peer sends).
+    fn is_named(&self, id: NodeId, name: &str) -> bool {
+        self.directory()
+            .names
+            .get(id as usize)
+            .is_some_and(|n| n == name)
+    }
+
     /// A member's name by id.
     fn name_of(&self, id: NodeId) -> Option<String> {
         self.directory().names.get(id as usize).cloned()
