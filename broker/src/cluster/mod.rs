@@ -73,6 +73,7 @@ mod peers;
 mod replication;
 pub mod seen;
 mod store;
+pub mod store_steps;
 pub mod view_loop;
 pub mod wire;
 

@@ -27,25 +27,19 @@
 //! * **Expiry** (`PX`) is an absolute time set by the owner's clock and
 //!   travels with the key; only the owner tells watchers.
 
+use super::store_steps::{Next, Owner, Request, Round, Settle, RETRY};
 use super::*;
 use mqlb_protocol::Publish;
 
-/// How long a request waits for its key's owner to be able to answer (a
-/// dead owner is replaced within the failure timeout plus an election).
-pub const STORE_WAIT: Duration = Duration::from_secs(8);
-
 /// One round of a state store change sent to its chain: the frames'
-/// number, the members they went to, and the wait for their answers
-/// (`None`: nobody was linked).
+/// number, the wait for their answers (`None`: nobody to wait for), and
+/// what the change's settling does next ([`Round::Send`]: wait).
 #[derive(Debug)]
 struct StoreRound {
     seq: u64,
-    sent: std::collections::HashSet<NodeId>,
     rx: Option<tokio::sync::oneshot::Receiver<acks::Answer>>,
+    step: Round,
 }
-
-/// Times a request may be passed on between nodes whose views disagree.
-const MAX_HOPS: u8 = 3;
 
 /// Why a request got an error instead of an answer.
 const UNAVAILABLE: &str =
@@ -113,104 +107,83 @@ impl Cluster {
     }
 
     /// Executes the request if this node owns its key, else passes it to
-    /// the owner; either way the client gets an answer.
+    /// the owner; either way the client gets an answer. Where it goes, when
+    /// it tries again and when it gives up is [`Request`]'s (the
+    /// simulator's too); this drives it.
     /// Returns whether the answer was committed (routed to the client's
     /// session and held by its chain).
     async fn serve_store(&self, state: &Arc<State>, client: &str, p: &Publish, hops: u8) -> bool {
         let store = &state.statestore;
-        let deadline = tokio::time::Instant::now() + STORE_WAIT;
+        let request = Request::new(hops, Instant::now());
         // A malformed request names no key: answered here at once.
         let key = crate::statestore::StateStore::key_of(p);
+        // Linked and heard (`hears` takes the links lock itself).
+        let reachable = |id: NodeId| {
+            self.name_of(id).is_some_and(|n| self.hears(&n)) && lock(&self.links).contains_key(&id)
+        };
         let outcome = loop {
-            let late = tokio::time::Instant::now() >= deadline;
             let view = self.view().number;
-            let handled = match &key {
-                // Passed on whatever this node's own state (a node on its
-                // way out still passes requests to the keys' new owners).
-                Some(k) if self.key_owner(k) != self.me => {
-                    crate::statestore::Handled::Elsewhere(k.clone())
-                }
-                Some(_) if !self.store_ready() => {
-                    if late {
-                        break store.unavailable(p, UNAVAILABLE);
-                    }
-                    tokio::time::sleep(consensus::TICK).await;
-                    continue;
-                }
-                _ => store.handle_in(client, p, view, &|k| self.key_owner(k) == self.me),
+            let owner = match &key {
+                None => Owner::NoKey,
+                Some(k) => match self.key_owner(k) {
+                    o if o == self.me => Owner::Me,
+                    o => Owner::Peer(self.id_of(&o)),
+                },
             };
-            match handled {
-                crate::statestore::Handled::Done { outcome, key, copy } => {
-                    let Some(key) = key else { break outcome };
-                    // Through the node's change log, like every change:
-                    // its consumer sends the key's chain the change (or a
-                    // read's barrier) and, with a data directory, writes
-                    // it to disk; committed once both have it. A read
-                    // writes the key's state to disk again and answers
-                    // once that is there: everything logged before it is
-                    // then on disk too (the writer keeps order), so a
-                    // value read is not one a power loss takes back (a
-                    // change still waiting for its fsync, read and then
-                    // lost: found by the simulator, seed 48836 of the
-                    // data-directory runs).
-                    let entry = match copy {
-                        Some(copy) => LogEntry::Store { view, copy },
-                        None => LogEntry::StoreRead {
-                            current: state.disk().and_then(|_| store.copy_of(&key)).map(Box::new),
-                            key,
-                            view,
-                        },
-                    };
-                    let committed = state.log([entry]);
-                    if committed.wait().await.is_ok() {
-                        break outcome;
-                    }
-                    tracing::info!(
-                        "state store change not committed: a chain member in a newer view refused it, \
-                         one did not answer in time, or the disk did not keep it"
-                    );
-                    break store.unavailable(p, UNAVAILABLE);
-                }
-                crate::statestore::Handled::Elsewhere(key) => {
-                    if hops >= MAX_HOPS || late {
+            let ready = owner == Owner::Me && self.store_ready();
+            let mut next = request.next(Instant::now(), owner, ready, reachable);
+            if next == Next::Here {
+                match store.handle_in(client, p, view, &|k| self.key_owner(k) == self.me) {
+                    crate::statestore::Handled::Done { outcome, key, copy } => {
+                        let Some(key) = key else { break outcome };
+                        // Through the node's change log, like every change:
+                        // its consumer sends the key's chain the change (or a
+                        // read's barrier) and, with a data directory, writes
+                        // it to disk; committed once both have it. A read
+                        // writes the key's state to disk again and answers
+                        // once that is there: everything logged before it is
+                        // then on disk too (the writer keeps order), so a
+                        // value read is not one a power loss takes back (a
+                        // change still waiting for its fsync, read and then
+                        // lost: found by the simulator, seed 48836 of the
+                        // data-directory runs).
+                        let entry = match copy {
+                            Some(copy) => LogEntry::Store { view, copy },
+                            None => LogEntry::StoreRead {
+                                current: state
+                                    .disk()
+                                    .and_then(|_| store.copy_of(&key))
+                                    .map(Box::new),
+                                key,
+                                view,
+                            },
+                        };
+                        let committed = state.log([entry]);
+                        if committed.wait().await.is_ok() {
+                            break outcome;
+                        }
+                        tracing::info!(
+                            "state store change not committed: a chain member in a newer view refused it, \
+                             one did not answer in time, or the disk did not keep it"
+                        );
                         break store.unavailable(p, UNAVAILABLE);
                     }
-                    let owner = self.key_owner(&key);
-                    let tx = self
-                        .id_of(&owner)
-                        .filter(|_| self.hears(&owner))
-                        .and_then(|id| Some((id, lock(&self.links).get(&id).cloned()?)));
-                    let Some((id, tx)) = tx else {
-                        // A dead or hung owner (no link, or not heard): the
-                        // view will drop it, and the key's next owner will
-                        // answer.
-                        tokio::time::sleep(consensus::TICK).await;
-                        continue;
-                    };
-                    let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-                    let rx = self.store_wait(seq, id);
-                    self.stats.store_passed.fetch_add(1, Ordering::Relaxed);
-                    let message =
-                        crate::snapshot::publish_to_message(p, Some(client), Instant::now());
-                    tx.push(
-                        &Frame::StoreInvoke {
-                            seq,
-                            client: client.to_string(),
-                            hops: hops + 1,
-                            message,
-                        },
-                        &self.stats.dropped,
-                    );
-                    // A hung owner whose link stays up answers no more
-                    // than a dead one; a lost one may or may not have
-                    // applied it.
-                    let answered = tokio::time::timeout(STORE_WAIT, rx).await;
-                    if matches!(answered, Ok(Ok(acks::Answer::Applied))) {
-                        return true;
+                    // The view changed in between.
+                    crate::statestore::Handled::Elsewhere(key) => {
+                        let owner = self.id_of(&self.key_owner(&key));
+                        next = request.elsewhere(Instant::now(), owner, reachable);
                     }
-                    lock(&self.store_waits).cancel(seq);
-                    break store.unavailable(p, LOST);
                 }
+            }
+            match next {
+                Next::Here | Next::Retry => tokio::time::sleep(RETRY).await,
+                Next::Unavailable => break store.unavailable(p, UNAVAILABLE),
+                Next::Pass(id) => match self.pass_store(id, client, p, request.hops()).await {
+                    // Its link closed meanwhile: as if unreachable.
+                    None => tokio::time::sleep(RETRY).await,
+                    Some(true) => return true,
+                    Some(false) => break store.unavailable(p, LOST),
+                },
             }
         };
         if let crate::statestore::Outcome::Route(msgs) = outcome {
@@ -226,6 +199,36 @@ impl Cluster {
         true
     }
 
+    /// Passes the request on to peer `id` and waits for its answer: whether
+    /// the owner answered the client (`None`: no link to it now).
+    async fn pass_store(&self, id: NodeId, client: &str, p: &Publish, hops: u8) -> Option<bool> {
+        let tx = lock(&self.links).get(&id).cloned()?;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let rx = self.store_wait(seq, id);
+        self.stats.store_passed.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let message = crate::snapshot::publish_to_message(p, Some(client), now);
+        tx.push(
+            &Frame::StoreInvoke {
+                seq,
+                client: client.to_string(),
+                hops: hops + 1,
+                message,
+            },
+            &self.stats.dropped,
+        );
+        let until = tokio::time::Instant::from_std(Request::passed_until(now));
+        let answer = match tokio::time::timeout_at(until, rx).await {
+            Ok(Ok(answer)) => Some(answer),
+            _ => None,
+        };
+        let answered = Request::owner_answered(answer.as_ref());
+        if !answered {
+            lock(&self.store_waits).cancel(seq);
+        }
+        Some(answered)
+    }
+
     fn store_wait(&self, seq: u64, node: NodeId) -> tokio::sync::oneshot::Receiver<acks::Answer> {
         match lock(&self.store_waits).register(seq, std::collections::HashSet::from([node])) {
             Some(rx) => rx,
@@ -239,15 +242,14 @@ impl Cluster {
     /// members of its chain. Committed once every one of them has it: each
     /// member of the view acknowledged it, or a barrier sent after it, or
     /// left the view. Not committed if one refuses it (it is in a newer
-    /// view) or does not answer within [`STORE_WAIT`].
+    /// view) or does not answer within
+    /// [`STORE_WAIT`](super::store_steps::STORE_WAIT).
     ///
     /// A member without a link, or whose link broke before it answered, is
-    /// owed the change, not counted out: the change waits (within
-    /// [`STORE_WAIT`]) for its link to open again, which sends it every
-    /// key whose chain holds it, and then for its answer to a barrier.
-    /// Counted out, it could take over the key when the owner died without
-    /// an acknowledged change (the same bug the session chains had, found
-    /// there by the simulator).
+    /// owed the change, not counted out ([`Settle`], which the simulator
+    /// runs too): the change waits for its link to open again, which sends
+    /// it every key whose chain holds it, and then for its answer to a
+    /// barrier.
     pub(super) fn replicate_key(
         &self,
         key: &[u8],
@@ -266,82 +268,85 @@ impl Cluster {
         let Some(me) = self.state_owner.get().and_then(std::sync::Weak::upgrade) else {
             return Committed::lost();
         };
+        let mut settle = Settle::new(owed, Instant::now());
         // The first round is sent here, in the log's order: changes to a
         // key reach its chain in the order its owner made them.
-        let round = self.store_round(&owed, view, copy);
+        let round = self.store_round(&mut settle, view, copy);
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            if me.store_settle(owed, view, round).await {
+            if me.store_settle(settle, view, round).await {
                 let _ = tx.send(());
             }
         });
         Committed::when(rx)
     }
 
-    /// Sends one round (the key's state the first time, a barrier after
-    /// that) to the members of `owed` that have a link, and registers the
-    /// wait for their answers under the same lock as the sends: an
+    /// Starts a round of `settle` (the key's state the first time, a
+    /// barrier after that): sends it to the members it names and registers
+    /// the wait for their answers under the same lock as the sends (an
     /// acknowledgement that came before it would find nothing to release,
-    /// and the request would time out though applied.
+    /// and the request would time out though applied).
     fn store_round(
         &self,
-        owed: &std::collections::HashSet<NodeId>,
+        settle: &mut Settle,
         view: u64,
         copy: Option<mqlb_statestore::store::KeyCopy>,
     ) -> StoreRound {
+        let members: std::collections::HashSet<NodeId> = self
+            .current_view()
+            .members
+            .iter()
+            .filter_map(|m| self.id_of(m))
+            .collect();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let frame = Frame::StoreCopy { seq, view, copy };
         let mut waits = lock(&self.store_waits);
         let links = lock(&self.links);
-        let mut sent = std::collections::HashSet::new();
-        for id in owed {
-            if let Some(tx) = links.get(id) {
-                tx.push(&frame, &self.stats.dropped);
-                sent.insert(*id);
+        let step = settle.round(
+            Instant::now(),
+            |id| members.contains(&id),
+            |id| links.contains_key(&id),
+        );
+        let mut rx = None;
+        if let Round::Send(to) = &step {
+            let frame = Frame::StoreCopy { seq, view, copy };
+            for id in to {
+                if let Some(tx) = links.get(id) {
+                    tx.push(&frame, &self.stats.dropped);
+                }
             }
+            rx = waits.register(seq, to.iter().copied().collect());
         }
-        let rx = waits.register(seq, sent.clone());
-        StoreRound { seq, sent, rx }
+        StoreRound { seq, rx, step }
     }
 
-    /// Waits out `round` and sends barriers to the members still owed the
-    /// change until none is (see [`Cluster::replicate_key`]).
-    async fn store_settle(
-        &self,
-        mut owed: std::collections::HashSet<NodeId>,
-        view: u64,
-        mut round: StoreRound,
-    ) -> bool {
-        let deadline = tokio::time::Instant::now() + STORE_WAIT;
+    /// Drives `settle` from its first `round` until the change is on every
+    /// member it is owed to, or fails (see [`Cluster::replicate_key`]).
+    async fn store_settle(&self, mut settle: Settle, view: u64, mut round: StoreRound) -> bool {
         loop {
-            let lost = match round.rx {
-                None => Vec::new(),
-                Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
-                    Ok(Ok(acks::Answer::Applied)) => Vec::new(),
-                    Ok(Ok(acks::Answer::Lost(lost))) => lost,
-                    Ok(Ok(acks::Answer::Refused)) | Ok(Err(_)) => return false,
-                    Err(_) => {
+            match round.step {
+                Round::Committed => return true,
+                Round::Failed => return false,
+                Round::Retry => {
+                    self.stats.store_owed.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(RETRY).await;
+                    round = self.store_round(&mut settle, view, None);
+                }
+                Round::Send(_) => {
+                    let until = tokio::time::Instant::from_std(settle.deadline());
+                    let answer = match round.rx.take() {
+                        Some(rx) => tokio::time::timeout_at(until, rx)
+                            .await
+                            .ok()
+                            .and_then(Result::ok),
+                        None => None,
+                    };
+                    if answer.is_none() {
                         // A hung chain member: not acknowledged, so not `OK`.
                         lock(&self.store_waits).cancel(round.seq);
-                        return false;
                     }
-                },
-            };
-            acks::owed_after(&mut owed, &round.sent, &lost);
-            if owed.is_empty() {
-                return true;
+                    round.step = settle.ended(answer, Instant::now());
+                }
             }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            self.stats.store_owed.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(consensus::TICK).await;
-            let members = self.view().members;
-            owed.retain(|id| self.name_of(*id).is_some_and(|n| members.contains(&n)));
-            if owed.is_empty() {
-                return true;
-            }
-            round = self.store_round(&owed, view, None);
         }
     }
 

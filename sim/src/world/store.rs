@@ -2,14 +2,15 @@
 //! linearizable.
 //!
 //! Each node runs the broker's own `StateStore` (on its simulated wall
-//! clock) and the broker's own `acks::Acks` and `acks::owed_after`; the
-//! loop around them follows `cluster/store.rs` rule by rule: a request is
-//! executed by its key's owner in the view (`serve_store`), passed on to it
-//! by any other node (`StoreInvoke`, answered by `StoreAck`), waits for a
-//! ready owner at most [`STORE_WAIT`], and its change is answered only once
-//! every member of the key's chain in the view has it (`store_replicate`:
-//! a member without a link, or whose link broke, is owed it until it
-//! answers a barrier sent after its link opened again, or leaves the view).
+//! clock), its own `acks::Acks`, and its own steps of a request
+//! (`cluster::store_steps`): `Request` says where a request goes next (run
+//! by its key's owner in the view, passed on to it by any other node with
+//! `StoreInvoke` and answered by `StoreAck`, retried each tick, failed at
+//! its deadline), and `Settle` how its change settles on the key's chain
+//! (answered only once every member of the chain in the view has it: a
+//! member without a link, or whose link broke, is owed it until it answers
+//! a barrier sent after its link opened again, or leaves the view). What
+//! is left here is the driving: frames, waits and timers on simulated time.
 //! A link opens with the keys whose chain holds the peer and the word that
 //! the node is synced for its view; a view change sends every key to its
 //! new chain and that word to every peer (`store_rechain`); an owner
@@ -27,16 +28,13 @@
 
 use std::collections::HashSet;
 
-use mqlb_broker::cluster::acks::{owed_after, Acks, Answer};
+use mqlb_broker::cluster::acks::{Acks, Answer};
+use mqlb_broker::cluster::store_steps::{Next, Owner, Request, Round, Settle, RETRY};
 use mqlb_broker::statestore::{Handled, Outcome, StateStore, INVOKE_TOPIC};
 use mqlb_protocol::{MqttStr, Properties, Publish};
 
 use super::*;
 
-/// `cluster::store::STORE_WAIT`.
-pub(super) const STORE_WAIT: Time = 8 * SECOND;
-/// `cluster::store::MAX_HOPS`.
-const MAX_HOPS: u8 = 3;
 /// The keys the clients use.
 const KEYS: [&str; 2] = ["sk0", "sk1"];
 /// Clients of the store.
@@ -118,27 +116,33 @@ impl StoreNode {
 enum Phase {
     /// To be tried (again) at the next step.
     Try,
-    /// Passed on to the key's owner: waiting for its `StoreAck`.
-    Passed,
+    /// Passed on to the key's owner: waiting for its `StoreAck` (wait
+    /// `seq`) until `until`.
+    Passed {
+        until: Time,
+        seq: u64,
+    },
     /// Executed here: its change goes down the key's chain.
     Replicating {
         /// The key's chain when the change was made (but this node).
         chain: HashSet<usize>,
         /// The revision the change made (`None`: a read's barrier).
         rev: Option<mqlb_statestore::store::Rev>,
-        owed: HashSet<usize>,
+        /// Whom the change is owed to, until the log's consumer hands it
+        /// on (`Cluster::replicate_key` runs from `ChangeLog::append`).
+        owed: HashSet<u32>,
+        /// Its settling on the chain (the broker's own `Settle`), from
+        /// when the log's consumer handed it on; until then there is
+        /// nothing to do.
+        settle: Option<Settle>,
+        /// The wait of the settle's current round.
+        round: u64,
         copy: Option<Box<mqlb_statestore::store::KeyCopy>>,
         view: u64,
         outcome: Vec<Message>,
-        /// Sent to, on the current round.
-        sent: HashSet<usize>,
         /// The gate of the change's batch in this node's change log: with
         /// a data directory, the answer waits for its write to disk too.
         kept: usize,
-        /// Whether the log's consumer has handed the change on (sent the
-        /// first round: `Cluster::replicate_key` runs from
-        /// `ChangeLog::append`); until then there is nothing to do.
-        handed_on: bool,
     },
     Done,
 }
@@ -152,8 +156,8 @@ pub(super) struct StoreReq {
     inc: u64,
     publish: Publish,
     key: Vec<u8>,
-    deadline: Time,
-    hops: u8,
+    /// Its hand-offs and deadline (the broker's own `Request`).
+    request: Request,
     phase: Phase,
     /// The node that passed it here, its incarnation and the `seq` to
     /// answer.
@@ -325,8 +329,7 @@ impl World {
             inc: self.nodes[node].inc,
             publish,
             key,
-            deadline: self.now + STORE_WAIT,
-            hops,
+            request: Request::new(hops, self.instant()),
             phase: Phase::Try,
             passer,
         });
@@ -371,39 +374,58 @@ impl World {
         !matches!(q.phase, Phase::Done) && self.nodes[q.node].up && self.nodes[q.node].inc == q.inc
     }
 
-    /// One step of request `r` on its node.
+    /// Simulated time at `at` (not before now).
+    fn time_at(&self, at: Instant) -> Time {
+        let after = at.saturating_duration_since(self.instant());
+        self.now + Time::try_from(after.as_micros()).unwrap_or(Time::MAX / 2)
+    }
+
+    /// One step of request `r` on its node (`store::serve_store`, driving
+    /// the broker's `Request` and `Settle`).
     pub(super) fn store_step(&mut self, r: usize) {
         if !self.req_alive(r) {
             return;
         }
         let n = self.store_reqs[r].node;
-        let late = self.now >= self.store_reqs[r].deadline;
-        match self.store_reqs[r].phase {
+        let now = self.instant();
+        match &self.store_reqs[r].phase {
             Phase::Try => {}
-            Phase::Passed => {
-                if late {
+            &Phase::Passed { until, seq } => {
+                if self.now >= until {
+                    self.store_cancel(n, seq);
                     self.store_fail(r, true);
                 }
                 return;
             }
-            Phase::Replicating {
-                handed_on: false, ..
-            } => return,
-            Phase::Replicating { .. } => return self.store_replicate(r),
+            Phase::Replicating { settle: None, .. } => return,
+            &Phase::Replicating {
+                settle: Some(ref s),
+                round,
+                ..
+            } => {
+                if !s.waiting() {
+                    return self.store_replicate(r);
+                }
+                if now < s.deadline() {
+                    return;
+                }
+                // A hung chain member: not acknowledged, so not `OK`.
+                self.store_cancel(n, round);
+                return self.store_settled(r, None);
+            }
             Phase::Done => return,
         }
         let key = self.store_reqs[r].key.clone();
-        let owner = self.key_chain(&key).first().copied();
-        if owner != Some(n) {
-            // Passed on whatever this node's own state.
-            return self.store_pass(r, owner);
-        }
-        if !self.store_ready(n) {
-            if late {
-                return self.store_fail(r, false);
-            }
-            self.cov.store_not_ready += 1;
-            return self.store_retry(r);
+        let owner = match self.key_chain(&key).first().copied() {
+            Some(o) if o == n => Owner::Me,
+            o => Owner::Peer(o.map(node_id)),
+        };
+        let ready = owner == Owner::Me && self.store_ready(n);
+        let request = self.store_reqs[r].request;
+        let next = request.next(now, owner, ready, |o| self.linked(n, o as usize));
+        if next != Next::Here {
+            self.cov.store_not_ready += u64::from(owner == Owner::Me && next == Next::Retry);
+            return self.store_next(r, next);
         }
         let view = self.view_number;
         let now = self.wall_ms(n);
@@ -416,7 +438,11 @@ impl World {
                 .store
                 .handle_in_at(&client, &q.publish, view, &chain_owner, now);
         match handled {
-            Handled::Elsewhere(_) => self.store_pass(r, owner),
+            Handled::Elsewhere(k) => {
+                let owner = self.key_chain(&k).first().map(|&o| node_id(o));
+                let next = request.elsewhere(self.instant(), owner, |o| self.linked(n, o as usize));
+                self.store_next(r, next);
+            }
             Handled::Done { outcome, key, copy } => {
                 let msgs = match outcome {
                     Outcome::Route(m) => m,
@@ -425,7 +451,7 @@ impl World {
                 if key.is_none() {
                     return self.store_done(r, &msgs);
                 }
-                let owed: HashSet<usize> = self
+                let chain: HashSet<usize> = self
                     .key_chain(&self.store_reqs[r].key)
                     .into_iter()
                     .filter(|&m| m != n)
@@ -454,31 +480,32 @@ impl World {
                 };
                 self.nodes[n].store.logged.insert(kept, r);
                 self.store_reqs[r].phase = Phase::Replicating {
-                    chain: owed.clone(),
+                    owed: chain.iter().map(|&m| node_id(m)).collect(),
+                    chain,
                     rev: copy.as_ref().map(|c| c.rev),
-                    owed,
+                    settle: None,
+                    round: 0,
                     copy,
                     view,
                     outcome: msgs,
-                    sent: HashSet::new(),
                     kept,
-                    handed_on: false,
                 };
             }
         }
     }
 
-    /// Passes request `r` to the key's owner, if it has a link to it.
-    fn store_pass(&mut self, r: usize, owner: Option<usize>) {
-        let n = self.store_reqs[r].node;
-        let late = self.now >= self.store_reqs[r].deadline;
-        if self.store_reqs[r].hops >= MAX_HOPS || late {
-            return self.store_fail(r, false);
+    /// Request `r` goes where the broker's `Request` said (not `Here`).
+    fn store_next(&mut self, r: usize, next: Next) {
+        match next {
+            Next::Pass(o) => self.store_pass(r, o as usize),
+            Next::Retry => self.store_retry(r),
+            Next::Here | Next::Unavailable => self.store_fail(r, false),
         }
-        let Some(o) = owner.filter(|&o| self.linked(n, o)) else {
-            // A dead or cut-off owner: the view will drop it.
-            return self.store_retry(r);
-        };
+    }
+
+    /// Passes request `r` to the key's owner `o` (linked).
+    fn store_pass(&mut self, r: usize, o: usize) {
+        let n = self.store_reqs[r].node;
         let seq = self.nodes[n].store.next_seq;
         self.nodes[n].store.next_seq += 1;
         self.store_register(n, seq, HashSet::from([o]), r);
@@ -493,99 +520,110 @@ impl World {
         let frame = Frame::StoreInvoke {
             seq,
             client,
-            hops: q.hops + 1,
+            hops: q.request.hops() + 1,
             message,
         };
-        self.store_reqs[r].phase = Phase::Passed;
+        let until = self.time_at(Request::passed_until(self.instant()));
+        self.store_reqs[r].phase = Phase::Passed { until, seq };
         self.send_store(n, o, &frame);
-        // The passer's deadline.
-        let left = self.store_reqs[r].deadline.saturating_sub(self.now);
-        self.schedule(store_stream(n), left, Ev::StoreStep { req: r });
+        // Unordered: a deadline on the node's stream would hold back every
+        // retry queued after it (every request of the node), to the deadline.
+        self.schedule_unordered(store_stream(n), until - self.now, Ev::StoreStep { req: r });
     }
 
     fn store_retry(&mut self, r: usize) {
         let n = self.store_reqs[r].node;
-        self.schedule(store_stream(n), 2 * TICK, Ev::StoreStep { req: r });
+        let retry = Time::try_from(RETRY.as_micros()).unwrap_or(Time::MAX / 2);
+        self.schedule(store_stream(n), retry, Ev::StoreStep { req: r });
+    }
+
+    /// Node `n` gives up wait `seq`.
+    fn store_cancel(&mut self, n: usize, seq: u64) {
+        self.nodes[n].store.waits.cancel(seq);
+        self.nodes[n].store.wait_for.remove(&seq);
     }
 
     /// The log's consumer handed on the state store batch behind `gate`
-    /// on `n` (`Cluster::append`): its request's first round goes out.
+    /// on `n` (`Cluster::append`): its request's settling starts, and its
+    /// first round goes out.
     pub(super) fn store_handed_on(&mut self, n: usize, gate: usize) {
         let Some(r) = self.nodes[n].store.logged.remove(&gate) else {
             return;
         };
-        if let Phase::Replicating { handed_on, .. } = &mut self.store_reqs[r].phase {
-            *handed_on = true;
+        let now = self.instant();
+        if let Phase::Replicating { owed, settle, .. } = &mut self.store_reqs[r].phase {
+            *settle = Some(Settle::new(std::mem::take(owed), now));
             self.store_replicate(r);
         }
     }
 
-    /// `store_replicate`: one round of sending the change (or a barrier)
-    /// to the members it is owed to that have a link.
+    /// `store_round`: one round of the change (or a barrier) to the
+    /// members it is owed to that have a link.
     fn store_replicate(&mut self, r: usize) {
         let n = self.store_reqs[r].node;
-        let late = self.now >= self.store_reqs[r].deadline;
-        let Phase::Replicating { owed, .. } = &mut self.store_reqs[r].phase else {
-            return;
-        };
-        let view = &self.view;
-        let mut owed_now = std::mem::take(owed);
-        owed_now.retain(|m| view.contains(m));
-        if owed_now.is_empty() {
-            return self.store_finish(r);
-        }
-        if late {
-            return self.store_fail(r, false);
-        }
-        let seq = self.nodes[n].store.next_seq;
-        self.nodes[n].store.next_seq += 1;
-        let sent: HashSet<usize> = owed_now
-            .iter()
-            .copied()
-            .filter(|&m| self.linked(n, m))
+        let now = self.instant();
+        let view: HashSet<u32> = self.view.iter().map(|&m| node_id(m)).collect();
+        let linked: HashSet<u32> = (0..self.nodes.len())
+            .filter(|&m| m != n && self.linked(n, m))
+            .map(node_id)
             .collect();
+        let seq = self.nodes[n].store.next_seq;
         let Phase::Replicating {
-            owed,
+            settle: Some(settle),
             copy,
-            view,
-            sent: was_sent,
+            view: made_in,
+            round,
             ..
         } = &mut self.store_reqs[r].phase
         else {
             return;
         };
-        *owed = owed_now;
-        *was_sent = sent.clone();
+        let to = match settle.round(now, |m| view.contains(&m), |m| linked.contains(&m)) {
+            Round::Send(to) => to,
+            other => return self.store_round_over(r, other),
+        };
+        *round = seq;
+        self.nodes[n].store.next_seq += 1;
         let frame = Frame::StoreCopy {
             seq,
-            view: *view,
+            view: *made_in,
             copy: copy.take().map(|c| *c),
         };
-        let mut targets: Vec<usize> = sent.iter().copied().collect();
-        targets.sort_unstable();
-        for m in targets {
-            self.send_store(n, m, &frame);
+        let until = settle.deadline();
+        for &m in &to {
+            self.send_store(n, m as usize, &frame);
         }
-        if sent.is_empty() {
-            // Nobody linked to wait for this round.
-            return self.store_round_over(r, Vec::new());
-        }
-        self.store_register(n, seq, sent, r);
-        let left = self.store_reqs[r].deadline.saturating_sub(self.now);
-        self.schedule(store_stream(n), left, Ev::StoreStep { req: r });
+        self.store_register(n, seq, to.iter().map(|&m| m as usize).collect(), r);
+        let at = self.time_at(until);
+        self.schedule_unordered(store_stream(n), at - self.now, Ev::StoreStep { req: r });
     }
 
-    /// A round of `store_replicate` ended: `lost` answered no more.
-    fn store_round_over(&mut self, r: usize, lost: Vec<usize>) {
-        let Phase::Replicating { owed, sent, .. } = &mut self.store_reqs[r].phase else {
+    /// The wait of request `r`'s round ended with `answer` (`None`: its
+    /// deadline passed).
+    fn store_settled(&mut self, r: usize, answer: Option<Answer>) {
+        let now = self.instant();
+        let Phase::Replicating {
+            settle: Some(settle),
+            ..
+        } = &mut self.store_reqs[r].phase
+        else {
             return;
         };
-        owed_after(owed, sent, &lost);
-        if owed.is_empty() {
-            return self.store_finish(r);
+        self.cov.store_refused += u64::from(answer == Some(Answer::Refused));
+        let next = settle.ended(answer, now);
+        self.store_round_over(r, next);
+    }
+
+    /// What request `r`'s settling does after a round (not `Send`).
+    fn store_round_over(&mut self, r: usize, next: Round) {
+        match next {
+            Round::Committed => self.store_finish(r),
+            Round::Retry => {
+                self.cov.store_owed += 1;
+                self.store_retry(r);
+            }
+            Round::Failed | Round::Send(_) => self.store_fail(r, false),
         }
-        self.cov.store_owed += 1;
-        self.store_retry(r);
     }
 
     fn store_register(&mut self, n: usize, seq: u64, nodes: HashSet<usize>, r: usize) {
@@ -618,23 +656,16 @@ impl World {
             if !self.req_alive(r) {
                 continue;
             }
-            match (&self.store_reqs[r].phase, answer) {
-                (Phase::Passed, Answer::Applied) => {
-                    // The owner answered the client.
-                    self.store_reqs[r].phase = Phase::Done;
+            match &self.store_reqs[r].phase {
+                Phase::Passed { .. } => {
+                    if Request::owner_answered(Some(&answer)) {
+                        // The owner answered the client.
+                        self.store_reqs[r].phase = Phase::Done;
+                    } else {
+                        self.store_fail(r, true);
+                    }
                 }
-                (Phase::Passed, _) => self.store_fail(r, true),
-                (Phase::Replicating { .. }, Answer::Refused) => {
-                    self.cov.store_refused += 1;
-                    self.store_fail(r, false);
-                }
-                (Phase::Replicating { .. }, Answer::Applied) => {
-                    self.store_round_over(r, Vec::new())
-                }
-                (Phase::Replicating { .. }, Answer::Lost(lost)) => {
-                    let lost = lost.into_iter().map(|m| m as usize).collect();
-                    self.store_round_over(r, lost);
-                }
+                Phase::Replicating { .. } => self.store_settled(r, Some(answer)),
                 _ => {}
             }
         }
