@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use mqlb_broker::cluster::departures;
 use mqlb_broker::cluster::forwards::{self, Forwarded};
 use mqlb_broker::cluster::handover;
 use mqlb_broker::cluster::opening::{self, Opening};
@@ -320,8 +321,6 @@ struct Node {
     /// Per peer, the number the last link snapshot's own session copies
     /// went with (for the coverage report).
     resync_seq: BTreeMap<usize, u64>,
-    /// Publishes forwarded and not yet answered, by sequence number.
-    forwards: BTreeMap<u64, Fwd>,
     /// Publishes held for a lost node's sessions, and those waiting behind
     /// them (the broker's own queue: `held`); each resolves its gate.
     held: HeldQueue<usize>,
@@ -348,15 +347,6 @@ struct Node {
     /// copies it owns since it was last synced; it takes clients only then
     /// (`Cluster::ready`, with the view from Raft).
     settled: bool,
-}
-
-/// A publish forwarded to a peer, waiting for its answer.
-#[derive(Debug)]
-struct Fwd {
-    to: usize,
-    message: Message,
-    groups: Vec<Arc<str>>,
-    gate: usize,
 }
 
 /// What to do once every gate of a join is done.
@@ -586,7 +576,6 @@ impl World {
                 leaving: false,
                 announced: false,
                 held_for_copies: Vec::new(),
-                forwards: BTreeMap::new(),
                 held: HeldQueue::new(),
                 promotions: Promotions::new(),
                 seen: Seen::default(),
@@ -1890,15 +1879,21 @@ impl World {
             groups: groups.clone(),
             again,
         };
-        self.nodes[from].forwards.insert(
+        // Waited for in the node's commits, as the broker's `forward` does:
+        // given back to be forwarded again if `to` is lost or refuses it.
+        let waits = &mut self.nodes[from].waits;
+        let done = waits.register(
             seq,
-            Fwd {
-                to,
-                message,
-                groups,
-                gate,
-            },
+            0,
+            [(node_id(to), 1)],
+            &[],
+            Some((message, groups)),
+            gate,
         );
+        if let Some(g) = done {
+            // (Never: one peer is waited for.)
+            self.resolve(g, GateState::Done);
+        }
         self.send_frame(from, to, &frame);
     }
 
@@ -2287,15 +2282,11 @@ impl World {
                     }
                 }
                 Frame::Ack { seq } => {
-                    if let Some(f) = self.nodes[to].forwards.remove(&seq) {
-                        self.resolve(f.gate, GateState::Done);
-                        continue;
-                    }
                     let released = self.nodes[to].waits.acked(node_id(from), seq);
                     if self.nodes[to].resync_seq.get(&from) == Some(&seq) {
                         self.cov.owed_released_by_resync += released.len() as u64;
                     }
-                    self.released(released, false);
+                    self.released(to, released, false);
                 }
                 Frame::SyncDone => {
                     self.nodes[to].synced.insert(from);
@@ -2359,12 +2350,15 @@ impl World {
                     groups,
                     again,
                 } => self.forwarded(from, from_inc, to, seq, message, groups, again),
-                Frame::Refused { seq } => {
-                    if let Some(f) = self.nodes[to].forwards.remove(&seq) {
+                // `forward_refused`: not to the refuser again.
+                Frame::Refused { seq } => match self.nodes[to].waits.refused(node_id(from), seq) {
+                    Some(Released::Resend(m, groups, gate)) => {
                         self.cov.forwards_refused += 1;
-                        self.hold(to, f.message, f.groups, vec![from], true, f.gate, false);
+                        self.hold(to, m, groups, vec![from], true, gate, false);
                     }
-                }
+                    Some(Released::Committed(gate)) => self.resolve(gate, GateState::Done),
+                    None => {}
+                },
                 Frame::Raft(m) if self.cfg.raft => self.raft_frame(from, to, &m),
                 f @ (Frame::StoreInvoke { .. }
                 | Frame::StoreCopy { .. }
@@ -2526,15 +2520,7 @@ impl World {
                 self.nodes[n].settled = true;
             }
             self.release_held(n);
-            if self.takeover_done(n) {
-                for p in 0..self.nodes.len() {
-                    // `forget_moved_peers`: out of the view and not heard.
-                    if p != n && !self.view.contains(&p) && !self.linked(n, p) {
-                        let peer = u32::try_from(p).unwrap_or(u32::MAX);
-                        self.nodes[n].core.forget_peer(peer);
-                    }
-                }
-            }
+            self.departures(n);
         }
         let done = self.now > self.cfg.fault_window + self.warmup()
             && self.settled_all()
@@ -2550,6 +2536,40 @@ impl World {
             let s = node_tick_stream(n);
             self.schedule(s, TICK, Ev::NodeTick { node: n });
         }
+    }
+
+    /// `on_tick`'s departures on node `n` (the broker's own rule,
+    /// `departures::at_tick`): waits for peers gone end (a member of the
+    /// view without a link gets only its forwards back), and the interest
+    /// of peers out of the view and not heard is forgotten once their
+    /// sessions moved (`forget_moved_peers`). Most of it was done already
+    /// when the link broke or the view changed; what a tick adds is the
+    /// broker's own reading of the same facts.
+    fn departures(&mut self, n: usize) {
+        let peers: Vec<departures::Peer> = (0..self.nodes.len())
+            .filter(|&p| p != n)
+            .map(|p| departures::Peer {
+                id: node_id(p),
+                in_view: self.view.contains(&p),
+                linked: self.linked(n, p),
+                // Frames come on the peer's own link; one that said it is
+                // leaving is not heard (`Peers::hears`).
+                heard: self.linked(p, n) && !self.nodes[p].announced,
+            })
+            .collect();
+        let d = departures::at_tick(self.view_number, peers);
+        if !d.moved.is_empty() && self.takeover_done(n) {
+            for &peer in &d.moved {
+                self.nodes[n].core.forget_peer(peer);
+            }
+        }
+        let released = self.nodes[n].waits.lost(&d.lost);
+        self.released(n, released, true);
+        for peer in d.unlinked_members {
+            let released = self.nodes[n].waits.forwards_lost(peer);
+            self.released(n, released, true);
+        }
+        self.store_waits_end(n, &d.store);
     }
 
     /// Every node up and taking clients (after a power loss at the end of
@@ -2904,42 +2924,31 @@ impl World {
         }
         {
             // `replication::unlinked`: a member of the view is owed what it
-            // missed; one the view dropped is waited for no more.
+            // missed; one the view dropped is waited for no more. Either
+            // way the publishes forwarded to it come back.
             let released = if self.view.contains(&g) {
                 self.nodes[n].waits.unlinked(node_id(g))
             } else {
                 self.nodes[n].waits.lost(&[node_id(g)])
             };
-            self.released(released, true);
-            let lost: Vec<u64> = self.nodes[n]
-                .forwards
-                .iter()
-                .filter(|(_, f)| f.to == g)
-                .map(|(s, _)| *s)
-                .collect();
-            for seq in lost {
-                if let Some(f) = self.nodes[n].forwards.remove(&seq) {
-                    // `Released::Resend`: `g` not excluded (it may
-                    // never have had it; `first_had` tells it apart).
-                    self.hold(n, f.message, f.groups, Vec::new(), false, f.gate, false);
-                }
-            }
+            self.released(n, released, true);
         }
     }
 
-    /// Resolves the gates `commits` released; `by_loss`: because a member
-    /// left.
-    fn released(&mut self, released: Vec<Released<usize>>, by_loss: bool) {
+    /// Acts on what node `n`'s commits released (`Cluster::act_on`): a
+    /// waiter told it is committed (`by_loss`: because a member left), a
+    /// forward whose peer was lost held for the takeover and sent again
+    /// (that peer not excluded: it may never have had it, and
+    /// `first_had` tells it apart).
+    fn released(&mut self, n: usize, released: Vec<Released<usize>>, by_loss: bool) {
         for r in released {
             match r {
                 Released::Committed(gate) => {
                     self.cov.commits_by_loss += u64::from(by_loss);
                     self.resolve(gate, GateState::Done);
                 }
-                Released::Resend(_, _, gate) => {
-                    self.bad
-                        .push("a chain wait came back as a forward".to_string());
-                    self.resolve(gate, GateState::Done);
+                Released::Resend(m, groups, gate) => {
+                    self.hold(n, m, groups, Vec::new(), false, gate, false);
                 }
             }
         }
@@ -3042,7 +3051,7 @@ impl World {
             .waits
             .expect_resync(seq, node_id(to), own, last);
         self.cov.owed_released_by_resync += released.len() as u64;
-        self.released(released, false);
+        self.released(from, released, false);
         self.update_reachable();
     }
 
@@ -3514,7 +3523,6 @@ impl World {
         node.waits = Commits::default();
         node.covers.clear();
         node.synced.clear();
-        node.forwards.clear();
         node.held.clear();
         node.promotions = Promotions::new();
         node.held_for_copies.clear();
@@ -3635,7 +3643,7 @@ impl World {
         if self.trace {
             for (i, n) in self.nodes.iter().enumerate() {
                 println!(
-                    "end: {} up={} view={:?} v#={} promotions={:?} held={} ready={} synced={:?} waits={} forwards={}",
+                    "end: {} up={} view={:?} v#={} promotions={:?} held={} ready={} synced={:?} waits={}",
                     n.name,
                     n.up,
                     self.view,
@@ -3644,8 +3652,7 @@ impl World {
                     n.held.len(),
                     self.ready(i),
                     n.synced,
-                    n.waits.len(),
-                    n.forwards.len()
+                    n.waits.len()
                 );
             }
         }

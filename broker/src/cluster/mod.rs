@@ -63,6 +63,7 @@
 
 pub mod acks;
 pub mod consensus;
+pub mod departures;
 pub mod forwards;
 pub mod handover;
 pub mod handshake;
@@ -1161,64 +1162,19 @@ impl Cluster {
             // its interest went out before this word.
             self.broadcast(&Frame::Promoted { view: view.number });
         }
-        self.forget_moved_peers(state, &view);
-        // Every tick: what waits for a peer whose link failed waits no
-        // longer (what was on that link is lost, so forwards are held and
-        // sent again), except the chain changes a member of the view is
-        // owed (see below). A peer the view dropped but still linked is waited for: it
-        // either answers (it delivered before it stepped down, and a second
-        // copy would be a duplicate) or refuses (Frame::Refused), and a
-        // gracefully leaving node drains its link before it exits.
-        // A member the view has dropped and that is not heard either (a
-        // hung node, whose link may stay open) counts as gone too: it can
-        // neither answer nor refuse.
-        let gone: Vec<NodeId> = {
-            let dropped_and_silent = |i: NodeId| {
-                view.number > 0
-                    && self
-                        .name_of(i)
-                        .is_some_and(|n| !view.members.contains(&n) && !self.hears(&n))
-            };
-            let others: Vec<NodeId> = (0..self.node_count())
-                .filter_map(|i| NodeId::try_from(i).ok())
-                .filter(|&i| i != self.my_id)
-                .collect();
-            // `hears` takes the links lock itself: not under it.
-            let unlinked: Vec<bool> = {
-                let links = lock(&self.links);
-                others.iter().map(|i| !links.contains_key(i)).collect()
-            };
-            others
-                .into_iter()
-                .zip(unlinked)
-                .filter(|&(i, unlinked)| unlinked || dropped_and_silent(i))
-                .map(|(i, _)| i)
-                .collect()
-        };
-        // A member of the view without a link is owed the chain changes it
-        // missed until its next link's snapshot confirms them (`commits`);
-        // only its forwards come back.
-        let (members, others): (Vec<NodeId>, Vec<NodeId>) = gone
-            .iter()
-            .partition(|&&i| self.name_of(i).is_some_and(|n| view.members.contains(&n)));
-        self.release_waits(&others);
-        for i in members {
+        // Every tick, what waits for a peer that is gone waits no longer
+        // (`departures::at_tick`: no link, or dropped by the view and not
+        // heard); a member of the view without a link is owed the chain
+        // changes it missed until its next link's snapshot confirms them
+        // (`commits`), and only its forwards come back.
+        let departures = departures::at_tick(view.number, self.peer_facts(&view));
+        self.forget_moved_peers(state, &view, &departures.moved);
+        self.release_waits(&departures.lost);
+        for i in departures.unlinked_members {
             let released = lock(&self.waiting).forwards_lost(i);
             self.act_on(released);
         }
-        self.release_store_waits(&gone);
-        // State store requests and copies waiting for a member the view
-        // dropped (hung, or cut off) wait no longer either.
-        if view.number > 0 {
-            let dropped: Vec<NodeId> = self
-                .names()
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| !view.members.contains(n))
-                .filter_map(|(i, _)| NodeId::try_from(i).ok())
-                .collect();
-            self.release_store_waits(&dropped);
-        }
+        self.release_store_waits(&departures.store);
         if view.number != t.last.number {
             self.rechain(state);
             self.store_rechain(state, &view);
@@ -1258,25 +1214,20 @@ impl Cluster {
         )
     }
 
-    /// Forgets the interest of peers that are gone (not heard, out of the
-    /// view; a hung one's link may still be open) once their sessions have moved: from then on a
-    /// publish goes straight to the new holders instead of being held for
-    /// the dead node (its interest was kept until now so that nothing
-    /// published meanwhile matched nobody).
-    fn forget_moved_peers(&self, state: &State, view: &View) {
+    /// Forgets the interest of peers that are gone (`moved`: not heard, out
+    /// of the view; a hung one's link may still be open) once their
+    /// sessions have moved: from then on a publish goes straight to the new
+    /// holders instead of being held for the dead node (its interest was
+    /// kept until now so that nothing published meanwhile matched nobody).
+    fn forget_moved_peers(&self, state: &State, view: &View, moved: &[NodeId]) {
         if view.number == 0 {
             return;
         }
         let lost: Vec<NodeId> = {
-            let gone: Vec<NodeId> = self
-                .names()
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| **n != self.me && !view.members.contains(n) && !self.hears(n))
-                .filter_map(|(i, _)| NodeId::try_from(i).ok())
-                .collect();
             let forgotten = lock(&self.forgotten);
-            gone.into_iter()
+            moved
+                .iter()
+                .copied()
                 .filter(|i| !forgotten.contains(i))
                 .collect()
         };
@@ -1292,6 +1243,32 @@ impl Cluster {
             core.forget_peer(id);
             lock(&self.forgotten).insert(id);
         }
+    }
+
+    /// What this node knows of every peer for [`departures::at_tick`]:
+    /// whether `view` counts it, whether a link to it is open, whether it
+    /// is heard.
+    fn peer_facts(&self, view: &View) -> Vec<departures::Peer> {
+        let others: Vec<(NodeId, String)> = self
+            .names()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, n)| NodeId::try_from(i).ok().map(|i| (i, n)))
+            .filter(|(i, _)| *i != self.my_id)
+            .collect();
+        // `hears` takes the links lock itself: not under it.
+        let heard: Vec<bool> = others.iter().map(|(_, n)| self.hears(n)).collect();
+        let links = lock(&self.links);
+        others
+            .into_iter()
+            .zip(heard)
+            .map(|((id, name), heard)| departures::Peer {
+                id,
+                in_view: view.members.contains(&name),
+                linked: links.contains_key(&id),
+                heard,
+            })
+            .collect()
     }
 
     /// Back in service: peers still hold the interest this node had when it

@@ -237,7 +237,7 @@ impl World {
         let me = node_id(n);
         for rep in reps {
             let released = self.nodes[n].waits.acked(me, rep);
-            self.released(released, false);
+            self.released(n, released, false);
         }
         self.disk_write(n, inc);
     }

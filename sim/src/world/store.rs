@@ -886,7 +886,12 @@ impl World {
 
     /// `n`'s link to `g` is gone: its waits on `g` end.
     pub(super) fn store_link_lost(&mut self, n: usize, g: usize) {
-        self.nodes[n].store.waits.lost(&[node_id(g)]);
+        self.store_waits_end(n, &[node_id(g)]);
+    }
+
+    /// `n`'s waits on `gone` end (`release_store_waits`).
+    pub(super) fn store_waits_end(&mut self, n: usize, gone: &[u32]) {
+        self.nodes[n].store.waits.lost(gone);
         self.store_check_waits(n);
     }
 
