@@ -174,6 +174,9 @@ pub struct Coverage {
     /// Held publishes routed again.
     pub reforwards: u64,
     pub forwards_refused: u64,
+    /// Forwards whose routing here did not commit (a commit deadline):
+    /// refused, so their sender routes them again.
+    pub forwards_not_committed: u64,
     pub promoted_words: u64,
     pub client_drops: u64,
     pub stalls: u64,
@@ -306,6 +309,7 @@ impl Coverage {
             held_publishes,
             reforwards,
             forwards_refused,
+            forwards_not_committed,
             promoted_words,
             client_drops,
             stalls,

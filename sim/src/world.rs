@@ -354,13 +354,17 @@ struct Node {
 enum Then {
     /// Resolve this gate (a held publish routed again).
     Resolve(usize),
-    /// Answer a forwarded publish: its copies here are committed.
+    /// Acknowledge a forwarded publish or a chain copy: its changes here
+    /// are committed. If they are not, a forward is refused (`links`: the
+    /// sender holds it and routes it again) and a copy goes unanswered
+    /// (`answer_when`: the writer's wait ends at its deadline).
     Ack {
         node: usize,
         inc: u64,
         to: usize,
         to_inc: u64,
         seq: u64,
+        forward: bool,
     },
     /// Answer a state store copy: it is on this node's disk.
     StoreAck {
@@ -2239,6 +2243,7 @@ impl World {
                                     to: from,
                                     to_inc: from_inc,
                                     seq,
+                                    forward: false,
                                 };
                                 self.join(gates, then);
                                 continue;
@@ -2275,6 +2280,7 @@ impl World {
                             to: from,
                             to_inc: from_inc,
                             seq,
+                            forward: false,
                         };
                         self.join(vec![g], then);
                     } else if self.nodes[from].up && self.nodes[from].inc == from_inc {
@@ -2439,6 +2445,7 @@ impl World {
             to: from,
             to_inc: from_inc,
             seq,
+            forward: true,
         };
         self.join(gates, then);
     }
@@ -2475,10 +2482,17 @@ impl World {
                     to,
                     to_inc,
                     seq,
+                    forward,
                 } => {
                     let alive = |w: &World, n: usize, i: u64| w.nodes[n].up && w.nodes[n].inc == i;
-                    if ok && alive(self, node, inc) && alive(self, to, to_inc) {
+                    if !(alive(self, node, inc) && alive(self, to, to_inc)) {
+                        continue;
+                    }
+                    if ok {
                         self.answer(node, to, Frame::Ack { seq }, false);
+                    } else if forward {
+                        self.cov.forwards_not_committed += 1;
+                        self.answer(node, to, Frame::Refused { seq }, false);
                     }
                 }
                 Then::StoreAck {
