@@ -538,9 +538,16 @@ pub enum Arriving {
 
 impl Replicas {
     /// Decides what `a`, a copy of `client`'s session, does here, and
-    /// notes its holder (`me`: this node's id; `now`: the time). See
-    /// [`Arriving`].
-    pub fn arrive(&mut self, client: &str, a: &Arrival<'_>, me: NodeId, now: Instant) -> Arriving {
+    /// notes its holder (`me`: this node's id; `now`: reads the time, only
+    /// for a relayed copy: a chain member's copies, one a frame, need no
+    /// clock). See [`Arriving`].
+    pub fn arrive(
+        &mut self,
+        client: &str,
+        a: &Arrival<'_>,
+        me: NodeId,
+        now: impl FnOnce() -> Instant,
+    ) -> Arriving {
         if let Some(r) = a.relay {
             let built_by = self.holder(client);
             let holder_now = if !r.holder_in_view {
@@ -561,7 +568,7 @@ impl Replicas {
         let whole = a.changes.first() == Some(&SessionChange::Ended);
         Arriving::Taken {
             in_holders_snapshot: whole && a.from_holder,
-            relayed: a.relay.map(|r| r.holder_in_view.then_some(now)),
+            relayed: a.relay.map(|r| r.holder_in_view.then(now)),
             interest: a
                 .holder
                 .filter(|&h| a.relay.is_some() && h != me)
@@ -739,11 +746,11 @@ mod tests {
         // The holder's own changes, then its snapshot's whole copy.
         let changes = [attach(3)];
         let a = Arrival::new(7, 3, &changes, true, Some(2), unread);
-        assert_eq!(r.arrive("dev", &a, me, now), taken(false, None, None));
+        assert_eq!(r.arrive("dev", &a, me, || now), taken(false, None, None));
         r.apply("dev", 3, changes.to_vec(), now);
         assert_eq!(r.holder("dev"), Some(2));
         let a = Arrival::new(0, 3, &whole, true, Some(2), unread);
-        assert_eq!(r.arrive("dev", &a, me, now), taken(true, None, None));
+        assert_eq!(r.arrive("dev", &a, me, || now), taken(true, None, None));
         // Relayed by another node, the holder live and its own stream
         // building the copy here: dropped, however far along.
         let relay = |holder_in_view, serving| {
@@ -753,30 +760,30 @@ mod tests {
             }
         };
         let a = Arrival::new(0, 3, &whole, false, Some(2), relay(true, false));
-        assert_eq!(r.arrive("dev", &a, me, now), Arriving::Dropped);
+        assert_eq!(r.arrive("dev", &a, me, || now), Arriving::Dropped);
         // The holder gone from the view: a copy further along is kept,
         // with no wait, and its filters count as the holder's.
         let a = Arrival::new(0, 3, &whole, false, Some(2), relay(false, false));
         let interest = Some((2, vec!["a/#".to_string()]));
         assert_eq!(
-            r.arrive("dev", &a, me, now),
+            r.arrive("dev", &a, me, || now),
             taken(false, Some(None), interest.clone())
         );
         // No copy here yet and the holder live: kept, waiting from now.
         let a = Arrival::new(0, 3, &whole, false, Some(2), relay(true, false));
         assert_eq!(
-            r.arrive("new", &a, me, now),
+            r.arrive("new", &a, me, || now),
             taken(false, Some(Some(now)), interest)
         );
         // Naming this node: no interest of its own.
         let a = Arrival::new(0, 3, &whole, false, Some(me), relay(true, false));
         assert_eq!(
-            r.arrive("mine", &a, me, now),
+            r.arrive("mine", &a, me, || now),
             taken(false, Some(Some(now)), None)
         );
         // A session served here live: dropped.
         let a = Arrival::new(0, 3, &whole, false, Some(2), relay(true, true));
-        assert_eq!(r.arrive("live", &a, me, now), Arriving::Dropped);
+        assert_eq!(r.arrive("live", &a, me, || now), Arriving::Dropped);
         assert_eq!(r.holder("live"), None);
     }
 

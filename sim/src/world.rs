@@ -2192,7 +2192,7 @@ impl World {
                         in_holders_snapshot,
                         relayed,
                         interest,
-                    } = n.replicas.arrive(&client, &arrival, node_id(to), now)
+                    } = n.replicas.arrive(&client, &arrival, node_id(to), || now)
                     else {
                         // Dropped, with the prints that came with it.
                         continue;

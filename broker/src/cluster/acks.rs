@@ -1,13 +1,16 @@
 //! Acknowledgements a state store change or a passed-on request waits
-//! for, from peers: one component that owns them, plain data in and out
-//! (the waiter gets a channel; acknowledgements and lost peers come in as
-//! calls). It takes no lock and does no I/O; the cluster keeps it behind
-//! one mutex, under which it also sends the frames a wait is for (an
-//! acknowledgement that came before its wait was registered would be
-//! lost). The simulator (`mqlb-sim`) drives the same component, and the
-//! same rule for what a change is still owed ([`owed_after`]).
+//! for, from peers: one component that owns them, plain data in and out.
+//! Acknowledgements and lost peers come in as calls; a wait that ended
+//! comes back out with its answer. It takes no lock, does no I/O and keeps
+//! no channel: `D` is whatever the caller wakes its waiter with (a oneshot
+//! sender in the broker, a request's index in the simulator), as in
+//! `commits`. The cluster keeps it behind one mutex, under which it also
+//! sends the frames a wait is for (an acknowledgement that came before its
+//! wait was registered would be lost). The simulator (`mqlb-sim`) drives
+//! the same component, and the same rule for what a change is still owed
+//! ([`owed_after`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use crate::router::NodeId;
 
@@ -40,58 +43,82 @@ pub fn owed_after<T: Eq + std::hash::Hash>(owed: &mut HashSet<T>, sent: &HashSet
 
 /// One wait: the peers still to answer, and what those that did said.
 #[derive(Debug)]
-struct Wait {
+struct Wait<D> {
     nodes: HashSet<NodeId>,
     refused: bool,
     lost: Vec<NodeId>,
-    tx: Option<tokio::sync::oneshot::Sender<Answer>>,
+    done: D,
 }
 
-/// Every outstanding wait, by the sequence number its frames carry.
-#[derive(Debug, Default)]
-pub struct Acks {
-    waits: HashMap<u64, Wait>,
+impl<D> Wait<D> {
+    /// What every answer said together.
+    fn answer(self) -> (D, Answer) {
+        let answer = if self.refused {
+            Answer::Refused
+        } else if self.lost.is_empty() {
+            Answer::Applied
+        } else {
+            Answer::Lost(self.lost)
+        };
+        (self.done, answer)
+    }
 }
 
-impl Acks {
-    /// Waits for each of `nodes` to answer `seq`. `None` when there is no
-    /// one to wait for.
-    pub fn register(
-        &mut self,
-        seq: u64,
-        nodes: HashSet<NodeId>,
-    ) -> Option<tokio::sync::oneshot::Receiver<Answer>> {
-        if nodes.is_empty() {
-            return None;
+/// Every outstanding wait, by the sequence number its frames carry. An
+/// ordered map: what a call ends comes out in the same order on every run
+/// (the simulator replays seeds).
+#[derive(Debug)]
+pub struct Acks<D> {
+    waits: BTreeMap<u64, Wait<D>>,
+}
+
+impl<D> Default for Acks<D> {
+    fn default() -> Self {
+        Acks {
+            waits: BTreeMap::new(),
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
+    }
+}
+
+impl<D> Acks<D> {
+    /// Waits for each of `nodes` to answer `seq`; `done` comes back with
+    /// the answer. Gives `done` back at once when there is no one to wait
+    /// for.
+    #[must_use = "a waiter given back has no one to wait for"]
+    pub fn register(&mut self, seq: u64, nodes: HashSet<NodeId>, done: D) -> Option<D> {
+        if nodes.is_empty() {
+            return Some(done);
+        }
         self.waits.insert(
             seq,
             Wait {
                 nodes,
                 refused: false,
                 lost: Vec::new(),
-                tx: Some(tx),
+                done,
             },
         );
-        Some(rx)
+        None
     }
 
-    /// `from` answered `seq`: applied (`ok`) or refused.
-    pub fn acked(&mut self, from: NodeId, seq: u64, ok: bool) {
-        let Some(w) = self.waits.get_mut(&seq) else {
-            return;
-        };
+    /// `from` answered `seq`: applied (`ok`) or refused. The wait, with
+    /// its answer, if that was the last one it waited for.
+    #[must_use = "an ended wait's waiter is to be told"]
+    pub fn acked(&mut self, from: NodeId, seq: u64, ok: bool) -> Option<(D, Answer)> {
+        let w = self.waits.get_mut(&seq)?;
         if w.nodes.remove(&from) {
             w.refused |= !ok;
         }
-        if w.nodes.is_empty() {
-            self.finish(seq);
+        if !w.nodes.is_empty() {
+            return None;
         }
+        self.waits.remove(&seq).map(Wait::answer)
     }
 
-    /// Peers whose links are gone answer no more.
-    pub fn lost(&mut self, gone: &[NodeId]) {
+    /// Peers whose links are gone answer no more: the waits left with
+    /// nobody to wait for, with their answers.
+    #[must_use = "an ended wait's waiter is to be told"]
+    pub fn lost(&mut self, gone: &[NodeId]) -> Vec<(D, Answer)> {
         let mut done = Vec::new();
         for (seq, w) in &mut self.waits {
             for g in gone {
@@ -103,30 +130,15 @@ impl Acks {
                 done.push(*seq);
             }
         }
-        for seq in done {
-            self.finish(seq);
-        }
+        done.into_iter()
+            .filter_map(|seq| self.waits.remove(&seq))
+            .map(Wait::answer)
+            .collect()
     }
 
     /// The waiter gave up on `seq` (its deadline passed).
     pub fn cancel(&mut self, seq: u64) {
         self.waits.remove(&seq);
-    }
-
-    /// Resolves `seq` with what every answer said together.
-    fn finish(&mut self, seq: u64) {
-        if let Some(mut w) = self.waits.remove(&seq) {
-            let answer = if w.refused {
-                Answer::Refused
-            } else if w.lost.is_empty() {
-                Answer::Applied
-            } else {
-                Answer::Lost(std::mem::take(&mut w.lost))
-            };
-            if let Some(tx) = w.tx.take() {
-                let _ = tx.send(answer);
-            }
-        }
     }
 }
 
@@ -139,11 +151,9 @@ mod tests {
     #[test]
     fn one_refusal_fails_the_wait_whoever_answers_last() {
         let mut a = Acks::default();
-        let mut rx = a.register(7, HashSet::from([1, 2])).unwrap();
-        a.acked(1, 7, false);
-        assert!(rx.try_recv().is_err(), "still waiting for 2");
-        a.acked(2, 7, true);
-        assert_eq!(rx.try_recv(), Ok(Answer::Refused));
+        assert!(a.register(7, HashSet::from([1, 2]), "w").is_none());
+        assert_eq!(a.acked(1, 7, false), None, "still waiting for 2");
+        assert_eq!(a.acked(2, 7, true), Some(("w", Answer::Refused)));
     }
 
     /// A lost member is named, not counted as having applied it (a key
@@ -153,18 +163,15 @@ mod tests {
     #[test]
     fn lost_members_and_cancelled_waits() {
         let mut a = Acks::default();
-        let mut copy = a.register(1, HashSet::from([3, 4])).unwrap();
-        a.acked(4, 1, true);
-        a.lost(&[3]);
-        assert_eq!(copy.try_recv(), Ok(Answer::Lost(vec![3])));
-        let mut both = a.register(2, HashSet::from([3])).unwrap();
-        a.acked(3, 2, true);
-        assert_eq!(both.try_recv(), Ok(Answer::Applied));
-        assert!(a.register(3, HashSet::new()).is_none());
-        let mut gone = a.register(4, HashSet::from([5])).unwrap();
+        assert!(a.register(1, HashSet::from([3, 4]), 1).is_none());
+        assert_eq!(a.acked(4, 1, true), None);
+        assert_eq!(a.lost(&[3]), vec![(1, Answer::Lost(vec![3]))]);
+        assert!(a.register(2, HashSet::from([3]), 2).is_none());
+        assert_eq!(a.acked(3, 2, true), Some((2, Answer::Applied)));
+        assert_eq!(a.register(3, HashSet::new(), 3), Some(3));
+        assert!(a.register(4, HashSet::from([5]), 4).is_none());
         a.cancel(4);
-        assert!(gone.try_recv().is_err());
-        a.acked(5, 4, true);
+        assert_eq!(a.acked(5, 4, true), None);
         assert!(a.waits.is_empty());
     }
 }

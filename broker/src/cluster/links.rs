@@ -380,7 +380,7 @@ impl Cluster {
                     },
                 );
                 let arriving =
-                    lock(&self.replicas).arrive(&client, &arrival, self.my_id, Instant::now());
+                    lock(&self.replicas).arrive(&client, &arrival, self.my_id, Instant::now);
                 let crate::replicas::Arriving::Taken {
                     in_holders_snapshot,
                     relayed,

@@ -300,7 +300,7 @@ pub struct Cluster {
     /// [`Cluster::answer`]).
     early_answers: Mutex<HashMap<NodeId, Vec<Frame>>>,
     /// State store changes and passed-on requests waiting for peers.
-    store_waits: Mutex<acks::Acks>,
+    store_waits: Mutex<acks::Acks<tokio::sync::oneshot::Sender<acks::Answer>>>,
     /// The newest view each peer said it sent its key copies for (see
     /// `store`).
     store_synced: Mutex<HashMap<NodeId, u64>>,

@@ -230,11 +230,12 @@ impl Cluster {
     }
 
     fn store_wait(&self, seq: u64, node: NodeId) -> tokio::sync::oneshot::Receiver<acks::Answer> {
-        match lock(&self.store_waits).register(seq, std::collections::HashSet::from([node])) {
-            Some(rx) => rx,
-            // One node is always someone to wait for.
-            None => tokio::sync::oneshot::channel().1,
-        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let waiter = std::collections::HashSet::from([node]);
+        // One node is always someone to wait for (a sender given back
+        // would be dropped here, and the wait end as lost).
+        drop(lock(&self.store_waits).register(seq, waiter, tx));
+        rx
     }
 
     /// The change log's state store entry: sends a key's new state (`copy`)
@@ -314,7 +315,14 @@ impl Cluster {
                     tx.push(&frame, &self.stats.dropped);
                 }
             }
-            rx = waits.register(seq, to.iter().copied().collect());
+            let (tx, waiter) = tokio::sync::oneshot::channel();
+            // `Send` names someone: nothing is given back.
+            if waits
+                .register(seq, to.iter().copied().collect(), tx)
+                .is_none()
+            {
+                rx = Some(waiter);
+            }
         }
         StoreRound { seq, rx, step }
     }
@@ -376,12 +384,18 @@ impl Cluster {
 
     /// A peer's [`Frame::StoreAck`].
     pub(super) fn store_acked(&self, from: NodeId, seq: u64, ok: bool) {
-        lock(&self.store_waits).acked(from, seq, ok);
+        let ended = lock(&self.store_waits).acked(from, seq, ok);
+        if let Some((tx, answer)) = ended {
+            let _ = tx.send(answer);
+        }
     }
 
     /// Peers whose links are gone answer no more.
     pub(super) fn release_store_waits(&self, gone: &[NodeId]) {
-        lock(&self.store_waits).lost(gone);
+        let ended = lock(&self.store_waits).lost(gone);
+        for (tx, answer) in ended {
+            let _ = tx.send(answer);
+        }
     }
 
     /// A key copy from a peer: installed if newer; acknowledged as applied

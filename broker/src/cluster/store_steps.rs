@@ -210,7 +210,14 @@ impl Settle {
         to.sort_unstable();
         self.sent = to.iter().copied().collect();
         if to.is_empty() {
-            return Round::Retry;
+            // Nobody to wait for: the round ends at once, and every member
+            // is still owed it (by the same rule as an answered round).
+            owed_after(&mut self.owed, &self.sent, &[]);
+            return if self.owed.is_empty() {
+                Round::Committed
+            } else {
+                Round::Retry
+            };
         }
         self.waiting = true;
         Round::Send(to)

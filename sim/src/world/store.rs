@@ -85,12 +85,11 @@ pub(super) struct StoreNode {
     pub(super) store: StateStore,
     /// Each peer's word on the view it is synced for.
     pub(super) synced: BTreeMap<usize, u64>,
-    waits: Acks,
+    /// The broker's own waits for answers, each for a request (by index).
+    waits: Acks<usize>,
     /// The sequence numbers of its store frames (its own counter, so the
     /// session frames number as they would without the store).
     next_seq: u64,
-    /// What each wait is for: a request, by index.
-    wait_for: BTreeMap<u64, (usize, tokio::sync::oneshot::Receiver<Answer>)>,
     /// The request each state store batch of the change log is for, by
     /// the batch's gate: the log's consumer sends its first round.
     logged: BTreeMap<usize, usize>,
@@ -103,7 +102,6 @@ impl StoreNode {
             synced: BTreeMap::new(),
             waits: Acks::default(),
             next_seq: 1,
-            wait_for: BTreeMap::new(),
             logged: BTreeMap::new(),
         }
     }
@@ -540,7 +538,6 @@ impl World {
     /// Node `n` gives up wait `seq`.
     fn store_cancel(&mut self, n: usize, seq: u64) {
         self.nodes[n].store.waits.cancel(seq);
-        self.nodes[n].store.wait_for.remove(&seq);
     }
 
     /// The log's consumer handed on the state store batch behind `gate`
@@ -628,9 +625,8 @@ impl World {
 
     fn store_register(&mut self, n: usize, seq: u64, nodes: HashSet<usize>, r: usize) {
         let ids: HashSet<u32> = nodes.iter().map(|&m| node_id(m)).collect();
-        if let Some(rx) = self.nodes[n].store.waits.register(seq, ids) {
-            self.nodes[n].store.wait_for.insert(seq, (r, rx));
-        }
+        // Every caller names someone: nothing is given back.
+        let _ = self.nodes[n].store.waits.register(seq, ids, r);
     }
 
     /// The node request `r` is on.
@@ -638,36 +634,22 @@ impl World {
         self.store_reqs[r].node
     }
 
-    /// Resolves the waits on `n` that have an answer now.
-    fn store_check_waits(&mut self, n: usize) {
-        let mut ready = Vec::new();
-        self.nodes[n]
-            .store
-            .wait_for
-            .retain(|_, (r, rx)| match rx.try_recv() {
-                Ok(answer) => {
-                    ready.push((*r, answer));
-                    false
+    /// Request `r`'s wait ended with `answer`.
+    fn store_answered(&mut self, r: usize, answer: Answer) {
+        if !self.req_alive(r) {
+            return;
+        }
+        match &self.store_reqs[r].phase {
+            Phase::Passed { .. } => {
+                if Request::owner_answered(Some(&answer)) {
+                    // The owner answered the client.
+                    self.store_reqs[r].phase = Phase::Done;
+                } else {
+                    self.store_fail(r, true);
                 }
-                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
-                Err(_) => false,
-            });
-        for (r, answer) in ready {
-            if !self.req_alive(r) {
-                continue;
             }
-            match &self.store_reqs[r].phase {
-                Phase::Passed { .. } => {
-                    if Request::owner_answered(Some(&answer)) {
-                        // The owner answered the client.
-                        self.store_reqs[r].phase = Phase::Done;
-                    } else {
-                        self.store_fail(r, true);
-                    }
-                }
-                Phase::Replicating { .. } => self.store_settled(r, Some(answer)),
-                _ => {}
-            }
+            Phase::Replicating { .. } => self.store_settled(r, Some(answer)),
+            _ => {}
         }
     }
 
@@ -873,8 +855,10 @@ impl World {
                 }
             }
             Frame::StoreAck { seq, ok } => {
-                self.nodes[to].store.waits.acked(node_id(from), seq, ok);
-                self.store_check_waits(to);
+                if let Some((r, answer)) = self.nodes[to].store.waits.acked(node_id(from), seq, ok)
+                {
+                    self.store_answered(r, answer);
+                }
             }
             Frame::StoreSynced { view } => {
                 let v = self.nodes[to].store.synced.entry(from).or_insert(0);
@@ -891,8 +875,9 @@ impl World {
 
     /// `n`'s waits on `gone` end (`release_store_waits`).
     pub(super) fn store_waits_end(&mut self, n: usize, gone: &[u32]) {
-        self.nodes[n].store.waits.lost(gone);
-        self.store_check_waits(n);
+        for (r, answer) in self.nodes[n].store.waits.lost(gone) {
+            self.store_answered(r, answer);
+        }
     }
 
     /// The frames a link from `from` to `to` opens with, after the session
