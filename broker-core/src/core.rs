@@ -11,6 +11,7 @@
 //! change log (the cluster's replication stream).
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -150,6 +151,8 @@ pub const STUCK_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 struct Attached {
     conn: u64,
+    /// Counts it among the node's connected clients while it lives.
+    _counted: Counted,
     /// Its mailbox's backlog (see [`Backlog`]).
     backlog: Backlog,
     /// The outbound QoS 1/2 window.
@@ -158,6 +161,27 @@ struct Attached {
     /// subscriber behind its queue that has not moved since
     /// [`STUCK_AFTER`] is stuck.
     progress: Instant,
+}
+
+/// One connected client, counted while it lives: every way a connection
+/// leaves its session (a disconnect, a takeover, the session's removal)
+/// drops its [`Attached`], and with it the count, so the count cannot
+/// drift from the sessions and a metrics scrape reads it without a scan
+/// under the core's lock.
+#[derive(Debug)]
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(count.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How one publish's audience stands, for flow control: its connected
@@ -311,6 +335,8 @@ fn is_node_local(topic: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct Core {
     sessions: crate::hashing::HashMap<Arc<str>, Entry>,
+    /// Sessions with a connection attached (see [`Counted`]).
+    connected: Arc<AtomicUsize>,
     /// Wills waiting out their Will Delay, at most one per client: a client
     /// that reconnects and leaves again replaces its pending will instead of
     /// adding one, so their number is bounded by the sessions.
@@ -774,10 +800,7 @@ impl Core {
 
     /// Connected clients.
     pub fn connected(&self) -> usize {
-        self.sessions
-            .values()
-            .filter(|e| e.attached.is_some())
-            .count()
+        self.connected.load(Ordering::Relaxed)
     }
 
     /// Sessions, connected or not.
@@ -806,7 +829,27 @@ impl Core {
 
     /// Subscriptions (shared group memberships included).
     pub fn subscriptions(&self) -> usize {
-        self.sessions.values().map(|e| e.session.subs.len()).sum()
+        self.router.local_subscriptions()
+    }
+
+    /// Whether the counts kept for [`Core::connected`] and
+    /// [`Core::subscriptions`] agree with a scan of every session, the
+    /// scan they spare a metrics scrape: for tests and the simulator.
+    pub fn check_counts(&self) -> Result<(), String> {
+        let connected = self
+            .sessions
+            .values()
+            .filter(|e| e.attached.is_some())
+            .count();
+        let subscriptions: usize = self.sessions.values().map(|e| e.session.subs.len()).sum();
+        if (connected, subscriptions) == (self.connected(), self.subscriptions()) {
+            return Ok(());
+        }
+        Err(format!(
+            "counts kept: {} connected, {} subscriptions; counted: {connected}, {subscriptions}",
+            self.connected(),
+            self.subscriptions()
+        ))
     }
 
     /// Attaches a connection to `client_id`'s session, taking over any other
@@ -858,6 +901,7 @@ impl Core {
         );
         e.attached = Some(Attached {
             conn,
+            _counted: Counted::new(&self.connected),
             backlog,
             receive_maximum: receive_maximum.clamp(1, self.limits.max_inflight.max(1)),
             progress: now,
@@ -2425,6 +2469,66 @@ mod tests {
     /// (connecting resumes the session under the same lock). It used to
     /// go first, then again as a resent inflight message: a QoS 2
     /// duplicate once its PUBREL had come in between.
+    /// The counts a metrics scrape reads (connected clients,
+    /// subscriptions) are kept as sessions change, not scanned: after
+    /// every way a connection or a subscription comes and goes they agree
+    /// with a scan.
+    #[test]
+    fn kept_counts_agree_with_a_scan() {
+        let mut c = Core::new();
+        let hour = Some(Duration::from_secs(3600));
+        let check = |c: &Core, connected: usize, subscriptions: usize| {
+            assert_eq!(c.check_counts(), Ok(()));
+            assert_eq!(
+                (c.connected(), c.subscriptions()),
+                (connected, subscriptions)
+            );
+        };
+        let (tx, _a) = outbox();
+        let a = connect(&mut c, "a", false, hour, 10, tx).conn;
+        let (tx, _b) = outbox();
+        connect(&mut c, "b", false, hour, 10, tx);
+        let (tx, _t) = outbox();
+        connect(&mut c, "temp", true, None, 10, tx);
+        for (id, f) in [
+            ("a", "x/#"),
+            ("a", "$share/g/y"),
+            ("b", "$share/g/y"),
+            ("temp", "z"),
+        ] {
+            run2(c.subscribe(id, f, sub(QoS::AtLeastOnce)));
+        }
+        run2(c.subscribe("a", "x/#", sub(QoS::ExactlyOnce)));
+        check(&c, 3, 4);
+        // A takeover: one connection replaces another.
+        let (tx, _a2) = outbox();
+        let a2 = connect(&mut c, "a", false, hour, 10, tx).conn;
+        check(&c, 3, 4);
+        // The replaced connection's late disconnect changes nothing.
+        run(c.disconnect("a", a));
+        check(&c, 3, 4);
+        run(c.disconnect("a", a2));
+        check(&c, 2, 4);
+        run2(c.unsubscribe("b", "$share/g/y"));
+        run2(c.unsubscribe("b", "$share/g/y"));
+        check(&c, 2, 3);
+        // A clean start drops the old session and its subscriptions.
+        let (tx, _a3) = outbox();
+        connect(&mut c, "a", true, hour, 10, tx);
+        check(&c, 3, 1);
+        // A session moved to another node: exported, evicted, imported.
+        run2(c.subscribe("b", "w", sub(QoS::AtLeastOnce)));
+        let snap = c.export_session("b").expect("b's session");
+        run(c.evict_session("b"));
+        check(&c, 2, 1);
+        let mut other = Core::new();
+        run(other.import_session("b", snap).expect("imported"));
+        check(&other, 0, 1);
+        run(c.evict_session_shutting_down("temp"));
+        run(c.evict_session_shutting_down("a"));
+        check(&c, 0, 0);
+    }
+
     #[test]
     fn a_publish_routed_as_a_client_resumes_is_sent_once_in_order() {
         let mut c = Core::new();

@@ -92,6 +92,10 @@ pub struct Router {
     /// Local sessions per filter (shared ones by their whole
     /// `$share/{group}/{filter}`): the node's interest, as peers see it.
     local: HashMap<String, u32>,
+    /// Local subscriptions in all (the sum of `local`): kept as they come
+    /// and go, so a metrics scrape reads it without a scan under the
+    /// core's lock.
+    subscriptions: usize,
     /// Each peer's interest, so a lost peer's entries can be removed.
     remote: HashMap<NodeId, crate::hashing::HashSet<String>>,
 }
@@ -116,6 +120,7 @@ impl Router {
         if was {
             return Interest::Same;
         }
+        self.subscriptions += 1;
         let n = self.local.entry(filter.to_string()).or_insert(0);
         *n += 1;
         if *n == 1 {
@@ -135,6 +140,11 @@ impl Router {
                 .trie
                 .contains(filter, &Subscriber::Session(client.clone())),
         }
+    }
+
+    /// Local subscriptions in all (shared group memberships included).
+    pub fn local_subscriptions(&self) -> usize {
+        self.subscriptions
     }
 
     /// The filters local sessions hold: what peers need to forward here.
@@ -244,6 +254,7 @@ impl Router {
         if !self.has_local(&id, filter) {
             return Interest::Same;
         }
+        self.subscriptions = self.subscriptions.saturating_sub(1);
         match shared_inner(filter) {
             Some(inner) => {
                 if let Some(g) = self.groups.get_mut(filter) {

@@ -2535,6 +2535,11 @@ impl World {
             }
             self.release_held(n);
             self.departures(n);
+            // The counts a metrics scrape reads agree with the sessions.
+            if let Err(e) = self.nodes[n].core.check_counts() {
+                let name = &self.nodes[n].name;
+                self.bad.push(format!("{name}: {e}"));
+            }
         }
         let done = self.now > self.cfg.fault_window + self.warmup()
             && self.settled_all()
