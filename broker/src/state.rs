@@ -39,6 +39,15 @@
 //!   core or a copy takes them), taken with no other lock held and never
 //!   under the core lock, so that neither a client of the session nor a
 //!   change to it finds it in neither place.
+//! * **Nested cluster mutexes**, each always in this order and never the
+//!   other way round: the state store's waits, then the link map (a
+//!   round's wait is registered under the same lock as its frames are
+//!   sent, so no acknowledgement comes before it: `store_round`); the link
+//!   map, then the early answers (an answer for a link not yet open waits
+//!   for it: `answer`); and, in a link's opening under the core lock, the
+//!   state store, then the link map, then the early answers (the link is
+//!   registered under the store's lock, so a key change made after its
+//!   copies reaches it).
 //! * **Known cost**: a link's snapshot exports and encodes every session
 //!   under the core lock, and a re-chain exports them under it (and
 //!   encodes after). A `/metrics` scrape or a `$SYS` update no longer
