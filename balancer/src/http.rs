@@ -233,10 +233,10 @@ const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Serves `handler` on `listener` until `shutdown`. Accept errors are logged
-/// and the loop goes on. At most [`MAX_CONNECTIONS`] are served at once,
-/// [`PER_SOURCE`] from one address, each for at most
-/// [`CONNECTION_LIFETIME`], with [`HEADER_TIMEOUT`] for each request's
-/// headers; past the cap, [`PROBE_RESERVE`] more are served only
+/// and the loop goes on. At most `MAX_CONNECTIONS` are served at once,
+/// `PER_SOURCE` from one address, each for at most
+/// `CONNECTION_LIFETIME`, with `HEADER_TIMEOUT` for each request's
+/// headers; past the cap, `PROBE_RESERVE` more are served only
 /// `/healthz` and `/readyz`, briefly, and the rest are closed at once.
 pub async fn serve<F>(listener: TcpListener, shutdown: CancellationToken, handler: F)
 where

@@ -285,7 +285,7 @@ impl Router {
     /// A session with several matching subscriptions is one target (the
     /// highest QoS, every identifier). Targets come in the trie's order;
     /// duplicates are found by a scan while there are few, and through an
-    /// index past [`DEDUP_SCAN`] (a map per publish cost an allocation and
+    /// index past `DEDUP_SCAN` (a map per publish cost an allocation and
     /// a hash per target, on the hottest path).
     pub fn matches(&self, topic: &str, qos: QoS, origin: Option<&str>) -> Targets {
         let mut t = Targets::default();

@@ -220,7 +220,7 @@ impl Auth {
     }
 
     /// [`Auth::connect`] for async callers: hashing runs on tokio's blocking
-    /// pool, at most [`MAX_PARALLEL_VERIFICATIONS`] at once, so a CONNECT
+    /// pool, at most `MAX_PARALLEL_VERIFICATIONS` at once, so a CONNECT
     /// with a password never stalls the other connections of its worker.
     pub async fn check(
         self: &Arc<Self>,

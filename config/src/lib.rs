@@ -1,7 +1,7 @@
 //! mqlb's configuration: one TOML file, validated before anything binds.
 //!
 //! # Layout
-//! * [`file`]: the raw serde schema as written by operators. Unknown keys are
+//! * [`mod@file`]: the raw serde schema as written by operators. Unknown keys are
 //!   errors (`deny_unknown_fields`), so a typo never passes silently.
 //! * [`duration`]: `"250ms"`, `"10s"`, `"2m"` parsing.
 //! * This module: the validated [`Config`], whose fields are already typed

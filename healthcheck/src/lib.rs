@@ -4,7 +4,7 @@
 //! only a probe that waits for CONNACK and PINGRESP catches those.
 //!
 //! # Layout
-//! * [`probe`]: one probe: TCP connect, CONNECT, CONNACK (classified by
+//! * [`mod@probe`]: one probe: TCP connect, CONNECT, CONNACK (classified by
 //!   reason code), PINGREQ/PINGRESP round trip, optional subscribe/publish
 //!   round trip, DISCONNECT; every step under a timeout.
 //! * [`state`]: the rise/fall state machine, with misconfiguration (bad

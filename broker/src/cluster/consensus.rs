@@ -493,7 +493,7 @@ impl Consensus {
         Self::with_state(me, members, None, raft_id(me))
     }
 
-    /// [`Consensus::new`], persisting to `state_file` (and starting from
+    /// As `Consensus::new` (tests only), persisting to `state_file` (and starting from
     /// it, when it holds a state), drawing its election timeouts from a
     /// generator seeded with `seed`.
     pub fn with_state(
@@ -841,7 +841,7 @@ impl Consensus {
 
     /// On the leader: proposes `observed` as the live set when it differs
     /// from the committed one (and was not proposed within
-    /// [`PROPOSE_AGAIN`] before `now`).
+    /// `PROPOSE_AGAIN` before `now`).
     pub fn propose_live(&mut self, observed: &[String], now: Instant) -> Output {
         if !self.is_leader() {
             return Output::default();

@@ -865,9 +865,10 @@ impl Cluster {
     /// change that drops a dead member (the leader included), and a peer
     /// that dies or comes back does not make it unready. Only the sessions
     /// the dead peer held are unavailable, until their replicas are
-    /// promoted; clients of those wait ([`Cluster::settled_server_for`]).
+    /// promoted; clients of those wait ([`Cluster::server_for`],
+    /// [`Cluster::copy_settling`]).
     ///
-    /// Ready comes a tick after synced ([`Cluster::synced`]): that tick
+    /// Ready comes a tick after synced (`Cluster::synced`): that tick
     /// promotes the copies the snapshots brought that this node owns and
     /// holds publishes for the ones it cannot promote yet. Taking clients
     /// in between, a publish could match nobody for a session whose copy
