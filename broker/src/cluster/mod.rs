@@ -75,6 +75,7 @@ mod replication;
 pub mod seen;
 mod store;
 pub mod store_steps;
+pub mod tick;
 pub mod view_loop;
 pub mod wire;
 
@@ -380,6 +381,8 @@ pub(super) struct ReplyTo {
 
 /// What the view loop carries from one tick to the next.
 struct Ticker {
+    /// What the last tick acted on (the order of a tick's steps).
+    tick: tick::Tick,
     /// The committed view at the last tick.
     last: View,
     /// The observation last sent to peers.
@@ -1031,8 +1034,10 @@ impl Cluster {
         let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(consensus::TICK);
+            let last = me.view();
             let mut ticker = Ticker {
-                last: me.view(),
+                tick: tick::Tick::new(last.number, last.members.contains(&me.me)),
+                last,
                 reported: Vec::new(),
                 ticks: 0,
                 held_for_copies: Vec::new(),
@@ -1123,62 +1128,72 @@ impl Cluster {
         };
         self.deliver(ticked.out);
         let view = self.view();
-        let left_out = |v: &View| v.number > 0 && !v.members.contains(&self.me);
-        let newly_left_out = left_out(&view) && !left_out(&t.last);
-        if ticked.lost_quorum || newly_left_out {
-            self.step_down(state);
-            if !self.leaving.load(Ordering::Relaxed) {
-                self.serves_nothing();
-            }
-        }
         let serving = self.serving();
-        let was = self.serving_now.swap(serving, Ordering::Relaxed);
-        if serving && !was {
-            self.resend_interest(state);
-        }
-        // Copies of a departed holder go to their new owners before this
-        // node's word that it promoted its own (on each link the word comes
-        // after them, so an owner that has every member's word has the
-        // copies too: `takeover_done`).
-        if view.number != t.last.number {
-            self.nodes_left(&t.last, state);
-        }
-        self.promote_owned(state);
-        let held = self.unpromoted_filters();
-        if held != t.held_for_copies {
-            state.core().hold_for_copies(&held);
-            t.held_for_copies = held;
-        }
-        // Ready from now on (`ready`): its copies are promoted or held for.
-        if !self.synced_once.load(Ordering::Acquire) && self.synced() {
-            self.synced_once.store(true, Ordering::Release);
-        }
-        if self.ready()
-            && view.number > lock(&self.promotions).mine()
-            && !self.owns_settling_copies()
-            && !self.owns_unpromoted_copies(&view)
-            && lock(&self.promotions).promoted(view.number)
-        {
-            // Every copy this node owns in this view is a session now, and
-            // its interest went out before this word.
-            self.broadcast(&Frame::Promoted { view: view.number });
-        }
-        // Every tick, what waits for a peer that is gone waits no longer
-        // (`departures::at_tick`: no link, or dropped by the view and not
-        // heard); a member of the view without a link is owed the chain
-        // changes it missed until its next link's snapshot confirms them
-        // (`commits`), and only its forwards come back.
-        let departures = departures::at_tick(view.number, self.peer_facts(&view));
-        self.forget_moved_peers(state, &view, &departures.moved);
-        self.release_waits(&departures.lost);
-        for i in departures.unlinked_members {
-            let released = lock(&self.waiting).forwards_lost(i);
-            self.act_on(released);
-        }
-        self.release_store_waits(&departures.store);
-        if view.number != t.last.number {
-            self.rechain(state);
-            self.store_rechain(state, &view);
+        let steps = t.tick.next(tick::Facts {
+            view: view.number,
+            counted: view.members.contains(&self.me),
+            lost_quorum: ticked.lost_quorum,
+            leaving: self.leaving.load(Ordering::Relaxed),
+            serving,
+        });
+        for step in steps {
+            match step {
+                tick::Step::StepDown => self.step_down(state),
+                tick::Step::ServesNothing => self.serves_nothing(),
+                // What `is_serving` reads until the next tick (a step down
+                // cleared it).
+                tick::Step::NoteServing => self.serving_now.store(serving, Ordering::Relaxed),
+                tick::Step::ResendInterest => self.resend_interest(state),
+                tick::Step::HandOver => self.nodes_left(&t.last, state),
+                tick::Step::Promote => self.promote_owned(state),
+                tick::Step::HoldForCopies => {
+                    let held = self.unpromoted_filters();
+                    if held != t.held_for_copies {
+                        state.core().hold_for_copies(&held);
+                        t.held_for_copies = held;
+                    }
+                }
+                tick::Step::NoteSynced => {
+                    // Ready from now on (`ready`): its copies are promoted
+                    // or held for.
+                    if !self.synced_once.load(Ordering::Acquire) && self.synced() {
+                        self.synced_once.store(true, Ordering::Release);
+                    }
+                }
+                tick::Step::SayPromoted => {
+                    if self.ready()
+                        && view.number > lock(&self.promotions).mine()
+                        && !self.owns_settling_copies()
+                        && !self.owns_unpromoted_copies(&view)
+                        && lock(&self.promotions).promoted(view.number)
+                    {
+                        // Every copy this node owns in this view is a
+                        // session now, and its interest went out before
+                        // this word.
+                        self.broadcast(&Frame::Promoted { view: view.number });
+                    }
+                }
+                tick::Step::Departures => {
+                    // What waits for a peer that is gone waits no longer
+                    // (no link, or dropped by the view and not heard); a
+                    // member of the view without a link is owed the chain
+                    // changes it missed until its next link's snapshot
+                    // confirms them (`commits`), and only its forwards
+                    // come back.
+                    let departures = departures::at_tick(view.number, self.peer_facts(&view));
+                    self.forget_moved_peers(state, &view, &departures.moved);
+                    self.release_waits(&departures.lost);
+                    for i in departures.unlinked_members {
+                        let released = lock(&self.waiting).forwards_lost(i);
+                        self.act_on(released);
+                    }
+                    self.release_store_waits(&departures.store);
+                }
+                tick::Step::Rechain => {
+                    self.rechain(state);
+                    self.store_rechain(state, &view);
+                }
+            }
         }
         t.last = view;
     }
