@@ -342,6 +342,8 @@ pub struct Core {
     /// adding one, so their number is bounded by the sessions.
     wills: crate::hashing::HashMap<Arc<str>, (Instant, Message)>,
     router: Router,
+    /// The filters publishes are held for ([`Core::hold_for_copies`]).
+    held_for_copies: Vec<String>,
     retained: Retained,
     clock: Clock,
     next_conn: u64,
@@ -523,6 +525,9 @@ impl Core {
     /// Forgets peer `node`'s interest (its link closed, or it is about to
     /// resend all of it).
     pub fn forget_peer(&mut self, node: NodeId) {
+        if node == PENDING_COPIES {
+            self.held_for_copies.clear();
+        }
         self.router.forget_node(node);
     }
 
@@ -530,8 +535,13 @@ impl Core {
     /// a publish matching one is held, as for an unreachable peer, until
     /// the shell says none is left, instead of matching nobody for the
     /// session about to be promoted here (found by the simulator). Replaces
-    /// what was said before.
+    /// what was said before; the same filters again change nothing, so the
+    /// cluster may say it on every tick and whenever a view is installed.
     pub fn hold_for_copies(&mut self, filters: &[String]) {
+        if self.held_for_copies == filters {
+            return;
+        }
+        self.held_for_copies = filters.to_vec();
         self.router.forget_node(PENDING_COPIES);
         for f in filters {
             self.router.subscribe_node(PENDING_COPIES, f);
@@ -2898,6 +2908,22 @@ mod tests {
         let fx = c.route(msg("t/x", QoS::AtLeastOnce, false, "m"));
         let routes: Vec<Route> = fx.forwards.iter().map(|f| f.route).collect();
         assert_eq!(routes, [Route::Held]);
+        // Said again (at a view's install, then at the tick), the hold
+        // stays; replaced, only the new filters hold.
+        c.hold_for_copies(&["t/#".to_string()]);
+        let held = |c: &mut Core, topic: &str| {
+            let fx = c.route(msg(topic, QoS::AtLeastOnce, false, "m"));
+            fx.forwards.iter().any(|f| f.route == Route::Held)
+        };
+        assert!(held(&mut c, "t/x"));
+        c.hold_for_copies(&["u/#".to_string()]);
+        assert!(!held(&mut c, "t/x") && held(&mut c, "u/x"));
+        // Forgetting the pending copies' node as a peer forgets the hold:
+        // saying it again holds again.
+        c.forget_peer(PENDING_COPIES);
+        assert!(!held(&mut c, "u/x"));
+        c.hold_for_copies(&["u/#".to_string()]);
+        assert!(held(&mut c, "u/x"));
         c.hold_for_copies(&[]);
         let fx = c.route(msg("t/x", QoS::AtLeastOnce, false, "m"));
         assert!(fx.forwards.is_empty());

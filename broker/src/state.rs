@@ -17,7 +17,10 @@
 //!   registration. Cluster code that must act atomically with the core
 //!   holds it too: a link's snapshot (which notes the last batch it
 //!   covers), a whole re-send of the interest (likewise), telling the core
-//!   which peers are reachable, forgetting a dead peer's interest.
+//!   which peers are reachable, forgetting a dead peer's interest,
+//!   installing a committed view together with the publishes held for the
+//!   copies it orphans here (`Cluster::deliver`: a client the new view
+//!   sends here cannot publish in between).
 //! * **The ordered log**: after the lock, `State::commit` hands every
 //!   batch numbered so far to the [`ChangeLog`] in order, one at a time
 //!   (under its own `appending` mutex; whoever comes first appends the

@@ -388,9 +388,6 @@ struct Ticker {
     /// The observation last sent to peers.
     reported: Vec<String>,
     ticks: u64,
-    /// The filters publishes are held for, of copies this node owns and
-    /// has not promoted yet (`Core::hold_for_copies`).
-    held_for_copies: Vec<String>,
 }
 
 /// A name is a placement node of weight 1.
@@ -1040,7 +1037,6 @@ impl Cluster {
                 last,
                 reported: Vec::new(),
                 ticks: 0,
-                held_for_copies: Vec::new(),
             };
             loop {
                 tokio::select! {
@@ -1064,6 +1060,16 @@ impl Cluster {
             }
         }
         if let Some(c) = out.view {
+            // Installed under the core's lock, and from that moment
+            // publishes matching the copies it orphans here are held: a
+            // client the new view sends here may publish before the next
+            // tick would hold them, and for a copy whose holder's interest
+            // this node never had, such a publish matched nobody (found by
+            // the simulator once each node acts on a view at its own tick:
+            // a holder back from a power loss that crashed again before it
+            // served its sessions).
+            let state = self.state.get().and_then(std::sync::Weak::upgrade);
+            let mut core = state.as_ref().map(|s| s.core());
             let installed = {
                 let mut view = lock(&self.view);
                 let newer = c.number > view.number;
@@ -1075,8 +1081,9 @@ impl Cluster {
                 }
                 newer
             };
-            if installed {
-                self.refresh_reachable();
+            if let (true, Some(core)) = (installed, core.as_deref_mut()) {
+                self.tell_reachable(core);
+                self.hold_for_copies(core);
             }
         }
     }
@@ -1146,13 +1153,7 @@ impl Cluster {
                 tick::Step::ResendInterest => self.resend_interest(state),
                 tick::Step::HandOver => self.nodes_left(&t.last, state),
                 tick::Step::Promote => self.promote_owned(state),
-                tick::Step::HoldForCopies => {
-                    let held = self.unpromoted_filters();
-                    if held != t.held_for_copies {
-                        state.core().hold_for_copies(&held);
-                        t.held_for_copies = held;
-                    }
-                }
+                tick::Step::HoldForCopies => self.hold_for_copies(&mut state.core()),
                 tick::Step::NoteSynced => {
                     // Ready from now on (`ready`): its copies are promoted
                     // or held for.
@@ -1438,13 +1439,6 @@ impl Cluster {
     /// caller holds: a link's opening, closing, or a new view).
     pub(super) fn tell_reachable(&self, core: &mut crate::core::Core) {
         core.set_reachable(self.reachable_peers());
-    }
-
-    /// [`Cluster::tell_reachable`] for callers without the core's lock.
-    pub(super) fn refresh_reachable(&self) {
-        if let Some(state) = self.state.get().and_then(std::sync::Weak::upgrade) {
-            self.tell_reachable(&mut state.core());
-        }
     }
 }
 

@@ -182,6 +182,13 @@ impl Cluster {
         filters
     }
 
+    /// Holds publishes matching the copies this node owns and has not
+    /// promoted (`Core::hold_for_copies`), judged under the core's lock
+    /// the caller holds: at every tick, and as a view is installed.
+    pub(super) fn hold_for_copies(&self, core: &mut crate::core::Core) {
+        core.hold_for_copies(&self.unpromoted_filters());
+    }
+
     /// The copies this node owns whose holder the view no longer counts.
     /// Asked every tick: only the orphaned copies' names are copied.
     fn unpromoted_copies(&self, view: &View) -> Vec<String> {
