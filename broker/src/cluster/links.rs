@@ -38,25 +38,35 @@ pub(super) struct LinkTx {
 
 impl LinkTx {
     pub(super) fn push(&self, f: &Frame, dropped: &AtomicU64) {
+        self.push_all(std::slice::from_ref(f), dropped);
+    }
+
+    /// Queues `frames` back to back: no other task's frame comes between
+    /// them. A `Seen` frame and the copy it goes with must arrive so (the
+    /// reader gives the prints to the frame right after them: with an
+    /// acknowledgement or a Raft message in between they were noted as the
+    /// peer's own, and a copy refused here left its prints behind, which
+    /// skipped a session for a QoS 2 resend it never had: found by the
+    /// simulator).
+    pub(super) fn push_all(&self, frames: &[Frame], dropped: &AtomicU64) {
         let mut b = lock(&self.buf);
-        if self.overflowed.load(Ordering::Relaxed) {
-            dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        if b.len() > LINK_BUFFER {
-            tracing::warn!(
-                buffered = b.len(),
-                "a peer link's buffer is full: closing it for a resync"
-            );
-            dropped.fetch_add(1, Ordering::Relaxed);
-            self.overflowed.store(true, Ordering::Relaxed);
-            drop(b);
-            self.ready.notify_one();
-            return;
-        }
-        if f.encode(&mut b).is_err() {
-            dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+        for f in frames {
+            if self.overflowed.load(Ordering::Relaxed) {
+                dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if b.len() > LINK_BUFFER {
+                tracing::warn!(
+                    buffered = b.len(),
+                    "a peer link's buffer is full: closing it for a resync"
+                );
+                dropped.fetch_add(1, Ordering::Relaxed);
+                self.overflowed.store(true, Ordering::Relaxed);
+                continue;
+            }
+            if f.encode(&mut b).is_err() {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
         drop(b);
         self.ready.notify_one();
@@ -803,6 +813,60 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `Seen` frame and the copy it goes with stay back to back while
+    /// other tasks push frames onto the same link.
+    #[test]
+    fn a_seen_frame_and_its_copy_are_never_split() {
+        let tx = Arc::new(LinkTx::default());
+        let dropped = Arc::new(AtomicU64::new(0));
+        let pingers: Vec<_> = (0..3)
+            .map(|_| {
+                let (tx, dropped) = (tx.clone(), dropped.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..2_000 {
+                        tx.push(&Frame::Ping, &dropped);
+                    }
+                })
+            })
+            .collect();
+        for i in 0..500_u64 {
+            let client = format!("c{i}");
+            let seen = Frame::Seen {
+                client: client.clone(),
+                prints: vec![i],
+            };
+            let copy = Frame::Replicate {
+                seq: 0,
+                client,
+                epoch: 1,
+                holder: "n1".into(),
+                changes: vec![crate::session::SessionChange::Ended],
+            };
+            tx.push_all(&[seen, copy], &dropped);
+        }
+        for p in pingers {
+            p.join().expect("a pusher panicked");
+        }
+        let mut buf = std::mem::take(&mut *lock(&tx.buf));
+        let mut frames = Vec::new();
+        while let Ok(Some(f)) = Frame::decode(&mut buf) {
+            frames.push(f);
+        }
+        let mut pairs = 0;
+        for (i, f) in frames.iter().enumerate() {
+            if let Frame::Seen { client, .. } = f {
+                let next = frames.get(i + 1);
+                assert!(
+                    matches!(next, Some(Frame::Replicate { client: c, .. }) if c == client),
+                    "{client}'s Seen frame was followed by {next:?}"
+                );
+                pairs += 1;
+            }
+        }
+        assert_eq!(pairs, 500);
+        assert_eq!(dropped.load(Ordering::Relaxed), 0);
+    }
 
     /// Frames past the buffer's bound are dropped and counted, and the
     /// link is marked for closing (a resync), never left open with a hole.

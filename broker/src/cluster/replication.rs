@@ -184,9 +184,24 @@ impl Cluster {
 
     /// Holds publishes matching the copies this node owns and has not
     /// promoted (`Core::hold_for_copies`), judged under the core's lock
-    /// the caller holds: at every tick, and as a view is installed.
-    pub(super) fn hold_for_copies(&self, core: &mut crate::core::Core) {
+    /// the caller holds: as a view is installed (`deliver`).
+    pub(super) fn hold_for_copies_in(&self, core: &mut crate::core::Core) {
         core.hold_for_copies(&self.unpromoted_filters());
+    }
+
+    /// [`Cluster::hold_for_copies_in`] at a tick: the copies are judged
+    /// outside the core's lock (every copy is looked at), and again under
+    /// it only if a view was installed meanwhile, whose hold must not be
+    /// replaced by one judged in the view before.
+    pub(super) fn hold_for_copies(&self, state: &State) {
+        let judged_in = lock(&self.view).number;
+        let held = self.unpromoted_filters();
+        let mut core = state.core();
+        if lock(&self.view).number == judged_in {
+            core.hold_for_copies(&held);
+        } else {
+            self.hold_for_copies_in(&mut core);
+        }
     }
 
     /// The copies this node owns whose holder the view no longer counts.
@@ -267,9 +282,8 @@ impl Cluster {
             let Some(tx) = lock(&self.links).get(&owner).cloned() else {
                 continue;
             };
-            for f in &frames {
-                tx.push(f, &self.stats.dropped);
-            }
+            // Each copy back to back with its prints.
+            tx.push_all(&frames, &self.stats.dropped);
         }
     }
 
@@ -284,19 +298,19 @@ impl Cluster {
         snap: crate::snapshot::SessionSnapshot,
         holder: String,
     ) {
-        if let Some(seen) = self.seen_frame(&client) {
-            tx.push(&seen, &self.stats.dropped);
+        let seen = self.seen_frame(&client);
+        let copy = Frame::Replicate {
+            seq,
+            client,
+            epoch: snap.epoch,
+            holder,
+            changes: whole(snap),
+        };
+        // Back to back: the prints go with the copy (`LinkTx::push_all`).
+        match seen {
+            Some(seen) => tx.push_all(&[seen, copy], &self.stats.dropped),
+            None => tx.push(&copy, &self.stats.dropped),
         }
-        tx.push(
-            &Frame::Replicate {
-                seq,
-                client,
-                epoch: snap.epoch,
-                holder,
-                changes: whole(snap),
-            },
-            &self.stats.dropped,
-        );
     }
 
     /// After a view change: send every session this node holds whole to
