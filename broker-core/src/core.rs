@@ -357,6 +357,8 @@ pub struct Core {
     durable: bool,
     /// The time, as the shell last gave it ([`Core::advance`]).
     now: Option<Instant>,
+    /// The last [`Core::stamp`].
+    last_stamp: Option<Instant>,
     /// The wall clock (Unix milliseconds) at an instant, as the shell last
     /// gave it ([`Core::calibrate_wall`]): the wall clock of a later call
     /// is counted on from there.
@@ -398,6 +400,25 @@ impl Core {
     /// The time of the current call.
     fn now(&self) -> Instant {
         self.now.unwrap_or_else(Instant::now)
+    }
+
+    /// The time of the current call, strictly later than any stamp before
+    /// it: when a message was first had and when a session was imported
+    /// are compared to tell whether the session can have had it, and two
+    /// calls can be given the same time (or times read by different tasks
+    /// out of the order they take the lock in). Ordered by the calls
+    /// themselves, a session imported in the call after a message's first
+    /// routing is never taken as there before it (found by the simulator:
+    /// a subscriber that connected at the same instant as a held publish
+    /// came was skipped when it was routed again, and never got it).
+    fn stamp(&mut self) -> Instant {
+        let now = self.now();
+        let t = match self.last_stamp {
+            Some(last) if now <= last => last + Duration::from_nanos(1),
+            _ => now,
+        };
+        self.last_stamp = Some(t);
+        t
     }
 
     /// The wall clock of the current call, in Unix milliseconds.
@@ -559,7 +580,7 @@ impl Core {
         // instructions across nodes: it was computed twice).
         let print = (m.qos != QoS::AtMostOnce).then(|| fingerprint(&m));
         if let Some(p) = print {
-            let now = self.now();
+            let now = self.stamp();
             self.first_had.had(now, p);
         }
         let targets = self
@@ -676,8 +697,8 @@ impl Core {
         // they get it now, unless the copy they were made from had it (the
         // dead node replicated it first; it may even have been delivered
         // since).
-        let received = m.received;
-        self.deliver_to_taken_over(targets.sessions, &m, Some(received), &mut fx);
+        let routed = self.first_had_now(&m).unwrap_or(m.received);
+        self.deliver_to_taken_over(targets.sessions, &m, Some(routed), &mut fx);
         // An interested peer that is not reachable now (a link that
         // flapped again, a node whose interest is kept until its sessions
         // have moved) may hold sessions the message is for: it is held
@@ -727,13 +748,21 @@ impl Core {
         if m.qos == QoS::AtMostOnce {
             return None;
         }
-        let now = self.now();
+        let now = self.stamp();
         self.first_had.had(now, fingerprint(m))
     }
 
     /// Asks the shell to hold `m` for a takeover ([`Route::Held`]); its
     /// publisher's later publishes wait behind it.
     fn hold(&mut self, m: Message, groups: Vec<Arc<str>>, fx: &mut Effects) {
+        // When this node routed it, in the order of the calls (a stamp):
+        // routed again, it goes to the sessions imported after this
+        // (`reforward`). The connection's clock reading, taken before the
+        // lock, does not order it with a session imported meanwhile (found
+        // by the simulator: a subscriber promoted as its client connected
+        // at the same instant the publish came was skipped when the held
+        // publish was routed again, and never got it).
+        self.first_had_now(&m);
         self.note_held(&m);
         fx.forwards.push(Forward {
             node: 0,
@@ -2141,7 +2170,7 @@ impl Core {
             .collect();
         let qos2_in = e.session.qos2_in.iter().copied().collect();
         e.imported = Some(Box::new(Imported {
-            at: Some(now),
+            at: Some(self.stamp()),
             seen: held,
             qos2_in,
         }));
@@ -2976,6 +3005,68 @@ mod tests {
             1,
             "the moved session missed it"
         );
+    }
+
+    /// A publish held for copies about to be promoted goes, routed again,
+    /// to the sessions imported in a call after its routing, and only to
+    /// those, whatever the times the calls were given: a session imported
+    /// in the call after it at the same instant gets it, one imported in
+    /// the call before it (the publisher's connection having read its
+    /// clock earlier still) had it and does not get it twice.
+    #[test]
+    fn a_held_publish_reaches_the_sessions_imported_after_its_routing() {
+        let hour = Some(Duration::from_secs(3600));
+        let persistent = |c: &mut Core, id: &str| {
+            let (tx, _rx) = outbox();
+            let conn = connect(c, id, false, hour, 10, tx);
+            run2(c.subscribe(id, "t/#", sub(QoS::ExactlyOnce)));
+            run(c.disconnect(id, conn.conn));
+        };
+        let queued = |c: &Core, id: &str| c.export_session(id).unwrap().queued.len();
+        let mut donor = Core::new();
+        persistent(&mut donor, "s");
+        let t = Instant::now() + Duration::from_secs(1);
+        let node = || {
+            let mut c = Core::new();
+            c.join_cluster(1);
+            c.hold_for_copies(&["t/#".to_string()]);
+            c
+        };
+        let import = |c: &mut Core, at: Instant| {
+            c.advance(at);
+            run(c
+                .import_session("s", donor.export_session("s").unwrap())
+                .unwrap());
+        };
+        let route = |c: &mut Core, received: Instant| {
+            let mut m = msg("t/x", QoS::ExactlyOnce, false, "held");
+            m.received = received;
+            c.advance(t);
+            let fx = c.route(m.clone());
+            assert!(fx.forwards.iter().any(|f| f.route == Route::Held));
+            run(fx);
+            m
+        };
+        // Routed, then the session imported, both at `t`.
+        let mut after = node();
+        let m = route(&mut after, t);
+        import(&mut after, t);
+        after.hold_for_copies(&[]);
+        run(after.reforward(m, Vec::new(), &[], &[]));
+        assert_eq!(
+            queued(&after, "s"),
+            1,
+            "the session imported after it missed it"
+        );
+        // The session imported at `t`, then the publish its connection
+        // read at `t - 1 ms` routed.
+        let mut before = node();
+        import(&mut before, t);
+        let m = route(&mut before, t - Duration::from_millis(1));
+        assert_eq!(queued(&before, "s"), 1);
+        before.hold_for_copies(&[]);
+        run(before.reforward(m, Vec::new(), &[], &[]));
+        assert_eq!(queued(&before, "s"), 1, "given twice");
     }
 
     /// A QoS 2 resend (DUP) of a message a peer forwarded here before
