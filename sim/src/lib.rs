@@ -230,9 +230,12 @@ pub struct Coverage {
     pub raft_campaigns: u64,
     pub leader_crashes: u64,
     pub leader_partitions: u64,
-    /// Nodes back in service once they heard a majority again (no view
-    /// change in between).
+    /// Nodes back in service after a step down: in the view, with a
+    /// majority again.
     pub quorum_regained: u64,
+    /// Ticks back in service that sent the node's whole interest again
+    /// (`resend_interest`).
+    pub interest_resent: u64,
     pub commit_deadlines: u64,
     pub not_committed_closes: u64,
     /// Log hand-offs that carried several batches (calls interleaved
@@ -340,6 +343,7 @@ impl Coverage {
             leader_crashes,
             leader_partitions,
             quorum_regained,
+            interest_resent,
             commit_deadlines,
             not_committed_closes,
             appends_of_several,

@@ -34,6 +34,7 @@ use mqlb_broker::cluster::forwards::{self, Forwarded};
 use mqlb_broker::cluster::handover;
 use mqlb_broker::cluster::opening::{self, Opening};
 use mqlb_broker::cluster::seen::{Seen, Stash};
+use mqlb_broker::cluster::tick;
 use mqlb_broker::cluster::wire::Frame;
 use mqlb_broker_core::chain::Delivery;
 use mqlb_broker_core::commits::{Commits, Released};
@@ -347,6 +348,15 @@ struct Node {
     /// copies it owns since it was last synced; it takes clients only then
     /// (`Cluster::ready`, with the view from Raft).
     settled: bool,
+    /// What its last tick acted on (the broker's own `tick::Tick`: the
+    /// order a tick takes its steps in).
+    tick: tick::Tick,
+    /// The view its last tick acted on: the hand-over compares with it.
+    last_view: BTreeSet<usize>,
+    /// The last batch its interest was sent whole after (a tick back in
+    /// service: `resend_interest`): interest entries up to it are not
+    /// sent again.
+    interest_covers: u64,
 }
 
 /// What to do once every gate of a join is done.
@@ -589,6 +599,9 @@ impl World {
                 raft: None,
                 disk: Disk::default(),
                 settled: true,
+                tick: tick::Tick::new(1, true),
+                last_view: (0..cfg.nodes).collect(),
+                interest_covers: 0,
             })
             .collect::<Vec<_>>();
         let skew = cfg.clock_skew;
@@ -1121,11 +1134,13 @@ impl World {
             Ev::PromoteCheck { node, inc } => {
                 if self.nodes[node].up && self.nodes[node].inc == inc {
                     self.promote_owned(node);
+                    self.say_promoted(node);
                 }
             }
             Ev::StepDown { node, inc } => {
                 if self.nodes[node].up && self.nodes[node].inc == inc {
-                    self.step_down(node);
+                    // Its tick notices it lost the majority.
+                    self.cluster_tick(node, true);
                 }
             }
             Ev::StopSettle { node, inc, since } => self.stop_settle(node, inc, since),
@@ -1145,7 +1160,8 @@ impl World {
         }
     }
 
-    /// The view counts `node` (incarnation `inc`) again.
+    /// The view counts `node` (incarnation `inc`) again; each node acts
+    /// on it at its next tick (`cluster_tick`).
     fn view_join(&mut self, node: usize, inc: u64) {
         if !self.nodes[node].up || self.nodes[node].inc != inc || self.view.contains(&node) {
             return;
@@ -1153,23 +1169,16 @@ impl World {
         self.view.insert(node);
         self.last_join = self.now;
         if self.partitioned == Some(node) {
-            // Back in service (`serving && !was`).
+            // (One failure at a time: the next may come.)
             self.partitioned = None;
         }
-        self.nodes[node].stepped_down = false;
-        self.after_view(None);
-        if self.cfg.store {
-            self.store_rechain();
-        }
+        self.after_view();
     }
 
-    /// The view drops `node`.
+    /// The view drops `node`; each node acts on it at its next tick.
     fn view_leave(&mut self, node: usize) {
         if self.view.remove(&node) {
-            self.after_view(Some(node));
-            if self.cfg.store {
-                self.store_rechain();
-            }
+            self.after_view();
         }
     }
 
@@ -1326,7 +1335,12 @@ impl World {
             ((), fx)
         });
         self.cov.wills_scheduled += 1;
-        if gone {
+        // The last will is its last connection's: a hung node that wakes
+        // up and closes an older one, whose session moved on to the
+        // client's later connection elsewhere, does not replace it (that
+        // will was superseded when the client came back, MQTT 5 3.1.3.2.2).
+        let later = self.last_wills.get(&client).is_some_and(|w| w.conn > conn);
+        if gone && !later {
             self.last_wills.insert(
                 client,
                 LastWill {
@@ -2014,7 +2028,9 @@ impl World {
                         }
                     }
                 }
-                LogEntry::Interest { filter, gained } if self.serves(node) => {
+                LogEntry::Interest { filter, gained }
+                    if self.serves(node) && log_seq > self.nodes[node].interest_covers =>
+                {
                     let frame = Frame::Interest { filter, gained };
                     for p in 0..self.nodes.len() {
                         let covered = self.nodes[node]
@@ -2151,8 +2167,20 @@ impl World {
                     break;
                 }
             };
-            // A `Seen` frame waits for the frame after it (`links`).
-            let stashed = {
+            // A `Seen` frame waits for the frame after it (`links`). Raft's
+            // and the state store's frames travel on streams of their own
+            // here; on the broker's one link they cannot come between a
+            // `Seen` frame and its copy (`LinkTx::push_all`), so they leave
+            // it waiting.
+            let own_stream = !matches!(
+                f,
+                Frame::Raft(_)
+                    | Frame::StoreInvoke { .. }
+                    | Frame::StoreCopy { .. }
+                    | Frame::StoreAck { .. }
+                    | Frame::StoreSynced { .. }
+            );
+            let stashed = if own_stream {
                 let copy_of = match &f {
                     Frame::Replicate { client, .. } => Some(client.as_str()),
                     _ => None,
@@ -2162,6 +2190,8 @@ impl World {
                 n.seen_stash
                     .get_mut(&from)
                     .and_then(|st| st.next_frame(copy_of, &mut n.seen, now))
+            } else {
+                None
             };
             match f {
                 Frame::Replicate {
@@ -2528,13 +2558,11 @@ impl World {
             // older than `SEEN_FOR` goes a little sooner, never later).
             let now = self.instant();
             self.nodes[n].seen.prune(now);
-            self.promote_owned(n);
-            self.hold_for_copies(n);
-            if !self.nodes[n].settled && self.ready(n) {
-                self.nodes[n].settled = true;
+            if !self.cfg.raft {
+                // With Raft, it comes with the view loop (`raft_tick`).
+                self.cluster_tick(n, false);
             }
             self.release_held(n);
-            self.departures(n);
             // The counts a metrics scrape reads agree with the sessions.
             if let Err(e) = self.nodes[n].core.check_counts() {
                 let name = &self.nodes[n].name;
@@ -2738,97 +2766,168 @@ impl World {
         });
     }
 
-    /// A committed view: chain members that left answer no more
-    /// (`Acks::lost`), owners promote their copies (`promote_owned`), and
-    /// every session goes whole to its chain (`rechain`).
-    fn after_view(&mut self, gone: Option<usize>) {
+    /// A committed view, installed on every node at once (each acts on it
+    /// at its own next tick, `cluster_tick`): as the broker installs a
+    /// view (`Cluster::deliver`), the core's reachable peers follow it at
+    /// once, and so do the publishes held for the copies it orphans.
+    fn after_view(&mut self) {
         self.cov.view_changes += 1;
         self.view_number += 1;
         self.update_reachable();
-        if let Some(g) = gone {
-            // Dropped from the view: waited for no more either.
-            self.links_lost(g);
-            // Copies cut off from it wait a little for fresher ones now.
-            let now = self.instant();
-            for n in &mut self.nodes {
-                n.replicas.holders_left(&[node_id(g)], now);
-            }
-        }
-        let members: Vec<usize> = self.view.iter().copied().collect();
-        // `nodes_left` runs in every running node's tick, in the view or
-        // not (a node the view dropped hands over its copies too).
-        let running: Vec<usize> = (0..self.nodes.len())
-            .filter(|&n| self.nodes[n].up)
-            .collect();
-        // `nodes_left` comes before each node's promotions and its word that
-        // it promoted (`on_tick`): the retained messages the dropped node wrote last go
-        // to every peer again (a peer whose link from it broke may lack
-        // them).
-        if let Some(g) = gone {
-            let stamps = [u32::try_from(g + 1).unwrap_or(u32::MAX)];
-            for &n in &running {
-                let frames = handover::retained_written_by(&self.nodes[n].core, &stamps);
-                for p in 0..self.nodes.len() {
-                    if p != n && self.linked(n, p) {
-                        for f in &frames {
-                            self.send_frame(n, p, f);
-                        }
-                    }
-                }
-            }
-        }
-        // `nodes_left`: copies whose holder the view dropped go
-        // whole to each session's new owner (`handover::orphans`).
-        let now = self.instant();
-        for &n in &running {
-            // Only the holder that has just left (`nodes_left`).
-            let Some(g) = gone else {
-                break;
-            };
-            let node = &self.nodes[n];
-            let orphans = handover::orphans(
-                &node.replicas,
-                &node.seen,
-                &[node_id(g)],
-                |client| self.owner(client).filter(|&o| o != n).map(node_id),
-                |h| self.nodes.get(h as usize).map(|h| h.name.clone()),
-                now,
-            );
-            for (owner, frames) in orphans {
-                self.cov.orphans_handed += 1;
-                for f in &frames {
-                    self.send_frame(n, owner as usize, f);
-                }
-            }
-        }
-        for &n in &members {
-            self.promote_owned(n);
+        for n in 0..self.nodes.len() {
             if self.nodes[n].up {
                 self.hold_for_copies(n);
             }
         }
-        for &n in &members {
-            if !self.nodes[n].up {
-                continue;
-            }
-            // `rechain`: each session whole down its chain, after what
-            // it was given (`send_to_chain`).
-            let now = self.instant();
-            let node = &self.nodes[n];
-            let rechain = handover::rechain(&node.core, &node.seen, now);
-            for (client, seen) in &rechain.seen {
-                for m in self.chain(client) {
-                    if m != n && self.linked(n, m) {
-                        self.send_frame(n, m, seen);
+    }
+
+    /// `Cluster::on_tick` on node `n`, after its view loop: the broker's
+    /// own steps (`tick::Tick`), in its order, each carried out here as
+    /// the broker does. `lost_quorum`: the view loop found that `n` no
+    /// longer hears a majority.
+    fn cluster_tick(&mut self, n: usize, lost_quorum: bool) {
+        if !self.nodes[n].up {
+            return;
+        }
+        let serving = self.serving(n);
+        let facts = tick::Facts {
+            view: self.view_number,
+            counted: self.view.contains(&n),
+            lost_quorum,
+            leaving: self.nodes[n].leaving,
+            serving,
+        };
+        let steps = self.nodes[n].tick.next(facts);
+        for step in steps {
+            match step {
+                tick::Step::StepDown => self.step_down(n),
+                tick::Step::ServesNothing => self.serves_nothing(n),
+                tick::Step::NoteServing => {
+                    if serving && self.nodes[n].stepped_down {
+                        self.cov.quorum_regained += 1;
+                        self.nodes[n].stepped_down = false;
+                    }
+                }
+                tick::Step::ResendInterest => self.resend_interest(n),
+                tick::Step::HandOver => self.hand_over(n),
+                tick::Step::Promote => self.promote_owned(n),
+                tick::Step::HoldForCopies => self.hold_for_copies(n),
+                tick::Step::NoteSynced => {
+                    if !self.nodes[n].settled && self.ready(n) {
+                        self.nodes[n].settled = true;
+                    }
+                }
+                tick::Step::SayPromoted => self.say_promoted(n),
+                tick::Step::Departures => self.departures(n),
+                tick::Step::Rechain => {
+                    self.rechain(n);
+                    if self.cfg.store {
+                        self.store_rechain(n);
                     }
                 }
             }
-            self.cov.sessions_rechained += rechain
-                .records
-                .iter()
-                .filter(|e| matches!(e, LogEntry::Session(r) if r.change == SessionChange::Ended))
-                .count() as u64;
-            self.sequence(n, rechain.records);
+        }
+        self.nodes[n].last_view = self.view.clone();
+    }
+
+    /// `Cluster::serving` on `n`: counted by the view, not leaving, and
+    /// hearing a majority (itself included).
+    fn serving(&self, n: usize) -> bool {
+        let quorum = self.nodes.len() / 2 + 1;
+        self.nodes[n].up
+            && self.view.contains(&n)
+            && !self.nodes[n].leaving
+            && self.observed(n).len() >= quorum
+    }
+
+    /// `nodes_left` on `n`, after a view change: copies whose holder left
+    /// (in the view its last tick acted on, not in this one) wait a
+    /// little for fresher ones; the retained messages those holders wrote
+    /// last go to every peer again (a peer whose link from them broke may
+    /// lack them); the copies go whole to each session's new owner
+    /// (`handover::orphans`).
+    fn hand_over(&mut self, n: usize) {
+        let left: Vec<usize> = self.nodes[n]
+            .last_view
+            .difference(&self.view)
+            .copied()
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        let ids: Vec<u32> = left.iter().map(|&g| node_id(g)).collect();
+        let now = self.instant();
+        self.nodes[n].replicas.holders_left(&ids, now);
+        let stamps: Vec<u32> = left
+            .iter()
+            .map(|&g| u32::try_from(g + 1).unwrap_or(u32::MAX))
+            .collect();
+        let frames = handover::retained_written_by(&self.nodes[n].core, &stamps);
+        for p in 0..self.nodes.len() {
+            if p != n && self.linked(n, p) {
+                for f in &frames {
+                    self.send_frame(n, p, f);
+                }
+            }
+        }
+        let node = &self.nodes[n];
+        let orphans = handover::orphans(
+            &node.replicas,
+            &node.seen,
+            &ids,
+            |client| self.owner(client).filter(|&o| o != n).map(node_id),
+            |h| self.nodes.get(h as usize).map(|h| h.name.clone()),
+            now,
+        );
+        for (owner, frames) in orphans {
+            self.cov.orphans_handed += 1;
+            for f in &frames {
+                self.send_frame(n, owner as usize, f);
+            }
+        }
+    }
+
+    /// `rechain` on `n`, after a view change: each session whole down
+    /// its chain, after what it was given (`send_to_chain`).
+    fn rechain(&mut self, n: usize) {
+        let now = self.instant();
+        let node = &self.nodes[n];
+        let rechain = handover::rechain(&node.core, &node.seen, now);
+        for (client, seen) in &rechain.seen {
+            for m in self.chain(client) {
+                if m != n && self.linked(n, m) {
+                    self.send_frame(n, m, seen);
+                }
+            }
+        }
+        self.cov.sessions_rechained += rechain
+            .records
+            .iter()
+            .filter(|e| matches!(e, LogEntry::Session(r) if r.change == SessionChange::Ended))
+            .count() as u64;
+        self.sequence(n, rechain.records);
+    }
+
+    /// `resend_interest` on `n`, back in service: peers still hold the
+    /// interest it had when it stepped down; each linked one is told to
+    /// forget it and gets the current one. Interest entries numbered so
+    /// far are in what is sent here: the log does not send them again.
+    fn resend_interest(&mut self, n: usize) {
+        self.cov.interest_resent += 1;
+        self.nodes[n].interest_covers = self.nodes[n].log.last();
+        let mut frames = vec![Frame::Reset];
+        for filter in self.nodes[n].core.local_interest() {
+            frames.push(Frame::Interest {
+                filter,
+                gained: true,
+            });
+        }
+        for p in 0..self.nodes.len() {
+            if p != n && self.linked(n, p) {
+                for f in &frames {
+                    self.send_frame(n, p, f);
+                }
+            }
         }
     }
 
@@ -2847,8 +2946,15 @@ impl World {
         for c in owned {
             self.promote(n, &c);
         }
-        // Its word that every copy it owns in this view is a session now
-        // (not while a relayed one still waits: `owns_settling_copies`).
+    }
+
+    /// `on_tick`'s `Promoted` word on `n`: every copy it owns in this view
+    /// is a session now (not while a relayed one still waits:
+    /// `owns_settling_copies`), once it is ready.
+    fn say_promoted(&mut self, n: usize) {
+        if !self.ready(n) || !self.nodes[n].settled {
+            return;
+        }
         let v = self.view_number;
         if v > self.nodes[n].promotions.mine()
             && !self.owns_settling_copies(n)
@@ -3002,15 +3108,14 @@ impl World {
         let r = self.cfg.replication;
         let now = self.instant();
         // A link opens with a reset of what the peer knew of this node,
-        // then its interest (`links`).
+        // then its interest (`links`: whether it serves or not; a node
+        // that does not serve has no sessions, so none).
         let mut frames = vec![Frame::Reset];
-        if self.serves(from) {
-            for filter in self.nodes[from].core.local_interest() {
-                frames.push(Frame::Interest {
-                    filter,
-                    gained: true,
-                });
-            }
+        for filter in self.nodes[from].core.local_interest() {
+            frames.push(Frame::Interest {
+                filter,
+                gained: true,
+            });
         }
         // Every retained message, deletions included.
         for (topic, message, version) in self.nodes[from].core.retained_all() {
@@ -3306,7 +3411,12 @@ impl World {
     /// rejoined in the last 1.5 s, `n` in the view and not the sole holder
     /// of a state store key's last value. Counted as skipped if not.
     fn may_cut_off(&mut self, n: usize) -> bool {
-        let down = self.nodes.iter().any(|n| !n.up) || self.link_cut_elsewhere();
+        // A node stopping gracefully counts as down, as for a crash: until
+        // it has gone and the others' ticks have re-chained its sessions'
+        // copies, some have one copy left (found once each node re-chains
+        // at its own tick: a hang 2 ms after the view dropped a leaving
+        // node took the only copy with it).
+        let down = self.nodes.iter().any(|n| !n.up || n.leaving) || self.link_cut_elsewhere();
         let recent = self.now < self.last_join + 1_500 * MS && self.last_join > 0;
         if down || recent || self.partitioned.is_some() || !self.view.contains(&n) {
             self.cov.crashes_skipped += 1;
@@ -3428,12 +3538,13 @@ impl World {
         for conn in conns {
             self.close(conn, true);
         }
-        // `serves_nothing`: peers still linked hear that it serves nothing
-        // now (a `SyncDone` after the link's snapshot). Not on a graceful
-        // stop, whose copies are promoted once the view drops it.
-        if self.nodes[n].leaving {
-            return;
-        }
+    }
+
+    /// `serves_nothing`: after a step down for a lost majority, peers
+    /// still linked hear that `n` serves nothing now (a `SyncDone` after
+    /// the link's snapshot). Not on a graceful stop, whose copies are
+    /// promoted once the view drops it.
+    fn serves_nothing(&mut self, n: usize) {
         for p in 0..self.nodes.len() {
             if p != n && self.linked(n, p) {
                 self.send_frame(n, p, &Frame::SyncDone);
@@ -3550,6 +3661,16 @@ impl World {
         node.snapshot_from.clear();
         node.store = StoreNode::new(&node.name);
         node.settled = false;
+        // A new process. With a data directory it starts from the view it
+        // had (the broker restores its last committed view: `Cluster::bind`);
+        // without one it has acted on no view yet.
+        if self.cfg.disk {
+            node.tick = tick::Tick::new(node.tick.view(), node.last_view.contains(&n));
+        } else {
+            node.tick = tick::Tick::new(0, false);
+            node.last_view.clear();
+        }
+        node.interest_covers = 0;
         node.disk.process_died();
         let conns: Vec<usize> = std::mem::take(&mut node.conns).into_values().collect();
         if self.cfg.raft {
@@ -3595,11 +3716,18 @@ impl World {
     // ---- invariants ------------------------------------------------------
 
     /// At most one node serves a client at a time.
+    ///
+    /// A node the committed view has dropped counts only once its own tick
+    /// has acted on that view (each node learns a view and steps down at
+    /// its own tick, as the broker's do): until then a hung node's client,
+    /// which reconnected elsewhere, still looks connected to it.
     fn check_holders(&mut self) {
+        let acted =
+            |n: usize| self.view.contains(&n) || self.nodes[n].tick.view() == self.view_number;
         for c in &self.clients {
-            let serving: Vec<&str> = self
-                .nodes
-                .iter()
+            let serving: Vec<&str> = (0..self.nodes.len())
+                .filter(|&n| acted(n))
+                .map(|n| &self.nodes[n])
                 .filter(|n| n.up && n.core.is_connected(&c.id))
                 .map(|n| n.name.as_str())
                 .collect();

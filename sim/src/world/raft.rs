@@ -178,24 +178,18 @@ impl World {
                 ticked.live
             );
         }
-        let quorum = ticked.quorum;
         self.raft_deliver(n, ticked.out);
         if !self.nodes[n].up || self.nodes[n].inc != inc {
             return;
         }
-        if ticked.lost_quorum {
-            self.step_down(n);
-        } else if quorum && self.nodes[n].stepped_down && self.view.contains(&n) {
-            // `serving`: in the view with a majority again.
-            self.cov.quorum_regained += 1;
-            self.nodes[n].stepped_down = false;
-        }
+        // The rest of `on_tick`, in its order.
+        self.cluster_tick(n, ticked.lost_quorum);
     }
 
     /// Node `n` and the peers it has open links with both ways (`observe`:
     /// its own link to the peer registered, after its snapshot, and the
     /// peer heard on the peer's).
-    fn observed(&self, n: usize) -> Vec<usize> {
+    pub(super) fn observed(&self, n: usize) -> Vec<usize> {
         (0..self.nodes.len())
             .filter(|&p| {
                 // A peer that said it is leaving is not heard
@@ -249,8 +243,10 @@ impl World {
         self.raft_deliver(to, out);
     }
 
-    /// A view committed by the Raft group: applied to every node at once
-    /// (`after_view` for each node that left, then for each that joined).
+    /// A view committed by the Raft group: installed on every node at once
+    /// (`after_view` for each node that left, then for each that joined);
+    /// each acts on it at its own next tick (`cluster_tick`: a node left
+    /// out steps down there).
     fn raft_view(&mut self, v: Committed) {
         if v.number <= self.raft_view_number {
             return;
@@ -274,10 +270,6 @@ impl World {
         let joined: Vec<usize> = live.difference(&self.view).copied().collect();
         for g in gone {
             self.view_leave(g);
-            if self.nodes[g].up {
-                // Newly left out of the view: it steps down.
-                self.step_down(g);
-            }
             if self.nodes[g].up && self.nodes[g].leaving {
                 // `leave` sees the view without it at its next tick and
                 // returns; the process exits.

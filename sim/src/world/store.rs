@@ -911,33 +911,31 @@ impl World {
     }
 
     /// `store_rechain` on every live node after a view change.
-    pub(super) fn store_rechain(&mut self) {
-        for n in 0..self.nodes.len() {
-            if !self.nodes[n].up {
-                continue;
-            }
-            let mut copies = self.nodes[n].store.store.copies(|_| true);
-            copies.sort_by(|a, b| a.key.cmp(&b.key));
-            for c in copies {
-                let chain = self.key_chain(&c.key);
-                let frame = Frame::StoreCopy {
-                    seq: 0,
-                    view: self.view_number,
-                    copy: Some(c),
-                };
-                for m in chain {
-                    if m != n && self.linked(n, m) {
-                        self.send_store(n, m, &frame);
-                    }
-                }
-            }
-            let synced = Frame::StoreSynced {
+    pub(super) fn store_rechain(&mut self, n: usize) {
+        if !self.nodes[n].up {
+            return;
+        }
+        let mut copies = self.nodes[n].store.store.copies(|_| true);
+        copies.sort_by(|a, b| a.key.cmp(&b.key));
+        for c in copies {
+            let chain = self.key_chain(&c.key);
+            let frame = Frame::StoreCopy {
+                seq: 0,
                 view: self.view_number,
+                copy: Some(c),
             };
-            for p in 0..self.nodes.len() {
-                if p != n && self.linked(n, p) {
-                    self.send_store(n, p, &synced);
+            for m in chain {
+                if m != n && self.linked(n, m) {
+                    self.send_store(n, m, &frame);
                 }
+            }
+        }
+        let synced = Frame::StoreSynced {
+            view: self.view_number,
+        };
+        for p in 0..self.nodes.len() {
+            if p != n && self.linked(n, p) {
+                self.send_store(n, p, &synced);
             }
         }
     }
