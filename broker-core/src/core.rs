@@ -2958,40 +2958,50 @@ mod tests {
         assert!(fx.forwards.is_empty());
     }
 
+    /// A persistent session of `id`, subscribed to `t/#` at QoS 2, with
+    /// no connection.
+    fn offline_subscriber(c: &mut Core, id: &str) {
+        let (tx, _rx) = outbox();
+        let conn = connect(c, id, false, Some(Duration::from_secs(3600)), 10, tx);
+        run2(c.subscribe(id, "t/#", sub(QoS::ExactlyOnce)));
+        run(c.disconnect(id, conn.conn));
+    }
+
+    /// How many messages `id`'s session holds queued.
+    fn queued_for(c: &Core, id: &str) -> usize {
+        c.export_session(id).unwrap().queued.len()
+    }
+
     /// A message a peer forwards again (another peer it went to died or
     /// refused it) reaches, on a node that had it first, only the sessions
     /// taken over since; on a node that never had it, every session but
     /// one whose copy carried it (given by the node it moved from).
     #[test]
     fn a_message_forwarded_again_reaches_only_sessions_that_cannot_have_it() {
-        let hour = Some(Duration::from_secs(3600));
-        let persistent = |c: &mut Core, id: &str| {
-            let (tx, _rx) = outbox();
-            let conn = connect(c, id, false, hour, 10, tx);
-            run2(c.subscribe(id, "t/#", sub(QoS::ExactlyOnce)));
-            run(c.disconnect(id, conn.conn));
-        };
-        let queued = |c: &Core, id: &str| c.export_session(id).unwrap().queued.len();
         let m = msg("t/x", QoS::ExactlyOnce, false, "again");
         // A node that had it first: "was-here" got it then.
         let mut here = Core::new();
-        persistent(&mut here, "was-here");
+        offline_subscriber(&mut here, "was-here");
         run(here.route_from_peer(m.clone(), &[]));
         std::thread::sleep(Duration::from_millis(2));
         let mut donor = Core::new();
-        persistent(&mut donor, "moved-in");
+        offline_subscriber(&mut donor, "moved-in");
         run(here
             .import_session("moved-in", donor.export_session("moved-in").unwrap())
             .unwrap());
         run(here.route_again_from_peer(m.clone(), &[]));
-        assert_eq!(queued(&here, "was-here"), 1, "given twice");
-        assert_eq!(queued(&here, "moved-in"), 1, "the moved session missed it");
+        assert_eq!(queued_for(&here, "was-here"), 1, "given twice");
+        assert_eq!(
+            queued_for(&here, "moved-in"),
+            1,
+            "the moved session missed it"
+        );
         // A node that never had it: a session whose copy's history holds
         // it (it was given and acknowledged where it was) does not get it.
         let mut other = Core::new();
         let mut gone = Core::new();
-        persistent(&mut gone, "had-it");
-        persistent(&mut gone, "missed-it");
+        offline_subscriber(&mut gone, "had-it");
+        offline_subscriber(&mut gone, "missed-it");
         for id in ["had-it", "missed-it"] {
             run(other
                 .import_session(id, gone.export_session(id).unwrap())
@@ -2999,9 +3009,9 @@ mod tests {
         }
         other.note_seen("had-it", HashSet::from([fingerprint(&m)]));
         run(other.route_again_from_peer(m, &[]));
-        assert_eq!(queued(&other, "had-it"), 0, "given twice after a move");
+        assert_eq!(queued_for(&other, "had-it"), 0, "given twice after a move");
         assert_eq!(
-            queued(&other, "missed-it"),
+            queued_for(&other, "missed-it"),
             1,
             "the moved session missed it"
         );
@@ -3015,16 +3025,8 @@ mod tests {
     /// clock earlier still) had it and does not get it twice.
     #[test]
     fn a_held_publish_reaches_the_sessions_imported_after_its_routing() {
-        let hour = Some(Duration::from_secs(3600));
-        let persistent = |c: &mut Core, id: &str| {
-            let (tx, _rx) = outbox();
-            let conn = connect(c, id, false, hour, 10, tx);
-            run2(c.subscribe(id, "t/#", sub(QoS::ExactlyOnce)));
-            run(c.disconnect(id, conn.conn));
-        };
-        let queued = |c: &Core, id: &str| c.export_session(id).unwrap().queued.len();
         let mut donor = Core::new();
-        persistent(&mut donor, "s");
+        offline_subscriber(&mut donor, "s");
         let t = Instant::now() + Duration::from_secs(1);
         let node = || {
             let mut c = Core::new();
@@ -3054,7 +3056,7 @@ mod tests {
         after.hold_for_copies(&[]);
         run(after.reforward(m, Vec::new(), &[], &[]));
         assert_eq!(
-            queued(&after, "s"),
+            queued_for(&after, "s"),
             1,
             "the session imported after it missed it"
         );
@@ -3063,10 +3065,10 @@ mod tests {
         let mut before = node();
         import(&mut before, t);
         let m = route(&mut before, t - Duration::from_millis(1));
-        assert_eq!(queued(&before, "s"), 1);
+        assert_eq!(queued_for(&before, "s"), 1);
         before.hold_for_copies(&[]);
         run(before.reforward(m, Vec::new(), &[], &[]));
-        assert_eq!(queued(&before, "s"), 1, "given twice");
+        assert_eq!(queued_for(&before, "s"), 1, "given twice");
     }
 
     /// A QoS 2 resend (DUP) of a message a peer forwarded here before
