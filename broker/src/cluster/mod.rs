@@ -1083,7 +1083,7 @@ impl Cluster {
             };
             if let (true, Some(core)) = (installed, core.as_deref_mut()) {
                 self.tell_reachable(core);
-                self.hold_for_copies(core);
+                self.hold_for_copies_in(core);
             }
         }
     }
@@ -1153,7 +1153,7 @@ impl Cluster {
                 tick::Step::ResendInterest => self.resend_interest(state),
                 tick::Step::HandOver => self.nodes_left(&t.last, state),
                 tick::Step::Promote => self.promote_owned(state),
-                tick::Step::HoldForCopies => self.hold_for_copies(&mut state.core()),
+                tick::Step::HoldForCopies => self.hold_for_copies(state),
                 tick::Step::NoteSynced => {
                     // Ready from now on (`ready`): its copies are promoted
                     // or held for.
