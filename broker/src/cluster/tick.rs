@@ -83,9 +83,10 @@ pub struct Tick {
 }
 
 impl Tick {
-    /// A node starting in view `view` (counted by it or not), serving.
-    /// A node starts serving: a node that comes back from a cut off its
-    /// peers does not need interest sent again on links that open anew.
+    /// A node starting in view `view` (counted by it or not), as serving:
+    /// a process that starts has told no peer anything yet, and each link
+    /// it opens sends its whole interest anyway, so its first tick sends
+    /// none again.
     pub fn new(view: u64, counted: bool) -> Self {
         Tick {
             view,
