@@ -2503,11 +2503,6 @@ mod tests {
 
     const GONE: Option<Duration> = Some(Duration::ZERO);
 
-    /// A publish routed right after a client reconnects, while its
-    /// CONNACK is being written, goes out once and behind what was queued
-    /// (connecting resumes the session under the same lock). It used to
-    /// go first, then again as a resent inflight message: a QoS 2
-    /// duplicate once its PUBREL had come in between.
     /// The counts a metrics scrape reads (connected clients,
     /// subscriptions) are kept as sessions change, not scanned: after
     /// every way a connection or a subscription comes and goes they agree
@@ -2568,6 +2563,11 @@ mod tests {
         check(&c, 0, 0);
     }
 
+    /// A publish routed right after a client reconnects, while its
+    /// CONNACK is being written, goes out once and behind what was queued
+    /// (connecting resumes the session under the same lock). It used to
+    /// go first, then again as a resent inflight message: a QoS 2
+    /// duplicate once its PUBREL had come in between.
     #[test]
     fn a_publish_routed_as_a_client_resumes_is_sent_once_in_order() {
         let mut c = Core::new();
