@@ -192,6 +192,9 @@ pub struct Coverage {
     /// Links from a holder to a node outside the view that broke (its
     /// copies wait for fresher ones before they may be promoted).
     pub copies_cut_off: u64,
+    /// Frames a node had sent when it crashed that its peers still read
+    /// before they saw its links drop.
+    pub frames_drained_at_crash: u64,
     /// Nodes cut off from the others (partitions), and of those, ones
     /// serving sessions, and ones in the middle of a QoS 2 exchange.
     pub partitions: u64,
@@ -322,6 +325,7 @@ impl Coverage {
             owed_batches,
             owed_released_by_resync,
             copies_cut_off,
+            frames_drained_at_crash,
             partitions,
             partitions_of_holder,
             partitions_mid_qos2,

@@ -3690,6 +3690,14 @@ impl World {
             // The client sees the reset quickly.
             self.send_down(conn, Down::Closed);
         }
+        // What it sent that is still on its way reaches its peers before
+        // they see its links drop: the broker's link reader applies what is
+        // buffered on a link before it reads the link's end
+        // (`links::read_link`), so a dead holder's last changes are never
+        // applied after its link was found lost. (Found by seed 45614: they
+        // came after a relayed copy that already had them had replaced the
+        // copy cut off from the holder, and were applied twice.)
+        self.deliver_in_flight_from(n);
         // Its peers see its links drop (a broken link of it is moot now).
         self.links_down.retain(|&(a, b)| a != n && b != n);
         self.early.retain(|&(a, b), _| a != n && b != n);
@@ -3711,6 +3719,23 @@ impl World {
                 2_000 * MS,
             );
         self.schedule_unordered(FAULTS | 1, back, Ev::Fault(Fault::Restart(n)));
+    }
+
+    /// Delivers now, in the order they were due, the frames dead node `n`
+    /// had sent that are still on their way.
+    fn deliver_in_flight_from(&mut self, n: usize) {
+        let keys: Vec<(Time, u64, u64)> = self
+            .queue
+            .iter()
+            .filter(|(_, ev)| matches!(ev, Ev::Frame { from, .. } if *from == n))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            if let Some(ev) = self.queue.remove(&k) {
+                self.cov.frames_drained_at_crash += 1;
+                self.handle(ev);
+            }
+        }
     }
 
     // ---- invariants ------------------------------------------------------

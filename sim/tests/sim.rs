@@ -82,12 +82,10 @@ const REGRESSIONS: &[(u64, Mutation, &str)] = &[
     // messages). Fixed by `chain::targets`. (First found at seeds 5 and 30;
     // since copies cut off from their holder wait for fresher ones
     // (`Replicas::unlinked_from`), putting it back is found by 5 seeds of
-    // 5,000.)
-    (
-        1313,
-        Mutation::JoinerMissesChanges,
-        "stale copy on a returning node",
-    ),
+    // 5,000; seed 1313 found it until a crashed node's frames still on
+    // their way were read before its links dropped, and its seed is now in
+    // `RAFT_REGRESSIONS`.)
+    //
     // A peer relayed a node's own session back to it; the node's snapshot
     // then sent that stale copy after the live one and replaced the fresh
     // copy on the peer. Fixed by `replicas::keeps_snapshot_copy`. (With
@@ -131,6 +129,9 @@ const PLAIN_REGRESSIONS: &[(u64, &str)] = &[
     // moved their timing off the bugs.
     (3290, "stale copy on a returning node"),
     (738, "relayed copy promoted stale"),
+    // Found `JoinerMissesChanges` until a crashed node's frames still on
+    // their way were read before its links dropped (`RAFT_REGRESSIONS`).
+    (1313, "stale copy on a returning node"),
 ];
 
 /// Seeds found once cluster links between live nodes broke in the runs
@@ -456,6 +457,16 @@ const RAFT_REGRESSIONS: &[(u64, Mutation, &str)] = &[
         4030,
         Mutation::RelayedCopyPromotedAtOnce,
         "relayed copy promoted stale",
+    ),
+    // Bug 1 (`REGRESSIONS`, above): a returning node promoted a stale
+    // copy, sent the session in its link snapshot but not the changes
+    // after it. Its seed there no longer reaches it since a crashed node's
+    // frames still on their way are read before its links drop; this one
+    // does (1 of the first 9,000 default seeds).
+    (
+        6186,
+        Mutation::JoinerMissesChanges,
+        "stale copy on a returning node",
     ),
     // (`RelayedWaitFromArrival`: a copy relayed to a returning node 3 s
     // before its holder hung was promoted at once when the view dropped
@@ -864,6 +875,10 @@ fn seeds_with_faults_keep_every_guarantee() {
             cov.owed_released_by_resync,
         ),
         ("returning nodes cut off from a holder", cov.copies_cut_off),
+        (
+            "frames a crashed node's peers read before its links dropped",
+            cov.frames_drained_at_crash,
+        ),
         ("partitions cutting a node off", cov.partitions),
         ("steps of one node's clock", cov.node_clock_steps),
         (
