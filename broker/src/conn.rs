@@ -685,6 +685,9 @@ struct Session {
     /// A PINGREQ came: its PINGRESP goes out at once, ahead of any reply
     /// still waiting for a commit.
     pong: bool,
+    /// The connection was detached and its mailbox forgotten in one step
+    /// ([`State::detach`]): nothing is left for `drop` to forget.
+    detached: bool,
     /// A 3.x client's QoS 2 PUBLISH over [`RECEIVE_MAXIMUM`] unreleased
     /// ones, and what it sent after it (acknowledgements and pings aside),
     /// waiting for its PUBRELs. Boxed: rare.
@@ -704,7 +707,9 @@ impl Drop for Session {
     /// However the connection's task ends (closed, or dropped when a node
     /// stops), the node forgets its mailbox.
     fn drop(&mut self) {
-        self.state.forget_mailbox(self.conn);
+        if !self.detached {
+            self.state.forget_mailbox(self.conn);
+        }
     }
 }
 
@@ -899,6 +904,7 @@ impl Session {
             waiting: None,
             stall: None,
             pong: false,
+            detached: false,
             held_back: None,
             acking: [0; 2],
             now: std::time::Instant::now(),
@@ -1560,10 +1566,9 @@ impl Session {
         let _ = stream.shutdown().await;
         let (id, conn) = (&self.client_id, self.conn);
         // Whether the session ends is read in the same step that detaches
-        // the connection: one lock.
-        let (session_ended, _) = self
-            .state
-            .ask(|core| (core.ends_with_connection(id), core.disconnect(id, conn)));
+        // the connection and forgets its mailbox: one lock.
+        let (session_ended, _) = self.state.detach(id, conn);
+        self.detached = true;
         // Key notifications last as long as the client's session.
         if session_ended {
             match self.state.cluster() {
@@ -1711,6 +1716,51 @@ mod tests {
             properties: Properties::default(),
             payload: bytes::Bytes::from_static(b"x"),
         })
+    }
+
+    /// However a connection ends (a DISCONNECT, the client gone, a
+    /// protocol violation), the node forgets its mailbox: none is left
+    /// behind for a connection that is gone.
+    #[tokio::test]
+    async fn every_ended_connection_forgets_its_mailbox() {
+        let state = Arc::new(State::new(
+            Core::new(),
+            Auth::open(),
+            Arc::new(crate::effects::LocalLog::default()),
+        ));
+        let v = ProtocolVersion::V5;
+        let mut clean = client(&state, v, "clean").await;
+        let lost = client(&state, v, "lost").await;
+        let mut bad = client(&state, v, "bad").await;
+        assert_eq!(state.mailbox_count(), 3);
+        clean
+            .send(Packet::Disconnect(Disconnect::new(ReasonCode::SUCCESS)))
+            .await;
+        assert_eq!(clean.recv().await, None, "closed after its DISCONNECT");
+        drop(lost);
+        // A second CONNECT is a protocol violation.
+        let again = Connect {
+            version: v,
+            bridge: false,
+            clean_start: true,
+            keep_alive: 5,
+            properties: Properties::default(),
+            client_id: MqttStr::try_from("bad").expect("id"),
+            will: None,
+            username: None,
+            password: None,
+        };
+        bad.send(Packet::Connect(Box::new(again))).await;
+        while let Some(p) = bad.recv().await {
+            assert!(matches!(p, Packet::Disconnect(_)), "{p:?}");
+        }
+        let gone = tokio::time::timeout(Duration::from_secs(10), async {
+            while state.mailbox_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(gone.is_ok(), "{} mailboxes left", state.mailbox_count());
     }
 
     /// A publisher waiting for a commit still gets its PINGRESPs (a

@@ -395,9 +395,29 @@ impl State {
         })
     }
 
+    /// Detaches connection `conn` from `client_id`'s session
+    /// ([`Core::disconnect`]) and forgets its mailbox, in one step under the
+    /// core's lock; answers whether the session ended with it. A
+    /// connection's normal end: one lock, where a disconnect and a
+    /// [`State::forget_mailbox`] take two.
+    pub fn detach(&self, client_id: &str, conn: u64) -> (bool, Committed) {
+        self.locked(|guard| {
+            let ended = guard.ends_with_connection(client_id);
+            let fx = guard.disconnect(client_id, conn);
+            guard.0.mailboxes.remove(&conn);
+            (ended, fx)
+        })
+    }
+
     /// Forgets connection `conn`'s mailbox, once its task is done with it.
     pub fn forget_mailbox(&self, conn: u64) {
         self.locked_untimed().0.mailboxes.remove(&conn);
+    }
+
+    /// How many mailboxes the node keeps (one per connection task alive).
+    #[cfg(test)]
+    pub(crate) fn mailbox_count(&self) -> usize {
+        self.locked_untimed().0.mailboxes.len()
     }
 
     /// The mailboxes of the connected clients not yet asked to close, for
