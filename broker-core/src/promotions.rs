@@ -64,6 +64,12 @@ impl Promotions {
         *v = (*v).max(view);
     }
 
+    /// Whether `peer` has said, on its current link, that it promoted its
+    /// copies for `view` (or a later one).
+    pub fn said(&self, peer: NodeId, view: u64) -> bool {
+        self.peers.get(&peer).is_some_and(|v| *v >= view)
+    }
+
     /// `peer`'s link opened again: its word comes again after the link's
     /// snapshot (after its interest).
     pub fn relinked(&mut self, peer: NodeId) {

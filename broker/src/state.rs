@@ -507,6 +507,10 @@ impl CoreGuard<'_> {
     /// The mailboxes of `sends`' connections, in order (items for
     /// connections that are gone are dropped); reuses the list's memory.
     fn resolve(&self, sends: Vec<(u64, Outgoing)>) -> Vec<(Arc<Outbox>, Outgoing)> {
+        if sends.is_empty() {
+            // Most connects and disconnects, and publishes no one gets.
+            return Vec::new();
+        }
         sends
             .into_iter()
             .filter_map(|(c, o)| self.0.mailboxes.get(&c).map(|b| (b.clone(), o)))

@@ -353,6 +353,15 @@ struct Node {
     tick: tick::Tick,
     /// The view its last tick acted on: the hand-over compares with it.
     last_view: BTreeSet<usize>,
+    /// The view installed on it (`Cluster::view`, installed by
+    /// `Cluster::deliver`): with Raft, the last one its own Raft member
+    /// committed, so nodes learn a view one by one (a node cut off or hung
+    /// learns it only once it hears the leader again); with the oracle,
+    /// the view, on every node at once. Before any (a process started
+    /// without a data directory), itself alone, numbered 0, as the
+    /// broker's `Cluster::bind` starts it.
+    view: BTreeSet<usize>,
+    view_number: u64,
     /// The last batch its interest was sent whole after (a tick back in
     /// service: `resend_interest`): interest entries up to it are not
     /// sent again.
@@ -601,6 +610,8 @@ impl World {
                 settled: true,
                 tick: tick::Tick::new(1, true),
                 last_view: (0..cfg.nodes).collect(),
+                view: (0..cfg.nodes).collect(),
+                view_number: 1,
                 interest_covers: 0,
             })
             .collect::<Vec<_>>();
@@ -772,13 +783,19 @@ impl World {
             .collect()
     }
 
-    /// `client`'s chain in the current view: owner first.
+    /// `client`'s chain in the cluster's view: owner first (where the
+    /// balancer sends the client).
     fn chain(&self, client: &str) -> Vec<usize> {
-        let view: Vec<&str> = self
-            .view
-            .iter()
-            .map(|&n| self.nodes[n].name.as_str())
-            .collect();
+        self.chain_in(&self.view, client)
+    }
+
+    /// `client`'s chain in the view installed on node `n`: owner first.
+    fn chain_on(&self, n: usize, client: &str) -> Vec<usize> {
+        self.chain_in(&self.nodes[n].view, client)
+    }
+
+    fn chain_in(&self, view: &BTreeSet<usize>, client: &str) -> Vec<usize> {
+        let view: Vec<&str> = view.iter().map(|&n| self.nodes[n].name.as_str()).collect();
         let chain = mqlb_broker_core::chain::chain(client, &view, self.cfg.replication);
         chain
             .into_iter()
@@ -794,15 +811,15 @@ impl World {
     /// chain, and linked peers the view does not count yet whose chain it
     /// would be in.
     fn targets(&self, node: usize, client: &str) -> Vec<usize> {
-        let view: Vec<&str> = self
-            .view
+        let installed = &self.nodes[node].view;
+        let view: Vec<&str> = installed
             .iter()
             .map(|&n| self.nodes[n].name.as_str())
             .collect();
         let joining: Vec<&str> = self.nodes[node]
             .covers
             .keys()
-            .filter(|m| !self.view.contains(m) && self.nodes[**m].up)
+            .filter(|m| !installed.contains(m) && self.nodes[**m].up)
             .map(|&m| self.nodes[m].name.as_str())
             .collect();
         mqlb_broker_core::chain::targets(client, &view, &joining, self.cfg.replication)
@@ -813,6 +830,11 @@ impl World {
 
     fn owner(&self, client: &str) -> Option<usize> {
         self.chain(client).first().copied()
+    }
+
+    /// `client`'s owner in the view installed on node `n`.
+    fn owner_on(&self, n: usize, client: &str) -> Option<usize> {
+        self.chain_on(n, client).first().copied()
     }
 
     /// `Cluster::live_holder` on node `n`: the holder its copy of
@@ -827,7 +849,7 @@ impl World {
     /// holder that has said it is leaving counts until the view drops it).
     fn holder_live(&self, n: usize, h: u32) -> bool {
         let h = h as usize;
-        h != n && self.view.contains(&h)
+        h != n && self.nodes[n].view.contains(&h)
     }
 
     fn instant(&self) -> Instant {
@@ -1538,7 +1560,7 @@ impl World {
         if !self.nodes[node].core.has_session(&id) {
             let to = self
                 .live_holder(node, &id)
-                .or_else(|| self.owner(&id).filter(|&o| o != node));
+                .or_else(|| self.owner_on(node, &id).filter(|&o| o != node));
             if let Some(h) = to {
                 self.cov.relays += 1;
                 // A relayed client waits for its target's readiness too
@@ -2074,7 +2096,8 @@ impl World {
                     .get(&m)
                     .copied()
                     .filter(|_| self.linked(node, m));
-                match mqlb_broker_core::chain::delivery(log_seq, covers, self.view.contains(&m)) {
+                let counted = self.nodes[node].view.contains(&m);
+                match mqlb_broker_core::chain::delivery(log_seq, covers, counted) {
                     Delivery::Send => {
                         self.send_frame(node, m, &frame);
                         *left.entry(id).or_insert(0) += 1;
@@ -2211,12 +2234,16 @@ impl World {
                         self.nodes[from].name == holder,
                         holder_at.map(node_id),
                         || Relay {
-                            holder_in_view: holder_at.is_some_and(|h| self.view.contains(&h)),
+                            holder_in_view: self.nodes[to].view_number == 0
+                                || holder_at.is_some_and(|h| self.nodes[to].view.contains(&h)),
                             serving: self.nodes[to].core.has_session(&client),
                         },
                     );
                     let now = self.instant();
                     let inc = self.nodes[to].inc;
+                    let relayed_copy = seq == 0 && replaces && self.nodes[from].name != holder;
+                    let before = self.nodes[to].replicas.held(&client);
+                    let from_name = self.nodes[from].name.clone();
                     let n = &mut self.nodes[to];
                     let Arriving::Taken {
                         in_holders_snapshot,
@@ -2224,9 +2251,23 @@ impl World {
                         interest,
                     } = n.replicas.arrive(&client, &arrival, node_id(to), || now)
                     else {
+                        if self.trace && relayed_copy {
+                            println!(
+                                "{:>10.3}ms {} drops {client}'s copy relayed by {from_name} (its own: {before:?})",
+                                self.now as f64 / 1000.0,
+                                n.name,
+                            );
+                        }
                         // Dropped, with the prints that came with it.
                         continue;
                     };
+                    if self.trace && relayed_copy {
+                        println!(
+                            "{:>10.3}ms {} takes {client}'s copy relayed by {from_name} (its own: {before:?})",
+                            self.now as f64 / 1000.0,
+                            n.name,
+                        );
+                    }
                     if in_holders_snapshot {
                         if let Some(set) = n.snapshot_from.get_mut(&from) {
                             set.insert(client.clone());
@@ -2452,7 +2493,7 @@ impl World {
         again: bool,
     ) {
         let decided = forwards::forwarded(self.serves(to), message.qos, again, || {
-            self.view.contains(&from)
+            self.nodes[to].view_number == 0 || self.nodes[to].view.contains(&from)
         });
         let again = match decided {
             Forwarded::Route { again } => again,
@@ -2597,14 +2638,14 @@ impl World {
             .filter(|&p| p != n)
             .map(|p| departures::Peer {
                 id: node_id(p),
-                in_view: self.view.contains(&p),
+                in_view: self.nodes[n].view.contains(&p),
                 linked: self.linked(n, p),
                 // Frames come on the peer's own link; one that said it is
                 // leaving is not heard (`Peers::hears`).
                 heard: self.linked(p, n) && !self.nodes[p].announced,
             })
             .collect();
-        let d = departures::at_tick(self.view_number, peers);
+        let d = departures::at_tick(self.nodes[n].view_number, peers);
         if !d.moved.is_empty() && self.takeover_done(n) {
             for &peer in &d.moved {
                 self.nodes[n].core.forget_peer(peer);
@@ -2641,12 +2682,13 @@ impl World {
     /// `takeover_done`: every view member reachable, and every one (this
     /// node too) has said it promoted its copies for this view.
     fn takeover_done(&self, n: usize) -> bool {
-        let reachable = self.view.iter().all(|&m| m == n || self.linked(n, m));
+        let view = &self.nodes[n].view;
+        let reachable = view.iter().all(|&m| m == n || self.linked(n, m));
         let owns_unpromoted = reachable && self.owns_unpromoted_copies(n);
         self.nodes[n].promotions.takeover_done(
-            self.view_number,
+            self.nodes[n].view_number,
             node_id(n),
-            self.view.iter().map(|&m| node_id(m)),
+            view.iter().map(|&m| node_id(m)),
             reachable,
             owns_unpromoted,
         )
@@ -2655,13 +2697,16 @@ impl World {
     /// `hold_for_takeover`'s wait, then `Core::reforward`.
     fn release_held(&mut self, n: usize) {
         let pending = self.nodes[n].held.take();
-        let unsettled = self.view.iter().any(|&m| m != n && !self.linked(n, m));
+        let unsettled = self.nodes[n]
+            .view
+            .iter()
+            .any(|&m| m != n && !self.linked(n, m));
         let pass = Release {
             now: self.instant(),
             settled: !unsettled && self.takeover_done(n),
             patience: mqlb_broker::cluster::TAKEOVER_WITHIN,
         };
-        let view: Vec<u32> = self.view.iter().map(|&m| node_id(m)).collect();
+        let view: Vec<u32> = self.nodes[n].view.iter().map(|&m| node_id(m)).collect();
         let kept = held::release(
             pending,
             pass,
@@ -2676,7 +2721,7 @@ impl World {
                     }
                     HeldAs::Again { mut exclude, .. } => {
                         self.cov.reforwards += 1;
-                        let alive: Vec<u32> = self
+                        let alive: Vec<u32> = self.nodes[n]
                             .view
                             .iter()
                             .filter(|&&m| m != n && self.linked(n, m))
@@ -2684,7 +2729,7 @@ impl World {
                             .collect();
                         exclude.extend(
                             (0..self.nodes.len())
-                                .filter(|m| !self.view.contains(m))
+                                .filter(|m| !self.nodes[n].view.contains(m))
                                 .map(node_id),
                         );
                         if self.trace {
@@ -2724,17 +2769,23 @@ impl World {
     /// that the view counts.
     fn update_reachable(&mut self) {
         for n in 0..self.nodes.len() {
-            if !self.nodes[n].up {
-                continue;
-            }
-            let peers: Vec<u32> = self
-                .view
-                .iter()
-                .filter(|&&m| m != n && self.linked(n, m))
-                .filter_map(|&m| u32::try_from(m).ok())
-                .collect();
-            self.nodes[n].core.set_reachable(peers);
+            self.update_reachable_on(n);
         }
+    }
+
+    /// `Core::set_reachable` on node `n`: the peers it links to that its
+    /// view counts.
+    fn update_reachable_on(&mut self, n: usize) {
+        if !self.nodes[n].up {
+            return;
+        }
+        let peers: Vec<u32> = self.nodes[n]
+            .view
+            .iter()
+            .filter(|&&m| m != n && self.linked(n, m))
+            .filter_map(|&m| u32::try_from(m).ok())
+            .collect();
+        self.nodes[n].core.set_reachable(peers);
     }
 
     // ---- the cluster (view, promotion, re-chaining) ----------------------
@@ -2773,11 +2824,34 @@ impl World {
     fn after_view(&mut self) {
         self.cov.view_changes += 1;
         self.view_number += 1;
-        self.update_reachable();
         for n in 0..self.nodes.len() {
-            if self.nodes[n].up {
-                self.hold_for_copies(n);
-            }
+            self.install(n, self.view.clone(), self.view_number);
+        }
+    }
+
+    /// `Cluster::deliver` on node `n`: a view committed, `number`, with
+    /// `members`, installed if it is newer than the one it has; from that
+    /// moment publishes for the copies it orphans here are held, and the
+    /// core is told whom it reaches. A node stopping gracefully exits at
+    /// its tick after a view without it (`Cluster::leave`).
+    fn install(&mut self, n: usize, members: BTreeSet<usize>, number: u64) {
+        if !self.nodes[n].up || number <= self.nodes[n].view_number {
+            return;
+        }
+        let dropped_me = !members.contains(&n);
+        self.nodes[n].view = members;
+        self.nodes[n].view_number = number;
+        self.update_reachable_on(n);
+        self.hold_for_copies(n);
+        // Promotions wait for the leader to confirm it is the newest.
+        self.ask_current(n);
+        if dropped_me && self.nodes[n].leaving {
+            let inc = self.nodes[n].inc;
+            self.schedule(
+                stop_stream(n),
+                raft::micros(mqlb_broker::cluster::consensus::TICK),
+                Ev::StopExit { node: n, inc },
+            );
         }
     }
 
@@ -2791,8 +2865,8 @@ impl World {
         }
         let serving = self.serving(n);
         let facts = tick::Facts {
-            view: self.view_number,
-            counted: self.view.contains(&n),
+            view: self.nodes[n].view_number,
+            counted: self.nodes[n].view.contains(&n),
             lost_quorum,
             leaving: self.nodes[n].leaving,
             serving,
@@ -2827,7 +2901,7 @@ impl World {
                 }
             }
         }
-        self.nodes[n].last_view = self.view.clone();
+        self.nodes[n].last_view = self.nodes[n].view.clone();
     }
 
     /// `Cluster::serving` on `n`: counted by the view, not leaving, and
@@ -2835,7 +2909,7 @@ impl World {
     fn serving(&self, n: usize) -> bool {
         let quorum = self.nodes.len() / 2 + 1;
         self.nodes[n].up
-            && self.view.contains(&n)
+            && self.nodes[n].view.contains(&n)
             && !self.nodes[n].leaving
             && self.observed(n).len() >= quorum
     }
@@ -2849,7 +2923,7 @@ impl World {
     fn hand_over(&mut self, n: usize) {
         let left: Vec<usize> = self.nodes[n]
             .last_view
-            .difference(&self.view)
+            .difference(&self.nodes[n].view)
             .copied()
             .collect();
         if left.is_empty() {
@@ -2875,7 +2949,7 @@ impl World {
             &node.replicas,
             &node.seen,
             &ids,
-            |client| self.owner(client).filter(|&o| o != n).map(node_id),
+            |client| self.owner_on(n, client).filter(|&o| o != n).map(node_id),
             |h| self.nodes.get(h as usize).map(|h| h.name.clone()),
             now,
         );
@@ -2894,7 +2968,7 @@ impl World {
         let node = &self.nodes[n];
         let rechain = handover::rechain(&node.core, &node.seen, now);
         for (client, seen) in &rechain.seen {
-            for m in self.chain(client) {
+            for m in self.chain_on(n, client) {
                 if m != n && self.linked(n, m) {
                     self.send_frame(n, m, seen);
                 }
@@ -2940,11 +3014,44 @@ impl World {
         let now = self.instant();
         let owned = self.nodes[n].replicas.to_promote(
             now,
-            |c| self.owner(c) == Some(n),
+            |c| self.owner_on(n, c) == Some(n),
             |h| self.holder_live(n, h),
         );
+        if owned.is_empty() || !self.view_is_current(n) {
+            return;
+        }
         for c in owned {
             self.promote(n, &c);
+        }
+    }
+
+    /// `Cluster::view_is_current` on `n`: with Raft, whether the leader
+    /// has confirmed that the view `n` holds is the newest (asked again if
+    /// not, for the next tick); the oracle's view always is.
+    fn view_is_current(&mut self, n: usize) -> bool {
+        let Some(raft) = self.nodes[n].raft.as_ref() else {
+            return true;
+        };
+        if raft.consensus.current() {
+            return true;
+        }
+        if self.trace {
+            println!(
+                "{:>10.3}ms {} waits for its view #{} to be confirmed current",
+                self.now as f64 / 1000.0,
+                self.nodes[n].name,
+                self.nodes[n].view_number
+            );
+        }
+        self.ask_current(n);
+        false
+    }
+
+    /// `Cluster::ask_current` on `n`.
+    fn ask_current(&mut self, n: usize) {
+        if let Some(raft) = self.nodes[n].raft.as_mut() {
+            let out = raft.consensus.ask_current();
+            self.raft_deliver(n, out);
         }
     }
 
@@ -2955,7 +3062,7 @@ impl World {
         if !self.ready(n) || !self.nodes[n].settled {
             return;
         }
-        let v = self.view_number;
+        let v = self.nodes[n].view_number;
         if v > self.nodes[n].promotions.mine()
             && !self.owns_settling_copies(n)
             && !self.owns_unpromoted_copies(n)
@@ -2982,15 +3089,28 @@ impl World {
 
     fn unpromoted_copies(&self, n: usize) -> Vec<String> {
         self.nodes[n].replicas.orphans_owned(
-            |c| self.owner(c) == Some(n),
-            |h| h as usize != n && self.view.contains(&(h as usize)),
+            |c| self.owner_on(n, c) == Some(n),
+            |h| h as usize != n && self.nodes[n].view.contains(&(h as usize)),
         )
     }
 
-    /// `on_tick`: publishes matching copies `n` owns and has not promoted
-    /// are held (`unpromoted_filters`, `Core::hold_for_copies`).
+    /// `copies_to_hold` on `n`: the orphans it owns, and those another
+    /// member owns that has not said it promoted its copies for the view.
+    fn copies_to_hold(&self, n: usize) -> Vec<String> {
+        let node = &self.nodes[n];
+        self.nodes[n].replicas.orphans_owned(
+            |c| match self.owner_on(n, c) {
+                Some(o) if o != n => !node.promotions.said(node_id(o), node.view_number),
+                _ => true,
+            },
+            |h| h as usize != n && node.view.contains(&(h as usize)),
+        )
+    }
+
+    /// `on_tick`: publishes matching copies whose takeover is not done are
+    /// held (`unpromoted_filters`, `Core::hold_for_copies`).
     fn hold_for_copies(&mut self, n: usize) {
-        let copies = self.unpromoted_copies(n);
+        let copies = self.copies_to_hold(n);
         let mut filters: Vec<String> = copies
             .iter()
             .flat_map(|c| self.nodes[n].replicas.filters(c))
@@ -3015,7 +3135,7 @@ impl World {
     fn owns_settling_copies(&self, n: usize) -> bool {
         self.nodes[n].replicas.owns_settling(
             self.instant(),
-            |c| self.owner(c) == Some(n),
+            |c| self.owner_on(n, c) == Some(n),
             |h| self.holder_live(n, h),
         )
     }
@@ -3043,7 +3163,7 @@ impl World {
         }
         // `links::link_down`: a node outside the view, which `g` streamed
         // to without waiting for it, may miss what `g` committed meanwhile.
-        if !self.view.contains(&n) {
+        if self.nodes[n].view_number == 0 || !self.nodes[n].view.contains(&n) {
             self.cov.copies_cut_off += 1;
             self.nodes[n].replicas.unlinked_from(node_id(g));
         }
@@ -3051,7 +3171,7 @@ impl World {
             // `replication::unlinked`: a member of the view is owed what it
             // missed; one the view dropped is waited for no more. Either
             // way the publishes forwarded to it come back.
-            let released = if self.view.contains(&g) {
+            let released = if self.nodes[n].view.contains(&g) {
                 self.nodes[n].waits.unlinked(node_id(g))
             } else {
                 self.nodes[n].waits.lost(&[node_id(g)])
@@ -3082,8 +3202,11 @@ impl World {
     /// `Cluster::ready`: in the view, with the snapshot of every live
     /// member (the failure detector's dead ones excepted).
     fn ready(&self, n: usize) -> bool {
+        // (`serving_in_view`: a committed view, not the one a process
+        // starts with.)
         self.serves(n)
-            && self
+            && self.nodes[n].view_number > 0
+            && self.nodes[n]
                 .view
                 .iter()
                 .all(|&p| p == n || !self.nodes[p].up || self.nodes[n].synced.contains(&p))
@@ -3101,7 +3224,7 @@ impl World {
             return;
         }
         self.opening.remove(&(from, to));
-        let mut members: Vec<usize> = self.view.iter().copied().collect();
+        let mut members: Vec<usize> = self.nodes[from].view.iter().copied().collect();
         if !members.contains(&to) {
             members.push(to);
         }
@@ -3214,6 +3337,11 @@ impl World {
                 }
                 self.nodes[n].up = true;
                 self.cov.restarts += 1;
+                if !self.cfg.raft {
+                    // The oracle's view is every node's at once.
+                    self.nodes[n].view = self.view.clone();
+                    self.nodes[n].view_number = self.view_number;
+                }
                 self.recover(n);
                 // Links open both ways; each side sends its snapshot.
                 for p in 0..self.nodes.len() {
@@ -3556,7 +3684,7 @@ impl World {
     /// and not stepped down.
     fn serves(&self, n: usize) -> bool {
         self.nodes[n].up
-            && self.view.contains(&n)
+            && self.nodes[n].view.contains(&n)
             && !self.nodes[n].stepped_down
             && !self.nodes[n].leaving
     }
@@ -3669,6 +3797,8 @@ impl World {
         } else {
             node.tick = tick::Tick::new(0, false);
             node.last_view.clear();
+            node.view = BTreeSet::from([n]);
+            node.view_number = 0;
         }
         node.interest_covers = 0;
         node.disk.process_died();
@@ -3742,13 +3872,17 @@ impl World {
 
     /// At most one node serves a client at a time.
     ///
-    /// A node the committed view has dropped counts only once its own tick
-    /// has acted on that view (each node learns a view and steps down at
-    /// its own tick, as the broker's do): until then a hung node's client,
-    /// which reconnected elsewhere, still looks connected to it.
+    /// A node the cluster's view has dropped counts only once it has
+    /// installed that view and its own tick has acted on it (each node
+    /// learns a view from its own Raft member and steps down at its own
+    /// tick, as the broker's do): until then a hung node's client, which
+    /// reconnected elsewhere, still looks connected to it.
     fn check_holders(&mut self) {
-        let acted =
-            |n: usize| self.view.contains(&n) || self.nodes[n].tick.view() == self.view_number;
+        let acted = |n: usize| {
+            let node = &self.nodes[n];
+            self.view.contains(&n)
+                || (node.view_number >= self.view_number && node.tick.view() == node.view_number)
+        };
         for c in &self.clients {
             let serving: Vec<&str> = (0..self.nodes.len())
                 .filter(|&n| acted(n))
@@ -3815,11 +3949,13 @@ impl World {
         if self.trace {
             for (i, n) in self.nodes.iter().enumerate() {
                 println!(
-                    "end: {} up={} view={:?} v#={} promotions={:?} held={} ready={} synced={:?} waits={}",
+                    "end: {} up={} view={:?} v#={} installed={:?} #{} promotions={:?} held={} ready={} synced={:?} waits={}",
                     n.name,
                     n.up,
                     self.view,
                     self.view_number,
+                    n.view,
+                    n.view_number,
                     n.promotions,
                     n.held.len(),
                     self.ready(i),

@@ -384,6 +384,15 @@ pub struct Consensus {
     rng: fastrand::Rng,
     /// The (term, role) and election timeout this node last drew one for.
     timeout: ((u64, StateRole), usize),
+    /// Ticks so far: how old an ask is ([`Consensus::current`]).
+    ticks: u64,
+    /// The last ask whether this node's view is current: its number and
+    /// the tick it was made at.
+    asked: (u64, u64),
+    /// The newest answer: the ask's number, the tick it was made at, and
+    /// the index the leader had committed when a majority confirmed its
+    /// leadership.
+    confirmed: Option<(u64, u64, u64)>,
 }
 
 /// What a state file holds.
@@ -617,6 +626,9 @@ impl Consensus {
             failed: None,
             rng: fastrand::Rng::with_seed(seed),
             timeout: ((u64::MAX, StateRole::Follower), 0),
+            ticks: 0,
+            asked: (0, 0),
+            confirmed: None,
         };
         c.own_timeout();
         Ok(c)
@@ -787,8 +799,35 @@ impl Consensus {
 
     /// Advances time by one [`TICK`].
     pub fn tick(&mut self) -> Output {
+        self.ticks += 1;
         self.node.tick();
         self.ready()
+    }
+
+    /// Asks the leader how far the log is committed, confirmed by a
+    /// heartbeat round to a majority (Raft's ReadIndex): once this node has
+    /// applied that far, the view it holds was the newest one when the
+    /// majority answered ([`Consensus::current`]). A node that cannot reach
+    /// the leader, or has none yet, gets no answer.
+    pub fn ask_current(&mut self) -> Output {
+        let id = self.asked.0 + 1;
+        self.asked = (id, self.ticks);
+        self.node.read_index(id.to_be_bytes().to_vec());
+        self.ready()
+    }
+
+    /// Whether the view this node holds is known to be the newest: an ask
+    /// made at this tick or the one before was answered, and this node has
+    /// applied the log as far as the answer said it was committed. A node
+    /// acting on a view that is not (restarted from its data directory
+    /// before the leader caught it up, or cut off from the leader while it
+    /// still hears a majority) would take over sessions that a node of a
+    /// newer view serves (found by the simulator, once each node learned
+    /// views from its own Raft member).
+    pub fn current(&self) -> bool {
+        self.confirmed.is_some_and(|(_, at, index)| {
+            at + 1 >= self.ticks && lock(&self.applied).index >= index
+        })
     }
 
     /// Takes a message from the peer named `from` (the link says who it is).
@@ -927,6 +966,9 @@ impl Consensus {
         }
         let before = self.view().number;
         let mut rd = self.node.ready();
+        for rs in rd.take_read_states() {
+            self.answered(&rs.request_ctx, rs.index);
+        }
         if let Some(ss) = rd.ss() {
             let leader = self.names.get(&ss.leader_id).map_or("none", String::as_str);
             // An election's steps (pre-candidate, candidate, no leader
@@ -994,6 +1036,21 @@ impl Consensus {
             out.view = Some(view);
         }
         out
+    }
+
+    /// Notes the leader's answer to ask `ctx` (its number): committed up
+    /// to `index`. A later ask's answer replaces an earlier one's.
+    fn answered(&mut self, ctx: &[u8], index: u64) {
+        let Ok(id) = <[u8; 8]>::try_from(ctx).map(u64::from_be_bytes) else {
+            return;
+        };
+        if id > self.asked.0 || self.confirmed.is_some_and(|(c, _, _)| c > id) {
+            return;
+        }
+        // The tick it was asked at: only the last ask's is kept, an
+        // earlier one's is at most as recent.
+        let at = if id == self.asked.0 { self.asked.1 } else { 0 };
+        self.confirmed = Some((id, at, index));
     }
 
     fn learn_names(&mut self, view: &Committed) {
@@ -1178,6 +1235,51 @@ mod tests {
         let views: Vec<Committed> = nodes.values().map(Consensus::view).collect();
         assert!(views.iter().all(|v| *v == views[0]), "{views:?}");
         assert_eq!(views[0].live, live);
+    }
+
+    /// A view is current only once the leader has confirmed, through a
+    /// majority, how far the log is committed, and the node has applied
+    /// that far, for an ask of this tick or the one before: a node cut off
+    /// from the leader, or back blank before the leader caught it up, is
+    /// not, so it takes over no session a newer view gave another node.
+    #[test]
+    fn a_view_is_current_once_the_leader_confirmed_it() {
+        let (mut nodes, all) = settled();
+        let leader = pick(&nodes, true);
+        let follower = pick(&nodes, false);
+        assert!(!nodes[&follower].current(), "never asked");
+        // Asked: the answer comes through the leader.
+        let out = nodes.get_mut(&follower).expect("node").ask_current();
+        pump(&mut nodes, sent(&follower, out), &[]);
+        assert!(nodes[&follower].current());
+        // The leader asks itself (a heartbeat round to a majority).
+        let out = nodes.get_mut(&leader).expect("node").ask_current();
+        pump(&mut nodes, sent(&leader, out), &[]);
+        assert!(nodes[&leader].current());
+        // Two ticks later the answer is too old.
+        tick_all(&mut nodes, &[], &all);
+        tick_all(&mut nodes, &[], &all);
+        assert!(!nodes[&follower].current(), "a stale answer");
+        // Cut off from the leader and its peer: asked, never answered.
+        let out = nodes.get_mut(&follower).expect("node").ask_current();
+        let others: Vec<String> = nodes.keys().filter(|n| **n != follower).cloned().collect();
+        let others: Vec<&str> = others.iter().map(String::as_str).collect();
+        pump(&mut nodes, sent(&follower, out), &others);
+        assert!(!nodes[&follower].current(), "no leader heard");
+        // Back blank: not current until the leader has caught it up (its
+        // ask is answered with an index it has not applied yet, or not at
+        // all before it knows the leader).
+        restart_blank(&mut nodes, &follower);
+        let out = nodes.get_mut(&follower).expect("node").ask_current();
+        pump(&mut nodes, sent(&follower, out), &[]);
+        assert!(!nodes[&follower].current(), "blank, not caught up");
+        for _ in 0..10 {
+            tick_all(&mut nodes, &[], &all);
+        }
+        assert_eq!(nodes[&follower].view(), nodes[&leader].view());
+        let out = nodes.get_mut(&follower).expect("node").ask_current();
+        pump(&mut nodes, sent(&follower, out), &[]);
+        assert!(nodes[&follower].current(), "caught up and confirmed");
     }
 
     /// Elections are a function of the seeds: the same seeds elect the

@@ -286,8 +286,11 @@ impl Cluster {
         self.answers_lost(id, state);
         // Outside the view this node is streamed to but not waited for:
         // its copies of the peer's sessions may miss what the peer commits
-        // from now on (`Replicas::unlinked_from`).
-        if !self.view().members.contains(&self.me) {
+        // from now on (`Replicas::unlinked_from`). So is a node that has
+        // no committed view yet (restarted without a data directory: the
+        // view it starts with names only itself).
+        let view = self.view();
+        if view.number == 0 || !view.members.contains(&self.me) {
             lock(&self.replicas).unlinked_from(id);
         }
         self.release_store_waits(&[id]);
@@ -385,7 +388,14 @@ impl Cluster {
                     self.is_named(id, &holder),
                     holder_id,
                     || crate::replicas::Relay {
-                        holder_in_view: self.view().members.contains(&holder),
+                        // Without a committed view (the one a process
+                        // starts with names only itself) this node cannot
+                        // tell that the holder left: it counts as live, so
+                        // only a copy further along replaces this one.
+                        holder_in_view: {
+                            let view = self.view();
+                            view.number == 0 || view.members.contains(&holder)
+                        },
                         serving: state.core().has_session(&client),
                     },
                 );

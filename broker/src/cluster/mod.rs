@@ -724,7 +724,10 @@ impl Cluster {
             let deadline = tokio::time::Instant::now() + RETIRE_FOR;
             while !me.membership().contains(&name) && tokio::time::Instant::now() < deadline {
                 let command = consensus::Command::Join(name.clone(), addr.clone());
-                match lock(&me.consensus).propose_membership(command) {
+                // Bound first: the consensus lock is not held while the
+                // output is delivered (which may ask the consensus again).
+                let proposed = lock(&me.consensus).propose_membership(command);
+                match proposed {
                     Ok(out) => {
                         tracing::info!(member = %name, %addr, "addition proposed");
                         me.deliver(out);
@@ -1085,7 +1088,32 @@ impl Cluster {
                 self.tell_reachable(core);
                 self.hold_for_copies_in(core);
             }
+            drop(core);
+            if installed {
+                // Promotions wait for the leader to confirm the view is
+                // the newest (`view_is_current`): asked at once, so the
+                // answer is in by the next tick.
+                self.ask_current();
+            }
         }
+    }
+
+    /// Asks the leader to confirm that this node's view is the newest
+    /// ([`consensus::Consensus::ask_current`]).
+    fn ask_current(&self) {
+        let out = off_worker(self.raft_on_disk, || lock(&self.consensus).ask_current());
+        self.deliver(out);
+    }
+
+    /// Whether this node's view is known to be the newest
+    /// ([`consensus::Consensus::current`]); if not, asks again, for the
+    /// next tick.
+    pub(super) fn view_is_current(&self) -> bool {
+        if lock(&self.consensus).current() {
+            return true;
+        }
+        self.ask_current();
+        false
     }
 
     /// A peer's Raft message.

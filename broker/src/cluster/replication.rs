@@ -166,10 +166,16 @@ impl Cluster {
         !self.unpromoted_copies(view).is_empty()
     }
 
-    /// The filters of the copies [`Cluster::owns_unpromoted_copies`] finds,
-    /// sorted: publishes matching them are held until they are promoted.
+    /// The filters of the copies whose publishes this node holds, sorted:
+    /// those [`Cluster::owns_unpromoted_copies`] finds, until they are
+    /// promoted, and the orphans another member owns, until it has said it
+    /// promoted its copies for the view (its interest for them goes out
+    /// before that word). Without the second kind, a copy whose owner moved
+    /// to another node by a view change before this one promoted it matched
+    /// nobody here until the new owner promoted it (found by the simulator,
+    /// once promotions waited for a view confirmed current).
     pub(super) fn unpromoted_filters(&self) -> Vec<String> {
-        let copies = self.unpromoted_copies(&self.view());
+        let copies = self.copies_to_hold(&self.view());
         if copies.is_empty() {
             return Vec::new();
         }
@@ -204,6 +210,31 @@ impl Cluster {
         }
     }
 
+    /// See [`Cluster::unpromoted_filters`].
+    fn copies_to_hold(&self, view: &View) -> Vec<String> {
+        let live = self.live_peers(view);
+        // Who has said it: read first, one lock at a time.
+        let said: Vec<&String> = {
+            let promotions = lock(&self.promotions);
+            view.members
+                .iter()
+                .filter(|m| {
+                    **m != self.me
+                        && self
+                            .id_of(m)
+                            .is_some_and(|id| promotions.said(id, view.number))
+                })
+                .collect()
+        };
+        lock(&self.replicas).orphans_owned(
+            |c| {
+                let owner = self.owner_in(view, c);
+                owner == self.me || !said.contains(&&owner)
+            },
+            |h| live.contains(&h),
+        )
+    }
+
     /// The copies this node owns whose holder the view no longer counts.
     /// Asked every tick: only the orphaned copies' names are copied.
     fn unpromoted_copies(&self, view: &View) -> Vec<String> {
@@ -228,6 +259,15 @@ impl Cluster {
             |c| self.owner_in(&view, c) == self.me,
             |h| live.contains(&h),
         );
+        if owned.is_empty() {
+            return;
+        }
+        // Only on a view known to be the newest: one learned from a data
+        // directory, or held while the leader cannot be heard, may drop a
+        // holder that a newer view counts and that serves the session now.
+        if !self.view_is_current() {
+            return;
+        }
         for c in owned {
             self.promote(&c, state);
         }

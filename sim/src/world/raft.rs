@@ -223,7 +223,16 @@ impl World {
                     v.live
                 );
             }
+            let live: BTreeSet<usize> = v
+                .live
+                .iter()
+                .filter_map(|name| self.index_of(name))
+                .collect();
+            let number = v.number;
             self.raft_view(v);
+            // Installed on this node alone: each learns it from its own
+            // Raft member.
+            self.install(n, live, number);
         }
     }
 
@@ -243,16 +252,18 @@ impl World {
         self.raft_deliver(to, out);
     }
 
-    /// A view committed by the Raft group: installed on every node at once
-    /// (`after_view` for each node that left, then for each that joined);
-    /// each acts on it at its own next tick (`cluster_tick`: a node left
-    /// out steps down there).
+    /// A view committed by the Raft group, the first time any node commits
+    /// it: the cluster's view from then on (the balancer's, the checks'
+    /// and the fault schedule's). Each node installs it when its own Raft
+    /// member commits it (`raft_deliver`), and acts on it at its next tick
+    /// (`cluster_tick`: a node left out steps down there).
     fn raft_view(&mut self, v: Committed) {
         if v.number <= self.raft_view_number {
             return;
         }
         self.raft_view_number = v.number;
         self.cov.raft_views += 1;
+        self.cov.view_changes += 1;
         if self.trace {
             println!(
                 "{:>10.3}ms raft view #{} live {:?}",
@@ -261,36 +272,27 @@ impl World {
                 v.live
             );
         }
+        // A member that joins while it is down is left out until a later
+        // view (the balancer would not send it clients either).
         let live: BTreeSet<usize> = v
             .live
             .iter()
             .filter_map(|name| self.index_of(name))
+            .filter(|&j| self.view.contains(&j) || self.nodes[j].up)
             .collect();
-        let gone: Vec<usize> = self.view.difference(&live).copied().collect();
-        let joined: Vec<usize> = live.difference(&self.view).copied().collect();
-        for g in gone {
-            self.view_leave(g);
-            if self.nodes[g].up && self.nodes[g].leaving {
-                // `leave` sees the view without it at its next tick and
-                // returns; the process exits.
-                let inc = self.nodes[g].inc;
-                self.schedule(
-                    stop_stream(g),
-                    micros(RAFT_TICK),
-                    Ev::StopExit { node: g, inc },
-                );
+        if live.iter().any(|j| !self.view.contains(j)) {
+            self.last_join = self.now;
+            if self.partitioned.is_some_and(|p| live.contains(&p)) {
+                // (One failure at a time: the next may come.)
+                self.partitioned = None;
             }
         }
-        for j in joined {
-            if self.nodes[j].up {
-                let inc = self.nodes[j].inc;
-                self.view_join(j, inc);
-            }
-        }
+        self.view = live;
+        self.view_number = v.number;
     }
 }
 
 /// A duration in the simulation's microseconds.
-fn micros(d: Duration) -> Time {
+pub(super) fn micros(d: Duration) -> Time {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

@@ -334,9 +334,9 @@ impl World {
         self.store_step(r);
     }
 
-    /// `key`'s owner and chain in the view.
-    fn key_chain(&self, key: &[u8]) -> Vec<usize> {
-        let members: Vec<usize> = self.view.iter().copied().collect();
+    /// `key`'s owner and chain in the view installed on node `n`.
+    fn key_chain(&self, n: usize, key: &[u8]) -> Vec<usize> {
+        let members: Vec<usize> = self.nodes[n].view.iter().copied().collect();
         let mut r = self.rank_over_bytes(key, &members);
         r.truncate(self.cfg.replication);
         r
@@ -353,17 +353,20 @@ impl World {
             .collect()
     }
 
-    /// `store_ready`: `n` serves, and every peer in the view has said it
-    /// is synced for the view.
+    /// `store_ready`: `n` serves, in a committed view (not the one a
+    /// process starts with), and every peer in the view has said it is
+    /// synced for the view.
     fn store_ready(&self, n: usize) -> bool {
+        let node = &self.nodes[n];
         self.serves(n)
-            && self.view.iter().all(|&p| {
+            && node.view_number > 0
+            && node.view.iter().all(|&p| {
                 p == n
-                    || self.nodes[n]
+                    || node
                         .store
                         .synced
                         .get(&p)
-                        .is_some_and(|v| *v >= self.view_number)
+                        .is_some_and(|v| *v >= node.view_number)
             })
     }
 
@@ -414,7 +417,7 @@ impl World {
             Phase::Done => return,
         }
         let key = self.store_reqs[r].key.clone();
-        let owner = match self.key_chain(&key).first().copied() {
+        let owner = match self.key_chain(n, &key).first().copied() {
             Some(o) if o == n => Owner::Me,
             o => Owner::Peer(o.map(node_id)),
         };
@@ -425,11 +428,11 @@ impl World {
             self.cov.store_not_ready += u64::from(owner == Owner::Me && next == Next::Retry);
             return self.store_next(r, next);
         }
-        let view = self.view_number;
+        let view = self.nodes[n].view_number;
         let now = self.wall_ms(n);
         let q = &self.store_reqs[r];
         let client = format!("ss{}", self.store_ops[q.op].client);
-        let chain_owner = |k: &[u8]| self.key_chain(k).first() == Some(&n);
+        let chain_owner = |k: &[u8]| self.key_chain(n, k).first() == Some(&n);
         let handled =
             self.nodes[n]
                 .store
@@ -437,7 +440,7 @@ impl World {
                 .handle_in_at(&client, &q.publish, view, &chain_owner, now);
         match handled {
             Handled::Elsewhere(k) => {
-                let owner = self.key_chain(&k).first().map(|&o| node_id(o));
+                let owner = self.key_chain(n, &k).first().map(|&o| node_id(o));
                 let next = request.elsewhere(self.instant(), owner, |o| self.linked(n, o as usize));
                 self.store_next(r, next);
             }
@@ -450,7 +453,7 @@ impl World {
                     return self.store_done(r, &msgs);
                 }
                 let chain: HashSet<usize> = self
-                    .key_chain(&self.store_reqs[r].key)
+                    .key_chain(n, &self.store_reqs[r].key)
                     .into_iter()
                     .filter(|&m| m != n)
                     .collect();
@@ -559,7 +562,7 @@ impl World {
     fn store_replicate(&mut self, r: usize) {
         let n = self.store_reqs[r].node;
         let now = self.instant();
-        let view: HashSet<u32> = self.view.iter().map(|&m| node_id(m)).collect();
+        let view: HashSet<u32> = self.nodes[n].view.iter().map(|&m| node_id(m)).collect();
         let linked: HashSet<u32> = (0..self.nodes.len())
             .filter(|&m| m != n && self.linked(n, m))
             .map(node_id)
@@ -687,7 +690,8 @@ impl World {
                 // change back when it restarts, which the linearizability
                 // check then covers.)
                 let up = self.nodes[m].up;
-                if self.view.contains(&m) && up && self.store_rev(m, &key).is_none_or(|h| h < rev) {
+                let counted = self.nodes[n].view.contains(&m);
+                if counted && up && self.store_rev(m, &key).is_none_or(|h| h < rev) {
                     if self.trace {
                         println!(
                             "{:>10.3}ms store: {} answered at {:?} on {}, {} has {:?}",
@@ -825,7 +829,7 @@ impl World {
                 self.new_store_req(op, to, p, key, hops, Some((from, from_inc, seq)));
             }
             Frame::StoreCopy { seq, view, copy } => {
-                let ok = view >= self.view_number;
+                let ok = view >= self.nodes[to].view_number;
                 let mut kept = None;
                 if let Some(c) = copy {
                     let now = self.wall_ms(to);
@@ -884,7 +888,7 @@ impl World {
     /// snapshot: the keys whose chain (with `to` in the view) holds `to`,
     /// then the word that `from` is synced for its view.
     fn store_link_frames(&self, from: usize, to: usize) -> Vec<Frame> {
-        let mut members: Vec<usize> = self.view.iter().copied().collect();
+        let mut members: Vec<usize> = self.nodes[from].view.iter().copied().collect();
         if !members.contains(&to) {
             members.push(to);
         }
@@ -900,12 +904,12 @@ impl World {
             .into_iter()
             .map(|c| Frame::StoreCopy {
                 seq: 0,
-                view: self.view_number,
+                view: self.nodes[from].view_number,
                 copy: Some(c),
             })
             .collect();
         frames.push(Frame::StoreSynced {
-            view: self.view_number,
+            view: self.nodes[from].view_number,
         });
         frames
     }
@@ -918,10 +922,10 @@ impl World {
         let mut copies = self.nodes[n].store.store.copies(|_| true);
         copies.sort_by(|a, b| a.key.cmp(&b.key));
         for c in copies {
-            let chain = self.key_chain(&c.key);
+            let chain = self.key_chain(n, &c.key);
             let frame = Frame::StoreCopy {
                 seq: 0,
-                view: self.view_number,
+                view: self.nodes[n].view_number,
                 copy: Some(c),
             };
             for m in chain {
@@ -931,7 +935,7 @@ impl World {
             }
         }
         let synced = Frame::StoreSynced {
-            view: self.view_number,
+            view: self.nodes[n].view_number,
         };
         for p in 0..self.nodes.len() {
             if p != n && self.linked(n, p) {
