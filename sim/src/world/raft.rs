@@ -12,10 +12,17 @@
 //! campaigns when the leader is lost, what the leader proposes, whether
 //! the node lost its majority and steps down).
 //!
-//! What stays simpler than the broker: the view a node commits applies to
-//! every node at once (the broker's nodes learn it one by one), and a
-//! restarted node's Raft state starts blank (as the broker's does without
-//! `--state-dir`) and is caught up by the leader.
+//! Each node installs the view its own Raft member commits (`install`), so
+//! nodes learn a view one by one, as the broker's do: a node cut off from
+//! the leader, hung, or back blank acts on the view it has until the
+//! leader catches it up, and promotes copies only once the leader has
+//! confirmed that view is the newest (`Consensus::ask_current`, Raft's
+//! ReadIndex, on the same simulated links). The cluster's view (where the
+//! balancer sends clients, and what the checks and the fault schedule
+//! read) is the newest any node has committed. A restarted node's Raft
+//! state starts blank (as the broker's does without `--state-dir`), with a
+//! view that names only itself, numbered 0, and is caught up by the
+//! leader.
 
 use mqlb_broker::cluster::consensus::{Committed, Consensus, StateKeeper, TICK as RAFT_TICK};
 use mqlb_broker::cluster::view_loop::ViewLoop;
