@@ -479,6 +479,14 @@ pub struct Arrival<'a> {
 pub struct Relay {
     /// The named holder is a member of the committed view.
     pub holder_in_view: bool,
+    /// This node has a committed view. Without one (a process started
+    /// without a data directory holds a view naming only itself, numbered
+    /// 0, until the leader catches it up) it cannot tell that the holder
+    /// left: a holder not in that view counts as live when the copy is
+    /// judged, so only a copy further along replaces this node's (found by
+    /// the simulator: a copy behind the one this node had replaced it, and
+    /// was promoted).
+    pub view_known: bool,
     /// This node serves the session live.
     pub serving: bool,
 }
@@ -550,8 +558,10 @@ impl Replicas {
     ) -> Arriving {
         if let Some(r) = a.relay {
             let built_by = self.holder(client);
-            let holder_now = if !r.holder_in_view {
+            let holder_now = if !r.holder_in_view && r.view_known {
                 HolderNow::Left
+            } else if !r.holder_in_view {
+                HolderNow::Live
             } else if built_by.is_some() && built_by == a.holder {
                 HolderNow::Streaming
             } else {
@@ -756,6 +766,7 @@ mod tests {
         let relay = |holder_in_view, serving| {
             move || Relay {
                 holder_in_view,
+                view_known: true,
                 serving,
             }
         };
@@ -920,6 +931,37 @@ mod tests {
         r.unlinked_from(1);
         r.apply("a", 4, vec![SessionChange::Detached], t0);
         assert!(r.promotable("a", t0));
+    }
+
+    /// Without a committed view a relayed copy's holder cannot be known to
+    /// have left: a copy cut off from its holder is replaced only by one
+    /// further along, not by one of its epoch that is behind it (which,
+    /// once the view is known and the holder has left, is the chain
+    /// member's final copy and does replace it).
+    #[test]
+    fn without_a_view_a_relayed_copy_behind_does_not_replace_a_cut_off_one() {
+        let t0 = Instant::now();
+        let me = 0;
+        let ahead = vec![attach(4), SessionChange::Detached];
+        let judged = |view_known| {
+            let mut r = Replicas::default();
+            r.set_holder("s", 1);
+            r.apply("s", 4, ahead.clone(), t0);
+            r.unlinked_from(1);
+            let behind = vec![SessionChange::Ended, attach(4), SessionChange::Counted(1)];
+            let a = Arrival::new(0, 4, &behind, false, Some(1), move || Relay {
+                holder_in_view: false,
+                view_known,
+                serving: false,
+            });
+            r.arrive("s", &a, me, || t0)
+        };
+        assert_eq!(judged(false), Arriving::Dropped, "no view: kept its own");
+        assert_ne!(
+            judged(true),
+            Arriving::Dropped,
+            "holder left: the final copy"
+        );
     }
 
     /// A holder's link snapshot that does not send a session as its own

@@ -2234,8 +2234,9 @@ impl World {
                         self.nodes[from].name == holder,
                         holder_at.map(node_id),
                         || Relay {
-                            holder_in_view: self.nodes[to].view_number == 0
-                                || holder_at.is_some_and(|h| self.nodes[to].view.contains(&h)),
+                            holder_in_view: holder_at
+                                .is_some_and(|h| self.nodes[to].view.contains(&h)),
+                            view_known: self.nodes[to].view_number > 0,
                             serving: self.nodes[to].core.has_session(&client),
                         },
                     );

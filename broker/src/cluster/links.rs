@@ -387,16 +387,14 @@ impl Cluster {
                     &changes,
                     self.is_named(id, &holder),
                     holder_id,
-                    || crate::replicas::Relay {
-                        // Without a committed view (the one a process
-                        // starts with names only itself) this node cannot
-                        // tell that the holder left: it counts as live, so
-                        // only a copy further along replaces this one.
-                        holder_in_view: {
-                            let view = self.view();
-                            view.number == 0 || view.members.contains(&holder)
-                        },
-                        serving: state.core().has_session(&client),
+                    || {
+                        // One reading of the view.
+                        let view = self.view();
+                        crate::replicas::Relay {
+                            holder_in_view: view.members.contains(&holder),
+                            view_known: view.number > 0,
+                            serving: state.core().has_session(&client),
+                        }
                     },
                 );
                 let arriving =
