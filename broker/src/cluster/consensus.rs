@@ -386,13 +386,9 @@ pub struct Consensus {
     timeout: ((u64, StateRole), usize),
     /// Ticks so far: how old an ask is ([`Consensus::current`]).
     ticks: u64,
-    /// The last ask whether this node's view is current: its number and
-    /// the tick it was made at.
-    asked: (u64, u64),
-    /// The newest answer: the ask's number, the tick it was made at, and
-    /// the index the leader had committed when a majority confirmed its
-    /// leadership.
-    confirmed: Option<(u64, u64, u64)>,
+    /// The newest answer: the tick its ask was made at, and the index the
+    /// leader had committed when a majority confirmed its leadership.
+    confirmed: Option<(u64, u64)>,
 }
 
 /// What a state file holds.
@@ -627,7 +623,6 @@ impl Consensus {
             rng: fastrand::Rng::with_seed(seed),
             timeout: ((u64::MAX, StateRole::Follower), 0),
             ticks: 0,
-            asked: (0, 0),
             confirmed: None,
         };
         c.own_timeout();
@@ -809,10 +804,16 @@ impl Consensus {
     /// applied that far, the view it holds was the newest one when the
     /// majority answered ([`Consensus::current`]). A node that cannot reach
     /// the leader, or has none yet, gets no answer.
+    ///
+    /// The ask carries this node's Raft ID and the tick it is made at: the
+    /// leader keys pending asks by that context, so two nodes' asks never
+    /// collide, and an answer that comes after a later ask still counts
+    /// for the tick its own ask was made at.
     pub fn ask_current(&mut self) -> Output {
-        let id = self.asked.0 + 1;
-        self.asked = (id, self.ticks);
-        self.node.read_index(id.to_be_bytes().to_vec());
+        let mut ctx = Vec::with_capacity(16);
+        ctx.extend_from_slice(&self.node.raft.id.to_be_bytes());
+        ctx.extend_from_slice(&self.ticks.to_be_bytes());
+        self.node.read_index(ctx);
         self.ready()
     }
 
@@ -825,9 +826,8 @@ impl Consensus {
     /// newer view serves (found by the simulator, once each node learned
     /// views from its own Raft member).
     pub fn current(&self) -> bool {
-        self.confirmed.is_some_and(|(_, at, index)| {
-            at + 1 >= self.ticks && lock(&self.applied).index >= index
-        })
+        self.confirmed
+            .is_some_and(|(at, index)| at + 1 >= self.ticks && lock(&self.applied).index >= index)
     }
 
     /// Takes a message from the peer named `from` (the link says who it is).
@@ -1038,19 +1038,24 @@ impl Consensus {
         out
     }
 
-    /// Notes the leader's answer to ask `ctx` (its number): committed up
-    /// to `index`. A later ask's answer replaces an earlier one's.
+    /// Notes the leader's answer to an ask (`ctx`: this node's ID and the
+    /// tick it was made at): committed up to `index`. The answer to a
+    /// later ask replaces an earlier one's, never the other way round.
     fn answered(&mut self, ctx: &[u8], index: u64) {
-        let Ok(id) = <[u8; 8]>::try_from(ctx).map(u64::from_be_bytes) else {
+        let (Some(id), Some(at)) = (
+            ctx.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+            ctx.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+        ) else {
             return;
         };
-        if id > self.asked.0 || self.confirmed.is_some_and(|(c, _, _)| c > id) {
+        let at = u64::from_be_bytes(at);
+        if u64::from_be_bytes(id) != self.node.raft.id
+            || at > self.ticks
+            || self.confirmed.is_some_and(|(c, _)| c > at)
+        {
             return;
         }
-        // The tick it was asked at: only the last ask's is kept, an
-        // earlier one's is at most as recent.
-        let at = if id == self.asked.0 { self.asked.1 } else { 0 };
-        self.confirmed = Some((id, at, index));
+        self.confirmed = Some((at, index));
     }
 
     fn learn_names(&mut self, view: &Committed) {
@@ -1280,6 +1285,21 @@ mod tests {
         let out = nodes.get_mut(&follower).expect("node").ask_current();
         pump(&mut nodes, sent(&follower, out), &[]);
         assert!(nodes[&follower].current(), "caught up and confirmed");
+        // Every node asks at once: each is answered (the leader keys asks
+        // by their context, which names the asker).
+        let names: Vec<String> = nodes.keys().cloned().collect();
+        let mut queue = Vec::new();
+        for n in &names {
+            queue.extend(sent(n, nodes.get_mut(n).expect("node").ask_current()));
+        }
+        pump(&mut nodes, queue, &[]);
+        assert!(nodes.values().all(Consensus::current), "one answered each");
+        // An answer that comes after a later ask still counts for its own.
+        let out = nodes.get_mut(&follower).expect("node").ask_current();
+        let first = sent(&follower, out);
+        let _later = nodes.get_mut(&follower).expect("node").ask_current();
+        pump(&mut nodes, first, &[]);
+        assert!(nodes[&follower].current(), "the earlier ask's answer");
     }
 
     /// Elections are a function of the seeds: the same seeds elect the
